@@ -1,0 +1,31 @@
+/**
+ * The gateway service: the HTTP API (src/gateway/app.ts) on Deno.serve, plus submission
+ * and lookup over NATS request/reply (src/gateway/requests.ts).
+ *
+ * @module
+ */
+import { createApp } from "../src/gateway/app.ts";
+import { createIntake } from "../src/gateway/intake.ts";
+import { serveRequests } from "../src/gateway/requests.ts";
+import { runService } from "../src/service.ts";
+
+if (import.meta.main) {
+  await runService("gateway", async ({ nc, config, log }) => {
+    const intake = await createIntake(nc);
+    const app = createApp({ nc, intake, config, log });
+    const requests = serveRequests(nc, intake, log);
+    const server = Deno.serve({
+      hostname: config.host,
+      port: config.port,
+      onListen: ({ hostname, port }) =>
+        log.info("gateway listening", { url: `http://${hostname}:${port}` }),
+    }, app.fetch);
+    return {
+      done: server.finished,
+      async stop() {
+        requests.stop();
+        await server.shutdown();
+      },
+    };
+  });
+}

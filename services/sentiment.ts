@@ -1,0 +1,15 @@
+/**
+ * The sentiment service: `feedback.ingested` -> `feedback.sentiment_analyzed`.
+ *
+ * @module
+ */
+import { loadRules } from "../src/rules.ts";
+import { runStageService } from "../src/service.ts";
+import { sentimentStage } from "../src/stages/feedback.ts";
+
+if (import.meta.main) {
+  await runStageService(
+    "sentiment",
+    async ({ config }) => sentimentStage((await loadRules(config.rulesPath)).sentiment),
+  );
+}

@@ -1,0 +1,215 @@
+/**
+ * Configuration in one typed place: every setting has an environment variable, most a
+ * command-line flag, and a default. {@link loadConfig} validates all of them at start-up
+ * and reports every problem at once; {@link describeConfig} prints it with secrets masked.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { ConfigError } from "./errors.ts";
+
+/** Log levels, least to most severe. */
+export const LogLevel = { debug: 10, info: 20, warn: 30, error: 40 } as const;
+/** One of {@link LogLevel}'s names. */
+export type LogLevelName = keyof typeof LogLevel;
+
+/** Weft's whole configuration. */
+export interface Config {
+  /** NATS server URL(s), comma-separated. `NATS_URL`, `--nats-url`. */
+  natsUrl: string;
+  /** Gateway listen host. `WEFT_HOST`, `--host`. */
+  host: string;
+  /** Gateway listen port; 0 picks a free one. `PORT`, `--port`. */
+  port: number;
+  /** `WEFT_LOG_LEVEL`, `--log-level`. */
+  logLevel: LogLevelName;
+  /** Path of the ruleset (keywords and routing table). `WEFT_RULES`, `--rules`. */
+  rulesPath: string;
+  /** Largest accepted body of POST /feedback, bytes. `WEFT_BODY_LIMIT`. */
+  bodyLimit: number;
+  /** Largest accepted body of POST /feedback/batch, bytes. `WEFT_BATCH_BODY_LIMIT`. */
+  batchBodyLimit: number;
+  /** Attempts a stage makes at one message before dead-lettering it. `WEFT_MAX_ATTEMPTS`. */
+  maxAttempts: number;
+  /** Messages one stage process handles at once. `WEFT_CONCURRENCY`. */
+  concurrency: number;
+  /** How long the server waits for an ack before redelivering, ms. `WEFT_ACK_WAIT_MS`. */
+  ackWaitMs: number;
+  /** First retry delay, ms; doubles per attempt with jitter. `WEFT_RETRY_BASE_MS`. */
+  retryBaseMs: number;
+  /** Longest retry delay, ms. `WEFT_RETRY_MAX_MS`. */
+  retryMaxMs: number;
+  /** How long events are kept in the FEEDBACK stream, ms. `WEFT_RETENTION_MS`. */
+  retentionMs: number;
+  /** Most bytes the FEEDBACK stream keeps. `WEFT_STREAM_MAX_BYTES`. */
+  streamMaxBytes: number;
+  /** De-duplication window for message ids, ms. `WEFT_DUPLICATE_WINDOW_MS`. */
+  duplicateWindowMs: number;
+  /** How long the first answer to an Idempotency-Key is kept, ms. `WEFT_IDEMPOTENCY_TTL_MS`. */
+  idempotencyTtlMs: number;
+  /** Comment sent to idle SSE clients this often, ms. `WEFT_SSE_KEEPALIVE_MS`. */
+  sseKeepAliveMs: number;
+  /** SSE clients one gateway serves at once. `WEFT_SSE_MAX_CLIENTS`. */
+  sseMaxClients: number;
+  /** An SSE client that cannot take a frame within this time is dropped, ms. `WEFT_SSE_WRITE_TIMEOUT_MS`. */
+  sseWriteTimeoutMs: number;
+  /** The state writer batches updates at most this long, ms. `WEFT_STATE_FLUSH_MS`. */
+  stateFlushMs: number;
+  /** How long a stopping service may take to finish in-flight work, ms. `WEFT_DRAIN_MS`. */
+  drainMs: number;
+  /** Supervisor: nats-server configuration file. `WEFT_NATS_CONF`. */
+  natsConf: string;
+  /** Supervisor: override the conf's client port (0: keep it). `WEFT_NATS_PORT`. */
+  natsPort: number;
+  /** Supervisor: override the conf's monitoring port (0: keep it). `WEFT_NATS_MONITOR_PORT`. */
+  natsMonitorPort: number;
+  /** Supervisor: override the conf's JetStream store directory. `WEFT_NATS_STORE_DIR`. */
+  natsStoreDir: string;
+}
+
+interface Setting<K extends keyof Config> {
+  key: K;
+  env: string;
+  flag?: string;
+  default: Config[K];
+  parse: (raw: string) => Config[K] | undefined;
+  secret?: boolean;
+}
+
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) => (raw: string) => {
+  const n = Number(raw);
+  return Number.isInteger(n) && n >= min && n <= max ? n : undefined;
+};
+const str = (raw: string) => (raw.trim() === "" ? undefined : raw.trim());
+const level = (raw: string) => (raw in LogLevel ? raw as LogLevelName : undefined);
+
+// deno-lint-ignore no-explicit-any
+const SETTINGS: Setting<any>[] = [
+  {
+    key: "natsUrl",
+    env: "NATS_URL",
+    flag: "nats-url",
+    default: "nats://127.0.0.1:4222",
+    parse: str,
+    secret: true,
+  },
+  { key: "host", env: "WEFT_HOST", flag: "host", default: "127.0.0.1", parse: str },
+  { key: "port", env: "PORT", flag: "port", default: 8000, parse: int(0, 65535) },
+  { key: "logLevel", env: "WEFT_LOG_LEVEL", flag: "log-level", default: "info", parse: level },
+  {
+    key: "rulesPath",
+    env: "WEFT_RULES",
+    flag: "rules",
+    default: "rules/feedback.json",
+    parse: str,
+  },
+  { key: "bodyLimit", env: "WEFT_BODY_LIMIT", default: 64 * 1024, parse: int(1024) },
+  {
+    key: "batchBodyLimit",
+    env: "WEFT_BATCH_BODY_LIMIT",
+    default: 4 * 1024 * 1024,
+    parse: int(1024),
+  },
+  { key: "maxAttempts", env: "WEFT_MAX_ATTEMPTS", default: 5, parse: int(1, 100) },
+  {
+    key: "concurrency",
+    env: "WEFT_CONCURRENCY",
+    flag: "concurrency",
+    default: 64,
+    parse: int(1, 10_000),
+  },
+  { key: "ackWaitMs", env: "WEFT_ACK_WAIT_MS", default: 30_000, parse: int(1000) },
+  { key: "retryBaseMs", env: "WEFT_RETRY_BASE_MS", default: 500, parse: int(0) },
+  { key: "retryMaxMs", env: "WEFT_RETRY_MAX_MS", default: 30_000, parse: int(0) },
+  { key: "retentionMs", env: "WEFT_RETENTION_MS", default: 7 * 24 * 3600_000, parse: int(60_000) },
+  {
+    key: "streamMaxBytes",
+    env: "WEFT_STREAM_MAX_BYTES",
+    default: 1024 ** 3,
+    parse: int(1024 * 1024),
+  },
+  { key: "duplicateWindowMs", env: "WEFT_DUPLICATE_WINDOW_MS", default: 120_000, parse: int(1000) },
+  {
+    key: "idempotencyTtlMs",
+    env: "WEFT_IDEMPOTENCY_TTL_MS",
+    default: 24 * 3600_000,
+    parse: int(1000),
+  },
+  { key: "sseKeepAliveMs", env: "WEFT_SSE_KEEPALIVE_MS", default: 15_000, parse: int(100) },
+  { key: "sseMaxClients", env: "WEFT_SSE_MAX_CLIENTS", default: 1000, parse: int(1) },
+  { key: "sseWriteTimeoutMs", env: "WEFT_SSE_WRITE_TIMEOUT_MS", default: 10_000, parse: int(100) },
+  { key: "stateFlushMs", env: "WEFT_STATE_FLUSH_MS", default: 20, parse: int(0, 10_000) },
+  { key: "drainMs", env: "WEFT_DRAIN_MS", default: 10_000, parse: int(0) },
+  { key: "natsConf", env: "WEFT_NATS_CONF", default: "nats.conf", parse: str },
+  { key: "natsPort", env: "WEFT_NATS_PORT", default: 0, parse: int(0, 65535) },
+  { key: "natsMonitorPort", env: "WEFT_NATS_MONITOR_PORT", default: 0, parse: int(0, 65535) },
+  { key: "natsStoreDir", env: "WEFT_NATS_STORE_DIR", default: "", parse: str },
+];
+
+/** The environment variable names Weft reads: what `--allow-env` needs. */
+export const ENV_NAMES: readonly string[] = SETTINGS.map((s) => s.env);
+
+/** Where configuration comes from; defaults to the process's env and arguments. */
+export interface ConfigSource {
+  env?: (name: string) => string | undefined;
+  args?: string[];
+}
+
+/**
+ * Builds and validates the configuration: flags override env, env overrides defaults.
+ * Throws a {@link ConfigError} naming every bad setting.
+ *
+ * @example
+ * ```ts
+ * import { loadConfig } from "./config.ts";
+ * const config = loadConfig({ env: () => undefined, args: ["--port", "9000"] });
+ * console.assert(config.port === 9000);
+ * ```
+ */
+export function loadConfig(source: ConfigSource = {}): Config {
+  const env = source.env ?? ((name: string) => Deno.env.get(name));
+  const { values } = parseArgs({
+    args: source.args ?? Deno.args,
+    options: Object.fromEntries(
+      SETTINGS.filter((s) => s.flag).map((s) => [s.flag!, { type: "string" as const }]),
+    ),
+    strict: false,
+    allowPositionals: true,
+  });
+  const config: Record<string, unknown> = {};
+  const problems: string[] = [];
+  for (const s of SETTINGS) {
+    const fromFlag = s.flag ? values[s.flag] : undefined;
+    const raw = typeof fromFlag === "string" ? fromFlag : env(s.env);
+    if (raw === undefined || raw === "") {
+      config[s.key] = s.default;
+      continue;
+    }
+    const parsed = s.parse(raw);
+    if (parsed === undefined) {
+      problems.push(
+        `${s.flag ? `--${s.flag} / ` : ""}${s.env}: invalid value ${
+          JSON.stringify(s.secret ? "***" : raw)
+        }`,
+      );
+    } else config[s.key] = parsed;
+  }
+  if (problems.length > 0) {
+    throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
+  }
+  return config as unknown as Config;
+}
+
+/** The configuration as printable pairs, secrets masked (credentials in URLs). */
+export function describeConfig(config: Config): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const s of SETTINGS) {
+    const v = config[s.key as keyof Config];
+    out[s.key] = s.secret && typeof v === "string" ? maskUrlCredentials(v) : v;
+  }
+  return out;
+}
+
+function maskUrlCredentials(urls: string): string {
+  return urls.replace(/\/\/[^@/]*@/g, "//***@");
+}

@@ -1,0 +1,192 @@
+/**
+ * Weft's one error hierarchy. Every error has a stable `code`; the code decides, in one
+ * place each, the HTTP problem a client sees ({@link toProblem}) and whether a stage
+ * retries or dead-letters ({@link isPermanent}).
+ *
+ * @module
+ */
+
+/** Stable error codes. Clients and dead-letter consumers may branch on these. */
+export const ErrorCode = {
+  /** The request body is not JSON, or not an object. */
+  MalformedJson: "malformed_json",
+  /** A value does not match its schema; `field` names it as a JSON pointer. */
+  InvalidField: "invalid_field",
+  /** The body is larger than allowed. */
+  PayloadTooLarge: "payload_too_large",
+  /** The request's content type is not application/json. */
+  UnsupportedMediaType: "unsupported_media_type",
+  /** No item with that id. */
+  NotFound: "not_found",
+  /** An Idempotency-Key was reused with a different request. */
+  IdempotencyMismatch: "idempotency_mismatch",
+  /** An event on the bus failed validation: poison message. */
+  InvalidEvent: "invalid_event",
+  /** An event of a schema version this service does not know. */
+  UnknownVersion: "unknown_version",
+  /** A stage handler failed and may succeed if retried. */
+  HandlerFailed: "handler_failed",
+  /** A stage handler refused the input for good (bad input, policy). */
+  Rejected: "rejected",
+  /** NATS or JetStream is unavailable. */
+  Unavailable: "unavailable",
+  /** Configuration is invalid. */
+  InvalidConfig: "invalid_config",
+} as const;
+/** One of {@link ErrorCode}. */
+export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
+
+/** Options common to Weft errors. */
+export interface WeftErrorOptions extends ErrorOptions {
+  /** JSON pointer to the offending field, e.g. `/text` or `/items/3/text`. */
+  field?: string;
+  /** When true, retrying cannot help. Defaults by code. */
+  permanent?: boolean;
+}
+
+/** The base of every error Weft raises on purpose. */
+export class WeftError extends Error {
+  /** Stable machine-readable code. */
+  readonly code: ErrorCode;
+  /** JSON pointer to the offending field, when one is at fault. */
+  readonly field?: string;
+  /** True when retrying cannot help. */
+  readonly permanent: boolean;
+
+  constructor(code: ErrorCode, message: string, options: WeftErrorOptions = {}) {
+    super(message, options);
+    this.name = "WeftError";
+    this.code = code;
+    this.field = options.field;
+    this.permanent = options.permanent ?? PERMANENT_BY_DEFAULT.has(code);
+  }
+}
+
+const PERMANENT_BY_DEFAULT: ReadonlySet<ErrorCode> = new Set([
+  ErrorCode.MalformedJson,
+  ErrorCode.InvalidField,
+  ErrorCode.PayloadTooLarge,
+  ErrorCode.UnsupportedMediaType,
+  ErrorCode.NotFound,
+  ErrorCode.IdempotencyMismatch,
+  ErrorCode.InvalidEvent,
+  ErrorCode.UnknownVersion,
+  ErrorCode.Rejected,
+  ErrorCode.InvalidConfig,
+]);
+
+/** Input failed validation against its JSON Schema. */
+export class ValidationError extends WeftError {
+  constructor(message: string, options: WeftErrorOptions & { code?: ErrorCode } = {}) {
+    super(options.code ?? ErrorCode.InvalidField, message, options);
+    this.name = "ValidationError";
+  }
+}
+
+/** Nothing is known under the given id. */
+export class NotFoundError extends WeftError {
+  constructor(message: string, options: WeftErrorOptions = {}) {
+    super(ErrorCode.NotFound, message, options);
+    this.name = "NotFoundError";
+  }
+}
+
+/**
+ * Thrown by a stage handler to refuse an input for good: the item is dead-lettered at
+ * once, without retries.
+ *
+ * @example
+ * ```ts
+ * import { PermanentError } from "./errors.ts";
+ * function handle(text: string) {
+ *   if (text.length === 0) throw new PermanentError("empty text");
+ * }
+ * ```
+ */
+export class PermanentError extends WeftError {
+  constructor(message: string, options: ErrorOptions = {}) {
+    super(ErrorCode.Rejected, message, { ...options, permanent: true });
+    this.name = "PermanentError";
+  }
+}
+
+/** Configuration is missing or invalid; services refuse to start. */
+export class ConfigError extends WeftError {
+  constructor(message: string, options: WeftErrorOptions = {}) {
+    super(ErrorCode.InvalidConfig, message, options);
+    this.name = "ConfigError";
+  }
+}
+
+/** True when retrying `err` cannot help. Unknown errors are worth retrying. */
+export function isPermanent(err: unknown): boolean {
+  return err instanceof WeftError && err.permanent;
+}
+
+/** The code of any error: its own for Weft errors, `handler_failed` otherwise. */
+export function errorCode(err: unknown): ErrorCode {
+  return err instanceof WeftError ? err.code : ErrorCode.HandlerFailed;
+}
+
+/** An RFC 9457 problem document. */
+export interface Problem {
+  type: string;
+  title: string;
+  status: number;
+  detail: string;
+  code: ErrorCode;
+  field?: string;
+}
+
+const HTTP_STATUS: Record<ErrorCode, number> = {
+  malformed_json: 400,
+  invalid_field: 422,
+  payload_too_large: 413,
+  unsupported_media_type: 415,
+  not_found: 404,
+  idempotency_mismatch: 422,
+  invalid_event: 422,
+  unknown_version: 422,
+  handler_failed: 500,
+  rejected: 422,
+  unavailable: 503,
+  invalid_config: 500,
+};
+
+const TITLES: Record<ErrorCode, string> = {
+  malformed_json: "Malformed JSON",
+  invalid_field: "Invalid field",
+  payload_too_large: "Payload too large",
+  unsupported_media_type: "Unsupported media type",
+  not_found: "Not found",
+  idempotency_mismatch: "Idempotency-Key reused with a different request",
+  invalid_event: "Invalid event",
+  unknown_version: "Unknown schema version",
+  handler_failed: "Internal error",
+  rejected: "Rejected",
+  unavailable: "Service unavailable",
+  invalid_config: "Invalid configuration",
+};
+
+/** Maps any error to the problem document the gateway answers with. */
+export function toProblem(err: unknown): Problem {
+  const code = errorCode(err);
+  const status = HTTP_STATUS[code];
+  const problem: Problem = {
+    type: `https://weft.dev/problems/${code}`,
+    title: TITLES[code],
+    status,
+    // 5xx details are logged, never shown: they may carry internals.
+    detail: status >= 500 || !(err instanceof Error) ? TITLES[code] : err.message,
+    code,
+  };
+  if (err instanceof WeftError && err.field !== undefined) problem.field = err.field;
+  return problem;
+}
+
+/** The reason recorded on a dead letter for `err`. */
+export function toDeadLetterReason(err: unknown): { code: ErrorCode; reason: string } {
+  const reason = err instanceof Error ? err.message : String(err);
+  const field = err instanceof WeftError && err.field ? ` (field ${err.field})` : "";
+  return { code: errorCode(err), reason: `${reason}${field}`.slice(0, 2000) };
+}

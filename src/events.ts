@@ -1,0 +1,62 @@
+/**
+ * Event envelopes: every event carries its id, type, schema version, item id, trace id,
+ * time and producing service around its `data`. Ids of derived events are deterministic,
+ * so a redelivered input yields the same output ids and JetStream's duplicate window
+ * drops the second publish.
+ *
+ * @module
+ */
+import { createHash } from "node:crypto";
+import type { AnyEvent, EventMap } from "./schemas.ts";
+
+/** A deterministic id from its parts: 32 hex characters of SHA-256. */
+export function deterministicId(...parts: string[]): string {
+  return createHash("sha256").update(parts.join("\u0000")).digest("hex").slice(0, 32);
+}
+
+/** What is needed to create an event; the envelope fields are filled in. */
+export interface NewEvent<K extends keyof EventMap> {
+  type: K;
+  itemId: string;
+  traceId: string;
+  source: string;
+  data: EventMap[K]["data"];
+  /** Event id; derived from `cause` and `type` when omitted. */
+  id?: string;
+  /** Id of the event this one follows from. */
+  cause?: string;
+  /** Defaults to now. */
+  time?: Date;
+}
+
+/**
+ * Creates an event envelope.
+ *
+ * @example
+ * ```ts
+ * import { createEvent } from "./events.ts";
+ * const e = createEvent({
+ *   type: "feedback.ingested",
+ *   itemId: "fb1",
+ *   traceId: "0af7651916cd43dd8448eb211c80319c",
+ *   source: "gateway",
+ *   data: { text: "I love it" },
+ * });
+ * console.assert(e.version === 1 && e.item_id === "fb1");
+ * ```
+ */
+export function createEvent<K extends keyof EventMap>(e: NewEvent<K>): EventMap[K] {
+  return {
+    id: e.id ?? deterministicId(e.cause ?? e.itemId, e.type),
+    type: e.type,
+    version: 1,
+    item_id: e.itemId,
+    trace_id: e.traceId,
+    time: (e.time ?? new Date()).toISOString(),
+    source: e.source,
+    data: e.data,
+  } as EventMap[K];
+}
+
+/** The event types of {@link AnyEvent}. */
+export type EventType = AnyEvent["type"];

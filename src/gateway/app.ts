@@ -1,0 +1,191 @@
+/**
+ * The HTTP gateway as a Hono app: ingest feedback, read its state, stream its events.
+ * `Deno.serve` lives only in services/gateway.ts; tests drive `app.request()`.
+ *
+ * @module
+ */
+import { Hono } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import { HTTPException } from "hono/http-exception";
+import type { Context, MiddlewareHandler } from "hono";
+import type { NatsConnection } from "@nats-io/nats-core";
+import type { Config } from "../config.ts";
+import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import { decodeJson } from "../runner.ts";
+import { validateDocument } from "../schemas.ts";
+import {
+  DEADLETTER_STREAM,
+  FEEDBACK_STREAM,
+  FeedbackEventType,
+  itemEventsFilter,
+  typeFilter,
+} from "../subjects.ts";
+import { parseTraceparent } from "../trace.ts";
+import type { Intake } from "./intake.ts";
+import { SseClients, streamEvents } from "./sse.ts";
+
+/** What the app needs. */
+export interface GatewayDeps {
+  nc: NatsConnection;
+  intake: Intake;
+  config: Config;
+  log: Logger;
+}
+
+/** The problem+json response for an error. */
+export function problemResponse(c: Context, err: unknown): Response {
+  const problem = toProblem(err);
+  return c.body(JSON.stringify(problem), problem.status as 400, {
+    "content-type": "application/problem+json",
+  });
+}
+
+/** Refuses bodies that are not declared as JSON. */
+const requireJson: MiddlewareHandler = async (c, next) => {
+  const type = c.req.header("content-type") ?? "";
+  if (!/^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i.test(type)) {
+    throw new WeftError(
+      ErrorCode.UnsupportedMediaType,
+      `content-type must be application/json (got ${JSON.stringify(type || "none")})`,
+      { field: "content-type" },
+    );
+  }
+  await next();
+};
+
+async function readJson(c: Context): Promise<unknown> {
+  try {
+    return decodeJson(new Uint8Array(await c.req.arrayBuffer()));
+  } catch (err) {
+    if (err instanceof HTTPException) throw err;
+    throw new ValidationError((err as Error).message, {
+      code: ErrorCode.MalformedJson,
+      field: "/",
+      cause: err,
+    });
+  }
+}
+
+const EVENT_TYPES = new Set<string>(Object.values(FeedbackEventType));
+
+/**
+ * Creates the gateway app.
+ *
+ * @example
+ * ```ts ignore
+ * const app = createApp({ nc, intake: await createIntake(nc), config, log });
+ * Deno.serve({ port: config.port }, app.fetch);
+ * ```
+ */
+export function createApp(deps: GatewayDeps): Hono {
+  const { intake, config, log } = deps;
+  const clients = new SseClients(config.sseMaxClients);
+  const app = new Hono();
+
+  app.onError((err, c) => {
+    if (err instanceof HTTPException && err.status === 413) {
+      return problemResponse(c, new WeftError(ErrorCode.PayloadTooLarge, err.message));
+    }
+    const problem = toProblem(err);
+    if (problem.status >= 500) log.error("request failed", { path: c.req.path, err });
+    return problemResponse(c, err);
+  });
+  app.notFound((c) =>
+    problemResponse(c, new WeftError(ErrorCode.NotFound, `no route ${c.req.method} ${c.req.path}`))
+  );
+
+  const limit = (maxSize: number) =>
+    bodyLimit({
+      maxSize,
+      onError: (c) =>
+        problemResponse(
+          c,
+          new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${maxSize} bytes`),
+        ),
+    });
+  const traceOf = (c: Context) => parseTraceparent(c.req.header("traceparent"));
+  const keyOf = (c: Context) => c.req.header("Idempotency-Key");
+
+  app.get("/healthz", (c) => c.json({ status: "ok" }));
+  app.get("/readyz", async (c) => {
+    if (deps.nc.isClosed()) {
+      return problemResponse(c, new WeftError(ErrorCode.Unavailable, "NATS connection closed"));
+    }
+    try {
+      await intake.jsm.streams.info(FEEDBACK_STREAM);
+      await intake.jsm.streams.info(DEADLETTER_STREAM);
+    } catch (err) {
+      return problemResponse(
+        c,
+        new WeftError(ErrorCode.Unavailable, "JetStream streams are not available", {
+          cause: err,
+        }),
+      );
+    }
+    return c.json({ status: "ready", nats: deps.nc.getServer() });
+  });
+
+  app.post("/feedback", requireJson, limit(config.bodyLimit), async (c) => {
+    const submission = validateDocument("feedback.submit", await readJson(c));
+    const { body, replayed } = await intake.submit(submission, {
+      idempotencyKey: keyOf(c),
+      trace: traceOf(c),
+    });
+    if (replayed) c.header("Idempotent-Replayed", "true");
+    c.header("Location", body.links.state);
+    return c.json(body, 202);
+  });
+
+  app.post("/feedback/batch", requireJson, limit(config.batchBodyLimit), async (c) => {
+    const batch = validateDocument("feedback.submit_batch", await readJson(c));
+    const { body, replayed } = await intake.submitBatch(batch.items, {
+      idempotencyKey: keyOf(c),
+      trace: traceOf(c),
+    });
+    if (replayed) c.header("Idempotent-Replayed", "true");
+    return c.json(body, 202);
+  });
+
+  app.get("/feedback/:id", async (c) => c.json(await intake.state(c.req.param("id"))));
+
+  app.get("/feedback/:id/events", async (c) => {
+    const id = c.req.param("id");
+    if (!(await intake.exists(id))) {
+      throw new WeftError(ErrorCode.NotFound, `no feedback item ${JSON.stringify(id)}`);
+    }
+    if (!clients.tryOpen()) {
+      throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
+    }
+    return streamEvents(c, intake.js, {
+      filter: itemEventsFilter(id),
+      closeOnFinal: true,
+      replay: true,
+    }, { config, clients, log });
+  });
+
+  app.get("/events", (c) => {
+    const type = c.req.query("type");
+    let filter = "feedback.*.*";
+    if (type !== undefined) {
+      const full = type.startsWith("feedback.") ? type : `feedback.${type}`;
+      if (!EVENT_TYPES.has(full)) {
+        throw new ValidationError(
+          `type must be one of ${[...EVENT_TYPES].map((t) => t.slice(9)).join(", ")}`,
+          { field: "type" },
+        );
+      }
+      filter = typeFilter(full);
+    }
+    if (!clients.tryOpen()) {
+      throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
+    }
+    return streamEvents(c, intake.js, {
+      filter,
+      closeOnFinal: false,
+      replay: c.req.query("replay") === "true",
+    }, { config, clients, log });
+  });
+
+  return app;
+}

@@ -1,0 +1,225 @@
+/**
+ * Accepting feedback: the one code path behind POST /feedback, POST /feedback/batch and
+ * the `weft.feedback.submit` request subject. A submission becomes a `feedback.ingested`
+ * event published with a message id derived from the item id, so a repeated submission
+ * within the duplicate window is dropped by the stream, and one after it is answered from
+ * what the stream already holds. An Idempotency-Key is remembered in a KV bucket with
+ * the first answer.
+ *
+ * @module
+ */
+import type { NatsConnection } from "@nats-io/nats-core";
+import {
+  jetstream,
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import { ulid } from "ulid";
+import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
+import { createEvent, deterministicId } from "../events.ts";
+import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../events.gen.ts";
+import { publishEvent } from "../runner.ts";
+import { applyEvent } from "../state.ts";
+import { readState } from "../state_writer.ts";
+import {
+  eventSubject,
+  FEEDBACK_STREAM,
+  FeedbackEventType,
+  IDEMPOTENCY_BUCKET,
+  STATE_BUCKET,
+} from "../subjects.ts";
+import { ingestedEventId, itemOf } from "../stages/feedback.ts";
+import { childContext, type TraceContext } from "../trace.ts";
+
+/** The answer to an accepted submission. */
+export interface Accepted {
+  id: string;
+  status: "accepted";
+  links: { state: string; events: string };
+}
+
+/** An answer and whether it repeats an earlier one. */
+export interface IntakeResult<T> {
+  body: T;
+  /** True when this is the first answer given again (same id or Idempotency-Key). */
+  replayed: boolean;
+}
+
+/** Options of one submission. */
+export interface SubmitOptions {
+  idempotencyKey?: string;
+  trace?: TraceContext | null;
+}
+
+/** Accepts feedback and answers state lookups. */
+export interface Intake {
+  submit(submission: FeedbackSubmission, opts?: SubmitOptions): Promise<IntakeResult<Accepted>>;
+  submitBatch(
+    items: FeedbackSubmission[],
+    opts?: SubmitOptions,
+  ): Promise<IntakeResult<{ items: Accepted[] }>>;
+  /** The item's state; a {@link NotFoundError} when unknown. */
+  state(id: string): Promise<FeedbackState>;
+  /** True when anything is known about the item. */
+  exists(id: string): Promise<boolean>;
+  readonly js: JetStreamClient;
+  readonly jsm: JetStreamManager;
+}
+
+const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
+const encoder = new TextEncoder();
+
+/** The links of an item, relative to the gateway. */
+export function acceptedAnswer(id: string): Accepted {
+  return {
+    id,
+    status: "accepted",
+    links: { state: `/feedback/${id}`, events: `/feedback/${id}/events` },
+  };
+}
+
+/** Creates the intake on a connection whose topology exists. */
+export async function createIntake(nc: NatsConnection, source = "weft-gateway"): Promise<Intake> {
+  const js = jetstream(nc);
+  const jsm = await jetstreamManager(nc);
+  const kvm = new Kvm(nc);
+  const idempotency: KV = await kvm.open(IDEMPOTENCY_BUCKET);
+  const states: KV = await kvm.open(STATE_BUCKET);
+
+  async function ingestedInStream(id: string): Promise<FeedbackIngested | null> {
+    try {
+      const m = await jsm.streams.getMessage(FEEDBACK_STREAM, {
+        last_by_subj: eventSubject(FeedbackEventType.Ingested, id),
+      });
+      return m ? m.json<FeedbackIngested>() : null;
+    } catch (err) {
+      if ((err as { code?: number }).code === 10037) return null; // no message found
+      throw err;
+    }
+  }
+
+  async function publish(submission: FeedbackSubmission, id: string, trace?: TraceContext | null) {
+    const ctx = childContext(trace);
+    const event = createEvent({
+      type: FeedbackEventType.Ingested,
+      id: ingestedEventId(id),
+      itemId: id,
+      traceId: ctx.traceId,
+      source,
+      data: itemOf(submission),
+    });
+    await publishEvent(js, event, ctx);
+  }
+
+  /** Runs `work` once per Idempotency-Key; later calls get the first answer. */
+  async function once<T>(
+    key: string | undefined,
+    request: unknown,
+    answer: () => T,
+    work: (answer: T, replay: boolean) => Promise<void>,
+  ): Promise<IntakeResult<T>> {
+    if (key === undefined) {
+      const body = answer();
+      await work(body, false);
+      return { body, replayed: false };
+    }
+    if (key.length === 0 || key.length > 255) {
+      throw new ValidationError("Idempotency-Key must be 1 to 255 characters", {
+        field: "Idempotency-Key",
+      });
+    }
+    const kvKey = deterministicId("idempotency", key);
+    const fingerprint = deterministicId(JSON.stringify(request));
+    const body = answer();
+    try {
+      await idempotency.create(kvKey, encoder.encode(JSON.stringify({ fingerprint, body })));
+    } catch {
+      const prev = (await idempotency.get(kvKey))?.json<{ fingerprint: string; body: T }>();
+      if (!prev) throw new WeftError(ErrorCode.Unavailable, "idempotency record vanished");
+      if (prev.fingerprint !== fingerprint) {
+        throw new WeftError(
+          ErrorCode.IdempotencyMismatch,
+          "this Idempotency-Key was used with a different request",
+          { field: "Idempotency-Key" },
+        );
+      }
+      // Publishing is idempotent (message ids), so finishing a first attempt that failed
+      // half-way is safe and makes the replayed answer true.
+      await work(prev.body, true);
+      return { body: prev.body, replayed: true };
+    }
+    await work(body, false);
+    return { body, replayed: false };
+  }
+
+  /**
+   * Publishes an item unless the stream already has it. Only client-chosen ids and
+   * replays can already be there, so only they pay for the look-up. True if published.
+   */
+  async function publishOnce(
+    submission: FeedbackSubmission,
+    id: string,
+    mayExist: boolean,
+    trace?: TraceContext | null,
+  ): Promise<boolean> {
+    if (mayExist && (await ingestedInStream(id))) return false;
+    await publish(submission, id, trace);
+    return true;
+  }
+
+  return {
+    js,
+    jsm,
+    async submit(submission, opts = {}) {
+      let seenBefore = false;
+      const result = await once(
+        opts.idempotencyKey,
+        submission,
+        () => acceptedAnswer(submission.id ?? ulid()),
+        async (answer, replay) => {
+          const mayExist = replay || submission.id !== undefined;
+          seenBefore = !(await publishOnce(submission, answer.id, mayExist, opts.trace));
+        },
+      );
+      return { body: result.body, replayed: result.replayed || seenBefore };
+    },
+    async submitBatch(items, opts = {}) {
+      const seen = new Set<string>();
+      items.forEach((item, i) => {
+        if (item.id === undefined) return;
+        if (seen.has(item.id)) {
+          throw new ValidationError(`/items/${i}/id repeats an id earlier in the batch`, {
+            field: `/items/${i}/id`,
+          });
+        }
+        seen.add(item.id);
+      });
+      return await once(
+        opts.idempotencyKey,
+        items,
+        () => ({ items: items.map((item) => acceptedAnswer(item.id ?? ulid())) }),
+        async (answer, replay) => {
+          await Promise.all(answer.items.map(({ id }, i) => {
+            const item = items[i]!;
+            return publishOnce(item, id, replay || item.id !== undefined, opts.trace);
+          }));
+        },
+      );
+    },
+    async state(id) {
+      if (!ITEM_ID.test(id)) throw new NotFoundError(`no feedback item ${JSON.stringify(id)}`);
+      const stored = await readState(states, id);
+      if (stored) return stored.state;
+      // Accepted but not yet folded by the state writer: answer from the stream.
+      const ingested = await ingestedInStream(id);
+      if (ingested) return applyEvent(undefined, ingested, 0);
+      throw new NotFoundError(`no feedback item ${JSON.stringify(id)}`);
+    },
+    async exists(id) {
+      if (!ITEM_ID.test(id)) return false;
+      return (await readState(states, id)) !== null || (await ingestedInStream(id)) !== null;
+    },
+  };
+}

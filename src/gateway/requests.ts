@@ -1,0 +1,63 @@
+/**
+ * Submission and state lookup over NATS request/reply, for the nats CLI:
+ * `nats req weft.feedback.submit '{"text":"..."}'` answers like POST /feedback, and
+ * `nats req weft.feedback.get ID` like GET /feedback/ID. Errors answer
+ * `{"error": <problem>}` with the same problem document HTTP would send.
+ *
+ * @module
+ */
+import type { Msg, NatsConnection } from "@nats-io/nats-core";
+import { toProblem } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import { decodeJson } from "../runner.ts";
+import { validateDocument } from "../schemas.ts";
+import { GET_REQUEST_SUBJECT, SUBMIT_REQUEST_SUBJECT } from "../subjects.ts";
+import { parseTraceparent } from "../trace.ts";
+import type { Intake } from "./intake.ts";
+
+const QUEUE = "weft-gateway";
+
+/** Serves the request/reply subjects; errors reply as problem documents. */
+export function serveRequests(
+  nc: NatsConnection,
+  intake: Intake,
+  log: Logger,
+): { stop(): void } {
+  const reply = async (m: Msg, work: () => Promise<unknown>) => {
+    try {
+      m.respond(JSON.stringify(await work()));
+    } catch (err) {
+      const problem = toProblem(err);
+      if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
+      m.respond(JSON.stringify({ error: problem }));
+    }
+  };
+  const subs = [
+    nc.subscribe(SUBMIT_REQUEST_SUBJECT, {
+      queue: QUEUE,
+      callback: (_e, m) => {
+        void reply(m, async () => {
+          const submission = validateDocument("feedback.submit", decodeJson(m.data));
+          const { body } = await intake.submit(submission, {
+            idempotencyKey: m.headers?.get("Idempotency-Key") || undefined,
+            trace: parseTraceparent(m.headers?.get("traceparent")),
+          });
+          return body;
+        });
+      },
+    }),
+    nc.subscribe(GET_REQUEST_SUBJECT, {
+      queue: QUEUE,
+      callback: (_e, m) => {
+        void reply(m, () => {
+          const text = m.string().trim();
+          const id = text.startsWith("{")
+            ? String((JSON.parse(text) as { id?: unknown }).id)
+            : text;
+          return intake.state(id);
+        });
+      },
+    }),
+  ];
+  return { stop: () => subs.forEach((s) => s.unsubscribe()) };
+}

@@ -1,0 +1,166 @@
+/**
+ * Starting and stopping a real nats-server: the supervisor uses it for `deno task start`,
+ * tests and benchmarks for a private server on free ports with a temporary store.
+ *
+ * @module
+ */
+
+/** How to start the server. */
+export interface NatsServerOptions {
+  /** A configuration file (`-c`); command-line options below override it. */
+  configFile?: string;
+  /** Client port; a free one when omitted and no configFile is given. */
+  port?: number;
+  /** HTTP monitoring port. */
+  monitorPort?: number;
+  /** JetStream store directory; a new temporary one when omitted and no configFile. */
+  storeDir?: string;
+  /** Binary name or path; `nats-server` on the PATH by default. */
+  binary?: string;
+  /** Working directory of the server (relative store dirs resolve against it). */
+  cwd?: string;
+  /** Receives each line the server logs. */
+  onLog?: (line: string) => void;
+  /** Run in its own session, so a terminal's Ctrl-C reaches only its parent. */
+  detached?: boolean;
+}
+
+/** A running nats-server. */
+export interface NatsServer extends AsyncDisposable {
+  readonly url: string;
+  readonly port: number;
+  readonly monitorPort?: number;
+  readonly storeDir?: string;
+  readonly pid: number;
+  /** Sends a signal and waits for the process to end. */
+  stop(signal?: Deno.Signal): Promise<void>;
+  /** Starts it again with the same ports and store (after a stop or kill). */
+  restart(): Promise<void>;
+  /** Resolves when the process exits. */
+  readonly exited: Promise<Deno.CommandStatus>;
+}
+
+/** Thrown when nats-server is not installed. */
+export class NatsServerMissingError extends Error {
+  constructor(binary: string, options?: ErrorOptions) {
+    super(
+      `${binary} was not found on the PATH. Install it (Debian/Ubuntu: apt-get install ` +
+        `nats-server; macOS: brew install nats-server; or a release from ` +
+        `https://github.com/nats-io/nats-server/releases), or set NATS_URL to use a running server.`,
+      options,
+    );
+    this.name = "NatsServerMissingError";
+  }
+}
+
+/** A TCP port free on loopback right now. */
+export function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = l.addr as Deno.NetAddr;
+  l.close();
+  return port;
+}
+
+/**
+ * Starts nats-server with JetStream and resolves once it is ready for clients.
+ *
+ * @example
+ * ```ts ignore
+ * await using server = await startNatsServer();
+ * const nc = await connect({ servers: server.url });
+ * ```
+ */
+export async function startNatsServer(opts: NatsServerOptions = {}): Promise<NatsServer> {
+  const binary = opts.binary ?? "nats-server";
+  const port = opts.port ?? (opts.configFile ? undefined : freePort());
+  const storeDir = opts.storeDir ??
+    (opts.configFile ? undefined : await Deno.makeTempDir({ prefix: "weft-nats-" }));
+  const ownsStore = opts.storeDir === undefined && storeDir !== undefined;
+  const args = ["-js"];
+  if (opts.configFile) args.push("-c", opts.configFile);
+  if (port !== undefined) args.push("-a", "127.0.0.1", "-p", String(port));
+  if (opts.monitorPort !== undefined) args.push("-m", String(opts.monitorPort));
+  if (storeDir !== undefined) args.push("-sd", storeDir);
+
+  let child: Deno.ChildProcess;
+  let exited!: Promise<Deno.CommandStatus>;
+  let actualPort = port ?? 4222;
+
+  const spawn = async () => {
+    try {
+      child = new Deno.Command(binary, {
+        args,
+        cwd: opts.cwd,
+        stdin: "null",
+        stdout: "null",
+        stderr: "piped",
+        detached: opts.detached ?? false,
+      }).spawn();
+    } catch (err) {
+      if (err instanceof Deno.errors.NotFound) {
+        throw new NatsServerMissingError(binary, { cause: err });
+      }
+      throw err;
+    }
+    exited = child.status;
+    const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    const ready = (async () => {
+      while (true) {
+        const { value, done } = await lines.read();
+        if (done) throw new Error(`nats-server exited before it was ready: ${buffer.slice(-2000)}`);
+        buffer += value;
+        let nl: number;
+        while ((nl = buffer.indexOf("\n")) >= 0) {
+          const line = buffer.slice(0, nl);
+          buffer = buffer.slice(nl + 1);
+          opts.onLog?.(line);
+          const m = line.match(/Listening for client connections on [^\s]*:(\d+)/);
+          if (m) actualPort = Number(m[1]);
+          if (line.includes("Server is ready")) return;
+        }
+      }
+    })();
+    await ready;
+    // Keep draining the log so the server never blocks on a full pipe.
+    (async () => {
+      while (true) {
+        const { value, done } = await lines.read();
+        if (done) return;
+        if (opts.onLog) value.split("\n").filter(Boolean).forEach(opts.onLog);
+      }
+    })().catch(() => {});
+  };
+  await spawn();
+
+  const server: NatsServer = {
+    get url() {
+      return `nats://127.0.0.1:${actualPort}`;
+    },
+    get port() {
+      return actualPort;
+    },
+    monitorPort: opts.monitorPort,
+    storeDir,
+    get pid() {
+      return child.pid;
+    },
+    get exited() {
+      return exited;
+    },
+    async stop(signal: Deno.Signal = "SIGTERM") {
+      try {
+        child.kill(signal);
+      } catch { /* already gone */ }
+      await exited;
+    },
+    async restart() {
+      await spawn();
+    },
+    async [Symbol.asyncDispose]() {
+      await server.stop();
+      if (ownsStore) await Deno.remove(storeDir!, { recursive: true }).catch(() => {});
+    },
+  };
+  return server;
+}

@@ -1,0 +1,27 @@
+/**
+ * Retry delays: exponential backoff with "equal jitter", so retries of many items that
+ * failed together spread out instead of hammering a recovering dependency in step.
+ *
+ * @module
+ */
+
+/**
+ * The delay before retry number `attempt` (1 = first retry), in ms: half of
+ * `min(max, base * 2^(attempt-1))` fixed, the other half random.
+ *
+ * @example
+ * ```ts
+ * import { retryDelay } from "./retry.ts";
+ * const d = retryDelay(3, 100, 10_000, () => 0.5);
+ * console.assert(d === 300);
+ * ```
+ */
+export function retryDelay(
+  attempt: number,
+  baseMs: number,
+  maxMs: number,
+  random: () => number = Math.random,
+): number {
+  const cap = Math.min(maxMs, baseMs * 2 ** Math.max(0, attempt - 1));
+  return Math.round(cap / 2 + random() * (cap / 2));
+}

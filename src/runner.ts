@@ -1,0 +1,348 @@
+/**
+ * The one runner behind every stage. It alone knows NATS: it binds the stage's durable
+ * consumer, decodes and validates each message, calls the pure handler, publishes what it
+ * returns (with message ids, so a redelivery never yields a second downstream event, and
+ * a traceparent header), acks, retries failures with backoff, keeps slow handlers' leases
+ * with in-progress acks, dead-letters what cannot succeed, and drains on stop.
+ *
+ * @module
+ */
+import { Buffer } from "node:buffer";
+import { headers, type NatsConnection } from "@nats-io/nats-core";
+import {
+  type ConsumerMessages,
+  jetstream,
+  type JetStreamClient,
+  jetstreamManager,
+  type JsMsg,
+} from "@nats-io/jetstream";
+import type { Config } from "./config.ts";
+import { ErrorCode, isPermanent, toDeadLetterReason, ValidationError } from "./errors.ts";
+import { createEvent, deterministicId } from "./events.ts";
+import type { DeadLetter } from "./events.gen.ts";
+import type { Logger } from "./log.ts";
+import { retryDelay } from "./retry.ts";
+import { validateDocument, validateEvent } from "./schemas.ts";
+import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
+import { deadLetterSubject, eventSubject, FEEDBACK_STREAM, FeedbackEventType } from "./subjects.ts";
+import { stageConsumerConfig } from "./topology.ts";
+import { ensureConsumer } from "./topology.ts";
+import { childContext, formatTraceparent, parseTraceparent, type TraceContext } from "./trace.ts";
+
+/** Counters a runner keeps; metrics read them. */
+export interface StageStats {
+  received: number;
+  processed: number;
+  retried: number;
+  deadLettered: number;
+  published: number;
+  /** Sum of handler times, ms. */
+  handlerMs: number;
+}
+
+/** A running stage. */
+export interface StageRunner {
+  readonly stats: Readonly<StageStats>;
+  /** Stops fetching, waits (up to the drain deadline) for in-flight work, then returns. */
+  stop(): Promise<void>;
+  /** Resolves when the runner has stopped, by `stop()` or because its consumer ended. */
+  readonly done: Promise<void>;
+}
+
+/** What {@link runStage} needs. */
+export interface RunStageOptions<I extends StageInput> {
+  nc: NatsConnection;
+  stage: Stage<I>;
+  config: Pick<
+    Config,
+    "concurrency" | "maxAttempts" | "ackWaitMs" | "retryBaseMs" | "retryMaxMs" | "drainMs"
+  >;
+  log: Logger;
+  /** Recorded as the `source` of events; defaults to `weft-<stage>`. */
+  source?: string;
+  now?: () => Date;
+}
+
+const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+const encoder = new TextEncoder();
+
+/** Decodes a message body as JSON; a {@link ValidationError} when it is not. */
+export function decodeJson(data: Uint8Array): unknown {
+  let text: string;
+  try {
+    text = utf8.decode(data);
+  } catch (cause) {
+    throw new ValidationError("body is not valid UTF-8", {
+      code: ErrorCode.InvalidEvent,
+      field: "/",
+      cause,
+    });
+  }
+  try {
+    return JSON.parse(text);
+  } catch (cause) {
+    throw new ValidationError(`body is not JSON: ${(cause as Error).message}`, {
+      code: ErrorCode.InvalidEvent,
+      field: "/",
+      cause,
+    });
+  }
+}
+
+/** Validates a decoded body as what the stage consumes. */
+export function validateInput<I extends StageInput>(input: I, value: unknown): InputOf<I> {
+  if (input.kind === "event") return validateEvent(value, input.types) as InputOf<I>;
+  try {
+    return validateDocument(input.name, value) as InputOf<I>;
+  } catch (err) {
+    if (err instanceof ValidationError) {
+      throw new ValidationError(err.message, {
+        code: ErrorCode.InvalidEvent,
+        field: err.field,
+        cause: err,
+      });
+    }
+    throw err;
+  }
+}
+
+/** The item an event-shaped raw message is about, as far as it can be told. */
+export function itemIdOf(raw: unknown): string | undefined {
+  const candidate = (raw as { item_id?: unknown } | null)?.item_id;
+  return typeof candidate === "string" && ITEM_ID.test(candidate) ? candidate : undefined;
+}
+
+function traceIdOf(raw: unknown, fromHeader?: TraceContext | null): string | undefined {
+  if (fromHeader) return fromHeader.traceId;
+  const t = (raw as { trace_id?: unknown } | null)?.trace_id;
+  return typeof t === "string" && /^[0-9a-f]{32}$/.test(t) ? t : undefined;
+}
+
+/** Publishes one event with its message id and a traceparent in the trace. */
+export async function publishEvent(
+  js: JetStreamClient,
+  event: OutputEvent,
+  parent: TraceContext | null,
+): Promise<void> {
+  const h = headers();
+  h.set(
+    "traceparent",
+    formatTraceparent(
+      childContext(parent ?? { traceId: event.trace_id, spanId: "", sampled: true }),
+    ),
+  );
+  h.set("Weft-Event-Type", event.type);
+  await js.publish(eventSubject(event.type, event.item_id), encoder.encode(JSON.stringify(event)), {
+    msgID: event.id,
+    headers: h,
+  });
+}
+
+/** Who is dead-lettering: the stage (or writer) name and the service that records it. */
+export interface DeadLetterContext {
+  js: JetStreamClient;
+  stage: string;
+  source: string;
+  now: () => Date;
+  log: Logger;
+}
+
+/**
+ * Gives up on a message for good: keeps it in the DEADLETTER stream with the reason,
+ * publishes `feedback.failed` for its item (when the item is known) so its state and SSE
+ * stream end, then terminates it so the server never redelivers it.
+ */
+export async function deadLetter(
+  ctx: DeadLetterContext,
+  m: JsMsg,
+  err: unknown,
+  raw: unknown,
+  itemId: string | undefined,
+  trace: TraceContext | null,
+): Promise<void> {
+  const { code, reason } = toDeadLetterReason(err);
+  let payload: string;
+  let encoding: "utf8" | "base64" = "utf8";
+  try {
+    payload = utf8.decode(m.data);
+  } catch {
+    payload = Buffer.from(m.data).toString("base64");
+    encoding = "base64";
+  }
+  const letter: DeadLetter = {
+    stage: ctx.stage,
+    code,
+    reason,
+    attempts: m.info.deliveryCount,
+    subject: m.subject,
+    stream_seq: m.seq,
+    time: ctx.now().toISOString(),
+    payload,
+    payload_encoding: encoding,
+  };
+  if (itemId) letter.item_id = itemId;
+  const dlSubject = deadLetterSubject(ctx.stage, itemId);
+  await ctx.js.publish(dlSubject, encoder.encode(JSON.stringify(letter)), {
+    msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
+  });
+  if (itemId) {
+    const failed = createEvent({
+      type: FeedbackEventType.Failed,
+      id: deterministicId(itemId, FeedbackEventType.Failed, String(m.seq)),
+      itemId,
+      traceId: traceIdOf(raw, trace) ?? childContext().traceId,
+      source: ctx.source,
+      time: ctx.now(),
+      data: {
+        stage: ctx.stage,
+        code,
+        reason,
+        attempts: m.info.deliveryCount,
+        dead_letter_subject: dlSubject,
+      },
+    });
+    await publishEvent(ctx.js, failed, trace);
+  }
+  m.term();
+  ctx.log.warn("dead-lettered", {
+    item_id: itemId,
+    code,
+    reason,
+    attempts: m.info.deliveryCount,
+  });
+}
+
+/**
+ * Runs a stage until stopped.
+ *
+ * @example
+ * ```ts ignore
+ * import { runStage } from "./runner.ts";
+ * const runner = await runStage({ nc, stage: sentimentStage(analyzer), config, log });
+ * Deno.addSignalListener("SIGTERM", () => runner.stop());
+ * await runner.done;
+ * ```
+ */
+export async function runStage<I extends StageInput>(
+  opts: RunStageOptions<I>,
+): Promise<StageRunner> {
+  const { nc, stage, config } = opts;
+  const source = opts.source ?? `weft-${stage.name}`;
+  const now = opts.now ?? (() => new Date());
+  const log = opts.log.with({ stage: stage.name });
+  const js = jetstream(nc);
+  const jsm = await jetstreamManager(nc);
+  await ensureConsumer(jsm, FEEDBACK_STREAM, stageConsumerConfig(stage, config));
+  const consumer = await js.consumers.get(FEEDBACK_STREAM, stage.name);
+  const messages: ConsumerMessages = await consumer.consume({
+    max_messages: Math.max(config.concurrency * 2, 16),
+  });
+  const stats: StageStats = {
+    received: 0,
+    processed: 0,
+    retried: 0,
+    deadLettered: 0,
+    published: 0,
+    handlerMs: 0,
+  };
+  const abort = new AbortController();
+  const inFlight = new Set<Promise<void>>();
+  let wake: (() => void) | undefined;
+  const dlContext: DeadLetterContext = { js, stage: stage.name, source, now, log };
+
+  (async () => {
+    for await (const s of messages.status()) {
+      if (s.type === "heartbeats_missed" || s.type === "consumer_not_found") {
+        log.warn("consumer status", { status: s.type });
+      }
+    }
+  })().catch(() => {});
+
+  async function handle(m: JsMsg): Promise<void> {
+    stats.received++;
+    const trace = parseTraceparent(m.headers?.get("traceparent"));
+    let raw: unknown;
+    let keepAlive: ReturnType<typeof setInterval> | undefined;
+    const message: MessageInfo = {
+      subject: m.subject,
+      seq: m.seq,
+      storedAt: m.time.getTime(),
+      deliveryCount: m.info.deliveryCount,
+    };
+    if (trace) message.traceId = trace.traceId;
+    try {
+      raw = decodeJson(m.data);
+      const input = validateInput(stage.input, raw);
+      // Keep the lease while a slow handler works, instead of being redelivered mid-work.
+      keepAlive = setInterval(() => m.working(), Math.max(500, Math.floor(config.ackWaitMs / 3)));
+      const started = performance.now();
+      const outputs = await stage.handle(input, { source, message, now, signal: abort.signal });
+      stats.handlerMs += performance.now() - started;
+      for (const event of outputs) {
+        validateEvent(event, [event.type]); // a handler emitting a bad event is a bug: stop it here
+        await publishEvent(js, event, trace);
+        stats.published++;
+      }
+      m.ack();
+      stats.processed++;
+    } catch (err) {
+      if (isPermanent(err) || m.info.deliveryCount >= config.maxAttempts) {
+        try {
+          const itemId = stage.identify ? stage.identify(raw, message) : itemIdOf(raw);
+          await deadLetter(dlContext, m, err, raw, itemId, trace);
+          stats.deadLettered++;
+        } catch (dlErr) {
+          // Could not record the dead letter (NATS down?): let the server redeliver.
+          log.error("dead-letter failed", { err: dlErr });
+          m.nak(retryDelay(1, config.retryBaseMs, config.retryMaxMs));
+        }
+      } else {
+        const delay = retryDelay(
+          m.info.deliveryCount,
+          config.retryBaseMs,
+          config.retryMaxMs,
+        );
+        stats.retried++;
+        log.warn("retrying", {
+          item_id: itemIdOf(raw),
+          attempt: m.info.deliveryCount,
+          delay_ms: delay,
+          err,
+        });
+        m.nak(delay);
+      }
+    } finally {
+      if (keepAlive !== undefined) clearInterval(keepAlive);
+    }
+  }
+
+  const done = (async () => {
+    for await (const m of messages) {
+      while (inFlight.size >= config.concurrency) {
+        await new Promise<void>((r) => (wake = r));
+      }
+      const p: Promise<void> = handle(m).finally(() => {
+        inFlight.delete(p);
+        wake?.();
+      });
+      inFlight.add(p);
+    }
+    await Promise.all(inFlight);
+  })();
+
+  log.info("stage started", { filter: stage.filterSubject, concurrency: config.concurrency });
+
+  return {
+    stats,
+    done,
+    async stop() {
+      await messages.close(); // stop fetching; buffered messages are redelivered elsewhere
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([done, new Promise((r) => (timer = setTimeout(r, config.drainMs)))]);
+      clearTimeout(timer);
+      abort.abort();
+      log.info("stage stopped", { in_flight_left: inFlight.size, ...stats });
+    },
+  };
+}

@@ -1,0 +1,181 @@
+/**
+ * Validation against the JSON Schemas in schemas/: the single source of truth for event
+ * shapes. Schemas are imported as JSON modules (no file access needed) and compiled
+ * once by ajv, the fastest validator measured here (~43 ns per small event).
+ *
+ * @module
+ */
+import { Ajv, type ErrorObject, type ValidateFunction } from "ajv";
+import addFormatsModule from "ajv-formats";
+import { ErrorCode, ValidationError } from "./errors.ts";
+import defs from "../schemas/defs.v1.json" with { type: "json" };
+import submit from "../schemas/feedback.submit.v1.json" with { type: "json" };
+import submitBatch from "../schemas/feedback.submit_batch.v1.json" with { type: "json" };
+import ingested from "../schemas/feedback.ingested.v1.json" with { type: "json" };
+import sentimentAnalyzed from "../schemas/feedback.sentiment_analyzed.v1.json" with {
+  type: "json",
+};
+import topicsExtracted from "../schemas/feedback.topics_extracted.v1.json" with { type: "json" };
+import dispatched from "../schemas/feedback.dispatched.v1.json" with { type: "json" };
+import processed from "../schemas/feedback.processed.v1.json" with { type: "json" };
+import failed from "../schemas/feedback.failed.v1.json" with { type: "json" };
+import state from "../schemas/feedback.state.v1.json" with { type: "json" };
+import deadletter from "../schemas/deadletter.v1.json" with { type: "json" };
+import rules from "../schemas/rules.v1.json" with { type: "json" };
+import type {
+  DeadLetter,
+  FeedbackBatchSubmission,
+  FeedbackDispatched,
+  FeedbackFailed,
+  FeedbackIngested,
+  FeedbackProcessed,
+  FeedbackSentimentAnalyzed,
+  FeedbackState,
+  FeedbackSubmission,
+  FeedbackTopicsExtracted,
+  Ruleset,
+} from "./events.gen.ts";
+
+/** Every event type with its payload type, keyed by `type`. */
+export interface EventMap {
+  "feedback.ingested": FeedbackIngested;
+  "feedback.sentiment_analyzed": FeedbackSentimentAnalyzed;
+  "feedback.topics_extracted": FeedbackTopicsExtracted;
+  "feedback.dispatched": FeedbackDispatched;
+  "feedback.processed": FeedbackProcessed;
+  "feedback.failed": FeedbackFailed;
+}
+/** Any Weft event. */
+export type AnyEvent = EventMap[keyof EventMap];
+
+/** Documents that are not events but have schemas too. */
+export interface DocumentMap {
+  "feedback.submit": FeedbackSubmission;
+  "feedback.submit_batch": FeedbackBatchSubmission;
+  "feedback.state": FeedbackState;
+  "deadletter": DeadLetter;
+  "rules": Ruleset;
+}
+
+// ajv-formats is CommonJS; its default export arrives wrapped under Deno's npm interop.
+const addFormats = ((addFormatsModule as unknown as { default?: unknown }).default ??
+  addFormatsModule) as (ajv: Ajv) => Ajv;
+
+const ajv = new Ajv({ allErrors: false, strict: true, allowUnionTypes: true });
+addFormats(ajv);
+ajv.addSchema(defs);
+
+const eventSchemas: Record<keyof EventMap, object> = {
+  "feedback.ingested": ingested,
+  "feedback.sentiment_analyzed": sentimentAnalyzed,
+  "feedback.topics_extracted": topicsExtracted,
+  "feedback.dispatched": dispatched,
+  "feedback.processed": processed,
+  "feedback.failed": failed,
+};
+const documentSchemas: Record<keyof DocumentMap, object> = {
+  "feedback.submit": submit,
+  "feedback.submit_batch": submitBatch,
+  "feedback.state": state,
+  "deadletter": deadletter,
+  "rules": rules,
+};
+ajv.addSchema(submit);
+
+const eventValidators = new Map<string, Map<number, ValidateFunction>>();
+for (const [type, schema] of Object.entries(eventSchemas)) {
+  const version = (schema as { properties: { version: { const: number } } }).properties.version
+    .const;
+  eventValidators.set(type, new Map([[version, ajv.compile(schema)]]));
+}
+const documentValidators = new Map<string, ValidateFunction>(
+  Object.entries(documentSchemas).map(([name, schema]) => [
+    name,
+    ajv.getSchema((schema as { $id: string }).$id) ?? ajv.compile(schema),
+  ]),
+);
+
+/** The event types Weft knows, with the schema versions it accepts. */
+export function knownEventTypes(): Record<string, number[]> {
+  return Object.fromEntries(
+    [...eventValidators].map(([type, versions]) => [type, [...versions.keys()]]),
+  );
+}
+
+/** Turns ajv's first error into a message and a JSON pointer naming the field. */
+function describe(errors: ErrorObject[] | null | undefined, prefix = ""): {
+  field: string;
+  message: string;
+} {
+  const e = errors?.[0];
+  if (!e) return { field: prefix || "/", message: "is invalid" };
+  let field = prefix + e.instancePath;
+  if (e.keyword === "required") {
+    field += `/${(e.params as { missingProperty: string }).missingProperty}`;
+  }
+  if (e.keyword === "additionalProperties") {
+    field += `/${(e.params as { additionalProperty: string }).additionalProperty}`;
+    return { field, message: `${field} is not an allowed field` };
+  }
+  if (e.keyword === "required") return { field, message: `${field} is required` };
+  return {
+    field: field || "/",
+    message: `${field || "the document"} ${e.message ?? "is invalid"}`,
+  };
+}
+
+/**
+ * Validates a document (a submission, a ruleset...) against its schema and returns it typed.
+ * Throws a {@link ValidationError} whose `field` is a JSON pointer to the first bad field.
+ *
+ * @example
+ * ```ts
+ * import { validateDocument } from "./schemas.ts";
+ * const submission = validateDocument("feedback.submit", { text: "I love it" });
+ * console.assert(submission.text === "I love it");
+ * ```
+ */
+export function validateDocument<K extends keyof DocumentMap>(
+  name: K,
+  value: unknown,
+): DocumentMap[K] {
+  const validate = documentValidators.get(name)!;
+  if (validate(value)) return value as DocumentMap[K];
+  const { field, message } = describe(validate.errors);
+  throw new ValidationError(message, { field });
+}
+
+/**
+ * Validates an event of the expected type(s) from the bus. Unknown fields are ignored.
+ * Throws a {@link ValidationError} with code `invalid_event` or `unknown_version`.
+ */
+export function validateEvent<K extends keyof EventMap>(
+  value: unknown,
+  expected: readonly K[],
+): EventMap[K] {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new ValidationError("event is not a JSON object", {
+      code: ErrorCode.InvalidEvent,
+      field: "/",
+    });
+  }
+  const { type, version } = value as { type?: unknown; version?: unknown };
+  if (typeof type !== "string" || !(expected as readonly string[]).includes(type)) {
+    throw new ValidationError(
+      `/type must be one of ${expected.join(", ")} (got ${JSON.stringify(type)})`,
+      { code: ErrorCode.InvalidEvent, field: "/type" },
+    );
+  }
+  const validate = eventValidators.get(type)?.get(version as number);
+  if (!validate) {
+    throw new ValidationError(
+      `${type} version ${JSON.stringify(version)} is unknown here (known: ${
+        [...(eventValidators.get(type)?.keys() ?? [])].join(", ")
+      })`,
+      { code: ErrorCode.UnknownVersion, field: "/version" },
+    );
+  }
+  if (validate(value)) return value as EventMap[K];
+  const { field, message } = describe(validate.errors);
+  throw new ValidationError(message, { code: ErrorCode.InvalidEvent, field });
+}

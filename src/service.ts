@@ -1,0 +1,87 @@
+/**
+ * The few lines every service's `main` shares: load and print the configuration, connect
+ * to NATS, ensure the topology, run, and on SIGTERM/SIGINT stop taking work, finish what
+ * is in flight within the drain deadline and close the connection.
+ *
+ * @module
+ */
+import type { NatsConnection } from "@nats-io/nats-core";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { type Config, describeConfig, loadConfig } from "./config.ts";
+import { createLogger, type Logger } from "./log.ts";
+import { connectNats } from "./nats.ts";
+import { runStage } from "./runner.ts";
+import type { Stage, StageInput } from "./stage.ts";
+import { ensureTopology } from "./topology.ts";
+
+/** Something a service runs until it is stopped. */
+export interface Runnable {
+  stop(): Promise<void>;
+  readonly done: Promise<void>;
+}
+
+/** What a service's start function receives. */
+export interface ServiceContext {
+  config: Config;
+  log: Logger;
+  nc: NatsConnection;
+}
+
+/**
+ * Runs a service process: `start` builds what it runs from the context.
+ *
+ * @example
+ * ```ts ignore
+ * await runService("sentiment", async ({ nc, config, log }) => runStage({ nc, config, log, stage }));
+ * ```
+ */
+export async function runService(
+  name: string,
+  start: (ctx: ServiceContext) => Promise<Runnable>,
+): Promise<void> {
+  let config: Config;
+  try {
+    config = loadConfig();
+  } catch (err) {
+    createLogger(`weft-${name}`).error("configuration refused", { err });
+    Deno.exit(2);
+  }
+  const log = createLogger(`weft-${name}`, config.logLevel);
+  log.info("starting", { config: describeConfig(config) });
+  const nc = await connectNats(config.natsUrl, `weft-${name}`);
+  (async () => {
+    for await (const s of nc.status()) {
+      if (s.type === "disconnect" || s.type === "reconnect") log.warn("nats", { status: s.type });
+    }
+  })().catch(() => {});
+  await ensureTopology(nc, await jetstreamManager(nc), config);
+  const running = await start({ config, log, nc });
+  let stopping = false;
+  const stop = async () => {
+    if (stopping) return;
+    stopping = true;
+    log.info("stopping");
+    await running.stop();
+    await nc.drain().catch(() => {});
+    Deno.exit(0);
+  };
+  Deno.addSignalListener("SIGTERM", stop);
+  Deno.addSignalListener("SIGINT", stop);
+  await running.done;
+  if (!stopping) {
+    log.error("stopped unexpectedly");
+    await nc.close().catch(() => {});
+    Deno.exit(1);
+  }
+}
+
+/** Runs a stage as a service. */
+export function runStageService<I extends StageInput>(
+  name: string,
+  makeStage: (ctx: ServiceContext) => Promise<Stage<I>> | Stage<I>,
+): Promise<void> {
+  return runService(name, async (ctx) => {
+    const stage = await makeStage(ctx);
+    return runStage({ ...ctx, stage });
+  });
+}

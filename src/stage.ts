@@ -1,0 +1,82 @@
+/**
+ * What a stage is: a pure, typed handler from one input to the events it produces. The
+ * runner (src/runner.ts) does all the NATS work around it.
+ *
+ * @module
+ */
+import type { DocumentMap, EventMap } from "./schemas.ts";
+import { createEvent } from "./events.ts";
+
+/** Facts about the message being handled, for handlers that need them. */
+export interface MessageInfo {
+  subject: string;
+  /** Sequence in the stream: stable across redeliveries. */
+  seq: number;
+  /** Time the server stored the message, ms since the epoch: stable across redeliveries. */
+  storedAt: number;
+  /** 1 on first delivery. */
+  deliveryCount: number;
+  /** Trace id from the message's traceparent header, when present. */
+  traceId?: string;
+}
+
+/** What a handler gets beside its input. */
+export interface StageContext {
+  /** The producing service's name, recorded on events. */
+  source: string;
+  message: MessageInfo;
+  /** The current time; injected so handlers stay pure. */
+  now(): Date;
+  /** Aborted when the service is stopping or the handler ran out of time. */
+  signal: AbortSignal;
+}
+
+/** What a stage consumes: events of some types, or a plain document (a submission). */
+export type StageInput =
+  | { kind: "event"; types: readonly (keyof EventMap)[] }
+  | { kind: "document"; name: keyof DocumentMap };
+
+/** The value a handler receives for an input spec. */
+export type InputOf<I extends StageInput> = I extends { kind: "event"; types: readonly (infer K)[] }
+  ? K extends keyof EventMap ? EventMap[K] : never
+  : I extends { kind: "document"; name: infer N } ? N extends keyof DocumentMap ? DocumentMap[N]
+    : never
+  : never;
+
+/** Any event a stage may emit. */
+export type OutputEvent = EventMap[keyof EventMap];
+
+/** A pipeline stage: consume, decide, emit. */
+export interface Stage<I extends StageInput = StageInput> {
+  /** Stage name: names its durable consumer and its service. */
+  name: string;
+  /** The subject filter of its durable consumer. */
+  filterSubject: string;
+  /** What it consumes. */
+  input: I;
+  /**
+   * Names the item a raw (possibly invalid) message is about, so a dead letter can be
+   * tied to it. Defaults to the event's `item_id`.
+   */
+  identify?(raw: unknown, message: MessageInfo): string | undefined;
+  /** Pure: same input, same outputs (ids included). Throw to fail; see errors.ts. */
+  handle(input: InputOf<I>, ctx: StageContext): OutputEvent[] | Promise<OutputEvent[]>;
+}
+
+/** The event that follows `input` in the same item and trace, with a deterministic id. */
+export function nextEvent<K extends keyof EventMap>(
+  input: { id: string; item_id: string; trace_id: string },
+  type: K,
+  data: EventMap[K]["data"],
+  ctx: StageContext,
+): EventMap[K] {
+  return createEvent({
+    type,
+    itemId: input.item_id,
+    traceId: input.trace_id,
+    source: ctx.source,
+    data,
+    cause: input.id,
+    time: ctx.now(),
+  });
+}

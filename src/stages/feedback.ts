@@ -1,0 +1,111 @@
+/**
+ * The feedback pipeline's stages as pure handlers:
+ * submission -> ingested -> sentiment_analyzed -> topics_extracted -> dispatched + processed.
+ *
+ * @module
+ */
+import type { SentimentAnalyzer, TopicsAnalyzer } from "../analysis.ts";
+import { createEvent, deterministicId } from "../events.ts";
+import type { Router } from "../rules.ts";
+import { nextEvent, type Stage, type StageContext } from "../stage.ts";
+import { FeedbackEventType as T, SUBMIT_SUBJECT, typeFilter } from "../subjects.ts";
+import { childContext } from "../trace.ts";
+import type { FeedbackItem, FeedbackSubmission } from "../events.gen.ts";
+
+/** The item fields carried from a submission onto its events. */
+export function itemOf(submission: FeedbackSubmission): FeedbackItem {
+  const item: FeedbackItem = { text: submission.text };
+  if (submission.channel !== undefined) item.channel = submission.channel;
+  if (submission.customer_id !== undefined) item.customer_id = submission.customer_id;
+  if (submission.metadata !== undefined) item.metadata = submission.metadata;
+  return item;
+}
+
+/** The id of the ingested event of an item: one per item, so re-submissions de-duplicate. */
+export function ingestedEventId(itemId: string): string {
+  return deterministicId(itemId, T.Ingested);
+}
+
+/**
+ * An id for a bus submission that names none: derived from where the server stored it,
+ * so a redelivery keeps it.
+ */
+export function busSubmissionId(message: { seq: number; storedAt: number }): string {
+  return `fb_${
+    deterministicId("submit", String(message.storedAt), String(message.seq)).slice(0, 24)
+  }`;
+}
+
+/** Turns plain submissions from `feedback.submit` into ingested events. */
+export function ingestStage(): Stage<{ kind: "document"; name: "feedback.submit" }> {
+  return {
+    name: "ingest",
+    filterSubject: SUBMIT_SUBJECT,
+    input: { kind: "document", name: "feedback.submit" },
+    identify(raw, message) {
+      const id = (raw as { id?: unknown } | null)?.id;
+      return typeof id === "string" && /^[A-Za-z0-9_-]{1,64}$/.test(id)
+        ? id
+        : busSubmissionId(message);
+    },
+    handle(submission, ctx: StageContext) {
+      const itemId = submission.id ?? busSubmissionId(ctx.message);
+      const traceId = ctx.message.traceId ?? childContext().traceId;
+      return [createEvent({
+        type: T.Ingested,
+        id: ingestedEventId(itemId),
+        itemId,
+        traceId,
+        source: ctx.source,
+        data: itemOf(submission),
+        time: ctx.now(),
+      })];
+    },
+  };
+}
+
+/** Classifies sentiment. */
+export function sentimentStage(
+  analyzer: SentimentAnalyzer,
+): Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> {
+  return {
+    name: "sentiment",
+    filterSubject: typeFilter(T.Ingested),
+    input: { kind: "event", types: [T.Ingested] },
+    async handle(event, ctx) {
+      const sentiment = await analyzer.analyze(event.data.text, { signal: ctx.signal });
+      return [nextEvent(event, T.SentimentAnalyzed, { ...event.data, sentiment }, ctx)];
+    },
+  };
+}
+
+/** Extracts topics. */
+export function topicsStage(
+  analyzer: TopicsAnalyzer,
+): Stage<{ kind: "event"; types: readonly ["feedback.sentiment_analyzed"] }> {
+  return {
+    name: "topics",
+    filterSubject: typeFilter(T.SentimentAnalyzed),
+    input: { kind: "event", types: [T.SentimentAnalyzed] },
+    async handle(event, ctx) {
+      const topics = await analyzer.analyze(event.data.text, { signal: ctx.signal });
+      return [nextEvent(event, T.TopicsExtracted, { ...event.data, topics }, ctx)];
+    },
+  };
+}
+
+/** Routes to a team, then marks the item processed: its final event. */
+export function dispatchStage(
+  route: Router,
+): Stage<{ kind: "event"; types: readonly ["feedback.topics_extracted"] }> {
+  return {
+    name: "dispatch",
+    filterSubject: typeFilter(T.TopicsExtracted),
+    input: { kind: "event", types: [T.TopicsExtracted] },
+    handle(event, ctx) {
+      const routing = route(event.data.sentiment.label, event.data.topics.topics);
+      const dispatched = nextEvent(event, T.Dispatched, { ...event.data, routing }, ctx);
+      return [dispatched, nextEvent(dispatched, T.Processed, dispatched.data, ctx)];
+    },
+  };
+}

@@ -1,0 +1,213 @@
+/**
+ * Keeps each item's state in the KV bucket, folded from its events.
+ *
+ * Per-item state must not halve throughput, so the writer does not write once per event:
+ * it takes events in small batches (at most `stateFlushMs`), folds each item's events in
+ * memory and writes each item once per batch, with all writes in flight together. Writes
+ * are compare-and-set on the entry's revision, so concurrent writers (replicas) or a
+ * restart never lose a field: on conflict the writer re-reads and folds again. Acks go
+ * out only after the write they depend on succeeded.
+ *
+ * @module
+ */
+import type { NatsConnection } from "@nats-io/nats-core";
+import {
+  AckPolicy,
+  DeliverPolicy,
+  jetstream,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  jetstreamManager,
+  type JsMsg,
+} from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import type { Config } from "./config.ts";
+import type { FeedbackState } from "./events.gen.ts";
+import type { Logger } from "./log.ts";
+import { retryDelay } from "./retry.ts";
+import { deadLetter, decodeJson } from "./runner.ts";
+import type { AnyEvent } from "./schemas.ts";
+import { validateEvent } from "./schemas.ts";
+import { applyEvent } from "./state.ts";
+import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "./subjects.ts";
+import { ensureConsumer } from "./topology.ts";
+import { parseTraceparent } from "./trace.ts";
+
+/** The durable consumer name of the state writer. */
+export const STATE_WRITER = "state";
+const ALL_EVENTS = "feedback.*.*";
+const EVENT_TYPES = Object.values(FeedbackEventType);
+const MAX_CACHED = 20_000;
+
+/** A running state writer. */
+export interface StateWriter {
+  readonly stats: { events: number; writes: number; conflicts: number; batches: number };
+  stop(): Promise<void>;
+  readonly done: Promise<void>;
+}
+
+interface Cached {
+  state: FeedbackState;
+  revision: number;
+}
+
+function isWrongLastSequence(err: unknown): boolean {
+  if (!(err instanceof JetStreamApiError)) return false;
+  return err.code === JetStreamApiCodes.StreamWrongLastSequence ||
+    err.code === JetStreamApiCodes.StreamWrongLastSequenceUnknown;
+}
+
+const encoder = new TextEncoder();
+
+/** Reads an item's state from the bucket; null when there is none. */
+export async function readState(
+  kv: KV,
+  id: string,
+): Promise<{ state: FeedbackState; revision: number } | null> {
+  const e = await kv.get(id);
+  if (!e || e.operation !== "PUT" || e.length === 0) return null;
+  return { state: e.json<FeedbackState>(), revision: e.revision };
+}
+
+/** Starts the state writer. */
+export async function runStateWriter(opts: {
+  nc: NatsConnection;
+  config: Pick<
+    Config,
+    "stateFlushMs" | "ackWaitMs" | "maxAttempts" | "retryBaseMs" | "retryMaxMs" | "drainMs"
+  >;
+  log: Logger;
+  now?: () => Date;
+}): Promise<StateWriter> {
+  const { nc, config } = opts;
+  const log = opts.log.with({ stage: STATE_WRITER });
+  const now = opts.now ?? (() => new Date());
+  const js = jetstream(nc);
+  const jsm = await jetstreamManager(nc);
+  const kv = await new Kvm(nc).open(STATE_BUCKET);
+  await ensureConsumer(jsm, FEEDBACK_STREAM, {
+    durable_name: STATE_WRITER,
+    description: "Weft state writer: folds every event into the item's KV entry",
+    filter_subject: ALL_EVENTS,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.All,
+    ack_wait: config.ackWaitMs * 1_000_000,
+    max_deliver: config.maxAttempts + 2,
+    max_ack_pending: 20_000,
+  });
+  const consumer = await js.consumers.get(FEEDBACK_STREAM, STATE_WRITER);
+  const messages = await consumer.consume({ max_messages: 2000 });
+  const stats = { events: 0, writes: 0, conflicts: 0, batches: 0 };
+  const cache = new Map<string, Cached>();
+  const dlContext = { js, stage: STATE_WRITER, source: "weft-state", now, log };
+
+  function remember(id: string, entry: Cached) {
+    cache.delete(id);
+    if (entry.state.status === "processed" || entry.state.status === "failed") return;
+    cache.set(id, entry);
+    if (cache.size > MAX_CACHED) cache.delete(cache.keys().next().value!);
+  }
+
+  /** Writes one item's new events; returns when written (or throws). */
+  async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
+    let base: Cached | null = cache.get(id) ?? null;
+    for (let attempt = 0; attempt < 10; attempt++) {
+      let state = base?.state;
+      for (const { event, seq } of events) state = applyEvent(state, event, seq);
+      if (base && state === base.state) return; // nothing new: a redelivery
+      const body = encoder.encode(JSON.stringify(state));
+      try {
+        const revision = base
+          ? await kv.update(id, body, base.revision)
+          : await kv.create(id, body);
+        stats.writes++;
+        remember(id, { state: state!, revision });
+        return;
+      } catch (err) {
+        if (!isWrongLastSequence(err) && !String((err as Error).message).includes("exists")) {
+          throw err;
+        }
+        stats.conflicts++;
+        cache.delete(id);
+        base = await readState(kv, id);
+      }
+    }
+    throw new Error(`state of ${id} kept changing under the writer`);
+  }
+
+  async function flush(batch: JsMsg[]) {
+    stats.batches++;
+    const byItem = new Map<string, { msgs: JsMsg[]; events: { event: AnyEvent; seq: number }[] }>();
+    for (const m of batch) {
+      stats.events++;
+      let raw: unknown;
+      try {
+        raw = decodeJson(m.data);
+        const event = validateEvent(raw, EVENT_TYPES);
+        const group = byItem.get(event.item_id) ?? { msgs: [], events: [] };
+        group.msgs.push(m);
+        group.events.push({ event, seq: m.seq });
+        byItem.set(event.item_id, group);
+      } catch (err) {
+        // A poison event: the stage that consumes it dead-letters it with the item's
+        // failure; here it is only kept, so the state writer is not stuck on it.
+        await deadLetter(
+          dlContext,
+          m,
+          err,
+          raw,
+          undefined,
+          parseTraceparent(m.headers?.get("traceparent")),
+        )
+          .catch(() => m.nak(1000));
+      }
+    }
+    await Promise.all([...byItem].map(async ([id, group]) => {
+      try {
+        await writeItem(id, group.events);
+        for (const m of group.msgs) m.ack();
+      } catch (err) {
+        log.warn("state write failed", { item_id: id, err });
+        for (const m of group.msgs) {
+          m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
+        }
+      }
+    }));
+  }
+
+  const done = (async () => {
+    let batch: JsMsg[] = [];
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let flushing: Promise<void> = Promise.resolve();
+    const startFlush = () => {
+      if (timer !== undefined) clearTimeout(timer);
+      timer = undefined;
+      const b = batch;
+      batch = [];
+      flushing = flushing.then(() => flush(b));
+    };
+    for await (const m of messages) {
+      batch.push(m);
+      if (batch.length >= 500) startFlush();
+      else if (timer === undefined) timer = setTimeout(startFlush, config.stateFlushMs);
+      // Backpressure: never run more than one batch ahead of the writes.
+      if (batch.length === 0) await flushing;
+    }
+    if (batch.length > 0) startFlush();
+    if (timer !== undefined) clearTimeout(timer);
+    await flushing;
+  })();
+
+  log.info("state writer started", { bucket: STATE_BUCKET, flush_ms: config.stateFlushMs });
+  return {
+    stats,
+    done,
+    async stop() {
+      await messages.close();
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([done, new Promise((r) => (timer = setTimeout(r, config.drainMs)))]);
+      clearTimeout(timer);
+      log.info("state writer stopped", stats);
+    },
+  };
+}

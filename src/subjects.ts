@@ -1,0 +1,70 @@
+/**
+ * Every subject, stream, consumer and bucket name Weft uses, defined once.
+ *
+ * Events of the feedback pipeline are published on `feedback.<type>.<item_id>`, so
+ * `nats sub 'feedback.>'` shows them all, `feedback.*.<id>` selects one item's history,
+ * and `feedback.<type>.*` one type across items.
+ *
+ * @module
+ */
+
+/** The JetStream stream holding submissions and every feedback event. */
+export const FEEDBACK_STREAM = "FEEDBACK";
+/** The JetStream stream holding dead letters. */
+export const DEADLETTER_STREAM = "DEADLETTER";
+/** KV bucket with one entry per item: its current state. */
+export const STATE_BUCKET = "weft_feedback_state";
+/** KV bucket remembering the first answer to each Idempotency-Key. */
+export const IDEMPOTENCY_BUCKET = "weft_idempotency";
+
+/** Plain-JSON submissions published straight onto the bus (`nats pub feedback.submit ...`). */
+export const SUBMIT_SUBJECT = "feedback.submit";
+/** Request/reply submission (`nats req weft.feedback.submit ...`): replies with the id. */
+export const SUBMIT_REQUEST_SUBJECT = "weft.feedback.submit";
+/** Request/reply state lookup (`nats req weft.feedback.get ID`). */
+export const GET_REQUEST_SUBJECT = "weft.feedback.get";
+
+/** The event types of the feedback pipeline, in pipeline order. */
+export const FeedbackEventType = {
+  Ingested: "feedback.ingested",
+  SentimentAnalyzed: "feedback.sentiment_analyzed",
+  TopicsExtracted: "feedback.topics_extracted",
+  Dispatched: "feedback.dispatched",
+  Processed: "feedback.processed",
+  Failed: "feedback.failed",
+} as const;
+/** One of {@link FeedbackEventType}. */
+export type FeedbackEventType = typeof FeedbackEventType[keyof typeof FeedbackEventType];
+
+/** Event types after which nothing more happens to an item. */
+export const FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
+  FeedbackEventType.Processed,
+  FeedbackEventType.Failed,
+]);
+
+/** The subject an event of `type` about `itemId` is published on. */
+export function eventSubject(type: string, itemId: string): string {
+  return `${type}.${itemId}`;
+}
+
+/** The subject filter matching every event of one item. */
+export function itemEventsFilter(itemId: string): string {
+  return `feedback.*.${itemId}`;
+}
+
+/** The subject filter matching every event of one type (all items). */
+export function typeFilter(type: string): string {
+  return `${type}.*`;
+}
+
+/** Splits `feedback.<type>.<id>` into its event type and item id. */
+export function parseEventSubject(subject: string): { type: string; itemId: string } | null {
+  const parts = subject.split(".");
+  if (parts.length !== 3 || parts[0] !== "feedback") return null;
+  return { type: `${parts[0]}.${parts[1]}`, itemId: parts[2]! };
+}
+
+/** The subject a dead letter from `stage` about `itemId` is kept on. */
+export function deadLetterSubject(stage: string, itemId: string | undefined): string {
+  return `deadletter.${stage}.${itemId ?? "unknown"}`;
+}

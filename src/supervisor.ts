@@ -1,0 +1,179 @@
+/**
+ * `deno task start`: runs the whole mesh on one machine. Starts nats-server from
+ * nats.conf (unless NATS_URL names a running server), ensures the streams and buckets,
+ * starts every service as its own Deno process with the narrowest permissions that work,
+ * restarts a crashed service with exponential backoff, and on Ctrl-C (SIGINT) or SIGTERM
+ * drains the services first and stops NATS last.
+ *
+ * @module
+ */
+import { jetstreamManager } from "@nats-io/jetstream";
+import { type Config, describeConfig, ENV_NAMES, loadConfig } from "./config.ts";
+import { createLogger, type Logger } from "./log.ts";
+import { connectNats } from "./nats.ts";
+import { type NatsServer, NatsServerMissingError, startNatsServer } from "./nats_server.ts";
+import { ensureTopology } from "./topology.ts";
+
+/** A service the supervisor runs. */
+export interface ServiceSpec {
+  name: string;
+  /** Entry module, relative to the repository root. */
+  entry: string;
+  /** Reads the ruleset file. */
+  readsRules?: boolean;
+  /** Listens on the gateway's host:port. */
+  listens?: boolean;
+}
+
+/** The services of the feedback mesh, in start order. */
+export const SERVICES: readonly ServiceSpec[] = [
+  { name: "state", entry: "services/state.ts" },
+  { name: "ingest", entry: "services/ingest.ts" },
+  { name: "sentiment", entry: "services/sentiment.ts", readsRules: true },
+  { name: "topics", entry: "services/topics.ts", readsRules: true },
+  { name: "dispatch", entry: "services/dispatch.ts", readsRules: true },
+  { name: "gateway", entry: "services/gateway.ts", listens: true },
+];
+
+/** host:port of each server in a NATS URL list, for `--allow-net`. */
+export function natsHosts(natsUrl: string): string[] {
+  return natsUrl.split(",").map((u) => {
+    const url = new URL(u.trim().includes("://") ? u.trim() : `nats://${u.trim()}`);
+    return `${url.hostname}:${url.port || "4222"}`;
+  });
+}
+
+/** The `deno run` arguments for a service: permissions narrowed to what it needs. */
+export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
+  const net = [...natsHosts(config.natsUrl)];
+  if (spec.listens) net.push(`${config.host}:${config.port}`);
+  const args = [
+    "run",
+    "--no-prompt",
+    `--allow-net=${net.join(",")}`,
+    `--allow-env=${ENV_NAMES.join(",")}`,
+  ];
+  if (spec.readsRules) args.push(`--allow-read=${config.rulesPath}`);
+  args.push(spec.entry);
+  return args;
+}
+
+/** Delay before restart number `n` of a crashed service, ms. */
+export function restartDelay(n: number): number {
+  return Math.min(30_000, 500 * 2 ** Math.max(0, n - 1));
+}
+
+interface Running {
+  spec: ServiceSpec;
+  child: Deno.ChildProcess;
+  startedAt: number;
+  restarts: number;
+}
+
+/** Runs the mesh until SIGINT/SIGTERM. */
+export async function supervise(config: Config, log: Logger): Promise<void> {
+  let nats: NatsServer | undefined;
+  let env: Record<string, string> = {};
+  if (Deno.env.get("NATS_URL")) {
+    log.info("using the NATS server in NATS_URL", { nats: describeConfig(config).natsUrl });
+  } else {
+    try {
+      nats = await startNatsServer({
+        configFile: config.natsConf,
+        port: config.natsPort || undefined,
+        monitorPort: config.natsMonitorPort || undefined,
+        storeDir: config.natsStoreDir || undefined,
+        detached: true,
+      });
+    } catch (err) {
+      if (err instanceof NatsServerMissingError) {
+        log.error(err.message);
+        Deno.exit(1);
+      }
+      throw err;
+    }
+    config = { ...config, natsUrl: nats.url };
+    env = { NATS_URL: nats.url };
+  }
+
+  const nc = await connectNats(config.natsUrl, "weft-supervisor");
+  await ensureTopology(nc, await jetstreamManager(nc), config);
+  await nc.close();
+
+  let stopping = false;
+  const running = new Map<string, Running>();
+
+  const start = (spec: ServiceSpec, restarts: number) => {
+    const child = new Deno.Command("deno", {
+      args: serviceArgs(spec, config),
+      env,
+      stdin: "null",
+      stdout: "inherit",
+      stderr: "inherit",
+      detached: true,
+    }).spawn();
+    const r: Running = { spec, child, startedAt: Date.now(), restarts };
+    running.set(spec.name, r);
+    child.status.then(async (status) => {
+      if (stopping) return;
+      const ranFor = Date.now() - r.startedAt;
+      const n = ranFor > 30_000 ? 1 : r.restarts + 1; // a long run resets the backoff
+      const delay = restartDelay(n);
+      log.warn("service exited; restarting", {
+        service: spec.name,
+        code: status.code,
+        signal: status.signal,
+        restart_in_ms: delay,
+      });
+      await new Promise((res) => setTimeout(res, delay));
+      if (!stopping) start(spec, n);
+    });
+  };
+  for (const spec of SERVICES) start(spec, 0);
+
+  log.info("weft is running", {
+    gateway: `http://${config.host}:${config.port}`,
+    nats: config.natsUrl,
+    nats_monitoring: nats ? `http://127.0.0.1:${config.natsMonitorPort || 8222}` : undefined,
+    services: SERVICES.map((s) => s.name),
+  });
+
+  await new Promise<void>((resolve) => {
+    const onSignal = () => resolve();
+    Deno.addSignalListener("SIGINT", onSignal);
+    Deno.addSignalListener("SIGTERM", onSignal);
+  });
+  stopping = true;
+  log.info("stopping: draining services");
+  await Promise.all([...running.values()].map(async ({ spec, child }) => {
+    try {
+      child.kill("SIGTERM");
+    } catch { /* already gone */ }
+    const timer = setTimeout(() => {
+      log.warn("service did not stop in time; killing", { service: spec.name });
+      try {
+        child.kill("SIGKILL");
+      } catch { /* gone */ }
+    }, config.drainMs + 5_000);
+    await child.status;
+    clearTimeout(timer);
+  }));
+  if (nats) {
+    log.info("stopping nats-server");
+    await nats.stop("SIGTERM");
+  }
+  log.info("stopped");
+}
+
+if (import.meta.main) {
+  const log = createLogger("weft-supervisor");
+  let config: Config;
+  try {
+    config = loadConfig();
+  } catch (err) {
+    log.error("configuration refused", { err });
+    Deno.exit(2);
+  }
+  await supervise(config, createLogger("weft-supervisor", config.logLevel));
+  Deno.exit(0);
+}

@@ -1,0 +1,170 @@
+/**
+ * The JetStream topology Weft needs: streams, durable consumers and KV buckets. Creating
+ * it is idempotent: what exists with the right settings is left alone, what differs is
+ * updated in place, nothing is deleted. Uses only features nats-server 2.9 has (single
+ * filter subjects, no per-message TTL), which 2.10+ accept unchanged.
+ *
+ * @module
+ */
+import {
+  AckPolicy,
+  type ConsumerConfig,
+  DeliverPolicy,
+  DiscardPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamManager,
+  RetentionPolicy,
+  StorageType,
+  type StreamConfig,
+} from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/nats-core";
+import type { Config } from "./config.ts";
+import {
+  DEADLETTER_STREAM,
+  FEEDBACK_STREAM,
+  IDEMPOTENCY_BUCKET,
+  STATE_BUCKET,
+} from "./subjects.ts";
+
+/** A stream configuration; only the name is required. */
+export type NamedStreamConfig = Partial<StreamConfig> & { name: string };
+
+const ms = (n: number) => n * 1_000_000; // JetStream durations are nanoseconds.
+
+/** The settings topology needs from {@link Config}. */
+export type TopologyConfig = Pick<
+  Config,
+  | "retentionMs"
+  | "streamMaxBytes"
+  | "duplicateWindowMs"
+  | "ackWaitMs"
+  | "maxAttempts"
+  | "idempotencyTtlMs"
+>;
+
+/** Stream configurations, by name. */
+export function streamConfigs(config: TopologyConfig): NamedStreamConfig[] {
+  return [
+    {
+      name: FEEDBACK_STREAM,
+      description: "Weft feedback pipeline: submissions and every event",
+      subjects: ["feedback.>"],
+      retention: RetentionPolicy.Limits, // SSE replays history, so events stay after acks
+      storage: StorageType.File,
+      discard: DiscardPolicy.Old,
+      max_age: ms(config.retentionMs),
+      max_bytes: config.streamMaxBytes,
+      max_msg_size: 1024 * 1024,
+      duplicate_window: ms(config.duplicateWindowMs),
+      num_replicas: 1,
+    },
+    {
+      name: DEADLETTER_STREAM,
+      description: "Weft dead letters: messages a stage gave up on, with the reason",
+      subjects: ["deadletter.>"],
+      retention: RetentionPolicy.Limits,
+      storage: StorageType.File,
+      discard: DiscardPolicy.Old,
+      max_age: ms(30 * 24 * 3600_000),
+      max_bytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 4)),
+      duplicate_window: ms(config.duplicateWindowMs),
+      num_replicas: 1,
+    },
+  ];
+}
+
+/** The durable consumer a stage reads from. */
+export function stageConsumerConfig(
+  stage: { name: string; filterSubject: string },
+  config: Pick<Config, "ackWaitMs" | "maxAttempts">,
+): Partial<ConsumerConfig> {
+  return {
+    durable_name: stage.name,
+    description: `Weft stage ${stage.name}`,
+    filter_subject: stage.filterSubject,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.All,
+    ack_wait: ms(config.ackWaitMs),
+    // The runner dead-letters after maxAttempts; the server's limit is a backstop for a
+    // process that dies on the message itself, so it can never be redelivered forever.
+    max_deliver: config.maxAttempts + 2,
+    max_ack_pending: 10_000,
+  };
+}
+
+function isApiError(err: unknown, code: number): boolean {
+  return err instanceof JetStreamApiError && err.code === code;
+}
+
+function differs(want: Record<string, unknown>, have: Record<string, unknown>): boolean {
+  return Object.entries(want).some(([k, v]) => JSON.stringify(have[k]) !== JSON.stringify(v));
+}
+
+/** Creates or updates a stream so it has `want`'s settings. */
+export async function ensureStream(
+  jsm: JetStreamManager,
+  want: NamedStreamConfig,
+): Promise<void> {
+  try {
+    const info = await jsm.streams.info(want.name!);
+    if (differs(want, info.config as unknown as Record<string, unknown>)) {
+      await jsm.streams.update(want.name!, want);
+    }
+  } catch (err) {
+    if (!isApiError(err, JetStreamApiCodes.StreamNotFound)) throw err;
+    try {
+      await jsm.streams.add(want);
+    } catch (addErr) {
+      // Another process created it first: fine if it is the same stream.
+      await jsm.streams.info(want.name!).catch(() => {
+        throw addErr;
+      });
+    }
+  }
+}
+
+/** Creates or updates a durable consumer. */
+export async function ensureConsumer(
+  jsm: JetStreamManager,
+  stream: string,
+  want: Partial<ConsumerConfig>,
+): Promise<void> {
+  try {
+    const info = await jsm.consumers.info(stream, want.durable_name!);
+    if (differs(want, info.config as unknown as Record<string, unknown>)) {
+      await jsm.consumers.update(stream, want.durable_name!, want);
+    }
+  } catch (err) {
+    if (!isApiError(err, JetStreamApiCodes.ConsumerNotFound)) throw err;
+    await jsm.consumers.add(stream, want);
+  }
+}
+
+/** Creates (or binds to) the KV buckets. */
+export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig): Promise<void> {
+  const kvm = new Kvm(nc);
+  await kvm.create(STATE_BUCKET, {
+    history: 1,
+    description: "Weft: current state of each feedback item",
+    ttl: config.retentionMs,
+    storage: StorageType.File,
+  });
+  await kvm.create(IDEMPOTENCY_BUCKET, {
+    history: 1,
+    description: "Weft: first answer to each Idempotency-Key",
+    ttl: config.idempotencyTtlMs,
+    storage: StorageType.File,
+  });
+}
+
+/** Ensures the streams and buckets exist (consumers are ensured by their stages). */
+export async function ensureTopology(
+  nc: NatsConnection,
+  jsm: JetStreamManager,
+  config: TopologyConfig,
+): Promise<void> {
+  for (const s of streamConfigs(config)) await ensureStream(jsm, s);
+  await ensureBuckets(nc, config);
+}
