@@ -9,7 +9,7 @@ import {
 } from "../src/llm/analyzers.ts";
 import { createBudget } from "../src/llm/budget.ts";
 import { cacheKey, createLruCache } from "../src/llm/cache.ts";
-import { createChatClient } from "../src/llm/client.ts";
+import { createChatClient, type LlmLogEntry } from "../src/llm/client.ts";
 import {
   LlmError,
   LlmHttpError,
@@ -56,10 +56,11 @@ function httpError(
 async function withServer(
   script: FakeScript,
   fn: (server: FakeOpenAI, clock: FakeClock) => Promise<void>,
+  clock: FakeClock = createFakeClock(),
 ): Promise<void> {
   const server = startFakeOpenAI(script);
   try {
-    await fn(server, createFakeClock());
+    await fn(server, clock);
   } finally {
     await server.close();
   }
@@ -423,21 +424,22 @@ Deno.test("llm client honours 429 and Retry-After", async (t) => {
       },
     ));
 
-  await t.step("Retry-After as an HTTP date is honoured", () =>
-    withServer(
-      (_req, i) =>
-        i === 0
-          ? httpError(429, "slow down", {
-            "retry-after": new Date(clockRef.now() + 2000).toUTCString(),
-          })
-          : chat({ label: "neutral", score: 0 }),
-      async (server, clock) => {
-        clockRef = clock;
+  await t.step("Retry-After as an HTTP date is honoured", () => {
+    const clock = createFakeClock();
+    const retryAt = new Date(clock.now() + 2000).toUTCString();
+    return withServer(
+      [
+        httpError(429, "slow down", { "retry-after": retryAt }),
+        chat({ label: "neutral", score: 0 }),
+      ],
+      async (server) => {
         const sentiment = createLlmSentimentAnalyzer(options(server, clock));
         await sentiment.analyze("x");
         assert.deepEqual(clock.sleeps, [2000]);
       },
-    ));
+      clock,
+    );
+  });
 
   await t.step("a 429 without Retry-After backs off like a 5xx", () =>
     withServer(
@@ -481,8 +483,6 @@ Deno.test("llm client honours 429 and Retry-After", async (t) => {
     assert.equal(parseRetryAfter(null, now), undefined);
   });
 });
-
-let clockRef: FakeClock = createFakeClock();
 
 Deno.test("llm timeouts and fallback", async (t) => {
   await t.step(
@@ -762,6 +762,32 @@ Deno.test("llm stats count tokens, cost, calls, failures and fallbacks", async (
       closeTo(s.cost_usd, 0.0016);
     },
   );
+});
+
+Deno.test("llm log entries carry neither the api key nor the text", async () => {
+  const entries: LlmLogEntry[] = [];
+  await withServer(
+    [
+      httpError(503, "busy"),
+      chat("SECRET-TEXT is positive"),
+      chat({ label: "positive", score: 1 }),
+    ],
+    async (server, clock) => {
+      const sentiment = createLlmSentimentAnalyzer(
+        options(server, clock, { logger: (e) => entries.push(e) }),
+      );
+      await sentiment.analyze("SECRET-TEXT");
+    },
+  );
+  assert.deepEqual(entries.map((e) => e.message), [
+    "retrying LLM request",
+    "invalid LLM output, asking for a repair",
+  ]);
+  assert.equal(entries[0]!.fields.status, 503);
+  assert.equal(entries[1]!.fields.reason, "json");
+  const text = JSON.stringify(entries);
+  assert.doesNotMatch(text, /sk-test-secret/);
+  assert.doesNotMatch(text, /SECRET-TEXT/);
 });
 
 Deno.test("llm prompt templates are versioned files", async (t) => {

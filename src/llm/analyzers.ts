@@ -316,7 +316,12 @@ function createLlmAnalyzer<P, R>(
           log({
             level: "warn",
             message: "invalid LLM output, asking for a repair",
-            fields: { kind: spec.kind, error: checked.error },
+            // a JSON parse error quotes the content, which may echo the feedback text
+            fields: {
+              kind: spec.kind,
+              reason: checked.reason,
+              error: checked.reason === "schema" ? checked.error : undefined,
+            },
           });
           ensureBudget(spent);
           const second = await ask(

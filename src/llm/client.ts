@@ -42,7 +42,7 @@ export interface RetryOptions {
 }
 
 /**
- * A log entry. Never contains the API key or the analyzed text.
+ * A log entry. Never contains the API key, the analyzed text or the model's content.
  *
  * @example
  * ```ts

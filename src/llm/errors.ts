@@ -117,6 +117,7 @@ export class LlmError extends Error {
   /** Tokens spent before the failure (set by the analyzer when a call spent some). */
   usage?: LlmUsage;
 
+  /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(code: LlmErrorCode, message: string, details: LlmErrorDetails = {}) {
     super(message, details.cause === undefined ? undefined : { cause: details.cause });
     this.name = "LlmError";
@@ -141,6 +142,7 @@ export class LlmError extends Error {
  * ```
  */
 export class LlmTimeoutError extends LlmError {
+  /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(timeoutMs: number, details: LlmErrorDetails = {}) {
     super("timeout", `LLM call exceeded its ${timeoutMs} ms deadline`, details);
     this.name = "LlmTimeoutError";
@@ -157,6 +159,7 @@ export class LlmTimeoutError extends LlmError {
  * ```
  */
 export class LlmRateLimitedError extends LlmError {
+  /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(message: string, details: LlmErrorDetails = {}) {
     super("rate_limited", message, { retryable: true, ...details });
     this.name = "LlmRateLimitedError";
@@ -173,6 +176,7 @@ export class LlmRateLimitedError extends LlmError {
  * ```
  */
 export class LlmHttpError extends LlmError {
+  /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(message: string, details: LlmErrorDetails = {}) {
     super("http_error", message, details);
     this.name = "LlmHttpError";
@@ -189,6 +193,7 @@ export class LlmHttpError extends LlmError {
  * ```
  */
 export class LlmInvalidOutputError extends LlmError {
+  /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(message: string, details: LlmErrorDetails = {}) {
     super("invalid_output", message, details);
     this.name = "LlmInvalidOutputError";
@@ -205,6 +210,7 @@ export class LlmInvalidOutputError extends LlmError {
  * ```
  */
 export class LlmOverBudgetError extends LlmError {
+  /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(message: string, details: LlmErrorDetails = {}) {
     super("over_budget", message, details);
     this.name = "LlmOverBudgetError";
@@ -221,6 +227,7 @@ export class LlmOverBudgetError extends LlmError {
  * ```
  */
 export class LlmNetworkError extends LlmError {
+  /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(message: string, details: LlmErrorDetails = {}) {
     super("network", message, { retryable: true, ...details });
     this.name = "LlmNetworkError";
@@ -237,6 +244,7 @@ export class LlmNetworkError extends LlmError {
  * ```
  */
 export class LlmAbortedError extends LlmError {
+  /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(details: LlmErrorDetails = {}) {
     super("aborted", "LLM call aborted by the caller", details);
     this.name = "LlmAbortedError";

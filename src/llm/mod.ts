@@ -17,6 +17,14 @@
  * @module
  */
 
+export type {
+  AnalyzeOptions,
+  Analyzer,
+  SentimentLabel,
+  SentimentResult,
+  TopicsResult,
+  ToxicityResult,
+} from "../analysis.ts";
 export * from "./analyzers.ts";
 export * from "./budget.ts";
 export * from "./cache.ts";

@@ -15,10 +15,18 @@ const ajv = new Ajv({ allErrors: true, strict: false });
  * @example
  * ```ts
  * import type { OutputCheck } from "./output.ts";
- * const bad: OutputCheck<unknown> = { ok: false, error: "not JSON: Unexpected token" };
+ * const bad: OutputCheck<unknown> = { ok: false, reason: "json", error: "not valid JSON: ..." };
  * ```
  */
-export type OutputCheck<T> = { ok: true; value: T } | { ok: false; error: string };
+export type OutputCheck<T> =
+  | { ok: true; value: T }
+  | {
+    ok: false;
+    /** What to quote in the repair request (a JSON error may quote the content). */
+    error: string;
+    /** `"json"`: not parseable; `"schema"`: parsed but does not match. */
+    reason: "json" | "schema";
+  };
 
 /**
  * Checks model content against one schema.
@@ -50,11 +58,16 @@ export function createOutputValidator<T>(schema: Record<string, unknown>): Outpu
     try {
       value = JSON.parse(unfence(content));
     } catch (e) {
-      return { ok: false, error: `not valid JSON: ${e instanceof Error ? e.message : String(e)}` };
+      return {
+        ok: false,
+        reason: "json",
+        error: `not valid JSON: ${e instanceof Error ? e.message : String(e)}`,
+      };
     }
     if (!validate(value)) {
       return {
         ok: false,
+        reason: "schema",
         error: `does not match the schema: ${ajv.errorsText(validate.errors, { dataVar: "$" })}`,
       };
     }
