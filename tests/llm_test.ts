@@ -463,6 +463,16 @@ Deno.test("llm client honours 429 and Retry-After", async (t) => {
       },
     ));
 
+  await t.step("a 503 with Retry-After waits as asked", () =>
+    withServer(
+      [httpError(503, "maintenance", { "retry-after": "2" }), chat({ label: "neutral", score: 0 })],
+      async (server, clock) => {
+        const sentiment = createLlmSentimentAnalyzer(options(server, clock));
+        await sentiment.analyze("x");
+        assert.deepEqual(clock.sleeps, [2000]);
+      },
+    ));
+
   await t.step("a 429 pauses the whole stage until Retry-After has passed", async () => {
     const clock = createFakeClock();
     const limiter = createRateLimiter(undefined, clock);

@@ -317,7 +317,7 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
         const delay = err.retryAfterMs ?? backoffDelay(attempt, retry, random);
         if (err.retryAfterMs !== undefined) limiter.pauseUntil(clock.now() + delay);
         if (deadline !== undefined && clock.now() + delay >= deadline) {
-          throw err.code === "rate_limited"
+          throw err.code === "rate_limited" && err.retryAfterMs !== undefined
             ? new LlmRateLimitedError(
               `rate limited: Retry-After of ${delay} ms does not fit in the deadline`,
               { cause: err, status: err.status, retryAfterMs: delay, retryable: false },
@@ -402,13 +402,12 @@ function httpError(
     // not a JSON error body: keep the raw text
   }
   const details = { status, errorType, errorCode, retryable: isRetryableStatus(status) };
+  // Retry-After is honoured on 429 and on retryable 5xx (e.g. 503 during maintenance)
+  const retryAfterMs = details.retryable ? parseRetryAfter(retryAfter, now) : undefined;
   if (status === 429) {
-    return new LlmRateLimitedError(`HTTP 429: ${message}`, {
-      ...details,
-      retryAfterMs: parseRetryAfter(retryAfter, now),
-    });
+    return new LlmRateLimitedError(`HTTP 429: ${message}`, { ...details, retryAfterMs });
   }
-  return new LlmHttpError(`HTTP ${status}: ${message}`, details);
+  return new LlmHttpError(`HTTP ${status}: ${message}`, { ...details, retryAfterMs });
 }
 
 function parseCompletion(text: string, pricing: LlmPricing | undefined): ChatCompletion {
