@@ -1,0 +1,81 @@
+/**
+ * Parses a model's content as JSON and validates it against a JSON Schema (Ajv), giving a
+ * readable error to quote in the repair request when it does not fit.
+ *
+ * @module
+ */
+
+import { Ajv } from "ajv";
+
+const ajv = new Ajv({ allErrors: true, strict: false });
+
+/**
+ * The outcome of checking one answer.
+ *
+ * @example
+ * ```ts
+ * import type { OutputCheck } from "./output.ts";
+ * const bad: OutputCheck<unknown> = { ok: false, reason: "json", error: "not valid JSON: ..." };
+ * ```
+ */
+export type OutputCheck<T> =
+  | { ok: true; value: T }
+  | {
+    ok: false;
+    /** What to quote in the repair request (a JSON error may quote the content). */
+    error: string;
+    /** `"json"`: not parseable; `"schema"`: parsed but does not match. */
+    reason: "json" | "schema";
+  };
+
+/**
+ * Checks model content against one schema.
+ *
+ * @example
+ * ```ts
+ * import { createOutputValidator } from "./output.ts";
+ * const check = createOutputValidator<{ a: number }>({ type: "object", required: ["a"] });
+ * check('{"a": 1}'); // { ok: true, value: { a: 1 } }
+ * ```
+ */
+export type OutputValidator<T> = (content: string) => OutputCheck<T>;
+
+/**
+ * Compiles a validator. Content wrapped in a single ```json fence is unwrapped first (some
+ * models do that even in JSON mode).
+ *
+ * @example
+ * ```ts
+ * import { createOutputValidator } from "./output.ts";
+ * const check = createOutputValidator({ type: "object", properties: { label: { enum: ["x"] } } });
+ * check("nope").ok; // false
+ * ```
+ */
+export function createOutputValidator<T>(schema: Record<string, unknown>): OutputValidator<T> {
+  const validate = ajv.compile(schema);
+  return (content) => {
+    let value: unknown;
+    try {
+      value = JSON.parse(unfence(content));
+    } catch (e) {
+      return {
+        ok: false,
+        reason: "json",
+        error: `not valid JSON: ${e instanceof Error ? e.message : String(e)}`,
+      };
+    }
+    if (!validate(value)) {
+      return {
+        ok: false,
+        reason: "schema",
+        error: `does not match the schema: ${ajv.errorsText(validate.errors, { dataVar: "$" })}`,
+      };
+    }
+    return { ok: true, value: value as T };
+  };
+}
+
+function unfence(content: string): string {
+  const m = /^\s*```(?:json)?\s*\n([\s\S]*?)\n?```\s*$/i.exec(content);
+  return m?.[1] ?? content;
+}
