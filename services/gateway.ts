@@ -7,6 +7,7 @@
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
+import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { runService } from "../src/service.ts";
 
 if (import.meta.main) {
@@ -14,6 +15,7 @@ if (import.meta.main) {
     const intake = await createIntake(nc);
     const app = createApp({ nc, intake, config, log });
     const requests = serveRequests(nc, intake, log);
+    const deadLetterRequests = serveDeadLetterRequests(nc, log);
     const server = Deno.serve({
       hostname: config.host,
       port: config.port,
@@ -24,6 +26,7 @@ if (import.meta.main) {
       done: server.finished,
       async stop() {
         requests.stop();
+        deadLetterRequests.stop();
         await server.shutdown();
       },
     };

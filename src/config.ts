@@ -65,6 +65,14 @@ export interface Config {
   natsMonitorPort: number;
   /** Supervisor: override the conf's JetStream store directory. `WEFT_NATS_STORE_DIR`. */
   natsStoreDir: string;
+  /** Testing/chaos aid: stages fail on text containing this (case-insensitive); "" = off. `WEFT_FAIL_ON`. */
+  failOn: string;
+  /** Testing/chaos aid: the stages (comma-separated, "" or "*" = all) `failOn` applies to. `WEFT_FAIL_STAGE`. */
+  failStage: string;
+  /** Testing/chaos aid: every handler call first sleeps this long, ms; 0 = off. `WEFT_SLOW_MS`. */
+  slowMs: number;
+  /** Testing/chaos aid: the stages (comma-separated, "" or "*" = all) `slowMs` applies to. `WEFT_SLOW_STAGE`. */
+  slowStage: string;
 }
 
 interface Setting<K extends keyof Config> {
@@ -144,6 +152,10 @@ const SETTINGS: Setting<any>[] = [
   { key: "natsPort", env: "WEFT_NATS_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsMonitorPort", env: "WEFT_NATS_MONITOR_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsStoreDir", env: "WEFT_NATS_STORE_DIR", default: "", parse: str },
+  { key: "failOn", env: "WEFT_FAIL_ON", default: "", parse: str },
+  { key: "failStage", env: "WEFT_FAIL_STAGE", default: "", parse: str },
+  { key: "slowMs", env: "WEFT_SLOW_MS", default: 0, parse: int(0, 3_600_000) },
+  { key: "slowStage", env: "WEFT_SLOW_STAGE", default: "", parse: str },
 ];
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */

@@ -219,6 +219,10 @@ export interface FeedbackFailed {
     reason: string;
     attempts: number;
     dead_letter_subject?: string;
+    /**
+     * The message the stage gave up on, as decoded JSON (omitted when it was not a JSON object or was over 256 KiB; the dead letter always keeps it).
+     */
+    original?: {};
   };
 }
 

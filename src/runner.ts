@@ -20,6 +20,7 @@ import type { Config } from "./config.ts";
 import { ErrorCode, isPermanent, toDeadLetterReason, ValidationError } from "./errors.ts";
 import { createEvent, deterministicId } from "./events.ts";
 import type { DeadLetter } from "./events.gen.ts";
+import { type FaultConfig, withFaults } from "./faults.ts";
 import type { Logger } from "./log.ts";
 import { retryDelay } from "./retry.ts";
 import { validateDocument, validateEvent } from "./schemas.ts";
@@ -53,10 +54,12 @@ export interface StageRunner {
 export interface RunStageOptions<I extends StageInput> {
   nc: NatsConnection;
   stage: Stage<I>;
-  config: Pick<
-    Config,
-    "concurrency" | "maxAttempts" | "ackWaitMs" | "retryBaseMs" | "retryMaxMs" | "drainMs"
-  >;
+  config:
+    & Pick<
+      Config,
+      "concurrency" | "maxAttempts" | "ackWaitMs" | "retryBaseMs" | "retryMaxMs" | "drainMs"
+    >
+    & Partial<FaultConfig>;
   log: Logger;
   /** Recorded as the `source` of events; defaults to `weft-<stage>`. */
   source?: string;
@@ -66,6 +69,8 @@ export interface RunStageOptions<I extends StageInput> {
 const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 const encoder = new TextEncoder();
+/** Originals larger than this are kept only in the dead letter, not on the failed event. */
+const MAX_ORIGINAL_ON_EVENT = 256 * 1024;
 
 /** Decodes a message body as JSON; a {@link ValidationError} when it is not. */
 export function decodeJson(data: Uint8Array): unknown {
@@ -200,6 +205,10 @@ export async function deadLetter(
         reason,
         attempts: m.info.deliveryCount,
         dead_letter_subject: dlSubject,
+        ...(raw !== null && typeof raw === "object" && !Array.isArray(raw) &&
+            m.data.length <= MAX_ORIGINAL_ON_EVENT
+          ? { original: raw as Record<string, unknown> }
+          : {}),
       },
     });
     await publishEvent(ctx.js, failed, trace);
@@ -227,7 +236,13 @@ export async function deadLetter(
 export async function runStage<I extends StageInput>(
   opts: RunStageOptions<I>,
 ): Promise<StageRunner> {
-  const { nc, stage, config } = opts;
+  const { nc, config } = opts;
+  const stage = withFaults(opts.stage, {
+    failOn: config.failOn ?? "",
+    failStage: config.failStage ?? "",
+    slowMs: config.slowMs ?? 0,
+    slowStage: config.slowStage ?? "",
+  });
   const source = opts.source ?? `weft-${stage.name}`;
   const now = opts.now ?? (() => new Date());
   const log = opts.log.with({ stage: stage.name });

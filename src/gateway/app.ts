@@ -22,6 +22,7 @@ import {
   typeFilter,
 } from "../subjects.ts";
 import { parseTraceparent } from "../trace.ts";
+import { deadLetterRoutes } from "./deadletters.ts";
 import type { Intake } from "./intake.ts";
 import { SseClients, streamEvents } from "./sse.ts";
 
@@ -186,6 +187,8 @@ export function createApp(deps: GatewayDeps): Hono {
       replay: c.req.query("replay") === "true",
     }, { config, clients, log });
   });
+
+  app.route("/deadletters", deadLetterRoutes(intake.js));
 
   return app;
 }

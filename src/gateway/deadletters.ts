@@ -1,0 +1,51 @@
+/**
+ * HTTP routes for dead letters, mounted by the gateway at `/deadletters`:
+ * `GET /deadletters?stage=&code=&item_id=&pending=true&limit=` lists them with reasons,
+ * `POST /deadletters/redrive` with `{"ids":[...]}`, `{"filter":{...}}` or `{"all":true}`
+ * re-submits them (see src/redrive.ts).
+ *
+ * @module
+ */
+import { Hono } from "hono";
+import type { JetStreamClient } from "@nats-io/jetstream";
+import { ValidationError } from "../errors.ts";
+import { decodeJson } from "../runner.ts";
+import { listDeadLetters, parseFilter, parseRedriveRequest, redrive } from "../redrive.ts";
+
+/**
+ * The dead-letter routes.
+ *
+ * @example
+ * ```ts ignore
+ * app.route("/deadletters", deadLetterRoutes(intake.js));
+ * ```
+ */
+export function deadLetterRoutes(js: JetStreamClient): Hono {
+  const app = new Hono();
+  app.get("/", async (c) => {
+    const q = c.req.query();
+    const limitRaw = q.limit;
+    delete q.limit;
+    const filter = parseFilter(
+      Object.fromEntries(
+        Object.entries(q).map(([k, v]) => [k, k === "pending" ? v === "true" : v]),
+      ),
+    );
+    const limit = limitRaw === undefined ? 1000 : Number(limitRaw);
+    if (!Number.isSafeInteger(limit) || limit < 1 || limit > 100_000) {
+      throw new ValidationError("limit must be an integer from 1 to 100000", { field: "limit" });
+    }
+    return c.json({ items: await listDeadLetters(js, filter, limit) });
+  });
+  app.post("/redrive", async (c) => {
+    const type = c.req.header("content-type") ?? "";
+    if (!/^application\/json\s*(?:;|$)/i.test(type)) {
+      throw new ValidationError("content-type must be application/json", {
+        field: "content-type",
+      });
+    }
+    const body = decodeJson(new Uint8Array(await c.req.arrayBuffer()));
+    return c.json(await redrive(js, parseRedriveRequest(body)));
+  });
+  return app;
+}

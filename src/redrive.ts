@@ -1,0 +1,283 @@
+/**
+ * Dead letters and redrive: list what the stages gave up on (from the DEADLETTER
+ * stream) with their reasons, and re-submit one, a filtered set, or all of them.
+ *
+ * A redrive republishes the original message, byte for byte, to its original subject
+ * with a NEW message id (`redrive-<dead-letter seq>-<n>`), so the duplicate window does
+ * not drop it, and records a marker on `deadletter.redriven.<dead-letter seq>` so a letter
+ * is redriven once unless asked again explicitly. The item's history then shows both
+ * attempts: the failed one, the failed event, and the redriven one. A bus submission
+ * without an id gets the item id it was dead-lettered under, so it stays the same item.
+ *
+ * Served over HTTP by the gateway (`GET /deadletters`, `POST /deadletters/redrive`) and
+ * over NATS request/reply (`weft.deadletters.list`, `weft.deadletters.redrive`).
+ *
+ * @module
+ */
+import { Buffer } from "node:buffer";
+import { headers, type Msg, type NatsConnection } from "@nats-io/nats-core";
+import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
+import { toProblem, ValidationError } from "./errors.ts";
+import type { DeadLetter } from "./events.gen.ts";
+import type { Logger } from "./log.ts";
+import { readStream } from "./stream_reader.ts";
+import { DEADLETTER_STREAM, SUBMIT_SUBJECT } from "./subjects.ts";
+
+/** Request subject listing dead letters: body = a {@link DeadLetterFilter} as JSON (or empty). */
+export const DEADLETTERS_LIST_SUBJECT = "weft.deadletters.list";
+/** Request subject redriving dead letters: body = a {@link RedriveRequest} as JSON. */
+export const DEADLETTERS_REDRIVE_SUBJECT = "weft.deadletters.redrive";
+/** Markers of redriven letters: `deadletter.redriven.<dead-letter seq>` ("redriven" is no stage). */
+export const REDRIVEN_PREFIX = "deadletter.redriven";
+
+/** Which dead letters. Every given field must match. */
+export interface DeadLetterFilter {
+  stage?: string;
+  code?: string;
+  item_id?: string;
+  /** true: only letters never redriven. */
+  pending?: boolean;
+}
+
+/** A dead letter as listed. */
+export interface DeadLetterEntry {
+  /** Sequence of the dead letter in DEADLETTER: its id for redrive. */
+  seq: number;
+  /** Subject of the dead letter, `deadletter.<stage>.<item_id|unknown>`. */
+  subject: string;
+  letter: DeadLetter;
+  /** How often it was redriven so far. */
+  redrives: number;
+}
+
+/** What to redrive: letters by seq, those matching a filter, or every pending one. */
+export type RedriveRequest =
+  | { ids: number[] }
+  | { filter: DeadLetterFilter }
+  | { all: true };
+
+/** The outcome of a redrive. */
+export interface RedriveResult {
+  redriven: { seq: number; item_id?: string; subject: string; msg_id: string }[];
+  /** Requested seqs that are not dead letters. */
+  not_found: number[];
+}
+
+interface Marker {
+  dl_seq: number;
+  msg_id: string;
+  time: string;
+}
+
+const decoder = new TextDecoder();
+const encoder = new TextEncoder();
+const FILTER_KEYS = new Set(["stage", "code", "item_id", "pending"]);
+
+/** Validates a filter from a request; a {@link ValidationError} naming the field. */
+export function parseFilter(value: unknown, at = ""): DeadLetterFilter {
+  if (value === undefined || value === null) return {};
+  if (typeof value !== "object" || Array.isArray(value)) {
+    throw new ValidationError(`${at || "/"} must be an object`, { field: at || "/" });
+  }
+  const out: DeadLetterFilter = {};
+  for (const [k, v] of Object.entries(value)) {
+    if (!FILTER_KEYS.has(k)) {
+      throw new ValidationError(`${at}/${k} is not a filter field`, { field: `${at}/${k}` });
+    }
+    if (k === "pending") {
+      if (typeof v !== "boolean") {
+        throw new ValidationError(`${at}/pending must be a boolean`, { field: `${at}/pending` });
+      }
+      out.pending = v;
+    } else {
+      if (typeof v !== "string" || v.length === 0 || v.length > 128) {
+        throw new ValidationError(`${at}/${k} must be a non-empty string`, {
+          field: `${at}/${k}`,
+        });
+      }
+      out[k as "stage" | "code" | "item_id"] = v;
+    }
+  }
+  return out;
+}
+
+/**
+ * Validates a redrive request: exactly one of `ids`, `filter`, `all: true`.
+ *
+ * @example
+ * ```ts
+ * import { parseRedriveRequest } from "./redrive.ts";
+ * console.assert("ids" in parseRedriveRequest({ ids: [3] }));
+ * ```
+ */
+export function parseRedriveRequest(value: unknown): RedriveRequest {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new ValidationError("body must be an object with ids, filter or all", { field: "/" });
+  }
+  const v = value as Record<string, unknown>;
+  const keys = Object.keys(v);
+  if (keys.length !== 1 || !["ids", "filter", "all"].includes(keys[0]!)) {
+    throw new ValidationError("body must have exactly one of ids, filter, all", { field: "/" });
+  }
+  if ("ids" in v) {
+    const ids = v.ids;
+    if (
+      !Array.isArray(ids) || ids.length === 0 || ids.length > 10_000 ||
+      !ids.every((n) => Number.isSafeInteger(n) && n > 0)
+    ) {
+      throw new ValidationError("/ids must be 1 to 10000 positive integers (dead-letter seqs)", {
+        field: "/ids",
+      });
+    }
+    return { ids: ids as number[] };
+  }
+  if ("filter" in v) return { filter: parseFilter(v.filter, "/filter") };
+  if (v.all !== true) throw new ValidationError("/all must be true", { field: "/all" });
+  return { all: true };
+}
+
+function matches(e: DeadLetterEntry, f: DeadLetterFilter): boolean {
+  return (f.stage === undefined || e.letter.stage === f.stage) &&
+    (f.code === undefined || e.letter.code === f.code) &&
+    (f.item_id === undefined || e.letter.item_id === f.item_id) &&
+    (f.pending !== true || e.redrives === 0);
+}
+
+/**
+ * Lists dead letters matching `filter`, oldest first, at most `limit`.
+ *
+ * @example
+ * ```ts ignore
+ * import { listDeadLetters } from "./redrive.ts";
+ * const crashed = await listDeadLetters(js, { stage: "topics", pending: true });
+ * ```
+ */
+export async function listDeadLetters(
+  js: JetStreamClient,
+  filter: DeadLetterFilter = {},
+  limit = 1000,
+): Promise<DeadLetterEntry[]> {
+  const entries: DeadLetterEntry[] = [];
+  const redrives = new Map<number, number>();
+  for await (const m of readStream(js, DEADLETTER_STREAM)) {
+    if (m.subject.startsWith(`${REDRIVEN_PREFIX}.`)) {
+      const seq = Number(m.subject.slice(REDRIVEN_PREFIX.length + 1));
+      redrives.set(seq, (redrives.get(seq) ?? 0) + 1);
+      continue;
+    }
+    try {
+      entries.push({ seq: m.seq, subject: m.subject, letter: m.json<DeadLetter>(), redrives: 0 });
+    } catch { /* not a dead letter someone published by hand: skip */ }
+  }
+  for (const e of entries) e.redrives = redrives.get(e.seq) ?? 0;
+  return entries.filter((e) => matches(e, filter)).slice(0, limit);
+}
+
+/** The bytes to republish for a letter. */
+export function originalBody(letter: DeadLetter): Uint8Array {
+  const bytes = letter.payload_encoding === "base64"
+    ? new Uint8Array(Buffer.from(letter.payload, "base64"))
+    : encoder.encode(letter.payload);
+  if (letter.subject !== SUBMIT_SUBJECT || !letter.item_id) return bytes;
+  // A bus submission without an id was given one from its stream position; keep it, so the
+  // redriven submission is the same item and not a new one.
+  try {
+    const doc = JSON.parse(decoder.decode(bytes));
+    if (doc && typeof doc === "object" && !Array.isArray(doc) && doc.id === undefined) {
+      return encoder.encode(JSON.stringify({ ...doc, id: letter.item_id }));
+    }
+  } catch { /* not JSON: republish as it was; it will be dead-lettered again */ }
+  return bytes;
+}
+
+/**
+ * Republishes the selected dead letters' originals to their original subjects.
+ *
+ * @example
+ * ```ts ignore
+ * import { redrive } from "./redrive.ts";
+ * const { redriven } = await redrive(js, { filter: { stage: "topics", code: "handler_failed" } });
+ * ```
+ */
+export async function redrive(js: JetStreamClient, req: RedriveRequest): Promise<RedriveResult> {
+  const all = await listDeadLetters(js, {}, Number.MAX_SAFE_INTEGER);
+  let selected: DeadLetterEntry[];
+  const notFound: number[] = [];
+  if ("ids" in req) {
+    const bySeq = new Map(all.map((e) => [e.seq, e]));
+    selected = [];
+    for (const id of new Set(req.ids)) {
+      const e = bySeq.get(id);
+      if (e) selected.push(e);
+      else notFound.push(id);
+    }
+  } else if ("filter" in req) {
+    selected = all.filter((e) => matches(e, { pending: true, ...req.filter }));
+  } else {
+    selected = all.filter((e) => e.redrives === 0);
+  }
+  const result: RedriveResult = { redriven: [], not_found: notFound };
+  for (const e of selected) {
+    const msgId = `redrive-${e.seq}-${e.redrives + 1}`;
+    const h = headers();
+    h.set("Weft-Redrive-Of", String(e.seq));
+    await js.publish(e.letter.subject, originalBody(e.letter), { msgID: msgId, headers: h });
+    const marker: Marker = { dl_seq: e.seq, msg_id: msgId, time: new Date().toISOString() };
+    await js.publish(`${REDRIVEN_PREFIX}.${e.seq}`, encoder.encode(JSON.stringify(marker)), {
+      msgID: `marker-${msgId}`,
+    });
+    const item: RedriveResult["redriven"][number] = {
+      seq: e.seq,
+      subject: e.letter.subject,
+      msg_id: msgId,
+    };
+    if (e.letter.item_id) item.item_id = e.letter.item_id;
+    result.redriven.push(item);
+  }
+  return result;
+}
+
+/**
+ * Serves `weft.deadletters.list` and `weft.deadletters.redrive`; errors answer
+ * `{"error": <problem>}` like the other request subjects.
+ *
+ * @example
+ * ```ts ignore
+ * const sub = serveDeadLetterRequests(nc, log);
+ * // nats req weft.deadletters.redrive '{"filter":{"stage":"topics"}}'
+ * sub.stop();
+ * ```
+ */
+export function serveDeadLetterRequests(nc: NatsConnection, log: Logger): { stop(): void } {
+  const js = jetstream(nc);
+  const reply = async (m: Msg, work: () => Promise<unknown>) => {
+    try {
+      m.respond(JSON.stringify(await work()));
+    } catch (err) {
+      const problem = toProblem(err);
+      if (problem.status >= 500) log.error("dead-letter request failed", { err });
+      m.respond(JSON.stringify({ error: problem }));
+    }
+  };
+  const body = (m: Msg): unknown => {
+    const text = decoder.decode(m.data).trim();
+    if (text === "") return undefined;
+    try {
+      return JSON.parse(text);
+    } catch (cause) {
+      throw new ValidationError("request body is not JSON", { field: "/", cause });
+    }
+  };
+  const subs = [
+    nc.subscribe(DEADLETTERS_LIST_SUBJECT, {
+      queue: "weft-gateway",
+      callback: (_e, m) =>
+        void reply(m, async () => ({ items: await listDeadLetters(js, parseFilter(body(m))) })),
+    }),
+    nc.subscribe(DEADLETTERS_REDRIVE_SUBJECT, {
+      queue: "weft-gateway",
+      callback: (_e, m) => void reply(m, () => redrive(js, parseRedriveRequest(body(m)))),
+    }),
+  ];
+  return { stop: () => subs.forEach((s) => s.unsubscribe()) };
+}
