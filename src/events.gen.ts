@@ -222,7 +222,9 @@ export interface FeedbackFailed {
     /**
      * The message the stage gave up on, as decoded JSON (omitted when it was not a JSON object or was over 256 KiB; the dead letter always keeps it).
      */
-    original?: {};
+    original?: {
+      [k: string]: unknown;
+    };
   };
 }
 

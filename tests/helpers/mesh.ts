@@ -176,8 +176,17 @@ export async function waitFor(
   describe: () => Promise<string> | string = () => "condition not met",
 ): Promise<void> {
   const end = Date.now() + deadlineMs;
-  while (!(await check())) {
-    if (Date.now() > end) throw new Error(`timed out after ${deadlineMs} ms: ${await describe()}`);
+  let lastError: unknown;
+  while (true) {
+    try {
+      if (await check()) return;
+    } catch (err) {
+      lastError = err; // e.g. a request timing out while the server restarts: try again
+    }
+    if (Date.now() > end) {
+      const why = await Promise.resolve().then(describe).catch((e) => String(e));
+      throw new Error(`timed out after ${deadlineMs} ms: ${why}`, { cause: lastError });
+    }
     await new Promise((r) => setTimeout(r, 100));
   }
 }
