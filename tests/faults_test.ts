@@ -7,8 +7,11 @@
  */
 import assert from "node:assert/strict";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
-import { startMesh } from "./helpers/mesh.ts";
-import { makeItems, processedAtLeast, pushItems, settle } from "./helpers/scenario.ts";
+import { readStream } from "../src/stream_reader.ts";
+import { SERVICES } from "../src/supervisor.ts";
+import { startMesh, waitFor } from "./helpers/mesh.ts";
+import { sseFrames } from "./helpers/sse.ts";
+import { makeItems, processedAtLeast, pushItems, report, settle } from "./helpers/scenario.ts";
 
 const N = 2000;
 const FAST_REDELIVERY = { WEFT_ACK_WAIT_MS: "2000" };
@@ -22,7 +25,16 @@ Deno.test("a stage killed with SIGKILL mid-batch and restarted loses and duplica
   await mesh.kill("sentiment", "SIGKILL");
   await mesh.start("sentiment");
   await pushing;
-  await settle(mesh, "kill -9 a stage (sentiment) mid-batch, restart", items, 1, started);
+  const figures = await settle(
+    mesh,
+    "kill -9 a stage (sentiment) mid-batch, restart",
+    items,
+    1,
+    started,
+  );
+  figures.redeliveries =
+    (await mesh.jsm.consumers.info(FEEDBACK_STREAM, "sentiment")).delivered.consumer_seq - N;
+  report(figures);
 });
 
 Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file store loses and duplicates nothing", async () => {
@@ -34,7 +46,9 @@ Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file sto
   await mesh.nats.stop("SIGKILL");
   await mesh.nats.restart();
   await pushing;
-  await settle(mesh, "kill -9 nats-server mid-run, restart (file store)", items, 1, started);
+  report(
+    await settle(mesh, "kill -9 nats-server mid-run, restart (file store)", items, 1, started),
+  );
 });
 
 Deno.test("a handler slower than the ack wait keeps its lease with in-progress acks and is not redelivered", async () => {
@@ -55,7 +69,8 @@ Deno.test("a handler slower than the ack wait keeps its lease with in-progress a
   const info = await mesh.jsm.consumers.info(FEEDBACK_STREAM, "topics");
   assert.equal(info.num_redelivered, 0, "no message was redelivered mid-work");
   assert.equal(info.delivered.consumer_seq, N, "each message delivered once");
-  figures.redelivered = info.num_redelivered;
+  figures.redeliveries = info.delivered.consumer_seq - N;
+  report(figures);
 });
 
 Deno.test("a downstream stage stopped for a while builds a backlog that drains after restart", async () => {
@@ -65,7 +80,6 @@ Deno.test("a downstream stage stopped for a while builds a backlog that drains a
   await mesh.kill("dispatch", "SIGTERM");
   await pushItems(mesh.js, items);
   let backlog = 0;
-  const { waitFor } = await import("./helpers/mesh.ts");
   await waitFor(
     async () => {
       backlog = (await mesh.jsm.consumers.info(FEEDBACK_STREAM, "dispatch")).num_pending;
@@ -77,4 +91,92 @@ Deno.test("a downstream stage stopped for a while builds a backlog that drains a
   await mesh.start("dispatch");
   const figures = await settle(mesh, "dispatch stopped, backlog, restart", items, 1, started);
   figures.max_backlog = backlog;
+  report(figures);
+});
+
+/** An SSE reader of GET /events that reconnects with Last-Event-ID until told to stop. */
+function resumingClient(url: string) {
+  const seqs: number[] = [];
+  let reconnects = 0;
+  let stopped = false;
+  let abort = new AbortController();
+  const done = (async () => {
+    while (!stopped) {
+      try {
+        const headers: Record<string, string> = {};
+        if (seqs.length > 0) headers["Last-Event-ID"] = String(seqs.at(-1));
+        const res = await fetch(`${url}/events?replay=true`, { headers, signal: abort.signal });
+        if (res.status !== 200) {
+          await res.body?.cancel();
+          throw new Error(`status ${res.status}`);
+        }
+        for await (const f of sseFrames(res.body!)) seqs.push(Number(f.id));
+      } catch { /* gateway gone: reconnect */ }
+      if (stopped) break;
+      reconnects++;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  return {
+    seqs,
+    get reconnects() {
+      return reconnects;
+    },
+    async stop() {
+      stopped = true;
+      abort.abort();
+      abort = new AbortController();
+      await done;
+    },
+  };
+}
+
+Deno.test("SSE clients of a gateway killed with SIGKILL reconnect with Last-Event-ID and miss no event", async () => {
+  const started = Date.now();
+  await using mesh = await startMesh({ env: FAST_REDELIVERY });
+  const clients = Array.from({ length: 3 }, () => resumingClient(mesh.gatewayUrl));
+  try {
+    const items = makeItems("sse", N);
+    const pushing = pushItems(mesh.js, items);
+    await processedAtLeast(mesh, N / 4);
+    await mesh.kill("gateway", "SIGKILL");
+    await mesh.start("gateway");
+    await pushing;
+    const figures = await settle(mesh, "gateway kill -9 under 3 SSE clients", items, 1, started);
+    const expected: number[] = [];
+    for await (const m of readStream(mesh.js, FEEDBACK_STREAM, { filter: "feedback.*.*" })) {
+      expected.push(m.seq);
+    }
+    await waitFor(
+      () => clients.every((c) => c.seqs.length >= expected.length),
+      30_000,
+      () => `clients saw ${clients.map((c) => c.seqs.length)} of ${expected.length}`,
+    );
+    for (const c of clients) {
+      assert.ok(c.reconnects >= 1, "the client had to reconnect");
+      assert.deepEqual(c.seqs, expected, "every event once, in order");
+    }
+    figures.sse_events_per_client = expected.length;
+    figures.sse_reconnects = clients.map((c) => c.reconnects);
+    report(figures);
+  } finally {
+    await Promise.all(clients.map((c) => c.stop()));
+  }
+});
+
+Deno.test("one stage run as three replicas on one durable consumer, one of them killed, processes each item once in effect", async () => {
+  const started = Date.now();
+  const services = SERVICES.map((s) => s.name).filter((n) => n !== "sentiment");
+  await using mesh = await startMesh({ env: FAST_REDELIVERY, services });
+  for (const r of [1, 2, 3]) await mesh.start("sentiment", {}, `sentiment#${r}`);
+  const items = makeItems("replicas", N);
+  const pushing = pushItems(mesh.js, items);
+  await processedAtLeast(mesh, N / 3);
+  await mesh.kill("sentiment#2", "SIGKILL");
+  await pushing;
+  const figures = await settle(mesh, "3 sentiment replicas, one kill -9", items, 1, started);
+  const info = await mesh.jsm.consumers.info(FEEDBACK_STREAM, "sentiment");
+  assert.equal(info.num_ack_pending, 0);
+  figures.redeliveries = info.delivered.consumer_seq - N;
+  report(figures);
 });

@@ -97,8 +97,12 @@ export async function settle(
     dead_letters: dead,
     wall_ms: Date.now() - started,
   };
-  Deno.stdout.writeSync(new TextEncoder().encode(`FAULT-FIGURES ${JSON.stringify(figures)}\n`));
   return figures;
+}
+
+/** Prints a test's figures as one `FAULT-FIGURES {...}` line. */
+export function report(figures: FaultFigures): void {
+  Deno.stdout.writeSync(new TextEncoder().encode(`FAULT-FIGURES ${JSON.stringify(figures)}\n`));
 }
 
 export { pushItems };
