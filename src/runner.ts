@@ -250,9 +250,11 @@ export async function runStage<I extends StageInput>(
   const jsm = await jetstreamManager(nc);
   await ensureConsumer(jsm, FEEDBACK_STREAM, stageConsumerConfig(stage, config));
   const consumer = await js.consumers.get(FEEDBACK_STREAM, stage.name);
-  const messages: ConsumerMessages = await consumer.consume({
-    max_messages: Math.max(config.concurrency * 2, 16),
-  });
+  // Pull only as many messages as there are free handler slots (no prefetch): a message
+  // starts its handler, and so its in-progress acks, the moment it arrives, so a slow
+  // handler can never let a waiting message's ack wait expire.
+  let batch: ConsumerMessages | undefined;
+  let stopping = false;
   const stats: StageStats = {
     received: 0,
     processed: 0,
@@ -265,14 +267,6 @@ export async function runStage<I extends StageInput>(
   const inFlight = new Set<Promise<void>>();
   let wake: (() => void) | undefined;
   const dlContext: DeadLetterContext = { js, stage: stage.name, source, now, log };
-
-  (async () => {
-    for await (const s of messages.status()) {
-      if (s.type === "heartbeats_missed" || s.type === "consumer_not_found") {
-        log.warn("consumer status", { status: s.type });
-      }
-    }
-  })().catch(() => {});
 
   async function handle(m: JsMsg): Promise<void> {
     stats.received++;
@@ -332,16 +326,37 @@ export async function runStage<I extends StageInput>(
     }
   }
 
+  const minBatch = Math.max(1, Math.floor(config.concurrency / 4));
   const done = (async () => {
-    for await (const m of messages) {
-      while (inFlight.size >= config.concurrency) {
+    while (!stopping) {
+      // Wait for a worthwhile number of free slots (or none busy) before pulling again.
+      while (!stopping && inFlight.size > 0 && config.concurrency - inFlight.size < minBatch) {
         await new Promise<void>((r) => (wake = r));
       }
-      const p: Promise<void> = handle(m).finally(() => {
-        inFlight.delete(p);
-        wake?.();
-      });
-      inFlight.add(p);
+      if (stopping) break;
+      try {
+        batch = await consumer.fetch({
+          max_messages: config.concurrency - inFlight.size,
+          expires: 5_000,
+        });
+        for await (const m of batch) {
+          if (stopping) {
+            m.nak(); // not started: hand it straight back for redelivery
+            continue;
+          }
+          const p: Promise<void> = handle(m).finally(() => {
+            inFlight.delete(p);
+            wake?.();
+          });
+          inFlight.add(p);
+        }
+      } catch (err) {
+        if (stopping) break;
+        log.warn("fetch failed; retrying", { err });
+        await new Promise((r) => setTimeout(r, 500));
+        await ensureConsumer(jsm, FEEDBACK_STREAM, stageConsumerConfig(stage, config))
+          .catch(() => {});
+      }
     }
     await Promise.all(inFlight);
   })();
@@ -352,7 +367,9 @@ export async function runStage<I extends StageInput>(
     stats,
     done,
     async stop() {
-      await messages.close(); // stop fetching; buffered messages are redelivered elsewhere
+      stopping = true; // stop fetching; anything delivered after this is nak'ed back
+      batch?.stop();
+      wake?.();
       let timer: ReturnType<typeof setTimeout> | undefined;
       await Promise.race([done, new Promise((r) => (timer = setTimeout(r, config.drainMs)))]);
       clearTimeout(timer);

@@ -54,14 +54,15 @@ Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file sto
 Deno.test("a handler slower than the ack wait keeps its lease with in-progress acks and is not redelivered", async () => {
   const started = Date.now();
   await using mesh = await startMesh({
-    env: { WEFT_ACK_WAIT_MS: "1000", WEFT_SLOW_MS: "2500", WEFT_SLOW_STAGE: "topics" },
-    serviceEnv: { topics: { WEFT_CONCURRENCY: String(N) } },
+    env: { WEFT_ACK_WAIT_MS: "2000", WEFT_SLOW_MS: "2500", WEFT_SLOW_STAGE: "topics" },
+    // Fewer slots than items: waiting messages must not be pulled early and expire.
+    serviceEnv: { topics: { WEFT_CONCURRENCY: "500" } },
   });
   const items = makeItems("slow", N);
   await pushItems(mesh.js, items);
   const figures = await settle(
     mesh,
-    "handler (topics) 2.5 s, ack wait 1 s",
+    "handler (topics) 2.5 s, ack wait 2 s, 500 slots",
     items,
     N,
     started,
