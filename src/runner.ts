@@ -24,7 +24,13 @@ import type { Logger } from "./log.ts";
 import { retryDelay } from "./retry.ts";
 import { validateDocument, validateEvent } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
-import { deadLetterSubject, eventSubject, FEEDBACK_STREAM, FeedbackEventType } from "./subjects.ts";
+import {
+  deadLetterSubject,
+  eventSubject,
+  FEEDBACK_STREAM,
+  FeedbackEventType,
+  parseEventSubject,
+} from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
 import { childContext, formatTraceparent, parseTraceparent, type TraceContext } from "./trace.ts";
@@ -289,7 +295,9 @@ export async function runStage<I extends StageInput>(
     } catch (err) {
       if (isPermanent(err) || m.info.deliveryCount >= config.maxAttempts) {
         try {
-          const itemId = stage.identify ? stage.identify(raw, message) : itemIdOf(raw);
+          const itemId = stage.identify
+            ? stage.identify(raw, message)
+            : itemIdOf(raw) ?? parseEventSubject(m.subject)?.itemId;
           await deadLetter(dlContext, m, err, raw, itemId, trace);
           stats.deadLettered++;
         } catch (dlErr) {

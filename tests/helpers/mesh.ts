@@ -1,0 +1,128 @@
+/**
+ * Runs the whole mesh exactly as `deno task start` does: the same command line, read
+ * from deno.json, with its own nats-server on free ports and a temporary store.
+ *
+ * @module
+ */
+import { freePort } from "../../src/nats_server.ts";
+import { deadline } from "./wait.ts";
+
+const root = new URL("../../", import.meta.url);
+
+/** A running supervisor. */
+export interface Mesh extends AsyncDisposable {
+  gatewayUrl: string;
+  natsUrl: string;
+  /** Every JSON log line printed so far, parsed. */
+  logs: Record<string, unknown>[];
+  /** Resolves with the first log line (past or future) matching `pred`. */
+  waitForLog(
+    pred: (line: Record<string, unknown>) => boolean,
+    ms: number,
+    what: string,
+  ): Promise<Record<string, unknown>>;
+  /** Sends `signal` to the supervisor and resolves with its exit status. */
+  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+  child: Deno.ChildProcess;
+}
+
+/** The `deno run ...` arguments of a deno.json task. */
+export async function taskArgs(name: string): Promise<string[]> {
+  const deno = JSON.parse(await Deno.readTextFile(new URL("deno.json", root)));
+  const task = deno.tasks[name];
+  const command: string = typeof task === "string" ? task : task.command;
+  const [bin, ...args] = command.split(/\s+/);
+  if (bin !== "deno") throw new Error(`task ${name} does not start with deno`);
+  return args;
+}
+
+/** Starts the supervisor of `deno task start` and waits until the gateway listens. */
+export async function startMesh(env: Record<string, string> = {}): Promise<Mesh> {
+  const port = freePort();
+  const natsPort = freePort();
+  const storeDir = await Deno.makeTempDir({ prefix: "weft-mesh-" });
+  const child = new Deno.Command(Deno.execPath(), {
+    args: await taskArgs("start"),
+    cwd: root,
+    env: {
+      PORT: String(port),
+      WEFT_NATS_PORT: String(natsPort),
+      WEFT_NATS_MONITOR_PORT: String(freePort()),
+      WEFT_NATS_STORE_DIR: storeDir,
+      WEFT_DRAIN_MS: "3000",
+      ...env,
+    },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const logs: Record<string, unknown>[] = [];
+  const waiters: {
+    pred: (l: Record<string, unknown>) => boolean;
+    resolve: (l: Record<string, unknown>) => void;
+  }[] = [];
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    let buf = "";
+    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+      buf += chunk;
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const text = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        let line: Record<string, unknown>;
+        try {
+          line = JSON.parse(text);
+        } catch {
+          line = { raw: text };
+        }
+        logs.push(line);
+        for (const w of [...waiters]) {
+          if (w.pred(line)) {
+            waiters.splice(waiters.indexOf(w), 1);
+            w.resolve(line);
+          }
+        }
+      }
+    }
+  };
+  const pumps = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const waitForLog = (pred: (l: Record<string, unknown>) => boolean, ms: number, what: string) => {
+    const found = logs.find(pred);
+    if (found) return Promise.resolve(found);
+    return deadline(
+      new Promise<Record<string, unknown>>((resolve) => waiters.push({ pred, resolve })),
+      ms,
+      what,
+    );
+  };
+  let status: Deno.CommandStatus | undefined;
+  const stop = async (signal: Deno.Signal = "SIGINT") => {
+    if (!status) {
+      try {
+        child.kill(signal);
+      } catch { /* already gone */ }
+      status = await child.status;
+      await pumps;
+    }
+    return status;
+  };
+  const mesh: Mesh = {
+    gatewayUrl: `http://127.0.0.1:${port}`,
+    natsUrl: `nats://127.0.0.1:${natsPort}`,
+    logs,
+    waitForLog,
+    stop,
+    child,
+    async [Symbol.asyncDispose]() {
+      await stop();
+      await Deno.remove(storeDir, { recursive: true }).catch(() => {});
+    },
+  };
+  try {
+    await waitForLog((l) => l.msg === "gateway listening", 30_000, "the gateway to listen");
+  } catch (err) {
+    await mesh[Symbol.asyncDispose]();
+    throw new Error(`${(err as Error).message}\n${logs.map((l) => JSON.stringify(l)).join("\n")}`);
+  }
+  return mesh;
+}
