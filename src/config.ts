@@ -63,8 +63,12 @@ export interface Config {
   natsPort: number;
   /** Supervisor: override the conf's monitoring port (0: keep it). `WEFT_NATS_MONITOR_PORT`. */
   natsMonitorPort: number;
-  /** Supervisor: override the conf's JetStream store directory. `WEFT_NATS_STORE_DIR`. */
-  natsStoreDir: string;
+  /**
+   * Supervisor: working directory of the nats-server it starts; relative paths in the
+   * conf (`store_dir: "./data/jetstream"`) resolve against it. Default: the repository
+   * root. `WEFT_NATS_DIR`.
+   */
+  natsDir: string;
 }
 
 interface Setting<K extends keyof Config> {
@@ -143,7 +147,7 @@ const SETTINGS: Setting<any>[] = [
   { key: "natsConf", env: "WEFT_NATS_CONF", default: "nats.conf", parse: str },
   { key: "natsPort", env: "WEFT_NATS_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsMonitorPort", env: "WEFT_NATS_MONITOR_PORT", default: 0, parse: int(0, 65535) },
-  { key: "natsStoreDir", env: "WEFT_NATS_STORE_DIR", default: "", parse: str },
+  { key: "natsDir", env: "WEFT_NATS_DIR", default: "", parse: str },
 ];
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */

@@ -47,7 +47,7 @@ export async function runService(
     Deno.exit(2);
   }
   const log = createLogger(`weft-${name}`, config.logLevel);
-  log.info("starting", { config: describeConfig(config) });
+  log.info("starting", { pid: Deno.pid, config: describeConfig(config) });
   const nc = await connectNats(config.natsUrl, `weft-${name}`);
   (async () => {
     for await (const s of nc.status()) {

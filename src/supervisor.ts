@@ -14,6 +14,9 @@ import { connectNats } from "./nats.ts";
 import { type NatsServer, NatsServerMissingError, startNatsServer } from "./nats_server.ts";
 import { ensureTopology } from "./topology.ts";
 
+/** The repository root: service entries and nats.conf are relative to it. */
+const ROOT = new URL("../", import.meta.url);
+
 /** A service the supervisor runs. */
 export interface ServiceSpec {
   name: string;
@@ -79,10 +82,10 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   } else {
     try {
       nats = await startNatsServer({
-        configFile: config.natsConf,
+        configFile: new URL(config.natsConf, ROOT).pathname,
         port: config.natsPort || undefined,
         monitorPort: config.natsMonitorPort || undefined,
-        storeDir: config.natsStoreDir || undefined,
+        cwd: config.natsDir || ROOT.pathname,
         detached: true,
       });
     } catch (err) {
@@ -110,6 +113,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       stdin: "null",
       stdout: "inherit",
       stderr: "inherit",
+      cwd: ROOT,
       detached: true,
     }).spawn();
     const r: Running = { spec, child, startedAt: Date.now(), restarts };

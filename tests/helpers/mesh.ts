@@ -12,6 +12,8 @@ const root = new URL("../../", import.meta.url);
 /** A running supervisor. */
 export interface Mesh extends AsyncDisposable {
   gatewayUrl: string;
+  storeDir: string;
+  natsPort: number;
   natsUrl: string;
   /** Every JSON log line printed so far, parsed. */
   logs: Record<string, unknown>[];
@@ -37,18 +39,21 @@ export async function taskArgs(name: string): Promise<string[]> {
 }
 
 /** Starts the supervisor of `deno task start` and waits until the gateway listens. */
-export async function startMesh(env: Record<string, string> = {}): Promise<Mesh> {
-  const port = freePort();
-  const natsPort = freePort();
-  const storeDir = await Deno.makeTempDir({ prefix: "weft-mesh-" });
-  const child = new Deno.Command(Deno.execPath(), {
+export async function startMesh(
+  env: Record<string, string> = {},
+  opts: { storeDir?: string; natsPort?: number; port?: number; keepStore?: boolean } = {},
+): Promise<Mesh> {
+  const port = opts.port ?? freePort();
+  const natsPort = opts.natsPort ?? freePort();
+  const storeDir = opts.storeDir ?? await Deno.makeTempDir({ prefix: "weft-mesh-" });
+  const child = new Deno.Command("deno", {
     args: await taskArgs("start"),
     cwd: root,
     env: {
       PORT: String(port),
       WEFT_NATS_PORT: String(natsPort),
       WEFT_NATS_MONITOR_PORT: String(freePort()),
-      WEFT_NATS_STORE_DIR: storeDir,
+      WEFT_NATS_DIR: storeDir,
       WEFT_DRAIN_MS: "3000",
       ...env,
     },
@@ -108,6 +113,8 @@ export async function startMesh(env: Record<string, string> = {}): Promise<Mesh>
   };
   const mesh: Mesh = {
     gatewayUrl: `http://127.0.0.1:${port}`,
+    storeDir,
+    natsPort,
     natsUrl: `nats://127.0.0.1:${natsPort}`,
     logs,
     waitForLog,
@@ -115,11 +122,16 @@ export async function startMesh(env: Record<string, string> = {}): Promise<Mesh>
     child,
     async [Symbol.asyncDispose]() {
       await stop();
-      await Deno.remove(storeDir, { recursive: true }).catch(() => {});
+      if (!opts.keepStore) await Deno.remove(storeDir, { recursive: true }).catch(() => {});
     },
   };
   try {
-    await waitForLog((l) => l.msg === "gateway listening", 30_000, "the gateway to listen");
+    await Promise.race([
+      waitForLog((l) => l.msg === "gateway listening", 30_000, "the gateway to listen"),
+      child.status.then((s) => {
+        throw new Error(`the supervisor exited with ${s.code} before the gateway listened`);
+      }),
+    ]);
   } catch (err) {
     await mesh[Symbol.asyncDispose]();
     throw new Error(`${(err as Error).message}\n${logs.map((l) => JSON.stringify(l)).join("\n")}`);
