@@ -29,7 +29,10 @@ export interface ClassificationReport {
   accuracy: number;
   /** Scores per class, in the order of `labels`. */
   perClass: ClassScores[];
-  /** Unweighted mean of the per-class F1. */
+  /**
+   * Unweighted mean of the per-class F1 over the classes that occur in gold (classes with
+   * no gold item are listed but not averaged, as when one source has no neutral rows).
+   */
   macroF1: number;
   /** `confusion[g][p]`: how many items of gold class `labels[g]` were predicted `labels[p]`. */
   confusion: number[][];
@@ -101,7 +104,10 @@ export function classificationReport(
     total: gold.length,
     accuracy: ratio(correct, gold.length),
     perClass,
-    macroF1: ratio(perClass.reduce((a, s) => a + s.f1, 0), perClass.length),
+    macroF1: ratio(
+      perClass.reduce((a, s) => a + (s.support > 0 ? s.f1 : 0), 0),
+      perClass.filter((s) => s.support > 0).length,
+    ),
     confusion,
   };
 }
@@ -123,6 +129,10 @@ export function formatReport(report: ClassificationReport): string {
     `n=${report.total} accuracy=${f(report.accuracy)} macro_f1=${f(report.macroF1)}`,
     `${"class".padEnd(width)} precision recall    f1        support`,
   ];
+  const absent = report.perClass.filter((s) => s.support === 0).map((s) => s.label);
+  if (absent.length > 0) {
+    lines.push(`(macro_f1 leaves out classes absent from gold: ${absent.join(", ")})`);
+  }
   for (const s of report.perClass) {
     lines.push(
       `${s.label.padEnd(width)} ${f(s.precision).padEnd(9)} ${f(s.recall).padEnd(9)} ` +

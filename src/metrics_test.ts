@@ -30,6 +30,14 @@ Deno.test("classificationReport() gives F1 0 to a class never predicted", () => 
   assert.equal(r.labels.length, 3);
 });
 
+Deno.test("classificationReport() averages macro-F1 only over classes present in gold", () => {
+  // z never occurs in gold but is predicted once: it lowers x's precision, not the average count.
+  const r = classificationReport(["x", "x", "y"], ["x", "z", "y"], ["x", "y", "z"]);
+  // x: p=1 r=0.5 f1=2/3 ; y: f1=1 ; z: support 0, left out
+  assert.ok(Math.abs(r.macroF1 - (2 / 3 + 1) / 2) < 1e-12);
+  assert.match(formatReport(r), /leaves out classes absent from gold: z/);
+});
+
 Deno.test("classificationReport() rejects lists of different lengths", () => {
   assert.throws(() => classificationReport(["a"], []), MetricsError);
 });

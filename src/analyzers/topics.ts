@@ -291,7 +291,8 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
       for (let l = 0; l < n; l++) {
         if (scores[l]! < c.thresholds[l]!) continue;
         for (const j of c.implies[l]!) {
-          scores[j] = Math.max(scores[j]!, c.thresholds[j]!, scores[l]!);
+          // The implied label ranks just below the one implying it, unless it scores higher.
+          scores[j] = Math.max(scores[j]!, c.thresholds[j]!, scores[l]! - 1e-9);
           const list = evidence[j] ??= [];
           for (const e of evidence[l]!) if (!list.includes(e)) list.push(e);
         }

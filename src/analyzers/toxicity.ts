@@ -26,8 +26,11 @@ export type ToxicityCategory = typeof ToxicityCategory[keyof typeof ToxicityCate
 export interface ToxicityOptions {
   /** Score at or above which a text is flagged. Default 0.5. */
   threshold?: number;
-  /** Also run the obscenity matcher (catches obfuscated spellings). Default true. */
-  useObscenity?: boolean;
+  /**
+   * When to run the obscenity matcher, which sees through obfuscated spellings but is
+   * slow: `"auto"` (default) only on text that looks obfuscated, `"always"`, or `"never"`.
+   */
+  obscenity?: "auto" | "always" | "never";
   /** Name recorded on results. Default `"embedded:toxicity"`. */
   name?: string;
 }
@@ -81,7 +84,14 @@ function buildLexicon(): Lexicon {
   }
   const obscenityKinds = new Map<string, Kind>();
   for (const [kind, list] of Object.entries(lexiconJson.obscenity as Record<string, string[]>)) {
-    for (const w of list) obscenityKinds.set(w, kind as Kind);
+    for (const w of list) {
+      obscenityKinds.set(w, kind as Kind);
+      // Plain spellings go on the fast path; the matcher is kept for obfuscated ones.
+      add(w, kind as Kind);
+      if (!w.includes(" ")) {
+        add(w.endsWith("sh") || w.endsWith("ch") ? `${w}es` : `${w}s`, kind as Kind);
+      }
+    }
   }
   return {
     weights: lexiconJson.weights as Record<string, number>,
@@ -95,6 +105,12 @@ function buildLexicon(): Lexicon {
     obscenityKinds,
   };
 }
+
+/**
+ * Text that may hide a word from the word lists: a symbol or digit inside a word
+ * ("f*ck", "sh1t"), a letter three times in a row ("fuuuck"), or spaced-out letters.
+ */
+const MAYBE_OBFUSCATED = /\p{L}[*@$#!|0-9]+\p{L}|(\p{L})\1\1|\b\p{L} \p{L} \p{L}\b/u;
 
 let sharedLexicon: Lexicon | undefined;
 let sharedMatcher: RegExpMatcher | undefined;
@@ -122,7 +138,7 @@ function matcher(): RegExpMatcher {
 export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicityAnalyzer {
   const lex = sharedLexicon ??= buildLexicon();
   const threshold = options.threshold ?? 0.5;
-  const useObscenity = options.useObscenity ?? true;
+  const obscenityMode = options.obscenity ?? "auto";
   const name = options.name ?? "embedded:toxicity";
   const w = (k: string) => lex.weights[k] ?? 0;
 
@@ -145,8 +161,20 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
           if (kinds) { for (const k of kinds) bump(k); }
           if (lex.threatPhrases.has(phrase)) threat = true;
         }
-        if (lex.threatVerbs.has(word)) verbAt = i;
-        else if (i - verbAt <= 3 && i > verbAt && !tokens[i]!.clauseStart) {
+        if (lex.threatVerbs.has(word)) {
+          verbAt = i;
+          // A target shortly before the verb ("those people must be hanged").
+          for (let j = Math.max(0, i - 5); j < i && !threat; j++) {
+            const before = words[j]!;
+            const kinds = lex.words.get(before);
+            if (
+              (before !== "you" && before !== "u" && lex.threatTargets.has(before)) ||
+              kinds?.includes("identity") || kinds?.includes("hate")
+            ) {
+              threat = true;
+            }
+          }
+        } else if (i - verbAt <= 3 && i > verbAt && !tokens[i]!.clauseStart) {
           const kinds = lex.words.get(word);
           if (
             lex.threatTargets.has(word) ||
@@ -158,7 +186,10 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
         }
       }
 
-      if (useObscenity && text.length > 0) {
+      if (
+        obscenityMode === "always" ||
+        (obscenityMode === "auto" && MAYBE_OBFUSCATED.test(text))
+      ) {
         const seen = new Set<string>();
         for (const m of matcher().getAllMatches(text)) {
           const original = englishDataset.getPayloadWithPhraseMetadata(m).phraseMetadata
