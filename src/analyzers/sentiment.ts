@@ -29,6 +29,8 @@ export interface SentimentLexicon {
   bareNegationValence: number;
   /** Valence of "too" before a word with no valence ("too small"). */
   tooValence: number;
+  /** Factor applied to a negated negative word ("not bad"); positive words get -0.74. */
+  negatedNegativeScalar: number;
 }
 
 /** Options for {@link sentimentAnalyzer}. */
@@ -125,6 +127,7 @@ export function defaultSentimentLexicon(): SentimentLexicon {
     requestDamping: domain.requestDamping,
     bareNegationValence: domain.bareNegationValence,
     tooValence: domain.tooValence,
+    negatedNegativeScalar: domain.negatedNegativeScalar,
   };
 }
 
@@ -313,9 +316,12 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
         if (isNegator(prev.word)) {
           negated = true;
           usedNegator[j] = 1;
+        } else if (prev.word === "used" && tokens[j + 1]?.word === "to" && sign > 0) {
+          // "used to love it": praise in the past reads as a complaint now.
+          negated = true;
         }
       }
-      if (negated) valence *= NEGATION_SCALAR;
+      if (negated) valence *= sign > 0 ? NEGATION_SCALAR : lexicon.negatedNegativeScalar;
 
       if (contrastAt >= 0) valence *= i < contrastAt ? 0.5 : 1.5;
       sum += valence;
