@@ -8,7 +8,14 @@
 
 import { type ClassificationReport, classificationReport, formatReport } from "./metrics.ts";
 
-/** The evaluation tasks, detected from the rows' label field. */
+/**
+ * The evaluation tasks, detected from the rows' label field.
+ *
+ * @example
+ * ```ts
+ * EvalTask.topics; // "topics"
+ * ```
+ */
 export const EvalTask = {
   sentiment: "sentiment",
   topics: "topics",
@@ -29,13 +36,22 @@ export interface EvalRow {
 
 /** Raised when rows cannot be evaluated. */
 export class EvalError extends Error {
+  /** Always `"EvalError"`. */
   override name = "EvalError";
+  /** Creates the error; pass `{ cause }` to keep the underlying error. */
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
   }
 }
 
-/** Classes the topics set is scored on; every other topic counts as `other`. */
+/**
+ * Classes the topics set is scored on; every other topic counts as `other`.
+ *
+ * @example
+ * ```ts
+ * TOPIC_EVAL_CLASSES.includes("other"); // true
+ * ```
+ */
 export const TOPIC_EVAL_CLASSES = ["technical_issue", "feature_request", "other"] as const;
 
 function isRecord(x: unknown): x is Record<string, unknown> {
@@ -117,7 +133,14 @@ export function parseRows(jsonl: string): { task: EvalTask; rows: EvalRow[] } {
   return { task, rows };
 }
 
-/** The classes reported for a task, in report order. */
+/**
+ * The classes reported for a task, in report order.
+ *
+ * @example
+ * ```ts
+ * taskLabels("toxicity"); // ["flagged", "not_flagged"]
+ * ```
+ */
 export function taskLabels(task: EvalTask): string[] {
   switch (task) {
     case EvalTask.sentiment:
@@ -170,7 +193,15 @@ export function evaluate(
   return { task, overall, bySource };
 }
 
-/** Renders an evaluation as stable plain text. */
+/**
+ * Renders an evaluation as stable plain text: a `task=... analyzer=...` line, then an
+ * `== overall` block and one `== source=NAME` block per source.
+ *
+ * @example
+ * ```ts
+ * formatEvaluation(evaluate("toxicity", rows, predicted), "embedded:toxicity");
+ * ```
+ */
 export function formatEvaluation(result: EvalResult, analyzerName: string): string {
   const parts = [
     `task=${result.task} analyzer=${analyzerName}`,

@@ -40,7 +40,9 @@ export interface ClassificationReport {
 
 /** Raised when gold and predicted lists cannot be compared. */
 export class MetricsError extends Error {
+  /** Always `"MetricsError"`. */
   override name = "MetricsError";
+  /** Creates the error; pass `{ cause }` to keep the underlying error. */
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
   }

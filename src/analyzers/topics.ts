@@ -50,7 +50,9 @@ export interface Taxonomy {
 
 /** Raised when a taxonomy is malformed. */
 export class TaxonomyError extends Error {
+  /** Always `"TaxonomyError"`. */
   override name = "TaxonomyError";
+  /** Creates the error; pass `{ cause }` to keep the underlying error. */
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
   }

@@ -11,7 +11,14 @@ import lexiconJson from "../../rules/toxicity.lexicon.json" with { type: "json" 
 import type { ToxicityResult } from "../analysis.ts";
 import { tokenize } from "./text.ts";
 
-/** Toxicity categories the analyzer reports. */
+/**
+ * Toxicity categories the analyzer reports.
+ *
+ * @example
+ * ```ts
+ * toxicityAnalyzer().analyze("I will kill you").categories.includes(ToxicityCategory.threat); // true
+ * ```
+ */
 export const ToxicityCategory = {
   hate: "hate",
   threat: "threat",
