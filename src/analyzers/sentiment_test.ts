@@ -71,3 +71,27 @@ Deno.test("sentimentAnalyzer() honours custom thresholds", () => {
   assert.equal(strict.analyze("good").label, "neutral");
   assert.equal(strict.name, "strict");
 });
+
+Deno.test("sentimentAnalyzer() reads a plain bug report as neutral", () => {
+  assert.equal(label("The app crashes when I upload a photo"), "neutral");
+});
+
+Deno.test("sentimentAnalyzer() reads an angry bug report as negative", () => {
+  assert.equal(
+    label("Crashes constantly, I lost all my work. Absolutely awful, worst app ever!"),
+    "negative",
+  );
+});
+
+Deno.test("sentimentAnalyzer() reads a polite feature request as neutral", () => {
+  assert.equal(label("Nice app. It would be great to have an option to export to PDF"), "neutral");
+});
+
+Deno.test("sentimentAnalyzer() with informational: false reads a bug report as negative", () => {
+  const plain = sentimentAnalyzer({ informational: false });
+  assert.equal(plain.analyze("The app crashes when I upload a photo").label, "negative");
+});
+
+Deno.test("sentimentAnalyzer() reads 'used to love it' as negative", () => {
+  assert.equal(label("I used to love this service"), "negative");
+});
