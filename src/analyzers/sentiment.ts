@@ -228,6 +228,11 @@ function createScorer(lexicon: SentimentLexicon): (text: string) => number {
 export function createDetailScorer(lexicon: SentimentLexicon): (text: string) => SentimentDetail {
   const { valences, boosters } = lexicon;
   const cache = new Map<string, number | null>();
+  const phraseStarts = new Set<string>();
+  for (const key of valences.keys()) {
+    const space = key.indexOf(" ");
+    if (space > 0) phraseStarts.add(key.slice(0, space));
+  }
   /** Valence of one word, trying suffix rewrites when it is not listed. */
   function wordValence(word: string): number | undefined {
     const direct = valences.get(word);
@@ -266,11 +271,14 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
       const t = tokens[i]!;
       let span = 1;
       let valence: number | undefined;
-      if (i + 2 < n && !tokens[i + 1]!.clauseStart && !tokens[i + 2]!.clauseStart) {
+      const startsPhrase = phraseStarts.has(t.word);
+      if (
+        startsPhrase && i + 2 < n && !tokens[i + 1]!.clauseStart && !tokens[i + 2]!.clauseStart
+      ) {
         valence = valences.get(`${t.word} ${tokens[i + 1]!.word} ${tokens[i + 2]!.word}`);
         if (valence !== undefined) span = 3;
       }
-      if (valence === undefined && i + 1 < n && !tokens[i + 1]!.clauseStart) {
+      if (startsPhrase && valence === undefined && i + 1 < n && !tokens[i + 1]!.clauseStart) {
         valence = valences.get(`${t.word} ${tokens[i + 1]!.word}`);
         if (valence !== undefined) span = 2;
       }

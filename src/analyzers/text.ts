@@ -15,18 +15,19 @@ export interface Token {
   clauseStart: boolean;
 }
 
-const WORD = /[\p{L}\p{N}]+(?:['’][\p{L}]+)*/gu;
+const NON_ASCII_WORD_CHAR = /[\p{L}\p{N}\p{M}]/u;
 
-/** Tells whether `text[from, to)` holds a clause break. */
-function hasBreak(text: string, from: number, to: number): boolean {
-  for (let i = from; i < to; i++) {
-    const c = text.charCodeAt(i);
-    // . , ; : ! ? \n
-    if (c === 46 || c === 44 || c === 59 || c === 58 || c === 33 || c === 63 || c === 10) {
-      return true;
-    }
-  }
-  return false;
+/** Tells whether the UTF-16 unit at `i` belongs to a word (letters, digits, marks). */
+function isWordChar(text: string, i: number): boolean {
+  const c = text.charCodeAt(i);
+  if (c < 128) return (c >= 97 && c <= 122) || (c >= 65 && c <= 90) || (c >= 48 && c <= 57);
+  if (c >= 0xd800 && c <= 0xdfff) return false; // astral: emoji and rare scripts
+  return NON_ASCII_WORD_CHAR.test(text[i]!);
+}
+
+/** Tells whether a character code breaks a clause: `. , ; : ! ?` or a line break. */
+function isBreak(c: number): boolean {
+  return c === 46 || c === 44 || c === 59 || c === 58 || c === 33 || c === 63 || c === 10;
 }
 
 /**
@@ -39,17 +40,38 @@ function hasBreak(text: string, from: number, to: number): boolean {
  */
 export function tokenize(text: string): Token[] {
   const out: Token[] = [];
-  let last = 0;
-  for (const match of text.matchAll(WORD)) {
-    const raw = match[0];
+  const n = text.length;
+  let brk = true;
+  let i = 0;
+  while (i < n) {
+    if (!isWordChar(text, i)) {
+      if (isBreak(text.charCodeAt(i))) brk = true;
+      i++;
+      continue;
+    }
+    const start = i;
+    i++;
+    while (i < n) {
+      if (isWordChar(text, i)) {
+        i++;
+        continue;
+      }
+      const c = text.charCodeAt(i);
+      // An apostrophe between letters stays inside the word: don't, it's, o'clock.
+      if ((c === 39 || c === 0x2019) && i + 1 < n && isWordChar(text, i + 1)) {
+        i += 2;
+        continue;
+      }
+      break;
+    }
+    const raw = text.slice(start, i);
     const lower = raw.toLowerCase();
-    const start = match.index;
     out.push({
       word: lower.includes("’") ? lower.replaceAll("’", "'") : lower,
       shouted: raw.length > 1 && raw !== lower && raw === raw.toUpperCase(),
-      clauseStart: out.length === 0 || hasBreak(text, last, start),
+      clauseStart: brk,
     });
-    last = start + raw.length;
+    brk = false;
   }
   return out;
 }

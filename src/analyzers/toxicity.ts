@@ -63,6 +63,8 @@ type Kind =
 interface Lexicon {
   weights: Record<string, number>;
   words: Map<string, Kind[]>;
+  /** Every proper prefix of a multi-word entry, so phrase lookups stop early. */
+  prefixes: Set<string>;
   maxPhraseWords: number;
   threatPhrases: Set<string>;
   threatVerbs: Set<string>;
@@ -72,10 +74,16 @@ interface Lexicon {
 
 function buildLexicon(): Lexicon {
   const words = new Map<string, Kind[]>();
+  const prefixes = new Set<string>();
   let maxPhraseWords = 1;
+  const addPrefixes = (key: string) => {
+    const parts = key.split(" ");
+    for (let k = 1; k < parts.length; k++) prefixes.add(parts.slice(0, k).join(" "));
+    maxPhraseWords = Math.max(maxPhraseWords, parts.length);
+  };
   const add = (entry: string, kind: Kind) => {
     const key = tokenize(entry).map((t) => t.word).join(" ");
-    maxPhraseWords = Math.max(maxPhraseWords, key.split(" ").length);
+    addPrefixes(key);
     const list = words.get(key) ?? [];
     if (!list.includes(kind)) list.push(kind);
     words.set(key, list);
@@ -87,7 +95,7 @@ function buildLexicon(): Lexicon {
   for (const p of lexiconJson.threat.phrases) {
     const key = tokenize(p).map((t) => t.word).join(" ");
     threatPhrases.add(key);
-    maxPhraseWords = Math.max(maxPhraseWords, key.split(" ").length);
+    addPrefixes(key);
   }
   const obscenityKinds = new Map<string, Kind>();
   for (const [kind, list] of Object.entries(lexiconJson.obscenity as Record<string, string[]>)) {
@@ -103,6 +111,7 @@ function buildLexicon(): Lexicon {
   return {
     weights: lexiconJson.weights as Record<string, number>,
     words,
+    prefixes,
     maxPhraseWords,
     threatPhrases,
     threatVerbs: new Set(
@@ -115,9 +124,11 @@ function buildLexicon(): Lexicon {
 
 /**
  * Text that may hide a word from the word lists: a symbol or digit inside a word
- * ("f*ck", "sh1t"), a letter three times in a row ("fuuuck"), or spaced-out letters.
+ * ("f*ck", "sh1t") or spaced-out letters ("f u c k"). Stretched words ("fuuuck") are
+ * handled on the fast path by squeezing repeated letters.
  */
-const MAYBE_OBFUSCATED = /\p{L}[*@$#!|0-9]+\p{L}|(\p{L})\1\1|\b\p{L} \p{L} \p{L}\b/u;
+const MAYBE_OBFUSCATED = /\p{L}[*@$#!|0-9]+\p{L}|\b\p{L} \p{L} \p{L}\b/u;
+const STRETCHED = /(.)\1\1+/g;
 
 let sharedLexicon: Lexicon | undefined;
 let sharedMatcher: RegExpMatcher | undefined;
@@ -153,7 +164,16 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
     name,
     analyze(text: string): ToxicityResult {
       const tokens = tokenize(text);
-      const words = tokens.map((t) => t.word);
+      const words = tokens.map((t) => {
+        const w = t.word;
+        if (!STRETCHED.test(w)) return w;
+        STRETCHED.lastIndex = 0;
+        // "fuuuck" -> "fuck", "sooo" -> "so": try one letter, then two, keep a listed one.
+        const one = w.replace(STRETCHED, "$1");
+        if (lex.words.has(one)) return one;
+        const two = w.replace(STRETCHED, "$1$1");
+        return lex.words.has(two) ? two : one;
+      });
       const counts = new Map<Kind, number>();
       const bump = (k: Kind) => counts.set(k, (counts.get(k) ?? 0) + 1);
       let threat = false;
@@ -167,6 +187,7 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
           const kinds = lex.words.get(phrase);
           if (kinds) { for (const k of kinds) bump(k); }
           if (lex.threatPhrases.has(phrase)) threat = true;
+          if (!lex.prefixes.has(phrase)) break;
         }
         if (lex.threatVerbs.has(word)) {
           verbAt = i;

@@ -69,3 +69,8 @@ Deno.test("toxicityAnalyzer() finds obfuscated profanity only with the matcher",
   assert.equal(toxicityAnalyzer({ obscenity: "never" }).analyze("sh1t").flagged, false);
   assert.equal(toxicityAnalyzer({ obscenity: "always" }).analyze("sh1t").flagged, true);
 });
+
+Deno.test("toxicityAnalyzer() sees through stretched words like 'iiidiooot'", () => {
+  assert.equal(toxicity.analyze("you iiidiooot").flagged, true);
+  assert.equal(toxicity.analyze("sooo good, I loooove it").flagged, false);
+});
