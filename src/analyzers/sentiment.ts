@@ -187,7 +187,8 @@ export function sentimentAnalyzer(options: SentimentOptions = {}): EmbeddedSenti
 }
 
 /**
- * Computes the compound sentiment score in [-1, 1] of a text against a lexicon.
+ * Computes the compound sentiment score in [-1, 1] of a text against a lexicon: the lexicon
+ * rules only, without the informational-feedback damping that {@link sentimentAnalyzer} adds.
  *
  * @example
  * ```ts
