@@ -153,6 +153,15 @@ const SETTINGS: Setting<any>[] = [
 /** The environment variable names Weft reads: what `--allow-env` needs. */
 export const ENV_NAMES: readonly string[] = SETTINGS.map((s) => s.env);
 
+/**
+ * The narrowest `--allow-env` value covering {@link ENV_NAMES}: the names outside the
+ * `WEFT_` prefix, and `WEFT_*` (Deno 2 accepts a trailing wildcard).
+ */
+export const ENV_PERMISSION: string = [
+  ...ENV_NAMES.filter((n) => !n.startsWith("WEFT_")),
+  "WEFT_*",
+].join(",");
+
 /** Where configuration comes from; defaults to the process's env and arguments. */
 export interface ConfigSource {
   env?: (name: string) => string | undefined;

@@ -8,7 +8,7 @@
  * @module
  */
 import { jetstreamManager } from "@nats-io/jetstream";
-import { type Config, describeConfig, ENV_NAMES, loadConfig } from "./config.ts";
+import { type Config, describeConfig, ENV_PERMISSION, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { connectNats } from "./nats.ts";
 import { type NatsServer, NatsServerMissingError, startNatsServer } from "./nats_server.ts";
@@ -54,7 +54,7 @@ export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
     "run",
     "--no-prompt",
     `--allow-net=${net.join(",")}`,
-    `--allow-env=${ENV_NAMES.join(",")}`,
+    `--allow-env=${ENV_PERMISSION}`,
   ];
   if (spec.readsRules) args.push(`--allow-read=${config.rulesPath}`);
   args.push(spec.entry);
