@@ -3,13 +3,13 @@
  *
  * @module
  */
-import { loadRules } from "../src/rules.ts";
+import { feedbackAnalyzers } from "../src/feedback_analyzers.ts";
 import { runStageService } from "../src/service.ts";
 import { sentimentStage } from "../src/stages/feedback.ts";
 
 if (import.meta.main) {
   await runStageService(
     "sentiment",
-    async ({ config }) => sentimentStage((await loadRules(config.rulesPath)).sentiment),
+    async ({ config }) => sentimentStage((await feedbackAnalyzers(config)).sentiment),
   );
 }

@@ -1,15 +1,16 @@
 /**
- * The topics service: `feedback.sentiment_analyzed` -> `feedback.topics_extracted`.
+ * The topics service: `feedback.sentiment_analyzed` -> `feedback.topics_extracted`;
+ * abusive text also gets the topic `abuse`.
  *
  * @module
  */
-import { loadRules } from "../src/rules.ts";
+import { feedbackAnalyzers } from "../src/feedback_analyzers.ts";
 import { runStageService } from "../src/service.ts";
 import { topicsStage } from "../src/stages/feedback.ts";
 
 if (import.meta.main) {
-  await runStageService(
-    "topics",
-    async ({ config }) => topicsStage((await loadRules(config.rulesPath)).topics),
-  );
+  await runStageService("topics", async ({ config }) => {
+    const { topics, toxicity } = await feedbackAnalyzers(config);
+    return topicsStage(topics, toxicity);
+  });
 }

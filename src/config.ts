@@ -13,6 +13,11 @@ export const LogLevel = { debug: 10, info: 20, warn: 30, error: 40 } as const;
 /** One of {@link LogLevel}'s names. */
 export type LogLevelName = keyof typeof LogLevel;
 
+/** The analyzer families a stage can use. */
+export const AnalyzerKind = { Embedded: "embedded", Rules: "rules", Llm: "llm" } as const;
+/** One of {@link AnalyzerKind}. */
+export type AnalyzerKind = typeof AnalyzerKind[keyof typeof AnalyzerKind];
+
 /** Weft's whole configuration. */
 export interface Config {
   /** NATS server URL(s), comma-separated. `NATS_URL`, `--nats-url`. */
@@ -23,8 +28,28 @@ export interface Config {
   port: number;
   /** `WEFT_LOG_LEVEL`, `--log-level`. */
   logLevel: LogLevelName;
-  /** Path of the ruleset (keywords and routing table). `WEFT_RULES`, `--rules`. */
+  /** Path of the ruleset: routing table, and keyword rules for `rules` analyzers. `WEFT_RULES`, `--rules`. */
   rulesPath: string;
+  /** Which analyzers the stages use: `embedded` (default), `rules` or `llm`. `WEFT_ANALYZERS`. */
+  analyzers: AnalyzerKind;
+  /** OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`. `WEFT_LLM_BASE_URL`. */
+  llmBaseUrl: string;
+  /** Model name. `WEFT_LLM_MODEL`. */
+  llmModel: string;
+  /** API key (never printed). `WEFT_LLM_API_KEY`. */
+  llmApiKey: string;
+  /** Deadline of one LLM analysis, ms. `WEFT_LLM_TIMEOUT_MS`. */
+  llmTimeoutMs: number;
+  /** LLM requests in flight per stage process. `WEFT_LLM_CONCURRENCY`. */
+  llmConcurrency: number;
+  /** LLM requests per second per stage process (0: unlimited). `WEFT_LLM_RPS`. */
+  llmRps: number;
+  /** Spend limit per stage process, USD (0: none). `WEFT_LLM_BUDGET_USD`. */
+  llmBudgetUsd: number;
+  /** Price per 1,000 input tokens, USD. `WEFT_LLM_PRICE_IN_PER_1K`. */
+  llmPriceInPer1k: number;
+  /** Price per 1,000 output tokens, USD. `WEFT_LLM_PRICE_OUT_PER_1K`. */
+  llmPriceOutPer1k: number;
   /** Largest accepted body of POST /feedback, bytes. `WEFT_BODY_LIMIT`. */
   bodyLimit: number;
   /** Largest accepted body of POST /feedback/batch, bytes. `WEFT_BATCH_BODY_LIMIT`. */
@@ -86,6 +111,19 @@ const int = (min: number, max = Number.MAX_SAFE_INTEGER) => (raw: string) => {
 };
 const str = (raw: string) => (raw.trim() === "" ? undefined : raw.trim());
 const level = (raw: string) => (raw in LogLevel ? raw as LogLevelName : undefined);
+const kind = (raw: string) =>
+  (Object.values(AnalyzerKind) as string[]).includes(raw) ? raw as AnalyzerKind : undefined;
+const num = (min: number) => (raw: string) => {
+  const n = Number(raw);
+  return Number.isFinite(n) && n >= min ? n : undefined;
+};
+const url = (raw: string) => {
+  try {
+    return new URL(raw).protocol.startsWith("http") ? raw.replace(/\/+$/, "") : undefined;
+  } catch {
+    return undefined;
+  }
+};
 
 // deno-lint-ignore no-explicit-any
 const SETTINGS: Setting<any>[] = [
@@ -100,13 +138,17 @@ const SETTINGS: Setting<any>[] = [
   { key: "host", env: "WEFT_HOST", flag: "host", default: "127.0.0.1", parse: str },
   { key: "port", env: "PORT", flag: "port", default: 8000, parse: int(0, 65535) },
   { key: "logLevel", env: "WEFT_LOG_LEVEL", flag: "log-level", default: "info", parse: level },
-  {
-    key: "rulesPath",
-    env: "WEFT_RULES",
-    flag: "rules",
-    default: "rules/feedback.json",
-    parse: str,
-  },
+  { key: "rulesPath", env: "WEFT_RULES", flag: "rules", default: "rules/routing.json", parse: str },
+  { key: "analyzers", env: "WEFT_ANALYZERS", flag: "analyzers", default: "embedded", parse: kind },
+  { key: "llmBaseUrl", env: "WEFT_LLM_BASE_URL", default: "", parse: url },
+  { key: "llmModel", env: "WEFT_LLM_MODEL", default: "", parse: str },
+  { key: "llmApiKey", env: "WEFT_LLM_API_KEY", default: "", parse: str, secret: true },
+  { key: "llmTimeoutMs", env: "WEFT_LLM_TIMEOUT_MS", default: 15_000, parse: int(100) },
+  { key: "llmConcurrency", env: "WEFT_LLM_CONCURRENCY", default: 4, parse: int(1, 1000) },
+  { key: "llmRps", env: "WEFT_LLM_RPS", default: 0, parse: num(0) },
+  { key: "llmBudgetUsd", env: "WEFT_LLM_BUDGET_USD", default: 0, parse: num(0) },
+  { key: "llmPriceInPer1k", env: "WEFT_LLM_PRICE_IN_PER_1K", default: 0, parse: num(0) },
+  { key: "llmPriceOutPer1k", env: "WEFT_LLM_PRICE_OUT_PER_1K", default: 0, parse: num(0) },
   { key: "bodyLimit", env: "WEFT_BODY_LIMIT", default: 64 * 1024, parse: int(1024) },
   {
     key: "batchBodyLimit",
@@ -207,6 +249,9 @@ export function loadConfig(source: ConfigSource = {}): Config {
       );
     } else config[s.key] = parsed;
   }
+  if (config.analyzers === AnalyzerKind.Llm && (!config.llmBaseUrl || !config.llmModel)) {
+    problems.push("WEFT_ANALYZERS=llm needs WEFT_LLM_BASE_URL and WEFT_LLM_MODEL");
+  }
   if (problems.length > 0) {
     throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
   }
@@ -218,7 +263,9 @@ export function describeConfig(config: Config): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (const s of SETTINGS) {
     const v = config[s.key as keyof Config];
-    out[s.key] = s.secret && typeof v === "string" ? maskUrlCredentials(v) : v;
+    out[s.key] = s.secret && typeof v === "string"
+      ? (s.key === "natsUrl" ? maskUrlCredentials(v) : v ? "***" : "")
+      : v;
   }
   return out;
 }

@@ -284,7 +284,7 @@ export interface DeadLetter {
 export interface Ruleset {
   version: 1;
   description?: string;
-  sentiment: {
+  sentiment?: {
     rules: {
       label: "positive" | "negative" | "neutral";
       /**
@@ -295,7 +295,7 @@ export interface Ruleset {
     }[];
     default: "positive" | "negative" | "neutral";
   };
-  topics: {
+  topics?: {
     rules: {
       topic: string;
       /**

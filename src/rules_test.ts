@@ -2,7 +2,9 @@ import assert from "node:assert/strict";
 import { compileRules, loadRules } from "./rules.ts";
 import { ValidationError } from "./errors.ts";
 
-const reference = await loadRules(new URL("../rules/feedback.json", import.meta.url).pathname);
+const loaded = await loadRules(new URL("../rules/reference.json", import.meta.url).pathname);
+assert.ok(loaded.sentiment && loaded.topics, "the reference ruleset has keyword rules");
+const reference = { sentiment: loaded.sentiment, topics: loaded.topics, route: loaded.route };
 
 /** The reference decisions every equal ruleset must reproduce exactly. */
 const REFERENCE_CASES = [
@@ -92,9 +94,15 @@ Deno.test("a ruleset with other keywords and teams changes decisions without cod
     topics: { rules: [{ topic: "billing", any: ["refund", "invoice"] }], default: "other" },
     routing: [{ when: { topic: "billing" }, team: "Billing" }, { team: "Support" }],
   });
-  const s = await rules.sentiment.analyze("I want a refund");
-  const t = await rules.topics.analyze("I want a refund");
+  const s = await rules.sentiment!.analyze("I want a refund");
+  const t = await rules.topics!.analyze("I want a refund");
   assert.equal(s.label, "negative");
   assert.deepEqual(t.topics, ["billing"]);
   assert.deepEqual(rules.route(s.label, t.topics), { team: "Billing", rule: 0 });
+});
+
+Deno.test("a ruleset may hold only a routing table, for use with other analyzers", () => {
+  const rules = compileRules({ version: 1, routing: [{ team: "General Support" }] });
+  assert.equal(rules.sentiment, undefined);
+  assert.equal(rules.route("neutral", ["general_inquiry"]).team, "General Support");
 });

@@ -24,6 +24,8 @@ export interface ServiceSpec {
   entry: string;
   /** Reads the ruleset file. */
   readsRules?: boolean;
+  /** Runs analyzers: with `llm` ones it calls the LLM endpoint and reads prompts/. */
+  analyzes?: boolean;
   /** Listens on the gateway's host:port. */
   listens?: boolean;
 }
@@ -32,8 +34,8 @@ export interface ServiceSpec {
 export const SERVICES: readonly ServiceSpec[] = [
   { name: "state", entry: "services/state.ts" },
   { name: "ingest", entry: "services/ingest.ts" },
-  { name: "sentiment", entry: "services/sentiment.ts", readsRules: true },
-  { name: "topics", entry: "services/topics.ts", readsRules: true },
+  { name: "sentiment", entry: "services/sentiment.ts", readsRules: true, analyzes: true },
+  { name: "topics", entry: "services/topics.ts", readsRules: true, analyzes: true },
   { name: "dispatch", entry: "services/dispatch.ts", readsRules: true },
   { name: "gateway", entry: "services/gateway.ts", listens: true },
 ];
@@ -50,13 +52,19 @@ export function natsHosts(natsUrl: string): string[] {
 export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
   const net = [...natsHosts(config.natsUrl)];
   if (spec.listens) net.push(`${config.host}:${config.port}`);
+  const llm = spec.analyzes && config.analyzers === "llm";
+  if (llm) {
+    const u = new URL(config.llmBaseUrl);
+    net.push(`${u.hostname}:${u.port || (u.protocol === "https:" ? 443 : 80)}`);
+  }
   const args = [
     "run",
     "--no-prompt",
     `--allow-net=${net.join(",")}`,
     `--allow-env=${ENV_PERMISSION}`,
   ];
-  if (spec.readsRules) args.push(`--allow-read=${config.rulesPath}`);
+  const read = [...(spec.readsRules ? [config.rulesPath] : []), ...(llm ? ["prompts"] : [])];
+  if (read.length > 0) args.push(`--allow-read=${read.join(",")}`);
   args.push(spec.entry);
   return args;
 }

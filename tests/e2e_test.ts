@@ -34,6 +34,9 @@ const REFERENCE = {
   ],
 } as const;
 
+/** The keyword analyzers and the reference ruleset: the seed decisions. */
+const REFERENCE_RULES = { WEFT_ANALYZERS: "rules", WEFT_RULES: "rules/reference.json" };
+
 function assertReference(s: FeedbackState, id: keyof typeof REFERENCE) {
   const [, sentiment, topics, team] = REFERENCE[id];
   assert.equal(s.status, "processed", id);
@@ -62,7 +65,7 @@ const post = (url: string, body: unknown) =>
   });
 
 Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the reference decisions", async (t) => {
-  const mesh = await startMesh({}, { keepStore: true });
+  const mesh = await startMesh(REFERENCE_RULES, { keepStore: true });
   let nc: NatsConnection | undefined;
   try {
     nc = await connectNats(mesh.natsUrl, "e2e");
@@ -145,7 +148,10 @@ Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the re
   });
 
   await t.step("a second start on the same store changes nothing and loses nothing", async () => {
-    await using again = await startMesh({}, { storeDir: mesh.storeDir, natsPort: mesh.natsPort });
+    await using again = await startMesh(REFERENCE_RULES, {
+      storeDir: mesh.storeDir,
+      natsPort: mesh.natsPort,
+    });
     const res = await fetch(`${again.gatewayUrl}/feedback/FB001`);
     assertReference(await res.json(), "FB001");
     const events = await readSse(await fetch(`${again.gatewayUrl}/feedback/FB001/events`));
@@ -153,16 +159,35 @@ Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the re
   });
 });
 
-Deno.test("with NATS_URL set, deno task start uses that server instead of starting one", async () => {
+Deno.test("with NATS_URL set, deno task start uses that server, and the default analyzers route sensibly", async () => {
   await using server = await startNatsServer();
   await using mesh = await startMesh({ NATS_URL: server.url });
   assert.ok(mesh.logs.some((l) => l.msg === "using the NATS server in NATS_URL"));
-  const res = await post(`${mesh.gatewayUrl}/feedback`, { id: "FB004", text: REFERENCE.FB004[0] });
-  assert.equal(res.status, 202);
-  await res.body?.cancel();
+  const cases = {
+    R1: [
+      "The app crashes with an error every time I open it. Terrible.",
+      "Urgent Technical Support",
+    ],
+    R2: ["Please add an option to export my data as CSV.", "Product Team"],
+    R3: ["Why was I charged twice on my last invoice?", "Billing"],
+    R4: ["You are all worthless idiots.", "Trust and Safety"],
+  } as const;
+  for (const [id, [text]] of Object.entries(cases)) {
+    const res = await post(`${mesh.gatewayUrl}/feedback`, { id, text });
+    assert.equal(res.status, 202);
+    await res.body?.cancel();
+  }
   const nc = await connectNats(server.url, "e2e");
   try {
-    assertReference(await kvState(nc, "FB004"), "FB004");
+    for (const [id, [, team]] of Object.entries(cases)) {
+      const s = await kvState(nc, id);
+      assert.equal(
+        s.routing?.team,
+        team,
+        `${id}: ${JSON.stringify(s.topics)} ${s.sentiment?.label}`,
+      );
+      assert.equal(s.sentiment?.analyzer, "embedded:sentiment");
+    }
   } finally {
     await nc.close();
   }

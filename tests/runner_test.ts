@@ -8,14 +8,14 @@ import { runStage } from "../src/runner.ts";
 import { createEvent } from "../src/events.ts";
 import { PermanentError } from "../src/errors.ts";
 import { nextEvent, type Stage } from "../src/stage.ts";
-import { loadRules } from "../src/rules.ts";
+import { feedbackAnalyzers } from "../src/feedback_analyzers.ts";
 import { sentimentStage } from "../src/stages/feedback.ts";
 import type { DeadLetter, FeedbackFailed } from "../src/events.gen.ts";
 import type { Config } from "../src/config.ts";
-import { startTestNats } from "./helpers/nats.ts";
+import { startTestNats, testConfig } from "./helpers/nats.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
-const rules = await loadRules("rules/feedback.json");
+const rules = await feedbackAnalyzers({ ...testConfig(""), analyzers: "rules" });
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const enc = new TextEncoder();
 

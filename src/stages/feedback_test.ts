@@ -6,12 +6,17 @@ import {
   sentimentStage,
   topicsStage,
 } from "./feedback.ts";
-import { loadRules } from "../rules.ts";
+import { feedbackAnalyzers } from "../feedback_analyzers.ts";
+import { loadConfig } from "../config.ts";
 import { createEvent } from "../events.ts";
 import type { StageContext } from "../stage.ts";
 import { validateEvent } from "../schemas.ts";
 
-const rules = await loadRules(new URL("../../rules/feedback.json", import.meta.url).pathname);
+const rules = await feedbackAnalyzers({
+  ...loadConfig({ env: () => undefined, args: [] }),
+  analyzers: "rules",
+  rulesPath: new URL("../../rules/reference.json", import.meta.url).pathname,
+});
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const ctx = (over: Partial<StageContext["message"]> = {}): StageContext => ({
   source: "test",
@@ -81,4 +86,32 @@ Deno.test("the topics and dispatch stages route FB001 to the Product Development
   assert.deepEqual(processed.data.routing, { team: "Product Development Team", rule: 1 });
   assert.equal(processed.data.sentiment.label, "positive");
   assert.notEqual(out[0]!.id, out[1]!.id);
+});
+
+Deno.test("the topics stage marks abusive text with the abuse topic and its categories", async () => {
+  const { toxicityAnalyzer } = await import("../analyzers/mod.ts");
+  const stage = topicsStage(rules.topics, toxicityAnalyzer());
+  const analyzed = createEvent({
+    type: "feedback.sentiment_analyzed",
+    itemId: "T1",
+    traceId: TRACE,
+    source: "test",
+    data: {
+      text: "You are a worthless idiot",
+      sentiment: { label: "negative", score: -0.9, analyzer: "x" },
+    },
+  });
+  const out = validateEvent((await stage.handle(analyzed, ctx()))[0], [
+    "feedback.topics_extracted",
+  ]);
+  assert.equal(out.data.topics.topics[0], "abuse");
+  assert.ok((out.data.topics.evidence.abuse ?? []).length > 0);
+  const clean = validateEvent(
+    (await stage.handle({
+      ...analyzed,
+      data: { ...analyzed.data, text: "kill the process and restart" },
+    }, ctx()))[0],
+    ["feedback.topics_extracted"],
+  );
+  assert.ok(!clean.data.topics.topics.includes("abuse"));
 });

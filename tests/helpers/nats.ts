@@ -22,11 +22,16 @@ export interface TestNats extends AsyncDisposable {
   lines: string[];
 }
 
-/** A test configuration: the defaults, fast retries, and `overrides`. */
+/**
+ * A test configuration: the defaults, fast retries, the reference ruleset (so decisions
+ * are the seed decisions), and `overrides`.
+ */
 export function testConfig(natsUrl: string, overrides: Partial<Config> = {}): Config {
   return {
     ...loadConfig({ env: () => undefined, args: [] }),
     natsUrl,
+    analyzers: "rules",
+    rulesPath: "rules/reference.json",
     retryBaseMs: 20,
     retryMaxMs: 200,
     stateFlushMs: 5,

@@ -6,7 +6,7 @@
  */
 import type { Hono } from "hono";
 import { runStage, type StageRunner } from "../../src/runner.ts";
-import { loadRules } from "../../src/rules.ts";
+import { feedbackAnalyzers } from "../../src/feedback_analyzers.ts";
 import {
   dispatchStage,
   ingestStage,
@@ -27,13 +27,13 @@ export interface Pipeline extends AsyncDisposable {
 
 /** Starts every stage, the state writer and the gateway app on `t`'s server. */
 export async function startPipeline(t: TestNats): Promise<Pipeline> {
-  const rules = await loadRules(t.config.rulesPath);
+  const rules = await feedbackAnalyzers(t.config);
   const deps = { nc: t.nc, config: t.config, log: t.log };
   const runners: (StageRunner | StateWriter)[] = [
     await runStateWriter(deps),
     await runStage({ ...deps, stage: ingestStage() }),
     await runStage({ ...deps, stage: sentimentStage(rules.sentiment) }),
-    await runStage({ ...deps, stage: topicsStage(rules.topics) }),
+    await runStage({ ...deps, stage: topicsStage(rules.topics, rules.toxicity) }),
     await runStage({ ...deps, stage: dispatchStage(rules.route) }),
   ];
   const intake = await createIntake(t.nc);
