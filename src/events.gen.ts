@@ -86,9 +86,63 @@ export interface FeedbackSentimentAnalyzed {
 }
 
 export interface Sentiment {
+  /**
+   * The class.
+   */
   label: "positive" | "negative" | "neutral";
+  /**
+   * Signed strength: below 0 leans negative, above 0 positive.
+   */
   score: number;
+  /**
+   * Which analyzer decided: rules, embedded:sentiment, llm:<model>.
+   */
   analyzer: string;
+  /**
+   * Tokens the LLM call used and its estimated cost (LLM analyzers only).
+   */
+  usage?: {
+    /**
+     * Input tokens.
+     */
+    prompt_tokens?: number;
+    /**
+     * Output tokens.
+     */
+    completion_tokens?: number;
+    /**
+     * All tokens.
+     */
+    total_tokens?: number;
+    /**
+     * Estimated cost in US dollars from the configured prices.
+     */
+    cost_usd?: number;
+  };
+  /**
+   * Version of the prompt template used (LLM analyzers only).
+   */
+  prompt_version?: string;
+  /**
+   * True when the LLM answer came from the cache.
+   */
+  cached?: boolean;
+  /**
+   * True when the LLM's first answer was invalid and the repair attempt fixed it.
+   */
+  repaired?: boolean;
+  /**
+   * Why the LLM analyzer was not used and the fallback decided (timeout, rate_limited, over_budget, ...).
+   */
+  fallback_reason?: string;
+  /**
+   * The analyzer that failed before the fallback decided.
+   */
+  fallback_from?: string;
+  /**
+   * The failure's message.
+   */
+  fallback_error?: string;
 }
 
 export interface FeedbackTopicsExtracted {
@@ -119,13 +173,66 @@ export interface FeedbackTopicsExtracted {
 
 export interface Topics {
   /**
+   * Labels from the taxonomy, most relevant first.
+   *
    * @minItems 1
    */
   topics: string[];
+  /**
+   * For each topic, the words or phrases that triggered it.
+   */
   evidence: {
     [k: string]: string[];
   };
+  /**
+   * Which analyzer decided.
+   */
   analyzer: string;
+  /**
+   * Tokens the LLM call used and its estimated cost (LLM analyzers only).
+   */
+  usage?: {
+    /**
+     * Input tokens.
+     */
+    prompt_tokens?: number;
+    /**
+     * Output tokens.
+     */
+    completion_tokens?: number;
+    /**
+     * All tokens.
+     */
+    total_tokens?: number;
+    /**
+     * Estimated cost in US dollars from the configured prices.
+     */
+    cost_usd?: number;
+  };
+  /**
+   * Version of the prompt template used (LLM analyzers only).
+   */
+  prompt_version?: string;
+  /**
+   * True when the LLM answer came from the cache.
+   */
+  cached?: boolean;
+  /**
+   * True when the LLM's first answer was invalid and the repair attempt fixed it.
+   */
+  repaired?: boolean;
+  /**
+   * Why the LLM analyzer was not used and the fallback decided (timeout, rate_limited, over_budget, ...).
+   */
+  fallback_reason?: string;
+  /**
+   * The analyzer that failed before the fallback decided.
+   */
+  fallback_from?: string;
+  /**
+   * The failure's message.
+   */
+  fallback_error?: string;
 }
 
 export interface FeedbackDispatched {
