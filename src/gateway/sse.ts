@@ -5,7 +5,7 @@
  * a slow client holds at most one small buffer and never the pipeline: its durable
  * consumers are untouched. A client that cannot take a frame within the write timeout is
  * dropped; it resumes with Last-Event-ID (event ids are stream sequences) and misses
- * nothing.
+ * nothing. When the stream ends, its server-side consumer is deleted.
  *
  * @module
  */
@@ -69,8 +69,9 @@ export function streamEvents(
       | Awaited<ReturnType<Awaited<ReturnType<typeof js.consumers.get>>["consume"]>>
       | undefined;
     let keepAlive: ReturnType<typeof setInterval> | undefined;
+    let consumer: Awaited<ReturnType<typeof js.consumers.get>> | undefined;
     try {
-      const consumer = await js.consumers.get(FEEDBACK_STREAM, {
+      consumer = await js.consumers.get(FEEDBACK_STREAM, {
         filter_subjects: sel.filter,
         ...(after !== undefined
           ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: after + 1 }
@@ -105,6 +106,9 @@ export function streamEvents(
     } finally {
       clearInterval(keepAlive);
       messages?.stop();
+      // nats.js leaves an ordered consumer on the server for 5 minutes after stop():
+      // delete it, or every reconnecting client would leave one behind.
+      await consumer?.delete().catch(() => {});
       opts.clients.close();
     }
   }, async (err, stream) => {
