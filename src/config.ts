@@ -65,6 +65,58 @@ export interface Config {
   natsMonitorPort: number;
   /** Supervisor: override the conf's JetStream store directory. `WEFT_NATS_STORE_DIR`. */
   natsStoreDir: string;
+  /**
+   * API keys by SHA-256 hash, with roles: JSON `[{"sha256":"<hex>","role":"reviewer","name":"alice"}]`.
+   * Empty: authentication is off (logged as a warning). `WEFT_API_KEYS`.
+   */
+  apiKeys: ApiKey[];
+  /** Largest accepted binary upload to POST /content, bytes. `WEFT_CONTENT_MAX_BYTES`. */
+  contentMaxBytes: number;
+  /** Path of the toxicity rules. `WEFT_TOXICITY_RULES`. */
+  toxicityRulesPath: string;
+  /** A flagged item not decided within this time is escalated, ms. `WEFT_REVIEW_SLA_MS`. */
+  reviewSlaMs: number;
+  /** An escalated item not decided within this time gets the default action, ms. `WEFT_ESCALATION_SLA_MS`. */
+  escalationSlaMs: number;
+  /** What happens to an item still undecided after escalation. `WEFT_SLA_DEFAULT_ACTION`. */
+  slaDefaultAction: "approve" | "reject";
+  /** A reviewer's claim lapses after this long, so another may take the item, ms. `WEFT_CLAIM_TTL_MS`. */
+  claimTtlMs: number;
+}
+
+/** The roles an API key can have. `admin` may do everything. */
+export const Role = { Ingest: "ingest", Reviewer: "reviewer", Admin: "admin" } as const;
+/** One of {@link Role}. */
+export type Role = typeof Role[keyof typeof Role];
+
+/** A configured API key: only its SHA-256 hash is known. */
+export interface ApiKey {
+  /** Lower-case hex SHA-256 of the key. */
+  sha256: string;
+  role: Role;
+  /** Who holds it: recorded as the reviewer or uploader. */
+  name: string;
+}
+
+/** Parses WEFT_API_KEYS; undefined when invalid. */
+export function parseApiKeys(raw: string): ApiKey[] | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(raw);
+  } catch {
+    return undefined;
+  }
+  if (!Array.isArray(value)) return undefined;
+  const roles = new Set<string>(Object.values(Role));
+  const keys: ApiKey[] = [];
+  for (const k of value) {
+    const { sha256, role, name } = (k ?? {}) as Record<string, unknown>;
+    if (typeof sha256 !== "string" || !/^[0-9a-fA-F]{64}$/.test(sha256)) return undefined;
+    if (typeof role !== "string" || !roles.has(role)) return undefined;
+    if (typeof name !== "string" || name.trim() === "" || name.length > 200) return undefined;
+    keys.push({ sha256: sha256.toLowerCase(), role: role as Role, name: name.trim() });
+  }
+  return keys;
 }
 
 interface Setting<K extends keyof Config> {
@@ -144,6 +196,28 @@ const SETTINGS: Setting<any>[] = [
   { key: "natsPort", env: "WEFT_NATS_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsMonitorPort", env: "WEFT_NATS_MONITOR_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsStoreDir", env: "WEFT_NATS_STORE_DIR", default: "", parse: str },
+  { key: "apiKeys", env: "WEFT_API_KEYS", default: [], parse: parseApiKeys, secret: true },
+  {
+    key: "contentMaxBytes",
+    env: "WEFT_CONTENT_MAX_BYTES",
+    default: 8 * 1024 * 1024,
+    parse: int(1024),
+  },
+  {
+    key: "toxicityRulesPath",
+    env: "WEFT_TOXICITY_RULES",
+    default: "rules/toxicity.json",
+    parse: str,
+  },
+  { key: "reviewSlaMs", env: "WEFT_REVIEW_SLA_MS", default: 3600_000, parse: int(100) },
+  { key: "escalationSlaMs", env: "WEFT_ESCALATION_SLA_MS", default: 4 * 3600_000, parse: int(100) },
+  {
+    key: "slaDefaultAction",
+    env: "WEFT_SLA_DEFAULT_ACTION",
+    default: "reject",
+    parse: (raw: string) => (raw === "approve" || raw === "reject" ? raw : undefined),
+  },
+  { key: "claimTtlMs", env: "WEFT_CLAIM_TTL_MS", default: 15 * 60_000, parse: int(1000) },
 ];
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */
@@ -205,7 +279,11 @@ export function describeConfig(config: Config): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (const s of SETTINGS) {
     const v = config[s.key as keyof Config];
-    out[s.key] = s.secret && typeof v === "string" ? maskUrlCredentials(v) : v;
+    out[s.key] = s.secret && typeof v === "string"
+      ? maskUrlCredentials(v)
+      : s.secret && Array.isArray(v)
+      ? `${v.length} configured (hashes not shown)`
+      : v;
   }
   return out;
 }

@@ -87,6 +87,10 @@ export interface EventMap {
 }
 /** Any Weft event. */
 export type AnyEvent = EventMap[keyof EventMap];
+/** Any event of the feedback pipeline. */
+export type FeedbackEvent = EventMap[Extract<keyof EventMap, `feedback.${string}`>];
+/** Any event of the content moderation pipeline. */
+export type ContentEvent = EventMap[Extract<keyof EventMap, `content.${string}`>];
 
 /** Documents that are not events but have schemas too. */
 export interface DocumentMap {

@@ -21,6 +21,8 @@ export interface ServiceSpec {
   entry: string;
   /** Reads the ruleset file. */
   readsRules?: boolean;
+  /** Reads the toxicity rules file. */
+  readsToxicityRules?: boolean;
   /** Listens on the gateway's host:port. */
   listens?: boolean;
 }
@@ -33,6 +35,11 @@ export const SERVICES: readonly ServiceSpec[] = [
   { name: "topics", entry: "services/topics.ts", readsRules: true },
   { name: "dispatch", entry: "services/dispatch.ts", readsRules: true },
   { name: "gateway", entry: "services/gateway.ts", listens: true },
+  { name: "content-state", entry: "services/content_state.ts" },
+  { name: "moderation", entry: "services/moderation.ts", readsToxicityRules: true },
+  { name: "review", entry: "services/review.ts" },
+  { name: "storage", entry: "services/storage.ts" },
+  { name: "scheduler", entry: "services/scheduler.ts" },
 ];
 
 /** host:port of each server in a NATS URL list, for `--allow-net`. */
@@ -54,6 +61,7 @@ export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
     `--allow-env=${ENV_NAMES.join(",")}`,
   ];
   if (spec.readsRules) args.push(`--allow-read=${config.rulesPath}`);
+  if (spec.readsToxicityRules) args.push(`--allow-read=${config.toxicityRulesPath}`);
   args.push(spec.entry);
   return args;
 }
