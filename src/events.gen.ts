@@ -707,7 +707,9 @@ export interface Schedule {
   /**
    * JSON value published as the message body.
    */
-  payload: {};
+  payload: {
+    [k: string]: unknown;
+  };
   at?: string;
   /**
    * Cron expression (5 or 6 fields, UTC).
