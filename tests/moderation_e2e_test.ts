@@ -226,7 +226,7 @@ Deno.test({
           (await nc.request(subject, JSON.stringify(body), {
             timeout: 5000,
             headers: key ? auth(key) : undefined,
-          })).json<Record<string, any>>();
+          })).json<Json>();
         const submitted = await ask("weft.content.submit", { text: `${TOXIC} clown` }, KEYS.ingest);
         const id = submitted.id as string;
         await waitForEvents(nc, id, has("content.review_requested"));
