@@ -66,6 +66,7 @@ Deno.test({
       NATS_URL: server.url,
       PORT: String(port),
       WEFT_API_KEYS: API_KEYS,
+      WEFT_CONTENT_MAX_BYTES: String(64 * 1024),
       WEFT_LOG_LEVEL: "info",
     });
     const nc = await connectNats(server.url, "test");
@@ -194,6 +195,55 @@ Deno.test({
           assert.equal(events.filter((e) => e.type === "content.decided").length, 1);
         },
       );
+
+      await t.step("binary uploads go to the object store and to human review", async () => {
+        const bytes = crypto.getRandomValues(new Uint8Array(40_000));
+        const res = await fetch(`${base}/content?meta.filename=photo.png`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${KEYS.ingest}`, "content-type": "image/png" },
+          body: bytes,
+        });
+        assert.equal(res.status, 202);
+        const body = await res.json();
+        const id = body.id as string;
+        assert.equal(body.links.object, `/content/${id}/object`);
+        const events = await waitForEvents(nc, id, has("content.review_requested"));
+        const uploaded = events.find((e) => e.type === "content.uploaded")!.event.data;
+        assert.deepEqual(uploaded.metadata, { filename: "photo.png" });
+        const moderated = events.find((e) => e.type === "content.moderated")!.event.data;
+        assert.deepEqual((moderated.moderation as Json).categories, ["unscreened"]);
+
+        const asUploader = await fetch(`${base}/content/${id}/object`, {
+          headers: { authorization: `Bearer ${KEYS.ingest}` },
+        });
+        assert.equal(asUploader.status, 404, "not visible before it is published");
+        await asUploader.body?.cancel();
+        const asReviewer = await fetch(`${base}/content/${id}/object`, {
+          headers: { authorization: `Bearer ${KEYS.alice}` },
+        });
+        assert.equal(asReviewer.status, 200);
+        assert.equal(asReviewer.headers.get("content-type"), "image/png");
+        assert.deepEqual(new Uint8Array(await asReviewer.arrayBuffer()), bytes);
+
+        await call("POST", `/reviews/${id}/decision`, KEYS.alice, {
+          decision: "approve",
+          reason: "a photo of the product",
+        });
+        await waitForState(call, id, "published");
+        const published = await fetch(`${base}/content/${id}/object`, {
+          headers: { authorization: `Bearer ${KEYS.ingest}` },
+        });
+        assert.equal(published.status, 200);
+        assert.deepEqual(new Uint8Array(await published.arrayBuffer()), bytes);
+
+        const tooBig = await fetch(`${base}/content`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${KEYS.ingest}`, "content-type": "image/png" },
+          body: new Uint8Array(64 * 1024 + 1),
+        });
+        assert.equal(tooBig.status, 413);
+        assert.equal((await tooBig.json()).code, "payload_too_large");
+      });
 
       await t.step("credentials: missing or unknown keys get 401, wrong roles 403", async () => {
         assert.equal((await call("POST", "/content", undefined, { text: SAFE })).status, 401);

@@ -181,14 +181,19 @@ export async function createModerationApi(deps: {
     return ack.duplicate;
   }
 
-  async function uploadedExists(id: string): Promise<boolean> {
+  /** The item as uploaded, from the stream: there before any state is written. */
+  async function uploaded(id: string): Promise<ContentItem | null> {
+    if (!ITEM_ID.test(id)) return null;
     try {
-      await jsm.streams.getMessage(CONTENT_STREAM, { last_by_subj: eventSubject(T.Uploaded, id) });
-      return true;
+      const m = await jsm.streams.getMessage(CONTENT_STREAM, {
+        last_by_subj: eventSubject(T.Uploaded, id),
+      });
+      return m ? m.json<{ data: ContentItem }>().data : null;
     } catch {
-      return false;
+      return null;
     }
   }
+  const uploadedExists = async (id: string) => (await uploaded(id)) !== null;
 
   async function stateOf(id: string): Promise<ContentState | null> {
     if (!ITEM_ID.test(id)) return null;
@@ -258,11 +263,10 @@ export async function createModerationApi(deps: {
       return ITEM_ID.test(id) && ((await stateOf(id)) !== null || await uploadedExists(id));
     },
     async object(id, who) {
-      const state = await stateOf(id);
-      const ref = state?.content?.object;
-      if (!state || !ref) throw new NotFoundError(`no binary content for ${JSON.stringify(id)}`);
+      const ref = (await uploaded(id))?.object;
+      if (!ref) throw new NotFoundError(`no binary content for ${JSON.stringify(id)}`);
       const reviewer = who.role === "reviewer" || who.role === "admin";
-      if (!reviewer && state.status !== "published") {
+      if (!reviewer && (await stateOf(id))?.status !== "published") {
         throw new NotFoundError(`content ${id} is not published`);
       }
       const data = await objects.getBlob(ref.name);
