@@ -68,7 +68,7 @@ export function applyContentEvent(
     : {
       id: event.item_id,
       status: "uploaded",
-      stage: key,
+      stage: "", // set below by the first event that has a step
       trace_id: event.trace_id,
       created_at: event.time,
       updated_at: event.time,

@@ -21,6 +21,11 @@ export interface ExplainedToxicity extends ToxicityResult {
   reasons: string[];
 }
 
+/** The rules analyzer: a {@link ToxicityAnalyzer} that answers at once, with reasons. */
+export interface RulesToxicityAnalyzer extends ToxicityAnalyzer {
+  analyze(text: string): ExplainedToxicity;
+}
+
 /** Checks a parsed rules file; a {@link ConfigError} naming the first problem. */
 export function parseToxicityRules(value: unknown): ToxicityRules {
   const v = value as Partial<ToxicityRules> | null;
@@ -56,9 +61,7 @@ function escape(term: string): string {
  * console.assert(!a.analyze("lovely day").flagged);
  * ```
  */
-export function toxicityRulesAnalyzer(
-  rules: ToxicityRules,
-): ToxicityAnalyzer & { analyze(text: string): ExplainedToxicity } {
+export function toxicityRulesAnalyzer(rules: ToxicityRules): RulesToxicityAnalyzer {
   const compiled = Object.entries(rules.categories).map(([name, c]) => ({
     name,
     weight: c.weight,
