@@ -39,6 +39,8 @@ const ORDER = [
   "content.state.v1.json",
   "review.decision.v1.json",
   "schedule.v1.json",
+  "digest.request.v1.json",
+  "digest.feedback_counts.v1.json",
 ];
 
 /** Returns the generated TypeScript source for every schema. */

@@ -82,6 +82,10 @@ export interface Config {
   slaDefaultAction: "approve" | "reject";
   /** A reviewer's claim lapses after this long, so another may take the item, ms. `WEFT_CLAIM_TTL_MS`. */
   claimTtlMs: number;
+  /** Cron expression (UTC) of the feedback digest; `off` disables it. `WEFT_DIGEST_CRON`. */
+  digestCron: string;
+  /** How far back a feedback digest counts, ms. `WEFT_DIGEST_WINDOW_MS`. */
+  digestWindowMs: number;
 }
 
 /** The roles an API key can have. `admin` may do everything. */
@@ -218,6 +222,8 @@ const SETTINGS: Setting<any>[] = [
     parse: (raw: string) => (raw === "approve" || raw === "reject" ? raw : undefined),
   },
   { key: "claimTtlMs", env: "WEFT_CLAIM_TTL_MS", default: 15 * 60_000, parse: int(1000) },
+  { key: "digestCron", env: "WEFT_DIGEST_CRON", default: "0 * * * *", parse: str },
+  { key: "digestWindowMs", env: "WEFT_DIGEST_WINDOW_MS", default: 3600_000, parse: int(1000) },
 ];
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */

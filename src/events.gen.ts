@@ -717,3 +717,43 @@ export interface Schedule {
   cron?: string;
   description?: string;
 }
+
+export interface DigestRequest {
+  /**
+   * The digest covers this long before the request; defaults to WEFT_DIGEST_WINDOW_MS.
+   */
+  window_ms?: number;
+}
+
+export interface DigestFeedbackCounts {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "digest.feedback_counts";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    window_start: string;
+    window_end: string;
+    total: number;
+    /**
+     * Dispatched items per team.
+     */
+    teams: {
+      [k: string]: number;
+    };
+  };
+}

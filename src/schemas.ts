@@ -38,6 +38,10 @@ import contentFailed from "../schemas/content.failed.v1.json" with { type: "json
 import contentState from "../schemas/content.state.v1.json" with { type: "json" };
 import reviewDecision from "../schemas/review.decision.v1.json" with { type: "json" };
 import schedule from "../schemas/schedule.v1.json" with { type: "json" };
+import digestRequest from "../schemas/digest.request.v1.json" with { type: "json" };
+import digestFeedbackCounts from "../schemas/digest.feedback_counts.v1.json" with {
+  type: "json",
+};
 import type {
   ContentArchived,
   ContentDecided,
@@ -52,6 +56,8 @@ import type {
   ContentSubmission,
   ContentUploaded,
   DeadLetter,
+  DigestFeedbackCounts,
+  DigestRequest,
   FeedbackBatchSubmission,
   FeedbackDispatched,
   FeedbackFailed,
@@ -84,6 +90,7 @@ export interface EventMap {
   "content.published": ContentPublished;
   "content.archived": ContentArchived;
   "content.failed": ContentFailed;
+  "digest.feedback_counts": DigestFeedbackCounts;
 }
 /** Any Weft event. */
 export type AnyEvent = EventMap[keyof EventMap];
@@ -103,6 +110,7 @@ export interface DocumentMap {
   "content.state": ContentState;
   "review.decision": ReviewDecisionRequest;
   "schedule": Schedule;
+  "digest.request": DigestRequest;
 }
 
 // ajv-formats is CommonJS; its default export arrives wrapped under Deno's npm interop.
@@ -130,6 +138,7 @@ const eventSchemas: Record<keyof EventMap, object> = {
   "content.published": contentPublished,
   "content.archived": contentArchived,
   "content.failed": contentFailed,
+  "digest.feedback_counts": digestFeedbackCounts,
 };
 const documentSchemas: Record<keyof DocumentMap, object> = {
   "feedback.submit": submit,
@@ -141,6 +150,7 @@ const documentSchemas: Record<keyof DocumentMap, object> = {
   "content.state": contentState,
   "review.decision": reviewDecision,
   "schedule": schedule,
+  "digest.request": digestRequest,
 };
 ajv.addSchema(submit);
 

@@ -125,3 +125,10 @@ export const CONTENT_FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
 export function contentEventsFilter(itemId: string): string {
   return `content.*.${itemId}`;
 }
+
+/** The JetStream stream of digests and their requests (`digest.>`). */
+export const DIGEST_STREAM = "DIGEST";
+/** Where a feedback digest is requested (the recurring schedule publishes here). */
+export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
+/** The id of the recurring schedule that requests the feedback digest. */
+export const DIGEST_SCHEDULE_ID = "feedback-digest";

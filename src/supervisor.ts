@@ -40,6 +40,7 @@ export const SERVICES: readonly ServiceSpec[] = [
   { name: "review", entry: "services/review.ts" },
   { name: "storage", entry: "services/storage.ts" },
   { name: "scheduler", entry: "services/scheduler.ts" },
+  { name: "digest", entry: "services/digest.ts" },
 ];
 
 /** host:port of each server in a NATS URL list, for `--allow-net`. */
