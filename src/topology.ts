@@ -197,6 +197,8 @@ export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig):
   await kvm.create(REVIEW_BUCKET, {
     history: 1,
     description: "Weft: the human review queue (compare-and-set claims and decisions)",
+    // Decided entries stay (a second decision must find them) until retention ends.
+    ttl: config.retentionMs,
     storage: StorageType.File,
   });
   await kvm.create(SCHEDULE_BUCKET, {

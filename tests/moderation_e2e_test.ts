@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
+import { jetstream } from "@nats-io/jetstream";
 import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { hashKey } from "../src/gateway/auth.ts";
@@ -244,6 +245,21 @@ Deno.test({
         assert.equal(tooBig.status, 413);
         assert.equal((await tooBig.json()).code, "payload_too_large");
       });
+
+      await t.step(
+        "a bad upload event on the bus is dead-lettered and ends the item as failed",
+        async () => {
+          const bad = { id: "x1", type: "content.uploaded", version: 1, item_id: "bad_item_1" };
+          await jetstream(nc).publish("content.uploaded.bad_item_1", JSON.stringify(bad));
+          const events = await waitForEvents(nc, "bad_item_1", has("content.failed"));
+          const failed = events.find((e) => e.type === "content.failed")!.event.data;
+          assert.equal(failed.stage, "moderation");
+          assert.equal(failed.code, "invalid_event");
+          assert.equal(failed.dead_letter_subject, "deadletter.moderation.bad_item_1");
+          const state = await waitForState(call, "bad_item_1", "failed");
+          assert.equal(state.error.code, "invalid_event");
+        },
+      );
 
       await t.step("credentials: missing or unknown keys get 401, wrong roles 403", async () => {
         assert.equal((await call("POST", "/content", undefined, { text: SAFE })).status, 401);

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { loadToxicityRules, toxicityRulesAnalyzer } from "../src/analyzers/toxicity_rules.ts";
-import { parseApiKeys } from "../src/config.ts";
+import { describeConfig, loadConfig, parseApiKeys } from "../src/config.ts";
 import { applyContentEvent } from "../src/content_state.ts";
 import { ConflictError, ValidationError, WeftError } from "../src/errors.ts";
 import { createEvent } from "../src/events.ts";
@@ -205,4 +205,18 @@ Deno.test("parseApiKeys accepts hashes with roles and refuses anything else", ()
     undefined,
   );
   assert.equal(parseApiKeys("not json"), undefined);
+});
+
+Deno.test("describeConfig never prints API key hashes", () => {
+  const hash = hashKey("top-secret");
+  const config = loadConfig({
+    env: (k) =>
+      k === "WEFT_API_KEYS"
+        ? JSON.stringify([{ sha256: hash, role: "admin", name: "root" }])
+        : undefined,
+    args: [],
+  });
+  const printed = JSON.stringify(describeConfig(config));
+  assert.ok(!printed.includes(hash));
+  assert.match(printed, /1 configured/);
 });

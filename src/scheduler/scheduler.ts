@@ -58,6 +58,7 @@ export async function runScheduler(opts: {
   const log = opts.log.with({ stage: "scheduler" });
   const now = opts.now ?? (() => new Date());
   const takeoverMs = opts.takeoverMs ?? 30_000;
+  const retryMs = 1000;
   const js = jetstream(nc);
   const kvm = new Kvm(nc);
   const schedules: KV = await kvm.open(SCHEDULE_BUCKET);
@@ -80,8 +81,11 @@ export async function runScheduler(opts: {
     const timer = setTimeout(() => {
       timers.delete(id);
       if (Date.parse(due) > now().getTime()) return arm(id, due); // long delays are clamped
-      const p = fire(id, due).catch((err) => log.error("firing failed", { schedule: id, err }))
-        .finally(() => inFlight.delete(p));
+      const p = fire(id, due).catch((err) => {
+        // NATS unavailable or the like: try again shortly unless the schedule changed.
+        log.error("firing failed; retrying", { schedule: id, err });
+        if (!timers.has(id)) arm(id, due, retryMs);
+      }).finally(() => inFlight.delete(p));
       inFlight.add(p);
     }, Math.min(delay, MAX_TIMER_MS));
     timers.set(id, { due, timer });

@@ -239,8 +239,12 @@ export function reviewSlaStage(
     ...content,
     async handle(event, ctx) {
       const entry = await queue.get(event.item_id);
-      if (!entry || entry.status === ReviewStatus.Decided && !entry.decision?.automatic) {
-        return []; // decided by a human in time (or unknown): nothing to do
+      if (!entry) return [];
+      if (entry.status === ReviewStatus.Decided && !entry.decision?.automatic) {
+        // Decided by a human in time. Its SLA should have been cancelled; that it fired
+        // means the decision's publish or the cancel may have failed, so publish the
+        // decision again: same event id, so JetStream drops it if it was published.
+        return [decidedEvent(entry, decidedEventId(entry.id), ctx.source, ctx.now())];
       }
       if (event.data.level === 1) {
         if (entry.status === ReviewStatus.Decided) return [];
