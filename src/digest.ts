@@ -13,7 +13,9 @@ import { DIGEST_REQUEST_SUBJECT, DIGEST_STREAM, FEEDBACK_STREAM, typeFilter } fr
 
 /** Dispatched items per team in a window. */
 export interface TeamCounts {
+  /** Items dispatched in the window. */
   total: number;
+  /** Items per team. */
   teams: Record<string, number>;
 }
 

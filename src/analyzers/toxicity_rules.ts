@@ -13,16 +13,19 @@ import { ConfigError } from "../errors.ts";
 export interface ToxicityRules {
   /** Score at or above which a text is flagged, in (0, 1]. */
   threshold: number;
+  /** Per category: its weight in the score and its terms (words or phrases). */
   categories: Record<string, { weight: number; terms: string[] }>;
 }
 
 /** A toxicity result with the human-readable reasons reviewers see. */
 export interface ExplainedToxicity extends ToxicityResult {
+  /** Human-readable reasons, e.g. `insult: "idiot"`. */
   reasons: string[];
 }
 
 /** The rules analyzer: a {@link ToxicityAnalyzer} that answers at once, with reasons. */
 export interface RulesToxicityAnalyzer extends ToxicityAnalyzer {
+  /** Analyzes one text, synchronously. */
   analyze(text: string): ExplainedToxicity;
 }
 

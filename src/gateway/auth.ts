@@ -20,7 +20,9 @@ import { ErrorCode, WeftError } from "../errors.ts";
 
 /** Who is calling. */
 export interface Principal {
+  /** The key's holder: recorded as reviewer or uploader. */
   name: string;
+  /** What the key may do. */
   role: Role;
 }
 

@@ -50,8 +50,11 @@ import {
 
 /** The answer to an accepted upload. */
 export interface ContentAccepted {
+  /** The item's id. */
   id: string;
+  /** Always `accepted`: moderation runs asynchronously. */
   status: "accepted";
+  /** Where to read the item's state, events and binary object. */
   links: { state: string; events: string; object?: string };
 }
 
@@ -63,11 +66,13 @@ export type ContentView = Omit<ContentState, "content" | "stages"> & {
 
 /** The moderation API. */
 export interface ModerationApi {
+  /** Accepts a text submission. */
   submitText(
     s: ContentSubmission,
     who: Principal,
     trace?: TraceContext | null,
   ): Promise<{ body: ContentAccepted; replayed: boolean }>;
+  /** Accepts a binary upload into the object store. */
   submitObject(
     body: ReadableStream<Uint8Array>,
     meta: { contentType: string; metadata?: Record<string, string> },
@@ -80,16 +85,23 @@ export interface ModerationApi {
   exists(id: string): Promise<boolean>;
   /** The bytes of a binary upload: to reviewers always, to others once published. */
   object(id: string, who: Principal): Promise<{ data: Uint8Array; contentType: string }>;
+  /** Queue entries with `status`, oldest first. */
   listReviews(status: ReviewStatus): Promise<ReviewEntry[]>;
+  /** One queue entry; a {@link NotFoundError} when unknown. */
   getReview(id: string): Promise<ReviewEntry>;
+  /** Claims an item for the caller (or, auth off, the named reviewer). */
   claim(id: string, who: Principal, reviewer?: string): Promise<ReviewEntry>;
+  /** Decides an item and publishes the decision. */
   decide(
     id: string,
     req: ReviewDecisionRequest,
     who: Principal,
   ): Promise<{ entry: ReviewEntry; replayed: boolean }>;
+  /** The schedules, for /schedules and weft.schedules.*. */
   readonly schedules: ScheduleStore;
+  /** JetStream client (SSE reads the CONTENT stream through it). */
   readonly js: JetStreamClient;
+  /** JetStream manager. */
   readonly jsm: JetStreamManager;
 }
 

@@ -25,9 +25,13 @@ export type ReviewStatus = typeof ReviewStatus[keyof typeof ReviewStatus];
 
 /** A human decision. */
 export interface Decision {
+  /** Approve publishes, reject archives. */
   decision: "approve" | "reject";
+  /** Why, for the record. */
   reason: string;
+  /** Who decided: a key's name, or `weft-sla`. */
   reviewer: string;
+  /** When, ISO 8601. */
   decided_at: string;
   /** True when the SLA default action decided. */
   automatic: boolean;
@@ -35,17 +39,25 @@ export interface Decision {
 
 /** One item under review. */
 export interface ReviewEntry {
+  /** The item id. */
   id: string;
+  /** Where the item is in the queue. */
   status: ReviewStatus;
+  /** The item's trace id. */
   trace_id: string;
+  /** When the item entered the queue (its moderation time). */
   queued_at: string;
   /** When the current SLA step ends (review, then escalation). */
   due_at?: string;
   /** 0 while in the review SLA, 1 once escalated. */
   escalation_level: number;
+  /** The content under review. */
   content: ContentItem;
+  /** What automatic moderation found, with reasons. */
   moderation: Moderation;
+  /** The reviewer holding the item, until `expires_at`. */
   claim?: { reviewer: string; claimed_at: string; expires_at: string };
+  /** The decision, once decided. */
   decision?: Decision;
 }
 
@@ -125,15 +137,19 @@ export function escalateReview(entry: ReviewEntry, dueAt: Date): ReviewEntry | n
 export interface ReviewQueue {
   /** Adds an item; an existing entry is kept and returned (redeliveries). */
   enqueue(entry: ReviewEntry): Promise<ReviewEntry>;
+  /** One entry; null when unknown. */
   get(id: string): Promise<ReviewEntry | null>;
   /** Entries with `status`, oldest first. */
   list(status?: ReviewStatus): Promise<ReviewEntry[]>;
+  /** Claims an item; a {@link ConflictError} when someone else holds it or it is decided. */
   claim(id: string, reviewer: string, now: Date): Promise<ReviewEntry>;
+  /** Decides an item; see {@link decideReview}. */
   decide(
     id: string,
     d: Omit<Decision, "decided_at">,
     now: Date,
   ): Promise<{ entry: ReviewEntry; replayed: boolean }>;
+  /** Moves a pending item to the escalation queue; null when it is not pending. */
   escalate(id: string, dueAt: Date): Promise<ReviewEntry | null>;
 }
 

@@ -23,8 +23,11 @@ import { afterFiring, readSchedule, type ScheduleEntry } from "./store.ts";
 
 /** A running scheduler replica. */
 export interface Scheduler {
+  /** Firings published, firings another replica held, stale leases taken over. */
   readonly stats: { fired: number; lost: number; takeovers: number };
+  /** Stops watching and waits for firings in flight. */
   stop(): Promise<void>;
+  /** Resolves when the replica stopped. */
   readonly done: Promise<void>;
 }
 

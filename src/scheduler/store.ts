@@ -15,18 +15,27 @@ import { validateDocument } from "../schemas.ts";
 
 /** A stored schedule. */
 export interface ScheduleEntry {
+  /** Schedule id (`sla-1-<item>`, `feedback-digest`, or a ULID). */
   id: string;
+  /** Subject the payload is published on. */
   subject: string;
+  /** The JSON body published. */
   payload: Record<string, unknown>;
+  /** One-shot: fire once at this time. */
   at?: string;
+  /** Recurring: fire on every tick (UTC). */
   cron?: string;
+  /** What it is for. */
   description?: string;
   /** `done`: a one-shot schedule that fired. */
   status: "active" | "done";
   /** The next firing time; null once done. */
   next_at: string | null;
+  /** When it was created. */
   created_at: string;
+  /** How many times it fired. */
   fired: number;
+  /** When it last fired. */
   last_fired_at?: string;
 }
 
@@ -95,7 +104,9 @@ export function afterFiring(entry: ScheduleEntry, firedAt: Date, now: Date): Sch
 export interface ScheduleStore {
   /** Creates a schedule; the same definition again answers the existing one. */
   create(def: Schedule): Promise<ScheduleEntry>;
+  /** One schedule; a {@link NotFoundError} when unknown. */
   get(id: string): Promise<ScheduleEntry>;
+  /** Every schedule, soonest first. */
   list(): Promise<ScheduleEntry[]>;
   /** Cancels (deletes) a schedule; false when there was none. */
   cancel(id: string): Promise<boolean>;

@@ -120,8 +120,11 @@ export function storageDecidedStage(): Stage<
 
 /** SLA timing the review stages need. */
 export interface SlaConfig {
+  /** Undecided this long after queueing: escalate, ms. */
   reviewSlaMs: number;
+  /** Still undecided this long after escalation: default action, ms. */
   escalationSlaMs: number;
+  /** The default action. */
   slaDefaultAction: "approve" | "reject";
 }
 
