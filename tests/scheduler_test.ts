@@ -11,7 +11,9 @@ import { loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
 import { startNatsServer } from "../src/nats_server.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
-import { SCHEDULE_BUCKET } from "../src/subjects.ts";
+import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET } from "../src/subjects.ts";
+import { leaseKey, runScheduler } from "../src/scheduler/scheduler.ts";
+import { createLogger } from "../src/log.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/mesh.ts";
 /** Collects the firings seen on a core subscription (every publish, before dedupe). */
@@ -123,6 +125,46 @@ Deno.test({
         assert.equal(seen.seen.filter((f) => f.schedule === "cancelled").length, 0);
       });
       seen.stop();
+    } finally {
+      await nc.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "a scheduler replica takes over a firing whose lease holder died before advancing it",
+  sanitizeOps: true,
+  sanitizeResources: true,
+  async fn() {
+    await using server = await startNatsServer();
+    const nc = await connectNats(server.url, "test");
+    try {
+      const jsm = await jetstreamManager(nc);
+      await ensureTopology(nc, jsm, loadConfig({ env: () => undefined, args: [] }));
+      await jsm.streams.add({ name: "TICKS", subjects: ["ticks.>"] });
+      const kvm = new Kvm(nc);
+      const store = createScheduleStore(await kvm.open(SCHEDULE_BUCKET));
+      const at = new Date(Date.now() - 1000).toISOString();
+      await store.create({ id: "orphan", subject: "ticks.orphan", payload: {}, at });
+      // A replica took the lease and died: no publish, schedule not advanced.
+      const leases = await kvm.open(SCHEDULE_LEASE_BUCKET);
+      await leases.create(leaseKey("orphan", Date.parse(at)), JSON.stringify({ replica: "dead" }));
+      const seen = firings(nc, "ticks.>");
+      const scheduler = await runScheduler({
+        nc,
+        log: createLogger("test", "error"),
+        replica: "r1",
+        takeoverMs: 300,
+      });
+      try {
+        await seen.until(() => seen.seen.length > 0, 5000);
+        assert.equal(scheduler.stats.takeovers, 1);
+        assert.ok(scheduler.stats.lost >= 1, "it first waited for the lease holder");
+        assert.deepEqual(seen.seen.map((f) => f.schedule), ["orphan"]);
+      } finally {
+        seen.stop();
+        await scheduler.stop();
+      }
     } finally {
       await nc.close();
     }
