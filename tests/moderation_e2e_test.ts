@@ -261,6 +261,54 @@ Deno.test({
         },
       );
 
+      await t.step(
+        "schedules are created, listed, fired and cancelled over HTTP and NATS",
+        async () => {
+          const fired = nc.subscribe("digest.request.feedback", { max: 1, timeout: 5000 });
+          const at = new Date(Date.now() + 300).toISOString();
+          const created = await call("POST", "/schedules", KEYS.admin, {
+            id: "soon",
+            subject: "digest.request.feedback",
+            payload: { window_ms: 60_000 },
+            at,
+          });
+          assert.equal(created.status, 201);
+          assert.equal(created.body.next_at, at);
+          const bad = await call("POST", "/schedules", KEYS.admin, {
+            subject: "digest.request.feedback",
+            payload: {},
+            cron: "every tuesday",
+          });
+          assert.equal(bad.status, 422);
+          assert.equal(bad.body.field, "/cron");
+          for await (const m of fired) {
+            assert.deepEqual(m.json(), { window_ms: 60_000 });
+            assert.equal(m.headers?.get("Weft-Schedule-Id"), "soon");
+          }
+
+          const h = headers();
+          h.set("Authorization", `Bearer ${KEYS.admin}`);
+          const ask = async (subject: string, body: string) =>
+            (await nc.request(subject, body, { timeout: 5000, headers: h })).json<Json>();
+          const viaNats = await ask(
+            "weft.schedules.create",
+            JSON.stringify({
+              id: "nightly",
+              subject: "digest.request.feedback",
+              payload: {},
+              cron: "0 3 * * *",
+            }),
+          );
+          assert.equal(viaNats.cron, "0 3 * * *");
+          const listed = await ask("weft.schedules.list", "");
+          assert.ok(listed.items.some((e: Json) => e.id === "nightly"));
+          assert.equal((await ask("weft.schedules.get", "soon")).status, "done");
+          assert.deepEqual(await ask("weft.schedules.cancel", "nightly"), { cancelled: true });
+          assert.equal((await call("GET", "/schedules/nightly", KEYS.admin)).status, 404);
+          assert.equal((await call("DELETE", "/schedules/soon", KEYS.admin)).status, 204);
+        },
+      );
+
       await t.step("credentials: missing or unknown keys get 401, wrong roles 403", async () => {
         assert.equal((await call("POST", "/content", undefined, { text: SAFE })).status, 401);
         const unknown = await call("POST", "/content", "not-a-configured-key", { text: SAFE });
