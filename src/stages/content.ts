@@ -159,6 +159,10 @@ async function scheduleSla(
     payload: slaExpiredEvent(entry, level, dueAt, source) as unknown as Record<string, unknown>,
     at: dueAt,
     description: `review SLA level ${level} of ${entry.id}`,
+  }).catch((err) => {
+    // The deadline exists with another time (the SLA setting changed between deliveries):
+    // the first deadline stands; failing the item for it would be worse.
+    if (!(err instanceof ConflictError)) throw err;
   });
 }
 
