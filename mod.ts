@@ -66,8 +66,8 @@ export type { StateWriter } from "./src/state_writer.ts";
 export type * from "./src/analysis.ts";
 export { compileRules, loadRules } from "./src/rules.ts";
 export type { CompiledRules, Router } from "./src/rules.ts";
-export { feedbackAnalyzers } from "./src/feedback_analyzers.ts";
-export type { FeedbackAnalyzers } from "./src/feedback_analyzers.ts";
+export { feedbackAnalyzers } from "./src/configured_analyzers.ts";
+export type { FeedbackAnalyzers } from "./src/configured_analyzers.ts";
 export { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./src/analyzers/mod.ts";
 
 // Gateway

@@ -7,13 +7,27 @@
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
+import { createAuth } from "../src/gateway/auth.ts";
+import { serveModerationRequests } from "../src/gateway/moderation_requests.ts";
+import { createModerationApi } from "../src/moderation/api.ts";
 import { runService } from "../src/service.ts";
 
 if (import.meta.main) {
   await runService("gateway", async ({ nc, config, log }) => {
     const intake = await createIntake(nc);
-    const app = createApp({ nc, intake, config, log });
+    const auth = createAuth(config.apiKeys);
+    if (!auth.enabled) {
+      log.warn("authentication is OFF: no WEFT_API_KEYS configured; every caller is admin");
+    }
+    const moderation = await createModerationApi({
+      nc,
+      config,
+      log,
+      authEnabled: auth.enabled,
+    });
+    const app = createApp({ nc, intake, config, log, auth, moderation });
     const requests = serveRequests(nc, intake, log);
+    const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
     const server = Deno.serve({
       hostname: config.host,
       port: config.port,
@@ -24,6 +38,7 @@ if (import.meta.main) {
       done: server.finished,
       async stop() {
         requests.stop();
+        moderationRequests.stop();
         await server.shutdown();
       },
     };

@@ -3,7 +3,7 @@
  *
  * @module
  */
-import { feedbackAnalyzers } from "../src/feedback_analyzers.ts";
+import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { runStageService } from "../src/service.ts";
 import { sentimentStage } from "../src/stages/feedback.ts";
 

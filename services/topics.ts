@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { feedbackAnalyzers } from "../src/feedback_analyzers.ts";
+import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { runStageService } from "../src/service.ts";
 import { topicsStage } from "../src/stages/feedback.ts";
 

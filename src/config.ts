@@ -94,6 +94,60 @@ export interface Config {
    * root. `WEFT_NATS_DIR`.
    */
   natsDir: string;
+  /**
+   * API keys by SHA-256 hash, with roles: JSON `[{"sha256":"<hex>","role":"reviewer","name":"alice"}]`.
+   * Empty: authentication is off (logged as a warning). `WEFT_API_KEYS`.
+   */
+  apiKeys: ApiKey[];
+  /** Largest accepted binary upload to POST /content, bytes. `WEFT_CONTENT_MAX_BYTES`. */
+  contentMaxBytes: number;
+  /** A flagged item not decided within this time is escalated, ms. `WEFT_REVIEW_SLA_MS`. */
+  reviewSlaMs: number;
+  /** An escalated item not decided within this time gets the default action, ms. `WEFT_ESCALATION_SLA_MS`. */
+  escalationSlaMs: number;
+  /** What happens to an item still undecided after escalation. `WEFT_SLA_DEFAULT_ACTION`. */
+  slaDefaultAction: "approve" | "reject";
+  /** A reviewer's claim lapses after this long, so another may take the item, ms. `WEFT_CLAIM_TTL_MS`. */
+  claimTtlMs: number;
+  /** Cron expression (UTC) of the feedback digest; `off` disables it. `WEFT_DIGEST_CRON`. */
+  digestCron: string;
+  /** How far back a feedback digest counts, ms. `WEFT_DIGEST_WINDOW_MS`. */
+  digestWindowMs: number;
+}
+
+/** The roles an API key can have. `admin` may do everything. */
+export const Role = { Ingest: "ingest", Reviewer: "reviewer", Admin: "admin" } as const;
+/** One of {@link Role}. */
+export type Role = typeof Role[keyof typeof Role];
+
+/** A configured API key: only its SHA-256 hash is known. */
+export interface ApiKey {
+  /** Lower-case hex SHA-256 of the key. */
+  sha256: string;
+  role: Role;
+  /** Who holds it: recorded as the reviewer or uploader. */
+  name: string;
+}
+
+/** Parses WEFT_API_KEYS; undefined when invalid. */
+export function parseApiKeys(raw: string): ApiKey[] | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(raw);
+  } catch {
+    return undefined;
+  }
+  if (!Array.isArray(value)) return undefined;
+  const roles = new Set<string>(Object.values(Role));
+  const keys: ApiKey[] = [];
+  for (const k of value) {
+    const { sha256, role, name } = (k ?? {}) as Record<string, unknown>;
+    if (typeof sha256 !== "string" || !/^[0-9a-fA-F]{64}$/.test(sha256)) return undefined;
+    if (typeof role !== "string" || !roles.has(role)) return undefined;
+    if (typeof name !== "string" || name.trim() === "" || name.length > 200) return undefined;
+    keys.push({ sha256: sha256.toLowerCase(), role: role as Role, name: name.trim() });
+  }
+  return keys;
 }
 
 interface Setting<K extends keyof Config> {
@@ -190,6 +244,24 @@ const SETTINGS: Setting<any>[] = [
   { key: "natsPort", env: "WEFT_NATS_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsMonitorPort", env: "WEFT_NATS_MONITOR_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsDir", env: "WEFT_NATS_DIR", default: "", parse: str },
+  { key: "apiKeys", env: "WEFT_API_KEYS", default: [], parse: parseApiKeys, secret: true },
+  {
+    key: "contentMaxBytes",
+    env: "WEFT_CONTENT_MAX_BYTES",
+    default: 8 * 1024 * 1024,
+    parse: int(1024),
+  },
+  { key: "reviewSlaMs", env: "WEFT_REVIEW_SLA_MS", default: 3600_000, parse: int(100) },
+  { key: "escalationSlaMs", env: "WEFT_ESCALATION_SLA_MS", default: 4 * 3600_000, parse: int(100) },
+  {
+    key: "slaDefaultAction",
+    env: "WEFT_SLA_DEFAULT_ACTION",
+    default: "reject",
+    parse: (raw: string) => (raw === "approve" || raw === "reject" ? raw : undefined),
+  },
+  { key: "claimTtlMs", env: "WEFT_CLAIM_TTL_MS", default: 15 * 60_000, parse: int(1000) },
+  { key: "digestCron", env: "WEFT_DIGEST_CRON", default: "0 * * * *", parse: str },
+  { key: "digestWindowMs", env: "WEFT_DIGEST_WINDOW_MS", default: 3600_000, parse: int(1000) },
 ];
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */
@@ -265,6 +337,8 @@ export function describeConfig(config: Config): Record<string, unknown> {
     const v = config[s.key as keyof Config];
     out[s.key] = s.secret && typeof v === "string"
       ? (s.key === "natsUrl" ? maskUrlCredentials(v) : v ? "***" : "")
+      : s.secret && Array.isArray(v)
+      ? `${v.length} configured (hashes not shown)`
       : v;
   }
   return out;

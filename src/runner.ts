@@ -152,6 +152,8 @@ export interface DeadLetterContext {
   source: string;
   now: () => Date;
   log: Logger;
+  /** The failure event published for the item; defaults to `feedback.failed`. */
+  failedType?: "feedback.failed" | "content.failed";
 }
 
 /**
@@ -193,9 +195,10 @@ export async function deadLetter(
     msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
   });
   if (itemId) {
+    const failedType = ctx.failedType ?? FeedbackEventType.Failed;
     const failed = createEvent({
-      type: FeedbackEventType.Failed,
-      id: deterministicId(itemId, FeedbackEventType.Failed, String(m.seq)),
+      type: failedType,
+      id: deterministicId(itemId, failedType, String(m.seq)),
       itemId,
       traceId: traceIdOf(raw, trace) ?? childContext().traceId,
       source: ctx.source,
@@ -239,8 +242,9 @@ export async function runStage<I extends StageInput>(
   const log = opts.log.with({ stage: stage.name });
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
-  await ensureConsumer(jsm, FEEDBACK_STREAM, stageConsumerConfig(stage, config));
-  const consumer = await js.consumers.get(FEEDBACK_STREAM, stage.name);
+  const stream = stage.stream ?? FEEDBACK_STREAM;
+  await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config));
+  const consumer = await js.consumers.get(stream, stage.name);
   const messages: ConsumerMessages = await consumer.consume({
     max_messages: Math.max(config.concurrency * 2, 16),
   });
@@ -255,7 +259,14 @@ export async function runStage<I extends StageInput>(
   const abort = new AbortController();
   const inFlight = new Set<Promise<void>>();
   let wake: (() => void) | undefined;
-  const dlContext: DeadLetterContext = { js, stage: stage.name, source, now, log };
+  const dlContext: DeadLetterContext = {
+    js,
+    stage: stage.name,
+    source,
+    now,
+    log,
+    failedType: stage.failedType,
+  };
 
   (async () => {
     for await (const s of messages.status()) {

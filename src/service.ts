@@ -85,3 +85,21 @@ export function runStageService<I extends StageInput>(
     return runStage({ ...ctx, stage });
   });
 }
+
+/**
+ * Several runnables as one: stops them all together, and is done when any one stops
+ * (a service whose consumer ended should exit and be restarted whole).
+ *
+ * @example
+ * ```ts ignore
+ * return combineRunnables([await runStage({ ...ctx, stage: a }), await runStage({ ...ctx, stage: b })]);
+ * ```
+ */
+export function combineRunnables(parts: Runnable[]): Runnable {
+  return {
+    done: Promise.race(parts.map((p) => p.done)),
+    async stop() {
+      await Promise.all(parts.map((p) => p.stop()));
+    },
+  };
+}

@@ -38,6 +38,12 @@ export const SERVICES: readonly ServiceSpec[] = [
   { name: "topics", entry: "services/topics.ts", readsRules: true, analyzes: true },
   { name: "dispatch", entry: "services/dispatch.ts", readsRules: true },
   { name: "gateway", entry: "services/gateway.ts", listens: true },
+  { name: "content-state", entry: "services/content_state.ts" },
+  { name: "moderation", entry: "services/moderation.ts", analyzes: true },
+  { name: "review", entry: "services/review.ts" },
+  { name: "storage", entry: "services/storage.ts" },
+  { name: "scheduler", entry: "services/scheduler.ts" },
+  { name: "digest", entry: "services/digest.ts" },
 ];
 
 /** host:port of each server in a NATS URL list, for `--allow-net`. */
@@ -63,7 +69,10 @@ export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
     `--allow-net=${net.join(",")}`,
     `--allow-env=${ENV_PERMISSION}`,
   ];
-  const read = [...(spec.readsRules ? [config.rulesPath] : []), ...(llm ? ["prompts"] : [])];
+  const read = [
+    ...(spec.readsRules ? [config.rulesPath] : []),
+    ...(llm ? ["prompts"] : []),
+  ];
   if (read.length > 0) args.push(`--allow-read=${read.join(",")}`);
   args.push(spec.entry);
   return args;

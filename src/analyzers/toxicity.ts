@@ -175,7 +175,16 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
         return lex.words.has(two) ? two : one;
       });
       const counts = new Map<Kind, number>();
-      const bump = (k: Kind) => counts.set(k, (counts.get(k) ?? 0) + 1);
+      const found = new Map<Kind | "threat", string[]>();
+      const note = (k: Kind | "threat", what: string) => {
+        const list = found.get(k) ?? [];
+        if (!list.includes(what)) list.push(what);
+        found.set(k, list);
+      };
+      const bump = (k: Kind, what?: string) => {
+        counts.set(k, (counts.get(k) ?? 0) + 1);
+        if (what !== undefined) note(k, what);
+      };
       let threat = false;
       let verbAt = -10;
 
@@ -185,8 +194,11 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
         for (let len = 1; len <= lex.maxPhraseWords && i + len <= words.length; len++) {
           if (len > 1) phrase += " " + words[i + len - 1]!;
           const kinds = lex.words.get(phrase);
-          if (kinds) { for (const k of kinds) bump(k); }
-          if (lex.threatPhrases.has(phrase)) threat = true;
+          if (kinds) { for (const k of kinds) bump(k, phrase); }
+          if (lex.threatPhrases.has(phrase)) {
+            threat = true;
+            note("threat", phrase);
+          }
           if (!lex.prefixes.has(phrase)) break;
         }
         if (lex.threatVerbs.has(word)) {
@@ -200,6 +212,7 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
               kinds?.includes("identity") || kinds?.includes("hate")
             ) {
               threat = true;
+              note("threat", `${before} ... ${word}`);
             }
           }
         } else if (i - verbAt <= 3 && i > verbAt && !tokens[i]!.clauseStart) {
@@ -210,6 +223,7 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
               kinds.includes("insult")))
           ) {
             threat = true;
+            note("threat", `${words[verbAt]!} ${word}`);
           }
         }
       }
@@ -225,7 +239,7 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
           if (!original || seen.has(original)) continue;
           seen.add(original);
           const kind = lex.obscenityKinds.get(original);
-          if (kind && !counts.has(kind)) bump(kind);
+          if (kind && !counts.has(kind)) bump(kind, original);
         }
       }
 
@@ -258,7 +272,18 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
         clean *= 1 - w("dehumanizing") * 0.3;
       }
       const score = 1 - clean;
-      return { flagged: score >= threshold, categories, score, analyzer: name };
+      const evidence: Record<string, string[]> = {};
+      for (const c of categories) {
+        const words = c === "hate"
+          ? [
+            ...(found.get("hate") ?? []),
+            ...(found.get("identity") ?? []),
+            ...(found.get("dehumanizing") ?? []),
+          ]
+          : found.get(c) ?? [];
+        if (words.length > 0) evidence[c] = words;
+      }
+      return { flagged: score >= threshold, categories, score, evidence, analyzer: name };
     },
   };
 }

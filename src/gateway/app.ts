@@ -23,6 +23,10 @@ import {
 } from "../subjects.ts";
 import { parseTraceparent } from "../trace.ts";
 import type { Intake } from "./intake.ts";
+import type { Auth } from "./auth.ts";
+import { Role } from "../config.ts";
+import type { ModerationApi } from "../moderation/api.ts";
+import { createModerationRoutes } from "./moderation_routes.ts";
 import { SseClients, streamEvents } from "./sse.ts";
 
 /** What the app needs. */
@@ -31,6 +35,10 @@ export interface GatewayDeps {
   intake: Intake;
   config: Config;
   log: Logger;
+  /** API keys; when enabled, feedback ingest needs an ingest (or admin) key too. */
+  auth?: Auth;
+  /** Content moderation: mounts /content, /reviews and /schedules. */
+  moderation?: ModerationApi;
 }
 
 /** The problem+json response for an error. */
@@ -105,6 +113,9 @@ export function createApp(deps: GatewayDeps): Hono {
         ),
     });
   const traceOf = (c: Context) => parseTraceparent(c.req.header("traceparent"));
+  const ingestAuth: MiddlewareHandler = deps.auth?.enabled
+    ? deps.auth.require(Role.Ingest) as unknown as MiddlewareHandler
+    : (_c, next) => next();
   const keyOf = (c: Context) => c.req.header("Idempotency-Key");
 
   app.get("/healthz", (c) => c.json({ status: "ok" }));
@@ -126,7 +137,7 @@ export function createApp(deps: GatewayDeps): Hono {
     return c.json({ status: "ready", nats: deps.nc.getServer() });
   });
 
-  app.post("/feedback", requireJson, limit(config.bodyLimit), async (c) => {
+  app.post("/feedback", ingestAuth, requireJson, limit(config.bodyLimit), async (c) => {
     const submission = validateDocument("feedback.submit", await readJson(c));
     const { body, replayed } = await intake.submit(submission, {
       idempotencyKey: keyOf(c),
@@ -137,7 +148,7 @@ export function createApp(deps: GatewayDeps): Hono {
     return c.json(body, 202);
   });
 
-  app.post("/feedback/batch", requireJson, limit(config.batchBodyLimit), async (c) => {
+  app.post("/feedback/batch", ingestAuth, requireJson, limit(config.batchBodyLimit), async (c) => {
     const batch = validateDocument("feedback.submit_batch", await readJson(c));
     const { body, replayed } = await intake.submitBatch(batch.items, {
       idempotencyKey: keyOf(c),
@@ -186,6 +197,10 @@ export function createApp(deps: GatewayDeps): Hono {
       replay: c.req.query("replay") === "true",
     }, { config, clients, log });
   });
+
+  if (deps.moderation && deps.auth) {
+    app.route("/", createModerationRoutes({ api: deps.moderation, auth: deps.auth, config, log }));
+  }
 
   return app;
 }

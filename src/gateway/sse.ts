@@ -24,6 +24,10 @@ export interface SseSelection {
   closeOnFinal: boolean;
   /** Without Last-Event-ID: replay everything (true) or start with new events (false). */
   replay: boolean;
+  /** The stream to read; defaults to FEEDBACK. */
+  stream?: string;
+  /** The event types that end a per-item stream; defaults to the feedback ones. */
+  finalTypes?: ReadonlySet<string>;
 }
 
 /** Counts open SSE clients against the configured maximum. */
@@ -71,7 +75,7 @@ export function streamEvents(
     let keepAlive: ReturnType<typeof setInterval> | undefined;
     let consumer: Awaited<ReturnType<typeof js.consumers.get>> | undefined;
     try {
-      consumer = await js.consumers.get(FEEDBACK_STREAM, {
+      consumer = await js.consumers.get(sel.stream ?? FEEDBACK_STREAM, {
         filter_subjects: sel.filter,
         ...(after !== undefined
           ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: after + 1 }
@@ -101,7 +105,7 @@ export function streamEvents(
           opts.log.warn("sse client too slow: dropped", { filter: sel.filter, seq: m.seq });
           break;
         }
-        if (sel.closeOnFinal && FINAL_EVENT_TYPES.has(type)) break;
+        if (sel.closeOnFinal && (sel.finalTypes ?? FINAL_EVENT_TYPES).has(type)) break;
       }
     } finally {
       clearInterval(keepAlive);

@@ -6,7 +6,7 @@ import {
   sentimentStage,
   topicsStage,
 } from "./feedback.ts";
-import { feedbackAnalyzers } from "../feedback_analyzers.ts";
+import { feedbackAnalyzers } from "../configured_analyzers.ts";
 import { loadConfig } from "../config.ts";
 import { createEvent } from "../events.ts";
 import type { StageContext } from "../stage.ts";
