@@ -10,9 +10,9 @@ import { serveRequests } from "../src/gateway/requests.ts";
 import { runService } from "../src/service.ts";
 
 if (import.meta.main) {
-  await runService("gateway", async ({ nc, config, log }) => {
+  await runService("gateway", async ({ nc, config, log, metrics }) => {
     const intake = await createIntake(nc);
-    const app = createApp({ nc, intake, config, log });
+    const app = createApp({ nc, intake, config, log, metrics });
     const requests = serveRequests(nc, intake, log);
     const server = Deno.serve({
       hostname: config.host,
@@ -27,5 +27,8 @@ if (import.meta.main) {
         await server.shutdown();
       },
     };
+  }, {
+    description: "Weft HTTP gateway: intake, state, SSE, /metrics, dashboard",
+    answersMetrics: false,
   });
 }

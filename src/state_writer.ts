@@ -32,6 +32,7 @@ import { applyEvent } from "./state.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
 import { parseTraceparent } from "./trace.ts";
+import type { WeftMetrics } from "./metrics.ts";
 
 /** The durable consumer name of the state writer. */
 export const STATE_WRITER = "state";
@@ -78,7 +79,10 @@ export async function runStateWriter(opts: {
   >;
   log: Logger;
   now?: () => Date;
+  /** Where the writer counts events and observes end-to-end latency. */
+  metrics?: WeftMetrics;
 }): Promise<StateWriter> {
+  const metrics = opts.metrics;
   const { nc, config } = opts;
   const log = opts.log.with({ stage: STATE_WRITER });
   const now = opts.now ?? (() => new Date());
@@ -108,6 +112,15 @@ export async function runStateWriter(opts: {
     if (cache.size > MAX_CACHED) cache.delete(cache.keys().next().value!);
   }
 
+  /** Observes end-to-end latency once, when an item's state first becomes final. */
+  function observeFinal(before: FeedbackState | undefined, after: FeedbackState) {
+    const final = (s: FeedbackState | undefined) =>
+      s?.status === "processed" || s?.status === "failed";
+    if (!metrics || !final(after) || final(before)) return;
+    const seconds = (Date.parse(after.updated_at) - Date.parse(after.created_at)) / 1000;
+    if (seconds >= 0) metrics.endToEndSeconds.observe({ outcome: after.status }, seconds);
+  }
+
   /** Writes one item's new events; returns when written (or throws). */
   async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
     let base: Cached | null = cache.get(id) ?? null;
@@ -121,6 +134,7 @@ export async function runStateWriter(opts: {
           ? await kv.update(id, body, base.revision)
           : await kv.create(id, body);
         stats.writes++;
+        observeFinal(base?.state, state!);
         remember(id, { state: state!, revision });
         return;
       } catch (err) {
@@ -140,6 +154,7 @@ export async function runStateWriter(opts: {
     const byItem = new Map<string, { msgs: JsMsg[]; events: { event: AnyEvent; seq: number }[] }>();
     for (const m of batch) {
       stats.events++;
+      metrics?.received.inc({ stage: STATE_WRITER });
       let raw: unknown;
       try {
         raw = decodeJson(m.data);
@@ -159,6 +174,7 @@ export async function runStateWriter(opts: {
           undefined,
           parseTraceparent(m.headers?.get("traceparent")),
         )
+          .then(() => metrics?.deadLettered.inc({ stage: STATE_WRITER }))
           .catch(() => m.nak(1000));
       }
     }
@@ -166,8 +182,11 @@ export async function runStateWriter(opts: {
       try {
         await writeItem(id, group.events);
         for (const m of group.msgs) m.ack();
+        metrics?.processed.inc({ stage: STATE_WRITER }, group.msgs.length);
       } catch (err) {
         log.warn("state write failed", { item_id: id, err });
+        metrics?.failed.inc({ stage: STATE_WRITER, code: "state_write_failed" });
+        metrics?.retried.inc({ stage: STATE_WRITER }, group.msgs.length);
         for (const m of group.msgs) {
           m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
         }

@@ -24,6 +24,8 @@ import {
 import { parseTraceparent } from "../trace.ts";
 import type { Intake } from "./intake.ts";
 import { SseClients, streamEvents } from "./sse.ts";
+import { WeftMetrics } from "../metrics.ts";
+import { instrumentGateway, mountObservability } from "./observability.ts";
 
 /** What the app needs. */
 export interface GatewayDeps {
@@ -31,6 +33,8 @@ export interface GatewayDeps {
   intake: Intake;
   config: Config;
   log: Logger;
+  /** The gateway's own metrics; `GET /metrics` adds every service's to them. */
+  metrics?: WeftMetrics;
 }
 
 /** The problem+json response for an error. */
@@ -82,6 +86,8 @@ export function createApp(deps: GatewayDeps): Hono {
   const { intake, config, log } = deps;
   const clients = new SseClients(config.sseMaxClients);
   const app = new Hono();
+  const metrics = deps.metrics ?? new WeftMetrics();
+  instrumentGateway(app, metrics, clients);
 
   app.onError((err, c) => {
     if (err instanceof HTTPException && err.status === 413) {
@@ -186,6 +192,8 @@ export function createApp(deps: GatewayDeps): Hono {
       replay: c.req.query("replay") === "true",
     }, { config, clients, log });
   });
+
+  mountObservability(app, { ...deps, metrics, clients });
 
   return app;
 }
