@@ -40,8 +40,10 @@ h2 { font-size:.95rem; margin:0 0 .6rem; color:var(--dim); text-transform:upperc
 .stage dt { color:var(--dim); } .stage dd { margin:0; text-align:right; font-variant-numeric:tabular-nums; }
 .stage.err { border-color:var(--bad); } .stage.busy { border-color:var(--warn); }
 .arrow { align-self:center; color:var(--dim); padding:0 .35rem; font-size:1.2rem; }
-table { width:100%; border-collapse:collapse; font-size:.82rem; }
-th, td { text-align:left; padding:.3rem .4rem; border-bottom:1px solid var(--line); white-space:nowrap; overflow:hidden; text-overflow:ellipsis; max-width:22rem; }
+table { width:100%; border-collapse:collapse; font-size:.82rem; table-layout:fixed; }
+th, td { text-align:left; padding:.3rem .4rem; border-bottom:1px solid var(--line); white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
+#items-table th:nth-child(1) { width:36%; } #items-table th:nth-child(2) { width:34%; }
+#items-table th:nth-child(3) { width:13%; } #items-table th:nth-child(4) { width:17%; }
 th { color:var(--dim); font-weight:normal; }
 tbody tr.item { cursor:pointer; } tbody tr.item:hover, tbody tr.sel { background:#223040; }
 .st-processed { color:var(--ok); } .st-failed { color:var(--bad); } .st-pending { color:var(--warn); }
@@ -73,7 +75,7 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
     <h2>Recent items</h2>
     <form id="submit"><input type="text" id="text" name="text" placeholder="Submit feedback text" required>
       <button type="submit">Submit</button></form>
-    <table><thead><tr><th>Item</th><th>Text</th><th>Stage</th><th>Updated</th></tr></thead>
+    <table id="items-table"><thead><tr><th>Item</th><th>Text</th><th>Stage</th><th>Updated</th></tr></thead>
       <tbody id="items"></tbody></table>
   </section>
   <section>
@@ -183,7 +185,7 @@ function renderItem(it) {
   row.appendChild(el("td", { title: it.text }, it.text));
   var cls = it.step === "processed" ? "st-processed" : it.step === "failed" ? "st-failed" : "st-pending";
   row.appendChild(el("td", { class: "step " + cls }, it.step));
-  row.appendChild(el("td", null, (it.time || "").replace("T", " ").slice(0, 23)));
+  row.appendChild(el("td", null, (it.time || "").slice(11, 23)));
   tbody.insertBefore(row, tbody.firstChild);
   while (tbody.children.length > 100) {
     var last = tbody.lastChild; items.delete(last.getAttribute("data-item")); tbody.removeChild(last);
