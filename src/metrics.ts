@@ -67,6 +67,7 @@ export type MetricsJson = Awaited<ReturnType<client.Registry["getMetricsAsJSON"]
  * ```
  */
 export class WeftMetrics {
+  /** The registry holding this service's metrics. */
   readonly registry: client.Registry = new client.Registry();
   /** Messages a stage took from its consumer (redeliveries included). */
   readonly received: client.Counter<"stage">;

@@ -31,10 +31,13 @@ export function statusSubject(service: string): string {
 
 /** What {@link registerMicroService} needs. */
 export interface MicroServiceOptions {
+  /** The connection the service answers on. */
   nc: NatsConnection;
   /** The service's short name (`sentiment`); registered as `weft-<name>`. */
   name: string;
+  /** Shown by `nats micro info`. */
   description: string;
+  /** The service's metrics, answered on `weft.metrics`. */
   metrics: WeftMetrics;
   /** The service's counters, answered by `status` and shown in `stats` data. */
   status: () => Record<string, unknown>;
@@ -43,6 +46,7 @@ export interface MicroServiceOptions {
    * adds its own registry to what the others answer.
    */
   answersMetrics?: boolean;
+  /** Where endpoint failures are logged. */
   log: Logger;
 }
 

@@ -27,10 +27,15 @@ export interface GatherOptions {
 
 /** JetStream's counts for one durable consumer. */
 export interface ConsumerBacklog {
+  /** The stream the consumer reads. */
   stream: string;
+  /** The durable consumer's name (the stage's). */
   consumer: string;
+  /** Messages not yet delivered. */
   pending: number;
+  /** Messages delivered and not yet acked. */
   ackPending: number;
+  /** Messages being redelivered. */
   redelivered: number;
 }
 
@@ -136,24 +141,37 @@ export async function meshMetrics(
 
 /** One stage's figures on the dashboard. */
 export interface StageFigures {
+  /** Messages taken from the consumer. */
   received: number;
+  /** Messages handled and acked. */
   processed: number;
+  /** Failed attempts. */
   failed: number;
+  /** Attempts retried later. */
   retried: number;
+  /** Messages dead-lettered. */
   deadLettered: number;
   /** Sum of handler seconds and the number of observations. */
   handlerSeconds: number;
+  /** Handler observations. */
   handlerCount: number;
+  /** The consumer's backlog. */
   pending: number;
+  /** The consumer's unacked deliveries. */
   ackPending: number;
 }
 
 /** What the dashboard's stream sends every tick. */
 export interface MeshSnapshot {
+  /** When the snapshot was taken (ISO 8601). */
   time: string;
+  /** Figures by stage (and consumer) name. */
   stages: Record<string, StageFigures>;
+  /** SSE clients connected. */
   sseClients: number;
+  /** Messages in the DEADLETTER stream. */
   deadLetters: number;
+  /** Sum and count of end-to-end latencies. */
   endToEnd: { seconds: number; count: number };
 }
 

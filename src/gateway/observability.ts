@@ -59,11 +59,17 @@ export function instrumentGateway(app: Hono, metrics: WeftMetrics, clients: SseC
 
 /** What the observability routes need. */
 export interface ObservabilityDeps {
+  /** Where services answer metrics requests. */
   nc: NatsConnection;
+  /** JetStream access (the intake's). */
   intake: { js: JetStreamClient; jsm: JetStreamManager };
+  /** The gateway's configuration. */
   config: Config;
+  /** The gateway's logger. */
   log: Logger;
+  /** The gateway's own metrics. */
   metrics: WeftMetrics;
+  /** Open SSE clients, counted against the maximum. */
   clients: SseClients;
 }
 
