@@ -63,7 +63,7 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
     const e2e =
       (sample(text, "weft_item_end_to_end_seconds_count", { outcome: "processed" }) ?? 0) +
       (sample(text, "weft_item_end_to_end_seconds_count", { outcome: "failed" }) ?? 0);
-    if (!busy && e2e === 6) break;
+    if (!busy && e2e === 6 && sample(text, "weft_metrics_sources") === 5) break;
   }
 
   await t.step("GET /metrics counts every stage's work exactly", () => {
@@ -113,6 +113,35 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
       }),
       5,
     );
+  });
+
+  await t.step("GET /dashboard/recent lists the latest events oldest first", async () => {
+    const r = await fetch(`${mesh.url}/dashboard/recent?limit=10`);
+    const { events } = await r.json() as { events: { seq: number; event: { type: string } }[] };
+    assert.equal(events.length, 10);
+    const seqs = events.map((e) => e.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+    const all = await (await fetch(`${mesh.url}/dashboard/recent?limit=500`)).json() as {
+      events: { event: { type: string; item_id: string } }[];
+    };
+    const processed = all.events.filter((e) => e.event.type === "feedback.processed");
+    assert.deepEqual(processed.map((e) => e.event.item_id).sort(), [...ids].sort());
+  });
+
+  await t.step("GET /dashboard/stream sends the mesh's per-stage figures as SSE", async () => {
+    const page = await fetch(`${mesh.url}/dashboard`);
+    assert.match(await page.text(), /<title>Weft dashboard<\/title>/);
+    const r = await fetch(`${mesh.url}/dashboard/stream`);
+    assert.equal(r.headers.get("content-type"), "text/event-stream");
+    const reader = r.body!.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    while (!buf.includes("\n\n")) buf += (await reader.read()).value ?? "";
+    await reader.cancel();
+    assert.match(buf, /^event: metrics$/m);
+    const data = JSON.parse(/^data: (.*)$/m.exec(buf)![1]!);
+    assert.equal(data.stages.dispatch.processed, 5);
+    assert.equal(data.stages.sentiment.deadLettered, 1);
+    assert.equal(data.endToEnd.count, 6);
   });
 
   await t.step(

@@ -65,7 +65,7 @@ export async function gatherServiceMetrics(
   const parts: MetricsJson[] = [];
   const answers = await nc.requestMany(METRICS_SUBJECT, undefined, {
     strategy: "stall",
-    stall: opts.stallMs ?? 150,
+    stall: opts.stallMs ?? 250,
     maxWait: opts.maxWaitMs ?? 2000,
   });
   for await (const m of answers) {
