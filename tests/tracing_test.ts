@@ -5,7 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
-import { SUBMIT_SUBJECT } from "../src/subjects.ts";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "../src/subjects.ts";
 import { startMesh, submit, waitFinal } from "./helpers/mesh.ts";
 
 interface ReceivedSpan {
@@ -15,6 +16,8 @@ interface ReceivedSpan {
   parentSpanId: string;
   name: string;
   kind: number | string;
+  /** OTLP status code: 2 is ERROR. */
+  status: number | string | undefined;
   attributes: Record<string, unknown>;
 }
 
@@ -46,6 +49,7 @@ function startReceiver() {
               parentSpanId: string;
               name: string;
               kind: number;
+              status?: { code?: number | string };
               attributes: OtlpAttr[];
             }[];
           }[];
@@ -62,6 +66,7 @@ function startReceiver() {
               parentSpanId: s.parentSpanId,
               name: s.name,
               kind: s.kind,
+              status: s.status?.code,
               attributes: attrs(s.attributes),
             });
           }
@@ -185,6 +190,41 @@ Deno.test("one item's spans share its trace id and chain from the HTTP request t
       assert.equal(stageSpan(spans, "sentiment").parentSpanId, ingest.spanId);
       assert.equal(stageSpan(spans, "topics").parentSpanId, stageSpan(spans, "sentiment").spanId);
       assert.equal(stageSpan(spans, "dispatch").parentSpanId, stageSpan(spans, "topics").spanId);
+    },
+  );
+
+  await t.step(
+    "a dead-lettered message's span records the failure and its failed event continues the trace",
+    async () => {
+      const traceId = "5b8efff798038103d269b633813fc60c";
+      const publisherSpan = "eee19b7ec3c1b174";
+      const h = headers();
+      h.set("traceparent", `00-${traceId}-${publisherSpan}-01`);
+      // Shaped like an ingested event of item "traced-poison" but invalid: dead-lettered.
+      mesh.nc.publish(
+        "feedback.ingested.traced-poison",
+        JSON.stringify({ type: "feedback.ingested", item_id: "traced-poison" }),
+        { headers: h },
+      );
+      const state = await waitFinal(mesh.url, "traced-poison") as { status: string };
+      assert.equal(state.status, "failed");
+      const spans = await receiver.waitFor(
+        traceId,
+        (s) => s.some((x) => x.service === "weft-sentiment"),
+      );
+      const sentiment = stageSpan(spans, "sentiment");
+      assert.equal(sentiment.parentSpanId, publisherSpan);
+      assert.ok(sentiment.status === 2 || sentiment.status === "STATUS_CODE_ERROR");
+      const jsm = await jetstreamManager(mesh.nc);
+      const failed = await jsm.streams.getMessage(FEEDBACK_STREAM, {
+        last_by_subj: "feedback.failed.traced-poison",
+      });
+      assert.equal(
+        failed!.header.get("traceparent"),
+        `00-${traceId}-${sentiment.spanId}-01`,
+        "the failed event's parent is the span that gave up",
+      );
+      assert.equal(failed!.json<{ trace_id: string }>().trace_id, traceId);
     },
   );
 });
