@@ -13,7 +13,7 @@ import { createModerationApi } from "../src/moderation/api.ts";
 import { runService } from "../src/service.ts";
 
 if (import.meta.main) {
-  await runService("gateway", async ({ nc, config, log }) => {
+  await runService("gateway", async ({ nc, config, log, metrics }) => {
     const intake = await createIntake(nc);
     const auth = createAuth(config.apiKeys);
     if (!auth.enabled) {
@@ -25,7 +25,7 @@ if (import.meta.main) {
       log,
       authEnabled: auth.enabled,
     });
-    const app = createApp({ nc, intake, config, log, auth, moderation });
+    const app = createApp({ nc, intake, config, log, auth, moderation, metrics });
     const requests = serveRequests(nc, intake, log);
     const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
     const server = Deno.serve({
@@ -42,5 +42,8 @@ if (import.meta.main) {
         await server.shutdown();
       },
     };
+  }, {
+    description: "Weft HTTP gateway: intake, state, SSE, /metrics, dashboard",
+    answersMetrics: false,
   });
 }

@@ -48,7 +48,9 @@ Deno.test("every deno.json task that runs a service allows the env names Weft re
   for (const [name, task] of Object.entries<{ command: string }>(deno.tasks)) {
     const m = task.command.match(/--allow-env=(\S+)/);
     if (m && !task.command.includes("deno test") && !task.command.includes("bench/")) {
-      assert.equal(m[1], ENV_PERMISSION, `task ${name}`);
+      // The supervisor also reads OTEL_DENO, to name each service's telemetry.
+      const expected: string = name === "start" ? `${ENV_PERMISSION},OTEL_DENO` : ENV_PERMISSION;
+      assert.equal(m[1], expected, `task ${name}`);
     }
   }
 });

@@ -6,7 +6,11 @@
  * @module
  */
 
-import { type ClassificationReport, classificationReport, formatReport } from "./metrics.ts";
+import {
+  type ClassificationReport,
+  classificationReport,
+  formatReport,
+} from "./classification_metrics.ts";
 
 /**
  * The evaluation tasks, detected from the rows' label field.

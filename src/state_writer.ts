@@ -32,6 +32,7 @@ import { applyEvent } from "./state.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
 import { parseTraceparent } from "./trace.ts";
+import type { WeftMetrics } from "./metrics.ts";
 
 /** The durable consumer name of the state writer. */
 export const STATE_WRITER = "state";
@@ -108,7 +109,10 @@ export async function runStateWriter<S = FeedbackState>(opts: {
   log: Logger;
   now?: () => Date;
   spec?: StateSpec<S>;
+  /** Where the writer counts events and observes end-to-end latency. */
+  metrics?: WeftMetrics;
 }): Promise<StateWriter> {
+  const metrics = opts.metrics;
   const { nc, config } = opts;
   const spec = opts.spec ?? (FEEDBACK_STATE_SPEC as unknown as StateSpec<S>);
   const log = opts.log.with({ stage: spec.durable });
@@ -139,6 +143,14 @@ export async function runStateWriter<S = FeedbackState>(opts: {
     if (cache.size > MAX_CACHED) cache.delete(cache.keys().next().value!);
   }
 
+  /** Observes end-to-end latency once, when an item's state first becomes final. */
+  function observeFinal(before: S | undefined, after: S) {
+    if (!metrics || !spec.isFinal(after) || (before !== undefined && spec.isFinal(before))) return;
+    const t = after as { created_at?: string; updated_at?: string; status?: string };
+    const seconds = (Date.parse(t.updated_at ?? "") - Date.parse(t.created_at ?? "")) / 1000;
+    if (seconds >= 0) metrics.endToEndSeconds.observe({ outcome: t.status ?? "final" }, seconds);
+  }
+
   /** Writes one item's new events; returns when written (or throws). */
   async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
     let base: Cached<S> | null = cache.get(id) ?? null;
@@ -152,6 +164,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
           ? await kv.update(id, body, base.revision)
           : await kv.create(id, body);
         stats.writes++;
+        observeFinal(base?.state, state!);
         remember(id, { state: state!, revision });
         return;
       } catch (err) {
@@ -171,6 +184,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
     const byItem = new Map<string, { msgs: JsMsg[]; events: { event: AnyEvent; seq: number }[] }>();
     for (const m of batch) {
       stats.events++;
+      metrics?.received.inc({ stage: STATE_WRITER });
       let raw: unknown;
       try {
         raw = decodeJson(m.data);
@@ -190,6 +204,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
           undefined,
           parseTraceparent(m.headers?.get("traceparent")),
         )
+          .then(() => metrics?.deadLettered.inc({ stage: STATE_WRITER }))
           .catch(() => m.nak(1000));
       }
     }
@@ -197,8 +212,11 @@ export async function runStateWriter<S = FeedbackState>(opts: {
       try {
         await writeItem(id, group.events);
         for (const m of group.msgs) m.ack();
+        metrics?.processed.inc({ stage: STATE_WRITER }, group.msgs.length);
       } catch (err) {
         log.warn("state write failed", { item_id: id, err });
+        metrics?.failed.inc({ stage: STATE_WRITER, code: "state_write_failed" });
+        metrics?.retried.inc({ stage: STATE_WRITER }, group.msgs.length);
         for (const m of group.msgs) {
           m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
         }

@@ -66,6 +66,9 @@ export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
   const args = [
     "run",
     "--no-prompt",
+    // Services print only JSON log lines: silence Deno's own progress notices (downloads,
+    // "waiting for file lock"); errors still reach stderr.
+    "--quiet",
     `--allow-net=${net.join(",")}`,
     `--allow-env=${ENV_PERMISSION}`,
   ];
@@ -76,6 +79,28 @@ export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
   if (read.length > 0) args.push(`--allow-read=${read.join(",")}`);
   args.push(spec.entry);
   return args;
+}
+
+/**
+ * Extra environment of a service. With telemetry on (`OTEL_DENO=true`, inherited with the
+ * other `OTEL_*` variables, which Deno's runtime reads itself: no `--allow-env` or
+ * `--allow-net` is needed for them), each service is named `weft-<name>` in its spans.
+ */
+export function serviceEnv(
+  spec: ServiceSpec,
+  getEnv: (name: string) => string | undefined,
+): Record<string, string> {
+  const on = getEnv("OTEL_DENO");
+  if (!on || on === "false" || on === "0") return {};
+  return { OTEL_SERVICE_NAME: `weft-${spec.name}` };
+}
+
+function envOrUndefined(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    return undefined; // not in --allow-env: telemetry stays as configured
+  }
 }
 
 /** Delay before restart number `n` of a crashed service, ms. */
@@ -126,7 +151,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const start = (spec: ServiceSpec, restarts: number) => {
     const child = new Deno.Command("deno", {
       args: serviceArgs(spec, config),
-      env,
+      env: { ...env, ...serviceEnv(spec, envOrUndefined) },
       stdin: "null",
       stdout: "inherit",
       stderr: "inherit",

@@ -28,6 +28,8 @@ import { Role } from "../config.ts";
 import type { ModerationApi } from "../moderation/api.ts";
 import { createModerationRoutes } from "./moderation_routes.ts";
 import { SseClients, streamEvents } from "./sse.ts";
+import { WeftMetrics } from "../metrics.ts";
+import { instrumentGateway, mountObservability } from "./observability.ts";
 
 /** What the app needs. */
 export interface GatewayDeps {
@@ -39,6 +41,8 @@ export interface GatewayDeps {
   auth?: Auth;
   /** Content moderation: mounts /content, /reviews and /schedules. */
   moderation?: ModerationApi;
+  /** The gateway's own metrics; `GET /metrics` adds every service's to them. */
+  metrics?: WeftMetrics;
 }
 
 /** The problem+json response for an error. */
@@ -90,6 +94,8 @@ export function createApp(deps: GatewayDeps): Hono {
   const { intake, config, log } = deps;
   const clients = new SseClients(config.sseMaxClients);
   const app = new Hono();
+  const metrics = deps.metrics ?? new WeftMetrics();
+  instrumentGateway(app, metrics, clients);
 
   app.onError((err, c) => {
     if (err instanceof HTTPException && err.status === 413) {
@@ -201,6 +207,7 @@ export function createApp(deps: GatewayDeps): Hono {
   if (deps.moderation && deps.auth) {
     app.route("/", createModerationRoutes({ api: deps.moderation, auth: deps.auth, config, log }));
   }
+  mountObservability(app, { ...deps, metrics, clients });
 
   return app;
 }
