@@ -9,6 +9,7 @@
  */
 import assert from "node:assert/strict";
 import { startMesh } from "./helpers/service_mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 
@@ -89,6 +90,30 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     const reviews = await page.locator("#reviews").textContent();
     assert.ok(reviews && !reviews.includes("Loading"), `review panel: ${reviews}`);
     assert.deepEqual(errors, []);
+
+    // A flagged upload waits in the review queue; a reviewer approves it on the page.
+    const upload = await fetch(`${mesh.url}/content`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ text: "You idiot, this is the most pathetic service ever." }),
+    });
+    assert.equal(upload.status, 202);
+    const { id: contentId } = await upload.json();
+    await page.fill("#reviewer", "dashboard-reviewer");
+    const row = page.locator(`tr[data-review="${contentId}"]`);
+    await row.waitFor({ timeout: 15_000 });
+    assert.match((await row.textContent()) ?? "", /insult: "idiot"/);
+    await row.locator("button", { hasText: "approve" }).click();
+    await row.waitFor({ state: "detached", timeout: 15_000 });
+    const content = await waitFor(
+      async () => {
+        const c = await (await fetch(`${mesh.url}/content/${contentId}`)).json();
+        return c.status === "published" ? c : undefined;
+      },
+      15_000,
+      "the approved content to be published",
+    );
+    assert.equal(content.review?.reviewer, "dashboard-reviewer");
 
     await Deno.mkdir(".artifacts", { recursive: true });
     const shot = `${Deno.cwd()}/.artifacts/dashboard.png`;

@@ -7,7 +7,8 @@
  * errors from `/dashboard/stream`; lists recent items from `/dashboard/recent` and the
  * live `/events` stream (a row opens the item's history from `/feedback/:id/events`);
  * shows dead letters (`GET /deadletters`, redrive with `POST /deadletters/redrive`) and
- * the review queue (`GET /reviews`, `POST /reviews/:id/approve|reject`) when the gateway
+ * the review queue (`GET /reviews`; approve or reject = `POST /reviews/:id/claim`, then
+ * `POST /reviews/:id/decision`) when the gateway
  * has those routes, and says so when it does not. All data is written with textContent.
  *
  * @module
@@ -28,6 +29,7 @@ body { margin:0; font:14px/1.4 system-ui, sans-serif; background:var(--bg); colo
 header { display:flex; gap:1.5rem; align-items:center; padding:.7rem 1.2rem; border-bottom:1px solid var(--line); }
 header h1 { font-size:1.1rem; margin:0; }
 header .kpi { color:var(--dim); } header .kpi b { color:var(--text); }
+header .creds { margin-left:auto; display:flex; gap:.4rem; } header .creds input { width:11rem; }
 #conn.live { color:var(--ok); } #conn.down { color:var(--bad); }
 main { display:grid; grid-template-columns: 1fr 1fr; gap:1rem; padding:1rem 1.2rem; }
 section { background:var(--panel); border:1px solid var(--line); border-radius:8px; padding:.8rem 1rem; min-width:0; }
@@ -65,6 +67,8 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
   <span class="kpi">items done <b id="done">0</b></span>
   <span class="kpi">dead letters <b id="dlcount">0</b></span>
   <span class="kpi">SSE clients <b id="sse">0</b></span>
+  <span class="creds"><input id="apikey" type="password" placeholder="API key (when required)" autocomplete="off">
+    <input id="reviewer" type="text" placeholder="reviewer name" autocomplete="off"></span>
 </header>
 <main>
   <section class="wide">
@@ -234,7 +238,7 @@ function connectEvents() {
     });
   });
   src.onopen = function () {
-    fetch("/dashboard/recent?limit=300").then(function (r) { return r.json(); }).then(function (body) {
+    api("/dashboard/recent?limit=300").then(function (r) { return r.json(); }).then(function (body) {
       body.events.forEach(function (e) { onEvent(e.seq, e.event); });
     }).catch(function () {});
   };
@@ -242,9 +246,28 @@ function connectEvents() {
 
 function setOptional(box, text) { box.textContent = text; box.className = "muted"; }
 
+// The API key (kept for this tab only) goes in the Authorization header of API calls.
+var keyInput = document.getElementById("apikey");
+var reviewerInput = document.getElementById("reviewer");
+keyInput.value = sessionStorage.getItem("weft.key") || "";
+reviewerInput.value = sessionStorage.getItem("weft.reviewer") || "";
+keyInput.addEventListener("change", function () {
+  sessionStorage.setItem("weft.key", keyInput.value); loadDeadLetters(); loadReviews();
+});
+reviewerInput.addEventListener("change", function () { sessionStorage.setItem("weft.reviewer", reviewerInput.value); });
+function api(path, init) {
+  init = init || {};
+  var key = keyInput.value.trim();
+  if (key) init.headers = Object.assign({}, init.headers || {}, { authorization: "Bearer " + key });
+  return fetch(path, init);
+}
+function postJson(path, body) {
+  return api(path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+}
+
 function loadDeadLetters() {
   var box = document.getElementById("dl");
-  fetch("/deadletters").then(function (r) {
+  api("/deadletters").then(function (r) {
     if (r.status === 404 || r.status === 405) { setOptional(box, "Not available: this gateway has no /deadletters route."); return null; }
     return r.json();
   }).then(function (body) {
@@ -269,33 +292,32 @@ function loadDeadLetters() {
 function redrive(letter, button) {
   button.disabled = true;
   var body = { stage: letter.stage, item_id: letter.item_id, seq: letter.seq || letter.stream_seq };
-  fetch("/deadletters/redrive", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) })
+  postJson("/deadletters/redrive", body)
     .then(function (r) { button.textContent = r.ok ? "Redriven" : "Failed (" + r.status + ")"; loadDeadLetters(); })
     .catch(function () { button.textContent = "Failed"; });
 }
 
 function loadReviews() {
   var box = document.getElementById("reviews");
-  fetch("/reviews").then(function (r) {
+  api("/reviews?status=pending").then(function (r) {
     if (r.status === 404 || r.status === 405) { setOptional(box, "Not available: the moderation flow is not enabled."); return null; }
+    if (r.status === 401 || r.status === 403) { setOptional(box, "Enter a reviewer API key above to see the queue."); return null; }
     return r.json();
   }).then(function (body) {
     if (!body) return;
-    var list = Array.isArray(body) ? body : (body.items || body.reviews || []);
+    var list = Array.isArray(body) ? body : (body.items || []);
     box.textContent = ""; box.className = "";
     if (list.length === 0) { setOptional(box, "Nothing waits for review."); return; }
     var t = el("table"); var tb = el("tbody");
     list.slice(0, 50).forEach(function (rv) {
-      var id = rv.item_id || rv.id;
-      var tr = el("tr");
-      tr.append(el("td", null, id), el("td", { title: rv.text || "" }, rv.text || rv.reason || ""), el("td"));
+      var id = rv.id;
+      var text = (rv.content && rv.content.text) || "(binary upload)";
+      var reasons = (rv.moderation && rv.moderation.reasons || []).join("; ");
+      var tr = el("tr", { "data-review": id });
+      tr.append(el("td", null, id), el("td", { title: text }, text), el("td", null, reasons), el("td"));
       ["approve", "reject"].forEach(function (verb) {
         var b = el("button", { class: verb === "reject" ? "danger" : "" }, verb);
-        b.addEventListener("click", function () {
-          b.disabled = true;
-          fetch("/reviews/" + encodeURIComponent(id) + "/" + verb, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" })
-            .then(function () { loadReviews(); });
-        });
+        b.addEventListener("click", function () { decide(id, verb, b); });
         tr.lastChild.appendChild(b);
       });
       tb.appendChild(tr);
@@ -304,10 +326,28 @@ function loadReviews() {
   }).catch(function () { setOptional(box, "Could not load the review queue."); });
 }
 
+/** Claims the item (so no other reviewer decides it too), then decides. */
+function decide(id, verb, button) {
+  button.disabled = true;
+  var who = reviewerInput.value.trim();
+  var base = who ? { reviewer: who } : {};
+  postJson("/reviews/" + encodeURIComponent(id) + "/claim", base).then(function (r) {
+    if (!r.ok) throw r;
+    return postJson("/reviews/" + encodeURIComponent(id) + "/decision",
+      Object.assign({ decision: verb, reason: verb + "d on the dashboard" }, base));
+  }).then(function (r) {
+    if (!r.ok) throw r;
+    button.textContent = verb === "approve" ? "approved" : "rejected";
+    loadReviews();
+  }).catch(function (r) {
+    button.textContent = "failed" + (r && r.status ? " (" + r.status + ")" : "");
+  });
+}
+
 document.getElementById("submit").addEventListener("submit", function (e) {
   e.preventDefault();
   var input = document.getElementById("text");
-  fetch("/feedback", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ text: input.value, channel: "dashboard" }) })
+  postJson("/feedback", { text: input.value, channel: "dashboard" })
     .then(function (r) { return r.json(); })
     .then(function (body) { if (body.id) { input.value = ""; document.body.setAttribute("data-last-submitted", body.id); } });
 });
@@ -317,7 +357,7 @@ connectMetrics();
 connectEvents();
 loadDeadLetters();
 loadReviews();
-setInterval(function () { loadDeadLetters(); loadReviews(); }, 10000);
+setInterval(function () { loadDeadLetters(); loadReviews(); }, 3000);
 </script>
 </body>
 </html>
