@@ -89,6 +89,18 @@ Deno.test("with WEFT_ANALYZERS=llm the stages record the LLM's decision, usage a
     } finally {
       await nc.close();
     }
+    // The gateway's /metrics gathers the stages' LLM counters: one successful sentiment call.
+    const metrics = await (await fetch(`${mesh.gatewayUrl}/metrics`)).text();
+    const tokens = metrics.match(
+      /^weft_llm_tokens_total\{stage="sentiment",kind="prompt"\} (\d+)/m,
+    );
+    assert.equal(
+      tokens?.[1],
+      "200",
+      metrics.split("\n").filter((l) => l.startsWith("weft_llm")).join("\n"),
+    );
+    const cost = metrics.match(/^weft_llm_cost_usd_total\{stage="sentiment"\} ([\d.e-]+)/m);
+    assert.ok(Math.abs(Number(cost?.[1]) - 0.145) < 1e-9, `sentiment cost ${cost?.[1]}`);
     assert.ok(llm.requests.every((r) => r.authorization === "Bearer sk-test-secret"));
     assert.ok(
       !mesh.logs.some((l) => JSON.stringify(l).includes("sk-test-secret")),
