@@ -25,6 +25,22 @@ const ORDER = [
   "feedback.state.v1.json",
   "deadletter.v1.json",
   "rules.v1.json",
+  "content.submit.v1.json",
+  "content.uploaded.v1.json",
+  "content.moderated.v1.json",
+  "content.review_requested.v1.json",
+  "content.review_claimed.v1.json",
+  "content.sla_expired.v1.json",
+  "content.escalated.v1.json",
+  "content.decided.v1.json",
+  "content.published.v1.json",
+  "content.archived.v1.json",
+  "content.failed.v1.json",
+  "content.state.v1.json",
+  "review.decision.v1.json",
+  "schedule.v1.json",
+  "digest.request.v1.json",
+  "digest.feedback_counts.v1.json",
 ];
 
 /** Returns the generated TypeScript source for every schema. */

@@ -7,14 +7,28 @@
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
+import { createAuth } from "../src/gateway/auth.ts";
+import { serveModerationRequests } from "../src/gateway/moderation_requests.ts";
+import { createModerationApi } from "../src/moderation/api.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { runService } from "../src/service.ts";
 
 if (import.meta.main) {
-  await runService("gateway", async ({ nc, config, log }) => {
+  await runService("gateway", async ({ nc, config, log, metrics }) => {
     const intake = await createIntake(nc);
-    const app = createApp({ nc, intake, config, log });
+    const auth = createAuth(config.apiKeys);
+    if (!auth.enabled) {
+      log.warn("authentication is OFF: no WEFT_API_KEYS configured; every caller is admin");
+    }
+    const moderation = await createModerationApi({
+      nc,
+      config,
+      log,
+      authEnabled: auth.enabled,
+    });
+    const app = createApp({ nc, intake, config, log, auth, moderation, metrics });
     const requests = serveRequests(nc, intake, log);
+    const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
     const deadLetterRequests = serveDeadLetterRequests(nc, log);
     const server = Deno.serve({
       hostname: config.host,
@@ -26,9 +40,13 @@ if (import.meta.main) {
       done: server.finished,
       async stop() {
         requests.stop();
+        moderationRequests.stop();
         deadLetterRequests.stop();
         await server.shutdown();
       },
     };
+  }, {
+    description: "Weft HTTP gateway: intake, state, SSE, /metrics, dashboard",
+    answersMetrics: false,
   });
 }

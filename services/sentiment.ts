@@ -3,13 +3,15 @@
  *
  * @module
  */
-import { loadRules } from "../src/rules.ts";
+import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
+import { registerLlmMetrics } from "../src/metrics.ts";
 import { runStageService } from "../src/service.ts";
 import { sentimentStage } from "../src/stages/feedback.ts";
 
 if (import.meta.main) {
-  await runStageService(
-    "sentiment",
-    async ({ config }) => sentimentStage((await loadRules(config.rulesPath)).sentiment),
-  );
+  await runStageService("sentiment", async ({ config, metrics }) => {
+    const { sentiment, llmStats } = await feedbackAnalyzers(config);
+    if (llmStats) registerLlmMetrics(metrics.registry, llmStats, "sentiment");
+    return sentimentStage(sentiment);
+  });
 }

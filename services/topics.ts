@@ -1,15 +1,18 @@
 /**
- * The topics service: `feedback.sentiment_analyzed` -> `feedback.topics_extracted`.
+ * The topics service: `feedback.sentiment_analyzed` -> `feedback.topics_extracted`;
+ * abusive text also gets the topic `abuse`.
  *
  * @module
  */
-import { loadRules } from "../src/rules.ts";
+import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
+import { registerLlmMetrics } from "../src/metrics.ts";
 import { runStageService } from "../src/service.ts";
 import { topicsStage } from "../src/stages/feedback.ts";
 
 if (import.meta.main) {
-  await runStageService(
-    "topics",
-    async ({ config }) => topicsStage((await loadRules(config.rulesPath)).topics),
-  );
+  await runStageService("topics", async ({ config, metrics }) => {
+    const { topics, toxicity, llmStats } = await feedbackAnalyzers(config);
+    if (llmStats) registerLlmMetrics(metrics.registry, llmStats, "topics");
+    return topicsStage(topics, toxicity);
+  });
 }

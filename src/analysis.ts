@@ -37,6 +37,8 @@ export interface ToxicityResult {
   categories: string[];
   /** Confidence in [0, 1] that the text is toxic. */
   score: number;
+  /** For each category, the words or phrases that triggered it, when the analyzer knows. */
+  evidence?: Record<string, string[]>;
   /** Which analyzer decided. */
   analyzer: string;
 }

@@ -13,6 +13,11 @@ export const LogLevel = { debug: 10, info: 20, warn: 30, error: 40 } as const;
 /** One of {@link LogLevel}'s names. */
 export type LogLevelName = keyof typeof LogLevel;
 
+/** The analyzer families a stage can use. */
+export const AnalyzerKind = { Embedded: "embedded", Rules: "rules", Llm: "llm" } as const;
+/** One of {@link AnalyzerKind}. */
+export type AnalyzerKind = typeof AnalyzerKind[keyof typeof AnalyzerKind];
+
 /** Weft's whole configuration. */
 export interface Config {
   /** NATS server URL(s), comma-separated. `NATS_URL`, `--nats-url`. */
@@ -23,8 +28,28 @@ export interface Config {
   port: number;
   /** `WEFT_LOG_LEVEL`, `--log-level`. */
   logLevel: LogLevelName;
-  /** Path of the ruleset (keywords and routing table). `WEFT_RULES`, `--rules`. */
+  /** Path of the ruleset: routing table, and keyword rules for `rules` analyzers. `WEFT_RULES`, `--rules`. */
   rulesPath: string;
+  /** Which analyzers the stages use: `embedded` (default), `rules` or `llm`. `WEFT_ANALYZERS`. */
+  analyzers: AnalyzerKind;
+  /** OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`. `WEFT_LLM_BASE_URL`. */
+  llmBaseUrl: string;
+  /** Model name. `WEFT_LLM_MODEL`. */
+  llmModel: string;
+  /** API key (never printed). `WEFT_LLM_API_KEY`. */
+  llmApiKey: string;
+  /** Deadline of one LLM analysis, ms. `WEFT_LLM_TIMEOUT_MS`. */
+  llmTimeoutMs: number;
+  /** LLM requests in flight per stage process. `WEFT_LLM_CONCURRENCY`. */
+  llmConcurrency: number;
+  /** LLM requests per second per stage process (0: unlimited). `WEFT_LLM_RPS`. */
+  llmRps: number;
+  /** Spend limit per stage process, USD (0: none). `WEFT_LLM_BUDGET_USD`. */
+  llmBudgetUsd: number;
+  /** Price per 1,000 input tokens, USD. `WEFT_LLM_PRICE_IN_PER_1K`. */
+  llmPriceInPer1k: number;
+  /** Price per 1,000 output tokens, USD. `WEFT_LLM_PRICE_OUT_PER_1K`. */
+  llmPriceOutPer1k: number;
   /** Largest accepted body of POST /feedback, bytes. `WEFT_BODY_LIMIT`. */
   bodyLimit: number;
   /** Largest accepted body of POST /feedback/batch, bytes. `WEFT_BATCH_BODY_LIMIT`. */
@@ -63,8 +88,31 @@ export interface Config {
   natsPort: number;
   /** Supervisor: override the conf's monitoring port (0: keep it). `WEFT_NATS_MONITOR_PORT`. */
   natsMonitorPort: number;
-  /** Supervisor: override the conf's JetStream store directory. `WEFT_NATS_STORE_DIR`. */
-  natsStoreDir: string;
+  /**
+   * Supervisor: working directory of the nats-server it starts; relative paths in the
+   * conf (`store_dir: "./data/jetstream"`) resolve against it. Default: the repository
+   * root. `WEFT_NATS_DIR`.
+   */
+  natsDir: string;
+  /**
+   * API keys by SHA-256 hash, with roles: JSON `[{"sha256":"<hex>","role":"reviewer","name":"alice"}]`.
+   * Empty: authentication is off (logged as a warning). `WEFT_API_KEYS`.
+   */
+  apiKeys: ApiKey[];
+  /** Largest accepted binary upload to POST /content, bytes. `WEFT_CONTENT_MAX_BYTES`. */
+  contentMaxBytes: number;
+  /** A flagged item not decided within this time is escalated, ms. `WEFT_REVIEW_SLA_MS`. */
+  reviewSlaMs: number;
+  /** An escalated item not decided within this time gets the default action, ms. `WEFT_ESCALATION_SLA_MS`. */
+  escalationSlaMs: number;
+  /** What happens to an item still undecided after escalation. `WEFT_SLA_DEFAULT_ACTION`. */
+  slaDefaultAction: "approve" | "reject";
+  /** A reviewer's claim lapses after this long, so another may take the item, ms. `WEFT_CLAIM_TTL_MS`. */
+  claimTtlMs: number;
+  /** Cron expression (UTC) of the feedback digest; `off` disables it. `WEFT_DIGEST_CRON`. */
+  digestCron: string;
+  /** How far back a feedback digest counts, ms. `WEFT_DIGEST_WINDOW_MS`. */
+  digestWindowMs: number;
   /** Testing/chaos aid: stages fail on text containing this (case-insensitive); "" = off. `WEFT_FAIL_ON`. */
   failOn: string;
   /** Testing/chaos aid: the stages (comma-separated, "" or "*" = all) `failOn` applies to. `WEFT_FAIL_STAGE`. */
@@ -73,6 +121,41 @@ export interface Config {
   slowMs: number;
   /** Testing/chaos aid: the stages (comma-separated, "" or "*" = all) `slowMs` applies to. `WEFT_SLOW_STAGE`. */
   slowStage: string;
+}
+
+/** The roles an API key can have. `admin` may do everything. */
+export const Role = { Ingest: "ingest", Reviewer: "reviewer", Admin: "admin" } as const;
+/** One of {@link Role}. */
+export type Role = typeof Role[keyof typeof Role];
+
+/** A configured API key: only its SHA-256 hash is known. */
+export interface ApiKey {
+  /** Lower-case hex SHA-256 of the key. */
+  sha256: string;
+  role: Role;
+  /** Who holds it: recorded as the reviewer or uploader. */
+  name: string;
+}
+
+/** Parses WEFT_API_KEYS; undefined when invalid. */
+export function parseApiKeys(raw: string): ApiKey[] | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(raw);
+  } catch {
+    return undefined;
+  }
+  if (!Array.isArray(value)) return undefined;
+  const roles = new Set<string>(Object.values(Role));
+  const keys: ApiKey[] = [];
+  for (const k of value) {
+    const { sha256, role, name } = (k ?? {}) as Record<string, unknown>;
+    if (typeof sha256 !== "string" || !/^[0-9a-fA-F]{64}$/.test(sha256)) return undefined;
+    if (typeof role !== "string" || !roles.has(role)) return undefined;
+    if (typeof name !== "string" || name.trim() === "" || name.length > 200) return undefined;
+    keys.push({ sha256: sha256.toLowerCase(), role: role as Role, name: name.trim() });
+  }
+  return keys;
 }
 
 interface Setting<K extends keyof Config> {
@@ -90,6 +173,19 @@ const int = (min: number, max = Number.MAX_SAFE_INTEGER) => (raw: string) => {
 };
 const str = (raw: string) => (raw.trim() === "" ? undefined : raw.trim());
 const level = (raw: string) => (raw in LogLevel ? raw as LogLevelName : undefined);
+const kind = (raw: string) =>
+  (Object.values(AnalyzerKind) as string[]).includes(raw) ? raw as AnalyzerKind : undefined;
+const num = (min: number) => (raw: string) => {
+  const n = Number(raw);
+  return Number.isFinite(n) && n >= min ? n : undefined;
+};
+const url = (raw: string) => {
+  try {
+    return new URL(raw).protocol.startsWith("http") ? raw.replace(/\/+$/, "") : undefined;
+  } catch {
+    return undefined;
+  }
+};
 
 // deno-lint-ignore no-explicit-any
 const SETTINGS: Setting<any>[] = [
@@ -104,13 +200,17 @@ const SETTINGS: Setting<any>[] = [
   { key: "host", env: "WEFT_HOST", flag: "host", default: "127.0.0.1", parse: str },
   { key: "port", env: "PORT", flag: "port", default: 8000, parse: int(0, 65535) },
   { key: "logLevel", env: "WEFT_LOG_LEVEL", flag: "log-level", default: "info", parse: level },
-  {
-    key: "rulesPath",
-    env: "WEFT_RULES",
-    flag: "rules",
-    default: "rules/feedback.json",
-    parse: str,
-  },
+  { key: "rulesPath", env: "WEFT_RULES", flag: "rules", default: "rules/routing.json", parse: str },
+  { key: "analyzers", env: "WEFT_ANALYZERS", flag: "analyzers", default: "embedded", parse: kind },
+  { key: "llmBaseUrl", env: "WEFT_LLM_BASE_URL", default: "", parse: url },
+  { key: "llmModel", env: "WEFT_LLM_MODEL", default: "", parse: str },
+  { key: "llmApiKey", env: "WEFT_LLM_API_KEY", default: "", parse: str, secret: true },
+  { key: "llmTimeoutMs", env: "WEFT_LLM_TIMEOUT_MS", default: 15_000, parse: int(100) },
+  { key: "llmConcurrency", env: "WEFT_LLM_CONCURRENCY", default: 4, parse: int(1, 1000) },
+  { key: "llmRps", env: "WEFT_LLM_RPS", default: 0, parse: num(0) },
+  { key: "llmBudgetUsd", env: "WEFT_LLM_BUDGET_USD", default: 0, parse: num(0) },
+  { key: "llmPriceInPer1k", env: "WEFT_LLM_PRICE_IN_PER_1K", default: 0, parse: num(0) },
+  { key: "llmPriceOutPer1k", env: "WEFT_LLM_PRICE_OUT_PER_1K", default: 0, parse: num(0) },
   { key: "bodyLimit", env: "WEFT_BODY_LIMIT", default: 64 * 1024, parse: int(1024) },
   {
     key: "batchBodyLimit",
@@ -151,7 +251,25 @@ const SETTINGS: Setting<any>[] = [
   { key: "natsConf", env: "WEFT_NATS_CONF", default: "nats.conf", parse: str },
   { key: "natsPort", env: "WEFT_NATS_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsMonitorPort", env: "WEFT_NATS_MONITOR_PORT", default: 0, parse: int(0, 65535) },
-  { key: "natsStoreDir", env: "WEFT_NATS_STORE_DIR", default: "", parse: str },
+  { key: "natsDir", env: "WEFT_NATS_DIR", default: "", parse: str },
+  { key: "apiKeys", env: "WEFT_API_KEYS", default: [], parse: parseApiKeys, secret: true },
+  {
+    key: "contentMaxBytes",
+    env: "WEFT_CONTENT_MAX_BYTES",
+    default: 8 * 1024 * 1024,
+    parse: int(1024),
+  },
+  { key: "reviewSlaMs", env: "WEFT_REVIEW_SLA_MS", default: 3600_000, parse: int(100) },
+  { key: "escalationSlaMs", env: "WEFT_ESCALATION_SLA_MS", default: 4 * 3600_000, parse: int(100) },
+  {
+    key: "slaDefaultAction",
+    env: "WEFT_SLA_DEFAULT_ACTION",
+    default: "reject",
+    parse: (raw: string) => (raw === "approve" || raw === "reject" ? raw : undefined),
+  },
+  { key: "claimTtlMs", env: "WEFT_CLAIM_TTL_MS", default: 15 * 60_000, parse: int(1000) },
+  { key: "digestCron", env: "WEFT_DIGEST_CRON", default: "0 * * * *", parse: str },
+  { key: "digestWindowMs", env: "WEFT_DIGEST_WINDOW_MS", default: 3600_000, parse: int(1000) },
   { key: "failOn", env: "WEFT_FAIL_ON", default: "", parse: str },
   { key: "failStage", env: "WEFT_FAIL_STAGE", default: "", parse: str },
   { key: "slowMs", env: "WEFT_SLOW_MS", default: 0, parse: int(0, 3_600_000) },
@@ -160,6 +278,15 @@ const SETTINGS: Setting<any>[] = [
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */
 export const ENV_NAMES: readonly string[] = SETTINGS.map((s) => s.env);
+
+/**
+ * The narrowest `--allow-env` value covering {@link ENV_NAMES}: the names outside the
+ * `WEFT_` prefix, and `WEFT_*` (Deno 2 accepts a trailing wildcard).
+ */
+export const ENV_PERMISSION: string = [
+  ...ENV_NAMES.filter((n) => !n.startsWith("WEFT_")),
+  "WEFT_*",
+].join(",");
 
 /** Where configuration comes from; defaults to the process's env and arguments. */
 export interface ConfigSource {
@@ -206,6 +333,9 @@ export function loadConfig(source: ConfigSource = {}): Config {
       );
     } else config[s.key] = parsed;
   }
+  if (config.analyzers === AnalyzerKind.Llm && (!config.llmBaseUrl || !config.llmModel)) {
+    problems.push("WEFT_ANALYZERS=llm needs WEFT_LLM_BASE_URL and WEFT_LLM_MODEL");
+  }
   if (problems.length > 0) {
     throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
   }
@@ -217,7 +347,11 @@ export function describeConfig(config: Config): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (const s of SETTINGS) {
     const v = config[s.key as keyof Config];
-    out[s.key] = s.secret && typeof v === "string" ? maskUrlCredentials(v) : v;
+    out[s.key] = s.secret && typeof v === "string"
+      ? (s.key === "natsUrl" ? maskUrlCredentials(v) : v ? "***" : "")
+      : s.secret && Array.isArray(v)
+      ? `${v.length} configured (hashes not shown)`
+      : v;
   }
   return out;
 }

@@ -32,6 +32,12 @@ export const ErrorCode = {
   Unavailable: "unavailable",
   /** Configuration is invalid. */
   InvalidConfig: "invalid_config",
+  /** No credential, or one that is not configured. */
+  Unauthorized: "unauthorized",
+  /** The credential's role may not do this. */
+  Forbidden: "forbidden",
+  /** The item is not in a state that allows this (already claimed or decided). */
+  Conflict: "conflict",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -73,6 +79,9 @@ const PERMANENT_BY_DEFAULT: ReadonlySet<ErrorCode> = new Set([
   ErrorCode.UnknownVersion,
   ErrorCode.Rejected,
   ErrorCode.InvalidConfig,
+  ErrorCode.Unauthorized,
+  ErrorCode.Forbidden,
+  ErrorCode.Conflict,
 ]);
 
 /** Input failed validation against its JSON Schema. */
@@ -107,6 +116,14 @@ export class PermanentError extends WeftError {
   constructor(message: string, options: ErrorOptions = {}) {
     super(ErrorCode.Rejected, message, { ...options, permanent: true });
     this.name = "PermanentError";
+  }
+}
+
+/** The item's state does not allow the action (claimed by another, already decided). */
+export class ConflictError extends WeftError {
+  constructor(message: string, options: WeftErrorOptions = {}) {
+    super(ErrorCode.Conflict, message, options);
+    this.name = "ConflictError";
   }
 }
 
@@ -151,6 +168,9 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   rejected: 422,
   unavailable: 503,
   invalid_config: 500,
+  unauthorized: 401,
+  forbidden: 403,
+  conflict: 409,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -166,6 +186,9 @@ const TITLES: Record<ErrorCode, string> = {
   rejected: "Rejected",
   unavailable: "Service unavailable",
   invalid_config: "Invalid configuration",
+  unauthorized: "Unauthorized",
+  forbidden: "Forbidden",
+  conflict: "Conflict",
 };
 
 /** Maps any error to the problem document the gateway answers with. */

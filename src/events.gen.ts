@@ -86,9 +86,63 @@ export interface FeedbackSentimentAnalyzed {
 }
 
 export interface Sentiment {
+  /**
+   * The class.
+   */
   label: "positive" | "negative" | "neutral";
+  /**
+   * Signed strength: below 0 leans negative, above 0 positive.
+   */
   score: number;
+  /**
+   * Which analyzer decided: rules, embedded:sentiment, llm:<model>.
+   */
   analyzer: string;
+  /**
+   * Tokens the LLM call used and its estimated cost (LLM analyzers only).
+   */
+  usage?: {
+    /**
+     * Input tokens.
+     */
+    prompt_tokens?: number;
+    /**
+     * Output tokens.
+     */
+    completion_tokens?: number;
+    /**
+     * All tokens.
+     */
+    total_tokens?: number;
+    /**
+     * Estimated cost in US dollars from the configured prices.
+     */
+    cost_usd?: number;
+  };
+  /**
+   * Version of the prompt template used (LLM analyzers only).
+   */
+  prompt_version?: string;
+  /**
+   * True when the LLM answer came from the cache.
+   */
+  cached?: boolean;
+  /**
+   * True when the LLM's first answer was invalid and the repair attempt fixed it.
+   */
+  repaired?: boolean;
+  /**
+   * Why the LLM analyzer was not used and the fallback decided (timeout, rate_limited, over_budget, ...).
+   */
+  fallback_reason?: string;
+  /**
+   * The analyzer that failed before the fallback decided.
+   */
+  fallback_from?: string;
+  /**
+   * The failure's message.
+   */
+  fallback_error?: string;
 }
 
 export interface FeedbackTopicsExtracted {
@@ -119,13 +173,66 @@ export interface FeedbackTopicsExtracted {
 
 export interface Topics {
   /**
+   * Labels from the taxonomy, most relevant first.
+   *
    * @minItems 1
    */
   topics: string[];
+  /**
+   * For each topic, the words or phrases that triggered it.
+   */
   evidence: {
     [k: string]: string[];
   };
+  /**
+   * Which analyzer decided.
+   */
   analyzer: string;
+  /**
+   * Tokens the LLM call used and its estimated cost (LLM analyzers only).
+   */
+  usage?: {
+    /**
+     * Input tokens.
+     */
+    prompt_tokens?: number;
+    /**
+     * Output tokens.
+     */
+    completion_tokens?: number;
+    /**
+     * All tokens.
+     */
+    total_tokens?: number;
+    /**
+     * Estimated cost in US dollars from the configured prices.
+     */
+    cost_usd?: number;
+  };
+  /**
+   * Version of the prompt template used (LLM analyzers only).
+   */
+  prompt_version?: string;
+  /**
+   * True when the LLM answer came from the cache.
+   */
+  cached?: boolean;
+  /**
+   * True when the LLM's first answer was invalid and the repair attempt fixed it.
+   */
+  repaired?: boolean;
+  /**
+   * Why the LLM analyzer was not used and the fallback decided (timeout, rate_limited, over_budget, ...).
+   */
+  fallback_reason?: string;
+  /**
+   * The analyzer that failed before the fallback decided.
+   */
+  fallback_from?: string;
+  /**
+   * The failure's message.
+   */
+  fallback_error?: string;
 }
 
 export interface FeedbackDispatched {
@@ -290,7 +397,7 @@ export interface DeadLetter {
 export interface Ruleset {
   version: 1;
   description?: string;
-  sentiment: {
+  sentiment?: {
     rules: {
       label: "positive" | "negative" | "neutral";
       /**
@@ -301,7 +408,7 @@ export interface Ruleset {
     }[];
     default: "positive" | "negative" | "neutral";
   };
-  topics: {
+  topics?: {
     rules: {
       topic: string;
       /**
@@ -326,4 +433,446 @@ export interface Ruleset {
     };
     team: string;
   }[];
+}
+
+export interface ContentSubmission {
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  id?: string;
+  /**
+   * Text content submitted for moderation.
+   */
+  text: string;
+  metadata?: Metadata;
+}
+
+export interface ContentUploaded {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.uploaded";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: ContentItem;
+}
+
+export interface ContentItem {
+  /**
+   * Text content submitted for moderation.
+   */
+  text?: string;
+  metadata?: Metadata;
+  object?: ContentObject;
+  /**
+   * Name of the ingest credential that uploaded it.
+   */
+  submitted_by?: string;
+}
+
+export interface ContentObject {
+  bucket: string;
+  name: string;
+  size: number;
+  content_type: string;
+  /**
+   * Object store digest, e.g. SHA-256=...
+   */
+  digest: string;
+}
+
+export interface ContentModerated {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.moderated";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    content: ContentItem;
+    moderation: Moderation;
+  };
+}
+
+export interface Moderation {
+  verdict: "safe" | "flagged";
+  categories: string[];
+  score: number;
+  analyzer: string;
+  /**
+   * Human-readable reasons for the verdict.
+   */
+  reasons: string[];
+}
+
+export interface ContentReviewRequested {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.review_requested";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    content: ContentItem;
+    moderation: Moderation;
+    queued_at: string;
+    due_at?: string;
+  };
+}
+
+export interface ContentReviewClaimed {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.review_claimed";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    reviewer: string;
+    claimed_at: string;
+  };
+}
+
+export interface ContentSlaExpired {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.sla_expired";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    level: number;
+    due_at: string;
+  };
+}
+
+export interface ContentEscalated {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.escalated";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    level: number;
+    reason: string;
+    due_at?: string;
+  };
+}
+
+export interface ContentDecided {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.decided";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    content: ContentItem;
+    decision: "approve" | "reject";
+    reason: string;
+    reviewer: string;
+    /**
+     * True when the SLA default action decided.
+     */
+    automatic: boolean;
+  };
+}
+
+export interface ContentPublished {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.published";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    content: ContentItem;
+    via: "moderation" | "review";
+  };
+}
+
+export interface ContentArchived {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.archived";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    content: ContentItem;
+    reason: string;
+  };
+}
+
+export interface ContentFailed {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "content.failed";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    stage: string;
+    /**
+     * Stable error code, e.g. invalid_event, handler_failed.
+     */
+    code: string;
+    reason: string;
+    attempts: number;
+    dead_letter_subject?: string;
+    /**
+     * The message the stage gave up on, as decoded JSON (omitted when it was not a JSON object or was over 256 KiB; the dead letter always keeps it).
+     */
+    original?: {
+      [k: string]: unknown;
+    };
+  };
+}
+
+export interface ContentState {
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  id: string;
+  status:
+    | "uploaded"
+    | "moderated"
+    | "pending_review"
+    | "escalated"
+    | "decided"
+    | "published"
+    | "archived"
+    | "failed";
+  stage: string;
+  trace_id: string;
+  created_at: string;
+  updated_at: string;
+  content?: ContentItem;
+  moderation?: Moderation;
+  review?: {
+    reviewer?: string;
+    claimed_at?: string;
+    decision?: "approve" | "reject";
+    reason?: string;
+    automatic?: boolean;
+    escalation_level?: number;
+    due_at?: string;
+  };
+  error?: {
+    stage: string;
+    code: string;
+    reason: string;
+    attempts: number;
+  };
+  stages: {
+    [k: string]: {
+      at: string;
+      event_id: string;
+      seq: number;
+    };
+  };
+}
+
+export interface ReviewDecisionRequest {
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  id?: string;
+  decision: "approve" | "reject";
+  reason: string;
+  /**
+   * The reviewer; must match the credential's name when one is used.
+   */
+  reviewer?: string;
+}
+
+export interface Schedule {
+  id?: string;
+  /**
+   * Subject to publish on (must be captured by a JetStream stream).
+   */
+  subject: string;
+  /**
+   * JSON value published as the message body.
+   */
+  payload: {
+    [k: string]: unknown;
+  };
+  at?: string;
+  /**
+   * Cron expression (5 or 6 fields, UTC).
+   */
+  cron?: string;
+  description?: string;
+}
+
+export interface DigestRequest {
+  /**
+   * The digest covers this long before the request; defaults to WEFT_DIGEST_WINDOW_MS.
+   */
+  window_ms?: number;
+}
+
+export interface DigestFeedbackCounts {
+  /**
+   * Event id; also the Nats-Msg-Id used for de-duplication.
+   */
+  id: string;
+  type: "digest.feedback_counts";
+  version: 1;
+  /**
+   * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
+   */
+  item_id: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
+  trace_id: string;
+  time: string;
+  /**
+   * The service that produced the event.
+   */
+  source: string;
+  data: {
+    window_start: string;
+    window_end: string;
+    total: number;
+    /**
+     * Dispatched items per team.
+     */
+    teams: {
+      [k: string]: number;
+    };
+  };
 }

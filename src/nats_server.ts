@@ -92,7 +92,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
         args,
         cwd: opts.cwd,
         stdin: "null",
-        stdout: "null",
+        stdout: "piped",
         stderr: "piped",
         detached: opts.detached ?? false,
       }).spawn();
@@ -103,12 +103,24 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
       throw err;
     }
     exited = child.status;
+    // Configuration errors are printed on stdout; the log goes to stderr.
+    let stdout = "";
+    (async () => {
+      for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
+        stdout = (stdout + chunk).slice(-4000);
+      }
+    })().catch(() => {});
     const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     const ready = (async () => {
       while (true) {
         const { value, done } = await lines.read();
-        if (done) throw new Error(`nats-server exited before it was ready: ${buffer.slice(-2000)}`);
+        if (done) {
+          await exited;
+          throw new Error(
+            `nats-server exited before it was ready: ${(stdout + buffer).trim().slice(-2000)}`,
+          );
+        }
         buffer += value;
         let nl: number;
         while ((nl = buffer.indexOf("\n")) >= 0) {

@@ -12,10 +12,12 @@ import { validateDocument } from "./schemas.ts";
 /** Routes an item to a team from its sentiment and topics. */
 export type Router = (sentiment: SentimentLabel, topics: readonly string[]) => Routing;
 
-/** A ruleset turned into analyzers and a router. */
+/** A ruleset turned into a router and, when it has keyword rules, analyzers. */
 export interface CompiledRules {
-  sentiment: SentimentAnalyzer;
-  topics: TopicsAnalyzer;
+  /** Present when the ruleset has `sentiment` keyword rules. */
+  sentiment?: SentimentAnalyzer;
+  /** Present when the ruleset has `topics` keyword rules. */
+  topics?: TopicsAnalyzer;
   route: Router;
 }
 
@@ -31,16 +33,16 @@ export interface CompiledRules {
  *   topics: { rules: [{ topic: "praise", any: ["love"] }], default: "general_inquiry" },
  *   routing: [{ team: "General Support" }],
  * });
- * console.assert(rules.sentiment.analyze("I LOVE it").label === "positive");
+ * console.assert(rules.sentiment?.analyze("I LOVE it").label === "positive");
  * ```
  */
 export function compileRules(document: unknown): CompiledRules {
   const ruleset = validateDocument("rules", document);
-  const sentimentRules = ruleset.sentiment.rules.map((r) => ({
+  const sentimentRules = (ruleset.sentiment?.rules ?? []).map((r) => ({
     ...r,
     any: r.any.map((k) => k.toLowerCase()),
   }));
-  const topicRules = ruleset.topics.rules.map((r) => ({
+  const topicRules = (ruleset.topics?.rules ?? []).map((r) => ({
     ...r,
     any: r.any.map((k) => k.toLowerCase()),
   }));
@@ -59,7 +61,7 @@ export function compileRules(document: unknown): CompiledRules {
           };
         }
       }
-      const label = ruleset.sentiment.default;
+      const label = ruleset.sentiment!.default;
       return { label, score: label === "neutral" ? 0 : defaultScore[label], analyzer: "rules" };
     },
   };
@@ -76,7 +78,7 @@ export function compileRules(document: unknown): CompiledRules {
         if (!found.includes(rule.topic)) found.push(rule.topic);
         (evidence[rule.topic] ??= []).push(...hits);
       }
-      if (found.length === 0) found.push(ruleset.topics.default);
+      if (found.length === 0) found.push(ruleset.topics!.default);
       return { topics: found, evidence, analyzer: "rules" };
     },
   };
@@ -91,7 +93,11 @@ export function compileRules(document: unknown): CompiledRules {
     throw new Error("no routing rule matched: the ruleset needs a final rule without 'when'");
   };
 
-  return { sentiment, topics, route };
+  return {
+    ...(ruleset.sentiment ? { sentiment } : {}),
+    ...(ruleset.topics ? { topics } : {}),
+    route,
+  };
 }
 
 /** Reads and compiles a ruleset file. */

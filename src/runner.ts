@@ -16,6 +16,7 @@ import {
   jetstreamManager,
   type JsMsg,
 } from "@nats-io/jetstream";
+import type { Span } from "@opentelemetry/api";
 import type { Config } from "./config.ts";
 import { ErrorCode, isPermanent, toDeadLetterReason, ValidationError } from "./errors.ts";
 import { createEvent, deterministicId } from "./events.ts";
@@ -25,10 +26,25 @@ import type { Logger } from "./log.ts";
 import { retryDelay } from "./retry.ts";
 import { validateDocument, validateEvent } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
-import { deadLetterSubject, eventSubject, FEEDBACK_STREAM, FeedbackEventType } from "./subjects.ts";
+import {
+  deadLetterSubject,
+  eventSubject,
+  FEEDBACK_STREAM,
+  FeedbackEventType,
+  parseEventSubject,
+} from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
 import { childContext, formatTraceparent, parseTraceparent, type TraceContext } from "./trace.ts";
+import { WeftMetrics } from "./metrics.ts";
+import {
+  activeTraceContext,
+  recordFailure,
+  SpanKind,
+  startSpan,
+  traceContextOf,
+  withSpan,
+} from "./telemetry.ts";
 
 /** Counters a runner keeps; metrics read them. */
 export interface StageStats {
@@ -64,6 +80,8 @@ export interface RunStageOptions<I extends StageInput> {
   /** Recorded as the `source` of events; defaults to `weft-<stage>`. */
   source?: string;
   now?: () => Date;
+  /** Where the stage's Prometheus metrics go; a private registry when absent. */
+  metrics?: WeftMetrics;
 }
 
 const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
@@ -118,6 +136,11 @@ export function itemIdOf(raw: unknown): string | undefined {
   return typeof candidate === "string" && ITEM_ID.test(candidate) ? candidate : undefined;
 }
 
+function typeOfRaw(raw: unknown): string | undefined {
+  const t = (raw as { type?: unknown } | null)?.type;
+  return typeof t === "string" ? t : undefined;
+}
+
 function traceIdOf(raw: unknown, fromHeader?: TraceContext | null): string | undefined {
   if (fromHeader) return fromHeader.traceId;
   const t = (raw as { trace_id?: unknown } | null)?.trace_id;
@@ -134,7 +157,10 @@ export async function publishEvent(
   h.set(
     "traceparent",
     formatTraceparent(
-      childContext(parent ?? { traceId: event.trace_id, spanId: "", sampled: true }),
+      // With telemetry on, the active span (the stage's consumer span, the gateway's
+      // HTTP span) is the parent of the next hop; otherwise a new span id per hop.
+      activeTraceContext() ??
+        childContext(parent ?? { traceId: event.trace_id, spanId: "", sampled: true }),
     ),
   );
   h.set("Weft-Event-Type", event.type);
@@ -151,6 +177,8 @@ export interface DeadLetterContext {
   source: string;
   now: () => Date;
   log: Logger;
+  /** The failure event published for the item; defaults to `feedback.failed`. */
+  failedType?: "feedback.failed" | "content.failed";
 }
 
 /**
@@ -192,9 +220,10 @@ export async function deadLetter(
     msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
   });
   if (itemId) {
+    const failedType = ctx.failedType ?? FeedbackEventType.Failed;
     const failed = createEvent({
-      type: FeedbackEventType.Failed,
-      id: deterministicId(itemId, FeedbackEventType.Failed, String(m.seq)),
+      type: failedType,
+      id: deterministicId(itemId, failedType, String(m.seq)),
       itemId,
       traceId: traceIdOf(raw, trace) ?? childContext().traceId,
       source: ctx.source,
@@ -216,6 +245,8 @@ export async function deadLetter(
   m.term();
   ctx.log.warn("dead-lettered", {
     item_id: itemId,
+    trace_id: traceIdOf(raw, trace),
+    event_type: typeOfRaw(raw),
     code,
     reason,
     attempts: m.info.deliveryCount,
@@ -246,10 +277,13 @@ export async function runStage<I extends StageInput>(
   const source = opts.source ?? `weft-${stage.name}`;
   const now = opts.now ?? (() => new Date());
   const log = opts.log.with({ stage: stage.name });
+  const metrics = opts.metrics ?? new WeftMetrics();
+  const labels = { stage: stage.name };
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
-  await ensureConsumer(jsm, FEEDBACK_STREAM, stageConsumerConfig(stage, config));
-  const consumer = await js.consumers.get(FEEDBACK_STREAM, stage.name);
+  const stream = stage.stream ?? FEEDBACK_STREAM;
+  await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config));
+  const consumer = await js.consumers.get(stream, stage.name);
   // Pull only as many messages as there are free handler slots (no prefetch): a message
   // starts its handler, and so its in-progress acks, the moment it arrives, so a slow
   // handler can never let a waiting message's ack wait expire.
@@ -266,11 +300,31 @@ export async function runStage<I extends StageInput>(
   const abort = new AbortController();
   const inFlight = new Set<Promise<void>>();
   let wake: (() => void) | undefined;
-  const dlContext: DeadLetterContext = { js, stage: stage.name, source, now, log };
+  const dlContext: DeadLetterContext = {
+    js,
+    stage: stage.name,
+    source,
+    now,
+    log,
+    failedType: stage.failedType,
+  };
 
-  async function handle(m: JsMsg): Promise<void> {
+  function handle(m: JsMsg): Promise<void> {
+    const parent = parseTraceparent(m.headers?.get("traceparent"));
+    const span = startSpan(`${stage.name} process`, SpanKind.CONSUMER, parent, {
+      "messaging.system": "nats",
+      "messaging.destination.name": m.subject,
+      "messaging.operation.type": "process",
+      "weft.stage": stage.name,
+      "weft.delivery_count": m.info.deliveryCount,
+    });
+    return withSpan(span, () => handleIn(m, traceContextOf(span) ?? parent, span))
+      .finally(() => span.end());
+  }
+
+  async function handleIn(m: JsMsg, trace: TraceContext | null, span: Span): Promise<void> {
     stats.received++;
-    const trace = parseTraceparent(m.headers?.get("traceparent"));
+    metrics.received.inc(labels);
     let raw: unknown;
     let keepAlive: ReturnType<typeof setInterval> | undefined;
     const message: MessageInfo = {
@@ -285,22 +339,40 @@ export async function runStage<I extends StageInput>(
       const input = validateInput(stage.input, raw);
       // Keep the lease while a slow handler works, instead of being redelivered mid-work.
       keepAlive = setInterval(() => m.working(), Math.max(500, Math.floor(config.ackWaitMs / 3)));
+      const itemId = itemIdOf(raw);
+      if (itemId) span.setAttribute("weft.item_id", itemId);
       const started = performance.now();
       const outputs = await stage.handle(input, { source, message, now, signal: abort.signal });
-      stats.handlerMs += performance.now() - started;
+      const took = performance.now() - started;
+      stats.handlerMs += took;
+      metrics.handlerSeconds.observe(labels, took / 1000);
       for (const event of outputs) {
         validateEvent(event, [event.type]); // a handler emitting a bad event is a bug: stop it here
         await publishEvent(js, event, trace);
         stats.published++;
+        metrics.published.inc({ stage: stage.name, type: event.type });
       }
       m.ack();
       stats.processed++;
+      metrics.processed.inc(labels);
+      log.debug("handled", {
+        item_id: itemId,
+        trace_id: trace?.traceId ?? traceIdOf(raw),
+        event_type: typeOfRaw(raw),
+        emitted: outputs.map((e) => e.type),
+        handler_ms: Math.round(took * 1000) / 1000,
+      });
     } catch (err) {
+      recordFailure(span, err);
+      metrics.failed.inc({ stage: stage.name, code: toDeadLetterReason(err).code });
       if (isPermanent(err) || m.info.deliveryCount >= config.maxAttempts) {
         try {
-          const itemId = stage.identify ? stage.identify(raw, message) : itemIdOf(raw);
+          const itemId = stage.identify
+            ? stage.identify(raw, message)
+            : itemIdOf(raw) ?? parseEventSubject(m.subject)?.itemId;
           await deadLetter(dlContext, m, err, raw, itemId, trace);
           stats.deadLettered++;
+          metrics.deadLettered.inc(labels);
         } catch (dlErr) {
           // Could not record the dead letter (NATS down?): let the server redeliver.
           log.error("dead-letter failed", { err: dlErr });
@@ -313,8 +385,11 @@ export async function runStage<I extends StageInput>(
           config.retryMaxMs,
         );
         stats.retried++;
+        metrics.retried.inc(labels);
         log.warn("retrying", {
           item_id: itemIdOf(raw),
+          trace_id: trace?.traceId ?? traceIdOf(raw),
+          event_type: typeOfRaw(raw),
           attempt: m.info.deliveryCount,
           delay_ms: delay,
           err,
@@ -354,7 +429,7 @@ export async function runStage<I extends StageInput>(
         if (stopping) break;
         log.warn("fetch failed; retrying", { err });
         await new Promise((r) => setTimeout(r, 500));
-        await ensureConsumer(jsm, FEEDBACK_STREAM, stageConsumerConfig(stage, config))
+        await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config))
           .catch(() => {});
       }
     }

@@ -22,8 +22,42 @@ import failed from "../schemas/feedback.failed.v1.json" with { type: "json" };
 import state from "../schemas/feedback.state.v1.json" with { type: "json" };
 import deadletter from "../schemas/deadletter.v1.json" with { type: "json" };
 import rules from "../schemas/rules.v1.json" with { type: "json" };
+import contentSubmit from "../schemas/content.submit.v1.json" with { type: "json" };
+import contentUploaded from "../schemas/content.uploaded.v1.json" with { type: "json" };
+import contentModerated from "../schemas/content.moderated.v1.json" with { type: "json" };
+import contentReviewRequested from "../schemas/content.review_requested.v1.json" with {
+  type: "json",
+};
+import contentReviewClaimed from "../schemas/content.review_claimed.v1.json" with { type: "json" };
+import contentSlaExpired from "../schemas/content.sla_expired.v1.json" with { type: "json" };
+import contentEscalated from "../schemas/content.escalated.v1.json" with { type: "json" };
+import contentDecided from "../schemas/content.decided.v1.json" with { type: "json" };
+import contentPublished from "../schemas/content.published.v1.json" with { type: "json" };
+import contentArchived from "../schemas/content.archived.v1.json" with { type: "json" };
+import contentFailed from "../schemas/content.failed.v1.json" with { type: "json" };
+import contentState from "../schemas/content.state.v1.json" with { type: "json" };
+import reviewDecision from "../schemas/review.decision.v1.json" with { type: "json" };
+import schedule from "../schemas/schedule.v1.json" with { type: "json" };
+import digestRequest from "../schemas/digest.request.v1.json" with { type: "json" };
+import digestFeedbackCounts from "../schemas/digest.feedback_counts.v1.json" with {
+  type: "json",
+};
 import type {
+  ContentArchived,
+  ContentDecided,
+  ContentEscalated,
+  ContentFailed,
+  ContentModerated,
+  ContentPublished,
+  ContentReviewClaimed,
+  ContentReviewRequested,
+  ContentSlaExpired,
+  ContentState,
+  ContentSubmission,
+  ContentUploaded,
   DeadLetter,
+  DigestFeedbackCounts,
+  DigestRequest,
   FeedbackBatchSubmission,
   FeedbackDispatched,
   FeedbackFailed,
@@ -33,7 +67,9 @@ import type {
   FeedbackState,
   FeedbackSubmission,
   FeedbackTopicsExtracted,
+  ReviewDecisionRequest,
   Ruleset,
+  Schedule,
 } from "./events.gen.ts";
 
 /** Every event type with its payload type, keyed by `type`. */
@@ -44,9 +80,24 @@ export interface EventMap {
   "feedback.dispatched": FeedbackDispatched;
   "feedback.processed": FeedbackProcessed;
   "feedback.failed": FeedbackFailed;
+  "content.uploaded": ContentUploaded;
+  "content.moderated": ContentModerated;
+  "content.review_requested": ContentReviewRequested;
+  "content.review_claimed": ContentReviewClaimed;
+  "content.sla_expired": ContentSlaExpired;
+  "content.escalated": ContentEscalated;
+  "content.decided": ContentDecided;
+  "content.published": ContentPublished;
+  "content.archived": ContentArchived;
+  "content.failed": ContentFailed;
+  "digest.feedback_counts": DigestFeedbackCounts;
 }
 /** Any Weft event. */
 export type AnyEvent = EventMap[keyof EventMap];
+/** Any event of the feedback pipeline. */
+export type FeedbackEvent = EventMap[Extract<keyof EventMap, `feedback.${string}`>];
+/** Any event of the content moderation pipeline. */
+export type ContentEvent = EventMap[Extract<keyof EventMap, `content.${string}`>];
 
 /** Documents that are not events but have schemas too. */
 export interface DocumentMap {
@@ -55,6 +106,11 @@ export interface DocumentMap {
   "feedback.state": FeedbackState;
   "deadletter": DeadLetter;
   "rules": Ruleset;
+  "content.submit": ContentSubmission;
+  "content.state": ContentState;
+  "review.decision": ReviewDecisionRequest;
+  "schedule": Schedule;
+  "digest.request": DigestRequest;
 }
 
 // ajv-formats is CommonJS; its default export arrives wrapped under Deno's npm interop.
@@ -72,6 +128,17 @@ const eventSchemas: Record<keyof EventMap, object> = {
   "feedback.dispatched": dispatched,
   "feedback.processed": processed,
   "feedback.failed": failed,
+  "content.uploaded": contentUploaded,
+  "content.moderated": contentModerated,
+  "content.review_requested": contentReviewRequested,
+  "content.review_claimed": contentReviewClaimed,
+  "content.sla_expired": contentSlaExpired,
+  "content.escalated": contentEscalated,
+  "content.decided": contentDecided,
+  "content.published": contentPublished,
+  "content.archived": contentArchived,
+  "content.failed": contentFailed,
+  "digest.feedback_counts": digestFeedbackCounts,
 };
 const documentSchemas: Record<keyof DocumentMap, object> = {
   "feedback.submit": submit,
@@ -79,6 +146,11 @@ const documentSchemas: Record<keyof DocumentMap, object> = {
   "feedback.state": state,
   "deadletter": deadletter,
   "rules": rules,
+  "content.submit": contentSubmit,
+  "content.state": contentState,
+  "review.decision": reviewDecision,
+  "schedule": schedule,
+  "digest.request": digestRequest,
 };
 ajv.addSchema(submit);
 

@@ -10,6 +10,8 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import { type Config, describeConfig, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { connectNats } from "./nats.ts";
+import { WeftMetrics } from "./metrics.ts";
+import { registerMicroService } from "./micro.ts";
 import { runStage } from "./runner.ts";
 import type { Stage, StageInput } from "./stage.ts";
 import { ensureTopology } from "./topology.ts";
@@ -18,6 +20,8 @@ import { ensureTopology } from "./topology.ts";
 export interface Runnable {
   stop(): Promise<void>;
   readonly done: Promise<void>;
+  /** Counters shown by the service's `status` endpoint and `nats micro stats`. */
+  readonly stats?: Readonly<object>;
 }
 
 /** What a service's start function receives. */
@@ -25,6 +29,8 @@ export interface ServiceContext {
   config: Config;
   log: Logger;
   nc: NatsConnection;
+  /** The service's Prometheus metrics (gathered by the gateway's GET /metrics). */
+  metrics: WeftMetrics;
 }
 
 /**
@@ -38,6 +44,7 @@ export interface ServiceContext {
 export async function runService(
   name: string,
   start: (ctx: ServiceContext) => Promise<Runnable>,
+  opts: { description?: string; answersMetrics?: boolean } = {},
 ): Promise<void> {
   let config: Config;
   try {
@@ -47,7 +54,7 @@ export async function runService(
     Deno.exit(2);
   }
   const log = createLogger(`weft-${name}`, config.logLevel);
-  log.info("starting", { config: describeConfig(config) });
+  log.info("starting", { pid: Deno.pid, config: describeConfig(config) });
   const nc = await connectNats(config.natsUrl, `weft-${name}`);
   (async () => {
     for await (const s of nc.status()) {
@@ -55,12 +62,23 @@ export async function runService(
     }
   })().catch(() => {});
   await ensureTopology(nc, await jetstreamManager(nc), config);
-  const running = await start({ config, log, nc });
+  const metrics = new WeftMetrics();
+  const running = await start({ config, log, nc, metrics });
+  const micro = await registerMicroService({
+    nc,
+    name,
+    description: opts.description ?? `Weft ${name} service`,
+    metrics,
+    answersMetrics: opts.answersMetrics ?? true,
+    status: () => ({ ...running.stats }),
+    log,
+  });
   let stopping = false;
   const stop = async () => {
     if (stopping) return;
     stopping = true;
     log.info("stopping");
+    await micro.stop().catch(() => {});
     await running.stop();
     await nc.drain().catch(() => {});
     Deno.exit(0);
@@ -83,5 +101,23 @@ export function runStageService<I extends StageInput>(
   return runService(name, async (ctx) => {
     const stage = await makeStage(ctx);
     return runStage({ ...ctx, stage });
-  });
+  }, { description: `Weft pipeline stage ${name}` });
+}
+
+/**
+ * Several runnables as one: stops them all together, and is done when any one stops
+ * (a service whose consumer ended should exit and be restarted whole).
+ *
+ * @example
+ * ```ts ignore
+ * return combineRunnables([await runStage({ ...ctx, stage: a }), await runStage({ ...ctx, stage: b })]);
+ * ```
+ */
+export function combineRunnables(parts: Runnable[]): Runnable {
+  return {
+    done: Promise.race(parts.map((p) => p.done)),
+    async stop() {
+      await Promise.all(parts.map((p) => p.stop()));
+    },
+  };
 }

@@ -52,6 +52,10 @@ export interface Stage<I extends StageInput = StageInput> {
   name: string;
   /** The subject filter of its durable consumer. */
   filterSubject: string;
+  /** The stream its durable consumer reads; defaults to FEEDBACK. */
+  stream?: string;
+  /** The event type published for an item that is dead-lettered; defaults to `feedback.failed`. */
+  failedType?: "feedback.failed" | "content.failed";
   /** What it consumes. */
   input: I;
   /**

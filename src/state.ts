@@ -7,7 +7,7 @@
  * @module
  */
 import type { FeedbackState } from "./events.gen.ts";
-import type { AnyEvent } from "./schemas.ts";
+import type { AnyEvent, FeedbackEvent } from "./schemas.ts";
 import { FeedbackEventType as T } from "./subjects.ts";
 
 /** Pipeline order of event types; final events rank last. */
@@ -74,7 +74,7 @@ export function applyEvent(
       };
     }
   } else {
-    const d = event.data;
+    const d = (event as Exclude<FeedbackEvent, { type: "feedback.failed" }>).data;
     // Later stages carry every earlier field; never let an earlier event erase a later one.
     if (rank >= currentRank || next.text === undefined) {
       next.text = d.text;

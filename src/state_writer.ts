@@ -26,18 +26,48 @@ import type { FeedbackState } from "./events.gen.ts";
 import type { Logger } from "./log.ts";
 import { retryDelay } from "./retry.ts";
 import { deadLetter, decodeJson } from "./runner.ts";
-import type { AnyEvent } from "./schemas.ts";
+import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
 import { applyEvent } from "./state.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
 import { parseTraceparent } from "./trace.ts";
+import type { WeftMetrics } from "./metrics.ts";
 
 /** The durable consumer name of the state writer. */
 export const STATE_WRITER = "state";
 const ALL_EVENTS = "feedback.*.*";
 const EVENT_TYPES = Object.values(FeedbackEventType);
 const MAX_CACHED = 20_000;
+
+/** What a state writer folds: which events, into which bucket, how. */
+export interface StateSpec<S> {
+  /** Durable consumer name. */
+  durable: string;
+  stream: string;
+  /** Subject filter of every event to fold. */
+  filter: string;
+  bucket: string;
+  eventTypes: readonly (keyof EventMap)[];
+  /** Pure, idempotent fold of one event stored at `seq`. */
+  apply(state: S | undefined, event: AnyEvent, seq: number): S;
+  /** True when nothing more will happen to the item (it leaves the cache). */
+  isFinal(state: S): boolean;
+  /** Recorded as the source of dead letters. */
+  source: string;
+}
+
+/** The feedback pipeline's state: the default spec. */
+export const FEEDBACK_STATE_SPEC: StateSpec<FeedbackState> = {
+  durable: STATE_WRITER,
+  stream: FEEDBACK_STREAM,
+  filter: ALL_EVENTS,
+  bucket: STATE_BUCKET,
+  eventTypes: EVENT_TYPES,
+  apply: applyEvent,
+  isFinal: (s) => s.status === "processed" || s.status === "failed",
+  source: "weft-state",
+};
 
 /** A running state writer. */
 export interface StateWriter {
@@ -46,8 +76,8 @@ export interface StateWriter {
   readonly done: Promise<void>;
 }
 
-interface Cached {
-  state: FeedbackState;
+interface Cached<S> {
+  state: S;
   revision: number;
 }
 
@@ -60,17 +90,17 @@ function isWrongLastSequence(err: unknown): boolean {
 const encoder = new TextEncoder();
 
 /** Reads an item's state from the bucket; null when there is none. */
-export async function readState(
+export async function readState<S = FeedbackState>(
   kv: KV,
   id: string,
-): Promise<{ state: FeedbackState; revision: number } | null> {
+): Promise<{ state: S; revision: number } | null> {
   const e = await kv.get(id);
   if (!e || e.operation !== "PUT" || e.length === 0) return null;
-  return { state: e.json<FeedbackState>(), revision: e.revision };
+  return { state: e.json<S>(), revision: e.revision };
 }
 
-/** Starts the state writer. */
-export async function runStateWriter(opts: {
+/** Starts the state writer (of the feedback pipeline unless `spec` says otherwise). */
+export async function runStateWriter<S = FeedbackState>(opts: {
   nc: NatsConnection;
   config: Pick<
     Config,
@@ -78,42 +108,55 @@ export async function runStateWriter(opts: {
   >;
   log: Logger;
   now?: () => Date;
+  spec?: StateSpec<S>;
+  /** Where the writer counts events and observes end-to-end latency. */
+  metrics?: WeftMetrics;
 }): Promise<StateWriter> {
+  const metrics = opts.metrics;
   const { nc, config } = opts;
-  const log = opts.log.with({ stage: STATE_WRITER });
+  const spec = opts.spec ?? (FEEDBACK_STATE_SPEC as unknown as StateSpec<S>);
+  const log = opts.log.with({ stage: spec.durable });
   const now = opts.now ?? (() => new Date());
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
-  const kv = await new Kvm(nc).open(STATE_BUCKET);
-  await ensureConsumer(jsm, FEEDBACK_STREAM, {
-    durable_name: STATE_WRITER,
+  const kv = await new Kvm(nc).open(spec.bucket);
+  await ensureConsumer(jsm, spec.stream, {
+    durable_name: spec.durable,
     description: "Weft state writer: folds every event into the item's KV entry",
-    filter_subject: ALL_EVENTS,
+    filter_subject: spec.filter,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
     ack_wait: config.ackWaitMs * 1_000_000,
     max_deliver: config.maxAttempts + 2,
     max_ack_pending: 20_000,
   });
-  const consumer = await js.consumers.get(FEEDBACK_STREAM, STATE_WRITER);
+  const consumer = await js.consumers.get(spec.stream, spec.durable);
   const messages = await consumer.consume({ max_messages: 2000 });
   const stats = { events: 0, writes: 0, conflicts: 0, batches: 0 };
-  const cache = new Map<string, Cached>();
-  const dlContext = { js, stage: STATE_WRITER, source: "weft-state", now, log };
+  const cache = new Map<string, Cached<S>>();
+  const dlContext = { js, stage: spec.durable, source: spec.source, now, log };
 
-  function remember(id: string, entry: Cached) {
+  function remember(id: string, entry: Cached<S>) {
     cache.delete(id);
-    if (entry.state.status === "processed" || entry.state.status === "failed") return;
+    if (spec.isFinal(entry.state)) return;
     cache.set(id, entry);
     if (cache.size > MAX_CACHED) cache.delete(cache.keys().next().value!);
   }
 
+  /** Observes end-to-end latency once, when an item's state first becomes final. */
+  function observeFinal(before: S | undefined, after: S) {
+    if (!metrics || !spec.isFinal(after) || (before !== undefined && spec.isFinal(before))) return;
+    const t = after as { created_at?: string; updated_at?: string; status?: string };
+    const seconds = (Date.parse(t.updated_at ?? "") - Date.parse(t.created_at ?? "")) / 1000;
+    if (seconds >= 0) metrics.endToEndSeconds.observe({ outcome: t.status ?? "final" }, seconds);
+  }
+
   /** Writes one item's new events; returns when written (or throws). */
   async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
-    let base: Cached | null = cache.get(id) ?? null;
+    let base: Cached<S> | null = cache.get(id) ?? null;
     for (let attempt = 0; attempt < 10; attempt++) {
       let state = base?.state;
-      for (const { event, seq } of events) state = applyEvent(state, event, seq);
+      for (const { event, seq } of events) state = spec.apply(state, event, seq);
       if (base && state === base.state) return; // nothing new: a redelivery
       const body = encoder.encode(JSON.stringify(state));
       try {
@@ -121,6 +164,7 @@ export async function runStateWriter(opts: {
           ? await kv.update(id, body, base.revision)
           : await kv.create(id, body);
         stats.writes++;
+        observeFinal(base?.state, state!);
         remember(id, { state: state!, revision });
         return;
       } catch (err) {
@@ -129,7 +173,7 @@ export async function runStateWriter(opts: {
         }
         stats.conflicts++;
         cache.delete(id);
-        base = await readState(kv, id);
+        base = await readState<S>(kv, id);
       }
     }
     throw new Error(`state of ${id} kept changing under the writer`);
@@ -140,10 +184,11 @@ export async function runStateWriter(opts: {
     const byItem = new Map<string, { msgs: JsMsg[]; events: { event: AnyEvent; seq: number }[] }>();
     for (const m of batch) {
       stats.events++;
+      metrics?.received.inc({ stage: STATE_WRITER });
       let raw: unknown;
       try {
         raw = decodeJson(m.data);
-        const event = validateEvent(raw, EVENT_TYPES);
+        const event = validateEvent(raw, spec.eventTypes);
         const group = byItem.get(event.item_id) ?? { msgs: [], events: [] };
         group.msgs.push(m);
         group.events.push({ event, seq: m.seq });
@@ -159,6 +204,7 @@ export async function runStateWriter(opts: {
           undefined,
           parseTraceparent(m.headers?.get("traceparent")),
         )
+          .then(() => metrics?.deadLettered.inc({ stage: STATE_WRITER }))
           .catch(() => m.nak(1000));
       }
     }
@@ -166,8 +212,11 @@ export async function runStateWriter(opts: {
       try {
         await writeItem(id, group.events);
         for (const m of group.msgs) m.ack();
+        metrics?.processed.inc({ stage: STATE_WRITER }, group.msgs.length);
       } catch (err) {
         log.warn("state write failed", { item_id: id, err });
+        metrics?.failed.inc({ stage: STATE_WRITER, code: "state_write_failed" });
+        metrics?.retried.inc({ stage: STATE_WRITER }, group.msgs.length);
         for (const m of group.msgs) {
           m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
         }
@@ -198,7 +247,7 @@ export async function runStateWriter(opts: {
     await flushing;
   })();
 
-  log.info("state writer started", { bucket: STATE_BUCKET, flush_ms: config.stateFlushMs });
+  log.info("state writer started", { bucket: spec.bucket, flush_ms: config.stateFlushMs });
   return {
     stats,
     done,

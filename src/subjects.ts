@@ -68,3 +68,67 @@ export function parseEventSubject(subject: string): { type: string; itemId: stri
 export function deadLetterSubject(stage: string, itemId: string | undefined): string {
   return `deadletter.${stage}.${itemId ?? "unknown"}`;
 }
+
+/**
+ * The JetStream stream holding every event of the content moderation pipeline, on
+ * `content.<type>.<item_id>` (`nats sub 'content.>'`).
+ */
+export const CONTENT_STREAM = "CONTENT";
+/** KV bucket with one entry per content item: its moderation state. */
+export const CONTENT_STATE_BUCKET = "weft_content_state";
+/** KV bucket of the human review queue: one entry per item under review. */
+export const REVIEW_BUCKET = "weft_reviews";
+/** Object store bucket holding binary uploads. */
+export const CONTENT_OBJECT_BUCKET = "weft_content_objects";
+/** KV bucket of schedules (delayed and recurring events). */
+export const SCHEDULE_BUCKET = "weft_schedules";
+/** KV bucket of per-firing leases: the replica that creates the lease fires. */
+export const SCHEDULE_LEASE_BUCKET = "weft_schedule_leases";
+
+/** Request/reply content submission (`nats req weft.content.submit '{"text":"..."}'`). */
+export const CONTENT_SUBMIT_REQUEST_SUBJECT = "weft.content.submit";
+/** Request/reply content state lookup (`nats req weft.content.get ID`). */
+export const CONTENT_GET_REQUEST_SUBJECT = "weft.content.get";
+/** Request/reply review queue listing (`nats req weft.reviews.list '{"status":"pending"}'`). */
+export const REVIEWS_LIST_REQUEST_SUBJECT = "weft.reviews.list";
+/** Request/reply claim (`nats req weft.reviews.claim '{"id":"...","reviewer":"alice"}'`). */
+export const REVIEWS_CLAIM_REQUEST_SUBJECT = "weft.reviews.claim";
+/** Request/reply decision (`nats req weft.reviews.decide '{"id":"...","decision":"approve",...}'`). */
+export const REVIEWS_DECIDE_REQUEST_SUBJECT = "weft.reviews.decide";
+/** Request/reply schedule management: `weft.schedules.<create|list|get|cancel>`. */
+export const SCHEDULES_REQUEST_PREFIX = "weft.schedules";
+
+/** The event types of the content moderation pipeline. */
+export const ContentEventType = {
+  Uploaded: "content.uploaded",
+  Moderated: "content.moderated",
+  ReviewRequested: "content.review_requested",
+  ReviewClaimed: "content.review_claimed",
+  SlaExpired: "content.sla_expired",
+  Escalated: "content.escalated",
+  Decided: "content.decided",
+  Published: "content.published",
+  Archived: "content.archived",
+  Failed: "content.failed",
+} as const;
+/** One of {@link ContentEventType}. */
+export type ContentEventType = typeof ContentEventType[keyof typeof ContentEventType];
+
+/** Content event types after which nothing more happens to an item. */
+export const CONTENT_FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
+  ContentEventType.Published,
+  ContentEventType.Archived,
+  ContentEventType.Failed,
+]);
+
+/** The subject filter matching every content event of one item. */
+export function contentEventsFilter(itemId: string): string {
+  return `content.*.${itemId}`;
+}
+
+/** The JetStream stream of digests and their requests (`digest.>`). */
+export const DIGEST_STREAM = "DIGEST";
+/** Where a feedback digest is requested (the recurring schedule publishes here). */
+export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
+/** The id of the recurring schedule that requests the feedback digest. */
+export const DIGEST_SCHEDULE_ID = "feedback-digest";

@@ -8,11 +8,14 @@
  * @module
  */
 import { jetstreamManager } from "@nats-io/jetstream";
-import { type Config, describeConfig, ENV_NAMES, loadConfig } from "./config.ts";
+import { type Config, describeConfig, ENV_PERMISSION, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { connectNats } from "./nats.ts";
 import { type NatsServer, NatsServerMissingError, startNatsServer } from "./nats_server.ts";
 import { ensureTopology } from "./topology.ts";
+
+/** The repository root: service entries and nats.conf are relative to it. */
+const ROOT = new URL("../", import.meta.url);
 
 /** A service the supervisor runs. */
 export interface ServiceSpec {
@@ -21,6 +24,8 @@ export interface ServiceSpec {
   entry: string;
   /** Reads the ruleset file. */
   readsRules?: boolean;
+  /** Runs analyzers: with `llm` ones it calls the LLM endpoint and reads prompts/. */
+  analyzes?: boolean;
   /** Listens on the gateway's host:port. */
   listens?: boolean;
 }
@@ -29,10 +34,16 @@ export interface ServiceSpec {
 export const SERVICES: readonly ServiceSpec[] = [
   { name: "state", entry: "services/state.ts" },
   { name: "ingest", entry: "services/ingest.ts" },
-  { name: "sentiment", entry: "services/sentiment.ts", readsRules: true },
-  { name: "topics", entry: "services/topics.ts", readsRules: true },
+  { name: "sentiment", entry: "services/sentiment.ts", readsRules: true, analyzes: true },
+  { name: "topics", entry: "services/topics.ts", readsRules: true, analyzes: true },
   { name: "dispatch", entry: "services/dispatch.ts", readsRules: true },
   { name: "gateway", entry: "services/gateway.ts", listens: true },
+  { name: "content-state", entry: "services/content_state.ts" },
+  { name: "moderation", entry: "services/moderation.ts", analyzes: true },
+  { name: "review", entry: "services/review.ts" },
+  { name: "storage", entry: "services/storage.ts" },
+  { name: "scheduler", entry: "services/scheduler.ts" },
+  { name: "digest", entry: "services/digest.ts" },
 ];
 
 /** host:port of each server in a NATS URL list, for `--allow-net`. */
@@ -47,15 +58,49 @@ export function natsHosts(natsUrl: string): string[] {
 export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
   const net = [...natsHosts(config.natsUrl)];
   if (spec.listens) net.push(`${config.host}:${config.port}`);
+  const llm = spec.analyzes && config.analyzers === "llm";
+  if (llm) {
+    const u = new URL(config.llmBaseUrl);
+    net.push(`${u.hostname}:${u.port || (u.protocol === "https:" ? 443 : 80)}`);
+  }
   const args = [
     "run",
     "--no-prompt",
+    // Services print only JSON log lines: silence Deno's own progress notices (downloads,
+    // "waiting for file lock"); errors still reach stderr.
+    "--quiet",
     `--allow-net=${net.join(",")}`,
-    `--allow-env=${ENV_NAMES.join(",")}`,
+    `--allow-env=${ENV_PERMISSION}`,
   ];
-  if (spec.readsRules) args.push(`--allow-read=${config.rulesPath}`);
+  const read = [
+    ...(spec.readsRules ? [config.rulesPath] : []),
+    ...(llm ? ["prompts"] : []),
+  ];
+  if (read.length > 0) args.push(`--allow-read=${read.join(",")}`);
   args.push(spec.entry);
   return args;
+}
+
+/**
+ * Extra environment of a service. With telemetry on (`OTEL_DENO=true`, inherited with the
+ * other `OTEL_*` variables, which Deno's runtime reads itself: no `--allow-env` or
+ * `--allow-net` is needed for them), each service is named `weft-<name>` in its spans.
+ */
+export function serviceEnv(
+  spec: ServiceSpec,
+  getEnv: (name: string) => string | undefined,
+): Record<string, string> {
+  const on = getEnv("OTEL_DENO");
+  if (!on || on === "false" || on === "0") return {};
+  return { OTEL_SERVICE_NAME: `weft-${spec.name}` };
+}
+
+function envOrUndefined(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    return undefined; // not in --allow-env: telemetry stays as configured
+  }
 }
 
 /** Delay before restart number `n` of a crashed service, ms. */
@@ -79,10 +124,10 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   } else {
     try {
       nats = await startNatsServer({
-        configFile: config.natsConf,
+        configFile: new URL(config.natsConf, ROOT).pathname,
         port: config.natsPort || undefined,
         monitorPort: config.natsMonitorPort || undefined,
-        storeDir: config.natsStoreDir || undefined,
+        cwd: config.natsDir || ROOT.pathname,
         detached: true,
       });
     } catch (err) {
@@ -106,10 +151,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const start = (spec: ServiceSpec, restarts: number) => {
     const child = new Deno.Command("deno", {
       args: serviceArgs(spec, config),
-      env,
+      env: { ...env, ...serviceEnv(spec, envOrUndefined) },
       stdin: "null",
       stdout: "inherit",
       stderr: "inherit",
+      cwd: ROOT,
       detached: true,
     }).spawn();
     const r: Running = { spec, child, startedAt: Date.now(), restarts };

@@ -22,9 +22,15 @@ import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import type { Config } from "./config.ts";
 import {
+  CONTENT_STATE_BUCKET,
+  CONTENT_STREAM,
   DEADLETTER_STREAM,
+  DIGEST_STREAM,
   FEEDBACK_STREAM,
   IDEMPOTENCY_BUCKET,
+  REVIEW_BUCKET,
+  SCHEDULE_BUCKET,
+  SCHEDULE_LEASE_BUCKET,
   STATE_BUCKET,
 } from "./subjects.ts";
 
@@ -69,6 +75,31 @@ export function streamConfigs(config: TopologyConfig): NamedStreamConfig[] {
       discard: DiscardPolicy.Old,
       max_age: ms(30 * 24 * 3600_000),
       max_bytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 4)),
+      duplicate_window: ms(config.duplicateWindowMs),
+      num_replicas: 1,
+    },
+    {
+      name: CONTENT_STREAM,
+      description: "Weft content moderation: every event of every content item",
+      subjects: ["content.>"],
+      retention: RetentionPolicy.Limits, // SSE replays an item's whole history
+      storage: StorageType.File,
+      discard: DiscardPolicy.Old,
+      max_age: ms(config.retentionMs),
+      max_bytes: config.streamMaxBytes,
+      max_msg_size: 1024 * 1024,
+      duplicate_window: ms(config.duplicateWindowMs),
+      num_replicas: 1,
+    },
+    {
+      name: DIGEST_STREAM,
+      description: "Weft digests: requests (from schedules) and the digests published",
+      subjects: ["digest.>"],
+      retention: RetentionPolicy.Limits,
+      storage: StorageType.File,
+      discard: DiscardPolicy.Old,
+      max_age: ms(config.retentionMs),
+      max_bytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 16)),
       duplicate_window: ms(config.duplicateWindowMs),
       num_replicas: 1,
     },
@@ -155,6 +186,30 @@ export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig):
     history: 1,
     description: "Weft: first answer to each Idempotency-Key",
     ttl: config.idempotencyTtlMs,
+    storage: StorageType.File,
+  });
+  await kvm.create(CONTENT_STATE_BUCKET, {
+    history: 1,
+    description: "Weft: current moderation state of each content item",
+    ttl: config.retentionMs,
+    storage: StorageType.File,
+  });
+  await kvm.create(REVIEW_BUCKET, {
+    history: 1,
+    description: "Weft: the human review queue (compare-and-set claims and decisions)",
+    // Decided entries stay (a second decision must find them) until retention ends.
+    ttl: config.retentionMs,
+    storage: StorageType.File,
+  });
+  await kvm.create(SCHEDULE_BUCKET, {
+    history: 1,
+    description: "Weft: schedules of delayed and recurring events",
+    storage: StorageType.File,
+  });
+  await kvm.create(SCHEDULE_LEASE_BUCKET, {
+    history: 1,
+    description: "Weft: one lease per schedule firing, so replicas fire at most once",
+    ttl: Math.max(config.duplicateWindowMs, 24 * 3600_000),
     storage: StorageType.File,
   });
 }

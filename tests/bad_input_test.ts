@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import type { FeedbackState } from "../src/events.gen.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { DEADLETTER_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
-import { countsByItem, readStates, startMesh, waitFor } from "./helpers/mesh.ts";
+import { countsByItem, readStates, startMesh, waitFor } from "./helpers/fault_mesh.ts";
 
 const HTTP_CASES = 8_000;
 const BUS_CASES = 2_400;

@@ -6,8 +6,8 @@ import assert from "node:assert/strict";
 import type { FeedbackState } from "../src/events.gen.ts";
 import { DEADLETTERS_LIST_SUBJECT, DEADLETTERS_REDRIVE_SUBJECT } from "../src/redrive.ts";
 import type { DeadLetterEntry } from "../src/redrive.ts";
-import { countsByItem, startMesh, TEST_ENV, waitFor } from "./helpers/mesh.ts";
-import { sseFrames } from "./helpers/sse.ts";
+import { countsByItem, startMesh, TEST_ENV, waitFor } from "./helpers/fault_mesh.ts";
+import { sseFrames } from "./helpers/sse_frames.ts";
 
 const json = { "content-type": "application/json" };
 

@@ -8,9 +8,8 @@
 import assert from "node:assert/strict";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
 import { readStream } from "../src/stream_reader.ts";
-import { SERVICES } from "../src/supervisor.ts";
-import { startMesh, waitFor } from "./helpers/mesh.ts";
-import { sseFrames } from "./helpers/sse.ts";
+import { FEEDBACK_SERVICES, startMesh, waitFor } from "./helpers/fault_mesh.ts";
+import { sseFrames } from "./helpers/sse_frames.ts";
 import { makeItems, processedAtLeast, pushItems, report, settle } from "./helpers/scenario.ts";
 
 const N = 2000;
@@ -54,15 +53,15 @@ Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file sto
 Deno.test("a handler slower than the ack wait keeps its lease with in-progress acks and is not redelivered", async () => {
   const started = Date.now();
   await using mesh = await startMesh({
-    env: { WEFT_ACK_WAIT_MS: "2000", WEFT_SLOW_MS: "2500", WEFT_SLOW_STAGE: "topics" },
+    env: { WEFT_ACK_WAIT_MS: "3000", WEFT_SLOW_MS: "4000", WEFT_SLOW_STAGE: "topics" },
     // Fewer slots than items: waiting messages must not be pulled early and expire.
-    serviceEnv: { topics: { WEFT_CONCURRENCY: "500" } },
+    serviceEnv: { topics: { WEFT_CONCURRENCY: "1000" } },
   });
   const items = makeItems("slow", N);
   await pushItems(mesh.js, items);
   const figures = await settle(
     mesh,
-    "handler (topics) 2.5 s, ack wait 2 s, 500 slots",
+    "handler (topics) 4 s, ack wait 3 s, 1000 slots",
     items,
     N,
     started,
@@ -167,7 +166,7 @@ Deno.test("SSE clients of a gateway killed with SIGKILL reconnect with Last-Even
 
 Deno.test("one stage run as three replicas on one durable consumer, one of them killed, processes each item once in effect", async () => {
   const started = Date.now();
-  const services = SERVICES.map((s) => s.name).filter((n) => n !== "sentiment");
+  const services = FEEDBACK_SERVICES.filter((n) => n !== "sentiment");
   await using mesh = await startMesh({ env: FAST_REDELIVERY, services });
   for (const r of [1, 2, 3]) await mesh.start("sentiment", {}, `sentiment#${r}`);
   const items = makeItems("replicas", N);

@@ -12,7 +12,7 @@ import { listDeadLetters } from "../src/redrive.ts";
 import { runStage } from "../src/runner.ts";
 import type { Stage } from "../src/stage.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { waitFor } from "./helpers/mesh.ts";
+import { waitFor } from "./helpers/fault_mesh.ts";
 
 Deno.test("a handler's PermanentError dead-letters the item on the first attempt, without retries", async () => {
   await using server = await startNatsServer();

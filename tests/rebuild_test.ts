@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { compareStates, rebuildStates, type StateDiff } from "../src/rebuild.ts";
 import { redrive } from "../src/redrive.ts";
-import { countsByItem, pushItems, readStates, startMesh, waitFor } from "./helpers/mesh.ts";
+import { countsByItem, pushItems, readStates, startMesh, waitFor } from "./helpers/fault_mesh.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 

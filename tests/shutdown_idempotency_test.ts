@@ -3,7 +3,7 @@
  */
 import assert from "node:assert/strict";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
-import { countsByItem, pushItems, startMesh, waitFor } from "./helpers/mesh.ts";
+import { countsByItem, pushItems, startMesh, waitFor } from "./helpers/fault_mesh.ts";
 import { makeItems, settle } from "./helpers/scenario.ts";
 
 Deno.test("SIGTERM stops fetching, finishes in-flight work within the drain deadline, and leaves the rest for redelivery", async () => {

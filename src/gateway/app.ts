@@ -24,7 +24,13 @@ import {
 import { parseTraceparent } from "../trace.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
 import type { Intake } from "./intake.ts";
+import type { Auth } from "./auth.ts";
+import { Role } from "../config.ts";
+import type { ModerationApi } from "../moderation/api.ts";
+import { createModerationRoutes } from "./moderation_routes.ts";
 import { SseClients, streamEvents } from "./sse.ts";
+import { WeftMetrics } from "../metrics.ts";
+import { instrumentGateway, mountObservability } from "./observability.ts";
 
 /** What the app needs. */
 export interface GatewayDeps {
@@ -32,6 +38,12 @@ export interface GatewayDeps {
   intake: Intake;
   config: Config;
   log: Logger;
+  /** API keys; when enabled, feedback ingest needs an ingest (or admin) key too. */
+  auth?: Auth;
+  /** Content moderation: mounts /content, /reviews and /schedules. */
+  moderation?: ModerationApi;
+  /** The gateway's own metrics; `GET /metrics` adds every service's to them. */
+  metrics?: WeftMetrics;
 }
 
 /** The problem+json response for an error. */
@@ -83,6 +95,8 @@ export function createApp(deps: GatewayDeps): Hono {
   const { intake, config, log } = deps;
   const clients = new SseClients(config.sseMaxClients);
   const app = new Hono();
+  const metrics = deps.metrics ?? new WeftMetrics();
+  instrumentGateway(app, metrics, clients);
 
   app.onError((err, c) => {
     if (err instanceof HTTPException && err.status === 413) {
@@ -106,6 +120,9 @@ export function createApp(deps: GatewayDeps): Hono {
         ),
     });
   const traceOf = (c: Context) => parseTraceparent(c.req.header("traceparent"));
+  const ingestAuth: MiddlewareHandler = deps.auth?.enabled
+    ? deps.auth.require(Role.Ingest) as unknown as MiddlewareHandler
+    : (_c, next) => next();
   const keyOf = (c: Context) => c.req.header("Idempotency-Key");
 
   app.get("/healthz", (c) => c.json({ status: "ok" }));
@@ -127,7 +144,7 @@ export function createApp(deps: GatewayDeps): Hono {
     return c.json({ status: "ready", nats: deps.nc.getServer() });
   });
 
-  app.post("/feedback", requireJson, limit(config.bodyLimit), async (c) => {
+  app.post("/feedback", ingestAuth, requireJson, limit(config.bodyLimit), async (c) => {
     const submission = validateDocument("feedback.submit", await readJson(c));
     const { body, replayed } = await intake.submit(submission, {
       idempotencyKey: keyOf(c),
@@ -138,7 +155,7 @@ export function createApp(deps: GatewayDeps): Hono {
     return c.json(body, 202);
   });
 
-  app.post("/feedback/batch", requireJson, limit(config.batchBodyLimit), async (c) => {
+  app.post("/feedback/batch", ingestAuth, requireJson, limit(config.batchBodyLimit), async (c) => {
     const batch = validateDocument("feedback.submit_batch", await readJson(c));
     const { body, replayed } = await intake.submitBatch(batch.items, {
       idempotencyKey: keyOf(c),
@@ -189,6 +206,10 @@ export function createApp(deps: GatewayDeps): Hono {
   });
 
   app.route("/deadletters", deadLetterRoutes(intake.js));
+  if (deps.moderation && deps.auth) {
+    app.route("/", createModerationRoutes({ api: deps.moderation, auth: deps.auth, config, log }));
+  }
+  mountObservability(app, { ...deps, metrics, clients });
 
   return app;
 }

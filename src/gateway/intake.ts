@@ -32,6 +32,7 @@ import {
 } from "../subjects.ts";
 import { ingestedEventId, itemOf } from "../stages/feedback.ts";
 import { childContext, type TraceContext } from "../trace.ts";
+import { activeTraceContext } from "../telemetry.ts";
 
 /** The answer to an accepted submission. */
 export interface Accepted {
@@ -101,7 +102,8 @@ export async function createIntake(nc: NatsConnection, source = "weft-gateway"):
   }
 
   async function publish(submission: FeedbackSubmission, id: string, trace?: TraceContext | null) {
-    const ctx = childContext(trace);
+    // With telemetry on, the active span (the HTTP request's) is the trace to continue.
+    const ctx = activeTraceContext() ?? childContext(trace);
     const event = createEvent({
       type: FeedbackEventType.Ingested,
       id: ingestedEventId(id),

@@ -5,7 +5,7 @@
  * a slow client holds at most one small buffer and never the pipeline: its durable
  * consumers are untouched. A client that cannot take a frame within the write timeout is
  * dropped; it resumes with Last-Event-ID (event ids are stream sequences) and misses
- * nothing.
+ * nothing. When the stream ends, its server-side consumer is deleted.
  *
  * @module
  */
@@ -24,6 +24,10 @@ export interface SseSelection {
   closeOnFinal: boolean;
   /** Without Last-Event-ID: replay everything (true) or start with new events (false). */
   replay: boolean;
+  /** The stream to read; defaults to FEEDBACK. */
+  stream?: string;
+  /** The event types that end a per-item stream; defaults to the feedback ones. */
+  finalTypes?: ReadonlySet<string>;
 }
 
 /** Counts open SSE clients against the configured maximum. */
@@ -69,8 +73,9 @@ export function streamEvents(
       | Awaited<ReturnType<Awaited<ReturnType<typeof js.consumers.get>>["consume"]>>
       | undefined;
     let keepAlive: ReturnType<typeof setInterval> | undefined;
+    let consumer: Awaited<ReturnType<typeof js.consumers.get>> | undefined;
     try {
-      const consumer = await js.consumers.get(FEEDBACK_STREAM, {
+      consumer = await js.consumers.get(sel.stream ?? FEEDBACK_STREAM, {
         filter_subjects: sel.filter,
         ...(after !== undefined
           ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: after + 1 }
@@ -100,11 +105,14 @@ export function streamEvents(
           opts.log.warn("sse client too slow: dropped", { filter: sel.filter, seq: m.seq });
           break;
         }
-        if (sel.closeOnFinal && FINAL_EVENT_TYPES.has(type)) break;
+        if (sel.closeOnFinal && (sel.finalTypes ?? FINAL_EVENT_TYPES).has(type)) break;
       }
     } finally {
       clearInterval(keepAlive);
       messages?.stop();
+      // nats.js leaves an ordered consumer on the server for 5 minutes after stop():
+      // delete it, or every reconnecting client would leave one behind.
+      await consumer?.delete().catch(() => {});
       opts.clients.close();
     }
   }, async (err, stream) => {

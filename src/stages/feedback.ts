@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { SentimentAnalyzer, TopicsAnalyzer } from "../analysis.ts";
+import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../analysis.ts";
 import { createEvent, deterministicId } from "../events.ts";
 import type { Router } from "../rules.ts";
 import { nextEvent, type Stage, type StageContext } from "../stage.ts";
@@ -79,16 +79,34 @@ export function sentimentStage(
   };
 }
 
-/** Extracts topics. */
+/** The topic given to abusive feedback, so routing can send it to trust and safety. */
+export const ABUSE_TOPIC = "abuse";
+
+/**
+ * Extracts topics. With a toxicity analyzer, abusive text also gets the topic
+ * {@link ABUSE_TOPIC} (first), with the toxicity categories as its evidence.
+ */
 export function topicsStage(
   analyzer: TopicsAnalyzer,
+  toxicity?: ToxicityAnalyzer,
 ): Stage<{ kind: "event"; types: readonly ["feedback.sentiment_analyzed"] }> {
   return {
     name: "topics",
     filterSubject: typeFilter(T.SentimentAnalyzed),
     input: { kind: "event", types: [T.SentimentAnalyzed] },
     async handle(event, ctx) {
-      const topics = await analyzer.analyze(event.data.text, { signal: ctx.signal });
+      const options = { signal: ctx.signal };
+      const [found, toxic] = await Promise.all([
+        analyzer.analyze(event.data.text, options),
+        toxicity?.analyze(event.data.text, options),
+      ]);
+      const topics = toxic?.flagged
+        ? {
+          ...found,
+          topics: [ABUSE_TOPIC, ...found.topics.filter((t) => t !== ABUSE_TOPIC)],
+          evidence: { [ABUSE_TOPIC]: toxic.categories, ...found.evidence },
+        }
+        : found;
       return [nextEvent(event, T.TopicsExtracted, { ...event.data, topics }, ctx)];
     },
   };

@@ -1,243 +1,140 @@
 /**
- * A real Weft mesh for tests: a real nats-server (file store in a temp dir, so it can be
- * killed and restarted on the same port and store) and every service as its own
- * `deno run` process with the permissions the supervisor gives it. Nothing is mocked.
+ * Runs the whole mesh exactly as `deno task start` does: the same command line, read
+ * from deno.json, with its own nats-server on free ports and a temporary store.
  *
  * @module
  */
-import {
-  jetstream,
-  type JetStreamClient,
-  type JetStreamManager,
-  jetstreamManager,
-} from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/nats-core";
-import { connect } from "@nats-io/transport-node";
-import { loadConfig } from "../../src/config.ts";
-import { freePort, type NatsServer, startNatsServer } from "../../src/nats_server.ts";
-import { serviceArgs, SERVICES, type ServiceSpec } from "../../src/supervisor.ts";
-import { ensureTopology } from "../../src/topology.ts";
-import { FEEDBACK_STREAM, STATE_BUCKET } from "../../src/subjects.ts";
-import { readStream } from "../../src/stream_reader.ts";
-import type { FeedbackState } from "../../src/events.gen.ts";
+import { freePort } from "../../src/nats_server.ts";
+import { deadline } from "./wait.ts";
 
-const ROOT = new URL("../../", import.meta.url).pathname;
-const READY = /"(stage started|state writer started|gateway listening)"/;
+const root = new URL("../../", import.meta.url);
 
-/** Settings every test mesh uses: quick retries and drains. */
-export const TEST_ENV: Record<string, string> = {
-  WEFT_LOG_LEVEL: "info",
-  WEFT_RETRY_BASE_MS: "50",
-  WEFT_RETRY_MAX_MS: "400",
-  WEFT_ACK_WAIT_MS: "5000",
-  WEFT_DRAIN_MS: "3000",
-  WEFT_MAX_ATTEMPTS: "4",
-};
-
-/** One running service process. */
-export interface ServiceProcess {
-  name: string;
-  child: Deno.ChildProcess;
-  /** The last log lines, for failure messages. */
-  logs: string[];
-  exited: Promise<Deno.CommandStatus>;
-  /** True once the process has exited. */
-  gone: boolean;
-}
-
-/** A running mesh. */
+/** A running supervisor. */
 export interface Mesh extends AsyncDisposable {
-  nats: NatsServer;
-  nc: NatsConnection;
-  js: JetStreamClient;
-  jsm: JetStreamManager;
   gatewayUrl: string;
-  procs: Map<string, ServiceProcess>;
-  /** Starts a service (key: name, or name#n for replicas); resolves when it is ready. */
-  start(name: string, env?: Record<string, string>, key?: string): Promise<ServiceProcess>;
-  /** Sends a signal to a service and waits for it to exit. */
-  kill(key: string, signal?: Deno.Signal): Promise<Deno.CommandStatus>;
-  /** Names of services whose process has exited on its own. */
-  crashed(): string[];
+  storeDir: string;
+  natsPort: number;
+  natsUrl: string;
+  /** Every JSON log line printed so far, parsed. */
+  logs: Record<string, unknown>[];
+  /** Resolves with the first log line (past or future) matching `pred`. */
+  waitForLog(
+    pred: (line: Record<string, unknown>) => boolean,
+    ms: number,
+    what: string,
+  ): Promise<Record<string, unknown>>;
+  /** Sends `signal` to the supervisor and resolves with its exit status. */
+  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+  child: Deno.ChildProcess;
 }
 
-/** Starts nats-server and the given services (all by default). */
-export async function startMesh(opts: {
-  services?: string[];
-  env?: Record<string, string>;
-  /** Per-service environment, by service name. */
-  serviceEnv?: Record<string, Record<string, string>>;
-} = {}): Promise<Mesh> {
-  const nats = await startNatsServer();
-  const port = freePort();
-  const baseEnv: Record<string, string> = {
-    ...TEST_ENV,
-    ...opts.env,
-    NATS_URL: nats.url,
-    PORT: String(port),
-  };
-  const config = loadConfig({ env: (n) => baseEnv[n] ?? Deno.env.get(n), args: [] });
-  const nc = await connect({ servers: nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 200 });
-  const jsm = await jetstreamManager(nc);
-  await ensureTopology(nc, jsm, config);
-  const procs = new Map<string, ServiceProcess>();
-  const expectedExit = new Set<ServiceProcess>();
+/** The `deno run ...` arguments of a deno.json task. */
+export async function taskArgs(name: string): Promise<string[]> {
+  const deno = JSON.parse(await Deno.readTextFile(new URL("deno.json", root)));
+  const task = deno.tasks[name];
+  const command: string = typeof task === "string" ? task : task.command;
+  const [bin, ...args] = command.split(/\s+/);
+  if (bin !== "deno") throw new Error(`task ${name} does not start with deno`);
+  return args;
+}
 
-  const start = async (name: string, env: Record<string, string> = {}, key = name) => {
-    const spec: ServiceSpec = SERVICES.find((s) => s.name === name)!;
-    const child = new Deno.Command("deno", {
-      args: serviceArgs(spec, config),
-      cwd: ROOT,
-      env: { ...baseEnv, ...opts.serviceEnv?.[name], ...env },
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    const logs: string[] = [];
-    let ready!: () => void;
-    const isReady = new Promise<void>((r) => (ready = r));
-    const pump = async (stream: ReadableStream<Uint8Array>) => {
-      let buf = "";
-      for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-        buf += chunk;
-        let nl: number;
-        while ((nl = buf.indexOf("\n")) >= 0) {
-          const line = buf.slice(0, nl);
-          buf = buf.slice(nl + 1);
-          logs.push(line);
-          if (logs.length > 200) logs.shift();
-          if (READY.test(line)) ready();
+/** Starts the supervisor of `deno task start` and waits until the gateway listens. */
+export async function startMesh(
+  env: Record<string, string> = {},
+  opts: { storeDir?: string; natsPort?: number; port?: number; keepStore?: boolean } = {},
+): Promise<Mesh> {
+  const port = opts.port ?? freePort();
+  const natsPort = opts.natsPort ?? freePort();
+  const storeDir = opts.storeDir ?? await Deno.makeTempDir({ prefix: "weft-mesh-" });
+  const child = new Deno.Command("deno", {
+    args: await taskArgs("start"),
+    cwd: root,
+    env: {
+      PORT: String(port),
+      WEFT_NATS_PORT: String(natsPort),
+      WEFT_NATS_MONITOR_PORT: String(freePort()),
+      WEFT_NATS_DIR: storeDir,
+      WEFT_DRAIN_MS: "3000",
+      ...env,
+    },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const logs: Record<string, unknown>[] = [];
+  const waiters: {
+    pred: (l: Record<string, unknown>) => boolean;
+    resolve: (l: Record<string, unknown>) => void;
+  }[] = [];
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    let buf = "";
+    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+      buf += chunk;
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const text = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        let line: Record<string, unknown>;
+        try {
+          line = JSON.parse(text);
+        } catch {
+          line = { raw: text };
+        }
+        logs.push(line);
+        for (const w of [...waiters]) {
+          if (w.pred(line)) {
+            waiters.splice(waiters.indexOf(w), 1);
+            w.resolve(line);
+          }
         }
       }
-    };
-    const pumps = Promise.all([pump(child.stdout), pump(child.stderr)]).catch(() => {});
-    const exited = child.status.then(async (s) => {
+    }
+  };
+  const pumps = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const waitForLog = (pred: (l: Record<string, unknown>) => boolean, ms: number, what: string) => {
+    const found = logs.find(pred);
+    if (found) return Promise.resolve(found);
+    return deadline(
+      new Promise<Record<string, unknown>>((resolve) => waiters.push({ pred, resolve })),
+      ms,
+      what,
+    );
+  };
+  let status: Deno.CommandStatus | undefined;
+  const stop = async (signal: Deno.Signal = "SIGINT") => {
+    if (!status) {
+      try {
+        child.kill(signal);
+      } catch { /* already gone */ }
+      status = await child.status;
       await pumps;
-      return s;
-    });
-    const proc: ServiceProcess = { name: key, child, logs, exited, gone: false };
-    void exited.then(() => (proc.gone = true));
-    procs.set(key, proc);
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const outcome = await Promise.race([
-      isReady.then(() => "ready" as const),
-      exited.then(() => "exited" as const),
-      new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), 30_000))),
-    ]);
-    clearTimeout(timer);
-    if (outcome !== "ready") {
-      throw new Error(`service ${key} did not start (${outcome}):\n${logs.join("\n")}`);
     }
-    return proc;
+    return status;
   };
-
-  const kill = async (key: string, signal: Deno.Signal = "SIGKILL") => {
-    const proc = procs.get(key)!;
-    expectedExit.add(proc);
-    try {
-      proc.child.kill(signal);
-    } catch { /* already gone */ }
-    return await proc.exited;
-  };
-
-  for (const name of opts.services ?? SERVICES.map((s) => s.name)) await start(name);
-
   const mesh: Mesh = {
-    nats,
-    nc,
-    js: jetstream(nc),
-    jsm,
     gatewayUrl: `http://127.0.0.1:${port}`,
-    procs,
-    start,
-    kill,
-    crashed() {
-      return [...procs.values()].filter((p) => !expectedExit.has(p) && p.gone).map((p) => p.name);
-    },
+    storeDir,
+    natsPort,
+    natsUrl: `nats://127.0.0.1:${natsPort}`,
+    logs,
+    waitForLog,
+    stop,
+    child,
     async [Symbol.asyncDispose]() {
-      await Promise.all([...procs.values()].map(async (p) => {
-        expectedExit.add(p);
-        try {
-          p.child.kill("SIGKILL");
-        } catch { /* gone */ }
-        await p.exited;
-      }));
-      await nc.close();
-      await nats[Symbol.asyncDispose]();
+      await stop();
+      if (!opts.keepStore) await Deno.remove(storeDir, { recursive: true }).catch(() => {});
     },
   };
+  try {
+    await Promise.race([
+      waitForLog((l) => l.msg === "gateway listening", 30_000, "the gateway to listen"),
+      child.status.then((s) => {
+        throw new Error(`the supervisor exited with ${s.code} before the gateway listened`);
+      }),
+    ]);
+  } catch (err) {
+    await mesh[Symbol.asyncDispose]();
+    throw new Error(`${(err as Error).message}\n${logs.map((l) => JSON.stringify(l)).join("\n")}`);
+  }
   return mesh;
-}
-
-/** Resolves when `check` returns true; throws with `describe()` after the deadline. */
-export async function waitFor(
-  check: () => Promise<boolean> | boolean,
-  deadlineMs: number,
-  describe: () => Promise<string> | string = () => "condition not met",
-): Promise<void> {
-  const end = Date.now() + deadlineMs;
-  let lastError: unknown;
-  while (true) {
-    try {
-      if (await check()) return;
-    } catch (err) {
-      lastError = err; // e.g. a request timing out while the server restarts: try again
-    }
-    if (Date.now() > end) {
-      const why = await Promise.resolve().then(describe).catch((e) => String(e));
-      throw new Error(`timed out after ${deadlineMs} ms: ${why}`, { cause: lastError });
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-/** Per-subject message counts of `filter` in FEEDBACK, by the subject's last token (item id). */
-export async function countsByItem(
-  jsm: JetStreamManager,
-  filter: string,
-): Promise<Map<string, number>> {
-  const info = await jsm.streams.info(FEEDBACK_STREAM, { subjects_filter: filter });
-  const counts = new Map<string, number>();
-  for (const [subject, n] of Object.entries(info.state.subjects ?? {})) {
-    counts.set(subject.slice(subject.lastIndexOf(".") + 1), n as number);
-  }
-  return counts;
-}
-
-/** Every item's state in the state bucket. */
-export async function readStates(js: JetStreamClient): Promise<Map<string, FeedbackState>> {
-  const states = new Map<string, FeedbackState>();
-  for await (const m of readStream(js, `KV_${STATE_BUCKET}`)) {
-    const id = m.subject.slice(`$KV.${STATE_BUCKET}.`.length);
-    if (m.data.length === 0) states.delete(id);
-    else states.set(id, m.json<FeedbackState>());
-  }
-  return states;
-}
-
-/** Publishes submissions onto feedback.submit with their ids as message ids, retrying until stored. */
-export async function pushItems(
-  js: JetStreamClient,
-  items: { id: string; text: string }[],
-  parallel = 64,
-): Promise<void> {
-  let next = 0;
-  const worker = async () => {
-    while (next < items.length) {
-      const item = items[next++]!;
-      for (let attempt = 0;; attempt++) {
-        try {
-          await js.publish("feedback.submit", JSON.stringify(item), {
-            msgID: `submit-${item.id}`,
-            timeout: 2000,
-          });
-          break;
-        } catch (err) {
-          if (attempt > 200) throw err;
-          await new Promise((r) => setTimeout(r, 100));
-        }
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: parallel }, worker));
 }

@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { DEADLETTER_STREAM } from "../../src/subjects.ts";
-import { countsByItem, type Mesh, pushItems, readStates, waitFor } from "./mesh.ts";
+import { countsByItem, type Mesh, pushItems, readStates, waitFor } from "./fault_mesh.ts";
 
 /** What a fault test reports. */
 export interface FaultFigures {

@@ -1,39 +1,41 @@
 /**
- * A small SSE client for tests: reads frames from a real HTTP response.
+ * Reading server-sent events in tests, with eventsource-parser doing the wire format.
  *
  * @module
  */
+import { createParser, type EventSourceMessage } from "eventsource-parser";
+import { deadline } from "./wait.ts";
 
-/** One server-sent event. */
-export interface SseFrame {
-  id?: string;
-  event?: string;
-  data: string;
-}
-
-/** Yields the frames of an SSE response body until it ends. */
-export async function* sseFrames(body: ReadableStream<Uint8Array>): AsyncGenerator<SseFrame> {
-  let buf = "";
-  for await (const chunk of body.pipeThrough(new TextDecoderStream())) {
-    buf += chunk;
-    let end: number;
-    while ((end = buf.indexOf("\n\n")) >= 0) {
-      const block = buf.slice(0, end);
-      buf = buf.slice(end + 2);
-      const frame: SseFrame = { data: "" };
-      const data: string[] = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith(":")) continue;
-        const i = line.indexOf(":");
-        const field = i < 0 ? line : line.slice(0, i);
-        const value = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
-        if (field === "id") frame.id = value;
-        else if (field === "event") frame.event = value;
-        else if (field === "data") data.push(value);
-      }
-      if (data.length === 0 && frame.id === undefined) continue;
-      frame.data = data.join("\n");
-      yield frame;
+/** Reads SSE frames from a response until it ends or `stopAfter` says so. */
+export async function readSse(
+  res: Response,
+  opts: {
+    timeoutMs?: number;
+    stopAfter?: (e: EventSourceMessage, all: EventSourceMessage[]) => boolean;
+  } = {},
+): Promise<EventSourceMessage[]> {
+  const events: EventSourceMessage[] = [];
+  let stop = false;
+  const parser = createParser({
+    onEvent(e) {
+      events.push(e);
+      if (opts.stopAfter?.(e, events)) stop = true;
+    },
+  });
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  const read = (async () => {
+    while (!stop) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      parser.feed(value);
     }
+    await reader.cancel();
+  })();
+  try {
+    await deadline(read, opts.timeoutMs ?? 10_000, `SSE events (got ${events.length})`);
+  } catch (err) {
+    await reader.cancel().catch(() => {});
+    throw err;
   }
+  return events;
 }

@@ -1,0 +1,108 @@
+/**
+ * Weft: an edge event mesh for AI pipelines on Deno and NATS JetStream.
+ *
+ * A pipeline stage is a pure, typed handler from an event to the events that follow;
+ * {@link runStage} does everything else (durable consumer, validation, publish with
+ * de-duplication, acks, retries, dead letters, trace context, drain). Events are plain
+ * JSON on documented subjects, validated against the JSON Schemas in schemas/.
+ *
+ * @example A stage of your own, run against a NATS server
+ * ```ts ignore
+ * import { connectNats, loadConfig, createLogger, nextEvent, runStage, type Stage } from "./mod.ts";
+ *
+ * const shout: Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> = {
+ *   name: "shout",
+ *   filterSubject: "feedback.ingested.*",
+ *   input: { kind: "event", types: ["feedback.ingested"] },
+ *   handle: (event, ctx) => [
+ *     nextEvent(event, "feedback.sentiment_analyzed", {
+ *       ...event.data,
+ *       sentiment: { label: "neutral", score: 0, analyzer: "shout" },
+ *     }, ctx),
+ *   ],
+ * };
+ * const config = loadConfig();
+ * const nc = await connectNats(config.natsUrl, "shout");
+ * const runner = await runStage({ nc, stage: shout, config, log: createLogger("shout") });
+ * ```
+ *
+ * @module
+ */
+
+// Stages and the runner
+export { nextEvent } from "./src/stage.ts";
+export type {
+  InputOf,
+  MessageInfo,
+  OutputEvent,
+  Stage,
+  StageContext,
+  StageInput,
+} from "./src/stage.ts";
+export { runStage } from "./src/runner.ts";
+export type { RunStageOptions, StageRunner, StageStats } from "./src/runner.ts";
+export {
+  ABUSE_TOPIC,
+  dispatchStage,
+  ingestStage,
+  sentimentStage,
+  topicsStage,
+} from "./src/stages/feedback.ts";
+
+// Events and schemas
+export { createEvent, deterministicId } from "./src/events.ts";
+export type { NewEvent } from "./src/events.ts";
+export { validateDocument, validateEvent } from "./src/schemas.ts";
+export type { AnyEvent, DocumentMap, EventMap } from "./src/schemas.ts";
+export type * from "./src/events.gen.ts";
+export * from "./src/subjects.ts";
+
+// State
+export { applyEvent, foldEvents } from "./src/state.ts";
+export { readState, runStateWriter } from "./src/state_writer.ts";
+export type { StateWriter } from "./src/state_writer.ts";
+
+// Analysis and routing
+export type * from "./src/analysis.ts";
+export { compileRules, loadRules } from "./src/rules.ts";
+export type { CompiledRules, Router } from "./src/rules.ts";
+export { feedbackAnalyzers } from "./src/configured_analyzers.ts";
+export type { FeedbackAnalyzers } from "./src/configured_analyzers.ts";
+export { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./src/analyzers/mod.ts";
+
+// Gateway
+export { createApp } from "./src/gateway/app.ts";
+export type { GatewayDeps } from "./src/gateway/app.ts";
+export { createIntake } from "./src/gateway/intake.ts";
+export type { Accepted, Intake, SubmitOptions } from "./src/gateway/intake.ts";
+export { serveRequests } from "./src/gateway/requests.ts";
+
+// Errors, configuration, logging, infrastructure
+export {
+  ConfigError,
+  ErrorCode,
+  NotFoundError,
+  PermanentError,
+  toDeadLetterReason,
+  toProblem,
+  ValidationError,
+  WeftError,
+} from "./src/errors.ts";
+export type { Problem } from "./src/errors.ts";
+export {
+  AnalyzerKind,
+  describeConfig,
+  ENV_NAMES,
+  ENV_PERMISSION,
+  loadConfig,
+} from "./src/config.ts";
+export type { Config } from "./src/config.ts";
+export { createLogger } from "./src/log.ts";
+export type { Logger } from "./src/log.ts";
+export { connectNats } from "./src/nats.ts";
+export { ensureTopology } from "./src/topology.ts";
+export { freePort, NatsServerMissingError, startNatsServer } from "./src/nats_server.ts";
+export type { NatsServer, NatsServerOptions } from "./src/nats_server.ts";
+export { childContext, formatTraceparent, parseTraceparent } from "./src/trace.ts";
+export type { TraceContext } from "./src/trace.ts";
+export { retryDelay } from "./src/retry.ts";

@@ -1,0 +1,26 @@
+/**
+ * The review service: puts flagged items in the human review queue (KV `weft_reviews`)
+ * with an SLA deadline schedule, and acts on deadlines (`content.sla_expired`): escalate,
+ * then apply the configured default action.
+ *
+ * @module
+ */
+import { Kvm } from "@nats-io/kv";
+import { createReviewQueue } from "../src/moderation/review_queue.ts";
+import { runStage } from "../src/runner.ts";
+import { createScheduleStore } from "../src/scheduler/store.ts";
+import { combineRunnables, runService } from "../src/service.ts";
+import { reviewQueueStage, reviewSlaStage } from "../src/stages/content.ts";
+import { REVIEW_BUCKET, SCHEDULE_BUCKET } from "../src/subjects.ts";
+
+if (import.meta.main) {
+  await runService("review", async (ctx) => {
+    const kvm = new Kvm(ctx.nc);
+    const queue = createReviewQueue(await kvm.open(REVIEW_BUCKET), ctx.config);
+    const schedules = createScheduleStore(await kvm.open(SCHEDULE_BUCKET));
+    return combineRunnables([
+      await runStage({ ...ctx, stage: reviewQueueStage(queue, schedules, ctx.config) }),
+      await runStage({ ...ctx, stage: reviewSlaStage(queue, schedules, ctx.config) }),
+    ]);
+  });
+}

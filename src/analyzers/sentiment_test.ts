@@ -1,0 +1,97 @@
+import assert from "node:assert/strict";
+import { defaultSentimentLexicon, sentimentAnalyzer, sentimentScore } from "./sentiment.ts";
+
+const sentiment = sentimentAnalyzer();
+const label = (text: string) => sentiment.analyze(text).label;
+
+// Examples written for these tests (not taken from any evaluation set).
+const CASES: Array<[string, "positive" | "negative" | "neutral"]> = [
+  ["I love this app, it is wonderful", "positive"],
+  ["Great support team, they sorted my issue in minutes", "positive"],
+  ["Works perfectly on my tablet", "positive"],
+  ["Absolutely fantastic update!!!", "positive"],
+  ["Five stars, would recommend to anyone", "positive"],
+  ["not bad at all", "positive"],
+  ["The checkout flow is clunky and confusing", "negative"],
+  ["This is the worst release so far", "negative"],
+  ["Terrible. Waste of money.", "negative"],
+  ["It keeps crashing and I lost my notes", "negative"],
+  ["Don't waste your time on this", "negative"],
+  ["Totally useless since the redesign", "negative"],
+  ["1 star, do not buy", "negative"],
+  ["The invoice arrived on Tuesday", "neutral"],
+  ["I opened the settings page", "neutral"],
+  ["The meeting is at 3pm in room 4", "neutral"],
+];
+
+for (const [text, expected] of CASES) {
+  Deno.test(`sentimentAnalyzer() reads ${JSON.stringify(text)} as ${expected}`, () => {
+    assert.equal(label(text), expected);
+  });
+}
+
+Deno.test("sentimentAnalyzer() reads 'not good' as negative", () => {
+  assert.equal(label("The food was not good"), "negative");
+});
+
+Deno.test("sentimentAnalyzer() reads 'never disappoints' as positive", () => {
+  assert.equal(label("This app never disappoints"), "positive");
+});
+
+Deno.test("sentimentAnalyzer() weighs the clause after 'but' more", () => {
+  const lex = defaultSentimentLexicon();
+  assert.ok(sentimentScore("It looks nice but it is painfully slow and buggy", lex) < 0);
+  assert.ok(sentimentScore("It is a bit slow but the results are excellent", lex) > 0);
+});
+
+Deno.test("sentimentAnalyzer() scores intensified praise above plain praise", () => {
+  const lex = defaultSentimentLexicon();
+  assert.ok(sentimentScore("very good", lex) > sentimentScore("good", lex));
+  assert.ok(sentimentScore("GOOD app", lex) > sentimentScore("good app", lex));
+});
+
+Deno.test("sentimentAnalyzer() reads a balanced mixed review as neutral", () => {
+  assert.equal(label("Great design, terrible battery life"), "neutral");
+});
+
+Deno.test("sentimentAnalyzer() keeps scores in [-1, 1] and names itself", () => {
+  for (const text of ["", "!!!", "AWFUL AWFUL AWFUL HORRIBLE", "love love love love love"]) {
+    const r = sentiment.analyze(text);
+    assert.ok(r.score >= -1 && r.score <= 1);
+    assert.equal(r.analyzer, "embedded:sentiment");
+  }
+});
+
+Deno.test("sentimentAnalyzer() reads a plain 2/10 rating as negative", () => {
+  assert.equal(label("My verdict: 2/10"), "negative");
+});
+
+Deno.test("sentimentAnalyzer() honours custom thresholds", () => {
+  const strict = sentimentAnalyzer({ positiveThreshold: 0.99, name: "strict" });
+  assert.equal(strict.analyze("good").label, "neutral");
+  assert.equal(strict.name, "strict");
+});
+
+Deno.test("sentimentAnalyzer() reads a plain bug report as neutral", () => {
+  assert.equal(label("The app crashes when I upload a photo"), "neutral");
+});
+
+Deno.test("sentimentAnalyzer() reads an angry bug report as negative", () => {
+  assert.equal(
+    label("Crashes constantly, I lost all my work. Absolutely awful, worst app ever!"),
+    "negative",
+  );
+});
+
+Deno.test("sentimentAnalyzer() reads a polite feature request as neutral", () => {
+  assert.equal(label("Nice app. It would be great to have an option to export to PDF"), "neutral");
+});
+
+Deno.test("sentimentAnalyzer() with informational: false reads a bug report as negative", () => {
+  const plain = sentimentAnalyzer({ informational: false });
+  assert.equal(plain.analyze("The app crashes when I upload a photo").label, "negative");
+});
+
+Deno.test("sentimentAnalyzer() reads 'used to love it' as negative", () => {
+  assert.equal(label("I used to love this service"), "negative");
+});

@@ -1,0 +1,140 @@
+/**
+ * Small shared text utilities for the embedded analyzers: a fast word tokenizer that
+ * keeps apostrophes, normalization, and negation detection.
+ *
+ * @module
+ */
+
+/** One word of a text, lower-cased, with whether it was written in capitals. */
+export interface Token {
+  /** The word, lower-cased, curly apostrophes made straight. */
+  word: string;
+  /** True when the word was written in capitals and is at least two letters long. */
+  shouted: boolean;
+  /** True when a clause break (`.,;:!?` or a line break) comes between this word and the previous one. */
+  clauseStart: boolean;
+}
+
+const NON_ASCII_WORD_CHAR = /[\p{L}\p{N}\p{M}]/u;
+
+/** Tells whether the UTF-16 unit at `i` belongs to a word (letters, digits, marks). */
+function isWordChar(text: string, i: number): boolean {
+  const c = text.charCodeAt(i);
+  if (c < 128) return (c >= 97 && c <= 122) || (c >= 65 && c <= 90) || (c >= 48 && c <= 57);
+  if (c >= 0xd800 && c <= 0xdfff) return false; // astral: emoji and rare scripts
+  return NON_ASCII_WORD_CHAR.test(text[i]!);
+}
+
+/** Tells whether a character code breaks a clause: `. , ; : ! ?` or a line break. */
+function isBreak(c: number): boolean {
+  return c === 46 || c === 44 || c === 59 || c === 58 || c === 33 || c === 63 || c === 10;
+}
+
+/**
+ * Splits a text into word tokens (letters and digits, inner apostrophes kept).
+ *
+ * @example
+ * ```ts
+ * tokenize("It DOESN'T work!").map((t) => t.word); // ["it", "doesn't", "work"]
+ * ```
+ */
+export function tokenize(text: string): Token[] {
+  const out: Token[] = [];
+  const n = text.length;
+  let brk = true;
+  let i = 0;
+  while (i < n) {
+    if (!isWordChar(text, i)) {
+      if (isBreak(text.charCodeAt(i))) brk = true;
+      i++;
+      continue;
+    }
+    const start = i;
+    i++;
+    while (i < n) {
+      if (isWordChar(text, i)) {
+        i++;
+        continue;
+      }
+      const c = text.charCodeAt(i);
+      // An apostrophe between letters stays inside the word: don't, it's, o'clock.
+      if ((c === 39 || c === 0x2019) && i + 1 < n && isWordChar(text, i + 1)) {
+        i += 2;
+        continue;
+      }
+      break;
+    }
+    const raw = text.slice(start, i);
+    const lower = raw.toLowerCase();
+    out.push({
+      word: lower.includes("’") ? lower.replaceAll("’", "'") : lower,
+      shouted: raw.length > 1 && raw !== lower && raw === raw.toUpperCase(),
+      clauseStart: brk,
+    });
+    brk = false;
+  }
+  return out;
+}
+
+/**
+ * Lower-cases a text, straightens apostrophes and collapses whitespace, for phrase and
+ * pattern matching. Keeps punctuation.
+ *
+ * @example
+ * ```ts
+ * normalize("Can’t   LOG in"); // "can't log in"
+ * ```
+ */
+export function normalize(text: string): string {
+  return text.toLowerCase().replace(/[’‘`]/g, "'").replace(/\s+/g, " ").trim();
+}
+
+/** Words that negate what follows (contractions ending in n't are caught separately). */
+const NEGATORS: ReadonlySet<string> = new Set([
+  "not",
+  "no",
+  "never",
+  "none",
+  "nobody",
+  "nothing",
+  "neither",
+  "nor",
+  "nowhere",
+  "without",
+  "hardly",
+  "barely",
+  "scarcely",
+  "cannot",
+  "cant",
+  "dont",
+  "doesnt",
+  "didnt",
+  "isnt",
+  "wasnt",
+  "arent",
+  "werent",
+  "wont",
+  "wouldnt",
+  "shouldnt",
+  "couldnt",
+  "havent",
+  "hasnt",
+  "hadnt",
+  "aint",
+  "nope",
+  "lacks",
+  "lacking",
+]);
+
+/**
+ * Tells whether a lower-cased word negates what follows ("not", "never", "don't", "cant").
+ *
+ * @example
+ * ```ts
+ * isNegator("doesn't"); // true
+ * isNegator("good"); // false
+ * ```
+ */
+export function isNegator(word: string): boolean {
+  return NEGATORS.has(word) || word.endsWith("n't");
+}

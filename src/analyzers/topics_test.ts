@@ -1,0 +1,104 @@
+import assert from "node:assert/strict";
+import { parseTaxonomy, type Taxonomy, TaxonomyError, topicsAnalyzer } from "./topics.ts";
+
+const topics = topicsAnalyzer();
+const top = (text: string) => topics.analyze(text).topics;
+
+// Examples written for these tests (not taken from any evaluation set).
+const CASES: Array<[string, string]> = [
+  ["The app crashes every time I open the camera", "technical_issue"],
+  ["Getting an error message when I save a draft", "technical_issue"],
+  ["Since the update the export button doesn't work", "technical_issue"],
+  ["It keeps freezing on the loading screen, please fix", "technical_issue"],
+  ["Please add a dark mode", "feature_request"],
+  ["It would be nice to have an option to export to CSV", "feature_request"],
+  ["I wish it had a calendar widget", "feature_request"],
+  ["Could you add support for multiple accounts?", "feature_request"],
+  ["I was charged twice this month, I want a refund", "billing"],
+  ["How do I cancel my subscription before the renewal?", "billing"],
+  ["I can't log in, the reset password email never arrives", "account_access"],
+  ["Locked out of my account after enabling two-factor", "account_access"],
+  ["The dashboard is so slow, pages take forever to load", "performance"],
+  ["Scrolling is laggy and the app drains my battery", "performance"],
+  ["Love it, great app, thank you!", "praise"],
+  ["Hello, I have a question about your company", "general_inquiry"],
+  ["Hello there", "general_inquiry"],
+];
+
+for (const [text, expected] of CASES) {
+  Deno.test(`topicsAnalyzer() finds ${expected} in ${JSON.stringify(text)}`, () => {
+    assert.ok(top(text).includes(expected), `got ${top(text).join(",")}`);
+  });
+}
+
+Deno.test("topicsAnalyzer() reports the evidence that triggered each topic", () => {
+  const r = topics.analyze("The app crashes and I wish it had dark mode");
+  assert.ok(r.evidence.technical_issue?.includes("crashes"));
+  assert.ok(r.evidence.feature_request?.includes("dark mode"));
+});
+
+Deno.test("topicsAnalyzer() ignores negated problems like 'no crashes'", () => {
+  assert.deepEqual(top("No crashes, no bugs, works great"), ["praise"]);
+});
+
+Deno.test("topicsAnalyzer() counts slowness as a technical issue too", () => {
+  const r = top("Everything is so slow, it takes forever");
+  assert.equal(r[0], "performance");
+  assert.ok(r.includes("technical_issue"));
+});
+
+Deno.test("topicsAnalyzer() falls back to general_inquiry with empty evidence", () => {
+  const r = topics.analyze("");
+  assert.deepEqual(r.topics, ["general_inquiry"]);
+  assert.deepEqual(r.evidence, { general_inquiry: [] });
+  assert.equal(r.analyzer, "embedded:topics");
+});
+
+Deno.test("topicsAnalyzer() uses a custom taxonomy given as data", () => {
+  const taxonomy: Taxonomy = {
+    fallback: "misc",
+    labels: [
+      { label: "shipping", keywords: { parcel: 1, deliver: 0.5 }, phrases: { "not arrived": 1 } },
+      { label: "returns", patterns: [{ pattern: "\\breturn(ed|ing)?\\b", weight: 1 }] },
+    ],
+  };
+  const custom = topicsAnalyzer({ taxonomy });
+  assert.deepEqual(custom.analyze("my parcel has not arrived").topics, ["shipping"]);
+  assert.deepEqual(custom.analyze("I returned it").evidence, { returns: ["returned"] });
+  assert.deepEqual(custom.analyze("hello").topics, ["misc"]);
+  assert.deepEqual(custom.labels, ["shipping", "returns", "misc"]);
+});
+
+Deno.test("parseTaxonomy() rejects a bad regular expression", () => {
+  assert.throws(
+    () =>
+      parseTaxonomy({
+        fallback: "x",
+        labels: [{ label: "a", patterns: [{ pattern: "(", weight: 1 }] }],
+      }),
+    TaxonomyError,
+  );
+});
+
+Deno.test("parseTaxonomy() rejects an implied label that does not exist", () => {
+  assert.throws(
+    () => parseTaxonomy({ fallback: "x", labels: [{ label: "a", implies: ["b"] }] }),
+    TaxonomyError,
+  );
+});
+
+Deno.test("the default taxonomy has the labels routing relies on", () => {
+  for (
+    const label of [
+      "technical_issue",
+      "feature_request",
+      "billing",
+      "account_access",
+      "performance",
+      "praise",
+      "general_inquiry",
+    ]
+  ) {
+    assert.ok(topics.labels.includes(label), label);
+  }
+});

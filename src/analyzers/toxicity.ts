@@ -1,0 +1,289 @@
+/**
+ * Embedded toxicity analyzer: the `obscenity` package's English profanity matcher (which
+ * sees through spacing and look-alike characters) plus hand-curated word lists
+ * (rules/toxicity.lexicon.json) for insults, slurs, threats and attacks on groups of people.
+ *
+ * @module
+ */
+
+import { englishDataset, englishRecommendedTransformers, RegExpMatcher } from "obscenity";
+import lexiconJson from "../../rules/toxicity.lexicon.json" with { type: "json" };
+import type { ToxicityResult } from "../analysis.ts";
+import { tokenize } from "./text.ts";
+
+/**
+ * Toxicity categories the analyzer reports.
+ *
+ * @example
+ * ```ts
+ * toxicityAnalyzer().analyze("I will kill you").categories.includes(ToxicityCategory.threat); // true
+ * ```
+ */
+export const ToxicityCategory = {
+  hate: "hate",
+  threat: "threat",
+  insult: "insult",
+  profanity: "profanity",
+  sexual: "sexual",
+} as const;
+/** One toxicity category. */
+export type ToxicityCategory = typeof ToxicityCategory[keyof typeof ToxicityCategory];
+
+/** Options for {@link toxicityAnalyzer}. */
+export interface ToxicityOptions {
+  /** Score at or above which a text is flagged. Default 0.5. */
+  threshold?: number;
+  /**
+   * When to run the obscenity matcher, which sees through obfuscated spellings but is
+   * slow: `"auto"` (default) only on text that looks obfuscated, `"always"`, or `"never"`.
+   */
+  obscenity?: "auto" | "always" | "never";
+  /** Name recorded on results. Default `"embedded:toxicity"`. */
+  name?: string;
+}
+
+/** An embedded, synchronous toxicity analyzer. */
+export interface EmbeddedToxicityAnalyzer {
+  /** Stable name recorded on events. */
+  readonly name: string;
+  /** Analyzes one text. */
+  analyze(text: string): ToxicityResult;
+}
+
+type Kind =
+  | "hate"
+  | "insult"
+  | "profanity"
+  | "mild_profanity"
+  | "sexual"
+  | "threat"
+  | "identity"
+  | "dehumanizing";
+
+interface Lexicon {
+  weights: Record<string, number>;
+  words: Map<string, Kind[]>;
+  /** Every proper prefix of a multi-word entry, so phrase lookups stop early. */
+  prefixes: Set<string>;
+  maxPhraseWords: number;
+  threatPhrases: Set<string>;
+  threatVerbs: Set<string>;
+  threatTargets: Set<string>;
+  obscenityKinds: Map<string, Kind>;
+}
+
+function buildLexicon(): Lexicon {
+  const words = new Map<string, Kind[]>();
+  const prefixes = new Set<string>();
+  let maxPhraseWords = 1;
+  const addPrefixes = (key: string) => {
+    const parts = key.split(" ");
+    for (let k = 1; k < parts.length; k++) prefixes.add(parts.slice(0, k).join(" "));
+    maxPhraseWords = Math.max(maxPhraseWords, parts.length);
+  };
+  const add = (entry: string, kind: Kind) => {
+    const key = tokenize(entry).map((t) => t.word).join(" ");
+    addPrefixes(key);
+    const list = words.get(key) ?? [];
+    if (!list.includes(kind)) list.push(kind);
+    words.set(key, list);
+  };
+  for (const [kind, list] of Object.entries(lexiconJson.words as Record<string, string[]>)) {
+    for (const w of list) add(w, kind as Kind);
+  }
+  const threatPhrases = new Set<string>();
+  for (const p of lexiconJson.threat.phrases) {
+    const key = tokenize(p).map((t) => t.word).join(" ");
+    threatPhrases.add(key);
+    addPrefixes(key);
+  }
+  const obscenityKinds = new Map<string, Kind>();
+  for (const [kind, list] of Object.entries(lexiconJson.obscenity as Record<string, string[]>)) {
+    for (const w of list) {
+      obscenityKinds.set(w, kind as Kind);
+      // Plain spellings go on the fast path; the matcher is kept for obfuscated ones.
+      add(w, kind as Kind);
+      if (!w.includes(" ")) {
+        add(w.endsWith("sh") || w.endsWith("ch") ? `${w}es` : `${w}s`, kind as Kind);
+      }
+    }
+  }
+  return {
+    weights: lexiconJson.weights as Record<string, number>,
+    words,
+    prefixes,
+    maxPhraseWords,
+    threatPhrases,
+    threatVerbs: new Set(
+      lexiconJson.threat.verbs.map((v) => tokenize(v).map((t) => t.word).join(" ")),
+    ),
+    threatTargets: new Set(lexiconJson.threat.targets),
+    obscenityKinds,
+  };
+}
+
+/**
+ * Text that may hide a word from the word lists: a symbol or digit inside a word
+ * ("f*ck", "sh1t") or spaced-out letters ("f u c k"). Stretched words ("fuuuck") are
+ * handled on the fast path by squeezing repeated letters.
+ */
+const MAYBE_OBFUSCATED = /\p{L}[*@$#!|0-9]+\p{L}|\b\p{L} \p{L} \p{L}\b/u;
+const STRETCHED = /(.)\1\1+/g;
+
+let sharedLexicon: Lexicon | undefined;
+let sharedMatcher: RegExpMatcher | undefined;
+
+function matcher(): RegExpMatcher {
+  return sharedMatcher ??= new RegExpMatcher({
+    ...englishDataset.build(),
+    ...englishRecommendedTransformers,
+  });
+}
+
+/**
+ * Creates an embedded toxicity analyzer. Each hit has a category weight; the score is
+ * `1 - product(1 - weight)` over hits (at most two per category), and a text is flagged
+ * when the score reaches the threshold. Attacks on groups (a group word plus an insult,
+ * a dehumanizing word or a threat) count as hate.
+ *
+ * @example
+ * ```ts
+ * const toxicity = toxicityAnalyzer();
+ * toxicity.analyze("you are a worthless idiot").flagged; // true
+ * toxicity.analyze("kill the process and restart it").flagged; // false
+ * ```
+ */
+export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicityAnalyzer {
+  const lex = sharedLexicon ??= buildLexicon();
+  const threshold = options.threshold ?? 0.5;
+  const obscenityMode = options.obscenity ?? "auto";
+  const name = options.name ?? "embedded:toxicity";
+  const w = (k: string) => lex.weights[k] ?? 0;
+
+  return {
+    name,
+    analyze(text: string): ToxicityResult {
+      const tokens = tokenize(text);
+      const words = tokens.map((t) => {
+        const w = t.word;
+        if (!STRETCHED.test(w)) return w;
+        STRETCHED.lastIndex = 0;
+        // "fuuuck" -> "fuck", "sooo" -> "so": try one letter, then two, keep a listed one.
+        const one = w.replace(STRETCHED, "$1");
+        if (lex.words.has(one)) return one;
+        const two = w.replace(STRETCHED, "$1$1");
+        return lex.words.has(two) ? two : one;
+      });
+      const counts = new Map<Kind, number>();
+      const found = new Map<Kind | "threat", string[]>();
+      const note = (k: Kind | "threat", what: string) => {
+        const list = found.get(k) ?? [];
+        if (!list.includes(what)) list.push(what);
+        found.set(k, list);
+      };
+      const bump = (k: Kind, what?: string) => {
+        counts.set(k, (counts.get(k) ?? 0) + 1);
+        if (what !== undefined) note(k, what);
+      };
+      let threat = false;
+      let verbAt = -10;
+
+      for (let i = 0; i < words.length; i++) {
+        const word = words[i]!;
+        let phrase = word;
+        for (let len = 1; len <= lex.maxPhraseWords && i + len <= words.length; len++) {
+          if (len > 1) phrase += " " + words[i + len - 1]!;
+          const kinds = lex.words.get(phrase);
+          if (kinds) { for (const k of kinds) bump(k, phrase); }
+          if (lex.threatPhrases.has(phrase)) {
+            threat = true;
+            note("threat", phrase);
+          }
+          if (!lex.prefixes.has(phrase)) break;
+        }
+        if (lex.threatVerbs.has(word)) {
+          verbAt = i;
+          // A target shortly before the verb ("those people must be hanged").
+          for (let j = Math.max(0, i - 5); j < i && !threat; j++) {
+            const before = words[j]!;
+            const kinds = lex.words.get(before);
+            if (
+              (before !== "you" && before !== "u" && lex.threatTargets.has(before)) ||
+              kinds?.includes("identity") || kinds?.includes("hate")
+            ) {
+              threat = true;
+              note("threat", `${before} ... ${word}`);
+            }
+          }
+        } else if (i - verbAt <= 3 && i > verbAt && !tokens[i]!.clauseStart) {
+          const kinds = lex.words.get(word);
+          if (
+            lex.threatTargets.has(word) ||
+            (kinds && (kinds.includes("identity") || kinds.includes("hate") ||
+              kinds.includes("insult")))
+          ) {
+            threat = true;
+            note("threat", `${words[verbAt]!} ${word}`);
+          }
+        }
+      }
+
+      if (
+        obscenityMode === "always" ||
+        (obscenityMode === "auto" && MAYBE_OBFUSCATED.test(text))
+      ) {
+        const seen = new Set<string>();
+        for (const m of matcher().getAllMatches(text)) {
+          const original = englishDataset.getPayloadWithPhraseMetadata(m).phraseMetadata
+            ?.originalWord;
+          if (!original || seen.has(original)) continue;
+          seen.add(original);
+          const kind = lex.obscenityKinds.get(original);
+          if (kind && !counts.has(kind)) bump(kind, original);
+        }
+      }
+
+      const categories: ToxicityCategory[] = [];
+      let clean = 1;
+      const take = (k: Kind, category: ToxicityCategory | undefined, weight = w(k)) => {
+        const n = Math.min(counts.get(k) ?? 0, 2);
+        if (n === 0) return;
+        clean *= (1 - weight) ** n;
+        if (category && !categories.includes(category)) categories.push(category);
+      };
+      take("hate", "hate");
+      if (threat) {
+        clean *= 1 - w("threat");
+        categories.push("threat");
+      }
+      take("insult", "insult");
+      take("profanity", "profanity");
+      take("mild_profanity", undefined);
+      take("sexual", "sexual");
+      const identity = counts.get("identity") ?? 0;
+      if (identity > 0) {
+        const attack = (counts.get("dehumanizing") ?? 0) + (counts.get("insult") ?? 0) +
+          (counts.get("hate") ?? 0) + (threat ? 1 : 0);
+        if (attack > 0) {
+          clean *= 1 - w("identity_attack");
+          if (!categories.includes("hate")) categories.push("hate");
+        }
+      } else if ((counts.get("dehumanizing") ?? 0) > 0) {
+        clean *= 1 - w("dehumanizing") * 0.3;
+      }
+      const score = 1 - clean;
+      const evidence: Record<string, string[]> = {};
+      for (const c of categories) {
+        const words = c === "hate"
+          ? [
+            ...(found.get("hate") ?? []),
+            ...(found.get("identity") ?? []),
+            ...(found.get("dehumanizing") ?? []),
+          ]
+          : found.get(c) ?? [];
+        if (words.length > 0) evidence[c] = words;
+      }
+      return { flagged: score >= threshold, categories, score, evidence, analyzer: name };
+    },
+  };
+}

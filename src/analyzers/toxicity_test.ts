@@ -1,0 +1,76 @@
+import assert from "node:assert/strict";
+import { toxicityAnalyzer } from "./toxicity.ts";
+
+const toxicity = toxicityAnalyzer();
+
+// Examples written for these tests (not taken from any evaluation set).
+const FLAGGED: Array<[string, string]> = [
+  ["you are a worthless idiot", "insult"],
+  ["shut up, moron", "insult"],
+  ["what a pathetic loser", "insult"],
+  ["I will kill you if you come back here", "threat"],
+  ["someone should shoot them all", "threat"],
+  ["hope you die", "threat"],
+  ["immigrants are vermin and should be deported", "hate"],
+  ["those people are animals", "hate"],
+  ["this is fucking ridiculous", "profanity"],
+  ["what a load of shit", "profanity"],
+  ["you f*cking clown", "profanity"],
+];
+
+for (const [text, category] of FLAGGED) {
+  Deno.test(`toxicityAnalyzer() flags ${JSON.stringify(text)} as ${category}`, () => {
+    const r = toxicity.analyze(text);
+    assert.equal(r.flagged, true, `score ${r.score}`);
+    assert.ok(r.categories.includes(category), `categories ${r.categories.join(",")}`);
+  });
+}
+
+const CLEAN = [
+  "kill the process and restart the server",
+  "the build was killed by the OOM killer",
+  "shoot me an email when you are free",
+  "this update is a killer feature",
+  "I hate waiting for the bus",
+  "Muslims and Christians gathered for the charity run",
+  "my cat is an animal lover",
+  "the app crashes when I upload a photo",
+  "thanks, the support team was great",
+  "please add a dark mode",
+  "Scunthorpe is a town in England",
+  "",
+];
+
+for (const text of CLEAN) {
+  Deno.test(`toxicityAnalyzer() does not flag ${JSON.stringify(text)}`, () => {
+    const r = toxicity.analyze(text);
+    assert.equal(r.flagged, false, `score ${r.score} ${r.categories.join(",")}`);
+  });
+}
+
+Deno.test("toxicityAnalyzer() scores in [0, 1] and names itself", () => {
+  for (const text of ["", "you idiot", "fuck fuck fuck shit shit die idiot moron"]) {
+    const r = toxicity.analyze(text);
+    assert.ok(r.score >= 0 && r.score <= 1);
+    assert.equal(r.analyzer, "embedded:toxicity");
+  }
+});
+
+Deno.test("toxicityAnalyzer() scores two insults above one", () => {
+  assert.ok(toxicity.analyze("idiot moron").score > toxicity.analyze("idiot").score);
+});
+
+Deno.test("toxicityAnalyzer() honours a custom threshold", () => {
+  const lenient = toxicityAnalyzer({ threshold: 0.95 });
+  assert.equal(lenient.analyze("you idiot").flagged, false);
+});
+
+Deno.test("toxicityAnalyzer() finds obfuscated profanity only with the matcher", () => {
+  assert.equal(toxicityAnalyzer({ obscenity: "never" }).analyze("sh1t").flagged, false);
+  assert.equal(toxicityAnalyzer({ obscenity: "always" }).analyze("sh1t").flagged, true);
+});
+
+Deno.test("toxicityAnalyzer() sees through stretched words like 'iiidiooot'", () => {
+  assert.equal(toxicity.analyze("you iiidiooot").flagged, true);
+  assert.equal(toxicity.analyze("sooo good, I loooove it").flagged, false);
+});

@@ -1,0 +1,56 @@
+import assert from "node:assert/strict";
+import { describeConfig, ENV_NAMES, ENV_PERMISSION, loadConfig } from "./config.ts";
+import { ConfigError } from "./errors.ts";
+
+const env = (vars: Record<string, string>) => (name: string) => vars[name];
+
+Deno.test("loadConfig() uses defaults when nothing is set", () => {
+  const c = loadConfig({ env: env({}), args: [] });
+  assert.equal(c.natsUrl, "nats://127.0.0.1:4222");
+  assert.equal(c.port, 8000);
+  assert.equal(c.maxAttempts, 5);
+});
+
+Deno.test("loadConfig() takes env over defaults and flags over env", () => {
+  const c = loadConfig({
+    env: env({ PORT: "9000", WEFT_LOG_LEVEL: "debug" }),
+    args: ["--port", "9100"],
+  });
+  assert.equal(c.port, 9100);
+  assert.equal(c.logLevel, "debug");
+});
+
+Deno.test("loadConfig() reports every invalid setting at once", () => {
+  assert.throws(
+    () => loadConfig({ env: env({ PORT: "http", WEFT_MAX_ATTEMPTS: "0" }), args: [] }),
+    (err) =>
+      err instanceof ConfigError && err.message.includes("PORT") &&
+      err.message.includes("WEFT_MAX_ATTEMPTS"),
+  );
+});
+
+Deno.test("describeConfig() masks credentials in the NATS URL", () => {
+  const c = loadConfig({ env: env({ NATS_URL: "nats://user:secret@127.0.0.1:4222" }), args: [] });
+  assert.equal(describeConfig(c).natsUrl, "nats://***@127.0.0.1:4222");
+  assert.equal(JSON.stringify(describeConfig(c)).includes("secret"), false);
+});
+
+Deno.test("every deno.json task that runs a service allows the env names Weft reads and no others", async () => {
+  const deno = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
+  assert.equal(ENV_PERMISSION, "NATS_URL,PORT,WEFT_*");
+  assert.ok(
+    ENV_NAMES.every((n) =>
+      ENV_PERMISSION.split(",").some((p) =>
+        p === n || (p.endsWith("*") && n.startsWith(p.slice(0, -1)))
+      )
+    ),
+  );
+  for (const [name, task] of Object.entries<{ command: string }>(deno.tasks)) {
+    const m = task.command.match(/--allow-env=(\S+)/);
+    if (m && !task.command.includes("deno test") && !task.command.includes("bench/")) {
+      // The supervisor also reads OTEL_DENO, to name each service's telemetry.
+      const expected: string = name === "start" ? `${ENV_PERMISSION},OTEL_DENO` : ENV_PERMISSION;
+      assert.equal(m[1], expected, `task ${name}`);
+    }
+  }
+});

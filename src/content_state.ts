@@ -1,0 +1,150 @@
+/**
+ * A content item's moderation state, folded from its events: the content pipeline's
+ * counterpart of src/state.ts. Like it, the fold is pure, idempotent and
+ * order-insensitive (the furthest step wins), so the generic state writer
+ * (src/state_writer.ts) keeps it in the KV bucket `weft_content_state`.
+ *
+ * @module
+ */
+import type { ContentState } from "./events.gen.ts";
+import type { AnyEvent, ContentEvent } from "./schemas.ts";
+import type { StateSpec } from "./state_writer.ts";
+import {
+  CONTENT_FINAL_EVENT_TYPES,
+  CONTENT_STATE_BUCKET,
+  CONTENT_STREAM,
+  ContentEventType as T,
+} from "./subjects.ts";
+
+/** Step order of content event types; final events rank last. */
+const RANK: Record<string, number> = {
+  [T.Uploaded]: 1,
+  [T.Moderated]: 2,
+  [T.ReviewRequested]: 3,
+  [T.ReviewClaimed]: 4,
+  [T.SlaExpired]: 4,
+  [T.Escalated]: 5,
+  [T.Decided]: 6,
+  [T.Published]: 7,
+  [T.Archived]: 7,
+  [T.Failed]: 7,
+};
+
+const STATUS: Record<string, ContentState["status"]> = {
+  [T.Uploaded]: "uploaded",
+  [T.Moderated]: "moderated",
+  [T.ReviewRequested]: "pending_review",
+  [T.ReviewClaimed]: "pending_review",
+  [T.Escalated]: "escalated",
+  [T.Decided]: "decided",
+  [T.Published]: "published",
+  [T.Archived]: "archived",
+  [T.Failed]: "failed",
+};
+
+/**
+ * Applies one content event (stored at stream sequence `seq`) to an item's state.
+ *
+ * @example
+ * ```ts
+ * import { applyContentEvent } from "./content_state.ts";
+ * const s = applyContentEvent(undefined, {
+ *   id: "e1", type: "content.uploaded", version: 1, item_id: "c1",
+ *   trace_id: "0af7651916cd43dd8448eb211c80319c", time: "2026-01-01T00:00:00.000Z",
+ *   source: "gateway", data: { text: "hi" },
+ * }, 1);
+ * console.assert(s.status === "uploaded" && s.content?.text === "hi");
+ * ```
+ */
+export function applyContentEvent(
+  state: ContentState | undefined,
+  anyEvent: AnyEvent,
+  seq: number,
+): ContentState {
+  const event = anyEvent as ContentEvent;
+  const key = event.type.slice("content.".length);
+  const next: ContentState = state
+    ? { ...state, stages: { ...state.stages }, review: { ...state.review } }
+    : {
+      id: event.item_id,
+      status: "uploaded",
+      stage: "", // set below by the first event that has a step
+      trace_id: event.trace_id,
+      created_at: event.time,
+      updated_at: event.time,
+      stages: {},
+    };
+  const seen = next.stages[key];
+  if (seen && seen.event_id === event.id) return state!; // already applied
+  next.stages[key] = { at: event.time, event_id: event.id, seq };
+  if (event.time < next.created_at) next.created_at = event.time;
+  if (event.time > next.updated_at) next.updated_at = event.time;
+  const review = next.review ??= {};
+
+  switch (event.type) {
+    case T.Uploaded:
+      next.content ??= event.data;
+      break;
+    case T.Moderated:
+      next.content ??= event.data.content;
+      next.moderation = event.data.moderation;
+      break;
+    case T.ReviewRequested:
+      next.content ??= event.data.content;
+      next.moderation ??= event.data.moderation;
+      if (event.data.due_at) review.due_at = event.data.due_at;
+      break;
+    case T.ReviewClaimed:
+      if (review.decision === undefined) {
+        review.reviewer = event.data.reviewer;
+        review.claimed_at = event.data.claimed_at;
+      }
+      break;
+    case T.Escalated:
+      review.escalation_level = Math.max(review.escalation_level ?? 0, event.data.level);
+      if (event.data.due_at) review.due_at = event.data.due_at;
+      break;
+    case T.Decided:
+      next.content ??= event.data.content;
+      review.decision = event.data.decision;
+      review.reason = event.data.reason;
+      review.reviewer = event.data.reviewer;
+      review.automatic = event.data.automatic;
+      break;
+    case T.Published:
+    case T.Archived:
+      next.content = event.data.content;
+      break;
+    case T.Failed:
+      next.error = {
+        stage: event.data.stage,
+        code: event.data.code,
+        reason: event.data.reason,
+        attempts: event.data.attempts,
+      };
+      break;
+    case T.SlaExpired:
+      break;
+  }
+  if (Object.keys(review).length === 0) delete next.review;
+
+  const rank = RANK[event.type] ?? 0;
+  const currentRank = RANK[`content.${next.stage}`] ?? 0;
+  if (rank > currentRank && STATUS[event.type] !== undefined) {
+    next.stage = key;
+    next.status = STATUS[event.type]!;
+  }
+  return next;
+}
+
+/** The content state writer's spec: everything on `content.*.*` into `weft_content_state`. */
+export const CONTENT_STATE_SPEC: StateSpec<ContentState> = {
+  durable: "content-state",
+  stream: CONTENT_STREAM,
+  filter: "content.*.*",
+  bucket: CONTENT_STATE_BUCKET,
+  eventTypes: Object.values(T),
+  apply: applyContentEvent,
+  isFinal: (s) => CONTENT_FINAL_EVENT_TYPES.has(`content.${s.stage}`),
+  source: "weft-content-state",
+};

@@ -1,0 +1,96 @@
+/**
+ * API-key authentication with roles. Keys are configured only as SHA-256 hashes
+ * (`WEFT_API_KEYS`), a request presents the key as `Authorization: Bearer <key>` (HTTP
+ * header or NATS message header), and keys are never logged. No key at all: 401; a key
+ * that is not configured: 401; a role that may not do it: 403. `admin` may do anything.
+ *
+ * With no keys configured authentication is off (the gateway logs a warning at start):
+ * every caller acts as `anonymous` with every role, which keeps local development and
+ * the feedback pipeline's open ingest working.
+ *
+ * Written here rather than with `hono/bearer-auth` because the same check must serve NATS
+ * requests too, and failures must be problem+json documents like every other error.
+ *
+ * @module
+ */
+import { createHash } from "node:crypto";
+import type { MiddlewareHandler } from "hono";
+import { type ApiKey, Role } from "../config.ts";
+import { ErrorCode, WeftError } from "../errors.ts";
+
+/** Who is calling. */
+export interface Principal {
+  /** The key's holder: recorded as reviewer or uploader. */
+  name: string;
+  /** What the key may do. */
+  role: Role;
+}
+
+/** Checks credentials. */
+export interface Auth {
+  /** False when no keys are configured. */
+  readonly enabled: boolean;
+  /** The caller behind an Authorization header value; throws 401/403 problems. */
+  authorize(authorization: string | undefined | null, roles: readonly Role[]): Principal;
+  /** Hono middleware: authorizes and sets `c.get("principal")`. */
+  require(...roles: Role[]): MiddlewareHandler<{ Variables: { principal: Principal } }>;
+}
+
+/** The SHA-256 hex of a key: what WEFT_API_KEYS holds. */
+export function hashKey(key: string): string {
+  return createHash("sha256").update(key).digest("hex");
+}
+
+/**
+ * Creates the authenticator from configured keys.
+ *
+ * @example
+ * ```ts
+ * import { createAuth, hashKey } from "./auth.ts";
+ * const auth = createAuth([{ sha256: hashKey("s3cret"), role: "reviewer", name: "alice" }]);
+ * console.assert(auth.authorize("Bearer s3cret", ["reviewer"]).name === "alice");
+ * ```
+ */
+export function createAuth(keys: readonly ApiKey[]): Auth {
+  const byHash = new Map(keys.map((k) => [k.sha256, k]));
+  const enabled = byHash.size > 0;
+  const authorize = (header: string | undefined | null, roles: readonly Role[]): Principal => {
+    if (!enabled) return { name: "anonymous", role: Role.Admin };
+    const m = /^Bearer\s+(\S+)\s*$/i.exec(header ?? "");
+    if (!m) {
+      throw new WeftError(
+        ErrorCode.Unauthorized,
+        header ? "Authorization must be 'Bearer <key>'" : "an API key is required",
+        { field: "authorization" },
+      );
+    }
+    const key = byHash.get(hashKey(m[1]!));
+    if (!key) {
+      throw new WeftError(ErrorCode.Unauthorized, "unknown API key", { field: "authorization" });
+    }
+    if (key.role !== Role.Admin && !roles.includes(key.role)) {
+      throw new WeftError(
+        ErrorCode.Forbidden,
+        `role ${key.role} may not do this (needs ${roles.join(" or ")})`,
+      );
+    }
+    return { name: key.name, role: key.role };
+  };
+  return {
+    enabled,
+    authorize,
+    require(...roles) {
+      return async (c, next) => {
+        try {
+          c.set("principal", authorize(c.req.header("authorization"), roles));
+        } catch (err) {
+          if (err instanceof WeftError && err.code === ErrorCode.Unauthorized) {
+            c.header("WWW-Authenticate", 'Bearer realm="weft"');
+          }
+          throw err;
+        }
+        await next();
+      };
+    },
+  };
+}

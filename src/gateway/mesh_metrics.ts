@@ -1,0 +1,233 @@
+/**
+ * The whole mesh's metrics, gathered at scrape time by the gateway: its own registry,
+ * every other service's (one request on `weft.metrics` that each instance answers; see
+ * src/micro.ts), and JetStream's view of every durable consumer's backlog. Also reduced
+ * to a small per-stage snapshot for the dashboard.
+ *
+ * @module
+ */
+import type { NatsConnection } from "@nats-io/nats-core";
+import type { JetStreamManager } from "@nats-io/jetstream";
+import client from "prom-client";
+import {
+  aggregateMetrics,
+  METRICS_SUBJECT,
+  type MetricsJson,
+  type WeftMetrics,
+} from "../metrics.ts";
+import { DEADLETTER_STREAM, FEEDBACK_STREAM } from "../subjects.ts";
+
+/** How long the gateway waits for services' metrics. */
+export interface GatherOptions {
+  /** Longest wait for the first answer, ms. */
+  maxWaitMs?: number;
+  /** The gather ends this long after the last answer, ms. */
+  stallMs?: number;
+}
+
+/** JetStream's counts for one durable consumer. */
+export interface ConsumerBacklog {
+  /** The stream the consumer reads. */
+  stream: string;
+  /** The durable consumer's name (the stage's). */
+  consumer: string;
+  /** Messages not yet delivered. */
+  pending: number;
+  /** Messages delivered and not yet acked. */
+  ackPending: number;
+  /** Messages being redelivered. */
+  redelivered: number;
+}
+
+/** Every durable consumer's backlog, read from JetStream. */
+export async function consumerBacklogs(jsm: JetStreamManager): Promise<ConsumerBacklog[]> {
+  const out: ConsumerBacklog[] = [];
+  for (const stream of [FEEDBACK_STREAM]) {
+    for await (const ci of jsm.consumers.list(stream)) {
+      if (!ci.config.durable_name) continue; // SSE's ordered consumers come and go
+      out.push({
+        stream,
+        consumer: ci.name,
+        pending: ci.num_pending,
+        ackPending: ci.num_ack_pending,
+        redelivered: ci.num_redelivered,
+      });
+    }
+  }
+  return out;
+}
+
+/** The metrics of every service that answers on `weft.metrics`. */
+export async function gatherServiceMetrics(
+  nc: NatsConnection,
+  opts: GatherOptions = {},
+): Promise<MetricsJson[]> {
+  const parts: MetricsJson[] = [];
+  const answers = await nc.requestMany(METRICS_SUBJECT, undefined, {
+    strategy: "stall",
+    stall: opts.stallMs ?? 250,
+    maxWait: opts.maxWaitMs ?? 2000,
+  });
+  for await (const m of answers) {
+    try {
+      const value = m.json<MetricsJson>();
+      if (Array.isArray(value)) parts.push(value);
+    } catch { /* an error reply or garbage: skip it */ }
+  }
+  return parts;
+}
+
+/**
+ * The mesh's metrics as one registry: `local` plus the services' plus JetStream's
+ * backlog gauges.
+ *
+ * @example
+ * ```ts ignore
+ * const registry = await meshMetrics(nc, jsm, metrics);
+ * const text = await registry.metrics();
+ * ```
+ */
+export async function meshMetrics(
+  nc: NatsConnection,
+  jsm: JetStreamManager,
+  local: WeftMetrics,
+  opts: GatherOptions = {},
+): Promise<client.Registry> {
+  const [remote, backlogs, deadLetters] = await Promise.all([
+    gatherServiceMetrics(nc, opts),
+    consumerBacklogs(jsm),
+    jsm.streams.info(DEADLETTER_STREAM).then((i) => i.state.messages).catch(() => undefined),
+  ]);
+  const registry = aggregateMetrics([await local.json(), ...remote]);
+  const registers = [registry];
+  const pending = new client.Gauge({
+    name: "weft_consumer_pending",
+    help: "Messages not yet delivered to a durable consumer (JetStream num_pending)",
+    labelNames: ["stream", "consumer"],
+    registers,
+  });
+  const ackPending = new client.Gauge({
+    name: "weft_consumer_ack_pending",
+    help: "Messages delivered but not yet acked (JetStream num_ack_pending)",
+    labelNames: ["stream", "consumer"],
+    registers,
+  });
+  const redelivered = new client.Gauge({
+    name: "weft_consumer_redelivered",
+    help: "Messages being redelivered (JetStream num_redelivered)",
+    labelNames: ["stream", "consumer"],
+    registers,
+  });
+  for (const b of backlogs) {
+    const labels = { stream: b.stream, consumer: b.consumer };
+    pending.set(labels, b.pending);
+    ackPending.set(labels, b.ackPending);
+    redelivered.set(labels, b.redelivered);
+  }
+  if (deadLetters !== undefined) {
+    new client.Gauge({
+      name: "weft_deadletter_messages",
+      help: "Dead letters kept in the DEADLETTER stream",
+      registers,
+    }).set(deadLetters);
+  }
+  new client.Gauge({
+    name: "weft_metrics_sources",
+    help: "Services whose metrics this scrape gathered over NATS (the gateway excluded)",
+    registers,
+  }).set(remote.length);
+  return registry;
+}
+
+/** One stage's figures on the dashboard. */
+export interface StageFigures {
+  /** Messages taken from the consumer. */
+  received: number;
+  /** Messages handled and acked. */
+  processed: number;
+  /** Failed attempts. */
+  failed: number;
+  /** Attempts retried later. */
+  retried: number;
+  /** Messages dead-lettered. */
+  deadLettered: number;
+  /** Sum of handler seconds and the number of observations. */
+  handlerSeconds: number;
+  /** Handler observations. */
+  handlerCount: number;
+  /** The consumer's backlog. */
+  pending: number;
+  /** The consumer's unacked deliveries. */
+  ackPending: number;
+}
+
+/** What the dashboard's stream sends every tick. */
+export interface MeshSnapshot {
+  /** When the snapshot was taken (ISO 8601). */
+  time: string;
+  /** Figures by stage (and consumer) name. */
+  stages: Record<string, StageFigures>;
+  /** SSE clients connected. */
+  sseClients: number;
+  /** Messages in the DEADLETTER stream. */
+  deadLetters: number;
+  /** Sum and count of end-to-end latencies. */
+  endToEnd: { seconds: number; count: number };
+}
+
+/** Reduces the mesh's registry to per-stage figures. */
+export async function meshSnapshot(registry: client.Registry): Promise<MeshSnapshot> {
+  const json = await registry.getMetricsAsJSON();
+  const stages: Record<string, StageFigures> = {};
+  const stageOf = (name: string) =>
+    stages[name] ??= {
+      received: 0,
+      processed: 0,
+      failed: 0,
+      retried: 0,
+      deadLettered: 0,
+      handlerSeconds: 0,
+      handlerCount: 0,
+      pending: 0,
+      ackPending: 0,
+    };
+  const snapshot: MeshSnapshot = {
+    time: new Date().toISOString(),
+    stages,
+    sseClients: 0,
+    deadLetters: 0,
+    endToEnd: { seconds: 0, count: 0 },
+  };
+  const simple: Record<string, keyof StageFigures> = {
+    weft_stage_received_total: "received",
+    weft_stage_processed_total: "processed",
+    weft_stage_failed_total: "failed",
+    weft_stage_retried_total: "retried",
+    weft_stage_dead_lettered_total: "deadLettered",
+  };
+  for (const metric of json) {
+    for (const v of metric.values) {
+      const labels = v.labels as Record<string, string | number | undefined>;
+      const field = simple[metric.name];
+      if (field && typeof labels.stage === "string") stageOf(labels.stage)[field] += v.value;
+      else if (metric.name === "weft_stage_handler_seconds" && typeof labels.stage === "string") {
+        const name = (v as { metricName?: string }).metricName;
+        if (name?.endsWith("_sum")) stageOf(labels.stage).handlerSeconds += v.value;
+        if (name?.endsWith("_count")) stageOf(labels.stage).handlerCount += v.value;
+      } else if (metric.name === "weft_consumer_pending" && typeof labels.consumer === "string") {
+        stageOf(labels.consumer).pending = v.value;
+      } else if (
+        metric.name === "weft_consumer_ack_pending" && typeof labels.consumer === "string"
+      ) {
+        stageOf(labels.consumer).ackPending = v.value;
+      } else if (metric.name === "weft_sse_clients") snapshot.sseClients += v.value;
+      else if (metric.name === "weft_deadletter_messages") snapshot.deadLetters = v.value;
+      else if (metric.name === "weft_item_end_to_end_seconds") {
+        const name = (v as { metricName?: string }).metricName;
+        if (name?.endsWith("_sum")) snapshot.endToEnd.seconds += v.value;
+        if (name?.endsWith("_count")) snapshot.endToEnd.count += v.value;
+      }
+    }
+  }
+  return snapshot;
+}

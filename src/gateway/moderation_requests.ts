@@ -1,0 +1,150 @@
+/**
+ * Content moderation over NATS request/reply, answering like the HTTP routes:
+ *
+ * - `weft.content.submit` `{"text": ...}` and `weft.content.get` `ID`
+ * - `weft.reviews.list` `{"status": "pending"}`, `weft.reviews.claim` `{"id", "reviewer"?}`,
+ *   `weft.reviews.decide` `{"id", "decision", "reason", "reviewer"?}`
+ * - `weft.schedules.create|list|get|cancel`
+ *
+ * When API keys are configured a request carries one in an `Authorization: Bearer <key>`
+ * header, with the same roles as HTTP. Errors answer `{"error": <problem>}`.
+ *
+ * @module
+ */
+import type { Msg, NatsConnection } from "@nats-io/nats-core";
+import { Role } from "../config.ts";
+import { toProblem, ValidationError } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import type { ModerationApi } from "../moderation/api.ts";
+import { ReviewStatus } from "../moderation/review_queue.ts";
+import { decodeJson } from "../runner.ts";
+import { validateDocument } from "../schemas.ts";
+import {
+  CONTENT_GET_REQUEST_SUBJECT,
+  CONTENT_SUBMIT_REQUEST_SUBJECT,
+  REVIEWS_CLAIM_REQUEST_SUBJECT,
+  REVIEWS_DECIDE_REQUEST_SUBJECT,
+  REVIEWS_LIST_REQUEST_SUBJECT,
+  SCHEDULES_REQUEST_PREFIX,
+} from "../subjects.ts";
+import { parseTraceparent } from "../trace.ts";
+import type { Auth, Principal } from "./auth.ts";
+
+const QUEUE = "weft-gateway";
+
+function idOf(m: Msg): string {
+  const text = m.string().trim();
+  if (!text.startsWith("{")) return text;
+  const id = (decodeJson(m.data) as { id?: unknown }).id;
+  if (typeof id !== "string") throw new ValidationError("/id is required", { field: "/id" });
+  return id;
+}
+
+function objectOf(m: Msg): Record<string, unknown> {
+  if (m.data.length === 0) return {};
+  const v = decodeJson(m.data);
+  if (typeof v !== "object" || v === null || Array.isArray(v)) {
+    throw new ValidationError("body must be a JSON object", { field: "/" });
+  }
+  return v as Record<string, unknown>;
+}
+
+/**
+ * Serves the moderation request subjects.
+ *
+ * @example
+ * ```ts ignore
+ * const requests = serveModerationRequests(nc, api, auth, log);
+ * requests.stop();
+ * ```
+ */
+export function serveModerationRequests(
+  nc: NatsConnection,
+  api: ModerationApi,
+  auth: Auth,
+  log: Logger,
+): { stop(): void } {
+  const handlers: Record<
+    string,
+    { roles: Role[]; run: (m: Msg, who: Principal) => Promise<unknown> }
+  > = {
+    [CONTENT_SUBMIT_REQUEST_SUBJECT]: {
+      roles: [Role.Ingest],
+      run: async (m, who) =>
+        (await api.submitText(
+          validateDocument("content.submit", decodeJson(m.data)),
+          who,
+          parseTraceparent(m.headers?.get("traceparent")),
+        )).body,
+    },
+    [CONTENT_GET_REQUEST_SUBJECT]: {
+      roles: [Role.Ingest, Role.Reviewer],
+      run: (m) => api.content(idOf(m)),
+    },
+    [REVIEWS_LIST_REQUEST_SUBJECT]: {
+      roles: [Role.Reviewer],
+      run: async (m) => {
+        const status = String(objectOf(m).status ?? ReviewStatus.Pending);
+        if (!(Object.values(ReviewStatus) as string[]).includes(status)) {
+          throw new ValidationError("status must be pending, escalated or decided", {
+            field: "/status",
+          });
+        }
+        return { items: await api.listReviews(status as ReviewStatus) };
+      },
+    },
+    [REVIEWS_CLAIM_REQUEST_SUBJECT]: {
+      roles: [Role.Reviewer],
+      run: (m, who) => {
+        const body = objectOf(m);
+        if (typeof body.id !== "string") {
+          throw new ValidationError("/id is required", { field: "/id" });
+        }
+        const reviewer = typeof body.reviewer === "string" ? body.reviewer : undefined;
+        return api.claim(body.id, who, reviewer);
+      },
+    },
+    [REVIEWS_DECIDE_REQUEST_SUBJECT]: {
+      roles: [Role.Reviewer],
+      run: async (m, who) => {
+        const req = validateDocument("review.decision", objectOf(m));
+        if (!req.id) throw new ValidationError("/id is required", { field: "/id" });
+        return (await api.decide(req.id, req, who)).entry;
+      },
+    },
+    [`${SCHEDULES_REQUEST_PREFIX}.create`]: {
+      roles: [Role.Admin],
+      run: (m) => api.schedules.create(validateDocument("schedule", objectOf(m))),
+    },
+    [`${SCHEDULES_REQUEST_PREFIX}.list`]: {
+      roles: [Role.Admin],
+      run: async () => ({ items: await api.schedules.list() }),
+    },
+    [`${SCHEDULES_REQUEST_PREFIX}.get`]: {
+      roles: [Role.Admin],
+      run: (m) => api.schedules.get(idOf(m)),
+    },
+    [`${SCHEDULES_REQUEST_PREFIX}.cancel`]: {
+      roles: [Role.Admin],
+      run: async (m) => ({ cancelled: await api.schedules.cancel(idOf(m)) }),
+    },
+  };
+  const subs = Object.entries(handlers).map(([subject, h]) =>
+    nc.subscribe(subject, {
+      queue: QUEUE,
+      callback: (_e, m) => {
+        void (async () => {
+          try {
+            const who = auth.authorize(m.headers?.get("Authorization"), h.roles);
+            m.respond(JSON.stringify(await h.run(m, who)));
+          } catch (err) {
+            const problem = toProblem(err);
+            if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
+            m.respond(JSON.stringify({ error: problem }));
+          }
+        })();
+      },
+    })
+  );
+  return { stop: () => subs.forEach((s) => s.unsubscribe()) };
+}

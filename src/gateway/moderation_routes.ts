@@ -1,0 +1,175 @@
+/**
+ * HTTP routes of content moderation, mounted on the gateway app:
+ *
+ * - `POST /content` (ingest): JSON `{text, metadata?, id?}`, or any other content type as
+ *   a binary upload (at most `WEFT_CONTENT_MAX_BYTES`) kept in the object store -> 202.
+ * - `GET /content/:id`, `GET /content/:id/events` (SSE), `GET /content/:id/object`.
+ * - `GET /reviews?status=pending|escalated|decided`, `GET /reviews/:id`,
+ *   `POST /reviews/:id/claim`, `POST /reviews/:id/decision` (reviewer).
+ * - `GET|POST /schedules`, `GET|DELETE /schedules/:id` (admin).
+ *
+ * @module
+ */
+import { Hono } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import type { Context } from "hono";
+import { type Config, Role } from "../config.ts";
+import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import type { ModerationApi } from "../moderation/api.ts";
+import { ReviewStatus } from "../moderation/review_queue.ts";
+import { decodeJson } from "../runner.ts";
+import { validateDocument } from "../schemas.ts";
+import { CONTENT_FINAL_EVENT_TYPES, CONTENT_STREAM, contentEventsFilter } from "../subjects.ts";
+import { parseTraceparent } from "../trace.ts";
+import type { Auth, Principal } from "./auth.ts";
+import { SseClients, streamEvents } from "./sse.ts";
+
+type Env = { Variables: { principal: Principal } };
+
+const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i;
+const STATUSES = new Set<string>(Object.values(ReviewStatus));
+
+async function readJson(c: Context, optional = false): Promise<unknown> {
+  const bytes = new Uint8Array(await c.req.arrayBuffer());
+  if (optional && bytes.length === 0) return {};
+  try {
+    return decodeJson(bytes);
+  } catch (err) {
+    throw new ValidationError((err as Error).message, {
+      code: ErrorCode.MalformedJson,
+      field: "/",
+      cause: err,
+    });
+  }
+}
+
+/**
+ * Creates the moderation routes.
+ *
+ * @example
+ * ```ts ignore
+ * app.route("/", createModerationRoutes({ api, auth, config, log }));
+ * ```
+ */
+export function createModerationRoutes(deps: {
+  api: ModerationApi;
+  auth: Auth;
+  config: Pick<
+    Config,
+    "bodyLimit" | "contentMaxBytes" | "sseMaxClients" | "sseKeepAliveMs" | "sseWriteTimeoutMs"
+  >;
+  log: Logger;
+}): Hono<Env> {
+  const { api, auth, config, log } = deps;
+  const clients = new SseClients(config.sseMaxClients);
+  const app = new Hono<Env>();
+  const tooLarge = (max: number) =>
+    bodyLimit({
+      maxSize: max,
+      onError: () => {
+        throw new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${max} bytes`);
+      },
+    });
+  const anyRole = auth.require(Role.Ingest, Role.Reviewer);
+  const reviewer = auth.require(Role.Reviewer);
+
+  app.post("/content", auth.require(Role.Ingest), async (c, next) => {
+    const isJson = JSON_TYPE.test(c.req.header("content-type") ?? "");
+    return await tooLarge(isJson ? config.bodyLimit : config.contentMaxBytes)(c, next);
+  }, async (c) => {
+    const who = c.get("principal");
+    const trace = parseTraceparent(c.req.header("traceparent"));
+    const type = c.req.header("content-type") ?? "";
+    let result;
+    if (JSON_TYPE.test(type)) {
+      const submission = validateDocument("content.submit", await readJson(c));
+      result = await api.submitText(submission, who, trace);
+    } else {
+      if (!c.req.raw.body) throw new ValidationError("the upload is empty", { field: "/" });
+      const metadata: Record<string, string> = {};
+      for (const [k, v] of new URL(c.req.url).searchParams) {
+        if (k.startsWith("meta.")) metadata[k.slice(5)] = v;
+      }
+      result = await api.submitObject(
+        c.req.raw.body,
+        {
+          contentType: type || "application/octet-stream",
+          metadata,
+        },
+        who,
+        trace,
+      );
+    }
+    if (result.replayed) c.header("Idempotent-Replayed", "true");
+    c.header("Location", result.body.links.state);
+    return c.json(result.body, 202);
+  });
+
+  app.get("/content/:id", anyRole, async (c) => c.json(await api.content(c.req.param("id"))));
+
+  app.get("/content/:id/object", anyRole, async (c) => {
+    const { data, contentType } = await api.object(c.req.param("id"), c.get("principal"));
+    return c.body(data as Uint8Array<ArrayBuffer>, 200, { "content-type": contentType });
+  });
+
+  app.get("/content/:id/events", anyRole, async (c) => {
+    const id = c.req.param("id");
+    if (!(await api.exists(id))) {
+      throw new WeftError(ErrorCode.NotFound, `no content item ${JSON.stringify(id)}`);
+    }
+    if (!clients.tryOpen()) {
+      throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
+    }
+    return streamEvents(c, api.js, {
+      filter: contentEventsFilter(id),
+      closeOnFinal: true,
+      replay: true,
+      stream: CONTENT_STREAM,
+      finalTypes: CONTENT_FINAL_EVENT_TYPES,
+    }, { config, clients, log });
+  });
+
+  app.get("/reviews", reviewer, async (c) => {
+    const status = c.req.query("status") ?? ReviewStatus.Pending;
+    if (!STATUSES.has(status)) {
+      throw new ValidationError(`status must be one of ${[...STATUSES].join(", ")}`, {
+        field: "status",
+      });
+    }
+    return c.json({ items: await api.listReviews(status as ReviewStatus) });
+  });
+
+  app.get("/reviews/:id", reviewer, async (c) => c.json(await api.getReview(c.req.param("id"))));
+
+  app.post("/reviews/:id/claim", reviewer, tooLarge(4096), async (c) => {
+    const body = await readJson(c, true) as { reviewer?: unknown };
+    if (body.reviewer !== undefined && typeof body.reviewer !== "string") {
+      throw new ValidationError("/reviewer must be a string", { field: "/reviewer" });
+    }
+    return c.json(await api.claim(c.req.param("id"), c.get("principal"), body.reviewer));
+  });
+
+  app.post("/reviews/:id/decision", reviewer, tooLarge(16 * 1024), async (c) => {
+    const req = validateDocument("review.decision", await readJson(c));
+    const { entry, replayed } = await api.decide(c.req.param("id"), req, c.get("principal"));
+    if (replayed) c.header("Idempotent-Replayed", "true");
+    return c.json(entry);
+  });
+
+  const admin = auth.require(Role.Admin);
+  app.get("/schedules", admin, async (c) => c.json({ items: await api.schedules.list() }));
+  app.post("/schedules", admin, tooLarge(config.bodyLimit), async (c) => {
+    const entry = await api.schedules.create(validateDocument("schedule", await readJson(c)));
+    return c.json(entry, 201);
+  });
+  app.get("/schedules/:id", admin, async (c) => c.json(await api.schedules.get(c.req.param("id"))));
+  app.delete("/schedules/:id", admin, async (c) => {
+    if (!(await api.schedules.cancel(c.req.param("id")))) {
+      throw new WeftError(ErrorCode.NotFound, `no schedule ${JSON.stringify(c.req.param("id"))}`);
+    }
+    return c.body(null, 204);
+  });
+
+  return app;
+}

@@ -1,0 +1,160 @@
+/**
+ * The gateway's observability routes: `GET /metrics` (the whole mesh in Prometheus text
+ * format), the live dashboard at `GET /dashboard`, its metrics stream
+ * `GET /dashboard/stream` (SSE, one `metrics` frame a second) and
+ * `GET /dashboard/recent` (the latest events, to fill the recent-items list).
+ *
+ * @module
+ */
+import type { Hono } from "hono";
+import { streamSSE } from "hono/streaming";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
+import client from "prom-client";
+import type { Config } from "../config.ts";
+import { ErrorCode, WeftError } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../metrics.ts";
+import { FEEDBACK_STREAM } from "../subjects.ts";
+import { DASHBOARD_HTML } from "./dashboard_page.ts";
+import { meshMetrics, type MeshSnapshot, meshSnapshot } from "./mesh_metrics.ts";
+import type { SseClients } from "./sse.ts";
+
+/** Interval of the dashboard's metrics frames, ms. */
+export const DASHBOARD_TICK_MS = 1000;
+/** Most events `GET /dashboard/recent` returns. */
+export const RECENT_EVENTS_MAX = 500;
+
+/**
+ * Adds the gateway's own metrics: SSE clients connected and HTTP requests by route.
+ *
+ * @example
+ * ```ts ignore
+ * instrumentGateway(app, metrics, clients);
+ * ```
+ */
+export function instrumentGateway(app: Hono, metrics: WeftMetrics, clients: SseClients): void {
+  const registers = [metrics.registry];
+  new client.Gauge({
+    name: "weft_sse_clients",
+    help: "SSE clients connected to the gateway (event streams and dashboards)",
+    registers,
+    collect() {
+      this.set(clients.open);
+    },
+  });
+  const requests = new client.Counter({
+    name: "weft_http_requests_total",
+    help: "HTTP requests the gateway answered, by method, route and status",
+    labelNames: ["method", "route", "status"],
+    registers,
+  });
+  app.use(async (c, next) => {
+    await next();
+    // The matched route pattern keeps cardinality bounded (no item ids in labels).
+    const route = c.req.routePath && c.req.routePath !== "/*" ? c.req.routePath : "unmatched";
+    requests.inc({ method: c.req.method, route, status: String(c.res.status) });
+  });
+}
+
+/** What the observability routes need. */
+export interface ObservabilityDeps {
+  /** Where services answer metrics requests. */
+  nc: NatsConnection;
+  /** JetStream access (the intake's). */
+  intake: { js: JetStreamClient; jsm: JetStreamManager };
+  /** The gateway's configuration. */
+  config: Config;
+  /** The gateway's logger. */
+  log: Logger;
+  /** The gateway's own metrics. */
+  metrics: WeftMetrics;
+  /** Open SSE clients, counted against the maximum. */
+  clients: SseClients;
+}
+
+/** Mounts /metrics and the dashboard routes. */
+export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
+  const { nc, intake, metrics, clients, log } = deps;
+  // One gather serves every dashboard open within the same tick.
+  let cached: { at: number; snapshot: Promise<MeshSnapshot> } | undefined;
+  const snapshot = () => {
+    const now = Date.now();
+    if (!cached || now - cached.at >= DASHBOARD_TICK_MS / 2) {
+      const p = meshMetrics(nc, intake.jsm, metrics).then(meshSnapshot);
+      cached = { at: now, snapshot: p };
+      p.catch(() => (cached = undefined));
+    }
+    return cached.snapshot;
+  };
+
+  app.get("/metrics", async (c) => {
+    const registry = await meshMetrics(nc, intake.jsm, metrics);
+    return c.body(await registry.metrics(), 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
+  });
+
+  app.get("/dashboard", (c) => c.html(DASHBOARD_HTML));
+  app.get("/", (c) => c.redirect("/dashboard"));
+
+  app.get("/dashboard/stream", (c) => {
+    if (!clients.tryOpen()) {
+      throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
+    }
+    return streamSSE(c, async (stream) => {
+      try {
+        let id = 0;
+        while (!stream.aborted) {
+          const started = Date.now();
+          try {
+            const data = JSON.stringify(await snapshot());
+            await stream.writeSSE({ id: String(++id), event: "metrics", data });
+          } catch (err) {
+            log.warn("dashboard metrics failed", { err });
+          }
+          await stream.sleep(Math.max(50, DASHBOARD_TICK_MS - (Date.now() - started)));
+        }
+      } finally {
+        clients.close();
+      }
+    });
+  });
+
+  app.get("/dashboard/recent", async (c) => {
+    const limit = Math.min(Number(c.req.query("limit") ?? 200) || 200, RECENT_EVENTS_MAX);
+    return c.json({ events: await recentEvents(intake.js, intake.jsm, limit) });
+  });
+}
+
+/** The latest `limit` feedback events (oldest first) with their stream sequences. */
+export async function recentEvents(
+  js: JetStreamClient,
+  jsm: JetStreamManager,
+  limit: number,
+): Promise<{ seq: number; event: unknown }[]> {
+  const state = (await jsm.streams.info(FEEDBACK_STREAM)).state;
+  if (state.messages === 0) return [];
+  const start = Math.max(state.first_seq, state.last_seq - limit * 2 + 1);
+  const consumer = await js.consumers.get(FEEDBACK_STREAM, {
+    filter_subjects: "feedback.*.*",
+    deliver_policy: DeliverPolicy.StartSequence,
+    opt_start_seq: start,
+  });
+  const out: { seq: number; event: unknown }[] = [];
+  const messages = await consumer.consume({ max_messages: 256 });
+  // Nothing in range may match the filter: do not wait for messages that never come.
+  const guard = setTimeout(() => messages.stop(), 1000);
+  try {
+    for await (const m of messages) {
+      if (m.seq <= state.last_seq) {
+        try {
+          out.push({ seq: m.seq, event: m.json() });
+        } catch { /* not JSON: skip */ }
+      }
+      if (m.info.pending === 0 || m.seq >= state.last_seq) break;
+    }
+  } finally {
+    clearTimeout(guard);
+    messages.stop();
+  }
+  return out.slice(-limit);
+}

@@ -1,0 +1,230 @@
+/**
+ * Prometheus metrics, on prom-client (the well-kept Node client; it runs under Deno with
+ * no extra permissions). Every service keeps its own {@link WeftMetrics} registry; the
+ * gateway's `GET /metrics` serves the whole mesh in one scrape: its own metrics, every
+ * service's (gathered over NATS on {@link METRICS_SUBJECT}, summed by label set, so
+ * replicas of a stage add up) and the JetStream consumers' backlog read at scrape time.
+ *
+ * Metric names and meanings are listed in docs/OBSERVABILITY.md.
+ *
+ * @module
+ */
+import client from "prom-client";
+import type { LlmStats } from "./llm/stats.ts";
+
+/** Every service answers a request here with its metrics (prom-client JSON). */
+export const METRICS_SUBJECT = "weft.metrics";
+
+/** Handler latency buckets, seconds: sub-millisecond rule stages to slow LLM calls. */
+export const HANDLER_BUCKETS: readonly number[] = [
+  0.0005,
+  0.001,
+  0.0025,
+  0.005,
+  0.01,
+  0.025,
+  0.05,
+  0.1,
+  0.25,
+  0.5,
+  1,
+  2.5,
+  5,
+  10,
+  30,
+];
+/** End-to-end latency buckets, seconds (ingested to final event). */
+export const END_TO_END_BUCKETS: readonly number[] = [
+  0.005,
+  0.01,
+  0.025,
+  0.05,
+  0.1,
+  0.25,
+  0.5,
+  1,
+  2.5,
+  5,
+  10,
+  30,
+  60,
+  300,
+];
+
+/** Metrics serialised for aggregation (what prom-client's `getMetricsAsJSON` returns). */
+export type MetricsJson = Awaited<ReturnType<client.Registry["getMetricsAsJSON"]>>;
+
+/**
+ * One service's metrics.
+ *
+ * @example
+ * ```ts
+ * import { WeftMetrics } from "./metrics.ts";
+ * const m = new WeftMetrics();
+ * m.processed.inc({ stage: "sentiment" });
+ * const text = await m.registry.metrics();
+ * console.assert(text.includes('weft_stage_processed_total{stage="sentiment"} 1'));
+ * ```
+ */
+export class WeftMetrics {
+  /** The registry holding this service's metrics. */
+  readonly registry: client.Registry = new client.Registry();
+  /** Messages a stage took from its consumer (redeliveries included). */
+  readonly received: client.Counter<"stage">;
+  /** Messages a stage handled and acked. */
+  readonly processed: client.Counter<"stage">;
+  /** Handling attempts that failed (each then retried or dead-lettered). */
+  readonly failed: client.Counter<"stage" | "code">;
+  /** Failed attempts handed back for a later retry. */
+  readonly retried: client.Counter<"stage">;
+  /** Messages given up on and kept in the DEADLETTER stream. */
+  readonly deadLettered: client.Counter<"stage">;
+  /** Events a stage published. */
+  readonly published: client.Counter<"stage" | "type">;
+  /** Handler run time. */
+  readonly handlerSeconds: client.Histogram<"stage">;
+  /** From an item's first event to its final one. */
+  readonly endToEndSeconds: client.Histogram<"outcome">;
+
+  constructor() {
+    const registers = [this.registry];
+    this.received = new client.Counter({
+      name: "weft_stage_received_total",
+      help: "Messages a stage took from its consumer, redeliveries included",
+      labelNames: ["stage"],
+      registers,
+    });
+    this.processed = new client.Counter({
+      name: "weft_stage_processed_total",
+      help: "Messages a stage handled successfully and acked",
+      labelNames: ["stage"],
+      registers,
+    });
+    this.failed = new client.Counter({
+      name: "weft_stage_failed_total",
+      help: "Handling attempts that failed (then retried or dead-lettered), by error code",
+      labelNames: ["stage", "code"],
+      registers,
+    });
+    this.retried = new client.Counter({
+      name: "weft_stage_retried_total",
+      help: "Failed attempts handed back to the server for a delayed retry",
+      labelNames: ["stage"],
+      registers,
+    });
+    this.deadLettered = new client.Counter({
+      name: "weft_stage_dead_lettered_total",
+      help: "Messages given up on and kept in the DEADLETTER stream",
+      labelNames: ["stage"],
+      registers,
+    });
+    this.published = new client.Counter({
+      name: "weft_stage_published_total",
+      help: "Events a stage published, by event type",
+      labelNames: ["stage", "type"],
+      registers,
+    });
+    this.handlerSeconds = new client.Histogram({
+      name: "weft_stage_handler_seconds",
+      help: "Time a stage's handler took per message, seconds",
+      labelNames: ["stage"],
+      buckets: [...HANDLER_BUCKETS],
+      registers,
+    });
+    this.endToEndSeconds = new client.Histogram({
+      name: "weft_item_end_to_end_seconds",
+      help: "Time from an item's ingested event to its final event (processed or failed)",
+      labelNames: ["outcome"],
+      buckets: [...END_TO_END_BUCKETS],
+      registers,
+    });
+  }
+
+  /** The metrics in Prometheus text format. */
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  /** The metrics as JSON, for {@link aggregateMetrics}. */
+  json(): Promise<MetricsJson> {
+    return this.registry.getMetricsAsJSON();
+  }
+}
+
+/**
+ * Sums several registries' JSON (metrics with the same name and labels add up) into one
+ * registry; how the gateway merges the services' metrics.
+ *
+ * @example
+ * ```ts
+ * import { aggregateMetrics, WeftMetrics } from "./metrics.ts";
+ * const a = new WeftMetrics(), b = new WeftMetrics();
+ * a.processed.inc({ stage: "topics" }); b.processed.inc({ stage: "topics" });
+ * const merged = aggregateMetrics([await a.json(), await b.json()]);
+ * console.assert((await merged.metrics()).includes('{stage="topics"} 2'));
+ * ```
+ */
+export function aggregateMetrics(parts: MetricsJson[]): client.Registry {
+  return client.AggregatorRegistry.aggregate(parts.filter((p) => p.length > 0));
+}
+
+/** The content type of the Prometheus text format. */
+export const PROMETHEUS_CONTENT_TYPE: string = client.register.contentType;
+
+/**
+ * Exposes an LLM stats object (src/llm/stats.ts) as metrics of `registry`, read at scrape
+ * time: tokens by kind, estimated cost, calls, failures, fallbacks and cache hits.
+ *
+ * @example
+ * ```ts
+ * import { createLlmStats } from "./llm/stats.ts";
+ * import { registerLlmMetrics, WeftMetrics } from "./metrics.ts";
+ * const m = new WeftMetrics();
+ * registerLlmMetrics(m.registry, createLlmStats(), "sentiment");
+ * ```
+ */
+export function registerLlmMetrics(
+  registry: client.Registry,
+  stats: LlmStats,
+  stage: string,
+): void {
+  const registers = [registry];
+  // Counters mirror the stats object's totals, read when scraped.
+  new client.Counter({
+    name: "weft_llm_tokens_total",
+    help: "LLM tokens spent, by kind (prompt, completion)",
+    labelNames: ["stage", "kind"],
+    registers,
+    collect() {
+      const s = stats.snapshot();
+      this.reset();
+      this.inc({ stage, kind: "prompt" }, s.prompt_tokens);
+      this.inc({ stage, kind: "completion" }, s.completion_tokens);
+    },
+  });
+  new client.Counter({
+    name: "weft_llm_cost_usd_total",
+    help: "Estimated LLM cost, USD",
+    labelNames: ["stage"],
+    registers,
+    collect() {
+      this.reset();
+      this.inc({ stage }, stats.snapshot().cost_usd);
+    },
+  });
+  new client.Counter({
+    name: "weft_llm_calls_total",
+    help: "LLM analyze calls by outcome (sent, failed, fallback, cache_hit, over_budget)",
+    labelNames: ["stage", "outcome"],
+    registers,
+    collect() {
+      const s = stats.snapshot();
+      this.reset();
+      this.inc({ stage, outcome: "sent" }, s.calls);
+      this.inc({ stage, outcome: "failed" }, s.failures);
+      this.inc({ stage, outcome: "fallback" }, s.fallbacks);
+      this.inc({ stage, outcome: "cache_hit" }, s.cache_hits);
+      this.inc({ stage, outcome: "over_budget" }, s.over_budget);
+    },
+  });
+}

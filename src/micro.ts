@@ -1,0 +1,102 @@
+/**
+ * Every Weft service registers with the NATS services protocol (@nats-io/services), so
+ * `nats micro ls|info|stats` list it and `$SRV.PING` finds it. Each registers two
+ * endpoints:
+ *
+ * - `metrics` on {@link METRICS_SUBJECT} (`weft.metrics`), in a queue group of its own so
+ *   every instance answers: a request there gathers the whole mesh's metrics (prom-client
+ *   JSON); the gateway's `GET /metrics` does that.
+ * - `status` on `weft.<service>.status`: the service's counters as JSON
+ *   (`nats req weft.sentiment.status ''`).
+ *
+ * The `stats` of both endpoints carry the service's counters as `data`, so
+ * `nats micro stats weft-sentiment` shows processed/retried/dead-lettered beside the
+ * protocol's request counts and processing time.
+ *
+ * @module
+ */
+import type { NatsConnection } from "@nats-io/nats-core";
+import { type Service, type ServiceMsg, Svcm } from "@nats-io/services";
+import denoJson from "../deno.json" with { type: "json" };
+import type { Logger } from "./log.ts";
+import { METRICS_SUBJECT, type WeftMetrics } from "./metrics.ts";
+
+/** Weft's version, as registered with the services protocol. */
+export const WEFT_VERSION: string = denoJson.version;
+
+/** The subject of a service's status endpoint. */
+export function statusSubject(service: string): string {
+  return `weft.${service}.status`;
+}
+
+/** What {@link registerMicroService} needs. */
+export interface MicroServiceOptions {
+  /** The connection the service answers on. */
+  nc: NatsConnection;
+  /** The service's short name (`sentiment`); registered as `weft-<name>`. */
+  name: string;
+  /** Shown by `nats micro info`. */
+  description: string;
+  /** The service's metrics, answered on `weft.metrics`. */
+  metrics: WeftMetrics;
+  /** The service's counters, answered by `status` and shown in `stats` data. */
+  status: () => Record<string, unknown>;
+  /**
+   * Answer on `weft.metrics` (default true). The gateway does not: its `GET /metrics`
+   * adds its own registry to what the others answer.
+   */
+  answersMetrics?: boolean;
+  /** Where endpoint failures are logged. */
+  log: Logger;
+}
+
+const encoder = new TextEncoder();
+
+/**
+ * Registers a service with the NATS services protocol.
+ *
+ * @example
+ * ```ts ignore
+ * const svc = await registerMicroService({ nc, name: "sentiment", description: "...", metrics, status: () => runner.stats, log });
+ * await svc.stop();
+ * ```
+ */
+export async function registerMicroService(opts: MicroServiceOptions): Promise<Service> {
+  const { nc, name, metrics, log } = opts;
+  const service = await new Svcm(nc).add({
+    name: `weft-${name}`,
+    version: WEFT_VERSION,
+    description: opts.description,
+    metadata: { "weft.service": name },
+    statsHandler: () => Promise.resolve(opts.status()),
+  });
+  const reply = (m: ServiceMsg, body: () => Promise<unknown> | unknown) => {
+    Promise.resolve()
+      .then(body)
+      .then((value) => m.respond(encoder.encode(JSON.stringify(value))))
+      .catch((err) => {
+        log.warn("micro endpoint failed", { subject: m.subject, err });
+        m.respondError(500, (err as Error).message);
+      });
+  };
+  if (opts.answersMetrics ?? true) {
+    service.addEndpoint("metrics", {
+      subject: METRICS_SUBJECT,
+      // A queue group per instance: every instance answers a metrics request.
+      queue: `weft-metrics-${service.info().id}`,
+      metadata: { format: "prom-client-json" },
+      handler: (err, m) => {
+        if (err) return;
+        reply(m, () => metrics.json());
+      },
+    });
+  }
+  service.addEndpoint("status", {
+    subject: statusSubject(name),
+    handler: (err, m) => {
+      if (err) return;
+      reply(m, () => ({ service: `weft-${name}`, ...opts.status() }));
+    },
+  });
+  return service;
+}

@@ -1,0 +1,335 @@
+/**
+ * What users and reviewers can do with content, in one place behind both the HTTP routes
+ * (src/gateway/moderation_routes.ts) and the NATS request subjects
+ * (src/gateway/moderation_requests.ts): upload, read state, list the review queue,
+ * claim, decide, and manage schedules.
+ *
+ * @module
+ */
+import { headers, type NatsConnection } from "@nats-io/nats-core";
+import {
+  jetstream,
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { type ObjectStore, Objm, StorageType } from "@nats-io/obj";
+import { ulid } from "ulid";
+import type { Config } from "../config.ts";
+import { createEvent, deterministicId } from "../events.ts";
+import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
+import type {
+  ContentItem,
+  ContentState,
+  ContentSubmission,
+  ReviewDecisionRequest,
+} from "../events.gen.ts";
+import type { Logger } from "../log.ts";
+import { publishEvent } from "../runner.ts";
+import { createScheduleStore, type ScheduleStore } from "../scheduler/store.ts";
+import { humanDecidedEvent, slaScheduleId } from "../stages/content.ts";
+import { readState } from "../state_writer.ts";
+import {
+  CONTENT_OBJECT_BUCKET,
+  CONTENT_STATE_BUCKET,
+  CONTENT_STREAM,
+  ContentEventType as T,
+  eventSubject,
+  REVIEW_BUCKET,
+  SCHEDULE_BUCKET,
+} from "../subjects.ts";
+import { childContext, formatTraceparent, type TraceContext } from "../trace.ts";
+import type { Principal } from "../gateway/auth.ts";
+import {
+  createReviewQueue,
+  type ReviewEntry,
+  type ReviewQueue,
+  type ReviewStatus,
+} from "./review_queue.ts";
+
+/** The answer to an accepted upload. */
+export interface ContentAccepted {
+  /** The item's id. */
+  id: string;
+  /** Always `accepted`: moderation runs asynchronously. */
+  status: "accepted";
+  /** Where to read the item's state, events and binary object. */
+  links: { state: string; events: string; object?: string };
+}
+
+/** What GET /content/ID answers: the state, with the content once published. */
+export type ContentView = Omit<ContentState, "content" | "stages"> & {
+  content?: ContentItem;
+  links: { events: string; object?: string };
+};
+
+/** The moderation API. */
+export interface ModerationApi {
+  /** Accepts a text submission. */
+  submitText(
+    s: ContentSubmission,
+    who: Principal,
+    trace?: TraceContext | null,
+  ): Promise<{ body: ContentAccepted; replayed: boolean }>;
+  /** Accepts a binary upload into the object store. */
+  submitObject(
+    body: ReadableStream<Uint8Array>,
+    meta: { contentType: string; metadata?: Record<string, string> },
+    who: Principal,
+    trace?: TraceContext | null,
+  ): Promise<{ body: ContentAccepted; replayed: boolean }>;
+  /** The item's state; content only once published. */
+  content(id: string): Promise<ContentView>;
+  /** True when anything is known about the item. */
+  exists(id: string): Promise<boolean>;
+  /** The bytes of a binary upload: to reviewers always, to others once published. */
+  object(id: string, who: Principal): Promise<{ data: Uint8Array; contentType: string }>;
+  /** Queue entries with `status`, oldest first. */
+  listReviews(status: ReviewStatus): Promise<ReviewEntry[]>;
+  /** One queue entry; a {@link NotFoundError} when unknown. */
+  getReview(id: string): Promise<ReviewEntry>;
+  /** Claims an item for the caller (or, auth off, the named reviewer). */
+  claim(id: string, who: Principal, reviewer?: string): Promise<ReviewEntry>;
+  /** Decides an item and publishes the decision. */
+  decide(
+    id: string,
+    req: ReviewDecisionRequest,
+    who: Principal,
+  ): Promise<{ entry: ReviewEntry; replayed: boolean }>;
+  /** The schedules, for /schedules and weft.schedules.*. */
+  readonly schedules: ScheduleStore;
+  /** JetStream client (SSE reads the CONTENT stream through it). */
+  readonly js: JetStreamClient;
+  /** JetStream manager. */
+  readonly jsm: JetStreamManager;
+}
+
+const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
+const encoder = new TextEncoder();
+
+/** The links of a content item. */
+export function contentLinks(id: string, hasObject: boolean): ContentAccepted["links"] {
+  const links: ContentAccepted["links"] = {
+    state: `/content/${id}`,
+    events: `/content/${id}/events`,
+  };
+  if (hasObject) links.object = `/content/${id}/object`;
+  return links;
+}
+
+/** The id of an item's upload event: one per item, so re-uploads de-duplicate. */
+export function uploadedEventId(itemId: string): string {
+  return deterministicId(itemId, T.Uploaded);
+}
+
+/** Who a reviewer action is recorded as: the credential's name, or (auth off) the body's. */
+export function reviewerOf(
+  who: Principal,
+  claimed: string | undefined,
+  authEnabled: boolean,
+): string {
+  if (!authEnabled) {
+    if (!claimed) throw new ValidationError("reviewer is required", { field: "/reviewer" });
+    return claimed;
+  }
+  if (claimed !== undefined && claimed !== who.name) {
+    throw new WeftError(ErrorCode.Forbidden, `this key belongs to ${who.name}, not ${claimed}`, {
+      field: "/reviewer",
+    });
+  }
+  return who.name;
+}
+
+/**
+ * Creates the API (and the object store bucket when missing).
+ *
+ * @example
+ * ```ts ignore
+ * const api = await createModerationApi({ nc, config, log, authEnabled: true });
+ * await api.claim("ct_1", { name: "alice", role: "reviewer" });
+ * ```
+ */
+export async function createModerationApi(deps: {
+  nc: NatsConnection;
+  config: Pick<Config, "claimTtlMs" | "retentionMs">;
+  log: Logger;
+  authEnabled: boolean;
+  now?: () => Date;
+}): Promise<ModerationApi> {
+  const { nc, log, authEnabled } = deps;
+  const now = deps.now ?? (() => new Date());
+  const js = jetstream(nc);
+  const jsm = await jetstreamManager(nc);
+  const kvm = new Kvm(nc);
+  const stateKv = await kvm.open(CONTENT_STATE_BUCKET);
+  const queue: ReviewQueue = createReviewQueue(await kvm.open(REVIEW_BUCKET), deps.config);
+  const schedules = createScheduleStore(await kvm.open(SCHEDULE_BUCKET), now);
+  const objects: ObjectStore = await new Objm(nc).create(CONTENT_OBJECT_BUCKET, {
+    description: "Weft: binary content uploads",
+    storage: StorageType.File,
+  });
+
+  async function publishUpload(id: string, item: ContentItem, trace?: TraceContext | null) {
+    const span = childContext(trace ?? null);
+    const event = createEvent({
+      type: T.Uploaded,
+      id: uploadedEventId(id),
+      itemId: id,
+      traceId: span.traceId,
+      source: "weft-gateway",
+      data: item,
+      time: now(),
+    });
+    const h = headers();
+    h.set("traceparent", formatTraceparent(span));
+    h.set("Weft-Event-Type", event.type);
+    // Published here rather than by publishEvent: the PubAck's duplicate flag tells a replay.
+    const ack = await js.publish(
+      eventSubject(event.type, id),
+      encoder.encode(JSON.stringify(event)),
+      { msgID: event.id, headers: h },
+    );
+    return ack.duplicate;
+  }
+
+  /** The item as uploaded, from the stream: there before any state is written. */
+  async function uploaded(id: string): Promise<ContentItem | null> {
+    if (!ITEM_ID.test(id)) return null;
+    try {
+      const m = await jsm.streams.getMessage(CONTENT_STREAM, {
+        last_by_subj: eventSubject(T.Uploaded, id),
+      });
+      return m ? m.json<{ data: ContentItem }>().data : null;
+    } catch {
+      return null;
+    }
+  }
+  const uploadedExists = async (id: string) => (await uploaded(id)) !== null;
+
+  async function stateOf(id: string): Promise<ContentState | null> {
+    if (!ITEM_ID.test(id)) return null;
+    return (await readState<ContentState>(stateKv, id))?.state ?? null;
+  }
+
+  const api: ModerationApi = {
+    js,
+    jsm,
+    schedules,
+    async submitText(s, who, trace) {
+      const id = s.id ?? `ct_${ulid()}`;
+      if (s.id !== undefined && await uploadedExists(id)) {
+        return { body: { id, status: "accepted", links: contentLinks(id, false) }, replayed: true };
+      }
+      const item: ContentItem = { text: s.text, submitted_by: who.name };
+      if (s.metadata !== undefined) item.metadata = s.metadata;
+      const replayed = await publishUpload(id, item, trace);
+      return { body: { id, status: "accepted", links: contentLinks(id, false) }, replayed };
+    },
+    async submitObject(body, meta, who, trace) {
+      const id = `ct_${ulid()}`;
+      const info = await objects.put({
+        name: id,
+        description: `upload by ${who.name}`,
+        headers: undefined,
+      }, body);
+      const item: ContentItem = {
+        object: {
+          bucket: CONTENT_OBJECT_BUCKET,
+          name: id,
+          size: info.size,
+          content_type: meta.contentType,
+          digest: info.digest,
+        },
+        submitted_by: who.name,
+      };
+      if (meta.metadata && Object.keys(meta.metadata).length > 0) item.metadata = meta.metadata;
+      await publishUpload(id, item, trace);
+      return { body: { id, status: "accepted", links: contentLinks(id, true) }, replayed: false };
+    },
+    async content(id) {
+      let state = await stateOf(id);
+      if (!state) {
+        if (!ITEM_ID.test(id) || !(await uploadedExists(id))) {
+          throw new NotFoundError(`no content item ${JSON.stringify(id)}`);
+        }
+        const at = now().toISOString();
+        state = {
+          id,
+          status: "uploaded",
+          stage: "uploaded",
+          trace_id: "",
+          created_at: at,
+          updated_at: at,
+          stages: {},
+        };
+      }
+      const { content, stages: _stages, ...rest } = state;
+      const view: ContentView = { ...rest, links: { events: `/content/${id}/events` } };
+      if (content?.object) view.links.object = `/content/${id}/object`;
+      if (state.status === "published" && content) view.content = content;
+      if (!view.trace_id) delete (view as { trace_id?: string }).trace_id;
+      return view;
+    },
+    async exists(id) {
+      return ITEM_ID.test(id) && ((await stateOf(id)) !== null || await uploadedExists(id));
+    },
+    async object(id, who) {
+      const ref = (await uploaded(id))?.object;
+      if (!ref) throw new NotFoundError(`no binary content for ${JSON.stringify(id)}`);
+      const reviewer = who.role === "reviewer" || who.role === "admin";
+      if (!reviewer && (await stateOf(id))?.status !== "published") {
+        throw new NotFoundError(`content ${id} is not published`);
+      }
+      const data = await objects.getBlob(ref.name);
+      if (!data) throw new NotFoundError(`object of ${id} is gone`);
+      return { data, contentType: ref.content_type };
+    },
+    listReviews(status) {
+      return queue.list(status);
+    },
+    async getReview(id) {
+      const entry = await queue.get(id);
+      if (!entry) throw new NotFoundError(`no review for item ${JSON.stringify(id)}`);
+      return entry;
+    },
+    async claim(id, who, claimed) {
+      const reviewer = reviewerOf(who, claimed, authEnabled);
+      const entry = await queue.claim(id, reviewer, now());
+      const claim = entry.claim!;
+      await publishEvent(
+        js,
+        createEvent({
+          type: T.ReviewClaimed,
+          id: deterministicId(id, T.ReviewClaimed, reviewer, claim.claimed_at),
+          itemId: id,
+          traceId: entry.trace_id,
+          source: "weft-gateway",
+          time: new Date(claim.claimed_at),
+          data: { reviewer, claimed_at: claim.claimed_at },
+        }),
+        null,
+      );
+      return entry;
+    },
+    async decide(id, req, who) {
+      const reviewer = reviewerOf(who, req.reviewer, authEnabled);
+      const result = await queue.decide(id, {
+        decision: req.decision,
+        reason: req.reason,
+        reviewer,
+        automatic: false,
+      }, now());
+      // Published after the compare-and-set won; a replay publishes again with the same id,
+      // which the stream drops, so a crash between the two is healed by retrying.
+      await publishEvent(js, humanDecidedEvent(result.entry, "weft-gateway", now()), null);
+      for (const level of [1, 2] as const) {
+        await schedules.cancel(slaScheduleId(id, level)).catch((err) =>
+          log.warn("could not cancel an SLA schedule", { item_id: id, err })
+        );
+      }
+      return result;
+    },
+  };
+  return api;
+}

@@ -1,0 +1,177 @@
+/**
+ * A scheduler replica: watches the schedule bucket and fires what is due. Any number of
+ * replicas may run; each firing happens at most once:
+ *
+ * 1. the replica that creates the lease key `<id>.<fire time>` in `weft_schedule_leases`
+ *    (a KV create: exactly one succeeds) publishes;
+ * 2. it publishes with the message id `sched-<id>-<fire time>`, so even a takeover (the
+ *    lease holder died before advancing the schedule) is dropped by JetStream's
+ *    duplicate window;
+ * 3. it advances the schedule with a compare-and-set on its revision.
+ *
+ * Deadlines live in the bucket, not in memory: a restarted replica reads every schedule
+ * from the watch and fires overdue ones at once.
+ *
+ * @module
+ */
+import { headers, type NatsConnection } from "@nats-io/nats-core";
+import { jetstream } from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import type { Logger } from "../log.ts";
+import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET } from "../subjects.ts";
+import { afterFiring, readSchedule, type ScheduleEntry } from "./store.ts";
+
+/** A running scheduler replica. */
+export interface Scheduler {
+  /** Firings published, firings another replica held, stale leases taken over. */
+  readonly stats: { fired: number; lost: number; takeovers: number };
+  /** Stops watching and waits for firings in flight. */
+  stop(): Promise<void>;
+  /** Resolves when the replica stopped. */
+  readonly done: Promise<void>;
+}
+
+const MAX_TIMER_MS = 2 ** 31 - 1;
+const encoder = new TextEncoder();
+
+/** The lease key of one firing. */
+export function leaseKey(id: string, dueMs: number): string {
+  return `${id}.${dueMs}`;
+}
+
+/**
+ * Starts a scheduler replica.
+ *
+ * @example
+ * ```ts ignore
+ * const scheduler = await runScheduler({ nc, log, replica: "s1" });
+ * await scheduler.stop();
+ * ```
+ */
+export async function runScheduler(opts: {
+  nc: NatsConnection;
+  log: Logger;
+  /** Names this replica on its leases. */
+  replica: string;
+  /** A lease older than this whose schedule was not advanced is taken over, ms. */
+  takeoverMs?: number;
+  now?: () => Date;
+}): Promise<Scheduler> {
+  const { nc, replica } = opts;
+  const log = opts.log.with({ stage: "scheduler" });
+  const now = opts.now ?? (() => new Date());
+  const takeoverMs = opts.takeoverMs ?? 30_000;
+  const retryMs = 1000;
+  const js = jetstream(nc);
+  const kvm = new Kvm(nc);
+  const schedules: KV = await kvm.open(SCHEDULE_BUCKET);
+  const leases: KV = await kvm.open(SCHEDULE_LEASE_BUCKET);
+  const timers = new Map<string, { due: string; timer: ReturnType<typeof setTimeout> }>();
+  const stats = { fired: 0, lost: 0, takeovers: 0 };
+  const inFlight = new Set<Promise<void>>();
+  let stopped = false;
+
+  function clear(id: string) {
+    const t = timers.get(id);
+    if (t) clearTimeout(t.timer);
+    timers.delete(id);
+  }
+
+  function arm(id: string, due: string, delayOverride?: number) {
+    clear(id);
+    if (stopped) return;
+    const delay = delayOverride ?? Math.max(0, Date.parse(due) - now().getTime());
+    const timer = setTimeout(() => {
+      timers.delete(id);
+      if (Date.parse(due) > now().getTime()) return arm(id, due); // long delays are clamped
+      const p = fire(id, due).catch((err) => {
+        // NATS unavailable or the like: try again shortly unless the schedule changed.
+        log.error("firing failed; retrying", { schedule: id, err });
+        if (!timers.has(id)) arm(id, due, retryMs);
+      }).finally(() => inFlight.delete(p));
+      inFlight.add(p);
+    }, Math.min(delay, MAX_TIMER_MS));
+    timers.set(id, { due, timer });
+  }
+
+  async function publish(entry: ScheduleEntry, dueMs: number) {
+    const h = headers();
+    h.set("Weft-Schedule-Id", entry.id);
+    h.set("Weft-Fire-Time", new Date(dueMs).toISOString());
+    await js.publish(entry.subject, encoder.encode(JSON.stringify(entry.payload)), {
+      msgID: `sched-${entry.id}-${dueMs}`,
+      headers: h,
+    });
+  }
+
+  /** Moves the schedule past `due` (compare-and-set); false if someone else did. */
+  async function advance(id: string, due: string): Promise<void> {
+    for (let attempt = 0; attempt < 10; attempt++) {
+      const current = await readSchedule(schedules, id);
+      if (!current || current.entry.next_at !== due) return;
+      const next = afterFiring(current.entry, new Date(due), now());
+      try {
+        await schedules.update(id, encoder.encode(JSON.stringify(next)), current.revision);
+        return;
+      } catch {
+        // lost a race with another replica or a cancel: read again
+      }
+    }
+  }
+
+  async function fire(id: string, due: string): Promise<void> {
+    const current = await readSchedule(schedules, id);
+    if (!current || current.entry.status !== "active" || current.entry.next_at !== due) return;
+    const dueMs = Date.parse(due);
+    const key = leaseKey(id, dueMs);
+    try {
+      await leases.create(
+        key,
+        encoder.encode(JSON.stringify({ replica, at: now().toISOString() })),
+      );
+    } catch {
+      // Another replica holds this firing. If it died before advancing the schedule, take
+      // over after takeoverMs: the publish's message id makes a second publish a no-op.
+      const lease = await leases.get(key);
+      const age = lease ? now().getTime() - lease.created.getTime() : Infinity;
+      if (age < takeoverMs) {
+        stats.lost++;
+        arm(id, due, takeoverMs - age + 50);
+        return;
+      }
+      stats.takeovers++;
+      log.warn("taking over a stale lease", { schedule: id, due });
+    }
+    await publish(current.entry, dueMs);
+    stats.fired++;
+    log.info("fired", { schedule: id, subject: current.entry.subject, due });
+    await advance(id, due);
+  }
+
+  const watch = await schedules.watch();
+  const done = (async () => {
+    for await (const e of watch) {
+      if (e.operation !== "PUT" || e.length === 0) {
+        clear(e.key);
+        continue;
+      }
+      const entry = e.json<ScheduleEntry>();
+      if (entry.status === "active" && entry.next_at) arm(entry.id, entry.next_at);
+      else clear(entry.id);
+    }
+  })();
+
+  log.info("scheduler started", { replica, takeover_ms: takeoverMs });
+  return {
+    stats,
+    done,
+    async stop() {
+      stopped = true;
+      for (const id of [...timers.keys()]) clear(id);
+      watch.stop();
+      await done.catch(() => {});
+      await Promise.all(inFlight);
+      log.info("scheduler stopped", stats);
+    },
+  };
+}

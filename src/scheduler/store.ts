@@ -1,0 +1,176 @@
+/**
+ * Schedules kept in the KV bucket `weft_schedules`: publish a JSON payload on a subject
+ * once at a time (`at`) or on every tick of a cron expression (`cron`, UTC, parsed by
+ * croner). The store only keeps definitions and their next firing time; the scheduler
+ * replicas (src/scheduler/scheduler.ts) watch the bucket and fire.
+ *
+ * @module
+ */
+import type { KV } from "@nats-io/kv";
+import { Cron } from "croner";
+import { ulid } from "ulid";
+import { ConflictError, NotFoundError, ValidationError } from "../errors.ts";
+import type { Schedule } from "../events.gen.ts";
+import { validateDocument } from "../schemas.ts";
+
+/** A stored schedule. */
+export interface ScheduleEntry {
+  /** Schedule id (`sla-1-<item>`, `feedback-digest`, or a ULID). */
+  id: string;
+  /** Subject the payload is published on. */
+  subject: string;
+  /** The JSON body published. */
+  payload: Record<string, unknown>;
+  /** One-shot: fire once at this time. */
+  at?: string;
+  /** Recurring: fire on every tick (UTC). */
+  cron?: string;
+  /** What it is for. */
+  description?: string;
+  /** `done`: a one-shot schedule that fired. */
+  status: "active" | "done";
+  /** The next firing time; null once done. */
+  next_at: string | null;
+  /** When it was created. */
+  created_at: string;
+  /** How many times it fired. */
+  fired: number;
+  /** When it last fired. */
+  last_fired_at?: string;
+}
+
+/** The next firing of `cron` strictly after `after`, or null (croner, UTC). */
+export function nextCronTime(cron: string, after: Date): Date | null {
+  return new Cron(cron, { paused: true, timezone: "UTC" }).nextRun(after);
+}
+
+/**
+ * Checks a schedule definition and builds its stored entry.
+ *
+ * @example
+ * ```ts
+ * import { newScheduleEntry } from "./store.ts";
+ * const e = newScheduleEntry(
+ *   { id: "digest", subject: "feedback.digest", payload: {}, cron: "0 * * * *" },
+ *   new Date("2026-01-01T00:30:00Z"),
+ * );
+ * console.assert(e.next_at === "2026-01-01T01:00:00.000Z");
+ * ```
+ */
+export function newScheduleEntry(def: Schedule, now: Date): ScheduleEntry {
+  const s = validateDocument("schedule", def);
+  if ((s.at === undefined) === (s.cron === undefined)) {
+    throw new ValidationError("exactly one of at and cron is required", { field: "/at" });
+  }
+  let next: Date | null;
+  if (s.cron !== undefined) {
+    try {
+      next = nextCronTime(s.cron, now);
+    } catch (cause) {
+      throw new ValidationError(`cron: ${(cause as Error).message}`, { field: "/cron", cause });
+    }
+    if (!next) throw new ValidationError("cron never fires", { field: "/cron" });
+  } else next = new Date(s.at!);
+  const entry: ScheduleEntry = {
+    id: s.id ?? ulid(),
+    subject: s.subject,
+    payload: s.payload,
+    status: "active",
+    next_at: next.toISOString(),
+    created_at: now.toISOString(),
+    fired: 0,
+  };
+  if (s.at !== undefined) entry.at = new Date(s.at).toISOString();
+  if (s.cron !== undefined) entry.cron = s.cron;
+  if (s.description !== undefined) entry.description = s.description;
+  return entry;
+}
+
+/** Where a schedule goes after firing at `firedAt` (now is `now`). */
+export function afterFiring(entry: ScheduleEntry, firedAt: Date, now: Date): ScheduleEntry {
+  const next = entry.cron
+    ? nextCronTime(entry.cron, new Date(Math.max(firedAt.getTime(), now.getTime())))
+    : null;
+  return {
+    ...entry,
+    fired: entry.fired + 1,
+    last_fired_at: firedAt.toISOString(),
+    next_at: next ? next.toISOString() : null,
+    status: next ? "active" : "done",
+  };
+}
+
+/** Manages schedules. */
+export interface ScheduleStore {
+  /** Creates a schedule; the same definition again answers the existing one. */
+  create(def: Schedule): Promise<ScheduleEntry>;
+  /** One schedule; a {@link NotFoundError} when unknown. */
+  get(id: string): Promise<ScheduleEntry>;
+  /** Every schedule, soonest first. */
+  list(): Promise<ScheduleEntry[]>;
+  /** Cancels (deletes) a schedule; false when there was none. */
+  cancel(id: string): Promise<boolean>;
+}
+
+const encoder = new TextEncoder();
+const ID = /^[A-Za-z0-9_-]{1,128}$/;
+
+function sameDefinition(a: ScheduleEntry, b: ScheduleEntry): boolean {
+  return a.subject === b.subject && a.at === b.at && a.cron === b.cron &&
+    JSON.stringify(a.payload) === JSON.stringify(b.payload);
+}
+
+/** Reads a schedule entry; null when absent or deleted. */
+export async function readSchedule(
+  kv: KV,
+  id: string,
+): Promise<{ entry: ScheduleEntry; revision: number } | null> {
+  const e = await kv.get(id);
+  if (!e || e.operation !== "PUT" || e.length === 0) return null;
+  return { entry: e.json<ScheduleEntry>(), revision: e.revision };
+}
+
+/**
+ * The schedule store over a KV bucket.
+ *
+ * @example
+ * ```ts ignore
+ * const store = createScheduleStore(await new Kvm(nc).open(SCHEDULE_BUCKET));
+ * await store.create({ subject: "content.sla_expired.c1", payload: event, at: due });
+ * ```
+ */
+export function createScheduleStore(kv: KV, now: () => Date = () => new Date()): ScheduleStore {
+  return {
+    async create(def) {
+      const entry = newScheduleEntry(def, now());
+      try {
+        await kv.create(entry.id, encoder.encode(JSON.stringify(entry)));
+        return entry;
+      } catch (err) {
+        const existing = await readSchedule(kv, entry.id);
+        if (!existing) throw err;
+        if (sameDefinition(existing.entry, entry)) return existing.entry;
+        throw new ConflictError(`schedule ${entry.id} exists with another definition`, {
+          cause: err,
+        });
+      }
+    },
+    async get(id) {
+      const found = ID.test(id) ? await readSchedule(kv, id) : null;
+      if (!found) throw new NotFoundError(`no schedule ${JSON.stringify(id)}`);
+      return found.entry;
+    },
+    async list() {
+      const keys: string[] = [];
+      for await (const k of await kv.keys()) keys.push(k);
+      const found = await Promise.all(keys.map((k) => readSchedule(kv, k)));
+      return found.filter((f) => f !== null).map((f) => f.entry)
+        .sort((a, b) => (a.next_at ?? "~").localeCompare(b.next_at ?? "~"));
+    },
+    async cancel(id) {
+      if (!ID.test(id) || !(await readSchedule(kv, id))) return false;
+      await kv.delete(id);
+      return true;
+    },
+  };
+}

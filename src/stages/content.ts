@@ -1,0 +1,293 @@
+/**
+ * The content moderation pipeline's stages:
+ *
+ * ```
+ * content.uploaded --moderation--> content.moderated
+ *   safe    --storage-moderated--> content.published
+ *   flagged --review-queue-------> content.review_requested (+ queue entry, SLA schedule)
+ * content.sla_expired --review-sla--> content.escalated (level 1) | content.decided (level 2)
+ * content.decided --storage-decided--> content.published | content.archived
+ * ```
+ *
+ * Moderation and storage are pure. The review stages also write the review queue and
+ * the SLA schedules through the {@link ReviewQueue} and {@link ScheduleStore} ports; every
+ * such write is idempotent (create-if-absent, compare-and-set), so a redelivered message
+ * changes nothing twice, and their events carry deterministic ids.
+ *
+ * @module
+ */
+import type { ToxicityAnalyzer } from "../analysis.ts";
+import { ConflictError } from "../errors.ts";
+import { createEvent, deterministicId } from "../events.ts";
+import type { ContentDecided, ContentItem, ContentSlaExpired, Moderation } from "../events.gen.ts";
+import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "../moderation/review_queue.ts";
+import type { ScheduleStore } from "../scheduler/store.ts";
+import { nextEvent, type Stage, type StageContext } from "../stage.ts";
+import { CONTENT_STREAM, ContentEventType as T, typeFilter } from "../subjects.ts";
+
+const content = { stream: CONTENT_STREAM, failedType: T.Failed } as const;
+
+/** The id of an item's one decision event, whoever decides (a human or the SLA). */
+export function decidedEventId(itemId: string): string {
+  return deterministicId(itemId, T.Decided);
+}
+
+/** The schedule id of an item's SLA deadline at `level` (1: review, 2: escalation). */
+export function slaScheduleId(itemId: string, level: 1 | 2): string {
+  return `sla-${level}-${itemId}`;
+}
+
+/**
+ * Screens uploaded content. Binary uploads cannot be read by a text analyzer, so they go
+ * to human review unless they carry text too.
+ */
+export function moderationStage(
+  analyzer: ToxicityAnalyzer,
+): Stage<{ kind: "event"; types: readonly ["content.uploaded"] }> {
+  return {
+    name: "moderation",
+    filterSubject: typeFilter(T.Uploaded),
+    input: { kind: "event", types: [T.Uploaded] },
+    ...content,
+    async handle(event, ctx) {
+      const item: ContentItem = event.data;
+      let moderation: Moderation;
+      if (item.text === undefined) {
+        moderation = {
+          verdict: "flagged",
+          categories: ["unscreened"],
+          score: 0,
+          analyzer: analyzer.name,
+          reasons: [`binary upload (${item.object?.content_type}) needs a human look`],
+        };
+      } else {
+        const r = await analyzer.analyze(item.text, { signal: ctx.signal });
+        const reasons = r.categories.map((c) => {
+          const words = r.evidence?.[c];
+          return words?.length ? `${c}: ${words.map((w) => JSON.stringify(w)).join(", ")}` : c;
+        });
+        moderation = {
+          verdict: r.flagged ? "flagged" : "safe",
+          categories: r.categories,
+          score: r.score,
+          analyzer: r.analyzer,
+          reasons,
+        };
+      }
+      return [nextEvent(event, T.Moderated, { content: item, moderation }, ctx)];
+    },
+  };
+}
+
+/** Publishes what moderation found safe. */
+export function storageModeratedStage(): Stage<
+  { kind: "event"; types: readonly ["content.moderated"] }
+> {
+  return {
+    name: "storage-moderated",
+    filterSubject: typeFilter(T.Moderated),
+    input: { kind: "event", types: [T.Moderated] },
+    ...content,
+    handle(event, ctx) {
+      if (event.data.moderation.verdict !== "safe") return [];
+      return [
+        nextEvent(event, T.Published, { content: event.data.content, via: "moderation" }, ctx),
+      ];
+    },
+  };
+}
+
+/** Publishes approved items, archives rejected ones. */
+export function storageDecidedStage(): Stage<
+  { kind: "event"; types: readonly ["content.decided"] }
+> {
+  return {
+    name: "storage-decided",
+    filterSubject: typeFilter(T.Decided),
+    input: { kind: "event", types: [T.Decided] },
+    ...content,
+    handle(event, ctx) {
+      const d = event.data;
+      return [
+        d.decision === "approve"
+          ? nextEvent(event, T.Published, { content: d.content, via: "review" }, ctx)
+          : nextEvent(event, T.Archived, {
+            content: d.content,
+            reason: `rejected by ${d.reviewer}: ${d.reason}`,
+          }, ctx),
+      ];
+    },
+  };
+}
+
+/** SLA timing the review stages need. */
+export interface SlaConfig {
+  /** Undecided this long after queueing: escalate, ms. */
+  reviewSlaMs: number;
+  /** Still undecided this long after escalation: default action, ms. */
+  escalationSlaMs: number;
+  /** The default action. */
+  slaDefaultAction: "approve" | "reject";
+}
+
+/** The deadline event a schedule publishes when an SLA step ends. */
+export function slaExpiredEvent(
+  entry: { id: string; trace_id: string },
+  level: 1 | 2,
+  dueAt: string,
+  source: string,
+): ContentSlaExpired {
+  return createEvent({
+    type: T.SlaExpired,
+    id: deterministicId(entry.id, T.SlaExpired, String(level)),
+    itemId: entry.id,
+    traceId: entry.trace_id,
+    source,
+    time: new Date(dueAt),
+    data: { level, due_at: dueAt },
+  });
+}
+
+async function scheduleSla(
+  schedules: ScheduleStore,
+  entry: { id: string; trace_id: string },
+  level: 1 | 2,
+  dueAt: string,
+  source: string,
+) {
+  await schedules.create({
+    id: slaScheduleId(entry.id, level),
+    subject: `${T.SlaExpired}.${entry.id}`,
+    payload: slaExpiredEvent(entry, level, dueAt, source) as unknown as Record<string, unknown>,
+    at: dueAt,
+    description: `review SLA level ${level} of ${entry.id}`,
+  }).catch((err) => {
+    // The deadline exists with another time (the SLA setting changed between deliveries):
+    // the first deadline stands; failing the item for it would be worse.
+    if (!(err instanceof ConflictError)) throw err;
+  });
+}
+
+/** Puts flagged items in the review queue with an SLA deadline. */
+export function reviewQueueStage(
+  queue: ReviewQueue,
+  schedules: ScheduleStore,
+  sla: SlaConfig,
+): Stage<{ kind: "event"; types: readonly ["content.moderated"] }> {
+  return {
+    name: "review-queue",
+    filterSubject: typeFilter(T.Moderated),
+    input: { kind: "event", types: [T.Moderated] },
+    ...content,
+    async handle(event, ctx: StageContext) {
+      if (event.data.moderation.verdict !== "flagged") return [];
+      // Times derive from the input event, so a redelivery computes the same entry.
+      const queuedAt = event.time;
+      const dueAt = new Date(Date.parse(queuedAt) + sla.reviewSlaMs).toISOString();
+      const entry = await queue.enqueue({
+        id: event.item_id,
+        status: ReviewStatus.Pending,
+        trace_id: event.trace_id,
+        queued_at: queuedAt,
+        due_at: dueAt,
+        escalation_level: 0,
+        content: event.data.content,
+        moderation: event.data.moderation,
+      });
+      if (entry.status === ReviewStatus.Pending) {
+        await scheduleSla(schedules, entry, 1, dueAt, ctx.source);
+      }
+      return [nextEvent(event, T.ReviewRequested, {
+        content: event.data.content,
+        moderation: event.data.moderation,
+        queued_at: queuedAt,
+        due_at: dueAt,
+      }, ctx)];
+    },
+  };
+}
+
+function decidedEvent(
+  entry: ReviewEntry,
+  cause: string,
+  source: string,
+  time: Date,
+): ContentDecided {
+  const d = entry.decision!;
+  return createEvent({
+    type: T.Decided,
+    id: decidedEventId(entry.id),
+    itemId: entry.id,
+    traceId: entry.trace_id,
+    source,
+    cause,
+    time,
+    data: {
+      content: entry.content,
+      decision: d.decision,
+      reason: d.reason,
+      reviewer: d.reviewer,
+      automatic: d.automatic,
+    },
+  });
+}
+
+/** The reviewer name recorded on decisions the SLA makes. */
+export const SLA_REVIEWER = "weft-sla";
+
+/** Acts on SLA deadlines: escalate first, then apply the default action. */
+export function reviewSlaStage(
+  queue: ReviewQueue,
+  schedules: ScheduleStore,
+  sla: SlaConfig,
+): Stage<{ kind: "event"; types: readonly ["content.sla_expired"] }> {
+  return {
+    name: "review-sla",
+    filterSubject: typeFilter(T.SlaExpired),
+    input: { kind: "event", types: [T.SlaExpired] },
+    ...content,
+    async handle(event, ctx) {
+      const entry = await queue.get(event.item_id);
+      if (!entry) return [];
+      if (entry.status === ReviewStatus.Decided && !entry.decision?.automatic) {
+        // Decided by a human in time. Its SLA should have been cancelled; that it fired
+        // means the decision's publish or the cancel may have failed, so publish the
+        // decision again: same event id, so JetStream drops it if it was published.
+        return [decidedEvent(entry, decidedEventId(entry.id), ctx.source, ctx.now())];
+      }
+      if (event.data.level === 1) {
+        if (entry.status === ReviewStatus.Decided) return [];
+        const dueAt = new Date(Date.parse(event.data.due_at) + sla.escalationSlaMs)
+          .toISOString();
+        const escalated = await queue.escalate(entry.id, new Date(dueAt)) ?? entry;
+        if (escalated.status !== ReviewStatus.Escalated) return [];
+        await scheduleSla(schedules, entry, 2, dueAt, ctx.source);
+        return [nextEvent(event, T.Escalated, {
+          level: 1,
+          reason: `not decided within ${sla.reviewSlaMs} ms`,
+          due_at: dueAt,
+        }, ctx)];
+      }
+      let decided: ReviewEntry;
+      try {
+        ({ entry: decided } = await queue.decide(entry.id, {
+          decision: sla.slaDefaultAction,
+          reason: `no decision within the escalation SLA: default action`,
+          reviewer: SLA_REVIEWER,
+          automatic: true,
+        }, new Date(event.data.due_at)));
+      } catch (err) {
+        if (!(err instanceof ConflictError)) throw err;
+        const now = await queue.get(entry.id);
+        if (!now?.decision?.automatic) return []; // a human won the race
+        decided = now; // our own earlier attempt landed: emit its event again
+      }
+      return [decidedEvent(decided, event.id, ctx.source, ctx.now())];
+    },
+  };
+}
+
+/** The decision event for a decided queue entry (the gateway publishes it). */
+export function humanDecidedEvent(entry: ReviewEntry, source: string, now: Date): ContentDecided {
+  return decidedEvent(entry, deterministicId(entry.id, "decision"), source, now);
+}

@@ -1,0 +1,106 @@
+import assert from "node:assert/strict";
+import { applyEvent, foldEvents } from "./state.ts";
+import { createEvent } from "./events.ts";
+import type { AnyEvent } from "./schemas.ts";
+
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
+const at = (s: number) => new Date(Date.UTC(2026, 0, 1, 0, 0, s));
+const sentiment = { label: "positive" as const, score: 0.8, analyzer: "rules" };
+const topics = { topics: ["praise"], evidence: {}, analyzer: "rules" };
+const routing = { team: "General Support", rule: 3 };
+
+function history(): { event: AnyEvent; seq: number }[] {
+  const base = { itemId: "fb1", traceId: TRACE, source: "test" };
+  const data = { text: "I love it", channel: "email" };
+  return [
+    createEvent({ ...base, type: "feedback.ingested", data, time: at(1) }),
+    createEvent({
+      ...base,
+      type: "feedback.sentiment_analyzed",
+      data: { ...data, sentiment },
+      time: at(2),
+    }),
+    createEvent({
+      ...base,
+      type: "feedback.topics_extracted",
+      data: { ...data, sentiment, topics },
+      time: at(3),
+    }),
+    createEvent({
+      ...base,
+      type: "feedback.dispatched",
+      data: { ...data, sentiment, topics, routing },
+      time: at(4),
+    }),
+    createEvent({
+      ...base,
+      type: "feedback.processed",
+      data: { ...data, sentiment, topics, routing },
+      time: at(4),
+    }),
+  ].map((event, i) => ({ event, seq: i + 1 }));
+}
+
+Deno.test("foldEvents() builds the full state of a processed item", () => {
+  const s = foldEvents(history())!;
+  assert.equal(s.status, "processed");
+  assert.equal(s.stage, "processed");
+  assert.equal(s.text, "I love it");
+  assert.equal(s.channel, "email");
+  assert.deepEqual(s.sentiment, sentiment);
+  assert.deepEqual(s.topics, topics);
+  assert.deepEqual(s.routing, routing);
+  assert.equal(s.created_at, at(1).toISOString());
+  assert.equal(s.updated_at, at(4).toISOString());
+  assert.deepEqual(Object.keys(s.stages), [
+    "ingested",
+    "sentiment_analyzed",
+    "topics_extracted",
+    "dispatched",
+    "processed",
+  ]);
+});
+
+Deno.test("applyEvent() reaches the same state whatever order the events arrive in", () => {
+  const h = history();
+  const forward = foldEvents(h);
+  const backward = foldEvents([...h].reverse());
+  const shuffled = foldEvents([h[2]!, h[4]!, h[0]!, h[3]!, h[1]!]);
+  assert.deepEqual(backward, forward);
+  assert.deepEqual(shuffled, forward);
+});
+
+Deno.test("applyEvent() applied twice with the same event changes nothing", () => {
+  const h = history();
+  const once = foldEvents(h.slice(0, 3))!;
+  assert.equal(applyEvent(once, h[2]!.event, 3), once);
+  assert.deepEqual(foldEvents([...h, ...h]), foldEvents(h));
+});
+
+Deno.test("an item in the middle of the pipeline is processing at its furthest stage", () => {
+  const s = foldEvents(history().slice(0, 2))!;
+  assert.equal(s.status, "processing");
+  assert.equal(s.stage, "sentiment_analyzed");
+  assert.equal(foldEvents(history().slice(0, 1))!.status, "accepted");
+});
+
+Deno.test("a failed event marks the item failed with the stage, code and reason", () => {
+  const h = history().slice(0, 2);
+  const failed = createEvent({
+    type: "feedback.failed",
+    itemId: "fb1",
+    traceId: TRACE,
+    source: "weft-topics",
+    time: at(9),
+    data: { stage: "topics", code: "handler_failed", reason: "boom", attempts: 5 },
+  });
+  const s = foldEvents([...h, { event: failed, seq: 9 }])!;
+  assert.equal(s.status, "failed");
+  assert.deepEqual(s.error, {
+    stage: "topics",
+    code: "handler_failed",
+    reason: "boom",
+    attempts: 5,
+  });
+  assert.deepEqual(s.sentiment, sentiment, "earlier results are kept");
+});

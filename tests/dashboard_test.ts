@@ -1,0 +1,126 @@
+/**
+ * The live dashboard in a real headless Chromium (Debian's `chromium` package, driven by
+ * playwright-core): an item submitted through the page moves through the stages on the
+ * page, its row opens its full event history, and the pipeline graph counts it. A
+ * screenshot goes to .artifacts/dashboard.png.
+ *
+ * Needs `apt-get install chromium` and, beyond the usual test permissions,
+ * `--allow-run=/usr/bin/chromium --allow-sys=homedir`.
+ */
+import assert from "node:assert/strict";
+import { startMesh } from "./helpers/service_mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const CHROMIUM = "/usr/bin/chromium";
+
+async function loadChromium() {
+  try {
+    await Deno.stat(CHROMIUM);
+  } catch {
+    throw new Error(
+      `${CHROMIUM} is missing: the dashboard test needs Debian's chromium package ` +
+        "(apt-get install -y chromium)",
+    );
+  }
+  // playwright-core probes /proc/sys/fs/binfmt_misc/WSLInterop when it loads (is-wsl),
+  // a path Deno only lets --allow-all read; this variable makes that probe lazy.
+  Deno.env.set("__IS_WSL_TEST__", "1");
+  const { chromium } = await import("playwright-core");
+  return chromium;
+}
+
+Deno.test("the dashboard shows a submitted item moving through the stages and opens its history", async () => {
+  const chromium = await loadChromium();
+  await using mesh = await startMesh();
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+    const errors: string[] = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`${mesh.url}/dashboard`);
+    await page.locator("#conn.live").waitFor({ timeout: 10_000 });
+    const paint = await page.evaluate(() =>
+      performance.getEntriesByName("first-contentful-paint")[0]?.startTime ?? -1
+    );
+
+    await page.fill("#text", "Love the new search, but the export button is broken");
+    await page.click("#submit button");
+    const body = page.locator("body[data-last-submitted]");
+    await body.waitFor({ state: "attached", timeout: 10_000 });
+    const id = (await body.getAttribute("data-last-submitted"))!;
+    const step = page.locator(`tr[data-item="${id}"] td.step`);
+    await step.filter({ hasText: "processed" }).waitFor({ timeout: 20_000 });
+
+    // The graph counts it on every stage (metrics frames arrive once a second).
+    for (const stage of ["sentiment", "topics", "dispatch"]) {
+      await page.locator(`[data-stage="${stage}"] dd.processed`).filter({ hasText: /^1$/ })
+        .waitFor({ timeout: 10_000 });
+    }
+    await page.locator("#done").filter({ hasText: /^1$/ }).waitFor({ timeout: 10_000 });
+
+    // Its row opens the full history, ingested to processed.
+    await page.click(`tr[data-item="${id}"]`);
+    await page.locator("#history .ev", { hasText: "feedback.processed" }).waitFor({
+      timeout: 10_000,
+    });
+    const history = await page.locator("#history .ev b").allTextContents();
+    assert.deepEqual(history, [
+      "feedback.ingested",
+      "feedback.sentiment_analyzed",
+      "feedback.topics_extracted",
+      "feedback.dispatched",
+      "feedback.processed",
+    ]);
+
+    // Panels whose routes this gateway lacks say so instead of failing.
+    const dl = await page.locator("#dl").textContent();
+    assert.ok(dl && dl.length > 0 && !dl.includes("Loading"), `dead-letter panel: ${dl}`);
+    const reviews = await page.locator("#reviews").textContent();
+    assert.ok(reviews && !reviews.includes("Loading"), `review panel: ${reviews}`);
+    assert.deepEqual(errors, []);
+
+    // A flagged upload waits in the review queue; a reviewer approves it on the page.
+    const upload = await fetch(`${mesh.url}/content`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ text: "You idiot, this is the most pathetic service ever." }),
+    });
+    assert.equal(upload.status, 202);
+    const { id: contentId } = await upload.json();
+    await page.fill("#reviewer", "dashboard-reviewer");
+    const row = page.locator(`tr[data-review="${contentId}"]`);
+    await row.waitFor({ timeout: 15_000 });
+    assert.match((await row.textContent()) ?? "", /insult: "idiot"/);
+    await row.locator("button", { hasText: "approve" }).click();
+    await row.waitFor({ state: "detached", timeout: 15_000 });
+    const content = await waitFor(
+      async () => {
+        const c = await (await fetch(`${mesh.url}/content/${contentId}`)).json();
+        return c.status === "published" ? c : undefined;
+      },
+      15_000,
+      "the approved content to be published",
+    );
+    assert.equal(content.review?.reviewer, "dashboard-reviewer");
+
+    await Deno.mkdir(".artifacts", { recursive: true });
+    const shot = `${Deno.cwd()}/.artifacts/dashboard.png`;
+    await page.screenshot({ path: shot, fullPage: true });
+    // deno-lint-ignore no-console
+    console.log(`dashboard screenshot: ${shot} (first contentful paint ${paint.toFixed(0)} ms)`);
+  } finally {
+    await browser.close();
+  }
+});

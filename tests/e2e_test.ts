@@ -1,0 +1,212 @@
+/**
+ * End to end: the supervisor of `deno task start` runs nats-server and every service as
+ * real processes; items go in over HTTP and over NATS and come out processed.
+ */
+import assert from "node:assert/strict";
+import { Kvm } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { connectNats } from "../src/nats.ts";
+import { startNatsServer } from "../src/nats_server.ts";
+import type { FeedbackState } from "../src/events.gen.ts";
+import { startMesh, taskArgs } from "./helpers/mesh.ts";
+import { readSse } from "./helpers/sse.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const REFERENCE = {
+  FB001: ["The new feature is great, but I found a small bug when saving settings.", "positive", [
+    "technical_issue",
+    "feature_request",
+  ], "Product Development Team"],
+  FB002: ["I love the new design! Could you add an option for dark mode?", "positive", [
+    "general_inquiry",
+  ], "General Support"],
+  FB003: [
+    "This app is so bad, constant issues, fix it!",
+    "negative",
+    ["general_inquiry"],
+    "General Support",
+  ],
+  FB004: [
+    "Just a general inquiry about subscription plans.",
+    "neutral",
+    ["general_inquiry"],
+    "General Support",
+  ],
+} as const;
+
+/** The keyword analyzers and the reference ruleset: the seed decisions. */
+const REFERENCE_RULES = { WEFT_ANALYZERS: "rules", WEFT_RULES: "rules/reference.json" };
+
+function assertReference(s: FeedbackState, id: keyof typeof REFERENCE) {
+  const [, sentiment, topics, team] = REFERENCE[id];
+  assert.equal(s.status, "processed", id);
+  assert.equal(s.sentiment?.label, sentiment, id);
+  assert.deepEqual(s.topics?.topics, [...topics], id);
+  assert.equal(s.routing?.team, team, id);
+}
+
+async function kvState(nc: NatsConnection, id: string): Promise<FeedbackState> {
+  const kv = await new Kvm(nc).open("weft_feedback_state");
+  return await waitFor(
+    async () => {
+      const s = (await kv.get(id))?.json<FeedbackState>();
+      return s?.status === "processed" ? s : undefined;
+    },
+    15_000,
+    `${id} processed in the state bucket`,
+  );
+}
+
+const post = (url: string, body: unknown) =>
+  fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+
+Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the reference decisions", async (t) => {
+  const mesh = await startMesh(REFERENCE_RULES, { keepStore: true });
+  let nc: NatsConnection | undefined;
+  try {
+    nc = await connectNats(mesh.natsUrl, "e2e");
+
+    await t.step("over HTTP, with the SSE stream read to its end", async () => {
+      for (const id of ["FB001", "FB002"] as const) {
+        const res = await post(`${mesh.gatewayUrl}/feedback`, { id, text: REFERENCE[id][0] });
+        assert.equal(res.status, 202);
+        assert.equal((await res.json()).id, id);
+      }
+      const events = await readSse(await fetch(`${mesh.gatewayUrl}/feedback/FB001/events`));
+      assert.deepEqual(events.map((e) => e.event), [
+        "feedback.ingested",
+        "feedback.sentiment_analyzed",
+        "feedback.topics_extracted",
+        "feedback.dispatched",
+        "feedback.processed",
+      ]);
+      const traces = new Set(events.map((e) => JSON.parse(e.data).trace_id));
+      assert.equal(traces.size, 1, "one trace id across every service");
+      const sources = events.map((e) => JSON.parse(e.data).source);
+      assert.deepEqual(sources, [
+        "weft-gateway",
+        "weft-sentiment",
+        "weft-topics",
+        "weft-dispatch",
+        "weft-dispatch",
+      ]);
+      for (const id of ["FB001", "FB002"] as const) {
+        await kvState(nc!, id);
+        const res = await fetch(`${mesh.gatewayUrl}/feedback/${id}`);
+        assertReference(await res.json(), id);
+      }
+    });
+
+    await t.step(
+      "over NATS: nats pub feedback.submit and nats req weft.feedback.submit",
+      async () => {
+        nc!.publish("feedback.submit", JSON.stringify({ id: "FB003", text: REFERENCE.FB003[0] }));
+        const reply = await nc!.request(
+          "weft.feedback.submit",
+          JSON.stringify({ id: "FB004", text: REFERENCE.FB004[0] }),
+          { timeout: 5_000 },
+        );
+        assert.equal(reply.json<{ id: string }>().id, "FB004");
+        assertReference(await kvState(nc!, "FB003"), "FB003");
+        assertReference(await kvState(nc!, "FB004"), "FB004");
+        const get = await nc!.request("weft.feedback.get", "FB003", { timeout: 5_000 });
+        assertReference(get.json<FeedbackState>(), "FB003");
+      },
+    );
+
+    await t.step("a crashed service is restarted and the mesh carries on", async () => {
+      const started = await mesh.waitForLog(
+        (l) => l.service === "weft-sentiment" && l.msg === "starting",
+        1_000,
+        "sentiment's start",
+      );
+      Deno.kill(started.pid as number, "SIGKILL");
+      await mesh.waitForLog(
+        (l) => l.msg === "service exited; restarting" && l.service === "sentiment",
+        10_000,
+        "the supervisor to notice",
+      );
+      const res = await post(`${mesh.gatewayUrl}/feedback`, { id: "AFTER1", text: "great" });
+      assert.equal(res.status, 202);
+      await res.body?.cancel();
+      assert.equal((await kvState(nc!, "AFTER1")).sentiment?.label, "positive");
+    });
+  } finally {
+    await nc?.close();
+  }
+
+  await t.step("Ctrl-C drains every service, stops nats-server and exits 0", async () => {
+    const status = await mesh.stop("SIGINT");
+    assert.equal(status.code, 0);
+    assert.ok(mesh.logs.some((l) => l.msg === "stage stopped" && l.stage === "dispatch"));
+    assert.ok(mesh.logs.some((l) => l.msg === "stopped" && l.service === "weft-supervisor"));
+    await assert.rejects(Deno.connect({ hostname: "127.0.0.1", port: mesh.natsPort }));
+  });
+
+  await t.step("a second start on the same store changes nothing and loses nothing", async () => {
+    await using again = await startMesh(REFERENCE_RULES, {
+      storeDir: mesh.storeDir,
+      natsPort: mesh.natsPort,
+    });
+    const res = await fetch(`${again.gatewayUrl}/feedback/FB001`);
+    assertReference(await res.json(), "FB001");
+    const events = await readSse(await fetch(`${again.gatewayUrl}/feedback/FB001/events`));
+    assert.equal(events.length, 5, "no stage ran again");
+  });
+});
+
+Deno.test("with NATS_URL set, deno task start uses that server, and the default analyzers route sensibly", async () => {
+  await using server = await startNatsServer();
+  await using mesh = await startMesh({ NATS_URL: server.url });
+  assert.ok(mesh.logs.some((l) => l.msg === "using the NATS server in NATS_URL"));
+  const cases = {
+    R1: [
+      "The app crashes with an error every time I open it. Terrible.",
+      "Urgent Technical Support",
+    ],
+    R2: ["Please add an option to export my data as CSV.", "Product Team"],
+    R3: ["Why was I charged twice on my last invoice?", "Billing"],
+    R4: ["You are all worthless idiots.", "Trust and Safety"],
+  } as const;
+  for (const [id, [text]] of Object.entries(cases)) {
+    const res = await post(`${mesh.gatewayUrl}/feedback`, { id, text });
+    assert.equal(res.status, 202);
+    await res.body?.cancel();
+  }
+  const nc = await connectNats(server.url, "e2e");
+  try {
+    for (const [id, [, team]] of Object.entries(cases)) {
+      const s = await kvState(nc, id);
+      assert.equal(
+        s.routing?.team,
+        team,
+        `${id}: ${JSON.stringify(s.topics)} ${s.sentiment?.label}`,
+      );
+      assert.equal(s.sentiment?.analyzer, "embedded:sentiment");
+    }
+  } finally {
+    await nc.close();
+  }
+});
+
+Deno.test("without nats-server on the PATH, deno task start says how to install it", async () => {
+  // A PATH holding only deno itself.
+  const bin = await Deno.makeTempDir({ prefix: "weft-path-" });
+  await Deno.symlink(Deno.execPath(), `${bin}/deno`);
+  const out = await new Deno.Command("deno", {
+    args: await taskArgs("start"),
+    cwd: new URL("../", import.meta.url),
+    env: { PATH: bin },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  await Deno.remove(bin, { recursive: true });
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1);
+  assert.match(text, /nats-server was not found on the PATH/);
+  assert.match(text, /apt-get install nats-server/);
+});

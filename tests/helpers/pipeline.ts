@@ -1,0 +1,49 @@
+/**
+ * The feedback pipeline in-process (every stage, the state writer, the gateway app) on a
+ * real nats-server: for tests of behaviour that is not about processes.
+ *
+ * @module
+ */
+import type { Hono } from "hono";
+import { runStage, type StageRunner } from "../../src/runner.ts";
+import { feedbackAnalyzers } from "../../src/configured_analyzers.ts";
+import {
+  dispatchStage,
+  ingestStage,
+  sentimentStage,
+  topicsStage,
+} from "../../src/stages/feedback.ts";
+import { runStateWriter, type StateWriter } from "../../src/state_writer.ts";
+import { createIntake, type Intake } from "../../src/gateway/intake.ts";
+import { createApp } from "../../src/gateway/app.ts";
+import type { TestNats } from "./nats.ts";
+
+/** A running in-process pipeline. */
+export interface Pipeline extends AsyncDisposable {
+  app: Hono;
+  intake: Intake;
+  runners: (StageRunner | StateWriter)[];
+}
+
+/** Starts every stage, the state writer and the gateway app on `t`'s server. */
+export async function startPipeline(t: TestNats): Promise<Pipeline> {
+  const rules = await feedbackAnalyzers(t.config);
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners: (StageRunner | StateWriter)[] = [
+    await runStateWriter(deps),
+    await runStage({ ...deps, stage: ingestStage() }),
+    await runStage({ ...deps, stage: sentimentStage(rules.sentiment) }),
+    await runStage({ ...deps, stage: topicsStage(rules.topics, rules.toxicity) }),
+    await runStage({ ...deps, stage: dispatchStage(rules.route) }),
+  ];
+  const intake = await createIntake(t.nc);
+  const app = createApp({ ...deps, intake });
+  return {
+    app,
+    intake,
+    runners,
+    async [Symbol.asyncDispose]() {
+      await Promise.all(runners.map((r) => r.stop()));
+    },
+  };
+}

@@ -1,0 +1,226 @@
+/**
+ * Observability end to end: the whole mesh as real processes on a real nats-server;
+ * known load in, then `GET /metrics`, the NATS services protocol and the JSON logs out.
+ */
+import assert from "node:assert/strict";
+import { headers } from "@nats-io/nats-core";
+import { FeedbackEventType } from "../src/subjects.ts";
+import { SERVICES } from "../src/supervisor.ts";
+import { startMesh, submit, waitFinal } from "./helpers/service_mesh.ts";
+
+/** One sample's value from Prometheus text; undefined when absent. */
+function sample(text: string, name: string, labels: Record<string, string> = {}) {
+  const want = Object.entries(labels).map(([k, v]) => `${k}="${v}"`);
+  for (const line of text.split("\n")) {
+    if (line.startsWith("#")) continue;
+    const m = /^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (.+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const have = m[2] ? m[2].split(/,(?=\w+=)/) : [];
+    if (want.every((w) => have.includes(w)) && have.length === want.length) return Number(m[3]);
+  }
+  return undefined;
+}
+
+async function scrape(url: string): Promise<string> {
+  const r = await fetch(`${url}/metrics`);
+  assert.equal(r.status, 200);
+  assert.match(r.headers.get("content-type") ?? "", /^text\/plain; version=0\.0\.4/);
+  return await r.text();
+}
+
+/** Every service of the mesh registers with the NATS services protocol. */
+const SERVICE_NAMES = SERVICES.map((s) => `weft-${s.name}`).sort();
+
+Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs after a known load", async (t) => {
+  await using mesh = await startMesh();
+  const ids: string[] = [];
+  for (let i = 0; i < 5; i++) ids.push(await submit(mesh.url, `great product, slow delivery ${i}`));
+  // One poison event: shaped like an ingested event for item "poison1", but invalid.
+  const h = headers();
+  h.set("Weft-Event-Type", FeedbackEventType.Ingested);
+  await mesh.nc.request(
+    "feedback.ingested.poison1",
+    new TextEncoder().encode(JSON.stringify({ type: "feedback.ingested", item_id: "poison1" })),
+    { headers: h, timeout: 5000 },
+  ).catch(() => {}); // a JetStream ack; the stream stores it either way
+  for (const id of ids) await waitFinal(mesh.url, id);
+  await waitFinal(mesh.url, "poison1");
+
+  // Everything settled: nothing pending or unacked on any durable consumer.
+  let text = "";
+  const deadline = Date.now() + 15_000;
+  while (Date.now() < deadline) {
+    text = await scrape(mesh.url);
+    const busy = ["ingest", "sentiment", "topics", "dispatch", "state"].some((c) =>
+      (sample(text, "weft_consumer_pending", { stream: "FEEDBACK", consumer: c }) ?? 1) > 0 ||
+      (sample(text, "weft_consumer_ack_pending", { stream: "FEEDBACK", consumer: c }) ?? 1) > 0
+    );
+    const e2e =
+      (sample(text, "weft_item_end_to_end_seconds_count", { outcome: "processed" }) ?? 0) +
+      (sample(text, "weft_item_end_to_end_seconds_count", { outcome: "failed" }) ?? 0);
+    if (!busy && e2e === 6 && sample(text, "weft_metrics_sources") === 5) break;
+  }
+
+  await t.step("GET /metrics counts every stage's work exactly", () => {
+    for (const stage of ["sentiment", "topics", "dispatch"]) {
+      const processed = sample(text, "weft_stage_processed_total", { stage });
+      assert.equal(processed, 5, `${stage} processed`);
+      assert.equal(sample(text, "weft_stage_handler_seconds_count", { stage }), 5);
+      assert.ok((sample(text, "weft_stage_handler_seconds_sum", { stage }) ?? -1) >= 0);
+      assert.equal(sample(text, "weft_stage_retried_total", { stage }), undefined);
+    }
+    assert.equal(sample(text, "weft_stage_received_total", { stage: "sentiment" }), 6);
+    assert.equal(sample(text, "weft_stage_dead_lettered_total", { stage: "sentiment" }), 1);
+    assert.equal(sample(text, "weft_stage_dead_lettered_total", { stage: "state" }), 1);
+    // 5 items x 5 events + the poison event + poison1's failed event.
+    assert.equal(sample(text, "weft_stage_received_total", { stage: "state" }), 27);
+    assert.equal(sample(text, "weft_stage_processed_total", { stage: "state" }), 26);
+    assert.equal(
+      sample(text, "weft_stage_failed_total", { stage: "sentiment", code: "unknown_version" }),
+      1,
+    );
+    assert.equal(
+      sample(text, "weft_stage_published_total", { stage: "dispatch", type: "feedback.processed" }),
+      5,
+    );
+    assert.equal(
+      sample(text, "weft_stage_published_total", { stage: "sentiment", type: "feedback.failed" }),
+      undefined, // the failed event is the dead-letter path's, counted as dead-lettered
+    );
+    assert.equal(sample(text, "weft_item_end_to_end_seconds_count", { outcome: "processed" }), 5);
+    assert.equal(sample(text, "weft_item_end_to_end_seconds_count", { outcome: "failed" }), 1);
+    for (const c of ["ingest", "sentiment", "topics", "dispatch", "state"]) {
+      assert.equal(sample(text, "weft_consumer_pending", { stream: "FEEDBACK", consumer: c }), 0);
+      assert.equal(
+        sample(text, "weft_consumer_ack_pending", { stream: "FEEDBACK", consumer: c }),
+        0,
+      );
+    }
+    // The poison event is dead-lettered by sentiment and kept aside by the state writer.
+    assert.equal(sample(text, "weft_deadletter_messages"), 2);
+    // Every service but the gateway, which gathers them, answers the metrics request.
+    assert.equal(sample(text, "weft_metrics_sources"), SERVICES.length - 1);
+    assert.equal(sample(text, "weft_sse_clients"), 0);
+    assert.equal(
+      sample(text, "weft_http_requests_total", {
+        method: "POST",
+        route: "/feedback",
+        status: "202",
+      }),
+      5,
+    );
+  });
+
+  await t.step("GET /dashboard/recent lists the latest events oldest first", async () => {
+    const r = await fetch(`${mesh.url}/dashboard/recent?limit=10`);
+    const { events } = await r.json() as { events: { seq: number; event: { type: string } }[] };
+    assert.equal(events.length, 10);
+    const seqs = events.map((e) => e.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+    const all = await (await fetch(`${mesh.url}/dashboard/recent?limit=500`)).json() as {
+      events: { event: { type: string; item_id: string } }[];
+    };
+    const processed = all.events.filter((e) => e.event.type === "feedback.processed");
+    assert.deepEqual(processed.map((e) => e.event.item_id).sort(), [...ids].sort());
+  });
+
+  await t.step("GET /dashboard/stream sends the mesh's per-stage figures as SSE", async () => {
+    const page = await fetch(`${mesh.url}/dashboard`);
+    assert.match(await page.text(), /<title>Weft dashboard<\/title>/);
+    const r = await fetch(`${mesh.url}/dashboard/stream`);
+    assert.equal(r.headers.get("content-type"), "text/event-stream");
+    const reader = r.body!.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    while (!buf.includes("\n\n")) buf += (await reader.read()).value ?? "";
+    await reader.cancel();
+    assert.match(buf, /^event: metrics$/m);
+    const data = JSON.parse(/^data: (.*)$/m.exec(buf)![1]!);
+    assert.equal(data.stages.dispatch.processed, 5);
+    assert.equal(data.stages.sentiment.deadLettered, 1);
+    assert.equal(data.endToEnd.count, 6);
+  });
+
+  await t.step(
+    "every service answers $SRV.PING, INFO and STATS like `nats micro` expects",
+    async () => {
+      const gather = async <T>(subject: string) => {
+        const out: T[] = [];
+        const it = await mesh.nc.requestMany(subject, undefined, {
+          strategy: "stall",
+          stall: 200,
+          maxWait: 2000,
+        });
+        for await (const m of it) out.push(m.json<T>());
+        return out;
+      };
+      type Ping = { type: string; name: string; id: string; version: string };
+      const pings = await gather<Ping>("$SRV.PING");
+      assert.deepEqual(pings.map((p) => p.name).sort(), SERVICE_NAMES);
+      for (const p of pings) {
+        assert.equal(p.type, "io.nats.micro.v1.ping_response");
+        assert.equal(p.version, "0.1.0");
+      }
+      type Info = { name: string; endpoints: { name: string; subject: string }[] };
+      const infos = await gather<Info>("$SRV.INFO.weft-sentiment");
+      assert.equal(infos.length, 1);
+      assert.deepEqual(
+        infos[0]!.endpoints.map((e) => [e.name, e.subject]).sort(),
+        [["metrics", "weft.metrics"], ["status", "weft.sentiment.status"]],
+      );
+      const gatewayInfo = await gather<Info>("$SRV.INFO.weft-gateway");
+      assert.deepEqual(gatewayInfo[0]!.endpoints.map((e) => e.name), ["status"]);
+
+      type Stats = {
+        type: string;
+        name: string;
+        endpoints: {
+          name: string;
+          num_requests: number;
+          num_errors: number;
+          processing_time: number;
+          data: Record<string, number>;
+        }[];
+      };
+      const stats = await gather<Stats>("$SRV.STATS.weft-dispatch");
+      assert.equal(stats.length, 1);
+      assert.equal(stats[0]!.type, "io.nats.micro.v1.stats_response");
+      const metricsEndpoint = stats[0]!.endpoints.find((e) => e.name === "metrics")!;
+      assert.ok(metricsEndpoint.num_requests >= 1, "the scrapes above reached dispatch");
+      assert.equal(metricsEndpoint.num_errors, 0);
+      assert.equal(metricsEndpoint.data.processed, 5);
+      assert.equal(metricsEndpoint.data.published, 10);
+
+      const status = await mesh.nc.request("weft.sentiment.status", undefined, { timeout: 2000 });
+      const s = status.json<Record<string, unknown>>();
+      assert.equal(s.service, "weft-sentiment");
+      assert.equal(s.processed, 5);
+      assert.equal(s.deadLettered, 1);
+    },
+  );
+
+  await t.step(
+    "services write only JSON lines with time, level, service, stage, item, trace and event type",
+    () => {
+      assert.deepEqual(mesh.stray, [], "no free-text output");
+      assert.ok(mesh.logs.length > 0);
+      for (const l of mesh.logs) {
+        assert.equal(typeof l.time, "string");
+        assert.ok(["debug", "info", "warn", "error"].includes(l.level as string));
+        assert.match(l.service as string, /^weft-/);
+      }
+      const handled = mesh.logs.filter((l) =>
+        l.msg === "handled" && l.stage === "topics" && ids.includes(l.item_id as string)
+      );
+      assert.equal(handled.length, 5);
+      for (const l of handled) {
+        assert.equal(l.service, "weft-topics");
+        assert.equal(l.event_type, "feedback.sentiment_analyzed");
+        assert.match(l.trace_id as string, /^[0-9a-f]{32}$/);
+      }
+      const dl = mesh.logs.find((l) => l.msg === "dead-lettered" && l.stage === "sentiment");
+      assert.equal(dl?.item_id, "poison1");
+      assert.equal(dl?.event_type, "feedback.ingested");
+      assert.deepEqual(mesh.stray, [], "no free-text output on stderr");
+    },
+  );
+});

@@ -1,0 +1,272 @@
+/**
+ * The runner against a real nats-server: what every stage gets for free.
+ */
+import assert from "node:assert/strict";
+import { headers, type NatsConnection } from "@nats-io/nats-core";
+import { jetstream } from "@nats-io/jetstream";
+import { runStage } from "../src/runner.ts";
+import { createEvent } from "../src/events.ts";
+import { PermanentError } from "../src/errors.ts";
+import { nextEvent, type Stage } from "../src/stage.ts";
+import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
+import { sentimentStage } from "../src/stages/feedback.ts";
+import type { DeadLetter, FeedbackFailed } from "../src/events.gen.ts";
+import type { Config } from "../src/config.ts";
+import { startTestNats, testConfig } from "./helpers/nats.ts";
+import { deadline, waitFor } from "./helpers/wait.ts";
+
+const rules = await feedbackAnalyzers({ ...testConfig(""), analyzers: "rules" });
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
+const enc = new TextEncoder();
+
+function ingested(itemId: string, text = "I love it") {
+  return createEvent({
+    type: "feedback.ingested",
+    itemId,
+    traceId: TRACE,
+    source: "test",
+    data: { text },
+  });
+}
+
+/** Resolves with the first `n` messages on `subject` (a core subscription). */
+function nextMessages(nc: NatsConnection, subject: string, n = 1) {
+  const sub = nc.subscribe(subject, { max: n });
+  return deadline(
+    (async () => {
+      const out = [];
+      for await (const m of sub) out.push(m);
+      return out;
+    })(),
+    10_000,
+    `${n} message(s) on ${subject}`,
+  ).finally(() => sub.unsubscribe());
+}
+
+/** A stage whose handler behaviour the test chooses. */
+function probeStage(
+  handle: (text: string, attempt: number) => void | Promise<void>,
+): Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> {
+  return {
+    name: "probe",
+    filterSubject: "feedback.ingested.*",
+    input: { kind: "event", types: ["feedback.ingested"] },
+    async handle(event, ctx) {
+      await handle(event.data.text, ctx.message.deliveryCount);
+      return [nextEvent(event, "feedback.sentiment_analyzed", {
+        ...event.data,
+        sentiment: { label: "neutral", score: 0, analyzer: "probe" },
+      }, ctx)];
+    },
+  };
+}
+
+async function consumerSettled(
+  t: { jsm: import("@nats-io/jetstream").JetStreamManager },
+  name: string,
+) {
+  return await waitFor(
+    async () => {
+      const info = await t.jsm.consumers.info("FEEDBACK", name);
+      return info.num_pending === 0 && info.num_ack_pending === 0 && info.num_redelivered >= 0 &&
+        info;
+    },
+    10_000,
+    `consumer ${name} to settle`,
+  );
+}
+
+async function countOn(
+  t: { jsm: import("@nats-io/jetstream").JetStreamManager },
+  stream: string,
+  subject: string,
+) {
+  const info = await t.jsm.streams.info(stream, { subjects_filter: subject });
+  return Object.values(info.state.subjects ?? {}).reduce((a, b) => a + b, 0);
+}
+
+function runnerConfig(config: Config, over: Partial<Config> = {}) {
+  return { ...config, ...over };
+}
+
+Deno.test("a stage consumes its input and publishes the next event with its id as message id and the trace continued", async () => {
+  await using t = await startTestNats();
+  const runner = await runStage({
+    nc: t.nc,
+    stage: sentimentStage(rules.sentiment),
+    config: t.config,
+    log: t.log,
+  });
+  const got = nextMessages(t.nc, "feedback.sentiment_analyzed.fb1");
+  const h = headers();
+  h.set("traceparent", `00-${TRACE}-b7ad6b7169203331-01`);
+  await jetstream(t.nc).publish("feedback.ingested.fb1", JSON.stringify(ingested("fb1")), {
+    headers: h,
+  });
+  const [m] = await got;
+  const event = m!.json<{ id: string; trace_id: string; data: { sentiment: { label: string } } }>();
+  assert.equal(event.data.sentiment.label, "positive");
+  assert.equal(m!.headers?.get("Nats-Msg-Id"), event.id);
+  assert.match(m!.headers?.get("traceparent") ?? "", new RegExp(`^00-${TRACE}-[0-9a-f]{16}-01$`));
+  assert.notEqual(
+    m!.headers?.get("traceparent"),
+    `00-${TRACE}-b7ad6b7169203331-01`,
+    "a new span id",
+  );
+  await runner.stop();
+});
+
+Deno.test("an input delivered twice yields one downstream event: the duplicate window drops the second", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  const runner = await runStage({
+    nc: t.nc,
+    stage: sentimentStage(rules.sentiment),
+    config: t.config,
+    log: t.log,
+  });
+  const e = ingested("fb2");
+  // Two copies in the stream (distinct message ids), as after a crash before the ack.
+  await js.publish("feedback.ingested.fb2", JSON.stringify(e), { msgID: "copy-1" });
+  await js.publish("feedback.ingested.fb2", JSON.stringify(e), { msgID: "copy-2" });
+  await consumerSettled(t, "sentiment");
+  assert.equal(runner.stats.processed, 2);
+  assert.equal(await countOn(t, "FEEDBACK", "feedback.sentiment_analyzed.fb2"), 1);
+  await runner.stop();
+});
+
+Deno.test("a message that is not JSON is dead-lettered with its reason, tied to its item, and never redelivered", async () => {
+  await using t = await startTestNats();
+  const runner = await runStage({
+    nc: t.nc,
+    stage: sentimentStage(rules.sentiment),
+    config: t.config,
+    log: t.log,
+  });
+  const letters = nextMessages(t.nc, "deadletter.sentiment.fb3");
+  const failed = nextMessages(t.nc, "feedback.failed.fb3");
+  await jetstream(t.nc).publish("feedback.ingested.fb3", enc.encode("{not json"));
+  const letter = (await letters)[0]!.json<DeadLetter>();
+  assert.equal(letter.code, "invalid_event");
+  assert.match(letter.reason, /not JSON/);
+  assert.equal(letter.payload, "{not json");
+  assert.equal(letter.attempts, 1);
+  const f = (await failed)[0]!.json<FeedbackFailed>();
+  assert.equal(f.data.stage, "sentiment");
+  assert.equal(f.data.code, "invalid_event");
+  const info = await consumerSettled(t, "sentiment");
+  assert.equal(info.num_redelivered, 0);
+  assert.equal(await countOn(t, "DEADLETTER", "deadletter.>"), 1);
+  await runner.stop();
+});
+
+Deno.test("an event of the wrong shape is dead-lettered naming the field; invalid UTF-8 is kept as base64", async () => {
+  await using t = await startTestNats();
+  const runner = await runStage({
+    nc: t.nc,
+    stage: sentimentStage(rules.sentiment),
+    config: t.config,
+    log: t.log,
+  });
+  const letters = nextMessages(t.nc, "deadletter.sentiment.>", 3);
+  const js = jetstream(t.nc);
+  const e = ingested("fb4");
+  await js.publish("feedback.ingested.fb4", JSON.stringify({ ...e, data: {} }));
+  await js.publish("feedback.ingested.fb5", JSON.stringify({ ...ingested("fb5"), version: 9 }));
+  await js.publish("feedback.ingested.fb6", new Uint8Array([0xff, 0xfe, 0x7b]));
+  const byItem = Object.fromEntries((await letters).map((m) => {
+    const l = m.json<DeadLetter>();
+    return [l.item_id, l];
+  }));
+  assert.match(byItem.fb4!.reason, /\/data\/text is required/);
+  assert.equal(byItem.fb5!.code, "unknown_version");
+  assert.equal(byItem.fb6!.payload_encoding, "base64");
+  assert.equal(byItem.fb6!.payload, "//57");
+  await runner.stop();
+});
+
+Deno.test("a failing handler is retried with a growing delay and its next attempt succeeds", async () => {
+  await using t = await startTestNats();
+  const attempts: { attempt: number; at: number }[] = [];
+  const stage = probeStage((_text, attempt) => {
+    attempts.push({ attempt, at: performance.now() });
+    if (attempt < 3) throw new Error("flaky dependency");
+  });
+  const config = runnerConfig(t.config, { retryBaseMs: 100, retryMaxMs: 1000 });
+  const runner = await runStage({ nc: t.nc, stage, config, log: t.log });
+  const out = nextMessages(t.nc, "feedback.sentiment_analyzed.fb7");
+  await jetstream(t.nc).publish("feedback.ingested.fb7", JSON.stringify(ingested("fb7")));
+  await out;
+  assert.deepEqual(attempts.map((a) => a.attempt), [1, 2, 3]);
+  // retryDelay(1) is 50-100 ms, retryDelay(2) is 100-200 ms.
+  assert.ok(attempts[1]!.at - attempts[0]!.at >= 45, "first retry waited");
+  assert.ok(attempts[2]!.at - attempts[1]!.at >= 95, "second retry waited longer");
+  assert.equal(runner.stats.retried, 2);
+  await runner.stop();
+});
+
+Deno.test("a permanent failure is dead-lettered at once, without retries", async () => {
+  await using t = await startTestNats();
+  let calls = 0;
+  const stage = probeStage(() => {
+    calls++;
+    throw new PermanentError("policy forbids this text");
+  });
+  const runner = await runStage({ nc: t.nc, stage, config: t.config, log: t.log });
+  const letters = nextMessages(t.nc, "deadletter.probe.fb8");
+  await jetstream(t.nc).publish("feedback.ingested.fb8", JSON.stringify(ingested("fb8")));
+  const letter = (await letters)[0]!.json<DeadLetter>();
+  assert.equal(letter.code, "rejected");
+  assert.equal(letter.attempts, 1);
+  assert.equal(calls, 1);
+  await runner.stop();
+});
+
+Deno.test("after the last attempt an item is dead-lettered and failed, while other items flow on", async () => {
+  await using t = await startTestNats();
+  const stage = probeStage((text) => {
+    if (/crash/i.test(text)) throw new Error("handler crashed");
+  });
+  const config = runnerConfig(t.config, { maxAttempts: 3 });
+  const runner = await runStage({ nc: t.nc, stage, config, log: t.log });
+  const failed = nextMessages(t.nc, "feedback.failed.bad1");
+  const ok = nextMessages(t.nc, "feedback.sentiment_analyzed.good1");
+  const js = jetstream(t.nc);
+  await js.publish("feedback.ingested.bad1", JSON.stringify(ingested("bad1", "it will CRASH")));
+  await js.publish("feedback.ingested.good1", JSON.stringify(ingested("good1", "fine")));
+  await ok;
+  const f = (await failed)[0]!.json<FeedbackFailed>();
+  assert.deepEqual(
+    { stage: f.data.stage, code: f.data.code, attempts: f.data.attempts },
+    { stage: "probe", code: "handler_failed", attempts: 3 },
+  );
+  assert.equal(f.trace_id, TRACE, "the failure stays in the item's trace");
+  assert.equal(await countOn(t, "FEEDBACK", "feedback.sentiment_analyzed.bad1"), 0);
+  const info = await consumerSettled(t, "probe");
+  assert.equal(info.num_pending, 0);
+  await runner.stop();
+});
+
+Deno.test("a handler slower than the ack wait keeps its lease and runs once", async () => {
+  await using t = await startTestNats();
+  let calls = 0;
+  let release!: () => void;
+  const released = new Promise<void>((r) => (release = r));
+  const stage = probeStage(async () => {
+    calls++;
+    await released;
+  });
+  const config = runnerConfig(t.config, { ackWaitMs: 1000 });
+  const runner = await runStage({ nc: t.nc, stage, config, log: t.log });
+  const out = nextMessages(t.nc, "feedback.sentiment_analyzed.slow1");
+  await jetstream(t.nc).publish("feedback.ingested.slow1", JSON.stringify(ingested("slow1")));
+  // Hold the handler for 2.5 ack waits, then let it finish.
+  await waitFor(() => calls === 1, 5_000, "the handler to start");
+  const timer = setTimeout(release, 2_500);
+  await out;
+  clearTimeout(timer);
+  assert.equal(calls, 1);
+  const info = await consumerSettled(t, "probe");
+  assert.equal(info.num_redelivered, 0);
+  await runner.stop();
+});

@@ -1,0 +1,88 @@
+/**
+ * SSE clients that stall or vanish, over a real socket: they cost the gateway one small
+ * buffer, are cut off, and leave nothing behind on the server.
+ */
+import assert from "node:assert/strict";
+import { jetstream } from "@nats-io/jetstream";
+import { createApp } from "../src/gateway/app.ts";
+import { createIntake } from "../src/gateway/intake.ts";
+import { createEvent } from "../src/events.ts";
+import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+async function serveGateway(t: TestNats) {
+  const intake = await createIntake(t.nc);
+  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log });
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
+  return { server, port: server.addr.port };
+}
+
+/** Ephemeral (SSE) consumers on the FEEDBACK stream right now. */
+async function sseConsumers(t: TestNats): Promise<number> {
+  let n = 0;
+  for await (const c of t.jsm.consumers.list("FEEDBACK")) if (!c.config.durable_name) n++;
+  return n;
+}
+
+Deno.test("an SSE client that stops reading is dropped after the write timeout; the pipeline is untouched", async () => {
+  await using t = await startTestNats({ sseWriteTimeoutMs: 300, sseKeepAliveMs: 60_000 });
+  const { server, port } = await serveGateway(t);
+  try {
+    // Fill the stream with ~8 MB of events, far beyond what socket buffers hold.
+    const js = jetstream(t.nc);
+    const text = "x".repeat(8_000);
+    await Promise.all(
+      Array.from({ length: 1_000 }, (_, i) =>
+        js.publish(
+          `feedback.ingested.s${i}`,
+          JSON.stringify(createEvent({
+            type: "feedback.ingested",
+            itemId: `s${i}`,
+            traceId: "0af7651916cd43dd8448eb211c80319c",
+            source: "test",
+            data: { text },
+          })),
+        )),
+    );
+    // A client that sends its request and then never reads a byte.
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    await conn.write(new TextEncoder().encode(
+      `GET /events?replay=true HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n`,
+    ));
+    await waitFor(
+      () => t.lines.some((l) => l.includes("sse client too slow: dropped")),
+      20_000,
+      "the slow client to be dropped",
+    );
+    await waitFor(async () => (await sseConsumers(t)) === 0, 10_000, "its consumer to be removed");
+    conn.close();
+    // The durable consumers never saw the SSE client: nothing is pending because of it.
+    const info = await t.jsm.streams.info("FEEDBACK");
+    assert.equal(info.state.messages, 1_000);
+  } finally {
+    await server.shutdown();
+  }
+});
+
+Deno.test("an SSE client that goes away leaves no consumer behind, and the limit counts it out", async () => {
+  await using t = await startTestNats({ sseMaxClients: 1 });
+  const { server, port } = await serveGateway(t);
+  try {
+    const abort = new AbortController();
+    const res = await fetch(`http://127.0.0.1:${port}/events`, { signal: abort.signal });
+    assert.equal(res.status, 200);
+    await waitFor(async () => (await sseConsumers(t)) === 1, 5_000, "the SSE consumer");
+    const second = await fetch(`http://127.0.0.1:${port}/events`);
+    assert.equal(second.status, 503, "over the limit");
+    await second.body?.cancel();
+    abort.abort();
+    await res.body?.cancel().catch(() => {});
+    await waitFor(async () => (await sseConsumers(t)) === 0, 10_000, "the consumer to be removed");
+    const third = await fetch(`http://127.0.0.1:${port}/events`);
+    assert.equal(third.status, 200, "the slot is free again");
+    await third.body?.cancel();
+    await waitFor(async () => (await sseConsumers(t)) === 0, 10_000, "the consumer to be removed");
+  } finally {
+    await server.shutdown();
+  }
+});
