@@ -184,7 +184,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
     const byItem = new Map<string, { msgs: JsMsg[]; events: { event: AnyEvent; seq: number }[] }>();
     for (const m of batch) {
       stats.events++;
-      metrics?.received.inc({ stage: STATE_WRITER });
+      metrics?.received.inc({ stage: spec.durable });
       let raw: unknown;
       try {
         raw = decodeJson(m.data);
@@ -204,7 +204,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
           undefined,
           parseTraceparent(m.headers?.get("traceparent")),
         )
-          .then(() => metrics?.deadLettered.inc({ stage: STATE_WRITER }))
+          .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
           .catch(() => m.nak(1000));
       }
     }
@@ -212,11 +212,11 @@ export async function runStateWriter<S = FeedbackState>(opts: {
       try {
         await writeItem(id, group.events);
         for (const m of group.msgs) m.ack();
-        metrics?.processed.inc({ stage: STATE_WRITER }, group.msgs.length);
+        metrics?.processed.inc({ stage: spec.durable }, group.msgs.length);
       } catch (err) {
         log.warn("state write failed", { item_id: id, err });
-        metrics?.failed.inc({ stage: STATE_WRITER, code: "state_write_failed" });
-        metrics?.retried.inc({ stage: STATE_WRITER }, group.msgs.length);
+        metrics?.failed.inc({ stage: spec.durable, code: "state_write_failed" });
+        metrics?.retried.inc({ stage: spec.durable }, group.msgs.length);
         for (const m of group.msgs) {
           m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
         }

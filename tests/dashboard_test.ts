@@ -114,6 +114,14 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
       "the approved content to be published",
     );
     assert.equal(content.review?.reviewer, "dashboard-reviewer");
+    // The moderation pipeline's graph counts the item at each step it took.
+    for (const stage of ["moderation", "review-queue", "storage-decided"]) {
+      await page.locator(`[data-stage="${stage}"] dd.processed`).filter({ hasText: /^1$/ })
+        .waitFor({ timeout: 10_000 });
+    }
+    // Its state writer folded its events (uploaded, moderated, review requested, ...).
+    await page.locator(`[data-stage="content-state"] dd.processed`).filter({ hasText: /^[1-9]/ })
+      .waitFor({ timeout: 10_000 });
 
     await Deno.mkdir(".artifacts", { recursive: true });
     const shot = `${Deno.cwd()}/.artifacts/dashboard.png`;

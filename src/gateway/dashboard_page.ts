@@ -75,6 +75,10 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
     <h2>Feedback pipeline</h2>
     <div class="graph" id="graph"></div>
   </section>
+  <section class="wide">
+    <h2>Content moderation pipeline</h2>
+    <div class="graph" id="content-graph"></div>
+  </section>
   <section>
     <h2>Recent items</h2>
     <form id="submit"><input type="text" id="text" name="text" placeholder="Submit feedback text" required>
@@ -97,7 +101,17 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 </main>
 <script>
 "use strict";
-var STAGES = ["ingest", "sentiment", "topics", "dispatch", "state"];
+// Each pipeline's stages (durable consumer names, as the metrics label them) in flow order.
+var PIPELINES = [
+  { graph: "graph", stages: [["ingest", "ingest"], ["sentiment", "sentiment"], ["topics", "topics"],
+    ["dispatch", "dispatch"], ["state", "state writer"]] },
+  { graph: "content-graph", stages: [["moderation", "moderation"],
+    ["storage-moderated", "storage (safe)"], ["review-queue", "review queue (flagged)"],
+    ["review-sla", "review SLA"], ["storage-decided", "storage (decided)"],
+    ["content-state", "state writer"]] },
+];
+var STAGES = [];
+PIPELINES.forEach(function (p) { p.stages.forEach(function (s) { STAGES.push(s[0]); }); });
 var STEP = { "feedback.ingested": "ingested", "feedback.sentiment_analyzed": "sentiment",
   "feedback.topics_extracted": "topics", "feedback.dispatched": "dispatched",
   "feedback.processed": "processed", "feedback.failed": "failed" };
@@ -117,11 +131,18 @@ function el(tag, attrs, text) {
 function fmt(n, digits) { return Number.isFinite(n) ? n.toFixed(digits) : "–"; }
 
 function buildGraph() {
-  var g = document.getElementById("graph");
-  STAGES.forEach(function (name, i) {
-    if (i > 0) g.appendChild(el("span", { class: "arrow" }, name === "state" ? "⇢" : "→"));
+  PIPELINES.forEach(function (pipeline) {
+    var g = document.getElementById(pipeline.graph);
+    pipeline.stages.forEach(function (stage, i) {
+      buildStage(g, stage[0], stage[1], i);
+    });
+  });
+}
+
+function buildStage(g, name, title, i) {
+    if (i > 0) g.appendChild(el("span", { class: "arrow" }, /state/.test(name) ? "⇢" : "→"));
     var box = el("div", { class: "stage", "data-stage": name });
-    box.appendChild(el("h3", null, name === "state" ? "state writer" : name));
+    box.appendChild(el("h3", null, title));
     var dl = el("dl");
     [["throughput", "rate", "/s"], ["latency", "latency", "ms"], ["processed", "processed", ""],
      ["backlog", "backlog", ""], ["in flight", "inflight", ""], ["retried", "retried", ""],
@@ -131,7 +152,6 @@ function buildGraph() {
     });
     box.appendChild(dl);
     g.appendChild(box);
-  });
 }
 
 function onMetrics(snap) {
