@@ -20,6 +20,7 @@ export type FaultConfig = Pick<Config, "failOn" | "failStage" | "slowMs" | "slow
 
 /** The error an injected failure throws: retryable, like a flaky dependency. */
 export class InjectedFault extends WeftError {
+  /** A fault of `stage`, triggered by text containing `needle`. */
   constructor(stage: string, needle: string) {
     super(
       ErrorCode.HandlerFailed,

@@ -18,6 +18,7 @@ const EVENT_TYPES = Object.values(FeedbackEventType);
 
 /** What a rebuild read. */
 export interface Rebuilt {
+  /** Every item's state, by item id. */
   states: Map<string, FeedbackState>;
   /** Events folded. */
   events: number;

@@ -32,8 +32,11 @@ export const REDRIVEN_PREFIX = "deadletter.redriven";
 
 /** Which dead letters. Every given field must match. */
 export interface DeadLetterFilter {
+  /** The stage that gave up. */
   stage?: string;
+  /** The error code, e.g. `handler_failed`. */
   code?: string;
+  /** The item. */
   item_id?: string;
   /** true: only letters never redriven. */
   pending?: boolean;
@@ -45,6 +48,7 @@ export interface DeadLetterEntry {
   seq: number;
   /** Subject of the dead letter, `deadletter.<stage>.<item_id|unknown>`. */
   subject: string;
+  /** The dead letter itself, with the original message. */
   letter: DeadLetter;
   /** How often it was redriven so far. */
   redrives: number;
@@ -58,6 +62,7 @@ export type RedriveRequest =
 
 /** The outcome of a redrive. */
 export interface RedriveResult {
+  /** What was re-published, by dead-letter seq. */
   redriven: { seq: number; item_id?: string; subject: string; msg_id: string }[];
   /** Requested seqs that are not dead letters. */
   not_found: number[];
