@@ -8,6 +8,7 @@ import { DEADLETTERS_LIST_SUBJECT, DEADLETTERS_REDRIVE_SUBJECT } from "../src/re
 import type { DeadLetterEntry } from "../src/redrive.ts";
 import { countsByItem, startMesh, TEST_ENV, waitFor } from "./helpers/fault_mesh.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
+import { readSse } from "./helpers/sse.ts";
 
 const json = { "content-type": "application/json" };
 
@@ -117,6 +118,12 @@ Deno.test("an item whose text contains 'crash' is retried with backoff, dead-let
     history.set(t, (await countsByItem(mesh.jsm, `feedback.${t}.boom`)).get("boom") ?? 0);
   }
   assert.deepEqual(Object.fromEntries(history), { sentiment_analyzed: 2, failed: 1, processed: 1 });
+
+  // Its SSE replay shows both attempts: it passes the old failure and ends at processed.
+  const replay = await readSse(await fetch(`${base}/feedback/boom/events`));
+  const types = replay.map((e) => e.event);
+  assert.ok(types.indexOf("feedback.failed") < types.lastIndexOf("feedback.sentiment_analyzed"));
+  assert.equal(types.at(-1), "feedback.processed");
 
   // Redriven letters are not pending any more; a second redrive of "all" does nothing.
   const pending = await (await fetch(`${base}/deadletters?pending=true`)).json();

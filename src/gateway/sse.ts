@@ -105,7 +105,12 @@ export function streamEvents(
           opts.log.warn("sse client too slow: dropped", { filter: sel.filter, seq: m.seq });
           break;
         }
-        if (sel.closeOnFinal && (sel.finalTypes ?? FINAL_EVENT_TYPES).has(type)) break;
+        // Close at a final event only when nothing follows it: a redriven item's replay
+        // goes past its earlier failure to the outcome of the new attempt.
+        if (
+          sel.closeOnFinal && (sel.finalTypes ?? FINAL_EVENT_TYPES).has(type) &&
+          m.info.pending === 0
+        ) break;
       }
     } finally {
       clearInterval(keepAlive);
