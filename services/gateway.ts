@@ -27,9 +27,9 @@ if (import.meta.main) {
       authEnabled: auth.enabled,
     });
     const app = createApp({ nc, intake, config, log, auth, moderation, metrics });
-    const requests = serveRequests(nc, intake, log);
+    const requests = serveRequests(nc, intake, log, auth);
     const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
-    const deadLetterRequests = serveDeadLetterRequests(nc, log);
+    const deadLetterRequests = serveDeadLetterRequests(nc, log, auth);
     const server = Deno.serve({
       hostname: config.host,
       port: config.port,

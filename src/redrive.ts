@@ -20,6 +20,8 @@ import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
 import { toProblem, ValidationError } from "./errors.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import type { Logger } from "./log.ts";
+import type { Auth } from "./gateway/auth.ts";
+import { Role } from "./config.ts";
 import { readStream } from "./stream_reader.ts";
 import { DEADLETTER_STREAM, SUBMIT_SUBJECT } from "./subjects.ts";
 
@@ -253,7 +255,13 @@ export async function redrive(js: JetStreamClient, req: RedriveRequest): Promise
  * sub.stop();
  * ```
  */
-export function serveDeadLetterRequests(nc: NatsConnection, log: Logger): { stop(): void } {
+export function serveDeadLetterRequests(
+  nc: NatsConnection,
+  log: Logger,
+  auth?: Auth,
+): { stop(): void } {
+  // With API keys configured, dead letters need an admin key, as over HTTP.
+  const admin = (m: Msg) => auth?.authorize(m.headers?.get("Authorization"), [Role.Admin]);
   const js = jetstream(nc);
   const reply = async (m: Msg, work: () => Promise<unknown>) => {
     try {
@@ -277,11 +285,18 @@ export function serveDeadLetterRequests(nc: NatsConnection, log: Logger): { stop
     nc.subscribe(DEADLETTERS_LIST_SUBJECT, {
       queue: "weft-gateway",
       callback: (_e, m) =>
-        void reply(m, async () => ({ items: await listDeadLetters(js, parseFilter(body(m))) })),
+        void reply(m, async () => {
+          admin(m);
+          return { items: await listDeadLetters(js, parseFilter(body(m))) };
+        }),
     }),
     nc.subscribe(DEADLETTERS_REDRIVE_SUBJECT, {
       queue: "weft-gateway",
-      callback: (_e, m) => void reply(m, () => redrive(js, parseRedriveRequest(body(m)))),
+      callback: (_e, m) =>
+        void reply(m, () => {
+          admin(m);
+          return redrive(js, parseRedriveRequest(body(m)));
+        }),
     }),
   ];
   return { stop: () => subs.forEach((s) => s.unsubscribe()) };

@@ -120,9 +120,15 @@ export function createApp(deps: GatewayDeps): Hono {
         ),
     });
   const traceOf = (c: Context) => parseTraceparent(c.req.header("traceparent"));
-  const ingestAuth: MiddlewareHandler = deps.auth?.enabled
-    ? deps.auth.require(Role.Ingest) as unknown as MiddlewareHandler
-    : (_c, next) => next();
+  // With API keys configured: ingest needs an ingest key, reading items any key, dead
+  // letters an admin key (admin may do everything). Without keys, auth is off.
+  const guard = (...roles: Role[]): MiddlewareHandler =>
+    deps.auth?.enabled
+      ? deps.auth.require(...roles) as unknown as MiddlewareHandler
+      : (_c, next) => next();
+  const ingestAuth = guard(Role.Ingest);
+  const readAuth = guard(Role.Ingest, Role.Reviewer);
+  const adminAuth = guard(Role.Admin);
   const keyOf = (c: Context) => c.req.header("Idempotency-Key");
 
   app.get("/healthz", (c) => c.json({ status: "ok" }));
@@ -165,9 +171,9 @@ export function createApp(deps: GatewayDeps): Hono {
     return c.json(body, 202);
   });
 
-  app.get("/feedback/:id", async (c) => c.json(await intake.state(c.req.param("id"))));
+  app.get("/feedback/:id", readAuth, async (c) => c.json(await intake.state(c.req.param("id"))));
 
-  app.get("/feedback/:id/events", async (c) => {
+  app.get("/feedback/:id/events", readAuth, async (c) => {
     const id = c.req.param("id");
     if (!(await intake.exists(id))) {
       throw new WeftError(ErrorCode.NotFound, `no feedback item ${JSON.stringify(id)}`);
@@ -182,7 +188,7 @@ export function createApp(deps: GatewayDeps): Hono {
     }, { config, clients, log });
   });
 
-  app.get("/events", (c) => {
+  app.get("/events", readAuth, (c) => {
     const type = c.req.query("type");
     let filter = "feedback.*.*";
     if (type !== undefined) {
@@ -205,10 +211,13 @@ export function createApp(deps: GatewayDeps): Hono {
     }, { config, clients, log });
   });
 
+  app.use("/deadletters", adminAuth);
+  app.use("/deadletters/*", adminAuth);
   app.route("/deadletters", deadLetterRoutes(intake.js));
   if (deps.moderation && deps.auth) {
     app.route("/", createModerationRoutes({ api: deps.moderation, auth: deps.auth, config, log }));
   }
+  app.use("/dashboard/recent", readAuth); // item texts: behind a key like the other reads
   mountObservability(app, { ...deps, metrics, clients });
 
   return app;

@@ -6,7 +6,8 @@
  * It draws the feedback pipeline with per-stage throughput, handler latency, backlog and
  * errors from `/dashboard/stream`; lists recent items from `/dashboard/recent` and the
  * live `/events` stream (a row opens the item's history from `/feedback/:id/events`);
- * shows dead letters (`GET /deadletters`, redrive with `POST /deadletters/redrive`) and
+ * shows dead letters waiting for redrive (`GET /deadletters?pending=true`, redrive with
+ * `POST /deadletters/redrive {"ids":[seq]}`) and
  * the review queue (`GET /reviews`; approve or reject = `POST /reviews/:id/claim`, then
  * `POST /reviews/:id/decision`) when the gateway
  * has those routes, and says so when it does not. All data is written with textContent.
@@ -250,18 +251,47 @@ function connectMetrics() {
   src.onerror = function () { conn.textContent = "reconnecting"; conn.className = "down"; };
 }
 
+// The live event feed, read with fetch so it can carry the API key (EventSource cannot send
+// headers); reconnects with Last-Event-ID after a drop.
+var lastSeq = "";
 function connectEvents() {
-  var src = new EventSource("/events");
-  Object.keys(STEP).forEach(function (t) {
-    src.addEventListener(t, function (m) {
-      try { onEvent(Number(m.lastEventId), JSON.parse(m.data)); } catch (e) { /* skip */ }
-    });
-  });
-  src.onopen = function () {
-    api("/dashboard/recent?limit=300").then(function (r) { return r.json(); }).then(function (body) {
-      body.events.forEach(function (e) { onEvent(e.seq, e.event); });
-    }).catch(function () {});
-  };
+  var headers = { accept: "text/event-stream" };
+  if (lastSeq) headers["last-event-id"] = lastSeq;
+  var buffer = "";
+  var frame = { id: "", event: "", data: "" };
+  api("/events", { headers: headers }).then(function (r) {
+    if (!r.ok || !r.body) throw r;
+    if (!lastSeq) loadRecent();
+    var reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    function pump() {
+      return reader.read().then(function (chunk) {
+        if (chunk.done) throw new Error("closed");
+        buffer += chunk.value;
+        var nl;
+        while ((nl = buffer.indexOf("\\n")) >= 0) {
+          var line = buffer.slice(0, nl).replace(/\\r$/, "");
+          buffer = buffer.slice(nl + 1);
+          if (line === "") {
+            if (frame.data && STEP[frame.event]) {
+              lastSeq = frame.id;
+              try { onEvent(Number(frame.id), JSON.parse(frame.data)); } catch (e) { /* skip */ }
+            }
+            frame = { id: "", event: "", data: "" };
+          } else if (line.indexOf("data:") === 0) frame.data += line.slice(5).replace(/^ /, "");
+          else if (line.indexOf("event:") === 0) frame.event = line.slice(6).trim();
+          else if (line.indexOf("id:") === 0) frame.id = line.slice(3).trim();
+        }
+        return pump();
+      });
+    }
+    return pump();
+  }).catch(function () { setTimeout(connectEvents, 2000); });
+}
+
+function loadRecent() {
+  api("/dashboard/recent?limit=300").then(function (r) { return r.json(); }).then(function (body) {
+    body.events.forEach(function (e) { onEvent(e.seq, e.event); });
+  }).catch(function () {});
 }
 
 function setOptional(box, text) { box.textContent = text; box.className = "muted"; }
@@ -287,21 +317,23 @@ function postJson(path, body) {
 
 function loadDeadLetters() {
   var box = document.getElementById("dl");
-  api("/deadletters").then(function (r) {
+  api("/deadletters?pending=true&limit=50").then(function (r) {
     if (r.status === 404 || r.status === 405) { setOptional(box, "Not available: this gateway has no /deadletters route."); return null; }
+    if (r.status === 401 || r.status === 403) { setOptional(box, "Enter an admin API key above to see dead letters."); return null; }
     return r.json();
   }).then(function (body) {
     if (!body) return;
-    var letters = Array.isArray(body) ? body : (body.items || body.deadletters || body.letters || []);
+    var entries = body.items || [];
     box.textContent = ""; box.className = "";
-    if (letters.length === 0) { setOptional(box, "No dead letters."); return; }
+    if (entries.length === 0) { setOptional(box, "No dead letters waiting for redrive."); return; }
     var t = el("table"); var tb = el("tbody");
     t.appendChild(el("thead")).appendChild(el("tr")).append(el("th", null, "Stage"), el("th", null, "Item"), el("th", null, "Reason"), el("th", null, ""));
-    letters.slice(0, 50).forEach(function (l) {
-      var tr = el("tr");
+    entries.forEach(function (e) {
+      var l = e.letter || {};
+      var tr = el("tr", { "data-letter": String(e.seq) });
       var b = el("button", { class: "secondary" }, "Redrive");
-      b.addEventListener("click", function () { redrive(l, b); });
-      tr.append(el("td", null, l.stage || ""), el("td", null, l.item_id || ""), el("td", { title: l.reason || "" }, (l.code || "") + " " + (l.reason || "")), el("td"));
+      b.addEventListener("click", function () { redrive(e.seq, b); });
+      tr.append(el("td", null, l.stage || ""), el("td", null, l.item_id || ""), el("td", { title: l.reason || "" }, (l.code || "") + ": " + (l.reason || "")), el("td"));
       tr.lastChild.appendChild(b);
       tb.appendChild(tr);
     });
@@ -309,11 +341,11 @@ function loadDeadLetters() {
   }).catch(function () { setOptional(box, "Could not load dead letters."); });
 }
 
-function redrive(letter, button) {
+/** Re-submits one dead letter (by its DEADLETTER sequence). */
+function redrive(seq, button) {
   button.disabled = true;
-  var body = { stage: letter.stage, item_id: letter.item_id, seq: letter.seq || letter.stream_seq };
-  postJson("/deadletters/redrive", body)
-    .then(function (r) { button.textContent = r.ok ? "Redriven" : "Failed (" + r.status + ")"; loadDeadLetters(); })
+  postJson("/deadletters/redrive", { ids: [seq] })
+    .then(function (r) { button.textContent = r.ok ? "Redriven" : "Failed (" + r.status + ")"; if (r.ok) loadDeadLetters(); })
     .catch(function () { button.textContent = "Failed"; });
 }
 

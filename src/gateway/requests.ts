@@ -2,7 +2,8 @@
  * Submission and state lookup over NATS request/reply, for the nats CLI:
  * `nats req weft.feedback.submit '{"text":"..."}'` answers like POST /feedback, and
  * `nats req weft.feedback.get ID` like GET /feedback/ID. Errors answer
- * `{"error": <problem>}` with the same problem document HTTP would send.
+ * `{"error": <problem>}` with the same problem document HTTP would send. With API keys
+ * configured, a request needs an `Authorization: Bearer <key>` header, as over HTTP.
  *
  * @module
  */
@@ -14,6 +15,8 @@ import { validateDocument } from "../schemas.ts";
 import { GET_REQUEST_SUBJECT, SUBMIT_REQUEST_SUBJECT } from "../subjects.ts";
 import { parseTraceparent } from "../trace.ts";
 import type { Intake } from "./intake.ts";
+import type { Auth } from "./auth.ts";
+import { Role } from "../config.ts";
 
 const QUEUE = "weft-gateway";
 
@@ -22,7 +25,11 @@ export function serveRequests(
   nc: NatsConnection,
   intake: Intake,
   log: Logger,
+  auth?: Auth,
 ): { stop(): void } {
+  // With API keys configured, the same roles as over HTTP, from an Authorization header.
+  const check = (m: Msg, ...roles: Role[]) =>
+    auth?.authorize(m.headers?.get("Authorization"), roles);
   const reply = async (m: Msg, work: () => Promise<unknown>) => {
     try {
       m.respond(JSON.stringify(await work()));
@@ -37,6 +44,7 @@ export function serveRequests(
       queue: QUEUE,
       callback: (_e, m) => {
         void reply(m, async () => {
+          check(m, Role.Ingest);
           const submission = validateDocument("feedback.submit", decodeJson(m.data));
           const { body } = await intake.submit(submission, {
             idempotencyKey: m.headers?.get("Idempotency-Key") || undefined,
@@ -50,6 +58,7 @@ export function serveRequests(
       queue: QUEUE,
       callback: (_e, m) => {
         void reply(m, () => {
+          check(m, Role.Ingest, Role.Reviewer);
           const text = m.string().trim();
           const id = text.startsWith("{")
             ? String((JSON.parse(text) as { id?: unknown }).id)
