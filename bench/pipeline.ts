@@ -1,0 +1,540 @@
+/**
+ * `deno task bench`: Weft's end-to-end throughput and latency against a bare JetStream
+ * pipeline, in the same run on the same nats-server.
+ *
+ * (a) bare: four `bench/bare_stage.ts` processes, each a durable pull consumer with
+ *     explicit acks forwarding every message to the next subject with a publish ack
+ *     (bench.s1 -> bench.s2 -> bench.s3 -> bench.s4 -> bench.done, stream BENCH).
+ * (b) weft: the real services (state, sentiment, topics, dispatch) as separate processes
+ *     started with the supervisor's arguments, fed through the gateway's own intake code
+ *     (`createIntake(nc).submit()`, what POST /feedback calls, without HTTP), measured up
+ *     to each item's `feedback.processed.<id>` event; afterwards every item's entry in the
+ *     state bucket must say `processed`.
+ *
+ * For each: items/s pushing N items with a bounded number of submissions in flight, then
+ * latency at an offered load paced by the clock (not by completions) for a fixed time,
+ * measured from each item's scheduled send time, so a stalled sender cannot hide delay.
+ * Prints `key value` lines; `--json FILE` writes the same figures as JSON.
+ *
+ * Flags: --items N (20000), --warmup N (1000), --window N (256 in flight), --rate N
+ * (1000 items/s), --duration S (10), --quick (3000 items, 300 warm-up, 3 s), --json FILE.
+ * Environment: WEFT_* settings (e.g. WEFT_CONCURRENCY) reach the Weft services.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import type { NatsConnection } from "@nats-io/nats-core";
+import {
+  AckPolicy,
+  DeliverPolicy,
+  jetstream,
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstreamManager,
+  RetentionPolicy,
+  StorageType,
+} from "@nats-io/jetstream";
+import { loadConfig } from "../src/config.ts";
+import { connectNats } from "../src/nats.ts";
+import { type NatsServer, startNatsServer } from "../src/nats_server.ts";
+import { createIntake } from "../src/gateway/intake.ts";
+import { serviceArgs, SERVICES } from "../src/supervisor.ts";
+import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "../src/subjects.ts";
+import { STATE_WRITER } from "../src/state_writer.ts";
+import { ensureTopology } from "../src/topology.ts";
+import type { FeedbackState } from "../src/events.gen.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+const BARE_STREAM = "BENCH";
+const BARE_STAGES = 4;
+const BARE_FINAL = "bench.done";
+const WEFT_SERVICES = ["state", "sentiment", "topics", "dispatch"];
+const TARGET_RATIO = 0.7;
+const TARGET_P99_MS = 50;
+
+const TEXTS = [
+  "The checkout keeps failing with a card error, this is really frustrating",
+  "Love the new dashboard, it is fast and the charts are great",
+  "Shipping took two weeks and nobody answered my emails",
+  "The app crashes every time I open settings on Android",
+  "Pricing is fair but the invoice layout is confusing",
+  "Support resolved my login problem in minutes, thank you!",
+  "Search results are slow and often irrelevant",
+  "Please add dark mode, my eyes hurt at night",
+];
+
+interface Options {
+  items: number;
+  warmup: number;
+  window: number;
+  rate: number;
+  durationS: number;
+  json?: string;
+}
+
+function options(): Options {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      items: { type: "string" },
+      warmup: { type: "string" },
+      window: { type: "string" },
+      rate: { type: "string" },
+      duration: { type: "string" },
+      quick: { type: "boolean" },
+      json: { type: "string" },
+    },
+  });
+  const quick = values.quick === true;
+  const num = (v: string | undefined, d: number, name: string) => {
+    if (v === undefined) return d;
+    const n = Number(v);
+    if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number`);
+    return n;
+  };
+  return {
+    items: Math.floor(num(values.items, quick ? 3000 : 20_000, "items")),
+    warmup: Math.floor(num(values.warmup, quick ? 300 : 1000, "warmup")),
+    window: Math.floor(num(values.window, 256, "window")),
+    rate: num(values.rate, 1000, "rate"),
+    durationS: num(values.duration, quick ? 3 : 10, "duration"),
+    json: values.json,
+  };
+}
+
+// ---------------------------------------------------------------- child processes
+
+interface Proc {
+  name: string;
+  child: Deno.ChildProcess;
+  tail: string[];
+  stopping: boolean;
+}
+
+const procs = new Set<Proc>();
+let failure: (err: Error) => void = () => {};
+/** Rejects as soon as a child process dies unexpectedly; every wait races it. */
+const failed = new Promise<never>((_, reject) => (failure = reject));
+failed.catch(() => {});
+
+async function keepTail(stream: ReadableStream<Uint8Array>, tail: string[]) {
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    for (const line of chunk.split("\n")) {
+      if (line.trim() === "") continue;
+      tail.push(line);
+      if (tail.length > 30) tail.shift();
+    }
+  }
+}
+
+function spawn(name: string, args: string[], env: Record<string, string> = {}): Proc {
+  const child = new Deno.Command("deno", {
+    args,
+    cwd: ROOT,
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const p: Proc = { name, child, tail: [], stopping: false };
+  procs.add(p);
+  keepTail(child.stdout, p.tail).catch(() => {});
+  keepTail(child.stderr, p.tail).catch(() => {});
+  child.status.then((s) => {
+    procs.delete(p);
+    if (!p.stopping) {
+      failure(new Error(`${name} exited unexpectedly (${s.code}):\n${p.tail.join("\n")}`));
+    }
+  });
+  return p;
+}
+
+async function stopProc(p: Proc, signal: Deno.Signal = "SIGTERM"): Promise<void> {
+  p.stopping = true;
+  try {
+    p.child.kill(signal);
+  } catch { /* already gone */ }
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const killed = new Promise<void>((r) => {
+    timer = setTimeout(() => {
+      try {
+        p.child.kill("SIGKILL");
+      } catch { /* gone */ }
+      r();
+    }, 15_000);
+  });
+  await Promise.race([p.child.status.then(() => {}), killed]);
+  clearTimeout(timer);
+  await p.child.status;
+}
+
+// ---------------------------------------------------------------- measuring
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Races `p` with a deadline and with any child dying. */
+async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([p, deadline, failed]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Matches final events to submissions (a final event may beat its submit's reply). */
+class Tracker {
+  readonly sentAt = new Map<string, number>();
+  readonly early = new Map<string, number>();
+  readonly latencies: number[] = [];
+  firstSent = Infinity;
+  lastFinal = 0;
+  private done = 0;
+  private expected = Infinity;
+  private resolve: () => void = () => {};
+  readonly all = new Promise<void>((r) => (this.resolve = r));
+
+  sent(id: string, at: number) {
+    if (at < this.firstSent) this.firstSent = at;
+    const t = this.early.get(id);
+    if (t !== undefined) {
+      this.early.delete(id);
+      this.finish(t - at, t);
+    } else this.sentAt.set(id, at);
+  }
+
+  final(id: string, at: number) {
+    const t = this.sentAt.get(id);
+    if (t === undefined) {
+      this.early.set(id, at);
+      return;
+    }
+    this.sentAt.delete(id);
+    this.finish(at - t, at);
+  }
+
+  expect(n: number) {
+    this.expected = n;
+    if (this.done >= n) this.resolve();
+  }
+
+  get count() {
+    return this.done;
+  }
+
+  private finish(latency: number, at: number) {
+    this.latencies.push(latency);
+    if (at > this.lastFinal) this.lastFinal = at;
+    if (++this.done >= this.expected) this.resolve();
+  }
+}
+
+/** A pipeline under test: submits one item, returns its id once accepted. */
+interface Target {
+  name: string;
+  submit(i: number): Promise<string>;
+  /** Receives final events; routes them to the current tracker. */
+  tracker: Tracker;
+}
+
+async function throughput(t: Target, n: number, window: number): Promise<number> {
+  t.tracker = new Tracker();
+  const tracker = t.tracker;
+  const run = (async () => {
+    let inFlight = 0;
+    let wake: (() => void) | undefined;
+    for (let i = 0; i < n; i++) {
+      while (inFlight >= window) await new Promise<void>((r) => (wake = r));
+      inFlight++;
+      const at = performance.now();
+      t.submit(i).then((id) => {
+        tracker.sent(id, at);
+        inFlight--;
+        wake?.();
+      }, (err) => failure(err));
+    }
+    tracker.expect(n);
+    await tracker.all;
+  })();
+  await within(run, 120_000 + n * 10, `${t.name}: ${n} items (${tracker.count} done)`);
+  return n / ((tracker.lastFinal - tracker.firstSent) / 1000);
+}
+
+interface Latency {
+  offered_per_s: number;
+  p50_ms: number;
+  p90_ms: number;
+  p99_ms: number;
+  max_ms: number;
+}
+
+function percentile(sorted: number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))]!;
+}
+
+async function latency(t: Target, rate: number, durationS: number): Promise<Latency> {
+  t.tracker = new Tracker();
+  const tracker = t.tracker;
+  const total = Math.round(rate * durationS);
+  const run = (async () => {
+    const start = performance.now();
+    let sent = 0;
+    while (sent < total) {
+      const due = Math.min(total, Math.floor(((performance.now() - start) * rate) / 1000) + 1);
+      for (; sent < due; sent++) {
+        const scheduled = start + (sent * 1000) / rate;
+        t.submit(sent).then((id) => tracker.sent(id, scheduled), (err) => failure(err));
+      }
+      await sleep(1);
+    }
+    const sendS = (performance.now() - start) / 1000;
+    tracker.expect(total);
+    await tracker.all;
+    return sendS;
+  })();
+  const sendS = await within(run, 60_000 + durationS * 2000, `${t.name}: latency run`);
+  const sorted = tracker.latencies.sort((a, b) => a - b);
+  const round = (x: number) => Math.round(x * 10) / 10;
+  return {
+    offered_per_s: Math.round(total / sendS),
+    p50_ms: round(percentile(sorted, 0.5)),
+    p90_ms: round(percentile(sorted, 0.9)),
+    p99_ms: round(percentile(sorted, 0.99)),
+    max_ms: round(sorted[sorted.length - 1]!),
+  };
+}
+
+interface PhaseResult extends Latency {
+  items_per_s: number;
+}
+
+async function measure(t: Target, o: Options): Promise<PhaseResult> {
+  await throughput(t, o.warmup, o.window);
+  const itemsPerS = await throughput(t, o.items, o.window);
+  await throughput(t, Math.min(o.warmup, 200), o.window); // let queues settle
+  const lat = await latency(t, o.rate, o.durationS);
+  return { items_per_s: Math.round(itemsPerS), ...lat };
+}
+
+// ---------------------------------------------------------------- (a) bare pipeline
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+async function bare(nc: NatsConnection, server: NatsServer, o: Options): Promise<PhaseResult> {
+  const jsm = await jetstreamManager(nc);
+  const js = jetstream(nc);
+  await jsm.streams.add({
+    name: BARE_STREAM,
+    subjects: ["bench.>"],
+    retention: RetentionPolicy.Limits,
+    storage: StorageType.File,
+  });
+  const stages: Proc[] = [];
+  try {
+    for (let s = 1; s <= BARE_STAGES; s++) {
+      await jsm.consumers.add(BARE_STREAM, {
+        durable_name: `bare${s}`,
+        filter_subject: `bench.s${s}`,
+        ack_policy: AckPolicy.Explicit,
+        deliver_policy: DeliverPolicy.All,
+      });
+      const next = s === BARE_STAGES ? BARE_FINAL : `bench.s${s + 1}`;
+      stages.push(spawn(`bare${s}`, [
+        "run",
+        "--no-prompt",
+        `--allow-net=127.0.0.1:${server.port}`,
+        "bench/bare_stage.ts",
+        server.url,
+        BARE_STREAM,
+        `bare${s}`,
+        next,
+      ]));
+    }
+    // The id is a fixed-width prefix, so the final subscriber reads it without parsing JSON.
+    let seq = 0;
+    const target: Target = {
+      name: "bare",
+      tracker: new Tracker(),
+      async submit(i) {
+        const id = String(seq++).padStart(10, "0");
+        const body = `{"id":"${id}","text":${JSON.stringify(TEXTS[i % TEXTS.length])}}`;
+        await js.publish("bench.s1", encoder.encode(body));
+        return id;
+      },
+    };
+    const sub = nc.subscribe(BARE_FINAL, {
+      callback: (_err, m) =>
+        target.tracker.final(decoder.decode(m.data.subarray(7, 17)), performance.now()),
+    });
+    try {
+      return await measure(target, o);
+    } finally {
+      sub.unsubscribe();
+    }
+  } finally {
+    await Promise.all(stages.map((p) => stopProc(p)));
+    await jsm.streams.delete(BARE_STREAM).catch(() => {});
+  }
+}
+
+// ---------------------------------------------------------------- (b) Weft
+
+async function waitForConsumers(jsm: JetStreamManager, names: string[]) {
+  const ready = (async () => {
+    for (const name of names) {
+      while (true) {
+        try {
+          await jsm.consumers.info(FEEDBACK_STREAM, name);
+          break;
+        } catch {
+          await sleep(50);
+        }
+      }
+    }
+  })();
+  await within(ready, 60_000, `consumers ${names.join(", ")}`);
+}
+
+/** Waits for the state writer to catch up, then counts the bucket's entries by status. */
+async function stateCounts(
+  nc: NatsConnection,
+  jsm: JetStreamManager,
+): Promise<Record<string, number>> {
+  const caughtUp = (async () => {
+    while (true) {
+      const info = await jsm.consumers.info(FEEDBACK_STREAM, STATE_WRITER);
+      if (info.num_pending === 0 && info.num_ack_pending === 0) return;
+      await sleep(100);
+    }
+  })();
+  await within(caughtUp, 120_000, "state writer catching up");
+  const stream = `KV_${STATE_BUCKET}`;
+  const entries = (await jsm.streams.info(stream)).state.messages;
+  const counts: Record<string, number> = {};
+  if (entries === 0) return counts;
+  const js: JetStreamClient = jetstream(nc);
+  const oc = await js.consumers.get(stream, { deliver_policy: DeliverPolicy.LastPerSubject });
+  const it = await oc.consume();
+  const read = (async () => {
+    for await (const m of it) {
+      const status = m.data.length === 0 ? "deleted" : m.json<FeedbackState>().status;
+      counts[status] = (counts[status] ?? 0) + 1;
+      if (m.info.pending === 0) break;
+    }
+  })();
+  try {
+    await within(read, 60_000, "reading the state bucket");
+  } finally {
+    await it.close();
+  }
+  return counts;
+}
+
+async function weft(
+  nc: NatsConnection,
+  server: NatsServer,
+  o: Options,
+): Promise<PhaseResult & { state_processed: number; state_expected: number }> {
+  const config = loadConfig({
+    env: (name) => name === "NATS_URL" ? server.url : Deno.env.get(name),
+    args: [],
+  });
+  const jsm = await jetstreamManager(nc);
+  await ensureTopology(nc, jsm, config);
+  const services: Proc[] = [];
+  try {
+    for (const spec of SERVICES.filter((s) => WEFT_SERVICES.includes(s.name))) {
+      services.push(spawn(spec.name, serviceArgs(spec, config), { NATS_URL: server.url }));
+    }
+    await waitForConsumers(jsm, WEFT_SERVICES);
+    const intake = await createIntake(nc);
+    let submitted = 0;
+    const target: Target = {
+      name: "weft",
+      tracker: new Tracker(),
+      async submit(i) {
+        submitted++;
+        return (await intake.submit({ text: TEXTS[i % TEXTS.length]!, channel: "bench" })).body.id;
+      },
+    };
+    const prefix = `${FeedbackEventType.Processed}.`;
+    const sub = nc.subscribe(`${prefix}*`, {
+      callback: (_err, m) =>
+        target.tracker.final(m.subject.slice(prefix.length), performance.now()),
+    });
+    try {
+      const result = await measure(target, o);
+      const counts = await stateCounts(nc, jsm);
+      return { ...result, state_processed: counts.processed ?? 0, state_expected: submitted };
+    } finally {
+      sub.unsubscribe();
+    }
+  } finally {
+    await Promise.all(services.map((p) => stopProc(p)));
+  }
+}
+
+// ---------------------------------------------------------------- main
+
+function loadAvg(): string {
+  try {
+    return Deno.loadavg().map((x) => x.toFixed(2)).join(" ");
+  } catch {
+    return "unknown";
+  }
+}
+
+async function main() {
+  const o = options();
+  const out: Record<string, unknown> = {};
+  const print = (key: string, value: unknown) => {
+    out[key] = value;
+    Deno.stdout.writeSync(encoder.encode(`${key} ${value}\n`));
+  };
+  let server: NatsServer | undefined;
+  let nc: NatsConnection | undefined;
+  const cleanup = async () => {
+    await Promise.all([...procs].map((p) => stopProc(p, "SIGKILL")));
+    await nc?.close().catch(() => {});
+    await server?.[Symbol.asyncDispose]();
+  };
+  const onSignal = async () => {
+    Deno.stderr.writeSync(encoder.encode("interrupted: stopping everything the bench started\n"));
+    await cleanup();
+    Deno.exit(130);
+  };
+  Deno.addSignalListener("SIGINT", onSignal);
+  Deno.addSignalListener("SIGTERM", onSignal);
+  try {
+    server = await startNatsServer();
+    nc = await connectNats(server.url, "weft-bench");
+    print("config.items", o.items);
+    print("config.window", o.window);
+    print("config.rate_per_s", o.rate);
+    print("config.duration_s", o.durationS);
+    print("load_avg.start", loadAvg());
+    const a = await bare(nc, server, o);
+    for (const [k, v] of Object.entries(a)) print(`bare.${k}`, v);
+    const b = await weft(nc, server, o);
+    print("weft.feed_path", "createIntake(nc).submit() (the gateway intake code, no HTTP)");
+    for (const [k, v] of Object.entries(b)) print(`weft.${k}`, v);
+    const ratio = Math.round((b.items_per_s / a.items_per_s) * 100) / 100;
+    print("ratio", ratio);
+    print("load_avg.end", loadAvg());
+    const met = (ok: boolean) => (ok ? "met" : "NOT_met");
+    print(`target.ratio_ge_${TARGET_RATIO}`, met(ratio >= TARGET_RATIO));
+    print(`target.weft_p99_le_${TARGET_P99_MS}ms`, met(b.p99_ms <= TARGET_P99_MS));
+    print("target.state_all_processed", met(b.state_processed === b.state_expected));
+    if (o.json) await Deno.writeTextFile(o.json, JSON.stringify(out, null, 2) + "\n");
+  } finally {
+    await cleanup();
+    Deno.removeSignalListener("SIGINT", onSignal);
+    Deno.removeSignalListener("SIGTERM", onSignal);
+  }
+}
+
+if (import.meta.main) await main();
