@@ -245,9 +245,15 @@ interface Target {
   submit(i: number): Promise<string>;
   /** Receives final events; routes them to the current tracker. */
   tracker: Tracker;
+  /** Resolves when work off the item's path (e.g. the state writer) has caught up too. */
+  drained(): Promise<void>;
 }
 
-async function throughput(t: Target, n: number, window: number): Promise<number> {
+async function throughput(
+  t: Target,
+  n: number,
+  window: number,
+): Promise<{ itemsPerS: number; drainedPerS: number }> {
   t.tracker = new Tracker();
   const tracker = t.tracker;
   const run = (async () => {
@@ -265,9 +271,18 @@ async function throughput(t: Target, n: number, window: number): Promise<number>
     }
     tracker.expect(n);
     await tracker.all;
+    await t.drained();
+    return performance.now();
   })();
-  await within(run, 120_000 + n * 10, `${t.name}: ${n} items (${tracker.count} done)`);
-  return n / ((tracker.lastFinal - tracker.firstSent) / 1000);
+  const drainedAt = await within(
+    run,
+    120_000 + n * 10,
+    `${t.name}: ${n} items (${tracker.count} done)`,
+  );
+  return {
+    itemsPerS: n / ((tracker.lastFinal - tracker.firstSent) / 1000),
+    drainedPerS: n / ((drainedAt - tracker.firstSent) / 1000),
+  };
 }
 
 interface Latency {
@@ -315,15 +330,33 @@ async function latency(t: Target, rate: number, durationS: number): Promise<Late
 }
 
 interface PhaseResult extends Latency {
+  /** From the first submission to the last final event. */
   items_per_s: number;
+  /** The same, up to when every consumer (the state writer too) had caught up. */
+  items_per_s_drained: number;
 }
 
 async function measure(t: Target, o: Options): Promise<PhaseResult> {
   await throughput(t, o.warmup, o.window);
-  const itemsPerS = await throughput(t, o.items, o.window);
+  const { itemsPerS, drainedPerS } = await throughput(t, o.items, o.window);
   await throughput(t, Math.min(o.warmup, 200), o.window); // let queues settle
   const lat = await latency(t, o.rate, o.durationS);
-  return { items_per_s: Math.round(itemsPerS), ...lat };
+  return {
+    items_per_s: Math.round(itemsPerS),
+    items_per_s_drained: Math.round(drainedPerS),
+    ...lat,
+  };
+}
+
+/** Resolves once none of `consumers` has pending or unacknowledged messages. */
+async function consumersDrained(jsm: JetStreamManager, stream: string, consumers: string[]) {
+  for (const name of consumers) {
+    while (true) {
+      const info = await jsm.consumers.info(stream, name);
+      if (info.num_pending === 0 && info.num_ack_pending === 0) break;
+      await sleep(10);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- (a) bare pipeline
@@ -363,9 +396,11 @@ async function bare(nc: NatsConnection, server: NatsServer, o: Options): Promise
     }
     // The id is a fixed-width prefix, so the final subscriber reads it without parsing JSON.
     let seq = 0;
+    const consumers = stages.map((p) => p.name);
     const target: Target = {
       name: "bare",
       tracker: new Tracker(),
+      drained: () => consumersDrained(jsm, BARE_STREAM, consumers),
       async submit(i) {
         const id = String(seq++).padStart(10, "0");
         const body = `{"id":"${id}","text":${JSON.stringify(TEXTS[i % TEXTS.length])}}`;
@@ -411,14 +446,7 @@ async function stateCounts(
   nc: NatsConnection,
   jsm: JetStreamManager,
 ): Promise<Record<string, number>> {
-  const caughtUp = (async () => {
-    while (true) {
-      const info = await jsm.consumers.info(FEEDBACK_STREAM, STATE_WRITER);
-      if (info.num_pending === 0 && info.num_ack_pending === 0) return;
-      await sleep(100);
-    }
-  })();
-  await within(caughtUp, 120_000, "state writer catching up");
+  await within(consumersDrained(jsm, FEEDBACK_STREAM, [STATE_WRITER]), 120_000, "state writer");
   const stream = `KV_${STATE_BUCKET}`;
   const entries = (await jsm.streams.info(stream)).state.messages;
   const counts: Record<string, number> = {};
@@ -465,6 +493,7 @@ async function weft(nc: NatsConnection, server: NatsServer, o: Options): Promise
     const target: Target = {
       name: "weft",
       tracker: new Tracker(),
+      drained: () => consumersDrained(jsm, FEEDBACK_STREAM, WEFT_SERVICES),
       async submit(i) {
         submitted++;
         return (await intake.submit({ text: TEXTS[i % TEXTS.length]!, channel: "bench" })).body.id;
