@@ -336,16 +336,28 @@ interface PhaseResult extends Latency {
   items_per_s_drained: number;
 }
 
-async function measure(t: Target, o: Options): Promise<PhaseResult> {
-  await throughput(t, o.warmup, o.window);
-  const { itemsPerS, drainedPerS } = await throughput(t, o.items, o.window);
-  await throughput(t, Math.min(o.warmup, 200), o.window); // let queues settle
-  const lat = await latency(t, o.rate, o.durationS);
-  return {
-    items_per_s: Math.round(itemsPerS),
-    items_per_s_drained: Math.round(drainedPerS),
-    ...lat,
-  };
+/** A pipeline set up and ready, and how to take it down. */
+interface Side {
+  target: Target;
+  close(): Promise<void>;
+}
+
+/**
+ * Measures every side phase by phase, alternating between them, so that load from other
+ * processes on the machine falls on both alike rather than on whichever ran second.
+ */
+async function measure(sides: Side[], o: Options): Promise<PhaseResult[]> {
+  for (const { target } of sides) await throughput(target, o.warmup, o.window);
+  const tp: { itemsPerS: number; drainedPerS: number }[] = [];
+  for (const { target } of sides) tp.push(await throughput(target, o.items, o.window));
+  for (const { target } of sides) await throughput(target, Math.min(o.warmup, 200), o.window);
+  const lat: Latency[] = [];
+  for (const { target } of sides) lat.push(await latency(target, o.rate, o.durationS));
+  return sides.map((_, i) => ({
+    items_per_s: Math.round(tp[i]!.itemsPerS),
+    items_per_s_drained: Math.round(tp[i]!.drainedPerS),
+    ...lat[i]!,
+  }));
 }
 
 /** Resolves once none of `consumers` has pending or unacknowledged messages. */
@@ -364,7 +376,7 @@ async function consumersDrained(jsm: JetStreamManager, stream: string, consumers
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-async function bare(nc: NatsConnection, server: NatsServer, o: Options): Promise<PhaseResult> {
+async function startBare(nc: NatsConnection, server: NatsServer): Promise<Side> {
   const jsm = await jetstreamManager(nc);
   const js = jetstream(nc);
   await jsm.streams.add({
@@ -374,53 +386,51 @@ async function bare(nc: NatsConnection, server: NatsServer, o: Options): Promise
     storage: StorageType.File,
   });
   const stages: Proc[] = [];
-  try {
-    for (let s = 1; s <= BARE_STAGES; s++) {
-      await jsm.consumers.add(BARE_STREAM, {
-        durable_name: `bare${s}`,
-        filter_subject: `bench.s${s}`,
-        ack_policy: AckPolicy.Explicit,
-        deliver_policy: DeliverPolicy.All,
-      });
-      const next = s === BARE_STAGES ? BARE_FINAL : `bench.s${s + 1}`;
-      stages.push(spawn(`bare${s}`, [
-        "run",
-        "--no-prompt",
-        `--allow-net=127.0.0.1:${server.port}`,
-        "bench/bare_stage.ts",
-        server.url,
-        BARE_STREAM,
-        `bare${s}`,
-        next,
-      ]));
-    }
-    // The id is a fixed-width prefix, so the final subscriber reads it without parsing JSON.
-    let seq = 0;
-    const consumers = stages.map((p) => p.name);
-    const target: Target = {
-      name: "bare",
-      tracker: new Tracker(),
-      drained: () => consumersDrained(jsm, BARE_STREAM, consumers),
-      async submit(i) {
-        const id = String(seq++).padStart(10, "0");
-        const body = `{"id":"${id}","text":${JSON.stringify(TEXTS[i % TEXTS.length])}}`;
-        await js.publish("bench.s1", encoder.encode(body));
-        return id;
-      },
-    };
-    const sub = nc.subscribe(BARE_FINAL, {
-      callback: (_err, m) =>
-        target.tracker.final(decoder.decode(m.data.subarray(7, 17)), performance.now()),
+  for (let s = 1; s <= BARE_STAGES; s++) {
+    await jsm.consumers.add(BARE_STREAM, {
+      durable_name: `bare${s}`,
+      filter_subject: `bench.s${s}`,
+      ack_policy: AckPolicy.Explicit,
+      deliver_policy: DeliverPolicy.All,
     });
-    try {
-      return await measure(target, o);
-    } finally {
-      sub.unsubscribe();
-    }
-  } finally {
-    await Promise.all(stages.map((p) => stopProc(p)));
-    await jsm.streams.delete(BARE_STREAM).catch(() => {});
+    const next = s === BARE_STAGES ? BARE_FINAL : `bench.s${s + 1}`;
+    stages.push(spawn(`bare${s}`, [
+      "run",
+      "--no-prompt",
+      `--allow-net=127.0.0.1:${server.port}`,
+      "bench/bare_stage.ts",
+      server.url,
+      BARE_STREAM,
+      `bare${s}`,
+      next,
+    ]));
   }
+  // The id is a fixed-width prefix, so the final subscriber reads it without parsing JSON.
+  let seq = 0;
+  const consumers = stages.map((p) => p.name);
+  const target: Target = {
+    name: "bare",
+    tracker: new Tracker(),
+    drained: () => consumersDrained(jsm, BARE_STREAM, consumers),
+    async submit(i) {
+      const id = String(seq++).padStart(10, "0");
+      const body = `{"id":"${id}","text":${JSON.stringify(TEXTS[i % TEXTS.length])}}`;
+      await js.publish("bench.s1", encoder.encode(body));
+      return id;
+    },
+  };
+  const sub = nc.subscribe(BARE_FINAL, {
+    callback: (_err, m) =>
+      target.tracker.final(decoder.decode(m.data.subarray(7, 17)), performance.now()),
+  });
+  return {
+    target,
+    async close() {
+      sub.unsubscribe();
+      await Promise.all(stages.map((p) => stopProc(p)));
+      await jsm.streams.delete(BARE_STREAM).catch(() => {});
+    },
+  };
 }
 
 // ---------------------------------------------------------------- (b) Weft
@@ -469,13 +479,12 @@ async function stateCounts(
   return counts;
 }
 
-type WeftResult = PhaseResult & {
-  state_processed: number;
-  state_expected: number;
-  service_stats?: string;
-};
+interface WeftSide extends Side {
+  /** Waits for the state writer, counts the bucket, stops the services: the extra figures. */
+  finish(): Promise<{ state_processed: number; state_expected: number; service_stats: string }>;
+}
 
-async function weft(nc: NatsConnection, server: NatsServer, o: Options): Promise<WeftResult> {
+async function startWeft(nc: NatsConnection, server: NatsServer): Promise<WeftSide> {
   const config = loadConfig({
     env: (name) => name === "NATS_URL" ? server.url : Deno.env.get(name),
     args: [],
@@ -483,41 +492,42 @@ async function weft(nc: NatsConnection, server: NatsServer, o: Options): Promise
   const jsm = await jetstreamManager(nc);
   await ensureTopology(nc, jsm, config);
   const services: Proc[] = [];
-  try {
-    for (const spec of SERVICES.filter((s) => WEFT_SERVICES.includes(s.name))) {
-      services.push(spawn(spec.name, serviceArgs(spec, config), { NATS_URL: server.url }));
-    }
-    await waitForConsumers(jsm, WEFT_SERVICES);
-    const intake = await createIntake(nc);
-    let submitted = 0;
-    const target: Target = {
-      name: "weft",
-      tracker: new Tracker(),
-      drained: () => consumersDrained(jsm, FEEDBACK_STREAM, WEFT_SERVICES),
-      async submit(i) {
-        submitted++;
-        return (await intake.submit({ text: TEXTS[i % TEXTS.length]!, channel: "bench" })).body.id;
-      },
-    };
-    const prefix = `${FeedbackEventType.Processed}.`;
-    const sub = nc.subscribe(`${prefix}*`, {
-      callback: (_err, m) =>
-        target.tracker.final(m.subject.slice(prefix.length), performance.now()),
-    });
-    let result: WeftResult;
-    try {
-      const measured = await measure(target, o);
-      const counts = await stateCounts(nc, jsm);
-      result = { ...measured, state_processed: counts.processed ?? 0, state_expected: submitted };
-    } finally {
-      sub.unsubscribe();
-    }
-    await Promise.all(services.map((p) => stopProc(p)));
-    result.service_stats = serviceStats(services);
-    return result;
-  } finally {
-    await Promise.all(services.map((p) => stopProc(p)));
+  for (const spec of SERVICES.filter((s) => WEFT_SERVICES.includes(s.name))) {
+    services.push(spawn(spec.name, serviceArgs(spec, config), { NATS_URL: server.url }));
   }
+  await waitForConsumers(jsm, WEFT_SERVICES);
+  const intake = await createIntake(nc);
+  let submitted = 0;
+  const target: Target = {
+    name: "weft",
+    tracker: new Tracker(),
+    drained: () => consumersDrained(jsm, FEEDBACK_STREAM, WEFT_SERVICES),
+    async submit(i) {
+      submitted++;
+      return (await intake.submit({ text: TEXTS[i % TEXTS.length]!, channel: "bench" })).body.id;
+    },
+  };
+  const prefix = `${FeedbackEventType.Processed}.`;
+  const sub = nc.subscribe(`${prefix}*`, {
+    callback: (_err, m) => target.tracker.final(m.subject.slice(prefix.length), performance.now()),
+  });
+  const close = async () => {
+    sub.unsubscribe();
+    await Promise.all(services.map((p) => stopProc(p)));
+  };
+  return {
+    target,
+    close,
+    async finish() {
+      const counts = await stateCounts(nc, jsm);
+      await close();
+      return {
+        state_processed: counts.processed ?? 0,
+        state_expected: submitted,
+        service_stats: serviceStats(services),
+      };
+    },
+  };
 }
 
 /** The counters each service logs when it stops (retries, dead letters, state writes). */
@@ -555,7 +565,9 @@ async function main() {
   };
   let server: NatsServer | undefined;
   let nc: NatsConnection | undefined;
+  const closers: (() => Promise<void>)[] = [];
   const cleanup = async () => {
+    for (const close of closers.splice(0)) await close().catch(() => {});
     await Promise.all([...procs].map((p) => stopProc(p, "SIGKILL")));
     await nc?.close().catch(() => {});
     await server?.[Symbol.asyncDispose]();
@@ -575,9 +587,15 @@ async function main() {
     print("config.rate_per_s", o.rate);
     print("config.duration_s", o.durationS);
     print("load_avg.start", loadAvg());
-    const a = o.only === "weft" ? undefined : await bare(nc, server, o);
+    const sides: Side[] = [];
+    if (o.only !== "weft") sides.push(await startBare(nc, server));
+    const w = o.only === "bare" ? undefined : await startWeft(nc, server);
+    if (w) sides.push(w);
+    closers.push(...sides.map((side) => side.close));
+    const results = await measure(sides, o);
+    const a = o.only === "weft" ? undefined : results[0];
+    const b = w ? { ...results.at(-1)!, ...(await w.finish()) } : undefined;
     for (const [k, v] of Object.entries(a ?? {})) print(`bare.${k}`, v);
-    const b = o.only === "bare" ? undefined : await weft(nc, server, o);
     if (b) {
       print("weft.feed_path", "createIntake(nc).submit() (the gateway intake code, no HTTP)");
       for (const [k, v] of Object.entries(b)) print(`weft.${k}`, v);
