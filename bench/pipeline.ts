@@ -17,7 +17,9 @@
  * Prints `key value` lines; `--json FILE` writes the same figures as JSON.
  *
  * Flags: --items N (20000), --warmup N (1000), --window N (256 in flight), --rate N
- * (1000 items/s), --duration S (10), --quick (3000 items, 300 warm-up, 3 s), --json FILE.
+ * (1000 items/s), --duration S (10), --rounds N (3; figures are medians over rounds),
+ * --quick (3000 items, 300 warm-up, 3 s, 1 round), --only bare|weft (profiling),
+ * --json FILE.
  * Environment: WEFT_* settings (e.g. WEFT_CONCURRENCY) reach the Weft services.
  *
  * @module
@@ -72,6 +74,8 @@ interface Options {
   json?: string;
   /** Run one side only (for profiling); no ratio then. */
   only?: "bare" | "weft";
+  /** Throughput and latency runs per side, alternating; figures are medians. */
+  rounds: number;
 }
 
 function options(): Options {
@@ -86,6 +90,7 @@ function options(): Options {
       quick: { type: "boolean" },
       json: { type: "string" },
       only: { type: "string" },
+      rounds: { type: "string" },
     },
   });
   if (values.only !== undefined && values.only !== "bare" && values.only !== "weft") {
@@ -106,6 +111,7 @@ function options(): Options {
     durationS: num(values.duration, quick ? 3 : 10, "duration"),
     json: values.json,
     only: values.only as Options["only"],
+    rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
   };
 }
 
@@ -334,6 +340,9 @@ interface PhaseResult extends Latency {
   items_per_s: number;
   /** The same, up to when every consumer (the state writer too) had caught up. */
   items_per_s_drained: number;
+  /** Each round's figure; the others are medians over rounds. */
+  rounds_items_per_s: string;
+  rounds_p99_ms: string;
 }
 
 /** A pipeline set up and ready, and how to take it down. */
@@ -348,16 +357,33 @@ interface Side {
  */
 async function measure(sides: Side[], o: Options): Promise<PhaseResult[]> {
   for (const { target } of sides) await throughput(target, o.warmup, o.window);
-  const tp: { itemsPerS: number; drainedPerS: number }[] = [];
-  for (const { target } of sides) tp.push(await throughput(target, o.items, o.window));
-  for (const { target } of sides) await throughput(target, Math.min(o.warmup, 200), o.window);
-  const lat: Latency[] = [];
-  for (const { target } of sides) lat.push(await latency(target, o.rate, o.durationS));
-  return sides.map((_, i) => ({
-    items_per_s: Math.round(tp[i]!.itemsPerS),
-    items_per_s_drained: Math.round(tp[i]!.drainedPerS),
-    ...lat[i]!,
-  }));
+  const tp = sides.map(() => [] as { itemsPerS: number; drainedPerS: number }[]);
+  const lat = sides.map(() => [] as Latency[]);
+  for (let r = 0; r < o.rounds; r++) {
+    for (const [i, { target }] of sides.entries()) {
+      tp[i]!.push(await throughput(target, o.items, o.window));
+    }
+    for (const { target } of sides) await throughput(target, Math.min(o.warmup, 200), o.window);
+    for (const [i, { target }] of sides.entries()) {
+      lat[i]!.push(await latency(target, o.rate, o.durationS));
+    }
+  }
+  const med = (xs: number[]) => xs.toSorted((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  return sides.map((_, i) => {
+    const l = lat[i]!;
+    const pick = (k: keyof Latency) => med(l.map((x) => x[k]));
+    return {
+      items_per_s: Math.round(med(tp[i]!.map((x) => x.itemsPerS))),
+      items_per_s_drained: Math.round(med(tp[i]!.map((x) => x.drainedPerS))),
+      offered_per_s: pick("offered_per_s"),
+      p50_ms: pick("p50_ms"),
+      p90_ms: pick("p90_ms"),
+      p99_ms: pick("p99_ms"),
+      max_ms: pick("max_ms"),
+      rounds_items_per_s: tp[i]!.map((x) => Math.round(x.itemsPerS)).join(","),
+      rounds_p99_ms: l.map((x) => x.p99_ms).join(","),
+    };
+  });
 }
 
 /** Resolves once none of `consumers` has pending or unacknowledged messages. */
@@ -586,6 +612,7 @@ async function main() {
     print("config.window", o.window);
     print("config.rate_per_s", o.rate);
     print("config.duration_s", o.durationS);
+    print("config.rounds", o.rounds);
     print("load_avg.start", loadAvg());
     const sides: Side[] = [];
     if (o.only !== "weft") sides.push(await startBare(nc, server));
