@@ -646,4 +646,12 @@ async function main() {
   }
 }
 
-if (import.meta.main) await main();
+if (import.meta.main) {
+  try {
+    await main();
+  } catch (err) {
+    // Everything was stopped by main's cleanup; say why the run failed, plainly.
+    Deno.stderr.writeSync(encoder.encode(`bench failed: ${(err as Error)?.stack ?? err}\n`));
+    Deno.exit(1);
+  }
+}
