@@ -345,6 +345,11 @@ interface PhaseResult extends Latency {
   rounds_p99_ms: string;
 }
 
+/** A progress line on stderr, so stdout keeps only the figures. */
+function progress(line: string) {
+  Deno.stderr.writeSync(new TextEncoder().encode(`# ${line}\n`));
+}
+
 /** A pipeline set up and ready, and how to take it down. */
 interface Side {
   target: Target;
@@ -362,10 +367,12 @@ async function measure(sides: Side[], o: Options): Promise<PhaseResult[]> {
   for (let r = 0; r < o.rounds; r++) {
     for (const [i, { target }] of sides.entries()) {
       tp[i]!.push(await throughput(target, o.items, o.window));
+      progress(`round ${r + 1} ${target.name} items/s ${Math.round(tp[i]!.at(-1)!.itemsPerS)}`);
     }
     for (const { target } of sides) await throughput(target, Math.min(o.warmup, 200), o.window);
     for (const [i, { target }] of sides.entries()) {
       lat[i]!.push(await latency(target, o.rate, o.durationS));
+      progress(`round ${r + 1} ${target.name} p99_ms ${lat[i]!.at(-1)!.p99_ms}`);
     }
   }
   const med = (xs: number[]) => xs.toSorted((a, b) => a - b)[Math.floor(xs.length / 2)]!;
