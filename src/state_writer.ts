@@ -76,6 +76,14 @@ export interface StateWriter {
   readonly done: Promise<void>;
 }
 
+/** An item's events not written yet, and since when (ms, `performance.now()`). */
+interface Held {
+  msgs: JsMsg[];
+  events: { event: AnyEvent; seq: number }[];
+  since: number;
+  final: boolean;
+}
+
 interface Cached<S> {
   state: S;
   revision: number;
@@ -179,20 +187,37 @@ export async function runStateWriter<S = FeedbackState>(opts: {
     throw new Error(`state of ${id} kept changing under the writer`);
   }
 
-  async function flush(batch: JsMsg[]) {
+  // An item's events usually arrive within a few ms of each other. Writing once per batch
+  // would still split most items over two or three batches, so an item whose last event
+  // is not final is held until it is, or until its oldest unwritten event is
+  // `stateFlushMs` old: mostly one write per item, state never staler than the setting.
+  const held = new Map<string, Held>();
+  let closing = false;
+
+  /** ms until the earliest held item is due; undefined when none is held. */
+  function nextDue(now: number): number | undefined {
+    let since = Infinity;
+    for (const h of held.values()) if (h.since < since) since = h.since;
+    return since === Infinity ? undefined : Math.max(0, since + config.stateFlushMs - now);
+  }
+
+  async function flush(batch: { m: JsMsg; at: number }[]) {
     stats.batches++;
-    const byItem = new Map<string, { msgs: JsMsg[]; events: { event: AnyEvent; seq: number }[] }>();
-    for (const m of batch) {
+    for (const { m, at } of batch) {
       stats.events++;
       metrics?.received.inc({ stage: spec.durable });
       let raw: unknown;
       try {
         raw = decodeJson(m.data);
         const event = validateEvent(raw, spec.eventTypes);
-        const group = byItem.get(event.item_id) ?? { msgs: [], events: [] };
+        let group = held.get(event.item_id);
+        if (!group) {
+          held.set(event.item_id, group = { msgs: [], events: [], since: at, final: false });
+        }
         group.msgs.push(m);
         group.events.push({ event, seq: m.seq });
-        byItem.set(event.item_id, group);
+        // An event that alone makes a state final is the item's last one.
+        if (!group.final) group.final = spec.isFinal(spec.apply(undefined, event, m.seq));
       } catch (err) {
         // A poison event: the stage that consumes it dead-letters it with the item's
         // failure; here it is only kept, so the state writer is not stuck on it.
@@ -208,7 +233,12 @@ export async function runStateWriter<S = FeedbackState>(opts: {
           .catch(() => m.nak(1000));
       }
     }
-    await Promise.all([...byItem].map(async ([id, group]) => {
+    const now = performance.now();
+    const due = [...held].filter(([, h]) =>
+      closing || h.final || now - h.since >= config.stateFlushMs
+    );
+    for (const [id] of due) held.delete(id);
+    await Promise.all(due.map(async ([id, group]) => {
       try {
         await writeItem(id, group.events);
         for (const m of group.msgs) m.ack();
@@ -225,7 +255,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
   }
 
   const done = (async () => {
-    let batch: JsMsg[] = [];
+    let batch: { m: JsMsg; at: number }[] = [];
     let timer: ReturnType<typeof setTimeout> | undefined;
     let flushing: Promise<void> = Promise.resolve();
     const startFlush = () => {
@@ -233,18 +263,23 @@ export async function runStateWriter<S = FeedbackState>(opts: {
       timer = undefined;
       const b = batch;
       batch = [];
-      flushing = flushing.then(() => flush(b));
+      flushing = flushing.then(() => flush(b)).then(() => {
+        // Held items are due at their deadline even when no message comes in between.
+        const wait = nextDue(performance.now());
+        if (wait !== undefined && timer === undefined) timer = setTimeout(startFlush, wait);
+      });
     };
     for await (const m of messages) {
-      batch.push(m);
+      batch.push({ m, at: performance.now() });
       if (batch.length >= 500) startFlush();
       else if (timer === undefined) timer = setTimeout(startFlush, config.stateFlushMs);
       // Backpressure: never run more than one batch ahead of the writes.
       if (batch.length === 0) await flushing;
     }
-    if (batch.length > 0) startFlush();
-    if (timer !== undefined) clearTimeout(timer);
+    closing = true; // write everything held before stopping
+    startFlush();
     await flushing;
+    if (timer !== undefined) clearTimeout(timer);
   })();
 
   log.info("state writer started", { bucket: spec.bucket, flush_ms: config.stateFlushMs });

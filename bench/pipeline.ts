@@ -1,0 +1,664 @@
+/**
+ * `deno task bench`: Weft's end-to-end throughput and latency against a bare JetStream
+ * pipeline, in the same run on the same nats-server.
+ *
+ * (a) bare: four `bench/bare_stage.ts` processes, each a durable pull consumer with
+ *     explicit acks forwarding every message to the next subject with a publish ack
+ *     (bench.s1 -> bench.s2 -> bench.s3 -> bench.s4 -> bench.done, stream BENCH).
+ * (b) weft: the real services (state, sentiment, topics, dispatch) as separate processes
+ *     started with the supervisor's arguments, fed through the gateway's own intake code
+ *     (`createIntake(nc).submit()`, what POST /feedback calls, without HTTP), measured up
+ *     to each item's `feedback.processed.<id>` event; afterwards every item's entry in the
+ *     state bucket must say `processed`.
+ *
+ * For each: items/s pushing N items with a bounded number of submissions in flight, then
+ * latency at an offered load paced by the clock (not by completions) for a fixed time,
+ * measured from each item's scheduled send time, so a stalled sender cannot hide delay.
+ * Prints `key value` lines; `--json FILE` writes the same figures as JSON.
+ *
+ * Flags: --items N (20000), --warmup N (1000), --window N (256 in flight), --rate N
+ * (1000 items/s), --duration S (10), --rounds N (3; figures are medians over rounds),
+ * --quick (3000 items, 300 warm-up, 3 s, 1 round), --only bare|weft (profiling),
+ * --json FILE.
+ * Environment: WEFT_* settings (e.g. WEFT_CONCURRENCY) reach the Weft services.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import type { NatsConnection } from "@nats-io/nats-core";
+import {
+  AckPolicy,
+  DeliverPolicy,
+  jetstream,
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstreamManager,
+  RetentionPolicy,
+  StorageType,
+} from "@nats-io/jetstream";
+import { loadConfig } from "../src/config.ts";
+import { connectNats } from "../src/nats.ts";
+import { type NatsServer, startNatsServer } from "../src/nats_server.ts";
+import { createIntake } from "../src/gateway/intake.ts";
+import { serviceArgs, SERVICES } from "../src/supervisor.ts";
+import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "../src/subjects.ts";
+import { STATE_WRITER } from "../src/state_writer.ts";
+import { ensureTopology } from "../src/topology.ts";
+import type { FeedbackState } from "../src/events.gen.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+const BARE_STREAM = "BENCH";
+const BARE_STAGES = 4;
+const BARE_FINAL = "bench.done";
+const WEFT_SERVICES = ["state", "sentiment", "topics", "dispatch"];
+const TARGET_RATIO = 0.7;
+const TARGET_P99_MS = 50;
+
+const TEXTS = [
+  "The checkout keeps failing with a card error, this is really frustrating",
+  "Love the new dashboard, it is fast and the charts are great",
+  "Shipping took two weeks and nobody answered my emails",
+  "The app crashes every time I open settings on Android",
+  "Pricing is fair but the invoice layout is confusing",
+  "Support resolved my login problem in minutes, thank you!",
+  "Search results are slow and often irrelevant",
+  "Please add dark mode, my eyes hurt at night",
+];
+
+interface Options {
+  items: number;
+  warmup: number;
+  window: number;
+  rate: number;
+  durationS: number;
+  json?: string;
+  /** Run one side only (for profiling); no ratio then. */
+  only?: "bare" | "weft";
+  /** Throughput and latency runs per side, alternating; figures are medians. */
+  rounds: number;
+}
+
+function options(): Options {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      items: { type: "string" },
+      warmup: { type: "string" },
+      window: { type: "string" },
+      rate: { type: "string" },
+      duration: { type: "string" },
+      quick: { type: "boolean" },
+      json: { type: "string" },
+      only: { type: "string" },
+      rounds: { type: "string" },
+    },
+  });
+  if (values.only !== undefined && values.only !== "bare" && values.only !== "weft") {
+    throw new Error("--only must be bare or weft");
+  }
+  const quick = values.quick === true;
+  const num = (v: string | undefined, d: number, name: string) => {
+    if (v === undefined) return d;
+    const n = Number(v);
+    if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number`);
+    return n;
+  };
+  return {
+    items: Math.floor(num(values.items, quick ? 3000 : 20_000, "items")),
+    warmup: Math.floor(num(values.warmup, quick ? 300 : 1000, "warmup")),
+    window: Math.floor(num(values.window, 256, "window")),
+    rate: num(values.rate, 1000, "rate"),
+    durationS: num(values.duration, quick ? 3 : 10, "duration"),
+    json: values.json,
+    only: values.only as Options["only"],
+    rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
+  };
+}
+
+// ---------------------------------------------------------------- child processes
+
+interface Proc {
+  name: string;
+  child: Deno.ChildProcess;
+  tail: string[];
+  stopping: boolean;
+}
+
+const procs = new Set<Proc>();
+let failure: (err: Error) => void = () => {};
+/** Rejects as soon as a child process dies unexpectedly; every wait races it. */
+const failed = new Promise<never>((_, reject) => (failure = reject));
+failed.catch(() => {});
+
+async function keepTail(stream: ReadableStream<Uint8Array>, tail: string[]) {
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    for (const line of chunk.split("\n")) {
+      if (line.trim() === "") continue;
+      tail.push(line);
+      if (tail.length > 30) tail.shift();
+    }
+  }
+}
+
+function spawn(name: string, args: string[], env: Record<string, string> = {}): Proc {
+  const child = new Deno.Command("deno", {
+    args,
+    cwd: ROOT,
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const p: Proc = { name, child, tail: [], stopping: false };
+  procs.add(p);
+  keepTail(child.stdout, p.tail).catch(() => {});
+  keepTail(child.stderr, p.tail).catch(() => {});
+  child.status.then((s) => {
+    procs.delete(p);
+    if (!p.stopping) {
+      failure(new Error(`${name} exited unexpectedly (${s.code}):\n${p.tail.join("\n")}`));
+    }
+  });
+  return p;
+}
+
+async function stopProc(p: Proc, signal: Deno.Signal = "SIGTERM"): Promise<void> {
+  p.stopping = true;
+  try {
+    p.child.kill(signal);
+  } catch { /* already gone */ }
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const killed = new Promise<void>((r) => {
+    timer = setTimeout(() => {
+      try {
+        p.child.kill("SIGKILL");
+      } catch { /* gone */ }
+      r();
+    }, 15_000);
+  });
+  await Promise.race([p.child.status.then(() => {}), killed]);
+  clearTimeout(timer);
+  await p.child.status;
+}
+
+// ---------------------------------------------------------------- measuring
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Races `p` with a deadline and with any child dying. */
+async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([p, deadline, failed]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Matches final events to submissions (a final event may beat its submit's reply). */
+class Tracker {
+  readonly sentAt = new Map<string, number>();
+  readonly early = new Map<string, number>();
+  readonly latencies: number[] = [];
+  firstSent = Infinity;
+  lastFinal = 0;
+  private done = 0;
+  private expected = Infinity;
+  private resolve: () => void = () => {};
+  readonly all = new Promise<void>((r) => (this.resolve = r));
+
+  sent(id: string, at: number) {
+    if (at < this.firstSent) this.firstSent = at;
+    const t = this.early.get(id);
+    if (t !== undefined) {
+      this.early.delete(id);
+      this.finish(t - at, t);
+    } else this.sentAt.set(id, at);
+  }
+
+  final(id: string, at: number) {
+    const t = this.sentAt.get(id);
+    if (t === undefined) {
+      this.early.set(id, at);
+      return;
+    }
+    this.sentAt.delete(id);
+    this.finish(at - t, at);
+  }
+
+  expect(n: number) {
+    this.expected = n;
+    if (this.done >= n) this.resolve();
+  }
+
+  get count() {
+    return this.done;
+  }
+
+  private finish(latency: number, at: number) {
+    this.latencies.push(latency);
+    if (at > this.lastFinal) this.lastFinal = at;
+    if (++this.done >= this.expected) this.resolve();
+  }
+}
+
+/** A pipeline under test: submits one item, returns its id once accepted. */
+interface Target {
+  name: string;
+  submit(i: number): Promise<string>;
+  /** Receives final events; routes them to the current tracker. */
+  tracker: Tracker;
+  /** Resolves when work off the item's path (e.g. the state writer) has caught up too. */
+  drained(): Promise<void>;
+}
+
+async function throughput(
+  t: Target,
+  n: number,
+  window: number,
+): Promise<{ itemsPerS: number; drainedPerS: number }> {
+  t.tracker = new Tracker();
+  const tracker = t.tracker;
+  const run = (async () => {
+    let inFlight = 0;
+    let wake: (() => void) | undefined;
+    for (let i = 0; i < n; i++) {
+      while (inFlight >= window) await new Promise<void>((r) => (wake = r));
+      inFlight++;
+      const at = performance.now();
+      t.submit(i).then((id) => {
+        tracker.sent(id, at);
+        inFlight--;
+        wake?.();
+      }, (err) => failure(err));
+    }
+    tracker.expect(n);
+    await tracker.all;
+    await t.drained();
+    return performance.now();
+  })();
+  const drainedAt = await within(
+    run,
+    120_000 + n * 10,
+    `${t.name}: ${n} items (${tracker.count} done)`,
+  );
+  return {
+    itemsPerS: n / ((tracker.lastFinal - tracker.firstSent) / 1000),
+    drainedPerS: n / ((drainedAt - tracker.firstSent) / 1000),
+  };
+}
+
+interface Latency {
+  offered_per_s: number;
+  p50_ms: number;
+  p90_ms: number;
+  p99_ms: number;
+  max_ms: number;
+}
+
+function percentile(sorted: number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))]!;
+}
+
+async function latency(t: Target, rate: number, durationS: number): Promise<Latency> {
+  t.tracker = new Tracker();
+  const tracker = t.tracker;
+  const total = Math.round(rate * durationS);
+  const run = (async () => {
+    const start = performance.now();
+    let sent = 0;
+    while (sent < total) {
+      const due = Math.min(total, Math.floor(((performance.now() - start) * rate) / 1000) + 1);
+      for (; sent < due; sent++) {
+        const scheduled = start + (sent * 1000) / rate;
+        t.submit(sent).then((id) => tracker.sent(id, scheduled), (err) => failure(err));
+      }
+      await sleep(1);
+    }
+    const sendS = (performance.now() - start) / 1000;
+    tracker.expect(total);
+    await tracker.all;
+    return sendS;
+  })();
+  const sendS = await within(run, 60_000 + durationS * 2000, `${t.name}: latency run`);
+  const sorted = tracker.latencies.sort((a, b) => a - b);
+  const round = (x: number) => Math.round(x * 10) / 10;
+  return {
+    offered_per_s: Math.round(total / sendS),
+    p50_ms: round(percentile(sorted, 0.5)),
+    p90_ms: round(percentile(sorted, 0.9)),
+    p99_ms: round(percentile(sorted, 0.99)),
+    max_ms: round(sorted[sorted.length - 1]!),
+  };
+}
+
+interface PhaseResult extends Latency {
+  /** From the first submission to the last final event. */
+  items_per_s: number;
+  /** The same, up to when every consumer (the state writer too) had caught up. */
+  items_per_s_drained: number;
+  /** Each round's figure; the others are medians over rounds. */
+  rounds_items_per_s: string;
+  rounds_p99_ms: string;
+}
+
+/** A progress line on stderr, so stdout keeps only the figures. */
+function progress(line: string) {
+  Deno.stderr.writeSync(new TextEncoder().encode(`# ${line}\n`));
+}
+
+/** A pipeline set up and ready, and how to take it down. */
+interface Side {
+  target: Target;
+  close(): Promise<void>;
+}
+
+/**
+ * Measures every side phase by phase, alternating between them, so that load from other
+ * processes on the machine falls on both alike rather than on whichever ran second.
+ */
+async function measure(sides: Side[], o: Options): Promise<PhaseResult[]> {
+  for (const { target } of sides) await throughput(target, o.warmup, o.window);
+  const tp = sides.map(() => [] as { itemsPerS: number; drainedPerS: number }[]);
+  const lat = sides.map(() => [] as Latency[]);
+  for (let r = 0; r < o.rounds; r++) {
+    for (const [i, { target }] of sides.entries()) {
+      tp[i]!.push(await throughput(target, o.items, o.window));
+      progress(`round ${r + 1} ${target.name} items/s ${Math.round(tp[i]!.at(-1)!.itemsPerS)}`);
+    }
+    for (const { target } of sides) await throughput(target, Math.min(o.warmup, 200), o.window);
+    for (const [i, { target }] of sides.entries()) {
+      lat[i]!.push(await latency(target, o.rate, o.durationS));
+      progress(`round ${r + 1} ${target.name} p99_ms ${lat[i]!.at(-1)!.p99_ms}`);
+    }
+  }
+  const med = (xs: number[]) => xs.toSorted((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  return sides.map((_, i) => {
+    const l = lat[i]!;
+    const pick = (k: keyof Latency) => med(l.map((x) => x[k]));
+    return {
+      items_per_s: Math.round(med(tp[i]!.map((x) => x.itemsPerS))),
+      items_per_s_drained: Math.round(med(tp[i]!.map((x) => x.drainedPerS))),
+      offered_per_s: pick("offered_per_s"),
+      p50_ms: pick("p50_ms"),
+      p90_ms: pick("p90_ms"),
+      p99_ms: pick("p99_ms"),
+      max_ms: pick("max_ms"),
+      rounds_items_per_s: tp[i]!.map((x) => Math.round(x.itemsPerS)).join(","),
+      rounds_p99_ms: l.map((x) => x.p99_ms).join(","),
+    };
+  });
+}
+
+/** Resolves once none of `consumers` has pending or unacknowledged messages. */
+async function consumersDrained(jsm: JetStreamManager, stream: string, consumers: string[]) {
+  for (const name of consumers) {
+    while (true) {
+      const info = await jsm.consumers.info(stream, name);
+      if (info.num_pending === 0 && info.num_ack_pending === 0) break;
+      await sleep(10);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- (a) bare pipeline
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+async function startBare(nc: NatsConnection, server: NatsServer): Promise<Side> {
+  const jsm = await jetstreamManager(nc);
+  const js = jetstream(nc);
+  await jsm.streams.add({
+    name: BARE_STREAM,
+    subjects: ["bench.>"],
+    retention: RetentionPolicy.Limits,
+    storage: StorageType.File,
+  });
+  const stages: Proc[] = [];
+  for (let s = 1; s <= BARE_STAGES; s++) {
+    await jsm.consumers.add(BARE_STREAM, {
+      durable_name: `bare${s}`,
+      filter_subject: `bench.s${s}`,
+      ack_policy: AckPolicy.Explicit,
+      deliver_policy: DeliverPolicy.All,
+    });
+    const next = s === BARE_STAGES ? BARE_FINAL : `bench.s${s + 1}`;
+    stages.push(spawn(`bare${s}`, [
+      "run",
+      "--no-prompt",
+      `--allow-net=127.0.0.1:${server.port}`,
+      "bench/bare_stage.ts",
+      server.url,
+      BARE_STREAM,
+      `bare${s}`,
+      next,
+    ]));
+  }
+  // The id is a fixed-width prefix, so the final subscriber reads it without parsing JSON.
+  let seq = 0;
+  const consumers = stages.map((p) => p.name);
+  const target: Target = {
+    name: "bare",
+    tracker: new Tracker(),
+    drained: () => consumersDrained(jsm, BARE_STREAM, consumers),
+    async submit(i) {
+      const id = String(seq++).padStart(10, "0");
+      const body = `{"id":"${id}","text":${JSON.stringify(TEXTS[i % TEXTS.length])}}`;
+      await js.publish("bench.s1", encoder.encode(body));
+      return id;
+    },
+  };
+  const sub = nc.subscribe(BARE_FINAL, {
+    callback: (_err, m) =>
+      target.tracker.final(decoder.decode(m.data.subarray(7, 17)), performance.now()),
+  });
+  return {
+    target,
+    async close() {
+      sub.unsubscribe();
+      await Promise.all(stages.map((p) => stopProc(p)));
+      await jsm.streams.delete(BARE_STREAM).catch(() => {});
+    },
+  };
+}
+
+// ---------------------------------------------------------------- (b) Weft
+
+async function waitForConsumers(jsm: JetStreamManager, names: string[]) {
+  const ready = (async () => {
+    for (const name of names) {
+      while (true) {
+        try {
+          await jsm.consumers.info(FEEDBACK_STREAM, name);
+          break;
+        } catch {
+          await sleep(50);
+        }
+      }
+    }
+  })();
+  await within(ready, 60_000, `consumers ${names.join(", ")}`);
+}
+
+/** Waits for the state writer to catch up, then counts the bucket's entries by status. */
+async function stateCounts(
+  nc: NatsConnection,
+  jsm: JetStreamManager,
+): Promise<Record<string, number>> {
+  await within(consumersDrained(jsm, FEEDBACK_STREAM, [STATE_WRITER]), 120_000, "state writer");
+  const stream = `KV_${STATE_BUCKET}`;
+  const entries = (await jsm.streams.info(stream)).state.messages;
+  const counts: Record<string, number> = {};
+  if (entries === 0) return counts;
+  const js: JetStreamClient = jetstream(nc);
+  const oc = await js.consumers.get(stream, { deliver_policy: DeliverPolicy.LastPerSubject });
+  const it = await oc.consume();
+  const read = (async () => {
+    for await (const m of it) {
+      const status = m.data.length === 0 ? "deleted" : m.json<FeedbackState>().status;
+      counts[status] = (counts[status] ?? 0) + 1;
+      if (m.info.pending === 0) break;
+    }
+  })();
+  try {
+    await within(read, 60_000, "reading the state bucket");
+  } finally {
+    await it.close();
+  }
+  return counts;
+}
+
+interface WeftSide extends Side {
+  /** Waits for the state writer, counts the bucket, stops the services: the extra figures. */
+  finish(): Promise<{ state_processed: number; state_expected: number; service_stats: string }>;
+}
+
+async function startWeft(nc: NatsConnection, server: NatsServer): Promise<WeftSide> {
+  const config = loadConfig({
+    env: (name) => name === "NATS_URL" ? server.url : Deno.env.get(name),
+    args: [],
+  });
+  const jsm = await jetstreamManager(nc);
+  await ensureTopology(nc, jsm, config);
+  const services: Proc[] = [];
+  for (const spec of SERVICES.filter((s) => WEFT_SERVICES.includes(s.name))) {
+    services.push(spawn(spec.name, serviceArgs(spec, config), { NATS_URL: server.url }));
+  }
+  await waitForConsumers(jsm, WEFT_SERVICES);
+  const intake = await createIntake(nc);
+  let submitted = 0;
+  const target: Target = {
+    name: "weft",
+    tracker: new Tracker(),
+    drained: () => consumersDrained(jsm, FEEDBACK_STREAM, WEFT_SERVICES),
+    async submit(i) {
+      submitted++;
+      return (await intake.submit({ text: TEXTS[i % TEXTS.length]!, channel: "bench" })).body.id;
+    },
+  };
+  const prefix = `${FeedbackEventType.Processed}.`;
+  const sub = nc.subscribe(`${prefix}*`, {
+    callback: (_err, m) => target.tracker.final(m.subject.slice(prefix.length), performance.now()),
+  });
+  const close = async () => {
+    sub.unsubscribe();
+    await Promise.all(services.map((p) => stopProc(p)));
+  };
+  return {
+    target,
+    close,
+    async finish() {
+      const counts = await stateCounts(nc, jsm);
+      await close();
+      return {
+        state_processed: counts.processed ?? 0,
+        state_expected: submitted,
+        service_stats: serviceStats(services),
+      };
+    },
+  };
+}
+
+/** The counters each service logs when it stops (retries, dead letters, state writes). */
+function serviceStats(services: Proc[]): string {
+  const parts: string[] = [];
+  for (const p of services) {
+    for (const line of p.tail) {
+      if (!line.includes('"stage stopped"') && !line.includes('"state writer stopped"')) continue;
+      const f = JSON.parse(line) as Record<string, unknown>;
+      const keys = ["received", "processed", "retried", "deadLettered", "published"]
+        .concat(["events", "writes", "conflicts", "batches"]);
+      const kv = keys.filter((k) => k in f).map((k) => `${k}=${f[k]}`);
+      parts.push(`${p.name}(${kv.join(",")})`);
+    }
+  }
+  return parts.join(" ");
+}
+
+// ---------------------------------------------------------------- main
+
+function loadAvg(): string {
+  try {
+    return Deno.loadavg().map((x) => x.toFixed(2)).join(" ");
+  } catch {
+    return "unknown";
+  }
+}
+
+async function main() {
+  const o = options();
+  const out: Record<string, unknown> = {};
+  const print = (key: string, value: unknown) => {
+    out[key] = value;
+    Deno.stdout.writeSync(encoder.encode(`${key} ${value}\n`));
+  };
+  let server: NatsServer | undefined;
+  let nc: NatsConnection | undefined;
+  const closers: (() => Promise<void>)[] = [];
+  const cleanup = async () => {
+    for (const close of closers.splice(0)) await close().catch(() => {});
+    await Promise.all([...procs].map((p) => stopProc(p, "SIGKILL")));
+    await nc?.close().catch(() => {});
+    await server?.[Symbol.asyncDispose]();
+  };
+  const onSignal = async () => {
+    Deno.stderr.writeSync(encoder.encode("interrupted: stopping everything the bench started\n"));
+    await cleanup();
+    Deno.exit(130);
+  };
+  Deno.addSignalListener("SIGINT", onSignal);
+  Deno.addSignalListener("SIGTERM", onSignal);
+  try {
+    server = await startNatsServer();
+    nc = await connectNats(server.url, "weft-bench");
+    print("config.items", o.items);
+    print("config.window", o.window);
+    print("config.rate_per_s", o.rate);
+    print("config.duration_s", o.durationS);
+    print("config.rounds", o.rounds);
+    print("load_avg.start", loadAvg());
+    const sides: Side[] = [];
+    if (o.only !== "weft") sides.push(await startBare(nc, server));
+    const w = o.only === "bare" ? undefined : await startWeft(nc, server);
+    if (w) sides.push(w);
+    closers.push(...sides.map((side) => side.close));
+    const results = await measure(sides, o);
+    const a = o.only === "weft" ? undefined : results[0];
+    const b = w ? { ...results.at(-1)!, ...(await w.finish()) } : undefined;
+    for (const [k, v] of Object.entries(a ?? {})) print(`bare.${k}`, v);
+    if (b) {
+      print("weft.feed_path", "createIntake(nc).submit() (the gateway intake code, no HTTP)");
+      for (const [k, v] of Object.entries(b)) print(`weft.${k}`, v);
+    }
+    print("load_avg.end", loadAvg());
+    const met = (ok: boolean) => (ok ? "met" : "NOT_met");
+    if (a && b) {
+      const ratio = Math.round((b.items_per_s / a.items_per_s) * 100) / 100;
+      print("ratio", ratio);
+      print(`target.ratio_ge_${TARGET_RATIO}`, met(ratio >= TARGET_RATIO));
+    }
+    if (b) {
+      print(`target.weft_p99_le_${TARGET_P99_MS}ms`, met(b.p99_ms <= TARGET_P99_MS));
+      print("target.state_all_processed", met(b.state_processed === b.state_expected));
+    }
+    if (o.json) await Deno.writeTextFile(o.json, JSON.stringify(out, null, 2) + "\n");
+  } finally {
+    await cleanup();
+    Deno.removeSignalListener("SIGINT", onSignal);
+    Deno.removeSignalListener("SIGTERM", onSignal);
+  }
+}
+
+if (import.meta.main) {
+  try {
+    await main();
+  } catch (err) {
+    // Everything was stopped by main's cleanup; say why the run failed, plainly.
+    Deno.stderr.writeSync(encoder.encode(`bench failed: ${(err as Error)?.stack ?? err}\n`));
+    Deno.exit(1);
+  }
+}
