@@ -10,7 +10,13 @@ export interface FeedbackSubmission {
    * The feedback text.
    */
   text: string;
+  /**
+   * Where the feedback came from, e.g. email, app or web.
+   */
   channel?: string;
+  /**
+   * The customer's id in your own systems.
+   */
   customer_id?: string;
   metadata?: Metadata;
 }
@@ -21,6 +27,8 @@ export interface Metadata {
 
 export interface FeedbackBatchSubmission {
   /**
+   * 1 to 1,000 submissions, accepted or refused as a whole.
+   *
    * @minItems 1
    * @maxItems 1000
    */
@@ -32,7 +40,13 @@ export interface FeedbackIngested {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "feedback.ingested";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -42,6 +56,9 @@ export interface FeedbackIngested {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
@@ -55,7 +72,13 @@ export interface FeedbackItem {
    * The feedback text.
    */
   text: string;
+  /**
+   * Where the feedback came from, e.g. email, app or web.
+   */
   channel?: string;
+  /**
+   * The customer's id in your own systems.
+   */
   customer_id?: string;
   metadata?: Metadata;
 }
@@ -65,7 +88,13 @@ export interface FeedbackSentimentAnalyzed {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "feedback.sentiment_analyzed";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -75,11 +104,17 @@ export interface FeedbackSentimentAnalyzed {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a feedback.sentiment_analyzed event.
+   */
   data: FeedbackItem & {
     sentiment: Sentiment;
   };
@@ -150,7 +185,13 @@ export interface FeedbackTopicsExtracted {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "feedback.topics_extracted";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -160,11 +201,17 @@ export interface FeedbackTopicsExtracted {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a feedback.topics_extracted event.
+   */
   data: FeedbackItem & {
     sentiment: Sentiment;
     topics: Topics;
@@ -240,7 +287,13 @@ export interface FeedbackDispatched {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "feedback.dispatched";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -250,11 +303,17 @@ export interface FeedbackDispatched {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a feedback.dispatched event.
+   */
   data: FeedbackItem & {
     sentiment: Sentiment;
     topics: Topics;
@@ -263,6 +322,9 @@ export interface FeedbackDispatched {
 }
 
 export interface Routing {
+  /**
+   * The team the item is routed to.
+   */
   team: string;
   /**
    * Index of the routing rule that matched.
@@ -275,7 +337,13 @@ export interface FeedbackProcessed {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "feedback.processed";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -285,11 +353,17 @@ export interface FeedbackProcessed {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a feedback.processed event.
+   */
   data: FeedbackItem & {
     sentiment: Sentiment;
     topics: Topics;
@@ -302,7 +376,13 @@ export interface FeedbackFailed {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "feedback.failed";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -312,19 +392,37 @@ export interface FeedbackFailed {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a feedback.failed event.
+   */
   data: {
+    /**
+     * The stage that gave up on the item.
+     */
     stage: string;
     /**
      * Stable error code, e.g. invalid_event, handler_failed.
      */
     code: string;
+    /**
+     * Why the stage gave up.
+     */
     reason: string;
+    /**
+     * Deliveries made before the stage gave up.
+     */
     attempts: number;
+    /**
+     * Where the original message is kept in the DEADLETTER stream.
+     */
     dead_letter_subject?: string;
     /**
      * The message the stage gave up on, as decoded JSON (omitted when it was not a JSON object or was over 256 KiB; the dead letter always keeps it).
@@ -340,43 +438,103 @@ export interface FeedbackState {
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
    */
   id: string;
+  /**
+   * accepted, processing, processed or failed.
+   */
   status: "accepted" | "processing" | "processed" | "failed";
   /**
    * Type of the furthest event seen, without the 'feedback.' prefix.
    */
   stage: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
   trace_id: string;
+  /**
+   * The feedback text.
+   */
   text?: string;
+  /**
+   * Where the feedback came from, e.g. email, app or web.
+   */
   channel?: string;
+  /**
+   * The customer's id in your own systems.
+   */
   customer_id?: string;
   sentiment?: Sentiment;
   topics?: Topics;
   routing?: Routing;
+  /**
+   * Why the item failed, when it did.
+   */
   error?: {
+    /**
+     * The stage that gave up on the item.
+     */
     stage: string;
+    /**
+     * Stable error code: invalid_event, unknown_version, rejected or handler_failed.
+     */
     code: string;
+    /**
+     * Why the stage gave up.
+     */
     reason: string;
+    /**
+     * Deliveries made before the stage gave up.
+     */
     attempts?: number;
   };
+  /**
+   * Time of the item's first event.
+   */
   created_at: string;
+  /**
+   * Time of the item's latest event.
+   */
   updated_at: string;
   /**
    * For each event type seen: when it happened, its event id and stream sequence.
    */
   stages: {
     [k: string]: {
+      /**
+       * When it happened (ISO 8601).
+       */
       at: string;
+      /**
+       * The event's id.
+       */
       event_id: string;
+      /**
+       * The event's sequence number in its stream.
+       */
       seq: number;
     };
   };
 }
 
 export interface DeadLetter {
+  /**
+   * The stage that gave up on the item.
+   */
   stage: string;
+  /**
+   * The item the message was about, when it could be told.
+   */
   item_id?: string;
+  /**
+   * Stable error code: invalid_event, unknown_version, rejected or handler_failed.
+   */
   code: string;
+  /**
+   * Why the stage gave up.
+   */
   reason: string;
+  /**
+   * Deliveries made before the stage gave up.
+   */
   attempts: number;
   /**
    * Subject of the original message.
@@ -386,36 +544,79 @@ export interface DeadLetter {
    * Sequence of the original message in its stream.
    */
   stream_seq: number;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The original message body: UTF-8 text when it decodes as such, else base64 (see payload_encoding).
    */
   payload: string;
+  /**
+   * utf8, or base64 when the body was not valid UTF-8.
+   */
   payload_encoding?: "utf8" | "base64";
 }
 
 export interface Ruleset {
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
+  /**
+   * What this ruleset is for.
+   */
   description?: string;
+  /**
+   * Keyword rules for sentiment, used when WEFT_ANALYZERS=rules.
+   */
   sentiment?: {
+    /**
+     * The rules, in order.
+     */
     rules: {
+      /**
+       * The sentiment this rule assigns.
+       */
       label: "positive" | "negative" | "neutral";
       /**
+       * Keywords: the rule matches when the text contains any of them (case-insensitive).
+       *
        * @minItems 1
        */
       any: string[];
+      /**
+       * Score reported when this rule matches.
+       */
       score?: number;
     }[];
+    /**
+     * What applies when no rule matches.
+     */
     default: "positive" | "negative" | "neutral";
   };
+  /**
+   * Keyword rules for topics, used when WEFT_ANALYZERS=rules.
+   */
   topics?: {
+    /**
+     * The rules, in order.
+     */
     rules: {
+      /**
+       * The topic this rule adds.
+       */
       topic: string;
       /**
+       * Keywords: the rule matches when the text contains any of them (case-insensitive).
+       *
        * @minItems 1
        */
       any: string[];
     }[];
+    /**
+     * What applies when no rule matches.
+     */
     default: string;
   };
   /**
@@ -424,13 +625,22 @@ export interface Ruleset {
    * @minItems 1
    */
   routing: {
+    /**
+     * Conditions that must all hold; without any, the rule always matches.
+     */
     when?: {
+      /**
+       * Match items with this sentiment.
+       */
       sentiment?: "positive" | "negative" | "neutral";
       /**
        * Matches when the item has this topic among its topics.
        */
       topic?: string;
     };
+    /**
+     * The team the item is routed to.
+     */
     team: string;
   }[];
 }
@@ -452,7 +662,13 @@ export interface ContentUploaded {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.uploaded";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -462,6 +678,9 @@ export interface ContentUploaded {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
@@ -484,9 +703,21 @@ export interface ContentItem {
 }
 
 export interface ContentObject {
+  /**
+   * Object store bucket holding the upload.
+   */
   bucket: string;
+  /**
+   * Object name in the bucket.
+   */
   name: string;
+  /**
+   * Size of the upload in bytes.
+   */
   size: number;
+  /**
+   * The upload's media type.
+   */
   content_type: string;
   /**
    * Object store digest, e.g. SHA-256=...
@@ -499,7 +730,13 @@ export interface ContentModerated {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.moderated";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -509,11 +746,17 @@ export interface ContentModerated {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.moderated event.
+   */
   data: {
     content: ContentItem;
     moderation: Moderation;
@@ -521,9 +764,21 @@ export interface ContentModerated {
 }
 
 export interface Moderation {
+  /**
+   * safe: published at once; flagged: sent to human review.
+   */
   verdict: "safe" | "flagged";
+  /**
+   * Toxicity categories found.
+   */
   categories: string[];
+  /**
+   * Toxicity in [0, 1].
+   */
   score: number;
+  /**
+   * Which analyzer decided.
+   */
   analyzer: string;
   /**
    * Human-readable reasons for the verdict.
@@ -536,7 +791,13 @@ export interface ContentReviewRequested {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.review_requested";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -546,15 +807,27 @@ export interface ContentReviewRequested {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.review_requested event.
+   */
   data: {
     content: ContentItem;
     moderation: Moderation;
+    /**
+     * When the item entered the review queue.
+     */
     queued_at: string;
+    /**
+     * When the current SLA step ends (ISO 8601).
+     */
     due_at?: string;
   };
 }
@@ -564,7 +837,13 @@ export interface ContentReviewClaimed {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.review_claimed";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -574,13 +853,25 @@ export interface ContentReviewClaimed {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.review_claimed event.
+   */
   data: {
+    /**
+     * Who acted: the API key's name, or weft-sla for the SLA's default action.
+     */
     reviewer: string;
+    /**
+     * When the reviewer claimed the item.
+     */
     claimed_at: string;
   };
 }
@@ -590,7 +881,13 @@ export interface ContentSlaExpired {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.sla_expired";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -600,13 +897,25 @@ export interface ContentSlaExpired {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.sla_expired event.
+   */
   data: {
+    /**
+     * SLA step: 1 = the review deadline passed (escalation), 2 = the escalation deadline passed (default action).
+     */
     level: number;
+    /**
+     * When the current SLA step ends (ISO 8601).
+     */
     due_at: string;
   };
 }
@@ -616,7 +925,13 @@ export interface ContentEscalated {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.escalated";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -626,14 +941,29 @@ export interface ContentEscalated {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.escalated event.
+   */
   data: {
+    /**
+     * SLA step: 1 = the review deadline passed (escalation), 2 = the escalation deadline passed (default action).
+     */
     level: number;
+    /**
+     * Why the item was escalated.
+     */
     reason: string;
+    /**
+     * When the current SLA step ends (ISO 8601).
+     */
     due_at?: string;
   };
 }
@@ -643,7 +973,13 @@ export interface ContentDecided {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.decided";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -653,15 +989,27 @@ export interface ContentDecided {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.decided event.
+   */
   data: {
     content: ContentItem;
     decision: "approve" | "reject";
+    /**
+     * Why it was decided so (the reviewer's reason, or the SLA's).
+     */
     reason: string;
+    /**
+     * Who acted: the API key's name, or weft-sla for the SLA's default action.
+     */
     reviewer: string;
     /**
      * True when the SLA default action decided.
@@ -675,7 +1023,13 @@ export interface ContentPublished {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.published";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -685,13 +1039,22 @@ export interface ContentPublished {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.published event.
+   */
   data: {
     content: ContentItem;
+    /**
+     * moderation: safe, published at once; review: approved by a reviewer (or the SLA).
+     */
     via: "moderation" | "review";
   };
 }
@@ -701,7 +1064,13 @@ export interface ContentArchived {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.archived";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -711,13 +1080,22 @@ export interface ContentArchived {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.archived event.
+   */
   data: {
     content: ContentItem;
+    /**
+     * Why the content was rejected.
+     */
     reason: string;
   };
 }
@@ -727,7 +1105,13 @@ export interface ContentFailed {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "content.failed";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -737,19 +1121,37 @@ export interface ContentFailed {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a content.failed event.
+   */
   data: {
+    /**
+     * The stage that gave up on the item.
+     */
     stage: string;
     /**
      * Stable error code, e.g. invalid_event, handler_failed.
      */
     code: string;
+    /**
+     * Why the stage gave up.
+     */
     reason: string;
+    /**
+     * Deliveries made before the stage gave up.
+     */
     attempts: number;
+    /**
+     * Where the original message is kept in the DEADLETTER stream.
+     */
     dead_letter_subject?: string;
     /**
      * The message the stage gave up on, as decoded JSON (omitted when it was not a JSON object or was over 256 KiB; the dead letter always keeps it).
@@ -765,6 +1167,9 @@ export interface ContentState {
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
    */
   id: string;
+  /**
+   * Where the item is: uploaded, moderated, pending_review, escalated, decided, published, archived or failed.
+   */
   status:
     | "uploaded"
     | "moderated"
@@ -774,31 +1179,91 @@ export interface ContentState {
     | "published"
     | "archived"
     | "failed";
+  /**
+   * Type of the furthest event seen, without the 'content.' prefix.
+   */
   stage: string;
+  /**
+   * W3C trace id shared by every event of the item.
+   */
   trace_id: string;
+  /**
+   * Time of the item's first event.
+   */
   created_at: string;
+  /**
+   * Time of the item's latest event.
+   */
   updated_at: string;
   content?: ContentItem;
   moderation?: Moderation;
+  /**
+   * The review of the item by a person (or the SLA's default action).
+   */
   review?: {
+    /**
+     * Who acted: the API key's name, or weft-sla for the SLA's default action.
+     */
     reviewer?: string;
+    /**
+     * When the reviewer claimed the item.
+     */
     claimed_at?: string;
     decision?: "approve" | "reject";
+    /**
+     * The decision's reason.
+     */
     reason?: string;
+    /**
+     * True when the SLA's default action decided, not a person.
+     */
     automatic?: boolean;
+    /**
+     * 0 while in the review SLA, 1 once escalated.
+     */
     escalation_level?: number;
+    /**
+     * When the current SLA step ends (ISO 8601).
+     */
     due_at?: string;
   };
+  /**
+   * Why the item failed, when it did.
+   */
   error?: {
+    /**
+     * The stage that gave up on the item.
+     */
     stage: string;
+    /**
+     * Stable error code: invalid_event, unknown_version, rejected or handler_failed.
+     */
     code: string;
+    /**
+     * Why the stage gave up.
+     */
     reason: string;
+    /**
+     * Deliveries made before the stage gave up.
+     */
     attempts: number;
   };
+  /**
+   * For each event type seen: when it happened, its event id and stream sequence.
+   */
   stages: {
     [k: string]: {
+      /**
+       * When it happened (ISO 8601).
+       */
       at: string;
+      /**
+       * The event's id.
+       */
       event_id: string;
+      /**
+       * The event's sequence number in its stream.
+       */
       seq: number;
     };
   };
@@ -810,6 +1275,9 @@ export interface ReviewDecisionRequest {
    */
   id?: string;
   decision: "approve" | "reject";
+  /**
+   * Why the reviewer decided so.
+   */
   reason: string;
   /**
    * The reviewer; must match the credential's name when one is used.
@@ -818,6 +1286,9 @@ export interface ReviewDecisionRequest {
 }
 
 export interface Schedule {
+  /**
+   * Schedule id: letters, digits, '_' and '-'.
+   */
   id?: string;
   /**
    * Subject to publish on (must be captured by a JetStream stream).
@@ -829,11 +1300,17 @@ export interface Schedule {
   payload: {
     [k: string]: unknown;
   };
+  /**
+   * When a one-off schedule fires (ISO 8601); give either at or cron.
+   */
   at?: string;
   /**
    * Cron expression (5 or 6 fields, UTC).
    */
   cron?: string;
+  /**
+   * What the schedule is for.
+   */
   description?: string;
 }
 
@@ -849,7 +1326,13 @@ export interface DigestFeedbackCounts {
    * Event id; also the Nats-Msg-Id used for de-duplication.
    */
   id: string;
+  /**
+   * The event type.
+   */
   type: "digest.feedback_counts";
+  /**
+   * Schema version of this event type.
+   */
   version: 1;
   /**
    * Item id: letters, digits, '_' and '-', at most 64 characters (it is a subject token).
@@ -859,14 +1342,29 @@ export interface DigestFeedbackCounts {
    * W3C trace id shared by every event of the item.
    */
   trace_id: string;
+  /**
+   * When the event happened (ISO 8601).
+   */
   time: string;
   /**
    * The service that produced the event.
    */
   source: string;
+  /**
+   * The payload of a digest.feedback_counts event.
+   */
   data: {
+    /**
+     * Start of the period counted.
+     */
     window_start: string;
+    /**
+     * End of the period counted.
+     */
     window_end: string;
+    /**
+     * Feedback items dispatched in the window.
+     */
     total: number;
     /**
      * Dispatched items per team.
