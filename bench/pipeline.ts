@@ -24,6 +24,7 @@
  *
  * @module
  */
+import { benchAnalyzers } from "../src/analyzers/bench.ts";
 import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/nats-core";
 import {
@@ -644,6 +645,12 @@ async function main() {
     if (b) {
       print(`target.weft_p99_le_${TARGET_P99_MS}ms`, met(b.p99_ms <= TARGET_P99_MS));
       print("target.state_all_processed", met(b.state_processed === b.state_expected));
+    }
+    // The embedded analyzers on one core (this process), after the pipelines are done.
+    for (const t of benchAnalyzers(TEXTS)) {
+      const name = t.analyzer.replace(/^embedded:/, "");
+      print(`analyzer.${name}.items_per_s`, Math.round(t.itemsPerSecond));
+      print(`target.analyzer_${name}_ge_20000_per_s`, met(t.itemsPerSecond >= 20_000));
     }
     if (o.json) await Deno.writeTextFile(o.json, JSON.stringify(out, null, 2) + "\n");
   } finally {
