@@ -123,6 +123,25 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     await page.locator(`[data-stage="content-state"] dd.processed`).filter({ hasText: /^[1-9]/ })
       .waitFor({ timeout: 10_000 });
 
+    // A poison message on the bus is dead-lettered; the dead-letter panel lists it with its
+    // reason, and its Redrive button re-submits it (it is poison, so it is dead-lettered again).
+    mesh.nc.publish("feedback.ingested.poison1", "{not json");
+    const letter = page.locator("#dl tr[data-letter]", { hasText: "poison1" }).first();
+    await letter.waitFor({ timeout: 15_000 });
+    assert.match((await letter.textContent()) ?? "", /invalid_event: body is not JSON/);
+    const seq = Number(await letter.getAttribute("data-letter"));
+    await letter.locator("button", { hasText: "Redrive" }).click();
+    const redriven = await waitFor(
+      async () => {
+        const list = await (await fetch(`${mesh.url}/deadletters`)).json();
+        const entry = list.items.find((e: { seq: number }) => e.seq === seq);
+        return entry?.redrives === 1 ? entry : undefined;
+      },
+      15_000,
+      "the dead letter to be redriven",
+    );
+    assert.equal(redriven.letter.item_id, "poison1");
+
     await Deno.mkdir(".artifacts", { recursive: true });
     const shot = `${Deno.cwd()}/.artifacts/dashboard.png`;
     await page.screenshot({ path: shot, fullPage: true });
