@@ -12,7 +12,7 @@ import { FEEDBACK_SERVICES, startMesh, waitFor } from "./helpers/fault_mesh.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
 import { makeItems, processedAtLeast, pushItems, report, settle } from "./helpers/scenario.ts";
 
-const N = 2000;
+const N = 3000;
 const FAST_REDELIVERY = { WEFT_ACK_WAIT_MS: "2000" };
 
 Deno.test("a stage killed with SIGKILL mid-batch and restarted loses and duplicates nothing", async () => {
