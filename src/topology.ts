@@ -173,45 +173,52 @@ export async function ensureConsumer(
   }
 }
 
+/** The KV buckets: name, what it holds, and how long an entry lives (undefined: forever). */
+export function bucketConfigs(
+  config: TopologyConfig,
+): { name: string; description: string; ttl?: number }[] {
+  return [
+    {
+      name: STATE_BUCKET,
+      description: "Weft: current state of each feedback item",
+      ttl: config.retentionMs,
+    },
+    {
+      name: IDEMPOTENCY_BUCKET,
+      description: "Weft: first answer to each Idempotency-Key",
+      ttl: config.idempotencyTtlMs,
+    },
+    {
+      name: CONTENT_STATE_BUCKET,
+      description: "Weft: current moderation state of each content item",
+      ttl: config.retentionMs,
+    },
+    {
+      name: REVIEW_BUCKET,
+      description: "Weft: the human review queue (compare-and-set claims and decisions)",
+      // Decided entries stay (a second decision must find them) until retention ends.
+      ttl: config.retentionMs,
+    },
+    { name: SCHEDULE_BUCKET, description: "Weft: schedules of delayed and recurring events" },
+    {
+      name: SCHEDULE_LEASE_BUCKET,
+      description: "Weft: one lease per schedule firing, so replicas fire at most once",
+      ttl: Math.max(config.duplicateWindowMs, 24 * 3600_000),
+    },
+  ];
+}
+
 /** Creates (or binds to) the KV buckets. */
 export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig): Promise<void> {
   const kvm = new Kvm(nc);
-  await kvm.create(STATE_BUCKET, {
-    history: 1,
-    description: "Weft: current state of each feedback item",
-    ttl: config.retentionMs,
-    storage: StorageType.File,
-  });
-  await kvm.create(IDEMPOTENCY_BUCKET, {
-    history: 1,
-    description: "Weft: first answer to each Idempotency-Key",
-    ttl: config.idempotencyTtlMs,
-    storage: StorageType.File,
-  });
-  await kvm.create(CONTENT_STATE_BUCKET, {
-    history: 1,
-    description: "Weft: current moderation state of each content item",
-    ttl: config.retentionMs,
-    storage: StorageType.File,
-  });
-  await kvm.create(REVIEW_BUCKET, {
-    history: 1,
-    description: "Weft: the human review queue (compare-and-set claims and decisions)",
-    // Decided entries stay (a second decision must find them) until retention ends.
-    ttl: config.retentionMs,
-    storage: StorageType.File,
-  });
-  await kvm.create(SCHEDULE_BUCKET, {
-    history: 1,
-    description: "Weft: schedules of delayed and recurring events",
-    storage: StorageType.File,
-  });
-  await kvm.create(SCHEDULE_LEASE_BUCKET, {
-    history: 1,
-    description: "Weft: one lease per schedule firing, so replicas fire at most once",
-    ttl: Math.max(config.duplicateWindowMs, 24 * 3600_000),
-    storage: StorageType.File,
-  });
+  for (const { name, description, ttl } of bucketConfigs(config)) {
+    await kvm.create(name, {
+      history: 1,
+      description,
+      ...(ttl !== undefined ? { ttl } : {}),
+      storage: StorageType.File,
+    });
+  }
 }
 
 /** Ensures the streams and buckets exist (consumers are ensured by their stages). */
