@@ -52,57 +52,62 @@ export type TopologyConfig = Pick<
 
 /** Stream configurations, by name. */
 export function streamConfigs(config: TopologyConfig): NamedStreamConfig[] {
+  // Every stream: limits retention (SSE replays history, so events stay after acks), file
+  // storage, oldest discarded first, the configured de-duplication window.
+  const stream = (
+    name: string,
+    description: string,
+    subjects: string[],
+    limits: { maxAgeMs: number; maxBytes: number; maxMsgSize?: number },
+  ): NamedStreamConfig => ({
+    name,
+    description,
+    subjects,
+    retention: RetentionPolicy.Limits,
+    storage: StorageType.File,
+    discard: DiscardPolicy.Old,
+    max_age: ms(limits.maxAgeMs),
+    max_bytes: limits.maxBytes,
+    ...(limits.maxMsgSize !== undefined ? { max_msg_size: limits.maxMsgSize } : {}),
+    duplicate_window: ms(config.duplicateWindowMs),
+    num_replicas: 1,
+  });
+  const events = {
+    maxAgeMs: config.retentionMs,
+    maxBytes: config.streamMaxBytes,
+    maxMsgSize: 1024 * 1024,
+  };
   return [
-    {
-      name: FEEDBACK_STREAM,
-      description: "Weft feedback pipeline: submissions and every event",
-      subjects: ["feedback.>"],
-      retention: RetentionPolicy.Limits, // SSE replays history, so events stay after acks
-      storage: StorageType.File,
-      discard: DiscardPolicy.Old,
-      max_age: ms(config.retentionMs),
-      max_bytes: config.streamMaxBytes,
-      max_msg_size: 1024 * 1024,
-      duplicate_window: ms(config.duplicateWindowMs),
-      num_replicas: 1,
-    },
-    {
-      name: DEADLETTER_STREAM,
-      description: "Weft dead letters: messages a stage gave up on, with the reason",
-      subjects: ["deadletter.>"],
-      retention: RetentionPolicy.Limits,
-      storage: StorageType.File,
-      discard: DiscardPolicy.Old,
-      max_age: ms(30 * 24 * 3600_000),
-      max_bytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 4)),
-      duplicate_window: ms(config.duplicateWindowMs),
-      num_replicas: 1,
-    },
-    {
-      name: CONTENT_STREAM,
-      description: "Weft content moderation: every event of every content item",
-      subjects: ["content.>"],
-      retention: RetentionPolicy.Limits, // SSE replays an item's whole history
-      storage: StorageType.File,
-      discard: DiscardPolicy.Old,
-      max_age: ms(config.retentionMs),
-      max_bytes: config.streamMaxBytes,
-      max_msg_size: 1024 * 1024,
-      duplicate_window: ms(config.duplicateWindowMs),
-      num_replicas: 1,
-    },
-    {
-      name: DIGEST_STREAM,
-      description: "Weft digests: requests (from schedules) and the digests published",
-      subjects: ["digest.>"],
-      retention: RetentionPolicy.Limits,
-      storage: StorageType.File,
-      discard: DiscardPolicy.Old,
-      max_age: ms(config.retentionMs),
-      max_bytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 16)),
-      duplicate_window: ms(config.duplicateWindowMs),
-      num_replicas: 1,
-    },
+    stream(
+      FEEDBACK_STREAM,
+      "Weft feedback pipeline: submissions and every event",
+      ["feedback.>"],
+      events,
+    ),
+    stream(
+      DEADLETTER_STREAM,
+      "Weft dead letters: messages a stage gave up on, with the reason",
+      ["deadletter.>"],
+      {
+        maxAgeMs: 30 * 24 * 3600_000,
+        maxBytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 4)),
+      },
+    ),
+    stream(
+      CONTENT_STREAM,
+      "Weft content moderation: every event of every content item",
+      ["content.>"],
+      events,
+    ),
+    stream(
+      DIGEST_STREAM,
+      "Weft digests: requests (from schedules) and the digests published",
+      ["digest.>"],
+      {
+        maxAgeMs: config.retentionMs,
+        maxBytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 16)),
+      },
+    ),
   ];
 }
 
