@@ -1,9 +1,10 @@
 /**
  * Keeps each item's state in the KV bucket, folded from its events.
  *
- * Per-item state must not halve throughput, so the writer does not write once per event:
- * it takes events in small batches (at most `stateFlushMs`), folds each item's events in
- * memory and writes each item once per batch, with all writes in flight together. Writes
+ * Per-item state must not halve throughput, so the writer neither wakes nor writes once per
+ * event: it pulls events in batches (waiting `stateFlushMs` after the first one, see
+ * batch_pull.ts), folds each item's events in memory and writes each item once per batch,
+ * with all writes in flight together. Writes
  * are compare-and-set on the entry's revision, so concurrent writers (replicas) or a
  * restart never lose a field: on conflict the writer re-reads and folds again. Acks go
  * out only after the write they depend on succeeded.
@@ -31,6 +32,7 @@ import { validateEvent } from "./schemas.ts";
 import { applyEvent } from "./state.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
+import { pullBatches } from "./batch_pull.ts";
 import { parseTraceparent } from "./trace.ts";
 import type { WeftMetrics } from "./metrics.ts";
 
@@ -39,6 +41,8 @@ export const STATE_WRITER = "state";
 const ALL_EVENTS = "feedback.*.*";
 const EVENT_TYPES = Object.values(FeedbackEventType);
 const MAX_CACHED = 20_000;
+/** Most events folded in one batch. */
+const MAX_BATCH = 2000;
 
 /** What a state writer folds: which events, into which bucket, how. */
 export interface StateSpec<S> {
@@ -128,7 +132,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
   const kv = await new Kvm(nc).open(spec.bucket);
-  await ensureConsumer(jsm, spec.stream, {
+  const consumerConfig = {
     durable_name: spec.durable,
     description: "Weft state writer: folds every event into the item's KV entry",
     filter_subject: spec.filter,
@@ -137,9 +141,17 @@ export async function runStateWriter<S = FeedbackState>(opts: {
     ack_wait: config.ackWaitMs * 1_000_000,
     max_deliver: config.maxAttempts + 2,
     max_ack_pending: 20_000,
-  });
+  };
+  await ensureConsumer(jsm, spec.stream, consumerConfig);
   const consumer = await js.consumers.get(spec.stream, spec.durable);
-  const messages = await consumer.consume({ max_messages: 2000 });
+  // One wake-up per batch, not per event (see batch_pull.ts): the writer reads every
+  // event of every item, so this is most of what per-item state costs.
+  const batches = pullBatches(consumer, {
+    lingerMs: config.stateFlushMs,
+    maxBatch: MAX_BATCH,
+    log,
+    onError: () => ensureConsumer(jsm, spec.stream, consumerConfig).then(() => {}, () => {}),
+  });
   const stats = { events: 0, writes: 0, conflicts: 0, batches: 0 };
   const cache = new Map<string, Cached<S>>();
   const dlContext = { js, stage: spec.durable, source: spec.source, now, log };
@@ -188,22 +200,25 @@ export async function runStateWriter<S = FeedbackState>(opts: {
   }
 
   // An item's events usually arrive within a few ms of each other. Writing once per batch
-  // would still split most items over two or three batches, so an item whose last event
-  // is not final is held until it is, or until its oldest unwritten event is
-  // `stateFlushMs` old: mostly one write per item, state never staler than the setting.
+  // would still split many items over two batches, so an item whose last event is not
+  // final is held until it is, or until it has waited `stateFlushMs`: the next batch
+  // (due about `stateFlushMs` later) writes it, or when no batch comes, a timer at twice
+  // that. Mostly one write per item; state trails its events by at most about
+  // 3 x `stateFlushMs` (linger, hold, timer).
   const held = new Map<string, Held>();
   let closing = false;
 
-  /** ms until the earliest held item is due; undefined when none is held. */
+  /** ms until the earliest held item must be written without a batch; undefined: none held. */
   function nextDue(now: number): number | undefined {
     let since = Infinity;
     for (const h of held.values()) if (h.since < since) since = h.since;
-    return since === Infinity ? undefined : Math.max(0, since + config.stateFlushMs - now);
+    return since === Infinity ? undefined : Math.max(0, since + 2 * config.stateFlushMs - now);
   }
 
-  async function flush(batch: { m: JsMsg; at: number }[]) {
-    stats.batches++;
-    for (const { m, at } of batch) {
+  async function flush(batch: JsMsg[]) {
+    if (batch.length > 0) stats.batches++;
+    const at = performance.now();
+    for (const m of batch) {
       stats.events++;
       metrics?.received.inc({ stage: spec.durable });
       let raw: unknown;
@@ -255,30 +270,22 @@ export async function runStateWriter<S = FeedbackState>(opts: {
   }
 
   const done = (async () => {
-    let batch: { m: JsMsg; at: number }[] = [];
     let timer: ReturnType<typeof setTimeout> | undefined;
     let flushing: Promise<void> = Promise.resolve();
-    const startFlush = () => {
+    const enqueue = (batch: JsMsg[]) => {
       if (timer !== undefined) clearTimeout(timer);
       timer = undefined;
-      const b = batch;
-      batch = [];
-      flushing = flushing.then(() => flush(b)).then(() => {
+      flushing = flushing.then(() => flush(batch)).then(() => {
         // Held items are due at their deadline even when no message comes in between.
         const wait = nextDue(performance.now());
-        if (wait !== undefined && timer === undefined) timer = setTimeout(startFlush, wait);
+        if (wait !== undefined && timer === undefined) timer = setTimeout(() => enqueue([]), wait);
       });
+      return flushing;
     };
-    for await (const m of messages) {
-      batch.push({ m, at: performance.now() });
-      if (batch.length >= 500) startFlush();
-      else if (timer === undefined) timer = setTimeout(startFlush, config.stateFlushMs);
-      // Backpressure: never run more than one batch ahead of the writes.
-      if (batch.length === 0) await flushing;
-    }
+    // Backpressure: the next pull starts only when this batch is written.
+    for await (const batch of batches) await enqueue(batch);
     closing = true; // write everything held before stopping
-    startFlush();
-    await flushing;
+    await enqueue([]);
     if (timer !== undefined) clearTimeout(timer);
   })();
 
@@ -287,7 +294,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
     stats,
     done,
     async stop() {
-      await messages.close();
+      batches.close();
       let timer: ReturnType<typeof setTimeout> | undefined;
       await Promise.race([done, new Promise((r) => (timer = setTimeout(r, config.drainMs)))]);
       clearTimeout(timer);
