@@ -77,6 +77,8 @@ interface Options {
   only?: "bare" | "weft";
   /** Throughput and latency runs per side, alternating; figures are medians. */
   rounds: number;
+  /** Also time each hop of Weft's latency runs (costs the bench a subscription). */
+  hops: boolean;
 }
 
 function options(): Options {
@@ -92,6 +94,7 @@ function options(): Options {
       json: { type: "string" },
       only: { type: "string" },
       rounds: { type: "string" },
+      hops: { type: "boolean" },
     },
   });
   if (values.only !== undefined && values.only !== "bare" && values.only !== "weft") {
@@ -113,6 +116,7 @@ function options(): Options {
     json: values.json,
     only: values.only as Options["only"],
     rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
+    hops: values.hops === true,
   };
 }
 
@@ -254,6 +258,43 @@ interface Target {
   tracker: Tracker;
   /** Resolves when work off the item's path (e.g. the state writer) has caught up too. */
   drained(): Promise<void>;
+  /** With `--hops`: times each hop of the items seen since `reset()`. */
+  hops?: HopProbe;
+}
+
+/**
+ * `--hops`: when each of an item's events reached a core subscription on every event
+ * subject, so a latency run can be split into its hops. One clock (the bench's) for all.
+ */
+class HopProbe {
+  private seen = new Map<string, Map<string, number>>();
+  constructor(readonly types: readonly string[]) {}
+
+  event(type: string, id: string, at: number) {
+    let item = this.seen.get(id);
+    if (!item) this.seen.set(id, item = new Map());
+    item.set(type, at);
+  }
+
+  reset() {
+    this.seen.clear();
+  }
+
+  /** p50/p90/p99 ms of each hop, over the items that went through every type. */
+  report(): string[] {
+    const gaps = this.types.slice(1).map(() => [] as number[]);
+    for (const item of this.seen.values()) {
+      const times = this.types.map((t) => item.get(t));
+      if (times.some((t) => t === undefined)) continue;
+      for (let i = 1; i < times.length; i++) gaps[i - 1]!.push(times[i]! - times[i - 1]!);
+    }
+    const round = (x: number) => Math.round(x * 10) / 10;
+    return gaps.map((g, i) => {
+      g.sort((a, b) => a - b);
+      const q = [0.5, 0.9, 0.99].map((p) => round(percentile(g, p))).join(" / ");
+      return `${this.types[i]} -> ${this.types[i + 1]} p50 / p90 / p99 ms ${q} (${g.length} items)`;
+    });
+  }
 }
 
 async function throughput(
@@ -372,8 +413,12 @@ async function measure(sides: Side[], o: Options): Promise<PhaseResult[]> {
     }
     for (const { target } of sides) await throughput(target, Math.min(o.warmup, 200), o.window);
     for (const [i, { target }] of sides.entries()) {
+      target.hops?.reset();
       lat[i]!.push(await latency(target, o.rate, o.durationS));
       progress(`round ${r + 1} ${target.name} p99_ms ${lat[i]!.at(-1)!.p99_ms}`);
+      for (const line of target.hops?.report() ?? []) {
+        progress(`round ${r + 1} ${target.name} hop ${line}`);
+      }
     }
   }
   const med = (xs: number[]) => xs.toSorted((a, b) => a - b)[Math.floor(xs.length / 2)]!;
@@ -518,7 +563,11 @@ interface WeftSide extends Side {
   finish(): Promise<{ state_processed: number; state_expected: number; service_stats: string }>;
 }
 
-async function startWeft(nc: NatsConnection, server: NatsServer): Promise<WeftSide> {
+async function startWeft(
+  nc: NatsConnection,
+  server: NatsServer,
+  o: Options,
+): Promise<WeftSide> {
   const config = loadConfig({
     env: (name) => name === "NATS_URL" ? server.url : Deno.env.get(name),
     args: [],
@@ -545,8 +594,27 @@ async function startWeft(nc: NatsConnection, server: NatsServer): Promise<WeftSi
   const sub = nc.subscribe(`${prefix}*`, {
     callback: (_err, m) => target.tracker.final(m.subject.slice(prefix.length), performance.now()),
   });
+  let hopSub: ReturnType<NatsConnection["subscribe"]> | undefined;
+  if (o.hops) {
+    const T = FeedbackEventType;
+    const probe = target.hops = new HopProbe([
+      T.Ingested,
+      T.SentimentAnalyzed,
+      T.TopicsExtracted,
+      T.Dispatched,
+      T.Processed,
+    ]);
+    hopSub = nc.subscribe("feedback.*.*", {
+      callback: (_err, m) => {
+        const at = performance.now();
+        const [, type, id] = m.subject.split(".");
+        probe.event(`feedback.${type}`, id!, at);
+      },
+    });
+  }
   const close = async () => {
     sub.unsubscribe();
+    hopSub?.unsubscribe();
     await Promise.all(services.map((p) => stopProc(p)));
   };
   return {
@@ -624,7 +692,7 @@ async function main() {
     print("load_avg.start", loadAvg());
     const sides: Side[] = [];
     if (o.only !== "weft") sides.push(await startBare(nc, server));
-    const w = o.only === "bare" ? undefined : await startWeft(nc, server);
+    const w = o.only === "bare" ? undefined : await startWeft(nc, server, o);
     if (w) sides.push(w);
     closers.push(...sides.map((side) => side.close));
     const results = await measure(sides, o);
