@@ -16,6 +16,7 @@
  */
 import type { Consumer, JsMsg } from "@nats-io/jetstream";
 import type { Logger } from "./log.ts";
+import { sleep } from "./retry.ts";
 
 /** How {@link pullBatches} pulls. */
 export interface PullBatchesOptions {
@@ -51,22 +52,10 @@ export interface MessageBatches extends AsyncIterable<JsMsg[]> {
 export function pullBatches(consumer: Consumer, opts: PullBatchesOptions): MessageBatches {
   const idleExpires = Math.max(1000, opts.idleExpiresMs ?? 30_000);
   const retryMs = opts.retryMs ?? 500;
+  const closing = new AbortController();
   let closed = false;
   let current: { stop(err?: Error): void } | undefined;
-  let wake: (() => void) | undefined;
-
-  /** Waits `ms`, or less when closed meanwhile. */
-  function pause(ms: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(done, ms);
-      function done() {
-        clearTimeout(timer);
-        wake = undefined;
-        resolve();
-      }
-      wake = done;
-    });
-  }
+  const pause = (ms: number) => sleep(ms, closing.signal);
 
   /** Pulls up to `n` messages, waiting at most `expires` for them. */
   async function take(n: number, expires: number, into: JsMsg[]): Promise<number> {
@@ -127,7 +116,7 @@ export function pullBatches(consumer: Consumer, opts: PullBatchesOptions): Messa
     close() {
       closed = true;
       current?.stop();
-      wake?.();
+      closing.abort();
     },
   };
 }

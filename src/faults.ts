@@ -13,6 +13,7 @@
  */
 import type { Config } from "./config.ts";
 import { ErrorCode, WeftError } from "./errors.ts";
+import { sleep } from "./retry.ts";
 import type { Stage, StageInput } from "./stage.ts";
 
 /** The fault settings of {@link Config}. */
@@ -39,16 +40,6 @@ function textOf(input: unknown): string | undefined {
 function applies(stageFilter: string, name: string): boolean {
   return stageFilter === "" || stageFilter === "*" ||
     stageFilter.split(",").map((s) => s.trim()).includes(name);
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
-      clearTimeout(timer);
-      resolve();
-    }, { once: true });
-  });
 }
 
 /**

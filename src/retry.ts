@@ -1,6 +1,7 @@
 /**
  * Retry delays: exponential backoff with "equal jitter", so retries of many items that
- * failed together spread out instead of hammering a recovering dependency in step.
+ * failed together spread out instead of hammering a recovering dependency in step; and
+ * the wait itself, cut short when its signal aborts.
  *
  * @module
  */
@@ -24,4 +25,28 @@ export function retryDelay(
 ): number {
   const cap = Math.min(maxMs, baseMs * 2 ** Math.max(0, attempt - 1));
   return Math.round(cap / 2 + random() * (cap / 2));
+}
+
+/**
+ * Waits `ms`, or less when `signal` aborts meanwhile; never rejects.
+ *
+ * @example
+ * ```ts
+ * import { sleep } from "./retry.ts";
+ * const stop = new AbortController();
+ * stop.abort();
+ * await sleep(60_000, stop.signal); // returns at once
+ * ```
+ */
+export function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  if (signal.aborted) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done, { once: true });
+  });
 }

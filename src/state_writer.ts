@@ -4,10 +4,9 @@
  * Per-item state must not halve throughput, so the writer neither wakes nor writes once per
  * event: it pulls events in batches (waiting `stateFlushMs` after the first one, see
  * batch_pull.ts), folds each item's events in memory and writes each item once per batch,
- * with all writes in flight together. Writes
- * are compare-and-set on the entry's revision, so concurrent writers (replicas) or a
- * restart never lose a field: on conflict the writer re-reads and folds again. Acks go
- * out only after the write they depend on succeeded.
+ * with all writes in flight together. Writes are compare-and-set on the entry's revision,
+ * so concurrent writers (replicas) or a restart never lose a field: on conflict the writer
+ * re-reads and folds again. Acks go out only after the write they depend on succeeded.
  *
  * @module
  */
