@@ -6,11 +6,15 @@
  * trickle wakes once per message. Under Deno each wake-up (socket read, parser, async
  * iterator, microtasks) costs about 50 µs of CPU, more than folding the message; at 1,000
  * items/s the state writer, which reads every event of every item, spent most of its CPU
- * waking up. Here the reader instead waits, without polling, for the first message; then
- * lingers `lingerMs` so that more arrive; then takes everything waiting in one pull:
- * one wake-up per batch. This is the `fetch.min.bytes` + `fetch.max.wait` pattern of
- * batch consumers elsewhere, built from nats.js `fetch()` and consumer info, because
- * nats-server 2.9 has no pull option that waits for a minimum batch.
+ * waking up. Here the reader takes one batch, then lets `lingerMs` pass (counted from that
+ * pull) before it asks for the next, so what arrives meanwhile comes as one batch: one
+ * wake-up per batch. When nothing is waiting, its pull waits for the next message (no
+ * polling) and hands it over at once.
+ *
+ * How much is waiting comes from the `pending` count the server puts on every message it
+ * delivers, never from consumer info: on nats-server 2.9 a consumer info request on a
+ * wildcard filter counts the stream's subjects under the lock the stream writes with, so
+ * asking it before every batch stalled every publish (see docs/BENCH.md).
  *
  * @module
  */
@@ -20,7 +24,7 @@ import { sleep } from "./retry.ts";
 
 /** How {@link pullBatches} pulls. */
 export interface PullBatchesOptions {
-  /** How long to wait after the first message before taking what is waiting, ms. */
+  /** Least time from one batch to the next unless a backlog waits, ms. */
   lingerMs: number;
   /** Most messages in one batch. */
   maxBatch: number;
@@ -38,8 +42,8 @@ export interface MessageBatches extends AsyncIterable<JsMsg[]> {
 }
 
 /**
- * Pulls a consumer's messages in batches: waits for one, lingers, then takes what is
- * waiting (at most `maxBatch`). With a backlog it does not linger.
+ * Pulls a consumer's messages in batches of at most `maxBatch`, at most one batch per
+ * `lingerMs` unless a backlog waits: a backlog is taken in full batches without pause.
  *
  * @example
  * ```ts ignore
@@ -74,18 +78,19 @@ export function pullBatches(consumer: Consumer, opts: PullBatchesOptions): Messa
   }
 
   async function* batches(): AsyncGenerator<JsMsg[]> {
+    let lastPull = -Infinity;
+    let backlog = false;
     while (!closed) {
       const batch: JsMsg[] = [];
       try {
-        // Idle: one pull request that waits for the next message, not a poll.
+        // What arrives within `lingerMs` of the last batch waits to come as one batch.
+        const wait = backlog ? 0 : lastPull + opts.lingerMs - performance.now();
+        if (wait > 0) await pause(wait);
+        if (closed) break;
+        // One pull that waits for the next message (not a poll); its `pending` says how
+        // many more wait behind it.
         if (await take(1, idleExpires, batch) === 0) continue;
-        if (closed) {
-          yield batch;
-          break;
-        }
-        // A backlog is taken at once; a trickle is given time to gather.
-        if (1 + batch[0]!.info.pending < opts.maxBatch) await pause(opts.lingerMs);
-        let waiting = closed ? 0 : (await consumer.info(false)).num_pending;
+        let waiting = batch[0]!.info.pending;
         while (waiting > 0 && batch.length < opts.maxBatch && !closed) {
           // Exactly what is waiting, so the pull ends as soon as it has arrived. Another
           // reader of the same durable may take some of it: then this pull ends at its
@@ -93,8 +98,10 @@ export function pullBatches(consumer: Consumer, opts: PullBatchesOptions): Messa
           const want = Math.min(waiting, opts.maxBatch - batch.length);
           const got = await take(want, 1000, batch);
           if (got < want) break;
-          waiting -= got;
+          waiting = batch[batch.length - 1]!.info.pending;
         }
+        lastPull = performance.now();
+        backlog = batch.length >= opts.maxBatch && waiting > 0;
       } catch (err) {
         if (closed) {
           if (batch.length > 0) yield batch;

@@ -45,18 +45,36 @@ Deno.test("a backlog of full batches is taken at once, each message once and in 
   assert.deepEqual(seen.flat(), Array.from({ length: 200 }, (_, i) => i));
 });
 
-Deno.test("messages that trickle in while the reader lingers after the first arrive as one batch", async () => {
+Deno.test("a lone message is handed over at once; what arrives within the linger comes as one batch", async () => {
   await using t = await startTestNats();
   const consumer = await consumerOn(t);
-  const batches = pullBatches(consumer, { lingerMs: 1_500, maxBatch: 100 });
-  const reading = read(batches, 5);
+  const batches = pullBatches(consumer, { lingerMs: 2_000, maxBatch: 100 });
+  const it = batches[Symbol.asyncIterator]();
   await publish(t, 0, 1);
-  // The reader holds the first message (delivered, not acked) and lingers: send the rest.
-  await waitFor(async () => (await consumer.info()).num_ack_pending === 1, 2_000, "first taken");
+  const first: JsMsg[] = (await deadline(it.next(), 1_500, "first batch")).value;
+  assert.deepEqual(first.map((m) => m.string()), ["0"]);
+  first.forEach((m) => m.ack());
+  // The reader now lets the linger pass before it pulls again: these wait on the server.
   for (let i = 1; i < 5; i++) await publish(t, i, i + 1);
-  const seen = await deadline(reading, 5_000, "5 messages");
+  assert.equal((await consumer.info()).num_pending, 4);
+  const second: JsMsg[] = (await deadline(it.next(), 5_000, "second batch")).value;
+  assert.deepEqual(second.map((m) => m.string()), ["1", "2", "3", "4"]);
   batches.close();
-  assert.deepEqual(seen, [[0, 1, 2, 3, 4]]);
+});
+
+Deno.test("batches are sized from the pending count on messages, not from consumer info", async () => {
+  // On nats-server 2.9 a consumer info request counts a wildcard filter's subjects under
+  // the stream's write lock: asked before every batch, it stalled every publish.
+  await using t = await startTestNats();
+  const consumer = await consumerOn(t);
+  const batches = pullBatches(consumer, { lingerMs: 0, maxBatch: 50 });
+  const before = (await t.jsm.getAccountInfo()).api.total;
+  await publish(t, 0, 120);
+  const seen = await deadline(read(batches, 120), 4_000, "120 messages");
+  batches.close();
+  assert.equal(seen.flat().length, 120);
+  // The only API request in between is the account info call that reads the counter.
+  assert.equal((await t.jsm.getAccountInfo()).api.total - before, 1);
 });
 
 Deno.test("close() ends a reader that is waiting for its first message", async () => {
