@@ -5,7 +5,9 @@
  * the publish ack, then acks the message. No decoding, validation, headers, message ids,
  * retries or state: the floor Weft's runner is compared against.
  *
- * Usage: `deno run --allow-net=127.0.0.1:PORT bench/bare_stage.ts NATS_URL STREAM CONSUMER NEXT_SUBJECT`
+ * Usage: `deno run --allow-net=127.0.0.1:PORT bench/bare_stage.ts NATS_URL STREAM CONSUMER NEXT_SUBJECT [item]`
+ * With `item`, each message goes to `NEXT_SUBJECT.<id>`, `<id>` being the last token of the
+ * subject it came on (one subject per item, as Weft's events).
  *
  * @module
  */
@@ -25,6 +27,7 @@ export async function forward(
   stream: string,
   consumer: string,
   next: string,
+  perItem = false,
 ): Promise<void> {
   const nc = await connect({ servers: url, name: `bench-bare-${consumer}` });
   const js = jetstream(nc);
@@ -36,16 +39,19 @@ export async function forward(
   Deno.addSignalListener("SIGTERM", stop);
   Deno.addSignalListener("SIGINT", stop);
   for await (const m of messages) {
-    await js.publish(next, m.data);
+    await js.publish(
+      perItem ? `${next}.${m.subject.slice(m.subject.lastIndexOf(".") + 1)}` : next,
+      m.data,
+    );
     m.ack();
   }
   await nc.drain();
 }
 
 if (import.meta.main) {
-  const [url, stream, consumer, next] = Deno.args;
-  if (!url || !stream || !consumer || !next) {
-    throw new Error("usage: bare_stage.ts NATS_URL STREAM CONSUMER NEXT_SUBJECT");
+  const [url, stream, consumer, next, subjects] = Deno.args;
+  if (!url || !stream || !consumer || !next || (subjects !== undefined && subjects !== "item")) {
+    throw new Error("usage: bare_stage.ts NATS_URL STREAM CONSUMER NEXT_SUBJECT [item]");
   }
-  await forward(url, stream, consumer, next);
+  await forward(url, stream, consumer, next, subjects === "item");
 }

@@ -19,7 +19,9 @@
  * Flags: --items N (20000), --warmup N (1000), --window N (256 in flight), --rate N
  * (1000 items/s), --duration S (10), --rounds N (3; figures are medians over rounds),
  * --quick (3000 items, 300 warm-up, 3 s, 1 round), --only bare|weft (profiling),
- * --json FILE.
+ * --hops (per-hop latency of Weft), --bare-subjects stage|item (`item`: the bare pipeline
+ * publishes each message on `bench.sN.<id>` under wildcard filters, the shape of Weft's
+ * subjects; see docs/BENCH.md), --json FILE.
  * Environment: WEFT_* settings (e.g. WEFT_CONCURRENCY) reach the Weft services.
  *
  * @module
@@ -79,6 +81,11 @@ interface Options {
   rounds: number;
   /** Also time each hop of Weft's latency runs (costs the bench a subscription). */
   hops: boolean;
+  /**
+   * The bare pipeline's subjects: `stage` (`bench.s1`, one per stage: the reference) or
+   * `item` (`bench.s1.<id>` under a wildcard filter, the shape of Weft's subjects).
+   */
+  bareSubjects: "stage" | "item";
 }
 
 function options(): Options {
@@ -95,10 +102,15 @@ function options(): Options {
       only: { type: "string" },
       rounds: { type: "string" },
       hops: { type: "boolean" },
+      "bare-subjects": { type: "string" },
     },
   });
   if (values.only !== undefined && values.only !== "bare" && values.only !== "weft") {
     throw new Error("--only must be bare or weft");
+  }
+  const bareSubjects = values["bare-subjects"] ?? "stage";
+  if (bareSubjects !== "stage" && bareSubjects !== "item") {
+    throw new Error("--bare-subjects must be stage or item");
   }
   const quick = values.quick === true;
   const num = (v: string | undefined, d: number, name: string) => {
@@ -117,6 +129,7 @@ function options(): Options {
     only: values.only as Options["only"],
     rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
     hops: values.hops === true,
+    bareSubjects,
   };
 }
 
@@ -455,7 +468,14 @@ async function consumersDrained(jsm: JetStreamManager, stream: string, consumers
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-async function startBare(nc: NatsConnection, server: NatsServer): Promise<Side> {
+async function startBare(
+  nc: NatsConnection,
+  server: NatsServer,
+  subjects: Options["bareSubjects"],
+): Promise<Side> {
+  // Per item: every message on its own subject, consumers on a wildcard (as Weft's).
+  const perItem = subjects === "item";
+  const filter = (subject: string) => perItem ? `${subject}.*` : subject;
   const jsm = await jetstreamManager(nc);
   const js = jetstream(nc);
   await jsm.streams.add({
@@ -468,7 +488,7 @@ async function startBare(nc: NatsConnection, server: NatsServer): Promise<Side> 
   for (let s = 1; s <= BARE_STAGES; s++) {
     await jsm.consumers.add(BARE_STREAM, {
       durable_name: `bare${s}`,
-      filter_subject: `bench.s${s}`,
+      filter_subject: filter(`bench.s${s}`),
       ack_policy: AckPolicy.Explicit,
       deliver_policy: DeliverPolicy.All,
     });
@@ -482,6 +502,7 @@ async function startBare(nc: NatsConnection, server: NatsServer): Promise<Side> 
       BARE_STREAM,
       `bare${s}`,
       next,
+      ...(perItem ? ["item"] : []),
     ]));
   }
   // The id is a fixed-width prefix, so the final subscriber reads it without parsing JSON.
@@ -494,11 +515,11 @@ async function startBare(nc: NatsConnection, server: NatsServer): Promise<Side> 
     async submit(i) {
       const id = String(seq++).padStart(10, "0");
       const body = `{"id":"${id}","text":${JSON.stringify(TEXTS[i % TEXTS.length])}}`;
-      await js.publish("bench.s1", encoder.encode(body));
+      await js.publish(perItem ? `bench.s1.${id}` : "bench.s1", encoder.encode(body));
       return id;
     },
   };
-  const sub = nc.subscribe(BARE_FINAL, {
+  const sub = nc.subscribe(filter(BARE_FINAL), {
     callback: (_err, m) =>
       target.tracker.final(decoder.decode(m.data.subarray(7, 17)), performance.now()),
   });
@@ -689,9 +710,10 @@ async function main() {
     print("config.rate_per_s", o.rate);
     print("config.duration_s", o.durationS);
     print("config.rounds", o.rounds);
+    print("config.bare_subjects", o.bareSubjects);
     print("load_avg.start", loadAvg());
     const sides: Side[] = [];
-    if (o.only !== "weft") sides.push(await startBare(nc, server));
+    if (o.only !== "weft") sides.push(await startBare(nc, server, o.bareSubjects));
     const w = o.only === "bare" ? undefined : await startWeft(nc, server, o);
     if (w) sides.push(w);
     closers.push(...sides.map((side) => side.close));
