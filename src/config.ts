@@ -78,7 +78,7 @@ export interface Config {
   sseMaxClients: number;
   /** An SSE client that cannot take a frame within this time is dropped, ms. `WEFT_SSE_WRITE_TIMEOUT_MS`. */
   sseWriteTimeoutMs: number;
-  /** The state writer lingers this long after an event before pulling a batch, and holds an unfinished item at most about this long, ms. `WEFT_STATE_FLUSH_MS`. */
+  /** The state writer pulls at most one batch per this long (unless a backlog waits), and holds an unfinished item at most about this long, ms. `WEFT_STATE_FLUSH_MS`. */
   stateFlushMs: number;
   /** How long a stopping service may take to finish in-flight work, ms. `WEFT_DRAIN_MS`. */
   drainMs: number;
