@@ -34,7 +34,9 @@ Deno.test("an item whose text contains 'crash' is retried with backoff, dead-let
   try {
     for await (const f of sseFrames(res.body!)) frames.push(f);
   } catch (err) {
-    const logs = [...mesh.procs.values()].map((p) => `${p.name}:\n${p.logs.slice(-15).join("\n")}`);
+    const logs = [...mesh.procs.values()].map((p) =>
+      `${p.name}:\n${p.lines.slice(-15).map((l) => JSON.stringify(l)).join("\n")}`
+    );
     clearTimeout(timer);
     throw new Error(`SSE did not end: ${JSON.stringify(frames)}\n${logs.join("\n")}`, {
       cause: err,
@@ -55,8 +57,11 @@ Deno.test("an item whose text contains 'crash' is retried with backoff, dead-let
   assert.deepEqual(failed.data.original, JSON.parse(frames[1]!.data), "carries the original");
 
   // Retried with exponential backoff and jitter before giving up.
-  const retries = mesh.procs.get("topics")!.logs.map((l) => JSON.parse(l))
-    .filter((l) => l.msg === "retrying" && l.item_id === "boom");
+  const retries = mesh.procs.get("topics")!.lines
+    .filter((l) => l.msg === "retrying" && l.item_id === "boom") as {
+      attempt: number;
+      delay_ms: number;
+    }[];
   assert.deepEqual(retries.map((r) => r.attempt), [1, 2, 3]);
   const baseMs = Number(TEST_ENV.WEFT_RETRY_BASE_MS);
   for (const r of retries) {

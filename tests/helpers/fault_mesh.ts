@@ -1,7 +1,8 @@
 /**
  * A real Weft mesh for tests: a real nats-server (file store in a temp dir, so it can be
  * killed and restarted on the same port and store) and every service as its own
- * `deno run` process with the permissions the supervisor gives it. Nothing is mocked.
+ * `deno run` process with the permissions the supervisor gives it (`startService`).
+ * Nothing is mocked.
  *
  * @module
  */
@@ -15,14 +16,11 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { connect } from "@nats-io/transport-node";
 import { loadConfig } from "../../src/config.ts";
 import { freePort, type NatsServer, startNatsServer } from "../../src/nats_server.ts";
-import { serviceArgs, SERVICES, type ServiceSpec } from "../../src/supervisor.ts";
+import { type ServiceProcess, startService } from "./services.ts";
 import { ensureTopology } from "../../src/topology.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../../src/subjects.ts";
 import { readStream } from "../../src/stream_reader.ts";
 import type { FeedbackState } from "../../src/events.gen.ts";
-
-const ROOT = new URL("../../", import.meta.url).pathname;
-const READY = /"(stage started|state writer started|gateway listening)"/;
 
 /** The services of the feedback pipeline: what the fault tests exercise. */
 export const FEEDBACK_SERVICES: readonly string[] = [
@@ -43,17 +41,6 @@ export const TEST_ENV: Record<string, string> = {
   WEFT_DRAIN_MS: "3000",
   WEFT_MAX_ATTEMPTS: "4",
 };
-
-/** One running service process. */
-export interface ServiceProcess {
-  name: string;
-  child: Deno.ChildProcess;
-  /** The last log lines, for failure messages. */
-  logs: string[];
-  exited: Promise<Deno.CommandStatus>;
-  /** True once the process has exited. */
-  gone: boolean;
-}
 
 /** A running mesh. */
 export interface Mesh extends AsyncDisposable {
@@ -94,60 +81,17 @@ export async function startMesh(opts: {
   const expectedExit = new Set<ServiceProcess>();
 
   const start = async (name: string, env: Record<string, string> = {}, key = name) => {
-    const spec: ServiceSpec = SERVICES.find((s) => s.name === name)!;
-    const child = new Deno.Command("deno", {
-      args: serviceArgs(spec, config),
-      cwd: ROOT,
-      env: { ...baseEnv, ...opts.serviceEnv?.[name], ...env },
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    const logs: string[] = [];
-    let ready!: () => void;
-    const isReady = new Promise<void>((r) => (ready = r));
-    const pump = async (stream: ReadableStream<Uint8Array>) => {
-      let buf = "";
-      for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-        buf += chunk;
-        let nl: number;
-        while ((nl = buf.indexOf("\n")) >= 0) {
-          const line = buf.slice(0, nl);
-          buf = buf.slice(nl + 1);
-          logs.push(line);
-          if (logs.length > 200) logs.shift();
-          if (READY.test(line)) ready();
-        }
-      }
-    };
-    const pumps = Promise.all([pump(child.stdout), pump(child.stderr)]).catch(() => {});
-    const exited = child.status.then(async (s) => {
-      await pumps;
-      return s;
+    const proc = await startService(name, { ...baseEnv, ...opts.serviceEnv?.[name], ...env }, {
+      key,
     });
-    const proc: ServiceProcess = { name: key, child, logs, exited, gone: false };
-    void exited.then(() => (proc.gone = true));
     procs.set(key, proc);
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const outcome = await Promise.race([
-      isReady.then(() => "ready" as const),
-      exited.then(() => "exited" as const),
-      new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), 30_000))),
-    ]);
-    clearTimeout(timer);
-    if (outcome !== "ready") {
-      throw new Error(`service ${key} did not start (${outcome}):\n${logs.join("\n")}`);
-    }
     return proc;
   };
 
-  const kill = async (key: string, signal: Deno.Signal = "SIGKILL") => {
+  const kill = (key: string, signal: Deno.Signal = "SIGKILL") => {
     const proc = procs.get(key)!;
     expectedExit.add(proc);
-    try {
-      proc.child.kill(signal);
-    } catch { /* already gone */ }
-    return await proc.exited;
+    return proc.stop(signal);
   };
 
   for (const name of opts.services ?? FEEDBACK_SERVICES) await start(name);
@@ -165,12 +109,9 @@ export async function startMesh(opts: {
       return [...procs.values()].filter((p) => !expectedExit.has(p) && p.gone).map((p) => p.name);
     },
     async [Symbol.asyncDispose]() {
-      await Promise.all([...procs.values()].map(async (p) => {
+      await Promise.all([...procs.values()].map((p) => {
         expectedExit.add(p);
-        try {
-          p.child.kill("SIGKILL");
-        } catch { /* gone */ }
-        await p.exited;
+        return p.stop("SIGKILL");
       }));
       await nc.close();
       await nats[Symbol.asyncDispose]();

@@ -1,7 +1,7 @@
 /**
  * The whole mesh for end-to-end tests: a real nats-server on free ports and every service
- * as its own `deno run` process with the supervisor's narrow permissions
- * (`serviceArgs`), their JSON log lines captured. Ready when the gateway answers /readyz
+ * as its own `deno run` process with the supervisor's narrow permissions (`spawnService`),
+ * their JSON log lines captured. Ready when the gateway answers /readyz
  * and every service answers `$SRV.PING`.
  *
  * @module
@@ -10,7 +10,8 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, loadConfig } from "../../src/config.ts";
 import { connectNats } from "../../src/nats.ts";
 import { freePort, type NatsServer, startNatsServer } from "../../src/nats_server.ts";
-import { serviceArgs, serviceEnv, SERVICES } from "../../src/supervisor.ts";
+import { SERVICES } from "../../src/supervisor.ts";
+import { spawnService } from "./services.ts";
 
 /** A running mesh. */
 export interface Mesh extends AsyncDisposable {
@@ -58,48 +59,19 @@ export async function startMesh(opts: { env?: Record<string, string> } = {}): Pr
   const logs: Record<string, unknown>[] = [];
   const stray: string[] = [];
   const waiters = new Set<() => void>();
-  const children: Deno.ChildProcess[] = [];
-  const pumps: Promise<void>[] = [];
-  const pump = async (stream: ReadableStream<Uint8Array>, json: boolean) => {
-    let buf = "";
-    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-      buf += chunk;
-      let i;
-      while ((i = buf.indexOf("\n")) >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        if (!line.trim()) continue;
-        try {
-          if (!json) throw new Error("stderr");
-          logs.push(JSON.parse(line));
-          for (const w of waiters) w();
-        } catch {
-          stray.push(line);
-        }
-      }
-    }
-  };
-  for (const spec of SERVICES) {
-    const child = new Deno.Command("deno", {
-      args: serviceArgs(spec, config),
-      env: { ...env, ...serviceEnv(spec, (n) => env[n]) },
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    children.push(child);
-    pumps.push(pump(child.stdout, true), pump(child.stderr, false));
-  }
+  const procs = SERVICES.map((spec) =>
+    spawnService(spec.name, env, {
+      onLine: (line) => {
+        logs.push(line);
+        for (const w of waiters) w();
+      },
+      onStray: (text) => stray.push(text),
+    })
+  );
   const nc = await connectNats(server.url, "weft-test");
   const url = `http://127.0.0.1:${port}`;
   const stop = async () => {
-    for (const c of children) {
-      try {
-        c.kill("SIGTERM");
-      } catch { /* gone */ }
-    }
-    await Promise.all(children.map((c) => c.status));
-    await Promise.all(pumps);
+    await Promise.all(procs.map((p) => p.stop("SIGTERM")));
     await nc.close();
     await server.stop();
   };
