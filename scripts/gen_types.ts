@@ -68,7 +68,12 @@ export async function generate(): Promise<string> {
       } as Parameters<typeof compile>[2],
     );
     // Shared definitions are declared once, by the first schema that references them.
-    for (const block of ts.split(/\n(?=\/\*\*(?:(?!\*\/)[\s\S])*\*\/\nexport |export )/)) {
+    // Split before each declaration: before its JSDoc when it has one (so it keeps the
+    // comment json-schema-to-typescript wrote from the schema's description), else before
+    // `export`.
+    for (
+      const block of ts.split(/\n(?=\/\*\*(?:(?!\*\/)[\s\S])*\*\/\nexport )|(?<!\*\/)\n(?=export )/)
+    ) {
       const m = block.match(/^(?:\/\*\*(?:(?!\*\/)[\s\S])*\*\/\n)?export (?:interface|type) (\w+)/);
       if (!m || !m[1]) continue;
       if (seen.has(m[1])) continue;
