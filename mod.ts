@@ -41,6 +41,7 @@ export type {
 } from "./src/stage.ts";
 export { runStage } from "./src/runner.ts";
 export type { RunStageOptions, StageRunner, StageStats } from "./src/runner.ts";
+export type { FaultConfig } from "./src/faults.ts";
 export {
   ABUSE_TOPIC,
   dispatchStage,
@@ -60,21 +61,39 @@ export * from "./src/subjects.ts";
 // State
 export { applyEvent, foldEvents } from "./src/state.ts";
 export { readState, runStateWriter } from "./src/state_writer.ts";
-export type { StateWriter } from "./src/state_writer.ts";
+export type { StateSpec, StateWriter } from "./src/state_writer.ts";
 
 // Analysis and routing
 export type * from "./src/analysis.ts";
 export { compileRules, loadRules } from "./src/rules.ts";
 export type { CompiledRules, Router } from "./src/rules.ts";
 export { feedbackAnalyzers } from "./src/configured_analyzers.ts";
-export type { FeedbackAnalyzers } from "./src/configured_analyzers.ts";
+export type { AnalyzerConfig, FeedbackAnalyzers } from "./src/configured_analyzers.ts";
+export type { LlmCounter, LlmStats, LlmStatsSnapshot } from "./src/llm/stats.ts";
+export type { LlmUsage } from "./src/llm/errors.ts";
 export { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./src/analyzers/mod.ts";
+export type {
+  EmbeddedSentimentAnalyzer,
+  EmbeddedTopicsAnalyzer,
+  EmbeddedToxicityAnalyzer,
+  SentimentLexicon,
+  SentimentOptions,
+  Taxonomy,
+  TaxonomyLabel,
+  TaxonomyPattern,
+  TopicsOptions,
+  ToxicityOptions,
+} from "./src/analyzers/mod.ts";
 
 // Gateway
 export { createApp } from "./src/gateway/app.ts";
 export type { GatewayDeps } from "./src/gateway/app.ts";
 export { createIntake } from "./src/gateway/intake.ts";
-export type { Accepted, Intake, SubmitOptions } from "./src/gateway/intake.ts";
+export type { Accepted, Intake, IntakeResult, SubmitOptions } from "./src/gateway/intake.ts";
+export type { Auth, Principal } from "./src/gateway/auth.ts";
+export type { ContentAccepted, ContentView, ModerationApi } from "./src/moderation/api.ts";
+export type { Decision, ReviewEntry, ReviewStatus } from "./src/moderation/review_queue.ts";
+export type { ScheduleEntry, ScheduleStore } from "./src/scheduler/store.ts";
 export { serveRequests } from "./src/gateway/requests.ts";
 
 // Errors, configuration, logging, infrastructure
@@ -96,11 +115,14 @@ export {
   ENV_PERMISSION,
   loadConfig,
 } from "./src/config.ts";
-export type { Config } from "./src/config.ts";
+export type { ApiKey, Config, ConfigSource, LogLevel, LogLevelName, Role } from "./src/config.ts";
 export { createLogger } from "./src/log.ts";
-export type { Logger } from "./src/log.ts";
+export type { LogFields, Logger, LogSink } from "./src/log.ts";
 export { connectNats } from "./src/nats.ts";
 export { ensureTopology } from "./src/topology.ts";
+export type { TopologyConfig } from "./src/topology.ts";
+export { WeftMetrics } from "./src/metrics.ts";
+export type { MetricsJson } from "./src/metrics.ts";
 export { freePort, NatsServerMissingError, startNatsServer } from "./src/nats_server.ts";
 export type { NatsServer, NatsServerOptions } from "./src/nats_server.ts";
 export { childContext, formatTraceparent, parseTraceparent } from "./src/trace.ts";

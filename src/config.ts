@@ -132,6 +132,7 @@ export type Role = typeof Role[keyof typeof Role];
 export interface ApiKey {
   /** Lower-case hex SHA-256 of the key. */
   sha256: string;
+  /** What the key may do. */
   role: Role;
   /** Who holds it: recorded as the reviewer or uploader. */
   name: string;
@@ -290,7 +291,9 @@ export const ENV_PERMISSION: string = [
 
 /** Where configuration comes from; defaults to the process's env and arguments. */
 export interface ConfigSource {
+  /** Reads an environment variable; defaults to `Deno.env.get`. */
   env?: (name: string) => string | undefined;
+  /** Command-line arguments; defaults to `Deno.args`. */
   args?: string[];
 }
 

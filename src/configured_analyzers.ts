@@ -20,10 +20,13 @@ import { loadRules, type Router } from "./rules.ts";
 
 /** What the feedback stages need. */
 export interface FeedbackAnalyzers {
+  /** Classifies an item's sentiment. */
   sentiment: SentimentAnalyzer;
+  /** Extracts an item's topics. */
   topics: TopicsAnalyzer;
   /** Absent with `rules`, so the reference ruleset stays exactly the reference. */
   toxicity?: ToxicityAnalyzer;
+  /** Routes an item to a team: the ruleset's routing table. */
   route: Router;
   /** Token, cost and call counters of the LLM analyzers, with `llm`. */
   llmStats?: LlmStats;

@@ -59,6 +59,7 @@ export class WeftError extends Error {
   /** True when retrying cannot help. */
   readonly permanent: boolean;
 
+  /** An error with `code`; `options.permanent` defaults by code. */
   constructor(code: ErrorCode, message: string, options: WeftErrorOptions = {}) {
     super(message, options);
     this.name = "WeftError";
@@ -86,6 +87,7 @@ const PERMANENT_BY_DEFAULT: ReadonlySet<ErrorCode> = new Set([
 
 /** Input failed validation against its JSON Schema. */
 export class ValidationError extends WeftError {
+  /** A validation error; its code defaults to `invalid_field`. */
   constructor(message: string, options: WeftErrorOptions & { code?: ErrorCode } = {}) {
     super(options.code ?? ErrorCode.InvalidField, message, options);
     this.name = "ValidationError";
@@ -94,6 +96,7 @@ export class ValidationError extends WeftError {
 
 /** Nothing is known under the given id. */
 export class NotFoundError extends WeftError {
+  /** A `not_found` error. */
   constructor(message: string, options: WeftErrorOptions = {}) {
     super(ErrorCode.NotFound, message, options);
     this.name = "NotFoundError";
@@ -113,6 +116,7 @@ export class NotFoundError extends WeftError {
  * ```
  */
 export class PermanentError extends WeftError {
+  /** A permanent `rejected` error. */
   constructor(message: string, options: ErrorOptions = {}) {
     super(ErrorCode.Rejected, message, { ...options, permanent: true });
     this.name = "PermanentError";
@@ -129,6 +133,7 @@ export class ConflictError extends WeftError {
 
 /** Configuration is missing or invalid; services refuse to start. */
 export class ConfigError extends WeftError {
+  /** An `invalid_config` error. */
   constructor(message: string, options: WeftErrorOptions = {}) {
     super(ErrorCode.InvalidConfig, message, options);
     this.name = "ConfigError";
@@ -147,11 +152,17 @@ export function errorCode(err: unknown): ErrorCode {
 
 /** An RFC 9457 problem document. */
 export interface Problem {
+  /** URI identifying the problem type: `https://weft.dev/problems/<code>`. */
   type: string;
+  /** Short human-readable summary of the problem type. */
   title: string;
+  /** HTTP status code. */
   status: number;
+  /** What went wrong; for 5xx only the title, never internals. */
   detail: string;
+  /** Stable machine-readable code. */
   code: ErrorCode;
+  /** JSON pointer to the offending field, when one is at fault. */
   field?: string;
 }
 

@@ -16,10 +16,15 @@ export function deterministicId(...parts: string[]): string {
 
 /** What is needed to create an event; the envelope fields are filled in. */
 export interface NewEvent<K extends keyof EventMap> {
+  /** The event type. */
   type: K;
+  /** Id of the item the event is about. */
   itemId: string;
+  /** Trace id (32 hex characters) of the item's trace. */
   traceId: string;
+  /** The producing service's name. */
   source: string;
+  /** The event's payload. */
   data: EventMap[K]["data"];
   /** Event id; derived from `cause` and `type` when omitted. */
   id?: string;

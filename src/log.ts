@@ -11,9 +11,13 @@ export type LogFields = Record<string, unknown>;
 
 /** A structured logger bound to a service and optional fixed fields. */
 export interface Logger {
+  /** Logs `msg` with `fields` at level `debug`. */
   debug(msg: string, fields?: LogFields): void;
+  /** Logs `msg` with `fields` at level `info`. */
   info(msg: string, fields?: LogFields): void;
+  /** Logs `msg` with `fields` at level `warn`. */
   warn(msg: string, fields?: LogFields): void;
+  /** Logs `msg` with `fields` at level `error`. */
   error(msg: string, fields?: LogFields): void;
   /** A logger that adds `fields` to every line. */
   with(fields: LogFields): Logger;

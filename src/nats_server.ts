@@ -27,10 +27,15 @@ export interface NatsServerOptions {
 
 /** A running nats-server. */
 export interface NatsServer extends AsyncDisposable {
+  /** Client URL, `nats://127.0.0.1:<port>`. */
   readonly url: string;
+  /** Client port the server listens on. */
   readonly port: number;
+  /** HTTP monitoring port, when one was given. */
   readonly monitorPort?: number;
+  /** JetStream store directory; one it created itself is removed on dispose. */
   readonly storeDir?: string;
+  /** Process id of the running server. */
   readonly pid: number;
   /** Sends a signal and waits for the process to end. */
   stop(signal?: Deno.Signal): Promise<void>;
@@ -42,6 +47,7 @@ export interface NatsServer extends AsyncDisposable {
 
 /** Thrown when nats-server is not installed. */
 export class NatsServerMissingError extends Error {
+  /** The error for a missing `binary`, with install hints. */
   constructor(binary: string, options?: ErrorOptions) {
     super(
       `${binary} was not found on the PATH. Install it (Debian/Ubuntu: apt-get install ` +

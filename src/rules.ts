@@ -18,6 +18,7 @@ export interface CompiledRules {
   sentiment?: SentimentAnalyzer;
   /** Present when the ruleset has `topics` keyword rules. */
   topics?: TopicsAnalyzer;
+  /** The ruleset's routing table. */
   route: Router;
 }
 

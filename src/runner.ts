@@ -48,10 +48,15 @@ import {
 
 /** Counters a runner keeps; metrics read them. */
 export interface StageStats {
+  /** Messages taken from the consumer, redeliveries included. */
   received: number;
+  /** Messages handled, published and acked. */
   processed: number;
+  /** Failed attempts handed back for a later retry. */
   retried: number;
+  /** Messages given up on and dead-lettered. */
   deadLettered: number;
+  /** Events published from handler outputs. */
   published: number;
   /** Sum of handler times, ms. */
   handlerMs: number;
@@ -59,6 +64,7 @@ export interface StageStats {
 
 /** A running stage. */
 export interface StageRunner {
+  /** Live counters of this runner. */
   readonly stats: Readonly<StageStats>;
   /** Stops fetching, waits (up to the drain deadline) for in-flight work, then returns. */
   stop(): Promise<void>;
@@ -68,17 +74,22 @@ export interface StageRunner {
 
 /** What {@link runStage} needs. */
 export interface RunStageOptions<I extends StageInput> {
+  /** The NATS connection the runner consumes and publishes on. */
   nc: NatsConnection;
+  /** The stage to run. */
   stage: Stage<I>;
+  /** Concurrency, retry, ack-wait and drain settings, and optional fault injection. */
   config:
     & Pick<
       Config,
       "concurrency" | "maxAttempts" | "ackWaitMs" | "retryBaseMs" | "retryMaxMs" | "drainMs"
     >
     & Partial<FaultConfig>;
+  /** Where the runner logs. */
   log: Logger;
   /** Recorded as the `source` of events; defaults to `weft-<stage>`. */
   source?: string;
+  /** The clock handlers and dead letters see; defaults to the system clock. */
   now?: () => Date;
   /** Where the stage's Prometheus metrics go; a private registry when absent. */
   metrics?: WeftMetrics;

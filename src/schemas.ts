@@ -74,22 +74,39 @@ import type {
 
 /** Every event type with its payload type, keyed by `type`. */
 export interface EventMap {
+  /** An item was accepted into the feedback pipeline (feedback.ingested). */
   "feedback.ingested": FeedbackIngested;
+  /** The sentiment stage classified the item (feedback.sentiment_analyzed). */
   "feedback.sentiment_analyzed": FeedbackSentimentAnalyzed;
+  /** The topics stage extracted the item's topics (feedback.topics_extracted). */
   "feedback.topics_extracted": FeedbackTopicsExtracted;
+  /** The dispatch stage routed the item to a team (feedback.dispatched). */
   "feedback.dispatched": FeedbackDispatched;
+  /** The item finished the pipeline: a final event (feedback.processed). */
   "feedback.processed": FeedbackProcessed;
+  /** A stage gave up on the item: a final event (feedback.failed). */
   "feedback.failed": FeedbackFailed;
+  /** A user uploaded content; it awaits moderation (content.uploaded). */
   "content.uploaded": ContentUploaded;
+  /** Automatic moderation decided: safe or flagged (content.moderated). */
   "content.moderated": ContentModerated;
+  /** A flagged item entered the human review queue (content.review_requested). */
   "content.review_requested": ContentReviewRequested;
+  /** A reviewer claimed the item (content.review_claimed). */
   "content.review_claimed": ContentReviewClaimed;
+  /** A review deadline passed (content.sla_expired). */
   "content.sla_expired": ContentSlaExpired;
+  /** The item was not decided in time and was escalated (content.escalated). */
   "content.escalated": ContentEscalated;
+  /** A human (or the SLA default action) decided a flagged item (content.decided). */
   "content.decided": ContentDecided;
+  /** The item was stored and published: a final event (content.published). */
   "content.published": ContentPublished;
+  /** A rejected item was archived: a final event (content.archived). */
   "content.archived": ContentArchived;
+  /** A stage gave up on the item: a final event (content.failed). */
   "content.failed": ContentFailed;
+  /** The periodic digest: feedback items dispatched per team (digest.feedback_counts). */
   "digest.feedback_counts": DigestFeedbackCounts;
 }
 /** Any Weft event. */
@@ -101,15 +118,25 @@ export type ContentEvent = EventMap[Extract<keyof EventMap, `content.${string}`>
 
 /** Documents that are not events but have schemas too. */
 export interface DocumentMap {
+  /** A feedback submission: the body of POST /feedback. */
   "feedback.submit": FeedbackSubmission;
+  /** A batch of feedback submissions: the body of POST /feedback/batch. */
   "feedback.submit_batch": FeedbackBatchSubmission;
+  /** A feedback item's state, folded from its events. */
   "feedback.state": FeedbackState;
+  /** A message a stage gave up on, kept in the DEADLETTER stream. */
   "deadletter": DeadLetter;
+  /** A ruleset: the routing table and optional keyword rules. */
   "rules": Ruleset;
+  /** A text content submission: the JSON body of POST /content. */
   "content.submit": ContentSubmission;
+  /** A content item's moderation state, folded from its events. */
   "content.state": ContentState;
+  /** A reviewer's decision: the body of POST /reviews/ID/decision. */
   "review.decision": ReviewDecisionRequest;
+  /** A schedule: the body of POST /schedules. */
   "schedule": Schedule;
+  /** A request for a feedback digest. */
   "digest.request": DigestRequest;
 }
 

@@ -9,6 +9,7 @@ import { createEvent } from "./events.ts";
 
 /** Facts about the message being handled, for handlers that need them. */
 export interface MessageInfo {
+  /** The subject the message was published on. */
   subject: string;
   /** Sequence in the stream: stable across redeliveries. */
   seq: number;
@@ -24,6 +25,7 @@ export interface MessageInfo {
 export interface StageContext {
   /** The producing service's name, recorded on events. */
   source: string;
+  /** Facts about the message being handled. */
   message: MessageInfo;
   /** The current time; injected so handlers stay pure. */
   now(): Date;

@@ -47,10 +47,13 @@ const MAX_BATCH = 2000;
 export interface StateSpec<S> {
   /** Durable consumer name. */
   durable: string;
+  /** The stream the events are read from. */
   stream: string;
   /** Subject filter of every event to fold. */
   filter: string;
+  /** The KV bucket the state is written to, one entry per item. */
   bucket: string;
+  /** The event types the writer accepts; anything else is dead-lettered. */
   eventTypes: readonly (keyof EventMap)[];
   /** Pure, idempotent fold of one event stored at `seq`. */
   apply(state: S | undefined, event: AnyEvent, seq: number): S;
@@ -74,8 +77,11 @@ export const FEEDBACK_STATE_SPEC: StateSpec<FeedbackState> = {
 
 /** A running state writer. */
 export interface StateWriter {
+  /** Events read, state writes made, write conflicts retried and batches folded. */
   readonly stats: { events: number; writes: number; conflicts: number; batches: number };
+  /** Stops pulling, waits (up to the drain deadline) for pending writes, then returns. */
   stop(): Promise<void>;
+  /** Resolves when the writer has stopped, after writing everything it held. */
   readonly done: Promise<void>;
 }
 

@@ -9,8 +9,11 @@
 
 /** A parsed traceparent. */
 export interface TraceContext {
+  /** Trace id: 32 lower-case hex characters, shared by every hop. */
   traceId: string;
+  /** Span id: 16 lower-case hex characters, new at each hop. */
   spanId: string;
+  /** The traceparent's sampled flag. */
   sampled: boolean;
 }
 

@@ -34,9 +34,13 @@ import { instrumentGateway, mountObservability } from "./observability.ts";
 
 /** What the app needs. */
 export interface GatewayDeps {
+  /** The NATS connection; `GET /readyz` reports whether it is open. */
   nc: NatsConnection;
+  /** Accepts feedback and answers state lookups. */
   intake: Intake;
+  /** Body limits, SSE limits and the other gateway settings. */
   config: Config;
+  /** Where request failures are logged. */
   log: Logger;
   /** API keys; when enabled, feedback ingest needs an ingest (or admin) key too. */
   auth?: Auth;

@@ -36,13 +36,17 @@ import { activeTraceContext } from "../telemetry.ts";
 
 /** The answer to an accepted submission. */
 export interface Accepted {
+  /** The item's id: the submitted one, or a new ULID. */
   id: string;
+  /** Always `accepted`: the pipeline runs asynchronously. */
   status: "accepted";
+  /** Where to read the item's state and events, relative to the gateway. */
   links: { state: string; events: string };
 }
 
 /** An answer and whether it repeats an earlier one. */
 export interface IntakeResult<T> {
+  /** The answer. */
   body: T;
   /** True when this is the first answer given again (same id or Idempotency-Key). */
   replayed: boolean;
@@ -50,13 +54,17 @@ export interface IntakeResult<T> {
 
 /** Options of one submission. */
 export interface SubmitOptions {
+  /** The request's Idempotency-Key (1 to 255 characters); a repeat gets the first answer. */
   idempotencyKey?: string;
+  /** The caller's trace context, continued by the ingested event; a new trace when absent. */
   trace?: TraceContext | null;
 }
 
 /** Accepts feedback and answers state lookups. */
 export interface Intake {
+  /** Accepts one submission, publishing it as a `feedback.ingested` event. */
   submit(submission: FeedbackSubmission, opts?: SubmitOptions): Promise<IntakeResult<Accepted>>;
+  /** Accepts several submissions as a whole; ids may not repeat within the batch. */
   submitBatch(
     items: FeedbackSubmission[],
     opts?: SubmitOptions,
@@ -65,7 +73,9 @@ export interface Intake {
   state(id: string): Promise<FeedbackState>;
   /** True when anything is known about the item. */
   exists(id: string): Promise<boolean>;
+  /** The JetStream client it publishes with (event streams read through it too). */
   readonly js: JetStreamClient;
+  /** The JetStream manager it looks up stream messages with. */
   readonly jsm: JetStreamManager;
 }
 
