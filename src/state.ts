@@ -25,6 +25,28 @@ function shortType(type: string): string {
 }
 
 /**
+ * The stream sequence of the earliest event a state records (feedback or content), or
+ * undefined when it records none. An item's events all come after it in its stream, so
+ * replaying from there replays them all without reading what came before.
+ *
+ * @example
+ * ```ts
+ * import { firstEventSeq } from "./state.ts";
+ * const stages = { ingested: { seq: 40 }, sentiment_analyzed: { seq: 42 } };
+ * console.assert(firstEventSeq({ stages }) === 40);
+ * ```
+ */
+export function firstEventSeq(
+  state: { stages: Record<string, { seq: number }> },
+): number | undefined {
+  let first: number | undefined;
+  for (const { seq } of Object.values(state.stages)) {
+    if (seq > 0 && (first === undefined || seq < first)) first = seq;
+  }
+  return first;
+}
+
+/**
  * Applies one event (stored at stream sequence `seq`) to an item's state.
  *
  * @example

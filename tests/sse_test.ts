@@ -3,12 +3,13 @@
  * buffer, are cut off, and leave nothing behind on the server.
  */
 import assert from "node:assert/strict";
-import { jetstream } from "@nats-io/jetstream";
+import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { createEvent } from "../src/events.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { sseFrames } from "./helpers/sse_frames.ts";
 
 async function serveGateway(t: TestNats) {
   const intake = await createIntake(t.nc);
@@ -83,6 +84,54 @@ Deno.test("an SSE client that goes away leaves no consumer behind, and the limit
     await third.body?.cancel();
     await waitFor(async () => (await sseConsumers(t)) === 0, 10_000, "the consumer to be removed");
   } finally {
+    await server.shutdown();
+  }
+});
+
+Deno.test("an item's event stream starts at the item's first event, not at the start of the stream", async () => {
+  // On nats-server 2.9 a replay from the stream's start with a wildcard filter matches every
+  // message the stream holds, under its locks: with a day of events, every client that
+  // opens an item's stream stalls the pipeline.
+  await using t = await startTestNats();
+  const { server, port } = await serveGateway(t);
+  const abort = new AbortController();
+  try {
+    const js = jetstream(t.nc);
+    const other = (i: number) =>
+      JSON.stringify(createEvent({
+        type: "feedback.ingested",
+        itemId: `earlier${i}`,
+        traceId: "0af7651916cd43dd8448eb211c80319c",
+        source: "test",
+        data: { text: "earlier" },
+      }));
+    for (let i = 0; i < 20; i++) await js.publish(`feedback.ingested.earlier${i}`, other(i));
+    const base = `http://127.0.0.1:${port}`;
+    const submitted = await fetch(`${base}/feedback`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ id: "late1", text: "the item being watched" }),
+    });
+    assert.equal(submitted.status, 202, await submitted.text());
+    const res = await fetch(`${base}/feedback/late1/events`, { signal: abort.signal });
+    assert.equal(res.status, 200);
+    const frames = sseFrames(res.body!);
+    const first = (await frames.next()).value!;
+    assert.equal(first.event, "feedback.ingested");
+    assert.equal(Number(first.id), 21, "the item's ingested event, after the 20 earlier ones");
+    // The stream is open (no stage runs, so the item is not final): its consumer starts there.
+    const consumers = [];
+    for await (const c of t.jsm.consumers.list("FEEDBACK")) {
+      if (!c.config.durable_name) consumers.push(c.config);
+    }
+    assert.equal(consumers.length, 1);
+    assert.equal(consumers[0]!.deliver_policy, DeliverPolicy.StartSequence);
+    assert.equal(consumers[0]!.opt_start_seq, 21);
+    abort.abort();
+    await frames.return(undefined).catch(() => {});
+    await waitFor(async () => (await sseConsumers(t)) === 0, 10_000, "the consumer to be removed");
+  } finally {
+    abort.abort();
     await server.shutdown();
   }
 });

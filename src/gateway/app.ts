@@ -179,7 +179,8 @@ export function createApp(deps: GatewayDeps): Hono {
 
   app.get("/feedback/:id/events", readAuth, async (c) => {
     const id = c.req.param("id");
-    if (!(await intake.exists(id))) {
+    const from = await intake.eventsStart(id);
+    if (from === null) {
       throw new WeftError(ErrorCode.NotFound, `no feedback item ${JSON.stringify(id)}`);
     }
     if (!clients.tryOpen()) {
@@ -189,6 +190,7 @@ export function createApp(deps: GatewayDeps): Hono {
       filter: itemEventsFilter(id),
       closeOnFinal: true,
       replay: true,
+      from,
     }, { config, clients, log });
   });
 

@@ -21,7 +21,7 @@ import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.
 import { createEvent, deterministicId } from "../events.ts";
 import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../events.gen.ts";
 import { publishEvent } from "../runner.ts";
-import { applyEvent } from "../state.ts";
+import { applyEvent, firstEventSeq } from "../state.ts";
 import { readState } from "../state_writer.ts";
 import {
   eventSubject,
@@ -73,6 +73,11 @@ export interface Intake {
   state(id: string): Promise<FeedbackState>;
   /** True when anything is known about the item. */
   exists(id: string): Promise<boolean>;
+  /**
+   * The stream sequence of the item's first event, where its event stream starts; null
+   * when nothing is known about the item.
+   */
+  eventsStart(id: string): Promise<number | null>;
   /** The JetStream client it publishes with (event streams read through it too). */
   readonly js: JetStreamClient;
   /** The JetStream manager it looks up stream messages with. */
@@ -99,16 +104,29 @@ export async function createIntake(nc: NatsConnection, source = "weft-gateway"):
   const idempotency: KV = await kvm.open(IDEMPOTENCY_BUCKET);
   const states: KV = await kvm.open(STATE_BUCKET);
 
-  async function ingestedInStream(id: string): Promise<FeedbackIngested | null> {
+  /** The item's ingested event in the stream, by its subject (an indexed lookup). */
+  async function ingestedInStream(
+    id: string,
+  ): Promise<{ event: FeedbackIngested; seq: number } | null> {
     try {
       const m = await jsm.streams.getMessage(FEEDBACK_STREAM, {
         last_by_subj: eventSubject(FeedbackEventType.Ingested, id),
       });
-      return m ? m.json<FeedbackIngested>() : null;
+      return m ? { event: m.json<FeedbackIngested>(), seq: m.seq } : null;
     } catch (err) {
       if ((err as { code?: number }).code === 10037) return null; // no message found
       throw err;
     }
+  }
+
+  async function eventsStart(id: string): Promise<number | null> {
+    if (!ITEM_ID.test(id)) return null;
+    const stored = await readState(states, id);
+    const first = stored ? firstEventSeq(stored.state) : undefined;
+    if (first !== undefined) return first;
+    const ingested = await ingestedInStream(id);
+    if (ingested) return ingested.seq;
+    return stored ? 1 : null; // known, but no event sequence recorded: from the start
   }
 
   async function publish(submission: FeedbackSubmission, id: string, trace?: TraceContext | null) {
@@ -226,12 +244,12 @@ export async function createIntake(nc: NatsConnection, source = "weft-gateway"):
       if (stored) return stored.state;
       // Accepted but not yet folded by the state writer: answer from the stream.
       const ingested = await ingestedInStream(id);
-      if (ingested) return applyEvent(undefined, ingested, 0);
+      if (ingested) return applyEvent(undefined, ingested.event, ingested.seq);
       throw new NotFoundError(`no feedback item ${JSON.stringify(id)}`);
     },
     async exists(id) {
-      if (!ITEM_ID.test(id)) return false;
-      return (await readState(states, id)) !== null || (await ingestedInStream(id)) !== null;
+      return (await eventsStart(id)) !== null;
     },
+    eventsStart,
   };
 }

@@ -115,7 +115,8 @@ export function createModerationRoutes(deps: {
 
   app.get("/content/:id/events", anyRole, async (c) => {
     const id = c.req.param("id");
-    if (!(await api.exists(id))) {
+    const from = await api.eventsStart(id);
+    if (from === null) {
       throw new WeftError(ErrorCode.NotFound, `no content item ${JSON.stringify(id)}`);
     }
     if (!clients.tryOpen()) {
@@ -125,6 +126,7 @@ export function createModerationRoutes(deps: {
       filter: contentEventsFilter(id),
       closeOnFinal: true,
       replay: true,
+      from,
       stream: CONTENT_STREAM,
       finalTypes: CONTENT_FINAL_EVENT_TYPES,
     }, { config, clients, log });

@@ -24,6 +24,12 @@ export interface SseSelection {
   closeOnFinal: boolean;
   /** Without Last-Event-ID: replay everything (true) or start with new events (false). */
   replay: boolean;
+  /**
+   * Where a replay starts: the item's first event's stream sequence. Without it a replay
+   * reads the stream from its first message, which on nats-server 2.9 with a wildcard
+   * filter means matching every message the stream holds, under its locks.
+   */
+  from?: number;
   /** The stream to read; defaults to FEEDBACK. */
   stream?: string;
   /** The event types that end a per-item stream; defaults to the feedback ones. */
@@ -79,6 +85,8 @@ export function streamEvents(
         filter_subjects: sel.filter,
         ...(after !== undefined
           ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: after + 1 }
+          : sel.replay && sel.from !== undefined
+          ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: sel.from }
           : { deliver_policy: sel.replay ? DeliverPolicy.All : DeliverPolicy.New }),
       });
       const msgs = messages = await consumer.consume({ max_messages: 64 });

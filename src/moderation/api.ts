@@ -30,6 +30,7 @@ import { publishEvent } from "../runner.ts";
 import { createScheduleStore, type ScheduleStore } from "../scheduler/store.ts";
 import { humanDecidedEvent, slaScheduleId } from "../stages/content.ts";
 import { readState } from "../state_writer.ts";
+import { firstEventSeq } from "../state.ts";
 import {
   CONTENT_OBJECT_BUCKET,
   CONTENT_STATE_BUCKET,
@@ -83,6 +84,11 @@ export interface ModerationApi {
   content(id: string): Promise<ContentView>;
   /** True when anything is known about the item. */
   exists(id: string): Promise<boolean>;
+  /**
+   * The stream sequence of the item's first event, where its event stream starts; null
+   * when nothing is known about the item.
+   */
+  eventsStart(id: string): Promise<number | null>;
   /** The bytes of a binary upload: to reviewers always, to others once published. */
   object(id: string, who: Principal): Promise<{ data: Uint8Array; contentType: string }>;
   /** Queue entries with `status`, oldest first. */
@@ -193,19 +199,21 @@ export async function createModerationApi(deps: {
     return ack.duplicate;
   }
 
-  /** The item as uploaded, from the stream: there before any state is written. */
-  async function uploaded(id: string): Promise<ContentItem | null> {
+  /** The uploaded event in the stream, by its subject: there before any state is written. */
+  async function uploadedEvent(id: string): Promise<{ item: ContentItem; seq: number } | null> {
     if (!ITEM_ID.test(id)) return null;
     try {
       const m = await jsm.streams.getMessage(CONTENT_STREAM, {
         last_by_subj: eventSubject(T.Uploaded, id),
       });
-      return m ? m.json<{ data: ContentItem }>().data : null;
+      return m ? { item: m.json<{ data: ContentItem }>().data, seq: m.seq } : null;
     } catch {
       return null;
     }
   }
-  const uploadedExists = async (id: string) => (await uploaded(id)) !== null;
+  /** The item as uploaded. */
+  const uploaded = async (id: string) => (await uploadedEvent(id))?.item ?? null;
+  const uploadedExists = async (id: string) => (await uploadedEvent(id)) !== null;
 
   async function stateOf(id: string): Promise<ContentState | null> {
     if (!ITEM_ID.test(id)) return null;
@@ -273,6 +281,14 @@ export async function createModerationApi(deps: {
     },
     async exists(id) {
       return ITEM_ID.test(id) && ((await stateOf(id)) !== null || await uploadedExists(id));
+    },
+    async eventsStart(id) {
+      const state = await stateOf(id);
+      const first = state ? firstEventSeq(state) : undefined;
+      if (first !== undefined) return first;
+      const up = await uploadedEvent(id);
+      if (up) return up.seq;
+      return state ? 1 : null; // known, but no event sequence recorded: from the start
     },
     async object(id, who) {
       const ref = (await uploaded(id))?.object;
