@@ -145,7 +145,10 @@ export function createModerationRoutes(deps: {
   app.get("/reviews/:id", reviewer, async (c) => c.json(await api.getReview(c.req.param("id"))));
 
   app.post("/reviews/:id/claim", reviewer, tooLarge(4096), async (c) => {
-    const body = await readJson(c, true) as { reviewer?: unknown };
+    const body = await readJson(c, true) as { reviewer?: unknown } | null;
+    if (body === null || typeof body !== "object" || Array.isArray(body)) {
+      throw new ValidationError("the body must be a JSON object", { field: "/" });
+    }
     if (body.reviewer !== undefined && typeof body.reviewer !== "string") {
       throw new ValidationError("/reviewer must be a string", { field: "/reviewer" });
     }

@@ -162,6 +162,7 @@ function isCasConflict(err: unknown): boolean {
 }
 
 const encoder = new TextEncoder();
+const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
 
 /**
  * The review queue over a KV bucket.
@@ -174,6 +175,9 @@ const encoder = new TextEncoder();
  */
 export function createReviewQueue(kv: KV, opts: { claimTtlMs: number }): ReviewQueue {
   async function read(id: string): Promise<{ entry: ReviewEntry; revision: number } | null> {
+    // An id that cannot be an item id (and so not a KV key) is simply unknown: never a
+    // KV error, which would surface as a 500 on every route that reads the queue.
+    if (!ITEM_ID.test(id)) return null;
     const e = await kv.get(id);
     if (!e || e.operation !== "PUT" || e.length === 0) return null;
     return { entry: e.json<ReviewEntry>(), revision: e.revision };
@@ -210,7 +214,6 @@ export function createReviewQueue(kv: KV, opts: { claimTtlMs: number }): ReviewQ
       }
     },
     async get(id) {
-      if (!/^[A-Za-z0-9_-]{1,64}$/.test(id)) return null;
       return (await read(id))?.entry ?? null;
     },
     async list(status) {
