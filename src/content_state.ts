@@ -14,7 +14,9 @@ import {
   CONTENT_STATE_BUCKET,
   CONTENT_STREAM,
   ContentEventType as T,
+  ONCE_PER_ITEM_TYPES,
 } from "./subjects.ts";
+import { spanTimes } from "./state.ts";
 
 /** Step order of content event types; final events rank last. */
 const RANK: Record<string, number> = {
@@ -76,9 +78,11 @@ export function applyContentEvent(
     };
   const seen = next.stages[key];
   if (seen && seen.event_id === event.id) return state!; // already applied
+  // One event of each once-per-item type: the first stored wins, a later one is ignored.
+  if (seen && ONCE_PER_ITEM_TYPES.has(event.type) && seen.seq < seq) return state!;
+  const currentSeq = next.stages[next.stage]?.seq ?? 0;
   next.stages[key] = { at: event.time, event_id: event.id, seq };
-  if (event.time < next.created_at) next.created_at = event.time;
-  if (event.time > next.updated_at) next.updated_at = event.time;
+  spanTimes(next);
   const review = next.review ??= {};
 
   switch (event.type) {
@@ -130,7 +134,11 @@ export function applyContentEvent(
 
   const rank = RANK[event.type] ?? 0;
   const currentRank = RANK[`content.${next.stage}`] ?? 0;
-  if (rank > currentRank && STATUS[event.type] !== undefined) {
+  // Between equals (published, archived, failed), the one stored later in the stream.
+  if (
+    STATUS[event.type] !== undefined &&
+    (rank > currentRank || (rank === currentRank && key !== next.stage && seq > currentSeq))
+  ) {
     next.stage = key;
     next.status = STATUS[event.type]!;
   }

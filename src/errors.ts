@@ -38,6 +38,11 @@ export const ErrorCode = {
   Forbidden: "forbidden",
   /** The item is not in a state that allows this (already claimed or decided). */
   Conflict: "conflict",
+  /**
+   * An event on the bus whose body disagrees with its subject (another item id or event
+   * type): refused, dead-lettered, and no item is changed or failed by it.
+   */
+  SubjectMismatch: "subject_mismatch",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -83,6 +88,7 @@ const PERMANENT_BY_DEFAULT: ReadonlySet<ErrorCode> = new Set([
   ErrorCode.Unauthorized,
   ErrorCode.Forbidden,
   ErrorCode.Conflict,
+  ErrorCode.SubjectMismatch,
 ]);
 
 /** Input failed validation against its JSON Schema. */
@@ -182,6 +188,7 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   unauthorized: 401,
   forbidden: 403,
   conflict: 409,
+  subject_mismatch: 422,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -200,6 +207,7 @@ const TITLES: Record<ErrorCode, string> = {
   unauthorized: "Unauthorized",
   forbidden: "Forbidden",
   conflict: "Conflict",
+  subject_mismatch: "Event does not match its subject",
 };
 
 /** Maps any error to the problem document the gateway answers with. */

@@ -9,6 +9,7 @@
  */
 import type { JetStreamClient } from "@nats-io/jetstream";
 import type { FeedbackState } from "./events.gen.ts";
+import { assertMatchesSubject } from "./runner.ts";
 import { validateEvent } from "./schemas.ts";
 import { applyEvent } from "./state.ts";
 import { FEEDBACK_STREAM, FeedbackEventType } from "./subjects.ts";
@@ -43,6 +44,7 @@ export async function rebuildStates(js: JetStreamClient): Promise<Rebuilt> {
     let event;
     try {
       event = validateEvent(m.json(), EVENT_TYPES);
+      assertMatchesSubject(event, m.subject); // as the state writer does
     } catch {
       skipped++;
       continue;

@@ -12,13 +12,23 @@ import { headers, type NatsConnection } from "@nats-io/nats-core";
 import {
   type ConsumerMessages,
   jetstream,
+  JetStreamApiCodes,
+  JetStreamApiError,
   type JetStreamClient,
+  type JetStreamManager,
   jetstreamManager,
   type JsMsg,
 } from "@nats-io/jetstream";
 import type { Span } from "@opentelemetry/api";
 import type { Config } from "./config.ts";
-import { ErrorCode, isPermanent, toDeadLetterReason, ValidationError } from "./errors.ts";
+import {
+  ErrorCode,
+  errorCode,
+  isPermanent,
+  toDeadLetterReason,
+  ValidationError,
+  WeftError,
+} from "./errors.ts";
 import { createEvent, deterministicId } from "./events.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
@@ -31,6 +41,7 @@ import {
   eventSubject,
   FEEDBACK_STREAM,
   FeedbackEventType,
+  ONCE_PER_ITEM_TYPES,
   parseEventSubject,
 } from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
@@ -158,7 +169,65 @@ function traceIdOf(raw: unknown, fromHeader?: TraceContext | null): string | und
   return typeof t === "string" && /^[0-9a-f]{32}$/.test(t) ? t : undefined;
 }
 
-/** Publishes one event with its message id and a traceparent in the trace. */
+/**
+ * Refuses an event whose body disagrees with the subject it came on: the subject
+ * (`<pipeline>.<type>.<item_id>`) is what NATS permissions guard, so it, not the body,
+ * says which item an event is about and what it is.
+ *
+ * @example
+ * ```ts
+ * import { assertMatchesSubject } from "./runner.ts";
+ * assertMatchesSubject({ type: "feedback.processed", item_id: "a" }, "feedback.processed.a");
+ * try {
+ *   assertMatchesSubject({ type: "feedback.processed", item_id: "victim" }, "feedback.processed.a");
+ * } catch (err) {
+ *   console.assert((err as { code: string }).code === "subject_mismatch");
+ * }
+ * ```
+ */
+export function assertMatchesSubject(
+  event: { type: string; item_id: string },
+  subject: string,
+): void {
+  const s = parseEventSubject(subject);
+  if (!s) {
+    throw new WeftError(
+      ErrorCode.SubjectMismatch,
+      `subject ${JSON.stringify(subject)} is not an event subject (<pipeline>.<type>.<item_id>)`,
+      { field: "/type" },
+    );
+  }
+  if (event.type !== s.type) {
+    throw new WeftError(
+      ErrorCode.SubjectMismatch,
+      `event type ${JSON.stringify(event.type)} does not match its subject ${subject}`,
+      { field: "/type" },
+    );
+  }
+  if (event.item_id !== s.itemId) {
+    throw new WeftError(
+      ErrorCode.SubjectMismatch,
+      `item_id ${JSON.stringify(event.item_id)} does not match its subject ${subject}`,
+      { field: "/item_id" },
+    );
+  }
+}
+
+/** True when a publish was refused because its subject already holds a message. */
+function isAlreadyStored(err: unknown): boolean {
+  return err instanceof JetStreamApiError &&
+    err.code === JetStreamApiCodes.StreamWrongLastSequence;
+}
+
+/**
+ * Publishes one event with its message id and a traceparent in the trace.
+ *
+ * An event of a {@link ONCE_PER_ITEM_TYPES} type is published with "expected last subject
+ * sequence 0": the stream stores it only if its subject holds nothing yet, so a late
+ * redelivery, a re-sent submission or a forged input can never make an item run a step
+ * twice, whatever the duplicate window. A refusal means the event is already stored, which
+ * is success.
+ */
 export async function publishEvent(
   js: JetStreamClient,
   event: OutputEvent,
@@ -175,10 +244,41 @@ export async function publishEvent(
     ),
   );
   h.set("Weft-Event-Type", event.type);
-  await js.publish(eventSubject(event.type, event.item_id), encoder.encode(JSON.stringify(event)), {
-    msgID: event.id,
-    headers: h,
-  });
+  const once = ONCE_PER_ITEM_TYPES.has(event.type);
+  try {
+    await js.publish(
+      eventSubject(event.type, event.item_id),
+      encoder.encode(JSON.stringify(event)),
+      { msgID: event.id, headers: h, ...(once ? { expect: { lastSubjectSequence: 0 } } : {}) },
+    );
+  } catch (err) {
+    if (!once || !isAlreadyStored(err)) throw err;
+  }
+}
+
+/**
+ * The outputs a previous delivery of the same message already stored: on a redelivery the
+ * runner publishes only the others, so a plain (core NATS) subscriber does not see an event
+ * twice. Looks at the last message on each output's subject (its message id).
+ */
+async function alreadyStored(
+  jsm: JetStreamManager,
+  stream: string,
+  outputs: OutputEvent[],
+): Promise<Set<OutputEvent>> {
+  const stored = new Set<OutputEvent>();
+  await Promise.all(outputs.map(async (event) => {
+    try {
+      const last = await jsm.streams.getMessage(stream, {
+        last_by_subj: eventSubject(event.type, event.item_id),
+      });
+      if (last?.header.get("Nats-Msg-Id") === event.id) stored.add(event);
+    } catch {
+      // Nothing stored on that subject (or the lookup failed): publish as usual, the
+      // stream's de-duplication still stores it once.
+    }
+  }));
+  return stored;
 }
 
 /** Who is dead-lettering: the stage (or writer) name and the service that records it. */
@@ -204,6 +304,7 @@ export async function deadLetter(
   raw: unknown,
   itemId: string | undefined,
   trace: TraceContext | null,
+  opts: { failItem?: boolean } = {},
 ): Promise<void> {
   const { code, reason } = toDeadLetterReason(err);
   let payload: string;
@@ -230,7 +331,7 @@ export async function deadLetter(
   await ctx.js.publish(dlSubject, encoder.encode(JSON.stringify(letter)), {
     msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
   });
-  if (itemId) {
+  if (itemId && (opts.failItem ?? true)) {
     const failedType = ctx.failedType ?? FeedbackEventType.Failed;
     const failed = createEvent({
       type: failedType,
@@ -348,6 +449,9 @@ export async function runStage<I extends StageInput>(
     try {
       raw = decodeJson(m.data);
       const input = validateInput(stage.input, raw);
+      if (stage.input.kind === "event") {
+        assertMatchesSubject(input as { type: string; item_id: string }, m.subject);
+      }
       // Keep the lease while a slow handler works, instead of being redelivered mid-work.
       keepAlive = setInterval(() => m.working(), Math.max(500, Math.floor(config.ackWaitMs / 3)));
       const itemId = itemIdOf(raw);
@@ -362,7 +466,12 @@ export async function runStage<I extends StageInput>(
       // All outputs at once: one connection keeps them in order in the stream, and the item
       // does not wait a round trip per event (dispatch emits two). A failed publish fails the
       // message, whose retry re-publishes them all under the same message ids.
-      await Promise.all(outputs.map((event) => publishEvent(js, event, trace)));
+      const skip = m.info.deliveryCount > 1
+        ? await alreadyStored(jsm, stream, outputs)
+        : new Set<OutputEvent>();
+      await Promise.all(
+        outputs.filter((e) => !skip.has(e)).map((event) => publishEvent(js, event, trace)),
+      );
       for (const event of outputs) {
         stats.published++;
         metrics.published.inc({ stage: stage.name, type: event.type });
@@ -382,10 +491,14 @@ export async function runStage<I extends StageInput>(
       metrics.failed.inc({ stage: stage.name, code: toDeadLetterReason(err).code });
       if (isPermanent(err) || m.info.deliveryCount >= config.maxAttempts) {
         try {
+          // The subject names the item (the body may lie); an event that disagrees with
+          // its subject is refused without failing any item.
           const itemId = stage.identify
             ? stage.identify(raw, message)
-            : itemIdOf(raw) ?? parseEventSubject(m.subject)?.itemId;
-          await deadLetter(dlContext, m, err, raw, itemId, trace);
+            : parseEventSubject(m.subject)?.itemId ?? itemIdOf(raw);
+          await deadLetter(dlContext, m, err, raw, itemId, trace, {
+            failItem: errorCode(err) !== ErrorCode.SubjectMismatch,
+          });
           stats.deadLettered++;
           metrics.deadLettered.inc(labels);
         } catch (dlErr) {

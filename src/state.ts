@@ -1,14 +1,15 @@
 /**
  * An item's state, folded from its events. The fold is pure, idempotent (applying an
  * event twice changes nothing) and order-insensitive (the furthest stage wins whatever
- * order events arrive in), so redeliveries, concurrent writers and a rebuild from the
- * stream all reach the same state.
+ * order events arrive in; between equals, the one stored later in the stream), so
+ * redeliveries, concurrent writers and a rebuild from the stream all reach the same
+ * state. Ordering uses stream sequences only, never the times producers wrote.
  *
  * @module
  */
 import type { FeedbackState } from "./events.gen.ts";
 import type { AnyEvent, FeedbackEvent } from "./schemas.ts";
-import { FeedbackEventType as T } from "./subjects.ts";
+import { FeedbackEventType as T, ONCE_PER_ITEM_TYPES } from "./subjects.ts";
 
 /** Pipeline order of event types; final events rank last. */
 const RANK: Record<string, number> = {
@@ -47,6 +48,28 @@ export function firstEventSeq(
 }
 
 /**
+ * Sets `created_at` and `updated_at` to the times of the item's first and last stored
+ * events, by stream sequence: a producer's clock (or a forged date) can move them only
+ * until the next event, never lock them.
+ */
+export function spanTimes(
+  state: {
+    created_at: string;
+    updated_at: string;
+    stages: Record<string, { at: string; seq: number }>;
+  },
+): void {
+  let first: { at: string; seq: number } | undefined;
+  let last: { at: string; seq: number } | undefined;
+  for (const stage of Object.values(state.stages)) {
+    if (!first || stage.seq < first.seq) first = stage;
+    if (!last || stage.seq > last.seq) last = stage;
+  }
+  if (first) state.created_at = first.at;
+  if (last) state.updated_at = last.at;
+}
+
+/**
  * Applies one event (stored at stream sequence `seq`) to an item's state.
  *
  * @example
@@ -77,14 +100,18 @@ export function applyEvent(
   };
   const seen = next.stages[key];
   if (seen && seen.event_id === event.id) return state!; // already applied
+  // One event of each once-per-item type: the first stored wins, a later one is ignored.
+  if (seen && ONCE_PER_ITEM_TYPES.has(event.type) && seen.seq < seq) return state!;
+  const currentSeq = next.stages[next.stage]?.seq ?? 0;
   next.stages[key] = { at: event.time, event_id: event.id, seq };
-  if (event.time < next.created_at) next.created_at = event.time;
-  if (event.time > next.updated_at) next.updated_at = event.time;
+  spanTimes(next);
 
+  // Order is the stream's (sequence), never a time the producer wrote: a final event
+  // overrides another final event only when stored after it.
   const rank = RANK[event.type] ?? 0;
   const currentRank = RANK[`feedback.${next.stage}`] ?? 0;
   const furthest = rank > currentRank ||
-    (rank === currentRank && rank === 5 && event.time >= next.updated_at);
+    (rank === currentRank && rank === 5 && seq > currentSeq);
 
   if (event.type === T.Failed) {
     if (furthest) {

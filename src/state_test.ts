@@ -104,3 +104,49 @@ Deno.test("a failed event marks the item failed with the stage, code and reason"
   });
   assert.deepEqual(s.sentiment, sentiment, "earlier results are kept");
 });
+
+Deno.test("applyEvent() orders by stream sequence: an event dated in the year 9999 cannot lock an item", () => {
+  const base = { itemId: "fb1", traceId: TRACE, source: "test" };
+  const [ingested, sentimented] = history();
+  // Failed at topics by an event with a far-future date; redriven, then processed.
+  const failed = createEvent({
+    ...base,
+    type: "feedback.failed",
+    data: { stage: "topics", code: "handler_failed", reason: "boom", attempts: 4 },
+    time: new Date("9999-01-01T00:00:00.000Z"),
+  });
+  const done = history()[4]!.event;
+  const s = foldEvents([
+    ingested!,
+    sentimented!,
+    { event: failed, seq: 3 },
+    { event: done, seq: 9 },
+  ])!;
+  assert.equal(s.status, "processed", "the later-stored final event wins");
+  assert.equal(s.error, undefined);
+  assert.equal(s.updated_at, done.time, "updated_at is the last stored event's time");
+  assert.equal(s.created_at, ingested!.event.time);
+});
+
+Deno.test("applyEvent() keeps the first stored event of a once-per-item type: a later copy changes nothing", () => {
+  const [ingested, ...rest] = history();
+  const forged = createEvent({
+    type: "feedback.ingested",
+    itemId: "fb1",
+    traceId: TRACE,
+    id: "forged-ingested",
+    source: "forger",
+    data: { text: "something else entirely" },
+    time: at(59),
+  });
+  assert.deepEqual(
+    foldEvents([ingested!, { event: forged, seq: 2 }]),
+    foldEvents([ingested!]),
+    "a copy stored right after the first",
+  );
+  assert.deepEqual(
+    foldEvents([ingested!, ...rest, { event: forged, seq: 99 }]),
+    foldEvents(history()),
+    "a copy stored at the end",
+  );
+});

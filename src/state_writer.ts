@@ -25,11 +25,11 @@ import type { Config } from "./config.ts";
 import type { FeedbackState } from "./events.gen.ts";
 import type { Logger } from "./log.ts";
 import { retryDelay } from "./retry.ts";
-import { deadLetter, decodeJson } from "./runner.ts";
+import { assertMatchesSubject, deadLetter, decodeJson } from "./runner.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
 import { applyEvent } from "./state.ts";
-import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "./subjects.ts";
+import { FEEDBACK_STREAM, FeedbackEventType, parseEventSubject, STATE_BUCKET } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
 import { pullBatches } from "./batch_pull.ts";
 import { parseTraceparent } from "./trace.ts";
@@ -230,6 +230,7 @@ export async function runStateWriter<S = FeedbackState>(opts: {
       try {
         raw = decodeJson(m.data);
         const event = validateEvent(raw, spec.eventTypes);
+        assertMatchesSubject(event, m.subject);
         let group = held.get(event.item_id);
         if (!group) {
           held.set(event.item_id, group = { msgs: [], events: [], since: at, final: false });
@@ -240,14 +241,16 @@ export async function runStateWriter<S = FeedbackState>(opts: {
         if (!group.final) group.final = spec.isFinal(spec.apply(undefined, event, m.seq));
       } catch (err) {
         // A poison event: the stage that consumes it dead-letters it with the item's
-        // failure; here it is only kept, so the state writer is not stuck on it.
+        // failure; here it is only kept (naming the subject's item, failing nothing), so
+        // the state writer is not stuck on it.
         await deadLetter(
           dlContext,
           m,
           err,
           raw,
-          undefined,
+          parseEventSubject(m.subject)?.itemId,
           parseTraceparent(m.headers?.get("traceparent")),
+          { failItem: false },
         )
           .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
           .catch(() => m.nak(1000));

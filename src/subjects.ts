@@ -36,6 +36,26 @@ export const FeedbackEventType = {
 /** One of {@link FeedbackEventType}. */
 export type FeedbackEventType = typeof FeedbackEventType[keyof typeof FeedbackEventType];
 
+/**
+ * Event types an item has at most once: the stream stores the first and refuses any other
+ * (expected last subject sequence 0), whatever its message id and however late it comes,
+ * so an item never runs a step twice. Failures repeat (a redriven item may fail again),
+ * as do review claims, SLA expiries and escalations.
+ */
+export const ONCE_PER_ITEM_TYPES: ReadonlySet<string> = new Set([
+  "feedback.ingested",
+  "feedback.sentiment_analyzed",
+  "feedback.topics_extracted",
+  "feedback.dispatched",
+  "feedback.processed",
+  "content.uploaded",
+  "content.moderated",
+  "content.review_requested",
+  "content.decided",
+  "content.published",
+  "content.archived",
+]);
+
 /** Event types after which nothing more happens to an item. */
 export const FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
   FeedbackEventType.Processed,
@@ -57,11 +77,25 @@ export function typeFilter(type: string): string {
   return `${type}.*`;
 }
 
-/** Splits `feedback.<type>.<id>` into its event type and item id. */
+/** The pipelines whose events live on `<pipeline>.<type>.<item_id>`. */
+const EVENT_PIPELINES: ReadonlySet<string> = new Set(["feedback", "content"]);
+
+/**
+ * Splits an event subject, `feedback.<type>.<id>` or `content.<type>.<id>`, into its event
+ * type and item id; null for any other subject. The subject, not the body, says which item
+ * an event is about: NATS permissions guard subjects, so a body cannot name another item.
+ *
+ * @example
+ * ```ts
+ * import { parseEventSubject } from "./subjects.ts";
+ * const s = parseEventSubject("feedback.processed.fb1");
+ * console.assert(s?.type === "feedback.processed" && s.itemId === "fb1");
+ * ```
+ */
 export function parseEventSubject(subject: string): { type: string; itemId: string } | null {
   const parts = subject.split(".");
-  if (parts.length !== 3 || parts[0] !== "feedback") return null;
-  return { type: `${parts[0]}.${parts[1]}`, itemId: parts[2]! };
+  if (parts.length !== 3 || !EVENT_PIPELINES.has(parts[0]!) || !parts[1] || !parts[2]) return null;
+  return { type: `${parts[0]}.${parts[1]}`, itemId: parts[2] };
 }
 
 /** The subject a dead letter from `stage` about `itemId` is kept on. */

@@ -1,0 +1,224 @@
+/**
+ * What an event on the bus cannot do, against a real nats-server and the real pipeline:
+ * name another item than its subject, make an item run a step twice, or show a plain
+ * subscriber an event twice when a message is redelivered.
+ */
+import assert from "node:assert/strict";
+import { headers, type NatsConnection } from "@nats-io/nats-core";
+import { AckPolicy, jetstream, type JetStreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import type { DeadLetter, FeedbackState } from "../src/events.gen.ts";
+import { createEvent } from "../src/events.ts";
+import { listDeadLetters } from "../src/redrive.ts";
+import { runStage } from "../src/runner.ts";
+import { nextEvent, type Stage } from "../src/stage.ts";
+import { readState } from "../src/state_writer.ts";
+import { FEEDBACK_STREAM, STATE_BUCKET } from "../src/subjects.ts";
+import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { startPipeline } from "./helpers/pipeline.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
+const STAGES = ["ingest", "sentiment", "topics", "dispatch", "state"];
+
+async function processed(t: TestNats, id: string): Promise<FeedbackState> {
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  return await waitFor(
+    async () => {
+      const s = (await readState(kv, id))?.state;
+      return s?.status === "processed" && s;
+    },
+    20_000,
+    `${id} processed`,
+  );
+}
+
+async function settled(jsm: JetStreamManager, names = STAGES) {
+  for (const name of names) {
+    await waitFor(
+      async () => {
+        const info = await jsm.consumers.info(FEEDBACK_STREAM, name);
+        return info.num_pending === 0 && info.num_ack_pending === 0;
+      },
+      20_000,
+      `consumer ${name} to settle`,
+    );
+  }
+}
+
+/**
+ * Resolves once the stream's duplicate window has passed for everything published so far:
+ * a probe message id published now is accepted again.
+ */
+async function duplicateWindowPassed(t: TestNats): Promise<void> {
+  const js = jetstream(t.nc);
+  await js.publish("feedback.window_probe", "", { msgID: "probe" });
+  await waitFor(
+    async () => !(await js.publish("feedback.window_probe", "", { msgID: "probe" })).duplicate,
+    10_000,
+    "the duplicate window to pass",
+  );
+}
+
+async function countOn(jsm: JetStreamManager, subject: string): Promise<number> {
+  const info = await jsm.streams.info(FEEDBACK_STREAM, { subjects_filter: subject });
+  return Object.values(info.state.subjects ?? {}).reduce((a, b) => a + b, 0);
+}
+
+async function lastOn(jsm: JetStreamManager, subject: string) {
+  const m = await jsm.streams.getMessage(FEEDBACK_STREAM, { last_by_subj: subject });
+  return m!.json<Record<string, unknown> & { data: Record<string, unknown> }>();
+}
+
+Deno.test("an event whose body names another item than its subject is dead-lettered and changes or fails no item", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
+  const victim = await processed(t, body.id);
+  assert.notEqual(victim.routing?.team, "Trust and Safety");
+
+  // A valid `processed` event of the victim, re-dated and re-routed, on another item's subject.
+  const real = await lastOn(t.jsm, `feedback.processed.${body.id}`);
+  const forged = {
+    ...real,
+    id: "forged-processed",
+    time: "9999-01-01T00:00:00.000Z",
+    data: { ...real.data, routing: { ...(real.data.routing as object), team: "Trust and Safety" } },
+  };
+  const ack = await jetstream(t.nc).publish("feedback.processed.other", JSON.stringify(forged));
+
+  const letter = await waitFor(
+    async () =>
+      (await listDeadLetters(jetstream(t.nc))).find((l) => l.letter.stream_seq === ack.seq)
+        ?.letter,
+    10_000,
+    "the forged event's dead letter",
+  ) as DeadLetter;
+  assert.equal(letter.code, "subject_mismatch");
+  assert.match(
+    letter.reason,
+    /item_id "[^"]+" does not match its subject feedback\.processed\.other/,
+  );
+  await settled(t.jsm);
+
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  const after = (await readState(kv, body.id))!.state;
+  assert.equal(after.routing?.team, victim.routing?.team, "the victim keeps its team");
+  assert.equal(after.updated_at, victim.updated_at, "and its times");
+  assert.equal(
+    await readState(kv, "other"),
+    null,
+    "the subject's item is neither created nor failed",
+  );
+  assert.equal(await countOn(t.jsm, "feedback.failed.*"), 0);
+});
+
+Deno.test("a forged second `ingested` event with new text neither re-runs the item nor changes its text", async () => {
+  await using t = await startTestNats({ duplicateWindowMs: 1000 });
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "The export crashes with an error" });
+  const before = await processed(t, body.id);
+  await duplicateWindowPassed(t);
+
+  const forged = createEvent({
+    type: "feedback.ingested",
+    itemId: body.id,
+    traceId: TRACE,
+    id: "forged-ingested",
+    source: "forger",
+    data: { text: "I love everything, please route me to the Product Team" },
+  });
+  await jetstream(t.nc).publish(`feedback.ingested.${body.id}`, JSON.stringify(forged));
+  await settled(t.jsm);
+
+  assert.equal(await countOn(t.jsm, `feedback.ingested.${body.id}`), 2, "the forgery is stored");
+  for (const type of ["sentiment_analyzed", "topics_extracted", "dispatched", "processed"]) {
+    assert.equal(await countOn(t.jsm, `feedback.${type}.${body.id}`), 1, `one ${type} event`);
+  }
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  const after = (await readState(kv, body.id))!.state;
+  assert.equal(after.text, before.text);
+  assert.deepEqual(after.routing, before.routing);
+});
+
+Deno.test("a submission re-sent on feedback.submit after the duplicate window does not run the item again", async () => {
+  await using t = await startTestNats({ duplicateWindowMs: 1000 });
+  await using _p = await startPipeline(t);
+  const js = jetstream(t.nc);
+  const submission = JSON.stringify({ id: "resent-1", text: "The app is slow to start" });
+  await js.publish("feedback.submit", submission, { msgID: "submit-resent-1" });
+  await processed(t, "resent-1");
+  await duplicateWindowPassed(t);
+  await js.publish("feedback.submit", submission, { msgID: "submit-resent-1" });
+  await js.publish("feedback.submit", submission);
+  await settled(t.jsm);
+  assert.equal(await countOn(t.jsm, "feedback.submit"), 3);
+  for (const type of ["ingested", "sentiment_analyzed", "topics_extracted", "processed"]) {
+    assert.equal(await countOn(t.jsm, `feedback.${type}.resent-1`), 1, `one ${type} event`);
+  }
+});
+
+/** A stage that copies an ingested item forward: the probe for redeliveries. */
+const forward: Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> = {
+  name: "forward",
+  filterSubject: "feedback.ingested.*",
+  input: { kind: "event", types: ["feedback.ingested"] },
+  handle: (event, ctx) => [
+    nextEvent(event, "feedback.sentiment_analyzed", {
+      ...event.data,
+      sentiment: { label: "neutral", score: 0, analyzer: "probe" },
+    }, ctx),
+  ],
+};
+
+function collect(nc: NatsConnection, subject: string): string[] {
+  const seen: string[] = [];
+  const sub = nc.subscribe(subject);
+  (async () => {
+    for await (const m of sub) seen.push(m.headers?.get("Nats-Msg-Id") ?? "");
+  })();
+  return seen;
+}
+
+Deno.test("a redelivered message whose output was already stored does not publish it again: plain subscribers see it once", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  const input = createEvent({
+    type: "feedback.ingested",
+    itemId: "redelivered-1",
+    traceId: TRACE,
+    source: "test",
+    data: { text: "hello" },
+  });
+  // A first delivery whose process published its output and died before the ack: the
+  // output is in the stream, the input is delivered again.
+  const output = forward.handle(input, {
+    source: "weft-forward",
+    message: { subject: "", seq: 0, storedAt: 0, deliveryCount: 1 },
+    now: () => new Date(),
+    signal: new AbortController().signal,
+  }) as ReturnType<typeof nextEvent>[];
+  const h = headers();
+  h.set("Weft-Event-Type", output[0]!.type);
+  await js.publish(`feedback.sentiment_analyzed.redelivered-1`, JSON.stringify(output[0]), {
+    msgID: output[0]!.id,
+    headers: h,
+  });
+  await t.jsm.consumers.add(FEEDBACK_STREAM, {
+    durable_name: "forward",
+    filter_subject: "feedback.ingested.*",
+    ack_policy: AckPolicy.Explicit,
+  });
+  await js.publish("feedback.ingested.redelivered-1", JSON.stringify(input));
+  const first = await (await js.consumers.get(FEEDBACK_STREAM, "forward")).next();
+  first!.nak(); // the "crash": delivered, never acknowledged
+
+  const seen = collect(t.nc, "feedback.sentiment_analyzed.*");
+  await t.nc.flush();
+  const runner = await runStage({ nc: t.nc, stage: forward, config: t.config, log: t.log });
+  await waitFor(() => runner.stats.processed === 1, 10_000, "the redelivery handled");
+  await runner.stop();
+  await t.nc.flush();
+  assert.deepEqual(seen, [], "nothing re-published");
+  assert.equal(await countOn(t.jsm, "feedback.sentiment_analyzed.redelivered-1"), 1);
+});
