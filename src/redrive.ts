@@ -16,14 +16,22 @@
  */
 import { Buffer } from "node:buffer";
 import { headers, type Msg, type NatsConnection } from "@nats-io/nats-core";
-import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
+import {
+  jetstream,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamClient,
+  type JetStreamManager,
+} from "@nats-io/jetstream";
 import { toProblem, ValidationError } from "./errors.ts";
+import { assertMatchesSubject, decodeJson } from "./runner.ts";
+import { type EventMap, validateDocument, validateEvent } from "./schemas.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import type { Logger } from "./log.ts";
 import type { Auth } from "./gateway/auth.ts";
 import { Role } from "./config.ts";
 import { readStream } from "./stream_reader.ts";
-import { DEADLETTER_STREAM, SUBMIT_SUBJECT } from "./subjects.ts";
+import { DEADLETTER_STREAM, parseEventSubject, SUBMIT_SUBJECT } from "./subjects.ts";
 
 /** Request subject listing dead letters: body = a {@link DeadLetterFilter} as JSON (or empty). */
 export const DEADLETTERS_LIST_SUBJECT = "weft.deadletters.list";
@@ -68,6 +76,8 @@ export interface RedriveResult {
   redriven: { seq: number; item_id?: string; subject: string; msg_id: string }[];
   /** Requested seqs that are not dead letters. */
   not_found: number[];
+  /** Letters that were not re-published, and why (see {@link checkRedrivable}). */
+  refused: { seq: number; reason: string }[];
 }
 
 interface Marker {
@@ -180,11 +190,16 @@ export async function listDeadLetters(
   return entries.filter((e) => matches(e, filter)).slice(0, limit);
 }
 
-/** The bytes to republish for a letter. */
-export function originalBody(letter: DeadLetter): Uint8Array {
-  const bytes = letter.payload_encoding === "base64"
+/** The original message's bytes, as the letter keeps them. */
+function letterBytes(letter: DeadLetter): Uint8Array {
+  return letter.payload_encoding === "base64"
     ? new Uint8Array(Buffer.from(letter.payload, "base64"))
     : encoder.encode(letter.payload);
+}
+
+/** The bytes to republish for a letter. */
+export function originalBody(letter: DeadLetter): Uint8Array {
+  const bytes = letterBytes(letter);
   if (letter.subject !== SUBMIT_SUBJECT || !letter.item_id) return bytes;
   // A bus submission without an id was given one from its stream position; keep it, so the
   // redriven submission is the same item and not a new one.
@@ -198,7 +213,99 @@ export function originalBody(letter: DeadLetter): Uint8Array {
 }
 
 /**
- * Republishes the selected dead letters' originals to their original subjects.
+ * True when `subject` matches the NATS subject `filter` (`*`: one token, `>`: the rest).
+ *
+ * @example
+ * ```ts
+ * import { subjectMatches } from "./redrive.ts";
+ * console.assert(subjectMatches("feedback.ingested.*", "feedback.ingested.fb1"));
+ * console.assert(!subjectMatches("feedback.ingested.*", "$KV.weft_feedback_state.fb1"));
+ * ```
+ */
+export function subjectMatches(filter: string, subject: string): boolean {
+  const f = filter.split(".");
+  const s = subject.split(".");
+  for (let i = 0; i < f.length; i++) {
+    if (f[i] === ">") return s.length > i;
+    if (i >= s.length || (f[i] !== "*" && f[i] !== s[i]) || s[i] === "") return false;
+  }
+  return f.length === s.length;
+}
+
+/** Why a letter cannot be redriven; undefined when it can. */
+type Refusal = string | undefined;
+
+/**
+ * Checks that a dead letter may be redriven, so a redrive can only ever re-deliver what a
+ * stage consumed, never write anywhere else (a forged letter naming `$JS.API...`, a KV key,
+ * or another item's events):
+ * 1. its subject is consumed by the durable consumer of the stage that gave up on it (the
+ *    allowlist is the live topology: the consumer's filter subject), and is no system subject;
+ * 2. the stream that holds that subject still has, at the letter's `stream_seq`, a message on
+ *    that subject with the letter's bytes (when retention already removed the original, the
+ *    other checks stand alone);
+ * 3. the original passes again the validation its consumer applies: a poison message would
+ *    only be dead-lettered again.
+ */
+export async function checkRedrivable(
+  jsm: JetStreamManager,
+  letter: DeadLetter,
+): Promise<Refusal> {
+  const subject = letter.subject;
+  if (typeof subject !== "string" || /^[$_]/.test(subject) || /[\s*>]/.test(subject)) {
+    return `subject ${JSON.stringify(subject)} may never be published to by a redrive`;
+  }
+  let stream: string;
+  try {
+    stream = await jsm.streams.find(subject);
+  } catch {
+    return `no stream holds ${subject}`;
+  }
+  if (stream === DEADLETTER_STREAM) return `${subject} is a dead-letter subject`;
+  let filters: string[];
+  try {
+    const ci = await jsm.consumers.info(stream, letter.stage);
+    filters = ci.config.filter_subjects ??
+      (ci.config.filter_subject ? [ci.config.filter_subject] : []);
+  } catch {
+    return `stage ${JSON.stringify(letter.stage)} has no consumer on ${stream}`;
+  }
+  if (!filters.some((f) => subjectMatches(f, subject))) {
+    return `stage ${letter.stage} does not consume ${subject}`;
+  }
+  const bytes = letterBytes(letter);
+  try {
+    const stored = await jsm.streams.getMessage(stream, { seq: letter.stream_seq });
+    if (stored && (stored.subject !== subject || !sameBytes(stored.data, bytes))) {
+      return `the letter does not match message ${letter.stream_seq} of ${stream}`;
+    }
+  } catch (err) {
+    if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound)) {
+      throw err;
+    }
+  }
+  try {
+    const value = decodeJson(originalBody(letter));
+    if (subject === SUBMIT_SUBJECT) validateDocument("feedback.submit", value);
+    else if (parseEventSubject(subject)) {
+      const event = validateEvent(value, [parseEventSubject(subject)!.type as keyof EventMap]);
+      assertMatchesSubject(event, subject);
+    }
+  } catch (err) {
+    return `the original would be dead-lettered again: ${(err as Error).message}`;
+  }
+  return undefined;
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/**
+ * Republishes the selected dead letters' originals to their original subjects, each after
+ * {@link checkRedrivable}; refused letters are reported, never published.
  *
  * @example
  * ```ts ignore
@@ -223,8 +330,14 @@ export async function redrive(js: JetStreamClient, req: RedriveRequest): Promise
   } else {
     selected = all.filter((e) => e.redrives === 0);
   }
-  const result: RedriveResult = { redriven: [], not_found: notFound };
+  const result: RedriveResult = { redriven: [], not_found: notFound, refused: [] };
+  const jsm = await js.jetstreamManager();
   for (const e of selected) {
+    const refusal = await checkRedrivable(jsm, e.letter);
+    if (refusal) {
+      result.refused.push({ seq: e.seq, reason: refusal });
+      continue;
+    }
     const msgId = `redrive-${e.seq}-${e.redrives + 1}`;
     const h = headers();
     h.set("Weft-Redrive-Of", String(e.seq));
@@ -240,6 +353,13 @@ export async function redrive(js: JetStreamClient, req: RedriveRequest): Promise
     };
     if (e.letter.item_id) item.item_id = e.letter.item_id;
     result.redriven.push(item);
+  }
+  if (result.redriven.length === 0 && result.refused.length > 0) {
+    throw new ValidationError(
+      `nothing redriven: ${result.refused.map((r) => `${r.seq}: ${r.reason}`).join("; ")}`
+        .slice(0, 2000),
+      { field: "ids" in req ? "/ids" : "filter" in req ? "/filter" : "/all" },
+    );
   }
   return result;
 }

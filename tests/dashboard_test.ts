@@ -31,7 +31,10 @@ async function loadChromium() {
 
 Deno.test("the dashboard shows a submitted item moving through the stages and opens its history", async () => {
   const chromium = await loadChromium();
-  await using mesh = await startMesh();
+  // Topics fails on this phrase (a testing aid), so an item can be dead-lettered for real.
+  await using mesh = await startMesh({
+    env: { WEFT_FAIL_ON: "explode-on-purpose", WEFT_FAIL_STAGE: "topics", WEFT_MAX_ATTEMPTS: "2" },
+  });
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
     args: [
@@ -123,12 +126,17 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     await page.locator(`[data-stage="content-state"] dd.processed`).filter({ hasText: /^[1-9]/ })
       .waitFor({ timeout: 10_000 });
 
-    // A poison message on the bus is dead-lettered; the dead-letter panel lists it with its
-    // reason, and its Redrive button re-submits it (it is poison, so it is dead-lettered again).
-    mesh.nc.publish("feedback.ingested.poison1", "{not json");
-    const letter = page.locator("#dl tr[data-letter]", { hasText: "poison1" }).first();
+    // An item a stage gave up on is dead-lettered; the dead-letter panel lists it with its
+    // reason, and its Redrive button re-submits it (the fault is still on, so it fails again).
+    const failing = await fetch(`${mesh.url}/feedback`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ id: "doomed1", text: "this will explode-on-purpose" }),
+    });
+    assert.equal(failing.status, 202, await failing.text());
+    const letter = page.locator("#dl tr[data-letter]", { hasText: "doomed1" }).first();
     await letter.waitFor({ timeout: 15_000 });
-    assert.match((await letter.textContent()) ?? "", /invalid_event: body is not JSON/);
+    assert.match((await letter.textContent()) ?? "", /handler_failed/);
     const seq = Number(await letter.getAttribute("data-letter"));
     await letter.locator("button", { hasText: "Redrive" }).click();
     const redriven = await waitFor(
@@ -140,7 +148,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
       15_000,
       "the dead letter to be redriven",
     );
-    assert.equal(redriven.letter.item_id, "poison1");
+    assert.equal(redriven.letter.item_id, "doomed1");
 
     await Deno.mkdir(".artifacts", { recursive: true });
     const shot = `${Deno.cwd()}/.artifacts/dashboard.png`;

@@ -8,9 +8,13 @@
  */
 import { Hono } from "hono";
 import type { JetStreamClient } from "@nats-io/jetstream";
-import { ValidationError } from "../errors.ts";
+import { bodyLimit } from "hono/body-limit";
+import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { decodeJson } from "../runner.ts";
 import { listDeadLetters, parseFilter, parseRedriveRequest, redrive } from "../redrive.ts";
+
+/** Largest accepted body of `POST /deadletters/redrive`, bytes. */
+export const REDRIVE_BODY_LIMIT = 256 * 1024;
 
 /**
  * The dead-letter routes.
@@ -37,15 +41,28 @@ export function deadLetterRoutes(js: JetStreamClient): Hono {
     }
     return c.json({ items: await listDeadLetters(js, filter, limit) });
   });
-  app.post("/redrive", async (c) => {
-    const type = c.req.header("content-type") ?? "";
-    if (!/^application\/json\s*(?:;|$)/i.test(type)) {
-      throw new ValidationError("content-type must be application/json", {
-        field: "content-type",
-      });
-    }
-    const body = decodeJson(new Uint8Array(await c.req.arrayBuffer()));
-    return c.json(await redrive(js, parseRedriveRequest(body)));
-  });
+  // Ids of 10,000 letters fit in ~120 KB; anything larger is refused before it is read.
+  app.post(
+    "/redrive",
+    bodyLimit({
+      maxSize: REDRIVE_BODY_LIMIT,
+      onError: () => {
+        throw new WeftError(
+          ErrorCode.PayloadTooLarge,
+          `body is larger than ${REDRIVE_BODY_LIMIT} bytes`,
+        );
+      },
+    }),
+    async (c) => {
+      const type = c.req.header("content-type") ?? "";
+      if (!/^application\/json\s*(?:;|$)/i.test(type)) {
+        throw new ValidationError("content-type must be application/json", {
+          field: "content-type",
+        });
+      }
+      const body = decodeJson(new Uint8Array(await c.req.arrayBuffer()));
+      return c.json(await redrive(js, parseRedriveRequest(body)));
+    },
+  );
   return app;
 }

@@ -1,0 +1,127 @@
+/**
+ * A redrive re-delivers only what a stage consumed: never a forged letter, a system or KV
+ * subject, another stage's input, or poison that would fail again. Against a real
+ * nats-server and the real pipeline, through the gateway app.
+ */
+import assert from "node:assert/strict";
+import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import type { DeadLetter } from "../src/events.gen.ts";
+import { createEvent } from "../src/events.ts";
+import { listDeadLetters } from "../src/redrive.ts";
+import { STATE_BUCKET } from "../src/subjects.ts";
+import { startTestNats } from "./helpers/nats.ts";
+import { startPipeline } from "./helpers/pipeline.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const JSON_TYPE = { "content-type": "application/json" };
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
+
+function letter(over: Partial<DeadLetter>): DeadLetter {
+  return {
+    stage: "sentiment",
+    code: "handler_failed",
+    reason: "forged",
+    attempts: 1,
+    subject: "feedback.ingested.x",
+    stream_seq: 1,
+    time: "2026-01-01T00:00:00.000Z",
+    payload: JSON.stringify({ text: "hi" }),
+    payload_encoding: "utf8",
+    ...over,
+  };
+}
+
+Deno.test("a forged dead letter cannot make a redrive publish to a KV key, the JetStream API or another stage's input", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const js = jetstream(t.nc);
+  const { body } = await p.intake.submit({ text: "A fine day" });
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  await waitFor(
+    async () => (await kv.get(body.id))?.json<{ status: string }>().status === "processed",
+    20_000,
+    "processed",
+  );
+  const before = (await kv.get(body.id))!.revision;
+
+  const forged = [
+    letter({ subject: `$KV.${STATE_BUCKET}.${body.id}`, payload: '{"status":"owned"}' }),
+    letter({
+      subject: "$JS.API.STREAM.CREATE.EVIL",
+      payload: '{"name":"EVIL","subjects":["evil"]}',
+    }),
+    letter({ subject: "_INBOX.steal", payload: "{}" }),
+    // A real stage and subject, but the letter's bytes are not what the stream holds there.
+    letter({ subject: `feedback.ingested.${body.id}`, stream_seq: 1, payload: '{"text":"new"}' }),
+    // A subject the named stage does not consume.
+    letter({ stage: "sentiment", subject: `feedback.processed.${body.id}` }),
+  ];
+  const seqs: number[] = [];
+  for (const l of forged) {
+    seqs.push((await js.publish("deadletter.sentiment.x", JSON.stringify(l))).seq);
+  }
+  const res = await p.app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ids: seqs }),
+  });
+  assert.equal(res.status, 422, await res.clone().text());
+  assert.match(res.headers.get("content-type") ?? "", /problem\+json/);
+  const problem = await res.json();
+  assert.equal(problem.field, "/ids");
+  for (const seq of seqs) assert.match(problem.detail, new RegExp(`\\b${seq}: `));
+
+  assert.equal((await kv.get(body.id))!.revision, before, "the state key is untouched");
+  await assert.rejects(t.jsm.streams.info("EVIL"), "no stream was created");
+  const all = await p.app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ all: true }),
+  });
+  assert.equal(all.status, 422, "a redrive of everything refuses them too");
+});
+
+Deno.test("a dead letter whose original would fail validation again is not redriven (genuine ones are: crash_test.ts)", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const js = jetstream(t.nc);
+  // A valid event on a subject the sentiment stage consumes, which it fails on for good
+  // because its body names another item (subject_mismatch): genuine, but poison.
+  const poison = createEvent({
+    type: "feedback.ingested",
+    itemId: "someone-else",
+    traceId: TRACE,
+    source: "test",
+    data: { text: "hello" },
+  });
+  await js.publish("feedback.ingested.poisoned", JSON.stringify(poison));
+  const letters = await waitFor(
+    async () => {
+      const ls = await listDeadLetters(js);
+      return ls.some((l) => l.letter.subject === "feedback.ingested.poisoned") && ls;
+    },
+    10_000,
+    "the poison's dead letter",
+  );
+  const poisonSeq = letters.find((l) => l.letter.subject === "feedback.ingested.poisoned")!.seq;
+  const res = await p.app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ids: [poisonSeq] }),
+  });
+  assert.equal(res.status, 422);
+  assert.match((await res.json()).detail, /would be dead-lettered again/);
+});
+
+Deno.test("POST /deadletters/redrive refuses a body over its limit with 413 before reading it", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const res = await p.app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ids: Array.from({ length: 60_000 }, (_, i) => i + 1) }),
+  });
+  assert.equal(res.status, 413);
+  assert.match(res.headers.get("content-type") ?? "", /problem\+json/);
+});
