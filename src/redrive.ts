@@ -31,7 +31,12 @@ import type { Logger } from "./log.ts";
 import type { Auth } from "./gateway/auth.ts";
 import { Role } from "./config.ts";
 import { readStream } from "./stream_reader.ts";
-import { DEADLETTER_STREAM, parseEventSubject, SUBMIT_SUBJECT } from "./subjects.ts";
+import {
+  DEADLETTER_STREAM,
+  parseEventSubject,
+  subjectMatches,
+  SUBMIT_SUBJECT,
+} from "./subjects.ts";
 
 /** Request subject listing dead letters: body = a {@link DeadLetterFilter} as JSON (or empty). */
 export const DEADLETTERS_LIST_SUBJECT = "weft.deadletters.list";
@@ -210,26 +215,6 @@ export function originalBody(letter: DeadLetter): Uint8Array {
     }
   } catch { /* not JSON: republish as it was; it will be dead-lettered again */ }
   return bytes;
-}
-
-/**
- * True when `subject` matches the NATS subject `filter` (`*`: one token, `>`: the rest).
- *
- * @example
- * ```ts
- * import { subjectMatches } from "./redrive.ts";
- * console.assert(subjectMatches("feedback.ingested.*", "feedback.ingested.fb1"));
- * console.assert(!subjectMatches("feedback.ingested.*", "$KV.weft_feedback_state.fb1"));
- * ```
- */
-export function subjectMatches(filter: string, subject: string): boolean {
-  const f = filter.split(".");
-  const s = subject.split(".");
-  for (let i = 0; i < f.length; i++) {
-    if (f[i] === ">") return s.length > i;
-    if (i >= s.length || (f[i] !== "*" && f[i] !== s[i]) || s[i] === "") return false;
-  }
-  return f.length === s.length;
 }
 
 /** Why a letter cannot be redriven; undefined when it can. */

@@ -166,3 +166,45 @@ export const DIGEST_STREAM = "DIGEST";
 export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
 /** The id of the recurring schedule that requests the feedback digest. */
 export const DIGEST_SCHEDULE_ID = "feedback-digest";
+
+/**
+ * True when `subject` matches the NATS subject `filter` (`*`: one token, `>`: the rest).
+ *
+ * @example
+ * ```ts
+ * import { subjectMatches } from "./subjects.ts";
+ * console.assert(subjectMatches("feedback.ingested.*", "feedback.ingested.fb1"));
+ * console.assert(!subjectMatches("feedback.ingested.*", "$KV.weft_feedback_state.fb1"));
+ * ```
+ */
+export function subjectMatches(filter: string, subject: string): boolean {
+  const f = filter.split(".");
+  const s = subject.split(".");
+  for (let i = 0; i < f.length; i++) {
+    if (f[i] === ">") return s.length > i;
+    if (i >= s.length || (f[i] !== "*" && f[i] !== s[i]) || s[i] === "") return false;
+  }
+  return f.length === s.length;
+}
+
+/**
+ * The subjects a caller may schedule (`POST /schedules`, `weft.schedules.create`): the
+ * pipelines' bus inputs, which validate what they consume like any submission. Never an
+ * event subject of a step, a JetStream API, KV or object-store subject, or a request subject.
+ */
+export const CALLER_SCHEDULABLE_SUBJECTS: readonly string[] = [SUBMIT_SUBJECT, "digest.request.*"];
+
+/**
+ * What the scheduler fires on at all: what callers may schedule, and the SLA timers the
+ * review service sets itself. A schedule on anything else (e.g. written straight into the
+ * bucket) is refused when fired.
+ */
+export const SCHEDULABLE_SUBJECTS: readonly string[] = [
+  ...CALLER_SCHEDULABLE_SUBJECTS,
+  "content.sla_expired.*",
+];
+
+/** True when `subject` matches one of `filters`. */
+export function subjectAllowed(filters: readonly string[], subject: string): boolean {
+  return filters.some((f) => subjectMatches(f, subject));
+}

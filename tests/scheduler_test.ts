@@ -16,6 +16,14 @@ import { leaseKey, runScheduler } from "../src/scheduler/scheduler.ts";
 import { createLogger } from "../src/log.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/services.ts";
+import { Hono } from "hono";
+import { createModerationApi } from "../src/moderation/api.ts";
+import { createModerationRoutes } from "../src/gateway/moderation_routes.ts";
+import { serveModerationRequests } from "../src/gateway/moderation_requests.ts";
+import { createAuth } from "../src/gateway/auth.ts";
+import { problemResponse } from "../src/gateway/app.ts";
+import { startTestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
 /** Collects the firings seen on a core subscription (every publish, before dedupe). */
 function firings(nc: Awaited<ReturnType<typeof connectNats>>, subject: string) {
   const seen: { schedule: string; at: string }[] = [];
@@ -56,19 +64,23 @@ Deno.test({
     try {
       const jsm = await jetstreamManager(nc);
       await ensureTopology(nc, jsm, loadConfig({ env: () => undefined, args: [] }));
-      await jsm.streams.add({ name: "TICKS", subjects: ["ticks.>"] });
       const store = createScheduleStore(await new Kvm(nc).open(SCHEDULE_BUCKET));
-      const seen = firings(nc, "ticks.>");
+      const seen = firings(nc, "digest.request.>");
       await t.step(
         "two replicas: a one-shot fires once, a cron tick fires once per tick",
         async () => {
           await using _s1 = await startService("scheduler", env);
           await using _s2 = await startService("scheduler", env);
           const at = new Date(Date.now() + 1000).toISOString();
-          await store.create({ id: "once", subject: "ticks.once", payload: { hello: 1 }, at });
+          await store.create({
+            id: "once",
+            subject: "digest.request.once",
+            payload: { hello: 1 },
+            at,
+          });
           await store.create({
             id: "every-second",
-            subject: "ticks.cron",
+            subject: "digest.request.cron",
             payload: { kind: "digest" },
             cron: "* * * * * *",
           });
@@ -83,7 +95,7 @@ Deno.test({
           const ticks = seen.seen.filter((f) => f.schedule === "every-second").map((f) => f.at);
           assert.equal(new Set(ticks).size, ticks.length, `no tick fired twice: ${ticks}`);
           assert.equal((await store.get("once")).status, "done");
-          const stream = await jsm.streams.info("TICKS");
+          const stream = await jsm.streams.info("DIGEST");
           assert.equal(
             stream.state.messages,
             seen.seen.length,
@@ -96,7 +108,7 @@ Deno.test({
         async () => {
           // No replica runs now; the deadline is already past when they start.
           const at = new Date(Date.now() - 1000).toISOString();
-          await store.create({ id: "while-down", subject: "ticks.down", payload: {}, at });
+          await store.create({ id: "while-down", subject: "digest.request.down", payload: {}, at });
           await using _s1 = await startService("scheduler", env);
           await using _s2 = await startService("scheduler", env);
           await seen.until(() => seen.seen.some((f) => f.schedule === "while-down"));
@@ -113,11 +125,16 @@ Deno.test({
       await t.step("a cancelled schedule never fires", async () => {
         await using _s1 = await startService("scheduler", env);
         const at = new Date(Date.now() + 400).toISOString();
-        await store.create({ id: "cancelled", subject: "ticks.cancelled", payload: {}, at });
+        await store.create({
+          id: "cancelled",
+          subject: "digest.request.cancelled",
+          payload: {},
+          at,
+        });
         assert.equal(await store.cancel("cancelled"), true);
         await store.create({
           id: "marker",
-          subject: "ticks.marker",
+          subject: "digest.request.marker",
           payload: {},
           at: new Date(Date.now() + 800).toISOString(),
         });
@@ -141,15 +158,14 @@ Deno.test({
     try {
       const jsm = await jetstreamManager(nc);
       await ensureTopology(nc, jsm, loadConfig({ env: () => undefined, args: [] }));
-      await jsm.streams.add({ name: "TICKS", subjects: ["ticks.>"] });
       const kvm = new Kvm(nc);
       const store = createScheduleStore(await kvm.open(SCHEDULE_BUCKET));
       const at = new Date(Date.now() - 1000).toISOString();
-      await store.create({ id: "orphan", subject: "ticks.orphan", payload: {}, at });
+      await store.create({ id: "orphan", subject: "digest.request.orphan", payload: {}, at });
       // A replica took the lease and died: no publish, schedule not advanced.
       const leases = await kvm.open(SCHEDULE_LEASE_BUCKET);
       await leases.create(leaseKey("orphan", Date.parse(at)), JSON.stringify({ replica: "dead" }));
-      const seen = firings(nc, "ticks.>");
+      const seen = firings(nc, "digest.request.>");
       const scheduler = await runScheduler({
         nc,
         log: createLogger("test", "error"),
@@ -169,4 +185,77 @@ Deno.test({
       await nc.close();
     }
   },
+});
+
+Deno.test("a schedule on a subject callers may not schedule is refused with 422 over HTTP and NATS, and the scheduler never fires one written into the bucket", async () => {
+  await using t = await startTestNats();
+  const log = createLogger("test", "error", () => {});
+  const api = await createModerationApi({ nc: t.nc, config: t.config, log, authEnabled: false });
+  const app = new Hono();
+  app.onError((err, c) => problemResponse(c, err));
+  app.route("/", createModerationRoutes({ api, auth: createAuth([]), config: t.config, log }));
+  const requests = serveModerationRequests(t.nc, api, createAuth([]), log);
+  try {
+    for (
+      const subject of [
+        "$JS.API.STREAM.CREATE.X",
+        "$KV.weft_feedback_state.x",
+        "feedback.processed.x",
+        "weft.feedback.get",
+      ]
+    ) {
+      const body = JSON.stringify({
+        subject,
+        payload: { name: "X" },
+        at: new Date().toISOString(),
+      });
+      const res = await app.request("/schedules", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body,
+      });
+      assert.equal(res.status, 422, subject);
+      assert.equal((await res.json()).field, "/subject");
+      const reply = await t.nc.request("weft.schedules.create", body);
+      assert.equal(reply.json<{ error?: { field?: string } }>().error?.field, "/subject", subject);
+    }
+    assert.equal((await api.schedules.list()).length, 0, "nothing was scheduled");
+    const ok = await app.request("/schedules", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        subject: "feedback.submit",
+        payload: { text: "hi" },
+        at: "2099-01-01T00:00:00Z",
+      }),
+    });
+    assert.equal(ok.status, 201, await ok.clone().text());
+
+    // Written straight into the bucket (as anyone with KV access could), due now.
+    const seen: string[] = [];
+    const sub = t.nc.subscribe("$JS.API.STREAM.CREATE.>", {
+      callback: (_e, m) => void seen.push(m.subject),
+    });
+    const store = createScheduleStore(await new Kvm(t.nc).open(SCHEDULE_BUCKET));
+    await store.create({
+      id: "evil",
+      subject: "$JS.API.STREAM.CREATE.EVIL",
+      payload: { name: "EVIL" },
+      at: new Date().toISOString(),
+    });
+    const lines: string[] = [];
+    const scheduler = await runScheduler({
+      nc: t.nc,
+      log: createLogger("test", "debug", (l) => lines.push(l)),
+      replica: "guard",
+    });
+    await waitFor(() => lines.some((l) => l.includes("schedule refused")), 10_000, "the refusal");
+    await scheduler.stop();
+    await t.nc.flush();
+    sub.unsubscribe();
+    assert.deepEqual(seen, []);
+    await assert.rejects(t.jsm.streams.info("EVIL"));
+  } finally {
+    requests.stop();
+  }
 });

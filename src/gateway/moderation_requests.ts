@@ -18,6 +18,7 @@ import type { Logger } from "../log.ts";
 import type { ModerationApi } from "../moderation/api.ts";
 import { ReviewStatus } from "../moderation/review_queue.ts";
 import { decodeJson } from "../runner.ts";
+import { assertCallerSchedulable } from "../scheduler/store.ts";
 import { validateDocument } from "../schemas.ts";
 import {
   CONTENT_GET_REQUEST_SUBJECT,
@@ -114,7 +115,11 @@ export function serveModerationRequests(
     },
     [`${SCHEDULES_REQUEST_PREFIX}.create`]: {
       roles: [Role.Admin],
-      run: (m) => api.schedules.create(validateDocument("schedule", objectOf(m))),
+      run: (m) => {
+        const doc = validateDocument("schedule", objectOf(m));
+        assertCallerSchedulable(doc.subject);
+        return api.schedules.create(doc);
+      },
     },
     [`${SCHEDULES_REQUEST_PREFIX}.list`]: {
       roles: [Role.Admin],

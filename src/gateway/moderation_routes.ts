@@ -18,6 +18,7 @@ import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import type { ModerationApi } from "../moderation/api.ts";
 import { ReviewStatus } from "../moderation/review_queue.ts";
+import { assertCallerSchedulable } from "../scheduler/store.ts";
 import { decodeJson } from "../runner.ts";
 import { validateDocument } from "../schemas.ts";
 import { CONTENT_FINAL_EVENT_TYPES, CONTENT_STREAM, contentEventsFilter } from "../subjects.ts";
@@ -165,7 +166,9 @@ export function createModerationRoutes(deps: {
   const admin = auth.require(Role.Admin);
   app.get("/schedules", admin, async (c) => c.json({ items: await api.schedules.list() }));
   app.post("/schedules", admin, tooLarge(config.bodyLimit), async (c) => {
-    const entry = await api.schedules.create(validateDocument("schedule", await readJson(c)));
+    const doc = validateDocument("schedule", await readJson(c));
+    assertCallerSchedulable(doc.subject);
+    const entry = await api.schedules.create(doc);
     return c.json(entry, 201);
   });
   app.get("/schedules/:id", admin, async (c) => c.json(await api.schedules.get(c.req.param("id"))));

@@ -18,7 +18,12 @@ import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { Logger } from "../log.ts";
-import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET } from "../subjects.ts";
+import {
+  SCHEDULABLE_SUBJECTS,
+  SCHEDULE_BUCKET,
+  SCHEDULE_LEASE_BUCKET,
+  subjectAllowed,
+} from "../subjects.ts";
 import { afterFiring, readSchedule, type ScheduleEntry } from "./store.ts";
 
 /** A running scheduler replica. */
@@ -122,6 +127,14 @@ export async function runScheduler(opts: {
   async function fire(id: string, due: string): Promise<void> {
     const current = await readSchedule(schedules, id);
     if (!current || current.entry.status !== "active" || current.entry.next_at !== due) return;
+    if (!subjectAllowed(SCHEDULABLE_SUBJECTS, current.entry.subject)) {
+      // Only a schedule written straight into the bucket can get here: never publish it.
+      log.error("schedule refused: its subject is not schedulable", {
+        schedule: id,
+        subject: current.entry.subject.slice(0, 200),
+      });
+      return;
+    }
     const dueMs = Date.parse(due);
     const key = leaseKey(id, dueMs);
     try {

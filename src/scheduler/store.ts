@@ -12,6 +12,7 @@ import { ulid } from "ulid";
 import { ConflictError, NotFoundError, ValidationError } from "../errors.ts";
 import type { Schedule } from "../events.gen.ts";
 import { validateDocument } from "../schemas.ts";
+import { CALLER_SCHEDULABLE_SUBJECTS, subjectAllowed } from "../subjects.ts";
 
 /** A stored schedule. */
 export interface ScheduleEntry {
@@ -173,4 +174,31 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
       return true;
     },
   };
+}
+
+/**
+ * Refuses a schedule a caller may not create: its subject must be one of
+ * {@link CALLER_SCHEDULABLE_SUBJECTS} (a pipeline's bus input), never a step's events, a
+ * JetStream API, KV or object-store subject. A {@link ValidationError} naming `/subject`.
+ *
+ * @example
+ * ```ts
+ * import { assertCallerSchedulable } from "./store.ts";
+ * assertCallerSchedulable("feedback.submit");
+ * try {
+ *   assertCallerSchedulable("$JS.API.STREAM.CREATE.X");
+ * } catch (err) {
+ *   console.assert((err as { field: string }).field === "/subject");
+ * }
+ * ```
+ */
+export function assertCallerSchedulable(subject: string): void {
+  if (!subjectAllowed(CALLER_SCHEDULABLE_SUBJECTS, subject)) {
+    throw new ValidationError(
+      `/subject must be one of ${CALLER_SCHEDULABLE_SUBJECTS.join(", ")} (got ${
+        JSON.stringify(subject).slice(0, 200)
+      })`,
+      { field: "/subject" },
+    );
+  }
 }
