@@ -4,6 +4,8 @@
  *
  * @module
  */
+import { jetstreamManager } from "@nats-io/jetstream";
+import { createCapacityGuard } from "../src/capacity.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
@@ -15,7 +17,12 @@ import { runService } from "../src/service.ts";
 
 if (import.meta.main) {
   await runService("gateway", async ({ nc, config, log, metrics }) => {
-    const intake = await createIntake(nc);
+    const capacity = createCapacityGuard(await jetstreamManager(nc), {
+      highWater: config.streamHighWater,
+      alertAt: config.streamAlertAt,
+      log,
+    });
+    const intake = await createIntake(nc, "weft-gateway", { capacity });
     const auth = createAuth(config.apiKeys);
     if (!auth.enabled) {
       log.warn("authentication is OFF: no WEFT_API_KEYS configured; every caller is admin");
@@ -25,6 +32,7 @@ if (import.meta.main) {
       config,
       log,
       authEnabled: auth.enabled,
+      capacity,
     });
     const app = createApp({ nc, intake, config, log, auth, moderation, metrics });
     const requests = serveRequests(nc, intake, log, auth);

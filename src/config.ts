@@ -121,6 +121,12 @@ export interface Config {
   slowMs: number;
   /** Testing/chaos aid: the stages (comma-separated, "" or "*" = all) `slowMs` applies to. `WEFT_SLOW_STAGE`. */
   slowStage: string;
+  /** Share of a stream's limits from which intake refuses new items (507), so accepted ones can finish. `WEFT_STREAM_HIGH_WATER`. */
+  streamHighWater: number;
+  /** Share of a stream's limits from which a warning is logged. `WEFT_STREAM_ALERT_AT`. */
+  streamAlertAt: number;
+  /** Allow a start to lower a stream's limits below what it stores (discarding data). `WEFT_ALLOW_SHRINK`. */
+  allowShrink: boolean;
 }
 
 /** The roles an API key can have. `admin` may do everything. */
@@ -180,6 +186,12 @@ const num = (min: number) => (raw: string) => {
   const n = Number(raw);
   return Number.isFinite(n) && n >= min ? n : undefined;
 };
+const ratio = (raw: string) => {
+  const n = Number(raw);
+  return Number.isFinite(n) && n > 0 && n <= 1 ? n : undefined;
+};
+const bool = (raw: string) =>
+  /^(1|true|yes)$/i.test(raw) ? true : /^(0|false|no)$/i.test(raw) ? false : undefined;
 const url = (raw: string) => {
   try {
     return new URL(raw).protocol.startsWith("http") ? raw.replace(/\/+$/, "") : undefined;
@@ -275,6 +287,9 @@ const SETTINGS: Setting<any>[] = [
   { key: "failStage", env: "WEFT_FAIL_STAGE", default: "", parse: str },
   { key: "slowMs", env: "WEFT_SLOW_MS", default: 0, parse: int(0, 3_600_000) },
   { key: "slowStage", env: "WEFT_SLOW_STAGE", default: "", parse: str },
+  { key: "streamHighWater", env: "WEFT_STREAM_HIGH_WATER", default: 0.9, parse: ratio },
+  { key: "streamAlertAt", env: "WEFT_STREAM_ALERT_AT", default: 0.8, parse: ratio },
+  { key: "allowShrink", env: "WEFT_ALLOW_SHRINK", default: false, parse: bool },
 ];
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */

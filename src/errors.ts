@@ -43,6 +43,11 @@ export const ErrorCode = {
    * type): refused, dead-lettered, and no item is changed or failed by it.
    */
   SubjectMismatch: "subject_mismatch",
+  /**
+   * A stream is too full to accept new items (past its high-water mark): retry after the
+   * Retry-After interval, or grow the stream. Accepted items are never discarded for room.
+   */
+  InsufficientStorage: "insufficient_storage",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -53,6 +58,8 @@ export interface WeftErrorOptions extends ErrorOptions {
   field?: string;
   /** When true, retrying cannot help. Defaults by code. */
   permanent?: boolean;
+  /** Seconds after which a retry may succeed (HTTP `Retry-After`). */
+  retryAfterSeconds?: number;
 }
 
 /** The base of every error Weft raises on purpose. */
@@ -63,6 +70,8 @@ export class WeftError extends Error {
   readonly field?: string;
   /** True when retrying cannot help. */
   readonly permanent: boolean;
+  /** Seconds after which a retry may succeed, when known (HTTP `Retry-After`). */
+  readonly retryAfterSeconds?: number;
 
   /** An error with `code`; `options.permanent` defaults by code. */
   constructor(code: ErrorCode, message: string, options: WeftErrorOptions = {}) {
@@ -71,6 +80,7 @@ export class WeftError extends Error {
     this.code = code;
     this.field = options.field;
     this.permanent = options.permanent ?? PERMANENT_BY_DEFAULT.has(code);
+    if (options.retryAfterSeconds !== undefined) this.retryAfterSeconds = options.retryAfterSeconds;
   }
 }
 
@@ -189,6 +199,7 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   forbidden: 403,
   conflict: 409,
   subject_mismatch: 422,
+  insufficient_storage: 507,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -208,6 +219,7 @@ const TITLES: Record<ErrorCode, string> = {
   forbidden: "Forbidden",
   conflict: "Conflict",
   subject_mismatch: "Event does not match its subject",
+  insufficient_storage: "Insufficient storage",
 };
 
 /** Maps any error to the problem document the gateway answers with. */

@@ -17,7 +17,9 @@ import {
   RetentionPolicy,
   StorageType,
   type StreamConfig,
+  type StreamInfo,
 } from "@nats-io/jetstream";
+import { ConfigError } from "./errors.ts";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import type { Config } from "./config.ts";
@@ -48,12 +50,15 @@ export type TopologyConfig = Pick<
   | "ackWaitMs"
   | "maxAttempts"
   | "idempotencyTtlMs"
+  | "allowShrink"
 >;
 
 /** Stream configurations, by name. */
 export function streamConfigs(config: TopologyConfig): NamedStreamConfig[] {
   // Every stream: limits retention (SSE replays history, so events stay after acks), file
-  // storage, oldest discarded first, the configured de-duplication window.
+  // storage, the configured de-duplication window, and discard-NEW: a full stream refuses
+  // new messages (intake refuses new items earlier, see capacity.ts) and never discards an
+  // accepted one to make room. Only age (`max_age`, the retention) removes messages.
   const stream = (
     name: string,
     description: string,
@@ -65,7 +70,7 @@ export function streamConfigs(config: TopologyConfig): NamedStreamConfig[] {
     subjects,
     retention: RetentionPolicy.Limits,
     storage: StorageType.File,
-    discard: DiscardPolicy.Old,
+    discard: DiscardPolicy.New,
     max_age: ms(limits.maxAgeMs),
     max_bytes: limits.maxBytes,
     ...(limits.maxMsgSize !== undefined ? { max_msg_size: limits.maxMsgSize } : {}),
@@ -138,15 +143,72 @@ function differs(want: Record<string, unknown>, have: Record<string, unknown>): 
   return Object.entries(want).some(([k, v]) => JSON.stringify(have[k]) !== JSON.stringify(v));
 }
 
-/** Creates or updates a stream so it has `want`'s settings. */
+/**
+ * Why applying `want` to a stream holding `info` would discard stored messages: a byte or
+ * message limit below what it stores, or a shorter age than its oldest message's. Undefined
+ * when nothing would be lost.
+ */
+export function shrinkLoss(want: NamedStreamConfig, info: StreamInfo): string | undefined {
+  const { state } = info;
+  if (want.max_bytes !== undefined && want.max_bytes > 0 && state.bytes > want.max_bytes) {
+    return `max_bytes ${want.max_bytes} is below the ${state.bytes} bytes it stores`;
+  }
+  if (want.max_msgs !== undefined && want.max_msgs > 0 && state.messages > want.max_msgs) {
+    return `max_msgs ${want.max_msgs} is below the ${state.messages} messages it stores`;
+  }
+  if (want.max_age !== undefined && want.max_age > 0 && state.messages > 0) {
+    const oldestMs = Date.now() - Date.parse(state.first_ts);
+    if (oldestMs * 1_000_000 > want.max_age) {
+      return `max_age ${want.max_age / 1e9}s is shorter than the age of its oldest message ` +
+        `(${Math.round(oldestMs / 1000)}s)`;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Discards a stream's oldest messages until it is within `want`'s byte and message limits:
+ * a discard-new stream refuses new messages when over its limits but keeps what it has, so
+ * a shrink meant on purpose has to purge. (Age limits the server enforces itself.)
+ */
+async function purgeToLimits(jsm: JetStreamManager, want: NamedStreamConfig): Promise<void> {
+  for (let round = 0; round < 100; round++) {
+    const { state } = await jsm.streams.info(want.name);
+    const overBytes = want.max_bytes !== undefined && want.max_bytes > 0 &&
+      state.bytes > want.max_bytes;
+    const overMsgs = want.max_msgs !== undefined && want.max_msgs > 0 &&
+      state.messages > want.max_msgs;
+    if ((!overBytes && !overMsgs) || state.messages === 0) return;
+    const byBytes = overBytes ? Math.ceil(state.messages * (1 - want.max_bytes! / state.bytes)) : 0;
+    const byMsgs = overMsgs ? state.messages - want.max_msgs! : 0;
+    const drop = Math.max(1, byBytes, byMsgs);
+    await jsm.streams.purge(want.name, { seq: state.first_seq + drop });
+  }
+}
+
+/**
+ * Creates or updates a stream so it has `want`'s settings. A change that would discard
+ * stored messages (a smaller limit than the data) is refused with a {@link ConfigError}
+ * unless `opts.allowShrink` says it is meant.
+ */
 export async function ensureStream(
   jsm: JetStreamManager,
   want: NamedStreamConfig,
+  opts: { allowShrink?: boolean } = {},
 ): Promise<void> {
   try {
     const info = await jsm.streams.info(want.name!);
     if (differs(want, info.config as unknown as Record<string, unknown>)) {
+      const loss = shrinkLoss(want, info);
+      if (loss && !opts.allowShrink) {
+        throw new ConfigError(
+          `refusing to shrink stream ${want.name}: ${loss}, so applying it would discard ` +
+            `stored events. Raise the limit (WEFT_STREAM_MAX_BYTES, WEFT_RETENTION_MS), or, to ` +
+            `discard them on purpose, start once with WEFT_ALLOW_SHRINK=1.`,
+        );
+      }
       await jsm.streams.update(want.name!, want);
+      if (loss) await purgeToLimits(jsm, want);
     }
   } catch (err) {
     if (!isApiError(err, JetStreamApiCodes.StreamNotFound)) throw err;
@@ -232,6 +294,8 @@ export async function ensureTopology(
   jsm: JetStreamManager,
   config: TopologyConfig,
 ): Promise<void> {
-  for (const s of streamConfigs(config)) await ensureStream(jsm, s);
+  for (const s of streamConfigs(config)) {
+    await ensureStream(jsm, s, { allowShrink: config.allowShrink });
+  }
   await ensureBuckets(nc, config);
 }

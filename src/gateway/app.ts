@@ -53,9 +53,11 @@ export interface GatewayDeps {
 /** The problem+json response for an error. */
 export function problemResponse(c: Context, err: unknown): Response {
   const problem = toProblem(err);
-  return c.body(JSON.stringify(problem), problem.status as 400, {
-    "content-type": "application/problem+json",
-  });
+  const headers: Record<string, string> = { "content-type": "application/problem+json" };
+  if (err instanceof WeftError && err.retryAfterSeconds !== undefined) {
+    headers["retry-after"] = String(err.retryAfterSeconds);
+  }
+  return c.body(JSON.stringify(problem), problem.status as 400, headers);
 }
 
 /** Refuses bodies that are not declared as JSON. */

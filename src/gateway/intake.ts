@@ -21,6 +21,7 @@ import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.
 import { createEvent, deterministicId } from "../events.ts";
 import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../events.gen.ts";
 import { publishEvent } from "../runner.ts";
+import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
 import { applyEvent, firstEventSeq } from "../state.ts";
 import { readState } from "../state_writer.ts";
 import {
@@ -97,7 +98,15 @@ export function acceptedAnswer(id: string): Accepted {
 }
 
 /** Creates the intake on a connection whose topology exists. */
-export async function createIntake(nc: NatsConnection, source = "weft-gateway"): Promise<Intake> {
+export async function createIntake(
+  nc: NatsConnection,
+  source = "weft-gateway",
+  opts: {
+    /** Refuses new items (507) when the FEEDBACK stream is past its high-water mark. */
+    capacity?: CapacityGuard;
+  } = {},
+): Promise<Intake> {
+  const { capacity } = opts;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
   const kvm = new Kvm(nc);
@@ -140,7 +149,11 @@ export async function createIntake(nc: NatsConnection, source = "weft-gateway"):
       source,
       data: itemOf(submission),
     });
-    await publishEvent(js, event, ctx);
+    try {
+      await publishEvent(js, event, ctx);
+    } catch (err) {
+      throw isStreamFull(err) ? streamFullError(FEEDBACK_STREAM, err) : err;
+    }
   }
 
   /** Runs `work` once per Idempotency-Key; later calls get the first answer. */
@@ -203,6 +216,7 @@ export async function createIntake(nc: NatsConnection, source = "weft-gateway"):
     js,
     jsm,
     async submit(submission, opts = {}) {
+      await capacity?.check(FEEDBACK_STREAM);
       let seenBefore = false;
       const result = await once(
         opts.idempotencyKey,
@@ -216,6 +230,7 @@ export async function createIntake(nc: NatsConnection, source = "weft-gateway"):
       return { body: result.body, replayed: result.replayed || seenBefore };
     },
     async submitBatch(items, opts = {}) {
+      await capacity?.check(FEEDBACK_STREAM);
       const seen = new Set<string>();
       items.forEach((item, i) => {
         if (item.id === undefined) return;

@@ -6,7 +6,7 @@
  *
  * @module
  */
-import type { NatsConnection } from "@nats-io/nats-core";
+import { type NatsConnection, NoRespondersError } from "@nats-io/nats-core";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import client from "prom-client";
 import {
@@ -15,7 +15,11 @@ import {
   type MetricsJson,
   type WeftMetrics,
 } from "../metrics.ts";
-import { DEADLETTER_STREAM, FEEDBACK_STREAM } from "../subjects.ts";
+import { usageOf } from "../capacity.ts";
+import { CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM, FEEDBACK_STREAM } from "../subjects.ts";
+
+/** The streams whose limits /metrics reports. */
+const WORK_STREAMS = [FEEDBACK_STREAM, CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM];
 
 /** How long the gateway waits for services' metrics. */
 export interface GatherOptions {
@@ -44,7 +48,9 @@ export async function consumerBacklogs(jsm: JetStreamManager): Promise<ConsumerB
   const out: ConsumerBacklog[] = [];
   for (const stream of [FEEDBACK_STREAM]) {
     for await (const ci of jsm.consumers.list(stream)) {
-      if (!ci.config.durable_name) continue; // SSE's ordered consumers come and go
+      // SSE's ordered consumers come and go: one deleted while the list is read comes back
+      // without its config.
+      if (!ci?.config?.durable_name) continue;
       out.push({
         stream,
         consumer: ci.name,
@@ -63,16 +69,21 @@ export async function gatherServiceMetrics(
   opts: GatherOptions = {},
 ): Promise<MetricsJson[]> {
   const parts: MetricsJson[] = [];
-  const answers = await nc.requestMany(METRICS_SUBJECT, undefined, {
-    strategy: "stall",
-    stall: opts.stallMs ?? 250,
-    maxWait: opts.maxWaitMs ?? 2000,
-  });
-  for await (const m of answers) {
-    try {
-      const value = m.json<MetricsJson>();
-      if (Array.isArray(value)) parts.push(value);
-    } catch { /* an error reply or garbage: skip it */ }
+  try {
+    const answers = await nc.requestMany(METRICS_SUBJECT, undefined, {
+      strategy: "stall",
+      stall: opts.stallMs ?? 250,
+      maxWait: opts.maxWaitMs ?? 2000,
+    });
+    for await (const m of answers) {
+      try {
+        const value = m.json<MetricsJson>();
+        if (Array.isArray(value)) parts.push(value);
+      } catch { /* an error reply or garbage: skip it */ }
+    }
+  } catch (err) {
+    // No other service runs (the gateway alone): its own metrics are the answer.
+    if (!(err instanceof NoRespondersError)) throw err;
   }
   return parts;
 }
@@ -93,11 +104,14 @@ export async function meshMetrics(
   local: WeftMetrics,
   opts: GatherOptions = {},
 ): Promise<client.Registry> {
-  const [remote, backlogs, deadLetters] = await Promise.all([
+  const [remote, backlogs, streams] = await Promise.all([
     gatherServiceMetrics(nc, opts),
     consumerBacklogs(jsm),
-    jsm.streams.info(DEADLETTER_STREAM).then((i) => i.state.messages).catch(() => undefined),
+    Promise.all(
+      WORK_STREAMS.map((name) => jsm.streams.info(name).catch(() => undefined)),
+    ),
   ]);
+  const deadLetters = streams.find((i) => i?.config.name === DEADLETTER_STREAM)?.state.messages;
   const registry = aggregateMetrics([await local.json(), ...remote]);
   const registers = [registry];
   const pending = new client.Gauge({
@@ -130,6 +144,20 @@ export async function meshMetrics(
       help: "Dead letters kept in the DEADLETTER stream",
       registers,
     }).set(deadLetters);
+  }
+  // Alert on these well before 1: intake refuses new items from WEFT_STREAM_HIGH_WATER
+  // (0.9 by default), and a full stream refuses every publish.
+  const usage = new client.Gauge({
+    name: "weft_stream_usage_ratio",
+    help: "Share of a stream's limit in use (resource: bytes or messages; 0 when unlimited)",
+    labelNames: ["stream", "resource"],
+    registers,
+  });
+  for (const info of streams) {
+    if (!info) continue;
+    const u = usageOf(info);
+    usage.set({ stream: u.stream, resource: "bytes" }, u.bytes);
+    usage.set({ stream: u.stream, resource: "messages" }, u.messages);
   }
   new client.Gauge({
     name: "weft_metrics_sources",

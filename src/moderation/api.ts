@@ -9,6 +9,8 @@
 import { headers, type NatsConnection } from "@nats-io/nats-core";
 import {
   jetstream,
+  JetStreamApiCodes,
+  JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
   jetstreamManager,
@@ -16,6 +18,7 @@ import {
 import { Kvm } from "@nats-io/kv";
 import { type ObjectStore, Objm, StorageType } from "@nats-io/obj";
 import { ulid } from "ulid";
+import type { CapacityGuard } from "../capacity.ts";
 import type { Config } from "../config.ts";
 import { createEvent, deterministicId } from "../events.ts";
 import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
@@ -162,6 +165,8 @@ export async function createModerationApi(deps: {
   log: Logger;
   authEnabled: boolean;
   now?: () => Date;
+  /** Refuses new items when the CONTENT stream is past its high-water mark. */
+  capacity?: CapacityGuard;
 }): Promise<ModerationApi> {
   const { nc, log, authEnabled } = deps;
   const now = deps.now ?? (() => new Date());
@@ -191,12 +196,22 @@ export async function createModerationApi(deps: {
     h.set("traceparent", formatTraceparent(span));
     h.set("Weft-Event-Type", event.type);
     // Published here rather than by publishEvent: the PubAck's duplicate flag tells a replay.
-    const ack = await js.publish(
-      eventSubject(event.type, id),
-      encoder.encode(JSON.stringify(event)),
-      { msgID: event.id, headers: h },
-    );
-    return ack.duplicate;
+    // Once per item: a subject that already holds an upload refuses another, however late.
+    try {
+      const ack = await js.publish(
+        eventSubject(event.type, id),
+        encoder.encode(JSON.stringify(event)),
+        { msgID: event.id, headers: h, expect: { lastSubjectSequence: 0 } },
+      );
+      return ack.duplicate;
+    } catch (err) {
+      if (
+        err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamWrongLastSequence
+      ) {
+        return true;
+      }
+      throw err;
+    }
   }
 
   /** The uploaded event in the stream, by its subject: there before any state is written. */
@@ -225,6 +240,7 @@ export async function createModerationApi(deps: {
     jsm,
     schedules,
     async submitText(s, who, trace) {
+      await deps.capacity?.check(CONTENT_STREAM);
       const id = s.id ?? `ct_${ulid()}`;
       if (s.id !== undefined && await uploadedExists(id)) {
         return { body: { id, status: "accepted", links: contentLinks(id, false) }, replayed: true };
@@ -235,6 +251,7 @@ export async function createModerationApi(deps: {
       return { body: { id, status: "accepted", links: contentLinks(id, false) }, replayed };
     },
     async submitObject(body, meta, who, trace) {
+      await deps.capacity?.check(CONTENT_STREAM);
       const id = `ct_${ulid()}`;
       const info = await objects.put({
         name: id,

@@ -1,0 +1,149 @@
+/**
+ * Stream limits never lose what was accepted: intake refuses new items (507 with
+ * Retry-After) from a high-water mark, full streams refuse rather than discard, alerts fire
+ * before that, and a start never shrinks a stream below what it stores unless told to.
+ * Against a real nats-server with a deliberately small FEEDBACK stream.
+ */
+import assert from "node:assert/strict";
+import { Hono } from "hono";
+import { jetstream } from "@nats-io/jetstream";
+import { createCapacityGuard, isStreamFull } from "../src/capacity.ts";
+import { ConfigError } from "../src/errors.ts";
+import { createIntake } from "../src/gateway/intake.ts";
+import { createApp } from "../src/gateway/app.ts";
+import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
+import { WeftMetrics } from "../src/metrics.ts";
+import { compareStates, rebuildStates } from "../src/rebuild.ts";
+import { FEEDBACK_STREAM } from "../src/subjects.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { startTestNats } from "./helpers/nats.ts";
+import { readStates } from "./helpers/fault_mesh.ts";
+import { startPipeline } from "./helpers/pipeline.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const JSON_TYPE = { "content-type": "application/json" };
+
+Deno.test("at its limit, intake refuses new items with 507 and Retry-After, and every accepted item is processed: nothing is discarded", async () => {
+  await using t = await startTestNats({ streamMaxBytes: 200 * 1024 });
+  await using p = await startPipeline(t);
+  const capacity = createCapacityGuard(t.jsm, {
+    highWater: 0.9,
+    alertAt: 0.8,
+    refreshMs: 0,
+    log: t.log,
+  });
+  const intake = await createIntake(t.nc, "weft-gateway", { capacity });
+  const app: Hono = createApp({ nc: t.nc, intake, config: t.config, log: t.log });
+
+  const accepted: string[] = [];
+  let refused = 0;
+  let retryAfter: string | null = null;
+  for (let i = 0; i < 400 && refused < 20; i++) {
+    const res = await app.request("/feedback", {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({ text: `Item ${i}: the export to PDF keeps failing with an error` }),
+    });
+    if (res.status === 202) accepted.push((await res.json()).id);
+    else {
+      assert.equal(res.status, 507, await res.clone().text());
+      assert.match(res.headers.get("content-type") ?? "", /problem\+json/);
+      assert.equal((await res.json()).code, "insufficient_storage");
+      retryAfter = res.headers.get("retry-after");
+      refused++;
+    }
+  }
+  assert.ok(accepted.length > 20, `${accepted.length} accepted`);
+  assert.ok(refused > 0, "intake refused new items at the limit");
+  assert.ok(Number(retryAfter) > 0, "with Retry-After");
+
+  // Every accepted item finishes; the stream discarded nothing to make room.
+  await waitFor(
+    async () => {
+      const states = await readStates(jetstream(t.nc));
+      return accepted.every((id) => states.get(id)?.status === "processed");
+    },
+    30_000,
+    "every accepted item processed",
+  );
+  const info = await t.jsm.streams.info(FEEDBACK_STREAM);
+  assert.equal(info.state.first_seq, 1, "the first message is still there");
+  assert.ok(info.state.bytes <= 200 * 1024);
+
+  // The state bucket and the stream agree.
+  const diff = compareStates(
+    (await rebuildStates(jetstream(t.nc))).states,
+    await readStates(jetstream(t.nc)),
+  );
+  assert.deepEqual(
+    {
+      different: diff.different,
+      missingLive: diff.missingLive,
+      missingRebuilt: diff.missingRebuilt,
+    },
+    { different: [], missingLive: [], missingRebuilt: [] },
+  );
+  assert.equal(diff.equal, accepted.length);
+
+  // The alert fired before the refusals, in the logs and in /metrics.
+  assert.ok(t.lines.some((l) => l.includes('"msg":"stream nearly full"')), "a warning was logged");
+  const text = await (await meshMetrics(t.nc, t.jsm, new WeftMetrics(), { maxWaitMs: 200 }))
+    .metrics();
+  const ratio = Number(
+    text.match(/weft_stream_usage_ratio\{stream="FEEDBACK",resource="bytes"\} ([0-9.]+)/)?.[1],
+  );
+  assert.ok(ratio >= 0.8, `usage ratio ${ratio}`);
+  await p[Symbol.asyncDispose]();
+});
+
+Deno.test("a start with limits smaller than the stored data refuses to shrink the stream, and shrinks it only when told to", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  for (let i = 0; i < 50; i++) {
+    await js.publish(`feedback.submit`, JSON.stringify({ text: "x".repeat(2000) }));
+  }
+  const before = (await t.jsm.streams.info(FEEDBACK_STREAM)).state;
+  await assert.rejects(
+    ensureTopology(t.nc, t.jsm, { ...t.config, streamMaxBytes: 16 * 1024 }),
+    (err: unknown) =>
+      err instanceof ConfigError && /refusing to shrink stream FEEDBACK/.test(err.message) &&
+      /WEFT_ALLOW_SHRINK=1/.test(err.message),
+  );
+  await assert.rejects(
+    ensureTopology(t.nc, t.jsm, { ...t.config, retentionMs: 1 }),
+    /refusing to shrink stream FEEDBACK: max_age/,
+  );
+  const after = (await t.jsm.streams.info(FEEDBACK_STREAM)).state;
+  assert.equal(after.messages, before.messages, "nothing was discarded");
+
+  // Growing is always fine; shrinking on purpose discards, as asked.
+  await ensureTopology(t.nc, t.jsm, { ...t.config, streamMaxBytes: 4 * 1024 * 1024 * 1024 });
+  await ensureTopology(t.nc, t.jsm, { ...t.config, streamMaxBytes: 16 * 1024, allowShrink: true });
+  const shrunk = await t.jsm.streams.info(FEEDBACK_STREAM);
+  assert.equal(shrunk.config.max_bytes, 16 * 1024);
+  assert.ok(shrunk.state.messages < before.messages);
+});
+
+Deno.test("a full stream refuses new messages rather than discard accepted ones, and intake answers its refusal with 507", async () => {
+  await using t = await startTestNats({ streamMaxBytes: 64 * 1024 });
+  const js = jetstream(t.nc);
+  let refusal: unknown;
+  for (let i = 0; i < 200 && !refusal; i++) {
+    await js.publish(`feedback.submit`, JSON.stringify({ id: `full-${i}`, text: "x".repeat(1000) }))
+      .catch((err) => (refusal = err));
+  }
+  assert.ok(isStreamFull(refusal), `refused as full: ${refusal}`);
+  const info = await t.jsm.streams.info(FEEDBACK_STREAM);
+  assert.equal(info.state.first_seq, 1, "nothing accepted was discarded");
+  // Over HTTP, the stream's own refusal (behind the high-water mark) is a 507 too.
+  const intake = await createIntake(t.nc);
+  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log });
+  const res = await app.request("/feedback", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ text: "one more" }),
+  });
+  assert.equal(res.status, 507, await res.clone().text());
+  assert.equal(res.headers.get("retry-after"), "30");
+  await res.body?.cancel();
+});
