@@ -594,13 +594,25 @@ export interface DeadLetter {
    */
   time: string;
   /**
-   * The original message body: UTF-8 text when it decodes as such, else base64 (see payload_encoding).
+   * The original message body: UTF-8 text when it decodes as such, else base64 (see payload_encoding). When the letter would pass the message size limit, only the body's first bytes (see payload_truncated); the full body stays in its stream at stream_seq, and redrive reads it from there, checked against payload_sha256.
    */
   payload: string;
   /**
    * utf8, or base64 when the body was not valid UTF-8.
    */
   payload_encoding?: "utf8" | "base64";
+  /**
+   * True when payload holds only the first bytes of the original (the letter would otherwise pass the message size limit).
+   */
+  payload_truncated?: boolean;
+  /**
+   * Size of the original message body, bytes.
+   */
+  payload_size?: number;
+  /**
+   * Lower-case hex SHA-256 of the original message body.
+   */
+  payload_sha256?: string;
 }
 
 /**

@@ -14,6 +14,11 @@ export function deterministicId(...parts: string[]): string {
   return createHash("sha256").update(parts.join("\u0000")).digest("hex").slice(0, 32);
 }
 
+/** Lower-case hex SHA-256 of `data`: the hash dead letters keep of an original body. */
+export function sha256Hex(data: Uint8Array): string {
+  return createHash("sha256").update(data).digest("hex");
+}
+
 /** What is needed to create an event; the envelope fields are filled in. */
 export interface NewEvent<K extends keyof EventMap> {
   /** The event type. */

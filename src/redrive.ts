@@ -22,8 +22,10 @@ import {
   JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
+  type StoredMsg,
 } from "@nats-io/jetstream";
 import { toProblem, ValidationError } from "./errors.ts";
+import { sha256Hex } from "./events.ts";
 import { assertMatchesSubject, decodeJson } from "./runner.ts";
 import { type EventMap, validateDocument, validateEvent } from "./schemas.ts";
 import type { DeadLetter } from "./events.gen.ts";
@@ -202,9 +204,8 @@ function letterBytes(letter: DeadLetter): Uint8Array {
     : encoder.encode(letter.payload);
 }
 
-/** The bytes to republish for a letter. */
-export function originalBody(letter: DeadLetter): Uint8Array {
-  const bytes = letterBytes(letter);
+/** The bytes to republish for a letter (`bytes`: its original, by default as it keeps it). */
+export function originalBody(letter: DeadLetter, bytes = letterBytes(letter)): Uint8Array {
   if (letter.subject !== SUBMIT_SUBJECT || !letter.item_id) return bytes;
   // A bus submission without an id was given one from its stream position; keep it, so the
   // redriven submission is the same item and not a new one.
@@ -217,8 +218,8 @@ export function originalBody(letter: DeadLetter): Uint8Array {
   return bytes;
 }
 
-/** Why a letter cannot be redriven; undefined when it can. */
-type Refusal = string | undefined;
+/** What may be republished for a letter, or why nothing may. */
+export type Redrivable = { body: Uint8Array; refused?: undefined } | { refused: string };
 
 /**
  * Checks that a dead letter may be redriven, so a redrive can only ever re-deliver what a
@@ -228,14 +229,20 @@ type Refusal = string | undefined;
  *    allowlist is the live topology: the consumer's filter subject), and is no system subject;
  * 2. the stream that holds that subject still has, at the letter's `stream_seq`, a message on
  *    that subject with the letter's bytes (when retention already removed the original, the
- *    other checks stand alone);
+ *    other checks stand alone); a letter that keeps only the head of a large original is
+ *    redriven from that message, checked against the letter's SHA-256, or not at all;
  * 3. the original passes again the validation its consumer applies: a poison message would
  *    only be dead-lettered again.
  */
 export async function checkRedrivable(
   jsm: JetStreamManager,
   letter: DeadLetter,
-): Promise<Refusal> {
+): Promise<Redrivable> {
+  const refusal = await refusalOf(jsm, letter);
+  return typeof refusal === "string" ? { refused: refusal } : { body: refusal };
+}
+
+async function refusalOf(jsm: JetStreamManager, letter: DeadLetter): Promise<string | Uint8Array> {
   const subject = letter.subject;
   if (typeof subject !== "string" || /^[$_]/.test(subject) || /[\s*>]/.test(subject)) {
     return `subject ${JSON.stringify(subject)} may never be published to by a redrive`;
@@ -258,19 +265,32 @@ export async function checkRedrivable(
   if (!filters.some((f) => subjectMatches(f, subject))) {
     return `stage ${letter.stage} does not consume ${subject}`;
   }
-  const bytes = letterBytes(letter);
+  let bytes = letterBytes(letter);
+  let stored: StoredMsg | null = null;
   try {
-    const stored = await jsm.streams.getMessage(stream, { seq: letter.stream_seq });
-    if (stored && (stored.subject !== subject || !sameBytes(stored.data, bytes))) {
-      return `the letter does not match message ${letter.stream_seq} of ${stream}`;
-    }
+    stored = await jsm.streams.getMessage(stream, { seq: letter.stream_seq });
   } catch (err) {
     if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound)) {
       throw err;
     }
   }
+  if (stored && stored.subject !== subject) {
+    return `the letter does not match message ${letter.stream_seq} of ${stream}`;
+  }
+  if (letter.payload_truncated) {
+    if (!stored) {
+      return `the letter keeps only the head of the original, which ${stream} no longer holds`;
+    }
+    if (sha256Hex(stored.data) !== letter.payload_sha256) {
+      return `the letter does not match message ${letter.stream_seq} of ${stream}`;
+    }
+    bytes = stored.data;
+  } else if (stored && !sameBytes(stored.data, bytes)) {
+    return `the letter does not match message ${letter.stream_seq} of ${stream}`;
+  }
+  const body = originalBody(letter, bytes);
   try {
-    const value = decodeJson(originalBody(letter));
+    const value = decodeJson(body);
     if (subject === SUBMIT_SUBJECT) validateDocument("feedback.submit", value);
     else if (parseEventSubject(subject)) {
       const event = validateEvent(value, [parseEventSubject(subject)!.type as keyof EventMap]);
@@ -279,7 +299,7 @@ export async function checkRedrivable(
   } catch (err) {
     return `the original would be dead-lettered again: ${(err as Error).message}`;
   }
-  return undefined;
+  return body;
 }
 
 function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
@@ -318,15 +338,15 @@ export async function redrive(js: JetStreamClient, req: RedriveRequest): Promise
   const result: RedriveResult = { redriven: [], not_found: notFound, refused: [] };
   const jsm = await js.jetstreamManager();
   for (const e of selected) {
-    const refusal = await checkRedrivable(jsm, e.letter);
-    if (refusal) {
-      result.refused.push({ seq: e.seq, reason: refusal });
+    const checked = await checkRedrivable(jsm, e.letter);
+    if (checked.refused !== undefined) {
+      result.refused.push({ seq: e.seq, reason: checked.refused });
       continue;
     }
     const msgId = `redrive-${e.seq}-${e.redrives + 1}`;
     const h = headers();
     h.set("Weft-Redrive-Of", String(e.seq));
-    await js.publish(e.letter.subject, originalBody(e.letter), { msgID: msgId, headers: h });
+    await js.publish(e.letter.subject, checked.body, { msgID: msgId, headers: h });
     const marker: Marker = { dl_seq: e.seq, msg_id: msgId, time: new Date().toISOString() };
     await js.publish(`${REDRIVEN_PREFIX}.${e.seq}`, encoder.encode(JSON.stringify(marker)), {
       msgID: `marker-${msgId}`,

@@ -29,7 +29,7 @@ import {
   ValidationError,
   WeftError,
 } from "./errors.ts";
-import { createEvent, deterministicId } from "./events.ts";
+import { createEvent, deterministicId, sha256Hex } from "./events.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
 import type { Logger } from "./log.ts";
@@ -112,6 +112,63 @@ const encoder = new TextEncoder();
 /** Originals larger than this are kept only in the dead letter, not on the failed event. */
 const MAX_ORIGINAL_ON_EVENT = 256 * 1024;
 
+/** Deepest nesting of arrays and objects a message may have; deeper is poison. */
+export const MAX_DEPTH = 64;
+/**
+ * Largest payload a dead letter carries in full. A letter must fit the server's message
+ * limit (1 MB) after JSON escaping (up to 2x for quotes and backslashes, 6x for control
+ * characters) or base64 (4/3x); a larger original is kept truncated, with its size and
+ * SHA-256, and stays whole in its own stream at `stream_seq`.
+ */
+const MAX_LETTER_PAYLOAD = 128 * 1024;
+
+/**
+ * True when `value` nests arrays and objects at most `max` levels deep. Iterative, so it
+ * is safe on any input (JSON.parse accepts nesting that recursive code cannot walk).
+ *
+ * @example
+ * ```ts
+ * import { depthWithin } from "./runner.ts";
+ * console.assert(depthWithin({ a: [1, { b: 2 }] }, 3));
+ * console.assert(!depthWithin(JSON.parse("[".repeat(100) + "]".repeat(100)), 64));
+ * ```
+ */
+export function depthWithin(value: unknown, max: number): boolean {
+  const stack: [unknown, number][] = [[value, 0]];
+  while (stack.length > 0) {
+    const [v, depth] = stack.pop()!;
+    if (v === null || typeof v !== "object") continue;
+    if (depth >= max) return false;
+    for (const child of Array.isArray(v) ? v : Object.values(v)) stack.push([child, depth + 1]);
+  }
+  return true;
+}
+
+/** A dead letter's copy of the original body: whole when it fits, else its head and hash. */
+function payloadOf(data: Uint8Array): Pick<
+  DeadLetter,
+  "payload" | "payload_encoding" | "payload_truncated" | "payload_size" | "payload_sha256"
+> {
+  const hash = sha256Hex(data);
+  const truncated = data.length > MAX_LETTER_PAYLOAD;
+  const head = truncated ? data.subarray(0, MAX_LETTER_PAYLOAD) : data;
+  let payload: string;
+  let encoding: "utf8" | "base64" = "utf8";
+  try {
+    payload = utf8.decode(head);
+  } catch {
+    payload = Buffer.from(head).toString("base64");
+    encoding = "base64";
+  }
+  return {
+    payload,
+    payload_encoding: encoding,
+    payload_size: data.length,
+    payload_sha256: hash,
+    ...(truncated ? { payload_truncated: true } : {}),
+  };
+}
+
 /** Decodes a message body as JSON; a {@link ValidationError} when it is not. */
 export function decodeJson(data: Uint8Array): unknown {
   let text: string;
@@ -132,6 +189,15 @@ export function decodeJson(data: Uint8Array): unknown {
       field: "/",
       cause,
     });
+  }
+}
+
+/** The decoded body when it is JSON, else undefined (for naming its item). */
+function tryDecode(data: Uint8Array): unknown {
+  try {
+    return decodeJson(data);
+  } catch {
+    return undefined;
   }
 }
 
@@ -307,14 +373,6 @@ export async function deadLetter(
   opts: { failItem?: boolean } = {},
 ): Promise<void> {
   const { code, reason } = toDeadLetterReason(err);
-  let payload: string;
-  let encoding: "utf8" | "base64" = "utf8";
-  try {
-    payload = utf8.decode(m.data);
-  } catch {
-    payload = Buffer.from(m.data).toString("base64");
-    encoding = "base64";
-  }
   const letter: DeadLetter = {
     stage: ctx.stage,
     code,
@@ -323,8 +381,7 @@ export async function deadLetter(
     subject: m.subject,
     stream_seq: m.seq,
     time: ctx.now().toISOString(),
-    payload,
-    payload_encoding: encoding,
+    ...payloadOf(m.data),
   };
   if (itemId) letter.item_id = itemId;
   const dlSubject = deadLetterSubject(ctx.stage, itemId);
@@ -346,8 +403,10 @@ export async function deadLetter(
         reason,
         attempts: m.info.deliveryCount,
         dead_letter_subject: dlSubject,
+        // The original rides along only when small and shallow: serializing a deeply
+        // nested poison message again could overflow the stack (the letter keeps it all).
         ...(raw !== null && typeof raw === "object" && !Array.isArray(raw) &&
-            m.data.length <= MAX_ORIGINAL_ON_EVENT
+            m.data.length <= MAX_ORIGINAL_ON_EVENT && depthWithin(raw, MAX_DEPTH)
           ? { original: raw as Record<string, unknown> }
           : {}),
       },
@@ -447,7 +506,25 @@ export async function runStage<I extends StageInput>(
     };
     if (trace) message.traceId = trace.traceId;
     try {
+      if (m.info.deliveryCount > config.maxAttempts) {
+        // Delivered past the last attempt without an outcome: the process died on it each
+        // time (crash, OOM, kill). Dead-letter it without running the handler again; the
+        // server's max_deliver leaves two deliveries for this.
+        raw = tryDecode(m.data);
+        throw new WeftError(
+          ErrorCode.HandlerFailed,
+          `delivered ${m.info.deliveryCount} times without an outcome: the stage may have ` +
+            `died on this message each time`,
+          { permanent: true },
+        );
+      }
       raw = decodeJson(m.data);
+      if (!depthWithin(raw, MAX_DEPTH)) {
+        throw new ValidationError(`body nests deeper than ${MAX_DEPTH} levels`, {
+          code: ErrorCode.InvalidEvent,
+          field: "/",
+        });
+      }
       const input = validateInput(stage.input, raw);
       if (stage.input.kind === "event") {
         assertMatchesSubject(input as { type: string; item_id: string }, m.subject);
