@@ -127,6 +127,8 @@ export interface Config {
   streamAlertAt: number;
   /** Allow a start to lower a stream's limits below what it stores (discarding data). `WEFT_ALLOW_SHRINK`. */
   allowShrink: boolean;
+  /** Serve a non-loopback `WEFT_HOST` without API keys anyway. `WEFT_INSECURE_NO_AUTH`. */
+  insecureNoAuth: boolean;
 }
 
 /** The roles an API key can have. `admin` may do everything. */
@@ -290,6 +292,7 @@ const SETTINGS: Setting<any>[] = [
   { key: "streamHighWater", env: "WEFT_STREAM_HIGH_WATER", default: 0.9, parse: ratio },
   { key: "streamAlertAt", env: "WEFT_STREAM_ALERT_AT", default: 0.8, parse: ratio },
   { key: "allowShrink", env: "WEFT_ALLOW_SHRINK", default: false, parse: bool },
+  { key: "insecureNoAuth", env: "WEFT_INSECURE_NO_AUTH", default: false, parse: bool },
 ];
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */
@@ -354,10 +357,33 @@ export function loadConfig(source: ConfigSource = {}): Config {
   if (config.analyzers === AnalyzerKind.Llm && (!config.llmBaseUrl || !config.llmModel)) {
     problems.push("WEFT_ANALYZERS=llm needs WEFT_LLM_BASE_URL and WEFT_LLM_MODEL");
   }
+  if (
+    !isLoopback(String(config.host)) && (config.apiKeys as ApiKey[]).length === 0 &&
+    !config.insecureNoAuth
+  ) {
+    problems.push(
+      `WEFT_HOST=${config.host} would serve the gateway beyond this machine with no API keys: ` +
+        `set WEFT_API_KEYS, or WEFT_INSECURE_NO_AUTH=1 to do it anyway`,
+    );
+  }
   if (problems.length > 0) {
     throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
   }
   return config as unknown as Config;
+}
+
+/**
+ * True for loopback host names and addresses: only this machine can reach them.
+ *
+ * @example
+ * ```ts
+ * import { isLoopback } from "./config.ts";
+ * console.assert(isLoopback("127.0.0.1") && isLoopback("localhost") && !isLoopback("0.0.0.0"));
+ * ```
+ */
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || host === "[::1]" ||
+    /^127(\.\d{1,3}){3}$/.test(host);
 }
 
 /** The configuration as printable pairs, secrets masked (credentials in URLs). */

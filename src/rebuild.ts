@@ -8,6 +8,7 @@
  * @module
  */
 import type { JetStreamClient } from "@nats-io/jetstream";
+import canonicalize from "canonicalize";
 import type { FeedbackState } from "./events.gen.ts";
 import { assertMatchesSubject } from "./runner.ts";
 import { validateEvent } from "./schemas.ts";
@@ -67,16 +68,6 @@ export interface StateDiff {
   missingRebuilt: string[];
 }
 
-function canonical(v: unknown): string {
-  return JSON.stringify(
-    v,
-    (_k, x) =>
-      x && typeof x === "object" && !Array.isArray(x)
-        ? Object.fromEntries(Object.entries(x).sort(([a], [b]) => (a < b ? -1 : 1)))
-        : x,
-  );
-}
-
 /**
  * Compares rebuilt states with live ones, key order ignored.
  *
@@ -95,7 +86,7 @@ export function compareStates(
   for (const [id, s] of rebuilt) {
     const l = live.get(id);
     if (!l) diff.missingLive.push(id);
-    else if (canonical(l) === canonical(s)) diff.equal++;
+    else if (canonicalize(l) === canonicalize(s)) diff.equal++;
     else diff.different.push(id);
   }
   for (const id of live.keys()) if (!rebuilt.has(id)) diff.missingRebuilt.push(id);

@@ -54,5 +54,8 @@ export async function* readStream(
     }
   } finally {
     messages.stop();
+    // nats.js leaves an ordered consumer on the server for 5 minutes after stop(): delete
+    // it, so no listing or rebuild leaves one behind.
+    await consumer.delete().catch(() => {});
   }
 }

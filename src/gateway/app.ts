@@ -29,6 +29,7 @@ import { Role } from "../config.ts";
 import type { ModerationApi } from "../moderation/api.ts";
 import { createModerationRoutes } from "./moderation_routes.ts";
 import { SseClients, streamEvents } from "./sse.ts";
+import { boolQuery } from "./query.ts";
 import { WeftMetrics } from "../metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
 
@@ -215,7 +216,7 @@ export function createApp(deps: GatewayDeps): Hono {
     return streamEvents(c, intake.js, {
       filter,
       closeOnFinal: false,
-      replay: c.req.query("replay") === "true",
+      replay: boolQuery(c.req.query("replay"), "replay") === true,
     }, { config, clients, log });
   });
 

@@ -10,6 +10,7 @@ import { Hono } from "hono";
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { bodyLimit } from "hono/body-limit";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
+import { boolQuery, intQuery } from "./query.ts";
 import { decodeJson } from "../runner.ts";
 import { listDeadLetters, parseFilter, parseRedriveRequest, redrive } from "../redrive.ts";
 
@@ -28,17 +29,13 @@ export function deadLetterRoutes(js: JetStreamClient): Hono {
   const app = new Hono();
   app.get("/", async (c) => {
     const q = c.req.query();
-    const limitRaw = q.limit;
+    const limit = intQuery(q.limit, "limit", 1, 100_000) ?? 1000;
     delete q.limit;
     const filter = parseFilter(
       Object.fromEntries(
-        Object.entries(q).map(([k, v]) => [k, k === "pending" ? v === "true" : v]),
+        Object.entries(q).map(([k, v]) => [k, k === "pending" ? boolQuery(v, "pending") : v]),
       ),
     );
-    const limit = limitRaw === undefined ? 1000 : Number(limitRaw);
-    if (!Number.isSafeInteger(limit) || limit < 1 || limit > 100_000) {
-      throw new ValidationError("limit must be an integer from 1 to 100000", { field: "limit" });
-    }
     return c.json({ items: await listDeadLetters(js, filter, limit) });
   });
   // Ids of 10,000 letters fit in ~120 KB; anything larger is refused before it is read.

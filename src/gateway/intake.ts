@@ -20,6 +20,7 @@ import { ulid } from "ulid";
 import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
 import { createEvent, deterministicId } from "../events.ts";
 import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../events.gen.ts";
+import canonicalize from "canonicalize";
 import { publishEvent } from "../runner.ts";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
 import { applyEvent, firstEventSeq } from "../state.ts";
@@ -174,7 +175,8 @@ export async function createIntake(
       });
     }
     const kvKey = deterministicId("idempotency", key);
-    const fingerprint = deterministicId(JSON.stringify(request));
+    // Canonical JSON (RFC 8785): the same request with its keys in another order matches.
+    const fingerprint = deterministicId(canonicalize(request) ?? "");
     const body = answer();
     try {
       await idempotency.create(kvKey, encoder.encode(JSON.stringify({ fingerprint, body })));
@@ -207,7 +209,21 @@ export async function createIntake(
     mayExist: boolean,
     trace?: TraceContext | null,
   ): Promise<boolean> {
-    if (mayExist && (await ingestedInStream(id))) return false;
+    if (mayExist) {
+      const stored = await ingestedInStream(id);
+      if (stored) {
+        // The same id again: the same item (replay) only with the same content; another body
+        // under a known id is refused, as a reused Idempotency-Key with another body is.
+        if (canonicalize(stored.event.data) !== canonicalize(itemOf(submission))) {
+          throw new WeftError(
+            ErrorCode.IdempotencyMismatch,
+            `item ${id} was already submitted with a different body`,
+            { field: "/id" },
+          );
+        }
+        return false;
+      }
+    }
     await publish(submission, id, trace);
     return true;
   }

@@ -31,6 +31,9 @@ type Env = { Variables: { principal: Principal } };
 const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i;
 const STATUSES = new Set<string>(Object.values(ReviewStatus));
 
+/** Most `meta.*` parameters an upload may carry (the schema's Metadata maxProperties). */
+const MAX_META = 32;
+
 async function readJson(c: Context, optional = false): Promise<unknown> {
   const bytes = new Uint8Array(await c.req.arrayBuffer());
   if (optional && bytes.length === 0) return {};
@@ -87,13 +90,18 @@ export function createModerationRoutes(deps: {
       const submission = validateDocument("content.submit", await readJson(c));
       result = await api.submitText(submission, who, trace);
     } else {
-      if (!c.req.raw.body) throw new ValidationError("the upload is empty", { field: "/" });
       const metadata: Record<string, string> = {};
       for (const [k, v] of new URL(c.req.url).searchParams) {
         if (k.startsWith("meta.")) metadata[k.slice(5)] = v;
       }
+      if (Object.keys(metadata).length > MAX_META) {
+        throw new ValidationError(`at most ${MAX_META} meta.* parameters`, { field: "meta.*" });
+      }
+      // Bounded by the body limit above, so reading it whole is safe.
+      const bytes = new Uint8Array(await c.req.arrayBuffer());
+      if (bytes.length === 0) throw new ValidationError("the upload is empty", { field: "/" });
       result = await api.submitObject(
-        c.req.raw.body,
+        new Blob([bytes]).stream(),
         {
           contentType: type || "application/octet-stream",
           metadata,

@@ -19,6 +19,7 @@ import { FEEDBACK_STREAM } from "../subjects.ts";
 import { DASHBOARD_HTML } from "./dashboard_page.ts";
 import { meshMetrics, type MeshSnapshot, meshSnapshot } from "./mesh_metrics.ts";
 import type { SseClients } from "./sse.ts";
+import { intQuery } from "./query.ts";
 
 /** Interval of the dashboard's metrics frames, ms. */
 export const DASHBOARD_TICK_MS = 1000;
@@ -120,7 +121,7 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   });
 
   app.get("/dashboard/recent", async (c) => {
-    const limit = Math.min(Number(c.req.query("limit") ?? 200) || 200, RECENT_EVENTS_MAX);
+    const limit = intQuery(c.req.query("limit"), "limit", 1, RECENT_EVENTS_MAX) ?? 200;
     return c.json({ events: await recentEvents(intake.js, intake.jsm, limit) });
   });
 }
@@ -155,6 +156,7 @@ export async function recentEvents(
   } finally {
     clearTimeout(guard);
     messages.stop();
+    await consumer.delete().catch(() => {}); // or it would stay on the server for 5 minutes
   }
   return out.slice(-limit);
 }

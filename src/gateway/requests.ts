@@ -8,7 +8,7 @@
  * @module
  */
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
-import { toProblem } from "../errors.ts";
+import { toProblem, ValidationError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { decodeJson } from "../runner.ts";
 import { validateDocument } from "../schemas.ts";
@@ -59,14 +59,24 @@ export function serveRequests(
       callback: (_e, m) => {
         void reply(m, () => {
           check(m, Role.Ingest, Role.Reviewer);
-          const text = m.string().trim();
-          const id = text.startsWith("{")
-            ? String((JSON.parse(text) as { id?: unknown }).id)
-            : text;
-          return intake.state(id);
+          return intake.state(requestedId(m.data));
         });
       },
     }),
   ];
   return { stop: () => subs.forEach((s) => s.unsubscribe()) };
+}
+
+/**
+ * The item id of a lookup request: the body itself (`nats req weft.feedback.get ID`) or a
+ * JSON object's `id`. Malformed JSON or a missing id is a clear error, never a 500.
+ */
+export function requestedId(data: Uint8Array): string {
+  const text = new TextDecoder().decode(data).trim();
+  if (!text.startsWith("{")) return text;
+  const value = decodeJson(data) as { id?: unknown };
+  if (typeof value.id !== "string") {
+    throw new ValidationError("/id must be a string", { field: "/id" });
+  }
+  return value.id;
 }

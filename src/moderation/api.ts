@@ -29,6 +29,7 @@ import type {
   ReviewDecisionRequest,
 } from "../events.gen.ts";
 import type { Logger } from "../log.ts";
+import { validateEvent } from "../schemas.ts";
 import { publishEvent } from "../runner.ts";
 import { createScheduleStore, type ScheduleStore } from "../scheduler/store.ts";
 import { humanDecidedEvent, slaScheduleId } from "../stages/content.ts";
@@ -192,6 +193,8 @@ export async function createModerationApi(deps: {
       data: item,
       time: now(),
     });
+    // What the moderation stage will validate, validated before anything is accepted.
+    validateEvent(event, [T.Uploaded]);
     const h = headers();
     h.set("traceparent", formatTraceparent(span));
     h.set("Weft-Event-Type", event.type);

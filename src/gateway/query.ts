@@ -1,0 +1,49 @@
+/**
+ * Query parameters, validated: a value that is present but not what the parameter takes
+ * is a 422 problem naming the parameter, never silently read as a default.
+ *
+ * @module
+ */
+import { ValidationError } from "../errors.ts";
+
+/**
+ * An integer parameter in `[min, max]`; undefined when absent.
+ *
+ * @example
+ * ```ts
+ * import { intQuery } from "./query.ts";
+ * console.assert(intQuery("20", "limit", 1, 100) === 20);
+ * console.assert(intQuery(undefined, "limit", 1, 100) === undefined);
+ * ```
+ */
+export function intQuery(
+  raw: string | undefined,
+  name: string,
+  min: number,
+  max: number,
+): number | undefined {
+  if (raw === undefined) return undefined;
+  const n = Number(raw);
+  if (raw.trim() === "" || !Number.isSafeInteger(n) || n < min || n > max) {
+    throw new ValidationError(`${name} must be an integer from ${min} to ${max}`, {
+      field: name,
+    });
+  }
+  return n;
+}
+
+/**
+ * A boolean parameter, `true` or `false`; undefined when absent.
+ *
+ * @example
+ * ```ts
+ * import { boolQuery } from "./query.ts";
+ * console.assert(boolQuery("true", "pending") === true);
+ * ```
+ */
+export function boolQuery(raw: string | undefined, name: string): boolean | undefined {
+  if (raw === undefined) return undefined;
+  if (raw === "true") return true;
+  if (raw === "false") return false;
+  throw new ValidationError(`${name} must be true or false`, { field: name });
+}

@@ -1,0 +1,177 @@
+/**
+ * Defects found by an adversarial run of the gateway, each kept fixed: bad input gets a
+ * clear 4xx naming the field, never a 500 or a silent default, and nothing is accepted
+ * that would later be dead-lettered. Real nats-server, the gateway app in-process.
+ */
+import assert from "node:assert/strict";
+import { loadConfig } from "../src/config.ts";
+import { ConfigError } from "../src/errors.ts";
+import { createApp } from "../src/gateway/app.ts";
+import { createAuth } from "../src/gateway/auth.ts";
+import { createIntake } from "../src/gateway/intake.ts";
+import { serveRequests } from "../src/gateway/requests.ts";
+import { createModerationApi } from "../src/moderation/api.ts";
+import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
+import { startTestNats, type TestNats } from "./helpers/nats.ts";
+
+const JSON_TYPE = { "content-type": "application/json" };
+
+async function gateway(t: TestNats) {
+  const intake = await createIntake(t.nc);
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: false,
+  });
+  return createApp({
+    nc: t.nc,
+    intake,
+    config: t.config,
+    log: t.log,
+    auth: createAuth([]),
+    moderation,
+  });
+}
+
+async function expectProblem(res: Response, status: number, field?: string) {
+  const text = await res.text();
+  assert.equal(res.status, status, text);
+  assert.match(res.headers.get("content-type") ?? "", /^application\/problem\+json/);
+  const p = JSON.parse(text);
+  if (field !== undefined) assert.equal(p.field, field, text);
+  return p;
+}
+
+Deno.test("an Idempotency-Key repeated with the same body in another key order returns the first answer", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const post = (body: string) =>
+    app.request("/feedback", {
+      method: "POST",
+      headers: { ...JSON_TYPE, "Idempotency-Key": "order-1" },
+      body,
+    });
+  const first = await post('{"text":"hello","channel":"web"}');
+  assert.equal(first.status, 202);
+  const again = await post('{"channel":"web","text":"hello"}');
+  assert.equal(again.status, 202, await again.clone().text());
+  assert.equal(again.headers.get("idempotent-replayed"), "true");
+  assert.deepEqual(await again.json(), await first.json());
+});
+
+Deno.test("a client id reused with a different body is refused with 422 like a reused Idempotency-Key; the same body is a replay", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const post = (body: unknown) =>
+    app.request("/feedback", { method: "POST", headers: JSON_TYPE, body: JSON.stringify(body) });
+  assert.equal((await post({ id: "mine-1", text: "first text" })).status, 202);
+  const same = await post({ id: "mine-1", text: "first text" });
+  assert.equal(same.status, 202);
+  assert.equal(same.headers.get("idempotent-replayed"), "true");
+  const p = await expectProblem(await post({ id: "mine-1", text: "other text" }), 422, "/id");
+  assert.equal(p.code, "idempotency_mismatch");
+  const batch = await app.request("/feedback/batch", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ items: [{ id: "mine-1", text: "yet another" }] }),
+  });
+  await expectProblem(batch, 422, "/id");
+});
+
+Deno.test("weft.feedback.get with malformed JSON answers a clear error, not a 500", async () => {
+  await using t = await startTestNats();
+  const intake = await createIntake(t.nc);
+  const sub = serveRequests(t.nc, intake, t.log);
+  try {
+    for (const body of ['{"id":', '{"id":5}', "{}"]) {
+      const reply = (await t.nc.request("weft.feedback.get", body)).json<
+        { error?: { status: number; field?: string } }
+      >();
+      assert.ok(reply.error, body);
+      assert.ok(reply.error.status >= 400 && reply.error.status < 500, JSON.stringify(reply));
+    }
+  } finally {
+    sub.stop();
+  }
+});
+
+Deno.test("query parameters are validated: limit=-5, pending=yes, replay=maybe get 422 naming the parameter", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  await expectProblem(await app.request("/deadletters?limit=-5"), 422, "limit");
+  await expectProblem(await app.request("/deadletters?limit=abc"), 422, "limit");
+  await expectProblem(await app.request("/deadletters?pending=yes"), 422, "pending");
+  await expectProblem(await app.request("/dashboard/recent?limit=-5"), 422, "limit");
+  await expectProblem(await app.request("/events?replay=maybe"), 422, "replay");
+  assert.equal((await app.request("/deadletters?pending=true&limit=5")).status, 200);
+});
+
+Deno.test("a binary upload with more than 32 meta.* parameters, or an empty one, is refused before anything is accepted", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const meta = Array.from({ length: 33 }, (_, i) => `meta.k${i}=v`).join("&");
+  await expectProblem(
+    await app.request(`/content?${meta}`, {
+      method: "POST",
+      headers: { "content-type": "image/png" },
+      body: new Uint8Array([1, 2, 3]),
+    }),
+    422,
+    "meta.*",
+  );
+  await expectProblem(
+    await app.request("/content", {
+      method: "POST",
+      headers: { "content-type": "image/png" },
+      body: new Uint8Array(0),
+    }),
+    422,
+    "/",
+  );
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing accepted");
+  const ok = await app.request("/content?meta.camera=x100", {
+    method: "POST",
+    headers: { "content-type": "image/png" },
+    body: new Uint8Array([1, 2, 3]),
+  });
+  assert.equal(ok.status, 202, await ok.clone().text());
+  await ok.body?.cancel();
+});
+
+Deno.test("listings and /dashboard/recent leave no consumer on the server", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  await app.request("/feedback", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ text: "something to list" }),
+  });
+  for (const path of ["/dashboard/recent", "/deadletters", "/dashboard/recent?limit=5"]) {
+    const res = await app.request(path);
+    assert.equal(res.status, 200);
+    await res.body?.cancel();
+  }
+  for (const stream of [FEEDBACK_STREAM, "DEADLETTER"]) {
+    const info = await t.jsm.streams.info(stream);
+    assert.equal(info.state.consumer_count, 0, `${stream} keeps no consumer`);
+  }
+});
+
+Deno.test("a non-loopback WEFT_HOST without API keys refuses to start unless told it is meant", () => {
+  const env = (vars: Record<string, string>) => ({ env: (n: string) => vars[n], args: [] });
+  assert.throws(
+    () => loadConfig(env({ WEFT_HOST: "0.0.0.0" })),
+    (err: unknown) =>
+      err instanceof ConfigError && /WEFT_API_KEYS/.test(err.message) &&
+      /WEFT_INSECURE_NO_AUTH=1/.test(err.message),
+  );
+  assert.equal(
+    loadConfig(env({ WEFT_HOST: "0.0.0.0", WEFT_INSECURE_NO_AUTH: "1" })).host,
+    "0.0.0.0",
+  );
+  const keys = JSON.stringify([{ sha256: "a".repeat(64), role: "admin", name: "ops" }]);
+  assert.equal(loadConfig(env({ WEFT_HOST: "0.0.0.0", WEFT_API_KEYS: keys })).host, "0.0.0.0");
+  assert.equal(loadConfig(env({ WEFT_HOST: "127.0.0.1" })).host, "127.0.0.1");
+  assert.equal(loadConfig(env({ WEFT_HOST: "localhost" })).host, "localhost");
+});
