@@ -13,6 +13,7 @@ import { serveRequests } from "../src/gateway/requests.ts";
 import { createModerationApi } from "../src/moderation/api.ts";
 import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
@@ -174,4 +175,48 @@ Deno.test("a non-loopback WEFT_HOST without API keys refuses to start unless tol
   assert.equal(loadConfig(env({ WEFT_HOST: "0.0.0.0", WEFT_API_KEYS: keys })).host, "0.0.0.0");
   assert.equal(loadConfig(env({ WEFT_HOST: "127.0.0.1" })).host, "127.0.0.1");
   assert.equal(loadConfig(env({ WEFT_HOST: "localhost" })).host, "localhost");
+});
+
+Deno.test("while NATS is down, POST answers 503 with Retry-After at once, and works again after it returns", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const post = () =>
+    app.request("/feedback", {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({ text: "are you there?" }),
+    });
+  const ok = await post();
+  assert.equal(ok.status, 202);
+  await ok.body?.cancel();
+  await t.server.stop("SIGKILL");
+  // The client notices the lost connection within a moment; from then on, 503 at once.
+  const refused = await waitFor(
+    async () => {
+      const res = await post();
+      if (res.status === 503) return res;
+      await res.body?.cancel();
+      return undefined;
+    },
+    10_000,
+    "a 503 while NATS is down",
+  );
+  const started = performance.now();
+  const p = await expectProblem(refused, 503);
+  assert.equal(p.code, "unavailable");
+  assert.equal(refused.headers.get("retry-after"), "5");
+  const again = await post();
+  assert.equal(again.status, 503);
+  await again.body?.cancel();
+  assert.ok(performance.now() - started < 4000, "well before a publish would time out");
+  await t.server.restart();
+  await waitFor(
+    async () => {
+      const res = await post();
+      await res.body?.cancel();
+      return res.status === 202;
+    },
+    20_000,
+    "accepting again after NATS returns",
+  );
 });

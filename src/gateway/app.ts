@@ -8,7 +8,16 @@ import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import type { Context, MiddlewareHandler } from "hono";
-import type { NatsConnection } from "@nats-io/nats-core";
+import {
+  ClosedConnectionError,
+  ConnectionError,
+  DrainingConnectionError,
+  type NatsConnection,
+  NoRespondersError,
+  RequestError,
+  TimeoutError,
+} from "@nats-io/nats-core";
+import { watchConnection } from "../nats.ts";
 import type { Config } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
 import type { Logger } from "../log.ts";
@@ -88,6 +97,15 @@ async function readJson(c: Context): Promise<unknown> {
 }
 
 const EVENT_TYPES = new Set<string>(Object.values(FeedbackEventType));
+/** Routes that answer without NATS. */
+const NO_NATS_NEEDED = new Set(["/healthz", "/", "/dashboard"]);
+
+/** True for the errors a NATS client raises when the server is unreachable or slow. */
+function isNatsUnavailable(err: unknown): boolean {
+  return err instanceof TimeoutError || err instanceof ClosedConnectionError ||
+    err instanceof ConnectionError || err instanceof DrainingConnectionError ||
+    err instanceof NoRespondersError || err instanceof RequestError;
+}
 
 /**
  * Creates the gateway app.
@@ -105,9 +123,29 @@ export function createApp(deps: GatewayDeps): Hono {
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
 
+  // While NATS is unreachable, answer 503 at once instead of waiting out a publish timeout.
+  const health = watchConnection(deps.nc);
+  app.use(async (c, next) => {
+    if (!health.up && !NO_NATS_NEEDED.has(c.req.path)) {
+      throw new WeftError(ErrorCode.Unavailable, "NATS is unreachable; retry shortly", {
+        retryAfterSeconds: 5,
+      });
+    }
+    await next();
+  });
+
   app.onError((err, c) => {
     if (err instanceof HTTPException && err.status === 413) {
       return problemResponse(c, new WeftError(ErrorCode.PayloadTooLarge, err.message));
+    }
+    if (isNatsUnavailable(err)) {
+      return problemResponse(
+        c,
+        new WeftError(ErrorCode.Unavailable, "NATS did not answer; retry shortly", {
+          cause: err,
+          retryAfterSeconds: 5,
+        }),
+      );
     }
     const problem = toProblem(err);
     if (problem.status >= 500) log.error("request failed", { path: c.req.path, err });
