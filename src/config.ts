@@ -129,6 +129,8 @@ export interface Config {
   allowShrink: boolean;
   /** Serve a non-loopback `WEFT_HOST` without API keys anyway. `WEFT_INSECURE_NO_AUTH`. */
   insecureNoAuth: boolean;
+  /** `stdin`: stop when standard input closes (the supervisor sets it, so its services die with it). `WEFT_PARENT_WATCH`. */
+  parentWatch: "" | "stdin";
 }
 
 /** The roles an API key can have. `admin` may do everything. */
@@ -293,6 +295,12 @@ const SETTINGS: Setting<any>[] = [
   { key: "streamAlertAt", env: "WEFT_STREAM_ALERT_AT", default: 0.8, parse: ratio },
   { key: "allowShrink", env: "WEFT_ALLOW_SHRINK", default: false, parse: bool },
   { key: "insecureNoAuth", env: "WEFT_INSECURE_NO_AUTH", default: false, parse: bool },
+  {
+    key: "parentWatch",
+    env: "WEFT_PARENT_WATCH",
+    default: "",
+    parse: (raw: string) => (raw === "stdin" ? raw : undefined),
+  },
 ];
 
 /** The environment variable names Weft reads: what `--allow-env` needs. */

@@ -23,6 +23,8 @@ export interface NatsServerOptions {
   onLog?: (line: string) => void;
   /** Run in its own session, so a terminal's Ctrl-C reaches only its parent. */
   detached?: boolean;
+  /** nats-server writes its pid here (`-P`), relative to `cwd`; see {@link stopLeftover}. */
+  pidFile?: string;
 }
 
 /** A running nats-server. */
@@ -59,6 +61,48 @@ export class NatsServerMissingError extends Error {
   }
 }
 
+/** True when nothing listens on loopback `port` right now. */
+export function portFree(port: number): boolean {
+  try {
+    Deno.listen({ hostname: "127.0.0.1", port }).close();
+    return true;
+  } catch (err) {
+    if (err instanceof Deno.errors.AddrInUse) return false;
+    throw err;
+  }
+}
+
+/**
+ * Stops a nats-server that an earlier start left running (its supervisor was killed) when
+ * it still holds `port`: asks it to shut down cleanly through its own pid file
+ * (`nats-server --signal term=<pidFile>`, so no process is signalled blindly), then waits
+ * up to `waitMs` for the port to be free. Resolves true when the port is free.
+ */
+export async function stopLeftover(opts: {
+  port: number;
+  pidFile: string;
+  cwd?: string;
+  binary?: string;
+  waitMs?: number;
+}): Promise<boolean> {
+  if (portFree(opts.port)) return true;
+  try {
+    await new Deno.Command(opts.binary ?? "nats-server", {
+      args: ["--signal", `term=${opts.pidFile}`],
+      cwd: opts.cwd,
+      stdin: "null",
+      stdout: "null",
+      stderr: "null",
+    }).output();
+  } catch { /* no such binary, no pid file: the port check below says what remains */ }
+  const until = Date.now() + (opts.waitMs ?? 15_000);
+  while (Date.now() < until) {
+    if (portFree(opts.port)) return true;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return false;
+}
+
 /** A TCP port free on loopback right now. */
 export function freePort(): number {
   const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
@@ -87,6 +131,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
   if (port !== undefined) args.push("-a", "127.0.0.1", "-p", String(port));
   if (opts.monitorPort !== undefined) args.push("-m", String(opts.monitorPort));
   if (storeDir !== undefined) args.push("-sd", storeDir);
+  if (opts.pidFile !== undefined) args.push("-P", opts.pidFile);
 
   let child: Deno.ChildProcess;
   let exited!: Promise<Deno.CommandStatus>;

@@ -85,6 +85,15 @@ export async function runService(
   };
   Deno.addSignalListener("SIGTERM", stop);
   Deno.addSignalListener("SIGINT", stop);
+  if (config.parentWatch === "stdin") {
+    // The supervisor holds the other end of stdin: it closes when the supervisor dies,
+    // even by SIGKILL, and the service then drains and exits instead of living on.
+    (async () => {
+      for await (const _ of Deno.stdin.readable) { /* nothing is sent; wait for the end */ }
+      log.warn("supervisor gone (stdin closed): stopping");
+      await stop();
+    })().catch(() => stop());
+  }
   await running.done;
   if (!stopping) {
     log.error("stopped unexpectedly");

@@ -11,11 +11,22 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import { type Config, describeConfig, ENV_PERMISSION, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { connectNats } from "./nats.ts";
-import { type NatsServer, NatsServerMissingError, startNatsServer } from "./nats_server.ts";
+import {
+  type NatsServer,
+  NatsServerMissingError,
+  portFree,
+  startNatsServer,
+  stopLeftover,
+} from "./nats_server.ts";
 import { ensureTopology } from "./topology.ts";
 
 /** The repository root: service entries and nats.conf are relative to it. */
 const ROOT = new URL("../", import.meta.url);
+
+/** nats.conf's client port, used when WEFT_NATS_PORT does not override it. */
+const DEFAULT_NATS_PORT = 4222;
+/** Where the supervisor's nats-server writes its pid, relative to its working directory. */
+const NATS_PID_FILE = "nats-server.pid";
 
 /** A service the supervisor runs. */
 export interface ServiceSpec {
@@ -122,13 +133,28 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   if (Deno.env.get("NATS_URL")) {
     log.info("using the NATS server in NATS_URL", { nats: describeConfig(config).natsUrl });
   } else {
+    const cwd = config.natsDir || ROOT.pathname;
+    const port = config.natsPort || DEFAULT_NATS_PORT;
+    // A supervisor killed outright (SIGKILL, OOM) leaves its nats-server running: stop it
+    // through the pid file it wrote, or say plainly who holds the port.
+    if (!portFree(port)) {
+      log.warn("port taken: stopping a nats-server an earlier start left running", { port });
+      if (!(await stopLeftover({ port, pidFile: NATS_PID_FILE, cwd }))) {
+        log.error(
+          `port ${port} is taken by a process this start did not leave behind; stop it, or ` +
+            `set WEFT_NATS_PORT (or NATS_URL to use that server)`,
+        );
+        Deno.exit(1);
+      }
+    }
     try {
       nats = await startNatsServer({
         configFile: new URL(config.natsConf, ROOT).pathname,
         port: config.natsPort || undefined,
         monitorPort: config.natsMonitorPort || undefined,
-        cwd: config.natsDir || ROOT.pathname,
+        cwd,
         detached: true,
+        pidFile: NATS_PID_FILE,
       });
     } catch (err) {
       if (err instanceof NatsServerMissingError) {
@@ -151,8 +177,9 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const start = (spec: ServiceSpec, restarts: number) => {
     const child = new Deno.Command("deno", {
       args: serviceArgs(spec, config),
-      env: { ...env, ...serviceEnv(spec, envOrUndefined) },
-      stdin: "null",
+      // The service exits when this pipe closes: when the supervisor dies, however it dies.
+      env: { ...env, ...serviceEnv(spec, envOrUndefined), WEFT_PARENT_WATCH: "stdin" },
+      stdin: "piped",
       stdout: "inherit",
       stderr: "inherit",
       cwd: ROOT,
