@@ -129,6 +129,8 @@ export interface Config {
   allowShrink: boolean;
   /** Serve a non-loopback `WEFT_HOST` without API keys anyway. `WEFT_INSECURE_NO_AUTH`. */
   insecureNoAuth: boolean;
+  /** SSE clients one API key may hold open at once (with keys configured). `WEFT_SSE_MAX_PER_KEY`. */
+  sseMaxPerKey: number;
   /** `stdin`: stop when standard input closes (the supervisor sets it, so its services die with it). `WEFT_PARENT_WATCH`. */
   parentWatch: "" | "stdin";
 }
@@ -295,6 +297,7 @@ const SETTINGS: Setting<any>[] = [
   { key: "streamAlertAt", env: "WEFT_STREAM_ALERT_AT", default: 0.8, parse: ratio },
   { key: "allowShrink", env: "WEFT_ALLOW_SHRINK", default: false, parse: bool },
   { key: "insecureNoAuth", env: "WEFT_INSECURE_NO_AUTH", default: false, parse: bool },
+  { key: "sseMaxPerKey", env: "WEFT_SSE_MAX_PER_KEY", default: 100, parse: int(1) },
   {
     key: "parentWatch",
     env: "WEFT_PARENT_WATCH",

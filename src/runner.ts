@@ -18,6 +18,7 @@ import {
   type JetStreamManager,
   jetstreamManager,
   type JsMsg,
+  type MsgRequest,
 } from "@nats-io/jetstream";
 import type { Span } from "@opentelemetry/api";
 import type { Config } from "./config.ts";
@@ -38,10 +39,10 @@ import { validateDocument, validateEvent } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
 import {
   deadLetterSubject,
+  ENTRY_EVENT_TYPES,
   eventSubject,
   FEEDBACK_STREAM,
   FeedbackEventType,
-  ONCE_PER_ITEM_TYPES,
   parseEventSubject,
 } from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
@@ -288,11 +289,10 @@ function isAlreadyStored(err: unknown): boolean {
 /**
  * Publishes one event with its message id and a traceparent in the trace.
  *
- * An event of a {@link ONCE_PER_ITEM_TYPES} type is published with "expected last subject
- * sequence 0": the stream stores it only if its subject holds nothing yet, so a late
- * redelivery, a re-sent submission or a forged input can never make an item run a step
- * twice, whatever the duplicate window. A refusal means the event is already stored, which
- * is success.
+ * An item's entry event ({@link ENTRY_EVENT_TYPES}) is published with "expected last subject
+ * sequence 0": the stream stores it only if its subject holds nothing yet, so a re-sent
+ * submission can never start an item twice, whatever the duplicate window. A refusal means
+ * the event is already stored, which is success.
  */
 export async function publishEvent(
   js: JetStreamClient,
@@ -310,7 +310,7 @@ export async function publishEvent(
     ),
   );
   h.set("Weft-Event-Type", event.type);
-  const once = ONCE_PER_ITEM_TYPES.has(event.type);
+  const once = ENTRY_EVENT_TYPES.has(event.type);
   try {
     await js.publish(
       eventSubject(event.type, event.item_id),
@@ -319,6 +319,29 @@ export async function publishEvent(
     );
   } catch (err) {
     if (!once || !isAlreadyStored(err)) throw err;
+  }
+}
+
+/**
+ * True when `m` is the first message stored on its subject, or carries the same event as
+ * the first (a redrive republishes it byte for byte, under the same event id).
+ */
+async function isFirstEntry(
+  jsm: JetStreamManager,
+  stream: string,
+  m: JsMsg,
+  eventId: string,
+): Promise<boolean> {
+  // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+  const first = await jsm.streams.getMessage(
+    stream,
+    { next_by_subj: m.subject, seq: 0 } as unknown as MsgRequest,
+  );
+  if (!first || first.seq === m.seq) return true;
+  try {
+    return (first.json<{ id?: unknown }>()).id === eventId;
+  } catch {
+    return false;
   }
 }
 
@@ -527,7 +550,19 @@ export async function runStage<I extends StageInput>(
       }
       const input = validateInput(stage.input, raw);
       if (stage.input.kind === "event") {
-        assertMatchesSubject(input as { type: string; item_id: string }, m.subject);
+        const event = input as { id: string; type: string; item_id: string };
+        assertMatchesSubject(event, m.subject);
+        if (ENTRY_EVENT_TYPES.has(event.type) && !(await isFirstEntry(jsm, stream, m, event.id))) {
+          // A second entry event of the item (forged, or published around intake): the
+          // item already ran from its first one. Not an error of this message's item.
+          log.warn("ignored: not the item's first entry event", {
+            item_id: event.item_id,
+            event_type: event.type,
+            seq: m.seq,
+          });
+          m.ack();
+          return;
+        }
       }
       // Keep the lease while a slow handler works, instead of being redelivered mid-work.
       keepAlive = setInterval(() => m.working(), Math.max(500, Math.floor(config.ackWaitMs / 3)));

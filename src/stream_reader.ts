@@ -13,6 +13,8 @@ export interface ReadStreamOptions {
   filter?: string;
   /** Where to start; the first message by default. */
   deliverPolicy?: DeliverPolicy;
+  /** The first stream sequence to read (implies DeliverPolicy.StartSequence). */
+  startSeq?: number;
   /**
    * Stop when no message arrives for this long, ms (only matters when the filter matches
    * nothing, since reading otherwise stops at the last pending message). Default 1000.
@@ -36,7 +38,9 @@ export async function* readStream(
 ): AsyncGenerator<JsMsg> {
   const consumer = await js.consumers.get(stream, {
     ...(opts.filter ? { filter_subjects: opts.filter } : {}),
-    deliver_policy: opts.deliverPolicy ?? DeliverPolicy.All,
+    ...(opts.startSeq !== undefined
+      ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: opts.startSeq }
+      : { deliver_policy: opts.deliverPolicy ?? DeliverPolicy.All }),
   });
   const messages = await consumer.consume({ max_messages: 1000 });
   const it = messages[Symbol.asyncIterator]();

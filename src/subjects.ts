@@ -37,10 +37,9 @@ export const FeedbackEventType = {
 export type FeedbackEventType = typeof FeedbackEventType[keyof typeof FeedbackEventType];
 
 /**
- * Event types an item has at most once: the stream stores the first and refuses any other
- * (expected last subject sequence 0), whatever its message id and however late it comes,
- * so an item never runs a step twice. Failures repeat (a redriven item may fail again),
- * as do review claims, SLA expiries and escalations.
+ * Event types an item has at most once: the state fold keeps the first stored and ignores
+ * any later copy. Failures repeat (a redriven item may fail again), as do review claims,
+ * SLA expiries and escalations.
  */
 export const ONCE_PER_ITEM_TYPES: ReadonlySet<string> = new Set([
   "feedback.ingested",
@@ -54,6 +53,19 @@ export const ONCE_PER_ITEM_TYPES: ReadonlySet<string> = new Set([
   "content.decided",
   "content.published",
   "content.archived",
+]);
+
+/**
+ * The event that starts an item in each pipeline. It is published with "expected last
+ * subject sequence 0", so the stream stores one per item however late a re-sent submission
+ * comes, and the first step handles only the first one stored on its subject (or a byte
+ * for byte redrive of it): a forged or repeated entry event never runs an item again.
+ * (Checking every step's output the same way costs a per-subject lookup on the stream's
+ * write path for every event, which under bursts delayed publish acks past their timeout.)
+ */
+export const ENTRY_EVENT_TYPES: ReadonlySet<string> = new Set([
+  "feedback.ingested",
+  "content.uploaded",
 ]);
 
 /** Event types after which nothing more happens to an item. */

@@ -5,7 +5,7 @@
  * Against a real nats-server with a deliberately small FEEDBACK stream.
  */
 import assert from "node:assert/strict";
-import { Hono } from "hono";
+import type { Hono } from "hono";
 import { jetstream } from "@nats-io/jetstream";
 import { createCapacityGuard, isStreamFull } from "../src/capacity.ts";
 import { ConfigError } from "../src/errors.ts";

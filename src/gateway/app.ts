@@ -37,7 +37,7 @@ import type { Auth } from "./auth.ts";
 import { Role } from "../config.ts";
 import type { ModerationApi } from "../moderation/api.ts";
 import { createModerationRoutes } from "./moderation_routes.ts";
-import { SseClients, streamEvents } from "./sse.ts";
+import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
 import { boolQuery } from "./query.ts";
 import { WeftMetrics } from "../metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
@@ -58,6 +58,10 @@ export interface GatewayDeps {
   moderation?: ModerationApi;
   /** The gateway's own metrics; `GET /metrics` adds every service's to them. */
   metrics?: WeftMetrics;
+  /** SSE slots; one set per gateway by default. */
+  sseClients?: SseClients;
+  /** Live event feeds; one per gateway by default. */
+  feeds?: LiveFeeds;
 }
 
 /** The problem+json response for an error. */
@@ -118,7 +122,8 @@ function isNatsUnavailable(err: unknown): boolean {
  */
 export function createApp(deps: GatewayDeps): Hono {
   const { intake, config, log } = deps;
-  const clients = new SseClients(config.sseMaxClients);
+  const clients = deps.sseClients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
+  const feeds = deps.feeds ?? new LiveFeeds(intake.js, log);
   const app = new Hono();
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
@@ -224,15 +229,14 @@ export function createApp(deps: GatewayDeps): Hono {
     if (from === null) {
       throw new WeftError(ErrorCode.NotFound, `no feedback item ${JSON.stringify(id)}`);
     }
-    if (!clients.tryOpen()) {
-      throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
-    }
+    const key = openSlot(clients, c);
     return streamEvents(c, intake.js, {
       filter: itemEventsFilter(id),
       closeOnFinal: true,
       replay: true,
       from,
-    }, { config, clients, log });
+      itemId: id,
+    }, { config, clients, feeds, log, key });
   });
 
   app.get("/events", readAuth, (c) => {
@@ -248,23 +252,32 @@ export function createApp(deps: GatewayDeps): Hono {
       }
       filter = typeFilter(full);
     }
-    if (!clients.tryOpen()) {
-      throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
-    }
+    const key = openSlot(clients, c);
     return streamEvents(c, intake.js, {
       filter,
       closeOnFinal: false,
       replay: boolQuery(c.req.query("replay"), "replay") === true,
-    }, { config, clients, log });
+    }, { config, clients, feeds, log, key });
   });
 
   app.use("/deadletters", adminAuth);
   app.use("/deadletters/*", adminAuth);
   app.route("/deadletters", deadLetterRoutes(intake.js));
   if (deps.moderation && deps.auth) {
-    app.route("/", createModerationRoutes({ api: deps.moderation, auth: deps.auth, config, log }));
+    app.route(
+      "/",
+      createModerationRoutes({
+        api: deps.moderation,
+        auth: deps.auth,
+        config,
+        log,
+        clients,
+        feeds: new LiveFeeds(deps.moderation.js, log),
+      }),
+    );
   }
   app.use("/dashboard/recent", readAuth); // item texts: behind a key like the other reads
+  app.use("/dashboard/stream", readAuth); // takes SSE slots: anonymous clients must not
   mountObservability(app, { ...deps, metrics, clients });
 
   return app;

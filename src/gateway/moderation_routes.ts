@@ -24,7 +24,7 @@ import { validateDocument } from "../schemas.ts";
 import { CONTENT_FINAL_EVENT_TYPES, CONTENT_STREAM, contentEventsFilter } from "../subjects.ts";
 import { parseTraceparent } from "../trace.ts";
 import type { Auth, Principal } from "./auth.ts";
-import { SseClients, streamEvents } from "./sse.ts";
+import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
 
 type Env = { Variables: { principal: Principal } };
 
@@ -61,12 +61,22 @@ export function createModerationRoutes(deps: {
   auth: Auth;
   config: Pick<
     Config,
-    "bodyLimit" | "contentMaxBytes" | "sseMaxClients" | "sseKeepAliveMs" | "sseWriteTimeoutMs"
+    | "bodyLimit"
+    | "contentMaxBytes"
+    | "sseMaxClients"
+    | "sseMaxPerKey"
+    | "sseKeepAliveMs"
+    | "sseWriteTimeoutMs"
   >;
   log: Logger;
+  /** SSE slots shared with the rest of the gateway; its own when absent. */
+  clients?: SseClients;
+  /** The CONTENT stream's live feed; its own when absent. */
+  feeds?: LiveFeeds;
 }): Hono<Env> {
   const { api, auth, config, log } = deps;
-  const clients = new SseClients(config.sseMaxClients);
+  const clients = deps.clients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
+  const feeds = deps.feeds ?? new LiveFeeds(api.js, log);
   const app = new Hono<Env>();
   const tooLarge = (max: number) =>
     bodyLimit({
@@ -128,9 +138,7 @@ export function createModerationRoutes(deps: {
     if (from === null) {
       throw new WeftError(ErrorCode.NotFound, `no content item ${JSON.stringify(id)}`);
     }
-    if (!clients.tryOpen()) {
-      throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
-    }
+    const key = openSlot(clients, c);
     return streamEvents(c, api.js, {
       filter: contentEventsFilter(id),
       closeOnFinal: true,
@@ -138,7 +146,8 @@ export function createModerationRoutes(deps: {
       from,
       stream: CONTENT_STREAM,
       finalTypes: CONTENT_FINAL_EVENT_TYPES,
-    }, { config, clients, log });
+      itemId: id,
+    }, { config, clients, feeds, log, key });
   });
 
   app.get("/reviews", reviewer, async (c) => {

@@ -1,0 +1,165 @@
+/**
+ * Reads never starve writes: SSE clients share one server consumer per gateway, each
+ * holds a bounded queue, slow or silent clients are cut, caps apply per key and in all,
+ * and a per-item stream that has nothing left to say ends. Real nats-server, real sockets.
+ */
+import assert from "node:assert/strict";
+import { jetstream } from "@nats-io/jetstream";
+import { createEvent } from "../src/events.ts";
+import { createApp } from "../src/gateway/app.ts";
+import { createAuth, hashKey } from "../src/gateway/auth.ts";
+import { createIntake } from "../src/gateway/intake.ts";
+import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { startPipeline } from "./helpers/pipeline.ts";
+import { sseFrames } from "./helpers/sse_frames.ts";
+import { deadline, waitFor } from "./helpers/wait.ts";
+
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
+
+async function ephemeralConsumers(t: TestNats): Promise<number> {
+  let n = 0;
+  for await (const c of t.jsm.consumers.list("FEEDBACK")) if (!c?.config?.durable_name) n++;
+  return n;
+}
+
+function ingested(id: string, text = "hello") {
+  return JSON.stringify(createEvent({
+    type: "feedback.ingested",
+    itemId: id,
+    traceId: TRACE,
+    source: "test",
+    data: { text },
+  }));
+}
+
+Deno.test("fifty /events clients share one server consumer, and each receives every new event", async () => {
+  await using t = await startTestNats({ sseKeepAliveMs: 60_000 });
+  const intake = await createIntake(t.nc);
+  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log });
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
+  const abort = new AbortController();
+  try {
+    const clients = await Promise.all(Array.from({ length: 50 }, async () => {
+      const res = await fetch(`http://127.0.0.1:${server.addr.port}/events`, {
+        signal: abort.signal,
+      });
+      assert.equal(res.status, 200);
+      return sseFrames(res.body!);
+    }));
+    assert.equal(await ephemeralConsumers(t), 1, "one consumer for all fifty");
+    const js = jetstream(t.nc);
+    for (let i = 0; i < 5; i++) {
+      await js.publish(`feedback.ingested.shared${i}`, ingested(`shared${i}`));
+    }
+    await Promise.all(clients.map(async (frames) => {
+      const ids = [];
+      for (let i = 0; i < 5; i++) {
+        ids.push((await deadline(frames.next(), 10_000, "a frame")).value!.id);
+      }
+      assert.deepEqual(ids.map(Number), [1, 2, 3, 4, 5]);
+    }));
+    abort.abort();
+    await Promise.all(clients.map((f) => f.return(undefined).catch(() => {})));
+    await waitFor(
+      async () => (await ephemeralConsumers(t)) === 0,
+      10_000,
+      "the feed gone with its clients",
+    );
+  } finally {
+    abort.abort();
+    await server.shutdown();
+  }
+});
+
+Deno.test("a live client that never reads is cut when its queue is full; the others and ingest go on", async () => {
+  await using t = await startTestNats({ sseKeepAliveMs: 60_000, sseWriteTimeoutMs: 60_000 });
+  const intake = await createIntake(t.nc);
+  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log });
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
+  const silent = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+  try {
+    await silent.write(new TextEncoder().encode(
+      "GET /events HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n",
+    ));
+    await waitFor(
+      async () => (await ephemeralConsumers(t)) === 1,
+      10_000,
+      "the client on the feed",
+    );
+    // Far more than socket buffers and the queue (512 KiB) hold, published live.
+    const js = jetstream(t.nc);
+    const text = "y".repeat(9_000);
+    for (let i = 0; i < 1500; i++) {
+      await js.publish(`feedback.ingested.flood${i}`, ingested(`flood${i}`, text));
+    }
+    await waitFor(
+      () => t.lines.some((l) => l.includes("sse client too slow: dropped") && l.includes("full")),
+      20_000,
+      "the silent client cut",
+    );
+    // Ingest is untouched.
+    const res = await app.request("/feedback", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ text: "still accepted" }),
+    });
+    assert.equal(res.status, 202);
+    await res.body?.cancel();
+  } finally {
+    silent.close();
+    await server.shutdown();
+  }
+});
+
+Deno.test("SSE caps apply per API key and in all, with 503 and Retry-After; the dashboard stream needs a key", async () => {
+  await using t = await startTestNats({
+    sseMaxPerKey: 2,
+    sseMaxClients: 3,
+    sseKeepAliveMs: 60_000,
+  });
+  const auth = createAuth([
+    { sha256: await hashKey("key-a"), role: "reviewer", name: "a" },
+    { sha256: await hashKey("key-b"), role: "reviewer", name: "b" },
+  ]);
+  const intake = await createIntake(t.nc);
+  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log, auth });
+  const open = (key: string) =>
+    app.request("/events", { headers: { authorization: `Bearer ${key}` } });
+  const a1 = await open("key-a");
+  const a2 = await open("key-a");
+  assert.equal(a1.status, 200);
+  assert.equal(a2.status, 200);
+  const a3 = await open("key-a");
+  assert.equal(a3.status, 503, "over the per-key cap");
+  assert.equal(a3.headers.get("retry-after"), "5");
+  await a3.body?.cancel();
+  const b1 = await open("key-b");
+  assert.equal(b1.status, 200, "another key has its own slots");
+  const b2 = await open("key-b");
+  assert.equal(b2.status, 503, "over the total cap");
+  await b2.body?.cancel();
+  const anonymous = await app.request("/dashboard/stream");
+  assert.equal(anonymous.status, 401, "the dashboard stream needs a key when keys exist");
+  await anonymous.body?.cancel();
+  for (const r of [a1, a2, b1]) await r.body?.cancel();
+});
+
+Deno.test("a per-item stream resumed with Last-Event-ID after its final event closes at once", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "The export crashes" });
+  const first = await p.app.request(`/feedback/${body.id}/events`);
+  const frames = [];
+  for await (const f of sseFrames(first.body!)) frames.push(f);
+  const final = frames.at(-1)!;
+  assert.equal(final.event, "feedback.processed");
+  const resumed = await deadline(
+    Promise.resolve(
+      p.app.request(`/feedback/${body.id}/events`, { headers: { "Last-Event-ID": final.id! } }),
+    ),
+    10_000,
+    "the resumed stream",
+  );
+  const rest = await deadline(resumed.text(), 10_000, "the resumed stream to end");
+  assert.doesNotMatch(rest, /^id:/m, "nothing more to send, and it ended");
+});
