@@ -7,6 +7,7 @@
 import { jetstreamManager } from "@nats-io/jetstream";
 import { createCapacityGuard } from "../src/capacity.ts";
 import { createApp } from "../src/gateway/app.ts";
+import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
 import { createAuth } from "../src/gateway/auth.ts";
@@ -22,7 +23,8 @@ if (import.meta.main) {
       alertAt: config.streamAlertAt,
       log,
     });
-    const intake = await createIntake(nc, "weft-gateway", { capacity });
+    const limiter = createIngestLimiter(config.ingestLimits);
+    const intake = await createIntake(nc, "weft-gateway", { capacity, limiter });
     const auth = createAuth(config.apiKeys);
     if (!auth.enabled) {
       log.warn("authentication is OFF: no WEFT_API_KEYS configured; every caller is admin");
@@ -33,6 +35,7 @@ if (import.meta.main) {
       log,
       authEnabled: auth.enabled,
       capacity,
+      limiter,
     });
     const app = createApp({ nc, intake, config, log, auth, moderation, metrics });
     const requests = serveRequests(nc, intake, log, auth);

@@ -7,6 +7,7 @@
  */
 import { parseArgs } from "node:util";
 import { ConfigError } from "./errors.ts";
+import { type IngestLimits, parseIngestLimits } from "./gateway/ingest_limits.ts";
 
 /** Log levels, least to most severe. */
 export const LogLevel = { debug: 10, info: 20, warn: 30, error: 40 } as const;
@@ -129,6 +130,8 @@ export interface Config {
   allowShrink: boolean;
   /** Serve a non-loopback `WEFT_HOST` without API keys anyway. `WEFT_INSECURE_NO_AUTH`. */
   insecureNoAuth: boolean;
+  /** Ingest rate limits and daily quotas per role and per API key name. `WEFT_RATE_LIMITS`. */
+  ingestLimits: IngestLimits;
   /** SSE clients one API key may hold open at once (with keys configured). `WEFT_SSE_MAX_PER_KEY`. */
   sseMaxPerKey: number;
   /** `stdin`: stop when standard input closes (the supervisor sets it, so its services die with it). `WEFT_PARENT_WATCH`. */
@@ -298,6 +301,7 @@ const SETTINGS: Setting<any>[] = [
   { key: "allowShrink", env: "WEFT_ALLOW_SHRINK", default: false, parse: bool },
   { key: "insecureNoAuth", env: "WEFT_INSECURE_NO_AUTH", default: false, parse: bool },
   { key: "sseMaxPerKey", env: "WEFT_SSE_MAX_PER_KEY", default: 100, parse: int(1) },
+  { key: "ingestLimits", env: "WEFT_RATE_LIMITS", default: {}, parse: parseIngestLimits },
   {
     key: "parentWatch",
     env: "WEFT_PARENT_WATCH",

@@ -48,6 +48,8 @@ export const ErrorCode = {
    * Retry-After interval, or grow the stream. Accepted items are never discarded for room.
    */
   InsufficientStorage: "insufficient_storage",
+  /** The caller's ingest rate or daily quota is used up: retry after Retry-After. */
+  RateLimited: "rate_limited",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -200,6 +202,7 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   conflict: 409,
   subject_mismatch: 422,
   insufficient_storage: 507,
+  rate_limited: 429,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -220,6 +223,7 @@ const TITLES: Record<ErrorCode, string> = {
   conflict: "Conflict",
   subject_mismatch: "Event does not match its subject",
   insufficient_storage: "Insufficient storage",
+  rate_limited: "Too many requests",
 };
 
 /** Maps any error to the problem document the gateway answers with. */

@@ -7,7 +7,8 @@ import assert from "node:assert/strict";
 import { loadConfig } from "../src/config.ts";
 import { ConfigError } from "../src/errors.ts";
 import { createApp } from "../src/gateway/app.ts";
-import { createAuth } from "../src/gateway/auth.ts";
+import { createAuth, hashKey } from "../src/gateway/auth.ts";
+import { createIngestLimiter, parseIngestLimits } from "../src/gateway/ingest_limits.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
 import { createModerationApi } from "../src/moderation/api.ts";
@@ -219,4 +220,46 @@ Deno.test("while NATS is down, POST answers 503 with Retry-After at once, and wo
     20_000,
     "accepting again after NATS returns",
   );
+});
+
+Deno.test("ingest limits per API key and role: over the rate or the daily quota is 429 with Retry-After, other keys go on", async () => {
+  await using t = await startTestNats();
+  const limits = parseIngestLimits(JSON.stringify({
+    roles: { ingest: { per_second: 0.001, burst: 3 } },
+    keys: { partner: { per_day: 2 } },
+  }));
+  assert.ok(limits, "WEFT_RATE_LIMITS parses");
+  assert.equal(parseIngestLimits('{"roles":{"ingest":{"per_second":-1}}}'), undefined);
+  const auth = createAuth([
+    { sha256: await hashKey("k-web"), role: "ingest", name: "web" },
+    { sha256: await hashKey("k-mobile"), role: "ingest", name: "mobile" },
+    { sha256: await hashKey("k-partner"), role: "ingest", name: "partner" },
+  ]);
+  const intake = await createIntake(t.nc, "weft-gateway", {
+    limiter: createIngestLimiter(limits!),
+  });
+  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log, auth });
+  const post = (key: string, path = "/feedback", body: unknown = { text: "hi" }) =>
+    app.request(path, {
+      method: "POST",
+      headers: { ...JSON_TYPE, authorization: `Bearer ${key}` },
+      body: JSON.stringify(body),
+    });
+  for (let i = 0; i < 3; i++) assert.equal((await post("k-web")).status, 202, "within the burst");
+  const limited = await post("k-web");
+  const p = await expectProblem(limited, 429);
+  assert.equal(p.code, "rate_limited");
+  assert.ok(Number(limited.headers.get("retry-after")) >= 1);
+  assert.equal((await post("k-mobile")).status, 202, "another key has its own bucket");
+  await expectProblem(
+    await post("k-mobile", "/feedback/batch", {
+      items: [{ text: "a" }, { text: "b" }, { text: "c" }],
+    }),
+    429,
+  );
+  assert.equal((await post("k-partner")).status, 202);
+  assert.equal((await post("k-partner")).status, 202);
+  const quota = await post("k-partner");
+  await expectProblem(quota, 429);
+  assert.ok(Number(quota.headers.get("retry-after")) > 0, "until the next UTC day");
 });

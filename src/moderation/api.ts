@@ -19,6 +19,7 @@ import { Kvm } from "@nats-io/kv";
 import { type ObjectStore, Objm, StorageType } from "@nats-io/obj";
 import { ulid } from "ulid";
 import type { CapacityGuard } from "../capacity.ts";
+import type { IngestLimiter } from "../gateway/ingest_limits.ts";
 import type { Config } from "../config.ts";
 import { createEvent, deterministicId } from "../events.ts";
 import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
@@ -168,6 +169,8 @@ export async function createModerationApi(deps: {
   now?: () => Date;
   /** Refuses new items when the CONTENT stream is past its high-water mark. */
   capacity?: CapacityGuard;
+  /** Refuses uploaders over their ingest rate or quota (429). */
+  limiter?: IngestLimiter;
 }): Promise<ModerationApi> {
   const { nc, log, authEnabled } = deps;
   const now = deps.now ?? (() => new Date());
@@ -243,6 +246,7 @@ export async function createModerationApi(deps: {
     jsm,
     schedules,
     async submitText(s, who, trace) {
+      deps.limiter?.take(who);
       await deps.capacity?.check(CONTENT_STREAM);
       const id = s.id ?? `ct_${ulid()}`;
       if (s.id !== undefined && await uploadedExists(id)) {
@@ -254,6 +258,7 @@ export async function createModerationApi(deps: {
       return { body: { id, status: "accepted", links: contentLinks(id, false) }, replayed };
     },
     async submitObject(body, meta, who, trace) {
+      deps.limiter?.take(who);
       await deps.capacity?.check(CONTENT_STREAM);
       const id = `ct_${ulid()}`;
       const info = await objects.put({
