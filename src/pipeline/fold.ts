@@ -46,7 +46,11 @@ interface Index {
 
 function index(spec: PipelineSpec): Index {
   const byEvent = new Map<string, { id: string; step: StepSpec; timeout?: boolean }>();
-  for (const [id, step] of Object.entries(spec.steps)) {
+  // End steps last: a terminal event published directly by the step before it ends the item.
+  const entries = Object.entries(spec.steps).sort(([, a], [, b]) =>
+    Number(a.kind === "end") - Number(b.kind === "end")
+  );
+  for (const [id, step] of entries) {
     byEvent.set(`${spec.name}.${eventOf(id, step)}`, { id, step });
     if (step.kind === "wait") {
       const to = step.timeoutEvent ?? `${id.replaceAll("-", "_")}_timed_out`;

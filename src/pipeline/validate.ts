@@ -127,9 +127,14 @@ export function validatePipeline(spec: PipelineSpec): void {
     if (!TOKEN.test(ev)) fail(id, "invalid_token", `event "${ev}" is not a subject token`);
     const owner = events.get(ev);
     if (owner !== undefined && !(step.kind === "wait" && owner === "(input)")) {
-      fail(id, "duplicate_name", `event "${ev}" is also published by ${owner}`);
+      // A terminal event may be published directly by the steps that lead to its end step.
+      const end = [owner, id].find((s) => spec.steps[s]?.kind === "end");
+      const other = end === owner ? id : owner;
+      const leads = end !== undefined && other !== end && spec.steps[other] !== undefined &&
+        edgesOf(spec.steps[other]!).some(([t]) => t === end);
+      if (!leads) fail(id, "duplicate_name", `event "${ev}" is also published by ${owner}`);
     }
-    events.set(ev, id);
+    if (owner === undefined || spec.steps[owner]?.kind !== "end") events.set(ev, id);
     if (step.kind === "wait") {
       const to = step.timeoutEvent ?? `${id.replaceAll("-", "_")}_timed_out`;
       if (!TOKEN.test(to)) {
