@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { feedbackPipeline } from "./feedback/pipeline.ts";
 import { moderationPipeline } from "./moderation/pipeline.ts";
-import { pipelineSubjects, stepConsumers } from "../src/pipeline/derive.ts";
+import { pipelineGraph, pipelineSubjects, stepConsumers } from "../src/pipeline/derive.ts";
 import { stageConsumerConfig } from "../src/topology.ts";
 import * as S from "../src/subjects.ts";
 
@@ -48,4 +48,16 @@ Deno.test("the moderation definition derives the CONTENT stream, its event types
   ]);
   const got = new Map(stepConsumers(def, settings).map((c) => [c.durable_name, c.filter_subject]));
   assert.deepEqual(got, want);
+});
+
+Deno.test("the support agent sketch is valid only with its hand-back loop bounded", async () => {
+  const { supportPipeline } = await import("./support/pipeline.ts");
+  const { definePipeline } = await import("../src/pipeline/definition.ts");
+  const { PipelineDefinitionError } = await import("../src/pipeline/validate.ts");
+  const graph = pipelineGraph(supportPipeline);
+  assert.ok(graph.edges.some((e) => e.from === "check" && e.to === "route" && e.loop === 3));
+  assert.throws(
+    () => definePipeline({ ...supportPipeline, loops: [] }),
+    (err) => err instanceof PipelineDefinitionError && err.problem === "unbounded_cycle",
+  );
 });
