@@ -26,8 +26,10 @@ export interface ItemState {
   status: "running" | "waiting" | "done" | "failed";
   /** The steps the item is at now (several after a fan-out). */
   current: string[];
-  /** Result of each completed step, by step id. */
+  /** Result of each completed step, by step id (the latest, for a step in a loop). */
   results: Record<string, unknown>;
+  /** How many times each step completed: a loop's bound is checked against it. */
+  runs: Record<string, number>;
   /** What the item waits on, and until when (ISO), while waiting. */
   waiting?: { step: string; event: string; until: string };
   /** Terminal outcome. */
@@ -91,11 +93,17 @@ export function applyPipelineEvent(
   if (state && event.seq <= state.lastSeq) return state;
   const n = spec.name;
   const base: ItemState = state
-    ? { ...state, current: [...state.current], results: { ...state.results } }
+    ? {
+      ...state,
+      current: [...state.current],
+      results: { ...state.results },
+      runs: { ...state.runs },
+    }
     : {
       status: "running",
       current: [spec.start],
       results: {},
+      runs: {},
       createdAt: event.time,
       updatedAt: event.time,
       lastSeq: 0,
@@ -135,6 +143,7 @@ export function applyPipelineEvent(
     return base;
   }
   base.results[id] = event.data;
+  base.runs[id] = (base.runs[id] ?? 0) + 1;
   let next = idx.successors(id);
   if (step.kind === "router") {
     const label = (event.data as { label?: string } | undefined)?.label;

@@ -58,6 +58,7 @@ Deno.test("the fold records a wait with its event and deadline, then fan-out, jo
   assert.equal(done.outcome, "done");
   assert.deepEqual(done.current, []);
   assert.deepEqual(done.results.a, { x: 1 });
+  assert.deepEqual(done.runs, { triage: 1, fan: 1, a: 1, b: 1, join: 1 });
   assert.equal(done.createdAt, t(1));
   assert.equal(done.updatedAt, t(7));
 });
