@@ -128,3 +128,66 @@ export type { NatsServer, NatsServerOptions } from "./src/nats_server.ts";
 export { childContext, formatTraceparent, parseTraceparent } from "./src/trace.ts";
 export type { TraceContext } from "./src/trace.ts";
 export { retryDelay } from "./src/retry.ts";
+
+/**
+ * Pipelines as code (issue 12, groundwork): {@link definePipeline} checks a definition and
+ * pins it to a hash; the derivations give its subjects, consumers, permissions and graph;
+ * {@link foldPipelineEvents} folds an item's events into its state. Pure: the runtime does
+ * not run definitions yet (docs/PIPELINES.md).
+ *
+ * @example
+ * ```ts
+ * import { definePipeline, stepConsumers } from "./mod.ts";
+ * const p = definePipeline({
+ *   name: "echo",
+ *   input: { schema: { type: "object" } },
+ *   start: "echo",
+ *   steps: {
+ *     echo: { kind: "task", output: { type: "object" }, handle: (x) => x, next: "done" },
+ *     done: { kind: "end", outcome: "done" },
+ *   },
+ * });
+ * console.log(stepConsumers(p, { ackWaitMs: 30_000, maxAttempts: 5 })[0]?.filter_subject);
+ * // "echo.submit"
+ * ```
+ */
+export { canonicalSpec, definePipeline, definitionHash } from "./src/pipeline/definition.ts";
+export type {
+  AgentStep,
+  DelayStep,
+  EndStep,
+  FlowControl,
+  JoinStep,
+  JsonSchema,
+  LlmStep,
+  LoopSpec,
+  Next,
+  PipelineDefinition,
+  PipelineSpec,
+  RouterStep,
+  StepSpec,
+  TaskStep,
+  ToolSpec,
+  WaitStep,
+} from "./src/pipeline/definition.ts";
+export {
+  DefinitionProblem,
+  PipelineDefinitionError,
+  validatePipeline,
+} from "./src/pipeline/validate.ts";
+export {
+  pipelineGraph,
+  pipelineSubjects,
+  stepConsumers,
+  stepFilterSubject,
+  stepPermissions,
+} from "./src/pipeline/derive.ts";
+export type {
+  ConsumerSettings,
+  DerivedConsumer,
+  PipelineGraph,
+  PipelineSubjects,
+  StepPermissions,
+} from "./src/pipeline/derive.ts";
+export { applyPipelineEvent, foldPipelineEvents } from "./src/pipeline/fold.ts";
+export type { FoldEvent, ItemState } from "./src/pipeline/fold.ts";

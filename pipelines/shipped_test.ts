@@ -1,0 +1,63 @@
+import assert from "node:assert/strict";
+import { feedbackPipeline } from "./feedback/pipeline.ts";
+import { moderationPipeline } from "./moderation/pipeline.ts";
+import { pipelineGraph, pipelineSubjects, stepConsumers } from "../src/pipeline/derive.ts";
+import { stageConsumerConfig } from "../src/topology.ts";
+import * as S from "../src/subjects.ts";
+
+const settings = { ackWaitMs: 30_000, maxAttempts: 5 };
+
+Deno.test("the feedback definition derives the stream, submit subjects and event types used today", () => {
+  const s = pipelineSubjects(feedbackPipeline());
+  assert.equal(s.stream, S.FEEDBACK_STREAM);
+  assert.equal(s.submit, S.SUBMIT_SUBJECT);
+  assert.equal(s.submitRequest, S.SUBMIT_REQUEST_SUBJECT);
+  assert.equal(s.getRequest, S.GET_REQUEST_SUBJECT);
+  assert.deepEqual(new Set(s.eventTypes), new Set(Object.values(S.FeedbackEventType)));
+});
+
+Deno.test("the feedback definition derives the durable consumers topology.ts creates today", () => {
+  const want = [
+    { name: "ingest", filterSubject: S.SUBMIT_SUBJECT },
+    { name: "sentiment", filterSubject: S.typeFilter(S.FeedbackEventType.Ingested) },
+    { name: "topics", filterSubject: S.typeFilter(S.FeedbackEventType.SentimentAnalyzed) },
+    { name: "dispatch", filterSubject: S.typeFilter(S.FeedbackEventType.TopicsExtracted) },
+  ].map((st) => stageConsumerConfig(st, settings));
+  const got = stepConsumers(feedbackPipeline(), settings);
+  assert.deepEqual(
+    got.map((c) => [c.durable_name, c.filter_subject, c.max_deliver, c.stream]),
+    want.map((c) => [c.durable_name, c.filter_subject, c.max_deliver, S.FEEDBACK_STREAM]),
+  );
+});
+
+Deno.test("the moderation definition derives the CONTENT stream, its event types and today's consumers", () => {
+  const def = moderationPipeline();
+  const s = pipelineSubjects(def);
+  assert.equal(s.stream, S.CONTENT_STREAM);
+  const today = new Set<string>(Object.values(S.ContentEventType));
+  // review_claimed is published by the claim API, not by a step.
+  today.delete(S.ContentEventType.ReviewClaimed);
+  assert.deepEqual(new Set(s.eventTypes), today);
+  const T = S.ContentEventType;
+  const want = new Map([
+    ["moderation", S.typeFilter(T.Uploaded)],
+    ["storage-moderated", S.typeFilter(T.Moderated)],
+    ["review-queue", S.typeFilter(T.Moderated)],
+    ["review-sla", S.typeFilter(T.SlaExpired)],
+    ["storage-decided", S.typeFilter(T.Decided)],
+  ]);
+  const got = new Map(stepConsumers(def, settings).map((c) => [c.durable_name, c.filter_subject]));
+  assert.deepEqual(got, want);
+});
+
+Deno.test("the support agent sketch is valid only with its hand-back loop bounded", async () => {
+  const { supportPipeline } = await import("./support/pipeline.ts");
+  const { definePipeline } = await import("../src/pipeline/definition.ts");
+  const { PipelineDefinitionError } = await import("../src/pipeline/validate.ts");
+  const graph = pipelineGraph(supportPipeline);
+  assert.ok(graph.edges.some((e) => e.from === "check" && e.to === "route" && e.loop === 3));
+  assert.throws(
+    () => definePipeline({ ...supportPipeline, loops: [] }),
+    (err) => err instanceof PipelineDefinitionError && err.problem === "unbounded_cycle",
+  );
+});

@@ -1,0 +1,218 @@
+/**
+ * The public shape of a pipeline definition: graph as data, handlers as plain typed
+ * functions. {@link definePipeline} checks a definition ({@link validatePipeline}) and pins
+ * it to a content hash. Pure: no NATS, no I/O.
+ *
+ * @module
+ */
+import type { Stage, StageContext } from "../stage.ts";
+import { validatePipeline } from "./validate.ts";
+
+/** A JSON Schema document (draft-07 subset that Ajv compiles). */
+export type JsonSchema = Readonly<Record<string, unknown>>;
+
+/** Flow control of one step: concurrency, rate and batching, global or per key. */
+export interface FlowControl {
+  /** At most this many handler calls at once. */
+  concurrency?: { limit: number; key?: string };
+  /** At most `limit` calls per `periodMs`. `key` is a dotted path into the item, e.g. `customer.id`. */
+  rateLimit?: { limit: number; periodMs: number; key?: string };
+  /** Hand the step up to `maxItems` items, or whatever arrived within `maxWaitMs`. */
+  batch?: { maxItems: number; maxWaitMs: number };
+}
+
+/** What every step kind shares. */
+interface StepBase {
+  /** Human description, shown on the dashboard. */
+  description?: string;
+  /** Event type published when the step completes (`<pipeline>.<emits>.<item>`); defaults to the step id. */
+  emits?: string;
+  /** Flow control; see {@link FlowControl}. */
+  flow?: FlowControl;
+}
+
+/** Where an item goes after a step: one step, or several at once (fan-out). */
+export type Next = string | readonly string[];
+
+/** A pure typed handler and its output schema. */
+export interface TaskStep extends StepBase {
+  kind: "task";
+  /** JSON Schema of the handler's result. */
+  output: JsonSchema;
+  /** Pure: same input, same output. Delivery is at least once. */
+  // deno-lint-ignore no-explicit-any
+  handle?: (input: any, ctx: StageContext) => unknown | Promise<unknown>;
+  /** An existing Stage (src/stage.ts) run as this step, for the shipped pipelines. */
+  // deno-lint-ignore no-explicit-any
+  stage?: Stage<any>;
+  /** Further event types the handler publishes itself (e.g. a terminal one). */
+  alsoEmits?: readonly string[];
+  next?: Next;
+}
+
+/** An LLM call: a prompt file and an output schema, on the existing LLM client. */
+export interface LlmStep extends StepBase {
+  kind: "llm";
+  /** Path of the prompt template, relative to the definition file. */
+  prompt: string;
+  output: JsonSchema;
+  next?: Next;
+}
+
+/** A tool an agent may call, with JSON-Schema arguments. */
+export interface ToolSpec {
+  description: string;
+  parameters: JsonSchema;
+}
+
+/** An agent: calls tools, reads and appends to the item's shared scratchpad, bounded turns. */
+export interface AgentStep extends StepBase {
+  kind: "agent";
+  /** Instructions (prompt file). */
+  prompt: string;
+  tools: Readonly<Record<string, ToolSpec>>;
+  /** At most this many model/tool turns in this step. */
+  maxTurns: number;
+  output: JsonSchema;
+  next?: Next;
+}
+
+/** Branch: the handler returns one of the declared labels; each label names a step. */
+export interface RouterStep extends StepBase {
+  kind: "router";
+  // deno-lint-ignore no-explicit-any
+  route?: (input: any, ctx: StageContext) => string | Promise<string>;
+  routes: Readonly<Record<string, string>>;
+}
+
+/** Waits for all of `after`, or until `deadlineMs`, then `onDeadline`. */
+export interface JoinStep extends StepBase {
+  kind: "join";
+  after: readonly string[];
+  deadlineMs: number;
+  /** Step taken when the deadline passes first. */
+  onDeadline: string;
+  next: Next;
+}
+
+/** Pauses the item until an event arrives or the timeout passes. */
+export interface WaitStep extends StepBase {
+  kind: "wait";
+  /** The awaited event type, `<pipeline>.<event>.<item>`, published over HTTP or NATS. */
+  event: string;
+  /** Dotted path in the awaited event that must equal the item id (default `item_id`). */
+  match?: string;
+  /** Mandatory. */
+  timeoutMs: number;
+  /** Step taken on timeout: the default action. */
+  onTimeout: string;
+  /** Event type published on timeout; defaults to `<id>_timed_out`. */
+  timeoutEvent?: string;
+  next: Next;
+}
+
+/** Holds the item for `ms` (on the scheduler), or until the next `cron` firing. */
+export interface DelayStep extends StepBase {
+  kind: "delay";
+  ms?: number;
+  cron?: string;
+  next: Next;
+}
+
+/** A terminal outcome; its event type defaults to the outcome. */
+export interface EndStep extends StepBase {
+  kind: "end";
+  outcome: string;
+}
+
+/** Any step. */
+export type StepSpec =
+  | TaskStep
+  | LlmStep
+  | AgentStep
+  | RouterStep
+  | JoinStep
+  | WaitStep
+  | DelayStep
+  | EndStep;
+
+/** A back-edge allowed to form a cycle, at most `maxIterations` times per item. */
+export interface LoopSpec {
+  from: string;
+  to: string;
+  maxIterations: number;
+}
+
+/** A pipeline definition: one literal. */
+export interface PipelineSpec {
+  /** Subject token: subjects are `<name>.<event>.<item>`. */
+  name: string;
+  description?: string;
+  /** The input document. Without `event`, submissions arrive on `<name>.submit`. */
+  input: { schema: JsonSchema; event?: string };
+  /** The first step. */
+  start: string;
+  /** Steps by stable id (ids name consumers and services: never reuse one for another step). */
+  steps: Readonly<Record<string, StepSpec>>;
+  loops?: readonly LoopSpec[];
+}
+
+/** A validated definition pinned to its hash. */
+export type PipelineDefinition<S extends PipelineSpec = PipelineSpec> = S & {
+  /** FNV-1a 64-bit hash (16 hex digits) of the definition's data (handlers excluded); carried on every event of a run. */
+  readonly hash: string;
+};
+
+/** Canonical JSON of the data part of a spec: sorted keys, functions and Stage objects left out. */
+export function canonicalSpec(spec: PipelineSpec): string {
+  const walk = (v: unknown): unknown => {
+    if (typeof v === "function") return undefined;
+    if (Array.isArray(v)) return v.map(walk);
+    if (v && typeof v === "object") {
+      const out: Record<string, unknown> = {};
+      for (const k of Object.keys(v).sort()) {
+        if (k === "stage" || k === "hash") continue;
+        const w = walk((v as Record<string, unknown>)[k]);
+        if (w !== undefined) out[k] = w;
+      }
+      return out;
+    }
+    return v;
+  };
+  return JSON.stringify(walk(spec));
+}
+
+/** FNV-1a 64-bit as hex: synchronous, so definePipeline stays synchronous. */
+export function definitionHash(spec: PipelineSpec): string {
+  let h = 0xcbf29ce484222325n;
+  const bytes = new TextEncoder().encode(canonicalSpec(spec));
+  for (const b of bytes) {
+    h ^= BigInt(b);
+    h = (h * 0x100000001b3n) & 0xffffffffffffffffn;
+  }
+  return h.toString(16).padStart(16, "0");
+}
+
+/**
+ * Checks a definition and pins it to its hash. Throws {@link PipelineDefinitionError}
+ * (a ConfigError) naming the pipeline and step on the first problem.
+ *
+ * @example
+ * ```ts
+ * import { definePipeline } from "./definition.ts";
+ * const p = definePipeline({
+ *   name: "echo",
+ *   input: { schema: { type: "object" } },
+ *   start: "echo",
+ *   steps: {
+ *     echo: { kind: "task", output: { type: "object" }, handle: (x) => x, next: "done" },
+ *     done: { kind: "end", outcome: "done" },
+ *   },
+ * } as const);
+ * console.log(p.hash.length); // 16
+ * ```
+ */
+export function definePipeline<const S extends PipelineSpec>(spec: S): PipelineDefinition<S> {
+  validatePipeline(spec);
+  return Object.freeze({ ...spec, hash: definitionHash(spec) });
+}

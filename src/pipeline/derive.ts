@@ -1,0 +1,164 @@
+/**
+ * What the runtime derives from a definition: subjects, stream, durable consumers,
+ * per-step publish/subscribe permissions and the dashboard graph. Pure functions.
+ *
+ * @module
+ */
+import type { PipelineSpec, StepSpec } from "./definition.ts";
+import { edgesOf, eventOf } from "./validate.ts";
+
+/** Subjects and stream of one pipeline. */
+export interface PipelineSubjects {
+  /** JetStream stream name: the pipeline name upper-cased (`-` becomes `_`). */
+  stream: string;
+  /** The stream's subjects: `<name>.>`. */
+  streamSubjects: string[];
+  /** Plain submissions (`nats pub <name>.submit`). */
+  submit: string;
+  /** Request/reply submission (`nats req weft.<name>.submit`). */
+  submitRequest: string;
+  /** Request/reply state lookup. */
+  getRequest: string;
+  /** Every event type `<name>.<event>`, in step order, then `<name>.failed`. */
+  eventTypes: string[];
+}
+
+/** The subjects and stream of `spec`. */
+export function pipelineSubjects(spec: PipelineSpec): PipelineSubjects {
+  const n = spec.name;
+  const types = new Set<string>();
+  if (spec.input.event) types.add(`${n}.${spec.input.event}`);
+  for (const [id, step] of Object.entries(spec.steps)) {
+    for (const e of publishedEvents(spec, id, step)) types.add(e);
+  }
+  types.add(`${n}.failed`);
+  return {
+    stream: n.toUpperCase().replaceAll("-", "_"),
+    streamSubjects: [`${n}.>`],
+    submit: `${n}.submit`,
+    submitRequest: `weft.${n}.submit`,
+    getRequest: `weft.${n}.get`,
+    eventTypes: [...types],
+  };
+}
+
+function timeoutEventOf(id: string, step: StepSpec & { kind: "wait" }): string {
+  return step.timeoutEvent ?? `${id.replaceAll("-", "_")}_timed_out`;
+}
+
+/** Event types (`<name>.<event>`) a step's service publishes. */
+function publishedEvents(spec: PipelineSpec, id: string, step: StepSpec): string[] {
+  const n = spec.name;
+  if (step.kind === "end") return [`${n}.${eventOf(id, step)}`];
+  if (step.kind === "wait") return [`${n}.${timeoutEventOf(id, step)}`];
+  const out = [`${n}.${eventOf(id, step)}`];
+  if (step.kind === "task") { for (const e of step.alsoEmits ?? []) out.push(`${n}.${e}`); }
+  return out;
+}
+
+/** The subject filter a step consumes: what leads into it. */
+export function stepFilterSubject(spec: PipelineSpec, id: string): string | null {
+  const n = spec.name;
+  const step = spec.steps[id]!;
+  if (step.kind === "end") return null;
+  if (step.kind === "wait") return null; // driven by its predecessor's event; no consumer of its own
+  if (id === spec.start) return spec.input.event ? `${n}.${spec.input.event}.*` : `${n}.submit`;
+  const filters: string[] = [];
+  for (const [from, s] of Object.entries(spec.steps)) {
+    for (const [t, via] of edgesOf(s)) {
+      if (t !== id) continue;
+      if (s.kind === "wait" && via === "onTimeout") {
+        filters.push(`${n}.${timeoutEventOf(from, s)}.*`);
+      } else filters.push(`${n}.${eventOf(from, s)}.*`);
+    }
+  }
+  const unique = [...new Set(filters)];
+  return unique.length === 1 ? unique[0]! : `${n}.*.*`;
+}
+
+/** Settings a consumer config is built from (the Config fields topology.ts uses). */
+export interface ConsumerSettings {
+  ackWaitMs: number;
+  maxAttempts: number;
+}
+
+/** One durable consumer, in the JetStream field names topology.ts uses. */
+export interface DerivedConsumer {
+  stream: string;
+  durable_name: string;
+  filter_subject: string;
+  ack_wait_ms: number;
+  max_deliver: number;
+}
+
+/**
+ * Each step's durable consumer: named for the step id (so a step keeps its consumer across
+ * versions), on the predecessor's events. End and wait steps have none.
+ */
+export function stepConsumers(spec: PipelineSpec, settings: ConsumerSettings): DerivedConsumer[] {
+  const stream = pipelineSubjects(spec).stream;
+  const out: DerivedConsumer[] = [];
+  for (const id of Object.keys(spec.steps)) {
+    const filter = stepFilterSubject(spec, id);
+    if (filter === null) continue;
+    out.push({
+      stream,
+      durable_name: id,
+      filter_subject: filter,
+      ack_wait_ms: settings.ackWaitMs,
+      max_deliver: settings.maxAttempts + 2,
+    });
+  }
+  return out;
+}
+
+/** What one step's service may publish and subscribe to (for per-service NATS permissions). */
+export interface StepPermissions {
+  step: string;
+  publish: string[];
+  subscribe: string[];
+}
+
+/** Per-step publish/subscribe subjects: its own events (+ failed, + dead letters) and its input. */
+export function stepPermissions(spec: PipelineSpec): StepPermissions[] {
+  const n = spec.name;
+  const out: StepPermissions[] = [];
+  for (const [id, step] of Object.entries(spec.steps)) {
+    const filter = stepFilterSubject(spec, id);
+    if (filter === null) continue;
+    const publish = new Set(publishedEvents(spec, id, step).map((e) => `${e}.*`));
+    for (const [t] of edgesOf(step)) {
+      const ts = spec.steps[t]!;
+      // A step whose successor is an end step publishes the terminal event itself.
+      if (ts.kind === "end") publish.add(`${n}.${eventOf(t, ts)}.*`);
+      // A step followed by a wait publishes the wait's timeout schedule.
+      if (ts.kind === "wait") publish.add(`${n}.${timeoutEventOf(t, ts)}.*`);
+    }
+    publish.add(`${n}.failed.*`);
+    publish.add(`deadletter.${id}.*`);
+    out.push({ step: id, publish: [...publish], subscribe: [filter] });
+  }
+  return out;
+}
+
+/** The dashboard's drawing of a pipeline. */
+export interface PipelineGraph {
+  nodes: { id: string; kind: StepSpec["kind"] | "input"; label: string }[];
+  edges: { from: string; to: string; label?: string; loop?: number }[];
+}
+
+/** Nodes and edges for the dashboard; loop edges carry their bound. */
+export function pipelineGraph(spec: PipelineSpec): PipelineGraph {
+  const nodes: PipelineGraph["nodes"] = [{ id: "$input", kind: "input", label: spec.name }];
+  const edges: PipelineGraph["edges"] = [{ from: "$input", to: spec.start }];
+  const loops = new Map((spec.loops ?? []).map((l) => [`${l.from}>${l.to}`, l.maxIterations]));
+  for (const [id, step] of Object.entries(spec.steps)) {
+    nodes.push({ id, kind: step.kind, label: step.description ?? id });
+    for (const [to, via] of edgesOf(step)) {
+      const label = via === "next" ? undefined : via.replace(/^routes\./, "");
+      const loop = loops.get(`${id}>${to}`);
+      edges.push({ from: id, to, ...(label ? { label } : {}), ...(loop ? { loop } : {}) });
+    }
+  }
+  return { nodes, edges };
+}

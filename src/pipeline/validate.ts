@@ -1,0 +1,268 @@
+/**
+ * Validation of a pipeline definition: every problem is a typed
+ * {@link PipelineDefinitionError} naming the pipeline, the step and the problem.
+ *
+ * @module
+ */
+import { Ajv } from "ajv";
+import { ConfigError } from "../errors.ts";
+import type { PipelineSpec, StepSpec } from "./definition.ts";
+
+/** What is wrong with a definition. */
+export const DefinitionProblem = {
+  UnknownStep: "unknown_step",
+  Unreachable: "unreachable",
+  UnboundedCycle: "unbounded_cycle",
+  JoinCannotComplete: "join_cannot_complete",
+  WaitWithoutTimeout: "wait_without_timeout",
+  DuplicateName: "duplicate_name",
+  InvalidToken: "invalid_token",
+  InvalidSchema: "invalid_schema",
+  InvalidValue: "invalid_value",
+} as const;
+/** One of {@link DefinitionProblem}. */
+export type DefinitionProblem = typeof DefinitionProblem[keyof typeof DefinitionProblem];
+
+/** A definition that cannot run; stops start-up. Code `invalid_config`. */
+export class PipelineDefinitionError extends ConfigError {
+  /** The pipeline's name. */
+  readonly pipeline: string;
+  /** The step at fault, when one is. */
+  readonly step?: string;
+  /** What is wrong. */
+  readonly problem: DefinitionProblem;
+  /** `pipeline <name>, step <id>: <message>`. */
+  constructor(
+    pipeline: string,
+    step: string | undefined,
+    problem: DefinitionProblem,
+    message: string,
+  ) {
+    super(`pipeline ${pipeline}${step ? `, step ${step}` : ""}: ${message}`, {
+      field: step ? `/steps/${step}` : undefined,
+    });
+    this.name = "PipelineDefinitionError";
+    this.pipeline = pipeline;
+    this.step = step;
+    this.problem = problem;
+  }
+}
+
+const TOKEN = /^[a-z0-9][a-z0-9_-]*$/;
+
+/** Every edge leaving a step: `[target, via]` (via names the field, for messages). */
+export function edgesOf(step: StepSpec): [string, string][] {
+  const list = (n: string | readonly string[] | undefined, via: string): [string, string][] =>
+    n === undefined ? [] : (typeof n === "string" ? [n] : [...n]).map((t) => [t, via]);
+  switch (step.kind) {
+    case "task":
+    case "llm":
+    case "agent":
+    case "delay":
+      return list(step.next, "next");
+    case "router":
+      return Object.entries(step.routes).map(([label, t]) => [t, `routes.${label}`]);
+    case "join":
+      return [...list(step.next, "next"), ...list(step.onDeadline, "onDeadline")];
+    case "wait":
+      return [...list(step.next, "next"), ...list(step.onTimeout, "onTimeout")];
+    case "end":
+      return [];
+  }
+}
+
+/** The event type a step publishes on completion (a token). */
+export function eventOf(id: string, step: StepSpec): string {
+  if (step.emits) return step.emits;
+  if (step.kind === "end") return step.outcome;
+  if (step.kind === "wait") return step.event;
+  return id.replaceAll("-", "_");
+}
+
+/**
+ * Throws a {@link PipelineDefinitionError} on the first problem of `spec`.
+ *
+ * @example
+ * ```ts
+ * import { validatePipeline } from "./validate.ts";
+ * validatePipeline({
+ *   name: "p", input: { schema: {} }, start: "a",
+ *   steps: { a: { kind: "end", outcome: "done" } },
+ * });
+ * ```
+ */
+export function validatePipeline(spec: PipelineSpec): void {
+  const name = spec.name;
+  const fail = (step: string | undefined, p: DefinitionProblem, m: string): never => {
+    throw new PipelineDefinitionError(name, step, p, m);
+  };
+  if (!TOKEN.test(name)) {
+    fail(undefined, "invalid_token", `name "${name}" is not a subject token (a-z 0-9 _ -)`);
+  }
+  const ids = Object.keys(spec.steps);
+  if (ids.length === 0) fail(undefined, "invalid_value", "no steps");
+  if (!(spec.start in spec.steps)) {
+    fail(undefined, "unknown_step", `start names unknown step "${spec.start}"`);
+  }
+
+  const ajv = new Ajv({ strict: false, allErrors: false });
+  const compile = (step: string | undefined, what: string, schema: unknown) => {
+    try {
+      ajv.compile(schema as object);
+    } catch (err) {
+      fail(step, "invalid_schema", `${what} does not compile: ${(err as Error).message}`);
+    }
+  };
+  compile(undefined, "input schema", spec.input.schema);
+  if (spec.input.event !== undefined && !TOKEN.test(spec.input.event)) {
+    fail(undefined, "invalid_token", `input event "${spec.input.event}" is not a subject token`);
+  }
+
+  const events = new Map<string, string>();
+  if (spec.input.event) events.set(spec.input.event, "(input)");
+  for (const id of ids) {
+    const step = spec.steps[id]!;
+    if (!TOKEN.test(id)) fail(id, "invalid_token", `step id "${id}" is not a subject token`);
+    const ev = eventOf(id, step);
+    if (!TOKEN.test(ev)) fail(id, "invalid_token", `event "${ev}" is not a subject token`);
+    const owner = events.get(ev);
+    if (owner !== undefined && !(step.kind === "wait" && owner === "(input)")) {
+      // A terminal event may be published directly by the steps that lead to its end step.
+      const end = [owner, id].find((s) => spec.steps[s]?.kind === "end");
+      const other = end === owner ? id : owner;
+      const leads = end !== undefined && other !== end && spec.steps[other] !== undefined &&
+        edgesOf(spec.steps[other]!).some(([t]) => t === end);
+      if (!leads) fail(id, "duplicate_name", `event "${ev}" is also published by ${owner}`);
+    }
+    if (owner === undefined || spec.steps[owner]?.kind !== "end") events.set(ev, id);
+    if (step.kind === "wait") {
+      const to = step.timeoutEvent ?? `${id.replaceAll("-", "_")}_timed_out`;
+      if (!TOKEN.test(to)) {
+        fail(id, "invalid_token", `timeout event "${to}" is not a subject token`);
+      }
+      if (events.has(to)) {
+        fail(id, "duplicate_name", `event "${to}" is also published by ${events.get(to)}`);
+      }
+      events.set(to, id);
+    }
+    for (const [t, via] of edgesOf(step)) {
+      if (!(t in spec.steps)) fail(id, "unknown_step", `${via} names unknown step "${t}"`);
+    }
+    if ("output" in step) compile(id, "output schema", step.output);
+    if (step.kind === "agent") {
+      if (!(step.maxTurns >= 1)) fail(id, "invalid_value", "maxTurns must be at least 1");
+      for (const [tool, t] of Object.entries(step.tools)) {
+        compile(id, `tool ${tool}'s parameters`, t.parameters);
+      }
+    }
+    if (step.kind === "wait") {
+      if (!(typeof step.timeoutMs === "number" && step.timeoutMs > 0)) {
+        fail(id, "wait_without_timeout", "a wait needs timeoutMs > 0 and onTimeout");
+      }
+      if (!step.onTimeout) {
+        fail(id, "wait_without_timeout", "a wait needs onTimeout (the default action)");
+      }
+    }
+    if (step.kind === "join") {
+      if (step.after.length < 2) {
+        fail(id, "join_cannot_complete", "a join waits for at least two steps");
+      }
+      if (!(step.deadlineMs > 0)) fail(id, "invalid_value", "a join needs deadlineMs > 0");
+      for (const a of step.after) {
+        if (!(a in spec.steps)) fail(id, "unknown_step", `after names unknown step "${a}"`);
+      }
+    }
+    if (step.kind === "delay" && (step.ms === undefined) === (step.cron === undefined)) {
+      fail(id, "invalid_value", "a delay has exactly one of ms and cron");
+    }
+    if (step.kind === "router" && Object.keys(step.routes).length === 0) {
+      fail(id, "invalid_value", "a router declares at least one label");
+    }
+    if (step.flow?.batch && !(step.flow.batch.maxItems >= 1 && step.flow.batch.maxWaitMs >= 0)) {
+      fail(id, "invalid_value", "batch needs maxItems >= 1 and maxWaitMs >= 0");
+    }
+  }
+
+  // Loops: each declared back-edge must exist and be bounded.
+  const loopEdges = new Set<string>();
+  for (const l of spec.loops ?? []) {
+    if (!(l.from in spec.steps)) {
+      fail(undefined, "unknown_step", `loop from unknown step "${l.from}"`);
+    }
+    if (!edgesOf(spec.steps[l.from]!).some(([t]) => t === l.to)) {
+      fail(l.from, "unknown_step", `loop to "${l.to}" is not an edge of ${l.from}`);
+    }
+    if (!(Number.isInteger(l.maxIterations) && l.maxIterations >= 1)) {
+      fail(l.from, "invalid_value", "loop maxIterations must be a positive integer");
+    }
+    loopEdges.add(`${l.from}>${l.to}`);
+  }
+
+  // Reachability from start, over every edge.
+  const reached = new Set<string>([spec.start]);
+  const queue = [spec.start];
+  while (queue.length) {
+    const id = queue.shift()!;
+    for (const [t] of edgesOf(spec.steps[id]!)) {
+      if (!reached.has(t)) (reached.add(t), queue.push(t));
+    }
+  }
+  for (const id of ids) {
+    if (!reached.has(id)) fail(id, "unreachable", "no path from start reaches it");
+  }
+
+  // Cycles without declared back-edges: DFS over forward edges only.
+  const state = new Map<string, 1 | 2>();
+  const visit = (id: string, path: string[]): void => {
+    state.set(id, 1);
+    for (const [t] of edgesOf(spec.steps[id]!)) {
+      if (loopEdges.has(`${id}>${t}`)) continue;
+      if (state.get(t) === 1) {
+        fail(
+          id,
+          "unbounded_cycle",
+          `cycle ${
+            [...path.slice(path.indexOf(t)), id, t].join(" -> ")
+          } has no loop with maxIterations`,
+        );
+      }
+      if (!state.has(t)) visit(t, [...path, id]);
+    }
+    state.set(id, 2);
+  };
+  visit(spec.start, []);
+
+  // Joins: each input must be a step that can precede the join (has an edge into it).
+  for (const id of ids) {
+    const step = spec.steps[id]!;
+    if (step.kind !== "join") continue;
+    for (const a of step.after) {
+      if (!edgesOf(spec.steps[a]!).some(([t]) => t === id)) {
+        fail(id, "join_cannot_complete", `input "${a}" has no edge to the join`);
+      }
+    }
+    const into = ids.filter((s) => s !== id && edgesOf(spec.steps[s]!).some(([t]) => t === id));
+    const extra = into.filter((s) => !step.after.includes(s));
+    if (extra.length) {
+      fail(
+        id,
+        "join_cannot_complete",
+        `steps ${extra.join(", ")} lead to the join but are not in after`,
+      );
+    }
+    // Inputs on exclusive router branches can never all arrive.
+    for (const r of ids) {
+      const rs = spec.steps[r]!;
+      if (rs.kind !== "router") continue;
+      const targets = Object.values(rs.routes);
+      const hit = step.after.filter((a) => targets.includes(a));
+      if (hit.length >= 2) {
+        fail(
+          id,
+          "join_cannot_complete",
+          `inputs ${hit.join(", ")} are exclusive branches of router ${r}`,
+        );
+      }
+    }
+  }
+}

@@ -1,0 +1,124 @@
+import assert from "node:assert/strict";
+import { definePipeline, type PipelineSpec } from "./definition.ts";
+import { PipelineDefinitionError } from "./validate.ts";
+import { ConfigError } from "../errors.ts";
+
+const obj = { type: "object" } as const;
+function base(): PipelineSpec {
+  return {
+    name: "tickets",
+    input: { schema: obj },
+    start: "triage",
+    steps: {
+      triage: { kind: "router", routes: { urgent: "approve", normal: "reply" } },
+      approve: {
+        kind: "wait",
+        event: "approved",
+        timeoutMs: 60_000,
+        onTimeout: "reply",
+        next: "reply",
+      },
+      reply: { kind: "task", output: obj, handle: (x) => x, next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  };
+}
+function problemOf(spec: PipelineSpec): [string, string | undefined] {
+  try {
+    definePipeline(spec);
+  } catch (err) {
+    assert.ok(err instanceof PipelineDefinitionError);
+    assert.ok(err instanceof ConfigError);
+    return [err.problem, err.step];
+  }
+  assert.fail("definition was accepted");
+}
+
+Deno.test("a valid definition is accepted and pinned to a stable hash", () => {
+  const a = definePipeline(base());
+  const b = definePipeline(base());
+  assert.equal(a.hash, b.hash);
+  assert.match(a.hash, /^[0-9a-f]{16}$/);
+  const changed = base();
+  (changed.steps.approve as { timeoutMs: number }).timeoutMs = 1;
+  assert.notEqual(definePipeline(changed).hash, a.hash);
+});
+
+Deno.test("an edge to an unknown step is rejected naming the step", () => {
+  const s = base();
+  (s.steps.reply as { next: string }).next = "nowhere";
+  assert.deepEqual(problemOf(s), ["unknown_step", "reply"]);
+});
+
+Deno.test("a step no path reaches is rejected as unreachable", () => {
+  const s = base();
+  s.steps = { ...s.steps, orphan: { kind: "end", outcome: "lost" } };
+  assert.deepEqual(problemOf(s), ["unreachable", "orphan"]);
+});
+
+Deno.test("a cycle without a declared loop is rejected, and accepted once bounded", () => {
+  const s: PipelineSpec = {
+    name: "drafts",
+    input: { schema: obj },
+    start: "draft",
+    steps: {
+      draft: { kind: "task", output: obj, next: "critique" },
+      critique: { kind: "router", routes: { again: "draft", ok: "done" } },
+      done: { kind: "end", outcome: "done" },
+    },
+  };
+  assert.equal(problemOf(s)[0], "unbounded_cycle");
+  definePipeline({ ...s, loops: [{ from: "critique", to: "draft", maxIterations: 3 }] });
+});
+
+Deno.test("a wait without a timeout is rejected", () => {
+  const s = base();
+  (s.steps.approve as { timeoutMs: number }).timeoutMs = 0;
+  assert.deepEqual(problemOf(s), ["wait_without_timeout", "approve"]);
+});
+
+Deno.test("a join whose inputs are exclusive branches or lack an edge to it is rejected", () => {
+  const exclusive: PipelineSpec = {
+    name: "j",
+    input: { schema: obj },
+    start: "r",
+    steps: {
+      r: { kind: "router", routes: { a: "a", b: "b" } },
+      a: { kind: "task", output: obj, next: "join" },
+      b: { kind: "task", output: obj, next: "join" },
+      join: { kind: "join", after: ["a", "b"], deadlineMs: 1000, onDeadline: "done", next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  };
+  assert.deepEqual(problemOf(exclusive), ["join_cannot_complete", "join"]);
+  const fanOut = {
+    ...exclusive,
+    steps: { ...exclusive.steps, r: { kind: "task", output: obj, next: ["a", "b"] } },
+  } as PipelineSpec;
+  definePipeline(fanOut);
+  const missing = {
+    ...fanOut,
+    steps: { ...fanOut.steps, b: { kind: "task", output: obj, next: "done" } },
+  } as PipelineSpec;
+  assert.deepEqual(problemOf(missing), ["join_cannot_complete", "join"]);
+});
+
+Deno.test("two steps publishing one event are rejected as duplicate names", () => {
+  const s = base();
+  (s.steps.reply as { emits: string }).emits = "approved";
+  assert.equal(problemOf(s)[0], "duplicate_name");
+});
+
+Deno.test("names that are not subject tokens are rejected", () => {
+  assert.deepEqual(problemOf({ ...base(), name: "tick.ets" }), ["invalid_token", undefined]);
+  const s = base();
+  s.steps = { ...s.steps, "Bad Id": { kind: "end", outcome: "x" } };
+  (s.steps.reply as { next: string }).next = "Bad Id";
+  assert.deepEqual(problemOf(s), ["invalid_token", "Bad Id"]);
+});
+
+Deno.test("a schema that does not compile is rejected naming the step", () => {
+  const s = base();
+  (s.steps.reply as { output: unknown }).output = { type: "no-such-type" };
+  assert.deepEqual(problemOf(s), ["invalid_schema", "reply"]);
+});
