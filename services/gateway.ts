@@ -41,11 +41,20 @@ if (import.meta.main) {
     const requests = serveRequests(nc, intake, log, auth);
     const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth);
+    // HTTPS when given a certificate and its key (PEM files, read once at start).
+    const tls = config.tlsCert
+      ? {
+        cert: await Deno.readTextFile(config.tlsCert),
+        key: await Deno.readTextFile(config.tlsKey),
+      }
+      : undefined;
+    const scheme = tls ? "https" : "http";
     const server = Deno.serve({
       hostname: config.host,
       port: config.port,
+      ...tls,
       onListen: ({ hostname, port }) =>
-        log.info("gateway listening", { url: `http://${hostname}:${port}` }),
+        log.info("gateway listening", { url: `${scheme}://${hostname}:${port}` }),
     }, app.fetch);
     return {
       done: server.finished,

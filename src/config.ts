@@ -130,6 +130,10 @@ export interface Config {
   allowShrink: boolean;
   /** Serve a non-loopback `WEFT_HOST` without API keys anyway. `WEFT_INSECURE_NO_AUTH`. */
   insecureNoAuth: boolean;
+  /** PEM certificate chain file: the gateway serves HTTPS when this and `tlsKey` are set. `WEFT_TLS_CERT`. */
+  tlsCert: string;
+  /** PEM private key file of `tlsCert` (never printed). `WEFT_TLS_KEY`. */
+  tlsKey: string;
   /** Ingest rate limits and daily quotas per role and per API key name. `WEFT_RATE_LIMITS`. */
   ingestLimits: IngestLimits;
   /** SSE clients one API key may hold open at once (with keys configured). `WEFT_SSE_MAX_PER_KEY`. */
@@ -302,6 +306,8 @@ const SETTINGS: Setting<any>[] = [
   { key: "insecureNoAuth", env: "WEFT_INSECURE_NO_AUTH", default: false, parse: bool },
   { key: "sseMaxPerKey", env: "WEFT_SSE_MAX_PER_KEY", default: 100, parse: int(1) },
   { key: "ingestLimits", env: "WEFT_RATE_LIMITS", default: {}, parse: parseIngestLimits },
+  { key: "tlsCert", env: "WEFT_TLS_CERT", default: "", parse: str },
+  { key: "tlsKey", env: "WEFT_TLS_KEY", default: "", parse: str },
   {
     key: "parentWatch",
     env: "WEFT_PARENT_WATCH",
@@ -380,6 +386,9 @@ export function loadConfig(source: ConfigSource = {}): Config {
       `WEFT_HOST=${config.host} would serve the gateway beyond this machine with no API keys: ` +
         `set WEFT_API_KEYS, or WEFT_INSECURE_NO_AUTH=1 to do it anyway`,
     );
+  }
+  if (Boolean(config.tlsCert) !== Boolean(config.tlsKey)) {
+    problems.push("WEFT_TLS_CERT and WEFT_TLS_KEY go together: set both for HTTPS, or neither");
   }
   if (problems.length > 0) {
     throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);

@@ -85,6 +85,7 @@ export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
   ];
   const read = [
     ...(spec.readsRules ? [config.rulesPath] : []),
+    ...(spec.listens && config.tlsCert ? [config.tlsCert, config.tlsKey] : []),
     ...(llm ? ["prompts"] : []),
   ];
   if (read.length > 0) args.push(`--allow-read=${read.join(",")}`);
@@ -205,7 +206,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   for (const spec of SERVICES) start(spec, 0);
 
   log.info("weft is running", {
-    gateway: `http://${config.host}:${config.port}`,
+    gateway: `${config.tlsCert ? "https" : "http"}://${config.host}:${config.port}`,
     nats: config.natsUrl,
     nats_monitoring: nats ? `http://127.0.0.1:${config.natsMonitorPort || 8222}` : undefined,
     services: SERVICES.map((s) => s.name),
