@@ -7,6 +7,10 @@ import { headers } from "@nats-io/nats-core";
 import { FeedbackEventType } from "../src/subjects.ts";
 import { SERVICES } from "../src/supervisor.ts";
 import { startMesh, submit, waitFinal } from "./helpers/service_mesh.ts";
+import { jetstream } from "@nats-io/jetstream";
+import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
+import { WeftMetrics } from "../src/metrics.ts";
+import { startTestNats } from "./helpers/nats.ts";
 
 /** One sample's value from Prometheus text; undefined when absent. */
 function sample(text: string, name: string, labels: Record<string, string> = {}) {
@@ -223,4 +227,29 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
       assert.deepEqual(mesh.stray, [], "no free-text output on stderr");
     },
   );
+});
+
+Deno.test("/metrics keeps answering while ephemeral consumers come and go", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  let churning = true;
+  // As SSE replays and listings do: ordered consumers created and deleted all the time.
+  const churn = Promise.all(Array.from({ length: 20 }, async () => {
+    while (churning) {
+      const c = await js.consumers.get("FEEDBACK", { filter_subjects: "feedback.*.*" });
+      const msgs = await c.consume({ max_messages: 1 });
+      msgs.stop();
+      await c.delete().catch(() => {});
+    }
+  }));
+  try {
+    for (let i = 0; i < 100; i++) {
+      const text = await (await meshMetrics(t.nc, t.jsm, new WeftMetrics(), { maxWaitMs: 50 }))
+        .metrics();
+      assert.match(text, /weft_stream_usage_ratio/);
+    }
+  } finally {
+    churning = false;
+    await churn;
+  }
 });
