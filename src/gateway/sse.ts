@@ -29,9 +29,9 @@ import { readStream } from "../stream_reader.ts";
 import { FEEDBACK_STREAM, FINAL_EVENT_TYPES, subjectMatches } from "../subjects.ts";
 
 /** Most frames a client's live queue holds before the client is cut as too slow. */
-export const SSE_QUEUE_FRAMES = 1000;
+export const SSE_QUEUE_FRAMES = 256;
 /** Most bytes a client's live queue holds before the client is cut as too slow. */
-export const SSE_QUEUE_BYTES = 512 * 1024;
+export const SSE_QUEUE_BYTES = 128 * 1024;
 
 /** What to stream. */
 export interface SseSelection {
@@ -98,12 +98,29 @@ export function openSlot(clients: SseClients, c: Context): string | undefined {
   return key;
 }
 
-/** One event as a client receives it. */
+/** One event as a client receives it: encoded once, written to every client as is. */
 interface Frame {
   seq: number;
   subject: string;
   type: string;
-  data: string;
+  /** The SSE wire bytes: `id`, `event` and one `data` line (event JSON has no raw newline). */
+  bytes: Uint8Array;
+}
+
+const encoder = new TextEncoder();
+
+/** The frame of a stored message. */
+function frameOf(
+  m: { seq: number; subject: string; data: Uint8Array; headers?: { get(k: string): string } },
+): Frame {
+  const type = m.headers?.get("Weft-Event-Type") || typeOfSubject(m.subject);
+  const data = decoder.decode(m.data).replace(/[\r\n]+/g, " ");
+  return {
+    seq: m.seq,
+    subject: m.subject,
+    type,
+    bytes: encoder.encode(`id: ${m.seq}\nevent: ${type}\ndata: ${data}\n\n`),
+  };
 }
 
 /** A client's place on a live feed: a bounded queue. */
@@ -130,13 +147,13 @@ class Sub implements FeedSubscription {
   constructor(readonly match: (subject: string) => boolean, readonly leave: (s: Sub) => void) {}
   push(f: Frame) {
     if (this.#closed || this.#overflow) return;
-    if (this.#queue.length >= SSE_QUEUE_FRAMES || this.#bytes + f.data.length > SSE_QUEUE_BYTES) {
+    if (this.#queue.length >= SSE_QUEUE_FRAMES || this.#bytes + f.bytes.length > SSE_QUEUE_BYTES) {
       this.#overflow = true;
       this.#queue = [];
       this.#signalOverflow();
     } else {
       this.#queue.push(f);
-      this.#bytes += f.data.length;
+      this.#bytes += f.bytes.length;
     }
     this.#wake?.();
   }
@@ -146,7 +163,7 @@ class Sub implements FeedSubscription {
       if (this.#overflow) return "overflow";
       const f = this.#queue.shift();
       if (f) {
-        this.#bytes -= f.data.length;
+        this.#bytes -= f.bytes.length;
         return f;
       }
       await new Promise<void>((r) => (this.#wake = r));
@@ -224,12 +241,7 @@ class Feed {
     const messages = await consumer.consume({ max_messages: 256 });
     const loop = (async () => {
       for await (const m of messages) {
-        const frame: Frame = {
-          seq: m.seq,
-          subject: m.subject,
-          type: m.headers?.get("Weft-Event-Type") || typeOfSubject(m.subject),
-          data: decoder.decode(m.data),
-        };
+        const frame = frameOf(m);
         for (const sub of this.#subs) if (sub.match(m.subject)) sub.push(frame);
       }
     })().catch((err) => this.log.warn("live feed ended", { stream: this.stream, err }));
@@ -306,7 +318,7 @@ export function streamEvents(
         timer = setTimeout(() => r("timeout"), opts.config.sseWriteTimeoutMs);
       });
       const outcome = await Promise.race([
-        stream.writeSSE({ id: String(f.seq), event: f.type, data: f.data }).then(() => "ok"),
+        stream.write(f.bytes).then(() => "ok"),
         timedOut,
         ...(sub ? [sub.overflowed] : []),
       ]);
@@ -338,12 +350,7 @@ export function streamEvents(
         ) {
           if (stream.aborted) return "end";
           if (m.seq <= last) continue;
-          const frame: Frame = {
-            seq: m.seq,
-            subject: m.subject,
-            type: m.headers?.get("Weft-Event-Type") || typeOfSubject(m.subject),
-            data: decoder.decode(m.data),
-          };
+          const frame = frameOf(m);
           if (!(await send(frame))) return "end";
           // Close at a final event only when nothing follows it: a redriven item's replay
           // goes past its earlier failure to the outcome of the new attempt.
