@@ -103,6 +103,59 @@ export async function stopLeftover(opts: {
   return false;
 }
 
+/**
+ * The oldest nats-server Weft supports: 2.9 brought what Weft relies on (KV and object
+ * stores, direct and next-by-subject message gets, ordered consumers on the consumer
+ * create API, expected-last-subject-sequence publishes). Tested with 2.9.10 (Debian 12) and
+ * 2.15.3 (the version `.ci/run` installs with `go install`).
+ */
+export const MIN_SERVER_VERSION = "2.9.0";
+
+/**
+ * Parses `nats-server --version` output (or a bare version) into numbers; null when it
+ * names no version.
+ *
+ * @example
+ * ```ts
+ * import { parseServerVersion } from "./nats_server.ts";
+ * console.assert(parseServerVersion("nats-server: v2.15.3")?.join(".") === "2.15.3");
+ * ```
+ */
+export function parseServerVersion(text: string): [number, number, number] | null {
+  const m = /v?(\d+)\.(\d+)\.(\d+)/.exec(text);
+  return m ? [Number(m[1]), Number(m[2]), Number(m[3])] : null;
+}
+
+/** True when version `v` is at least `min` (both as `x.y.z`, with or without a leading v). */
+export function versionAtLeast(v: string, min: string = MIN_SERVER_VERSION): boolean {
+  const a = parseServerVersion(v);
+  const b = parseServerVersion(min);
+  if (!a || !b) return false;
+  for (let i = 0; i < 3; i++) if (a[i] !== b[i]) return a[i]! > b[i]!;
+  return true;
+}
+
+/** What `binary --version` prints, or null when it cannot be run. */
+export async function serverVersion(binary = "nats-server"): Promise<string | null> {
+  try {
+    const out = await new Deno.Command(binary, { args: ["--version"], stdin: "null" }).output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    const v = parseServerVersion(text);
+    return v ? v.join(".") : null;
+  } catch {
+    return null;
+  }
+}
+
+/** What to tell a user whose nats-server is `version`, older than {@link MIN_SERVER_VERSION}. */
+export function tooOldMessage(version: string): string {
+  return `nats-server ${version} is older than ${MIN_SERVER_VERSION}, the oldest Weft supports. ` +
+    `Install a current release: \`go install github.com/nats-io/nats-server/v2@v2.15.3\` ` +
+    `(then put $(go env GOPATH)/bin first on the PATH), \`brew install nats-server\`, or a ` +
+    `release binary from https://github.com/nats-io/nats-server/releases; or set NATS_URL to ` +
+    `a newer server.`;
+}
+
 /** A TCP port free on loopback right now. */
 export function freePort(): number {
   const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });

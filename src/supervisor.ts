@@ -15,8 +15,11 @@ import {
   type NatsServer,
   NatsServerMissingError,
   portFree,
+  serverVersion,
   startNatsServer,
   stopLeftover,
+  tooOldMessage,
+  versionAtLeast,
 } from "./nats_server.ts";
 import { ensureTopology } from "./topology.ts";
 
@@ -134,6 +137,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   if (Deno.env.get("NATS_URL")) {
     log.info("using the NATS server in NATS_URL", { nats: describeConfig(config).natsUrl });
   } else {
+    const version = await serverVersion();
+    if (version !== null && !versionAtLeast(version)) {
+      log.error(tooOldMessage(version));
+      Deno.exit(1);
+    }
     const cwd = config.natsDir || ROOT.pathname;
     const port = config.natsPort || DEFAULT_NATS_PORT;
     // A supervisor killed outright (SIGKILL, OOM) leaves its nats-server running: stop it
@@ -169,6 +177,12 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   }
 
   const nc = await connectNats(config.natsUrl, "weft-supervisor");
+  const serverAt = nc.info?.version;
+  if (serverAt !== undefined && !versionAtLeast(serverAt)) {
+    log.error(tooOldMessage(serverAt));
+    await nc.close();
+    Deno.exit(1);
+  }
   await ensureTopology(nc, await jetstreamManager(nc), config);
   await nc.close();
 

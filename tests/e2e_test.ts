@@ -210,3 +210,22 @@ Deno.test("without nats-server on the PATH, deno task start says how to install 
   assert.match(text, /nats-server was not found on the PATH/);
   assert.match(text, /apt-get install nats-server/);
 });
+
+Deno.test("with a nats-server older than the minimum on the PATH, deno task start says so and how to upgrade", async () => {
+  const bin = await Deno.makeTempDir({ prefix: "weft-path-" });
+  await Deno.symlink(Deno.execPath(), `${bin}/deno`);
+  await Deno.writeTextFile(`${bin}/nats-server`, "#!/bin/sh\necho 'nats-server: v2.8.4'\n");
+  await Deno.chmod(`${bin}/nats-server`, 0o755);
+  const out = await new Deno.Command("deno", {
+    args: await taskArgs("start"),
+    cwd: new URL("../", import.meta.url),
+    env: { PATH: bin },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  await Deno.remove(bin, { recursive: true });
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1);
+  assert.match(text, /nats-server 2\.8\.4 is older than 2\.9\.0/);
+  assert.match(text, /go install github\.com\/nats-io\/nats-server\/v2@v2\.15\.3/);
+});
