@@ -39,7 +39,8 @@ Deno.test({
       NATS_URL: server.url,
       PORT: String(port),
       WEFT_LOG_LEVEL: "info",
-      WEFT_REVIEW_SLA_MS: "6000",
+      // Long enough that a restart of every service on a loaded machine ends before it.
+      WEFT_REVIEW_SLA_MS: "12000",
       WEFT_ESCALATION_SLA_MS: "2000",
       WEFT_SLA_DEFAULT_ACTION: "reject",
     });
@@ -73,7 +74,7 @@ Deno.test({
       assert.ok(!afterDecision.some((s) => s.id === `sla-1-${a}`), "a decision cancels its SLA");
 
       // b's review deadline was pending while the scheduler was dead: it still fires.
-      const escalated = await waitForEvents(nc, b, has("content.escalated"), 15_000);
+      const escalated = await waitForEvents(nc, b, has("content.escalated"), 25_000);
       assert.equal(escalated.find((e) => e.type === "content.escalated")!.event.data.level, 1);
       const escalationQueue = (await call(base, "GET", "/reviews?status=escalated")).body
         .items as Json[];
