@@ -193,10 +193,13 @@ Deno.test("with NATS_URL set, deno task start uses that server, and the default 
   }
 });
 
-Deno.test("without nats-server on the PATH, deno task start says how to install it", async () => {
-  // A PATH holding only deno itself.
+/** Runs `deno task start` with a PATH holding only deno and `files`; its exit and output. */
+async function startWithPath(files: Record<string, string> = {}) {
   const bin = await Deno.makeTempDir({ prefix: "weft-path-" });
   await Deno.symlink(Deno.execPath(), `${bin}/deno`);
+  for (const [name, text] of Object.entries(files)) {
+    await Deno.writeTextFile(`${bin}/${name}`, text, { mode: 0o755 });
+  }
   const out = await new Deno.Command("deno", {
     args: await taskArgs("start"),
     cwd: new URL("../", import.meta.url),
@@ -205,26 +208,21 @@ Deno.test("without nats-server on the PATH, deno task start says how to install 
     stderr: "piped",
   }).output();
   await Deno.remove(bin, { recursive: true });
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  const dec = new TextDecoder();
+  return { code: out.code, text: dec.decode(out.stdout) + dec.decode(out.stderr) };
+}
+
+Deno.test("without nats-server on the PATH, deno task start says how to install it", async () => {
+  const out = await startWithPath();
+  const text = out.text;
   assert.equal(out.code, 1);
   assert.match(text, /nats-server was not found on the PATH/);
   assert.match(text, /apt-get install nats-server/);
 });
 
 Deno.test("with a nats-server older than the minimum on the PATH, deno task start says so and how to upgrade", async () => {
-  const bin = await Deno.makeTempDir({ prefix: "weft-path-" });
-  await Deno.symlink(Deno.execPath(), `${bin}/deno`);
-  await Deno.writeTextFile(`${bin}/nats-server`, "#!/bin/sh\necho 'nats-server: v2.8.4'\n");
-  await Deno.chmod(`${bin}/nats-server`, 0o755);
-  const out = await new Deno.Command("deno", {
-    args: await taskArgs("start"),
-    cwd: new URL("../", import.meta.url),
-    env: { PATH: bin },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  await Deno.remove(bin, { recursive: true });
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  const out = await startWithPath({ "nats-server": "#!/bin/sh\necho 'nats-server: v2.8.4'\n" });
+  const text = out.text;
   assert.equal(out.code, 1);
   assert.match(text, /nats-server 2\.8\.4 is older than 2\.9\.0/);
   assert.match(text, /go install github\.com\/nats-io\/nats-server\/v2@v2\.15\.3/);

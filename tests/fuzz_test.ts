@@ -25,7 +25,12 @@ import { createLogger } from "../src/log.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { decodeJson } from "../src/runner.ts";
 import { type EventMap, validateDocument, validateEvent } from "../src/schemas.ts";
-import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
+import {
+  CONTENT_STREAM,
+  ContentEventType,
+  FEEDBACK_STREAM,
+  FeedbackEventType,
+} from "../src/subjects.ts";
 import { startMesh, waitFor } from "./helpers/fault_mesh.ts";
 
 const SEED = Number(Deno.env.get("FUZZ_SEED") ?? 20261204);
@@ -241,18 +246,10 @@ Deno.test({
   // The bus: every subject a service consumes, with mutated valid events and garbage.
   const subjects = fc.oneof(
     fc.constant("feedback.submit"),
-    fc.constantFrom(
-      "feedback.ingested",
-      "feedback.sentiment_analyzed",
-      "feedback.topics_extracted",
-      "feedback.dispatched",
-      "feedback.processed",
-      "content.uploaded",
-      "content.moderated",
-      "content.decided",
-      "content.review_requested",
-      "content.sla_expired",
-    ).chain((type) => fc.stringMatching(/^fz[A-Za-z0-9]{1,20}$/).map((id) => ({ type, id }))).map((
+    // Every event type of both pipelines (stages and state writers consume them all).
+    fc.constantFrom(...Object.values(FeedbackEventType), ...Object.values(ContentEventType)).chain((
+      type,
+    ) => fc.stringMatching(/^fz[A-Za-z0-9]{1,20}$/).map((id) => ({ type, id }))).map((
       { type, id },
     ) => `${type}.${id}`),
   );
