@@ -6,10 +6,11 @@
  * unexpected dead letter. Figures go to stdout as `FAULT-FIGURES {...}` lines.
  */
 import assert from "node:assert/strict";
+import { deadline } from "./helpers/wait.ts";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
 import { readStream } from "../src/stream_reader.ts";
 import { FEEDBACK_SERVICES, startMesh, waitFor } from "./helpers/fault_mesh.ts";
-import { sseFrames } from "./helpers/sse_frames.ts";
+import { createParser } from "eventsource-parser";
 import { makeItems, processedAtLeast, pushItems, report, settle } from "./helpers/scenario.ts";
 
 const N = 3000;
@@ -100,6 +101,9 @@ function resumingClient(url: string) {
   let reconnects = 0;
   let stopped = false;
   let abort = new AbortController();
+  // Stopping cancels the body's reader itself: an aborted signal does not always end a
+  // pending read of a streamed body under Deno's fetch.
+  let reader: ReadableStreamDefaultReader<string> | undefined;
   const done = (async () => {
     while (!stopped) {
       try {
@@ -110,7 +114,14 @@ function resumingClient(url: string) {
           await res.body?.cancel();
           throw new Error(`status ${res.status}`);
         }
-        for await (const f of sseFrames(res.body!)) seqs.push(Number(f.id));
+        const parser = createParser({ onEvent: (e) => seqs.push(Number(e.id)) });
+        reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+        if (stopped) await reader.cancel();
+        while (true) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          parser.feed(value);
+        }
       } catch { /* gateway gone: reconnect */ }
       if (stopped) break;
       reconnects++;
@@ -126,7 +137,8 @@ function resumingClient(url: string) {
       stopped = true;
       abort.abort();
       abort = new AbortController();
-      await done;
+      await reader?.cancel().catch(() => {});
+      await deadline(done, 15_000, "the SSE client to stop");
     },
   };
 }
