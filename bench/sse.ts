@@ -33,7 +33,8 @@ const args = parseArgs({
 const CLIENTS = Number(args.values.clients);
 const RATE = Number(args.values.rate);
 const SECONDS = Number(args.values.seconds);
-const print = (k: string, v: unknown) => console.log(`${k} ${v}`);
+const encoder = new TextEncoder();
+const print = (k: string, v: unknown) => Deno.stdout.writeSync(encoder.encode(`${k} ${v}\n`));
 
 function pct(xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b);
