@@ -43,6 +43,7 @@ import {
   eventSubject,
   FEEDBACK_STREAM,
   FeedbackEventType,
+  ITEM_ID,
   parseEventSubject,
 } from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
@@ -107,7 +108,6 @@ export interface RunStageOptions<I extends StageInput> {
   metrics?: WeftMetrics;
 }
 
-const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 const encoder = new TextEncoder();
 /** Originals larger than this are kept only in the dead letter, not on the failed event. */
@@ -281,7 +281,7 @@ export function assertMatchesSubject(
 }
 
 /** True when a publish was refused because its subject already holds a message. */
-function isAlreadyStored(err: unknown): boolean {
+export function isAlreadyStored(err: unknown): boolean {
   return err instanceof JetStreamApiError &&
     err.code === JetStreamApiCodes.StreamWrongLastSequence;
 }

@@ -8,6 +8,9 @@
  * @module
  */
 
+/** An item id: letters, digits, `_` and `-`, at most 64 characters (it is a subject token and a KV key). */
+export const ITEM_ID: RegExp = /^[A-Za-z0-9_-]{1,64}$/;
+
 /** The JetStream stream holding submissions and every feedback event. */
 export const FEEDBACK_STREAM = "FEEDBACK";
 /** The JetStream stream holding dead letters. */

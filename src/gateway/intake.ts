@@ -31,6 +31,7 @@ import {
   FEEDBACK_STREAM,
   FeedbackEventType,
   IDEMPOTENCY_BUCKET,
+  ITEM_ID,
   STATE_BUCKET,
 } from "../subjects.ts";
 import { ingestedEventId, itemOf } from "../stages/feedback.ts";
@@ -89,7 +90,6 @@ export interface Intake {
   readonly jsm: JetStreamManager;
 }
 
-const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
 const encoder = new TextEncoder();
 
 /** The links of an item, relative to the gateway. */

@@ -9,8 +9,6 @@
 import { headers, type NatsConnection } from "@nats-io/nats-core";
 import {
   jetstream,
-  JetStreamApiCodes,
-  JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
   jetstreamManager,
@@ -31,7 +29,7 @@ import type {
 } from "../events.gen.ts";
 import type { Logger } from "../log.ts";
 import { validateEvent } from "../schemas.ts";
-import { publishEvent } from "../runner.ts";
+import { isAlreadyStored, publishEvent } from "../runner.ts";
 import { createScheduleStore, type ScheduleStore } from "../scheduler/store.ts";
 import { humanDecidedEvent, slaScheduleId } from "../stages/content.ts";
 import { readState } from "../state_writer.ts";
@@ -42,6 +40,7 @@ import {
   CONTENT_STREAM,
   ContentEventType as T,
   eventSubject,
+  ITEM_ID,
   REVIEW_BUCKET,
   SCHEDULE_BUCKET,
 } from "../subjects.ts";
@@ -116,7 +115,6 @@ export interface ModerationApi {
   readonly jsm: JetStreamManager;
 }
 
-const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
 const encoder = new TextEncoder();
 
 /** The links of a content item. */
@@ -211,9 +209,7 @@ export async function createModerationApi(deps: {
       );
       return ack.duplicate;
     } catch (err) {
-      if (
-        err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamWrongLastSequence
-      ) {
+      if (isAlreadyStored(err)) {
         return true;
       }
       throw err;

@@ -9,6 +9,7 @@
  *
  * @module
  */
+import { ITEM_ID } from "../subjects.ts";
 import { JetStreamApiCodes, JetStreamApiError } from "@nats-io/jetstream";
 import type { KV } from "@nats-io/kv";
 import { ConflictError, NotFoundError } from "../errors.ts";
@@ -162,7 +163,6 @@ function isCasConflict(err: unknown): boolean {
 }
 
 const encoder = new TextEncoder();
-const ITEM_ID = /^[A-Za-z0-9_-]{1,64}$/;
 
 /**
  * The review queue over a KV bucket.
