@@ -18,7 +18,12 @@ import { STATE_BUCKET } from "../src/subjects.ts";
 if (import.meta.main) {
   const write = Deno.args.includes("--write");
   const config = loadConfig({ args: Deno.args.filter((a) => a !== "--write") });
-  const nc = await connectNats(config.natsUrl, "weft-rebuild-state");
+  // Under `deno task start`, NATS wants an identity: the ops key reads, the admin key
+  // (--write) also writes the bucket (WEFT_NATS_NKEY=data/identities/admin.nk).
+  const nc = await connectNats(config.natsUrl, "weft-rebuild-state", {
+    nkeySeedFile: config.natsNkey || undefined,
+    caFile: config.natsCa || undefined,
+  });
   const js = jetstream(nc);
   const started = performance.now();
   const { states, events, skipped } = await rebuildStates(js);

@@ -96,6 +96,23 @@ export interface Config {
    */
   natsDir: string;
   /**
+   * Supervisor: how the nats-server it starts authenticates clients. `nkeys` (default): one
+   * identity per service, plus `admin` and `ops`, each with least-privilege permissions
+   * (src/identities.ts); `off`: no authentication (any local process may do anything).
+   * `WEFT_NATS_AUTH`.
+   */
+  natsAuth: "nkeys" | "off";
+  /** Path of the nkey seed file this process authenticates to NATS with. `WEFT_NATS_NKEY`. */
+  natsNkey: string;
+  /**
+   * Whether a service creates missing streams and buckets at start. The supervisor turns
+   * it off for its services, whose identities may not: it made them itself.
+   * `WEFT_ENSURE_TOPOLOGY`.
+   */
+  ensureTopology: boolean;
+  /** CA certificate (PEM) that verifies the NATS server's TLS certificate. `WEFT_NATS_CA`. */
+  natsCa: string;
+  /**
    * API keys by SHA-256 hash, with roles: JSON `[{"sha256":"<hex>","role":"reviewer","name":"alice"}]`.
    * Empty: authentication is off (logged as a warning). `WEFT_API_KEYS`.
    */
@@ -278,6 +295,15 @@ const SETTINGS: Setting<any>[] = [
   { key: "natsPort", env: "WEFT_NATS_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsMonitorPort", env: "WEFT_NATS_MONITOR_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsDir", env: "WEFT_NATS_DIR", default: "", parse: str },
+  {
+    key: "natsAuth",
+    env: "WEFT_NATS_AUTH",
+    default: "nkeys",
+    parse: (raw: string) => (raw === "nkeys" || raw === "off" ? raw : undefined),
+  },
+  { key: "natsNkey", env: "WEFT_NATS_NKEY", default: "", parse: str },
+  { key: "ensureTopology", env: "WEFT_ENSURE_TOPOLOGY", default: true, parse: bool },
+  { key: "natsCa", env: "WEFT_NATS_CA", default: "", parse: str },
   { key: "apiKeys", env: "WEFT_API_KEYS", default: [], parse: parseApiKeys, secret: true },
   {
     key: "contentMaxBytes",

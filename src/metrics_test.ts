@@ -60,7 +60,7 @@ Deno.test("registerLlmMetrics reads tokens, cost and calls from the LLM stats wh
 });
 
 Deno.test("serviceEnv names each service's spans only when OTEL_DENO is on", () => {
-  const spec = { name: "topics", entry: "services/topics.ts" };
+  const spec = { name: "topics", entry: "services/topics.ts", access: {} };
   assert.deepEqual(serviceEnv(spec, () => undefined), {});
   assert.deepEqual(serviceEnv(spec, (n) => (n === "OTEL_DENO" ? "false" : undefined)), {});
   assert.deepEqual(serviceEnv(spec, (n) => (n === "OTEL_DENO" ? "true" : undefined)), {

@@ -4,20 +4,55 @@
  * @module
  */
 import { connect } from "@nats-io/transport-node";
-import type { NatsConnection, Status } from "@nats-io/nats-core";
+import {
+  type ConnectionOptions,
+  type NatsConnection,
+  nkeyAuthenticator,
+  type Status,
+} from "@nats-io/nats-core";
+import { inboxPrefix } from "./identities.ts";
+
+/** Who a connection is and how it checks the server. */
+export interface NatsCredentials {
+  /** The nkey seed file to authenticate with (see src/identities.ts). */
+  nkeySeedFile?: string;
+  /** The identity's name: replies to its requests arrive under its own inbox prefix. */
+  identity?: string;
+  /** A CA certificate (PEM file): the connection then requires TLS and verifies the server. */
+  caFile?: string;
+}
 
 /**
  * Connects to the NATS server(s) in `url` (comma-separated), reconnecting forever: a
  * restarted server must not take the mesh down with it.
+ *
+ * @example
+ * ```ts ignore
+ * const nc = await connectNats("nats://127.0.0.1:4222", "weft-topics", {
+ *   nkeySeedFile: "data/identities/topics.nk",
+ *   identity: "topics",
+ * });
+ * ```
  */
-export function connectNats(url: string, name: string): Promise<NatsConnection> {
-  return connect({
+export async function connectNats(
+  url: string,
+  name: string,
+  credentials: NatsCredentials = {},
+): Promise<NatsConnection> {
+  const opts: ConnectionOptions = {
     servers: url.split(",").map((s) => s.trim()),
     name,
     maxReconnectAttempts: -1,
     reconnectTimeWait: 500,
     waitOnFirstConnect: false,
-  });
+  };
+  if (credentials.nkeySeedFile) {
+    const seed = (await Deno.readTextFile(credentials.nkeySeedFile)).trim();
+    opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(seed));
+  }
+  if (credentials.identity) opts.inboxPrefix = inboxPrefix(credentials.identity);
+  if (credentials.caFile) opts.tls = { caFile: credentials.caFile };
+  return await connect(opts);
 }
 
 /** Whether a connection is up right now, kept from its status events. */

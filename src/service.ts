@@ -55,13 +55,19 @@ export async function runService(
   }
   const log = createLogger(`weft-${name}`, config.logLevel);
   log.info("starting", { pid: Deno.pid, config: describeConfig(config) });
-  const nc = await connectNats(config.natsUrl, `weft-${name}`);
+  const nc = await connectNats(config.natsUrl, `weft-${name}`, {
+    nkeySeedFile: config.natsNkey || undefined,
+    identity: name,
+    caFile: config.natsCa || undefined,
+  });
   (async () => {
     for await (const s of nc.status()) {
       if (s.type === "disconnect" || s.type === "reconnect") log.warn("nats", { status: s.type });
     }
   })().catch(() => {});
-  await ensureTopology(nc, await jetstreamManager(nc), config);
+  // Under the supervisor the topology exists already, and a service's identity may not
+  // create streams or buckets anyway.
+  if (config.ensureTopology) await ensureTopology(nc, await jetstreamManager(nc), config);
   const metrics = new WeftMetrics();
   const running = await start({ config, log, nc, metrics });
   const micro = await registerMicroService({

@@ -22,6 +22,32 @@ import {
   versionAtLeast,
 } from "./nats_server.ts";
 import { ensureTopology } from "./topology.ts";
+import {
+  type Access,
+  authorizationBlock,
+  ensureIdentities,
+  type Permissions,
+  permissionsFor,
+} from "./identities.ts";
+import { METRICS_SUBJECT } from "./metrics.ts";
+import { statusSubject } from "./micro.ts";
+import { CONTENT_STATE_SPEC } from "./content_state.ts";
+import { STATE_WRITER } from "./state_writer.ts";
+import {
+  CALLER_SCHEDULABLE_SUBJECTS,
+  CONTENT_OBJECT_BUCKET,
+  CONTENT_STATE_BUCKET,
+  CONTENT_STREAM,
+  DEADLETTER_STREAM,
+  DIGEST_STREAM,
+  FEEDBACK_STREAM,
+  IDEMPOTENCY_BUCKET,
+  REVIEW_BUCKET,
+  SCHEDULABLE_SUBJECTS,
+  SCHEDULE_BUCKET,
+  SCHEDULE_LEASE_BUCKET,
+  STATE_BUCKET,
+} from "./subjects.ts";
 
 /** The repository root: service entries and nats.conf are relative to it. */
 const ROOT = new URL("../", import.meta.url);
@@ -42,23 +68,205 @@ export interface ServiceSpec {
   analyzes?: boolean;
   /** Listens on the gateway's host:port. */
   listens?: boolean;
+  /** What it does on the bus: its NATS identity's permissions follow from it. */
+  access: Access;
+}
+
+/** A step of a pipeline: consumes its own durable, publishes its outputs, its failure event and dead letters. */
+function step(
+  stream: string,
+  durables: readonly string[],
+  outputs: readonly string[],
+  failed: string,
+  extra: Access = {},
+): Access {
+  return {
+    ...extra,
+    consumes: durables.map((durable) => ({ stream, durable })),
+    publishes: [
+      ...outputs.map((t) => `${t}.*`),
+      `${failed}.*`,
+      ...durables.map((d) => `deadletter.${d}.*`),
+      ...extra.publishes ?? [],
+    ],
+  };
 }
 
 /** The services of the feedback mesh, in start order. */
 export const SERVICES: readonly ServiceSpec[] = [
-  { name: "state", entry: "services/state.ts" },
-  { name: "ingest", entry: "services/ingest.ts" },
-  { name: "sentiment", entry: "services/sentiment.ts", readsRules: true, analyzes: true },
-  { name: "topics", entry: "services/topics.ts", readsRules: true, analyzes: true },
-  { name: "dispatch", entry: "services/dispatch.ts", readsRules: true },
-  { name: "gateway", entry: "services/gateway.ts", listens: true },
-  { name: "content-state", entry: "services/content_state.ts" },
-  { name: "moderation", entry: "services/moderation.ts", analyzes: true },
-  { name: "review", entry: "services/review.ts" },
-  { name: "storage", entry: "services/storage.ts" },
-  { name: "scheduler", entry: "services/scheduler.ts" },
-  { name: "digest", entry: "services/digest.ts" },
+  {
+    name: "state",
+    entry: "services/state.ts",
+    access: {
+      consumes: [{ stream: FEEDBACK_STREAM, durable: STATE_WRITER }],
+      writesBuckets: [STATE_BUCKET],
+      publishes: [`deadletter.${STATE_WRITER}.*`],
+    },
+  },
+  {
+    name: "ingest",
+    entry: "services/ingest.ts",
+    access: step(FEEDBACK_STREAM, ["ingest"], ["feedback.ingested"], "feedback.failed"),
+  },
+  {
+    name: "sentiment",
+    entry: "services/sentiment.ts",
+    readsRules: true,
+    analyzes: true,
+    access: step(
+      FEEDBACK_STREAM,
+      ["sentiment"],
+      ["feedback.sentiment_analyzed"],
+      "feedback.failed",
+    ),
+  },
+  {
+    name: "topics",
+    entry: "services/topics.ts",
+    readsRules: true,
+    analyzes: true,
+    access: step(FEEDBACK_STREAM, ["topics"], ["feedback.topics_extracted"], "feedback.failed"),
+  },
+  {
+    name: "dispatch",
+    entry: "services/dispatch.ts",
+    readsRules: true,
+    access: step(
+      FEEDBACK_STREAM,
+      ["dispatch"],
+      ["feedback.dispatched", "feedback.processed"],
+      "feedback.failed",
+    ),
+  },
+  {
+    name: "gateway",
+    entry: "services/gateway.ts",
+    listens: true,
+    access: {
+      // Entry events and human actions; a redrive republishes a letter's original to the
+      // input of the step that consumed it (after checking it byte for byte against the
+      // stream), which may be any pipeline subject.
+      publishes: ["feedback.>", "content.>", "digest.request.*", "deadletter.redriven.*"],
+      requests: [METRICS_SUBJECT, "weft.*.status", "$SRV.>"],
+      serves: [
+        "weft.feedback.>",
+        "weft.content.>",
+        "weft.reviews.>",
+        "weft.schedules.>",
+        "weft.deadletters.>",
+      ],
+      readsStreams: [FEEDBACK_STREAM, CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM],
+      readsBuckets: [STATE_BUCKET, CONTENT_STATE_BUCKET],
+      writesBuckets: [IDEMPOTENCY_BUCKET, SCHEDULE_BUCKET, REVIEW_BUCKET],
+      writesObjects: [CONTENT_OBJECT_BUCKET],
+    },
+  },
+  {
+    name: "content-state",
+    entry: "services/content_state.ts",
+    access: {
+      consumes: [{ stream: CONTENT_STREAM, durable: CONTENT_STATE_SPEC.durable }],
+      writesBuckets: [CONTENT_STATE_BUCKET],
+      publishes: [`deadletter.${CONTENT_STATE_SPEC.durable}.*`],
+    },
+  },
+  {
+    name: "moderation",
+    entry: "services/moderation.ts",
+    analyzes: true,
+    access: step(CONTENT_STREAM, ["moderation"], ["content.moderated"], "content.failed", {
+      readsObjects: [CONTENT_OBJECT_BUCKET],
+    }),
+  },
+  {
+    name: "review",
+    entry: "services/review.ts",
+    access: step(
+      CONTENT_STREAM,
+      ["review-queue", "review-sla"],
+      ["content.review_requested", "content.escalated", "content.decided"],
+      "content.failed",
+      { writesBuckets: [REVIEW_BUCKET, SCHEDULE_BUCKET] },
+    ),
+  },
+  {
+    name: "storage",
+    entry: "services/storage.ts",
+    access: step(
+      CONTENT_STREAM,
+      ["storage-moderated", "storage-decided"],
+      ["content.published", "content.archived"],
+      "content.failed",
+      { readsObjects: [CONTENT_OBJECT_BUCKET] },
+    ),
+  },
+  {
+    name: "scheduler",
+    entry: "services/scheduler.ts",
+    access: {
+      publishes: SCHEDULABLE_SUBJECTS,
+      writesBuckets: [SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET],
+    },
+  },
+  {
+    name: "digest",
+    entry: "services/digest.ts",
+    access: step(
+      DIGEST_STREAM,
+      ["feedback-digest"],
+      ["digest.feedback_counts"],
+      "feedback.failed",
+      {
+        readsStreams: [FEEDBACK_STREAM],
+        writesBuckets: [SCHEDULE_BUCKET],
+      },
+    ),
+  },
 ];
+
+/** Every stream the mesh keeps. */
+const ALL_STREAMS = [FEEDBACK_STREAM, CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM];
+
+/**
+ * The identities besides the services': `admin` (the supervisor: streams, buckets, and
+ * anything an operator does on purpose) and `ops` (the nats CLI day to day: read every
+ * stream and bucket, submit, send requests, `nats micro`; never change or delete a stream,
+ * write a bucket, or publish a step's event).
+ */
+export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
+  admin: { admin: true },
+  ops: {
+    publishes: CALLER_SCHEDULABLE_SUBJECTS,
+    requests: ["weft.>", "$SRV.>"],
+    subscribes: [">"],
+    readsStreams: ALL_STREAMS,
+    readsBuckets: [
+      STATE_BUCKET,
+      CONTENT_STATE_BUCKET,
+      REVIEW_BUCKET,
+      SCHEDULE_BUCKET,
+      SCHEDULE_LEASE_BUCKET,
+      IDEMPOTENCY_BUCKET,
+    ],
+    readsObjects: [CONTENT_OBJECT_BUCKET],
+  },
+};
+
+/** Every identity's permissions: the services' and the operators'. */
+export function meshPermissions(): { name: string; permissions: Permissions }[] {
+  const durables = SERVICES.flatMap((s) => s.access.consumes ?? []);
+  return [
+    // Every service answers the mesh's metrics request and its own status (src/micro.ts).
+    ...SERVICES.map((s) => ({
+      name: s.name,
+      access: {
+        ...s.access,
+        serves: [...s.access.serves ?? [], METRICS_SUBJECT, statusSubject(s.name)],
+      },
+    })),
+    ...Object.entries(OPERATOR_IDENTITIES).map(([name, access]) => ({ name, access })),
+  ].map(({ name, access }) => ({ name, permissions: permissionsFor(name, access, durables) }));
+}
 
 /** host:port of each server in a NATS URL list, for `--allow-net`. */
 export function natsHosts(natsUrl: string): string[] {
@@ -87,6 +295,8 @@ export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
     `--allow-env=${ENV_PERMISSION}`,
   ];
   const read = [
+    ...(config.natsNkey ? [config.natsNkey] : []),
+    ...(config.natsCa ? [config.natsCa] : []),
     ...(spec.readsRules ? [config.rulesPath] : []),
     ...(spec.listens && config.tlsCert ? [config.tlsCert, config.tlsKey] : []),
     ...(llm ? ["prompts"] : []),
@@ -130,10 +340,39 @@ interface Running {
   restarts: number;
 }
 
+/** Where identities and the generated server configuration live, under nats-server's directory. */
+export const IDENTITY_DIR = "data/identities";
+/** The configuration the supervisor starts nats-server with when it authenticates. */
+export const GENERATED_CONF = "data/nats-weft.conf";
+
+/**
+ * Makes (or reuses) every identity's nkey under `cwd`/{@link IDENTITY_DIR}, and writes
+ * `cwd`/{@link GENERATED_CONF}: `baseConf` followed by the authorization block. Returns the
+ * file and each identity's seed file.
+ */
+export async function writeAuthConfig(
+  baseConf: string,
+  cwd: string,
+): Promise<{ configFile: string; seeds: Map<string, string> }> {
+  const dir = `${cwd.replace(/\/$/, "")}/${IDENTITY_DIR}`;
+  const perms = meshPermissions();
+  const identities = await ensureIdentities(dir, perms.map((p) => p.name));
+  const users = identities.map((identity, i) => ({ identity, permissions: perms[i]!.permissions }));
+  const configFile = `${cwd.replace(/\/$/, "")}/${GENERATED_CONF}`;
+  const text = `# Generated by the supervisor of \`deno task start\` from ${baseConf} and the\n` +
+    `# services' permissions (src/supervisor.ts, src/identities.ts). Do not edit: it is\n` +
+    `# rewritten at every start.\n\n${await Deno.readTextFile(baseConf)}\n` +
+    authorizationBlock(users);
+  await Deno.writeTextFile(configFile, text, { mode: 0o600 });
+  return { configFile, seeds: new Map(identities.map((i) => [i.name, i.seedFile])) };
+}
+
 /** Runs the mesh until SIGINT/SIGTERM. */
 export async function supervise(config: Config, log: Logger): Promise<void> {
   let nats: NatsServer | undefined;
   let env: Record<string, string> = {};
+  /** Each identity's seed file, when the supervisor's own nats-server authenticates. */
+  let seeds: Map<string, string> | undefined;
   if (Deno.env.get("NATS_URL")) {
     log.info("using the NATS server in NATS_URL", { nats: describeConfig(config).natsUrl });
   } else {
@@ -156,9 +395,20 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         Deno.exit(1);
       }
     }
+    const baseConf = new URL(config.natsConf, ROOT).pathname;
+    let configFile = baseConf;
+    if (config.natsAuth === "nkeys") {
+      const made = await writeAuthConfig(baseConf, cwd);
+      configFile = made.configFile;
+      seeds = made.seeds;
+    }
     try {
       nats = await startNatsServer({
-        configFile: new URL(config.natsConf, ROOT).pathname,
+        configFile,
+        // Refused permissions are the server's to log; say them in the mesh's log too.
+        onLog: (line) => {
+          if (/violation/i.test(line)) log.warn("nats permission violation", { line });
+        },
         port: config.natsPort || undefined,
         monitorPort: config.natsMonitorPort || undefined,
         cwd,
@@ -176,7 +426,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     env = { NATS_URL: nats.url };
   }
 
-  const nc = await connectNats(config.natsUrl, "weft-supervisor");
+  const nc = await connectNats(config.natsUrl, "weft-supervisor", {
+    nkeySeedFile: seeds?.get("admin") ?? (config.natsNkey || undefined),
+    identity: "admin",
+    caFile: config.natsCa || undefined,
+  });
   const serverAt = nc.info?.version;
   if (serverAt !== undefined && !versionAtLeast(serverAt)) {
     log.error(tooOldMessage(serverAt));
@@ -190,10 +444,16 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const running = new Map<string, Running>();
 
   const start = (spec: ServiceSpec, restarts: number) => {
+    // With identities, each service reads its own seed, and leaves the topology (made
+    // above) alone: its identity could not create it anyway.
+    const seed = seeds?.get(spec.name);
+    const own: Record<string, string> = seed
+      ? { WEFT_NATS_NKEY: seed, WEFT_ENSURE_TOPOLOGY: "false" }
+      : {};
     const child = new Deno.Command("deno", {
-      args: serviceArgs(spec, config),
+      args: serviceArgs(spec, seed ? { ...config, natsNkey: seed } : config),
       // The service exits when this pipe closes: when the supervisor dies, however it dies.
-      env: { ...env, ...serviceEnv(spec, envOrUndefined), WEFT_PARENT_WATCH: "stdin" },
+      env: { ...env, ...own, ...serviceEnv(spec, envOrUndefined), WEFT_PARENT_WATCH: "stdin" },
       stdin: "piped",
       stdout: "inherit",
       stderr: "inherit",
@@ -223,6 +483,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     gateway: `${config.tlsCert ? "https" : "http"}://${config.host}:${config.port}`,
     nats: config.natsUrl,
     nats_monitoring: nats ? `http://127.0.0.1:${config.natsMonitorPort || 8222}` : undefined,
+    nats_cli: seeds ? `nats --server ${config.natsUrl} --nkey ${seeds.get("ops")}` : undefined,
     services: SERVICES.map((s) => s.name),
   });
 

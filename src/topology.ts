@@ -21,9 +21,11 @@ import {
 } from "@nats-io/jetstream";
 import { ConfigError } from "./errors.ts";
 import { Kvm } from "@nats-io/kv";
+import { Objm } from "@nats-io/obj";
 import type { NatsConnection } from "@nats-io/nats-core";
 import type { Config } from "./config.ts";
 import {
+  CONTENT_OBJECT_BUCKET,
   CONTENT_STATE_BUCKET,
   CONTENT_STREAM,
   DEADLETTER_STREAM,
@@ -275,7 +277,7 @@ export function bucketConfigs(
   ];
 }
 
-/** Creates (or binds to) the KV buckets. */
+/** Creates (or binds to) the KV buckets and the object store of uploads. */
 export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig): Promise<void> {
   const kvm = new Kvm(nc);
   for (const { name, description, ttl } of bucketConfigs(config)) {
@@ -286,6 +288,10 @@ export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig):
       storage: StorageType.File,
     });
   }
+  await new Objm(nc).create(CONTENT_OBJECT_BUCKET, {
+    description: "Weft: binary content uploads",
+    storage: StorageType.File,
+  });
 }
 
 /** Ensures the streams and buckets exist (consumers are ensured by their stages). */

@@ -68,7 +68,7 @@ Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the re
   const mesh = await startMesh(REFERENCE_RULES, { keepStore: true });
   let nc: NatsConnection | undefined;
   try {
-    nc = await connectNats(mesh.natsUrl, "e2e");
+    nc = await connectNats(mesh.natsUrl, "e2e", mesh.credentials("ops"));
 
     await t.step("over HTTP, with the SSE stream read to its end", async () => {
       for (const id of ["FB001", "FB002"] as const) {

@@ -54,7 +54,7 @@ Deno.test("with WEFT_ANALYZERS=llm the stages record the LLM's decision, usage a
       assert.equal(res.status, 202);
       await res.body?.cancel();
     }
-    const nc = await connectNats(mesh.natsUrl, "llm-test");
+    const nc = await connectNats(mesh.natsUrl, "llm-test", mesh.credentials("ops"));
     try {
       const kv = await new Kvm(nc).open("weft_feedback_state");
       const done = (id: string) =>

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { freePort } from "../src/nats_server.ts";
-import { startMesh } from "./helpers/mesh.ts";
+import { meshTempDir, startMesh } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
 async function childrenOf(pid: number): Promise<{ pid: number; args: string }[]> {
@@ -21,7 +21,7 @@ async function alive(pid: number): Promise<boolean> {
 }
 
 Deno.test("when the supervisor is SIGKILLed its services stop, and the next start stops the nats-server it left and runs", async () => {
-  const storeDir = await Deno.makeTempDir({ prefix: "weft-orphans-" });
+  const storeDir = await meshTempDir("weft-orphans-");
   const ports = { natsPort: freePort(), port: freePort() };
   try {
     const first = await startMesh({}, { storeDir, ...ports, keepStore: true });

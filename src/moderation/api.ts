@@ -14,7 +14,7 @@ import {
   jetstreamManager,
 } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { type ObjectStore, Objm, StorageType } from "@nats-io/obj";
+import { type ObjectStore, Objm } from "@nats-io/obj";
 import { ulid } from "ulid";
 import type { CapacityGuard } from "../capacity.ts";
 import type { IngestLimiter } from "../gateway/ingest_limits.ts";
@@ -178,10 +178,8 @@ export async function createModerationApi(deps: {
   const stateKv = await kvm.open(CONTENT_STATE_BUCKET);
   const queue: ReviewQueue = createReviewQueue(await kvm.open(REVIEW_BUCKET), deps.config);
   const schedules = createScheduleStore(await kvm.open(SCHEDULE_BUCKET), now);
-  const objects: ObjectStore = await new Objm(nc).create(CONTENT_OBJECT_BUCKET, {
-    description: "Weft: binary content uploads",
-    storage: StorageType.File,
-  });
+  // Made with the topology (src/topology.ts), like the buckets.
+  const objects: ObjectStore = await new Objm(nc).open(CONTENT_OBJECT_BUCKET);
 
   async function publishUpload(id: string, item: ContentItem, trace?: TraceContext | null) {
     const span = childContext(trace ?? null);

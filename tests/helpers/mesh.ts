@@ -5,9 +5,21 @@
  * @module
  */
 import { freePort } from "../../src/nats_server.ts";
+import type { NatsCredentials } from "../../src/nats.ts";
+import { IDENTITY_DIR } from "../../src/supervisor.ts";
 import { deadline } from "./wait.ts";
 
 const root = new URL("../../", import.meta.url);
+
+/**
+ * A fresh directory for a supervisor's nats-server (its store and identities). It lies
+ * under the repository's data/, the one place `deno task start` may write.
+ */
+export async function meshTempDir(prefix: string): Promise<string> {
+  const dir = new URL("data/tmp/", root).pathname;
+  await Deno.mkdir(dir, { recursive: true });
+  return await Deno.makeTempDir({ dir, prefix });
+}
 
 /** A running supervisor. */
 export interface Mesh extends AsyncDisposable {
@@ -15,6 +27,11 @@ export interface Mesh extends AsyncDisposable {
   storeDir: string;
   natsPort: number;
   natsUrl: string;
+  /**
+   * How to connect as one of the mesh's NATS identities (`ops` for what the nats CLI does,
+   * `admin` for the topology, or a service's name).
+   */
+  credentials(identity: string): NatsCredentials;
   /** Every JSON log line printed so far, parsed. */
   logs: Record<string, unknown>[];
   /** Resolves with the first log line (past or future) matching `pred`. */
@@ -45,7 +62,7 @@ export async function startMesh(
 ): Promise<Mesh> {
   const port = opts.port ?? freePort();
   const natsPort = opts.natsPort ?? freePort();
-  const storeDir = opts.storeDir ?? await Deno.makeTempDir({ prefix: "weft-mesh-" });
+  const storeDir = opts.storeDir ?? await meshTempDir("weft-mesh-");
   const child = new Deno.Command("deno", {
     args: await taskArgs("start"),
     cwd: root,
@@ -116,6 +133,10 @@ export async function startMesh(
     storeDir,
     natsPort,
     natsUrl: `nats://127.0.0.1:${natsPort}`,
+    credentials: (identity) => ({
+      nkeySeedFile: `${storeDir}/${IDENTITY_DIR}/${identity}.nk`,
+      identity,
+    }),
     logs,
     waitForLog,
     stop,

@@ -1,0 +1,233 @@
+/**
+ * Least-privilege NATS identities: what each service may publish and subscribe to, derived
+ * from what it consumes and produces, and the nats-server authorization block that
+ * enforces it.
+ *
+ * Each identity is an nkey (an ed25519 key pair): the server's configuration holds only
+ * public keys, and each service reads its own seed from a file of mode 0600 that no other
+ * service is allowed to read (`--allow-read` names that one file). The supervisor of
+ * `deno task start` makes the keys once, under the nats-server's directory
+ * (`data/identities/`, ignored by git), and starts nats-server with the block below.
+ *
+ * What a permission grants, in NATS terms:
+ * - a step publishes only its own output event types (and its dead letters and its
+ *   pipeline's failure event), and acks and pulls only on its own durable consumer;
+ * - reading a stream (the gateway, state writers) means info, direct and stored message
+ *   gets and ephemeral consumers, never another service's durable consumer;
+ * - a KV bucket is read through its stream, and written with `$KV.<bucket>.>`;
+ * - nobody but the `admin` identity (topology: the supervisor, or an operator on purpose)
+ *   may create, update, purge or delete a stream or a durable consumer it does not own;
+ * - replies go to a per-identity inbox prefix (`_INBOX_<name>`), so no service can read
+ *   another's replies, and answering a request needs no publish grant (`allow_responses`).
+ *
+ * @module
+ */
+import { nkeys } from "@nats-io/nats-core";
+
+/** What a service does on the bus; its NATS permissions follow from it. */
+export interface Access {
+  /** Subjects it publishes on (JetStream publishes included), e.g. `feedback.processed.*`. */
+  publishes?: readonly string[];
+  /** Request subjects it sends requests to (core NATS, e.g. `weft.metrics`). */
+  requests?: readonly string[];
+  /** Request subjects it answers (subscriptions and queue groups). */
+  serves?: readonly string[];
+  /** Its own durable consumers: pulls, acks, (re)creates them, and reads their stream's messages. */
+  consumes?: readonly { stream: string; durable: string }[];
+  /** Streams it reads: info, message gets, ephemeral and ordered consumers. */
+  readsStreams?: readonly string[];
+  /** KV buckets it reads. */
+  readsBuckets?: readonly string[];
+  /** KV buckets it writes (and reads). */
+  writesBuckets?: readonly string[];
+  /** Object stores it reads. */
+  readsObjects?: readonly string[];
+  /** Object stores it writes (and reads). */
+  writesObjects?: readonly string[];
+  /** Subscribes to these plain subjects (e.g. `nats sub`). */
+  subscribes?: readonly string[];
+  /** Every JetStream API, every subject: the topology owner. */
+  admin?: boolean;
+}
+
+/** nats-server permissions of one user. */
+export interface Permissions {
+  publish: { allow: string[]; deny?: string[] };
+  subscribe: { allow: string[]; deny?: string[] };
+  allow_responses: boolean;
+}
+
+/** The inbox prefix of an identity: replies to its requests arrive under it, and only it may subscribe there. */
+export function inboxPrefix(identity: string): string {
+  return `_INBOX_${identity.replace(/[^A-Za-z0-9_-]/g, "_")}`;
+}
+
+const API = "$JS.API";
+
+/** Read-only JetStream API subjects every identity may use: account and stream listing. */
+const COMMON_PUBLISH = [`${API}.INFO`, `${API}.STREAM.NAMES`, `${API}.STREAM.LIST`];
+
+function readStreamSubjects(stream: string): string[] {
+  return [
+    `${API}.STREAM.INFO.${stream}`,
+    `${API}.STREAM.MSG.GET.${stream}`,
+    `${API}.DIRECT.GET.${stream}`,
+    `${API}.DIRECT.GET.${stream}.>`,
+    // Ephemeral and ordered consumers: create (2.9 and 2.10+ forms), pull, info, delete.
+    `${API}.CONSUMER.CREATE.${stream}`,
+    `${API}.CONSUMER.CREATE.${stream}.>`,
+    `${API}.CONSUMER.MSG.NEXT.${stream}.>`,
+    `${API}.CONSUMER.INFO.${stream}.>`,
+    `${API}.CONSUMER.DELETE.${stream}.>`,
+    `${API}.CONSUMER.NAMES.${stream}`,
+    `${API}.CONSUMER.LIST.${stream}`,
+  ];
+}
+
+function durableSubjects(stream: string, durable: string): string[] {
+  return [
+    `${API}.CONSUMER.CREATE.${stream}.${durable}`,
+    `${API}.CONSUMER.CREATE.${stream}.${durable}.>`,
+    `${API}.CONSUMER.DURABLE.CREATE.${stream}.${durable}`,
+    `${API}.CONSUMER.INFO.${stream}.${durable}`,
+    `${API}.CONSUMER.MSG.NEXT.${stream}.${durable}`,
+    `$JS.ACK.${stream}.${durable}.>`,
+  ];
+}
+
+/** What no one but the owner may do to a durable consumer: change, delete, pull from or ack on it. */
+function durableDenies(stream: string, durable: string): string[] {
+  return [
+    `${API}.CONSUMER.CREATE.${stream}.${durable}`,
+    `${API}.CONSUMER.CREATE.${stream}.${durable}.>`,
+    `${API}.CONSUMER.DURABLE.CREATE.${stream}.${durable}`,
+    `${API}.CONSUMER.DELETE.${stream}.${durable}`,
+    `${API}.CONSUMER.MSG.NEXT.${stream}.${durable}`,
+    `$JS.ACK.${stream}.${durable}.>`,
+  ];
+}
+
+const kvStream = (bucket: string) => `KV_${bucket}`;
+const objStream = (bucket: string) => `OBJ_${bucket}`;
+
+/**
+ * The permissions of `identity` from its `access`. `durables` lists every service's
+ * durable consumers: reading a stream never reaches one of another service's.
+ *
+ * @example
+ * ```ts
+ * import { permissionsFor } from "./identities.ts";
+ * const p = permissionsFor("topics", {
+ *   consumes: [{ stream: "FEEDBACK", durable: "topics" }],
+ *   publishes: ["feedback.topics_extracted.*"],
+ * }, []);
+ * console.assert(p.publish.allow.includes("feedback.topics_extracted.*"));
+ * console.assert(!p.publish.allow.some((s) => s.startsWith("$JS.API.STREAM.DELETE")));
+ * ```
+ */
+export function permissionsFor(
+  identity: string,
+  access: Access,
+  durables: readonly { stream: string; durable: string }[],
+): Permissions {
+  if (access.admin) {
+    return { publish: { allow: [">"] }, subscribe: { allow: [">"] }, allow_responses: true };
+  }
+  const pub = new Set<string>(COMMON_PUBLISH);
+  const sub = new Set<string>([`${inboxPrefix(identity)}.>`]);
+  const read = new Set<string>(access.readsStreams ?? []);
+  for (const s of access.publishes ?? []) pub.add(s);
+  for (const s of access.requests ?? []) pub.add(s);
+  for (const s of access.serves ?? []) sub.add(s);
+  for (const s of access.subscribes ?? []) sub.add(s);
+  // Every service registers with the NATS services protocol (`nats micro`).
+  sub.add("$SRV.>");
+  const own = new Set<string>();
+  for (const { stream, durable } of access.consumes ?? []) {
+    own.add(`${stream}/${durable}`);
+    for (const s of durableSubjects(stream, durable)) pub.add(s);
+    pub.add(`${API}.STREAM.INFO.${stream}`);
+    pub.add(`${API}.STREAM.MSG.GET.${stream}`);
+    pub.add(`${API}.DIRECT.GET.${stream}`);
+    pub.add(`${API}.DIRECT.GET.${stream}.>`);
+  }
+  for (const b of [...access.readsBuckets ?? [], ...access.writesBuckets ?? []]) {
+    read.add(kvStream(b));
+  }
+  for (const b of access.writesBuckets ?? []) pub.add(`$KV.${b}.>`);
+  for (const b of [...access.readsObjects ?? [], ...access.writesObjects ?? []]) {
+    read.add(objStream(b));
+  }
+  for (const b of access.writesObjects ?? []) {
+    pub.add(`$O.${b}.>`);
+    // Replacing an object purges its old chunks.
+    pub.add(`${API}.STREAM.PURGE.${objStream(b)}`);
+  }
+  for (const stream of read) for (const s of readStreamSubjects(stream)) pub.add(s);
+  const deny = new Set<string>();
+  for (const { stream, durable } of durables) {
+    if (read.has(stream) && !own.has(`${stream}/${durable}`)) {
+      for (const s of durableDenies(stream, durable)) deny.add(s);
+    }
+  }
+  return {
+    publish: { allow: [...pub], ...(deny.size ? { deny: [...deny] } : {}) },
+    subscribe: { allow: [...sub] },
+    allow_responses: true,
+  };
+}
+
+/** An identity's key pair as stored: the public key in the server config, the seed in its file. */
+export interface Identity {
+  name: string;
+  /** The public user nkey (`U...`). */
+  publicKey: string;
+  /** Path of the seed file (mode 0600). */
+  seedFile: string;
+}
+
+/**
+ * Makes (or reuses) an nkey for each name under `dir`: `<dir>/<name>.nk`, mode 0600, the
+ * directory 0700. Existing seeds are kept, so a restart changes no key.
+ */
+export async function ensureIdentities(dir: string, names: readonly string[]): Promise<Identity[]> {
+  await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+  await Deno.chmod(dir, 0o700);
+  const out: Identity[] = [];
+  for (const name of names) {
+    const seedFile = `${dir}/${name}.nk`;
+    let seed: Uint8Array;
+    try {
+      seed = new TextEncoder().encode((await Deno.readTextFile(seedFile)).trim());
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+      seed = nkeys.createUser().getSeed();
+      await Deno.writeTextFile(seedFile, new TextDecoder().decode(seed) + "\n", {
+        mode: 0o600,
+        createNew: true,
+      });
+    }
+    await Deno.chmod(seedFile, 0o600);
+    out.push({ name, publicKey: nkeys.fromSeed(seed).getPublicKey(), seedFile });
+  }
+  return out;
+}
+
+/**
+ * The nats-server `authorization` block for `identities`, each with its permissions.
+ * Connections without a known key are refused.
+ */
+export function authorizationBlock(
+  users: readonly { identity: Identity; permissions: Permissions }[],
+): string {
+  const q = (s: string) => JSON.stringify(s);
+  const list = (xs: readonly string[]) => `[${xs.map(q).join(", ")}]`;
+  const rule = (r: { allow: string[]; deny?: string[] }) =>
+    `{ allow: ${list(r.allow)}${r.deny ? `, deny: ${list(r.deny)}` : ""} }`;
+  const lines = users.map(({ identity, permissions: p }) =>
+    `    # ${identity.name}\n    { nkey: ${q(identity.publicKey)}, permissions: {\n` +
+    `      publish: ${rule(p.publish)}\n      subscribe: ${rule(p.subscribe)}\n` +
+    `      allow_responses: ${p.allow_responses}\n    } }`
+  );
+  return `authorization {\n  users: [\n${lines.join("\n")}\n  ]\n}\n`;
+}

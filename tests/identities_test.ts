@@ -1,0 +1,260 @@
+/**
+ * Least-privilege NATS identities under `deno task start`: every service connects with
+ * its own nkey and may do only what it consumes and produces. Both pipelines run end to
+ * end without one refused permission, while a step's identity cannot publish another
+ * step's event, read a bucket it does not own, pull from another step's consumer or delete
+ * a stream; the ops identity (the nats CLI) reads everything and changes nothing; and a
+ * connection without a key is refused.
+ */
+import assert from "node:assert/strict";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { connect } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { connectNats } from "../src/nats.ts";
+import { GENERATED_CONF, IDENTITY_DIR, SERVICES } from "../src/supervisor.ts";
+import { has, waitForEvents } from "./helpers/content_events.ts";
+import { type Mesh, startMesh } from "./helpers/mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const TOXIC = "You idiot, this is the most pathetic service ever.";
+
+async function post(base: string, path: string, body: unknown) {
+  const res = await fetch(`${base}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : null };
+}
+
+function violations(mesh: Mesh): unknown[] {
+  return mesh.logs.filter((l) => l.msg === "nats permission violation");
+}
+
+/** Connects as `identity` and runs `fn`, closing the connection after. */
+async function as<T>(mesh: Mesh, identity: string, fn: (nc: NatsConnection) => Promise<T>) {
+  const nc = await connectNats(mesh.natsUrl, `test-as-${identity}`, mesh.credentials(identity));
+  try {
+    return await fn(nc);
+  } finally {
+    await nc.close();
+  }
+}
+
+Deno.test("each service runs as its own NATS identity with only the permissions it needs", async (t) => {
+  await using mesh = await startMesh({
+    WEFT_REVIEW_SLA_MS: "600000",
+    // Items whose text has "crash" fail in topics: dead letters for the redrive below.
+    WEFT_FAIL_ON: "crash",
+    WEFT_FAIL_STAGE: "topics",
+    WEFT_MAX_ATTEMPTS: "2",
+    WEFT_RETRY_BASE_MS: "50",
+  });
+  const base = mesh.gatewayUrl;
+
+  await t.step(
+    "keys are files of mode 0600 in a 0700 directory; the server's config holds no seed",
+    async () => {
+      const dir = `${mesh.storeDir}/${IDENTITY_DIR}`;
+      assert.equal((await Deno.stat(dir)).mode! & 0o777, 0o700);
+      for (const name of [...SERVICES.map((s) => s.name), "admin", "ops"]) {
+        const file = `${dir}/${name}.nk`;
+        assert.equal((await Deno.stat(file)).mode! & 0o777, 0o600, file);
+        assert.match(await Deno.readTextFile(file), /^SU[A-Z2-7]{56}\n$/, "a user seed");
+      }
+      const conf = await Deno.readTextFile(`${mesh.storeDir}/${GENERATED_CONF}`);
+      assert.match(conf, /authorization/);
+      assert.doesNotMatch(conf, /SU[A-Z2-7]{56}/, "only public keys");
+    },
+  );
+
+  await t.step(
+    "both pipelines, schedules and a redrive run without one refused permission",
+    async () => {
+      await as(mesh, "ops", async (nc) => {
+        const fb = await post(base, "/feedback", { text: "The app freezes when I save, fix it" });
+        assert.equal(fb.status, 202);
+        const flagged = await post(base, "/content", { text: TOXIC });
+        const safe = await post(base, "/content", { text: "A lovely lamp, thanks." });
+        assert.equal(flagged.status, 202);
+        await waitForEvents(nc, safe.body.id, has("content.published"));
+        await waitForEvents(nc, flagged.body.id, has("content.review_requested"));
+        const decided = await post(base, `/reviews/${flagged.body.id}/decision`, {
+          decision: "reject",
+          reason: "abusive",
+          reviewer: "carol",
+        });
+        assert.equal(decided.status, 200);
+        await waitForEvents(nc, flagged.body.id, has("content.archived"));
+        const binary = await fetch(`${base}/content`, {
+          method: "POST",
+          headers: { "content-type": "image/png" },
+          body: new Uint8Array([137, 80, 78, 71, 1, 2, 3]),
+        });
+        assert.equal(binary.status, 202, await binary.text());
+
+        const scheduled = await post(base, "/schedules", {
+          id: "soon",
+          subject: "feedback.submit",
+          payload: { id: "SCHED1", text: "scheduled hello" },
+          at: new Date(Date.now() + 200).toISOString(),
+        });
+        assert.equal(scheduled.status, 201, JSON.stringify(scheduled.body));
+        const state = await new Kvm(nc).open("weft_feedback_state");
+        await waitFor(
+          async () =>
+            (await state.get(fb.body.id))?.json<{ status: string }>().status === "processed",
+          15_000,
+          "feedback processed",
+        );
+        await waitFor(
+          async () =>
+            (await state.get("SCHED1"))?.json<{ status: string }>().status === "processed",
+          15_000,
+          "the scheduled item processed",
+        );
+
+        // A bad submission on the bus is dead-lettered by ingest; an item failing in topics
+        // is dead-lettered there, then redriven by the gateway onto topics' input.
+        nc.publish("feedback.submit", JSON.stringify({ id: "BAD1", text: 42 }));
+        const failing = await post(base, "/feedback", { id: "CRASH1", text: "it will crash" });
+        assert.equal(failing.status, 202);
+        for (const stage of ["ingest", "topics"]) {
+          await waitFor(
+            async () => {
+              const r = await fetch(`${base}/deadletters?stage=${stage}`);
+              const b = await r.json();
+              return b.items?.length ? b.items : undefined;
+            },
+            15_000,
+            `a dead letter of ${stage}`,
+          );
+        }
+        const letters = (await (await fetch(`${base}/deadletters?stage=topics`)).json()).items;
+        const redrive = await post(base, "/deadletters/redrive", { ids: [letters[0].seq] });
+        assert.equal(redrive.status, 200, JSON.stringify(redrive.body));
+        assert.equal(redrive.body.redriven.length, 1);
+
+        const metrics = await fetch(`${base}/metrics`);
+        assert.equal(metrics.status, 200);
+        assert.match(await metrics.text(), /weft_stage_processed_total\{stage="sentiment"/);
+      });
+      assert.deepEqual(violations(mesh), [], "no refused permission in the server's log");
+    },
+  );
+
+  await t.step(
+    "a step cannot publish another step's event type, nor forge an item's entry",
+    async () => {
+      await as(mesh, "sentiment", async (nc) => {
+        const js = jetstream(nc);
+        await js.publish("feedback.sentiment_analyzed.OWN", "{}"); // its own type: allowed
+        for (
+          const subject of [
+            "feedback.processed.victim",
+            "feedback.ingested.victim",
+            "content.published.x",
+          ]
+        ) {
+          await assert.rejects(js.publish(subject, "{}"), /permission/i, subject);
+        }
+      });
+    },
+  );
+
+  await t.step(
+    "a step cannot read a bucket it does not own, nor pull from another step's consumer",
+    async () => {
+      await as(mesh, "sentiment", async (nc) => {
+        await assert.rejects(
+          (async () => (await new Kvm(nc).open("weft_reviews")).get("x"))(),
+          /permission/i,
+        );
+        const js = jetstream(nc);
+        await assert.rejects(
+          (async () => (await js.consumers.get("FEEDBACK", "topics")).next({ expires: 1000 }))(),
+          /permission/i,
+        );
+      });
+    },
+  );
+
+  await t.step(
+    "no service, nor the ops identity, can delete or purge a stream or a step's consumer",
+    async () => {
+      for (const identity of ["sentiment", "gateway", "state", "ops"]) {
+        await as(mesh, identity, async (nc) => {
+          const jsm = await jetstreamManager(nc);
+          await assert.rejects(jsm.streams.delete("FEEDBACK"), /permission/i, identity);
+          await assert.rejects(jsm.streams.purge("FEEDBACK"), /permission/i, identity);
+          await assert.rejects(
+            jsm.consumers.delete("FEEDBACK", "sentiment"),
+            /permission/i,
+            identity,
+          );
+        });
+      }
+      await as(mesh, "ops", async (nc) => {
+        const jsm = await jetstreamManager(nc);
+        assert.ok((await jsm.streams.info("FEEDBACK")).state.messages > 0, "ops reads streams");
+        await assert.rejects(
+          jetstream(nc).publish("feedback.processed.victim", "{}"),
+          /permission/i,
+          "ops submits, never forges a step's event",
+        );
+        await assert.rejects(
+          (async () => (await new Kvm(nc).open("weft_feedback_state")).put("victim", "{}"))(),
+          /permission/i,
+          "ops never writes a bucket",
+        );
+      });
+    },
+  );
+
+  await t.step(
+    "the nats CLI with the ops key reads and submits; removing a stream is refused",
+    async () => {
+      const nats = async (...args: string[]) => {
+        const out = await new Deno.Command("nats", {
+          args: [
+            "--server",
+            mesh.natsUrl,
+            "--nkey",
+            mesh.credentials("ops").nkeySeedFile!,
+            ...args,
+          ],
+          stdin: "null",
+        }).output();
+        const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+        return { ok: out.success, text };
+      };
+      const reply = await nats(
+        "req",
+        "weft.feedback.submit",
+        '{"id":"CLI1","text":"hello from the CLI"}',
+      );
+      assert.ok(reply.ok, reply.text);
+      assert.match(reply.text, /CLI1/);
+      const get = await nats("kv", "get", "weft_feedback_state", "SCHED1", "--raw");
+      assert.ok(get.ok, get.text);
+      assert.match(get.text, /"status":"processed"/);
+      const rm = await nats("stream", "rm", "FEEDBACK", "-f");
+      assert.ok(!rm.ok, rm.text);
+      assert.match(rm.text, /permission/i);
+      const info = await nats("stream", "info", "FEEDBACK", "--json");
+      assert.ok(info.ok, "the stream is still there");
+    },
+  );
+
+  await t.step(
+    "a connection without a key is refused",
+    async () => {
+      await assert.rejects(
+        connect({ servers: mesh.natsUrl, reconnect: false, name: "anonymous" }),
+        /authorization|auth/i,
+      );
+    },
+  );
+});
