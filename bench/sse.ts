@@ -3,8 +3,9 @@
  *
  * Starts a private nats-server, the feedback services and the gateway as their own processes
  * (with the supervisor's arguments), then from this process: POSTs items at a steady rate
- * over HTTP with keep-alive and times each 202; opens N `/events` clients (a third reading,
- * a third reading slowly, a third never reading a byte) and does it again. Prints, in a
+ * over HTTP with keep-alive and times each 202; has another process open N `/events`
+ * clients (a third reading, a third reading slowly, a third never reading a byte;
+ * bench/sse_clients.ts) and does it again while they connect and read. Prints, in a
  * stable `key value` format: POST p50/p99 without and with the clients, the gateway's RSS
  * and CPU time, the reading clients' p99 delivery lag (event time to receipt), how many
  * clients the gateway cut, and the server consumers left. A measurement, never a test.
@@ -79,8 +80,9 @@ for (let i = 0; i < 300; i++) {
   await new Promise((r) => setTimeout(r, 100));
 }
 
-async function postPhase(): Promise<number[]> {
-  const times: number[] = [];
+/** Each POST's start (performance.now()) and time to its 202 (Infinity when it failed). */
+async function postPhase(): Promise<{ at: number; ms: number }[]> {
+  const times: { at: number; ms: number }[] = [];
   const started = performance.now();
   const pending: Promise<void>[] = [];
   for (let i = 0; i < RATE * SECONDS; i++) {
@@ -95,75 +97,94 @@ async function postPhase(): Promise<number[]> {
         body: JSON.stringify({ text: `sse bench item ${i}: the export crashes` }),
       });
       await res.body?.cancel();
-      times.push(res.status === 202 ? performance.now() - t0 : Infinity);
+      times.push({ at: t0, ms: res.status === 202 ? performance.now() - t0 : Infinity });
     })());
   }
   await Promise.all(pending);
   return times;
 }
 
-const quiet = await postPhase();
+const quiet = (await postPhase()).map((t) => t.ms);
 print("sse.clients", CLIENTS);
 print("sse.rate_items_per_s", RATE);
 print("post.quiet.p50_ms", pct(quiet, 0.5));
 print("post.quiet.p99_ms", pct(quiet, 0.99));
 const before = await statOf(gateway.pid);
 
-// The clients: reading, slow (one read a second), and silent (raw sockets never read).
-const lags: number[] = [];
-const aborts = new AbortController();
-const sockets: Deno.Conn[] = [];
-let opened = 0;
-for (let i = 0; i < CLIENTS; i++) {
-  const kind = i % 3;
-  if (kind === 2) {
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-    await conn.write(new TextEncoder().encode(
-      "GET /events HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n",
-    ));
-    sockets.push(conn);
-    opened++;
-    continue;
+// The clients, in their own process (bench/sse_clients.ts): reading, slow (one read a
+// second), and silent (raw sockets never read). They connect while the POSTs go on.
+const clients = new Deno.Command("deno", {
+  args: [
+    "run",
+    `--allow-net=127.0.0.1:${port}`,
+    "bench/sse_clients.ts",
+    "--url",
+    base,
+    "--clients",
+    String(CLIENTS),
+  ],
+  cwd: ROOT,
+  stdin: "piped",
+  stdout: "piped",
+  stderr: "inherit",
+}).spawn();
+const clientLines = clients.stdout.pipeThrough(new TextDecoderStream()).getReader();
+let clientOut = "";
+const readLine = async (): Promise<string> => {
+  while (!clientOut.includes("\n")) {
+    const { value, done } = await clientLines.read();
+    if (done) throw new Error("the SSE clients' process ended early");
+    clientOut += value;
   }
-  fetch(`${base}/events`, { signal: aborts.signal }).then(async (res) => {
-    opened++;
-    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
-    while (true) {
-      if (kind === 1) await new Promise((r) => setTimeout(r, 1000));
-      const { value, done } = await reader.read();
-      if (done) return;
-      buf += value;
-      let at;
-      while ((at = buf.indexOf("\n\n")) >= 0) {
-        const frame = buf.slice(0, at);
-        buf = buf.slice(at + 2);
-        const data = frame.split("\n").find((l) => l.startsWith("data:"));
-        const time = data ? JSON.parse(data.slice(5)).time : undefined;
-        if (time && kind === 0) lags.push(Date.now() - Date.parse(time));
-      }
-    }
-  }).catch(() => {});
-}
-const loaded = await postPhase();
+  const at = clientOut.indexOf("\n");
+  const line = clientOut.slice(0, at);
+  clientOut = clientOut.slice(at + 1);
+  return line;
+};
+let allOpenAt = Infinity;
+const openedLine = readLine().then((line) => {
+  allOpenAt = performance.now();
+  return line;
+});
+const clientsBefore = await statOf(clients.pid);
+const natsBefore = await statOf(server.pid);
+const loadedTimes = await postPhase();
+const clientsAfter = await statOf(clients.pid);
+const natsAfter = await statOf(server.pid);
+const loaded = loadedTimes.map((t) => t.ms);
+// While the 2,000 connect, and once all are open and reading (or not).
+const connecting = loadedTimes.filter((t) => t.at < allOpenAt).map((t) => t.ms);
+const connected = loadedTimes.filter((t) => t.at >= allOpenAt).map((t) => t.ms);
 const after = await statOf(gateway.pid);
 let consumers = 0;
 for await (const c of (await jetstreamManager(nc)).consumers.list("FEEDBACK")) {
   if (!c?.config?.durable_name) consumers++;
 }
+const opened = Number((await openedLine).split(" ")[1]);
+await clients.stdin.close();
+const { lags } = JSON.parse(await readLine()) as { lags: number[] };
+await clients.status;
 print("sse.opened", opened);
 print("post.with_clients.p50_ms", pct(loaded, 0.5));
 print("post.with_clients.p99_ms", pct(loaded, 0.99));
 print("post.with_clients.failed", loaded.filter((t) => t === Infinity).length);
+print("post.while_connecting.count", connecting.length);
+print("post.while_connecting.p50_ms", pct(connecting, 0.5));
+print("post.while_connecting.p99_ms", pct(connecting, 0.99));
+print("post.all_connected.count", connected.length);
+print("post.all_connected.p50_ms", pct(connected, 0.5));
+print("post.all_connected.p99_ms", pct(connected, 0.99));
 print("gateway.rss_mib.quiet", before.rssMiB);
 print("gateway.rss_mib.with_clients", after.rssMiB);
 print("gateway.cpu_s.during_load_phase", Math.round((after.cpuS - before.cpuS) * 10) / 10);
+// The clients share this machine's cores with the mesh: what they and the server took.
+print("clients.cpu_s.during_load_phase", clientsAfter.cpuS - clientsBefore.cpuS);
+print("nats.cpu_s.during_load_phase", natsAfter.cpuS - natsBefore.cpuS);
+print("phase_s", SECONDS);
 print("sse.reading_clients.lag_p50_ms", pct(lags, 0.5));
 print("sse.reading_clients.lag_p99_ms", pct(lags, 0.99));
 print("nats.ephemeral_consumers", consumers);
 
-aborts.abort();
-for (const s of sockets) s.close();
 for (const p of procs) p.child.kill("SIGTERM");
 await Promise.all(procs.map((p) => p.child.status));
 await nc.close();

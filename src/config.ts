@@ -77,6 +77,12 @@ export interface Config {
   sseKeepAliveMs: number;
   /** SSE clients one gateway serves at once. `WEFT_SSE_MAX_CLIENTS`. */
   sseMaxClients: number;
+  /**
+   * Live SSE clients are woken at most this often, each writing everything queued in one
+   * chunk: fan-out costs one write per client per flush, not per event; adds up to this
+   * much delivery lag, ms. `WEFT_SSE_FLUSH_MS`.
+   */
+  sseFlushMs: number;
   /** An SSE client that cannot take a frame within this time is dropped, ms. `WEFT_SSE_WRITE_TIMEOUT_MS`. */
   sseWriteTimeoutMs: number;
   /** The state writer pulls at most one batch per this long (unless a backlog waits), and holds an unfinished item at most about this long, ms. `WEFT_STATE_FLUSH_MS`. */
@@ -288,6 +294,7 @@ const SETTINGS: Setting<any>[] = [
   },
   { key: "sseKeepAliveMs", env: "WEFT_SSE_KEEPALIVE_MS", default: 15_000, parse: int(100) },
   { key: "sseMaxClients", env: "WEFT_SSE_MAX_CLIENTS", default: 1000, parse: int(1) },
+  { key: "sseFlushMs", env: "WEFT_SSE_FLUSH_MS", default: 100, parse: int(0, 10_000) },
   { key: "sseWriteTimeoutMs", env: "WEFT_SSE_WRITE_TIMEOUT_MS", default: 10_000, parse: int(100) },
   { key: "stateFlushMs", env: "WEFT_STATE_FLUSH_MS", default: 20, parse: int(0, 10_000) },
   { key: "drainMs", env: "WEFT_DRAIN_MS", default: 10_000, parse: int(0) },

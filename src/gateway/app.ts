@@ -123,7 +123,7 @@ function isNatsUnavailable(err: unknown): boolean {
 export function createApp(deps: GatewayDeps): Hono {
   const { intake, config, log } = deps;
   const clients = deps.sseClients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
-  const feeds = deps.feeds ?? new LiveFeeds(intake.js, log);
+  const feeds = deps.feeds ?? new LiveFeeds(intake.js, log, config.sseFlushMs);
   const app = new Hono();
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
@@ -278,7 +278,7 @@ export function createApp(deps: GatewayDeps): Hono {
         config,
         log,
         clients,
-        feeds: new LiveFeeds(deps.moderation.js, log),
+        feeds: new LiveFeeds(deps.moderation.js, log, config.sseFlushMs),
       }),
     );
   }

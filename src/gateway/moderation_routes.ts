@@ -65,6 +65,7 @@ export function createModerationRoutes(deps: {
     | "contentMaxBytes"
     | "sseMaxClients"
     | "sseMaxPerKey"
+    | "sseFlushMs"
     | "sseKeepAliveMs"
     | "sseWriteTimeoutMs"
   >;
@@ -76,7 +77,7 @@ export function createModerationRoutes(deps: {
 }): Hono<Env> {
   const { api, auth, config, log } = deps;
   const clients = deps.clients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
-  const feeds = deps.feeds ?? new LiveFeeds(api.js, log);
+  const feeds = deps.feeds ?? new LiveFeeds(api.js, log, config.sseFlushMs);
   const app = new Hono<Env>();
   const tooLarge = (max: number) =>
     bodyLimit({

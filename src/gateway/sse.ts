@@ -123,10 +123,33 @@ function frameOf(
   };
 }
 
+/**
+ * Frames written together: one flush's frames for one filter, encoded once into `bytes`
+ * and shared by every client of that filter.
+ */
+export interface Chunk {
+  frames: Frame[];
+  bytes: Uint8Array;
+}
+
+function chunkOf(frames: Frame[]): Chunk {
+  if (frames.length === 1) return { frames, bytes: frames[0]!.bytes };
+  const bytes = new Uint8Array(frames.reduce((n, f) => n + f.bytes.length, 0));
+  let at = 0;
+  for (const f of frames) {
+    bytes.set(f.bytes, at);
+    at += f.bytes.length;
+  }
+  return { frames, bytes };
+}
+
 /** A client's place on a live feed: a bounded queue. */
 export interface FeedSubscription {
-  /** The next frame; "overflow" when the queue overflowed; "closed" once closed. */
-  next(): Promise<Frame | "overflow" | "closed">;
+  /**
+   * Every chunk queued so far (at least one, waiting for it); "overflow" when the queue
+   * overflowed; "closed" once closed.
+   */
+  take(): Promise<Chunk[] | "overflow" | "closed">;
   /** Resolves when the queue overflows. */
   readonly overflowed: Promise<"overflow">;
   /** Leaves the feed. */
@@ -134,7 +157,8 @@ export interface FeedSubscription {
 }
 
 class Sub implements FeedSubscription {
-  #queue: Frame[] = [];
+  #queue: Chunk[] = [];
+  #frames = 0;
   #bytes = 0;
   #overflow = false;
   #closed = false;
@@ -144,27 +168,34 @@ class Sub implements FeedSubscription {
   readonly overflowed: Promise<"overflow"> = new Promise((r) => {
     this.#signalOverflow = () => r("overflow");
   });
-  constructor(readonly match: (subject: string) => boolean, readonly leave: (s: Sub) => void) {}
-  push(f: Frame) {
+  constructor(readonly group: Group, readonly leave: (s: Sub) => void) {}
+  /** Queues a chunk and wakes the client. */
+  push(c: Chunk) {
     if (this.#closed || this.#overflow) return;
-    if (this.#queue.length >= SSE_QUEUE_FRAMES || this.#bytes + f.bytes.length > SSE_QUEUE_BYTES) {
+    if (
+      this.#frames + c.frames.length > SSE_QUEUE_FRAMES ||
+      this.#bytes + c.bytes.length > SSE_QUEUE_BYTES
+    ) {
       this.#overflow = true;
       this.#queue = [];
       this.#signalOverflow();
     } else {
-      this.#queue.push(f);
-      this.#bytes += f.bytes.length;
+      this.#queue.push(c);
+      this.#frames += c.frames.length;
+      this.#bytes += c.bytes.length;
     }
     this.#wake?.();
   }
-  async next(): Promise<Frame | "overflow" | "closed"> {
+  async take(): Promise<Chunk[] | "overflow" | "closed"> {
     while (true) {
       if (this.#closed) return "closed";
       if (this.#overflow) return "overflow";
-      const f = this.#queue.shift();
-      if (f) {
-        this.#bytes -= f.bytes.length;
-        return f;
+      if (this.#queue.length > 0) {
+        const chunks = this.#queue;
+        this.#queue = [];
+        this.#frames = 0;
+        this.#bytes = 0;
+        return chunks;
       }
       await new Promise<void>((r) => (this.#wake = r));
       this.#wake = undefined;
@@ -179,43 +210,86 @@ class Sub implements FeedSubscription {
   }
 }
 
+/** Clients with one selection: they share each flush's chunk. */
+interface Group {
+  key: string;
+  match: (subject: string) => boolean;
+  /** The one item the group follows, when it follows one: the feed indexes it. */
+  itemId?: string;
+  subs: Set<Sub>;
+}
+
 /**
  * The live feeds of one gateway: per stream, one ordered consumer from new messages on
  * (started with the first client, deleted after the last leaves), fanned out to clients.
+ *
+ * Frames are gathered for up to `flushMs`, then each group of clients with the same
+ * selection gets them as one chunk, encoded once and shared: with 2,000 clients and 250
+ * events a second that is one write per client per flush instead of one per event, and
+ * no copying per client, which is what keeps the gateway's event loop free for ingest.
+ * The cost is up to `flushMs` of delivery lag.
  */
 export class LiveFeeds {
   #feeds = new Map<string, Feed>();
-  constructor(readonly js: JetStreamClient, readonly log: Logger) {}
+  constructor(
+    readonly js: JetStreamClient,
+    readonly log: Logger,
+    readonly flushMs: number = SSE_FLUSH_MS,
+  ) {}
   /**
-   * Joins the live feed of `stream` (events on `filter`) with the frames `match` selects.
-   * Resolves once the feed's consumer is reading, so anything stored later reaches the
-   * subscription.
+   * Joins the live feed of `stream` (events on `filter`) with the frames `match` selects;
+   * clients passing the same `selection` key share chunks (and `itemId`, when given,
+   * indexes the group by item). Resolves once the feed's consumer is reading, so anything
+   * stored later reaches the subscription.
    */
   async join(
     stream: string,
     filter: string,
-    match: (subject: string) => boolean,
+    selection: { key: string; match: (subject: string) => boolean; itemId?: string },
   ): Promise<FeedSubscription> {
     const key = `${stream} ${filter}`;
     let feed = this.#feeds.get(key);
-    if (!feed) this.#feeds.set(key, feed = new Feed(this.js, stream, filter, this.log));
-    return await feed.join(match);
+    if (!feed) {
+      this.#feeds.set(key, feed = new Feed(this.js, stream, filter, this.log, this.flushMs));
+    }
+    return await feed.join(selection);
   }
 }
 
+/** Default of {@link LiveFeeds}' flush interval, ms (`WEFT_SSE_FLUSH_MS`). */
+export const SSE_FLUSH_MS = 100;
+
 class Feed {
-  #subs = new Set<Sub>();
+  /** Groups following every item (e.g. `/events?type=...`), matched per frame at flush. */
+  #wide = new Map<string, Group>();
+  /** Groups following one item each, found by the subject's last token. */
+  #byItem = new Map<string, Group>();
+  #size = 0;
+  /** Frames since the last flush. */
+  #pending: Frame[] = [];
+  #flushTimer?: ReturnType<typeof setTimeout>;
   #running?: Promise<{ stop(): Promise<void> }>;
   constructor(
     readonly js: JetStreamClient,
     readonly stream: string,
     readonly filter: string,
     readonly log: Logger,
+    readonly flushMs: number,
   ) {}
 
-  async join(match: (subject: string) => boolean): Promise<FeedSubscription> {
-    const sub = new Sub(match, (s) => this.#leave(s));
-    this.#subs.add(sub);
+  async join(
+    sel: { key: string; match: (subject: string) => boolean; itemId?: string },
+  ): Promise<FeedSubscription> {
+    const groups = sel.itemId === undefined ? this.#wide : this.#byItem;
+    const groupKey = sel.itemId ?? sel.key;
+    let group = groups.get(groupKey);
+    if (!group) {
+      groups.set(groupKey, group = { key: sel.key, match: sel.match, subs: new Set() });
+      if (sel.itemId !== undefined) group.itemId = sel.itemId;
+    }
+    const sub = new Sub(group, (s) => this.#leave(s));
+    group.subs.add(sub);
+    this.#size++;
     try {
       await (this.#running ??= this.#start());
     } catch (err) {
@@ -226,11 +300,52 @@ class Feed {
   }
 
   #leave(sub: Sub) {
-    this.#subs.delete(sub);
-    if (this.#subs.size > 0 || !this.#running) return;
+    const group = sub.group;
+    if (!group.subs.delete(sub)) return;
+    if (group.subs.size === 0) {
+      if (group.itemId !== undefined) this.#byItem.delete(group.itemId);
+      else this.#wide.delete(group.key);
+    }
+    this.#size--;
+    if (this.#size > 0 || !this.#running) return;
     const running = this.#running;
     this.#running = undefined;
+    clearTimeout(this.#flushTimer);
+    this.#flushTimer = undefined;
+    this.#pending = [];
     running.then((r) => r.stop(), () => {});
+  }
+
+  #deliver(frame: Frame) {
+    this.#pending.push(frame);
+    if (this.flushMs === 0) this.#flush();
+    else this.#flushTimer ??= setTimeout(() => this.#flush(), this.flushMs);
+  }
+
+  #flush() {
+    this.#flushTimer = undefined;
+    const frames = this.#pending;
+    this.#pending = [];
+    for (const group of this.#wide.values()) {
+      const mine = frames.filter((f) => group.match(f.subject));
+      if (mine.length === 0) continue;
+      const chunk = chunkOf(mine);
+      for (const sub of group.subs) sub.push(chunk);
+    }
+    if (this.#byItem.size === 0) return;
+    const perItem = new Map<string, Frame[]>();
+    for (const f of frames) {
+      const id = f.subject.slice(f.subject.lastIndexOf(".") + 1);
+      const group = this.#byItem.get(id);
+      if (!group || !group.match(f.subject)) continue;
+      const list = perItem.get(id);
+      if (list) list.push(f);
+      else perItem.set(id, [f]);
+    }
+    for (const [id, mine] of perItem) {
+      const chunk = chunkOf(mine);
+      for (const sub of this.#byItem.get(id)!.subs) sub.push(chunk);
+    }
   }
 
   async #start(): Promise<{ stop(): Promise<void> }> {
@@ -240,10 +355,7 @@ class Feed {
     });
     const messages = await consumer.consume({ max_messages: 256 });
     const loop = (async () => {
-      for await (const m of messages) {
-        const frame = frameOf(m);
-        for (const sub of this.#subs) if (sub.match(m.subject)) sub.push(frame);
-      }
+      for await (const m of messages) this.#deliver(frameOf(m));
     })().catch((err) => this.log.warn("live feed ended", { stream: this.stream, err }));
     return {
       stop: async () => {
@@ -311,14 +423,14 @@ export function streamEvents(
     let keepAlive: ReturnType<typeof setInterval> | undefined;
     let sub: FeedSubscription | undefined;
     let last = after ?? 0;
-    /** Writes one frame within the write timeout; false when the client is too slow. */
-    const send = async (f: Frame): Promise<boolean> => {
+    /** Writes `bytes` within the write timeout; false when the client is too slow. */
+    const write = async (bytes: Uint8Array, firstSeq: number): Promise<boolean> => {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const timedOut = new Promise<"timeout">((r) => {
         timer = setTimeout(() => r("timeout"), opts.config.sseWriteTimeoutMs);
       });
       const outcome = await Promise.race([
-        stream.write(f.bytes).then(() => "ok"),
+        stream.write(bytes).then(() => "ok"),
         timedOut,
         ...(sub ? [sub.overflowed] : []),
       ]);
@@ -326,13 +438,39 @@ export function streamEvents(
       if (outcome !== "ok") {
         opts.log.warn("sse client too slow: dropped", {
           filter: sel.filter,
-          seq: f.seq,
+          seq: firstSeq,
           ...(outcome === "overflow" ? { queue: "full" } : {}),
         });
         return false;
       }
+      return true;
+    };
+    /** Sends one frame (a replay). */
+    const send = async (f: Frame): Promise<boolean> => {
+      if (!(await write(f.bytes, f.seq))) return false;
       last = f.seq;
       return true;
+    };
+    /**
+     * Sends a live chunk: as it is (shared, no copy) when all of it is new and it ends no
+     * stream; otherwise the new frames up to the end. "end" when the stream should close.
+     */
+    const sendChunk = async (c: Chunk): Promise<"more" | "end"> => {
+      const lastSeq = c.frames[c.frames.length - 1]!.seq;
+      if (lastSeq <= last) return "more"; // the replay sent all of it
+      const end = sel.closeOnFinal ? c.frames.findIndex((f) => finalTypes.has(f.type)) : -1;
+      if (c.frames[0]!.seq > last && end < 0) {
+        if (!(await write(c.bytes, c.frames[0]!.seq))) return "end";
+        last = lastSeq;
+        return "more";
+      }
+      const frames = (end >= 0 ? c.frames.slice(0, end + 1) : c.frames).filter((f) => f.seq > last);
+      if (frames.length > 0) {
+        const part = chunkOf(frames);
+        if (!(await write(part.bytes, frames[0]!.seq))) return "end";
+        last = frames[frames.length - 1]!.seq;
+      }
+      return end >= 0 ? "end" : "more";
     };
     try {
       keepAlive = setInterval(() => {
@@ -368,7 +506,11 @@ export function streamEvents(
       sub = await opts.feeds.join(
         streamName,
         sel.filter.split(".").length === 3 ? `${sel.filter.split(".")[0]}.*.*` : sel.filter,
-        (subject) => subjectMatches(sel.filter, subject),
+        {
+          key: sel.filter,
+          match: (subject) => subjectMatches(sel.filter, subject),
+          ...(sel.itemId !== undefined ? { itemId: sel.itemId } : {}),
+        },
       );
       if (stream.aborted) return;
       if (history && await replay(last > 0 ? last + 1 : sel.from) === "end") return;
@@ -379,15 +521,13 @@ export function streamEvents(
         if (fin !== undefined && fin <= last) return;
       }
       while (!stream.aborted) {
-        const f = await sub.next();
-        if (f === "closed") return;
-        if (f === "overflow") {
+        const taken = await sub.take();
+        if (taken === "closed") return;
+        if (taken === "overflow") {
           opts.log.warn("sse client too slow: dropped", { filter: sel.filter, queue: "full" });
           return;
         }
-        if (f.seq <= last) continue; // already sent by the replay
-        if (!(await send(f))) return;
-        if (sel.closeOnFinal && finalTypes.has(f.type)) return;
+        for (const chunk of taken) if (await sendChunk(chunk) === "end") return;
       }
     } finally {
       clearInterval(keepAlive);
