@@ -14,7 +14,6 @@
  * @module
  */
 import type { Context } from "hono";
-import { streamSSE } from "hono/streaming";
 import {
   DeliverPolicy,
   JetStreamApiCodes,
@@ -402,6 +401,86 @@ async function latestFinalSeq(
   return latest;
 }
 
+/**
+ * An SSE response body written straight into a `ReadableStream` that Deno's server reads:
+ * a write is one enqueue, settled at once while the client keeps up (up to `bufferBytes`
+ * buffered), instead of Hono's `streamSSE`, whose every write crosses three streams and
+ * their promises (measured in the gateway's profile with 2,000 clients). Closing the
+ * connection cancels the body, which aborts the wire.
+ */
+export class SseWire {
+  aborted = false;
+  readonly body: ReadableStream<Uint8Array>;
+  #controller!: ReadableStreamDefaultController<Uint8Array>;
+  #onAbort: (() => void)[] = [];
+  #drained: (() => void)[] = [];
+  constructor(bufferBytes = 64 * 1024) {
+    this.body = new ReadableStream<Uint8Array>({
+      start: (c) => {
+        this.#controller = c;
+      },
+      pull: () => {
+        const waiting = this.#drained;
+        this.#drained = [];
+        for (const r of waiting) r();
+      },
+      cancel: () => this.abort(),
+    }, new ByteLengthQueuingStrategy({ highWaterMark: bufferBytes }));
+  }
+  /**
+   * Queues `data`: undefined when the client keeps up, else a promise settled once it has
+   * read enough (or the wire is aborted).
+   */
+  write(data: Uint8Array | string): Promise<void> | undefined {
+    if (this.aborted) return undefined;
+    try {
+      this.#controller.enqueue(typeof data === "string" ? encoder.encode(data) : data);
+    } catch {
+      this.abort();
+      return undefined;
+    }
+    if ((this.#controller.desiredSize ?? 0) > 0) return undefined;
+    return new Promise<void>((r) => this.#drained.push(r));
+  }
+  onAbort(fn: () => void) {
+    this.#onAbort.push(fn);
+  }
+  abort() {
+    if (this.aborted) return;
+    this.aborted = true;
+    for (const fn of this.#onAbort) fn();
+    for (const r of this.#drained) r();
+    this.#drained = [];
+  }
+  close() {
+    try {
+      this.#controller.close();
+    } catch { /* closed or cancelled already */ }
+  }
+}
+
+/** Runs `run` on an {@link SseWire} and answers with its body. */
+function sseResponse(
+  c: Context,
+  run: (wire: SseWire) => Promise<void>,
+  onError: (err: unknown, wire: SseWire) => void,
+): Response {
+  const wire = new SseWire();
+  (async () => {
+    try {
+      await run(wire);
+    } catch (err) {
+      onError(err, wire);
+    } finally {
+      wire.close();
+    }
+  })();
+  c.header("content-type", "text/event-stream");
+  c.header("cache-control", "no-cache");
+  c.header("connection", "keep-alive");
+  return c.newResponse(wire.body);
+}
+
 /** Streams events matching `sel` to the client as SSE. */
 export function streamEvents(
   c: Context,
@@ -419,18 +498,20 @@ export function streamEvents(
   const after = resumeAfter(c.req.header("Last-Event-ID"));
   const streamName = sel.stream ?? FEEDBACK_STREAM;
   const finalTypes = sel.finalTypes ?? FINAL_EVENT_TYPES;
-  return streamSSE(c, async (stream) => {
+  return sseResponse(c, async (stream) => {
     let keepAlive: ReturnType<typeof setInterval> | undefined;
     let sub: FeedSubscription | undefined;
     let last = after ?? 0;
     /** Writes `bytes` within the write timeout; false when the client is too slow. */
     const write = async (bytes: Uint8Array, firstSeq: number): Promise<boolean> => {
+      const pending = stream.write(bytes);
+      if (pending === undefined) return !stream.aborted; // taken at once: the usual case
       let timer: ReturnType<typeof setTimeout> | undefined;
       const timedOut = new Promise<"timeout">((r) => {
         timer = setTimeout(() => r("timeout"), opts.config.sseWriteTimeoutMs);
       });
       const outcome = await Promise.race([
-        stream.write(bytes).then(() => "ok"),
+        pending.then(() => "ok"),
         timedOut,
         ...(sub ? [sub.overflowed] : []),
       ]);
@@ -474,7 +555,7 @@ export function streamEvents(
     };
     try {
       keepAlive = setInterval(() => {
-        stream.write(": ping\n\n").catch(() => sub?.close());
+        stream.write(": ping\n\n");
       }, opts.config.sseKeepAliveMs);
       stream.onAbort(() => sub?.close());
       /** Sends the stored history from `startSeq` on; "end" when the stream should close. */
@@ -534,10 +615,9 @@ export function streamEvents(
       sub?.close();
       opts.clients.close(opts.key);
     }
-  }, async (err, stream) => {
+  }, (err, stream) => {
     opts.log.error("sse stream failed", { err });
-    await stream.writeSSE({ event: "error", data: JSON.stringify({ error: "stream failed" }) })
-      .catch(() => {});
+    stream.write(`event: error\ndata: ${JSON.stringify({ error: "stream failed" })}\n\n`);
   });
 }
 
