@@ -13,6 +13,7 @@
  */
 import { connect } from "@nats-io/transport-node";
 import { jetstream } from "@nats-io/jetstream";
+import { nkeyAuthenticator } from "@nats-io/nats-core";
 
 /**
  * Forwards every message of `consumer` to `next` until the connection closes.
@@ -28,8 +29,15 @@ export async function forward(
   consumer: string,
   next: string,
   perItem = false,
+  nkeySeedFile?: string,
 ): Promise<void> {
-  const nc = await connect({ servers: url, name: `bench-bare-${consumer}` });
+  // Authenticated like Weft's services when the server wants keys (as deno task start's does).
+  const seed = nkeySeedFile ? (await Deno.readTextFile(nkeySeedFile)).trim() : undefined;
+  const nc = await connect({
+    servers: url,
+    name: `bench-bare-${consumer}`,
+    ...(seed ? { authenticator: nkeyAuthenticator(new TextEncoder().encode(seed)) } : {}),
+  });
   const js = jetstream(nc);
   const c = await js.consumers.get(stream, consumer);
   const messages = await c.consume();
@@ -49,9 +57,11 @@ export async function forward(
 }
 
 if (import.meta.main) {
-  const [url, stream, consumer, next, subjects] = Deno.args;
-  if (!url || !stream || !consumer || !next || (subjects !== undefined && subjects !== "item")) {
-    throw new Error("usage: bare_stage.ts NATS_URL STREAM CONSUMER NEXT_SUBJECT [item]");
+  const [url, stream, consumer, next, subjects, nkey] = Deno.args;
+  if (!url || !stream || !consumer || !next || (subjects !== "item" && subjects !== "one")) {
+    throw new Error(
+      "usage: bare_stage.ts NATS_URL STREAM CONSUMER NEXT_SUBJECT item|one [NKEY_SEED_FILE]",
+    );
   }
-  await forward(url, stream, consumer, next, subjects === "item");
+  await forward(url, stream, consumer, next, subjects === "item", nkey);
 }

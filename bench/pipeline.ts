@@ -41,13 +41,16 @@ import {
 } from "@nats-io/jetstream";
 import { loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
-import { type NatsServer, startNatsServer } from "../src/nats_server.ts";
+import { freePort, type NatsServer, startNatsServer } from "../src/nats_server.ts";
 import { createIntake } from "../src/gateway/intake.ts";
-import { serviceArgs, SERVICES } from "../src/supervisor.ts";
+import { serviceArgs, SERVICES, writeAuthConfig } from "../src/supervisor.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "../src/subjects.ts";
 import { STATE_WRITER } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
 import type { FeedbackState } from "../src/events.gen.ts";
+
+/** Each NATS identity's seed file: the bench's server authenticates like deno task start's. */
+let seeds: Map<string, string> | undefined;
 
 const ROOT = new URL("..", import.meta.url).pathname;
 const BARE_STREAM = "BENCH";
@@ -497,12 +500,14 @@ async function startBare(
       "run",
       "--no-prompt",
       `--allow-net=127.0.0.1:${server.port}`,
+      ...(seeds ? [`--allow-read=${seeds.get("admin")}`] : []),
       "bench/bare_stage.ts",
       server.url,
       BARE_STREAM,
       `bare${s}`,
       next,
-      ...(perItem ? ["item"] : []),
+      perItem ? "item" : "one",
+      ...(seeds ? [seeds.get("admin")!] : []),
     ]));
   }
   // The id is a fixed-width prefix, so the final subscriber reads it without parsing JSON.
@@ -597,7 +602,16 @@ async function startWeft(
   await ensureTopology(nc, jsm, config);
   const services: Proc[] = [];
   for (const spec of SERVICES.filter((s) => WEFT_SERVICES.includes(s.name))) {
-    services.push(spawn(spec.name, serviceArgs(spec, config), { NATS_URL: server.url }));
+    // Each service as its own NATS identity, as under deno task start.
+    const seed = seeds?.get(spec.name);
+    services.push(spawn(
+      spec.name,
+      serviceArgs(spec, seed ? { ...config, natsNkey: seed } : config),
+      {
+        NATS_URL: server.url,
+        ...(seed ? { WEFT_NATS_NKEY: seed, WEFT_ENSURE_TOPOLOGY: "false" } : {}),
+      },
+    ));
   }
   await waitForConsumers(jsm, WEFT_SERVICES);
   const intake = await createIntake(nc);
@@ -688,12 +702,14 @@ async function main() {
   };
   let server: NatsServer | undefined;
   let nc: NatsConnection | undefined;
+  let natsDir: string | undefined;
   const closers: (() => Promise<void>)[] = [];
   const cleanup = async () => {
     for (const close of closers.splice(0)) await close().catch(() => {});
     await Promise.all([...procs].map((p) => stopProc(p, "SIGKILL")));
     await nc?.close().catch(() => {});
     await server?.[Symbol.asyncDispose]();
+    if (natsDir) await Deno.remove(natsDir, { recursive: true }).catch(() => {});
   };
   const onSignal = async () => {
     Deno.stderr.writeSync(encoder.encode("interrupted: stopping everything the bench started\n"));
@@ -703,8 +719,22 @@ async function main() {
   Deno.addSignalListener("SIGINT", onSignal);
   Deno.addSignalListener("SIGTERM", onSignal);
   try {
-    server = await startNatsServer();
-    nc = await connectNats(server.url, "weft-bench");
+    // The server authenticates as deno task start's does: one least-privilege key per
+    // service (the bench itself and the bare stages use the admin key).
+    natsDir = await Deno.makeTempDir({ prefix: "weft-bench-nats-" });
+    await Deno.writeTextFile(`${natsDir}/base.conf`, "max_payload: 1MB\n");
+    const auth = await writeAuthConfig(`${natsDir}/base.conf`, natsDir);
+    seeds = auth.seeds;
+    server = await startNatsServer({
+      configFile: auth.configFile,
+      port: freePort(),
+      storeDir: `${natsDir}/store`,
+      cwd: natsDir,
+    });
+    nc = await connectNats(server.url, "weft-bench", {
+      nkeySeedFile: seeds.get("admin"),
+      identity: "admin",
+    });
     print("config.items", o.items);
     print("config.window", o.window);
     print("config.rate_per_s", o.rate);
