@@ -54,7 +54,8 @@ export async function runService(
     Deno.exit(2);
   }
   const log = createLogger(`weft-${name}`, config.logLevel);
-  log.info("starting", { pid: Deno.pid, config: describeConfig(config) });
+  log.info("starting", { pid: Deno.pid });
+  log.debug("configuration", { config: describeConfig(config) });
   const nc = await connectNats(config.natsUrl, `weft-${name}`, {
     nkeySeedFile: config.natsNkey || undefined,
     identity: name,

@@ -8,6 +8,7 @@
  * @module
  */
 import { jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, describeConfig, ENV_PERMISSION, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { connectNats } from "./nats.ts";
@@ -367,9 +368,61 @@ export async function writeAuthConfig(
   return { configFile, seeds: new Map(identities.map((i) => [i.name, i.seedFile])) };
 }
 
+/** Whether the supervisor can check `host`'s port on loopback (its own --allow-net). */
+function isLoopbackOrAny(host: string): boolean {
+  return ["127.0.0.1", "localhost", "0.0.0.0", "::", "::1"].includes(host);
+}
+
+/**
+ * Waits until every service answers a `$SRV.PING` and the gateway's port accepts a
+ * connection, or `ms` pass. Returns what is still missing (empty: ready).
+ */
+async function waitReady(
+  nc: NatsConnection,
+  config: Config,
+  ms: number,
+  stopped: () => boolean,
+): Promise<string[]> {
+  const want = new Set(SERVICES.map((s) => `weft-${s.name}`));
+  const deadline = Date.now() + ms;
+  let missing = [...want];
+  while (Date.now() < deadline && !stopped()) {
+    const seen = new Set<string>();
+    try {
+      const answers = await nc.requestMany("$SRV.PING", undefined, { maxWait: 300 });
+      for await (const m of answers) {
+        const name = (m.json() as { name?: string }).name;
+        if (name) seen.add(name);
+      }
+    } catch { /* no responders yet */ }
+    let listening = !isLoopbackOrAny(config.host); // elsewhere: not ours to probe
+    if (!listening) {
+      try {
+        (await Deno.connect({ hostname: "127.0.0.1", port: config.port })).close();
+        listening = true;
+      } catch { /* not yet */ }
+    }
+    missing = [...want].filter((n) => !seen.has(n));
+    if (!listening) missing.push(`gateway port ${config.port}`);
+    if (missing.length === 0) return [];
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return missing;
+}
+
 /** Runs the mesh until SIGINT/SIGTERM. */
 export async function supervise(config: Config, log: Logger): Promise<void> {
   let nats: NatsServer | undefined;
+  // A gateway port another process holds would crash-loop the gateway: say so once, and
+  // start nothing.
+  if (isLoopbackOrAny(config.host) && !portFree(config.port)) {
+    log.error(
+      `port ${config.port} (the gateway's, PORT) is taken by another process: stop it, or set ` +
+        `PORT to a free port`,
+    );
+    Deno.exit(1);
+  }
+  const startedAt = performance.now();
   let env: Record<string, string> = {};
   /** Each identity's seed file, when the supervisor's own nats-server authenticates. */
   let seeds: Map<string, string> | undefined;
@@ -438,7 +491,6 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     Deno.exit(1);
   }
   await ensureTopology(nc, await jetstreamManager(nc), config);
-  await nc.close();
 
   let stopping = false;
   const running = new Map<string, Running>();
@@ -477,21 +529,53 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       if (!stopping) start(spec, n);
     });
   };
-  for (const spec of SERVICES) start(spec, 0);
-
-  log.info("weft is running", {
-    gateway: `${config.tlsCert ? "https" : "http"}://${config.host}:${config.port}`,
-    nats: config.natsUrl,
-    nats_monitoring: nats ? `http://127.0.0.1:${config.natsMonitorPort || 8222}` : undefined,
-    nats_cli: seeds ? `nats --server ${config.natsUrl} --nkey ${seeds.get("ops")}` : undefined,
-    services: SERVICES.map((s) => s.name),
-  });
-
-  await new Promise<void>((resolve) => {
-    const onSignal = () => resolve();
+  // Ctrl-C counts from here on, also while waiting for the services to be ready.
+  let signalled = false;
+  const stopRequested = new Promise<void>((resolve) => {
+    const onSignal = () => {
+      signalled = true;
+      resolve();
+    };
     Deno.addSignalListener("SIGINT", onSignal);
     Deno.addSignalListener("SIGTERM", onSignal);
   });
+  for (const spec of SERVICES) start(spec, 0);
+  log.info("starting services", { services: SERVICES.map((s) => s.name) });
+
+  // Ready means every service answers `nats micro` pings and the gateway accepts
+  // connections; only then say so, once, with where everything is.
+  const missing = await waitReady(nc, config, 60_000, () => signalled);
+  await nc.close();
+  const gateway = `${config.tlsCert ? "https" : "http"}://${config.host}:${config.port}`;
+  const summary = {
+    gateway,
+    dashboard: `${gateway}/dashboard`,
+    nats: config.natsUrl,
+    nats_monitoring: nats ? `http://127.0.0.1:${config.natsMonitorPort || 8222}` : undefined,
+    nats_cli: seeds
+      ? `nats context save weft --server ${config.natsUrl} --nkey ${seeds.get("ops")} --select`
+      : undefined,
+    services: SERVICES.length,
+    ready_in_ms: Math.round(performance.now() - startedAt),
+  };
+  // (Stopped before ready: nothing to announce.)
+  if (!signalled && missing.length > 0) {
+    log.warn("weft is running, but not every service is ready", { missing });
+  } else if (!signalled) log.info("weft is ready", summary);
+  if (!signalled && Deno.stdout.isTerminal() && missing.length === 0) {
+    const lines = [
+      `Weft is ready: ${SERVICES.length} services in ${(summary.ready_in_ms / 1000).toFixed(1)} s`,
+      `  gateway    ${gateway}   (dashboard: ${summary.dashboard})`,
+      `  nats       ${config.natsUrl}${
+        summary.nats_monitoring ? `   (monitoring: ${summary.nats_monitoring})` : ""
+      }`,
+      ...(summary.nats_cli ? [`  nats CLI   ${summary.nats_cli}`] : []),
+      `  stop       Ctrl-C`,
+    ];
+    Deno.stdout.writeSync(new TextEncoder().encode(lines.join("\n") + "\n"));
+  }
+
+  await stopRequested;
   stopping = true;
   log.info("stopping: draining services");
   await Promise.all([...running.values()].map(async ({ spec, child }) => {

@@ -280,18 +280,37 @@ export function bucketConfigs(
 /** Creates (or binds to) the KV buckets and the object store of uploads. */
 export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig): Promise<void> {
   const kvm = new Kvm(nc);
+  // Another process may create the same bucket at the same moment: its bucket is as good.
+  const orOpen = async (create: () => Promise<unknown>, open: () => Promise<unknown>) => {
+    try {
+      await create();
+    } catch (err) {
+      await open().catch(() => {
+        throw err;
+      });
+    }
+  };
   for (const { name, description, ttl } of bucketConfigs(config)) {
-    await kvm.create(name, {
-      history: 1,
-      description,
-      ...(ttl !== undefined ? { ttl } : {}),
-      storage: StorageType.File,
-    });
+    await orOpen(
+      () =>
+        kvm.create(name, {
+          history: 1,
+          description,
+          ...(ttl !== undefined ? { ttl } : {}),
+          storage: StorageType.File,
+        }),
+      () => kvm.open(name),
+    );
   }
-  await new Objm(nc).create(CONTENT_OBJECT_BUCKET, {
-    description: "Weft: binary content uploads",
-    storage: StorageType.File,
-  });
+  const objm = new Objm(nc);
+  await orOpen(
+    () =>
+      objm.create(CONTENT_OBJECT_BUCKET, {
+        description: "Weft: binary content uploads",
+        storage: StorageType.File,
+      }),
+    () => objm.open(CONTENT_OBJECT_BUCKET),
+  );
 }
 
 /** Ensures the streams and buckets exist (consumers are ensured by their stages). */

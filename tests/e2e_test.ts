@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { connectNats } from "../src/nats.ts";
-import { startNatsServer } from "../src/nats_server.ts";
+import { freePort, portFree, startNatsServer } from "../src/nats_server.ts";
 import type { FeedbackState } from "../src/events.gen.ts";
 import { startMesh, taskArgs } from "./helpers/mesh.ts";
 import { readSse } from "./helpers/sse.ts";
@@ -226,4 +226,39 @@ Deno.test("with a nats-server older than the minimum on the PATH, deno task star
   assert.equal(out.code, 1);
   assert.match(text, /nats-server 2\.8\.4 is older than 2\.9\.0/);
   assert.match(text, /go install github\.com\/nats-io\/nats-server\/v2@v2\.15\.3/);
+});
+
+Deno.test("with the gateway's port taken, deno task start says which port and what to do, and starts nothing", async () => {
+  const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (held.addr as Deno.NetAddr).port;
+  const natsPort = freePort();
+  try {
+    const out = await new Deno.Command("deno", {
+      args: await taskArgs("start"),
+      cwd: new URL("../", import.meta.url),
+      env: { PORT: String(port), WEFT_NATS_PORT: String(natsPort) },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const dec = new TextDecoder();
+    const text = dec.decode(out.stdout) + dec.decode(out.stderr);
+    assert.equal(out.code, 1);
+    assert.match(text, new RegExp(`port ${port} \\(the gateway's, PORT\\) is taken`));
+    assert.equal(text.trim().split("\n").length, 1, "one line, no stack trace");
+    assert.ok(portFree(natsPort), "no nats-server was started");
+  } finally {
+    held.close();
+  }
+});
+
+Deno.test("deno task start says it is ready once, after every service answers and the gateway listens", async () => {
+  await using mesh = await startMesh();
+  const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  assert.equal(ready.services, 12);
+  const at = (pred: (l: Record<string, unknown>) => boolean) => mesh.logs.findIndex(pred);
+  assert.ok(at((l) => l.msg === "gateway listening") < at((l) => l.msg === "weft is ready"));
+  assert.equal(mesh.logs.filter((l) => l.msg === "weft is ready").length, 1);
+  assert.match(String(ready.nats_cli), /nats context save weft .*--nkey .*ops\.nk/);
+  // The configuration is a debug detail, not a wall of JSON on the first screen.
+  assert.ok(!mesh.logs.some((l) => "config" in l), "no configuration printed at info");
 });

@@ -11,7 +11,12 @@ import { loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
 import { startNatsServer } from "../src/nats_server.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
-import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET } from "../src/subjects.ts";
+import {
+  CALLER_SCHEDULABLE_SUBJECTS,
+  SCHEDULE_BUCKET,
+  SCHEDULE_LEASE_BUCKET,
+  subjectAllowed,
+} from "../src/subjects.ts";
 import { leaseKey, runScheduler } from "../src/scheduler/scheduler.ts";
 import { createLogger } from "../src/log.ts";
 import { ensureTopology } from "../src/topology.ts";
@@ -257,5 +262,16 @@ Deno.test("a schedule on a subject callers may not schedule is refused with 422 
     await assert.rejects(t.jsm.streams.info("EVIL"));
   } finally {
     requests.stop();
+  }
+});
+
+Deno.test("every schedule in the docs' examples targets a subject callers may schedule", async () => {
+  for (const file of ["docs/MODERATION.md", "README.md", "docs/PIPELINES.md"]) {
+    const text = await Deno.readTextFile(new URL(`../${file}`, import.meta.url));
+    // A schedule example is a JSON body with "subject" next to "at" or "cron".
+    const bodies = [...text.matchAll(/\{[^{}\n]*"subject":"([^"]+)"[^\n]*"(?:at|cron)"/g)];
+    for (const [, subject] of bodies) {
+      assert.ok(subjectAllowed(CALLER_SCHEDULABLE_SUBJECTS, subject!), `${file}: ${subject}`);
+    }
   }
 });
