@@ -24,7 +24,11 @@ if (import.meta.main) {
       log,
     });
     const limiter = createIngestLimiter(config.ingestLimits);
-    const intake = await createIntake(nc, "weft-gateway", { capacity, limiter });
+    const intake = await createIntake(nc, "weft-gateway", {
+      capacity,
+      limiter,
+      onAccepted: (n) => metrics.accepted.inc({ pipeline: "feedback" }, n),
+    });
     const auth = createAuth(config.apiKeys);
     if (!auth.enabled) {
       log.warn("authentication is OFF: no WEFT_API_KEYS configured; every caller is admin");

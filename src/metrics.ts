@@ -85,6 +85,8 @@ export class WeftMetrics {
   readonly handlerSeconds: client.Histogram<"stage">;
   /** From an item's first event to its final one. */
   readonly endToEndSeconds: client.Histogram<"outcome">;
+  /** New items the gateway's intake accepted (HTTP and NATS requests). */
+  readonly accepted: client.Counter<"pipeline">;
 
   constructor() {
     const registers = [this.registry];
@@ -129,6 +131,12 @@ export class WeftMetrics {
       help: "Time a stage's handler took per message, seconds",
       labelNames: ["stage"],
       buckets: [...HANDLER_BUCKETS],
+      registers,
+    });
+    this.accepted = new client.Counter({
+      name: "weft_items_accepted_total",
+      help: "New items the gateway accepted at intake (HTTP and NATS requests), by pipeline",
+      labelNames: ["pipeline"],
       registers,
     });
     this.endToEndSeconds = new client.Histogram({

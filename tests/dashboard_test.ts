@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { startMesh } from "./helpers/service_mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { hashKey } from "../src/gateway/auth.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 
@@ -52,6 +53,10 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
     const errors: string[] = [];
     page.on("pageerror", (e) => errors.push(String(e)));
+    const notFound: string[] = [];
+    page.on("response", (r) => {
+      if (r.status() === 404) notFound.push(r.url());
+    });
     await page.goto(`${mesh.url}/dashboard`);
     await page.locator("#conn.live").waitFor({ timeout: 10_000 });
     const paint = await page.evaluate(() =>
@@ -72,6 +77,20 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
         .waitFor({ timeout: 10_000 });
     }
     await page.locator("#done").filter({ hasText: /^1$/ }).waitFor({ timeout: 10_000 });
+    // An HTTP submission counts on the ingest box too; end-to-end percentiles show.
+    await page.locator('[data-stage="ingest"] dd.processed').filter({ hasText: /^1$/ })
+      .waitFor({ timeout: 10_000 });
+    await page.locator("#e2e").filter({ hasText: / ms$/ }).waitFor({ timeout: 10_000 });
+
+    // The row shows the item's sentiment, topics and team; the filter hides what does not match.
+    const itemRow = page.locator(`tr[data-item="${id}"]`);
+    assert.notEqual((await itemRow.locator("td.team").textContent())?.trim(), "");
+    assert.notEqual((await itemRow.locator("td.sentiment").textContent())?.trim(), "");
+    await page.fill("#filter", "no-such-team-or-text");
+    await itemRow.waitFor({ state: "hidden", timeout: 5_000 });
+    await page.fill("#filter", (await itemRow.locator("td.team").textContent())!.slice(0, 6));
+    await itemRow.waitFor({ state: "visible", timeout: 5_000 });
+    await page.fill("#filter", "");
 
     // Its row opens the full history, ingested to processed.
     await page.click(`tr[data-item="${id}"]`);
@@ -86,6 +105,8 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
       "feedback.dispatched",
       "feedback.processed",
     ]);
+    // Each event reads as a sentence; the raw JSON is one click away.
+    assert.match((await page.locator("#history .ev .sum").allTextContents()).join("\n"), /team: /);
 
     // Panels whose routes this gateway lacks say so instead of failing.
     const dl = await page.locator("#dl").textContent();
@@ -149,12 +170,69 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
       "the dead letter to be redriven",
     );
     assert.equal(redriven.letter.item_id, "doomed1");
+    // The redriven item fails again: two letters, of which one waits for redrive.
+    await waitFor(
+      async () => {
+        const list = await (await fetch(`${mesh.url}/deadletters`)).json();
+        return list.items.filter((e: { letter: { item_id: string } }) =>
+              e.letter.item_id === "doomed1"
+            ).length === 2 || undefined;
+      },
+      20_000,
+      "the second dead letter",
+    );
+    await page.locator("#dlcount").filter({ hasText: /^1$/ }).waitFor({ timeout: 10_000 });
+    assert.deepEqual(notFound, [], "no request of the page was answered 404 (favicon included)");
 
     await Deno.mkdir(".artifacts", { recursive: true });
     const shot = `${Deno.cwd()}/.artifacts/dashboard.png`;
     await page.screenshot({ path: shot, fullPage: true });
     // deno-lint-ignore no-console
     console.log(`dashboard screenshot: ${shot} (first contentful paint ${paint.toFixed(0)} ms)`);
+  } finally {
+    await browser.close();
+  }
+});
+
+Deno.test("with API keys configured, the dashboard asks for one, then shows the live data and an item's history", async () => {
+  const chromium = await loadChromium();
+  const key = "dashboard-key-0123456789";
+  await using mesh = await startMesh({
+    env: { WEFT_API_KEYS: JSON.stringify([{ sha256: hashKey(key), role: "admin", name: "ops" }]) },
+  });
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+  });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+    const errors: string[] = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`${mesh.url}/dashboard`);
+    // Without a key: said plainly, not a blank page.
+    await page.locator("#conn", { hasText: "needs an API key" }).waitFor({ timeout: 10_000 });
+    await page.locator("#items tr.hint", { hasText: "Enter an API key" }).waitFor({
+      timeout: 10_000,
+    });
+    const res = await fetch(`${mesh.url}/feedback`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${key}` },
+      body: JSON.stringify({ text: "The export is broken again" }),
+    });
+    assert.equal(res.status, 202);
+    const { id } = await res.json();
+
+    await page.fill("#apikey", key);
+    await page.locator("#apikey").dispatchEvent("change");
+    await page.locator("#conn.live").waitFor({ timeout: 10_000 });
+    const row = page.locator(`tr[data-item="${id}"]`);
+    await row.locator("td.step", { hasText: "processed" }).waitFor({ timeout: 30_000 });
+    await row.click();
+    await page.locator("#history .ev", { hasText: "feedback.processed" }).waitFor({
+      timeout: 10_000,
+    });
+    assert.equal(await page.locator("#history .ev").count(), 5, "the whole history, with the key");
+    assert.deepEqual(errors, []);
   } finally {
     await browser.close();
   }

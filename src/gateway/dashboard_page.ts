@@ -22,6 +22,7 @@ export const DASHBOARD_HTML: string = `<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Weft dashboard</title>
+<link rel="icon" href="data:,">
 <style>
 :root { --bg:#0f1419; --panel:#171d24; --line:#2a3440; --text:#dde3ea; --dim:#8a96a3;
   --ok:#3fb950; --warn:#d29922; --bad:#f85149; --accent:#58a6ff; }
@@ -45,8 +46,10 @@ h2 { font-size:.95rem; margin:0 0 .6rem; color:var(--dim); text-transform:upperc
 .arrow { align-self:center; color:var(--dim); padding:0 .35rem; font-size:1.2rem; }
 table { width:100%; border-collapse:collapse; font-size:.82rem; table-layout:fixed; }
 th, td { text-align:left; padding:.3rem .4rem; border-bottom:1px solid var(--line); white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
-#items-table th:nth-child(1) { width:36%; } #items-table th:nth-child(2) { width:34%; }
-#items-table th:nth-child(3) { width:13%; } #items-table th:nth-child(4) { width:17%; }
+#items-table th:nth-child(1) { width:16%; } #items-table th:nth-child(2) { width:26%; }
+#items-table th:nth-child(3) { width:10%; } #items-table th:nth-child(4) { width:16%; }
+#items-table th:nth-child(5) { width:13%; } #items-table th:nth-child(6) { width:9%; }
+#items-table th:nth-child(7) { width:10%; }
 th { color:var(--dim); font-weight:normal; }
 tbody tr.item { cursor:pointer; } tbody tr.item:hover, tbody tr.sel { background:#223040; }
 .st-processed { color:var(--ok); } .st-failed { color:var(--bad); } .st-pending { color:var(--warn); }
@@ -58,13 +61,19 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 #history .ev { border-left:3px solid var(--accent); padding:.2rem .5rem; margin:.3rem 0; }
 #history pre { margin:.2rem 0 0; white-space:pre-wrap; color:var(--dim); }
 .muted { color:var(--dim); }
+#history .sum { color:var(--text); margin:.15rem 0 0; white-space:normal; }
+#history details summary { color:var(--dim); cursor:pointer; font-size:.75rem; }
+.filter { width:100%; margin:0 0 .5rem; }
+.charts { display:grid; grid-template-columns:repeat(3, 1fr); gap:1rem; }
+.chart h3 { margin:0 0 .2rem; font-size:.8rem; color:var(--dim); font-weight:normal; }
+.chart canvas { width:100%; height:90px; background:#0c1116; border:1px solid var(--line); border-radius:4px; }
 </style>
 </head>
 <body>
 <header>
   <h1>Weft</h1>
   <span id="conn" class="down">connecting</span>
-  <span class="kpi">end-to-end avg <b id="e2e">–</b></span>
+  <span class="kpi">end-to-end p50 / p99, last minute <b id="e2e">–</b></span>
   <span class="kpi">items done <b id="done">0</b></span>
   <span class="kpi">dead letters <b id="dlcount">0</b></span>
   <span class="kpi">SSE clients <b id="sse">0</b></span>
@@ -77,6 +86,14 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
     <div class="graph" id="graph"></div>
   </section>
   <section class="wide">
+    <h2>Last five minutes</h2>
+    <div class="charts">
+      <div class="chart"><h3>items done per second</h3><canvas id="chart-rate" width="400" height="90"></canvas></div>
+      <div class="chart"><h3>end-to-end p99 (ms)</h3><canvas id="chart-p99" width="400" height="90"></canvas></div>
+      <div class="chart"><h3>backlog (messages)</h3><canvas id="chart-backlog" width="400" height="90"></canvas></div>
+    </div>
+  </section>
+  <section class="wide">
     <h2>Content moderation pipeline</h2>
     <div class="graph" id="content-graph"></div>
   </section>
@@ -84,7 +101,8 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
     <h2>Recent items</h2>
     <form id="submit"><input type="text" id="text" name="text" placeholder="Submit feedback text" required>
       <button type="submit">Submit</button></form>
-    <table id="items-table"><thead><tr><th>Item</th><th>Text</th><th>Stage</th><th>Updated</th></tr></thead>
+    <input type="text" id="filter" class="filter" placeholder="Filter: item, text, sentiment, topic, team, stage" autocomplete="off">
+    <table id="items-table"><thead><tr><th>Item</th><th>Text</th><th>Sentiment</th><th>Topics</th><th>Team</th><th>Stage</th><th>Updated</th></tr></thead>
       <tbody id="items"></tbody></table>
   </section>
   <section>
@@ -181,18 +199,84 @@ function onMetrics(snap) {
   document.getElementById("sse").textContent = String(snap.sseClients);
   document.getElementById("dlcount").textContent = String(snap.deadLetters);
   document.getElementById("done").textContent = String(snap.endToEnd.count);
-  document.getElementById("e2e").textContent = snap.endToEnd.count > 0
-    ? fmt(snap.endToEnd.seconds / snap.endToEnd.count * 1000, 1) + " ms" : "–";
+  snaps.push({ t: t, count: snap.endToEnd.count, buckets: snap.endToEnd.buckets || [],
+    backlog: STAGES.reduce(function (n, name) { return n + ((snap.stages[name] || {}).pending || 0); }, 0) });
+  while (snaps.length > 0 && t - snaps[0].t > 300000) snaps.shift();
+  var minute = windowFrom(t - 60000);
+  var p50 = quantile(minute, 0.5), p99 = quantile(minute, 0.99);
+  document.getElementById("e2e").textContent = Number.isFinite(p50)
+    ? fmt(p50 * 1000, 0) + " / " + fmt(p99 * 1000, 0) + " ms" : "–";
+  drawCharts();
   prev = { t: t, snap: snap };
+}
+
+// Snapshots of the last five minutes: items done, end-to-end histogram, backlog.
+var snaps = [];
+/** The end-to-end histogram's counts since the snapshot at or after since (cumulative by bucket). */
+function windowFrom(since) {
+  var last = snaps[snaps.length - 1];
+  var first = snaps.find(function (h) { return h.t >= since; }) || snaps[0];
+  if (!last || !first) return [];
+  var base = new Map(first.buckets.map(function (b) { return [b[0], b[1]]; }));
+  return last.buckets.map(function (b) { return [b[0] === null ? Infinity : b[0], b[1] - (base.get(b[0]) || 0)]; });
+}
+/** The q-quantile (seconds) of a cumulative histogram, interpolated within its bucket. */
+function quantile(buckets, q) {
+  if (buckets.length === 0) return NaN;
+  var total = buckets[buckets.length - 1][1];
+  if (!(total > 0)) return NaN;
+  var rank = q * total, lower = 0, below = 0;
+  for (var i = 0; i < buckets.length; i++) {
+    var le = buckets[i][0], cum = buckets[i][1];
+    if (cum >= rank) {
+      if (!Number.isFinite(le)) return lower;
+      var inBucket = cum - below;
+      return inBucket > 0 ? lower + (le - lower) * (rank - below) / inBucket : le;
+    }
+    lower = le; below = cum;
+  }
+  return lower;
+}
+function drawChart(id, points) {
+  var c = document.getElementById(id);
+  var g = c.getContext("2d");
+  g.clearRect(0, 0, c.width, c.height);
+  if (points.length < 2) return;
+  var t0 = points[0][0], t1 = points[points.length - 1][0];
+  var max = Math.max.apply(null, points.map(function (p) { return p[1]; }).concat([1]));
+  g.strokeStyle = "#58a6ff"; g.lineWidth = 1.5; g.beginPath();
+  points.forEach(function (p, i) {
+    var x = (p[0] - t0) / Math.max(1, t1 - t0) * (c.width - 4) + 2;
+    var y = c.height - 4 - (p[1] / max) * (c.height - 16);
+    if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
+  });
+  g.stroke();
+  g.fillStyle = "#8a96a3"; g.font = "11px system-ui"; g.fillText(fmt(max, max < 10 ? 1 : 0), 4, 11);
+}
+function drawCharts() {
+  var rate = [], p99 = [], backlog = [];
+  for (var i = 1; i < snaps.length; i++) {
+    var a = snaps[i - 1], b = snaps[i];
+    rate.push([b.t, Math.max(0, (b.count - a.count) / Math.max(0.001, (b.t - a.t) / 1000))]);
+    var w = b.buckets.map(function (x, j) { return [x[0] === null ? Infinity : x[0], x[1] - ((a.buckets[j] || [0, 0])[1])]; });
+    var q = quantile(w, 0.99);
+    p99.push([b.t, Number.isFinite(q) ? q * 1000 : 0]);
+    backlog.push([b.t, b.backlog]);
+  }
+  drawChart("chart-rate", rate); drawChart("chart-p99", p99); drawChart("chart-backlog", backlog);
 }
 
 function onEvent(seq, ev) {
   if (!ev || typeof ev.item_id !== "string" || seen.has(ev.id)) return;
   seen.add(ev.id);
   var it = items.get(ev.item_id);
-  if (!it) { it = { id: ev.item_id, text: "", step: "ingested", time: ev.time, row: null }; items.set(ev.item_id, it); }
+  if (!it) { it = { id: ev.item_id, text: "", sentiment: "", topics: "", team: "", step: "ingested", time: ev.time, row: null }; items.set(ev.item_id, it); }
   var step = STEP[ev.type] || ev.type;
-  if (ev.data && typeof ev.data.text === "string" && !it.text) it.text = ev.data.text;
+  var d = ev.data || {};
+  if (typeof d.text === "string" && !it.text) it.text = d.text;
+  if (d.sentiment && d.sentiment.label) it.sentiment = d.sentiment.label;
+  if (d.topics && Array.isArray(d.topics.topics)) it.topics = d.topics.topics.join(", ");
+  if (d.routing && d.routing.team) it.team = d.routing.team;
   if ((RANK[step] || 0) >= (RANK[it.step] || 0)) it.step = step;
   if (!it.time || ev.time > it.time) it.time = ev.time;
   renderItem(it);
@@ -208,17 +292,44 @@ function renderItem(it) {
   row.textContent = "";
   row.appendChild(el("td", null, it.id));
   row.appendChild(el("td", { title: it.text }, it.text));
+  row.appendChild(el("td", { class: "sentiment" }, it.sentiment));
+  row.appendChild(el("td", { class: "topics", title: it.topics }, it.topics));
+  row.appendChild(el("td", { class: "team", title: it.team }, it.team));
   var cls = it.step === "processed" ? "st-processed" : it.step === "failed" ? "st-failed" : "st-pending";
   row.appendChild(el("td", { class: "step " + cls }, it.step));
   row.appendChild(el("td", null, (it.time || "").slice(11, 23)));
+  applyFilter(row, it);
+  var hint = tbody.querySelector("tr.hint"); if (hint) tbody.removeChild(hint);
   tbody.insertBefore(row, tbody.firstChild);
   while (tbody.children.length > 100) {
     var last = tbody.lastChild; items.delete(last.getAttribute("data-item")); tbody.removeChild(last);
   }
 }
 
+var filterInput = document.getElementById("filter");
+function applyFilter(row, it) {
+  var f = filterInput.value.trim().toLowerCase();
+  var hay = [it.id, it.text, it.sentiment, it.topics, it.team, it.step].join(" ").toLowerCase();
+  row.style.display = !f || hay.indexOf(f) >= 0 ? "" : "none";
+}
+filterInput.addEventListener("input", function () {
+  items.forEach(function (it) { if (it.row) applyFilter(it.row, it); });
+});
+
+/** One line saying what an event means, instead of its raw JSON. */
+function summary(ev) {
+  var d = ev.data || {};
+  switch (ev.type) {
+    case "feedback.ingested": return "text: " + (d.text || "") + (d.channel ? "  (via " + d.channel + ")" : "");
+    case "feedback.sentiment_analyzed": return d.sentiment ? "sentiment " + d.sentiment.label + (typeof d.sentiment.score === "number" ? " (" + d.sentiment.score.toFixed(2) + ")" : "") : "";
+    case "feedback.topics_extracted": return d.topics ? "topics: " + (d.topics.topics || []).join(", ") : "";
+    case "feedback.dispatched": case "feedback.processed": return d.routing ? "team: " + d.routing.team + (d.routing.reason ? " (" + d.routing.reason + ")" : "") : "";
+    case "feedback.failed": return "failed in " + (d.stage || "?") + ": " + (d.code || "") + " " + (d.reason || "");
+    default: return "";
+  }
+}
+
 function openHistory(id) {
-  if (historySource) historySource.close();
   selected = id;
   document.querySelectorAll("tr.sel").forEach(function (r) { r.classList.remove("sel"); });
   var row = document.querySelector('tr[data-item="' + CSS.escape(id) + '"]');
@@ -227,55 +338,45 @@ function openHistory(id) {
   var box = document.getElementById("history");
   box.textContent = "";
   box.classList.remove("muted");
-  var src = historySource = new EventSource("/feedback/" + encodeURIComponent(id) + "/events");
-  var types = Object.keys(STEP);
-  var show = function (msg) {
-    if (selected !== id) return;
-    var ev; try { ev = JSON.parse(msg.data); } catch (e) { return; }
+  if (historySource) historySource.abort();
+  var ctl = historySource = new AbortController();
+  readSse("/feedback/" + encodeURIComponent(id) + "/events", ctl.signal, function (frame) {
+    if (selected !== id || !STEP[frame.event]) return;
+    var ev; try { ev = JSON.parse(frame.data); } catch (e) { return; }
     var d = el("div", { class: "ev" });
     d.appendChild(el("b", null, ev.type));
-    d.appendChild(document.createTextNode("  " + ev.time + "  " + (ev.source || "") + "  seq " + msg.lastEventId));
-    d.appendChild(el("pre", null, JSON.stringify(ev.data, null, 1)));
+    d.appendChild(document.createTextNode("  " + ev.time + "  " + (ev.source || "") + "  seq " + frame.id));
+    var line = summary(ev);
+    if (line) d.appendChild(el("div", { class: "sum" }, line));
+    var raw = el("details"); raw.appendChild(el("summary", null, "raw event"));
+    raw.appendChild(el("pre", null, JSON.stringify(ev.data, null, 1)));
+    d.appendChild(raw);
     box.appendChild(d);
-    if (ev.type === "feedback.processed" || ev.type === "feedback.failed") src.close();
-  };
-  types.forEach(function (t) { src.addEventListener(t, show); });
-  src.onerror = function () { src.close(); };
+  }).then(function (status) {
+    if (status === 401 || status === 403) setOptional(box, "Enter an API key above to see the item's history.");
+  });
 }
 
-function connectMetrics() {
-  var conn = document.getElementById("conn");
-  var src = new EventSource("/dashboard/stream");
-  src.addEventListener("metrics", function (m) { onMetrics(JSON.parse(m.data)); });
-  src.onopen = function () { conn.textContent = "live"; conn.className = "live"; };
-  src.onerror = function () { conn.textContent = "reconnecting"; conn.className = "down"; };
-}
-
-// The live event feed, read with fetch so it can carry the API key (EventSource cannot send
-// headers); reconnects with Last-Event-ID after a drop.
-var lastSeq = "";
-function connectEvents() {
-  var headers = { accept: "text/event-stream" };
-  if (lastSeq) headers["last-event-id"] = lastSeq;
-  var buffer = "";
-  var frame = { id: "", event: "", data: "" };
-  api("/events", { headers: headers }).then(function (r) {
-    if (!r.ok || !r.body) throw r;
-    if (!lastSeq) loadRecent();
+/**
+ * Reads an SSE stream with fetch, so requests carry the API key (EventSource cannot send
+ * headers). Calls onFrame per frame; resolves with the HTTP status once the stream ends.
+ */
+function readSse(path, signal, onFrame, headers) {
+  var h = Object.assign({ accept: "text/event-stream" }, headers || {});
+  return api(path, { headers: h, signal: signal }).then(function (r) {
+    if (!r.ok || !r.body) return r.status;
     var reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    var buffer = "", frame = { id: "", event: "", data: "" };
     function pump() {
       return reader.read().then(function (chunk) {
-        if (chunk.done) throw new Error("closed");
+        if (chunk.done) return r.status;
         buffer += chunk.value;
         var nl;
         while ((nl = buffer.indexOf("\\n")) >= 0) {
           var line = buffer.slice(0, nl).replace(/\\r$/, "");
           buffer = buffer.slice(nl + 1);
           if (line === "") {
-            if (frame.data && STEP[frame.event]) {
-              lastSeq = frame.id;
-              try { onEvent(Number(frame.id), JSON.parse(frame.data)); } catch (e) { /* skip */ }
-            }
+            if (frame.data) onFrame(frame);
             frame = { id: "", event: "", data: "" };
           } else if (line.indexOf("data:") === 0) frame.data += line.slice(5).replace(/^ /, "");
           else if (line.indexOf("event:") === 0) frame.event = line.slice(6).trim();
@@ -285,12 +386,55 @@ function connectEvents() {
       });
     }
     return pump();
-  }).catch(function () { setTimeout(connectEvents, 2000); });
+  }).catch(function () { return 0; });
+}
+
+var metricsCtl = null, eventsCtl = null;
+function connectMetrics() {
+  var conn = document.getElementById("conn");
+  if (metricsCtl) metricsCtl.abort();
+  var ctl = metricsCtl = new AbortController();
+  readSse("/dashboard/stream", ctl.signal, function (frame) {
+    conn.textContent = "live"; conn.className = "live";
+    if (frame.event === "metrics") onMetrics(JSON.parse(frame.data));
+  }).then(function (status) {
+    if (ctl.signal.aborted) return;
+    if (status === 401 || status === 403) { conn.textContent = "needs an API key"; conn.className = "down"; return; }
+    conn.textContent = "reconnecting"; conn.className = "down";
+    setTimeout(connectMetrics, 2000);
+  });
+}
+
+// The live event feed; reconnects with Last-Event-ID after a drop.
+var lastSeq = "";
+function connectEvents() {
+  if (eventsCtl) eventsCtl.abort();
+  var ctl = eventsCtl = new AbortController();
+  var headers = lastSeq ? { "last-event-id": lastSeq } : {};
+  if (!lastSeq) loadRecent();
+  readSse("/events", ctl.signal, function (frame) {
+    if (!STEP[frame.event]) return;
+    lastSeq = frame.id;
+    try { onEvent(Number(frame.id), JSON.parse(frame.data)); } catch (e) { /* skip */ }
+  }, headers).then(function (status) {
+    if (ctl.signal.aborted || status === 401 || status === 403) return;
+    setTimeout(connectEvents, 2000);
+  });
 }
 
 function loadRecent() {
-  api("/dashboard/recent?limit=300").then(function (r) { return r.json(); }).then(function (body) {
-    body.events.forEach(function (e) { onEvent(e.seq, e.event); });
+  var tbody = document.getElementById("items");
+  api("/dashboard/recent?limit=300").then(function (r) {
+    if (r.status === 401 || r.status === 403) {
+      if (!tbody.querySelector("tr.hint")) {
+        var tr = el("tr", { class: "hint" }); tr.appendChild(el("td", { colspan: "7", class: "muted" }, "Enter an API key above to see recent items."));
+        tbody.appendChild(tr);
+      }
+      return null;
+    }
+    return r.json();
+  }).then(function (body) {
+    if (body) body.events.forEach(function (e) { onEvent(e.seq, e.event); });
   }).catch(function () {});
 }
 
@@ -303,6 +447,9 @@ keyInput.value = sessionStorage.getItem("weft.key") || "";
 reviewerInput.value = sessionStorage.getItem("weft.reviewer") || "";
 keyInput.addEventListener("change", function () {
   sessionStorage.setItem("weft.key", keyInput.value); loadDeadLetters(); loadReviews();
+  // The streams reconnect with the new key.
+  connectMetrics(); lastSeq = ""; connectEvents();
+  if (selected) openHistory(selected);
 });
 reviewerInput.addEventListener("change", function () { sessionStorage.setItem("weft.reviewer", reviewerInput.value); });
 function api(path, init) {

@@ -110,9 +110,11 @@ export async function createIntake(
     capacity?: CapacityGuard;
     /** Refuses callers over their ingest rate or quota (429). */
     limiter?: IngestLimiter;
+    /** Told how many new items were accepted (replays and repeats not counted). */
+    onAccepted?: (count: number) => void;
   } = {},
 ): Promise<Intake> {
-  const { capacity, limiter } = opts;
+  const { capacity, limiter, onAccepted } = opts;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
   const kvm = new Kvm(nc);
@@ -230,6 +232,7 @@ export async function createIntake(
       }
     }
     await publish(submission, id, trace);
+    onAccepted?.(1);
     return true;
   }
 

@@ -17,6 +17,7 @@ import {
 } from "../metrics.ts";
 import { usageOf } from "../capacity.ts";
 import { CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM, FEEDBACK_STREAM } from "../subjects.ts";
+import { REDRIVEN_PREFIX } from "../redrive.ts";
 
 /** The streams whose limits /metrics reports. */
 const WORK_STREAMS = [FEEDBACK_STREAM, CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM];
@@ -104,12 +105,13 @@ export async function meshMetrics(
   local: WeftMetrics,
   opts: GatherOptions = {},
 ): Promise<client.Registry> {
-  const [remote, backlogs, streams] = await Promise.all([
+  const [remote, backlogs, streams, redriven] = await Promise.all([
     gatherServiceMetrics(nc, opts),
     consumerBacklogs(jsm),
     Promise.all(
       WORK_STREAMS.map((name) => jsm.streams.info(name).catch(() => undefined)),
     ),
+    redrivenCounts(jsm),
   ]);
   const deadLetters = streams.find((i) => i?.config.name === DEADLETTER_STREAM)?.state.messages;
   const registry = aggregateMetrics([await local.json(), ...remote]);
@@ -141,9 +143,17 @@ export async function meshMetrics(
   if (deadLetters !== undefined) {
     new client.Gauge({
       name: "weft_deadletter_messages",
-      help: "Dead letters kept in the DEADLETTER stream",
+      help: "Messages in the DEADLETTER stream (letters and redrive markers)",
       registers,
     }).set(deadLetters);
+    if (redriven) {
+      // Each redrive leaves a marker `deadletter.redriven.<seq>`: a letter with one is done.
+      new client.Gauge({
+        name: "weft_deadletter_pending",
+        help: "Dead letters not yet redriven",
+        registers,
+      }).set(Math.max(0, deadLetters - redriven.markers - redriven.letters));
+    }
   }
   // Alert on these well before 1: intake refuses new items from WEFT_STREAM_HIGH_WATER
   // (0.9 by default), and a full stream refuses every publish.
@@ -165,6 +175,24 @@ export async function meshMetrics(
     registers,
   }).set(remote.length);
   return registry;
+}
+
+/**
+ * The redrive markers in DEADLETTER: how many there are and how many letters they cover
+ * (one subject per redriven letter); undefined when the stream cannot be read.
+ */
+async function redrivenCounts(
+  jsm: JetStreamManager,
+): Promise<{ markers: number; letters: number } | undefined> {
+  try {
+    const info = await jsm.streams.info(DEADLETTER_STREAM, {
+      subjects_filter: `${REDRIVEN_PREFIX}.*`,
+    });
+    const subjects = Object.values(info.state.subjects ?? {});
+    return { markers: subjects.reduce((a, b) => a + b, 0), letters: subjects.length };
+  } catch {
+    return undefined;
+  }
 }
 
 /** One stage's figures on the dashboard. */
@@ -197,10 +225,13 @@ export interface MeshSnapshot {
   stages: Record<string, StageFigures>;
   /** SSE clients connected. */
   sseClients: number;
-  /** Messages in the DEADLETTER stream. */
+  /** Dead letters waiting for redrive. */
   deadLetters: number;
-  /** Sum and count of end-to-end latencies. */
-  endToEnd: { seconds: number; count: number };
+  /**
+   * Sum and count of end-to-end latencies, and the histogram's cumulative bucket counts
+   * (upper bound in seconds, `Infinity` last), for percentiles over any recent window.
+   */
+  endToEnd: { seconds: number; count: number; buckets: [number, number][] };
 }
 
 /** Reduces the mesh's registry to per-stage figures. */
@@ -224,8 +255,10 @@ export async function meshSnapshot(registry: client.Registry): Promise<MeshSnaps
     stages,
     sseClients: 0,
     deadLetters: 0,
-    endToEnd: { seconds: 0, count: 0 },
+    endToEnd: { seconds: 0, count: 0, buckets: [] },
   };
+  const buckets = new Map<number, number>();
+  let pendingLetters: number | undefined;
   const simple: Record<string, keyof StageFigures> = {
     weft_stage_received_total: "received",
     weft_stage_processed_total: "processed",
@@ -250,12 +283,23 @@ export async function meshSnapshot(registry: client.Registry): Promise<MeshSnaps
         stageOf(labels.consumer).ackPending = v.value;
       } else if (metric.name === "weft_sse_clients") snapshot.sseClients += v.value;
       else if (metric.name === "weft_deadletter_messages") snapshot.deadLetters = v.value;
-      else if (metric.name === "weft_item_end_to_end_seconds") {
+      else if (metric.name === "weft_deadletter_pending") pendingLetters = v.value;
+      else if (metric.name === "weft_items_accepted_total") {
+        // Items the gateway accepted entered the pipeline as the ingest stage's do.
+        stageOf("ingest").received += v.value;
+        stageOf("ingest").processed += v.value;
+      } else if (metric.name === "weft_item_end_to_end_seconds") {
         const name = (v as { metricName?: string }).metricName;
         if (name?.endsWith("_sum")) snapshot.endToEnd.seconds += v.value;
         if (name?.endsWith("_count")) snapshot.endToEnd.count += v.value;
+        if (name?.endsWith("_bucket")) {
+          const le = labels.le === "+Inf" ? Infinity : Number(labels.le);
+          buckets.set(le, (buckets.get(le) ?? 0) + v.value);
+        }
       }
     }
   }
+  if (pendingLetters !== undefined) snapshot.deadLetters = pendingLetters;
+  snapshot.endToEnd.buckets = [...buckets].sort((a, b) => a[0] - b[0]);
   return snapshot;
 }

@@ -95,6 +95,8 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   });
 
   app.get("/dashboard", (c) => c.html(DASHBOARD_HTML));
+  // Browsers ask for it on every page: an empty answer, not a 404 in their console.
+  app.get("/favicon.ico", (c) => c.body(null, 204));
   app.get("/", (c) => c.redirect("/dashboard"));
 
   app.get("/dashboard/stream", (c) => {
