@@ -5,9 +5,13 @@
  * @module
  */
 import { CONTENT_STATE_SPEC } from "../src/content_state.ts";
-import { runService } from "../src/service.ts";
+import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 
-if (import.meta.main) {
-  await runService("content-state", (ctx) => runStateWriter({ ...ctx, spec: CONTENT_STATE_SPEC }));
-}
+/** The content-state service. */
+export const service: ServiceDef = defineService(
+  "content-state",
+  (ctx) => runStateWriter({ ...ctx, spec: CONTENT_STATE_SPEC }),
+);
+
+if (import.meta.main) await runService(service);

@@ -5,12 +5,13 @@
  * @module
  */
 import { loadRules } from "../src/rules.ts";
-import { runStageService } from "../src/service.ts";
+import { runService, type ServiceDef, stageService } from "../src/service.ts";
 import { dispatchStage } from "../src/stages/feedback.ts";
 
-if (import.meta.main) {
-  await runStageService(
-    "dispatch",
-    async ({ config }) => dispatchStage((await loadRules(config.rulesPath)).route),
-  );
-}
+/** The dispatch service. */
+export const service: ServiceDef = stageService(
+  "dispatch",
+  async ({ config }) => dispatchStage((await loadRules(config.rulesPath)).route),
+);
+
+if (import.meta.main) await runService(service);

@@ -14,10 +14,12 @@ import { createAuth } from "../src/gateway/auth.ts";
 import { serveModerationRequests } from "../src/gateway/moderation_requests.ts";
 import { createModerationApi } from "../src/moderation/api.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
-import { runService } from "../src/service.ts";
+import { defineService, runService, type ServiceDef } from "../src/service.ts";
 
-if (import.meta.main) {
-  await runService("gateway", async ({ nc, config, log, metrics }) => {
+/** The gateway service. */
+export const service: ServiceDef = defineService(
+  "gateway",
+  async ({ nc, config, log, metrics }) => {
     const capacity = createCapacityGuard(await jetstreamManager(nc), {
       highWater: config.streamHighWater,
       alertAt: config.streamAlertAt,
@@ -69,8 +71,11 @@ if (import.meta.main) {
         await server.shutdown();
       },
     };
-  }, {
+  },
+  {
     description: "Weft HTTP gateway: intake, state, SSE, /metrics, dashboard",
     answersMetrics: false,
-  });
-}
+  },
+);
+
+if (import.meta.main) await runService(service);

@@ -4,7 +4,10 @@
  *
  * @module
  */
-import { runStageService } from "../src/service.ts";
+import { runService, type ServiceDef, stageService } from "../src/service.ts";
 import { ingestStage } from "../src/stages/feedback.ts";
 
-if (import.meta.main) await runStageService("ingest", () => ingestStage());
+/** The ingest service. */
+export const service: ServiceDef = stageService("ingest", () => ingestStage());
+
+if (import.meta.main) await runService(service);

@@ -7,13 +7,14 @@
  */
 import { moderationAnalyzer } from "../src/configured_analyzers.ts";
 import { registerLlmMetrics } from "../src/metrics.ts";
-import { runStageService } from "../src/service.ts";
+import { runService, type ServiceDef, stageService } from "../src/service.ts";
 import { moderationStage } from "../src/stages/content.ts";
 
-if (import.meta.main) {
-  await runStageService("moderation", async ({ config, metrics }) => {
-    const { toxicity, llmStats } = await moderationAnalyzer(config);
-    if (llmStats) registerLlmMetrics(metrics.registry, llmStats, "moderation");
-    return moderationStage(toxicity);
-  });
-}
+/** The moderation service. */
+export const service: ServiceDef = stageService("moderation", async ({ config, metrics }) => {
+  const { toxicity, llmStats } = await moderationAnalyzer(config);
+  if (llmStats) registerLlmMetrics(metrics.registry, llmStats, "moderation");
+  return moderationStage(toxicity);
+});
+
+if (import.meta.main) await runService(service);

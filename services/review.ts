@@ -9,18 +9,19 @@ import { Kvm } from "@nats-io/kv";
 import { createReviewQueue } from "../src/moderation/review_queue.ts";
 import { runStage } from "../src/runner.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
-import { combineRunnables, runService } from "../src/service.ts";
+import { combineRunnables, defineService, runService, type ServiceDef } from "../src/service.ts";
 import { reviewQueueStage, reviewSlaStage } from "../src/stages/content.ts";
 import { REVIEW_BUCKET, SCHEDULE_BUCKET } from "../src/subjects.ts";
 
-if (import.meta.main) {
-  await runService("review", async (ctx) => {
-    const kvm = new Kvm(ctx.nc);
-    const queue = createReviewQueue(await kvm.open(REVIEW_BUCKET), ctx.config);
-    const schedules = createScheduleStore(await kvm.open(SCHEDULE_BUCKET));
-    return combineRunnables([
-      await runStage({ ...ctx, stage: reviewQueueStage(queue, schedules, ctx.config) }),
-      await runStage({ ...ctx, stage: reviewSlaStage(queue, schedules, ctx.config) }),
-    ]);
-  });
-}
+/** The review service. */
+export const service: ServiceDef = defineService("review", async (ctx) => {
+  const kvm = new Kvm(ctx.nc);
+  const queue = createReviewQueue(await kvm.open(REVIEW_BUCKET), ctx.config);
+  const schedules = createScheduleStore(await kvm.open(SCHEDULE_BUCKET));
+  return combineRunnables([
+    await runStage({ ...ctx, stage: reviewQueueStage(queue, schedules, ctx.config) }),
+    await runStage({ ...ctx, stage: reviewSlaStage(queue, schedules, ctx.config) }),
+  ]);
+});
+
+if (import.meta.main) await runService(service);

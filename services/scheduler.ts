@@ -5,11 +5,12 @@
  * @module
  */
 import { runScheduler } from "../src/scheduler/scheduler.ts";
-import { runService } from "../src/service.ts";
+import { defineService, runService, type ServiceDef } from "../src/service.ts";
 
-if (import.meta.main) {
-  await runService(
-    "scheduler",
-    (ctx) => runScheduler({ ...ctx, replica: `scheduler-${Deno.pid}` }),
-  );
-}
+/** The scheduler service. */
+export const service: ServiceDef = defineService(
+  "scheduler",
+  (ctx) => runScheduler({ ...ctx, replica: `scheduler-${Deno.pid}` }),
+);
+
+if (import.meta.main) await runService(service);

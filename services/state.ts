@@ -4,7 +4,10 @@
  *
  * @module
  */
-import { runService } from "../src/service.ts";
+import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 
-if (import.meta.main) await runService("state", (ctx) => runStateWriter(ctx));
+/** The state service. */
+export const service: ServiceDef = defineService("state", (ctx) => runStateWriter(ctx));
+
+if (import.meta.main) await runService(service);

@@ -6,13 +6,14 @@
  * @module
  */
 import { runStage } from "../src/runner.ts";
-import { combineRunnables, runService } from "../src/service.ts";
+import { combineRunnables, defineService, runService, type ServiceDef } from "../src/service.ts";
 import { storageDecidedStage, storageModeratedStage } from "../src/stages/content.ts";
 
-if (import.meta.main) {
-  await runService("storage", async (ctx) =>
-    combineRunnables([
-      await runStage({ ...ctx, stage: storageModeratedStage() }),
-      await runStage({ ...ctx, stage: storageDecidedStage() }),
-    ]));
-}
+/** The storage service. */
+export const service: ServiceDef = defineService("storage", async (ctx) =>
+  combineRunnables([
+    await runStage({ ...ctx, stage: storageModeratedStage() }),
+    await runStage({ ...ctx, stage: storageDecidedStage() }),
+  ]));
+
+if (import.meta.main) await runService(service);

@@ -111,6 +111,17 @@ export interface Config {
   /** Path of the nkey seed file this process authenticates to NATS with. `WEFT_NATS_NKEY`. */
   natsNkey: string;
   /**
+   * A directory of seed files `<service>.nk`: each service of a process running several
+   * (`--together`) connects with its own. `WEFT_NATS_IDENTITY_DIR`.
+   */
+  natsIdentityDir: string;
+  /**
+   * Supervisor: run services together in one process. `all` (or a bare `--together`), or a
+   * comma-separated list of service names (the others run alone); empty: one process per
+   * service. `WEFT_TOGETHER`.
+   */
+  together: string;
+  /**
    * Whether a service creates missing streams and buckets at start. The supervisor turns
    * it off for its services, whose identities may not: it made them itself.
    * `WEFT_ENSURE_TOPOLOGY`.
@@ -309,6 +320,18 @@ const SETTINGS: Setting<any>[] = [
     parse: (raw: string) => (raw === "nkeys" || raw === "off" ? raw : undefined),
   },
   { key: "natsNkey", env: "WEFT_NATS_NKEY", default: "", parse: str },
+  { key: "natsIdentityDir", env: "WEFT_NATS_IDENTITY_DIR", default: "", parse: str },
+  {
+    key: "together",
+    env: "WEFT_TOGETHER",
+    flag: "together",
+    default: "",
+    parse: (raw: string) => {
+      const v = raw.trim();
+      if (v === "true" || v === "all") return "all";
+      return /^[a-z-]+(,[a-z-]+)*$/.test(v) ? v : undefined;
+    },
+  },
   { key: "ensureTopology", env: "WEFT_ENSURE_TOPOLOGY", default: true, parse: bool },
   { key: "natsCa", env: "WEFT_NATS_CA", default: "", parse: str },
   { key: "apiKeys", env: "WEFT_API_KEYS", default: [], parse: parseApiKeys, secret: true },
@@ -394,7 +417,8 @@ export function loadConfig(source: ConfigSource = {}): Config {
   const problems: string[] = [];
   for (const s of SETTINGS) {
     const fromFlag = s.flag ? values[s.flag] : undefined;
-    const raw = typeof fromFlag === "string" ? fromFlag : env(s.env);
+    // A bare `--flag` (no value) means "true".
+    const raw = typeof fromFlag === "string" ? fromFlag : fromFlag === true ? "true" : env(s.env);
     if (raw === undefined || raw === "") {
       config[s.key] = s.default;
       continue;

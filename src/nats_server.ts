@@ -216,20 +216,23 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
     })().catch(() => {});
     const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
+    /** The log's last lines: why it stopped, when it stops before it is ready. */
+    const tail: string[] = [];
     const ready = (async () => {
       while (true) {
         const { value, done } = await lines.read();
         if (done) {
           await exited;
-          throw new Error(
-            `nats-server exited before it was ready: ${(stdout + buffer).trim().slice(-2000)}`,
-          );
+          const why = [stdout, ...tail, buffer].join("\n").trim().slice(-2000);
+          throw new Error(`nats-server exited before it was ready: ${why || "(no output)"}`);
         }
         buffer += value;
         let nl: number;
         while ((nl = buffer.indexOf("\n")) >= 0) {
           const line = buffer.slice(0, nl);
           buffer = buffer.slice(nl + 1);
+          tail.push(line);
+          if (tail.length > 5) tail.shift();
           opts.onLog?.(line);
           const m = line.match(/Listening for client connections on [^\s]*:(\d+)/);
           if (m) actualPort = Number(m[1]);

@@ -33,32 +33,64 @@ export interface ServiceContext {
   metrics: WeftMetrics;
 }
 
+/** A service: its name and how it starts from a {@link ServiceContext}. */
+export interface ServiceDef {
+  /** Short name (`sentiment`): its log name, NATS identity and `nats micro` name `weft-<name>`. */
+  name: string;
+  /** Builds what the service runs. */
+  start(ctx: ServiceContext): Promise<Runnable>;
+  /** Shown by `nats micro info`. */
+  description?: string;
+  /** Whether it answers the mesh's `weft.metrics` requests (the gateway gathers instead). */
+  answersMetrics?: boolean;
+}
+
 /**
- * Runs a service process: `start` builds what it runs from the context.
+ * A service definition (see {@link runService}, {@link runTogether}).
  *
  * @example
  * ```ts ignore
- * await runService("sentiment", async ({ nc, config, log }) => runStage({ nc, config, log, stage }));
+ * export const service = defineService("digest", async (ctx) => runStage({ ...ctx, stage }));
+ * if (import.meta.main) await runService(service);
  * ```
  */
-export async function runService(
+export function defineService(
   name: string,
   start: (ctx: ServiceContext) => Promise<Runnable>,
   opts: { description?: string; answersMetrics?: boolean } = {},
-): Promise<void> {
-  let config: Config;
-  try {
-    config = loadConfig();
-  } catch (err) {
-    createLogger(`weft-${name}`).error("configuration refused", { err });
-    Deno.exit(2);
-  }
-  const log = createLogger(`weft-${name}`, config.logLevel);
+): ServiceDef {
+  return { name, start, ...opts };
+}
+
+/** A service that runs one stage. */
+export function stageService<I extends StageInput>(
+  name: string,
+  makeStage: (ctx: ServiceContext) => Promise<Stage<I>> | Stage<I>,
+): ServiceDef {
+  return defineService(name, async (ctx) => {
+    const stage = await makeStage(ctx);
+    return runStage({ ...ctx, stage });
+  }, { description: `Weft pipeline stage ${name}` });
+}
+
+/** A started service: stop it, or learn when it ended. */
+interface OpenService {
+  readonly log: Logger;
+  readonly done: Promise<void>;
+  readonly stopping: boolean;
+  stop(): Promise<void>;
+}
+
+/** Connects `def` to NATS as its own identity and starts it; no signals, no exit. */
+async function openService(def: ServiceDef, config: Config): Promise<OpenService> {
+  const log = createLogger(`weft-${def.name}`, config.logLevel);
   log.info("starting", { pid: Deno.pid });
   log.debug("configuration", { config: describeConfig(config) });
-  const nc = await connectNats(config.natsUrl, `weft-${name}`, {
-    nkeySeedFile: config.natsNkey || undefined,
-    identity: name,
+  const nkey = config.natsNkey ||
+    (config.natsIdentityDir ? `${config.natsIdentityDir}/${def.name}.nk` : "");
+  const nc = await connectNats(config.natsUrl, `weft-${def.name}`, {
+    nkeySeedFile: nkey || undefined,
+    identity: def.name,
     caFile: config.natsCa || undefined,
   });
   (async () => {
@@ -70,24 +102,60 @@ export async function runService(
   // create streams or buckets anyway.
   if (config.ensureTopology) await ensureTopology(nc, await jetstreamManager(nc), config);
   const metrics = new WeftMetrics();
-  const running = await start({ config, log, nc, metrics });
+  const running = await def.start({ config, log, nc, metrics });
   const micro = await registerMicroService({
     nc,
-    name,
-    description: opts.description ?? `Weft ${name} service`,
+    name: def.name,
+    description: def.description ?? `Weft ${def.name} service`,
     metrics,
-    answersMetrics: opts.answersMetrics ?? true,
+    answersMetrics: def.answersMetrics ?? true,
     status: () => ({ ...running.stats }),
     log,
   });
   let stopping = false;
+  return {
+    log,
+    done: running.done,
+    get stopping() {
+      return stopping;
+    },
+    async stop() {
+      if (stopping) return;
+      stopping = true;
+      log.info("stopping");
+      await micro.stop().catch(() => {});
+      await running.stop();
+      await nc.drain().catch(() => {});
+    },
+  };
+}
+
+function configOrExit(name: string): Config {
+  try {
+    return loadConfig();
+  } catch (err) {
+    createLogger(`weft-${name}`).error("configuration refused", { err });
+    Deno.exit(2);
+  }
+}
+
+/**
+ * Runs services in this process until SIGTERM/SIGINT (or, with `WEFT_PARENT_WATCH=stdin`,
+ * until the supervisor holding stdin dies): then each stops taking work, finishes what is
+ * in flight within the drain deadline and closes its connection. One that ends on its own
+ * takes the process down (exit 1), for its supervisor to restart it whole.
+ */
+async function runServices(defs: ServiceDef[], name: string): Promise<void> {
+  const config = configOrExit(name);
+  const open: OpenService[] = [];
+  for (const def of defs) open.push(await openService(def, config));
+  const log = open.length === 1 ? open[0]!.log : createLogger(`weft-${name}`, config.logLevel);
+  if (open.length > 1) log.info("services together", { services: defs.map((d) => d.name) });
+  let stopping = false;
   const stop = async () => {
     if (stopping) return;
     stopping = true;
-    log.info("stopping");
-    await micro.stop().catch(() => {});
-    await running.stop();
-    await nc.drain().catch(() => {});
+    await Promise.all(open.map((s) => s.stop()));
     Deno.exit(0);
   };
   Deno.addSignalListener("SIGTERM", stop);
@@ -101,23 +169,34 @@ export async function runService(
       await stop();
     })().catch(() => stop());
   }
-  await running.done;
+  const ended = await Promise.race(open.map((s, i) => s.done.then(() => i)));
   if (!stopping) {
-    log.error("stopped unexpectedly");
-    await nc.close().catch(() => {});
+    open[ended]!.log.error("stopped unexpectedly");
+    stopping = true;
+    await Promise.all(open.map((s) => s.stop().catch(() => {})));
     Deno.exit(1);
   }
 }
 
-/** Runs a stage as a service. */
-export function runStageService<I extends StageInput>(
-  name: string,
-  makeStage: (ctx: ServiceContext) => Promise<Stage<I>> | Stage<I>,
-): Promise<void> {
-  return runService(name, async (ctx) => {
-    const stage = await makeStage(ctx);
-    return runStage({ ...ctx, stage });
-  }, { description: `Weft pipeline stage ${name}` });
+/**
+ * Runs a service as its own process (what every `services/*.ts` does).
+ *
+ * @example
+ * ```ts ignore
+ * await runService(stageService("sentiment", () => sentimentStage(analyzer)));
+ * ```
+ */
+export function runService(def: ServiceDef): Promise<void> {
+  return runServices([def], def.name);
+}
+
+/**
+ * Runs several services in one process (`deno task start --together`): the same
+ * runner, consumers, acks, retries and state as apart, each with its own NATS connection
+ * and identity; a fraction of the memory.
+ */
+export function runTogether(defs: ServiceDef[]): Promise<void> {
+  return runServices(defs, "together");
 }
 
 /**

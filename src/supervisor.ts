@@ -11,6 +11,7 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, describeConfig, ENV_PERMISSION, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
+import { ConfigError } from "./errors.ts";
 import { connectNats } from "./nats.ts";
 import {
   type NatsServer,
@@ -279,9 +280,23 @@ export function natsHosts(natsUrl: string): string[] {
 
 /** The `deno run` arguments for a service: permissions narrowed to what it needs. */
 export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
+  return processArgs([spec], config, [spec.entry], config.natsNkey ? [config.natsNkey] : []);
+}
+
+/**
+ * The `deno run` arguments of a process running `specs` (one, or several together): the
+ * union of what each needs, `seedFiles` readable, then `entry` (module and arguments).
+ */
+export function processArgs(
+  specs: readonly ServiceSpec[],
+  config: Config,
+  entry: string[],
+  seedFiles: readonly string[],
+): string[] {
   const net = [...natsHosts(config.natsUrl)];
-  if (spec.listens) net.push(`${config.host}:${config.port}`);
-  const llm = spec.analyzes && config.analyzers === "llm";
+  const listens = specs.some((s) => s.listens);
+  if (listens) net.push(`${config.host}:${config.port}`);
+  const llm = specs.some((s) => s.analyzes) && config.analyzers === "llm";
   if (llm) {
     const u = new URL(config.llmBaseUrl);
     net.push(`${u.hostname}:${u.port || (u.protocol === "https:" ? 443 : 80)}`);
@@ -296,15 +311,37 @@ export function serviceArgs(spec: ServiceSpec, config: Config): string[] {
     `--allow-env=${ENV_PERMISSION}`,
   ];
   const read = [
-    ...(config.natsNkey ? [config.natsNkey] : []),
+    ...seedFiles,
     ...(config.natsCa ? [config.natsCa] : []),
-    ...(spec.readsRules ? [config.rulesPath] : []),
-    ...(spec.listens && config.tlsCert ? [config.tlsCert, config.tlsKey] : []),
+    ...(specs.some((s) => s.readsRules) ? [config.rulesPath] : []),
+    ...(listens && config.tlsCert ? [config.tlsCert, config.tlsKey] : []),
     ...(llm ? ["prompts"] : []),
   ];
   if (read.length > 0) args.push(`--allow-read=${read.join(",")}`);
-  args.push(spec.entry);
+  args.push(...entry);
   return args;
+}
+
+/** The module that runs several services in one process. */
+export const TOGETHER_ENTRY = "services/together.ts";
+
+/**
+ * How the supervisor groups services into processes: `together` is empty (one process
+ * each), `all`, or a comma-separated list of names run in one process (the rest alone).
+ * Throws a ConfigError naming an unknown service.
+ */
+export function processGroups(together: string): ServiceSpec[][] {
+  if (!together) return SERVICES.map((s) => [s]);
+  if (together === "all") return [[...SERVICES]];
+  const names = together.split(",");
+  const unknown = names.filter((n) => !SERVICES.some((s) => s.name === n));
+  if (unknown.length > 0) {
+    throw new ConfigError(`WEFT_TOGETHER names no such service: ${unknown.join(", ")}`);
+  }
+  return [
+    SERVICES.filter((s) => names.includes(s.name)),
+    ...SERVICES.filter((s) => !names.includes(s.name)).map((s) => [s]),
+  ];
 }
 
 /**
@@ -422,6 +459,14 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     );
     Deno.exit(1);
   }
+  // Nothing starts on a configuration that cannot run.
+  let groups: ServiceSpec[][];
+  try {
+    groups = processGroups(config.together);
+  } catch (err) {
+    log.error((err as Error).message);
+    Deno.exit(2);
+  }
   const startedAt = performance.now();
   let env: Record<string, string> = {};
   /** Each identity's seed file, when the supervisor's own nats-server authenticates. */
@@ -447,6 +492,15 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         );
         Deno.exit(1);
       }
+    }
+    // nats.conf's monitoring port (or the override) taken: say so, not an empty failure.
+    const monitorPort = config.natsMonitorPort || (config.natsConf === "nats.conf" ? 8222 : 0);
+    if (monitorPort && !portFree(monitorPort)) {
+      log.error(
+        `port ${monitorPort} (nats-server monitoring) is taken by another process: stop it, ` +
+          `or set WEFT_NATS_MONITOR_PORT to a free port`,
+      );
+      Deno.exit(1);
     }
     const baseConf = new URL(config.natsConf, ROOT).pathname;
     let configFile = baseConf;
@@ -484,49 +538,67 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     identity: "admin",
     caFile: config.natsCa || undefined,
   });
-  const serverAt = nc.info?.version;
-  if (serverAt !== undefined && !versionAtLeast(serverAt)) {
-    log.error(tooOldMessage(serverAt));
-    await nc.close();
+  // From here on a failure must not leave the nats-server this start began running.
+  const fail = async (message: string, err?: unknown) => {
+    log.error(message, err ? { err } : {});
+    await nc.close().catch(() => {});
+    await nats?.stop("SIGTERM");
     Deno.exit(1);
+  };
+  const serverAt = nc.info?.version;
+  if (serverAt !== undefined && !versionAtLeast(serverAt)) await fail(tooOldMessage(serverAt));
+  try {
+    await ensureTopology(nc, await jetstreamManager(nc), config);
+  } catch (err) {
+    await fail(`streams and buckets could not be set up: ${(err as Error).message}`, err);
   }
-  await ensureTopology(nc, await jetstreamManager(nc), config);
 
   let stopping = false;
   const running = new Map<string, Running>();
 
-  const start = (spec: ServiceSpec, restarts: number) => {
+  const identityDir = seeds ? seeds.get("admin")!.replace(/\/[^/]+$/, "") : undefined;
+  const start = (group: ServiceSpec[], restarts: number) => {
+    const alone = group.length === 1;
+    const key = alone ? group[0]!.name : "together";
     // With identities, each service reads its own seed, and leaves the topology (made
     // above) alone: its identity could not create it anyway.
-    const seed = seeds?.get(spec.name);
-    const own: Record<string, string> = seed
-      ? { WEFT_NATS_NKEY: seed, WEFT_ENSURE_TOPOLOGY: "false" }
-      : {};
+    const groupSeeds = seeds ? group.map((s) => seeds!.get(s.name)!) : [];
+    const own: Record<string, string> = !seeds
+      ? {}
+      : alone
+      ? { WEFT_NATS_NKEY: groupSeeds[0]!, WEFT_ENSURE_TOPOLOGY: "false" }
+      : { WEFT_NATS_IDENTITY_DIR: identityDir!, WEFT_ENSURE_TOPOLOGY: "false" };
+    const entry = alone ? [group[0]!.entry] : [TOGETHER_ENTRY, ...group.map((s) => s.name)];
     const child = new Deno.Command("deno", {
-      args: serviceArgs(spec, seed ? { ...config, natsNkey: seed } : config),
+      args: processArgs(group, config, entry, groupSeeds),
       // The service exits when this pipe closes: when the supervisor dies, however it dies.
-      env: { ...env, ...own, ...serviceEnv(spec, envOrUndefined), WEFT_PARENT_WATCH: "stdin" },
+      env: {
+        ...env,
+        ...own,
+        ...(alone ? serviceEnv(group[0]!, envOrUndefined) : {}),
+        WEFT_PARENT_WATCH: "stdin",
+      },
       stdin: "piped",
       stdout: "inherit",
       stderr: "inherit",
       cwd: ROOT,
       detached: true,
     }).spawn();
-    const r: Running = { spec, child, startedAt: Date.now(), restarts };
-    running.set(spec.name, r);
+    const r: Running = { spec: group[0]!, child, startedAt: Date.now(), restarts };
+    running.set(key, r);
     child.status.then(async (status) => {
       if (stopping) return;
       const ranFor = Date.now() - r.startedAt;
       const n = ranFor > 30_000 ? 1 : r.restarts + 1; // a long run resets the backoff
       const delay = restartDelay(n);
       log.warn("service exited; restarting", {
-        service: spec.name,
+        service: key,
         code: status.code,
         signal: status.signal,
         restart_in_ms: delay,
       });
       await new Promise((res) => setTimeout(res, delay));
-      if (!stopping) start(spec, n);
+      if (!stopping) start(group, n);
     });
   };
   // Ctrl-C counts from here on, also while waiting for the services to be ready.
@@ -539,8 +611,12 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     Deno.addSignalListener("SIGINT", onSignal);
     Deno.addSignalListener("SIGTERM", onSignal);
   });
-  for (const spec of SERVICES) start(spec, 0);
-  log.info("starting services", { services: SERVICES.map((s) => s.name) });
+  for (const group of groups) start(group, 0);
+  log.info("starting services", {
+    processes: groups.map((g) =>
+      g.length === 1 ? g[0]!.name : `together(${g.map((s) => s.name).join(",")})`
+    ),
+  });
 
   // Ready means every service answers `nats micro` pings and the gateway accepts
   // connections; only then say so, once, with where everything is.
@@ -578,12 +654,12 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   await stopRequested;
   stopping = true;
   log.info("stopping: draining services");
-  await Promise.all([...running.values()].map(async ({ spec, child }) => {
+  await Promise.all([...running.entries()].map(async ([name, { child }]) => {
     try {
       child.kill("SIGTERM");
     } catch { /* already gone */ }
     const timer = setTimeout(() => {
-      log.warn("service did not stop in time; killing", { service: spec.name });
+      log.warn("service did not stop in time; killing", { service: name });
       try {
         child.kill("SIGKILL");
       } catch { /* gone */ }

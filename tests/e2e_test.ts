@@ -262,3 +262,26 @@ Deno.test("deno task start says it is ready once, after every service answers an
   // The configuration is a debug detail, not a wall of JSON on the first screen.
   assert.ok(!mesh.logs.some((l) => "config" in l), "no configuration printed at info");
 });
+
+Deno.test("with nats-server's monitoring port taken, deno task start says which port, not an empty failure", async () => {
+  const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (held.addr as Deno.NetAddr).port;
+  try {
+    const out = await new Deno.Command("deno", {
+      args: await taskArgs("start"),
+      cwd: new URL("../", import.meta.url),
+      env: {
+        PORT: String(freePort()),
+        WEFT_NATS_PORT: String(freePort()),
+        WEFT_NATS_MONITOR_PORT: String(port),
+      },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 1);
+    assert.match(text, new RegExp(`port ${port} \\(nats-server monitoring\\) is taken`));
+  } finally {
+    held.close();
+  }
+});

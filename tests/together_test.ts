@@ -1,0 +1,142 @@
+/**
+ * `deno task start --together`: every service in one Deno process, with the same runner,
+ * consumers, acks, retries, state and NATS identities as apart; and a mix (some services
+ * together, the rest alone). Kill the one process and the supervisor restarts it whole.
+ */
+import assert from "node:assert/strict";
+import { Kvm } from "@nats-io/kv";
+import { connectNats } from "../src/nats.ts";
+import { has, waitForEvents } from "./helpers/content_events.ts";
+import { startMesh, taskArgs } from "./helpers/mesh.ts";
+import { freePort } from "../src/nats_server.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const post = async (url: string, body: unknown) => {
+  const res = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  return { status: res.status, body: await res.json() };
+};
+
+Deno.test("with WEFT_TOGETHER=all every service runs in one process, and both pipelines run", async (t) => {
+  // A short ack wait: what the killed process had in hand is redelivered sooner.
+  await using mesh = await startMesh({ WEFT_TOGETHER: "all", WEFT_ACK_WAIT_MS: "3000" });
+  const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
+  assert.deepEqual(started.processes, [
+    "together(state,ingest,sentiment,topics,dispatch,gateway,content-state,moderation,review,storage,scheduler,digest)",
+  ]);
+  const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  assert.equal(ready.services, 12, "every service answers nats micro from the one process");
+  const pids = new Set(mesh.logs.filter((l) => l.msg === "starting" && l.pid).map((l) => l.pid));
+  assert.equal(pids.size, 1, "one process");
+
+  const nc = await connectNats(mesh.natsUrl, "together-test", mesh.credentials("ops"));
+  try {
+    await t.step("feedback and moderation items reach their ends", async () => {
+      const fb = await post(`${mesh.gatewayUrl}/feedback`, { text: "Great app, but export fails" });
+      assert.equal(fb.status, 202);
+      const state = await new Kvm(nc).open("weft_feedback_state");
+      await waitFor(
+        async () =>
+          (await state.get(fb.body.id))?.json<{ status: string }>().status === "processed" ||
+          undefined,
+        20_000,
+        "processed",
+      );
+      const c = await post(`${mesh.gatewayUrl}/content`, { text: "A lovely lamp, thanks." });
+      await waitForEvents(nc, c.body.id, has("content.published"), 20_000);
+    });
+
+    await t.step(
+      "the one process killed with SIGKILL is restarted whole, and nothing is lost",
+      async () => {
+        const pid = [...pids][0] as number;
+        const before = await post(`${mesh.gatewayUrl}/feedback`, { id: "BEFOREKILL", text: "hi" });
+        assert.equal(before.status, 202);
+        const seen = mesh.logs.length;
+        Deno.kill(pid, "SIGKILL");
+        await mesh.waitForLog(
+          (l) => l.msg === "service exited; restarting" && l.service === "together",
+          10_000,
+          "the supervisor to notice",
+        );
+        await mesh.waitForLog(
+          (l) => l.msg === "gateway listening" && mesh.logs.indexOf(l) >= seen,
+          30_000,
+          "the gateway back",
+        );
+        const state = await new Kvm(nc).open("weft_feedback_state");
+        const after = await waitFor(
+          async () => {
+            try {
+              return (await post(`${mesh.gatewayUrl}/feedback`, { id: "AFTERKILL", text: "hello" }))
+                    .status === 202 || undefined;
+            } catch {
+              return undefined; // the gateway is restarting
+            }
+          },
+          30_000,
+          "the gateway to accept again",
+        );
+        assert.ok(after);
+        for (const id of ["BEFOREKILL", "AFTERKILL"]) {
+          await waitFor(
+            async () =>
+              (await state.get(id))?.json<{ status: string }>().status === "processed" ||
+              undefined,
+            30_000,
+            `${id} processed`,
+          );
+        }
+      },
+    );
+  } finally {
+    await nc.close();
+  }
+});
+
+Deno.test("WEFT_TOGETHER can group some services and run the rest alone", async () => {
+  await using mesh = await startMesh({ WEFT_TOGETHER: "gateway,ingest,state,dispatch" });
+  const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
+  assert.deepEqual(started.processes, [
+    "together(state,ingest,dispatch,gateway)",
+    "sentiment",
+    "topics",
+    "content-state",
+    "moderation",
+    "review",
+    "storage",
+    "scheduler",
+    "digest",
+  ]);
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const fb = await post(`${mesh.gatewayUrl}/feedback`, { text: "Mixed mode works" });
+  assert.equal(fb.status, 202);
+  await waitFor(
+    async () => {
+      const s = await (await fetch(`${mesh.gatewayUrl}/feedback/${fb.body.id}`)).json();
+      return s.status === "processed" || undefined;
+    },
+    20_000,
+    "processed",
+  );
+});
+
+Deno.test("WEFT_TOGETHER naming no such service stops deno task start with one clear line", async () => {
+  const out = await new Deno.Command("deno", {
+    args: await taskArgs("start"),
+    cwd: new URL("../", import.meta.url),
+    env: {
+      WEFT_TOGETHER: "gateway,nosuch",
+      WEFT_NATS_PORT: String(freePort()),
+      PORT: String(freePort()),
+    },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.notEqual(out.code, 0);
+  assert.match(text, /WEFT_TOGETHER names no such service: nosuch/);
+});
