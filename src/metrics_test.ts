@@ -41,7 +41,13 @@ Deno.test("meshSnapshot reduces the mesh's metrics to per-stage dashboard figure
     pending: 0,
     ackPending: 0,
   });
-  assert.deepEqual(snap.endToEnd, { seconds: 2, count: 1 });
+  assert.equal(snap.endToEnd.seconds, 2);
+  assert.equal(snap.endToEnd.count, 1);
+  // Cumulative buckets, for percentiles over a window: the 2 s item is in every bucket >= 2.
+  const at = (le: number) => snap.endToEnd.buckets.find(([b]) => b === le)?.[1];
+  assert.equal(at(1), 0);
+  assert.equal(at(Infinity), 1);
+  assert.ok(snap.endToEnd.buckets.every(([le, n]) => n === (le >= 2 ? 1 : 0)));
 });
 
 Deno.test("registerLlmMetrics reads tokens, cost and calls from the LLM stats when scraped", async () => {
