@@ -15,6 +15,8 @@ import { createModerationApi } from "../src/moderation/api.ts";
 import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { startService } from "./helpers/services.ts";
+import { freePort } from "../src/nats_server.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
@@ -262,4 +264,58 @@ Deno.test("ingest limits per API key and role: over the rate or the daily quota 
   const quota = await post("k-partner");
   await expectProblem(quota, 429);
   assert.ok(Number(quota.headers.get("retry-after")) > 0, "until the next UTC day");
+});
+
+Deno.test("every request subject answers malformed or wrong-shaped JSON with a 4xx problem, never a 5xx or silence", async () => {
+  await using t = await startTestNats();
+  await using _gateway = await startService("gateway", {
+    NATS_URL: t.server.url,
+    PORT: String(freePort()),
+  });
+  // Its subscriptions reach the server just after it listens: wait for the first answer.
+  await waitFor(
+    async () => {
+      try {
+        return await t.nc.request("weft.feedback.get", "x", { timeout: 1_000 });
+      } catch {
+        return undefined;
+      }
+    },
+    10_000,
+    "the gateway's request subjects",
+  );
+  const subjects = [
+    "weft.feedback.submit",
+    "weft.feedback.get",
+    "weft.content.submit",
+    "weft.content.get",
+    "weft.reviews.list",
+    "weft.reviews.claim",
+    "weft.reviews.decide",
+    "weft.schedules.create",
+    "weft.schedules.get",
+    "weft.schedules.cancel",
+    "weft.deadletters.list",
+    "weft.deadletters.redrive",
+  ];
+  for (const subject of subjects) {
+    for (const body of ['{"id":', "[1,2]", '"just a string"', '{"id":{"x":1}}', "null"]) {
+      const msg = await t.nc.request(subject, body, { timeout: 5_000 });
+      const reply = msg.json<{ error?: { status: number } }>();
+      if (!reply.error) continue; // a listing may accept anything it can ignore
+      assert.ok(
+        reply.error.status >= 400 && reply.error.status < 500,
+        `${subject} ${body}: ${JSON.stringify(reply)}`,
+      );
+    }
+  }
+});
+
+Deno.test("GET /reviews with an unknown status is refused with 422 naming the parameter", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const res = await app.request("/reviews?status=bogus");
+  assert.ok(res.status === 422 || res.status === 400, `status ${res.status}`);
+  assert.match(await res.text(), /status/);
+  assert.equal((await app.request("/reviews?status=pending")).status, 200);
 });
