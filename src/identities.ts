@@ -84,27 +84,25 @@ function readStreamSubjects(stream: string): string[] {
   ];
 }
 
-function durableSubjects(stream: string, durable: string): string[] {
+/** Working a durable consumer: (re)create it, pull from it, ack on it. */
+function durableControl(stream: string, durable: string): string[] {
   return [
     `${API}.CONSUMER.CREATE.${stream}.${durable}`,
     `${API}.CONSUMER.CREATE.${stream}.${durable}.>`,
     `${API}.CONSUMER.DURABLE.CREATE.${stream}.${durable}`,
-    `${API}.CONSUMER.INFO.${stream}.${durable}`,
     `${API}.CONSUMER.MSG.NEXT.${stream}.${durable}`,
     `$JS.ACK.${stream}.${durable}.>`,
   ];
 }
 
-/** What no one but the owner may do to a durable consumer: change, delete, pull from or ack on it. */
+/** What the owner of a durable consumer does with it: work it and read its info. */
+function durableSubjects(stream: string, durable: string): string[] {
+  return [...durableControl(stream, durable), `${API}.CONSUMER.INFO.${stream}.${durable}`];
+}
+
+/** What no one but the owner may do to a durable consumer: work it, or delete it. */
 function durableDenies(stream: string, durable: string): string[] {
-  return [
-    `${API}.CONSUMER.CREATE.${stream}.${durable}`,
-    `${API}.CONSUMER.CREATE.${stream}.${durable}.>`,
-    `${API}.CONSUMER.DURABLE.CREATE.${stream}.${durable}`,
-    `${API}.CONSUMER.DELETE.${stream}.${durable}`,
-    `${API}.CONSUMER.MSG.NEXT.${stream}.${durable}`,
-    `$JS.ACK.${stream}.${durable}.>`,
-  ];
+  return [...durableControl(stream, durable), `${API}.CONSUMER.DELETE.${stream}.${durable}`];
 }
 
 const kvStream = (bucket: string) => `KV_${bucket}`;

@@ -177,6 +177,14 @@ export function contentEventsFilter(itemId: string): string {
 
 /** The JetStream stream of digests and their requests (`digest.>`). */
 export const DIGEST_STREAM = "DIGEST";
+
+/** Every stream the mesh keeps. */
+export const STREAMS: readonly string[] = [
+  FEEDBACK_STREAM,
+  CONTENT_STREAM,
+  DEADLETTER_STREAM,
+  DIGEST_STREAM,
+];
 /** Where a feedback digest is requested (the recurring schedule publishes here). */
 export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
 /** The id of the recurring schedule that requests the feedback digest. */

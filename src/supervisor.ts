@@ -9,7 +9,7 @@
  */
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { type Config, describeConfig, ENV_PERMISSION, loadConfig } from "./config.ts";
+import { type Config, describeConfig, ENV_PERMISSION, isLoopback, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { ConfigError } from "./errors.ts";
 import { connectNats } from "./nats.ts";
@@ -49,6 +49,7 @@ import {
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
   STATE_BUCKET,
+  STREAMS,
 } from "./subjects.ts";
 
 /** The repository root: service entries and nats.conf are relative to it. */
@@ -226,9 +227,6 @@ export const SERVICES: readonly ServiceSpec[] = [
   },
 ];
 
-/** Every stream the mesh keeps. */
-const ALL_STREAMS = [FEEDBACK_STREAM, CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM];
-
 /**
  * The identities besides the services': `admin` (the supervisor: streams, buckets, and
  * anything an operator does on purpose) and `ops` (the nats CLI day to day: read every
@@ -241,7 +239,7 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
     publishes: CALLER_SCHEDULABLE_SUBJECTS,
     requests: ["weft.>", "$SRV.>"],
     subscribes: [">"],
-    readsStreams: ALL_STREAMS,
+    readsStreams: STREAMS,
     readsBuckets: [
       STATE_BUCKET,
       CONTENT_STATE_BUCKET,
@@ -391,7 +389,7 @@ export const GENERATED_CONF = "data/nats-weft.conf";
 export async function writeAuthConfig(
   baseConf: string,
   cwd: string,
-): Promise<{ configFile: string; seeds: Map<string, string> }> {
+): Promise<{ configFile: string; seeds: Map<string, string>; dir: string }> {
   const dir = `${cwd.replace(/\/$/, "")}/${IDENTITY_DIR}`;
   const perms = meshPermissions();
   const identities = await ensureIdentities(dir, perms.map((p) => p.name));
@@ -402,12 +400,12 @@ export async function writeAuthConfig(
     `# rewritten at every start.\n\n${await Deno.readTextFile(baseConf)}\n` +
     authorizationBlock(users);
   await Deno.writeTextFile(configFile, text, { mode: 0o600 });
-  return { configFile, seeds: new Map(identities.map((i) => [i.name, i.seedFile])) };
+  return { configFile, seeds: new Map(identities.map((i) => [i.name, i.seedFile])), dir };
 }
 
 /** Whether the supervisor can check `host`'s port on loopback (its own --allow-net). */
 function isLoopbackOrAny(host: string): boolean {
-  return ["127.0.0.1", "localhost", "0.0.0.0", "::", "::1"].includes(host);
+  return isLoopback(host) || host === "0.0.0.0" || host === "::";
 }
 
 /**
@@ -471,6 +469,8 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   let env: Record<string, string> = {};
   /** Each identity's seed file, when the supervisor's own nats-server authenticates. */
   let seeds: Map<string, string> | undefined;
+  /** Where those seeds are, for a process running several services. */
+  let identityDir: string | undefined;
   if (Deno.env.get("NATS_URL")) {
     log.info("using the NATS server in NATS_URL", { nats: describeConfig(config).natsUrl });
   } else {
@@ -508,6 +508,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       const made = await writeAuthConfig(baseConf, cwd);
       configFile = made.configFile;
       seeds = made.seeds;
+      identityDir = made.dir;
     }
     try {
       nats = await startNatsServer({
@@ -556,7 +557,6 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   let stopping = false;
   const running = new Map<string, Running>();
 
-  const identityDir = seeds ? seeds.get("admin")!.replace(/\/[^/]+$/, "") : undefined;
   const start = (group: ServiceSpec[], restarts: number) => {
     const alone = group.length === 1;
     const key = alone ? group[0]!.name : "together";

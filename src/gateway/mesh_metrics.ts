@@ -16,11 +16,10 @@ import {
   type WeftMetrics,
 } from "../metrics.ts";
 import { usageOf } from "../capacity.ts";
-import { CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM, FEEDBACK_STREAM } from "../subjects.ts";
+import { DEADLETTER_STREAM, FEEDBACK_STREAM, STREAMS } from "../subjects.ts";
 import { REDRIVEN_PREFIX } from "../redrive.ts";
 
 /** The streams whose limits /metrics reports. */
-const WORK_STREAMS = [FEEDBACK_STREAM, CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM];
 
 /** How long the gateway waits for services' metrics. */
 export interface GatherOptions {
@@ -105,15 +104,21 @@ export async function meshMetrics(
   local: WeftMetrics,
   opts: GatherOptions = {},
 ): Promise<client.Registry> {
-  const [remote, backlogs, streams, redriven] = await Promise.all([
+  const [remote, backlogs, streams] = await Promise.all([
     gatherServiceMetrics(nc, opts),
     consumerBacklogs(jsm),
     Promise.all(
-      WORK_STREAMS.map((name) => jsm.streams.info(name).catch(() => undefined)),
+      STREAMS.map((name) =>
+        jsm.streams.info(
+          name,
+          // DEADLETTER's info also counts its redrive markers, per letter redriven.
+          name === DEADLETTER_STREAM ? { subjects_filter: `${REDRIVEN_PREFIX}.*` } : undefined,
+        ).catch(() => undefined)
+      ),
     ),
-    redrivenCounts(jsm),
   ]);
-  const deadLetters = streams.find((i) => i?.config.name === DEADLETTER_STREAM)?.state.messages;
+  const dl = streams.find((i) => i?.config.name === DEADLETTER_STREAM)?.state;
+  const deadLetters = dl?.messages;
   const registry = aggregateMetrics([await local.json(), ...remote]);
   const registers = [registry];
   const pending = new client.Gauge({
@@ -146,14 +151,13 @@ export async function meshMetrics(
       help: "Messages in the DEADLETTER stream (letters and redrive markers)",
       registers,
     }).set(deadLetters);
-    if (redriven) {
-      // Each redrive leaves a marker `deadletter.redriven.<seq>`: a letter with one is done.
-      new client.Gauge({
-        name: "weft_deadletter_pending",
-        help: "Dead letters not yet redriven",
-        registers,
-      }).set(Math.max(0, deadLetters - redriven.markers - redriven.letters));
-    }
+    // Each redrive leaves a marker `deadletter.redriven.<seq>`: a letter with one is done.
+    const markers = Object.values(dl?.subjects ?? {});
+    new client.Gauge({
+      name: "weft_deadletter_pending",
+      help: "Dead letters not yet redriven",
+      registers,
+    }).set(Math.max(0, deadLetters - markers.reduce((a, b) => a + b, 0) - markers.length));
   }
   // Alert on these well before 1: intake refuses new items from WEFT_STREAM_HIGH_WATER
   // (0.9 by default), and a full stream refuses every publish.
@@ -175,24 +179,6 @@ export async function meshMetrics(
     registers,
   }).set(remote.length);
   return registry;
-}
-
-/**
- * The redrive markers in DEADLETTER: how many there are and how many letters they cover
- * (one subject per redriven letter); undefined when the stream cannot be read.
- */
-async function redrivenCounts(
-  jsm: JetStreamManager,
-): Promise<{ markers: number; letters: number } | undefined> {
-  try {
-    const info = await jsm.streams.info(DEADLETTER_STREAM, {
-      subjects_filter: `${REDRIVEN_PREFIX}.*`,
-    });
-    const subjects = Object.values(info.state.subjects ?? {});
-    return { markers: subjects.reduce((a, b) => a + b, 0), letters: subjects.length };
-  } catch {
-    return undefined;
-  }
 }
 
 /** One stage's figures on the dashboard. */
