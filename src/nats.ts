@@ -52,7 +52,28 @@ export async function connectNats(
   }
   if (credentials.identity) opts.inboxPrefix = inboxPrefix(credentials.identity);
   if (credentials.caFile) opts.tls = { caFile: credentials.caFile };
+  absorbLateSocketResets();
   return await connect(opts);
+}
+
+let absorbing = false;
+
+/**
+ * nats.js's Node transport removes a socket's listeners before destroying it (a refused
+ * connection, a close). Under Deno a read still pending on that socket may then fail with
+ * ECONNRESET or EPIPE, which is emitted with no listener left and would end the process as
+ * an uncaught error: a wrong key, or a server closing a connection, killed the service
+ * instead of reporting through the connection's status. Those late errors carry nothing:
+ * the connection they belonged to is already closed and reported. Only they are absorbed,
+ * and only socket errors with these codes; anything else stays uncaught.
+ */
+function absorbLateSocketResets(): void {
+  if (absorbing) return;
+  absorbing = true;
+  globalThis.addEventListener("error", (event) => {
+    const code = (event.error as { code?: unknown } | null)?.code;
+    if (code === "ECONNRESET" || code === "EPIPE") event.preventDefault();
+  });
 }
 
 /** Whether a connection is up right now, kept from its status events. */

@@ -9,7 +9,6 @@
 import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { connect } from "@nats-io/transport-node";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { connectNats } from "../src/nats.ts";
 import { GENERATED_CONF, IDENTITY_DIR, SERVICES } from "../src/supervisor.ts";
@@ -252,7 +251,7 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
     "a connection without a key is refused",
     async () => {
       await assert.rejects(
-        connect({ servers: mesh.natsUrl, reconnect: false, name: "anonymous" }),
+        connectNats(mesh.natsUrl, "anonymous"),
         /authorization|auth/i,
       );
     },
