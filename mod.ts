@@ -130,10 +130,11 @@ export type { TraceContext } from "./src/trace.ts";
 export { retryDelay } from "./src/retry.ts";
 
 /**
- * Pipelines as code (issue 12, groundwork): {@link definePipeline} checks a definition and
- * pins it to a hash; the derivations give its subjects, consumers, permissions and graph;
- * {@link foldPipelineEvents} folds an item's events into its state. Pure: the runtime does
- * not run definitions yet (docs/PIPELINES.md).
+ * Pipelines as code: {@link definePipeline} checks a definition and pins it to a hash; list
+ * its file in pipelines/run.json and `deno task start` runs it (docs/PIPELINES.md). The
+ * derivations give its subjects, consumers, permissions and graph;
+ * {@link foldPipelineEvents} folds an item's events into its state; {@link compileFlow}
+ * and {@link completion} are how a run moves, as pure functions.
  *
  * @example
  * ```ts
@@ -148,7 +149,7 @@ export { retryDelay } from "./src/retry.ts";
  *   },
  * });
  * console.log(stepConsumers(p, { ackWaitMs: 30_000, maxAttempts: 5 })[0]?.filter_subject);
- * // "echo.submit"
+ * // "echo.submitted.*"
  * ```
  */
 export { canonicalSpec, definePipeline, definitionHash } from "./src/pipeline/definition.ts";
@@ -165,6 +166,7 @@ export type {
   PipelineDefinition,
   PipelineSpec,
   RouterStep,
+  StepContext,
   StepSpec,
   TaskStep,
   ToolSpec,
@@ -191,3 +193,12 @@ export type {
 } from "./src/pipeline/derive.ts";
 export { applyPipelineEvent, foldPipelineEvents } from "./src/pipeline/fold.ts";
 export type { FoldEvent, ItemState } from "./src/pipeline/fold.ts";
+export {
+  advance,
+  compileFlow,
+  completion,
+  entryData,
+  flowEvent,
+  targetsOf,
+} from "./src/pipeline/flow.ts";
+export type { Flow, FlowData, FlowEvent } from "./src/pipeline/flow.ts";

@@ -1,7 +1,12 @@
 import assert from "node:assert/strict";
 import { feedbackPipeline } from "./feedback/pipeline.ts";
 import { moderationPipeline } from "./moderation/pipeline.ts";
-import { pipelineGraph, pipelineSubjects, stepConsumers } from "../src/pipeline/derive.ts";
+import {
+  INTAKE_DURABLE,
+  pipelineGraph,
+  pipelineSubjects,
+  stepConsumers,
+} from "../src/pipeline/derive.ts";
 import { stageConsumerConfig } from "../src/topology.ts";
 import * as S from "../src/subjects.ts";
 
@@ -18,7 +23,6 @@ Deno.test("the feedback definition derives the stream, submit subjects and event
 
 Deno.test("the feedback definition derives the durable consumers topology.ts creates today", () => {
   const want = [
-    { name: "ingest", filterSubject: S.SUBMIT_SUBJECT },
     { name: "sentiment", filterSubject: S.typeFilter(S.FeedbackEventType.Ingested) },
     { name: "topics", filterSubject: S.typeFilter(S.FeedbackEventType.SentimentAnalyzed) },
     { name: "dispatch", filterSubject: S.typeFilter(S.FeedbackEventType.TopicsExtracted) },
@@ -28,6 +32,9 @@ Deno.test("the feedback definition derives the durable consumers topology.ts cre
     got.map((c) => [c.durable_name, c.filter_subject, c.max_deliver, c.stream]),
     want.map((c) => [c.durable_name, c.filter_subject, c.max_deliver, S.FEEDBACK_STREAM]),
   );
+  // Today's ingest stage is the runtime's intake: the same durable on the same subject.
+  assert.equal(INTAKE_DURABLE, "ingest");
+  assert.equal(pipelineSubjects(feedbackPipeline()).submit, S.SUBMIT_SUBJECT);
 });
 
 Deno.test("the moderation definition derives the CONTENT stream, its event types and today's consumers", () => {

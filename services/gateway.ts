@@ -4,6 +4,8 @@
  *
  * @module
  */
+// Everything a pipeline definition imports from Weft is loaded before it (see loadPipelines).
+import "../mod.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { createCapacityGuard } from "../src/capacity.ts";
 import { createApp } from "../src/gateway/app.ts";
@@ -15,6 +17,10 @@ import { serveModerationRequests } from "../src/gateway/moderation_requests.ts";
 import { createModerationApi } from "../src/moderation/api.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
+import { servePipelineRequests } from "../src/gateway/pipelines.ts";
+import { loadPipelines } from "../src/pipeline/runtime.ts";
+
+const ROOT = new URL("../", import.meta.url).pathname;
 
 /** The gateway service. */
 export const service: ServiceDef = defineService(
@@ -43,7 +49,9 @@ export const service: ServiceDef = defineService(
       capacity,
       limiter,
     });
-    const app = createApp({ nc, intake, config, log, auth, moderation, metrics });
+    const pipelines = await loadPipelines(config.pipelines, ROOT);
+    const app = createApp({ nc, intake, config, log, auth, moderation, metrics, pipelines });
+    const pipelineRequests = servePipelineRequests(nc, pipelines, log);
     const requests = serveRequests(nc, intake, log, auth);
     const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth);
@@ -66,6 +74,7 @@ export const service: ServiceDef = defineService(
       done: server.finished,
       async stop() {
         requests.stop();
+        pipelineRequests.stop();
         moderationRequests.stop();
         deadLetterRequests.stop();
         await server.shutdown();

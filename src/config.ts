@@ -122,6 +122,12 @@ export interface Config {
    */
   together: string;
   /**
+   * Pipeline definition files to run besides the built-in pipelines (comma-separated,
+   * relative to the repository root): each file's `definePipeline` exports. `WEFT_PIPELINES`
+   * or `--pipelines`.
+   */
+  pipelines: string[];
+  /**
    * Whether a service creates missing streams and buckets at start. The supervisor turns
    * it off for its services, whose identities may not: it made them itself.
    * `WEFT_ENSURE_TOPOLOGY`.
@@ -330,6 +336,16 @@ const SETTINGS: Setting<any>[] = [
       const v = raw.trim();
       if (v === "true" || v === "all") return "all";
       return /^[a-z-]+(,[a-z-]+)*$/.test(v) ? v : undefined;
+    },
+  },
+  {
+    key: "pipelines",
+    env: "WEFT_PIPELINES",
+    flag: "pipelines",
+    default: [],
+    parse: (raw: string) => {
+      const files = raw.split(",").map((f) => f.trim()).filter((f) => f.length > 0);
+      return files.every((f) => /\.(ts|js|mts|mjs)$/.test(f)) ? files : undefined;
     },
   },
   { key: "ensureTopology", env: "WEFT_ENSURE_TOPOLOGY", default: true, parse: bool },

@@ -50,6 +50,13 @@ export const ErrorCode = {
   InsufficientStorage: "insufficient_storage",
   /** The caller's ingest rate or daily quota is used up: retry after Retry-After. */
   RateLimited: "rate_limited",
+  /**
+   * An item's event names a step the running definition no longer has (it changed while
+   * the item was in flight): dead-lettered, redrivable once a definition has it again.
+   */
+  DefinitionChanged: "definition_changed",
+  /** A loop of a definition would pass its declared bound (`maxIterations`). */
+  LoopLimit: "loop_limit",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -101,6 +108,8 @@ const PERMANENT_BY_DEFAULT: ReadonlySet<ErrorCode> = new Set([
   ErrorCode.Forbidden,
   ErrorCode.Conflict,
   ErrorCode.SubjectMismatch,
+  ErrorCode.DefinitionChanged,
+  ErrorCode.LoopLimit,
 ]);
 
 /** Input failed validation against its JSON Schema. */
@@ -203,6 +212,8 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   subject_mismatch: 422,
   insufficient_storage: 507,
   rate_limited: 429,
+  definition_changed: 409,
+  loop_limit: 422,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -224,6 +235,8 @@ const TITLES: Record<ErrorCode, string> = {
   subject_mismatch: "Event does not match its subject",
   insufficient_storage: "Insufficient storage",
   rate_limited: "Too many requests",
+  definition_changed: "The pipeline's definition changed under the item",
+  loop_limit: "Loop bound reached",
 };
 
 /** Maps any error to the problem document the gateway answers with. */

@@ -298,6 +298,7 @@ export async function publishEvent(
   js: JetStreamClient,
   event: OutputEvent,
   parent: TraceContext | null,
+  entry: boolean = ENTRY_EVENT_TYPES.has(event.type),
 ): Promise<void> {
   const h = headers();
   h.set(
@@ -310,7 +311,7 @@ export async function publishEvent(
     ),
   );
   h.set("Weft-Event-Type", event.type);
-  const once = ENTRY_EVENT_TYPES.has(event.type);
+  const once = entry;
   try {
     await js.publish(
       eventSubject(event.type, event.item_id),
@@ -378,7 +379,7 @@ export interface DeadLetterContext {
   now: () => Date;
   log: Logger;
   /** The failure event published for the item; defaults to `feedback.failed`. */
-  failedType?: "feedback.failed" | "content.failed";
+  failedType?: string;
 }
 
 /**
@@ -412,7 +413,8 @@ export async function deadLetter(
     msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
   });
   if (itemId && (opts.failItem ?? true)) {
-    const failedType = ctx.failedType ?? FeedbackEventType.Failed;
+    // A definition's pipeline fails on its own `<name>.failed` (same shape as these two).
+    const failedType = (ctx.failedType ?? FeedbackEventType.Failed) as "feedback.failed";
     const failed = createEvent({
       type: failedType,
       id: deterministicId(itemId, failedType, String(m.seq)),
@@ -548,8 +550,26 @@ export async function runStage<I extends StageInput>(
           field: "/",
         });
       }
-      const input = validateInput(stage.input, raw);
-      if (stage.input.kind === "event") {
+      let input: InputOf<I>;
+      if (stage.decode) {
+        const decoded = stage.decode(raw, message);
+        if (decoded === undefined) {
+          m.ack(); // on this stage's consumer, but not for it (a wide filter, another route)
+          return;
+        }
+        input = decoded as InputOf<I>;
+        const event = input as { id: string; type: string; item_id: string };
+        if (stage.entryTypes?.has(event.type) && !(await isFirstEntry(jsm, stream, m, event.id))) {
+          log.warn("ignored: not the item's first entry event", {
+            item_id: event.item_id,
+            event_type: event.type,
+            seq: m.seq,
+          });
+          m.ack();
+          return;
+        }
+      } else input = validateInput(stage.input, raw);
+      if (stage.input.kind === "event" && !stage.decode) {
         const event = input as { id: string; type: string; item_id: string };
         assertMatchesSubject(event, m.subject);
         if (ENTRY_EVENT_TYPES.has(event.type) && !(await isFirstEntry(jsm, stream, m, event.id))) {
@@ -574,7 +594,10 @@ export async function runStage<I extends StageInput>(
       stats.handlerMs += took;
       metrics.handlerSeconds.observe(labels, took / 1000);
       // A handler emitting a bad event is a bug: stop it here, before anything is published.
-      for (const event of outputs) validateEvent(event, [event.type]);
+      for (const event of outputs) {
+        if (stage.checkOutput) stage.checkOutput(event);
+        else validateEvent(event, [event.type]);
+      }
       // All outputs at once: one connection keeps them in order in the stream, and the item
       // does not wait a round trip per event (dispatch emits two). A failed publish fails the
       // message, whose retry re-publishes them all under the same message ids.
@@ -582,7 +605,14 @@ export async function runStage<I extends StageInput>(
         ? await alreadyStored(jsm, stream, outputs)
         : new Set<OutputEvent>();
       await Promise.all(
-        outputs.filter((e) => !skip.has(e)).map((event) => publishEvent(js, event, trace)),
+        outputs.filter((e) => !skip.has(e)).map((event) =>
+          publishEvent(
+            js,
+            event,
+            trace,
+            stage.entryTypes?.has(event.type) ?? ENTRY_EVENT_TYPES.has(event.type),
+          )
+        ),
       );
       for (const event of outputs) {
         stats.published++;

@@ -57,7 +57,17 @@ export interface Stage<I extends StageInput = StageInput> {
   /** The stream its durable consumer reads; defaults to FEEDBACK. */
   stream?: string;
   /** The event type published for an item that is dead-lettered; defaults to `feedback.failed`. */
-  failedType?: "feedback.failed" | "content.failed";
+  failedType?: string;
+  /**
+   * Decodes and checks a message itself, instead of the schemas of `input` (a pipeline
+   * definition's steps, whose schemas are the definition's). Returns undefined for a
+   * message that is not for this stage (acked, nothing published).
+   */
+  decode?(raw: unknown, message: MessageInfo): unknown;
+  /** Checks an output event before anything is published, instead of schemas/. */
+  checkOutput?(event: OutputEvent): void;
+  /** Event types that start an item: stored once per subject, the first one wins. */
+  entryTypes?: ReadonlySet<string>;
   /** What it consumes. */
   input: I;
   /**

@@ -225,6 +225,8 @@ export const CALLER_SCHEDULABLE_SUBJECTS: readonly string[] = [SUBMIT_SUBJECT, "
 export const SCHEDULABLE_SUBJECTS: readonly string[] = [
   ...CALLER_SCHEDULABLE_SUBJECTS,
   "content.sla_expired.*",
+  // The timers of definitions' pipelines (deadlines, timeouts, delays: src/pipeline/).
+  "*._timer.*",
 ];
 
 /** True when `subject` matches one of `filters`. */

@@ -7,6 +7,9 @@
  *
  * @module
  */
+// Everything a pipeline definition imports from Weft is loaded before it: reading a
+// definition then needs read permission on its own folder only (see loadPipelines).
+import "../mod.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, describeConfig, ENV_PERMISSION, isLoopback, loadConfig } from "./config.ts";
@@ -32,6 +35,14 @@ import {
   permissionsFor,
 } from "./identities.ts";
 import { METRICS_SUBJECT } from "./metrics.ts";
+import {
+  definitionDirs,
+  type LoadedPipeline,
+  loadPipelines,
+  pipelineGatewayAccess,
+  pipelineServiceSpecs,
+  pipelineTopology,
+} from "./pipeline/runtime.ts";
 import { statusSubject } from "./micro.ts";
 import { CONTENT_STATE_SPEC } from "./content_state.ts";
 import { STATE_WRITER } from "./state_writer.ts";
@@ -73,6 +84,49 @@ export interface ServiceSpec {
   listens?: boolean;
   /** What it does on the bus: its NATS identity's permissions follow from it. */
   access: Access;
+  /** Arguments after the entry module. */
+  args?: readonly string[];
+  /** Files and folders it reads (a pipeline definition's folder). */
+  reads?: readonly string[];
+  /** Calls the LLM endpoint whatever the analyzers (a definition's llm step). */
+  llm?: boolean;
+}
+
+/** Two accesses as one: every list joined. */
+export function mergeAccess(a: Access, b: Access): Access {
+  const out: Record<string, unknown> = { ...a };
+  for (const [k, v] of Object.entries(b)) {
+    const have = (a as Record<string, unknown>)[k];
+    out[k] = Array.isArray(v) ? [...new Set([...(have as unknown[] ?? []), ...v])] : v ?? have;
+  }
+  return out as Access;
+}
+
+/**
+ * The services of the mesh: the built-in ones, then those of the loaded pipelines; the
+ * gateway's and the operators' access grown by what the pipelines need.
+ */
+export function meshServices(loaded: readonly LoadedPipeline[] = []): {
+  services: ServiceSpec[];
+  operators: Record<"admin" | "ops", Access>;
+} {
+  if (loaded.length === 0) return { services: [...SERVICES], operators: OPERATOR_IDENTITIES };
+  const extra = pipelineGatewayAccess(loaded);
+  return {
+    services: [
+      ...SERVICES.map((s) =>
+        s.name === "gateway"
+          ? {
+            ...s,
+            access: mergeAccess(s.access, extra.gateway),
+            reads: definitionDirs(loaded, ROOT.pathname),
+          }
+          : s
+      ),
+      ...pipelineServiceSpecs(loaded, ROOT.pathname),
+    ],
+    operators: { ...OPERATOR_IDENTITIES, ops: mergeAccess(OPERATOR_IDENTITIES.ops, extra.ops) },
+  };
 }
 
 /** A step of a pipeline: consumes its own durable, publishes its outputs, its failure event and dead letters. */
@@ -253,18 +307,23 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
 };
 
 /** Every identity's permissions: the services' and the operators'. */
-export function meshPermissions(): { name: string; permissions: Permissions }[] {
-  const durables = SERVICES.flatMap((s) => s.access.consumes ?? []);
+export function meshPermissions(
+  mesh: { services: readonly ServiceSpec[]; operators: Record<"admin" | "ops", Access> } = {
+    services: SERVICES,
+    operators: OPERATOR_IDENTITIES,
+  },
+): { name: string; permissions: Permissions }[] {
+  const durables = mesh.services.flatMap((s) => s.access.consumes ?? []);
   return [
     // Every service answers the mesh's metrics request and its own status (src/micro.ts).
-    ...SERVICES.map((s) => ({
+    ...mesh.services.map((s) => ({
       name: s.name,
       access: {
         ...s.access,
         serves: [...s.access.serves ?? [], METRICS_SUBJECT, statusSubject(s.name)],
       },
     })),
-    ...Object.entries(OPERATOR_IDENTITIES).map(([name, access]) => ({ name, access })),
+    ...Object.entries(mesh.operators).map(([name, access]) => ({ name, access })),
   ].map(({ name, access }) => ({ name, permissions: permissionsFor(name, access, durables) }));
 }
 
@@ -295,7 +354,7 @@ export function processArgs(
   const listens = specs.some((s) => s.listens);
   if (listens) net.push(`${config.host}:${config.port}`);
   const llm = specs.some((s) => s.analyzes) && config.analyzers === "llm";
-  if (llm) {
+  if (llm || (specs.some((s) => s.llm) && config.llmBaseUrl)) {
     const u = new URL(config.llmBaseUrl);
     net.push(`${u.hostname}:${u.port || (u.protocol === "https:" ? 443 : 80)}`);
   }
@@ -314,6 +373,7 @@ export function processArgs(
     ...(specs.some((s) => s.readsRules) ? [config.rulesPath] : []),
     ...(listens && config.tlsCert ? [config.tlsCert, config.tlsKey] : []),
     ...(llm ? ["prompts"] : []),
+    ...specs.flatMap((s) => s.reads ?? []),
   ];
   if (read.length > 0) args.push(`--allow-read=${read.join(",")}`);
   args.push(...entry);
@@ -328,17 +388,24 @@ export const TOGETHER_ENTRY = "services/together.ts";
  * each), `all`, or a comma-separated list of names run in one process (the rest alone).
  * Throws a ConfigError naming an unknown service.
  */
-export function processGroups(together: string): ServiceSpec[][] {
-  if (!together) return SERVICES.map((s) => [s]);
-  if (together === "all") return [[...SERVICES]];
+export function processGroups(
+  together: string,
+  services: readonly ServiceSpec[] = SERVICES,
+): ServiceSpec[][] {
+  // Only the built-in services run together; a pipeline's each run alone.
+  const builtIn = services.filter((s) => SERVICES.some((b) => b.name === s.name));
+  const alone = services.filter((s) => !builtIn.includes(s)).map((s) => [s]);
+  if (!together) return services.map((s) => [s]);
+  if (together === "all") return [[...builtIn], ...alone];
   const names = together.split(",");
-  const unknown = names.filter((n) => !SERVICES.some((s) => s.name === n));
+  const unknown = names.filter((n) => !builtIn.some((s) => s.name === n));
   if (unknown.length > 0) {
     throw new ConfigError(`WEFT_TOGETHER names no such service: ${unknown.join(", ")}`);
   }
   return [
-    SERVICES.filter((s) => names.includes(s.name)),
-    ...SERVICES.filter((s) => !names.includes(s.name)).map((s) => [s]),
+    builtIn.filter((s) => names.includes(s.name)),
+    ...builtIn.filter((s) => !names.includes(s.name)).map((s) => [s]),
+    ...alone,
   ];
 }
 
@@ -389,9 +456,10 @@ export const GENERATED_CONF = "data/nats-weft.conf";
 export async function writeAuthConfig(
   baseConf: string,
   cwd: string,
+  mesh?: Parameters<typeof meshPermissions>[0],
 ): Promise<{ configFile: string; seeds: Map<string, string>; dir: string }> {
   const dir = `${cwd.replace(/\/$/, "")}/${IDENTITY_DIR}`;
-  const perms = meshPermissions();
+  const perms = meshPermissions(mesh);
   const identities = await ensureIdentities(dir, perms.map((p) => p.name));
   const users = identities.map((identity, i) => ({ identity, permissions: perms[i]!.permissions }));
   const configFile = `${cwd.replace(/\/$/, "")}/${GENERATED_CONF}`;
@@ -417,8 +485,9 @@ async function waitReady(
   config: Config,
   ms: number,
   stopped: () => boolean,
+  services: readonly ServiceSpec[],
 ): Promise<string[]> {
-  const want = new Set(SERVICES.map((s) => `weft-${s.name}`));
+  const want = new Set(services.map((s) => `weft-${s.name}`));
   const deadline = Date.now() + ms;
   let missing = [...want];
   while (Date.now() < deadline && !stopped()) {
@@ -445,6 +514,30 @@ async function waitReady(
   return missing;
 }
 
+/** The file listing the definitions to run when WEFT_PIPELINES does not. */
+export const PIPELINES_LIST = "pipelines/run.json";
+
+/** The definitions listed in {@link PIPELINES_LIST}; none when it is missing. */
+export async function listedPipelines(root: URL = ROOT): Promise<string[]> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(new URL(PIPELINES_LIST, root));
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return [];
+    throw err;
+  }
+  let run: unknown;
+  try {
+    run = (JSON.parse(text) as { run?: unknown }).run;
+  } catch (err) {
+    throw new ConfigError(`${PIPELINES_LIST} is not JSON: ${(err as Error).message}`);
+  }
+  if (!Array.isArray(run) || !run.every((f) => typeof f === "string")) {
+    throw new ConfigError(`${PIPELINES_LIST}: "run" must be a list of definition files`);
+  }
+  return run;
+}
+
 /** Runs the mesh until SIGINT/SIGTERM. */
 export async function supervise(config: Config, log: Logger): Promise<void> {
   let nats: NatsServer | undefined;
@@ -457,13 +550,21 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     );
     Deno.exit(1);
   }
-  // Nothing starts on a configuration that cannot run.
+  // Nothing starts on a configuration that cannot run: a bad definition included.
   let groups: ServiceSpec[][];
+  let loaded: LoadedPipeline[];
+  let mesh: ReturnType<typeof meshServices>;
   try {
-    groups = processGroups(config.together);
+    if (config.pipelines.length === 0) config = { ...config, pipelines: await listedPipelines() };
+    loaded = await loadPipelines(config.pipelines, ROOT.pathname);
+    mesh = meshServices(loaded);
+    groups = processGroups(config.together, mesh.services);
   } catch (err) {
     log.error((err as Error).message);
     Deno.exit(2);
+  }
+  for (const p of loaded) {
+    log.info("pipeline loaded", { pipeline: p.def.name, definition: p.def.hash, file: p.file });
   }
   const startedAt = performance.now();
   let env: Record<string, string> = {};
@@ -505,7 +606,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     const baseConf = new URL(config.natsConf, ROOT).pathname;
     let configFile = baseConf;
     if (config.natsAuth === "nkeys") {
-      const made = await writeAuthConfig(baseConf, cwd);
+      const made = await writeAuthConfig(baseConf, cwd, mesh);
       configFile = made.configFile;
       seeds = made.seeds;
       identityDir = made.dir;
@@ -549,7 +650,12 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const serverAt = nc.info?.version;
   if (serverAt !== undefined && !versionAtLeast(serverAt)) await fail(tooOldMessage(serverAt));
   try {
-    await ensureTopology(nc, await jetstreamManager(nc), config);
+    await ensureTopology(
+      nc,
+      await jetstreamManager(nc),
+      config,
+      pipelineTopology(loaded, config.retentionMs),
+    );
   } catch (err) {
     await fail(`streams and buckets could not be set up: ${(err as Error).message}`, err);
   }
@@ -568,7 +674,9 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       : alone
       ? { WEFT_NATS_NKEY: groupSeeds[0]!, WEFT_ENSURE_TOPOLOGY: "false" }
       : { WEFT_NATS_IDENTITY_DIR: identityDir!, WEFT_ENSURE_TOPOLOGY: "false" };
-    const entry = alone ? [group[0]!.entry] : [TOGETHER_ENTRY, ...group.map((s) => s.name)];
+    const entry = alone
+      ? [group[0]!.entry, ...group[0]!.args ?? []]
+      : [TOGETHER_ENTRY, ...group.map((s) => s.name)];
     const child = new Deno.Command("deno", {
       args: processArgs(group, config, entry, groupSeeds),
       // The service exits when this pipe closes: when the supervisor dies, however it dies.
@@ -577,6 +685,8 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         ...own,
         ...(alone ? serviceEnv(group[0]!, envOrUndefined) : {}),
         WEFT_PARENT_WATCH: "stdin",
+        // The definitions to run, however the supervisor was given them (env or --pipelines).
+        ...(config.pipelines.length > 0 ? { WEFT_PIPELINES: config.pipelines.join(",") } : {}),
       },
       stdin: "piped",
       stdout: "inherit",
@@ -620,7 +730,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
 
   // Ready means every service answers `nats micro` pings and the gateway accepts
   // connections; only then say so, once, with where everything is.
-  const missing = await waitReady(nc, config, 60_000, () => signalled);
+  const missing = await waitReady(nc, config, 60_000, () => signalled, mesh.services);
   await nc.close();
   const gateway = `${config.tlsCert ? "https" : "http"}://${config.host}:${config.port}`;
   const summary = {
@@ -631,7 +741,8 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     nats_cli: seeds
       ? `nats context save weft --server ${config.natsUrl} --nkey ${seeds.get("ops")} --select`
       : undefined,
-    services: SERVICES.length,
+    services: mesh.services.length,
+    pipelines: loaded.length > 0 ? loaded.map((p) => p.def.name) : undefined,
     ready_in_ms: Math.round(performance.now() - startedAt),
   };
   // (Stopped before ready: nothing to announce.)
@@ -640,7 +751,9 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   } else if (!signalled) log.info("weft is ready", summary);
   if (!signalled && Deno.stdout.isTerminal() && missing.length === 0) {
     const lines = [
-      `Weft is ready: ${SERVICES.length} services in ${(summary.ready_in_ms / 1000).toFixed(1)} s`,
+      `Weft is ready: ${mesh.services.length} services in ${
+        (summary.ready_in_ms / 1000).toFixed(1)
+      } s`,
       `  gateway    ${gateway}   (dashboard: ${summary.dashboard})`,
       `  nats       ${config.natsUrl}${
         summary.nats_monitoring ? `   (monitoring: ${summary.nats_monitoring})` : ""

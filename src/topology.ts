@@ -56,7 +56,18 @@ export type TopologyConfig = Pick<
 >;
 
 /** Stream configurations, by name. */
-export function streamConfigs(config: TopologyConfig): NamedStreamConfig[] {
+/** Streams and buckets beyond the built-in ones: those of definitions' pipelines. */
+export interface ExtraTopology {
+  /** Event streams, with the same limits as the built-in pipelines' streams. */
+  streams?: readonly { name: string; description: string; subjects: string[] }[];
+  /** KV buckets; `ttl` in ms. */
+  buckets?: readonly { name: string; description: string; ttl?: number }[];
+}
+
+export function streamConfigs(
+  config: TopologyConfig,
+  extra: ExtraTopology = {},
+): NamedStreamConfig[] {
   // Every stream: limits retention (SSE replays history, so events stay after acks), file
   // storage, the configured de-duplication window, and discard-NEW: a full stream refuses
   // new messages (intake refuses new items earlier, see capacity.ts) and never discards an
@@ -115,6 +126,7 @@ export function streamConfigs(config: TopologyConfig): NamedStreamConfig[] {
         maxBytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 16)),
       },
     ),
+    ...(extra.streams ?? []).map((s) => stream(s.name, s.description, s.subjects, events)),
   ];
 }
 
@@ -245,8 +257,10 @@ export async function ensureConsumer(
 /** The KV buckets: name, what it holds, and how long an entry lives (undefined: forever). */
 export function bucketConfigs(
   config: TopologyConfig,
+  extra: ExtraTopology = {},
 ): { name: string; description: string; ttl?: number }[] {
   return [
+    ...(extra.buckets ?? []),
     {
       name: STATE_BUCKET,
       description: "Weft: current state of each feedback item",
@@ -278,7 +292,11 @@ export function bucketConfigs(
 }
 
 /** Creates (or binds to) the KV buckets and the object store of uploads. */
-export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig): Promise<void> {
+export async function ensureBuckets(
+  nc: NatsConnection,
+  config: TopologyConfig,
+  extra: ExtraTopology = {},
+): Promise<void> {
   const kvm = new Kvm(nc);
   // Another process may create the same bucket at the same moment: its bucket is as good.
   const orOpen = async (create: () => Promise<unknown>, open: () => Promise<unknown>) => {
@@ -290,7 +308,7 @@ export async function ensureBuckets(nc: NatsConnection, config: TopologyConfig):
       });
     }
   };
-  for (const { name, description, ttl } of bucketConfigs(config)) {
+  for (const { name, description, ttl } of bucketConfigs(config, extra)) {
     await orOpen(
       () =>
         kvm.create(name, {
@@ -318,9 +336,10 @@ export async function ensureTopology(
   nc: NatsConnection,
   jsm: JetStreamManager,
   config: TopologyConfig,
+  extra: ExtraTopology = {},
 ): Promise<void> {
-  for (const s of streamConfigs(config)) {
+  for (const s of streamConfigs(config, extra)) {
     await ensureStream(jsm, s, { allowShrink: config.allowShrink });
   }
-  await ensureBuckets(nc, config);
+  await ensureBuckets(nc, config, extra);
 }

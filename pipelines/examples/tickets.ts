@@ -5,13 +5,7 @@ const obj = { type: "object" } as const;
 /** Support tickets: LLM triage, a human approves urgent replies, then the reply goes out. */
 export const tickets = definePipeline({
   name: "tickets",
-  input: {
-    schema: {
-      type: "object",
-      required: ["customer", "text"],
-      properties: { customer: { type: "string" }, text: { type: "string", maxLength: 4000 } },
-    },
-  },
+  input: { schema: { type: "object", required: ["customer", "text"] } },
   start: "triage",
   steps: {
     triage: { kind: "llm", prompt: "prompts/triage.md", output: obj, next: "route" },
@@ -30,7 +24,10 @@ export const tickets = definePipeline({
     reply: {
       kind: "task",
       output: obj,
-      handle: (t: { customer: string }) => ({ to: t.customer, body: "Thanks, on it." }),
+      handle: (_v: unknown, ctx: { input: { customer: string } }) => ({
+        to: ctx.input.customer,
+        body: "Thanks, on it.",
+      }),
       flow: { concurrency: { limit: 5, key: "customer" } },
       next: "sent",
     },

@@ -5,7 +5,7 @@ import { tickets } from "./tickets.ts";
 Deno.test("the README's tickets example is a valid definition with the consumers it promises", () => {
   const consumers = stepConsumers(tickets, { ackWaitMs: 30_000, maxAttempts: 5 });
   assert.deepEqual(consumers.map((c) => [c.durable_name, c.filter_subject]), [
-    ["triage", "tickets.submit"],
+    ["triage", "tickets.submitted.*"],
     ["route", "tickets.triage.*"],
     ["reply", "tickets.*.*"],
   ]);

@@ -28,18 +28,14 @@ export function feedbackPipeline(stages: FeedbackStages = {}) {
     description: "Customer feedback: sentiment, topics, routing",
     // The full schema (schemas/feedback.submit.v1.json) $refs defs.v1.json; the runtime keeps
     // validating with it. This is its outline until definitions resolve $refs.
+    // Submissions (`feedback.submit`) become `feedback.ingested` entry events in the
+    // runtime's intake (durable `ingest`), today's ingest stage.
     input: {
       schema: { type: "object", required: ["text"], properties: { text: { type: "string" } } },
+      event: "ingested",
     },
-    start: "ingest",
+    start: "sentiment",
     steps: {
-      ingest: {
-        kind: "task",
-        emits: "ingested",
-        output: obj,
-        stage: stages.ingest,
-        next: "sentiment",
-      },
       sentiment: {
         kind: "task",
         emits: "sentiment_analyzed",

@@ -47,7 +47,9 @@ export function moderationPipeline(stages: ModerationStages = {}, slaMs = 3_600_
       },
       review: {
         kind: "wait",
-        event: "decided",
+        // A reviewer's decision (the claim/decision API) resumes the item as `decided`.
+        event: "decision",
+        emits: "decided",
         timeoutMs: slaMs,
         timeoutEvent: "sla_expired",
         onTimeout: "review-sla",

@@ -39,6 +39,8 @@ import type { ModerationApi } from "../moderation/api.ts";
 import { createModerationRoutes } from "./moderation_routes.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
 import { boolQuery } from "./query.ts";
+import { pipelineRoutes } from "./pipelines.ts";
+import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { WeftMetrics } from "../metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
 
@@ -62,6 +64,8 @@ export interface GatewayDeps {
   sseClients?: SseClients;
   /** Live event feeds; one per gateway by default. */
   feeds?: LiveFeeds;
+  /** Pipelines loaded from definitions: their routes under /pipelines. */
+  pipelines?: readonly LoadedPipeline[];
 }
 
 /** The problem+json response for an error. */
@@ -75,7 +79,7 @@ export function problemResponse(c: Context, err: unknown): Response {
 }
 
 /** Refuses bodies that are not declared as JSON. */
-const requireJson: MiddlewareHandler = async (c, next) => {
+export const requireJson: MiddlewareHandler = async (c, next) => {
   const type = c.req.header("content-type") ?? "";
   if (!/^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i.test(type)) {
     throw new WeftError(
@@ -87,7 +91,8 @@ const requireJson: MiddlewareHandler = async (c, next) => {
   await next();
 };
 
-async function readJson(c: Context): Promise<unknown> {
+/** The request body as JSON; a 400 problem naming the body when it is not. */
+export async function readJson(c: Context): Promise<unknown> {
   try {
     return decodeJson(new Uint8Array(await c.req.arrayBuffer()));
   } catch (err) {
@@ -265,6 +270,23 @@ export function createApp(deps: GatewayDeps): Hono {
       replay: boolQuery(c.req.query("replay"), "replay") === true,
     }, { config, clients, feeds, log, key });
   });
+
+  if (deps.pipelines && deps.pipelines.length > 0) {
+    app.route(
+      "/pipelines",
+      pipelineRoutes({
+        nc: deps.nc,
+        pipelines: deps.pipelines,
+        config,
+        log,
+        clients,
+        feeds,
+        ingestAuth,
+        readAuth,
+        decideAuth: guard(Role.Reviewer),
+      }),
+    );
+  }
 
   app.use("/deadletters", adminAuth);
   app.use("/deadletters/*", adminAuth);

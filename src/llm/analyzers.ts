@@ -215,14 +215,39 @@ export const DEFAULT_TOXICITY_CATEGORIES: readonly string[] = [
   "self_harm",
 ];
 
-interface Spec<P, R> {
+/**
+ * What an LLM analyzer asks for and how its answer becomes a result: the prompt kind, the
+ * output's JSON Schema, the prompt's placeholders and the mapping of a valid answer.
+ *
+ * @example
+ * ```ts
+ * import type { LlmOutputSpec } from "./analyzers.ts";
+ * const spec: LlmOutputSpec<{ label: string }, { label: string }> = {
+ *   kind: "triage", schema: { type: "object" }, vars: {}, toResult: (p) => p,
+ * };
+ * ```
+ */
+export interface LlmOutputSpec<P, R> {
   kind: string;
   schema: Record<string, unknown>;
   vars: Record<string, string>;
   toResult(payload: P): Omit<R, "analyzer">;
 }
+type Spec<P, R> = LlmOutputSpec<P, R>;
 
-function createLlmAnalyzer<P, R>(
+/**
+ * An LLM analyzer for any JSON output: cache, budget, JSON mode, schema validation and one
+ * repair, as for the built-in ones (a pipeline definition's `llm` steps use it).
+ *
+ * @example
+ * ```ts ignore
+ * const triage = createLlmAnalyzer(options, {
+ *   kind: "triage", schema, vars: {}, toResult: (p) => p,
+ * });
+ * const r = await triage.analyze(JSON.stringify(ticket));
+ * ```
+ */
+export function createLlmAnalyzer<P, R>(
   options: LlmAnalyzerOptions,
   spec: Spec<P, R>,
 ): LlmAnalyzer<R & LlmResultMeta> {

@@ -8,6 +8,19 @@
 import type { Stage, StageContext } from "../stage.ts";
 import { validatePipeline } from "./validate.ts";
 
+/** What a step's handler gets besides the value it is handed. */
+export interface StepContext extends StageContext {
+  /** The item's id. */
+  item: string;
+  /** The item's input document. */
+  // deno-lint-ignore no-explicit-any
+  input: any;
+  /** Every completed step's result so far, by step id. */
+  results: Readonly<Record<string, unknown>>;
+  /** How many times each step completed (loop counters). */
+  runs: Readonly<Record<string, number>>;
+}
+
 /** A JSON Schema document (draft-07 subset that Ajv compiles). */
 export type JsonSchema = Readonly<Record<string, unknown>>;
 
@@ -39,9 +52,12 @@ export interface TaskStep extends StepBase {
   kind: "task";
   /** JSON Schema of the handler's result. */
   output: JsonSchema;
-  /** Pure: same input, same output. Delivery is at least once. */
+  /**
+   * Pure: same input, same output. Delivery is at least once. `value` is what the step
+   * before handed on (the input document for the first step); `ctx.input`, `ctx.results`.
+   */
   // deno-lint-ignore no-explicit-any
-  handle?: (input: any, ctx: StageContext) => unknown | Promise<unknown>;
+  handle?: (value: any, ctx: StepContext) => unknown | Promise<unknown>;
   /** An existing Stage (src/stage.ts) run as this step, for the shipped pipelines. */
   // deno-lint-ignore no-explicit-any
   stage?: Stage<any>;
@@ -81,7 +97,7 @@ export interface AgentStep extends StepBase {
 export interface RouterStep extends StepBase {
   kind: "router";
   // deno-lint-ignore no-explicit-any
-  route?: (input: any, ctx: StageContext) => string | Promise<string>;
+  route?: (value: any, ctx: StepContext) => string | Promise<string>;
   routes: Readonly<Record<string, string>>;
 }
 

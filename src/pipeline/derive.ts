@@ -6,6 +6,21 @@
  */
 import type { PipelineSpec, StepSpec } from "./definition.ts";
 import { edgesOf, eventOf } from "./validate.ts";
+import { entryEvent, FAILED, timeoutEventOf } from "./flow.ts";
+
+/** The durable consumer turning bus submissions (`<name>.submit`) into entry events. */
+export const INTAKE_DURABLE = "ingest";
+/** The durable consumer of a pipeline's control steps (join, wait, delay) and version checks. */
+export const CONTROL_DURABLE = "control";
+/** Step kinds the control service runs: they hold an item, with no handler of their own. */
+export const CONTROL_KINDS: ReadonlySet<StepSpec["kind"]> = new Set(["join", "wait", "delay"]);
+/** Step kinds run as their own service: a handler per item. */
+export const WORK_KINDS: ReadonlySet<StepSpec["kind"]> = new Set([
+  "task",
+  "llm",
+  "agent",
+  "router",
+]);
 
 /** Subjects and stream of one pipeline. */
 export interface PipelineSubjects {
@@ -27,7 +42,7 @@ export interface PipelineSubjects {
 export function pipelineSubjects(spec: PipelineSpec): PipelineSubjects {
   const n = spec.name;
   const types = new Set<string>();
-  if (spec.input.event) types.add(`${n}.${spec.input.event}`);
+  types.add(`${n}.${entryEvent(spec)}`);
   for (const [id, step] of Object.entries(spec.steps)) {
     for (const e of publishedEvents(spec, id, step)) types.add(e);
   }
@@ -42,32 +57,29 @@ export function pipelineSubjects(spec: PipelineSpec): PipelineSubjects {
   };
 }
 
-function timeoutEventOf(id: string, step: StepSpec & { kind: "wait" }): string {
-  return step.timeoutEvent ?? `${id.replaceAll("-", "_")}_timed_out`;
-}
-
 /** Event types (`<name>.<event>`) a step's service publishes. */
 function publishedEvents(spec: PipelineSpec, id: string, step: StepSpec): string[] {
   const n = spec.name;
   if (step.kind === "end") return [`${n}.${eventOf(id, step)}`];
-  if (step.kind === "wait") return [`${n}.${timeoutEventOf(id, step)}`];
   const out = [`${n}.${eventOf(id, step)}`];
+  if (step.kind === "wait" || step.kind === "join") out.push(`${n}.${timeoutEventOf(id, step)}`);
   if (step.kind === "task") { for (const e of step.alsoEmits ?? []) out.push(`${n}.${e}`); }
   return out;
 }
 
-/** The subject filter a step consumes: what leads into it. */
+/**
+ * The subject filter a work step consumes: what leads into it. Control steps (join, wait,
+ * delay) and end steps have none of their own (the control service holds the items).
+ */
 export function stepFilterSubject(spec: PipelineSpec, id: string): string | null {
   const n = spec.name;
   const step = spec.steps[id]!;
-  if (step.kind === "end") return null;
-  if (step.kind === "wait") return null; // driven by its predecessor's event; no consumer of its own
-  if (id === spec.start) return spec.input.event ? `${n}.${spec.input.event}.*` : `${n}.submit`;
-  const filters: string[] = [];
+  if (!WORK_KINDS.has(step.kind)) return null;
+  const filters: string[] = id === spec.start ? [`${n}.${entryEvent(spec)}.*`] : [];
   for (const [from, s] of Object.entries(spec.steps)) {
     for (const [t, via] of edgesOf(s)) {
       if (t !== id) continue;
-      if (s.kind === "wait" && via === "onTimeout") {
+      if (via === "onTimeout" || via === "onDeadline") {
         filters.push(`${n}.${timeoutEventOf(from, s)}.*`);
       } else filters.push(`${n}.${eventOf(from, s)}.*`);
     }
@@ -131,10 +143,8 @@ export function stepPermissions(spec: PipelineSpec): StepPermissions[] {
       const ts = spec.steps[t]!;
       // A step whose successor is an end step publishes the terminal event itself.
       if (ts.kind === "end") publish.add(`${n}.${eventOf(t, ts)}.*`);
-      // A step followed by a wait publishes the wait's timeout schedule.
-      if (ts.kind === "wait") publish.add(`${n}.${timeoutEventOf(t, ts)}.*`);
     }
-    publish.add(`${n}.failed.*`);
+    publish.add(`${n}.${FAILED}.*`);
     publish.add(`deadletter.${id}.*`);
     out.push({ step: id, publish: [...publish], subscribe: [filter] });
   }

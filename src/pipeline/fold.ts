@@ -5,7 +5,8 @@
  *
  * @module
  */
-import type { PipelineSpec, StepSpec } from "./definition.ts";
+import type { PipelineSpec } from "./definition.ts";
+import { entryEvent, FAILED, type FlowData, TIMER } from "./flow.ts";
 import { eventOf } from "./validate.ts";
 
 /** An event as the fold sees it. */
@@ -16,61 +17,88 @@ export interface FoldEvent {
   type: string;
   /** ISO time of the event. */
   time: string;
+  /** The item, when the event names it. */
+  item_id?: string;
   /** Definition hash the item's run is pinned to. */
   definition?: string;
   data?: unknown;
 }
 
-/** One item's state. */
+/** One item's state, as kept in `weft_<pipeline>_state` (`nats kv get`). */
 export interface ItemState {
+  id?: string;
   status: "running" | "waiting" | "done" | "failed";
   /** The steps the item is at now (several after a fan-out). */
   current: string[];
+  /** The input document. */
+  input?: unknown;
   /** Result of each completed step, by step id (the latest, for a step in a loop). */
   results: Record<string, unknown>;
   /** How many times each step completed: a loop's bound is checked against it. */
   runs: Record<string, number>;
   /** What the item waits on, and until when (ISO), while waiting. */
   waiting?: { step: string; event: string; until: string };
-  /** Terminal outcome. */
+  /** Terminal outcome (`failed` with `error` when it failed). */
   outcome?: string;
+  /** Why it failed: the failing step, code and reason. */
+  error?: { stage?: string; code?: string; reason?: string };
+  /** Hash of the definition the item started on. */
   definition?: string;
-  createdAt: string;
-  updatedAt: string;
+  created_at: string;
+  updated_at: string;
+  /** Stream sequence of the item's first event (where its SSE replay starts). */
+  first_seq: number;
   /** Highest stream sequence applied. */
-  lastSeq: number;
+  last_seq: number;
 }
 
 interface Index {
-  byEvent: Map<string, { id: string; step: StepSpec; timeout?: boolean }>;
-  successors: (id: string) => string[];
+  byEvent: Map<string, { id: string; timeout?: boolean }>;
+  waits: Map<string, { event: string; timeoutMs: number }>;
 }
 
+const indexes = new WeakMap<PipelineSpec, Index>();
+
 function index(spec: PipelineSpec): Index {
-  const byEvent = new Map<string, { id: string; step: StepSpec; timeout?: boolean }>();
+  let idx = indexes.get(spec);
+  if (idx) return idx;
+  const byEvent = new Map<string, { id: string; timeout?: boolean }>();
+  const waits = new Map<string, { event: string; timeoutMs: number }>();
   // End steps last: a terminal event published directly by the step before it ends the item.
   const entries = Object.entries(spec.steps).sort(([, a], [, b]) =>
     Number(a.kind === "end") - Number(b.kind === "end")
   );
   for (const [id, step] of entries) {
-    byEvent.set(`${spec.name}.${eventOf(id, step)}`, { id, step });
+    byEvent.set(`${spec.name}.${eventOf(id, step)}`, { id });
+    if (step.kind === "wait" || step.kind === "join") {
+      const to = (step.kind === "wait" && step.timeoutEvent) ||
+        `${id.replaceAll("-", "_")}_timed_out`;
+      byEvent.set(`${spec.name}.${to}`, { id, timeout: true });
+    }
     if (step.kind === "wait") {
-      const to = step.timeoutEvent ?? `${id.replaceAll("-", "_")}_timed_out`;
-      byEvent.set(`${spec.name}.${to}`, { id, step, timeout: true });
+      waits.set(id, { event: `${spec.name}.${step.event}`, timeoutMs: step.timeoutMs });
     }
   }
-  const successors = (id: string): string[] => {
-    const s = spec.steps[id]!;
-    if (s.kind === "end" || s.kind === "router") return [];
-    const n = s.next;
-    return n === undefined ? [] : typeof n === "string" ? [n] : [...n];
-  };
-  return { byEvent, successors };
+  idx = { byEvent, waits };
+  indexes.set(spec, idx);
+  return idx;
+}
+
+function successors(spec: PipelineSpec, id: string, data: FlowData | undefined, timeout: boolean) {
+  const s = spec.steps[id]!;
+  if (timeout) return s.kind === "wait" ? [s.onTimeout] : s.kind === "join" ? [s.onDeadline] : [];
+  if (s.kind === "end") return [];
+  if (s.kind === "router") {
+    const label = (data?.results?.[id] as { label?: string } | undefined)?.label;
+    return label && s.routes[label] ? [s.routes[label]!] : [];
+  }
+  const n = s.next;
+  return n === undefined ? [] : typeof n === "string" ? [n] : [...n];
 }
 
 /**
  * Applies one event to `state` (undefined before the first). Returns `state` itself when
- * the event was already applied or is not of this pipeline.
+ * the event was already applied, and undefined for an event of no item state.
  *
  * @example
  * ```ts
@@ -88,10 +116,12 @@ export function applyPipelineEvent(
   spec: PipelineSpec,
   state: ItemState | undefined,
   event: FoldEvent,
-  idx: Index = index(spec),
 ): ItemState | undefined {
-  if (state && event.seq <= state.lastSeq) return state;
+  if (state && event.seq <= state.last_seq) return state;
   const n = spec.name;
+  if (event.type === `${n}.${TIMER}`) return state; // the runtime's own clock ticks
+  const idx = index(spec);
+  const data = event.data as FlowData | undefined;
   const base: ItemState = state
     ? {
       ...state,
@@ -100,72 +130,67 @@ export function applyPipelineEvent(
       runs: { ...state.runs },
     }
     : {
+      ...(event.item_id ? { id: event.item_id } : {}),
       status: "running",
-      current: [spec.start],
+      current: [],
       results: {},
       runs: {},
-      createdAt: event.time,
-      updatedAt: event.time,
-      lastSeq: 0,
+      created_at: event.time,
+      updated_at: event.time,
+      first_seq: event.seq,
+      last_seq: 0,
       ...(event.definition ? { definition: event.definition } : {}),
     };
-  base.lastSeq = event.seq;
-  base.updatedAt = event.time;
+  base.last_seq = event.seq;
+  base.updated_at = event.time;
   if (base.status === "done" || base.status === "failed") return base;
-  if (event.type === `${n}.failed`) {
+  if (event.type === `${n}.${FAILED}`) {
     base.status = "failed";
+    base.outcome = FAILED;
+    const d = event.data as { stage?: string; code?: string; reason?: string } | undefined;
+    base.error = { stage: d?.stage, code: d?.code, reason: d?.reason };
     base.current = [];
     delete base.waiting;
     return base;
   }
-  if (spec.input.event && event.type === `${n}.${spec.input.event}`) {
-    base.results["$input"] = event.data;
+  if (event.type === `${n}.${entryEvent(spec)}`) {
+    base.input = data?.input;
+    base.current = [spec.start];
     return base;
   }
   const hit = idx.byEvent.get(event.type);
-  if (!hit) return state ? base : undefined;
-  const { id, step } = hit;
-  const leave = (from: string, to: string[]) => {
-    base.current = [...new Set([...base.current.filter((c) => c !== from), ...to])];
-  };
+  if (!hit) return state ? base : undefined; // an awaited event: the wait's own event follows
+  const { id } = hit;
+  const step = spec.steps[id]!;
   if (step.kind === "end") {
-    base.status = step.outcome === "failed" ? "failed" : "done";
+    base.status = step.outcome === FAILED ? "failed" : "done";
     base.outcome = step.outcome;
     base.current = [];
     delete base.waiting;
     return base;
   }
-  if (step.kind === "wait") {
-    base.results[id] = hit.timeout ? { timedOut: true } : event.data;
-    delete base.waiting;
-    base.status = "running";
-    leave(id, hit.timeout ? [step.onTimeout] : idx.successors(id));
-    return base;
-  }
-  base.results[id] = event.data;
-  base.runs[id] = (base.runs[id] ?? 0) + 1;
-  let next = idx.successors(id);
-  if (step.kind === "router") {
-    const label = (event.data as { label?: string } | undefined)?.label;
-    next = label && step.routes[label] ? [step.routes[label]!] : [];
-  }
-  // A join is current only once all its inputs are in.
-  next = next.filter((t) => {
-    const ts = spec.steps[t]!;
-    return ts.kind !== "join" || ts.after.every((a) => a in base.results);
-  });
-  leave(id, next);
-  for (const t of next) {
-    const ts = spec.steps[t]!;
-    if (ts.kind === "wait") {
-      base.status = "waiting";
-      base.waiting = {
-        step: t,
-        event: `${n}.${ts.event}`,
-        until: new Date(Date.parse(event.time) + ts.timeoutMs).toISOString(),
-      };
+  if (data?.results) {
+    for (const [k, v] of Object.entries(data.results)) base.results[k] = v;
+    for (const [k, v] of Object.entries(data.runs ?? {})) {
+      base.runs[k] = Math.max(base.runs[k] ?? 0, v);
     }
   }
+  if (hit.timeout) base.results[id] = { timed_out: true };
+  // End steps are never current: their event follows at once, from this step.
+  const next = successors(spec, id, data, hit.timeout === true)
+    .filter((t) => spec.steps[t]!.kind !== "end");
+  // A join becomes current with its first input; it leaves when it completes.
+  base.current = [...new Set([...base.current.filter((c) => c !== id), ...next])];
+  if (base.waiting?.step === id) delete base.waiting;
+  const wait = next.map((t) => [t, idx.waits.get(t)] as const).find(([, w]) => w);
+  if (wait) {
+    base.waiting = {
+      step: wait[0],
+      event: wait[1]!.event,
+      until: new Date(Date.parse(event.time) + wait[1]!.timeoutMs).toISOString(),
+    };
+  }
+  base.status = base.waiting ? "waiting" : "running";
   return base;
 }
 
@@ -174,10 +199,7 @@ export function foldPipelineEvents(
   spec: PipelineSpec,
   events: readonly FoldEvent[],
 ): ItemState | undefined {
-  const idx = index(spec);
   let s: ItemState | undefined;
-  for (const e of [...events].sort((a, b) => a.seq - b.seq)) {
-    s = applyPipelineEvent(spec, s, e, idx);
-  }
+  for (const e of [...events].sort((a, b) => a.seq - b.seq)) s = applyPipelineEvent(spec, s, e);
   return s;
 }

@@ -19,68 +19,100 @@ const spec = definePipeline({
   },
 });
 const t = (s: number) => new Date(Date.UTC(2026, 0, 1, 0, 0, s)).toISOString();
-const ev = (seq: number, type: string, data?: unknown): FoldEvent => ({
-  seq,
-  type: `tickets.${type}`,
-  time: t(seq),
-  definition: spec.hash,
-  data,
-});
+/** An event of the run: each carries every result so far (flow.ts's FlowData). */
+let results: Record<string, unknown> = {};
+let runs: Record<string, number> = {};
+const ev = (seq: number, type: string, step?: string, result?: unknown): FoldEvent => {
+  if (seq === 1) (results = {}, runs = {});
+  if (step) {
+    results = { ...results, [step]: result };
+    runs = { ...runs, [step]: (runs[step] ?? 0) + 1 };
+  }
+  return {
+    seq,
+    type: `tickets.${type}`,
+    time: t(seq),
+    item_id: "T1",
+    definition: spec.hash,
+    data: { input: { text: "hi" }, value: result, results, runs },
+  };
+};
 
 Deno.test("the fold records a wait with its event and deadline, then fan-out, join and outcome", () => {
   const events = [
-    ev(1, "triage", { label: "urgent" }),
-    ev(2, "approved", { by: "alice" }),
-    ev(3, "fan", {}),
-    ev(4, "a", { x: 1 }),
-    ev(5, "b", { y: 2 }),
-    ev(6, "join", {}),
-    ev(7, "done", {}),
+    ev(1, "submitted"),
+    ev(2, "triage", "triage", { label: "urgent" }),
+    ev(3, "approved"), // the awaited event itself: the wait's own event follows
+    ev(4, "approve", "approve", { by: "alice" }),
+    ev(5, "fan", "fan", {}),
+    ev(6, "a", "a", { x: 1 }),
+    ev(7, "b", "b", { y: 2 }),
+    ev(8, "join", "join", {}),
+    ev(9, "done"),
   ];
-  const waiting = foldPipelineEvents(spec, events.slice(0, 1))!;
+  const started = foldPipelineEvents(spec, events.slice(0, 1))!;
+  assert.deepEqual(started.current, ["triage"]);
+  assert.deepEqual(started.input, { text: "hi" });
+  assert.equal(started.id, "T1");
+
+  const waiting = foldPipelineEvents(spec, events.slice(0, 3))!;
   assert.equal(waiting.status, "waiting");
   assert.deepEqual(waiting.current, ["approve"]);
-  assert.deepEqual(waiting.waiting, { step: "approve", event: "tickets.approved", until: t(61) });
+  assert.deepEqual(waiting.waiting, { step: "approve", event: "tickets.approved", until: t(62) });
   assert.equal(waiting.definition, spec.hash);
 
-  const fanned = foldPipelineEvents(spec, events.slice(0, 3))!;
+  const fanned = foldPipelineEvents(spec, events.slice(0, 5))!;
   assert.equal(fanned.status, "running");
   assert.equal(fanned.waiting, undefined);
   assert.deepEqual(fanned.current.sort(), ["a", "b"]);
 
-  const half = foldPipelineEvents(spec, events.slice(0, 4))!;
-  assert.deepEqual(half.current, ["b"], "the join is not current until both inputs are in");
-  const joined = foldPipelineEvents(spec, events.slice(0, 5))!;
-  assert.deepEqual(joined.current, ["join"]);
+  const half = foldPipelineEvents(spec, events.slice(0, 6))!;
+  assert.deepEqual(half.current.sort(), ["b", "join"], "the join waits with its first input in");
+  const joined = foldPipelineEvents(spec, events.slice(0, 8))!;
+  assert.deepEqual(joined.current, [], "the join leads to the end step: nothing current");
 
   const done = foldPipelineEvents(spec, events)!;
   assert.equal(done.status, "done");
   assert.equal(done.outcome, "done");
   assert.deepEqual(done.current, []);
   assert.deepEqual(done.results.a, { x: 1 });
-  assert.deepEqual(done.runs, { triage: 1, fan: 1, a: 1, b: 1, join: 1 });
-  assert.equal(done.createdAt, t(1));
-  assert.equal(done.updatedAt, t(7));
+  assert.deepEqual(done.runs, { triage: 1, approve: 1, fan: 1, a: 1, b: 1, join: 1 });
+  assert.equal(done.created_at, t(1));
+  assert.equal(done.updated_at, t(9));
+  assert.equal(done.first_seq, 1);
 });
 
 Deno.test("the fold orders by stream sequence and ignores redelivered events", () => {
-  const events = [ev(1, "triage", { label: "normal" }), ev(2, "fan", {}), ev(3, "a", {})];
+  const events = [
+    ev(1, "submitted"),
+    ev(2, "triage", "triage", { label: "normal" }),
+    ev(3, "fan", "fan", {}),
+    ev(4, "a", "a", {}),
+  ];
   const inOrder = foldPipelineEvents(spec, events);
-  const shuffled = foldPipelineEvents(spec, [events[2]!, events[0]!, events[1]!]);
+  const shuffled = foldPipelineEvents(spec, [events[3]!, events[0]!, events[2]!, events[1]!]);
   assert.deepEqual(shuffled, inOrder);
   const again = applyPipelineEvent(spec, inOrder, events[1]!);
-  assert.equal(again, inOrder, "an event at or below lastSeq returns the same state");
+  assert.equal(again, inOrder, "an event at or below last_seq returns the same state");
 });
 
 Deno.test("a wait's timeout event takes the default action and a failed event ends the item", () => {
   const s = foldPipelineEvents(spec, [
-    ev(1, "triage", { label: "urgent" }),
-    ev(2, "approve_timed_out"),
+    ev(1, "submitted"),
+    ev(2, "triage", "triage", { label: "urgent" }),
+    ev(3, "approve_timed_out", "approve", { timed_out: true }),
   ])!;
   assert.deepEqual(s.current, ["fan"]);
-  assert.deepEqual(s.results.approve, { timedOut: true });
-  const f = foldPipelineEvents(spec, [ev(1, "triage", { label: "normal" }), ev(2, "failed")])!;
+  assert.deepEqual(s.results.approve, { timed_out: true });
+  const failed: FoldEvent = {
+    seq: 3,
+    type: "tickets.failed",
+    time: t(3),
+    data: { stage: "fan", code: "handler_failed", reason: "boom" },
+  };
+  const f = foldPipelineEvents(spec, [ev(1, "submitted"), ev(2, "triage", "triage", {}), failed])!;
   assert.equal(f.status, "failed");
+  assert.deepEqual(f.error, { stage: "fan", code: "handler_failed", reason: "boom" });
 });
 
 Deno.test("the dashboard graph and permissions follow from the definition", () => {
@@ -88,6 +120,9 @@ Deno.test("the dashboard graph and permissions follow from the definition", () =
   assert.ok(g.edges.some((e) => e.from === "triage" && e.to === "approve" && e.label === "urgent"));
   assert.ok(g.edges.some((e) => e.from === "approve" && e.to === "fan" && e.label === "onTimeout"));
   const p = new Map(stepPermissions(spec).map((x) => [x.step, x]));
-  assert.deepEqual(p.get("join")!.subscribe, ["tickets.*.*"]);
-  assert.ok(p.get("triage")!.publish.includes("tickets.approve_timed_out.*"));
+  assert.equal(p.get("join"), undefined, "a join is held by the control service, not a step");
+  assert.deepEqual(p.get("fan")!.subscribe, ["tickets.*.*"], "after the wait, or its timeout");
+  assert.deepEqual(p.get("a")!.subscribe, ["tickets.fan.*"]);
+  assert.ok(p.get("a")!.publish.includes("tickets.a.*"));
+  assert.ok(!p.get("a")!.publish.includes("tickets.b.*"));
 });

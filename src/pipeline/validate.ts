@@ -71,11 +71,13 @@ export function edgesOf(step: StepSpec): [string, string][] {
   }
 }
 
-/** The event type a step publishes on completion (a token). */
+/** Event tokens the runtime publishes itself (see flow.ts): no step may publish them. */
+const RESERVED = new Set(["submit", "submitted", "failed"]);
+
+/** The event type a step publishes on completion (a token); a wait's is its own, not the awaited one. */
 export function eventOf(id: string, step: StepSpec): string {
   if (step.emits) return step.emits;
   if (step.kind === "end") return step.outcome;
-  if (step.kind === "wait") return step.event;
   return id.replaceAll("-", "_");
 }
 
@@ -125,6 +127,13 @@ export function validatePipeline(spec: PipelineSpec): void {
     if (!TOKEN.test(id)) fail(id, "invalid_token", `step id "${id}" is not a subject token`);
     const ev = eventOf(id, step);
     if (!TOKEN.test(ev)) fail(id, "invalid_token", `event "${ev}" is not a subject token`);
+    if (RESERVED.has(ev)) {
+      fail(
+        id,
+        "duplicate_name",
+        `event "${ev}" is the runtime's own; name the step's event otherwise`,
+      );
+    }
     const owner = events.get(ev);
     if (owner !== undefined && !(step.kind === "wait" && owner === "(input)")) {
       // A terminal event may be published directly by the steps that lead to its end step.
@@ -135,8 +144,9 @@ export function validatePipeline(spec: PipelineSpec): void {
       if (!leads) fail(id, "duplicate_name", `event "${ev}" is also published by ${owner}`);
     }
     if (owner === undefined || spec.steps[owner]?.kind !== "end") events.set(ev, id);
-    if (step.kind === "wait") {
-      const to = step.timeoutEvent ?? `${id.replaceAll("-", "_")}_timed_out`;
+    if (step.kind === "wait" || step.kind === "join") {
+      const to = (step.kind === "wait" && step.timeoutEvent) ||
+        `${id.replaceAll("-", "_")}_timed_out`;
       if (!TOKEN.test(to)) {
         fail(id, "invalid_token", `timeout event "${to}" is not a subject token`);
       }
@@ -180,6 +190,19 @@ export function validatePipeline(spec: PipelineSpec): void {
     }
     if (step.flow?.batch && !(step.flow.batch.maxItems >= 1 && step.flow.batch.maxWaitMs >= 0)) {
       fail(id, "invalid_value", "batch needs maxItems >= 1 and maxWaitMs >= 0");
+    }
+  }
+
+  // A wait's awaited event comes from outside (a person, a callback): no step publishes it.
+  for (const id of ids) {
+    const step = spec.steps[id]!;
+    if (step.kind !== "wait") continue;
+    if (!TOKEN.test(step.event) || RESERVED.has(step.event)) {
+      fail(id, "invalid_token", `awaited event "${step.event}" is not a subject token of its own`);
+    }
+    const by = events.get(step.event);
+    if (by !== undefined) {
+      fail(id, "duplicate_name", `awaited event "${step.event}" is also published by ${by}`);
     }
   }
 

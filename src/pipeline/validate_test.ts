@@ -122,3 +122,27 @@ Deno.test("a schema that does not compile is rejected naming the step", () => {
   (s.steps.reply as { output: unknown }).output = { type: "no-such-type" };
   assert.deepEqual(problemOf(s), ["invalid_schema", "reply"]);
 });
+
+Deno.test("an awaited event a step publishes, or a runtime event name, is rejected", () => {
+  const awaitsOwn = {
+    name: "p",
+    input: { schema: {} },
+    start: "a",
+    steps: {
+      a: { kind: "task", output: {}, next: "w" },
+      w: { kind: "wait", event: "a", timeoutMs: 10, onTimeout: "end", next: "end" },
+      end: { kind: "end", outcome: "end" },
+    },
+  } as const;
+  assert.deepEqual(problemOf(awaitsOwn), ["duplicate_name", "w"]);
+  const reserved = {
+    name: "p",
+    input: { schema: {} },
+    start: "submitted",
+    steps: {
+      submitted: { kind: "task", output: {}, next: "end" },
+      end: { kind: "end", outcome: "end" },
+    },
+  } as const;
+  assert.deepEqual(problemOf(reserved), ["duplicate_name", "submitted"]);
+});

@@ -1,0 +1,126 @@
+/**
+ * `deno task new NAME`: writes a working two-step pipeline (pipelines/NAME/pipeline.ts) and
+ * its test, lists it in pipelines/run.json for `deno task start`, and says how to run and
+ * call it.
+ *
+ * @module
+ */
+const ROOT = new URL("../", import.meta.url);
+const TOKEN = /^[a-z0-9][a-z0-9_-]{0,39}$/;
+const TAKEN = new Set(["feedback", "content", "digest", "deadletter", "weft", "schedules"]);
+
+/** The definition a new pipeline starts from: normalize -> classify -> done. */
+export function pipelineSource(name: string): string {
+  const id = name.replace(/[-_](\w)/g, (_m, c: string) => c.toUpperCase());
+  return `/**
+ * The ${name} pipeline: a text is normalized, then classified. Edit the steps; the runtime
+ * derives services, subjects, routes and state from this file (docs/PIPELINES.md).
+ */
+import { definePipeline } from "../../mod.ts";
+
+/** The input document: what \`POST /pipelines/${name}/items\` takes. */
+export interface Input {
+  text: string;
+}
+
+export const ${id} = definePipeline({
+  name: "${name}",
+  input: {
+    schema: {
+      type: "object",
+      required: ["text"],
+      properties: { text: { type: "string", minLength: 1, maxLength: 10000 } },
+    },
+  },
+  start: "normalize",
+  steps: {
+    normalize: {
+      kind: "task",
+      output: { type: "object", required: ["text"], properties: { text: { type: "string" } } },
+      handle: (input: Input) => ({ text: input.text.trim().replace(/\\s+/g, " ") }),
+      next: "classify",
+    },
+    classify: {
+      kind: "task",
+      output: {
+        type: "object",
+        required: ["label"],
+        properties: { label: { enum: ["question", "statement"] } },
+      },
+      handle: (n: { text: string }) => ({ label: n.text.endsWith("?") ? "question" : "statement" }),
+      next: "done",
+    },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+}
+
+/** The new pipeline's test: its handlers' results match their schemas, step by step. */
+export function testSource(name: string): string {
+  const id = name.replace(/[-_](\w)/g, (_m, c: string) => c.toUpperCase());
+  return `import assert from "node:assert/strict";
+import { advance, compileFlow, completion, entryData, flowEvent } from "../../mod.ts";
+import { ${id} } from "./pipeline.ts";
+
+Deno.test("${name}: a question is normalized, classified and done", async () => {
+  const flow = compileFlow(${id});
+  const ctx = { source: "test", now: new Date() };
+  const entry = flowEvent(flow, "submitted", { id: "e1", item_id: "i1", trace_id: "0".repeat(32) }, entryData({ text: "  is it   on? " }), ctx);
+  const step = async (id: "normalize" | "classify", data: typeof entry.data) => {
+    const s = ${id}.steps[id];
+    const result = await s.handle(data.value as never);
+    assert.ok(flow.checkOutput.get(id)!(result), \`\${id}'s result matches its output schema\`);
+    return advance(data, id, result, result);
+  };
+  const normalized = await step("normalize", entry.data);
+  assert.deepEqual(normalized.value, { text: "is it on?" });
+  const classified = await step("classify", normalized);
+  assert.deepEqual(classified.value, { label: "question" });
+  const events = completion(flow, "classify", entry, classified, ctx);
+  assert.deepEqual(events.map((e) => e.type), ["${name}.classify", "${name}.done"]);
+});
+`;
+}
+
+if (import.meta.main) {
+  const name = Deno.args.find((a) => !a.startsWith("-"));
+  const listIt = !Deno.args.includes("--no-list");
+  if (!name || !TOKEN.test(name) || TAKEN.has(name)) {
+    console.error(
+      "usage: deno task new NAME   (NAME: lower-case letters, digits, - or _; not one of " +
+        `${[...TAKEN].join(", ")})`,
+    );
+    Deno.exit(2);
+  }
+  const dir = new URL(`pipelines/${name}/`, ROOT);
+  try {
+    await Deno.stat(dir);
+    console.error(`pipelines/${name}/ exists already: choose another name`);
+    Deno.exit(1);
+  } catch { /* free */ }
+  await Deno.mkdir(dir, { recursive: true });
+  await Deno.writeTextFile(new URL("pipeline.ts", dir), pipelineSource(name));
+  await Deno.writeTextFile(new URL("pipeline_test.ts", dir), testSource(name));
+  if (listIt) {
+    const listFile = new URL("pipelines/run.json", ROOT);
+    const list = JSON.parse(await Deno.readTextFile(listFile).catch(() => '{"run":[]}'));
+    const file = `pipelines/${name}/pipeline.ts`;
+    list.run = [...new Set([...(list.run ?? []), file])];
+    await Deno.writeTextFile(listFile, JSON.stringify(list, null, 2) + "\n");
+  }
+  console.log(
+    `Wrote pipelines/${name}/pipeline.ts and pipeline_test.ts${
+      listIt ? "; listed in pipelines/run.json" : ""
+    }.
+
+  test it     deno test pipelines/${name}/
+  run it      deno task start
+  call it     curl -X POST localhost:8000/pipelines/${name}/items \\
+                -H 'content-type: application/json' -d '{"text":"is it on?"}'
+              curl localhost:8000/pipelines/${name}/items/<id>          (its state)
+              curl -N localhost:8000/pipelines/${name}/items/<id>/events  (its events, SSE)
+  on NATS     nats req weft.${name}.submit '{"text":"hello"}'
+              nats kv get weft_${name.replaceAll("-", "_")}_state <id>`,
+  );
+}

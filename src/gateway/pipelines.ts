@@ -1,0 +1,329 @@
+/**
+ * HTTP routes and request subjects of the pipelines loaded from definitions, all derived
+ * from each definition: submit one item or a batch, read an item's state, stream its events
+ * (SSE, resumable with Last-Event-ID), stream all events, deliver an awaited event (a human
+ * decision, a callback), and `nats req weft.<name>.submit|get`.
+ *
+ * @module
+ */
+import { Hono, type MiddlewareHandler } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import type { Msg, NatsConnection } from "@nats-io/nats-core";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import { ulid } from "ulid";
+import type { Config } from "../config.ts";
+import { ErrorCode, NotFoundError, toProblem, ValidationError, WeftError } from "../errors.ts";
+import { deterministicId, sha256Hex } from "../events.ts";
+import type { Logger } from "../log.ts";
+import { decodeJson } from "../runner.ts";
+import { ITEM_ID } from "../subjects.ts";
+import { childContext, parseTraceparent } from "../trace.ts";
+import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
+import { entryEvent, FAILED } from "../pipeline/flow.ts";
+import { eventOf } from "../pipeline/validate.ts";
+import { type LoadedPipeline, readItem, stateBucketOf, submitItem } from "../pipeline/runtime.ts";
+import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
+import { problemResponse, readJson, requireJson } from "./app.ts";
+
+/** What the routes need from the gateway. */
+export interface PipelineRouteDeps {
+  nc: NatsConnection;
+  pipelines: readonly LoadedPipeline[];
+  config: Config;
+  log: Logger;
+  clients: SseClients;
+  feeds: LiveFeeds;
+  /** Submitting items. */
+  ingestAuth: MiddlewareHandler;
+  /** Reading items and their events. */
+  readAuth: MiddlewareHandler;
+  /** Delivering an awaited event (a decision). */
+  decideAuth: MiddlewareHandler;
+}
+
+interface Runtime {
+  p: LoadedPipeline;
+  stream: string;
+  states: Promise<KV>;
+  finals: Set<string>;
+  awaited: Set<string>;
+}
+
+const encoder = new TextEncoder();
+/** Most items in one batch submission. */
+const BATCH_MAX_ITEMS = 1000;
+
+/** The id of a new item: from the Idempotency-Key when given (a repeat is the same item). */
+function newId(name: string, key: string | undefined): string {
+  if (key === undefined) return ulid();
+  if (key.length === 0 || key.length > 256) {
+    throw new ValidationError("Idempotency-Key must be 1 to 256 characters", {
+      field: "Idempotency-Key",
+    });
+  }
+  return deterministicId(name, "idempotency", key).slice(0, 26);
+}
+
+/** The links of an item of `name`. */
+function links(name: string, id: string) {
+  return {
+    state: `/pipelines/${name}/items/${id}`,
+    events: `/pipelines/${name}/items/${id}/events`,
+  };
+}
+
+/** The routes, mounted at `/pipelines`. */
+export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
+  const { nc, config, log, clients, feeds } = deps;
+  const kvm = new Kvm(nc);
+  const js = jetstream(nc);
+  const jsmP = jetstreamManager(nc);
+  const byName = new Map<string, Runtime>(deps.pipelines.map((p) => {
+    const finals = new Set<string>([`${p.def.name}.${FAILED}`]);
+    const awaited = new Set<string>();
+    for (const [id, s] of Object.entries(p.def.steps)) {
+      if (s.kind === "end") finals.add(`${p.def.name}.${eventOf(id, s)}`);
+      if (s.kind === "wait") awaited.add(s.event);
+    }
+    return [p.def.name, {
+      p,
+      stream: pipelineSubjects(p.def).stream,
+      states: kvm.open(stateBucketOf(p.def.name)),
+      finals,
+      awaited,
+    }];
+  }));
+  const runtimeOf = (name: string): Runtime => {
+    const r = byName.get(name);
+    if (!r) throw new NotFoundError(`no pipeline ${JSON.stringify(name)}`);
+    return r;
+  };
+  const itemId = (raw: string): string => {
+    if (!ITEM_ID.test(raw)) {
+      throw new ValidationError("the item id must be 1 to 64 of A-Z a-z 0-9 _ -", { field: "id" });
+    }
+    return raw;
+  };
+  const limit = (maxSize: number) =>
+    bodyLimit({
+      maxSize,
+      onError: (c) =>
+        problemResponse(
+          c,
+          new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${maxSize} bytes`),
+        ),
+    });
+  const traceId = (header: string | undefined) => childContext(parseTraceparent(header)).traceId;
+
+  async function submit(r: Runtime, input: unknown, id: string, trace: string) {
+    await submitItem(nc, r.p, id, input, { source: "weft-gateway", traceId: trace });
+    return { id, status: "accepted", links: links(r.p.def.name, id) };
+  }
+
+  async function state(r: Runtime, id: string) {
+    const s = await readItem(await r.states, itemId(id));
+    if (s) return s;
+    // Accepted a moment ago: its entry event is stored, its state not written yet.
+    const first = await entrySeq(r, id);
+    if (first !== null) return { id, status: "accepted" };
+    throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
+  }
+
+  async function entrySeq(r: Runtime, id: string): Promise<number | null> {
+    try {
+      const m = await (await jsmP).streams.getMessage(r.stream, {
+        last_by_subj: `${r.p.def.name}.${entryEvent(r.p.def)}.${id}`,
+      });
+      return m?.seq ?? null;
+    } catch {
+      return null;
+    }
+  }
+
+  const app = new Hono();
+  app.get("/", deps.readAuth, (c) =>
+    c.json({
+      pipelines: deps.pipelines.map((p) => ({
+        name: p.def.name,
+        description: p.def.description,
+        definition: p.def.hash,
+        subjects: pipelineSubjects(p.def),
+        graph: pipelineGraph(p.def),
+        submit: `/pipelines/${p.def.name}/items`,
+      })),
+    }));
+
+  app.post(
+    "/:name/items",
+    deps.ingestAuth,
+    requireJson,
+    limit(config.bodyLimit),
+    async (c) => {
+      const r = runtimeOf(c.req.param("name"));
+      const input = await readJson(c);
+      const id = newId(r.p.def.name, c.req.header("Idempotency-Key"));
+      const body = await submit(r, input, id, traceId(c.req.header("traceparent")));
+      c.header("Location", body.links.state);
+      return c.json(body, 202);
+    },
+  );
+
+  app.post(
+    "/:name/items/batch",
+    deps.ingestAuth,
+    requireJson,
+    limit(config.batchBodyLimit),
+    async (c) => {
+      const r = runtimeOf(c.req.param("name"));
+      const body = await readJson(c) as { items?: unknown };
+      if (!body || !Array.isArray(body.items) || body.items.length === 0) {
+        throw new ValidationError("/items must be a non-empty array", { field: "/items" });
+      }
+      if (body.items.length > BATCH_MAX_ITEMS) {
+        throw new ValidationError(`/items holds at most ${BATCH_MAX_ITEMS} items`, {
+          field: "/items",
+        });
+      }
+      // Every item is checked before any is accepted: a bad one names its index.
+      body.items.forEach((item, i) => {
+        if (!r.p.flow.checkInput(item)) {
+          const e = r.p.flow.checkInput.errors?.[0];
+          const missing = (e?.params as { missingProperty?: string })?.missingProperty;
+          const field = `/items/${i}${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}`;
+          const why = missing ? "is required" : e?.message ?? "is invalid";
+          throw new ValidationError(`${field} ${why}`, { field });
+        }
+      });
+      const key = c.req.header("Idempotency-Key");
+      const trace = traceId(c.req.header("traceparent"));
+      const items = await Promise.all(
+        body.items.map((item, i) =>
+          submit(r, item, key === undefined ? ulid() : newId(r.p.def.name, `${key}#${i}`), trace)
+        ),
+      );
+      return c.json({ items }, 202);
+    },
+  );
+
+  app.get(
+    "/:name/items/:id",
+    deps.readAuth,
+    async (c) => c.json(await state(runtimeOf(c.req.param("name")), c.req.param("id"))),
+  );
+
+  app.get("/:name/items/:id/events", deps.readAuth, async (c) => {
+    const r = runtimeOf(c.req.param("name"));
+    const id = itemId(c.req.param("id"));
+    const from = await entrySeq(r, id);
+    if (from === null) throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
+    const key = openSlot(clients, c);
+    return streamEvents(c, js, {
+      stream: r.stream,
+      filter: `${r.p.def.name}.*.${id}`,
+      closeOnFinal: true,
+      replay: true,
+      from,
+      itemId: id,
+      finalTypes: r.finals,
+    }, { config, clients, feeds, log, key });
+  });
+
+  app.get("/:name/events", deps.readAuth, (c) => {
+    const r = runtimeOf(c.req.param("name"));
+    const key = openSlot(clients, c);
+    return streamEvents(c, js, {
+      stream: r.stream,
+      filter: `${r.p.def.name}.*.*`,
+      closeOnFinal: false,
+      replay: c.req.query("replay") === "true",
+      finalTypes: r.finals,
+    }, { config, clients, feeds, log, key });
+  });
+
+  // An awaited event: `POST /pipelines/tickets/items/ID/approved {"by":"carol"}`, the
+  // same as `nats pub tickets.approved.ID '{"by":"carol"}'`.
+  app.post(
+    "/:name/items/:id/:event",
+    deps.decideAuth,
+    requireJson,
+    limit(config.bodyLimit),
+    async (c) => {
+      const r = runtimeOf(c.req.param("name"));
+      const id = itemId(c.req.param("id"));
+      const event = c.req.param("event");
+      if (!r.awaited.has(event)) {
+        throw new NotFoundError(
+          `${r.p.def.name} awaits no event ${JSON.stringify(event)} (it awaits: ${
+            [...r.awaited].join(", ") || "none"
+          })`,
+        );
+      }
+      const body = await readJson(c);
+      if (body === null || typeof body !== "object" || Array.isArray(body)) {
+        throw new ValidationError("the body must be a JSON object", { field: "/" });
+      }
+      if ((await entrySeq(r, id)) === null) {
+        throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
+      }
+      const bytes = encoder.encode(JSON.stringify(body));
+      const ack = await js.publish(`${r.p.def.name}.${event}.${id}`, bytes, {
+        msgID: `${r.p.def.name}-${event}-${id}-${sha256Hex(bytes).slice(0, 16)}`,
+      });
+      return c.json({ id, event, seq: ack.seq, duplicate: ack.duplicate }, 202);
+    },
+  );
+  return app;
+}
+
+/** `nats req weft.<name>.submit '<input>'` and `nats req weft.<name>.get <id>`. */
+export function servePipelineRequests(
+  nc: NatsConnection,
+  pipelines: readonly LoadedPipeline[],
+  log: Logger,
+): { stop(): void } {
+  const kvm = new Kvm(nc);
+  const reply = async (m: Msg, work: () => Promise<unknown>) => {
+    try {
+      m.respond(JSON.stringify(await work()));
+    } catch (err) {
+      const problem = toProblem(err);
+      if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
+      m.respond(JSON.stringify({ error: problem }));
+    }
+  };
+  const subs = pipelines.flatMap((p) => {
+    const n = p.def.name;
+    const states = kvm.open(stateBucketOf(n));
+    return [
+      nc.subscribe(`weft.${n}.submit`, {
+        queue: "weft-gateway",
+        callback: (_e, m) =>
+          void reply(m, async () => {
+            const input = decodeJson(m.data);
+            const key = m.headers?.get("Idempotency-Key") || undefined;
+            const id = newId(n, key);
+            await submitItem(nc, p, id, input, {
+              source: "weft-gateway",
+              traceId: childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId,
+            });
+            return { id, status: "accepted", links: links(n, id) };
+          }),
+      }),
+      nc.subscribe(`weft.${n}.get`, {
+        queue: "weft-gateway",
+        callback: (_e, m) =>
+          void reply(m, async () => {
+            const id = new TextDecoder().decode(m.data).trim();
+            if (!ITEM_ID.test(id)) {
+              throw new ValidationError("id is not an item id", { field: "id" });
+            }
+            const s = await readItem(await states, id);
+            if (!s) throw new NotFoundError(`no ${n} item ${JSON.stringify(id)}`);
+            return s;
+          }),
+      }),
+    ];
+  });
+  return { stop: () => subs.forEach((s) => s.unsubscribe()) };
+}

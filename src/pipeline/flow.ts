@@ -1,0 +1,268 @@
+/**
+ * How a definition runs, as pure functions: the events of a run, what each event leads to,
+ * and the events a step publishes when it completes. The services (src/pipeline/runtime.ts)
+ * do the I/O around them.
+ *
+ * Every event of a run is `<pipeline>.<event>.<item>` with the usual envelope (id, type,
+ * item, trace, time, source), the hash of the definition the item started on, and a
+ * {@link FlowData}: the item's input, the value handed to the next step, and every result
+ * so far. So each step is a pure function of the event that triggers it (no state to read),
+ * and the item's context travels with it (context passing).
+ *
+ * @module
+ */
+import { Ajv, type ValidateFunction } from "ajv";
+import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
+import { createEvent, deterministicId } from "../events.ts";
+import type { PipelineDefinition, PipelineSpec, StepSpec } from "./definition.ts";
+import { edgesOf, eventOf } from "./validate.ts";
+
+/** The entry event type's token when the input names none: `<pipeline>.submitted.<item>`. */
+export const SUBMITTED = "submitted";
+/** The failure event's token: `<pipeline>.failed.<item>`. */
+export const FAILED = "failed";
+/** Timer firings (deadlines, timeouts, delays) from the scheduler: `<pipeline>._timer.<item>`. */
+export const TIMER = "_timer";
+/** Tokens no step may publish: the runtime's own. */
+export const RESERVED_EVENTS: ReadonlySet<string> = new Set([SUBMITTED, FAILED, "submit", TIMER]);
+
+/** What every event of a run carries. */
+export interface FlowData {
+  /** The item's input document. */
+  input: unknown;
+  /** What the next step receives: the last step's result (a router or delay passes its own on). */
+  value: unknown;
+  /** Every completed step's result, by step id (a router's is `{ label }`). */
+  results: Record<string, unknown>;
+  /** How many times each step completed (loops are bounded by it). */
+  runs: Record<string, number>;
+}
+
+/** An event of a run. */
+export interface FlowEvent {
+  id: string;
+  type: string;
+  version: 1;
+  item_id: string;
+  trace_id: string;
+  time: string;
+  source: string;
+  /** Hash of the definition the item started on. */
+  definition: string;
+  data: FlowData;
+}
+
+/** What a timer firing carries: which step it is for, and the data it resumes with. */
+export interface TimerData {
+  step: string;
+  /** When it was due (ISO). */
+  due: string;
+  /** The data of the event that armed it (a delay resumes with it). */
+  carry: FlowData;
+}
+
+/** The entry event type of `spec` (a token). */
+export function entryEvent(spec: PipelineSpec): string {
+  return spec.input.event ?? SUBMITTED;
+}
+
+/** The event a wait or join publishes when its timeout or deadline wins. */
+export function timeoutEventOf(id: string, step: StepSpec): string {
+  return (step.kind === "wait" && step.timeoutEvent) || `${id.replaceAll("-", "_")}_timed_out`;
+}
+
+/** What an event type is in a definition. */
+export type EventRole =
+  | { role: "entry" }
+  | { role: "done"; step: string }
+  | { role: "timeout"; step: string }
+  | { role: "end"; step: string }
+  | { role: "failed" }
+  | { role: "awaited"; waits: string[] }
+  | { role: "timer" };
+
+/** A definition ready to run: its event roles and compiled schemas. */
+export interface Flow {
+  readonly def: PipelineDefinition;
+  readonly name: string;
+  /** Role of each event token (`sentiment_analyzed`, `approved`, ...). */
+  readonly roles: ReadonlyMap<string, EventRole>;
+  /** Validates an input document. */
+  readonly checkInput: ValidateFunction;
+  /** Validates a step's result, by step id. */
+  readonly checkOutput: ReadonlyMap<string, ValidateFunction>;
+  /** Declared loop bounds, by `from>to`. */
+  readonly loops: ReadonlyMap<string, number>;
+}
+
+/** Prepares a validated definition to run. */
+export function compileFlow(def: PipelineDefinition): Flow {
+  const ajv = new Ajv({ strict: false, allErrors: false });
+  const roles = new Map<string, EventRole>();
+  roles.set(entryEvent(def), { role: "entry" });
+  roles.set(FAILED, { role: "failed" });
+  roles.set(TIMER, { role: "timer" });
+  const checkOutput = new Map<string, ValidateFunction>();
+  for (const [id, step] of Object.entries(def.steps)) {
+    if (step.kind === "end") {
+      roles.set(eventOf(id, step), { role: "end", step: id });
+      continue;
+    }
+    // An end step's event may also be the event of the step before it (validate.ts).
+    if (!roles.has(eventOf(id, step))) roles.set(eventOf(id, step), { role: "done", step: id });
+    if (step.kind === "wait" || step.kind === "join") {
+      roles.set(timeoutEventOf(id, step), { role: "timeout", step: id });
+    }
+    if ("output" in step) checkOutput.set(id, ajv.compile(step.output as object));
+  }
+  for (const [id, step] of Object.entries(def.steps)) {
+    if (step.kind !== "wait") continue;
+    const r = roles.get(step.event);
+    if (r?.role === "awaited") r.waits.push(id);
+    else if (!r) roles.set(step.event, { role: "awaited", waits: [id] });
+  }
+  return {
+    def,
+    name: def.name,
+    roles,
+    checkInput: ajv.compile(def.input.schema as object),
+    checkOutput,
+    loops: new Map((def.loops ?? []).map((l) => [`${l.from}>${l.to}`, l.maxIterations])),
+  };
+}
+
+/** The steps an event of type `token` (with `data`) hands the item to. */
+export function targetsOf(flow: Flow, token: string, data: FlowData | undefined): string[] {
+  const role = flow.roles.get(token);
+  if (!role) return [];
+  const steps = flow.def.steps;
+  if (role.role === "entry") return [flow.def.start];
+  if (role.role === "timeout") {
+    const s = steps[role.step]!;
+    return s.kind === "wait" ? [s.onTimeout] : s.kind === "join" ? [s.onDeadline] : [];
+  }
+  if (role.role !== "done") return [];
+  const s = steps[role.step]!;
+  if (s.kind === "router") {
+    const label = (data?.results?.[role.step] as { label?: unknown } | undefined)?.label;
+    const to = typeof label === "string" ? s.routes[label] : undefined;
+    return to ? [to] : [];
+  }
+  return edgesOf(s).filter(([, via]) => via === "next").map(([t]) => t);
+}
+
+const TOKEN = /^[A-Za-z0-9_-]+$/;
+
+/**
+ * Checks that `raw` is an event of this flow stored on `subject`: the envelope, a known
+ * type, the subject's item (the subject names the item; a body cannot name another).
+ */
+export function decodeFlowEvent(flow: Flow, raw: unknown, subject: string): FlowEvent {
+  const parts = subject.split(".");
+  const e = raw as Partial<FlowEvent> | null;
+  const bad = (field: string, why: string): never => {
+    throw new ValidationError(`${field} ${why}`, { code: ErrorCode.InvalidEvent, field });
+  };
+  if (e === null || typeof e !== "object" || Array.isArray(e)) bad("/", "must be an object");
+  for (const f of ["id", "type", "item_id", "trace_id", "time", "source"] as const) {
+    if (typeof e![f] !== "string" || e![f]!.length === 0) bad(`/${f}`, "must be a string");
+  }
+  if (parts.length !== 3 || parts[0] !== flow.name || !TOKEN.test(parts[2]!)) {
+    bad("/type", `is not an event of pipeline ${flow.name} (subject ${subject})`);
+  }
+  if (e!.type !== `${flow.name}.${parts[1]}`) bad("/type", `does not match its subject ${subject}`);
+  if (e!.item_id !== parts[2]) {
+    throw new ValidationError(`/item_id does not match its subject ${subject}`, {
+      code: ErrorCode.SubjectMismatch,
+      field: "/item_id",
+    });
+  }
+  const d = e!.data as Partial<FlowData> | undefined;
+  if (parts[1] !== FAILED) {
+    if (!d || typeof d !== "object") bad("/data", "must be an object");
+    if (parts[1] !== TIMER) {
+      if (!d!.results || typeof d!.results !== "object") bad("/data/results", "must be an object");
+      if (!d!.runs || typeof d!.runs !== "object") bad("/data/runs", "must be an object");
+    }
+  }
+  return e as FlowEvent;
+}
+
+/** Context of a step's completion: who publishes it, when, on which trace. */
+export interface EmitContext {
+  source: string;
+  now: Date;
+}
+
+/**
+ * The events a step publishes when it completes with `data`: its own (`<name>.<event>`
+ * or, with `timedOut`, its timeout event), plus the terminal event of each end step it
+ * leads to (end steps have no service). Ids follow from `cause` and the type, so a
+ * redelivered input publishes the same ids and the stream's duplicate window drops them.
+ * Throws a permanent error when a loop's bound would be passed.
+ */
+export function completion(
+  flow: Flow,
+  step: string,
+  cause: { id: string; item_id: string; trace_id: string; definition?: string },
+  data: FlowData,
+  ctx: EmitContext,
+  opts: { timedOut?: boolean } = {},
+): FlowEvent[] {
+  const spec = flow.def.steps[step]!;
+  const token = opts.timedOut ? timeoutEventOf(step, spec) : eventOf(step, spec);
+  const event = flowEvent(flow, token, cause, data, ctx);
+  const out = [event];
+  for (const t of targetsOf(flow, token, data)) {
+    const bound = flow.loops.get(`${step}>${t}`);
+    if (bound !== undefined && (data.runs[t] ?? 0) >= bound) {
+      throw new WeftError(
+        ErrorCode.LoopLimit,
+        `loop ${step} -> ${t} would run ${t} more than its bound of ${bound} times`,
+        { permanent: true },
+      );
+    }
+    const ts = flow.def.steps[t]!;
+    if (ts.kind === "end" && eventOf(t, ts) !== token) {
+      out.push(flowEvent(flow, eventOf(t, ts), event, data, ctx));
+    }
+  }
+  return out;
+}
+
+/** One event of the run, its id derived from `cause`'s. */
+export function flowEvent(
+  flow: Flow,
+  token: string,
+  cause: { id: string; item_id: string; trace_id: string; definition?: string },
+  data: FlowData | TimerData,
+  ctx: EmitContext,
+): FlowEvent {
+  const e = createEvent({
+    // deno-lint-ignore no-explicit-any
+    type: `${flow.name}.${token}` as any,
+    itemId: cause.item_id,
+    traceId: cause.trace_id,
+    source: ctx.source,
+    // deno-lint-ignore no-explicit-any
+    data: data as any,
+    id: deterministicId(cause.id, `${flow.name}.${token}`),
+    time: ctx.now,
+  }) as unknown as Omit<FlowEvent, "definition">;
+  return { ...e, definition: cause.definition ?? flow.def.hash } as FlowEvent;
+}
+
+/** The data after `step` completed with `result`, handing `value` on. */
+export function advance(data: FlowData, step: string, result: unknown, value: unknown): FlowData {
+  return {
+    input: data.input,
+    value,
+    results: { ...data.results, [step]: result },
+    runs: { ...data.runs, [step]: (data.runs[step] ?? 0) + 1 },
+  };
+}
+
+/** The first data of an item. */
+export function entryData(input: unknown): FlowData {
+  return { input, value: input, results: {}, runs: {} };
+}

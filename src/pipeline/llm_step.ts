@@ -1,0 +1,52 @@
+/**
+ * A definition's `llm` step: its prompt file (relative to the definition) as the system
+ * message, the value it is handed as the user message (JSON), and its output schema as the
+ * structured output, on the LLM client every analyzer uses (JSON mode, schema validation
+ * and one repair, cache, budget, retries with backoff).
+ *
+ * @module
+ */
+import { createLlmAnalyzer, type LlmResultMeta } from "../llm/analyzers.ts";
+import type { FlowData } from "./flow.ts";
+import type { LlmStep } from "./definition.ts";
+
+/** Where and how an llm step calls. */
+export interface LlmStepOptions {
+  baseUrl: string;
+  apiKey: string;
+  model: string;
+  timeoutMs?: number;
+  concurrency?: number;
+}
+
+/** The call of one llm step: the value in, the schema-valid result out (usage on `_llm`). */
+export function createLlmStep(
+  p: { file: string; def: { hash: string } },
+  id: string,
+  step: LlmStep,
+  opts: LlmStepOptions,
+): (value: unknown, data: FlowData, signal: AbortSignal) => Promise<unknown> {
+  let analyzer:
+    | Promise<{ analyze(text: string, o: { signal: AbortSignal }): Promise<unknown> }>
+    | undefined;
+  const load = () =>
+    analyzer ??= (async () => {
+      const text = await Deno.readTextFile(new URL(step.prompt, `file://${p.file}`));
+      return createLlmAnalyzer<Record<string, unknown>, Record<string, unknown>>({
+        ...opts,
+        prompt: { kind: id, version: p.def.hash.slice(0, 8), text },
+      }, {
+        kind: id,
+        schema: step.output as Record<string, unknown>,
+        vars: {},
+        toResult: (payload) => payload,
+      });
+    })();
+  return async (value, _data, signal) => {
+    const r = await (await load()).analyze(JSON.stringify(value), { signal }) as
+      & Record<string, unknown>
+      & LlmResultMeta;
+    const { analyzer: _a, prompt_version: _p, usage: _u, cached: _c, repaired: _r, ...result } = r;
+    return result;
+  };
+}

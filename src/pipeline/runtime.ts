@@ -1,0 +1,941 @@
+/**
+ * Runs definitions: each work step (task, llm, router) as a stage on the shared runner, and
+ * per pipeline one control service that turns bus submissions into items, holds items at
+ * joins, waits and delays (KV records, scheduler timers), checks that events still fit the
+ * running definition, and keeps each item's state (the generic fold) in KV.
+ *
+ * The runtime knows no pipeline: everything here follows from a definition.
+ *
+ * @module
+ */
+import type { NatsConnection } from "@nats-io/nats-core";
+import { jetstream } from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import { ConfigError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
+import { deterministicId } from "../events.ts";
+import type { Logger } from "../log.ts";
+import { publishEvent, runStage } from "../runner.ts";
+import type { AnyEvent } from "../schemas.ts";
+import { combineRunnables, defineService, type ServiceDef } from "../service.ts";
+import type { OutputEvent, Stage, StageContext } from "../stage.ts";
+import { runStateWriter, type StateSpec } from "../state_writer.ts";
+import { createScheduleStore, nextCronTime } from "../scheduler/store.ts";
+import { SCHEDULE_BUCKET } from "../subjects.ts";
+import type { ExtraTopology } from "../topology.ts";
+import type { Access } from "../identities.ts";
+import { edgesOf, eventOf } from "./validate.ts";
+import type { PipelineDefinition, StepContext, StepSpec } from "./definition.ts";
+import {
+  CONTROL_DURABLE,
+  CONTROL_KINDS,
+  INTAKE_DURABLE,
+  pipelineSubjects,
+  stepFilterSubject,
+} from "./derive.ts";
+import {
+  advance,
+  compileFlow,
+  completion,
+  decodeFlowEvent,
+  entryData,
+  entryEvent,
+  FAILED,
+  type Flow,
+  type FlowData,
+  type FlowEvent,
+  flowEvent,
+  targetsOf,
+  timeoutEventOf,
+  TIMER,
+  type TimerData,
+} from "./flow.ts";
+import { applyPipelineEvent, type ItemState } from "./fold.ts";
+import { createLlmStep, type LlmStepOptions } from "./llm_step.ts";
+import { createStepLimiter } from "./flow_control.ts";
+
+/** A definition loaded from its file, ready to run. */
+export interface LoadedPipeline {
+  /** The module it was loaded from (absolute path). */
+  file: string;
+  def: PipelineDefinition;
+  flow: Flow;
+}
+
+/** The KV bucket of a pipeline's item states (`nats kv get weft_<name>_state <item>`). */
+export function stateBucketOf(name: string): string {
+  return `weft_${name.replaceAll("-", "_")}_state`;
+}
+/** The KV bucket of a pipeline's held items (joins, waits). */
+export function controlBucketOf(name: string): string {
+  return `weft_${name.replaceAll("-", "_")}_control`;
+}
+/** The durable consumer of a pipeline's state writer. */
+export const STATE_DURABLE = "state";
+
+/** Names a definition's pipeline may not take: the streams and subjects the mesh has. */
+const TAKEN = new Set(["feedback", "content", "digest", "deadletter", "weft", "schedules"]);
+
+/** A definition's service names: `<pipeline>-flow` and `<pipeline>-<step>`. */
+export function serviceNamesOf(def: PipelineDefinition): { control: string; steps: string[] } {
+  return {
+    control: `${def.name}-flow`,
+    steps: workSteps(def).map((id) => `${def.name}-${id}`),
+  };
+}
+
+/** Ids of the steps that run as services of their own, in definition order. */
+export function workSteps(def: PipelineDefinition): string[] {
+  return Object.keys(def.steps).filter((id) => stepFilterSubject(def, id) !== null);
+}
+
+/**
+ * Loads the definitions exported by `files` (paths relative to `base`, or absolute): each
+ * file's exports that are definitions (`definePipeline`'s results). Throws a ConfigError
+ * naming the file on an import failure (a bad definition throws while it is defined), a
+ * file without a definition, two pipelines of one name, or a name the mesh uses itself.
+ */
+export async function loadPipelines(
+  files: readonly string[],
+  base: string = Deno.cwd(),
+): Promise<LoadedPipeline[]> {
+  const out: LoadedPipeline[] = [];
+  for (const f of files) {
+    const file = f.startsWith("/") ? f : `${base.replace(/\/$/, "")}/${f}`;
+    let mod: Record<string, unknown>;
+    try {
+      mod = await import(new URL(`file://${file}`).href);
+    } catch (err) {
+      throw new ConfigError(`pipeline file ${f}: ${(err as Error).message}`, { cause: err });
+    }
+    const defs = Object.values(mod).filter((v): v is PipelineDefinition =>
+      v !== null && typeof v === "object" && typeof (v as { hash?: unknown }).hash === "string" &&
+      typeof (v as { steps?: unknown }).steps === "object"
+    );
+    if (defs.length === 0) {
+      throw new ConfigError(`pipeline file ${f} exports no definition (definePipeline)`);
+    }
+    for (const def of defs) {
+      if (TAKEN.has(def.name)) {
+        throw new ConfigError(`pipeline file ${f}: the name "${def.name}" is the mesh's own`);
+      }
+      const twin = out.find((p) => p.def.name === def.name);
+      if (twin) {
+        throw new ConfigError(
+          `pipeline file ${f}: pipeline "${def.name}" is also defined in ${twin.file}`,
+        );
+      }
+      for (const [id, step] of Object.entries(def.steps)) {
+        if (step.kind === "agent") {
+          throw new ConfigError(
+            `pipeline file ${f}, step ${id}: agent steps are not run by this version of the ` +
+              `runtime yet (see docs/PIPELINES.md)`,
+          );
+        }
+        if (step.kind === "task" && !step.handle) {
+          throw new ConfigError(`pipeline file ${f}, step ${id}: a task needs its handle`);
+        }
+        if (step.kind !== "end" && step.flow?.batch) {
+          throw new ConfigError(
+            `pipeline file ${f}, step ${id}: flow.batch is not run by this version of the ` +
+              `runtime yet (see docs/PIPELINES.md)`,
+          );
+        }
+        if (step.kind === "router" && !step.route) {
+          throw new ConfigError(`pipeline file ${f}, step ${id}: a router needs its route`);
+        }
+      }
+      out.push({ file, def, flow: compileFlow(def) });
+    }
+  }
+  return out;
+}
+
+function checkResult(flow: Flow, id: string, result: unknown): void {
+  const check = flow.checkOutput.get(id);
+  if (!check || check(result)) return;
+  const e = check.errors?.[0];
+  throw new ValidationError(
+    `step ${id}'s result does not match its output schema: ${e?.instancePath || "/"} ${
+      e?.message ?? ""
+    }`,
+    { field: e?.instancePath || "/", permanent: true },
+  );
+}
+
+/** The event's own token: `tickets.triage` -> `triage`. */
+function tokenOf(flow: Flow, type: string): string {
+  return type.slice(flow.name.length + 1);
+}
+
+/** Options of the work steps' services. */
+export interface WorkStepOptions {
+  /** Where an llm step calls; required when the definition has one. */
+  llm?: LlmStepOptions;
+}
+
+/** A work step (task, router, llm) as a stage of the shared runner. */
+export function workStage(
+  p: LoadedPipeline,
+  id: string,
+  opts: WorkStepOptions = {},
+  // deno-lint-ignore no-explicit-any
+): Stage<any> {
+  const { flow, def } = p;
+  const step = def.steps[id]! as StepSpec;
+  const filter = stepFilterSubject(def, id);
+  if (filter === null) throw new ConfigError(`step ${id} of ${def.name} is not a work step`);
+  let llm: ((value: unknown, data: FlowData, signal: AbortSignal) => Promise<unknown>) | undefined;
+  if (step.kind === "llm") {
+    if (!opts.llm) {
+      throw new ConfigError(
+        `pipeline ${def.name}, step ${id}: an llm step needs an LLM endpoint (WEFT_LLM_BASE_URL)`,
+      );
+    }
+    llm = createLlmStep(p, id, step, opts.llm);
+  }
+  const limiter = createStepLimiter(step.kind === "end" ? undefined : step.flow);
+  return {
+    name: id,
+    filterSubject: filter,
+    stream: pipelineSubjects(def).stream,
+    failedType: `${def.name}.${FAILED}`,
+    input: { kind: "event", types: [] },
+    identify: (_raw, message) => message.subject.split(".")[2],
+    decode(raw, message) {
+      // A wide filter (several events lead here) also brings the item's other events:
+      // only a step's completion or the entry can hand an item on.
+      const role = flow.roles.get(message.subject.split(".")[1] ?? "")?.role;
+      if (role !== "done" && role !== "timeout" && role !== "entry") return undefined;
+      const e = decodeFlowEvent(flow, raw, message.subject);
+      return targetsOf(flow, tokenOf(flow, e.type), e.data).includes(id) ? e : undefined;
+    },
+    checkOutput: () => {}, // completion() builds them from the definition
+    async handle(e: FlowEvent, ctx: StageContext) {
+      const data = e.data;
+      const sctx: StepContext = {
+        ...ctx,
+        item: e.item_id,
+        input: data.input,
+        results: data.results,
+        runs: data.runs,
+      };
+      let next: FlowData;
+      const release = await limiter.acquire(data.input, ctx.signal);
+      try {
+        next = await run(data, sctx, ctx.signal);
+      } finally {
+        release();
+      }
+      return completion(flow, id, e, next, {
+        source: ctx.source,
+        now: ctx.now(),
+      }) as unknown as OutputEvent[];
+    },
+  };
+
+  async function run(data: FlowData, sctx: StepContext, signal: AbortSignal): Promise<FlowData> {
+    let next: FlowData;
+    {
+      if (step.kind === "router") {
+        const label = await step.route!(data.value, sctx);
+        if (typeof label !== "string" || !(label in step.routes)) {
+          throw new WeftError(
+            ErrorCode.Rejected,
+            `router ${id} chose ${JSON.stringify(label)}, not one of ${
+              Object.keys(step.routes).join(", ")
+            }`,
+          );
+        }
+        next = advance(data, id, { label }, data.value);
+      } else {
+        const result = step.kind === "llm"
+          ? await llm!(data.value, data, signal)
+          : await (step as { handle: (v: unknown, c: StepContext) => unknown }).handle(
+            data.value,
+            sctx,
+          );
+        checkResult(flow, id, result);
+        next = advance(data, id, result, result);
+      }
+    }
+    return next;
+  }
+}
+
+/** A held item's record in the control bucket: one per (control step, item). */
+interface Held {
+  /** Loop iteration of the step this record is for. */
+  iter: number;
+  /** Join: what arrived from each input. */
+  arrived?: Record<string, FlowData>;
+  /** Wait: the data it was armed with, and the arming event. */
+  armed?: { data: FlowData; cause: { id: string; trace_id: string } };
+  /** Wait: the awaited event's payload, when it came (possibly before the arming). */
+  received?: unknown;
+  /** How it ended: completed, or its deadline won. */
+  closed?: "done" | "timed_out";
+  /** The stream sequence of the message that closed it, and what it published. */
+  closedBy?: number;
+  emitted?: FlowEvent[];
+}
+
+type ControlInput =
+  | { kind: "arrive"; event: FlowEvent; steps: string[] }
+  | { kind: "awaited"; item: string; payload: unknown; waits: string[]; subject: string }
+  | { kind: "timer"; event: FlowEvent & { data: FlowData & TimerData } };
+
+const encoder = new TextEncoder();
+
+/** Reads, changes (compare-and-set) and writes one record; returns what `change` returned. */
+async function updateHeld<T>(
+  kv: KV,
+  key: string,
+  change: (rec: Held | undefined) => { rec?: Held; out: T },
+): Promise<T> {
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const e = await kv.get(key);
+    const current = e && e.operation === "PUT" && e.length > 0 ? e.json<Held>() : undefined;
+    const { rec, out } = change(current);
+    if (!rec) return out;
+    try {
+      const body = encoder.encode(JSON.stringify(rec));
+      if (current) await kv.update(key, body, e!.revision);
+      else await kv.create(key, body);
+      return out;
+    } catch {
+      // someone else changed it first: read again
+    }
+  }
+  throw new WeftError(ErrorCode.HandlerFailed, `record ${key} kept changing`);
+}
+
+/** The control stage of a pipeline: joins, waits, delays and version checks. */
+// deno-lint-ignore no-explicit-any
+export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> {
+  const { flow, def } = p;
+  const n = def.name;
+  const kvm = new Kvm(nc);
+  let held: Promise<KV> | undefined;
+  let timers: Promise<ReturnType<typeof createScheduleStore>> | undefined;
+  const heldKv = () => held ??= kvm.open(controlBucketOf(n));
+  const schedules = () =>
+    timers ??= kvm.open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv));
+  const timerId = (step: string, item: string, iter: number) =>
+    `${n}-${step}-${item}-${iter}`.slice(0, 128);
+
+  async function arm(
+    step: string,
+    item: string,
+    iter: number,
+    due: Date,
+    cause: FlowEvent,
+    carry: FlowData,
+    now: Date,
+  ) {
+    const data: TimerData = { step, due: due.toISOString(), carry };
+    const timer = flowEvent(flow, TIMER, { ...cause, id: `${cause.id}:${step}:timer` }, data, {
+      source: `weft-${n}-flow`,
+      now,
+    });
+    await (await schedules()).create({
+      id: timerId(step, item, iter),
+      subject: `${n}.${TIMER}.${item}`,
+      payload: timer as unknown as Record<string, unknown>,
+      at: due.toISOString(),
+      description: `${n}: ${step} of ${item}`,
+    });
+  }
+  const disarm = async (step: string, item: string, iter: number) => {
+    await (await schedules()).cancel(timerId(step, item, iter)).catch(() => {});
+  };
+
+  /** The join's data: each input's results merged; its value, each input's value by step. */
+  function joined(arrived: Record<string, FlowData>): FlowData {
+    const all = Object.values(arrived);
+    const results: Record<string, unknown> = {};
+    const runs: Record<string, number> = {};
+    for (const d of all) {
+      Object.assign(results, d.results);
+      for (const [k, v] of Object.entries(d.runs)) runs[k] = Math.max(runs[k] ?? 0, v);
+    }
+    const value = Object.fromEntries(Object.entries(arrived).map(([k, d]) => [k, d.value]));
+    return { input: all[0]!.input, value, results, runs };
+  }
+
+  async function onArrive(e: FlowEvent, steps: string[], seq: number, ctx: StageContext) {
+    const out: FlowEvent[] = [];
+    const from = flow.roles.get(tokenOf(flow, e.type));
+    const fromStep = from && "step" in from ? from.step : "$input";
+    for (const t of steps) {
+      const s = def.steps[t]!;
+      const iter = e.data.runs[t] ?? 0;
+      const emit = { source: ctx.source, now: ctx.now() };
+      if (s.kind === "delay") {
+        const due = s.ms !== undefined
+          ? new Date(Date.parse(e.time) + s.ms)
+          : nextCronTime(s.cron!, new Date(e.time)) ?? new Date(e.time);
+        await arm(t, e.item_id, iter, due, e, e.data, ctx.now());
+        continue;
+      }
+      const kv = await heldKv();
+      const key = `${t}.${e.item_id}`;
+      if (s.kind === "join") {
+        const r = await updateHeld(kv, key, (rec) => {
+          if (rec && rec.iter === iter && rec.closed) {
+            return { out: { events: rec.closedBy === seq ? rec.emitted! : [], first: false } };
+          }
+          const cur: Held = rec && rec.iter === iter ? structuredClone(rec) : { iter, arrived: {} };
+          const first = Object.keys(cur.arrived!).length === 0;
+          cur.arrived![fromStep] = e.data;
+          let events: FlowEvent[] = [];
+          if (s.after.every((a) => a in cur.arrived!)) {
+            const data = joined(cur.arrived!);
+            events = completion(
+              flow,
+              t,
+              { ...e, id: deterministicId(e.item_id, t, String(iter), "joined") },
+              advance(data, t, data.value, data.value),
+              emit,
+            );
+            Object.assign(cur, { closed: "done", closedBy: seq, emitted: events });
+          }
+          return { rec: cur, out: { events, first } };
+        });
+        if (r.first && r.events.length === 0) {
+          await arm(
+            t,
+            e.item_id,
+            iter,
+            new Date(Date.parse(e.time) + s.deadlineMs),
+            e,
+            e.data,
+            emit.now,
+          );
+        }
+        if (r.events.length > 0) await disarm(t, e.item_id, iter);
+        out.push(...r.events);
+      } else if (s.kind === "wait") {
+        const r = await updateHeld(kv, key, (rec) => {
+          if (rec && rec.iter === iter && rec.armed) {
+            return { out: rec.closedBy === seq ? rec.emitted! : null };
+          }
+          // A new arming; a decision that came before it (same iteration) counts.
+          const cur: Held = rec && rec.iter === iter ? structuredClone(rec) : { iter };
+          cur.armed = { data: e.data, cause: { id: e.id, trace_id: e.trace_id } };
+          let events: FlowEvent[] | null = null;
+          if (cur.received !== undefined) {
+            events = resume(t, e.item_id, cur, emit);
+            Object.assign(cur, { closed: "done", closedBy: seq, emitted: events });
+          }
+          return { rec: cur, out: events };
+        });
+        if (r === null) {
+          await arm(
+            t,
+            e.item_id,
+            iter,
+            new Date(Date.parse(e.time) + s.timeoutMs),
+            e,
+            e.data,
+            emit.now,
+          );
+        } else out.push(...r);
+      }
+    }
+    return out;
+  }
+
+  function resume(
+    t: string,
+    item: string,
+    rec: Held,
+    emit: { source: string; now: Date },
+  ): FlowEvent[] {
+    const armed = rec.armed!;
+    return completion(
+      flow,
+      t,
+      {
+        id: deterministicId(armed.cause.id, t, "resumed"),
+        item_id: item,
+        trace_id: armed.cause.trace_id,
+      },
+      advance(armed.data, t, rec.received, rec.received),
+      emit,
+    );
+  }
+
+  async function onAwaited(
+    item: string,
+    payload: unknown,
+    waits: string[],
+    seq: number,
+    ctx: StageContext,
+  ) {
+    const kv = await heldKv();
+    const out: FlowEvent[] = [];
+    for (const t of waits) {
+      const emit = { source: ctx.source, now: ctx.now() };
+      const events = await updateHeld(kv, `${t}.${item}`, (rec) => {
+        if (rec?.closed) return { out: rec.closedBy === seq ? rec.emitted! : [] };
+        if (rec?.received !== undefined) return { out: [] as FlowEvent[] }; // the first one counts
+        const cur: Held = rec ? structuredClone(rec) : { iter: 0 };
+        cur.received = payload;
+        let events: FlowEvent[] = [];
+        if (cur.armed) {
+          events = resume(t, item, cur, emit);
+          Object.assign(cur, { closed: "done", closedBy: seq, emitted: events });
+        }
+        return { rec: cur, out: events };
+      });
+      if (events.length > 0) {
+        const iter = events[0]!.data.runs[t]! - 1;
+        await disarm(t, item, iter);
+      }
+      out.push(...events);
+    }
+    return out;
+  }
+
+  async function onTimer(
+    e: FlowEvent & { data: FlowData & TimerData },
+    seq: number,
+    ctx: StageContext,
+  ) {
+    const t = (e.data as unknown as TimerData).step;
+    const carry = (e.data as unknown as TimerData).carry;
+    const s = def.steps[t];
+    if (!s || !CONTROL_KINDS.has(s.kind)) {
+      throw new WeftError(
+        ErrorCode.DefinitionChanged,
+        `a timer of step ${t}, which definition ${def.hash} of ${n} no longer has as a join, ` +
+          `wait or delay`,
+      );
+    }
+    const emit = { source: ctx.source, now: ctx.now() };
+    if (s.kind === "delay") {
+      return completion(flow, t, e, advance(carry, t, { until: e.data.due }, carry.value), emit);
+    }
+    const kv = await heldKv();
+    const iter = carry.runs[t] ?? 0;
+    return await updateHeld(kv, `${t}.${e.item_id}`, (rec) => {
+      if (!rec || rec.iter !== iter) return { out: [] as FlowEvent[] }; // a stale timer
+      if (rec.closed) return { out: rec.closedBy === seq ? rec.emitted! : [] };
+      let events: FlowEvent[];
+      if (s.kind === "join") {
+        const data = joined(rec.arrived ?? {});
+        events = completion(flow, t, e, advance(data, t, { timed_out: true }, data.value), emit, {
+          timedOut: true,
+        });
+      } else {
+        const armed = rec.armed!.data;
+        events = completion(flow, t, e, advance(armed, t, { timed_out: true }, armed.value), emit, {
+          timedOut: true,
+        });
+      }
+      return { rec: { ...rec, closed: "timed_out", closedBy: seq, emitted: events }, out: events };
+    });
+  }
+
+  return {
+    name: CONTROL_DURABLE,
+    filterSubject: `${n}.*.*`,
+    stream: pipelineSubjects(def).stream,
+    failedType: `${n}.${FAILED}`,
+    input: { kind: "event", types: [] },
+    identify: (_raw, message) => message.subject.split(".")[2],
+    decode(raw, message): ControlInput | undefined {
+      const parts = message.subject.split(".");
+      const token = parts[1]!;
+      const role = flow.roles.get(token);
+      if (!role) {
+        throw new WeftError(
+          ErrorCode.DefinitionChanged,
+          `event ${n}.${token} is one the running definition of ${n} (${def.hash}) neither ` +
+            `publishes nor awaits: the step it belonged to is gone`,
+        );
+      }
+      if (role.role === "awaited") {
+        if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
+          throw new ValidationError(`the awaited event ${n}.${token} must be a JSON object`, {
+            code: ErrorCode.InvalidEvent,
+            field: "/",
+          });
+        }
+        return {
+          kind: "awaited",
+          item: parts[2]!,
+          payload: raw,
+          waits: role.waits,
+          subject: message.subject,
+        };
+      }
+      const e = decodeFlowEvent(flow, raw, message.subject);
+      if (role.role === "timer") {
+        const d = e.data as unknown as Partial<TimerData>;
+        if (typeof d?.step !== "string" || !d.carry || typeof d.due !== "string") {
+          throw new ValidationError("a timer needs step, due and carry", {
+            code: ErrorCode.InvalidEvent,
+            field: "/data",
+          });
+        }
+        return { kind: "timer", event: e as FlowEvent & { data: FlowData & TimerData } };
+      }
+      const steps = targetsOf(flow, token, e.data).filter((t) =>
+        CONTROL_KINDS.has(def.steps[t]!.kind)
+      );
+      return steps.length > 0 ? { kind: "arrive", event: e, steps } : undefined;
+    },
+    checkOutput: () => {},
+    async handle(input: ControlInput, ctx: StageContext) {
+      const seq = ctx.message.seq;
+      let out: FlowEvent[];
+      if (input.kind === "arrive") out = await onArrive(input.event, input.steps, seq, ctx);
+      else if (input.kind === "timer") out = await onTimer(input.event, seq, ctx);
+      else out = await onAwaited(input.item, input.payload, input.waits, seq, ctx);
+      return out as unknown as OutputEvent[];
+    },
+  };
+}
+
+/** Turns bus submissions (`nats pub <name>.submit '<input>'`) into items. */
+// deno-lint-ignore no-explicit-any
+export function intakeStage(p: LoadedPipeline): Stage<any> {
+  const { flow, def } = p;
+  const n = def.name;
+  const entry = `${n}.${entryEvent(def)}`;
+  const idOf = (seq: number) => `${n}-${seq}`;
+  return {
+    name: INTAKE_DURABLE,
+    filterSubject: `${n}.submit`,
+    stream: pipelineSubjects(def).stream,
+    failedType: `${n}.${FAILED}`,
+    input: { kind: "event", types: [] },
+    entryTypes: new Set([entry]),
+    identify: (_raw, message) => idOf(message.seq),
+    decode: (raw, message) => ({ raw, seq: message.seq, traceId: message.traceId }),
+    checkOutput: () => {},
+    handle(x: { raw: unknown; seq: number; traceId?: string }, ctx: StageContext) {
+      const input = checkInput(flow, x.raw);
+      const id = idOf(x.seq);
+      return [
+        flowEvent(
+          flow,
+          entryEvent(def),
+          {
+            id: deterministicId(id, entry),
+            item_id: id,
+            trace_id: x.traceId ?? deterministicId(id, "trace"),
+          },
+          entryData(input),
+          { source: ctx.source, now: ctx.now() },
+        ),
+      ] as unknown as OutputEvent[];
+    },
+  };
+}
+
+/** Checks an input document against the definition's input schema; a 4xx naming the field. */
+export function checkInput(flow: Flow, value: unknown): unknown {
+  if (flow.checkInput(value)) return value;
+  const e = flow.checkInput.errors?.[0];
+  const missing = (e?.params as { missingProperty?: string } | undefined)?.missingProperty;
+  const field = `${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}` || "/";
+  throw new ValidationError(
+    missing ? `${field} is required` : `${field} ${e?.message ?? "is invalid"}`,
+    {
+      field,
+    },
+  );
+}
+
+/** The state writer's spec for a pipeline: the generic fold, into its state bucket. */
+export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
+  const { flow, def } = p;
+  const n = def.name;
+  return {
+    durable: STATE_DURABLE,
+    stream: pipelineSubjects(def).stream,
+    filter: `${n}.*.*`,
+    bucket: stateBucketOf(n),
+    eventTypes: [],
+    source: `weft-${n}-flow`,
+    decode(raw, subject) {
+      const token = subject.split(".")[1]!;
+      // Awaited events are a person's or a callback's plain JSON: the wait's own event
+      // records what came; here they are only folded as "seen".
+      if (flow.roles.get(token)?.role === "awaited") {
+        return {
+          id: `awaited-${subject}`,
+          type: `${n}.${token}`,
+          item_id: subject.split(".")[2]!,
+          time: new Date().toISOString(),
+          data: raw,
+        } as unknown as AnyEvent;
+      }
+      return decodeFlowEvent(flow, raw, subject) as unknown as AnyEvent;
+    },
+    apply: (state, event, seq) =>
+      applyPipelineEvent(def, state, {
+        seq,
+        type: event.type,
+        time: event.time,
+        item_id: event.item_id,
+        definition: (event as unknown as { definition?: string }).definition,
+        data: event.data,
+      }) ?? state ?? {
+        id: event.item_id,
+        status: "running",
+        current: [],
+        results: {},
+        runs: {},
+        created_at: event.time,
+        updated_at: event.time,
+        first_seq: seq,
+        last_seq: seq,
+      },
+    isFinal: (s) => s.status === "done" || s.status === "failed",
+  };
+}
+
+/** The control service of a pipeline: intake, control steps and item state. */
+export function controlService(p: LoadedPipeline): ServiceDef {
+  const name = serviceNamesOf(p.def).control;
+  return defineService(name, async (ctx) => {
+    const source = `weft-${name}`;
+    const intake = await runStage({ ...ctx, stage: intakeStage(p), source });
+    const control = await runStage({ ...ctx, stage: controlStage(p, ctx.nc), source });
+    const state = await runStateWriter({
+      ...ctx,
+      spec: pipelineStateSpec(p),
+      metrics: ctx.metrics,
+    });
+    return combineRunnables([intake, control, state]);
+  }, { description: `Weft pipeline ${p.def.name}: intake, joins, waits, delays, item state` });
+}
+
+/** The service running one work step of a pipeline. */
+export function stepService(p: LoadedPipeline, id: string): ServiceDef {
+  const name = `${p.def.name}-${id}`;
+  return defineService(name, async (ctx) => {
+    const c = ctx.config;
+    const llm: LlmStepOptions | undefined = c.llmBaseUrl
+      ? {
+        baseUrl: c.llmBaseUrl,
+        apiKey: c.llmApiKey,
+        model: c.llmModel,
+        timeoutMs: c.llmTimeoutMs,
+        concurrency: c.llmConcurrency,
+      }
+      : undefined;
+    return await runStage({
+      ...ctx,
+      stage: workStage(p, id, { llm }),
+      source: `weft-${name}`,
+    });
+  }, { description: `Weft pipeline ${p.def.name}, step ${id}` });
+}
+
+/** Every service of the loaded pipelines, by name. */
+export function pipelineServices(loaded: readonly LoadedPipeline[]): Map<string, ServiceDef> {
+  const out = new Map<string, ServiceDef>();
+  for (const p of loaded) {
+    out.set(serviceNamesOf(p.def).control, controlService(p));
+    for (const id of workSteps(p.def)) out.set(`${p.def.name}-${id}`, stepService(p, id));
+  }
+  return out;
+}
+
+/** Publishes an item's entry event (HTTP and request/reply submissions). */
+export async function submitItem(
+  nc: NatsConnection,
+  p: LoadedPipeline,
+  id: string,
+  input: unknown,
+  opts: { source: string; traceId: string },
+): Promise<FlowEvent> {
+  const { flow, def } = p;
+  const type = `${def.name}.${entryEvent(def)}`;
+  const event = flowEvent(
+    flow,
+    entryEvent(def),
+    { id: deterministicId(id, type), item_id: id, trace_id: opts.traceId },
+    entryData(checkInput(flow, input)),
+    { source: opts.source, now: new Date() },
+  );
+  await publishEvent(jetstream(nc), event as unknown as OutputEvent, null, true);
+  return event;
+}
+
+/** Reads an item's state; null when there is none. */
+export async function readItem(kv: KV, id: string): Promise<ItemState | null> {
+  const e = await kv.get(id);
+  return e && e.operation === "PUT" && e.length > 0 ? e.json<ItemState>() : null;
+}
+
+/** For logs: what was loaded. */
+export function describePipelines(loaded: readonly LoadedPipeline[], log: Logger): void {
+  for (const p of loaded) {
+    log.info("pipeline loaded", {
+      pipeline: p.def.name,
+      definition: p.def.hash,
+      file: p.file,
+      steps: Object.keys(p.def.steps).length,
+    });
+  }
+}
+
+/** The streams and buckets of the loaded pipelines, for ensureTopology. */
+export function pipelineTopology(
+  loaded: readonly LoadedPipeline[],
+  retentionMs: number,
+): ExtraTopology {
+  return {
+    streams: loaded.map((p) => ({
+      name: pipelineSubjects(p.def).stream,
+      description: `Weft pipeline ${p.def.name}: submissions and every event`,
+      subjects: pipelineSubjects(p.def).streamSubjects,
+    })),
+    buckets: loaded.flatMap((p) => [
+      {
+        name: stateBucketOf(p.def.name),
+        description: `Weft: current state of each ${p.def.name} item`,
+        ttl: retentionMs,
+      },
+      {
+        name: controlBucketOf(p.def.name),
+        description: `Weft: ${p.def.name} items held at joins and waits`,
+        ttl: retentionMs,
+      },
+    ]),
+  };
+}
+
+/** A pipeline service as the supervisor runs it: entry, what it reads, its bus access. */
+export interface PipelineServiceSpec {
+  name: string;
+  /** `services/pipeline.ts`, with the definition files and the service's name. */
+  entry: string;
+  args: string[];
+  /** Files and folders it reads: its definition's folder (prompts, rules). */
+  reads: string[];
+  /** Calls the LLM endpoint (an llm step). */
+  llm: boolean;
+  access: Access;
+}
+
+/** The events (`<name>.<event>.*`) `ids`' completions publish, with the end events they lead to. */
+function completionSubjects(def: PipelineDefinition, ids: readonly string[]): string[] {
+  const n = def.name;
+  const out = new Set<string>();
+  for (const id of ids) {
+    const step = def.steps[id]!;
+    out.add(`${n}.${eventOf(id, step)}.*`);
+    if (step.kind === "wait" || step.kind === "join") out.add(`${n}.${timeoutEventOf(id, step)}.*`);
+    if (step.kind === "task") { for (const e of step.alsoEmits ?? []) out.add(`${n}.${e}.*`); }
+    for (const [t] of edgesOf(step)) {
+      const ts = def.steps[t]!;
+      if (ts.kind === "end") out.add(`${n}.${eventOf(t, ts)}.*`);
+    }
+  }
+  return [...out];
+}
+
+/**
+ * Each pipeline service's least-privilege access, from its definition: a step publishes
+ * only its own events (and the end events it leads to), its pipeline's failure event and
+ * its dead letters, and pulls only its own durable consumer; the control service also
+ * turns submissions into entry events and owns the state and control buckets.
+ */
+export function pipelineServiceSpecs(
+  loaded: readonly LoadedPipeline[],
+  root: string,
+): PipelineServiceSpec[] {
+  const out: PipelineServiceSpec[] = [];
+  const files = [...new Set(loaded.map((p) => p.file))];
+  const rel = (f: string) => (f.startsWith(root) ? f.slice(root.length).replace(/^\//, "") : f);
+  for (const p of loaded) {
+    const { def } = p;
+    const n = def.name;
+    const stream = pipelineSubjects(def).stream;
+    const dir = rel(p.file.replace(/\/[^/]*$/, ""));
+    const controlSteps = Object.keys(def.steps).filter((id) =>
+      CONTROL_KINDS.has(def.steps[id]!.kind)
+    );
+    out.push({
+      name: serviceNamesOf(def).control,
+      entry: PIPELINE_ENTRY,
+      args: [...files.map(rel), serviceNamesOf(def).control],
+      reads: [...new Set(files.map((f) => rel(f.replace(/\/[^/]*$/, ""))))],
+      llm: false,
+      access: {
+        consumes: [INTAKE_DURABLE, CONTROL_DURABLE, STATE_DURABLE].map((durable) => ({
+          stream,
+          durable,
+        })),
+        publishes: [
+          `${n}.${entryEvent(def)}.*`,
+          `${n}.${FAILED}.*`,
+          ...completionSubjects(def, controlSteps),
+          ...[INTAKE_DURABLE, CONTROL_DURABLE, STATE_DURABLE].map((d) => `deadletter.${d}.*`),
+        ],
+        writesBuckets: [stateBucketOf(n), controlBucketOf(n), SCHEDULE_BUCKET],
+      },
+    });
+    for (const id of workSteps(def)) {
+      out.push({
+        name: `${n}-${id}`,
+        entry: PIPELINE_ENTRY,
+        args: [...files.map(rel), `${n}-${id}`],
+        reads: [...new Set([...files.map((f) => rel(f.replace(/\/[^/]*$/, ""))), dir])],
+        llm: def.steps[id]!.kind === "llm",
+        access: {
+          consumes: [{ stream, durable: id }],
+          publishes: [
+            ...completionSubjects(def, [id]),
+            `${n}.${FAILED}.*`,
+            `deadletter.${id}.*`,
+          ],
+        },
+      });
+    }
+  }
+  return out;
+}
+
+/** The folders of the loaded definitions, relative to `root` when under it. */
+export function definitionDirs(loaded: readonly LoadedPipeline[], root: string): string[] {
+  const rel = (f: string) => (f.startsWith(root) ? f.slice(root.length).replace(/^\//, "") : f);
+  return [...new Set(loaded.map((p) => rel(p.file.replace(/\/[^/]*$/, ""))))];
+}
+
+/** What the gateway and the ops identity need for the loaded pipelines. */
+export function pipelineGatewayAccess(loaded: readonly LoadedPipeline[]): {
+  gateway: Access;
+  ops: Access;
+} {
+  const streams = loaded.map((p) => pipelineSubjects(p.def).stream);
+  const states = loaded.map((p) => stateBucketOf(p.def.name));
+  const awaited = loaded.flatMap((p) =>
+    Object.values(p.def.steps).flatMap((s) =>
+      s.kind === "wait" ? [`${p.def.name}.${s.event}.*`] : []
+    )
+  );
+  return {
+    gateway: {
+      // Entry events, awaited events (decisions) and redrives onto any of its subjects.
+      publishes: loaded.map((p) => `${p.def.name}.>`),
+      serves: loaded.map((p) => `weft.${p.def.name}.>`),
+      readsStreams: streams,
+      readsBuckets: states,
+    },
+    ops: {
+      publishes: [...loaded.map((p) => `${p.def.name}.submit`), ...awaited],
+      readsStreams: streams,
+      readsBuckets: [...states, ...loaded.map((p) => controlBucketOf(p.def.name))],
+    },
+  };
+}
+
+/** The module running pipeline services: `deno run services/pipeline.ts <files...> <service>`. */
+export const PIPELINE_ENTRY = "services/pipeline.ts";

@@ -1,0 +1,62 @@
+/**
+ * `deno task new NAME` writes a pipeline that works as written: its own test passes, and
+ * `deno task start` runs it, answering over HTTP.
+ */
+import assert from "node:assert/strict";
+import { startMesh } from "./helpers/mesh.ts";
+import { taskArgs } from "./helpers/mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const root = new URL("../", import.meta.url);
+
+Deno.test("deno task new writes a two-step pipeline whose test passes and which the mesh runs", async () => {
+  const name = `gen-${crypto.randomUUID().slice(0, 8)}`;
+  const dir = new URL(`pipelines/${name}/`, root);
+  const list = await Deno.readTextFile(new URL("pipelines/run.json", root));
+  try {
+    const made = await new Deno.Command("deno", {
+      args: [...await taskArgs("new"), name, "--no-list"],
+      cwd: root,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const said = new TextDecoder().decode(made.stdout);
+    assert.ok(made.success, new TextDecoder().decode(made.stderr));
+    assert.match(said, new RegExp(`POST localhost:8000/pipelines/${name}/items`));
+    assert.equal(
+      await Deno.readTextFile(new URL("pipelines/run.json", root)),
+      list,
+      "--no-list leaves pipelines/run.json alone",
+    );
+
+    const tested = await new Deno.Command("deno", {
+      args: ["test", "--allow-read", `pipelines/${name}/`],
+      cwd: root,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.ok(tested.success, new TextDecoder().decode(tested.stdout));
+
+    await using mesh = await startMesh({ WEFT_PIPELINES: `pipelines/${name}/pipeline.ts` });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+    const res = await fetch(`${mesh.gatewayUrl}/pipelines/${name}/items`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ text: "  is it   on? " }),
+    });
+    assert.equal(res.status, 202);
+    const { id } = await res.json();
+    const state = await waitFor(
+      async () => {
+        const s = await (await fetch(`${mesh.gatewayUrl}/pipelines/${name}/items/${id}`)).json();
+        return s.status === "done" ? s : undefined;
+      },
+      30_000,
+      "the item done",
+    );
+    assert.deepEqual(state.results.classify, { label: "question" });
+    assert.equal(state.outcome, "done");
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});

@@ -1,0 +1,286 @@
+/**
+ * A team's own pipeline, run from its definition alone: the test writes a NEW definition
+ * (insurance claims: an LLM summary, a branch, a human decision with a deadline and a
+ * default action, a fan-out and a join with a deadline) into a temporary folder, starts it
+ * with the supervisor `deno task start` uses, submits items over HTTP and over NATS, reads
+ * SSE to the end, kills a step with SIGKILL mid-run, and checks that every item reached
+ * its expected outcome exactly once.
+ */
+import assert from "node:assert/strict";
+import { jetstream } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { connectNats } from "../src/nats.ts";
+import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
+import { meshTempDir, startMesh } from "./helpers/mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
+import { readSse } from "./helpers/sse.ts";
+
+const MOD = new URL("../mod.ts", import.meta.url).href;
+
+/** The definition a team would write: one file, the public API only. */
+const DEFINITION = `
+import { definePipeline } from "${MOD}";
+
+const obj = { type: "object" } as const;
+const sleep = (ms: number, signal: AbortSignal) =>
+  new Promise((resolve) => {
+    const t = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => (clearTimeout(t), resolve(undefined)), { once: true });
+  });
+
+export const claims = definePipeline({
+  name: "claims",
+  description: "Insurance claims: LLM summary, human review of risky ones, checks in parallel",
+  input: {
+    schema: {
+      type: "object",
+      required: ["claimant", "amount", "text"],
+      properties: {
+        claimant: { type: "string" },
+        amount: { type: "number", minimum: 0 },
+        text: { type: "string", maxLength: 2000 },
+      },
+    },
+  },
+  start: "summarize",
+  steps: {
+    summarize: {
+      kind: "llm",
+      prompt: "prompts/summarize.md",
+      output: {
+        type: "object",
+        required: ["summary", "risk"],
+        properties: { summary: { type: "string" }, risk: { enum: ["low", "high"] } },
+      },
+      next: "assess",
+    },
+    assess: {
+      kind: "router",
+      route: (s: { risk: string }) => (s.risk === "high" ? "risky" : "plain"),
+      routes: { risky: "review", plain: "checks" },
+    },
+    review: {
+      kind: "wait",
+      event: "decided",
+      timeoutMs: 5000,
+      onTimeout: "expired",
+      next: "verdict",
+    },
+    verdict: {
+      kind: "router",
+      route: (d: { approve?: boolean }) => (d.approve === true ? "approve" : "reject"),
+      routes: { approve: "checks", reject: "rejected" },
+    },
+    checks: {
+      kind: "task",
+      output: obj,
+      handle: (_v: unknown, ctx: { input: { amount: number } }) => ({ amount: ctx.input.amount }),
+      next: ["fraud", "policy"],
+    },
+    fraud: {
+      kind: "task",
+      output: { type: "object", required: ["score"] },
+      handle: (c: { amount: number }) => ({ score: c.amount > 1000 ? 0.7 : 0.1 }),
+      next: "decide",
+    },
+    policy: {
+      kind: "task",
+      output: obj,
+      handle: async (_c: unknown, ctx: { input: { text: string }; signal: AbortSignal }) => {
+        if (ctx.input.text.includes("stall")) await sleep(60_000, ctx.signal);
+        return { covered: true };
+      },
+      next: "decide",
+    },
+    decide: {
+      kind: "join",
+      after: ["fraud", "policy"],
+      deadlineMs: 20_000,
+      onDeadline: "escalated",
+      next: "paid",
+    },
+    paid: { kind: "end", outcome: "paid" },
+    rejected: { kind: "end", outcome: "rejected" },
+    expired: { kind: "end", outcome: "expired" },
+    escalated: { kind: "end", outcome: "escalated" },
+  },
+});
+`;
+
+const FINALS = ["paid", "rejected", "expired", "escalated", "failed"].map((o) => `claims.${o}`);
+
+async function post(base: string, path: string, body: unknown) {
+  const res = await fetch(`${base}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  return { status: res.status, body: await res.json() };
+}
+
+/** Every event of the CLAIMS stream: type and item, in stream order. */
+async function allEvents(nc: NatsConnection): Promise<{ type: string; item: string }[]> {
+  const js = jetstream(nc);
+  const c = await js.consumers.get("CLAIMS");
+  const out: { type: string; item: string }[] = [];
+  const info = await c.info();
+  const total = info.num_pending;
+  if (total === 0) return out;
+  const it = await c.fetch({ max_messages: total, expires: 5000 });
+  for await (const m of it) {
+    const [, token, item] = m.subject.split(".");
+    out.push({ type: `claims.${token}`, item: item! });
+    if (out.length >= total) break;
+  }
+  return out;
+}
+
+/** The pid of a pipeline service's process. */
+async function pidOf(service: string): Promise<number> {
+  const out = await new Deno.Command("ps", { args: ["-eo", "pid,args"], stdout: "piped" })
+    .output();
+  const line = new TextDecoder().decode(out.stdout).split("\n")
+    .find((l) => l.includes("services/pipeline.ts") && l.trim().endsWith(` ${service}`));
+  if (!line) throw new Error(`no process runs ${service}`);
+  return Number(line.trim().split(/\s+/)[0]);
+}
+
+Deno.test("a new definition runs end to end: LLM, branch, human wait with deadline, fan-out, join, kills", async (t) => {
+  const llm = startFakeOpenAI((req) => {
+    const text = req.body.messages.at(-1)!.content;
+    return chat({ summary: text.slice(0, 40), risk: /urgent/.test(text) ? "high" : "low" });
+  });
+  const dir = await meshTempDir("weft-claims-");
+  await Deno.mkdir(`${dir}/def/prompts`, { recursive: true });
+  await Deno.writeTextFile(`${dir}/def/claims.ts`, DEFINITION);
+  await Deno.writeTextFile(
+    `${dir}/def/prompts/summarize.md`,
+    "Summarise the claim in one sentence and rate its risk. Reply with JSON matching {{schema}}.",
+  );
+  await using mesh = await startMesh({
+    WEFT_PIPELINES: `${dir}/def/claims.ts`,
+    WEFT_LLM_BASE_URL: llm.baseUrl,
+    WEFT_LLM_API_KEY: "test-key",
+    WEFT_LLM_MODEL: "fake-model",
+    WEFT_MAX_ATTEMPTS: "5",
+    WEFT_RETRY_BASE_MS: "100",
+    // What the killed step held is redelivered after the ack wait: well inside the join's
+    // deadline, also on a loaded machine.
+    WEFT_ACK_WAIT_MS: "2000",
+  }, { storeDir: `${dir}/nats` });
+  const base = mesh.gatewayUrl;
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
+  const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  const expected = new Map<string, string>();
+  try {
+    await t.step("a bad input is refused with a problem naming the field", async () => {
+      const bad = await post(base, "/pipelines/claims/items", { claimant: "x", text: "hi" });
+      assert.equal(bad.status, 422);
+      assert.equal(bad.body.field, "/amount");
+    });
+
+    await t.step("items over HTTP and over NATS; a step killed with SIGKILL mid-run", async () => {
+      const submit = async (body: unknown, outcome: string) => {
+        const r = await post(base, "/pipelines/claims/items", body);
+        assert.equal(r.status, 202, JSON.stringify(r.body));
+        expected.set(r.body.id, outcome);
+        return r.body.id as string;
+      };
+      const plain = await submit({ claimant: "ann", amount: 120, text: "a dent" }, "paid");
+      const approved = await submit({ claimant: "bo", amount: 9000, text: "urgent: fire" }, "paid");
+      const refused = await submit(
+        { claimant: "cy", amount: 5000, text: "urgent: flood" },
+        "rejected",
+      );
+      const ignored = await submit(
+        { claimant: "di", amount: 700, text: "urgent: theft" },
+        "expired",
+      );
+      const stalled = await submit(
+        { claimant: "ed", amount: 50, text: "stall please" },
+        "escalated",
+      );
+      // Twenty more on the bus, as `nats pub claims.submit '{...}'` would.
+      for (let i = 0; i < 20; i++) {
+        nc.publish("claims.submit", JSON.stringify({ claimant: `bus${i}`, amount: i, text: "x" }));
+      }
+      await nc.flush();
+      // The fraud step dies at once, mid-run; the supervisor restarts it.
+      Deno.kill(await pidOf("claims-fraud"), "SIGKILL");
+
+      // The human decisions: one over HTTP, one on the bus; the third never comes.
+      const waiting = async (id: string) =>
+        await waitFor(
+          async () => {
+            const s = await (await fetch(`${base}/pipelines/claims/items/${id}`)).json();
+            return s.status === "waiting" ? s : undefined;
+          },
+          20_000,
+          `${id} waiting for a decision`,
+        );
+      const w = await waiting(approved);
+      assert.equal(w.waiting.event, "claims.decided");
+      assert.ok(Date.parse(w.waiting.until) > Date.parse(w.updated_at));
+      const d = await post(base, `/pipelines/claims/items/${approved}/decided`, { approve: true });
+      assert.equal(d.status, 202);
+      await waiting(refused);
+      nc.publish(`claims.decided.${refused}`, JSON.stringify({ approve: false, by: "carol" }));
+      await waiting(ignored);
+
+      // An item's SSE stream, read to its end.
+      const frames = await readSse(
+        await fetch(`${base}/pipelines/claims/items/${plain}/events`),
+        { timeoutMs: 30_000 },
+      );
+      assert.deepEqual(frames.map((f) => f.event), [
+        "claims.submitted",
+        "claims.summarize",
+        "claims.assess",
+        "claims.checks",
+        ...(frames.findIndex((f) => f.event === "claims.fraud") <
+            frames.findIndex((f) => f.event === "claims.policy")
+          ? ["claims.fraud", "claims.policy"]
+          : ["claims.policy", "claims.fraud"]),
+        "claims.decide",
+        "claims.paid",
+      ]);
+      void stalled;
+    });
+
+    await t.step("every item reaches its expected outcome exactly once", async () => {
+      let events: { type: string; item: string }[] = [];
+      await waitFor(
+        async () => {
+          events = await allEvents(nc);
+          const ends = events.filter((e) => FINALS.includes(e.type));
+          return ends.length >= 25 ? true : undefined;
+        },
+        60_000,
+        "25 items at an end",
+      );
+      const bus = [
+        ...new Set(events.filter((e) => e.type === "claims.submitted").map((e) => e.item)),
+      ]
+        .filter((id) => !expected.has(id));
+      assert.equal(bus.length, 20, "every bus submission became an item");
+      for (const id of bus) expected.set(id, "paid");
+      for (const [id, outcome] of expected) {
+        const ends = events.filter((e) => e.item === id && FINALS.includes(e.type));
+        assert.deepEqual(ends.map((e) => e.type), [`claims.${outcome}`], id);
+        const state = await (await fetch(`${base}/pipelines/claims/items/${id}`)).json();
+        assert.equal(state.outcome, outcome, id);
+        assert.equal(state.status, "done");
+        assert.match(state.definition, /^[0-9a-f]{16}$/);
+      }
+      // The LLM was asked once per item (a redelivery would be answered by its cache).
+      assert.ok(llm.requests.length >= 25);
+      const killed = mesh.logs.some((l) =>
+        l.msg === "service exited; restarting" && l.service === "claims-fraud"
+      );
+      assert.ok(killed, "the supervisor restarted the killed step");
+    });
+  } finally {
+    await nc.close();
+    await llm.close();
+  }
+});

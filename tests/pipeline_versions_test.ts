@@ -1,0 +1,161 @@
+/**
+ * Versioning: each item records the definition it started on; deploying a changed
+ * definition while items are in flight never strands one silently. An item continues when
+ * its next step still exists (on the new code), and is otherwise dead-lettered with the
+ * reason `definition_changed`, its state failed, the letter listed for redrive.
+ */
+import assert from "node:assert/strict";
+import { connectNats } from "../src/nats.ts";
+import { meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const MOD = new URL("../mod.ts", import.meta.url).href;
+
+/** Version 1 holds some items in `hold`; version 2 has no `hold` and a new `finish`. */
+const version = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const vers = definePipeline({
+  name: "vers",
+  input: { schema: { type: "object", required: ["kind"] } },
+  start: "route",
+  steps: {
+    route: {
+      kind: "router",
+      route: (i: { kind: string }) => (${v === 1 ? 'i.kind === "hold" ? "hold" : ' : ""}"approve"),
+      routes: { approve: "approve"${v === 1 ? ', hold: "hold"' : ""} },
+    },
+    approve: { kind: "wait", event: "approved", timeoutMs: 600000, onTimeout: "expired", next: "finish" },
+    ${
+  v === 1
+    ? 'hold: { kind: "wait", event: "held", timeoutMs: 600000, onTimeout: "expired", next: "finish" },'
+    : ""
+}
+    finish: { kind: "task", output: { type: "object" }, handle: () => ({ v: ${v} }), next: "done" },
+    done: { kind: "end", outcome: "done" },
+    expired: { kind: "end", outcome: "expired" },
+  },
+});
+`;
+
+async function post(base: string, path: string, body: unknown) {
+  const res = await fetch(`${base}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  return { status: res.status, body: await res.json() };
+}
+
+const stateOf = async (base: string, id: string) =>
+  await (await fetch(`${base}/pipelines/vers/items/${id}`)).json();
+
+Deno.test("a changed definition: items whose next step exists continue, the others are dead-lettered with the reason", async () => {
+  const dir = await meshTempDir("weft-vers-");
+  const file = `${dir}/def/vers.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, version(1));
+  const storeDir = `${dir}/nats`;
+  let v1Hash: string;
+  let kept: string;
+  let stranded: string;
+  try {
+    {
+      await using mesh = await startMesh({ WEFT_PIPELINES: file }, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      kept = (await post(mesh.gatewayUrl, "/pipelines/vers/items", { kind: "approve" })).body.id;
+      stranded = (await post(mesh.gatewayUrl, "/pipelines/vers/items", { kind: "hold" })).body.id;
+      for (const id of [kept, stranded]) {
+        await waitFor(
+          async () => (await stateOf(mesh.gatewayUrl, id)).status === "waiting",
+          20_000,
+          `${id} waiting`,
+        );
+      }
+      v1Hash = (await stateOf(mesh.gatewayUrl, kept)).definition;
+    }
+
+    // Deploy version 2 while both items wait.
+    await Deno.writeTextFile(file, version(2));
+    await using mesh = await startMesh({ WEFT_PIPELINES: file }, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const loaded = await mesh.waitForLog((l) => l.msg === "pipeline loaded", 1000, "v2 loaded");
+    assert.notEqual(loaded.definition, v1Hash, "a new definition hash");
+
+    const decided = await post(mesh.gatewayUrl, `/pipelines/vers/items/${kept}/approved`, {});
+    assert.equal(decided.status, 202);
+    const done = await waitFor(
+      async () => {
+        const s = await stateOf(mesh.gatewayUrl, kept);
+        return s.status === "done" ? s : undefined;
+      },
+      20_000,
+      "the kept item done",
+    );
+    assert.deepEqual(done.results.finish, { v: 2 }, "it continued on the new code");
+    assert.equal(done.definition, v1Hash, "it records the definition it started on");
+
+    // The stranded item's awaited event comes (an operator publishes it): version 2 has no
+    // step that awaits it.
+    const nc = await connectNats(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      nc.publish(`vers.held.${stranded}`, JSON.stringify({ by: "dan" }));
+      await nc.flush();
+    } finally {
+      await nc.close();
+    }
+    const failed = await waitFor(
+      async () => {
+        const s = await stateOf(mesh.gatewayUrl, stranded);
+        return s.status === "failed" ? s : undefined;
+      },
+      20_000,
+      "the stranded item failed",
+    );
+    assert.equal(failed.error.code, "definition_changed");
+    assert.match(failed.error.reason, /vers\.held/);
+    const letters = await (await fetch(
+      `${mesh.gatewayUrl}/deadletters?code=definition_changed`,
+    )).json();
+    assert.ok(
+      letters.items.some((l: { letter: { item_id?: string } }) => l.letter.item_id === stranded),
+      `listed for redrive: ${JSON.stringify(letters).slice(0, 600)}`,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
+
+Deno.test("a bad definition stops deno task start before anything starts, naming the file and the step", async () => {
+  const dir = await meshTempDir("weft-baddef-");
+  try {
+    await Deno.writeTextFile(
+      `${dir}/bad.ts`,
+      `import { definePipeline } from "${MOD}";
+export const bad = definePipeline({
+  name: "bad",
+  input: { schema: { type: "object" } },
+  start: "a",
+  steps: {
+    a: { kind: "task", output: { type: "object" }, handle: () => ({}), next: "nowhere" },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`,
+    );
+    const out = await new Deno.Command("deno", {
+      args: await taskArgs("start"),
+      cwd: new URL("../", import.meta.url),
+      env: { WEFT_PIPELINES: `${dir}/bad.ts`, WEFT_NATS_DIR: `${dir}/nats`, PORT: "0" },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(out.code, 2);
+    const lines = new TextDecoder().decode(out.stdout).trim().split("\n").map((l) => JSON.parse(l));
+    const error = lines.find((l) => l.level === "error");
+    assert.match(error.msg, /bad\.ts/);
+    assert.match(error.msg, /pipeline bad, step a: next names unknown step "nowhere"/);
+    assert.ok(!lines.some((l) => /nats-server|starting services/.test(l.msg)), "nothing started");
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
