@@ -181,6 +181,16 @@ const documentSchemas: Record<keyof DocumentMap, object> = {
 };
 ajv.addSchema(submit);
 
+/**
+ * Every schema document by name (`feedback.submit`, `defs`, ...): the event and document
+ * schemas and the shared definitions, e.g. for the gateway's OpenAPI description.
+ */
+export const SCHEMA_DOCUMENTS: Readonly<Record<string, object>> = {
+  defs,
+  ...eventSchemas,
+  ...documentSchemas,
+};
+
 const eventValidators = new Map<string, Map<number, ValidateFunction>>();
 for (const [type, schema] of Object.entries(eventSchemas)) {
   const version = (schema as { properties: { version: { const: number } } }).properties.version

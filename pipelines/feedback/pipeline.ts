@@ -29,7 +29,7 @@ export function feedbackPipeline(stages: FeedbackStages = {}) {
     // The full schema (schemas/feedback.submit.v1.json) $refs defs.v1.json; the runtime keeps
     // validating with it. This is its outline until definitions resolve $refs.
     // Submissions (`feedback.submit`) become `feedback.ingested` entry events in the
-    // runtime's intake (durable `ingest`), today's ingest stage.
+    // runtime's intake, today's ingest stage.
     input: {
       schema: { type: "object", required: ["text"], properties: { text: { type: "string" } } },
       event: "ingested",

@@ -40,6 +40,8 @@ import { createModerationRoutes } from "./moderation_routes.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
 import { boolQuery } from "./query.ts";
 import { pipelineRoutes } from "./pipelines.ts";
+import { openApiDocument } from "./openapi.ts";
+import { pipelineSubjects } from "../pipeline/derive.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { WeftMetrics } from "../metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
@@ -107,7 +109,7 @@ export async function readJson(c: Context): Promise<unknown> {
 
 const EVENT_TYPES = new Set<string>(Object.values(FeedbackEventType));
 /** Routes that answer without NATS. */
-const NO_NATS_NEEDED = new Set(["/healthz", "/", "/dashboard"]);
+const NO_NATS_NEEDED = new Set(["/healthz", "/", "/dashboard", "/openapi.json"]);
 
 /** True for the errors a NATS client raises when the server is unreachable or slow. */
 function isNatsUnavailable(err: unknown): boolean {
@@ -191,6 +193,9 @@ export function createApp(deps: GatewayDeps): Hono {
       { name: "anonymous", role: Role.Admin };
 
   app.get("/healthz", (c) => c.json({ status: "ok" }));
+  // The whole HTTP API, from schemas/ and the loaded definitions: built once.
+  let openApi: unknown;
+  app.get("/openapi.json", (c) => c.json(openApi ??= openApiDocument(deps.pipelines ?? [])));
   app.get("/readyz", async (c) => {
     if (deps.nc.isClosed()) {
       return problemResponse(c, new WeftError(ErrorCode.Unavailable, "NATS connection closed"));
@@ -271,12 +276,13 @@ export function createApp(deps: GatewayDeps): Hono {
     }, { config, clients, feeds, log, key });
   });
 
-  if (deps.pipelines && deps.pipelines.length > 0) {
+  {
+    // Mounted with none loaded too: GET /pipelines then lists none.
     app.route(
       "/pipelines",
       pipelineRoutes({
         nc: deps.nc,
-        pipelines: deps.pipelines,
+        pipelines: deps.pipelines ?? [],
         config,
         log,
         clients,
@@ -306,7 +312,12 @@ export function createApp(deps: GatewayDeps): Hono {
   }
   app.use("/dashboard/recent", readAuth); // item texts: behind a key like the other reads
   app.use("/dashboard/stream", readAuth); // takes SSE slots: anonymous clients must not
-  mountObservability(app, { ...deps, metrics, clients });
+  mountObservability(app, {
+    ...deps,
+    metrics,
+    clients,
+    pipelineStreams: (deps.pipelines ?? []).map((p) => pipelineSubjects(p.def).stream),
+  });
 
   return app;
 }

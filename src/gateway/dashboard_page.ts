@@ -61,6 +61,10 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 #history .ev { border-left:3px solid var(--accent); padding:.2rem .5rem; margin:.3rem 0; }
 #history pre { margin:.2rem 0 0; white-space:pre-wrap; color:var(--dim); }
 .muted { color:var(--dim); }
+.stage.ctl { flex:0 0 auto; min-width:90px; background:transparent; border-style:dashed; }
+.stage.ctl h3 { margin:0; }
+.edges { margin-top:.4rem; font-size:.8rem; }
+.wide-group { display:contents; }
 #history .sum { color:var(--text); margin:.15rem 0 0; white-space:normal; }
 #history details summary { color:var(--dim); cursor:pointer; font-size:.75rem; }
 .filter { width:100%; margin:0 0 .5rem; }
@@ -97,6 +101,7 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
     <h2>Content moderation pipeline</h2>
     <div class="graph" id="content-graph"></div>
   </section>
+  <div id="defined" class="wide-group"></div>
   <section>
     <h2>Recent items</h2>
     <form id="submit"><input type="text" id="text" name="text" placeholder="Submit feedback text" required>
@@ -446,7 +451,7 @@ var reviewerInput = document.getElementById("reviewer");
 keyInput.value = sessionStorage.getItem("weft.key") || "";
 reviewerInput.value = sessionStorage.getItem("weft.reviewer") || "";
 keyInput.addEventListener("change", function () {
-  sessionStorage.setItem("weft.key", keyInput.value); loadDeadLetters(); loadReviews();
+  sessionStorage.setItem("weft.key", keyInput.value); loadDeadLetters(); loadReviews(); loadPipelines();
   // The streams reconnect with the new key.
   connectMetrics(); lastSeq = ""; connectEvents();
   if (selected) openHistory(selected);
@@ -551,7 +556,60 @@ document.getElementById("submit").addEventListener("submit", function (e) {
     .then(function (body) { if (body.id) { input.value = ""; document.body.setAttribute("data-last-submitted", body.id); } });
 });
 
+// Pipelines run from definitions (GET /pipelines): one graph each, drawn from the definition.
+// Work steps (task, llm, router) get live figures; joins, waits, delays and ends are drawn as
+// dashed boxes; every edge is listed under the graph with its label.
+function addPipelines(list) {
+  var holder = document.getElementById("defined");
+  holder.textContent = "";
+  (list || []).forEach(function (p) {
+    var section = el("section", { class: "wide", "data-pipeline": p.name });
+    var h = el("h2", null, p.name + " pipeline ");
+    h.appendChild(el("span", { class: "muted" }, "definition " + p.definition));
+    section.appendChild(h);
+    var g = el("div", { class: "graph" });
+    section.appendChild(g);
+    // Steps in breadth-first order from the input.
+    var next = {};
+    p.graph.edges.forEach(function (e) { (next[e.from] = next[e.from] || []).push(e.to); });
+    var kinds = {};
+    p.graph.nodes.forEach(function (n) { kinds[n.id] = n; });
+    var order = [], seenIds = new Set(["$input"]), queue = ["$input"];
+    while (queue.length) {
+      (next[queue.shift()] || []).forEach(function (t) {
+        if (!seenIds.has(t)) { seenIds.add(t); order.push(t); queue.push(t); }
+      });
+    }
+    order.forEach(function (id, i) {
+      var n = kinds[id];
+      if (n.kind === "task" || n.kind === "llm" || n.kind === "router") {
+        var stage = p.name + "-" + id;
+        buildStage(g, stage, n.label + " (" + n.kind + ")", i);
+        if (STAGES.indexOf(stage) < 0) STAGES.push(stage);
+      } else {
+        if (i > 0) g.appendChild(el("span", { class: "arrow" }, "→"));
+        var box = el("div", { class: "stage ctl", "data-step": id });
+        box.appendChild(el("h3", null, n.label));
+        box.appendChild(el("span", { class: "muted" }, n.kind));
+        g.appendChild(box);
+      }
+    });
+    section.appendChild(el("div", { class: "edges muted" }, p.graph.edges
+      .filter(function (e) { return e.from !== "$input"; })
+      .map(function (e) {
+        return e.from + " → " + e.to + (e.label ? " (" + e.label + ")" : "") +
+          (e.loop ? " ≤" + e.loop + "×" : "");
+      }).join(" · ")));
+    holder.appendChild(section);
+  });
+}
+function loadPipelines() {
+  api("/pipelines").then(function (r) { return r.ok ? r.json() : null; })
+    .then(function (b) { if (b) addPipelines(b.pipelines); }).catch(function () {});
+}
+
 buildGraph();
+loadPipelines();
 connectMetrics();
 connectEvents();
 loadDeadLetters();

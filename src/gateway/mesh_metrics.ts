@@ -27,6 +27,8 @@ export interface GatherOptions {
   maxWaitMs?: number;
   /** The gather ends this long after the last answer, ms. */
   stallMs?: number;
+  /** Streams whose durable consumers' backlogs are reported; FEEDBACK by default. */
+  backlogStreams?: readonly string[];
 }
 
 /** JetStream's counts for one durable consumer. */
@@ -44,9 +46,12 @@ export interface ConsumerBacklog {
 }
 
 /** Every durable consumer's backlog, read from JetStream. */
-export async function consumerBacklogs(jsm: JetStreamManager): Promise<ConsumerBacklog[]> {
+export async function consumerBacklogs(
+  jsm: JetStreamManager,
+  streams: readonly string[] = [FEEDBACK_STREAM],
+): Promise<ConsumerBacklog[]> {
   const out: ConsumerBacklog[] = [];
-  for (const stream of [FEEDBACK_STREAM]) {
+  for (const stream of streams) {
     for await (const ci of jsm.consumers.list(stream)) {
       // SSE's ordered consumers come and go: one deleted while the list is read comes back
       // without its config.
@@ -106,7 +111,7 @@ export async function meshMetrics(
 ): Promise<client.Registry> {
   const [remote, backlogs, streams] = await Promise.all([
     gatherServiceMetrics(nc, opts),
-    consumerBacklogs(jsm),
+    consumerBacklogs(jsm, opts.backlogStreams),
     Promise.all(
       STREAMS.map((name) =>
         jsm.streams.info(

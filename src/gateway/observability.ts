@@ -70,6 +70,8 @@ export interface ObservabilityDeps {
   log: Logger;
   /** The gateway's own metrics. */
   metrics: WeftMetrics;
+  /** Streams of the pipelines run from definitions: their steps' backlogs are reported. */
+  pipelineStreams?: readonly string[];
   /** Open SSE clients, counted against the maximum. */
   clients: SseClients;
 }
@@ -77,12 +79,13 @@ export interface ObservabilityDeps {
 /** Mounts /metrics and the dashboard routes. */
 export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   const { nc, intake, metrics, clients, log } = deps;
+  const gather = { backlogStreams: [FEEDBACK_STREAM, ...deps.pipelineStreams ?? []] };
   // One gather serves every dashboard open within the same tick.
   let cached: { at: number; snapshot: Promise<MeshSnapshot> } | undefined;
   const snapshot = () => {
     const now = Date.now();
     if (!cached || now - cached.at >= DASHBOARD_TICK_MS / 2) {
-      const p = meshMetrics(nc, intake.jsm, metrics).then(meshSnapshot);
+      const p = meshMetrics(nc, intake.jsm, metrics, gather).then(meshSnapshot);
       cached = { at: now, snapshot: p };
       p.catch(() => (cached = undefined));
     }
@@ -90,7 +93,7 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   };
 
   app.get("/metrics", async (c) => {
-    const registry = await meshMetrics(nc, intake.jsm, metrics);
+    const registry = await meshMetrics(nc, intake.jsm, metrics, gather);
     return c.body(await registry.metrics(), 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
 

@@ -8,10 +8,19 @@ import type { PipelineSpec, StepSpec } from "./definition.ts";
 import { edgesOf, eventOf } from "./validate.ts";
 import { entryEvent, FAILED, timeoutEventOf } from "./flow.ts";
 
-/** The durable consumer turning bus submissions (`<name>.submit`) into entry events. */
-export const INTAKE_DURABLE = "ingest";
-/** The durable consumer of a pipeline's control steps (join, wait, delay) and version checks. */
-export const CONTROL_DURABLE = "control";
+/**
+ * The durable consumer (and stage, metrics label, dead-letter subject) of a step or of the
+ * runtime's own parts: `<pipeline>-<step>`, unique in the mesh.
+ */
+export function durableOf(spec: { name: string }, step: string): string {
+  return `${spec.name}-${step}`;
+}
+/** The runtime's intake: bus submissions (`<name>.submit`) become entry events. */
+export const INTAKE = "ingest";
+/** The runtime's control steps (join, wait, delay) and version checks. */
+export const CONTROL = "control";
+/** The runtime's item state writer. */
+export const STATE = "state";
 /** Step kinds the control service runs: they hold an item, with no handler of their own. */
 export const CONTROL_KINDS: ReadonlySet<StepSpec["kind"]> = new Set(["join", "wait", "delay"]);
 /** Step kinds run as their own service: a handler per item. */
@@ -115,7 +124,7 @@ export function stepConsumers(spec: PipelineSpec, settings: ConsumerSettings): D
     if (filter === null) continue;
     out.push({
       stream,
-      durable_name: id,
+      durable_name: durableOf(spec, id),
       filter_subject: filter,
       ack_wait_ms: settings.ackWaitMs,
       max_deliver: settings.maxAttempts + 2,
@@ -145,7 +154,7 @@ export function stepPermissions(spec: PipelineSpec): StepPermissions[] {
       if (ts.kind === "end") publish.add(`${n}.${eventOf(t, ts)}.*`);
     }
     publish.add(`${n}.${FAILED}.*`);
-    publish.add(`deadletter.${id}.*`);
+    publish.add(`deadletter.${durableOf(spec, id)}.*`);
     out.push({ step: id, publish: [...publish], subscribe: [filter] });
   }
   return out;

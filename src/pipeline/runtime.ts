@@ -26,10 +26,12 @@ import type { Access } from "../identities.ts";
 import { edgesOf, eventOf } from "./validate.ts";
 import type { PipelineDefinition, StepContext, StepSpec } from "./definition.ts";
 import {
-  CONTROL_DURABLE,
+  CONTROL,
   CONTROL_KINDS,
-  INTAKE_DURABLE,
+  durableOf,
+  INTAKE,
   pipelineSubjects,
+  STATE,
   stepFilterSubject,
 } from "./derive.ts";
 import {
@@ -69,8 +71,6 @@ export function stateBucketOf(name: string): string {
 export function controlBucketOf(name: string): string {
   return `weft_${name.replaceAll("-", "_")}_control`;
 }
-/** The durable consumer of a pipeline's state writer. */
-export const STATE_DURABLE = "state";
 
 /** Names a definition's pipeline may not take: the streams and subjects the mesh has. */
 const TAKEN = new Set(["feedback", "content", "digest", "deadletter", "weft", "schedules"]);
@@ -195,7 +195,7 @@ export function workStage(
   }
   const limiter = createStepLimiter(step.kind === "end" ? undefined : step.flow);
   return {
-    name: id,
+    name: durableOf(def, id),
     filterSubject: filter,
     stream: pipelineSubjects(def).stream,
     failedType: `${def.name}.${FAILED}`,
@@ -538,7 +538,7 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
   }
 
   return {
-    name: CONTROL_DURABLE,
+    name: durableOf(def, CONTROL),
     filterSubject: `${n}.*.*`,
     stream: pipelineSubjects(def).stream,
     failedType: `${n}.${FAILED}`,
@@ -606,7 +606,7 @@ export function intakeStage(p: LoadedPipeline): Stage<any> {
   const entry = `${n}.${entryEvent(def)}`;
   const idOf = (seq: number) => `${n}-${seq}`;
   return {
-    name: INTAKE_DURABLE,
+    name: durableOf(def, INTAKE),
     filterSubject: `${n}.submit`,
     stream: pipelineSubjects(def).stream,
     failedType: `${n}.${FAILED}`,
@@ -654,7 +654,7 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
   const { flow, def } = p;
   const n = def.name;
   return {
-    durable: STATE_DURABLE,
+    durable: durableOf(def, STATE),
     stream: pipelineSubjects(def).stream,
     filter: `${n}.*.*`,
     bucket: stateBucketOf(n),
@@ -869,15 +869,15 @@ export function pipelineServiceSpecs(
       reads: [...new Set(files.map((f) => rel(f.replace(/\/[^/]*$/, ""))))],
       llm: false,
       access: {
-        consumes: [INTAKE_DURABLE, CONTROL_DURABLE, STATE_DURABLE].map((durable) => ({
+        consumes: [INTAKE, CONTROL, STATE].map((part) => ({
           stream,
-          durable,
+          durable: durableOf(def, part),
         })),
         publishes: [
           `${n}.${entryEvent(def)}.*`,
           `${n}.${FAILED}.*`,
           ...completionSubjects(def, controlSteps),
-          ...[INTAKE_DURABLE, CONTROL_DURABLE, STATE_DURABLE].map((d) => `deadletter.${d}.*`),
+          ...[INTAKE, CONTROL, STATE].map((part) => `deadletter.${durableOf(def, part)}.*`),
         ],
         writesBuckets: [stateBucketOf(n), controlBucketOf(n), SCHEDULE_BUCKET],
       },
@@ -890,11 +890,11 @@ export function pipelineServiceSpecs(
         reads: [...new Set([...files.map((f) => rel(f.replace(/\/[^/]*$/, ""))), dir])],
         llm: def.steps[id]!.kind === "llm",
         access: {
-          consumes: [{ stream, durable: id }],
+          consumes: [{ stream, durable: durableOf(def, id) }],
           publishes: [
             ...completionSubjects(def, [id]),
             `${n}.${FAILED}.*`,
-            `deadletter.${id}.*`,
+            `deadletter.${durableOf(def, id)}.*`,
           ],
         },
       });

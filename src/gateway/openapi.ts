@@ -1,0 +1,277 @@
+/**
+ * `GET /openapi.json`: the gateway's whole HTTP API as OpenAPI 3.1, generated from the
+ * route table below, the JSON Schemas in schemas/ (the source of truth for validation) and
+ * the loaded pipeline definitions (each one's routes, input schema and item state).
+ * Written by hand rather than with a Hono OpenAPI library: those describe routes through
+ * their own validators (zod, valibot), while Weft's schemas are JSON Schema documents.
+ *
+ * @module
+ */
+import { SCHEMA_DOCUMENTS } from "../schemas.ts";
+import type { LoadedPipeline } from "../pipeline/runtime.ts";
+
+type Json = Record<string, unknown>;
+
+/** The component name of a schema document: `feedback.submit` -> `feedback.submit`. */
+const ref = (name: string): Json => ({ $ref: `#/components/schemas/${name}` });
+
+/** Rewrites a schema's `$ref`s (file-relative, or local `#/definitions/...`) to components. */
+function rehome(schema: unknown, self: string, files: Map<string, string>): unknown {
+  if (Array.isArray(schema)) return schema.map((s) => rehome(s, self, files));
+  if (schema === null || typeof schema !== "object") return schema;
+  const out: Json = {};
+  for (const [k, v] of Object.entries(schema as Json)) {
+    if (k === "$id" || k === "$schema") continue;
+    if (k === "$ref" && typeof v === "string") {
+      const [file, pointer] = v.split("#");
+      const target = file ? files.get(file) ?? self : self;
+      out.$ref = `#/components/schemas/${target}${pointer ?? ""}`;
+      continue;
+    }
+    out[k] = rehome(v, self, files);
+  }
+  return out;
+}
+
+const problem = {
+  description: "An error: application/problem+json naming the field at fault",
+  content: { "application/problem+json": { schema: ref("Problem") } },
+};
+const sse = (what: string) => ({
+  description:
+    `${what}: server-sent events (\`id\` is the stream sequence; resume with Last-Event-ID)`,
+  content: { "text/event-stream": { schema: { type: "string" } } },
+});
+const json = (schema: Json, description = "OK") => ({
+  description,
+  content: { "application/json": { schema } },
+});
+const body = (schema: Json) => ({
+  required: true,
+  content: { "application/json": { schema } },
+});
+const idParam = { name: "id", in: "path", required: true, schema: ref("defs/definitions/ItemId") };
+const accepted = {
+  type: "object",
+  required: ["id", "status", "links"],
+  properties: {
+    id: { type: "string" },
+    status: { const: "accepted" },
+    links: {
+      type: "object",
+      properties: { state: { type: "string" }, events: { type: "string" } },
+    },
+  },
+};
+
+/** An operation: summary, security role, request schema, responses. */
+function op(
+  summary: string,
+  responses: Json,
+  extra: Json = {},
+): Json {
+  return {
+    summary,
+    responses: { ...responses, "4XX": problem, "5XX": problem },
+    ...extra,
+  };
+}
+
+/** The OpenAPI document of the gateway with `pipelines` loaded. */
+export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json {
+  const files = new Map(
+    Object.keys(SCHEMA_DOCUMENTS).map((name) => [`${name}.v1.json`, name] as const),
+  );
+  const schemas: Json = {
+    Problem: {
+      type: "object",
+      required: ["type", "title", "status", "code"],
+      properties: {
+        type: { type: "string" },
+        title: { type: "string" },
+        status: { type: "integer" },
+        detail: { type: "string" },
+        code: { type: "string", description: "Stable error code (src/errors.ts)" },
+        field: { type: "string", description: "JSON pointer of the field at fault" },
+      },
+    },
+  };
+  for (const [name, schema] of Object.entries(SCHEMA_DOCUMENTS)) {
+    schemas[name] = rehome(schema, name, files);
+  }
+  const paths: Json = {
+    "/feedback": {
+      post: op("Submit one feedback item", { "202": json(accepted, "Accepted") }, {
+        requestBody: body(ref("feedback.submit")),
+        parameters: [{ name: "Idempotency-Key", in: "header", schema: { type: "string" } }],
+      }),
+    },
+    "/feedback/batch": {
+      post: op("Submit up to 1000 feedback items", { "202": json({ type: "object" }) }, {
+        requestBody: body(ref("feedback.submit_batch")),
+      }),
+    },
+    "/feedback/{id}": {
+      get: op("A feedback item's state", { "200": json(ref("feedback.state")) }, {
+        parameters: [idParam],
+      }),
+    },
+    "/feedback/{id}/events": {
+      get: op("A feedback item's events, from its first to its last", {
+        "200": sse("The item's events"),
+      }, { parameters: [idParam] }),
+    },
+    "/events": {
+      get: op("Every feedback event as it happens", { "200": sse("Feedback events") }, {
+        parameters: [
+          { name: "type", in: "query", schema: { type: "string" } },
+          { name: "replay", in: "query", schema: { type: "boolean" } },
+        ],
+      }),
+    },
+    "/content": {
+      post: op("Upload content for moderation (JSON text, or a binary body)", {
+        "202": json(accepted, "Accepted"),
+      }, { requestBody: body(ref("content.submit")) }),
+    },
+    "/content/{id}": {
+      get: op("A content item's state", { "200": json(ref("content.state")) }, {
+        parameters: [idParam],
+      }),
+    },
+    "/content/{id}/object": {
+      get: op("A binary upload", { "200": { description: "The bytes" } }, {
+        parameters: [idParam],
+      }),
+    },
+    "/content/{id}/events": {
+      get: op("A content item's events", { "200": sse("The item's events") }, {
+        parameters: [idParam],
+      }),
+    },
+    "/reviews": {
+      get: op("The human review queue", { "200": json({ type: "object" }) }, {
+        parameters: [{ name: "status", in: "query", schema: { type: "string" } }],
+      }),
+    },
+    "/reviews/{id}": {
+      get: op("One review", { "200": json({ type: "object" }) }, { parameters: [idParam] }),
+    },
+    "/reviews/{id}/claim": {
+      post: op("Claim a review", { "200": json({ type: "object" }) }, {
+        parameters: [idParam],
+        requestBody: body({ type: "object", properties: { reviewer: { type: "string" } } }),
+      }),
+    },
+    "/reviews/{id}/decision": {
+      post: op("Decide a review", { "200": json({ type: "object" }) }, {
+        parameters: [idParam],
+        requestBody: body(ref("review.decision")),
+      }),
+    },
+    "/schedules": {
+      get: op("Every schedule", { "200": json({ type: "object" }) }),
+      post: op("Create a schedule", { "201": json(ref("schedule"), "Created") }, {
+        requestBody: body(ref("schedule")),
+      }),
+    },
+    "/schedules/{id}": {
+      get: op("One schedule", { "200": json(ref("schedule")) }, { parameters: [idParam] }),
+      delete: op("Cancel a schedule", { "204": { description: "Cancelled" } }, {
+        parameters: [idParam],
+      }),
+    },
+    "/deadletters": {
+      get: op("Dead letters with their reasons", { "200": json({ type: "object" }) }, {
+        parameters: ["stage", "code", "item_id", "pending", "limit"].map((name) => ({
+          name,
+          in: "query",
+          schema: { type: "string" },
+        })),
+      }),
+    },
+    "/deadletters/redrive": {
+      post: op("Redrive dead letters", { "200": json({ type: "object" }) }, {
+        requestBody: body({ type: "object" }),
+      }),
+    },
+    "/metrics": {
+      get: op("Prometheus metrics of the whole mesh", {
+        "200": { description: "text/plain; version=0.0.4" },
+      }),
+    },
+    "/healthz": { get: op("Liveness", { "200": json({ type: "object" }) }) },
+    "/readyz": { get: op("Readiness: NATS and the streams", { "200": json({ type: "object" }) }) },
+    "/openapi.json": { get: op("This document", { "200": json({ type: "object" }) }) },
+  };
+  paths["/pipelines"] = {
+    get: op("The pipelines loaded from definitions", { "200": json({ type: "object" }) }),
+  };
+  for (const { def } of pipelines) {
+    const n = def.name;
+    const input = `pipeline.${n}.input`;
+    schemas[input] = def.input.schema;
+    const base = `/pipelines/${n}`;
+    const tag = { tags: [n] };
+    paths[`${base}/items`] = {
+      post: op(`Submit one ${n} item`, { "202": json(accepted, "Accepted") }, {
+        ...tag,
+        requestBody: body(ref(input)),
+        parameters: [{ name: "Idempotency-Key", in: "header", schema: { type: "string" } }],
+      }),
+    };
+    paths[`${base}/items/batch`] = {
+      post: op(`Submit up to 1000 ${n} items`, { "202": json({ type: "object" }) }, {
+        ...tag,
+        requestBody: body({
+          type: "object",
+          required: ["items"],
+          properties: { items: { type: "array", items: ref(input), minItems: 1, maxItems: 1000 } },
+        }),
+      }),
+    };
+    paths[`${base}/items/{id}`] = {
+      get: op(`A ${n} item's state`, { "200": json({ type: "object" }) }, {
+        ...tag,
+        parameters: [idParam],
+      }),
+    };
+    paths[`${base}/items/{id}/events`] = {
+      get: op(`A ${n} item's events, to its end`, { "200": sse("The item's events") }, {
+        ...tag,
+        parameters: [idParam],
+      }),
+    };
+    paths[`${base}/events`] = {
+      get: op(`Every ${n} event`, { "200": sse(`${n} events`) }, {
+        ...tag,
+        parameters: [{ name: "replay", in: "query", schema: { type: "boolean" } }],
+      }),
+    };
+    for (const [id, step] of Object.entries(def.steps)) {
+      if (step.kind !== "wait") continue;
+      paths[`${base}/items/{id}/${step.event}`] = {
+        post: op(
+          `Deliver ${step.event} to a ${n} item waiting at ${id} (else ${step.onTimeout} after ${step.timeoutMs} ms)`,
+          { "202": json({ type: "object" }, "Accepted") },
+          { ...tag, parameters: [idParam], requestBody: body({ type: "object" }) },
+        ),
+      };
+    }
+  }
+  return {
+    openapi: "3.1.0",
+    info: {
+      title: "Weft gateway",
+      version: "1",
+      description: "Ingest items, read their state, stream their events (SSE). Generated from " +
+        "the JSON Schemas in schemas/ and the loaded pipeline definitions.",
+    },
+    components: {
+      schemas,
+      securitySchemes: { apiKey: { type: "http", scheme: "bearer" } },
+    },
+    security: [{}, { apiKey: [] }],
+    paths,
+  };
+}
