@@ -154,7 +154,9 @@ export { retryDelay } from "./src/retry.ts";
  */
 export { canonicalSpec, definePipeline, definitionHash } from "./src/pipeline/definition.ts";
 export type {
+  AgentAction,
   AgentStep,
+  AgentTurn,
   DelayStep,
   EndStep,
   FlowControl,
@@ -166,9 +168,11 @@ export type {
   PipelineDefinition,
   PipelineSpec,
   RouterStep,
+  ScratchEntry,
   StepContext,
   StepSpec,
   TaskStep,
+  ToolContext,
   ToolSpec,
   WaitStep,
 } from "./src/pipeline/definition.ts";

@@ -83,20 +83,24 @@ Deno.test("${name}: a question is normalized, classified and done", async () => 
 `;
 }
 
+const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.stdout) =>
+  to.writeSync(new TextEncoder().encode(text + "\n"));
+
 if (import.meta.main) {
   const name = Deno.args.find((a) => !a.startsWith("-"));
   const listIt = !Deno.args.includes("--no-list");
   if (!name || !TOKEN.test(name) || TAKEN.has(name)) {
-    console.error(
+    say(
       "usage: deno task new NAME   (NAME: lower-case letters, digits, - or _; not one of " +
         `${[...TAKEN].join(", ")})`,
+      Deno.stderr,
     );
     Deno.exit(2);
   }
   const dir = new URL(`pipelines/${name}/`, ROOT);
   try {
     await Deno.stat(dir);
-    console.error(`pipelines/${name}/ exists already: choose another name`);
+    say(`pipelines/${name}/ exists already: choose another name`, Deno.stderr);
     Deno.exit(1);
   } catch { /* free */ }
   await Deno.mkdir(dir, { recursive: true });
@@ -109,7 +113,7 @@ if (import.meta.main) {
     list.run = [...new Set([...(list.run ?? []), file])];
     await Deno.writeTextFile(listFile, JSON.stringify(list, null, 2) + "\n");
   }
-  console.log(
+  say(
     `Wrote pipelines/${name}/pipeline.ts and pipeline_test.ts${
       listIt ? "; listed in pipelines/run.json" : ""
     }.

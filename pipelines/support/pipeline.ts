@@ -1,48 +1,147 @@
 /**
- * Sketch of the agent pipeline (issue 12): a router hands a request to a specialised agent
- * (billing, technical, general); agents share the item's scratchpad and may call tools; an
- * agent may hand back to the router, at most 3 times in all; the run ends with an answer or
- * a human handoff with a deadline. Data only: no executor runs agents yet.
+ * Customer support by agents: a router hands each request to a specialised agent (billing,
+ * technical, general); agents call tools (look up an order in a KV bucket, search the FAQ)
+ * and share the item's scratchpad; an agent may hand back to the router, which tries
+ * another agent, at most three routings in all; the run ends with an answer, or with a
+ * handoff to a human who has a day to reply (`waitFor`).
+ *
+ * Offline (no WEFT_LLM_BASE_URL) the router's rules and each agent's deterministic policy
+ * decide; with an OpenAI-compatible endpoint the agents' model chooses the tool calls.
+ * Orders live in KV: `nats kv put weft_support_orders A100 '{"status":"shipped"}'`.
  *
  * @module
  */
-import { definePipeline } from "../../src/pipeline/definition.ts";
+import { type AgentTurn, definePipeline, type ScratchEntry } from "../../mod.ts";
+import faq from "./faq.json" with { type: "json" };
 
-const obj = { type: "object" } as const;
+/** The support request. */
+export interface Request {
+  customer: string;
+  text: string;
+  order_id?: string;
+}
+
+/** What an agent answers. */
+export interface AgentAnswer {
+  action: "answer" | "handback" | "human";
+  answer?: string;
+  reason?: string;
+}
+
+const ORDERS = "weft_support_orders";
+/** Routings at most: after the third, a person takes over. */
+export const MAX_ROUTINGS = 3;
+
+/** The FAQ entries whose keywords the query mentions, best first. */
+export function searchFaq(query: string): { id: string; answer: string }[] {
+  const q = query.toLowerCase();
+  return faq
+    .map((f) => ({ f, hits: f.keywords.filter((k) => q.includes(k)).length }))
+    .filter((x) => x.hits > 0)
+    .sort((a, b) => b.hits - a.hits)
+    .map(({ f }) => ({ id: f.id, answer: f.answer }));
+}
+
+/** Which agent takes a request: keywords, skipping agents that already handed it back. */
+export function routeRequest(text: string, scratchpad: readonly ScratchEntry[]): string {
+  const tried = new Set(
+    scratchpad.filter((e) =>
+      e.kind === "answer" && (e.result as AgentAnswer)?.action === "handback"
+    )
+      .map((e) => e.step),
+  );
+  const t = text.toLowerCase();
+  const wanted = /refund|charge|invoice|bill|order|payment/.test(t)
+    ? "billing"
+    : /crash|error|bug|login|password|freez/.test(t)
+    ? "technical"
+    : "general";
+  return [wanted, "general", "technical", "billing"].find((a) => !tried.has(a)) ?? "general";
+}
+
 const tools = {
   lookup_order: {
-    description: "Look up an order by id in the orders bucket",
+    description: "Look up an order by its id: its status and items, or null when unknown",
     parameters: {
       type: "object",
       required: ["order_id"],
-      properties: { order_id: { type: "string" } },
+      properties: { order_id: { type: "string", pattern: "^[A-Za-z0-9_-]{1,64}$" } },
+      additionalProperties: false,
     },
+    run: (a: { order_id: string }, ctx: { kv(b: string, k: string): Promise<unknown> }) =>
+      ctx.kv(ORDERS, a.order_id),
   },
   search_faq: {
-    description: "Search the FAQ",
-    parameters: { type: "object", required: ["query"], properties: { query: { type: "string" } } },
+    description: "Search the FAQ; returns the matching answers, best first",
+    parameters: {
+      type: "object",
+      required: ["query"],
+      properties: { query: { type: "string", minLength: 1, maxLength: 500 } },
+      additionalProperties: false,
+    },
+    run: (a: { query: string }) => searchFaq(a.query),
+  },
+};
+
+const answer = {
+  type: "object",
+  required: ["action"],
+  properties: {
+    action: { enum: ["answer", "handback", "human"] },
+    answer: { type: "string" },
+    reason: { type: "string" },
   },
 } as const;
 
-/** The support agent pipeline's definition. */
+/** The FAQ first; a hit answers, a miss hands back (or, `last`, goes to a person). */
+function faqPolicy(t: AgentTurn, onMiss: AgentAnswer) {
+  if (t.turn === 1) return { call: "search_faq", args: { query: (t.input as Request).text } };
+  const hits = t.calls[0]!.result as { answer: string }[];
+  return { final: hits.length > 0 ? { action: "answer", answer: hits[0]!.answer } : onMiss };
+}
+
+/** The support pipeline's definition. */
 export const supportPipeline = definePipeline({
   name: "support",
   description: "Customer support: router -> specialised agents -> answer or human",
   input: {
-    schema: { type: "object", required: ["text"], properties: { text: { type: "string" } } },
+    schema: {
+      type: "object",
+      required: ["customer", "text"],
+      properties: {
+        customer: { type: "string", minLength: 1 },
+        text: { type: "string", minLength: 1, maxLength: 4000 },
+        order_id: { type: "string" },
+      },
+    },
   },
+  buckets: [ORDERS],
   start: "route",
   steps: {
     route: {
       kind: "router",
+      route: (_v: unknown, ctx) => routeRequest((ctx.input as Request).text, ctx.scratchpad),
       routes: { billing: "billing", technical: "technical", general: "general" },
     },
     billing: {
       kind: "agent",
       prompt: "prompts/billing.md",
       tools,
+      reads: [ORDERS],
       maxTurns: 4,
-      output: obj,
+      output: answer,
+      // Offline: the order when one is named, else the FAQ.
+      offline: (t) => {
+        const order = (t.input as Request).order_id;
+        if (!order) return faqPolicy(t, { action: "handback", reason: "no order named" });
+        if (t.turn === 1) return { call: "lookup_order", args: { order_id: order } };
+        const found = t.calls[0]!.result as { status?: string } | null;
+        return {
+          final: found?.status
+            ? { action: "answer", answer: `Order ${order} is ${found.status}.` }
+            : { action: "handback", reason: `no order ${order}` },
+        };
+      },
       next: "check",
     },
     technical: {
@@ -50,7 +149,8 @@ export const supportPipeline = definePipeline({
       prompt: "prompts/technical.md",
       tools,
       maxTurns: 4,
-      output: obj,
+      output: answer,
+      offline: (t) => faqPolicy(t, { action: "handback", reason: "not in the FAQ" }),
       next: "check",
     },
     general: {
@@ -58,10 +158,20 @@ export const supportPipeline = definePipeline({
       prompt: "prompts/general.md",
       tools,
       maxTurns: 4,
-      output: obj,
+      output: answer,
+      offline: (t) => faqPolicy(t, { action: "handback", reason: "not in the FAQ" }),
       next: "check",
     },
-    check: { kind: "router", routes: { answer: "answered", handback: "route", human: "handoff" } },
+    check: {
+      kind: "router",
+      route: (a: AgentAnswer, ctx) =>
+        a.action === "answer"
+          ? "answer"
+          : a.action === "handback" && (ctx.runs.route ?? 0) < MAX_ROUTINGS
+          ? "handback"
+          : "human",
+      routes: { answer: "answered", handback: "route", human: "handoff" },
+    },
     handoff: {
       kind: "wait",
       event: "human_replied",
@@ -72,5 +182,5 @@ export const supportPipeline = definePipeline({
     answered: { kind: "end", outcome: "answered" },
     unanswered: { kind: "end", outcome: "unanswered" },
   },
-  loops: [{ from: "check", to: "route", maxIterations: 3 }],
+  loops: [{ from: "check", to: "route", maxIterations: MAX_ROUTINGS }],
 });

@@ -126,10 +126,28 @@ export interface ChatClientOptions {
  * ```
  */
 export interface ChatMessage {
-  /** Who speaks. */
-  role: "system" | "user" | "assistant";
-  /** What is said. */
+  /** Who speaks (`tool`: a tool's result, answering one of the assistant's `tool_calls`). */
+  role: "system" | "user" | "assistant" | "tool";
+  /** What is said ("" for an assistant turn that only calls tools). */
   content: string;
+  /** The tools an assistant turn called (OpenAI's `tool_calls`). */
+  tool_calls?: { id: string; type: "function"; function: { name: string; arguments: string } }[];
+  /** Which call a `tool` message answers. */
+  tool_call_id?: string;
+}
+
+/** A tool the model may call: a function with JSON-Schema parameters. */
+export interface ChatTool {
+  name: string;
+  description: string;
+  parameters: Record<string, unknown>;
+}
+
+/** One tool call the model asked for; `arguments` is JSON text, as on the wire. */
+export interface ChatToolCall {
+  id: string;
+  name: string;
+  arguments: string;
 }
 
 /**
@@ -146,6 +164,11 @@ export interface ChatCallOptions {
   signal?: AbortSignal;
   /** Time (clock ms) after which waiting is pointless: a Retry-After past it fails at once. */
   deadline?: number;
+  /**
+   * Tools the model may call (`tools` with `tool_choice: "auto"` on the wire; JSON mode is
+   * then off, the prompt asks for JSON). Calls come back in {@link ChatCompletion.toolCalls}.
+   */
+  tools?: readonly ChatTool[];
 }
 
 /**
@@ -168,6 +191,8 @@ export interface ChatCompletion {
   usage: LlmUsage;
   /** Requests it took (1 + retries). */
   attempts: number;
+  /** The tools the model called, when it called any. */
+  toolCalls?: ChatToolCall[];
 }
 
 /**
@@ -298,12 +323,20 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
   return {
     model: options.model,
     async complete(messages, call = {}) {
-      const { signal, deadline } = call;
+      const { signal, deadline, tools } = call;
       const body = JSON.stringify({
         model: options.model,
         messages,
         temperature: options.temperature ?? 0,
-        response_format: { type: "json_object" },
+        ...(tools && tools.length > 0
+          ? {
+            tools: tools.map((t) => ({
+              type: "function",
+              function: { name: t.name, description: t.description, parameters: t.parameters },
+            })),
+            tool_choice: "auto",
+          }
+          : { response_format: { type: "json_object" } }),
       });
       for (let attempt = 0;; attempt++) {
         let err: LlmError;
@@ -423,7 +456,19 @@ function parseCompletion(text: string, pricing: LlmPricing | undefined): ChatCom
   const first: unknown = Array.isArray(choices) ? choices[0] : undefined;
   const message = isRecord(first) ? first.message : undefined;
   const content = isRecord(message) ? message.content : undefined;
-  if (typeof content !== "string") {
+  const calls = isRecord(message) && Array.isArray(message.tool_calls)
+    ? message.tool_calls.flatMap((c: unknown): ChatToolCall[] => {
+      const f = isRecord(c) && isRecord(c.function) ? c.function : undefined;
+      return isRecord(c) && typeof c.id === "string" && f && typeof f.name === "string"
+        ? [{
+          id: c.id,
+          name: f.name,
+          arguments: typeof f.arguments === "string" ? f.arguments : "{}",
+        }]
+        : [];
+    })
+    : [];
+  if (typeof content !== "string" && calls.length === 0) {
     throw new LlmHttpError("the answer has no choices[0].message.content string");
   }
   const u = isRecord(parsed) && isRecord(parsed.usage) ? parsed.usage : {};
@@ -431,7 +476,12 @@ function parseCompletion(text: string, pricing: LlmPricing | undefined): ChatCom
   const prompt = num(u.prompt_tokens);
   const completion = num(u.completion_tokens);
   const total = typeof u.total_tokens === "number" ? u.total_tokens : prompt + completion;
-  return { content, usage: usageOf(prompt, completion, pricing, total), attempts: 1 };
+  return {
+    content: typeof content === "string" ? content : "",
+    usage: usageOf(prompt, completion, pricing, total),
+    attempts: 1,
+    ...(calls.length > 0 ? { toolCalls: calls } : {}),
+  };
 }
 
 function isRecord(v: unknown): v is Record<string, unknown> {

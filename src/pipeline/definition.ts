@@ -19,6 +19,8 @@ export interface StepContext extends StageContext {
   results: Readonly<Record<string, unknown>>;
   /** How many times each step completed (loop counters). */
   runs: Readonly<Record<string, number>>;
+  /** The item's shared scratchpad (pipelines with agents; empty otherwise). */
+  scratchpad: readonly ScratchEntry[];
 }
 
 /** A JSON Schema document (draft-07 subset that Ajv compiles). */
@@ -75,21 +77,77 @@ export interface LlmStep extends StepBase {
   next?: Next;
 }
 
+/** One entry of an item's shared scratchpad (KV `weft_<pipeline>_scratchpad`, and its state). */
+export interface ScratchEntry {
+  /** Stable id: a redelivered step appends nothing twice. */
+  id: string;
+  /** The step that wrote it. */
+  step: string;
+  /** ISO time. */
+  at: string;
+  /** A tool call with its arguments and result, the agent's answer, or a note. */
+  kind: "tool_call" | "answer" | "note";
+  tool?: string;
+  args?: unknown;
+  result?: unknown;
+  text?: string;
+}
+
+/** What a tool's implementation gets: the item, and read access to the buckets it declares. */
+export interface ToolContext {
+  item: string;
+  // deno-lint-ignore no-explicit-any
+  input: any;
+  signal: AbortSignal;
+  /** Reads `key` of a KV bucket the step lists in `reads` (JSON, or null when absent). */
+  kv(bucket: string, key: string): Promise<unknown>;
+}
+
 /** A tool an agent may call, with JSON-Schema arguments. */
 export interface ToolSpec {
   description: string;
   parameters: JsonSchema;
+  /** Runs the call; arguments are checked against `parameters` first. Reads, no writes. */
+  // deno-lint-ignore no-explicit-any
+  run?: (args: any, ctx: ToolContext) => unknown | Promise<unknown>;
 }
 
-/** An agent: calls tools, reads and appends to the item's shared scratchpad, bounded turns. */
+/** What an agent's offline policy sees at each turn. */
+export interface AgentTurn {
+  // deno-lint-ignore no-explicit-any
+  value: any;
+  // deno-lint-ignore no-explicit-any
+  input: any;
+  /** The item's scratchpad before this step. */
+  scratchpad: readonly ScratchEntry[];
+  /** This step's tool calls so far, with their results. */
+  calls: readonly { tool: string; args: unknown; result: unknown }[];
+  /** 1 on the first turn. */
+  turn: number;
+  /** How many times each step completed. */
+  runs: Readonly<Record<string, number>>;
+}
+
+/** An agent's move: call a tool, or answer (the step's result). */
+export type AgentAction = { call: string; args: unknown } | { final: unknown };
+
+/**
+ * An agent: calls tools, reads and appends to the item's shared scratchpad, bounded turns.
+ * With an LLM endpoint configured the model chooses (real `tools` / `tool_calls` on the
+ * wire); without one, `offline` does, deterministically.
+ */
 export interface AgentStep extends StepBase {
   kind: "agent";
-  /** Instructions (prompt file). */
+  /** Instructions (prompt file, relative to the definition). */
   prompt: string;
   tools: Readonly<Record<string, ToolSpec>>;
   /** At most this many model/tool turns in this step. */
   maxTurns: number;
   output: JsonSchema;
+  /** KV buckets its tools read (the pipeline's `buckets`). */
+  reads?: readonly string[];
+  /** The policy without an LLM: same inputs, same moves. */
+  offline?: (turn: AgentTurn) => AgentAction | Promise<AgentAction>;
   next?: Next;
 }
 
@@ -171,6 +229,8 @@ export interface PipelineSpec {
   /** Steps by stable id (ids name consumers and services: never reuse one for another step). */
   steps: Readonly<Record<string, StepSpec>>;
   loops?: readonly LoopSpec[];
+  /** KV buckets the runtime creates for the pipeline's tools: `weft_<name>_<something>`. */
+  buckets?: readonly string[];
 }
 
 /** A validated definition pinned to its hash. */

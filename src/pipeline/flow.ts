@@ -14,7 +14,7 @@
 import { Ajv, type ValidateFunction } from "ajv";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { createEvent, deterministicId } from "../events.ts";
-import type { PipelineDefinition, PipelineSpec, StepSpec } from "./definition.ts";
+import type { PipelineDefinition, PipelineSpec, ScratchEntry, StepSpec } from "./definition.ts";
 import { edgesOf, eventOf } from "./validate.ts";
 
 /** The entry event type's token when the input names none: `<pipeline>.submitted.<item>`. */
@@ -36,6 +36,8 @@ export interface FlowData {
   results: Record<string, unknown>;
   /** How many times each step completed (loops are bounded by it). */
   runs: Record<string, number>;
+  /** What this step appended to the item's scratchpad (an agent's tool calls and answer). */
+  notes?: ScratchEntry[];
 }
 
 /** An event of a run. */

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { PipelineSpec } from "./definition.ts";
+import type { PipelineSpec, ScratchEntry } from "./definition.ts";
 import { entryEvent, FAILED, type FlowData, TIMER } from "./flow.ts";
 import { eventOf } from "./validate.ts";
 
@@ -36,6 +36,8 @@ export interface ItemState {
   results: Record<string, unknown>;
   /** How many times each step completed: a loop's bound is checked against it. */
   runs: Record<string, number>;
+  /** The shared scratchpad's history: what agents called, found and answered. */
+  scratchpad?: ScratchEntry[];
   /** What the item waits on, and until when (ISO), while waiting. */
   waiting?: { step: string; event: string; until: string };
   /** Terminal outcome (`failed` with `error` when it failed). */
@@ -103,7 +105,7 @@ function successors(spec: PipelineSpec, id: string, data: FlowData | undefined, 
  * @example
  * ```ts
  * import { applyPipelineEvent } from "./fold.ts";
- * import type { PipelineSpec } from "./definition.ts";
+ * import type { PipelineSpec, ScratchEntry } from "./definition.ts";
  * const spec: PipelineSpec = {
  *   name: "p", input: { schema: {} }, start: "done",
  *   steps: { done: { kind: "end", outcome: "done" } },
@@ -176,6 +178,10 @@ export function applyPipelineEvent(
     }
   }
   if (hit.timeout) base.results[id] = { timed_out: true };
+  if (data?.notes?.length) {
+    const have = new Set((base.scratchpad ?? []).map((e) => e.id));
+    base.scratchpad = [...base.scratchpad ?? [], ...data.notes.filter((e) => !have.has(e.id))];
+  }
   // End steps are never current: their event follows at once, from this step.
   const next = successors(spec, id, data, hit.timeout === true)
     .filter((t) => spec.steps[t]!.kind !== "end");

@@ -54,6 +54,7 @@ import {
 import { applyPipelineEvent, type ItemState } from "./fold.ts";
 import { createLlmStep, type LlmStepOptions } from "./llm_step.ts";
 import { createStepLimiter } from "./flow_control.ts";
+import { type AgentRunner, createAgent, openScratchpad, scratchpadBucketOf } from "./agent_step.ts";
 
 /** A definition loaded from its file, ready to run. */
 export interface LoadedPipeline {
@@ -125,15 +126,6 @@ export async function loadPipelines(
         );
       }
       for (const [id, step] of Object.entries(def.steps)) {
-        if (step.kind === "agent") {
-          throw new ConfigError(
-            `pipeline file ${f}, step ${id}: agent steps are not run by this version of the ` +
-              `runtime yet (see docs/PIPELINES.md)`,
-          );
-        }
-        if (step.kind === "task" && !step.handle) {
-          throw new ConfigError(`pipeline file ${f}, step ${id}: a task needs its handle`);
-        }
         if (step.kind !== "end" && step.flow?.batch) {
           throw new ConfigError(
             `pipeline file ${f}, step ${id}: flow.batch is not run by this version of the ` +
@@ -169,8 +161,15 @@ function tokenOf(flow: Flow, type: string): string {
 
 /** Options of the work steps' services. */
 export interface WorkStepOptions {
-  /** Where an llm step calls; required when the definition has one. */
+  /** Where an llm step calls; required when the definition has one (agents: optional). */
   llm?: LlmStepOptions;
+  /** The step's connection: agents' tools and the scratchpad read KV through it. */
+  nc?: NatsConnection;
+}
+
+/** Whether items of `def` have a shared scratchpad: pipelines with agent steps. */
+export function hasScratchpad(def: PipelineDefinition): boolean {
+  return Object.values(def.steps).some((s) => s.kind === "agent");
 }
 
 /** A work step (task, router, llm) as a stage of the shared runner. */
@@ -194,6 +193,12 @@ export function workStage(
     llm = createLlmStep(p, id, step, opts.llm);
   }
   const limiter = createStepLimiter(step.kind === "end" ? undefined : step.flow);
+  const scratchpad = hasScratchpad(def) && opts.nc ? openScratchpad(opts.nc, def.name) : undefined;
+  let agent: AgentRunner | undefined;
+  if (step.kind === "agent") {
+    if (!opts.nc) throw new ConfigError(`step ${id} of ${def.name}: an agent needs a connection`);
+    agent = createAgent(p, id, step, { nc: opts.nc, llm: opts.llm });
+  }
   return {
     name: durableOf(def, id),
     filterSubject: filter,
@@ -218,11 +223,18 @@ export function workStage(
         input: data.input,
         results: data.results,
         runs: data.runs,
+        scratchpad: scratchpad ? await scratchpad.read(e.item_id) : [],
       };
       let next: FlowData;
       const release = await limiter.acquire(data.input, ctx.signal);
       try {
-        next = await run(data, sctx, ctx.signal);
+        if (agent) {
+          const { result, notes } = await agent(data.value, { ...sctx, eventId: e.id });
+          checkResult(flow, id, result);
+          // The scratchpad first: the next step reads it.
+          await scratchpad!.append(e.item_id, notes);
+          next = { ...advance(data, id, result, result), notes };
+        } else next = await run(data, sctx, ctx.signal);
       } finally {
         release();
       }
@@ -730,7 +742,7 @@ export function stepService(p: LoadedPipeline, id: string): ServiceDef {
       : undefined;
     return await runStage({
       ...ctx,
-      stage: workStage(p, id, { llm }),
+      stage: workStage(p, id, { llm, nc: ctx.nc }),
       source: `weft-${name}`,
     });
   }, { description: `Weft pipeline ${p.def.name}, step ${id}` });
@@ -807,6 +819,17 @@ export function pipelineTopology(
         description: `Weft: ${p.def.name} items held at joins and waits`,
         ttl: retentionMs,
       },
+      ...(hasScratchpad(p.def)
+        ? [{
+          name: scratchpadBucketOf(p.def.name),
+          description: `Weft: the shared scratchpad of each ${p.def.name} item`,
+          ttl: retentionMs,
+        }]
+        : []),
+      ...(p.def.buckets ?? []).map((name) => ({
+        name,
+        description: `Weft: data of the ${p.def.name} pipeline's tools`,
+      })),
     ]),
   };
 }
@@ -888,9 +911,17 @@ export function pipelineServiceSpecs(
         entry: PIPELINE_ENTRY,
         args: [...files.map(rel), `${n}-${id}`],
         reads: [...new Set([...files.map((f) => rel(f.replace(/\/[^/]*$/, ""))), dir])],
-        llm: def.steps[id]!.kind === "llm",
+        llm: def.steps[id]!.kind === "llm" || def.steps[id]!.kind === "agent",
         access: {
           consumes: [{ stream, durable: durableOf(def, id) }],
+          ...(hasScratchpad(def)
+            ? def.steps[id]!.kind === "agent"
+              ? {
+                writesBuckets: [scratchpadBucketOf(n)],
+                readsBuckets: [...(def.steps[id] as { reads?: string[] }).reads ?? []],
+              }
+              : { readsBuckets: [scratchpadBucketOf(n)] }
+            : {}),
           publishes: [
             ...completionSubjects(def, [id]),
             `${n}.${FAILED}.*`,
@@ -932,7 +963,12 @@ export function pipelineGatewayAccess(loaded: readonly LoadedPipeline[]): {
     ops: {
       publishes: [...loaded.map((p) => `${p.def.name}.submit`), ...awaited],
       readsStreams: streams,
-      readsBuckets: [...states, ...loaded.map((p) => controlBucketOf(p.def.name))],
+      readsBuckets: [
+        ...states,
+        ...loaded.map((p) => controlBucketOf(p.def.name)),
+        ...loaded.filter((p) => hasScratchpad(p.def)).map((p) => scratchpadBucketOf(p.def.name)),
+        ...loaded.flatMap((p) => p.def.buckets ?? []),
+      ],
     },
   };
 }

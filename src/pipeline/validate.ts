@@ -102,6 +102,11 @@ export function validatePipeline(spec: PipelineSpec): void {
     fail(undefined, "invalid_token", `name "${name}" is not a subject token (a-z 0-9 _ -)`);
   }
   const ids = Object.keys(spec.steps);
+  for (const b of spec.buckets ?? []) {
+    if (!b.startsWith(`weft_${name.replaceAll("-", "_")}_`) || !/^[A-Za-z0-9_-]+$/.test(b)) {
+      fail(undefined, "invalid_token", `bucket "${b}" must be named weft_${name}_<something>`);
+    }
+  }
   if (ids.length === 0) fail(undefined, "invalid_value", "no steps");
   if (!(spec.start in spec.steps)) {
     fail(undefined, "unknown_step", `start names unknown step "${spec.start}"`);
@@ -161,6 +166,15 @@ export function validatePipeline(spec: PipelineSpec): void {
     if ("output" in step) compile(id, "output schema", step.output);
     if (step.kind === "agent") {
       if (!(step.maxTurns >= 1)) fail(id, "invalid_value", "maxTurns must be at least 1");
+      for (const b of step.reads ?? []) {
+        if (!(spec.buckets ?? []).includes(b)) {
+          fail(
+            id,
+            "invalid_value",
+            `reads bucket "${b}", which the pipeline's buckets do not list`,
+          );
+        }
+      }
       for (const [tool, t] of Object.entries(step.tools)) {
         compile(id, `tool ${tool}'s parameters`, t.parameters);
       }

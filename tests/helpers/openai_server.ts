@@ -31,6 +31,8 @@ export type FakeReply =
     headers?: Record<string, string>;
   }
   | { kind: "raw"; status: number; body: string; headers?: Record<string, string> }
+  /** The assistant calls tools (OpenAI's `tool_calls`, `finish_reason: "tool_calls"`). */
+  | { kind: "tool_calls"; calls: { name: string; arguments: unknown }[] }
   | { kind: "hang" };
 
 /**
@@ -55,9 +57,19 @@ export interface RecordedRequest {
   /** Parsed JSON body. */
   body: {
     model: string;
-    messages: { role: string; content: string }[];
+    messages: {
+      role: string;
+      content: string;
+      tool_calls?: { id: string; function: { name: string; arguments: string } }[];
+      tool_call_id?: string;
+    }[];
     temperature?: number;
     response_format?: { type: string };
+    tools?: {
+      type: string;
+      function: { name: string; description: string; parameters: unknown };
+    }[];
+    tool_choice?: string;
   };
 }
 
@@ -212,6 +224,27 @@ export function startFakeOpenAI(script: FakeScript): FakeOpenAI {
             return new Response(reply.body, {
               status: reply.status,
               headers: { "content-type": "application/json", ...reply.headers },
+            });
+          case "tool_calls":
+            return Response.json({
+              id: `chatcmpl-${index}`,
+              object: "chat.completion",
+              created: 0,
+              model: recorded.body.model,
+              choices: [{
+                index: 0,
+                message: {
+                  role: "assistant",
+                  content: null,
+                  tool_calls: reply.calls.map((c, i) => ({
+                    id: `call_${index}_${i}`,
+                    type: "function",
+                    function: { name: c.name, arguments: JSON.stringify(c.arguments) },
+                  })),
+                },
+                finish_reason: "tool_calls",
+              }],
+              usage: { prompt_tokens: 50, completion_tokens: 10, total_tokens: 60 },
             });
           case "hang":
             await wait(Infinity);

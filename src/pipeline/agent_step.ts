@@ -1,0 +1,237 @@
+/**
+ * A definition's `agent` step: a bounded loop of turns in which the agent calls tools
+ * (JSON-Schema arguments, checked before the call) and finally answers with a result of its
+ * output schema. With an LLM endpoint the model chooses each move through real tool calls
+ * (`tools` / `tool_calls` on the wire, tool results sent back as `tool` messages); without
+ * one the step's `offline` policy does, deterministically. Every call and the answer are
+ * appended to the item's shared scratchpad (KV `weft_<pipeline>_scratchpad`, compare-and-
+ * set, each entry once) and carried on the step's event, so the item's state and SSE
+ * stream show them.
+ *
+ * @module
+ */
+import { Ajv, type ValidateFunction } from "ajv";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { type KV, Kvm } from "@nats-io/kv";
+import { ConfigError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
+import { type ChatClient, type ChatMessage, createChatClient } from "../llm/client.ts";
+import type { AgentStep, ScratchEntry, StepContext, ToolContext } from "./definition.ts";
+import type { LlmStepOptions } from "./llm_step.ts";
+
+/** The scratchpad bucket of a pipeline. */
+export function scratchpadBucketOf(name: string): string {
+  return `weft_${name.replaceAll("-", "_")}_scratchpad`;
+}
+
+const encoder = new TextEncoder();
+
+/** An item's scratchpad in KV: read it, append entries once each (compare-and-set). */
+export interface Scratchpad {
+  read(item: string): Promise<ScratchEntry[]>;
+  append(item: string, entries: readonly ScratchEntry[]): Promise<void>;
+}
+
+/** The scratchpad of pipeline `name` on `nc`. */
+export function openScratchpad(nc: NatsConnection, name: string): Scratchpad {
+  let kv: Promise<KV> | undefined;
+  const open = () => kv ??= new Kvm(nc).open(scratchpadBucketOf(name));
+  const get = async (item: string) => {
+    const e = await (await open()).get(item);
+    return e && e.operation === "PUT" && e.length > 0
+      ? { list: e.json<ScratchEntry[]>(), revision: e.revision }
+      : { list: [] as ScratchEntry[], revision: 0 };
+  };
+  return {
+    async read(item) {
+      return (await get(item)).list;
+    },
+    async append(item, entries) {
+      if (entries.length === 0) return;
+      for (let attempt = 0; attempt < 20; attempt++) {
+        const { list, revision } = await get(item);
+        const have = new Set(list.map((e) => e.id));
+        const fresh = entries.filter((e) => !have.has(e.id));
+        if (fresh.length === 0) return;
+        const body = encoder.encode(JSON.stringify([...list, ...fresh]));
+        try {
+          if (revision === 0) await (await open()).create(item, body);
+          else await (await open()).update(item, body, revision);
+          return;
+        } catch {
+          // another step of the item appended first: read again
+        }
+      }
+      throw new WeftError(ErrorCode.HandlerFailed, `the scratchpad of ${item} kept changing`);
+    },
+  };
+}
+
+/** What an agent run produced: its result and the entries it appended. */
+export interface AgentOutcome {
+  result: unknown;
+  notes: ScratchEntry[];
+}
+
+/** Runs one agent step for one item. */
+export type AgentRunner = (
+  value: unknown,
+  ctx: StepContext & { eventId: string },
+) => Promise<AgentOutcome>;
+
+/** The agent of step `id`: the LLM when `llm` is given, else its offline policy. */
+export function createAgent(
+  p: { file: string; def: { name: string } },
+  id: string,
+  step: AgentStep,
+  opts: { nc: NatsConnection; llm?: LlmStepOptions },
+): AgentRunner {
+  const ajv = new Ajv({ strict: false, allErrors: false });
+  const params = new Map<string, ValidateFunction>(
+    Object.entries(step.tools).map(([name, t]) => [name, ajv.compile(t.parameters as object)]),
+  );
+  const checkOutput = ajv.compile(step.output as object);
+  const kvm = new Kvm(opts.nc);
+  const buckets = new Map<string, Promise<KV>>();
+  let chat: ChatClient | undefined;
+  let prompt: Promise<string> | undefined;
+  if (opts.llm) chat = createChatClient({ ...opts.llm });
+  else if (!step.offline) {
+    throw new ConfigError(
+      `pipeline ${p.def.name}, step ${id}: an agent needs an LLM endpoint (WEFT_LLM_BASE_URL) ` +
+        `or an offline policy`,
+    );
+  }
+
+  const toolCtx = (ctx: StepContext): ToolContext => ({
+    item: ctx.item,
+    input: ctx.input,
+    signal: ctx.signal,
+    async kv(bucket, key) {
+      if (!(step.reads ?? []).includes(bucket)) {
+        throw new WeftError(ErrorCode.Forbidden, `step ${id} does not read bucket ${bucket}`);
+      }
+      let b = buckets.get(bucket);
+      if (!b) buckets.set(bucket, b = kvm.open(bucket));
+      const e = await (await b).get(key);
+      return e && e.operation === "PUT" && e.length > 0 ? e.json() : null;
+    },
+  });
+
+  /** Runs one tool call; a bad call answers with an error the agent can read, as a model's would. */
+  async function call(name: string, args: unknown, ctx: StepContext): Promise<unknown> {
+    const tool = step.tools[name];
+    if (!tool) {
+      return { error: `no tool ${name}; the tools are ${Object.keys(step.tools).join(", ")}` };
+    }
+    const check = params.get(name)!;
+    if (!check(args)) {
+      const e = check.errors?.[0];
+      return { error: `invalid arguments: ${e?.instancePath || "/"} ${e?.message ?? ""}`.trim() };
+    }
+    if (!tool.run) return { error: `tool ${name} has no implementation` };
+    try {
+      return await tool.run(args, toolCtx(ctx));
+    } catch (err) {
+      if (ctx.signal.aborted) throw err;
+      return { error: (err as Error).message };
+    }
+  }
+
+  function final(value: unknown): unknown {
+    if (checkOutput(value)) return value;
+    const e = checkOutput.errors?.[0];
+    throw new ValidationError(
+      `agent ${id}'s answer does not match its output schema: ${e?.instancePath || "/"} ${
+        e?.message ?? ""
+      }`,
+      { field: e?.instancePath || "/", permanent: true },
+    );
+  }
+
+  return async (value, ctx) => {
+    const notes: ScratchEntry[] = [];
+    const calls: { tool: string; args: unknown; result: unknown }[] = [];
+    const at = ctx.now().toISOString();
+    const note = (e: Omit<ScratchEntry, "id" | "step" | "at">) =>
+      notes.push({ id: `${ctx.eventId}:${id}:${notes.length}`, step: id, at, ...e });
+    const done = (result: unknown): AgentOutcome => {
+      note({ kind: "answer", result });
+      return { result, notes };
+    };
+    if (!chat) {
+      for (let turn = 1; turn <= step.maxTurns; turn++) {
+        const action = await step.offline!({
+          value,
+          input: ctx.input,
+          scratchpad: ctx.scratchpad,
+          calls,
+          turn,
+          runs: ctx.runs,
+        });
+        if ("final" in action) return done(final(action.final));
+        const result = await call(action.call, action.args, ctx);
+        calls.push({ tool: action.call, args: action.args, result });
+        note({ kind: "tool_call", tool: action.call, args: action.args, result });
+      }
+    } else {
+      prompt ??= Deno.readTextFile(new URL(step.prompt, `file://${p.file}`));
+      const schema = JSON.stringify(step.output);
+      const messages: ChatMessage[] = [
+        {
+          role: "system",
+          content: `${(await prompt).replaceAll("{{schema}}", schema)}\n\nCall the tools you ` +
+            `need. When done, reply with only a JSON object matching this JSON Schema: ${schema}`,
+        },
+        {
+          role: "user",
+          content: JSON.stringify({ request: value, input: ctx.input, scratchpad: ctx.scratchpad }),
+        },
+      ];
+      const tools = Object.entries(step.tools).map(([name, t]) => ({
+        name,
+        description: t.description,
+        parameters: t.parameters as Record<string, unknown>,
+      }));
+      for (let turn = 1; turn <= step.maxTurns; turn++) {
+        const r = await chat.complete(messages, { tools, signal: ctx.signal });
+        if (r.toolCalls && r.toolCalls.length > 0) {
+          messages.push({
+            role: "assistant",
+            content: r.content,
+            tool_calls: r.toolCalls.map((c) => ({
+              id: c.id,
+              type: "function" as const,
+              function: { name: c.name, arguments: c.arguments },
+            })),
+          });
+          for (const c of r.toolCalls) {
+            let args: unknown;
+            try {
+              args = JSON.parse(c.arguments);
+            } catch {
+              args = undefined;
+            }
+            const result = args === undefined
+              ? { error: "arguments are not JSON" }
+              : await call(c.name, args, ctx);
+            calls.push({ tool: c.name, args, result });
+            note({ kind: "tool_call", tool: c.name, args, result });
+            messages.push({ role: "tool", tool_call_id: c.id, content: JSON.stringify(result) });
+          }
+          continue;
+        }
+        let answer: unknown;
+        try {
+          answer = JSON.parse(r.content);
+        } catch {
+          throw new WeftError(ErrorCode.HandlerFailed, `agent ${id} answered with no JSON object`);
+        }
+        return done(final(answer));
+      }
+    }
+    throw new WeftError(
+      ErrorCode.LoopLimit,
+      `agent ${id} used its ${step.maxTurns} turns without an answer`,
+    );
+  };
+}

@@ -1,0 +1,162 @@
+/**
+ * The support pipeline: agents with tools and a shared scratchpad, run from its definition.
+ * Offline, the router's rules and the agents' policies decide: an order is looked up in KV
+ * and answered; a request nobody can answer goes round the agents at most three times, then
+ * waits for a person. With an OpenAI-compatible endpoint the model makes real tool calls
+ * (`tools` / `tool_calls` on the wire) and reads their results as `tool` messages.
+ */
+import assert from "node:assert/strict";
+import { Kvm } from "@nats-io/kv";
+import { connectNats } from "../src/nats.ts";
+import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
+import { type Mesh, startMesh } from "./helpers/mesh.ts";
+import { readSse } from "./helpers/sse.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const DEF = "pipelines/support/pipeline.ts";
+
+async function seedOrders(mesh: Mesh) {
+  const nc = await connectNats(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+  try {
+    const kv = await new Kvm(nc).open("weft_support_orders");
+    await kv.put("A100", JSON.stringify({ status: "shipped", items: ["lamp"] }));
+  } finally {
+    await nc.close();
+  }
+}
+
+async function submit(mesh: Mesh, body: unknown): Promise<string> {
+  const res = await fetch(`${mesh.gatewayUrl}/pipelines/support/items`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  assert.equal(res.status, 202);
+  return (await res.json()).id;
+}
+
+async function settled(mesh: Mesh, id: string, status: string) {
+  return await waitFor(
+    async () => {
+      const s = await (await fetch(`${mesh.gatewayUrl}/pipelines/support/items/${id}`)).json();
+      return s.status === status ? s : undefined;
+    },
+    30_000,
+    `${id} ${status}`,
+  );
+}
+
+Deno.test("support offline: the billing agent looks the order up and answers; the scratchpad shows it", async () => {
+  await using mesh = await startMesh({ WEFT_PIPELINES: DEF });
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  await seedOrders(mesh);
+
+  const id = await submit(mesh, { customer: "ann", text: "Where is my order?", order_id: "A100" });
+  const done = await settled(mesh, id, "done");
+  assert.equal(done.outcome, "answered");
+  assert.deepEqual(done.results.route, { label: "billing" });
+  assert.deepEqual(done.results.billing, { action: "answer", answer: "Order A100 is shipped." });
+  const calls = done.scratchpad.filter((e: { kind: string }) => e.kind === "tool_call");
+  assert.deepEqual(
+    calls.map((e: { tool: string; args: unknown; result: unknown }) => [e.tool, e.args, e.result]),
+    [
+      ["lookup_order", { order_id: "A100" }, { status: "shipped", items: ["lamp"] }],
+    ],
+  );
+  // The same history is in KV, and on the item's event stream.
+  const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  try {
+    const kv = await new Kvm(nc).open("weft_support_scratchpad");
+    const pad = (await kv.get(id))!.json<{ step: string; kind: string }[]>();
+    assert.deepEqual(pad.map((e) => [e.step, e.kind]), [["billing", "tool_call"], [
+      "billing",
+      "answer",
+    ]]);
+  } finally {
+    await nc.close();
+  }
+  const frames = await readSse(
+    await fetch(`${mesh.gatewayUrl}/pipelines/support/items/${id}/events`),
+    { timeoutMs: 10_000 },
+  );
+  const billing = frames.find((f) => f.event === "support.billing")!;
+  assert.equal(JSON.parse(billing.data).data.notes[0].tool, "lookup_order");
+
+  // Nobody can answer this one: each agent hands back, three routings in all, then a person.
+  const lost = await submit(mesh, { customer: "bo", text: "Tell me a joke about quasars" });
+  const waiting = await settled(mesh, lost, "waiting");
+  assert.equal(waiting.waiting.step, "handoff");
+  assert.equal(waiting.runs.route, 3, "the router ran three times, not more");
+  const handbacks = waiting.scratchpad.filter((e: { kind: string; result?: { action?: string } }) =>
+    e.kind === "answer" && e.result?.action === "handback"
+  );
+  assert.equal(handbacks.length, 3);
+  assert.deepEqual(
+    waiting.scratchpad.filter((e: { kind: string }) => e.kind === "answer").map((
+      e: { step: string },
+    ) => e.step),
+    ["general", "technical", "billing"],
+    "each routing went to an agent that had not handed it back yet",
+  );
+  // The person replies on the bus; the run ends answered.
+  const reply = await fetch(`${mesh.gatewayUrl}/pipelines/support/items/${lost}/human_replied`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({
+      by: "carol",
+      answer: "Why did the quasar blush? It saw the Milky Way.",
+    }),
+  });
+  assert.equal(reply.status, 202);
+  await reply.body?.cancel();
+  assert.equal((await settled(mesh, lost, "done")).outcome, "answered");
+});
+
+Deno.test("support with an LLM: the agent makes real tool calls and answers from their results", async () => {
+  const llm = startFakeOpenAI((req) => {
+    const last = req.body.messages.at(-1)!;
+    if (last.role === "tool") {
+      return chat({
+        action: "answer",
+        answer: `Your order is ${JSON.parse(last.content).status}.`,
+      });
+    }
+    return {
+      kind: "tool_calls",
+      calls: [{ name: "lookup_order", arguments: { order_id: "A100" } }],
+    };
+  });
+  try {
+    await using mesh = await startMesh({
+      WEFT_PIPELINES: DEF,
+      WEFT_LLM_BASE_URL: llm.baseUrl,
+      WEFT_LLM_API_KEY: "test-key",
+      WEFT_LLM_MODEL: "fake-model",
+    });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+    await seedOrders(mesh);
+    const id = await submit(mesh, {
+      customer: "cy",
+      text: "Refund for order A100?",
+      order_id: "A100",
+    });
+    const done = await settled(mesh, id, "done");
+    assert.deepEqual(done.results.billing, { action: "answer", answer: "Your order is shipped." });
+
+    const [first, second] = llm.requests;
+    assert.deepEqual(first!.body.tools!.map((t) => t.function.name).sort(), [
+      "lookup_order",
+      "search_faq",
+    ]);
+    assert.equal(first!.body.tool_choice, "auto");
+    const assistant = second!.body.messages.find((m) => m.role === "assistant")!;
+    assert.equal(assistant.tool_calls![0]!.function.name, "lookup_order");
+    const tool = second!.body.messages.find((m) => m.role === "tool")!;
+    assert.equal(tool.tool_call_id, assistant.tool_calls![0]!.id);
+    assert.deepEqual(JSON.parse(tool.content), { status: "shipped", items: ["lamp"] });
+    const call = done.scratchpad.find((e: { kind: string }) => e.kind === "tool_call");
+    assert.deepEqual(call.args, { order_id: "A100" });
+  } finally {
+    await llm.close();
+  }
+});
