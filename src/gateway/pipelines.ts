@@ -45,7 +45,7 @@ export interface PipelineRouteDeps {
 interface Runtime {
   p: LoadedPipeline;
   stream: string;
-  states: Promise<KV>;
+  states: () => Promise<KV>;
   finals: Set<string>;
   awaited: Set<string>;
 }
@@ -65,6 +65,16 @@ function newId(name: string, key: string | undefined): string {
   return deterministicId(name, "idempotency", key).slice(0, 26);
 }
 
+/** `make()` on the first call, its promise after (rejected ones are retried). */
+function lazy<T>(make: () => Promise<T>): () => Promise<T> {
+  let p: Promise<T> | undefined;
+  return () =>
+    p ??= make().catch((err) => {
+      p = undefined;
+      throw err;
+    });
+}
+
 /** The links of an item of `name`. */
 function links(name: string, id: string) {
   return {
@@ -78,7 +88,9 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   const { nc, config, log, clients, feeds } = deps;
   const kvm = new Kvm(nc);
   const js = jetstream(nc);
-  const jsmP = jetstreamManager(nc);
+  // Opened on first use: a gateway whose connection closes early leaves no request pending.
+  let jsmP: ReturnType<typeof jetstreamManager> | undefined;
+  const jsm = () => jsmP ??= jetstreamManager(nc);
   const byName = new Map<string, Runtime>(deps.pipelines.map((p) => {
     const finals = new Set<string>([`${p.def.name}.${FAILED}`]);
     const awaited = new Set<string>();
@@ -89,7 +101,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     return [p.def.name, {
       p,
       stream: pipelineSubjects(p.def).stream,
-      states: kvm.open(stateBucketOf(p.def.name)),
+      states: lazy(() => kvm.open(stateBucketOf(p.def.name))),
       finals,
       awaited,
     }];
@@ -122,7 +134,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   }
 
   async function state(r: Runtime, id: string) {
-    const s = await readItem(await r.states, itemId(id));
+    const s = await readItem(await r.states(), itemId(id));
     if (s) return s;
     // Accepted a moment ago: its entry event is stored, its state not written yet.
     const first = await entrySeq(r, id);
@@ -132,7 +144,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
 
   async function entrySeq(r: Runtime, id: string): Promise<number | null> {
     try {
-      const m = await (await jsmP).streams.getMessage(r.stream, {
+      const m = await (await jsm()).streams.getMessage(r.stream, {
         last_by_subj: `${r.p.def.name}.${entryEvent(r.p.def)}.${id}`,
       });
       return m?.seq ?? null;
@@ -294,7 +306,7 @@ export function servePipelineRequests(
   };
   const subs = pipelines.flatMap((p) => {
     const n = p.def.name;
-    const states = kvm.open(stateBucketOf(n));
+    const states = lazy(() => kvm.open(stateBucketOf(n)));
     return [
       nc.subscribe(`weft.${n}.submit`, {
         queue: "weft-gateway",
@@ -318,7 +330,7 @@ export function servePipelineRequests(
             if (!ITEM_ID.test(id)) {
               throw new ValidationError("id is not an item id", { field: "id" });
             }
-            const s = await readItem(await states, id);
+            const s = await readItem(await states(), id);
             if (!s) throw new NotFoundError(`no ${n} item ${JSON.stringify(id)}`);
             return s;
           }),

@@ -1,0 +1,58 @@
+/**
+ * A prompt chain from a definition (pipelines/examples/documents.ts): extract -> summarise ->
+ * classify, three llm steps, each handed the step before's result, against the local server
+ * that speaks the OpenAI format.
+ */
+import assert from "node:assert/strict";
+import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
+import { startMesh } from "./helpers/mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+Deno.test("a prompt chain: each llm step gets the previous step's result and the item ends filed", async () => {
+  const llm = startFakeOpenAI((req) => {
+    const system = req.body.messages[0]!.content;
+    const user = JSON.parse(req.body.messages.at(-1)!.content);
+    if (system.startsWith("Extract")) return chat({ sender: "ACME", amounts: [120.5] });
+    if (system.startsWith("You are given the facts")) {
+      return chat({ summary: `${user.sender} asks for ${user.amounts[0]}` });
+    }
+    return chat({ kind: /asks for/.test(user.summary) ? "invoice" : "other" });
+  });
+  try {
+    await using mesh = await startMesh({
+      WEFT_PIPELINES: "pipelines/examples/documents.ts",
+      WEFT_LLM_BASE_URL: llm.baseUrl,
+      WEFT_LLM_API_KEY: "test-key",
+      WEFT_LLM_MODEL: "fake-model",
+    });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+    const res = await fetch(`${mesh.gatewayUrl}/pipelines/documents/items`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ text: "Invoice 17 from ACME: 120.50 EUR due 2027-01-31" }),
+    });
+    assert.equal(res.status, 202);
+    const { id } = await res.json();
+    const done = await waitFor(
+      async () => {
+        const s = await (await fetch(`${mesh.gatewayUrl}/pipelines/documents/items/${id}`)).json();
+        return s.status === "done" ? s : undefined;
+      },
+      30_000,
+      "the document filed",
+    );
+    assert.equal(done.outcome, "filed");
+    assert.deepEqual(done.results.extract, { sender: "ACME", amounts: [120.5] });
+    assert.deepEqual(done.results.summarise, { summary: "ACME asks for 120.5" });
+    assert.deepEqual(done.results.classify, { kind: "invoice" });
+    // Each step was asked once, in order, with what the step before produced.
+    const users = llm.requests.map((r) => JSON.parse(r.body.messages.at(-1)!.content));
+    assert.deepEqual(users, [
+      { text: "Invoice 17 from ACME: 120.50 EUR due 2027-01-31" },
+      { sender: "ACME", amounts: [120.5] },
+      { summary: "ACME asks for 120.5" },
+    ]);
+  } finally {
+    await llm.close();
+  }
+});
