@@ -90,6 +90,10 @@ export interface ServiceSpec {
   reads?: readonly string[];
   /** Calls the LLM endpoint whatever the analyzers (a definition's llm step). */
   llm?: boolean;
+  /** Processes running it, sharing its consumer (a pipeline step's `replicas`). Default 1. */
+  replicas?: number;
+  /** Which of them this is (0-based), when it has several. */
+  replica?: number;
 }
 
 /** Two accesses as one: every list joined. */
@@ -392,10 +396,14 @@ export function processGroups(
   together: string,
   services: readonly ServiceSpec[] = SERVICES,
 ): ServiceSpec[][] {
-  // Only the built-in services run together; a pipeline's each run alone.
+  // Only the built-in services run together; a pipeline's each run alone, once per replica.
   const builtIn = services.filter((s) => SERVICES.some((b) => b.name === s.name));
-  const alone = services.filter((s) => !builtIn.includes(s)).map((s) => [s]);
-  if (!together) return services.map((s) => [s]);
+  const alone = services.filter((s) => !builtIn.includes(s)).flatMap((s) =>
+    (s.replicas ?? 1) > 1
+      ? Array.from({ length: s.replicas! }, (_, replica) => [{ ...s, replica }])
+      : [[s]]
+  );
+  if (!together) return [...builtIn.map((s) => [s]), ...alone];
   if (together === "all") return [[...builtIn], ...alone];
   const names = together.split(",");
   const unknown = names.filter((n) => !builtIn.some((s) => s.name === n));
@@ -665,7 +673,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
 
   const start = (group: ServiceSpec[], restarts: number) => {
     const alone = group.length === 1;
-    const key = alone ? group[0]!.name : "together";
+    const key = !alone
+      ? "together"
+      : group[0]!.replica === undefined
+      ? group[0]!.name
+      : `${group[0]!.name}#${group[0]!.replica}`;
     // With identities, each service reads its own seed, and leaves the topology (made
     // above) alone: its identity could not create it anyway.
     const groupSeeds = seeds ? group.map((s) => seeds!.get(s.name)!) : [];

@@ -73,12 +73,16 @@ export const claims = definePipeline({
     },
     checks: {
       kind: "task",
-      output: obj,
-      handle: (_v: unknown, ctx: { input: { amount: number } }) => ({ amount: ctx.input.amount }),
+      output: { type: "object", required: ["amount", "batch"] },
+      // Batched: the items that arrive within 50 ms in one call, each with its own result.
+      flow: { batch: { maxItems: 8, maxWaitMs: 50 } },
+      handleBatch: (values: unknown[], ctxs: { input: { amount: number } }[]) =>
+        ctxs.map((c) => ({ amount: c.input.amount, batch: values.length })),
       next: ["fraud", "policy"],
     },
     fraud: {
       kind: "task",
+      replicas: 2,
       output: { type: "object", required: ["score"] },
       handle: (c: { amount: number }) => ({ score: c.amount > 1000 ? 0.7 : 0.1 }),
       next: "decide",
@@ -135,14 +139,13 @@ async function allEvents(nc: NatsConnection): Promise<{ type: string; item: stri
   return out;
 }
 
-/** The pid of a pipeline service's process. */
-async function pidOf(service: string): Promise<number> {
+/** The pids of a pipeline service's processes. */
+async function pidsOf(service: string): Promise<number[]> {
   const out = await new Deno.Command("ps", { args: ["-eo", "pid,args"], stdout: "piped" })
     .output();
-  const line = new TextDecoder().decode(out.stdout).split("\n")
-    .find((l) => l.includes("services/pipeline.ts") && l.trim().endsWith(` ${service}`));
-  if (!line) throw new Error(`no process runs ${service}`);
-  return Number(line.trim().split(/\s+/)[0]);
+  return new TextDecoder().decode(out.stdout).split("\n")
+    .filter((l) => l.includes("services/pipeline.ts") && l.trim().endsWith(` ${service}`))
+    .map((l) => Number(l.trim().split(/\s+/)[0]));
 }
 
 Deno.test("a new definition runs end to end: LLM, branch, human wait with deadline, fan-out, join, kills", async (t) => {
@@ -217,8 +220,9 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
         nc.publish("claims.submit", JSON.stringify({ claimant: `bus${i}`, amount: i, text: "x" }));
       }
       await nc.flush();
-      // The fraud step dies at once, mid-run; the supervisor restarts it.
-      Deno.kill(await pidOf("claims-fraud"), "SIGKILL");
+      // The fraud step runs as two processes; one dies at once, mid-run, and is restarted.
+      assert.equal((await pidsOf("claims-fraud")).length, 2, "two replicas of fraud");
+      Deno.kill((await pidsOf("claims-fraud"))[0]!, "SIGKILL");
 
       // The human decisions: one over HTTP, one on the bus; the third never comes.
       const waiting = async (id: string) =>
@@ -279,15 +283,28 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
       for (const [id, outcome] of expected) {
         const ends = events.filter((e) => e.item === id && FINALS.includes(e.type));
         assert.deepEqual(ends.map((e) => e.type), [`claims.${outcome}`], id);
-        const state = await (await fetch(`${base}/pipelines/claims/items/${id}`)).json();
+        // The state follows its events within a few state-writer flushes.
+        const state = await waitFor(
+          async () => {
+            const s = await (await fetch(`${base}/pipelines/claims/items/${id}`)).json();
+            return s.outcome ? s : undefined;
+          },
+          10_000,
+          `${id}'s state`,
+        );
         assert.equal(state.outcome, outcome, id);
+        if (state.results.checks) {
+          // Batched or not, each item's result is its own.
+          assert.equal(state.results.checks.amount, state.input.amount, id);
+          assert.ok(state.results.checks.batch >= 1 && state.results.checks.batch <= 8);
+        }
         assert.equal(state.status, "done");
         assert.match(state.definition, /^[0-9a-f]{16}$/);
       }
       // The LLM was asked once per item (a redelivery would be answered by its cache).
       assert.ok(llm.requests.length >= 25);
       const killed = mesh.logs.some((l) =>
-        l.msg === "service exited; restarting" && l.service === "claims-fraud"
+        l.msg === "service exited; restarting" && String(l.service).startsWith("claims-fraud#")
       );
       assert.ok(killed, "the supervisor restarted the killed step");
     });

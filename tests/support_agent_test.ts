@@ -54,7 +54,7 @@ Deno.test("support offline: the billing agent looks the order up and answers; th
   const id = await submit(mesh, { customer: "ann", text: "Where is my order?", order_id: "A100" });
   const done = await settled(mesh, id, "done");
   assert.equal(done.outcome, "answered");
-  assert.deepEqual(done.results.route, { label: "billing" });
+  assert.deepEqual(done.results.route, { label: "billing", by: "rules" });
   assert.deepEqual(done.results.billing, { action: "answer", answer: "Order A100 is shipped." });
   const calls = done.scratchpad.filter((e: { kind: string }) => e.kind === "tool_call");
   assert.deepEqual(
@@ -115,6 +115,8 @@ Deno.test("support offline: the billing agent looks the order up and answers; th
 Deno.test("support with an LLM: the agent makes real tool calls and answers from their results", async () => {
   const llm = startFakeOpenAI((req) => {
     const last = req.body.messages.at(-1)!;
+    // The router's request: no tools, a label to pick.
+    if (!req.body.tools) return chat({ label: "billing" });
     if (last.role === "tool") {
       return chat({
         action: "answer",
@@ -143,7 +145,9 @@ Deno.test("support with an LLM: the agent makes real tool calls and answers from
     const done = await settled(mesh, id, "done");
     assert.deepEqual(done.results.billing, { action: "answer", answer: "Your order is shipped." });
 
-    const [first, second] = llm.requests;
+    assert.deepEqual(done.results.route, { label: "billing", by: "llm" });
+    const [routing, first, second] = llm.requests;
+    assert.match(routing!.body.messages[0]!.content, /"enum":\["billing","technical","general"\]/);
     assert.deepEqual(first!.body.tools!.map((t) => t.function.name).sort(), [
       "lookup_order",
       "search_faq",

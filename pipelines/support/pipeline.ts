@@ -6,7 +6,8 @@
  * handoff to a human who has a day to reply (`waitFor`).
  *
  * Offline (no WEFT_LLM_BASE_URL) the router's rules and each agent's deterministic policy
- * decide; with an OpenAI-compatible endpoint the agents' model chooses the tool calls.
+ * decide; with an OpenAI-compatible endpoint the model routes (the rules are its fallback)
+ * and the agents' model chooses the tool calls.
  * Orders live in KV: `nats kv put weft_support_orders A100 '{"status":"shipped"}'`.
  *
  * @module
@@ -120,6 +121,8 @@ export const supportPipeline = definePipeline({
   steps: {
     route: {
       kind: "router",
+      // With an LLM endpoint the model routes; these rules are the offline way and its fallback.
+      prompt: "prompts/route.md",
       route: (_v: unknown, ctx) => routeRequest((ctx.input as Request).text, ctx.scratchpad),
       routes: { billing: "billing", technical: "technical", general: "general" },
     },

@@ -44,6 +44,8 @@ interface StepBase {
   emits?: string;
   /** Flow control; see {@link FlowControl}. */
   flow?: FlowControl;
+  /** Processes running a work step (task, llm, agent, router), sharing its consumer. Default 1. */
+  replicas?: number;
 }
 
 /** Where an item goes after a step: one step, or several at once (fan-out). */
@@ -60,6 +62,13 @@ export interface TaskStep extends StepBase {
    */
   // deno-lint-ignore no-explicit-any
   handle?: (value: any, ctx: StepContext) => unknown | Promise<unknown>;
+  /**
+   * With `flow.batch`: one call for up to `maxItems` items, or whatever arrived within
+   * `maxWaitMs`, returning one result per value, in order (e.g. a batched embedding call).
+   * Each item's result and event are as if handled alone.
+   */
+  // deno-lint-ignore no-explicit-any
+  handleBatch?: (values: any[], ctxs: StepContext[]) => unknown[] | Promise<unknown[]>;
   /** An existing Stage (src/stage.ts) run as this step, for the shipped pipelines. */
   // deno-lint-ignore no-explicit-any
   stage?: Stage<any>;
@@ -157,6 +166,11 @@ export interface RouterStep extends StepBase {
   // deno-lint-ignore no-explicit-any
   route?: (value: any, ctx: StepContext) => string | Promise<string>;
   routes: Readonly<Record<string, string>>;
+  /**
+   * A prompt file: with an LLM endpoint configured the model picks the label (structured
+   * output), and `route` is the fallback when the call fails; without one, `route` decides.
+   */
+  prompt?: string;
 }
 
 /** Waits for all of `after`, or until `deadlineMs`, then `onDeadline`. */

@@ -79,3 +79,49 @@ export function createStepLimiter(flow: FlowControl | undefined): StepLimiter {
     },
   };
 }
+
+/**
+ * Gathers single calls into batches: up to `maxItems` values, or whatever arrived within
+ * `maxWaitMs` of the first, handed to `run` at once; each caller gets its own result. A
+ * failed batch fails each of its calls (each message is then retried on its own).
+ *
+ * @example
+ * ```ts
+ * import { createBatcher } from "./flow_control.ts";
+ * const double = createBatcher({ maxItems: 10, maxWaitMs: 5 }, async (xs: number[]) => xs.map((x) => x * 2));
+ * console.log(await Promise.all([double(1, undefined), double(2, undefined)])); // [2, 4]
+ * ```
+ */
+export function createBatcher<V, C, R>(
+  opts: { maxItems: number; maxWaitMs: number },
+  run: (values: V[], ctxs: C[]) => Promise<R[]> | R[],
+): (value: V, ctx: C) => Promise<R> {
+  type Entry = { value: V; ctx: C; resolve: (r: R) => void; reject: (e: unknown) => void };
+  let pending: Entry[] = [];
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const flush = async () => {
+    if (timer !== undefined) clearTimeout(timer);
+    timer = undefined;
+    const batch = pending.splice(0, opts.maxItems);
+    if (pending.length > 0) timer = setTimeout(flush, opts.maxWaitMs);
+    if (batch.length === 0) return;
+    try {
+      const results = await run(batch.map((e) => e.value), batch.map((e) => e.ctx));
+      if (!Array.isArray(results) || results.length !== batch.length) {
+        throw new Error(
+          `handleBatch returned ${Array.isArray(results) ? results.length : "no"} results for ` +
+            `${batch.length} values`,
+        );
+      }
+      batch.forEach((e, i) => e.resolve(results[i]!));
+    } catch (err) {
+      for (const e of batch) e.reject(err);
+    }
+  };
+  return (value, ctx) =>
+    new Promise<R>((resolve, reject) => {
+      pending.push({ value, ctx, resolve, reject });
+      if (pending.length >= opts.maxItems) void flush();
+      else if (timer === undefined) timer = setTimeout(flush, opts.maxWaitMs);
+    });
+}

@@ -53,7 +53,7 @@ import {
 } from "./flow.ts";
 import { applyPipelineEvent, type ItemState } from "./fold.ts";
 import { createLlmStep, type LlmStepOptions } from "./llm_step.ts";
-import { createStepLimiter } from "./flow_control.ts";
+import { createBatcher, createStepLimiter } from "./flow_control.ts";
 import { type AgentRunner, createAgent, openScratchpad, scratchpadBucketOf } from "./agent_step.ts";
 
 /** A definition loaded from its file, ready to run. */
@@ -126,14 +126,10 @@ export async function loadPipelines(
         );
       }
       for (const [id, step] of Object.entries(def.steps)) {
-        if (step.kind !== "end" && step.flow?.batch) {
-          throw new ConfigError(
-            `pipeline file ${f}, step ${id}: flow.batch is not run by this version of the ` +
-              `runtime yet (see docs/PIPELINES.md)`,
-          );
-        }
         if (step.kind === "router" && !step.route) {
-          throw new ConfigError(`pipeline file ${f}, step ${id}: a router needs its route`);
+          throw new ConfigError(
+            `pipeline file ${f}, step ${id}: a router needs its route (the rules; a prompt only adds the LLM's choice)`,
+          );
         }
       }
       out.push({ file, def, flow: compileFlow(def) });
@@ -194,6 +190,26 @@ export function workStage(
   }
   const limiter = createStepLimiter(step.kind === "end" ? undefined : step.flow);
   const scratchpad = hasScratchpad(def) && opts.nc ? openScratchpad(opts.nc, def.name) : undefined;
+  // A task with flow.batch: single calls gathered into handleBatch calls.
+  const batched = step.kind === "task" && step.flow?.batch && step.handleBatch
+    ? createBatcher(
+      step.flow.batch,
+      (values: unknown[], ctxs: StepContext[]) => step.handleBatch!(values, ctxs),
+    )
+    : undefined;
+  // A router with a prompt and an LLM endpoint: the model picks the label.
+  const labels = step.kind === "router" ? Object.keys(step.routes) : [];
+  const routeLlm = step.kind === "router" && step.prompt && opts.llm
+    ? createLlmStep(p, id, {
+      kind: "llm",
+      prompt: step.prompt,
+      output: {
+        type: "object",
+        required: ["label"],
+        properties: { label: { enum: labels } },
+      },
+    }, opts.llm)
+    : undefined;
   let agent: AgentRunner | undefined;
   if (step.kind === "agent") {
     if (!opts.nc) throw new ConfigError(`step ${id} of ${def.name}: an agent needs a connection`);
@@ -249,7 +265,18 @@ export function workStage(
     let next: FlowData;
     {
       if (step.kind === "router") {
-        const label = await step.route!(data.value, sctx);
+        let label: unknown;
+        let by = "rules";
+        if (routeLlm) {
+          try {
+            label = ((await routeLlm(data.value, data, signal)) as { label: string }).label;
+            by = "llm";
+          } catch (err) {
+            if (!step.route || signal.aborted) throw err;
+            by = "rules (the LLM failed)";
+          }
+        }
+        if (by !== "llm") label = await step.route!(data.value, sctx);
         if (typeof label !== "string" || !(label in step.routes)) {
           throw new WeftError(
             ErrorCode.Rejected,
@@ -258,10 +285,12 @@ export function workStage(
             }`,
           );
         }
-        next = advance(data, id, { label }, data.value);
+        next = advance(data, id, { label, by }, data.value);
       } else {
         const result = step.kind === "llm"
           ? await llm!(data.value, data, signal)
+          : batched
+          ? await batched(data.value, sctx)
           : await (step as { handle: (v: unknown, c: StepContext) => unknown }).handle(
             data.value,
             sctx,
@@ -837,6 +866,8 @@ export function pipelineTopology(
 /** A pipeline service as the supervisor runs it: entry, what it reads, its bus access. */
 export interface PipelineServiceSpec {
   name: string;
+  /** Processes running it (a step's `replicas`). */
+  replicas?: number;
   /** `services/pipeline.ts`, with the definition files and the service's name. */
   entry: string;
   args: string[];
@@ -908,10 +939,12 @@ export function pipelineServiceSpecs(
     for (const id of workSteps(def)) {
       out.push({
         name: `${n}-${id}`,
+        replicas: (def.steps[id] as { replicas?: number }).replicas ?? 1,
         entry: PIPELINE_ENTRY,
         args: [...files.map(rel), `${n}-${id}`],
         reads: [...new Set([...files.map((f) => rel(f.replace(/\/[^/]*$/, ""))), dir])],
-        llm: def.steps[id]!.kind === "llm" || def.steps[id]!.kind === "agent",
+        llm: def.steps[id]!.kind === "llm" || def.steps[id]!.kind === "agent" ||
+          (def.steps[id]!.kind === "router" && !!(def.steps[id] as { prompt?: string }).prompt),
         access: {
           consumes: [{ stream, durable: durableOf(def, id) }],
           ...(hasScratchpad(def)

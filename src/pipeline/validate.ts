@@ -205,6 +205,15 @@ export function validatePipeline(spec: PipelineSpec): void {
     if (step.flow?.batch && !(step.flow.batch.maxItems >= 1 && step.flow.batch.maxWaitMs >= 0)) {
       fail(id, "invalid_value", "batch needs maxItems >= 1 and maxWaitMs >= 0");
     }
+    if (step.flow?.batch && (step.kind !== "task" || !step.handleBatch)) {
+      fail(id, "invalid_value", "flow.batch needs a task step with handleBatch");
+    }
+    if (
+      step.kind !== "end" && step.replicas !== undefined &&
+      !(Number.isInteger(step.replicas) && step.replicas >= 1 && step.replicas <= 16)
+    ) {
+      fail(id, "invalid_value", "replicas must be an integer from 1 to 16");
+    }
   }
 
   // A wait's awaited event comes from outside (a person, a callback): no step publishes it.
