@@ -188,6 +188,60 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
       ]);
     });
 
+    await t.step(
+      "a repeated Idempotency-Key is the same item; the real nats CLI submits and reads",
+      async () => {
+        const once = async () =>
+          await (await fetch(`${base}/pipelines/claims/items`, {
+            method: "POST",
+            headers: { "content-type": "application/json", "Idempotency-Key": "claim-77" },
+            body: JSON.stringify({ claimant: "zed", amount: 1, text: "a scratch" }),
+          })).json();
+        const [a, b] = [await once(), await once()];
+        assert.equal(a.id, b.id);
+        expected.set(a.id, "paid");
+        const nats = async (...args: string[]) => {
+          const out = await new Deno.Command("nats", {
+            args: [
+              "--server",
+              mesh.natsUrl,
+              "--nkey",
+              mesh.credentials("ops").nkeySeedFile!,
+              ...args,
+            ],
+            stdin: "null",
+            stdout: "piped",
+            stderr: "piped",
+          }).output();
+          const text = new TextDecoder().decode(out.stdout);
+          assert.ok(out.success, new TextDecoder().decode(out.stderr));
+          return text;
+        };
+        const reply = JSON.parse(
+          await nats(
+            "req",
+            "weft.claims.submit",
+            '{"claimant":"cli","amount":2,"text":"hail"}',
+            "--raw",
+          ),
+        );
+        assert.equal(reply.status, "accepted");
+        expected.set(reply.id, "paid");
+        await waitFor(
+          async () => {
+            const raw = await nats("kv", "get", "weft_claims_state", reply.id, "--raw").catch(() =>
+              ""
+            );
+            return raw.includes('"outcome":"paid"') ? raw : undefined;
+          },
+          30_000,
+          "the CLI item paid, read with nats kv get",
+        );
+        const got = JSON.parse(await nats("req", "weft.claims.get", reply.id, "--raw"));
+        assert.equal(got.outcome, "paid");
+      },
+    );
+
     await t.step("a bad input is refused with a problem naming the field", async () => {
       const bad = await post(base, "/pipelines/claims/items", { claimant: "x", text: "hi" });
       assert.equal(bad.status, 422);
@@ -269,10 +323,10 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
         async () => {
           events = await allEvents(nc);
           const ends = events.filter((e) => FINALS.includes(e.type));
-          return ends.length >= 25 ? true : undefined;
+          return ends.length >= 27 ? true : undefined;
         },
         60_000,
-        "25 items at an end",
+        "27 items at an end",
       );
       const bus = [
         ...new Set(events.filter((e) => e.type === "claims.submitted").map((e) => e.item)),
@@ -282,7 +336,13 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
       for (const id of bus) expected.set(id, "paid");
       for (const [id, outcome] of expected) {
         const ends = events.filter((e) => e.item === id && FINALS.includes(e.type));
-        assert.deepEqual(ends.map((e) => e.type), [`claims.${outcome}`], id);
+        assert.deepEqual(
+          ends.map((e) => e.type),
+          [`claims.${outcome}`],
+          `${id}: ${
+            JSON.stringify(events.filter((e) => e.item === id).map((e) => e.type))
+          }; all ends: ${JSON.stringify(events.filter((e) => FINALS.includes(e.type)))}`,
+        );
         // The state follows its events within a few state-writer flushes.
         const state = await waitFor(
           async () => {
@@ -302,7 +362,7 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
         assert.match(state.definition, /^[0-9a-f]{16}$/);
       }
       // The LLM was asked once per item (a redelivery would be answered by its cache).
-      assert.ok(llm.requests.length >= 25);
+      assert.ok(llm.requests.length >= 27);
       const killed = mesh.logs.some((l) =>
         l.msg === "service exited; restarting" && String(l.service).startsWith("claims-fraud#")
       );

@@ -120,6 +120,26 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
       letters.items.some((l: { letter: { item_id?: string } }) => l.letter.item_id === stranded),
       `listed for redrive: ${JSON.stringify(letters).slice(0, 600)}`,
     );
+    // A redrive republishes it, byte for byte; with the step still gone it is dead-lettered
+    // again with the same reason (once a definition has the step, it would continue).
+    const letter = letters.items.find((l: { letter: { item_id?: string } }) =>
+      l.letter.item_id === stranded
+    );
+    const redriven = await post(mesh.gatewayUrl, "/deadletters/redrive", { ids: [letter.seq] });
+    assert.equal(redriven.status, 200, JSON.stringify(redriven.body));
+    assert.equal(redriven.body.redriven.length, 1);
+    await waitFor(
+      async () => {
+        const l = await (await fetch(`${mesh.gatewayUrl}/deadletters?code=definition_changed`))
+          .json();
+        return l.items.filter((x: { letter: { item_id?: string } }) =>
+              x.letter.item_id === stranded
+            )
+              .length === 2 || undefined;
+      },
+      20_000,
+      "dead-lettered again after the redrive",
+    );
   } finally {
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
