@@ -122,6 +122,12 @@ export interface Config {
    */
   together: string;
   /**
+   * Supervisor: run nats-server as a cluster of this many nodes on loopback (ports
+   * WEFT_NATS_PORT, +1, +2...), every stream and bucket replicated on min(3, N) of them.
+   * `WEFT_CLUSTER` or `--cluster N`; 1: one server.
+   */
+  cluster: number;
+  /**
    * Pipeline definition files to run besides the built-in pipelines (comma-separated,
    * relative to the repository root): each file's `definePipeline` exports. `WEFT_PIPELINES`
    * or `--pipelines`.
@@ -338,6 +344,7 @@ const SETTINGS: Setting<any>[] = [
       return /^[a-z-]+(,[a-z-]+)*$/.test(v) ? v : undefined;
     },
   },
+  { key: "cluster", env: "WEFT_CLUSTER", flag: "cluster", default: 1, parse: int(1, 5) },
   {
     key: "pipelines",
     env: "WEFT_PIPELINES",

@@ -25,6 +25,8 @@ export interface NatsServerOptions {
   detached?: boolean;
   /** nats-server writes its pid here (`-P`), relative to `cwd`; see {@link stopLeftover}. */
   pidFile?: string;
+  /** Further command-line options (e.g. a cluster node's name, cluster port and routes). */
+  extraArgs?: readonly string[];
 }
 
 /** A running nats-server. */
@@ -185,6 +187,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
   if (opts.monitorPort !== undefined) args.push("-m", String(opts.monitorPort));
   if (storeDir !== undefined) args.push("-sd", storeDir);
   if (opts.pidFile !== undefined) args.push("-P", opts.pidFile);
+  args.push(...opts.extraArgs ?? []);
 
   let child: Deno.ChildProcess;
   let exited!: Promise<Deno.CommandStatus>;

@@ -17,6 +17,7 @@ import { createLogger, type Logger } from "./log.ts";
 import { ConfigError } from "./errors.ts";
 import { connectNats } from "./nats.ts";
 import {
+  freePort,
   type NatsServer,
   NatsServerMissingError,
   portFree,
@@ -522,6 +523,81 @@ async function waitReady(
   return missing;
 }
 
+/**
+ * Starts an `n`-node nats-server cluster on loopback: client ports `port`, `port + 1`...,
+ * route ports picked free, node names `weft-1`..., one store per node under `cwd`, each
+ * with `configFile` (the authorization block included). A port taken by something else
+ * stops the start with a ConfigError naming it.
+ */
+export async function startCluster(
+  n: number,
+  opts: {
+    configFile: string;
+    cwd: string;
+    port: number;
+    monitorPort?: number;
+    onLog?: (line: string) => void;
+    log: Logger;
+  },
+): Promise<NatsServer[]> {
+  const clientPorts = Array.from({ length: n }, (_, i) => opts.port + i);
+  for (const [i, p] of clientPorts.entries()) {
+    if (portFree(p)) continue;
+    if (
+      !(await stopLeftover({ port: p, pidFile: clusterPidFile(i), cwd: opts.cwd }))
+    ) {
+      throw new ConfigError(
+        `port ${p} (cluster node weft-${i + 1}) is taken by another process: stop it, or set ` +
+          `WEFT_NATS_PORT so that ${clientPorts.join(", ")} are free`,
+      );
+    }
+  }
+  const routePorts = clientPorts.map(() => freePort());
+  const routes = routePorts.map((p) => `nats://127.0.0.1:${p}`);
+  // One configuration per node: the same, with the node's own JetStream store.
+  const base = await Deno.readTextFile(opts.configFile);
+  const files = await Promise.all(clientPorts.map(async (_, i) => {
+    const file = `${opts.cwd.replace(/\/$/, "")}/data/nats-weft-node${i + 1}.conf`;
+    const store = `store_dir: "./data/jetstream/node${i + 1}"`;
+    const text = /store_dir:\s*("[^"]*"|\S+)/.test(base)
+      ? base.replace(/store_dir:\s*("[^"]*"|\S+)/, store)
+      : base.replace(/jetstream\s*\{/, `jetstream {\n  ${store}`);
+    await Deno.writeTextFile(file, text, { mode: 0o600 });
+    return file;
+  }));
+  const nodes = await Promise.all(clientPorts.map((port, i) =>
+    startNatsServer({
+      configFile: files[i]!,
+      port,
+      // The first node keeps the configured monitoring port; the others take free ones.
+      monitorPort: i === 0 ? opts.monitorPort : freePort(),
+      cwd: opts.cwd,
+      detached: true,
+      pidFile: clusterPidFile(i),
+      onLog: opts.onLog,
+      extraArgs: [
+        "--server_name",
+        `weft-${i + 1}`,
+        "--cluster_name",
+        "weft",
+        "--cluster",
+        routes[i]!,
+        "--routes",
+        routes.filter((_, j) => j !== i).join(","),
+      ],
+    })
+  ));
+  opts.log.info("nats cluster started", {
+    nodes: nodes.map((node, i) => ({ name: `weft-${i + 1}`, url: node.url, pid: node.pid })),
+  });
+  return nodes;
+}
+
+/** Where cluster node `i` (0-based) writes its pid, relative to the nodes' directory. */
+export function clusterPidFile(i: number): string {
+  return `data/nats-server-${i + 1}.pid`;
+}
+
 /** The file listing the definitions to run when WEFT_PIPELINES does not. */
 export const PIPELINES_LIST = "pipelines/run.json";
 
@@ -549,6 +625,8 @@ export async function listedPipelines(root: URL = ROOT): Promise<string[]> {
 /** Runs the mesh until SIGINT/SIGTERM. */
 export async function supervise(config: Config, log: Logger): Promise<void> {
   let nats: NatsServer | undefined;
+  /** Every node this start runs (one, or a cluster's). */
+  let nodes: NatsServer[] = [];
   // A gateway port another process holds would crash-loop the gateway: say so once, and
   // start nothing.
   if (isLoopbackOrAny(config.host) && !portFree(config.port)) {
@@ -592,7 +670,8 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     const port = config.natsPort || DEFAULT_NATS_PORT;
     // A supervisor killed outright (SIGKILL, OOM) leaves its nats-server running: stop it
     // through the pid file it wrote, or say plainly who holds the port.
-    if (!portFree(port)) {
+    // (A cluster's nodes are checked one by one in startCluster.)
+    if (config.cluster <= 1 && !portFree(port)) {
       log.warn("port taken: stopping a nats-server an earlier start left running", { port });
       if (!(await stopLeftover({ port, pidFile: NATS_PID_FILE, cwd }))) {
         log.error(
@@ -619,28 +698,47 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       seeds = made.seeds;
       identityDir = made.dir;
     }
+    // Refused permissions are the server's to log; say them in the mesh's log too.
+    const onLog = (line: string) => {
+      if (/violation/i.test(line)) log.warn("nats permission violation", { line });
+    };
     try {
-      nats = await startNatsServer({
-        configFile,
-        // Refused permissions are the server's to log; say them in the mesh's log too.
-        onLog: (line) => {
-          if (/violation/i.test(line)) log.warn("nats permission violation", { line });
-        },
-        port: config.natsPort || undefined,
-        monitorPort: config.natsMonitorPort || undefined,
-        cwd,
-        detached: true,
-        pidFile: NATS_PID_FILE,
-      });
+      if (config.cluster > 1) {
+        nodes = await startCluster(config.cluster, {
+          configFile,
+          cwd,
+          port,
+          monitorPort: monitorPort || undefined,
+          onLog,
+          log,
+        });
+        nats = nodes[0];
+      } else {
+        nats = await startNatsServer({
+          configFile,
+          onLog,
+          port: config.natsPort || undefined,
+          monitorPort: config.natsMonitorPort || undefined,
+          cwd,
+          detached: true,
+          pidFile: NATS_PID_FILE,
+        });
+        nodes = [nats];
+      }
     } catch (err) {
       if (err instanceof NatsServerMissingError) {
         log.error(err.message);
         Deno.exit(1);
       }
+      if (err instanceof ConfigError) {
+        log.error(err.message);
+        Deno.exit(1);
+      }
       throw err;
     }
-    config = { ...config, natsUrl: nats.url };
-    env = { NATS_URL: nats.url };
+    const url = nodes.map((n) => n.url).join(",");
+    config = { ...config, natsUrl: url };
+    env = { NATS_URL: url };
   }
 
   const nc = await connectNats(config.natsUrl, "weft-supervisor", {
@@ -652,18 +750,30 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const fail = async (message: string, err?: unknown) => {
     log.error(message, err ? { err } : {});
     await nc.close().catch(() => {});
-    await nats?.stop("SIGTERM");
+    await Promise.all(nodes.map((n) => n.stop("SIGTERM")));
     Deno.exit(1);
   };
   const serverAt = nc.info?.version;
   if (serverAt !== undefined && !versionAtLeast(serverAt)) await fail(tooOldMessage(serverAt));
   try {
-    await ensureTopology(
-      nc,
-      await jetstreamManager(nc),
-      config,
-      pipelineTopology(loaded, config.retentionMs),
-    );
+    // A new cluster elects its JetStream meta leader a few seconds after its nodes start:
+    // until then requests time out. Try again for up to 60 s.
+    const until = Date.now() + (config.cluster > 1 ? 60_000 : 0);
+    for (let attempt = 1;; attempt++) {
+      try {
+        await ensureTopology(
+          nc,
+          await jetstreamManager(nc),
+          { ...config, replicas: Math.min(3, config.cluster) },
+          pipelineTopology(loaded, config.retentionMs),
+        );
+        break;
+      } catch (err) {
+        if (Date.now() >= until) throw err;
+        log.info("JetStream not ready yet; trying again", { attempt, err: String(err) });
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    }
   } catch (err) {
     await fail(`streams and buckets could not be set up: ${(err as Error).message}`, err);
   }
@@ -734,6 +844,34 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     Deno.addSignalListener("SIGTERM", onSignal);
   });
   for (const group of groups) start(group, 0);
+  // A cluster node that dies is started again (same ports, name and store), as services are.
+  if (nodes.length > 1) {
+    nodes.forEach((node, i) => {
+      const watch = (restarts: number): void => {
+        node.exited.then(async (status) => {
+          if (stopping) return;
+          const delay = restartDelay(restarts + 1);
+          log.warn("nats-server node exited; restarting", {
+            node: `weft-${i + 1}`,
+            code: status.code,
+            signal: status.signal,
+            restart_in_ms: delay,
+          });
+          await new Promise((r) => setTimeout(r, delay));
+          if (stopping) return;
+          try {
+            await node.restart();
+            log.info("nats-server node back", { node: `weft-${i + 1}` });
+            watch(0);
+          } catch (err) {
+            log.error("nats-server node did not restart", { node: `weft-${i + 1}`, err });
+            watch(restarts + 1);
+          }
+        });
+      };
+      watch(0);
+    });
+  }
   log.info("starting services", {
     processes: groups.map((g) =>
       g.length === 1 ? g[0]!.name : `together(${g.map((s) => s.name).join(",")})`
@@ -792,9 +930,10 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     await child.status;
     clearTimeout(timer);
   }));
-  if (nats) {
-    log.info("stopping nats-server");
-    await nats.stop("SIGTERM");
+  if (nodes.length > 0) {
+    log.info("stopping nats-server", { nodes: nodes.length });
+    stopping = true;
+    await Promise.all(nodes.map((n) => n.stop("SIGTERM")));
   }
   log.info("stopped");
 }

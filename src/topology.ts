@@ -44,16 +44,21 @@ export type NamedStreamConfig = Partial<StreamConfig> & { name: string };
 const ms = (n: number) => n * 1_000_000; // JetStream durations are nanoseconds.
 
 /** The settings topology needs from {@link Config}. */
-export type TopologyConfig = Pick<
-  Config,
-  | "retentionMs"
-  | "streamMaxBytes"
-  | "duplicateWindowMs"
-  | "ackWaitMs"
-  | "maxAttempts"
-  | "idempotencyTtlMs"
-  | "allowShrink"
->;
+export type TopologyConfig =
+  & Pick<
+    Config,
+    | "retentionMs"
+    | "streamMaxBytes"
+    | "duplicateWindowMs"
+    | "ackWaitMs"
+    | "maxAttempts"
+    | "idempotencyTtlMs"
+    | "allowShrink"
+  >
+  & {
+    /** Copies of every stream and bucket: 3 on a 3-node cluster (`--cluster 3`); 1 by default. */
+    replicas?: number;
+  };
 
 /** Stream configurations, by name. */
 /** Streams and buckets beyond the built-in ones: those of definitions' pipelines. */
@@ -88,7 +93,7 @@ export function streamConfigs(
     max_bytes: limits.maxBytes,
     ...(limits.maxMsgSize !== undefined ? { max_msg_size: limits.maxMsgSize } : {}),
     duplicate_window: ms(config.duplicateWindowMs),
-    num_replicas: 1,
+    num_replicas: config.replicas ?? 1,
   });
   const events = {
     maxAgeMs: config.retentionMs,
@@ -312,6 +317,7 @@ export async function ensureBuckets(
     await orOpen(
       () =>
         kvm.create(name, {
+          replicas: config.replicas ?? 1,
           history: 1,
           description,
           ...(ttl !== undefined ? { ttl } : {}),
@@ -324,6 +330,7 @@ export async function ensureBuckets(
   await orOpen(
     () =>
       objm.create(CONTENT_OBJECT_BUCKET, {
+        replicas: config.replicas ?? 1,
         description: "Weft: binary content uploads",
         storage: StorageType.File,
       }),

@@ -17,6 +17,7 @@ import {
   RequestError,
   TimeoutError,
 } from "@nats-io/nats-core";
+import { JetStreamApiError } from "@nats-io/jetstream";
 import { watchConnection } from "../nats.ts";
 import type { Config } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
@@ -115,7 +116,13 @@ const NO_NATS_NEEDED = new Set(["/healthz", "/", "/dashboard", "/openapi.json"])
 function isNatsUnavailable(err: unknown): boolean {
   return err instanceof TimeoutError || err instanceof ClosedConnectionError ||
     err instanceof ConnectionError || err instanceof DrainingConnectionError ||
-    err instanceof NoRespondersError || err instanceof RequestError;
+    err instanceof NoRespondersError || err instanceof RequestError ||
+    // A stream without a leader for a moment (a cluster node died, a new leader is being
+    // elected): its publishes find no responder, which nats.js reports as JetStream off
+    // (its JetStreamNotEnabled class is not exported from the package's main module).
+    (err instanceof Error && err.name === "JetStreamNotEnabled") ||
+    // "JetStream system temporarily unavailable"
+    (err instanceof JetStreamApiError && err.code === 10008);
 }
 
 /**
