@@ -25,7 +25,8 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
       assert.equal(info.cluster?.replicas?.length, 2, `${stream}: a leader and two replicas`);
     }
 
-    // Load: 100 items/s for 12 s; a client retries a 503 after its Retry-After (as it should).
+    // Load: 50 items/s for 12 s (other tests share the 2 cores); a client retries a 503
+    // after its Retry-After, as it should.
     const accepted = new Set<string>();
     const posts: { at: number; ms: number; status: number }[] = [];
     const submit = async (n: number) => {
@@ -55,8 +56,8 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
       return leader;
     })();
     const inFlight: Promise<void>[] = [];
-    for (let n = 0; n < 1200; n++) {
-      const due = start + n * 10;
+    for (let n = 0; n < 600; n++) {
+      const due = start + n * 20;
       const wait = due - performance.now();
       if (wait > 0) await new Promise((r) => setTimeout(r, wait));
       inFlight.push(submit(n));
@@ -87,7 +88,7 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
     );
     const twice = Object.entries(counts).filter(([, n]) => n !== 1);
     assert.deepEqual(twice, [], "no item has two final events");
-    assert.equal(accepted.size, 1200, "every item accepted in the end (after retries)");
+    assert.equal(accepted.size, 600, "every item accepted in the end (after retries)");
 
     // Figures: how long POSTs failed, and the latency around the failover.
     const after = posts.filter((p) => p.at >= killedAt);
@@ -100,7 +101,7 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
     const p99 = window[Math.floor(window.length * 0.99)] ?? 0;
     console.log(
       "CLUSTER-FIGURES " + JSON.stringify({
-        test: "kill -9 the FEEDBACK leader under 100 items/s",
+        test: "kill -9 the FEEDBACK leader under 50 items/s",
         accepted: accepted.size,
         answered_503: posts.filter((p) => p.status === 503).length,
         recovery_ms: Math.round(recovery),
