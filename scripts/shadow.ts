@@ -1,0 +1,117 @@
+/**
+ * `deno task shadow`: replays the feedback pipeline's history through a candidate and
+ * prints how it would have decided, next to production. Configure the candidate as the
+ * mesh is configured (`--analyzers embedded|rules|llm`, `--rules FILE`, WEFT_LLM_*), pick the
+ * history (`--since`, `--until` ISO times, `--count N`, `--sample 0.1`), optionally give a
+ * labelled JSONL (`--labels FILE`, as `deno task eval` takes), and `--out PATH` for
+ * PATH.json and PATH.html. Connects with WEFT_NATS_NKEY (use the ops key: it can read
+ * every stream and can publish no pipeline event, so a shadow run changes nothing).
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { loadConfig } from "../src/config.ts";
+import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
+import { parseRows } from "../src/evaluation.ts";
+import { connectNats } from "../src/nats.ts";
+import {
+  decideAll,
+  formatShadowReport,
+  readProduction,
+  shadowReport,
+  shadowReportHtml,
+} from "../src/shadow.ts";
+
+const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.stdout) =>
+  to.writeSync(new TextEncoder().encode(text + "\n"));
+
+async function main(args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      since: { type: "string" },
+      until: { type: "string" },
+      count: { type: "string" },
+      sample: { type: "string" },
+      labels: { type: "string" },
+      out: { type: "string" },
+    },
+    strict: false,
+  });
+  // The candidate's analyzers come from the usual settings (flags and WEFT_* env).
+  const config = loadConfig({ args });
+  const date = (v: unknown, name: string) => {
+    if (v === undefined) return undefined;
+    const d = new Date(String(v));
+    if (Number.isNaN(d.getTime())) throw new Error(`--${name} must be an ISO time`);
+    return d;
+  };
+  const count = values.count === undefined ? undefined : Number(values.count);
+  const sample = values.sample === undefined ? undefined : Number(values.sample);
+  if (count !== undefined && !(Number.isInteger(count) && count > 0)) {
+    throw new Error("--count must be a positive integer");
+  }
+  if (sample !== undefined && !(sample > 0 && sample <= 1)) {
+    throw new Error("--sample must be in (0, 1]");
+  }
+  const candidate = await feedbackAnalyzers(config);
+  const name = `${config.analyzers}${config.analyzers === "llm" ? `:${config.llmModel}` : ""} ` +
+    `(rules ${config.rulesPath})`;
+  const nc = await connectNats(config.natsUrl, "weft-shadow", {
+    nkeySeedFile: config.natsNkey || undefined,
+    identity: "ops",
+    caFile: config.natsCa || undefined,
+  });
+  try {
+    const production = await readProduction(nc, {
+      since: date(values.since, "since"),
+      until: date(values.until, "until"),
+      count,
+      sample,
+    });
+    const started = performance.now();
+    const decided = await decideAll(candidate, production);
+    const wallMs = performance.now() - started;
+    let labels;
+    if (typeof values.labels === "string") {
+      const { task, rows } = parseRows(await Deno.readTextFile(values.labels));
+      if (task !== "sentiment" && task !== "topics") {
+        throw new Error(`--labels: ${task} rows are not a feedback decision`);
+      }
+      labels = {
+        task,
+        byText: new Map(
+          rows.map((r) => [r.text, r.gold]),
+        ),
+      } as const;
+    }
+    const stats = candidate.llmStats?.snapshot();
+    const report = shadowReport(name, production, decided, {
+      wallMs,
+      labels,
+      ...(stats
+        ? {
+          llm: { calls: stats.calls, total_tokens: stats.total_tokens, cost_usd: stats.cost_usd },
+        }
+        : {}),
+    });
+    say(formatShadowReport(report));
+    if (typeof values.out === "string") {
+      await Deno.writeTextFile(`${values.out}.json`, JSON.stringify(report, null, 2) + "\n");
+      await Deno.writeTextFile(`${values.out}.html`, shadowReportHtml(report));
+      say(`wrote ${values.out}.json and ${values.out}.html`);
+    }
+    return 0;
+  } finally {
+    await nc.close();
+  }
+}
+
+if (import.meta.main) {
+  try {
+    Deno.exit(await main(Deno.args));
+  } catch (err) {
+    say(`shadow: ${(err as Error).message}`, Deno.stderr);
+    Deno.exit(2);
+  }
+}

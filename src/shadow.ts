@@ -1,0 +1,293 @@
+/**
+ * Replay shadow: run a candidate (other analyzers, an LLM with another model or prompt, another
+ * ruleset) against the feedback pipeline's stored history and report what it would have
+ * decided, before it decides anything. Reads the FEEDBACK stream's `feedback.dispatched`
+ * events (each carries the text and production's sentiment, topics and team); never
+ * publishes and never changes an item (run it with the ops identity, which may not).
+ *
+ * The comparison is pure ({@link shadowReport}); {@link runShadow} does the reading.
+ *
+ * @module
+ */
+import { jetstream } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import type { FeedbackAnalyzers } from "./configured_analyzers.ts";
+import type { LlmStatsSnapshot } from "./llm/stats.ts";
+import { FEEDBACK_STREAM } from "./subjects.ts";
+import { topicEvalClass } from "./evaluation.ts";
+
+/** One item's production decisions, from its `feedback.dispatched` event. */
+export interface ProductionDecision {
+  item: string;
+  time: string;
+  text: string;
+  sentiment: string;
+  topics: string[];
+  team: string;
+}
+
+/** What the candidate decided for the same item, and how long it took. */
+export interface CandidateDecision {
+  sentiment: string;
+  topics: string[];
+  team: string;
+  ms: number;
+}
+
+/** Agreement on one field. */
+export interface FieldAgreement {
+  /** Share of items where candidate and production agree. */
+  agreement: number;
+  /** Cohen's kappa: agreement beyond what the two label distributions give by chance. */
+  kappa: number;
+  /** Rows: production's label; columns: the candidate's; cells: item counts. */
+  confusion: Record<string, Record<string, number>>;
+}
+
+/** The report of a shadow run. */
+export interface ShadowReport {
+  candidate: string;
+  items: number;
+  fields: { sentiment: FieldAgreement; topic: FieldAgreement; team: FieldAgreement };
+  /** Items the candidate would route to another team. */
+  routingChanges: {
+    count: number;
+    examples: { item: string; text: string; from: string; to: string }[];
+  };
+  /** The candidate's speed. */
+  candidateMs: { p50: number; p99: number; itemsPerSecond: number };
+  /** LLM tokens and cost, when the candidate calls one. */
+  llm?: Pick<LlmStatsSnapshot, "calls" | "total_tokens" | "cost_usd">;
+  /** With labelled rows: each side's accuracy on the items they cover. */
+  labelled?: {
+    task: "sentiment" | "topics";
+    items: number;
+    productionAccuracy: number;
+    candidateAccuracy: number;
+  };
+}
+
+/** Cohen's kappa and the confusion matrix of two labelings. */
+export function agreementOf(a: readonly string[], b: readonly string[]): FieldAgreement {
+  const n = a.length;
+  const confusion: Record<string, Record<string, number>> = {};
+  let same = 0;
+  const pa = new Map<string, number>();
+  const pb = new Map<string, number>();
+  for (let i = 0; i < n; i++) {
+    const x = a[i]!, y = b[i]!;
+    (confusion[x] ??= {})[y] = (confusion[x]![y] ?? 0) + 1;
+    if (x === y) same++;
+    pa.set(x, (pa.get(x) ?? 0) + 1);
+    pb.set(y, (pb.get(y) ?? 0) + 1);
+  }
+  if (n === 0) return { agreement: 0, kappa: 0, confusion };
+  const po = same / n;
+  let pe = 0;
+  for (const [label, ca] of pa) pe += (ca / n) * ((pb.get(label) ?? 0) / n);
+  const kappa = pe === 1 ? (po === 1 ? 1 : 0) : (po - pe) / (1 - pe);
+  return { agreement: po, kappa, confusion };
+}
+
+const quantile = (xs: number[], q: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length === 0 ? 0 : s[Math.min(s.length - 1, Math.floor(s.length * q))]!;
+};
+
+/** Compares production with the candidate, item by item. */
+export function shadowReport(
+  candidate: string,
+  production: readonly ProductionDecision[],
+  decided: readonly CandidateDecision[],
+  opts: {
+    wallMs?: number;
+    llm?: ShadowReport["llm"];
+    labels?: { task: "sentiment" | "topics"; byText: Map<string, string> };
+    maxExamples?: number;
+  } = {},
+): ShadowReport {
+  const changes = production.flatMap((p, i) =>
+    p.team !== decided[i]!.team
+      ? [{ item: p.item, text: p.text.slice(0, 200), from: p.team, to: decided[i]!.team }]
+      : []
+  );
+  const ms = decided.map((d) => d.ms);
+  const report: ShadowReport = {
+    candidate,
+    items: production.length,
+    fields: {
+      sentiment: agreementOf(production.map((p) => p.sentiment), decided.map((d) => d.sentiment)),
+      topic: agreementOf(
+        production.map((p) => p.topics[0] ?? "none"),
+        decided.map((d) => d.topics[0] ?? "none"),
+      ),
+      team: agreementOf(production.map((p) => p.team), decided.map((d) => d.team)),
+    },
+    routingChanges: { count: changes.length, examples: changes.slice(0, opts.maxExamples ?? 10) },
+    candidateMs: {
+      p50: quantile(ms, 0.5),
+      p99: quantile(ms, 0.99),
+      itemsPerSecond: opts.wallMs && opts.wallMs > 0 ? production.length / (opts.wallMs / 1000) : 0,
+    },
+  };
+  if (opts.llm) report.llm = opts.llm;
+  if (opts.labels) {
+    const { task, byText } = opts.labels;
+    let n = 0, prod = 0, cand = 0;
+    production.forEach((p, i) => {
+      const want = byText.get(p.text);
+      if (want === undefined) return;
+      n++;
+      // Topics are scored by their evaluation class, as `deno task eval` does.
+      const pick = (s: string, t: string[]) => (task === "sentiment" ? s : topicEvalClass(t));
+      if (pick(p.sentiment, p.topics) === want) prod++;
+      if (pick(decided[i]!.sentiment, decided[i]!.topics) === want) cand++;
+    });
+    report.labelled = {
+      task,
+      items: n,
+      productionAccuracy: n ? prod / n : 0,
+      candidateAccuracy: n ? cand / n : 0,
+    };
+  }
+  return report;
+}
+
+/** Production's decisions from the FEEDBACK stream, oldest first: by time range, count, sample. */
+export async function readProduction(
+  nc: NatsConnection,
+  opts: { since?: Date; until?: Date; count?: number; sample?: number; random?: () => number } = {},
+): Promise<ProductionDecision[]> {
+  const js = jetstream(nc);
+  const consumer = await js.consumers.get(FEEDBACK_STREAM, {
+    filter_subjects: ["feedback.dispatched.*"],
+    ...(opts.since ? { opt_start_time: opts.since.toISOString() } : {}),
+  });
+  const out: ProductionDecision[] = [];
+  const random = opts.random ?? Math.random;
+  const info = await consumer.info(true);
+  let left = info.num_pending;
+  if (left === 0) return out;
+  const messages = await consumer.consume();
+  for await (const m of messages) {
+    left--;
+    const e = m.json<{
+      item_id: string;
+      time: string;
+      data: {
+        text: string;
+        sentiment: { label: string };
+        topics: { topics: string[] };
+        routing: { team: string };
+      };
+    }>();
+    if (opts.until && Date.parse(e.time) > opts.until.getTime()) break;
+    if (opts.sample === undefined || random() < opts.sample) {
+      out.push({
+        item: e.item_id,
+        time: e.time,
+        text: e.data.text,
+        sentiment: e.data.sentiment.label,
+        topics: e.data.topics.topics,
+        team: e.data.routing.team,
+      });
+    }
+    if ((opts.count !== undefined && out.length >= opts.count) || left <= 0) break;
+  }
+  await messages.close();
+  return out;
+}
+
+/** Runs the candidate on each item's text, as production's stages would. */
+export async function decideAll(
+  candidate: FeedbackAnalyzers,
+  items: readonly ProductionDecision[],
+): Promise<CandidateDecision[]> {
+  const out: CandidateDecision[] = [];
+  for (const p of items) {
+    const at = performance.now();
+    const sentiment = await candidate.sentiment.analyze(p.text);
+    const topics = await candidate.topics.analyze(p.text);
+    const team = candidate.route(sentiment.label, topics.topics).team;
+    out.push({
+      sentiment: sentiment.label,
+      topics: topics.topics,
+      team,
+      ms: performance.now() - at,
+    });
+  }
+  return out;
+}
+
+const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
+
+/** The report as text, for the terminal. */
+export function formatShadowReport(r: ShadowReport): string {
+  const lines = [
+    `== shadow: ${r.candidate} on ${r.items} items`,
+    ...(["sentiment", "topic", "team"] as const).map((f) =>
+      `${f.padEnd(10)} agreement ${pct(r.fields[f].agreement)}  kappa ${
+        r.fields[f].kappa.toFixed(3)
+      }`
+    ),
+    "",
+    "sentiment confusion (rows: production, columns: candidate)",
+  ];
+  const conf = r.fields.sentiment.confusion;
+  const cols = [...new Set(Object.values(conf).flatMap((row) => Object.keys(row)))].sort();
+  lines.push(["".padEnd(10), ...cols.map((c) => c.padStart(10))].join(""));
+  for (const row of Object.keys(conf).sort()) {
+    lines.push(
+      [row.padEnd(10), ...cols.map((c) => String(conf[row]![c] ?? 0).padStart(10))].join(""),
+    );
+  }
+  lines.push(
+    "",
+    `routing changes: ${r.routingChanges.count} of ${r.items}`,
+    ...r.routingChanges.examples.map((e) => `  ${e.item}: ${e.from} -> ${e.to}  "${e.text}"`),
+    "",
+    `candidate: p50 ${r.candidateMs.p50.toFixed(2)} ms, p99 ${r.candidateMs.p99.toFixed(2)} ms, ${
+      Math.round(r.candidateMs.itemsPerSecond)
+    } items/s`,
+  );
+  if (r.llm) {
+    lines.push(
+      `llm: ${r.llm.calls} calls, ${r.llm.total_tokens} tokens, $${r.llm.cost_usd.toFixed(4)}`,
+    );
+  }
+  if (r.labelled) {
+    lines.push(
+      `labelled (${r.labelled.task}, ${r.labelled.items} items): production ${
+        pct(r.labelled.productionAccuracy)
+      }, candidate ${pct(r.labelled.candidateAccuracy)}`,
+    );
+  }
+  return lines.join("\n");
+}
+
+const escape = (s: string) =>
+  s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
+
+/** The report as a standalone HTML page. */
+export function shadowReportHtml(r: ShadowReport): string {
+  return `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Weft shadow: ${
+    escape(r.candidate)
+  }</title><style>body{font:14px system-ui;margin:2rem;max-width:60rem}td,th{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}</style></head><body>
+<h1>Shadow run: ${escape(r.candidate)}</h1><p>${r.items} items</p>
+<h2>Agreement with production</h2><table><tr><th>field</th><th>agreement</th><th>kappa</th></tr>${
+    (["sentiment", "topic", "team"] as const).map((f) =>
+      `<tr><td>${f}</td><td>${pct(r.fields[f].agreement)}</td><td>${
+        r.fields[f].kappa.toFixed(3)
+      }</td></tr>`
+    ).join("")
+  }</table>
+<h2>Routing changes: ${r.routingChanges.count}</h2><table><tr><th>item</th><th>from</th><th>to</th><th>text</th></tr>${
+    r.routingChanges.examples.map((e) =>
+      `<tr><td>${escape(e.item)}</td><td>${escape(e.from)}</td><td>${escape(e.to)}</td><td>${
+        escape(e.text)
+      }</td></tr>`
+    ).join("")
+  }</table>
+<pre>${escape(formatShadowReport(r))}</pre></body></html>
+`;
+}
