@@ -113,3 +113,131 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
     await nc.close();
   }
 });
+
+Deno.test("a 3-node cluster loses nothing when the meta leader is killed and then in a rolling restart of every node", async () => {
+  await using mesh = await startMesh({ WEFT_CLUSTER: "3", WEFT_ACK_WAIT_MS: "3000" });
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 90_000, "the cluster mesh ready");
+  const ready = mesh.logs.find((l) => l.msg === "weft is ready")!;
+  const nc = await connectNats(String(ready.nats), "test-ops", mesh.credentials("ops"));
+  try {
+    const jsm = await jetstreamManager(nc);
+    const pidOf = async (node: string) =>
+      Number(
+        await Deno.readTextFile(
+          `${mesh.storeDir}/${clusterPidFile(Number(node.replace("weft-", "")) - 1)}`,
+        ),
+      );
+    /** Waits until every replica of FEEDBACK is current again: the cluster has healed. */
+    const healed = () =>
+      waitFor(
+        async () => {
+          const c = (await jsm.streams.info("FEEDBACK")).cluster;
+          return c?.leader && c.replicas?.length === 2 && c.replicas.every((r) => r.current) ||
+            undefined;
+        },
+        60_000,
+        "FEEDBACK's replicas current",
+      );
+
+    // Load through both faults: 40 items/s; a 503 is retried after its Retry-After.
+    const accepted = new Set<string>();
+    const posts: { at: number; ms: number; status: number }[] = [];
+    let stop = false;
+    const load = (async () => {
+      const inFlight: Promise<void>[] = [];
+      for (let n = 0; !stop; n++) {
+        inFlight.push((async () => {
+          for (let attempt = 0; attempt < 100; attempt++) {
+            const at = performance.now();
+            const res = await fetch(`${mesh.gatewayUrl}/feedback`, {
+              method: "POST",
+              headers: { "content-type": "application/json" },
+              body: JSON.stringify({ id: `R${n}`, text: `rolling item ${n}, checkout broken` }),
+            });
+            posts.push({ at, ms: performance.now() - at, status: res.status });
+            await res.body?.cancel();
+            if (res.status === 202) return void accepted.add(`R${n}`);
+            assert.equal(res.status, 503, "a failover is answered 503, never lost or 500");
+            await new Promise((r) => setTimeout(r, 200));
+          }
+        })());
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      await Promise.all(inFlight);
+    })();
+    const figures = (from: number, to: number) => {
+      const during = posts.filter((p) => p.at >= from && p.at < to);
+      const failed = during.filter((p) => p.status !== 202);
+      const ms = during.map((p) => p.ms).sort((a, b) => a - b);
+      return {
+        answered_503: failed.length,
+        failing_ms: failed.length
+          ? Math.round(Math.max(...failed.map((p) => p.at + p.ms)) - from)
+          : 0,
+        post_p99_ms: Math.round(ms[Math.floor(ms.length * 0.99)] ?? 0),
+      };
+    };
+
+    await new Promise((r) => setTimeout(r, 2000));
+    // 1. SIGKILL the JetStream meta leader (it is restarted by the supervisor).
+    const jsz = await (await fetch(`${ready.nats_monitoring}/jsz`)).json();
+    const meta = jsz.meta_cluster.leader as string;
+    const killedAt = performance.now();
+    Deno.kill(await pidOf(meta), "SIGKILL");
+    await mesh.waitForLog(
+      (l) => l.msg === "nats-server node back" && l.node === meta,
+      30_000,
+      "the meta leader's node back",
+    );
+    await healed();
+    const metaFigures = figures(killedAt, performance.now());
+
+    // 2. A rolling restart: each node stopped (SIGTERM) and started again, one at a time.
+    const rollAt = performance.now();
+    for (const node of ["weft-1", "weft-2", "weft-3"]) {
+      const backs = mesh.logs.filter((l) =>
+        l.msg === "nats-server node back" && l.node === node
+      ).length;
+      Deno.kill(await pidOf(node), "SIGTERM");
+      await waitFor(
+        () =>
+          mesh.logs.filter((l) => l.msg === "nats-server node back" && l.node === node).length >
+            backs,
+        30_000,
+        `${node} back`,
+      );
+      await healed();
+    }
+    const rollFigures = figures(rollAt, performance.now());
+    await new Promise((r) => setTimeout(r, 1000));
+    stop = true;
+    await load;
+
+    const counts = await waitFor(
+      async () => {
+        const info = await jsm.streams.info("FEEDBACK", {
+          subjects_filter: "feedback.processed.*",
+        });
+        const subjects = info.state.subjects ?? {};
+        return [...accepted].every((id) => subjects[`feedback.processed.${id}`])
+          ? subjects
+          : undefined;
+      },
+      120_000,
+      "every accepted item processed",
+    );
+    assert.deepEqual(Object.entries(counts).filter(([, n]) => n !== 1), [], "no item twice");
+    console.log(
+      "CLUSTER-FIGURES " + JSON.stringify({
+        test: "meta leader SIGKILL, then a rolling restart, under 40 items/s",
+        accepted: accepted.size,
+        meta_leader: meta,
+        meta_kill: metaFigures,
+        rolling_restart: rollFigures,
+        duplicates: 0,
+      }),
+    );
+  } finally {
+    await nc.close();
+  }
+});
