@@ -7,6 +7,10 @@
  *
  * @module
  */
+// Everything a pipeline definition imports from Weft is loaded before it (see loadPipelines).
+import "../mod.ts";
+import { loadConfig } from "../src/config.ts";
+import { loadPipelines, pipelineServices } from "../src/pipeline/runtime.ts";
 import { runTogether, type ServiceDef } from "../src/service.ts";
 import { service as contentState } from "./content_state.ts";
 import { service as digest } from "./digest.ts";
@@ -39,7 +43,13 @@ export const ALL: readonly ServiceDef[] = [
 
 if (import.meta.main) {
   const names = Deno.args.filter((a) => !a.startsWith("-"));
-  const unknown = names.filter((n) => !ALL.some((s) => s.name === n));
+  // The services of the pipelines in WEFT_PIPELINES (which the supervisor passes on).
+  const root = new URL("../", import.meta.url).pathname;
+  const pipelines = [
+    ...pipelineServices(await loadPipelines(loadConfig().pipelines, root)).values(),
+  ];
+  const all = [...ALL, ...pipelines];
+  const unknown = names.filter((n) => !all.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`no such service: ${unknown.join(", ")}`);
-  await runTogether(names.length === 0 ? [...ALL] : ALL.filter((s) => names.includes(s.name)));
+  await runTogether(names.length === 0 ? [...ALL] : all.filter((s) => names.includes(s.name)));
 }

@@ -397,24 +397,23 @@ export function processGroups(
   together: string,
   services: readonly ServiceSpec[] = SERVICES,
 ): ServiceSpec[][] {
-  // Only the built-in services run together; a pipeline's each run alone, once per replica.
-  const builtIn = services.filter((s) => SERVICES.some((b) => b.name === s.name));
-  const alone = services.filter((s) => !builtIn.includes(s)).flatMap((s) =>
-    (s.replicas ?? 1) > 1
-      ? Array.from({ length: s.replicas! }, (_, replica) => [{ ...s, replica }])
-      : [[s]]
-  );
-  if (!together) return [...builtIn.map((s) => [s]), ...alone];
-  if (together === "all") return [[...builtIn], ...alone];
-  const names = together.split(",");
-  const unknown = names.filter((n) => !builtIn.some((s) => s.name === n));
+  // A service with several replicas: one in the group (when grouped), the others alone.
+  const extra = (s: ServiceSpec, grouped: boolean): ServiceSpec[][] =>
+    Array.from(
+      { length: Math.max(0, (s.replicas ?? 1) - (grouped ? 1 : 0)) },
+      (_, i) => [(s.replicas ?? 1) > 1 ? { ...s, replica: i + (grouped ? 1 : 0) } : s],
+    );
+  if (!together) return services.flatMap((s) => extra(s, false));
+  const names = together === "all" ? services.map((s) => s.name) : together.split(",");
+  const unknown = names.filter((n) => !services.some((s) => s.name === n));
   if (unknown.length > 0) {
     throw new ConfigError(`WEFT_TOGETHER names no such service: ${unknown.join(", ")}`);
   }
+  const grouped = services.filter((s) => names.includes(s.name));
   return [
-    builtIn.filter((s) => names.includes(s.name)),
-    ...builtIn.filter((s) => !names.includes(s.name)).map((s) => [s]),
-    ...alone,
+    grouped,
+    ...grouped.flatMap((s) => extra(s, true)),
+    ...services.filter((s) => !names.includes(s.name)).flatMap((s) => extra(s, false)),
   ];
 }
 
@@ -799,6 +798,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     const entry = alone
       ? [group[0]!.entry, ...group[0]!.args ?? []]
       : [TOGETHER_ENTRY, ...group.map((s) => s.name)];
+    // (services/together.ts finds a pipeline's services from WEFT_PIPELINES, passed below.)
     const child = new Deno.Command("deno", {
       args: processArgs(group, config, entry, groupSeeds),
       // The service exits when this pipe closes: when the supervisor dies, however it dies.

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { connectNats } from "../src/nats.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
-import { startMesh, taskArgs } from "./helpers/mesh.ts";
+import { meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { waitFor } from "./helpers/wait.ts";
 
@@ -139,4 +139,44 @@ Deno.test("WEFT_TOGETHER naming no such service stops deno task start with one c
   const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
   assert.notEqual(out.code, 0);
   assert.match(text, /WEFT_TOGETHER names no such service: nosuch/);
+});
+
+Deno.test("with WEFT_TOGETHER=all a definition's services run in the one process too", async () => {
+  const dir = await meshTempDir("weft-together-def-");
+  await Deno.writeTextFile(
+    `${dir}/echo.ts`,
+    `import { definePipeline } from "${new URL("../mod.ts", import.meta.url).href}";
+export const echo = definePipeline({
+  name: "echo",
+  input: { schema: { type: "object", required: ["text"] } },
+  start: "shout",
+  steps: {
+    shout: { kind: "task", output: { type: "object" }, handle: (i: { text: string }) => ({ text: i.text.toUpperCase() }), next: "done" },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`,
+  );
+  await using mesh = await startMesh(
+    { WEFT_TOGETHER: "all", WEFT_PIPELINES: `${dir}/echo.ts` },
+    { storeDir: `${dir}/nats` },
+  );
+  const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
+  assert.deepEqual(started.processes, [
+    "together(state,ingest,sentiment,topics,dispatch,gateway,content-state,moderation,review,storage,scheduler,digest,echo-flow,echo-shout)",
+  ]);
+  const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  assert.equal(ready.services, 14);
+  const res = await post(`${mesh.gatewayUrl}/pipelines/echo/items`, { text: "hi" });
+  assert.equal(res.status, 202);
+  const state = await waitFor(
+    async () => {
+      const s = await (await fetch(`${mesh.gatewayUrl}/pipelines/echo/items/${res.body.id}`))
+        .json();
+      return s.status === "done" ? s : undefined;
+    },
+    30_000,
+    "the echo item done",
+  );
+  assert.deepEqual(state.results.shout, { text: "HI" });
 });
