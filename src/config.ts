@@ -128,6 +128,11 @@ export interface Config {
    */
   cluster: number;
   /**
+   * Supervisor: processes per built-in service, e.g. `sentiment=2,topics=2` (each on the
+   * service's one durable consumer). `WEFT_REPLICAS`. Not the gateway (one port).
+   */
+  serviceReplicas: Record<string, number>;
+  /**
    * Pipeline definition files to run besides the built-in pipelines (comma-separated,
    * relative to the repository root): each file's `definePipeline` exports. `WEFT_PIPELINES`
    * or `--pipelines`.
@@ -345,6 +350,21 @@ const SETTINGS: Setting<any>[] = [
     },
   },
   { key: "cluster", env: "WEFT_CLUSTER", flag: "cluster", default: 1, parse: int(1, 5) },
+  {
+    key: "serviceReplicas",
+    env: "WEFT_REPLICAS",
+    flag: "replicas",
+    default: {},
+    parse: (raw: string) => {
+      const out: Record<string, number> = {};
+      for (const part of raw.split(",").map((p) => p.trim()).filter(Boolean)) {
+        const m = part.match(/^([a-z][a-z0-9_-]*)=([1-9]|1[0-6])$/);
+        if (!m || m[1] === "gateway") return undefined;
+        out[m[1]!] = Number(m[2]);
+      }
+      return out;
+    },
+  },
   {
     key: "pipelines",
     env: "WEFT_PIPELINES",

@@ -643,6 +643,15 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     if (config.pipelines.length === 0) config = { ...config, pipelines: await listedPipelines() };
     loaded = await loadPipelines(config.pipelines, ROOT.pathname);
     mesh = meshServices(loaded);
+    const unknown = Object.keys(config.serviceReplicas).filter((n) =>
+      !mesh.services.some((s) => s.name === n)
+    );
+    if (unknown.length > 0) {
+      throw new ConfigError(`WEFT_REPLICAS names no such service: ${unknown.join(", ")}`);
+    }
+    mesh.services = mesh.services.map((s) =>
+      config.serviceReplicas[s.name] ? { ...s, replicas: config.serviceReplicas[s.name] } : s
+    );
     groups = processGroups(config.together, mesh.services);
   } catch (err) {
     log.error((err as Error).message);

@@ -114,8 +114,12 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
   }
 });
 
-Deno.test("a 3-node cluster loses nothing when the meta leader is killed and then in a rolling restart of every node", async () => {
-  await using mesh = await startMesh({ WEFT_CLUSTER: "3", WEFT_ACK_WAIT_MS: "3000" });
+Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step replicas are killed, and in a rolling restart of every node", async () => {
+  await using mesh = await startMesh({
+    WEFT_CLUSTER: "3",
+    WEFT_ACK_WAIT_MS: "3000",
+    WEFT_REPLICAS: "sentiment=2,topics=2,dispatch=2",
+  });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 90_000, "the cluster mesh ready");
   const ready = mesh.logs.find((l) => l.msg === "weft is ready")!;
   const nc = await connectNats(String(ready.nats), "test-ops", mesh.credentials("ops"));
@@ -192,7 +196,25 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed and the
     await healed();
     const metaFigures = figures(killedAt, performance.now());
 
-    // 2. A rolling restart: each node stopped (SIGTERM) and started again, one at a time.
+    // 2. One replica of each step SIGKILLed: the other goes on; the supervisor restarts it.
+    const ps = await new Deno.Command("ps", { args: ["-eo", "pid,args"], stdout: "piped" })
+      .output();
+    const lines = new TextDecoder().decode(ps.stdout).split("\n");
+    for (const step of ["sentiment", "topics", "dispatch"]) {
+      const pids = lines.filter((l) => l.includes(`services/${step}.ts`))
+        .map((l) => Number(l.trim().split(/\s+/)[0]));
+      assert.equal(pids.length, 2, `two replicas of ${step}`);
+      Deno.kill(pids[0]!, "SIGKILL");
+    }
+    for (const step of ["sentiment", "topics", "dispatch"]) {
+      await mesh.waitForLog(
+        (l) => l.msg === "service exited; restarting" && String(l.service).startsWith(`${step}#`),
+        10_000,
+        `${step}'s killed replica restarted`,
+      );
+    }
+
+    // 3. A rolling restart: each node stopped (SIGTERM) and started again, one at a time.
     const rollAt = performance.now();
     for (const node of ["weft-1", "weft-2", "weft-3"]) {
       const backs = mesh.logs.filter((l) =>
@@ -229,7 +251,8 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed and the
     assert.deepEqual(Object.entries(counts).filter(([, n]) => n !== 1), [], "no item twice");
     console.log(
       "CLUSTER-FIGURES " + JSON.stringify({
-        test: "meta leader SIGKILL, then a rolling restart, under 40 items/s",
+        test:
+          "meta leader SIGKILL, a replica of each step SIGKILLed, a rolling restart; 40 items/s",
         accepted: accepted.size,
         meta_leader: meta,
         meta_kill: metaFigures,
