@@ -200,12 +200,14 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
     const metaFigures = figures(killedAt, performance.now());
 
     // 2. One replica of each step SIGKILLed: the other goes on; the supervisor restarts it.
-    const ps = await new Deno.Command("ps", { args: ["-eo", "pid,args"], stdout: "piped" })
+    // This mesh's processes only: other test files run meshes of their own meanwhile.
+    const ps = await new Deno.Command("ps", { args: ["-eo", "pid,ppid,args"], stdout: "piped" })
       .output();
-    const lines = new TextDecoder().decode(ps.stdout).split("\n");
+    const rows = new TextDecoder().decode(ps.stdout).split("\n")
+      .map((l) => l.trim().split(/\s+/))
+      .filter((f) => Number(f[1]) === mesh.child.pid);
     for (const step of ["sentiment", "topics", "dispatch"]) {
-      const pids = lines.filter((l) => l.includes(`services/${step}.ts`))
-        .map((l) => Number(l.trim().split(/\s+/)[0]));
+      const pids = rows.filter((f) => f.includes(`services/${step}.ts`)).map((f) => Number(f[0]));
       assert.equal(pids.length, 2, `two replicas of ${step}`);
       Deno.kill(pids[0]!, "SIGKILL");
     }
