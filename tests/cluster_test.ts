@@ -5,7 +5,9 @@
  * the node, and every accepted item reaches its final state exactly once.
  */
 import assert from "node:assert/strict";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { readStream } from "../src/stream_reader.ts";
+import { resumingClient } from "./helpers/sse.ts";
 import { connectNats } from "../src/nats.ts";
 import { clusterPidFile } from "../src/supervisor.ts";
 import { startMesh } from "./helpers/mesh.ts";
@@ -24,6 +26,9 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
       assert.equal(info.config.num_replicas, 3, stream);
       assert.equal(info.cluster?.replicas?.length, 2, `${stream}: a leader and two replicas`);
     }
+
+    // An SSE client of GET /events through the failover, resuming with Last-Event-ID.
+    const sse = resumingClient(mesh.gatewayUrl);
 
     // Load: 50 items/s for 12 s (other tests share the 2 cores); a client retries a 503
     // after its Retry-After, as it should.
@@ -87,6 +92,21 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
       "every accepted item processed",
     );
     const twice = Object.entries(counts).filter(([, n]) => n !== 1);
+    // The SSE client saw every event the stream holds, once each, in order.
+    const expected: number[] = [];
+    for await (const m of readStream(jetstream(nc), "FEEDBACK", { filter: "feedback.*.*" })) {
+      expected.push(m.seq);
+    }
+    try {
+      await waitFor(
+        () => sse.seqs.length >= expected.length || undefined,
+        90_000,
+        `the SSE client saw ${sse.seqs.length} of ${expected.length} events`,
+      );
+      assert.deepEqual(sse.seqs.slice(0, expected.length), expected, "no event missed or twice");
+    } finally {
+      await sse.stop();
+    }
     assert.deepEqual(twice, [], "no item has two final events");
     assert.equal(accepted.size, 600, "every item accepted in the end (after retries)");
 
@@ -107,6 +127,7 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
         recovery_ms: Math.round(recovery),
         post_p99_ms_failover: Math.round(p99),
         duplicates: twice.length,
+        sse_reconnects: sse.reconnects,
       }),
     );
   } finally {

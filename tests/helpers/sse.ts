@@ -39,3 +39,51 @@ export async function readSse(
   }
   return events;
 }
+
+/** An SSE reader of GET /events that reconnects with Last-Event-ID until told to stop. */
+export function resumingClient(url: string) {
+  const seqs: number[] = [];
+  let reconnects = 0;
+  let stopped = false;
+  let abort = new AbortController();
+  // Stopping cancels the body's reader itself: an aborted signal does not always end a
+  // pending read of a streamed body under Deno's fetch.
+  let reader: ReadableStreamDefaultReader<string> | undefined;
+  const done = (async () => {
+    while (!stopped) {
+      try {
+        const headers: Record<string, string> = {};
+        if (seqs.length > 0) headers["Last-Event-ID"] = String(seqs.at(-1));
+        const res = await fetch(`${url}/events?replay=true`, { headers, signal: abort.signal });
+        if (res.status !== 200) {
+          await res.body?.cancel();
+          throw new Error(`status ${res.status}`);
+        }
+        const parser = createParser({ onEvent: (e) => seqs.push(Number(e.id)) });
+        reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+        if (stopped) await reader.cancel();
+        while (true) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          parser.feed(value);
+        }
+      } catch { /* gateway gone: reconnect */ }
+      if (stopped) break;
+      reconnects++;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  return {
+    seqs,
+    get reconnects() {
+      return reconnects;
+    },
+    async stop() {
+      stopped = true;
+      abort.abort();
+      abort = new AbortController();
+      await reader?.cancel().catch(() => {});
+      await deadline(done, 15_000, "the SSE client to stop");
+    },
+  };
+}
