@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { freePort } from "../../src/nats_server.ts";
+import { freePort, portFree } from "../../src/nats_server.ts";
 import type { NatsCredentials } from "../../src/nats.ts";
 import { IDENTITY_DIR } from "../../src/supervisor.ts";
 import { deadline } from "./wait.ts";
@@ -19,6 +19,17 @@ export async function meshTempDir(prefix: string): Promise<string> {
   const dir = new URL("data/tmp/", root).pathname;
   await Deno.mkdir(dir, { recursive: true });
   return await Deno.makeTempDir({ dir, prefix });
+}
+
+/** A port whose next `n - 1` ports are free too (a cluster's client ports). */
+export function freePortRun(n: number): number {
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const p = freePort();
+    if (p + n - 1 <= 65535 && Array.from({ length: n - 1 }, (_, i) => p + i + 1).every(portFree)) {
+      return p;
+    }
+  }
+  throw new Error(`no run of ${n} free ports found`);
 }
 
 /** A running supervisor. */
@@ -61,7 +72,9 @@ export async function startMesh(
   opts: { storeDir?: string; natsPort?: number; port?: number; keepStore?: boolean } = {},
 ): Promise<Mesh> {
   const port = opts.port ?? freePort();
-  const natsPort = opts.natsPort ?? freePort();
+  // A cluster's nodes listen on natsPort, +1, +2...: find a run of free ports.
+  const nodes = Number(env.WEFT_CLUSTER ?? 1);
+  const natsPort = opts.natsPort ?? freePortRun(nodes);
   const storeDir = opts.storeDir ?? await meshTempDir("weft-mesh-");
   const child = new Deno.Command("deno", {
     args: await taskArgs("start"),
@@ -146,14 +159,28 @@ export async function startMesh(
       if (!opts.keepStore) await Deno.remove(storeDir, { recursive: true }).catch(() => {});
     },
   };
+  // Its own timer, cleared whatever wins: a supervisor that exits first must not leave a
+  // timer running into the next test.
+  let timer: ReturnType<typeof setTimeout> | undefined;
   try {
     await Promise.race([
-      waitForLog((l) => l.msg === "gateway listening", 30_000, "the gateway to listen"),
+      new Promise<void>((resolve) => {
+        if (logs.some((l) => l.msg === "gateway listening")) return resolve();
+        waiters.push({ pred: (l) => l.msg === "gateway listening", resolve: () => resolve() });
+      }),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error("timed out after 30000 ms: the gateway to listen")),
+          30_000,
+        );
+      }),
       child.status.then((s) => {
         throw new Error(`the supervisor exited with ${s.code} before the gateway listened`);
       }),
     ]);
+    clearTimeout(timer);
   } catch (err) {
+    clearTimeout(timer);
     await mesh[Symbol.asyncDispose]();
     throw new Error(`${(err as Error).message}\n${logs.map((l) => JSON.stringify(l)).join("\n")}`);
   }
