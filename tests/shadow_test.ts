@@ -53,7 +53,15 @@ Deno.test("deno task shadow reports a candidate's agreement, routing changes and
       const before = (await jsm.streams.info("FEEDBACK")).state;
       const production = new Map<string, string>();
       for (let i = 0; i < TEXTS.length; i++) {
-        const s = await (await fetch(`${mesh.gatewayUrl}/feedback/S${i}`)).json();
+        // The state follows its events within a few state-writer flushes.
+        const s = await waitFor(
+          async () => {
+            const s = await (await fetch(`${mesh.gatewayUrl}/feedback/S${i}`)).json();
+            return s.routing?.team ? s : undefined;
+          },
+          20_000,
+          `S${i}'s state`,
+        );
         production.set(TEXTS[i]!, s.routing.team);
       }
       await Deno.writeTextFile(
