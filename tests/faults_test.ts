@@ -53,7 +53,10 @@ Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file sto
 Deno.test("a handler slower than the ack wait keeps its lease with in-progress acks and is not redelivered", async () => {
   const started = Date.now();
   await using mesh = await startMesh({
-    env: { WEFT_ACK_WAIT_MS: "3000", WEFT_SLOW_MS: "4000", WEFT_SLOW_STAGE: "topics" },
+    // The handler outlasts the ack wait; in-progress acks every ack wait / 3 (2 s) keep the
+    // lease. A 6 s ack wait leaves 4 s of slack for a starved event loop on a loaded machine
+    // (with 3 s, a fresh clone's suite run saw leases lapse).
+    env: { WEFT_ACK_WAIT_MS: "6000", WEFT_SLOW_MS: "7000", WEFT_SLOW_STAGE: "topics" },
     // Fewer slots than items: waiting messages must not be pulled early and expire.
     serviceEnv: { topics: { WEFT_CONCURRENCY: "1000" } },
   });
@@ -61,7 +64,7 @@ Deno.test("a handler slower than the ack wait keeps its lease with in-progress a
   await pushItems(mesh.js, items);
   const figures = await settle(
     mesh,
-    "handler (topics) 4 s, ack wait 3 s, 1000 slots",
+    "handler (topics) 7 s, ack wait 6 s, 1000 slots",
     items,
     N,
     started,
