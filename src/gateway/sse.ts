@@ -353,11 +353,28 @@ class Feed {
       deliver_policy: DeliverPolicy.New,
     });
     const messages = await consumer.consume({ max_messages: 256 });
+    let stopping = false;
     const loop = (async () => {
       for await (const m of messages) this.#deliver(frameOf(m));
-    })().catch((err) => this.log.warn("live feed ended", { stream: this.stream, err }));
+    })().catch((err) => this.log.warn("live feed ended", { stream: this.stream, err }))
+      .then(() => {
+        if (stopping) return;
+        // The feed ended on its own: its clients would wait forever. Close them instead:
+        // each reconnects with Last-Event-ID and misses nothing; the next join starts a
+        // new feed.
+        this.log.warn("live feed ended unexpectedly; closing its clients", {
+          stream: this.stream,
+          clients: this.#size,
+        });
+        this.#running = undefined;
+        for (const group of [...this.#wide.values(), ...this.#byItem.values()]) {
+          for (const sub of [...group.subs]) sub.close();
+        }
+        consumer.delete().catch(() => {});
+      });
     return {
       stop: async () => {
+        stopping = true;
         messages.stop();
         await loop;
         // nats.js leaves an ordered consumer on the server for 5 minutes after stop().
