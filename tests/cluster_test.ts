@@ -5,13 +5,36 @@
  * the node, and every accepted item reaches its final state exactly once.
  */
 import assert from "node:assert/strict";
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { readStream } from "../src/stream_reader.ts";
 import { resumingClient } from "./helpers/sse.ts";
 import { connectNats } from "../src/nats.ts";
 import { clusterPidFile } from "../src/supervisor.ts";
 import { startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+
+/** Waits until every accepted item has a processed event; their counts per subject. */
+function processedCounts(
+  jsm: JetStreamManager,
+  accepted: ReadonlySet<string>,
+): Promise<Record<string, number>> {
+  return waitFor(
+    async () => {
+      const info = await jsm.streams.info("FEEDBACK", { subjects_filter: "feedback.processed.*" });
+      const subjects = info.state.subjects ?? {};
+      return [...accepted].every((id) => subjects[`feedback.processed.${id}`])
+        ? subjects
+        : undefined;
+    },
+    120_000,
+    "every accepted item processed",
+  );
+}
+
+/** Prints a test's figures as one `CLUSTER-FIGURES {...}` line. */
+function printFigures(figures: Record<string, unknown>): void {
+  Deno.stdout.writeSync(new TextEncoder().encode(`CLUSTER-FIGURES ${JSON.stringify(figures)}\n`));
+}
 
 Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is killed under load", async () => {
   await using mesh = await startMesh({ WEFT_CLUSTER: "3", WEFT_ACK_WAIT_MS: "3000" });
@@ -78,19 +101,7 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
     assert.ok((await jsm.streams.info("FEEDBACK")).cluster!.leader);
 
     // Every accepted item is processed exactly once.
-    const counts = await waitFor(
-      async () => {
-        const info = await jsm.streams.info("FEEDBACK", {
-          subjects_filter: "feedback.processed.*",
-        });
-        const subjects = info.state.subjects ?? {};
-        return [...accepted].every((id) => subjects[`feedback.processed.${id}`])
-          ? subjects
-          : undefined;
-      },
-      120_000,
-      "every accepted item processed",
-    );
+    const counts = await processedCounts(jsm, accepted);
     const twice = Object.entries(counts).filter(([, n]) => n !== 1);
     // The SSE client saw every event the stream holds, once each, in order.
     const expected: number[] = [];
@@ -119,17 +130,15 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
     const window = after.filter((p) => p.at < killedAt + 10_000).map((p) => p.ms)
       .sort((a, b) => a - b);
     const p99 = window[Math.floor(window.length * 0.99)] ?? 0;
-    console.log(
-      "CLUSTER-FIGURES " + JSON.stringify({
-        test: "kill -9 the FEEDBACK leader under 25 items/s",
-        accepted: accepted.size,
-        answered_503: posts.filter((p) => p.status === 503).length,
-        recovery_ms: Math.round(recovery),
-        post_p99_ms_failover: Math.round(p99),
-        duplicates: twice.length,
-        sse_reconnects: sse.reconnects,
-      }),
-    );
+    printFigures({
+      test: "kill -9 the FEEDBACK leader under 25 items/s",
+      accepted: accepted.size,
+      answered_503: posts.filter((p) => p.status === 503).length,
+      recovery_ms: Math.round(recovery),
+      post_p99_ms_failover: Math.round(p99),
+      duplicates: twice.length,
+      sse_reconnects: sse.reconnects,
+    });
   } finally {
     await nc.close();
   }
@@ -275,31 +284,16 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
       }`,
     );
 
-    const counts = await waitFor(
-      async () => {
-        const info = await jsm.streams.info("FEEDBACK", {
-          subjects_filter: "feedback.processed.*",
-        });
-        const subjects = info.state.subjects ?? {};
-        return [...accepted].every((id) => subjects[`feedback.processed.${id}`])
-          ? subjects
-          : undefined;
-      },
-      120_000,
-      "every accepted item processed",
-    );
+    const counts = await processedCounts(jsm, accepted);
     assert.deepEqual(Object.entries(counts).filter(([, n]) => n !== 1), [], "no item twice");
-    console.log(
-      "CLUSTER-FIGURES " + JSON.stringify({
-        test:
-          "meta leader SIGKILL, a replica of each step SIGKILLed, a rolling restart; 20 items/s",
-        accepted: accepted.size,
-        meta_leader: meta,
-        meta_kill: metaFigures,
-        rolling_restart: rollFigures,
-        duplicates: 0,
-      }),
-    );
+    printFigures({
+      test: "meta leader SIGKILL, a replica of each step SIGKILLed, a rolling restart; 20 items/s",
+      accepted: accepted.size,
+      meta_leader: meta,
+      meta_kill: metaFigures,
+      rolling_restart: rollFigures,
+      duplicates: 0,
+    });
   } finally {
     await nc.close();
   }

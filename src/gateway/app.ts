@@ -81,6 +81,18 @@ export function problemResponse(c: Context, err: unknown): Response {
   return c.body(JSON.stringify(problem), problem.status as 400, headers);
 }
 
+/** Refuses a body over `maxSize` bytes with a 413 problem, before reading it. */
+export function bodyLimitProblem(maxSize: number): MiddlewareHandler {
+  return bodyLimit({
+    maxSize,
+    onError: (c) =>
+      problemResponse(
+        c,
+        new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${maxSize} bytes`),
+      ),
+  });
+}
+
 /** Refuses bodies that are not declared as JSON. */
 export const requireJson: MiddlewareHandler = async (c, next) => {
   const type = c.req.header("content-type") ?? "";
@@ -174,15 +186,7 @@ export function createApp(deps: GatewayDeps): Hono {
     problemResponse(c, new WeftError(ErrorCode.NotFound, `no route ${c.req.method} ${c.req.path}`))
   );
 
-  const limit = (maxSize: number) =>
-    bodyLimit({
-      maxSize,
-      onError: (c) =>
-        problemResponse(
-          c,
-          new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${maxSize} bytes`),
-        ),
-    });
+  const limit = bodyLimitProblem;
   const traceOf = (c: Context) => parseTraceparent(c.req.header("traceparent"));
   // With API keys configured: ingest needs an ingest key, reading items any key, dead
   // letters an admin key (admin may do everything). Without keys, auth is off.

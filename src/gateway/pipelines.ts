@@ -7,13 +7,12 @@
  * @module
  */
 import { Hono, type MiddlewareHandler } from "hono";
-import { bodyLimit } from "hono/body-limit";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
 import type { Config } from "../config.ts";
-import { ErrorCode, NotFoundError, toProblem, ValidationError, WeftError } from "../errors.ts";
+import { NotFoundError, ValidationError } from "../errors.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../log.ts";
 import { decodeJson } from "../runner.ts";
@@ -24,7 +23,8 @@ import { entryEvent, FAILED } from "../pipeline/flow.ts";
 import { eventOf } from "../pipeline/validate.ts";
 import { type LoadedPipeline, readItem, stateBucketOf, submitItem } from "../pipeline/runtime.ts";
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
-import { problemResponse, readJson, requireJson } from "./app.ts";
+import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
+import { replyTo } from "./requests.ts";
 
 /** What the routes need from the gateway. */
 export interface PipelineRouteDeps {
@@ -117,15 +117,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     }
     return raw;
   };
-  const limit = (maxSize: number) =>
-    bodyLimit({
-      maxSize,
-      onError: (c) =>
-        problemResponse(
-          c,
-          new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${maxSize} bytes`),
-        ),
-    });
+  const limit = bodyLimitProblem;
   const traceId = (header: string | undefined) => childContext(parseTraceparent(header)).traceId;
 
   async function submit(r: Runtime, input: unknown, id: string, trace: string) {
@@ -295,15 +287,7 @@ export function servePipelineRequests(
   log: Logger,
 ): { stop(): void } {
   const kvm = new Kvm(nc);
-  const reply = async (m: Msg, work: () => Promise<unknown>) => {
-    try {
-      m.respond(JSON.stringify(await work()));
-    } catch (err) {
-      const problem = toProblem(err);
-      if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
-      m.respond(JSON.stringify({ error: problem }));
-    }
-  };
+  const reply = (m: Msg, work: () => Promise<unknown>) => replyTo(m, log, work);
   const subs = pipelines.flatMap((p) => {
     const n = p.def.name;
     const states = lazy(() => kvm.open(stateBucketOf(n)));

@@ -30,15 +30,7 @@ export function serveRequests(
   // With API keys configured, the same roles as over HTTP, from an Authorization header.
   const check = (m: Msg, ...roles: Role[]) =>
     auth?.authorize(m.headers?.get("Authorization"), roles);
-  const reply = async (m: Msg, work: () => Promise<unknown>) => {
-    try {
-      m.respond(JSON.stringify(await work()));
-    } catch (err) {
-      const problem = toProblem(err);
-      if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
-      m.respond(JSON.stringify({ error: problem }));
-    }
-  };
+  const reply = (m: Msg, work: () => Promise<unknown>) => replyTo(m, log, work);
   const subs = [
     nc.subscribe(SUBMIT_REQUEST_SUBJECT, {
       queue: QUEUE,
@@ -72,6 +64,20 @@ export function serveRequests(
  * The item id of a lookup request: the body itself (`nats req weft.feedback.get ID`) or a
  * JSON object's `id`. Malformed JSON or a missing id is a clear error, never a 500.
  */
+/**
+ * Answers request `m` with what `work` returns as JSON, or `{"error": <problem>}`; a 5xx
+ * problem is logged. Every request subject answers this way.
+ */
+export async function replyTo(m: Msg, log: Logger, work: () => Promise<unknown>): Promise<void> {
+  try {
+    m.respond(JSON.stringify(await work()));
+  } catch (err) {
+    const problem = toProblem(err);
+    if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
+    m.respond(JSON.stringify({ error: problem }));
+  }
+}
+
 export function requestedId(data: Uint8Array): string {
   const text = new TextDecoder().decode(data).trim();
   if (!text.startsWith("{")) return text;

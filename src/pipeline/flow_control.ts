@@ -97,7 +97,7 @@ export function createBatcher<V, C, R>(
   run: (values: V[], ctxs: C[]) => Promise<R[]> | R[],
 ): (value: V, ctx: C) => Promise<R> {
   type Entry = { value: V; ctx: C; resolve: (r: R) => void; reject: (e: unknown) => void };
-  let pending: Entry[] = [];
+  const pending: Entry[] = [];
   let timer: ReturnType<typeof setTimeout> | undefined;
   const flush = async () => {
     if (timer !== undefined) clearTimeout(timer);
