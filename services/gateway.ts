@@ -50,8 +50,19 @@ export const service: ServiceDef = defineService(
       limiter,
     });
     const pipelines = await loadPipelines(config.pipelines, ROOT);
-    const app = createApp({ nc, intake, config, log, auth, moderation, metrics, pipelines });
-    const pipelineRequests = servePipelineRequests(nc, pipelines, log);
+    const guards = { capacity, limiter };
+    const app = createApp({
+      nc,
+      intake,
+      config,
+      log,
+      auth,
+      moderation,
+      metrics,
+      pipelines,
+      guards,
+    });
+    const pipelineRequests = servePipelineRequests(nc, pipelines, log, { auth, guards });
     const requests = serveRequests(nc, intake, log, auth);
     const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth);

@@ -40,7 +40,7 @@ import type { ModerationApi } from "../moderation/api.ts";
 import { createModerationRoutes } from "./moderation_routes.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
 import { boolQuery } from "./query.ts";
-import { pipelineRoutes } from "./pipelines.ts";
+import { type IntakeGuards, pipelineRoutes } from "./pipelines.ts";
 import { openApiDocument } from "./openapi.ts";
 import { pipelineSubjects } from "../pipeline/derive.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
@@ -69,6 +69,8 @@ export interface GatewayDeps {
   feeds?: LiveFeeds;
   /** Pipelines loaded from definitions: their routes under /pipelines. */
   pipelines?: readonly LoadedPipeline[];
+  /** Rate limits, quotas and stream capacity at the definitions' intake (as `intake` has). */
+  guards?: IntakeGuards;
 }
 
 /** The problem+json response for an error. */
@@ -301,6 +303,7 @@ export function createApp(deps: GatewayDeps): Hono {
         ingestAuth,
         readAuth,
         decideAuth: guard(Role.Reviewer),
+        guards: deps.guards,
       }),
     );
   }

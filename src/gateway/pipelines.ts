@@ -6,12 +6,14 @@
  *
  * @module
  */
-import { Hono, type MiddlewareHandler } from "hono";
+import { type Context, Hono, type MiddlewareHandler } from "hono";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
 import type { Config } from "../config.ts";
+import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
+import { Role } from "../config.ts";
 import { NotFoundError, ValidationError } from "../errors.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../log.ts";
@@ -25,6 +27,22 @@ import { type LoadedPipeline, readItem, stateBucketOf, submitItem } from "../pip
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import { replyTo } from "./requests.ts";
+import type { Auth } from "./auth.ts";
+import type { IngestLimiter } from "./ingest_limits.ts";
+
+/**
+ * What guards intake into a definition's stream, as it guards POST /feedback: per-key rate
+ * limits and quotas (429) and the stream's high-water mark (507).
+ */
+export interface IntakeGuards {
+  capacity?: CapacityGuard;
+  limiter?: IngestLimiter;
+}
+
+/** A caller, for per-key limits. */
+type Who = { name: string; role: string };
+/** With auth off, every caller is one anonymous admin. */
+const ANONYMOUS: Who = { name: "anonymous", role: Role.Admin };
 
 /** What the routes need from the gateway. */
 export interface PipelineRouteDeps {
@@ -40,6 +58,8 @@ export interface PipelineRouteDeps {
   readAuth: MiddlewareHandler;
   /** Delivering an awaited event (a decision). */
   decideAuth: MiddlewareHandler;
+  /** Rate limits, quotas and stream capacity at intake. */
+  guards?: IntakeGuards;
 }
 
 interface Runtime {
@@ -73,6 +93,33 @@ function lazy<T>(make: () => Promise<T>): () => Promise<T> {
       p = undefined;
       throw err;
     });
+}
+
+/**
+ * Submits `inputs` (already checked) as items `ids` of `p`, after the intake guards: the
+ * caller's rate and quota for `inputs.length` items, then the stream's capacity. A stream
+ * that refuses a publish for being full answers 507, like POST /feedback.
+ */
+async function admit(
+  nc: NatsConnection,
+  p: LoadedPipeline,
+  guards: IntakeGuards | undefined,
+  who: Who,
+  items: readonly { id: string; input: unknown }[],
+  traceId: string,
+): Promise<void> {
+  const stream = pipelineSubjects(p.def).stream;
+  guards?.limiter?.take(who, items.length);
+  await guards?.capacity?.check(stream);
+  try {
+    await Promise.all(
+      items.map(({ id, input }) =>
+        submitItem(nc, p, id, input, { source: "weft-gateway", traceId })
+      ),
+    );
+  } catch (err) {
+    throw isStreamFull(err) ? streamFullError(stream, err) : err;
+  }
 }
 
 /** The links of an item of `name`. */
@@ -120,10 +167,12 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   const limit = bodyLimitProblem;
   const traceId = (header: string | undefined) => childContext(parseTraceparent(header)).traceId;
 
-  async function submit(r: Runtime, input: unknown, id: string, trace: string) {
-    await submitItem(nc, r.p, id, input, { source: "weft-gateway", traceId: trace });
-    return { id, status: "accepted", links: links(r.p.def.name, id) };
-  }
+  const whoOf = (c: Context): Who => (c.get("principal") as Who | undefined) ?? ANONYMOUS;
+  const accepted = (r: Runtime, id: string) => ({
+    id,
+    status: "accepted",
+    links: links(r.p.def.name, id),
+  });
 
   async function state(r: Runtime, id: string) {
     const s = await readItem(await r.states(), itemId(id));
@@ -167,7 +216,15 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       const r = runtimeOf(c.req.param("name"));
       const input = await readJson(c);
       const id = newId(r.p.def.name, c.req.header("Idempotency-Key"));
-      const body = await submit(r, input, id, traceId(c.req.header("traceparent")));
+      await admit(
+        nc,
+        r.p,
+        deps.guards,
+        whoOf(c),
+        [{ id, input }],
+        traceId(c.req.header("traceparent")),
+      );
+      const body = accepted(r, id);
       c.header("Location", body.links.state);
       return c.json(body, 202);
     },
@@ -201,12 +258,12 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       });
       const key = c.req.header("Idempotency-Key");
       const trace = traceId(c.req.header("traceparent"));
-      const items = await Promise.all(
-        body.items.map((item, i) =>
-          submit(r, item, key === undefined ? ulid() : newId(r.p.def.name, `${key}#${i}`), trace)
-        ),
-      );
-      return c.json({ items }, 202);
+      const items = body.items.map((input, i) => ({
+        id: key === undefined ? ulid() : newId(r.p.def.name, `${key}#${i}`),
+        input,
+      }));
+      await admit(nc, r.p, deps.guards, whoOf(c), items, trace);
+      return c.json({ items: items.map(({ id }) => accepted(r, id)) }, 202);
     },
   );
 
@@ -280,14 +337,21 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   return app;
 }
 
-/** `nats req weft.<name>.submit '<input>'` and `nats req weft.<name>.get <id>`. */
+/**
+ * `nats req weft.<name>.submit '<input>'` and `nats req weft.<name>.get <id>`. With API keys
+ * configured, a request needs an `Authorization: Bearer <key>` header with the same roles as
+ * over HTTP, and submissions pass the same intake guards.
+ */
 export function servePipelineRequests(
   nc: NatsConnection,
   pipelines: readonly LoadedPipeline[],
   log: Logger,
+  opts: { auth?: Auth; guards?: IntakeGuards } = {},
 ): { stop(): void } {
   const kvm = new Kvm(nc);
   const reply = (m: Msg, work: () => Promise<unknown>) => replyTo(m, log, work);
+  const check = (m: Msg, ...roles: Role[]): Who | undefined =>
+    opts.auth?.authorize(m.headers?.get("Authorization"), roles);
   const subs = pipelines.flatMap((p) => {
     const n = p.def.name;
     const states = lazy(() => kvm.open(stateBucketOf(n)));
@@ -296,13 +360,12 @@ export function servePipelineRequests(
         queue: "weft-gateway",
         callback: (_e, m) =>
           void reply(m, async () => {
+            const who = check(m, Role.Ingest) ?? ANONYMOUS;
             const input = decodeJson(m.data);
             const key = m.headers?.get("Idempotency-Key") || undefined;
             const id = newId(n, key);
-            await submitItem(nc, p, id, input, {
-              source: "weft-gateway",
-              traceId: childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId,
-            });
+            const trace = childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId;
+            await admit(nc, p, opts.guards, who, [{ id, input }], trace);
             return { id, status: "accepted", links: links(n, id) };
           }),
       }),
@@ -310,6 +373,7 @@ export function servePipelineRequests(
         queue: "weft-gateway",
         callback: (_e, m) =>
           void reply(m, async () => {
+            check(m, Role.Ingest, Role.Reviewer);
             const id = new TextDecoder().decode(m.data).trim();
             if (!ITEM_ID.test(id)) {
               throw new ValidationError("id is not an item id", { field: "id" });

@@ -1,0 +1,158 @@
+/**
+ * A pipeline loaded from a definition is guarded at intake exactly as the built-in feedback
+ * pipeline is: API keys with the same roles over HTTP and over `nats req weft.<name>.*`,
+ * per-key rate limits (429 with Retry-After), and, at its stream's limit, 507 before anything
+ * accepted could be discarded.
+ */
+import assert from "node:assert/strict";
+import { headers } from "@nats-io/nats-core";
+import { jetstream } from "@nats-io/jetstream";
+import { createAuth, hashKey } from "../src/gateway/auth.ts";
+import { createApp } from "../src/gateway/app.ts";
+import { createIntake } from "../src/gateway/intake.ts";
+import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
+import { servePipelineRequests } from "../src/gateway/pipelines.ts";
+import { createCapacityGuard } from "../src/capacity.ts";
+import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { startTestNats, type TestNats } from "./helpers/nats.ts";
+
+const root = new URL("../", import.meta.url).pathname;
+const pipelines = await loadPipelines(["pipelines/examples/tickets.ts"], root);
+const topology = (t: TestNats) => pipelineTopology(pipelines, t.config.retentionMs);
+
+const KEYS = { ingest: "k-ingest-1", reviewer: "k-review-1" };
+const auth = createAuth([
+  { sha256: await hashKey(KEYS.ingest), role: "ingest", name: "web" },
+  { sha256: await hashKey(KEYS.reviewer), role: "reviewer", name: "alice" },
+]);
+const TICKET = JSON.stringify({ customer: "c-1", text: "the export to PDF fails" });
+
+/** `nats req SUBJECT BODY` with an optional key; the reply as JSON. */
+async function ask(t: TestNats, subject: string, body: string, key?: string) {
+  const h = headers();
+  if (key) h.set("Authorization", `Bearer ${key}`);
+  const m = await t.nc.request(subject, body, { headers: h, timeout: 5_000 });
+  return m.json<{ id?: string; status?: string; error?: { status: number; code: string } }>();
+}
+
+Deno.test("a definition's request subjects ask for an API key with the same roles as HTTP", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const requests = servePipelineRequests(t.nc, pipelines, t.log, { auth });
+  try {
+    assert.equal((await ask(t, "weft.tickets.submit", TICKET)).error?.status, 401);
+    assert.equal((await ask(t, "weft.tickets.submit", TICKET, KEYS.reviewer)).error?.status, 403);
+    const accepted = await ask(t, "weft.tickets.submit", TICKET, KEYS.ingest);
+    assert.equal(accepted.status, "accepted");
+    assert.equal((await ask(t, "weft.tickets.get", accepted.id!)).error?.status, 401);
+    assert.notEqual(
+      (await ask(t, "weft.tickets.get", accepted.id!, KEYS.reviewer)).error?.status,
+      401,
+    );
+  } finally {
+    requests.stop();
+  }
+});
+
+Deno.test("a definition's intake keeps each key to its rate, over HTTP and NATS alike", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const limiter = createIngestLimiter({ keys: { web: { per_second: 0.001, burst: 2 } } });
+  const guards = { limiter };
+  const intake = await createIntake(t.nc);
+  const app = createApp({
+    nc: t.nc,
+    intake,
+    config: t.config,
+    log: t.log,
+    auth,
+    pipelines,
+    guards,
+  });
+  const requests = servePipelineRequests(t.nc, pipelines, t.log, { auth, guards });
+  try {
+    const post = () =>
+      app.request("/pipelines/tickets/items", {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: `Bearer ${KEYS.ingest}` },
+        body: TICKET,
+      });
+    assert.equal((await post()).status, 202);
+    assert.equal((await ask(t, "weft.tickets.submit", TICKET, KEYS.ingest)).status, "accepted");
+    const over = await post();
+    assert.equal(over.status, 429, await over.clone().text());
+    assert.ok(Number(over.headers.get("retry-after")) > 0, "with Retry-After");
+    assert.equal((await over.json()).code, "rate_limited");
+    assert.equal((await ask(t, "weft.tickets.submit", TICKET, KEYS.ingest)).error?.status, 429);
+    const batch = await app.request("/pipelines/tickets/items/batch", {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${KEYS.ingest}` },
+      body: JSON.stringify({ items: [JSON.parse(TICKET)] }),
+    });
+    assert.equal(batch.status, 429);
+    await batch.body?.cancel();
+    // What was refused was not accepted: the stream holds exactly the two accepted items.
+    const info = await t.jsm.streams.info("TICKETS");
+    assert.equal(info.state.messages, 2);
+  } finally {
+    requests.stop();
+  }
+});
+
+Deno.test("at its stream's limit, a definition's intake answers 507 and the stream discards nothing accepted", async () => {
+  await using t = await startTestNats({ streamMaxBytes: 48 * 1024 });
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const stream = "TICKETS";
+  const capacity = createCapacityGuard(t.jsm, { highWater: 0.9, refreshMs: 0, log: t.log });
+  const intake = await createIntake(t.nc);
+  const app = createApp({
+    nc: t.nc,
+    intake,
+    config: t.config,
+    log: t.log,
+    pipelines,
+    guards: { capacity },
+  });
+  const body = JSON.stringify({ customer: "c-1", text: "x".repeat(1_000) });
+  const post = () =>
+    app.request("/pipelines/tickets/items", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body,
+    });
+  let accepted = 0;
+  let refusal: Response | undefined;
+  for (let i = 0; i < 200 && !refusal; i++) {
+    const res = await post();
+    if (res.status === 202) {
+      accepted++;
+      await res.body?.cancel();
+    } else refusal = res;
+  }
+  assert.ok(refusal, "intake refused at the high-water mark");
+  assert.equal(refusal.status, 507, await refusal.clone().text());
+  assert.equal((await refusal.json()).code, "insufficient_storage");
+  assert.ok(Number(refusal.headers.get("retry-after")) > 0);
+  const info = await t.jsm.streams.info(stream);
+  assert.equal(info.state.first_seq, 1, "nothing accepted was discarded");
+  assert.equal(info.state.messages, accepted);
+
+  // Behind the high-water mark, the stream's own refusal (discard-new) is a 507 as well.
+  const js = jetstream(t.nc);
+  while (
+    await js.publish(`tickets.filler.x${Date.now()}`, "y".repeat(2_000)).then(
+      () => true,
+      () => false,
+    )
+  );
+  const unguarded = createApp({ nc: t.nc, intake, config: t.config, log: t.log, pipelines });
+  const res = await unguarded.request("/pipelines/tickets/items", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body,
+  });
+  assert.equal(res.status, 507, await res.clone().text());
+  await res.body?.cancel();
+  assert.equal((await t.jsm.streams.info(stream)).state.first_seq, 1);
+});
