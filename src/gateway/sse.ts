@@ -581,7 +581,6 @@ export function streamEvents(
           const m of readStream(js, streamName, {
             filter: sel.filter,
             ...(startSeq !== undefined ? { startSeq } : {}),
-            idleMs: 250,
           })
         ) {
           if (stream.aborted) return "end";

@@ -1,0 +1,68 @@
+import assert from "node:assert/strict";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { connectNats } from "./nats.ts";
+import { startNatsServer } from "./nats_server.ts";
+import { readStream } from "./stream_reader.ts";
+
+const COUNT = 5_000;
+
+async function serverWithStream() {
+  const server = await startNatsServer();
+  const nc = await connectNats(server.url, "reader-test");
+  const jsm = await jetstreamManager(nc);
+  await jsm.streams.add({ name: "R", subjects: ["r.>"] });
+  const js = jetstream(nc);
+  const acks = [];
+  for (let i = 0; i < COUNT; i++) acks.push(js.publish(`r.e.${i % 50}`, `m${i}`));
+  await Promise.all(acks);
+  return {
+    server,
+    js,
+    jsm,
+    async [Symbol.asyncDispose]() {
+      await nc.close();
+      await server[Symbol.asyncDispose]();
+    },
+  };
+}
+
+Deno.test("a stream read that pauses mid-way (the server stalls) still reads to the end, never stopping short", async () => {
+  await using t = await serverWithStream();
+  const seqs: number[] = [];
+  let paused = false;
+  for await (const m of readStream(t.js, "R", { filter: "r.*.*" })) {
+    seqs.push(m.seq);
+    if (seqs.length === 100) {
+      // The server stops answering for longer than any idle cut-off a reader might use.
+      Deno.kill(t.server.pid, "SIGSTOP");
+      paused = true;
+      setTimeout(() => Deno.kill(t.server.pid, "SIGCONT"), 1_500);
+    }
+  }
+  assert.ok(paused);
+  assert.equal(seqs.length, COUNT, "every stored message, none skipped at the pause");
+  assert.deepEqual(seqs, Array.from({ length: COUNT }, (_, i) => i + 1));
+});
+
+Deno.test("a stream read whose filter matches nothing ends at once, and leaves no consumer behind", async () => {
+  await using t = await serverWithStream();
+  const started = Date.now();
+  const seen = [];
+  for await (const m of readStream(t.js, "R", { filter: "r.none.*", stallMs: 60_000 })) {
+    seen.push(m);
+  }
+  assert.equal(seen.length, 0);
+  assert.ok(Date.now() - started < 30_000, "ended on the server's count, not on a timeout");
+  assert.equal((await t.jsm.streams.info("R")).state.consumer_count, 0);
+});
+
+Deno.test("a read from a start sequence yields exactly the messages from there to the end", async () => {
+  await using t = await serverWithStream();
+  const seqs: number[] = [];
+  for await (const m of readStream(t.js, "R", { filter: "r.e.7", startSeq: 4_000 })) {
+    seqs.push(m.seq);
+  }
+  const expected = [];
+  for (let s = 4_000; s <= COUNT; s++) if ((s - 1) % 50 === 7) expected.push(s);
+  assert.deepEqual(seqs, expected);
+});
