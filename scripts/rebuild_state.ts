@@ -10,7 +10,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { loadConfig } from "../src/config.ts";
 import type { FeedbackState } from "../src/events.gen.ts";
-import { connectNats } from "../src/nats.ts";
+import { connectNats, tlsCredentials } from "../src/nats.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
 import { readStream } from "../src/stream_reader.ts";
 import { STATE_BUCKET } from "../src/subjects.ts";
@@ -22,7 +22,7 @@ if (import.meta.main) {
   // (--write) also writes the bucket (WEFT_NATS_NKEY=data/identities/admin.nk).
   const nc = await connectNats(config.natsUrl, "weft-rebuild-state", {
     nkeySeedFile: config.natsNkey || undefined,
-    caFile: config.natsCa || undefined,
+    ...tlsCredentials(config),
   });
   const js = jetstream(nc);
   const started = performance.now();

@@ -13,7 +13,7 @@ import { parseArgs } from "node:util";
 import { loadConfig } from "../src/config.ts";
 import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { parseRows } from "../src/evaluation.ts";
-import { connectNats } from "../src/nats.ts";
+import { connectNats, tlsCredentials } from "../src/nats.ts";
 import {
   decideAll,
   formatShadowReport,
@@ -60,7 +60,7 @@ async function main(args: string[]): Promise<number> {
   const nc = await connectNats(config.natsUrl, "weft-shadow", {
     nkeySeedFile: config.natsNkey || undefined,
     identity: "ops",
-    caFile: config.natsCa || undefined,
+    ...tlsCredentials(config),
   });
   try {
     const production = await readProduction(nc, {

@@ -147,6 +147,13 @@ export interface Config {
   /** CA certificate (PEM) that verifies the NATS server's TLS certificate. `WEFT_NATS_CA`. */
   natsCa: string;
   /**
+   * Client certificate (PEM) presented to a NATS server that verifies clients (mutual TLS,
+   * `verify: true`). `WEFT_NATS_CERT`; goes with `natsKey`.
+   */
+  natsCert: string;
+  /** Private key (PEM file) of `natsCert`; its contents are never read into logs. `WEFT_NATS_KEY`. */
+  natsKey: string;
+  /**
    * API keys by SHA-256 hash, with roles: JSON `[{"sha256":"<hex>","role":"reviewer","name":"alice"}]`.
    * Empty: authentication is off (logged as a warning). `WEFT_API_KEYS`.
    */
@@ -377,6 +384,8 @@ const SETTINGS: Setting<any>[] = [
   },
   { key: "ensureTopology", env: "WEFT_ENSURE_TOPOLOGY", default: true, parse: bool },
   { key: "natsCa", env: "WEFT_NATS_CA", default: "", parse: str },
+  { key: "natsCert", env: "WEFT_NATS_CERT", default: "", parse: str },
+  { key: "natsKey", env: "WEFT_NATS_KEY", default: "", parse: str },
   { key: "apiKeys", env: "WEFT_API_KEYS", default: [], parse: parseApiKeys, secret: true },
   {
     key: "contentMaxBytes",
@@ -485,6 +494,11 @@ export function loadConfig(source: ConfigSource = {}): Config {
     problems.push(
       `WEFT_HOST=${config.host} would serve the gateway beyond this machine with no API keys: ` +
         `set WEFT_API_KEYS, or WEFT_INSECURE_NO_AUTH=1 to do it anyway`,
+    );
+  }
+  if (Boolean(config.natsCert) !== Boolean(config.natsKey)) {
+    problems.push(
+      "WEFT_NATS_CERT and WEFT_NATS_KEY go together: set both for a client certificate, or neither",
     );
   }
   if (Boolean(config.tlsCert) !== Boolean(config.tlsKey)) {

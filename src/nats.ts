@@ -20,6 +20,20 @@ export interface NatsCredentials {
   identity?: string;
   /** A CA certificate (PEM file): the connection then requires TLS and verifies the server. */
   caFile?: string;
+  /** A client certificate (PEM file) for servers that verify clients (mutual TLS). */
+  certFile?: string;
+  /** The private key (PEM file) of `certFile`. */
+  keyFile?: string;
+}
+
+/** The credentials a service's configuration names (identity seed aside). */
+export function tlsCredentials(
+  config: { natsCa: string; natsCert: string; natsKey: string },
+): Pick<NatsCredentials, "caFile" | "certFile" | "keyFile"> {
+  return {
+    ...(config.natsCa ? { caFile: config.natsCa } : {}),
+    ...(config.natsCert ? { certFile: config.natsCert, keyFile: config.natsKey } : {}),
+  };
 }
 
 /**
@@ -51,7 +65,13 @@ export async function connectNats(
     opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(seed));
   }
   if (credentials.identity) opts.inboxPrefix = inboxPrefix(credentials.identity);
-  if (credentials.caFile) opts.tls = { caFile: credentials.caFile };
+  const { caFile, certFile, keyFile } = credentials;
+  if (caFile || certFile) {
+    opts.tls = {
+      ...(caFile ? { caFile } : {}),
+      ...(certFile ? { certFile, keyFile } : {}),
+    };
+  }
   absorbLateSocketResets();
   return await connect(opts);
 }

@@ -9,7 +9,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { type Config, describeConfig, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
-import { connectNats } from "./nats.ts";
+import { connectNats, tlsCredentials } from "./nats.ts";
 import { WeftMetrics } from "./metrics.ts";
 import { registerMicroService } from "./micro.ts";
 import { runStage } from "./runner.ts";
@@ -91,7 +91,7 @@ async function openService(def: ServiceDef, config: Config): Promise<OpenService
   const nc = await connectNats(config.natsUrl, `weft-${def.name}`, {
     nkeySeedFile: nkey || undefined,
     identity: def.name,
-    caFile: config.natsCa || undefined,
+    ...tlsCredentials(config),
   });
   (async () => {
     for await (const s of nc.status()) {

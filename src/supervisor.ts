@@ -15,7 +15,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, describeConfig, ENV_PERMISSION, isLoopback, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { ConfigError } from "./errors.ts";
-import { connectNats } from "./nats.ts";
+import { connectNats, tlsCredentials } from "./nats.ts";
 import {
   freePort,
   type NatsServer,
@@ -375,6 +375,7 @@ export function processArgs(
   const read = [
     ...seedFiles,
     ...(config.natsCa ? [config.natsCa] : []),
+    ...(config.natsCert ? [config.natsCert, config.natsKey] : []),
     ...(specs.some((s) => s.readsRules) ? [config.rulesPath] : []),
     ...(listens && config.tlsCert ? [config.tlsCert, config.tlsKey] : []),
     ...(llm ? ["prompts"] : []),
@@ -752,7 +753,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const nc = await connectNats(config.natsUrl, "weft-supervisor", {
     nkeySeedFile: seeds?.get("admin") ?? (config.natsNkey || undefined),
     identity: "admin",
-    caFile: config.natsCa || undefined,
+    ...tlsCredentials(config),
   });
   // From here on a failure must not leave the nats-server this start began running.
   const fail = async (message: string, err?: unknown) => {

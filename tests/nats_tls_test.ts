@@ -153,3 +153,78 @@ Deno.test("NATS over TLS: clients and routes verify certificates, and a stage ru
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
 });
+
+Deno.test("mutual TLS: a server that verifies clients admits only certificates its CA signed, and a Weft stage presents WEFT_NATS_CERT", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "weft-nats-mtls-" });
+  let server: NatsServer | undefined;
+  try {
+    const ca = await makeCa(dir, "ca");
+    const rogue = await makeCa(dir, "rogue");
+    const serverCert = await makeCert(ca, "server");
+    const client = await makeCert(ca, "client");
+    const forged = await makeCert(rogue, "forged");
+    const conf = `${dir}/mtls.conf`;
+    await Deno.writeTextFile(
+      conf,
+      `listen: 127.0.0.1:${freePort()}
+# verify: true asks every client for a certificate and checks it against ca_file.
+tls { cert_file: "${serverCert.cert}", key_file: "${serverCert.key}", ca_file: "${ca.pem}", verify: true, timeout: 5 }
+jetstream { store_dir: "${dir}/store" }
+`,
+    );
+    server = await startNatsServer({ configFile: conf, cwd: dir });
+    const url = server.url;
+    const refused = (tls: Record<string, string>) =>
+      assert.rejects(connect({ servers: url, reconnect: false, tls }));
+
+    await t.step("a client with no certificate, or one another CA signed, is refused", async () => {
+      await refused({ caFile: ca.pem });
+      await refused({ caFile: ca.pem, certFile: forged.cert, keyFile: forged.key });
+    });
+
+    await t.step(
+      "a stage with WEFT_NATS_CA, WEFT_NATS_CERT and WEFT_NATS_KEY runs over it",
+      async () => {
+        const creds = { caFile: ca.pem, certFile: client.cert, keyFile: client.key };
+        const nc = await connectNats(url, "mtls-test", creds);
+        try {
+          const config = { ...loadConfig({ env: () => undefined, args: [] }), natsUrl: url };
+          const jsm = await jetstreamManager(nc);
+          await ensureTopology(nc, jsm, config);
+          await using _ingest = await startService("ingest", {
+            NATS_URL: url,
+            WEFT_NATS_CA: ca.pem,
+            WEFT_NATS_CERT: client.cert,
+            WEFT_NATS_KEY: client.key,
+          });
+          nc.publish("feedback.submit", JSON.stringify({ id: "MTLS1", text: "over mutual TLS" }));
+          const stored = await waitFor(
+            async () =>
+              (await jsm.streams.getMessage("FEEDBACK", {
+                last_by_subj: "feedback.ingested.MTLS1",
+              }).catch(() => null)) ?? undefined,
+            20_000,
+            "the ingested event",
+          );
+          assert.equal(stored.json<{ item_id: string }>().item_id, "MTLS1");
+        } finally {
+          await nc.close();
+        }
+      },
+    );
+
+    await t.step("the configuration refuses a client certificate without its key", () => {
+      assert.throws(
+        () =>
+          loadConfig({
+            env: (n) => (n === "WEFT_NATS_CERT" ? client.cert : undefined),
+            args: [],
+          }),
+        /WEFT_NATS_CERT and WEFT_NATS_KEY go together/,
+      );
+    });
+  } finally {
+    await server?.stop();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
