@@ -52,6 +52,7 @@ export async function connectNats(
   url: string,
   name: string,
   credentials: NatsCredentials = {},
+  options: { timeoutMs?: number } = {},
 ): Promise<NatsConnection> {
   const opts: ConnectionOptions = {
     servers: url.split(",").map((s) => s.trim()),
@@ -59,6 +60,8 @@ export async function connectNats(
     maxReconnectAttempts: -1,
     reconnectTimeWait: 500,
     waitOnFirstConnect: false,
+    // How long the first connect may take before it rejects (nats.js's default is 20 s).
+    ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}),
   };
   if (credentials.nkeySeedFile) {
     const seed = (await Deno.readTextFile(credentials.nkeySeedFile)).trim();
@@ -80,20 +83,29 @@ let absorbing = false;
 
 /**
  * nats.js's Node transport removes a socket's listeners before destroying it (a refused
- * connection, a close). Under Deno a read still pending on that socket may then fail with
- * ECONNRESET or EPIPE, which is emitted with no listener left and would end the process as
- * an uncaught error: a wrong key, or a server closing a connection, killed the service
- * instead of reporting through the connection's status. Those late errors carry nothing:
- * the connection they belonged to is already closed and reported. Only they are absorbed,
- * and only socket errors with these codes; anything else stays uncaught.
+ * connection, a close). Under Deno a read still pending on that socket may then fail, and
+ * the error is emitted with no listener left, which would end the process as an uncaught
+ * error: a wrong key, a server closing a connection, or a server refusing the client's
+ * certificate (a TLS alert such as `received fatal alert: CertificateRequired` or
+ * `UnknownCA`, sent after the handshake already failed) killed the service instead of
+ * being reported through the connect's rejection or the connection's status. Those late
+ * errors carry nothing: the connection they belonged to is already closed and reported.
+ * Only they are absorbed: socket errors with code ECONNRESET or EPIPE, and TLS alerts
+ * received from the peer; anything else stays uncaught.
  */
 function absorbLateSocketResets(): void {
   if (absorbing) return;
   absorbing = true;
   globalThis.addEventListener("error", (event) => {
-    const code = (event.error as { code?: unknown } | null)?.code;
-    if (code === "ECONNRESET" || code === "EPIPE") event.preventDefault();
+    if (isLateSocketError(event.error)) event.preventDefault();
   });
+}
+
+/** Whether `err` is one of the late socket errors {@link absorbLateSocketResets} absorbs. */
+export function isLateSocketError(err: unknown): boolean {
+  const { code, message } = (err ?? {}) as { code?: unknown; message?: unknown };
+  if (code === "ECONNRESET" || code === "EPIPE") return true;
+  return typeof message === "string" && /^received fatal alert: \w+$/.test(message);
 }
 
 /** Whether a connection is up right now, kept from its status events. */
