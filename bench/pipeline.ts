@@ -30,9 +30,11 @@
  * --quick (3000 items, 300 warm-up, 3 s, 1 round), --only LIST (comma-separated sides:
  * bare, weft, http (both HTTP feeds), http-single, http-batch, bullmq; for profiling),
  * --batch N (50 items per POST /feedback/batch), --bullmq-concurrency N (64, Weft's
- * default), --hops (per-hop latency of Weft), --bare-subjects stage|item (`item`: the
- * bare pipeline publishes each message on `bench.sN.<id>` under wildcard filters, the
- * shape of Weft's subjects; see docs/BENCH.md), --json FILE.
+ * default), --prof NAMES (V8 tick profiles of those processes, e.g. gateway,http-load,
+ * sentiment, bare1, bullmq-ingest; the folder is printed), --hops (per-hop latency of
+ * Weft), --bare-subjects stage|item (`item`: the bare pipeline publishes each message on
+ * `bench.sN.<id>` under wildcard filters, the shape of Weft's subjects; see
+ * docs/BENCH.md), --json FILE.
  * Environment: WEFT_* settings (e.g. WEFT_CONCURRENCY) reach the Weft services.
  *
  * @module
@@ -116,6 +118,8 @@ interface Options {
   batch: number;
   /** Jobs each BullMQ worker runs at once. */
   bullmqConcurrency: number;
+  /** Processes (e.g. gateway,http-load,sentiment) to run with V8's tick profiler. */
+  prof: string[];
   /** Throughput and latency runs per side, alternating; figures are medians. */
   rounds: number;
   /** Also time each hop of Weft's latency runs (costs the bench a subscription). */
@@ -141,6 +145,7 @@ function options(): Options {
       only: { type: "string" },
       batch: { type: "string" },
       "bullmq-concurrency": { type: "string" },
+      prof: { type: "string" },
       rounds: { type: "string" },
       hops: { type: "boolean" },
       "bare-subjects": { type: "string" },
@@ -173,6 +178,7 @@ function options(): Options {
     sides,
     batch: Math.min(1000, Math.floor(num(values.batch, 50, "batch"))),
     bullmqConcurrency: Math.floor(num(values["bullmq-concurrency"], 64, "bullmq-concurrency")),
+    prof: values.prof?.split(",").map((n) => n.trim()).filter((n) => n !== "") ?? [],
     rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
     hops: values.hops === true,
     bareSubjects,
@@ -189,6 +195,8 @@ interface Proc {
 }
 
 const procs = new Set<Proc>();
+/** `--prof NAMES`: the processes to run with V8's tick profiler, and where their logs go. */
+let profile: { names: Set<string>; dir: string } | undefined;
 let failure: (err: Error) => void = () => {};
 /** Rejects as soon as a child process dies unexpectedly; every wait races it. */
 const failed = new Promise<never>((_, reject) => (failure = reject));
@@ -214,7 +222,16 @@ function spawn(
   env: Record<string, string> = {},
   opts: { command?: string; piped?: boolean } = {},
 ): Proc {
-  const child = new Deno.Command(opts.command ?? "deno", {
+  const command = opts.command ?? "deno";
+  if (command === "deno" && profile?.names.has(name)) {
+    // A V8 tick profile of this process (`--prof`): read it with `node --prof-process`.
+    args = [
+      args[0]!,
+      `--v8-flags=--prof,--no-logfile-per-isolate,--logfile=${profile.dir}/${name}.v8.log`,
+      ...args.slice(1),
+    ];
+  }
+  const child = new Deno.Command(command, {
     args,
     cwd: ROOT,
     env,
@@ -1088,6 +1105,10 @@ async function main() {
     print("config.sides", [...o.sides].join(","));
     print("config.http_batch_items", o.batch);
     print("config.bullmq_concurrency", o.bullmqConcurrency);
+    if (o.prof.length > 0) {
+      profile = { names: new Set(o.prof), dir: await Deno.makeTempDir({ prefix: "weft-prof-" }) };
+      print("prof.dir", profile.dir);
+    }
     print("load_avg.start", loadAvg());
     const sides: Side[] = [];
     if (o.sides.has("bare")) sides.push(await startBare(nc, server, o.bareSubjects));
