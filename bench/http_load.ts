@@ -13,7 +13,11 @@
  * scheduled time in a latency run) and the accepted ids; then `done <items> <send_ms>`.
  * A request that is not answered 202 ends the process with the answer on stderr.
  *
- * Usage: `deno run --allow-net=127.0.0.1:PORT bench/http_load.ts http://127.0.0.1:PORT`
+ * At most CONNECTIONS (64) requests are in flight, so at most that many connections are
+ * open; further requests wait in this process (in a latency run, from their scheduled
+ * time, so the wait is measured), as with a load generator's fixed connection pool.
+ *
+ * Usage: `deno run --allow-net=127.0.0.1:PORT bench/http_load.ts http://127.0.0.1:PORT [CONNECTIONS]`
  *
  * @module
  */
@@ -49,8 +53,40 @@ function emit(line: string) {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * At most `connections` requests in flight, so at most that many keep-alive connections
+ * (HTTP/1.1 carries one request at a time): the rest wait here, first come first served,
+ * and a latency run still counts their wait from their scheduled time.
+ */
+let connections = 64;
+let inFlight = 0;
+const waiting: (() => void)[] = [];
+
+async function slot(): Promise<void> {
+  if (inFlight < connections) {
+    inFlight++;
+    return;
+  }
+  await new Promise<void>((r) => waiting.push(r));
+}
+
+function release() {
+  const next = waiting.shift();
+  if (next) next();
+  else inFlight--;
+}
+
 /** POSTs `count` items (from item number `first`) and returns their accepted ids. */
 async function post(base: string, first: number, count: number, batch: boolean) {
+  await slot();
+  try {
+    return await send(base, first, count, batch);
+  } finally {
+    release();
+  }
+}
+
+async function send(base: string, first: number, count: number, batch: boolean) {
   const item = (i: number) => ({ text: TEXTS[i % TEXTS.length]!, channel: "bench" });
   const res = await fetch(batch ? `${base}/feedback/batch` : `${base}/feedback`, {
     method: "POST",
@@ -76,18 +112,18 @@ async function throughput(base: string, items: number, window: number, batch: nu
   const start = performance.now();
   const requests = Math.ceil(items / batch);
   const maxInFlight = Math.max(1, Math.floor(window / batch));
-  let inFlight = 0;
+  let pending = 0;
   let wake: (() => void) | undefined;
   const all: Promise<void>[] = [];
   for (let r = 0; r < requests; r++) {
-    while (inFlight >= maxInFlight) await new Promise<void>((res) => (wake = res));
-    inFlight++;
+    while (pending >= maxInFlight) await new Promise<void>((res) => (wake = res));
+    pending++;
     const count = Math.min(batch, items - r * batch);
     const at = performance.now();
     all.push(
       post(base, sent, count, batch > 1).then((ids) => {
         emit(`s ${at} ${ids.join(" ")}`);
-        inFlight--;
+        pending--;
         wake?.();
       }),
     );
@@ -125,7 +161,8 @@ async function latency(base: string, rate: number, seconds: number, batch: numbe
 
 if (import.meta.main) {
   const base = Deno.args[0];
-  if (!base) throw new Error("usage: http_load.ts http://HOST:PORT");
+  if (!base) throw new Error("usage: http_load.ts http://HOST:PORT [CONNECTIONS]");
+  connections = Number(Deno.args[1] ?? connections);
   const lines = Deno.stdin.readable.pipeThrough(new TextDecoderStream());
   let buf = "";
   for await (const chunk of lines) {

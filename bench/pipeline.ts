@@ -29,8 +29,9 @@
  * (500 items/s), --duration S (10), --rounds N (3; figures are medians over rounds),
  * --quick (3000 items, 300 warm-up, 3 s, 1 round), --only LIST (comma-separated sides:
  * bare, weft, http (both HTTP feeds), http-single, http-batch, bullmq; for profiling),
- * --batch N (50 items per POST /feedback/batch), --bullmq-concurrency N (64, Weft's
- * default), --prof NAMES (V8 tick profiles of those processes, e.g. gateway,http-load,
+ * --batch N (50 items per POST /feedback/batch), --connections N (64 keep-alive HTTP
+ * connections, the load generator's requests in flight at most), --bullmq-concurrency N
+ * (64, Weft's default), --prof NAMES (V8 tick profiles of those processes, e.g. gateway,http-load,
  * sentiment, bare1, bullmq-ingest; the folder is printed), --hops (per-hop latency of
  * Weft), --bare-subjects stage|item (`item`: the bare pipeline publishes each message on
  * `bench.sN.<id>` under wildcard filters, the shape of Weft's subjects; see
@@ -118,6 +119,8 @@ interface Options {
   batch: number;
   /** Jobs each BullMQ worker runs at once. */
   bullmqConcurrency: number;
+  /** The HTTP load generator's keep-alive connections (its requests in flight at most). */
+  connections: number;
   /** Processes (e.g. gateway,http-load,sentiment) to run with V8's tick profiler. */
   prof: string[];
   /** Throughput and latency runs per side, alternating; figures are medians. */
@@ -145,6 +148,7 @@ function options(): Options {
       only: { type: "string" },
       batch: { type: "string" },
       "bullmq-concurrency": { type: "string" },
+      connections: { type: "string" },
       prof: { type: "string" },
       rounds: { type: "string" },
       hops: { type: "boolean" },
@@ -178,6 +182,7 @@ function options(): Options {
     sides,
     batch: Math.min(1000, Math.floor(num(values.batch, 50, "batch"))),
     bullmqConcurrency: Math.floor(num(values["bullmq-concurrency"], 64, "bullmq-concurrency")),
+    connections: Math.floor(num(values.connections, 64, "connections")),
     prof: values.prof?.split(",").map((n) => n.trim()).filter((n) => n !== "") ?? [],
     rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
     hops: values.hops === true,
@@ -702,7 +707,7 @@ class LoadGen {
   }
 
   /** Starts the generator against the gateway at `url` and aligns the two clocks. */
-  static async start(url: string, port: number): Promise<LoadGen> {
+  static async start(url: string, port: number, connections: number): Promise<LoadGen> {
     const proc = spawn(
       "http-load",
       [
@@ -711,6 +716,7 @@ class LoadGen {
         `--allow-net=127.0.0.1:${port}`,
         "bench/http_load.ts",
         url,
+        String(connections),
       ],
       {},
       { piped: true },
@@ -824,7 +830,7 @@ async function startWeft(
   let gen: LoadGen | undefined;
   if (http) {
     await gatewayReady(url);
-    gen = await LoadGen.start(url, port);
+    gen = await LoadGen.start(url, port, o.connections);
   }
   const intake = await createIntake(nc);
   let submitted = 0;
@@ -1104,6 +1110,7 @@ async function main() {
     print("config.bare_subjects", o.bareSubjects);
     print("config.sides", [...o.sides].join(","));
     print("config.http_batch_items", o.batch);
+    print("config.http_connections", o.connections);
     print("config.bullmq_concurrency", o.bullmqConcurrency);
     if (o.prof.length > 0) {
       profile = { names: new Set(o.prof), dir: await Deno.makeTempDir({ prefix: "weft-prof-" }) };
