@@ -1,15 +1,24 @@
 /**
  * `deno task bench`: Weft's end-to-end throughput and latency against a bare JetStream
- * pipeline, in the same run on the same nats-server.
+ * pipeline and the same pipeline on BullMQ + Redis, in the same run on the same machine.
  *
  * (a) bare: four `bench/bare_stage.ts` processes, each a durable pull consumer with
  *     explicit acks forwarding every message to the next subject with a publish ack
  *     (bench.s1 -> bench.s2 -> bench.s3 -> bench.s4 -> bench.done, stream BENCH).
  * (b) weft: the real services (state, sentiment, topics, dispatch) as separate processes
- *     started with the supervisor's arguments, fed through the gateway's own intake code
- *     (`createIntake(nc).submit()`, what POST /feedback calls, without HTTP), measured up
- *     to each item's `feedback.processed.<id>` event; afterwards every item's entry in the
- *     state bucket must say `processed`.
+ *     started with the supervisor's arguments, measured up to each item's
+ *     `feedback.processed.<id>` event; afterwards every item's entry in the state bucket
+ *     must say `processed`. Fed three ways, one at a time:
+ *     - `weft`: through the gateway's own intake code (`createIntake(nc).submit()`, what
+ *       POST /feedback calls) in the bench process, without HTTP (bus-fed);
+ *     - `weft_http`: POST /feedback, one item a request, and
+ *     - `weft_http_batch`: POST /feedback/batch (`--batch` items a request), both to the
+ *       real gateway (services/gateway.ts, started as the supervisor starts it) over
+ *       keep-alive HTTP from a separate load generator process (`bench/http_load.ts`).
+ * (c) bullmq: the same four stages on BullMQ workers (`bench/bullmq_stage.ts`, one
+ *     process each, forwarding each job unchanged to the next queue) on a redis-server
+ *     the bench starts (append-only file, `appendfsync everysec`); skipped with a note
+ *     when redis-server is not on PATH.
  *
  * For each: items/s pushing N items with a bounded number of submissions in flight, then
  * latency at an offered load paced by the clock (not by completions) for a fixed time,
@@ -17,11 +26,16 @@
  * Prints `key value` lines; `--json FILE` writes the same figures as JSON.
  *
  * Flags: --items N (20000), --warmup N (1000), --window N (256 in flight), --rate N
- * (1000 items/s), --duration S (10), --rounds N (3; figures are medians over rounds),
- * --quick (3000 items, 300 warm-up, 3 s, 1 round), --only bare|weft (profiling),
- * --hops (per-hop latency of Weft), --bare-subjects stage|item (`item`: the bare pipeline
- * publishes each message on `bench.sN.<id>` under wildcard filters, the shape of Weft's
- * subjects; see docs/BENCH.md), --json FILE.
+ * (500 items/s), --duration S (10), --rounds N (3; figures are medians over rounds),
+ * --quick (3000 items, 300 warm-up, 3 s, 1 round), --only LIST (comma-separated sides:
+ * bare, weft, http (both HTTP feeds), http-single, http-batch, bullmq; for profiling),
+ * --batch N (50 items per POST /feedback/batch), --connections N (64 keep-alive HTTP
+ * connections, the load generator's requests in flight at most), --bullmq-concurrency N
+ * (64, Weft's default), --prof NAMES (V8 tick profiles of those processes, e.g. gateway,http-load,
+ * sentiment, bare1, bullmq-ingest; the folder is printed), --hops (per-hop latency of
+ * Weft), --bare-subjects stage|item (`item`: the bare pipeline publishes each message on
+ * `bench.sN.<id>` under wildcard filters, the shape of Weft's subjects; see
+ * docs/BENCH.md), --json FILE.
  * Environment: WEFT_* settings (e.g. WEFT_CONCURRENCY) reach the Weft services.
  *
  * @module
@@ -48,6 +62,10 @@ import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "../src/subject
 import { STATE_WRITER } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
 import type { FeedbackState } from "../src/events.gen.ts";
+import { Queue } from "bullmq";
+import { Redis } from "ioredis";
+import { DONE_CHANNEL, JOB_OPTIONS } from "./bullmq_stage.ts";
+import { clockOffset, type ClockSample, dueSends, percentile } from "./stats.ts";
 
 /** Each NATS identity's seed file: the bench's server authenticates like deno task start's. */
 let seeds: Map<string, string> | undefined;
@@ -57,8 +75,11 @@ const BARE_STREAM = "BENCH";
 const BARE_STAGES = 4;
 const BARE_FINAL = "bench.done";
 const WEFT_SERVICES = ["state", "sentiment", "topics", "dispatch"];
-const TARGET_RATIO = 0.7;
-const TARGET_P99_MS = 50;
+/** Issue 15's aims, as ratios within one run: Weft's items/s to bare's and to BullMQ's. */
+const AIM_VS_BARE = 0.9;
+const AIM_VS_BULLMQ = 1.2;
+/** And Weft's p99 at the offered rate to bare's. */
+const AIM_P99_VS_BARE = 1.5;
 
 const TEXTS = [
   "The checkout keeps failing with a card error, this is really frustrating",
@@ -71,6 +92,20 @@ const TEXTS = [
   "Please add dark mode, my eyes hurt at night",
 ];
 
+/** The sides a run can measure, in the order they run in each phase. */
+const SIDES = ["bare", "weft", "weft_http", "weft_http_batch", "bullmq"] as const;
+type SideName = typeof SIDES[number];
+
+/** `--only` names: each side by its flag name, `http` for both HTTP feeds. */
+const ONLY: Record<string, SideName[]> = {
+  bare: ["bare"],
+  weft: ["weft"],
+  http: ["weft_http", "weft_http_batch"],
+  "http-single": ["weft_http"],
+  "http-batch": ["weft_http_batch"],
+  bullmq: ["bullmq"],
+};
+
 interface Options {
   items: number;
   warmup: number;
@@ -78,8 +113,16 @@ interface Options {
   rate: number;
   durationS: number;
   json?: string;
-  /** Run one side only (for profiling); no ratio then. */
-  only?: "bare" | "weft";
+  /** The sides to run (`--only`, for profiling); every side by default. */
+  sides: Set<SideName>;
+  /** Items per POST /feedback/batch. */
+  batch: number;
+  /** Jobs each BullMQ worker runs at once. */
+  bullmqConcurrency: number;
+  /** The HTTP load generator's keep-alive connections (its requests in flight at most). */
+  connections: number;
+  /** Processes (e.g. gateway,http-load,sentiment) to run with V8's tick profiler. */
+  prof: string[];
   /** Throughput and latency runs per side, alternating; figures are medians. */
   rounds: number;
   /** Also time each hop of Weft's latency runs (costs the bench a subscription). */
@@ -103,13 +146,20 @@ function options(): Options {
       quick: { type: "boolean" },
       json: { type: "string" },
       only: { type: "string" },
+      batch: { type: "string" },
+      "bullmq-concurrency": { type: "string" },
+      connections: { type: "string" },
+      prof: { type: "string" },
       rounds: { type: "string" },
       hops: { type: "boolean" },
       "bare-subjects": { type: "string" },
     },
   });
-  if (values.only !== undefined && values.only !== "bare" && values.only !== "weft") {
-    throw new Error("--only must be bare or weft");
+  const sides = new Set<SideName>();
+  for (const name of (values.only ?? Object.keys(ONLY).join(",")).split(",")) {
+    const named = ONLY[name.trim()];
+    if (!named) throw new Error(`--only takes a list of ${Object.keys(ONLY).join(", ")}`);
+    for (const side of named) sides.add(side);
   }
   const bareSubjects = values["bare-subjects"] ?? "stage";
   if (bareSubjects !== "stage" && bareSubjects !== "item") {
@@ -126,10 +176,14 @@ function options(): Options {
     items: Math.floor(num(values.items, quick ? 3000 : 20_000, "items")),
     warmup: Math.floor(num(values.warmup, quick ? 300 : 1000, "warmup")),
     window: Math.floor(num(values.window, 256, "window")),
-    rate: num(values.rate, 1000, "rate"),
+    rate: num(values.rate, 500, "rate"),
     durationS: num(values.duration, quick ? 3 : 10, "duration"),
     json: values.json,
-    only: values.only as Options["only"],
+    sides,
+    batch: Math.min(1000, Math.floor(num(values.batch, 50, "batch"))),
+    bullmqConcurrency: Math.floor(num(values["bullmq-concurrency"], 64, "bullmq-concurrency")),
+    connections: Math.floor(num(values.connections, 64, "connections")),
+    prof: values.prof?.split(",").map((n) => n.trim()).filter((n) => n !== "") ?? [],
     rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
     hops: values.hops === true,
     bareSubjects,
@@ -146,6 +200,8 @@ interface Proc {
 }
 
 const procs = new Set<Proc>();
+/** `--prof NAMES`: the processes to run with V8's tick profiler, and where their logs go. */
+let profile: { names: Set<string>; dir: string } | undefined;
 let failure: (err: Error) => void = () => {};
 /** Rejects as soon as a child process dies unexpectedly; every wait races it. */
 const failed = new Promise<never>((_, reject) => (failure = reject));
@@ -161,18 +217,36 @@ async function keepTail(stream: ReadableStream<Uint8Array>, tail: string[]) {
   }
 }
 
-function spawn(name: string, args: string[], env: Record<string, string> = {}): Proc {
-  const child = new Deno.Command("deno", {
+/**
+ * Starts a child process the bench watches: its output's tail is kept, and its dying
+ * unexpectedly fails the run. With `piped`, stdin is the caller's and so is stdout.
+ */
+function spawn(
+  name: string,
+  args: string[],
+  env: Record<string, string> = {},
+  opts: { command?: string; piped?: boolean } = {},
+): Proc {
+  const command = opts.command ?? "deno";
+  if (command === "deno" && profile?.names.has(name)) {
+    // A V8 tick profile of this process (`--prof`): read it with `node --prof-process`.
+    args = [
+      args[0]!,
+      `--v8-flags=--prof,--no-logfile-per-isolate,--logfile=${profile.dir}/${name}.v8.log`,
+      ...args.slice(1),
+    ];
+  }
+  const child = new Deno.Command(command, {
     args,
     cwd: ROOT,
     env,
-    stdin: "null",
+    stdin: opts.piped ? "piped" : "null",
     stdout: "piped",
     stderr: "piped",
   }).spawn();
   const p: Proc = { name, child, tail: [], stopping: false };
   procs.add(p);
-  keepTail(child.stdout, p.tail).catch(() => {});
+  if (!opts.piped) keepTail(child.stdout, p.tail).catch(() => {});
   keepTail(child.stderr, p.tail).catch(() => {});
   child.status.then((s) => {
     procs.delete(p);
@@ -266,10 +340,14 @@ class Tracker {
   }
 }
 
-/** A pipeline under test: submits one item, returns its id once accepted. */
+/**
+ * A pipeline under test, and how it is fed: by `submit` in this process (one item, its id
+ * once accepted), or by an outside load generator (`load`) that reports accepted ids.
+ */
 interface Target {
-  name: string;
-  submit(i: number): Promise<string>;
+  name: SideName;
+  submit?(i: number): Promise<string>;
+  load?: ExternalLoad;
   /** Receives final events; routes them to the current tracker. */
   tracker: Tracker;
   /** Resolves when work off the item's path (e.g. the state writer) has caught up too. */
@@ -313,6 +391,14 @@ class HopProbe {
   }
 }
 
+/** A load generator in another process: it reports each accepted item's send time. */
+interface ExternalLoad {
+  /** `n` items with at most `window` awaiting an answer; resolves once all are answered. */
+  throughput(n: number, window: number, tracker: Tracker): Promise<void>;
+  /** `rate` items/s for `seconds`; resolves with the seconds sending took, once answered. */
+  latency(rate: number, seconds: number, tracker: Tracker): Promise<number>;
+}
+
 async function throughput(
   t: Target,
   n: number,
@@ -321,13 +407,21 @@ async function throughput(
   t.tracker = new Tracker();
   const tracker = t.tracker;
   const run = (async () => {
+    if (t.load) {
+      await t.load.throughput(n, window, tracker);
+      tracker.expect(n);
+      await tracker.all;
+      await t.drained();
+      return performance.now();
+    }
+    const submit = t.submit!;
     let inFlight = 0;
     let wake: (() => void) | undefined;
     for (let i = 0; i < n; i++) {
       while (inFlight >= window) await new Promise<void>((r) => (wake = r));
       inFlight++;
       const at = performance.now();
-      t.submit(i).then((id) => {
+      submit(i).then((id) => {
         tracker.sent(id, at);
         inFlight--;
         wake?.();
@@ -357,22 +451,25 @@ interface Latency {
   max_ms: number;
 }
 
-function percentile(sorted: number[], q: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))]!;
-}
-
 async function latency(t: Target, rate: number, durationS: number): Promise<Latency> {
   t.tracker = new Tracker();
   const tracker = t.tracker;
   const total = Math.round(rate * durationS);
   const run = (async () => {
+    if (t.load) {
+      const sendS = await t.load.latency(rate, durationS, tracker);
+      tracker.expect(total);
+      await tracker.all;
+      return sendS;
+    }
+    const submit = t.submit!;
     const start = performance.now();
     let sent = 0;
     while (sent < total) {
-      const due = Math.min(total, Math.floor(((performance.now() - start) * rate) / 1000) + 1);
+      const due = dueSends(performance.now() - start, rate, total);
       for (; sent < due; sent++) {
         const scheduled = start + (sent * 1000) / rate;
-        t.submit(sent).then((id) => tracker.sent(id, scheduled), (err) => failure(err));
+        submit(sent).then((id) => tracker.sent(id, scheduled), (err) => failure(err));
       }
       await sleep(1);
     }
@@ -408,27 +505,30 @@ function progress(line: string) {
   Deno.stderr.writeSync(new TextEncoder().encode(`# ${line}\n`));
 }
 
-/** A pipeline set up and ready, and how to take it down. */
+/** A pipeline set up and ready (fed one or more ways), and how to take it down. */
 interface Side {
-  target: Target;
+  targets: Target[];
   close(): Promise<void>;
 }
 
 /**
- * Measures every side phase by phase, alternating between them, so that load from other
- * processes on the machine falls on both alike rather than on whichever ran second.
+ * Measures every target phase by phase, alternating between them, so that load from other
+ * processes on the machine falls on all alike rather than on whichever ran last.
  */
-async function measure(sides: Side[], o: Options): Promise<PhaseResult[]> {
-  for (const { target } of sides) await throughput(target, o.warmup, o.window);
-  const tp = sides.map(() => [] as { itemsPerS: number; drainedPerS: number }[]);
-  const lat = sides.map(() => [] as Latency[]);
+async function measure(targets: Target[], o: Options): Promise<PhaseResult[]> {
+  for (const target of targets) await throughput(target, o.warmup, o.window);
+  const tp = targets.map(() => [] as { itemsPerS: number; drainedPerS: number }[]);
+  const lat = targets.map(() => [] as Latency[]);
   for (let r = 0; r < o.rounds; r++) {
-    for (const [i, { target }] of sides.entries()) {
+    for (const [i, target] of targets.entries()) {
       tp[i]!.push(await throughput(target, o.items, o.window));
-      progress(`round ${r + 1} ${target.name} items/s ${Math.round(tp[i]!.at(-1)!.itemsPerS)}`);
+      progress(
+        `round ${r + 1} ${target.name} items/s ${Math.round(tp[i]!.at(-1)!.itemsPerS)}` +
+          ` (load ${loadAvg()})`,
+      );
     }
-    for (const { target } of sides) await throughput(target, Math.min(o.warmup, 200), o.window);
-    for (const [i, { target }] of sides.entries()) {
+    for (const target of targets) await throughput(target, Math.min(o.warmup, 200), o.window);
+    for (const [i, target] of targets.entries()) {
       target.hops?.reset();
       lat[i]!.push(await latency(target, o.rate, o.durationS));
       progress(`round ${r + 1} ${target.name} p99_ms ${lat[i]!.at(-1)!.p99_ms}`);
@@ -438,7 +538,7 @@ async function measure(sides: Side[], o: Options): Promise<PhaseResult[]> {
     }
   }
   const med = (xs: number[]) => xs.toSorted((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-  return sides.map((_, i) => {
+  return targets.map((_, i) => {
     const l = lat[i]!;
     const pick = (k: keyof Latency) => med(l.map((x) => x[k]));
     return {
@@ -529,7 +629,7 @@ async function startBare(
       target.tracker.final(decoder.decode(m.data.subarray(7, 17)), performance.now()),
   });
   return {
-    target,
+    targets: [target],
     async close() {
       sub.unsubscribe();
       await Promise.all(stages.map((p) => stopProc(p)));
@@ -589,19 +689,130 @@ interface WeftSide extends Side {
   finish(): Promise<{ state_processed: number; state_expected: number; service_stats: string }>;
 }
 
+/**
+ * The HTTP load generator (`bench/http_load.ts`) in a process of its own, driven over its
+ * stdin; the send times it reports are moved onto this process's clock.
+ */
+class LoadGen {
+  /** Items the gateway accepted from it. */
+  accepted = 0;
+  private offset = 0;
+  private tracker?: Tracker;
+  private reply?: (line: string) => void;
+  private readonly writer: WritableStreamDefaultWriter<Uint8Array>;
+
+  private constructor(private readonly proc: Proc) {
+    this.writer = proc.child.stdin.getWriter();
+    this.read().catch((err) => failure(err));
+  }
+
+  /** Starts the generator against the gateway at `url` and aligns the two clocks. */
+  static async start(url: string, port: number, connections: number): Promise<LoadGen> {
+    const proc = spawn(
+      "http-load",
+      [
+        "run",
+        "--no-prompt",
+        `--allow-net=127.0.0.1:${port}`,
+        "bench/http_load.ts",
+        url,
+        String(connections),
+      ],
+      {},
+      { piped: true },
+    );
+    const gen = new LoadGen(proc);
+    const samples: ClockSample[] = [];
+    for (let i = 0; i < 20; i++) {
+      const sentAt = performance.now();
+      const line = await gen.command({ cmd: "ping" });
+      samples.push({ sentAt, remote: Number(line.split(" ")[1]), receivedAt: performance.now() });
+    }
+    gen.offset = clockOffset(samples);
+    return gen;
+  }
+
+  private async read() {
+    let buf = "";
+    for await (const chunk of this.proc.child.stdout.pipeThrough(new TextDecoderStream())) {
+      buf += chunk;
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        if (line.startsWith("s ")) {
+          const parts = line.split(" ");
+          const at = Number(parts[1]) - this.offset;
+          for (let k = 2; k < parts.length; k++) this.tracker?.sent(parts[k]!, at);
+          this.accepted += parts.length - 2;
+        } else if (line.startsWith("pong ") || line.startsWith("done ")) {
+          const reply = this.reply;
+          this.reply = undefined;
+          reply?.(line);
+        }
+      }
+    }
+  }
+
+  private async command(cmd: Record<string, unknown>): Promise<string> {
+    const answered = new Promise<string>((r) => (this.reply = r));
+    await this.writer.write(encoder.encode(JSON.stringify(cmd) + "\n"));
+    return await answered;
+  }
+
+  /** The {@link ExternalLoad} of POSTs of `batch` items (1: POST /feedback). */
+  feed(batch: number): ExternalLoad {
+    return {
+      throughput: async (items, window, tracker) => {
+        this.tracker = tracker;
+        await this.command({ cmd: "throughput", items, window, batch });
+      },
+      latency: async (rate, seconds, tracker) => {
+        this.tracker = tracker;
+        const line = await this.command({ cmd: "latency", rate, seconds, batch });
+        return Number(line.split(" ")[2]) / 1000;
+      },
+    };
+  }
+
+  async close() {
+    await this.writer.close().catch(() => {});
+    await stopProc(this.proc);
+  }
+}
+
+/** Waits until the gateway at `url` answers /readyz. */
+async function gatewayReady(url: string) {
+  const ready = (async () => {
+    while (true) {
+      try {
+        const res = await fetch(`${url}/readyz`);
+        await res.body?.cancel();
+        if (res.ok) return;
+      } catch { /* not listening yet */ }
+      await sleep(100);
+    }
+  })();
+  await within(ready, 60_000, `gateway at ${url}`);
+}
+
 async function startWeft(
   nc: NatsConnection,
   server: NatsServer,
   o: Options,
 ): Promise<WeftSide> {
+  const http = o.sides.has("weft_http") || o.sides.has("weft_http_batch");
+  const port = freePort();
   const config = loadConfig({
-    env: (name) => name === "NATS_URL" ? server.url : Deno.env.get(name),
+    env: (name) =>
+      name === "NATS_URL" ? server.url : name === "PORT" ? String(port) : Deno.env.get(name),
     args: [],
   });
   const jsm = await jetstreamManager(nc);
   await ensureTopology(nc, jsm, config);
   const services: Proc[] = [];
-  for (const spec of SERVICES.filter((s) => WEFT_SERVICES.includes(s.name))) {
+  const names = [...WEFT_SERVICES, ...(http ? ["gateway"] : [])];
+  for (const spec of SERVICES.filter((s) => names.includes(s.name))) {
     // Each service as its own NATS identity, as under deno task start.
     const seed = seeds?.get(spec.name);
     services.push(spawn(
@@ -609,30 +820,59 @@ async function startWeft(
       serviceArgs(spec, seed ? { ...config, natsNkey: seed } : config),
       {
         NATS_URL: server.url,
+        PORT: String(port),
         ...(seed ? { WEFT_NATS_NKEY: seed, WEFT_ENSURE_TOPOLOGY: "false" } : {}),
       },
     ));
   }
   await waitForConsumers(jsm, WEFT_SERVICES);
+  const url = `http://${config.host}:${port}`;
+  let gen: LoadGen | undefined;
+  if (http) {
+    await gatewayReady(url);
+    gen = await LoadGen.start(url, port, o.connections);
+  }
   const intake = await createIntake(nc);
   let submitted = 0;
-  const target: Target = {
-    name: "weft",
-    tracker: new Tracker(),
-    drained: () => consumersDrained(jsm, FEEDBACK_STREAM, WEFT_SERVICES),
-    async submit(i) {
-      submitted++;
-      return (await intake.submit({ text: TEXTS[i % TEXTS.length]!, channel: "bench" })).body.id;
+  // One final-event subscription for every feed: only one is measured at a time.
+  let active = new Tracker();
+  let probe: HopProbe | undefined;
+  const feed = (name: SideName, how: Pick<Target, "submit" | "load">): Target => ({
+    name,
+    get tracker() {
+      return active;
     },
-  };
+    set tracker(t: Tracker) {
+      active = t;
+    },
+    drained: () => consumersDrained(jsm, FEEDBACK_STREAM, WEFT_SERVICES),
+    get hops() {
+      return probe;
+    },
+    ...how,
+  });
+  const targets: Target[] = [];
+  if (o.sides.has("weft")) {
+    targets.push(feed("weft", {
+      async submit(i) {
+        submitted++;
+        return (await intake.submit({ text: TEXTS[i % TEXTS.length]!, channel: "bench" })).body
+          .id;
+      },
+    }));
+  }
+  if (gen && o.sides.has("weft_http")) targets.push(feed("weft_http", { load: gen.feed(1) }));
+  if (gen && o.sides.has("weft_http_batch")) {
+    targets.push(feed("weft_http_batch", { load: gen.feed(o.batch) }));
+  }
   const prefix = `${FeedbackEventType.Processed}.`;
   const sub = nc.subscribe(`${prefix}*`, {
-    callback: (_err, m) => target.tracker.final(m.subject.slice(prefix.length), performance.now()),
+    callback: (_err, m) => active.final(m.subject.slice(prefix.length), performance.now()),
   });
   let hopSub: ReturnType<NatsConnection["subscribe"]> | undefined;
   if (o.hops) {
     const T = FeedbackEventType;
-    const probe = target.hops = new HopProbe([
+    const hops = probe = new HopProbe([
       T.Ingested,
       T.SentimentAnalyzed,
       T.TopicsExtracted,
@@ -643,28 +883,155 @@ async function startWeft(
       callback: (_err, m) => {
         const at = performance.now();
         const [, type, id] = m.subject.split(".");
-        probe.event(`feedback.${type}`, id!, at);
+        hops.event(`feedback.${type}`, id!, at);
       },
     });
   }
   const close = async () => {
     sub.unsubscribe();
     hopSub?.unsubscribe();
+    await gen?.close();
     await Promise.all(services.map((p) => stopProc(p)));
   };
   return {
-    target,
+    targets,
     close,
     async finish() {
       const counts = await stateCounts(nc, jsm);
       await close();
       return {
         state_processed: counts.processed ?? 0,
-        state_expected: submitted,
+        state_expected: submitted + (gen?.accepted ?? 0),
         service_stats: serviceStats(services),
       };
     },
   };
+}
+
+// ---------------------------------------------------------------- (c) BullMQ + Redis
+
+/** The comparison pipeline's queues: ingest -> sentiment -> topics -> dispatch. */
+const BULLMQ_QUEUES = ["ingest", "sentiment", "topics", "dispatch"];
+
+/** redis-server's version line, or undefined when it is not on PATH. */
+async function redisVersion(): Promise<string | undefined> {
+  try {
+    const out = await new Deno.Command("redis-server", { args: ["--version"], stdout: "piped" })
+      .output();
+    return new TextDecoder().decode(out.stdout).trim();
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return undefined;
+    throw err;
+  }
+}
+
+/**
+ * A redis-server of its own (free loopback port, temporary directory, append-only file
+ * with `appendfsync everysec`, no RDB snapshots), four BullMQ stage processes, and a
+ * source adding jobs to the first queue from this process.
+ */
+async function startBullmq(o: Options): Promise<Side> {
+  const dir = await Deno.makeTempDir({ prefix: "weft-bench-redis-" });
+  const port = freePort();
+  const redisProc = spawn(
+    "redis-server",
+    [
+      "--port",
+      String(port),
+      "--bind",
+      "127.0.0.1",
+      "--dir",
+      dir,
+      "--appendonly",
+      "yes",
+      "--appendfsync",
+      "everysec",
+      "--save",
+      "",
+      "--daemonize",
+      "no",
+    ],
+    {},
+    { command: "redis-server" },
+  );
+  // Connect once it listens (ioredis reports every refused attempt as an error).
+  await within(
+    (async () => {
+      while (true) {
+        try {
+          (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+          return;
+        } catch {
+          await sleep(20);
+        }
+      }
+    })(),
+    30_000,
+    "redis-server listening",
+  );
+  const connection = new Redis({ host: "127.0.0.1", port, maxRetriesPerRequest: null });
+  const subscriber = new Redis({ host: "127.0.0.1", port, maxRetriesPerRequest: null });
+  const stages: Proc[] = [];
+  const queues: Queue[] = [];
+  const close = async () => {
+    await Promise.all(stages.map((p) => stopProc(p)));
+    await Promise.all(queues.map((q) => q.close().catch(() => {})));
+    subscriber.disconnect();
+    connection.disconnect();
+    await stopProc(redisProc);
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  };
+  try {
+    await within(connection.ping(), 30_000, "redis-server");
+    for (const [s, from] of BULLMQ_QUEUES.entries()) {
+      stages.push(spawn(`bullmq-${from}`, [
+        "run",
+        "--no-prompt",
+        `--allow-net=127.0.0.1:${port}`,
+        "--allow-env",
+        "bench/bullmq_stage.ts",
+        String(port),
+        from,
+        BULLMQ_QUEUES[s + 1] ?? "done",
+        String(o.bullmqConcurrency),
+      ]));
+      queues.push(new Queue(from, { connection, defaultJobOptions: JOB_OPTIONS }));
+    }
+    await within(
+      (async () => {
+        while (!stages.every((p) => p.tail.includes("ready"))) await sleep(50);
+      })(),
+      60_000,
+      "BullMQ workers",
+    );
+    let seq = 0;
+    const target: Target = {
+      name: "bullmq",
+      tracker: new Tracker(),
+      drained: async () => {
+        for (const q of queues) {
+          while (true) {
+            const c = await q.getJobCounts("waiting", "active", "delayed", "prioritized");
+            if (Object.values(c).every((n) => n === 0)) break;
+            await sleep(10);
+          }
+        }
+      },
+      async submit(i) {
+        const id = String(seq++);
+        await queues[0]!.add("item", { id, text: TEXTS[i % TEXTS.length] });
+        return id;
+      },
+    };
+    subscriber.on("message", (_channel: string, id: string) => {
+      target.tracker.final(id, performance.now());
+    });
+    await subscriber.subscribe(DONE_CHANNEL);
+    return { targets: [target], close };
+  } catch (err) {
+    await close();
+    throw err;
+  }
 }
 
 /** The counters each service logs when it stops (retries, dead letters, state writes). */
@@ -741,30 +1108,82 @@ async function main() {
     print("config.duration_s", o.durationS);
     print("config.rounds", o.rounds);
     print("config.bare_subjects", o.bareSubjects);
+    print("config.sides", [...o.sides].join(","));
+    print("config.http_batch_items", o.batch);
+    print("config.http_connections", o.connections);
+    print("config.bullmq_concurrency", o.bullmqConcurrency);
+    if (o.prof.length > 0) {
+      profile = { names: new Set(o.prof), dir: await Deno.makeTempDir({ prefix: "weft-prof-" }) };
+      print("prof.dir", profile.dir);
+    }
     print("load_avg.start", loadAvg());
     const sides: Side[] = [];
-    if (o.only !== "weft") sides.push(await startBare(nc, server, o.bareSubjects));
-    const w = o.only === "bare" ? undefined : await startWeft(nc, server, o);
+    if (o.sides.has("bare")) sides.push(await startBare(nc, server, o.bareSubjects));
+    const weftFeeds: SideName[] = ["weft", "weft_http", "weft_http_batch"];
+    const w = weftFeeds.some((f) => o.sides.has(f)) ? await startWeft(nc, server, o) : undefined;
     if (w) sides.push(w);
-    closers.push(...sides.map((side) => side.close));
-    const results = await measure(sides, o);
-    const a = o.only === "weft" ? undefined : results[0];
-    const b = w ? { ...results.at(-1)!, ...(await w.finish()) } : undefined;
-    for (const [k, v] of Object.entries(a ?? {})) print(`bare.${k}`, v);
-    if (b) {
-      print("weft.feed_path", "createIntake(nc).submit() (the gateway intake code, no HTTP)");
-      for (const [k, v] of Object.entries(b)) print(`weft.${k}`, v);
+    if (o.sides.has("bullmq")) {
+      const version = await redisVersion();
+      if (version) {
+        print("bullmq.redis", `${version} (appendonly yes, appendfsync everysec, no RDB)`);
+        sides.push(await startBullmq(o));
+      } else {
+        print(
+          "bullmq.skipped",
+          "redis-server is not on PATH (Debian: apt-get install -y redis-server)",
+        );
+      }
     }
+    closers.push(...sides.map((side) => side.close));
+    const targets = sides.flatMap((side) => side.targets);
+    const measured = await measure(targets, o);
+    const results = new Map<SideName, PhaseResult>(
+      targets.map((t, i) => [t.name, measured[i]!]),
+    );
+    const extra = w ? await w.finish() : undefined;
+    const feedPath: Record<SideName, string> = {
+      bare: "js.publish() from the bench process",
+      weft: "createIntake(nc).submit() in the bench process (the gateway intake code, no HTTP)",
+      weft_http: "POST /feedback, one item a request, keep-alive HTTP from another process",
+      weft_http_batch:
+        `POST /feedback/batch, ${o.batch} items a request, keep-alive HTTP from another process`,
+      bullmq: "queue.add() from the bench process",
+    };
+    for (const [name, r] of results) {
+      print(`${name}.feed_path`, feedPath[name]);
+      for (const [k, v] of Object.entries(r)) print(`${name}.${k}`, v);
+    }
+    if (extra) { for (const [k, v] of Object.entries(extra)) print(`weft.${k}`, v); }
     print("load_avg.end", loadAvg());
     const met = (ok: boolean) => (ok ? "met" : "NOT_met");
-    if (a && b) {
-      const ratio = Math.round((b.items_per_s / a.items_per_s) * 100) / 100;
-      print("ratio", ratio);
-      print(`target.ratio_ge_${TARGET_RATIO}`, met(ratio >= TARGET_RATIO));
+    const round2 = (x: number) => Math.round(x * 100) / 100;
+    const bare = results.get("bare");
+    const bull = results.get("bullmq");
+    if (bare && results.has("weft")) {
+      // The ratio of earlier runs (bus-fed Weft to bare), under its old name.
+      print("ratio", round2(results.get("weft")!.items_per_s / bare.items_per_s));
     }
-    if (b) {
-      print(`target.weft_p99_le_${TARGET_P99_MS}ms`, met(b.p99_ms <= TARGET_P99_MS));
-      print("target.state_all_processed", met(b.state_processed === b.state_expected));
+    for (const name of weftFeeds) {
+      const r = results.get(name);
+      if (!r) continue;
+      if (bare) {
+        const ratio = round2(r.items_per_s / bare.items_per_s);
+        print(`ratio.${name}_vs_bare`, ratio);
+        print(`target.${name}_ge_${AIM_VS_BARE}x_bare`, met(ratio >= AIM_VS_BARE));
+        const p99 = round2(r.p99_ms / bare.p99_ms);
+        print(`p99_ratio.${name}_vs_bare`, p99);
+        print(`target.${name}_p99_le_${AIM_P99_VS_BARE}x_bare`, met(p99 <= AIM_P99_VS_BARE));
+      }
+      if (bull) {
+        const ratio = round2(r.items_per_s / bull.items_per_s);
+        print(`ratio.${name}_vs_bullmq`, ratio);
+        print(`target.${name}_ge_${AIM_VS_BULLMQ}x_bullmq`, met(ratio >= AIM_VS_BULLMQ));
+        print(`p99_ratio.${name}_vs_bullmq`, round2(r.p99_ms / bull.p99_ms));
+      }
+    }
+    if (bare && bull) print("ratio.bullmq_vs_bare", round2(bull.items_per_s / bare.items_per_s));
+    if (extra) {
+      print("target.state_all_processed", met(extra.state_processed === extra.state_expected));
     }
     // The embedded analyzers on one core (this process), after the pipelines are done.
     for (const t of benchAnalyzers(TEXTS)) {

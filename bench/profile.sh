@@ -13,8 +13,9 @@ descendants() { local p; for p in $(pgrep -P "$1"); do echo "$p"; descendants "$
 while kill -0 "$bench" 2>/dev/null; do
   for p in $(descendants "$bench"); do
     args=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null) || continue
-    name=$(grep -oE "services/[a-z]+\.ts|bare_stage\.ts [^ ]+ [^ ]+ bare[0-9]|^[^ ]*nats-server|bench/pipeline\.ts" <<<"$args" | tail -1 || true)
+    name=$(grep -oE "services/[a-z]+\.ts|bare_stage\.ts [^ ]+ [^ ]+ bare[0-9]|bullmq_stage\.ts [0-9]+ [a-z]+|bench/http_load\.ts|^[^ ]*(nats|redis)-server|bench/pipeline\.ts" <<<"$args" | tail -1 || true)
     cpu=$(awk '{print ($14+$15)/100}' "/proc/$p/stat" 2>/dev/null) || continue
+    case "$name" in bullmq_stage*) name="bullmq-${name##* }" ;; esac
     [ -n "$name" ] && echo "$cpu ${name##* }" >"$out/cpu.$p"
   done
   sleep 0.5
