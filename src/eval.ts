@@ -1,15 +1,83 @@
 /**
- * CLI: `deno task eval FILE.jsonl` evaluates the matching embedded analyzer on a
- * labelled JSONL file and prints metrics overall and per source, plus throughput.
+ * CLI: `deno task eval FILE.jsonl [--folds K] [--seed S]` evaluates the matching embedded
+ * analyzer on a labelled JSONL file and prints metrics overall and per source, plus
+ * throughput. With `--folds K` it also cross-validates the analyzer's tunable parameters
+ * (thresholds, damping): chosen on K-1 folds, scored on the held-out fold, mean and spread
+ * over the K folds, and the pooled held-out predictions per source.
  *
  * @module
  */
 
+import { parseArgs } from "node:util";
 import { benchAnalyzer } from "./analyzers/bench.ts";
-import { sentimentAnalyzer } from "./analyzers/sentiment.ts";
+import { SENTIMENT_DEFAULTS, sentimentAnalyzer, sentimentLabel } from "./analyzers/sentiment.ts";
 import { topicsAnalyzer } from "./analyzers/topics.ts";
-import { toxicityAnalyzer } from "./analyzers/toxicity.ts";
+import { TOXICITY_DEFAULT_THRESHOLD, toxicityAnalyzer } from "./analyzers/toxicity.ts";
+import {
+  type Candidate,
+  crossValidate,
+  formatCrossValidation,
+  paramGrid,
+} from "./cross_validation.ts";
 import { EvalTask, evaluate, formatEvaluation, parseRows, topicEvalClass } from "./evaluation.ts";
+
+/** Values searched by the cross-validation, the default first. */
+const SENTIMENT_GRID = {
+  positiveThreshold: [SENTIMENT_DEFAULTS.positiveThreshold, 0.05, 0.1, 0.15, 0.25, 0.3, 0.35, 0.4],
+  negativeThreshold: [
+    SENTIMENT_DEFAULTS.negativeThreshold,
+    -0.05,
+    -0.1,
+    -0.2,
+    -0.25,
+    -0.3,
+    -0.35,
+    -0.4,
+  ],
+  informationalDamping: [SENTIMENT_DEFAULTS.informationalDamping, 0.25, 0.5, 1],
+};
+const TOPICS_GRID = {
+  technical_issue: [1, 0.5, 1.5, 2, 2.5],
+  feature_request: [1, 0.5, 1.5, 2, 2.5],
+};
+const TOXICITY_GRID = {
+  threshold: [TOXICITY_DEFAULT_THRESHOLD, 0.3, 0.35, 0.4, 0.45, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8],
+};
+
+/**
+ * The predictions of every parameter setting searched for a task, the defaults first.
+ * Settings that only move a threshold reuse one scoring pass.
+ */
+function candidates(task: EvalTask, texts: readonly string[]): Candidate[] {
+  switch (task) {
+    case EvalTask.sentiment: {
+      const scores = new Map<number, number[]>();
+      for (const d of SENTIMENT_GRID.informationalDamping) {
+        const a = sentimentAnalyzer({ informationalDamping: d });
+        scores.set(d, texts.map((t) => a.analyze(t).score));
+      }
+      return paramGrid(SENTIMENT_GRID).map((p) => ({
+        params: p,
+        predicted: scores.get(p.informationalDamping!)!.map((s) =>
+          sentimentLabel(s, p.positiveThreshold!, p.negativeThreshold!)
+        ),
+      }));
+    }
+    case EvalTask.topics:
+      return paramGrid(TOPICS_GRID).map((p) => {
+        const a = topicsAnalyzer({ thresholds: p });
+        return { params: p, predicted: texts.map((t) => topicEvalClass(a.analyze(t).topics)) };
+      });
+    case EvalTask.toxicity: {
+      const a = toxicityAnalyzer();
+      const scores = texts.map((t) => a.analyze(t).score);
+      return paramGrid(TOXICITY_GRID).map((p) => ({
+        params: p,
+        predicted: scores.map((s) => (s >= p.threshold! ? "flagged" : "not_flagged")),
+      }));
+    }
+  }
+}
 
 /** Predictions (as scoring classes) and the analyzer used, for one task. */
 function predictor(
@@ -39,11 +107,30 @@ function predictor(
   }
 }
 
+const USAGE = "usage: deno task eval FILE.jsonl [--folds K] [--seed S]";
+
 async function main(args: string[]): Promise<number> {
-  const file = args[0];
-  if (!file) {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: { folds: { type: "string" }, seed: { type: "string" } },
+    });
+  } catch (e) {
     // deno-lint-ignore no-console
-    console.error("usage: deno task eval FILE.jsonl");
+    console.error(`${e instanceof Error ? e.message : e}\n${USAGE}`);
+    return 2;
+  }
+  const file = parsed.positionals[0];
+  const folds = parsed.values.folds === undefined ? undefined : Number(parsed.values.folds);
+  const seed = parsed.values.seed === undefined ? 1 : Number(parsed.values.seed);
+  if (
+    !file || (folds !== undefined && !(Number.isInteger(folds) && folds >= 2)) ||
+    !Number.isInteger(seed)
+  ) {
+    // deno-lint-ignore no-console
+    console.error(USAGE);
     return 2;
   }
   const { task, rows } = parseRows(await Deno.readTextFile(file));
@@ -60,6 +147,16 @@ async function main(args: string[]): Promise<number> {
       Math.round(speed.itemsPerSecond)
     }`,
   ];
+  if (folds !== undefined) {
+    const cv = crossValidate(task, rows, candidates(task, texts), { folds, seed });
+    lines.push(
+      "",
+      formatCrossValidation(cv),
+      "",
+      "== pooled held-out predictions (each row predicted by the fold that held it out)",
+      formatEvaluation(evaluate(task, rows, cv.outOfFold), p.name),
+    );
+  }
   if (task === EvalTask.topics) {
     lines.push(
       "",

@@ -17,8 +17,10 @@ export {
   createDetailScorer,
   defaultSentimentLexicon,
   type EmbeddedSentimentAnalyzer,
+  SENTIMENT_DEFAULTS,
   sentimentAnalyzer,
   type SentimentDetail,
+  sentimentLabel,
   type SentimentLexicon,
   type SentimentOptions,
   sentimentScore,
@@ -35,6 +37,7 @@ export {
 } from "./topics.ts";
 export {
   type EmbeddedToxicityAnalyzer,
+  TOXICITY_DEFAULT_THRESHOLD,
   toxicityAnalyzer,
   ToxicityCategory,
   type ToxicityOptions,

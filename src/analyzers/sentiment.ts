@@ -53,6 +53,20 @@ export interface SentimentOptions {
   name?: string;
 }
 
+/**
+ * The default values of the tunable options of {@link sentimentAnalyzer}.
+ *
+ * @example
+ * ```ts
+ * SENTIMENT_DEFAULTS.positiveThreshold; // 0.2
+ * ```
+ */
+export const SENTIMENT_DEFAULTS = {
+  positiveThreshold: 0.2,
+  negativeThreshold: -0.15,
+  informationalDamping: domain.informationalDamping,
+} as const;
+
 /** An embedded, synchronous sentiment analyzer. */
 export interface EmbeddedSentimentAnalyzer {
   /** Stable name recorded on events. */
@@ -161,9 +175,9 @@ function defaultInformational(): (text: string) => boolean {
 export function sentimentAnalyzer(options: SentimentOptions = {}): EmbeddedSentimentAnalyzer {
   const lexicon = options.lexicon ?? (sharedLexicon ??= defaultSentimentLexicon());
   const scorer = createDetailScorer(lexicon);
-  const positiveThreshold = options.positiveThreshold ?? 0.2;
-  const negativeThreshold = options.negativeThreshold ?? -0.15;
-  const damping = options.informationalDamping ?? domain.informationalDamping;
+  const positiveThreshold = options.positiveThreshold ?? SENTIMENT_DEFAULTS.positiveThreshold;
+  const negativeThreshold = options.negativeThreshold ?? SENTIMENT_DEFAULTS.negativeThreshold;
+  const damping = options.informationalDamping ?? SENTIMENT_DEFAULTS.informationalDamping;
   const informational = options.informational === false
     ? undefined
     : options.informational ?? defaultInformational();
@@ -176,14 +190,31 @@ export function sentimentAnalyzer(options: SentimentOptions = {}): EmbeddedSenti
       if (informational && detail.sum !== 0 && informational(text)) {
         score = normalizeSum(detail.sum * damping);
       }
-      const label: SentimentLabel = score >= positiveThreshold
-        ? "positive"
-        : score <= negativeThreshold
-        ? "negative"
-        : "neutral";
+      const label = sentimentLabel(score, positiveThreshold, negativeThreshold);
       return { label, score, analyzer: name };
     },
   };
+}
+
+/**
+ * Labels a compound score: positive at or above `positiveThreshold`, negative at or below
+ * `negativeThreshold`, else neutral.
+ *
+ * @example
+ * ```ts
+ * sentimentLabel(0.5, 0.2, -0.15); // "positive"
+ * ```
+ */
+export function sentimentLabel(
+  score: number,
+  positiveThreshold: number,
+  negativeThreshold: number,
+): SentimentLabel {
+  return score >= positiveThreshold
+    ? "positive"
+    : score <= negativeThreshold
+    ? "negative"
+    : "neutral";
 }
 
 /**

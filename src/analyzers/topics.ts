@@ -64,6 +64,8 @@ export interface TopicsOptions {
   taxonomy?: Taxonomy;
   /** Name recorded on results. Default `"embedded:topics"`. */
   name?: string;
+  /** Per-label score thresholds that override the taxonomy's, e.g. `{ feature_request: 1.5 }`. */
+  thresholds?: Readonly<Record<string, number>>;
 }
 
 /** An embedded, synchronous topic analyzer. */
@@ -219,6 +221,7 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
     ? compile(parseTaxonomy(options.taxonomy))
     : (defaultCompiled ??= compile(parseTaxonomy(defaultTaxonomyJson)));
   const name = options.name ?? "embedded:topics";
+  const thresholds = c.names.map((n, i) => options.thresholds?.[n] ?? c.thresholds[i]!);
   const wordCache = new Map<string, Hit[]>();
   const labels = c.names.includes(c.fallback) ? [...c.names] : [...c.names, c.fallback];
 
@@ -291,16 +294,16 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
         }
       }
       for (let l = 0; l < n; l++) {
-        if (scores[l]! < c.thresholds[l]!) continue;
+        if (scores[l]! < thresholds[l]!) continue;
         for (const j of c.implies[l]!) {
           // The implied label ranks just below the one implying it, unless it scores higher.
-          scores[j] = Math.max(scores[j]!, c.thresholds[j]!, scores[l]! - 1e-9);
+          scores[j] = Math.max(scores[j]!, thresholds[j]!, scores[l]! - 1e-9);
           const list = evidence[j] ??= [];
           for (const e of evidence[l]!) if (!list.includes(e)) list.push(e);
         }
       }
       const chosen: number[] = [];
-      for (let l = 0; l < n; l++) if (scores[l]! >= c.thresholds[l]!) chosen.push(l);
+      for (let l = 0; l < n; l++) if (scores[l]! >= thresholds[l]!) chosen.push(l);
       chosen.sort((a, b) => scores[b]! - scores[a]! || a - b);
       if (chosen.length === 0) {
         return { topics: [c.fallback], evidence: { [c.fallback]: [] }, analyzer: name };

@@ -102,3 +102,14 @@ Deno.test("the default taxonomy has the labels routing relies on", () => {
     assert.ok(topics.labels.includes(label), label);
   }
 });
+
+Deno.test("topicsAnalyzer() takes per-label thresholds that override the taxonomy's", () => {
+  const text = "The app crashes every time I open the camera";
+  assert.deepEqual(topicsAnalyzer({ thresholds: { technical_issue: 100 } }).analyze(text).topics, [
+    "general_inquiry",
+  ]);
+  assert.equal(
+    topicsAnalyzer({ thresholds: { technical_issue: 0.5 } }).analyze(text).topics[0],
+    "technical_issue",
+  );
+});

@@ -29,6 +29,16 @@ export const ToxicityCategory = {
 /** One toxicity category. */
 export type ToxicityCategory = typeof ToxicityCategory[keyof typeof ToxicityCategory];
 
+/**
+ * The default score at or above which {@link toxicityAnalyzer} flags a text.
+ *
+ * @example
+ * ```ts
+ * TOXICITY_DEFAULT_THRESHOLD; // 0.5
+ * ```
+ */
+export const TOXICITY_DEFAULT_THRESHOLD = 0.5;
+
 /** Options for {@link toxicityAnalyzer}. */
 export interface ToxicityOptions {
   /** Score at or above which a text is flagged. Default 0.5. */
@@ -155,7 +165,7 @@ function matcher(): RegExpMatcher {
  */
 export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicityAnalyzer {
   const lex = sharedLexicon ??= buildLexicon();
-  const threshold = options.threshold ?? 0.5;
+  const threshold = options.threshold ?? TOXICITY_DEFAULT_THRESHOLD;
   const obscenityMode = options.obscenity ?? "auto";
   const name = options.name ?? "embedded:toxicity";
   const w = (k: string) => lex.weights[k] ?? 0;
