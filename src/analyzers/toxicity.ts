@@ -9,7 +9,8 @@
 import { englishDataset, englishRecommendedTransformers, RegExpMatcher } from "obscenity";
 import lexiconJson from "../../rules/toxicity.lexicon.json" with { type: "json" };
 import type { ToxicityResult } from "../analysis.ts";
-import { tokenize } from "./text.ts";
+import { groupAttacks, type GroupSpan } from "./group_attack.ts";
+import { isNegator, tokenize } from "./text.ts";
 
 /**
  * Toxicity categories the analyzer reports.
@@ -80,6 +81,8 @@ interface Lexicon {
   threatVerbs: Set<string>;
   threatTargets: Set<string>;
   obscenityKinds: Map<string, Kind>;
+  thingInsults: Set<string>;
+  persons: Set<string>;
 }
 
 function buildLexicon(): Lexicon {
@@ -129,6 +132,8 @@ function buildLexicon(): Lexicon {
     ),
     threatTargets: new Set(lexiconJson.threat.targets),
     obscenityKinds,
+    thingInsults: new Set(lexiconJson.thingInsults.words),
+    persons: new Set(lexiconJson.thingInsults.persons),
   };
 }
 
@@ -139,6 +144,21 @@ function buildLexicon(): Lexicon {
  */
 const MAYBE_OBFUSCATED = /\p{L}[*@$#!|0-9]+\p{L}|\b\p{L} \p{L} \p{L}\b/u;
 const STRETCHED = /(.)\1\1+/g;
+
+/**
+ * Auxiliaries that make a violent verb a report of what happened ("were killed", "got
+ * shot") rather than a wish or a call ("must be hanged", "kill them").
+ */
+const REPORTED: ReadonlySet<string> = new Set([
+  "were",
+  "was",
+  "been",
+  "got",
+  "gets",
+  "are",
+  "is",
+  "being",
+]);
 
 let sharedLexicon: Lexicon | undefined;
 let sharedMatcher: RegExpMatcher | undefined;
@@ -197,6 +217,32 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
       };
       let threat = false;
       let verbAt = -10;
+      const groups: GroupSpan[] = [];
+      /** Whether a negator comes up to two words before `i` in its clause ("don't ever kill..."). */
+      const negatedBefore = (i: number): boolean => {
+        for (let j = i - 1; j >= Math.max(0, i - 2); j--) {
+          if (tokens[j + 1]!.clauseStart) return false;
+          if (isNegator(words[j]!)) return true;
+        }
+        return false;
+      };
+      /** Whether an insult at [start, end] is said of a person, when it may judge a thing. */
+      const aimedAtPerson = (start: number, end: number, insult: string): boolean => {
+        if (!lex.thingInsults.has(insult)) return true;
+        for (let j = start - 1; j >= Math.max(0, start - 3); j--) {
+          if (tokens[j + 1]!.clauseStart) break;
+          if (lex.persons.has(words[j]!) || lex.words.get(words[j]!)?.includes("identity")) {
+            return true;
+          }
+        }
+        for (let j = end + 1; j <= Math.min(words.length - 1, end + 2); j++) {
+          if (tokens[j]!.clauseStart) break;
+          if (lex.persons.has(words[j]!) || lex.words.get(words[j]!)?.includes("identity")) {
+            return true;
+          }
+        }
+        return false;
+      };
 
       for (let i = 0; i < words.length; i++) {
         const word = words[i]!;
@@ -204,14 +250,22 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
         for (let len = 1; len <= lex.maxPhraseWords && i + len <= words.length; len++) {
           if (len > 1) phrase += " " + words[i + len - 1]!;
           const kinds = lex.words.get(phrase);
-          if (kinds) { for (const k of kinds) bump(k, phrase); }
-          if (lex.threatPhrases.has(phrase)) {
+          if (kinds) {
+            for (const k of kinds) {
+              bump(
+                k === "insult" && !aimedAtPerson(i, i + len - 1, phrase) ? "mild_profanity" : k,
+                phrase,
+              );
+            }
+            if (kinds.includes("identity")) groups.push({ start: i, end: i + len - 1 });
+          }
+          if (lex.threatPhrases.has(phrase) && !negatedBefore(i)) {
             threat = true;
             note("threat", phrase);
           }
           if (!lex.prefixes.has(phrase)) break;
         }
-        if (lex.threatVerbs.has(word)) {
+        if (lex.threatVerbs.has(word) && !negatedBefore(i) && !REPORTED.has(words[i - 1] ?? "")) {
           verbAt = i;
           // A target shortly before the verb ("those people must be hanged").
           for (let j = Math.max(0, i - 5); j < i && !threat; j++) {
@@ -272,8 +326,14 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
       take("sexual", "sexual");
       const identity = counts.get("identity") ?? 0;
       if (identity > 0) {
+        const structural = groupAttacks(words, tokens, groups, (word) => {
+          const kinds = lex.words.get(word);
+          return kinds !== undefined &&
+            (kinds.includes("insult") || kinds.includes("dehumanizing") || kinds.includes("hate"));
+        });
+        for (const e of structural) note("identity", e);
         const attack = (counts.get("dehumanizing") ?? 0) + (counts.get("insult") ?? 0) +
-          (counts.get("hate") ?? 0) + (threat ? 1 : 0);
+          (counts.get("hate") ?? 0) + (threat ? 1 : 0) + structural.length;
         if (attack > 0) {
           clean *= 1 - w("identity_attack");
           if (!categories.includes("hate")) categories.push("hate");

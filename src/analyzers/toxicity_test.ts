@@ -74,3 +74,40 @@ Deno.test("toxicityAnalyzer() sees through stretched words like 'iiidiooot'", ()
   assert.equal(toxicity.analyze("you iiidiooot").flagged, true);
   assert.equal(toxicity.analyze("sooo good, I loooove it").flagged, false);
 });
+
+// Attacks on a group with no slur, and their look-alikes (written for these tests).
+const GROUP_ATTACKS = [
+  "Those foreigners are a disease on this country",
+  "Atheists are disgusting and corrupt",
+  "I despise Catholics",
+  "Refugees should be deported, every single one",
+  "filthy immigrants everywhere you look",
+  "Albanians will always be liars",
+];
+for (const text of GROUP_ATTACKS) {
+  Deno.test(`toxicityAnalyzer() flags the group attack ${JSON.stringify(text)} as hate`, () => {
+    const r = toxicity.analyze(text);
+    assert.equal(r.flagged, true, `score ${r.score}`);
+    assert.ok(r.categories.includes("hate"), `categories ${r.categories.join(",")}`);
+  });
+}
+
+const NOT_ATTACKS = [
+  "Nigerians are not bad people at all",
+  "Many refugees were killed in the attack last night",
+  "Our Korean neighbours are lovely",
+  "This app is garbage since the update",
+  "the sequel was pathetic and the ending was stupid",
+  "Don't ever kill yourself, you matter to us",
+];
+for (const text of NOT_ATTACKS) {
+  Deno.test(`toxicityAnalyzer() does not flag ${JSON.stringify(text)}`, () => {
+    const r = toxicity.analyze(text);
+    assert.equal(r.flagged, false, `score ${r.score} ${JSON.stringify(r.evidence)}`);
+  });
+}
+
+Deno.test("toxicityAnalyzer() counts a thing-insult when it is aimed at a person", () => {
+  assert.equal(toxicity.analyze("you are garbage").flagged, true);
+  assert.equal(toxicity.analyze("this update is garbage").flagged, false);
+});
