@@ -10,7 +10,12 @@
 
 import { parseArgs } from "node:util";
 import { benchAnalyzer } from "./analyzers/bench.ts";
-import { SENTIMENT_DEFAULTS, sentimentAnalyzer, sentimentLabel } from "./analyzers/sentiment.ts";
+import {
+  defaultSentimentLexicon,
+  SENTIMENT_DEFAULTS,
+  sentimentAnalyzer,
+  sentimentLabel,
+} from "./analyzers/sentiment.ts";
 import { topicsAnalyzer } from "./analyzers/topics.ts";
 import { TOXICITY_DEFAULT_THRESHOLD, toxicityAnalyzer } from "./analyzers/toxicity.ts";
 import {
@@ -35,6 +40,7 @@ const SENTIMENT_GRID = {
     -0.4,
   ],
   informationalDamping: [SENTIMENT_DEFAULTS.informationalDamping, 0.25, 0.5, 1],
+  irrealisScalar: [defaultSentimentLexicon().irrealisScalar, 0, 0.25, 1],
 };
 const TOPICS_GRID = {
   technical_issue: [1, 0.5, 1.5, 2, 2.5],
@@ -51,14 +57,20 @@ const TOXICITY_GRID = {
 function candidates(task: EvalTask, texts: readonly string[]): Candidate[] {
   switch (task) {
     case EvalTask.sentiment: {
-      const scores = new Map<number, number[]>();
+      const lexicon = defaultSentimentLexicon();
+      const scores = new Map<string, number[]>();
       for (const d of SENTIMENT_GRID.informationalDamping) {
-        const a = sentimentAnalyzer({ informationalDamping: d });
-        scores.set(d, texts.map((t) => a.analyze(t).score));
+        for (const irrealisScalar of SENTIMENT_GRID.irrealisScalar) {
+          const a = sentimentAnalyzer({
+            informationalDamping: d,
+            lexicon: { ...lexicon, irrealisScalar },
+          });
+          scores.set(`${d} ${irrealisScalar}`, texts.map((t) => a.analyze(t).score));
+        }
       }
       return paramGrid(SENTIMENT_GRID).map((p) => ({
         params: p,
-        predicted: scores.get(p.informationalDamping!)!.map((s) =>
+        predicted: scores.get(`${p.informationalDamping} ${p.irrealisScalar}`)!.map((s) =>
           sentimentLabel(s, p.positiveThreshold!, p.negativeThreshold!)
         ),
       }));
@@ -145,7 +157,7 @@ async function main(args: string[]): Promise<number> {
     "== throughput",
     `${speed.analyzer} items=${speed.items} ms=${speed.millis.toFixed(0)} items_per_s=${
       Math.round(speed.itemsPerSecond)
-    }`,
+    } cpu_ms=${speed.cpuMillis.toFixed(0)} items_per_cpu_s=${Math.round(speed.itemsPerCpuSecond)}`,
   ];
   if (folds !== undefined) {
     const cv = crossValidate(task, rows, candidates(task, texts), { folds, seed });

@@ -64,6 +64,7 @@ Deno.test("benchAnalyzer() measures items per second", () => {
   });
   assert.equal(r.analyzer, "noop");
   assert.ok(r.items >= 2 && r.itemsPerSecond > 0);
+  assert.ok(r.cpuMillis >= 0 && r.itemsPerCpuSecond >= 0);
 });
 
 Deno.test("benchAnalyzers() measures the three embedded analyzers", () => {

