@@ -283,3 +283,31 @@ export function formatCrossValidation(cv: CrossValidation): string {
     line("default_held_out", cv.defaults),
   ].join("\n");
 }
+
+/**
+ * Summarizes repeated cross-validations (the same folds count, other shuffles): one line
+ * per repeat, then the mean and spread over every held-out fold of every repeat.
+ *
+ * @example
+ * ```ts
+ * formatRepeated([cvSeed1, cvSeed2, cvSeed3]);
+ * ```
+ */
+export function formatRepeated(runs: readonly CrossValidation[]): string {
+  const f = (x: number) => x.toFixed(4);
+  const first = runs[0];
+  if (!first) return "";
+  const metric = targetMetricName(first.task);
+  const tuned = spread(runs.flatMap((r) => r.perFold.map((p) => p.heldOutScore)));
+  const defaults = spread(runs.flatMap((r) => r.perFold.map((p) => p.defaultScore)));
+  return [
+    `== repeated cross-validation repeats=${runs.length} folds=${first.folds}`,
+    ...runs.map((r) =>
+      `seed=${r.seed} tuned_mean=${f(r.tuned.mean)} default_mean=${f(r.defaults.mean)}`
+    ),
+    `all_folds_tuned_held_out ${metric} mean=${f(tuned.mean)} sd=${f(tuned.sd)} ` +
+    `min=${f(tuned.min)} max=${f(tuned.max)}`,
+    `all_folds_default_held_out ${metric} mean=${f(defaults.mean)} sd=${f(defaults.sd)} ` +
+    `min=${f(defaults.min)} max=${f(defaults.max)}`,
+  ].join("\n");
+}

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import {
   crossValidate,
   formatCrossValidation,
+  formatRepeated,
   paramGrid,
   spread,
   stratifiedFolds,
@@ -90,4 +91,15 @@ Deno.test("crossValidate() rejects candidates of the wrong length", () => {
       ], { folds: 2 }),
     EvalError,
   );
+});
+
+Deno.test("formatRepeated() gives the mean over every fold of every repeat", () => {
+  const rows = rowsOf([...Array(10).fill("flagged"), ...Array(10).fill("not_flagged")]);
+  const perfect = rows.map((r) => r.gold);
+  const runs = [1, 2, 3].map((seed) =>
+    crossValidate("toxicity", rows, [{ params: {}, predicted: perfect }], { folds: 2, seed })
+  );
+  const text = formatRepeated(runs);
+  assert.match(text, /repeats=3 folds=2/);
+  assert.match(text, /all_folds_tuned_held_out f1_flagged mean=1\.0000 sd=0\.0000/);
 });

@@ -1,9 +1,10 @@
 /**
- * CLI: `deno task eval FILE.jsonl [--folds K] [--seed S]` evaluates the matching embedded
+ * CLI: `deno task eval FILE.jsonl [--folds K [--seed S] [--repeats R]]` evaluates the matching embedded
  * analyzer on a labelled JSONL file and prints metrics overall and per source, plus
  * throughput. With `--folds K` it also cross-validates the analyzer's tunable parameters
  * (thresholds, damping): chosen on K-1 folds, scored on the held-out fold, mean and spread
- * over the K folds, and the pooled held-out predictions per source.
+ * over the K folds, and the pooled held-out predictions per source; `--repeats R` repeats
+ * it with R shuffles (seeds S..S+R-1) and prints the mean and spread over all R*K folds.
  *
  * @module
  */
@@ -22,9 +23,15 @@ import {
   type Candidate,
   crossValidate,
   formatCrossValidation,
+  formatRepeated,
   paramGrid,
 } from "./cross_validation.ts";
 import { EvalTask, evaluate, formatEvaluation, parseRows, topicEvalClass } from "./evaluation.ts";
+
+/** A list of values with the default first (ties in the search go to the earlier one). */
+function withDefault(value: number, others: number[]): number[] {
+  return [value, ...others.filter((v) => v !== value)];
+}
 
 /** Values searched by the cross-validation, the default first. */
 const SENTIMENT_GRID = {
@@ -42,9 +49,18 @@ const SENTIMENT_GRID = {
   informationalDamping: [SENTIMENT_DEFAULTS.informationalDamping, 0.25, 0.5, 1],
   irrealisScalar: [defaultSentimentLexicon().irrealisScalar, 0, 0.25, 1],
 };
+const TOPICS_DEFAULTS = topicsAnalyzer().thresholds;
 const TOPICS_GRID = {
-  technical_issue: [1, 0.5, 1.5, 2, 2.5],
-  feature_request: [1, 0.5, 1.5, 2, 2.5],
+  technical_issue: withDefault(TOPICS_DEFAULTS.technical_issue!, [0.5, 0.75, 1, 1.25, 1.5, 2]),
+  feature_request: withDefault(TOPICS_DEFAULTS.feature_request!, [
+    0.25,
+    0.5,
+    0.75,
+    1,
+    1.25,
+    1.5,
+    2,
+  ]),
 };
 const TOXICITY_GRID = {
   threshold: [TOXICITY_DEFAULT_THRESHOLD, 0.3, 0.35, 0.4, 0.45, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8],
@@ -119,7 +135,7 @@ function predictor(
   }
 }
 
-const USAGE = "usage: deno task eval FILE.jsonl [--folds K] [--seed S]";
+const USAGE = "usage: deno task eval FILE.jsonl [--folds K [--seed S] [--repeats R]]";
 
 async function main(args: string[]): Promise<number> {
   let parsed;
@@ -127,7 +143,11 @@ async function main(args: string[]): Promise<number> {
     parsed = parseArgs({
       args,
       allowPositionals: true,
-      options: { folds: { type: "string" }, seed: { type: "string" } },
+      options: {
+        folds: { type: "string" },
+        seed: { type: "string" },
+        repeats: { type: "string" },
+      },
     });
   } catch (e) {
     // deno-lint-ignore no-console
@@ -137,9 +157,10 @@ async function main(args: string[]): Promise<number> {
   const file = parsed.positionals[0];
   const folds = parsed.values.folds === undefined ? undefined : Number(parsed.values.folds);
   const seed = parsed.values.seed === undefined ? 1 : Number(parsed.values.seed);
+  const repeats = parsed.values.repeats === undefined ? 1 : Number(parsed.values.repeats);
   if (
     !file || (folds !== undefined && !(Number.isInteger(folds) && folds >= 2)) ||
-    !Number.isInteger(seed)
+    !Number.isInteger(seed) || !(Number.isInteger(repeats) && repeats >= 1)
   ) {
     // deno-lint-ignore no-console
     console.error(USAGE);
@@ -160,7 +181,8 @@ async function main(args: string[]): Promise<number> {
     } cpu_ms=${speed.cpuMillis.toFixed(0)} items_per_cpu_s=${Math.round(speed.itemsPerCpuSecond)}`,
   ];
   if (folds !== undefined) {
-    const cv = crossValidate(task, rows, candidates(task, texts), { folds, seed });
+    const grid = candidates(task, texts);
+    const cv = crossValidate(task, rows, grid, { folds, seed });
     lines.push(
       "",
       formatCrossValidation(cv),
@@ -168,6 +190,13 @@ async function main(args: string[]): Promise<number> {
       "== pooled held-out predictions (each row predicted by the fold that held it out)",
       formatEvaluation(evaluate(task, rows, cv.outOfFold), p.name),
     );
+    if (repeats > 1) {
+      const runs = [cv];
+      for (let r = 1; r < repeats; r++) {
+        runs.push(crossValidate(task, rows, grid, { folds, seed: seed + r }));
+      }
+      lines.push("", formatRepeated(runs));
+    }
   }
   if (task === EvalTask.topics) {
     lines.push(

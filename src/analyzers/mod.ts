@@ -49,5 +49,13 @@ export {
   type SyncAnalyzer,
   type Throughput,
 } from "./bench.ts";
-export { isNegator, normalize, type Token, tokenize } from "./text.ts";
+export {
+  contrastWeights,
+  irrealisScope,
+  isNegator,
+  normalize,
+  type Token,
+  tokenize,
+} from "./text.ts";
+export { groupAttacks, type GroupSpan } from "./group_attack.ts";
 export type { SentimentLabel, SentimentResult, TopicsResult, ToxicityResult } from "../analysis.ts";

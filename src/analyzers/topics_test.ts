@@ -113,3 +113,22 @@ Deno.test("topicsAnalyzer() takes per-label thresholds that override the taxonom
     "technical_issue",
   );
 });
+
+// Sentences written for these tests.
+Deno.test("topicsAnalyzer() reads a sentence that opens with a verb as a request (imperative)", () => {
+  assert.equal(top("Separate the music and podcast tabs.")[0], "feature_request");
+  assert.equal(top("Great player. Please unlock landscape mode on phones")[0], "feature_request");
+  // The same verb inside a sentence is no request.
+  assert.deepEqual(top("I separate my playlists by mood"), ["general_inquiry"]);
+});
+
+Deno.test("topicsAnalyzer() weighs evidence after 'but' over evidence before it", () => {
+  assert.equal(
+    top("It freezes now and then, but I really wish it had a calendar view")[0],
+    "feature_request",
+  );
+  assert.equal(
+    top("Although I wish it had a calendar view, the real problem is that it freezes on launch")[0],
+    "technical_issue",
+  );
+});
