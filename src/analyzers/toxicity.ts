@@ -83,6 +83,37 @@ interface Lexicon {
   obscenityKinds: Map<string, Kind>;
   thingInsults: Set<string>;
   persons: Set<string>;
+  /**
+   * Whether a word may be a respelling of a word of the obscenity dataset that the word
+   * lists lack ("niggah", "fukker"): not listed, and it opens like a dataset word (same first
+   * three letters, or the same sounds: "fuk" as "fuc").
+   */
+  isVariantCandidate: (word: string) => boolean;
+}
+
+/** Spellings that sound alike, folded: k and q to c, z to s, ph to f, digits to letters. */
+function soundAlike(opening: string): string {
+  return opening.replace(/[kq]/g, "c").replace(/z/g, "s").replace(/ph/g, "f").replace(/0/g, "o")
+    .replace(/[1!]/g, "i").replace(/3/g, "e").replace(/4/g, "a");
+}
+
+function variantCandidates(
+  words: ReadonlyMap<string, Kind[]>,
+  obscenityKinds: ReadonlyMap<string, Kind>,
+): (word: string) => boolean {
+  const openings3 = new Set<string>();
+  for (const w of obscenityKinds.keys()) {
+    if (!w.includes(" ") && w.length >= 3) openings3.add(w.slice(0, 3));
+  }
+  const cache = new Map<string, boolean>();
+  return (word) => {
+    let yes = cache.get(word);
+    if (yes !== undefined) return yes;
+    yes = word.length >= 3 && !words.has(word) &&
+      (openings3.has(word.slice(0, 3)) || openings3.has(soundAlike(word.slice(0, 3))));
+    if (cache.size < 50_000) cache.set(word, yes);
+    return yes;
+  };
 }
 
 function buildLexicon(): Lexicon {
@@ -132,6 +163,7 @@ function buildLexicon(): Lexicon {
     ),
     threatTargets: new Set(lexiconJson.threat.targets),
     obscenityKinds,
+    isVariantCandidate: variantCandidates(words, obscenityKinds),
     thingInsults: new Set(lexiconJson.thingInsults.words),
     persons: new Set(lexiconJson.thingInsults.persons),
   };
@@ -162,6 +194,20 @@ const REPORTED: ReadonlySet<string> = new Set([
 
 let sharedLexicon: Lexicon | undefined;
 let sharedMatcher: RegExpMatcher | undefined;
+
+const respellings = new Map<string, string | undefined>();
+
+/** The dataset word one word respells, per the obscenity matcher; cached. */
+function respelled(word: string): string | undefined {
+  if (respellings.has(word)) return respellings.get(word);
+  let original: string | undefined;
+  for (const m of matcher().getAllMatches(word)) {
+    original = englishDataset.getPayloadWithPhraseMetadata(m).phraseMetadata?.originalWord;
+    if (original) break;
+  }
+  if (respellings.size < 50_000) respellings.set(word, original);
+  return original;
+}
 
 function matcher(): RegExpMatcher {
   return sharedMatcher ??= new RegExpMatcher({
@@ -292,19 +338,25 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
         }
       }
 
+      const seen = new Set<string>();
+      const takeObscenity = (original: string | undefined) => {
+        if (!original || seen.has(original)) return;
+        seen.add(original);
+        const kind = lex.obscenityKinds.get(original);
+        if (kind && !counts.has(kind)) bump(kind, original);
+      };
       if (
         obscenityMode === "always" ||
         (obscenityMode === "auto" && MAYBE_OBFUSCATED.test(text))
       ) {
-        const seen = new Set<string>();
         for (const m of matcher().getAllMatches(text)) {
-          const original = englishDataset.getPayloadWithPhraseMetadata(m).phraseMetadata
-            ?.originalWord;
-          if (!original || seen.has(original)) continue;
-          seen.add(original);
-          const kind = lex.obscenityKinds.get(original);
-          if (kind && !counts.has(kind)) bump(kind, original);
+          takeObscenity(
+            englishDataset.getPayloadWithPhraseMetadata(m).phraseMetadata?.originalWord,
+          );
         }
+      } else if (obscenityMode === "auto") {
+        // Respellings the word lists lack ("niggah", "fukker"): the matcher on the word alone.
+        for (const w of words) if (lex.isVariantCandidate(w)) takeObscenity(respelled(w));
       }
 
       const categories: ToxicityCategory[] = [];

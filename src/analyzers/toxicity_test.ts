@@ -111,3 +111,12 @@ Deno.test("toxicityAnalyzer() counts a thing-insult when it is aimed at a person
   assert.equal(toxicity.analyze("you are garbage").flagged, true);
   assert.equal(toxicity.analyze("this update is garbage").flagged, false);
 });
+
+Deno.test("toxicityAnalyzer() finds respellings the word lists lack through the obscenity matcher", () => {
+  // Written for this test: sound-alike spellings with no symbol in them.
+  assert.equal(toxicity.analyze("shut up you fukker").flagged, true);
+  assert.deepEqual(toxicity.analyze("fuk off").categories, ["profanity"]);
+  // Words that merely open like one are left alone.
+  assert.equal(toxicity.analyze("the button is broken, best price in town though").flagged, false);
+  assert.equal(toxicityAnalyzer({ obscenity: "never" }).analyze("fuk off").flagged, false);
+});
