@@ -33,7 +33,7 @@ export interface SentimentLexicon {
   negatedNegativeScalar: number;
   /** Factor applied to words after an irrealis marker in its clause ("it would be great if"). */
   irrealisScalar: number;
-  /** Factor applied to words in a question ("is it any good?"). */
+  /** Factor applied to positive words in a question ("is it any good?"). */
   questionScalar: number;
 }
 
@@ -387,7 +387,9 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
 
       if (contrast) valence *= contrast[i]!;
       if (irrealis?.[i]) valence *= lexicon.irrealisScalar;
-      if (t.question) valence *= lexicon.questionScalar;
+      // A question asserts no praise ("is it any good?"), but a complaint asked as a
+      // question stays one ("why is it so slow?").
+      if (t.question && valence > 0) valence *= lexicon.questionScalar;
       sum += valence;
       if (strong) emotional += valence;
       if (valence > 0) positive += valence;

@@ -130,8 +130,10 @@ Deno.test("sentimentAnalyzer() damps what is only wished or supposed (irrealis)"
   );
 });
 
-Deno.test("sentimentAnalyzer() damps sentiment words inside a question", () => {
+Deno.test("sentimentAnalyzer() damps praise inside a question but keeps a complaint", () => {
   const lex = defaultSentimentLexicon();
+  const plain = sentimentAnalyzer({ informational: false });
+  assert.equal(plain.analyze("Why is the sync so slow and unreliable?").label, "negative");
   assert.ok(
     sentimentScore("Is the new editor any good?", lex) <
       sentimentScore("The new editor is good", lex),
