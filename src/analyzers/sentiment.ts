@@ -111,6 +111,10 @@ function ratingValence(share: number): number {
   return share >= 0.8 ? 3 : share >= 0.7 ? 1.5 : share > 0.5 ? 0 : share >= 0.4 ? -1.5 : -3;
 }
 
+/** A letter written three times or more in a row. */
+const STRETCHED = /(\p{L})\1\1+/u;
+const STRETCHED_ALL = /(\p{L})\1\1+/gu;
+
 /** Suffix rewrites tried when a word is not in the lexicon ("nicest" -> "nice"). */
 const SUFFIXES: ReadonlyArray<readonly [string, string]> = [
   ["iest", "y"],
@@ -311,6 +315,11 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
           break;
         }
       }
+    }
+    if (found === null && STRETCHED.test(word)) {
+      // A stretched word ("loooove", "baaad"): one letter, then two, as written.
+      found = wordValence(word.replace(STRETCHED_ALL, "$1")) ??
+        wordValence(word.replace(STRETCHED_ALL, "$1$1")) ?? null;
     }
     if (cache.size < WORD_CACHE_LIMIT) cache.set(word, found);
     return found ?? undefined;

@@ -150,3 +150,10 @@ Deno.test("defaultSentimentLexicon() fills words AFINN lacks from VADER's lexico
   assert.ok((lex.valences.get("gorgeous") ?? 0) > 0);
   assert.equal(label("The photos look gorgeous"), "positive");
 });
+
+Deno.test("sentimentAnalyzer() reads stretched words like 'loooove' and 'baaaad'", () => {
+  assert.equal(label("I loooovvve the new widgets"), "positive");
+  assert.equal(label("sooo baaaad, worst update"), "negative");
+  const lex = defaultSentimentLexicon();
+  assert.ok(sentimentScore("soooo goooood", lex) > 0);
+});
