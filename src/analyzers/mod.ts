@@ -51,6 +51,7 @@ export {
 } from "./bench.ts";
 export {
   contrastWeights,
+  hedgeScope,
   irrealisScope,
   isNegator,
   normalize,

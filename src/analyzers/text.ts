@@ -197,6 +197,37 @@ const IRREALIS_WORDS: ReadonlySet<string> = new Set([
   "wud",
 ]);
 
+/** Hedges: what follows them in their clause is said with less certainty ("maybe it's good"). */
+const HEDGE_WORDS: ReadonlySet<string> = new Set([
+  "maybe",
+  "perhaps",
+  "probably",
+  "possibly",
+  "apparently",
+  "seemingly",
+  "supposedly",
+  "seems",
+  "seemed",
+  "guess",
+  "suppose",
+]);
+
+/** Marks the tokens after any of `markers` up to the end of the marker's clause. */
+function clauseScope(
+  tokens: readonly Token[],
+  markers: ReadonlySet<string>,
+): Uint8Array | undefined {
+  let scope: Uint8Array | undefined;
+  let open = false;
+  for (let k = 0; k < tokens.length; k++) {
+    const t = tokens[k]!;
+    if (t.clauseStart) open = false;
+    if (open) (scope ??= new Uint8Array(tokens.length))[k] = 1;
+    if (markers.has(t.word)) open = true;
+  }
+  return scope;
+}
+
 /**
  * Marks the tokens inside the scope of an irrealis marker (to the end of its clause);
  * undefined when the text has none.
@@ -207,15 +238,20 @@ const IRREALIS_WORDS: ReadonlySet<string> = new Set([
  * ```
  */
 export function irrealisScope(tokens: readonly Token[]): Uint8Array | undefined {
-  let scope: Uint8Array | undefined;
-  let open = false;
-  for (let k = 0; k < tokens.length; k++) {
-    const t = tokens[k]!;
-    if (t.clauseStart) open = false;
-    if (open) (scope ??= new Uint8Array(tokens.length))[k] = 1;
-    if (IRREALIS_WORDS.has(t.word)) open = true;
-  }
-  return scope;
+  return clauseScope(tokens, IRREALIS_WORDS);
+}
+
+/**
+ * Marks the tokens inside the scope of a hedge ("maybe", "probably", "seems"), to the end
+ * of its clause; undefined when the text has none.
+ *
+ * @example
+ * ```ts
+ * hedgeScope(tokenize("maybe it is fine")); // Uint8Array [0, 1, 1, 1]
+ * ```
+ */
+export function hedgeScope(tokens: readonly Token[]): Uint8Array | undefined {
+  return clauseScope(tokens, HEDGE_WORDS);
 }
 
 /**

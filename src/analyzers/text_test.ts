@@ -1,5 +1,12 @@
 import assert from "node:assert/strict";
-import { contrastWeights, irrealisScope, isNegator, normalize, tokenize } from "./text.ts";
+import {
+  contrastWeights,
+  hedgeScope,
+  irrealisScope,
+  isNegator,
+  normalize,
+  tokenize,
+} from "./text.ts";
 
 Deno.test("tokenize() lower-cases words and keeps inner apostrophes", () => {
   assert.deepEqual(tokenize("It DOESN’T work!").map((t) => t.word), ["it", "doesn't", "work"]);
@@ -58,4 +65,9 @@ Deno.test("contrastWeights() scopes 'but' to its sentence and halves 'although' 
 Deno.test("irrealisScope() covers the rest of the clause after would/wish/if", () => {
   assert.deepEqual([...irrealisScope(tokenize("it would be great, thanks"))!], [0, 0, 1, 1, 0]);
   assert.equal(irrealisScope(tokenize("it is great")), undefined);
+});
+
+Deno.test("hedgeScope() covers the rest of the clause after maybe/probably/seems", () => {
+  assert.deepEqual([...hedgeScope(tokenize("maybe it is fine, thanks"))!], [0, 1, 1, 1, 0]);
+  assert.equal(hedgeScope(tokenize("it is fine")), undefined);
 });
