@@ -89,6 +89,22 @@ interface Lexicon {
    * three letters, or the same sounds: "fuk" as "fuc").
    */
   isVariantCandidate: (word: string) => boolean;
+  /**
+   * The group and dehumanizing kinds of a word's other number ("caucasian" for the listed
+   * "caucasians", "devil" for "devils"), so the lists need not spell both.
+   */
+  groupNumber: (word: string) => Kind[] | undefined;
+}
+
+const NUMBER_KINDS: readonly Kind[] = ["identity", "dehumanizing"];
+
+function otherNumber(words: ReadonlyMap<string, Kind[]>): (word: string) => Kind[] | undefined {
+  return (word) => {
+    if (word.length < 4) return undefined;
+    const other = word.endsWith("s") ? word.slice(0, -1) : `${word}s`;
+    const kinds = words.get(other)?.filter((k) => NUMBER_KINDS.includes(k));
+    return kinds && kinds.length > 0 ? kinds : undefined;
+  };
 }
 
 /** Spellings that sound alike, folded: k and q to c, z to s, ph to f, digits to letters. */
@@ -164,6 +180,7 @@ function buildLexicon(): Lexicon {
     threatTargets: new Set(lexiconJson.threat.targets),
     obscenityKinds,
     isVariantCandidate: variantCandidates(words, obscenityKinds),
+    groupNumber: otherNumber(words),
     thingInsults: new Set(lexiconJson.thingInsults.words),
     persons: new Set(lexiconJson.thingInsults.persons),
   };
@@ -191,6 +208,62 @@ const REPORTED: ReadonlySet<string> = new Set([
   "is",
   "being",
 ]);
+
+/**
+ * Dehumanizing words that are metaphors (vermin, disease, beasts) rather than judgements a
+ * text may fairly make ("criminals", "sick"): said of "they" or "those", an attack.
+ */
+const DEHUMANIZING_METAPHORS: ReadonlySet<string> = new Set([
+  "animals",
+  "savages",
+  "vermin",
+  "parasites",
+  "subhumans",
+  "cockroaches",
+  "rats",
+  "pigs",
+  "apes",
+  "monkeys",
+  "plague",
+  "disease",
+  "cancer",
+  "leeches",
+  "mongrels",
+  "mutts",
+  "beasts",
+  "demons",
+  "devils",
+  "filth",
+  "scum",
+  "abominations",
+]);
+
+/** Words that name a group of people without naming which. */
+const PLURAL_PERSONS: ReadonlySet<string> = new Set([
+  "they",
+  "them",
+  "those",
+  "these",
+  "theyre",
+  "they're",
+]);
+
+/** Whether a plural pronoun or demonstrative stands within four words of `at`, same clause. */
+function pluralPersonNear(
+  words: readonly string[],
+  tokens: readonly { clauseStart: boolean }[],
+  at: number,
+): boolean {
+  for (let j = at - 1; j >= Math.max(0, at - 4); j--) {
+    if (PLURAL_PERSONS.has(words[j]!)) return true;
+    if (tokens[j]!.clauseStart) break;
+  }
+  for (let j = at + 1; j <= Math.min(words.length - 1, at + 4); j++) {
+    if (tokens[j]!.clauseStart) break;
+    if (PLURAL_PERSONS.has(words[j]!)) return true;
+  }
+  return false;
+}
 
 let sharedLexicon: Lexicon | undefined;
 let sharedMatcher: RegExpMatcher | undefined;
@@ -264,6 +337,7 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
       let threat = false;
       let verbAt = -10;
       const groups: GroupSpan[] = [];
+      const dehumanizing: number[] = [];
       /** Whether a negator comes up to two words before `i` in its clause ("don't ever kill..."). */
       const negatedBefore = (i: number): boolean => {
         for (let j = i - 1; j >= Math.max(0, i - 2); j--) {
@@ -295,7 +369,7 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
         let phrase = word;
         for (let len = 1; len <= lex.maxPhraseWords && i + len <= words.length; len++) {
           if (len > 1) phrase += " " + words[i + len - 1]!;
-          const kinds = lex.words.get(phrase);
+          const kinds = lex.words.get(phrase) ?? (len === 1 ? lex.groupNumber(word) : undefined);
           if (kinds) {
             for (const k of kinds) {
               bump(
@@ -304,6 +378,9 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
               );
             }
             if (kinds.includes("identity")) groups.push({ start: i, end: i + len - 1 });
+            if (kinds.includes("dehumanizing") && DEHUMANIZING_METAPHORS.has(word)) {
+              dehumanizing.push(i);
+            }
           }
           if (lex.threatPhrases.has(phrase) && !negatedBefore(i)) {
             threat = true;
@@ -391,7 +468,13 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
           if (!categories.includes("hate")) categories.push("hate");
         }
       } else if ((counts.get("dehumanizing") ?? 0) > 0) {
-        clean *= 1 - w("dehumanizing") * 0.3;
+        // "they are vermin", "those ... cockroaches": said of people named by a plural
+        // pronoun or demonstrative in the same clause, it is an attack on a group.
+        const said = dehumanizing.some((d) => pluralPersonNear(words, tokens, d));
+        if (said) {
+          clean *= 1 - w("identity_attack");
+          if (!categories.includes("hate")) categories.push("hate");
+        } else clean *= 1 - w("dehumanizing") * 0.3;
       }
       const score = 1 - clean;
       const evidence: Record<string, string[]> = {};

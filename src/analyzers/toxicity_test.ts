@@ -83,6 +83,8 @@ const GROUP_ATTACKS = [
   "Refugees should be deported, every single one",
   "filthy immigrants everywhere you look",
   "Albanians will always be liars",
+  "They are vermin, every one of them",
+  "filthy caucasian, go home",
 ];
 for (const text of GROUP_ATTACKS) {
   Deno.test(`toxicityAnalyzer() flags the group attack ${JSON.stringify(text)} as hate`, () => {
@@ -99,6 +101,9 @@ const NOT_ATTACKS = [
   "This app is garbage since the update",
   "the sequel was pathetic and the ending was stupid",
   "Don't ever kill yourself, you matter to us",
+  "They were sick for a week",
+  "these criminals were arrested on Monday",
+  "the caucasian guy at the desk was helpful",
 ];
 for (const text of NOT_ATTACKS) {
   Deno.test(`toxicityAnalyzer() does not flag ${JSON.stringify(text)}`, () => {
