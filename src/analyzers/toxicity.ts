@@ -238,6 +238,8 @@ const DEHUMANIZING_METAPHORS: ReadonlySet<string> = new Set([
   "abominations",
 ]);
 
+/** How far (in words) an insult may stand from a group it is taken to attack. */
+const ATTACK_WINDOW = 12;
 /** Words that name a group of people without naming which. */
 const PLURAL_PERSONS: ReadonlySet<string> = new Set([
   "they",
@@ -338,6 +340,7 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
       let verbAt = -10;
       const groups: GroupSpan[] = [];
       const dehumanizing: number[] = [];
+      const attackAt: number[] = [];
       /** Whether a negator comes up to two words before `i` in its clause ("don't ever kill..."). */
       const negatedBefore = (i: number): boolean => {
         for (let j = i - 1; j >= Math.max(0, i - 2); j--) {
@@ -378,6 +381,9 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
               );
             }
             if (kinds.includes("identity")) groups.push({ start: i, end: i + len - 1 });
+            if (kinds.some((k) => k === "insult" || k === "dehumanizing" || k === "hate")) {
+              attackAt.push(i);
+            }
             if (kinds.includes("dehumanizing") && DEHUMANIZING_METAPHORS.has(word)) {
               dehumanizing.push(i);
             }
@@ -461,8 +467,12 @@ export function toxicityAnalyzer(options: ToxicityOptions = {}): EmbeddedToxicit
             (kinds.includes("insult") || kinds.includes("dehumanizing") || kinds.includes("hate"));
         });
         for (const e of structural) note("identity", e);
-        const attack = (counts.get("dehumanizing") ?? 0) + (counts.get("insult") ?? 0) +
-          (counts.get("hate") ?? 0) + (threat ? 1 : 0) + structural.length;
+        const near = attackAt.filter((a) =>
+          groups.some((g) =>
+            a >= g.start - ATTACK_WINDOW && a <= g.end + ATTACK_WINDOW
+          )
+        ).length;
+        const attack = near + (threat ? 1 : 0) + structural.length;
         if (attack > 0) {
           clean *= 1 - w("identity_attack");
           if (!categories.includes("hate")) categories.push("hate");

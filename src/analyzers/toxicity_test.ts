@@ -125,3 +125,13 @@ Deno.test("toxicityAnalyzer() finds respellings the word lists lack through the 
   assert.equal(toxicity.analyze("the button is broken, best price in town though").flagged, false);
   assert.equal(toxicityAnalyzer({ obscenity: "never" }).analyze("fuk off").flagged, false);
 });
+
+Deno.test("toxicityAnalyzer() takes an insult as an attack on a group only near the group", () => {
+  const far = toxicity.analyze(
+    "My Korean neighbours invited us to dinner last night and we all had a lovely time, " +
+      "but the taxi driver on the way home was an idiot",
+  );
+  assert.ok(!far.categories.includes("hate"), far.categories.join(","));
+  assert.ok(far.categories.includes("insult"));
+  assert.ok(toxicity.analyze("those Korean idiots again").categories.includes("hate"));
+});
