@@ -379,7 +379,7 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
         continue;
       }
       // Strong words are emotional only when said, not wished for or asked about.
-      const strong = Math.abs(valence) >= STRONG_VALENCE && !irrealis?.[i] && !t.question;
+      let strong = Math.abs(valence) >= STRONG_VALENCE && !irrealis?.[i] && !t.question;
       const sign = valence > 0 ? 1 : -1;
       if (t.shouted && !allShouted) valence += sign * CAPS_INCREMENT;
 
@@ -392,6 +392,8 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
         if (CONTRAST_WORDS.has(prev.word)) break;
         const boost = d <= 3 ? boosters.get(prev.word) : undefined;
         if (boost !== undefined) {
+          // An intensified word ("so annoying") is emotional wording too.
+          if (boost > 0 && !irrealis?.[i] && !t.question) strong = true;
           const fade = d === 1 ? 1 : d === 2 ? 0.95 : 0.9;
           valence += sign * boost * fade * (prev.shouted && !allShouted ? 2 : 1);
         }

@@ -143,6 +143,9 @@ Deno.test("sentimentAnalyzer() damps praise inside a question but keeps a compla
 Deno.test("sentimentAnalyzer() keeps strong words in bug reports while damping plain ones", () => {
   assert.equal(label("The app crashes every time I open a photo"), "neutral");
   assert.equal(label("Awful. The app crashes every time I open a photo"), "negative");
+  // An intensified word is emotional wording as well.
+  assert.equal(label("The sync keeps failing, annoying"), "neutral");
+  assert.equal(label("The sync keeps failing, really annoying"), "negative");
 });
 
 Deno.test("defaultSentimentLexicon() fills words AFINN lacks from VADER's lexicon", () => {
