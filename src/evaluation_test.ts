@@ -64,6 +64,7 @@ Deno.test("benchAnalyzer() measures items per second", () => {
   });
   assert.equal(r.analyzer, "noop");
   assert.ok(r.items >= 2 && r.itemsPerSecond > 0);
+  assert.ok(r.cpuMillis >= 0 && r.itemsPerCpuSecond >= 0);
 });
 
 Deno.test("benchAnalyzers() measures the three embedded analyzers", () => {
@@ -74,4 +75,43 @@ Deno.test("benchAnalyzers() measures the three embedded analyzers", () => {
     "embedded:toxicity",
   ]);
   assert.ok(r.every((x) => x.itemsPerSecond > 0));
+});
+
+Deno.test("deno task eval --folds prints a cross-validation of the thresholds", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/rows.jsonl`;
+    const texts = [
+      ["you are a worthless idiot", true],
+      ["I will find you and hurt you", true],
+      ["what a stupid clown you are", true],
+      ["the meeting moved to Tuesday", false],
+      ["kill the process and restart it", false],
+      ["thanks for the quick reply", false],
+    ] as const;
+    await Deno.writeTextFile(
+      file,
+      texts.map(([text, flagged]) => JSON.stringify({ text, flagged, source: "made_up" })).join(
+        "\n",
+      ),
+    );
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-read", "src/eval.ts", file, "--folds", "3"],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout);
+    assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+    assert.match(text, /== cross-validation folds=3 seed=1/);
+    assert.match(text, /tuned_held_out f1_flagged mean=\d\.\d{4} sd=\d\.\d{4}/);
+    assert.match(text, /default_held_out f1_flagged/);
+    const bad = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-read", "src/eval.ts", file, "--folds", "1"],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(bad.code, 2);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -17,8 +17,10 @@ export {
   createDetailScorer,
   defaultSentimentLexicon,
   type EmbeddedSentimentAnalyzer,
+  SENTIMENT_DEFAULTS,
   sentimentAnalyzer,
   type SentimentDetail,
+  sentimentLabel,
   type SentimentLexicon,
   type SentimentOptions,
   sentimentScore,
@@ -35,6 +37,7 @@ export {
 } from "./topics.ts";
 export {
   type EmbeddedToxicityAnalyzer,
+  TOXICITY_DEFAULT_THRESHOLD,
   toxicityAnalyzer,
   ToxicityCategory,
   type ToxicityOptions,
@@ -46,5 +49,14 @@ export {
   type SyncAnalyzer,
   type Throughput,
 } from "./bench.ts";
-export { isNegator, normalize, type Token, tokenize } from "./text.ts";
+export {
+  contrastWeights,
+  hedgeScope,
+  irrealisScope,
+  isNegator,
+  normalize,
+  type Token,
+  tokenize,
+} from "./text.ts";
+export { groupAttacks, type GroupSpan } from "./group_attack.ts";
 export type { SentimentLabel, SentimentResult, TopicsResult, ToxicityResult } from "../analysis.ts";

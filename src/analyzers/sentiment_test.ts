@@ -84,7 +84,9 @@ Deno.test("sentimentAnalyzer() reads an angry bug report as negative", () => {
 });
 
 Deno.test("sentimentAnalyzer() reads a polite feature request as neutral", () => {
-  assert.equal(label("Nice app. It would be great to have an option to export to PDF"), "neutral");
+  assert.equal(label("It would be great to have an option to export to PDF"), "neutral");
+  // Praise said outright ("Nice app.") is emotional wording the informational rule keeps.
+  assert.equal(label("Nice app. It would be great to have an option to export to PDF"), "positive");
 });
 
 Deno.test("sentimentAnalyzer() with informational: false reads a bug report as negative", () => {
@@ -94,4 +96,73 @@ Deno.test("sentimentAnalyzer() with informational: false reads a bug report as n
 
 Deno.test("sentimentAnalyzer() reads 'used to love it' as negative", () => {
   assert.equal(label("I used to love this service"), "negative");
+});
+
+// Method rules: contrast and concession scope, irrealis, questions, informational damping
+// (sentences written for these tests).
+Deno.test("sentimentAnalyzer() weighs down a clause opened by 'although'", () => {
+  const lex = defaultSentimentLexicon();
+  assert.ok(sentimentScore("Although the app is slow, I love it", lex) > 0.4);
+  assert.ok(
+    sentimentScore("Although I loved the old design, the new one is awful", lex) <
+      sentimentScore("I loved the old design, the new one is awful", lex),
+  );
+});
+
+Deno.test("sentimentAnalyzer() keeps 'but' inside its sentence, or the one before for 'But ...'", () => {
+  const lex = defaultSentimentLexicon();
+  // The first sentence's praise is not halved by a 'but' two sentences later.
+  const alone = sentimentScore("Lovely shop.", lex);
+  assert.ok(sentimentScore("Lovely shop. The courier was late but polite.", lex) > alone * 0.9);
+  // A sentence that opens with 'But' outweighs the sentence before it.
+  assert.ok(sentimentScore("It looked great at first. But it broke after a week.", lex) < 0);
+});
+
+Deno.test("sentimentAnalyzer() damps what is only wished or supposed (irrealis)", () => {
+  const lex = defaultSentimentLexicon();
+  assert.ok(
+    sentimentScore("It would be perfect if the export worked", lex) <
+      sentimentScore("It is perfect and the export works", lex),
+  );
+  assert.ok(
+    sentimentScore("I wish the search was better", lex) <
+      sentimentScore("The search is better", lex),
+  );
+});
+
+Deno.test("sentimentAnalyzer() damps praise inside a question but keeps a complaint", () => {
+  const lex = defaultSentimentLexicon();
+  const plain = sentimentAnalyzer({ informational: false });
+  assert.equal(plain.analyze("Why is the sync so slow and unreliable?").label, "negative");
+  assert.ok(
+    sentimentScore("Is the new editor any good?", lex) <
+      sentimentScore("The new editor is good", lex),
+  );
+});
+
+Deno.test("sentimentAnalyzer() keeps strong words in bug reports while damping plain ones", () => {
+  assert.equal(label("The app crashes every time I open a photo"), "neutral");
+  assert.equal(label("Awful. The app crashes every time I open a photo"), "negative");
+  // An intensified word is emotional wording as well.
+  assert.equal(label("The sync keeps failing, annoying"), "neutral");
+  assert.equal(label("The sync keeps failing, really annoying"), "negative");
+});
+
+Deno.test("defaultSentimentLexicon() fills words AFINN lacks from VADER's lexicon", () => {
+  const lex = defaultSentimentLexicon();
+  assert.ok((lex.valences.get("gorgeous") ?? 0) > 0);
+  assert.equal(label("The photos look gorgeous"), "positive");
+});
+
+Deno.test("sentimentAnalyzer() reads stretched words like 'loooove' and 'baaaad'", () => {
+  assert.equal(label("I loooovvve the new widgets"), "positive");
+  assert.equal(label("sooo baaaad, worst update"), "negative");
+  const lex = defaultSentimentLexicon();
+  assert.ok(sentimentScore("soooo goooood", lex) > 0);
+});
+
+Deno.test("sentimentAnalyzer() weighs hedged praise and blame less ('maybe', 'probably')", () => {
+  const lex = defaultSentimentLexicon();
+  assert.ok(sentimentScore("It is probably great", lex) < sentimentScore("It is great", lex));
+  assert.ok(sentimentScore("Maybe it is awful", lex) > sentimentScore("It is awful", lex));
 });

@@ -8,7 +8,7 @@
 
 import defaultTaxonomyJson from "../../rules/topics.taxonomy.json" with { type: "json" };
 import type { TopicsResult } from "../analysis.ts";
-import { isNegator, normalize, type Token, tokenize } from "./text.ts";
+import { contrastWeights, isNegator, normalize, type Token, tokenize } from "./text.ts";
 
 /** One weighted regular expression of a taxonomy label. */
 export interface TaxonomyPattern {
@@ -36,6 +36,11 @@ export interface TaxonomyLabel {
   phrases?: Record<string, number>;
   /** Regular expressions with weights. */
   patterns?: TaxonomyPattern[];
+  /**
+   * Words that count only when they open a sentence (after an optional "please"), to weights:
+   * the imperative mood, as in "Make the font bigger." or "Please bring back the old menu".
+   */
+  imperatives?: Record<string, number>;
 }
 
 /** A topic taxonomy: data, normally read from rules/topics.taxonomy.json. */
@@ -64,6 +69,8 @@ export interface TopicsOptions {
   taxonomy?: Taxonomy;
   /** Name recorded on results. Default `"embedded:topics"`. */
   name?: string;
+  /** Per-label score thresholds that override the taxonomy's, e.g. `{ feature_request: 1.5 }`. */
+  thresholds?: Readonly<Record<string, number>>;
 }
 
 /** An embedded, synchronous topic analyzer. */
@@ -72,6 +79,8 @@ export interface EmbeddedTopicsAnalyzer {
   readonly name: string;
   /** The labels this analyzer can report, fallback included. */
   readonly labels: readonly string[];
+  /** The score threshold of each taxonomy label, overrides applied. */
+  readonly thresholds: Readonly<Record<string, number>>;
   /** Analyzes one text. */
   analyze(text: string): TopicsResult;
 }
@@ -95,6 +104,7 @@ interface Compiled {
   prefixes: Array<Hit & { prefix: string }>;
   phrases: Map<string, PhraseHit[]>;
   patterns: Array<Hit & { re: RegExp }>;
+  imperatives: Map<string, Hit[]>;
   fallback: string;
 }
 
@@ -125,7 +135,7 @@ export function parseTaxonomy(json: unknown): Taxonomy {
     }
     if (seen.has(l.label)) throw new TaxonomyError(`duplicate label ${l.label}`);
     seen.add(l.label);
-    for (const key of ["keywords", "phrases"] as const) {
+    for (const key of ["keywords", "phrases", "imperatives"] as const) {
       const table = l[key];
       if (table === undefined) continue;
       if (!isRecord(table) || Object.values(table).some((w) => typeof w !== "number")) {
@@ -168,6 +178,7 @@ function compile(taxonomy: Taxonomy): Compiled {
     prefixes: [],
     phrases: new Map(),
     patterns: [],
+    imperatives: new Map(),
     fallback: taxonomy.fallback,
   };
   taxonomy.labels.forEach((l, label) => {
@@ -193,6 +204,12 @@ function compile(taxonomy: Taxonomy): Compiled {
       list.push({ label, weight, evidence: words.join(" "), words });
       c.phrases.set(words[0]!, list);
     }
+    for (const [word, weight] of Object.entries(l.imperatives ?? {})) {
+      const k = word.toLowerCase();
+      const list = c.imperatives.get(k) ?? [];
+      list.push({ label, weight, evidence: `${k} (imperative)` });
+      c.imperatives.set(k, list);
+    }
     for (const p of l.patterns ?? []) {
       c.patterns.push({ label, weight: p.weight, evidence: "", re: new RegExp(p.pattern, "i") });
     }
@@ -201,6 +218,9 @@ function compile(taxonomy: Taxonomy): Compiled {
 }
 
 const WORD_CACHE_LIMIT = 50_000;
+
+/** Words that may come before an imperative verb at the start of a sentence. */
+const IMPERATIVE_OPENERS: ReadonlySet<string> = new Set(["please", "pls", "plz", "kindly", "just"]);
 
 let defaultCompiled: Compiled | undefined;
 
@@ -219,6 +239,7 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
     ? compile(parseTaxonomy(options.taxonomy))
     : (defaultCompiled ??= compile(parseTaxonomy(defaultTaxonomyJson)));
   const name = options.name ?? "embedded:topics";
+  const thresholds = c.names.map((n, i) => options.thresholds?.[n] ?? c.thresholds[i]!);
   const wordCache = new Map<string, Hit[]>();
   const labels = c.names.includes(c.fallback) ? [...c.names] : [...c.names, c.fallback];
 
@@ -247,16 +268,19 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
   return {
     name,
     labels,
+    thresholds: Object.fromEntries(c.names.map((n, i) => [n, thresholds[i]!])),
     analyze(text: string): TopicsResult {
       const tokens = tokenize(text);
       const n = c.names.length;
       const scores = new Array<number>(n).fill(0);
       const evidence: Array<string[] | undefined> = new Array(n);
-      const add = (hit: Hit, found: string) => {
+      // Evidence weighs less before a "but" or inside an "although" clause, more after "but".
+      const contrast = contrastWeights(tokens);
+      const add = (hit: Hit, found: string, at = -1) => {
         const list = evidence[hit.label] ??= [];
         if (list.includes(found)) return;
         list.push(found);
-        scores[hit.label]! += hit.weight;
+        scores[hit.label]! += hit.weight * (contrast && at >= 0 ? contrast[at]! : 1);
       };
       for (let i = 0; i < tokens.length; i++) {
         const word = tokens[i]!.word;
@@ -275,12 +299,18 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
             }
             if (!ok) continue;
             if (c.negatable[p.label] && (negated ??= negatedAt(tokens, i))) continue;
-            add(p, p.evidence);
+            add(p, p.evidence, i);
           }
         }
         for (const hit of wordHits(word)) {
           if (c.negatable[hit.label] && (negated ??= negatedAt(tokens, i))) continue;
-          add(hit, hit.evidence);
+          add(hit, hit.evidence, i);
+        }
+        if (c.imperatives.size > 0) {
+          const t = tokens[i]!;
+          const opens = t.sentenceStart ||
+            (i > 0 && tokens[i - 1]!.sentenceStart && IMPERATIVE_OPENERS.has(tokens[i - 1]!.word));
+          if (opens) { for (const hit of c.imperatives.get(word) ?? []) add(hit, hit.evidence); }
         }
       }
       if (c.patterns.length > 0) {
@@ -291,16 +321,16 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
         }
       }
       for (let l = 0; l < n; l++) {
-        if (scores[l]! < c.thresholds[l]!) continue;
+        if (scores[l]! < thresholds[l]!) continue;
         for (const j of c.implies[l]!) {
           // The implied label ranks just below the one implying it, unless it scores higher.
-          scores[j] = Math.max(scores[j]!, c.thresholds[j]!, scores[l]! - 1e-9);
+          scores[j] = Math.max(scores[j]!, thresholds[j]!, scores[l]! - 1e-9);
           const list = evidence[j] ??= [];
           for (const e of evidence[l]!) if (!list.includes(e)) list.push(e);
         }
       }
       const chosen: number[] = [];
-      for (let l = 0; l < n; l++) if (scores[l]! >= c.thresholds[l]!) chosen.push(l);
+      for (let l = 0; l < n; l++) if (scores[l]! >= thresholds[l]!) chosen.push(l);
       chosen.sort((a, b) => scores[b]! - scores[a]! || a - b);
       if (chosen.length === 0) {
         return { topics: [c.fallback], evidence: { [c.fallback]: [] }, analyzer: name };

@@ -102,3 +102,33 @@ Deno.test("the default taxonomy has the labels routing relies on", () => {
     assert.ok(topics.labels.includes(label), label);
   }
 });
+
+Deno.test("topicsAnalyzer() takes per-label thresholds that override the taxonomy's", () => {
+  const text = "The app crashes every time I open the camera";
+  assert.deepEqual(topicsAnalyzer({ thresholds: { technical_issue: 100 } }).analyze(text).topics, [
+    "general_inquiry",
+  ]);
+  assert.equal(
+    topicsAnalyzer({ thresholds: { technical_issue: 0.5 } }).analyze(text).topics[0],
+    "technical_issue",
+  );
+});
+
+// Sentences written for these tests.
+Deno.test("topicsAnalyzer() reads a sentence that opens with a verb as a request (imperative)", () => {
+  assert.equal(top("Separate the music and podcast tabs.")[0], "feature_request");
+  assert.equal(top("Great player. Please unlock landscape mode on phones")[0], "feature_request");
+  // The same verb inside a sentence is no request.
+  assert.deepEqual(top("I separate my playlists by mood"), ["general_inquiry"]);
+});
+
+Deno.test("topicsAnalyzer() weighs evidence after 'but' over evidence before it", () => {
+  assert.equal(
+    top("It freezes now and then, but I really wish it had a calendar view")[0],
+    "feature_request",
+  );
+  assert.equal(
+    top("Although I wish it had a calendar view, the real problem is that it freezes on launch")[0],
+    "technical_issue",
+  );
+});
