@@ -28,6 +28,7 @@
  */
 import type { JetStreamClient, JetStreamManager, StreamSource } from "@nats-io/jetstream";
 import type { FeedbackState } from "./events.gen.ts";
+import type { Logger } from "./log.ts";
 import type { Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
@@ -269,4 +270,84 @@ export async function recentSiteEvents(
     }
   }
   return out;
+}
+
+/** A running {@link watchSources}. */
+export interface SourceWatch {
+  /** Source restarts made so far, per site. */
+  readonly restarts: Record<string, number>;
+  /** Stops watching (after the check in progress). */
+  stop(): Promise<void>;
+}
+
+/**
+ * Keeps each site's source going on the hub. nats-server notices a stalled source after
+ * 10 s, but its new consumer request then crosses a link that may still be down, waits 30 s
+ * for an answer, and retries with a backoff growing to 2 minutes: a site back after an
+ * outage could wait that long before the hub resumes. Every `checkMs` this reads each
+ * site's stream; a source with no message or heartbeat (1 s apart) for `stalledMs` is
+ * restarted, at most once per `restartMs`: removed and added again in two stream updates.
+ * The server then resumes it after the last event the stream holds from the site (as on
+ * every start), so nothing is stored twice or skipped.
+ */
+export function watchSources(
+  jsm: JetStreamManager,
+  sites: readonly string[],
+  opts: {
+    log: Logger;
+    checkMs?: number;
+    stalledMs?: number;
+    restartMs?: number;
+  },
+): SourceWatch {
+  const checkMs = opts.checkMs ?? 2_000;
+  const stalledMs = opts.stalledMs ?? 8_000;
+  const restartMs = opts.restartMs ?? 10_000;
+  const restarts: Record<string, number> = Object.fromEntries(sites.map((s) => [s, 0]));
+  const lastRestart = new Map<string, number>();
+  let stopped = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let wake: () => void = () => {};
+  const check = async (site: string) => {
+    const name = edgeStream(site);
+    const info = await jsm.streams.info(name);
+    const source = info.sources?.[0];
+    const active = source?.active ?? -1;
+    const stalled = active < 0 || active / 1e6 > stalledMs || source?.error !== undefined;
+    if (!stalled || Date.now() - (lastRestart.get(site) ?? 0) < restartMs) return;
+    lastRestart.set(site, Date.now());
+    const config = info.config;
+    await jsm.streams.update(name, { ...config, sources: [] });
+    await jsm.streams.update(name, config);
+    restarts[site] = (restarts[site] ?? 0) + 1;
+    opts.log.info("edge source restarted", {
+      site,
+      stream: name,
+      silent_ms: active < 0 ? null : Math.round(active / 1e6),
+      error: source?.error?.description,
+    });
+  };
+  const loop = (async () => {
+    while (!stopped) {
+      for (const site of sites) {
+        if (stopped) break;
+        await check(site).catch((err) =>
+          opts.log.warn("edge source check failed", { site, err: String(err) })
+        );
+      }
+      await new Promise<void>((r) => {
+        wake = r;
+        timer = setTimeout(r, checkMs);
+      });
+    }
+  })();
+  return {
+    restarts,
+    async stop() {
+      stopped = true;
+      clearTimeout(timer);
+      wake();
+      await loop;
+    },
+  };
 }

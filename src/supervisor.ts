@@ -35,6 +35,7 @@ import {
   leafIdentity,
   leafPermissions,
   siteConf,
+  watchSources,
 } from "./edge.ts";
 import {
   type Access,
@@ -1023,7 +1024,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   // Ready means every service answers `nats micro` pings and the gateway accepts
   // connections; only then say so, once, with where everything is.
   const missing = await waitReady(nc, config, 60_000, () => signalled, mesh.services);
-  await nc.close();
+  // A hub keeps its connection: it restarts a site's stalled source once the site is back.
+  const sourceWatch = config.hub.length > 0
+    ? watchSources(await jetstreamManager(nc), config.hub, { log })
+    : undefined;
+  if (!sourceWatch) await nc.close();
   const gateway = `${config.tlsCert ? "https" : "http"}://${config.host}:${config.port}`;
   const summary = {
     gateway,
@@ -1068,6 +1073,10 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
 
   await stopRequested;
   stopping = true;
+  if (sourceWatch) {
+    await sourceWatch.stop();
+    await nc.close().catch(() => {});
+  }
   log.info("stopping: draining services");
   await Promise.all([...running.entries()].map(async ([name, { child }]) => {
     try {

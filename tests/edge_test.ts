@@ -217,6 +217,15 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       counts[name] = { items: items.size, events: want };
     }
 
+    // Subjects never cross: the hub's own FEEDBACK stored none of the sites' publishes
+    // (the leaf identities may carry sourcing traffic only), nor a site the other's.
+    assert.equal((await hubJsm.streams.info("FEEDBACK")).state.messages, 0, "hub FEEDBACK empty");
+    const eastItems = new Set(siteEvents.east!.map((e) => e.item));
+    assert.ok(
+      siteEvents.west!.every((e) => e.item === shared || !eastItems.has(e.item)),
+      "no east item at west",
+    );
+
     // The central view: each site, its items' states, the dashboard.
     const { body: sitesBody } = await getJson(`${hub.gatewayUrl}/sites`);
     for (const s of sitesBody.sites as { site: string; items: number; events: number }[]) {
@@ -255,6 +264,7 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       outage_ms: OUTAGE_MS,
       first_link_ms: Math.round(linkMs),
       east_catch_up_ms: Math.round(caughtUpMs),
+      source_restarts: hub.logs.filter((l) => l.msg === "edge source restarted").length,
       sites: counts,
       duplicates: 0,
     });
