@@ -12,10 +12,10 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { edgeStream } from "../src/edge.ts";
 import { connectNats } from "../src/nats.ts";
 import { freePort } from "../src/nats_server.ts";
-import { IDENTITY_DIR } from "../src/supervisor.ts";
+import { clusterPidFile, IDENTITY_DIR } from "../src/supervisor.ts";
 import { readStream } from "../src/stream_reader.ts";
 import { startLink } from "./helpers/link.ts";
-import { type Mesh, startMesh } from "./helpers/mesh.ts";
+import { freePortRun, type Mesh, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 /** The outage: a deliberate duration, not a wait for anything. */
@@ -57,6 +57,67 @@ async function post(mesh: Mesh, body: Record<string, unknown>): Promise<string> 
   return answer.id!;
 }
 
+/** Waits until every accepted item has exactly one processed event at its site. */
+async function allProcessed(nc: NatsConnection, accepted: readonly string[], site: string) {
+  const jsm = await jetstreamManager(nc);
+  await waitFor(
+    async () => {
+      const info = await jsm.streams.info("FEEDBACK", { subjects_filter: "feedback.processed.*" });
+      const done = info.state.subjects ?? {};
+      return accepted.every((id) => done[`feedback.processed.${id}`] === 1) || undefined;
+    },
+    90_000,
+    `every item processed at ${site}`,
+  );
+}
+
+/**
+ * Waits until the hub holds as many of `site`'s events as the site does, then checks that
+ * they are the site's, event for event, in the site's order (so in order per item), none
+ * twice, on `site.<site>.` subjects. Returns the site's events.
+ */
+async function hubMatchesSite(
+  hub: NatsConnection,
+  siteNc: NatsConnection,
+  site: string,
+): Promise<Stored[]> {
+  const events = (await storedEvents(siteNc, "FEEDBACK"))
+    .filter((e) => e.subject.split(".").length === 3);
+  const want = events.length;
+  const jsm = await jetstreamManager(hub);
+  await waitFor(
+    async () => (await jsm.streams.info(edgeStream(site))).state.messages >= want || undefined,
+    120_000,
+    `the hub holding ${site}'s ${want} events`,
+  );
+  const hubEvents = await storedEvents(hub, edgeStream(site));
+  assert.equal(hubEvents.length, want, `${site}: as many events at the hub as at the site`);
+  assert.equal(new Set(hubEvents.map((e) => e.id)).size, want, `${site}: no event twice`);
+  assert.deepEqual(
+    hubEvents.map((e) => [e.subject, e.id]),
+    events.map((e) => [`site.${site}.${e.subject}`, e.id]),
+    `${site}: the hub's stream is the site's, in order`,
+  );
+  return events;
+}
+
+/** Waits until the hub hears from every site (GET /sites), within `ms`. */
+async function sitesLinked(hubUrl: string, ms: number): Promise<void> {
+  let last: unknown;
+  await waitFor(
+    async () => {
+      const { body } = await getJson(`${hubUrl}/sites`);
+      last = body;
+      const sites = body.sites as { site: string; last_seen_ms: number | null }[];
+      return sites.every((s) => s.last_seen_ms !== null && s.last_seen_ms < 10_000) || undefined;
+    },
+    ms,
+    "the hub sourcing every site",
+  ).catch((err) => {
+    throw new Error(`${err.message}; GET /sites: ${JSON.stringify(last)}`);
+  });
+}
+
 async function getJson(url: string): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await fetch(url);
   return { status: res.status, body: await res.json() };
@@ -91,29 +152,21 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     east: await connectNats(east.natsUrl, "test-east", east.credentials("ops")),
     west: await connectNats(west.natsUrl, "test-west", west.credentials("ops")),
   };
+  let stopLoad = async () => {};
   try {
     // The hub sources each site across the leafnode link once it is up.
     const linkedAt = performance.now();
-    let last: unknown;
-    await waitFor(
-      async () => {
-        const { body } = await getJson(`${hub.gatewayUrl}/sites`);
-        last = body;
-        const sites = body.sites as { site: string; last_seen_ms: number | null }[];
-        return sites.every((s) => s.last_seen_ms !== null && s.last_seen_ms < 10_000) ||
-          undefined;
-      },
-      120_000,
-      "the hub sourcing both sites",
-    ).catch((err) => {
-      throw new Error(`${err.message}; GET /sites: ${JSON.stringify(last)}`);
-    });
+    await sitesLinked(hub.gatewayUrl, 120_000);
     const linkMs = performance.now() - linkedAt;
 
     // Load: both sites ingest 4 items/s each, before, during and after the cut. One client
     // id is used at both sites, during the cut: the hub must keep both items apart.
     const accepted: Record<string, string[]> = { east: [], west: [] };
     let stop = false;
+    stopLoad = async () => {
+      stop = true;
+      await load.catch(() => {});
+    };
     const load = (async () => {
       for (let n = 0; !stop; n++) {
         const at = performance.now();
@@ -166,55 +219,22 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     ).then(() => performance.now() - restoredAt);
     await new Promise((r) => setTimeout(r, 5_000)); // a few seconds more load after the cut
     stop = true;
-    await load;
+    await load; // (a failed POST fails the test here)
     const caughtUpMs = await caughtUp;
     accepted.east!.push(shared, during);
     accepted.west!.push(shared);
 
     // Every item reaches its final state at its own site.
-    for (const name of SITES) {
-      const nc = ncs[name];
-      const jsm = await jetstreamManager(nc);
-      await waitFor(
-        async () => {
-          const info = await jsm.streams.info("FEEDBACK", {
-            subjects_filter: "feedback.processed.*",
-          });
-          const done = info.state.subjects ?? {};
-          return accepted[name]!.every((id) => done[`feedback.processed.${id}`] === 1) ||
-            undefined;
-        },
-        90_000,
-        `every item processed at ${name}`,
-      );
-    }
+    for (const name of SITES) await allProcessed(ncs[name], accepted[name]!, name);
 
     // The hub catches up: each site's stream, event for event, exactly once, in order.
     const siteEvents: Record<string, Stored[]> = {};
     const counts: Record<string, { items: number; events: number }> = {};
     for (const name of SITES) {
-      siteEvents[name] = (await storedEvents(ncs[name], "FEEDBACK"))
-        .filter((e) => e.subject.split(".").length === 3);
-      const want = siteEvents[name]!.length;
-      await waitFor(
-        async () =>
-          (await hubJsm.streams.info(edgeStream(name))).state.messages >= want ||
-          undefined,
-        120_000,
-        `the hub holding ${name}'s ${want} events`,
-      );
-      const hubEvents = await storedEvents(ncs.hub, edgeStream(name));
-      assert.equal(hubEvents.length, want, `${name}: as many events at the hub as at the site`);
-      assert.equal(new Set(hubEvents.map((e) => e.id)).size, want, `${name}: no event twice`);
-      // In the site's order (so in order per item), on the site's own subjects.
-      assert.deepEqual(
-        hubEvents.map((e) => [e.subject, e.id]),
-        siteEvents[name]!.map((e) => [`site.${name}.${e.subject}`, e.id]),
-        `${name}: the hub's stream is the site's, in order`,
-      );
+      siteEvents[name] = await hubMatchesSite(ncs.hub, ncs[name], name);
       const items = new Set(siteEvents[name]!.map((e) => e.item));
       assert.ok(accepted[name]!.every((id) => items.has(id)), `${name}: every accepted item`);
-      counts[name] = { items: items.size, events: want };
+      counts[name] = { items: items.size, events: siteEvents[name]!.length };
     }
 
     // Subjects never cross: the hub's own FEEDBACK stored none of the sites' publishes
@@ -224,6 +244,14 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     assert.ok(
       siteEvents.west!.every((e) => e.item === shared || !eastItems.has(e.item)),
       "no east item at west",
+    );
+
+    // A site's leafnode key opens no client connection at the hub.
+    await assert.rejects(
+      connectNats(hub.natsUrl, "test-as-leaf", {
+        nkeySeedFile: `${hub.storeDir}/${IDENTITY_DIR}/leaf-east.nk`,
+      }).then((nc) => nc.close()),
+      "leaf-east is for leafnode connections only",
     );
 
     // The central view: each site, its items' states, the dashboard.
@@ -269,6 +297,125 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       duplicates: 0,
     });
   } finally {
+    await stopLoad();
     await Promise.all(Object.values(ncs).map((nc) => nc.close()));
+  }
+});
+
+Deno.test("a clustered hub (3 nodes, the site's stream at R3) keeps collecting a site through the loss of the stream's leader and of the node the site is linked to", async () => {
+  // Two runs of three free ports that do not overlap: the nodes' client and leafnode ports.
+  const natsPort = freePortRun(3);
+  let leafPort = freePortRun(3);
+  while (Math.abs(leafPort - natsPort) < 3) leafPort = freePortRun(3);
+  await using hub = await startMesh({
+    WEFT_HUB: "north",
+    WEFT_CLUSTER: "3",
+    WEFT_LEAF_PORT: String(leafPort),
+    WEFT_TOGETHER: "all",
+  }, { natsPort });
+  const hubReady = await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "hub ready");
+  // The site knows every node of the hub (the hub advertises none).
+  await using north = await startMesh({
+    WEFT_LEAF: [0, 1, 2].map((i) => `nats-leaf://127.0.0.1:${leafPort + i}`).join(","),
+    WEFT_SITE: "north",
+    WEFT_LEAF_NKEY: `${hub.storeDir}/${IDENTITY_DIR}/leaf-north.nk`,
+    WEFT_TOGETHER: "all",
+  });
+  const siteReady = await north.waitForLog((l) => l.msg === "weft is ready", 90_000, "site");
+  const hubNc = await connectNats(String(hubReady.nats), "test-hub", hub.credentials("ops"));
+  const siteNc = await connectNats(north.natsUrl, "test-north", north.credentials("ops"));
+  let stopLoad = async () => {};
+  try {
+    const jsm = await jetstreamManager(hubNc);
+    await sitesLinked(hub.gatewayUrl, 120_000);
+    const info = await jsm.streams.info(edgeStream("north"));
+    assert.equal(info.config.num_replicas, 3, "the site's stream at R3");
+
+    // 4 items/s through both faults.
+    const accepted: string[] = [];
+    /** POSTs the site did not accept: none, as its own server never went down. */
+    const refused: string[] = [];
+    let stop = false;
+    stopLoad = async () => {
+      stop = true;
+      await load;
+    };
+    const load = (async () => {
+      for (let n = 0; !stop; n++) {
+        const at = performance.now();
+        try {
+          accepted.push(await post(north, { text: `north item ${n}: love the new search` }));
+        } catch (err) {
+          refused.push(String(err));
+        }
+        await new Promise((r) => setTimeout(r, Math.max(0, 250 - (performance.now() - at))));
+      }
+    })();
+    const pidOf = async (node: string) =>
+      Number(
+        await Deno.readTextFile(
+          `${hub.storeDir}/${clusterPidFile(Number(node.replace("weft-", "")) - 1)}`,
+        ),
+      );
+    const nodeBack = async (node: string, after: number) =>
+      await waitFor(
+        () =>
+          hub.logs.filter((l) => l.msg === "nats-server node back" && l.node === node).length >
+            after || undefined,
+        60_000,
+        `${node} back`,
+      );
+    const backs = (node: string) =>
+      hub.logs.filter((l) => l.msg === "nats-server node back" && l.node === node).length;
+    await waitFor(() => accepted.length >= 12 || undefined, 30_000, "12 items");
+
+    // 1. SIGKILL the leader of the site's stream: a replica takes the source over.
+    const leader = (await jsm.streams.info(edgeStream("north"))).cluster!.leader!;
+    const leaderBacks = backs(leader);
+    Deno.kill(await pidOf(leader), "SIGKILL");
+    await nodeBack(leader, leaderBacks);
+
+    // 2. SIGKILL the node the site's leafnode is connected to: the site links to another.
+    // (The site may be relinking after the first kill: wait until it is linked.)
+    const linkedPort = await waitFor(
+      async () => {
+        const leafz = await (await fetch(`${siteReady.nats_monitoring}/leafz`)).json();
+        return leafz.leafs?.[0]?.port as number | undefined;
+      },
+      60_000,
+      "the site linked to a hub node",
+    );
+    const linked = `weft-${linkedPort - leafPort + 1}`;
+    const linkedBacks = backs(linked);
+    Deno.kill(await pidOf(linked), "SIGKILL");
+    await nodeBack(linked, linkedBacks);
+    await waitFor(() => accepted.length >= 60 || undefined, 60_000, "60 items");
+    await stopLoad();
+    assert.deepEqual(
+      refused,
+      [],
+      `the site's gateway took every item; site log: ${
+        JSON.stringify(north.logs.filter((l) => l.level !== "info" && l.level !== "debug"))
+      }`,
+    );
+
+    await allProcessed(siteNc, accepted, "north");
+    const events = await hubMatchesSite(hubNc, siteNc, "north");
+    const items = new Set(events.map((e) => e.item));
+    assert.ok(accepted.every((id) => items.has(id)), "every accepted item at the hub");
+    const { body } = await getJson(`${hub.gatewayUrl}/sites/north/feedback/${accepted.at(-1)}`);
+    assert.equal(body.status, "processed");
+    printFigures({
+      test: "clustered hub: SIGKILL of the site stream's leader, then of the site's linked node",
+      killed: [leader, linked],
+      items: items.size,
+      events: events.length,
+      source_restarts: hub.logs.filter((l) => l.msg === "edge source restarted").length,
+      duplicates: 0,
+    });
+  } finally {
+    await stopLoad();
+    await hubNc.close();
+    await siteNc.close();
   }
 });
