@@ -174,15 +174,44 @@ export function hubConf(conf: string, leafPort: number): string {
 }
 
 /**
+ * What a site refuses from the hub over its link, whatever the hub's configuration says
+ * (the hub enforces {@link leafPermissions}; this holds even against a hub configured
+ * otherwise): any JetStream API of the site's but consumer create/delete (no stream
+ * changes, KV or direct reads), and every subject the site's mesh uses, so no event,
+ * request or bucket write can be injected from the hub.
+ */
+export function siteDenyImports(site: string): string[] {
+  const api = siteApi(site);
+  return [
+    ...["STREAM", "ACCOUNT", "META", "SERVER", "DIRECT", "$KV", "$OBJ"].map((a) => `${api}.${a}.>`),
+    `${api}.INFO`,
+    `${api}.CONSUMER.DURABLE.>`,
+    "$JS.API.>",
+    "$JS.ACK.>",
+    "$KV.>",
+    "$O.>",
+    "$SRV.>",
+    "weft.>",
+    "feedback.>",
+    "content.>",
+    "digest.>",
+    "deadletter.>",
+    "*._timer.*",
+  ];
+}
+
+/**
  * A site's server configuration: `conf` with the site's domain and a leafnode remote to
- * the hub at `urls`, authenticating with the nkey `seed` (when the hub has one for it).
+ * the hub at `urls`, authenticating with the nkey `seed` (when the hub has one for it),
+ * refusing {@link siteDenyImports} from the hub.
  */
 export function siteConf(conf: string, site: string, urls: string, seed?: string): string {
-  const list = urls.split(",").map((u) => JSON.stringify(u.trim()));
+  const list = (xs: string[]) => `[${xs.map((x) => JSON.stringify(x)).join(", ")}]`;
+  const urlList = urls.split(",").map((u) => u.trim());
   return `${withDomain(conf, site)}\n# The link to the hub (src/edge.ts).\nleafnodes {\n` +
-    `  remotes: [\n    { urls: [${list.join(", ")}]${
-      seed ? `, nkey: ${JSON.stringify(seed)}` : ""
-    } }\n  ]\n}\n`;
+    `  remotes: [\n    {\n      urls: ${list(urlList)}\n` +
+    (seed ? `      nkey: ${JSON.stringify(seed)}\n` : "") +
+    `      deny_imports: ${list(siteDenyImports(site))}\n    }\n  ]\n}\n`;
 }
 
 /** How a site's events reach the hub right now. */

@@ -7,6 +7,7 @@ import {
   leafPermissions,
   parseSiteSubject,
   siteConf,
+  siteDenyImports,
   siteEventsFilter,
 } from "./edge.ts";
 import { subjectAllowed } from "./subjects.ts";
@@ -26,7 +27,11 @@ Deno.test("siteConf gives the site its own name and domain and a remote with its
   const conf = siteConf(BASE, "east", "nats-leaf://h1:7422,nats-leaf://h2:7422", "SUSEED");
   assert.match(conf, /server_name: "weft-east"/);
   assert.match(conf, /domain: "east"/);
-  assert.match(conf, /urls: \["nats-leaf:\/\/h1:7422", "nats-leaf:\/\/h2:7422"\], nkey: "SUSEED"/);
+  assert.match(
+    conf,
+    /urls: \["nats-leaf:\/\/h1:7422", "nats-leaf:\/\/h2:7422"\]\n {6}nkey: "SUSEED"/,
+  );
+  assert.match(conf, /deny_imports: \[.*"\$JS\.east\.API\.STREAM\.>".*"feedback\.>"/);
 });
 
 Deno.test("leafPermissions let a site carry only its own sourcing traffic", () => {
@@ -52,6 +57,30 @@ Deno.test("leafPermissions let a site carry only its own sourcing traffic", () =
       "feedback.submit",
     ]
   ) assert.ok(!subjectAllowed(p.subscribe.allow, s), s);
+});
+
+Deno.test("siteDenyImports keeps the hub to consumer create/delete on the site's JetStream, and out of its subjects", () => {
+  const deny = siteDenyImports("east");
+  for (
+    const s of [
+      "$JS.east.API.STREAM.DELETE.FEEDBACK",
+      "$JS.east.API.STREAM.PURGE.FEEDBACK",
+      "$JS.east.API.$KV.weft_feedback_state.x",
+      "$JS.east.API.DIRECT.GET.FEEDBACK",
+      "$JS.API.STREAM.INFO.FEEDBACK",
+      "feedback.ingested.x",
+      "weft.feedback.submit",
+      "$KV.weft_feedback_state.x",
+      "tickets._timer.x",
+    ]
+  ) assert.ok(subjectAllowed(deny, s), s);
+  for (
+    const s of [
+      "$JS.east.API.CONSUMER.CREATE.FEEDBACK.c.feedback.>",
+      "$JS.east.API.CONSUMER.DELETE.FEEDBACK.c",
+      "$JS.FC.FEEDBACK.c.x",
+    ]
+  ) assert.ok(!subjectAllowed(deny, s), s);
 });
 
 Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEEDBACK onto site.<name>.feedback.>", () => {

@@ -479,12 +479,17 @@ export async function writeAuthConfig(
   const dir = `${cwd.replace(/\/$/, "")}/${IDENTITY_DIR}`;
   const perms = meshPermissions(mesh);
   const identities = await ensureIdentities(dir, perms.map((p) => p.name));
+  // A hub: one leafnode identity per edge site, usable only for a leafnode connection; and
+  // no other identity may open a leafnode connection (its permissions were made for a client).
+  const sites = edge.hub?.sites ?? [];
   const users: Parameters<typeof authorizationBlock>[0][number][] = identities.map((
     identity,
     i,
-  ) => ({ identity, permissions: perms[i]!.permissions }));
-  // A hub: one leafnode identity per edge site, usable only for a leafnode connection.
-  const sites = edge.hub?.sites ?? [];
+  ) => ({
+    identity,
+    permissions: perms[i]!.permissions,
+    ...(sites.length > 0 ? { connectionTypes: ["STANDARD"] } : {}),
+  }));
   const leaves = await ensureIdentities(dir, sites.map(leafIdentity));
   sites.forEach((site, i) =>
     users.push({

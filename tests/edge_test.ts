@@ -246,6 +246,13 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       "no east item at west",
     );
 
+    // On the hub, the sites' keys serve leafnode connections only, and every other key
+    // client connections only.
+    const conf = await Deno.readTextFile(`${hub.storeDir}/data/nats-weft.conf`);
+    const users = conf.split("\n").filter((l) => l.includes("{ nkey:"));
+    assert.ok(users.length > 2);
+    for (const u of users) assert.match(u, /allowed_connection_types: \["(STANDARD|LEAFNODE)"\]/);
+    assert.equal(users.filter((u) => u.includes('"LEAFNODE"')).length, 2, "one per site");
     // A site's leafnode key opens no client connection at the hub.
     await assert.rejects(
       connectNats(hub.natsUrl, "test-as-leaf", {
