@@ -14,6 +14,7 @@ import { connectNats } from "../src/nats.ts";
 import { freePort } from "../src/nats_server.ts";
 import { clusterPidFile, IDENTITY_DIR } from "../src/supervisor.ts";
 import { readStream } from "../src/stream_reader.ts";
+import { launchChromium } from "./helpers/chromium.ts";
 import { startLink } from "./helpers/link.ts";
 import { freePortRun, type Mesh, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
@@ -286,6 +287,26 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     assert.equal((await getJson(`${hub.gatewayUrl}/sites/north/feedback/${shared}`)).status, 404);
     const page = await fetch(`${hub.gatewayUrl}/dashboard`);
     assert.ok((await page.text()).includes("site_events"), "the dashboard lists edge items");
+    // In a real browser: the hub's dashboard lists processed items of both sites as site/id.
+    const browser = await launchChromium();
+    try {
+      const page = await browser.newPage();
+      const errors: string[] = [];
+      page.on("pageerror", (e) => errors.push(String(e)));
+      await page.goto(`${hub.gatewayUrl}/dashboard`);
+      for (const name of SITES) {
+        await page.locator(`tr[data-item^="${name}/"] td.step`, { hasText: "processed" }).first()
+          .waitFor({ timeout: 15_000 });
+      }
+      // A site's row opens the item's state, read from the hub.
+      await page.locator(`tr[data-item^="west/"]`).first().click();
+      await page.locator("#history", { hasText: "site west: processed" }).waitFor({
+        timeout: 10_000,
+      });
+      assert.deepEqual(errors, []);
+    } finally {
+      await browser.close();
+    }
     const { body: recent } = await getJson(`${hub.gatewayUrl}/dashboard/recent?limit=100`);
     const shown = recent.site_events as { site: string; event: { item_id: string } }[];
     for (const name of SITES) {
