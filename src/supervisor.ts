@@ -806,24 +806,24 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       }
       edge = { hub: { sites: config.hub, leafPort: config.leafPort } };
     } else if (config.site) {
+      // The site's key, as the hub made it: named, or where the hub keeps it.
+      const keyFile = `${IDENTITY_DIR}/${leafIdentity(config.site)}.nk`;
+      const seedFile = config.leafNkey || `${cwd.replace(/\/$/, "")}/${keyFile}`;
       let seed: string | undefined;
-      if (config.leafNkey) {
-        try {
-          seed = (await Deno.readTextFile(config.leafNkey)).trim();
-        } catch (err) {
+      try {
+        seed = (await Deno.readTextFile(seedFile)).trim();
+      } catch (err) {
+        if (config.leafNkey || !(err instanceof Deno.errors.NotFound)) {
           log.error(
-            `the site's leafnode seed ${config.leafNkey} (--leaf-nkey, WEFT_LEAF_NKEY) cannot ` +
-              `be read: copy the hub's data/identities/${
-                leafIdentity(config.site)
-              }.nk into this repository's data/ and name it`,
+            `the site's leafnode key ${seedFile} cannot be read: copy the hub's ${keyFile} ` +
+              `to this site's ${keyFile}, or name it with --leaf-nkey (WEFT_LEAF_NKEY)`,
             { err },
           );
           Deno.exit(1);
         }
-      } else {
         log.warn(
-          "no --leaf-nkey (WEFT_LEAF_NKEY): the site connects to the hub unauthenticated, " +
-            "which a Weft hub refuses",
+          `no leafnode key (${keyFile} or --leaf-nkey): the site connects to the hub ` +
+            `unauthenticated, which a Weft hub refuses; copy the hub's ${keyFile} here`,
         );
       }
       edge = { site: { name: config.site, urls: config.leaf, seed } };

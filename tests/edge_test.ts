@@ -16,7 +16,7 @@ import { clusterPidFile, IDENTITY_DIR } from "../src/supervisor.ts";
 import { readStream } from "../src/stream_reader.ts";
 import { launchChromium } from "./helpers/chromium.ts";
 import { startLink } from "./helpers/link.ts";
-import { freePortRun, type Mesh, startMesh } from "./helpers/mesh.ts";
+import { freePortRun, type Mesh, meshTempDir, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 /** The outage: a deliberate duration, not a wait for anything. */
@@ -135,15 +135,23 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
   await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "the hub ready");
   // East's uplink goes through a relay the test can cut; west's is direct.
   await using eastLink = startLink(leafPort);
-  const site = (name: string, port: number) =>
-    startMesh({
-      WEFT_LEAF: `nats-leaf://127.0.0.1:${port}`,
-      WEFT_SITE: name,
-      WEFT_LEAF_NKEY: `${hub.storeDir}/${IDENTITY_DIR}/leaf-${name}.nk`,
-      WEFT_TOGETHER: "all",
-    });
-  await using east = await site("east", eastLink.port);
-  await using west = await site("west", leafPort);
+  // East names its key (--leaf-nkey); west finds it where the hub keeps it, copied into the
+  // site's own data/identities/, as `deno task start --leaf URL --site west` does.
+  const hubKey = (name: string) => `${hub.storeDir}/${IDENTITY_DIR}/leaf-${name}.nk`;
+  await using east = await startMesh({
+    WEFT_LEAF: `nats-leaf://127.0.0.1:${eastLink.port}`,
+    WEFT_SITE: "east",
+    WEFT_LEAF_NKEY: hubKey("east"),
+    WEFT_TOGETHER: "all",
+  });
+  const westDir = await meshTempDir("weft-west-");
+  await Deno.mkdir(`${westDir}/${IDENTITY_DIR}`, { recursive: true, mode: 0o700 });
+  await Deno.copyFile(hubKey("west"), `${westDir}/${IDENTITY_DIR}/leaf-west.nk`);
+  await using west = await startMesh({
+    WEFT_LEAF: `nats-leaf://127.0.0.1:${leafPort}`,
+    WEFT_SITE: "west",
+    WEFT_TOGETHER: "all",
+  }, { storeDir: westDir });
   const meshes = { east, west };
   for (const [name, m] of Object.entries(meshes)) {
     await m.waitForLog((l) => l.msg === "weft is ready", 90_000, `site ${name} ready`);
