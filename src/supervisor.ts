@@ -623,10 +623,25 @@ export async function startCluster(
       );
     }
   }
-  const routePorts = clientPorts.map(() => freePort());
+  // Route and monitoring ports: free, and none twice, nor a client or leafnode port (a port
+  // freePort() found free is not held: a second call may return it again).
+  const base = await Deno.readTextFile(opts.configFile);
+  const leaf = /leafnodes \{\n {2}listen: "127\.0\.0\.1:(\d+)"/.exec(base);
+  const used = new Set<number>([
+    ...clientPorts,
+    ...(leaf ? clientPorts.map((_, i) => Number(leaf[1]) + i) : []),
+    ...(opts.monitorPort ? [opts.monitorPort] : []),
+  ]);
+  const pick = (): number => {
+    for (;;) {
+      const p = freePort();
+      if (!used.has(p)) return used.add(p), p;
+    }
+  };
+  const routePorts = clientPorts.map(() => pick());
+  const monitorPorts = clientPorts.map((_, i) => i === 0 ? opts.monitorPort : pick());
   const routes = routePorts.map((p) => `nats://127.0.0.1:${p}`);
   // One configuration per node: the same, with the node's own JetStream store.
-  const base = await Deno.readTextFile(opts.configFile);
   const files = await Promise.all(clientPorts.map(async (_, i) => {
     const file = `${opts.cwd.replace(/\/$/, "")}/data/nats-weft-node${i + 1}.conf`;
     const store = `store_dir: "./data/jetstream/node${i + 1}"`;
@@ -647,7 +662,7 @@ export async function startCluster(
       configFile: files[i]!,
       port,
       // The first node keeps the configured monitoring port; the others take free ones.
-      monitorPort: i === 0 ? opts.monitorPort : freePort(),
+      monitorPort: monitorPorts[i],
       cwd: opts.cwd,
       detached: true,
       pidFile: clusterPidFile(i),

@@ -11,13 +11,27 @@ import { jetstream, jetstreamManager, type JsMsg } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { edgeStream } from "../src/edge.ts";
 import { connectNats } from "../src/nats.ts";
-import { freePort } from "../src/nats_server.ts";
+import { portFree } from "../src/nats_server.ts";
 import { clusterPidFile, IDENTITY_DIR } from "../src/supervisor.ts";
 import { readStream } from "../src/stream_reader.ts";
 import { launchChromium } from "./helpers/chromium.ts";
 import { startLink } from "./helpers/link.ts";
-import { freePortRun, type Mesh, meshTempDir, startMesh } from "./helpers/mesh.ts";
+import { type Mesh, meshTempDir, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+
+/**
+ * `n` consecutive free loopback ports below the kernel's ephemeral range (32768 and up on
+ * Linux): a port chosen with `freePort()` is not held, and a later `freePort()` (a cluster
+ * node's route or monitoring port, picked by the supervisor) could be handed the same one;
+ * never one below that range.
+ */
+function freeLowPorts(n: number): number {
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const p = 20_000 + Math.floor(Math.random() * (12_000 - n));
+    if (Array.from({ length: n }, (_, i) => p + i).every(portFree)) return p;
+  }
+  throw new Error(`no ${n} free ports found below 32000`);
+}
 
 /** The outage: a deliberate duration, not a wait for anything. */
 const OUTAGE_MS = 30_000;
@@ -125,7 +139,7 @@ async function getJson(url: string): Promise<{ status: number; body: Record<stri
 }
 
 Deno.test("edge sites keep processing through a 30 s cut of their link, and the hub then has every event once, in order", async () => {
-  const leafPort = freePort();
+  const leafPort = freeLowPorts(1);
   // Each mesh runs its services in one process: three meshes share the 2 cores.
   await using hub = await startMesh({
     WEFT_HUB: SITES.join(","),
@@ -339,10 +353,10 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
 });
 
 Deno.test("a clustered hub (3 nodes, the site's stream at R3) keeps collecting a site through the loss of the stream's leader and of the node the site is linked to", async () => {
-  // Two runs of three free ports that do not overlap: the nodes' client and leafnode ports.
-  const natsPort = freePortRun(3);
-  let leafPort = freePortRun(3);
-  while (Math.abs(leafPort - natsPort) < 3) leafPort = freePortRun(3);
+  // The nodes' client and leafnode ports, where no port picked later can fall.
+  const natsPort = freeLowPorts(3);
+  let leafPort = freeLowPorts(3);
+  while (Math.abs(leafPort - natsPort) < 3) leafPort = freeLowPorts(3);
   await using hub = await startMesh({
     WEFT_HUB: "north",
     WEFT_CLUSTER: "3",
