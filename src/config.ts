@@ -128,6 +128,28 @@ export interface Config {
    */
   cluster: number;
   /**
+   * Supervisor: run as an edge site that sends its events to a hub: the hub's leafnode URL(s),
+   * comma-separated (`nats-leaf://hub.example:7422`). The site's nats-server gets its own
+   * JetStream domain (the site's name) and a leafnode connection to the hub, which sources
+   * the site's FEEDBACK stream across it. Needs `site` and `leafNkey`. `WEFT_LEAF`, `--leaf`.
+   */
+  leaf: string;
+  /** The edge site's name (its JetStream domain, and `site.<name>.` on the hub). `WEFT_SITE`, `--site`. */
+  site: string;
+  /**
+   * The seed file a site's leafnode connection authenticates with: the hub's
+   * `data/identities/leaf-<site>.nk`, copied to the site. `WEFT_LEAF_NKEY`, `--leaf-nkey`.
+   */
+  leafNkey: string;
+  /**
+   * Supervisor: run as the hub of these edge sites (comma-separated names): a leafnode
+   * listener, JetStream domain `hub`, and per site a stream `EDGE_<NAME>` sourcing the
+   * site's FEEDBACK onto `site.<name>.feedback.>`. `WEFT_HUB`, `--hub`.
+   */
+  hub: readonly string[];
+  /** Supervisor: the hub's leafnode port (loopback). `WEFT_LEAF_PORT`. */
+  leafPort: number;
+  /**
    * Supervisor: processes per built-in service, e.g. `sentiment=2,topics=2` (each on the
    * service's one durable consumer). `WEFT_REPLICAS`. Not the gateway (one port).
    */
@@ -271,6 +293,29 @@ const url = (raw: string) => {
   }
 };
 
+/**
+ * An edge site's name: lower-case letters, digits and `-`, starting with a letter, at most
+ * 32 characters. It is the site's JetStream domain and a subject token on the hub, and
+ * `hub` is the hub's own domain.
+ */
+export const SITE_NAME: RegExp = /^[a-z][a-z0-9-]{0,31}$/;
+const siteName = (raw: string) => {
+  const v = raw.trim();
+  return SITE_NAME.test(v) && v !== "hub" ? v : undefined;
+};
+/** Leafnode URLs (`nats-leaf://`, `nats://`, `tls://`), comma-separated, normalised. */
+const parseLeafUrls = (raw: string) => {
+  const urls = raw.split(",").map((u) => u.trim()).filter(Boolean);
+  try {
+    return urls.length > 0 &&
+        urls.every((u) => /^(nats-leaf|nats|tls):\/\/[^\s,]+$/.test(u) && new URL(u).port !== "")
+      ? urls.join(",")
+      : undefined;
+  } catch {
+    return undefined;
+  }
+};
+
 // deno-lint-ignore no-explicit-any
 const SETTINGS: Setting<any>[] = [
   {
@@ -357,6 +402,24 @@ const SETTINGS: Setting<any>[] = [
     },
   },
   { key: "cluster", env: "WEFT_CLUSTER", flag: "cluster", default: 1, parse: int(1, 5) },
+  { key: "leaf", env: "WEFT_LEAF", flag: "leaf", default: "", parse: parseLeafUrls },
+  { key: "site", env: "WEFT_SITE", flag: "site", default: "", parse: siteName },
+  { key: "leafNkey", env: "WEFT_LEAF_NKEY", flag: "leaf-nkey", default: "", parse: str },
+  {
+    key: "hub",
+    env: "WEFT_HUB",
+    flag: "hub",
+    default: [],
+    parse: (raw: string) => {
+      const sites = raw.split(",").map((s) => s.trim()).filter(Boolean);
+      // (A bare `--hub` reads as "true": the sites must be named.)
+      return sites.length > 0 && raw.trim() !== "true" && sites.every((s) => siteName(s) === s) &&
+          new Set(sites).size === sites.length
+        ? sites
+        : undefined;
+    },
+  },
+  { key: "leafPort", env: "WEFT_LEAF_PORT", default: 7422, parse: int(1, 65535) },
   {
     key: "serviceReplicas",
     env: "WEFT_REPLICAS",
@@ -500,6 +563,15 @@ export function loadConfig(source: ConfigSource = {}): Config {
     problems.push(
       "WEFT_NATS_CERT and WEFT_NATS_KEY go together: set both for a client certificate, or neither",
     );
+  }
+  if (Boolean(config.leaf) !== Boolean(config.site)) {
+    problems.push("--leaf (WEFT_LEAF) and --site (WEFT_SITE) go together: set both for a site");
+  }
+  if (config.leaf && (config.hub as string[]).length > 0) {
+    problems.push("a process is a hub (--hub) or an edge site (--leaf), not both");
+  }
+  if (config.leaf && Number(config.cluster) > 1) {
+    problems.push("an edge site runs one nats-server: --leaf does not go with --cluster");
   }
   if (Boolean(config.tlsCert) !== Boolean(config.tlsKey)) {
     problems.push("WEFT_TLS_CERT and WEFT_TLS_KEY go together: set both for HTTPS, or neither");

@@ -216,14 +216,21 @@ export async function ensureIdentities(dir: string, names: readonly string[]): P
  * Connections without a known key are refused.
  */
 export function authorizationBlock(
-  users: readonly { identity: Identity; permissions: Permissions }[],
+  users: readonly {
+    identity: Identity;
+    permissions: Permissions;
+    /** Only these kinds of connection may use it (e.g. `["LEAFNODE"]` for an edge site's link). */
+    connectionTypes?: readonly string[];
+  }[],
 ): string {
   const q = (s: string) => JSON.stringify(s);
   const list = (xs: readonly string[]) => `[${xs.map(q).join(", ")}]`;
   const rule = (r: { allow: string[]; deny?: string[] }) =>
     `{ allow: ${list(r.allow)}${r.deny ? `, deny: ${list(r.deny)}` : ""} }`;
-  const lines = users.map(({ identity, permissions: p }) =>
-    `    # ${identity.name}\n    { nkey: ${q(identity.publicKey)}, permissions: {\n` +
+  const lines = users.map(({ identity, permissions: p, connectionTypes }) =>
+    `    # ${identity.name}\n    { nkey: ${q(identity.publicKey)}, ` +
+    (connectionTypes ? `allowed_connection_types: ${list(connectionTypes)}, ` : "") +
+    `permissions: {\n` +
     `      publish: ${rule(p.publish)}\n      subscribe: ${rule(p.subscribe)}\n` +
     `      allow_responses: ${p.allow_responses}\n    } }`
   );

@@ -46,6 +46,7 @@ import { pipelineSubjects } from "../pipeline/derive.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { WeftMetrics } from "../metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
+import { edgeRoutes } from "./edge_routes.ts";
 
 /** What the app needs. */
 export interface GatewayDeps {
@@ -323,6 +324,12 @@ export function createApp(deps: GatewayDeps): Hono {
         feeds: new LiveFeeds(deps.moderation.js, log, config.sseFlushMs),
       }),
     );
+  }
+  if (config.hub.length > 0) {
+    // A hub: its edge sites' items, read from the streams that source them.
+    app.use("/sites", readAuth);
+    app.use("/sites/*", readAuth);
+    app.route("/sites", edgeRoutes(intake, config.hub));
   }
   app.use("/dashboard/recent", readAuth); // item texts: behind a key like the other reads
   app.use("/dashboard/stream", readAuth); // takes SSE slots: anonymous clients must not

@@ -271,11 +271,14 @@ function drawCharts() {
   drawChart("chart-rate", rate); drawChart("chart-p99", p99); drawChart("chart-backlog", backlog);
 }
 
-function onEvent(seq, ev) {
-  if (!ev || typeof ev.item_id !== "string" || seen.has(ev.id)) return;
-  seen.add(ev.id);
-  var it = items.get(ev.item_id);
-  if (!it) { it = { id: ev.item_id, text: "", sentiment: "", topics: "", team: "", step: "ingested", time: ev.time, row: null }; items.set(ev.item_id, it); }
+/** An event of this mesh's items, or (site given: a hub) of an edge site's, shown as site/id. */
+function onEvent(seq, ev, site) {
+  if (!ev || typeof ev.item_id !== "string") return;
+  var key = site ? site + "/" + ev.item_id : ev.item_id;
+  if (seen.has(key + " " + ev.id)) return;
+  seen.add(key + " " + ev.id);
+  var it = items.get(key);
+  if (!it) { it = { id: key, item: ev.item_id, site: site || "", text: "", sentiment: "", topics: "", team: "", step: "ingested", time: ev.time, row: null }; items.set(key, it); }
   var step = STEP[ev.type] || ev.type;
   var d = ev.data || {};
   if (typeof d.text === "string" && !it.text) it.text = d.text;
@@ -291,7 +294,7 @@ function renderItem(it) {
   var tbody = document.getElementById("items");
   if (!it.row) {
     it.row = el("tr", { class: "item", "data-item": it.id });
-    it.row.addEventListener("click", function () { openHistory(it.id); });
+    it.row.addEventListener("click", function () { if (it.site) openSiteItem(it); else openHistory(it.id); });
   }
   var row = it.row;
   row.textContent = "";
@@ -360,6 +363,22 @@ function openHistory(id) {
   }).then(function (status) {
     if (status === 401 || status === 403) setOptional(box, "Enter an API key above to see the item's history.");
   });
+}
+
+/** An edge site's item (on a hub): its state, folded from the events the hub holds. */
+function openSiteItem(it) {
+  selected = it.id;
+  if (historySource) historySource.abort();
+  document.getElementById("hist-id").textContent = it.id;
+  var box = document.getElementById("history");
+  box.textContent = ""; box.classList.remove("muted");
+  api("/sites/" + encodeURIComponent(it.site) + "/feedback/" + encodeURIComponent(it.item)).then(function (r) {
+    return r.ok ? r.json() : null;
+  }).then(function (state) {
+    if (!state || selected !== it.id) return;
+    box.appendChild(el("div", { class: "sum" }, "site " + state.site + ": " + state.status + " (stage " + state.stage + ")"));
+    box.appendChild(el("pre", null, JSON.stringify(state.stages, null, 1)));
+  }).catch(function () {});
 }
 
 /**
@@ -440,8 +459,14 @@ function loadRecent() {
     return r.json();
   }).then(function (body) {
     if (body) body.events.forEach(function (e) { onEvent(e.seq, e.event); });
+    // A hub: its edge sites' items too (not on this mesh's live feed: refreshed every 5 s).
+    if (body && body.site_events) {
+      body.site_events.forEach(function (e) { onEvent(e.seq, e.event, e.site); });
+      if (!siteTimer) siteTimer = setInterval(loadRecent, 5000);
+    }
   }).catch(function () {});
 }
+var siteTimer = null;
 
 function setOptional(box, text) { box.textContent = text; box.className = "muted"; }
 

@@ -16,6 +16,7 @@ import { ErrorCode, WeftError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../metrics.ts";
 import { FEEDBACK_STREAM } from "../subjects.ts";
+import { recentSiteEvents } from "../edge.ts";
 import { DASHBOARD_HTML } from "./dashboard_page.ts";
 import { meshMetrics, type MeshSnapshot, meshSnapshot } from "./mesh_metrics.ts";
 import type { SseClients } from "./sse.ts";
@@ -127,7 +128,14 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
 
   app.get("/dashboard/recent", async (c) => {
     const limit = intQuery(c.req.query("limit"), "limit", 1, RECENT_EVENTS_MAX) ?? 200;
-    return c.json({ events: await recentEvents(intake.js, intake.jsm, limit) });
+    const sites = deps.config.hub;
+    return c.json({
+      events: await recentEvents(intake.js, intake.jsm, limit),
+      // A hub's edge sites: their latest events too, each with its site.
+      ...(sites.length > 0
+        ? { site_events: await recentSiteEvents(intake.js, intake.jsm, sites, limit) }
+        : {}),
+    });
   });
 }
 

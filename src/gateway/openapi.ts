@@ -200,6 +200,24 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         "200": { description: "text/plain; version=0.0.4" },
       }),
     },
+    // A hub's (`--hub`) central view of its edge sites (src/gateway/edge_routes.ts).
+    "/sites": {
+      get: op("A hub only: each edge site's events, items, lag and last contact", {
+        "200": json({ type: "object" }),
+      }),
+    },
+    "/sites/{site}/feedback/{id}": {
+      get: op(
+        "A hub only: an edge item's state, folded from its events at the hub, with its site",
+        { "200": json({ type: "object" }) },
+        {
+          parameters: [
+            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            idParam,
+          ],
+        },
+      ),
+    },
     "/healthz": { get: op("Liveness", { "200": json({ type: "object" }) }) },
     "/readyz": { get: op("Readiness: NATS and the streams", { "200": json({ type: "object" }) }) },
     "/openapi.json": { get: op("This document", { "200": json({ type: "object" }) }) },

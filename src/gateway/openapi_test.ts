@@ -35,7 +35,15 @@ Deno.test("the OpenAPI document is valid 3.1, every $ref resolves, and a pipelin
   assert.ok(result.valid, JSON.stringify(result).slice(0, 2000));
   assert.deepEqual(danglingRefs(doc), []);
   const paths = doc.paths as Record<string, Record<string, unknown>>;
-  for (const p of ["/feedback", "/content", "/reviews/{id}/decision", "/deadletters/redrive"]) {
+  for (
+    const p of [
+      "/feedback",
+      "/content",
+      "/reviews/{id}/decision",
+      "/deadletters/redrive",
+      "/sites/{site}/feedback/{id}",
+    ]
+  ) {
     assert.ok(paths[p], p);
   }
   assert.ok(paths["/pipelines/tickets/items"]?.post);

@@ -1,0 +1,382 @@
+/**
+ * Edge sites and the hub that collects their events.
+ *
+ * An edge site is a whole Weft mesh (its own nats-server, gateway and steps) next to its
+ * users. Its nats-server has a JetStream domain of its own (the site's name) and a leafnode
+ * connection to the hub. The site publishes and stores its events locally, on the usual
+ * `feedback.<type>.<id>` subjects in its own FEEDBACK stream, so it goes on ingesting and
+ * processing while its link to the hub is down.
+ *
+ * The hub (`--hub east,west`) has the JetStream domain `hub`, a loopback leafnode listener,
+ * and per site a stream `EDGE_<SITE>` that sources the site's FEEDBACK across domains
+ * (`external.api = $JS.<site>.API`) with the subject transform `feedback.>` to
+ * `site.<site>.feedback.>`. Sourcing tracks the site's stream sequence, so after an outage
+ * the hub resumes where it stopped: every event once, in the site's order. One stream per
+ * site, rather than one for all, keeps each site's duplicate window apart: two sites may
+ * both accept an item with the same client-chosen id, and its events have the same message
+ * ids at both.
+ *
+ * Least privilege on the link: each site authenticates with an nkey of its own
+ * (`leaf-<site>`), whose permissions carry only what sourcing needs. From the hub to the
+ * site: consumer create/delete requests on the site's FEEDBACK and flow-control replies;
+ * from the site to the hub: the deliveries on the site's own deliver prefix and the replies
+ * to those requests. Nothing else crosses: not the sites' `feedback.>` publishes (which the
+ * hub's own FEEDBACK stream would otherwise store too), not request subjects, not any other
+ * JetStream API.
+ *
+ * @module
+ */
+import type { JetStreamClient, JetStreamManager, StreamSource } from "@nats-io/jetstream";
+import type { FeedbackState } from "./events.gen.ts";
+import type { Logger } from "./log.ts";
+import type { Permissions } from "./identities.ts";
+import { NotFoundError } from "./errors.ts";
+import type { AnyEvent } from "./schemas.ts";
+import { applyEvent } from "./state.ts";
+import { readStream } from "./stream_reader.ts";
+import { FEEDBACK_STREAM } from "./subjects.ts";
+import type { NamedStreamConfig } from "./topology.ts";
+
+/** The hub's JetStream domain. */
+export const HUB_DOMAIN = "hub";
+
+/** The hub's stream holding one site's events, e.g. `EDGE_EAST`. */
+export function edgeStream(site: string): string {
+  return `EDGE_${site.toUpperCase()}`;
+}
+
+/** Where the hub keeps a site's events: `site.<site>.feedback.<type>.<id>`. */
+export function siteSubjectPrefix(site: string): string {
+  return `site.${site}`;
+}
+
+/**
+ * The hub-side filter of one site's events, or of one item's there.
+ *
+ * @example
+ * ```ts
+ * import { siteEventsFilter } from "./edge.ts";
+ * console.assert(siteEventsFilter("east", "fb1") === "site.east.feedback.*.fb1");
+ * ```
+ */
+export function siteEventsFilter(site: string, itemId = "*"): string {
+  return `${siteSubjectPrefix(site)}.feedback.*.${itemId}`;
+}
+
+/** Splits a hub subject `site.<site>.feedback.<type>.<id>`; null for any other. */
+export function parseSiteSubject(
+  subject: string,
+): { site: string; type: string; itemId: string } | null {
+  const p = subject.split(".");
+  if (p.length !== 5 || p[0] !== "site" || p[2] !== "feedback" || !p[1] || !p[3] || !p[4]) {
+    return null;
+  }
+  return { site: p[1], type: `feedback.${p[3]}`, itemId: p[4] };
+}
+
+/** The NATS identity (nkey) a site's leafnode connection authenticates as. */
+export function leafIdentity(site: string): string {
+  return `leaf-${site}`;
+}
+
+/**
+ * The prefix of the subjects a site delivers its events to the hub on. Outside `weft.>`
+ * and `$JS.>`, so no other identity of the hub (admin apart) may publish there.
+ */
+export function edgeDeliverPrefix(site: string): string {
+  return `$WEFT.EDGE.${site}`;
+}
+
+/** The JetStream API prefix of a site's domain, as seen from the hub. */
+export function siteApi(site: string): string {
+  return `$JS.${site}.API`;
+}
+
+/**
+ * The permissions of site `site`'s leafnode connection, as the hub enforces them. On a
+ * leafnode connection `publish` is what the site may send to the hub, `subscribe` what the
+ * hub sends to the site.
+ */
+export function leafPermissions(site: string): Permissions {
+  const api = siteApi(site);
+  return {
+    publish: {
+      allow: [
+        `${edgeDeliverPrefix(site)}.>`,
+        // Replies to the hub's consumer-create requests (nats-server's internal inbox).
+        "$JSC.R.>",
+      ],
+    },
+    subscribe: {
+      allow: [
+        `${api}.CONSUMER.CREATE.${FEEDBACK_STREAM}.>`,
+        `${api}.CONSUMER.DELETE.${FEEDBACK_STREAM}.>`,
+        `$JS.FC.${FEEDBACK_STREAM}.>`,
+      ],
+    },
+    allow_responses: false,
+  };
+}
+
+/** The source of site `site`'s events in its hub stream. */
+export function siteSource(site: string): StreamSource {
+  // (Field order as the server echoes it, so an unchanged start finds nothing to update.)
+  return {
+    name: FEEDBACK_STREAM,
+    subject_transforms: [{ src: "feedback.>", dest: `${siteSubjectPrefix(site)}.feedback.>` }],
+    external: { api: siteApi(site), deliver: edgeDeliverPrefix(site) },
+  } as StreamSource;
+}
+
+/**
+ * The hub's per-site streams, from the FEEDBACK stream's configuration (its limits and
+ * replicas): no subjects of their own, one source each.
+ */
+export function edgeStreamConfigs(
+  sites: readonly string[],
+  feedback: NamedStreamConfig,
+): NamedStreamConfig[] {
+  const { subjects: _subjects, ...limits } = feedback;
+  return sites.map((site) => ({
+    ...limits,
+    name: edgeStream(site),
+    description: `Weft edge site ${site}: its FEEDBACK events, on site.${site}.feedback.>`,
+    sources: [siteSource(site)],
+  }));
+}
+
+/**
+ * Names the server `weft-<domain>` and adds `domain` to the configuration's
+ * `jetstream { }` block. (Servers joined by leafnodes must not share a name.)
+ */
+function withDomain(conf: string, domain: string): string {
+  const name = `server_name: ${JSON.stringify(`weft-${domain}`)}`;
+  const named = /server_name:\s*\S+/.test(conf)
+    ? conf.replace(/server_name:\s*\S+/, name)
+    : `${name}\n${conf}`;
+  if (!/jetstream\s*\{/.test(named)) {
+    return `${named}\njetstream {\n  domain: ${JSON.stringify(domain)}\n}\n`;
+  }
+  return named.replace(/jetstream\s*\{/, `jetstream {\n  domain: ${JSON.stringify(domain)}`);
+}
+
+/**
+ * A hub's server configuration: `conf` with the hub's domain and a leafnode listener on
+ * loopback `leafPort`. (The sites' users, with {@link leafPermissions}, go in the
+ * authorization block: with no `authorization` of its own, the leafnode listener
+ * authenticates against it.)
+ */
+export function hubConf(conf: string, leafPort: number): string {
+  // Not advertised: a site connects only to the URLs it was given (`--leaf`), so a link
+  // cut between them stays cut, and a site behind NAT is never sent an address it cannot use.
+  return `${withDomain(conf, HUB_DOMAIN)}\n# Edge sites connect here (src/edge.ts).\n` +
+    `leafnodes {\n  listen: "127.0.0.1:${leafPort}"\n  no_advertise: true\n}\n`;
+}
+
+/**
+ * What a site refuses from the hub over its link, whatever the hub's configuration says
+ * (the hub enforces {@link leafPermissions}; this holds even against a hub configured
+ * otherwise): any JetStream API of the site's but consumer create/delete (no stream
+ * changes, KV or direct reads), and every subject the site's mesh uses, so no event,
+ * request or bucket write can be injected from the hub.
+ */
+export function siteDenyImports(site: string): string[] {
+  const api = siteApi(site);
+  return [
+    ...["STREAM", "ACCOUNT", "META", "SERVER", "DIRECT", "$KV", "$OBJ"].map((a) => `${api}.${a}.>`),
+    `${api}.INFO`,
+    `${api}.CONSUMER.DURABLE.>`,
+    "$JS.API.>",
+    "$JS.ACK.>",
+    "$KV.>",
+    "$O.>",
+    "$SRV.>",
+    "weft.>",
+    "feedback.>",
+    "content.>",
+    "digest.>",
+    "deadletter.>",
+    "*._timer.*",
+  ];
+}
+
+/**
+ * A site's server configuration: `conf` with the site's domain and a leafnode remote to
+ * the hub at `urls`, authenticating with the nkey `seed` (when the hub has one for it),
+ * refusing {@link siteDenyImports} from the hub.
+ */
+export function siteConf(conf: string, site: string, urls: string, seed?: string): string {
+  const list = (xs: string[]) => `[${xs.map((x) => JSON.stringify(x)).join(", ")}]`;
+  const urlList = urls.split(",").map((u) => u.trim());
+  return `${withDomain(conf, site)}\n# The link to the hub (src/edge.ts).\nleafnodes {\n` +
+    `  remotes: [\n    {\n      urls: ${list(urlList)}\n` +
+    (seed ? `      nkey: ${JSON.stringify(seed)}\n` : "") +
+    `      deny_imports: ${list(siteDenyImports(site))}\n    }\n  ]\n}\n`;
+}
+
+/** How a site's events reach the hub right now. */
+export interface SiteStatus {
+  site: string;
+  stream: string;
+  /** Events the hub holds from the site. */
+  events: number;
+  /** Items the hub has seen start there. */
+  items: number;
+  /** Events the site holds that the hub has not yet received, as last reported. */
+  lag: number;
+  /** Since the last message or heartbeat from the site, ms; null when never. */
+  last_seen_ms: number | null;
+  /** The source's error, when it has one (e.g. no responders while the link is down). */
+  error?: string;
+}
+
+/** Each site's status from its hub stream. */
+export async function siteStatuses(
+  jsm: JetStreamManager,
+  sites: readonly string[],
+): Promise<SiteStatus[]> {
+  return await Promise.all(sites.map(async (site) => {
+    const info = await jsm.streams.info(edgeStream(site), {
+      subjects_filter: `${siteSubjectPrefix(site)}.feedback.ingested.*`,
+    });
+    const source = info.sources?.[0];
+    const active = source?.active ?? -1;
+    return {
+      site,
+      stream: edgeStream(site),
+      events: info.state.messages,
+      items: Object.keys(info.state.subjects ?? {}).length,
+      lag: source?.lag ?? 0,
+      last_seen_ms: active >= 0 ? Math.round(active / 1e6) : null,
+      ...(source?.error ? { error: source.error.description } : {}),
+    };
+  }));
+}
+
+/**
+ * An edge item's state, folded from its events on the hub (the same pure fold the state
+ * writer uses), with the site it ran at. Throws NotFoundError when the hub has none.
+ */
+export async function siteItemState(
+  js: JetStreamClient,
+  jsm: JetStreamManager,
+  site: string,
+  id: string,
+): Promise<FeedbackState & { site: string }> {
+  const filter = siteEventsFilter(site, id);
+  const info = await jsm.streams.info(edgeStream(site), { subjects_filter: filter });
+  if (Object.keys(info.state.subjects ?? {}).length === 0) {
+    throw new NotFoundError(`no item ${id} from site ${site}`);
+  }
+  let state: FeedbackState | undefined;
+  for await (const m of readStream(js, edgeStream(site), { filter })) {
+    state = applyEvent(state, m.json<AnyEvent>(), m.seq);
+  }
+  if (!state) throw new NotFoundError(`no item ${id} from site ${site}`);
+  return { ...state, site };
+}
+
+/**
+ * The latest `limit` events of each site on the hub (oldest first per site), each with
+ * its site and hub stream sequence: what the dashboard lists.
+ */
+export async function recentSiteEvents(
+  js: JetStreamClient,
+  jsm: JetStreamManager,
+  sites: readonly string[],
+  limit: number,
+): Promise<{ site: string; seq: number; event: unknown }[]> {
+  const out: { site: string; seq: number; event: unknown }[] = [];
+  for (const site of sites) {
+    const { state } = await jsm.streams.info(edgeStream(site));
+    if (state.messages === 0) continue;
+    const startSeq = Math.max(state.first_seq, state.last_seq - limit + 1);
+    for await (const m of readStream(js, edgeStream(site), { startSeq })) {
+      if (m.seq > state.last_seq) break;
+      try {
+        out.push({ site, seq: m.seq, event: m.json() });
+      } catch { /* not JSON: skip */ }
+    }
+  }
+  return out;
+}
+
+/** A running {@link watchSources}. */
+export interface SourceWatch {
+  /** Source restarts made so far, per site. */
+  readonly restarts: Record<string, number>;
+  /** Stops watching (after the check in progress). */
+  stop(): Promise<void>;
+}
+
+/**
+ * Keeps each site's source going on the hub. nats-server notices a stalled source after
+ * 10 s, but its new consumer request then crosses a link that may still be down, waits 30 s
+ * for an answer, and retries with a backoff growing to 2 minutes: a site back after an
+ * outage could wait that long before the hub resumes. Every `checkMs` this reads each
+ * site's stream; a source with no message or heartbeat (1 s apart) for `stalledMs` is
+ * restarted, at most once per `restartMs`: removed and added again in two stream updates.
+ * The server then resumes it after the last event the stream holds from the site (as on
+ * every start), so nothing is stored twice or skipped.
+ */
+export function watchSources(
+  jsm: JetStreamManager,
+  sites: readonly string[],
+  opts: {
+    log: Logger;
+    checkMs?: number;
+    stalledMs?: number;
+    restartMs?: number;
+  },
+): SourceWatch {
+  const checkMs = opts.checkMs ?? 2_000;
+  const stalledMs = opts.stalledMs ?? 8_000;
+  const restartMs = opts.restartMs ?? 10_000;
+  const restarts: Record<string, number> = Object.fromEntries(sites.map((s) => [s, 0]));
+  const lastRestart = new Map<string, number>();
+  let stopped = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let wake: () => void = () => {};
+  const check = async (site: string) => {
+    const name = edgeStream(site);
+    const info = await jsm.streams.info(name);
+    const source = info.sources?.[0];
+    const active = source?.active ?? -1;
+    const stalled = active < 0 || active / 1e6 > stalledMs || source?.error !== undefined;
+    if (!stalled || Date.now() - (lastRestart.get(site) ?? 0) < restartMs) return;
+    lastRestart.set(site, Date.now());
+    const config = info.config;
+    await jsm.streams.update(name, { ...config, sources: [] });
+    await jsm.streams.update(name, config);
+    restarts[site] = (restarts[site] ?? 0) + 1;
+    opts.log.info("edge source restarted", {
+      site,
+      stream: name,
+      silent_ms: active < 0 ? null : Math.round(active / 1e6),
+      error: source?.error?.description,
+    });
+  };
+  const loop = (async () => {
+    while (!stopped) {
+      for (const site of sites) {
+        if (stopped) break;
+        await check(site).catch((err) =>
+          opts.log.warn("edge source check failed", { site, err: String(err) })
+        );
+      }
+      await new Promise<void>((r) => {
+        wake = r;
+        timer = setTimeout(r, checkMs);
+      });
+    }
+  })();
+  return {
+    restarts,
+    async stop() {
+      stopped = true;
+      clearTimeout(timer);
+      wake();
+      await loop;
+    },
+  };
+}

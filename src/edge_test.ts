@@ -1,0 +1,128 @@
+import assert from "node:assert/strict";
+import { loadConfig } from "./config.ts";
+import { ConfigError } from "./errors.ts";
+import {
+  edgeStreamConfigs,
+  hubConf,
+  leafPermissions,
+  parseSiteSubject,
+  siteConf,
+  siteDenyImports,
+  siteEventsFilter,
+} from "./edge.ts";
+import { subjectAllowed } from "./subjects.ts";
+
+const BASE =
+  `server_name: weft-local\nlisten: 127.0.0.1:4222\njetstream {\n  store_dir: "./d"\n}\n`;
+
+Deno.test("hubConf names the hub, sets domain hub and a loopback leafnode listener it does not advertise", () => {
+  const conf = hubConf(BASE, 7422);
+  assert.match(conf, /server_name: "weft-hub"/);
+  assert.match(conf, /jetstream \{\n {2}domain: "hub"\n {2}store_dir/);
+  assert.match(conf, /leafnodes \{\n {2}listen: "127\.0\.0\.1:7422"\n {2}no_advertise: true/);
+  assert.doesNotMatch(conf, /weft-local/);
+});
+
+Deno.test("siteConf gives the site its own name and domain and a remote with its seed", () => {
+  const conf = siteConf(BASE, "east", "nats-leaf://h1:7422,nats-leaf://h2:7422", "SUSEED");
+  assert.match(conf, /server_name: "weft-east"/);
+  assert.match(conf, /domain: "east"/);
+  assert.match(
+    conf,
+    /urls: \["nats-leaf:\/\/h1:7422", "nats-leaf:\/\/h2:7422"\]\n {6}nkey: "SUSEED"/,
+  );
+  assert.match(conf, /deny_imports: \[.*"\$JS\.east\.API\.STREAM\.>".*"feedback\.>"/);
+});
+
+Deno.test("leafPermissions let a site carry only its own sourcing traffic", () => {
+  const p = leafPermissions("east");
+  // Site to hub: its own deliveries and API replies; never events or another site's deliveries.
+  assert.ok(subjectAllowed(p.publish.allow, "$WEFT.EDGE.east.S.abc"));
+  assert.ok(subjectAllowed(p.publish.allow, "$JSC.R.xyz"));
+  for (
+    const s of ["feedback.ingested.x", "$WEFT.EDGE.west.S.abc", "weft.feedback.get", "$JS.API.INFO"]
+  ) {
+    assert.ok(!subjectAllowed(p.publish.allow, s), s);
+  }
+  // Hub to site: consumer create/delete on its FEEDBACK, flow control; nothing else.
+  assert.ok(
+    subjectAllowed(p.subscribe.allow, "$JS.east.API.CONSUMER.CREATE.FEEDBACK.c.feedback.>"),
+  );
+  assert.ok(subjectAllowed(p.subscribe.allow, "$JS.FC.FEEDBACK.c.x"));
+  for (
+    const s of [
+      "$JS.east.API.STREAM.DELETE.FEEDBACK",
+      "$JS.east.API.CONSUMER.CREATE.CONTENT.c",
+      "$JS.west.API.CONSUMER.CREATE.FEEDBACK.c",
+      "feedback.submit",
+    ]
+  ) assert.ok(!subjectAllowed(p.subscribe.allow, s), s);
+});
+
+Deno.test("siteDenyImports keeps the hub to consumer create/delete on the site's JetStream, and out of its subjects", () => {
+  const deny = siteDenyImports("east");
+  for (
+    const s of [
+      "$JS.east.API.STREAM.DELETE.FEEDBACK",
+      "$JS.east.API.STREAM.PURGE.FEEDBACK",
+      "$JS.east.API.$KV.weft_feedback_state.x",
+      "$JS.east.API.DIRECT.GET.FEEDBACK",
+      "$JS.API.STREAM.INFO.FEEDBACK",
+      "feedback.ingested.x",
+      "weft.feedback.submit",
+      "$KV.weft_feedback_state.x",
+      "tickets._timer.x",
+    ]
+  ) assert.ok(subjectAllowed(deny, s), s);
+  for (
+    const s of [
+      "$JS.east.API.CONSUMER.CREATE.FEEDBACK.c.feedback.>",
+      "$JS.east.API.CONSUMER.DELETE.FEEDBACK.c",
+      "$JS.FC.FEEDBACK.c.x",
+    ]
+  ) assert.ok(!subjectAllowed(deny, s), s);
+});
+
+Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEEDBACK onto site.<name>.feedback.>", () => {
+  const [east] = edgeStreamConfigs(["east"], {
+    name: "FEEDBACK",
+    subjects: ["feedback.>"],
+    max_bytes: 5,
+  });
+  assert.equal(east!.name, "EDGE_EAST");
+  assert.equal(east!.subjects, undefined);
+  assert.equal(east!.max_bytes, 5);
+  assert.deepEqual(east!.sources, [{
+    name: "FEEDBACK",
+    subject_transforms: [{ src: "feedback.>", dest: "site.east.feedback.>" }],
+    external: { api: "$JS.east.API", deliver: "$WEFT.EDGE.east" },
+  }]);
+  assert.equal(siteEventsFilter("east", "fb1"), "site.east.feedback.*.fb1");
+  assert.deepEqual(parseSiteSubject("site.east.feedback.processed.fb1"), {
+    site: "east",
+    type: "feedback.processed",
+    itemId: "fb1",
+  });
+  assert.equal(parseSiteSubject("feedback.processed.fb1"), null);
+});
+
+Deno.test("loadConfig takes --leaf with --site, --hub with site names, and refuses mixes", () => {
+  const load = (args: string[]) => loadConfig({ env: () => undefined, args });
+  const site = load(["--leaf", "nats-leaf://127.0.0.1:7422", "--site", "east"]);
+  assert.equal(site.leaf, "nats-leaf://127.0.0.1:7422");
+  assert.equal(site.site, "east");
+  assert.deepEqual(load(["--hub", "east,west"]).hub, ["east", "west"]);
+  for (
+    const bad of [
+      ["--leaf", "nats-leaf://127.0.0.1:7422"], // no --site
+      ["--site", "east"], // no --leaf
+      ["--hub", "east", "--leaf", "nats-leaf://127.0.0.1:7422", "--site", "west"],
+      ["--hub"], // sites must be named
+      ["--hub", "East"],
+      ["--hub", "hub"],
+      ["--hub", "east,east"],
+      ["--leaf", "http://127.0.0.1:7422", "--site", "east"],
+      ["--leaf", "nats-leaf://127.0.0.1:7422", "--site", "east", "--cluster", "3"],
+    ]
+  ) assert.throws(() => load(bad), ConfigError, bad.join(" "));
+});

@@ -1,0 +1,471 @@
+/**
+ * Edge sites on leaf nodes: a hub (`deno task start --hub east,west`) and two sites
+ * (`deno task start --leaf HUB --site east|west`), each a whole mesh with its own
+ * nats-server and JetStream domain. East's link to the hub is cut for 30 s while both sites
+ * go on ingesting over HTTP; east processes its items locally meanwhile. Once the link is
+ * back, the hub holds every event of both sites exactly once, in each site's order, and its
+ * central view (`GET /sites/...`, the dashboard) shows both sites' items.
+ */
+import assert from "node:assert/strict";
+import { jetstream, jetstreamManager, type JsMsg } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { edgeStream } from "../src/edge.ts";
+import { connectNats } from "../src/nats.ts";
+import { portFree } from "../src/nats_server.ts";
+import { clusterPidFile, IDENTITY_DIR } from "../src/supervisor.ts";
+import { readStream } from "../src/stream_reader.ts";
+import { launchChromium } from "./helpers/chromium.ts";
+import { startLink } from "./helpers/link.ts";
+import { type Mesh, meshTempDir, startMesh } from "./helpers/mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+/**
+ * `n` consecutive free loopback ports below the kernel's ephemeral range (32768 and up on
+ * Linux): a port chosen with `freePort()` is not held, and a later `freePort()` (a cluster
+ * node's route or monitoring port, picked by the supervisor) could be handed the same one;
+ * never one below that range.
+ */
+function freeLowPorts(n: number): number {
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const p = 20_000 + Math.floor(Math.random() * (12_000 - n));
+    if (Array.from({ length: n }, (_, i) => p + i).every(portFree)) return p;
+  }
+  throw new Error(`no ${n} free ports found below 32000`);
+}
+
+/** The outage: a deliberate duration, not a wait for anything. */
+const OUTAGE_MS = 30_000;
+const SITES = ["east", "west"] as const;
+
+/** Prints the test's figures as one `EDGE-FIGURES {...}` line. */
+function printFigures(figures: Record<string, unknown>): void {
+  Deno.stdout.writeSync(new TextEncoder().encode(`EDGE-FIGURES ${JSON.stringify(figures)}\n`));
+}
+
+/** One stored event: its subject, event id and item. */
+interface Stored {
+  subject: string;
+  id: string;
+  item: string;
+}
+
+async function storedEvents(nc: NatsConnection, stream: string): Promise<Stored[]> {
+  const out: Stored[] = [];
+  for await (const m of readStream(jetstream(nc), stream)) out.push(stored(m));
+  return out;
+}
+
+function stored(m: JsMsg): Stored {
+  const e = m.json<{ id: string; item_id: string }>();
+  return { subject: m.subject, id: e.id, item: e.item_id };
+}
+
+/** Posts one item to a site's gateway; its id, once accepted. */
+async function post(mesh: Mesh, body: Record<string, unknown>): Promise<string> {
+  const res = await fetch(`${mesh.gatewayUrl}/feedback`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const answer = await res.json() as { id?: string };
+  assert.equal(res.status, 202, `a site accepts locally: ${JSON.stringify(answer)}`);
+  return answer.id!;
+}
+
+/** Waits until every accepted item has exactly one processed event at its site. */
+async function allProcessed(nc: NatsConnection, accepted: readonly string[], site: string) {
+  const jsm = await jetstreamManager(nc);
+  await waitFor(
+    async () => {
+      const info = await jsm.streams.info("FEEDBACK", { subjects_filter: "feedback.processed.*" });
+      const done = info.state.subjects ?? {};
+      return accepted.every((id) => done[`feedback.processed.${id}`] === 1) || undefined;
+    },
+    90_000,
+    `every item processed at ${site}`,
+  );
+}
+
+/**
+ * Waits until the hub holds as many of `site`'s events as the site does, then checks that
+ * they are the site's, event for event, in the site's order (so in order per item), none
+ * twice, on `site.<site>.` subjects. Returns the site's events.
+ */
+async function hubMatchesSite(
+  hub: NatsConnection,
+  siteNc: NatsConnection,
+  site: string,
+): Promise<Stored[]> {
+  const events = (await storedEvents(siteNc, "FEEDBACK"))
+    .filter((e) => e.subject.split(".").length === 3);
+  const want = events.length;
+  const jsm = await jetstreamManager(hub);
+  await waitFor(
+    async () => (await jsm.streams.info(edgeStream(site))).state.messages >= want || undefined,
+    120_000,
+    `the hub holding ${site}'s ${want} events`,
+  );
+  const hubEvents = await storedEvents(hub, edgeStream(site));
+  assert.equal(hubEvents.length, want, `${site}: as many events at the hub as at the site`);
+  assert.equal(new Set(hubEvents.map((e) => e.id)).size, want, `${site}: no event twice`);
+  assert.deepEqual(
+    hubEvents.map((e) => [e.subject, e.id]),
+    events.map((e) => [`site.${site}.${e.subject}`, e.id]),
+    `${site}: the hub's stream is the site's, in order`,
+  );
+  return events;
+}
+
+/** Waits until the hub hears from every site (GET /sites), within `ms`. */
+async function sitesLinked(hubUrl: string, ms: number): Promise<void> {
+  let last: unknown;
+  await waitFor(
+    async () => {
+      const { body } = await getJson(`${hubUrl}/sites`);
+      last = body;
+      const sites = body.sites as { site: string; last_seen_ms: number | null }[];
+      return sites.every((s) => s.last_seen_ms !== null && s.last_seen_ms < 10_000) || undefined;
+    },
+    ms,
+    "the hub sourcing every site",
+  ).catch((err) => {
+    throw new Error(`${err.message}; GET /sites: ${JSON.stringify(last)}`);
+  });
+}
+
+async function getJson(url: string): Promise<{ status: number; body: Record<string, unknown> }> {
+  const res = await fetch(url);
+  return { status: res.status, body: await res.json() };
+}
+
+Deno.test("edge sites keep processing through a 30 s cut of their link, and the hub then has every event once, in order", async () => {
+  const leafPort = freeLowPorts(1);
+  // Each mesh runs its services in one process: three meshes share the 2 cores.
+  await using hub = await startMesh({
+    WEFT_HUB: SITES.join(","),
+    WEFT_LEAF_PORT: String(leafPort),
+    WEFT_TOGETHER: "all",
+  });
+  await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "the hub ready");
+  // East's uplink goes through a relay the test can cut; west's is direct.
+  await using eastLink = startLink(leafPort);
+  // East names its key (--leaf-nkey); west finds it where the hub keeps it, copied into the
+  // site's own data/identities/, as `deno task start --leaf URL --site west` does.
+  const hubKey = (name: string) => `${hub.storeDir}/${IDENTITY_DIR}/leaf-${name}.nk`;
+  await using east = await startMesh({
+    WEFT_LEAF: `nats-leaf://127.0.0.1:${eastLink.port}`,
+    WEFT_SITE: "east",
+    WEFT_LEAF_NKEY: hubKey("east"),
+    WEFT_TOGETHER: "all",
+  });
+  const westDir = await meshTempDir("weft-west-");
+  await Deno.mkdir(`${westDir}/${IDENTITY_DIR}`, { recursive: true, mode: 0o700 });
+  await Deno.copyFile(hubKey("west"), `${westDir}/${IDENTITY_DIR}/leaf-west.nk`);
+  await using west = await startMesh({
+    WEFT_LEAF: `nats-leaf://127.0.0.1:${leafPort}`,
+    WEFT_SITE: "west",
+    WEFT_TOGETHER: "all",
+  }, { storeDir: westDir });
+  const meshes = { east, west };
+  for (const [name, m] of Object.entries(meshes)) {
+    await m.waitForLog((l) => l.msg === "weft is ready", 90_000, `site ${name} ready`);
+  }
+  const ncs = {
+    hub: await connectNats(hub.natsUrl, "test-hub", hub.credentials("ops")),
+    east: await connectNats(east.natsUrl, "test-east", east.credentials("ops")),
+    west: await connectNats(west.natsUrl, "test-west", west.credentials("ops")),
+  };
+  let stopLoad = async () => {};
+  try {
+    // The hub sources each site across the leafnode link once it is up.
+    const linkedAt = performance.now();
+    await sitesLinked(hub.gatewayUrl, 120_000);
+    const linkMs = performance.now() - linkedAt;
+
+    // Load: both sites ingest 4 items/s each, before, during and after the cut. One client
+    // id is used at both sites, during the cut: the hub must keep both items apart.
+    const accepted: Record<string, string[]> = { east: [], west: [] };
+    let stop = false;
+    stopLoad = async () => {
+      stop = true;
+      await load.catch(() => {});
+    };
+    const load = (async () => {
+      for (let n = 0; !stop; n++) {
+        const at = performance.now();
+        await Promise.all(SITES.map(async (name) => {
+          accepted[name]!.push(
+            await post(meshes[name], { text: `${name} item ${n}: the export keeps crashing` }),
+          );
+        }));
+        await new Promise((r) => setTimeout(r, Math.max(0, 250 - (performance.now() - at))));
+      }
+    })();
+    await waitFor(() => accepted.east!.length >= 20 || undefined, 30_000, "20 items at east");
+
+    // Cut east's link for 30 s.
+    eastLink.cut();
+    const restoreAt = new Promise<void>((r) => setTimeout(r, OUTAGE_MS));
+    const shared = "SHARED-1";
+    for (const name of SITES) {
+      await post(meshes[name], { id: shared, text: `${name}: billing charged me twice` });
+    }
+    // East ingests and processes locally while cut off: an item accepted after the cut is
+    // processed at the site, and the hub has not seen it.
+    const during = await post(east, { text: "posted during the outage, thanks for the fix" });
+    await waitFor(
+      async () =>
+        (await getJson(`${east.gatewayUrl}/feedback/${during}`)).body.status ===
+          "processed" || undefined,
+      20_000,
+      "east processing an item during the outage",
+    );
+    const hubJsm = await jetstreamManager(ncs.hub);
+    const atHub = async () =>
+      (await hubJsm.streams.info(edgeStream("east"), {
+        subjects_filter: `site.east.feedback.*.${during}`,
+      })).state.subjects !== undefined;
+    assert.equal(await atHub(), false, "the hub has none of it while the link is cut");
+    await restoreAt;
+    // (Still cut to the end: the site found no other way to the hub.)
+    assert.equal(await atHub(), false, "the hub still has none of it at the end of the outage");
+    eastLink.restore();
+    const restoredAt = performance.now();
+    // Catching up: until the hub has the outage's last item's final event.
+    const caughtUp = waitFor(
+      async () =>
+        (await hubJsm.streams.info(edgeStream("east"), {
+            subjects_filter: `site.east.feedback.processed.${during}`,
+          })).state.subjects !== undefined || undefined,
+      180_000,
+      "the hub catching up with east",
+    ).then(() => performance.now() - restoredAt);
+    await new Promise((r) => setTimeout(r, 5_000)); // a few seconds more load after the cut
+    stop = true;
+    await load; // (a failed POST fails the test here)
+    const caughtUpMs = await caughtUp;
+    accepted.east!.push(shared, during);
+    accepted.west!.push(shared);
+
+    // Every item reaches its final state at its own site.
+    for (const name of SITES) await allProcessed(ncs[name], accepted[name]!, name);
+
+    // The hub catches up: each site's stream, event for event, exactly once, in order.
+    const siteEvents: Record<string, Stored[]> = {};
+    const counts: Record<string, { items: number; events: number }> = {};
+    for (const name of SITES) {
+      siteEvents[name] = await hubMatchesSite(ncs.hub, ncs[name], name);
+      const items = new Set(siteEvents[name]!.map((e) => e.item));
+      assert.ok(accepted[name]!.every((id) => items.has(id)), `${name}: every accepted item`);
+      counts[name] = { items: items.size, events: siteEvents[name]!.length };
+    }
+
+    // Subjects never cross: the hub's own FEEDBACK stored none of the sites' publishes
+    // (the leaf identities may carry sourcing traffic only), nor a site the other's.
+    assert.equal((await hubJsm.streams.info("FEEDBACK")).state.messages, 0, "hub FEEDBACK empty");
+    const eastItems = new Set(siteEvents.east!.map((e) => e.item));
+    assert.ok(
+      siteEvents.west!.every((e) => e.item === shared || !eastItems.has(e.item)),
+      "no east item at west",
+    );
+
+    // On the hub, the sites' keys serve leafnode connections only, and every other key
+    // client connections only.
+    const conf = await Deno.readTextFile(`${hub.storeDir}/data/nats-weft.conf`);
+    const users = conf.split("\n").filter((l) => l.includes("{ nkey:"));
+    assert.ok(users.length > 2);
+    for (const u of users) assert.match(u, /allowed_connection_types: \["(STANDARD|LEAFNODE)"\]/);
+    assert.equal(users.filter((u) => u.includes('"LEAFNODE"')).length, 2, "one per site");
+    // A site's leafnode key opens no client connection at the hub.
+    await assert.rejects(
+      connectNats(hub.natsUrl, "test-as-leaf", {
+        nkeySeedFile: `${hub.storeDir}/${IDENTITY_DIR}/leaf-east.nk`,
+      }).then((nc) => nc.close()),
+      "leaf-east is for leafnode connections only",
+    );
+
+    // The central view: each site, its items' states, the dashboard.
+    const { body: sitesBody } = await getJson(`${hub.gatewayUrl}/sites`);
+    for (const s of sitesBody.sites as { site: string; items: number; events: number }[]) {
+      assert.equal(s.items, counts[s.site]!.items, `${s.site}: items on GET /sites`);
+      assert.equal(s.events, counts[s.site]!.events, `${s.site}: events on GET /sites`);
+    }
+    for (const name of SITES) {
+      for (const id of [shared, ...accepted[name]!.slice(0, 10)]) {
+        const { status, body } = await getJson(`${hub.gatewayUrl}/sites/${name}/feedback/${id}`);
+        assert.equal(status, 200, `${name}/${id} on the hub`);
+        assert.equal(body.site, name);
+        assert.equal(body.id, id);
+        assert.equal(body.status, "processed", `${name}/${id} processed, seen from the hub`);
+      }
+    }
+    const sharedEast = await getJson(`${hub.gatewayUrl}/sites/east/feedback/${shared}`);
+    const sharedWest = await getJson(`${hub.gatewayUrl}/sites/west/feedback/${shared}`);
+    assert.notEqual(
+      sharedEast.body.trace_id,
+      sharedWest.body.trace_id,
+      "one client id at two sites: two items at the hub",
+    );
+    assert.equal((await getJson(`${hub.gatewayUrl}/sites/north/feedback/${shared}`)).status, 404);
+    const page = await fetch(`${hub.gatewayUrl}/dashboard`);
+    assert.ok((await page.text()).includes("site_events"), "the dashboard lists edge items");
+    // In a real browser: the hub's dashboard lists processed items of both sites as site/id.
+    const browser = await launchChromium();
+    try {
+      const page = await browser.newPage();
+      const errors: string[] = [];
+      page.on("pageerror", (e) => errors.push(String(e)));
+      await page.goto(`${hub.gatewayUrl}/dashboard`);
+      for (const name of SITES) {
+        await page.locator(`tr[data-item^="${name}/"] td.step`, { hasText: "processed" }).first()
+          .waitFor({ timeout: 15_000 });
+      }
+      // A site's row opens the item's state, read from the hub.
+      await page.locator(`tr[data-item^="west/"]`).first().click();
+      await page.locator("#history", { hasText: "site west: processed" }).waitFor({
+        timeout: 10_000,
+      });
+      assert.deepEqual(errors, []);
+    } finally {
+      await browser.close();
+    }
+    const { body: recent } = await getJson(`${hub.gatewayUrl}/dashboard/recent?limit=100`);
+    const shown = recent.site_events as { site: string; event: { item_id: string } }[];
+    for (const name of SITES) {
+      const mine = shown.filter((e) => e.site === name);
+      assert.ok(mine.length > 0, `the dashboard's recent items include ${name}'s`);
+      assert.ok(mine.every((e) => accepted[name]!.includes(e.event.item_id)));
+    }
+
+    printFigures({
+      test: "hub + 2 sites; east's link cut for 30 s under 4 items/s per site",
+      outage_ms: OUTAGE_MS,
+      first_link_ms: Math.round(linkMs),
+      east_catch_up_ms: Math.round(caughtUpMs),
+      source_restarts: hub.logs.filter((l) => l.msg === "edge source restarted").length,
+      sites: counts,
+      duplicates: 0,
+    });
+  } finally {
+    await stopLoad();
+    await Promise.all(Object.values(ncs).map((nc) => nc.close()));
+  }
+});
+
+Deno.test("a clustered hub (3 nodes, the site's stream at R3) keeps collecting a site through the loss of the stream's leader and of the node the site is linked to", async () => {
+  // The nodes' client and leafnode ports, where no port picked later can fall.
+  const natsPort = freeLowPorts(3);
+  let leafPort = freeLowPorts(3);
+  while (Math.abs(leafPort - natsPort) < 3) leafPort = freeLowPorts(3);
+  await using hub = await startMesh({
+    WEFT_HUB: "north",
+    WEFT_CLUSTER: "3",
+    WEFT_LEAF_PORT: String(leafPort),
+    WEFT_TOGETHER: "all",
+  }, { natsPort });
+  const hubReady = await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "hub ready");
+  // The site knows every node of the hub (the hub advertises none).
+  await using north = await startMesh({
+    WEFT_LEAF: [0, 1, 2].map((i) => `nats-leaf://127.0.0.1:${leafPort + i}`).join(","),
+    WEFT_SITE: "north",
+    WEFT_LEAF_NKEY: `${hub.storeDir}/${IDENTITY_DIR}/leaf-north.nk`,
+    WEFT_TOGETHER: "all",
+  });
+  const siteReady = await north.waitForLog((l) => l.msg === "weft is ready", 90_000, "site");
+  const hubNc = await connectNats(String(hubReady.nats), "test-hub", hub.credentials("ops"));
+  const siteNc = await connectNats(north.natsUrl, "test-north", north.credentials("ops"));
+  let stopLoad = async () => {};
+  try {
+    const jsm = await jetstreamManager(hubNc);
+    await sitesLinked(hub.gatewayUrl, 120_000);
+    const info = await jsm.streams.info(edgeStream("north"));
+    assert.equal(info.config.num_replicas, 3, "the site's stream at R3");
+
+    // 4 items/s through both faults.
+    const accepted: string[] = [];
+    /** POSTs the site did not accept: none, as its own server never went down. */
+    const refused: string[] = [];
+    let stop = false;
+    stopLoad = async () => {
+      stop = true;
+      await load;
+    };
+    const load = (async () => {
+      for (let n = 0; !stop; n++) {
+        const at = performance.now();
+        try {
+          accepted.push(await post(north, { text: `north item ${n}: love the new search` }));
+        } catch (err) {
+          refused.push(String(err));
+        }
+        await new Promise((r) => setTimeout(r, Math.max(0, 250 - (performance.now() - at))));
+      }
+    })();
+    const pidOf = async (node: string) =>
+      Number(
+        await Deno.readTextFile(
+          `${hub.storeDir}/${clusterPidFile(Number(node.replace("weft-", "")) - 1)}`,
+        ),
+      );
+    const nodeBack = async (node: string, after: number) =>
+      await waitFor(
+        () =>
+          hub.logs.filter((l) => l.msg === "nats-server node back" && l.node === node).length >
+            after || undefined,
+        60_000,
+        `${node} back`,
+      );
+    const backs = (node: string) =>
+      hub.logs.filter((l) => l.msg === "nats-server node back" && l.node === node).length;
+    await waitFor(() => accepted.length >= 12 || undefined, 30_000, "12 items");
+
+    // 1. SIGKILL the leader of the site's stream: a replica takes the source over.
+    const leader = (await jsm.streams.info(edgeStream("north"))).cluster!.leader!;
+    const leaderBacks = backs(leader);
+    Deno.kill(await pidOf(leader), "SIGKILL");
+    await nodeBack(leader, leaderBacks);
+
+    // 2. SIGKILL the node the site's leafnode is connected to: the site links to another.
+    // (The site may be relinking after the first kill: wait until it is linked.)
+    const linkedPort = await waitFor(
+      async () => {
+        const leafz = await (await fetch(`${siteReady.nats_monitoring}/leafz`)).json();
+        return leafz.leafs?.[0]?.port as number | undefined;
+      },
+      60_000,
+      "the site linked to a hub node",
+    );
+    const linked = `weft-${linkedPort - leafPort + 1}`;
+    const linkedBacks = backs(linked);
+    Deno.kill(await pidOf(linked), "SIGKILL");
+    await nodeBack(linked, linkedBacks);
+    await waitFor(() => accepted.length >= 60 || undefined, 60_000, "60 items");
+    await stopLoad();
+    assert.deepEqual(
+      refused,
+      [],
+      `the site's gateway took every item; site log: ${
+        JSON.stringify(north.logs.filter((l) => l.level !== "info" && l.level !== "debug"))
+      }`,
+    );
+
+    await allProcessed(siteNc, accepted, "north");
+    const events = await hubMatchesSite(hubNc, siteNc, "north");
+    const items = new Set(events.map((e) => e.item));
+    assert.ok(accepted.every((id) => items.has(id)), "every accepted item at the hub");
+    const { body } = await getJson(`${hub.gatewayUrl}/sites/north/feedback/${accepted.at(-1)}`);
+    assert.equal(body.status, "processed");
+    printFigures({
+      test: "clustered hub: SIGKILL of the site stream's leader, then of the site's linked node",
+      killed: [leader, linked],
+      items: items.size,
+      events: events.length,
+      source_restarts: hub.logs.filter((l) => l.msg === "edge source restarted").length,
+      duplicates: 0,
+    });
+  } finally {
+    await stopLoad();
+    await hubNc.close();
+    await siteNc.close();
+  }
+});
