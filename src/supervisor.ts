@@ -60,7 +60,12 @@ import {
   SCHEDULABLE_SUBJECTS,
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
+  SHADOW_AUDIT_PREFIX,
+  SHADOW_BUCKET,
+  SHADOW_REQUEST_PREFIX,
+  SHADOW_STREAM,
   STATE_BUCKET,
+  STEP_VERSION_BUCKET,
   STREAMS,
 } from "./subjects.ts";
 
@@ -91,6 +96,11 @@ export interface ServiceSpec {
   reads?: readonly string[];
   /** Calls the LLM endpoint whatever the analyzers (a definition's llm step). */
   llm?: boolean;
+  /**
+   * Runs in a process of its own even under `--together` (all): the shadow service, so
+   * killing or crashing it never takes a production step with it.
+   */
+  apart?: boolean;
   /** Processes running it, sharing its consumer (a pipeline step's `replicas`). Default 1. */
   replicas?: number;
   /** Which of them this is (0-based), when it has several. */
@@ -175,11 +185,14 @@ export const SERVICES: readonly ServiceSpec[] = [
     entry: "services/sentiment.ts",
     readsRules: true,
     analyzes: true,
+    // A promoted candidate's ruleset is in rules/.
+    reads: ["rules"],
     access: step(
       FEEDBACK_STREAM,
       ["sentiment"],
       ["feedback.sentiment_analyzed"],
       "feedback.failed",
+      { readsBuckets: [STEP_VERSION_BUCKET] },
     ),
   },
   {
@@ -187,17 +200,22 @@ export const SERVICES: readonly ServiceSpec[] = [
     entry: "services/topics.ts",
     readsRules: true,
     analyzes: true,
-    access: step(FEEDBACK_STREAM, ["topics"], ["feedback.topics_extracted"], "feedback.failed"),
+    reads: ["rules"],
+    access: step(FEEDBACK_STREAM, ["topics"], ["feedback.topics_extracted"], "feedback.failed", {
+      readsBuckets: [STEP_VERSION_BUCKET],
+    }),
   },
   {
     name: "dispatch",
     entry: "services/dispatch.ts",
     readsRules: true,
+    reads: ["rules"],
     access: step(
       FEEDBACK_STREAM,
       ["dispatch"],
       ["feedback.dispatched", "feedback.processed"],
       "feedback.failed",
+      { readsBuckets: [STEP_VERSION_BUCKET] },
     ),
   },
   {
@@ -208,7 +226,13 @@ export const SERVICES: readonly ServiceSpec[] = [
       // Entry events and human actions; a redrive republishes a letter's original to the
       // input of the step that consumed it (after checking it byte for byte against the
       // stream), which may be any pipeline subject.
-      publishes: ["feedback.>", "content.>", "digest.request.*", "deadletter.redriven.*"],
+      publishes: [
+        "feedback.>",
+        "content.>",
+        "digest.request.*",
+        "deadletter.redriven.*",
+        `${SHADOW_AUDIT_PREFIX}.>`,
+      ],
       requests: [METRICS_SUBJECT, "weft.*.status", "$SRV.>"],
       serves: [
         "weft.feedback.>",
@@ -216,10 +240,23 @@ export const SERVICES: readonly ServiceSpec[] = [
         "weft.reviews.>",
         "weft.schedules.>",
         "weft.deadletters.>",
+        `${SHADOW_REQUEST_PREFIX}.>`,
       ],
-      readsStreams: [FEEDBACK_STREAM, CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM],
+      readsStreams: [
+        FEEDBACK_STREAM,
+        CONTENT_STREAM,
+        DEADLETTER_STREAM,
+        DIGEST_STREAM,
+        SHADOW_STREAM,
+      ],
       readsBuckets: [STATE_BUCKET, CONTENT_STATE_BUCKET],
-      writesBuckets: [IDEMPOTENCY_BUCKET, SCHEDULE_BUCKET, REVIEW_BUCKET],
+      writesBuckets: [
+        IDEMPOTENCY_BUCKET,
+        SCHEDULE_BUCKET,
+        REVIEW_BUCKET,
+        SHADOW_BUCKET,
+        STEP_VERSION_BUCKET,
+      ],
       writesObjects: [CONTENT_OBJECT_BUCKET],
     },
   },
@@ -284,6 +321,21 @@ export const SERVICES: readonly ServiceSpec[] = [
       },
     ),
   },
+  {
+    // Live shadows: reads production's input and outputs, works consumers of its own on
+    // FEEDBACK (never a step's), publishes only shadow decisions (not the audit events).
+    name: "shadow",
+    entry: "services/shadow.ts",
+    reads: ["rules", "prompts"],
+    llm: true,
+    apart: true,
+    access: {
+      publishes: ["shadow.*.*.*"],
+      readsStreams: [FEEDBACK_STREAM],
+      managesConsumers: [FEEDBACK_STREAM],
+      readsBuckets: [SHADOW_BUCKET],
+    },
+  },
 ];
 
 /**
@@ -306,6 +358,8 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
       SCHEDULE_BUCKET,
       SCHEDULE_LEASE_BUCKET,
       IDEMPOTENCY_BUCKET,
+      SHADOW_BUCKET,
+      STEP_VERSION_BUCKET,
     ],
     readsObjects: [CONTENT_OBJECT_BUCKET],
   },
@@ -404,7 +458,9 @@ export function processGroups(
       (_, i) => [(s.replicas ?? 1) > 1 ? { ...s, replica: i + (grouped ? 1 : 0) } : s],
     );
   if (!together) return services.flatMap((s) => extra(s, false));
-  const names = together === "all" ? services.map((s) => s.name) : together.split(",");
+  const names = together === "all"
+    ? services.filter((s) => !s.apart).map((s) => s.name)
+    : together.split(",");
   const unknown = names.filter((n) => !services.some((s) => s.name === n));
   if (unknown.length > 0) {
     throw new ConfigError(`WEFT_TOGETHER names no such service: ${unknown.join(", ")}`);
