@@ -7,9 +7,21 @@
  * PATH.json and PATH.html. Connects with WEFT_NATS_NKEY (use the ops key: it can read
  * every stream and can publish no pipeline event, so a shadow run changes nothing).
  *
+ * Live shadows, one command each (a request to the gateway on `weft.shadow.<verb>`; with
+ * API keys configured, an admin key in WEFT_API_KEY or `--key`):
+ *
+ * ```sh
+ * deno task shadow attach --id calm --step sentiment --analyzers rules --rules rules/reference.json --rps 20
+ * deno task shadow list
+ * deno task shadow promote calm
+ * deno task shadow detach calm
+ * ```
+ *
  * @module
  */
 import { parseArgs } from "node:util";
+import { headers } from "@nats-io/nats-core";
+import { SHADOW_REQUEST_PREFIX } from "../src/subjects.ts";
 import { loadConfig } from "../src/config.ts";
 import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { parseRows } from "../src/evaluation.ts";
@@ -25,7 +37,81 @@ import {
 const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.stdout) =>
   to.writeSync(new TextEncoder().encode(text + "\n"));
 
+/** The live shadow commands. */
+const VERBS = ["attach", "detach", "promote", "list"];
+
+/** `deno task shadow attach|detach|promote|list ...`: one request to the gateway. */
+async function control(verb: string, args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    options: {
+      id: { type: "string" },
+      pipeline: { type: "string" },
+      step: { type: "string" },
+      analyzers: { type: "string" },
+      rules: { type: "string" },
+      model: { type: "string" },
+      prompt: { type: "string" },
+      rps: { type: "string" },
+      concurrency: { type: "string" },
+      sample: { type: "string" },
+      "budget-usd": { type: "string" },
+      spec: { type: "string" },
+      key: { type: "string" },
+    },
+    allowPositionals: true,
+    strict: true,
+  });
+  let body = "";
+  if (verb === "attach") {
+    const limits: Record<string, number> = {};
+    for (
+      const [flag, name] of [["rps", "rps"], ["concurrency", "concurrency"], ["sample", "sample"], [
+        "budget-usd",
+        "budgetUsd",
+      ]] as const
+    ) {
+      if (values[flag] !== undefined) limits[name] = Number(values[flag]);
+    }
+    const candidate: Record<string, string> = {};
+    for (const k of ["analyzers", "rules", "model", "prompt"] as const) {
+      if (values[k] !== undefined) candidate[k] = values[k]!;
+    }
+    body = values.spec ?? JSON.stringify({
+      id: values.id ?? positionals[0],
+      ...(values.pipeline ? { pipeline: values.pipeline } : {}),
+      step: values.step,
+      candidate,
+      ...(Object.keys(limits).length ? { limits } : {}),
+    });
+  } else if (verb !== "list") {
+    body = values.id ?? positionals[0] ?? "";
+    if (!body) throw new Error(`usage: deno task shadow ${verb} ID`);
+  }
+  const config = loadConfig({ args: [] });
+  const nc = await connectNats(config.natsUrl, "weft-shadow-cli", {
+    nkeySeedFile: config.natsNkey || undefined,
+    identity: "ops",
+    caFile: config.natsCa || undefined,
+  });
+  try {
+    const h = headers();
+    const key = values.key ?? Deno.env.get("WEFT_API_KEY");
+    if (key) h.set("Authorization", `Bearer ${key}`);
+    const reply = await nc.request(`${SHADOW_REQUEST_PREFIX}.${verb}`, body, {
+      timeout: 10_000,
+      headers: h,
+    });
+    const value = reply.json<{ error?: { detail?: string } }>();
+    say(JSON.stringify(value, null, 2), value?.error ? Deno.stderr : Deno.stdout);
+    return value?.error ? 1 : 0;
+  } finally {
+    await nc.close();
+  }
+}
+
 async function main(args: string[]): Promise<number> {
+  if (args[0] !== undefined && VERBS.includes(args[0])) return control(args[0], args.slice(1));
   const { values } = parseArgs({
     args,
     options: {

@@ -19,6 +19,8 @@ import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
+import { createShadowControl } from "../src/shadow_control.ts";
+import { serveShadowRequests } from "../src/gateway/shadows.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
@@ -50,7 +52,19 @@ export const service: ServiceDef = defineService(
       limiter,
     });
     const pipelines = await loadPipelines(config.pipelines, ROOT);
-    const app = createApp({ nc, intake, config, log, auth, moderation, metrics, pipelines });
+    const shadows = createShadowControl(nc, config.shadows);
+    const app = createApp({
+      nc,
+      intake,
+      config,
+      log,
+      auth,
+      moderation,
+      metrics,
+      pipelines,
+      shadows,
+    });
+    const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
     const pipelineRequests = servePipelineRequests(nc, pipelines, log);
     const requests = serveRequests(nc, intake, log, auth);
     const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
@@ -77,6 +91,7 @@ export const service: ServiceDef = defineService(
         pipelineRequests.stop();
         moderationRequests.stop();
         deadLetterRequests.stop();
+        shadowRequests.stop();
         await server.shutdown();
       },
     };

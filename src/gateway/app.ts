@@ -46,6 +46,8 @@ import { pipelineSubjects } from "../pipeline/derive.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { WeftMetrics } from "../metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
+import type { ShadowControl } from "../shadow_control.ts";
+import { shadowRoutes } from "./shadows.ts";
 
 /** What the app needs. */
 export interface GatewayDeps {
@@ -69,6 +71,8 @@ export interface GatewayDeps {
   feeds?: LiveFeeds;
   /** Pipelines loaded from definitions: their routes under /pipelines. */
   pipelines?: readonly LoadedPipeline[];
+  /** Live shadow control: mounts /shadows (admin). */
+  shadows?: ShadowControl;
 }
 
 /** The problem+json response for an error. */
@@ -308,6 +312,11 @@ export function createApp(deps: GatewayDeps): Hono {
   app.use("/deadletters", adminAuth);
   app.use("/deadletters/*", adminAuth);
   app.route("/deadletters", deadLetterRoutes(intake.js));
+  if (deps.shadows) {
+    app.use("/shadows", adminAuth);
+    app.use("/shadows/*", adminAuth);
+    app.route("/shadows", shadowRoutes(deps.shadows, (c) => whoOf(c).name));
+  }
   if (deps.moderation && deps.auth) {
     app.route(
       "/",
