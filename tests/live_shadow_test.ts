@@ -1,0 +1,496 @@
+/**
+ * Live shadow under `deno task start`: a candidate attached to the feedback pipeline's
+ * sentiment step (over HTTP, admin only) sees the same items on its own consumer, publishes
+ * only on `shadow.>`, and its agreement with production (known in advance here: the
+ * reference ruleset against the embedded analyzer) shows in /metrics. The shadow process is
+ * killed under load: production's latency stays within noise, no production item fails,
+ * and the shadow resumes from its consumer. Then the candidate is promoted (over NATS: the
+ * sentiment step runs it from the next item on) and another shadow is detached.
+ */
+import assert from "node:assert/strict";
+import { headers, type NatsConnection } from "@nats-io/nats-core";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { hashKey } from "../src/gateway/auth.ts";
+import { connectNats } from "../src/nats.ts";
+import { loadRules } from "../src/rules.ts";
+import { agreementOf } from "../src/shadow.ts";
+import { type Mesh, startMesh } from "./helpers/mesh.ts";
+import { deadline, waitFor } from "./helpers/wait.ts";
+
+const ADMIN = "admin-key-for-the-shadow-test";
+const INGEST = "ingest-key-for-the-shadow-test";
+
+const TEXTS = [
+  "I love the new dashboard, great work",
+  "The app crashes every time I open settings, please fix",
+  "I was charged twice this month, refund me",
+  "Could you add a dark mode?",
+  "Cannot log in since yesterday, password reset does not work",
+  "Everything is slow today, pages take ages to load",
+  "Thanks, the support team was lovely",
+  "Your invoice is wrong again, terrible",
+  "The export button does nothing",
+  "Not bad, but the search could be faster",
+  "Awful experience, nobody answered my ticket",
+  "Where can I change my email address?",
+];
+
+/** One metric sample from the Prometheus text: name, labels and value. */
+interface Sample {
+  name: string;
+  labels: Record<string, string>;
+  value: number;
+}
+
+function samples(text: string, name: string): Sample[] {
+  const out: Sample[] = [];
+  for (const line of text.split("\n")) {
+    const m = /^([a-z_]+)\{(.*)\} (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const labels: Record<string, string> = {};
+    for (const l of m[2]!.matchAll(/([a-z_]+)="((?:[^"\\]|\\.)*)"/g)) labels[l[1]!] = l[2]!;
+    out.push({ name, labels, value: Number(m[3]) });
+  }
+  return out;
+}
+
+async function metricsText(base: string): Promise<string> {
+  const r = await fetch(`${base}/metrics`);
+  assert.equal(r.status, 200);
+  return await r.text();
+}
+
+function shadowValue(text: string, name: string, want: Record<string, string>): number | undefined {
+  return samples(text, name).find((s) => Object.entries(want).every(([k, v]) => s.labels[k] === v))
+    ?.value;
+}
+
+async function call(base: string, method: string, path: string, key: string, body?: unknown) {
+  const r = await fetch(`${base}${path}`, {
+    method,
+    headers: {
+      authorization: `Bearer ${key}`,
+      ...(body !== undefined ? { "content-type": "application/json" } : {}),
+    },
+    ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+  });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+/** A NATS request with the admin key, as `deno task shadow <verb>` sends it. */
+async function request(nc: NatsConnection, verb: string, body: string) {
+  const h = headers();
+  h.set("Authorization", `Bearer ${ADMIN}`);
+  const m = await nc.request(`weft.shadow.${verb}`, body, { timeout: 10_000, headers: h });
+  return m.json<Record<string, unknown>>();
+}
+
+/** Production's view of every item: when it entered and left the mesh, and its sentiment. */
+class Watch {
+  readonly ingested = new Map<string, number>();
+  readonly processed = new Map<
+    string,
+    { at: number; sentiment: string; analyzer: string; topics: string[]; team: string }
+  >();
+  readonly failed = new Set<string>();
+  private waiters: { ids: readonly string[]; resolve: () => void }[] = [];
+
+  constructor(nc: NatsConnection) {
+    nc.subscribe("feedback.*.*", {
+      callback: (_e, m) => {
+        const [, type, id] = m.subject.split(".");
+        if (type === "ingested") this.ingested.set(id!, performance.now());
+        if (type === "failed") this.failed.add(id!);
+        if (type === "processed") {
+          const d = m.json<{
+            data: {
+              sentiment: { label: string; analyzer: string };
+              topics: { topics: string[] };
+              routing: { team: string };
+            };
+          }>().data;
+          this.processed.set(id!, {
+            at: performance.now(),
+            sentiment: d.sentiment.label,
+            analyzer: d.sentiment.analyzer,
+            topics: d.topics.topics,
+            team: d.routing.team,
+          });
+        }
+        for (const w of [...this.waiters]) {
+          if (w.ids.every((i) => this.processed.has(i) || this.failed.has(i))) {
+            this.waiters.splice(this.waiters.indexOf(w), 1);
+            w.resolve();
+          }
+        }
+      },
+    });
+  }
+
+  /** Resolves when every one of `ids` is processed or failed. */
+  done(ids: readonly string[], ms: number): Promise<void> {
+    return deadline(
+      new Promise<void>((resolve) => {
+        if (ids.every((i) => this.processed.has(i) || this.failed.has(i))) return resolve();
+        this.waiters.push({ ids, resolve });
+      }),
+      ms,
+      `${ids.length} items to finish`,
+    );
+  }
+
+  /** End-to-end latencies (ingested to processed, as seen here), ms. */
+  latencies(ids: readonly string[]): number[] {
+    return ids.map((i) => this.processed.get(i)!.at - this.ingested.get(i)!).sort((a, b) => a - b);
+  }
+}
+
+const p99 = (sorted: number[]) =>
+  sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * 0.99))]!;
+
+/**
+ * Offers `n` items at `rate` per second (paced by a timer: this is the load, nothing waits
+ * on it), calling `during(i)` after the i-th is sent; resolves with their ids.
+ */
+async function load(
+  mesh: Mesh,
+  prefix: string,
+  n: number,
+  rate: number,
+  during: (i: number) => Promise<void> | void = () => {},
+): Promise<string[]> {
+  const ids: string[] = [];
+  const sends: Promise<void>[] = [];
+  const start = performance.now();
+  for (let i = 0; i < n; i++) {
+    const wait = start + (i * 1000) / rate - performance.now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    const id = `${prefix}${i}`;
+    ids.push(id);
+    sends.push(
+      call(mesh.gatewayUrl, "POST", "/feedback", INGEST, { id, text: TEXTS[i % TEXTS.length] })
+        .then((r) => assert.equal(r.status, 202, JSON.stringify(r.body))),
+    );
+    await during(i);
+  }
+  await Promise.all(sends);
+  return ids;
+}
+
+Deno.test("a live shadow compares a candidate with production, survives being killed under load, and is promoted or detached with one command", async (t) => {
+  await using mesh = await startMesh({
+    WEFT_API_KEYS: JSON.stringify([
+      { sha256: hashKey(ADMIN), role: "admin", name: "lead" },
+      { sha256: hashKey(INGEST), role: "ingest", name: "intake" },
+    ]),
+  });
+  const base = mesh.gatewayUrl;
+  // Ready: every service answers (the shadow service included), not only the gateway.
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
+  const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  const reference = await loadRules("rules/reference.json");
+  try {
+    const watch = new Watch(nc);
+    const jsm = await jetstreamManager(nc);
+    const figures: Record<string, number> = {};
+
+    // A warm-up (compiled code, caches, connections), then production alone: the baseline.
+    const warmup = await load(mesh, "W", 40, 20);
+    await watch.done(warmup, 60_000);
+    const baseline = [...warmup, ...await load(mesh, "B", 120, 20)];
+    await watch.done(baseline, 60_000);
+    figures.p99_ms_without_shadow = p99(watch.latencies(baseline.slice(warmup.length)));
+
+    await t.step("attaching needs an admin key; a shadow is attached over HTTP", async () => {
+      const spec = {
+        id: "ref",
+        step: "sentiment",
+        candidate: { analyzers: "rules", rules: "rules/reference.json" },
+        limits: { rps: 100, concurrency: 8 },
+      };
+      assert.equal((await call(base, "POST", "/shadows", INGEST, spec)).status, 403);
+      const bad = await call(base, "POST", "/shadows", ADMIN, { ...spec, step: "nope" });
+      assert.equal(bad.status, 422);
+      assert.equal(bad.body.field, "/step");
+      const attached = await call(base, "POST", "/shadows", ADMIN, spec);
+      assert.equal(attached.status, 201, JSON.stringify(attached.body));
+      assert.equal(attached.body.attached_by, "lead");
+      assert.equal((await call(base, "POST", "/shadows", ADMIN, spec)).status, 409);
+      // One that cannot start (its ruleset is missing) is reported, and harms nothing.
+      const broken = await call(base, "POST", "/shadows", ADMIN, {
+        id: "broken",
+        step: "topics",
+        candidate: { analyzers: "rules", rules: "rules/missing.json" },
+      });
+      assert.equal(broken.status, 201);
+      // And one over NATS, on dispatch, as `deno task shadow attach` sends it.
+      const routed = await request(
+        nc,
+        "attach",
+        JSON.stringify({
+          id: "route2",
+          step: "dispatch",
+          candidate: { analyzers: "embedded", rules: "rules/reference.json" },
+        }),
+      );
+      assert.equal(routed.id, "route2", JSON.stringify(routed));
+      await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "ref", 20_000, "ref");
+      await mesh.waitForLog(
+        (l) => l.msg === "shadow started" && l.shadow === "route2",
+        20_000,
+        "route2",
+      );
+      await mesh.waitForLog(
+        (l) => l.msg === "shadow did not start" && l.shadow === "broken",
+        20_000,
+        "broken reported",
+      );
+      const listed = await call(base, "GET", "/shadows", ADMIN);
+      assert.deepEqual(listed.body.shadows.map((s: { id: string }) => s.id), [
+        "broken",
+        "ref",
+        "route2",
+      ]);
+    });
+
+    let phaseA: string[] = [];
+    await t.step(
+      "the shadow's agreement with production is in /metrics, as computed here",
+      async () => {
+        phaseA = await load(mesh, "A", 120, 20);
+        await watch.done(phaseA, 60_000);
+        figures.p99_ms_with_shadow = p99(watch.latencies(phaseA));
+        const text = await waitFor(
+          async () => {
+            const text = await metricsText(base);
+            const compared = shadowValue(text, "weft_shadow_items_total", {
+              shadow: "ref",
+              outcome: "compared",
+            });
+            return compared === phaseA.length ? text : undefined;
+          },
+          60_000,
+          "the shadow to compare every item",
+        );
+        const production = phaseA.map((id) => watch.processed.get(id)!.sentiment);
+        const candidate = phaseA.map((id, i) => {
+          assert.match(watch.processed.get(id)!.analyzer, /^embedded/);
+          return (reference.sentiment!.analyze(TEXTS[i % TEXTS.length]!) as { label: string })
+            .label;
+        });
+        const want = agreementOf(production, candidate);
+        assert.ok(want.agreement > 0 && want.agreement < 1, "the two disagree on some items");
+        const labels = { shadow: "ref", field: "sentiment" };
+        const agreement = shadowValue(text, "weft_shadow_agreement_ratio", labels)!;
+        assert.ok(Math.abs(agreement - want.agreement) < 1e-9, `${agreement} vs ${want.agreement}`);
+        const kappa = shadowValue(text, "weft_shadow_kappa", labels)!;
+        assert.ok(Math.abs(kappa - want.kappa) < 1e-9, `${kappa} vs ${want.kappa}`);
+        // The confusion matrix, cell by cell.
+        for (const [p, row] of Object.entries(want.confusion)) {
+          for (const [c, n] of Object.entries(row)) {
+            assert.equal(
+              shadowValue(text, "weft_shadow_compared_total", {
+                ...labels,
+                production: p,
+                candidate: c,
+              }),
+              n,
+              `${p} -> ${c}`,
+            );
+          }
+        }
+        assert.equal(shadowValue(text, "weft_shadow_up", { shadow: "broken" }), 0);
+        assert.equal(shadowValue(text, "weft_shadow_up", { shadow: "ref" }), 1);
+        figures.agreement_sentiment = Math.round(agreement * 1000) / 1000;
+        figures.kappa_sentiment = Math.round(kappa * 1000) / 1000;
+        // The dispatch shadow (same routing table here) agrees on every team.
+        const teams = await waitFor(
+          async () => {
+            const t = await metricsText(base);
+            return shadowValue(t, "weft_shadow_items_total", {
+                shadow: "route2",
+                outcome: "compared",
+              }) === phaseA.length
+              ? t
+              : undefined;
+          },
+          60_000,
+          "route2 to compare every item",
+        );
+        const routed = agreementOf(
+          phaseA.map((id) => watch.processed.get(id)!.team),
+          phaseA.map((id) => {
+            const p = watch.processed.get(id)!;
+            return reference.route(p.sentiment as "positive", p.topics).team;
+          }),
+        );
+        const teamAgreement = shadowValue(teams, "weft_shadow_agreement_ratio", {
+          shadow: "route2",
+          field: "team",
+        })!;
+        assert.ok(Math.abs(teamAgreement - routed.agreement) < 1e-9, `${teamAgreement}`);
+        figures.agreement_team = Math.round(teamAgreement * 1000) / 1000;
+        // The shadow's decisions are on shadow.>, one per item; production's stream has
+        // exactly production's five events per item.
+        const info = await jsm.streams.info("SHADOW", {
+          subjects_filter: "shadow.feedback.sentiment.*",
+        });
+        assert.equal(Object.keys(info.state.subjects ?? {}).length, phaseA.length);
+        const fb = await jsm.streams.info("FEEDBACK");
+        assert.equal(fb.state.messages, 5 * (baseline.length + phaseA.length));
+      },
+    );
+
+    await t.step(
+      "killing the shadow under load leaves production's latency within noise",
+      async () => {
+        const status = await nc.request("weft.shadow.status", undefined, { timeout: 5000 });
+        const pid = status.json<{ pid: number }>().pid;
+        assert.ok(pid > 0);
+        let killed = false;
+        const phaseB = await load(mesh, "K", 120, 20, (i) => {
+          if (i === 10) {
+            Deno.kill(pid, "SIGKILL");
+            killed = true;
+          }
+        });
+        assert.ok(killed);
+        await watch.done(phaseB, 60_000);
+        assert.equal(watch.failed.size, 0, "no production item failed");
+        figures.p99_ms_shadow_killed = p99(watch.latencies(phaseB));
+        // Generous: a 2-core machine also restarts the shadow process meanwhile.
+        const bound = Math.max(4 * figures.p99_ms_with_shadow!, figures.p99_ms_with_shadow! + 1000);
+        assert.ok(
+          figures.p99_ms_shadow_killed <= bound,
+          `p99 ${figures.p99_ms_shadow_killed} ms with the shadow killed, bound ${bound} ms`,
+        );
+        // The supervisor restarts it; from its consumer it decides every item it missed.
+        await waitFor(
+          async () => {
+            const subjects = Object.keys(
+              (await jsm.streams.info("SHADOW", { subjects_filter: "shadow.feedback.sentiment.*" }))
+                .state.subjects ?? {},
+            );
+            return phaseB.every((id) => subjects.includes(`shadow.feedback.sentiment.${id}`)) ||
+              undefined;
+          },
+          90_000,
+          "the restarted shadow to decide every item of the load",
+        );
+        const fb = await jsm.streams.info("FEEDBACK");
+        assert.equal(fb.state.messages, 5 * (baseline.length + phaseA.length + phaseB.length));
+      },
+    );
+
+    await t.step(
+      "promote is one request: the sentiment step runs the candidate from then on",
+      async () => {
+        const version = await request(nc, "promote", "ref");
+        assert.equal(version.promoted_from, "ref", JSON.stringify(version));
+        assert.deepEqual(version.candidate, { analyzers: "rules", rules: "rules/reference.json" });
+        assert.equal(version.promoted_by, "lead");
+        await mesh.waitForLog(
+          (l) => l.msg === "promoted step version applied" && l.step === "feedback.sentiment",
+          20_000,
+          "the sentiment step to apply the promotion",
+        );
+        const ids = await load(mesh, "P", 12, 20);
+        await watch.done(ids, 30_000);
+        ids.forEach((id, i) => {
+          const p = watch.processed.get(id)!;
+          assert.equal(p.analyzer, "rules");
+          assert.equal(
+            p.sentiment,
+            (reference.sentiment!.analyze(TEXTS[i]!) as { label: string }).label,
+          );
+        });
+        // Recorded: the bucket (with history) and an audit event; the shadow is gone.
+        const kv = await new Kvm(nc).open("weft_step_versions");
+        assert.equal(
+          (await kv.get("feedback.sentiment"))?.json<{ promoted_from: string }>()
+            .promoted_from,
+          "ref",
+        );
+        const audit = await jsm.streams.info("SHADOW", { subjects_filter: "shadow._audit.>" });
+        assert.ok(audit.state.subjects?.["shadow._audit.promoted.feedback.sentiment"]);
+        await waitFor(
+          () => jsm.consumers.info("FEEDBACK", "shadow_ref").then(() => false, () => true),
+          20_000,
+          "the promoted shadow's consumer deleted",
+        );
+      },
+    );
+
+    await t.step("detach is one request: the consumer and the metrics go", async () => {
+      assert.equal((await call(base, "DELETE", "/shadows/route2", INGEST)).status, 403);
+      const r = await call(base, "DELETE", "/shadows/route2", ADMIN);
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      assert.equal((await call(base, "DELETE", "/shadows/route2", ADMIN)).status, 404);
+      assert.deepEqual(await request(nc, "detach", "broken"), { detached: "broken" });
+      await waitFor(
+        () => jsm.consumers.info("FEEDBACK", "shadow_route2").then(() => false, () => true),
+        20_000,
+        "the detached shadow's consumer deleted",
+      );
+      await waitFor(
+        async () => !/shadow="(route2|broken|ref)"/.test(await metricsText(base)),
+        20_000,
+        "the detached shadows' series gone",
+      );
+      const listed = await call(base, "GET", "/shadows", ADMIN);
+      assert.deepEqual(listed.body.shadows, []);
+      assert.equal(listed.body.versions.length, 1);
+    });
+
+    await t.step("the shadow identity may publish only shadow decisions", async () => {
+      assert.deepEqual(
+        mesh.logs.filter((l) => l.msg === "nats permission violation"),
+        [],
+        "no refused permission so far",
+      );
+      const sc = await connectNats(mesh.natsUrl, "test-as-shadow", mesh.credentials("shadow"));
+      try {
+        const js = jetstream(sc);
+        await js.publish("shadow.feedback.sentiment.OWN", "{}");
+        for (
+          const subject of [
+            "feedback.sentiment_analyzed.victim",
+            "feedback.failed.victim",
+            "shadow._audit.promoted.feedback.sentiment",
+          ]
+        ) {
+          await assert.rejects(js.publish(subject, "{}"), /permission/i, subject);
+        }
+        const sjsm = await jetstreamManager(sc);
+        await assert.rejects(sjsm.consumers.delete("FEEDBACK", "sentiment"), /permission/i);
+        // Its info is readable (it reads the stream), but a pull is refused: the server
+        // drops the request (the client sees no heartbeat) and logs the violation.
+        await assert.rejects(
+          (async () => (await js.consumers.get("FEEDBACK", "sentiment")).next({ expires: 1000 }))(),
+        );
+        await mesh.waitForLog(
+          (l) =>
+            l.msg === "nats permission violation" &&
+            String(l.line).includes("CONSUMER.MSG.NEXT.FEEDBACK.sentiment"),
+          10_000,
+          "the refused pull logged",
+        );
+        await assert.rejects(
+          (async () => (await new Kvm(sc).open("weft_step_versions")).get("feedback.sentiment"))(),
+          /permission/i,
+        );
+      } finally {
+        await sc.close();
+      }
+    });
+
+    // The figures, for the record (docs/SHADOW.md).
+    Deno.stdout.writeSync(
+      new TextEncoder().encode(`LIVE-SHADOW-FIGURES ${JSON.stringify(figures)}\n`),
+    );
+  } finally {
+    await nc.close();
+  }
+});
