@@ -4,7 +4,8 @@
  * mesh is configured (`--analyzers embedded|rules|llm`, `--rules FILE`, WEFT_LLM_*), pick the
  * history (`--since`, `--until` ISO times, `--count N`, `--sample 0.1`), optionally give a
  * labelled JSONL (`--labels FILE`, as `deno task eval` takes), and `--out PATH` for
- * PATH.json and PATH.html. Connects with WEFT_NATS_NKEY (use the ops key: it can read
+ * PATH.json and PATH.html. `--prompt sentiment=v2` runs an LLM candidate on another prompt
+ * version (`prompts/sentiment.v2.md`). Connects with WEFT_NATS_NKEY (use the ops key: it can read
  * every stream and can publish no pipeline event, so a shadow run changes nothing).
  *
  * Live shadows, one command each (a request to the gateway on `weft.shadow.<verb>`; with
@@ -15,6 +16,7 @@
  * deno task shadow list
  * deno task shadow promote calm
  * deno task shadow detach calm
+ * deno task shadow reset feedback.sentiment   # back to the configured version
  * ```
  *
  * @module
@@ -38,7 +40,7 @@ const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.st
   to.writeSync(new TextEncoder().encode(text + "\n"));
 
 /** The live shadow commands. */
-const VERBS = ["attach", "detach", "promote", "list"];
+const VERBS = ["attach", "detach", "promote", "reset", "list"];
 
 /** `deno task shadow attach|detach|promote|list ...`: one request to the gateway. */
 async function control(verb: string, args: string[]): Promise<number> {
@@ -86,7 +88,11 @@ async function control(verb: string, args: string[]): Promise<number> {
     });
   } else if (verb !== "list") {
     body = values.id ?? positionals[0] ?? "";
-    if (!body) throw new Error(`usage: deno task shadow ${verb} ID`);
+    if (!body) {
+      throw new Error(
+        `usage: deno task shadow ${verb} ${verb === "reset" ? "PIPELINE.STEP" : "ID"}`,
+      );
+    }
   }
   const config = loadConfig({ args: [] });
   const nc = await connectNats(config.natsUrl, "weft-shadow-cli", {
@@ -121,6 +127,7 @@ async function main(args: string[]): Promise<number> {
       sample: { type: "string" },
       labels: { type: "string" },
       out: { type: "string" },
+      prompt: { type: "string" },
     },
     strict: false,
   });
@@ -140,9 +147,20 @@ async function main(args: string[]): Promise<number> {
   if (sample !== undefined && !(sample > 0 && sample <= 1)) {
     throw new Error("--sample must be in (0, 1]");
   }
-  const candidate = await feedbackAnalyzers(config);
-  const name = `${config.analyzers}${config.analyzers === "llm" ? `:${config.llmModel}` : ""} ` +
-    `(rules ${config.rulesPath})`;
+  // `--prompt sentiment=v2[,topics=v2]`: the candidate's prompt versions (llm).
+  const prompts: Record<string, string> = {};
+  if (typeof values.prompt === "string") {
+    for (const part of values.prompt.split(",")) {
+      const m = /^(sentiment|topics|toxicity)=([A-Za-z0-9_-]+)$/.exec(part.trim());
+      if (!m) throw new Error("--prompt takes KIND=VERSION[,...], e.g. sentiment=v2");
+      prompts[m[1]!] = m[2]!;
+    }
+  }
+  const candidate = await feedbackAnalyzers({ ...config, llmPromptVersions: prompts });
+  const promptNote = Object.entries(prompts).map(([k, v]) => ` ${k}@${v}`).join("");
+  const name = `${config.analyzers}${
+    config.analyzers === "llm" ? `:${config.llmModel}${promptNote}` : ""
+  } (rules ${config.rulesPath})`;
   const nc = await connectNats(config.natsUrl, "weft-shadow", {
     nkeySeedFile: config.natsNkey || undefined,
     identity: "ops",

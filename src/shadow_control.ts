@@ -2,11 +2,12 @@
  * Attaching, detaching and promoting live shadows: one place behind `POST /shadows`,
  * `DELETE /shadows/:id`, `POST /shadows/:id/promote`, `GET /shadows` and the request
  * subjects `weft.shadow.<attach|detach|promote|list>` (src/gateway/shadows.ts), which
- * `deno task shadow attach|detach|promote|list` sends.
+ * `deno task shadow attach|detach|promote|reset|list` sends.
  *
  * An attach is an entry in the `weft_shadows` bucket (the shadow service watches it); a
  * promotion is an entry in `weft_step_versions` (production's step follows it) and detaches
- * the shadow. Each is recorded as an audit event on `shadow._audit.<action>.<pipeline>.<step>`.
+ * the shadow; a reset deletes that entry (the step runs its configured version again). Each
+ * is recorded as an audit event on `shadow._audit.<action>.<pipeline>.<step>`.
  *
  * @module
  */
@@ -19,6 +20,7 @@ import { statusSubject } from "./micro.ts";
 import {
   parseShadowSpec,
   SHADOW_ID,
+  SHADOW_STEPS,
   type ShadowSpec,
   type StepVersion,
   stepVersionKey,
@@ -42,6 +44,8 @@ export interface ShadowControl {
   detach(id: string, by: string): Promise<{ detached: string }>;
   /** Makes a shadow's candidate production for its step, and detaches it. */
   promote(id: string, by: string): Promise<StepVersion>;
+  /** Rolls a step back to its configured version (`<pipeline>.<step>`). */
+  reset(step: string, by: string): Promise<{ reset: string; was?: StepVersion }>;
 }
 
 const encoder = new TextEncoder();
@@ -181,6 +185,23 @@ export function createShadowControl(
       // Shadowing production with itself measures nothing: the shadow goes.
       if (!configured.some((c) => c.id === id)) await shadows.delete(id);
       return version;
+    },
+
+    async reset(step, by) {
+      const [pipeline, name] = step.split(".");
+      if (!pipeline || !name || !SHADOW_STEPS[pipeline]?.includes(name)) {
+        throw new NotFoundError(`no shadowable step ${JSON.stringify(step)}`);
+      }
+      const { versions } = await open();
+      const key = stepVersionKey(pipeline, name);
+      const e = await versions.get(key);
+      if (!e || e.operation !== "PUT") {
+        throw new NotFoundError(`${key} runs its configured version already`);
+      }
+      const was = e.json<StepVersion>();
+      await versions.delete(key);
+      await audit("reset", { pipeline, step: name }, { by, was });
+      return { reset: key, was };
     },
   };
 }

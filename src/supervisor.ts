@@ -412,7 +412,10 @@ export function processArgs(
   const net = [...natsHosts(config.natsUrl)];
   const listens = specs.some((s) => s.listens);
   if (listens) net.push(`${config.host}:${config.port}`);
-  const llm = specs.some((s) => s.analyzes) && config.analyzers === "llm";
+  // An analyzing step reaches the LLM endpoint whenever one is configured: with `llm`
+  // analyzers, or to run an LLM candidate promoted from a live shadow.
+  const llm = specs.some((s) => s.analyzes) &&
+    (config.analyzers === "llm" || config.llmBaseUrl !== "");
   if (llm || (specs.some((s) => s.llm) && config.llmBaseUrl)) {
     const u = new URL(config.llmBaseUrl);
     net.push(`${u.hostname}:${u.port || (u.protocol === "https:" ? 443 : 80)}`);

@@ -5,7 +5,7 @@
  * reference ruleset against the embedded analyzer) shows in /metrics. The shadow process is
  * killed under load: production's latency stays within noise, no production item fails,
  * and the shadow resumes from its consumer. Then the candidate is promoted (over NATS: the
- * sentiment step runs it from the next item on) and another shadow is detached.
+ * sentiment step runs it from the next item on), rolled back, and another shadow is detached.
  */
 import assert from "node:assert/strict";
 import { headers, type NatsConnection } from "@nats-io/nats-core";
@@ -442,6 +442,31 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
       const listed = await call(base, "GET", "/shadows", ADMIN);
       assert.deepEqual(listed.body.shadows, []);
       assert.equal(listed.body.versions.length, 1);
+    });
+
+    await t.step("reset is one request: the step runs its configured version again", async () => {
+      const r = await call(base, "DELETE", "/shadows/versions/feedback.sentiment", ADMIN);
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      assert.equal(r.body.was.promoted_from, "ref");
+      await mesh.waitForLog(
+        (l) => l.msg === "step version reset to the configured one",
+        20_000,
+        "the sentiment step to reset",
+      );
+      const ids = await load(mesh, "R", 12, 20);
+      await watch.done(ids, 30_000);
+      for (const id of ids) assert.match(watch.processed.get(id)!.analyzer, /^embedded/);
+      assert.deepEqual((await call(base, "GET", "/shadows", ADMIN)).body.versions, []);
+      const audit = await jsm.streams.info("SHADOW", { subjects_filter: "shadow._audit.>" });
+      assert.deepEqual(Object.keys(audit.state.subjects ?? {}).sort(), [
+        "shadow._audit.attached.feedback.dispatch",
+        "shadow._audit.attached.feedback.sentiment",
+        "shadow._audit.attached.feedback.topics",
+        "shadow._audit.detached.feedback.dispatch",
+        "shadow._audit.detached.feedback.topics",
+        "shadow._audit.promoted.feedback.sentiment",
+        "shadow._audit.reset.feedback.sentiment",
+      ]);
     });
 
     await t.step("the shadow identity may publish only shadow decisions", async () => {

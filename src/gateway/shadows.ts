@@ -5,7 +5,9 @@
  *   every step's promoted version;
  * - `POST /shadows {spec}`, `nats req weft.shadow.attach '{spec}'`: attach (201);
  * - `DELETE /shadows/:id`, `nats req weft.shadow.detach ID`: detach;
- * - `POST /shadows/:id/promote`, `nats req weft.shadow.promote ID`: promote.
+ * - `POST /shadows/:id/promote`, `nats req weft.shadow.promote ID`: promote;
+ * - `DELETE /shadows/versions/:step`, `nats req weft.shadow.reset feedback.sentiment`: roll a
+ *   step back to its configured version.
  *
  * Over NATS, with API keys configured, a request carries `Authorization: Bearer <key>` of
  * an admin key, as over HTTP; errors answer `{"error": <problem>}`.
@@ -43,6 +45,10 @@ export function shadowRoutes(control: ShadowControl, who: (c: Context) => string
     c.header("Location", `/shadows/${spec.id}`);
     return c.json(spec, 201);
   });
+  app.delete(
+    "/versions/:step",
+    async (c) => c.json(await control.reset(c.req.param("step"), who(c))),
+  );
   app.delete("/:id", async (c) => c.json(await control.detach(c.req.param("id"), who(c))));
   app.post("/:id/promote", async (c) => c.json(await control.promote(c.req.param("id"), who(c))));
   return app;
@@ -68,6 +74,7 @@ export function serveShadowRequests(
     serve("attach", (m, who) => control.attach(decodeJson(m.data), who)),
     serve("detach", (m, who) => control.detach(requestedId(m.data), who)),
     serve("promote", (m, who) => control.promote(requestedId(m.data), who)),
+    serve("reset", (m, who) => control.reset(requestedId(m.data), who)),
   ];
   return { stop: () => subs.forEach((s) => s.unsubscribe()) };
 }
