@@ -200,10 +200,12 @@ export class ShadowTally {
   /** LLM counters of the candidate, when it calls one. */
   llm?: LlmStats;
 
-  constructor(
-    readonly spec: ShadowSpec,
-    readonly candidate: string = candidateName(spec.candidate),
-  ) {}
+  /** The candidate's name (with its model once known: see {@link runShadow}). */
+  candidate: string;
+
+  constructor(readonly spec: ShadowSpec) {
+    this.candidate = candidateName(spec.candidate);
+  }
 
   /** Records one item's comparison. */
   record(production: Record<string, string>, candidate: Record<string, string>): void {
@@ -490,6 +492,13 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
     candidateConfig(config, spec, { fallback: false, budgetUsd: spec.limits.budgetUsd }),
   );
   if (analyzers.llmStats) tally.llm = analyzers.llmStats;
+  // The model production's configuration gives, when the candidate names none.
+  tally.candidate = candidateName({
+    ...spec.candidate,
+    ...(spec.candidate.analyzers === "llm" && !spec.candidate.model && config.llmModel
+      ? { model: config.llmModel }
+      : {}),
+  });
   const stage = step.stage(analyzers) as Stage<StageInput>;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);

@@ -73,6 +73,10 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 .charts { display:grid; grid-template-columns:repeat(3, 1fr); gap:1rem; }
 .chart h3 { margin:0 0 .2rem; font-size:.8rem; color:var(--dim); font-weight:normal; }
 #shadows td.agree { font-variant-numeric:tabular-nums; }
+#shadows th:nth-child(1) { width:12%; } #shadows th:nth-child(2) { width:13%; }
+#shadows th:nth-child(3) { width:15%; } #shadows th:nth-child(4) { width:8%; }
+#shadows th:nth-child(5), #shadows th:nth-child(6) { width:8%; }
+#shadows th:nth-child(7) { width:21%; } #shadows th:nth-child(8) { width:15%; }
 #shadows .bar { display:inline-block; height:.55rem; background:var(--ok); border-radius:2px; margin-right:.35rem; vertical-align:middle; }
 #shadows .low { background:var(--warn); }
 .chart canvas { width:100%; height:90px; background:#0c1116; border:1px solid var(--line); border-radius:4px; }
@@ -232,7 +236,7 @@ function renderShadows(shadows) {
   if (ids.length === 0) { if (!box.classList.contains("muted")) { box.className = "muted"; box.textContent = "No live shadow attached (attach one: deno task shadow attach, see docs/SHADOW.md)."; } return; }
   box.className = ""; box.textContent = "";
   var t = el("table"); var head = el("tr");
-  ["Shadow", "Step", "Candidate", "State", "Decided", "Compared", "Agreement (kappa)", "Failed / over budget / unmatched"].forEach(function (h) { head.appendChild(el("th", null, h)); });
+  ["Shadow", "Step", "Candidate", "State", "Decided", "Compared", "Agreement (kappa)", "Failed / budget / unmatched"].forEach(function (h) { head.appendChild(el("th", null, h)); });
   t.appendChild(el("thead")).appendChild(head);
   var tb = el("tbody");
   ids.forEach(function (id) {
