@@ -46,7 +46,13 @@ import {
 } from "./shadow_spec.ts";
 import type { OutputEvent, Stage, StageInput } from "./stage.ts";
 import { dispatchStage, sentimentStage, topicsStage } from "./stages/feedback.ts";
-import { eventSubject, FEEDBACK_STREAM, FeedbackEventType as T, typeFilter } from "./subjects.ts";
+import {
+  eventSubject,
+  FEEDBACK_STREAM,
+  FeedbackEventType as T,
+  SHADOW_STREAM,
+  typeFilter,
+} from "./subjects.ts";
 
 /** How a step is shadowed: what it consumes, what production emits, which fields compare. */
 export interface ShadowStepDef {
@@ -408,6 +414,50 @@ export interface RunShadowOptions {
   matchWaitMs?: number;
 }
 
+/** The message id of a shadow's decision about the input at `seq`: published once. */
+function decisionId(shadow: string, seq: number): string {
+  return `${shadow}-${seq}`;
+}
+
+/**
+ * Counts the decisions a shadow already published (the SHADOW stream keeps them for a
+ * day) into its tally, so its figures go on across a restart of the shadow service. Only
+ * this shadow's, since it was attached, by the same candidate.
+ */
+export async function restoreTally(
+  js: ReturnType<typeof jetstream>,
+  jsm: JetStreamManager,
+  spec: ShadowSpec,
+  tally: ShadowTally,
+): Promise<number> {
+  const filter = shadowSubject(spec.pipeline, spec.step, "*");
+  const info = await jsm.streams.info(SHADOW_STREAM, { subjects_filter: filter });
+  if (info.state.messages === 0) return 0;
+  const consumer = await js.consumers.get(SHADOW_STREAM, {
+    filter_subjects: [filter],
+    ...(spec.attached_at ? { opt_start_time: spec.attached_at } : {}),
+  });
+  let left = (await consumer.info(true)).num_pending;
+  if (left === 0) return 0;
+  let restored = 0;
+  const messages = await consumer.consume();
+  for await (const m of messages) {
+    left--;
+    try {
+      const d = m.json<ShadowDecision>();
+      if (d.shadow === spec.id && d.candidate === tally.candidate) {
+        tally.counts.decided++;
+        if (d.production) tally.record(d.production, d.decision);
+        else tally.counts.unmatched++;
+        restored++;
+      }
+    } catch { /* not a decision: skip */ }
+    if (left <= 0 || m.info.pending === 0) break;
+  }
+  await messages.close();
+  return restored;
+}
+
 /** How long a shadow waits for production's output of an item, ms. */
 export const MATCH_WAIT_MS = 30_000;
 /** A shadow's ack wait beyond its rate wait, ms; it sends in-progress acks at a third of it. */
@@ -502,6 +552,9 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   const stage = step.stage(analyzers) as Stage<StageInput>;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
+  await restoreTally(js, jsm, spec, tally).catch((err) =>
+    log.warn("shadow figures not restored", { err: String(err) })
+  );
   await ensureShadowConsumer(jsm, spec);
   const consumer = await js.consumers.get(step.stream, shadowDurable(spec.id));
   const limiter = createStepLimiter({
@@ -569,17 +622,23 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
       const p = step.fields(prod);
       body.production = p;
       body.agrees = Object.fromEntries(Object.keys(p).map((f) => [f, p[f] === decision[f]]));
-      tally.record(p, decision);
-    } else tally.counts.unmatched++;
+    }
+    let duplicate = false;
     try {
-      await js.publish(
+      const ack = await js.publish(
         shadowSubject(spec.pipeline, spec.step, itemId),
         encoder.encode(JSON.stringify(body)),
-        { msgID: `${spec.id}-${m.seq}` },
+        { msgID: decisionId(spec.id, m.seq) },
       );
+      // Stored already: the item came again after a restart, and was counted (restored).
+      duplicate = ack.duplicate;
     } catch (err) {
       tally.counts.publish_failed++;
       log.debug("shadow publish failed", { item_id: itemId, err: String(err) });
+    }
+    if (!duplicate) {
+      if (body.production) tally.record(body.production, decision);
+      else tally.counts.unmatched++;
     }
     return true;
   }

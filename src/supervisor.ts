@@ -331,7 +331,9 @@ export const SERVICES: readonly ServiceSpec[] = [
     apart: true,
     access: {
       publishes: ["shadow.*.*.*"],
-      readsStreams: [FEEDBACK_STREAM],
+      // FEEDBACK: production's input and outputs; SHADOW: its own decisions, counted again
+      // after a restart.
+      readsStreams: [FEEDBACK_STREAM, SHADOW_STREAM],
       managesConsumers: [FEEDBACK_STREAM],
       readsBuckets: [SHADOW_BUCKET],
     },
