@@ -218,6 +218,21 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
       assert.equal(attached.status, 201, JSON.stringify(attached.body));
       assert.equal(attached.body.attached_by, "lead");
       assert.equal((await call(base, "POST", "/shadows", ADMIN, spec)).status, 409);
+      // Bad requests are 4xx problems, over HTTP and NATS alike.
+      const raw = (body: string, type = "application/json") =>
+        fetch(`${base}/shadows`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${ADMIN}`, "content-type": type },
+          body,
+        }).then(async (r) => (await r.body?.cancel(), r.status));
+      assert.equal(await raw("{not json"), 400);
+      assert.equal(await raw("[]"), 422);
+      assert.equal(await raw("{}", "text/plain"), 415);
+      assert.equal(await raw(JSON.stringify({ ...spec, pad: "x".repeat(20_000) })), 413);
+      assert.equal((await call(base, "POST", "/shadows/nope/promote", ADMIN)).status, 404);
+      const garbage = await request(nc, "attach", "{not json");
+      // (As on the other request subjects: a body that is not JSON is an invalid event.)
+      assert.equal((garbage.error as { status: number }).status, 422);
       // One that cannot start (its ruleset is missing) is reported, and harms nothing.
       const broken = await call(base, "POST", "/shadows", ADMIN, {
         id: "broken",
