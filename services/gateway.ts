@@ -52,7 +52,7 @@ export const service: ServiceDef = defineService(
       limiter,
     });
     const pipelines = await loadPipelines(config.pipelines, ROOT);
-    const shadows = createShadowControl(nc, config.shadows);
+    const shadows = createShadowControl(nc, config.shadows, { pipelines, root: ROOT });
     const app = createApp({
       nc,
       intake,

@@ -31,7 +31,10 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import client from "prom-client";
 import type { Config } from "./config.ts";
 import { type AnalyzerConfig, feedbackAnalyzers } from "./configured_analyzers.ts";
-import { errorCode } from "./errors.ts";
+import { ConfigError, errorCode, ValidationError } from "./errors.ts";
+import { pipelineStreamOf, stepFilterSubject } from "./pipeline/derive.ts";
+import { type LoadedPipeline, loadPipelines, workStage } from "./pipeline/runtime.ts";
+import { eventOf } from "./pipeline/validate.ts";
 import { LlmError } from "./llm/errors.ts";
 import type { LlmStats } from "./llm/stats.ts";
 import type { Logger } from "./log.ts";
@@ -109,11 +112,155 @@ export const FEEDBACK_SHADOW_STEPS: Readonly<Record<string, ShadowStepDef>> = {
   },
 };
 
-/** The shadowable step of `spec`. */
+/** The shadowable feedback step of `spec`. */
 export function shadowStep(spec: Pick<ShadowSpec, "pipeline" | "step">): ShadowStepDef {
   const def = spec.pipeline === "feedback" ? FEEDBACK_SHADOW_STEPS[spec.step] : undefined;
   if (!def) throw new Error(`no shadowable step ${spec.pipeline}.${spec.step}`);
   return def;
+}
+
+/** The stream a shadow's step reads: FEEDBACK, or its definition's pipeline's. */
+export function shadowStream(spec: Pick<ShadowSpec, "pipeline">): string {
+  return spec.pipeline === "feedback" ? FEEDBACK_STREAM : pipelineStreamOf(spec.pipeline);
+}
+
+/** Whether a field's labels are few enough for a confusion matrix in the metrics. */
+export function boundedField(spec: Pick<ShadowSpec, "pipeline" | "step">, field: string): boolean {
+  return spec.pipeline === "feedback"
+    ? (FEEDBACK_SHADOW_STEPS[spec.step]?.bounded ?? []).includes(field)
+    // A definition step's result: its top-level values, not the whole result.
+    : field !== "result";
+}
+
+/** What a running shadow works with: its step resolved, its candidate built. */
+export interface ShadowTarget {
+  stream: string;
+  filterSubject: string;
+  /** The event type production's step emits for an item. */
+  output: string;
+  fields(data: Record<string, unknown>): Record<string, string>;
+  // deno-lint-ignore no-explicit-any
+  stage: Stage<any>;
+  /** The candidate's name, as published and in the metrics. */
+  candidate: string;
+  llm?: LlmStats;
+}
+
+/** JSON with sorted keys: equal values, equal strings. */
+function stableJson(v: unknown): string {
+  if (v === null || typeof v !== "object") return JSON.stringify(v) ?? "null";
+  if (Array.isArray(v)) return `[${v.map(stableJson).join(",")}]`;
+  return `{${
+    Object.keys(v).sort().map((k) =>
+      `${JSON.stringify(k)}:${stableJson((v as Record<string, unknown>)[k])}`
+    ).join(",")
+  }}`;
+}
+
+/**
+ * The compared fields of a definition step's result: the whole result (`result`), and each
+ * of its top-level values that is a string, number or boolean (a router's `label`).
+ */
+export function resultFields(result: unknown): Record<string, string> {
+  const out: Record<string, string> = { result: stableJson(result).slice(0, 500) };
+  if (result !== null && typeof result === "object" && !Array.isArray(result)) {
+    for (const [k, v] of Object.entries(result)) {
+      if (
+        k !== "result" && (typeof v === "string" || typeof v === "number" || typeof v === "boolean")
+      ) {
+        out[k] = String(v).slice(0, 100);
+      }
+    }
+  }
+  return out;
+}
+
+/** Where definitions may be loaded from: the folders of the running ones. */
+export function candidateDefinitionFile(
+  file: string,
+  pipelines: readonly LoadedPipeline[],
+  root: string,
+): string {
+  const abs = file.startsWith("/") ? file : `${root.replace(/\/$/, "")}/${file}`;
+  const dir = abs.replace(/\/[^/]*$/, "");
+  if (!pipelines.some((p) => p.file.replace(/\/[^/]*$/, "") === dir)) {
+    throw new ValidationError(
+      "a candidate definition must be in the folder of a running definition",
+      { field: "/candidate/definition" },
+    );
+  }
+  return abs;
+}
+
+/**
+ * Resolves a shadow: its step (a feedback step, or a work step of a running definition) and
+ * its candidate (analyzers, or the step of another version of the definition).
+ */
+export async function resolveShadowTarget(
+  spec: ShadowSpec,
+  config: Config,
+  ctx: { nc: NatsConnection; pipelines?: readonly LoadedPipeline[]; root?: string },
+): Promise<ShadowTarget> {
+  if (spec.pipeline === "feedback") {
+    const step = shadowStep(spec);
+    const analyzers = await feedbackAnalyzers(
+      candidateConfig(config, spec, { fallback: false, budgetUsd: spec.limits.budgetUsd }),
+    );
+    return {
+      stream: step.stream,
+      filterSubject: step.filterSubject,
+      output: step.output,
+      fields: step.fields,
+      stage: step.stage(analyzers),
+      // The model production's configuration gives, when the candidate names none.
+      candidate: candidateName({
+        ...spec.candidate,
+        ...(spec.candidate.analyzers === "llm" && !spec.candidate.model && config.llmModel
+          ? { model: config.llmModel }
+          : {}),
+      }),
+      ...(analyzers.llmStats ? { llm: analyzers.llmStats } : {}),
+    };
+  }
+  const pipelines = ctx.pipelines ?? [];
+  const prod = pipelines.find((p) => p.def.name === spec.pipeline);
+  if (!prod) throw new ConfigError(`no running pipeline ${spec.pipeline}`);
+  const shadowable = (def: LoadedPipeline["def"]) => {
+    const s = def.steps[spec.step];
+    return s !== undefined && s.kind !== "agent" && stepFilterSubject(def, spec.step) !== null;
+  };
+  // Agents append to their item's scratchpad: a second run would change the item.
+  if (!shadowable(prod.def)) {
+    throw new ConfigError(`${spec.pipeline}.${spec.step} is not a task, llm or router step`);
+  }
+  const file = candidateDefinitionFile(spec.candidate.definition!, pipelines, ctx.root ?? "");
+  const cand = (await loadPipelines([file])).find((p) => p.def.name === spec.pipeline);
+  if (!cand || !shadowable(cand.def)) {
+    throw new ConfigError(`${file} defines no step ${spec.step} of pipeline ${spec.pipeline}`);
+  }
+  const id = spec.step;
+  return {
+    stream: pipelineStreamOf(spec.pipeline),
+    // Production's filter: the candidate sees what production's step sees.
+    filterSubject: stepFilterSubject(prod.def, id)!,
+    output: `${spec.pipeline}.${eventOf(id, prod.def.steps[id]!)}`,
+    fields: (data) => resultFields((data as { results?: Record<string, unknown> }).results?.[id]),
+    stage: workStage(cand, id, {
+      nc: ctx.nc,
+      ...(config.llmBaseUrl
+        ? {
+          llm: {
+            baseUrl: config.llmBaseUrl,
+            apiKey: config.llmApiKey,
+            model: config.llmModel,
+            timeoutMs: config.llmTimeoutMs,
+            concurrency: spec.limits.concurrency,
+          },
+        }
+        : {}),
+    }),
+    candidate: candidateName(spec.candidate),
+  };
 }
 
 /** The analyzer settings of a candidate: production's, with the candidate's choices. */
@@ -126,7 +273,7 @@ export function candidateConfig(
   const prompt = c.prompt;
   return {
     ...base,
-    analyzers: c.analyzers,
+    analyzers: c.analyzers ?? base.analyzers,
     rulesPath: c.rules ?? base.rulesPath,
     llmModel: c.model ?? base.llmModel,
     ...(opts.budgetUsd !== undefined ? { llmBudgetUsd: opts.budgetUsd } : {}),
@@ -258,7 +405,6 @@ export class ShadowTally {
 export function registerShadowMetrics(
   registry: client.Registry,
   tallies: () => Iterable<ShadowTally>,
-  bounded: (t: ShadowTally) => readonly string[] = (t) => shadowStep(t.spec).bounded,
 ): void {
   const registers = [registry];
   const base = (t: ShadowTally) => ({
@@ -325,9 +471,8 @@ export function registerShadowMetrics(
     collect() {
       this.reset();
       for (const t of tallies()) {
-        const keep = bounded(t);
         for (const [field, ft] of t.fields) {
-          if (!keep.includes(field)) continue;
+          if (!boundedField(t.spec, field)) continue;
           for (const [p, row] of ft.confusion) {
             for (const [c, n] of row) {
               this.inc({ ...base(t), field, production: p, candidate: c }, n);
@@ -412,6 +557,10 @@ export interface RunShadowOptions {
   tally?: ShadowTally;
   /** How long to wait for production's output of an item, ms. Default 30 s. */
   matchWaitMs?: number;
+  /** The running definitions (to shadow one of their steps). */
+  pipelines?: readonly LoadedPipeline[];
+  /** Where relative definition paths start: the repository root. */
+  root?: string;
 }
 
 /** The message id of a shadow's decision about the input at `seq`: published once. */
@@ -467,8 +616,8 @@ const ACK_WAIT_MS = 6_000;
 export async function ensureShadowConsumer(
   jsm: JetStreamManager,
   spec: ShadowSpec,
+  step: Pick<ShadowTarget, "stream" | "filterSubject">,
 ): Promise<void> {
-  const step = shadowStep(spec);
   const durable = shadowDurable(spec.id);
   try {
     const info = await jsm.consumers.info(step.stream, durable);
@@ -502,7 +651,7 @@ export async function deleteShadowConsumer(
   spec: Pick<ShadowSpec, "id" | "pipeline" | "step">,
 ): Promise<boolean> {
   try {
-    return await jsm.consumers.delete(shadowStep(spec).stream, shadowDurable(spec.id));
+    return await jsm.consumers.delete(shadowStream(spec), shadowDurable(spec.id));
   } catch (err) {
     if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound) {
       return false;
@@ -535,27 +684,22 @@ const delay = (ms: number, signal: AbortSignal) =>
 export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   const { nc, spec, config } = opts;
   const log = opts.log.with({ shadow: spec.id, step: `${spec.pipeline}.${spec.step}` });
-  const step = shadowStep(spec);
   const tally = opts.tally ?? new ShadowTally(spec);
   const matchWaitMs = opts.matchWaitMs ?? MATCH_WAIT_MS;
-  const analyzers = await feedbackAnalyzers(
-    candidateConfig(config, spec, { fallback: false, budgetUsd: spec.limits.budgetUsd }),
-  );
-  if (analyzers.llmStats) tally.llm = analyzers.llmStats;
-  // The model production's configuration gives, when the candidate names none.
-  tally.candidate = candidateName({
-    ...spec.candidate,
-    ...(spec.candidate.analyzers === "llm" && !spec.candidate.model && config.llmModel
-      ? { model: config.llmModel }
-      : {}),
+  const step = await resolveShadowTarget(spec, config, {
+    nc,
+    pipelines: opts.pipelines,
+    root: opts.root,
   });
-  const stage = step.stage(analyzers) as Stage<StageInput>;
+  if (step.llm) tally.llm = step.llm;
+  tally.candidate = step.candidate;
+  const stage = step.stage as Stage<StageInput>;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
   await restoreTally(js, jsm, spec, tally).catch((err) =>
     log.warn("shadow figures not restored", { err: String(err) })
   );
-  await ensureShadowConsumer(jsm, spec);
+  await ensureShadowConsumer(jsm, spec, step);
   const consumer = await js.consumers.get(step.stream, shadowDurable(spec.id));
   const limiter = createStepLimiter({
     concurrency: { limit: spec.limits.concurrency },
@@ -646,22 +790,33 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   async function handle(m: JsMsg, release: () => void): Promise<void> {
     let itemId: string | undefined;
     try {
-      const input = validateInput(stage.input, decodeJson(m.data)) as {
-        id: string;
-        type: string;
-        item_id: string;
+      const raw = decodeJson(m.data);
+      const message = {
+        subject: m.subject,
+        seq: m.seq,
+        storedAt: m.time.getTime(),
+        deliveryCount: m.info.deliveryCount,
       };
-      assertMatchesSubject(input, m.subject);
+      let input: { id: string; type: string; item_id: string };
+      if (stage.decode) {
+        // A definition's step: its own decoding says whether the event is for it.
+        const decoded = stage.decode(raw, message) as typeof input | undefined;
+        if (decoded === undefined) {
+          release();
+          tally.counts.skipped++;
+          m.ack();
+          return;
+        }
+        input = decoded;
+      } else {
+        input = validateInput(stage.input, raw) as typeof input;
+        assertMatchesSubject(input, m.subject);
+      }
       itemId = input.item_id;
       const started = performance.now();
       const outputs = await stage.handle(input as never, {
         source,
-        message: {
-          subject: m.subject,
-          seq: m.seq,
-          storedAt: m.time.getTime(),
-          deliveryCount: m.info.deliveryCount,
-        },
+        message,
         now: () => new Date(),
         signal: abort.signal,
       });
@@ -717,7 +872,7 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
         if (stopping) break;
         log.warn("shadow consumer failed; retrying", { err: String(err) });
         await delay(1000, abort.signal);
-        await ensureShadowConsumer(jsm, spec).catch(() => {});
+        await ensureShadowConsumer(jsm, spec, step).catch(() => {});
       }
     }
     await Promise.all(inFlight);

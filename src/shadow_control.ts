@@ -14,8 +14,10 @@
 import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { ErrorCode, NotFoundError, WeftError } from "./errors.ts";
-import type { FieldFigures } from "./live_shadow.ts";
+import { ErrorCode, NotFoundError, ValidationError, WeftError } from "./errors.ts";
+import { candidateDefinitionFile, type FieldFigures } from "./live_shadow.ts";
+import { stepFilterSubject } from "./pipeline/derive.ts";
+import type { LoadedPipeline } from "./pipeline/runtime.ts";
 import { statusSubject } from "./micro.ts";
 import {
   parseShadowSpec,
@@ -63,7 +65,24 @@ const encoder = new TextEncoder();
 export function createShadowControl(
   nc: NatsConnection,
   configured: readonly ShadowSpec[] = [],
+  definitions: { pipelines: readonly LoadedPipeline[]; root: string } = { pipelines: [], root: "" },
 ): ShadowControl {
+  /** A definition's step must be a running task, llm or router step; its candidate beside it. */
+  const checkDefinitionStep = (spec: ShadowSpec) => {
+    if (spec.pipeline === "feedback") return;
+    const p = definitions.pipelines.find((p) => p.def.name === spec.pipeline);
+    if (!p) {
+      throw new ValidationError(`no running pipeline ${spec.pipeline}`, { field: "/pipeline" });
+    }
+    const step = p.def.steps[spec.step];
+    if (!step || step.kind === "agent" || stepFilterSubject(p.def, spec.step) === null) {
+      throw new ValidationError(
+        `${spec.pipeline}.${spec.step} is not a task, llm or router step of the definition`,
+        { field: "/step" },
+      );
+    }
+    candidateDefinitionFile(spec.candidate.definition!, definitions.pipelines, definitions.root);
+  };
   const kvm = new Kvm(nc);
   let shadows: KV | undefined;
   let versions: KV | undefined;
@@ -125,6 +144,7 @@ export function createShadowControl(
 
     async attach(value, by) {
       const spec = parseShadowSpec(value);
+      checkDefinitionStep(spec);
       if (configured.some((c) => c.id === spec.id)) {
         throw new WeftError(ErrorCode.Conflict, `shadow ${spec.id} is attached by WEFT_SHADOW`);
       }
@@ -163,6 +183,14 @@ export function createShadowControl(
       checkId(id);
       const spec = configured.find((c) => c.id === id) ?? await fromApi(id);
       if (!spec) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
+      if (spec.pipeline !== "feedback") {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `a definition's step is promoted by running the candidate definition ` +
+            `(${spec.candidate.definition}) in place of the current one (WEFT_PIPELINES or ` +
+            `pipelines/run.json); then detach the shadow`,
+        );
+      }
       const figures = (await status())[id]?.fields as Record<string, FieldFigures> | undefined;
       const version: StepVersion = {
         pipeline: spec.pipeline,

@@ -18,6 +18,8 @@ import {
   type ShadowRunner,
   ShadowTally,
 } from "./live_shadow.ts";
+import { pipelineStreamOf } from "./pipeline/derive.ts";
+import { loadPipelines } from "./pipeline/runtime.ts";
 import type { Logger } from "./log.ts";
 import type { WeftMetrics } from "./metrics.ts";
 import type { Runnable } from "./service.ts";
@@ -45,6 +47,9 @@ export async function hostShadows(
 ): Promise<Runnable> {
   const { nc, config, log } = ctx;
   const jsm = await jetstreamManager(nc);
+  // The running definitions, whose work steps may be shadowed too.
+  const root = new URL("../", import.meta.url).pathname;
+  const pipelines = await loadPipelines(config.pipelines, root);
   const hosted = new Map<string, Hosted>();
   registerShadowMetrics(ctx.metrics.registry, () => [...hosted.values()].map((h) => h.tally));
   // One change at a time, in order.
@@ -66,7 +71,7 @@ export async function hostShadows(
     const h: Hosted = { json, source, tally: new ShadowTally(spec) };
     hosted.set(spec.id, h);
     try {
-      h.runner = await runShadow({ nc, spec, config, log, tally: h.tally });
+      h.runner = await runShadow({ nc, spec, config, log, tally: h.tally, pipelines, root });
     } catch (err) {
       h.tally.up = false;
       h.tally.error = (err as Error).message;
@@ -104,11 +109,14 @@ export async function hostShadows(
         },
       ),
     ]);
-    for await (const ci of jsm.consumers.list(FEEDBACK_STREAM)) {
-      const name = ci?.config?.durable_name ?? "";
-      if (name.startsWith("shadow_") && !wanted.has(name.slice(7))) {
-        await jsm.consumers.delete(FEEDBACK_STREAM, name).catch(() => {});
-        log.info("deleted the consumer of a detached shadow", { consumer: name });
+    const streams = [FEEDBACK_STREAM, ...pipelines.map((p) => pipelineStreamOf(p.def.name))];
+    for (const stream of streams) {
+      for await (const ci of jsm.consumers.list(stream)) {
+        const name = ci?.config?.durable_name ?? "";
+        if (name.startsWith("shadow_") && !wanted.has(name.slice(7))) {
+          await jsm.consumers.delete(stream, name).catch(() => {});
+          log.info("deleted the consumer of a detached shadow", { stream, consumer: name });
+        }
       }
     }
     watcher = await kv.watch({ key: ">" });

@@ -16,10 +16,19 @@ export const SHADOW_STEPS: Readonly<Record<string, readonly string[]>> = {
   feedback: ["sentiment", "topics", "dispatch"],
 };
 
-/** The candidate: how the step would decide instead. */
+/**
+ * The candidate: how the step would decide instead. For a feedback step, other analyzers
+ * (`analyzers`, `rules`, `model`, `prompt`); for a step of a definition's pipeline, another
+ * version of the definition (`definition`, a file beside production's).
+ */
 export interface ShadowCandidate {
-  /** The analyzer family: `embedded`, `rules` or `llm`. */
-  analyzers: AnalyzerKind;
+  /** The analyzer family: `embedded`, `rules` or `llm` (feedback steps). */
+  analyzers?: AnalyzerKind;
+  /**
+   * A definition file (in a folder of a running definition) defining the same pipeline with
+   * another version of the step (definitions' steps).
+   */
+  definition?: string;
   /** Ruleset file (routing table, keyword rules) under `rules/`; default production's. */
   rules?: string;
   /** LLM model (with `llm`); default `WEFT_LLM_MODEL`. */
@@ -61,6 +70,11 @@ export interface ShadowSpec {
 export const SHADOW_ID: RegExp = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 /** A candidate ruleset: a JSON file in `rules/`. */
 const RULES_FILE = /^rules\/[A-Za-z0-9_.-]+\.json$/;
+/** A definition file: a module path, no `..`. */
+const DEFINITION_FILE = /^[A-Za-z0-9_.\/-]+\.(ts|js|mts|mjs)$/;
+/** A definition's pipeline name and step id. */
+const PIPELINE_NAME = /^[a-z][a-z0-9-]{0,40}$/;
+const STEP_ID = /^[A-Za-z0-9_-]{1,64}$/;
 /** A prompt version or model name. */
 const TOKEN = /^[A-Za-z0-9_.:\/-]{1,100}$/;
 
@@ -84,6 +98,7 @@ export function shadowSubject(pipeline: string, step: string, itemId: string): s
 
 /** A short name of a candidate, e.g. `rules:rules/reference.json` or `llm:gpt-4o-mini@v2`. */
 export function candidateName(c: ShadowCandidate): string {
+  if (c.definition) return `definition:${c.definition.split("/").pop()}`;
   if (c.analyzers === "llm") {
     return `llm:${c.model ?? "default"}@${c.prompt ?? "v1"}${c.rules ? ` ${c.rules}` : ""}`;
   }
@@ -120,26 +135,46 @@ export function parseShadowSpec(value: unknown): ShadowSpec {
     fail("/id", "id must be 1-32 of a-z, 0-9, - and _, starting with a letter or digit");
   }
   const pipeline = v.pipeline ?? "feedback";
-  if (typeof pipeline !== "string" || !(pipeline in SHADOW_STEPS)) {
-    fail("/pipeline", `pipeline must be one of ${Object.keys(SHADOW_STEPS).join(", ")}`);
+  if (typeof pipeline !== "string" || !(pipeline in SHADOW_STEPS || PIPELINE_NAME.test(pipeline))) {
+    fail("/pipeline", "pipeline must be feedback or a definition's pipeline");
   }
-  const steps = SHADOW_STEPS[pipeline as string]!;
-  if (typeof v.step !== "string" || !steps.includes(v.step)) {
-    fail("/step", `step must be one of ${steps.join(", ")}`);
+  const builtIn = SHADOW_STEPS[pipeline as string];
+  if (builtIn && (typeof v.step !== "string" || !builtIn.includes(v.step))) {
+    fail("/step", `step must be one of ${builtIn.join(", ")}`);
+  }
+  if (!builtIn && (typeof v.step !== "string" || !STEP_ID.test(v.step))) {
+    fail("/step", "step must be a step id of the definition");
   }
   const c = v.candidate as Record<string, unknown> | undefined;
   if (c === null || typeof c !== "object" || Array.isArray(c)) {
     fail("/candidate", "candidate must be an object: {analyzers, rules?, model?, prompt?}");
   }
+  for (const k of Object.keys(c!)) {
+    if (!["analyzers", "rules", "model", "prompt", "definition"].includes(k)) {
+      fail(`/candidate/${k}`, `unknown field ${k}`);
+    }
+  }
+  if (!builtIn) {
+    // A definition's step: its candidate is another version of the definition.
+    const file = c!.definition;
+    if (typeof file !== "string" || !DEFINITION_FILE.test(file) || file.includes("..")) {
+      fail(
+        "/candidate/definition",
+        "definition must be a definition file (.ts), e.g. pipelines/support/v2.ts",
+      );
+    }
+    for (const k of ["analyzers", "rules", "model", "prompt"]) {
+      if (c![k] !== undefined) fail(`/candidate/${k}`, `${k} applies to feedback steps only`);
+    }
+    return finish(v, pipeline as string, { definition: file as string });
+  }
+  if (c!.definition !== undefined) {
+    fail("/candidate/definition", "definition applies to the steps of a definition's pipeline");
+  }
   if (typeof c!.analyzers !== "string" || !(KINDS as string[]).includes(c!.analyzers)) {
     fail("/candidate/analyzers", `analyzers must be one of ${KINDS.join(", ")}`);
   }
   const candidate: ShadowCandidate = { analyzers: c!.analyzers as AnalyzerKind };
-  for (const k of Object.keys(c!)) {
-    if (!["analyzers", "rules", "model", "prompt"].includes(k)) {
-      fail(`/candidate/${k}`, `unknown field ${k}`);
-    }
-  }
   if (c!.rules !== undefined) {
     if (typeof c!.rules !== "string" || !RULES_FILE.test(c!.rules) || c!.rules.includes("..")) {
       fail("/candidate/rules", "rules must be a JSON file in rules/, e.g. rules/reference.json");
@@ -159,6 +194,15 @@ export function parseShadowSpec(value: unknown): ShadowSpec {
   if (candidate.prompt !== undefined && !/^[a-z0-9_-]+$/i.test(candidate.prompt)) {
     fail("/candidate/prompt", "prompt is a version such as v2");
   }
+  return finish(v, pipeline as string, candidate);
+}
+
+/** The limits and the rest of a shadow, once its candidate is checked. */
+function finish(
+  v: Record<string, unknown>,
+  pipeline: string,
+  candidate: ShadowCandidate,
+): ShadowSpec {
   const l = (v.limits ?? {}) as Record<string, unknown>;
   if (typeof l !== "object" || Array.isArray(l)) fail("/limits", "limits must be an object");
   const limits: ShadowLimits = { ...DEFAULT_SHADOW_LIMITS };

@@ -17,7 +17,21 @@ Deno.test("parseShadowSpec names the first bad field", () => {
   const bad: [unknown, string][] = [
     [{ id: "Bad Id", step: "sentiment", candidate: { analyzers: "rules" } }, "/id"],
     [{ id: "a", step: "ingest", candidate: { analyzers: "rules" } }, "/step"],
-    [{ id: "a", pipeline: "content", step: "sentiment", candidate: {} }, "/pipeline"],
+    [{ id: "a", pipeline: "Not A Name", step: "sentiment", candidate: {} }, "/pipeline"],
+    [{ id: "a", pipeline: "tickets", step: "triage", candidate: {} }, "/candidate/definition"],
+    [
+      {
+        id: "a",
+        pipeline: "tickets",
+        step: "triage",
+        candidate: { definition: "pipelines/x/v2.ts", analyzers: "rules" },
+      },
+      "/candidate/analyzers",
+    ],
+    [
+      { id: "a", step: "sentiment", candidate: { analyzers: "rules", definition: "p/x.ts" } },
+      "/candidate/definition",
+    ],
     [{ id: "a", step: "sentiment", candidate: { analyzers: "gpt" } }, "/candidate/analyzers"],
     [
       { id: "a", step: "sentiment", candidate: { analyzers: "rules", rules: "../etc/x.json" } },

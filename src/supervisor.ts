@@ -45,6 +45,7 @@ import {
   pipelineTopology,
 } from "./pipeline/runtime.ts";
 import { statusSubject } from "./micro.ts";
+import { pipelineSubjects } from "./pipeline/derive.ts";
 import { CONTENT_STATE_SPEC } from "./content_state.ts";
 import { STATE_WRITER } from "./state_writer.ts";
 import {
@@ -127,6 +128,7 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
 } {
   if (loaded.length === 0) return { services: [...SERVICES], operators: OPERATOR_IDENTITIES };
   const extra = pipelineGatewayAccess(loaded);
+  const streams = loaded.map((p) => pipelineSubjects(p.def).stream);
   return {
     services: [
       ...SERVICES.map((s) =>
@@ -135,6 +137,13 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
             ...s,
             access: mergeAccess(s.access, extra.gateway),
             reads: definitionDirs(loaded, ROOT.pathname),
+          }
+          : s.name === "shadow"
+          // Shadows of the definitions' work steps: their streams, and the definitions.
+          ? {
+            ...s,
+            access: mergeAccess(s.access, { readsStreams: streams, managesConsumers: streams }),
+            reads: [...s.reads ?? [], ...definitionDirs(loaded, ROOT.pathname)],
           }
           : s
       ),

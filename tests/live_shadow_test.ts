@@ -15,7 +15,7 @@ import { hashKey } from "../src/gateway/auth.ts";
 import { connectNats } from "../src/nats.ts";
 import { loadRules } from "../src/rules.ts";
 import { agreementOf } from "../src/shadow.ts";
-import { type Mesh, startMesh } from "./helpers/mesh.ts";
+import { type Mesh, meshTempDir, startMesh } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
 const ADMIN = "admin-key-for-the-shadow-test";
@@ -533,4 +533,112 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
   } finally {
     await nc.close();
   }
+});
+
+Deno.test("a live shadow follows a step of a definition's pipeline with another version of the definition", async () => {
+  const dir = await meshTempDir("weft-shadow-def-");
+  await using _cleanup = {
+    [Symbol.asyncDispose]: () => Deno.remove(dir, { recursive: true }).catch(() => {}),
+  };
+  const mod = new URL("../mod.ts", import.meta.url).href;
+  // Production calls a text long from 20 characters; the candidate version from 30.
+  const definition = (min: number) =>
+    `import { definePipeline } from "${mod}";
+export const tickets = definePipeline({
+  name: "tickets",
+  input: { schema: { type: "object", required: ["text"] } },
+  start: "size",
+  steps: {
+    size: {
+      kind: "task",
+      output: { type: "object" },
+      handle: (i: { text: string }) => ({ size: i.text.length >= ${min} ? "long" : "short" }),
+      next: "done",
+    },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+  await Deno.writeTextFile(`${dir}/tickets.ts`, definition(20));
+  await Deno.writeTextFile(`${dir}/tickets_v2.ts`, definition(30));
+  await using mesh = await startMesh(
+    { WEFT_PIPELINES: `${dir}/tickets.ts` },
+    { storeDir: `${dir}/nats` },
+  );
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
+  const base = mesh.gatewayUrl;
+  const spec = {
+    id: "size2",
+    pipeline: "tickets",
+    step: "size",
+    candidate: { definition: `${dir}/tickets_v2.ts` },
+    limits: { rps: 100, concurrency: 8 },
+  };
+  const post = (body: unknown) => call(base, "POST", "/shadows", "none", body);
+  // Only a running definition's work step, with a candidate beside it.
+  assert.equal((await post({ ...spec, step: "done" })).status, 422);
+  assert.equal((await post({ ...spec, pipeline: "nosuch" })).status, 422);
+  assert.equal(
+    (await post({ ...spec, candidate: { definition: "pipelines/elsewhere.ts" } })).status,
+    422,
+  );
+  const attached = await post(spec);
+  assert.equal(attached.status, 201, JSON.stringify(attached.body));
+  await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "size2", 20_000, "size2");
+
+  const texts = Array.from({ length: 40 }, (_, i) => "x".repeat(5 + i));
+  for (const text of texts) {
+    const r = await call(base, "POST", "/pipelines/tickets/items", "none", { text });
+    assert.equal(r.status, 202, JSON.stringify(r.body));
+  }
+  const text = await waitFor(
+    async () => {
+      const t = await metricsText(base);
+      return shadowValue(t, "weft_shadow_items_total", { shadow: "size2", outcome: "compared" }) ===
+          texts.length
+        ? t
+        : undefined;
+    },
+    60_000,
+    "the shadow to compare every item",
+  );
+  const want = agreementOf(
+    texts.map((t) => (t.length >= 20 ? "long" : "short")),
+    texts.map((t) => (t.length >= 30 ? "long" : "short")),
+  );
+  for (const field of ["size", "result"]) {
+    assert.equal(
+      shadowValue(text, "weft_shadow_agreement_ratio", { shadow: "size2", field }),
+      want.agreement,
+      field,
+    );
+  }
+  assert.equal(
+    shadowValue(text, "weft_shadow_compared_total", {
+      shadow: "size2",
+      field: "size",
+      production: "long",
+      candidate: "short",
+    }),
+    10,
+  );
+  // Promoting a definition's step is deploying the candidate definition: refused, with why.
+  const promoted = await call(base, "POST", "/shadows/size2/promote", "none");
+  assert.equal(promoted.status, 409);
+  assert.match(promoted.body.detail, /tickets_v2\.ts/);
+  assert.equal((await call(base, "DELETE", "/shadows/size2", "none")).status, 200);
+  const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  try {
+    const jsm = await jetstreamManager(nc);
+    await waitFor(
+      () => jsm.consumers.info("TICKETS", "shadow_size2").then(() => false, () => true),
+      20_000,
+      "the detached shadow's consumer deleted",
+    );
+    // Production's stream holds production's events only: entry, the step, the end.
+    assert.equal((await jsm.streams.info("TICKETS")).state.messages, 3 * texts.length);
+  } finally {
+    await nc.close();
+  }
+  assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);
 });
