@@ -607,6 +607,8 @@ export async function restoreTally(
   return restored;
 }
 
+/** How long after deciding a shadow first looks for production's output, ms. */
+const FIRST_LOOK_MS = 100;
 /** How long a shadow waits for production's output of an item, ms. */
 export const MATCH_WAIT_MS = 30_000;
 /** A shadow's ack wait beyond its rate wait, ms; it sends in-progress acks at a third of it. */
@@ -714,11 +716,16 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   let stopping = false;
   const source = `weft-shadow-${spec.id}`;
 
-  /** Production's output event for an item, waiting for it up to the deadline. */
+  /**
+   * Production's output event for an item, waiting for it up to the deadline. Production
+   * decides the item at the same time: the first look waits a moment, so it usually finds
+   * it at once (one request per item on production's server, not several).
+   */
   async function production(itemId: string): Promise<Record<string, unknown> | null> {
     const until = Date.now() + matchWaitMs;
     const subject = eventSubject(step.output, itemId);
-    for (let wait = 25; !abort.signal.aborted; wait = Math.min(1000, wait * 2)) {
+    await delay(FIRST_LOOK_MS, abort.signal);
+    for (let wait = 50; !abort.signal.aborted; wait = Math.min(1000, wait * 2)) {
       try {
         const m = await jsm.streams.getMessage(step.stream, { last_by_subj: subject });
         if (m) return m.json<{ data: Record<string, unknown> }>().data;

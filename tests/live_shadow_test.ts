@@ -147,6 +147,7 @@ class Watch {
   }
 }
 
+const p50 = (sorted: number[]) => sorted[Math.floor(sorted.length * 0.5)]!;
 const p99 = (sorted: number[]) =>
   sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * 0.99))]!;
 
@@ -202,6 +203,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
     const baseline = [...warmup, ...await load(mesh, "B", 120, 20)];
     await watch.done(baseline, 60_000);
     figures.p99_ms_without_shadow = p99(watch.latencies(baseline.slice(warmup.length)));
+    figures.p50_ms_without_shadow = p50(watch.latencies(baseline.slice(warmup.length)));
 
     await t.step("attaching needs an admin key; a shadow is attached over HTTP", async () => {
       const spec = {
@@ -277,6 +279,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
         phaseA = await load(mesh, "A", 120, 20);
         await watch.done(phaseA, 60_000);
         figures.p99_ms_with_shadow = p99(watch.latencies(phaseA));
+        figures.p50_ms_with_shadow = p50(watch.latencies(phaseA));
         const text = await waitFor(
           async () => {
             const text = await metricsText(base);
@@ -375,6 +378,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
         await watch.done(phaseB, 60_000);
         assert.equal(watch.failed.size, 0, "no production item failed");
         figures.p99_ms_shadow_killed = p99(watch.latencies(phaseB));
+        figures.p50_ms_shadow_killed = p50(watch.latencies(phaseB));
         // Generous: a 2-core machine also restarts the shadow process meanwhile.
         const bound = Math.max(4 * figures.p99_ms_with_shadow!, figures.p99_ms_with_shadow! + 1000);
         assert.ok(
