@@ -6,9 +6,9 @@
  * production's own output for the item and compares them field by field: agreement, a
  * confusion matrix and Cohen's kappa per field, read by /metrics and the dashboard.
  *
- * It can never slow or starve production: it takes no message from production's consumers,
- * runs in its own process (services/shadow.ts), takes at most `limits.rps` items per
- * second and `limits.concurrency` at once (the flow-control limiter of definitions' steps),
+ * It cannot starve production, and what it costs is bounded: it takes no message from
+ * production's consumers, runs in its own process (services/shadow.ts) and NATS identity,
+ * takes at most `limits.rps` items per second and `limits.concurrency` at once (the flow-control limiter of definitions' steps),
  * spends at most `limits.budgetUsd` on LLM calls (the LLM client's budget, no fallback:
  * over budget means no decision), never retries, never dead-letters and never fails an
  * item. Killed, it leaves only its consumer's backlog behind (the FEEDBACK stream has

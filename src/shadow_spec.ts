@@ -61,8 +61,9 @@ export interface ShadowSpec {
   candidate: ShadowCandidate;
   /** Its limits. */
   limits: ShadowLimits;
-  /** Who attached it, and when (ISO 8601), when attached over the API. */
+  /** Who attached it, when attached over the API. */
   attached_by?: string;
+  /** When it was attached over the API (ISO 8601). */
   attached_at?: string;
 }
 
@@ -260,18 +261,26 @@ export function stepVersionKey(pipeline: string, step: string): string {
 
 /** A promotion: the candidate that is now production for a step. */
 export interface StepVersion {
+  /** The pipeline (`feedback`). */
   pipeline: string;
+  /** The step that runs the candidate. */
   step: string;
+  /** What the step runs. */
   candidate: ShadowCandidate;
   /** The shadow it was promoted from. */
   promoted_from: string;
   /** Its agreement with production when promoted, per field, if measured. */
   agreement?: Record<string, number>;
+  /** When (ISO 8601). */
   promoted_at: string;
+  /** Who promoted it (the API key's holder). */
   promoted_by: string;
 }
 
-/** Is `h` (a 32-bit FNV-1a of the item id) in a `sample` share? Stable across processes. */
+/**
+ * Whether an item is in a `sample` share of items: by a 32-bit FNV-1a hash of its id, so
+ * the same items in every process and run.
+ */
 export function sampled(itemId: string, sample: number): boolean {
   if (sample >= 1) return true;
   let h = 0x811c9dc5;
