@@ -15,7 +15,7 @@ import { hashKey } from "../src/gateway/auth.ts";
 import { connectNats } from "../src/nats.ts";
 import { loadRules } from "../src/rules.ts";
 import { agreementOf } from "../src/shadow.ts";
-import { type Mesh, meshTempDir, startMesh } from "./helpers/mesh.ts";
+import { type Mesh, meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
 const ADMIN = "admin-key-for-the-shadow-test";
@@ -447,7 +447,20 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
       const r = await call(base, "DELETE", "/shadows/route2", ADMIN);
       assert.equal(r.status, 200, JSON.stringify(r.body));
       assert.equal((await call(base, "DELETE", "/shadows/route2", ADMIN)).status, 404);
-      assert.deepEqual(await request(nc, "detach", "broken"), { detached: "broken" });
+      // One command: `deno task shadow detach`, with the ops key and an admin API key.
+      const cli = await new Deno.Command("deno", {
+        args: [...await taskArgs("shadow"), "detach", "broken"],
+        cwd: new URL("../", import.meta.url),
+        env: {
+          NATS_URL: mesh.natsUrl,
+          WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile!,
+          WEFT_API_KEY: ADMIN,
+        },
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      assert.ok(cli.success, new TextDecoder().decode(cli.stderr));
+      assert.deepEqual(JSON.parse(new TextDecoder().decode(cli.stdout)), { detached: "broken" });
       await waitFor(
         () => jsm.consumers.info("FEEDBACK", "shadow_route2").then(() => false, () => true),
         20_000,
@@ -566,7 +579,15 @@ export const tickets = definePipeline({
   await Deno.writeTextFile(`${dir}/tickets.ts`, definition(20));
   await Deno.writeTextFile(`${dir}/tickets_v2.ts`, definition(30));
   await using mesh = await startMesh(
-    { WEFT_PIPELINES: `${dir}/tickets.ts` },
+    {
+      WEFT_PIPELINES: `${dir}/tickets.ts`,
+      // And one attached by configuration, on a feedback step.
+      WEFT_SHADOW: JSON.stringify({
+        id: "cfg",
+        step: "sentiment",
+        candidate: { analyzers: "rules", rules: "rules/reference.json" },
+      }),
+    },
     { storeDir: `${dir}/nats` },
   );
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
@@ -631,6 +652,26 @@ export const tickets = definePipeline({
   assert.equal(promoted.status, 409);
   assert.match(promoted.body.detail, /tickets_v2\.ts/);
   assert.equal((await call(base, "DELETE", "/shadows/size2", "none")).status, 200);
+
+  // The shadow of WEFT_SHADOW runs, is listed as configured, and is detached only there.
+  await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "cfg", 20_000, "cfg");
+  const listed = await call(base, "GET", "/shadows", "none");
+  assert.deepEqual(
+    listed.body.shadows.map((s: { id: string; source: string }) => [s.id, s.source]),
+    [["cfg", "config"]],
+  );
+  assert.equal((await call(base, "DELETE", "/shadows/cfg", "none")).status, 409);
+  const fb = await call(base, "POST", "/feedback", "none", { text: "Thanks, lovely support" });
+  assert.equal(fb.status, 202);
+  await waitFor(
+    async () =>
+      shadowValue(await metricsText(base), "weft_shadow_items_total", {
+          shadow: "cfg",
+          outcome: "compared",
+        }) === 1 || undefined,
+    30_000,
+    "the configured shadow to compare the item",
+  );
   const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   try {
     const jsm = await jetstreamManager(nc);
