@@ -15,6 +15,7 @@ import { hashKey } from "../src/gateway/auth.ts";
 import { connectNats } from "../src/nats.ts";
 import { loadRules } from "../src/rules.ts";
 import { agreementOf } from "../src/shadow.ts";
+import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { type Mesh, meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
@@ -552,7 +553,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
   }
 });
 
-Deno.test("a live shadow follows a step of a definition's pipeline with another version of the definition", async () => {
+Deno.test("a live shadow follows a definition's step with another version of the definition; a WEFT_SHADOW shadow runs; an LLM candidate stops at its own budget", async () => {
   const dir = await meshTempDir("weft-shadow-def-");
   await using _cleanup = {
     [Symbol.asyncDispose]: () => Deno.remove(dir, { recursive: true }).catch(() => {}),
@@ -576,11 +577,20 @@ export const tickets = definePipeline({
   },
 });
 `;
+  // A stand-in LLM for an LLM candidate with its own (tiny) budget.
+  const llm = startFakeOpenAI(() =>
+    chat({ label: "neutral", score: 0 }, { prompt_tokens: 100, completion_tokens: 0 })
+  );
+  await using _llm = { [Symbol.asyncDispose]: () => llm.close() };
   await Deno.writeTextFile(`${dir}/tickets.ts`, definition(20));
   await Deno.writeTextFile(`${dir}/tickets_v2.ts`, definition(30));
   await using mesh = await startMesh(
     {
       WEFT_PIPELINES: `${dir}/tickets.ts`,
+      WEFT_LLM_BASE_URL: llm.baseUrl,
+      WEFT_LLM_MODEL: "candidate-model",
+      WEFT_LLM_API_KEY: "test-key",
+      WEFT_LLM_PRICE_IN_PER_1K: "0.001",
       // And one attached by configuration, on a feedback step.
       WEFT_SHADOW: JSON.stringify({
         id: "cfg",
@@ -672,6 +682,47 @@ export const tickets = definePipeline({
     30_000,
     "the configured shadow to compare the item",
   );
+
+  // An LLM candidate (prompt v2) spends its own budget, then decides nothing more: no
+  // fallback to another analyzer, nothing asked of production.
+  const budgeted = await call(base, "POST", "/shadows", "none", {
+    id: "llm1",
+    step: "sentiment",
+    candidate: { analyzers: "llm", prompt: "v2" },
+    // One at a time: the budget is checked before each call, so calls already in flight
+    // (up to the concurrency) may all pass it.
+    limits: { budgetUsd: 0.00005, concurrency: 1 },
+  });
+  assert.equal(budgeted.status, 201, JSON.stringify(budgeted.body));
+  await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "llm1", 20_000, "llm1");
+  const distinct = ["Great app", "Slow pages today", "Refund me now", "Add a dark mode"];
+  for (const text of distinct) {
+    assert.equal((await call(base, "POST", "/feedback", "none", { text })).status, 202);
+  }
+  const spent = await waitFor(
+    async () => {
+      const t = await metricsText(base);
+      const v = (outcome: string) =>
+        shadowValue(t, "weft_shadow_items_total", { shadow: "llm1", outcome }) ?? 0;
+      return v("compared") + v("over_budget") === distinct.length ? t : undefined;
+    },
+    30_000,
+    "the LLM shadow to see every item",
+  );
+  assert.equal(
+    shadowValue(spent, "weft_shadow_items_total", { shadow: "llm1", outcome: "compared" }),
+    1,
+  );
+  assert.equal(
+    shadowValue(spent, "weft_shadow_items_total", { shadow: "llm1", outcome: "over_budget" }),
+    3,
+  );
+  assert.ok(
+    (shadowValue(spent, "weft_shadow_llm_cost_usd_total", { shadow: "llm1" }) ?? 0) > 0,
+  );
+  assert.equal(llm.requests.length, 1, "one call, then the budget is spent");
+  assert.match(llm.requests[0]!.body.messages[0]!.content, /A question or a feature request/);
+  assert.equal((await call(base, "DELETE", "/shadows/llm1", "none")).status, 200);
   const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   try {
     const jsm = await jetstreamManager(nc);
