@@ -696,8 +696,11 @@ export const tickets = definePipeline({
   assert.equal(budgeted.status, 201, JSON.stringify(budgeted.body));
   await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "llm1", 20_000, "llm1");
   const distinct = ["Great app", "Slow pages today", "Refund me now", "Add a dark mode"];
+  const fbIds: string[] = [];
   for (const text of distinct) {
-    assert.equal((await call(base, "POST", "/feedback", "none", { text })).status, 202);
+    const r = await call(base, "POST", "/feedback", "none", { text });
+    assert.equal(r.status, 202);
+    fbIds.push(r.body.id);
   }
   const spent = await waitFor(
     async () => {
@@ -721,6 +724,18 @@ export const tickets = definePipeline({
     (shadowValue(spent, "weft_shadow_llm_cost_usd_total", { shadow: "llm1" }) ?? 0) > 0,
   );
   assert.equal(llm.requests.length, 1, "one call, then the budget is spent");
+  // Production decided every item with its own analyzer.
+  for (const id of fbIds) {
+    const state = await waitFor(
+      async () => {
+        const s = await (await fetch(`${base}/feedback/${id}`)).json();
+        return s.status === "processed" ? s : undefined;
+      },
+      20_000,
+      `${id} processed`,
+    );
+    assert.match(state.sentiment.analyzer, /^embedded/);
+  }
   assert.match(llm.requests[0]!.body.messages[0]!.content, /A question or a feature request/);
   assert.equal((await call(base, "DELETE", "/shadows/llm1", "none")).status, 200);
   const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
