@@ -17,6 +17,7 @@
  * deno task shadow promote calm
  * deno task shadow detach calm
  * deno task shadow reset feedback.sentiment   # back to the configured version
+ * deno task shadow report calm [--out PATH]     # agreement and disagreements, from shadow.>
  * ```
  *
  * @module
@@ -24,6 +25,11 @@
 import { parseArgs } from "node:util";
 import { headers } from "@nats-io/nats-core";
 import { SHADOW_REQUEST_PREFIX } from "../src/subjects.ts";
+import {
+  formatLiveShadowReport,
+  liveShadowReport,
+  readShadowDecisions,
+} from "../src/live_shadow.ts";
 import { loadConfig } from "../src/config.ts";
 import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { parseRows } from "../src/evaluation.ts";
@@ -116,7 +122,41 @@ async function control(verb: string, args: string[]): Promise<number> {
   }
 }
 
+/** `deno task shadow report ID [--out PATH]`: a live shadow's decisions, read from SHADOW. */
+async function report(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    options: { out: { type: "string" }, examples: { type: "string" } },
+    allowPositionals: true,
+    strict: true,
+  });
+  const id = positionals[0];
+  if (!id) throw new Error("usage: deno task shadow report ID [--out PATH]");
+  const config = loadConfig({ args: [] });
+  const nc = await connectNats(config.natsUrl, "weft-shadow-report", {
+    nkeySeedFile: config.natsNkey || undefined,
+    identity: "ops",
+    caFile: config.natsCa || undefined,
+  });
+  try {
+    const r = liveShadowReport(
+      id,
+      await readShadowDecisions(nc, id),
+      values.examples ? Number(values.examples) : 10,
+    );
+    say(formatLiveShadowReport(r));
+    if (values.out) {
+      await Deno.writeTextFile(`${values.out}.json`, JSON.stringify(r, null, 2) + "\n");
+      say(`wrote ${values.out}.json`);
+    }
+    return r.items > 0 ? 0 : 1;
+  } finally {
+    await nc.close();
+  }
+}
+
 async function main(args: string[]): Promise<number> {
+  if (args[0] === "report") return report(args.slice(1));
   if (args[0] !== undefined && VERBS.includes(args[0])) return control(args[0], args.slice(1));
   const { values } = parseArgs({
     args,

@@ -47,6 +47,7 @@ import {
   type ShadowSpec,
   shadowSubject,
 } from "./shadow_spec.ts";
+import { agreementOf, type FieldAgreement } from "./shadow.ts";
 import type { OutputEvent, Stage, StageInput } from "./stage.ts";
 import { dispatchStage, sentimentStage, topicsStage } from "./stages/feedback.ts";
 import {
@@ -907,4 +908,148 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
       log.info("shadow stopped", { ...tally.counts });
     },
   };
+}
+
+/** A live shadow's report, from its decisions on the SHADOW stream. */
+export interface LiveShadowReport {
+  shadow: string;
+  pipeline: string;
+  step: string;
+  candidate: string;
+  /** Decisions read. */
+  items: number;
+  /** Of which without production's output to compare with. */
+  unmatched: number;
+  /** Per compared field: agreement, kappa and the confusion matrix (production rows). */
+  fields: Record<string, FieldAgreement>;
+  /** Items on which the candidate decided otherwise, latest first. */
+  disagreements: {
+    item: string;
+    time: string;
+    field: string;
+    production: string;
+    candidate: string;
+    text?: string;
+  }[];
+}
+
+/**
+ * Builds a live shadow's report from its decisions (what {@link ShadowDecision}s say), as
+ * `deno task shadow report ID` prints it.
+ *
+ * @example
+ * ```ts
+ * import { liveShadowReport } from "./live_shadow.ts";
+ * const r = liveShadowReport("s", []);
+ * console.assert(r.items === 0);
+ * ```
+ */
+export function liveShadowReport(
+  shadow: string,
+  decisions: readonly ShadowDecision[],
+  maxExamples = 10,
+): LiveShadowReport {
+  const mine = decisions.filter((d) => d.shadow === shadow);
+  const last = mine.at(-1);
+  const compared = mine.filter((d) => d.production);
+  const fields: Record<string, FieldAgreement> = {};
+  const names = [...new Set(compared.flatMap((d) => Object.keys(d.production!)))];
+  for (const f of names) {
+    const rows = compared.filter((d) => d.production![f] !== undefined);
+    fields[f] = agreementOf(
+      rows.map((d) => d.production![f]!),
+      rows.map((d) => d.decision[f] ?? "none"),
+    );
+  }
+  const disagreements: LiveShadowReport["disagreements"] = [];
+  for (const d of [...compared].reverse()) {
+    for (const f of names) {
+      const p = d.production![f], c = d.decision[f];
+      if (p === undefined || p === c || f === "result" && names.length > 1) continue;
+      const text = (d.event?.data as { text?: unknown } | undefined)?.text;
+      disagreements.push({
+        item: d.item_id,
+        time: d.time,
+        field: f,
+        production: p,
+        candidate: c ?? "none",
+        ...(typeof text === "string" ? { text: text.slice(0, 200) } : {}),
+      });
+    }
+    if (disagreements.length >= maxExamples) break;
+  }
+  return {
+    shadow,
+    pipeline: last?.pipeline ?? "",
+    step: last?.step ?? "",
+    candidate: last?.candidate ?? "",
+    items: mine.length,
+    unmatched: mine.length - compared.length,
+    fields,
+    disagreements: disagreements.slice(0, maxExamples),
+  };
+}
+
+/** The decisions of shadow `id` on the SHADOW stream (at most `max`, the latest). */
+export async function readShadowDecisions(
+  nc: NatsConnection,
+  id: string,
+  max = 100_000,
+): Promise<ShadowDecision[]> {
+  const js = jetstream(nc);
+  const jsm = await jetstreamManager(nc);
+  const state = (await jsm.streams.info(SHADOW_STREAM)).state;
+  if (state.messages === 0) return [];
+  const consumer = await js.consumers.get(SHADOW_STREAM, { filter_subjects: ["shadow.*.*.*"] });
+  let left = (await consumer.info(true)).num_pending;
+  const out: ShadowDecision[] = [];
+  if (left === 0) return out;
+  const messages = await consumer.consume();
+  for await (const m of messages) {
+    left--;
+    try {
+      const d = m.json<ShadowDecision>();
+      if (d.shadow === id) {
+        out.push(d);
+        if (out.length > max) out.shift();
+      }
+    } catch { /* not a decision */ }
+    if (left <= 0 || m.info.pending === 0) break;
+  }
+  await messages.close();
+  return out;
+}
+
+const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
+
+/** The live report as text, for the terminal. */
+export function formatLiveShadowReport(r: LiveShadowReport): string {
+  const lines = [
+    `== live shadow ${r.shadow}: ${r.candidate} on ${r.pipeline}.${r.step}, ${r.items} items` +
+    ` (${r.unmatched} without production's output)`,
+    ...Object.entries(r.fields).map(([f, a]) =>
+      `${f.padEnd(10)} agreement ${pct(a.agreement)}  kappa ${a.kappa.toFixed(3)}`
+    ),
+  ];
+  for (const [f, a] of Object.entries(r.fields)) {
+    const cols = [...new Set(Object.values(a.confusion).flatMap((row) => Object.keys(row)))].sort();
+    if (cols.length > 12 || Object.keys(a.confusion).length > 12) continue;
+    lines.push("", `${f} confusion (rows: production, columns: candidate)`);
+    lines.push(["".padEnd(14), ...cols.map((c) => c.slice(0, 13).padStart(14))].join(""));
+    for (const row of Object.keys(a.confusion).sort()) {
+      lines.push(
+        [
+          row.slice(0, 13).padEnd(14),
+          ...cols.map((c) => String(a.confusion[row]![c] ?? 0).padStart(14)),
+        ].join(""),
+      );
+    }
+  }
+  lines.push("", `disagreements (latest ${r.disagreements.length}):`);
+  for (const d of r.disagreements) {
+    lines.push(
+      `  ${d.item}: ${d.field} ${d.production} -> ${d.candidate}${d.text ? `  "${d.text}"` : ""}`,
+    );
+  }
+  return lines.join("\n");
 }

@@ -274,6 +274,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
     });
 
     let phaseA: string[] = [];
+    let phaseB: string[] = [];
     await t.step(
       "the shadow's agreement with production is in /metrics, as computed here",
       async () => {
@@ -369,7 +370,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
         const pid = status.json<{ pid: number }>().pid;
         assert.ok(pid > 0);
         let killed = false;
-        const phaseB = await load(mesh, "K", 120, 20, (i) => {
+        phaseB = await load(mesh, "K", 120, 20, (i) => {
           if (i === 10) {
             Deno.kill(pid, "SIGKILL");
             killed = true;
@@ -401,6 +402,43 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
         );
         const fb = await jsm.streams.info("FEEDBACK");
         assert.equal(fb.state.messages, 5 * (baseline.length + phaseA.length + phaseB.length));
+      },
+    );
+
+    await t.step(
+      "deno task shadow report prints the live agreement and the disagreements",
+      async () => {
+        const out = await new Deno.Command("deno", {
+          args: [...await taskArgs("shadow"), "report", "ref", "--out", `${mesh.storeDir}/live`],
+          cwd: new URL("../", import.meta.url),
+          env: { NATS_URL: mesh.natsUrl, WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile! },
+          stdout: "piped",
+          stderr: "piped",
+        }).output();
+        const printed = new TextDecoder().decode(out.stdout);
+        assert.ok(out.success, new TextDecoder().decode(out.stderr) + printed);
+        assert.match(
+          printed,
+          /live shadow ref: rules:rules\/reference\.json on feedback\.sentiment/,
+        );
+        const report = JSON.parse(await Deno.readTextFile(`${mesh.storeDir}/live.json`));
+        const ids = [...phaseA, ...phaseB];
+        assert.equal(report.items, ids.length, "each item's decision once");
+        const want = agreementOf(
+          ids.map((id) => watch.processed.get(id)!.sentiment),
+          ids.map((id) =>
+            (reference.sentiment!.analyze(TEXTS[Number(id.slice(1)) % TEXTS.length]!) as {
+              label: string;
+            }).label
+          ),
+        );
+        assert.ok(Math.abs(report.fields.sentiment.agreement - want.agreement) < 1e-9);
+        assert.deepEqual(report.fields.sentiment.confusion, want.confusion);
+        assert.equal(report.disagreements.length, 10);
+        for (const d of report.disagreements) {
+          assert.notEqual(d.production, d.candidate);
+          assert.ok(TEXTS.includes(d.text), d.text);
+        }
       },
     );
 
