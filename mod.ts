@@ -206,3 +206,9 @@ export {
   targetsOf,
 } from "./src/pipeline/flow.ts";
 export type { Flow, FlowData, FlowEvent } from "./src/pipeline/flow.ts";
+
+// Live shadows (docs/SHADOW.md): a candidate version of a step beside production.
+export { parseShadowSpec } from "./src/shadow_spec.ts";
+export type { ShadowCandidate, ShadowLimits, ShadowSpec, StepVersion } from "./src/shadow_spec.ts";
+export { createShadowControl } from "./src/shadow_control.ts";
+export type { ListedShadow, ShadowControl } from "./src/shadow_control.ts";

@@ -4,12 +4,32 @@
  * mesh is configured (`--analyzers embedded|rules|llm`, `--rules FILE`, WEFT_LLM_*), pick the
  * history (`--since`, `--until` ISO times, `--count N`, `--sample 0.1`), optionally give a
  * labelled JSONL (`--labels FILE`, as `deno task eval` takes), and `--out PATH` for
- * PATH.json and PATH.html. Connects with WEFT_NATS_NKEY (use the ops key: it can read
+ * PATH.json and PATH.html. `--prompt sentiment=v2` runs an LLM candidate on another prompt
+ * version (`prompts/sentiment.v2.md`). Connects with WEFT_NATS_NKEY (use the ops key: it can read
  * every stream and can publish no pipeline event, so a shadow run changes nothing).
+ *
+ * Live shadows, one command each (a request to the gateway on `weft.shadow.<verb>`; with
+ * API keys configured, an admin key in WEFT_API_KEY or `--key`):
+ *
+ * ```sh
+ * deno task shadow attach --id calm --step sentiment --analyzers rules --rules rules/reference.json --rps 20
+ * deno task shadow list
+ * deno task shadow promote calm
+ * deno task shadow detach calm
+ * deno task shadow reset feedback.sentiment   # back to the configured version
+ * deno task shadow report calm [--out PATH]     # agreement and disagreements, from shadow.>
+ * ```
  *
  * @module
  */
 import { parseArgs } from "node:util";
+import { headers } from "@nats-io/nats-core";
+import { SHADOW_REQUEST_PREFIX } from "../src/subjects.ts";
+import {
+  formatLiveShadowReport,
+  liveShadowReport,
+  readShadowDecisions,
+} from "../src/live_shadow.ts";
 import { loadConfig } from "../src/config.ts";
 import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { parseRows } from "../src/evaluation.ts";
@@ -25,7 +45,119 @@ import {
 const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.stdout) =>
   to.writeSync(new TextEncoder().encode(text + "\n"));
 
+/** The live shadow commands. */
+const VERBS = ["attach", "detach", "promote", "reset", "list"];
+
+/** `deno task shadow attach|detach|promote|list ...`: one request to the gateway. */
+async function control(verb: string, args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    options: {
+      id: { type: "string" },
+      pipeline: { type: "string" },
+      step: { type: "string" },
+      analyzers: { type: "string" },
+      rules: { type: "string" },
+      model: { type: "string" },
+      prompt: { type: "string" },
+      rps: { type: "string" },
+      concurrency: { type: "string" },
+      sample: { type: "string" },
+      "budget-usd": { type: "string" },
+      spec: { type: "string" },
+      key: { type: "string" },
+    },
+    allowPositionals: true,
+    strict: true,
+  });
+  let body = "";
+  if (verb === "attach") {
+    const limits: Record<string, number> = {};
+    for (
+      const [flag, name] of [["rps", "rps"], ["concurrency", "concurrency"], ["sample", "sample"], [
+        "budget-usd",
+        "budgetUsd",
+      ]] as const
+    ) {
+      if (values[flag] !== undefined) limits[name] = Number(values[flag]);
+    }
+    const candidate: Record<string, string> = {};
+    for (const k of ["analyzers", "rules", "model", "prompt"] as const) {
+      if (values[k] !== undefined) candidate[k] = values[k]!;
+    }
+    body = values.spec ?? JSON.stringify({
+      id: values.id ?? positionals[0],
+      ...(values.pipeline ? { pipeline: values.pipeline } : {}),
+      step: values.step,
+      candidate,
+      ...(Object.keys(limits).length ? { limits } : {}),
+    });
+  } else if (verb !== "list") {
+    body = values.id ?? positionals[0] ?? "";
+    if (!body) {
+      throw new Error(
+        `usage: deno task shadow ${verb} ${verb === "reset" ? "PIPELINE.STEP" : "ID"}`,
+      );
+    }
+  }
+  const config = loadConfig({ args: [] });
+  const nc = await connectNats(config.natsUrl, "weft-shadow-cli", {
+    nkeySeedFile: config.natsNkey || undefined,
+    identity: "ops",
+    caFile: config.natsCa || undefined,
+  });
+  try {
+    const h = headers();
+    const key = values.key ?? Deno.env.get("WEFT_API_KEY");
+    if (key) h.set("Authorization", `Bearer ${key}`);
+    const reply = await nc.request(`${SHADOW_REQUEST_PREFIX}.${verb}`, body, {
+      timeout: 10_000,
+      headers: h,
+    });
+    const value = reply.json<{ error?: { detail?: string } }>();
+    say(JSON.stringify(value, null, 2), value?.error ? Deno.stderr : Deno.stdout);
+    return value?.error ? 1 : 0;
+  } finally {
+    await nc.close();
+  }
+}
+
+/** `deno task shadow report ID [--out PATH]`: a live shadow's decisions, read from SHADOW. */
+async function report(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    options: { out: { type: "string" }, examples: { type: "string" } },
+    allowPositionals: true,
+    strict: true,
+  });
+  const id = positionals[0];
+  if (!id) throw new Error("usage: deno task shadow report ID [--out PATH]");
+  const config = loadConfig({ args: [] });
+  const nc = await connectNats(config.natsUrl, "weft-shadow-report", {
+    nkeySeedFile: config.natsNkey || undefined,
+    identity: "ops",
+    caFile: config.natsCa || undefined,
+  });
+  try {
+    const r = liveShadowReport(
+      id,
+      await readShadowDecisions(nc, id),
+      values.examples ? Number(values.examples) : 10,
+    );
+    say(formatLiveShadowReport(r));
+    if (values.out) {
+      await Deno.writeTextFile(`${values.out}.json`, JSON.stringify(r, null, 2) + "\n");
+      say(`wrote ${values.out}.json`);
+    }
+    return r.items > 0 ? 0 : 1;
+  } finally {
+    await nc.close();
+  }
+}
+
 async function main(args: string[]): Promise<number> {
+  if (args[0] === "report") return report(args.slice(1));
+  if (args[0] !== undefined && VERBS.includes(args[0])) return control(args[0], args.slice(1));
   const { values } = parseArgs({
     args,
     options: {
@@ -35,6 +167,7 @@ async function main(args: string[]): Promise<number> {
       sample: { type: "string" },
       labels: { type: "string" },
       out: { type: "string" },
+      prompt: { type: "string" },
     },
     strict: false,
   });
@@ -54,9 +187,20 @@ async function main(args: string[]): Promise<number> {
   if (sample !== undefined && !(sample > 0 && sample <= 1)) {
     throw new Error("--sample must be in (0, 1]");
   }
-  const candidate = await feedbackAnalyzers(config);
-  const name = `${config.analyzers}${config.analyzers === "llm" ? `:${config.llmModel}` : ""} ` +
-    `(rules ${config.rulesPath})`;
+  // `--prompt sentiment=v2[,topics=v2]`: the candidate's prompt versions (llm).
+  const prompts: Record<string, string> = {};
+  if (typeof values.prompt === "string") {
+    for (const part of values.prompt.split(",")) {
+      const m = /^(sentiment|topics|toxicity)=([A-Za-z0-9_-]+)$/.exec(part.trim());
+      if (!m) throw new Error("--prompt takes KIND=VERSION[,...], e.g. sentiment=v2");
+      prompts[m[1]!] = m[2]!;
+    }
+  }
+  const candidate = await feedbackAnalyzers({ ...config, llmPromptVersions: prompts });
+  const promptNote = Object.entries(prompts).map(([k, v]) => ` ${k}@${v}`).join("");
+  const name = `${config.analyzers}${
+    config.analyzers === "llm" ? `:${config.llmModel}${promptNote}` : ""
+  } (rules ${config.rulesPath})`;
   const nc = await connectNats(config.natsUrl, "weft-shadow", {
     nkeySeedFile: config.natsNkey || undefined,
     identity: "ops",

@@ -1,17 +1,24 @@
 /**
  * The dispatch service: routes each item to a team with the ruleset's routing table,
- * `feedback.topics_extracted` -> `feedback.dispatched` and `feedback.processed`.
+ * `feedback.topics_extracted` -> `feedback.dispatched` and `feedback.processed`. Runs the
+ * configured ruleset, or the one promoted from a live shadow (src/step_versions.ts).
  *
  * @module
  */
 import { loadRules } from "../src/rules.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
 import { dispatchStage } from "../src/stages/feedback.ts";
+import { followStepVersion } from "../src/step_versions.ts";
 
 /** The dispatch service. */
-export const service: ServiceDef = stageService(
-  "dispatch",
-  async ({ config }) => dispatchStage((await loadRules(config.rulesPath)).route),
-);
+export const service: ServiceDef = stageService("dispatch", async (ctx) => {
+  const live = await followStepVersion(
+    ctx,
+    "feedback",
+    "dispatch",
+    async (config) => (await loadRules(config.rulesPath)).route,
+  );
+  return dispatchStage((sentiment, topics) => live.current()(sentiment, topics));
+});
 
 if (import.meta.main) await runService(service);

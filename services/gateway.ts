@@ -19,6 +19,8 @@ import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
+import { createShadowControl } from "../src/shadow_control.ts";
+import { serveShadowRequests } from "../src/gateway/shadows.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
@@ -51,6 +53,7 @@ export const service: ServiceDef = defineService(
     });
     const pipelines = await loadPipelines(config.pipelines, ROOT);
     const guards = { capacity, limiter };
+    const shadows = createShadowControl(nc, config.shadows, { pipelines, root: ROOT });
     const app = createApp({
       nc,
       intake,
@@ -61,7 +64,9 @@ export const service: ServiceDef = defineService(
       metrics,
       pipelines,
       guards,
+      shadows,
     });
+    const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
     const pipelineRequests = servePipelineRequests(nc, pipelines, log, { auth, guards });
     const requests = serveRequests(nc, intake, log, auth);
     const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
@@ -88,6 +93,7 @@ export const service: ServiceDef = defineService(
         pipelineRequests.stop();
         moderationRequests.stop();
         deadLetterRequests.stop();
+        shadowRequests.stop();
         await server.shutdown();
       },
     };

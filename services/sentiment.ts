@@ -1,5 +1,6 @@
 /**
- * The sentiment service: `feedback.ingested` -> `feedback.sentiment_analyzed`.
+ * The sentiment service: `feedback.ingested` -> `feedback.sentiment_analyzed`. Runs the
+ * configured analyzer, or the version promoted from a live shadow (src/step_versions.ts).
  *
  * @module
  */
@@ -7,12 +8,17 @@ import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { registerLlmMetrics } from "../src/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
 import { sentimentStage } from "../src/stages/feedback.ts";
+import { followStepVersion } from "../src/step_versions.ts";
 
 /** The sentiment service. */
-export const service: ServiceDef = stageService("sentiment", async ({ config, metrics }) => {
-  const { sentiment, llmStats } = await feedbackAnalyzers(config);
-  if (llmStats) registerLlmMetrics(metrics.registry, llmStats, "sentiment");
-  return sentimentStage(sentiment);
+export const service: ServiceDef = stageService("sentiment", async (ctx) => {
+  const live = await followStepVersion(ctx, "feedback", "sentiment", feedbackAnalyzers);
+  const { llmStats } = live.current();
+  if (llmStats) registerLlmMetrics(ctx.metrics.registry, llmStats, "sentiment");
+  return sentimentStage({
+    name: "live",
+    analyze: (text, options) => live.current().sentiment.analyze(text, options),
+  });
 });
 
 if (import.meta.main) await runService(service);

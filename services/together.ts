@@ -21,6 +21,7 @@ import { service as moderation } from "./moderation.ts";
 import { service as review } from "./review.ts";
 import { service as scheduler } from "./scheduler.ts";
 import { service as sentiment } from "./sentiment.ts";
+import { service as shadow } from "./shadow.ts";
 import { service as state } from "./state.ts";
 import { service as storage } from "./storage.ts";
 import { service as topics } from "./topics.ts";
@@ -39,6 +40,7 @@ export const ALL: readonly ServiceDef[] = [
   storage,
   scheduler,
   digest,
+  shadow,
 ];
 
 if (import.meta.main) {
@@ -51,5 +53,9 @@ if (import.meta.main) {
   const all = [...ALL, ...pipelines];
   const unknown = names.filter((n) => !all.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`no such service: ${unknown.join(", ")}`);
-  await runTogether(names.length === 0 ? [...ALL] : all.filter((s) => names.includes(s.name)));
+  await runTogether(
+    names.length === 0
+      ? ALL.filter((s) => s !== shadow)
+      : all.filter((s) => names.includes(s.name)),
+  );
 }

@@ -1,6 +1,7 @@
 /**
  * The topics service: `feedback.sentiment_analyzed` -> `feedback.topics_extracted`;
- * abusive text also gets the topic `abuse`.
+ * abusive text also gets the topic `abuse`. Runs the configured analyzers, or the version
+ * promoted from a live shadow (src/step_versions.ts).
  *
  * @module
  */
@@ -8,12 +9,23 @@ import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { registerLlmMetrics } from "../src/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
 import { topicsStage } from "../src/stages/feedback.ts";
+import { followStepVersion } from "../src/step_versions.ts";
 
 /** The topics service. */
-export const service: ServiceDef = stageService("topics", async ({ config, metrics }) => {
-  const { topics, toxicity, llmStats } = await feedbackAnalyzers(config);
-  if (llmStats) registerLlmMetrics(metrics.registry, llmStats, "topics");
-  return topicsStage(topics, toxicity);
+export const service: ServiceDef = stageService("topics", async (ctx) => {
+  const live = await followStepVersion(ctx, "feedback", "topics", feedbackAnalyzers);
+  const { llmStats } = live.current();
+  if (llmStats) registerLlmMetrics(ctx.metrics.registry, llmStats, "topics");
+  return topicsStage(
+    { name: "live", analyze: (text, options) => live.current().topics.analyze(text, options) },
+    {
+      name: "live",
+      // Without a toxicity analyzer (`rules`), nothing is flagged: as with none at all.
+      analyze: (text, options) =>
+        live.current().toxicity?.analyze(text, options) ??
+          { flagged: false, categories: [], score: 0, analyzer: "none" },
+    },
+  );
 });
 
 if (import.meta.main) await runService(service);

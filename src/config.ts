@@ -8,6 +8,7 @@
 import { parseArgs } from "node:util";
 import { ConfigError } from "./errors.ts";
 import { type IngestLimits, parseIngestLimits } from "./gateway/ingest_limits.ts";
+import { parseShadowSpecs, type ShadowSpec } from "./shadow_spec.ts";
 
 /** Log levels, least to most severe. */
 export const LogLevel = { debug: 10, info: 20, warn: 30, error: 40 } as const;
@@ -218,6 +219,13 @@ export interface Config {
   ingestLimits: IngestLimits;
   /** SSE clients one API key may hold open at once (with keys configured). `WEFT_SSE_MAX_PER_KEY`. */
   sseMaxPerKey: number;
+  /**
+   * Live shadows attached by configuration (besides those attached over the API): one
+   * shadow or a list, as JSON, e.g.
+   * `{"id":"rules1","step":"sentiment","candidate":{"analyzers":"rules"}}`. See
+   * docs/SHADOW.md. `WEFT_SHADOW`.
+   */
+  shadows: ShadowSpec[];
   /** `stdin`: stop when standard input closes (the supervisor sets it, so its services die with it). `WEFT_PARENT_WATCH`. */
   parentWatch: "" | "stdin";
 }
@@ -479,6 +487,7 @@ const SETTINGS: Setting<any>[] = [
   { key: "ingestLimits", env: "WEFT_RATE_LIMITS", default: {}, parse: parseIngestLimits },
   { key: "tlsCert", env: "WEFT_TLS_CERT", default: "", parse: str },
   { key: "tlsKey", env: "WEFT_TLS_KEY", default: "", parse: str },
+  { key: "shadows", env: "WEFT_SHADOW", default: [], parse: parseShadowSpecs },
   {
     key: "parentWatch",
     env: "WEFT_PARENT_WATCH",

@@ -33,20 +33,30 @@ export interface FeedbackAnalyzers {
 }
 
 /** The settings analyzers are built from. */
-export type AnalyzerConfig = Pick<
-  Config,
-  | "analyzers"
-  | "rulesPath"
-  | "llmBaseUrl"
-  | "llmModel"
-  | "llmApiKey"
-  | "llmTimeoutMs"
-  | "llmConcurrency"
-  | "llmRps"
-  | "llmBudgetUsd"
-  | "llmPriceInPer1k"
-  | "llmPriceOutPer1k"
->;
+export type AnalyzerConfig =
+  & Pick<
+    Config,
+    | "analyzers"
+    | "rulesPath"
+    | "llmBaseUrl"
+    | "llmModel"
+    | "llmApiKey"
+    | "llmTimeoutMs"
+    | "llmConcurrency"
+    | "llmRps"
+    | "llmBudgetUsd"
+    | "llmPriceInPer1k"
+    | "llmPriceOutPer1k"
+  >
+  & {
+    /** Prompt versions of the LLM analyzers (`prompts/<kind>.<version>.md`); default v1. */
+    llmPromptVersions?: { sentiment?: string; topics?: string; toxicity?: string };
+    /**
+     * Fall back to the embedded analyzers when the LLM fails (default true). A live shadow
+     * does not: its agreement must be the candidate's, and a spent budget means no decision.
+     */
+    llmFallback?: boolean;
+  };
 
 /** The LLM analyzers, each falling back to its embedded twin, and their stats. */
 async function llmWithFallback(config: AnalyzerConfig) {
@@ -64,7 +74,16 @@ async function llmWithFallback(config: AnalyzerConfig) {
     taxonomy: topics.labels,
     pricing: { inputPer1k: config.llmPriceInPer1k, outputPer1k: config.llmPriceOutPer1k },
     stages: { sentiment: stage, topics: stage, toxicity: stage },
+    ...(config.llmPromptVersions ? { promptVersions: config.llmPromptVersions } : {}),
   });
+  if (config.llmFallback === false) {
+    return {
+      sentiment: llm.sentiment,
+      topics: llm.topics,
+      toxicity: llm.toxicity,
+      llmStats: llm.stats,
+    };
+  }
   return {
     sentiment: withFallback(llm.sentiment, sentimentAnalyzer()),
     topics: withFallback(llm.topics, topics),

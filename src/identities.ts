@@ -36,6 +36,12 @@ export interface Access {
   consumes?: readonly { stream: string; durable: string }[];
   /** Streams it reads: info, message gets, ephemeral and ordered consumers. */
   readsStreams?: readonly string[];
+  /**
+   * Streams on which it makes, works and deletes durable consumers of its own choosing
+   * (the shadow service: one per live shadow, named at attach time); never one another
+   * service owns.
+   */
+  managesConsumers?: readonly string[];
   /** KV buckets it reads. */
   readsBuckets?: readonly string[];
   /** KV buckets it writes (and reads). */
@@ -162,9 +168,17 @@ export function permissionsFor(
     pub.add(`${API}.STREAM.PURGE.${objStream(b)}`);
   }
   for (const stream of read) for (const s of readStreamSubjects(stream)) pub.add(s);
+  const manages = new Set(access.managesConsumers ?? []);
+  for (const stream of manages) {
+    for (const s of durableSubjects(stream, "*")) pub.add(s);
+    pub.add(`${API}.CONSUMER.DELETE.${stream}.*`);
+    pub.add(`${API}.CONSUMER.LIST.${stream}`);
+    pub.add(`${API}.CONSUMER.NAMES.${stream}`);
+    pub.add(`${API}.STREAM.INFO.${stream}`);
+  }
   const deny = new Set<string>();
   for (const { stream, durable } of durables) {
-    if (read.has(stream) && !own.has(`${stream}/${durable}`)) {
+    if ((read.has(stream) || manages.has(stream)) && !own.has(`${stream}/${durable}`)) {
       for (const s of durableDenies(stream, durable)) deny.add(s);
     }
   }

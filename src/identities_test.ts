@@ -89,3 +89,43 @@ Deno.test("keys are made once and kept; the authorization block names public key
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("the shadow service publishes only shadow decisions and works only consumers no service owns", () => {
+  const shadow = of("shadow");
+  assert.ok(mayPublish(shadow, "shadow.feedback.sentiment.fb1"));
+  for (
+    const s of [
+      "feedback.sentiment_analyzed.fb1",
+      "feedback.failed.fb1",
+      "deadletter.shadow.fb1",
+      "shadow._audit.promoted.feedback.sentiment",
+      "$KV.weft_shadows.x",
+      "$KV.weft_step_versions.feedback.sentiment",
+    ]
+  ) assert.ok(!mayPublish(shadow, s), s);
+  // Its own consumers, named at attach time.
+  for (
+    const s of [
+      "$JS.API.CONSUMER.CREATE.FEEDBACK.shadow_r1",
+      "$JS.API.CONSUMER.CREATE.FEEDBACK.shadow_r1.feedback.ingested.*",
+      "$JS.API.CONSUMER.MSG.NEXT.FEEDBACK.shadow_r1",
+      "$JS.API.CONSUMER.DELETE.FEEDBACK.shadow_r1",
+      "$JS.ACK.FEEDBACK.shadow_r1.1.5.5.1700000000.0",
+    ]
+  ) assert.ok(mayPublish(shadow, s), s);
+  // Never a step's.
+  for (const durable of ["sentiment", "topics", "dispatch", "ingest", "state"]) {
+    for (
+      const s of [
+        `$JS.API.CONSUMER.CREATE.FEEDBACK.${durable}`,
+        `$JS.API.CONSUMER.MSG.NEXT.FEEDBACK.${durable}`,
+        `$JS.API.CONSUMER.DELETE.FEEDBACK.${durable}`,
+        `$JS.ACK.FEEDBACK.${durable}.1.5.5.1700000000.0`,
+      ]
+    ) assert.ok(!mayPublish(shadow, s), s);
+  }
+  for (const op of ["CREATE", "UPDATE", "DELETE", "PURGE"]) {
+    assert.ok(!mayPublish(shadow, `$JS.API.STREAM.${op}.FEEDBACK`), op);
+  }
+  assert.ok(!mayPublish(shadow, "$JS.API.CONSUMER.CREATE.CONTENT.shadow_r1"));
+});

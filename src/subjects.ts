@@ -178,12 +178,32 @@ export function contentEventsFilter(itemId: string): string {
 /** The JetStream stream of digests and their requests (`digest.>`). */
 export const DIGEST_STREAM = "DIGEST";
 
+/**
+ * The JetStream stream of live shadows' decisions, `shadow.<pipeline>.<step>.<item_id>`,
+ * and of the audit events of attaching, detaching and promoting them
+ * (`shadow._audit.<action>.<pipeline>.<step>`). Small, short-lived and discard-old: it never
+ * refuses a shadow's publish and shares no limit with production's streams.
+ */
+export const SHADOW_STREAM = "SHADOW";
+/** KV bucket of the live shadows attached over the API (`weft.shadow.attach`, `POST /shadows`). */
+export const SHADOW_BUCKET = "weft_shadows";
+/**
+ * KV bucket of promoted step versions, key `<pipeline>.<step>`: the candidate a step runs
+ * instead of its configured analyzers (history kept: every promotion is recorded).
+ */
+export const STEP_VERSION_BUCKET = "weft_step_versions";
+/** Request/reply shadow control: `weft.shadow.<attach|detach|list|promote>`. */
+export const SHADOW_REQUEST_PREFIX = "weft.shadow";
+/** Audit events of shadow control: `shadow._audit.<action>.<pipeline>.<step>`. */
+export const SHADOW_AUDIT_PREFIX = "shadow._audit";
+
 /** Every stream the mesh keeps. */
 export const STREAMS: readonly string[] = [
   FEEDBACK_STREAM,
   CONTENT_STREAM,
   DEADLETTER_STREAM,
   DIGEST_STREAM,
+  SHADOW_STREAM,
 ];
 /** Where a feedback digest is requested (the recurring schedule publishes here). */
 export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";

@@ -54,6 +54,7 @@ import {
   pipelineTopology,
 } from "./pipeline/runtime.ts";
 import { statusSubject } from "./micro.ts";
+import { pipelineSubjects } from "./pipeline/derive.ts";
 import { CONTENT_STATE_SPEC } from "./content_state.ts";
 import { STATE_WRITER } from "./state_writer.ts";
 import {
@@ -69,7 +70,12 @@ import {
   SCHEDULABLE_SUBJECTS,
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
+  SHADOW_AUDIT_PREFIX,
+  SHADOW_BUCKET,
+  SHADOW_REQUEST_PREFIX,
+  SHADOW_STREAM,
   STATE_BUCKET,
+  STEP_VERSION_BUCKET,
   STREAMS,
 } from "./subjects.ts";
 
@@ -100,6 +106,11 @@ export interface ServiceSpec {
   reads?: readonly string[];
   /** Calls the LLM endpoint whatever the analyzers (a definition's llm step). */
   llm?: boolean;
+  /**
+   * Runs in a process of its own even under `--together` (all): the shadow service, so
+   * killing or crashing it never takes a production step with it.
+   */
+  apart?: boolean;
   /** Processes running it, sharing its consumer (a pipeline step's `replicas`). Default 1. */
   replicas?: number;
   /** Which of them this is (0-based), when it has several. */
@@ -126,6 +137,7 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
 } {
   if (loaded.length === 0) return { services: [...SERVICES], operators: OPERATOR_IDENTITIES };
   const extra = pipelineGatewayAccess(loaded);
+  const streams = loaded.map((p) => pipelineSubjects(p.def).stream);
   return {
     services: [
       ...SERVICES.map((s) =>
@@ -134,6 +146,13 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
             ...s,
             access: mergeAccess(s.access, extra.gateway),
             reads: definitionDirs(loaded, ROOT.pathname),
+          }
+          : s.name === "shadow"
+          // Shadows of the definitions' work steps: their streams, and the definitions.
+          ? {
+            ...s,
+            access: mergeAccess(s.access, { readsStreams: streams, managesConsumers: streams }),
+            reads: [...s.reads ?? [], ...definitionDirs(loaded, ROOT.pathname)],
           }
           : s
       ),
@@ -184,11 +203,14 @@ export const SERVICES: readonly ServiceSpec[] = [
     entry: "services/sentiment.ts",
     readsRules: true,
     analyzes: true,
+    // A promoted candidate's ruleset is in rules/.
+    reads: ["rules"],
     access: step(
       FEEDBACK_STREAM,
       ["sentiment"],
       ["feedback.sentiment_analyzed"],
       "feedback.failed",
+      { readsBuckets: [STEP_VERSION_BUCKET] },
     ),
   },
   {
@@ -196,17 +218,22 @@ export const SERVICES: readonly ServiceSpec[] = [
     entry: "services/topics.ts",
     readsRules: true,
     analyzes: true,
-    access: step(FEEDBACK_STREAM, ["topics"], ["feedback.topics_extracted"], "feedback.failed"),
+    reads: ["rules"],
+    access: step(FEEDBACK_STREAM, ["topics"], ["feedback.topics_extracted"], "feedback.failed", {
+      readsBuckets: [STEP_VERSION_BUCKET],
+    }),
   },
   {
     name: "dispatch",
     entry: "services/dispatch.ts",
     readsRules: true,
+    reads: ["rules"],
     access: step(
       FEEDBACK_STREAM,
       ["dispatch"],
       ["feedback.dispatched", "feedback.processed"],
       "feedback.failed",
+      { readsBuckets: [STEP_VERSION_BUCKET] },
     ),
   },
   {
@@ -217,7 +244,13 @@ export const SERVICES: readonly ServiceSpec[] = [
       // Entry events and human actions; a redrive republishes a letter's original to the
       // input of the step that consumed it (after checking it byte for byte against the
       // stream), which may be any pipeline subject.
-      publishes: ["feedback.>", "content.>", "digest.request.*", "deadletter.redriven.*"],
+      publishes: [
+        "feedback.>",
+        "content.>",
+        "digest.request.*",
+        "deadletter.redriven.*",
+        `${SHADOW_AUDIT_PREFIX}.>`,
+      ],
       requests: [METRICS_SUBJECT, "weft.*.status", "$SRV.>"],
       serves: [
         "weft.feedback.>",
@@ -225,10 +258,23 @@ export const SERVICES: readonly ServiceSpec[] = [
         "weft.reviews.>",
         "weft.schedules.>",
         "weft.deadletters.>",
+        `${SHADOW_REQUEST_PREFIX}.>`,
       ],
-      readsStreams: [FEEDBACK_STREAM, CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM],
+      readsStreams: [
+        FEEDBACK_STREAM,
+        CONTENT_STREAM,
+        DEADLETTER_STREAM,
+        DIGEST_STREAM,
+        SHADOW_STREAM,
+      ],
       readsBuckets: [STATE_BUCKET, CONTENT_STATE_BUCKET],
-      writesBuckets: [IDEMPOTENCY_BUCKET, SCHEDULE_BUCKET, REVIEW_BUCKET],
+      writesBuckets: [
+        IDEMPOTENCY_BUCKET,
+        SCHEDULE_BUCKET,
+        REVIEW_BUCKET,
+        SHADOW_BUCKET,
+        STEP_VERSION_BUCKET,
+      ],
       writesObjects: [CONTENT_OBJECT_BUCKET],
     },
   },
@@ -293,6 +339,23 @@ export const SERVICES: readonly ServiceSpec[] = [
       },
     ),
   },
+  {
+    // Live shadows: reads production's input and outputs, works consumers of its own on
+    // FEEDBACK (never a step's), publishes only shadow decisions (not the audit events).
+    name: "shadow",
+    entry: "services/shadow.ts",
+    reads: ["rules", "prompts"],
+    llm: true,
+    apart: true,
+    access: {
+      publishes: ["shadow.*.*.*"],
+      // FEEDBACK: production's input and outputs; SHADOW: its own decisions, counted again
+      // after a restart.
+      readsStreams: [FEEDBACK_STREAM, SHADOW_STREAM],
+      managesConsumers: [FEEDBACK_STREAM],
+      readsBuckets: [SHADOW_BUCKET],
+    },
+  },
 ];
 
 /**
@@ -315,6 +378,8 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
       SCHEDULE_BUCKET,
       SCHEDULE_LEASE_BUCKET,
       IDEMPOTENCY_BUCKET,
+      SHADOW_BUCKET,
+      STEP_VERSION_BUCKET,
     ],
     readsObjects: [CONTENT_OBJECT_BUCKET],
   },
@@ -367,7 +432,10 @@ export function processArgs(
   const net = [...natsHosts(config.natsUrl)];
   const listens = specs.some((s) => s.listens);
   if (listens) net.push(`${config.host}:${config.port}`);
-  const llm = specs.some((s) => s.analyzes) && config.analyzers === "llm";
+  // An analyzing step reaches the LLM endpoint whenever one is configured: with `llm`
+  // analyzers, or to run an LLM candidate promoted from a live shadow.
+  const llm = specs.some((s) => s.analyzes) &&
+    (config.analyzers === "llm" || config.llmBaseUrl !== "");
   if (llm || (specs.some((s) => s.llm) && config.llmBaseUrl)) {
     const u = new URL(config.llmBaseUrl);
     net.push(`${u.hostname}:${u.port || (u.protocol === "https:" ? 443 : 80)}`);
@@ -414,7 +482,9 @@ export function processGroups(
       (_, i) => [(s.replicas ?? 1) > 1 ? { ...s, replica: i + (grouped ? 1 : 0) } : s],
     );
   if (!together) return services.flatMap((s) => extra(s, false));
-  const names = together === "all" ? services.map((s) => s.name) : together.split(",");
+  const names = together === "all"
+    ? services.filter((s) => !s.apart).map((s) => s.name)
+    : together.split(",");
   const unknown = names.filter((n) => !services.some((s) => s.name === n));
   if (unknown.length > 0) {
     throw new ConfigError(`WEFT_TOGETHER names no such service: ${unknown.join(", ")}`);

@@ -35,7 +35,10 @@ import {
   REVIEW_BUCKET,
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
+  SHADOW_BUCKET,
+  SHADOW_STREAM,
   STATE_BUCKET,
+  STEP_VERSION_BUCKET,
 } from "./subjects.ts";
 
 /** A stream configuration; only the name is required. */
@@ -81,14 +84,14 @@ export function streamConfigs(
     name: string,
     description: string,
     subjects: string[],
-    limits: { maxAgeMs: number; maxBytes: number; maxMsgSize?: number },
+    limits: { maxAgeMs: number; maxBytes: number; maxMsgSize?: number; discardOld?: boolean },
   ): NamedStreamConfig => ({
     name,
     description,
     subjects,
     retention: RetentionPolicy.Limits,
     storage: StorageType.File,
-    discard: DiscardPolicy.New,
+    discard: limits.discardOld ? DiscardPolicy.Old : DiscardPolicy.New,
     max_age: ms(limits.maxAgeMs),
     max_bytes: limits.maxBytes,
     ...(limits.maxMsgSize !== undefined ? { max_msg_size: limits.maxMsgSize } : {}),
@@ -129,6 +132,19 @@ export function streamConfigs(
       {
         maxAgeMs: config.retentionMs,
         maxBytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 16)),
+      },
+    ),
+    // Live shadows' decisions: discard-old, so a full stream drops its oldest decisions and
+    // never refuses (or slows) a shadow; a day at most, a sixteenth of FEEDBACK's bytes.
+    stream(
+      SHADOW_STREAM,
+      "Weft live shadows: candidates' decisions, and shadow attach/detach/promote events",
+      ["shadow.>"],
+      {
+        maxAgeMs: Math.min(config.retentionMs, 24 * 3600_000),
+        maxBytes: Math.max(16 * 1024 * 1024, Math.floor(config.streamMaxBytes / 16)),
+        maxMsgSize: 1024 * 1024,
+        discardOld: true,
       },
     ),
     ...(extra.streams ?? []).map((s) => stream(s.name, s.description, s.subjects, events)),
@@ -263,7 +279,7 @@ export async function ensureConsumer(
 export function bucketConfigs(
   config: TopologyConfig,
   extra: ExtraTopology = {},
-): { name: string; description: string; ttl?: number }[] {
+): { name: string; description: string; ttl?: number; history?: number }[] {
   return [
     ...(extra.buckets ?? []),
     {
@@ -288,6 +304,12 @@ export function bucketConfigs(
       ttl: config.retentionMs,
     },
     { name: SCHEDULE_BUCKET, description: "Weft: schedules of delayed and recurring events" },
+    { name: SHADOW_BUCKET, description: "Weft: live shadows attached over the API" },
+    {
+      name: STEP_VERSION_BUCKET,
+      description: "Weft: promoted step versions (the candidate a step runs), with history",
+      history: 16,
+    },
     {
       name: SCHEDULE_LEASE_BUCKET,
       description: "Weft: one lease per schedule firing, so replicas fire at most once",
@@ -313,12 +335,12 @@ export async function ensureBuckets(
       });
     }
   };
-  for (const { name, description, ttl } of bucketConfigs(config, extra)) {
+  for (const { name, description, ttl, history } of bucketConfigs(config, extra)) {
     await orOpen(
       () =>
         kvm.create(name, {
           replicas: config.replicas ?? 1,
-          history: 1,
+          history: history ?? 1,
           description,
           ...(ttl !== undefined ? { ttl } : {}),
           storage: StorageType.File,

@@ -182,6 +182,34 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
       "the second dead letter",
     );
     await page.locator("#dlcount").filter({ hasText: /^1$/ }).waitFor({ timeout: 10_000 });
+
+    // A live shadow on the sentiment step shows in its panel with its agreement and kappa.
+    const shadow = await fetch(`${mesh.url}/shadows`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        id: "dash",
+        step: "sentiment",
+        candidate: { analyzers: "rules", rules: "rules/reference.json" },
+      }),
+    });
+    assert.equal(shadow.status, 201, await shadow.text());
+    await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "dash", 20_000);
+    const shadowed = await fetch(`${mesh.url}/feedback`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ text: "I love the new dashboard, great work" }),
+    });
+    assert.equal(shadowed.status, 202);
+    await shadowed.body?.cancel();
+    const shadowRow = page.locator('#shadows tr[data-shadow="dash"]');
+    await shadowRow.locator("td:nth-child(6)").filter({ hasText: /^1$/ }).waitFor({
+      timeout: 20_000,
+    });
+    assert.match(
+      (await shadowRow.textContent()) ?? "",
+      /feedback\.sentiment.*rules:rules\/reference\.json.*running.*sentiment (100\.0|0\.0)% \(/,
+    );
     assert.deepEqual(notFound, [], "no request of the page was answered 404 (favicon included)");
 
     await Deno.mkdir(".artifacts", { recursive: true });

@@ -254,7 +254,7 @@ Deno.test("with the gateway's port taken, deno task start says which port and wh
 Deno.test("deno task start says it is ready once, after every service answers and the gateway listens", async () => {
   await using mesh = await startMesh();
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
-  assert.equal(ready.services, 12);
+  assert.equal(ready.services, 13);
   const at = (pred: (l: Record<string, unknown>) => boolean) => mesh.logs.findIndex(pred);
   assert.ok(at((l) => l.msg === "gateway listening") < at((l) => l.msg === "weft is ready"));
   assert.equal(mesh.logs.filter((l) => l.msg === "weft is ready").length, 1);

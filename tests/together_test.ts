@@ -24,13 +24,18 @@ Deno.test("with WEFT_TOGETHER=all every service runs in one process, and both pi
   // A short ack wait: what the killed process had in hand is redelivered sooner.
   await using mesh = await startMesh({ WEFT_TOGETHER: "all", WEFT_ACK_WAIT_MS: "3000" });
   const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
+  // The shadow service alone stays apart: killing it must never take a step with it.
   assert.deepEqual(started.processes, [
     "together(state,ingest,sentiment,topics,dispatch,gateway,content-state,moderation,review,storage,scheduler,digest)",
+    "shadow",
   ]);
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
-  assert.equal(ready.services, 12, "every service answers nats micro from the one process");
-  const pids = new Set(mesh.logs.filter((l) => l.msg === "starting" && l.pid).map((l) => l.pid));
-  assert.equal(pids.size, 1, "one process");
+  assert.equal(ready.services, 13, "every service answers nats micro");
+  const pids = new Set(
+    mesh.logs.filter((l) => l.msg === "starting" && l.pid && l.service !== "weft-shadow")
+      .map((l) => l.pid),
+  );
+  assert.equal(pids.size, 1, "one process for every production service");
 
   const nc = await connectNats(mesh.natsUrl, "together-test", mesh.credentials("ops"));
   try {
@@ -110,6 +115,7 @@ Deno.test("WEFT_TOGETHER can group some services and run the rest alone", async 
     "storage",
     "scheduler",
     "digest",
+    "shadow",
   ]);
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
   const fb = await post(`${mesh.gatewayUrl}/feedback`, { text: "Mixed mode works" });
@@ -164,9 +170,10 @@ export const echo = definePipeline({
   const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
   assert.deepEqual(started.processes, [
     "together(state,ingest,sentiment,topics,dispatch,gateway,content-state,moderation,review,storage,scheduler,digest,echo-flow,echo-shout)",
+    "shadow",
   ]);
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
-  assert.equal(ready.services, 14);
+  assert.equal(ready.services, 15);
   const res = await post(`${mesh.gatewayUrl}/pipelines/echo/items`, { text: "hi" });
   assert.equal(res.status, 202);
   const state = await waitFor(

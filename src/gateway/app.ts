@@ -47,6 +47,8 @@ import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { WeftMetrics } from "../metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
 import { edgeRoutes } from "./edge_routes.ts";
+import type { ShadowControl } from "../shadow_control.ts";
+import { shadowRoutes } from "./shadows.ts";
 
 /** What the app needs. */
 export interface GatewayDeps {
@@ -72,6 +74,8 @@ export interface GatewayDeps {
   pipelines?: readonly LoadedPipeline[];
   /** Rate limits, quotas and stream capacity at the definitions' intake (as `intake` has). */
   guards?: IntakeGuards;
+  /** Live shadow control: mounts /shadows (admin). */
+  shadows?: ShadowControl;
 }
 
 /** The problem+json response for an error. */
@@ -312,6 +316,11 @@ export function createApp(deps: GatewayDeps): Hono {
   app.use("/deadletters", adminAuth);
   app.use("/deadletters/*", adminAuth);
   app.route("/deadletters", deadLetterRoutes(intake.js));
+  if (deps.shadows) {
+    app.use("/shadows", adminAuth);
+    app.use("/shadows/*", adminAuth);
+    app.route("/shadows", shadowRoutes(deps.shadows, (c) => whoOf(c).name));
+  }
   if (deps.moderation && deps.auth) {
     app.route(
       "/",

@@ -10,7 +10,9 @@
  * `POST /deadletters/redrive {"ids":[seq]}`) and
  * the review queue (`GET /reviews`; approve or reject = `POST /reviews/:id/claim`, then
  * `POST /reviews/:id/decision`) when the gateway
- * has those routes, and says so when it does not. All data is written with textContent.
+ * has those routes, and says so when it does not; and the live shadows (candidate step
+ * versions beside production, src/live_shadow.ts) with their agreement per field and
+ * Cohen's kappa, from the same metrics stream. All data is written with textContent.
  *
  * @module
  */
@@ -70,6 +72,13 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 .filter { width:100%; margin:0 0 .5rem; }
 .charts { display:grid; grid-template-columns:repeat(3, 1fr); gap:1rem; }
 .chart h3 { margin:0 0 .2rem; font-size:.8rem; color:var(--dim); font-weight:normal; }
+#shadows td.agree { font-variant-numeric:tabular-nums; }
+#shadows th:nth-child(1) { width:12%; } #shadows th:nth-child(2) { width:13%; }
+#shadows th:nth-child(3) { width:15%; } #shadows th:nth-child(4) { width:8%; }
+#shadows th:nth-child(5), #shadows th:nth-child(6) { width:8%; }
+#shadows th:nth-child(7) { width:21%; } #shadows th:nth-child(8) { width:15%; }
+#shadows .bar { display:inline-block; height:.55rem; background:var(--ok); border-radius:2px; margin-right:.35rem; vertical-align:middle; }
+#shadows .low { background:var(--warn); }
 .chart canvas { width:100%; height:90px; background:#0c1116; border:1px solid var(--line); border-radius:4px; }
 </style>
 </head>
@@ -100,6 +109,10 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
   <section class="wide">
     <h2>Content moderation pipeline</h2>
     <div class="graph" id="content-graph"></div>
+  </section>
+  <section class="wide">
+    <h2>Live shadows</h2>
+    <div id="shadows" class="muted">No live shadow attached (attach one: <code>deno task shadow attach</code>, see docs/SHADOW.md).</div>
   </section>
   <div id="defined" class="wide-group"></div>
   <section>
@@ -212,7 +225,38 @@ function onMetrics(snap) {
   document.getElementById("e2e").textContent = Number.isFinite(p50)
     ? fmt(p50 * 1000, 0) + " / " + fmt(p99 * 1000, 0) + " ms" : "–";
   drawCharts();
+  renderShadows(snap.shadows || {});
   prev = { t: t, snap: snap };
+}
+
+/** The live shadows: one row each, agreement and kappa per compared field. */
+function renderShadows(shadows) {
+  var box = document.getElementById("shadows");
+  var ids = Object.keys(shadows).sort();
+  if (ids.length === 0) { if (!box.classList.contains("muted")) { box.className = "muted"; box.textContent = "No live shadow attached (attach one: deno task shadow attach, see docs/SHADOW.md)."; } return; }
+  box.className = ""; box.textContent = "";
+  var t = el("table"); var head = el("tr");
+  ["Shadow", "Step", "Candidate", "State", "Decided", "Compared", "Agreement (kappa)", "Failed / budget / unmatched"].forEach(function (h) { head.appendChild(el("th", null, h)); });
+  t.appendChild(el("thead")).appendChild(head);
+  var tb = el("tbody");
+  ids.forEach(function (id) {
+    var s = shadows[id], n = s.items || {};
+    var tr = el("tr", { "data-shadow": id });
+    tr.append(el("td", null, id), el("td", null, s.pipeline + "." + s.step), el("td", { title: s.candidate }, s.candidate),
+      el("td", { class: s.up ? "st-processed" : "st-failed" }, s.up ? "running" : "down"),
+      el("td", null, String(n.decided || 0)), el("td", null, String(n.compared || 0)));
+    var agree = el("td", { class: "agree" });
+    Object.keys(s.fields).sort().forEach(function (f) {
+      var a = s.fields[f].agreement, line = el("div", { "data-field": f });
+      line.appendChild(el("span", { class: "bar" + (a < 0.8 ? " low" : ""), style: "width:" + Math.round(a * 60) + "px" }));
+      line.appendChild(document.createTextNode(f + " " + fmt(a * 100, 1) + "% (" + fmt(s.fields[f].kappa, 2) + ")"));
+      agree.appendChild(line);
+    });
+    tr.appendChild(agree);
+    tr.appendChild(el("td", null, (n.failed || 0) + " / " + (n.over_budget || 0) + " / " + (n.unmatched || 0)));
+    tb.appendChild(tr);
+  });
+  t.appendChild(tb); box.appendChild(t);
 }
 
 // Snapshots of the last five minutes: items done, end-to-end histogram, backlog.

@@ -208,6 +208,19 @@ export interface StageFigures {
   ackPending: number;
 }
 
+/** One live shadow's figures on the dashboard. */
+export interface ShadowFigures {
+  pipeline: string;
+  step: string;
+  candidate: string;
+  /** False when it failed to start. */
+  up: boolean;
+  /** Items by outcome: decided, compared, unmatched, failed, over_budget, skipped... */
+  items: Record<string, number>;
+  /** Agreement with production and Cohen's kappa, per compared field. */
+  fields: Record<string, { agreement: number; kappa: number }>;
+}
+
 /** What the dashboard's stream sends every tick. */
 export interface MeshSnapshot {
   /** When the snapshot was taken (ISO 8601). */
@@ -223,6 +236,8 @@ export interface MeshSnapshot {
    * (upper bound in seconds, `Infinity` last), for percentiles over any recent window.
    */
   endToEnd: { seconds: number; count: number; buckets: [number, number][] };
+  /** Live shadows, by id. */
+  shadows: Record<string, ShadowFigures>;
 }
 
 /** Reduces the mesh's registry to per-stage figures. */
@@ -247,7 +262,17 @@ export async function meshSnapshot(registry: client.Registry): Promise<MeshSnaps
     sseClients: 0,
     deadLetters: 0,
     endToEnd: { seconds: 0, count: 0, buckets: [] },
+    shadows: {},
   };
+  const shadowOf = (labels: Record<string, string | number | undefined>) =>
+    snapshot.shadows[String(labels.shadow)] ??= {
+      pipeline: String(labels.pipeline ?? ""),
+      step: String(labels.step ?? ""),
+      candidate: "",
+      up: false,
+      items: {},
+      fields: {},
+    };
   const buckets = new Map<number, number>();
   let pendingLetters: number | undefined;
   const simple: Record<string, keyof StageFigures> = {
@@ -272,6 +297,19 @@ export async function meshSnapshot(registry: client.Registry): Promise<MeshSnaps
         metric.name === "weft_consumer_ack_pending" && typeof labels.consumer === "string"
       ) {
         stageOf(labels.consumer).ackPending = v.value;
+      } else if (metric.name.startsWith("weft_shadow_") && typeof labels.shadow === "string") {
+        const sh = shadowOf(labels);
+        const field = typeof labels.field === "string" ? labels.field : "";
+        if (metric.name === "weft_shadow_up") {
+          sh.up = v.value > 0;
+          sh.candidate = String(labels.candidate ?? "");
+        } else if (metric.name === "weft_shadow_items_total") {
+          sh.items[String(labels.outcome)] = v.value;
+        } else if (metric.name === "weft_shadow_agreement_ratio" && field) {
+          (sh.fields[field] ??= { agreement: 0, kappa: 0 }).agreement = v.value;
+        } else if (metric.name === "weft_shadow_kappa" && field) {
+          (sh.fields[field] ??= { agreement: 0, kappa: 0 }).kappa = v.value;
+        }
       } else if (metric.name === "weft_sse_clients") snapshot.sseClients += v.value;
       else if (metric.name === "weft_deadletter_messages") snapshot.deadLetters = v.value;
       else if (metric.name === "weft_deadletter_pending") pendingLetters = v.value;

@@ -64,6 +64,42 @@ const accepted = {
   },
 };
 
+const shadowId = {
+  name: "id",
+  in: "path",
+  required: true,
+  schema: { type: "string", pattern: "^[a-z0-9][a-z0-9_-]{0,31}$" },
+};
+/** A live shadow as attached (src/shadow_spec.ts checks it). */
+const shadowSpec: Json = {
+  type: "object",
+  required: ["id", "step", "candidate"],
+  properties: {
+    id: shadowId.schema,
+    pipeline: { enum: ["feedback"] },
+    step: { enum: ["sentiment", "topics", "dispatch"] },
+    candidate: {
+      type: "object",
+      required: ["analyzers"],
+      properties: {
+        analyzers: { enum: ["embedded", "rules", "llm"] },
+        rules: { type: "string", description: "A ruleset in rules/" },
+        model: { type: "string" },
+        prompt: { type: "string", description: "Prompt version, e.g. v2" },
+      },
+    },
+    limits: {
+      type: "object",
+      properties: {
+        rps: { type: "number" },
+        concurrency: { type: "integer" },
+        sample: { type: "number" },
+        budgetUsd: { type: "number" },
+      },
+    },
+  },
+};
+
 /** An operation: summary, security role, request schema, responses. */
 function op(
   summary: string,
@@ -193,6 +229,31 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
     "/deadletters/redrive": {
       post: op("Redrive dead letters", { "200": json({ type: "object" }) }, {
         requestBody: body({ type: "object" }),
+      }),
+    },
+    "/shadows": {
+      get: op("Live shadows with their figures, and promoted step versions (admin)", {
+        "200": json({ type: "object" }),
+      }),
+      post: op("Attach a live shadow (admin; docs/SHADOW.md)", {
+        "201": json(shadowSpec, "Attached"),
+      }, { requestBody: body(shadowSpec) }),
+    },
+    "/shadows/{id}": {
+      delete: op("Detach a live shadow (admin)", { "200": json({ type: "object" }) }, {
+        parameters: [shadowId],
+      }),
+    },
+    "/shadows/{id}/promote": {
+      post: op("Promote a shadow's candidate to production for its step (admin)", {
+        "200": json({ type: "object" }),
+      }, { parameters: [shadowId] }),
+    },
+    "/shadows/versions/{step}": {
+      delete: op("Roll a step (`feedback.sentiment`) back to its configured version (admin)", {
+        "200": json({ type: "object" }),
+      }, {
+        parameters: [{ name: "step", in: "path", required: true, schema: { type: "string" } }],
       }),
     },
     "/metrics": {

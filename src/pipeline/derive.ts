@@ -47,6 +47,11 @@ export interface PipelineSubjects {
   eventTypes: string[];
 }
 
+/** The stream of the pipeline named `name`: its name in capitals, `-` as `_`. */
+export function pipelineStreamOf(name: string): string {
+  return name.toUpperCase().replaceAll("-", "_");
+}
+
 /** The subjects and stream of `spec`. */
 export function pipelineSubjects(spec: PipelineSpec): PipelineSubjects {
   const n = spec.name;
@@ -57,7 +62,7 @@ export function pipelineSubjects(spec: PipelineSpec): PipelineSubjects {
   }
   types.add(`${n}.failed`);
   return {
-    stream: n.toUpperCase().replaceAll("-", "_"),
+    stream: pipelineStreamOf(n),
     streamSubjects: [`${n}.>`],
     submit: `${n}.submit`,
     submitRequest: `weft.${n}.submit`,

@@ -1,0 +1,1055 @@
+/**
+ * Live shadow: a candidate version of a running pipeline's step that sees the same input
+ * as production, on its own durable consumer (`shadow_<id>`, starting at attach time), and
+ * publishes only on `shadow.<pipeline>.<step>.<item_id>` (the SHADOW stream). For each item
+ * it runs the candidate's version of the step's handler, then waits (bounded) for
+ * production's own output for the item and compares them field by field: agreement, a
+ * confusion matrix and Cohen's kappa per field, read by /metrics and the dashboard.
+ *
+ * It cannot starve production, and what it costs is bounded: it takes no message from
+ * production's consumers, runs in its own process (services/shadow.ts) and NATS identity,
+ * takes at most `limits.rps` items per second and `limits.concurrency` at once (the flow-control limiter of definitions' steps),
+ * spends at most `limits.budgetUsd` on LLM calls (the LLM client's budget, no fallback:
+ * over budget means no decision), never retries, never dead-letters and never fails an
+ * item. Killed, it leaves only its consumer's backlog behind (the FEEDBACK stream has
+ * limits retention: an unread consumer holds nothing up).
+ *
+ * @module
+ */
+import {
+  AckPolicy,
+  type ConsumerMessages,
+  DeliverPolicy,
+  jetstream,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamManager,
+  jetstreamManager,
+  type JsMsg,
+} from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import client from "prom-client";
+import type { Config } from "./config.ts";
+import { type AnalyzerConfig, feedbackAnalyzers } from "./configured_analyzers.ts";
+import { ConfigError, errorCode, ValidationError } from "./errors.ts";
+import { pipelineStreamOf, stepFilterSubject } from "./pipeline/derive.ts";
+import { type LoadedPipeline, loadPipelines, workStage } from "./pipeline/runtime.ts";
+import { eventOf } from "./pipeline/validate.ts";
+import { LlmError } from "./llm/errors.ts";
+import type { LlmStats } from "./llm/stats.ts";
+import type { Logger } from "./log.ts";
+import { createStepLimiter } from "./pipeline/flow_control.ts";
+import { assertMatchesSubject, decodeJson, validateInput } from "./runner.ts";
+import {
+  candidateName,
+  sampled,
+  shadowDurable,
+  type ShadowSpec,
+  shadowSubject,
+} from "./shadow_spec.ts";
+import { agreementOf, type FieldAgreement } from "./shadow.ts";
+import type { OutputEvent, Stage, StageInput } from "./stage.ts";
+import { dispatchStage, sentimentStage, topicsStage } from "./stages/feedback.ts";
+import {
+  eventSubject,
+  FEEDBACK_STREAM,
+  FeedbackEventType as T,
+  SHADOW_STREAM,
+  typeFilter,
+} from "./subjects.ts";
+
+/** How a step is shadowed: what it consumes, what production emits, which fields compare. */
+export interface ShadowStepDef {
+  /** The stream production's step reads. */
+  stream: string;
+  /** Its consumer's filter: the shadow's too. */
+  filterSubject: string;
+  /** The event type production's step emits for an item (compared with the candidate's). */
+  output: string;
+  /**
+   * The compared fields of an output event's `data`. `bounded` fields have a few labels
+   * (a confusion matrix is exported per label pair); others only agree or not.
+   */
+  fields(data: Record<string, unknown>): Record<string, string>;
+  /** Fields whose labels are few enough to export as a confusion matrix. */
+  bounded: readonly string[];
+  /** The candidate's version of the step, from its analyzers. */
+  // deno-lint-ignore no-explicit-any
+  stage(analyzers: Awaited<ReturnType<typeof feedbackAnalyzers>>): Stage<any>;
+}
+
+const label = (v: unknown) => (typeof v === "string" && v !== "" ? v : "none");
+const get = (d: Record<string, unknown>, path: string[]) =>
+  path.reduce<unknown>((v, k) => (v as Record<string, unknown> | undefined)?.[k], d);
+
+/** The feedback pipeline's shadowable steps. */
+export const FEEDBACK_SHADOW_STEPS: Readonly<Record<string, ShadowStepDef>> = {
+  sentiment: {
+    stream: FEEDBACK_STREAM,
+    filterSubject: typeFilter(T.Ingested),
+    output: T.SentimentAnalyzed,
+    fields: (d) => ({ sentiment: label(get(d, ["sentiment", "label"])) }),
+    bounded: ["sentiment"],
+    stage: (a) => sentimentStage(a.sentiment),
+  },
+  topics: {
+    stream: FEEDBACK_STREAM,
+    filterSubject: typeFilter(T.SentimentAnalyzed),
+    output: T.TopicsExtracted,
+    fields: (d) => {
+      const topics = (get(d, ["topics", "topics"]) ?? []) as string[];
+      return { topic: label(topics[0]), topics: [...topics].sort().join(",") || "none" };
+    },
+    bounded: ["topic"],
+    stage: (a) => topicsStage(a.topics, a.toxicity),
+  },
+  dispatch: {
+    stream: FEEDBACK_STREAM,
+    filterSubject: typeFilter(T.TopicsExtracted),
+    output: T.Dispatched,
+    fields: (d) => ({ team: label(get(d, ["routing", "team"])) }),
+    bounded: ["team"],
+    stage: (a) => dispatchStage(a.route),
+  },
+};
+
+/** The shadowable feedback step of `spec`. */
+export function shadowStep(spec: Pick<ShadowSpec, "pipeline" | "step">): ShadowStepDef {
+  const def = spec.pipeline === "feedback" ? FEEDBACK_SHADOW_STEPS[spec.step] : undefined;
+  if (!def) throw new Error(`no shadowable step ${spec.pipeline}.${spec.step}`);
+  return def;
+}
+
+/** The stream a shadow's step reads: FEEDBACK, or its definition's pipeline's. */
+export function shadowStream(spec: Pick<ShadowSpec, "pipeline">): string {
+  return spec.pipeline === "feedback" ? FEEDBACK_STREAM : pipelineStreamOf(spec.pipeline);
+}
+
+/** Whether a field's labels are few enough for a confusion matrix in the metrics. */
+export function boundedField(spec: Pick<ShadowSpec, "pipeline" | "step">, field: string): boolean {
+  return spec.pipeline === "feedback"
+    ? (FEEDBACK_SHADOW_STEPS[spec.step]?.bounded ?? []).includes(field)
+    // A definition step's result: its top-level values, not the whole result.
+    : field !== "result";
+}
+
+/** What a running shadow works with: its step resolved, its candidate built. */
+export interface ShadowTarget {
+  stream: string;
+  filterSubject: string;
+  /** The event type production's step emits for an item. */
+  output: string;
+  fields(data: Record<string, unknown>): Record<string, string>;
+  // deno-lint-ignore no-explicit-any
+  stage: Stage<any>;
+  /** The candidate's name, as published and in the metrics. */
+  candidate: string;
+  llm?: LlmStats;
+}
+
+/** JSON with sorted keys: equal values, equal strings. */
+function stableJson(v: unknown): string {
+  if (v === null || typeof v !== "object") return JSON.stringify(v) ?? "null";
+  if (Array.isArray(v)) return `[${v.map(stableJson).join(",")}]`;
+  return `{${
+    Object.keys(v).sort().map((k) =>
+      `${JSON.stringify(k)}:${stableJson((v as Record<string, unknown>)[k])}`
+    ).join(",")
+  }}`;
+}
+
+/**
+ * The compared fields of a definition step's result: the whole result (`result`), and each
+ * of its top-level values that is a string, number or boolean (a router's `label`).
+ */
+export function resultFields(result: unknown): Record<string, string> {
+  const out: Record<string, string> = { result: stableJson(result).slice(0, 500) };
+  if (result !== null && typeof result === "object" && !Array.isArray(result)) {
+    for (const [k, v] of Object.entries(result)) {
+      if (
+        k !== "result" && (typeof v === "string" || typeof v === "number" || typeof v === "boolean")
+      ) {
+        out[k] = String(v).slice(0, 100);
+      }
+    }
+  }
+  return out;
+}
+
+/** Where definitions may be loaded from: the folders of the running ones. */
+export function candidateDefinitionFile(
+  file: string,
+  pipelines: readonly LoadedPipeline[],
+  root: string,
+): string {
+  const abs = file.startsWith("/") ? file : `${root.replace(/\/$/, "")}/${file}`;
+  const dir = abs.replace(/\/[^/]*$/, "");
+  if (!pipelines.some((p) => p.file.replace(/\/[^/]*$/, "") === dir)) {
+    throw new ValidationError(
+      "a candidate definition must be in the folder of a running definition",
+      { field: "/candidate/definition" },
+    );
+  }
+  return abs;
+}
+
+/**
+ * Resolves a shadow: its step (a feedback step, or a work step of a running definition) and
+ * its candidate (analyzers, or the step of another version of the definition).
+ */
+export async function resolveShadowTarget(
+  spec: ShadowSpec,
+  config: Config,
+  ctx: { nc: NatsConnection; pipelines?: readonly LoadedPipeline[]; root?: string },
+): Promise<ShadowTarget> {
+  if (spec.pipeline === "feedback") {
+    const step = shadowStep(spec);
+    const analyzers = await feedbackAnalyzers(
+      candidateConfig(config, spec, { fallback: false, budgetUsd: spec.limits.budgetUsd }),
+    );
+    return {
+      stream: step.stream,
+      filterSubject: step.filterSubject,
+      output: step.output,
+      fields: step.fields,
+      stage: step.stage(analyzers),
+      // The model production's configuration gives, when the candidate names none.
+      candidate: candidateName({
+        ...spec.candidate,
+        ...(spec.candidate.analyzers === "llm" && !spec.candidate.model && config.llmModel
+          ? { model: config.llmModel }
+          : {}),
+      }),
+      ...(analyzers.llmStats ? { llm: analyzers.llmStats } : {}),
+    };
+  }
+  const pipelines = ctx.pipelines ?? [];
+  const prod = pipelines.find((p) => p.def.name === spec.pipeline);
+  if (!prod) throw new ConfigError(`no running pipeline ${spec.pipeline}`);
+  const shadowable = (def: LoadedPipeline["def"]) => {
+    const s = def.steps[spec.step];
+    return s !== undefined && s.kind !== "agent" && stepFilterSubject(def, spec.step) !== null;
+  };
+  // Agents append to their item's scratchpad: a second run would change the item.
+  if (!shadowable(prod.def)) {
+    throw new ConfigError(`${spec.pipeline}.${spec.step} is not a task, llm or router step`);
+  }
+  const file = candidateDefinitionFile(spec.candidate.definition!, pipelines, ctx.root ?? "");
+  const cand = (await loadPipelines([file])).find((p) => p.def.name === spec.pipeline);
+  if (!cand || !shadowable(cand.def)) {
+    throw new ConfigError(`${file} defines no step ${spec.step} of pipeline ${spec.pipeline}`);
+  }
+  const id = spec.step;
+  return {
+    stream: pipelineStreamOf(spec.pipeline),
+    // Production's filter: the candidate sees what production's step sees.
+    filterSubject: stepFilterSubject(prod.def, id)!,
+    output: `${spec.pipeline}.${eventOf(id, prod.def.steps[id]!)}`,
+    fields: (data) => resultFields((data as { results?: Record<string, unknown> }).results?.[id]),
+    stage: workStage(cand, id, {
+      nc: ctx.nc,
+      ...(config.llmBaseUrl
+        ? {
+          llm: {
+            baseUrl: config.llmBaseUrl,
+            apiKey: config.llmApiKey,
+            model: config.llmModel,
+            timeoutMs: config.llmTimeoutMs,
+            concurrency: spec.limits.concurrency,
+          },
+        }
+        : {}),
+    }),
+    candidate: candidateName(spec.candidate),
+  };
+}
+
+/** The analyzer settings of a candidate: production's, with the candidate's choices. */
+export function candidateConfig(
+  base: AnalyzerConfig,
+  spec: Pick<ShadowSpec, "candidate" | "step">,
+  opts: { fallback?: boolean; budgetUsd?: number } = {},
+): AnalyzerConfig {
+  const c = spec.candidate;
+  const prompt = c.prompt;
+  return {
+    ...base,
+    analyzers: c.analyzers ?? base.analyzers,
+    rulesPath: c.rules ?? base.rulesPath,
+    llmModel: c.model ?? base.llmModel,
+    ...(opts.budgetUsd !== undefined ? { llmBudgetUsd: opts.budgetUsd } : {}),
+    ...(prompt
+      ? {
+        llmPromptVersions: spec.step === "topics"
+          ? { topics: prompt }
+          : spec.step === "sentiment"
+          ? { sentiment: prompt }
+          : {},
+      }
+      : {}),
+    llmFallback: opts.fallback ?? true,
+  };
+}
+
+/** One field's comparison so far. */
+export interface FieldTally {
+  /** Items compared. */
+  n: number;
+  /** Items on which candidate and production agree. */
+  same: number;
+  /** Rows: production's label; columns: the candidate's. */
+  confusion: Map<string, Map<string, number>>;
+}
+
+/** The agreement figures of one field. */
+export interface FieldFigures {
+  compared: number;
+  agreement: number;
+  kappa: number;
+}
+
+/** Cohen's kappa of a confusion matrix (rows production, columns candidate). */
+export function kappaOf(t: FieldTally): number {
+  if (t.n === 0) return 0;
+  const po = t.same / t.n;
+  const cols = new Map<string, number>();
+  for (const row of t.confusion.values()) {
+    for (const [c, k] of row) cols.set(c, (cols.get(c) ?? 0) + k);
+  }
+  let pe = 0;
+  for (const [r, row] of t.confusion) {
+    let rowSum = 0;
+    for (const k of row.values()) rowSum += k;
+    pe += (rowSum / t.n) * ((cols.get(r) ?? 0) / t.n);
+  }
+  return pe === 1 ? (po === 1 ? 1 : 0) : (po - pe) / (1 - pe);
+}
+
+/** Distinct labels a field's confusion matrix keeps; further ones count as `other`. */
+const MAX_LABELS = 32;
+
+/** A running shadow's live counters. */
+export class ShadowTally {
+  /** Items decided, failed, over budget, sampled out, compared, never matched. */
+  readonly counts: Record<
+    "decided" | "failed" | "over_budget" | "skipped" | "compared" | "unmatched" | "publish_failed",
+    number
+  > = {
+    decided: 0,
+    failed: 0,
+    over_budget: 0,
+    skipped: 0,
+    compared: 0,
+    unmatched: 0,
+    publish_failed: 0,
+  };
+  /** Per field. */
+  readonly fields: Map<string, FieldTally> = new Map();
+  /** Whether the shadow runs (false: it failed to start; `error` says why). */
+  up = false;
+  /** Why it is not up. */
+  error?: string;
+  /** Sum of candidate handler seconds, and their count. */
+  seconds = 0;
+  /** LLM counters of the candidate, when it calls one. */
+  llm?: LlmStats;
+
+  /** The candidate's name (with its model once known: see {@link runShadow}). */
+  candidate: string;
+
+  constructor(readonly spec: ShadowSpec) {
+    this.candidate = candidateName(spec.candidate);
+  }
+
+  /** Records one item's comparison. */
+  record(production: Record<string, string>, candidate: Record<string, string>): void {
+    this.counts.compared++;
+    for (const [field, p] of Object.entries(production)) {
+      const c = candidate[field] ?? "none";
+      const t = this.fields.get(field) ??
+        (this.fields.set(field, { n: 0, same: 0, confusion: new Map() }).get(field)!);
+      t.n++;
+      if (p === c) t.same++;
+      const rowKey = t.confusion.has(p) || t.confusion.size < MAX_LABELS ? p : "other";
+      const row = t.confusion.get(rowKey) ??
+        (t.confusion.set(rowKey, new Map()).get(rowKey)!);
+      const colKey = row.has(c) || row.size < MAX_LABELS ? c : "other";
+      row.set(colKey, (row.get(colKey) ?? 0) + 1);
+    }
+  }
+
+  /** Agreement and kappa per field. */
+  figures(): Record<string, FieldFigures> {
+    const out: Record<string, FieldFigures> = {};
+    for (const [field, t] of this.fields) {
+      out[field] = { compared: t.n, agreement: t.n ? t.same / t.n : 0, kappa: kappaOf(t) };
+    }
+    return out;
+  }
+}
+
+/**
+ * Exposes the shadows' tallies as metrics of `registry`, read when scraped (a detached
+ * shadow's series disappear with it):
+ * `weft_shadow_up`, `weft_shadow_items_total{outcome}`, `weft_shadow_agreement_ratio`,
+ * `weft_shadow_kappa`, `weft_shadow_compared_total{production,candidate}` (the confusion
+ * matrix of bounded fields), `weft_shadow_handler_seconds_total`, and the candidate's
+ * LLM spend `weft_shadow_llm_cost_usd_total`, `weft_shadow_llm_tokens_total`.
+ *
+ * @example
+ * ```ts
+ * import { WeftMetrics } from "./metrics.ts";
+ * import { registerShadowMetrics } from "./live_shadow.ts";
+ * registerShadowMetrics(new WeftMetrics().registry, () => []);
+ * ```
+ */
+export function registerShadowMetrics(
+  registry: client.Registry,
+  tallies: () => Iterable<ShadowTally>,
+): void {
+  const registers = [registry];
+  const base = (t: ShadowTally) => ({
+    shadow: t.spec.id,
+    pipeline: t.spec.pipeline,
+    step: t.spec.step,
+  });
+  new client.Gauge({
+    name: "weft_shadow_up",
+    help: "1 while a live shadow runs, 0 when it failed to start (see the shadow's log)",
+    labelNames: ["shadow", "pipeline", "step", "candidate"],
+    registers,
+    collect() {
+      this.reset();
+      for (const t of tallies()) this.set({ ...base(t), candidate: t.candidate }, t.up ? 1 : 0);
+    },
+  });
+  new client.Counter({
+    name: "weft_shadow_items_total",
+    help: "Items a live shadow saw, by outcome (decided, compared, unmatched: production's " +
+      "output never came; failed, over_budget, skipped: sampled out, publish_failed)",
+    labelNames: ["shadow", "pipeline", "step", "outcome"],
+    registers,
+    collect() {
+      this.reset();
+      for (const t of tallies()) {
+        for (const [outcome, n] of Object.entries(t.counts)) this.inc({ ...base(t), outcome }, n);
+      }
+    },
+  });
+  new client.Gauge({
+    name: "weft_shadow_agreement_ratio",
+    help: "Share of compared items on which a live shadow's candidate agrees with production",
+    labelNames: ["shadow", "pipeline", "step", "field"],
+    registers,
+    collect() {
+      this.reset();
+      for (const t of tallies()) {
+        for (const [field, f] of Object.entries(t.figures())) {
+          this.set({ ...base(t), field }, f.agreement);
+        }
+      }
+    },
+  });
+  new client.Gauge({
+    name: "weft_shadow_kappa",
+    help: "Cohen's kappa of a live shadow's candidate against production, per field",
+    labelNames: ["shadow", "pipeline", "step", "field"],
+    registers,
+    collect() {
+      this.reset();
+      for (const t of tallies()) {
+        for (const [field, f] of Object.entries(t.figures())) {
+          this.set({ ...base(t), field }, f.kappa);
+        }
+      }
+    },
+  });
+  new client.Counter({
+    name: "weft_shadow_compared_total",
+    help: "Items compared, by production's label and the candidate's (the confusion matrix)",
+    labelNames: ["shadow", "pipeline", "step", "field", "production", "candidate"],
+    registers,
+    collect() {
+      this.reset();
+      for (const t of tallies()) {
+        for (const [field, ft] of t.fields) {
+          if (!boundedField(t.spec, field)) continue;
+          for (const [p, row] of ft.confusion) {
+            for (const [c, n] of row) {
+              this.inc({ ...base(t), field, production: p, candidate: c }, n);
+            }
+          }
+        }
+      }
+    },
+  });
+  new client.Counter({
+    name: "weft_shadow_handler_seconds_total",
+    help: "Time a live shadow's candidate spent deciding, seconds",
+    labelNames: ["shadow", "pipeline", "step"],
+    registers,
+    collect() {
+      this.reset();
+      for (const t of tallies()) this.inc(base(t), t.seconds);
+    },
+  });
+  new client.Counter({
+    name: "weft_shadow_llm_cost_usd_total",
+    help: "Estimated LLM cost of a live shadow's candidate, USD",
+    labelNames: ["shadow", "pipeline", "step"],
+    registers,
+    collect() {
+      this.reset();
+      for (const t of tallies()) if (t.llm) this.inc(base(t), t.llm.snapshot().cost_usd);
+    },
+  });
+  new client.Counter({
+    name: "weft_shadow_llm_tokens_total",
+    help: "LLM tokens a live shadow's candidate spent",
+    labelNames: ["shadow", "pipeline", "step"],
+    registers,
+    collect() {
+      this.reset();
+      for (const t of tallies()) if (t.llm) this.inc(base(t), t.llm.snapshot().total_tokens);
+    },
+  });
+}
+
+/** What a shadow publishes about each item, on `shadow.<pipeline>.<step>.<item_id>`. */
+export interface ShadowDecision {
+  shadow: string;
+  pipeline: string;
+  step: string;
+  item_id: string;
+  candidate: string;
+  /** When the candidate decided (ISO 8601). */
+  time: string;
+  /** The input's sequence in production's stream. */
+  input_seq: number;
+  /** The candidate's handler time, ms. */
+  ms: number;
+  /** The candidate's compared fields. */
+  decision: Record<string, string>;
+  /** Production's, or null when its output did not come within the wait. */
+  production: Record<string, string> | null;
+  /** Per field, whether they agree (absent without production's). */
+  agrees?: Record<string, boolean>;
+  /** The event the candidate's step would have published. */
+  event: OutputEvent;
+}
+
+/** A running shadow. */
+export interface ShadowRunner {
+  readonly tally: ShadowTally;
+  /** Stops taking items, finishes (or abandons, past the drain deadline) what is in flight. */
+  stop(): Promise<void>;
+  /** Resolves when it has stopped. */
+  readonly done: Promise<void>;
+}
+
+/** What {@link runShadow} needs. */
+export interface RunShadowOptions {
+  nc: NatsConnection;
+  spec: ShadowSpec;
+  /** Production's settings: the candidate differs only where its spec says. */
+  config: Config;
+  log: Logger;
+  /** Where its counters go (created when absent). */
+  tally?: ShadowTally;
+  /** How long to wait for production's output of an item, ms. Default 30 s. */
+  matchWaitMs?: number;
+  /** The running definitions (to shadow one of their steps). */
+  pipelines?: readonly LoadedPipeline[];
+  /** Where relative definition paths start: the repository root. */
+  root?: string;
+}
+
+/** The message id of a shadow's decision about the input at `seq`: published once. */
+function decisionId(shadow: string, seq: number): string {
+  return `${shadow}-${seq}`;
+}
+
+/**
+ * Counts the decisions a shadow already published (the SHADOW stream keeps them for a
+ * day) into its tally, so its figures go on across a restart of the shadow service. Only
+ * this shadow's, since it was attached, by the same candidate.
+ */
+export async function restoreTally(
+  js: ReturnType<typeof jetstream>,
+  jsm: JetStreamManager,
+  spec: ShadowSpec,
+  tally: ShadowTally,
+): Promise<number> {
+  const filter = shadowSubject(spec.pipeline, spec.step, "*");
+  const info = await jsm.streams.info(SHADOW_STREAM, { subjects_filter: filter });
+  if (info.state.messages === 0) return 0;
+  const consumer = await js.consumers.get(SHADOW_STREAM, {
+    filter_subjects: [filter],
+    ...(spec.attached_at ? { opt_start_time: spec.attached_at } : {}),
+  });
+  let left = (await consumer.info(true)).num_pending;
+  if (left === 0) return 0;
+  let restored = 0;
+  const messages = await consumer.consume();
+  for await (const m of messages) {
+    left--;
+    try {
+      const d = m.json<ShadowDecision>();
+      if (d.shadow === spec.id && d.candidate === tally.candidate) {
+        tally.counts.decided++;
+        if (d.production) tally.record(d.production, d.decision);
+        else tally.counts.unmatched++;
+        restored++;
+      }
+    } catch { /* not a decision: skip */ }
+    if (left <= 0 || m.info.pending === 0) break;
+  }
+  await messages.close();
+  return restored;
+}
+
+/** How long after deciding a shadow first looks for production's output, ms. */
+const FIRST_LOOK_MS = 100;
+/** How long a shadow waits for production's output of an item, ms. */
+export const MATCH_WAIT_MS = 30_000;
+/** A shadow's ack wait beyond its rate wait, ms; it sends in-progress acks at a third of it. */
+const ACK_WAIT_MS = 6_000;
+
+/** Creates the shadow's durable consumer unless it exists: new messages only, from now. */
+export async function ensureShadowConsumer(
+  jsm: JetStreamManager,
+  spec: ShadowSpec,
+  step: Pick<ShadowTarget, "stream" | "filterSubject">,
+): Promise<void> {
+  const durable = shadowDurable(spec.id);
+  try {
+    const info = await jsm.consumers.info(step.stream, durable);
+    if (info.config.filter_subject === step.filterSubject) return;
+    // Another step under the same id: start over.
+    await jsm.consumers.delete(step.stream, durable);
+  } catch (err) {
+    if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)) {
+      throw err;
+    }
+  }
+  // An item waits at most `concurrency / rps` seconds for a rate token; while it then waits
+  // for production's output, the shadow keeps its lease with in-progress acks. A short ack
+  // wait: a killed shadow's items come back soon after it restarts.
+  const waitMs = Math.ceil((2 * spec.limits.concurrency / spec.limits.rps) * 1000);
+  await jsm.consumers.add(step.stream, {
+    durable_name: durable,
+    description: `Weft live shadow ${spec.id} of ${spec.pipeline}.${spec.step}`,
+    filter_subject: step.filterSubject,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.New,
+    ack_wait: (waitMs + ACK_WAIT_MS) * 1_000_000,
+    max_deliver: 3,
+    max_ack_pending: Math.max(2 * spec.limits.concurrency, 16),
+  });
+}
+
+/** Deletes a shadow's consumer; true if there was one. */
+export async function deleteShadowConsumer(
+  jsm: JetStreamManager,
+  spec: Pick<ShadowSpec, "id" | "pipeline" | "step">,
+): Promise<boolean> {
+  try {
+    return await jsm.consumers.delete(shadowStream(spec), shadowDurable(spec.id));
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound) {
+      return false;
+    }
+    throw err;
+  }
+}
+
+const encoder = new TextEncoder();
+const delay = (ms: number, signal: AbortSignal) =>
+  new Promise<void>((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    }
+    signal.addEventListener("abort", done, { once: true });
+  });
+
+/**
+ * Runs one live shadow until stopped.
+ *
+ * @example
+ * ```ts ignore
+ * const runner = await runShadow({ nc, spec: parseShadowSpec(json), config, log });
+ * await runner.stop();
+ * ```
+ */
+export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
+  const { nc, spec, config } = opts;
+  const log = opts.log.with({ shadow: spec.id, step: `${spec.pipeline}.${spec.step}` });
+  const tally = opts.tally ?? new ShadowTally(spec);
+  const matchWaitMs = opts.matchWaitMs ?? MATCH_WAIT_MS;
+  const step = await resolveShadowTarget(spec, config, {
+    nc,
+    pipelines: opts.pipelines,
+    root: opts.root,
+  });
+  if (step.llm) tally.llm = step.llm;
+  tally.candidate = step.candidate;
+  const stage = step.stage as Stage<StageInput>;
+  const js = jetstream(nc);
+  const jsm = await jetstreamManager(nc);
+  await restoreTally(js, jsm, spec, tally).catch((err) =>
+    log.warn("shadow figures not restored", { err: String(err) })
+  );
+  await ensureShadowConsumer(jsm, spec, step);
+  const consumer = await js.consumers.get(step.stream, shadowDurable(spec.id));
+  const limiter = createStepLimiter({
+    concurrency: { limit: spec.limits.concurrency },
+    rateLimit: {
+      limit: Math.max(1, spec.limits.rps),
+      periodMs: 1000 * Math.max(1, spec.limits.rps) / spec.limits.rps,
+    },
+  });
+  const abort = new AbortController();
+  const inFlight = new Set<Promise<void>>();
+  let messages: ConsumerMessages | undefined;
+  let stopping = false;
+  const source = `weft-shadow-${spec.id}`;
+
+  /**
+   * Production's output event for an item, waiting for it up to the deadline. Production
+   * decides the item at the same time: the first look waits a moment, so it usually finds
+   * it at once (one request per item on production's server, not several).
+   */
+  async function production(itemId: string): Promise<Record<string, unknown> | null> {
+    const until = Date.now() + matchWaitMs;
+    const subject = eventSubject(step.output, itemId);
+    await delay(FIRST_LOOK_MS, abort.signal);
+    for (let wait = 50; !abort.signal.aborted; wait = Math.min(1000, wait * 2)) {
+      try {
+        const m = await jsm.streams.getMessage(step.stream, { last_by_subj: subject });
+        if (m) return m.json<{ data: Record<string, unknown> }>().data;
+      } catch (err) {
+        if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound)) {
+          log.debug("production lookup failed", { err: String(err) });
+        }
+      }
+      if (Date.now() + wait > until) return null;
+      await delay(wait, abort.signal);
+    }
+    return null;
+  }
+
+  /** Compares with production and publishes; false when stopped before it could. */
+  async function compareAndPublish(
+    m: JsMsg,
+    itemId: string,
+    event: OutputEvent,
+    ms: number,
+  ): Promise<boolean> {
+    const decision = step.fields(event.data as Record<string, unknown>);
+    const lease = setInterval(() => m.working(), ACK_WAIT_MS / 3);
+    let prod: Record<string, unknown> | null;
+    try {
+      prod = await production(itemId);
+    } finally {
+      clearInterval(lease);
+    }
+    if (abort.signal.aborted && !prod) return false;
+    const body: ShadowDecision = {
+      shadow: spec.id,
+      pipeline: spec.pipeline,
+      step: spec.step,
+      item_id: itemId,
+      candidate: tally.candidate,
+      time: new Date().toISOString(),
+      input_seq: m.seq,
+      ms: Math.round(ms * 1000) / 1000,
+      decision,
+      production: null,
+      event,
+    };
+    if (prod) {
+      const p = step.fields(prod);
+      body.production = p;
+      body.agrees = Object.fromEntries(Object.keys(p).map((f) => [f, p[f] === decision[f]]));
+    }
+    let duplicate = false;
+    try {
+      const ack = await js.publish(
+        shadowSubject(spec.pipeline, spec.step, itemId),
+        encoder.encode(JSON.stringify(body)),
+        { msgID: decisionId(spec.id, m.seq) },
+      );
+      // Stored already: the item came again after a restart, and was counted (restored).
+      duplicate = ack.duplicate;
+    } catch (err) {
+      tally.counts.publish_failed++;
+      log.debug("shadow publish failed", { item_id: itemId, err: String(err) });
+    }
+    if (!duplicate) {
+      if (body.production) tally.record(body.production, decision);
+      else tally.counts.unmatched++;
+    }
+    return true;
+  }
+
+  async function handle(m: JsMsg, release: () => void): Promise<void> {
+    let itemId: string | undefined;
+    try {
+      const raw = decodeJson(m.data);
+      const message = {
+        subject: m.subject,
+        seq: m.seq,
+        storedAt: m.time.getTime(),
+        deliveryCount: m.info.deliveryCount,
+      };
+      let input: { id: string; type: string; item_id: string };
+      if (stage.decode) {
+        // A definition's step: its own decoding says whether the event is for it.
+        const decoded = stage.decode(raw, message) as typeof input | undefined;
+        if (decoded === undefined) {
+          release();
+          tally.counts.skipped++;
+          m.ack();
+          return;
+        }
+        input = decoded;
+      } else {
+        input = validateInput(stage.input, raw) as typeof input;
+        assertMatchesSubject(input, m.subject);
+      }
+      itemId = input.item_id;
+      const started = performance.now();
+      const outputs = await stage.handle(input as never, {
+        source,
+        message,
+        now: () => new Date(),
+        signal: abort.signal,
+      });
+      const ms = performance.now() - started;
+      tally.seconds += ms / 1000;
+      release();
+      const event = outputs.find((e) => e.type === step.output);
+      if (!event) throw new Error(`the candidate emitted no ${step.output}`);
+      tally.counts.decided++;
+      // Acked once compared and published: a shadow killed meanwhile is given the item
+      // again (its decision is published once: the message id is the input's sequence).
+      // (Stopped while waiting for production: left unacked, for the next run.)
+      if (await compareAndPublish(m, itemId, event, ms)) m.ack();
+    } catch (err) {
+      release();
+      if (abort.signal.aborted) return; // stopping: redelivered to the next run
+      const overBudget = err instanceof LlmError && err.code === "over_budget";
+      if (overBudget) tally.counts.over_budget++;
+      else tally.counts.failed++;
+      // Never retried: a shadow's failure costs production nothing, and retrying costs it
+      // the candidate's budget.
+      m.term();
+      log[overBudget ? "debug" : "warn"]("shadow decision failed", {
+        item_id: itemId,
+        code: errorCode(err),
+        err: String(err),
+      });
+    }
+  }
+
+  const done = (async () => {
+    while (!stopping) {
+      try {
+        messages = await consumer.consume({ max_messages: spec.limits.concurrency });
+        for await (const m of messages) {
+          if (stopping) break;
+          const itemId = m.subject.split(".").pop() ?? "";
+          if (!sampled(itemId, spec.limits.sample)) {
+            tally.counts.skipped++;
+            m.ack();
+            continue;
+          }
+          let release: () => void;
+          try {
+            release = await limiter.acquire(undefined, abort.signal);
+          } catch {
+            break; // stopping
+          }
+          const p: Promise<void> = handle(m, release).finally(() => inFlight.delete(p));
+          inFlight.add(p);
+        }
+      } catch (err) {
+        if (stopping) break;
+        log.warn("shadow consumer failed; retrying", { err: String(err) });
+        await delay(1000, abort.signal);
+        await ensureShadowConsumer(jsm, spec, step).catch(() => {});
+      }
+    }
+    await Promise.all(inFlight);
+  })();
+  tally.up = true;
+  delete tally.error;
+  log.info("shadow started", {
+    candidate: tally.candidate,
+    filter: step.filterSubject,
+    limits: spec.limits,
+  });
+  return {
+    tally,
+    done,
+    async stop() {
+      if (stopping) return done;
+      stopping = true;
+      messages?.stop();
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([done, new Promise((r) => (timer = setTimeout(r, config.drainMs)))]);
+      clearTimeout(timer);
+      abort.abort();
+      await done;
+      tally.up = false;
+      log.info("shadow stopped", { ...tally.counts });
+    },
+  };
+}
+
+/** A live shadow's report, from its decisions on the SHADOW stream. */
+export interface LiveShadowReport {
+  shadow: string;
+  pipeline: string;
+  step: string;
+  candidate: string;
+  /** Decisions read. */
+  items: number;
+  /** Of which without production's output to compare with. */
+  unmatched: number;
+  /** Per compared field: agreement, kappa and the confusion matrix (production rows). */
+  fields: Record<string, FieldAgreement>;
+  /** Items on which the candidate decided otherwise, latest first. */
+  disagreements: {
+    item: string;
+    time: string;
+    field: string;
+    production: string;
+    candidate: string;
+    text?: string;
+  }[];
+}
+
+/**
+ * Builds a live shadow's report from its decisions (what {@link ShadowDecision}s say), as
+ * `deno task shadow report ID` prints it.
+ *
+ * @example
+ * ```ts
+ * import { liveShadowReport } from "./live_shadow.ts";
+ * const r = liveShadowReport("s", []);
+ * console.assert(r.items === 0);
+ * ```
+ */
+export function liveShadowReport(
+  shadow: string,
+  decisions: readonly ShadowDecision[],
+  maxExamples = 10,
+): LiveShadowReport {
+  const mine = decisions.filter((d) => d.shadow === shadow);
+  const last = mine.at(-1);
+  const compared = mine.filter((d) => d.production);
+  const fields: Record<string, FieldAgreement> = {};
+  const names = [...new Set(compared.flatMap((d) => Object.keys(d.production!)))];
+  for (const f of names) {
+    const rows = compared.filter((d) => d.production![f] !== undefined);
+    fields[f] = agreementOf(
+      rows.map((d) => d.production![f]!),
+      rows.map((d) => d.decision[f] ?? "none"),
+    );
+  }
+  const disagreements: LiveShadowReport["disagreements"] = [];
+  for (const d of [...compared].reverse()) {
+    for (const f of names) {
+      const p = d.production![f], c = d.decision[f];
+      if (p === undefined || p === c || f === "result" && names.length > 1) continue;
+      const text = (d.event?.data as { text?: unknown } | undefined)?.text;
+      disagreements.push({
+        item: d.item_id,
+        time: d.time,
+        field: f,
+        production: p,
+        candidate: c ?? "none",
+        ...(typeof text === "string" ? { text: text.slice(0, 200) } : {}),
+      });
+    }
+    if (disagreements.length >= maxExamples) break;
+  }
+  return {
+    shadow,
+    pipeline: last?.pipeline ?? "",
+    step: last?.step ?? "",
+    candidate: last?.candidate ?? "",
+    items: mine.length,
+    unmatched: mine.length - compared.length,
+    fields,
+    disagreements: disagreements.slice(0, maxExamples),
+  };
+}
+
+/** The decisions of shadow `id` on the SHADOW stream (at most `max`, the latest). */
+export async function readShadowDecisions(
+  nc: NatsConnection,
+  id: string,
+  max = 100_000,
+): Promise<ShadowDecision[]> {
+  const js = jetstream(nc);
+  const jsm = await jetstreamManager(nc);
+  const state = (await jsm.streams.info(SHADOW_STREAM)).state;
+  if (state.messages === 0) return [];
+  const consumer = await js.consumers.get(SHADOW_STREAM, { filter_subjects: ["shadow.*.*.*"] });
+  let left = (await consumer.info(true)).num_pending;
+  const out: ShadowDecision[] = [];
+  if (left === 0) return out;
+  const messages = await consumer.consume();
+  for await (const m of messages) {
+    left--;
+    try {
+      const d = m.json<ShadowDecision>();
+      if (d.shadow === id) {
+        out.push(d);
+        if (out.length > max) out.shift();
+      }
+    } catch { /* not a decision */ }
+    if (left <= 0 || m.info.pending === 0) break;
+  }
+  await messages.close();
+  return out;
+}
+
+const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
+
+/** The live report as text, for the terminal. */
+export function formatLiveShadowReport(r: LiveShadowReport): string {
+  const lines = [
+    `== live shadow ${r.shadow}: ${r.candidate} on ${r.pipeline}.${r.step}, ${r.items} items` +
+    ` (${r.unmatched} without production's output)`,
+    ...Object.entries(r.fields).map(([f, a]) =>
+      `${f.padEnd(10)} agreement ${pct(a.agreement)}  kappa ${a.kappa.toFixed(3)}`
+    ),
+  ];
+  for (const [f, a] of Object.entries(r.fields)) {
+    const cols = [...new Set(Object.values(a.confusion).flatMap((row) => Object.keys(row)))].sort();
+    if (cols.length > 12 || Object.keys(a.confusion).length > 12) continue;
+    lines.push("", `${f} confusion (rows: production, columns: candidate)`);
+    lines.push(["".padEnd(14), ...cols.map((c) => c.slice(0, 13).padStart(14))].join(""));
+    for (const row of Object.keys(a.confusion).sort()) {
+      lines.push(
+        [
+          row.slice(0, 13).padEnd(14),
+          ...cols.map((c) => String(a.confusion[row]![c] ?? 0).padStart(14)),
+        ].join(""),
+      );
+    }
+  }
+  lines.push("", `disagreements (latest ${r.disagreements.length}):`);
+  for (const d of r.disagreements) {
+    lines.push(
+      `  ${d.item}: ${d.field} ${d.production} -> ${d.candidate}${d.text ? `  "${d.text}"` : ""}`,
+    );
+  }
+  return lines.join("\n");
+}

@@ -1,0 +1,58 @@
+import assert from "node:assert/strict";
+import { WeftMetrics } from "./metrics.ts";
+import { candidateConfig, registerShadowMetrics, ShadowTally } from "./live_shadow.ts";
+import { parseShadowSpec } from "./shadow_spec.ts";
+import { agreementOf } from "./shadow.ts";
+import { loadConfig } from "./config.ts";
+
+const spec = parseShadowSpec({ id: "t", step: "sentiment", candidate: { analyzers: "rules" } });
+
+Deno.test("ShadowTally's agreement and kappa equal the replay report's on the same labels", () => {
+  const prod = ["positive", "negative", "neutral", "negative", "positive", "neutral", "negative"];
+  const cand = ["positive", "negative", "negative", "negative", "neutral", "neutral", "positive"];
+  const tally = new ShadowTally(spec);
+  prod.forEach((p, i) => tally.record({ sentiment: p }, { sentiment: cand[i]! }));
+  const want = agreementOf(prod, cand);
+  const got = tally.figures().sentiment!;
+  assert.equal(got.compared, prod.length);
+  assert.equal(got.agreement, want.agreement);
+  assert.ok(Math.abs(got.kappa - want.kappa) < 1e-12);
+});
+
+Deno.test("registerShadowMetrics exports the tallies, and a removed shadow's series go with it", async () => {
+  const m = new WeftMetrics();
+  const tallies = new Map<string, ShadowTally>();
+  registerShadowMetrics(m.registry, () => tallies.values());
+  const t = new ShadowTally(spec);
+  t.up = true;
+  t.record({ sentiment: "positive" }, { sentiment: "positive" });
+  t.record({ sentiment: "negative" }, { sentiment: "positive" });
+  tallies.set("t", t);
+  const text = await m.text();
+  assert.match(
+    text,
+    /weft_shadow_agreement_ratio\{shadow="t",pipeline="feedback",step="sentiment",field="sentiment"\} 0\.5/,
+  );
+  assert.match(
+    text,
+    /weft_shadow_compared_total\{[^}]*production="negative",candidate="positive"\} 1/,
+  );
+  assert.match(text, /weft_shadow_items_total\{[^}]*outcome="compared"\} 2/);
+  assert.match(text, /weft_shadow_up\{[^}]*candidate="rules"\} 1/);
+  tallies.delete("t");
+  assert.doesNotMatch(await m.text(), /shadow="t"/);
+});
+
+Deno.test("candidateConfig changes only what the candidate names, and a prompt only for its step", () => {
+  const base = loadConfig({ env: () => undefined, args: [] });
+  const c = candidateConfig(base, {
+    step: "topics",
+    candidate: { analyzers: "llm", model: "m2", prompt: "v2" },
+  }, { fallback: false, budgetUsd: 0.5 });
+  assert.equal(c.analyzers, "llm");
+  assert.equal(c.llmModel, "m2");
+  assert.equal(c.rulesPath, base.rulesPath);
+  assert.deepEqual(c.llmPromptVersions, { topics: "v2" });
+  assert.equal(c.llmBudgetUsd, 0.5);
+  assert.equal(c.llmFallback, false);
+});

@@ -1,0 +1,235 @@
+/**
+ * Attaching, detaching and promoting live shadows: one place behind `POST /shadows`,
+ * `DELETE /shadows/:id`, `POST /shadows/:id/promote`, `GET /shadows` and the request
+ * subjects `weft.shadow.<attach|detach|promote|list>` (src/gateway/shadows.ts), which
+ * `deno task shadow attach|detach|promote|reset|list` sends.
+ *
+ * An attach is an entry in the `weft_shadows` bucket (the shadow service watches it); a
+ * promotion is an entry in `weft_step_versions` (production's step follows it) and detaches
+ * the shadow; a reset deletes that entry (the step runs its configured version again). Each
+ * is recorded as an audit event on `shadow._audit.<action>.<pipeline>.<step>`.
+ *
+ * @module
+ */
+import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { ErrorCode, NotFoundError, ValidationError, WeftError } from "./errors.ts";
+import { candidateDefinitionFile, type FieldFigures } from "./live_shadow.ts";
+import { stepFilterSubject } from "./pipeline/derive.ts";
+import type { LoadedPipeline } from "./pipeline/runtime.ts";
+import { statusSubject } from "./micro.ts";
+import {
+  parseShadowSpec,
+  SHADOW_ID,
+  SHADOW_STEPS,
+  type ShadowSpec,
+  type StepVersion,
+  stepVersionKey,
+} from "./shadow_spec.ts";
+import { SHADOW_AUDIT_PREFIX, SHADOW_BUCKET, STEP_VERSION_BUCKET } from "./subjects.ts";
+
+/** A shadow as listed: where it was attached, and how it does. */
+export type ListedShadow = ShadowSpec & {
+  source: "config" | "api";
+  /** Live figures from the shadow service, when it answered. */
+  status?: Record<string, unknown>;
+};
+
+/** Shadow control. */
+export interface ShadowControl {
+  /** Every shadow, and every step's promoted version. */
+  list(): Promise<{ shadows: ListedShadow[]; versions: StepVersion[] }>;
+  /** Attaches a shadow; a conflict when its id is taken. */
+  attach(value: unknown, by: string): Promise<ShadowSpec>;
+  /** Detaches a shadow attached over the API. */
+  detach(id: string, by: string): Promise<{ detached: string }>;
+  /** Makes a shadow's candidate production for its step, and detaches it. */
+  promote(id: string, by: string): Promise<StepVersion>;
+  /** Rolls a step back to its configured version (`<pipeline>.<step>`). */
+  reset(step: string, by: string): Promise<{ reset: string; was?: StepVersion }>;
+}
+
+const encoder = new TextEncoder();
+
+/**
+ * The shadow control over `nc`. `configured` are the shadows of `WEFT_SHADOW` (listed,
+ * promotable, not detachable but by configuration).
+ *
+ * @example
+ * ```ts ignore
+ * const control = createShadowControl(nc, config.shadows);
+ * await control.attach({ id: "r1", step: "sentiment", candidate: { analyzers: "rules" } }, "alice");
+ * ```
+ */
+export function createShadowControl(
+  nc: NatsConnection,
+  configured: readonly ShadowSpec[] = [],
+  definitions: { pipelines: readonly LoadedPipeline[]; root: string } = { pipelines: [], root: "" },
+): ShadowControl {
+  /** A definition's step must be a running task, llm or router step; its candidate beside it. */
+  const checkDefinitionStep = (spec: ShadowSpec) => {
+    if (spec.pipeline === "feedback") return;
+    const p = definitions.pipelines.find((p) => p.def.name === spec.pipeline);
+    if (!p) {
+      throw new ValidationError(`no running pipeline ${spec.pipeline}`, { field: "/pipeline" });
+    }
+    const step = p.def.steps[spec.step];
+    if (!step || step.kind === "agent" || stepFilterSubject(p.def, spec.step) === null) {
+      throw new ValidationError(
+        `${spec.pipeline}.${spec.step} is not a task, llm or router step of the definition`,
+        { field: "/step" },
+      );
+    }
+    candidateDefinitionFile(spec.candidate.definition!, definitions.pipelines, definitions.root);
+  };
+  const kvm = new Kvm(nc);
+  let shadows: KV | undefined;
+  let versions: KV | undefined;
+  const open = async () => {
+    try {
+      shadows ??= await kvm.open(SHADOW_BUCKET);
+      versions ??= await kvm.open(STEP_VERSION_BUCKET);
+      return { shadows, versions };
+    } catch (cause) {
+      throw new WeftError(ErrorCode.Unavailable, "the shadow buckets are not available", {
+        cause,
+        retryAfterSeconds: 5,
+      });
+    }
+  };
+  const js: JetStreamClient = jetstream(nc);
+  const audit = async (action: string, spec: { pipeline: string; step: string }, body: object) => {
+    // The record is the bucket; the event is for whoever follows `shadow._audit.>`.
+    await js.publish(
+      `${SHADOW_AUDIT_PREFIX}.${action}.${spec.pipeline}.${spec.step}`,
+      encoder.encode(JSON.stringify({ action, time: new Date().toISOString(), ...body })),
+    ).catch(() => {});
+  };
+  /** The shadow service's live figures, if it answers within a second. */
+  const status = async (): Promise<Record<string, Record<string, unknown>>> => {
+    try {
+      const m = await nc.request(statusSubject("shadow"), undefined, { timeout: 1000 });
+      return (m.json<{ shadows?: Record<string, Record<string, unknown>> }>().shadows) ?? {};
+    } catch {
+      return {};
+    }
+  };
+  const fromApi = async (id: string): Promise<ShadowSpec | undefined> => {
+    const { shadows } = await open();
+    const e = await shadows.get(id);
+    return e && e.operation === "PUT" ? parseShadowSpec(e.json()) : undefined;
+  };
+  const checkId = (id: string) => {
+    if (!SHADOW_ID.test(id)) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
+  };
+
+  return {
+    async list() {
+      const { shadows, versions } = await open();
+      const live = await status();
+      const out: ListedShadow[] = configured.map((s) => ({ ...s, source: "config" as const }));
+      for await (const key of await shadows.keys()) {
+        const spec = await fromApi(key).catch(() => undefined);
+        if (spec && !configured.some((c) => c.id === spec.id)) out.push({ ...spec, source: "api" });
+      }
+      for (const s of out) if (live[s.id]) s.status = live[s.id];
+      const promoted: StepVersion[] = [];
+      for await (const key of await versions.keys()) {
+        const e = await versions.get(key);
+        if (e && e.operation === "PUT") promoted.push(e.json<StepVersion>());
+      }
+      return { shadows: out.sort((a, b) => a.id.localeCompare(b.id)), versions: promoted };
+    },
+
+    async attach(value, by) {
+      const spec = parseShadowSpec(value);
+      checkDefinitionStep(spec);
+      if (configured.some((c) => c.id === spec.id)) {
+        throw new WeftError(ErrorCode.Conflict, `shadow ${spec.id} is attached by WEFT_SHADOW`);
+      }
+      spec.attached_by = by;
+      spec.attached_at = new Date().toISOString();
+      const { shadows } = await open();
+      try {
+        await shadows.create(spec.id, JSON.stringify(spec));
+      } catch (cause) {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `a shadow ${spec.id} is attached already: detach it first`,
+          { cause },
+        );
+      }
+      await audit("attached", spec, { shadow: spec.id, by, spec });
+      return spec;
+    },
+
+    async detach(id, by) {
+      checkId(id);
+      if (configured.some((c) => c.id === id)) {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `shadow ${id} is attached by WEFT_SHADOW: remove it there and restart the shadow service`,
+        );
+      }
+      const spec = await fromApi(id);
+      if (!spec) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
+      await (await open()).shadows.delete(id);
+      await audit("detached", spec, { shadow: id, by });
+      return { detached: id };
+    },
+
+    async promote(id, by) {
+      checkId(id);
+      const spec = configured.find((c) => c.id === id) ?? await fromApi(id);
+      if (!spec) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
+      if (spec.pipeline !== "feedback") {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `a definition's step is promoted by running the candidate definition ` +
+            `(${spec.candidate.definition}) in place of the current one (WEFT_PIPELINES or ` +
+            `pipelines/run.json); then detach the shadow`,
+        );
+      }
+      const figures = (await status())[id]?.fields as Record<string, FieldFigures> | undefined;
+      const version: StepVersion = {
+        pipeline: spec.pipeline,
+        step: spec.step,
+        candidate: spec.candidate,
+        promoted_from: id,
+        ...(figures && Object.keys(figures).length > 0
+          ? {
+            agreement: Object.fromEntries(
+              Object.entries(figures).map(([f, v]) => [f, v.agreement]),
+            ),
+          }
+          : {}),
+        promoted_at: new Date().toISOString(),
+        promoted_by: by,
+      };
+      const { shadows, versions } = await open();
+      await versions.put(stepVersionKey(spec.pipeline, spec.step), JSON.stringify(version));
+      await audit("promoted", spec, { shadow: id, by, version });
+      // Shadowing production with itself measures nothing: the shadow goes.
+      if (!configured.some((c) => c.id === id)) await shadows.delete(id);
+      return version;
+    },
+
+    async reset(step, by) {
+      const [pipeline, name] = step.split(".");
+      if (!pipeline || !name || !SHADOW_STEPS[pipeline]?.includes(name)) {
+        throw new NotFoundError(`no shadowable step ${JSON.stringify(step)}`);
+      }
+      const { versions } = await open();
+      const key = stepVersionKey(pipeline, name);
+      const e = await versions.get(key);
+      if (!e || e.operation !== "PUT") {
+        throw new NotFoundError(`${key} runs its configured version already`);
+      }
+      const was = e.json<StepVersion>();
+      await versions.delete(key);
+      await audit("reset", { pipeline, step: name }, { by, was });
+      return { reset: key, was };
+    },
+  };
+}

@@ -1,0 +1,172 @@
+/**
+ * The shadow service's work: runs every live shadow attached by configuration
+ * (`WEFT_SHADOW`) or over the API (the `weft_shadows` bucket, watched: an attach starts a
+ * shadow within moments, a detach stops it and deletes its consumer). A shadow that cannot
+ * start (a missing ruleset, an LLM not configured) is reported (`weft_shadow_up 0`, the
+ * log) and the others run on.
+ *
+ * @module
+ */
+import { jetstreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/nats-core";
+import type { Config } from "./config.ts";
+import {
+  deleteShadowConsumer,
+  registerShadowMetrics,
+  runShadow,
+  type ShadowRunner,
+  ShadowTally,
+} from "./live_shadow.ts";
+import { pipelineStreamOf } from "./pipeline/derive.ts";
+import { loadPipelines } from "./pipeline/runtime.ts";
+import type { Logger } from "./log.ts";
+import type { WeftMetrics } from "./metrics.ts";
+import type { Runnable } from "./service.ts";
+import { parseShadowSpec, type ShadowSpec } from "./shadow_spec.ts";
+import { FEEDBACK_STREAM, SHADOW_BUCKET } from "./subjects.ts";
+
+interface Hosted {
+  json: string;
+  source: "config" | "api";
+  tally: ShadowTally;
+  runner?: ShadowRunner;
+}
+
+/**
+ * Hosts the live shadows until stopped.
+ *
+ * @example
+ * ```ts ignore
+ * const host = await hostShadows({ nc, config, log, metrics });
+ * await host.stop();
+ * ```
+ */
+export async function hostShadows(
+  ctx: { nc: NatsConnection; config: Config; log: Logger; metrics: WeftMetrics },
+): Promise<Runnable> {
+  const { nc, config, log } = ctx;
+  const jsm = await jetstreamManager(nc);
+  // The running definitions, whose work steps may be shadowed too.
+  const root = new URL("../", import.meta.url).pathname;
+  const pipelines = await loadPipelines(config.pipelines, root);
+  const hosted = new Map<string, Hosted>();
+  registerShadowMetrics(ctx.metrics.registry, () => [...hosted.values()].map((h) => h.tally));
+  // One change at a time, in order.
+  let chain: Promise<void> = Promise.resolve();
+  const serial = (work: () => Promise<void>) =>
+    chain = chain.then(work).catch((err) => log.error("shadow change failed", { err }));
+
+  const start = async (spec: ShadowSpec, source: Hosted["source"]) => {
+    const json = JSON.stringify({ ...spec, attached_by: undefined, attached_at: undefined });
+    const have = hosted.get(spec.id);
+    if (have && have.json === json) return;
+    if (have?.source === "config" && source === "api") {
+      log.warn("shadow attached over the API ignored: WEFT_SHADOW has one with the same id", {
+        shadow: spec.id,
+      });
+      return;
+    }
+    await have?.runner?.stop();
+    const h: Hosted = { json, source, tally: new ShadowTally(spec) };
+    hosted.set(spec.id, h);
+    try {
+      h.runner = await runShadow({ nc, spec, config, log, tally: h.tally, pipelines, root });
+    } catch (err) {
+      h.tally.up = false;
+      h.tally.error = (err as Error).message;
+      log.error("shadow did not start", { shadow: spec.id, err });
+    }
+  };
+  const remove = async (id: string, source: Hosted["source"]) => {
+    const h = hosted.get(id);
+    if (!h || h.source !== source) return;
+    await h.runner?.stop();
+    hosted.delete(id);
+    await deleteShadowConsumer(jsm, h.tally.spec).catch((err) =>
+      log.warn("shadow consumer not deleted", { shadow: id, err })
+    );
+    log.info("shadow detached", { shadow: id });
+  };
+
+  for (const spec of config.shadows) serial(() => start(spec, "config"));
+
+  // Shadows attached over the API, and their changes.
+  let stopped = false;
+  let watcher: Awaited<ReturnType<Awaited<ReturnType<Kvm["open"]>>["watch"]>> | undefined;
+  let resolveDone!: () => void;
+  const done = new Promise<void>((r) => (resolveDone = r));
+  try {
+    const kv = await new Kvm(nc).open(SHADOW_BUCKET);
+    // Consumers of shadows detached while this service was down.
+    const wanted = new Set([
+      ...config.shadows.map((s) => s.id),
+      ...await kv.keys().then(
+        async (it) => {
+          const ids: string[] = [];
+          for await (const k of it) ids.push(k);
+          return ids;
+        },
+      ),
+    ]);
+    const streams = [FEEDBACK_STREAM, ...pipelines.map((p) => pipelineStreamOf(p.def.name))];
+    for (const stream of streams) {
+      for await (const ci of jsm.consumers.list(stream)) {
+        const name = ci?.config?.durable_name ?? "";
+        if (name.startsWith("shadow_") && !wanted.has(name.slice(7))) {
+          await jsm.consumers.delete(stream, name).catch(() => {});
+          log.info("deleted the consumer of a detached shadow", { stream, consumer: name });
+        }
+      }
+    }
+    watcher = await kv.watch({ key: ">" });
+    (async () => {
+      for await (const e of watcher!) {
+        if (e.operation === "PUT") {
+          let spec: ShadowSpec;
+          try {
+            spec = parseShadowSpec(e.json());
+          } catch (err) {
+            log.error("invalid shadow in the bucket; ignored", { key: e.key, err });
+            continue;
+          }
+          serial(() => start(spec, "api"));
+        } else serial(() => remove(e.key, "api"));
+      }
+    })().catch((err) => log.error("shadow watch failed", { err })).finally(() => {
+      // The watch ended on its own: end the service, so it is restarted whole.
+      if (!stopped) resolveDone();
+    });
+  } catch (err) {
+    // No bucket (an older topology): configured shadows still run.
+    log.warn("shadows bucket unavailable: only WEFT_SHADOW shadows run", { err: String(err) });
+  }
+  log.info("shadow host started", { configured: config.shadows.map((s) => s.id) });
+
+  return {
+    done,
+    get stats() {
+      return {
+        pid: Deno.pid,
+        shadows: Object.fromEntries(
+          [...hosted].map(([id, h]) => [id, {
+            source: h.source,
+            up: h.tally.up,
+            ...(h.tally.error ? { error: h.tally.error } : {}),
+            candidate: h.tally.candidate,
+            step: `${h.tally.spec.pipeline}.${h.tally.spec.step}`,
+            ...h.tally.counts,
+            fields: h.tally.figures(),
+          }]),
+        ),
+      };
+    },
+    async stop() {
+      stopped = true;
+      watcher?.stop();
+      await chain;
+      await Promise.all([...hosted.values()].map((h) => h.runner?.stop()));
+      resolveDone();
+    },
+  };
+}

@@ -1,0 +1,292 @@
+/**
+ * What a live shadow is: a candidate version of one step of a running pipeline, with its
+ * own limits. Parsed and checked here, in one place, for every way a shadow is attached
+ * (`WEFT_SHADOW`, `POST /shadows`, `nats req weft.shadow.attach`, `deno task shadow attach`).
+ *
+ * @module
+ */
+import type { AnalyzerKind } from "./config.ts";
+import { ValidationError } from "./errors.ts";
+
+/** The analyzer families (config.ts's AnalyzerKind; repeated so config.ts can import this module). */
+const KINDS: readonly AnalyzerKind[] = ["embedded", "rules", "llm"];
+
+/** The steps a live shadow can follow, by pipeline. */
+export const SHADOW_STEPS: Readonly<Record<string, readonly string[]>> = {
+  feedback: ["sentiment", "topics", "dispatch"],
+};
+
+/**
+ * The candidate: how the step would decide instead. For a feedback step, other analyzers
+ * (`analyzers`, `rules`, `model`, `prompt`); for a step of a definition's pipeline, another
+ * version of the definition (`definition`, a file beside production's).
+ */
+export interface ShadowCandidate {
+  /** The analyzer family: `embedded`, `rules` or `llm` (feedback steps). */
+  analyzers?: AnalyzerKind;
+  /**
+   * A definition file (in a folder of a running definition) defining the same pipeline with
+   * another version of the step (definitions' steps).
+   */
+  definition?: string;
+  /** Ruleset file (routing table, keyword rules) under `rules/`; default production's. */
+  rules?: string;
+  /** LLM model (with `llm`); default `WEFT_LLM_MODEL`. */
+  model?: string;
+  /** Prompt version of the step's prompts (`prompts/<kind>.<version>.md`); default `v1`. */
+  prompt?: string;
+}
+
+/** Limits of one shadow: it never takes more than these, whatever production does. */
+export interface ShadowLimits {
+  /** Items per second the candidate is given at most. Default 20. */
+  rps: number;
+  /** Items the candidate works on at once. Default 4. */
+  concurrency: number;
+  /** Share of items shadowed, in (0, 1], chosen by item id (stable). Default 1. */
+  sample: number;
+  /** LLM spend limit of the shadow, USD (0: none). Default 1. */
+  budgetUsd: number;
+}
+
+/** One live shadow. */
+export interface ShadowSpec {
+  /** Its id: names its consumer (`shadow_<id>`) and its metrics. */
+  id: string;
+  /** The pipeline (`feedback`). */
+  pipeline: string;
+  /** The step it shadows (`sentiment`, `topics`, `dispatch`). */
+  step: string;
+  /** What decides instead. */
+  candidate: ShadowCandidate;
+  /** Its limits. */
+  limits: ShadowLimits;
+  /** Who attached it, when attached over the API. */
+  attached_by?: string;
+  /** When it was attached over the API (ISO 8601). */
+  attached_at?: string;
+}
+
+/** A shadow's id: lower-case letters, digits, `-` and `_`, at most 32 characters. */
+export const SHADOW_ID: RegExp = /^[a-z0-9][a-z0-9_-]{0,31}$/;
+/** A candidate ruleset: a JSON file in `rules/`. */
+const RULES_FILE = /^rules\/[A-Za-z0-9_.-]+\.json$/;
+/** A definition file: a module path, no `..`. */
+const DEFINITION_FILE = /^[A-Za-z0-9_.\/-]+\.(ts|js|mts|mjs)$/;
+/** A definition's pipeline name and step id. */
+const PIPELINE_NAME = /^[a-z][a-z0-9-]{0,40}$/;
+const STEP_ID = /^[A-Za-z0-9_-]{1,64}$/;
+/** A prompt version or model name. */
+const TOKEN = /^[A-Za-z0-9_.:\/-]{1,100}$/;
+
+/** The default limits. */
+export const DEFAULT_SHADOW_LIMITS: Readonly<ShadowLimits> = {
+  rps: 20,
+  concurrency: 4,
+  sample: 1,
+  budgetUsd: 1,
+};
+
+/** The durable consumer of a shadow. */
+export function shadowDurable(id: string): string {
+  return `shadow_${id}`;
+}
+
+/** The subject a shadow publishes its decision about an item on. */
+export function shadowSubject(pipeline: string, step: string, itemId: string): string {
+  return `shadow.${pipeline}.${step}.${itemId}`;
+}
+
+/** A short name of a candidate, e.g. `rules:rules/reference.json` or `llm:gpt-4o-mini@v2`. */
+export function candidateName(c: ShadowCandidate): string {
+  if (c.definition) return `definition:${c.definition.split("/").pop()}`;
+  if (c.analyzers === "llm") {
+    return `llm:${c.model ?? "default"}@${c.prompt ?? "v1"}${c.rules ? ` ${c.rules}` : ""}`;
+  }
+  return `${c.analyzers}${c.rules ? `:${c.rules}` : ""}`;
+}
+
+const fail = (field: string, message: string): never => {
+  throw new ValidationError(message, { field });
+};
+
+/**
+ * Checks a shadow as given (JSON), filling defaults; a {@link ValidationError} naming the
+ * first bad field otherwise.
+ *
+ * @example
+ * ```ts
+ * import { parseShadowSpec } from "./shadow_spec.ts";
+ * const s = parseShadowSpec({ id: "rules1", step: "sentiment", candidate: { analyzers: "rules" } });
+ * console.assert(s.pipeline === "feedback" && s.limits.rps === 20);
+ * ```
+ */
+export function parseShadowSpec(value: unknown): ShadowSpec {
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    fail("/", "a shadow is a JSON object");
+  }
+  const v = value as Record<string, unknown>;
+  const known = new Set(["id", "pipeline", "step", "candidate", "limits"]);
+  for (const k of Object.keys(v)) {
+    if (!known.has(k) && k !== "attached_by" && k !== "attached_at") {
+      fail(`/${k}`, `unknown field ${k}`);
+    }
+  }
+  if (typeof v.id !== "string" || !SHADOW_ID.test(v.id)) {
+    fail("/id", "id must be 1-32 of a-z, 0-9, - and _, starting with a letter or digit");
+  }
+  const pipeline = v.pipeline ?? "feedback";
+  if (typeof pipeline !== "string" || !(pipeline in SHADOW_STEPS || PIPELINE_NAME.test(pipeline))) {
+    fail("/pipeline", "pipeline must be feedback or a definition's pipeline");
+  }
+  const builtIn = SHADOW_STEPS[pipeline as string];
+  if (builtIn && (typeof v.step !== "string" || !builtIn.includes(v.step))) {
+    fail("/step", `step must be one of ${builtIn.join(", ")}`);
+  }
+  if (!builtIn && (typeof v.step !== "string" || !STEP_ID.test(v.step))) {
+    fail("/step", "step must be a step id of the definition");
+  }
+  const c = v.candidate as Record<string, unknown> | undefined;
+  if (c === null || typeof c !== "object" || Array.isArray(c)) {
+    fail("/candidate", "candidate must be an object: {analyzers, rules?, model?, prompt?}");
+  }
+  for (const k of Object.keys(c!)) {
+    if (!["analyzers", "rules", "model", "prompt", "definition"].includes(k)) {
+      fail(`/candidate/${k}`, `unknown field ${k}`);
+    }
+  }
+  if (!builtIn) {
+    // A definition's step: its candidate is another version of the definition.
+    const file = c!.definition;
+    if (typeof file !== "string" || !DEFINITION_FILE.test(file) || file.includes("..")) {
+      fail(
+        "/candidate/definition",
+        "definition must be a definition file (.ts), e.g. pipelines/support/v2.ts",
+      );
+    }
+    for (const k of ["analyzers", "rules", "model", "prompt"]) {
+      if (c![k] !== undefined) fail(`/candidate/${k}`, `${k} applies to feedback steps only`);
+    }
+    return finish(v, pipeline as string, { definition: file as string });
+  }
+  if (c!.definition !== undefined) {
+    fail("/candidate/definition", "definition applies to the steps of a definition's pipeline");
+  }
+  if (typeof c!.analyzers !== "string" || !(KINDS as string[]).includes(c!.analyzers)) {
+    fail("/candidate/analyzers", `analyzers must be one of ${KINDS.join(", ")}`);
+  }
+  const candidate: ShadowCandidate = { analyzers: c!.analyzers as AnalyzerKind };
+  if (c!.rules !== undefined) {
+    if (typeof c!.rules !== "string" || !RULES_FILE.test(c!.rules) || c!.rules.includes("..")) {
+      fail("/candidate/rules", "rules must be a JSON file in rules/, e.g. rules/reference.json");
+    }
+    candidate.rules = c!.rules as string;
+  }
+  for (const k of ["model", "prompt"] as const) {
+    if (c![k] === undefined) continue;
+    if (typeof c![k] !== "string" || !TOKEN.test(c![k] as string)) {
+      fail(`/candidate/${k}`, `${k} must be a short name`);
+    }
+    if (candidate.analyzers !== "llm") {
+      fail(`/candidate/${k}`, `${k} applies to llm candidates only`);
+    }
+    candidate[k] = c![k] as string;
+  }
+  if (candidate.prompt !== undefined && !/^[a-z0-9_-]+$/i.test(candidate.prompt)) {
+    fail("/candidate/prompt", "prompt is a version such as v2");
+  }
+  return finish(v, pipeline as string, candidate);
+}
+
+/** The limits and the rest of a shadow, once its candidate is checked. */
+function finish(
+  v: Record<string, unknown>,
+  pipeline: string,
+  candidate: ShadowCandidate,
+): ShadowSpec {
+  const l = (v.limits ?? {}) as Record<string, unknown>;
+  if (typeof l !== "object" || Array.isArray(l)) fail("/limits", "limits must be an object");
+  const limits: ShadowLimits = { ...DEFAULT_SHADOW_LIMITS };
+  const bounds: Record<keyof ShadowLimits, [number, number, boolean]> = {
+    rps: [0.01, 10_000, false],
+    concurrency: [1, 256, true],
+    sample: [0.0001, 1, false],
+    budgetUsd: [0, 1_000_000, false],
+  };
+  for (const k of Object.keys(l)) {
+    if (!(k in bounds)) fail(`/limits/${k}`, `unknown limit ${k}`);
+    const [min, max, integer] = bounds[k as keyof ShadowLimits];
+    const n = l[k];
+    if (
+      typeof n !== "number" || !Number.isFinite(n) || n < min || n > max ||
+      (integer && !Number.isInteger(n))
+    ) {
+      fail(
+        `/limits/${k}`,
+        `${k} must be ${integer ? "an integer" : "a number"} in [${min}, ${max}]`,
+      );
+    }
+    limits[k as keyof ShadowLimits] = n as number;
+  }
+  const spec: ShadowSpec = {
+    id: v.id as string,
+    pipeline: pipeline as string,
+    step: v.step as string,
+    candidate,
+    limits,
+  };
+  if (typeof v.attached_by === "string") spec.attached_by = v.attached_by;
+  if (typeof v.attached_at === "string") spec.attached_at = v.attached_at;
+  return spec;
+}
+
+/**
+ * Parses `WEFT_SHADOW`: one shadow or a list, as JSON. Undefined when invalid (the
+ * configuration reports it).
+ */
+export function parseShadowSpecs(raw: string): ShadowSpec[] | undefined {
+  try {
+    const value = JSON.parse(raw);
+    const specs = (Array.isArray(value) ? value : [value]).map(parseShadowSpec);
+    return new Set(specs.map((s) => s.id)).size === specs.length ? specs : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Where a step's promoted version is recorded in the step-version bucket. */
+export function stepVersionKey(pipeline: string, step: string): string {
+  return `${pipeline}.${step}`;
+}
+
+/** A promotion: the candidate that is now production for a step. */
+export interface StepVersion {
+  /** The pipeline (`feedback`). */
+  pipeline: string;
+  /** The step that runs the candidate. */
+  step: string;
+  /** What the step runs. */
+  candidate: ShadowCandidate;
+  /** The shadow it was promoted from. */
+  promoted_from: string;
+  /** Its agreement with production when promoted, per field, if measured. */
+  agreement?: Record<string, number>;
+  /** When (ISO 8601). */
+  promoted_at: string;
+  /** Who promoted it (the API key's holder). */
+  promoted_by: string;
+}
+
+/**
+ * Whether an item is in a `sample` share of items: by a 32-bit FNV-1a hash of its id, so
+ * the same items in every process and run.
+ */
+export function sampled(itemId: string, sample: number): boolean {
+  if (sample >= 1) return true;
+  let h = 0x811c9dc5;
+  for (let i = 0; i < itemId.length; i++) {
+    h ^= itemId.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  return (h >>> 0) / 0x1_0000_0000 < sample;
+}

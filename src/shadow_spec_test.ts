@@ -1,0 +1,82 @@
+import assert from "node:assert/strict";
+import { ValidationError } from "./errors.ts";
+import { parseShadowSpec, parseShadowSpecs, sampled } from "./shadow_spec.ts";
+
+Deno.test("parseShadowSpec fills the default pipeline and limits", () => {
+  const s = parseShadowSpec({ id: "r1", step: "topics", candidate: { analyzers: "embedded" } });
+  assert.deepEqual(s, {
+    id: "r1",
+    pipeline: "feedback",
+    step: "topics",
+    candidate: { analyzers: "embedded" },
+    limits: { rps: 20, concurrency: 4, sample: 1, budgetUsd: 1 },
+  });
+});
+
+Deno.test("parseShadowSpec names the first bad field", () => {
+  const bad: [unknown, string][] = [
+    [{ id: "Bad Id", step: "sentiment", candidate: { analyzers: "rules" } }, "/id"],
+    [{ id: "a", step: "ingest", candidate: { analyzers: "rules" } }, "/step"],
+    [{ id: "a", pipeline: "Not A Name", step: "sentiment", candidate: {} }, "/pipeline"],
+    [{ id: "a", pipeline: "tickets", step: "triage", candidate: {} }, "/candidate/definition"],
+    [
+      {
+        id: "a",
+        pipeline: "tickets",
+        step: "triage",
+        candidate: { definition: "pipelines/x/v2.ts", analyzers: "rules" },
+      },
+      "/candidate/analyzers",
+    ],
+    [
+      { id: "a", step: "sentiment", candidate: { analyzers: "rules", definition: "p/x.ts" } },
+      "/candidate/definition",
+    ],
+    [{ id: "a", step: "sentiment", candidate: { analyzers: "gpt" } }, "/candidate/analyzers"],
+    [
+      { id: "a", step: "sentiment", candidate: { analyzers: "rules", rules: "../etc/x.json" } },
+      "/candidate/rules",
+    ],
+    [
+      { id: "a", step: "sentiment", candidate: { analyzers: "rules", model: "m" } },
+      "/candidate/model",
+    ],
+    [
+      { id: "a", step: "sentiment", candidate: { analyzers: "rules" }, limits: { rps: 0 } },
+      "/limits/rps",
+    ],
+    [
+      {
+        id: "a",
+        step: "sentiment",
+        candidate: { analyzers: "rules" },
+        limits: { concurrency: 2.5 },
+      },
+      "/limits/concurrency",
+    ],
+    [{ id: "a", step: "sentiment", candidate: { analyzers: "rules" }, extra: 1 }, "/extra"],
+  ];
+  for (const [value, field] of bad) {
+    assert.throws(
+      () => parseShadowSpec(value),
+      (err) => err instanceof ValidationError && err.field === field,
+      field,
+    );
+  }
+});
+
+Deno.test("parseShadowSpecs takes one shadow or a list, and refuses a repeated id", () => {
+  const one = '{"id":"a","step":"sentiment","candidate":{"analyzers":"rules"}}';
+  assert.equal(parseShadowSpecs(one)?.length, 1);
+  assert.equal(parseShadowSpecs(`[${one}]`)?.length, 1);
+  assert.equal(parseShadowSpecs(`[${one},${one}]`), undefined);
+  assert.equal(parseShadowSpecs("not json"), undefined);
+});
+
+Deno.test("sampled keeps about the given share of items, the same ones every time", () => {
+  const ids = Array.from({ length: 10_000 }, (_, i) => `fb_${i}`);
+  const kept = ids.filter((id) => sampled(id, 0.1));
+  assert.ok(kept.length > 800 && kept.length < 1200, String(kept.length));
+  assert.deepEqual(ids.filter((id) => sampled(id, 0.1)), kept);
+  assert.ok(ids.every((id) => sampled(id, 1)));
+});

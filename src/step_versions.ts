@@ -1,0 +1,90 @@
+/**
+ * Promoted step versions: a live shadow's candidate made production. The promotion is a
+ * record in the `weft_step_versions` bucket (key `<pipeline>.<step>`, with history, so
+ * `nats kv history weft_step_versions feedback.sentiment` lists every promotion) plus an
+ * audit event on the SHADOW stream. A production step follows its key: at start it runs
+ * the promoted version if there is one, and while running it switches when a promotion
+ * (or a reset: the key deleted) arrives, from the next message on. A version that cannot
+ * be built (a ruleset it may not read) is logged and the step keeps what it runs.
+ *
+ * @module
+ */
+import { Kvm, KvWatchInclude } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/nats-core";
+import type { Config } from "./config.ts";
+import type { AnalyzerConfig } from "./configured_analyzers.ts";
+import { candidateConfig } from "./live_shadow.ts";
+import type { Logger } from "./log.ts";
+import { type StepVersion, stepVersionKey } from "./shadow_spec.ts";
+import { STEP_VERSION_BUCKET } from "./subjects.ts";
+
+/** What a step runs now, switched by promotions. */
+export interface LiveVersion<T> {
+  /** The version to use for the next message. */
+  current(): T;
+  /** The promotion it runs, or null for the configured version. */
+  promoted(): StepVersion | null;
+}
+
+/**
+ * Builds what a step runs from its configuration, then follows its promoted version.
+ *
+ * @example
+ * ```ts ignore
+ * const live = await followStepVersion({ nc, config, log }, "feedback", "sentiment", feedbackAnalyzers);
+ * const stage = sentimentStage({ name: "live", analyze: (t, o) => live.current().sentiment.analyze(t, o) });
+ * ```
+ */
+export async function followStepVersion<T>(
+  ctx: { nc: NatsConnection; config: Config; log: Logger },
+  pipeline: string,
+  step: string,
+  build: (config: AnalyzerConfig) => Promise<T>,
+): Promise<LiveVersion<T>> {
+  const { nc, config, log } = ctx;
+  const configured = await build(config);
+  let current = configured;
+  let promoted: StepVersion | null = null;
+  const key = stepVersionKey(pipeline, step);
+  const apply = async (value: StepVersion | null) => {
+    if (value === null) {
+      if (promoted === null) return;
+      current = configured;
+      promoted = null;
+      log.info("step version reset to the configured one", { step: key });
+      return;
+    }
+    try {
+      current = await build(candidateConfig(config, { candidate: value.candidate, step }));
+      promoted = value;
+      log.info("promoted step version applied", {
+        step: key,
+        from_shadow: value.promoted_from,
+        candidate: value.candidate,
+      });
+    } catch (err) {
+      log.error("promoted step version could not be applied; keeping the current one", {
+        step: key,
+        err,
+      });
+    }
+  };
+  try {
+    const kv = await new Kvm(nc).open(STEP_VERSION_BUCKET);
+    const entry = await kv.get(key);
+    if (entry && entry.operation === "PUT") await apply(entry.json<StepVersion>());
+    const watch = await kv.watch({ key, include: KvWatchInclude.UpdatesOnly });
+    (async () => {
+      for await (const e of watch) {
+        await apply(e.operation === "PUT" ? e.json<StepVersion>() : null);
+      }
+    })().catch((err) => log.warn("step version watch ended", { step: key, err }));
+  } catch (err) {
+    // No bucket (an older topology): the configured version runs, as before.
+    log.warn("step versions unavailable: running the configured version", {
+      step: key,
+      err: String(err),
+    });
+  }
+  return { current: () => current, promoted: () => promoted };
+}
