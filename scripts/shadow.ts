@@ -104,7 +104,7 @@ async function control(verb: string, args: string[]): Promise<number> {
   const nc = await connectNats(config.natsUrl, "weft-shadow-cli", {
     nkeySeedFile: config.natsNkey || undefined,
     identity: "ops",
-    caFile: config.natsCa || undefined,
+    ...tlsCredentials(config),
   });
   try {
     const h = headers();
@@ -136,7 +136,7 @@ async function report(args: string[]): Promise<number> {
   const nc = await connectNats(config.natsUrl, "weft-shadow-report", {
     nkeySeedFile: config.natsNkey || undefined,
     identity: "ops",
-    caFile: config.natsCa || undefined,
+    ...tlsCredentials(config),
   });
   try {
     const r = liveShadowReport(

@@ -59,7 +59,13 @@ export function resumingClient(url: string) {
           await res.body?.cancel();
           throw new Error(`status ${res.status}`);
         }
-        const parser = createParser({ onEvent: (e) => seqs.push(Number(e.id)) });
+        // Only frames that carry a stream sequence count: a frame without an id (a notice
+        // such as a slow-client warning) would otherwise resume from Last-Event-ID: NaN.
+        const parser = createParser({
+          onEvent: (e) => {
+            if (e.id !== undefined && /^\d+$/.test(e.id)) seqs.push(Number(e.id));
+          },
+        });
         reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
         if (stopped) await reader.cancel();
         while (true) {
