@@ -35,7 +35,11 @@
  * sentiment, bare1, bullmq-ingest; the folder is printed), --hops (per-hop latency of
  * Weft), --bare-subjects stage|item (`item`: the bare pipeline publishes each message on
  * `bench.sN.<id>` under wildcard filters, the shape of Weft's subjects; see
- * docs/BENCH.md), --json FILE.
+ * docs/BENCH.md), --step-replicas N (1: processes of each Weft step, sentiment, topics and
+ * dispatch, on its one durable consumer), --cluster N (1: Weft on an N-node nats-server
+ * cluster on loopback, every stream and bucket at R min(N, 3), the services connected to
+ * every node; only with --only weft/http), --json FILE. `deno task bench:scale` runs the
+ * replica and R1/R3 matrix (bench/scale.ts).
  * Environment: WEFT_* settings (e.g. WEFT_CONCURRENCY) reach the Weft services.
  *
  * @module
@@ -55,9 +59,10 @@ import {
 } from "@nats-io/jetstream";
 import { loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
-import { freePort, type NatsServer, startNatsServer } from "../src/nats_server.ts";
+import { freePort, type NatsServer, portFree, startNatsServer } from "../src/nats_server.ts";
+import { createLogger } from "../src/log.ts";
 import { createIntake } from "../src/gateway/intake.ts";
-import { serviceArgs, SERVICES, writeAuthConfig } from "../src/supervisor.ts";
+import { serviceArgs, SERVICES, startCluster, writeAuthConfig } from "../src/supervisor.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "../src/subjects.ts";
 import { STATE_WRITER } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
@@ -75,6 +80,8 @@ const BARE_STREAM = "BENCH";
 const BARE_STAGES = 4;
 const BARE_FINAL = "bench.done";
 const WEFT_SERVICES = ["state", "sentiment", "topics", "dispatch"];
+/** The steps `--step-replicas` runs several of (the state writer stays one process). */
+const STEPS = ["sentiment", "topics", "dispatch"];
 /** Issue 15's aims, as ratios within one run: Weft's items/s to bare's and to BullMQ's. */
 const AIM_VS_BARE = 0.9;
 const AIM_VS_BULLMQ = 1.2;
@@ -132,6 +139,10 @@ interface Options {
    * `item` (`bench.s1.<id>` under a wildcard filter, the shape of Weft's subjects).
    */
   bareSubjects: "stage" | "item";
+  /** Processes of each Weft step (sentiment, topics, dispatch) on its durable consumer. */
+  stepReplicas: number;
+  /** Nodes of the nats-server cluster Weft runs on (1: one server). */
+  cluster: number;
 }
 
 function options(): Options {
@@ -153,6 +164,8 @@ function options(): Options {
       rounds: { type: "string" },
       hops: { type: "boolean" },
       "bare-subjects": { type: "string" },
+      "step-replicas": { type: "string" },
+      cluster: { type: "string" },
     },
   });
   const sides = new Set<SideName>();
@@ -187,7 +200,18 @@ function options(): Options {
     rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
     hops: values.hops === true,
     bareSubjects,
+    stepReplicas: Math.floor(num(values["step-replicas"], 1, "step-replicas")),
+    cluster: clusterNodes(Math.floor(num(values.cluster, 1, "cluster")), sides),
   };
+}
+
+/** `--cluster N`: a cluster runs Weft only (the bare and BullMQ sides have no replicas). */
+function clusterNodes(n: number, sides: Set<SideName>): number {
+  if (n > 1 && (sides.has("bare") || sides.has("bullmq"))) {
+    throw new Error("--cluster runs Weft only: add --only weft (or http)");
+  }
+  if (n > 5) throw new Error("--cluster takes 1 to 5 nodes");
+  return n;
 }
 
 // ---------------------------------------------------------------- child processes
@@ -798,32 +822,48 @@ async function gatewayReady(url: string) {
 
 async function startWeft(
   nc: NatsConnection,
-  server: NatsServer,
+  natsUrl: string,
   o: Options,
 ): Promise<WeftSide> {
   const http = o.sides.has("weft_http") || o.sides.has("weft_http_batch");
   const port = freePort();
   const config = loadConfig({
     env: (name) =>
-      name === "NATS_URL" ? server.url : name === "PORT" ? String(port) : Deno.env.get(name),
+      name === "NATS_URL" ? natsUrl : name === "PORT" ? String(port) : Deno.env.get(name),
     args: [],
   });
-  const jsm = await jetstreamManager(nc);
-  await ensureTopology(nc, jsm, config);
+  // A new cluster elects its JetStream meta leader a few seconds after its nodes start;
+  // until then requests time out (as the supervisor does, try again for up to 60 s).
+  const until = Date.now() + (o.cluster > 1 ? 60_000 : 0);
+  let jsm: JetStreamManager;
+  for (;;) {
+    try {
+      jsm = await jetstreamManager(nc);
+      await ensureTopology(nc, jsm, { ...config, replicas: Math.min(3, o.cluster) });
+      break;
+    } catch (err) {
+      if (Date.now() >= until) throw err;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
   const services: Proc[] = [];
   const names = [...WEFT_SERVICES, ...(http ? ["gateway"] : [])];
   for (const spec of SERVICES.filter((s) => names.includes(s.name))) {
-    // Each service as its own NATS identity, as under deno task start.
+    // Each service as its own NATS identity, as under deno task start; a step's replicas
+    // share its identity and its durable consumer, as WEFT_REPLICAS runs them.
     const seed = seeds?.get(spec.name);
-    services.push(spawn(
-      spec.name,
-      serviceArgs(spec, seed ? { ...config, natsNkey: seed } : config),
-      {
-        NATS_URL: server.url,
-        PORT: String(port),
-        ...(seed ? { WEFT_NATS_NKEY: seed, WEFT_ENSURE_TOPOLOGY: "false" } : {}),
-      },
-    ));
+    const copies = STEPS.includes(spec.name) ? o.stepReplicas : 1;
+    for (let r = 0; r < copies; r++) {
+      services.push(spawn(
+        copies > 1 ? `${spec.name}-${r + 1}` : spec.name,
+        serviceArgs(spec, seed ? { ...config, natsNkey: seed } : config),
+        {
+          NATS_URL: natsUrl,
+          PORT: String(port),
+          ...(seed ? { WEFT_NATS_NKEY: seed, WEFT_ENSURE_TOPOLOGY: "false" } : {}),
+        },
+      ));
+    }
   }
   await waitForConsumers(jsm, WEFT_SERVICES);
   const url = `http://${config.host}:${port}`;
@@ -1068,6 +1108,7 @@ async function main() {
     Deno.stdout.writeSync(encoder.encode(`${key} ${value}\n`));
   };
   let server: NatsServer | undefined;
+  let nodes: NatsServer[] = [];
   let nc: NatsConnection | undefined;
   let natsDir: string | undefined;
   const closers: (() => Promise<void>)[] = [];
@@ -1075,7 +1116,8 @@ async function main() {
     for (const close of closers.splice(0)) await close().catch(() => {});
     await Promise.all([...procs].map((p) => stopProc(p, "SIGKILL")));
     await nc?.close().catch(() => {});
-    await server?.[Symbol.asyncDispose]();
+    await Promise.all(nodes.map((n) => n.stop("SIGTERM").catch(() => {})));
+    if (nodes.length === 0) await server?.[Symbol.asyncDispose]();
     if (natsDir) await Deno.remove(natsDir, { recursive: true }).catch(() => {});
   };
   const onSignal = async () => {
@@ -1092,13 +1134,33 @@ async function main() {
     await Deno.writeTextFile(`${natsDir}/base.conf`, "max_payload: 1MB\n");
     const auth = await writeAuthConfig(`${natsDir}/base.conf`, natsDir);
     seeds = auth.seeds;
-    server = await startNatsServer({
-      configFile: auth.configFile,
-      port: freePort(),
-      storeDir: `${natsDir}/store`,
-      cwd: natsDir,
-    });
-    nc = await connectNats(server.url, "weft-bench", {
+    let natsUrl: string;
+    if (o.cluster > 1) {
+      // Each node's store goes under natsDir/data/jetstream/node<N> (startCluster).
+      await Deno.writeTextFile(
+        `${natsDir}/cluster.conf`,
+        `max_payload: 1MB\njetstream {\n  store_dir: "./store"\n}\n`,
+      );
+      await Deno.mkdir(`${natsDir}/data`, { recursive: true });
+      const conf = await writeAuthConfig(`${natsDir}/cluster.conf`, natsDir);
+      nodes = await startCluster(o.cluster, {
+        configFile: conf.configFile,
+        cwd: natsDir,
+        port: clusterPorts(o.cluster),
+        log: createLogger("bench", "warn", () => {}),
+      });
+      server = nodes[0]!;
+      natsUrl = nodes.map((n) => n.url).join(",");
+    } else {
+      server = await startNatsServer({
+        configFile: auth.configFile,
+        port: freePort(),
+        storeDir: `${natsDir}/store`,
+        cwd: natsDir,
+      });
+      natsUrl = server.url;
+    }
+    nc = await connectNats(natsUrl, "weft-bench", {
       nkeySeedFile: seeds.get("admin"),
       identity: "admin",
     });
@@ -1112,6 +1174,9 @@ async function main() {
     print("config.http_batch_items", o.batch);
     print("config.http_connections", o.connections);
     print("config.bullmq_concurrency", o.bullmqConcurrency);
+    print("config.step_replicas", o.stepReplicas);
+    print("config.cluster_nodes", o.cluster);
+    print("config.stream_replicas", Math.min(3, o.cluster));
     if (o.prof.length > 0) {
       profile = { names: new Set(o.prof), dir: await Deno.makeTempDir({ prefix: "weft-prof-" }) };
       print("prof.dir", profile.dir);
@@ -1120,7 +1185,7 @@ async function main() {
     const sides: Side[] = [];
     if (o.sides.has("bare")) sides.push(await startBare(nc, server, o.bareSubjects));
     const weftFeeds: SideName[] = ["weft", "weft_http", "weft_http_batch"];
-    const w = weftFeeds.some((f) => o.sides.has(f)) ? await startWeft(nc, server, o) : undefined;
+    const w = weftFeeds.some((f) => o.sides.has(f)) ? await startWeft(nc, natsUrl, o) : undefined;
     if (w) sides.push(w);
     if (o.sides.has("bullmq")) {
       const version = await redisVersion();
@@ -1196,6 +1261,14 @@ async function main() {
     await cleanup();
     Deno.removeSignalListener("SIGINT", onSignal);
     Deno.removeSignalListener("SIGTERM", onSignal);
+  }
+}
+
+/** A first client port with `n` free ports from it (a cluster's nodes take port, +1...). */
+function clusterPorts(n: number): number {
+  for (;;) {
+    const port = freePort();
+    if (Array.from({ length: n }, (_, i) => port + i).every(portFree)) return port;
   }
 }
 
