@@ -8,7 +8,7 @@
  * @module
  */
 import { Buffer } from "node:buffer";
-import { headers, type NatsConnection } from "@nats-io/nats-core";
+import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/nats-core";
 import {
   type ConsumerMessages,
   jetstream,
@@ -300,6 +300,25 @@ export async function publishEvent(
   parent: TraceContext | null,
   entry: boolean = ENTRY_EVENT_TYPES.has(event.type),
 ): Promise<void> {
+  const m = eventMessage(event, parent, entry);
+  try {
+    await js.publish(m.subject, m.data, { headers: m.headers });
+  } catch (err) {
+    if (!entry || !isAlreadyStored(err)) throw err;
+  }
+}
+
+/**
+ * An event as the message {@link publishEvent} publishes: its subject, JSON body, and
+ * headers (traceparent, `Weft-Event-Type`, its event id as `Nats-Msg-Id`, and for an entry
+ * event "expected last subject sequence 0"). An atomic batch of entry events
+ * (src/atomic_batch.ts) sends the same messages.
+ */
+export function eventMessage(
+  event: OutputEvent,
+  parent: TraceContext | null,
+  entry: boolean = ENTRY_EVENT_TYPES.has(event.type),
+): { subject: string; data: Uint8Array; headers: MsgHdrs } {
   const h = headers();
   h.set(
     "traceparent",
@@ -311,16 +330,14 @@ export async function publishEvent(
     ),
   );
   h.set("Weft-Event-Type", event.type);
-  const once = entry;
-  try {
-    await js.publish(
-      eventSubject(event.type, event.item_id),
-      encoder.encode(JSON.stringify(event)),
-      { msgID: event.id, headers: h, ...(once ? { expect: { lastSubjectSequence: 0 } } : {}) },
-    );
-  } catch (err) {
-    if (!once || !isAlreadyStored(err)) throw err;
-  }
+  // What nats.js's msgID and expect options set, as headers, so a batch carries them too.
+  h.set("Nats-Msg-Id", event.id);
+  if (entry) h.set("Nats-Expected-Last-Subject-Sequence", "0");
+  return {
+    subject: eventSubject(event.type, event.item_id),
+    data: encoder.encode(JSON.stringify(event)),
+    headers: h,
+  };
 }
 
 /**

@@ -6,6 +6,7 @@
  *
  * @module
  */
+import { supportsAtomicBatch } from "./atomic_batch.ts";
 import {
   AckPolicy,
   type ConsumerConfig,
@@ -367,8 +368,12 @@ export async function ensureTopology(
   config: TopologyConfig,
   extra: ExtraTopology = {},
 ): Promise<void> {
+  // Atomic batches (nats-server 2.14+): POST /feedback/batch is then all or nothing on the
+  // bus too (src/atomic_batch.ts). An older server keeps FEEDBACK as it was.
+  const atomic = supportsAtomicBatch(nc.info?.version);
   for (const s of streamConfigs(config, extra)) {
-    await ensureStream(jsm, s, { allowShrink: config.allowShrink });
+    const want = atomic && s.name === FEEDBACK_STREAM ? { ...s, allow_atomic: true } : s;
+    await ensureStream(jsm, want, { allowShrink: config.allowShrink });
   }
   await ensureBuckets(nc, config, extra);
 }

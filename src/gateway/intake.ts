@@ -21,7 +21,14 @@ import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.
 import { createEvent, deterministicId } from "../events.ts";
 import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../events.gen.ts";
 import canonicalize from "canonicalize";
-import { publishEvent } from "../runner.ts";
+import { eventMessage, publishEvent } from "../runner.ts";
+import {
+  allowsAtomicBatch,
+  AtomicBatchRefused,
+  type BatchMessage,
+  publishAtomically,
+} from "../atomic_batch.ts";
+import pLimit from "p-limit";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
 import type { IngestLimiter } from "./ingest_limits.ts";
 import { applyEvent, firstEventSeq } from "../state.ts";
@@ -102,6 +109,9 @@ export function acceptedAnswer(id: string): Accepted {
 }
 
 /** Creates the intake on a connection whose topology exists. */
+/** Atomic batches one gateway has in flight at most (nats-server allows 50 per stream). */
+const ATOMIC_BATCHES_IN_FLIGHT = 16;
+
 export async function createIntake(
   nc: NatsConnection,
   source = "weft-gateway",
@@ -146,7 +156,8 @@ export async function createIntake(
     return stored ? 1 : null; // known, but no event sequence recorded: from the start
   }
 
-  async function publish(submission: FeedbackSubmission, id: string, trace?: TraceContext | null) {
+  /** The item's ingested event, continuing `trace`. */
+  function ingestedEvent(submission: FeedbackSubmission, id: string, trace?: TraceContext | null) {
     // With telemetry on, the active span (the HTTP request's) is the trace to continue.
     const ctx = activeTraceContext() ?? childContext(trace);
     const event = createEvent({
@@ -157,11 +168,97 @@ export async function createIntake(
       source,
       data: itemOf(submission),
     });
+    return { event, ctx };
+  }
+
+  async function publish(submission: FeedbackSubmission, id: string, trace?: TraceContext | null) {
+    const { event, ctx } = ingestedEvent(submission, id, trace);
     try {
       await publishEvent(js, event, ctx);
     } catch (err) {
       throw isStreamFull(err) ? streamFullError(FEEDBACK_STREAM, err) : err;
     }
+  }
+
+  // Where FEEDBACK takes atomic batches (nats-server 2.14+, see src/atomic_batch.ts), a
+  // batch's items are stored all or none. nats-server keeps at most 50 batches in flight
+  // per stream; one gateway uses at most ATOMIC_BATCHES_IN_FLIGHT of them, so three
+  // gateway replicas stay below the limit.
+  let atomic = await allowsAtomicBatch(jsm, FEEDBACK_STREAM).catch(() => false);
+  const batchSlots = pLimit(ATOMIC_BATCHES_IN_FLIGHT);
+
+  /**
+   * Publishes a batch's items as one atomic batch: all of them are stored, or none and the
+   * request fails (a retry with the same Idempotency-Key then stores them). Items the
+   * stream already has with the same body (a replay, a client-chosen id sent again) are
+   * left out, as publishOnce does for one item.
+   */
+  async function publishBatch(
+    items: readonly FeedbackSubmission[],
+    ids: readonly string[],
+    replay: boolean,
+    trace?: TraceContext | null,
+  ): Promise<void> {
+    let lookUpAll = replay;
+    for (let attempt = 1;; attempt++) {
+      const todo: number[] = [];
+      await Promise.all(ids.map(async (id, i) => {
+        const mayExist = lookUpAll || items[i]!.id !== undefined;
+        if (!mayExist || await isNew(items[i]!, id)) todo.push(i);
+      }));
+      if (todo.length === 0) return;
+      todo.sort((a, b) => a - b);
+      const messages: BatchMessage[] = todo.map((i) => {
+        const { event, ctx } = ingestedEvent(items[i]!, ids[i]!, trace);
+        return eventMessage(event, ctx, true);
+      });
+      try {
+        await publishAtomically(js, messages);
+        onAccepted?.(todo.length);
+        return;
+      } catch (err) {
+        if (!(err instanceof AtomicBatchRefused)) {
+          // Refused at its first message: if FEEDBACK no longer takes atomic batches (an
+          // older server now), publish item by item as on such a server.
+          if (await allowsAtomicBatch(jsm, FEEDBACK_STREAM).catch(() => true)) throw err;
+          atomic = false;
+          await Promise.all(todo.map((i) => publishOnce(items[i]!, ids[i]!, true, trace)));
+          return;
+        }
+        // Nothing of the batch was stored. Either some item was stored meanwhile by another
+        // request with the same id (look again and leave it out), or the stream refused
+        // the batch: full (507), or another reason (503, safe to retry).
+        await capacity?.check(FEEDBACK_STREAM);
+        if (attempt >= 3) {
+          throw new WeftError(
+            ErrorCode.Unavailable,
+            `the stream refused the batch of ${todo.length} items: none of them was stored; ` +
+              `retry it`,
+            { cause: err },
+          );
+        }
+        lookUpAll = true;
+      }
+    }
+  }
+
+  /**
+   * False when the stream already has item `id` with this body; throws when it has it with
+   * another body; true when it does not have it.
+   */
+  async function isNew(submission: FeedbackSubmission, id: string): Promise<boolean> {
+    const stored = await ingestedInStream(id);
+    if (!stored) return true;
+    // The same id again: the same item (replay) only with the same content; another body
+    // under a known id is refused, as a reused Idempotency-Key with another body is.
+    if (canonicalize(stored.event.data) !== canonicalize(itemOf(submission))) {
+      throw new WeftError(
+        ErrorCode.IdempotencyMismatch,
+        `item ${id} was already submitted with a different body`,
+        { field: "/id" },
+      );
+    }
+    return false;
   }
 
   /** Runs `work` once per Idempotency-Key; later calls get the first answer. */
@@ -216,21 +313,7 @@ export async function createIntake(
     mayExist: boolean,
     trace?: TraceContext | null,
   ): Promise<boolean> {
-    if (mayExist) {
-      const stored = await ingestedInStream(id);
-      if (stored) {
-        // The same id again: the same item (replay) only with the same content; another body
-        // under a known id is refused, as a reused Idempotency-Key with another body is.
-        if (canonicalize(stored.event.data) !== canonicalize(itemOf(submission))) {
-          throw new WeftError(
-            ErrorCode.IdempotencyMismatch,
-            `item ${id} was already submitted with a different body`,
-            { field: "/id" },
-          );
-        }
-        return false;
-      }
-    }
+    if (mayExist && !(await isNew(submission, id))) return false;
     await publish(submission, id, trace);
     onAccepted?.(1);
     return true;
@@ -272,7 +355,12 @@ export async function createIntake(
         items,
         () => ({ items: items.map((item) => acceptedAnswer(item.id ?? ulid())) }),
         async (answer, replay) => {
-          await Promise.all(answer.items.map(({ id }, i) => {
+          const ids = answer.items.map(({ id }) => id);
+          if (atomic) {
+            await batchSlots(() => publishBatch(items, ids, replay, opts.trace));
+            return;
+          }
+          await Promise.all(ids.map((id, i) => {
             const item = items[i]!;
             return publishOnce(item, id, replay || item.id !== undefined, opts.trace);
           }));
