@@ -40,6 +40,13 @@ import type { NamedStreamConfig } from "./topology.ts";
 /** The hub's JetStream domain. */
 export const HUB_DOMAIN = "hub";
 
+/**
+ * The oldest nats-server a hub or an edge site runs on: a hub's per-site streams source with
+ * subject transforms (`subject_transforms` on a stream source), new in 2.10. An older server
+ * would ignore them and store every site's events under the same subjects.
+ */
+export const EDGE_MIN_SERVER_VERSION = "2.10.0";
+
 /** The hub's stream holding one site's events, e.g. `EDGE_EAST`. */
 export function edgeStream(site: string): string {
   return `EDGE_${site.toUpperCase()}`;

@@ -149,9 +149,16 @@ export async function serverVersion(binary = "nats-server"): Promise<string | nu
   }
 }
 
-/** What to tell a user whose nats-server is `version`, older than {@link MIN_SERVER_VERSION}. */
-export function tooOldMessage(version: string): string {
-  return `nats-server ${version} is older than ${MIN_SERVER_VERSION}, the oldest Weft supports. ` +
+/**
+ * What to tell a user whose nats-server is `version`, older than `min` (by default
+ * {@link MIN_SERVER_VERSION}); `needs` says what needs `min` when it is not Weft as a whole.
+ */
+export function tooOldMessage(
+  version: string,
+  min: string = MIN_SERVER_VERSION,
+  needs = "the oldest Weft supports",
+): string {
+  return `nats-server ${version} is older than ${min}, ${needs}. ` +
     `Install a current release: \`go install github.com/nats-io/nats-server/v2@v2.15.3\` ` +
     `(then put $(go env GOPATH)/bin first on the PATH), \`brew install nats-server\`, or a ` +
     `release binary from https://github.com/nats-io/nats-server/releases; or set NATS_URL to ` +

@@ -29,6 +29,7 @@ import {
 } from "./nats_server.ts";
 import { ensureStream, ensureTopology, streamConfigs } from "./topology.ts";
 import {
+  EDGE_MIN_SERVER_VERSION,
   edgeStream,
   edgeStreamConfigs,
   hubConf,
@@ -850,6 +851,17 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     const version = await serverVersion();
     if (version !== null && !versionAtLeast(version)) {
       log.error(tooOldMessage(version));
+      Deno.exit(1);
+    }
+    if (
+      version !== null && (config.hub.length > 0 || config.leaf) &&
+      !versionAtLeast(version, EDGE_MIN_SERVER_VERSION)
+    ) {
+      log.error(tooOldMessage(
+        version,
+        EDGE_MIN_SERVER_VERSION,
+        "which a hub and its edge sites need (subject transforms on stream sources)",
+      ));
       Deno.exit(1);
     }
     const cwd = config.natsDir || ROOT.pathname;

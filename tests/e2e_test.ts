@@ -194,14 +194,14 @@ Deno.test("with NATS_URL set, deno task start uses that server, and the default 
 });
 
 /** Runs `deno task start` with a PATH holding only deno and `files`; its exit and output. */
-async function startWithPath(files: Record<string, string> = {}) {
+async function startWithPath(files: Record<string, string> = {}, args: string[] = []) {
   const bin = await Deno.makeTempDir({ prefix: "weft-path-" });
   await Deno.symlink(Deno.execPath(), `${bin}/deno`);
   for (const [name, text] of Object.entries(files)) {
     await Deno.writeTextFile(`${bin}/${name}`, text, { mode: 0o755 });
   }
   const out = await new Deno.Command("deno", {
-    args: await taskArgs("start"),
+    args: [...await taskArgs("start"), ...args],
     cwd: new URL("../", import.meta.url),
     env: { PATH: bin },
     stdout: "piped",
@@ -226,6 +226,22 @@ Deno.test("with a nats-server older than the minimum on the PATH, deno task star
   assert.equal(out.code, 1);
   assert.match(text, /nats-server 2\.8\.4 is older than 2\.9\.0/);
   assert.match(text, /go install github\.com\/nats-io\/nats-server\/v2@v2\.15\.3/);
+});
+
+Deno.test("a hub or an edge site on a nats-server older than 2.10 is refused with what to install", async () => {
+  // 2.9 has no subject transforms on stream sources: the sites' events would not be kept apart.
+  const old = { "nats-server": "#!/bin/sh\necho 'nats-server: v2.9.10'\n" };
+  for (
+    const args of [["--hub", "east"], ["--leaf", "nats-leaf://127.0.0.1:7422", "--site", "east"]]
+  ) {
+    const out = await startWithPath(old, args);
+    assert.equal(out.code, 1, out.text);
+    assert.match(
+      out.text,
+      /nats-server 2\.9\.10 is older than 2\.10\.0, which a hub and its edge sites need/,
+    );
+    assert.match(out.text, /go install github\.com\/nats-io\/nats-server\/v2@v2\.15\.3/);
+  }
 });
 
 Deno.test("with the gateway's port taken, deno task start says which port and what to do, and starts nothing", async () => {
