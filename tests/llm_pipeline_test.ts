@@ -8,7 +8,7 @@ import { Kvm } from "@nats-io/kv";
 import { connectNats } from "../src/nats.ts";
 import type { FeedbackState } from "../src/events.gen.ts";
 import { chat, type FakeReply, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { startMesh } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 /** Answers each analyzer's prompt; fails every request for texts containing "outage". */
@@ -31,6 +31,7 @@ Deno.test("with WEFT_ANALYZERS=llm the stages record the LLM's decision, usage a
   const llm = startFakeOpenAI(llmScript);
   try {
     await using mesh = await startMesh({
+      ...ONE_PROCESS,
       WEFT_ANALYZERS: "llm",
       WEFT_LLM_BASE_URL: llm.baseUrl,
       WEFT_LLM_MODEL: "test-model",

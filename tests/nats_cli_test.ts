@@ -4,7 +4,7 @@
  * feedback pipeline and for a pipeline run from a definition.
  */
 import assert from "node:assert/strict";
-import { meshTempDir, startMesh } from "./helpers/mesh.ts";
+import { meshTempDir, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
@@ -27,7 +27,7 @@ export const hello = definePipeline({
 });
 `,
   );
-  await using mesh = await startMesh({ WEFT_PIPELINES: `${dir}/hello.ts` }, {
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: `${dir}/hello.ts` }, {
     storeDir: `${dir}/nats`,
   });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");

@@ -3,7 +3,7 @@
  * `deno task start` runs it, answering over HTTP.
  */
 import assert from "node:assert/strict";
-import { startMesh } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
@@ -37,7 +37,10 @@ Deno.test("deno task new writes a two-step pipeline whose test passes and which 
     }).output();
     assert.ok(tested.success, new TextDecoder().decode(tested.stdout));
 
-    await using mesh = await startMesh({ WEFT_PIPELINES: `pipelines/${name}/pipeline.ts` });
+    await using mesh = await startMesh({
+      ...ONE_PROCESS,
+      WEFT_PIPELINES: `pipelines/${name}/pipeline.ts`,
+    });
     await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
     const res = await fetch(`${mesh.gatewayUrl}/pipelines/${name}/items`, {
       method: "POST",

@@ -4,7 +4,7 @@
  * with its label; an item submitted over HTTP is counted on each step it ran.
  */
 import assert from "node:assert/strict";
-import { meshTempDir, startMesh } from "./helpers/mesh.ts";
+import { meshTempDir, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const MOD = new URL("../mod.ts", import.meta.url).href;
@@ -34,7 +34,7 @@ export const sorting = definePipeline({
 });
 `,
   );
-  await using mesh = await startMesh({ WEFT_PIPELINES: `${dir}/sorting.ts` }, {
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: `${dir}/sorting.ts` }, {
     storeDir: `${dir}/nats`,
   });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");

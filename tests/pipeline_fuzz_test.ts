@@ -23,7 +23,7 @@ import { decodeJson } from "../src/runner.ts";
 import { decodeFlowEvent } from "../src/pipeline/flow.ts";
 import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
-import { startMesh } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const SEED = Number(Deno.env.get("FUZZ_SEED") ?? 20261204);
@@ -108,7 +108,9 @@ Deno.test({
   sanitizeOps: false,
   sanitizeResources: false,
 }, async () => {
+  // One process (ONE_PROCESS): a crash of any step is still a restart of that process.
   await using mesh = await startMesh({
+    ...ONE_PROCESS,
     WEFT_PIPELINES: DEF,
     WEFT_SSE_KEEPALIVE_MS: "1000",
     WEFT_DIGEST_CRON: "off",

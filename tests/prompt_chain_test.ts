@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { startMesh } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 Deno.test("a prompt chain: each llm step gets the previous step's result and the item ends filed", async () => {
@@ -20,6 +20,7 @@ Deno.test("a prompt chain: each llm step gets the previous step's result and the
   });
   try {
     await using mesh = await startMesh({
+      ...ONE_PROCESS,
       WEFT_PIPELINES: "pipelines/examples/documents.ts",
       WEFT_LLM_BASE_URL: llm.baseUrl,
       WEFT_LLM_API_KEY: "test-key",

@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { hashKey } from "../src/gateway/auth.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { startMesh } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 
 const API_KEY = "wk-live-0123456789abcdef-SECRET";
 const LLM_KEY = "sk-llm-9876543210-SECRET";
@@ -21,6 +21,7 @@ Deno.test("no API key or LLM key appears in logs, /metrics, error bodies or the 
   );
   try {
     await using mesh = await startMesh({
+      ...ONE_PROCESS,
       WEFT_API_KEYS: JSON.stringify([{
         sha256: await hashKey(API_KEY),
         role: "admin",

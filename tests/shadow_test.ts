@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { connectNats } from "../src/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { startMesh, taskArgs } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const TEXTS = [
@@ -29,7 +29,7 @@ Deno.test("deno task shadow reports a candidate's agreement, routing changes and
     return chat({ topics: ["billing"], evidence: { billing: ["charged"] } }, usage);
   });
   try {
-    await using mesh = await startMesh();
+    await using mesh = await startMesh(ONE_PROCESS);
     const post = await fetch(`${mesh.gatewayUrl}/feedback/batch`, {
       method: "POST",
       headers: { "content-type": "application/json" },

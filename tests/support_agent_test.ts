@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { connectNats } from "../src/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { type Mesh, startMesh } from "./helpers/mesh.ts";
+import { type Mesh, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
 
@@ -47,7 +47,7 @@ async function settled(mesh: Mesh, id: string, status: string) {
 }
 
 Deno.test("support offline: the billing agent looks the order up and answers; the scratchpad shows it", async () => {
-  await using mesh = await startMesh({ WEFT_PIPELINES: DEF });
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: DEF });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
   await seedOrders(mesh);
 
@@ -130,6 +130,7 @@ Deno.test("support with an LLM: the agent makes real tool calls and answers from
   });
   try {
     await using mesh = await startMesh({
+      ...ONE_PROCESS,
       WEFT_PIPELINES: DEF,
       WEFT_LLM_BASE_URL: llm.baseUrl,
       WEFT_LLM_API_KEY: "test-key",
