@@ -17,6 +17,7 @@ import { readStream } from "../src/stream_reader.ts";
 import { launchChromium } from "./helpers/chromium.ts";
 import { startLink } from "./helpers/link.ts";
 import { type Mesh, meshTempDir, startMesh } from "./helpers/mesh.ts";
+import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 /**
@@ -307,6 +308,25 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       "one client id at two sites: two items at the hub",
     );
     assert.equal((await getJson(`${hub.gatewayUrl}/sites/north/feedback/${shared}`)).status, 404);
+    // An edge item's events, streamed from the hub (SSE): the hub's copies, in order, ending
+    // with the final event; resumed after the end, the stream closes at once.
+    const eventsUrl = `${hub.gatewayUrl}/sites/east/feedback/${during}/events`;
+    const frames = await readSse(await fetch(eventsUrl), { timeoutMs: 15_000 });
+    const expected = siteEvents.east!.filter((e) => e.item === during);
+    assert.deepEqual(
+      frames.map((f) => JSON.parse(f.data).id),
+      expected.map((e) => e.id),
+      "every event of the item, once, in the hub's order",
+    );
+    assert.equal(frames.at(-1)!.event, "feedback.processed");
+    const resumed = await readSse(
+      await fetch(eventsUrl, { headers: { "Last-Event-ID": frames.at(-1)!.id! } }),
+      { timeoutMs: 15_000 },
+    );
+    assert.deepEqual(resumed, [], "resumed after the final event: closed at once");
+    const unknown = await fetch(`${hub.gatewayUrl}/sites/east/feedback/NOPE1/events`);
+    await unknown.body?.cancel();
+    assert.equal(unknown.status, 404);
     const page = await fetch(`${hub.gatewayUrl}/dashboard`);
     assert.ok((await page.text()).includes("site_events"), "the dashboard lists edge items");
     // In a real browser: the hub's dashboard lists processed items of both sites as site/id.

@@ -338,7 +338,15 @@ export function createApp(deps: GatewayDeps): Hono {
     // A hub: its edge sites' items, read from the streams that source them.
     app.use("/sites", readAuth);
     app.use("/sites/*", readAuth);
-    app.route("/sites", edgeRoutes(intake, config.hub));
+    app.route(
+      "/sites",
+      edgeRoutes(intake, config.hub, {
+        config,
+        clients,
+        feeds: new LiveFeeds(intake.js, log, config.sseFlushMs),
+        log,
+      }),
+    );
   }
   app.use("/dashboard/recent", readAuth); // item texts: behind a key like the other reads
   app.use("/dashboard/stream", readAuth); // takes SSE slots: anonymous clients must not

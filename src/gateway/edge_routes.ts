@@ -2,15 +2,27 @@
  * The hub's central view of its edge sites, mounted at `/sites` by a hub's gateway
  * (`deno task start --hub east,west`): `GET /sites` lists each site with how many of its
  * events and items the hub holds and how far behind it is; `GET /sites/{site}/feedback/{id}`
- * is an edge item's state, folded from its events on the hub, with its site.
+ * is an edge item's state, folded from its events on the hub, with its site;
+ * `GET /sites/{site}/feedback/{id}/events` streams its events as the hub receives them
+ * (server-sent events, resumable with Last-Event-ID, closed after the item's final event).
  *
  * @module
  */
 import { Hono } from "hono";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
-import { siteItemState, siteStatuses } from "../edge.ts";
+import {
+  edgeStream,
+  siteEventsFilter,
+  siteItemState,
+  siteStatuses,
+  siteSubjectPrefix,
+} from "../edge.ts";
 import { NotFoundError } from "../errors.ts";
 import { ITEM_ID } from "../subjects.ts";
+import { openSlot, streamEvents } from "./sse.ts";
+
+/** What the per-item event stream needs: the gateway's SSE settings, slots and feeds. */
+export type EdgeSse = Omit<Parameters<typeof streamEvents>[3], "key">;
 
 /**
  * The routes of a hub with `sites`.
@@ -23,15 +35,38 @@ import { ITEM_ID } from "../subjects.ts";
 export function edgeRoutes(
   jetStream: { js: JetStreamClient; jsm: JetStreamManager },
   sites: readonly string[],
+  sse?: EdgeSse,
 ): Hono {
   const app = new Hono();
+  const known = (site: string, id: string) => {
+    if (!sites.includes(site)) throw new NotFoundError(`no edge site ${JSON.stringify(site)}`);
+    if (!ITEM_ID.test(id)) throw new NotFoundError(`no feedback item ${JSON.stringify(id)}`);
+  };
   app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites) }));
   app.get("/:site/feedback/:id", async (c) => {
     const site = c.req.param("site");
     const id = c.req.param("id");
-    if (!sites.includes(site)) throw new NotFoundError(`no edge site ${JSON.stringify(site)}`);
-    if (!ITEM_ID.test(id)) throw new NotFoundError(`no feedback item ${JSON.stringify(id)}`);
+    known(site, id);
     return c.json(await siteItemState(jetStream.js, jetStream.jsm, site, id));
   });
+  if (sse) {
+    app.get("/:site/feedback/:id/events", async (c) => {
+      const site = c.req.param("site");
+      const id = c.req.param("id");
+      known(site, id);
+      // The item's state says whether the hub has it at all (404 otherwise).
+      await siteItemState(jetStream.js, jetStream.jsm, site, id);
+      const key = openSlot(sse.clients, c);
+      return streamEvents(c, jetStream.js, {
+        filter: siteEventsFilter(site, id),
+        stream: edgeStream(site),
+        closeOnFinal: true,
+        replay: true,
+        itemId: id,
+        subjectOf: (type, item) => `${siteSubjectPrefix(site)}.${type}.${item}`,
+        feedFilter: siteEventsFilter(site),
+      }, { ...sse, key });
+    });
+  }
   return app;
 }

@@ -279,6 +279,19 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         },
       ),
     },
+    "/sites/{site}/feedback/{id}/events": {
+      get: op(
+        "A hub only: an edge item's events as the hub receives them (server-sent events, " +
+          "resumable with Last-Event-ID, closed after the item's final event)",
+        { "200": sse("the item's events at the hub") },
+        {
+          parameters: [
+            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            idParam,
+          ],
+        },
+      ),
+    },
     "/healthz": { get: op("Liveness", { "200": json({ type: "object" }) }) },
     "/readyz": { get: op("Readiness: NATS and the streams", { "200": json({ type: "object" }) }) },
     "/openapi.json": { get: op("This document", { "200": json({ type: "object" }) }) },

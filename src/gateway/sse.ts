@@ -52,6 +52,13 @@ export interface SseSelection {
   finalTypes?: ReadonlySet<string>;
   /** The item of a per-item stream: lets a resumed stream that saw its end close at once. */
   itemId?: string;
+  /**
+   * The subject an event of `type` for `itemId` is stored under, where it is not
+   * `<type>.<itemId>` (a hub's copy of an edge site's events: `site.<site>.<type>.<id>`).
+   */
+  subjectOf?: (type: string, itemId: string) => string;
+  /** The live feed to join, shared by every item's clients; by default `<first token>.*.*`. */
+  feedFilter?: string;
 }
 
 /** Counts open SSE clients against the configured total and per-key maximums. */
@@ -402,12 +409,13 @@ async function latestFinalSeq(
   stream: string,
   finalTypes: ReadonlySet<string>,
   itemId: string,
+  subjectOf: (type: string, itemId: string) => string = (type, id) => `${type}.${id}`,
 ): Promise<number | undefined> {
   const jsm = await js.jetstreamManager();
   let latest: number | undefined;
   for (const type of finalTypes) {
     try {
-      const m = await jsm.streams.getMessage(stream, { last_by_subj: `${type}.${itemId}` });
+      const m = await jsm.streams.getMessage(stream, { last_by_subj: subjectOf(type, itemId) });
       if (m && (latest === undefined || m.seq > latest)) latest = m.seq;
     } catch (err) {
       if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound)) {
@@ -602,7 +610,8 @@ export function streamEvents(
       if (history && await replay(after !== undefined ? after + 1 : sel.from) === "end") return;
       sub = await opts.feeds.join(
         streamName,
-        sel.filter.split(".").length === 3 ? `${sel.filter.split(".")[0]}.*.*` : sel.filter,
+        sel.feedFilter ??
+          (sel.filter.split(".").length === 3 ? `${sel.filter.split(".")[0]}.*.*` : sel.filter),
         {
           key: sel.filter,
           match: (subject) => subjectMatches(sel.filter, subject),
@@ -614,7 +623,7 @@ export function streamEvents(
       // A per-item stream whose client has already seen the item's final event is over
       // (a client resuming with Last-Event-ID after the end would otherwise wait forever).
       if (sel.closeOnFinal && sel.itemId !== undefined) {
-        const fin = await latestFinalSeq(js, streamName, finalTypes, sel.itemId);
+        const fin = await latestFinalSeq(js, streamName, finalTypes, sel.itemId, sel.subjectOf);
         if (fin !== undefined && fin <= last) return;
       }
       while (!stream.aborted) {
