@@ -22,17 +22,9 @@
  * @module
  */
 import { dueSends } from "./stats.ts";
+import { BENCH_TEXTS } from "./texts.ts";
 
-const TEXTS = [
-  "The checkout keeps failing with a card error, this is really frustrating",
-  "Love the new dashboard, it is fast and the charts are great",
-  "Shipping took two weeks and nobody answered my emails",
-  "The app crashes every time I open settings on Android",
-  "Pricing is fair but the invoice layout is confusing",
-  "Support resolved my login problem in minutes, thank you!",
-  "Search results are slow and often irrelevant",
-  "Please add dark mode, my eyes hurt at night",
-];
+const TEXTS = BENCH_TEXTS;
 
 const encoder = new TextEncoder();
 let out: string[] = [];

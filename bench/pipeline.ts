@@ -61,6 +61,7 @@ import { loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
 import { freePort, type NatsServer, portFree, startNatsServer } from "../src/nats_server.ts";
 import { createLogger } from "../src/log.ts";
+import { BENCH_TEXTS } from "./texts.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serviceArgs, SERVICES, startCluster, writeAuthConfig } from "../src/supervisor.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "../src/subjects.ts";
@@ -88,16 +89,7 @@ const AIM_VS_BULLMQ = 1.2;
 /** And Weft's p99 at the offered rate to bare's. */
 const AIM_P99_VS_BARE = 1.5;
 
-const TEXTS = [
-  "The checkout keeps failing with a card error, this is really frustrating",
-  "Love the new dashboard, it is fast and the charts are great",
-  "Shipping took two weeks and nobody answered my emails",
-  "The app crashes every time I open settings on Android",
-  "Pricing is fair but the invoice layout is confusing",
-  "Support resolved my login problem in minutes, thank you!",
-  "Search results are slow and often irrelevant",
-  "Please add dark mode, my eyes hurt at night",
-];
+const TEXTS = BENCH_TEXTS;
 
 /** The sides a run can measure, in the order they run in each phase. */
 const SIDES = ["bare", "weft", "weft_http", "weft_http_batch", "bullmq"] as const;
@@ -1131,20 +1123,21 @@ async function main() {
     // The server authenticates as deno task start's does: one least-privilege key per
     // service (the bench itself and the bare stages use the admin key).
     natsDir = await Deno.makeTempDir({ prefix: "weft-bench-nats-" });
-    await Deno.writeTextFile(`${natsDir}/base.conf`, "max_payload: 1MB\n");
+    // A cluster's nodes each put their store under natsDir/data/jetstream/node<N>
+    // (startCluster rewrites store_dir); one server gets its store with -sd.
+    await Deno.writeTextFile(
+      `${natsDir}/base.conf`,
+      o.cluster > 1
+        ? `max_payload: 1MB\njetstream {\n  store_dir: "./store"\n}\n`
+        : "max_payload: 1MB\n",
+    );
     const auth = await writeAuthConfig(`${natsDir}/base.conf`, natsDir);
     seeds = auth.seeds;
     let natsUrl: string;
     if (o.cluster > 1) {
-      // Each node's store goes under natsDir/data/jetstream/node<N> (startCluster).
-      await Deno.writeTextFile(
-        `${natsDir}/cluster.conf`,
-        `max_payload: 1MB\njetstream {\n  store_dir: "./store"\n}\n`,
-      );
       await Deno.mkdir(`${natsDir}/data`, { recursive: true });
-      const conf = await writeAuthConfig(`${natsDir}/cluster.conf`, natsDir);
       nodes = await startCluster(o.cluster, {
-        configFile: conf.configFile,
+        configFile: auth.configFile,
         cwd: natsDir,
         port: clusterPorts(o.cluster),
         log: createLogger("bench", "warn", () => {}),

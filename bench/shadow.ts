@@ -17,6 +17,7 @@ import { parseArgs } from "node:util";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { connectNats } from "../src/nats.ts";
 import { startMesh } from "../tests/helpers/mesh.ts";
+import { SAMPLE_FEEDBACK } from "../tests/helpers/texts.ts";
 import { deadline, waitFor } from "../tests/helpers/wait.ts";
 
 const args = parseArgs({
@@ -36,14 +37,7 @@ const pct = (xs: number[], p: number) => {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor(s.length * p))] ?? NaN;
 };
-const TEXTS = [
-  "I love the new dashboard, great work",
-  "The app crashes every time I open settings, please fix",
-  "I was charged twice this month, refund me",
-  "Could you add a dark mode?",
-  "Cannot log in since yesterday, password reset does not work",
-  "Everything is slow today, pages take ages to load",
-];
+const TEXTS = SAMPLE_FEEDBACK.slice(0, 6);
 
 print("loadavg_before", Deno.loadavg().map((x) => x.toFixed(2)).join(","));
 await using mesh = await startMesh();

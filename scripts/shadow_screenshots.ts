@@ -21,28 +21,13 @@ import { loadRules } from "../src/rules.ts";
 import { chat, startFakeOpenAI } from "../tests/helpers/openai_server.ts";
 import { startMesh, taskArgs } from "../tests/helpers/mesh.ts";
 import { waitFor } from "../tests/helpers/wait.ts";
+import { SAMPLE_FEEDBACK } from "../tests/helpers/texts.ts";
 
 const out = Deno.args[0] ?? "docs/img";
 const CHROMIUM = "/usr/bin/chromium";
 const say = (s: string) => Deno.stdout.writeSync(new TextEncoder().encode(s + "\n"));
 
-const TEXTS = [
-  "I love the new dashboard, great work",
-  "The app crashes every time I open settings, please fix",
-  "I was charged twice this month, refund me",
-  "Could you add a dark mode?",
-  "Cannot log in since yesterday, password reset does not work",
-  "Everything is slow today, pages take ages to load",
-  "Thanks, the support team was lovely",
-  "Your invoice is wrong again, terrible",
-  "The export button does nothing",
-  "Not bad, but the search could be faster",
-  "Awful experience, nobody answered my ticket",
-  "Where can I change my email address?",
-  "Great update, though the sync is broken on Android",
-  "Please add an option to export to PDF",
-  "The new pricing is fair, thank you",
-];
+const TEXTS = SAMPLE_FEEDBACK;
 
 const reference = await loadRules("rules/reference.json");
 const topics = topicsAnalyzer();

@@ -436,34 +436,36 @@ export function registerShadowMetrics(
       }
     },
   });
-  new client.Gauge({
-    name: "weft_shadow_agreement_ratio",
-    help: "Share of compared items on which a live shadow's candidate agrees with production",
-    labelNames: ["shadow", "pipeline", "step", "field"],
-    registers,
-    collect() {
-      this.reset();
-      for (const t of tallies()) {
-        for (const [field, f] of Object.entries(t.figures())) {
-          this.set({ ...base(t), field }, f.agreement);
+  // Per-field figures: the share of items on which candidate and production agree, and kappa.
+  for (
+    const [name, help, figure] of [
+      [
+        "weft_shadow_agreement_ratio",
+        "Share of compared items on which a live shadow's candidate agrees with production",
+        "agreement",
+      ],
+      [
+        "weft_shadow_kappa",
+        "Cohen's kappa of a live shadow's candidate against production, per field",
+        "kappa",
+      ],
+    ] as const
+  ) {
+    new client.Gauge({
+      name,
+      help,
+      labelNames: ["shadow", "pipeline", "step", "field"],
+      registers,
+      collect() {
+        this.reset();
+        for (const t of tallies()) {
+          for (const [field, f] of Object.entries(t.figures())) {
+            this.set({ ...base(t), field }, f[figure]);
+          }
         }
-      }
-    },
-  });
-  new client.Gauge({
-    name: "weft_shadow_kappa",
-    help: "Cohen's kappa of a live shadow's candidate against production, per field",
-    labelNames: ["shadow", "pipeline", "step", "field"],
-    registers,
-    collect() {
-      this.reset();
-      for (const t of tallies()) {
-        for (const [field, f] of Object.entries(t.figures())) {
-          this.set({ ...base(t), field }, f.kappa);
-        }
-      }
-    },
-  });
+      },
+    });
+  }
   new client.Counter({
     name: "weft_shadow_compared_total",
     help: "Items compared, by production's label and the candidate's (the confusion matrix)",

@@ -32,6 +32,7 @@ import {
   FeedbackEventType,
 } from "../src/subjects.ts";
 import { startMesh, waitFor } from "./helpers/fault_mesh.ts";
+import { fuzzBody, mutated, pathToken } from "./helpers/fuzz.ts";
 
 const SEED = Number(Deno.env.get("FUZZ_SEED") ?? 20261204);
 const HTTP_RUNS = Number(Deno.env.get("FUZZ_RUNS") ?? 1200);
@@ -72,47 +73,10 @@ const SEEDS: Record<string, unknown[]> = {
   "POST /reviews/:id/decision": [{ decision: "approve", reviewer: "alice", reason: "ok" }],
 };
 
-/** Mutates a JSON value: drops, replaces or retypes fields, or nests it deeply. */
-function mutated(seed: unknown): fc.Arbitrary<unknown> {
-  const anyJson = fc.jsonValue({ maxDepth: 3 });
-  if (seed === null || typeof seed !== "object" || Array.isArray(seed)) return anyJson;
-  const keys = Object.keys(seed);
-  return fc.oneof(
-    fc.constant(seed),
-    fc.record({ key: fc.constantFrom(...keys), value: anyJson }).map(({ key, value }) => ({
-      ...seed,
-      [key]: value,
-    })),
-    fc.constantFrom(...keys).map((key) => {
-      const copy: Record<string, unknown> = { ...seed };
-      delete copy[key];
-      return copy;
-    }),
-    fc.record({ key: fc.string({ maxLength: 12 }), value: anyJson }).map(({ key, value }) => ({
-      ...seed,
-      [key]: value,
-    })),
-    fc.integer({ min: 100, max: 20_000 }).map((n) => "[".repeat(n) + "]".repeat(n)),
-  );
-}
+/** A request body: raw bytes, a string, any JSON, deep nesting, or a mutated valid body. */
+const body = (route: string) => fuzzBody(SEEDS[route] ?? []);
 
-/** A request body: raw bytes, a string, any JSON, or a mutated valid body. */
-function body(route: string): fc.Arbitrary<string | Uint8Array<ArrayBuffer> | undefined> {
-  const seeds = SEEDS[route] ?? [];
-  return fc.oneof(
-    fc.constant(undefined),
-    fc.uint8Array({ maxLength: 512 }).map((b) => new Uint8Array(b)),
-    fc.string({ maxLength: 256, unit: "binary" }),
-    fc.jsonValue({ maxDepth: 4 }).map((v) => JSON.stringify(v)),
-    ...seeds.map((s) => mutated(s).map((v) => typeof v === "string" ? v : JSON.stringify(v))),
-  );
-}
-
-const token = fc.oneof(
-  fc.stringMatching(/^[A-Za-z0-9_-]{1,70}$/),
-  fc.string({ maxLength: 40 }),
-  fc.constantFrom("..", "%00", "%2F", "*", ">", "$KV", "a.b", " "),
-);
+const token = pathToken();
 
 const CONTENT_TYPES = [
   "application/json",

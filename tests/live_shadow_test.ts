@@ -18,24 +18,12 @@ import { agreementOf } from "../src/shadow.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { type Mesh, meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
+import { SAMPLE_FEEDBACK } from "./helpers/texts.ts";
 
 const ADMIN = "admin-key-for-the-shadow-test";
 const INGEST = "ingest-key-for-the-shadow-test";
 
-const TEXTS = [
-  "I love the new dashboard, great work",
-  "The app crashes every time I open settings, please fix",
-  "I was charged twice this month, refund me",
-  "Could you add a dark mode?",
-  "Cannot log in since yesterday, password reset does not work",
-  "Everything is slow today, pages take ages to load",
-  "Thanks, the support team was lovely",
-  "Your invoice is wrong again, terrible",
-  "The export button does nothing",
-  "Not bad, but the search could be faster",
-  "Awful experience, nobody answered my ticket",
-  "Where can I change my email address?",
-];
+const TEXTS = SAMPLE_FEEDBACK.slice(0, 12);
 
 /** One metric sample from the Prometheus text: name, labels and value. */
 interface Sample {

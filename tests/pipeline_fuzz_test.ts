@@ -24,6 +24,7 @@ import { decodeFlowEvent } from "../src/pipeline/flow.ts";
 import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
+import { fuzzBody, mutated, pathToken } from "./helpers/fuzz.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const SEED = Number(Deno.env.get("FUZZ_SEED") ?? 20261204);
@@ -38,51 +39,19 @@ const STREAM = pipelineSubjects(def).stream;
 
 const INPUT = { customer: "ann", text: "Where is my order?", order_id: "A100" };
 
-/** Mutates a JSON value: drops, replaces or retypes fields, or nests it deeply. */
-function mutated(seed: Record<string, unknown>): fc.Arbitrary<unknown> {
-  const anyJson = fc.jsonValue({ maxDepth: 3 });
-  const keys = Object.keys(seed);
-  return fc.oneof(
-    fc.constant(seed),
-    fc.record({ key: fc.constantFrom(...keys), value: anyJson }).map(({ key, value }) => ({
-      ...seed,
-      [key]: value,
-    })),
-    fc.constantFrom(...keys).map((key) => {
-      const copy: Record<string, unknown> = { ...seed };
-      delete copy[key];
-      return copy;
-    }),
-    fc.record({ key: fc.string({ maxLength: 12 }), value: anyJson }).map(({ key, value }) => ({
-      ...seed,
-      [key]: value,
-    })),
-  );
-}
-
-/** A request body: raw bytes, a string, any JSON, deep nesting, or a mutated valid body. */
+/** A request body for `route`, from its valid bodies. */
 function body(route: string): fc.Arbitrary<string | Uint8Array<ArrayBuffer> | undefined> {
-  const valid = route.endsWith("/batch")
-    ? [{ items: [INPUT, { ...INPUT, customer: "bob" }] }]
-    : route.endsWith("/:event")
-    ? [{ by: "carol", answer: "Refunded." }]
-    : [INPUT];
-  return fc.oneof(
-    fc.constant(undefined),
-    fc.uint8Array({ maxLength: 512 }).map((b) => new Uint8Array(b)),
-    fc.string({ maxLength: 256, unit: "binary" }),
-    fc.jsonValue({ maxDepth: 4 }).map((v) => JSON.stringify(v)),
-    fc.integer({ min: 100, max: 20_000 }).map((n) => "[".repeat(n) + "]".repeat(n)),
-    ...valid.map((s) => mutated(s).map((v) => JSON.stringify(v))),
+  return fuzzBody(
+    route.endsWith("/batch")
+      ? [{ items: [INPUT, { ...INPUT, customer: "bob" }] }]
+      : route.endsWith("/:event")
+      ? [{ by: "carol", answer: "Refunded." }]
+      : [INPUT],
   );
 }
 
 /** A path parameter: mostly plausible, sometimes hostile. */
-const token = fc.oneof(
-  fc.stringMatching(/^[A-Za-z0-9_-]{1,70}$/),
-  fc.string({ maxLength: 40 }),
-  fc.constantFrom("..", "%00", "%2F", "*", ">", "$KV", "a.b", " ", NAME, "human_replied"),
-);
+const token = pathToken(NAME, "human_replied");
 
 /** Whether a message on `subject` passes the validation the pipeline's consumers apply. */
 function isValid(subject: string, payload: string | Uint8Array): boolean {

@@ -8,17 +8,9 @@ import { connectNats } from "../src/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { SAMPLE_FEEDBACK } from "./helpers/texts.ts";
 
-const TEXTS = [
-  "I love the new dashboard, great work",
-  "The app crashes every time I open settings, please fix",
-  "I was charged twice this month, refund me",
-  "Could you add a dark mode?",
-  "Cannot log in since yesterday, password reset does not work",
-  "Everything is slow today, pages take ages to load",
-  "Thanks, the support team was lovely",
-  "Your invoice is wrong again, terrible",
-];
+const TEXTS = SAMPLE_FEEDBACK.slice(0, 8);
 
 Deno.test("deno task shadow reports a candidate's agreement, routing changes and cost, and changes nothing", async () => {
   const llm = startFakeOpenAI((req) => {
