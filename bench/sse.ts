@@ -60,10 +60,19 @@ const config = loadConfig({ env: (n) => (env as Record<string, string>)[n], args
 const nc = await connectNats(server.url, "bench-sse");
 await ensureTopology(nc, await jetstreamManager(nc), config);
 const names = ["state", "ingest", "sentiment", "topics", "dispatch", "gateway"];
+// WEFT_BENCH_PROF=DIR: a V8 tick profile of the gateway in DIR/gateway.v8.log (read it with
+// `node --prof-process`).
+const PROF = Deno.env.get("WEFT_BENCH_PROF");
 const procs = SERVICES.filter((s) => names.includes(s.name)).map((spec) => ({
   spec,
   child: new Deno.Command("deno", {
-    args: serviceArgs(spec, config),
+    args: PROF && spec.name === "gateway"
+      ? [
+        "run",
+        `--v8-flags=--prof,--no-logfile-per-isolate,--logfile=${PROF}/gateway.v8.log`,
+        ...serviceArgs(spec, config).slice(1),
+      ]
+      : serviceArgs(spec, config),
     cwd: ROOT,
     env,
     stdin: "null",

@@ -84,6 +84,12 @@ export interface Config {
    * much delivery lag, ms. `WEFT_SSE_FLUSH_MS`.
    */
   sseFlushMs: number;
+  /**
+   * Budget of SSE client writes a second per live feed (one per stream): past it, live feeds flush less often
+   * than `sseFlushMs` (more lag, the same work), so many clients cannot starve ingest.
+   * `WEFT_SSE_WRITES_PER_S`.
+   */
+  sseWritesPerSecond: number;
   /** An SSE client that cannot take a frame within this time is dropped, ms. `WEFT_SSE_WRITE_TIMEOUT_MS`. */
   sseWriteTimeoutMs: number;
   /** The state writer pulls at most one batch per this long (unless a backlog waits), and holds an unfinished item at most about this long, ms. `WEFT_STATE_FLUSH_MS`. */
@@ -383,6 +389,12 @@ const SETTINGS: Setting<any>[] = [
   { key: "sseKeepAliveMs", env: "WEFT_SSE_KEEPALIVE_MS", default: 15_000, parse: int(100) },
   { key: "sseMaxClients", env: "WEFT_SSE_MAX_CLIENTS", default: 1000, parse: int(1) },
   { key: "sseFlushMs", env: "WEFT_SSE_FLUSH_MS", default: 100, parse: int(0, 10_000) },
+  {
+    key: "sseWritesPerSecond",
+    env: "WEFT_SSE_WRITES_PER_S",
+    default: 5_000,
+    parse: int(100, 1_000_000),
+  },
   { key: "sseWriteTimeoutMs", env: "WEFT_SSE_WRITE_TIMEOUT_MS", default: 10_000, parse: int(100) },
   { key: "stateFlushMs", env: "WEFT_STATE_FLUSH_MS", default: 20, parse: int(0, 10_000) },
   { key: "drainMs", env: "WEFT_DRAIN_MS", default: 10_000, parse: int(0) },

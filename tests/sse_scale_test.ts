@@ -9,6 +9,7 @@ import { createEvent } from "../src/events.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createIntake } from "../src/gateway/intake.ts";
+import { type FeedSubscription, LiveFeeds, SSE_FLUSH_SLICE } from "../src/gateway/sse.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
@@ -162,4 +163,51 @@ Deno.test("a per-item stream resumed with Last-Event-ID after its final event cl
   );
   const rest = await deadline(resumed.text(), 10_000, "the resumed stream to end");
   assert.doesNotMatch(rest, /^id:/m, "nothing more to send, and it ended");
+});
+
+Deno.test("past its write budget a live feed flushes less often, and writes to its clients a slice at a time", async () => {
+  await using t = await startTestNats();
+  // 10 ms flushes, but at most 1,000 client writes a second: 500 clients get a flush at
+  // most every 500 ms.
+  const feeds = new LiveFeeds(jetstream(t.nc), t.log, 10, 1_000);
+  const CLIENTS = 500;
+  const subs: FeedSubscription[] = [];
+  for (let i = 0; i < CLIENTS; i++) {
+    subs.push(await feeds.join("FEEDBACK", "feedback.*.*", { key: "all", match: () => true }));
+  }
+  try {
+    const js = jetstream(t.nc);
+    // The first flush: a timer set when the first client got its chunk runs before the last
+    // client gets its own, because the flush yields to the event loop between slices.
+    let received = 0;
+    let receivedWhenTimerRan = -1;
+    const firstRound = Promise.all(subs.map(async (sub) => {
+      const chunks = await deadline(sub.take(), 10_000, "the first chunk");
+      assert.ok(Array.isArray(chunks));
+      if (received++ === 0) setTimeout(() => (receivedWhenTimerRan = received), 0);
+    }));
+    await js.publish("feedback.ingested.budget1", ingested("budget1"));
+    await firstRound;
+    assert.ok(CLIENTS > 2 * SSE_FLUSH_SLICE);
+    assert.ok(
+      receivedWhenTimerRan > 0 && receivedWhenTimerRan < CLIENTS,
+      `the timer ran after ${receivedWhenTimerRan} of ${CLIENTS} clients were written`,
+    );
+    // The next: the last flush wrote to 500 clients, so this one waits 500 ms, not 10.
+    const sent = performance.now();
+    await js.publish("feedback.ingested.budget2", ingested("budget2"));
+    const chunks = await deadline(subs[0]!.take(), 10_000, "the second chunk");
+    assert.ok(
+      Array.isArray(chunks) && chunks[0]!.frames[0]!.subject === "feedback.ingested.budget2",
+    );
+    const waited = performance.now() - sent;
+    assert.ok(waited >= 490, `the second flush came ${Math.round(waited)} ms after the event`);
+  } finally {
+    for (const sub of subs) sub.close();
+    await waitFor(
+      async () => (await ephemeralConsumers(t)) === 0,
+      10_000,
+      "the feed's consumer gone",
+    );
+  }
 });

@@ -156,7 +156,8 @@ function isNatsUnavailable(err: unknown): boolean {
 export function createApp(deps: GatewayDeps): Hono {
   const { intake, config, log } = deps;
   const clients = deps.sseClients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
-  const feeds = deps.feeds ?? new LiveFeeds(intake.js, log, config.sseFlushMs);
+  const feeds = deps.feeds ??
+    new LiveFeeds(intake.js, log, config.sseFlushMs, config.sseWritesPerSecond);
   const app = new Hono();
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
@@ -330,7 +331,7 @@ export function createApp(deps: GatewayDeps): Hono {
         config,
         log,
         clients,
-        feeds: new LiveFeeds(deps.moderation.js, log, config.sseFlushMs),
+        feeds: new LiveFeeds(deps.moderation.js, log, config.sseFlushMs, config.sseWritesPerSecond),
       }),
     );
   }
@@ -343,7 +344,7 @@ export function createApp(deps: GatewayDeps): Hono {
       edgeRoutes(intake, config.hub, {
         config,
         clients,
-        feeds: new LiveFeeds(intake.js, log, config.sseFlushMs),
+        feeds: new LiveFeeds(intake.js, log, config.sseFlushMs, config.sseWritesPerSecond),
         log,
       }),
     );

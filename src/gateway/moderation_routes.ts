@@ -68,6 +68,7 @@ export function createModerationRoutes(deps: {
     | "sseFlushMs"
     | "sseKeepAliveMs"
     | "sseWriteTimeoutMs"
+    | "sseWritesPerSecond"
   >;
   log: Logger;
   /** SSE slots shared with the rest of the gateway; its own when absent. */
@@ -77,7 +78,8 @@ export function createModerationRoutes(deps: {
 }): Hono<Env> {
   const { api, auth, config, log } = deps;
   const clients = deps.clients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
-  const feeds = deps.feeds ?? new LiveFeeds(api.js, log, config.sseFlushMs);
+  const feeds = deps.feeds ??
+    new LiveFeeds(api.js, log, config.sseFlushMs, config.sseWritesPerSecond);
   const app = new Hono<Env>();
   const tooLarge = (max: number) =>
     bodyLimit({

@@ -233,7 +233,10 @@ interface Group {
  * selection gets them as one chunk, encoded once and shared: with 2,000 clients and 250
  * events a second that is one write per client per flush instead of one per event, and
  * no copying per client, which is what keeps the gateway's event loop free for ingest.
- * The cost is up to `flushMs` of delivery lag.
+ * The cost is up to `flushMs` of delivery lag. With more clients than `writesPerSecond`
+ * allows at that pace, flushes come less often (each with more frames), so fan-out work
+ * stays bounded however many clients connect; and a flush writes to a few hundred clients
+ * per turn of the event loop, so requests are answered between slices.
  */
 export class LiveFeeds {
   #feeds = new Map<string, Feed>();
@@ -241,6 +244,7 @@ export class LiveFeeds {
     readonly js: JetStreamClient,
     readonly log: Logger,
     readonly flushMs: number = SSE_FLUSH_MS,
+    readonly writesPerSecond: number = SSE_WRITES_PER_S,
   ) {}
   /**
    * Joins the live feed of `stream` (events on `filter`) with the frames `match` selects;
@@ -256,7 +260,17 @@ export class LiveFeeds {
     const key = `${stream} ${filter}`;
     let feed = this.#feeds.get(key);
     if (!feed) {
-      this.#feeds.set(key, feed = new Feed(this.js, stream, filter, this.log, this.flushMs));
+      this.#feeds.set(
+        key,
+        feed = new Feed(
+          this.js,
+          stream,
+          filter,
+          this.log,
+          this.flushMs,
+          this.writesPerSecond,
+        ),
+      );
     }
     return await feed.join(selection);
   }
@@ -264,6 +278,10 @@ export class LiveFeeds {
 
 /** Default of {@link LiveFeeds}' flush interval, ms (`WEFT_SSE_FLUSH_MS`). */
 export const SSE_FLUSH_MS = 100;
+/** Default of {@link LiveFeeds}' budget of client writes a second (`WEFT_SSE_WRITES_PER_S`). */
+export const SSE_WRITES_PER_S = 5_000;
+/** Clients a flush writes to in one turn of the event loop. */
+export const SSE_FLUSH_SLICE = 200;
 
 class Feed {
   /** Groups following every item (e.g. `/events?type=...`), matched per frame at flush. */
@@ -274,6 +292,10 @@ class Feed {
   /** Frames since the last flush. */
   #pending: Frame[] = [];
   #flushTimer?: ReturnType<typeof setTimeout>;
+  /** A flush is pushing its frames (it yields between slices of clients). */
+  #flushing = false;
+  /** Clients the last flush pushed to. */
+  #lastPushes = 0;
   #running?: Promise<{ stop(): Promise<void> }>;
   constructor(
     readonly js: JetStreamClient,
@@ -281,6 +303,7 @@ class Feed {
     readonly filter: string,
     readonly log: Logger,
     readonly flushMs: number,
+    readonly writesPerSecond: number,
   ) {}
 
   async join(
@@ -324,34 +347,56 @@ class Feed {
 
   #deliver(frame: Frame) {
     this.#pending.push(frame);
-    if (this.flushMs === 0) this.#flush();
-    else this.#flushTimer ??= setTimeout(() => this.#flush(), this.flushMs);
+    this.#schedule();
   }
 
-  #flush() {
+  /** Arms the next flush: none while one is running (its end arms the next). */
+  #schedule() {
+    if (this.#flushing || this.#flushTimer !== undefined || this.#pending.length === 0) return;
+    // The fan-out's writes a second stay within the budget: with more clients than the
+    // budget takes at `flushMs`, flushes come less often and each carries more frames.
+    const ms = Math.max(this.flushMs, Math.ceil((1000 * this.#lastPushes) / this.writesPerSecond));
+    if (ms === 0) void this.#flush();
+    else this.#flushTimer = setTimeout(() => void this.#flush(), ms);
+  }
+
+  async #flush() {
     this.#flushTimer = undefined;
+    this.#flushing = true;
     const frames = this.#pending;
     this.#pending = [];
+    const pushes: { subs: Sub[]; chunk: Chunk }[] = [];
     for (const group of this.#wide.values()) {
       const mine = frames.filter((f) => group.match(f.subject));
-      if (mine.length === 0) continue;
-      const chunk = chunkOf(mine);
-      for (const sub of group.subs) sub.push(chunk);
+      if (mine.length > 0) pushes.push({ subs: [...group.subs], chunk: chunkOf(mine) });
     }
-    if (this.#byItem.size === 0) return;
-    const perItem = new Map<string, Frame[]>();
-    for (const f of frames) {
-      const id = f.subject.slice(f.subject.lastIndexOf(".") + 1);
-      const group = this.#byItem.get(id);
-      if (!group || !group.match(f.subject)) continue;
-      const list = perItem.get(id);
-      if (list) list.push(f);
-      else perItem.set(id, [f]);
+    if (this.#byItem.size > 0) {
+      const perItem = new Map<string, Frame[]>();
+      for (const f of frames) {
+        const id = f.subject.slice(f.subject.lastIndexOf(".") + 1);
+        const group = this.#byItem.get(id);
+        if (!group || !group.match(f.subject)) continue;
+        const list = perItem.get(id);
+        if (list) list.push(f);
+        else perItem.set(id, [f]);
+      }
+      for (const [id, mine] of perItem) {
+        pushes.push({ subs: [...this.#byItem.get(id)!.subs], chunk: chunkOf(mine) });
+      }
     }
-    for (const [id, mine] of perItem) {
-      const chunk = chunkOf(mine);
-      for (const sub of this.#byItem.get(id)!.subs) sub.push(chunk);
+    // A few hundred clients' writes at a time, then a turn of the event loop: requests
+    // (ingest above all) are answered between slices, not after the whole fan-out. A client
+    // that leaves meanwhile ignores its push.
+    let n = 0;
+    for (const { subs, chunk } of pushes) {
+      for (const sub of subs) {
+        sub.push(chunk);
+        if (++n % SSE_FLUSH_SLICE === 0) await new Promise((r) => setTimeout(r, 0));
+      }
     }
+    this.#lastPushes = n;
+    this.#flushing = false;
+    this.#schedule();
   }
 
   async #start(): Promise<{ stop(): Promise<void> }> {
