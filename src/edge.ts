@@ -8,17 +8,18 @@
  * processing while its link to the hub is down.
  *
  * The hub (`--hub east,west`) has the JetStream domain `hub`, a loopback leafnode listener,
- * and per site a stream `EDGE_<SITE>` that sources the site's FEEDBACK across domains
- * (`external.api = $JS.<site>.API`) with the subject transform `feedback.>` to
- * `site.<site>.feedback.>`. Sourcing tracks the site's stream sequence, so after an outage
- * the hub resumes where it stopped: every event once, in the site's order. One stream per
+ * and per site a stream `EDGE_<SITE>` that sources the site's FEEDBACK, CONTENT and
+ * DEADLETTER streams ({@link SITE_STREAMS}) across domains (`external.api =
+ * $JS.<site>.API`), each with a subject transform, e.g. `feedback.>` to
+ * `site.<site>.feedback.>`. Sourcing tracks each of the site's stream sequences, so after an
+ * outage the hub resumes where it stopped: every event once, in the site's order. One stream per
  * site, rather than one for all, keeps each site's duplicate window apart: two sites may
  * both accept an item with the same client-chosen id, and its events have the same message
  * ids at both.
  *
  * Least privilege on the link: each site authenticates with an nkey of its own
  * (`leaf-<site>`), whose permissions carry only what sourcing needs. From the hub to the
- * site: consumer create/delete requests on the site's FEEDBACK and flow-control replies;
+ * site: consumer create/delete requests on the site's collected streams and flow-control replies;
  * from the site to the hub: the deliveries on the site's own deliver prefix and the replies
  * to those requests. Nothing else crosses: not the sites' `feedback.>` publishes (which the
  * hub's own FEEDBACK stream would otherwise store too), not request subjects, not any other
@@ -27,14 +28,15 @@
  * @module
  */
 import type { JetStreamClient, JetStreamManager, StreamSource } from "@nats-io/jetstream";
-import type { FeedbackState } from "./events.gen.ts";
+import type { ContentState, FeedbackState } from "./events.gen.ts";
+import { applyContentEvent } from "./content_state.ts";
 import type { Logger } from "./log.ts";
 import type { Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
 import { applyEvent } from "./state.ts";
 import { readStream } from "./stream_reader.ts";
-import { FEEDBACK_STREAM } from "./subjects.ts";
+import { CONTENT_STREAM, DEADLETTER_STREAM, FEEDBACK_STREAM } from "./subjects.ts";
 import type { NamedStreamConfig } from "./topology.ts";
 
 /** The hub's JetStream domain. */
@@ -58,27 +60,49 @@ export function siteSubjectPrefix(site: string): string {
 }
 
 /**
- * The hub-side filter of one site's events, or of one item's there.
+ * The streams of a site that its hub collects, each with the first token of its subjects:
+ * both pipelines' events, and the dead letters, so the hub sees what failed where.
+ */
+export const SITE_STREAMS: readonly { stream: string; root: string }[] = [
+  { stream: FEEDBACK_STREAM, root: "feedback" },
+  { stream: CONTENT_STREAM, root: "content" },
+  { stream: DEADLETTER_STREAM, root: "deadletter" },
+];
+
+/** The pipelines whose items the hub shows per site: the first token of their subjects. */
+export type SitePipeline = "feedback" | "content";
+
+/**
+ * The hub-side filter of one site's events of a pipeline (feedback by default), or of one
+ * item's there.
  *
  * @example
  * ```ts
  * import { siteEventsFilter } from "./edge.ts";
  * console.assert(siteEventsFilter("east", "fb1") === "site.east.feedback.*.fb1");
+ * console.assert(siteEventsFilter("east", "c1", "content") === "site.east.content.*.c1");
  * ```
  */
-export function siteEventsFilter(site: string, itemId = "*"): string {
-  return `${siteSubjectPrefix(site)}.feedback.*.${itemId}`;
+export function siteEventsFilter(
+  site: string,
+  itemId = "*",
+  pipeline: SitePipeline = "feedback",
+): string {
+  return `${siteSubjectPrefix(site)}.${pipeline}.*.${itemId}`;
 }
 
-/** Splits a hub subject `site.<site>.feedback.<type>.<id>`; null for any other. */
+/** Splits a hub subject `site.<site>.<feedback|content>.<type>.<id>`; null for any other. */
 export function parseSiteSubject(
   subject: string,
 ): { site: string; type: string; itemId: string } | null {
   const p = subject.split(".");
-  if (p.length !== 5 || p[0] !== "site" || p[2] !== "feedback" || !p[1] || !p[3] || !p[4]) {
+  if (
+    p.length !== 5 || p[0] !== "site" || (p[2] !== "feedback" && p[2] !== "content") ||
+    !p[1] || !p[3] || !p[4]
+  ) {
     return null;
   }
-  return { site: p[1], type: `feedback.${p[3]}`, itemId: p[4] };
+  return { site: p[1], type: `${p[2]}.${p[3]}`, itemId: p[4] };
 }
 
 /** The NATS identity (nkey) a site's leafnode connection authenticates as. */
@@ -115,29 +139,31 @@ export function leafPermissions(site: string): Permissions {
       ],
     },
     subscribe: {
-      allow: [
-        `${api}.CONSUMER.CREATE.${FEEDBACK_STREAM}.>`,
-        `${api}.CONSUMER.DELETE.${FEEDBACK_STREAM}.>`,
-        `$JS.FC.${FEEDBACK_STREAM}.>`,
-      ],
+      allow: SITE_STREAMS.flatMap(({ stream }) => [
+        `${api}.CONSUMER.CREATE.${stream}.>`,
+        `${api}.CONSUMER.DELETE.${stream}.>`,
+        `$JS.FC.${stream}.>`,
+      ]),
     },
     allow_responses: false,
   };
 }
 
-/** The source of site `site`'s events in its hub stream. */
-export function siteSource(site: string): StreamSource {
+/** The sources of site `site`'s events in its hub stream: one per {@link SITE_STREAMS}. */
+export function siteSources(site: string): StreamSource[] {
   // (Field order as the server echoes it, so an unchanged start finds nothing to update.)
-  return {
-    name: FEEDBACK_STREAM,
-    subject_transforms: [{ src: "feedback.>", dest: `${siteSubjectPrefix(site)}.feedback.>` }],
-    external: { api: siteApi(site), deliver: edgeDeliverPrefix(site) },
-  } as StreamSource;
+  return SITE_STREAMS.map(({ stream, root }) =>
+    ({
+      name: stream,
+      subject_transforms: [{ src: `${root}.>`, dest: `${siteSubjectPrefix(site)}.${root}.>` }],
+      external: { api: siteApi(site), deliver: edgeDeliverPrefix(site) },
+    }) as StreamSource
+  );
 }
 
 /**
  * The hub's per-site streams, from the FEEDBACK stream's configuration (its limits and
- * replicas): no subjects of their own, one source each.
+ * replicas): no subjects of their own, a source per collected stream of the site.
  */
 export function edgeStreamConfigs(
   sites: readonly string[],
@@ -147,8 +173,8 @@ export function edgeStreamConfigs(
   return sites.map((site) => ({
     ...limits,
     name: edgeStream(site),
-    description: `Weft edge site ${site}: its FEEDBACK events, on site.${site}.feedback.>`,
-    sources: [siteSource(site)],
+    description: `Weft edge site ${site}: its events and dead letters, on site.${site}.>`,
+    sources: siteSources(site),
   }));
 }
 
@@ -225,16 +251,34 @@ export function siteConf(conf: string, site: string, urls: string, seed?: string
 export interface SiteStatus {
   site: string;
   stream: string;
-  /** Events the hub holds from the site. */
+  /** Events the hub holds from the site (dead letters included). */
   events: number;
-  /** Items the hub has seen start there. */
+  /** Feedback items the hub has seen start there. */
   items: number;
+  /** Content items the hub has seen uploaded there. */
+  content_items: number;
+  /** The site's dead letters the hub holds. */
+  dead_letters: number;
   /** Events the site holds that the hub has not yet received, as last reported. */
   lag: number;
-  /** Since the last message or heartbeat from the site, ms; null when never. */
+  /**
+   * Since the last message or heartbeat from the site, ms, for the longest silent of its
+   * sources; null when one never reported.
+   */
   last_seen_ms: number | null;
-  /** The source's error, when it has one (e.g. no responders while the link is down). */
+  /** A source's error, when one has one (e.g. no responders while the link is down). */
   error?: string;
+}
+
+/** How many subjects, and messages on them, the stream holds under `filter`. */
+async function countUnder(
+  jsm: JetStreamManager,
+  stream: string,
+  filter: string,
+): Promise<{ subjects: number; messages: number }> {
+  const info = await jsm.streams.info(stream, { subjects_filter: filter });
+  const counts = Object.values(info.state.subjects ?? {}) as number[];
+  return { subjects: counts.length, messages: counts.reduce((a, b) => a + b, 0) };
 }
 
 /** Each site's status from its hub stream. */
@@ -243,19 +287,29 @@ export async function siteStatuses(
   sites: readonly string[],
 ): Promise<SiteStatus[]> {
   return await Promise.all(sites.map(async (site) => {
-    const info = await jsm.streams.info(edgeStream(site), {
-      subjects_filter: `${siteSubjectPrefix(site)}.feedback.ingested.*`,
-    });
-    const source = info.sources?.[0];
-    const active = source?.active ?? -1;
+    const stream = edgeStream(site);
+    const prefix = siteSubjectPrefix(site);
+    const [info, items, content, dead] = await Promise.all([
+      jsm.streams.info(stream),
+      countUnder(jsm, stream, `${prefix}.feedback.ingested.*`),
+      countUnder(jsm, stream, `${prefix}.content.uploaded.*`),
+      countUnder(jsm, stream, `${prefix}.deadletter.>`),
+    ]);
+    const sources = info.sources ?? [];
+    const actives = sources.map((s) => s.active ?? -1);
+    const error = sources.find((s) => s.error)?.error?.description;
     return {
       site,
-      stream: edgeStream(site),
+      stream,
       events: info.state.messages,
-      items: Object.keys(info.state.subjects ?? {}).length,
-      lag: source?.lag ?? 0,
-      last_seen_ms: active >= 0 ? Math.round(active / 1e6) : null,
-      ...(source?.error ? { error: source.error.description } : {}),
+      items: items.subjects,
+      content_items: content.subjects,
+      dead_letters: dead.messages,
+      lag: sources.reduce((n, s) => n + (s.lag ?? 0), 0),
+      last_seen_ms: actives.length === 0 || actives.some((a) => a < 0)
+        ? null
+        : Math.round(Math.max(...actives) / 1e6),
+      ...(error ? { error } : {}),
     };
   }));
 }
@@ -270,22 +324,57 @@ export async function siteItemState(
   site: string,
   id: string,
 ): Promise<FeedbackState & { site: string }> {
-  const filter = siteEventsFilter(site, id);
-  const info = await jsm.streams.info(edgeStream(site), { subjects_filter: filter });
-  if (Object.keys(info.state.subjects ?? {}).length === 0) {
-    throw new NotFoundError(`no item ${id} from site ${site}`);
-  }
-  let state: FeedbackState | undefined;
-  for await (const m of readStream(js, edgeStream(site), { filter })) {
-    state = applyEvent(state, m.json<AnyEvent>(), m.seq);
-  }
-  if (!state) throw new NotFoundError(`no item ${id} from site ${site}`);
+  const state = await foldSiteItem<FeedbackState>(js, jsm, site, id, "feedback", applyEvent);
   return { ...state, site };
 }
 
 /**
+ * An edge content item's state, folded from its events on the hub (the content state
+ * writer's fold), with its site. Throws NotFoundError when the hub has none.
+ */
+export async function siteContentState(
+  js: JetStreamClient,
+  jsm: JetStreamManager,
+  site: string,
+  id: string,
+): Promise<ContentState & { site: string }> {
+  const state = await foldSiteItem<ContentState>(
+    js,
+    jsm,
+    site,
+    id,
+    "content",
+    applyContentEvent,
+  );
+  return { ...state, site };
+}
+
+async function foldSiteItem<S>(
+  js: JetStreamClient,
+  jsm: JetStreamManager,
+  site: string,
+  id: string,
+  pipeline: SitePipeline,
+  fold: (state: S | undefined, event: AnyEvent, seq: number) => S,
+): Promise<S> {
+  const filter = siteEventsFilter(site, id, pipeline);
+  const what = pipeline === "feedback" ? "item" : "content item";
+  const info = await jsm.streams.info(edgeStream(site), { subjects_filter: filter });
+  if (Object.keys(info.state.subjects ?? {}).length === 0) {
+    throw new NotFoundError(`no ${what} ${id} from site ${site}`);
+  }
+  let state: S | undefined;
+  for await (const m of readStream(js, edgeStream(site), { filter })) {
+    state = fold(state, m.json<AnyEvent>(), m.seq);
+  }
+  if (state === undefined) throw new NotFoundError(`no ${what} ${id} from site ${site}`);
+  return state;
+}
+
+/**
  * The latest `limit` events of each site on the hub (oldest first per site), each with
- * its site and hub stream sequence: what the dashboard lists.
+ * its site and hub stream sequence: what the dashboard lists (its feedback items; the
+ * dashboard draws feedback steps).
  */
 export async function recentSiteEvents(
   js: JetStreamClient,
@@ -298,7 +387,8 @@ export async function recentSiteEvents(
     const { state } = await jsm.streams.info(edgeStream(site));
     if (state.messages === 0) continue;
     const startSeq = Math.max(state.first_seq, state.last_seq - limit + 1);
-    for await (const m of readStream(js, edgeStream(site), { startSeq })) {
+    const filter = `${siteSubjectPrefix(site)}.feedback.>`;
+    for await (const m of readStream(js, edgeStream(site), { startSeq, filter })) {
       if (m.seq > state.last_seq) break;
       try {
         out.push({ site, seq: m.seq, event: m.json() });
@@ -347,7 +437,11 @@ export function watchSources(
   const check = async (site: string) => {
     const name = edgeStream(site);
     const info = await jsm.streams.info(name);
-    const source = info.sources?.[0];
+    // The site's sources share its one link: the one in error, never heard from, or
+    // silent longest speaks for all.
+    const sources = info.sources ?? [];
+    const source = sources.find((s) => s.error || (s.active ?? -1) < 0) ??
+      sources.toSorted((a, b) => (b.active ?? 0) - (a.active ?? 0))[0];
     const active = source?.active ?? -1;
     const stalled = active < 0 || active / 1e6 > stalledMs || source?.error !== undefined;
     if (!stalled || Date.now() - (lastRestart.get(site) ?? 0) < restartMs) return;

@@ -44,15 +44,19 @@ Deno.test("leafPermissions let a site carry only its own sourcing traffic", () =
   ) {
     assert.ok(!subjectAllowed(p.publish.allow, s), s);
   }
-  // Hub to site: consumer create/delete on its FEEDBACK, flow control; nothing else.
-  assert.ok(
-    subjectAllowed(p.subscribe.allow, "$JS.east.API.CONSUMER.CREATE.FEEDBACK.c.feedback.>"),
-  );
-  assert.ok(subjectAllowed(p.subscribe.allow, "$JS.FC.FEEDBACK.c.x"));
+  // Hub to site: consumer create/delete on the streams it collects, flow control; nothing else.
+  for (const stream of ["FEEDBACK", "CONTENT", "DEADLETTER"]) {
+    assert.ok(
+      subjectAllowed(p.subscribe.allow, `$JS.east.API.CONSUMER.CREATE.${stream}.c.x.>`),
+      stream,
+    );
+    assert.ok(subjectAllowed(p.subscribe.allow, `$JS.FC.${stream}.c.x`), stream);
+  }
   for (
     const s of [
       "$JS.east.API.STREAM.DELETE.FEEDBACK",
-      "$JS.east.API.CONSUMER.CREATE.CONTENT.c",
+      "$JS.east.API.CONSUMER.CREATE.KV_weft_feedback_state.c",
+      "$JS.east.API.CONSUMER.CREATE.DIGEST.c",
       "$JS.west.API.CONSUMER.CREATE.FEEDBACK.c",
       "feedback.submit",
     ]
@@ -83,7 +87,7 @@ Deno.test("siteDenyImports keeps the hub to consumer create/delete on the site's
   ) assert.ok(!subjectAllowed(deny, s), s);
 });
 
-Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEEDBACK onto site.<name>.feedback.>", () => {
+Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEEDBACK, CONTENT and DEADLETTER onto site.<name>.>", () => {
   const [east] = edgeStreamConfigs(["east"], {
     name: "FEEDBACK",
     subjects: ["feedback.>"],
@@ -92,18 +96,30 @@ Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEE
   assert.equal(east!.name, "EDGE_EAST");
   assert.equal(east!.subjects, undefined);
   assert.equal(east!.max_bytes, 5);
-  assert.deepEqual(east!.sources, [{
-    name: "FEEDBACK",
-    subject_transforms: [{ src: "feedback.>", dest: "site.east.feedback.>" }],
-    external: { api: "$JS.east.API", deliver: "$WEFT.EDGE.east" },
-  }]);
+  assert.deepEqual(
+    east!.sources,
+    [["FEEDBACK", "feedback"], ["CONTENT", "content"], ["DEADLETTER", "deadletter"]].map((
+      [name, root],
+    ) => ({
+      name,
+      subject_transforms: [{ src: `${root}.>`, dest: `site.east.${root}.>` }],
+      external: { api: "$JS.east.API", deliver: "$WEFT.EDGE.east" },
+    })),
+  );
   assert.equal(siteEventsFilter("east", "fb1"), "site.east.feedback.*.fb1");
+  assert.equal(siteEventsFilter("east", "c1", "content"), "site.east.content.*.c1");
   assert.deepEqual(parseSiteSubject("site.east.feedback.processed.fb1"), {
     site: "east",
     type: "feedback.processed",
     itemId: "fb1",
   });
+  assert.deepEqual(parseSiteSubject("site.east.content.published.c1"), {
+    site: "east",
+    type: "content.published",
+    itemId: "c1",
+  });
   assert.equal(parseSiteSubject("feedback.processed.fb1"), null);
+  assert.equal(parseSiteSubject("site.east.deadletter.moderation.c1"), null);
 });
 
 Deno.test("loadConfig takes --leaf with --site, --hub with site names, and refuses mixes", () => {

@@ -7,9 +7,9 @@
  * central view (`GET /sites/...`, the dashboard) shows both sites' items.
  */
 import assert from "node:assert/strict";
-import { jetstream, jetstreamManager, type JsMsg } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { edgeStream } from "../src/edge.ts";
+import { edgeStream, SITE_STREAMS } from "../src/edge.ts";
 import { connectNats } from "../src/nats.ts";
 import { portFree } from "../src/nats_server.ts";
 import { clusterPidFile, IDENTITY_DIR } from "../src/supervisor.ts";
@@ -50,17 +50,6 @@ interface Stored {
   item: string;
 }
 
-async function storedEvents(nc: NatsConnection, stream: string): Promise<Stored[]> {
-  const out: Stored[] = [];
-  for await (const m of readStream(jetstream(nc), stream)) out.push(stored(m));
-  return out;
-}
-
-function stored(m: JsMsg): Stored {
-  const e = m.json<{ id: string; item_id: string }>();
-  return { subject: m.subject, id: e.id, item: e.item_id };
-}
-
 /** Posts one item to a site's gateway; its id, once accepted. */
 async function post(mesh: Mesh, body: Record<string, unknown>): Promise<string> {
   const res = await fetch(`${mesh.gatewayUrl}/feedback`, {
@@ -70,6 +59,18 @@ async function post(mesh: Mesh, body: Record<string, unknown>): Promise<string> 
   });
   const answer = await res.json() as { id?: string };
   assert.equal(res.status, 202, `a site accepts locally: ${JSON.stringify(answer)}`);
+  return answer.id!;
+}
+
+/** Uploads one text to a site's content moderation; its id, once accepted. */
+async function postContent(mesh: Mesh, text: string): Promise<string> {
+  const res = await fetch(`${mesh.gatewayUrl}/content`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ text }),
+  });
+  const answer = await res.json() as { id?: string };
+  assert.equal(res.status, 202, `a site accepts content locally: ${JSON.stringify(answer)}`);
   return answer.id!;
 }
 
@@ -88,33 +89,70 @@ async function allProcessed(nc: NatsConnection, accepted: readonly string[], sit
 }
 
 /**
- * Waits until the hub holds as many of `site`'s events as the site does, then checks that
- * they are the site's, event for event, in the site's order (so in order per item), none
- * twice, on `site.<site>.` subjects. Returns the site's events.
+ * Waits until the hub holds as many of `site`'s events and dead letters as the site does,
+ * then checks that they are the site's, stream by stream, message for message, in the
+ * site's order (so in order per item), none twice, on `site.<site>.` subjects. Returns the
+ * site's feedback events and how many messages the hub holds from it in all.
  */
 async function hubMatchesSite(
   hub: NatsConnection,
   siteNc: NatsConnection,
   site: string,
-): Promise<Stored[]> {
-  const events = (await storedEvents(siteNc, "FEEDBACK"))
-    .filter((e) => e.subject.split(".").length === 3);
-  const want = events.length;
+): Promise<{ feedback: Stored[]; total: number; content: Stored[]; deadLetters: number }> {
+  const read = async (nc: NatsConnection, stream: string, filter?: string) => {
+    const out: { subject: string; data: string }[] = [];
+    for await (const m of readStream(jetstream(nc), stream, filter ? { filter } : {})) {
+      out.push({ subject: m.subject, data: m.string() });
+    }
+    return out;
+  };
+  // The site's events (not its submissions: `feedback.submit` is ingest's input) and dead letters.
+  const atSite = Object.fromEntries(
+    await Promise.all(SITE_STREAMS.map(async ({ stream, root }) =>
+      [
+        root,
+        (await read(siteNc, stream)).filter((m) => m.subject.split(".").length === 3),
+      ] as const
+    )),
+  );
+  const total = Object.values(atSite).reduce((n, ms) => n + ms.length, 0);
   const jsm = await jetstreamManager(hub);
   await waitFor(
-    async () => (await jsm.streams.info(edgeStream(site))).state.messages >= want || undefined,
+    async () => (await jsm.streams.info(edgeStream(site))).state.messages >= total || undefined,
     120_000,
-    `the hub holding ${site}'s ${want} events`,
+    `the hub holding ${site}'s ${total} events and dead letters`,
   );
-  const hubEvents = await storedEvents(hub, edgeStream(site));
-  assert.equal(hubEvents.length, want, `${site}: as many events at the hub as at the site`);
-  assert.equal(new Set(hubEvents.map((e) => e.id)).size, want, `${site}: no event twice`);
-  assert.deepEqual(
-    hubEvents.map((e) => [e.subject, e.id]),
-    events.map((e) => [`site.${site}.${e.subject}`, e.id]),
-    `${site}: the hub's stream is the site's, in order`,
+  assert.equal(
+    (await jsm.streams.info(edgeStream(site))).state.messages,
+    total,
+    `${site}: as many messages at the hub as at the site`,
   );
-  return events;
+  for (const { root } of SITE_STREAMS) {
+    const hubCopies = await read(hub, edgeStream(site), `site.${site}.${root}.>`);
+    assert.deepEqual(
+      hubCopies,
+      atSite[root]!.map((m) => ({ subject: `site.${site}.${m.subject}`, data: m.data })),
+      `${site}: the hub's ${root} messages are the site's, once each, in order`,
+    );
+  }
+  // (Events that are not JSON, forged ones, were dead-lettered: compared above, not items.)
+  const events = (root: string) =>
+    atSite[root]!.flatMap((m) => {
+      try {
+        const e = JSON.parse(m.data) as { id: string; item_id: string };
+        return [{ subject: m.subject, id: e.id, item: e.item_id }];
+      } catch {
+        return [];
+      }
+    });
+  const feedback = events("feedback");
+  assert.equal(new Set(feedback.map((e) => e.id)).size, feedback.length, `${site}: no event twice`);
+  return {
+    feedback,
+    content: events("content"),
+    total,
+    deadLetters: atSite.deadletter!.length,
+  };
 }
 
 /** Waits until the hub hears from every site (GET /sites), within `ms`. */
@@ -203,6 +241,18 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       }
     })();
     await waitFor(() => accepted.east!.length >= 20 || undefined, 30_000, "20 items at east");
+    // Content moderation runs at the sites too, and its events reach the hub with theirs.
+    const uploads: Record<string, string[]> = {
+      east: [await postContent(east, "a photo of the sunset over the harbour")],
+      west: [await postContent(west, "our new shop opens on Monday, all welcome")],
+    };
+    // A forged event at west, dead-lettered there: the hub collects its dead letters too.
+    const forger = await connectNats(west.natsUrl, "test-forger", west.credentials("admin"));
+    try {
+      await jetstream(forger).publish("feedback.sentiment_analyzed.FORGED-1", "{not json");
+    } finally {
+      await forger.close();
+    }
 
     // Cut east's link for 30 s.
     eastLink.cut();
@@ -214,6 +264,7 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     // East ingests and processes locally while cut off: an item accepted after the cut is
     // processed at the site, and the hub has not seen it.
     const during = await post(east, { text: "posted during the outage, thanks for the fix" });
+    uploads.east!.push(await postContent(east, "uploaded during the outage: a picture of a cat"));
     await waitFor(
       async () =>
         (await getJson(`${east.gatewayUrl}/feedback/${during}`)).body.status ===
@@ -251,15 +302,54 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     // Every item reaches its final state at its own site.
     for (const name of SITES) await allProcessed(ncs[name], accepted[name]!, name);
 
-    // The hub catches up: each site's stream, event for event, exactly once, in order.
-    const siteEvents: Record<string, Stored[]> = {};
-    const counts: Record<string, { items: number; events: number }> = {};
+    // Every upload reaches its final state at its own site.
+    const uploadStatus: Record<string, string> = {};
     for (const name of SITES) {
-      siteEvents[name] = await hubMatchesSite(ncs.hub, ncs[name], name);
-      const items = new Set(siteEvents[name]!.map((e) => e.item));
-      assert.ok(accepted[name]!.every((id) => items.has(id)), `${name}: every accepted item`);
-      counts[name] = { items: items.size, events: siteEvents[name]!.length };
+      for (const id of uploads[name]!) {
+        uploadStatus[`${name}/${id}`] = await waitFor<string>(
+          async () => {
+            const { body } = await getJson(`${meshes[name].gatewayUrl}/content/${id}`);
+            const status = String(body.status);
+            return ["published", "archived", "pending_review"].includes(status) && status;
+          },
+          60_000,
+          `upload ${id} settled at ${name}`,
+        );
+      }
     }
+    // West dead-lettered the forged event.
+    await waitFor(
+      async () =>
+        (await jetstreamManager(ncs.west).then((j) => j.streams.info("DEADLETTER"))).state
+            .messages > 0 || undefined,
+      30_000,
+      "the forged event dead-lettered at west",
+    );
+
+    // The hub catches up: each site's streams, message for message, exactly once, in order.
+    const siteEvents: Record<string, Stored[]> = {};
+    const counts: Record<
+      string,
+      { items: number; events: number; content_items: number; dead_letters: number }
+    > = {};
+    for (const name of SITES) {
+      const held = await hubMatchesSite(ncs.hub, ncs[name], name);
+      siteEvents[name] = held.feedback;
+      // Items are what started: a forged event's item (failed, never ingested) is not one.
+      const started = (events: Stored[], type: string) =>
+        new Set(events.filter((e) => e.subject.startsWith(`${type}.`)).map((e) => e.item));
+      const items = started(held.feedback, "feedback.ingested");
+      assert.ok(accepted[name]!.every((id) => items.has(id)), `${name}: every accepted item`);
+      const contentItems = started(held.content, "content.uploaded");
+      assert.ok(uploads[name]!.every((id) => contentItems.has(id)), `${name}: every upload`);
+      counts[name] = {
+        items: items.size,
+        events: held.total,
+        content_items: contentItems.size,
+        dead_letters: held.deadLetters,
+      };
+    }
+    assert.ok(counts.west!.dead_letters > 0, "west's dead letter at the hub");
 
     // Subjects never cross: the hub's own FEEDBACK stored none of the sites' publishes
     // (the leaf identities may carry sourcing traffic only), nor a site the other's.
@@ -287,10 +377,40 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
 
     // The central view: each site, its items' states, the dashboard.
     const { body: sitesBody } = await getJson(`${hub.gatewayUrl}/sites`);
-    for (const s of sitesBody.sites as { site: string; items: number; events: number }[]) {
+    for (
+      const s of sitesBody.sites as {
+        site: string;
+        items: number;
+        events: number;
+        content_items: number;
+        dead_letters: number;
+      }[]
+    ) {
       assert.equal(s.items, counts[s.site]!.items, `${s.site}: items on GET /sites`);
       assert.equal(s.events, counts[s.site]!.events, `${s.site}: events on GET /sites`);
+      assert.equal(s.content_items, counts[s.site]!.content_items, `${s.site}: content items`);
+      assert.equal(s.dead_letters, counts[s.site]!.dead_letters, `${s.site}: dead letters`);
     }
+    // Each upload's state, seen from the hub, is its state at its site; so is its event stream.
+    for (const name of SITES) {
+      for (const id of uploads[name]!) {
+        const { status, body } = await getJson(`${hub.gatewayUrl}/sites/${name}/content/${id}`);
+        assert.equal(status, 200, `${name}/${id} content on the hub`);
+        assert.equal(body.site, name);
+        assert.equal(body.status, uploadStatus[`${name}/${id}`], `${name}/${id} content status`);
+      }
+    }
+    const outageUpload = uploads.east!.at(-1)!;
+    const contentFrames = await readSse(
+      await fetch(`${hub.gatewayUrl}/sites/east/content/${outageUpload}/events`),
+      {
+        timeoutMs: 15_000,
+        // Closed after a final event; one waiting for a reviewer stays open.
+        stopAfter: (e) => e.event === "content.review_requested",
+      },
+    );
+    assert.equal(contentFrames[0]!.event, "content.uploaded");
+    assert.equal((await getJson(`${hub.gatewayUrl}/sites/east/content/NOPE1`)).status, 404);
     for (const name of SITES) {
       for (const id of [shared, ...accepted[name]!.slice(0, 10)]) {
         const { status, body } = await getJson(`${hub.gatewayUrl}/sites/${name}/feedback/${id}`);
@@ -470,7 +590,7 @@ Deno.test("a clustered hub (3 nodes, the site's stream at R3) keeps collecting a
     );
 
     await allProcessed(siteNc, accepted, "north");
-    const events = await hubMatchesSite(hubNc, siteNc, "north");
+    const { feedback: events } = await hubMatchesSite(hubNc, siteNc, "north");
     const items = new Set(events.map((e) => e.item));
     assert.ok(accepted.every((id) => items.has(id)), "every accepted item at the hub");
     const { body } = await getJson(`${hub.gatewayUrl}/sites/north/feedback/${accepted.at(-1)}`);

@@ -4,7 +4,9 @@
  * events and items the hub holds and how far behind it is; `GET /sites/{site}/feedback/{id}`
  * is an edge item's state, folded from its events on the hub, with its site;
  * `GET /sites/{site}/feedback/{id}/events` streams its events as the hub receives them
- * (server-sent events, resumable with Last-Event-ID, closed after the item's final event).
+ * (server-sent events, resumable with Last-Event-ID, closed after the item's final event);
+ * `GET /sites/{site}/content/{id}` and `GET /sites/{site}/content/{id}/events` do the same
+ * for the site's content moderation items.
  *
  * @module
  */
@@ -12,13 +14,15 @@ import { Hono } from "hono";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import {
   edgeStream,
+  siteContentState,
   siteEventsFilter,
   siteItemState,
+  type SitePipeline,
   siteStatuses,
   siteSubjectPrefix,
 } from "../edge.ts";
 import { NotFoundError } from "../errors.ts";
-import { ITEM_ID } from "../subjects.ts";
+import { CONTENT_FINAL_EVENT_TYPES, FINAL_EVENT_TYPES, ITEM_ID } from "../subjects.ts";
 import { openSlot, streamEvents } from "./sse.ts";
 
 /** What the per-item event stream needs: the gateway's SSE settings, slots and feeds. */
@@ -38,33 +42,54 @@ export function edgeRoutes(
   sse?: EdgeSse,
 ): Hono {
   const app = new Hono();
-  const known = (site: string, id: string) => {
+  const known = (site: string, id: string, what: string) => {
     if (!sites.includes(site)) throw new NotFoundError(`no edge site ${JSON.stringify(site)}`);
-    if (!ITEM_ID.test(id)) throw new NotFoundError(`no feedback item ${JSON.stringify(id)}`);
+    if (!ITEM_ID.test(id)) throw new NotFoundError(`no ${what} ${JSON.stringify(id)}`);
   };
   app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites) }));
-  app.get("/:site/feedback/:id", async (c) => {
-    const site = c.req.param("site");
-    const id = c.req.param("id");
-    known(site, id);
-    return c.json(await siteItemState(jetStream.js, jetStream.jsm, site, id));
-  });
-  if (sse) {
-    app.get("/:site/feedback/:id/events", async (c) => {
+  const pipelines: {
+    pipeline: SitePipeline;
+    what: string;
+    state: typeof siteItemState | typeof siteContentState;
+    finalTypes: ReadonlySet<string>;
+  }[] = [
+    {
+      pipeline: "feedback",
+      what: "feedback item",
+      state: siteItemState,
+      finalTypes: FINAL_EVENT_TYPES,
+    },
+    {
+      pipeline: "content",
+      what: "content item",
+      state: siteContentState,
+      finalTypes: CONTENT_FINAL_EVENT_TYPES,
+    },
+  ];
+  for (const { pipeline, what, state, finalTypes } of pipelines) {
+    app.get(`/:site/${pipeline}/:id`, async (c) => {
       const site = c.req.param("site");
       const id = c.req.param("id");
-      known(site, id);
+      known(site, id, what);
+      return c.json(await state(jetStream.js, jetStream.jsm, site, id));
+    });
+    if (!sse) continue;
+    app.get(`/:site/${pipeline}/:id/events`, async (c) => {
+      const site = c.req.param("site");
+      const id = c.req.param("id");
+      known(site, id, what);
       // The item's state says whether the hub has it at all (404 otherwise).
-      await siteItemState(jetStream.js, jetStream.jsm, site, id);
+      await state(jetStream.js, jetStream.jsm, site, id);
       const key = openSlot(sse.clients, c);
       return streamEvents(c, jetStream.js, {
-        filter: siteEventsFilter(site, id),
+        filter: siteEventsFilter(site, id, pipeline),
         stream: edgeStream(site),
         closeOnFinal: true,
         replay: true,
         itemId: id,
+        finalTypes,
         subjectOf: (type, item) => `${siteSubjectPrefix(site)}.${type}.${item}`,
-        feedFilter: siteEventsFilter(site),
+        feedFilter: siteEventsFilter(site, "*", pipeline),
       }, { ...sse, key });
     });
   }

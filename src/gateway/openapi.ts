@@ -263,9 +263,13 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
     },
     // A hub's (`--hub`) central view of its edge sites (src/gateway/edge_routes.ts).
     "/sites": {
-      get: op("A hub only: each edge site's events, items, lag and last contact", {
-        "200": json({ type: "object" }),
-      }),
+      get: op(
+        "A hub only: each edge site's events, feedback and content items, dead letters, lag " +
+          "and last contact",
+        {
+          "200": json({ type: "object" }),
+        },
+      ),
     },
     "/sites/{site}/feedback/{id}": {
       get: op(
@@ -284,6 +288,32 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         "A hub only: an edge item's events as the hub receives them (server-sent events, " +
           "resumable with Last-Event-ID, closed after the item's final event)",
         { "200": sse("the item's events at the hub") },
+        {
+          parameters: [
+            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            idParam,
+          ],
+        },
+      ),
+    },
+    "/sites/{site}/content/{id}": {
+      get: op(
+        "A hub only: an edge content item's state, folded from its events at the hub, with " +
+          "its site",
+        { "200": json({ type: "object" }) },
+        {
+          parameters: [
+            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            idParam,
+          ],
+        },
+      ),
+    },
+    "/sites/{site}/content/{id}/events": {
+      get: op(
+        "A hub only: an edge content item's events as the hub receives them (server-sent " +
+          "events, resumable with Last-Event-ID, closed after the item's final event)",
+        { "200": sse("the content item's events at the hub") },
         {
           parameters: [
             { name: "site", in: "path", required: true, schema: { type: "string" } },
