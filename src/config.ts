@@ -154,8 +154,27 @@ export interface Config {
    * site's FEEDBACK onto `site.<name>.feedback.>`. `WEFT_HUB`, `--hub`.
    */
   hub: readonly string[];
-  /** Supervisor: the hub's leafnode port (loopback). `WEFT_LEAF_PORT`. */
+  /** Supervisor: the hub's leafnode port. `WEFT_LEAF_PORT`. */
   leafPort: number;
+  /**
+   * Supervisor: the address the hub's leafnode listener binds (loopback by default). Any
+   * other needs `leafTlsCert`: sites then reach the hub over TLS. `WEFT_LEAF_HOST`.
+   */
+  leafHost: string;
+  /**
+   * Leafnode TLS, PEM files. At a hub: the listener's certificate and key; sites must then
+   * use TLS. At a site: its client certificate and key, which a hub with `leafTlsCa`
+   * requires. `WEFT_LEAF_TLS_CERT`, `WEFT_LEAF_TLS_KEY` (together).
+   */
+  leafTlsCert: string;
+  /** Private key of `leafTlsCert` (never printed). `WEFT_LEAF_TLS_KEY`. */
+  leafTlsKey: string;
+  /**
+   * Leafnode TLS: the CA the other end's certificate is checked against. At a site: the
+   * hub's certificate (the link then uses TLS); at a hub: every site must present a
+   * certificate it signed (mutual TLS). `WEFT_LEAF_TLS_CA`.
+   */
+  leafTlsCa: string;
   /**
    * Supervisor: processes per built-in service, e.g. `sentiment=2,topics=2` (each on the
    * service's one durable consumer). `WEFT_REPLICAS`. Not the gateway (one port).
@@ -440,6 +459,10 @@ const SETTINGS: Setting<any>[] = [
     },
   },
   { key: "leafPort", env: "WEFT_LEAF_PORT", default: 7422, parse: int(1, 65535) },
+  { key: "leafHost", env: "WEFT_LEAF_HOST", default: "127.0.0.1", parse: str },
+  { key: "leafTlsCert", env: "WEFT_LEAF_TLS_CERT", default: "", parse: str },
+  { key: "leafTlsKey", env: "WEFT_LEAF_TLS_KEY", default: "", parse: str },
+  { key: "leafTlsCa", env: "WEFT_LEAF_TLS_CA", default: "", parse: str },
   {
     key: "serviceReplicas",
     env: "WEFT_REPLICAS",
@@ -596,6 +619,18 @@ export function loadConfig(source: ConfigSource = {}): Config {
   }
   if (Boolean(config.tlsCert) !== Boolean(config.tlsKey)) {
     problems.push("WEFT_TLS_CERT and WEFT_TLS_KEY go together: set both for HTTPS, or neither");
+  }
+  if (Boolean(config.leafTlsCert) !== Boolean(config.leafTlsKey)) {
+    problems.push(
+      "WEFT_LEAF_TLS_CERT and WEFT_LEAF_TLS_KEY go together: set both for leafnode TLS, or neither",
+    );
+  }
+  const leafHost = String(config.leafHost);
+  if (!["127.0.0.1", "localhost", "::1"].includes(leafHost) && !config.leafTlsCert) {
+    problems.push(
+      `WEFT_LEAF_HOST ${leafHost} is not loopback: sites would reach the hub in the clear; ` +
+        `set WEFT_LEAF_TLS_CERT and WEFT_LEAF_TLS_KEY (and WEFT_LEAF_TLS_CA for mutual TLS)`,
+    );
   }
   if (problems.length > 0) {
     throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);

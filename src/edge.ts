@@ -193,17 +193,46 @@ function withDomain(conf: string, domain: string): string {
   return named.replace(/jetstream\s*\{/, `jetstream {\n  domain: ${JSON.stringify(domain)}`);
 }
 
+/** Leafnode TLS files (PEM): a certificate and its key, and the CA of the other end. */
+export interface LeafTls {
+  cert?: string;
+  key?: string;
+  ca?: string;
+}
+
+/** The `tls { }` block of `tls`; `verify` asks the other end for a certificate. */
+function tlsBlock(tls: LeafTls, verify: boolean): string {
+  const fields = [
+    ...(tls.cert ? [`cert_file: ${JSON.stringify(tls.cert)}`] : []),
+    ...(tls.key ? [`key_file: ${JSON.stringify(tls.key)}`] : []),
+    ...(tls.ca ? [`ca_file: ${JSON.stringify(tls.ca)}`] : []),
+    ...(verify ? ["verify: true"] : []),
+    "timeout: 5",
+  ];
+  return `tls { ${fields.join(", ")} }`;
+}
+
 /**
  * A hub's server configuration: `conf` with the hub's domain and a leafnode listener on
- * loopback `leafPort`. (The sites' users, with {@link leafPermissions}, go in the
- * authorization block: with no `authorization` of its own, the leafnode listener
- * authenticates against it.)
+ * `host` (loopback by default) and `leafPort`, with TLS when given a certificate (and,
+ * with a CA, mutual TLS: every site presents a certificate that CA signed). (The sites'
+ * users, with {@link leafPermissions}, go in the authorization block: with no
+ * `authorization` of its own, the leafnode listener authenticates against it.)
  */
-export function hubConf(conf: string, leafPort: number): string {
+export function hubConf(
+  conf: string,
+  leafPort: number,
+  opts: { host?: string; tls?: LeafTls } = {},
+): string {
+  const host = opts.host ?? "127.0.0.1";
+  const tls = opts.tls?.cert
+    ? `  ${tlsBlock(opts.tls, Boolean(opts.tls.ca))}
+`
+    : "";
   // Not advertised: a site connects only to the URLs it was given (`--leaf`), so a link
   // cut between them stays cut, and a site behind NAT is never sent an address it cannot use.
   return `${withDomain(conf, HUB_DOMAIN)}\n# Edge sites connect here (src/edge.ts).\n` +
-    `leafnodes {\n  listen: "127.0.0.1:${leafPort}"\n  no_advertise: true\n}\n`;
+    `leafnodes {\n  listen: "${host}:${leafPort}"\n  no_advertise: true\n${tls}}\n`;
 }
 
 /**
@@ -236,14 +265,24 @@ export function siteDenyImports(site: string): string[] {
 /**
  * A site's server configuration: `conf` with the site's domain and a leafnode remote to
  * the hub at `urls`, authenticating with the nkey `seed` (when the hub has one for it),
- * refusing {@link siteDenyImports} from the hub.
+ * refusing {@link siteDenyImports} from the hub; over TLS when `tls` names a CA to check
+ * the hub against or a client certificate, or the URLs are `tls://`.
  */
-export function siteConf(conf: string, site: string, urls: string, seed?: string): string {
+export function siteConf(
+  conf: string,
+  site: string,
+  urls: string,
+  seed?: string,
+  tls?: LeafTls,
+): string {
   const list = (xs: string[]) => `[${xs.map((x) => JSON.stringify(x)).join(", ")}]`;
   const urlList = urls.split(",").map((u) => u.trim());
+  // TLS with a CA or client certificate given, or `tls://` URLs (then the system's roots).
+  const useTls = Boolean(tls?.ca || tls?.cert) || urlList.some((u) => u.startsWith("tls://"));
   return `${withDomain(conf, site)}\n# The link to the hub (src/edge.ts).\nleafnodes {\n` +
     `  remotes: [\n    {\n      urls: ${list(urlList)}\n` +
     (seed ? `      nkey: ${JSON.stringify(seed)}\n` : "") +
+    (useTls ? `      ${tlsBlock(tls ?? {}, false)}\n` : "") +
     `      deny_imports: ${list(siteDenyImports(site))}\n    }\n  ]\n}\n`;
 }
 

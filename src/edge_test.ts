@@ -142,3 +142,30 @@ Deno.test("loadConfig takes --leaf with --site, --hub with site names, and refus
     ]
   ) assert.throws(() => load(bad), ConfigError, bad.join(" "));
 });
+
+Deno.test("leafnode TLS: the hub's listener presents its certificate and, with a CA, asks sites for theirs; a site checks the hub", () => {
+  const hub = hubConf(BASE, 7422, {
+    host: "0.0.0.0",
+    tls: { cert: "/c/hub.pem", key: "/c/hub.key", ca: "/c/ca.pem" },
+  });
+  assert.match(hub, /listen: "0\.0\.0\.0:7422"/);
+  assert.match(
+    hub,
+    /tls \{ cert_file: "\/c\/hub\.pem", key_file: "\/c\/hub\.key", ca_file: "\/c\/ca\.pem", verify: true, timeout: 5 \}/,
+  );
+  assert.doesNotMatch(hubConf(BASE, 7422), /tls/);
+  const site = siteConf(BASE, "east", "nats-leaf://h:7422", "SUSEED", { ca: "/c/ca.pem" });
+  assert.match(site, /nkey: "SUSEED"\n {6}tls \{ ca_file: "\/c\/ca\.pem", timeout: 5 \}/);
+  assert.doesNotMatch(siteConf(BASE, "east", "nats-leaf://h:7422", "S"), /tls \{/);
+  // tls:// URLs alone turn TLS on (the system's roots check the hub).
+  assert.match(siteConf(BASE, "east", "tls://h:7422", "S"), /tls \{ timeout: 5 \}/);
+});
+
+Deno.test("loadConfig: a hub's leafnode listener off loopback needs a certificate; cert and key go together", () => {
+  const load = (env: Record<string, string>) =>
+    loadConfig({ env: (n) => env[n], args: ["--hub", "east"] });
+  assert.throws(() => load({ WEFT_LEAF_HOST: "0.0.0.0" }), ConfigError);
+  assert.throws(() => load({ WEFT_LEAF_TLS_CERT: "c.pem" }), ConfigError);
+  const ok = load({ WEFT_LEAF_HOST: "0.0.0.0", WEFT_LEAF_TLS_CERT: "c", WEFT_LEAF_TLS_KEY: "k" });
+  assert.equal(ok.leafHost, "0.0.0.0");
+});

@@ -35,6 +35,7 @@ import {
   hubConf,
   leafIdentity,
   leafPermissions,
+  type LeafTls,
   siteConf,
   watchSources,
 } from "./edge.ts";
@@ -582,16 +583,30 @@ export async function writeAuthConfig(
 
 /** What an edge role adds to the server: nothing, a hub's leafnode listener, or a site's link. */
 export interface EdgeRole {
-  /** A hub of these sites, with its leafnode listener on loopback `leafPort`. */
-  hub?: { sites: readonly string[]; leafPort: number };
-  /** An edge site: its name, the hub's leafnode URL(s) and its leafnode seed. */
-  site?: { name: string; urls: string; seed?: string };
+  /** A hub of these sites, with its leafnode listener on `host` (loopback) and `leafPort`. */
+  hub?: { sites: readonly string[]; leafPort: number; host?: string; tls?: LeafTls };
+  /** An edge site: its name, the hub's leafnode URL(s), its leafnode seed and TLS files. */
+  site?: { name: string; urls: string; seed?: string; tls?: LeafTls };
+}
+
+/**
+ * The leafnode TLS files of `config`, as absolute paths (nats-server runs in its own
+ * directory; relative paths are taken from the repository root, like nats.conf).
+ */
+function leafTls(config: Config): LeafTls | undefined {
+  const abs = (path: string) => (path ? new URL(path, ROOT).pathname : undefined);
+  if (!config.leafTlsCert && !config.leafTlsCa) return undefined;
+  return { cert: abs(config.leafTlsCert), key: abs(config.leafTlsKey), ca: abs(config.leafTlsCa) };
 }
 
 /** The server configuration `conf` with an edge role's additions. */
 export function edgeServerConf(conf: string, edge: EdgeRole): string {
-  if (edge.hub && edge.hub.sites.length > 0) return hubConf(conf, edge.hub.leafPort);
-  if (edge.site) return siteConf(conf, edge.site.name, edge.site.urls, edge.site.seed);
+  if (edge.hub && edge.hub.sites.length > 0) {
+    return hubConf(conf, edge.hub.leafPort, { host: edge.hub.host, tls: edge.hub.tls });
+  }
+  if (edge.site) {
+    return siteConf(conf, edge.site.name, edge.site.urls, edge.site.seed, edge.site.tls);
+  }
   return conf;
 }
 
@@ -698,7 +713,7 @@ export async function startCluster(
   // Route and monitoring ports: free, and none twice, nor a client or leafnode port (a port
   // freePort() found free is not held: a second call may return it again).
   const base = await Deno.readTextFile(opts.configFile);
-  const leaf = /leafnodes \{\n {2}listen: "127\.0\.0\.1:(\d+)"/.exec(base);
+  const leaf = /leafnodes \{\n {2}listen: "[^"]*:(\d+)"/.exec(base);
   const used = new Set<number>([
     ...clientPorts,
     ...(leaf ? clientPorts.map((_, i) => Number(leaf[1]) + i) : []),
@@ -722,7 +737,7 @@ export async function startCluster(
       : base.replace(/jetstream\s*\{/, `jetstream {\n  ${store}`))
       // A hub's leafnode listener (src/edge.ts): one port per node.
       .replace(
-        /(leafnodes \{\n {2}listen: "127\.0\.0\.1:)(\d+)"/,
+        /(leafnodes \{\n {2}listen: "[^"]*:)(\d+)"/,
         (_, head: string, p: string) =>
           `${head}${Number(p) + i}"`,
       );
@@ -902,7 +917,14 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         );
         Deno.exit(1);
       }
-      edge = { hub: { sites: config.hub, leafPort: config.leafPort } };
+      edge = {
+        hub: {
+          sites: config.hub,
+          leafPort: config.leafPort,
+          host: config.leafHost,
+          tls: leafTls(config),
+        },
+      };
     } else if (config.site) {
       // The site's key, as the hub made it: named, or where the hub keeps it.
       const keyFile = `${IDENTITY_DIR}/${leafIdentity(config.site)}.nk`;
@@ -924,7 +946,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
             `unauthenticated, which a Weft hub refuses; copy the hub's ${keyFile} here`,
         );
       }
-      edge = { site: { name: config.site, urls: config.leaf, seed } };
+      edge = { site: { name: config.site, urls: config.leaf, seed, tls: leafTls(config) } };
     }
     if (config.natsAuth === "nkeys") {
       const made = await writeAuthConfig(baseConf, cwd, mesh, edge);
@@ -1147,7 +1169,9 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       ? {
         role: "hub",
         sites: config.hub,
-        leafnodes: `nats-leaf://127.0.0.1:${config.leafPort}`,
+        leafnodes: `${
+          config.leafTlsCert ? "tls" : "nats-leaf"
+        }://${config.leafHost}:${config.leafPort}`,
         site_seeds: seeds ? config.hub.map((s) => seeds!.get(leafIdentity(s))) : undefined,
       }
       : config.site
