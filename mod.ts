@@ -134,7 +134,9 @@ export { retryDelay } from "./src/retry.ts";
  * its file in pipelines/run.json and `deno task start` runs it (docs/PIPELINES.md). The
  * derivations give its subjects, consumers, permissions and graph;
  * {@link foldPipelineEvents} folds an item's events into its state; {@link compileFlow}
- * and {@link completion} are how a run moves, as pure functions.
+ * and {@link completion} are how a run moves, as pure functions. Types follow from the
+ * schemas: `Infer<typeof schema>` is the type a schema describes, and a task's handler that
+ * returns what its `output` schema does not describe does not compile ({@link TypedSteps}).
  *
  * @example
  * ```ts
@@ -160,6 +162,7 @@ export type {
   DelayStep,
   EndStep,
   FlowControl,
+  Infer,
   JoinStep,
   JsonSchema,
   LlmStep,
@@ -174,6 +177,7 @@ export type {
   TaskStep,
   ToolContext,
   ToolSpec,
+  TypedSteps,
   WaitStep,
 } from "./src/pipeline/definition.ts";
 export {

@@ -1,11 +1,14 @@
-import { definePipeline } from "../../mod.ts";
+import { definePipeline, type Infer, type StepContext } from "../../mod.ts";
 
 const obj = { type: "object" } as const;
-
-/** Support tickets: LLM triage, a human approves urgent replies, then the reply goes out. */
+const ticket = {
+  type: "object",
+  required: ["customer", "text"],
+  properties: { customer: { type: "string" }, text: { type: "string" } },
+} as const;
 export const tickets = definePipeline({
   name: "tickets",
-  input: { schema: { type: "object", required: ["customer", "text"] } },
+  input: { schema: ticket },
   start: "triage",
   steps: {
     triage: { kind: "llm", prompt: "prompts/triage.md", output: obj, next: "route" },
@@ -24,7 +27,7 @@ export const tickets = definePipeline({
     reply: {
       kind: "task",
       output: obj,
-      handle: (_v: unknown, ctx: { input: { customer: string } }) => ({
+      handle: (_v: unknown, ctx: StepContext<Infer<typeof ticket>>) => ({
         to: ctx.input.customer,
         body: "Thanks, on it.",
       }),

@@ -11,3 +11,13 @@ Deno.test("the README's tickets example is a valid definition with the consumers
   ]);
   assert.equal(pipelineGraph(tickets).nodes.length, 7);
 });
+
+Deno.test("the README's 'Write your own pipeline' shows this file, whole, in 40 lines or fewer", async () => {
+  const root = new URL("../../", import.meta.url);
+  const readme = await Deno.readTextFile(new URL("README.md", root));
+  const section = readme.slice(readme.indexOf("## Write your own pipeline"));
+  const block = section.slice(section.indexOf("```ts\n") + 6, section.indexOf("```\n", 6));
+  const file = await Deno.readTextFile(new URL("pipelines/examples/tickets.ts", root));
+  assert.equal(block, file);
+  assert.ok(file.trimEnd().split("\n").length <= 40);
+});

@@ -5,16 +5,39 @@
  *
  * @module
  */
+import type { FromSchema, JSONSchema } from "json-schema-to-ts";
 import type { Stage, StageContext } from "../stage.ts";
 import { validatePipeline } from "./validate.ts";
 
-/** What a step's handler gets besides the value it is handed. */
-export interface StepContext extends StageContext {
+/**
+ * The TypeScript type a JSON Schema describes, computed by the compiler from the schema's
+ * literal type (`as const`, or written inline in a definition), with json-schema-to-ts.
+ * `unknown` for a schema whose literal type is lost (e.g. read from a JSON file).
+ *
+ * @example
+ * ```ts
+ * import type { Infer } from "./definition.ts";
+ * const ticket = {
+ *   type: "object",
+ *   required: ["customer", "text"],
+ *   properties: { customer: { type: "string" }, text: { type: "string" } },
+ * } as const;
+ * type Ticket = Infer<typeof ticket>; // { customer: string; text: string; [x: string]: unknown }
+ * const t: Ticket = { customer: "c1", text: "hello" };
+ * ```
+ */
+export type Infer<S> = S extends JSONSchema ? FromSchema<S> : unknown;
+
+/**
+ * What a step's handler gets besides the value it is handed; `I` is the type of the item's
+ * input document (`StepContext<Infer<typeof inputSchema>>`).
+ */
+// deno-lint-ignore no-explicit-any
+export interface StepContext<I = any> extends StageContext {
   /** The item's id. */
   item: string;
   /** The item's input document. */
-  // deno-lint-ignore no-explicit-any
-  input: any;
+  input: I;
   /** Every completed step's result so far, by step id. */
   results: Readonly<Record<string, unknown>>;
   /** How many times each step completed (loop counters). */
@@ -247,6 +270,26 @@ export interface PipelineSpec {
   buckets?: readonly string[];
 }
 
+/**
+ * The compile-time checks of a definition's handlers against its schemas: each task step's
+ * `handle` returns (or resolves to) what its `output` schema describes, and takes a context
+ * whose `input` is what the pipeline's input schema describes. A handler that returns
+ * another shape, or annotates `ctx` with an input type the schema does not give, does not
+ * compile.
+ */
+export type TypedSteps<S extends PipelineSpec> = {
+  steps: {
+    [K in keyof S["steps"]]: S["steps"][K] extends { kind: "task"; output: infer O } ? {
+        handle?: (
+          // deno-lint-ignore no-explicit-any
+          value: any,
+          ctx: StepContext<Infer<S["input"]["schema"]>>,
+        ) => Infer<O> | Promise<Infer<O>>;
+      }
+      : unknown;
+  };
+};
+
 /** A validated definition pinned to its hash. */
 export type PipelineDefinition<S extends PipelineSpec = PipelineSpec> = S & {
   /** FNV-1a 64-bit hash (16 hex digits) of the definition's data (handlers excluded); carried on every event of a run. */
@@ -302,7 +345,9 @@ export function definitionHash(spec: PipelineSpec): string {
  * console.log(p.hash.length); // 16
  * ```
  */
-export function definePipeline<const S extends PipelineSpec>(spec: S): PipelineDefinition<S> {
+export function definePipeline<const S extends PipelineSpec>(
+  spec: S & TypedSteps<S>,
+): PipelineDefinition<S> {
   validatePipeline(spec);
   return Object.freeze({ ...spec, hash: definitionHash(spec) });
 }
