@@ -47,7 +47,9 @@ export const ${id} = definePipeline({
         required: ["label"],
         properties: { label: { enum: ["question", "statement"] } },
       },
-      handle: (n: { text: string }) => ({ label: n.text.endsWith("?") ? "question" : "statement" }),
+      // (\`as const\` keeps the labels literal: the compiler checks them against the enum.)
+      handle: (n: { text: string }) =>
+        ({ label: n.text.endsWith("?") ? "question" : "statement" }) as const,
       next: "done",
     },
     done: { kind: "end", outcome: "done" },
