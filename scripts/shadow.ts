@@ -8,6 +8,10 @@
  * version (`prompts/sentiment.v2.md`). Connects with WEFT_NATS_NKEY (use the ops key: it can read
  * every stream and can publish no pipeline event, so a shadow run changes nothing).
  *
+ * A step of a definition's pipeline replays the same way against another version of its
+ * definition file: `deno task shadow --pipeline tickets --step triage --definition
+ * pipelines/examples/tickets_v2.ts [--count N] [--since ISO] [--sample 0.1] [--out PATH]`.
+ *
  * Live shadows, one command each (a request to the gateway on `weft.shadow.<verb>`; with
  * API keys configured, an admin key in WEFT_API_KEY or `--key`):
  *
@@ -22,14 +26,22 @@
  *
  * @module
  */
+// Everything a pipeline definition imports from Weft is loaded before it (see loadPipelines).
+import "../mod.ts";
 import { parseArgs } from "node:util";
 import { headers } from "@nats-io/nats-core";
 import { SHADOW_REQUEST_PREFIX } from "../src/subjects.ts";
 import {
   formatLiveShadowReport,
   liveShadowReport,
+  liveShadowReportHtml,
   readShadowDecisions,
+  replayShadow,
 } from "../src/live_shadow.ts";
+import { createLogger } from "../src/log.ts";
+import { loadPipelines } from "../src/pipeline/runtime.ts";
+import { parseShadowSpec } from "../src/shadow_spec.ts";
+import { listedPipelines } from "../src/supervisor.ts";
 import { loadConfig } from "../src/config.ts";
 import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
 import { parseRows } from "../src/evaluation.ts";
@@ -155,6 +167,77 @@ async function report(args: string[]): Promise<number> {
   }
 }
 
+/**
+ * `deno task shadow --pipeline NAME --step STEP --definition FILE`: replays a definition
+ * step's history through the same step of another version of the definition.
+ */
+async function replayDefinition(
+  values: Record<string, string | boolean | undefined>,
+  range: { since?: Date; until?: Date; count?: number; sample?: number },
+): Promise<number> {
+  if (typeof values.step !== "string" || typeof values.definition !== "string") {
+    throw new Error(
+      "usage: deno task shadow --pipeline NAME --step STEP --definition FILE " +
+        "[--count N] [--since ISO] [--until ISO] [--sample F] [--out PATH]",
+    );
+  }
+  const spec = parseShadowSpec({
+    id: "replay",
+    pipeline: values.pipeline,
+    step: values.step,
+    candidate: { definition: values.definition },
+    ...(range.sample !== undefined ? { limits: { sample: range.sample } } : {}),
+  });
+  const config = loadConfig({ args: [] });
+  const root = new URL("../", import.meta.url).pathname;
+  const files = config.pipelines.length > 0 ? config.pipelines : await listedPipelines();
+  const pipelines = await loadPipelines(files, root);
+  const nc = await connectNats(config.natsUrl, "weft-shadow", {
+    nkeySeedFile: config.natsNkey || undefined,
+    identity: "ops",
+    ...tlsCredentials(config),
+  });
+  try {
+    const replay = await replayShadow({
+      nc,
+      spec,
+      config,
+      log: createLogger("weft-shadow", config.logLevel),
+      pipelines,
+      root,
+      ...range,
+    });
+    const r = liveShadowReport(spec.id, replay.decisions);
+    const decided = replay.decisions.length;
+    const stats = {
+      failed: replay.failed,
+      items_per_s: Math.round(decided / Math.max(replay.wallSeconds, 1e-6)),
+      handler_ms_mean: decided ? Math.round((replay.handlerSeconds / decided) * 1e6) / 1e3 : 0,
+      ...(replay.llm ? { llm: replay.llm } : {}),
+    };
+    say(formatLiveShadowReport(r, "replay"));
+    say(
+      `\ncandidate: ${stats.items_per_s} items/s, ${stats.handler_ms_mean} ms per item, ` +
+        `${stats.failed} failed` +
+        (replay.llm
+          ? `, LLM ${replay.llm.calls} calls, ${replay.llm.total_tokens} tokens, ` +
+            `$${replay.llm.cost_usd.toFixed(4)}`
+          : ""),
+    );
+    if (typeof values.out === "string") {
+      await Deno.writeTextFile(
+        `${values.out}.json`,
+        JSON.stringify({ ...r, ...stats }, null, 2) + "\n",
+      );
+      await Deno.writeTextFile(`${values.out}.html`, liveShadowReportHtml(r, "replay"));
+      say(`wrote ${values.out}.json and ${values.out}.html`);
+    }
+    return r.items > 0 ? 0 : 1;
+  } finally {
+    await nc.close();
+  }
+}
+
 async function main(args: string[]): Promise<number> {
   if (args[0] === "report") return report(args.slice(1));
   if (args[0] !== undefined && VERBS.includes(args[0])) return control(args[0], args.slice(1));
@@ -168,6 +251,9 @@ async function main(args: string[]): Promise<number> {
       labels: { type: "string" },
       out: { type: "string" },
       prompt: { type: "string" },
+      pipeline: { type: "string" },
+      step: { type: "string" },
+      definition: { type: "string" },
     },
     strict: false,
   });
@@ -186,6 +272,14 @@ async function main(args: string[]): Promise<number> {
   }
   if (sample !== undefined && !(sample > 0 && sample <= 1)) {
     throw new Error("--sample must be in (0, 1]");
+  }
+  if (typeof values.pipeline === "string" && values.pipeline !== "feedback") {
+    return await replayDefinition(values, {
+      since: date(values.since, "since"),
+      until: date(values.until, "until"),
+      count,
+      sample,
+    });
   }
   // `--prompt sentiment=v2[,topics=v2]`: the candidate's prompt versions (llm).
   const prompts: Record<string, string> = {};

@@ -48,6 +48,7 @@ import {
   shadowSubject,
 } from "./shadow_spec.ts";
 import { agreementOf, type FieldAgreement } from "./shadow.ts";
+import { readStream } from "./stream_reader.ts";
 import type { OutputEvent, Stage, StageInput } from "./stage.ts";
 import { dispatchStage, sentimentStage, topicsStage } from "./stages/feedback.ts";
 import {
@@ -912,6 +913,147 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   };
 }
 
+/** What {@link replayShadow} found: the candidate's decisions on stored history. */
+export interface ShadowReplay {
+  /** One per input replayed (compared with production's stored output when there is one). */
+  decisions: ShadowDecision[];
+  /** Inputs the candidate failed on (its handler threw, or emitted no output). */
+  failed: number;
+  /** The candidate's handler time in all, s, and the replay's wall time, s. */
+  handlerSeconds: number;
+  wallSeconds: number;
+  /** The candidate's LLM use (llm steps): calls, tokens, estimated cost. */
+  llm?: { calls: number; total_tokens: number; cost_usd: number };
+}
+
+/**
+ * Replays a step's stored history through a candidate (`spec`: a feedback step with other
+ * analyzers, or a definition's step from another version of its definition file): every
+ * input the step consumed (by production's filter; from `since`, at most `count`, sampled),
+ * handed to the candidate's handler, and compared field by field with the output production
+ * stored for the item. Publishes nothing and changes no item: a read-only consumer of the
+ * stream, decisions kept in memory. {@link liveShadowReport} and
+ * {@link formatLiveShadowReport} turn the decisions into the report.
+ *
+ * @example
+ * ```ts ignore
+ * const r = await replayShadow({ nc, spec, config, log, pipelines, count: 500 });
+ * console.log(formatLiveShadowReport(liveShadowReport(spec.id, r.decisions)));
+ * ```
+ */
+export async function replayShadow(opts: {
+  nc: NatsConnection;
+  spec: ShadowSpec;
+  config: Config;
+  log: Logger;
+  pipelines?: readonly LoadedPipeline[];
+  root?: string;
+  since?: Date;
+  until?: Date;
+  count?: number;
+}): Promise<ShadowReplay> {
+  const { nc, spec } = opts;
+  const step = await resolveShadowTarget(spec, opts.config, {
+    nc,
+    pipelines: opts.pipelines,
+    root: opts.root,
+  });
+  const stage = step.stage as Stage<StageInput>;
+  const js = jetstream(nc);
+  const jsm = await jetstreamManager(nc);
+  const abort = new AbortController();
+  const decisions: ShadowDecision[] = [];
+  let failed = 0;
+  let handlerSeconds = 0;
+  const started = performance.now();
+  const max = opts.count ?? Infinity;
+  for await (const m of readStream(js, step.stream, { filter: step.filterSubject })) {
+    if (decisions.length + failed >= max) break;
+    if (opts.since && m.time < opts.since) continue;
+    if (opts.until && m.time > opts.until) break;
+    const itemId = m.subject.split(".").pop() ?? "";
+    if (!sampled(itemId, spec.limits.sample)) continue;
+    const message = {
+      subject: m.subject,
+      seq: m.seq,
+      storedAt: m.time.getTime(),
+      deliveryCount: 1,
+    };
+    try {
+      const raw = decodeJson(m.data);
+      let input: { id: string; type: string; item_id: string };
+      if (stage.decode) {
+        const decoded = stage.decode(raw, message) as typeof input | undefined;
+        if (decoded === undefined) continue; // not for this step (a join's other inputs)
+        input = decoded;
+      } else {
+        input = validateInput(stage.input, raw) as typeof input;
+        assertMatchesSubject(input, m.subject);
+      }
+      const t0 = performance.now();
+      const outputs = await stage.handle(input as never, {
+        source: `weft-shadow-${spec.id}`,
+        message,
+        now: () => new Date(),
+        signal: abort.signal,
+      });
+      const ms = performance.now() - t0;
+      handlerSeconds += ms / 1000;
+      const event = outputs.find((e) => e.type === step.output);
+      if (!event) throw new Error(`the candidate emitted no ${step.output}`);
+      const decision = step.fields(event.data as Record<string, unknown>);
+      let production: Record<string, string> | null = null;
+      try {
+        const stored = await jsm.streams.getMessage(step.stream, {
+          last_by_subj: eventSubject(step.output, itemId),
+        });
+        if (stored) production = step.fields(stored.json<{ data: Record<string, unknown> }>().data);
+      } catch (err) {
+        if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound)) {
+          throw err;
+        }
+      }
+      decisions.push({
+        shadow: spec.id,
+        pipeline: spec.pipeline,
+        step: spec.step,
+        item_id: itemId,
+        candidate: step.candidate,
+        time: m.time.toISOString(),
+        input_seq: m.seq,
+        ms: Math.round(ms * 1000) / 1000,
+        decision,
+        production,
+        ...(production
+          ? {
+            agrees: Object.fromEntries(
+              Object.keys(production).map((f) => [f, production![f] === decision[f]]),
+            ),
+          }
+          : {}),
+        event,
+      });
+    } catch (err) {
+      failed++;
+      opts.log.warn("replayed decision failed", {
+        item_id: itemId,
+        code: errorCode(err),
+        err: String(err),
+      });
+    }
+  }
+  const stats = step.llm?.snapshot();
+  return {
+    decisions,
+    failed,
+    handlerSeconds,
+    wallSeconds: (performance.now() - started) / 1000,
+    ...(stats
+      ? { llm: { calls: stats.calls, total_tokens: stats.total_tokens, cost_usd: stats.cost_usd } }
+      : {}),
+  };
+}
+
 /** A live shadow's report, from its decisions on the SHADOW stream. */
 export interface LiveShadowReport {
   shadow: string;
@@ -1024,10 +1166,47 @@ export async function readShadowDecisions(
 
 const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
 
-/** The live report as text, for the terminal. */
-export function formatLiveShadowReport(r: LiveShadowReport): string {
+const escapeHtml = (v: string) =>
+  v.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
+
+/**
+ * A shadow report as a standalone HTML page (no script, no outside resources): agreement
+ * and kappa per field, each field's confusion matrix, and the disagreements.
+ */
+export function liveShadowReportHtml(r: LiveShadowReport, title = "live shadow"): string {
+  const rows = Object.entries(r.fields).map(([f, a]) =>
+    `<tr><td>${escapeHtml(f)}</td><td>${pct(a.agreement)}</td><td>${a.kappa.toFixed(3)}</td></tr>`
+  ).join("");
+  const matrices = Object.entries(r.fields).map(([f, a]) => {
+    const cols = [...new Set(Object.values(a.confusion).flatMap((row) => Object.keys(row)))].sort();
+    const body = Object.keys(a.confusion).sort().map((row) =>
+      `<tr><th>${escapeHtml(row)}</th>${
+        cols.map((c) => `<td>${a.confusion[row]![c] ?? 0}</td>`).join("")
+      }</tr>`
+    ).join("");
+    return `<h3>${escapeHtml(f)} (rows: production, columns: candidate)</h3><table><tr><th></th>${
+      cols.map((c) => `<th>${escapeHtml(c)}</th>`).join("")
+    }</tr>${body}</table>`;
+  }).join("");
+  const dis = r.disagreements.map((d) =>
+    `<li><code>${escapeHtml(d.item)}</code> ${escapeHtml(d.field)}: ${
+      escapeHtml(d.production)
+    } &rarr; ${escapeHtml(d.candidate)}${d.text ? ` <q>${escapeHtml(d.text)}</q>` : ""}</li>`
+  ).join("");
+  return `<!doctype html><meta charset="utf-8"><title>Weft ${escapeHtml(title)} ${
+    escapeHtml(r.shadow)
+  }</title><style>body{font:14px system-ui;margin:2em}td,th{border:1px solid #ccc;padding:2px 8px}table{border-collapse:collapse}</style>` +
+    `<h1>${escapeHtml(title)} ${escapeHtml(r.shadow)}: ${escapeHtml(r.candidate)} on ${
+      escapeHtml(`${r.pipeline}.${r.step}`)
+    }</h1><p>${r.items} items, ${r.unmatched} without production's output</p>` +
+    `<table><tr><th>field</th><th>agreement</th><th>kappa</th></tr>${rows}</table>${matrices}` +
+    `<h2>Disagreements</h2><ul>${dis}</ul>\n`;
+}
+
+/** The live report as text, for the terminal (`title`: "replay" for a replayed history). */
+export function formatLiveShadowReport(r: LiveShadowReport, title = "live shadow"): string {
   const lines = [
-    `== live shadow ${r.shadow}: ${r.candidate} on ${r.pipeline}.${r.step}, ${r.items} items` +
+    `== ${title} ${r.shadow}: ${r.candidate} on ${r.pipeline}.${r.step}, ${r.items} items` +
     ` (${r.unmatched} without production's output)`,
     ...Object.entries(r.fields).map(([f, a]) =>
       `${f.padEnd(10)} agreement ${pct(a.agreement)}  kappa ${a.kappa.toFixed(3)}`

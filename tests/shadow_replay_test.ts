@@ -1,0 +1,163 @@
+/**
+ * `deno task shadow --pipeline NAME --step STEP --definition FILE`: a definition step's
+ * stored history replayed through the same step of another version of the definition, on a
+ * real nats-server. The history is made with the runtime's own pure flow functions, so the
+ * answer is known: the report's agreement, disagreements and unmatched count are checked,
+ * and the replay publishes nothing and leaves no consumer behind.
+ */
+import assert from "node:assert/strict";
+import { jetstream } from "@nats-io/jetstream";
+import { advance, compileFlow, completion, entryData, flowEvent, type TaskStep } from "../mod.ts";
+import { liveShadowReport, liveShadowReportHtml, replayShadow } from "../src/live_shadow.ts";
+import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
+import { parseShadowSpec } from "../src/shadow_spec.ts";
+import { SHADOW_STREAM } from "../src/subjects.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { startTestNats } from "./helpers/nats.ts";
+import { meshTempDir, taskArgs } from "./helpers/mesh.ts";
+
+const MOD = new URL("../mod.ts", import.meta.url).href;
+
+/** A one-step definition whose `grade` step calls a text positive when it has one of `words`. */
+function definition(words: string[]): string {
+  return `import { definePipeline } from "${MOD}";
+export const grading = definePipeline({
+  name: "grading",
+  input: { schema: { type: "object", required: ["text"], properties: { text: { type: "string" } } } },
+  start: "grade",
+  steps: {
+    grade: {
+      kind: "task",
+      output: { type: "object", required: ["label"], properties: { label: { enum: ["pos", "neg"] } } },
+      handle: (v: { text: string }) =>
+        ({ label: ${
+    JSON.stringify(words)
+  }.some((w) => v.text.includes(w)) ? "pos" : "neg" }) as const,
+      next: "done",
+    },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+}
+
+Deno.test("a definition step's history replays through another version of the step: known agreement, nothing published", async () => {
+  // Under data/, which `deno task shadow` may read (as pipelines/).
+  const dir = await meshTempDir("weft-replay-");
+  await using t = await startTestNats();
+  try {
+    await Deno.writeTextFile(`${dir}/pipeline.ts`, definition(["good"]));
+    await Deno.writeTextFile(`${dir}/v2.ts`, definition(["good", "fine"]));
+    const pipelines = await loadPipelines([`${dir}/pipeline.ts`]);
+    await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+    const prod = pipelines[0]!.def;
+    const flow = compileFlow(prod);
+    const js = jetstream(t.nc);
+    const ctx = { source: "production", now: new Date() };
+    const publish = async (e: { type: string; item_id: string }) => {
+      await js.publish(`${e.type}.${e.item_id}`, JSON.stringify(e));
+    };
+    // Production's history: six items graded by v1, and one whose grade never came.
+    const texts = ["good day", "bad day", "fine day", "fine weather", "terrible", "good stuff"];
+    for (const [i, text] of texts.entries()) {
+      const cause = { id: `e${i}`, item_id: `item${i}`, trace_id: "0".repeat(32) };
+      const entry = flowEvent(flow, "submitted", cause, entryData({ text }), ctx);
+      await publish(entry);
+      // What v1 decided: its handler, as the runtime called it.
+      const grade = prod.steps.grade as TaskStep;
+      const result = await grade.handle!({ text }, {} as never);
+      for (
+        const e of completion(
+          flow,
+          "grade",
+          entry,
+          advance(entry.data, "grade", result, result),
+          ctx,
+        )
+      ) {
+        await publish(e);
+      }
+    }
+    await publish(
+      flowEvent(
+        flow,
+        "submitted",
+        { id: "e9", item_id: "item9", trace_id: "0".repeat(32) },
+        entryData({ text: "fine" }),
+        ctx,
+      ),
+    );
+    const stored = (await t.jsm.streams.info("GRADING")).state.messages;
+
+    const spec = parseShadowSpec({
+      id: "replay",
+      pipeline: "grading",
+      step: "grade",
+      candidate: { definition: `${dir}/v2.ts` },
+    });
+    const replay = await replayShadow({
+      nc: t.nc,
+      spec,
+      config: t.config,
+      log: t.log,
+      pipelines,
+      root: "",
+    });
+    assert.equal(replay.failed, 0);
+    const r = liveShadowReport("replay", replay.decisions);
+    assert.equal(r.items, 7, "every input the step consumed");
+    assert.equal(r.unmatched, 1, "item9 has no production grade");
+    assert.equal(r.fields.label!.agreement, 4 / 6);
+    assert.deepEqual(r.fields.label!.confusion, { neg: { neg: 2, pos: 2 }, pos: { pos: 2 } });
+    assert.deepEqual(
+      r.disagreements.filter((d) => d.field === "label").map((
+        d,
+      ) => [d.item, d.production, d.candidate]).sort(),
+      [["item2", "neg", "pos"], ["item3", "neg", "pos"]],
+    );
+    assert.match(liveShadowReportHtml(r, "replay"), /<td>label<\/td><td>66\.7%<\/td>/);
+
+    // The same from the command line, with the report written as JSON and HTML.
+    const cli = await new Deno.Command("deno", {
+      args: [
+        ...await taskArgs("shadow"),
+        "--pipeline",
+        "grading",
+        "--step",
+        "grade",
+        "--definition",
+        `${dir}/v2.ts`,
+        "--out",
+        `${dir}/report`,
+      ],
+      cwd: new URL("../", import.meta.url),
+      env: {
+        NATS_URL: t.server.url,
+        WEFT_PIPELINES: `${dir}/pipeline.ts`,
+        WEFT_LOG_LEVEL: "error",
+      },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const out = new TextDecoder().decode(cli.stdout);
+    assert.equal(cli.code, 0, new TextDecoder().decode(cli.stderr));
+    assert.match(
+      out,
+      /== replay replay: .* on grading\.grade, 7 items \(1 without production's output\)/,
+    );
+    assert.match(out, /label +agreement 66\.7%/);
+    assert.match(out, /candidate: \d+ items\/s, [\d.]+ ms per item, 0 failed/);
+    const json = JSON.parse(await Deno.readTextFile(`${dir}/report.json`));
+    assert.equal(json.items, 7);
+    assert.match(await Deno.readTextFile(`${dir}/report.html`), /grading\.grade/);
+
+    // Read-only: the pipeline's stream is as it was, nothing on shadow.>, no consumer left.
+    assert.equal((await t.jsm.streams.info("GRADING")).state.messages, stored);
+    assert.equal((await t.jsm.streams.info(SHADOW_STREAM)).state.messages, 0);
+    const consumers = [];
+    for await (const c of t.jsm.consumers.list("GRADING")) consumers.push(c.name);
+    assert.deepEqual(consumers, []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
