@@ -8,7 +8,9 @@ import assert from "node:assert/strict";
 import type { FeedbackState } from "../src/events.gen.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { DEADLETTER_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
-import { countsByItem, readStates, startMesh, waitFor } from "./helpers/fault_mesh.ts";
+import { startServices } from "./helpers/mesh.ts";
+import { countsByItem, readStates } from "./helpers/nats.ts";
+import { waitUntil } from "./helpers/wait.ts";
 
 const HTTP_CASES = 8_000;
 const BUS_CASES = 2_400;
@@ -163,7 +165,7 @@ function results(s: FeedbackState | undefined) {
 }
 
 Deno.test("thousands of malformed HTTP requests and bus messages each get a clear error, crash nothing, and leave valid items' results unchanged", async () => {
-  await using mesh = await startMesh();
+  await using mesh = await startServices();
   const post = (item: unknown) =>
     fetch(`${mesh.gatewayUrl}/feedback`, {
       method: "POST",
@@ -177,7 +179,7 @@ Deno.test("thousands of malformed HTTP requests and bus messages each get a clea
   // Baseline: valid items on a quiet mesh.
   const quiet = valid("quiet");
   await pool(quiet.length, 16, (i) => post(quiet[i]));
-  await waitFor(async () => {
+  await waitUntil(async () => {
     const s = await readStates(mesh.js);
     return quiet.every((q) => s.get(q.id)?.status === "processed");
   }, 30_000);
@@ -219,7 +221,7 @@ Deno.test("thousands of malformed HTTP requests and bus messages each get a clea
 
   // Every poison message is dead-lettered with its validation error.
   let letters: Awaited<ReturnType<typeof listDeadLetters>> = [];
-  await waitFor(
+  await waitUntil(
     async () => {
       letters = await listDeadLetters(mesh.js, {}, 100_000);
       const covered = new Set(letters.map((l) => l.letter.stream_seq));
@@ -236,7 +238,7 @@ Deno.test("thousands of malformed HTTP requests and bus messages each get a clea
   }
 
   // Valid items: same results as on the quiet mesh.
-  await waitFor(async () => {
+  await waitUntil(async () => {
     const s = await readStates(mesh.js);
     return mixed.every((m) => s.get(m.id)?.status === "processed");
   }, 30_000);
@@ -249,7 +251,7 @@ Deno.test("thousands of malformed HTTP requests and bus messages each get a clea
 
   // Nothing is left for redelivery; nothing crashed.
   for (const name of ["ingest", "sentiment", "topics", "dispatch", "state"]) {
-    await waitFor(
+    await waitUntil(
       async () => {
         const info = await mesh.jsm.consumers.info(FEEDBACK_STREAM, name);
         return info.num_ack_pending === 0 && info.num_pending === 0;

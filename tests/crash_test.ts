@@ -6,14 +6,18 @@ import assert from "node:assert/strict";
 import type { FeedbackState } from "../src/events.gen.ts";
 import { DEADLETTERS_LIST_SUBJECT, DEADLETTERS_REDRIVE_SUBJECT } from "../src/redrive.ts";
 import type { DeadLetterEntry } from "../src/redrive.ts";
-import { countsByItem, startMesh, TEST_ENV, waitFor } from "./helpers/fault_mesh.ts";
+import { startServices, TEST_ENV } from "./helpers/mesh.ts";
+import { countsByItem } from "./helpers/nats.ts";
+import { waitUntil } from "./helpers/wait.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
 import { readSse } from "./helpers/sse.ts";
 
 const json = { "content-type": "application/json" };
 
 Deno.test("an item whose text contains 'crash' is retried with backoff, dead-lettered with its original, ends its SSE stream with the error, and completes after redrive", async () => {
-  await using mesh = await startMesh({ env: { WEFT_FAIL_ON: "crash", WEFT_FAIL_STAGE: "topics" } });
+  await using mesh = await startServices({
+    env: { WEFT_FAIL_ON: "crash", WEFT_FAIL_STAGE: "topics" },
+  });
   const base = mesh.gatewayUrl;
   const others = Array.from({ length: 20 }, (_, i) => ({ id: `ok-${i}`, text: `fine ${i}` }));
   for (const item of [{ id: "boom", text: "This will CrAsH the app" }, ...others]) {
@@ -71,7 +75,7 @@ Deno.test("an item whose text contains 'crash' is retried with backoff, dead-let
 
   // State is failed; the original is kept in DEADLETTER.
   let state: FeedbackState;
-  await waitFor(async () => {
+  await waitUntil(async () => {
     state = await (await fetch(`${base}/feedback/boom`)).json();
     return state.status === "failed";
   }, 10_000);
@@ -88,7 +92,7 @@ Deno.test("an item whose text contains 'crash' is retried with backoff, dead-let
   assert.deepEqual(JSON.parse(letter.letter.payload), failed.data.original);
 
   // Other items flow on; nothing else is dead-lettered.
-  await waitFor(async () => {
+  await waitUntil(async () => {
     const done = await countsByItem(mesh.jsm, "feedback.processed.*");
     return others.every((o) => done.get(o.id) === 1);
   }, 20_000);
@@ -111,7 +115,7 @@ Deno.test("an item whose text contains 'crash' is retried with backoff, dead-let
       .string(),
   );
   assert.equal(redriven.redriven.length, 1);
-  await waitFor(async () => {
+  await waitUntil(async () => {
     state = await (await fetch(`${base}/feedback/boom`)).json();
     return state.status === "processed";
   }, 15_000);

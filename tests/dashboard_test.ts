@@ -8,7 +8,7 @@
  * `--allow-run=/usr/bin/chromium --allow-sys=homedir`.
  */
 import assert from "node:assert/strict";
-import { startMesh } from "./helpers/service_mesh.ts";
+import { startServices, WHOLE_MESH } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { hashKey } from "../src/gateway/auth.ts";
 
@@ -33,7 +33,8 @@ async function loadChromium() {
 Deno.test("the dashboard shows a submitted item moving through the stages and opens its history", async () => {
   const chromium = await loadChromium();
   // Topics fails on this phrase (a testing aid), so an item can be dead-lettered for real.
-  await using mesh = await startMesh({
+  await using mesh = await startServices({
+    ...WHOLE_MESH,
     env: { WEFT_FAIL_ON: "explode-on-purpose", WEFT_FAIL_STAGE: "topics", WEFT_MAX_ATTEMPTS: "2" },
   });
   const browser = await chromium.launch({
@@ -57,7 +58,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     page.on("response", (r) => {
       if (r.status() === 404) notFound.push(r.url());
     });
-    await page.goto(`${mesh.url}/dashboard`);
+    await page.goto(`${mesh.gatewayUrl}/dashboard`);
     await page.locator("#conn.live").waitFor({ timeout: 10_000 });
     const paint = await page.evaluate(() =>
       performance.getEntriesByName("first-contentful-paint")[0]?.startTime ?? -1
@@ -116,7 +117,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     assert.deepEqual(errors, []);
 
     // A flagged upload waits in the review queue; a reviewer approves it on the page.
-    const upload = await fetch(`${mesh.url}/content`, {
+    const upload = await fetch(`${mesh.gatewayUrl}/content`, {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ text: "You idiot, this is the most pathetic service ever." }),
@@ -131,7 +132,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     await row.waitFor({ state: "detached", timeout: 15_000 });
     const content = await waitFor(
       async () => {
-        const c = await (await fetch(`${mesh.url}/content/${contentId}`)).json();
+        const c = await (await fetch(`${mesh.gatewayUrl}/content/${contentId}`)).json();
         return c.status === "published" ? c : undefined;
       },
       15_000,
@@ -149,7 +150,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
 
     // An item a stage gave up on is dead-lettered; the dead-letter panel lists it with its
     // reason, and its Redrive button re-submits it (the fault is still on, so it fails again).
-    const failing = await fetch(`${mesh.url}/feedback`, {
+    const failing = await fetch(`${mesh.gatewayUrl}/feedback`, {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ id: "doomed1", text: "this will explode-on-purpose" }),
@@ -162,7 +163,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     await letter.locator("button", { hasText: "Redrive" }).click();
     const redriven = await waitFor(
       async () => {
-        const list = await (await fetch(`${mesh.url}/deadletters`)).json();
+        const list = await (await fetch(`${mesh.gatewayUrl}/deadletters`)).json();
         const entry = list.items.find((e: { seq: number }) => e.seq === seq);
         return entry?.redrives === 1 ? entry : undefined;
       },
@@ -173,7 +174,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     // The redriven item fails again: two letters, of which one waits for redrive.
     await waitFor(
       async () => {
-        const list = await (await fetch(`${mesh.url}/deadletters`)).json();
+        const list = await (await fetch(`${mesh.gatewayUrl}/deadletters`)).json();
         return list.items.filter((e: { letter: { item_id: string } }) =>
               e.letter.item_id === "doomed1"
             ).length === 2 || undefined;
@@ -184,7 +185,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     await page.locator("#dlcount").filter({ hasText: /^1$/ }).waitFor({ timeout: 10_000 });
 
     // A live shadow on the sentiment step shows in its panel with its agreement and kappa.
-    const shadow = await fetch(`${mesh.url}/shadows`, {
+    const shadow = await fetch(`${mesh.gatewayUrl}/shadows`, {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({
@@ -195,7 +196,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
     });
     assert.equal(shadow.status, 201, await shadow.text());
     await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "dash", 20_000);
-    const shadowed = await fetch(`${mesh.url}/feedback`, {
+    const shadowed = await fetch(`${mesh.gatewayUrl}/feedback`, {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ text: "I love the new dashboard, great work" }),
@@ -225,7 +226,8 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
 Deno.test("with API keys configured, the dashboard asks for one, then shows the live data and an item's history", async () => {
   const chromium = await loadChromium();
   const key = "dashboard-key-0123456789";
-  await using mesh = await startMesh({
+  await using mesh = await startServices({
+    ...WHOLE_MESH,
     env: { WEFT_API_KEYS: JSON.stringify([{ sha256: hashKey(key), role: "admin", name: "ops" }]) },
   });
   const browser = await chromium.launch({
@@ -236,13 +238,13 @@ Deno.test("with API keys configured, the dashboard asks for one, then shows the 
     const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
     const errors: string[] = [];
     page.on("pageerror", (e) => errors.push(String(e)));
-    await page.goto(`${mesh.url}/dashboard`);
+    await page.goto(`${mesh.gatewayUrl}/dashboard`);
     // Without a key: said plainly, not a blank page.
     await page.locator("#conn", { hasText: "needs an API key" }).waitFor({ timeout: 10_000 });
     await page.locator("#items tr.hint", { hasText: "Enter an API key" }).waitFor({
       timeout: 10_000,
     });
-    const res = await fetch(`${mesh.url}/feedback`, {
+    const res = await fetch(`${mesh.gatewayUrl}/feedback`, {
       method: "POST",
       headers: { "content-type": "application/json", authorization: `Bearer ${key}` },
       body: JSON.stringify({ text: "The export is broken again" }),

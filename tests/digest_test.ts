@@ -12,7 +12,7 @@ import { startNatsServer } from "../src/nats_server.ts";
 import { publishEvent } from "../src/runner.ts";
 import { DIGEST_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { startService } from "./helpers/services.ts";
+import { startService } from "./helpers/mesh.ts";
 
 Deno.test({
   name: "a recurring schedule publishes the feedback digest with counts per team",

@@ -9,7 +9,8 @@ import assert from "node:assert/strict";
 import { resumingClient } from "./helpers/sse.ts";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
 import { readStream } from "../src/stream_reader.ts";
-import { FEEDBACK_SERVICES, startMesh, waitFor } from "./helpers/fault_mesh.ts";
+import { FEEDBACK_SERVICES, startServices } from "./helpers/mesh.ts";
+import { waitUntil } from "./helpers/wait.ts";
 import { makeItems, processedAtLeast, pushItems, report, settle } from "./helpers/scenario.ts";
 
 const N = 3000;
@@ -17,7 +18,7 @@ const FAST_REDELIVERY = { WEFT_ACK_WAIT_MS: "2000" };
 
 Deno.test("a stage killed with SIGKILL mid-batch and restarted loses and duplicates nothing", async () => {
   const started = Date.now();
-  await using mesh = await startMesh({ env: FAST_REDELIVERY });
+  await using mesh = await startServices({ env: FAST_REDELIVERY });
   const items = makeItems("kill-stage", N);
   const pushing = pushItems(mesh.js, items);
   await processedAtLeast(mesh, N / 4);
@@ -38,7 +39,7 @@ Deno.test("a stage killed with SIGKILL mid-batch and restarted loses and duplica
 
 Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file store loses and duplicates nothing", async () => {
   const started = Date.now();
-  await using mesh = await startMesh({ env: FAST_REDELIVERY });
+  await using mesh = await startServices({ env: FAST_REDELIVERY });
   const items = makeItems("kill-nats", N);
   const pushing = pushItems(mesh.js, items);
   await processedAtLeast(mesh, N / 4);
@@ -52,7 +53,7 @@ Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file sto
 
 Deno.test("a handler slower than the ack wait keeps its lease with in-progress acks and is not redelivered", async () => {
   const started = Date.now();
-  await using mesh = await startMesh({
+  await using mesh = await startServices({
     // The handler outlasts the ack wait; in-progress acks every ack wait / 3 (2 s) keep the
     // lease. A 6 s ack wait leaves 4 s of slack for a starved event loop on a loaded machine
     // (with 3 s, a fresh clone's suite run saw leases lapse).
@@ -78,12 +79,12 @@ Deno.test("a handler slower than the ack wait keeps its lease with in-progress a
 
 Deno.test("a downstream stage stopped for a while builds a backlog that drains after restart", async () => {
   const started = Date.now();
-  await using mesh = await startMesh();
+  await using mesh = await startServices();
   const items = makeItems("backlog", N);
   await mesh.kill("dispatch", "SIGTERM");
   await pushItems(mesh.js, items);
   let backlog = 0;
-  await waitFor(
+  await waitUntil(
     async () => {
       backlog = (await mesh.jsm.consumers.info(FEEDBACK_STREAM, "dispatch")).num_pending;
       return backlog === N;
@@ -99,7 +100,7 @@ Deno.test("a downstream stage stopped for a while builds a backlog that drains a
 
 Deno.test("SSE clients of a gateway killed with SIGKILL reconnect with Last-Event-ID and miss no event", async () => {
   const started = Date.now();
-  await using mesh = await startMesh({ env: FAST_REDELIVERY });
+  await using mesh = await startServices({ env: FAST_REDELIVERY });
   const clients = Array.from({ length: 3 }, () => resumingClient(mesh.gatewayUrl));
   try {
     const items = makeItems("sse", N);
@@ -113,7 +114,7 @@ Deno.test("SSE clients of a gateway killed with SIGKILL reconnect with Last-Even
     for await (const m of readStream(mesh.js, FEEDBACK_STREAM, { filter: "feedback.*.*" })) {
       expected.push(m.seq);
     }
-    await waitFor(
+    await waitUntil(
       () => clients.every((c) => c.seqs.length >= expected.length),
       90_000, // a deadline, not a wait: on a loaded machine the clients catch up slowly
       () => `clients saw ${clients.map((c) => c.seqs.length)} of ${expected.length}`,
@@ -133,7 +134,7 @@ Deno.test("SSE clients of a gateway killed with SIGKILL reconnect with Last-Even
 Deno.test("one stage run as three replicas on one durable consumer, one of them killed, processes each item once in effect", async () => {
   const started = Date.now();
   const services = FEEDBACK_SERVICES.filter((n) => n !== "sentiment");
-  await using mesh = await startMesh({ env: FAST_REDELIVERY, services });
+  await using mesh = await startServices({ env: FAST_REDELIVERY, services });
   for (const r of [1, 2, 3]) await mesh.start("sentiment", {}, `sentiment#${r}`);
   const items = makeItems("replicas", N);
   const pushing = pushItems(mesh.js, items);

@@ -31,7 +31,8 @@ import {
   FEEDBACK_STREAM,
   FeedbackEventType,
 } from "../src/subjects.ts";
-import { startMesh, waitFor } from "./helpers/fault_mesh.ts";
+import { startServices } from "./helpers/mesh.ts";
+import { waitUntil } from "./helpers/wait.ts";
 import { fuzzBody, mutated, pathToken } from "./helpers/fuzz.ts";
 
 const SEED = Number(Deno.env.get("FUZZ_SEED") ?? 20261204);
@@ -113,7 +114,7 @@ Deno.test({
   sanitizeOps: false,
   sanitizeResources: false,
 }, async () => {
-  await using mesh = await startMesh({
+  await using mesh = await startServices({
     services: [
       "state",
       "ingest",
@@ -242,7 +243,7 @@ Deno.test({
     for await (const ci of mesh.jsm.consumers.list(stream)) {
       if (!ci.config.durable_name) continue; // SSE and listings' ordered consumers
       const name = ci.name;
-      await waitFor(
+      await waitUntil(
         async () => {
           const info = await mesh.jsm.consumers.info(stream, name);
           return info.num_ack_pending === 0 && info.num_pending === 0;
@@ -278,7 +279,7 @@ Deno.test({
   });
   assert.equal(res.status, 202);
   const { id } = await res.json();
-  await waitFor(async () => {
+  await waitUntil(async () => {
     const s = await fetch(`${mesh.gatewayUrl}/feedback/${id}`).then((r) => r.json());
     return s.status === "processed";
   }, 30_000);

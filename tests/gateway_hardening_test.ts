@@ -15,7 +15,7 @@ import { createModerationApi } from "../src/moderation/api.ts";
 import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
-import { startService } from "./helpers/services.ts";
+import { startService } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };

@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { freePort } from "../src/nats_server.ts";
 import { startTestNats } from "./helpers/nats.ts";
-import { startService } from "./helpers/services.ts";
+import { startService } from "./helpers/mesh.ts";
 import { makeCa, makeCert } from "./helpers/certs.ts";
 
 Deno.test("with WEFT_TLS_CERT and WEFT_TLS_KEY the gateway serves HTTPS, verified against its CA", async () => {

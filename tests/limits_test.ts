@@ -16,8 +16,7 @@ import { WeftMetrics } from "../src/metrics.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { startTestNats } from "./helpers/nats.ts";
-import { readStates } from "./helpers/fault_mesh.ts";
+import { readStates, startTestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
 

@@ -10,7 +10,7 @@ import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { hashKey } from "../src/gateway/auth.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
-import { startMesh } from "./helpers/services.ts";
+import { MODERATION_SERVICES, startServices } from "./helpers/mesh.ts";
 
 const KEYS = {
   ingest: "ingest-key-0123456789",
@@ -63,12 +63,17 @@ Deno.test({
     await using server = await startNatsServer();
     const port = freePort();
     const base = `http://127.0.0.1:${port}`;
-    await using _mesh = await startMesh({
-      NATS_URL: server.url,
-      PORT: String(port),
-      WEFT_API_KEYS: API_KEYS,
-      WEFT_CONTENT_MAX_BYTES: String(64 * 1024),
-      WEFT_LOG_LEVEL: "info",
+    await using _mesh = await startServices({
+      services: MODERATION_SERVICES,
+      parallel: true,
+      nats: server,
+      port,
+      baseEnv: {},
+      env: {
+        WEFT_API_KEYS: API_KEYS,
+        WEFT_CONTENT_MAX_BYTES: String(64 * 1024),
+        WEFT_LOG_LEVEL: "info",
+      },
     });
     const nc = await connectNats(server.url, "test");
     const call = client(base);

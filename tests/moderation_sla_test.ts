@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
-import { startMesh } from "./helpers/services.ts";
+import { MODERATION_SERVICES, startServices } from "./helpers/mesh.ts";
 
 const TOXIC = "You idiot, this is the most pathetic service ever.";
 
@@ -35,14 +35,19 @@ Deno.test({
     await using server = await startNatsServer();
     const port = freePort();
     const base = `http://127.0.0.1:${port}`;
-    await using mesh = await startMesh({
-      NATS_URL: server.url,
-      PORT: String(port),
-      WEFT_LOG_LEVEL: "info",
-      // Long enough that a restart of every service on a loaded machine ends before it.
-      WEFT_REVIEW_SLA_MS: "12000",
-      WEFT_ESCALATION_SLA_MS: "2000",
-      WEFT_SLA_DEFAULT_ACTION: "reject",
+    await using mesh = await startServices({
+      services: MODERATION_SERVICES,
+      parallel: true,
+      nats: server,
+      port,
+      baseEnv: {},
+      env: {
+        WEFT_LOG_LEVEL: "info",
+        // Long enough that a restart of every service on a loaded machine ends before it.
+        WEFT_REVIEW_SLA_MS: "12000",
+        WEFT_ESCALATION_SLA_MS: "2000",
+        WEFT_SLA_DEFAULT_ACTION: "reject",
+      },
     });
     const nc = await connectNats(server.url, "test");
     try {

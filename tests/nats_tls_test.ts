@@ -11,7 +11,7 @@ import { freePort, type NatsServer, startNatsServer } from "../src/nats_server.t
 import { loadConfig } from "../src/config.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { type Ca, makeCa, makeCert } from "./helpers/certs.ts";
-import { startService } from "./helpers/services.ts";
+import { startService } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 interface Node {

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
 import { FeedbackEventType } from "../src/subjects.ts";
 import { SERVICES } from "../src/supervisor.ts";
-import { startMesh, submit, waitFinal } from "./helpers/service_mesh.ts";
+import { startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
 import { jetstream } from "@nats-io/jetstream";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
 import { WeftMetrics } from "../src/metrics.ts";
@@ -36,9 +36,11 @@ async function scrape(url: string): Promise<string> {
 const SERVICE_NAMES = SERVICES.map((s) => `weft-${s.name}`).sort();
 
 Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs after a known load", async (t) => {
-  await using mesh = await startMesh();
+  await using mesh = await startServices(WHOLE_MESH);
   const ids: string[] = [];
-  for (let i = 0; i < 5; i++) ids.push(await submit(mesh.url, `great product, slow delivery ${i}`));
+  for (let i = 0; i < 5; i++) {
+    ids.push(await submit(mesh.gatewayUrl, `great product, slow delivery ${i}`));
+  }
   // One poison event: shaped like an ingested event for item "poison1", but invalid.
   const h = headers();
   h.set("Weft-Event-Type", FeedbackEventType.Ingested);
@@ -47,14 +49,14 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
     new TextEncoder().encode(JSON.stringify({ type: "feedback.ingested", item_id: "poison1" })),
     { headers: h, timeout: 5000 },
   ).catch(() => {}); // a JetStream ack; the stream stores it either way
-  for (const id of ids) await waitFinal(mesh.url, id);
-  await waitFinal(mesh.url, "poison1");
+  for (const id of ids) await waitFinal(mesh.gatewayUrl, id);
+  await waitFinal(mesh.gatewayUrl, "poison1");
 
   // Everything settled: nothing pending or unacked on any durable consumer.
   let text = "";
   const deadline = Date.now() + 15_000;
   while (Date.now() < deadline) {
-    text = await scrape(mesh.url);
+    text = await scrape(mesh.gatewayUrl);
     const busy = ["ingest", "sentiment", "topics", "dispatch", "state"].some((c) =>
       (sample(text, "weft_consumer_pending", { stream: "FEEDBACK", consumer: c }) ?? 1) > 0 ||
       (sample(text, "weft_consumer_ack_pending", { stream: "FEEDBACK", consumer: c }) ?? 1) > 0
@@ -116,12 +118,12 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
   });
 
   await t.step("GET /dashboard/recent lists the latest events oldest first", async () => {
-    const r = await fetch(`${mesh.url}/dashboard/recent?limit=10`);
+    const r = await fetch(`${mesh.gatewayUrl}/dashboard/recent?limit=10`);
     const { events } = await r.json() as { events: { seq: number; event: { type: string } }[] };
     assert.equal(events.length, 10);
     const seqs = events.map((e) => e.seq);
     assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
-    const all = await (await fetch(`${mesh.url}/dashboard/recent?limit=500`)).json() as {
+    const all = await (await fetch(`${mesh.gatewayUrl}/dashboard/recent?limit=500`)).json() as {
       events: { event: { type: string; item_id: string } }[];
     };
     const processed = all.events.filter((e) => e.event.type === "feedback.processed");
@@ -129,9 +131,9 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
   });
 
   await t.step("GET /dashboard/stream sends the mesh's per-stage figures as SSE", async () => {
-    const page = await fetch(`${mesh.url}/dashboard`);
+    const page = await fetch(`${mesh.gatewayUrl}/dashboard`);
     assert.match(await page.text(), /<title>Weft dashboard<\/title>/);
-    const r = await fetch(`${mesh.url}/dashboard/stream`);
+    const r = await fetch(`${mesh.gatewayUrl}/dashboard/stream`);
     assert.equal(r.headers.get("content-type"), "text/event-stream");
     const reader = r.body!.pipeThrough(new TextDecoderStream()).getReader();
     let buf = "";

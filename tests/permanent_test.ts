@@ -12,7 +12,7 @@ import { listDeadLetters } from "../src/redrive.ts";
 import { runStage } from "../src/runner.ts";
 import type { Stage } from "../src/stage.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { waitFor } from "./helpers/fault_mesh.ts";
+import { waitUntil } from "./helpers/wait.ts";
 
 Deno.test("a handler's PermanentError dead-letters the item on the first attempt, without retries", async () => {
   await using server = await startNatsServer();
@@ -34,7 +34,7 @@ Deno.test("a handler's PermanentError dead-letters the item on the first attempt
     const js = jetstream(nc);
     await js.publish("feedback.submit", JSON.stringify({ id: "p1", text: "no" }));
     let letters: Awaited<ReturnType<typeof listDeadLetters>> = [];
-    await waitFor(async () => (letters = await listDeadLetters(js)).length === 1, 10_000);
+    await waitUntil(async () => (letters = await listDeadLetters(js)).length === 1, 10_000);
     assert.equal(letters[0]!.letter.code, "rejected");
     assert.equal(letters[0]!.letter.attempts, 1);
     assert.equal(calls, 1);

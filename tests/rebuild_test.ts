@@ -6,12 +6,16 @@
 import assert from "node:assert/strict";
 import { compareStates, rebuildStates, type StateDiff } from "../src/rebuild.ts";
 import { redrive } from "../src/redrive.ts";
-import { countsByItem, pushItems, readStates, startMesh, waitFor } from "./helpers/fault_mesh.ts";
+import { startServices } from "./helpers/mesh.ts";
+import { countsByItem, pushItems, readStates } from "./helpers/nats.ts";
+import { waitUntil } from "./helpers/wait.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
 Deno.test("rebuilding state from the FEEDBACK stream equals the live state, and deno task rebuild-state says so", async () => {
-  await using mesh = await startMesh({ env: { WEFT_FAIL_ON: "crash", WEFT_FAIL_STAGE: "topics" } });
+  await using mesh = await startServices({
+    env: { WEFT_FAIL_ON: "crash", WEFT_FAIL_STAGE: "topics" },
+  });
   const items = Array.from({ length: 300 }, (_, i) => ({
     id: `rb-${i}`,
     text: i % 10 === 0 ? `app crash number ${i}` : `great support, slow billing ${i}`,
@@ -24,20 +28,24 @@ Deno.test("rebuilding state from the FEEDBACK stream equals the live state, and 
   const finals = async () =>
     (await countsByItem(mesh.jsm, "feedback.processed.*")).size +
     (await countsByItem(mesh.jsm, "feedback.failed.*")).size;
-  await waitFor(async () => (await finals()) >= 301, 30_000, async () => `${await finals()} final`);
+  await waitUntil(
+    async () => (await finals()) >= 301,
+    30_000,
+    async () => `${await finals()} final`,
+  );
 
   // Redrive some failed items after fixing the stage: they fail first, then complete.
   await mesh.kill("topics", "SIGTERM");
   await mesh.start("topics", { WEFT_FAIL_ON: "" });
   const { redriven } = await redrive(mesh.js, { filter: { stage: "topics" } });
   assert.equal(redriven.length, 30);
-  await waitFor(
+  await waitUntil(
     async () => (await countsByItem(mesh.jsm, "feedback.processed.*")).size === 300,
     30_000,
   );
 
   let diff: StateDiff | undefined;
-  await waitFor(
+  await waitUntil(
     async () => {
       const { states } = await rebuildStates(mesh.js);
       diff = compareStates(states, await readStates(mesh.js));

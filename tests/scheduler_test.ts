@@ -20,7 +20,7 @@ import {
 import { leaseKey, runScheduler } from "../src/scheduler/scheduler.ts";
 import { createLogger } from "../src/log.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { startService } from "./helpers/services.ts";
+import { startService } from "./helpers/mesh.ts";
 import { Hono } from "hono";
 import { createModerationApi } from "../src/moderation/api.ts";
 import { createModerationRoutes } from "../src/gateway/moderation_routes.ts";

@@ -3,13 +3,15 @@
  */
 import assert from "node:assert/strict";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
-import { countsByItem, pushItems, startMesh, waitFor } from "./helpers/fault_mesh.ts";
+import { startServices } from "./helpers/mesh.ts";
+import { countsByItem, pushItems } from "./helpers/nats.ts";
+import { waitUntil } from "./helpers/wait.ts";
 import { makeItems, settle } from "./helpers/scenario.ts";
 
 Deno.test("SIGTERM stops fetching, finishes in-flight work within the drain deadline, and leaves the rest for redelivery", async () => {
   const started = Date.now();
   const drainMs = 3000;
-  await using mesh = await startMesh({
+  await using mesh = await startServices({
     env: { WEFT_DRAIN_MS: String(drainMs), WEFT_ACK_WAIT_MS: "2000" },
     serviceEnv: {
       topics: { WEFT_SLOW_MS: "1000", WEFT_SLOW_STAGE: "topics", WEFT_CONCURRENCY: "10" },
@@ -17,7 +19,7 @@ Deno.test("SIGTERM stops fetching, finishes in-flight work within the drain dead
   });
   const items = makeItems("drain", 200);
   await pushItems(mesh.js, items);
-  await waitFor(
+  await waitUntil(
     async () => (await countsByItem(mesh.jsm, "feedback.sentiment_analyzed.*")).size >= 50,
     20_000,
   );
@@ -41,7 +43,7 @@ Deno.test("SIGTERM stops fetching, finishes in-flight work within the drain dead
 });
 
 Deno.test("a repeated Idempotency-Key returns the first answer and a repeated message id is dropped by the stream", async () => {
-  await using mesh = await startMesh({ services: ["gateway"] });
+  await using mesh = await startServices({ services: ["gateway"] });
   const send = (body: unknown, key: string) =>
     fetch(`${mesh.gatewayUrl}/feedback`, {
       method: "POST",

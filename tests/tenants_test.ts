@@ -13,7 +13,7 @@ import { ensureIdentities, type Identity } from "../src/identities.ts";
 import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { startService } from "./helpers/services.ts";
+import { startService } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 async function stateOf(nc: NatsConnection, id: string): Promise<string | undefined> {

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "../src/subjects.ts";
-import { startMesh, submit, waitFinal } from "./helpers/service_mesh.ts";
+import { startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
 
 interface ReceivedSpan {
   service: string;
@@ -122,7 +122,8 @@ function stageSpan(spans: ReceivedSpan[], stage: string): ReceivedSpan {
 
 Deno.test("one item's spans share its trace id and chain from the HTTP request through every stage", async (t) => {
   await using receiver = startReceiver();
-  await using mesh = await startMesh({
+  await using mesh = await startServices({
+    ...WHOLE_MESH,
     env: {
       OTEL_DENO: "true",
       OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
@@ -136,10 +137,10 @@ Deno.test("one item's spans share its trace id and chain from the HTTP request t
     async () => {
       const traceId = "4bf92f3577b34da6a3ce929d0e0e4736";
       const clientSpan = "00f067aa0ba902b7";
-      const id = await submit(mesh.url, "the app is lovely but checkout crashes", {
+      const id = await submit(mesh.gatewayUrl, "the app is lovely but checkout crashes", {
         traceparent: `00-${traceId}-${clientSpan}-01`,
       });
-      const state = await waitFinal(mesh.url, id) as { status: string; trace_id?: string };
+      const state = await waitFinal(mesh.gatewayUrl, id) as { status: string; trace_id?: string };
       assert.equal(state.status, "processed");
       const spans = await receiver.waitFor(
         traceId,
@@ -177,7 +178,7 @@ Deno.test("one item's spans share its trace id and chain from the HTTP request t
           headers: h,
         },
       );
-      await waitFinal(mesh.url, "traced-bus-1");
+      await waitFinal(mesh.gatewayUrl, "traced-bus-1");
       const spans = await receiver.waitFor(
         traceId,
         (s) =>
@@ -206,7 +207,7 @@ Deno.test("one item's spans share its trace id and chain from the HTTP request t
         JSON.stringify({ type: "feedback.ingested", item_id: "traced-poison" }),
         { headers: h },
       );
-      const state = await waitFinal(mesh.url, "traced-poison") as { status: string };
+      const state = await waitFinal(mesh.gatewayUrl, "traced-poison") as { status: string };
       assert.equal(state.status, "failed");
       const spans = await receiver.waitFor(
         traceId,

@@ -1,22 +1,571 @@
 /**
- * Runs the whole mesh exactly as `deno task start` does: the same command line, read
- * from deno.json, with its own nats-server on free ports and a temporary store.
+ * Every harness that runs Weft as real processes, nothing mocked:
+ *
+ * - {@link spawnService} / {@link startService}: one service as a `deno run` process with the
+ *   arguments, narrow permissions and environment the supervisor gives it (`serviceArgs`,
+ *   `serviceEnv`), its JSON log lines collected so a test can wait for "started" instead of
+ *   sleeping.
+ * - {@link startServices}: a set of services, each its own process, on a nats-server of its
+ *   own (a file store in a temp dir, so it can be killed and restarted on the same port and
+ *   store) or on one the test gives; services can be killed, restarted and replicated.
+ *   {@link FEEDBACK_SERVICES} (the default), {@link MODERATION_SERVICES} and
+ *   {@link ALL_SERVICES} name the usual sets, {@link WHOLE_MESH} the whole mesh as the
+ *   end-to-end tests run it.
+ * - {@link startMesh}: the supervisor of `deno task start`, the same command line read from
+ *   deno.json, with its own nats-server on free ports and a temporary store.
+ *
+ * And, for a mesh's gateway, {@link submit} and {@link waitFinal}.
  *
  * @module
  */
-import { freePort, portFree } from "../../src/nats_server.ts";
-import type { NatsCredentials } from "../../src/nats.ts";
-import { IDENTITY_DIR } from "../../src/supervisor.ts";
-import { deadline } from "./wait.ts";
+import {
+  jetstream,
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { type Config, loadConfig } from "../../src/config.ts";
+import { connectNats, type NatsCredentials } from "../../src/nats.ts";
+import { freePort, type NatsServer, portFree, startNatsServer } from "../../src/nats_server.ts";
+import {
+  IDENTITY_DIR,
+  serviceArgs,
+  serviceEnv,
+  SERVICES,
+  type ServiceSpec,
+} from "../../src/supervisor.ts";
+import { ensureTopology } from "../../src/topology.ts";
 
-const root = new URL("../../", import.meta.url);
+const ROOT = new URL("../../", import.meta.url);
+
+// ---------------------------------------------------------------------------------------------
+// Output: lines of a process's streams, and waiting for a log line.
+
+type LogLine = Record<string, unknown>;
+
+/** Calls `onLine` with each line of `stream` (without its newline). */
+async function eachLine(stream: ReadableStream<Uint8Array>, onLine: (text: string) => void) {
+  let buf = "";
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    buf += chunk;
+    let i: number;
+    while ((i = buf.indexOf("\n")) >= 0) {
+      const text = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      onLine(text);
+    }
+  }
+}
+
+/** Parsed log lines, and waiters for the first line (past or future) matching a predicate. */
+class LogBook {
+  readonly lines: LogLine[] = [];
+  #waiters = new Set<(line: LogLine) => void>();
+
+  add(line: LogLine): void {
+    this.lines.push(line);
+    for (const w of [...this.#waiters]) w(line);
+  }
+
+  /**
+   * Resolves with the first matching line; rejects with `timeoutError()` after `ms`, or
+   * when `signal` aborts (the wait then leaves no timer behind).
+   */
+  wait(
+    pred: (line: LogLine) => boolean,
+    ms: number,
+    timeoutError: () => Error,
+    signal?: AbortSignal,
+  ): Promise<LogLine> {
+    const found = this.lines.find(pred);
+    if (found) return Promise.resolve(found);
+    return new Promise<LogLine>((resolve, reject) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#waiters.delete(check);
+        signal?.removeEventListener("abort", abort);
+      };
+      const check = (line: LogLine) => {
+        if (!pred(line)) return;
+        done();
+        resolve(line);
+      };
+      const abort = () => {
+        done();
+        reject(signal!.reason);
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(timeoutError());
+      }, ms);
+      this.#waiters.add(check);
+      signal?.addEventListener("abort", abort);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One service.
+
+/** A running service process. */
+export interface ServiceProcess extends AsyncDisposable {
+  /** The service's name, or the key it was started under (e.g. `topics#2`). */
+  readonly name: string;
+  /** Its JSON log lines so far (stdout), parsed. */
+  readonly lines: Record<string, unknown>[];
+  /** Output that is not a JSON log line: stderr, and stdout lines that do not parse. */
+  readonly stray: string[];
+  /** Resolves with the exit status once the process has exited and its output is read. */
+  readonly exited: Promise<Deno.CommandStatus>;
+  /** True once the process has exited. */
+  readonly gone: boolean;
+  /** Resolves with the first log line matching `pred` (past or future). */
+  waitForLog(
+    pred: (line: Record<string, unknown>) => boolean,
+    timeoutMs?: number,
+  ): Promise<Record<string, unknown>>;
+  /** Sends `signal` and waits for the process to exit. */
+  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+}
+
+/** How {@link spawnService} reports output, besides keeping it. */
+export interface SpawnOptions {
+  /** Shown as the process's name (default: the service's name). */
+  key?: string;
+  /** Called with each JSON log line. */
+  onLine?: (line: Record<string, unknown>) => void;
+  /** Called with each line that is not a JSON log line. */
+  onStray?: (text: string) => void;
+}
+
+const READY = /^(stage started|state writer started|scheduler started|gateway listening)$/;
+
+/**
+ * Starts one service as the supervisor would, without waiting for it to be ready.
+ *
+ * @example
+ * ```ts ignore
+ * const proc = spawnService("topics", { NATS_URL: server.url });
+ * await proc.waitForLog((l) => l.msg === "stage started");
+ * ```
+ */
+export function spawnService(
+  name: string,
+  env: Record<string, string>,
+  opts: SpawnOptions = {},
+): ServiceProcess {
+  const spec: ServiceSpec | undefined = SERVICES.find((s) => s.name === name);
+  if (!spec) throw new Error(`no service ${name}`);
+  const key = opts.key ?? name;
+  const config = loadConfig({ env: (k) => env[k], args: [] });
+  const child = new Deno.Command("deno", {
+    args: serviceArgs(spec, config),
+    cwd: ROOT,
+    env: { ...env, ...serviceEnv(spec, (k) => env[k]) },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const book = new LogBook();
+  const stray: string[] = [];
+  const addStray = (text: string) => {
+    stray.push(text);
+    opts.onStray?.(text);
+  };
+  const read = (json: boolean) => (text: string) => {
+    if (!text.trim()) return;
+    let line: LogLine;
+    try {
+      if (!json) throw new Error("stderr");
+      line = JSON.parse(text);
+    } catch {
+      addStray(text);
+      return;
+    }
+    book.add(line);
+    opts.onLine?.(line);
+  };
+  const pumps = Promise.all([
+    eachLine(child.stdout, read(true)),
+    eachLine(child.stderr, read(false)),
+  ]).catch(() => {});
+  let gone = false;
+  const exited = child.status.then(async (s) => {
+    await pumps;
+    gone = true;
+    return s;
+  });
+
+  const waitForLog = (pred: (l: LogLine) => boolean, timeoutMs = 15_000) =>
+    book.wait(pred, timeoutMs, () =>
+      new Error(
+        `${key}: no matching log line within ${timeoutMs} ms; other output: ${
+          stray.join("\n").slice(-2000)
+        }`,
+      ));
+
+  const stop = async (signal: Deno.Signal = "SIGTERM") => {
+    if (!gone) {
+      try {
+        child.kill(signal);
+      } catch { /* already gone */ }
+    }
+    return await exited;
+  };
+
+  return {
+    name: key,
+    lines: book.lines,
+    stray,
+    exited,
+    get gone() {
+      return gone;
+    },
+    waitForLog,
+    stop,
+    async [Symbol.asyncDispose]() {
+      await stop("SIGKILL");
+    },
+  };
+}
+
+/** How {@link startService} waits, besides what {@link spawnService} takes. */
+export interface StartOptions extends SpawnOptions {
+  /** How long it may take to be ready (default 30 s). */
+  readyTimeoutMs?: number;
+  /** How many "started" lines make it ready (default 1: a stage; 2 for review and storage). */
+  readyCount?: number;
+}
+
+/**
+ * Starts one service and waits until it says it is running (`readyCount` "started"
+ * lines); fails at once if it exits first.
+ *
+ * @example
+ * ```ts ignore
+ * await using moderation = await startService("moderation", { NATS_URL: server.url });
+ * ```
+ */
+export async function startService(
+  name: string,
+  env: Record<string, string>,
+  opts: StartOptions = {},
+): Promise<ServiceProcess> {
+  const proc = spawnService(name, env, opts);
+  const want = opts.readyCount ?? 1;
+  let started = 0;
+  const ready = proc.waitForLog(
+    (l) => READY.test(String(l.msg)) && ++started >= want,
+    opts.readyTimeoutMs ?? 30_000,
+  );
+  const exitedFirst = proc.exited.then((s) => {
+    throw new Error(`${proc.name} exited (${s.code}) before it was ready:
+${[...proc.stray, ...proc.lines.map((l) => JSON.stringify(l))].join("\n").slice(-2000)}`);
+  });
+  try {
+    await Promise.race([ready, exitedFirst]);
+  } catch (err) {
+    await proc.stop("SIGKILL");
+    throw err;
+  } finally {
+    ready.catch(() => {});
+    exitedFirst.catch(() => {});
+  }
+  return proc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A set of services, one process each.
+
+/** A service to start, and how many "started" lines it logs when ready (default 1). */
+export interface ServiceStart {
+  name: string;
+  ready?: number;
+}
+
+/** The services of the feedback pipeline: what the fault tests exercise. */
+export const FEEDBACK_SERVICES: readonly string[] = [
+  "state",
+  "ingest",
+  "sentiment",
+  "topics",
+  "dispatch",
+  "gateway",
+];
+
+/** The services of the content moderation pipeline, with how many "started" lines each logs. */
+export const MODERATION_SERVICES: readonly Required<ServiceStart>[] = [
+  { name: "content-state", ready: 1 },
+  { name: "moderation", ready: 1 },
+  { name: "review", ready: 2 },
+  { name: "storage", ready: 2 },
+  { name: "scheduler", ready: 1 },
+  { name: "gateway", ready: 1 },
+];
+
+/** Every service the supervisor runs. */
+export const ALL_SERVICES: readonly string[] = SERVICES.map((s) => s.name);
+
+/** Settings the fault tests' meshes use (the default base environment): quick retries and drains. */
+export const TEST_ENV: Record<string, string> = {
+  WEFT_LOG_LEVEL: "info",
+  WEFT_RETRY_BASE_MS: "50",
+  WEFT_RETRY_MAX_MS: "400",
+  WEFT_ACK_WAIT_MS: "5000",
+  WEFT_DRAIN_MS: "3000",
+  WEFT_MAX_ATTEMPTS: "4",
+};
+
+/** Which services {@link startServices} runs, and how. */
+export interface ServicesOptions {
+  /** The services, started in this order (default {@link FEEDBACK_SERVICES}). */
+  services?: readonly (string | ServiceStart)[];
+  /** The environment under `env` (default {@link TEST_ENV}). */
+  baseEnv?: Record<string, string>;
+  /** Extra environment for every service (e.g. OTEL_*, WEFT_FAIL_ON). */
+  env?: Record<string, string>;
+  /** Per-service environment, by service name, over `env`. */
+  serviceEnv?: Record<string, Record<string, string>>;
+  /** A running nats-server to use (left running); by default the mesh starts its own. */
+  nats?: NatsServer;
+  /** The gateway's port (default: a free one). */
+  port?: number;
+  /** Create Weft's topology before the services start (default: when it starts its own server). */
+  topology?: boolean;
+  /**
+   * When a service counts as started: `"log"` (default) when it logs its "started" lines
+   * (fails at once if one exits first); `"ping"` when the gateway answers /readyz and every
+   * service answers `$SRV.PING` (the services are spawned all at once).
+   */
+  ready?: "log" | "ping";
+  /** With `ready: "log"`, start them all at once instead of one after another. */
+  parallel?: boolean;
+  /** The signal the mesh's disposal sends every service (default SIGKILL: nothing drains). */
+  stopSignal?: Deno.Signal;
+}
+
+/**
+ * The whole mesh for end-to-end tests: every service, debug logs, quick retries, ready when
+ * every service answers `$SRV.PING`, stopped with SIGTERM. Spread it and add `env`.
+ */
+export const WHOLE_MESH: Readonly<ServicesOptions> = {
+  services: ALL_SERVICES,
+  baseEnv: { WEFT_LOG_LEVEL: "debug", WEFT_RETRY_BASE_MS: "50", WEFT_DRAIN_MS: "2000" },
+  topology: false,
+  ready: "ping",
+  stopSignal: "SIGTERM",
+};
+
+/** A running set of services. */
+export interface ServiceMesh extends AsyncDisposable {
+  /** The nats-server: the mesh's own, or the one it was given. */
+  nats: NatsServer;
+  nc: NatsConnection;
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+  /** The configuration the services' environment makes. */
+  config: Config;
+  /** The gateway's base URL. */
+  gatewayUrl: string;
+  /** The running processes, by key (a service's name, or name#n for replicas). */
+  procs: Map<string, ServiceProcess>;
+  /** Every JSON log line the services wrote, parsed. */
+  logs: Record<string, unknown>[];
+  /** Lines that were not JSON log lines, from every service. */
+  stray: string[];
+  /** Resolves with the first log line of any service (past or future) matching `pred`. */
+  waitForLog(
+    pred: (line: Record<string, unknown>) => boolean,
+    ms?: number,
+  ): Promise<Record<string, unknown>>;
+  /** Starts a service (key: name, or name#n for replicas); resolves when it is ready. */
+  start(name: string, env?: Record<string, string>, key?: string): Promise<ServiceProcess>;
+  /** Sends a signal to a service (default SIGKILL) and waits for it to exit. */
+  kill(key: string, signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+  /** Names of services whose process has exited on its own. */
+  crashed(): string[];
+  /** Stops every service (SIGKILL by default: nothing gets to drain). */
+  stopAll(signal?: Deno.Signal): Promise<void>;
+  /** Starts the mesh's services again, as at the start. */
+  startAll(): Promise<void>;
+}
+
+async function until<T>(what: string, ms: number, probe: () => Promise<T | undefined>) {
+  const deadline = Date.now() + ms;
+  let last: unknown;
+  while (Date.now() < deadline) {
+    try {
+      const v = await probe();
+      if (v !== undefined) return v;
+    } catch (err) {
+      last = err;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`timed out waiting for ${what}`, { cause: last });
+}
+
+/**
+ * Starts services, each as its own process, with the environment
+ * `{...baseEnv, ...env, NATS_URL, PORT}` (and `serviceEnv[name]` over it).
+ *
+ * @example
+ * ```ts ignore
+ * await using mesh = await startServices({ env: { WEFT_SLOW_MS: "100" } });
+ * await mesh.kill("topics");
+ * await mesh.start("topics");
+ * await using whole = await startServices({ ...WHOLE_MESH, env: { OTEL_DENO: "true" } });
+ * await using moderation = await startServices({
+ *   services: MODERATION_SERVICES, baseEnv: {}, parallel: true, nats: server,
+ * });
+ * ```
+ */
+export async function startServices(opts: ServicesOptions = {}): Promise<ServiceMesh> {
+  const specs = (opts.services ?? FEEDBACK_SERVICES).map((s) =>
+    typeof s === "string" ? { name: s } : s
+  );
+  const readyCount = (name: string) => specs.find((s) => s.name === name)?.ready ?? 1;
+  const ownsNats = !opts.nats;
+  const nats = opts.nats ?? await startNatsServer();
+  const port = opts.port ?? freePort();
+  const gatewayUrl = `http://127.0.0.1:${port}`;
+  const baseEnv: Record<string, string> = {
+    ...(opts.baseEnv ?? TEST_ENV),
+    ...opts.env,
+    NATS_URL: nats.url,
+    PORT: String(port),
+  };
+  const config = loadConfig({ env: (n) => baseEnv[n] ?? Deno.env.get(n), args: [] });
+  const procs = new Map<string, ServiceProcess>();
+  const expectedExit = new Set<ServiceProcess>();
+  const logs = new LogBook();
+  const stray: string[] = [];
+  const envOf = (name: string, env: Record<string, string> = {}) => ({
+    ...baseEnv,
+    ...opts.serviceEnv?.[name],
+    ...env,
+  });
+  const output = (key: string): SpawnOptions => ({
+    key,
+    onLine: (line) => logs.add(line),
+    onStray: (text) => stray.push(text),
+  });
+  let nc: NatsConnection | undefined;
+
+  const start = async (name: string, env: Record<string, string> = {}, key = name) => {
+    const proc = await startService(name, envOf(name, env), {
+      ...output(key),
+      readyCount: readyCount(name),
+    });
+    procs.set(key, proc);
+    return proc;
+  };
+
+  const kill = (key: string, signal: Deno.Signal = "SIGKILL") => {
+    const proc = procs.get(key);
+    if (!proc) throw new Error(`no service ${key} in the mesh`);
+    expectedExit.add(proc);
+    return proc.stop(signal);
+  };
+
+  const stopAll = async (signal: Deno.Signal = "SIGKILL") => {
+    await Promise.all([...procs.keys()].map((key) => kill(key, signal)));
+  };
+
+  const pinged = async (nc: NatsConnection) => {
+    try {
+      if (specs.some((s) => s.name === "gateway")) {
+        await until("gateway /readyz", 30_000, async () => {
+          const r = await fetch(`${gatewayUrl}/readyz`);
+          await r.body?.cancel();
+          return r.ok ? true : undefined;
+        });
+      }
+      const want = specs.map((s) => `weft-${s.name}`).sort();
+      await until("every service to answer $SRV.PING", 30_000, async () => {
+        const names = new Set<string>();
+        const answers = await nc.requestMany("$SRV.PING", undefined, {
+          strategy: "stall",
+          stall: 100,
+          maxWait: 1000,
+        });
+        for await (const m of answers) names.add(m.json<{ name: string }>().name);
+        return want.every((n) => names.has(n)) ? true : undefined;
+      });
+    } catch (err) {
+      throw new Error(`mesh did not start; output: ${stray.slice(-20).join("\n")}`, {
+        cause: err,
+      });
+    }
+  };
+
+  const startAll = async () => {
+    if (opts.ready === "ping") {
+      for (const { name } of specs) procs.set(name, spawnService(name, envOf(name), output(name)));
+      await pinged(nc!);
+    } else if (opts.parallel) {
+      const results = await Promise.allSettled(specs.map((s) => start(s.name)));
+      const failed = results.find((r) => r.status === "rejected");
+      if (failed) {
+        await stopAll("SIGKILL");
+        throw (failed as PromiseRejectedResult).reason;
+      }
+    } else {
+      for (const { name } of specs) await start(name);
+    }
+  };
+
+  const stopSignal = opts.stopSignal ?? "SIGKILL";
+  const dispose = async () => {
+    await stopAll(stopSignal);
+    await nc?.close();
+    if (ownsNats) await nats[Symbol.asyncDispose]();
+  };
+
+  let jsm: JetStreamManager;
+  try {
+    nc = await connectNats(nats.url, "weft-test");
+    jsm = await jetstreamManager(nc);
+    if (opts.topology ?? ownsNats) await ensureTopology(nc, jsm, config);
+    await startAll();
+  } catch (err) {
+    await dispose();
+    throw err;
+  }
+
+  return {
+    nats,
+    nc,
+    js: jetstream(nc),
+    jsm,
+    config,
+    gatewayUrl,
+    procs,
+    logs: logs.lines,
+    stray,
+    waitForLog: (pred, ms = 10_000) =>
+      logs.wait(pred, ms, () => new Error("timed out waiting for a log line")),
+    start,
+    kill,
+    crashed() {
+      return [...procs.values()].filter((p) => !expectedExit.has(p) && p.gone).map((p) => p.name);
+    },
+    stopAll,
+    startAll,
+    [Symbol.asyncDispose]: dispose,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The supervisor of `deno task start`.
 
 /**
  * A fresh directory for a supervisor's nats-server (its store and identities). It lies
  * under the repository's data/, the one place `deno task start` may write.
  */
 export async function meshTempDir(prefix: string): Promise<string> {
-  const dir = new URL("data/tmp/", root).pathname;
+  const dir = new URL("data/tmp/", ROOT).pathname;
   await Deno.mkdir(dir, { recursive: true });
   return await Deno.makeTempDir({ dir, prefix });
 }
@@ -58,7 +607,7 @@ export interface Mesh extends AsyncDisposable {
 
 /** The `deno run ...` arguments of a deno.json task. */
 export async function taskArgs(name: string): Promise<string[]> {
-  const deno = JSON.parse(await Deno.readTextFile(new URL("deno.json", root)));
+  const deno = JSON.parse(await Deno.readTextFile(new URL("deno.json", ROOT)));
   const task = deno.tasks[name];
   const command: string = typeof task === "string" ? task : task.command;
   const [bin, ...args] = command.split(/\s+/);
@@ -89,7 +638,7 @@ export async function startMesh(
   const storeDir = opts.storeDir ?? await meshTempDir("weft-mesh-");
   const child = new Deno.Command("deno", {
     args: await taskArgs("start"),
-    cwd: root,
+    cwd: ROOT,
     env: {
       PORT: String(port),
       WEFT_NATS_PORT: String(natsPort),
@@ -102,45 +651,19 @@ export async function startMesh(
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  const logs: Record<string, unknown>[] = [];
-  const waiters: {
-    pred: (l: Record<string, unknown>) => boolean;
-    resolve: (l: Record<string, unknown>) => void;
-  }[] = [];
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    let buf = "";
-    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-      buf += chunk;
-      let nl;
-      while ((nl = buf.indexOf("\n")) >= 0) {
-        const text = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
-        let line: Record<string, unknown>;
-        try {
-          line = JSON.parse(text);
-        } catch {
-          line = { raw: text };
-        }
-        logs.push(line);
-        for (const w of [...waiters]) {
-          if (w.pred(line)) {
-            waiters.splice(waiters.indexOf(w), 1);
-            w.resolve(line);
-          }
-        }
-      }
+  const book = new LogBook();
+  const read = (text: string) => {
+    let line: LogLine;
+    try {
+      line = JSON.parse(text);
+    } catch {
+      line = { raw: text };
     }
+    book.add(line);
   };
-  const pumps = Promise.all([pump(child.stdout), pump(child.stderr)]);
-  const waitForLog = (pred: (l: Record<string, unknown>) => boolean, ms: number, what: string) => {
-    const found = logs.find(pred);
-    if (found) return Promise.resolve(found);
-    return deadline(
-      new Promise<Record<string, unknown>>((resolve) => waiters.push({ pred, resolve })),
-      ms,
-      what,
-    );
-  };
+  const pumps = Promise.all([eachLine(child.stdout, read), eachLine(child.stderr, read)]);
+  const waitForLog = (pred: (l: LogLine) => boolean, ms: number, what: string) =>
+    book.wait(pred, ms, () => new Error(`timed out after ${ms} ms: ${what}`));
   let status: Deno.CommandStatus | undefined;
   const stop = async (signal: Deno.Signal = "SIGINT") => {
     if (!status) {
@@ -161,7 +684,7 @@ export async function startMesh(
       nkeySeedFile: `${storeDir}/${IDENTITY_DIR}/${identity}.nk`,
       identity,
     }),
-    logs,
+    logs: book.lines,
     waitForLog,
     stop,
     child,
@@ -170,30 +693,56 @@ export async function startMesh(
       if (!opts.keepStore) await Deno.remove(storeDir, { recursive: true }).catch(() => {});
     },
   };
-  // Its own timer, cleared whatever wins: a supervisor that exits first must not leave a
-  // timer running into the next test.
-  let timer: ReturnType<typeof setTimeout> | undefined;
+  // The wait's timer is cleared whatever wins: a supervisor that exits first must not leave
+  // a timer running into the next test.
+  const settled = new AbortController();
+  const listening = book.wait(
+    (l) => l.msg === "gateway listening",
+    30_000,
+    () => new Error("timed out after 30000 ms: the gateway to listen"),
+    settled.signal,
+  );
+  const exitedFirst = child.status.then((s) => {
+    throw new Error(`the supervisor exited with ${s.code} before the gateway listened`);
+  });
   try {
-    await Promise.race([
-      new Promise<void>((resolve) => {
-        if (logs.some((l) => l.msg === "gateway listening")) return resolve();
-        waiters.push({ pred: (l) => l.msg === "gateway listening", resolve: () => resolve() });
-      }),
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(
-          () => reject(new Error("timed out after 30000 ms: the gateway to listen")),
-          30_000,
-        );
-      }),
-      child.status.then((s) => {
-        throw new Error(`the supervisor exited with ${s.code} before the gateway listened`);
-      }),
-    ]);
-    clearTimeout(timer);
+    await Promise.race([listening, exitedFirst]);
   } catch (err) {
-    clearTimeout(timer);
     await mesh[Symbol.asyncDispose]();
-    throw new Error(`${(err as Error).message}\n${logs.map((l) => JSON.stringify(l)).join("\n")}`);
+    throw new Error(
+      `${(err as Error).message}\n${book.lines.map((l) => JSON.stringify(l)).join("\n")}`,
+    );
+  } finally {
+    settled.abort();
+    listening.catch(() => {});
+    exitedFirst.catch(() => {});
   }
   return mesh;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A mesh's gateway.
+
+/** Submits one item through the gateway at `url`; returns its id. */
+export async function submit(
+  url: string,
+  text: string,
+  headers: HeadersInit = {},
+): Promise<string> {
+  const r = await fetch(`${url}/feedback`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: JSON.stringify({ text }),
+  });
+  if (r.status !== 202) throw new Error(`submit: ${r.status} ${await r.text()}`);
+  return (await r.json() as { id: string }).id;
+}
+
+/** Waits until the item's state is final (processed or failed); returns the state. */
+export function waitFinal(url: string, id: string, ms = 20_000): Promise<{ status?: string }> {
+  return until(`item ${id} to finish`, ms, async () => {
+    const r = await fetch(`${url}/feedback/${id}`);
+    const body = await r.json() as { status?: string };
+    return body.status === "processed" || body.status === "failed" ? body : undefined;
+  });
 }

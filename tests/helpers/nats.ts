@@ -1,14 +1,18 @@
 /**
- * A real nats-server per test, with Weft's topology, and a configuration pointing at it.
+ * A real nats-server per test, with Weft's topology, and a configuration pointing at it;
+ * and reading and writing the feedback pipeline's stream and state bucket on any server.
  *
  * @module
  */
 import type { NatsConnection } from "@nats-io/nats-core";
-import { type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
+import { type JetStreamClient, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { type Config, loadConfig } from "../../src/config.ts";
+import type { FeedbackState } from "../../src/events.gen.ts";
 import { createLogger, type Logger } from "../../src/log.ts";
 import { connectNats } from "../../src/nats.ts";
 import { type NatsServer, startNatsServer } from "../../src/nats_server.ts";
+import { readStream } from "../../src/stream_reader.ts";
+import { FEEDBACK_STREAM, STATE_BUCKET } from "../../src/subjects.ts";
 import { ensureTopology } from "../../src/topology.ts";
 
 /** A running server, a connection to it and the topology in place. */
@@ -61,4 +65,55 @@ export async function startTestNats(overrides: Partial<Config> = {}): Promise<Te
       await server[Symbol.asyncDispose]();
     },
   };
+}
+
+/** Per-subject message counts of `filter` in FEEDBACK, by the subject's last token (item id). */
+export async function countsByItem(
+  jsm: JetStreamManager,
+  filter: string,
+): Promise<Map<string, number>> {
+  const info = await jsm.streams.info(FEEDBACK_STREAM, { subjects_filter: filter });
+  const counts = new Map<string, number>();
+  for (const [subject, n] of Object.entries(info.state.subjects ?? {})) {
+    counts.set(subject.slice(subject.lastIndexOf(".") + 1), n as number);
+  }
+  return counts;
+}
+
+/** Every item's state in the state bucket. */
+export async function readStates(js: JetStreamClient): Promise<Map<string, FeedbackState>> {
+  const states = new Map<string, FeedbackState>();
+  for await (const m of readStream(js, `KV_${STATE_BUCKET}`)) {
+    const id = m.subject.slice(`$KV.${STATE_BUCKET}.`.length);
+    if (m.data.length === 0) states.delete(id);
+    else states.set(id, m.json<FeedbackState>());
+  }
+  return states;
+}
+
+/** Publishes submissions onto feedback.submit with their ids as message ids, retrying until stored. */
+export async function pushItems(
+  js: JetStreamClient,
+  items: { id: string; text: string }[],
+  parallel = 64,
+): Promise<void> {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const item = items[next++]!;
+      for (let attempt = 0;; attempt++) {
+        try {
+          await js.publish("feedback.submit", JSON.stringify(item), {
+            msgID: `submit-${item.id}`,
+            timeout: 2000,
+          });
+          break;
+        } catch (err) {
+          if (attempt > 200) throw err;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: parallel }, worker));
 }

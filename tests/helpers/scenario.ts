@@ -7,7 +7,9 @@
  */
 import assert from "node:assert/strict";
 import { DEADLETTER_STREAM } from "../../src/subjects.ts";
-import { countsByItem, type Mesh, pushItems, readStates, waitFor } from "./fault_mesh.ts";
+import type { ServiceMesh } from "./mesh.ts";
+import { countsByItem, pushItems, readStates } from "./nats.ts";
+import { waitUntil } from "./wait.ts";
 
 /** What a fault test reports. */
 export interface FaultFigures {
@@ -29,8 +31,8 @@ export function makeItems(prefix: string, n: number): { id: string; text: string
 }
 
 /** Resolves once at least `n` items have their processed event. */
-export function processedAtLeast(mesh: Mesh, n: number, deadlineMs = 60_000): Promise<void> {
-  return waitFor(
+export function processedAtLeast(mesh: ServiceMesh, n: number, deadlineMs = 60_000): Promise<void> {
+  return waitUntil(
     async () => (await countsByItem(mesh.jsm, "feedback.processed.*")).size >= n,
     deadlineMs,
   );
@@ -41,7 +43,7 @@ export function processedAtLeast(mesh: Mesh, n: number, deadlineMs = 60_000): Pr
  * returns the figures.
  */
 export async function settle(
-  mesh: Mesh,
+  mesh: ServiceMesh,
   test: string,
   items: { id: string }[],
   faults: number,
@@ -49,7 +51,7 @@ export async function settle(
   deadlineMs = 90_000,
 ): Promise<FaultFigures> {
   const ids = new Set(items.map((i) => i.id));
-  await waitFor(
+  await waitUntil(
     async () => {
       const done = await countsByItem(mesh.jsm, "feedback.processed.*");
       return [...ids].every((id) => done.has(id));
@@ -59,7 +61,7 @@ export async function settle(
       `${(await countsByItem(mesh.jsm, "feedback.processed.*")).size} of ${ids.size} processed`,
   );
   // Every item's state reaches the bucket too.
-  await waitFor(
+  await waitUntil(
     async () => {
       const states = await readStates(mesh.js);
       return [...ids].every((id) => states.get(id)?.status === "processed");

@@ -41,3 +41,30 @@ export async function waitFor<T>(
   }
   throw new Error(`timed out after ${ms} ms: ${what}${last ? ` (last error: ${last})` : ""}`);
 }
+
+/**
+ * Re-checks the condition `check` every 100 ms until it holds; after `ms`, fails with
+ * `describe()`, asked for only then. For conditions that are costly to check (a whole
+ * stream's counts, every state in the bucket) and whose failure needs explaining. A check
+ * that throws (e.g. a request while the server restarts) counts as not yet.
+ */
+export async function waitUntil(
+  check: () => Promise<boolean> | boolean,
+  ms: number,
+  describe: () => Promise<string> | string = () => "condition not met",
+): Promise<void> {
+  const end = Date.now() + ms;
+  let lastError: unknown;
+  while (true) {
+    try {
+      if (await check()) return;
+    } catch (err) {
+      lastError = err;
+    }
+    if (Date.now() > end) {
+      const why = await Promise.resolve().then(describe).catch((e) => String(e));
+      throw new Error(`timed out after ${ms} ms: ${why}`, { cause: lastError });
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
