@@ -39,6 +39,9 @@ import { readStream } from "./stream_reader.ts";
 import { CONTENT_STREAM, DEADLETTER_STREAM, FEEDBACK_STREAM } from "./subjects.ts";
 import type { NamedStreamConfig } from "./topology.ts";
 
+/** JetStream's error code for a stream that does not exist. */
+const STREAM_NOT_FOUND = 10059;
+
 /** The hub's JetStream domain. */
 export const HUB_DOMAIN = "hub";
 
@@ -68,6 +71,21 @@ export const SITE_STREAMS: readonly { stream: string; root: string }[] = [
   { stream: CONTENT_STREAM, root: "content" },
   { stream: DEADLETTER_STREAM, root: "deadletter" },
 ];
+
+/** A stream of a site the hub collects, and the first token of its subjects. */
+export interface SiteStream {
+  stream: string;
+  root: string;
+}
+
+/**
+ * What a hub collects from each site: {@link SITE_STREAMS}, and the streams of the pipeline
+ * definitions it runs (`definitions`: each pipeline's stream and name). A site runs the same
+ * definitions; a stream it lacks shows as that source's error on `GET /sites`.
+ */
+export function siteStreams(definitions: readonly SiteStream[] = []): SiteStream[] {
+  return [...SITE_STREAMS, ...definitions];
+}
 
 /** The pipelines whose items the hub shows per site: the first token of their subjects. */
 export type SitePipeline = "feedback" | "content";
@@ -128,7 +146,10 @@ export function siteApi(site: string): string {
  * leafnode connection `publish` is what the site may send to the hub, `subscribe` what the
  * hub sends to the site.
  */
-export function leafPermissions(site: string): Permissions {
+export function leafPermissions(
+  site: string,
+  definitions: readonly SiteStream[] = [],
+): Permissions {
   const api = siteApi(site);
   return {
     publish: {
@@ -139,7 +160,7 @@ export function leafPermissions(site: string): Permissions {
       ],
     },
     subscribe: {
-      allow: SITE_STREAMS.flatMap(({ stream }) => [
+      allow: siteStreams(definitions).flatMap(({ stream }) => [
         `${api}.CONSUMER.CREATE.${stream}.>`,
         `${api}.CONSUMER.DELETE.${stream}.>`,
         `$JS.FC.${stream}.>`,
@@ -149,10 +170,10 @@ export function leafPermissions(site: string): Permissions {
   };
 }
 
-/** The sources of site `site`'s events in its hub stream: one per {@link SITE_STREAMS}. */
-export function siteSources(site: string): StreamSource[] {
+/** The sources of site `site`'s events in its hub stream: one per collected stream. */
+export function siteSources(site: string, definitions: readonly SiteStream[] = []): StreamSource[] {
   // (Field order as the server echoes it, so an unchanged start finds nothing to update.)
-  return SITE_STREAMS.map(({ stream, root }) =>
+  return siteStreams(definitions).map(({ stream, root }) =>
     ({
       name: stream,
       subject_transforms: [{ src: `${root}.>`, dest: `${siteSubjectPrefix(site)}.${root}.>` }],
@@ -168,13 +189,14 @@ export function siteSources(site: string): StreamSource[] {
 export function edgeStreamConfigs(
   sites: readonly string[],
   feedback: NamedStreamConfig,
+  definitions: readonly SiteStream[] = [],
 ): NamedStreamConfig[] {
   const { subjects: _subjects, ...limits } = feedback;
   return sites.map((site) => ({
     ...limits,
     name: edgeStream(site),
     description: `Weft edge site ${site}: its events and dead letters, on site.${site}.>`,
-    sources: siteSources(site),
+    sources: siteSources(site, definitions),
   }));
 }
 
@@ -335,7 +357,10 @@ export async function siteStatuses(
       countUnder(jsm, stream, `${prefix}.deadletter.>`),
     ]);
     const sources = info.sources ?? [];
-    const actives = sources.map((s) => s.active ?? -1);
+    // Heard from: the sources of streams the site has (a definition it does not run is an
+    // error below, not a silent link).
+    const actives = sources.filter((s) => s.error?.err_code !== STREAM_NOT_FOUND)
+      .map((s) => s.active ?? -1);
     const error = sources.find((s) => s.error)?.error?.description;
     return {
       site,
@@ -479,8 +504,11 @@ export function watchSources(
     // The site's sources share its one link: the one in error, never heard from, or
     // silent longest speaks for all.
     const sources = info.sources ?? [];
-    const source = sources.find((s) => s.error || (s.active ?? -1) < 0) ??
-      sources.toSorted((a, b) => (b.active ?? 0) - (a.active ?? 0))[0];
+    // (A stream the site does not have, e.g. a definition it does not run, is no stalled
+    // link: restarting would not bring it.)
+    const linked = sources.filter((s) => s.error?.err_code !== STREAM_NOT_FOUND);
+    const source = linked.find((s) => s.error || (s.active ?? -1) < 0) ??
+      linked.toSorted((a, b) => (b.active ?? 0) - (a.active ?? 0))[0];
     const active = source?.active ?? -1;
     const stalled = active < 0 || active / 1e6 > stalledMs || source?.error !== undefined;
     if (!stalled || Date.now() - (lastRestart.get(site) ?? 0) < restartMs) return;

@@ -37,6 +37,7 @@ import {
   leafPermissions,
   type LeafTls,
   siteConf,
+  type SiteStream,
   watchSources,
 } from "./edge.ts";
 import {
@@ -567,7 +568,7 @@ export async function writeAuthConfig(
   sites.forEach((site, i) =>
     users.push({
       identity: leaves[i]!,
-      permissions: leafPermissions(site),
+      permissions: leafPermissions(site, edge.hub?.definitions),
       connectionTypes: ["LEAFNODE"],
     })
   );
@@ -584,7 +585,14 @@ export async function writeAuthConfig(
 /** What an edge role adds to the server: nothing, a hub's leafnode listener, or a site's link. */
 export interface EdgeRole {
   /** A hub of these sites, with its leafnode listener on `host` (loopback) and `leafPort`. */
-  hub?: { sites: readonly string[]; leafPort: number; host?: string; tls?: LeafTls };
+  hub?: {
+    sites: readonly string[];
+    leafPort: number;
+    host?: string;
+    tls?: LeafTls;
+    /** The streams of the definitions it runs, collected from each site too. */
+    definitions?: readonly SiteStream[];
+  };
   /** An edge site: its name, the hub's leafnode URL(s), its leafnode seed and TLS files. */
   site?: { name: string; urls: string; seed?: string; tls?: LeafTls };
 }
@@ -597,6 +605,11 @@ function leafTls(config: Config): LeafTls | undefined {
   const abs = (path: string) => (path ? new URL(path, ROOT).pathname : undefined);
   if (!config.leafTlsCert && !config.leafTlsCa) return undefined;
   return { cert: abs(config.leafTlsCert), key: abs(config.leafTlsKey), ca: abs(config.leafTlsCa) };
+}
+
+/** The streams of loaded definitions, as a hub collects them from its sites. */
+function definitionSiteStreams(loaded: readonly LoadedPipeline[]): SiteStream[] {
+  return loaded.map((p) => ({ stream: pipelineSubjects(p.def).stream, root: p.def.name }));
 }
 
 /** The server configuration `conf` with an edge role's additions. */
@@ -923,6 +936,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
           leafPort: config.leafPort,
           host: config.leafHost,
           tls: leafTls(config),
+          definitions: definitionSiteStreams(loaded),
         },
       };
     } else if (config.site) {
@@ -1028,7 +1042,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         await ensureTopology(nc, jsm, topology, pipelineTopology(loaded, config.retentionMs));
         // A hub: one stream per edge site, sourcing the site's FEEDBACK across domains.
         const feedback = streamConfigs(topology)[0]!;
-        for (const s of edgeStreamConfigs(config.hub, feedback)) {
+        for (const s of edgeStreamConfigs(config.hub, feedback, definitionSiteStreams(loaded))) {
           await ensureStream(jsm, s, { allowShrink: config.allowShrink });
         }
         break;

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { edgeStream, SITE_STREAMS } from "../src/edge.ts";
+import { edgeStream, siteStreams } from "../src/edge.ts";
 import { connectNats } from "../src/nats.ts";
 import { portFree } from "../src/nats_server.ts";
 import { clusterPidFile, IDENTITY_DIR } from "../src/supervisor.ts";
@@ -37,6 +37,10 @@ function freeLowPorts(n: number): number {
 /** The outage: a deliberate duration, not a wait for anything. */
 const OUTAGE_MS = 30_000;
 const SITES = ["east", "west"] as const;
+/** A pipeline definition the hub and the sites run: the hub collects its stream too. */
+const DEFINITION = "pipelines/support/pipeline.ts";
+/** What the hub collects from a site, with the definition's stream. */
+const COLLECTED = siteStreams([{ stream: "SUPPORT", root: "support" }]);
 
 /** Prints the test's figures as one `EDGE-FIGURES {...}` line. */
 function printFigures(figures: Record<string, unknown>): void {
@@ -98,6 +102,7 @@ async function hubMatchesSite(
   hub: NatsConnection,
   siteNc: NatsConnection,
   site: string,
+  collected = siteStreams(),
 ): Promise<{ feedback: Stored[]; total: number; content: Stored[]; deadLetters: number }> {
   const read = async (nc: NatsConnection, stream: string, filter?: string) => {
     const out: { subject: string; data: string }[] = [];
@@ -108,7 +113,7 @@ async function hubMatchesSite(
   };
   // The site's events (not its submissions: `feedback.submit` is ingest's input) and dead letters.
   const atSite = Object.fromEntries(
-    await Promise.all(SITE_STREAMS.map(async ({ stream, root }) =>
+    await Promise.all(collected.map(async ({ stream, root }) =>
       [
         root,
         (await read(siteNc, stream)).filter((m) => m.subject.split(".").length === 3),
@@ -127,7 +132,7 @@ async function hubMatchesSite(
     total,
     `${site}: as many messages at the hub as at the site`,
   );
-  for (const { root } of SITE_STREAMS) {
+  for (const { root } of collected) {
     const hubCopies = await read(hub, edgeStream(site), `site.${site}.${root}.>`);
     assert.deepEqual(
       hubCopies,
@@ -184,6 +189,7 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     WEFT_HUB: SITES.join(","),
     WEFT_LEAF_PORT: String(leafPort),
     WEFT_TOGETHER: "all",
+    WEFT_PIPELINES: DEFINITION,
   });
   await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "the hub ready");
   // East's uplink goes through a relay the test can cut; west's is direct.
@@ -196,6 +202,7 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     WEFT_SITE: "east",
     WEFT_LEAF_NKEY: hubKey("east"),
     WEFT_TOGETHER: "all",
+    WEFT_PIPELINES: DEFINITION,
   });
   const westDir = await meshTempDir("weft-west-");
   await Deno.mkdir(`${westDir}/${IDENTITY_DIR}`, { recursive: true, mode: 0o700 });
@@ -204,6 +211,7 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     WEFT_LEAF: `nats-leaf://127.0.0.1:${leafPort}`,
     WEFT_SITE: "west",
     WEFT_TOGETHER: "all",
+    WEFT_PIPELINES: DEFINITION,
   }, { storeDir: westDir });
   const meshes = { east, west };
   for (const [name, m] of Object.entries(meshes)) {
@@ -265,6 +273,17 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     // processed at the site, and the hub has not seen it.
     const during = await post(east, { text: "posted during the outage, thanks for the fix" });
     uploads.east!.push(await postContent(east, "uploaded during the outage: a picture of a cat"));
+    // A definition's item too: the support agent answers it from its FAQ, at the site.
+    const request = await fetch(`${east.gatewayUrl}/pipelines/support/items`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        customer: "ann",
+        text: "I cannot log in, how do I reset my password?",
+      }),
+    });
+    assert.equal(request.status, 202);
+    const supportId = (await request.json() as { id: string }).id;
     await waitFor(
       async () =>
         (await getJson(`${east.gatewayUrl}/feedback/${during}`)).body.status ===
@@ -317,6 +336,13 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
         );
       }
     }
+    await waitFor(
+      async () =>
+        (await getJson(`${east.gatewayUrl}/pipelines/support/items/${supportId}`)).body.status ===
+          "done" || undefined,
+      60_000,
+      "the support request answered at east",
+    );
     // West dead-lettered the forged event.
     await waitFor(
       async () =>
@@ -333,7 +359,7 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       { items: number; events: number; content_items: number; dead_letters: number }
     > = {};
     for (const name of SITES) {
-      const held = await hubMatchesSite(ncs.hub, ncs[name], name);
+      const held = await hubMatchesSite(ncs.hub, ncs[name], name, COLLECTED);
       siteEvents[name] = held.feedback;
       // Items are what started: a forged event's item (failed, never ingested) is not one.
       const started = (events: Stored[], type: string) =>
@@ -350,6 +376,15 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       };
     }
     assert.ok(counts.west!.dead_letters > 0, "west's dead letter at the hub");
+    const supportAtHub = await hubJsm.streams.info(edgeStream("east"), {
+      subjects_filter: `site.east.support.*.${supportId}`,
+    });
+    assert.ok(
+      Object.keys(supportAtHub.state.subjects ?? {}).includes(
+        `site.east.support.answered.${supportId}`,
+      ),
+      "the definition's item, to its end, at the hub",
+    );
 
     // Subjects never cross: the hub's own FEEDBACK stored none of the sites' publishes
     // (the leaf identities may carry sourcing traffic only), nor a site the other's.
