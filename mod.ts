@@ -178,6 +178,7 @@ export type {
   ToolContext,
   ToolSpec,
   TypedSteps,
+  ValueOf,
   WaitStep,
 } from "./src/pipeline/definition.ts";
 export {

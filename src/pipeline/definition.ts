@@ -270,19 +270,51 @@ export interface PipelineSpec {
   buckets?: readonly string[];
 }
 
+/** The steps an edge field (`next`: one or several) names. */
+type Targets<T> = T extends string ? T : T extends readonly (infer X)[] ? X : never;
+
+/** Every step a step's edges lead to: `next`, a router's `routes`, a timeout or deadline step. */
+type EdgesOf<P> =
+  | (P extends { next: infer N } ? Targets<N> : never)
+  | (P extends { routes: infer R } ? R[keyof R] : never)
+  | (P extends { onTimeout: infer T } ? T : never)
+  | (P extends { onDeadline: infer T } ? T : never);
+
+/** The steps with an edge (or a loop's back edge) to step `K`. */
+type PredecessorsOf<S extends PipelineSpec, K> =
+  | {
+    [P in keyof S["steps"]]: K extends EdgesOf<S["steps"][P]> ? P : never;
+  }[keyof S["steps"]]
+  | (S["loops"] extends readonly (infer L)[] ? L extends { from: infer F; to: K } ? F : never
+    : never);
+
+/** What a step hands on: a task's or llm step's result; anything else is not typed (`any`). */
+// deno-lint-ignore no-explicit-any
+type HandedOn<Step> = Step extends { kind: "task" | "llm"; output: infer O } ? Infer<O> : any;
+
+/**
+ * The `value` step `K` is handed: the input document for the first step, else what each
+ * step before it hands on (a union; `any` when one of them is not a task or llm step, whose
+ * value depends on the run: a router's or wait's).
+ */
+export type ValueOf<S extends PipelineSpec, K> =
+  | (K extends S["start"] ? Infer<S["input"]["schema"]> : never)
+  | { [P in PredecessorsOf<S, K> & keyof S["steps"]]: HandedOn<S["steps"][P]> }[
+    PredecessorsOf<S, K> & keyof S["steps"]
+  ];
+
 /**
  * The compile-time checks of a definition's handlers against its schemas: each task step's
- * `handle` returns (or resolves to) what its `output` schema describes, and takes a context
- * whose `input` is what the pipeline's input schema describes. A handler that returns
- * another shape, or annotates `ctx` with an input type the schema does not give, does not
- * compile.
+ * `handle` returns (or resolves to) what its `output` schema describes, takes as `value`
+ * what the steps before it hand on ({@link ValueOf}), and takes a context whose `input` is
+ * what the pipeline's input schema describes. A handler that returns another shape, or
+ * annotates `value` or `ctx` with a type the schemas do not give, does not compile.
  */
 export type TypedSteps<S extends PipelineSpec> = {
   steps: {
     [K in keyof S["steps"]]: S["steps"][K] extends { kind: "task"; output: infer O } ? {
         handle?: (
-          // deno-lint-ignore no-explicit-any
-          value: any,
+          value: ValueOf<S, K>,
           ctx: StepContext<Infer<S["input"]["schema"]>>,
         ) => Infer<O> | Promise<Infer<O>>;
       }

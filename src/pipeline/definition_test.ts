@@ -4,7 +4,7 @@
  * test file itself does not compile.
  */
 import assert from "node:assert/strict";
-import { definePipeline, type Infer, type StepContext } from "./definition.ts";
+import { definePipeline, type Infer, type StepContext, type ValueOf } from "./definition.ts";
 
 const ticket = {
   type: "object",
@@ -80,4 +80,45 @@ Deno.test("a task's handler returns what its output schema describes, or the def
   });
   // (Handlers are plain data to the runtime check: both pass it; only the compiler refuses.)
   assert.ok(wrongResult.hash && wrongInput.hash);
+});
+
+Deno.test("a task's handler is handed what the step before returns, or the definition does not compile", () => {
+  const chain = definePipeline({
+    name: "chain",
+    input: { schema: ticket },
+    start: "reply",
+    steps: {
+      reply: { kind: "task", output: reply, handle: () => ({ to: "ann" }), next: "send" },
+      send: {
+        kind: "task",
+        output: { type: "object" },
+        handle: (v: { to: string }) => ({ sent_to: v.to }),
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  // The first step is handed the input document; the second, the first's result.
+  const first: ValueOf<typeof chain, "reply"> = { customer: "c1", text: "hi" };
+  const second: ValueOf<typeof chain, "send"> = { to: "ann" };
+  // @ts-expect-error: `reply` returns `to` as a string
+  const wrong: ValueOf<typeof chain, "send"> = { to: 1 };
+  assert.ok(first && second && wrong);
+  const mismatched = definePipeline({
+    name: "chain",
+    input: { schema: ticket },
+    start: "reply",
+    steps: {
+      reply: { kind: "task", output: reply, handle: () => ({ to: "ann" }), next: "send" },
+      send: {
+        kind: "task",
+        output: { type: "object" },
+        // @ts-expect-error: the step before hands on `{ to: string }`, not a number
+        handle: (v: { to: number }) => ({ sent_to: v.to + 1 }),
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  assert.ok(mismatched.hash);
 });
