@@ -30,6 +30,8 @@
 import type { JetStreamClient, JetStreamManager, StreamSource } from "@nats-io/jetstream";
 import type { ContentState, FeedbackState } from "./events.gen.ts";
 import { applyContentEvent } from "./content_state.ts";
+import type { PipelineSpec } from "./pipeline/definition.ts";
+import { applyPipelineEvent, type ItemState } from "./pipeline/fold.ts";
 import type { Logger } from "./log.ts";
 import type { Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
@@ -410,6 +412,54 @@ export async function siteContentState(
     "content",
     applyContentEvent,
   );
+  return { ...state, site };
+}
+
+/**
+ * An edge item of a pipeline definition the hub runs, folded from its events at the hub
+ * (the definition's own state fold), with its site. Throws NotFoundError when the hub has none.
+ */
+export async function siteDefinitionItem(
+  js: JetStreamClient,
+  jsm: JetStreamManager,
+  site: string,
+  def: PipelineSpec,
+  id: string,
+): Promise<ItemState & { site: string }> {
+  const filter = `${siteSubjectPrefix(site)}.${def.name}.*.${id}`;
+  const info = await jsm.streams.info(edgeStream(site), { subjects_filter: filter });
+  let state: ItemState | undefined;
+  if (Object.keys(info.state.subjects ?? {}).length > 0) {
+    for await (const m of readStream(js, edgeStream(site), { filter })) {
+      const token = m.subject.split(".")[3]!;
+      let body: {
+        type?: string;
+        time?: string;
+        item_id?: string;
+        definition?: string;
+        data?: unknown;
+      };
+      try {
+        body = m.json();
+      } catch {
+        continue; // not JSON: nothing to fold
+      }
+      // A Weft event has its type and time; an awaited event (a person's or a callback's
+      // plain JSON) is known by its subject.
+      const event = typeof body?.type === "string" && typeof body.time === "string"
+        ? body
+        : { type: `${def.name}.${token}`, time: m.time.toISOString(), item_id: id, data: body };
+      state = applyPipelineEvent(def, state, {
+        seq: m.seq,
+        type: event.type!,
+        time: event.time!,
+        item_id: event.item_id ?? id,
+        definition: event.definition,
+        data: event.data,
+      }) ?? state;
+    }
+  }
+  if (!state) throw new NotFoundError(`no ${def.name} item ${id} from site ${site}`);
   return { ...state, site };
 }
 

@@ -446,6 +446,31 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     );
     assert.equal(contentFrames[0]!.event, "content.uploaded");
     assert.equal((await getJson(`${hub.gatewayUrl}/sites/east/content/NOPE1`)).status, 404);
+    // The definition's item, folded at the hub with the definition's own fold.
+    const supportItem = await getJson(
+      `${hub.gatewayUrl}/sites/east/pipelines/support/items/${supportId}`,
+    );
+    assert.equal(supportItem.status, 200);
+    assert.equal(supportItem.body.site, "east");
+    assert.equal(supportItem.body.status, "done");
+    assert.equal(supportItem.body.outcome, "answered");
+    assert.equal(
+      (await getJson(`${hub.gatewayUrl}/sites/east/pipelines/nope/items/${supportId}`)).status,
+      404,
+    );
+    // All of west's events and dead letters, live from the hub (replayed from the first).
+    const westFrames = await readSse(
+      await fetch(`${hub.gatewayUrl}/sites/west/events?replay=true`),
+      {
+        timeoutMs: 15_000,
+        stopAfter: (_e, all) =>
+          all.some((f) => f.event === "content.uploaded") &&
+          all.some((f) => f.event?.startsWith("deadletter.")),
+      },
+    );
+    const seqs = westFrames.map((f) => Number(f.id));
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), "in the hub's order");
+    assert.equal(westFrames[0]!.event, "feedback.ingested");
     for (const name of SITES) {
       for (const id of [shared, ...accepted[name]!.slice(0, 10)]) {
         const { status, body } = await getJson(`${hub.gatewayUrl}/sites/${name}/feedback/${id}`);

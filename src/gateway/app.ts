@@ -346,7 +346,7 @@ export function createApp(deps: GatewayDeps): Hono {
         clients,
         feeds: new LiveFeeds(intake.js, log, config.sseFlushMs, config.sseWritesPerSecond),
         log,
-      }),
+      }, deps.pipelines),
     );
   }
   app.use("/dashboard/recent", readAuth); // item texts: behind a key like the other reads

@@ -6,7 +6,10 @@
  * `GET /sites/{site}/feedback/{id}/events` streams its events as the hub receives them
  * (server-sent events, resumable with Last-Event-ID, closed after the item's final event);
  * `GET /sites/{site}/content/{id}` and `GET /sites/{site}/content/{id}/events` do the same
- * for the site's content moderation items.
+ * for the site's content moderation items, and `GET /sites/{site}/pipelines/{name}/items/{id}`
+ * for the items of the pipeline definitions the hub runs; `GET /sites/{site}/events` streams
+ * every event and dead letter of the site as the hub receives them (SSE, `replay=true` from
+ * the first, resumable with Last-Event-ID).
  *
  * @module
  */
@@ -15,6 +18,7 @@ import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import {
   edgeStream,
   siteContentState,
+  siteDefinitionItem,
   siteEventsFilter,
   siteItemState,
   type SitePipeline,
@@ -24,6 +28,8 @@ import {
 import { NotFoundError } from "../errors.ts";
 import { CONTENT_FINAL_EVENT_TYPES, FINAL_EVENT_TYPES, ITEM_ID } from "../subjects.ts";
 import { openSlot, streamEvents } from "./sse.ts";
+import type { LoadedPipeline } from "../pipeline/runtime.ts";
+import { boolQuery } from "./query.ts";
 
 /** What the per-item event stream needs: the gateway's SSE settings, slots and feeds. */
 export type EdgeSse = Omit<Parameters<typeof streamEvents>[3], "key">;
@@ -40,6 +46,7 @@ export function edgeRoutes(
   jetStream: { js: JetStreamClient; jsm: JetStreamManager },
   sites: readonly string[],
   sse?: EdgeSse,
+  pipelines: readonly LoadedPipeline[] = [],
 ): Hono {
   const app = new Hono();
   const known = (site: string, id: string, what: string) => {
@@ -47,7 +54,8 @@ export function edgeRoutes(
     if (!ITEM_ID.test(id)) throw new NotFoundError(`no ${what} ${JSON.stringify(id)}`);
   };
   app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites) }));
-  const pipelines: {
+  const definitions = pipelines;
+  const kinds: {
     pipeline: SitePipeline;
     what: string;
     state: typeof siteItemState | typeof siteContentState;
@@ -66,7 +74,31 @@ export function edgeRoutes(
       finalTypes: CONTENT_FINAL_EVENT_TYPES,
     },
   ];
-  for (const { pipeline, what, state, finalTypes } of pipelines) {
+  app.get("/:site/pipelines/:name/items/:id", async (c) => {
+    const site = c.req.param("site");
+    const id = c.req.param("id");
+    const name = c.req.param("name");
+    const loaded = definitions.find((p) => p.def.name === name);
+    if (!loaded) throw new NotFoundError(`no pipeline ${JSON.stringify(name)} at this hub`);
+    known(site, id, `${name} item`);
+    return c.json(await siteDefinitionItem(jetStream.js, jetStream.jsm, site, loaded.def, id));
+  });
+  if (sse) {
+    app.get("/:site/events", (c) => {
+      const site = c.req.param("site");
+      if (!sites.includes(site)) throw new NotFoundError(`no edge site ${JSON.stringify(site)}`);
+      const key = openSlot(sse.clients, c);
+      const all = `${siteSubjectPrefix(site)}.>`;
+      return streamEvents(c, jetStream.js, {
+        filter: all,
+        stream: edgeStream(site),
+        closeOnFinal: false,
+        replay: boolQuery(c.req.query("replay"), "replay") === true,
+        feedFilter: all,
+      }, { ...sse, key });
+    });
+  }
+  for (const { pipeline, what, state, finalTypes } of kinds) {
     app.get(`/:site/${pipeline}/:id`, async (c) => {
       const site = c.req.param("site");
       const id = c.req.param("id");

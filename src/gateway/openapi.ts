@@ -322,6 +322,33 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         },
       ),
     },
+    "/sites/{site}/pipelines/{name}/items/{id}": {
+      get: op(
+        "A hub only: an edge item of a pipeline definition the hub runs, folded from its " +
+          "events at the hub, with its site",
+        { "200": json({ type: "object" }) },
+        {
+          parameters: [
+            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            { name: "name", in: "path", required: true, schema: { type: "string" } },
+            idParam,
+          ],
+        },
+      ),
+    },
+    "/sites/{site}/events": {
+      get: op(
+        "A hub only: every event and dead letter of an edge site as the hub receives them " +
+          "(server-sent events; replay=true from the first; resumable with Last-Event-ID)",
+        { "200": sse("the site's events at the hub") },
+        {
+          parameters: [
+            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            { name: "replay", in: "query", required: false, schema: { type: "boolean" } },
+          ],
+        },
+      ),
+    },
     "/healthz": { get: op("Liveness", { "200": json({ type: "object" }) }) },
     "/readyz": { get: op("Readiness: NATS and the streams", { "200": json({ type: "object" }) }) },
     "/openapi.json": { get: op("This document", { "200": json({ type: "object" }) }) },

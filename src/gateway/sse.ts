@@ -693,5 +693,8 @@ export function streamEvents(
 
 function typeOfSubject(subject: string): string {
   const parts = subject.split(".");
-  return parts.length === 3 ? `${parts[0]}.${parts[1]}` : subject;
+  if (parts.length === 3) return `${parts[0]}.${parts[1]}`;
+  // A hub's copy of an edge site's event: site.<site>.<pipeline>.<event>.<item>.
+  if (parts.length === 5 && parts[0] === "site") return `${parts[2]}.${parts[3]}`;
+  return subject;
 }
