@@ -183,6 +183,13 @@ print("post.while_connecting.p99_ms", pct(connecting, 0.99));
 print("post.all_connected.count", connected.length);
 print("post.all_connected.p50_ms", pct(connected, 0.5));
 print("post.all_connected.p99_ms", pct(connected, 0.99));
+// The slowest POSTs, with when they were sent (s after all clients were open; negative:
+// while they connected): spikes that line up show what caused them.
+print(
+  "post.slowest",
+  [...loadedTimes].sort((a, b) => b.ms - a.ms).slice(0, 8)
+    .map((t) => `${((t.at - allOpenAt) / 1000).toFixed(2)}s:${Math.round(t.ms)}ms`).join(","),
+);
 print("gateway.rss_mib.quiet", before.rssMiB);
 print("gateway.rss_mib.with_clients", after.rssMiB);
 print("gateway.cpu_s.during_load_phase", Math.round((after.cpuS - before.cpuS) * 10) / 10);
