@@ -64,14 +64,14 @@ export { readState, runStateWriter } from "./src/state_writer.ts";
 export type { StateSpec, StateWriter } from "./src/state_writer.ts";
 
 // Analysis and routing
-export type * from "./src/analysis.ts";
+export type * from "./src/ai/analysis.ts";
 export { compileRules, loadRules } from "./src/rules.ts";
 export type { CompiledRules, Router } from "./src/rules.ts";
-export { feedbackAnalyzers } from "./src/configured_analyzers.ts";
-export type { AnalyzerConfig, FeedbackAnalyzers } from "./src/configured_analyzers.ts";
-export type { LlmCounter, LlmStats, LlmStatsSnapshot } from "./src/llm/stats.ts";
-export type { LlmUsage } from "./src/llm/errors.ts";
-export { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./src/analyzers/mod.ts";
+export { feedbackAnalyzers } from "./src/ai/configured_analyzers.ts";
+export type { AnalyzerConfig, FeedbackAnalyzers } from "./src/ai/configured_analyzers.ts";
+export type { LlmCounter, LlmStats, LlmStatsSnapshot } from "./src/ai/llm/stats.ts";
+export type { LlmUsage } from "./src/ai/llm/errors.ts";
+export { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./src/ai/analyzers/mod.ts";
 export type {
   EmbeddedSentimentAnalyzer,
   EmbeddedTopicsAnalyzer,
@@ -83,7 +83,7 @@ export type {
   TaxonomyPattern,
   TopicsOptions,
   ToxicityOptions,
-} from "./src/analyzers/mod.ts";
+} from "./src/ai/analyzers/mod.ts";
 
 // Gateway
 export { createApp } from "./src/gateway/app.ts";
@@ -116,17 +116,17 @@ export {
   loadConfig,
 } from "./src/config.ts";
 export type { ApiKey, Config, ConfigSource, LogLevel, LogLevelName, Role } from "./src/config.ts";
-export { createLogger } from "./src/log.ts";
-export type { LogFields, Logger, LogSink } from "./src/log.ts";
+export { createLogger } from "./src/observability/log.ts";
+export type { LogFields, Logger, LogSink } from "./src/observability/log.ts";
 export { connectNats } from "./src/nats.ts";
 export { ensureTopology } from "./src/topology.ts";
 export type { TopologyConfig } from "./src/topology.ts";
-export { WeftMetrics } from "./src/metrics.ts";
-export type { MetricsJson } from "./src/metrics.ts";
+export { WeftMetrics } from "./src/observability/metrics.ts";
+export type { MetricsJson } from "./src/observability/metrics.ts";
 export { freePort, NatsServerMissingError, startNatsServer } from "./src/nats_server.ts";
 export type { NatsServer, NatsServerOptions } from "./src/nats_server.ts";
-export { childContext, formatTraceparent, parseTraceparent } from "./src/trace.ts";
-export type { TraceContext } from "./src/trace.ts";
+export { childContext, formatTraceparent, parseTraceparent } from "./src/observability/trace.ts";
+export type { TraceContext } from "./src/observability/trace.ts";
 export { retryDelay } from "./src/retry.ts";
 
 /**
@@ -213,7 +213,7 @@ export {
 export type { Flow, FlowData, FlowEvent } from "./src/pipeline/flow.ts";
 
 // Live shadows (docs/SHADOW.md): a candidate version of a step beside production.
-export { parseShadowSpec } from "./src/shadow_spec.ts";
-export type { ShadowCandidate, ShadowLimits, ShadowSpec, StepVersion } from "./src/shadow_spec.ts";
-export { createShadowControl } from "./src/shadow_control.ts";
-export type { ListedShadow, ShadowControl } from "./src/shadow_control.ts";
+export { parseShadowSpec } from "./src/shadow/spec.ts";
+export type { ShadowCandidate, ShadowLimits, ShadowSpec, StepVersion } from "./src/shadow/spec.ts";
+export { createShadowControl } from "./src/shadow/control.ts";
+export type { ListedShadow, ShadowControl } from "./src/shadow/control.ts";

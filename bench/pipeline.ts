@@ -44,7 +44,7 @@
  *
  * @module
  */
-import { benchAnalyzers } from "../src/analyzers/bench.ts";
+import { benchAnalyzers } from "../src/ai/analyzers/bench.ts";
 import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/nats-core";
 import {
@@ -60,7 +60,7 @@ import {
 import { loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
 import { freePort, type NatsServer, portFree, startNatsServer } from "../src/nats_server.ts";
-import { createLogger } from "../src/log.ts";
+import { createLogger } from "../src/observability/log.ts";
 import { BENCH_TEXTS } from "./texts.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serviceArgs, SERVICES, startCluster, writeAuthConfig } from "../src/supervisor.ts";

@@ -37,14 +37,14 @@ import {
   liveShadowReportHtml,
   readShadowDecisions,
   replayShadow,
-} from "../src/live_shadow.ts";
-import { createLogger } from "../src/log.ts";
+} from "../src/shadow/live.ts";
+import { createLogger } from "../src/observability/log.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
-import { parseShadowSpec } from "../src/shadow_spec.ts";
+import { parseShadowSpec } from "../src/shadow/spec.ts";
 import { listedPipelines } from "../src/supervisor.ts";
 import { loadConfig } from "../src/config.ts";
-import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
-import { parseRows } from "../src/evaluation.ts";
+import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
+import { parseRows } from "../src/ai/evaluation.ts";
 import { connectNats, tlsCredentials } from "../src/nats.ts";
 import {
   decideAll,
@@ -52,7 +52,7 @@ import {
   readProduction,
   shadowReport,
   shadowReportHtml,
-} from "../src/shadow.ts";
+} from "../src/shadow/replay.ts";
 
 const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.stdout) =>
   to.writeSync(new TextEncoder().encode(text + "\n"));

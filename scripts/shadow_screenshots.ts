@@ -16,7 +16,7 @@
  *
  * @module
  */
-import { topicsAnalyzer, toxicityAnalyzer } from "../src/analyzers/mod.ts";
+import { topicsAnalyzer, toxicityAnalyzer } from "../src/ai/analyzers/mod.ts";
 import { loadRules } from "../src/rules.ts";
 import { chat, startFakeOpenAI } from "../tests/helpers/openai_server.ts";
 import { startMesh, taskArgs } from "../tests/helpers/mesh.ts";

@@ -19,7 +19,7 @@ import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
-import { createShadowControl } from "../src/shadow_control.ts";
+import { createShadowControl } from "../src/shadow/control.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;

@@ -5,8 +5,8 @@
  *
  * @module
  */
-import { moderationAnalyzer } from "../src/configured_analyzers.ts";
-import { registerLlmMetrics } from "../src/metrics.ts";
+import { moderationAnalyzer } from "../src/ai/configured_analyzers.ts";
+import { registerLlmMetrics } from "../src/observability/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
 import { moderationStage } from "../src/stages/content.ts";
 

@@ -4,8 +4,8 @@
  *
  * @module
  */
-import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
-import { registerLlmMetrics } from "../src/metrics.ts";
+import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
+import { registerLlmMetrics } from "../src/observability/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
 import { sentimentStage } from "../src/stages/feedback.ts";
 import { followStepVersion } from "../src/step_versions.ts";

@@ -1,5 +1,5 @@
 /**
- * The shadow service: runs the live shadows (src/live_shadow.ts), each a candidate version
+ * The shadow service: runs the live shadows (src/shadow/live.ts), each a candidate version
  * of a pipeline step on its own consumer, publishing only on `shadow.>`. Its own process and
  * NATS identity: killed or failing, it takes nothing from production.
  *
@@ -9,7 +9,7 @@
 // a shadow of a definition's step loads the definitions.
 import "../mod.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
-import { hostShadows } from "../src/shadow_host.ts";
+import { hostShadows } from "../src/shadow/host.ts";
 
 /** The shadow service. */
 export const service: ServiceDef = defineService("shadow", (ctx) => hostShadows(ctx), {

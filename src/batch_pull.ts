@@ -19,7 +19,7 @@
  * @module
  */
 import type { Consumer, JsMsg } from "@nats-io/jetstream";
-import type { Logger } from "./log.ts";
+import type { Logger } from "./observability/log.ts";
 import { sleep } from "./retry.ts";
 
 /** How {@link pullBatches} pulls. */

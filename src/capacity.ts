@@ -12,7 +12,7 @@
  */
 import { JetStreamApiError, type JetStreamManager, type StreamInfo } from "@nats-io/jetstream";
 import { ErrorCode, WeftError } from "./errors.ts";
-import type { Logger } from "./log.ts";
+import type { Logger } from "./observability/log.ts";
 
 /** A stream's use of its limits. */
 export interface StreamUsage {

@@ -8,7 +8,7 @@
 import { parseArgs } from "node:util";
 import { ConfigError } from "./errors.ts";
 import { type IngestLimits, parseIngestLimits } from "./gateway/ingest_limits.ts";
-import { parseShadowSpecs, type ShadowSpec } from "./shadow_spec.ts";
+import { parseShadowSpecs, type ShadowSpec } from "./shadow/spec.ts";
 
 /** Log levels, least to most severe. */
 export const LogLevel = { debug: 10, info: 20, warn: 30, error: 40 } as const;

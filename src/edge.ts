@@ -32,7 +32,7 @@ import type { ContentState, FeedbackState } from "./events.gen.ts";
 import { applyContentEvent } from "./content_state.ts";
 import type { PipelineSpec } from "./pipeline/definition.ts";
 import { applyPipelineEvent, type ItemState } from "./pipeline/fold.ts";
-import type { Logger } from "./log.ts";
+import type { Logger } from "./observability/log.ts";
 import type { Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";

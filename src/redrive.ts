@@ -29,7 +29,7 @@ import { sha256Hex } from "./events.ts";
 import { assertMatchesSubject, decodeJson } from "./runner.ts";
 import { type EventMap, validateDocument, validateEvent } from "./schemas.ts";
 import type { DeadLetter } from "./events.gen.ts";
-import type { Logger } from "./log.ts";
+import type { Logger } from "./observability/log.ts";
 import type { Auth } from "./gateway/auth.ts";
 import { Role } from "./config.ts";
 import { readStream } from "./stream_reader.ts";

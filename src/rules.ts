@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { SentimentAnalyzer, SentimentLabel, TopicsAnalyzer } from "./analysis.ts";
+import type { SentimentAnalyzer, SentimentLabel, TopicsAnalyzer } from "./ai/analysis.ts";
 import type { Routing } from "./events.gen.ts";
 import { validateDocument } from "./schemas.ts";
 

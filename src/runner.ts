@@ -33,7 +33,7 @@ import {
 import { createEvent, deterministicId, sha256Hex } from "./events.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
-import type { Logger } from "./log.ts";
+import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
 import { validateDocument, validateEvent } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
@@ -48,8 +48,13 @@ import {
 } from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
-import { childContext, formatTraceparent, parseTraceparent, type TraceContext } from "./trace.ts";
-import { WeftMetrics } from "./metrics.ts";
+import {
+  childContext,
+  formatTraceparent,
+  parseTraceparent,
+  type TraceContext,
+} from "./observability/trace.ts";
+import { WeftMetrics } from "./observability/metrics.ts";
 import {
   activeTraceContext,
   recordFailure,
@@ -57,7 +62,7 @@ import {
   startSpan,
   traceContextOf,
   withSpan,
-} from "./telemetry.ts";
+} from "./observability/telemetry.ts";
 
 /** Counters a runner keeps; metrics read them. */
 export interface StageStats {

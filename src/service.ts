@@ -8,10 +8,10 @@
 import type { NatsConnection } from "@nats-io/nats-core";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { type Config, describeConfig, loadConfig } from "./config.ts";
-import { createLogger, type Logger } from "./log.ts";
+import { createLogger, type Logger } from "./observability/log.ts";
 import { connectNats, tlsCredentials } from "./nats.ts";
-import { WeftMetrics } from "./metrics.ts";
-import { registerMicroService } from "./micro.ts";
+import { WeftMetrics } from "./observability/metrics.ts";
+import { registerMicroService } from "./observability/micro.ts";
 import { runStage } from "./runner.ts";
 import type { Stage, StageInput } from "./stage.ts";
 import { ensureTopology } from "./topology.ts";

@@ -23,7 +23,7 @@ import {
 import { type KV, Kvm } from "@nats-io/kv";
 import type { Config } from "./config.ts";
 import type { FeedbackState } from "./events.gen.ts";
-import type { Logger } from "./log.ts";
+import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
 import { assertMatchesSubject, deadLetter, decodeJson } from "./runner.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
@@ -32,8 +32,8 @@ import { applyEvent } from "./state.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, parseEventSubject, STATE_BUCKET } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
 import { pullBatches } from "./batch_pull.ts";
-import { parseTraceparent } from "./trace.ts";
-import type { WeftMetrics } from "./metrics.ts";
+import { parseTraceparent } from "./observability/trace.ts";
+import type { WeftMetrics } from "./observability/metrics.ts";
 
 /** The durable consumer name of the state writer. */
 export const STATE_WRITER = "state";

@@ -12,10 +12,10 @@
 import { Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import type { Config } from "./config.ts";
-import type { AnalyzerConfig } from "./configured_analyzers.ts";
-import { candidateConfig } from "./live_shadow.ts";
-import type { Logger } from "./log.ts";
-import { type StepVersion, stepVersionKey } from "./shadow_spec.ts";
+import type { AnalyzerConfig } from "./ai/configured_analyzers.ts";
+import { candidateConfig } from "./shadow/live.ts";
+import type { Logger } from "./observability/log.ts";
+import { type StepVersion, stepVersionKey } from "./shadow/spec.ts";
 import { STEP_VERSION_BUCKET } from "./subjects.ts";
 
 /** What a step runs now, switched by promotions. */

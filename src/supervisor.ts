@@ -13,7 +13,7 @@ import "../mod.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, describeConfig, ENV_PERMISSION, isLoopback, loadConfig } from "./config.ts";
-import { createLogger, type Logger } from "./log.ts";
+import { createLogger, type Logger } from "./observability/log.ts";
 import { ConfigError } from "./errors.ts";
 import { connectNats, tlsCredentials } from "./nats.ts";
 import {
@@ -47,7 +47,7 @@ import {
   type Permissions,
   permissionsFor,
 } from "./identities.ts";
-import { METRICS_SUBJECT } from "./metrics.ts";
+import { METRICS_SUBJECT } from "./observability/metrics.ts";
 import {
   definitionDirs,
   type LoadedPipeline,
@@ -56,7 +56,7 @@ import {
   pipelineServiceSpecs,
   pipelineTopology,
 } from "./pipeline/runtime.ts";
-import { statusSubject } from "./micro.ts";
+import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { CONTENT_STATE_SPEC } from "./content_state.ts";
 import { STATE_WRITER } from "./state_writer.ts";
@@ -397,7 +397,7 @@ export function meshPermissions(
 ): { name: string; permissions: Permissions }[] {
   const durables = mesh.services.flatMap((s) => s.access.consumes ?? []);
   return [
-    // Every service answers the mesh's metrics request and its own status (src/micro.ts).
+    // Every service answers the mesh's metrics request and its own status (src/observability/micro.ts).
     ...mesh.services.map((s) => ({
       name: s.name,
       access: {

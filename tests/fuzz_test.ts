@@ -21,7 +21,7 @@ import { createApp } from "../src/gateway/app.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { createModerationApi } from "../src/moderation/api.ts";
 import { loadConfig } from "../src/config.ts";
-import { createLogger } from "../src/log.ts";
+import { createLogger } from "../src/observability/log.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { decodeJson } from "../src/runner.ts";
 import { type EventMap, validateDocument, validateEvent } from "../src/schemas.ts";

@@ -12,7 +12,7 @@ import { ConfigError } from "../src/errors.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
-import { WeftMetrics } from "../src/metrics.ts";
+import { WeftMetrics } from "../src/observability/metrics.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";

@@ -14,7 +14,7 @@ import { Kvm } from "@nats-io/kv";
 import { hashKey } from "../src/gateway/auth.ts";
 import { connectNats } from "../src/nats.ts";
 import { loadRules } from "../src/rules.ts";
-import { agreementOf } from "../src/shadow.ts";
+import { agreementOf } from "../src/shadow/replay.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { type Mesh, meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";

@@ -1,26 +1,26 @@
 import assert from "node:assert/strict";
-import type { SentimentAnalyzer, SentimentResult } from "../src/analysis.ts";
+import type { SentimentAnalyzer, SentimentResult } from "../src/ai/analysis.ts";
 import {
   createLlmAnalyzers,
   createLlmSentimentAnalyzer,
   createLlmTopicsAnalyzer,
   createLlmToxicityAnalyzer,
   type LlmAnalyzerOptions,
-} from "../src/llm/analyzers.ts";
-import { createBudget } from "../src/llm/budget.ts";
-import { cacheKey, createLruCache } from "../src/llm/cache.ts";
-import { createChatClient, type LlmLogEntry } from "../src/llm/client.ts";
+} from "../src/ai/llm/analyzers.ts";
+import { createBudget } from "../src/ai/llm/budget.ts";
+import { cacheKey, createLruCache } from "../src/ai/llm/cache.ts";
+import { createChatClient, type LlmLogEntry } from "../src/ai/llm/client.ts";
 import {
   LlmError,
   LlmHttpError,
   LlmInvalidOutputError,
   LlmOverBudgetError,
   LlmTimeoutError,
-} from "../src/llm/errors.ts";
-import { withFallback } from "../src/llm/fallback.ts";
-import { loadPrompt, renderPrompt } from "../src/llm/prompts.ts";
-import { createRateLimiter, parseRetryAfter } from "../src/llm/rate_limit.ts";
-import { createLlmStats } from "../src/llm/stats.ts";
+} from "../src/ai/llm/errors.ts";
+import { withFallback } from "../src/ai/llm/fallback.ts";
+import { loadPrompt, renderPrompt } from "../src/ai/llm/prompts.ts";
+import { createRateLimiter, parseRetryAfter } from "../src/ai/llm/rate_limit.ts";
+import { createLlmStats } from "../src/ai/llm/stats.ts";
 import { createFakeClock, type FakeClock } from "./helpers/fake_clock.ts";
 import {
   chat,

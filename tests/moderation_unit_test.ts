@@ -3,7 +3,7 @@
  * rules-based toxicity analyzer, schedule arithmetic and API-key checks.
  */
 import assert from "node:assert/strict";
-import { toxicityAnalyzer } from "../src/analyzers/mod.ts";
+import { toxicityAnalyzer } from "../src/ai/analyzers/mod.ts";
 import { describeConfig, loadConfig, parseApiKeys } from "../src/config.ts";
 import { applyContentEvent } from "../src/content_state.ts";
 import { ConflictError, ValidationError, type WeftError } from "../src/errors.ts";

@@ -9,7 +9,7 @@ import { SERVICES } from "../src/supervisor.ts";
 import { startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
 import { jetstream } from "@nats-io/jetstream";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
-import { WeftMetrics } from "../src/metrics.ts";
+import { WeftMetrics } from "../src/observability/metrics.ts";
 import { startTestNats } from "./helpers/nats.ts";
 
 /** One sample's value from Prometheus text; undefined when absent. */

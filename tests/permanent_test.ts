@@ -6,7 +6,7 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import { loadConfig } from "../src/config.ts";
 import { PermanentError } from "../src/errors.ts";
-import { createLogger } from "../src/log.ts";
+import { createLogger } from "../src/observability/log.ts";
 import { startNatsServer } from "../src/nats_server.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { runStage } from "../src/runner.ts";

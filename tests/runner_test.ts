@@ -8,7 +8,7 @@ import { runStage } from "../src/runner.ts";
 import { createEvent } from "../src/events.ts";
 import { PermanentError } from "../src/errors.ts";
 import { nextEvent, type Stage } from "../src/stage.ts";
-import { feedbackAnalyzers } from "../src/configured_analyzers.ts";
+import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
 import { sentimentStage } from "../src/stages/feedback.ts";
 import type { DeadLetter, FeedbackFailed } from "../src/events.gen.ts";
 import type { Config } from "../src/config.ts";

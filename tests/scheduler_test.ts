@@ -18,7 +18,7 @@ import {
   subjectAllowed,
 } from "../src/subjects.ts";
 import { leaseKey, runScheduler } from "../src/scheduler/scheduler.ts";
-import { createLogger } from "../src/log.ts";
+import { createLogger } from "../src/observability/log.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/mesh.ts";
 import { Hono } from "hono";

@@ -8,9 +8,9 @@
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
 import { advance, compileFlow, completion, entryData, flowEvent, type TaskStep } from "../mod.ts";
-import { liveShadowReport, liveShadowReportHtml, replayShadow } from "../src/live_shadow.ts";
+import { liveShadowReport, liveShadowReportHtml, replayShadow } from "../src/shadow/live.ts";
 import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
-import { parseShadowSpec } from "../src/shadow_spec.ts";
+import { parseShadowSpec } from "../src/shadow/spec.ts";
 import { SHADOW_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startTestNats } from "./helpers/nats.ts";

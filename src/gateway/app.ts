@@ -21,7 +21,7 @@ import { JetStreamApiError } from "@nats-io/jetstream";
 import { watchConnection } from "../nats.ts";
 import type { Config } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 import { validateDocument } from "../schemas.ts";
 import {
@@ -31,7 +31,7 @@ import {
   itemEventsFilter,
   typeFilter,
 } from "../subjects.ts";
-import { parseTraceparent } from "../trace.ts";
+import { parseTraceparent } from "../observability/trace.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
 import type { Intake } from "./intake.ts";
 import type { Auth } from "./auth.ts";
@@ -44,10 +44,10 @@ import { type IntakeGuards, pipelineRoutes } from "./pipelines.ts";
 import { openApiDocument } from "./openapi.ts";
 import { pipelineSubjects } from "../pipeline/derive.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
-import { WeftMetrics } from "../metrics.ts";
+import { WeftMetrics } from "../observability/metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
 import { edgeRoutes } from "./edge_routes.ts";
-import type { ShadowControl } from "../shadow_control.ts";
+import type { ShadowControl } from "../shadow/control.ts";
 import { shadowRoutes } from "./shadows.ts";
 
 /** What the app needs. */

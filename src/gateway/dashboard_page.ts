@@ -11,7 +11,7 @@
  * the review queue (`GET /reviews`; approve or reject = `POST /reviews/:id/claim`, then
  * `POST /reviews/:id/decision`) when the gateway
  * has those routes, and says so when it does not; and the live shadows (candidate step
- * versions beside production, src/live_shadow.ts) with their agreement per field and
+ * versions beside production, src/shadow/live.ts) with their agreement per field and
  * Cohen's kappa, from the same metrics stream. All data is written with textContent.
  *
  * @module

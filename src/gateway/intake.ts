@@ -42,8 +42,8 @@ import {
   STATE_BUCKET,
 } from "../subjects.ts";
 import { ingestedEventId, itemOf } from "../stages/feedback.ts";
-import { childContext, type TraceContext } from "../trace.ts";
-import { activeTraceContext } from "../telemetry.ts";
+import { childContext, type TraceContext } from "../observability/trace.ts";
+import { activeTraceContext } from "../observability/telemetry.ts";
 
 /** The answer to an accepted submission. */
 export interface Accepted {

@@ -1,7 +1,7 @@
 /**
  * The whole mesh's metrics, gathered at scrape time by the gateway: its own registry,
  * every other service's (one request on `weft.metrics` that each instance answers; see
- * src/micro.ts), and JetStream's view of every durable consumer's backlog. Also reduced
+ * src/observability/micro.ts), and JetStream's view of every durable consumer's backlog. Also reduced
  * to a small per-stage snapshot for the dashboard.
  *
  * @module
@@ -14,7 +14,7 @@ import {
   METRICS_SUBJECT,
   type MetricsJson,
   type WeftMetrics,
-} from "../metrics.ts";
+} from "../observability/metrics.ts";
 import { usageOf } from "../capacity.ts";
 import { DEADLETTER_STREAM, FEEDBACK_STREAM, STREAMS } from "../subjects.ts";
 import { REDRIVEN_PREFIX } from "../redrive.ts";

@@ -14,7 +14,7 @@
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { Role } from "../config.ts";
 import { toProblem, ValidationError } from "../errors.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import type { ModerationApi } from "../moderation/api.ts";
 import { ReviewStatus } from "../moderation/review_queue.ts";
 import { decodeJson } from "../runner.ts";
@@ -28,7 +28,7 @@ import {
   REVIEWS_LIST_REQUEST_SUBJECT,
   SCHEDULES_REQUEST_PREFIX,
 } from "../subjects.ts";
-import { parseTraceparent } from "../trace.ts";
+import { parseTraceparent } from "../observability/trace.ts";
 import type { Auth, Principal } from "./auth.ts";
 
 const QUEUE = "weft-gateway";

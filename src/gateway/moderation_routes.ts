@@ -15,14 +15,14 @@ import { bodyLimit } from "hono/body-limit";
 import type { Context } from "hono";
 import { type Config, Role } from "../config.ts";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import type { ModerationApi } from "../moderation/api.ts";
 import { ReviewStatus } from "../moderation/review_queue.ts";
 import { assertCallerSchedulable } from "../scheduler/store.ts";
 import { decodeJson } from "../runner.ts";
 import { validateDocument } from "../schemas.ts";
 import { CONTENT_FINAL_EVENT_TYPES, CONTENT_STREAM, contentEventsFilter } from "../subjects.ts";
-import { parseTraceparent } from "../trace.ts";
+import { parseTraceparent } from "../observability/trace.ts";
 import type { Auth, Principal } from "./auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
 

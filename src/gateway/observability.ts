@@ -13,8 +13,8 @@ import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nat
 import client from "prom-client";
 import type { Config } from "../config.ts";
 import { ErrorCode, WeftError } from "../errors.ts";
-import type { Logger } from "../log.ts";
-import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../metrics.ts";
+import type { Logger } from "../observability/log.ts";
+import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../observability/metrics.ts";
 import { FEEDBACK_STREAM } from "../subjects.ts";
 import { recentSiteEvents } from "../edge.ts";
 import { DASHBOARD_HTML } from "./dashboard_page.ts";

@@ -70,7 +70,7 @@ const shadowId = {
   required: true,
   schema: { type: "string", pattern: "^[a-z0-9][a-z0-9_-]{0,31}$" },
 };
-/** A live shadow as attached (src/shadow_spec.ts checks it). */
+/** A live shadow as attached (src/shadow/spec.ts checks it). */
 const shadowSpec: Json = {
   type: "object",
   required: ["id", "step", "candidate"],

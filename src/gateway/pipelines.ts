@@ -16,10 +16,10 @@ import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.t
 import { Role } from "../config.ts";
 import { NotFoundError, ValidationError } from "../errors.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 import { ITEM_ID } from "../subjects.ts";
-import { childContext, parseTraceparent } from "../trace.ts";
+import { childContext, parseTraceparent } from "../observability/trace.ts";
 import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
 import { entryEvent, FAILED } from "../pipeline/flow.ts";
 import { eventOf } from "../pipeline/validate.ts";

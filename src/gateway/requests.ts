@@ -9,11 +9,11 @@
  */
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { toProblem, ValidationError } from "../errors.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 import { validateDocument } from "../schemas.ts";
 import { GET_REQUEST_SUBJECT, SUBMIT_REQUEST_SUBJECT } from "../subjects.ts";
-import { parseTraceparent } from "../trace.ts";
+import { parseTraceparent } from "../observability/trace.ts";
 import type { Intake } from "./intake.ts";
 import type { Auth } from "./auth.ts";
 import { Role } from "../config.ts";

@@ -1,5 +1,5 @@
 /**
- * Live shadow control over HTTP and NATS, admin only (src/shadow_control.ts does the work):
+ * Live shadow control over HTTP and NATS, admin only (src/shadow/control.ts does the work):
  *
  * - `GET /shadows`, `nats req weft.shadow.list ''`: every shadow with its live figures, and
  *   every step's promoted version;
@@ -18,9 +18,9 @@ import { Hono } from "hono";
 import type { Context } from "hono";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { Role } from "../config.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
-import type { ShadowControl } from "../shadow_control.ts";
+import type { ShadowControl } from "../shadow/control.ts";
 import { SHADOW_REQUEST_PREFIX } from "../subjects.ts";
 import type { Auth } from "./auth.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";

@@ -21,7 +21,7 @@ import {
   type JetStreamClient,
 } from "@nats-io/jetstream";
 import type { Config } from "../config.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import { ErrorCode, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
 import { readStream } from "../stream_reader.ts";

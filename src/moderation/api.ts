@@ -27,7 +27,7 @@ import type {
   ContentSubmission,
   ReviewDecisionRequest,
 } from "../events.gen.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import { validateEvent } from "../schemas.ts";
 import { isAlreadyStored, publishEvent } from "../runner.ts";
 import { createScheduleStore, type ScheduleStore } from "../scheduler/store.ts";
@@ -44,7 +44,7 @@ import {
   REVIEW_BUCKET,
   SCHEDULE_BUCKET,
 } from "../subjects.ts";
-import { childContext, formatTraceparent, type TraceContext } from "../trace.ts";
+import { childContext, formatTraceparent, type TraceContext } from "../observability/trace.ts";
 import type { Principal } from "../gateway/auth.ts";
 import {
   createReviewQueue,

@@ -14,7 +14,7 @@ import { Ajv, type ValidateFunction } from "ajv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ConfigError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
-import { type ChatClient, type ChatMessage, createChatClient } from "../llm/client.ts";
+import { type ChatClient, type ChatMessage, createChatClient } from "../ai/llm/client.ts";
 import type { AgentStep, ScratchEntry, StepContext, ToolContext } from "./definition.ts";
 import type { LlmStepOptions } from "./llm_step.ts";
 

@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { createRateLimiter, type RateLimiter } from "../llm/rate_limit.ts";
+import { createRateLimiter, type RateLimiter } from "../ai/llm/rate_limit.ts";
 import type { FlowControl } from "./definition.ts";
 
 /** The value at a dotted path of `doc`, as a key; `""` when absent. */

@@ -6,7 +6,7 @@
  *
  * @module
  */
-import { createLlmAnalyzer, type LlmResultMeta } from "../llm/analyzers.ts";
+import { createLlmAnalyzer, type LlmResultMeta } from "../ai/llm/analyzers.ts";
 import type { FlowData } from "./flow.ts";
 import type { LlmStep } from "./definition.ts";
 

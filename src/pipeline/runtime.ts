@@ -13,7 +13,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ConfigError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import { publishEvent, runStage } from "../runner.ts";
 import type { AnyEvent } from "../schemas.ts";
 import { combineRunnables, defineService, type ServiceDef } from "../service.ts";

@@ -17,7 +17,7 @@
 import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../observability/log.ts";
 import {
   SCHEDULABLE_SUBJECTS,
   SCHEDULE_BUCKET,

@@ -16,7 +16,7 @@
  *
  * @module
  */
-import type { ToxicityAnalyzer } from "../analysis.ts";
+import type { ToxicityAnalyzer } from "../ai/analysis.ts";
 import { ConflictError } from "../errors.ts";
 import { createEvent, deterministicId } from "../events.ts";
 import type { ContentDecided, ContentItem, ContentSlaExpired, Moderation } from "../events.gen.ts";

@@ -4,12 +4,12 @@
  *
  * @module
  */
-import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../analysis.ts";
+import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../ai/analysis.ts";
 import { createEvent, deterministicId } from "../events.ts";
 import type { Router } from "../rules.ts";
 import { nextEvent, type Stage, type StageContext } from "../stage.ts";
 import { FeedbackEventType as T, SUBMIT_SUBJECT, typeFilter } from "../subjects.ts";
-import { childContext } from "../trace.ts";
+import { childContext } from "../observability/trace.ts";
 import type { FeedbackItem, FeedbackSubmission } from "../events.gen.ts";
 
 /** The item fields carried from a submission onto its events. */

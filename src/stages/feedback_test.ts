@@ -6,7 +6,7 @@ import {
   sentimentStage,
   topicsStage,
 } from "./feedback.ts";
-import { feedbackAnalyzers } from "../configured_analyzers.ts";
+import { feedbackAnalyzers } from "../ai/configured_analyzers.ts";
 import { loadConfig } from "../config.ts";
 import { createEvent } from "../events.ts";
 import type { StageContext } from "../stage.ts";
@@ -89,7 +89,7 @@ Deno.test("the topics and dispatch stages route FB001 to the Product Development
 });
 
 Deno.test("the topics stage marks abusive text with the abuse topic and its categories", async () => {
-  const { toxicityAnalyzer } = await import("../analyzers/mod.ts");
+  const { toxicityAnalyzer } = await import("../ai/analyzers/mod.ts");
   const stage = topicsStage(rules.topics, toxicityAnalyzer());
   const analyzed = createEvent({
     type: "feedback.sentiment_analyzed",

@@ -5,7 +5,7 @@
  * @module
  */
 
-import type { Clock } from "../../src/llm/clock.ts";
+import type { Clock } from "../../src/ai/llm/clock.ts";
 
 /**
  * A fake clock with its recorded sleeps.

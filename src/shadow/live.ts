@@ -29,35 +29,29 @@ import {
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import client from "prom-client";
-import type { Config } from "./config.ts";
-import { type AnalyzerConfig, feedbackAnalyzers } from "./configured_analyzers.ts";
-import { ConfigError, errorCode, ValidationError } from "./errors.ts";
-import { pipelineStreamOf, stepFilterSubject } from "./pipeline/derive.ts";
-import { type LoadedPipeline, loadPipelines, workStage } from "./pipeline/runtime.ts";
-import { eventOf } from "./pipeline/validate.ts";
-import { LlmError } from "./llm/errors.ts";
-import type { LlmStats } from "./llm/stats.ts";
-import type { Logger } from "./log.ts";
-import { createStepLimiter } from "./pipeline/flow_control.ts";
-import { assertMatchesSubject, decodeJson, validateInput } from "./runner.ts";
-import {
-  candidateName,
-  sampled,
-  shadowDurable,
-  type ShadowSpec,
-  shadowSubject,
-} from "./shadow_spec.ts";
-import { agreementOf, type FieldAgreement } from "./shadow.ts";
-import { readStream } from "./stream_reader.ts";
-import type { OutputEvent, Stage, StageInput } from "./stage.ts";
-import { dispatchStage, sentimentStage, topicsStage } from "./stages/feedback.ts";
+import type { Config } from "../config.ts";
+import { type AnalyzerConfig, feedbackAnalyzers } from "../ai/configured_analyzers.ts";
+import { ConfigError, errorCode, ValidationError } from "../errors.ts";
+import { pipelineStreamOf, stepFilterSubject } from "../pipeline/derive.ts";
+import { type LoadedPipeline, loadPipelines, workStage } from "../pipeline/runtime.ts";
+import { eventOf } from "../pipeline/validate.ts";
+import { LlmError } from "../ai/llm/errors.ts";
+import type { LlmStats } from "../ai/llm/stats.ts";
+import type { Logger } from "../observability/log.ts";
+import { createStepLimiter } from "../pipeline/flow_control.ts";
+import { assertMatchesSubject, decodeJson, validateInput } from "../runner.ts";
+import { candidateName, sampled, shadowDurable, type ShadowSpec, shadowSubject } from "./spec.ts";
+import { agreementOf, type FieldAgreement } from "./replay.ts";
+import { readStream } from "../stream_reader.ts";
+import type { OutputEvent, Stage, StageInput } from "../stage.ts";
+import { dispatchStage, sentimentStage, topicsStage } from "../stages/feedback.ts";
 import {
   eventSubject,
   FEEDBACK_STREAM,
   FeedbackEventType as T,
   SHADOW_STREAM,
   typeFilter,
-} from "./subjects.ts";
+} from "../subjects.ts";
 
 /** How a step is shadowed: what it consumes, what production emits, which fields compare. */
 export interface ShadowStepDef {
@@ -399,8 +393,8 @@ export class ShadowTally {
  *
  * @example
  * ```ts
- * import { WeftMetrics } from "./metrics.ts";
- * import { registerShadowMetrics } from "./live_shadow.ts";
+ * import { WeftMetrics } from "../observability/metrics.ts";
+ * import { registerShadowMetrics } from "./live.ts";
  * registerShadowMetrics(new WeftMetrics().registry, () => []);
  * ```
  */
@@ -1083,7 +1077,7 @@ export interface LiveShadowReport {
  *
  * @example
  * ```ts
- * import { liveShadowReport } from "./live_shadow.ts";
+ * import { liveShadowReport } from "./live.ts";
  * const r = liveShadowReport("s", []);
  * console.assert(r.items === 0);
  * ```

@@ -10,21 +10,21 @@
 import { jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
-import type { Config } from "./config.ts";
+import type { Config } from "../config.ts";
 import {
   deleteShadowConsumer,
   registerShadowMetrics,
   runShadow,
   type ShadowRunner,
   ShadowTally,
-} from "./live_shadow.ts";
-import { pipelineStreamOf } from "./pipeline/derive.ts";
-import { loadPipelines } from "./pipeline/runtime.ts";
-import type { Logger } from "./log.ts";
-import type { WeftMetrics } from "./metrics.ts";
-import type { Runnable } from "./service.ts";
-import { parseShadowSpec, type ShadowSpec } from "./shadow_spec.ts";
-import { FEEDBACK_STREAM, SHADOW_BUCKET } from "./subjects.ts";
+} from "./live.ts";
+import { pipelineStreamOf } from "../pipeline/derive.ts";
+import { loadPipelines } from "../pipeline/runtime.ts";
+import type { Logger } from "../observability/log.ts";
+import type { WeftMetrics } from "../observability/metrics.ts";
+import type { Runnable } from "../service.ts";
+import { parseShadowSpec, type ShadowSpec } from "./spec.ts";
+import { FEEDBACK_STREAM, SHADOW_BUCKET } from "../subjects.ts";
 
 interface Hosted {
   json: string;
@@ -48,7 +48,7 @@ export async function hostShadows(
   const { nc, config, log } = ctx;
   const jsm = await jetstreamManager(nc);
   // The running definitions, whose work steps may be shadowed too.
-  const root = new URL("../", import.meta.url).pathname;
+  const root = new URL("../../", import.meta.url).pathname;
   const pipelines = await loadPipelines(config.pipelines, root);
   const hosted = new Map<string, Hosted>();
   registerShadowMetrics(ctx.metrics.registry, () => [...hosted.values()].map((h) => h.tally));

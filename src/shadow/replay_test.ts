@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { agreementOf, formatShadowReport, shadowReport } from "./shadow.ts";
+import { agreementOf, formatShadowReport, shadowReport } from "./replay.ts";
 
 Deno.test("Cohen's kappa: 1 for identical labelings, 0 for chance agreement, and the confusion matrix", () => {
   const same = agreementOf(["a", "b", "a"], ["a", "b", "a"]);

@@ -13,10 +13,10 @@
  */
 import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "./analysis.ts";
 import { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./analyzers/mod.ts";
-import { AnalyzerKind, type Config } from "./config.ts";
-import { ConfigError } from "./errors.ts";
+import { AnalyzerKind, type Config } from "../config.ts";
+import { ConfigError } from "../errors.ts";
 import { createLlmAnalyzers, type LlmStats, withFallback } from "./llm/mod.ts";
-import { loadRules, type Router } from "./rules.ts";
+import { loadRules, type Router } from "../rules.ts";
 
 /** What the feedback stages need. */
 export interface FeedbackAnalyzers {

@@ -10,7 +10,7 @@
  * @module
  */
 import client from "prom-client";
-import type { LlmStats } from "./llm/stats.ts";
+import type { LlmStats } from "../ai/llm/stats.ts";
 
 /** Every service answers a request here with its metrics (prom-client JSON). */
 export const METRICS_SUBJECT = "weft.metrics";
@@ -180,12 +180,12 @@ export function aggregateMetrics(parts: MetricsJson[]): client.Registry {
 export const PROMETHEUS_CONTENT_TYPE: string = client.register.contentType;
 
 /**
- * Exposes an LLM stats object (src/llm/stats.ts) as metrics of `registry`, read at scrape
+ * Exposes an LLM stats object (src/ai/llm/stats.ts) as metrics of `registry`, read at scrape
  * time: tokens by kind, estimated cost, calls, failures, fallbacks and cache hits.
  *
  * @example
  * ```ts
- * import { createLlmStats } from "./llm/stats.ts";
+ * import { createLlmStats } from "../ai/llm/stats.ts";
  * import { registerLlmMetrics, WeftMetrics } from "./metrics.ts";
  * const m = new WeftMetrics();
  * registerLlmMetrics(m.registry, createLlmStats(), "sentiment");

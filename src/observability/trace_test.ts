@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { childContext, formatTraceparent, parseTraceparent } from "./trace.ts";
-import { retryDelay } from "./retry.ts";
+import { retryDelay } from "../retry.ts";
 
 Deno.test("parseTraceparent() reads a W3C traceparent and refuses malformed ones", () => {
   const header = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";

@@ -14,11 +14,11 @@
 import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { ErrorCode, NotFoundError, ValidationError, WeftError } from "./errors.ts";
-import { candidateDefinitionFile, type FieldFigures } from "./live_shadow.ts";
-import { stepFilterSubject } from "./pipeline/derive.ts";
-import type { LoadedPipeline } from "./pipeline/runtime.ts";
-import { statusSubject } from "./micro.ts";
+import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
+import { candidateDefinitionFile, type FieldFigures } from "./live.ts";
+import { stepFilterSubject } from "../pipeline/derive.ts";
+import type { LoadedPipeline } from "../pipeline/runtime.ts";
+import { statusSubject } from "../observability/micro.ts";
 import {
   parseShadowSpec,
   SHADOW_ID,
@@ -26,8 +26,8 @@ import {
   type ShadowSpec,
   type StepVersion,
   stepVersionKey,
-} from "./shadow_spec.ts";
-import { SHADOW_AUDIT_PREFIX, SHADOW_BUCKET, STEP_VERSION_BUCKET } from "./subjects.ts";
+} from "./spec.ts";
+import { SHADOW_AUDIT_PREFIX, SHADOW_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
 
 /** A shadow as listed: where it was attached, and how it does. */
 export type ListedShadow = ShadowSpec & {

@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
-import { WeftMetrics } from "./metrics.ts";
-import { candidateConfig, registerShadowMetrics, ShadowTally } from "./live_shadow.ts";
-import { parseShadowSpec } from "./shadow_spec.ts";
-import { agreementOf } from "./shadow.ts";
-import { loadConfig } from "./config.ts";
+import { WeftMetrics } from "../observability/metrics.ts";
+import { candidateConfig, registerShadowMetrics, ShadowTally } from "./live.ts";
+import { parseShadowSpec } from "./spec.ts";
+import { agreementOf } from "./replay.ts";
+import { loadConfig } from "../config.ts";
 
 const spec = parseShadowSpec({ id: "t", step: "sentiment", candidate: { analyzers: "rules" } });
 

@@ -6,7 +6,7 @@
  * @module
  */
 
-import defaultTaxonomyJson from "../../rules/topics.taxonomy.json" with { type: "json" };
+import defaultTaxonomyJson from "../../../rules/topics.taxonomy.json" with { type: "json" };
 import type { TopicsResult } from "../analysis.ts";
 import { contrastWeights, isNegator, normalize, type Token, tokenize } from "./text.ts";
 

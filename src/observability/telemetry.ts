@@ -4,7 +4,7 @@
  * that API and exports spans to the OTLP endpoint in the standard `OTEL_*` variables;
  * without it every call here is the API's no-op (no spans, no export, no cost beyond a
  * function call), and trace context still flows through the `traceparent` headers of
- * src/trace.ts.
+ * src/observability/trace.ts.
  *
  * @module
  */

@@ -11,10 +11,10 @@
  */
 import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
-import type { FeedbackAnalyzers } from "./configured_analyzers.ts";
-import type { LlmStatsSnapshot } from "./llm/stats.ts";
-import { FEEDBACK_STREAM } from "./subjects.ts";
-import { topicEvalClass } from "./evaluation.ts";
+import type { FeedbackAnalyzers } from "../ai/configured_analyzers.ts";
+import type { LlmStatsSnapshot } from "../ai/llm/stats.ts";
+import { FEEDBACK_STREAM } from "../subjects.ts";
+import { topicEvalClass } from "../ai/evaluation.ts";
 
 /** One item's production decisions, from its `feedback.dispatched` event. */
 export interface ProductionDecision {

@@ -96,7 +96,7 @@ Deno.test("deno task eval --folds prints a cross-validation of the thresholds", 
       ),
     );
     const out = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-read", "src/eval.ts", file, "--folds", "3"],
+      args: ["run", "--allow-read", "src/ai/eval.ts", file, "--folds", "3"],
       stdout: "piped",
       stderr: "piped",
     }).output();
@@ -106,7 +106,7 @@ Deno.test("deno task eval --folds prints a cross-validation of the thresholds", 
     assert.match(text, /tuned_held_out f1_flagged mean=\d\.\d{4} sd=\d\.\d{4}/);
     assert.match(text, /default_held_out f1_flagged/);
     const bad = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-read", "src/eval.ts", file, "--folds", "1"],
+      args: ["run", "--allow-read", "src/ai/eval.ts", file, "--folds", "1"],
       stdout: "piped",
       stderr: "piped",
     }).output();

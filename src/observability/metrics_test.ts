@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
-import { createLlmStats } from "./llm/stats.ts";
+import { createLlmStats } from "../ai/llm/stats.ts";
 import { aggregateMetrics, registerLlmMetrics, WeftMetrics } from "./metrics.ts";
-import { meshSnapshot } from "./gateway/mesh_metrics.ts";
-import { serviceEnv } from "./supervisor.ts";
+import { meshSnapshot } from "../gateway/mesh_metrics.ts";
+import { serviceEnv } from "../supervisor.ts";
 import { activeTraceContext, SpanKind, startSpan, traceContextOf, withSpan } from "./telemetry.ts";
 
 Deno.test("aggregateMetrics sums replicas of a stage by label set", async () => {

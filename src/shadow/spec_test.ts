@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { ValidationError } from "./errors.ts";
-import { parseShadowSpec, parseShadowSpecs, sampled } from "./shadow_spec.ts";
+import { ValidationError } from "../errors.ts";
+import { parseShadowSpec, parseShadowSpecs, sampled } from "./spec.ts";
 
 Deno.test("parseShadowSpec fills the default pipeline and limits", () => {
   const s = parseShadowSpec({ id: "r1", step: "topics", candidate: { analyzers: "embedded" } });

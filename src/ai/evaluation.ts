@@ -1,7 +1,7 @@
 /**
  * Evaluation of the embedded analyzers on labelled JSONL rows: detects the task from the
  * rows, runs the matching analyzer, and reports metrics overall and per `source`. Pure
- * apart from the analyzers it is given; the CLI in src/eval.ts does the I/O.
+ * apart from the analyzers it is given; the CLI in src/ai/eval.ts does the I/O.
  *
  * @module
  */

@@ -5,8 +5,8 @@
  *
  * @module
  */
-import type { AnalyzerKind } from "./config.ts";
-import { ValidationError } from "./errors.ts";
+import type { AnalyzerKind } from "../config.ts";
+import { ValidationError } from "../errors.ts";
 
 /** The analyzer families (config.ts's AnalyzerKind; repeated so config.ts can import this module). */
 const KINDS: readonly AnalyzerKind[] = ["embedded", "rules", "llm"];
@@ -116,7 +116,7 @@ const fail = (field: string, message: string): never => {
  *
  * @example
  * ```ts
- * import { parseShadowSpec } from "./shadow_spec.ts";
+ * import { parseShadowSpec } from "./spec.ts";
  * const s = parseShadowSpec({ id: "rules1", step: "sentiment", candidate: { analyzers: "rules" } });
  * console.assert(s.pipeline === "feedback" && s.limits.rps === 20);
  * ```

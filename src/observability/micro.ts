@@ -17,7 +17,7 @@
  */
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Service, type ServiceMsg, Svcm } from "@nats-io/services";
-import denoJson from "../deno.json" with { type: "json" };
+import denoJson from "../../deno.json" with { type: "json" };
 import type { Logger } from "./log.ts";
 import { METRICS_SUBJECT, type WeftMetrics } from "./metrics.ts";
 

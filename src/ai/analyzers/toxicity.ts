@@ -7,7 +7,7 @@
  */
 
 import { englishDataset, englishRecommendedTransformers, RegExpMatcher } from "obscenity";
-import lexiconJson from "../../rules/toxicity.lexicon.json" with { type: "json" };
+import lexiconJson from "../../../rules/toxicity.lexicon.json" with { type: "json" };
 import type { ToxicityResult } from "../analysis.ts";
 import { groupAttacks, type GroupSpan } from "./group_attack.ts";
 import { isNegator, tokenize } from "./text.ts";
