@@ -525,6 +525,21 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       await page.locator("#history", { hasText: "site west: processed" }).waitFor({
         timeout: 10_000,
       });
+      // The page follows each site live: its metrics, its own events and one stream per site.
+      await waitFor(
+        async () => {
+          const text = await (await fetch(`${hub.gatewayUrl}/metrics`)).text();
+          const open = Number(/^weft_sse_clients (\d+)/m.exec(text)?.[1] ?? 0);
+          return open >= 2 + SITES.length || undefined;
+        },
+        15_000,
+        "the dashboard's streams, one per site among them",
+      );
+      // A new item at a site shows up live, to its processed step.
+      const live = await post(west, { text: "posted while the hub's dashboard is open" });
+      accepted.west!.push(live);
+      await page.locator(`tr[data-item="west/${live}"] td.step`, { hasText: "processed" })
+        .waitFor({ timeout: 30_000 });
       assert.deepEqual(errors, []);
     } finally {
       await browser.close();

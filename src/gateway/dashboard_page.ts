@@ -503,14 +503,44 @@ function loadRecent() {
     return r.json();
   }).then(function (body) {
     if (body) body.events.forEach(function (e) { onEvent(e.seq, e.event); });
-    // A hub: its edge sites' items too (not on this mesh's live feed: refreshed every 5 s).
+    // A hub: its edge sites' items too, then each site's events live from where the snapshot
+    // ends (GET /sites/{site}/events, resumed after the snapshot's last event: no gap).
     if (body && body.site_events) {
-      body.site_events.forEach(function (e) { onEvent(e.seq, e.event, e.site); });
-      if (!siteTimer) siteTimer = setInterval(loadRecent, 5000);
+      body.site_events.forEach(function (e) {
+        onEvent(e.seq, e.event, e.site);
+        var st = siteStreams[e.site] = siteStreams[e.site] || { last: "", ctl: null };
+        if (!st.ctl && (!st.last || e.seq > Number(st.last))) st.last = String(e.seq);
+      });
+      connectSites();
     }
   }).catch(function () {});
 }
-var siteTimer = null;
+
+/** A hub's edge sites' live event streams, by site: the last event id seen, the reader. */
+var siteStreams = {};
+function connectSites() {
+  api("/sites").then(function (r) { return r.ok ? r.json() : null; }).then(function (body) {
+    if (!body) return;
+    body.sites.forEach(function (s) {
+      var st = siteStreams[s.site] = siteStreams[s.site] || { last: "", ctl: null };
+      if (!st.ctl) connectSite(s.site);
+    });
+  }).catch(function () {});
+}
+function connectSite(site) {
+  var st = siteStreams[site];
+  if (st.ctl) st.ctl.abort();
+  var ctl = st.ctl = new AbortController();
+  var headers = st.last ? { "last-event-id": st.last } : {};
+  readSse("/sites/" + encodeURIComponent(site) + "/events", ctl.signal, function (frame) {
+    st.last = frame.id;
+    if (!STEP[frame.event]) return;
+    try { onEvent(Number(frame.id), JSON.parse(frame.data), site); } catch (e) { /* skip */ }
+  }, headers).then(function (status) {
+    if (ctl.signal.aborted || status === 401 || status === 403 || status === 404) return;
+    setTimeout(function () { if (st.ctl === ctl) connectSite(site); }, 2000);
+  });
+}
 
 function setOptional(box, text) { box.textContent = text; box.className = "muted"; }
 
@@ -523,6 +553,7 @@ keyInput.addEventListener("change", function () {
   sessionStorage.setItem("weft.key", keyInput.value); loadDeadLetters(); loadReviews(); loadPipelines();
   // The streams reconnect with the new key.
   connectMetrics(); lastSeq = ""; connectEvents();
+  Object.keys(siteStreams).forEach(function (site) { connectSite(site); });
   if (selected) openHistory(selected);
 });
 reviewerInput.addEventListener("change", function () { sessionStorage.setItem("weft.reviewer", reviewerInput.value); });
