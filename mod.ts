@@ -48,7 +48,7 @@ export {
   ingestStage,
   sentimentStage,
   topicsStage,
-} from "./src/stages/feedback.ts";
+} from "./pipelines/feedback/stages.ts";
 
 // Events and schemas
 export { createEvent, deterministicId } from "./src/events.ts";
@@ -91,8 +91,8 @@ export type { GatewayDeps } from "./src/gateway/app.ts";
 export { createIntake } from "./src/gateway/intake.ts";
 export type { Accepted, Intake, IntakeResult, SubmitOptions } from "./src/gateway/intake.ts";
 export type { Auth, Principal } from "./src/gateway/auth.ts";
-export type { ContentAccepted, ContentView, ModerationApi } from "./src/moderation/api.ts";
-export type { Decision, ReviewEntry, ReviewStatus } from "./src/moderation/review_queue.ts";
+export type { ContentAccepted, ContentView, ModerationApi } from "./pipelines/moderation/api.ts";
+export type { Decision, ReviewEntry, ReviewStatus } from "./pipelines/moderation/review_queue.ts";
 export type { ScheduleEntry, ScheduleStore } from "./src/scheduler/store.ts";
 export { serveRequests } from "./src/gateway/requests.ts";
 

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { CONTENT_STATE_SPEC } from "../src/content_state.ts";
+import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 

@@ -7,7 +7,7 @@
  */
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { countDispatched, feedbackDigestStage } from "../src/digest.ts";
+import { countDispatched, feedbackDigestStage } from "../pipelines/feedback/digest.ts";
 import { runStage } from "../src/runner.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";

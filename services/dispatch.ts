@@ -7,7 +7,7 @@
  */
 import { loadRules } from "../src/rules.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { dispatchStage } from "../src/stages/feedback.ts";
+import { dispatchStage } from "../pipelines/feedback/stages.ts";
 import { followStepVersion } from "../src/step_versions.ts";
 
 /** The dispatch service. */

@@ -14,7 +14,7 @@ import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { serveModerationRequests } from "../src/gateway/moderation_requests.ts";
-import { createModerationApi } from "../src/moderation/api.ts";
+import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";

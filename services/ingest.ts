@@ -5,7 +5,7 @@
  * @module
  */
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { ingestStage } from "../src/stages/feedback.ts";
+import { ingestStage } from "../pipelines/feedback/stages.ts";
 
 /** The ingest service. */
 export const service: ServiceDef = stageService("ingest", () => ingestStage());

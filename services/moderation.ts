@@ -8,7 +8,7 @@
 import { moderationAnalyzer } from "../src/ai/configured_analyzers.ts";
 import { registerLlmMetrics } from "../src/observability/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { moderationStage } from "../src/stages/content.ts";
+import { moderationStage } from "../pipelines/moderation/stages.ts";
 
 /** The moderation service. */
 export const service: ServiceDef = stageService("moderation", async ({ config, metrics }) => {

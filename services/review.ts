@@ -6,11 +6,11 @@
  * @module
  */
 import { Kvm } from "@nats-io/kv";
-import { createReviewQueue } from "../src/moderation/review_queue.ts";
+import { createReviewQueue } from "../pipelines/moderation/review_queue.ts";
 import { runStage } from "../src/runner.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
 import { combineRunnables, defineService, runService, type ServiceDef } from "../src/service.ts";
-import { reviewQueueStage, reviewSlaStage } from "../src/stages/content.ts";
+import { reviewQueueStage, reviewSlaStage } from "../pipelines/moderation/stages.ts";
 import { REVIEW_BUCKET, SCHEDULE_BUCKET } from "../src/subjects.ts";
 
 /** The review service. */

@@ -7,7 +7,7 @@
 import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
 import { registerLlmMetrics } from "../src/observability/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { sentimentStage } from "../src/stages/feedback.ts";
+import { sentimentStage } from "../pipelines/feedback/stages.ts";
 import { followStepVersion } from "../src/step_versions.ts";
 
 /** The sentiment service. */

@@ -7,7 +7,7 @@
  */
 import { runStage } from "../src/runner.ts";
 import { combineRunnables, defineService, runService, type ServiceDef } from "../src/service.ts";
-import { storageDecidedStage, storageModeratedStage } from "../src/stages/content.ts";
+import { storageDecidedStage, storageModeratedStage } from "../pipelines/moderation/stages.ts";
 
 /** The storage service. */
 export const service: ServiceDef = defineService("storage", async (ctx) =>

@@ -8,7 +8,7 @@
 import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
 import { registerLlmMetrics } from "../src/observability/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { topicsStage } from "../src/stages/feedback.ts";
+import { topicsStage } from "../pipelines/feedback/stages.ts";
 import { followStepVersion } from "../src/step_versions.ts";
 
 /** The topics service. */

@@ -29,7 +29,7 @@
  */
 import type { JetStreamClient, JetStreamManager, StreamSource } from "@nats-io/jetstream";
 import type { ContentState, FeedbackState } from "./events.gen.ts";
-import { applyContentEvent } from "./content_state.ts";
+import { applyContentEvent } from "../pipelines/moderation/state.ts";
 import type { PipelineSpec } from "./pipeline/definition.ts";
 import { applyPipelineEvent, type ItemState } from "./pipeline/fold.ts";
 import type { Logger } from "./observability/log.ts";

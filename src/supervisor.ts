@@ -58,7 +58,7 @@ import {
 } from "./pipeline/runtime.ts";
 import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
-import { CONTENT_STATE_SPEC } from "./content_state.ts";
+import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
 import { STATE_WRITER } from "./state_writer.ts";
 import {
   CALLER_SCHEDULABLE_SUBJECTS,

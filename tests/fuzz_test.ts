@@ -19,7 +19,7 @@ import fc from "fast-check";
 import { createIntake } from "../src/gateway/intake.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { createAuth } from "../src/gateway/auth.ts";
-import { createModerationApi } from "../src/moderation/api.ts";
+import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { loadConfig } from "../src/config.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { listDeadLetters } from "../src/redrive.ts";

@@ -11,7 +11,7 @@ import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createIngestLimiter, parseIngestLimits } from "../src/gateway/ingest_limits.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
-import { createModerationApi } from "../src/moderation/api.ts";
+import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";

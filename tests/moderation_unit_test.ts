@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { toxicityAnalyzer } from "../src/ai/analyzers/mod.ts";
 import { describeConfig, loadConfig, parseApiKeys } from "../src/config.ts";
-import { applyContentEvent } from "../src/content_state.ts";
+import { applyContentEvent } from "../pipelines/moderation/state.ts";
 import { ConflictError, ValidationError, type WeftError } from "../src/errors.ts";
 import { createEvent } from "../src/events.ts";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
@@ -14,9 +14,9 @@ import {
   decideReview,
   escalateReview,
   type ReviewEntry,
-} from "../src/moderation/review_queue.ts";
+} from "../pipelines/moderation/review_queue.ts";
 import { afterFiring, newScheduleEntry } from "../src/scheduler/store.ts";
-import { moderationStage } from "../src/stages/content.ts";
+import { moderationStage } from "../pipelines/moderation/stages.ts";
 import type { ContentEvent } from "../src/schemas.ts";
 
 const T0 = new Date("2026-01-01T00:00:00.000Z");

@@ -9,7 +9,7 @@ import { createEvent } from "../src/events.ts";
 import { PermanentError } from "../src/errors.ts";
 import { nextEvent, type Stage } from "../src/stage.ts";
 import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
-import { sentimentStage } from "../src/stages/feedback.ts";
+import { sentimentStage } from "../pipelines/feedback/stages.ts";
 import type { DeadLetter, FeedbackFailed } from "../src/events.gen.ts";
 import type { Config } from "../src/config.ts";
 import { startTestNats, testConfig } from "./helpers/nats.ts";

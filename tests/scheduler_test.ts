@@ -22,7 +22,7 @@ import { createLogger } from "../src/observability/log.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/mesh.ts";
 import { Hono } from "hono";
-import { createModerationApi } from "../src/moderation/api.ts";
+import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { createModerationRoutes } from "../src/gateway/moderation_routes.ts";
 import { serveModerationRequests } from "../src/gateway/moderation_requests.ts";
 import { createAuth } from "../src/gateway/auth.ts";

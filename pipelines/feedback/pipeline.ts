@@ -1,6 +1,6 @@
 /**
  * The feedback pipeline as a definition: ingest -> sentiment -> topics -> dispatch ->
- * processed. Handlers are today's stages from src/stages/feedback.ts, unchanged; the
+ * processed. Handlers are today's stages from pipelines/feedback/stages.ts, unchanged; the
  * runtime does not run this definition yet (see docs/PIPELINES.md).
  *
  * @module

@@ -1,6 +1,6 @@
 /**
  * The content moderation pipeline as a definition. Handlers are today's stages from
- * src/stages/content.ts, unchanged; the review queue and SLA become one `wait` step whose
+ * pipelines/moderation/stages.ts, unchanged; the review queue and SLA become one `wait` step whose
  * timeout leads to the SLA stage (escalate, then the default action), at most twice.
  * The runtime does not run this definition yet (see docs/PIPELINES.md).
  *

@@ -36,7 +36,7 @@ import { deadLetterRoutes } from "./deadletters.ts";
 import type { Intake } from "./intake.ts";
 import type { Auth } from "./auth.ts";
 import { Role } from "../config.ts";
-import type { ModerationApi } from "../moderation/api.ts";
+import type { ModerationApi } from "../../pipelines/moderation/api.ts";
 import { createModerationRoutes } from "./moderation_routes.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
 import { boolQuery } from "./query.ts";

@@ -41,7 +41,7 @@ import {
   ITEM_ID,
   STATE_BUCKET,
 } from "../subjects.ts";
-import { ingestedEventId, itemOf } from "../stages/feedback.ts";
+import { ingestedEventId, itemOf } from "../../pipelines/feedback/stages.ts";
 import { childContext, type TraceContext } from "../observability/trace.ts";
 import { activeTraceContext } from "../observability/telemetry.ts";
 

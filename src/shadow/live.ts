@@ -44,7 +44,7 @@ import { candidateName, sampled, shadowDurable, type ShadowSpec, shadowSubject }
 import { agreementOf, type FieldAgreement } from "./replay.ts";
 import { readStream } from "../stream_reader.ts";
 import type { OutputEvent, Stage, StageInput } from "../stage.ts";
-import { dispatchStage, sentimentStage, topicsStage } from "../stages/feedback.ts";
+import { dispatchStage, sentimentStage, topicsStage } from "../../pipelines/feedback/stages.ts";
 import {
   eventSubject,
   FEEDBACK_STREAM,

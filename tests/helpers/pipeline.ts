@@ -12,7 +12,7 @@ import {
   ingestStage,
   sentimentStage,
   topicsStage,
-} from "../../src/stages/feedback.ts";
+} from "../../pipelines/feedback/stages.ts";
 import { runStateWriter, type StateWriter } from "../../src/state_writer.ts";
 import { createIntake, type Intake } from "../../src/gateway/intake.ts";
 import { createApp } from "../../src/gateway/app.ts";

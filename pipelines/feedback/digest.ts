@@ -7,9 +7,14 @@
  * @module
  */
 import { DeliverPolicy, type JetStreamClient } from "@nats-io/jetstream";
-import { createEvent, deterministicId } from "./events.ts";
-import type { Stage } from "./stage.ts";
-import { DIGEST_REQUEST_SUBJECT, DIGEST_STREAM, FEEDBACK_STREAM, typeFilter } from "./subjects.ts";
+import { createEvent, deterministicId } from "../../src/events.ts";
+import type { Stage } from "../../src/stage.ts";
+import {
+  DIGEST_REQUEST_SUBJECT,
+  DIGEST_STREAM,
+  FEEDBACK_STREAM,
+  typeFilter,
+} from "../../src/subjects.ts";
 
 /** Dispatched items per team in a window. */
 export interface TeamCounts {

@@ -4,13 +4,13 @@
  *
  * @module
  */
-import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../ai/analysis.ts";
-import { createEvent, deterministicId } from "../events.ts";
-import type { Router } from "../rules.ts";
-import { nextEvent, type Stage, type StageContext } from "../stage.ts";
-import { FeedbackEventType as T, SUBMIT_SUBJECT, typeFilter } from "../subjects.ts";
-import { childContext } from "../observability/trace.ts";
-import type { FeedbackItem, FeedbackSubmission } from "../events.gen.ts";
+import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../../src/ai/analysis.ts";
+import { createEvent, deterministicId } from "../../src/events.ts";
+import type { Router } from "../../src/rules.ts";
+import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
+import { FeedbackEventType as T, SUBMIT_SUBJECT, typeFilter } from "../../src/subjects.ts";
+import { childContext } from "../../src/observability/trace.ts";
+import type { FeedbackItem, FeedbackSubmission } from "../../src/events.gen.ts";
 
 /** The item fields carried from a submission onto its events. */
 export function itemOf(submission: FeedbackSubmission): FeedbackItem {

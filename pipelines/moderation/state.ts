@@ -6,17 +6,17 @@
  *
  * @module
  */
-import type { ContentState } from "./events.gen.ts";
-import type { AnyEvent, ContentEvent } from "./schemas.ts";
-import type { StateSpec } from "./state_writer.ts";
+import type { ContentState } from "../../src/events.gen.ts";
+import type { AnyEvent, ContentEvent } from "../../src/schemas.ts";
+import type { StateSpec } from "../../src/state_writer.ts";
 import {
   CONTENT_FINAL_EVENT_TYPES,
   CONTENT_STATE_BUCKET,
   CONTENT_STREAM,
   ContentEventType as T,
   ONCE_PER_ITEM_TYPES,
-} from "./subjects.ts";
-import { spanTimes } from "./state.ts";
+} from "../../src/subjects.ts";
+import { spanTimes } from "../../src/state.ts";
 
 /** Step order of content event types; final events rank last. */
 const RANK: Record<string, number> = {
@@ -49,7 +49,7 @@ const STATUS: Record<string, ContentState["status"]> = {
  *
  * @example
  * ```ts
- * import { applyContentEvent } from "./content_state.ts";
+ * import { applyContentEvent } from "./state.ts";
  * const s = applyContentEvent(undefined, {
  *   id: "e1", type: "content.uploaded", version: 1, item_id: "c1",
  *   trace_id: "0af7651916cd43dd8448eb211c80319c", time: "2026-01-01T00:00:00.000Z",

@@ -16,14 +16,19 @@
  *
  * @module
  */
-import type { ToxicityAnalyzer } from "../ai/analysis.ts";
-import { ConflictError } from "../errors.ts";
-import { createEvent, deterministicId } from "../events.ts";
-import type { ContentDecided, ContentItem, ContentSlaExpired, Moderation } from "../events.gen.ts";
-import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "../moderation/review_queue.ts";
-import type { ScheduleStore } from "../scheduler/store.ts";
-import { nextEvent, type Stage, type StageContext } from "../stage.ts";
-import { CONTENT_STREAM, ContentEventType as T, typeFilter } from "../subjects.ts";
+import type { ToxicityAnalyzer } from "../../src/ai/analysis.ts";
+import { ConflictError } from "../../src/errors.ts";
+import { createEvent, deterministicId } from "../../src/events.ts";
+import type {
+  ContentDecided,
+  ContentItem,
+  ContentSlaExpired,
+  Moderation,
+} from "../../src/events.gen.ts";
+import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue.ts";
+import type { ScheduleStore } from "../../src/scheduler/store.ts";
+import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
+import { CONTENT_STREAM, ContentEventType as T, typeFilter } from "../../src/subjects.ts";
 
 const content = { stream: CONTENT_STREAM, failedType: T.Failed } as const;
 

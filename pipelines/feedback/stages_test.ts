@@ -5,12 +5,12 @@ import {
   ingestStage,
   sentimentStage,
   topicsStage,
-} from "./feedback.ts";
-import { feedbackAnalyzers } from "../ai/configured_analyzers.ts";
-import { loadConfig } from "../config.ts";
-import { createEvent } from "../events.ts";
-import type { StageContext } from "../stage.ts";
-import { validateEvent } from "../schemas.ts";
+} from "./stages.ts";
+import { feedbackAnalyzers } from "../../src/ai/configured_analyzers.ts";
+import { loadConfig } from "../../src/config.ts";
+import { createEvent } from "../../src/events.ts";
+import type { StageContext } from "../../src/stage.ts";
+import { validateEvent } from "../../src/schemas.ts";
 
 const rules = await feedbackAnalyzers({
   ...loadConfig({ env: () => undefined, args: [] }),
@@ -89,7 +89,7 @@ Deno.test("the topics and dispatch stages route FB001 to the Product Development
 });
 
 Deno.test("the topics stage marks abusive text with the abuse topic and its categories", async () => {
-  const { toxicityAnalyzer } = await import("../ai/analyzers/mod.ts");
+  const { toxicityAnalyzer } = await import("../../src/ai/analyzers/mod.ts");
   const stage = topicsStage(rules.topics, toxicityAnalyzer());
   const analyzed = createEvent({
     type: "feedback.sentiment_analyzed",

@@ -16,24 +16,24 @@ import {
 import { Kvm } from "@nats-io/kv";
 import { type ObjectStore, Objm } from "@nats-io/obj";
 import { ulid } from "ulid";
-import type { CapacityGuard } from "../capacity.ts";
-import type { IngestLimiter } from "../gateway/ingest_limits.ts";
-import type { Config } from "../config.ts";
-import { createEvent, deterministicId } from "../events.ts";
-import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
+import type { CapacityGuard } from "../../src/capacity.ts";
+import type { IngestLimiter } from "../../src/gateway/ingest_limits.ts";
+import type { Config } from "../../src/config.ts";
+import { createEvent, deterministicId } from "../../src/events.ts";
+import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../../src/errors.ts";
 import type {
   ContentItem,
   ContentState,
   ContentSubmission,
   ReviewDecisionRequest,
-} from "../events.gen.ts";
-import type { Logger } from "../observability/log.ts";
-import { validateEvent } from "../schemas.ts";
-import { isAlreadyStored, publishEvent } from "../runner.ts";
-import { createScheduleStore, type ScheduleStore } from "../scheduler/store.ts";
-import { humanDecidedEvent, slaScheduleId } from "../stages/content.ts";
-import { readState } from "../state_writer.ts";
-import { firstEventSeq } from "../state.ts";
+} from "../../src/events.gen.ts";
+import type { Logger } from "../../src/observability/log.ts";
+import { validateEvent } from "../../src/schemas.ts";
+import { isAlreadyStored, publishEvent } from "../../src/runner.ts";
+import { createScheduleStore, type ScheduleStore } from "../../src/scheduler/store.ts";
+import { humanDecidedEvent, slaScheduleId } from "./stages.ts";
+import { readState } from "../../src/state_writer.ts";
+import { firstEventSeq } from "../../src/state.ts";
 import {
   CONTENT_OBJECT_BUCKET,
   CONTENT_STATE_BUCKET,
@@ -43,9 +43,13 @@ import {
   ITEM_ID,
   REVIEW_BUCKET,
   SCHEDULE_BUCKET,
-} from "../subjects.ts";
-import { childContext, formatTraceparent, type TraceContext } from "../observability/trace.ts";
-import type { Principal } from "../gateway/auth.ts";
+} from "../../src/subjects.ts";
+import {
+  childContext,
+  formatTraceparent,
+  type TraceContext,
+} from "../../src/observability/trace.ts";
+import type { Principal } from "../../src/gateway/auth.ts";
 import {
   createReviewQueue,
   type ReviewEntry,
