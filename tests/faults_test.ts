@@ -37,6 +37,27 @@ Deno.test("a stage killed with SIGKILL mid-batch and restarted loses and duplica
   report(figures);
 });
 
+Deno.test("in one process (--together), the process killed with SIGKILL mid-batch and restarted loses and duplicates nothing", async () => {
+  const started = Date.now();
+  await using mesh = await startServices({ env: FAST_REDELIVERY, together: true });
+  const items = makeItems("kill-together", N);
+  const pushing = pushItems(mesh.js, items);
+  await processedAtLeast(mesh, N / 4);
+  // Every step, the state writer and the gateway go down at once, mid-batch.
+  await mesh.kill("sentiment", "SIGKILL");
+  await mesh.start("sentiment");
+  await pushing;
+  report(
+    await settle(
+      mesh,
+      "kill -9 the one process (--together) mid-batch, restart",
+      items,
+      1,
+      started,
+    ),
+  );
+});
+
 Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file store loses and duplicates nothing", async () => {
   const started = Date.now();
   await using mesh = await startServices({ env: FAST_REDELIVERY });

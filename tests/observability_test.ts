@@ -160,7 +160,14 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
         return out;
       };
       type Ping = { type: string; name: string; id: string; version: string };
-      const pings = await gather<Ping>("$SRV.PING");
+      // On a loaded machine a service may answer after a gather's stall window: ping again
+      // until each has answered (within a deadline), then check that no other did.
+      const byName = new Map<string, Ping>();
+      const deadline = Date.now() + 15_000;
+      while (Date.now() < deadline && SERVICE_NAMES.some((n) => !byName.has(n))) {
+        for (const p of await gather<Ping>("$SRV.PING")) byName.set(p.name, p);
+      }
+      const pings = [...byName.values()];
       assert.deepEqual(pings.map((p) => p.name).sort(), SERVICE_NAMES);
       for (const p of pings) {
         assert.equal(p.type, "io.nats.micro.v1.ping_response");

@@ -30,10 +30,12 @@ import { connectNats, type NatsCredentials } from "../../src/nats.ts";
 import { freePort, type NatsServer, portFree, startNatsServer } from "../../src/nats_server.ts";
 import {
   IDENTITY_DIR,
+  processArgs,
   serviceArgs,
   serviceEnv,
   SERVICES,
   type ServiceSpec,
+  TOGETHER_ENTRY,
 } from "../../src/supervisor.ts";
 import { ensureTopology } from "../../src/topology.ts";
 
@@ -133,6 +135,11 @@ export interface ServiceProcess extends AsyncDisposable {
 export interface SpawnOptions {
   /** Shown as the process's name (default: the service's name). */
   key?: string;
+  /**
+   * Run these services in the one process instead (`services/together.ts`, with the
+   * supervisor's arguments for the group), as `deno task start --together` does.
+   */
+  together?: readonly string[];
   /** Called with each JSON log line. */
   onLine?: (line: Record<string, unknown>) => void;
   /** Called with each line that is not a JSON log line. */
@@ -155,14 +162,20 @@ export function spawnService(
   env: Record<string, string>,
   opts: SpawnOptions = {},
 ): ServiceProcess {
-  const spec: ServiceSpec | undefined = SERVICES.find((s) => s.name === name);
-  if (!spec) throw new Error(`no service ${name}`);
+  const names = opts.together ?? [name];
+  const specs = names.map((n) => {
+    const spec: ServiceSpec | undefined = SERVICES.find((s) => s.name === n);
+    if (!spec) throw new Error(`no service ${n}`);
+    return spec;
+  });
   const key = opts.key ?? name;
   const config = loadConfig({ env: (k) => env[k], args: [] });
   const child = new Deno.Command("deno", {
-    args: serviceArgs(spec, config),
+    args: opts.together
+      ? processArgs(specs, config, [TOGETHER_ENTRY, ...names], [])
+      : serviceArgs(specs[0]!, config),
     cwd: ROOT,
-    env: { ...env, ...serviceEnv(spec, (k) => env[k]) },
+    env: { ...env, ...(opts.together ? {} : serviceEnv(specs[0]!, (k) => env[k])) },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -343,6 +356,11 @@ export interface ServicesOptions {
   parallel?: boolean;
   /** The signal the mesh's disposal sends every service (default SIGKILL: nothing drains). */
   stopSignal?: Deno.Signal;
+  /**
+   * Run every service in one process (`--together`): `start`, `kill` and the mesh's
+   * process map then act on that one process, whichever service they name.
+   */
+  together?: boolean;
 }
 
 /**
@@ -453,7 +471,19 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
   });
   let nc: NatsConnection | undefined;
 
+  const TOGETHER = "together";
   const start = async (name: string, env: Record<string, string> = {}, key = name) => {
+    if (opts.together) {
+      const running = procs.get(TOGETHER);
+      if (running && !running.gone) return running;
+      const proc = await startService(TOGETHER, envOf(name, env), {
+        ...output(TOGETHER),
+        together: specs.map((s) => s.name),
+        readyCount: specs.reduce((n, s) => n + (s.ready ?? 1), 0),
+      });
+      procs.set(TOGETHER, proc);
+      return proc;
+    }
     const proc = await startService(name, envOf(name, env), {
       ...output(key),
       readyCount: readyCount(name),
@@ -463,7 +493,7 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
   };
 
   const kill = (key: string, signal: Deno.Signal = "SIGKILL") => {
-    const proc = procs.get(key);
+    const proc = procs.get(opts.together ? TOGETHER : key);
     if (!proc) throw new Error(`no service ${key} in the mesh`);
     expectedExit.add(proc);
     return proc.stop(signal);
@@ -511,6 +541,8 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
         await stopAll("SIGKILL");
         throw (failed as PromiseRejectedResult).reason;
       }
+    } else if (opts.together) {
+      await start(specs[0]!.name);
     } else {
       for (const { name } of specs) await start(name);
     }
