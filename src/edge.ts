@@ -36,7 +36,7 @@ import type { Logger } from "./observability/log.ts";
 import type { Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
-import { applyEvent } from "./state.ts";
+import { applyEvent } from "../pipelines/feedback/state.ts";
 import { readStream } from "./stream_reader.ts";
 import { CONTENT_STREAM, DEADLETTER_STREAM, FEEDBACK_STREAM } from "./subjects.ts";
 import type { NamedStreamConfig } from "./topology.ts";

@@ -165,8 +165,22 @@ export function tooOldMessage(
     `a newer server.`;
 }
 
-/** A TCP port free on loopback right now. */
+/** Ports {@link freePort} handed out in this process: never the same one twice. */
+const handedOut = new Set<number>();
+
+/**
+ * A TCP port free on loopback right now, picked at random below the kernel's ephemeral
+ * range (32768 and up on Linux by default). A port the kernel picks itself (port 0) lies in
+ * that range, where any outgoing connection of any process may take it before the caller
+ * binds it: under a loaded test run a nats-server then failed with "address already in use".
+ */
 export function freePort(): number {
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    if (handedOut.has(port) || !portFree(port)) continue;
+    handedOut.add(port);
+    return port;
+  }
   const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const { port } = l.addr as Deno.NetAddr;
   l.close();

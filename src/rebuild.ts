@@ -12,7 +12,7 @@ import canonicalize from "canonicalize";
 import type { FeedbackState } from "./events.gen.ts";
 import { assertMatchesSubject } from "./runner.ts";
 import { validateEvent } from "./schemas.ts";
-import { applyEvent } from "./state.ts";
+import { applyEvent } from "../pipelines/feedback/state.ts";
 import { FEEDBACK_STREAM, FeedbackEventType } from "./subjects.ts";
 import { readStream } from "./stream_reader.ts";
 

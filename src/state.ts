@@ -1,29 +1,12 @@
 /**
- * An item's state, folded from its events. The fold is pure, idempotent (applying an
- * event twice changes nothing) and order-insensitive (the furthest stage wins whatever
- * order events arrive in; between equals, the one stored later in the stream), so
- * redeliveries, concurrent writers and a rebuild from the stream all reach the same
- * state. Ordering uses stream sequences only, never the times producers wrote.
+ * What every item state shares, whatever its pipeline: the earliest event a state records
+ * (where a replay of its events starts) and its first and last times, by stream sequence.
+ * The pipelines' folds (pipelines/feedback/state.ts, pipelines/moderation/state.ts) build on
+ * them; folds are pure, idempotent and order-insensitive, ordered by stream sequences only,
+ * never by the times producers wrote.
  *
  * @module
  */
-import type { FeedbackState } from "./events.gen.ts";
-import type { AnyEvent, FeedbackEvent } from "./schemas.ts";
-import { FeedbackEventType as T, ONCE_PER_ITEM_TYPES } from "./subjects.ts";
-
-/** Pipeline order of event types; final events rank last. */
-const RANK: Record<string, number> = {
-  [T.Ingested]: 1,
-  [T.SentimentAnalyzed]: 2,
-  [T.TopicsExtracted]: 3,
-  [T.Dispatched]: 4,
-  [T.Processed]: 5,
-  [T.Failed]: 5,
-};
-
-function shortType(type: string): string {
-  return type.slice("feedback.".length);
-}
 
 /**
  * The stream sequence of the earliest event a state records (feedback or content), or
@@ -67,96 +50,4 @@ export function spanTimes(
   }
   if (first) state.created_at = first.at;
   if (last) state.updated_at = last.at;
-}
-
-/**
- * Applies one event (stored at stream sequence `seq`) to an item's state.
- *
- * @example
- * ```ts
- * import { applyEvent } from "./state.ts";
- * const s = applyEvent(undefined, {
- *   id: "e1", type: "feedback.ingested", version: 1, item_id: "fb1",
- *   trace_id: "0af7651916cd43dd8448eb211c80319c", time: "2026-01-01T00:00:00.000Z",
- *   source: "gateway", data: { text: "hi" },
- * }, 1);
- * console.assert(s.status === "accepted" && s.text === "hi");
- * ```
- */
-export function applyEvent(
-  state: FeedbackState | undefined,
-  event: AnyEvent,
-  seq: number,
-): FeedbackState {
-  const key = shortType(event.type);
-  const next: FeedbackState = state ? { ...state, stages: { ...state.stages } } : {
-    id: event.item_id,
-    status: "accepted",
-    stage: key,
-    trace_id: event.trace_id,
-    created_at: event.time,
-    updated_at: event.time,
-    stages: {},
-  };
-  const seen = next.stages[key];
-  if (seen && seen.event_id === event.id) return state!; // already applied
-  // One event of each once-per-item type: the first stored wins, a later one is ignored.
-  if (seen && ONCE_PER_ITEM_TYPES.has(event.type) && seen.seq < seq) return state!;
-  const currentSeq = next.stages[next.stage]?.seq ?? 0;
-  next.stages[key] = { at: event.time, event_id: event.id, seq };
-  spanTimes(next);
-
-  // Order is the stream's (sequence), never a time the producer wrote: a final event
-  // overrides another final event only when stored after it.
-  const rank = RANK[event.type] ?? 0;
-  const currentRank = RANK[`feedback.${next.stage}`] ?? 0;
-  const furthest = rank > currentRank ||
-    (rank === currentRank && rank === 5 && seq > currentSeq);
-
-  if (event.type === T.Failed) {
-    if (furthest) {
-      next.error = {
-        stage: event.data.stage,
-        code: event.data.code,
-        reason: event.data.reason,
-        attempts: event.data.attempts,
-      };
-    }
-  } else {
-    const d = (event as Exclude<FeedbackEvent, { type: "feedback.failed" }>).data;
-    // Later stages carry every earlier field; never let an earlier event erase a later one.
-    if (rank >= currentRank || next.text === undefined) {
-      next.text = d.text;
-      if (d.channel !== undefined) next.channel = d.channel;
-      if (d.customer_id !== undefined) next.customer_id = d.customer_id;
-    }
-    if ("sentiment" in d && (next.sentiment === undefined || rank >= currentRank)) {
-      next.sentiment = d.sentiment;
-    }
-    if ("topics" in d && (next.topics === undefined || rank >= currentRank)) next.topics = d.topics;
-    if ("routing" in d && (next.routing === undefined || rank >= currentRank)) {
-      next.routing = d.routing;
-    }
-  }
-  if (furthest) {
-    next.stage = key;
-    next.status = event.type === T.Processed
-      ? "processed"
-      : event.type === T.Failed
-      ? "failed"
-      : event.type === T.Ingested
-      ? "accepted"
-      : "processing";
-    if (event.type === T.Processed) delete next.error;
-  }
-  return next;
-}
-
-/** Folds a whole history, e.g. when rebuilding state from the stream. */
-export function foldEvents(
-  events: Iterable<{ event: AnyEvent; seq: number }>,
-): FeedbackState | undefined {
-  let state: FeedbackState | undefined;
-  for (const { event, seq } of events) state = applyEvent(state, event, seq);
-  return state;
 }

@@ -28,7 +28,7 @@ import { retryDelay } from "./retry.ts";
 import { assertMatchesSubject, deadLetter, decodeJson } from "./runner.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
-import { applyEvent } from "./state.ts";
+import { applyEvent } from "../pipelines/feedback/state.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, parseEventSubject, STATE_BUCKET } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
 import { pullBatches } from "./batch_pull.ts";

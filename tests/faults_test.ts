@@ -72,6 +72,26 @@ Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file sto
   );
 });
 
+Deno.test("in one process (--together), nats-server killed with SIGKILL mid-run and restarted loses and duplicates nothing", async () => {
+  const started = Date.now();
+  await using mesh = await startServices({ env: FAST_REDELIVERY, together: true });
+  const items = makeItems("kill-nats-together", N);
+  const pushing = pushItems(mesh.js, items);
+  await processedAtLeast(mesh, N / 4);
+  await mesh.nats.stop("SIGKILL");
+  await mesh.nats.restart();
+  await pushing;
+  report(
+    await settle(
+      mesh,
+      "kill -9 nats-server mid-run under --together, restart (file store)",
+      items,
+      1,
+      started,
+    ),
+  );
+});
+
 Deno.test("a handler slower than the ack wait keeps its lease with in-progress acks and is not redelivered", async () => {
   const started = Date.now();
   await using mesh = await startServices({

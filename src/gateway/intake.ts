@@ -31,7 +31,8 @@ import {
 import pLimit from "p-limit";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
 import type { IngestLimiter } from "./ingest_limits.ts";
-import { applyEvent, firstEventSeq } from "../state.ts";
+import { firstEventSeq } from "../state.ts";
+import { applyEvent } from "../../pipelines/feedback/state.ts";
 import { readState } from "../state_writer.ts";
 import {
   eventSubject,

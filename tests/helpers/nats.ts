@@ -81,9 +81,15 @@ export async function countsByItem(
 }
 
 /** Every item's state in the state bucket. */
-export async function readStates(js: JetStreamClient): Promise<Map<string, FeedbackState>> {
+export async function readStates(
+  js: JetStreamClient,
+  // A read of the bucket while the state writer still writes has once stalled with messages
+  // said to be pending (StreamReadStalled after 30 s, cause not found yet): callers that
+  // poll (waitUntil) pass a short stallMs, give up on such a read and read again.
+  stallMs = 30_000,
+): Promise<Map<string, FeedbackState>> {
   const states = new Map<string, FeedbackState>();
-  for await (const m of readStream(js, `KV_${STATE_BUCKET}`)) {
+  for await (const m of readStream(js, `KV_${STATE_BUCKET}`, { stallMs })) {
     const id = m.subject.slice(`$KV.${STATE_BUCKET}.`.length);
     if (m.data.length === 0) states.delete(id);
     else states.set(id, m.json<FeedbackState>());

@@ -63,7 +63,7 @@ export async function settle(
   // Every item's state reaches the bucket too.
   await waitUntil(
     async () => {
-      const states = await readStates(mesh.js);
+      const states = await readStates(mesh.js, 5_000);
       return [...ids].every((id) => states.get(id)?.status === "processed");
     },
     30_000,

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { applyEvent, foldEvents } from "./state.ts";
-import { createEvent } from "./events.ts";
-import type { AnyEvent } from "./schemas.ts";
+import { createEvent } from "../../src/events.ts";
+import type { AnyEvent } from "../../src/schemas.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const at = (s: number) => new Date(Date.UTC(2026, 0, 1, 0, 0, s));
