@@ -8,8 +8,8 @@
  * processing while its link to the hub is down.
  *
  * The hub (`--hub east,west`) has the JetStream domain `hub`, a loopback leafnode listener,
- * and per site a stream `EDGE_<SITE>` that sources the site's FEEDBACK, CONTENT and
- * DEADLETTER streams ({@link SITE_STREAMS}) across domains (`external.api =
+ * and per site a stream `EDGE_<SITE>` that sources the site's FEEDBACK, CONTENT, DEADLETTER
+ * and DIGEST streams ({@link SITE_STREAMS}) across domains (`external.api =
  * $JS.<site>.API`), each with a subject transform, e.g. `feedback.>` to
  * `site.<site>.feedback.>`. Sourcing tracks each of the site's stream sequences, so after an
  * outage the hub resumes where it stopped: every event once, in the site's order. One stream per
@@ -38,7 +38,7 @@ import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
 import { applyEvent } from "../pipelines/feedback/state.ts";
 import { readStream } from "./stream_reader.ts";
-import { CONTENT_STREAM, DEADLETTER_STREAM, FEEDBACK_STREAM } from "./subjects.ts";
+import { CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM, FEEDBACK_STREAM } from "./subjects.ts";
 import type { NamedStreamConfig } from "./topology.ts";
 
 /** JetStream's error code for a stream that does not exist. */
@@ -66,12 +66,13 @@ export function siteSubjectPrefix(site: string): string {
 
 /**
  * The streams of a site that its hub collects, each with the first token of its subjects:
- * both pipelines' events, and the dead letters, so the hub sees what failed where.
+ * both pipelines' events, the dead letters (so the hub sees what failed where) and the digests.
  */
 export const SITE_STREAMS: readonly { stream: string; root: string }[] = [
   { stream: FEEDBACK_STREAM, root: "feedback" },
   { stream: CONTENT_STREAM, root: "content" },
   { stream: DEADLETTER_STREAM, root: "deadletter" },
+  { stream: DIGEST_STREAM, root: "digest" },
 ];
 
 /** A stream of a site the hub collects, and the first token of its subjects. */

@@ -45,7 +45,7 @@ Deno.test("leafPermissions let a site carry only its own sourcing traffic", () =
     assert.ok(!subjectAllowed(p.publish.allow, s), s);
   }
   // Hub to site: consumer create/delete on the streams it collects, flow control; nothing else.
-  for (const stream of ["FEEDBACK", "CONTENT", "DEADLETTER"]) {
+  for (const stream of ["FEEDBACK", "CONTENT", "DEADLETTER", "DIGEST"]) {
     assert.ok(
       subjectAllowed(p.subscribe.allow, `$JS.east.API.CONSUMER.CREATE.${stream}.c.x.>`),
       stream,
@@ -56,7 +56,7 @@ Deno.test("leafPermissions let a site carry only its own sourcing traffic", () =
     const s of [
       "$JS.east.API.STREAM.DELETE.FEEDBACK",
       "$JS.east.API.CONSUMER.CREATE.KV_weft_feedback_state.c",
-      "$JS.east.API.CONSUMER.CREATE.DIGEST.c",
+      "$JS.east.API.CONSUMER.CREATE.SHADOW.c",
       "$JS.west.API.CONSUMER.CREATE.FEEDBACK.c",
       "feedback.submit",
     ]
@@ -87,7 +87,7 @@ Deno.test("siteDenyImports keeps the hub to consumer create/delete on the site's
   ) assert.ok(!subjectAllowed(deny, s), s);
 });
 
-Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEEDBACK, CONTENT and DEADLETTER onto site.<name>.>", () => {
+Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEEDBACK, CONTENT, DEADLETTER and DIGEST onto site.<name>.>", () => {
   const [east] = edgeStreamConfigs(["east"], {
     name: "FEEDBACK",
     subjects: ["feedback.>"],
@@ -98,7 +98,12 @@ Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEE
   assert.equal(east!.max_bytes, 5);
   assert.deepEqual(
     east!.sources,
-    [["FEEDBACK", "feedback"], ["CONTENT", "content"], ["DEADLETTER", "deadletter"]].map((
+    [
+      ["FEEDBACK", "feedback"],
+      ["CONTENT", "content"],
+      ["DEADLETTER", "deadletter"],
+      ["DIGEST", "digest"],
+    ].map((
       [name, root],
     ) => ({
       name,
