@@ -296,6 +296,27 @@ type HandedOn<Step> = Step extends { kind: "task" | "llm"; output: infer O } ? I
  * The `value` step `K` is handed: the input document for the first step, else what each
  * step before it hands on (a union; `any` when one of them is not a task or llm step, whose
  * value depends on the run: a router's or wait's).
+ *
+ * @example
+ * ```ts
+ * import { definePipeline, type ValueOf } from "./definition.ts";
+ * const def = definePipeline({
+ *   name: "chain",
+ *   input: { schema: { type: "object" } },
+ *   start: "a",
+ *   steps: {
+ *     a: {
+ *       kind: "task",
+ *       output: { type: "object", required: ["n"], properties: { n: { type: "number" } } },
+ *       handle: () => ({ n: 1 }),
+ *       next: "b",
+ *     },
+ *     b: { kind: "task", output: { type: "object" }, handle: (v: { n: number }) => v, next: "done" },
+ *     done: { kind: "end", outcome: "done" },
+ *   },
+ * });
+ * const handed: ValueOf<typeof def, "b"> = { n: 2 }; // what `a` returns
+ * ```
  */
 export type ValueOf<S extends PipelineSpec, K> =
   | (K extends S["start"] ? Infer<S["input"]["schema"]> : never)
