@@ -27,7 +27,7 @@
  *
  * @module
  */
-import type { JetStreamClient, JetStreamManager, StreamSource } from "@nats-io/jetstream";
+import type { JetStreamClient, JetStreamManager, JsMsg, StreamSource } from "@nats-io/jetstream";
 import type { ContentState, FeedbackState } from "./events.gen.ts";
 import { applyContentEvent } from "../pipelines/moderation/state.ts";
 import type { PipelineSpec } from "./pipeline/definition.ts";
@@ -64,22 +64,22 @@ export function siteSubjectPrefix(site: string): string {
   return `site.${site}`;
 }
 
-/**
- * The streams of a site that its hub collects, each with the first token of its subjects:
- * both pipelines' events, the dead letters (so the hub sees what failed where) and the digests.
- */
-export const SITE_STREAMS: readonly { stream: string; root: string }[] = [
-  { stream: FEEDBACK_STREAM, root: "feedback" },
-  { stream: CONTENT_STREAM, root: "content" },
-  { stream: DEADLETTER_STREAM, root: "deadletter" },
-  { stream: DIGEST_STREAM, root: "digest" },
-];
-
 /** A stream of a site the hub collects, and the first token of its subjects. */
 export interface SiteStream {
   stream: string;
   root: string;
 }
+
+/**
+ * The streams of a site that its hub collects, each with the first token of its subjects:
+ * both pipelines' events, the dead letters (so the hub sees what failed where) and the digests.
+ */
+export const SITE_STREAMS: readonly SiteStream[] = [
+  { stream: FEEDBACK_STREAM, root: "feedback" },
+  { stream: CONTENT_STREAM, root: "content" },
+  { stream: DEADLETTER_STREAM, root: "deadletter" },
+  { stream: DIGEST_STREAM, root: "digest" },
+];
 
 /**
  * What a hub collects from each site: {@link SITE_STREAMS}, and the streams of the pipeline
@@ -94,8 +94,8 @@ export function siteStreams(definitions: readonly SiteStream[] = []): SiteStream
 export type SitePipeline = "feedback" | "content";
 
 /**
- * The hub-side filter of one site's events of a pipeline (feedback by default), or of one
- * item's there.
+ * The hub-side filter of one site's events of a pipeline (feedback by default; content, or a
+ * definition's name), or of one item's there.
  *
  * @example
  * ```ts
@@ -104,11 +104,7 @@ export type SitePipeline = "feedback" | "content";
  * console.assert(siteEventsFilter("east", "c1", "content") === "site.east.content.*.c1");
  * ```
  */
-export function siteEventsFilter(
-  site: string,
-  itemId = "*",
-  pipeline: SitePipeline = "feedback",
-): string {
+export function siteEventsFilter(site: string, itemId = "*", pipeline = "feedback"): string {
   return `${siteSubjectPrefix(site)}.${pipeline}.*.${itemId}`;
 }
 
@@ -382,17 +378,38 @@ export async function siteStatuses(
 }
 
 /**
+ * Whether the hub holds any event of item `id` of `pipeline` (a feedback, content or
+ * definition's item) from `site`: one stream info request, nothing read.
+ */
+export async function siteHasItem(
+  jsm: JetStreamManager,
+  site: string,
+  id: string,
+  pipeline: string,
+): Promise<boolean> {
+  const info = await jsm.streams.info(edgeStream(site), {
+    subjects_filter: siteEventsFilter(site, id, pipeline),
+  });
+  return Object.keys(info.state.subjects ?? {}).length > 0;
+}
+
+/**
  * An edge item's state, folded from its events on the hub (the same pure fold the state
  * writer uses), with the site it ran at. Throws NotFoundError when the hub has none.
  */
 export async function siteItemState(
   js: JetStreamClient,
-  jsm: JetStreamManager,
   site: string,
   id: string,
 ): Promise<FeedbackState & { site: string }> {
-  const state = await foldSiteItem<FeedbackState>(js, jsm, site, id, "feedback", applyEvent);
-  return { ...state, site };
+  return await foldSiteItem<FeedbackState>(
+    js,
+    site,
+    id,
+    "feedback",
+    "item",
+    (state, m) => applyEvent(state, m.json<AnyEvent>(), m.seq),
+  );
 }
 
 /**
@@ -401,19 +418,17 @@ export async function siteItemState(
  */
 export async function siteContentState(
   js: JetStreamClient,
-  jsm: JetStreamManager,
   site: string,
   id: string,
 ): Promise<ContentState & { site: string }> {
-  const state = await foldSiteItem<ContentState>(
+  return await foldSiteItem<ContentState>(
     js,
-    jsm,
     site,
     id,
     "content",
-    applyContentEvent,
+    "content item",
+    (state, m) => applyContentEvent(state, m.json<AnyEvent>(), m.seq),
   );
-  return { ...state, site };
 }
 
 /**
@@ -422,68 +437,59 @@ export async function siteContentState(
  */
 export async function siteDefinitionItem(
   js: JetStreamClient,
-  jsm: JetStreamManager,
   site: string,
   def: PipelineSpec,
   id: string,
 ): Promise<ItemState & { site: string }> {
-  const filter = `${siteSubjectPrefix(site)}.${def.name}.*.${id}`;
-  const info = await jsm.streams.info(edgeStream(site), { subjects_filter: filter });
-  let state: ItemState | undefined;
-  if (Object.keys(info.state.subjects ?? {}).length > 0) {
-    for await (const m of readStream(js, edgeStream(site), { filter })) {
-      const token = m.subject.split(".")[3]!;
-      let body: {
-        type?: string;
-        time?: string;
-        item_id?: string;
-        definition?: string;
-        data?: unknown;
-      };
-      try {
-        body = m.json();
-      } catch {
-        continue; // not JSON: nothing to fold
-      }
-      // A Weft event has its type and time; an awaited event (a person's or a callback's
-      // plain JSON) is known by its subject.
-      const event = typeof body?.type === "string" && typeof body.time === "string"
-        ? body
-        : { type: `${def.name}.${token}`, time: m.time.toISOString(), item_id: id, data: body };
-      state = applyPipelineEvent(def, state, {
-        seq: m.seq,
-        type: event.type!,
-        time: event.time!,
-        item_id: event.item_id ?? id,
-        definition: event.definition,
-        data: event.data,
-      }) ?? state;
+  return await foldSiteItem<ItemState>(js, site, id, def.name, `${def.name} item`, (state, m) => {
+    let body: {
+      type?: string;
+      time?: string;
+      item_id?: string;
+      definition?: string;
+      data?: unknown;
+    };
+    try {
+      body = m.json();
+    } catch {
+      return state; // not JSON: nothing to fold
     }
-  }
-  if (!state) throw new NotFoundError(`no ${def.name} item ${id} from site ${site}`);
-  return { ...state, site };
+    // A Weft event has its type and time; an awaited event (a person's or a callback's
+    // plain JSON) is known by its subject.
+    const event = typeof body?.type === "string" && typeof body.time === "string" ? body : {
+      type: `${def.name}.${m.subject.split(".")[3]}`,
+      time: m.time.toISOString(),
+      data: body,
+    };
+    return applyPipelineEvent(def, state, {
+      seq: m.seq,
+      type: event.type!,
+      time: event.time!,
+      item_id: event.item_id ?? id,
+      definition: event.definition,
+      data: event.data,
+    }) ?? state;
+  });
 }
 
+/**
+ * Item `id` of `pipeline` from `site`, folded from its events on the hub (in stream order)
+ * with `fold`, and its site. Throws NotFoundError (naming it `what`) when the hub has none.
+ */
 async function foldSiteItem<S>(
   js: JetStreamClient,
-  jsm: JetStreamManager,
   site: string,
   id: string,
-  pipeline: SitePipeline,
-  fold: (state: S | undefined, event: AnyEvent, seq: number) => S,
-): Promise<S> {
-  const filter = siteEventsFilter(site, id, pipeline);
-  const what = pipeline === "feedback" ? "item" : "content item";
-  const info = await jsm.streams.info(edgeStream(site), { subjects_filter: filter });
-  if (Object.keys(info.state.subjects ?? {}).length === 0) {
-    throw new NotFoundError(`no ${what} ${id} from site ${site}`);
-  }
+  pipeline: string,
+  what: string,
+  fold: (state: S | undefined, m: JsMsg) => S | undefined,
+): Promise<S & { site: string }> {
   let state: S | undefined;
-  for await (const m of readStream(js, edgeStream(site), { filter })) {
-    state = fold(state, m.json<AnyEvent>(), m.seq);
-  }
+  // (A read of nothing ends at once: the consumer's creation says none is pending.)
+  const filter = siteEventsFilter(site, id, pipeline);
+  for await (const m of readStream(js, edgeStream(site), { filter })) state = fold(state, m);
   if (state === undefined) throw new NotFoundError(`no ${what} ${id} from site ${site}`);
-  return state;
+  return { ...state, site };
 }
 
 /**

@@ -20,6 +20,7 @@ import {
   siteContentState,
   siteDefinitionItem,
   siteEventsFilter,
+  siteHasItem,
   siteItemState,
   type SitePipeline,
   siteStatuses,
@@ -49,12 +50,14 @@ export function edgeRoutes(
   pipelines: readonly LoadedPipeline[] = [],
 ): Hono {
   const app = new Hono();
-  const known = (site: string, id: string, what: string) => {
+  const knownSite = (site: string) => {
     if (!sites.includes(site)) throw new NotFoundError(`no edge site ${JSON.stringify(site)}`);
+  };
+  const known = (site: string, id: string, what: string) => {
+    knownSite(site);
     if (!ITEM_ID.test(id)) throw new NotFoundError(`no ${what} ${JSON.stringify(id)}`);
   };
   app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites) }));
-  const definitions = pipelines;
   const kinds: {
     pipeline: SitePipeline;
     what: string;
@@ -78,15 +81,15 @@ export function edgeRoutes(
     const site = c.req.param("site");
     const id = c.req.param("id");
     const name = c.req.param("name");
-    const loaded = definitions.find((p) => p.def.name === name);
+    const loaded = pipelines.find((p) => p.def.name === name);
     if (!loaded) throw new NotFoundError(`no pipeline ${JSON.stringify(name)} at this hub`);
     known(site, id, `${name} item`);
-    return c.json(await siteDefinitionItem(jetStream.js, jetStream.jsm, site, loaded.def, id));
+    return c.json(await siteDefinitionItem(jetStream.js, site, loaded.def, id));
   });
   if (sse) {
     app.get("/:site/events", (c) => {
       const site = c.req.param("site");
-      if (!sites.includes(site)) throw new NotFoundError(`no edge site ${JSON.stringify(site)}`);
+      knownSite(site);
       const key = openSlot(sse.clients, c);
       const all = `${siteSubjectPrefix(site)}.>`;
       return streamEvents(c, jetStream.js, {
@@ -103,15 +106,16 @@ export function edgeRoutes(
       const site = c.req.param("site");
       const id = c.req.param("id");
       known(site, id, what);
-      return c.json(await state(jetStream.js, jetStream.jsm, site, id));
+      return c.json(await state(jetStream.js, site, id));
     });
     if (!sse) continue;
     app.get(`/:site/${pipeline}/:id/events`, async (c) => {
       const site = c.req.param("site");
       const id = c.req.param("id");
       known(site, id, what);
-      // The item's state says whether the hub has it at all (404 otherwise).
-      await state(jetStream.js, jetStream.jsm, site, id);
+      if (!(await siteHasItem(jetStream.jsm, site, id, pipeline))) {
+        throw new NotFoundError(`no ${what} ${id} from site ${site}`);
+      }
       const key = openSlot(sse.clients, c);
       return streamEvents(c, jetStream.js, {
         filter: siteEventsFilter(site, id, pipeline),

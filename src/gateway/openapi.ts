@@ -51,6 +51,8 @@ const body = (schema: Json) => ({
   content: { "application/json": { schema } },
 });
 const idParam = { name: "id", in: "path", required: true, schema: ref("defs/definitions/ItemId") };
+/** An edge site, in a hub's `/sites/{site}/...` paths. */
+const siteParam = { name: "site", in: "path", required: true, schema: { type: "string" } };
 const accepted = {
   type: "object",
   required: ["id", "status", "links"],
@@ -277,7 +279,7 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         { "200": json({ type: "object" }) },
         {
           parameters: [
-            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            siteParam,
             idParam,
           ],
         },
@@ -290,7 +292,7 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         { "200": sse("the item's events at the hub") },
         {
           parameters: [
-            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            siteParam,
             idParam,
           ],
         },
@@ -303,7 +305,7 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         { "200": json({ type: "object" }) },
         {
           parameters: [
-            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            siteParam,
             idParam,
           ],
         },
@@ -316,7 +318,7 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         { "200": sse("the content item's events at the hub") },
         {
           parameters: [
-            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            siteParam,
             idParam,
           ],
         },
@@ -329,7 +331,7 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         { "200": json({ type: "object" }) },
         {
           parameters: [
-            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            siteParam,
             { name: "name", in: "path", required: true, schema: { type: "string" } },
             idParam,
           ],
@@ -343,7 +345,7 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         { "200": sse("the site's events at the hub") },
         {
           parameters: [
-            { name: "site", in: "path", required: true, schema: { type: "string" } },
+            siteParam,
             { name: "replay", in: "query", required: false, schema: { type: "boolean" } },
           ],
         },

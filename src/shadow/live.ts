@@ -673,6 +673,99 @@ const delay = (ms: number, signal: AbortSignal) =>
   });
 
 /**
+ * The candidate's decision on one input message of its step: the item, the event the
+ * candidate's step would publish, and its handler time (ms). Undefined when the message is
+ * not for the step (a definition's own decoding skips it, e.g. a join's other inputs).
+ * Throws what the handler throws, and when it emits no event of production's type.
+ */
+async function decideOnce(
+  step: ShadowTarget,
+  m: JsMsg,
+  source: string,
+  signal: AbortSignal,
+): Promise<{ itemId: string; event: OutputEvent; ms: number } | undefined> {
+  const stage = step.stage as Stage<StageInput>;
+  const raw = decodeJson(m.data);
+  const message = {
+    subject: m.subject,
+    seq: m.seq,
+    storedAt: m.time.getTime(),
+    deliveryCount: m.info.deliveryCount,
+  };
+  let input: { id: string; type: string; item_id: string };
+  if (stage.decode) {
+    // A definition's step: its own decoding says whether the event is for it.
+    const decoded = stage.decode(raw, message) as typeof input | undefined;
+    if (decoded === undefined) return undefined;
+    input = decoded;
+  } else {
+    input = validateInput(stage.input, raw) as typeof input;
+    assertMatchesSubject(input, m.subject);
+  }
+  const started = performance.now();
+  const outputs = await stage.handle(input as never, {
+    source,
+    message,
+    now: () => new Date(),
+    signal,
+  });
+  const ms = performance.now() - started;
+  const event = outputs.find((e) => e.type === step.output);
+  if (!event) throw new Error(`the candidate emitted no ${step.output}`);
+  return { itemId: input.item_id, event, ms };
+}
+
+/** Production's stored output event for an item (its data), or null when it has none yet. */
+async function storedOutput(
+  jsm: JetStreamManager,
+  step: Pick<ShadowTarget, "stream" | "output">,
+  itemId: string,
+): Promise<Record<string, unknown> | null> {
+  try {
+    const m = await jsm.streams.getMessage(step.stream, {
+      last_by_subj: eventSubject(step.output, itemId),
+    });
+    return m ? m.json<{ data: Record<string, unknown> }>().data : null;
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
+      return null;
+    }
+    throw err;
+  }
+}
+
+/** A decision as published (live) or reported (replay), compared with production's. */
+function decisionOf(
+  spec: Pick<ShadowSpec, "id" | "pipeline" | "step">,
+  candidate: string,
+  input: { itemId: string; seq: number; time: Date; ms: number },
+  decision: Record<string, string>,
+  production: Record<string, string> | null,
+  event: OutputEvent,
+): ShadowDecision {
+  return {
+    shadow: spec.id,
+    pipeline: spec.pipeline,
+    step: spec.step,
+    item_id: input.itemId,
+    candidate,
+    time: input.time.toISOString(),
+    input_seq: input.seq,
+    ms: Math.round(input.ms * 1000) / 1000,
+    decision,
+    production,
+    ...(production
+      ? {
+        agrees: Object.fromEntries(
+          Object.keys(production).map((f) => [f, production[f] === decision[f]]),
+        ),
+      }
+      : {}),
+    event,
+  };
+}
+
+/**
  * Runs one live shadow until stopped.
  *
  * @example
@@ -693,7 +786,6 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   });
   if (step.llm) tally.llm = step.llm;
   tally.candidate = step.candidate;
-  const stage = step.stage as Stage<StageInput>;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
   await restoreTally(js, jsm, spec, tally).catch((err) =>
@@ -721,16 +813,13 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
    */
   async function production(itemId: string): Promise<Record<string, unknown> | null> {
     const until = Date.now() + matchWaitMs;
-    const subject = eventSubject(step.output, itemId);
     await delay(FIRST_LOOK_MS, abort.signal);
     for (let wait = 50; !abort.signal.aborted; wait = Math.min(1000, wait * 2)) {
       try {
-        const m = await jsm.streams.getMessage(step.stream, { last_by_subj: subject });
-        if (m) return m.json<{ data: Record<string, unknown> }>().data;
+        const found = await storedOutput(jsm, step, itemId);
+        if (found) return found;
       } catch (err) {
-        if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound)) {
-          log.debug("production lookup failed", { err: String(err) });
-        }
+        log.debug("production lookup failed", { err: String(err) });
       }
       if (Date.now() + wait > until) return null;
       await delay(wait, abort.signal);
@@ -754,24 +843,14 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
       clearInterval(lease);
     }
     if (abort.signal.aborted && !prod) return false;
-    const body: ShadowDecision = {
-      shadow: spec.id,
-      pipeline: spec.pipeline,
-      step: spec.step,
-      item_id: itemId,
-      candidate: tally.candidate,
-      time: new Date().toISOString(),
-      input_seq: m.seq,
-      ms: Math.round(ms * 1000) / 1000,
+    const body = decisionOf(
+      spec,
+      tally.candidate,
+      { itemId, seq: m.seq, time: new Date(), ms },
       decision,
-      production: null,
+      prod ? step.fields(prod) : null,
       event,
-    };
-    if (prod) {
-      const p = step.fields(prod);
-      body.production = p;
-      body.agrees = Object.fromEntries(Object.keys(p).map((f) => [f, p[f] === decision[f]]));
-    }
+    );
     let duplicate = false;
     try {
       const ack = await js.publish(
@@ -793,48 +872,22 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   }
 
   async function handle(m: JsMsg, release: () => void): Promise<void> {
-    let itemId: string | undefined;
+    // (The subject's last token: the item, as the input event itself says.)
+    const itemId = m.subject.split(".").pop();
     try {
-      const raw = decodeJson(m.data);
-      const message = {
-        subject: m.subject,
-        seq: m.seq,
-        storedAt: m.time.getTime(),
-        deliveryCount: m.info.deliveryCount,
-      };
-      let input: { id: string; type: string; item_id: string };
-      if (stage.decode) {
-        // A definition's step: its own decoding says whether the event is for it.
-        const decoded = stage.decode(raw, message) as typeof input | undefined;
-        if (decoded === undefined) {
-          release();
-          tally.counts.skipped++;
-          m.ack();
-          return;
-        }
-        input = decoded;
-      } else {
-        input = validateInput(stage.input, raw) as typeof input;
-        assertMatchesSubject(input, m.subject);
-      }
-      itemId = input.item_id;
-      const started = performance.now();
-      const outputs = await stage.handle(input as never, {
-        source,
-        message,
-        now: () => new Date(),
-        signal: abort.signal,
-      });
-      const ms = performance.now() - started;
-      tally.seconds += ms / 1000;
+      const decided = await decideOnce(step, m, source, abort.signal);
       release();
-      const event = outputs.find((e) => e.type === step.output);
-      if (!event) throw new Error(`the candidate emitted no ${step.output}`);
+      if (!decided) {
+        tally.counts.skipped++;
+        m.ack();
+        return;
+      }
+      tally.seconds += decided.ms / 1000;
       tally.counts.decided++;
       // Acked once compared and published: a shadow killed meanwhile is given the item
       // again (its decision is published once: the message id is the input's sequence).
       // (Stopped while waiting for production: left unacked, for the next run.)
-      if (await compareAndPublish(m, itemId, event, ms)) m.ack();
+      if (await compareAndPublish(m, decided.itemId, decided.event, decided.ms)) m.ack();
     } catch (err) {
       release();
       if (abort.signal.aborted) return; // stopping: redelivered to the next run
@@ -952,7 +1005,6 @@ export async function replayShadow(opts: {
     pipelines: opts.pipelines,
     root: opts.root,
   });
-  const stage = step.stage as Stage<StageInput>;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
   const abort = new AbortController();
@@ -967,66 +1019,19 @@ export async function replayShadow(opts: {
     if (opts.until && m.time > opts.until) break;
     const itemId = m.subject.split(".").pop() ?? "";
     if (!sampled(itemId, spec.limits.sample)) continue;
-    const message = {
-      subject: m.subject,
-      seq: m.seq,
-      storedAt: m.time.getTime(),
-      deliveryCount: 1,
-    };
     try {
-      const raw = decodeJson(m.data);
-      let input: { id: string; type: string; item_id: string };
-      if (stage.decode) {
-        const decoded = stage.decode(raw, message) as typeof input | undefined;
-        if (decoded === undefined) continue; // not for this step (a join's other inputs)
-        input = decoded;
-      } else {
-        input = validateInput(stage.input, raw) as typeof input;
-        assertMatchesSubject(input, m.subject);
-      }
-      const t0 = performance.now();
-      const outputs = await stage.handle(input as never, {
-        source: `weft-shadow-${spec.id}`,
-        message,
-        now: () => new Date(),
-        signal: abort.signal,
-      });
-      const ms = performance.now() - t0;
-      handlerSeconds += ms / 1000;
-      const event = outputs.find((e) => e.type === step.output);
-      if (!event) throw new Error(`the candidate emitted no ${step.output}`);
-      const decision = step.fields(event.data as Record<string, unknown>);
-      let production: Record<string, string> | null = null;
-      try {
-        const stored = await jsm.streams.getMessage(step.stream, {
-          last_by_subj: eventSubject(step.output, itemId),
-        });
-        if (stored) production = step.fields(stored.json<{ data: Record<string, unknown> }>().data);
-      } catch (err) {
-        if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound)) {
-          throw err;
-        }
-      }
-      decisions.push({
-        shadow: spec.id,
-        pipeline: spec.pipeline,
-        step: spec.step,
-        item_id: itemId,
-        candidate: step.candidate,
-        time: m.time.toISOString(),
-        input_seq: m.seq,
-        ms: Math.round(ms * 1000) / 1000,
-        decision,
-        production,
-        ...(production
-          ? {
-            agrees: Object.fromEntries(
-              Object.keys(production).map((f) => [f, production![f] === decision[f]]),
-            ),
-          }
-          : {}),
-        event,
-      });
+      const decided = await decideOnce(step, m, `weft-shadow-${spec.id}`, abort.signal);
+      if (!decided) continue; // not for this step (a join's other inputs)
+      handlerSeconds += decided.ms / 1000;
+      const prod = await storedOutput(jsm, step, decided.itemId);
+      decisions.push(decisionOf(
+        spec,
+        step.candidate,
+        { itemId: decided.itemId, seq: m.seq, time: m.time, ms: decided.ms },
+        step.fields(decided.event.data as Record<string, unknown>),
+        prod ? step.fields(prod) : null,
+        decided.event,
+      ));
     } catch (err) {
       failed++;
       opts.log.warn("replayed decision failed", {
