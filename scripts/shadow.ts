@@ -26,8 +26,6 @@
  *
  * @module
  */
-// Everything a pipeline definition imports from Weft is loaded before it (see loadPipelines).
-import "../mod.ts";
 import { parseArgs } from "node:util";
 import { headers } from "@nats-io/nats-core";
 import { SHADOW_REQUEST_PREFIX } from "../src/subjects.ts";

@@ -4,8 +4,6 @@
  *
  * @module
  */
-// Everything a pipeline definition imports from Weft is loaded before it (see loadPipelines).
-import "../mod.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { createCapacityGuard } from "../src/capacity.ts";
 import { createApp } from "../src/gateway/app.ts";

@@ -6,9 +6,6 @@
  *
  * @module
  */
-// Everything a definition imports from Weft is loaded here first, so reading the
-// definition needs read permission on its own folder only.
-import "../mod.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { loadPipelines, pipelineServices } from "../src/pipeline/runtime.ts";
 import { runService } from "../src/service.ts";

@@ -5,9 +5,6 @@
  *
  * @module
  */
-// Everything a pipeline definition imports from Weft is loaded before it (see loadPipelines):
-// a shadow of a definition's step loads the definitions.
-import "../mod.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { hostShadows } from "../src/shadow/host.ts";
 

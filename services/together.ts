@@ -7,8 +7,6 @@
  *
  * @module
  */
-// Everything a pipeline definition imports from Weft is loaded before it (see loadPipelines).
-import "../mod.ts";
 import { loadConfig } from "../src/config.ts";
 import { loadPipelines, pipelineServices } from "../src/pipeline/runtime.ts";
 import { runTogether, type ServiceDef } from "../src/service.ts";

@@ -191,23 +191,33 @@ export const SCHEMA_DOCUMENTS: Readonly<Record<string, object>> = {
   ...documentSchemas,
 };
 
-const eventValidators = new Map<string, Map<number, ValidateFunction>>();
-for (const [type, schema] of Object.entries(eventSchemas)) {
-  const version = (schema as { properties: { version: { const: number } } }).properties.version
-    .const;
-  eventValidators.set(type, new Map([[version, ajv.compile(schema)]]));
-}
-const documentValidators = new Map<string, ValidateFunction>(
-  Object.entries(documentSchemas).map(([name, schema]) => [
-    name,
-    ajv.getSchema((schema as { $id: string }).$id) ?? ajv.compile(schema),
+/**
+ * Validators are compiled on first use, not at import: a service compiles only the schemas of
+ * the events and documents it handles (each compiled schema costs heap and start-up time).
+ */
+const eventVersions = new Map<string, Map<number, object>>(
+  Object.entries(eventSchemas).map(([type, schema]) => [
+    type,
+    new Map([[
+      (schema as { properties: { version: { const: number } } }).properties.version.const,
+      schema,
+    ]]),
   ]),
 );
+const compiled = new Map<object, ValidateFunction>();
+function validatorOf(schema: object): ValidateFunction {
+  let v = compiled.get(schema);
+  if (!v) {
+    v = ajv.getSchema((schema as { $id: string }).$id) ?? ajv.compile(schema);
+    compiled.set(schema, v);
+  }
+  return v;
+}
 
 /** The event types Weft knows, with the schema versions it accepts. */
 export function knownEventTypes(): Record<string, number[]> {
   return Object.fromEntries(
-    [...eventValidators].map(([type, versions]) => [type, [...versions.keys()]]),
+    [...eventVersions].map(([type, versions]) => [type, [...versions.keys()]]),
   );
 }
 
@@ -248,7 +258,7 @@ export function validateDocument<K extends keyof DocumentMap>(
   name: K,
   value: unknown,
 ): DocumentMap[K] {
-  const validate = documentValidators.get(name)!;
+  const validate = validatorOf(documentSchemas[name]);
   if (validate(value)) return value as DocumentMap[K];
   const { field, message } = describe(validate.errors);
   throw new ValidationError(message, { field });
@@ -275,15 +285,16 @@ export function validateEvent<K extends keyof EventMap>(
       { code: ErrorCode.InvalidEvent, field: "/type" },
     );
   }
-  const validate = eventValidators.get(type)?.get(version as number);
-  if (!validate) {
+  const schema = eventVersions.get(type)?.get(version as number);
+  if (!schema) {
     throw new ValidationError(
       `${type} version ${JSON.stringify(version)} is unknown here (known: ${
-        [...(eventValidators.get(type)?.keys() ?? [])].join(", ")
+        [...(eventVersions.get(type)?.keys() ?? [])].join(", ")
       })`,
       { code: ErrorCode.UnknownVersion, field: "/version" },
     );
   }
+  const validate = validatorOf(schema);
   if (validate(value)) return value as EventMap[K];
   const { field, message } = describe(validate.errors);
   throw new ValidationError(message, { code: ErrorCode.InvalidEvent, field });

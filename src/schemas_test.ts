@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { validateDocument, validateEvent } from "./schemas.ts";
+import { knownEventTypes, validateDocument, validateEvent } from "./schemas.ts";
+import type { DocumentMap, EventMap } from "./schemas.ts";
 import { createEvent } from "./events.ts";
 import { ValidationError } from "./errors.ts";
 import { generate } from "../scripts/gen_types.ts";
@@ -70,4 +71,35 @@ Deno.test("src/events.gen.ts is what the schemas generate (types never drift fro
   await w.close();
   const formatted = new TextDecoder().decode((await cmd.output()).stdout);
   assert.equal(committed, formatted, "run `deno task gen`");
+});
+
+Deno.test("every event and document schema compiles (validators compile on first use)", () => {
+  // An empty object fails each schema on a field: it reaches ajv, so a schema ajv refuses
+  // (strict mode) throws here instead of a ValidationError.
+  for (const [type, versions] of Object.entries(knownEventTypes())) {
+    for (const version of versions) {
+      assert.ok(
+        fieldOf(() => validateEvent({ type, version }, [type as keyof EventMap])) !== undefined,
+      );
+    }
+  }
+  const documents: (keyof DocumentMap)[] = [
+    "feedback.submit",
+    "feedback.submit_batch",
+    "feedback.state",
+    "deadletter",
+    "rules",
+    "content.submit",
+    "content.state",
+    "review.decision",
+    "schedule",
+    "digest.request",
+  ];
+  for (const name of documents) {
+    try {
+      validateDocument(name, { "not a field": 1 });
+    } catch (err) {
+      assert.ok(err instanceof ValidationError, `${name}: ${err}`);
+    }
+  }
 });

@@ -7,9 +7,6 @@
  *
  * @module
  */
-// Everything a pipeline definition imports from Weft is loaded before it: reading a
-// definition then needs read permission on its own folder only (see loadPipelines).
-import "../mod.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, describeConfig, ENV_PERMISSION, isLoopback, loadConfig } from "./config.ts";
@@ -114,6 +111,12 @@ export interface ServiceSpec {
    * killing or crashing it never takes a production step with it.
    */
   apart?: boolean;
+  /**
+   * Background work off every item's path (timers, digests, shadows): its process runs with
+   * V8's `--optimize-for-size`, about 12 MiB smaller idle for code about half as fast
+   * (docs/BENCH.md), which such work never notices.
+   */
+  background?: boolean;
   /** Processes running it, sharing its consumer (a pipeline step's `replicas`). Default 1. */
   replicas?: number;
   /** Which of them this is (0-based), when it has several. */
@@ -323,6 +326,7 @@ export const SERVICES: readonly ServiceSpec[] = [
   {
     name: "scheduler",
     entry: "services/scheduler.ts",
+    background: true,
     access: {
       publishes: SCHEDULABLE_SUBJECTS,
       writesBuckets: [SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET],
@@ -331,6 +335,7 @@ export const SERVICES: readonly ServiceSpec[] = [
   {
     name: "digest",
     entry: "services/digest.ts",
+    background: true,
     access: step(
       DIGEST_STREAM,
       ["feedback-digest"],
@@ -350,6 +355,8 @@ export const SERVICES: readonly ServiceSpec[] = [
     reads: ["rules", "prompts"],
     llm: true,
     apart: true,
+    // A candidate that falls behind only skips items (its own budget and rate limit).
+    background: true,
     access: {
       publishes: ["shadow.*.*.*"],
       // FEEDBACK: production's input and outputs; SHADOW: its own decisions, counted again
@@ -449,6 +456,7 @@ export function processArgs(
     // Services print only JSON log lines: silence Deno's own progress notices (downloads,
     // "waiting for file lock"); errors still reach stderr.
     "--quiet",
+    ...v8Flags(specs, config),
     `--allow-net=${net.join(",")}`,
     `--allow-env=${ENV_PERMISSION}`,
   ];
@@ -464,6 +472,13 @@ export function processArgs(
   if (read.length > 0) args.push(`--allow-read=${read.join(",")}`);
   args.push(...entry);
   return args;
+}
+
+/** `--v8-flags=...` for a process running `specs`: WEFT_V8_FLAGS, and the background ones'. */
+function v8Flags(specs: readonly ServiceSpec[], config: Config): string[] {
+  const flags = new Set(config.v8Flags ? config.v8Flags.split(",") : []);
+  if (specs.length > 0 && specs.every((s) => s.background)) flags.add("--optimize-for-size");
+  return flags.size > 0 ? [`--v8-flags=${[...flags].join(",")}`] : [];
 }
 
 /** The module that runs several services in one process. */

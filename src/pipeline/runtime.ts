@@ -99,6 +99,11 @@ export async function loadPipelines(
   files: readonly string[],
   base: string = Deno.cwd(),
 ): Promise<LoadedPipeline[]> {
+  // Everything a definition imports from Weft (mod.ts) is loaded first. A literal specifier
+  // is part of this module's graph, so it needs no read permission, and reading a definition
+  // then needs read permission on its own folder only. Loaded only when there is a
+  // definition: a process without one never loads the whole library (analyzers, gateway).
+  if (files.length > 0) await import("../../mod.ts");
   const out: LoadedPipeline[] = [];
   for (const f of files) {
     const file = f.startsWith("/") ? f : `${base.replace(/\/$/, "")}/${f}`;

@@ -1,0 +1,32 @@
+import assert from "node:assert/strict";
+import { loadConfig } from "./config.ts";
+import { processArgs, serviceArgs, SERVICES } from "./supervisor.ts";
+
+const config = (env: Record<string, string> = {}) =>
+  loadConfig({ env: (name) => env[name], args: [] });
+const spec = (name: string) => SERVICES.find((s) => s.name === name)!;
+const v8 = (args: string[]) => args.find((a) => a.startsWith("--v8-flags="));
+
+Deno.test("services on an item's path run with V8's defaults, background ones optimised for size", () => {
+  for (const name of ["gateway", "ingest", "sentiment", "state", "moderation"]) {
+    assert.equal(v8(serviceArgs(spec(name), config())), undefined, name);
+  }
+  for (const name of ["scheduler", "digest", "shadow"]) {
+    assert.equal(v8(serviceArgs(spec(name), config())), "--v8-flags=--optimize-for-size", name);
+  }
+  // Together with a service on the path, the process keeps V8's defaults.
+  const together = processArgs([spec("scheduler"), spec("ingest")], config(), ["x.ts"], []);
+  assert.equal(v8(together), undefined);
+});
+
+Deno.test("WEFT_V8_FLAGS reaches every service process, before the entry module", () => {
+  const c = config({ WEFT_V8_FLAGS: "--max-semi-space-size=2" });
+  const ingest = serviceArgs(spec("ingest"), c);
+  assert.equal(v8(ingest), "--v8-flags=--max-semi-space-size=2");
+  assert.ok(ingest.indexOf(v8(ingest)!) < ingest.indexOf(spec("ingest").entry));
+  assert.equal(
+    v8(serviceArgs(spec("digest"), c)),
+    "--v8-flags=--max-semi-space-size=2,--optimize-for-size",
+  );
+  assert.throws(() => config({ WEFT_V8_FLAGS: "--x; rm -rf /" }), /WEFT_V8_FLAGS/);
+});
