@@ -1,6 +1,6 @@
 import { definePipeline, type Infer, type StepContext } from "../../mod.ts";
 
-const obj = { type: "object" } as const;
+const triaged = { type: "object", properties: { urgent: { type: "boolean" } } } as const;
 const ticket = {
   type: "object",
   required: ["customer", "text"],
@@ -11,10 +11,10 @@ export const tickets = definePipeline({
   input: { schema: ticket },
   start: "triage",
   steps: {
-    triage: { kind: "llm", prompt: "prompts/triage.md", output: obj, next: "route" },
+    triage: { kind: "llm", prompt: "prompts/triage.md", output: triaged, next: "route" },
     route: {
       kind: "router",
-      route: (t: { urgent: boolean }) => (t.urgent ? "urgent" : "normal"),
+      route: (t: { urgent?: boolean }) => (t.urgent ? "urgent" : "normal"),
       routes: { urgent: "approval", normal: "reply" },
     },
     approval: {
@@ -26,7 +26,7 @@ export const tickets = definePipeline({
     },
     reply: {
       kind: "task",
-      output: obj,
+      output: { type: "object" },
       handle: (_v: unknown, ctx: StepContext<Infer<typeof ticket>>) => ({
         to: ctx.input.customer,
         body: "Thanks, on it.",

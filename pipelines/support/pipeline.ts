@@ -43,8 +43,11 @@ export function searchFaq(query: string): { id: string; answer: string }[] {
     .map(({ f }) => ({ id: f.id, answer: f.answer }));
 }
 
+/** The specialised agents, each a step of the same name and a route label of the router. */
+export type Desk = "billing" | "technical" | "general";
+
 /** Which agent takes a request: keywords, skipping agents that already handed it back. */
-export function routeRequest(text: string, scratchpad: readonly ScratchEntry[]): string {
+export function routeRequest(text: string, scratchpad: readonly ScratchEntry[]): Desk {
   const tried = new Set(
     scratchpad.filter((e) =>
       e.kind === "answer" && (e.result as AgentAnswer)?.action === "handback"
@@ -52,12 +55,13 @@ export function routeRequest(text: string, scratchpad: readonly ScratchEntry[]):
       .map((e) => e.step),
   );
   const t = text.toLowerCase();
-  const wanted = /refund|charge|invoice|bill|order|payment/.test(t)
+  const wanted: Desk = /refund|charge|invoice|bill|order|payment/.test(t)
     ? "billing"
     : /crash|error|bug|login|password|freez/.test(t)
     ? "technical"
     : "general";
-  return [wanted, "general", "technical", "billing"].find((a) => !tried.has(a)) ?? "general";
+  const desks: Desk[] = [wanted, "general", "technical", "billing"];
+  return desks.find((a) => !tried.has(a)) ?? "general";
 }
 
 const tools = {

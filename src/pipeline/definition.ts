@@ -288,14 +288,54 @@ type PredecessorsOf<S extends PipelineSpec, K> =
   | (S["loops"] extends readonly (infer L)[] ? L extends { from: infer F; to: K } ? F : never
     : never);
 
-/** What a step hands on: a task's or llm step's result; anything else is not typed (`any`). */
+/** A value the definition gives no schema for (an awaited event), or a loop's way back. */
 // deno-lint-ignore no-explicit-any
-type HandedOn<Step> = Step extends { kind: "task" | "llm"; output: infer O } ? Infer<O> : any;
+type Untyped = any;
+
+/** Whether step `K` is one of the steps an edge field (`next`, one or several) names. */
+type Names<N, K> = [K] extends [Targets<N>] ? true : false;
+
+/**
+ * What step `P` hands to step `K` (`Seen`: the steps already on the way back, so a loop ends
+ * in `any`): a task's, llm step's or agent's result; what a router or delay was handed; the
+ * record `{ <step>: <its value> }` of a join's `after` steps (partial to its `onDeadline`
+ * step); what a wait was handed, to its `onTimeout` step. The awaited event a wait hands on
+ * has no schema in the definition: `any`.
+ */
+type HandedOn<S extends PipelineSpec, P extends keyof S["steps"], K, Seen> = S["steps"][P] extends
+  { kind: "task" | "llm" | "agent"; output: infer O } ? Infer<O>
+  : S["steps"][P] extends { kind: "router" | "delay" } ? ValueIn<S, P, Seen>
+  : S["steps"][P] extends { kind: "join"; after: infer A extends readonly string[]; next: infer N }
+    ?
+      | (Names<N, K> extends true ? JoinRecord<S, P, A, Seen> : never)
+      | (S["steps"][P] extends { onDeadline: K } ? Partial<JoinRecord<S, P, A, Seen>> : never)
+  : S["steps"][P] extends { kind: "wait"; next: infer N } ?
+      | (Names<N, K> extends true ? Untyped : never)
+      | (S["steps"][P] extends { onTimeout: K } ? ValueIn<S, P, Seen> : never)
+  : Untyped;
+
+/** What a join hands on: each `after` step's value, by step id. */
+type JoinRecord<
+  S extends PipelineSpec,
+  P extends keyof S["steps"],
+  A extends readonly string[],
+  Seen,
+> = { [X in A[number]]: X extends keyof S["steps"] ? HandedOn<S, X, P, Seen | P> : never };
+
+/** The value step `K` is handed; `any` on a cycle back to a step in `Seen`. */
+type ValueIn<S extends PipelineSpec, K, Seen> = [K] extends [Seen] ? Untyped
+  :
+    | (K extends S["start"] ? Infer<S["input"]["schema"]> : never)
+    | {
+      [P in PredecessorsOf<S, K> & keyof S["steps"]]: HandedOn<S, P, K, Seen | K>;
+    }[PredecessorsOf<S, K> & keyof S["steps"]];
 
 /**
  * The `value` step `K` is handed: the input document for the first step, else what each
- * step before it hands on (a union; `any` when one of them is not a task or llm step, whose
- * value depends on the run: a router's or wait's).
+ * step before it hands on, as a union (docs/PIPELINES.md, "How a handler is called"): a
+ * task's, llm step's or agent's result; through a router or delay, what they were handed;
+ * after a join, the record of its steps' values. `any` after a wait that got its event (the
+ * event has no schema in the definition) and on a loop's way back.
  *
  * @example
  * ```ts
@@ -318,18 +358,15 @@ type HandedOn<Step> = Step extends { kind: "task" | "llm"; output: infer O } ? I
  * const handed: ValueOf<typeof def, "b"> = { n: 2 }; // what `a` returns
  * ```
  */
-export type ValueOf<S extends PipelineSpec, K> =
-  | (K extends S["start"] ? Infer<S["input"]["schema"]> : never)
-  | { [P in PredecessorsOf<S, K> & keyof S["steps"]]: HandedOn<S["steps"][P]> }[
-    PredecessorsOf<S, K> & keyof S["steps"]
-  ];
+export type ValueOf<S extends PipelineSpec, K> = ValueIn<S, K, never>;
 
 /**
  * The compile-time checks of a definition's handlers against its schemas: each task step's
  * `handle` returns (or resolves to) what its `output` schema describes, takes as `value`
  * what the steps before it hand on ({@link ValueOf}), and takes a context whose `input` is
- * what the pipeline's input schema describes. A handler that returns another shape, or
- * annotates `value` or `ctx` with a type the schemas do not give, does not compile.
+ * what the pipeline's input schema describes; each router's `route` returns one of its
+ * `routes`' labels. A handler that returns another shape or label, or annotates `value` or
+ * `ctx` with a type the schemas do not give, does not compile.
  */
 export type TypedSteps<S extends PipelineSpec> = {
   steps: {
@@ -339,6 +376,12 @@ export type TypedSteps<S extends PipelineSpec> = {
           ctx: StepContext<Infer<S["input"]["schema"]>>,
         ) => Infer<O> | Promise<Infer<O>>;
       }
+      : S["steps"][K] extends { kind: "router"; routes: infer R } ? {
+          route?: (
+            value: ValueOf<S, K>,
+            ctx: StepContext<Infer<S["input"]["schema"]>>,
+          ) => (keyof R & string) | Promise<keyof R & string>;
+        }
       : unknown;
   };
 };

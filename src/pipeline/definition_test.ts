@@ -122,3 +122,121 @@ Deno.test("a task's handler is handed what the step before returns, or the defin
   });
   assert.ok(mismatched.hash);
 });
+
+Deno.test("a value is typed through routers, delays, joins and a wait's timeout", () => {
+  const score = {
+    type: "object",
+    required: ["score"],
+    properties: { score: { type: "number" } },
+  } as const;
+  const tags = {
+    type: "object",
+    required: ["tags"],
+    properties: { tags: { type: "array", items: { type: "string" } } },
+  } as const;
+  const def = definePipeline({
+    name: "flow",
+    input: { schema: ticket },
+    start: "score",
+    steps: {
+      score: { kind: "task", output: score, handle: () => ({ score: 1 }), next: "pick" },
+      pick: {
+        kind: "router",
+        route: (v: { score: number }) => (v.score > 0 ? "good" : "bad"),
+        routes: { good: "later", bad: "review" },
+      },
+      later: { kind: "delay", ms: 1000, next: ["tag", "reply"] },
+      tag: { kind: "task", output: tags, handle: () => ({ tags: ["a"] }), next: "both" },
+      reply: { kind: "task", output: reply, handle: () => ({ to: "ann" }), next: "both" },
+      both: {
+        kind: "join",
+        after: ["tag", "reply"],
+        deadlineMs: 60_000,
+        onDeadline: "partial",
+        next: "done",
+      },
+      partial: { kind: "task", output: score, handle: () => ({ score: 0 }), next: "done" },
+      review: {
+        kind: "wait",
+        event: "reviewed",
+        timeoutMs: 60_000,
+        onTimeout: "expired",
+        next: "done",
+      },
+      expired: { kind: "task", output: score, handle: (v: { score: number }) => v, next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  // A router and a delay hand on what they were handed: here `score`'s result.
+  const routed: ValueOf<typeof def, "tag"> = { score: 2 };
+  // @ts-expect-error: through the router and the delay, `tag` is handed `{ score: number }`
+  const notRouted: ValueOf<typeof def, "tag"> = { score: "high" };
+  // A join hands on each of its steps' results by id; its deadline step gets those that came.
+  const joined: ValueOf<typeof def, "done"> = { tag: { tags: ["a"] }, reply: { to: "ann" } };
+  const partial: ValueOf<typeof def, "partial"> = { reply: { to: "ann" } };
+  // @ts-expect-error: `reply` hands on `to` as a string
+  const badPartial: ValueOf<typeof def, "partial"> = { reply: { to: 1 } };
+  // A wait that times out hands on what it was handed.
+  const expired: ValueOf<typeof def, "expired"> = { score: -1 };
+  // @ts-expect-error: the wait was handed `{ score: number }`
+  const badExpired: ValueOf<typeof def, "expired"> = { score: "low" };
+  assert.ok(routed && notRouted && joined && partial && badPartial && expired && badExpired);
+
+  const wrongLabel = definePipeline({
+    name: "flow",
+    input: { schema: ticket },
+    start: "pick",
+    steps: {
+      pick: {
+        kind: "router",
+        // @ts-expect-error: "maybe" is not one of the routes' labels
+        route: (v: { text: string }) => (v.text ? "yes" : "maybe"),
+        routes: { yes: "done", no: "done" },
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const wrongValue = definePipeline({
+    name: "flow",
+    input: { schema: ticket },
+    start: "pick",
+    steps: {
+      pick: {
+        kind: "router",
+        // @ts-expect-error: the router is handed the input document, which has no `score`
+        route: (v: { score: number }) => (v.score > 0 ? "yes" : "no"),
+        routes: { yes: "done", no: "done" },
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  assert.ok(wrongLabel.hash && wrongValue.hash);
+});
+
+Deno.test("a loop's first step is handed the input document or the loop's last result", () => {
+  const draft = {
+    type: "object",
+    required: ["text"],
+    properties: { text: { type: "string" } },
+  } as const;
+  const def = definePipeline({
+    name: "loop",
+    input: { schema: ticket },
+    start: "draft",
+    steps: {
+      draft: { kind: "task", output: draft, handle: () => ({ text: "v1" }), next: "check" },
+      check: {
+        kind: "router",
+        route: (v: { text: string }) => (v.text.length > 10 ? "ok" : "again"),
+        routes: { ok: "done", again: "draft" },
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+    loops: [{ from: "check", to: "draft", maxIterations: 3 }],
+  });
+  const first: ValueOf<typeof def, "draft"> = { customer: "c", text: "t" };
+  const again: ValueOf<typeof def, "draft"> = { text: "v1" };
+  // @ts-expect-error: neither the input nor `draft`'s result has a numeric `text`
+  const wrong: ValueOf<typeof def, "draft"> = { text: 1 };
+  assert.ok(def.hash && first && again && wrong);
+});
