@@ -10,7 +10,8 @@
  *
  * A step of a definition's pipeline replays the same way against another version of its
  * definition file: `deno task shadow --pipeline tickets --step triage --definition
- * pipelines/examples/tickets_v2.ts [--count N] [--since ISO] [--sample 0.1] [--out PATH]`.
+ * pipelines/examples/tickets_v2.ts [--count N] [--since ISO] [--sample 0.1] [--labels FILE]
+ * [--out PATH]`; its labels are JSON Lines keyed by item, `{"item_id": "t-17", "label": "pos"}`.
  *
  * Live shadows, one command each (a request to the gateway on `weft.shadow.<verb>`; with
  * API keys configured, an admin key in WEFT_API_KEY or `--key`):
@@ -31,8 +32,10 @@ import { headers } from "@nats-io/nats-core";
 import { SHADOW_REQUEST_PREFIX } from "../src/subjects.ts";
 import {
   formatLiveShadowReport,
+  labelledAccuracy,
   liveShadowReport,
   liveShadowReportHtml,
+  parseItemLabels,
   readShadowDecisions,
   replayShadow,
 } from "../src/shadow/live.ts";
@@ -176,7 +179,7 @@ async function replayDefinition(
   if (typeof values.step !== "string" || typeof values.definition !== "string") {
     throw new Error(
       "usage: deno task shadow --pipeline NAME --step STEP --definition FILE " +
-        "[--count N] [--since ISO] [--until ISO] [--sample F] [--out PATH]",
+        "[--count N] [--since ISO] [--until ISO] [--sample F] [--labels FILE] [--out PATH]",
     );
   }
   const spec = parseShadowSpec({
@@ -186,6 +189,10 @@ async function replayDefinition(
     candidate: { definition: values.definition },
     ...(range.sample !== undefined ? { limits: { sample: range.sample } } : {}),
   });
+  // `--labels FILE`: JSON Lines of `{"item_id": ..., "<field>": <expected>}`.
+  const labels = typeof values.labels === "string"
+    ? parseItemLabels(await Deno.readTextFile(values.labels))
+    : undefined;
   const config = loadConfig({ args: [] });
   const root = new URL("../", import.meta.url).pathname;
   const files = config.pipelines.length > 0 ? config.pipelines : await listedPipelines();
@@ -206,6 +213,7 @@ async function replayDefinition(
       ...range,
     });
     const r = liveShadowReport(spec.id, replay.decisions);
+    if (labels) r.labelled = labelledAccuracy(replay.decisions, labels);
     const decided = replay.decisions.length;
     const stats = {
       failed: replay.failed,

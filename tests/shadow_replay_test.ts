@@ -117,7 +117,15 @@ Deno.test("a definition step's history replays through another version of the st
     );
     assert.match(liveShadowReportHtml(r, "replay"), /<td>label<\/td><td>66\.7%<\/td>/);
 
-    // The same from the command line, with the report written as JSON and HTML.
+    // The same from the command line, with the report written as JSON and HTML, and labels:
+    // item2 and item3 are positive (v1 said negative), item1 and item4 negative; item9 has no
+    // production grade to compare, so it does not count.
+    await Deno.writeTextFile(
+      `${dir}/labels.jsonl`,
+      ["item1:neg", "item2:pos", "item3:pos", "item4:neg", "item9:pos"]
+        .map((r) => JSON.stringify({ item_id: r.split(":")[0], label: r.split(":")[1] }))
+        .join("\n") + "\n",
+    );
     const cli = await new Deno.Command("deno", {
       args: [
         ...await taskArgs("shadow"),
@@ -127,6 +135,8 @@ Deno.test("a definition step's history replays through another version of the st
         "grade",
         "--definition",
         `${dir}/v2.ts`,
+        "--labels",
+        `${dir}/labels.jsonl`,
         "--out",
         `${dir}/report`,
       ],
@@ -146,10 +156,19 @@ Deno.test("a definition step's history replays through another version of the st
       /== replay replay: .* on grading\.grade, 7 items \(1 without production's output\)/,
     );
     assert.match(out, /label +agreement 66\.7%/);
+    assert.match(
+      out,
+      /label +against the labels \(4 items\): production 50\.0%, candidate 100\.0%/,
+    );
     assert.match(out, /candidate: \d+ items\/s, [\d.]+ ms per item, 0 failed/);
     const json = JSON.parse(await Deno.readTextFile(`${dir}/report.json`));
     assert.equal(json.items, 7);
-    assert.match(await Deno.readTextFile(`${dir}/report.html`), /grading\.grade/);
+    assert.deepEqual(json.labelled, {
+      label: { items: 4, production_accuracy: 0.5, candidate_accuracy: 1 },
+    });
+    const html = await Deno.readTextFile(`${dir}/report.html`);
+    assert.match(html, /grading\.grade/);
+    assert.match(html, /<td>label<\/td><td>4<\/td><td>50\.0%<\/td><td>100\.0%<\/td>/);
 
     // Read-only: the pipeline's stream is as it was, nothing on shadow.>, no consumer left.
     assert.equal((await t.jsm.streams.info("GRADING")).state.messages, stored);

@@ -1065,6 +1065,11 @@ export interface LiveShadowReport {
   unmatched: number;
   /** Per compared field: agreement, kappa and the confusion matrix (production rows). */
   fields: Record<string, FieldAgreement>;
+  /**
+   * With labels (`--labels`), per labelled field: how many items had a label and production's
+   * output, and the share of them production and the candidate got right.
+   */
+  labelled?: Record<string, LabelledAccuracy>;
   /** Items on which the candidate decided otherwise, latest first. */
   disagreements: {
     item: string;
@@ -1133,6 +1138,89 @@ export function liveShadowReport(
   };
 }
 
+/** Production's and the candidate's accuracy on one labelled field. */
+export interface LabelledAccuracy {
+  /** Items with a label for the field and production's output to compare. */
+  items: number;
+  production_accuracy: number;
+  candidate_accuracy: number;
+}
+
+/**
+ * Reads labels for a definition step's items: JSON Lines, one object per item with its id
+ * (`item_id`) and the expected value of any compared fields, e.g.
+ * `{"item_id": "t-17", "label": "pos"}`. Values are compared as the report shows them
+ * (strings; a number or boolean as its JSON). Throws naming the line of a bad row.
+ *
+ * @example
+ * ```ts
+ * import { parseItemLabels } from "./live.ts";
+ * const labels = parseItemLabels('{"item_id":"a","label":"pos"}\n');
+ * console.assert(labels.get("a")?.label === "pos");
+ * ```
+ */
+export function parseItemLabels(text: string): Map<string, Record<string, string>> {
+  const out = new Map<string, Record<string, string>>();
+  text.split("\n").forEach((line, i) => {
+    if (line.trim() === "") return;
+    let row: unknown;
+    try {
+      row = JSON.parse(line);
+    } catch {
+      throw new ValidationError(`labels line ${i + 1} is not JSON`, { field: `/${i + 1}` });
+    }
+    const { item_id, ...fields } = (row ?? {}) as Record<string, unknown>;
+    if (typeof row !== "object" || Array.isArray(row) || typeof item_id !== "string") {
+      throw new ValidationError(`labels line ${i + 1} needs an "item_id" string`, {
+        field: `/${i + 1}/item_id`,
+      });
+    }
+    const labels: Record<string, string> = {};
+    for (const [k, v] of Object.entries(fields)) {
+      labels[k] = typeof v === "string" ? v : JSON.stringify(v);
+    }
+    out.set(item_id, labels);
+  });
+  return out;
+}
+
+/**
+ * Production's and the candidate's accuracy against `labels` (by item id, then field), side
+ * by side, over the same items: those with a label for the field and production's output.
+ *
+ * @example
+ * ```ts
+ * import { labelledAccuracy } from "./live.ts";
+ * const d = { item_id: "a", decision: { label: "pos" }, production: { label: "neg" } };
+ * const r = labelledAccuracy([d], new Map([["a", { label: "pos" }]]));
+ * console.assert(r.label?.candidate_accuracy === 1 && r.label?.production_accuracy === 0);
+ * ```
+ */
+export function labelledAccuracy(
+  decisions: readonly Pick<ShadowDecision, "item_id" | "decision" | "production">[],
+  labels: ReadonlyMap<string, Readonly<Record<string, string>>>,
+): Record<string, LabelledAccuracy> {
+  const counts: Record<string, { n: number; prod: number; cand: number }> = {};
+  for (const d of decisions) {
+    const want = labels.get(d.item_id);
+    if (!want || !d.production) continue;
+    for (const [field, label] of Object.entries(want)) {
+      if (d.production[field] === undefined) continue;
+      const c = counts[field] ??= { n: 0, prod: 0, cand: 0 };
+      c.n++;
+      if (d.production[field] === label) c.prod++;
+      if (d.decision[field] === label) c.cand++;
+    }
+  }
+  return Object.fromEntries(
+    Object.entries(counts).map(([f, c]) => [f, {
+      items: c.n,
+      production_accuracy: c.prod / c.n,
+      candidate_accuracy: c.cand / c.n,
+    }]),
+  );
+}
+
 /** The decisions of shadow `id` on the SHADOW stream (at most `max`, the latest). */
 export async function readShadowDecisions(
   nc: NatsConnection,
@@ -1198,7 +1286,17 @@ export function liveShadowReportHtml(r: LiveShadowReport, title = "live shadow")
     `<h1>${escapeHtml(title)} ${escapeHtml(r.shadow)}: ${escapeHtml(r.candidate)} on ${
       escapeHtml(`${r.pipeline}.${r.step}`)
     }</h1><p>${r.items} items, ${r.unmatched} without production's output</p>` +
-    `<table><tr><th>field</th><th>agreement</th><th>kappa</th></tr>${rows}</table>${matrices}` +
+    `<table><tr><th>field</th><th>agreement</th><th>kappa</th></tr>${rows}</table>` +
+    (r.labelled
+      ? `<h2>Against the labels</h2><table><tr><th>field</th><th>items</th><th>production</th><th>candidate</th></tr>${
+        Object.entries(r.labelled).map(([f, a]) =>
+          `<tr><td>${escapeHtml(f)}</td><td>${a.items}</td><td>${
+            pct(a.production_accuracy)
+          }</td><td>${pct(a.candidate_accuracy)}</td></tr>`
+        ).join("")
+      }</table>`
+      : "") +
+    matrices +
     `<h2>Disagreements</h2><ul>${dis}</ul>\n`;
 }
 
@@ -1211,6 +1309,12 @@ export function formatLiveShadowReport(r: LiveShadowReport, title = "live shadow
       `${f.padEnd(10)} agreement ${pct(a.agreement)}  kappa ${a.kappa.toFixed(3)}`
     ),
   ];
+  for (const [f, a] of Object.entries(r.labelled ?? {})) {
+    lines.push(
+      `${f.padEnd(10)} against the labels (${a.items} items): production ` +
+        `${pct(a.production_accuracy)}, candidate ${pct(a.candidate_accuracy)}`,
+    );
+  }
   for (const [f, a] of Object.entries(r.fields)) {
     const cols = [...new Set(Object.values(a.confusion).flatMap((row) => Object.keys(row)))].sort();
     if (cols.length > 12 || Object.keys(a.confusion).length > 12) continue;

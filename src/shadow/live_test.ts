@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import { WeftMetrics } from "../observability/metrics.ts";
-import { candidateConfig, registerShadowMetrics, ShadowTally } from "./live.ts";
+import {
+  candidateConfig,
+  labelledAccuracy,
+  parseItemLabels,
+  registerShadowMetrics,
+  ShadowTally,
+} from "./live.ts";
+import { ValidationError } from "../errors.ts";
 import { parseShadowSpec } from "./spec.ts";
 import { agreementOf } from "./replay.ts";
 import { loadConfig } from "../config.ts";
@@ -55,4 +62,43 @@ Deno.test("candidateConfig changes only what the candidate names, and a prompt o
   assert.deepEqual(c.llmPromptVersions, { topics: "v2" });
   assert.equal(c.llmBudgetUsd, 0.5);
   assert.equal(c.llmFallback, false);
+});
+
+Deno.test("labels by item: each field's accuracy for production and candidate, on the items both can be judged", () => {
+  const labels = parseItemLabels(
+    [
+      '{"item_id":"a","label":"pos","urgent":true}',
+      "",
+      '{"item_id":"b","label":"neg"}',
+      '{"item_id":"c","label":"pos"}',
+      '{"item_id":"gone","label":"pos"}',
+    ].join("\n"),
+  );
+  assert.deepEqual(labels.get("a"), { label: "pos", urgent: "true" });
+  const d = (
+    item_id: string,
+    decision: Record<string, string>,
+    production: typeof decision | null,
+  ) => ({ item_id, decision, production });
+  const r = labelledAccuracy([
+    d("a", { label: "pos", urgent: "true" }, { label: "neg", urgent: "true" }),
+    d("b", { label: "neg" }, { label: "neg" }),
+    d("c", { label: "neg" }, null), // no production output: not judged
+    d("x", { label: "pos" }, { label: "pos" }), // no label
+  ], labels);
+  assert.deepEqual(r, {
+    label: { items: 2, production_accuracy: 0.5, candidate_accuracy: 1 },
+    urgent: { items: 1, production_accuracy: 1, candidate_accuracy: 1 },
+  });
+  for (
+    const [text, field] of [["{nope", "/1"], ['{"label":"pos"}', "/1/item_id"], [
+      '\n["a"]',
+      "/2/item_id",
+    ]]
+  ) {
+    assert.throws(
+      () => parseItemLabels(text!),
+      (e) => e instanceof ValidationError && e.field === field,
+    );
+  }
 });
