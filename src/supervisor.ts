@@ -47,6 +47,7 @@ import {
 import { METRICS_SUBJECT } from "./observability/metrics.ts";
 import {
   definitionDirs,
+  hasScratchpad,
   type LoadedPipeline,
   loadPipelines,
   pipelineGatewayAccess,
@@ -55,6 +56,7 @@ import {
 } from "./pipeline/runtime.ts";
 import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
+import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
 import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
 import { STATE_WRITER } from "./state_writer.ts";
 import {
@@ -154,10 +156,17 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
             reads: definitionDirs(loaded, ROOT.pathname),
           }
           : s.name === "shadow"
-          // Shadows of the definitions' work steps: their streams, and the definitions.
+          // Shadows of the definitions' work steps: their streams, and the definitions; an
+          // agent's copy reads its item's scratchpad and what its tools read.
           ? {
             ...s,
-            access: mergeAccess(s.access, { readsStreams: streams, managesConsumers: streams }),
+            access: mergeAccess(s.access, {
+              readsStreams: streams,
+              managesConsumers: streams,
+              readsBuckets: loaded.flatMap((p) =>
+                hasScratchpad(p.def) ? [scratchpadBucketOf(p.def.name), ...p.def.buckets ?? []] : []
+              ),
+            }),
             reads: [...s.reads ?? [], ...definitionDirs(loaded, ROOT.pathname)],
           }
           : s

@@ -7,7 +7,16 @@
  */
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
-import { advance, compileFlow, completion, entryData, flowEvent, type TaskStep } from "../mod.ts";
+import { Kvm } from "@nats-io/kv";
+import {
+  advance,
+  compileFlow,
+  completion,
+  entryData,
+  flowEvent,
+  type ScratchEntry,
+  type TaskStep,
+} from "../mod.ts";
 import { liveShadowReport, liveShadowReportHtml, replayShadow } from "../src/shadow/live.ts";
 import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
 import { parseShadowSpec } from "../src/shadow/spec.ts";
@@ -176,6 +185,122 @@ Deno.test("a definition step's history replays through another version of the st
     const consumers = [];
     for await (const c of t.jsm.consumers.list("GRADING")) consumers.push(c.name);
     assert.deepEqual(consumers, []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/**
+ * A one-agent definition: `answer` looks order o1 up with its tool and answers with the
+ * order's status (prefixed by `version`) and the ids of the scratchpad entries it saw.
+ */
+function agentDefinition(version: string): string {
+  return `import { definePipeline } from "${MOD}";
+export const helpdesk = definePipeline({
+  name: "helpdesk",
+  input: { schema: { type: "object", required: ["text"], properties: { text: { type: "string" } } } },
+  start: "answer",
+  buckets: ["weft_helpdesk_orders"],
+  steps: {
+    answer: {
+      kind: "agent",
+      prompt: "answer.md",
+      reads: ["weft_helpdesk_orders"],
+      maxTurns: 3,
+      tools: {
+        lookup: {
+          description: "an order by id",
+          parameters: { type: "object", required: ["id"], properties: { id: { type: "string" } } },
+          run: (a: { id: string }, ctx) => ctx.kv("weft_helpdesk_orders", a.id),
+        },
+      },
+      output: {
+        type: "object",
+        required: ["reply", "seen"],
+        properties: { reply: { type: "string" }, seen: { type: "string" } },
+      },
+      offline: (turn) =>
+        turn.calls.length === 0 ? { call: "lookup", args: { id: "o1" } } : {
+          final: {
+            reply: "${version}:" + (turn.calls[0]!.result as { status: string }).status,
+            seen: turn.scratchpad.map((e) => e.id).join(","),
+          },
+        },
+      next: "done",
+    },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+}
+
+Deno.test("an agent step replays too: its tools read the buckets, it sees the scratchpad as it was, and appends nothing", async () => {
+  const dir = await meshTempDir("weft-replay-agent-");
+  await using t = await startTestNats();
+  try {
+    await Deno.writeTextFile(`${dir}/pipeline.ts`, agentDefinition("v1"));
+    await Deno.writeTextFile(`${dir}/v2.ts`, agentDefinition("v2"));
+    await Deno.writeTextFile(`${dir}/answer.md`, "Answer the customer.\n");
+    const pipelines = await loadPipelines([`${dir}/pipeline.ts`]);
+    await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+    const flow = compileFlow(pipelines[0]!.def);
+    const js = jetstream(t.nc);
+    const kvm = new Kvm(t.nc);
+    await (await kvm.open("weft_helpdesk_orders")).put("o1", JSON.stringify({ status: "shipped" }));
+
+    // Production's history of one item: its entry, production's answer, and its scratchpad,
+    // which holds an entry from before the step, production's own notes and a later step's.
+    const t0 = new Date("2026-12-01T10:00:00.000Z");
+    const entry = flowEvent(
+      flow,
+      "submitted",
+      { id: "c1", item_id: "i1", trace_id: "0".repeat(32) },
+      entryData({ text: "where is my order?" }),
+      { source: "production", now: t0 },
+    );
+    const at = (ms: number) => new Date(t0.getTime() + ms).toISOString();
+    const scratchpad: ScratchEntry[] = [
+      { id: "before:intake:0", step: "intake", at: at(-1000), kind: "note", text: "earlier" },
+      { id: `${entry.id}:answer:0`, step: "answer", at: at(500), kind: "answer", text: "v1" },
+      { id: "after:reply:0", step: "reply", at: at(2000), kind: "note", text: "later" },
+    ];
+    const pad = await kvm.open("weft_helpdesk_scratchpad");
+    const revision = await pad.put("i1", JSON.stringify(scratchpad));
+    const result = { reply: "v1:shipped", seen: "before:intake:0" };
+    await js.publish(`${entry.type}.i1`, JSON.stringify(entry));
+    for (
+      const e of completion(flow, "answer", entry, advance(entry.data, "answer", result, result), {
+        source: "production",
+        now: new Date(t0.getTime() + 600),
+      })
+    ) {
+      await js.publish(`${e.type}.i1`, JSON.stringify(e));
+    }
+
+    const replay = await replayShadow({
+      nc: t.nc,
+      spec: parseShadowSpec({
+        id: "replay",
+        pipeline: "helpdesk",
+        step: "answer",
+        candidate: { definition: `${dir}/v2.ts` },
+      }),
+      config: t.config,
+      log: t.log,
+      pipelines,
+      root: "",
+    });
+    assert.equal(replay.failed, 0);
+    const r = liveShadowReport("replay", replay.decisions);
+    assert.equal(r.items, 1);
+    // Its tool read the order; it saw only the entry written before its input.
+    assert.deepEqual(replay.decisions[0]!.decision.reply, "v2:shipped");
+    assert.equal(r.fields.reply!.agreement, 0);
+    assert.equal(r.fields.seen!.agreement, 1);
+    // Its notes are on its decision's event, not in the item's scratchpad.
+    const notes = (replay.decisions[0]!.event.data as { notes?: ScratchEntry[] }).notes ?? [];
+    assert.ok(notes.some((n) => n.kind === "tool_call" && n.tool === "lookup"));
+    assert.equal((await pad.get("i1"))!.revision, revision);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -24,7 +24,7 @@ import { SCHEDULE_BUCKET } from "../subjects.ts";
 import type { ExtraTopology } from "../topology.ts";
 import type { Access } from "../identities.ts";
 import { edgesOf, eventOf } from "./validate.ts";
-import type { PipelineDefinition, StepContext, StepSpec } from "./definition.ts";
+import type { PipelineDefinition, ScratchEntry, StepContext, StepSpec } from "./definition.ts";
 import {
   CONTROL,
   CONTROL_KINDS,
@@ -166,6 +166,22 @@ export interface WorkStepOptions {
   llm?: LlmStepOptions;
   /** The step's connection: agents' tools and the scratchpad read KV through it. */
   nc?: NatsConnection;
+  /**
+   * A shadow's copy of the step (src/shadow/live.ts): it reads the item's scratchpad as it was
+   * when the input event was published, and an agent appends nothing to it.
+   */
+  shadow?: boolean;
+}
+
+/**
+ * The scratchpad as it was when `e` was published: without the entries written later (by
+ * this step's production run, from `e`, or by the steps after it).
+ */
+export function scratchpadAsOf(
+  entries: readonly ScratchEntry[],
+  e: { id: string; time: string },
+): ScratchEntry[] {
+  return entries.filter((x) => !x.id.startsWith(`${e.id}:`) && x.at <= e.time);
 }
 
 /** Whether items of `def` have a shared scratchpad: pipelines with agent steps. */
@@ -244,7 +260,11 @@ export function workStage(
         input: data.input,
         results: data.results,
         runs: data.runs,
-        scratchpad: scratchpad ? await scratchpad.read(e.item_id) : [],
+        scratchpad: !scratchpad
+          ? []
+          : opts.shadow
+          ? scratchpadAsOf(await scratchpad.read(e.item_id), e)
+          : await scratchpad.read(e.item_id),
       };
       let next: FlowData;
       const release = await limiter.acquire(data.input, ctx.signal);
@@ -252,8 +272,8 @@ export function workStage(
         if (agent) {
           const { result, notes } = await agent(data.value, { ...sctx, eventId: e.id });
           checkResult(flow, id, result);
-          // The scratchpad first: the next step reads it.
-          await scratchpad!.append(e.item_id, notes);
+          // The scratchpad first: the next step reads it. A shadow's notes stay on its event.
+          if (!opts.shadow) await scratchpad!.append(e.item_id, notes);
           next = { ...advance(data, id, result, result), notes };
         } else next = await run(data, sctx, ctx.signal);
       } finally {

@@ -221,13 +221,11 @@ export async function resolveShadowTarget(
   const pipelines = ctx.pipelines ?? [];
   const prod = pipelines.find((p) => p.def.name === spec.pipeline);
   if (!prod) throw new ConfigError(`no running pipeline ${spec.pipeline}`);
-  const shadowable = (def: LoadedPipeline["def"]) => {
-    const s = def.steps[spec.step];
-    return s !== undefined && s.kind !== "agent" && stepFilterSubject(def, spec.step) !== null;
-  };
-  // Agents append to their item's scratchpad: a second run would change the item.
+  // Work steps; an agent's copy reads its item's scratchpad as it was and appends nothing.
+  const shadowable = (def: LoadedPipeline["def"]) =>
+    def.steps[spec.step] !== undefined && stepFilterSubject(def, spec.step) !== null;
   if (!shadowable(prod.def)) {
-    throw new ConfigError(`${spec.pipeline}.${spec.step} is not a task, llm or router step`);
+    throw new ConfigError(`${spec.pipeline}.${spec.step} is not a task, llm, router or agent step`);
   }
   const file = candidateDefinitionFile(spec.candidate.definition!, pipelines, ctx.root ?? "");
   const cand = (await loadPipelines([file])).find((p) => p.def.name === spec.pipeline);
@@ -243,6 +241,7 @@ export async function resolveShadowTarget(
     fields: (data) => resultFields((data as { results?: Record<string, unknown> }).results?.[id]),
     stage: workStage(cand, id, {
       nc: ctx.nc,
+      shadow: true,
       ...(config.llmBaseUrl
         ? {
           llm: {
