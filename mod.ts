@@ -59,7 +59,7 @@ export type * from "./src/events.gen.ts";
 export * from "./src/subjects.ts";
 
 // State
-export { applyEvent, foldEvents } from "./pipelines/feedback/state.ts";
+export { applyEvent, FEEDBACK_STATE_SPEC, foldEvents } from "./pipelines/feedback/state.ts";
 export { readState, runStateWriter } from "./src/state_writer.ts";
 export type { StateSpec, StateWriter } from "./src/state_writer.ts";
 

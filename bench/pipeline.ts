@@ -65,7 +65,7 @@ import { BENCH_TEXTS } from "./texts.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serviceArgs, SERVICES, startCluster, writeAuthConfig } from "../src/supervisor.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "../src/subjects.ts";
-import { STATE_WRITER } from "../src/state_writer.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { ensureTopology } from "../src/topology.ts";
 import type { FeedbackState } from "../src/events.gen.ts";
 import { Queue } from "bullmq";
@@ -677,7 +677,11 @@ async function stateCounts(
   nc: NatsConnection,
   jsm: JetStreamManager,
 ): Promise<Record<string, number>> {
-  await within(consumersDrained(jsm, FEEDBACK_STREAM, [STATE_WRITER]), 120_000, "state writer");
+  await within(
+    consumersDrained(jsm, FEEDBACK_STREAM, [FEEDBACK_STATE_SPEC.durable]),
+    120_000,
+    "state writer",
+  );
   const stream = `KV_${STATE_BUCKET}`;
   const entries = (await jsm.streams.info(stream)).state.messages;
   const counts: Record<string, number> = {};

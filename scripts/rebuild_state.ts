@@ -1,23 +1,61 @@
 /**
- * `deno task rebuild-state`: rebuilds every item's state from the FEEDBACK stream alone
- * and compares it with the state bucket (exit 1 on any difference). With `--write`, puts
- * the rebuilt states into the bucket (stop the state service first, or it may race).
- * Prints one JSON line of figures.
+ * `deno task rebuild-state [--pipeline NAME]`: rebuilds every item's state of a pipeline
+ * from its stream alone and compares it with its state bucket (exit 1 on any difference).
+ * NAME is `feedback` (the default), `content`, or a definition's pipeline (from
+ * WEFT_PIPELINES or pipelines/run.json). With `--write`, puts the rebuilt states into the
+ * bucket (stop the pipeline's state writer first, or it may race). Prints one JSON line of
+ * figures.
  *
  * @module
  */
+import { parseArgs } from "node:util";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { loadConfig } from "../src/config.ts";
-import type { FeedbackState } from "../src/events.gen.ts";
 import { connectNats, tlsCredentials } from "../src/nats.ts";
+import { loadPipelines, pipelineStateSpec } from "../src/pipeline/runtime.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
+import type { StateSpec } from "../src/state_writer.ts";
 import { readStream } from "../src/stream_reader.ts";
-import { STATE_BUCKET } from "../src/subjects.ts";
+import { listedPipelines } from "../src/supervisor.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
+import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
+
+/** The state spec of pipeline `name`: a shipped one's, or a loaded definition's. */
+async function stateSpecOf(name: string, files: readonly string[]): Promise<StateSpec<unknown>> {
+  if (name === "feedback") return FEEDBACK_STATE_SPEC as StateSpec<unknown>;
+  if (name === "content") return CONTENT_STATE_SPEC as StateSpec<unknown>;
+  const root = new URL("../", import.meta.url).pathname;
+  const loaded = (await loadPipelines(files, root)).find((p) => p.def.name === name);
+  if (!loaded) {
+    throw new Error(
+      `--pipeline: no pipeline ${JSON.stringify(name)} (feedback, content, or one of ` +
+        `WEFT_PIPELINES / pipelines/run.json)`,
+    );
+  }
+  return pipelineStateSpec(loaded) as StateSpec<unknown>;
+}
 
 if (import.meta.main) {
-  const write = Deno.args.includes("--write");
-  const config = loadConfig({ args: Deno.args.filter((a) => a !== "--write") });
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: { write: { type: "boolean" }, pipeline: { type: "string", default: "feedback" } },
+    strict: false,
+  });
+  const config = loadConfig({
+    args: Deno.args.filter((a, i, all) =>
+      a !== "--write" && a !== "--pipeline" && all[i - 1] !== "--pipeline" &&
+      !a.startsWith("--pipeline=")
+    ),
+  });
+  let spec: StateSpec<unknown>;
+  try {
+    const files = config.pipelines.length > 0 ? config.pipelines : await listedPipelines();
+    spec = await stateSpecOf(String(values.pipeline), files);
+  } catch (err) {
+    Deno.stderr.writeSync(new TextEncoder().encode(`rebuild-state: ${(err as Error).message}\n`));
+    Deno.exit(2);
+  }
   // Under `deno task start`, NATS wants an identity: the ops key reads, the admin key
   // (--write) also writes the bucket (WEFT_NATS_NKEY=data/identities/admin.nk).
   const nc = await connectNats(config.natsUrl, "weft-rebuild-state", {
@@ -26,23 +64,24 @@ if (import.meta.main) {
   });
   const js = jetstream(nc);
   const started = performance.now();
-  const { states, events, skipped } = await rebuildStates(js);
-  const live = new Map<string, FeedbackState>();
-  for await (const m of readStream(js, `KV_${STATE_BUCKET}`)) {
-    const id = m.subject.slice(`$KV.${STATE_BUCKET}.`.length);
+  const { states, events, skipped } = await rebuildStates(js, spec);
+  const live = new Map<string, unknown>();
+  for await (const m of readStream(js, `KV_${spec.bucket}`)) {
+    const id = m.subject.slice(`$KV.${spec.bucket}.`.length);
     if (m.data.length === 0) live.delete(id);
-    else live.set(id, m.json<FeedbackState>());
+    else live.set(id, m.json());
   }
   const diff = compareStates(states, live);
   let written = 0;
-  if (write) {
-    const kv = await new Kvm(nc).open(STATE_BUCKET);
+  if (values.write) {
+    const kv = await new Kvm(nc).open(spec.bucket);
     for (const id of [...diff.different, ...diff.missingLive]) {
       await kv.put(id, JSON.stringify(states.get(id)));
       written++;
     }
   }
   const report = {
+    pipeline: values.pipeline,
     items: states.size,
     events,
     skipped_invalid: skipped,
@@ -56,5 +95,5 @@ if (import.meta.main) {
   Deno.stdout.writeSync(new TextEncoder().encode(JSON.stringify(report) + "\n"));
   await nc.close();
   const clean = diff.different.length + diff.missingLive.length === 0;
-  Deno.exit(clean || write ? 0 : 1);
+  Deno.exit(clean || values.write ? 0 : 1);
 }

@@ -6,8 +6,12 @@
  */
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { runStateWriter } from "../src/state_writer.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 
 /** The state service. */
-export const service: ServiceDef = defineService("state", (ctx) => runStateWriter(ctx));
+export const service: ServiceDef = defineService(
+  "state",
+  (ctx) => runStateWriter({ ...ctx, spec: FEEDBACK_STATE_SPEC }),
+);
 
 if (import.meta.main) await runService(service);

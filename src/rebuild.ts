@@ -1,27 +1,24 @@
 /**
- * Rebuilding every item's state from the event stream alone: the FEEDBACK stream is the
- * source of truth, the state bucket a cache of it. Reads every event with an ordered
- * consumer and folds them with the same pure fold the state writer uses (src/state.ts),
- * so the result equals the live state; {@link compareStates} proves it, and
- * `deno task rebuild-state` runs it (compare by default, `--write` to restore the bucket).
+ * Rebuilding every item's state from the event stream alone: a pipeline's stream is the
+ * source of truth, its state bucket a cache of it. Reads every event with an ordered
+ * consumer and folds them as the pipeline's state writer does, with the same spec (its
+ * decoding and pure fold), so the result equals the live state; {@link compareStates}
+ * proves it, and `deno task rebuild-state [--pipeline NAME]` runs it (compare by default,
+ * `--write` to restore the bucket).
  *
  * @module
  */
 import type { JetStreamClient } from "@nats-io/jetstream";
 import canonicalize from "canonicalize";
-import type { FeedbackState } from "./events.gen.ts";
 import { assertMatchesSubject } from "./runner.ts";
 import { validateEvent } from "./schemas.ts";
-import { applyEvent } from "../pipelines/feedback/state.ts";
-import { FEEDBACK_STREAM, FeedbackEventType } from "./subjects.ts";
+import type { StateSpec } from "./state_writer.ts";
 import { readStream } from "./stream_reader.ts";
 
-const EVENT_TYPES = Object.values(FeedbackEventType);
-
 /** What a rebuild read. */
-export interface Rebuilt {
+export interface Rebuilt<S> {
   /** Every item's state, by item id. */
-  states: Map<string, FeedbackState>;
+  states: Map<string, S>;
   /** Events folded. */
   events: number;
   /** Messages skipped as invalid (they are dead-lettered, never folded, live either). */
@@ -29,29 +26,37 @@ export interface Rebuilt {
 }
 
 /**
- * Folds every event in the FEEDBACK stream into per-item states.
+ * Folds every event of `spec`'s stream (its filter) into per-item states, as its state
+ * writer does: the same checks (a message the writer would dead-letter is skipped) and fold.
  *
  * @example
  * ```ts ignore
  * import { rebuildStates } from "./rebuild.ts";
- * const { states } = await rebuildStates(jetstream(nc));
+ * import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
+ * const { states } = await rebuildStates(jetstream(nc), FEEDBACK_STATE_SPEC);
  * ```
  */
-export async function rebuildStates(js: JetStreamClient): Promise<Rebuilt> {
-  const states = new Map<string, FeedbackState>();
+export async function rebuildStates<S>(
+  js: JetStreamClient,
+  spec: StateSpec<S>,
+): Promise<Rebuilt<S>> {
+  const states = new Map<string, S>();
   let events = 0;
   let skipped = 0;
-  for await (const m of readStream(js, FEEDBACK_STREAM, { filter: "feedback.*.*" })) {
+  for await (const m of readStream(js, spec.stream, { filter: spec.filter })) {
     let event;
     try {
-      event = validateEvent(m.json(), EVENT_TYPES);
-      assertMatchesSubject(event, m.subject); // as the state writer does
+      if (spec.decode) event = spec.decode(m.json(), m.subject);
+      else {
+        event = validateEvent(m.json(), spec.eventTypes);
+        assertMatchesSubject(event, m.subject); // as the state writer does
+      }
     } catch {
       skipped++;
       continue;
     }
     events++;
-    states.set(event.item_id, applyEvent(states.get(event.item_id), event, m.seq));
+    states.set(event.item_id, spec.apply(states.get(event.item_id), event, m.seq));
   }
   return { states, events, skipped };
 }
@@ -78,10 +83,7 @@ export interface StateDiff {
  * console.assert(d.equal === 0 && d.different.length === 0);
  * ```
  */
-export function compareStates(
-  rebuilt: Map<string, FeedbackState>,
-  live: Map<string, FeedbackState>,
-): StateDiff {
+export function compareStates<S>(rebuilt: Map<string, S>, live: Map<string, S>): StateDiff {
   const diff: StateDiff = { equal: 0, different: [], missingLive: [], missingRebuilt: [] };
   for (const [id, s] of rebuilt) {
     const l = live.get(id);

@@ -22,23 +22,17 @@ import {
 } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { Config } from "./config.ts";
-import type { FeedbackState } from "./events.gen.ts";
 import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
 import { assertMatchesSubject, deadLetter, decodeJson } from "./runner.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
-import { applyEvent } from "../pipelines/feedback/state.ts";
-import { FEEDBACK_STREAM, FeedbackEventType, parseEventSubject, STATE_BUCKET } from "./subjects.ts";
+import { parseEventSubject } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
 import { pullBatches } from "./batch_pull.ts";
 import { parseTraceparent } from "./observability/trace.ts";
 import type { WeftMetrics } from "./observability/metrics.ts";
 
-/** The durable consumer name of the state writer. */
-export const STATE_WRITER = "state";
-const ALL_EVENTS = "feedback.*.*";
-const EVENT_TYPES = Object.values(FeedbackEventType);
 const MAX_CACHED = 20_000;
 /** Most events folded in one batch. */
 const MAX_BATCH = 2000;
@@ -67,18 +61,6 @@ export interface StateSpec<S> {
    */
   decode?(raw: unknown, subject: string): AnyEvent;
 }
-
-/** The feedback pipeline's state: the default spec. */
-export const FEEDBACK_STATE_SPEC: StateSpec<FeedbackState> = {
-  durable: STATE_WRITER,
-  stream: FEEDBACK_STREAM,
-  filter: ALL_EVENTS,
-  bucket: STATE_BUCKET,
-  eventTypes: EVENT_TYPES,
-  apply: applyEvent,
-  isFinal: (s) => s.status === "processed" || s.status === "failed",
-  source: "weft-state",
-};
 
 /** A running state writer. */
 export interface StateWriter {
@@ -112,7 +94,7 @@ function isWrongLastSequence(err: unknown): boolean {
 const encoder = new TextEncoder();
 
 /** Reads an item's state from the bucket; null when there is none. */
-export async function readState<S = FeedbackState>(
+export async function readState<S>(
   kv: KV,
   id: string,
 ): Promise<{ state: S; revision: number } | null> {
@@ -121,8 +103,11 @@ export async function readState<S = FeedbackState>(
   return { state: e.json<S>(), revision: e.revision };
 }
 
-/** Starts the state writer (of the feedback pipeline unless `spec` says otherwise). */
-export async function runStateWriter<S = FeedbackState>(opts: {
+/**
+ * Starts the state writer of `spec`: a pipeline's (e.g. FEEDBACK_STATE_SPEC in
+ * pipelines/feedback/state.ts), or a definition's (pipelineStateSpec).
+ */
+export async function runStateWriter<S>(opts: {
   nc: NatsConnection;
   config: Pick<
     Config,
@@ -130,13 +115,13 @@ export async function runStateWriter<S = FeedbackState>(opts: {
   >;
   log: Logger;
   now?: () => Date;
-  spec?: StateSpec<S>;
+  spec: StateSpec<S>;
   /** Where the writer counts events and observes end-to-end latency. */
   metrics?: WeftMetrics;
 }): Promise<StateWriter> {
   const metrics = opts.metrics;
   const { nc, config } = opts;
-  const spec = opts.spec ?? (FEEDBACK_STATE_SPEC as unknown as StateSpec<S>);
+  const spec = opts.spec;
   const log = opts.log.with({ stage: spec.durable });
   const now = opts.now ?? (() => new Date());
   const js = jetstream(nc);

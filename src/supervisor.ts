@@ -58,7 +58,7 @@ import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
 import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
-import { STATE_WRITER } from "./state_writer.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import {
   CALLER_SCHEDULABLE_SUBJECTS,
   CONTENT_OBJECT_BUCKET,
@@ -203,9 +203,9 @@ export const SERVICES: readonly ServiceSpec[] = [
     name: "state",
     entry: "services/state.ts",
     access: {
-      consumes: [{ stream: FEEDBACK_STREAM, durable: STATE_WRITER }],
+      consumes: [{ stream: FEEDBACK_STREAM, durable: FEEDBACK_STATE_SPEC.durable }],
       writesBuckets: [STATE_BUCKET],
-      publishes: [`deadletter.${STATE_WRITER}.*`],
+      publishes: [`deadletter.${FEEDBACK_STATE_SPEC.durable}.*`],
     },
   },
   {

@@ -25,7 +25,7 @@ async function processed(t: TestNats, id: string): Promise<FeedbackState> {
   const kv = await new Kvm(t.nc).open(STATE_BUCKET);
   return await waitFor(
     async () => {
-      const s = (await readState(kv, id))?.state;
+      const s = (await readState<FeedbackState>(kv, id))?.state;
       return s?.status === "processed" && s;
     },
     20_000,
@@ -102,11 +102,11 @@ Deno.test("an event whose body names another item than its subject is dead-lette
   await settled(t.jsm);
 
   const kv = await new Kvm(t.nc).open(STATE_BUCKET);
-  const after = (await readState(kv, body.id))!.state;
+  const after = (await readState<FeedbackState>(kv, body.id))!.state;
   assert.equal(after.routing?.team, victim.routing?.team, "the victim keeps its team");
   assert.equal(after.updated_at, victim.updated_at, "and its times");
   assert.equal(
-    await readState(kv, "other"),
+    await readState<FeedbackState>(kv, "other"),
     null,
     "the subject's item is neither created nor failed",
   );
@@ -136,7 +136,7 @@ Deno.test("a forged second `ingested` event with new text neither re-runs the it
     assert.equal(await countOn(t.jsm, `feedback.${type}.${body.id}`), 1, `one ${type} event`);
   }
   const kv = await new Kvm(t.nc).open(STATE_BUCKET);
-  const after = (await readState(kv, body.id))!.state;
+  const after = (await readState<FeedbackState>(kv, body.id))!.state;
   assert.equal(after.text, before.text);
   assert.deepEqual(after.routing, before.routing);
 });

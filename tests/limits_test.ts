@@ -13,6 +13,7 @@ import { createIntake } from "../src/gateway/intake.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
 import { WeftMetrics } from "../src/observability/metrics.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
@@ -71,7 +72,7 @@ Deno.test("at its limit, intake refuses new items with 507 and Retry-After, and 
 
   // The state bucket and the stream agree.
   const diff = compareStates(
-    (await rebuildStates(jetstream(t.nc))).states,
+    (await rebuildStates(jetstream(t.nc), FEEDBACK_STATE_SPEC)).states,
     await readStates(jetstream(t.nc)),
   );
   assert.deepEqual(

@@ -368,6 +368,37 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
       );
       assert.ok(killed, "the supervisor restarted the killed step");
     });
+
+    await t.step(
+      "deno task rebuild-state --pipeline claims: the stream rebuilds the live state",
+      async () => {
+        let figures: Record<string, number> = {};
+        // The state writer flushes within milliseconds; a loaded machine may need a retry.
+        await waitFor(
+          async () => {
+            const out = await new Deno.Command("deno", {
+              args: ["task", "-q", "rebuild-state", "--pipeline", "claims"],
+              cwd: new URL("../", import.meta.url),
+              env: {
+                NATS_URL: mesh.natsUrl,
+                WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile!,
+                WEFT_PIPELINES: `${dir}/def/claims.ts`,
+              },
+              stdout: "piped",
+              stderr: "piped",
+            }).output();
+            const text = new TextDecoder().decode(out.stdout).trim();
+            figures = text ? JSON.parse(text.split("\n").at(-1)!) : {};
+            return out.code === 0 ? true : undefined;
+          },
+          20_000,
+          "rebuild-state to agree with the bucket",
+        );
+        assert.equal(figures.items, expected.size);
+        assert.equal(figures.equal, expected.size);
+        assert.equal(figures.different, 0);
+      },
+    );
   } finally {
     await nc.close();
     await llm.close();

@@ -8,7 +8,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { PermanentError } from "../src/errors.ts";
 import { createEvent, sha256Hex } from "../src/events.ts";
-import type { DeadLetter } from "../src/events.gen.ts";
+import type { DeadLetter, FeedbackState } from "../src/events.gen.ts";
 import { checkRedrivable, listDeadLetters } from "../src/redrive.ts";
 import { runStage } from "../src/runner.ts";
 import { nextEvent, type Stage } from "../src/stage.ts";
@@ -36,7 +36,7 @@ async function failedState(t: TestNats, id: string) {
   const kv = await new Kvm(t.nc).open(STATE_BUCKET);
   return await waitFor(
     async () => {
-      const s = (await readState(kv, id))?.state;
+      const s = (await readState<FeedbackState>(kv, id))?.state;
       return s?.status === "failed" && s;
     },
     20_000,

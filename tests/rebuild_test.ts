@@ -4,6 +4,7 @@
  * redriven after failing, and poison events on the bus.
  */
 import assert from "node:assert/strict";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { compareStates, rebuildStates, type StateDiff } from "../src/rebuild.ts";
 import { redrive } from "../src/redrive.ts";
 import { startServices } from "./helpers/mesh.ts";
@@ -47,7 +48,7 @@ Deno.test("rebuilding state from the FEEDBACK stream equals the live state, and 
   let diff: StateDiff | undefined;
   await waitUntil(
     async () => {
-      const { states } = await rebuildStates(mesh.js);
+      const { states } = await rebuildStates(mesh.js, FEEDBACK_STATE_SPEC);
       diff = compareStates(states, await readStates(mesh.js));
       return diff.different.length + diff.missingLive.length + diff.missingRebuilt.length === 0;
     },

@@ -6,6 +6,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { createEvent } from "../src/events.ts";
 import { runStateWriter } from "../src/state_writer.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import type { FeedbackState } from "../src/events.gen.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
@@ -46,7 +47,10 @@ function eventsOf(id: string) {
 Deno.test("two state writers on one consumer, fed events out of order, lose no field of any item", async () => {
   await using t = await startTestNats();
   const deps = { nc: t.nc, config: t.config, log: t.log };
-  const writers = [await runStateWriter(deps), await runStateWriter(deps)];
+  const writers = [
+    await runStateWriter({ ...deps, spec: FEEDBACK_STATE_SPEC }),
+    await runStateWriter({ ...deps, spec: FEEDBACK_STATE_SPEC }),
+  ];
   const js = jetstream(t.nc);
   const ids = Array.from({ length: 200 }, (_, i) => `item${i}`);
   const publishes = [];

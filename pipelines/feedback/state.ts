@@ -10,7 +10,13 @@
 import type { FeedbackState } from "../../src/events.gen.ts";
 import type { AnyEvent, FeedbackEvent } from "../../src/schemas.ts";
 import { spanTimes } from "../../src/state.ts";
-import { FeedbackEventType as T, ONCE_PER_ITEM_TYPES } from "../../src/subjects.ts";
+import {
+  FEEDBACK_STREAM,
+  FeedbackEventType as T,
+  ONCE_PER_ITEM_TYPES,
+  STATE_BUCKET,
+} from "../../src/subjects.ts";
+import type { StateSpec } from "../../src/state_writer.ts";
 
 /** Pipeline order of event types; final events rank last. */
 const RANK: Record<string, number> = {
@@ -117,3 +123,24 @@ export function foldEvents(
   for (const { event, seq } of events) state = applyEvent(state, event, seq);
   return state;
 }
+
+/**
+ * What the feedback pipeline's state writer (services/state.ts) and `deno task rebuild-state`
+ * fold: every `feedback.*.*` event of the FEEDBACK stream into `weft_feedback_state`.
+ *
+ * @example
+ * ```ts ignore
+ * import { FEEDBACK_STATE_SPEC, runStateWriter } from "../../mod.ts";
+ * const writer = await runStateWriter({ nc, config, log, spec: FEEDBACK_STATE_SPEC });
+ * ```
+ */
+export const FEEDBACK_STATE_SPEC: StateSpec<FeedbackState> = {
+  durable: "state",
+  stream: FEEDBACK_STREAM,
+  filter: "feedback.*.*",
+  bucket: STATE_BUCKET,
+  eventTypes: Object.values(T),
+  apply: applyEvent,
+  isFinal: (s) => s.status === "processed" || s.status === "failed",
+  source: "weft-state",
+};

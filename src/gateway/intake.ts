@@ -149,7 +149,7 @@ export async function createIntake(
 
   async function eventsStart(id: string): Promise<number | null> {
     if (!ITEM_ID.test(id)) return null;
-    const stored = await readState(states, id);
+    const stored = await readState<FeedbackState>(states, id);
     const first = stored ? firstEventSeq(stored.state) : undefined;
     if (first !== undefined) return first;
     const ingested = await ingestedInStream(id);
@@ -370,7 +370,7 @@ export async function createIntake(
     },
     async state(id) {
       if (!ITEM_ID.test(id)) throw new NotFoundError(`no feedback item ${JSON.stringify(id)}`);
-      const stored = await readState(states, id);
+      const stored = await readState<FeedbackState>(states, id);
       if (stored) return stored.state;
       // Accepted but not yet folded by the state writer: answer from the stream.
       const ingested = await ingestedInStream(id);

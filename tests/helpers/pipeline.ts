@@ -14,6 +14,7 @@ import {
   topicsStage,
 } from "../../pipelines/feedback/stages.ts";
 import { runStateWriter, type StateWriter } from "../../src/state_writer.ts";
+import { FEEDBACK_STATE_SPEC } from "../../pipelines/feedback/state.ts";
 import { createIntake, type Intake } from "../../src/gateway/intake.ts";
 import { createApp } from "../../src/gateway/app.ts";
 import type { TestNats } from "./nats.ts";
@@ -30,7 +31,7 @@ export async function startPipeline(t: TestNats): Promise<Pipeline> {
   const rules = await feedbackAnalyzers(t.config);
   const deps = { nc: t.nc, config: t.config, log: t.log };
   const runners: (StageRunner | StateWriter)[] = [
-    await runStateWriter(deps),
+    await runStateWriter({ ...deps, spec: FEEDBACK_STATE_SPEC }),
     await runStage({ ...deps, stage: ingestStage() }),
     await runStage({ ...deps, stage: sentimentStage(rules.sentiment) }),
     await runStage({ ...deps, stage: topicsStage(rules.topics, rules.toxicity) }),
