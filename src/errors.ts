@@ -57,6 +57,12 @@ export const ErrorCode = {
   DefinitionChanged: "definition_changed",
   /** A loop of a definition would pass its declared bound (`maxIterations`). */
   LoopLimit: "loop_limit",
+  /**
+   * An awaited event (a person's decision, a callback) whose body is not what its wait step's
+   * `schema` describes: refused over HTTP (422 naming the field), dead-lettered from the bus;
+   * either way the item keeps waiting for a valid one or its timeout.
+   */
+  InvalidAwaitedEvent: "invalid_awaited_event",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -110,6 +116,7 @@ const PERMANENT_BY_DEFAULT: ReadonlySet<ErrorCode> = new Set([
   ErrorCode.SubjectMismatch,
   ErrorCode.DefinitionChanged,
   ErrorCode.LoopLimit,
+  ErrorCode.InvalidAwaitedEvent,
 ]);
 
 /** Input failed validation against its JSON Schema. */
@@ -214,6 +221,7 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   rate_limited: 429,
   definition_changed: 409,
   loop_limit: 422,
+  invalid_awaited_event: 422,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -237,6 +245,7 @@ const TITLES: Record<ErrorCode, string> = {
   rate_limited: "Too many requests",
   definition_changed: "The pipeline's definition changed under the item",
   loop_limit: "Loop bound reached",
+  invalid_awaited_event: "Invalid awaited event",
 };
 
 /** Maps any error to the problem document the gateway answers with. */

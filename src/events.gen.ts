@@ -570,7 +570,7 @@ export interface DeadLetter {
    */
   item_id?: string;
   /**
-   * Stable error code: invalid_event, unknown_version, subject_mismatch, rejected or handler_failed.
+   * Stable error code: invalid_event, unknown_version, subject_mismatch, invalid_awaited_event, rejected or handler_failed.
    */
   code: string;
   /**

@@ -656,12 +656,13 @@ export async function runStage<I extends StageInput>(
       if (isPermanent(err) || m.info.deliveryCount >= config.maxAttempts) {
         try {
           // The subject names the item (the body may lie); an event that disagrees with
-          // its subject is refused without failing any item.
+          // its subject, or a bad awaited event (the item waits on), fails no item.
           const itemId = stage.identify
             ? stage.identify(raw, message)
             : parseEventSubject(m.subject)?.itemId ?? itemIdOf(raw);
           await deadLetter(dlContext, m, err, raw, itemId, trace, {
-            failItem: errorCode(err) !== ErrorCode.SubjectMismatch,
+            failItem: errorCode(err) !== ErrorCode.SubjectMismatch &&
+              errorCode(err) !== ErrorCode.InvalidAwaitedEvent,
           });
           stats.deadLettered++;
           metrics.deadLettered.inc(labels);

@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { connectNats } from "../src/nats.ts";
+import { listDeadLetters } from "../src/redrive.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { meshTempDir, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
@@ -62,6 +63,11 @@ export const claims = definePipeline({
     review: {
       kind: "wait",
       event: "decided",
+      schema: {
+        type: "object",
+        required: ["approve"],
+        properties: { approve: { type: "boolean" }, by: { type: "string" } },
+      },
       timeoutMs: 5000,
       onTimeout: "expired",
       next: "verdict",
@@ -291,10 +297,26 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
       const w = await waiting(approved);
       assert.equal(w.waiting.event, "claims.decided");
       assert.ok(Date.parse(w.waiting.until) > Date.parse(w.updated_at));
+      // A decision the wait's schema refuses: 422 naming the field, and the item waits on.
+      const bad = await post(base, `/pipelines/claims/items/${approved}/decided`, {
+        approve: "yes",
+      });
+      assert.equal(bad.status, 422);
+      assert.equal(bad.body.code, "invalid_awaited_event");
+      assert.equal(bad.body.field, "/approve");
       const d = await post(base, `/pipelines/claims/items/${approved}/decided`, { approve: true });
       assert.equal(d.status, 202);
       await waiting(refused);
+      // On the bus, a bad decision is dead-lettered without failing the item; a good one follows.
+      nc.publish(`claims.decided.${refused}`, JSON.stringify({ by: "mallory" }));
       nc.publish(`claims.decided.${refused}`, JSON.stringify({ approve: false, by: "carol" }));
+      const letter = await waitFor(
+        async () => (await listDeadLetters(jetstream(nc), { item_id: refused }))[0],
+        20_000,
+        "the bad decision's dead letter",
+      );
+      assert.equal(letter.letter.code, "invalid_awaited_event");
+      assert.match(letter.letter.reason, /\/approve is required/);
       await waiting(ignored);
 
       // An item's SSE stream, read to its end.

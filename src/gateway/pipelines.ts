@@ -21,7 +21,7 @@ import { decodeJson } from "../runner.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
 import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
-import { entryEvent, FAILED } from "../pipeline/flow.ts";
+import { checkAwaitedEvent, entryEvent, FAILED } from "../pipeline/flow.ts";
 import { eventOf } from "../pipeline/validate.ts";
 import { type LoadedPipeline, readItem, stateBucketOf, submitItem } from "../pipeline/runtime.ts";
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
@@ -324,6 +324,8 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       if (body === null || typeof body !== "object" || Array.isArray(body)) {
         throw new ValidationError("the body must be a JSON object", { field: "/" });
       }
+      const role = r.p.flow.roles.get(event);
+      checkAwaitedEvent(r.p.flow, role?.role === "awaited" ? role.waits : [], body);
       if ((await entrySeq(r, id)) === null) {
         throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
       }

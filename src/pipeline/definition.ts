@@ -213,6 +213,12 @@ export interface WaitStep extends StepBase {
   event: string;
   /** Dotted path in the awaited event that must equal the item id (default `item_id`). */
   match?: string;
+  /**
+   * JSON Schema of the awaited event's body (e.g. a reviewer's decision). A body that fails
+   * it is refused over HTTP (422 naming the field) and dead-lettered from the bus, and the
+   * item keeps waiting; its type is the value the step after the wait is handed.
+   */
+  schema?: JsonSchema;
   /** Mandatory. */
   timeoutMs: number;
   /** Step taken on timeout: the default action. */
@@ -288,7 +294,7 @@ type PredecessorsOf<S extends PipelineSpec, K> =
   | (S["loops"] extends readonly (infer L)[] ? L extends { from: infer F; to: K } ? F : never
     : never);
 
-/** A value the definition gives no schema for (an awaited event), or a loop's way back. */
+/** A value the definition gives no schema for (an awaited event without one), or a loop's way back. */
 // deno-lint-ignore no-explicit-any
 type Untyped = any;
 
@@ -299,8 +305,8 @@ type Names<N, K> = [K] extends [Targets<N>] ? true : false;
  * What step `P` hands to step `K` (`Seen`: the steps already on the way back, so a loop ends
  * in `any`): a task's, llm step's or agent's result; what a router or delay was handed; the
  * record `{ <step>: <its value> }` of a join's `after` steps (partial to its `onDeadline`
- * step); what a wait was handed, to its `onTimeout` step. The awaited event a wait hands on
- * has no schema in the definition: `any`.
+ * step); what a wait was handed, to its `onTimeout` step, and the awaited event's body (its
+ * `schema`'s type; `any` without one) to its `next`.
  */
 type HandedOn<S extends PipelineSpec, P extends keyof S["steps"], K, Seen> = S["steps"][P] extends
   { kind: "task" | "llm" | "agent"; output: infer O } ? Infer<O>
@@ -310,7 +316,8 @@ type HandedOn<S extends PipelineSpec, P extends keyof S["steps"], K, Seen> = S["
       | (Names<N, K> extends true ? JoinRecord<S, P, A, Seen> : never)
       | (S["steps"][P] extends { onDeadline: K } ? Partial<JoinRecord<S, P, A, Seen>> : never)
   : S["steps"][P] extends { kind: "wait"; next: infer N } ?
-      | (Names<N, K> extends true ? Untyped : never)
+      | (Names<N, K> extends true ? S["steps"][P] extends { schema: infer W } ? Infer<W> : Untyped
+        : never)
       | (S["steps"][P] extends { onTimeout: K } ? ValueIn<S, P, Seen> : never)
   : Untyped;
 
@@ -334,8 +341,8 @@ type ValueIn<S extends PipelineSpec, K, Seen> = [K] extends [Seen] ? Untyped
  * The `value` step `K` is handed: the input document for the first step, else what each
  * step before it hands on, as a union (docs/PIPELINES.md, "How a handler is called"): a
  * task's, llm step's or agent's result; through a router or delay, what they were handed;
- * after a join, the record of its steps' values. `any` after a wait that got its event (the
- * event has no schema in the definition) and on a loop's way back.
+ * after a join, the record of its steps' values; after a wait that got its event, the type of
+ * its `schema` (`any` without one).
  *
  * @example
  * ```ts

@@ -182,6 +182,38 @@ Deno.test("a value is typed through routers, delays, joins and a wait's timeout"
   const badExpired: ValueOf<typeof def, "expired"> = { score: "low" };
   assert.ok(routed && notRouted && joined && partial && badPartial && expired && badExpired);
 
+  const withSchema = definePipeline({
+    name: "approval",
+    input: { schema: ticket },
+    start: "approve",
+    steps: {
+      approve: {
+        kind: "wait",
+        event: "approved",
+        schema: {
+          type: "object",
+          required: ["ok"],
+          properties: { ok: { type: "boolean" } },
+        },
+        timeoutMs: 60_000,
+        onTimeout: "done",
+        next: "act",
+      },
+      act: {
+        kind: "task",
+        output: score,
+        handle: (d: { ok: boolean }) => ({ score: d.ok ? 1 : 0 }),
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  // The awaited event's schema types the value the wait hands on.
+  const approval: ValueOf<typeof withSchema, "act"> = { ok: true };
+  // @ts-expect-error: the awaited event's `ok` is a boolean
+  const badApproval: ValueOf<typeof withSchema, "act"> = { ok: "yes" };
+  assert.ok(approval && badApproval);
+
   const wrongLabel = definePipeline({
     name: "flow",
     input: { schema: ticket },

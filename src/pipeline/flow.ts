@@ -14,7 +14,13 @@
 import { Ajv, type ValidateFunction } from "ajv";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { createEvent, deterministicId } from "../events.ts";
-import type { PipelineDefinition, PipelineSpec, ScratchEntry, StepSpec } from "./definition.ts";
+import type {
+  PipelineDefinition,
+  PipelineSpec,
+  ScratchEntry,
+  StepSpec,
+  WaitStep,
+} from "./definition.ts";
 import { edgesOf, eventOf } from "./validate.ts";
 
 /** The entry event type's token when the input names none: `<pipeline>.submitted.<item>`. */
@@ -93,6 +99,8 @@ export interface Flow {
   readonly checkInput: ValidateFunction;
   /** Validates a step's result, by step id. */
   readonly checkOutput: ReadonlyMap<string, ValidateFunction>;
+  /** Validates an awaited event's body, by the id of a wait step with a `schema`. */
+  readonly checkAwaited: ReadonlyMap<string, ValidateFunction>;
   /** Declared loop bounds, by `from>to`. */
   readonly loops: ReadonlyMap<string, number>;
 }
@@ -117,8 +125,10 @@ export function compileFlow(def: PipelineDefinition): Flow {
     }
     if ("output" in step) checkOutput.set(id, ajv.compile(step.output as object));
   }
+  const checkAwaited = new Map<string, ValidateFunction>();
   for (const [id, step] of Object.entries(def.steps)) {
     if (step.kind !== "wait") continue;
+    if (step.schema) checkAwaited.set(id, ajv.compile(step.schema as object));
     const r = roles.get(step.event);
     if (r?.role === "awaited") r.waits.push(id);
     else if (!r) roles.set(step.event, { role: "awaited", waits: [id] });
@@ -129,6 +139,7 @@ export function compileFlow(def: PipelineDefinition): Flow {
     roles,
     checkInput: ajv.compile(def.input.schema as object),
     checkOutput,
+    checkAwaited,
     loops: new Map((def.loops ?? []).map((l) => [`${l.from}>${l.to}`, l.maxIterations])),
   };
 }
@@ -267,4 +278,26 @@ export function advance(data: FlowData, step: string, result: unknown, value: un
 /** The first data of an item. */
 export function entryData(input: unknown): FlowData {
   return { input, value: input, results: {}, runs: {} };
+}
+
+/**
+ * Checks an awaited event's body against the schema of each wait step awaiting it (`waits`).
+ * Throws a ValidationError (`invalid_awaited_event`) whose `field` is a JSON pointer into the
+ * body: the gateway answers it with 422, the control step dead-letters it, and the item keeps
+ * waiting.
+ */
+export function checkAwaitedEvent(flow: Flow, waits: readonly string[], body: unknown): void {
+  for (const w of waits) {
+    const check = flow.checkAwaited.get(w);
+    if (!check || check(body)) continue;
+    const e = check.errors?.[0];
+    const missing = (e?.params as { missingProperty?: string } | undefined)?.missingProperty;
+    const field = `${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}` || "/";
+    throw new ValidationError(
+      `the awaited event ${flow.name}.${(flow.def.steps[w] as WaitStep).event}: ${
+        missing ? `${field} is required` : `${field} ${e?.message ?? "is invalid"}`
+      }`,
+      { code: ErrorCode.InvalidAwaitedEvent, field },
+    );
+  }
 }

@@ -36,6 +36,7 @@ import {
 } from "./derive.ts";
 import {
   advance,
+  checkAwaitedEvent,
   compileFlow,
   completion,
   decodeFlowEvent,
@@ -622,12 +623,14 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
         );
       }
       if (role.role === "awaited") {
+        // A bad decision is dead-lettered and the item keeps waiting for a good one.
         if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
           throw new ValidationError(`the awaited event ${n}.${token} must be a JSON object`, {
-            code: ErrorCode.InvalidEvent,
+            code: ErrorCode.InvalidAwaitedEvent,
             field: "/",
           });
         }
+        checkAwaitedEvent(flow, role.waits, raw);
         return {
           kind: "awaited",
           item: parts[2]!,

@@ -180,6 +180,7 @@ export function validatePipeline(spec: PipelineSpec): void {
       }
     }
     if (step.kind === "wait") {
+      if (step.schema !== undefined) compile(id, "awaited event's schema", step.schema);
       if (!(typeof step.timeoutMs === "number" && step.timeoutMs > 0)) {
         fail(id, "wait_without_timeout", "a wait needs timeoutMs > 0 and onTimeout");
       }

@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { definePipeline, type PipelineSpec } from "./definition.ts";
 import { PipelineDefinitionError } from "./validate.ts";
-import { ConfigError } from "../errors.ts";
+import { checkAwaitedEvent, compileFlow } from "./flow.ts";
+import { ConfigError, ValidationError } from "../errors.ts";
 
 const obj = { type: "object" } as const;
 function base(): PipelineSpec {
@@ -121,6 +122,32 @@ Deno.test("a schema that does not compile is rejected naming the step", () => {
   const s = base();
   (s.steps.reply as { output: unknown }).output = { type: "no-such-type" };
   assert.deepEqual(problemOf(s), ["invalid_schema", "reply"]);
+});
+
+Deno.test("an awaited event's schema that does not compile is rejected naming the wait", () => {
+  const s = base();
+  (s.steps.approve as { schema: unknown }).schema = { type: "object", required: "by" };
+  assert.deepEqual(problemOf(s), ["invalid_schema", "approve"]);
+});
+
+Deno.test("checkAwaitedEvent names the field of a decision its wait's schema refuses", () => {
+  const s = base();
+  (s.steps.approve as { schema: unknown }).schema = {
+    type: "object",
+    required: ["by"],
+    properties: { by: { type: "string" }, ok: { type: "boolean" } },
+  };
+  const flow = compileFlow(definePipeline(s));
+  checkAwaitedEvent(flow, ["approve"], { by: "carol", ok: true });
+  for (const [body, field] of [[{ ok: true }, "/by"], [{ by: "c", ok: "yes" }, "/ok"]] as const) {
+    assert.throws(
+      () => checkAwaitedEvent(flow, ["approve"], body),
+      (e) =>
+        e instanceof ValidationError && e.code === "invalid_awaited_event" && e.field === field,
+    );
+  }
+  // A wait without a schema takes any object.
+  checkAwaitedEvent(compileFlow(definePipeline(base())), ["approve"], { anything: 1 });
 });
 
 Deno.test("an awaited event a step publishes, or a runtime event name, is rejected", () => {
