@@ -182,17 +182,25 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
   const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   const expected = new Map<string, string>();
   try {
-    await t.step("GET /openapi.json describes the pipeline's routes and input schema", async () => {
-      const doc = await (await fetch(`${base}/openapi.json`)).json();
-      assert.equal(doc.openapi, "3.1.0");
-      assert.ok(doc.paths["/pipelines/claims/items"].post);
-      assert.ok(doc.paths["/pipelines/claims/items/{id}/decided"].post);
-      assert.deepEqual(doc.components.schemas["pipeline.claims.input"].required, [
-        "claimant",
-        "amount",
-        "text",
-      ]);
-    });
+    await t.step(
+      "GET /openapi.json describes the pipeline's routes, input and decision schemas",
+      async () => {
+        const doc = await (await fetch(`${base}/openapi.json`)).json();
+        assert.equal(doc.openapi, "3.1.0");
+        assert.ok(doc.paths["/pipelines/claims/items"].post);
+        const decided = doc.paths["/pipelines/claims/items/{id}/decided"].post;
+        // The wait's schema describes the decision's body.
+        assert.deepEqual(
+          decided.requestBody.content["application/json"].schema.required,
+          ["approve"],
+        );
+        assert.deepEqual(doc.components.schemas["pipeline.claims.input"].required, [
+          "claimant",
+          "amount",
+          "text",
+        ]);
+      },
+    );
 
     await t.step(
       "a repeated Idempotency-Key is the same item; the real nats CLI submits and reads",

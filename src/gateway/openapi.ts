@@ -405,7 +405,11 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         post: op(
           `Deliver ${step.event} to a ${n} item waiting at ${id} (else ${step.onTimeout} after ${step.timeoutMs} ms)`,
           { "202": json({ type: "object" }, "Accepted") },
-          { ...tag, parameters: [idParam], requestBody: body({ type: "object" }) },
+          {
+            ...tag,
+            parameters: [idParam],
+            requestBody: body((step.schema as Record<string, unknown>) ?? { type: "object" }),
+          },
         ),
       };
     }
