@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { meshTempDir, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const MOD = new URL("../mod.ts", import.meta.url).href;
@@ -28,7 +29,18 @@ export const sorting = definePipeline({
       route: (w: { n: number }) => (w.n > 10 ? "big" : "small"),
       routes: { big: "check", small: "packed" },
     },
-    check: { kind: "wait", event: "checked", timeoutMs: 60000, onTimeout: "packed", next: "packed" },
+    check: {
+      kind: "wait",
+      event: "checked",
+      schema: {
+        type: "object",
+        required: ["ok", "weight"],
+        properties: { ok: { type: "boolean" }, weight: { type: "number", minimum: 1 } },
+      },
+      timeoutMs: 600000,
+      onTimeout: "packed",
+      next: "packed",
+    },
     packed: { kind: "end", outcome: "packed" },
   },
 });
@@ -74,6 +86,48 @@ export const sorting = definePipeline({
       await section.locator(`[data-stage="${stage}"] dd.processed`).filter({ hasText: /^1$/ })
         .waitFor({ timeout: 15_000 });
     }
+
+    // A big item waits at `check`: the page lists it with a form drawn from the wait's schema.
+    const big = await fetch(`${mesh.gatewayUrl}/pipelines/sorting/items`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ n: 30 }),
+    });
+    assert.equal(big.status, 202);
+    const id = (await big.json()).id as string;
+    const row = section.locator(`[data-waiting-item="${id}"]`);
+    await row.waitFor({ timeout: 20_000 });
+    const waiting = await (await fetch(`${mesh.gatewayUrl}/pipelines/sorting/waiting`)).json();
+    assert.deepEqual(
+      waiting.items.map((i: { id: string; step: string; event: string; input: unknown }) => [
+        i.id,
+        i.step,
+        i.event,
+        i.input,
+      ]),
+      [[id, "check", "sorting.checked", { n: 30 }]],
+    );
+    // A value the schema refuses: the problem's detail shows, and the item waits on.
+    await row.locator('input[name="ok"]').check();
+    await row.locator('input[name="weight"]').fill("0");
+    await row.locator("button").click();
+    await row.locator("span.muted").filter({ hasText: /weight must be >= 1/ })
+      .waitFor({ timeout: 10_000 });
+    await row.locator('input[name="weight"]').fill("5");
+    await row.locator("button").click();
+    await row.locator("span.muted").filter({ hasText: /^sent$/ }).waitFor({ timeout: 10_000 });
+    const done = await waitFor(
+      async () => {
+        const r = await fetch(`${mesh.gatewayUrl}/pipelines/sorting/items/${id}`);
+        const state = await r.json();
+        return state.outcome ? state : undefined;
+      },
+      20_000,
+      `${id}'s outcome`,
+    );
+    assert.equal(done.outcome, "packed");
+    assert.deepEqual(done.results.check, { ok: true, weight: 5 });
+    await row.waitFor({ state: "detached", timeout: 20_000 });
     assert.deepEqual(errors, []);
   } finally {
     await browser.close();

@@ -73,6 +73,10 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 .charts { display:grid; grid-template-columns:repeat(3, 1fr); gap:1rem; }
 .chart h3 { margin:0 0 .2rem; font-size:.8rem; color:var(--dim); font-weight:normal; }
 #shadows td.agree { font-variant-numeric:tabular-nums; }
+.waiting td:nth-child(1) { width:20%; } .waiting td:nth-child(2) { width:8%; }
+.waiting td:nth-child(3) { width:22%; } .waiting td:nth-child(4) { width:10%; }
+.waiting td.decide { width:40%; white-space:normal; overflow:visible; }
+.waiting label { margin-right:.6rem; }
 #shadows th:nth-child(1) { width:12%; } #shadows th:nth-child(2) { width:13%; }
 #shadows th:nth-child(3) { width:15%; } #shadows th:nth-child(4) { width:8%; }
 #shadows th:nth-child(5), #shadows th:nth-child(6) { width:8%; }
@@ -700,12 +704,105 @@ function addPipelines(list) {
         return e.from + " → " + e.to + (e.label ? " (" + e.label + ")" : "") +
           (e.loop ? " ≤" + e.loop + "×" : "");
       }).join(" · ")));
+    if ((p.waits || []).length > 0) {
+      section.appendChild(el("h3", null, "Waiting for a decision"));
+      section.appendChild(el("div", { class: "waiting", "data-waiting": p.name }, "…"));
+    }
     holder.appendChild(section);
   });
+  DEFINED = list || [];
+  loadWaiting();
 }
+var DEFINED = [];
 function loadPipelines() {
   api("/pipelines").then(function (r) { return r.ok ? r.json() : null; })
     .then(function (b) { if (b) addPipelines(b.pipelines); }).catch(function () {});
+}
+
+// Items held at a definition's wait steps (GET /pipelines/NAME/waiting), each with a form for
+// its awaited event drawn from the wait's schema (a checkbox per boolean, a list per enum, a
+// field per string or number; a JSON box without a schema). Sending it POSTs the event; a body
+// the schema refuses shows the problem's detail.
+function loadWaiting() {
+  DEFINED.forEach(function (p) {
+    var box = document.querySelector('[data-waiting="' + p.name + '"]');
+    if (!box) return;
+    api("/pipelines/" + encodeURIComponent(p.name) + "/waiting").then(function (r) {
+      if (r.status === 401 || r.status === 403) { setOptional(box, "Enter an API key above to see what waits."); return null; }
+      return r.ok ? r.json() : null;
+    }).then(function (body) {
+      if (!body) return;
+      // Redrawn only when the list changes, so a form being filled in is kept.
+      var ids = body.items.slice(0, 50).map(function (it) { return it.id + "@" + it.step; }).join(",");
+      if (box.getAttribute("data-ids") === ids && box.textContent !== "…") return;
+      box.setAttribute("data-ids", ids);
+      box.textContent = ""; box.className = "waiting";
+      if (body.items.length === 0) { setOptional(box, "Nothing waits for a decision."); return; }
+      var t = el("table"); var tb = el("tbody");
+      body.items.slice(0, 50).forEach(function (it) {
+        var wait = (p.waits || []).find(function (w) { return w.step === it.step; }) || {};
+        var input = JSON.stringify(it.input);
+        var tr = el("tr", { "data-waiting-item": it.id });
+        tr.append(el("td", null, it.id), el("td", null, it.step),
+          el("td", { title: input }, input.length > 80 ? input.slice(0, 80) + "…" : input),
+          el("td", null, "until " + new Date(it.until).toLocaleTimeString()));
+        var cell = el("td", { class: "decide" });
+        var read = decisionForm(cell, wait.schema);
+        var b = el("button", null, "send " + wait.event);
+        var note = el("span", { class: "muted" });
+        b.addEventListener("click", function () {
+          var bodyOut;
+          try { bodyOut = read(); } catch (e) { note.textContent = "not JSON"; return; }
+          b.disabled = true;
+          postJson("/pipelines/" + encodeURIComponent(p.name) + "/items/" + encodeURIComponent(it.id) + "/" + encodeURIComponent(wait.event), bodyOut)
+            .then(function (r) { return r.json().then(function (j) { return { ok: r.ok, j: j }; }); })
+            .then(function (x) {
+              b.disabled = false;
+              note.textContent = x.ok ? "sent" : (x.j.detail || x.j.title || "refused");
+              // Sent: the next refresh drops the item (it no longer waits).
+              if (x.ok) { b.disabled = true; b.blur(); }
+            }).catch(function () { b.disabled = false; note.textContent = "failed"; });
+        });
+        cell.append(b, note);
+        tr.appendChild(cell);
+        tb.appendChild(tr);
+      });
+      t.appendChild(tb); box.appendChild(t);
+    }).catch(function () { setOptional(box, "Could not load what waits."); });
+  });
+}
+/** Draws inputs for an awaited event's body into the cell; returns a function reading them. */
+function decisionForm(cell, schema) {
+  var props = schema && schema.properties;
+  if (!props) {
+    var area = el("textarea", { rows: "2", cols: "30", "aria-label": "event body (JSON)" });
+    area.value = "{}";
+    cell.appendChild(area);
+    return function () { return JSON.parse(area.value); };
+  }
+  var readers = [];
+  Object.keys(props).forEach(function (name) {
+    var ps = props[name] || {};
+    var label = el("label", null, name + " ");
+    var input;
+    if (Array.isArray(ps.enum)) {
+      input = el("select", { name: name });
+      ps.enum.forEach(function (v) { input.appendChild(el("option", { value: JSON.stringify(v) }, String(v))); });
+      readers.push(function (o) { o[name] = JSON.parse(input.value); });
+    } else if (ps.type === "boolean") {
+      input = el("input", { type: "checkbox", name: name });
+      readers.push(function (o) { o[name] = input.checked; });
+    } else {
+      var numeric = ps.type === "number" || ps.type === "integer";
+      input = el("input", { type: numeric ? "number" : "text", name: name, size: "12" });
+      readers.push(function (o) {
+        if (input.value !== "") o[name] = numeric ? Number(input.value) : input.value;
+      });
+    }
+    label.appendChild(input);
+    cell.appendChild(label);
+  });
+  return function () { var o = {}; readers.forEach(function (f) { f(o); }); return o; };
 }
 
 buildGraph();
@@ -714,7 +811,7 @@ connectMetrics();
 connectEvents();
 loadDeadLetters();
 loadReviews();
-setInterval(function () { loadDeadLetters(); loadReviews(); }, 3000);
+setInterval(function () { loadDeadLetters(); loadReviews(); loadWaiting(); }, 3000);
 </script>
 </body>
 </html>

@@ -399,6 +399,45 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
         parameters: [{ name: "replay", in: "query", schema: { type: "boolean" } }],
       }),
     };
+    if (Object.values(def.steps).some((s) => s.kind === "wait")) {
+      paths[`${base}/waiting`] = {
+        get: op(
+          `Items of ${n} waiting at a wait step now, soonest deadline first`,
+          {
+            "200": json({
+              type: "object",
+              required: ["items", "total"],
+              properties: {
+                items: {
+                  type: "array",
+                  items: {
+                    type: "object",
+                    required: ["id", "step", "event", "until"],
+                    properties: {
+                      id: { type: "string" },
+                      step: { type: "string" },
+                      event: { type: "string" },
+                      until: { type: "string", format: "date-time" },
+                      input: {},
+                      value: {},
+                    },
+                  },
+                },
+                total: { type: "integer" },
+              },
+            }, "Waiting items"),
+          },
+          {
+            ...tag,
+            parameters: [{
+              name: "limit",
+              in: "query",
+              schema: { type: "integer", minimum: 1, maximum: 1000 },
+            }],
+          },
+        ),
+      };
+    }
     for (const [id, step] of Object.entries(def.steps)) {
       if (step.kind !== "wait") continue;
       paths[`${base}/items/{id}/${step.event}`] = {

@@ -23,7 +23,13 @@ import { childContext, parseTraceparent } from "../observability/trace.ts";
 import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
 import { checkAwaitedEvent, entryEvent, FAILED } from "../pipeline/flow.ts";
 import { eventOf } from "../pipeline/validate.ts";
-import { type LoadedPipeline, readItem, stateBucketOf, submitItem } from "../pipeline/runtime.ts";
+import {
+  controlBucketOf,
+  type LoadedPipeline,
+  readItem,
+  stateBucketOf,
+  submitItem,
+} from "../pipeline/runtime.ts";
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import { replyTo } from "./requests.ts";
@@ -66,6 +72,8 @@ interface Runtime {
   p: LoadedPipeline;
   stream: string;
   states: () => Promise<KV>;
+  /** The held-items bucket (joins, waits). */
+  control: () => Promise<KV>;
   finals: Set<string>;
   awaited: Set<string>;
 }
@@ -149,6 +157,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       p,
       stream: pipelineSubjects(p.def).stream,
       states: lazy(() => kvm.open(stateBucketOf(p.def.name))),
+      control: lazy(() => kvm.open(controlBucketOf(p.def.name))),
       finals,
       awaited,
     }];
@@ -204,8 +213,63 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
         subjects: pipelineSubjects(p.def),
         graph: pipelineGraph(p.def),
         submit: `/pipelines/${p.def.name}/items`,
+        // Its waits for a person or a callback: what each awaits, and the body's schema.
+        waits: Object.entries(p.def.steps).flatMap(([step, s]) =>
+          s.kind === "wait"
+            ? [{
+              step,
+              event: s.event,
+              timeoutMs: s.timeoutMs,
+              onTimeout: s.onTimeout,
+              ...(s.schema ? { schema: s.schema } : {}),
+            }]
+            : []
+        ),
       })),
     }));
+
+  // The items waiting at a wait step now, soonest deadline first: a reviewer's queue.
+  app.get("/:name/waiting", deps.readAuth, async (c) => {
+    const r = runtimeOf(c.req.param("name"));
+    const raw = c.req.query("limit") ?? "100";
+    const max = Number(raw);
+    if (!Number.isInteger(max) || max < 1 || max > 1000) {
+      throw new ValidationError("limit must be an integer from 1 to 1000", { field: "limit" });
+    }
+    const [control, states] = await Promise.all([r.control(), r.states()]);
+    const items: {
+      id: string;
+      step: string;
+      event: string;
+      until: string;
+      input: unknown;
+      value: unknown;
+    }[] = [];
+    for (const [step, s] of Object.entries(r.p.def.steps)) {
+      if (s.kind !== "wait") continue;
+      // Held records are `<step>.<item>`; closed ones stay until the bucket's TTL, so each
+      // candidate is checked against the item's state.
+      for await (const key of await control.keys(`${step}.*`)) {
+        const id = key.slice(step.length + 1);
+        const state = await readItem(states, id);
+        if (state?.status !== "waiting" || state.waiting?.step !== step) continue;
+        const held = await control.get(key);
+        const value = held && held.length > 0
+          ? (held.json<{ armed?: { data?: { value?: unknown } } }>().armed?.data?.value ?? null)
+          : null;
+        items.push({
+          id,
+          step,
+          event: `${r.p.def.name}.${s.event}`,
+          until: state.waiting.until,
+          input: state.input,
+          value,
+        });
+      }
+    }
+    items.sort((a, b) => a.until.localeCompare(b.until));
+    return c.json({ items: items.slice(0, max), total: items.length });
+  });
 
   app.post(
     "/:name/items",

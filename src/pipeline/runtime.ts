@@ -1019,7 +1019,8 @@ export function pipelineGatewayAccess(loaded: readonly LoadedPipeline[]): {
       publishes: loaded.map((p) => `${p.def.name}.>`),
       serves: loaded.map((p) => `weft.${p.def.name}.>`),
       readsStreams: streams,
-      readsBuckets: states,
+      // States, and the held items (GET /pipelines/<name>/waiting).
+      readsBuckets: [...states, ...loaded.map((p) => controlBucketOf(p.def.name))],
     },
     ops: {
       publishes: [...loaded.map((p) => `${p.def.name}.submit`), ...awaited],
