@@ -132,7 +132,7 @@ export const hello = definePipeline({
   });
 
   await t.step(
-    "a definition's pipeline: pub <name>.submit, req weft.<name>.submit and get, kv get, an awaited event",
+    "a definition's pipeline: pub <name>.submit, req weft.<name>.submit, get and waiting, kv get, an awaited event",
     async () => {
       await nats("pub", "hello.submit", '{"text":"from the bus"}');
       const reply = JSON.parse(
@@ -147,6 +147,14 @@ export const hello = definePipeline({
         "waiting for approval",
       );
       assert.deepEqual(waiting.results.greet, { hi: "cli" });
+      // What waits for a decision, over the bus as over HTTP.
+      const queue = JSON.parse((await nats("req", "weft.hello.waiting", "", "--raw")).trim());
+      assert.ok(
+        queue.items.some((i: { id: string; event: string }) =>
+          i.id === reply.id && i.event === "hello.approved"
+        ),
+        JSON.stringify(queue),
+      );
       await nats("pub", `hello.approved.${reply.id}`, '{"by":"carol"}');
       await waitFor(
         async () => {

@@ -236,39 +236,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     if (!Number.isInteger(max) || max < 1 || max > 1000) {
       throw new ValidationError("limit must be an integer from 1 to 1000", { field: "limit" });
     }
-    const [control, states] = await Promise.all([r.control(), r.states()]);
-    const items: {
-      id: string;
-      step: string;
-      event: string;
-      until: string;
-      input: unknown;
-      value: unknown;
-    }[] = [];
-    for (const [step, s] of Object.entries(r.p.def.steps)) {
-      if (s.kind !== "wait") continue;
-      // Held records are `<step>.<item>`; closed ones stay until the bucket's TTL, so each
-      // candidate is checked against the item's state.
-      for await (const key of await control.keys(`${step}.*`)) {
-        const id = key.slice(step.length + 1);
-        const state = await readItem(states, id);
-        if (state?.status !== "waiting" || state.waiting?.step !== step) continue;
-        const held = await control.get(key);
-        const value = held && held.length > 0
-          ? (held.json<{ armed?: { data?: { value?: unknown } } }>().armed?.data?.value ?? null)
-          : null;
-        items.push({
-          id,
-          step,
-          event: `${r.p.def.name}.${s.event}`,
-          until: state.waiting.until,
-          input: state.input,
-          value,
-        });
-      }
-    }
-    items.sort((a, b) => a.until.localeCompare(b.until));
-    return c.json({ items: items.slice(0, max), total: items.length });
+    return c.json(await waitingItems(r.p, await r.control(), await r.states(), max));
   });
 
   app.post(
@@ -403,8 +371,56 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   return app;
 }
 
+/** An item held at a wait step (`GET /pipelines/<name>/waiting`, `weft.<name>.waiting`). */
+export interface WaitingItem {
+  id: string;
+  step: string;
+  /** The awaited event type. */
+  event: string;
+  /** Its deadline (ISO). */
+  until: string;
+  input: unknown;
+  /** What the wait was handed. */
+  value: unknown;
+}
+
+/** The items of `p` held at a wait step now, soonest deadline first (at most `max`). */
+export async function waitingItems(
+  p: LoadedPipeline,
+  control: KV,
+  states: KV,
+  max: number,
+): Promise<{ items: WaitingItem[]; total: number }> {
+  const items: WaitingItem[] = [];
+  for (const [step, s] of Object.entries(p.def.steps)) {
+    if (s.kind !== "wait") continue;
+    // Held records are `<step>.<item>`; closed ones stay until the bucket's TTL, so each
+    // candidate is checked against the item's state.
+    for await (const key of await control.keys(`${step}.*`)) {
+      const id = key.slice(step.length + 1);
+      const state = await readItem(states, id);
+      if (state?.status !== "waiting" || state.waiting?.step !== step) continue;
+      const held = await control.get(key);
+      const value = held && held.length > 0
+        ? (held.json<{ armed?: { data?: { value?: unknown } } }>().armed?.data?.value ?? null)
+        : null;
+      items.push({
+        id,
+        step,
+        event: `${p.def.name}.${s.event}`,
+        until: state.waiting.until,
+        input: state.input,
+        value,
+      });
+    }
+  }
+  items.sort((a, b) => a.until.localeCompare(b.until));
+  return { items: items.slice(0, max), total: items.length };
+}
+
 /**
- * `nats req weft.<name>.submit '<input>'` and `nats req weft.<name>.get <id>`. With API keys
+ * `nats req weft.<name>.submit '<input>'`, `nats req weft.<name>.get <id>` and
+ * `nats req weft.<name>.waiting ''` (the items held at its wait steps). With API keys
  * configured, a request needs an `Authorization: Bearer <key>` header with the same roles as
  * over HTTP, and submissions pass the same intake guards.
  */
@@ -421,6 +437,7 @@ export function servePipelineRequests(
   const subs = pipelines.flatMap((p) => {
     const n = p.def.name;
     const states = lazy(() => kvm.open(stateBucketOf(n)));
+    const control = lazy(() => kvm.open(controlBucketOf(n)));
     return [
       nc.subscribe(`weft.${n}.submit`, {
         queue: "weft-gateway",
@@ -447,6 +464,14 @@ export function servePipelineRequests(
             const s = await readItem(await states(), id);
             if (!s) throw new NotFoundError(`no ${n} item ${JSON.stringify(id)}`);
             return s;
+          }),
+      }),
+      nc.subscribe(`weft.${n}.waiting`, {
+        queue: "weft-gateway",
+        callback: (_e, m) =>
+          void reply(m, async () => {
+            check(m, Role.Ingest, Role.Reviewer);
+            return await waitingItems(p, await control(), await states(), 1000);
           }),
       }),
     ];
