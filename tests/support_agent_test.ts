@@ -98,7 +98,15 @@ Deno.test("support offline: the billing agent looks the order up and answers; th
     ["general", "technical", "billing"],
     "each routing went to an agent that had not handed it back yet",
   );
-  // The person replies on the bus; the run ends answered.
+  // A reply without an answer is refused, naming the field; the item waits on.
+  const empty = await fetch(`${mesh.gatewayUrl}/pipelines/support/items/${lost}/human_replied`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ by: "carol" }),
+  });
+  assert.equal(empty.status, 422);
+  assert.equal((await empty.json()).field, "/answer");
+  // The person replies; the run ends answered.
   const reply = await fetch(`${mesh.gatewayUrl}/pipelines/support/items/${lost}/human_replied`, {
     method: "POST",
     headers: { "content-type": "application/json" },

@@ -182,6 +182,15 @@ export const supportPipeline = definePipeline({
     handoff: {
       kind: "wait",
       event: "human_replied",
+      // The person's reply: refused (422, or a dead letter on the bus) without an answer.
+      schema: {
+        type: "object",
+        required: ["answer"],
+        properties: {
+          answer: { type: "string", minLength: 1, maxLength: 5000 },
+          by: { type: "string", maxLength: 200 },
+        },
+      },
       timeoutMs: 24 * 3600_000,
       onTimeout: "unanswered",
       next: "answered",
