@@ -87,6 +87,9 @@ export const sorting = definePipeline({
         .waitFor({ timeout: 15_000 });
     }
 
+    // Nothing waits yet (an empty control bucket reads as an empty list).
+    await section.locator("[data-waiting]").filter({ hasText: "Nothing waits for a decision." })
+      .waitFor({ timeout: 10_000 });
     // A big item waits at `check`: the page lists it with a form drawn from the wait's schema.
     const big = await fetch(`${mesh.gatewayUrl}/pipelines/sorting/items`, {
       method: "POST",
