@@ -13,9 +13,8 @@ import { Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import type { Config } from "./config.ts";
 import type { AnalyzerConfig } from "./ai/configured_analyzers.ts";
-import { candidateConfig } from "./shadow/live.ts";
 import type { Logger } from "./observability/log.ts";
-import { type StepVersion, stepVersionKey } from "./shadow/spec.ts";
+import { candidateConfig, type StepVersion, stepVersionKey } from "./shadow/spec.ts";
 import { STEP_VERSION_BUCKET } from "./subjects.ts";
 
 /** What a step runs now, switched by promotions. */

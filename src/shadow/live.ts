@@ -30,7 +30,7 @@ import {
 import type { NatsConnection } from "@nats-io/nats-core";
 import client from "prom-client";
 import type { Config } from "../config.ts";
-import { type AnalyzerConfig, feedbackAnalyzers } from "../ai/configured_analyzers.ts";
+import { feedbackAnalyzers } from "../ai/configured_analyzers.ts";
 import { ConfigError, errorCode, ValidationError } from "../errors.ts";
 import { pipelineStreamOf, stepFilterSubject } from "../pipeline/derive.ts";
 import { type LoadedPipeline, loadPipelines, workStage } from "../pipeline/runtime.ts";
@@ -40,7 +40,14 @@ import type { LlmStats } from "../ai/llm/stats.ts";
 import type { Logger } from "../observability/log.ts";
 import { createStepLimiter } from "../pipeline/flow_control.ts";
 import { assertMatchesSubject, decodeJson, validateInput } from "../runner.ts";
-import { candidateName, sampled, shadowDurable, type ShadowSpec, shadowSubject } from "./spec.ts";
+import {
+  candidateConfig,
+  candidateName,
+  sampled,
+  shadowDurable,
+  type ShadowSpec,
+  shadowSubject,
+} from "./spec.ts";
 import { agreementOf, type FieldAgreement } from "./replay.ts";
 import { readStream } from "../stream_reader.ts";
 import type { OutputEvent, Stage, StageInput } from "../stage.ts";
@@ -255,33 +262,6 @@ export async function resolveShadowTarget(
         : {}),
     }),
     candidate: candidateName(spec.candidate),
-  };
-}
-
-/** The analyzer settings of a candidate: production's, with the candidate's choices. */
-export function candidateConfig(
-  base: AnalyzerConfig,
-  spec: Pick<ShadowSpec, "candidate" | "step">,
-  opts: { fallback?: boolean; budgetUsd?: number } = {},
-): AnalyzerConfig {
-  const c = spec.candidate;
-  const prompt = c.prompt;
-  return {
-    ...base,
-    analyzers: c.analyzers ?? base.analyzers,
-    rulesPath: c.rules ?? base.rulesPath,
-    llmModel: c.model ?? base.llmModel,
-    ...(opts.budgetUsd !== undefined ? { llmBudgetUsd: opts.budgetUsd } : {}),
-    ...(prompt
-      ? {
-        llmPromptVersions: spec.step === "topics"
-          ? { topics: prompt }
-          : spec.step === "sentiment"
-          ? { sentiment: prompt }
-          : {},
-      }
-      : {}),
-    llmFallback: opts.fallback ?? true,
   };
 }
 

@@ -1,14 +1,8 @@
 import assert from "node:assert/strict";
 import { WeftMetrics } from "../observability/metrics.ts";
-import {
-  candidateConfig,
-  labelledAccuracy,
-  parseItemLabels,
-  registerShadowMetrics,
-  ShadowTally,
-} from "./live.ts";
+import { labelledAccuracy, parseItemLabels, registerShadowMetrics, ShadowTally } from "./live.ts";
 import { ValidationError } from "../errors.ts";
-import { parseShadowSpec } from "./spec.ts";
+import { candidateConfig, parseShadowSpec } from "./spec.ts";
 import { agreementOf } from "./replay.ts";
 import { loadConfig } from "../config.ts";
 

@@ -6,6 +6,7 @@
  * @module
  */
 import type { AnalyzerKind } from "../config.ts";
+import type { AnalyzerConfig } from "../ai/configured_analyzers.ts";
 import { ValidationError } from "../errors.ts";
 
 /** The analyzer families (config.ts's AnalyzerKind; repeated so config.ts can import this module). */
@@ -289,4 +290,31 @@ export function sampled(itemId: string, sample: number): boolean {
     h = Math.imul(h, 0x01000193);
   }
   return (h >>> 0) / 0x1_0000_0000 < sample;
+}
+
+/** The analyzer settings of a candidate: production's, with the candidate's choices. */
+export function candidateConfig(
+  base: AnalyzerConfig,
+  spec: Pick<ShadowSpec, "candidate" | "step">,
+  opts: { fallback?: boolean; budgetUsd?: number } = {},
+): AnalyzerConfig {
+  const c = spec.candidate;
+  const prompt = c.prompt;
+  return {
+    ...base,
+    analyzers: c.analyzers ?? base.analyzers,
+    rulesPath: c.rules ?? base.rulesPath,
+    llmModel: c.model ?? base.llmModel,
+    ...(opts.budgetUsd !== undefined ? { llmBudgetUsd: opts.budgetUsd } : {}),
+    ...(prompt
+      ? {
+        llmPromptVersions: spec.step === "topics"
+          ? { topics: prompt }
+          : spec.step === "sentiment"
+          ? { sentiment: prompt }
+          : {},
+      }
+      : {}),
+    llmFallback: opts.fallback ?? true,
+  };
 }
