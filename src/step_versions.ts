@@ -40,8 +40,28 @@ export async function followStepVersion<T>(
   step: string,
   build: (config: AnalyzerConfig) => Promise<T>,
 ): Promise<LiveVersion<T>> {
-  const { nc, config, log } = ctx;
-  const configured = await build(config);
+  return await followVersion(
+    ctx,
+    pipeline,
+    step,
+    await build(ctx.config),
+    (v) => build(candidateConfig(ctx.config, { candidate: v.candidate, step })),
+  );
+}
+
+/**
+ * Runs `configured`, or what `build` makes of the step's promoted version while there is
+ * one (`weft_step_versions`, key `<pipeline>.<step>`). A promotion `build` refuses is logged
+ * and the current version kept.
+ */
+export async function followVersion<T>(
+  ctx: { nc: NatsConnection; log: Logger },
+  pipeline: string,
+  step: string,
+  configured: T,
+  build: (version: StepVersion) => Promise<T>,
+): Promise<LiveVersion<T>> {
+  const { nc, log } = ctx;
   let current = configured;
   let promoted: StepVersion | null = null;
   const key = stepVersionKey(pipeline, step);
@@ -54,7 +74,7 @@ export async function followStepVersion<T>(
       return;
     }
     try {
-      current = await build(candidateConfig(config, { candidate: value.candidate, step }));
+      current = await build(value);
       promoted = value;
       log.info("promoted step version applied", {
         step: key,

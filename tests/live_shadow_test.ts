@@ -586,7 +586,7 @@ Deno.test("a live shadow follows a definition's step with another version of the
   };
   const mod = new URL("../mod.ts", import.meta.url).href;
   // Production calls a text long from 20 characters; the candidate version from 30.
-  const definition = (min: number) =>
+  const definition = (min: number, output = `{ type: "object" }`) =>
     `import { definePipeline } from "${mod}";
 export const tickets = definePipeline({
   name: "tickets",
@@ -595,7 +595,7 @@ export const tickets = definePipeline({
   steps: {
     size: {
       kind: "task",
-      output: { type: "object" },
+      output: ${output},
       handle: (i: { text: string }) => ({ size: i.text.length >= ${min} ? "long" : "short" }),
       next: "done",
     },
@@ -610,6 +610,11 @@ export const tickets = definePipeline({
   await using _llm = { [Symbol.asyncDispose]: () => llm.close() };
   await Deno.writeTextFile(`${dir}/tickets.ts`, definition(20));
   await Deno.writeTextFile(`${dir}/tickets_v2.ts`, definition(30));
+  // A version whose step changes its output schema: not a drop-in for the running step.
+  await Deno.writeTextFile(
+    `${dir}/tickets_v3.ts`,
+    definition(30, `{ type: "object", required: ["size"] }`),
+  );
   await using mesh = await startMesh(
     {
       WEFT_PIPELINES: `${dir}/tickets.ts`,
@@ -683,11 +688,51 @@ export const tickets = definePipeline({
     }),
     10,
   );
-  // Promoting a definition's step is deploying the candidate definition: refused, with why.
+  // A candidate that changes the step's contract cannot take its place: 409, deploy it instead.
+  const v3 = await post({
+    ...spec,
+    id: "size3",
+    candidate: { definition: `${dir}/tickets_v3.ts` },
+  });
+  assert.equal(v3.status, 201, JSON.stringify(v3.body));
+  const refused = await call(base, "POST", "/shadows/size3/promote", "none");
+  assert.equal(refused.status, 409);
+  assert.match(refused.body.detail, /output schema/);
+  assert.equal((await call(base, "DELETE", "/shadows/size3", "none")).status, 200);
+  // Promoting v2: production's step runs the candidate's version from then on (a text of 25
+  // characters is now short), recorded; the shadow goes.
+  const sizeOf = async (text: string) => {
+    const r = await call(base, "POST", "/pipelines/tickets/items", "none", { text });
+    assert.equal(r.status, 202, JSON.stringify(r.body));
+    const state = await waitFor(
+      async () => {
+        const s = await call(base, "GET", `/pipelines/tickets/items/${r.body.id}`, "none");
+        return s.body.outcome ? s.body : undefined;
+      },
+      20_000,
+      `${r.body.id} done`,
+    );
+    return state.results.size.size as string;
+  };
   const promoted = await call(base, "POST", "/shadows/size2/promote", "none");
-  assert.equal(promoted.status, 409);
-  assert.match(promoted.body.detail, /tickets_v2\.ts/);
-  assert.equal((await call(base, "DELETE", "/shadows/size2", "none")).status, 200);
+  assert.equal(promoted.status, 200, JSON.stringify(promoted.body));
+  assert.equal(promoted.body.candidate.definition, `${dir}/tickets_v2.ts`);
+  await mesh.waitForLog(
+    (l) => l.msg === "promoted step version applied" && l.step === "tickets.size",
+    20_000,
+    "the size step to run the promoted version",
+  );
+  assert.equal(await sizeOf("y".repeat(25)), "short");
+  assert.equal((await call(base, "GET", "/shadows", "none")).body.versions.length, 1);
+  // Reset: the configured version again.
+  const reset = await call(base, "DELETE", "/shadows/versions/tickets.size", "none");
+  assert.equal(reset.status, 200, JSON.stringify(reset.body));
+  await mesh.waitForLog(
+    (l) => l.msg === "step version reset to the configured one" && l.step === "tickets.size",
+    20_000,
+    "the size step to reset",
+  );
+  assert.equal(await sizeOf("z".repeat(25)), "long");
 
   // The shadow of WEFT_SHADOW runs, is listed as configured, and is detached only there.
   await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "cfg", 20_000, "cfg");
@@ -772,8 +817,9 @@ export const tickets = definePipeline({
       20_000,
       "the detached shadow's consumer deleted",
     );
-    // Production's stream holds production's events only: entry, the step, the end.
-    assert.equal((await jsm.streams.info("TICKETS")).state.messages, 3 * texts.length);
+    // Production's stream holds production's events only: entry, the step, the end (of the
+    // 40 items and the two sized while promoted and after the reset).
+    assert.equal((await jsm.streams.info("TICKETS")).state.messages, 3 * (texts.length + 2));
   } finally {
     await nc.close();
   }

@@ -20,7 +20,7 @@ import { combineRunnables, defineService, type ServiceDef } from "../service.ts"
 import type { OutputEvent, Stage, StageContext } from "../stage.ts";
 import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore, nextCronTime } from "../scheduler/store.ts";
-import { SCHEDULE_BUCKET } from "../subjects.ts";
+import { SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
 import type { ExtraTopology } from "../topology.ts";
 import type { Access } from "../identities.ts";
 import { edgesOf, eventOf } from "./validate.ts";
@@ -55,7 +55,11 @@ import {
 import { applyPipelineEvent, type ItemState } from "./fold.ts";
 import { createLlmStep, type LlmStepOptions } from "./llm_step.ts";
 import { createBatcher, createStepLimiter } from "./flow_control.ts";
+import { followVersion } from "../step_versions.ts";
 import { type AgentRunner, createAgent, openScratchpad, scratchpadBucketOf } from "./agent_step.ts";
+
+/** The repository root: relative definition paths (a promoted candidate's) start here. */
+const ROOT_DIR = new URL("../../", import.meta.url).pathname;
 
 /** A definition loaded from its file, ready to run. */
 export interface LoadedPipeline {
@@ -188,6 +192,66 @@ export function scratchpadAsOf(
 /** Whether items of `def` have a shared scratchpad: pipelines with agent steps. */
 export function hasScratchpad(def: PipelineDefinition): boolean {
   return Object.values(def.steps).some((s) => s.kind === "agent");
+}
+
+/** Where definitions may be loaded from: the folders of the running ones. */
+export function candidateDefinitionFile(
+  file: string,
+  pipelines: readonly LoadedPipeline[],
+  root: string,
+): string {
+  const abs = file.startsWith("/") ? file : `${root.replace(/\/$/, "")}/${file}`;
+  const dir = abs.replace(/\/[^/]*$/, "");
+  if (!pipelines.some((p) => p.file.replace(/\/[^/]*$/, "") === dir)) {
+    throw new ValidationError(
+      "a candidate definition must be in the folder of a running definition",
+      { field: "/candidate/definition" },
+    );
+  }
+  return abs;
+}
+
+/** What another version of step `id` must keep to run in its place: kind, event, output, edges. */
+function stepContract(def: PipelineDefinition, id: string): string {
+  const s = def.steps[id] as StepSpec | undefined;
+  if (!s) return "";
+  return JSON.stringify({
+    kind: s.kind,
+    emits: eventOf(id, s),
+    output: "output" in s ? s.output : null,
+    edges: edgesOf(s).map(([to, via]) => `${via}>${to}`).sort(),
+  });
+}
+
+/**
+ * Production's pipeline with step `id` run as `candidate` (another version of its definition)
+ * has it: the promoted version of one step. Everything else, the definition's hash included,
+ * stays production's, so items in flight go on unchanged. Throws a ValidationError when the
+ * candidate's step does not keep the step's contract (its kind, emitted event, output schema
+ * and edges): only how it decides may differ (handler, prompt, tools, flow control).
+ */
+export function withPromotedStep(
+  prod: LoadedPipeline,
+  candidate: LoadedPipeline,
+  id: string,
+): LoadedPipeline {
+  if (candidate.def.name !== prod.def.name || !candidate.def.steps[id]) {
+    throw new ValidationError(`the candidate has no step ${id} of pipeline ${prod.def.name}`, {
+      field: "/candidate/definition",
+    });
+  }
+  if (stepContract(candidate.def, id) !== stepContract(prod.def, id)) {
+    throw new ValidationError(
+      `the candidate's step ${id} changes its kind, event, output schema or edges; deploy the ` +
+        `candidate definition instead (WEFT_PIPELINES or pipelines/run.json)`,
+      { field: "/candidate/definition" },
+    );
+  }
+  const def = Object.freeze({
+    ...prod.def,
+    steps: { ...prod.def.steps, [id]: candidate.def.steps[id]! },
+  }) as PipelineDefinition;
+  return { file: prod.file, def, flow: prod.flow };
 }
 
 /** A work step (task, router, llm) as a stage of the shared runner. */
@@ -797,9 +861,21 @@ export function stepService(p: LoadedPipeline, id: string): ServiceDef {
         concurrency: c.llmConcurrency,
       }
       : undefined;
+    const opts = { llm, nc: ctx.nc };
+    const configured = workStage(p, id, opts);
+    // A promoted version (from a live shadow): the candidate definition's step, run in place.
+    const live = await followVersion(ctx, p.def.name, id, configured, async (v) => {
+      if (!v.candidate.definition) {
+        throw new ConfigError(`a promoted version of ${p.def.name}.${id} names no definition`);
+      }
+      const file = candidateDefinitionFile(v.candidate.definition, [p], ROOT_DIR);
+      const cand = (await loadPipelines([file])).find((c) => c.def.name === p.def.name);
+      if (!cand) throw new ConfigError(`${file} defines no pipeline ${p.def.name}`);
+      return workStage(withPromotedStep(p, cand, id), id, opts);
+    });
     return await runStage({
       ...ctx,
-      stage: workStage(p, id, { llm, nc: ctx.nc }),
+      stage: { ...configured, handle: (e, sctx) => live.current().handle(e, sctx) },
       source: `weft-${name}`,
     });
   }, { description: `Weft pipeline ${p.def.name}, step ${id}` });
@@ -975,14 +1051,22 @@ export function pipelineServiceSpecs(
           (def.steps[id]!.kind === "router" && !!(def.steps[id] as { prompt?: string }).prompt),
         access: {
           consumes: [{ stream, durable: durableOf(def, id) }],
-          ...(hasScratchpad(def)
-            ? def.steps[id]!.kind === "agent"
-              ? {
-                writesBuckets: [scratchpadBucketOf(n)],
-                readsBuckets: [...(def.steps[id] as { reads?: string[] }).reads ?? []],
-              }
-              : { readsBuckets: [scratchpadBucketOf(n)] }
-            : {}),
+          // Its promoted version, if any (weft_step_versions); agents: the scratchpad and
+          // what their tools read.
+          ...(hasScratchpad(def) && def.steps[id]!.kind === "agent"
+            ? {
+              writesBuckets: [scratchpadBucketOf(n)],
+              readsBuckets: [
+                STEP_VERSION_BUCKET,
+                ...(def.steps[id] as { reads?: string[] }).reads ?? [],
+              ],
+            }
+            : {
+              readsBuckets: [
+                STEP_VERSION_BUCKET,
+                ...(hasScratchpad(def) ? [scratchpadBucketOf(n)] : []),
+              ],
+            }),
           publishes: [
             ...completionSubjects(def, [id]),
             `${n}.${FAILED}.*`,

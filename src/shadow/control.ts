@@ -15,9 +15,14 @@ import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
-import { candidateDefinitionFile, type FieldFigures } from "./live.ts";
+import type { FieldFigures } from "./live.ts";
 import { stepFilterSubject } from "../pipeline/derive.ts";
-import type { LoadedPipeline } from "../pipeline/runtime.ts";
+import {
+  candidateDefinitionFile,
+  type LoadedPipeline,
+  loadPipelines,
+  withPromotedStep,
+} from "../pipeline/runtime.ts";
 import { statusSubject } from "../observability/micro.ts";
 import {
   parseShadowSpec,
@@ -67,21 +72,44 @@ export function createShadowControl(
   configured: readonly ShadowSpec[] = [],
   definitions: { pipelines: readonly LoadedPipeline[]; root: string } = { pipelines: [], root: "" },
 ): ShadowControl {
-  /** A definition's step must be a running task, llm or router step; its candidate beside it. */
+  /** A running definition's work step (task, llm, router or agent), if `step` is one. */
+  const definitionStep = (pipeline: string, step: string): LoadedPipeline | undefined => {
+    const p = definitions.pipelines.find((p) => p.def.name === pipeline);
+    return p && p.def.steps[step] && stepFilterSubject(p.def, step) !== null ? p : undefined;
+  };
+  /** A definition's step must be a running work step; its candidate beside it. */
   const checkDefinitionStep = (spec: ShadowSpec) => {
     if (spec.pipeline === "feedback") return;
-    const p = definitions.pipelines.find((p) => p.def.name === spec.pipeline);
-    if (!p) {
+    if (!definitions.pipelines.some((p) => p.def.name === spec.pipeline)) {
       throw new ValidationError(`no running pipeline ${spec.pipeline}`, { field: "/pipeline" });
     }
-    const step = p.def.steps[spec.step];
-    if (!step || step.kind === "agent" || stepFilterSubject(p.def, spec.step) === null) {
+    if (!definitionStep(spec.pipeline, spec.step)) {
       throw new ValidationError(
-        `${spec.pipeline}.${spec.step} is not a task, llm or router step of the definition`,
+        `${spec.pipeline}.${spec.step} is not a task, llm, router or agent step of the definition`,
         { field: "/step" },
       );
     }
     candidateDefinitionFile(spec.candidate.definition!, definitions.pipelines, definitions.root);
+  };
+  /**
+   * A definition's candidate may take its step's place only when it keeps the step's contract
+   * (kind, event, output schema, edges); a 409 says to deploy the definition otherwise.
+   */
+  const checkPromotable = async (spec: ShadowSpec) => {
+    const prod = definitionStep(spec.pipeline, spec.step);
+    if (!prod) throw new NotFoundError(`no running step ${spec.pipeline}.${spec.step}`);
+    const file = candidateDefinitionFile(
+      spec.candidate.definition!,
+      definitions.pipelines,
+      definitions.root,
+    );
+    const cand = (await loadPipelines([file])).find((c) => c.def.name === spec.pipeline);
+    if (!cand) throw new NotFoundError(`${file} defines no pipeline ${spec.pipeline}`);
+    try {
+      withPromotedStep(prod, cand, spec.step);
+    } catch (err) {
+      throw new WeftError(ErrorCode.Conflict, (err as Error).message, { cause: err });
+    }
   };
   const kvm = new Kvm(nc);
   let shadows: KV | undefined;
@@ -183,14 +211,7 @@ export function createShadowControl(
       checkId(id);
       const spec = configured.find((c) => c.id === id) ?? await fromApi(id);
       if (!spec) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
-      if (spec.pipeline !== "feedback") {
-        throw new WeftError(
-          ErrorCode.Conflict,
-          `a definition's step is promoted by running the candidate definition ` +
-            `(${spec.candidate.definition}) in place of the current one (WEFT_PIPELINES or ` +
-            `pipelines/run.json); then detach the shadow`,
-        );
-      }
+      if (spec.pipeline !== "feedback") await checkPromotable(spec);
       const figures = (await status())[id]?.fields as Record<string, FieldFigures> | undefined;
       const version: StepVersion = {
         pipeline: spec.pipeline,
@@ -217,7 +238,10 @@ export function createShadowControl(
 
     async reset(step, by) {
       const [pipeline, name] = step.split(".");
-      if (!pipeline || !name || !SHADOW_STEPS[pipeline]?.includes(name)) {
+      if (
+        !pipeline || !name ||
+        !(SHADOW_STEPS[pipeline]?.includes(name) || definitionStep(pipeline, name))
+      ) {
         throw new NotFoundError(`no shadowable step ${JSON.stringify(step)}`);
       }
       const { versions } = await open();

@@ -33,7 +33,12 @@ import type { Config } from "../config.ts";
 import { feedbackAnalyzers } from "../ai/configured_analyzers.ts";
 import { ConfigError, errorCode, ValidationError } from "../errors.ts";
 import { pipelineStreamOf, stepFilterSubject } from "../pipeline/derive.ts";
-import { type LoadedPipeline, loadPipelines, workStage } from "../pipeline/runtime.ts";
+import {
+  candidateDefinitionFile,
+  type LoadedPipeline,
+  loadPipelines,
+  workStage,
+} from "../pipeline/runtime.ts";
 import { eventOf } from "../pipeline/validate.ts";
 import { LlmError } from "../ai/llm/errors.ts";
 import type { LlmStats } from "../ai/llm/stats.ts";
@@ -176,23 +181,6 @@ export function resultFields(result: unknown): Record<string, string> {
     }
   }
   return out;
-}
-
-/** Where definitions may be loaded from: the folders of the running ones. */
-export function candidateDefinitionFile(
-  file: string,
-  pipelines: readonly LoadedPipeline[],
-  root: string,
-): string {
-  const abs = file.startsWith("/") ? file : `${root.replace(/\/$/, "")}/${file}`;
-  const dir = abs.replace(/\/[^/]*$/, "");
-  if (!pipelines.some((p) => p.file.replace(/\/[^/]*$/, "") === dir)) {
-    throw new ValidationError(
-      "a candidate definition must be in the folder of a running definition",
-      { field: "/candidate/definition" },
-    );
-  }
-  return abs;
 }
 
 /**
