@@ -11,7 +11,8 @@ import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
 import { createAuth } from "../src/gateway/auth.ts";
-import { serveModerationRequests } from "../src/gateway/moderation_requests.ts";
+import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
+import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
@@ -58,7 +59,8 @@ export const service: ServiceDef = defineService(
       config,
       log,
       auth,
-      moderation,
+      // Content moderation's own routes: /content, /reviews, /schedules.
+      extensions: [moderationRoutes(moderation)],
       metrics,
       pipelines,
       guards,

@@ -20,6 +20,7 @@ import { createIntake } from "../src/gateway/intake.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
+import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { loadConfig } from "../src/config.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { listDeadLetters } from "../src/redrive.ts";
@@ -132,7 +133,14 @@ Deno.test({
   const log = createLogger("fuzz", "error", () => {});
   const intake = await createIntake(mesh.nc);
   const moderation = await createModerationApi({ nc: mesh.nc, config, log, authEnabled: false });
-  const app = createApp({ nc: mesh.nc, intake, config, log, auth: createAuth([]), moderation });
+  const app = createApp({
+    nc: mesh.nc,
+    intake,
+    config,
+    log,
+    auth: createAuth([]),
+    extensions: [moderationRoutes(moderation)],
+  });
   const routes = [
     ...new Set(
       app.routes

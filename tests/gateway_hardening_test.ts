@@ -12,6 +12,7 @@ import { createIngestLimiter, parseIngestLimits } from "../src/gateway/ingest_li
 import { createIntake } from "../src/gateway/intake.ts";
 import { serveRequests } from "../src/gateway/requests.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
+import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
@@ -34,7 +35,7 @@ async function gateway(t: TestNats) {
     config: t.config,
     log: t.log,
     auth: createAuth([]),
-    moderation,
+    extensions: [moderationRoutes(moderation)],
   });
 }
 

@@ -1,7 +1,7 @@
 /**
  * What users and reviewers can do with content, in one place behind both the HTTP routes
- * (src/gateway/moderation_routes.ts) and the NATS request subjects
- * (src/gateway/moderation_requests.ts): upload, read state, list the review queue,
+ * (pipelines/moderation/routes.ts) and the NATS request subjects
+ * (pipelines/moderation/requests.ts): upload, read state, list the review queue,
  * claim, decide, and manage schedules.
  *
  * @module

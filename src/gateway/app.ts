@@ -34,10 +34,8 @@ import {
 import { parseTraceparent } from "../observability/trace.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
 import type { Intake } from "./intake.ts";
-import type { Auth } from "./auth.ts";
+import { type Auth, createAuth } from "./auth.ts";
 import { Role } from "../config.ts";
-import type { ModerationApi } from "../../pipelines/moderation/api.ts";
-import { createModerationRoutes } from "./moderation_routes.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
 import { boolQuery } from "./query.ts";
 import { type IntakeGuards, pipelineRoutes } from "./pipelines.ts";
@@ -49,6 +47,21 @@ import { instrumentGateway, mountObservability } from "./observability.ts";
 import { edgeRoutes } from "./edge_routes.ts";
 import type { ShadowControl } from "../shadow/control.ts";
 import { shadowRoutes } from "./shadows.ts";
+
+/** What the gateway shares with a pipeline's own routes: its auth, settings, log and SSE slots. */
+export interface GatewayContext {
+  auth: Auth;
+  config: Config;
+  log: Logger;
+  clients: SseClients;
+}
+
+/**
+ * A pipeline's own routes: built once with the gateway's context, mounted at `/`. Their app
+ * may declare its own context variables (e.g. the authenticated principal).
+ */
+// deno-lint-ignore no-explicit-any
+export type GatewayExtension = (ctx: GatewayContext) => Hono<any>;
 
 /** What the app needs. */
 export interface GatewayDeps {
@@ -62,8 +75,11 @@ export interface GatewayDeps {
   log: Logger;
   /** API keys; when enabled, feedback ingest needs an ingest (or admin) key too. */
   auth?: Auth;
-  /** Content moderation: mounts /content, /reviews and /schedules. */
-  moderation?: ModerationApi;
+  /**
+   * Routes a pipeline brings of its own (content moderation: /content, /reviews,
+   * /schedules), each built with what the gateway shares and mounted at `/`.
+   */
+  extensions?: readonly GatewayExtension[];
   /** The gateway's own metrics; `GET /metrics` adds every service's to them. */
   metrics?: WeftMetrics;
   /** SSE slots; one set per gateway by default. */
@@ -322,18 +338,9 @@ export function createApp(deps: GatewayDeps): Hono {
     app.use("/shadows/*", adminAuth);
     app.route("/shadows", shadowRoutes(deps.shadows, (c) => whoOf(c).name));
   }
-  if (deps.moderation && deps.auth) {
-    app.route(
-      "/",
-      createModerationRoutes({
-        api: deps.moderation,
-        auth: deps.auth,
-        config,
-        log,
-        clients,
-        feeds: new LiveFeeds(deps.moderation.js, log, config.sseFlushMs, config.sseWritesPerSecond),
-      }),
-    );
+  const auth = deps.auth ?? createAuth([]);
+  for (const extension of deps.extensions ?? []) {
+    app.route("/", extension({ auth, config, log, clients }));
   }
   if (config.hub.length > 0) {
     // A hub: its edge sites' items, read from the streams that source them.

@@ -12,14 +12,14 @@
  * @module
  */
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
-import { Role } from "../config.ts";
-import { toProblem, ValidationError } from "../errors.ts";
-import type { Logger } from "../observability/log.ts";
-import type { ModerationApi } from "../../pipelines/moderation/api.ts";
-import { ReviewStatus } from "../../pipelines/moderation/review_queue.ts";
-import { decodeJson } from "../runner.ts";
-import { assertCallerSchedulable } from "../scheduler/store.ts";
-import { validateDocument } from "../schemas.ts";
+import { Role } from "../../src/config.ts";
+import { toProblem, ValidationError } from "../../src/errors.ts";
+import type { Logger } from "../../src/observability/log.ts";
+import type { ModerationApi } from "./api.ts";
+import { ReviewStatus } from "./review_queue.ts";
+import { decodeJson } from "../../src/runner.ts";
+import { assertCallerSchedulable } from "../../src/scheduler/store.ts";
+import { validateDocument } from "../../src/schemas.ts";
 import {
   CONTENT_GET_REQUEST_SUBJECT,
   CONTENT_SUBMIT_REQUEST_SUBJECT,
@@ -27,9 +27,9 @@ import {
   REVIEWS_DECIDE_REQUEST_SUBJECT,
   REVIEWS_LIST_REQUEST_SUBJECT,
   SCHEDULES_REQUEST_PREFIX,
-} from "../subjects.ts";
-import { parseTraceparent } from "../observability/trace.ts";
-import type { Auth, Principal } from "./auth.ts";
+} from "../../src/subjects.ts";
+import { parseTraceparent } from "../../src/observability/trace.ts";
+import type { Auth, Principal } from "../../src/gateway/auth.ts";
 
 const QUEUE = "weft-gateway";
 

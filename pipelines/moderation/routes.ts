@@ -13,18 +13,23 @@
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { Context } from "hono";
-import { type Config, Role } from "../config.ts";
-import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
-import type { Logger } from "../observability/log.ts";
-import type { ModerationApi } from "../../pipelines/moderation/api.ts";
-import { ReviewStatus } from "../../pipelines/moderation/review_queue.ts";
-import { assertCallerSchedulable } from "../scheduler/store.ts";
-import { decodeJson } from "../runner.ts";
-import { validateDocument } from "../schemas.ts";
-import { CONTENT_FINAL_EVENT_TYPES, CONTENT_STREAM, contentEventsFilter } from "../subjects.ts";
-import { parseTraceparent } from "../observability/trace.ts";
-import type { Auth, Principal } from "./auth.ts";
-import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
+import { type Config, Role } from "../../src/config.ts";
+import { ErrorCode, ValidationError, WeftError } from "../../src/errors.ts";
+import type { Logger } from "../../src/observability/log.ts";
+import type { ModerationApi } from "./api.ts";
+import { ReviewStatus } from "./review_queue.ts";
+import { assertCallerSchedulable } from "../../src/scheduler/store.ts";
+import { decodeJson } from "../../src/runner.ts";
+import { validateDocument } from "../../src/schemas.ts";
+import {
+  CONTENT_FINAL_EVENT_TYPES,
+  CONTENT_STREAM,
+  contentEventsFilter,
+} from "../../src/subjects.ts";
+import { parseTraceparent } from "../../src/observability/trace.ts";
+import type { Auth, Principal } from "../../src/gateway/auth.ts";
+import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";
+import type { GatewayExtension } from "../../src/gateway/app.ts";
 
 type Env = { Variables: { principal: Principal } };
 
@@ -200,4 +205,22 @@ export function createModerationRoutes(deps: {
   });
 
   return app;
+}
+
+/**
+ * Content moderation's routes as a gateway extension (`createApp({ extensions })`): built with
+ * the gateway's auth, settings, log and SSE slots, with a live feed of the CONTENT stream.
+ *
+ * @example
+ * ```ts ignore
+ * const app = createApp({ nc, intake, config, log, auth, extensions: [moderationRoutes(api)] });
+ * ```
+ */
+export function moderationRoutes(api: ModerationApi): GatewayExtension {
+  return (ctx) =>
+    createModerationRoutes({
+      ...ctx,
+      api,
+      feeds: new LiveFeeds(api.js, ctx.log, ctx.config.sseFlushMs, ctx.config.sseWritesPerSecond),
+    });
 }
