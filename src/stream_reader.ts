@@ -15,6 +15,8 @@ export interface ReadStreamOptions {
   deliverPolicy?: DeliverPolicy;
   /** The first stream sequence to read (implies DeliverPolicy.StartSequence). */
   startSeq?: number;
+  /** Read what was stored from this time on (implies DeliverPolicy.StartTime). */
+  startTime?: Date;
   /**
    * How long to wait for the next message while the server says more are pending, ms,
    * before failing with {@link StreamReadStalled}. A pause never ends a read early: the
@@ -57,6 +59,8 @@ export async function* readStream(
     ...(opts.filter ? { filter_subjects: opts.filter } : {}),
     ...(opts.startSeq !== undefined
       ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: opts.startSeq }
+      : opts.startTime !== undefined
+      ? { deliver_policy: DeliverPolicy.StartTime, opt_start_time: opts.startTime.toISOString() }
       : { deliver_policy: opts.deliverPolicy ?? DeliverPolicy.All }),
   });
   const stallMs = opts.stallMs ?? 30_000;

@@ -132,6 +132,8 @@ export const sorting = definePipeline({
     assert.deepEqual(done.results.check, { ok: true, weight: 5 });
     await row.waitFor({ state: "detached", timeout: 20_000 });
     assert.deepEqual(errors, []);
+    // Listing what waits stays within the gateway's identity.
+    assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);
   } finally {
     await browser.close();
   }

@@ -8,7 +8,7 @@
  */
 import { type Context, Hono, type MiddlewareHandler } from "hono";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, type JetStreamClient, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
 import type { Config } from "../config.ts";
@@ -18,6 +18,7 @@ import { NotFoundError, ValidationError } from "../errors.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
+import { readStream } from "../stream_reader.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
 import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
@@ -72,8 +73,6 @@ interface Runtime {
   p: LoadedPipeline;
   stream: string;
   states: () => Promise<KV>;
-  /** The held-items bucket (joins, waits). */
-  control: () => Promise<KV>;
   finals: Set<string>;
   awaited: Set<string>;
 }
@@ -157,7 +156,6 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       p,
       stream: pipelineSubjects(p.def).stream,
       states: lazy(() => kvm.open(stateBucketOf(p.def.name))),
-      control: lazy(() => kvm.open(controlBucketOf(p.def.name))),
       finals,
       awaited,
     }];
@@ -236,7 +234,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     if (!Number.isInteger(max) || max < 1 || max > 1000) {
       throw new ValidationError("limit must be an integer from 1 to 1000", { field: "limit" });
     }
-    return c.json(await waitingItems(r.p, await r.control(), await r.states(), max));
+    return c.json(await waitingItems(r.p, js, await r.states(), max));
   });
 
   app.post(
@@ -384,26 +382,42 @@ export interface WaitingItem {
   value: unknown;
 }
 
-/** The items of `p` held at a wait step now, soonest deadline first (at most `max`). */
+/**
+ * The items of `p` held at a wait step now, soonest deadline first (at most `max`). Reads the
+ * held-items bucket's records written within each wait's timeout (an item armed earlier has
+ * timed out), not every record the bucket keeps: the work follows the waits' recent traffic,
+ * not the retention.
+ */
 export async function waitingItems(
   p: LoadedPipeline,
-  control: KV,
+  js: JetStreamClient,
   states: KV,
   max: number,
+  now: Date = new Date(),
 ): Promise<{ items: WaitingItem[]; total: number }> {
+  const bucket = controlBucketOf(p.def.name);
   const items: WaitingItem[] = [];
   for (const [step, s] of Object.entries(p.def.steps)) {
     if (s.kind !== "wait") continue;
-    // Held records are `<step>.<item>`; closed ones stay until the bucket's TTL, so each
-    // candidate is checked against the item's state.
-    for await (const key of await control.keys(`${step}.*`)) {
-      const id = key.slice(step.length + 1);
+    // Each record's latest revision in the window; a closed one waits no more. (A minute of
+    // slack covers a deadline's timer firing late.)
+    const open = new Map<string, unknown>();
+    for await (
+      const m of readStream(js, `KV_${bucket}`, {
+        filter: `$KV.${bucket}.${step}.*`,
+        startTime: new Date(now.getTime() - s.timeoutMs - 60_000),
+      })
+    ) {
+      const id = m.subject.slice(`$KV.${bucket}.${step}.`.length);
+      const rec = m.data.length > 0
+        ? m.json<{ closed?: string; armed?: { data?: { value?: unknown } } }>()
+        : null;
+      if (rec && !rec.closed && rec.armed) open.set(id, rec.armed.data?.value ?? null);
+      else open.delete(id);
+    }
+    for (const [id, value] of open) {
       const state = await readItem(states, id);
       if (state?.status !== "waiting" || state.waiting?.step !== step) continue;
-      const held = await control.get(key);
-      const value = held && held.length > 0
-        ? (held.json<{ armed?: { data?: { value?: unknown } } }>().armed?.data?.value ?? null)
-        : null;
       items.push({
         id,
         step,
@@ -437,7 +451,6 @@ export function servePipelineRequests(
   const subs = pipelines.flatMap((p) => {
     const n = p.def.name;
     const states = lazy(() => kvm.open(stateBucketOf(n)));
-    const control = lazy(() => kvm.open(controlBucketOf(n)));
     return [
       nc.subscribe(`weft.${n}.submit`, {
         queue: "weft-gateway",
@@ -471,7 +484,7 @@ export function servePipelineRequests(
         callback: (_e, m) =>
           void reply(m, async () => {
             check(m, Role.Ingest, Role.Reviewer);
-            return await waitingItems(p, await control(), await states(), 1000);
+            return await waitingItems(p, jetstream(nc), await states(), 1000);
           }),
       }),
     ];
