@@ -42,12 +42,8 @@ if (import.meta.main) {
     options: { write: { type: "boolean" }, pipeline: { type: "string", default: "feedback" } },
     strict: false,
   });
-  const config = loadConfig({
-    args: Deno.args.filter((a, i, all) =>
-      a !== "--write" && a !== "--pipeline" && all[i - 1] !== "--pipeline" &&
-      !a.startsWith("--pipeline=")
-    ),
-  });
+  // Its own flags (--write, --pipeline) are not settings: loadConfig leaves them alone.
+  const config = loadConfig();
   let spec: StateSpec<unknown>;
   try {
     const files = config.pipelines.length > 0 ? config.pipelines : await listedPipelines();

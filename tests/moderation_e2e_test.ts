@@ -10,7 +10,7 @@ import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { hashKey } from "../src/gateway/auth.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
-import { MODERATION_SERVICES, startServices } from "./helpers/mesh.ts";
+import { MODERATION_SERVICES, rebuildStateTask, startServices } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const KEYS = {
@@ -380,16 +380,9 @@ Deno.test({
           // Each item's last events reach the bucket within a state-writer flush or two.
           await waitFor(
             async () => {
-              const out = await new Deno.Command("deno", {
-                args: ["task", "-q", "rebuild-state", "--pipeline", "content"],
-                cwd: new URL("../", import.meta.url),
-                env: { NATS_URL: server.url },
-                stdout: "piped",
-                stderr: "piped",
-              }).output();
-              const text = new TextDecoder().decode(out.stdout).trim();
-              figures = text ? JSON.parse(text.split("\n").at(-1)!) : {};
-              return out.code === 0 ? true : undefined;
+              const r = await rebuildStateTask({ NATS_URL: server.url }, "content");
+              figures = r.figures;
+              return r.code === 0 ? true : undefined;
             },
             20_000,
             "rebuild-state to agree with the content bucket",

@@ -12,7 +12,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { connectNats } from "../src/nats.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { meshTempDir, startMesh } from "./helpers/mesh.ts";
+import { meshTempDir, rebuildStateTask, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { readSse } from "./helpers/sse.ts";
 
@@ -406,20 +406,13 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
         // The state writer flushes within milliseconds; a loaded machine may need a retry.
         await waitFor(
           async () => {
-            const out = await new Deno.Command("deno", {
-              args: ["task", "-q", "rebuild-state", "--pipeline", "claims"],
-              cwd: new URL("../", import.meta.url),
-              env: {
-                NATS_URL: mesh.natsUrl,
-                WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile!,
-                WEFT_PIPELINES: `${dir}/def/claims.ts`,
-              },
-              stdout: "piped",
-              stderr: "piped",
-            }).output();
-            const text = new TextDecoder().decode(out.stdout).trim();
-            figures = text ? JSON.parse(text.split("\n").at(-1)!) : {};
-            return out.code === 0 ? true : undefined;
+            const r = await rebuildStateTask({
+              NATS_URL: mesh.natsUrl,
+              WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile!,
+              WEFT_PIPELINES: `${dir}/def/claims.ts`,
+            }, "claims");
+            figures = r.figures;
+            return r.code === 0 ? true : undefined;
           },
           20_000,
           "rebuild-state to agree with the bucket",

@@ -7,11 +7,9 @@ import assert from "node:assert/strict";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { compareStates, rebuildStates, type StateDiff } from "../src/rebuild.ts";
 import { redrive } from "../src/redrive.ts";
-import { startServices } from "./helpers/mesh.ts";
+import { rebuildStateTask, startServices } from "./helpers/mesh.ts";
 import { countsByItem, pushItems, readStates } from "./helpers/nats.ts";
 import { waitUntil } from "./helpers/wait.ts";
-
-const ROOT = new URL("../", import.meta.url).pathname;
 
 Deno.test("rebuilding state from the FEEDBACK stream equals the live state, and deno task rebuild-state says so", async () => {
   await using mesh = await startServices({
@@ -60,16 +58,8 @@ Deno.test("rebuilding state from the FEEDBACK stream equals the live state, and 
   assert.equal(live.get("rb-10")?.stages.failed !== undefined, true, "history keeps the failure");
   assert.equal(live.get("rb-poison")?.status, "failed", "a poison event fails its item");
 
-  const out = await new Deno.Command("deno", {
-    args: ["task", "-q", "rebuild-state"],
-    cwd: ROOT,
-    env: { NATS_URL: mesh.nats.url },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = new TextDecoder().decode(out.stdout);
-  assert.equal(out.code, 0, text + new TextDecoder().decode(out.stderr));
-  const figures = JSON.parse(text.trim().split("\n").at(-1)!);
+  const { code, figures, output } = await rebuildStateTask({ NATS_URL: mesh.nats.url });
+  assert.equal(code, 0, output);
   assert.equal(figures.different, 0);
   assert.equal(figures.missing_in_bucket, 0);
   assert.equal(figures.equal, live.size);

@@ -290,14 +290,24 @@ export function checkAwaitedEvent(flow: Flow, waits: readonly string[], body: un
   for (const w of waits) {
     const check = flow.checkAwaited.get(w);
     if (!check || check(body)) continue;
-    const e = check.errors?.[0];
-    const missing = (e?.params as { missingProperty?: string } | undefined)?.missingProperty;
-    const field = `${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}` || "/";
+    const { field, message } = schemaFailure(check);
     throw new ValidationError(
-      `the awaited event ${flow.name}.${(flow.def.steps[w] as WaitStep).event}: ${
-        missing ? `${field} is required` : `${field} ${e?.message ?? "is invalid"}`
-      }`,
+      `the awaited event ${flow.name}.${(flow.def.steps[w] as WaitStep).event}: ${message}`,
       { code: ErrorCode.InvalidAwaitedEvent, field },
     );
   }
+}
+
+/**
+ * The first field a compiled schema refused, as a JSON pointer, and what is wrong with it
+ * (`/amount is required`, `/weight must be >= 1`), for a problem or dead letter naming it.
+ */
+export function schemaFailure(check: ValidateFunction): { field: string; message: string } {
+  const e = check.errors?.[0];
+  const missing = (e?.params as { missingProperty?: string } | undefined)?.missingProperty;
+  const field = `${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}` || "/";
+  return {
+    field,
+    message: missing ? `${field} is required` : `${field} ${e?.message ?? "is invalid"}`,
+  };
 }

@@ -47,6 +47,7 @@ import {
   type FlowData,
   type FlowEvent,
   flowEvent,
+  schemaFailure,
   targetsOf,
   timeoutEventOf,
   TIMER,
@@ -771,15 +772,8 @@ export function intakeStage(p: LoadedPipeline): Stage<any> {
 /** Checks an input document against the definition's input schema; a 4xx naming the field. */
 export function checkInput(flow: Flow, value: unknown): unknown {
   if (flow.checkInput(value)) return value;
-  const e = flow.checkInput.errors?.[0];
-  const missing = (e?.params as { missingProperty?: string } | undefined)?.missingProperty;
-  const field = `${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}` || "/";
-  throw new ValidationError(
-    missing ? `${field} is required` : `${field} ${e?.message ?? "is invalid"}`,
-    {
-      field,
-    },
-  );
+  const { field, message } = schemaFailure(flow.checkInput);
+  throw new ValidationError(message, { field });
 }
 
 /** The state writer's spec for a pipeline: the generic fold, into its state bucket. */

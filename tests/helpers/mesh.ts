@@ -637,6 +637,29 @@ export interface Mesh extends AsyncDisposable {
   child: Deno.ChildProcess;
 }
 
+/**
+ * Runs `deno task rebuild-state [--pipeline NAME]` with `env`: its exit code, the figures of
+ * its last JSON line, and what it printed (for a failure message).
+ */
+export async function rebuildStateTask(
+  env: Record<string, string>,
+  pipeline?: string,
+): Promise<{ code: number; figures: Record<string, number>; output: string }> {
+  const out = await new Deno.Command("deno", {
+    args: ["task", "-q", "rebuild-state", ...(pipeline ? ["--pipeline", pipeline] : [])],
+    cwd: new URL("../../", import.meta.url),
+    env,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout).trim();
+  return {
+    code: out.code,
+    figures: text ? JSON.parse(text.split("\n").at(-1)!) : {},
+    output: text + new TextDecoder().decode(out.stderr),
+  };
+}
+
 /** The `deno run ...` arguments of a deno.json task. */
 export async function taskArgs(name: string): Promise<string[]> {
   const deno = JSON.parse(await Deno.readTextFile(new URL("deno.json", ROOT)));
