@@ -87,14 +87,15 @@ export type {
 
 // Gateway
 export { createApp } from "./src/gateway/app.ts";
-export type { GatewayDeps } from "./src/gateway/app.ts";
-export { createIntake } from "./src/gateway/intake.ts";
-export type { Accepted, Intake, IntakeResult, SubmitOptions } from "./src/gateway/intake.ts";
+export type { GatewayContext, GatewayDeps, GatewayExtension } from "./src/gateway/app.ts";
+export { createIntake } from "./pipelines/feedback/intake.ts";
+export type { Accepted, Intake, IntakeResult, SubmitOptions } from "./pipelines/feedback/intake.ts";
+export { feedbackRoutes } from "./pipelines/feedback/routes.ts";
 export type { Auth, Principal } from "./src/gateway/auth.ts";
 export type { ContentAccepted, ContentView, ModerationApi } from "./pipelines/moderation/api.ts";
 export type { Decision, ReviewEntry, ReviewStatus } from "./pipelines/moderation/review_queue.ts";
 export type { ScheduleEntry, ScheduleStore } from "./src/scheduler/store.ts";
-export { serveRequests } from "./src/gateway/requests.ts";
+export { serveRequests } from "./pipelines/feedback/requests.ts";
 
 // Errors, configuration, logging, infrastructure
 export {

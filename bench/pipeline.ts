@@ -62,7 +62,7 @@ import { connectNats } from "../src/nats.ts";
 import { freePort, type NatsServer, portFree, startNatsServer } from "../src/nats_server.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { BENCH_TEXTS } from "./texts.ts";
-import { createIntake } from "../src/gateway/intake.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
 import { serviceArgs, SERVICES, startCluster, writeAuthConfig } from "../src/supervisor.ts";
 import { FEEDBACK_STREAM, FeedbackEventType, STATE_BUCKET } from "../src/subjects.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";

@@ -1,19 +1,17 @@
 /**
- * The gateway service: the HTTP API (src/gateway/app.ts) on Deno.serve, plus submission
- * and lookup over NATS request/reply (src/gateway/requests.ts).
+ * The gateway service: the HTTP API (src/gateway/app.ts) on Deno.serve, with each shipped
+ * pipeline's part (its routes and NATS request subjects, from its wiring), the definitions'
+ * routes and requests, dead letters and live shadows.
  *
  * @module
  */
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { createCapacityGuard } from "../src/capacity.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
-import { createIntake } from "../src/gateway/intake.ts";
-import { serveRequests } from "../src/gateway/requests.ts";
 import { createAuth } from "../src/gateway/auth.ts";
-import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
-import { moderationRoutes } from "../pipelines/moderation/routes.ts";
-import { createModerationApi } from "../pipelines/moderation/api.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
+import { type GatewayPart, wiredStreams } from "../src/wiring.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
@@ -27,40 +25,35 @@ const ROOT = new URL("../", import.meta.url).pathname;
 export const service: ServiceDef = defineService(
   "gateway",
   async ({ nc, config, log, metrics }) => {
-    const capacity = createCapacityGuard(await jetstreamManager(nc), {
+    const jsm = await jetstreamManager(nc);
+    const capacity = createCapacityGuard(jsm, {
       highWater: config.streamHighWater,
       alertAt: config.streamAlertAt,
       log,
     });
     const limiter = createIngestLimiter(config.ingestLimits);
-    const intake = await createIntake(nc, "weft-gateway", {
-      capacity,
-      limiter,
-      onAccepted: (n) => metrics.accepted.inc({ pipeline: "feedback" }, n),
-    });
     const auth = createAuth(config.apiKeys);
     if (!auth.enabled) {
       log.warn("authentication is OFF: no WEFT_API_KEYS configured; every caller is admin");
     }
-    const moderation = await createModerationApi({
-      nc,
-      config,
-      log,
-      authEnabled: auth.enabled,
-      capacity,
-      limiter,
-    });
+    // Each shipped pipeline's routes and request subjects.
+    const parts: GatewayPart[] = [];
+    for (const w of SHIPPED_PIPELINES) {
+      if (!w.loadGateway) continue;
+      const start = await w.loadGateway();
+      parts.push(await start({ nc, config, log, metrics, auth, capacity, limiter }));
+    }
     const pipelines = await loadPipelines(config.pipelines, ROOT);
     const guards = { capacity, limiter };
     const shadows = createShadowControl(nc, config.shadows, { pipelines, root: ROOT });
     const app = createApp({
       nc,
-      intake,
+      jetStream: { js: jetstream(nc), jsm },
+      streams: wiredStreams(SHIPPED_PIPELINES),
       config,
       log,
       auth,
-      // Content moderation's own routes: /content, /reviews, /schedules.
-      extensions: [moderationRoutes(moderation)],
+      extensions: parts.map((p) => p.routes),
       metrics,
       pipelines,
       guards,
@@ -68,8 +61,6 @@ export const service: ServiceDef = defineService(
     });
     const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
     const pipelineRequests = servePipelineRequests(nc, pipelines, log, { auth, guards });
-    const requests = serveRequests(nc, intake, log, auth);
-    const moderationRequests = serveModerationRequests(nc, moderation, auth, log);
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth);
     // HTTPS when given a certificate and its key (PEM files, read once at start).
     const tls = config.tlsCert
@@ -89,9 +80,8 @@ export const service: ServiceDef = defineService(
     return {
       done: server.finished,
       async stop() {
-        requests.stop();
+        for (const p of parts) p.stop();
         pipelineRequests.stop();
-        moderationRequests.stop();
         deadLetterRequests.stop();
         shadowRequests.stop();
         await server.shutdown();

@@ -31,13 +31,13 @@ export const ALL: readonly ServiceDef[] = [
   sentiment,
   topics,
   dispatch,
-  gateway,
+  digest,
   contentState,
   moderation,
   review,
   storage,
+  gateway,
   scheduler,
-  digest,
   shadow,
 ];
 

@@ -197,14 +197,9 @@ export const SHADOW_REQUEST_PREFIX = "weft.shadow";
 /** Audit events of shadow control: `shadow._audit.<action>.<pipeline>.<step>`. */
 export const SHADOW_AUDIT_PREFIX = "shadow._audit";
 
-/** Every stream the mesh keeps. */
-export const STREAMS: readonly string[] = [
-  FEEDBACK_STREAM,
-  CONTENT_STREAM,
-  DEADLETTER_STREAM,
-  DIGEST_STREAM,
-  SHADOW_STREAM,
-];
+/** The streams the runtime keeps for itself; each pipeline's come besides. */
+export const RUNTIME_STREAMS: readonly string[] = [DEADLETTER_STREAM, DIGEST_STREAM, SHADOW_STREAM];
+
 /** Where a feedback digest is requested (the recurring schedule publishes here). */
 export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
 /** The id of the recurring schedule that requests the feedback digest. */

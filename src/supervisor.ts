@@ -57,18 +57,20 @@ import {
 import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
-import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
-import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
+import {
+  mergeAccess,
+  type PipelineWiring,
+  type ServiceSpec,
+  wiredReads,
+  wiredStreams,
+} from "./wiring.ts";
 import {
   CALLER_SCHEDULABLE_SUBJECTS,
-  CONTENT_OBJECT_BUCKET,
-  CONTENT_STATE_BUCKET,
-  CONTENT_STREAM,
   DEADLETTER_STREAM,
   DIGEST_STREAM,
-  FEEDBACK_STREAM,
   IDEMPOTENCY_BUCKET,
-  REVIEW_BUCKET,
+  RUNTIME_STREAMS,
   SCHEDULABLE_SUBJECTS,
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
@@ -76,9 +78,7 @@ import {
   SHADOW_BUCKET,
   SHADOW_REQUEST_PREFIX,
   SHADOW_STREAM,
-  STATE_BUCKET,
   STEP_VERSION_BUCKET,
-  STREAMS,
 } from "./subjects.ts";
 
 /** The repository root: service entries and nats.conf are relative to it. */
@@ -89,51 +89,8 @@ const DEFAULT_NATS_PORT = 4222;
 /** Where the supervisor's nats-server writes its pid, relative to its working directory. */
 const NATS_PID_FILE = "nats-server.pid";
 
-/** A service the supervisor runs. */
-export interface ServiceSpec {
-  name: string;
-  /** Entry module, relative to the repository root. */
-  entry: string;
-  /** Reads the ruleset file. */
-  readsRules?: boolean;
-  /** Runs analyzers: with `llm` ones it calls the LLM endpoint and reads prompts/. */
-  analyzes?: boolean;
-  /** Listens on the gateway's host:port. */
-  listens?: boolean;
-  /** What it does on the bus: its NATS identity's permissions follow from it. */
-  access: Access;
-  /** Arguments after the entry module. */
-  args?: readonly string[];
-  /** Files and folders it reads (a pipeline definition's folder). */
-  reads?: readonly string[];
-  /** Calls the LLM endpoint whatever the analyzers (a definition's llm step). */
-  llm?: boolean;
-  /**
-   * Runs in a process of its own even under `--together` (all): the shadow service, so
-   * killing or crashing it never takes a production step with it.
-   */
-  apart?: boolean;
-  /**
-   * Background work off every item's path (timers, digests, shadows): its process runs with
-   * V8's `--optimize-for-size`, about 12 MiB smaller idle for code about half as fast
-   * (docs/BENCH.md), which such work never notices.
-   */
-  background?: boolean;
-  /** Processes running it, sharing its consumer (a pipeline step's `replicas`). Default 1. */
-  replicas?: number;
-  /** Which of them this is (0-based), when it has several. */
-  replica?: number;
-}
-
-/** Two accesses as one: every list joined. */
-export function mergeAccess(a: Access, b: Access): Access {
-  const out: Record<string, unknown> = { ...a };
-  for (const [k, v] of Object.entries(b)) {
-    const have = (a as Record<string, unknown>)[k];
-    out[k] = Array.isArray(v) ? [...new Set([...(have as unknown[] ?? []), ...v])] : v ?? have;
-  }
-  return out as Access;
-}
+export type { ServiceSpec } from "./wiring.ts";
+export { mergeAccess } from "./wiring.ts";
 
 /**
  * The services of the mesh: the built-in ones, then those of the loaded pipelines; the
@@ -177,160 +134,22 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
   };
 }
 
-/** A step of a pipeline: consumes its own durable, publishes its outputs, its failure event and dead letters. */
-function step(
-  stream: string,
-  durables: readonly string[],
-  outputs: readonly string[],
-  failed: string,
-  extra: Access = {},
-): Access {
-  return {
-    ...extra,
-    consumes: durables.map((durable) => ({ stream, durable })),
-    publishes: [
-      ...outputs.map((t) => `${t}.*`),
-      `${failed}.*`,
-      ...durables.map((d) => `deadletter.${d}.*`),
-      ...extra.publishes ?? [],
-    ],
-  };
-}
-
-/** The services of the feedback mesh, in start order. */
-export const SERVICES: readonly ServiceSpec[] = [
-  {
-    name: "state",
-    entry: "services/state.ts",
-    access: {
-      consumes: [{ stream: FEEDBACK_STREAM, durable: FEEDBACK_STATE_SPEC.durable }],
-      writesBuckets: [STATE_BUCKET],
-      publishes: [`deadletter.${FEEDBACK_STATE_SPEC.durable}.*`],
-    },
-  },
-  {
-    name: "ingest",
-    entry: "services/ingest.ts",
-    access: step(FEEDBACK_STREAM, ["ingest"], ["feedback.ingested"], "feedback.failed"),
-  },
-  {
-    name: "sentiment",
-    entry: "services/sentiment.ts",
-    readsRules: true,
-    analyzes: true,
-    // A promoted candidate's ruleset is in rules/.
-    reads: ["rules"],
-    access: step(
-      FEEDBACK_STREAM,
-      ["sentiment"],
-      ["feedback.sentiment_analyzed"],
-      "feedback.failed",
-      { readsBuckets: [STEP_VERSION_BUCKET] },
-    ),
-  },
-  {
-    name: "topics",
-    entry: "services/topics.ts",
-    readsRules: true,
-    analyzes: true,
-    reads: ["rules"],
-    access: step(FEEDBACK_STREAM, ["topics"], ["feedback.topics_extracted"], "feedback.failed", {
-      readsBuckets: [STEP_VERSION_BUCKET],
-    }),
-  },
-  {
-    name: "dispatch",
-    entry: "services/dispatch.ts",
-    readsRules: true,
-    reads: ["rules"],
-    access: step(
-      FEEDBACK_STREAM,
-      ["dispatch"],
-      ["feedback.dispatched", "feedback.processed"],
-      "feedback.failed",
-      { readsBuckets: [STEP_VERSION_BUCKET] },
-    ),
-  },
+/** The runtime's own services: the gateway, the scheduler and the live shadows. */
+const RUNTIME_SERVICES: readonly ServiceSpec[] = [
   {
     name: "gateway",
     entry: "services/gateway.ts",
     listens: true,
     access: {
-      // Entry events and human actions; a redrive republishes a letter's original to the
-      // input of the step that consumed it (after checking it byte for byte against the
-      // stream), which may be any pipeline subject.
-      publishes: [
-        "feedback.>",
-        "content.>",
-        "digest.request.*",
-        "deadletter.redriven.*",
-        `${SHADOW_AUDIT_PREFIX}.>`,
-      ],
+      // Human actions; a redrive republishes a letter's original to the input of the step
+      // that consumed it (after checking it byte for byte against the stream). Each
+      // pipeline adds its own subjects (its wiring's `gateway`).
+      publishes: ["digest.request.*", "deadletter.redriven.*", `${SHADOW_AUDIT_PREFIX}.>`],
       requests: [METRICS_SUBJECT, "weft.*.status", "$SRV.>"],
-      serves: [
-        "weft.feedback.>",
-        "weft.content.>",
-        "weft.reviews.>",
-        "weft.schedules.>",
-        "weft.deadletters.>",
-        `${SHADOW_REQUEST_PREFIX}.>`,
-      ],
-      readsStreams: [
-        FEEDBACK_STREAM,
-        CONTENT_STREAM,
-        DEADLETTER_STREAM,
-        DIGEST_STREAM,
-        SHADOW_STREAM,
-      ],
-      readsBuckets: [STATE_BUCKET, CONTENT_STATE_BUCKET],
-      writesBuckets: [
-        IDEMPOTENCY_BUCKET,
-        SCHEDULE_BUCKET,
-        REVIEW_BUCKET,
-        SHADOW_BUCKET,
-        STEP_VERSION_BUCKET,
-      ],
-      writesObjects: [CONTENT_OBJECT_BUCKET],
+      serves: ["weft.schedules.>", "weft.deadletters.>", `${SHADOW_REQUEST_PREFIX}.>`],
+      readsStreams: [DEADLETTER_STREAM, DIGEST_STREAM, SHADOW_STREAM],
+      writesBuckets: [IDEMPOTENCY_BUCKET, SCHEDULE_BUCKET, SHADOW_BUCKET, STEP_VERSION_BUCKET],
     },
-  },
-  {
-    name: "content-state",
-    entry: "services/content_state.ts",
-    access: {
-      consumes: [{ stream: CONTENT_STREAM, durable: CONTENT_STATE_SPEC.durable }],
-      writesBuckets: [CONTENT_STATE_BUCKET],
-      publishes: [`deadletter.${CONTENT_STATE_SPEC.durable}.*`],
-    },
-  },
-  {
-    name: "moderation",
-    entry: "services/moderation.ts",
-    analyzes: true,
-    access: step(CONTENT_STREAM, ["moderation"], ["content.moderated"], "content.failed", {
-      readsObjects: [CONTENT_OBJECT_BUCKET],
-    }),
-  },
-  {
-    name: "review",
-    entry: "services/review.ts",
-    access: step(
-      CONTENT_STREAM,
-      ["review-queue", "review-sla"],
-      ["content.review_requested", "content.escalated", "content.decided"],
-      "content.failed",
-      { writesBuckets: [REVIEW_BUCKET, SCHEDULE_BUCKET] },
-    ),
-  },
-  {
-    name: "storage",
-    entry: "services/storage.ts",
-    access: step(
-      CONTENT_STREAM,
-      ["storage-moderated", "storage-decided"],
-      ["content.published", "content.archived"],
-      "content.failed",
-      { readsObjects: [CONTENT_OBJECT_BUCKET] },
-    ),
   },
   {
     name: "scheduler",
@@ -342,23 +161,8 @@ export const SERVICES: readonly ServiceSpec[] = [
     },
   },
   {
-    name: "digest",
-    entry: "services/digest.ts",
-    background: true,
-    access: step(
-      DIGEST_STREAM,
-      ["feedback-digest"],
-      ["digest.feedback_counts"],
-      "feedback.failed",
-      {
-        readsStreams: [FEEDBACK_STREAM],
-        writesBuckets: [SCHEDULE_BUCKET],
-      },
-    ),
-  },
-  {
-    // Live shadows: reads production's input and outputs, works consumers of its own on
-    // FEEDBACK (never a step's), publishes only shadow decisions (not the audit events).
+    // Live shadows: read production's input and outputs (each pipeline's wiring adds its
+    // streams), publish only shadow decisions (not the audit events).
     name: "shadow",
     entry: "services/shadow.ts",
     reads: ["rules", "prompts"],
@@ -368,14 +172,37 @@ export const SERVICES: readonly ServiceSpec[] = [
     background: true,
     access: {
       publishes: ["shadow.*.*.*"],
-      // FEEDBACK: production's input and outputs; SHADOW: its own decisions, counted again
-      // after a restart.
-      readsStreams: [FEEDBACK_STREAM, SHADOW_STREAM],
-      managesConsumers: [FEEDBACK_STREAM],
+      // SHADOW: its own decisions, counted again after a restart.
+      readsStreams: [SHADOW_STREAM],
       readsBuckets: [SHADOW_BUCKET],
     },
   },
 ];
+
+/**
+ * The services of the mesh's hand-wired pipelines (`wirings`, the shipped ones by default)
+ * and the runtime's own: each pipeline's services in start order, then the gateway, the
+ * scheduler and the shadow service, grown by what each pipeline needs of them.
+ */
+export function wiredServices(
+  wirings: readonly PipelineWiring[] = SHIPPED_PIPELINES,
+): ServiceSpec[] {
+  const grow =
+    (name: string, part: (w: PipelineWiring) => Access | undefined) =>
+    (s: ServiceSpec): ServiceSpec =>
+      s.name !== name
+        ? s
+        : { ...s, access: wirings.reduce((a, w) => mergeAccess(a, part(w) ?? {}), s.access) };
+  return [
+    ...wirings.flatMap((w) => w.services),
+    ...RUNTIME_SERVICES.map(grow("gateway", (w) => w.gateway)).map(
+      grow("shadow", (w) => w.shadow),
+    ),
+  ];
+}
+
+/** The services of the mesh with the shipped pipelines, in start order. */
+export const SERVICES: readonly ServiceSpec[] = wiredServices();
 
 /**
  * The identities besides the services': `admin` (the supervisor: streams, buckets, and
@@ -389,18 +216,16 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
     publishes: CALLER_SCHEDULABLE_SUBJECTS,
     requests: ["weft.>", "$SRV.>"],
     subscribes: [">"],
-    readsStreams: STREAMS,
+    readsStreams: [...wiredStreams(SHIPPED_PIPELINES), ...RUNTIME_STREAMS],
     readsBuckets: [
-      STATE_BUCKET,
-      CONTENT_STATE_BUCKET,
-      REVIEW_BUCKET,
+      ...wiredReads(SHIPPED_PIPELINES).readsBuckets!,
       SCHEDULE_BUCKET,
       SCHEDULE_LEASE_BUCKET,
       IDEMPOTENCY_BUCKET,
       SHADOW_BUCKET,
       STEP_VERSION_BUCKET,
     ],
-    readsObjects: [CONTENT_OBJECT_BUCKET],
+    readsObjects: wiredReads(SHIPPED_PIPELINES).readsObjects,
   },
 };
 
@@ -1064,9 +889,10 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         const jsm = await jetstreamManager(nc);
         const topology = { ...config, replicas: Math.min(3, config.cluster) };
         await ensureTopology(nc, jsm, topology, pipelineTopology(loaded, config.retentionMs));
-        // A hub: one stream per edge site, sourcing the site's FEEDBACK across domains.
-        const feedback = streamConfigs(topology)[0]!;
-        for (const s of edgeStreamConfigs(config.hub, feedback, definitionSiteStreams(loaded))) {
+        // A hub: one stream per edge site, sourcing the site's streams across domains, with
+        // an event stream's limits (the first pipeline's).
+        const limits = streamConfigs(topology)[0]!;
+        for (const s of edgeStreamConfigs(config.hub, limits, definitionSiteStreams(loaded))) {
           await ensureStream(jsm, s, { allowShrink: config.allowShrink });
         }
         break;

@@ -26,21 +26,17 @@ import { Objm } from "@nats-io/obj";
 import type { NatsConnection } from "@nats-io/nats-core";
 import type { Config } from "./config.ts";
 import {
-  CONTENT_OBJECT_BUCKET,
-  CONTENT_STATE_BUCKET,
-  CONTENT_STREAM,
   DEADLETTER_STREAM,
   DIGEST_STREAM,
-  FEEDBACK_STREAM,
   IDEMPOTENCY_BUCKET,
-  REVIEW_BUCKET,
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
   SHADOW_BUCKET,
   SHADOW_STREAM,
-  STATE_BUCKET,
   STEP_VERSION_BUCKET,
 } from "./subjects.ts";
+import type { PipelineWiring } from "./wiring.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 
 /** A stream configuration; only the name is required. */
 export type NamedStreamConfig = Partial<StreamConfig> & { name: string };
@@ -64,7 +60,6 @@ export type TopologyConfig =
     replicas?: number;
   };
 
-/** Stream configurations, by name. */
 /** Streams and buckets beyond the built-in ones: those of definitions' pipelines. */
 export interface ExtraTopology {
   /** Event streams, with the same limits as the built-in pipelines' streams. */
@@ -73,9 +68,14 @@ export interface ExtraTopology {
   buckets?: readonly { name: string; description: string; ttl?: number }[];
 }
 
+/**
+ * Stream configurations: the hand-wired pipelines' (`wirings`, the shipped ones by default),
+ * the runtime's own (dead letters, digests, shadows), then `extra`'s.
+ */
 export function streamConfigs(
   config: TopologyConfig,
   extra: ExtraTopology = {},
+  wirings: readonly PipelineWiring[] = SHIPPED_PIPELINES,
 ): NamedStreamConfig[] {
   // Every stream: limits retention (SSE replays history, so events stay after acks), file
   // storage, the configured de-duplication window, and discard-NEW: a full stream refuses
@@ -105,11 +105,8 @@ export function streamConfigs(
     maxMsgSize: 1024 * 1024,
   };
   return [
-    stream(
-      FEEDBACK_STREAM,
-      "Weft feedback pipeline: submissions and every event",
-      ["feedback.>"],
-      events,
+    ...wirings.flatMap((w) =>
+      w.streams.map((s) => stream(s.name, s.description, s.subjects, events))
     ),
     stream(
       DEADLETTER_STREAM,
@@ -121,12 +118,6 @@ export function streamConfigs(
       },
     ),
     stream(
-      CONTENT_STREAM,
-      "Weft content moderation: every event of every content item",
-      ["content.>"],
-      events,
-    ),
-    stream(
       DIGEST_STREAM,
       "Weft digests: requests (from schedules) and the digests published",
       ["digest.>"],
@@ -136,7 +127,7 @@ export function streamConfigs(
       },
     ),
     // Live shadows' decisions: discard-old, so a full stream drops its oldest decisions and
-    // never refuses (or slows) a shadow; a day at most, a sixteenth of FEEDBACK's bytes.
+    // never refuses (or slows) a shadow; a day at most, a sixteenth of an event stream's bytes.
     stream(
       SHADOW_STREAM,
       "Weft live shadows: candidates' decisions, and shadow attach/detach/promote events",
@@ -276,33 +267,28 @@ export async function ensureConsumer(
   }
 }
 
-/** The KV buckets: name, what it holds, and how long an entry lives (undefined: forever). */
+/**
+ * The KV buckets: name, what it holds, and how long an entry lives (undefined: forever):
+ * `extra`'s, the hand-wired pipelines' (`wirings`), then the runtime's own.
+ */
 export function bucketConfigs(
   config: TopologyConfig,
   extra: ExtraTopology = {},
+  wirings: readonly PipelineWiring[] = SHIPPED_PIPELINES,
 ): { name: string; description: string; ttl?: number; history?: number }[] {
   return [
     ...(extra.buckets ?? []),
-    {
-      name: STATE_BUCKET,
-      description: "Weft: current state of each feedback item",
-      ttl: config.retentionMs,
-    },
+    ...wirings.flatMap((w) =>
+      (w.buckets ?? []).map((b) => ({
+        name: b.name,
+        description: b.description,
+        ...(b.ttl !== undefined ? { ttl: b.ttl === "retention" ? config.retentionMs : b.ttl } : {}),
+      }))
+    ),
     {
       name: IDEMPOTENCY_BUCKET,
       description: "Weft: first answer to each Idempotency-Key",
       ttl: config.idempotencyTtlMs,
-    },
-    {
-      name: CONTENT_STATE_BUCKET,
-      description: "Weft: current moderation state of each content item",
-      ttl: config.retentionMs,
-    },
-    {
-      name: REVIEW_BUCKET,
-      description: "Weft: the human review queue (compare-and-set claims and decisions)",
-      // Decided entries stay (a second decision must find them) until retention ends.
-      ttl: config.retentionMs,
     },
     { name: SCHEDULE_BUCKET, description: "Weft: schedules of delayed and recurring events" },
     { name: SHADOW_BUCKET, description: "Weft: live shadows attached over the API" },
@@ -319,11 +305,12 @@ export function bucketConfigs(
   ];
 }
 
-/** Creates (or binds to) the KV buckets and the object store of uploads. */
+/** Creates (or binds to) the KV buckets and the hand-wired pipelines' object stores. */
 export async function ensureBuckets(
   nc: NatsConnection,
   config: TopologyConfig,
   extra: ExtraTopology = {},
+  wirings: readonly PipelineWiring[] = SHIPPED_PIPELINES,
 ): Promise<void> {
   const kvm = new Kvm(nc);
   // Another process may create the same bucket at the same moment: its bucket is as good.
@@ -336,7 +323,7 @@ export async function ensureBuckets(
       });
     }
   };
-  for (const { name, description, ttl, history } of bucketConfigs(config, extra)) {
+  for (const { name, description, ttl, history } of bucketConfigs(config, extra, wirings)) {
     await orOpen(
       () =>
         kvm.create(name, {
@@ -350,15 +337,17 @@ export async function ensureBuckets(
     );
   }
   const objm = new Objm(nc);
-  await orOpen(
-    () =>
-      objm.create(CONTENT_OBJECT_BUCKET, {
-        replicas: config.replicas ?? 1,
-        description: "Weft: binary content uploads",
-        storage: StorageType.File,
-      }),
-    () => objm.open(CONTENT_OBJECT_BUCKET),
-  );
+  for (const { name, description } of wirings.flatMap((w) => w.objectStores ?? [])) {
+    await orOpen(
+      () =>
+        objm.create(name, {
+          replicas: config.replicas ?? 1,
+          description,
+          storage: StorageType.File,
+        }),
+      () => objm.open(name),
+    );
+  }
 }
 
 /** Ensures the streams and buckets exist (consumers are ensured by their stages). */
@@ -367,13 +356,18 @@ export async function ensureTopology(
   jsm: JetStreamManager,
   config: TopologyConfig,
   extra: ExtraTopology = {},
+  wirings: readonly PipelineWiring[] = SHIPPED_PIPELINES,
 ): Promise<void> {
-  // Atomic batches (nats-server 2.14+): POST /feedback/batch is then all or nothing on the
-  // bus too (src/atomic_batch.ts). An older server keeps FEEDBACK as it was.
+  // Atomic batches (nats-server 2.14+): a batch submission is then all or nothing on the bus
+  // too (src/atomic_batch.ts), on the streams that ask for it. An older server keeps them as
+  // they were.
   const atomic = supportsAtomicBatch(nc.info?.version);
-  for (const s of streamConfigs(config, extra)) {
-    const want = atomic && s.name === FEEDBACK_STREAM ? { ...s, allow_atomic: true } : s;
+  const wantsAtomic = new Set(
+    wirings.flatMap((w) => w.streams.filter((s) => s.atomicBatch).map((s) => s.name)),
+  );
+  for (const s of streamConfigs(config, extra, wirings)) {
+    const want = atomic && wantsAtomic.has(s.name) ? { ...s, allow_atomic: true } : s;
     await ensureStream(jsm, want, { allowShrink: config.allowShrink });
   }
-  await ensureBuckets(nc, config, extra);
+  await ensureBuckets(nc, config, extra, wirings);
 }

@@ -9,7 +9,7 @@
  */
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
-import { createIntake } from "../src/gateway/intake.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
 import { ErrorCode, WeftError } from "../src/errors.ts";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
 import { publishAtomically, supportsAtomicBatch } from "../src/atomic_batch.ts";

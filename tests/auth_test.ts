@@ -5,8 +5,9 @@
 import assert from "node:assert/strict";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createApp } from "../src/gateway/app.ts";
-import { createIntake } from "../src/gateway/intake.ts";
-import { serveRequests } from "../src/gateway/requests.ts";
+import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
+import { serveRequests } from "../pipelines/feedback/requests.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { headers } from "@nats-io/nats-core";
 import { startTestNats } from "./helpers/nats.ts";
@@ -23,7 +24,14 @@ const bearer = (key?: string): Record<string, string> =>
 Deno.test("HTTP: submitting needs an ingest key, reading any key, dead letters an admin key", async () => {
   await using t = await startTestNats();
   const intake = await createIntake(t.nc);
-  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log, auth });
+  const app = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    extensions: [feedbackRoutes(intake)],
+    config: t.config,
+    log: t.log,
+    auth,
+  });
   const post = (key?: string) =>
     app.request("/feedback", {
       method: "POST",

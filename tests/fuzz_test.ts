@@ -16,8 +16,9 @@
  */
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { createIntake } from "../src/gateway/intake.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
 import { createApp } from "../src/gateway/app.ts";
+import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
@@ -135,11 +136,11 @@ Deno.test({
   const moderation = await createModerationApi({ nc: mesh.nc, config, log, authEnabled: false });
   const app = createApp({
     nc: mesh.nc,
-    intake,
+    jetStream: intake,
     config,
     log,
     auth: createAuth([]),
-    extensions: [moderationRoutes(moderation)],
+    extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
   });
   const routes = [
     ...new Set(

@@ -7,10 +7,11 @@ import assert from "node:assert/strict";
 import { loadConfig } from "../src/config.ts";
 import { ConfigError } from "../src/errors.ts";
 import { createApp } from "../src/gateway/app.ts";
+import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createIngestLimiter, parseIngestLimits } from "../src/gateway/ingest_limits.ts";
-import { createIntake } from "../src/gateway/intake.ts";
-import { serveRequests } from "../src/gateway/requests.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
+import { serveRequests } from "../pipelines/feedback/requests.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
@@ -31,11 +32,11 @@ async function gateway(t: TestNats) {
   });
   return createApp({
     nc: t.nc,
-    intake,
+    jetStream: intake,
     config: t.config,
     log: t.log,
     auth: createAuth([]),
-    extensions: [moderationRoutes(moderation)],
+    extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
   });
 }
 
@@ -241,7 +242,14 @@ Deno.test("ingest limits per API key and role: over the rate or the daily quota 
   const intake = await createIntake(t.nc, "weft-gateway", {
     limiter: createIngestLimiter(limits!),
   });
-  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log, auth });
+  const app = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    extensions: [feedbackRoutes(intake)],
+    config: t.config,
+    log: t.log,
+    auth,
+  });
   const post = (key: string, path = "/feedback", body: unknown = { text: "hi" }) =>
     app.request(path, {
       method: "POST",

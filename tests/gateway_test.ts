@@ -76,10 +76,17 @@ Deno.test("POST /feedback accepts an item with 202 and links, and it reaches pro
 
 Deno.test("GET /feedback/ID answers right after 202, before the state writer has caught up", async () => {
   await using t = await startTestNats();
-  const { createIntake } = await import("../src/gateway/intake.ts");
+  const { createIntake } = await import("../pipelines/feedback/intake.ts");
+  const { feedbackRoutes } = await import("../pipelines/feedback/routes.ts");
   const { createApp } = await import("../src/gateway/app.ts");
   const intake = await createIntake(t.nc);
-  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log }); // no stages, no writer
+  const app = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    extensions: [feedbackRoutes(intake)],
+    config: t.config,
+    log: t.log,
+  }); // no stages, no writer
   const { id } = await (await app.request("/feedback", json({ text: "hello" }))).json();
   const res = await app.request(`/feedback/${id}`);
   assert.equal(res.status, 200);

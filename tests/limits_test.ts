@@ -9,8 +9,9 @@ import type { Hono } from "hono";
 import { jetstream } from "@nats-io/jetstream";
 import { createCapacityGuard, isStreamFull } from "../src/capacity.ts";
 import { ConfigError } from "../src/errors.ts";
-import { createIntake } from "../src/gateway/intake.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
 import { createApp } from "../src/gateway/app.ts";
+import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
 import { WeftMetrics } from "../src/observability/metrics.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
@@ -33,7 +34,13 @@ Deno.test("at its limit, intake refuses new items with 507 and Retry-After, and 
     log: t.log,
   });
   const intake = await createIntake(t.nc, "weft-gateway", { capacity });
-  const app: Hono = createApp({ nc: t.nc, intake, config: t.config, log: t.log });
+  const app: Hono = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    extensions: [feedbackRoutes(intake)],
+    config: t.config,
+    log: t.log,
+  });
 
   const accepted: string[] = [];
   let refused = 0;
@@ -87,8 +94,10 @@ Deno.test("at its limit, intake refuses new items with 507 and Retry-After, and 
 
   // The alert fired before the refusals, in the logs and in /metrics.
   assert.ok(t.lines.some((l) => l.includes('"msg":"stream nearly full"')), "a warning was logged");
-  const text = await (await meshMetrics(t.nc, t.jsm, new WeftMetrics(), { maxWaitMs: 200 }))
-    .metrics();
+  const text = await (await meshMetrics(t.nc, t.jsm, new WeftMetrics(), {
+    maxWaitMs: 200,
+    pipelineStreams: ["FEEDBACK"],
+  })).metrics();
   const ratio = Number(
     text.match(/weft_stream_usage_ratio\{stream="FEEDBACK",resource="bytes"\} ([0-9.]+)/)?.[1],
   );
@@ -137,7 +146,13 @@ Deno.test("a full stream refuses new messages rather than discard accepted ones,
   assert.equal(info.state.first_seq, 1, "nothing accepted was discarded");
   // Over HTTP, the stream's own refusal (behind the high-water mark) is a 507 too.
   const intake = await createIntake(t.nc);
-  const app = createApp({ nc: t.nc, intake, config: t.config, log: t.log });
+  const app = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    extensions: [feedbackRoutes(intake)],
+    config: t.config,
+    log: t.log,
+  });
   const res = await app.request("/feedback", {
     method: "POST",
     headers: JSON_TYPE,

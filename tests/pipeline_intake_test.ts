@@ -9,7 +9,7 @@ import { headers } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createApp } from "../src/gateway/app.ts";
-import { createIntake } from "../src/gateway/intake.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
 import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { createCapacityGuard } from "../src/capacity.ts";
@@ -63,7 +63,7 @@ Deno.test("a definition's intake keeps each key to its rate, over HTTP and NATS 
   const intake = await createIntake(t.nc);
   const app = createApp({
     nc: t.nc,
-    intake,
+    jetStream: intake,
     config: t.config,
     log: t.log,
     auth,
@@ -108,7 +108,7 @@ Deno.test("at its stream's limit, a definition's intake answers 507 and the stre
   const intake = await createIntake(t.nc);
   const app = createApp({
     nc: t.nc,
-    intake,
+    jetStream: intake,
     config: t.config,
     log: t.log,
     pipelines,
@@ -146,7 +146,13 @@ Deno.test("at its stream's limit, a definition's intake answers 507 and the stre
       () => false,
     )
   );
-  const unguarded = createApp({ nc: t.nc, intake, config: t.config, log: t.log, pipelines });
+  const unguarded = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    config: t.config,
+    log: t.log,
+    pipelines,
+  });
   const res = await unguarded.request("/pipelines/tickets/items", {
     method: "POST",
     headers: { "content-type": "application/json" },

@@ -26,7 +26,7 @@ Deno.test("with WEFT_TOGETHER=all every service runs in one process, and both pi
   const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
   // The shadow service alone stays apart: killing it must never take a step with it.
   assert.deepEqual(started.processes, [
-    "together(state,ingest,sentiment,topics,dispatch,gateway,content-state,moderation,review,storage,scheduler,digest)",
+    "together(state,ingest,sentiment,topics,dispatch,digest,content-state,moderation,review,storage,gateway,scheduler)",
     "shadow",
   ]);
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
@@ -109,12 +109,12 @@ Deno.test("WEFT_TOGETHER can group some services and run the rest alone", async 
     "together(state,ingest,dispatch,gateway)",
     "sentiment",
     "topics",
+    "digest",
     "content-state",
     "moderation",
     "review",
     "storage",
     "scheduler",
-    "digest",
     "shadow",
   ]);
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
@@ -169,7 +169,7 @@ export const echo = definePipeline({
   );
   const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
   assert.deepEqual(started.processes, [
-    "together(state,ingest,sentiment,topics,dispatch,gateway,content-state,moderation,review,storage,scheduler,digest,echo-flow,echo-shout)",
+    "together(state,ingest,sentiment,topics,dispatch,digest,content-state,moderation,review,storage,gateway,scheduler,echo-flow,echo-shout)",
     "shadow",
   ]);
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");

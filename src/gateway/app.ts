@@ -1,6 +1,9 @@
 /**
- * The HTTP gateway as a Hono app: ingest feedback, read its state, stream its events.
- * `Deno.serve` lives only in services/gateway.ts; tests drive `app.request()`.
+ * The HTTP gateway as a Hono app: what every pipeline shares (health, readiness, problems,
+ * auth, dead letters, shadows, definitions' routes under /pipelines, metrics, the dashboard,
+ * OpenAPI), and each hand-wired pipeline's own routes as an extension (e.g.
+ * pipelines/feedback/routes.ts). `Deno.serve` lives only in services/gateway.ts; tests
+ * drive `app.request()`.
  *
  * @module
  */
@@ -17,27 +20,17 @@ import {
   RequestError,
   TimeoutError,
 } from "@nats-io/nats-core";
-import { JetStreamApiError } from "@nats-io/jetstream";
+import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { watchConnection } from "../nats.ts";
 import type { Config } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
 import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
-import { validateDocument } from "../schemas.ts";
-import {
-  DEADLETTER_STREAM,
-  FEEDBACK_STREAM,
-  FeedbackEventType,
-  itemEventsFilter,
-  typeFilter,
-} from "../subjects.ts";
-import { parseTraceparent } from "../observability/trace.ts";
+import { DEADLETTER_STREAM } from "../subjects.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
-import type { Intake } from "./intake.ts";
 import { type Auth, createAuth } from "./auth.ts";
 import { Role } from "../config.ts";
-import { LiveFeeds, openSlot, SseClients, streamEvents } from "./sse.ts";
-import { boolQuery } from "./query.ts";
+import { LiveFeeds, SseClients } from "./sse.ts";
 import { type IntakeGuards, pipelineRoutes } from "./pipelines.ts";
 import { openApiDocument } from "./openapi.ts";
 import { pipelineSubjects } from "../pipeline/derive.ts";
@@ -48,12 +41,16 @@ import { edgeRoutes } from "./edge_routes.ts";
 import type { ShadowControl } from "../shadow/control.ts";
 import { shadowRoutes } from "./shadows.ts";
 
-/** What the gateway shares with a pipeline's own routes: its auth, settings, log and SSE slots. */
+/**
+ * What the gateway shares with a pipeline's own routes: its auth, settings, log, SSE slots
+ * and live event feeds.
+ */
 export interface GatewayContext {
   auth: Auth;
   config: Config;
   log: Logger;
   clients: SseClients;
+  feeds: LiveFeeds;
 }
 
 /**
@@ -67,17 +64,23 @@ export type GatewayExtension = (ctx: GatewayContext) => Hono<any>;
 export interface GatewayDeps {
   /** The NATS connection; `GET /readyz` reports whether it is open. */
   nc: NatsConnection;
-  /** Accepts feedback and answers state lookups. */
-  intake: Intake;
+  /** JetStream on `nc`: event streams, dead letters and the dashboard read through it. */
+  jetStream: { js: JetStreamClient; jsm: JetStreamManager };
+  /**
+   * The hand-wired pipelines' streams: `GET /readyz` checks them (and the dead letters),
+   * and /metrics reports their consumers' backlogs.
+   */
+  streams?: readonly string[];
   /** Body limits, SSE limits and the other gateway settings. */
   config: Config;
   /** Where request failures are logged. */
   log: Logger;
-  /** API keys; when enabled, feedback ingest needs an ingest (or admin) key too. */
+  /** API keys; when enabled, ingest needs an ingest (or admin) key too. */
   auth?: Auth;
   /**
-   * Routes a pipeline brings of its own (content moderation: /content, /reviews,
-   * /schedules), each built with what the gateway shares and mounted at `/`.
+   * Routes a hand-wired pipeline brings of its own (feedback: /feedback, /events; content
+   * moderation: /content, /reviews, /schedules), each built with what the gateway shares
+   * and mounted at `/`.
    */
   extensions?: readonly GatewayExtension[];
   /** The gateway's own metrics; `GET /metrics` adds every service's to them. */
@@ -88,7 +91,7 @@ export interface GatewayDeps {
   feeds?: LiveFeeds;
   /** Pipelines loaded from definitions: their routes under /pipelines. */
   pipelines?: readonly LoadedPipeline[];
-  /** Rate limits, quotas and stream capacity at the definitions' intake (as `intake` has). */
+  /** Rate limits, quotas and stream capacity at the definitions' intake (as the hand-wired pipelines' intakes have). */
   guards?: IntakeGuards;
   /** Live shadow control: mounts /shadows (admin). */
   shadows?: ShadowControl;
@@ -143,7 +146,6 @@ export async function readJson(c: Context): Promise<unknown> {
   }
 }
 
-const EVENT_TYPES = new Set<string>(Object.values(FeedbackEventType));
 /** Routes that answer without NATS. */
 const NO_NATS_NEEDED = new Set(["/healthz", "/", "/dashboard", "/openapi.json"]);
 
@@ -165,15 +167,16 @@ function isNatsUnavailable(err: unknown): boolean {
  *
  * @example
  * ```ts ignore
- * const app = createApp({ nc, intake: await createIntake(nc), config, log });
+ * const jetStream = { js: jetstream(nc), jsm: await jetstreamManager(nc) };
+ * const app = createApp({ nc, jetStream, config, log, extensions: [feedbackRoutes(intake)] });
  * Deno.serve({ port: config.port }, app.fetch);
  * ```
  */
 export function createApp(deps: GatewayDeps): Hono {
-  const { intake, config, log } = deps;
+  const { jetStream, config, log } = deps;
   const clients = deps.sseClients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
   const feeds = deps.feeds ??
-    new LiveFeeds(intake.js, log, config.sseFlushMs, config.sseWritesPerSecond);
+    new LiveFeeds(jetStream.js, log, config.sseFlushMs, config.sseWritesPerSecond);
   const app = new Hono();
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
@@ -210,8 +213,6 @@ export function createApp(deps: GatewayDeps): Hono {
     problemResponse(c, new WeftError(ErrorCode.NotFound, `no route ${c.req.method} ${c.req.path}`))
   );
 
-  const limit = bodyLimitProblem;
-  const traceOf = (c: Context) => parseTraceparent(c.req.header("traceparent"));
   // With API keys configured: ingest needs an ingest key, reading items any key, dead
   // letters an admin key (admin may do everything). Without keys, auth is off.
   const guard = (...roles: Role[]): MiddlewareHandler =>
@@ -221,7 +222,6 @@ export function createApp(deps: GatewayDeps): Hono {
   const ingestAuth = guard(Role.Ingest);
   const readAuth = guard(Role.Ingest, Role.Reviewer);
   const adminAuth = guard(Role.Admin);
-  const keyOf = (c: Context) => c.req.header("Idempotency-Key");
   /** The caller, for per-key limits: the key's holder, or (auth off) one anonymous caller. */
   const whoOf = (c: Context): { name: string; role: string } =>
     (c.get("principal") as { name: string; role: string } | undefined) ??
@@ -236,8 +236,9 @@ export function createApp(deps: GatewayDeps): Hono {
       return problemResponse(c, new WeftError(ErrorCode.Unavailable, "NATS connection closed"));
     }
     try {
-      await intake.jsm.streams.info(FEEDBACK_STREAM);
-      await intake.jsm.streams.info(DEADLETTER_STREAM);
+      for (const stream of [...deps.streams ?? [], DEADLETTER_STREAM]) {
+        await jetStream.jsm.streams.info(stream);
+      }
     } catch (err) {
       return problemResponse(
         c,
@@ -247,68 +248,6 @@ export function createApp(deps: GatewayDeps): Hono {
       );
     }
     return c.json({ status: "ready", nats: deps.nc.getServer() });
-  });
-
-  app.post("/feedback", ingestAuth, requireJson, limit(config.bodyLimit), async (c) => {
-    const submission = validateDocument("feedback.submit", await readJson(c));
-    const { body, replayed } = await intake.submit(submission, {
-      idempotencyKey: keyOf(c),
-      trace: traceOf(c),
-      who: whoOf(c),
-    });
-    if (replayed) c.header("Idempotent-Replayed", "true");
-    c.header("Location", body.links.state);
-    return c.json(body, 202);
-  });
-
-  app.post("/feedback/batch", ingestAuth, requireJson, limit(config.batchBodyLimit), async (c) => {
-    const batch = validateDocument("feedback.submit_batch", await readJson(c));
-    const { body, replayed } = await intake.submitBatch(batch.items, {
-      idempotencyKey: keyOf(c),
-      trace: traceOf(c),
-      who: whoOf(c),
-    });
-    if (replayed) c.header("Idempotent-Replayed", "true");
-    return c.json(body, 202);
-  });
-
-  app.get("/feedback/:id", readAuth, async (c) => c.json(await intake.state(c.req.param("id"))));
-
-  app.get("/feedback/:id/events", readAuth, async (c) => {
-    const id = c.req.param("id");
-    const from = await intake.eventsStart(id);
-    if (from === null) {
-      throw new WeftError(ErrorCode.NotFound, `no feedback item ${JSON.stringify(id)}`);
-    }
-    const key = openSlot(clients, c);
-    return streamEvents(c, intake.js, {
-      filter: itemEventsFilter(id),
-      closeOnFinal: true,
-      replay: true,
-      from,
-      itemId: id,
-    }, { config, clients, feeds, log, key });
-  });
-
-  app.get("/events", readAuth, (c) => {
-    const type = c.req.query("type");
-    let filter = "feedback.*.*";
-    if (type !== undefined) {
-      const full = type.startsWith("feedback.") ? type : `feedback.${type}`;
-      if (!EVENT_TYPES.has(full)) {
-        throw new ValidationError(
-          `type must be one of ${[...EVENT_TYPES].map((t) => t.slice(9)).join(", ")}`,
-          { field: "type" },
-        );
-      }
-      filter = typeFilter(full);
-    }
-    const key = openSlot(clients, c);
-    return streamEvents(c, intake.js, {
-      filter,
-      closeOnFinal: false,
-      replay: boolQuery(c.req.query("replay"), "replay") === true,
-    }, { config, clients, feeds, log, key });
   });
 
   {
@@ -332,7 +271,7 @@ export function createApp(deps: GatewayDeps): Hono {
 
   app.use("/deadletters", adminAuth);
   app.use("/deadletters/*", adminAuth);
-  app.route("/deadletters", deadLetterRoutes(intake.js));
+  app.route("/deadletters", deadLetterRoutes(jetStream.js));
   if (deps.shadows) {
     app.use("/shadows", adminAuth);
     app.use("/shadows/*", adminAuth);
@@ -340,7 +279,7 @@ export function createApp(deps: GatewayDeps): Hono {
   }
   const auth = deps.auth ?? createAuth([]);
   for (const extension of deps.extensions ?? []) {
-    app.route("/", extension({ auth, config, log, clients }));
+    app.route("/", extension({ auth, config, log, clients, feeds }));
   }
   if (config.hub.length > 0) {
     // A hub: its edge sites' items, read from the streams that source them.
@@ -348,10 +287,10 @@ export function createApp(deps: GatewayDeps): Hono {
     app.use("/sites/*", readAuth);
     app.route(
       "/sites",
-      edgeRoutes(intake, config.hub, {
+      edgeRoutes(jetStream, config.hub, {
         config,
         clients,
-        feeds: new LiveFeeds(intake.js, log, config.sseFlushMs, config.sseWritesPerSecond),
+        feeds: new LiveFeeds(jetStream.js, log, config.sseFlushMs, config.sseWritesPerSecond),
         log,
       }, deps.pipelines),
     );
@@ -362,7 +301,10 @@ export function createApp(deps: GatewayDeps): Hono {
     ...deps,
     metrics,
     clients,
-    pipelineStreams: (deps.pipelines ?? []).map((p) => pipelineSubjects(p.def).stream),
+    pipelineStreams: [
+      ...deps.streams ?? [],
+      ...(deps.pipelines ?? []).map((p) => pipelineSubjects(p.def).stream),
+    ],
   });
 
   return app;

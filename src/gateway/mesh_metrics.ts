@@ -16,7 +16,7 @@ import {
   type WeftMetrics,
 } from "../observability/metrics.ts";
 import { usageOf } from "../capacity.ts";
-import { DEADLETTER_STREAM, FEEDBACK_STREAM, STREAMS } from "../subjects.ts";
+import { DEADLETTER_STREAM, RUNTIME_STREAMS } from "../subjects.ts";
 import { REDRIVEN_PREFIX } from "../redrive.ts";
 
 /** The streams whose limits /metrics reports. */
@@ -27,8 +27,11 @@ export interface GatherOptions {
   maxWaitMs?: number;
   /** The gather ends this long after the last answer, ms. */
   stallMs?: number;
-  /** Streams whose durable consumers' backlogs are reported; FEEDBACK by default. */
-  backlogStreams?: readonly string[];
+  /**
+   * The pipelines' streams: their durable consumers' backlogs and their usage are reported
+   * (the runtime's own streams' usage always is).
+   */
+  pipelineStreams?: readonly string[];
 }
 
 /** JetStream's counts for one durable consumer. */
@@ -48,7 +51,7 @@ export interface ConsumerBacklog {
 /** Every durable consumer's backlog, read from JetStream. */
 export async function consumerBacklogs(
   jsm: JetStreamManager,
-  streams: readonly string[] = [FEEDBACK_STREAM],
+  streams: readonly string[] = [],
 ): Promise<ConsumerBacklog[]> {
   const out: ConsumerBacklog[] = [];
   for (const stream of streams) {
@@ -111,9 +114,9 @@ export async function meshMetrics(
 ): Promise<client.Registry> {
   const [remote, backlogs, streams] = await Promise.all([
     gatherServiceMetrics(nc, opts),
-    consumerBacklogs(jsm, opts.backlogStreams),
+    consumerBacklogs(jsm, opts.pipelineStreams),
     Promise.all(
-      STREAMS.map((name) =>
+      [...opts.pipelineStreams ?? [], ...RUNTIME_STREAMS].map((name) =>
         jsm.streams.info(
           name,
           // DEADLETTER's info also counts its redrive markers, per letter redriven.

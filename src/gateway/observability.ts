@@ -63,15 +63,15 @@ export function instrumentGateway(app: Hono, metrics: WeftMetrics, clients: SseC
 export interface ObservabilityDeps {
   /** Where services answer metrics requests. */
   nc: NatsConnection;
-  /** JetStream access (the intake's). */
-  intake: { js: JetStreamClient; jsm: JetStreamManager };
+  /** JetStream access. */
+  jetStream: { js: JetStreamClient; jsm: JetStreamManager };
   /** The gateway's configuration. */
   config: Config;
   /** The gateway's logger. */
   log: Logger;
   /** The gateway's own metrics. */
   metrics: WeftMetrics;
-  /** Streams of the pipelines run from definitions: their steps' backlogs are reported. */
+  /** Streams of the pipelines (hand-wired and definitions'): their steps' backlogs are reported. */
   pipelineStreams?: readonly string[];
   /** Open SSE clients, counted against the maximum. */
   clients: SseClients;
@@ -79,14 +79,14 @@ export interface ObservabilityDeps {
 
 /** Mounts /metrics and the dashboard routes. */
 export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
-  const { nc, intake, metrics, clients, log } = deps;
-  const gather = { backlogStreams: [FEEDBACK_STREAM, ...deps.pipelineStreams ?? []] };
+  const { nc, jetStream, metrics, clients, log } = deps;
+  const gather = { pipelineStreams: deps.pipelineStreams ?? [] };
   // One gather serves every dashboard open within the same tick.
   let cached: { at: number; snapshot: Promise<MeshSnapshot> } | undefined;
   const snapshot = () => {
     const now = Date.now();
     if (!cached || now - cached.at >= DASHBOARD_TICK_MS / 2) {
-      const p = meshMetrics(nc, intake.jsm, metrics, gather).then(meshSnapshot);
+      const p = meshMetrics(nc, jetStream.jsm, metrics, gather).then(meshSnapshot);
       cached = { at: now, snapshot: p };
       p.catch(() => (cached = undefined));
     }
@@ -94,7 +94,7 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   };
 
   app.get("/metrics", async (c) => {
-    const registry = await meshMetrics(nc, intake.jsm, metrics, gather);
+    const registry = await meshMetrics(nc, jetStream.jsm, metrics, gather);
     return c.body(await registry.metrics(), 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
 
@@ -130,10 +130,10 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
     const limit = intQuery(c.req.query("limit"), "limit", 1, RECENT_EVENTS_MAX) ?? 200;
     const sites = deps.config.hub;
     return c.json({
-      events: await recentEvents(intake.js, intake.jsm, limit),
+      events: await recentEvents(jetStream.js, jetStream.jsm, limit),
       // A hub's edge sites: their latest events too, each with its site.
       ...(sites.length > 0
-        ? { site_events: await recentSiteEvents(intake.js, intake.jsm, sites, limit) }
+        ? { site_events: await recentSiteEvents(jetStream.js, jetStream.jsm, sites, limit) }
         : {}),
     });
   });

@@ -25,7 +25,7 @@ import type { Logger } from "../observability/log.ts";
 import { ErrorCode, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
 import { readStream } from "../stream_reader.ts";
-import { FEEDBACK_STREAM, FINAL_EVENT_TYPES, subjectMatches } from "../subjects.ts";
+import { subjectMatches } from "../subjects.ts";
 
 /** Most frames a client's live queue holds before the client is cut as too slow. */
 export const SSE_QUEUE_FRAMES = 256;
@@ -34,7 +34,7 @@ export const SSE_QUEUE_BYTES = 128 * 1024;
 
 /** What to stream. */
 export interface SseSelection {
-  /** Subject filter, e.g. `feedback.*.ID` or `feedback.*.*`. */
+  /** Subject filter, e.g. `orders.*.ID` or `orders.*.*`. */
   filter: string;
   /** Close after an item's final event (per-item streams). */
   closeOnFinal: boolean;
@@ -46,9 +46,9 @@ export interface SseSelection {
    * filter means matching every message the stream holds, under its locks.
    */
   from?: number;
-  /** The stream to read; defaults to FEEDBACK. */
-  stream?: string;
-  /** The event types that end a per-item stream; defaults to the feedback ones. */
+  /** The stream to read. */
+  stream: string;
+  /** The event types that end a per-item stream (none by default). */
   finalTypes?: ReadonlySet<string>;
   /** The item of a per-item stream: lets a resumed stream that saw its end close at once. */
   itemId?: string;
@@ -566,8 +566,8 @@ export function streamEvents(
   },
 ): Response {
   const after = resumeAfter(c.req.header("Last-Event-ID"));
-  const streamName = sel.stream ?? FEEDBACK_STREAM;
-  const finalTypes = sel.finalTypes ?? FINAL_EVENT_TYPES;
+  const streamName = sel.stream;
+  const finalTypes = sel.finalTypes ?? new Set<string>();
   return sseResponse(c, async (stream) => {
     let keepAlive: ReturnType<typeof setInterval> | undefined;
     let sub: FeedSubscription | undefined;

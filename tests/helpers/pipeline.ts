@@ -15,8 +15,9 @@ import {
 } from "../../pipelines/feedback/stages.ts";
 import { runStateWriter, type StateWriter } from "../../src/state_writer.ts";
 import { FEEDBACK_STATE_SPEC } from "../../pipelines/feedback/state.ts";
-import { createIntake, type Intake } from "../../src/gateway/intake.ts";
+import { createIntake, type Intake } from "../../pipelines/feedback/intake.ts";
 import { createApp } from "../../src/gateway/app.ts";
+import { feedbackRoutes } from "../../pipelines/feedback/routes.ts";
 import type { TestNats } from "./nats.ts";
 
 /** A running in-process pipeline. */
@@ -38,7 +39,7 @@ export async function startPipeline(t: TestNats): Promise<Pipeline> {
     await runStage({ ...deps, stage: dispatchStage(rules.route) }),
   ];
   const intake = await createIntake(t.nc);
-  const app = createApp({ ...deps, intake });
+  const app = createApp({ ...deps, jetStream: intake, extensions: [feedbackRoutes(intake)] });
   return {
     app,
     intake,

@@ -17,23 +17,23 @@ import {
 } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
-import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
-import { createEvent, deterministicId } from "../events.ts";
-import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../events.gen.ts";
+import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../../src/errors.ts";
+import { createEvent, deterministicId } from "../../src/events.ts";
+import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../../src/events.gen.ts";
 import canonicalize from "canonicalize";
-import { eventMessage, publishEvent } from "../runner.ts";
+import { eventMessage, publishEvent } from "../../src/runner.ts";
 import {
   allowsAtomicBatch,
   AtomicBatchRefused,
   type BatchMessage,
   publishAtomically,
-} from "../atomic_batch.ts";
+} from "../../src/atomic_batch.ts";
 import pLimit from "p-limit";
-import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
-import type { IngestLimiter } from "./ingest_limits.ts";
-import { firstEventSeq } from "../state.ts";
-import { applyEvent } from "../../pipelines/feedback/state.ts";
-import { readState } from "../state_writer.ts";
+import { type CapacityGuard, isStreamFull, streamFullError } from "../../src/capacity.ts";
+import type { IngestLimiter } from "../../src/gateway/ingest_limits.ts";
+import { firstEventSeq } from "../../src/state.ts";
+import { applyEvent } from "./state.ts";
+import { readState } from "../../src/state_writer.ts";
 import {
   eventSubject,
   FEEDBACK_STREAM,
@@ -41,10 +41,10 @@ import {
   IDEMPOTENCY_BUCKET,
   ITEM_ID,
   STATE_BUCKET,
-} from "../subjects.ts";
-import { ingestedEventId, itemOf } from "../../pipelines/feedback/stages.ts";
-import { childContext, type TraceContext } from "../observability/trace.ts";
-import { activeTraceContext } from "../observability/telemetry.ts";
+} from "../../src/subjects.ts";
+import { ingestedEventId, itemOf } from "./stages.ts";
+import { childContext, type TraceContext } from "../../src/observability/trace.ts";
+import { activeTraceContext } from "../../src/observability/telemetry.ts";
 
 /** The answer to an accepted submission. */
 export interface Accepted {

@@ -1,0 +1,22 @@
+/**
+ * The feedback pipeline's part of the gateway: its intake (POST /feedback and the
+ * `weft.feedback.submit` request subject share it), its HTTP routes and its NATS requests.
+ *
+ * @module
+ */
+import type { GatewayPart, GatewayPartContext } from "../../src/wiring.ts";
+import { createIntake } from "./intake.ts";
+import { feedbackRoutes } from "./routes.ts";
+import { serveRequests } from "./requests.ts";
+
+/** Starts the feedback pipeline's part of the gateway. */
+export async function feedbackGateway(ctx: GatewayPartContext): Promise<GatewayPart> {
+  const { nc, log, metrics, auth, capacity, limiter } = ctx;
+  const intake = await createIntake(nc, "weft-gateway", {
+    capacity,
+    limiter,
+    onAccepted: (n) => metrics.accepted.inc({ pipeline: "feedback" }, n),
+  });
+  const requests = serveRequests(nc, intake, log, auth);
+  return { routes: feedbackRoutes(intake), stop: () => requests.stop() };
+}

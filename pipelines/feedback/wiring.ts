@@ -1,0 +1,116 @@
+/**
+ * How the feedback pipeline plugs into the mesh: its stream and state bucket, its services
+ * (state writer, ingest, sentiment, topics, dispatch, and the digest), and what the gateway
+ * and the shadow service need for it (src/wiring.ts).
+ *
+ * @module
+ */
+import type { PipelineWiring } from "../../src/wiring.ts";
+import { stepAccess } from "../../src/wiring.ts";
+import {
+  DIGEST_STREAM,
+  FEEDBACK_STREAM,
+  SCHEDULE_BUCKET,
+  STATE_BUCKET,
+  STEP_VERSION_BUCKET,
+} from "../../src/subjects.ts";
+import { FEEDBACK_STATE_SPEC } from "./state.ts";
+
+/** The feedback pipeline's part of the mesh. */
+export const FEEDBACK_WIRING: PipelineWiring = {
+  name: "feedback",
+  streams: [{
+    name: FEEDBACK_STREAM,
+    description: "Weft feedback pipeline: submissions and every event",
+    subjects: ["feedback.>"],
+    // POST /feedback/batch is all or nothing on the bus too, where the server allows.
+    atomicBatch: true,
+  }],
+  buckets: [{
+    name: STATE_BUCKET,
+    description: "Weft: current state of each feedback item",
+    ttl: "retention",
+  }],
+  services: [
+    {
+      name: "state",
+      entry: "services/state.ts",
+      access: {
+        consumes: [{ stream: FEEDBACK_STREAM, durable: FEEDBACK_STATE_SPEC.durable }],
+        writesBuckets: [STATE_BUCKET],
+        publishes: [`deadletter.${FEEDBACK_STATE_SPEC.durable}.*`],
+      },
+    },
+    {
+      name: "ingest",
+      entry: "services/ingest.ts",
+      access: stepAccess(FEEDBACK_STREAM, ["ingest"], ["feedback.ingested"], "feedback.failed"),
+    },
+    {
+      name: "sentiment",
+      entry: "services/sentiment.ts",
+      readsRules: true,
+      analyzes: true,
+      // A promoted candidate's ruleset is in rules/.
+      reads: ["rules"],
+      access: stepAccess(
+        FEEDBACK_STREAM,
+        ["sentiment"],
+        ["feedback.sentiment_analyzed"],
+        "feedback.failed",
+        { readsBuckets: [STEP_VERSION_BUCKET] },
+      ),
+    },
+    {
+      name: "topics",
+      entry: "services/topics.ts",
+      readsRules: true,
+      analyzes: true,
+      reads: ["rules"],
+      access: stepAccess(
+        FEEDBACK_STREAM,
+        ["topics"],
+        ["feedback.topics_extracted"],
+        "feedback.failed",
+        { readsBuckets: [STEP_VERSION_BUCKET] },
+      ),
+    },
+    {
+      name: "dispatch",
+      entry: "services/dispatch.ts",
+      readsRules: true,
+      reads: ["rules"],
+      access: stepAccess(
+        FEEDBACK_STREAM,
+        ["dispatch"],
+        ["feedback.dispatched", "feedback.processed"],
+        "feedback.failed",
+        { readsBuckets: [STEP_VERSION_BUCKET] },
+      ),
+    },
+    {
+      name: "digest",
+      entry: "services/digest.ts",
+      background: true,
+      access: stepAccess(
+        DIGEST_STREAM,
+        ["feedback-digest"],
+        ["digest.feedback_counts"],
+        "feedback.failed",
+        { readsStreams: [FEEDBACK_STREAM], writesBuckets: [SCHEDULE_BUCKET] },
+      ),
+    },
+  ],
+  gateway: {
+    // Entry events; a redrive republishes a letter's original to the input of the step
+    // that consumed it, which may be any of the pipeline's subjects.
+    publishes: ["feedback.>"],
+    serves: ["weft.feedback.>"],
+    readsStreams: [FEEDBACK_STREAM],
+    readsBuckets: [STATE_BUCKET],
+  },
+  loadGateway: async () => (await import("./gateway.ts")).feedbackGateway,
+  // Live shadows read production's input and outputs and work consumers of their own on
+  // FEEDBACK (never a step's).
+  shadow: { readsStreams: [FEEDBACK_STREAM], managesConsumers: [FEEDBACK_STREAM] },
+};

@@ -1,0 +1,25 @@
+/**
+ * The content moderation pipeline's part of the gateway: its API (uploads, reviews,
+ * schedules), its HTTP routes and its NATS requests.
+ *
+ * @module
+ */
+import type { GatewayPart, GatewayPartContext } from "../../src/wiring.ts";
+import { createModerationApi } from "./api.ts";
+import { moderationRoutes } from "./routes.ts";
+import { serveModerationRequests } from "./requests.ts";
+
+/** Starts the moderation pipeline's part of the gateway. */
+export async function moderationGateway(ctx: GatewayPartContext): Promise<GatewayPart> {
+  const { nc, config, log, auth, capacity, limiter } = ctx;
+  const api = await createModerationApi({
+    nc,
+    config,
+    log,
+    authEnabled: auth.enabled,
+    capacity,
+    limiter,
+  });
+  const requests = serveModerationRequests(nc, api, auth, log);
+  return { routes: moderationRoutes(api), stop: () => requests.stop() };
+}

@@ -1,0 +1,179 @@
+/**
+ * How a hand-wired pipeline plugs into the mesh: its streams, buckets and object stores, its
+ * services, and what the mesh's shared services (the gateway, the shadow service, the
+ * operators) need for it. The runtime (topology, supervisor, identities) reads these and
+ * names no pipeline of its own.
+ *
+ * The shipped feedback and moderation pipelines are wired this way, each in its own folder
+ * (`pipelines/<name>/wiring.ts`, listed in pipelines/shipped.ts), until they run as
+ * definitions; a definition's pipeline derives the same from its definition instead
+ * (src/pipeline/runtime.ts).
+ *
+ * @module
+ */
+import type { NatsConnection } from "@nats-io/nats-core";
+import type { Access } from "./identities.ts";
+import type { Config } from "./config.ts";
+import type { Logger } from "./observability/log.ts";
+import type { WeftMetrics } from "./observability/metrics.ts";
+import type { Auth } from "./gateway/auth.ts";
+import type { GatewayExtension } from "./gateway/app.ts";
+import type { CapacityGuard } from "./capacity.ts";
+import type { IngestLimiter } from "./gateway/ingest_limits.ts";
+
+/** A service the supervisor runs. */
+export interface ServiceSpec {
+  name: string;
+  /** Entry module, relative to the repository root. */
+  entry: string;
+  /** Reads the ruleset file. */
+  readsRules?: boolean;
+  /** Runs analyzers: with `llm` ones it calls the LLM endpoint and reads prompts/. */
+  analyzes?: boolean;
+  /** Listens on the gateway's host:port. */
+  listens?: boolean;
+  /** What it does on the bus: its NATS identity's permissions follow from it. */
+  access: Access;
+  /** Arguments after the entry module. */
+  args?: readonly string[];
+  /** Files and folders it reads (a pipeline definition's folder). */
+  reads?: readonly string[];
+  /** Calls the LLM endpoint whatever the analyzers (a definition's llm step). */
+  llm?: boolean;
+  /**
+   * Runs in a process of its own even under `--together` (all): the shadow service, so
+   * killing or crashing it never takes a production step with it.
+   */
+  apart?: boolean;
+  /**
+   * Background work off every item's path (timers, digests, shadows): its process runs with
+   * V8's `--optimize-for-size`, about 12 MiB smaller idle for code about half as fast
+   * (docs/BENCH.md), which such work never notices.
+   */
+  background?: boolean;
+  /** Processes running it, sharing its consumer (a pipeline step's `replicas`). Default 1. */
+  replicas?: number;
+  /** Which of them this is (0-based), when it has several. */
+  replica?: number;
+}
+
+/** A stream of a hand-wired pipeline. */
+export interface WiredStream {
+  name: string;
+  description: string;
+  subjects: string[];
+  /**
+   * Accepts atomic batch publishes where the server has them (nats-server 2.14+), so a
+   * batch submission is all or nothing on the bus too (src/atomic_batch.ts).
+   */
+  atomicBatch?: boolean;
+}
+
+/** A KV bucket of a hand-wired pipeline. */
+export interface WiredBucket {
+  name: string;
+  description: string;
+  /** How long an entry lives, ms; `"retention"`: as long as events (`WEFT_RETENTION_MS`). */
+  ttl?: number | "retention";
+}
+
+/** What the gateway service shares with each pipeline's part of it. */
+export interface GatewayPartContext {
+  nc: NatsConnection;
+  config: Config;
+  log: Logger;
+  /** The gateway's metrics (e.g. items accepted, per pipeline). */
+  metrics: WeftMetrics;
+  auth: Auth;
+  /** Refuses new items (507) when a stream is past its high-water mark. */
+  capacity: CapacityGuard;
+  /** Refuses callers over their ingest rate or quota (429). */
+  limiter: IngestLimiter;
+}
+
+/** A pipeline's part of the gateway: its HTTP routes and its NATS request handlers. */
+export interface GatewayPart {
+  /** Its routes, mounted on the gateway app. */
+  routes: GatewayExtension;
+  /** Stops answering its request subjects. */
+  stop(): void;
+}
+
+/** What a hand-wired pipeline adds to the mesh. */
+export interface PipelineWiring {
+  /** The pipeline's name: the first token of its event subjects. */
+  name: string;
+  /** Its event streams, kept with the configured retention and byte limits. */
+  streams: readonly WiredStream[];
+  /** Its KV buckets. */
+  buckets?: readonly WiredBucket[];
+  /** Its object stores. */
+  objectStores?: readonly { name: string; description: string }[];
+  /** Its services, in start order. */
+  services: readonly ServiceSpec[];
+  /** What the gateway needs to serve it: its routes, request subjects and reads. */
+  gateway?: Access;
+  /**
+   * Loads its part of the gateway (only the gateway service loads it, so a step's process
+   * never loads HTTP code), then starts it.
+   */
+  loadGateway?: () => Promise<(ctx: GatewayPartContext) => Promise<GatewayPart>>;
+  /** What the shadow service needs to shadow its steps. */
+  shadow?: Access;
+}
+
+/** Two accesses as one: every list joined. */
+export function mergeAccess(a: Access, b: Access): Access {
+  const out: Record<string, unknown> = { ...a };
+  for (const [k, v] of Object.entries(b)) {
+    const have = (a as Record<string, unknown>)[k];
+    out[k] = Array.isArray(v) ? [...new Set([...(have as unknown[] ?? []), ...v])] : v ?? have;
+  }
+  return out as Access;
+}
+
+/**
+ * The access of a pipeline step: it consumes its own durables, publishes its output event
+ * types, its pipeline's failure event and its dead letters, plus whatever `extra` grants.
+ *
+ * @example
+ * ```ts
+ * import { stepAccess } from "./wiring.ts";
+ * const a = stepAccess("ORDERS", ["price"], ["orders.priced"], "orders.failed");
+ * console.assert(a.publishes!.includes("deadletter.price.*"));
+ * ```
+ */
+export function stepAccess(
+  stream: string,
+  durables: readonly string[],
+  outputs: readonly string[],
+  failed: string,
+  extra: Access = {},
+): Access {
+  return {
+    ...extra,
+    consumes: durables.map((durable) => ({ stream, durable })),
+    publishes: [
+      ...outputs.map((t) => `${t}.*`),
+      `${failed}.*`,
+      ...durables.map((d) => `deadletter.${d}.*`),
+      ...extra.publishes ?? [],
+    ],
+  };
+}
+
+/** Every stream of `wirings`. */
+export function wiredStreams(wirings: readonly PipelineWiring[]): string[] {
+  return wirings.flatMap((w) => w.streams.map((s) => s.name));
+}
+
+/**
+ * What operators read of `wirings`: every stream, bucket and object store.
+ */
+export function wiredReads(wirings: readonly PipelineWiring[]): Access {
+  return {
+    readsStreams: wiredStreams(wirings),
+    readsBuckets: wirings.flatMap((w) => (w.buckets ?? []).map((b) => b.name)),
+    readsObjects: wirings.flatMap((w) => (w.objectStores ?? []).map((o) => o.name)),
+  };
+}

@@ -1,0 +1,72 @@
+import assert from "node:assert/strict";
+import { loadConfig } from "./config.ts";
+import { bucketConfigs, streamConfigs } from "./topology.ts";
+import { SERVICES, wiredServices } from "./supervisor.ts";
+import { type PipelineWiring, stepAccess, wiredReads } from "./wiring.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
+
+/** A pipeline nobody ships: what a wiring alone makes of it. */
+const ORDERS: PipelineWiring = {
+  name: "orders",
+  streams: [{ name: "ORDERS", description: "orders", subjects: ["orders.>"], atomicBatch: true }],
+  buckets: [
+    { name: "weft_orders_state", description: "state", ttl: "retention" },
+    { name: "weft_orders_cache", description: "cache", ttl: 60_000 },
+  ],
+  objectStores: [{ name: "weft_orders_files", description: "files" }],
+  services: [{
+    name: "price",
+    entry: "services/price.ts",
+    access: stepAccess("ORDERS", ["price"], ["orders.priced"], "orders.failed"),
+  }],
+  gateway: { publishes: ["orders.>"], serves: ["weft.orders.>"], readsStreams: ["ORDERS"] },
+  shadow: { readsStreams: ["ORDERS"], managesConsumers: ["ORDERS"] },
+};
+
+Deno.test("a wiring alone gives a pipeline its streams, buckets and services", async (t) => {
+  const config = loadConfig({ env: () => undefined, args: [] });
+
+  await t.step("its stream has the event streams' limits, beside the runtime's own", () => {
+    const streams = streamConfigs(config, {}, [ORDERS]);
+    assert.deepEqual(streams.map((s) => s.name), ["ORDERS", "DEADLETTER", "DIGEST", "SHADOW"]);
+    const orders = streams[0]!;
+    assert.deepEqual(orders.subjects, ["orders.>"]);
+    assert.equal(orders.max_bytes, config.streamMaxBytes);
+    assert.equal(orders.max_age, config.retentionMs * 1_000_000);
+  });
+
+  await t.step('its buckets live as long as asked: "retention" is the events\' retention', () => {
+    const buckets = bucketConfigs(config, {}, [ORDERS]);
+    assert.equal(buckets.find((b) => b.name === "weft_orders_state")?.ttl, config.retentionMs);
+    assert.equal(buckets.find((b) => b.name === "weft_orders_cache")?.ttl, 60_000);
+    assert.ok(!buckets.some((b) => b.name.includes("feedback")), "no shipped pipeline's bucket");
+  });
+
+  await t.step("its services run first; the gateway and shadow grow by what it needs", () => {
+    const services = wiredServices([ORDERS]);
+    assert.deepEqual(services.map((s) => s.name), ["price", "gateway", "scheduler", "shadow"]);
+    const gateway = services.find((s) => s.name === "gateway")!;
+    assert.ok(gateway.access.publishes!.includes("orders.>"));
+    assert.ok(gateway.access.serves!.includes("weft.orders.>"));
+    assert.ok(gateway.access.serves!.includes("weft.deadletters.>"), "keeps its own");
+    const shadow = services.find((s) => s.name === "shadow")!;
+    assert.deepEqual(shadow.access.managesConsumers, ["ORDERS"]);
+  });
+
+  await t.step("operators read every stream, bucket and object store of it", () => {
+    assert.deepEqual(wiredReads([ORDERS]), {
+      readsStreams: ["ORDERS"],
+      readsBuckets: ["weft_orders_state", "weft_orders_cache"],
+      readsObjects: ["weft_orders_files"],
+    });
+  });
+});
+
+Deno.test("the mesh's services are the shipped pipelines' and the runtime's, each once", () => {
+  const names = SERVICES.map((s) => s.name);
+  assert.equal(new Set(names).size, names.length);
+  for (const w of SHIPPED_PIPELINES) {
+    for (const s of w.services) assert.ok(names.includes(s.name), s.name);
+  }
+  assert.deepEqual(names.slice(-3), ["gateway", "scheduler", "shadow"]);
+});
