@@ -10,36 +10,22 @@
 import { loadConfig } from "../src/config.ts";
 import { loadPipelines, pipelineServices } from "../src/pipeline/runtime.ts";
 import { runTogether, type ServiceDef } from "../src/service.ts";
-import { service as contentState } from "./content_state.ts";
-import { service as digest } from "./digest.ts";
-import { service as dispatch } from "./dispatch.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 import { service as gateway } from "./gateway.ts";
-import { service as ingest } from "./ingest.ts";
-import { service as moderation } from "./moderation.ts";
-import { service as review } from "./review.ts";
 import { service as scheduler } from "./scheduler.ts";
-import { service as sentiment } from "./sentiment.ts";
 import { service as shadow } from "./shadow.ts";
-import { service as state } from "./state.ts";
-import { service as storage } from "./storage.ts";
-import { service as topics } from "./topics.ts";
 
-/** Every service, in the supervisor's start order. */
-export const ALL: readonly ServiceDef[] = [
-  state,
-  ingest,
-  sentiment,
-  topics,
-  dispatch,
-  digest,
-  contentState,
-  moderation,
-  review,
-  storage,
-  gateway,
-  scheduler,
-  shadow,
-];
+/**
+ * Every service by name, in the supervisor's start order (the shipped pipelines' services,
+ * then the runtime's): each loads only when asked for.
+ */
+export const ALL: ReadonlyMap<string, () => Promise<ServiceDef>> = new Map([
+  ...SHIPPED_PIPELINES.flatMap((w) => w.services).map((s) => {
+    if (!s.load) throw new Error(`service ${s.name} cannot run together: it has no load()`);
+    return [s.name, s.load] as const;
+  }),
+  ...[gateway, scheduler, shadow].map((s) => [s.name, () => Promise.resolve(s)] as const),
+]);
 
 if (import.meta.main) {
   const names = Deno.args.filter((a) => !a.startsWith("-"));
@@ -48,12 +34,14 @@ if (import.meta.main) {
   const pipelines = [
     ...pipelineServices(await loadPipelines(loadConfig().pipelines, root)).values(),
   ];
-  const all = [...ALL, ...pipelines];
-  const unknown = names.filter((n) => !all.some((s) => s.name === n));
+  const known = [...ALL.keys(), ...pipelines.map((s) => s.name)];
+  const unknown = names.filter((n) => !known.includes(n));
   if (unknown.length > 0) throw new Error(`no such service: ${unknown.join(", ")}`);
-  await runTogether(
-    names.length === 0
-      ? ALL.filter((s) => s !== shadow)
-      : all.filter((s) => names.includes(s.name)),
-  );
+  // Without names: every shipped and runtime service but the shadows (apart by design).
+  const wanted = names.length === 0 ? [...ALL.keys()].filter((n) => n !== shadow.name) : names;
+  const defs: ServiceDef[] = [];
+  for (const name of known.filter((n) => wanted.includes(n))) {
+    defs.push(await (ALL.get(name)?.() ?? pipelines.find((s) => s.name === name)!));
+  }
+  await runTogether(defs);
 }

@@ -20,12 +20,18 @@ import type { Auth } from "./gateway/auth.ts";
 import type { GatewayExtension } from "./gateway/app.ts";
 import type { CapacityGuard } from "./capacity.ts";
 import type { IngestLimiter } from "./gateway/ingest_limits.ts";
+import type { ServiceDef } from "./service.ts";
 
 /** A service the supervisor runs. */
 export interface ServiceSpec {
   name: string;
   /** Entry module, relative to the repository root. */
   entry: string;
+  /**
+   * Loads its service definition, for running it in a process with others (`--together`):
+   * a pipeline's services are loaded only where they run.
+   */
+  load?: () => Promise<ServiceDef>;
   /** Reads the ruleset file. */
   readsRules?: boolean;
   /** Runs analyzers: with `llm` ones it calls the LLM endpoint and reads prompts/. */

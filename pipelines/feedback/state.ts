@@ -125,7 +125,7 @@ export function foldEvents(
 }
 
 /**
- * What the feedback pipeline's state writer (services/state.ts) and `deno task rebuild-state`
+ * What the feedback pipeline's state writer (services/state.ts here) and `deno task rebuild-state`
  * fold: every `feedback.*.*` event of the FEEDBACK stream into `weft_feedback_state`.
  *
  * @example

@@ -34,7 +34,8 @@ export const FEEDBACK_WIRING: PipelineWiring = {
   services: [
     {
       name: "state",
-      entry: "services/state.ts",
+      entry: "pipelines/feedback/services/state.ts",
+      load: async () => (await import("./services/state.ts")).service,
       access: {
         consumes: [{ stream: FEEDBACK_STREAM, durable: FEEDBACK_STATE_SPEC.durable }],
         writesBuckets: [STATE_BUCKET],
@@ -43,12 +44,14 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     },
     {
       name: "ingest",
-      entry: "services/ingest.ts",
+      entry: "pipelines/feedback/services/ingest.ts",
+      load: async () => (await import("./services/ingest.ts")).service,
       access: stepAccess(FEEDBACK_STREAM, ["ingest"], ["feedback.ingested"], "feedback.failed"),
     },
     {
       name: "sentiment",
-      entry: "services/sentiment.ts",
+      entry: "pipelines/feedback/services/sentiment.ts",
+      load: async () => (await import("./services/sentiment.ts")).service,
       readsRules: true,
       analyzes: true,
       // A promoted candidate's ruleset is in rules/.
@@ -63,7 +66,8 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     },
     {
       name: "topics",
-      entry: "services/topics.ts",
+      entry: "pipelines/feedback/services/topics.ts",
+      load: async () => (await import("./services/topics.ts")).service,
       readsRules: true,
       analyzes: true,
       reads: ["rules"],
@@ -77,7 +81,8 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     },
     {
       name: "dispatch",
-      entry: "services/dispatch.ts",
+      entry: "pipelines/feedback/services/dispatch.ts",
+      load: async () => (await import("./services/dispatch.ts")).service,
       readsRules: true,
       reads: ["rules"],
       access: stepAccess(
@@ -90,7 +95,8 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     },
     {
       name: "digest",
-      entry: "services/digest.ts",
+      entry: "pipelines/feedback/services/digest.ts",
+      load: async () => (await import("./services/digest.ts")).service,
       background: true,
       access: stepAccess(
         DIGEST_STREAM,

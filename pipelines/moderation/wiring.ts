@@ -41,7 +41,8 @@ export const MODERATION_WIRING: PipelineWiring = {
   services: [
     {
       name: "content-state",
-      entry: "services/content_state.ts",
+      entry: "pipelines/moderation/services/content_state.ts",
+      load: async () => (await import("./services/content_state.ts")).service,
       access: {
         consumes: [{ stream: CONTENT_STREAM, durable: CONTENT_STATE_SPEC.durable }],
         writesBuckets: [CONTENT_STATE_BUCKET],
@@ -50,7 +51,8 @@ export const MODERATION_WIRING: PipelineWiring = {
     },
     {
       name: "moderation",
-      entry: "services/moderation.ts",
+      entry: "pipelines/moderation/services/moderation.ts",
+      load: async () => (await import("./services/moderation.ts")).service,
       analyzes: true,
       access: stepAccess(CONTENT_STREAM, ["moderation"], ["content.moderated"], "content.failed", {
         readsObjects: [CONTENT_OBJECT_BUCKET],
@@ -58,7 +60,8 @@ export const MODERATION_WIRING: PipelineWiring = {
     },
     {
       name: "review",
-      entry: "services/review.ts",
+      entry: "pipelines/moderation/services/review.ts",
+      load: async () => (await import("./services/review.ts")).service,
       access: stepAccess(
         CONTENT_STREAM,
         ["review-queue", "review-sla"],
@@ -69,7 +72,8 @@ export const MODERATION_WIRING: PipelineWiring = {
     },
     {
       name: "storage",
-      entry: "services/storage.ts",
+      entry: "pipelines/moderation/services/storage.ts",
+      load: async () => (await import("./services/storage.ts")).service,
       access: stepAccess(
         CONTENT_STREAM,
         ["storage-moderated", "storage-decided"],

@@ -5,9 +5,14 @@
  *
  * @module
  */
-import { runStage } from "../src/runner.ts";
-import { combineRunnables, defineService, runService, type ServiceDef } from "../src/service.ts";
-import { storageDecidedStage, storageModeratedStage } from "../pipelines/moderation/stages.ts";
+import { runStage } from "../../../src/runner.ts";
+import {
+  combineRunnables,
+  defineService,
+  runService,
+  type ServiceDef,
+} from "../../../src/service.ts";
+import { storageDecidedStage, storageModeratedStage } from "../stages.ts";
 
 /** The storage service. */
 export const service: ServiceDef = defineService("storage", async (ctx) =>

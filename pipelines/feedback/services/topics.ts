@@ -5,11 +5,11 @@
  *
  * @module
  */
-import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
-import { registerLlmMetrics } from "../src/observability/metrics.ts";
-import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { topicsStage } from "../pipelines/feedback/stages.ts";
-import { followStepVersion } from "../src/step_versions.ts";
+import { feedbackAnalyzers } from "../../../src/ai/configured_analyzers.ts";
+import { registerLlmMetrics } from "../../../src/observability/metrics.ts";
+import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
+import { topicsStage } from "../stages.ts";
+import { followStepVersion } from "../../../src/step_versions.ts";
 
 /** The topics service. */
 export const service: ServiceDef = stageService("topics", async (ctx) => {

@@ -4,9 +4,9 @@
  *
  * @module
  */
-import { defineService, runService, type ServiceDef } from "../src/service.ts";
-import { runStateWriter } from "../src/state_writer.ts";
-import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
+import { defineService, runService, type ServiceDef } from "../../../src/service.ts";
+import { runStateWriter } from "../../../src/state_writer.ts";
+import { FEEDBACK_STATE_SPEC } from "../state.ts";
 
 /** The state service. */
 export const service: ServiceDef = defineService(

@@ -4,11 +4,11 @@
  *
  * @module
  */
-import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
-import { registerLlmMetrics } from "../src/observability/metrics.ts";
-import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { sentimentStage } from "../pipelines/feedback/stages.ts";
-import { followStepVersion } from "../src/step_versions.ts";
+import { feedbackAnalyzers } from "../../../src/ai/configured_analyzers.ts";
+import { registerLlmMetrics } from "../../../src/observability/metrics.ts";
+import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
+import { sentimentStage } from "../stages.ts";
+import { followStepVersion } from "../../../src/step_versions.ts";
 
 /** The sentiment service. */
 export const service: ServiceDef = stageService("sentiment", async (ctx) => {

@@ -5,10 +5,10 @@
  *
  * @module
  */
-import { moderationAnalyzer } from "../src/ai/configured_analyzers.ts";
-import { registerLlmMetrics } from "../src/observability/metrics.ts";
-import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { moderationStage } from "../pipelines/moderation/stages.ts";
+import { moderationAnalyzer } from "../../../src/ai/configured_analyzers.ts";
+import { registerLlmMetrics } from "../../../src/observability/metrics.ts";
+import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
+import { moderationStage } from "../stages.ts";
 
 /** The moderation service. */
 export const service: ServiceDef = stageService("moderation", async ({ config, metrics }) => {

@@ -5,10 +5,10 @@
  *
  * @module
  */
-import { loadRules } from "../src/rules.ts";
-import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { dispatchStage } from "../pipelines/feedback/stages.ts";
-import { followStepVersion } from "../src/step_versions.ts";
+import { loadRules } from "../../../src/rules.ts";
+import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
+import { dispatchStage } from "../stages.ts";
+import { followStepVersion } from "../../../src/step_versions.ts";
 
 /** The dispatch service. */
 export const service: ServiceDef = stageService("dispatch", async (ctx) => {

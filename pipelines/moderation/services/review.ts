@@ -6,12 +6,17 @@
  * @module
  */
 import { Kvm } from "@nats-io/kv";
-import { createReviewQueue } from "../pipelines/moderation/review_queue.ts";
-import { runStage } from "../src/runner.ts";
-import { createScheduleStore } from "../src/scheduler/store.ts";
-import { combineRunnables, defineService, runService, type ServiceDef } from "../src/service.ts";
-import { reviewQueueStage, reviewSlaStage } from "../pipelines/moderation/stages.ts";
-import { REVIEW_BUCKET, SCHEDULE_BUCKET } from "../src/subjects.ts";
+import { createReviewQueue } from "../review_queue.ts";
+import { runStage } from "../../../src/runner.ts";
+import { createScheduleStore } from "../../../src/scheduler/store.ts";
+import {
+  combineRunnables,
+  defineService,
+  runService,
+  type ServiceDef,
+} from "../../../src/service.ts";
+import { reviewQueueStage, reviewSlaStage } from "../stages.ts";
+import { REVIEW_BUCKET, SCHEDULE_BUCKET } from "../../../src/subjects.ts";
 
 /** The review service. */
 export const service: ServiceDef = defineService("review", async (ctx) => {

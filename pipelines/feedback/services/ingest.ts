@@ -4,8 +4,8 @@
  *
  * @module
  */
-import { runService, type ServiceDef, stageService } from "../src/service.ts";
-import { ingestStage } from "../pipelines/feedback/stages.ts";
+import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
+import { ingestStage } from "../stages.ts";
 
 /** The ingest service. */
 export const service: ServiceDef = stageService("ingest", () => ingestStage());

@@ -4,9 +4,9 @@
  *
  * @module
  */
-import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
-import { defineService, runService, type ServiceDef } from "../src/service.ts";
-import { runStateWriter } from "../src/state_writer.ts";
+import { CONTENT_STATE_SPEC } from "../state.ts";
+import { defineService, runService, type ServiceDef } from "../../../src/service.ts";
+import { runStateWriter } from "../../../src/state_writer.ts";
 
 /** The content-state service. */
 export const service: ServiceDef = defineService(
