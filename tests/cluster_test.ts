@@ -237,7 +237,8 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
       .map((l) => l.trim().split(/\s+/))
       .filter((f) => Number(f[1]) === mesh.child.pid);
     for (const step of ["sentiment", "topics", "dispatch"]) {
-      const pids = rows.filter((f) => f.includes(`services/${step}.ts`)).map((f) => Number(f[0]));
+      const pids = rows.filter((f) => f.some((a) => a.endsWith(`/services/${step}.ts`)))
+        .map((f) => Number(f[0]));
       assert.equal(pids.length, 2, `two replicas of ${step}`);
       Deno.kill(pids[0]!, "SIGKILL");
     }
