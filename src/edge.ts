@@ -4,14 +4,13 @@
  * An edge site is a whole Weft mesh (its own nats-server, gateway and steps) next to its
  * users. Its nats-server has a JetStream domain of its own (the site's name) and a leafnode
  * connection to the hub. The site publishes and stores its events locally, on the usual
- * `feedback.<type>.<id>` subjects in its own FEEDBACK stream, so it goes on ingesting and
+ * `<pipeline>.<type>.<id>` subjects in its own streams, so it goes on ingesting and
  * processing while its link to the hub is down.
  *
  * The hub (`--hub east,west`) has the JetStream domain `hub`, a loopback leafnode listener,
- * and per site a stream `EDGE_<SITE>` that sources the site's FEEDBACK, CONTENT, DEADLETTER
- * and DIGEST streams ({@link SITE_STREAMS}) across domains (`external.api =
- * $JS.<site>.API`), each with a subject transform, e.g. `feedback.>` to
- * `site.<site>.feedback.>`. Sourcing tracks each of the site's stream sequences, so after an
+ * and per site a stream `EDGE_<SITE>` that sources the site's pipeline streams, DEADLETTER
+ * and DIGEST ({@link SITE_STREAMS}) across domains (`external.api = $JS.<site>.API`), each
+ * with a subject transform, e.g. `orders.>` to `site.<site>.orders.>`. Sourcing tracks each of the site's stream sequences, so after an
  * outage the hub resumes where it stopped: every event once, in the site's order. One stream per
  * site, rather than one for all, keeps each site's duplicate window apart: two sites may
  * both accept an item with the same client-chosen id, and its events have the same message
@@ -21,24 +20,23 @@
  * (`leaf-<site>`), whose permissions carry only what sourcing needs. From the hub to the
  * site: consumer create/delete requests on the site's collected streams and flow-control replies;
  * from the site to the hub: the deliveries on the site's own deliver prefix and the replies
- * to those requests. Nothing else crosses: not the sites' `feedback.>` publishes (which the
- * hub's own FEEDBACK stream would otherwise store too), not request subjects, not any other
+ * to those requests. Nothing else crosses: not the sites' pipeline publishes (which the
+ * hub's own streams would otherwise store too), not request subjects, not any other
  * JetStream API.
  *
  * @module
  */
 import type { JetStreamClient, JetStreamManager, JsMsg, StreamSource } from "@nats-io/jetstream";
-import type { ContentState, FeedbackState } from "./events.gen.ts";
-import { applyContentEvent } from "../pipelines/moderation/state.ts";
 import type { PipelineSpec } from "./pipeline/definition.ts";
 import { applyPipelineEvent, type ItemState } from "./pipeline/fold.ts";
 import type { Logger } from "./observability/log.ts";
 import type { Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
-import { applyEvent } from "../pipelines/feedback/state.ts";
 import { readStream } from "./stream_reader.ts";
-import { CONTENT_STREAM, DEADLETTER_STREAM, DIGEST_STREAM, FEEDBACK_STREAM } from "./subjects.ts";
+import { DEADLETTER_STREAM, DIGEST_STREAM } from "./subjects.ts";
+import type { PipelineWiring } from "./wiring.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 import type { NamedStreamConfig } from "./topology.ts";
 
 /** JetStream's error code for a stream that does not exist. */
@@ -59,7 +57,7 @@ export function edgeStream(site: string): string {
   return `EDGE_${site.toUpperCase()}`;
 }
 
-/** Where the hub keeps a site's events: `site.<site>.feedback.<type>.<id>`. */
+/** Where the hub keeps a site's events: `site.<site>.<pipeline>.<type>.<id>`. */
 export function siteSubjectPrefix(site: string): string {
   return `site.${site}`;
 }
@@ -70,13 +68,16 @@ export interface SiteStream {
   root: string;
 }
 
+/** The first token of the shipped pipelines' subjects: their names. */
+const SHIPPED_ROOTS: readonly string[] = SHIPPED_PIPELINES.map((w) => w.name);
+
 /**
  * The streams of a site that its hub collects, each with the first token of its subjects:
- * both pipelines' events, the dead letters (so the hub sees what failed where) and the digests.
+ * the shipped pipelines' events, the dead letters (so the hub sees what failed where) and
+ * the digests.
  */
 export const SITE_STREAMS: readonly SiteStream[] = [
-  { stream: FEEDBACK_STREAM, root: "feedback" },
-  { stream: CONTENT_STREAM, root: "content" },
+  ...SHIPPED_PIPELINES.flatMap((w) => w.streams.map((s) => ({ stream: s.name, root: w.name }))),
   { stream: DEADLETTER_STREAM, root: "deadletter" },
   { stream: DIGEST_STREAM, root: "digest" },
 ];
@@ -90,31 +91,31 @@ export function siteStreams(definitions: readonly SiteStream[] = []): SiteStream
   return [...SITE_STREAMS, ...definitions];
 }
 
-/** The pipelines whose items the hub shows per site: the first token of their subjects. */
-export type SitePipeline = "feedback" | "content";
-
 /**
- * The hub-side filter of one site's events of a pipeline (feedback by default; content, or a
- * definition's name), or of one item's there.
+ * The hub-side filter of one site's events of a pipeline (by its name, the first token of
+ * its subjects), or of one item's there.
  *
  * @example
  * ```ts
  * import { siteEventsFilter } from "./edge.ts";
- * console.assert(siteEventsFilter("east", "fb1") === "site.east.feedback.*.fb1");
- * console.assert(siteEventsFilter("east", "c1", "content") === "site.east.content.*.c1");
+ * console.assert(siteEventsFilter("east", "o1", "orders") === "site.east.orders.*.o1");
+ * console.assert(siteEventsFilter("east", "*", "orders") === "site.east.orders.*.*");
  * ```
  */
-export function siteEventsFilter(site: string, itemId = "*", pipeline = "feedback"): string {
+export function siteEventsFilter(site: string, itemId: string, pipeline: string): string {
   return `${siteSubjectPrefix(site)}.${pipeline}.*.${itemId}`;
 }
 
-/** Splits a hub subject `site.<site>.<feedback|content>.<type>.<id>`; null for any other. */
+/**
+ * Splits a hub subject `site.<site>.<pipeline>.<type>.<id>` of a shipped pipeline; null for
+ * any other.
+ */
 export function parseSiteSubject(
   subject: string,
 ): { site: string; type: string; itemId: string } | null {
   const p = subject.split(".");
   if (
-    p.length !== 5 || p[0] !== "site" || (p[2] !== "feedback" && p[2] !== "content") ||
+    p.length !== 5 || p[0] !== "site" || !SHIPPED_ROOTS.includes(p[2]!) ||
     !p[1] || !p[3] || !p[4]
   ) {
     return null;
@@ -182,15 +183,15 @@ export function siteSources(site: string, definitions: readonly SiteStream[] = [
 }
 
 /**
- * The hub's per-site streams, from the FEEDBACK stream's configuration (its limits and
+ * The hub's per-site streams, from an event stream's configuration (its limits and
  * replicas): no subjects of their own, a source per collected stream of the site.
  */
 export function edgeStreamConfigs(
   sites: readonly string[],
-  feedback: NamedStreamConfig,
+  events: NamedStreamConfig,
   definitions: readonly SiteStream[] = [],
 ): NamedStreamConfig[] {
-  const { subjects: _subjects, ...limits } = feedback;
+  const { subjects: _subjects, ...limits } = events;
   return sites.map((site) => ({
     ...limits,
     name: edgeStream(site),
@@ -275,8 +276,7 @@ export function siteDenyImports(site: string): string[] {
     "$O.>",
     "$SRV.>",
     "weft.>",
-    "feedback.>",
-    "content.>",
+    ...SHIPPED_ROOTS.map((root) => `${root}.>`),
     "digest.>",
     "deadletter.>",
     "*._timer.*",
@@ -307,16 +307,18 @@ export function siteConf(
     `      deny_imports: ${list(siteDenyImports(site))}\n    }\n  ]\n}\n`;
 }
 
-/** How a site's events reach the hub right now. */
+/**
+ * How a site's events reach the hub right now, and how many items of each shipped pipeline
+ * the hub has seen start there (under its wiring's `statusField`: `items` for feedback,
+ * `content_items` for content moderation).
+ */
 export interface SiteStatus {
   site: string;
   stream: string;
   /** Events the hub holds from the site (dead letters included). */
   events: number;
-  /** Feedback items the hub has seen start there. */
-  items: number;
-  /** Content items the hub has seen uploaded there. */
-  content_items: number;
+  /** Items of each shipped pipeline the hub has seen start there, by status field. */
+  [statusField: string]: number | string | null | undefined;
   /** The site's dead letters the hub holds. */
   dead_letters: number;
   /** Events the site holds that the hub has not yet received, as last reported. */
@@ -349,11 +351,11 @@ export async function siteStatuses(
   return await Promise.all(sites.map(async (site) => {
     const stream = edgeStream(site);
     const prefix = siteSubjectPrefix(site);
-    const [info, items, content, dead] = await Promise.all([
+    const counted = SHIPPED_PIPELINES.flatMap((w) => w.items ? [w.items] : []);
+    const [info, dead, ...items] = await Promise.all([
       jsm.streams.info(stream),
-      countUnder(jsm, stream, `${prefix}.feedback.ingested.*`),
-      countUnder(jsm, stream, `${prefix}.content.uploaded.*`),
       countUnder(jsm, stream, `${prefix}.deadletter.>`),
+      ...counted.map((i) => countUnder(jsm, stream, `${prefix}.${i.entryType}.*`)),
     ]);
     const sources = info.sources ?? [];
     // Heard from: the sources of streams the site has (a definition it does not run is an
@@ -365,8 +367,7 @@ export async function siteStatuses(
       site,
       stream,
       events: info.state.messages,
-      items: items.subjects,
-      content_items: content.subjects,
+      ...Object.fromEntries(counted.map((c, i) => [c.statusField, items[i]!.subjects])),
       dead_letters: dead.messages,
       lag: sources.reduce((n, s) => n + (s.lag ?? 0), 0),
       last_seen_ms: actives.length === 0 || actives.some((a) => a < 0)
@@ -378,7 +379,7 @@ export async function siteStatuses(
 }
 
 /**
- * Whether the hub holds any event of item `id` of `pipeline` (a feedback, content or
+ * Whether the hub holds any event of item `id` of `pipeline` (a shipped pipeline's or a
  * definition's item) from `site`: one stream info request, nothing read.
  */
 export async function siteHasItem(
@@ -394,40 +395,25 @@ export async function siteHasItem(
 }
 
 /**
- * An edge item's state, folded from its events on the hub (the same pure fold the state
- * writer uses), with the site it ran at. Throws NotFoundError when the hub has none.
+ * An edge item of a shipped pipeline (`wiring`), folded from its events on the hub with its
+ * state writer's pure fold, with the site it ran at. Throws NotFoundError when the hub has
+ * none.
  */
-export async function siteItemState(
+export async function siteWiredItem(
   js: JetStreamClient,
   site: string,
+  wiring: PipelineWiring,
   id: string,
-): Promise<FeedbackState & { site: string }> {
-  return await foldSiteItem<FeedbackState>(
+): Promise<Record<string, unknown> & { site: string }> {
+  const items = wiring.items;
+  if (!items) throw new NotFoundError(`pipeline ${wiring.name} has no items`);
+  return await foldSiteItem<Record<string, unknown>>(
     js,
     site,
     id,
-    "feedback",
-    "item",
-    (state, m) => applyEvent(state, m.json<AnyEvent>(), m.seq),
-  );
-}
-
-/**
- * An edge content item's state, folded from its events on the hub (the content state
- * writer's fold), with its site. Throws NotFoundError when the hub has none.
- */
-export async function siteContentState(
-  js: JetStreamClient,
-  site: string,
-  id: string,
-): Promise<ContentState & { site: string }> {
-  return await foldSiteItem<ContentState>(
-    js,
-    site,
-    id,
-    "content",
-    "content item",
-    (state, m) => applyContentEvent(state, m.json<AnyEvent>(), m.seq),
+    wiring.name,
+    items.what,
+    (state, m) => items.state.apply(state, m.json<AnyEvent>(), m.seq),
   );
 }
 
@@ -493,22 +479,22 @@ async function foldSiteItem<S>(
 }
 
 /**
- * The latest `limit` events of each site on the hub (oldest first per site), each with
- * its site and hub stream sequence: what the dashboard lists (its feedback items; the
- * dashboard draws feedback steps).
+ * The latest `limit` events of pipeline `root` (its name) of each site on the hub (oldest
+ * first per site), each with its site and hub stream sequence: what the dashboard lists.
  */
 export async function recentSiteEvents(
   js: JetStreamClient,
   jsm: JetStreamManager,
   sites: readonly string[],
   limit: number,
+  root: string,
 ): Promise<{ site: string; seq: number; event: unknown }[]> {
   const out: { site: string; seq: number; event: unknown }[] = [];
   for (const site of sites) {
     const { state } = await jsm.streams.info(edgeStream(site));
     if (state.messages === 0) continue;
     const startSeq = Math.max(state.first_seq, state.last_seq - limit + 1);
-    const filter = `${siteSubjectPrefix(site)}.feedback.>`;
+    const filter = `${siteSubjectPrefix(site)}.${root}.>`;
     for await (const m of readStream(js, edgeStream(site), { startSeq, filter })) {
       if (m.seq > state.last_seq) break;
       try {

@@ -111,7 +111,7 @@ Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEE
       external: { api: "$JS.east.API", deliver: "$WEFT.EDGE.east" },
     })),
   );
-  assert.equal(siteEventsFilter("east", "fb1"), "site.east.feedback.*.fb1");
+  assert.equal(siteEventsFilter("east", "fb1", "feedback"), "site.east.feedback.*.fb1");
   assert.equal(siteEventsFilter("east", "c1", "content"), "site.east.content.*.c1");
   assert.deepEqual(parseSiteSubject("site.east.feedback.processed.fb1"), {
     site: "east",

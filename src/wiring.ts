@@ -21,6 +21,7 @@ import type { GatewayExtension } from "./gateway/app.ts";
 import type { CapacityGuard } from "./capacity.ts";
 import type { IngestLimiter } from "./gateway/ingest_limits.ts";
 import type { ServiceDef } from "./service.ts";
+import type { StateSpec } from "./state_writer.ts";
 
 /** A service the supervisor runs. */
 export interface ServiceSpec {
@@ -105,6 +106,21 @@ export interface GatewayPart {
   stop(): void;
 }
 
+/** A hand-wired pipeline's items: how the runtime names, counts, folds and ends them. */
+export interface WiredItems {
+  /** What one is called in messages, e.g. `feedback item`. */
+  what: string;
+  /** The event type that starts one, e.g. `feedback.ingested`. */
+  entryType: string;
+  /** Event types after which nothing more happens to one. */
+  finalTypes: ReadonlySet<string>;
+  /** Its state writer's spec: the pure fold of its events into its state. */
+  // deno-lint-ignore no-explicit-any
+  state: StateSpec<any>;
+  /** The field of a hub's site status that counts them, e.g. `items`. */
+  statusField: string;
+}
+
 /** What a hand-wired pipeline adds to the mesh. */
 export interface PipelineWiring {
   /** The pipeline's name: the first token of its event subjects. */
@@ -117,6 +133,8 @@ export interface PipelineWiring {
   objectStores?: readonly { name: string; description: string }[];
   /** Its services, in start order. */
   services: readonly ServiceSpec[];
+  /** Its items (edge sites' items at a hub are folded and counted with this). */
+  items?: WiredItems;
   /** What the gateway needs to serve it: its routes, request subjects and reads. */
   gateway?: Access;
   /**

@@ -10,6 +10,8 @@ import { stepAccess } from "../../src/wiring.ts";
 import {
   DIGEST_STREAM,
   FEEDBACK_STREAM,
+  FeedbackEventType,
+  FINAL_EVENT_TYPES,
   SCHEDULE_BUCKET,
   STATE_BUCKET,
   STEP_VERSION_BUCKET,
@@ -31,6 +33,13 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     description: "Weft: current state of each feedback item",
     ttl: "retention",
   }],
+  items: {
+    what: "feedback item",
+    entryType: FeedbackEventType.Ingested,
+    finalTypes: FINAL_EVENT_TYPES,
+    state: FEEDBACK_STATE_SPEC,
+    statusField: "items",
+  },
   services: [
     {
       name: "state",

@@ -8,9 +8,11 @@
 import type { PipelineWiring } from "../../src/wiring.ts";
 import { stepAccess } from "../../src/wiring.ts";
 import {
+  CONTENT_FINAL_EVENT_TYPES,
   CONTENT_OBJECT_BUCKET,
   CONTENT_STATE_BUCKET,
   CONTENT_STREAM,
+  ContentEventType,
   REVIEW_BUCKET,
   SCHEDULE_BUCKET,
 } from "../../src/subjects.ts";
@@ -38,6 +40,13 @@ export const MODERATION_WIRING: PipelineWiring = {
     },
   ],
   objectStores: [{ name: CONTENT_OBJECT_BUCKET, description: "Weft: binary content uploads" }],
+  items: {
+    what: "content item",
+    entryType: ContentEventType.Uploaded,
+    finalTypes: CONTENT_FINAL_EVENT_TYPES,
+    state: CONTENT_STATE_SPEC,
+    statusField: "content_items",
+  },
   services: [
     {
       name: "content-state",

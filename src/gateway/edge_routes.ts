@@ -1,12 +1,11 @@
 /**
  * The hub's central view of its edge sites, mounted at `/sites` by a hub's gateway
  * (`deno task start --hub east,west`): `GET /sites` lists each site with how many of its
- * events and items the hub holds and how far behind it is; `GET /sites/{site}/feedback/{id}`
- * is an edge item's state, folded from its events on the hub, with its site;
- * `GET /sites/{site}/feedback/{id}/events` streams its events as the hub receives them
+ * events and items the hub holds and how far behind it is; `GET /sites/{site}/<pipeline>/{id}`
+ * is an edge item of a shipped pipeline, folded from its events on the hub, with its site;
+ * `GET /sites/{site}/<pipeline>/{id}/events` streams its events as the hub receives them
  * (server-sent events, resumable with Last-Event-ID, closed after the item's final event);
- * `GET /sites/{site}/content/{id}` and `GET /sites/{site}/content/{id}/events` do the same
- * for the site's content moderation items, and `GET /sites/{site}/pipelines/{name}/items/{id}`
+ * `GET /sites/{site}/pipelines/{name}/items/{id}` does the same
  * for the items of the pipeline definitions the hub runs; `GET /sites/{site}/events` streams
  * every event and dead letter of the site as the hub receives them (SSE, `replay=true` from
  * the first, resumable with Last-Event-ID).
@@ -17,17 +16,16 @@ import { Hono } from "hono";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import {
   edgeStream,
-  siteContentState,
   siteDefinitionItem,
   siteEventsFilter,
   siteHasItem,
-  siteItemState,
-  type SitePipeline,
   siteStatuses,
   siteSubjectPrefix,
+  siteWiredItem,
 } from "../edge.ts";
 import { NotFoundError } from "../errors.ts";
-import { CONTENT_FINAL_EVENT_TYPES, FINAL_EVENT_TYPES, ITEM_ID } from "../subjects.ts";
+import { ITEM_ID } from "../subjects.ts";
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { openSlot, streamEvents } from "./sse.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { boolQuery } from "./query.ts";
@@ -58,25 +56,12 @@ export function edgeRoutes(
     if (!ITEM_ID.test(id)) throw new NotFoundError(`no ${what} ${JSON.stringify(id)}`);
   };
   app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites) }));
-  const kinds: {
-    pipeline: SitePipeline;
-    what: string;
-    state: typeof siteItemState | typeof siteContentState;
-    finalTypes: ReadonlySet<string>;
-  }[] = [
-    {
-      pipeline: "feedback",
-      what: "feedback item",
-      state: siteItemState,
-      finalTypes: FINAL_EVENT_TYPES,
-    },
-    {
-      pipeline: "content",
-      what: "content item",
-      state: siteContentState,
-      finalTypes: CONTENT_FINAL_EVENT_TYPES,
-    },
-  ];
+  // Each shipped pipeline's items: /sites/{site}/<pipeline>/{id}(/events).
+  const kinds = SHIPPED_PIPELINES.flatMap((w) =>
+    w.items
+      ? [{ wiring: w, pipeline: w.name, what: w.items.what, finalTypes: w.items.finalTypes }]
+      : []
+  );
   app.get("/:site/pipelines/:name/items/:id", async (c) => {
     const site = c.req.param("site");
     const id = c.req.param("id");
@@ -101,12 +86,12 @@ export function edgeRoutes(
       }, { ...sse, key });
     });
   }
-  for (const { pipeline, what, state, finalTypes } of kinds) {
+  for (const { wiring, pipeline, what, finalTypes } of kinds) {
     app.get(`/:site/${pipeline}/:id`, async (c) => {
       const site = c.req.param("site");
       const id = c.req.param("id");
       known(site, id, what);
-      return c.json(await state(jetStream.js, site, id));
+      return c.json(await siteWiredItem(jetStream.js, site, wiring, id));
     });
     if (!sse) continue;
     app.get(`/:site/${pipeline}/:id/events`, async (c) => {

@@ -133,7 +133,15 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
       events: await recentEvents(jetStream.js, jetStream.jsm, limit),
       // A hub's edge sites: their latest events too, each with its site.
       ...(sites.length > 0
-        ? { site_events: await recentSiteEvents(jetStream.js, jetStream.jsm, sites, limit) }
+        ? {
+          site_events: await recentSiteEvents(
+            jetStream.js,
+            jetStream.jsm,
+            sites,
+            limit,
+            "feedback",
+          ),
+        }
         : {}),
     });
   });
