@@ -13,6 +13,8 @@
  * const shout: Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> = {
  *   name: "shout",
  *   filterSubject: "feedback.ingested.*",
+ *   stream: "FEEDBACK",
+ *   failedType: "feedback.failed",
  *   input: { kind: "event", types: ["feedback.ingested"] },
  *   handle: (event, ctx) => [
  *     nextEvent(event, "feedback.sentiment_analyzed", {

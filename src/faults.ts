@@ -49,7 +49,8 @@ function applies(stageFilter: string, name: string): boolean {
  * ```ts
  * import { withFaults } from "./faults.ts";
  * const stage = {
- *   name: "topics", filterSubject: "x", input: { kind: "document", name: "feedback.submit" },
+ *   name: "topics", filterSubject: "x", stream: "X", failedType: "x.failed",
+ *   input: { kind: "document", name: "feedback.submit" },
  *   handle: () => [],
  * } as const;
  * const faulty = withFaults(stage, { failOn: "crash", failStage: "topics", slowMs: 0, slowStage: "" });

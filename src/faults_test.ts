@@ -5,6 +5,8 @@ import type { Stage } from "./stage.ts";
 const stage: Stage<{ kind: "document"; name: "feedback.submit" }> = {
   name: "topics",
   filterSubject: "feedback.submit",
+  stream: "FEEDBACK",
+  failedType: "feedback.failed",
   input: { kind: "document", name: "feedback.submit" },
   handle: () => [],
 };

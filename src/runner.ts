@@ -41,8 +41,6 @@ import {
   deadLetterSubject,
   ENTRY_EVENT_TYPES,
   eventSubject,
-  FEEDBACK_STREAM,
-  FeedbackEventType,
   ITEM_ID,
   parseEventSubject,
 } from "./subjects.ts";
@@ -400,13 +398,16 @@ export interface DeadLetterContext {
   source: string;
   now: () => Date;
   log: Logger;
-  /** The failure event published for the item; defaults to `feedback.failed`. */
+  /**
+   * The failure event published for the item (`<pipeline>.failed`); without one, the item
+   * is not failed (a state writer keeping a poison event).
+   */
   failedType?: string;
 }
 
 /**
  * Gives up on a message for good: keeps it in the DEADLETTER stream with the reason,
- * publishes `feedback.failed` for its item (when the item is known) so its state and SSE
+ * publishes its pipeline's failure event for its item (when the item is known) so its state and SSE
  * stream end, then terminates it so the server never redelivers it.
  */
 export async function deadLetter(
@@ -434,9 +435,9 @@ export async function deadLetter(
   await ctx.js.publish(dlSubject, encoder.encode(JSON.stringify(letter)), {
     msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
   });
-  if (itemId && (opts.failItem ?? true)) {
-    // A definition's pipeline fails on its own `<name>.failed` (same shape as these two).
-    const failedType = (ctx.failedType ?? FeedbackEventType.Failed) as "feedback.failed";
+  if (itemId && ctx.failedType && (opts.failItem ?? true)) {
+    // Every pipeline fails an item on its own `<name>.failed`, all of one shape.
+    const failedType = ctx.failedType as "feedback.failed";
     const failed = createEvent({
       type: failedType,
       id: deterministicId(itemId, failedType, String(m.seq)),
@@ -499,7 +500,7 @@ export async function runStage<I extends StageInput>(
   const labels = { stage: stage.name };
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
-  const stream = stage.stream ?? FEEDBACK_STREAM;
+  const stream = stage.stream;
   await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config));
   const consumer = await js.consumers.get(stream, stage.name);
   // Pull only as many messages as there are free handler slots (no prefetch): a message

@@ -54,10 +54,10 @@ export interface Stage<I extends StageInput = StageInput> {
   name: string;
   /** The subject filter of its durable consumer. */
   filterSubject: string;
-  /** The stream its durable consumer reads; defaults to FEEDBACK. */
-  stream?: string;
-  /** The event type published for an item that is dead-lettered; defaults to `feedback.failed`. */
-  failedType?: string;
+  /** The stream its durable consumer reads. */
+  stream: string;
+  /** The event type published for an item that is dead-lettered (`<pipeline>.failed`). */
+  failedType: string;
   /**
    * Decodes and checks a message itself, instead of the schemas of `input` (a pipeline
    * definition's steps, whose schemas are the definition's). Returns undefined for a

@@ -162,6 +162,8 @@ Deno.test("a submission re-sent on feedback.submit after the duplicate window do
 const forward: Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> = {
   name: "forward",
   filterSubject: "feedback.ingested.*",
+  stream: "FEEDBACK",
+  failedType: "feedback.failed",
   input: { kind: "event", types: ["feedback.ingested"] },
   handle: (event, ctx) => [
     nextEvent(event, "feedback.sentiment_analyzed", {

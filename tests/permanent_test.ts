@@ -24,6 +24,8 @@ Deno.test("a handler's PermanentError dead-letters the item on the first attempt
     const stage: Stage<{ kind: "document"; name: "feedback.submit" }> = {
       name: "refuser",
       filterSubject: "feedback.submit",
+      stream: "FEEDBACK",
+      failedType: "feedback.failed",
       input: { kind: "document", name: "feedback.submit" },
       handle() {
         calls++;

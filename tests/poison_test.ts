@@ -86,6 +86,8 @@ Deno.test("a large original the letter keeps only the head of is redriven whole,
   const refuseBig: Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> = {
     name: "refuse-big",
     filterSubject: "feedback.ingested.*",
+    stream: "FEEDBACK",
+    failedType: "feedback.failed",
     input: { kind: "event", types: ["feedback.ingested"] },
     handle: (event, ctx) => {
       if (JSON.stringify(event).length > 100_000) throw new PermanentError("too big for me");
@@ -122,6 +124,8 @@ Deno.test("a message the stage process died on at every attempt is dead-lettered
   const fragile: Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> = {
     name: "fragile",
     filterSubject: "feedback.ingested.*",
+    stream: "FEEDBACK",
+    failedType: "feedback.failed",
     input: { kind: "event", types: ["feedback.ingested"] },
     handle: () => {
       ran++;

@@ -50,6 +50,8 @@ function probeStage(
   return {
     name: "probe",
     filterSubject: "feedback.ingested.*",
+    stream: "FEEDBACK",
+    failedType: "feedback.failed",
     input: { kind: "event", types: ["feedback.ingested"] },
     async handle(event, ctx) {
       await handle(event.data.text, ctx.message.deliveryCount);

@@ -13,6 +13,7 @@ import {
   DIGEST_REQUEST_SUBJECT,
   DIGEST_STREAM,
   FEEDBACK_STREAM,
+  FeedbackEventType,
   typeFilter,
 } from "../../src/subjects.ts";
 
@@ -66,6 +67,7 @@ export function feedbackDigestStage(
   return {
     name: "feedback-digest",
     stream: DIGEST_STREAM,
+    failedType: FeedbackEventType.Failed,
     filterSubject: DIGEST_REQUEST_SUBJECT,
     input: { kind: "document", name: "digest.request" },
     async handle(request, ctx) {

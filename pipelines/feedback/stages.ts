@@ -8,7 +8,12 @@ import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../../
 import { createEvent, deterministicId } from "../../src/events.ts";
 import type { Router } from "../../src/rules.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
-import { FeedbackEventType as T, SUBMIT_SUBJECT, typeFilter } from "../../src/subjects.ts";
+import {
+  FEEDBACK_STREAM,
+  FeedbackEventType as T,
+  SUBMIT_SUBJECT,
+  typeFilter,
+} from "../../src/subjects.ts";
 import { childContext } from "../../src/observability/trace.ts";
 import type { FeedbackItem, FeedbackSubmission } from "../../src/events.gen.ts";
 
@@ -36,10 +41,14 @@ export function busSubmissionId(message: { seq: number; storedAt: number }): str
   }`;
 }
 
+/** Where every feedback stage reads, and what it fails an item with. */
+const FEEDBACK = { stream: FEEDBACK_STREAM, failedType: T.Failed } as const;
+
 /** Turns plain submissions from `feedback.submit` into ingested events. */
 export function ingestStage(): Stage<{ kind: "document"; name: "feedback.submit" }> {
   return {
     name: "ingest",
+    ...FEEDBACK,
     filterSubject: SUBMIT_SUBJECT,
     input: { kind: "document", name: "feedback.submit" },
     identify(raw, message) {
@@ -70,6 +79,7 @@ export function sentimentStage(
 ): Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> {
   return {
     name: "sentiment",
+    ...FEEDBACK,
     filterSubject: typeFilter(T.Ingested),
     input: { kind: "event", types: [T.Ingested] },
     async handle(event, ctx) {
@@ -92,6 +102,7 @@ export function topicsStage(
 ): Stage<{ kind: "event"; types: readonly ["feedback.sentiment_analyzed"] }> {
   return {
     name: "topics",
+    ...FEEDBACK,
     filterSubject: typeFilter(T.SentimentAnalyzed),
     input: { kind: "event", types: [T.SentimentAnalyzed] },
     async handle(event, ctx) {
@@ -118,6 +129,7 @@ export function dispatchStage(
 ): Stage<{ kind: "event"; types: readonly ["feedback.topics_extracted"] }> {
   return {
     name: "dispatch",
+    ...FEEDBACK,
     filterSubject: typeFilter(T.TopicsExtracted),
     input: { kind: "event", types: [T.TopicsExtracted] },
     handle(event, ctx) {
