@@ -18,19 +18,19 @@ import { compareStates, rebuildStates } from "../src/rebuild.ts";
 import type { StateSpec } from "../src/state_writer.ts";
 import { readStream } from "../src/stream_reader.ts";
 import { listedPipelines } from "../src/supervisor.ts";
-import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
-import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 
-/** The state spec of pipeline `name`: a shipped one's, or a loaded definition's. */
+/** The state spec of pipeline `name`: a shipped one's (its wiring's), or a loaded definition's. */
 async function stateSpecOf(name: string, files: readonly string[]): Promise<StateSpec<unknown>> {
-  if (name === "feedback") return FEEDBACK_STATE_SPEC as StateSpec<unknown>;
-  if (name === "content") return CONTENT_STATE_SPEC as StateSpec<unknown>;
+  const shipped = SHIPPED_PIPELINES.find((w) => w.name === name)?.items?.state;
+  if (shipped) return shipped as StateSpec<unknown>;
   const root = new URL("../", import.meta.url).pathname;
   const loaded = (await loadPipelines(files, root)).find((p) => p.def.name === name);
   if (!loaded) {
     throw new Error(
-      `--pipeline: no pipeline ${JSON.stringify(name)} (feedback, content, or one of ` +
-        `WEFT_PIPELINES / pipelines/run.json)`,
+      `--pipeline: no pipeline ${JSON.stringify(name)} (${
+        SHIPPED_PIPELINES.map((w) => w.name).join(", ")
+      }, or one of WEFT_PIPELINES / pipelines/run.json)`,
     );
   }
   return pipelineStateSpec(loaded) as StateSpec<unknown>;
