@@ -54,6 +54,7 @@ export const service: ServiceDef = defineService(
       log,
       auth,
       extensions: parts.map((p) => p.routes),
+      openApi: parts.flatMap((p) => p.openApi ? [p.openApi] : []),
       metrics,
       pipelines,
       guards,

@@ -102,6 +102,8 @@ export interface GatewayPartContext {
 export interface GatewayPart {
   /** Its routes, mounted on the gateway app. */
   routes: GatewayExtension;
+  /** Its routes' OpenAPI paths, in the gateway's `GET /openapi.json`. */
+  openApi?: Record<string, unknown>;
   /** Stops answering its request subjects. */
   stop(): void;
 }

@@ -118,6 +118,15 @@ Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the re
       },
     );
 
+    await t.step("GET /openapi.json describes each shipped pipeline's routes", async () => {
+      const doc = await (await fetch(`${mesh.gatewayUrl}/openapi.json`)).json();
+      for (
+        const path of ["/feedback", "/feedback/{id}/events", "/content", "/reviews/{id}/claim"]
+      ) {
+        assert.ok(doc.paths[path], path);
+      }
+    });
+
     await t.step("a crashed service is restarted and the mesh carries on", async () => {
       const started = await mesh.waitForLog(
         (l) => l.service === "weft-sentiment" && l.msg === "starting",

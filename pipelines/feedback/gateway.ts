@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { feedbackPaths } from "./openapi.ts";
 import type { GatewayPart, GatewayPartContext } from "../../src/wiring.ts";
 import { createIntake } from "./intake.ts";
 import { feedbackRoutes } from "./routes.ts";
@@ -18,5 +19,5 @@ export async function feedbackGateway(ctx: GatewayPartContext): Promise<GatewayP
     onAccepted: (n) => metrics.accepted.inc({ pipeline: "feedback" }, n),
   });
   const requests = serveRequests(nc, intake, log, auth);
-  return { routes: feedbackRoutes(intake), stop: () => requests.stop() };
+  return { openApi: feedbackPaths(), routes: feedbackRoutes(intake), stop: () => requests.stop() };
 }

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { moderationPaths } from "./openapi.ts";
 import type { GatewayPart, GatewayPartContext } from "../../src/wiring.ts";
 import { createModerationApi } from "./api.ts";
 import { moderationRoutes } from "./routes.ts";
@@ -21,5 +22,5 @@ export async function moderationGateway(ctx: GatewayPartContext): Promise<Gatewa
     limiter,
   });
   const requests = serveModerationRequests(nc, api, auth, log);
-  return { routes: moderationRoutes(api), stop: () => requests.stop() };
+  return { openApi: moderationPaths(), routes: moderationRoutes(api), stop: () => requests.stop() };
 }

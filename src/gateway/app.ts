@@ -93,6 +93,8 @@ export interface GatewayDeps {
   pipelines?: readonly LoadedPipeline[];
   /** Rate limits, quotas and stream capacity at the definitions' intake (as the hand-wired pipelines' intakes have). */
   guards?: IntakeGuards;
+  /** The shipped pipelines' OpenAPI paths (each one's part of the gateway), for /openapi.json. */
+  openApi?: readonly Record<string, unknown>[];
   /** Live shadow control: mounts /shadows (admin). */
   shadows?: ShadowControl;
 }
@@ -230,7 +232,10 @@ export function createApp(deps: GatewayDeps): Hono {
   app.get("/healthz", (c) => c.json({ status: "ok" }));
   // The whole HTTP API, from schemas/ and the loaded definitions: built once.
   let openApi: unknown;
-  app.get("/openapi.json", (c) => c.json(openApi ??= openApiDocument(deps.pipelines ?? [])));
+  app.get(
+    "/openapi.json",
+    (c) => c.json(openApi ??= openApiDocument(deps.pipelines ?? [], deps.openApi ?? [])),
+  );
   app.get("/readyz", async (c) => {
     if (deps.nc.isClosed()) {
       return problemResponse(c, new WeftError(ErrorCode.Unavailable, "NATS connection closed"));

@@ -1,7 +1,9 @@
 /**
  * `GET /openapi.json`: the gateway's whole HTTP API as OpenAPI 3.1, generated from the
- * route table below, the JSON Schemas in schemas/ (the source of truth for validation) and
- * the loaded pipeline definitions (each one's routes, input schema and item state).
+ * route table below, each shipped pipeline's own paths (`pipelines/<name>/openapi.ts`, built
+ * with the helpers exported here), the JSON Schemas in schemas/ (the source of truth for
+ * validation) and the loaded pipeline definitions (each one's routes, input schema and item
+ * state).
  * Written by hand rather than with a Hono OpenAPI library: those describe routes through
  * their own validators (zod, valibot), while Weft's schemas are JSON Schema documents.
  *
@@ -9,11 +11,13 @@
  */
 import { SCHEMA_DOCUMENTS } from "../schemas.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
-type Json = Record<string, unknown>;
+/** A JSON object: an OpenAPI fragment. */
+export type Json = Record<string, unknown>;
 
-/** The component name of a schema document: `feedback.submit` -> `feedback.submit`. */
-const ref = (name: string): Json => ({ $ref: `#/components/schemas/${name}` });
+/** A reference to the schema document `name` (e.g. `orders.submit`) among the components. */
+export const ref = (name: string): Json => ({ $ref: `#/components/schemas/${name}` });
 
 /** Rewrites a schema's `$ref`s (file-relative, or local `#/definitions/...`) to components. */
 function rehome(schema: unknown, self: string, files: Map<string, string>): unknown {
@@ -37,23 +41,33 @@ const problem = {
   description: "An error: application/problem+json naming the field at fault",
   content: { "application/problem+json": { schema: ref("Problem") } },
 };
-const sse = (what: string) => ({
+/** A response of server-sent events. */
+export const sse = (what: string): Json => ({
   description:
     `${what}: server-sent events (\`id\` is the stream sequence; resume with Last-Event-ID)`,
   content: { "text/event-stream": { schema: { type: "string" } } },
 });
-const json = (schema: Json, description = "OK") => ({
+/** A JSON response of `schema`. */
+export const json = (schema: Json, description = "OK"): Json => ({
   description,
   content: { "application/json": { schema } },
 });
-const body = (schema: Json) => ({
+/** A required JSON request body of `schema`. */
+export const body = (schema: Json): Json => ({
   required: true,
   content: { "application/json": { schema } },
 });
-const idParam = { name: "id", in: "path", required: true, schema: ref("defs/definitions/ItemId") };
+/** An item id in the path. */
+export const idParam: Json = {
+  name: "id",
+  in: "path",
+  required: true,
+  schema: ref("defs/definitions/ItemId"),
+};
 /** An edge site, in a hub's `/sites/{site}/...` paths. */
 const siteParam = { name: "site", in: "path", required: true, schema: { type: "string" } };
-const accepted = {
+/** The answer to an accepted submission: its id and links. */
+export const accepted: Json = {
   type: "object",
   required: ["id", "status", "links"],
   properties: {
@@ -102,8 +116,8 @@ const shadowSpec: Json = {
   },
 };
 
-/** An operation: summary, security role, request schema, responses. */
-function op(
+/** An operation: summary, responses (problems added), and anything else (body, parameters). */
+export function op(
   summary: string,
   responses: Json,
   extra: Json = {},
@@ -115,8 +129,14 @@ function op(
   };
 }
 
-/** The OpenAPI document of the gateway with `pipelines` loaded. */
-export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json {
+/**
+ * The OpenAPI document of the gateway with `pipelines` loaded and the shipped pipelines'
+ * own `paths` (each one's, from its part of the gateway).
+ */
+export function openApiDocument(
+  pipelines: readonly LoadedPipeline[] = [],
+  shippedPaths: readonly Json[] = [],
+): Json {
   const files = new Map(
     Object.keys(SCHEMA_DOCUMENTS).map((name) => [`${name}.v1.json`, name] as const),
   );
@@ -138,87 +158,7 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
     schemas[name] = rehome(schema, name, files);
   }
   const paths: Json = {
-    "/feedback": {
-      post: op("Submit one feedback item", { "202": json(accepted, "Accepted") }, {
-        requestBody: body(ref("feedback.submit")),
-        parameters: [{ name: "Idempotency-Key", in: "header", schema: { type: "string" } }],
-      }),
-    },
-    "/feedback/batch": {
-      post: op("Submit up to 1000 feedback items", { "202": json({ type: "object" }) }, {
-        requestBody: body(ref("feedback.submit_batch")),
-      }),
-    },
-    "/feedback/{id}": {
-      get: op("A feedback item's state", { "200": json(ref("feedback.state")) }, {
-        parameters: [idParam],
-      }),
-    },
-    "/feedback/{id}/events": {
-      get: op("A feedback item's events, from its first to its last", {
-        "200": sse("The item's events"),
-      }, { parameters: [idParam] }),
-    },
-    "/events": {
-      get: op("Every feedback event as it happens", { "200": sse("Feedback events") }, {
-        parameters: [
-          { name: "type", in: "query", schema: { type: "string" } },
-          { name: "replay", in: "query", schema: { type: "boolean" } },
-        ],
-      }),
-    },
-    "/content": {
-      post: op("Upload content for moderation (JSON text, or a binary body)", {
-        "202": json(accepted, "Accepted"),
-      }, { requestBody: body(ref("content.submit")) }),
-    },
-    "/content/{id}": {
-      get: op("A content item's state", { "200": json(ref("content.state")) }, {
-        parameters: [idParam],
-      }),
-    },
-    "/content/{id}/object": {
-      get: op("A binary upload", { "200": { description: "The bytes" } }, {
-        parameters: [idParam],
-      }),
-    },
-    "/content/{id}/events": {
-      get: op("A content item's events", { "200": sse("The item's events") }, {
-        parameters: [idParam],
-      }),
-    },
-    "/reviews": {
-      get: op("The human review queue", { "200": json({ type: "object" }) }, {
-        parameters: [{ name: "status", in: "query", schema: { type: "string" } }],
-      }),
-    },
-    "/reviews/{id}": {
-      get: op("One review", { "200": json({ type: "object" }) }, { parameters: [idParam] }),
-    },
-    "/reviews/{id}/claim": {
-      post: op("Claim a review", { "200": json({ type: "object" }) }, {
-        parameters: [idParam],
-        requestBody: body({ type: "object", properties: { reviewer: { type: "string" } } }),
-      }),
-    },
-    "/reviews/{id}/decision": {
-      post: op("Decide a review", { "200": json({ type: "object" }) }, {
-        parameters: [idParam],
-        requestBody: body(ref("review.decision")),
-      }),
-    },
-    "/schedules": {
-      get: op("Every schedule", { "200": json({ type: "object" }) }),
-      post: op("Create a schedule", { "201": json(ref("schedule"), "Created") }, {
-        requestBody: body(ref("schedule")),
-      }),
-    },
-    "/schedules/{id}": {
-      get: op("One schedule", { "200": json(ref("schedule")) }, { parameters: [idParam] }),
-      delete: op("Cancel a schedule", { "204": { description: "Cancelled" } }, {
-        parameters: [idParam],
-      }),
-    },
+    ...Object.assign({}, ...shippedPaths),
     "/deadletters": {
       get: op("Dead letters with their reasons", { "200": json({ type: "object" }) }, {
         parameters: ["stage", "code", "item_id", "pending", "limit"].map((name) => ({
@@ -266,64 +206,36 @@ export function openApiDocument(pipelines: readonly LoadedPipeline[] = []): Json
     // A hub's (`--hub`) central view of its edge sites (src/gateway/edge_routes.ts).
     "/sites": {
       get: op(
-        "A hub only: each edge site's events, feedback and content items, dead letters, lag " +
-          "and last contact",
+        "A hub only: each edge site's events, items of each shipped pipeline, dead letters, " +
+          "lag and last contact",
         {
           "200": json({ type: "object" }),
         },
       ),
     },
-    "/sites/{site}/feedback/{id}": {
-      get: op(
-        "A hub only: an edge item's state, folded from its events at the hub, with its site",
-        { "200": json({ type: "object" }) },
-        {
-          parameters: [
-            siteParam,
-            idParam,
-          ],
-        },
-      ),
-    },
-    "/sites/{site}/feedback/{id}/events": {
-      get: op(
-        "A hub only: an edge item's events as the hub receives them (server-sent events, " +
-          "resumable with Last-Event-ID, closed after the item's final event)",
-        { "200": sse("the item's events at the hub") },
-        {
-          parameters: [
-            siteParam,
-            idParam,
-          ],
-        },
-      ),
-    },
-    "/sites/{site}/content/{id}": {
-      get: op(
-        "A hub only: an edge content item's state, folded from its events at the hub, with " +
-          "its site",
-        { "200": json({ type: "object" }) },
-        {
-          parameters: [
-            siteParam,
-            idParam,
-          ],
-        },
-      ),
-    },
-    "/sites/{site}/content/{id}/events": {
-      get: op(
-        "A hub only: an edge content item's events as the hub receives them (server-sent " +
-          "events, resumable with Last-Event-ID, closed after the item's final event)",
-        { "200": sse("the content item's events at the hub") },
-        {
-          parameters: [
-            siteParam,
-            idParam,
-          ],
-        },
-      ),
-    },
+    // Each shipped pipeline's items at the hub (src/gateway/edge_routes.ts).
+    ...Object.fromEntries(SHIPPED_PIPELINES.flatMap((w) =>
+      w.items
+        ? [
+          [`/sites/{site}/${w.name}/{id}`, {
+            get: op(
+              `A hub only: an edge ${w.items.what}'s state, folded from its events at the hub, ` +
+                "with its site",
+              { "200": json({ type: "object" }) },
+              { parameters: [siteParam, idParam] },
+            ),
+          }],
+          [`/sites/{site}/${w.name}/{id}/events`, {
+            get: op(
+              `A hub only: an edge ${w.items.what}'s events as the hub receives them ` +
+                "(server-sent events, resumable with Last-Event-ID, closed after its final event)",
+              { "200": sse(`the ${w.items.what}'s events at the hub`) },
+              { parameters: [siteParam, idParam] },
+            ),
+          }],
+        ]
+        : []
+    )),
     "/sites/{site}/pipelines/{name}/items/{id}": {
       get: op(
         "A hub only: an edge item of a pipeline definition the hub runs, folded from its " +

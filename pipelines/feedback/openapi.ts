@@ -1,0 +1,50 @@
+/**
+ * The feedback pipeline's routes in the gateway's OpenAPI document (`GET /openapi.json`).
+ *
+ * @module
+ */
+import {
+  accepted,
+  body,
+  idParam,
+  type Json,
+  json,
+  op,
+  ref,
+  sse,
+} from "../../src/gateway/openapi.ts";
+
+/** The OpenAPI paths of pipelines/feedback/routes.ts. */
+export function feedbackPaths(): Json {
+  return {
+    "/feedback": {
+      post: op("Submit one feedback item", { "202": json(accepted, "Accepted") }, {
+        requestBody: body(ref("feedback.submit")),
+        parameters: [{ name: "Idempotency-Key", in: "header", schema: { type: "string" } }],
+      }),
+    },
+    "/feedback/batch": {
+      post: op("Submit up to 1000 feedback items", { "202": json({ type: "object" }) }, {
+        requestBody: body(ref("feedback.submit_batch")),
+      }),
+    },
+    "/feedback/{id}": {
+      get: op("A feedback item's state", { "200": json(ref("feedback.state")) }, {
+        parameters: [idParam],
+      }),
+    },
+    "/feedback/{id}/events": {
+      get: op("A feedback item's events, from its first to its last", {
+        "200": sse("The item's events"),
+      }, { parameters: [idParam] }),
+    },
+    "/events": {
+      get: op("Every feedback event as it happens", { "200": sse("Feedback events") }, {
+        parameters: [
+          { name: "type", in: "query", schema: { type: "string" } },
+          { name: "replay", in: "query", schema: { type: "boolean" } },
+        ],
+      }),
+    },
+  };
+}
