@@ -11,6 +11,7 @@ import { createApp } from "../src/gateway/app.ts";
 import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
+import { SHIPPED_GATEWAYS } from "../pipelines/shipped_gateways.ts";
 import { type GatewayPart, wiredStreams } from "../src/wiring.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
@@ -38,9 +39,7 @@ export const service: ServiceDef = defineService(
     }
     // Each shipped pipeline's routes and request subjects.
     const parts: GatewayPart[] = [];
-    for (const w of SHIPPED_PIPELINES) {
-      if (!w.loadGateway) continue;
-      const start = await w.loadGateway();
+    for (const start of SHIPPED_GATEWAYS) {
       parts.push(await start({ nc, config, log, metrics, auth, capacity, limiter }));
     }
     const pipelines = await loadPipelines(config.pipelines, ROOT);

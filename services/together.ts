@@ -10,7 +10,7 @@
 import { loadConfig } from "../src/config.ts";
 import { loadPipelines, pipelineServices } from "../src/pipeline/runtime.ts";
 import { runTogether, type ServiceDef } from "../src/service.ts";
-import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
+import { SHIPPED_SERVICES } from "../pipelines/shipped_services.ts";
 import { service as gateway } from "./gateway.ts";
 import { service as scheduler } from "./scheduler.ts";
 import { service as shadow } from "./shadow.ts";
@@ -20,10 +20,7 @@ import { service as shadow } from "./shadow.ts";
  * then the runtime's): each loads only when asked for.
  */
 export const ALL: ReadonlyMap<string, () => Promise<ServiceDef>> = new Map([
-  ...SHIPPED_PIPELINES.flatMap((w) => w.services).map((s) => {
-    if (!s.load) throw new Error(`service ${s.name} cannot run together: it has no load()`);
-    return [s.name, s.load] as const;
-  }),
+  ...SHIPPED_SERVICES,
   ...[gateway, scheduler, shadow].map((s) => [s.name, () => Promise.resolve(s)] as const),
 ]);
 

@@ -7,7 +7,11 @@
  * The shipped feedback and moderation pipelines are wired this way, each in its own folder
  * (`pipelines/<name>/wiring.ts`, listed in pipelines/shipped.ts), until they run as
  * definitions; a definition's pipeline derives the same from its definition instead
- * (src/pipeline/runtime.ts).
+ * (src/pipeline/runtime.ts). A wiring is data, loaded by every service (topology and
+ * identities follow from it): the code it names is listed apart, in
+ * pipelines/shipped_gateways.ts (each pipeline's part of the gateway, loaded only by the
+ * gateway) and pipelines/shipped_services.ts (each service's definition, loaded only where
+ * several run in one process), so no process loads another's code.
  *
  * @module
  */
@@ -20,7 +24,6 @@ import type { Auth } from "./gateway/auth.ts";
 import type { GatewayExtension } from "./gateway/app.ts";
 import type { CapacityGuard } from "./capacity.ts";
 import type { IngestLimiter } from "./gateway/ingest_limits.ts";
-import type { ServiceDef } from "./service.ts";
 import type { StateSpec } from "./state_writer.ts";
 
 /** A service the supervisor runs. */
@@ -28,11 +31,6 @@ export interface ServiceSpec {
   name: string;
   /** Entry module, relative to the repository root. */
   entry: string;
-  /**
-   * Loads its service definition, for running it in a process with others (`--together`):
-   * a pipeline's services are loaded only where they run.
-   */
-  load?: () => Promise<ServiceDef>;
   /** Reads the ruleset file. */
   readsRules?: boolean;
   /** Runs analyzers: with `llm` ones it calls the LLM endpoint and reads prompts/. */
@@ -98,6 +96,9 @@ export interface GatewayPartContext {
   limiter: IngestLimiter;
 }
 
+/** Starts a pipeline's part of the gateway. */
+export type GatewayPartStarter = (ctx: GatewayPartContext) => Promise<GatewayPart>;
+
 /** A pipeline's part of the gateway: its HTTP routes and its NATS request handlers. */
 export interface GatewayPart {
   /** Its routes, mounted on the gateway app. */
@@ -139,11 +140,6 @@ export interface PipelineWiring {
   items?: WiredItems;
   /** What the gateway needs to serve it: its routes, request subjects and reads. */
   gateway?: Access;
-  /**
-   * Loads its part of the gateway (only the gateway service loads it, so a step's process
-   * never loads HTTP code), then starts it.
-   */
-  loadGateway?: () => Promise<(ctx: GatewayPartContext) => Promise<GatewayPart>>;
   /** What the shadow service needs to shadow its steps. */
   shadow?: Access;
 }

@@ -70,3 +70,10 @@ Deno.test("the mesh's services are the shipped pipelines' and the runtime's, eac
   }
   assert.deepEqual(names.slice(-3), ["gateway", "scheduler", "shadow"]);
 });
+
+Deno.test("every shipped service loads by its name (for one process), and runs as that service", async () => {
+  const { SHIPPED_SERVICES } = await import("../pipelines/shipped_services.ts");
+  const names = SHIPPED_PIPELINES.flatMap((w) => w.services.map((s) => s.name));
+  assert.deepEqual([...SHIPPED_SERVICES.keys()], names);
+  for (const [name, load] of SHIPPED_SERVICES) assert.equal((await load()).name, name);
+});

@@ -44,7 +44,6 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     {
       name: "state",
       entry: "pipelines/feedback/services/state.ts",
-      load: async () => (await import("./services/state.ts")).service,
       access: {
         consumes: [{ stream: FEEDBACK_STREAM, durable: FEEDBACK_STATE_SPEC.durable }],
         writesBuckets: [STATE_BUCKET],
@@ -54,13 +53,11 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     {
       name: "ingest",
       entry: "pipelines/feedback/services/ingest.ts",
-      load: async () => (await import("./services/ingest.ts")).service,
       access: stepAccess(FEEDBACK_STREAM, ["ingest"], ["feedback.ingested"], "feedback.failed"),
     },
     {
       name: "sentiment",
       entry: "pipelines/feedback/services/sentiment.ts",
-      load: async () => (await import("./services/sentiment.ts")).service,
       readsRules: true,
       analyzes: true,
       // A promoted candidate's ruleset is in rules/.
@@ -76,7 +73,6 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     {
       name: "topics",
       entry: "pipelines/feedback/services/topics.ts",
-      load: async () => (await import("./services/topics.ts")).service,
       readsRules: true,
       analyzes: true,
       reads: ["rules"],
@@ -91,7 +87,6 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     {
       name: "dispatch",
       entry: "pipelines/feedback/services/dispatch.ts",
-      load: async () => (await import("./services/dispatch.ts")).service,
       readsRules: true,
       reads: ["rules"],
       access: stepAccess(
@@ -105,7 +100,6 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     {
       name: "digest",
       entry: "pipelines/feedback/services/digest.ts",
-      load: async () => (await import("./services/digest.ts")).service,
       background: true,
       access: stepAccess(
         DIGEST_STREAM,
@@ -124,7 +118,6 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     readsStreams: [FEEDBACK_STREAM],
     readsBuckets: [STATE_BUCKET],
   },
-  loadGateway: async () => (await import("./gateway.ts")).feedbackGateway,
   // Live shadows read production's input and outputs and work consumers of their own on
   // FEEDBACK (never a step's).
   shadow: { readsStreams: [FEEDBACK_STREAM], managesConsumers: [FEEDBACK_STREAM] },

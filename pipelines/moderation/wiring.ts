@@ -51,7 +51,6 @@ export const MODERATION_WIRING: PipelineWiring = {
     {
       name: "content-state",
       entry: "pipelines/moderation/services/content_state.ts",
-      load: async () => (await import("./services/content_state.ts")).service,
       access: {
         consumes: [{ stream: CONTENT_STREAM, durable: CONTENT_STATE_SPEC.durable }],
         writesBuckets: [CONTENT_STATE_BUCKET],
@@ -61,7 +60,6 @@ export const MODERATION_WIRING: PipelineWiring = {
     {
       name: "moderation",
       entry: "pipelines/moderation/services/moderation.ts",
-      load: async () => (await import("./services/moderation.ts")).service,
       analyzes: true,
       access: stepAccess(CONTENT_STREAM, ["moderation"], ["content.moderated"], "content.failed", {
         readsObjects: [CONTENT_OBJECT_BUCKET],
@@ -70,7 +68,6 @@ export const MODERATION_WIRING: PipelineWiring = {
     {
       name: "review",
       entry: "pipelines/moderation/services/review.ts",
-      load: async () => (await import("./services/review.ts")).service,
       access: stepAccess(
         CONTENT_STREAM,
         ["review-queue", "review-sla"],
@@ -82,7 +79,6 @@ export const MODERATION_WIRING: PipelineWiring = {
     {
       name: "storage",
       entry: "pipelines/moderation/services/storage.ts",
-      load: async () => (await import("./services/storage.ts")).service,
       access: stepAccess(
         CONTENT_STREAM,
         ["storage-moderated", "storage-decided"],
@@ -101,5 +97,4 @@ export const MODERATION_WIRING: PipelineWiring = {
     writesBuckets: [REVIEW_BUCKET],
     writesObjects: [CONTENT_OBJECT_BUCKET],
   },
-  loadGateway: async () => (await import("./gateway.ts")).moderationGateway,
 };
