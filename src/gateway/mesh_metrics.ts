@@ -18,8 +18,7 @@ import {
 import { usageOf } from "../capacity.ts";
 import { DEADLETTER_STREAM, RUNTIME_STREAMS } from "../subjects.ts";
 import { REDRIVEN_PREFIX } from "../redrive.ts";
-
-/** The streams whose limits /metrics reports. */
+import { INSTANCE_HEADER } from "../observability/micro.ts";
 
 /** How long the gateway waits for services' metrics. */
 export interface GatherOptions {
@@ -32,6 +31,42 @@ export interface GatherOptions {
    * (the runtime's own streams' usage always is).
    */
   pipelineStreams?: readonly string[];
+  /**
+   * The last answer of each service instance: an instance that answered a recent gather but
+   * not this one (slow on a loaded machine) counts with its last answer instead of dropping
+   * out, so the mesh's counters never seem to fall back for a moment.
+   */
+  cache?: MetricsCache;
+}
+
+/**
+ * Each service instance's last metrics answer, kept `keepMs` (15 s by default) for the
+ * gathers it misses. A restarted process is a new instance: its old answer counts until it
+ * ages out, so the sum never falls below what was reported while the new one catches up.
+ */
+export class MetricsCache {
+  #last = new Map<string, { at: number; value: MetricsJson }>();
+  constructor(readonly keepMs = 15_000) {}
+
+  /**
+   * The answers of one gather (`instance` from each answer's header, when it has one), with
+   * the recent answers of the instances missing from it; `now` in ms.
+   */
+  merge(answers: readonly { instance?: string; value: MetricsJson }[], now: number): MetricsJson[] {
+    const out: MetricsJson[] = [];
+    const seen = new Set<string>();
+    for (const { instance, value } of answers) {
+      out.push(value);
+      if (instance === undefined) continue;
+      seen.add(instance);
+      this.#last.set(instance, { at: now, value });
+    }
+    for (const [instance, { at, value }] of this.#last) {
+      if (now - at > this.keepMs) this.#last.delete(instance);
+      else if (!seen.has(instance)) out.push(value);
+    }
+    return out;
+  }
 }
 
 /** JetStream's counts for one durable consumer. */
@@ -76,7 +111,7 @@ export async function gatherServiceMetrics(
   nc: NatsConnection,
   opts: GatherOptions = {},
 ): Promise<MetricsJson[]> {
-  const parts: MetricsJson[] = [];
+  const parts: { instance?: string; value: MetricsJson }[] = [];
   try {
     const answers = await nc.requestMany(METRICS_SUBJECT, undefined, {
       strategy: "stall",
@@ -86,14 +121,15 @@ export async function gatherServiceMetrics(
     for await (const m of answers) {
       try {
         const value = m.json<MetricsJson>();
-        if (Array.isArray(value)) parts.push(value);
+        const instance = m.headers?.get(INSTANCE_HEADER) || undefined;
+        if (Array.isArray(value)) parts.push({ instance, value });
       } catch { /* an error reply or garbage: skip it */ }
     }
   } catch (err) {
     // No other service runs (the gateway alone): its own metrics are the answer.
     if (!(err instanceof NoRespondersError)) throw err;
   }
-  return parts;
+  return opts.cache ? opts.cache.merge(parts, Date.now()) : parts.map((p) => p.value);
 }
 
 /**

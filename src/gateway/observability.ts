@@ -18,7 +18,7 @@ import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../observability/metr
 import { FEEDBACK_STREAM } from "../subjects.ts";
 import { recentSiteEvents } from "../edge.ts";
 import { DASHBOARD_HTML } from "./dashboard_page.ts";
-import { meshMetrics, type MeshSnapshot, meshSnapshot } from "./mesh_metrics.ts";
+import { meshMetrics, type MeshSnapshot, meshSnapshot, MetricsCache } from "./mesh_metrics.ts";
 import type { SseClients } from "./sse.ts";
 import { intQuery } from "./query.ts";
 
@@ -80,7 +80,9 @@ export interface ObservabilityDeps {
 /** Mounts /metrics and the dashboard routes. */
 export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   const { nc, jetStream, metrics, clients, log } = deps;
-  const gather = { pipelineStreams: deps.pipelineStreams ?? [] };
+  // One cache for /metrics and the dashboard: a service slow to answer one gather counts
+  // with its last answer.
+  const gather = { pipelineStreams: deps.pipelineStreams ?? [], cache: new MetricsCache() };
   // One gather serves every dashboard open within the same tick.
   let cached: { at: number; snapshot: Promise<MeshSnapshot> } | undefined;
   const snapshot = () => {

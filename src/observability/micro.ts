@@ -15,7 +15,7 @@
  *
  * @module
  */
-import type { NatsConnection } from "@nats-io/nats-core";
+import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/nats-core";
 import { type Service, type ServiceMsg, Svcm } from "@nats-io/services";
 import denoJson from "../../deno.json" with { type: "json" };
 import type { Logger } from "./log.ts";
@@ -61,6 +61,9 @@ const encoder = new TextEncoder();
  * await svc.stop();
  * ```
  */
+/** The header of a metrics answer naming the service instance that gave it. */
+export const INSTANCE_HEADER = "Weft-Instance";
+
 export async function registerMicroService(opts: MicroServiceOptions): Promise<Service> {
   const { nc, name, metrics, log } = opts;
   const service = await new Svcm(nc).add({
@@ -70,10 +73,10 @@ export async function registerMicroService(opts: MicroServiceOptions): Promise<S
     metadata: { "weft.service": name },
     statsHandler: () => Promise.resolve(opts.status()),
   });
-  const reply = (m: ServiceMsg, body: () => Promise<unknown> | unknown) => {
+  const reply = (m: ServiceMsg, body: () => Promise<unknown> | unknown, h?: MsgHdrs) => {
     Promise.resolve()
       .then(body)
-      .then((value) => m.respond(encoder.encode(JSON.stringify(value))))
+      .then((value) => m.respond(encoder.encode(JSON.stringify(value)), h ? { headers: h } : {}))
       .catch((err) => {
         log.warn("micro endpoint failed", { subject: m.subject, err });
         m.respondError(500, (err as Error).message);
@@ -87,7 +90,10 @@ export async function registerMicroService(opts: MicroServiceOptions): Promise<S
       metadata: { format: "prom-client-json" },
       handler: (err, m) => {
         if (err) return;
-        reply(m, () => metrics.json());
+        // Which instance answers: a gather it answers too late reuses its last answer.
+        const h = headers();
+        h.set(INSTANCE_HEADER, service.info().id);
+        reply(m, () => metrics.json(), h);
       },
     });
   }
