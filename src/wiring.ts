@@ -142,6 +142,11 @@ export interface PipelineWiring {
   gateway?: Access;
   /** What the shadow service needs to shadow its steps. */
   shadow?: Access;
+  /**
+   * Its steps a live shadow can follow (how: pipelines/shipped_shadows.ts); the first
+   * pipeline with some is the default of a shadow that names none.
+   */
+  shadowSteps?: readonly string[];
 }
 
 /** Two accesses as one: every list joined. */

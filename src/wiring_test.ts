@@ -77,3 +77,10 @@ Deno.test("every shipped service loads by its name (for one process), and runs a
   assert.deepEqual([...SHIPPED_SERVICES.keys()], names);
   for (const [name, load] of SHIPPED_SERVICES) assert.equal((await load()).name, name);
 });
+
+Deno.test("a wiring's shadowable steps are the ones its pipeline says how to shadow", async () => {
+  const { SHIPPED_SHADOW_STEPS } = await import("../pipelines/shipped_shadows.ts");
+  for (const w of SHIPPED_PIPELINES) {
+    assert.deepEqual(Object.keys(SHIPPED_SHADOW_STEPS[w.name] ?? {}), [...w.shadowSteps ?? []]);
+  }
+});

@@ -121,4 +121,5 @@ export const FEEDBACK_WIRING: PipelineWiring = {
   // Live shadows read production's input and outputs and work consumers of their own on
   // FEEDBACK (never a step's).
   shadow: { readsStreams: [FEEDBACK_STREAM], managesConsumers: [FEEDBACK_STREAM] },
+  shadowSteps: ["sentiment", "topics", "dispatch"],
 };

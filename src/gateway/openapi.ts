@@ -92,8 +92,19 @@ const shadowSpec: Json = {
   required: ["id", "step", "candidate"],
   properties: {
     id: shadowId.schema,
-    pipeline: { enum: ["feedback"] },
-    step: { enum: ["sentiment", "topics", "dispatch"] },
+    pipeline: {
+      type: "string",
+      description: `A shipped pipeline (${
+        SHIPPED_PIPELINES.filter((w) => w.shadowSteps).map((w) => w.name).join(", ")
+      }) or a definition's`,
+    },
+    step: {
+      type: "string",
+      description: `A shipped pipeline's step (${
+        SHIPPED_PIPELINES.flatMap((w) => (w.shadowSteps ?? []).map((s) => `${w.name}.${s}`))
+          .join(", ")
+      }) or a definition's work step`,
+    },
     candidate: {
       type: "object",
       required: ["analyzers"],

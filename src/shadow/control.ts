@@ -79,7 +79,7 @@ export function createShadowControl(
   };
   /** A definition's step must be a running work step; its candidate beside it. */
   const checkDefinitionStep = (spec: ShadowSpec) => {
-    if (spec.pipeline === "feedback") return;
+    if (Object.hasOwn(SHADOW_STEPS, spec.pipeline)) return;
     if (!definitions.pipelines.some((p) => p.def.name === spec.pipeline)) {
       throw new ValidationError(`no running pipeline ${spec.pipeline}`, { field: "/pipeline" });
     }
@@ -211,7 +211,7 @@ export function createShadowControl(
       checkId(id);
       const spec = configured.find((c) => c.id === id) ?? await fromApi(id);
       if (!spec) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
-      if (spec.pipeline !== "feedback") await checkPromotable(spec);
+      if (!Object.hasOwn(SHADOW_STEPS, spec.pipeline)) await checkPromotable(spec);
       const figures = (await status())[id]?.fields as Record<string, FieldFigures> | undefined;
       const version: StepVersion = {
         pipeline: spec.pipeline,
@@ -240,7 +240,8 @@ export function createShadowControl(
       const [pipeline, name] = step.split(".");
       if (
         !pipeline || !name ||
-        !(SHADOW_STEPS[pipeline]?.includes(name) || definitionStep(pipeline, name))
+        !((Object.hasOwn(SHADOW_STEPS, pipeline) && SHADOW_STEPS[pipeline]!.includes(name)) ||
+          definitionStep(pipeline, name))
       ) {
         throw new NotFoundError(`no shadowable step ${JSON.stringify(step)}`);
       }

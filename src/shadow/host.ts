@@ -24,7 +24,8 @@ import type { Logger } from "../observability/log.ts";
 import type { WeftMetrics } from "../observability/metrics.ts";
 import type { Runnable } from "../service.ts";
 import { parseShadowSpec, type ShadowSpec } from "./spec.ts";
-import { FEEDBACK_STREAM, SHADOW_BUCKET } from "../subjects.ts";
+import { SHADOW_BUCKET } from "../subjects.ts";
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 interface Hosted {
   json: string;
@@ -109,7 +110,12 @@ export async function hostShadows(
         },
       ),
     ]);
-    const streams = [FEEDBACK_STREAM, ...pipelines.map((p) => pipelineStreamOf(p.def.name))];
+    const streams = [
+      ...SHIPPED_PIPELINES.filter((w) => w.shadowSteps).flatMap((w) =>
+        w.streams.map((s) => s.name)
+      ),
+      ...pipelines.map((p) => pipelineStreamOf(p.def.name)),
+    ];
     for (const stream of streams) {
       for await (const ci of jsm.consumers.list(stream)) {
         const name = ci?.config?.durable_name ?? "";

@@ -11,8 +11,8 @@
  * takes at most `limits.rps` items per second and `limits.concurrency` at once (the flow-control limiter of definitions' steps),
  * spends at most `limits.budgetUsd` on LLM calls (the LLM client's budget, no fallback:
  * over budget means no decision), never retries, never dead-letters and never fails an
- * item. Killed, it leaves only its consumer's backlog behind (the FEEDBACK stream has
- * limits retention: an unread consumer holds nothing up).
+ * item. Killed, it leaves only its consumer's backlog behind (event streams have limits
+ * retention: an unread consumer holds nothing up).
  *
  * @module
  */
@@ -56,14 +56,8 @@ import {
 import { agreementOf, type FieldAgreement } from "./replay.ts";
 import { readStream } from "../stream_reader.ts";
 import type { OutputEvent, Stage, StageInput } from "../stage.ts";
-import { dispatchStage, sentimentStage, topicsStage } from "../../pipelines/feedback/stages.ts";
-import {
-  eventSubject,
-  FEEDBACK_STREAM,
-  FeedbackEventType as T,
-  SHADOW_STREAM,
-  typeFilter,
-} from "../subjects.ts";
+import { SHIPPED_SHADOW_STEPS } from "../../pipelines/shipped_shadows.ts";
+import { eventSubject, SHADOW_STREAM } from "../subjects.ts";
 
 /** How a step is shadowed: what it consumes, what production emits, which fields compare. */
 export interface ShadowStepDef {
@@ -85,57 +79,29 @@ export interface ShadowStepDef {
   stage(analyzers: Awaited<ReturnType<typeof feedbackAnalyzers>>): Stage<any>;
 }
 
-const label = (v: unknown) => (typeof v === "string" && v !== "" ? v : "none");
-const get = (d: Record<string, unknown>, path: string[]) =>
-  path.reduce<unknown>((v, k) => (v as Record<string, unknown> | undefined)?.[k], d);
+/** Whether `pipeline` is a shipped (hand-wired) pipeline with shadowable steps. */
+function isShipped(pipeline: string): boolean {
+  return Object.hasOwn(SHIPPED_SHADOW_STEPS, pipeline);
+}
 
-/** The feedback pipeline's shadowable steps. */
-export const FEEDBACK_SHADOW_STEPS: Readonly<Record<string, ShadowStepDef>> = {
-  sentiment: {
-    stream: FEEDBACK_STREAM,
-    filterSubject: typeFilter(T.Ingested),
-    output: T.SentimentAnalyzed,
-    fields: (d) => ({ sentiment: label(get(d, ["sentiment", "label"])) }),
-    bounded: ["sentiment"],
-    stage: (a) => sentimentStage(a.sentiment),
-  },
-  topics: {
-    stream: FEEDBACK_STREAM,
-    filterSubject: typeFilter(T.SentimentAnalyzed),
-    output: T.TopicsExtracted,
-    fields: (d) => {
-      const topics = (get(d, ["topics", "topics"]) ?? []) as string[];
-      return { topic: label(topics[0]), topics: [...topics].sort().join(",") || "none" };
-    },
-    bounded: ["topic"],
-    stage: (a) => topicsStage(a.topics, a.toxicity),
-  },
-  dispatch: {
-    stream: FEEDBACK_STREAM,
-    filterSubject: typeFilter(T.TopicsExtracted),
-    output: T.Dispatched,
-    fields: (d) => ({ team: label(get(d, ["routing", "team"])) }),
-    bounded: ["team"],
-    stage: (a) => dispatchStage(a.route),
-  },
-};
-
-/** The shadowable feedback step of `spec`. */
+/** The shadowable step of a shipped pipeline that `spec` names. */
 export function shadowStep(spec: Pick<ShadowSpec, "pipeline" | "step">): ShadowStepDef {
-  const def = spec.pipeline === "feedback" ? FEEDBACK_SHADOW_STEPS[spec.step] : undefined;
+  const def = isShipped(spec.pipeline)
+    ? SHIPPED_SHADOW_STEPS[spec.pipeline]![spec.step]
+    : undefined;
   if (!def) throw new Error(`no shadowable step ${spec.pipeline}.${spec.step}`);
   return def;
 }
 
-/** The stream a shadow's step reads: FEEDBACK, or its definition's pipeline's. */
-export function shadowStream(spec: Pick<ShadowSpec, "pipeline">): string {
-  return spec.pipeline === "feedback" ? FEEDBACK_STREAM : pipelineStreamOf(spec.pipeline);
+/** The stream a shadow's step reads: its shipped step's, or its definition's pipeline's. */
+export function shadowStream(spec: Pick<ShadowSpec, "pipeline" | "step">): string {
+  return isShipped(spec.pipeline) ? shadowStep(spec).stream : pipelineStreamOf(spec.pipeline);
 }
 
 /** Whether a field's labels are few enough for a confusion matrix in the metrics. */
 export function boundedField(spec: Pick<ShadowSpec, "pipeline" | "step">, field: string): boolean {
-  return spec.pipeline === "feedback"
-    ? (FEEDBACK_SHADOW_STEPS[spec.step]?.bounded ?? []).includes(field)
+  return isShipped(spec.pipeline)
+    ? (SHIPPED_SHADOW_STEPS[spec.pipeline]![spec.step]?.bounded ?? []).includes(field)
     // A definition step's result: its top-level values, not the whole result.
     : field !== "result";
 }
@@ -184,15 +150,15 @@ export function resultFields(result: unknown): Record<string, string> {
 }
 
 /**
- * Resolves a shadow: its step (a feedback step, or a work step of a running definition) and
- * its candidate (analyzers, or the step of another version of the definition).
+ * Resolves a shadow: its step (a shipped pipeline's, or a work step of a running definition)
+ * and its candidate (analyzers, or the step of another version of the definition).
  */
 export async function resolveShadowTarget(
   spec: ShadowSpec,
   config: Config,
   ctx: { nc: NatsConnection; pipelines?: readonly LoadedPipeline[]; root?: string },
 ): Promise<ShadowTarget> {
-  if (spec.pipeline === "feedback") {
+  if (isShipped(spec.pipeline)) {
     const step = shadowStep(spec);
     const analyzers = await feedbackAnalyzers(
       candidateConfig(config, spec, { fallback: false, budgetUsd: spec.limits.budgetUsd }),

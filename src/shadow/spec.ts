@@ -8,14 +8,17 @@
 import type { AnalyzerKind } from "../config.ts";
 import type { AnalyzerConfig } from "../ai/configured_analyzers.ts";
 import { ValidationError } from "../errors.ts";
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 /** The analyzer families (config.ts's AnalyzerKind; repeated so config.ts can import this module). */
 const KINDS: readonly AnalyzerKind[] = ["embedded", "rules", "llm"];
 
-/** The steps a live shadow can follow, by pipeline. */
-export const SHADOW_STEPS: Readonly<Record<string, readonly string[]>> = {
-  feedback: ["sentiment", "topics", "dispatch"],
-};
+/** The shipped pipelines' steps a live shadow can follow, by pipeline (their wirings'). */
+export const SHADOW_STEPS: Readonly<Record<string, readonly string[]>> = Object.fromEntries(
+  SHIPPED_PIPELINES.flatMap((w) => w.shadowSteps ? [[w.name, w.shadowSteps]] : []),
+);
+/** The pipeline of a shadow that names none: the first shipped one with shadowable steps. */
+export const DEFAULT_SHADOW_PIPELINE: string | undefined = Object.keys(SHADOW_STEPS)[0];
 
 /**
  * The candidate: how the step would decide instead. For a feedback step, other analyzers
@@ -136,11 +139,19 @@ export function parseShadowSpec(value: unknown): ShadowSpec {
   if (typeof v.id !== "string" || !SHADOW_ID.test(v.id)) {
     fail("/id", "id must be 1-32 of a-z, 0-9, - and _, starting with a letter or digit");
   }
-  const pipeline = v.pipeline ?? "feedback";
-  if (typeof pipeline !== "string" || !(pipeline in SHADOW_STEPS || PIPELINE_NAME.test(pipeline))) {
-    fail("/pipeline", "pipeline must be feedback or a definition's pipeline");
+  const pipeline = v.pipeline ?? DEFAULT_SHADOW_PIPELINE;
+  if (
+    typeof pipeline !== "string" ||
+    !(Object.hasOwn(SHADOW_STEPS, pipeline) || PIPELINE_NAME.test(pipeline))
+  ) {
+    fail(
+      "/pipeline",
+      `pipeline must be ${[...Object.keys(SHADOW_STEPS), "a definition's pipeline"].join(" or ")}`,
+    );
   }
-  const builtIn = SHADOW_STEPS[pipeline as string];
+  const builtIn = Object.hasOwn(SHADOW_STEPS, pipeline as string)
+    ? SHADOW_STEPS[pipeline as string]
+    : undefined;
   if (builtIn && (typeof v.step !== "string" || !builtIn.includes(v.step))) {
     fail("/step", `step must be one of ${builtIn.join(", ")}`);
   }
@@ -166,7 +177,9 @@ export function parseShadowSpec(value: unknown): ShadowSpec {
       );
     }
     for (const k of ["analyzers", "rules", "model", "prompt"]) {
-      if (c![k] !== undefined) fail(`/candidate/${k}`, `${k} applies to feedback steps only`);
+      if (c![k] !== undefined) {
+        fail(`/candidate/${k}`, `${k} applies to the shipped pipelines' steps only`);
+      }
     }
     return finish(v, pipeline as string, { definition: file as string });
   }

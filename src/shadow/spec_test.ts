@@ -80,3 +80,15 @@ Deno.test("sampled keeps about the given share of items, the same ones every tim
   assert.deepEqual(ids.filter((id) => sampled(id, 0.1)), kept);
   assert.ok(ids.every((id) => sampled(id, 1)));
 });
+
+Deno.test("a pipeline named like an Object property is a definition's, not a shipped one", () => {
+  // `"constructor" in {}` is true: a lookup by `in` took it for a shipped pipeline and threw
+  // a TypeError (a 500) instead of naming the field.
+  for (const pipeline of ["constructor"]) {
+    assert.throws(
+      () => parseShadowSpec({ id: "a", pipeline, step: "x", candidate: { analyzers: "rules" } }),
+      (err) => err instanceof ValidationError && err.field === "/candidate/definition",
+      pipeline,
+    );
+  }
+});
