@@ -95,10 +95,11 @@ Deno.test("in one process (--together), nats-server killed with SIGKILL mid-run 
 Deno.test("a handler slower than the ack wait keeps its lease with in-progress acks and is not redelivered", async () => {
   const started = Date.now();
   await using mesh = await startServices({
-    // The handler outlasts the ack wait; in-progress acks every ack wait / 3 (2 s) keep the
-    // lease. A 6 s ack wait leaves 4 s of slack for a starved event loop on a loaded machine
-    // (with 3 s, a fresh clone's suite run saw leases lapse).
-    env: { WEFT_ACK_WAIT_MS: "6000", WEFT_SLOW_MS: "7000", WEFT_SLOW_STAGE: "topics" },
+    // The handler outlasts the ack wait; in-progress acks every ack wait / 3 (3 s) keep the
+    // lease. A 9 s ack wait leaves 6 s of slack for a starved event loop on a loaded machine
+    // (with 3 s, a fresh clone's suite run saw leases lapse; with 6 s, 517 of 3,000 lapsed
+    // once while another test file ran beside it on the 2 cores).
+    env: { WEFT_ACK_WAIT_MS: "9000", WEFT_SLOW_MS: "10000", WEFT_SLOW_STAGE: "topics" },
     // Fewer slots than items: waiting messages must not be pulled early and expire.
     serviceEnv: { topics: { WEFT_CONCURRENCY: "1000" } },
   });
@@ -106,7 +107,7 @@ Deno.test("a handler slower than the ack wait keeps its lease with in-progress a
   await pushItems(mesh.js, items);
   const figures = await settle(
     mesh,
-    "handler (topics) 7 s, ack wait 6 s, 1000 slots",
+    "handler (topics) 10 s, ack wait 9 s, 1000 slots",
     items,
     N,
     started,
