@@ -58,13 +58,7 @@ import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
-import {
-  mergeAccess,
-  type PipelineWiring,
-  type ServiceSpec,
-  wiredReads,
-  wiredStreams,
-} from "./wiring.ts";
+import { mergeAccess, type PipelineWiring, type ServiceSpec, wiredReads } from "./wiring.ts";
 import {
   CALLER_SCHEDULABLE_SUBJECTS,
   DEADLETTER_STREAM,
@@ -204,6 +198,9 @@ export function wiredServices(
 /** The services of the mesh with the shipped pipelines, in start order. */
 export const SERVICES: readonly ServiceSpec[] = wiredServices();
 
+/** What operators read of the shipped pipelines: every stream, bucket and object store. */
+const SHIPPED_READS = wiredReads(SHIPPED_PIPELINES);
+
 /**
  * The identities besides the services': `admin` (the supervisor: streams, buckets, and
  * anything an operator does on purpose) and `ops` (the nats CLI day to day: read every
@@ -216,16 +213,16 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
     publishes: CALLER_SCHEDULABLE_SUBJECTS,
     requests: ["weft.>", "$SRV.>"],
     subscribes: [">"],
-    readsStreams: [...wiredStreams(SHIPPED_PIPELINES), ...RUNTIME_STREAMS],
+    readsStreams: [...SHIPPED_READS.readsStreams!, ...RUNTIME_STREAMS],
     readsBuckets: [
-      ...wiredReads(SHIPPED_PIPELINES).readsBuckets!,
+      ...SHIPPED_READS.readsBuckets!,
       SCHEDULE_BUCKET,
       SCHEDULE_LEASE_BUCKET,
       IDEMPOTENCY_BUCKET,
       SHADOW_BUCKET,
       STEP_VERSION_BUCKET,
     ],
-    readsObjects: wiredReads(SHIPPED_PIPELINES).readsObjects,
+    readsObjects: SHIPPED_READS.readsObjects,
   },
 };
 

@@ -4,12 +4,11 @@
  */
 import assert from "node:assert/strict";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
-import { createApp } from "../src/gateway/app.ts";
-import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { headers } from "@nats-io/nats-core";
+import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats } from "./helpers/nats.ts";
 
 const KEYS = { ingest: "k-ingest-1", reviewer: "k-review-1", admin: "k-admin-1" };
@@ -24,14 +23,7 @@ const bearer = (key?: string): Record<string, string> =>
 Deno.test("HTTP: submitting needs an ingest key, reading any key, dead letters an admin key", async () => {
   await using t = await startTestNats();
   const intake = await createIntake(t.nc);
-  const app = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-    auth,
-  });
+  const app = feedbackApp(t, intake, { auth });
   const post = (key?: string) =>
     app.request("/feedback", {
       method: "POST",

@@ -15,6 +15,7 @@ import { serveRequests } from "../pipelines/feedback/requests.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { CONTENT_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
+import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { startService } from "./helpers/mesh.ts";
@@ -242,14 +243,7 @@ Deno.test("ingest limits per API key and role: over the rate or the daily quota 
   const intake = await createIntake(t.nc, "weft-gateway", {
     limiter: createIngestLimiter(limits!),
   });
-  const app = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-    auth,
-  });
+  const app = feedbackApp(t, intake, { auth });
   const post = (key: string, path = "/feedback", body: unknown = { text: "hi" }) =>
     app.request(path, {
       method: "POST",

@@ -3,6 +3,7 @@
  * pipeline running in-process.
  */
 import assert from "node:assert/strict";
+import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { readSse } from "./helpers/sse.ts";
@@ -77,16 +78,8 @@ Deno.test("POST /feedback accepts an item with 202 and links, and it reaches pro
 Deno.test("GET /feedback/ID answers right after 202, before the state writer has caught up", async () => {
   await using t = await startTestNats();
   const { createIntake } = await import("../pipelines/feedback/intake.ts");
-  const { feedbackRoutes } = await import("../pipelines/feedback/routes.ts");
-  const { createApp } = await import("../src/gateway/app.ts");
   const intake = await createIntake(t.nc);
-  const app = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-  }); // no stages, no writer
+  const app = feedbackApp(t, intake); // no stages, no writer
   const { id } = await (await app.request("/feedback", json({ text: "hello" }))).json();
   const res = await app.request(`/feedback/${id}`);
   assert.equal(res.status, 200);

@@ -10,8 +10,6 @@ import { jetstream } from "@nats-io/jetstream";
 import { createCapacityGuard, isStreamFull } from "../src/capacity.ts";
 import { ConfigError } from "../src/errors.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
-import { createApp } from "../src/gateway/app.ts";
-import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
 import { WeftMetrics } from "../src/observability/metrics.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
@@ -19,7 +17,7 @@ import { compareStates, rebuildStates } from "../src/rebuild.ts";
 import { FEEDBACK_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { readStates, startTestNats } from "./helpers/nats.ts";
-import { startPipeline } from "./helpers/pipeline.ts";
+import { feedbackApp, startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
@@ -34,13 +32,7 @@ Deno.test("at its limit, intake refuses new items with 507 and Retry-After, and 
     log: t.log,
   });
   const intake = await createIntake(t.nc, "weft-gateway", { capacity });
-  const app: Hono = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-  });
+  const app: Hono = feedbackApp(t, intake);
 
   const accepted: string[] = [];
   let refused = 0;
@@ -146,13 +138,7 @@ Deno.test("a full stream refuses new messages rather than discard accepted ones,
   assert.equal(info.state.first_seq, 1, "nothing accepted was discarded");
   // Over HTTP, the stream's own refusal (behind the high-water mark) is a 507 too.
   const intake = await createIntake(t.nc);
-  const app = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-  });
+  const app = feedbackApp(t, intake);
   const res = await app.request("/feedback", {
     method: "POST",
     headers: JSON_TYPE,

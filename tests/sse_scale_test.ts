@@ -6,11 +6,10 @@
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
 import { createEvent } from "../src/events.ts";
-import { createApp } from "../src/gateway/app.ts";
-import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { type FeedSubscription, LiveFeeds, SSE_FLUSH_SLICE } from "../src/gateway/sse.ts";
+import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
@@ -37,13 +36,7 @@ function ingested(id: string, text = "hello") {
 Deno.test("fifty /events clients share one server consumer, and each receives every new event", async () => {
   await using t = await startTestNats({ sseKeepAliveMs: 60_000 });
   const intake = await createIntake(t.nc);
-  const app = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-  });
+  const app = feedbackApp(t, intake);
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
   const abort = new AbortController();
   try {
@@ -82,13 +75,7 @@ Deno.test("fifty /events clients share one server consumer, and each receives ev
 Deno.test("a live client that never reads is cut when its queue is full; the others and ingest go on", async () => {
   await using t = await startTestNats({ sseKeepAliveMs: 60_000, sseWriteTimeoutMs: 60_000 });
   const intake = await createIntake(t.nc);
-  const app = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-  });
+  const app = feedbackApp(t, intake);
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
   const silent = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
   try {
@@ -136,14 +123,7 @@ Deno.test("SSE caps apply per API key and in all, with 503 and Retry-After; the 
     { sha256: await hashKey("key-b"), role: "reviewer", name: "b" },
   ]);
   const intake = await createIntake(t.nc);
-  const app = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-    auth,
-  });
+  const app = feedbackApp(t, intake, { auth });
   const open = (key: string) =>
     app.request("/events", { headers: { authorization: `Bearer ${key}` } });
   const a1 = await open("key-a");

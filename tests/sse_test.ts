@@ -4,23 +4,16 @@
  */
 import assert from "node:assert/strict";
 import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
-import { createApp } from "../src/gateway/app.ts";
-import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { createEvent } from "../src/events.ts";
+import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
 
 async function serveGateway(t: TestNats) {
   const intake = await createIntake(t.nc);
-  const app = createApp({
-    nc: t.nc,
-    jetStream: intake,
-    extensions: [feedbackRoutes(intake)],
-    config: t.config,
-    log: t.log,
-  });
+  const app = feedbackApp(t, intake);
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
   return { server, port: server.addr.port };
 }

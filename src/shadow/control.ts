@@ -27,8 +27,8 @@ import { statusSubject } from "../observability/micro.ts";
 import {
   parseShadowSpec,
   SHADOW_ID,
-  SHADOW_STEPS,
   type ShadowSpec,
+  shippedShadowSteps,
   type StepVersion,
   stepVersionKey,
 } from "./spec.ts";
@@ -79,7 +79,7 @@ export function createShadowControl(
   };
   /** A definition's step must be a running work step; its candidate beside it. */
   const checkDefinitionStep = (spec: ShadowSpec) => {
-    if (Object.hasOwn(SHADOW_STEPS, spec.pipeline)) return;
+    if (shippedShadowSteps(spec.pipeline)) return;
     if (!definitions.pipelines.some((p) => p.def.name === spec.pipeline)) {
       throw new ValidationError(`no running pipeline ${spec.pipeline}`, { field: "/pipeline" });
     }
@@ -211,7 +211,7 @@ export function createShadowControl(
       checkId(id);
       const spec = configured.find((c) => c.id === id) ?? await fromApi(id);
       if (!spec) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
-      if (!Object.hasOwn(SHADOW_STEPS, spec.pipeline)) await checkPromotable(spec);
+      if (!shippedShadowSteps(spec.pipeline)) await checkPromotable(spec);
       const figures = (await status())[id]?.fields as Record<string, FieldFigures> | undefined;
       const version: StepVersion = {
         pipeline: spec.pipeline,
@@ -240,8 +240,7 @@ export function createShadowControl(
       const [pipeline, name] = step.split(".");
       if (
         !pipeline || !name ||
-        !((Object.hasOwn(SHADOW_STEPS, pipeline) && SHADOW_STEPS[pipeline]!.includes(name)) ||
-          definitionStep(pipeline, name))
+        !(shippedShadowSteps(pipeline)?.includes(name) || definitionStep(pipeline, name))
       ) {
         throw new NotFoundError(`no shadowable step ${JSON.stringify(step)}`);
       }

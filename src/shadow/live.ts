@@ -52,6 +52,7 @@ import {
   shadowDurable,
   type ShadowSpec,
   shadowSubject,
+  shippedShadowSteps,
 } from "./spec.ts";
 import { agreementOf, type FieldAgreement } from "./replay.ts";
 import { readStream } from "../stream_reader.ts";
@@ -81,7 +82,7 @@ export interface ShadowStepDef {
 
 /** Whether `pipeline` is a shipped (hand-wired) pipeline with shadowable steps. */
 function isShipped(pipeline: string): boolean {
-  return Object.hasOwn(SHIPPED_SHADOW_STEPS, pipeline);
+  return shippedShadowSteps(pipeline) !== undefined;
 }
 
 /** The shadowable step of a shipped pipeline that `spec` names. */

@@ -17,6 +17,13 @@ const KINDS: readonly AnalyzerKind[] = ["embedded", "rules", "llm"];
 export const SHADOW_STEPS: Readonly<Record<string, readonly string[]>> = Object.fromEntries(
   SHIPPED_PIPELINES.flatMap((w) => w.shadowSteps ? [[w.name, w.shadowSteps]] : []),
 );
+/**
+ * The shadowable steps of `pipeline` when it is a shipped one; undefined for any other
+ * name (a definition's pipeline), an inherited property name such as `constructor` included.
+ */
+export function shippedShadowSteps(pipeline: string): readonly string[] | undefined {
+  return Object.hasOwn(SHADOW_STEPS, pipeline) ? SHADOW_STEPS[pipeline] : undefined;
+}
 /** The pipeline of a shadow that names none: the first shipped one with shadowable steps. */
 export const DEFAULT_SHADOW_PIPELINE: string | undefined = Object.keys(SHADOW_STEPS)[0];
 
@@ -142,16 +149,14 @@ export function parseShadowSpec(value: unknown): ShadowSpec {
   const pipeline = v.pipeline ?? DEFAULT_SHADOW_PIPELINE;
   if (
     typeof pipeline !== "string" ||
-    !(Object.hasOwn(SHADOW_STEPS, pipeline) || PIPELINE_NAME.test(pipeline))
+    !(shippedShadowSteps(pipeline) || PIPELINE_NAME.test(pipeline))
   ) {
     fail(
       "/pipeline",
       `pipeline must be ${[...Object.keys(SHADOW_STEPS), "a definition's pipeline"].join(" or ")}`,
     );
   }
-  const builtIn = Object.hasOwn(SHADOW_STEPS, pipeline as string)
-    ? SHADOW_STEPS[pipeline as string]
-    : undefined;
+  const builtIn = shippedShadowSteps(pipeline as string);
   if (builtIn && (typeof v.step !== "string" || !builtIn.includes(v.step))) {
     fail("/step", `step must be one of ${builtIn.join(", ")}`);
   }

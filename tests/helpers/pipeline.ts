@@ -16,7 +16,7 @@ import {
 import { runStateWriter, type StateWriter } from "../../src/state_writer.ts";
 import { FEEDBACK_STATE_SPEC } from "../../pipelines/feedback/state.ts";
 import { createIntake, type Intake } from "../../pipelines/feedback/intake.ts";
-import { createApp } from "../../src/gateway/app.ts";
+import { createApp, type GatewayDeps } from "../../src/gateway/app.ts";
 import { feedbackRoutes } from "../../pipelines/feedback/routes.ts";
 import type { TestNats } from "./nats.ts";
 
@@ -48,4 +48,23 @@ export async function startPipeline(t: TestNats): Promise<Pipeline> {
       await Promise.all(runners.map((r) => r.stop()));
     },
   };
+}
+
+/**
+ * The gateway app on `t`'s server with the feedback routes on `intake` (and `deps`' extensions
+ * after them), as the gateway service mounts them.
+ */
+export function feedbackApp(
+  t: TestNats,
+  intake: Intake,
+  deps: Partial<Omit<GatewayDeps, "nc" | "jetStream">> = {},
+): Hono {
+  return createApp({
+    nc: t.nc,
+    jetStream: intake,
+    config: t.config,
+    log: t.log,
+    ...deps,
+    extensions: [feedbackRoutes(intake), ...deps.extensions ?? []],
+  });
 }
