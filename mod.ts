@@ -58,6 +58,8 @@ export type { NewEvent } from "./src/events.ts";
 export { validateDocument, validateEvent } from "./src/schemas.ts";
 export type { AnyEvent, DocumentMap, EventMap } from "./src/schemas.ts";
 export type * from "./src/events.gen.ts";
+export type * from "./pipelines/feedback/events.gen.ts";
+export type * from "./pipelines/moderation/events.gen.ts";
 export * from "./src/subjects.ts";
 
 // State

@@ -8,24 +8,28 @@ import {
   stepConsumers,
 } from "../src/pipeline/derive.ts";
 import { stageConsumerConfig } from "../src/topology.ts";
-import * as S from "../src/subjects.ts";
+import { typeFilter } from "../src/subjects.ts";
+import * as FS from "./feedback/subjects.ts";
+import { FeedbackEventType } from "./feedback/events.ts";
+import { CONTENT_STREAM } from "./moderation/subjects.ts";
+import { ContentEventType } from "./moderation/events.ts";
 
 const settings = { ackWaitMs: 30_000, maxAttempts: 5 };
 
 Deno.test("the feedback definition derives the stream, submit subjects and event types used today", () => {
   const s = pipelineSubjects(feedbackPipeline());
-  assert.equal(s.stream, S.FEEDBACK_STREAM);
-  assert.equal(s.submit, S.SUBMIT_SUBJECT);
-  assert.equal(s.submitRequest, S.SUBMIT_REQUEST_SUBJECT);
-  assert.equal(s.getRequest, S.GET_REQUEST_SUBJECT);
-  assert.deepEqual(new Set(s.eventTypes), new Set(Object.values(S.FeedbackEventType)));
+  assert.equal(s.stream, FS.FEEDBACK_STREAM);
+  assert.equal(s.submit, FS.SUBMIT_SUBJECT);
+  assert.equal(s.submitRequest, FS.SUBMIT_REQUEST_SUBJECT);
+  assert.equal(s.getRequest, FS.GET_REQUEST_SUBJECT);
+  assert.deepEqual(new Set(s.eventTypes), new Set(Object.values(FeedbackEventType)));
 });
 
 Deno.test("the feedback definition derives the durable consumers topology.ts creates today", () => {
   const want = [
-    { name: "sentiment", filterSubject: S.typeFilter(S.FeedbackEventType.Ingested) },
-    { name: "topics", filterSubject: S.typeFilter(S.FeedbackEventType.SentimentAnalyzed) },
-    { name: "dispatch", filterSubject: S.typeFilter(S.FeedbackEventType.TopicsExtracted) },
+    { name: "sentiment", filterSubject: typeFilter(FeedbackEventType.Ingested) },
+    { name: "topics", filterSubject: typeFilter(FeedbackEventType.SentimentAnalyzed) },
+    { name: "dispatch", filterSubject: typeFilter(FeedbackEventType.TopicsExtracted) },
   ].map((st) => stageConsumerConfig(st, settings));
   const got = stepConsumers(feedbackPipeline(), settings);
   assert.deepEqual(
@@ -35,28 +39,28 @@ Deno.test("the feedback definition derives the durable consumers topology.ts cre
       durableOf({ name: "feedback" }, c.durable_name!),
       c.filter_subject,
       c.max_deliver,
-      S.FEEDBACK_STREAM,
+      FS.FEEDBACK_STREAM,
     ]),
   );
   // Today's ingest stage is the runtime's intake, on the same subject.
-  assert.equal(pipelineSubjects(feedbackPipeline()).submit, S.SUBMIT_SUBJECT);
+  assert.equal(pipelineSubjects(feedbackPipeline()).submit, FS.SUBMIT_SUBJECT);
 });
 
 Deno.test("the moderation definition derives the CONTENT stream, its event types and today's consumers", () => {
   const def = moderationPipeline();
   const s = pipelineSubjects(def);
-  assert.equal(s.stream, S.CONTENT_STREAM);
-  const today = new Set<string>(Object.values(S.ContentEventType));
+  assert.equal(s.stream, CONTENT_STREAM);
+  const today = new Set<string>(Object.values(ContentEventType));
   // review_claimed is published by the claim API, not by a step.
-  today.delete(S.ContentEventType.ReviewClaimed);
+  today.delete(ContentEventType.ReviewClaimed);
   assert.deepEqual(new Set(s.eventTypes), today);
-  const T = S.ContentEventType;
+  const T = ContentEventType;
   const want = new Map([
-    ["moderation", S.typeFilter(T.Uploaded)],
-    ["storage-moderated", S.typeFilter(T.Moderated)],
-    ["review-queue", S.typeFilter(T.Moderated)],
-    ["review-sla", S.typeFilter(T.SlaExpired)],
-    ["storage-decided", S.typeFilter(T.Decided)],
+    ["moderation", typeFilter(T.Uploaded)],
+    ["storage-moderated", typeFilter(T.Moderated)],
+    ["review-queue", typeFilter(T.Moderated)],
+    ["review-sla", typeFilter(T.SlaExpired)],
+    ["storage-decided", typeFilter(T.Decided)],
   ]);
   const got = new Map(stepConsumers(def, settings).map((c) => [c.durable_name, c.filter_subject]));
   assert.deepEqual(got, new Map([...want].map(([step, f]) => [durableOf(def, step), f])));

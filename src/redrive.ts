@@ -27,18 +27,13 @@ import {
 import { toProblem, ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
 import { assertMatchesSubject, decodeJson } from "./runner.ts";
-import { type EventMap, validateDocument, validateEvent } from "./schemas.ts";
+import { type EventMap, submissionDocument, validateDocument, validateEvent } from "./schemas.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import type { Logger } from "./observability/log.ts";
 import type { Auth } from "./gateway/auth.ts";
 import { Role } from "./config.ts";
 import { readStream } from "./stream_reader.ts";
-import {
-  DEADLETTER_STREAM,
-  parseEventSubject,
-  subjectMatches,
-  SUBMIT_SUBJECT,
-} from "./subjects.ts";
+import { DEADLETTER_STREAM, parseEventSubject, subjectMatches } from "./subjects.ts";
 
 /** Request subject listing dead letters: body = a {@link DeadLetterFilter} as JSON (or empty). */
 export const DEADLETTERS_LIST_SUBJECT = "weft.deadletters.list";
@@ -206,7 +201,7 @@ function letterBytes(letter: DeadLetter): Uint8Array {
 
 /** The bytes to republish for a letter (`bytes`: its original, by default as it keeps it). */
 export function originalBody(letter: DeadLetter, bytes = letterBytes(letter)): Uint8Array {
-  if (letter.subject !== SUBMIT_SUBJECT || !letter.item_id) return bytes;
+  if (!submissionDocument(letter.subject) || !letter.item_id) return bytes;
   // A bus submission without an id was given one from its stream position; keep it, so the
   // redriven submission is the same item and not a new one.
   try {
@@ -291,7 +286,8 @@ async function refusalOf(jsm: JetStreamManager, letter: DeadLetter): Promise<str
   const body = originalBody(letter, bytes);
   try {
     const value = decodeJson(body);
-    if (subject === SUBMIT_SUBJECT) validateDocument("feedback.submit", value);
+    const submission = submissionDocument(subject);
+    if (submission) validateDocument(submission, value);
     else if (parseEventSubject(subject)) {
       const event = validateEvent(value, [parseEventSubject(subject)!.type as keyof EventMap]);
       assertMatchesSubject(event, subject);

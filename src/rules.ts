@@ -6,7 +6,7 @@
  * @module
  */
 import type { SentimentAnalyzer, SentimentLabel, TopicsAnalyzer } from "./ai/analysis.ts";
-import type { Routing } from "./events.gen.ts";
+import type { Routing } from "../pipelines/feedback/events.gen.ts";
 import { validateDocument } from "./schemas.ts";
 
 /** Routes an item to a team from its sentiment and topics. */

@@ -35,15 +35,9 @@ import type { DeadLetter } from "./events.gen.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
 import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
-import { validateDocument, validateEvent } from "./schemas.ts";
+import { isEntryEvent, validateDocument, validateEvent } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
-import {
-  deadLetterSubject,
-  ENTRY_EVENT_TYPES,
-  eventSubject,
-  ITEM_ID,
-  parseEventSubject,
-} from "./subjects.ts";
+import { deadLetterSubject, eventSubject, ITEM_ID, parseEventSubject } from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
 import {
@@ -292,7 +286,7 @@ export function isAlreadyStored(err: unknown): boolean {
 /**
  * Publishes one event with its message id and a traceparent in the trace.
  *
- * An item's entry event ({@link ENTRY_EVENT_TYPES}) is published with "expected last subject
+ * An item's entry event ({@link isEntryEvent}: its pipeline registered it as one) is published with "expected last subject
  * sequence 0": the stream stores it only if its subject holds nothing yet, so a re-sent
  * submission can never start an item twice, whatever the duplicate window. A refusal means
  * the event is already stored, which is success.
@@ -301,7 +295,7 @@ export async function publishEvent(
   js: JetStreamClient,
   event: OutputEvent,
   parent: TraceContext | null,
-  entry: boolean = ENTRY_EVENT_TYPES.has(event.type),
+  entry: boolean = isEntryEvent(event.type),
 ): Promise<void> {
   const m = eventMessage(event, parent, entry);
   try {
@@ -320,7 +314,7 @@ export async function publishEvent(
 export function eventMessage(
   event: OutputEvent,
   parent: TraceContext | null,
-  entry: boolean = ENTRY_EVENT_TYPES.has(event.type),
+  entry: boolean = isEntryEvent(event.type),
 ): { subject: string; data: Uint8Array; headers: MsgHdrs } {
   const h = headers();
   h.set(
@@ -595,7 +589,7 @@ export async function runStage<I extends StageInput>(
       if (stage.input.kind === "event" && !stage.decode) {
         const event = input as { id: string; type: string; item_id: string };
         assertMatchesSubject(event, m.subject);
-        if (ENTRY_EVENT_TYPES.has(event.type) && !(await isFirstEntry(jsm, stream, m, event.id))) {
+        if (isEntryEvent(event.type) && !(await isFirstEntry(jsm, stream, m, event.id))) {
           // A second entry event of the item (forged, or published around intake): the
           // item already ran from its first one. Not an error of this message's item.
           log.warn("ignored: not the item's first entry event", {
@@ -633,7 +627,7 @@ export async function runStage<I extends StageInput>(
             js,
             event,
             trace,
-            stage.entryTypes?.has(event.type) ?? ENTRY_EVENT_TYPES.has(event.type),
+            stage.entryTypes?.has(event.type) ?? isEntryEvent(event.type),
           )
         ),
       );

@@ -1,90 +1,24 @@
 /**
- * Every subject, stream, consumer and bucket name Weft uses, defined once.
- *
- * Events of the feedback pipeline are published on `feedback.<type>.<item_id>`, so
- * `nats sub 'feedback.>'` shows them all, `feedback.*.<id>` selects one item's history,
- * and `feedback.<type>.*` one type across items.
+ * The runtime's subjects, streams and buckets, defined once, and the shape every pipeline's
+ * event subjects share: `<pipeline>.<type>.<item_id>`, so `nats sub '<pipeline>.>'` shows a
+ * pipeline's events, `<pipeline>.*.<id>` one item's history and `<pipeline>.<type>.*` one
+ * type across items. Each pipeline names its own stream, buckets and subjects in its folder.
  *
  * @module
  */
+import { isEventRoot } from "./schemas.ts";
 
 /** An item id: letters, digits, `_` and `-`, at most 64 characters (it is a subject token and a KV key). */
 export const ITEM_ID: RegExp = /^[A-Za-z0-9_-]{1,64}$/;
 
-/** The JetStream stream holding submissions and every feedback event. */
-export const FEEDBACK_STREAM = "FEEDBACK";
 /** The JetStream stream holding dead letters. */
 export const DEADLETTER_STREAM = "DEADLETTER";
-/** KV bucket with one entry per item: its current state. */
-export const STATE_BUCKET = "weft_feedback_state";
 /** KV bucket remembering the first answer to each Idempotency-Key. */
 export const IDEMPOTENCY_BUCKET = "weft_idempotency";
-
-/** Plain-JSON submissions published straight onto the bus (`nats pub feedback.submit ...`). */
-export const SUBMIT_SUBJECT = "feedback.submit";
-/** Request/reply submission (`nats req weft.feedback.submit ...`): replies with the id. */
-export const SUBMIT_REQUEST_SUBJECT = "weft.feedback.submit";
-/** Request/reply state lookup (`nats req weft.feedback.get ID`). */
-export const GET_REQUEST_SUBJECT = "weft.feedback.get";
-
-/** The event types of the feedback pipeline, in pipeline order. */
-export const FeedbackEventType = {
-  Ingested: "feedback.ingested",
-  SentimentAnalyzed: "feedback.sentiment_analyzed",
-  TopicsExtracted: "feedback.topics_extracted",
-  Dispatched: "feedback.dispatched",
-  Processed: "feedback.processed",
-  Failed: "feedback.failed",
-} as const;
-/** One of {@link FeedbackEventType}. */
-export type FeedbackEventType = typeof FeedbackEventType[keyof typeof FeedbackEventType];
-
-/**
- * Event types an item has at most once: the state fold keeps the first stored and ignores
- * any later copy. Failures repeat (a redriven item may fail again), as do review claims,
- * SLA expiries and escalations.
- */
-export const ONCE_PER_ITEM_TYPES: ReadonlySet<string> = new Set([
-  "feedback.ingested",
-  "feedback.sentiment_analyzed",
-  "feedback.topics_extracted",
-  "feedback.dispatched",
-  "feedback.processed",
-  "content.uploaded",
-  "content.moderated",
-  "content.review_requested",
-  "content.decided",
-  "content.published",
-  "content.archived",
-]);
-
-/**
- * The event that starts an item in each pipeline. It is published with "expected last
- * subject sequence 0", so the stream stores one per item however late a re-sent submission
- * comes, and the first step handles only the first one stored on its subject (or a byte
- * for byte redrive of it): a forged or repeated entry event never runs an item again.
- * (Checking every step's output the same way costs a per-subject lookup on the stream's
- * write path for every event, which under bursts delayed publish acks past their timeout.)
- */
-export const ENTRY_EVENT_TYPES: ReadonlySet<string> = new Set([
-  "feedback.ingested",
-  "content.uploaded",
-]);
-
-/** Event types after which nothing more happens to an item. */
-export const FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
-  FeedbackEventType.Processed,
-  FeedbackEventType.Failed,
-]);
 
 /** The subject an event of `type` about `itemId` is published on. */
 export function eventSubject(type: string, itemId: string): string {
   return `${type}.${itemId}`;
-}
-
-/** The subject filter matching every event of one item. */
-export function itemEventsFilter(itemId: string): string {
-  return `feedback.*.${itemId}`;
 }
 
 /** The subject filter matching every event of one type (all items). */
@@ -92,24 +26,26 @@ export function typeFilter(type: string): string {
   return `${type}.*`;
 }
 
-/** The pipelines whose events live on `<pipeline>.<type>.<item_id>`. */
-const EVENT_PIPELINES: ReadonlySet<string> = new Set(["feedback", "content"]);
-
 /**
- * Splits an event subject, `feedback.<type>.<id>` or `content.<type>.<id>`, into its event
- * type and item id; null for any other subject. The subject, not the body, says which item
+ * Splits an event subject, `<pipeline>.<type>.<id>` of a pipeline whose events are
+ * registered (src/schemas.ts), into its event type and item id; null for any other subject. The subject, not the body, says which item
  * an event is about: NATS permissions guard subjects, so a body cannot name another item.
  *
  * @example
  * ```ts
  * import { parseEventSubject } from "./subjects.ts";
- * const s = parseEventSubject("feedback.processed.fb1");
- * console.assert(s?.type === "feedback.processed" && s.itemId === "fb1");
+ * import { registerEvents } from "./schemas.ts";
+ * registerEvents({
+ *   events: { "orders.placed": { $id: "orders.placed", properties: { version: { const: 1 } } } },
+ * });
+ * const s = parseEventSubject("orders.placed.o1");
+ * console.assert(s?.type === "orders.placed" && s.itemId === "o1");
+ * console.assert(parseEventSubject("$KV.orders.o1") === null);
  * ```
  */
 export function parseEventSubject(subject: string): { type: string; itemId: string } | null {
   const parts = subject.split(".");
-  if (parts.length !== 3 || !EVENT_PIPELINES.has(parts[0]!) || !parts[1] || !parts[2]) return null;
+  if (parts.length !== 3 || !isEventRoot(parts[0]!) || !parts[1] || !parts[2]) return null;
   return { type: `${parts[0]}.${parts[1]}`, itemId: parts[2] };
 }
 
@@ -118,62 +54,13 @@ export function deadLetterSubject(stage: string, itemId: string | undefined): st
   return `deadletter.${stage}.${itemId ?? "unknown"}`;
 }
 
-/**
- * The JetStream stream holding every event of the content moderation pipeline, on
- * `content.<type>.<item_id>` (`nats sub 'content.>'`).
- */
-export const CONTENT_STREAM = "CONTENT";
-/** KV bucket with one entry per content item: its moderation state. */
-export const CONTENT_STATE_BUCKET = "weft_content_state";
-/** KV bucket of the human review queue: one entry per item under review. */
-export const REVIEW_BUCKET = "weft_reviews";
-/** Object store bucket holding binary uploads. */
-export const CONTENT_OBJECT_BUCKET = "weft_content_objects";
 /** KV bucket of schedules (delayed and recurring events). */
 export const SCHEDULE_BUCKET = "weft_schedules";
 /** KV bucket of per-firing leases: the replica that creates the lease fires. */
 export const SCHEDULE_LEASE_BUCKET = "weft_schedule_leases";
 
-/** Request/reply content submission (`nats req weft.content.submit '{"text":"..."}'`). */
-export const CONTENT_SUBMIT_REQUEST_SUBJECT = "weft.content.submit";
-/** Request/reply content state lookup (`nats req weft.content.get ID`). */
-export const CONTENT_GET_REQUEST_SUBJECT = "weft.content.get";
-/** Request/reply review queue listing (`nats req weft.reviews.list '{"status":"pending"}'`). */
-export const REVIEWS_LIST_REQUEST_SUBJECT = "weft.reviews.list";
-/** Request/reply claim (`nats req weft.reviews.claim '{"id":"...","reviewer":"alice"}'`). */
-export const REVIEWS_CLAIM_REQUEST_SUBJECT = "weft.reviews.claim";
-/** Request/reply decision (`nats req weft.reviews.decide '{"id":"...","decision":"approve",...}'`). */
-export const REVIEWS_DECIDE_REQUEST_SUBJECT = "weft.reviews.decide";
 /** Request/reply schedule management: `weft.schedules.<create|list|get|cancel>`. */
 export const SCHEDULES_REQUEST_PREFIX = "weft.schedules";
-
-/** The event types of the content moderation pipeline. */
-export const ContentEventType = {
-  Uploaded: "content.uploaded",
-  Moderated: "content.moderated",
-  ReviewRequested: "content.review_requested",
-  ReviewClaimed: "content.review_claimed",
-  SlaExpired: "content.sla_expired",
-  Escalated: "content.escalated",
-  Decided: "content.decided",
-  Published: "content.published",
-  Archived: "content.archived",
-  Failed: "content.failed",
-} as const;
-/** One of {@link ContentEventType}. */
-export type ContentEventType = typeof ContentEventType[keyof typeof ContentEventType];
-
-/** Content event types after which nothing more happens to an item. */
-export const CONTENT_FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
-  ContentEventType.Published,
-  ContentEventType.Archived,
-  ContentEventType.Failed,
-]);
-
-/** The subject filter matching every content event of one item. */
-export function contentEventsFilter(itemId: string): string {
-  return `content.*.${itemId}`;
-}
 
 /** The JetStream stream of digests and their requests (`digest.>`). */
 export const DIGEST_STREAM = "DIGEST";
@@ -200,11 +87,6 @@ export const SHADOW_AUDIT_PREFIX = "shadow._audit";
 /** The streams the runtime keeps for itself; each pipeline's come besides. */
 export const RUNTIME_STREAMS: readonly string[] = [DEADLETTER_STREAM, DIGEST_STREAM, SHADOW_STREAM];
 
-/** Where a feedback digest is requested (the recurring schedule publishes here). */
-export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
-/** The id of the recurring schedule that requests the feedback digest. */
-export const DIGEST_SCHEDULE_ID = "feedback-digest";
-
 /**
  * True when `subject` matches the NATS subject `filter` (`*`: one token, `>`: the rest).
  *
@@ -226,23 +108,11 @@ export function subjectMatches(filter: string, subject: string): boolean {
 }
 
 /**
- * The subjects a caller may schedule (`POST /schedules`, `weft.schedules.create`): the
- * pipelines' bus inputs, which validate what they consume like any submission. Never an
- * event subject of a step, a JetStream API, KV or object-store subject, or a request subject.
+ * The timers of definitions' pipelines (deadlines, timeouts, delays: src/pipeline/), which
+ * the scheduler fires besides what the hand-wired pipelines declare
+ * ({@link import("./wiring.ts").schedulableSubjects}).
  */
-export const CALLER_SCHEDULABLE_SUBJECTS: readonly string[] = [SUBMIT_SUBJECT, "digest.request.*"];
-
-/**
- * What the scheduler fires on at all: what callers may schedule, and the SLA timers the
- * review service sets itself. A schedule on anything else (e.g. written straight into the
- * bucket) is refused when fired.
- */
-export const SCHEDULABLE_SUBJECTS: readonly string[] = [
-  ...CALLER_SCHEDULABLE_SUBJECTS,
-  "content.sla_expired.*",
-  // The timers of definitions' pipelines (deadlines, timeouts, delays: src/pipeline/).
-  "*._timer.*",
-];
+export const TIMER_SUBJECTS: readonly string[] = ["*._timer.*"];
 
 /** True when `subject` matches one of `filters`. */
 export function subjectAllowed(filters: readonly string[], subject: string): boolean {

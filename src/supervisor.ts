@@ -58,14 +58,18 @@ import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
-import { mergeAccess, type PipelineWiring, type ServiceSpec, wiredReads } from "./wiring.ts";
 import {
-  CALLER_SCHEDULABLE_SUBJECTS,
+  callerSchedulableSubjects,
+  mergeAccess,
+  type PipelineWiring,
+  type ServiceSpec,
+  wiredReads,
+} from "./wiring.ts";
+import {
   DEADLETTER_STREAM,
   DIGEST_STREAM,
   IDEMPOTENCY_BUCKET,
   RUNTIME_STREAMS,
-  SCHEDULABLE_SUBJECTS,
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
   SHADOW_AUDIT_PREFIX,
@@ -73,6 +77,7 @@ import {
   SHADOW_REQUEST_PREFIX,
   SHADOW_STREAM,
   STEP_VERSION_BUCKET,
+  TIMER_SUBJECTS,
 } from "./subjects.ts";
 
 /** The repository root: service entries and nats.conf are relative to it. */
@@ -150,7 +155,8 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
     entry: "services/scheduler.ts",
     background: true,
     access: {
-      publishes: SCHEDULABLE_SUBJECTS,
+      // Each pipeline adds what it may schedule (its wiring's `schedulable` and `timers`).
+      publishes: TIMER_SUBJECTS,
       writesBuckets: [SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET],
     },
   },
@@ -189,9 +195,9 @@ export function wiredServices(
         : { ...s, access: wirings.reduce((a, w) => mergeAccess(a, part(w) ?? {}), s.access) };
   return [
     ...wirings.flatMap((w) => w.services),
-    ...RUNTIME_SERVICES.map(grow("gateway", (w) => w.gateway)).map(
-      grow("shadow", (w) => w.shadow),
-    ),
+    ...RUNTIME_SERVICES.map(grow("gateway", (w) => w.gateway))
+      .map(grow("shadow", (w) => w.shadow))
+      .map(grow("scheduler", (w) => ({ publishes: [...w.schedulable ?? [], ...w.timers ?? []] }))),
   ];
 }
 
@@ -210,7 +216,7 @@ const SHIPPED_READS = wiredReads(SHIPPED_PIPELINES);
 export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
   admin: { admin: true },
   ops: {
-    publishes: CALLER_SCHEDULABLE_SUBJECTS,
+    publishes: callerSchedulableSubjects(SHIPPED_PIPELINES),
     requests: ["weft.>", "$SRV.>"],
     subscribes: [">"],
     readsStreams: [...SHIPPED_READS.readsStreams!, ...RUNTIME_STREAMS],

@@ -25,6 +25,7 @@ import type { GatewayExtension } from "./gateway/app.ts";
 import type { CapacityGuard } from "./capacity.ts";
 import type { IngestLimiter } from "./gateway/ingest_limits.ts";
 import type { StateSpec } from "./state_writer.ts";
+import { TIMER_SUBJECTS } from "./subjects.ts";
 
 /** A service the supervisor runs. */
 export interface ServiceSpec {
@@ -147,6 +148,35 @@ export interface PipelineWiring {
    * pipeline with some is the default of a shadow that names none.
    */
   shadowSteps?: readonly string[];
+  /**
+   * Its bus inputs a caller may schedule (`POST /schedules`, `weft.schedules.create`), e.g.
+   * `orders.submit`: subjects whose consumer validates what it reads like any submission.
+   */
+  schedulable?: readonly string[];
+  /** Subjects its own services set timers on (the scheduler fires them), e.g. `orders.sla.*`. */
+  timers?: readonly string[];
+}
+
+/**
+ * The subjects a caller may schedule: the pipelines' bus inputs, which validate what they
+ * consume like any submission. Never an event subject of a step, a JetStream API, KV or
+ * object-store subject, or a request subject.
+ */
+export function callerSchedulableSubjects(wirings: readonly PipelineWiring[]): string[] {
+  return [...new Set(wirings.flatMap((w) => w.schedulable ?? []))];
+}
+
+/**
+ * What the scheduler fires on at all: what callers may schedule, the timers the pipelines'
+ * services set themselves, and definitions' timers. A schedule on anything else (e.g. written
+ * straight into the bucket) is refused when fired.
+ */
+export function schedulableSubjects(wirings: readonly PipelineWiring[]): string[] {
+  return [
+    ...callerSchedulableSubjects(wirings),
+    ...new Set(wirings.flatMap((w) => w.timers ?? [])),
+    ...TIMER_SUBJECTS,
+  ];
 }
 
 /** Two accesses as one: every list joined. */

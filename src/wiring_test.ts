@@ -2,7 +2,14 @@ import assert from "node:assert/strict";
 import { loadConfig } from "./config.ts";
 import { bucketConfigs, streamConfigs } from "./topology.ts";
 import { SERVICES, wiredServices } from "./supervisor.ts";
-import { type PipelineWiring, stepAccess, wiredReads } from "./wiring.ts";
+import {
+  callerSchedulableSubjects,
+  type PipelineWiring,
+  schedulableSubjects,
+  stepAccess,
+  wiredReads,
+} from "./wiring.ts";
+import { TIMER_SUBJECTS } from "./subjects.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 
 /** A pipeline nobody ships: what a wiring alone makes of it. */
@@ -21,6 +28,8 @@ const ORDERS: PipelineWiring = {
   }],
   gateway: { publishes: ["orders.>"], serves: ["weft.orders.>"], readsStreams: ["ORDERS"] },
   shadow: { readsStreams: ["ORDERS"], managesConsumers: ["ORDERS"] },
+  schedulable: ["orders.submit"],
+  timers: ["orders.payment_due.*"],
 };
 
 Deno.test("a wiring alone gives a pipeline its streams, buckets and services", async (t) => {
@@ -52,6 +61,23 @@ Deno.test("a wiring alone gives a pipeline its streams, buckets and services", a
     const shadow = services.find((s) => s.name === "shadow")!;
     assert.deepEqual(shadow.access.managesConsumers, ["ORDERS"]);
   });
+
+  await t.step(
+    "callers may schedule its bus inputs; the scheduler fires those and its timers",
+    () => {
+      assert.deepEqual(callerSchedulableSubjects([ORDERS]), ["orders.submit"]);
+      assert.deepEqual(schedulableSubjects([ORDERS]), [
+        "orders.submit",
+        "orders.payment_due.*",
+        ...TIMER_SUBJECTS,
+      ]);
+      const scheduler = wiredServices([ORDERS]).find((s) => s.name === "scheduler")!;
+      assert.deepEqual(
+        new Set(scheduler.access.publishes),
+        new Set(schedulableSubjects([ORDERS])),
+      );
+    },
+  );
 
   await t.step("operators read every stream, bucket and object store of it", () => {
     assert.deepEqual(wiredReads([ORDERS]), {

@@ -11,7 +11,7 @@ import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { ErrorCode, WeftError } from "../src/errors.ts";
-import { FEEDBACK_STREAM } from "../src/subjects.ts";
+import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { publishAtomically, supportsAtomicBatch } from "../src/atomic_batch.ts";
 import { eventMessage } from "../src/runner.ts";
 import { createEvent } from "../src/events.ts";

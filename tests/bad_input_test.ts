@@ -5,9 +5,10 @@
  * the same results as the same items sent on a quiet mesh.
  */
 import assert from "node:assert/strict";
-import type { FeedbackState } from "../src/events.gen.ts";
+import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { listDeadLetters } from "../src/redrive.ts";
-import { DEADLETTER_STREAM, FEEDBACK_STREAM } from "../src/subjects.ts";
+import { DEADLETTER_STREAM } from "../src/subjects.ts";
+import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { startServices } from "./helpers/mesh.ts";
 import { countsByItem, readStates } from "./helpers/nats.ts";
 import { waitUntil } from "./helpers/wait.ts";

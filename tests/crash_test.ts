@@ -3,7 +3,7 @@
  * on any text containing "crash" (WEFT_FAIL_ON=crash, WEFT_FAIL_STAGE=topics).
  */
 import assert from "node:assert/strict";
-import type { FeedbackState } from "../src/events.gen.ts";
+import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { DEADLETTERS_LIST_SUBJECT, DEADLETTERS_REDRIVE_SUBJECT } from "../src/redrive.ts";
 import type { DeadLetterEntry } from "../src/redrive.ts";
 import { startServices, TEST_ENV } from "./helpers/mesh.ts";

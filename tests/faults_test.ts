@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { resumingClient } from "./helpers/sse.ts";
-import { FEEDBACK_STREAM } from "../src/subjects.ts";
+import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { readStream } from "../src/stream_reader.ts";
 import { FEEDBACK_SERVICES, startServices } from "./helpers/mesh.ts";
 import { waitUntil } from "./helpers/wait.ts";

@@ -27,12 +27,10 @@ import { createLogger } from "../src/observability/log.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { decodeJson } from "../src/runner.ts";
 import { type EventMap, validateDocument, validateEvent } from "../src/schemas.ts";
-import {
-  CONTENT_STREAM,
-  ContentEventType,
-  FEEDBACK_STREAM,
-  FeedbackEventType,
-} from "../src/subjects.ts";
+import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
+import { ContentEventType } from "../pipelines/moderation/events.ts";
+import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
+import { FeedbackEventType } from "../pipelines/feedback/events.ts";
 import { startServices } from "./helpers/mesh.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { fuzzBody, mutated, pathToken } from "./helpers/fuzz.ts";

@@ -8,7 +8,7 @@ import { startTestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
-import type { FeedbackState } from "../src/events.gen.ts";
+import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import type { Problem } from "../src/errors.ts";
 
 const json = (body: unknown, headers: Record<string, string> = {}) => ({

@@ -14,7 +14,7 @@ import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
 import { WeftMetrics } from "../src/observability/metrics.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
-import { FEEDBACK_STREAM } from "../src/subjects.ts";
+import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { readStates, startTestNats } from "./helpers/nats.ts";
 import { feedbackApp, startPipeline } from "./helpers/pipeline.ts";

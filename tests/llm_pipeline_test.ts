@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { connectNats } from "../src/nats.ts";
-import type { FeedbackState } from "../src/events.gen.ts";
+import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { chat, type FakeReply, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";

@@ -17,7 +17,7 @@ import {
 } from "../pipelines/moderation/review_queue.ts";
 import { afterFiring, newScheduleEntry } from "../src/scheduler/store.ts";
 import { moderationStage } from "../pipelines/moderation/stages.ts";
-import type { ContentEvent } from "../src/schemas.ts";
+import type { ContentEvent } from "../pipelines/moderation/events.ts";
 
 const T0 = new Date("2026-01-01T00:00:00.000Z");
 const at = (ms: number) => new Date(T0.getTime() + ms);

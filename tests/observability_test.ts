@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
-import { FeedbackEventType } from "../src/subjects.ts";
+import { FeedbackEventType } from "../pipelines/feedback/events.ts";
 import { SERVICES } from "../src/supervisor.ts";
 import { startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
 import { jetstream } from "@nats-io/jetstream";

@@ -9,7 +9,7 @@ import { Kvm } from "@nats-io/kv";
 import type { DeadLetter } from "../src/events.gen.ts";
 import { createEvent } from "../src/events.ts";
 import { listDeadLetters } from "../src/redrive.ts";
-import { STATE_BUCKET } from "../src/subjects.ts";
+import { STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
-import type { FeedbackState } from "../src/events.gen.ts";
+import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";

@@ -11,12 +11,9 @@ import { loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
 import { startNatsServer } from "../src/nats_server.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
-import {
-  CALLER_SCHEDULABLE_SUBJECTS,
-  SCHEDULE_BUCKET,
-  SCHEDULE_LEASE_BUCKET,
-  subjectAllowed,
-} from "../src/subjects.ts";
+import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET, subjectAllowed } from "../src/subjects.ts";
+import { callerSchedulableSubjects } from "../src/wiring.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 import { leaseKey, runScheduler } from "../src/scheduler/scheduler.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { ensureTopology } from "../src/topology.ts";
@@ -271,7 +268,10 @@ Deno.test("every schedule in the docs' examples targets a subject callers may sc
     // A schedule example is a JSON body with "subject" next to "at" or "cron".
     const bodies = [...text.matchAll(/\{[^{}\n]*"subject":"([^"]+)"[^\n]*"(?:at|cron)"/g)];
     for (const [, subject] of bodies) {
-      assert.ok(subjectAllowed(CALLER_SCHEDULABLE_SUBJECTS, subject!), `${file}: ${subject}`);
+      assert.ok(
+        subjectAllowed(callerSchedulableSubjects(SHIPPED_PIPELINES), subject!),
+        `${file}: ${subject}`,
+      );
     }
   }
 });

@@ -2,7 +2,7 @@
  * Graceful shutdown and idempotency on real processes.
  */
 import assert from "node:assert/strict";
-import { FEEDBACK_STREAM } from "../src/subjects.ts";
+import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { startServices } from "./helpers/mesh.ts";
 import { countsByItem, pushItems } from "./helpers/nats.ts";
 import { waitUntil } from "./helpers/wait.ts";

@@ -7,7 +7,7 @@ import { Kvm } from "@nats-io/kv";
 import { createEvent } from "../src/events.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
-import type { FeedbackState } from "../src/events.gen.ts";
+import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 

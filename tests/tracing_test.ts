@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "../src/subjects.ts";
+import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "../pipelines/feedback/subjects.ts";
 import { startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
 
 interface ReceivedSpan {

@@ -9,13 +9,9 @@
 import { DeliverPolicy, type JetStreamClient } from "@nats-io/jetstream";
 import { createEvent, deterministicId } from "../../src/events.ts";
 import type { Stage } from "../../src/stage.ts";
-import {
-  DIGEST_REQUEST_SUBJECT,
-  DIGEST_STREAM,
-  FEEDBACK_STREAM,
-  FeedbackEventType,
-  typeFilter,
-} from "../../src/subjects.ts";
+import { DIGEST_STREAM, typeFilter } from "../../src/subjects.ts";
+import { DIGEST_REQUEST_SUBJECT, FEEDBACK_STREAM } from "./subjects.ts";
+import { FeedbackEventType } from "./events.ts";
 
 /** Dispatched items per team in a window. */
 export interface TeamCounts {

@@ -19,7 +19,7 @@ import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
 import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../../src/errors.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";
-import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "../../src/events.gen.ts";
+import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "./events.gen.ts";
 import canonicalize from "canonicalize";
 import { eventMessage, publishEvent } from "../../src/runner.ts";
 import {
@@ -34,14 +34,9 @@ import type { IngestLimiter } from "../../src/gateway/ingest_limits.ts";
 import { firstEventSeq } from "../../src/state.ts";
 import { applyEvent } from "./state.ts";
 import { readState } from "../../src/state_writer.ts";
-import {
-  eventSubject,
-  FEEDBACK_STREAM,
-  FeedbackEventType,
-  IDEMPOTENCY_BUCKET,
-  ITEM_ID,
-  STATE_BUCKET,
-} from "../../src/subjects.ts";
+import { eventSubject, IDEMPOTENCY_BUCKET, ITEM_ID } from "../../src/subjects.ts";
+import { FEEDBACK_STREAM, STATE_BUCKET } from "./subjects.ts";
+import { FeedbackEventType } from "./events.ts";
 import { ingestedEventId, itemOf } from "./stages.ts";
 import { childContext, type TraceContext } from "../../src/observability/trace.ts";
 import { activeTraceContext } from "../../src/observability/telemetry.ts";

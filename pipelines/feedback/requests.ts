@@ -11,7 +11,7 @@ import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import type { Logger } from "../../src/observability/log.ts";
 import { decodeJson } from "../../src/runner.ts";
 import { validateDocument } from "../../src/schemas.ts";
-import { GET_REQUEST_SUBJECT, SUBMIT_REQUEST_SUBJECT } from "../../src/subjects.ts";
+import { GET_REQUEST_SUBJECT, SUBMIT_REQUEST_SUBJECT } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth } from "../../src/gateway/auth.ts";
 import { Role } from "../../src/config.ts";

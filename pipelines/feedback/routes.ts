@@ -15,13 +15,9 @@ import type { Context } from "hono";
 import { Role } from "../../src/config.ts";
 import { ErrorCode, ValidationError, WeftError } from "../../src/errors.ts";
 import { validateDocument } from "../../src/schemas.ts";
-import {
-  FEEDBACK_STREAM,
-  FeedbackEventType,
-  FINAL_EVENT_TYPES,
-  itemEventsFilter,
-  typeFilter,
-} from "../../src/subjects.ts";
+import { typeFilter } from "../../src/subjects.ts";
+import { FEEDBACK_STREAM, itemEventsFilter } from "./subjects.ts";
+import { FeedbackEventType, FINAL_EVENT_TYPES } from "./events.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Principal } from "../../src/gateway/auth.ts";
 import { openSlot, streamEvents } from "../../src/gateway/sse.ts";

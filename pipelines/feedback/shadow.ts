@@ -6,7 +6,9 @@
  * @module
  */
 import type { ShadowStepDef } from "../../src/shadow/live.ts";
-import { FEEDBACK_STREAM, FeedbackEventType as T, typeFilter } from "../../src/subjects.ts";
+import { typeFilter } from "../../src/subjects.ts";
+import { FEEDBACK_STREAM } from "./subjects.ts";
+import { FeedbackEventType as T } from "./events.ts";
 import { dispatchStage, sentimentStage, topicsStage } from "./stages.ts";
 
 const label = (v: unknown) => (typeof v === "string" && v !== "" ? v : "none");

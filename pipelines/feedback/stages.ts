@@ -8,14 +8,11 @@ import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../../
 import { createEvent, deterministicId } from "../../src/events.ts";
 import type { Router } from "../../src/rules.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
-import {
-  FEEDBACK_STREAM,
-  FeedbackEventType as T,
-  SUBMIT_SUBJECT,
-  typeFilter,
-} from "../../src/subjects.ts";
+import { typeFilter } from "../../src/subjects.ts";
+import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "./subjects.ts";
+import { FeedbackEventType as T } from "./events.ts";
 import { childContext } from "../../src/observability/trace.ts";
-import type { FeedbackItem, FeedbackSubmission } from "../../src/events.gen.ts";
+import type { FeedbackItem, FeedbackSubmission } from "./events.gen.ts";
 
 /** The item fields carried from a submission onto its events. */
 export function itemOf(submission: FeedbackSubmission): FeedbackItem {

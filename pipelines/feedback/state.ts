@@ -7,15 +7,12 @@
  *
  * @module
  */
-import type { FeedbackState } from "../../src/events.gen.ts";
-import type { AnyEvent, FeedbackEvent } from "../../src/schemas.ts";
+import type { FeedbackState } from "./events.gen.ts";
+import type { AnyEvent } from "../../src/schemas.ts";
+import type { FeedbackEvent } from "./events.ts";
 import { spanTimes } from "../../src/state.ts";
-import {
-  FEEDBACK_STREAM,
-  FeedbackEventType as T,
-  ONCE_PER_ITEM_TYPES,
-  STATE_BUCKET,
-} from "../../src/subjects.ts";
+import { FEEDBACK_STREAM, STATE_BUCKET } from "./subjects.ts";
+import { FeedbackEventType as T, ONCE_PER_ITEM_TYPES } from "./events.ts";
 import type { StateSpec } from "../../src/state_writer.ts";
 
 /** Pipeline order of event types; final events rank last. */

@@ -7,15 +7,9 @@
  */
 import type { PipelineWiring } from "../../src/wiring.ts";
 import { stepAccess } from "../../src/wiring.ts";
-import {
-  DIGEST_STREAM,
-  FEEDBACK_STREAM,
-  FeedbackEventType,
-  FINAL_EVENT_TYPES,
-  SCHEDULE_BUCKET,
-  STATE_BUCKET,
-  STEP_VERSION_BUCKET,
-} from "../../src/subjects.ts";
+import { DIGEST_STREAM, SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../../src/subjects.ts";
+import { FEEDBACK_STREAM, STATE_BUCKET, SUBMIT_SUBJECT } from "./subjects.ts";
+import { FeedbackEventType, FINAL_EVENT_TYPES } from "./events.ts";
 import { FEEDBACK_STATE_SPEC } from "./state.ts";
 
 /** The feedback pipeline's part of the mesh. */
@@ -33,6 +27,9 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     description: "Weft: current state of each feedback item",
     ttl: "retention",
   }],
+  // Submissions and digest requests may be scheduled (POST /schedules): their consumers
+  // validate what they read.
+  schedulable: [SUBMIT_SUBJECT, "digest.request.*"],
   items: {
     what: "feedback item",
     entryType: FeedbackEventType.Ingested,

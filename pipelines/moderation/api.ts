@@ -26,7 +26,7 @@ import type {
   ContentState,
   ContentSubmission,
   ReviewDecisionRequest,
-} from "../../src/events.gen.ts";
+} from "./events.gen.ts";
 import type { Logger } from "../../src/observability/log.ts";
 import { validateEvent } from "../../src/schemas.ts";
 import { isAlreadyStored, publishEvent } from "../../src/runner.ts";
@@ -34,16 +34,14 @@ import { createScheduleStore, type ScheduleStore } from "../../src/scheduler/sto
 import { humanDecidedEvent, slaScheduleId } from "./stages.ts";
 import { readState } from "../../src/state_writer.ts";
 import { firstEventSeq } from "../../src/state.ts";
+import { eventSubject, ITEM_ID, SCHEDULE_BUCKET } from "../../src/subjects.ts";
 import {
   CONTENT_OBJECT_BUCKET,
   CONTENT_STATE_BUCKET,
   CONTENT_STREAM,
-  ContentEventType as T,
-  eventSubject,
-  ITEM_ID,
   REVIEW_BUCKET,
-  SCHEDULE_BUCKET,
-} from "../../src/subjects.ts";
+} from "./subjects.ts";
+import { ContentEventType as T } from "./events.ts";
 import {
   childContext,
   formatTraceparent,

@@ -20,14 +20,14 @@ import { ReviewStatus } from "./review_queue.ts";
 import { decodeJson } from "../../src/runner.ts";
 import { assertCallerSchedulable } from "../../src/scheduler/store.ts";
 import { validateDocument } from "../../src/schemas.ts";
+import { SCHEDULES_REQUEST_PREFIX } from "../../src/subjects.ts";
 import {
   CONTENT_GET_REQUEST_SUBJECT,
   CONTENT_SUBMIT_REQUEST_SUBJECT,
   REVIEWS_CLAIM_REQUEST_SUBJECT,
   REVIEWS_DECIDE_REQUEST_SUBJECT,
   REVIEWS_LIST_REQUEST_SUBJECT,
-  SCHEDULES_REQUEST_PREFIX,
-} from "../../src/subjects.ts";
+} from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 

@@ -13,7 +13,7 @@ import { ITEM_ID } from "../../src/subjects.ts";
 import { JetStreamApiCodes, JetStreamApiError } from "@nats-io/jetstream";
 import type { KV } from "@nats-io/kv";
 import { ConflictError, NotFoundError } from "../../src/errors.ts";
-import type { ContentItem, Moderation } from "../../src/events.gen.ts";
+import type { ContentItem, Moderation } from "./events.gen.ts";
 
 /** Where an item is in the queue. */
 export const ReviewStatus = {

@@ -21,11 +21,8 @@ import { ReviewStatus } from "./review_queue.ts";
 import { assertCallerSchedulable } from "../../src/scheduler/store.ts";
 import { decodeJson } from "../../src/runner.ts";
 import { validateDocument } from "../../src/schemas.ts";
-import {
-  CONTENT_FINAL_EVENT_TYPES,
-  CONTENT_STREAM,
-  contentEventsFilter,
-} from "../../src/subjects.ts";
+import { CONTENT_FINAL_EVENT_TYPES } from "./events.ts";
+import { CONTENT_STREAM, contentEventsFilter } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";

@@ -19,16 +19,13 @@
 import type { ToxicityAnalyzer } from "../../src/ai/analysis.ts";
 import { ConflictError } from "../../src/errors.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";
-import type {
-  ContentDecided,
-  ContentItem,
-  ContentSlaExpired,
-  Moderation,
-} from "../../src/events.gen.ts";
+import type { ContentDecided, ContentItem, ContentSlaExpired, Moderation } from "./events.gen.ts";
 import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue.ts";
 import type { ScheduleStore } from "../../src/scheduler/store.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
-import { CONTENT_STREAM, ContentEventType as T, typeFilter } from "../../src/subjects.ts";
+import { typeFilter } from "../../src/subjects.ts";
+import { CONTENT_STREAM } from "./subjects.ts";
+import { ContentEventType as T } from "./events.ts";
 
 const content = { stream: CONTENT_STREAM, failedType: T.Failed } as const;
 

@@ -6,16 +6,12 @@
  *
  * @module
  */
-import type { ContentState } from "../../src/events.gen.ts";
-import type { AnyEvent, ContentEvent } from "../../src/schemas.ts";
+import type { ContentState } from "./events.gen.ts";
+import type { AnyEvent } from "../../src/schemas.ts";
+import type { ContentEvent } from "./events.ts";
 import type { StateSpec } from "../../src/state_writer.ts";
-import {
-  CONTENT_FINAL_EVENT_TYPES,
-  CONTENT_STATE_BUCKET,
-  CONTENT_STREAM,
-  ContentEventType as T,
-  ONCE_PER_ITEM_TYPES,
-} from "../../src/subjects.ts";
+import { CONTENT_FINAL_EVENT_TYPES, ContentEventType as T, ONCE_PER_ITEM_TYPES } from "./events.ts";
+import { CONTENT_STATE_BUCKET, CONTENT_STREAM } from "./subjects.ts";
 import { spanTimes } from "../../src/state.ts";
 
 /** Step order of content event types; final events rank last. */

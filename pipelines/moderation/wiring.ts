@@ -7,15 +7,14 @@
  */
 import type { PipelineWiring } from "../../src/wiring.ts";
 import { stepAccess } from "../../src/wiring.ts";
+import { SCHEDULE_BUCKET, typeFilter } from "../../src/subjects.ts";
+import { CONTENT_FINAL_EVENT_TYPES, ContentEventType } from "./events.ts";
 import {
-  CONTENT_FINAL_EVENT_TYPES,
   CONTENT_OBJECT_BUCKET,
   CONTENT_STATE_BUCKET,
   CONTENT_STREAM,
-  ContentEventType,
   REVIEW_BUCKET,
-  SCHEDULE_BUCKET,
-} from "../../src/subjects.ts";
+} from "./subjects.ts";
 import { CONTENT_STATE_SPEC } from "./state.ts";
 
 /** The moderation pipeline's part of the mesh. */
@@ -40,6 +39,8 @@ export const MODERATION_WIRING: PipelineWiring = {
     },
   ],
   objectStores: [{ name: CONTENT_OBJECT_BUCKET, description: "Weft: binary content uploads" }],
+  // The review service's SLA timers.
+  timers: [typeFilter(ContentEventType.SlaExpired)],
   items: {
     what: "content item",
     entryType: ContentEventType.Uploaded,

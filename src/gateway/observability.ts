@@ -15,7 +15,7 @@ import type { Config } from "../config.ts";
 import { ErrorCode, WeftError } from "../errors.ts";
 import type { Logger } from "../observability/log.ts";
 import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../observability/metrics.ts";
-import { FEEDBACK_STREAM } from "../subjects.ts";
+import { FEEDBACK_STREAM } from "../../pipelines/feedback/subjects.ts";
 import { recentSiteEvents } from "../edge.ts";
 import { DASHBOARD_HTML } from "./dashboard_page.ts";
 import { meshMetrics, type MeshSnapshot, meshSnapshot, MetricsCache } from "./mesh_metrics.ts";

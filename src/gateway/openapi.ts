@@ -9,7 +9,7 @@
  *
  * @module
  */
-import { SCHEMA_DOCUMENTS } from "../schemas.ts";
+import { registeredSchemas } from "../schemas.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
@@ -149,7 +149,7 @@ export function openApiDocument(
   shippedPaths: readonly Json[] = [],
 ): Json {
   const files = new Map(
-    Object.keys(SCHEMA_DOCUMENTS).map((name) => [`${name}.v1.json`, name] as const),
+    Object.keys(registeredSchemas()).map((name) => [`${name}.v1.json`, name] as const),
   );
   const schemas: Json = {
     Problem: {
@@ -165,7 +165,7 @@ export function openApiDocument(
       },
     },
   };
-  for (const [name, schema] of Object.entries(SCHEMA_DOCUMENTS)) {
+  for (const [name, schema] of Object.entries(registeredSchemas())) {
     schemas[name] = rehome(schema, name, files);
   }
   const paths: Json = {

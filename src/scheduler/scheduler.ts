@@ -18,13 +18,10 @@ import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { Logger } from "../observability/log.ts";
-import {
-  SCHEDULABLE_SUBJECTS,
-  SCHEDULE_BUCKET,
-  SCHEDULE_LEASE_BUCKET,
-  subjectAllowed,
-} from "../subjects.ts";
+import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET, subjectAllowed } from "../subjects.ts";
 import { afterFiring, readSchedule, type ScheduleEntry } from "./store.ts";
+import { schedulableSubjects } from "../wiring.ts";
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 /** A running scheduler replica. */
 export interface Scheduler {
@@ -61,8 +58,11 @@ export async function runScheduler(opts: {
   /** A lease older than this whose schedule was not advanced is taken over, ms. */
   takeoverMs?: number;
   now?: () => Date;
+  /** What it fires on at all; by default the shipped pipelines' ({@link schedulableSubjects}). */
+  schedulable?: readonly string[];
 }): Promise<Scheduler> {
   const { nc, replica } = opts;
+  const schedulable = opts.schedulable ?? schedulableSubjects(SHIPPED_PIPELINES);
   const log = opts.log.with({ stage: "scheduler" });
   const now = opts.now ?? (() => new Date());
   const takeoverMs = opts.takeoverMs ?? 30_000;
@@ -127,7 +127,7 @@ export async function runScheduler(opts: {
   async function fire(id: string, due: string): Promise<void> {
     const current = await readSchedule(schedules, id);
     if (!current || current.entry.status !== "active" || current.entry.next_at !== due) return;
-    if (!subjectAllowed(SCHEDULABLE_SUBJECTS, current.entry.subject)) {
+    if (!subjectAllowed(schedulable, current.entry.subject)) {
       // Only a schedule written straight into the bucket can get here: never publish it.
       log.error("schedule refused: its subject is not schedulable", {
         schedule: id,

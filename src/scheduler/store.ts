@@ -12,7 +12,9 @@ import { ulid } from "ulid";
 import { ConflictError, NotFoundError, ValidationError } from "../errors.ts";
 import type { Schedule } from "../events.gen.ts";
 import { validateDocument } from "../schemas.ts";
-import { CALLER_SCHEDULABLE_SUBJECTS, subjectAllowed } from "../subjects.ts";
+import { subjectAllowed } from "../subjects.ts";
+import { callerSchedulableSubjects } from "../wiring.ts";
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 /** A stored schedule. */
 export interface ScheduleEntry {
@@ -177,9 +179,10 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
 }
 
 /**
- * Refuses a schedule a caller may not create: its subject must be one of
- * {@link CALLER_SCHEDULABLE_SUBJECTS} (a pipeline's bus input), never a step's events, a
- * JetStream API, KV or object-store subject. A {@link ValidationError} naming `/subject`.
+ * Refuses a schedule a caller may not create: its subject must be one of the shipped
+ * pipelines' schedulable bus inputs ({@link callerSchedulableSubjects}), never a step's
+ * events, a JetStream API, KV or object-store subject. A {@link ValidationError} naming
+ * `/subject`.
  *
  * @example
  * ```ts
@@ -193,9 +196,10 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
  * ```
  */
 export function assertCallerSchedulable(subject: string): void {
-  if (!subjectAllowed(CALLER_SCHEDULABLE_SUBJECTS, subject)) {
+  const allowed = callerSchedulableSubjects(SHIPPED_PIPELINES);
+  if (!subjectAllowed(allowed, subject)) {
     throw new ValidationError(
-      `/subject must be one of ${CALLER_SCHEDULABLE_SUBJECTS.join(", ")} (got ${
+      `/subject must be one of ${allowed.join(", ")} (got ${
         JSON.stringify(subject).slice(0, 200)
       })`,
       { field: "/subject" },

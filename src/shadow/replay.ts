@@ -13,7 +13,7 @@ import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import type { FeedbackAnalyzers } from "../ai/configured_analyzers.ts";
 import type { LlmStatsSnapshot } from "../ai/llm/stats.ts";
-import { FEEDBACK_STREAM } from "../subjects.ts";
+import { FEEDBACK_STREAM } from "../../pipelines/feedback/subjects.ts";
 import { topicEvalClass } from "../ai/evaluation.ts";
 
 /** One item's production decisions, from its `feedback.dispatched` event. */

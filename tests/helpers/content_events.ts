@@ -6,7 +6,7 @@
  */
 import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { CONTENT_STREAM, contentEventsFilter } from "../../src/subjects.ts";
+import { CONTENT_STREAM, contentEventsFilter } from "../../pipelines/moderation/subjects.ts";
 
 /** One event of an item as stored. */
 export interface StoredEvent {

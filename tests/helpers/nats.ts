@@ -7,12 +7,12 @@
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type JetStreamClient, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { type Config, loadConfig } from "../../src/config.ts";
-import type { FeedbackState } from "../../src/events.gen.ts";
+import type { FeedbackState } from "../../pipelines/feedback/events.gen.ts";
 import { createLogger, type Logger } from "../../src/observability/log.ts";
 import { connectNats } from "../../src/nats.ts";
 import { type NatsServer, startNatsServer } from "../../src/nats_server.ts";
 import { readStream } from "../../src/stream_reader.ts";
-import { FEEDBACK_STREAM, STATE_BUCKET } from "../../src/subjects.ts";
+import { FEEDBACK_STREAM, STATE_BUCKET } from "../../pipelines/feedback/subjects.ts";
 import { ensureTopology } from "../../src/topology.ts";
 
 /** A running server, a connection to it and the topology in place. */

@@ -11,11 +11,8 @@ import { countDispatched, feedbackDigestStage } from "../digest.ts";
 import { runStage } from "../../../src/runner.ts";
 import { createScheduleStore } from "../../../src/scheduler/store.ts";
 import { defineService, runService, type ServiceDef } from "../../../src/service.ts";
-import {
-  DIGEST_REQUEST_SUBJECT,
-  DIGEST_SCHEDULE_ID,
-  SCHEDULE_BUCKET,
-} from "../../../src/subjects.ts";
+import { SCHEDULE_BUCKET } from "../../../src/subjects.ts";
+import { DIGEST_REQUEST_SUBJECT, DIGEST_SCHEDULE_ID } from "../subjects.ts";
 
 /** The digest service. */
 export const service: ServiceDef = defineService("digest", async (ctx) => {

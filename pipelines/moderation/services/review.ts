@@ -16,7 +16,8 @@ import {
   type ServiceDef,
 } from "../../../src/service.ts";
 import { reviewQueueStage, reviewSlaStage } from "../stages.ts";
-import { REVIEW_BUCKET, SCHEDULE_BUCKET } from "../../../src/subjects.ts";
+import { SCHEDULE_BUCKET } from "../../../src/subjects.ts";
+import { REVIEW_BUCKET } from "../subjects.ts";
 
 /** The review service. */
 export const service: ServiceDef = defineService("review", async (ctx) => {
