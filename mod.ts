@@ -69,10 +69,11 @@ export type { StateSpec, StateWriter } from "./src/state_writer.ts";
 
 // Analysis and routing
 export type * from "./src/ai/analysis.ts";
-export { compileRules, loadRules } from "./src/rules.ts";
-export type { CompiledRules, Router } from "./src/rules.ts";
-export { feedbackAnalyzers } from "./src/ai/configured_analyzers.ts";
-export type { AnalyzerConfig, FeedbackAnalyzers } from "./src/ai/configured_analyzers.ts";
+export { compileRules, loadRules } from "./pipelines/feedback/rules.ts";
+export type { CompiledRules, Router } from "./pipelines/feedback/rules.ts";
+export { feedbackAnalyzers } from "./pipelines/feedback/analyzers.ts";
+export type { FeedbackAnalyzers } from "./pipelines/feedback/analyzers.ts";
+export type { AnalyzerConfig } from "./src/ai/configured_analyzers.ts";
 export type { LlmCounter, LlmStats, LlmStatsSnapshot } from "./src/ai/llm/stats.ts";
 export type { LlmUsage } from "./src/ai/llm/errors.ts";
 export { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./src/ai/analyzers/mod.ts";

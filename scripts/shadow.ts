@@ -44,7 +44,7 @@ import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { parseShadowSpec } from "../src/shadow/spec.ts";
 import { listedPipelines } from "../src/supervisor.ts";
 import { loadConfig } from "../src/config.ts";
-import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
+import { feedbackAnalyzers } from "../pipelines/feedback/analyzers.ts";
 import { parseRows } from "../src/ai/evaluation.ts";
 import { connectNats, tlsCredentials } from "../src/nats.ts";
 import {
@@ -53,7 +53,7 @@ import {
   readProduction,
   shadowReport,
   shadowReportHtml,
-} from "../src/shadow/replay.ts";
+} from "../pipelines/feedback/replay.ts";
 
 const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.stdout) =>
   to.writeSync(new TextEncoder().encode(text + "\n"));

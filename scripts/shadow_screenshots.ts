@@ -17,7 +17,7 @@
  * @module
  */
 import { topicsAnalyzer, toxicityAnalyzer } from "../src/ai/analyzers/mod.ts";
-import { loadRules } from "../src/rules.ts";
+import { loadRules } from "../pipelines/feedback/rules.ts";
 import { chat, startFakeOpenAI } from "../tests/helpers/openai_server.ts";
 import { startMesh, taskArgs } from "../tests/helpers/mesh.ts";
 import { waitFor } from "../tests/helpers/wait.ts";

@@ -8,7 +8,7 @@ import { runStage } from "../src/runner.ts";
 import { createEvent } from "../src/events.ts";
 import { PermanentError } from "../src/errors.ts";
 import { nextEvent, type Stage } from "../src/stage.ts";
-import { feedbackAnalyzers } from "../src/ai/configured_analyzers.ts";
+import { feedbackAnalyzers } from "../pipelines/feedback/analyzers.ts";
 import { sentimentStage } from "../pipelines/feedback/stages.ts";
 import type { DeadLetter } from "../src/events.gen.ts";
 import type { FeedbackFailed } from "../pipelines/feedback/events.gen.ts";

@@ -6,7 +6,7 @@
  */
 import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../../src/ai/analysis.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";
-import type { Router } from "../../src/rules.ts";
+import type { Router } from "./rules.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
 import { typeFilter } from "../../src/subjects.ts";
 import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "./subjects.ts";

@@ -6,7 +6,7 @@ import {
   sentimentStage,
   topicsStage,
 } from "./stages.ts";
-import { feedbackAnalyzers } from "../../src/ai/configured_analyzers.ts";
+import { feedbackAnalyzers } from "./analyzers.ts";
 import { loadConfig } from "../../src/config.ts";
 import { createEvent } from "../../src/events.ts";
 import type { StageContext } from "../../src/stage.ts";

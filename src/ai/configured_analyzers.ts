@@ -1,36 +1,17 @@
 /**
- * Builds the analyzers the stages use, and the feedback router, from configuration, in
- * one place:
+ * Builds analyzers from configuration, in one place:
  * - `embedded` (default): the in-process sentiment, topics and toxicity analyzers;
- * - `rules`: the ruleset's keyword rules (the reference ruleset reproduces the seed
- *   decisions exactly);
  * - `llm`: an OpenAI-compatible endpoint, falling back to the embedded analyzers when it
- *   fails, times out or is over budget (the event records which analyzer decided).
- * Routing is always the ruleset's table, over whichever analyzers decided. Moderation
- * screens with the embedded toxicity analyzer, or the LLM one with it as fallback.
+ *   fails, times out or is over budget (the event records which analyzer decided);
+ * - `rules`: a pipeline's own keyword rules (the feedback pipeline's ruleset,
+ *   pipelines/feedback/analyzers.ts); screening for toxicity stays embedded.
  *
  * @module
  */
-import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "./analysis.ts";
+import type { ToxicityAnalyzer } from "./analysis.ts";
 import { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./analyzers/mod.ts";
 import { AnalyzerKind, type Config } from "../config.ts";
-import { ConfigError } from "../errors.ts";
 import { createLlmAnalyzers, type LlmStats, withFallback } from "./llm/mod.ts";
-import { loadRules, type Router } from "../rules.ts";
-
-/** What the feedback stages need. */
-export interface FeedbackAnalyzers {
-  /** Classifies an item's sentiment. */
-  sentiment: SentimentAnalyzer;
-  /** Extracts an item's topics. */
-  topics: TopicsAnalyzer;
-  /** Absent with `rules`, so the reference ruleset stays exactly the reference. */
-  toxicity?: ToxicityAnalyzer;
-  /** Routes an item to a team: the ruleset's routing table. */
-  route: Router;
-  /** Token, cost and call counters of the LLM analyzers, with `llm`. */
-  llmStats?: LlmStats;
-}
 
 /** The settings analyzers are built from. */
 export type AnalyzerConfig =
@@ -58,8 +39,11 @@ export type AnalyzerConfig =
     llmFallback?: boolean;
   };
 
-/** The LLM analyzers, each falling back to its embedded twin, and their stats. */
-async function llmWithFallback(config: AnalyzerConfig) {
+/**
+ * The LLM analyzers, each falling back to its embedded twin (unless `llmFallback` is false),
+ * and their stats.
+ */
+export async function llmAnalyzers(config: AnalyzerConfig) {
   const topics = topicsAnalyzer();
   const stage = {
     timeoutMs: config.llmTimeoutMs,
@@ -93,42 +77,13 @@ async function llmWithFallback(config: AnalyzerConfig) {
 }
 
 /**
- * Builds the configured feedback analyzers and the router.
- *
- * @example
- * ```ts ignore
- * const { sentiment } = await feedbackAnalyzers(loadConfig());
- * ```
+ * The configured toxicity analyzer: with `llm` the LLM one, falling back to the embedded one;
+ * otherwise the embedded one.
  */
-export async function feedbackAnalyzers(config: AnalyzerConfig): Promise<FeedbackAnalyzers> {
-  const rules = await loadRules(config.rulesPath);
-  if (config.analyzers === AnalyzerKind.Rules) {
-    if (!rules.sentiment || !rules.topics) {
-      throw new ConfigError(
-        `WEFT_ANALYZERS=rules needs keyword rules for sentiment and topics in ${config.rulesPath}`,
-      );
-    }
-    return { sentiment: rules.sentiment, topics: rules.topics, route: rules.route };
-  }
-  if (config.analyzers === AnalyzerKind.Llm) {
-    return { ...(await llmWithFallback(config)), route: rules.route };
-  }
-  return {
-    sentiment: sentimentAnalyzer(),
-    topics: topicsAnalyzer(),
-    toxicity: toxicityAnalyzer(),
-    route: rules.route,
-  };
-}
-
-/**
- * The toxicity analyzer moderation screens with: with `llm` the LLM one, falling back to
- * the embedded one; otherwise the embedded one.
- */
-export async function moderationAnalyzer(
+export async function configuredToxicity(
   config: AnalyzerConfig,
 ): Promise<{ toxicity: ToxicityAnalyzer; llmStats?: LlmStats }> {
   if (config.analyzers !== AnalyzerKind.Llm) return { toxicity: toxicityAnalyzer() };
-  const { toxicity, llmStats } = await llmWithFallback(config);
+  const { toxicity, llmStats } = await llmAnalyzers(config);
   return { toxicity, llmStats };
 }

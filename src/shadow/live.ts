@@ -30,7 +30,7 @@ import {
 import type { NatsConnection } from "@nats-io/nats-core";
 import client from "prom-client";
 import type { Config } from "../config.ts";
-import { feedbackAnalyzers } from "../ai/configured_analyzers.ts";
+import { feedbackAnalyzers } from "../../pipelines/feedback/analyzers.ts";
 import { ConfigError, errorCode, ValidationError } from "../errors.ts";
 import { pipelineStreamOf, stepFilterSubject } from "../pipeline/derive.ts";
 import {
@@ -54,7 +54,7 @@ import {
   shadowSubject,
   shippedShadowSteps,
 } from "./spec.ts";
-import { agreementOf, type FieldAgreement } from "./replay.ts";
+import { agreementOf, type FieldAgreement } from "../ai/agreement.ts";
 import { readStream } from "../stream_reader.ts";
 import type { OutputEvent, Stage, StageInput } from "../stage.ts";
 import { SHIPPED_SHADOW_STEPS } from "../../pipelines/shipped_shadows.ts";

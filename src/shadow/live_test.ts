@@ -3,7 +3,7 @@ import { WeftMetrics } from "../observability/metrics.ts";
 import { labelledAccuracy, parseItemLabels, registerShadowMetrics, ShadowTally } from "./live.ts";
 import { ValidationError } from "../errors.ts";
 import { candidateConfig, parseShadowSpec } from "./spec.ts";
-import { agreementOf } from "./replay.ts";
+import { agreementOf } from "../ai/agreement.ts";
 import { loadConfig } from "../config.ts";
 
 const spec = parseShadowSpec({ id: "t", step: "sentiment", candidate: { analyzers: "rules" } });

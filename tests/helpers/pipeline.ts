@@ -6,7 +6,7 @@
  */
 import type { Hono } from "hono";
 import { runStage, type StageRunner } from "../../src/runner.ts";
-import { feedbackAnalyzers } from "../../src/ai/configured_analyzers.ts";
+import { feedbackAnalyzers } from "../../pipelines/feedback/analyzers.ts";
 import {
   dispatchStage,
   ingestStage,

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { loadRules } from "../../../src/rules.ts";
+import { loadRules } from "../rules.ts";
 import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
 import { dispatchStage } from "../stages.ts";
 import { followStepVersion } from "../../../src/step_versions.ts";

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { feedbackAnalyzers } from "../../../src/ai/configured_analyzers.ts";
+import { feedbackAnalyzers } from "../analyzers.ts";
 import { registerLlmMetrics } from "../../../src/observability/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
 import { topicsStage } from "../stages.ts";

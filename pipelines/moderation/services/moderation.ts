@@ -5,14 +5,14 @@
  *
  * @module
  */
-import { moderationAnalyzer } from "../../../src/ai/configured_analyzers.ts";
+import { configuredToxicity } from "../../../src/ai/configured_analyzers.ts";
 import { registerLlmMetrics } from "../../../src/observability/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
 import { moderationStage } from "../stages.ts";
 
 /** The moderation service. */
 export const service: ServiceDef = stageService("moderation", async ({ config, metrics }) => {
-  const { toxicity, llmStats } = await moderationAnalyzer(config);
+  const { toxicity, llmStats } = await configuredToxicity(config);
   if (llmStats) registerLlmMetrics(metrics.registry, llmStats, "moderation");
   return moderationStage(toxicity);
 });

@@ -1,13 +1,15 @@
 /**
- * The rules engine: keyword sentiment and topic analyzers and a routing table, all from a
- * ruleset document (rules/*.json, schema schemas/rules.v1.json), so teams change rules
+ * The feedback pipeline's rules engine: keyword sentiment and topic analyzers and a routing
+ * table, all from a ruleset document (rules/*.json, schema schemas/rules.v1.json), so teams change rules
  * without changing code.
  *
  * @module
  */
-import type { SentimentAnalyzer, SentimentLabel, TopicsAnalyzer } from "./ai/analysis.ts";
-import type { Routing } from "../pipelines/feedback/events.gen.ts";
-import { validateDocument } from "./schemas.ts";
+import type { SentimentAnalyzer, SentimentLabel, TopicsAnalyzer } from "../../src/ai/analysis.ts";
+import type { Routing } from "./events.gen.ts";
+import { validateDocument } from "../../src/schemas.ts";
+// Registers the ruleset's schema (a document of this pipeline).
+import "./events.ts";
 
 /** Routes an item to a team from its sentiment and topics. */
 export type Router = (sentiment: SentimentLabel, topics: readonly string[]) => Routing;

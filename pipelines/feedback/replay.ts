@@ -11,10 +11,11 @@
  */
 import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
-import type { FeedbackAnalyzers } from "../ai/configured_analyzers.ts";
-import type { LlmStatsSnapshot } from "../ai/llm/stats.ts";
-import { FEEDBACK_STREAM } from "../../pipelines/feedback/subjects.ts";
-import { topicEvalClass } from "../ai/evaluation.ts";
+import type { FeedbackAnalyzers } from "./analyzers.ts";
+import type { LlmStatsSnapshot } from "../../src/ai/llm/stats.ts";
+import { FEEDBACK_STREAM } from "./subjects.ts";
+import { topicEvalClass } from "../../src/ai/evaluation.ts";
+import { agreementOf, type FieldAgreement } from "../../src/ai/agreement.ts";
 
 /** One item's production decisions, from its `feedback.dispatched` event. */
 export interface ProductionDecision {
@@ -32,16 +33,6 @@ export interface CandidateDecision {
   topics: string[];
   team: string;
   ms: number;
-}
-
-/** Agreement on one field. */
-export interface FieldAgreement {
-  /** Share of items where candidate and production agree. */
-  agreement: number;
-  /** Cohen's kappa: agreement beyond what the two label distributions give by chance. */
-  kappa: number;
-  /** Rows: production's label; columns: the candidate's; cells: item counts. */
-  confusion: Record<string, Record<string, number>>;
 }
 
 /** The report of a shadow run. */
@@ -65,28 +56,6 @@ export interface ShadowReport {
     productionAccuracy: number;
     candidateAccuracy: number;
   };
-}
-
-/** Cohen's kappa and the confusion matrix of two labelings. */
-export function agreementOf(a: readonly string[], b: readonly string[]): FieldAgreement {
-  const n = a.length;
-  const confusion: Record<string, Record<string, number>> = {};
-  let same = 0;
-  const pa = new Map<string, number>();
-  const pb = new Map<string, number>();
-  for (let i = 0; i < n; i++) {
-    const x = a[i]!, y = b[i]!;
-    (confusion[x] ??= {})[y] = (confusion[x]![y] ?? 0) + 1;
-    if (x === y) same++;
-    pa.set(x, (pa.get(x) ?? 0) + 1);
-    pb.set(y, (pb.get(y) ?? 0) + 1);
-  }
-  if (n === 0) return { agreement: 0, kappa: 0, confusion };
-  const po = same / n;
-  let pe = 0;
-  for (const [label, ca] of pa) pe += (ca / n) * ((pb.get(label) ?? 0) / n);
-  const kappa = pe === 1 ? (po === 1 ? 1 : 0) : (po - pe) / (1 - pe);
-  return { agreement: po, kappa, confusion };
 }
 
 const quantile = (xs: number[], q: number) => {

@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import { compileRules, loadRules } from "./rules.ts";
-import { ValidationError } from "./errors.ts";
+import { ValidationError } from "../../src/errors.ts";
 
-const loaded = await loadRules(new URL("../rules/reference.json", import.meta.url).pathname);
+const loaded = await loadRules(new URL("../../rules/reference.json", import.meta.url).pathname);
 assert.ok(loaded.sentiment && loaded.topics, "the reference ruleset has keyword rules");
 const reference = { sentiment: loaded.sentiment, topics: loaded.topics, route: loaded.route };
 
