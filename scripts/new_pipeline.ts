@@ -5,9 +5,10 @@
  *
  * @module
  */
+import { takenNames } from "../src/pipeline/runtime.ts";
+
 const ROOT = new URL("../", import.meta.url);
 const TOKEN = /^[a-z0-9][a-z0-9_-]{0,39}$/;
-const TAKEN = new Set(["feedback", "content", "digest", "deadletter", "weft", "schedules"]);
 
 /** The definition a new pipeline starts from: normalize -> classify -> done. */
 export function pipelineSource(name: string): string {
@@ -91,10 +92,11 @@ const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.st
 if (import.meta.main) {
   const name = Deno.args.find((a) => !a.startsWith("-"));
   const listIt = !Deno.args.includes("--no-list");
-  if (!name || !TOKEN.test(name) || TAKEN.has(name)) {
+  const taken = takenNames();
+  if (!name || !TOKEN.test(name) || taken.has(name)) {
     say(
       "usage: deno task new NAME   (NAME: lower-case letters, digits, - or _; not one of " +
-        `${[...TAKEN].join(", ")})`,
+        `${[...taken].join(", ")})`,
       Deno.stderr,
     );
     Deno.exit(2);

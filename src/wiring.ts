@@ -155,6 +155,20 @@ export interface PipelineWiring {
   schedulable?: readonly string[];
   /** Subjects its own services set timers on (the scheduler fires them), e.g. `orders.sla.*`. */
   timers?: readonly string[];
+  /** How the dashboard draws it (a graph of its consumers, fed by their metrics). */
+  dashboard?: WiredGraph;
+}
+
+/**
+ * A hand-wired pipeline's graph on the dashboard: its title and its stages in flow order, each
+ * a durable consumer's name (as the metrics label it) and what the box says. A stage whose
+ * name ends in `state` is drawn after a dashed arrow (it follows every event, off the path).
+ */
+export interface WiredGraph {
+  /** The section's heading, e.g. `Orders pipeline`. */
+  title: string;
+  /** `[durable, label]` in flow order. */
+  stages: readonly (readonly [string, string])[];
 }
 
 /**

@@ -63,3 +63,16 @@ Deno.test("deno task new writes a two-step pipeline whose test passes and which 
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
 });
+
+Deno.test("deno task new refuses a name the mesh already uses (a hand-wired pipeline's, the runtime's)", async () => {
+  for (const name of ["feedback", "content", "deadletter", "shadow"]) {
+    const made = await new Deno.Command("deno", {
+      args: [...await taskArgs("new"), name, "--no-list"],
+      cwd: root,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(made.code, 2, name);
+    assert.match(new TextDecoder().decode(made.stderr), /not one of .*feedback, content/);
+  }
+});

@@ -30,6 +30,16 @@ export const FEEDBACK_WIRING: PipelineWiring = {
   // Submissions and digest requests may be scheduled (POST /schedules): their consumers
   // validate what they read.
   schedulable: [SUBMIT_SUBJECT, "digest.request.*"],
+  dashboard: {
+    title: "Feedback pipeline",
+    stages: [
+      ["ingest", "ingest"],
+      ["sentiment", "sentiment"],
+      ["topics", "topics"],
+      ["dispatch", "dispatch"],
+      ["state", "state writer"],
+    ],
+  },
   items: {
     what: "feedback item",
     entryType: FeedbackEventType.Ingested,

@@ -41,6 +41,17 @@ export const MODERATION_WIRING: PipelineWiring = {
   objectStores: [{ name: CONTENT_OBJECT_BUCKET, description: "Weft: binary content uploads" }],
   // The review service's SLA timers.
   timers: [typeFilter(ContentEventType.SlaExpired)],
+  dashboard: {
+    title: "Content moderation pipeline",
+    stages: [
+      ["moderation", "moderation"],
+      ["storage-moderated", "storage (safe)"],
+      ["review-queue", "review queue (flagged)"],
+      ["review-sla", "review SLA"],
+      ["storage-decided", "storage (decided)"],
+      ["content-state", "state writer"],
+    ],
+  },
   items: {
     what: "content item",
     entryType: ContentEventType.Uploaded,

@@ -3,8 +3,9 @@
  * step, nothing fetched from elsewhere) served by the gateway at `GET /dashboard`. Kept in
  * a module rather than a file so the gateway needs no read permission.
  *
- * It draws the feedback pipeline with per-stage throughput, handler latency, backlog and
- * errors from `/dashboard/stream`; lists recent items from `/dashboard/recent` and the
+ * It draws each hand-wired pipeline (its wiring's `dashboard` graph, {@link dashboardHtml}) and
+ * each definition's with per-stage throughput, handler latency, backlog and errors from
+ * `/dashboard/stream`; lists recent items from `/dashboard/recent` and the
  * live `/events` stream (a row opens the item's history from `/feedback/:id/events`);
  * shows dead letters waiting for redrive (`GET /deadletters?pending=true`, redrive with
  * `POST /deadletters/redrive {"ids":[seq]}`) and
@@ -17,8 +18,27 @@
  * @module
  */
 
-/** The dashboard page. */
-export const DASHBOARD_HTML: string = `<!doctype html>
+import type { WiredGraph } from "../wiring.ts";
+
+/**
+ * The dashboard page drawing `graphs` (each hand-wired pipeline's, by name), written once when
+ * the gateway starts.
+ *
+ * @example
+ * ```ts
+ * import { dashboardHtml } from "./dashboard_page.ts";
+ * const html = dashboardHtml([{ name: "orders", title: "Orders", stages: [["price", "price"]] }]);
+ * console.assert(html.includes('"title":"Orders"'));
+ * ```
+ */
+export function dashboardHtml(graphs: readonly (WiredGraph & { name: string })[]): string {
+  // JSON inside a script: no "</script>" (or any "<") can end it early.
+  const json = JSON.stringify(graphs).replace(/</g, "\\u003c");
+  return DASHBOARD_HTML.replace("/*WIRED_GRAPHS*/[]", () => json);
+}
+
+/** The dashboard page, before the hand-wired pipelines' graphs are filled in. */
+const DASHBOARD_HTML: string = `<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -98,10 +118,7 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
     <input id="reviewer" type="text" placeholder="reviewer name" autocomplete="off"></span>
 </header>
 <main>
-  <section class="wide">
-    <h2>Feedback pipeline</h2>
-    <div class="graph" id="graph"></div>
-  </section>
+  <div id="wired" class="wide-group"></div>
   <section class="wide">
     <h2>Last five minutes</h2>
     <div class="charts">
@@ -109,10 +126,6 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
       <div class="chart"><h3>end-to-end p99 (ms)</h3><canvas id="chart-p99" width="400" height="90"></canvas></div>
       <div class="chart"><h3>backlog (messages)</h3><canvas id="chart-backlog" width="400" height="90"></canvas></div>
     </div>
-  </section>
-  <section class="wide">
-    <h2>Content moderation pipeline</h2>
-    <div class="graph" id="content-graph"></div>
   </section>
   <section class="wide">
     <h2>Live shadows</h2>
@@ -142,15 +155,9 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 </main>
 <script>
 "use strict";
-// Each pipeline's stages (durable consumer names, as the metrics label them) in flow order.
-var PIPELINES = [
-  { graph: "graph", stages: [["ingest", "ingest"], ["sentiment", "sentiment"], ["topics", "topics"],
-    ["dispatch", "dispatch"], ["state", "state writer"]] },
-  { graph: "content-graph", stages: [["moderation", "moderation"],
-    ["storage-moderated", "storage (safe)"], ["review-queue", "review queue (flagged)"],
-    ["review-sla", "review SLA"], ["storage-decided", "storage (decided)"],
-    ["content-state", "state writer"]] },
-];
+// Each hand-wired pipeline's graph (its wiring's dashboard: title, and its stages as durable
+// consumer names, as the metrics label them, in flow order), filled in when the page is served.
+var PIPELINES = /*WIRED_GRAPHS*/[];
 var STAGES = [];
 PIPELINES.forEach(function (p) { p.stages.forEach(function (s) { STAGES.push(s[0]); }); });
 var STEP = { "feedback.ingested": "ingested", "feedback.sentiment_analyzed": "sentiment",
@@ -172,8 +179,13 @@ function el(tag, attrs, text) {
 function fmt(n, digits) { return Number.isFinite(n) ? n.toFixed(digits) : "–"; }
 
 function buildGraph() {
+  var holder = document.getElementById("wired");
   PIPELINES.forEach(function (pipeline) {
-    var g = document.getElementById(pipeline.graph);
+    var section = el("section", { class: "wide", "data-pipeline": pipeline.name });
+    section.appendChild(el("h2", null, pipeline.title));
+    var g = el("div", { class: "graph" });
+    section.appendChild(g);
+    holder.appendChild(section);
     pipeline.stages.forEach(function (stage, i) {
       buildStage(g, stage[0], stage[1], i);
     });

@@ -17,7 +17,8 @@ import type { Logger } from "../observability/log.ts";
 import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../observability/metrics.ts";
 import { FEEDBACK_STREAM } from "../../pipelines/feedback/subjects.ts";
 import { recentSiteEvents } from "../edge.ts";
-import { DASHBOARD_HTML } from "./dashboard_page.ts";
+import { dashboardHtml } from "./dashboard_page.ts";
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { meshMetrics, type MeshSnapshot, meshSnapshot, MetricsCache } from "./mesh_metrics.ts";
 import type { SseClients } from "./sse.ts";
 import { intQuery } from "./query.ts";
@@ -100,7 +101,10 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
     return c.body(await registry.metrics(), 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
 
-  app.get("/dashboard", (c) => c.html(DASHBOARD_HTML));
+  const page = dashboardHtml(
+    SHIPPED_PIPELINES.flatMap((w) => w.dashboard ? [{ name: w.name, ...w.dashboard }] : []),
+  );
+  app.get("/dashboard", (c) => c.html(page));
   // Browsers ask for it on every page: an empty answer, not a 404 in their console.
   app.get("/favicon.ico", (c) => c.body(null, 204));
   app.get("/", (c) => c.redirect("/dashboard"));

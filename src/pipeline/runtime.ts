@@ -21,6 +21,7 @@ import type { OutputEvent, Stage, StageContext } from "../stage.ts";
 import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore, nextCronTime } from "../scheduler/store.ts";
 import { SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import type { ExtraTopology } from "../topology.ts";
 import type { Access } from "../identities.ts";
 import { edgesOf, eventOf } from "./validate.ts";
@@ -79,8 +80,23 @@ export function controlBucketOf(name: string): string {
   return `weft_${name.replaceAll("-", "_")}_control`;
 }
 
-/** Names a definition's pipeline may not take: the streams and subjects the mesh has. */
-const TAKEN = new Set(["feedback", "content", "digest", "deadletter", "weft", "schedules"]);
+/**
+ * Names a definition's pipeline may not take: the first tokens of the subjects the mesh
+ * already has, the runtime's own and each hand-wired pipeline's (its name and its streams').
+ */
+export function takenNames(): Set<string> {
+  return new Set([
+    "deadletter",
+    "digest",
+    "shadow",
+    "weft",
+    "schedules",
+    ...SHIPPED_PIPELINES.flatMap((w) => [
+      w.name,
+      ...w.streams.flatMap((s) => s.subjects.map((subject) => subject.split(".")[0]!)),
+    ]),
+  ]);
+}
 
 /** A definition's service names: `<pipeline>-flow` and `<pipeline>-<step>`. */
 export function serviceNamesOf(def: PipelineDefinition): { control: string; steps: string[] } {
@@ -105,6 +121,7 @@ export async function loadPipelines(
   files: readonly string[],
   base: string = Deno.cwd(),
 ): Promise<LoadedPipeline[]> {
+  const taken = takenNames();
   // Everything a definition imports from Weft (mod.ts) is loaded first. A literal specifier
   // is part of this module's graph, so it needs no read permission, and reading a definition
   // then needs read permission on its own folder only. Loaded only when there is a
@@ -127,7 +144,7 @@ export async function loadPipelines(
       throw new ConfigError(`pipeline file ${f} exports no definition (definePipeline)`);
     }
     for (const def of defs) {
-      if (TAKEN.has(def.name)) {
+      if (taken.has(def.name)) {
         throw new ConfigError(`pipeline file ${f}: the name "${def.name}" is the mesh's own`);
       }
       const twin = out.find((p) => p.def.name === def.name);
