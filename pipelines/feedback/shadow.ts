@@ -10,6 +10,22 @@ import { typeFilter } from "../../src/subjects.ts";
 import { FEEDBACK_STREAM } from "./subjects.ts";
 import { FeedbackEventType as T } from "./events.ts";
 import { dispatchStage, sentimentStage, topicsStage } from "./stages.ts";
+import { type FeedbackAnalyzers, feedbackAnalyzers } from "./analyzers.ts";
+import type { AnalyzerConfig } from "../../src/ai/configured_analyzers.ts";
+import type { Stage } from "../../src/stage.ts";
+
+/** A step's candidate: the stage built from the candidate's analyzers. */
+const candidateOf = (
+  // deno-lint-ignore no-explicit-any
+  stage: (a: FeedbackAnalyzers) => Stage<any>,
+) =>
+async (config: AnalyzerConfig) => {
+  const analyzers = await feedbackAnalyzers(config);
+  return {
+    stage: stage(analyzers),
+    ...(analyzers.llmStats ? { llmStats: analyzers.llmStats } : {}),
+  };
+};
 
 const label = (v: unknown) => (typeof v === "string" && v !== "" ? v : "none");
 const get = (d: Record<string, unknown>, path: string[]) =>
@@ -23,7 +39,7 @@ export const FEEDBACK_SHADOW_STEPS: Readonly<Record<string, ShadowStepDef>> = {
     output: T.SentimentAnalyzed,
     fields: (d) => ({ sentiment: label(get(d, ["sentiment", "label"])) }),
     bounded: ["sentiment"],
-    stage: (a) => sentimentStage(a.sentiment),
+    candidate: candidateOf((a) => sentimentStage(a.sentiment)),
   },
   topics: {
     stream: FEEDBACK_STREAM,
@@ -34,7 +50,7 @@ export const FEEDBACK_SHADOW_STEPS: Readonly<Record<string, ShadowStepDef>> = {
       return { topic: label(topics[0]), topics: [...topics].sort().join(",") || "none" };
     },
     bounded: ["topic"],
-    stage: (a) => topicsStage(a.topics, a.toxicity),
+    candidate: candidateOf((a) => topicsStage(a.topics, a.toxicity)),
   },
   dispatch: {
     stream: FEEDBACK_STREAM,
@@ -42,6 +58,6 @@ export const FEEDBACK_SHADOW_STEPS: Readonly<Record<string, ShadowStepDef>> = {
     output: T.Dispatched,
     fields: (d) => ({ team: label(get(d, ["routing", "team"])) }),
     bounded: ["team"],
-    stage: (a) => dispatchStage(a.route),
+    candidate: candidateOf((a) => dispatchStage(a.route)),
   },
 };

@@ -30,7 +30,6 @@ import {
 import type { NatsConnection } from "@nats-io/nats-core";
 import client from "prom-client";
 import type { Config } from "../config.ts";
-import { feedbackAnalyzers } from "../../pipelines/feedback/analyzers.ts";
 import { ConfigError, errorCode, ValidationError } from "../errors.ts";
 import { pipelineStreamOf, stepFilterSubject } from "../pipeline/derive.ts";
 import {
@@ -42,6 +41,7 @@ import {
 import { eventOf } from "../pipeline/validate.ts";
 import { LlmError } from "../ai/llm/errors.ts";
 import type { LlmStats } from "../ai/llm/stats.ts";
+import type { AnalyzerConfig } from "../ai/configured_analyzers.ts";
 import type { Logger } from "../observability/log.ts";
 import { createStepLimiter } from "../pipeline/flow_control.ts";
 import { assertMatchesSubject, decodeJson, validateInput } from "../runner.ts";
@@ -75,9 +75,12 @@ export interface ShadowStepDef {
   fields(data: Record<string, unknown>): Record<string, string>;
   /** Fields whose labels are few enough to export as a confusion matrix. */
   bounded: readonly string[];
-  /** The candidate's version of the step, from its analyzers. */
+  /**
+   * The candidate's version of the step, built from the candidate's analyzer configuration
+   * (production's with what the candidate changes), with its LLM counters when it calls one.
+   */
   // deno-lint-ignore no-explicit-any
-  stage(analyzers: Awaited<ReturnType<typeof feedbackAnalyzers>>): Stage<any>;
+  candidate(config: AnalyzerConfig): Promise<{ stage: Stage<any>; llmStats?: LlmStats }>;
 }
 
 /** Whether `pipeline` is a shipped (hand-wired) pipeline with shadowable steps. */
@@ -161,7 +164,7 @@ export async function resolveShadowTarget(
 ): Promise<ShadowTarget> {
   if (isShipped(spec.pipeline)) {
     const step = shadowStep(spec);
-    const analyzers = await feedbackAnalyzers(
+    const candidate = await step.candidate(
       candidateConfig(config, spec, { fallback: false, budgetUsd: spec.limits.budgetUsd }),
     );
     return {
@@ -169,7 +172,7 @@ export async function resolveShadowTarget(
       filterSubject: step.filterSubject,
       output: step.output,
       fields: step.fields,
-      stage: step.stage(analyzers),
+      stage: candidate.stage,
       // The model production's configuration gives, when the candidate names none.
       candidate: candidateName({
         ...spec.candidate,
@@ -177,7 +180,7 @@ export async function resolveShadowTarget(
           ? { model: config.llmModel }
           : {}),
       }),
-      ...(analyzers.llmStats ? { llm: analyzers.llmStats } : {}),
+      ...(candidate.llmStats ? { llm: candidate.llmStats } : {}),
     };
   }
   const pipelines = ctx.pipelines ?? [];
