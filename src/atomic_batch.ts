@@ -3,8 +3,9 @@
  *
  * nats-server 2.12 added atomic batch publish (ADR-50), for streams created with
  * `allow_atomic: true`; nats.js implements the client side (`js.startBatch()`). Weft
- * turns it on for the FEEDBACK stream where the server has it (src/topology.ts), so
- * `POST /feedback/batch` is all or nothing on the bus, not only in its HTTP answer. On an
+ * turns it on for each stream whose wiring asks (`atomicBatch`) where the server has it
+ * (src/topology.ts), so a batch submission is all or nothing on the bus, not only in its HTTP
+ * answer. On an
  * older server the intake publishes each item on its own, as before.
  *
  * Weft's entry events carry `Nats-Msg-Id` and "expected last subject sequence 0". 2.12.0

@@ -94,7 +94,7 @@ export interface CapacityGuard {
  * @example
  * ```ts ignore
  * const guard = createCapacityGuard(jsm, { highWater: 0.9, log });
- * await guard.check("FEEDBACK"); // CapacityError (507) when 90% full
+ * await guard.check("ORDERS"); // CapacityError (507) when 90% full
  * ```
  */
 export function createCapacityGuard(

@@ -309,8 +309,7 @@ export function siteConf(
 
 /**
  * How a site's events reach the hub right now, and how many items of each shipped pipeline
- * the hub has seen start there (under its wiring's `statusField`: `items` for feedback,
- * `content_items` for content moderation).
+ * the hub has seen start there (under its wiring's `statusField`).
  */
 export interface SiteStatus {
   site: string;

@@ -26,7 +26,7 @@ import { nkeys } from "@nats-io/nats-core";
 
 /** What a service does on the bus; its NATS permissions follow from it. */
 export interface Access {
-  /** Subjects it publishes on (JetStream publishes included), e.g. `feedback.processed.*`. */
+  /** Subjects it publishes on (JetStream publishes included), e.g. `orders.priced.*`. */
   publishes?: readonly string[];
   /** Request subjects it sends requests to (core NATS, e.g. `weft.metrics`). */
   requests?: readonly string[];
@@ -121,11 +121,11 @@ const objStream = (bucket: string) => `OBJ_${bucket}`;
  * @example
  * ```ts
  * import { permissionsFor } from "./identities.ts";
- * const p = permissionsFor("topics", {
- *   consumes: [{ stream: "FEEDBACK", durable: "topics" }],
- *   publishes: ["feedback.topics_extracted.*"],
+ * const p = permissionsFor("price", {
+ *   consumes: [{ stream: "ORDERS", durable: "price" }],
+ *   publishes: ["orders.priced.*"],
  * }, []);
- * console.assert(p.publish.allow.includes("feedback.topics_extracted.*"));
+ * console.assert(p.publish.allow.includes("orders.priced.*"));
  * console.assert(!p.publish.allow.some((s) => s.startsWith("$JS.API.STREAM.DELETE")));
  * ```
  */

@@ -1,7 +1,7 @@
 /**
  * What every item state shares, whatever its pipeline: the earliest event a state records
  * (where a replay of its events starts) and its first and last times, by stream sequence.
- * The pipelines' folds (pipelines/feedback/state.ts, pipelines/moderation/state.ts) build on
+ * Each hand-wired pipeline's fold (`pipelines/<name>/state.ts`) builds on
  * them; folds are pure, idempotent and order-insensitive, ordered by stream sequences only,
  * never by the times producers wrote.
  *
@@ -9,7 +9,7 @@
  */
 
 /**
- * The stream sequence of the earliest event a state records (feedback or content), or
+ * The stream sequence of the earliest event a state records (any pipeline's), or
  * undefined when it records none. An item's events all come after it in its stream, so
  * replaying from there replays them all without reading what came before.
  *

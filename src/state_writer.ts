@@ -104,8 +104,8 @@ export async function readState<S>(
 }
 
 /**
- * Starts the state writer of `spec`: a pipeline's (e.g. FEEDBACK_STATE_SPEC in
- * pipelines/feedback/state.ts), or a definition's (pipelineStateSpec).
+ * Starts the state writer of `spec`: a hand-wired pipeline's (its `pipelines/<name>/state.ts`),
+ * or a definition's (pipelineStateSpec).
  */
 export async function runStateWriter<S>(opts: {
   nc: NatsConnection;

@@ -1,7 +1,7 @@
 /**
  * Promoted step versions: a live shadow's candidate made production. The promotion is a
  * record in the `weft_step_versions` bucket (key `<pipeline>.<step>`, with history, so
- * `nats kv history weft_step_versions feedback.sentiment` lists every promotion) plus an
+ * `nats kv history weft_step_versions <pipeline>.<step>` lists every promotion) plus an
  * audit event on the SHADOW stream. A production step follows its key: at start it runs
  * the promoted version if there is one, and while running it switches when a promotion
  * (or a reset: the key deleted) arrives, from the next message on. A version that cannot

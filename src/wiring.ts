@@ -112,9 +112,9 @@ export interface GatewayPart {
 
 /** A hand-wired pipeline's items: how the runtime names, counts, folds and ends them. */
 export interface WiredItems {
-  /** What one is called in messages, e.g. `feedback item`. */
+  /** What one is called in messages, e.g. `order`. */
   what: string;
-  /** The event type that starts one, e.g. `feedback.ingested`. */
+  /** The event type that starts one, e.g. `orders.placed`. */
   entryType: string;
   /** Event types after which nothing more happens to one. */
   finalTypes: ReadonlySet<string>;

@@ -1,8 +1,8 @@
 /**
  * The HTTP gateway as a Hono app: what every pipeline shares (health, readiness, problems,
  * auth, dead letters, shadows, definitions' routes under /pipelines, metrics, the dashboard,
- * OpenAPI), and each hand-wired pipeline's own routes as an extension (e.g.
- * pipelines/feedback/routes.ts). `Deno.serve` lives only in services/gateway.ts; tests
+ * OpenAPI), and each hand-wired pipeline's own routes as an extension (its
+ * `pipelines/<name>/gateway.ts`). `Deno.serve` lives only in services/gateway.ts; tests
  * drive `app.request()`.
  *
  * @module
@@ -78,8 +78,8 @@ export interface GatewayDeps {
   /** API keys; when enabled, ingest needs an ingest (or admin) key too. */
   auth?: Auth;
   /**
-   * Routes a hand-wired pipeline brings of its own (feedback: /feedback, /events; content
-   * moderation: /content, /reviews, /schedules), each built with what the gateway shares
+   * Routes each hand-wired pipeline brings of its own (its `pipelines/<name>/gateway.ts`),
+   * each built with what the gateway shares
    * and mounted at `/`.
    */
   extensions?: readonly GatewayExtension[];

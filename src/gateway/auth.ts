@@ -6,7 +6,7 @@
  *
  * With no keys configured authentication is off (the gateway logs a warning at start):
  * every caller acts as `anonymous` with every role, which keeps local development and
- * the feedback pipeline's open ingest working.
+ * open ingest working.
  *
  * Written here rather than with `hono/bearer-auth` because the same check must serve NATS
  * requests too, and failures must be problem+json documents like every other error.

@@ -203,7 +203,7 @@ export function openApiDocument(
       }, { parameters: [shadowId] }),
     },
     "/shadows/versions/{step}": {
-      delete: op("Roll a step (`feedback.sentiment`) back to its configured version (admin)", {
+      delete: op("Roll a step (`<pipeline>.<step>`) back to its configured version (admin)", {
         "200": json({ type: "object" }),
       }, {
         parameters: [{ name: "step", in: "path", required: true, schema: { type: "string" } }],

@@ -38,7 +38,7 @@ import type { Auth } from "./auth.ts";
 import type { IngestLimiter } from "./ingest_limits.ts";
 
 /**
- * What guards intake into a definition's stream, as it guards POST /feedback: per-key rate
+ * What guards intake into a definition's stream, as it guards a hand-wired one's: per-key rate
  * limits and quotas (429) and the stream's high-water mark (507).
  */
 export interface IntakeGuards {
@@ -105,7 +105,7 @@ function lazy<T>(make: () => Promise<T>): () => Promise<T> {
 /**
  * Submits `inputs` (already checked) as items `ids` of `p`, after the intake guards: the
  * caller's rate and quota for `inputs.length` items, then the stream's capacity. A stream
- * that refuses a publish for being full answers 507, like POST /feedback.
+ * that refuses a publish for being full answers 507, like every intake.
  */
 async function admit(
   nc: NatsConnection,

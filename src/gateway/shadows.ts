@@ -6,7 +6,7 @@
  * - `POST /shadows {spec}`, `nats req weft.shadow.attach '{spec}'`: attach (201);
  * - `DELETE /shadows/:id`, `nats req weft.shadow.detach ID`: detach;
  * - `POST /shadows/:id/promote`, `nats req weft.shadow.promote ID`: promote;
- * - `DELETE /shadows/versions/:step`, `nats req weft.shadow.reset feedback.sentiment`: roll a
+ * - `DELETE /shadows/versions/:step`, `nats req weft.shadow.reset <pipeline>.<step>`: roll a
  *   step back to its configured version.
  *
  * Over NATS, with API keys configured, a request carries `Authorization: Bearer <key>` of
