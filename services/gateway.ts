@@ -54,6 +54,7 @@ export const service: ServiceDef = defineService(
       auth,
       extensions: parts.map((p) => p.routes),
       openApi: parts.flatMap((p) => p.openApi ? [p.openApi] : []),
+      dashboardPanels: parts.flatMap((p) => p.dashboard ? [p.dashboard] : []),
       metrics,
       pipelines,
       guards,

@@ -22,6 +22,7 @@ import type { Logger } from "./observability/log.ts";
 import type { WeftMetrics } from "./observability/metrics.ts";
 import type { Auth } from "./gateway/auth.ts";
 import type { GatewayExtension } from "./gateway/app.ts";
+import type { DashboardPanel } from "./gateway/dashboard_page.ts";
 import type { CapacityGuard } from "./capacity.ts";
 import type { IngestLimiter } from "./gateway/ingest_limits.ts";
 import type { StateSpec } from "./state_writer.ts";
@@ -106,6 +107,8 @@ export interface GatewayPart {
   routes: GatewayExtension;
   /** Its routes' OpenAPI paths, in the gateway's `GET /openapi.json`. */
   openApi?: Record<string, unknown>;
+  /** Its own panels on the dashboard. */
+  dashboard?: DashboardPanel;
   /** Stops answering its request subjects. */
   stop(): void;
 }

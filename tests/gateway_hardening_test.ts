@@ -111,6 +111,7 @@ Deno.test("query parameters are validated: limit=-5, pending=yes, replay=maybe g
   await expectProblem(await app.request("/deadletters?limit=abc"), 422, "limit");
   await expectProblem(await app.request("/deadletters?pending=yes"), 422, "pending");
   await expectProblem(await app.request("/dashboard/recent?limit=-5"), 422, "limit");
+  await expectProblem(await app.request("/dashboard/recent?pipeline=nope"), 422, "pipeline");
   await expectProblem(await app.request("/events?replay=maybe"), 422, "replay");
   assert.equal((await app.request("/deadletters?pending=true&limit=5")).status, 200);
 });

@@ -128,6 +128,14 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
     };
     const processed = all.events.filter((e) => e.event.type === "feedback.processed");
     assert.deepEqual(processed.map((e) => e.event.item_id).sort(), [...ids].sort());
+    // The first listed pipeline's by default; another's by name (none of its events here).
+    const feedback = await (await fetch(
+      `${mesh.gatewayUrl}/dashboard/recent?pipeline=feedback&limit=500`,
+    )).json() as typeof all;
+    assert.deepEqual(feedback.events, all.events);
+    const content = await (await fetch(`${mesh.gatewayUrl}/dashboard/recent?pipeline=content`))
+      .json() as typeof all;
+    assert.ok(content.events.every((e) => e.event.type.startsWith("content.")));
   });
 
   await t.step("GET /dashboard/stream sends the mesh's per-stage figures as SSE", async () => {

@@ -9,6 +9,7 @@ import type { GatewayPart, GatewayPartContext } from "../../src/wiring.ts";
 import { createIntake } from "./intake.ts";
 import { feedbackRoutes } from "./routes.ts";
 import { serveRequests } from "./requests.ts";
+import { FEEDBACK_PANEL } from "./dashboard.ts";
 
 /** Starts the feedback pipeline's part of the gateway. */
 export async function feedbackGateway(ctx: GatewayPartContext): Promise<GatewayPart> {
@@ -19,5 +20,10 @@ export async function feedbackGateway(ctx: GatewayPartContext): Promise<GatewayP
     onAccepted: (n) => metrics.accepted.inc({ pipeline: "feedback" }, n),
   });
   const requests = serveRequests(nc, intake, log, auth);
-  return { openApi: feedbackPaths(), routes: feedbackRoutes(intake), stop: () => requests.stop() };
+  return {
+    openApi: feedbackPaths(),
+    routes: feedbackRoutes(intake),
+    dashboard: FEEDBACK_PANEL,
+    stop: () => requests.stop(),
+  };
 }

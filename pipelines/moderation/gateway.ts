@@ -5,6 +5,7 @@
  * @module
  */
 import { moderationPaths } from "./openapi.ts";
+import { REVIEW_PANEL } from "./dashboard.ts";
 import type { GatewayPart, GatewayPartContext } from "../../src/wiring.ts";
 import { createModerationApi } from "./api.ts";
 import { moderationRoutes } from "./routes.ts";
@@ -22,5 +23,10 @@ export async function moderationGateway(ctx: GatewayPartContext): Promise<Gatewa
     limiter,
   });
   const requests = serveModerationRequests(nc, api, auth, log);
-  return { openApi: moderationPaths(), routes: moderationRoutes(api), stop: () => requests.stop() };
+  return {
+    openApi: moderationPaths(),
+    routes: moderationRoutes(api),
+    dashboard: REVIEW_PANEL,
+    stop: () => requests.stop(),
+  };
 }

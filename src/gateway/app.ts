@@ -37,6 +37,7 @@ import { pipelineSubjects } from "../pipeline/derive.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { WeftMetrics } from "../observability/metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
+import type { DashboardPanel } from "./dashboard_page.ts";
 import { edgeRoutes } from "./edge_routes.ts";
 import type { ShadowControl } from "../shadow/control.ts";
 import { shadowRoutes } from "./shadows.ts";
@@ -83,6 +84,8 @@ export interface GatewayDeps {
    * and mounted at `/`.
    */
   extensions?: readonly GatewayExtension[];
+  /** The hand-wired pipelines' own dashboard panels (their gateway parts'). */
+  dashboardPanels?: readonly DashboardPanel[];
   /** The gateway's own metrics; `GET /metrics` adds every service's to them. */
   metrics?: WeftMetrics;
   /** SSE slots; one set per gateway by default. */

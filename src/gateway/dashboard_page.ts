@@ -5,13 +5,11 @@
  *
  * It draws each hand-wired pipeline (its wiring's `dashboard` graph, {@link dashboardHtml}) and
  * each definition's with per-stage throughput, handler latency, backlog and errors from
- * `/dashboard/stream`; lists recent items from `/dashboard/recent` and the
- * live `/events` stream (a row opens the item's history from `/feedback/:id/events`);
- * shows dead letters waiting for redrive (`GET /deadletters?pending=true`, redrive with
- * `POST /deadletters/redrive {"ids":[seq]}`) and
- * the review queue (`GET /reviews`; approve or reject = `POST /reviews/:id/claim`, then
- * `POST /reviews/:id/decision`) when the gateway
- * has those routes, and says so when it does not; and the live shadows (candidate step
+ * `/dashboard/stream`; shows dead letters waiting for redrive (`GET /deadletters?pending=true`,
+ * redrive with `POST /deadletters/redrive {"ids":[seq]}`) when the gateway has those routes,
+ * and says so when it does not; the items waiting on a definition's `wait` step; each
+ * hand-wired pipeline's own panels ({@link DashboardPanel}, from its gateway part); and the
+ * live shadows (candidate step
  * versions beside production, src/shadow/live.ts) with their agreement per field and
  * Cohen's kappa, from the same metrics stream. All data is written with textContent.
  *
@@ -21,8 +19,22 @@
 import type { WiredGraph } from "../wiring.ts";
 
 /**
- * The dashboard page drawing `graphs` (each hand-wired pipeline's, by name), written once when
- * the gateway starts.
+ * A hand-wired pipeline's own panel (its gateway part's): sections of HTML placed before the
+ * dead letters, and a script run in the page's, after its helpers (`el`, `fmt`, `api`,
+ * `postJson`, `readSse`, `setOptional`, `reviewerInput`). The script registers its hooks with
+ * `PANELS.push({ start, onKey, tick })`: `start()` once, `onKey()` when the API key changes,
+ * `tick()` every 3 s. Write data with textContent only.
+ */
+export interface DashboardPanel {
+  /** `<section>` elements. */
+  html: string;
+  /** Vanilla JS (no modules). */
+  script: string;
+}
+
+/**
+ * The dashboard page drawing `graphs` (each hand-wired pipeline's, by name) and `panels`,
+ * written once when the gateway starts.
  *
  * @example
  * ```ts
@@ -31,10 +43,15 @@ import type { WiredGraph } from "../wiring.ts";
  * console.assert(html.includes('"title":"Orders"'));
  * ```
  */
-export function dashboardHtml(graphs: readonly (WiredGraph & { name: string })[]): string {
+export function dashboardHtml(
+  graphs: readonly (WiredGraph & { name: string })[],
+  panels: readonly DashboardPanel[] = [],
+): string {
   // JSON inside a script: no "</script>" (or any "<") can end it early.
   const json = JSON.stringify(graphs).replace(/</g, "\\u003c");
-  return DASHBOARD_HTML.replace("/*WIRED_GRAPHS*/[]", () => json);
+  return DASHBOARD_HTML.replace("/*WIRED_GRAPHS*/[]", () => json)
+    .replace("<!--PANELS-->", () => panels.map((p) => p.html).join(""))
+    .replace("/*PANEL_SCRIPTS*/", () => panels.map((p) => p.script).join("\n"));
 }
 
 /** The dashboard page, before the hand-wired pipelines' graphs are filled in. */
@@ -132,25 +149,10 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
     <div id="shadows" class="muted">No live shadow attached (attach one: <code>deno task shadow attach</code>, see docs/SHADOW.md).</div>
   </section>
   <div id="defined" class="wide-group"></div>
-  <section>
-    <h2>Recent items</h2>
-    <form id="submit"><input type="text" id="text" name="text" placeholder="Submit feedback text" required>
-      <button type="submit">Submit</button></form>
-    <input type="text" id="filter" class="filter" placeholder="Filter: item, text, sentiment, topic, team, stage" autocomplete="off">
-    <table id="items-table"><thead><tr><th>Item</th><th>Text</th><th>Sentiment</th><th>Topics</th><th>Team</th><th>Stage</th><th>Updated</th></tr></thead>
-      <tbody id="items"></tbody></table>
-  </section>
-  <section>
-    <h2>Item history <span id="hist-id" class="muted"></span></h2>
-    <div id="history" class="muted">Click an item to see its full event history.</div>
-  </section>
+<!--PANELS-->
   <section>
     <h2>Dead letters</h2>
     <div id="dl" class="muted">Loading…</div>
-  </section>
-  <section>
-    <h2>Review queue</h2>
-    <div id="reviews" class="muted">Loading…</div>
   </section>
 </main>
 <script>
@@ -158,18 +160,11 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 // Each hand-wired pipeline's graph (its wiring's dashboard: title, and its stages as durable
 // consumer names, as the metrics label them, in flow order), filled in when the page is served.
 var PIPELINES = /*WIRED_GRAPHS*/[];
+// Each panel's hooks: start() once, onKey() when the API key changes, tick() every 3 s.
+var PANELS = [];
 var STAGES = [];
 PIPELINES.forEach(function (p) { p.stages.forEach(function (s) { STAGES.push(s[0]); }); });
-var STEP = { "feedback.ingested": "ingested", "feedback.sentiment_analyzed": "sentiment",
-  "feedback.topics_extracted": "topics", "feedback.dispatched": "dispatched",
-  "feedback.processed": "processed", "feedback.failed": "failed" };
-var RANK = { ingested: 1, sentiment: 2, topics: 3, dispatched: 4, processed: 5, failed: 5 };
-var items = new Map();
-var seen = new Set();
 var prev = null;
-var selected = null;
-var historySource = null;
-
 function el(tag, attrs, text) {
   var e = document.createElement(tag);
   if (attrs) for (var k in attrs) e.setAttribute(k, attrs[k]);
@@ -332,115 +327,6 @@ function drawCharts() {
 }
 
 /** An event of this mesh's items, or (site given: a hub) of an edge site's, shown as site/id. */
-function onEvent(seq, ev, site) {
-  if (!ev || typeof ev.item_id !== "string") return;
-  var key = site ? site + "/" + ev.item_id : ev.item_id;
-  if (seen.has(key + " " + ev.id)) return;
-  seen.add(key + " " + ev.id);
-  var it = items.get(key);
-  if (!it) { it = { id: key, item: ev.item_id, site: site || "", text: "", sentiment: "", topics: "", team: "", step: "ingested", time: ev.time, row: null }; items.set(key, it); }
-  var step = STEP[ev.type] || ev.type;
-  var d = ev.data || {};
-  if (typeof d.text === "string" && !it.text) it.text = d.text;
-  if (d.sentiment && d.sentiment.label) it.sentiment = d.sentiment.label;
-  if (d.topics && Array.isArray(d.topics.topics)) it.topics = d.topics.topics.join(", ");
-  if (d.routing && d.routing.team) it.team = d.routing.team;
-  if ((RANK[step] || 0) >= (RANK[it.step] || 0)) it.step = step;
-  if (!it.time || ev.time > it.time) it.time = ev.time;
-  renderItem(it);
-}
-
-function renderItem(it) {
-  var tbody = document.getElementById("items");
-  if (!it.row) {
-    it.row = el("tr", { class: "item", "data-item": it.id });
-    it.row.addEventListener("click", function () { if (it.site) openSiteItem(it); else openHistory(it.id); });
-  }
-  var row = it.row;
-  row.textContent = "";
-  row.appendChild(el("td", null, it.id));
-  row.appendChild(el("td", { title: it.text }, it.text));
-  row.appendChild(el("td", { class: "sentiment" }, it.sentiment));
-  row.appendChild(el("td", { class: "topics", title: it.topics }, it.topics));
-  row.appendChild(el("td", { class: "team", title: it.team }, it.team));
-  var cls = it.step === "processed" ? "st-processed" : it.step === "failed" ? "st-failed" : "st-pending";
-  row.appendChild(el("td", { class: "step " + cls }, it.step));
-  row.appendChild(el("td", null, (it.time || "").slice(11, 23)));
-  applyFilter(row, it);
-  var hint = tbody.querySelector("tr.hint"); if (hint) tbody.removeChild(hint);
-  tbody.insertBefore(row, tbody.firstChild);
-  while (tbody.children.length > 100) {
-    var last = tbody.lastChild; items.delete(last.getAttribute("data-item")); tbody.removeChild(last);
-  }
-}
-
-var filterInput = document.getElementById("filter");
-function applyFilter(row, it) {
-  var f = filterInput.value.trim().toLowerCase();
-  var hay = [it.id, it.text, it.sentiment, it.topics, it.team, it.step].join(" ").toLowerCase();
-  row.style.display = !f || hay.indexOf(f) >= 0 ? "" : "none";
-}
-filterInput.addEventListener("input", function () {
-  items.forEach(function (it) { if (it.row) applyFilter(it.row, it); });
-});
-
-/** One line saying what an event means, instead of its raw JSON. */
-function summary(ev) {
-  var d = ev.data || {};
-  switch (ev.type) {
-    case "feedback.ingested": return "text: " + (d.text || "") + (d.channel ? "  (via " + d.channel + ")" : "");
-    case "feedback.sentiment_analyzed": return d.sentiment ? "sentiment " + d.sentiment.label + (typeof d.sentiment.score === "number" ? " (" + d.sentiment.score.toFixed(2) + ")" : "") : "";
-    case "feedback.topics_extracted": return d.topics ? "topics: " + (d.topics.topics || []).join(", ") : "";
-    case "feedback.dispatched": case "feedback.processed": return d.routing ? "team: " + d.routing.team + (d.routing.reason ? " (" + d.routing.reason + ")" : "") : "";
-    case "feedback.failed": return "failed in " + (d.stage || "?") + ": " + (d.code || "") + " " + (d.reason || "");
-    default: return "";
-  }
-}
-
-function openHistory(id) {
-  selected = id;
-  document.querySelectorAll("tr.sel").forEach(function (r) { r.classList.remove("sel"); });
-  var row = document.querySelector('tr[data-item="' + CSS.escape(id) + '"]');
-  if (row) row.classList.add("sel");
-  document.getElementById("hist-id").textContent = id;
-  var box = document.getElementById("history");
-  box.textContent = "";
-  box.classList.remove("muted");
-  if (historySource) historySource.abort();
-  var ctl = historySource = new AbortController();
-  readSse("/feedback/" + encodeURIComponent(id) + "/events", ctl.signal, function (frame) {
-    if (selected !== id || !STEP[frame.event]) return;
-    var ev; try { ev = JSON.parse(frame.data); } catch (e) { return; }
-    var d = el("div", { class: "ev" });
-    d.appendChild(el("b", null, ev.type));
-    d.appendChild(document.createTextNode("  " + ev.time + "  " + (ev.source || "") + "  seq " + frame.id));
-    var line = summary(ev);
-    if (line) d.appendChild(el("div", { class: "sum" }, line));
-    var raw = el("details"); raw.appendChild(el("summary", null, "raw event"));
-    raw.appendChild(el("pre", null, JSON.stringify(ev.data, null, 1)));
-    d.appendChild(raw);
-    box.appendChild(d);
-  }).then(function (status) {
-    if (status === 401 || status === 403) setOptional(box, "Enter an API key above to see the item's history.");
-  });
-}
-
-/** An edge site's item (on a hub): its state, folded from the events the hub holds. */
-function openSiteItem(it) {
-  selected = it.id;
-  if (historySource) historySource.abort();
-  document.getElementById("hist-id").textContent = it.id;
-  var box = document.getElementById("history");
-  box.textContent = ""; box.classList.remove("muted");
-  api("/sites/" + encodeURIComponent(it.site) + "/feedback/" + encodeURIComponent(it.item)).then(function (r) {
-    return r.ok ? r.json() : null;
-  }).then(function (state) {
-    if (!state || selected !== it.id) return;
-    box.appendChild(el("div", { class: "sum" }, "site " + state.site + ": " + state.status + " (stage " + state.stage + ")"));
-    box.appendChild(el("pre", null, JSON.stringify(state.stages, null, 1)));
-  }).catch(function () {});
-}
-
 /**
  * Reads an SSE stream with fetch, so requests carry the API key (EventSource cannot send
  * headers). Calls onFrame per frame; resolves with the HTTP status once the stream ends.
@@ -473,7 +359,7 @@ function readSse(path, signal, onFrame, headers) {
   }).catch(function () { return 0; });
 }
 
-var metricsCtl = null, eventsCtl = null;
+var metricsCtl = null;
 function connectMetrics() {
   var conn = document.getElementById("conn");
   if (metricsCtl) metricsCtl.abort();
@@ -489,75 +375,6 @@ function connectMetrics() {
   });
 }
 
-// The live event feed; reconnects with Last-Event-ID after a drop.
-var lastSeq = "";
-function connectEvents() {
-  if (eventsCtl) eventsCtl.abort();
-  var ctl = eventsCtl = new AbortController();
-  var headers = lastSeq ? { "last-event-id": lastSeq } : {};
-  if (!lastSeq) loadRecent();
-  readSse("/events", ctl.signal, function (frame) {
-    if (!STEP[frame.event]) return;
-    lastSeq = frame.id;
-    try { onEvent(Number(frame.id), JSON.parse(frame.data)); } catch (e) { /* skip */ }
-  }, headers).then(function (status) {
-    if (ctl.signal.aborted || status === 401 || status === 403) return;
-    setTimeout(connectEvents, 2000);
-  });
-}
-
-function loadRecent() {
-  var tbody = document.getElementById("items");
-  api("/dashboard/recent?limit=300").then(function (r) {
-    if (r.status === 401 || r.status === 403) {
-      if (!tbody.querySelector("tr.hint")) {
-        var tr = el("tr", { class: "hint" }); tr.appendChild(el("td", { colspan: "7", class: "muted" }, "Enter an API key above to see recent items."));
-        tbody.appendChild(tr);
-      }
-      return null;
-    }
-    return r.json();
-  }).then(function (body) {
-    if (body) body.events.forEach(function (e) { onEvent(e.seq, e.event); });
-    // A hub: its edge sites' items too, then each site's events live from where the snapshot
-    // ends (GET /sites/{site}/events, resumed after the snapshot's last event: no gap).
-    if (body && body.site_events) {
-      body.site_events.forEach(function (e) {
-        onEvent(e.seq, e.event, e.site);
-        var st = siteStreams[e.site] = siteStreams[e.site] || { last: "", ctl: null };
-        if (!st.ctl && (!st.last || e.seq > Number(st.last))) st.last = String(e.seq);
-      });
-      connectSites();
-    }
-  }).catch(function () {});
-}
-
-/** A hub's edge sites' live event streams, by site: the last event id seen, the reader. */
-var siteStreams = {};
-function connectSites() {
-  api("/sites").then(function (r) { return r.ok ? r.json() : null; }).then(function (body) {
-    if (!body) return;
-    body.sites.forEach(function (s) {
-      var st = siteStreams[s.site] = siteStreams[s.site] || { last: "", ctl: null };
-      if (!st.ctl) connectSite(s.site);
-    });
-  }).catch(function () {});
-}
-function connectSite(site) {
-  var st = siteStreams[site];
-  if (st.ctl) st.ctl.abort();
-  var ctl = st.ctl = new AbortController();
-  var headers = st.last ? { "last-event-id": st.last } : {};
-  readSse("/sites/" + encodeURIComponent(site) + "/events", ctl.signal, function (frame) {
-    st.last = frame.id;
-    if (!STEP[frame.event]) return;
-    try { onEvent(Number(frame.id), JSON.parse(frame.data), site); } catch (e) { /* skip */ }
-  }, headers).then(function (status) {
-    if (ctl.signal.aborted || status === 401 || status === 403 || status === 404) return;
-    setTimeout(function () { if (st.ctl === ctl) connectSite(site); }, 2000);
-  });
-}
-
 function setOptional(box, text) { box.textContent = text; box.className = "muted"; }
 
 // The API key (kept for this tab only) goes in the Authorization header of API calls.
@@ -566,11 +383,10 @@ var reviewerInput = document.getElementById("reviewer");
 keyInput.value = sessionStorage.getItem("weft.key") || "";
 reviewerInput.value = sessionStorage.getItem("weft.reviewer") || "";
 keyInput.addEventListener("change", function () {
-  sessionStorage.setItem("weft.key", keyInput.value); loadDeadLetters(); loadReviews(); loadPipelines();
+  sessionStorage.setItem("weft.key", keyInput.value); loadDeadLetters(); loadPipelines();
   // The streams reconnect with the new key.
-  connectMetrics(); lastSeq = ""; connectEvents();
-  Object.keys(siteStreams).forEach(function (site) { connectSite(site); });
-  if (selected) openHistory(selected);
+  connectMetrics();
+  PANELS.forEach(function (p) { if (p.onKey) p.onKey(); });
 });
 reviewerInput.addEventListener("change", function () { sessionStorage.setItem("weft.reviewer", reviewerInput.value); });
 function api(path, init) {
@@ -616,61 +432,6 @@ function redrive(seq, button) {
     .then(function (r) { button.textContent = r.ok ? "Redriven" : "Failed (" + r.status + ")"; if (r.ok) loadDeadLetters(); })
     .catch(function () { button.textContent = "Failed"; });
 }
-
-function loadReviews() {
-  var box = document.getElementById("reviews");
-  api("/reviews?status=pending").then(function (r) {
-    if (r.status === 404 || r.status === 405) { setOptional(box, "Not available: the moderation flow is not enabled."); return null; }
-    if (r.status === 401 || r.status === 403) { setOptional(box, "Enter a reviewer API key above to see the queue."); return null; }
-    return r.json();
-  }).then(function (body) {
-    if (!body) return;
-    var list = Array.isArray(body) ? body : (body.items || []);
-    box.textContent = ""; box.className = "";
-    if (list.length === 0) { setOptional(box, "Nothing waits for review."); return; }
-    var t = el("table"); var tb = el("tbody");
-    list.slice(0, 50).forEach(function (rv) {
-      var id = rv.id;
-      var text = (rv.content && rv.content.text) || "(binary upload)";
-      var reasons = (rv.moderation && rv.moderation.reasons || []).join("; ");
-      var tr = el("tr", { "data-review": id });
-      tr.append(el("td", null, id), el("td", { title: text }, text), el("td", null, reasons), el("td"));
-      ["approve", "reject"].forEach(function (verb) {
-        var b = el("button", { class: verb === "reject" ? "danger" : "" }, verb);
-        b.addEventListener("click", function () { decide(id, verb, b); });
-        tr.lastChild.appendChild(b);
-      });
-      tb.appendChild(tr);
-    });
-    t.appendChild(tb); box.appendChild(t);
-  }).catch(function () { setOptional(box, "Could not load the review queue."); });
-}
-
-/** Claims the item (so no other reviewer decides it too), then decides. */
-function decide(id, verb, button) {
-  button.disabled = true;
-  var who = reviewerInput.value.trim();
-  var base = who ? { reviewer: who } : {};
-  postJson("/reviews/" + encodeURIComponent(id) + "/claim", base).then(function (r) {
-    if (!r.ok) throw r;
-    return postJson("/reviews/" + encodeURIComponent(id) + "/decision",
-      Object.assign({ decision: verb, reason: verb + "d on the dashboard" }, base));
-  }).then(function (r) {
-    if (!r.ok) throw r;
-    button.textContent = verb === "approve" ? "approved" : "rejected";
-    loadReviews();
-  }).catch(function (r) {
-    button.textContent = "failed" + (r && r.status ? " (" + r.status + ")" : "");
-  });
-}
-
-document.getElementById("submit").addEventListener("submit", function (e) {
-  e.preventDefault();
-  var input = document.getElementById("text");
-  postJson("/feedback", { text: input.value, channel: "dashboard" })
-    .then(function (r) { return r.json(); })
-    .then(function (body) { if (body.id) { input.value = ""; document.body.setAttribute("data-last-submitted", body.id); } });
-});
 
 // Pipelines run from definitions (GET /pipelines): one graph each, drawn from the definition.
 // Work steps (task, llm, router) get live figures; joins, waits, delays and ends are drawn as
@@ -817,13 +578,18 @@ function decisionForm(cell, schema) {
   return function () { var o = {}; readers.forEach(function (f) { f(o); }); return o; };
 }
 
+// The hand-wired pipelines' own panels (their gateway parts' dashboard panels).
+/*PANEL_SCRIPTS*/
+
 buildGraph();
 loadPipelines();
 connectMetrics();
-connectEvents();
 loadDeadLetters();
-loadReviews();
-setInterval(function () { loadDeadLetters(); loadReviews(); loadWaiting(); }, 3000);
+PANELS.forEach(function (p) { if (p.start) p.start(); });
+setInterval(function () {
+  loadDeadLetters(); loadWaiting();
+  PANELS.forEach(function (p) { if (p.tick) p.tick(); });
+}, 3000);
 </script>
 </body>
 </html>

@@ -37,3 +37,20 @@ Deno.test("every stage a wiring draws is one of its services' durable consumers"
     }
   }
 });
+
+Deno.test("a pipeline's own panels go in the page: their sections, and their scripts before it starts", () => {
+  const panel = {
+    html: '<section><h2>Orders</h2><div id="orders"></div></section>',
+    script: 'PANELS.push({ start: function () { el("p", null, "orders"); } });',
+  };
+  const html = dashboardHtml([], [panel]);
+  assert.ok(
+    html.indexOf(panel.html) > 0 && html.indexOf(panel.html) < html.indexOf("Dead letters"),
+  );
+  const at = html.indexOf(panel.script);
+  assert.ok(at > html.indexOf("var PANELS = [];"), "after the hooks are declared");
+  assert.ok(at < html.indexOf("buildGraph();\n"), "before the page starts");
+  // Without panels, no pipeline's: the page itself names none.
+  const bare = dashboardHtml([]);
+  assert.ok(!/feedback|\/reviews/i.test(bare), "the page's own code names no pipeline");
+});

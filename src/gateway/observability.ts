@@ -2,7 +2,8 @@
  * The gateway's observability routes: `GET /metrics` (the whole mesh in Prometheus text
  * format), the live dashboard at `GET /dashboard`, its metrics stream
  * `GET /dashboard/stream` (SSE, one `metrics` frame a second) and
- * `GET /dashboard/recent` (the latest events, to fill the recent-items list).
+ * `GET /dashboard/recent?pipeline=NAME` (a hand-wired pipeline's latest events, for its
+ * recent-items panel).
  *
  * @module
  */
@@ -12,12 +13,11 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import client from "prom-client";
 import type { Config } from "../config.ts";
-import { ErrorCode, WeftError } from "../errors.ts";
+import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import type { Logger } from "../observability/log.ts";
 import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../observability/metrics.ts";
-import { FEEDBACK_STREAM } from "../../pipelines/feedback/subjects.ts";
 import { recentSiteEvents } from "../edge.ts";
-import { dashboardHtml } from "./dashboard_page.ts";
+import { dashboardHtml, type DashboardPanel } from "./dashboard_page.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { meshMetrics, type MeshSnapshot, meshSnapshot, MetricsCache } from "./mesh_metrics.ts";
 import type { SseClients } from "./sse.ts";
@@ -76,6 +76,8 @@ export interface ObservabilityDeps {
   pipelineStreams?: readonly string[];
   /** Open SSE clients, counted against the maximum. */
   clients: SseClients;
+  /** The hand-wired pipelines' own dashboard panels. */
+  dashboardPanels?: readonly DashboardPanel[];
 }
 
 /** Mounts /metrics and the dashboard routes. */
@@ -103,6 +105,7 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
 
   const page = dashboardHtml(
     SHIPPED_PIPELINES.flatMap((w) => w.dashboard ? [{ name: w.name, ...w.dashboard }] : []),
+    deps.dashboardPanels,
   );
   app.get("/dashboard", (c) => c.html(page));
   // Browsers ask for it on every page: an empty answer, not a 404 in their console.
@@ -134,9 +137,10 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
 
   app.get("/dashboard/recent", async (c) => {
     const limit = intQuery(c.req.query("limit"), "limit", 1, RECENT_EVENTS_MAX) ?? 200;
+    const pipeline = recentPipeline(c.req.query("pipeline"));
     const sites = deps.config.hub;
     return c.json({
-      events: await recentEvents(jetStream.js, jetStream.jsm, limit),
+      events: await recentEvents(jetStream.js, jetStream.jsm, limit, pipeline),
       // A hub's edge sites: their latest events too, each with its site.
       ...(sites.length > 0
         ? {
@@ -145,7 +149,7 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
             jetStream.jsm,
             sites,
             limit,
-            "feedback",
+            pipeline.name,
           ),
         }
         : {}),
@@ -153,17 +157,40 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   });
 }
 
-/** The latest `limit` feedback events (oldest first) with their stream sequences. */
+/**
+ * The hand-wired pipeline `GET /dashboard/recent?pipeline=` names (by default the first one
+ * listed with items): its name and the stream its events are in. A 422 naming `pipeline` for
+ * any other name.
+ */
+function recentPipeline(name: string | undefined): { name: string; stream: string } {
+  const wired = SHIPPED_PIPELINES.filter((w) => w.items && w.streams.length > 0);
+  const w = name === undefined ? wired[0] : wired.find((w) => w.name === name);
+  if (!w) {
+    throw new ValidationError(
+      `pipeline must be one of ${wired.map((w) => w.name).join(", ")} (got ${
+        JSON.stringify(name).slice(0, 100)
+      })`,
+      { field: "pipeline" },
+    );
+  }
+  return { name: w.name, stream: w.streams[0]!.name };
+}
+
+/**
+ * The latest `limit` events of `pipeline` (oldest first: `<name>.<type>.<item>` in its
+ * stream) with their stream sequences.
+ */
 export async function recentEvents(
   js: JetStreamClient,
   jsm: JetStreamManager,
   limit: number,
+  pipeline: { name: string; stream: string },
 ): Promise<{ seq: number; event: unknown }[]> {
-  const state = (await jsm.streams.info(FEEDBACK_STREAM)).state;
+  const state = (await jsm.streams.info(pipeline.stream)).state;
   if (state.messages === 0) return [];
   const start = Math.max(state.first_seq, state.last_seq - limit * 2 + 1);
-  const consumer = await js.consumers.get(FEEDBACK_STREAM, {
-    filter_subjects: "feedback.*.*",
+  const consumer = await js.consumers.get(pipeline.stream, {
+    filter_subjects: `${pipeline.name}.*.*`,
     deliver_policy: DeliverPolicy.StartSequence,
     opt_start_seq: start,
   });
