@@ -30,12 +30,12 @@ import {
   ValidationError,
   WeftError,
 } from "./errors.ts";
-import { createEvent, deterministicId, sha256Hex } from "./events.ts";
+import { deterministicId, sha256Hex } from "./events.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
 import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
-import { isEntryEvent, validateDocument, validateEvent } from "./schemas.ts";
+import { type EventEnvelope, isEntryEvent, validateDocument, validateEvent } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
 import { deadLetterSubject, eventSubject, ITEM_ID, parseEventSubject } from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
@@ -109,6 +109,25 @@ const utf8 = new TextDecoder("utf-8", { fatal: true });
 const encoder = new TextEncoder();
 /** Originals larger than this are kept only in the dead letter, not on the failed event. */
 const MAX_ORIGINAL_ON_EVENT = 256 * 1024;
+
+/**
+ * The data of the event an item fails with when a stage gives up on it (`<pipeline>.failed`):
+ * one shape in every pipeline (each one's `schemas/<pipeline>.failed.v1.json`).
+ */
+export interface ItemFailedData {
+  /** The stage that gave up on the item. */
+  stage: string;
+  /** Stable error code, e.g. invalid_event, handler_failed. */
+  code: string;
+  /** Why the stage gave up. */
+  reason: string;
+  /** Deliveries made before the stage gave up. */
+  attempts: number;
+  /** Where the original message is kept in the DEADLETTER stream. */
+  dead_letter_subject: string;
+  /** The message the stage gave up on, when small and shallow enough. */
+  original?: Record<string, unknown>;
+}
 
 /** Deepest nesting of arrays and objects a message may have; deeper is poison. */
 export const MAX_DEPTH = 64;
@@ -431,29 +450,31 @@ export async function deadLetter(
   });
   if (itemId && ctx.failedType && (opts.failItem ?? true)) {
     // Every pipeline fails an item on its own `<name>.failed`, all of one shape.
-    const failedType = ctx.failedType as "feedback.failed";
-    const failed = createEvent({
-      type: failedType,
+    const failedType = ctx.failedType;
+    const data: ItemFailedData = {
+      stage: ctx.stage,
+      code,
+      reason,
+      attempts: m.info.deliveryCount,
+      dead_letter_subject: dlSubject,
+      // The original rides along only when small and shallow: serializing a deeply
+      // nested poison message again could overflow the stack (the letter keeps it all).
+      ...(raw !== null && typeof raw === "object" && !Array.isArray(raw) &&
+          m.data.length <= MAX_ORIGINAL_ON_EVENT && depthWithin(raw, MAX_DEPTH)
+        ? { original: raw as Record<string, unknown> }
+        : {}),
+    };
+    const failed: EventEnvelope & { data: ItemFailedData } = {
       id: deterministicId(itemId, failedType, String(m.seq)),
-      itemId,
-      traceId: traceIdOf(raw, trace) ?? childContext().traceId,
+      type: failedType,
+      version: 1,
+      item_id: itemId,
+      trace_id: traceIdOf(raw, trace) ?? childContext().traceId,
+      time: ctx.now().toISOString(),
       source: ctx.source,
-      time: ctx.now(),
-      data: {
-        stage: ctx.stage,
-        code,
-        reason,
-        attempts: m.info.deliveryCount,
-        dead_letter_subject: dlSubject,
-        // The original rides along only when small and shallow: serializing a deeply
-        // nested poison message again could overflow the stack (the letter keeps it all).
-        ...(raw !== null && typeof raw === "object" && !Array.isArray(raw) &&
-            m.data.length <= MAX_ORIGINAL_ON_EVENT && depthWithin(raw, MAX_DEPTH)
-          ? { original: raw as Record<string, unknown> }
-          : {}),
-      },
-    });
-    await publishEvent(ctx.js, failed, trace);
+      data,
+    };
+    await publishEvent(ctx.js, failed as unknown as OutputEvent, trace);
   }
   m.term();
   ctx.log.warn("dead-lettered", {
