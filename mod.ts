@@ -55,12 +55,31 @@ export {
 // Events and schemas
 export { createEvent, deterministicId } from "./src/events.ts";
 export type { NewEvent } from "./src/events.ts";
-export { validateDocument, validateEvent } from "./src/schemas.ts";
-export type { AnyEvent, DocumentMap, EventMap } from "./src/schemas.ts";
+export {
+  isEntryEvent,
+  registeredSchemas,
+  registerEvents,
+  validateDocument,
+  validateEvent,
+} from "./src/schemas.ts";
+export type {
+  AnyEvent,
+  DocumentMap,
+  EventCatalog,
+  EventEnvelope,
+  EventMap,
+} from "./src/schemas.ts";
 export type * from "./src/events.gen.ts";
 export type * from "./pipelines/feedback/events.gen.ts";
 export type * from "./pipelines/moderation/events.gen.ts";
 export * from "./src/subjects.ts";
+// The shipped pipelines' subjects and event types (each in its own folder).
+export * from "./pipelines/feedback/subjects.ts";
+export * from "./pipelines/moderation/subjects.ts";
+export { FeedbackEventType, FINAL_EVENT_TYPES } from "./pipelines/feedback/events.ts";
+export type { FeedbackEvent } from "./pipelines/feedback/events.ts";
+export { CONTENT_FINAL_EVENT_TYPES, ContentEventType } from "./pipelines/moderation/events.ts";
+export type { ContentEvent } from "./pipelines/moderation/events.ts";
 
 // State
 export { applyEvent, FEEDBACK_STATE_SPEC, foldEvents } from "./pipelines/feedback/state.ts";
