@@ -76,10 +76,6 @@ export * from "./src/subjects.ts";
 // The shipped pipelines' subjects and event types (each in its own folder).
 export * from "./pipelines/feedback/subjects.ts";
 export * from "./pipelines/moderation/subjects.ts";
-export { FeedbackEventType, FINAL_EVENT_TYPES } from "./pipelines/feedback/events.ts";
-export type { FeedbackEvent } from "./pipelines/feedback/events.ts";
-export { CONTENT_FINAL_EVENT_TYPES, ContentEventType } from "./pipelines/moderation/events.ts";
-export type { ContentEvent } from "./pipelines/moderation/events.ts";
 
 // State
 export { applyEvent, FEEDBACK_STATE_SPEC, foldEvents } from "./pipelines/feedback/state.ts";

@@ -42,7 +42,7 @@ import type {
   FeedbackTopicsExtracted,
   Ruleset,
 } from "./events.gen.ts";
-import { SUBMIT_SUBJECT } from "./subjects.ts";
+import { FeedbackEventType, FINAL_EVENT_TYPES, SUBMIT_SUBJECT } from "./subjects.ts";
 
 declare module "../../src/schemas.ts" {
   interface EventMap {
@@ -75,26 +75,12 @@ declare module "../../src/schemas.ts" {
   }
 }
 
-/** The event types of the feedback pipeline, in pipeline order. */
-export const FeedbackEventType = {
-  Ingested: "feedback.ingested",
-  SentimentAnalyzed: "feedback.sentiment_analyzed",
-  TopicsExtracted: "feedback.topics_extracted",
-  Dispatched: "feedback.dispatched",
-  Processed: "feedback.processed",
-  Failed: "feedback.failed",
-} as const;
-/** One of {@link FeedbackEventType}. */
-export type FeedbackEventType = typeof FeedbackEventType[keyof typeof FeedbackEventType];
+// Every module that handles this pipeline's events imports their types from here (so the
+// schemas are registered wherever they are validated).
+export { FeedbackEventType, FINAL_EVENT_TYPES };
 
 /** Any event of the feedback pipeline. */
 export type FeedbackEvent = EventMap[FeedbackEventType];
-
-/** Event types after which nothing more happens to an item. */
-export const FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
-  FeedbackEventType.Processed,
-  FeedbackEventType.Failed,
-]);
 
 /**
  * Event types an item has at most once: the state fold keeps the first stored and ignores

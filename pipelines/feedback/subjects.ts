@@ -1,5 +1,5 @@
 /**
- * Where the feedback pipeline lives on the bus: its stream, state bucket and subjects.
+ * Where the feedback pipeline lives on the bus: its stream, state bucket, subjects and event types.
  * Its events are published on `feedback.<type>.<item_id>`, so `nats sub 'feedback.>'` shows
  * them all, `feedback.*.<id>` selects one item's history, and `feedback.<type>.*` one type
  * across items.
@@ -28,3 +28,21 @@ export function itemEventsFilter(itemId: string): string {
 export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
 /** The id of the recurring schedule that requests the feedback digest. */
 export const DIGEST_SCHEDULE_ID = "feedback-digest";
+
+/** The event types of the feedback pipeline, in pipeline order. */
+export const FeedbackEventType = {
+  Ingested: "feedback.ingested",
+  SentimentAnalyzed: "feedback.sentiment_analyzed",
+  TopicsExtracted: "feedback.topics_extracted",
+  Dispatched: "feedback.dispatched",
+  Processed: "feedback.processed",
+  Failed: "feedback.failed",
+} as const;
+/** One of {@link FeedbackEventType}. */
+export type FeedbackEventType = typeof FeedbackEventType[keyof typeof FeedbackEventType];
+
+/** Event types after which nothing more happens to an item. */
+export const FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
+  FeedbackEventType.Processed,
+  FeedbackEventType.Failed,
+]);

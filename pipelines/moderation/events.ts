@@ -9,6 +9,7 @@
  */
 import { registerEvents } from "../../src/schemas.ts";
 import type { EventMap } from "../../src/schemas.ts";
+import { CONTENT_FINAL_EVENT_TYPES, ContentEventType } from "./subjects.ts";
 import defs from "../../schemas/defs.v1.json" with { type: "json" };
 import contentSubmit from "../../schemas/content.submit.v1.json" with { type: "json" };
 import contentUploaded from "../../schemas/content.uploaded.v1.json" with { type: "json" };
@@ -76,31 +77,12 @@ declare module "../../src/schemas.ts" {
   }
 }
 
-/** The event types of the content moderation pipeline. */
-export const ContentEventType = {
-  Uploaded: "content.uploaded",
-  Moderated: "content.moderated",
-  ReviewRequested: "content.review_requested",
-  ReviewClaimed: "content.review_claimed",
-  SlaExpired: "content.sla_expired",
-  Escalated: "content.escalated",
-  Decided: "content.decided",
-  Published: "content.published",
-  Archived: "content.archived",
-  Failed: "content.failed",
-} as const;
-/** One of {@link ContentEventType}. */
-export type ContentEventType = typeof ContentEventType[keyof typeof ContentEventType];
+// Every module that handles this pipeline's events imports their types from here (so the
+// schemas are registered wherever they are validated).
+export { CONTENT_FINAL_EVENT_TYPES, ContentEventType };
 
 /** Any event of the content moderation pipeline. */
 export type ContentEvent = EventMap[ContentEventType];
-
-/** Content event types after which nothing more happens to an item. */
-export const CONTENT_FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
-  ContentEventType.Published,
-  ContentEventType.Archived,
-  ContentEventType.Failed,
-]);
 
 /**
  * Event types an item has at most once: the state fold keeps the first stored and ignores

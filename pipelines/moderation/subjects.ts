@@ -1,6 +1,7 @@
 /**
- * Where the content moderation pipeline lives on the bus: its stream, buckets and request
- * subjects. Its events are published on `content.<type>.<item_id>` (`nats sub 'content.>'`).
+ * Where the content moderation pipeline lives on the bus: its stream, buckets, event types and
+ * request subjects. Its events are published on `content.<type>.<item_id>`
+ * (`nats sub 'content.>'`).
  *
  * @module
  */
@@ -29,3 +30,26 @@ export const REVIEWS_DECIDE_REQUEST_SUBJECT = "weft.reviews.decide";
 export function contentEventsFilter(itemId: string): string {
   return `content.*.${itemId}`;
 }
+
+/** The event types of the content moderation pipeline. */
+export const ContentEventType = {
+  Uploaded: "content.uploaded",
+  Moderated: "content.moderated",
+  ReviewRequested: "content.review_requested",
+  ReviewClaimed: "content.review_claimed",
+  SlaExpired: "content.sla_expired",
+  Escalated: "content.escalated",
+  Decided: "content.decided",
+  Published: "content.published",
+  Archived: "content.archived",
+  Failed: "content.failed",
+} as const;
+/** One of {@link ContentEventType}. */
+export type ContentEventType = typeof ContentEventType[keyof typeof ContentEventType];
+
+/** Content event types after which nothing more happens to an item. */
+export const CONTENT_FINAL_EVENT_TYPES: ReadonlySet<string> = new Set([
+  ContentEventType.Published,
+  ContentEventType.Archived,
+  ContentEventType.Failed,
+]);
