@@ -132,8 +132,8 @@ export type { Problem } from "./src/errors.ts";
 export {
   AnalyzerKind,
   describeConfig,
-  ENV_NAMES,
   ENV_PERMISSION,
+  envNames,
   loadConfig,
 } from "./src/config.ts";
 export type { ApiKey, Config, ConfigSource, LogLevel, LogLevelName, Role } from "./src/config.ts";

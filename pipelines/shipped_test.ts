@@ -77,3 +77,24 @@ Deno.test("the support agent sketch is valid only with its hand-back loop bounde
     (err) => err instanceof PipelineDefinitionError && err.problem === "unbounded_cycle",
   );
 });
+
+Deno.test("the shipped pipelines' own settings are read, defaulted and validated with the runtime's", async () => {
+  await import("./shipped_settings.ts");
+  const { loadConfig, envNames, describeConfig } = await import("../src/config.ts");
+  const env = (vars: Record<string, string>) => (name: string) => vars[name];
+  const defaults = loadConfig({ env: env({}), args: [] });
+  assert.equal(defaults.reviewSlaMs, 3_600_000);
+  assert.equal(defaults.digestCron, "0 * * * *");
+  assert.equal(
+    loadConfig({ env: env({ WEFT_REVIEW_SLA_MS: "12000" }), args: [] }).reviewSlaMs,
+    12_000,
+  );
+  assert.throws(
+    () => loadConfig({ env: env({ WEFT_REVIEW_SLA_MS: "soon" }), args: [] }),
+    /WEFT_REVIEW_SLA_MS: invalid value "soon"/,
+  );
+  assert.ok(
+    envNames().includes("WEFT_CONTENT_MAX_BYTES") && envNames().includes("WEFT_DIGEST_CRON"),
+  );
+  assert.equal(describeConfig(defaults).slaDefaultAction, "reject");
+});

@@ -52,9 +52,9 @@ export interface Config {
   llmPriceInPer1k: number;
   /** Price per 1,000 output tokens, USD. `WEFT_LLM_PRICE_OUT_PER_1K`. */
   llmPriceOutPer1k: number;
-  /** Largest accepted body of POST /feedback, bytes. `WEFT_BODY_LIMIT`. */
+  /** Largest accepted body of a submission, bytes. `WEFT_BODY_LIMIT`. */
   bodyLimit: number;
-  /** Largest accepted body of POST /feedback/batch, bytes. `WEFT_BATCH_BODY_LIMIT`. */
+  /** Largest accepted body of a batch submission, bytes. `WEFT_BATCH_BODY_LIMIT`. */
   batchBodyLimit: number;
   /** Attempts a stage makes at one message before dead-lettering it. `WEFT_MAX_ATTEMPTS`. */
   maxAttempts: number;
@@ -66,9 +66,9 @@ export interface Config {
   retryBaseMs: number;
   /** Longest retry delay, ms. `WEFT_RETRY_MAX_MS`. */
   retryMaxMs: number;
-  /** How long events are kept in the FEEDBACK stream, ms. `WEFT_RETENTION_MS`. */
+  /** How long events are kept in each pipeline's event stream, ms. `WEFT_RETENTION_MS`. */
   retentionMs: number;
-  /** Most bytes the FEEDBACK stream keeps. `WEFT_STREAM_MAX_BYTES`. */
+  /** Most bytes each pipeline's event stream keeps. `WEFT_STREAM_MAX_BYTES`. */
   streamMaxBytes: number;
   /** De-duplication window for message ids, ms. `WEFT_DUPLICATE_WINDOW_MS`. */
   duplicateWindowMs: number;
@@ -145,7 +145,7 @@ export interface Config {
    * Supervisor: run as an edge site that sends its events to a hub: the hub's leafnode URL(s),
    * comma-separated (`nats-leaf://hub.example:7422`). The site's nats-server gets its own
    * JetStream domain (the site's name) and a leafnode connection to the hub, which sources
-   * the site's FEEDBACK stream across it. Needs `site` and `leafNkey`. `WEFT_LEAF`, `--leaf`.
+   * the site's event streams across it. Needs `site` and `leafNkey`. `WEFT_LEAF`, `--leaf`.
    */
   leaf: string;
   /** The edge site's name (its JetStream domain, and `site.<name>.` on the hub). `WEFT_SITE`, `--site`. */
@@ -158,7 +158,7 @@ export interface Config {
   /**
    * Supervisor: run as the hub of these edge sites (comma-separated names): a leafnode
    * listener, JetStream domain `hub`, and per site a stream `EDGE_<NAME>` sourcing the
-   * site's FEEDBACK onto `site.<name>.feedback.>`. `WEFT_HUB`, `--hub`.
+   * site's event streams onto `site.<name>.<pipeline>.>`. `WEFT_HUB`, `--hub`.
    */
   hub: readonly string[];
   /** Supervisor: the hub's leafnode port. `WEFT_LEAF_PORT`. */
@@ -213,20 +213,6 @@ export interface Config {
    * Empty: authentication is off (logged as a warning). `WEFT_API_KEYS`.
    */
   apiKeys: ApiKey[];
-  /** Largest accepted binary upload to POST /content, bytes. `WEFT_CONTENT_MAX_BYTES`. */
-  contentMaxBytes: number;
-  /** A flagged item not decided within this time is escalated, ms. `WEFT_REVIEW_SLA_MS`. */
-  reviewSlaMs: number;
-  /** An escalated item not decided within this time gets the default action, ms. `WEFT_ESCALATION_SLA_MS`. */
-  escalationSlaMs: number;
-  /** What happens to an item still undecided after escalation. `WEFT_SLA_DEFAULT_ACTION`. */
-  slaDefaultAction: "approve" | "reject";
-  /** A reviewer's claim lapses after this long, so another may take the item, ms. `WEFT_CLAIM_TTL_MS`. */
-  claimTtlMs: number;
-  /** Cron expression (UTC) of the feedback digest; `off` disables it. `WEFT_DIGEST_CRON`. */
-  digestCron: string;
-  /** How far back a feedback digest counts, ms. `WEFT_DIGEST_WINDOW_MS`. */
-  digestWindowMs: number;
   /** Testing/chaos aid: stages fail on text containing this (case-insensitive); "" = off. `WEFT_FAIL_ON`. */
   failOn: string;
   /** Testing/chaos aid: the stages (comma-separated, "" or "*" = all) `failOn` applies to. `WEFT_FAIL_STAGE`. */
@@ -298,12 +284,22 @@ export function parseApiKeys(raw: string): ApiKey[] | undefined {
   return keys;
 }
 
-interface Setting<K extends keyof Config> {
+/**
+ * One setting: where it goes in {@link Config}, the environment variable and optional flag it
+ * is read from, its default, and how a raw value is parsed (undefined: invalid).
+ */
+export interface Setting<K extends keyof Config = keyof Config> {
+  /** Its key in {@link Config}. */
   key: K;
+  /** The environment variable, `WEFT_*`. */
   env: string;
+  /** The command-line flag, without `--`. */
   flag?: string;
+  /** The value when neither is given. */
   default: Config[K];
+  /** The value of a raw string; undefined when it is invalid. */
   parse: (raw: string) => Config[K] | undefined;
+  /** Masked when the configuration is printed. */
   secret?: boolean;
 }
 
@@ -510,23 +506,6 @@ const SETTINGS: Setting<any>[] = [
   { key: "natsCert", env: "WEFT_NATS_CERT", default: "", parse: str },
   { key: "natsKey", env: "WEFT_NATS_KEY", default: "", parse: str },
   { key: "apiKeys", env: "WEFT_API_KEYS", default: [], parse: parseApiKeys, secret: true },
-  {
-    key: "contentMaxBytes",
-    env: "WEFT_CONTENT_MAX_BYTES",
-    default: 8 * 1024 * 1024,
-    parse: int(1024),
-  },
-  { key: "reviewSlaMs", env: "WEFT_REVIEW_SLA_MS", default: 3600_000, parse: int(100) },
-  { key: "escalationSlaMs", env: "WEFT_ESCALATION_SLA_MS", default: 4 * 3600_000, parse: int(100) },
-  {
-    key: "slaDefaultAction",
-    env: "WEFT_SLA_DEFAULT_ACTION",
-    default: "reject",
-    parse: (raw: string) => (raw === "approve" || raw === "reject" ? raw : undefined),
-  },
-  { key: "claimTtlMs", env: "WEFT_CLAIM_TTL_MS", default: 15 * 60_000, parse: int(1000) },
-  { key: "digestCron", env: "WEFT_DIGEST_CRON", default: "0 * * * *", parse: str },
-  { key: "digestWindowMs", env: "WEFT_DIGEST_WINDOW_MS", default: 3600_000, parse: int(1000) },
   { key: "failOn", env: "WEFT_FAIL_ON", default: "", parse: str },
   { key: "failStage", env: "WEFT_FAIL_STAGE", default: "", parse: str },
   { key: "slowMs", env: "WEFT_SLOW_MS", default: 0, parse: int(0, 3_600_000) },
@@ -548,15 +527,49 @@ const SETTINGS: Setting<any>[] = [
   },
 ];
 
-/** The environment variable names Weft reads: what `--allow-env` needs. */
-export const ENV_NAMES: readonly string[] = SETTINGS.map((s) => s.env);
+/** Parsers for settings a pipeline declares ({@link registerSettings}). */
+export const settingParsers: {
+  /** An integer from `min` to `max`. */
+  int: (min: number, max?: number) => (raw: string) => number | undefined;
+  /** A non-empty string, trimmed. */
+  str: (raw: string) => string | undefined;
+} = { int, str };
 
 /**
- * The narrowest `--allow-env` value covering {@link ENV_NAMES}: the names outside the
- * `WEFT_` prefix, and `WEFT_*` (Deno 2 accepts a trailing wildcard).
+ * Adds a pipeline's own settings to the configuration (its settings module registers them when
+ * it loads, and adds their keys to {@link Config} by declaration merging). Each is read,
+ * defaulted, validated and printed like the runtime's; a pipeline's env names must start with
+ * `WEFT_` (what services may read, {@link ENV_PERMISSION}). Registering a key twice keeps the
+ * first.
+ *
+ * @example
+ * ```ts ignore
+ * registerSettings([
+ *   { key: "orderTimeoutMs", env: "WEFT_ORDER_TIMEOUT_MS", default: 60_000, parse: settingParsers.int(1) },
+ * ]);
+ * ```
+ */
+// deno-lint-ignore no-explicit-any
+export function registerSettings(settings: readonly Setting<any>[]): void {
+  for (const setting of settings) {
+    if (!setting.env.startsWith("WEFT_")) {
+      throw new TypeError(`setting ${String(setting.key)}: ${setting.env} must start with WEFT_`);
+    }
+    if (!SETTINGS.some((s) => s.key === setting.key)) SETTINGS.push(setting);
+  }
+}
+
+/** The environment variable names Weft reads (the runtime's and the registered pipelines'). */
+export function envNames(): string[] {
+  return SETTINGS.map((s) => s.env);
+}
+
+/**
+ * The narrowest `--allow-env` value covering {@link envNames}: the names outside the `WEFT_`
+ * prefix, and `WEFT_*` (Deno 2 accepts a trailing wildcard; every pipeline setting is `WEFT_*`).
  */
 export const ENV_PERMISSION: string = [
-  ...ENV_NAMES.filter((n) => !n.startsWith("WEFT_")),
+  ...envNames().filter((n) => !n.startsWith("WEFT_")),
   "WEFT_*",
 ].join(",");
 

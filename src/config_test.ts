@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { describeConfig, ENV_NAMES, ENV_PERMISSION, loadConfig } from "./config.ts";
+import { describeConfig, ENV_PERMISSION, envNames, loadConfig } from "./config.ts";
 import { ConfigError } from "./errors.ts";
 
 const env = (vars: Record<string, string>) => (name: string) => vars[name];
@@ -39,7 +39,7 @@ Deno.test("every deno.json task that runs a service allows the env names Weft re
   const deno = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
   assert.equal(ENV_PERMISSION, "NATS_URL,PORT,WEFT_*");
   assert.ok(
-    ENV_NAMES.every((n) =>
+    envNames().every((n) =>
       ENV_PERMISSION.split(",").some((p) =>
         p === n || (p.endsWith("*") && n.startsWith(p.slice(0, -1)))
       )
@@ -53,4 +53,31 @@ Deno.test("every deno.json task that runs a service allows the env names Weft re
       assert.equal(m[1], expected, `task ${name}`);
     }
   }
+});
+
+Deno.test("a pipeline's settings register with the configuration, under WEFT_ only", async (t) => {
+  const { registerSettings, settingParsers } = await import("./config.ts");
+  await t.step("read and validated like the runtime's", () => {
+    registerSettings([{
+      key: "port" as never,
+      env: "WEFT_ORDERS_PORT_TWIN",
+      default: 1 as never,
+      parse: settingParsers.int(1) as never,
+    }]);
+    // A key registered twice keeps the first: the runtime's `port` is still read from PORT.
+    assert.equal(loadConfig({ env: (n) => ({ PORT: "9000" })[n], args: [] }).port, 9000);
+    assert.ok(!envNames().includes("WEFT_ORDERS_PORT_TWIN"));
+  });
+  await t.step("an env name outside WEFT_ is refused (services may read only WEFT_*)", () => {
+    assert.throws(
+      () =>
+        registerSettings([{
+          key: "ordersTimeout" as never,
+          env: "ORDERS_TIMEOUT",
+          default: 1 as never,
+          parse: settingParsers.int(1) as never,
+        }]),
+      /ORDERS_TIMEOUT must start with WEFT_/,
+    );
+  });
 });

@@ -58,6 +58,8 @@ import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
+// The shipped pipelines' own settings, validated at start with the rest.
+import "../pipelines/shipped_settings.ts";
 import {
   callerSchedulableSubjects,
   mergeAccess,

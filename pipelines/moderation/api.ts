@@ -6,6 +6,7 @@
  *
  * @module
  */
+import "./settings.ts";
 import { headers, type NatsConnection } from "@nats-io/nats-core";
 import {
   jetstream,

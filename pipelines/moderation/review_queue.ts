@@ -9,6 +9,7 @@
  *
  * @module
  */
+import "./settings.ts";
 import { ITEM_ID } from "../../src/subjects.ts";
 import { JetStreamApiCodes, JetStreamApiError } from "@nats-io/jetstream";
 import type { KV } from "@nats-io/kv";

@@ -10,6 +10,7 @@
  *
  * @module
  */
+import "./settings.ts";
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { Context } from "hono";

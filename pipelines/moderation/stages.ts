@@ -16,6 +16,7 @@
  *
  * @module
  */
+import "./settings.ts";
 import type { ToxicityAnalyzer } from "../../src/ai/analysis.ts";
 import { ConflictError } from "../../src/errors.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import "../settings.ts";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { countDispatched, feedbackDigestStage } from "../digest.ts";
