@@ -260,9 +260,14 @@ function traceIdOf(raw: unknown, fromHeader?: TraceContext | null): string | und
  * @example
  * ```ts
  * import { assertMatchesSubject } from "./runner.ts";
- * assertMatchesSubject({ type: "feedback.processed", item_id: "a" }, "feedback.processed.a");
+ * import { registerEvents } from "./schemas.ts";
+ * // (A pipeline's events module registers its events; subjects of others are refused.)
+ * registerEvents({
+ *   events: { "orders.priced": { $id: "orders.priced", properties: { version: { const: 1 } } } },
+ * });
+ * assertMatchesSubject({ type: "orders.priced", item_id: "a" }, "orders.priced.a");
  * try {
- *   assertMatchesSubject({ type: "feedback.processed", item_id: "victim" }, "feedback.processed.a");
+ *   assertMatchesSubject({ type: "orders.priced", item_id: "victim" }, "orders.priced.a");
  * } catch (err) {
  *   console.assert((err as { code: string }).code === "subject_mismatch");
  * }

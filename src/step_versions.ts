@@ -30,7 +30,7 @@ export interface LiveVersion<T> {
  *
  * @example
  * ```ts ignore
- * const live = await followStepVersion({ nc, config, log }, "feedback", "sentiment", feedbackAnalyzers);
+ * const live = await followStepVersion({ nc, config, log }, "orders", "price", priceAnalyzers);
  * const stage = sentimentStage({ name: "live", analyze: (t, o) => live.current().sentiment.analyze(t, o) });
  * ```
  */

@@ -93,8 +93,8 @@ export const RUNTIME_STREAMS: readonly string[] = [DEADLETTER_STREAM, DIGEST_STR
  * @example
  * ```ts
  * import { subjectMatches } from "./subjects.ts";
- * console.assert(subjectMatches("feedback.ingested.*", "feedback.ingested.fb1"));
- * console.assert(!subjectMatches("feedback.ingested.*", "$KV.weft_feedback_state.fb1"));
+ * console.assert(subjectMatches("orders.placed.*", "orders.placed.o1"));
+ * console.assert(!subjectMatches("orders.placed.*", "$KV.weft_orders_state.o1"));
  * ```
  */
 export function subjectMatches(filter: string, subject: string): boolean {

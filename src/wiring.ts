@@ -4,7 +4,7 @@
  * operators) need for it. The runtime (topology, supervisor, identities) reads these and
  * names no pipeline of its own.
  *
- * The shipped feedback and moderation pipelines are wired this way, each in its own folder
+ * The shipped pipelines are wired this way, each in its own folder
  * (`pipelines/<name>/wiring.ts`, listed in pipelines/shipped.ts), until they run as
  * definitions; a definition's pipeline derives the same from its definition instead
  * (src/pipeline/runtime.ts). A wiring is data, loaded by every service (topology and

@@ -3,8 +3,8 @@
  * - `embedded` (default): the in-process sentiment, topics and toxicity analyzers;
  * - `llm`: an OpenAI-compatible endpoint, falling back to the embedded analyzers when it
  *   fails, times out or is over budget (the event records which analyzer decided);
- * - `rules`: a pipeline's own keyword rules (the feedback pipeline's ruleset,
- *   pipelines/feedback/analyzers.ts); screening for toxicity stays embedded.
+ * - `rules`: a pipeline's own keyword rules (its ruleset, built in its folder); screening for
+ *   toxicity stays embedded.
  *
  * @module
  */

@@ -173,7 +173,7 @@ function isNatsUnavailable(err: unknown): boolean {
  * @example
  * ```ts ignore
  * const jetStream = { js: jetstream(nc), jsm: await jetstreamManager(nc) };
- * const app = createApp({ nc, jetStream, config, log, extensions: [feedbackRoutes(intake)] });
+ * const app = createApp({ nc, jetStream, config, log, extensions: [ordersRoutes] });
  * Deno.serve({ port: config.port }, app.fetch);
  * ```
  */

@@ -18,7 +18,7 @@ import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 /** A stored schedule. */
 export interface ScheduleEntry {
-  /** Schedule id (`sla-1-<item>`, `feedback-digest`, or a ULID). */
+  /** Schedule id (a pipeline's own, e.g. `sla-1-<item>`, or a ULID). */
   id: string;
   /** Subject the payload is published on. */
   subject: string;
@@ -54,7 +54,7 @@ export function nextCronTime(cron: string, after: Date): Date | null {
  * ```ts
  * import { newScheduleEntry } from "./store.ts";
  * const e = newScheduleEntry(
- *   { id: "digest", subject: "feedback.digest", payload: {}, cron: "0 * * * *" },
+ *   { id: "digest", subject: "digest.request.orders", payload: {}, cron: "0 * * * *" },
  *   new Date("2026-01-01T00:30:00Z"),
  * );
  * console.assert(e.next_at === "2026-01-01T01:00:00.000Z");
@@ -139,7 +139,7 @@ export async function readSchedule(
  * @example
  * ```ts ignore
  * const store = createScheduleStore(await new Kvm(nc).open(SCHEDULE_BUCKET));
- * await store.create({ subject: "content.sla_expired.c1", payload: event, at: due });
+ * await store.create({ subject: "orders.payment_due.o1", payload: event, at: due });
  * ```
  */
 export function createScheduleStore(kv: KV, now: () => Date = () => new Date()): ScheduleStore {

@@ -911,7 +911,7 @@ export interface ShadowReplay {
 }
 
 /**
- * Replays a step's stored history through a candidate (`spec`: a feedback step with other
+ * Replays a step's stored history through a candidate (`spec`: a hand-wired step with other
  * analyzers, or a definition's step from another version of its definition file): every
  * input the step consumed (by production's filter; from `since`, at most `count`, sampled),
  * handed to the candidate's handler, and compared field by field with the output production

@@ -28,12 +28,12 @@ export function shippedShadowSteps(pipeline: string): readonly string[] | undefi
 export const DEFAULT_SHADOW_PIPELINE: string | undefined = Object.keys(SHADOW_STEPS)[0];
 
 /**
- * The candidate: how the step would decide instead. For a feedback step, other analyzers
+ * The candidate: how the step would decide instead. For a hand-wired step, other analyzers
  * (`analyzers`, `rules`, `model`, `prompt`); for a step of a definition's pipeline, another
  * version of the definition (`definition`, a file beside production's).
  */
 export interface ShadowCandidate {
-  /** The analyzer family: `embedded`, `rules` or `llm` (feedback steps). */
+  /** The analyzer family: `embedded`, `rules` or `llm` (hand-wired steps). */
   analyzers?: AnalyzerKind;
   /**
    * A definition file (in a folder of a running definition) defining the same pipeline with

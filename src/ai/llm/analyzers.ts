@@ -341,7 +341,7 @@ export function createLlmAnalyzer<P, R>(
           log({
             level: "warn",
             message: "invalid LLM output, asking for a repair",
-            // a JSON parse error quotes the content, which may echo the feedback text
+            // a JSON parse error quotes the content, which may echo the analyzed text
             fields: {
               kind: spec.kind,
               reason: checked.reason,
