@@ -101,6 +101,9 @@ const entryTypes = new Set<string>();
 const eventRoots = new Set<string>();
 const submissionSubjects = new Map<string, string>();
 
+/** A schema's `$id`, what tells two schemas apart. */
+const idOf = (schema: object): string | undefined => (schema as { $id?: string }).$id;
+
 /** Adds a schema to ajv by its `$id` (once), so others can `$ref` it. */
 function addSchema(name: string, schema: object): void {
   const id = (schema as { $id?: string }).$id;
@@ -110,7 +113,8 @@ function addSchema(name: string, schema: object): void {
 
 /**
  * Registers a pipeline's event and document schemas (idempotent: a module that loads twice
- * registers the same schemas again).
+ * registers the same schemas again). Throws a TypeError when an event type's version, or a
+ * submission subject, is already registered otherwise: two pipelines cannot own one.
  *
  * @example
  * ```ts ignore
@@ -130,14 +134,26 @@ export function registerEvents(catalog: EventCatalog): void {
     if (typeof version !== "number") {
       throw new TypeError(`the schema of ${type} names no version (properties.version.const)`);
     }
-    addSchema(type, schema);
     let versions = eventVersions.get(type);
+    const registered = versions?.get(version);
+    if (registered && idOf(registered) !== idOf(schema)) {
+      throw new TypeError(
+        `${type} version ${version} is already registered with another schema (${
+          idOf(registered)
+        }): two pipelines cannot own one event type`,
+      );
+    }
+    addSchema(type, schema);
     if (!versions) eventVersions.set(type, versions = new Map());
     versions.set(version, schema);
     eventRoots.add(type.split(".")[0]!);
   }
   for (const type of catalog.entry ?? []) entryTypes.add(type);
   for (const [subject, document] of Object.entries(catalog.submissions ?? {})) {
+    const taken = submissionSubjects.get(subject);
+    if (taken !== undefined && taken !== document) {
+      throw new TypeError(`submissions on ${subject} are already validated as ${taken}`);
+    }
     submissionSubjects.set(subject, document);
   }
 }

@@ -154,6 +154,27 @@ Deno.test("a pipeline registers its events: their schemas, entry events and bus 
     );
     assert.ok(registeredSchemas()["orders.submit"]);
   });
+  await t.step("the same registration again changes nothing; another owner is refused", () => {
+    registerEvents({
+      events: { "orders.placed": placed },
+      submissions: { "orders.submit": "orders.submit" },
+    });
+    assert.throws(
+      () =>
+        registerEvents({
+          events: { "orders.placed": { ...placed, $id: "https://example.test/other.json" } },
+        }),
+      /orders.placed version 1 is already registered with another schema/,
+    );
+    assert.throws(
+      () => registerEvents({ submissions: { "orders.submit": "deadletter" } }),
+      /already validated as orders.submit/,
+    );
+    assert.throws(
+      () => registerEvents({ events: { "feedback.ingested": placed } }),
+      /two pipelines cannot own one event type/,
+    );
+  });
   await t.step("an event schema without a version is refused at registration", () => {
     assert.throws(
       () => registerEvents({ events: { "orders.cancelled": { type: "object" } } }),
