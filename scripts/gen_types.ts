@@ -105,21 +105,19 @@ export async function generate(): Promise<Map<string, string>> {
     return { out: g.out, decls };
   }));
   // A declaration only one group needs goes there; one several need (a shared definition:
-  // two pipelines never import each other) goes to the runtime's, the first group.
+  // two pipelines never import each other) goes to the runtime's, the first group. Each is
+  // written as the first group that needs it had it, in the order first met.
   const home = new Map<string, string>();
+  const blocks = new Map<string, string>();
   for (const g of groups) {
-    for (const name of g.decls.keys()) home.set(name, home.has(name) ? groups[0]!.out : g.out);
+    for (const [name, block] of g.decls) {
+      home.set(name, home.has(name) ? groups[0]!.out : g.out);
+      if (!blocks.has(name)) blocks.set(name, block);
+    }
   }
   const files = new Map<string, string>();
   for (const g of groups) {
-    const own = new Map([...g.decls].filter(([name]) => home.get(name) === g.out));
-    if (g === groups[0]) {
-      for (const other of groups) {
-        for (const [name, block] of other.decls) {
-          if (home.get(name) === g.out && !own.has(name)) own.set(name, block);
-        }
-      }
-    }
+    const own = [...blocks].filter(([name]) => home.get(name) === g.out).map(([, b]) => b);
     const imports = new Map<string, string[]>();
     for (const name of g.decls.keys()) {
       const from = home.get(name)!;
@@ -133,14 +131,15 @@ export async function generate(): Promise<Map<string, string>> {
         ...[...imports].map(([from, names]) =>
           `import type { ${names.sort().join(", ")} } from "${relative(g.out, from)}";\n`
         ),
-        ...own.values(),
+        ...own,
       ].join("\n"),
     );
   }
   return files;
 }
 
-async function format(source: string): Promise<string> {
+/** `source` as `deno fmt` writes it: how the generated files are committed. */
+export async function format(source: string): Promise<string> {
   const cmd = new Deno.Command(Deno.execPath(), {
     args: ["fmt", "--ext=ts", "-"],
     stdin: "piped",

@@ -9,17 +9,22 @@ import { waitFor } from "./helpers/wait.ts";
 
 const root = new URL("../", import.meta.url);
 
+/** Runs `deno task new NAME --no-list` from the repository root. */
+async function newPipeline(name: string): Promise<Deno.CommandOutput> {
+  return await new Deno.Command("deno", {
+    args: [...await taskArgs("new"), name, "--no-list"],
+    cwd: root,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+}
+
 Deno.test("deno task new writes a two-step pipeline whose test passes and which the mesh runs", async () => {
   const name = `gen-${crypto.randomUUID().slice(0, 8)}`;
   const dir = new URL(`pipelines/${name}/`, root);
   const list = await Deno.readTextFile(new URL("pipelines/run.json", root));
   try {
-    const made = await new Deno.Command("deno", {
-      args: [...await taskArgs("new"), name, "--no-list"],
-      cwd: root,
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
+    const made = await newPipeline(name);
     const said = new TextDecoder().decode(made.stdout);
     assert.ok(made.success, new TextDecoder().decode(made.stderr));
     assert.match(said, new RegExp(`POST localhost:8000/pipelines/${name}/items`));
@@ -66,12 +71,7 @@ Deno.test("deno task new writes a two-step pipeline whose test passes and which 
 
 Deno.test("deno task new refuses a name the mesh already uses (a hand-wired pipeline's, the runtime's)", async () => {
   for (const name of ["feedback", "content", "deadletter", "shadow"]) {
-    const made = await new Deno.Command("deno", {
-      args: [...await taskArgs("new"), name, "--no-list"],
-      cwd: root,
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
+    const made = await newPipeline(name);
     assert.equal(made.code, 2, name);
     assert.match(new TextDecoder().decode(made.stderr), /not one of .*feedback, content/);
   }
