@@ -208,17 +208,21 @@ export {
   validatePipeline,
 } from "./src/pipeline/validate.ts";
 export {
+  durableOf,
   pipelineGraph,
   pipelineSubjects,
   stepConsumers,
   stepFilterSubject,
+  stepInput,
   stepPermissions,
+  stepPublishes,
 } from "./src/pipeline/derive.ts";
 export type {
   ConsumerSettings,
   DerivedConsumer,
   PipelineGraph,
   PipelineSubjects,
+  StepInput,
   StepPermissions,
 } from "./src/pipeline/derive.ts";
 export { applyPipelineEvent, foldPipelineEvents } from "./src/pipeline/fold.ts";

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { feedbackPipeline } from "./feedback/pipeline.ts";
+import { FEEDBACK_PIPELINE } from "./feedback/pipeline.ts";
 import { moderationPipeline } from "./moderation/pipeline.ts";
 import {
   durableOf,
@@ -17,7 +17,7 @@ import { ContentEventType } from "./moderation/events.ts";
 const settings = { ackWaitMs: 30_000, maxAttempts: 5 };
 
 Deno.test("the feedback definition derives the stream, submit subjects and event types used today", () => {
-  const s = pipelineSubjects(feedbackPipeline());
+  const s = pipelineSubjects(FEEDBACK_PIPELINE);
   assert.equal(s.stream, FS.FEEDBACK_STREAM);
   assert.equal(s.submit, FS.SUBMIT_SUBJECT);
   assert.equal(s.submitRequest, FS.SUBMIT_REQUEST_SUBJECT);
@@ -31,19 +31,19 @@ Deno.test("the feedback definition derives the durable consumers topology.ts cre
     { name: "topics", filterSubject: typeFilter(FeedbackEventType.SentimentAnalyzed) },
     { name: "dispatch", filterSubject: typeFilter(FeedbackEventType.TopicsExtracted) },
   ].map((st) => stageConsumerConfig(st, settings));
-  const got = stepConsumers(feedbackPipeline(), settings);
+  const got = stepConsumers(FEEDBACK_PIPELINE, settings);
   assert.deepEqual(
     got.map((c) => [c.durable_name, c.filter_subject, c.max_deliver, c.stream]),
     want.map((c) => [
-      // Run from the definition, each durable is named <pipeline>-<step>.
-      durableOf({ name: "feedback" }, c.durable_name!),
+      // Each step keeps the durable it had before it was defined (`durable`).
+      c.durable_name!,
       c.filter_subject,
       c.max_deliver,
       FS.FEEDBACK_STREAM,
     ]),
   );
   // Today's ingest stage is the runtime's intake, on the same subject.
-  assert.equal(pipelineSubjects(feedbackPipeline()).submit, FS.SUBMIT_SUBJECT);
+  assert.equal(pipelineSubjects(FEEDBACK_PIPELINE).submit, FS.SUBMIT_SUBJECT);
 });
 
 Deno.test("the moderation definition derives the CONTENT stream, its event types and today's consumers", () => {

@@ -27,6 +27,10 @@ import type { CapacityGuard } from "./capacity.ts";
 import type { IngestLimiter } from "./gateway/ingest_limits.ts";
 import type { StateSpec } from "./state_writer.ts";
 import { TIMER_SUBJECTS } from "./subjects.ts";
+import { ConfigError } from "./errors.ts";
+import type { PipelineSpec } from "./pipeline/definition.ts";
+import { durableOf, pipelineSubjects, stepPublishes, WORK_KINDS } from "./pipeline/derive.ts";
+import { edgesOf } from "./pipeline/validate.ts";
 
 /** A service the supervisor runs. */
 export interface ServiceSpec {
@@ -194,6 +198,128 @@ export function schedulableSubjects(wirings: readonly PipelineWiring[]): string[
     ...new Set(wirings.flatMap((w) => w.timers ?? [])),
     ...TIMER_SUBJECTS,
   ];
+}
+
+/**
+ * A service of a hand-wired pipeline that runs steps of the pipeline's definition with a stage
+ * module of its own (`entry`), e.g. an analyzer step.
+ */
+export interface StepServiceSpec extends Omit<ServiceSpec, "access"> {
+  /** The definition's work steps it runs. */
+  steps: readonly string[];
+  /** What it needs besides its steps' consumers and events (buckets it reads, objects). */
+  access?: Access;
+}
+
+/**
+ * The services running `def`'s work steps, their access derived from the definition: each
+ * consumes its steps' durable consumers, and publishes their events (with the end events
+ * they lead to), the pipeline's failure event and its steps' dead letters. Every work step
+ * must be run by exactly one of `services`.
+ *
+ * @example
+ * ```ts
+ * import { definePipeline } from "./pipeline/definition.ts";
+ * import { stepServices } from "./wiring.ts";
+ * const orders = definePipeline({
+ *   name: "orders",
+ *   input: { schema: { type: "object" } },
+ *   start: "price",
+ *   steps: {
+ *     price: { kind: "task", output: { type: "object" }, durable: "price", next: "done" },
+ *     done: { kind: "end", outcome: "done" },
+ *   },
+ * });
+ * const [svc] = stepServices(orders, [{ name: "price", entry: "price.ts", steps: ["price"] }]);
+ * console.assert(svc!.access.publishes!.includes("orders.done.*"));
+ * ```
+ */
+export function stepServices(
+  def: PipelineSpec,
+  services: readonly StepServiceSpec[],
+): ServiceSpec[] {
+  const runBy = new Map<string, string>();
+  for (const svc of services) {
+    for (const id of svc.steps) {
+      const step = def.steps[id];
+      if (!step || !WORK_KINDS.has(step.kind)) {
+        throw new ConfigError(
+          `pipeline ${def.name}: service ${svc.name} runs ${id}, not a work step of its definition`,
+        );
+      }
+      const other = runBy.get(id);
+      if (other !== undefined) {
+        throw new ConfigError(
+          `pipeline ${def.name}: step ${id} is run by both ${other} and ${svc.name}`,
+        );
+      }
+      runBy.set(id, svc.name);
+    }
+  }
+  for (const [id, step] of Object.entries(def.steps)) {
+    if (WORK_KINDS.has(step.kind) && !runBy.has(id)) {
+      throw new ConfigError(`pipeline ${def.name}: no service runs step ${id}`);
+    }
+  }
+  const stream = pipelineSubjects(def).stream;
+  return services.map(({ steps, access = {}, ...svc }) => {
+    const durables = steps.map((id) => durableOf(def, id));
+    return {
+      ...svc,
+      access: {
+        ...access,
+        consumes: [...durables.map((durable) => ({ stream, durable })), ...access.consumes ?? []],
+        publishes: [
+          ...stepPublishes(def, steps),
+          `${def.name}.failed.*`,
+          ...durables.map((d) => `deadletter.${d}.*`),
+          ...access.publishes ?? [],
+        ],
+      },
+    };
+  });
+}
+
+/**
+ * `def`'s stream as a hand-wired pipeline declares it: named and bound to `<name>.>` as the
+ * definition derives.
+ */
+export function definedStream(
+  def: PipelineSpec,
+  description: string,
+  opts: { atomicBatch?: boolean } = {},
+): WiredStream {
+  const s = pipelineSubjects(def);
+  return { name: s.stream, description, subjects: s.streamSubjects, ...opts };
+}
+
+/**
+ * The dashboard's drawing of `def`: its work steps from the input onwards (breadth first),
+ * each its durable consumer labelled with the step's description, between the pipeline's
+ * own services `before` and `after` (e.g. its intake and its state writer).
+ */
+export function definedGraph(
+  def: PipelineSpec,
+  title: string,
+  extra: {
+    before?: readonly (readonly [string, string])[];
+    after?: readonly (readonly [string, string])[];
+  } = {},
+): WiredGraph {
+  const order: string[] = [];
+  const seen = new Set([def.start]);
+  const queue = [def.start];
+  while (queue.length > 0) {
+    const id = queue.shift()!;
+    order.push(id);
+    for (const [t] of edgesOf(def.steps[id]!)) {
+      if (!seen.has(t)) (seen.add(t), queue.push(t));
+    }
+  }
+  const steps = order
+    .filter((id) => WORK_KINDS.has(def.steps[id]!.kind))
+    .map((id) => [durableOf(def, id), def.steps[id]!.description ?? id] as const);
+  return { title, stages: [...extra.before ?? [], ...steps, ...extra.after ?? []] };
 }
 
 /** Two accesses as one: every list joined. */

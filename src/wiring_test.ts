@@ -4,11 +4,17 @@ import { bucketConfigs, streamConfigs } from "./topology.ts";
 import { SERVICES, wiredServices } from "./supervisor.ts";
 import {
   callerSchedulableSubjects,
+  definedGraph,
+  definedStream,
   type PipelineWiring,
   schedulableSubjects,
   stepAccess,
+  stepServices,
   wiredReads,
 } from "./wiring.ts";
+import { definePipeline } from "./pipeline/definition.ts";
+import { ConfigError } from "./errors.ts";
+import { stepConsumers } from "./pipeline/derive.ts";
 import { TIMER_SUBJECTS } from "./subjects.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 
@@ -108,5 +114,115 @@ Deno.test("a wiring's shadowable steps are the ones its pipeline says how to sha
   const { SHIPPED_SHADOW_STEPS } = await import("../pipelines/shipped_shadows.ts");
   for (const w of SHIPPED_PIPELINES) {
     assert.deepEqual(Object.keys(SHIPPED_SHADOW_STEPS[w.name] ?? {}), [...w.shadowSteps ?? []]);
+  }
+});
+
+/** A definition nobody ships, with a branch: what a hand-wired pipeline derives from it. */
+const obj = { type: "object" } as const;
+const RETURNS = definePipeline({
+  name: "returns",
+  input: { schema: obj, event: "requested" },
+  start: "inspect",
+  steps: {
+    inspect: {
+      kind: "task",
+      description: "inspection",
+      output: obj,
+      durable: "inspect",
+      next: "decide",
+    },
+    decide: {
+      kind: "router",
+      route: () => "refund" as const,
+      routes: { refund: "refund", reject: "rejected" },
+    },
+    refund: { kind: "task", output: obj, next: "refunded" },
+    refunded: { kind: "end", outcome: "refunded" },
+    rejected: { kind: "end", outcome: "rejected" },
+  },
+});
+
+Deno.test("a hand-wired pipeline's step services take their consumers and events from its definition", () => {
+  const [checks, money] = stepServices(RETURNS, [
+    { name: "checks", entry: "checks.ts", steps: ["inspect", "decide"] },
+    {
+      name: "money",
+      entry: "money.ts",
+      steps: ["refund"],
+      access: { readsBuckets: ["weft_returns_ledger"] },
+    },
+  ]);
+  assert.deepEqual(checks!.access.consumes, [
+    { stream: "RETURNS", durable: "inspect" },
+    { stream: "RETURNS", durable: "returns-decide" },
+  ]);
+  // Its own events, the end event a branch leads to, failures and its dead letters.
+  assert.deepEqual(
+    new Set(checks!.access.publishes),
+    new Set([
+      "returns.inspect.*",
+      "returns.decide.*",
+      "returns.rejected.*",
+      "returns.failed.*",
+      "deadletter.inspect.*",
+      "deadletter.returns-decide.*",
+    ]),
+  );
+  assert.deepEqual(money!.access.readsBuckets, ["weft_returns_ledger"]);
+  assert.ok(money!.access.publishes!.includes("returns.refunded.*"));
+  // What each consumes is what the definition's consumers read.
+  assert.deepEqual(
+    stepConsumers(RETURNS, { ackWaitMs: 1, maxAttempts: 1 }).map((c) => c.durable_name),
+    ["inspect", "returns-decide", "returns-refund"],
+  );
+  assert.deepEqual(definedStream(RETURNS, "returns"), {
+    name: "RETURNS",
+    description: "returns",
+    subjects: ["returns.>"],
+  });
+  assert.deepEqual(definedGraph(RETURNS, "Returns", { after: [["state", "state writer"]] }), {
+    title: "Returns",
+    stages: [
+      ["inspect", "inspection"],
+      ["returns-decide", "decide"],
+      ["returns-refund", "refund"],
+      ["state", "state writer"],
+    ],
+  });
+});
+
+Deno.test("a definition's work step no service runs, or two run, or a service running a non-step, is refused", () => {
+  const refused = (services: Parameters<typeof stepServices>[1], words: string) =>
+    assert.throws(
+      () => stepServices(RETURNS, services),
+      (e) => e instanceof ConfigError && e.message.includes(words),
+    );
+  refused(
+    [{ name: "checks", entry: "c.ts", steps: ["inspect", "decide"] }],
+    "no service runs step refund",
+  );
+  refused(
+    [
+      { name: "a", entry: "a.ts", steps: ["inspect", "decide", "refund"] },
+      { name: "b", entry: "b.ts", steps: ["refund"] },
+    ],
+    "step refund is run by both a and b",
+  );
+  refused(
+    [{ name: "a", entry: "a.ts", steps: ["inspect", "decide", "refund", "refunded"] }],
+    "runs refunded, not a work step",
+  );
+});
+
+Deno.test("the shipped pipelines' step services and consumers are their definitions'", async () => {
+  const { FEEDBACK_PIPELINE } = await import("../pipelines/feedback/pipeline.ts");
+  const { moderationPipeline } = await import("../pipelines/moderation/pipeline.ts");
+  for (const def of [FEEDBACK_PIPELINE, moderationPipeline()]) {
+    const wiring = SHIPPED_PIPELINES.find((w) => w.name === def.name)!;
+    assert.deepEqual(wiring.streams.map((s) => s.subjects), [[`${def.name}.>`]]);
+    const consumed = wiring.services.flatMap((s) => s.access.consumes ?? []).map((c) => c.durable);
+    for (const c of stepConsumers(def, { ackWaitMs: 1, maxAttempts: 1 })) {
+      assert.equal(consumed.filter((d) => d === c.durable_name).length, 1, c.durable_name);
+    }
   }
 });

@@ -8,8 +8,9 @@ import type { SentimentAnalyzer, TopicsAnalyzer, ToxicityAnalyzer } from "../../
 import { createEvent, deterministicId } from "../../src/events.ts";
 import type { Router } from "./rules.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
-import { typeFilter } from "../../src/subjects.ts";
 import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "./subjects.ts";
+import { stepInput } from "../../src/pipeline/derive.ts";
+import { FEEDBACK_PIPELINE } from "./pipeline.ts";
 import { FeedbackEventType as T } from "./events.ts";
 import { childContext } from "../../src/observability/trace.ts";
 import type { FeedbackItem, FeedbackSubmission } from "./events.gen.ts";
@@ -75,9 +76,8 @@ export function sentimentStage(
   analyzer: SentimentAnalyzer,
 ): Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> {
   return {
-    name: "sentiment",
-    ...FEEDBACK,
-    filterSubject: typeFilter(T.Ingested),
+    // Its consumer, stream and failure event: the definition's.
+    ...stepInput(FEEDBACK_PIPELINE, "sentiment"),
     input: { kind: "event", types: [T.Ingested] },
     async handle(event, ctx) {
       const sentiment = await analyzer.analyze(event.data.text, { signal: ctx.signal });
@@ -98,9 +98,8 @@ export function topicsStage(
   toxicity?: ToxicityAnalyzer,
 ): Stage<{ kind: "event"; types: readonly ["feedback.sentiment_analyzed"] }> {
   return {
-    name: "topics",
-    ...FEEDBACK,
-    filterSubject: typeFilter(T.SentimentAnalyzed),
+    // Its consumer, stream and failure event: the definition's.
+    ...stepInput(FEEDBACK_PIPELINE, "topics"),
     input: { kind: "event", types: [T.SentimentAnalyzed] },
     async handle(event, ctx) {
       const options = { signal: ctx.signal };
@@ -125,9 +124,8 @@ export function dispatchStage(
   route: Router,
 ): Stage<{ kind: "event"; types: readonly ["feedback.topics_extracted"] }> {
   return {
-    name: "dispatch",
-    ...FEEDBACK,
-    filterSubject: typeFilter(T.TopicsExtracted),
+    // Its consumer, stream and failure event: the definition's.
+    ...stepInput(FEEDBACK_PIPELINE, "dispatch"),
     input: { kind: "event", types: [T.TopicsExtracted] },
     handle(event, ctx) {
       const routing = route(event.data.sentiment.label, event.data.topics.topics);

@@ -1,12 +1,14 @@
 /**
- * How the feedback pipeline plugs into the mesh: its stream and state bucket, its services
- * (state writer, ingest, sentiment, topics, dispatch, and the digest), and what the gateway
- * and the shadow service need for it (src/wiring.ts).
+ * How the feedback pipeline plugs into the mesh (src/wiring.ts): its stream, its steps'
+ * services and the dashboard's graph derived from its definition (pipeline.ts), and by hand
+ * its state bucket, intake, state writer and digest, and what the gateway and the shadow
+ * service need for it.
  *
  * @module
  */
 import type { PipelineWiring } from "../../src/wiring.ts";
-import { stepAccess } from "../../src/wiring.ts";
+import { definedGraph, definedStream, stepAccess, stepServices } from "../../src/wiring.ts";
+import { FEEDBACK_PIPELINE } from "./pipeline.ts";
 import { DIGEST_STREAM, SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../../src/subjects.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET, SUBMIT_SUBJECT } from "./subjects.ts";
 import { FeedbackEventType, FINAL_EVENT_TYPES } from "./events.ts";
@@ -15,13 +17,12 @@ import { FEEDBACK_STATE_SPEC } from "./state.ts";
 /** The feedback pipeline's part of the mesh. */
 export const FEEDBACK_WIRING: PipelineWiring = {
   name: "feedback",
-  streams: [{
-    name: FEEDBACK_STREAM,
-    description: "Weft feedback pipeline: submissions and every event",
-    subjects: ["feedback.>"],
-    // POST /feedback/batch is all or nothing on the bus too, where the server allows.
-    atomicBatch: true,
-  }],
+  // POST /feedback/batch is all or nothing on the bus too, where the server allows.
+  streams: [
+    definedStream(FEEDBACK_PIPELINE, "Weft feedback pipeline: submissions and every event", {
+      atomicBatch: true,
+    }),
+  ],
   buckets: [{
     name: STATE_BUCKET,
     description: "Weft: current state of each feedback item",
@@ -30,16 +31,10 @@ export const FEEDBACK_WIRING: PipelineWiring = {
   // Submissions and digest requests may be scheduled (POST /schedules): their consumers
   // validate what they read.
   schedulable: [SUBMIT_SUBJECT, "digest.request.*"],
-  dashboard: {
-    title: "Feedback pipeline",
-    stages: [
-      ["ingest", "ingest"],
-      ["sentiment", "sentiment"],
-      ["topics", "topics"],
-      ["dispatch", "dispatch"],
-      ["state", "state writer"],
-    ],
-  },
+  dashboard: definedGraph(FEEDBACK_PIPELINE, "Feedback pipeline", {
+    before: [["ingest", "ingest"]],
+    after: [["state", "state writer"]],
+  }),
   items: {
     what: "feedback item",
     entryType: FeedbackEventType.Ingested,
@@ -62,48 +57,36 @@ export const FEEDBACK_WIRING: PipelineWiring = {
       entry: "pipelines/feedback/services/ingest.ts",
       access: stepAccess(FEEDBACK_STREAM, ["ingest"], ["feedback.ingested"], "feedback.failed"),
     },
-    {
-      name: "sentiment",
-      entry: "pipelines/feedback/services/sentiment.ts",
-      readsRules: true,
-      analyzes: true,
-      // A promoted candidate's ruleset is in rules/.
-      reads: ["rules"],
-      access: stepAccess(
-        FEEDBACK_STREAM,
-        ["sentiment"],
-        ["feedback.sentiment_analyzed"],
-        "feedback.failed",
-        { readsBuckets: [STEP_VERSION_BUCKET] },
-      ),
-    },
-    {
-      name: "topics",
-      entry: "pipelines/feedback/services/topics.ts",
-      readsRules: true,
-      analyzes: true,
-      reads: ["rules"],
-      access: stepAccess(
-        FEEDBACK_STREAM,
-        ["topics"],
-        ["feedback.topics_extracted"],
-        "feedback.failed",
-        { readsBuckets: [STEP_VERSION_BUCKET] },
-      ),
-    },
-    {
-      name: "dispatch",
-      entry: "pipelines/feedback/services/dispatch.ts",
-      readsRules: true,
-      reads: ["rules"],
-      access: stepAccess(
-        FEEDBACK_STREAM,
-        ["dispatch"],
-        ["feedback.dispatched", "feedback.processed"],
-        "feedback.failed",
-        { readsBuckets: [STEP_VERSION_BUCKET] },
-      ),
-    },
+    // The definition's steps: each reads the ruleset file (a promoted candidate's is in rules/)
+    // and its promoted version (weft_step_versions).
+    ...stepServices(FEEDBACK_PIPELINE, [
+      {
+        name: "sentiment",
+        entry: "pipelines/feedback/services/sentiment.ts",
+        steps: ["sentiment"],
+        readsRules: true,
+        analyzes: true,
+        reads: ["rules"],
+        access: { readsBuckets: [STEP_VERSION_BUCKET] },
+      },
+      {
+        name: "topics",
+        entry: "pipelines/feedback/services/topics.ts",
+        steps: ["topics"],
+        readsRules: true,
+        analyzes: true,
+        reads: ["rules"],
+        access: { readsBuckets: [STEP_VERSION_BUCKET] },
+      },
+      {
+        name: "dispatch",
+        entry: "pipelines/feedback/services/dispatch.ts",
+        steps: ["dispatch"],
+        readsRules: true,
+        reads: ["rules"],
+        access: { readsBuckets: [STEP_VERSION_BUCKET] },
+      },
+    ]),
     {
       name: "digest",
       entry: "pipelines/feedback/services/digest.ts",

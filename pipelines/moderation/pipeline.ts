@@ -1,48 +1,50 @@
 /**
- * The content moderation pipeline as a definition. Handlers are today's stages from
- * pipelines/moderation/stages.ts, unchanged; the review queue and SLA become one `wait` step whose
- * timeout leads to the SLA stage (escalate, then the default action), at most twice.
- * The runtime does not run this definition yet (see docs/PIPELINES.md).
+ * The content moderation pipeline as a definition. The mesh derives from it the steps'
+ * services, durable consumers, NATS permissions and stream, and the dashboard's graph
+ * (pipelines/moderation/wiring.ts); each step runs its stage module (pipelines/moderation/
+ * services/, on stages.ts), which publishes the pipeline's own events (schemas/content.*.json).
+ * The review queue and SLA are one `wait` step whose timeout leads to the SLA stage
+ * (escalate, then the default action), at most twice; the review service and the gateway's
+ * claim/decision API hold the wait (pipelines/moderation/review_queue.ts).
  *
  * @module
  */
 import { definePipeline } from "../../src/pipeline/definition.ts";
-import type { Stage } from "../../src/stage.ts";
 
-/** Today's stage objects, run as the steps of the same name. */
-export interface ModerationStages {
-  // deno-lint-ignore no-explicit-any
-  [step: string]: Stage<any> | undefined;
-}
-
-/** The moderation pipeline's definition; `slaMs` is the review deadline. */
-export function moderationPipeline(stages: ModerationStages = {}, slaMs = 3_600_000) {
+/**
+ * The moderation pipeline's definition; `slaMs` is the review deadline (the review service's
+ * setting, WEFT_REVIEW_SLA_MS: what the mesh derives does not depend on it).
+ */
+export function moderationPipeline(slaMs = 3_600_000) {
   const obj = { type: "object" } as const;
   return definePipeline({
     name: "content",
     description: "Content moderation with human review",
     input: { schema: obj, event: "uploaded" },
     start: "moderation",
+    // Each step keeps the durable consumer it had before it was defined here.
     steps: {
       moderation: {
         kind: "task",
+        durable: "moderation",
         emits: "moderated",
         output: obj,
-        stage: stages["moderation"],
         next: ["storage-moderated", "review-queue"],
       },
       "storage-moderated": {
         kind: "task",
+        description: "storage (safe)",
+        durable: "storage-moderated",
         emits: "published",
         output: obj,
-        stage: stages["storage-moderated"],
         next: "published",
       },
       "review-queue": {
         kind: "task",
+        description: "review queue (flagged)",
+        durable: "review-queue",
         emits: "review_requested",
         output: obj,
-        stage: stages["review-queue"],
         next: "review",
       },
       review: {
@@ -57,18 +59,20 @@ export function moderationPipeline(stages: ModerationStages = {}, slaMs = 3_600_
       },
       "review-sla": {
         kind: "task",
+        description: "review SLA",
+        durable: "review-sla",
         emits: "escalated",
         alsoEmits: ["decided"],
         output: obj,
-        stage: stages["review-sla"],
         next: "review",
       },
       "storage-decided": {
         kind: "task",
+        description: "storage (decided)",
+        durable: "storage-decided",
         emits: "archived",
         alsoEmits: ["published"],
         output: obj,
-        stage: stages["storage-decided"],
         next: ["archived", "published"],
       },
       published: { kind: "end", outcome: "published" },

@@ -24,11 +24,12 @@ import type { ContentDecided, ContentItem, ContentSlaExpired, Moderation } from 
 import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue.ts";
 import type { ScheduleStore } from "../../src/scheduler/store.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
-import { typeFilter } from "../../src/subjects.ts";
-import { CONTENT_STREAM } from "./subjects.ts";
+import { stepInput } from "../../src/pipeline/derive.ts";
+import { moderationPipeline } from "./pipeline.ts";
 import { ContentEventType as T } from "./events.ts";
 
-const content = { stream: CONTENT_STREAM, failedType: T.Failed } as const;
+/** The definition's structure (the SLA is the review service's setting). */
+const MODERATION = moderationPipeline();
 
 /** The id of an item's one decision event, whoever decides (a human or the SLA). */
 export function decidedEventId(itemId: string): string {
@@ -48,10 +49,9 @@ export function moderationStage(
   analyzer: ToxicityAnalyzer,
 ): Stage<{ kind: "event"; types: readonly ["content.uploaded"] }> {
   return {
-    name: "moderation",
-    filterSubject: typeFilter(T.Uploaded),
     input: { kind: "event", types: [T.Uploaded] },
-    ...content,
+    // Its consumer, stream and failure event: the definition's.
+    ...stepInput(MODERATION, "moderation"),
     async handle(event, ctx) {
       const item: ContentItem = event.data;
       let moderation: Moderation;
@@ -87,10 +87,9 @@ export function storageModeratedStage(): Stage<
   { kind: "event"; types: readonly ["content.moderated"] }
 > {
   return {
-    name: "storage-moderated",
-    filterSubject: typeFilter(T.Moderated),
     input: { kind: "event", types: [T.Moderated] },
-    ...content,
+    // Its consumer, stream and failure event: the definition's.
+    ...stepInput(MODERATION, "storage-moderated"),
     handle(event, ctx) {
       if (event.data.moderation.verdict !== "safe") return [];
       return [
@@ -105,10 +104,9 @@ export function storageDecidedStage(): Stage<
   { kind: "event"; types: readonly ["content.decided"] }
 > {
   return {
-    name: "storage-decided",
-    filterSubject: typeFilter(T.Decided),
     input: { kind: "event", types: [T.Decided] },
-    ...content,
+    // Its consumer, stream and failure event: the definition's.
+    ...stepInput(MODERATION, "storage-decided"),
     handle(event, ctx) {
       const d = event.data;
       return [
@@ -178,10 +176,9 @@ export function reviewQueueStage(
   sla: SlaConfig,
 ): Stage<{ kind: "event"; types: readonly ["content.moderated"] }> {
   return {
-    name: "review-queue",
-    filterSubject: typeFilter(T.Moderated),
     input: { kind: "event", types: [T.Moderated] },
-    ...content,
+    // Its consumer, stream and failure event: the definition's.
+    ...stepInput(MODERATION, "review-queue"),
     async handle(event, ctx: StageContext) {
       if (event.data.moderation.verdict !== "flagged") return [];
       // Times derive from the input event, so a redelivery computes the same entry.
@@ -245,10 +242,9 @@ export function reviewSlaStage(
   sla: SlaConfig,
 ): Stage<{ kind: "event"; types: readonly ["content.sla_expired"] }> {
   return {
-    name: "review-sla",
-    filterSubject: typeFilter(T.SlaExpired),
     input: { kind: "event", types: [T.SlaExpired] },
-    ...content,
+    // Its consumer, stream and failure event: the definition's.
+    ...stepInput(MODERATION, "review-sla"),
     async handle(event, ctx) {
       const entry = await queue.get(event.item_id);
       if (!entry) return [];

@@ -1,12 +1,14 @@
 /**
- * How the content moderation pipeline plugs into the mesh: its stream, state and review
- * buckets and object store of uploads, its services (state writer, moderation, review,
- * storage), and what the gateway needs for it (src/wiring.ts).
+ * How the content moderation pipeline plugs into the mesh (src/wiring.ts): its stream, its
+ * steps' services (moderation, review, storage) and the dashboard's graph derived from its
+ * definition (pipeline.ts), and by hand its state and review buckets, object store of
+ * uploads, state writer, and what the gateway needs for it.
  *
  * @module
  */
 import type { PipelineWiring } from "../../src/wiring.ts";
-import { stepAccess } from "../../src/wiring.ts";
+import { definedGraph, definedStream, stepServices } from "../../src/wiring.ts";
+import { moderationPipeline } from "./pipeline.ts";
 import { SCHEDULE_BUCKET, typeFilter } from "../../src/subjects.ts";
 import { CONTENT_FINAL_EVENT_TYPES, ContentEventType } from "./events.ts";
 import {
@@ -17,14 +19,18 @@ import {
 } from "./subjects.ts";
 import { CONTENT_STATE_SPEC } from "./state.ts";
 
+/** The structure of the moderation pipeline's definition (its SLA is the review service's setting). */
+const MODERATION_PIPELINE = moderationPipeline();
+
 /** The moderation pipeline's part of the mesh. */
 export const MODERATION_WIRING: PipelineWiring = {
   name: "content",
-  streams: [{
-    name: CONTENT_STREAM,
-    description: "Weft content moderation: every event of every content item",
-    subjects: ["content.>"],
-  }],
+  streams: [
+    definedStream(
+      MODERATION_PIPELINE,
+      "Weft content moderation: every event of every content item",
+    ),
+  ],
   buckets: [
     {
       name: CONTENT_STATE_BUCKET,
@@ -41,17 +47,9 @@ export const MODERATION_WIRING: PipelineWiring = {
   objectStores: [{ name: CONTENT_OBJECT_BUCKET, description: "Weft: binary content uploads" }],
   // The review service's SLA timers.
   timers: [typeFilter(ContentEventType.SlaExpired)],
-  dashboard: {
-    title: "Content moderation pipeline",
-    stages: [
-      ["moderation", "moderation"],
-      ["storage-moderated", "storage (safe)"],
-      ["review-queue", "review queue (flagged)"],
-      ["review-sla", "review SLA"],
-      ["storage-decided", "storage (decided)"],
-      ["content-state", "state writer"],
-    ],
-  },
+  dashboard: definedGraph(MODERATION_PIPELINE, "Content moderation pipeline", {
+    after: [["content-state", "state writer"]],
+  }),
   items: {
     what: "content item",
     entryType: ContentEventType.Uploaded,
@@ -69,36 +67,30 @@ export const MODERATION_WIRING: PipelineWiring = {
         publishes: [`deadletter.${CONTENT_STATE_SPEC.durable}.*`],
       },
     },
-    {
-      name: "moderation",
-      entry: "pipelines/moderation/services/moderation.ts",
-      analyzes: true,
-      access: stepAccess(CONTENT_STREAM, ["moderation"], ["content.moderated"], "content.failed", {
-        readsObjects: [CONTENT_OBJECT_BUCKET],
-      }),
-    },
-    {
-      name: "review",
-      entry: "pipelines/moderation/services/review.ts",
-      access: stepAccess(
-        CONTENT_STREAM,
-        ["review-queue", "review-sla"],
-        ["content.review_requested", "content.escalated", "content.decided"],
-        "content.failed",
-        { writesBuckets: [REVIEW_BUCKET, SCHEDULE_BUCKET] },
-      ),
-    },
-    {
-      name: "storage",
-      entry: "pipelines/moderation/services/storage.ts",
-      access: stepAccess(
-        CONTENT_STREAM,
-        ["storage-moderated", "storage-decided"],
-        ["content.published", "content.archived"],
-        "content.failed",
-        { readsObjects: [CONTENT_OBJECT_BUCKET] },
-      ),
-    },
+    // The definition's steps.
+    ...stepServices(MODERATION_PIPELINE, [
+      {
+        name: "moderation",
+        entry: "pipelines/moderation/services/moderation.ts",
+        steps: ["moderation"],
+        analyzes: true,
+        access: { readsObjects: [CONTENT_OBJECT_BUCKET] },
+      },
+      {
+        // The review wait's queue and SLA: it sets the SLA timers, and the gateway's
+        // claim/decision API shares the review bucket.
+        name: "review",
+        entry: "pipelines/moderation/services/review.ts",
+        steps: ["review-queue", "review-sla"],
+        access: { writesBuckets: [REVIEW_BUCKET, SCHEDULE_BUCKET] },
+      },
+      {
+        name: "storage",
+        entry: "pipelines/moderation/services/storage.ts",
+        steps: ["storage-moderated", "storage-decided"],
+        access: { readsObjects: [CONTENT_OBJECT_BUCKET] },
+      },
+    ]),
   ],
   gateway: {
     // Uploads and reviewers' decisions; redrives of any of the pipeline's subjects.

@@ -434,7 +434,7 @@ function redrive(seq, button) {
 }
 
 // Pipelines run from definitions (GET /pipelines): one graph each, drawn from the definition.
-// Work steps (task, llm, router) get live figures; joins, waits, delays and ends are drawn as
+// Work steps (task, llm, router, agent: each with its durable consumer) get live figures; joins, waits, delays and ends are drawn as
 // dashed boxes; every edge is listed under the graph with its label.
 function addPipelines(list) {
   var holder = document.getElementById("defined");
@@ -459,8 +459,8 @@ function addPipelines(list) {
     }
     order.forEach(function (id, i) {
       var n = kinds[id];
-      if (n.kind === "task" || n.kind === "llm" || n.kind === "router") {
-        var stage = p.name + "-" + id;
+      if (n.durable) {
+        var stage = n.durable;
         buildStage(g, stage, n.label + " (" + n.kind + ")", i);
         if (STAGES.indexOf(stage) < 0) STAGES.push(stage);
       } else {

@@ -6,7 +6,7 @@
  * @module
  */
 import type { FromSchema, JSONSchema } from "json-schema-to-ts";
-import type { Stage, StageContext } from "../stage.ts";
+import type { StageContext } from "../stage.ts";
 import { validatePipeline } from "./validate.ts";
 
 /**
@@ -69,6 +69,12 @@ interface StepBase {
   flow?: FlowControl;
   /** Processes running a work step (task, llm, agent, router), sharing its consumer. Default 1. */
   replicas?: number;
+  /**
+   * A work step's durable consumer (also its dead-letter subject and metrics label), when it
+   * predates the definition and must keep its name: a renamed consumer would start over from
+   * the stream's first message. Default `<pipeline>-<step>`.
+   */
+  durable?: string;
 }
 
 /** Where an item goes after a step: one step, or several at once (fan-out). */
@@ -92,9 +98,6 @@ export interface TaskStep extends StepBase {
    */
   // deno-lint-ignore no-explicit-any
   handleBatch?: (values: any[], ctxs: StepContext[]) => unknown[] | Promise<unknown[]>;
-  /** An existing Stage (src/stage.ts) run as this step, for the shipped pipelines. */
-  // deno-lint-ignore no-explicit-any
-  stage?: Stage<any>;
   /** Further event types the handler publishes itself (e.g. a terminal one). */
   alsoEmits?: readonly string[];
   next?: Next;
@@ -399,7 +402,7 @@ export type PipelineDefinition<S extends PipelineSpec = PipelineSpec> = S & {
   readonly hash: string;
 };
 
-/** Canonical JSON of the data part of a spec: sorted keys, functions and Stage objects left out. */
+/** Canonical JSON of the data part of a spec: sorted keys, functions left out. */
 export function canonicalSpec(spec: PipelineSpec): string {
   const walk = (v: unknown): unknown => {
     if (typeof v === "function") return undefined;
@@ -407,7 +410,7 @@ export function canonicalSpec(spec: PipelineSpec): string {
     if (v && typeof v === "object") {
       const out: Record<string, unknown> = {};
       for (const k of Object.keys(v).sort()) {
-        if (k === "stage" || k === "hash") continue;
+        if (k === "hash") continue;
         const w = walk((v as Record<string, unknown>)[k]);
         if (w !== undefined) out[k] = w;
       }

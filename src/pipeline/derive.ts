@@ -5,15 +5,19 @@
  * @module
  */
 import type { PipelineSpec, StepSpec } from "./definition.ts";
-import { edgesOf, eventOf } from "./validate.ts";
+import { edgesOf, eventOf, WORK_KINDS } from "./validate.ts";
 import { entryEvent, FAILED, timeoutEventOf } from "./flow.ts";
 
 /**
  * The durable consumer (and stage, metrics label, dead-letter subject) of a step or of the
- * runtime's own parts: `<pipeline>-<step>`, unique in the mesh.
+ * runtime's own parts: `<pipeline>-<step>`, unique in the mesh, or the step's own `durable`.
  */
-export function durableOf(spec: { name: string }, step: string): string {
-  return `${spec.name}-${step}`;
+export function durableOf(
+  spec: { name: string; steps?: Readonly<Record<string, unknown>> },
+  step: string,
+): string {
+  const own = (spec.steps?.[step] as { durable?: string } | undefined)?.durable;
+  return own ?? `${spec.name}-${step}`;
 }
 /** The runtime's intake: bus submissions (`<name>.submit`) become entry events. */
 export const INTAKE = "ingest";
@@ -23,13 +27,7 @@ export const CONTROL = "control";
 export const STATE = "state";
 /** Step kinds the control service runs: they hold an item, with no handler of their own. */
 export const CONTROL_KINDS: ReadonlySet<StepSpec["kind"]> = new Set(["join", "wait", "delay"]);
-/** Step kinds run as their own service: a handler per item. */
-export const WORK_KINDS: ReadonlySet<StepSpec["kind"]> = new Set([
-  "task",
-  "llm",
-  "agent",
-  "router",
-]);
+export { WORK_KINDS };
 
 /** Subjects and stream of one pipeline. */
 export interface PipelineSubjects {
@@ -102,6 +100,44 @@ export function stepFilterSubject(spec: PipelineSpec, id: string): string | null
   return unique.length === 1 ? unique[0]! : `${n}.*.*`;
 }
 
+/** What a stage running a work step takes from the definition: where it reads and fails. */
+export interface StepInput {
+  /** Its durable consumer. */
+  name: string;
+  stream: string;
+  filterSubject: string;
+  /** The pipeline's failure event type, `<name>.failed`. */
+  failedType: string;
+}
+
+/**
+ * The durable consumer, stream, filter and failure event of work step `id`: a stage module
+ * that runs the step spreads this into its stage, so the definition decides what it reads.
+ *
+ * @example
+ * ```ts
+ * import { definePipeline } from "./definition.ts";
+ * import { stepInput } from "./derive.ts";
+ * const orders = definePipeline({
+ *   name: "orders",
+ *   input: { schema: { type: "object" }, event: "placed" },
+ *   start: "price",
+ *   steps: { price: { kind: "task", output: { type: "object" }, next: "done" }, done: { kind: "end", outcome: "done" } },
+ * });
+ * console.assert(stepInput(orders, "price").filterSubject === "orders.placed.*");
+ * ```
+ */
+export function stepInput(spec: PipelineSpec, id: string): StepInput {
+  const filterSubject = stepFilterSubject(spec, id);
+  if (filterSubject === null) throw new Error(`step ${id} of ${spec.name} is not a work step`);
+  return {
+    name: durableOf(spec, id),
+    stream: pipelineSubjects(spec).stream,
+    filterSubject,
+    failedType: `${spec.name}.${FAILED}`,
+  };
+}
+
 /** Settings a consumer config is built from (the Config fields topology.ts uses). */
 export interface ConsumerSettings {
   ackWaitMs: number;
@@ -138,6 +174,24 @@ export function stepConsumers(spec: PipelineSpec, settings: ConsumerSettings): D
   return out;
 }
 
+/**
+ * The events (`<name>.<event>.*`) the completions of steps `ids` publish: their own, and the
+ * end events they lead to (a step whose successor is an end step publishes it itself).
+ */
+export function stepPublishes(spec: PipelineSpec, ids: readonly string[]): string[] {
+  const n = spec.name;
+  const out = new Set<string>();
+  for (const id of ids) {
+    const step = spec.steps[id]!;
+    for (const e of publishedEvents(spec, id, step)) out.add(`${e}.*`);
+    for (const [t] of edgesOf(step)) {
+      const ts = spec.steps[t]!;
+      if (ts.kind === "end") out.add(`${n}.${eventOf(t, ts)}.*`);
+    }
+  }
+  return [...out];
+}
+
 /** What one step's service may publish and subscribe to (for per-service NATS permissions). */
 export interface StepPermissions {
   step: string;
@@ -149,15 +203,10 @@ export interface StepPermissions {
 export function stepPermissions(spec: PipelineSpec): StepPermissions[] {
   const n = spec.name;
   const out: StepPermissions[] = [];
-  for (const [id, step] of Object.entries(spec.steps)) {
+  for (const id of Object.keys(spec.steps)) {
     const filter = stepFilterSubject(spec, id);
     if (filter === null) continue;
-    const publish = new Set(publishedEvents(spec, id, step).map((e) => `${e}.*`));
-    for (const [t] of edgesOf(step)) {
-      const ts = spec.steps[t]!;
-      // A step whose successor is an end step publishes the terminal event itself.
-      if (ts.kind === "end") publish.add(`${n}.${eventOf(t, ts)}.*`);
-    }
+    const publish = new Set(stepPublishes(spec, [id]));
     publish.add(`${n}.${FAILED}.*`);
     publish.add(`deadletter.${durableOf(spec, id)}.*`);
     out.push({ step: id, publish: [...publish], subscribe: [filter] });
@@ -167,7 +216,8 @@ export function stepPermissions(spec: PipelineSpec): StepPermissions[] {
 
 /** The dashboard's drawing of a pipeline. */
 export interface PipelineGraph {
-  nodes: { id: string; kind: StepSpec["kind"] | "input"; label: string }[];
+  /** Work steps carry their durable consumer: the metrics label their figures. */
+  nodes: { id: string; kind: StepSpec["kind"] | "input"; label: string; durable?: string }[];
   edges: { from: string; to: string; label?: string; loop?: number }[];
 }
 
@@ -177,7 +227,12 @@ export function pipelineGraph(spec: PipelineSpec): PipelineGraph {
   const edges: PipelineGraph["edges"] = [{ from: "$input", to: spec.start }];
   const loops = new Map((spec.loops ?? []).map((l) => [`${l.from}>${l.to}`, l.maxIterations]));
   for (const [id, step] of Object.entries(spec.steps)) {
-    nodes.push({ id, kind: step.kind, label: step.description ?? id });
+    nodes.push({
+      id,
+      kind: step.kind,
+      label: step.description ?? id,
+      ...(WORK_KINDS.has(step.kind) ? { durable: durableOf(spec, id) } : {}),
+    });
     for (const [to, via] of edgesOf(step)) {
       const label = via === "next" ? undefined : via.replace(/^routes\./, "");
       const loop = loops.get(`${id}>${to}`);

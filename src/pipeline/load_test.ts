@@ -46,3 +46,26 @@ Deno.test("a definition may not take a name the mesh's subjects already use", as
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a definition's step may not take a durable consumer another pipeline has", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = await definitionFile(dir, "orders");
+    // The feedback pipeline's sentiment step keeps its consumer "sentiment".
+    await Deno.writeTextFile(
+      file,
+      (await Deno.readTextFile(file)).replace(
+        `kind: "task",`,
+        `kind: "task", durable: "sentiment",`,
+      ),
+    );
+    await assert.rejects(
+      loadPipelines([file]),
+      (e) =>
+        e instanceof ConfigError && e.message.includes("step echo") &&
+        e.message.includes(`"sentiment" is also feedback's`),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -24,7 +24,7 @@ import { SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import type { ExtraTopology } from "../topology.ts";
 import type { Access } from "../identities.ts";
-import { edgesOf, eventOf } from "./validate.ts";
+import { edgesOf, eventOf, WORK_KINDS } from "./validate.ts";
 import type { PipelineDefinition, ScratchEntry, StepContext, StepSpec } from "./definition.ts";
 import {
   CONTROL,
@@ -34,6 +34,7 @@ import {
   pipelineSubjects,
   STATE,
   stepFilterSubject,
+  stepPublishes,
 } from "./derive.ts";
 import {
   advance,
@@ -50,7 +51,6 @@ import {
   flowEvent,
   schemaFailure,
   targetsOf,
-  timeoutEventOf,
   TIMER,
   type TimerData,
 } from "./flow.ts";
@@ -128,6 +128,13 @@ export async function loadPipelines(
   // definition: a process without one never loads the whole library (analyzers, gateway).
   if (files.length > 0) await import("../../mod.ts");
   const out: LoadedPipeline[] = [];
+  // A durable consumer's name is also its dead-letter subject and metrics label: one owner
+  // in the whole mesh (a step's own `durable` could take another's).
+  const durables = new Map<string, string>(
+    SHIPPED_PIPELINES.flatMap((w) =>
+      w.services.flatMap((s) => (s.access.consumes ?? []).map((c) => [c.durable, w.name]))
+    ),
+  );
   for (const f of files) {
     const file = f.startsWith("/") ? f : `${base.replace(/\/$/, "")}/${f}`;
     let mod: Record<string, unknown>;
@@ -154,6 +161,16 @@ export async function loadPipelines(
         );
       }
       for (const [id, step] of Object.entries(def.steps)) {
+        if (WORK_KINDS.has(step.kind)) {
+          const durable = durableOf(def, id);
+          const owner = durables.get(durable);
+          if (owner !== undefined) {
+            throw new ConfigError(
+              `pipeline file ${f}, step ${id}: durable consumer "${durable}" is also ${owner}'s`,
+            );
+          }
+          durables.set(durable, `pipeline ${def.name}`);
+        }
         if (step.kind === "router" && !step.route) {
           throw new ConfigError(
             `pipeline file ${f}, step ${id}: a router needs its route (the rules; a prompt only adds the LLM's choice)`,
@@ -993,23 +1010,6 @@ export interface PipelineServiceSpec {
   access: Access;
 }
 
-/** The events (`<name>.<event>.*`) `ids`' completions publish, with the end events they lead to. */
-function completionSubjects(def: PipelineDefinition, ids: readonly string[]): string[] {
-  const n = def.name;
-  const out = new Set<string>();
-  for (const id of ids) {
-    const step = def.steps[id]!;
-    out.add(`${n}.${eventOf(id, step)}.*`);
-    if (step.kind === "wait" || step.kind === "join") out.add(`${n}.${timeoutEventOf(id, step)}.*`);
-    if (step.kind === "task") { for (const e of step.alsoEmits ?? []) out.add(`${n}.${e}.*`); }
-    for (const [t] of edgesOf(step)) {
-      const ts = def.steps[t]!;
-      if (ts.kind === "end") out.add(`${n}.${eventOf(t, ts)}.*`);
-    }
-  }
-  return [...out];
-}
-
 /**
  * Each pipeline service's least-privilege access, from its definition: a step publishes
  * only its own events (and the end events it leads to), its pipeline's failure event and
@@ -1045,7 +1045,7 @@ export function pipelineServiceSpecs(
         publishes: [
           `${n}.${entryEvent(def)}.*`,
           `${n}.${FAILED}.*`,
-          ...completionSubjects(def, controlSteps),
+          ...stepPublishes(def, controlSteps),
           ...[INTAKE, CONTROL, STATE].map((part) => `deadletter.${durableOf(def, part)}.*`),
         ],
         writesBuckets: [stateBucketOf(n), controlBucketOf(n), SCHEDULE_BUCKET],
@@ -1079,7 +1079,7 @@ export function pipelineServiceSpecs(
               ],
             }),
           publishes: [
-            ...completionSubjects(def, [id]),
+            ...stepPublishes(def, [id]),
             `${n}.${FAILED}.*`,
             `deadletter.${durableOf(def, id)}.*`,
           ],

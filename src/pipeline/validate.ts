@@ -74,6 +74,14 @@ export function edgesOf(step: StepSpec): [string, string][] {
 /** Event tokens the runtime publishes itself (see flow.ts): no step may publish them. */
 const RESERVED = new Set(["submit", "submitted", "failed"]);
 
+/** Step kinds run as their own service, with a durable consumer each: a handler per item. */
+export const WORK_KINDS: ReadonlySet<StepSpec["kind"]> = new Set([
+  "task",
+  "llm",
+  "agent",
+  "router",
+]);
+
 /** The event type a step publishes on completion (a token); a wait's is its own, not the awaited one. */
 export function eventOf(id: string, step: StepSpec): string {
   if (step.emits) return step.emits;
@@ -127,6 +135,15 @@ export function validatePipeline(spec: PipelineSpec): void {
 
   const events = new Map<string, string>();
   if (spec.input.event) events.set(spec.input.event, "(input)");
+  // Durable consumers: the runtime's own parts', then the steps' own names.
+  const durables = new Map<string, string>(
+    ["ingest", "control", "state"].map((part) => [`${name}-${part}`, `the runtime's ${part}`]),
+  );
+  for (const id of ids) {
+    if (spec.steps[id]!.durable === undefined && WORK_KINDS.has(spec.steps[id]!.kind)) {
+      durables.set(`${name}-${id}`, id);
+    }
+  }
   for (const id of ids) {
     const step = spec.steps[id]!;
     if (!TOKEN.test(id)) fail(id, "invalid_token", `step id "${id}" is not a subject token`);
@@ -162,6 +179,19 @@ export function validatePipeline(spec: PipelineSpec): void {
     }
     for (const [t, via] of edgesOf(step)) {
       if (!(t in spec.steps)) fail(id, "unknown_step", `${via} names unknown step "${t}"`);
+    }
+    if (step.durable !== undefined) {
+      if (!WORK_KINDS.has(step.kind)) {
+        fail(id, "invalid_value", `a ${step.kind} step has no consumer of its own to name`);
+      }
+      if (!TOKEN.test(step.durable)) {
+        fail(id, "invalid_token", `durable "${step.durable}" is not a subject token`);
+      }
+      const other = durables.get(step.durable);
+      if (other !== undefined) {
+        fail(id, "duplicate_name", `durable "${step.durable}" is also ${other}'s`);
+      }
+      durables.set(step.durable, id);
     }
     if ("output" in step) compile(id, "output schema", step.output);
     if (step.kind === "agent") {

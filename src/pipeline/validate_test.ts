@@ -173,3 +173,23 @@ Deno.test("an awaited event a step publishes, or a runtime event name, is reject
   } as const;
   assert.deepEqual(problemOf(reserved), ["duplicate_name", "submitted"]);
 });
+
+Deno.test("a step's own durable consumer name must be a token, on a work step, and its alone", () => {
+  const named = (steps: Record<string, unknown>) => {
+    const s = base();
+    for (const [id, durable] of Object.entries(steps)) {
+      (s.steps[id] as { durable?: unknown }).durable = durable;
+    }
+    return s;
+  };
+  // Kept: a step whose consumer predates its definition keeps its name.
+  const kept = definePipeline(named({ reply: "reply" }));
+  assert.equal((kept.steps.reply as { durable?: string }).durable, "reply");
+  assert.deepEqual(problemOf(named({ reply: "Reply!" })), ["invalid_token", "reply"]);
+  // A wait is held by the runtime's control service: it has no consumer of its own.
+  assert.deepEqual(problemOf(named({ approve: "approve" })), ["invalid_value", "approve"]);
+  // Another step's consumer, named or by default, or the runtime's own part's.
+  assert.deepEqual(problemOf(named({ triage: "x", reply: "x" }))[0], "duplicate_name");
+  assert.deepEqual(problemOf(named({ reply: "tickets-triage" })), ["duplicate_name", "reply"]);
+  assert.deepEqual(problemOf(named({ reply: "tickets-state" })), ["duplicate_name", "reply"]);
+});
