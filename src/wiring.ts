@@ -29,7 +29,14 @@ import type { StateSpec } from "./state_writer.ts";
 import { TIMER_SUBJECTS } from "./subjects.ts";
 import { ConfigError } from "./errors.ts";
 import type { PipelineSpec } from "./pipeline/definition.ts";
-import { durableOf, pipelineSubjects, stepPublishes, WORK_KINDS } from "./pipeline/derive.ts";
+import {
+  durableOf,
+  type PipelineGraph,
+  pipelineGraph,
+  pipelineSubjects,
+  stepPublishes,
+  WORK_KINDS,
+} from "./pipeline/derive.ts";
 import { edgesOf } from "./pipeline/validate.ts";
 
 /** A service the supervisor runs. */
@@ -174,8 +181,13 @@ export interface PipelineWiring {
 export interface WiredGraph {
   /** The section's heading, e.g. `Orders pipeline`. */
   title: string;
-  /** `[durable, label]` in flow order. */
+  /** `[durable, label]` in flow order: every box with live figures. */
   stages: readonly (readonly [string, string])[];
+  /**
+   * Its definition's graph, when it has one: the page draws the definition's steps (waits and
+   * ends too) where the first of them is in `stages`, and its edges below.
+   */
+  graph?: PipelineGraph;
 }
 
 /**
@@ -294,9 +306,10 @@ export function definedStream(
 }
 
 /**
- * The dashboard's drawing of `def`: its work steps from the input onwards (breadth first),
- * each its durable consumer labelled with the step's description, between the pipeline's
- * own services `before` and `after` (e.g. its intake and its state writer).
+ * The dashboard's drawing of `def`: its graph, and as boxes with live figures its work steps
+ * from the input onwards (breadth first), each its durable consumer labelled with the step's
+ * description, between the pipeline's own services `before` and `after` (e.g. its intake and
+ * its state writer).
  */
 export function definedGraph(
   def: PipelineSpec,
@@ -319,7 +332,11 @@ export function definedGraph(
   const steps = order
     .filter((id) => WORK_KINDS.has(def.steps[id]!.kind))
     .map((id) => [durableOf(def, id), def.steps[id]!.description ?? id] as const);
-  return { title, stages: [...extra.before ?? [], ...steps, ...extra.after ?? []] };
+  return {
+    title,
+    stages: [...extra.before ?? [], ...steps, ...extra.after ?? []],
+    graph: pipelineGraph(def),
+  };
 }
 
 /** Two accesses as one: every list joined. */

@@ -14,7 +14,7 @@ import {
 } from "./wiring.ts";
 import { definePipeline } from "./pipeline/definition.ts";
 import { ConfigError } from "./errors.ts";
-import { stepConsumers } from "./pipeline/derive.ts";
+import { pipelineGraph, stepConsumers } from "./pipeline/derive.ts";
 import { TIMER_SUBJECTS } from "./subjects.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 
@@ -180,8 +180,11 @@ Deno.test("a hand-wired pipeline's step services take their consumers and events
     description: "returns",
     subjects: ["returns.>"],
   });
-  assert.deepEqual(definedGraph(RETURNS, "Returns", { after: [["state", "state writer"]] }), {
+  const drawn = definedGraph(RETURNS, "Returns", { after: [["state", "state writer"]] });
+  assert.deepEqual(drawn.graph, pipelineGraph(RETURNS));
+  assert.deepEqual({ ...drawn, graph: undefined }, {
     title: "Returns",
+    graph: undefined,
     stages: [
       ["inspect", "inspection"],
       ["returns-decide", "decide"],

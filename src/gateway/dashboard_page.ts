@@ -181,10 +181,61 @@ function buildGraph() {
     var g = el("div", { class: "graph" });
     section.appendChild(g);
     holder.appendChild(section);
-    pipeline.stages.forEach(function (stage, i) {
-      buildStage(g, stage[0], stage[1], i);
+    // With its definition's graph: its steps (waits and ends too) where its first step's box
+    // would be, and its edges below; its other boxes (intake, state writer) around them.
+    var steps = {};
+    if (pipeline.graph) {
+      pipeline.graph.nodes.forEach(function (n) { if (n.durable) steps[n.durable] = true; });
+    }
+    var drawn = false, i = 0;
+    pipeline.stages.forEach(function (stage) {
+      if (!steps[stage[0]]) { buildStage(g, stage[0], stage[1], i++); return; }
+      if (drawn) return;
+      drawn = true;
+      i = drawGraph(g, pipeline.graph, i, function (n) { return n.label; });
     });
+    if (pipeline.graph) section.appendChild(edgeList(pipeline.graph));
   });
+}
+
+// Draws a definition's steps breadth first from its input into g, from the i-th box on: a work
+// step (its durable consumer) with live figures, a join, wait, delay or end as a dashed box.
+// Returns the count of boxes drawn so far.
+function drawGraph(g, graph, i, labelOf) {
+  var next = {};
+  graph.edges.forEach(function (e) { (next[e.from] = next[e.from] || []).push(e.to); });
+  var kinds = {};
+  graph.nodes.forEach(function (n) { kinds[n.id] = n; });
+  var order = [], seenIds = new Set(["$input"]), queue = ["$input"];
+  while (queue.length) {
+    (next[queue.shift()] || []).forEach(function (t) {
+      if (!seenIds.has(t)) { seenIds.add(t); order.push(t); queue.push(t); }
+    });
+  }
+  order.forEach(function (id) {
+    var n = kinds[id];
+    if (n.durable) {
+      buildStage(g, n.durable, labelOf(n), i++);
+      if (STAGES.indexOf(n.durable) < 0) STAGES.push(n.durable);
+    } else {
+      if (i++ > 0) g.appendChild(el("span", { class: "arrow" }, "→"));
+      var box = el("div", { class: "stage ctl", "data-step": id });
+      box.appendChild(el("h3", null, n.label));
+      box.appendChild(el("span", { class: "muted" }, n.kind));
+      g.appendChild(box);
+    }
+  });
+  return i;
+}
+
+// Every edge of a definition's graph, with its label and a loop's bound.
+function edgeList(graph) {
+  return el("div", { class: "edges muted" }, graph.edges
+    .filter(function (e) { return e.from !== "$input"; })
+    .map(function (e) {
+      return e.from + " → " + e.to + (e.label ? " (" + e.label + ")" : "") +
+        (e.loop ? " ≤" + e.loop + "×" : "");
+    }).join(" · "));
 }
 
 function buildStage(g, name, title, i) {
@@ -446,37 +497,8 @@ function addPipelines(list) {
     section.appendChild(h);
     var g = el("div", { class: "graph" });
     section.appendChild(g);
-    // Steps in breadth-first order from the input.
-    var next = {};
-    p.graph.edges.forEach(function (e) { (next[e.from] = next[e.from] || []).push(e.to); });
-    var kinds = {};
-    p.graph.nodes.forEach(function (n) { kinds[n.id] = n; });
-    var order = [], seenIds = new Set(["$input"]), queue = ["$input"];
-    while (queue.length) {
-      (next[queue.shift()] || []).forEach(function (t) {
-        if (!seenIds.has(t)) { seenIds.add(t); order.push(t); queue.push(t); }
-      });
-    }
-    order.forEach(function (id, i) {
-      var n = kinds[id];
-      if (n.durable) {
-        var stage = n.durable;
-        buildStage(g, stage, n.label + " (" + n.kind + ")", i);
-        if (STAGES.indexOf(stage) < 0) STAGES.push(stage);
-      } else {
-        if (i > 0) g.appendChild(el("span", { class: "arrow" }, "→"));
-        var box = el("div", { class: "stage ctl", "data-step": id });
-        box.appendChild(el("h3", null, n.label));
-        box.appendChild(el("span", { class: "muted" }, n.kind));
-        g.appendChild(box);
-      }
-    });
-    section.appendChild(el("div", { class: "edges muted" }, p.graph.edges
-      .filter(function (e) { return e.from !== "$input"; })
-      .map(function (e) {
-        return e.from + " → " + e.to + (e.label ? " (" + e.label + ")" : "") +
-          (e.loop ? " ≤" + e.loop + "×" : "");
-      }).join(" · ")));
+    drawGraph(g, p.graph, 0, function (n) { return n.label + " (" + n.kind + ")"; });
+    section.appendChild(edgeList(p.graph));
     if ((p.waits || []).length > 0) {
       section.appendChild(el("h3", null, "Waiting for a decision"));
       section.appendChild(el("div", { class: "waiting", "data-waiting": p.name }, "…"));
