@@ -11,6 +11,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
 import { WeftMetrics } from "../src/observability/metrics.ts";
 import { startTestNats } from "./helpers/nats.ts";
+import { readSse } from "./helpers/sse.ts";
 
 /** One sample's value from Prometheus text; undefined when absent. */
 function sample(text: string, name: string, labels: Record<string, string> = {}) {
@@ -242,6 +243,39 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
       assert.equal(dl?.item_id, "poison1");
       assert.equal(dl?.event_type, "feedback.ingested");
       assert.deepEqual(mesh.stray, [], "no free-text output on stderr");
+    },
+  );
+
+  // Last: it submits one more item, which the exact counts above do not expect.
+  await t.step(
+    "a /dashboard/recent snapshot ends at last_seq, and the live feed resumes there with no gap",
+    async () => {
+      const snap = await (await fetch(`${mesh.gatewayUrl}/dashboard/recent?limit=500`)).json() as {
+        events: { seq: number }[];
+        last_seq: number;
+      };
+      assert.ok(snap.events.every((e) => e.seq <= snap.last_seq));
+      assert.equal(snap.events.at(-1)!.seq, snap.last_seq);
+      // An item processed after the snapshot and before the page opens its feed: a feed opened
+      // "from now" would miss all of it (the dashboard's rows stayed stuck that way).
+      const late = await submit(mesh.gatewayUrl, "arrived between snapshot and feed");
+      await waitFinal(mesh.gatewayUrl, late);
+      const res = await fetch(`${mesh.gatewayUrl}/events`, {
+        headers: { "last-event-id": String(snap.last_seq) },
+      });
+      const frames = await readSse(res, {
+        timeoutMs: 15_000,
+        stopAfter: (e) => e.event === FeedbackEventType.Processed && e.data.includes(late),
+      });
+      const mine = frames.filter((f) => f.data.includes(late)).map((f) => f.event);
+      assert.deepEqual(mine, [
+        FeedbackEventType.Ingested,
+        FeedbackEventType.SentimentAnalyzed,
+        FeedbackEventType.TopicsExtracted,
+        FeedbackEventType.Dispatched,
+        FeedbackEventType.Processed,
+      ]);
+      assert.ok(frames.every((f) => Number(f.id) > snap.last_seq));
     },
   );
 });

@@ -149,8 +149,18 @@ var lastSeq = "";
 function connectEvents() {
   if (eventsCtl) eventsCtl.abort();
   var ctl = eventsCtl = new AbortController();
+  // First the snapshot, then the live feed from where the snapshot ends: an event stored in
+  // between is not lost (a feed opened "from now" beside the snapshot could miss it).
+  if (!lastSeq) {
+    loadRecent().then(function (seq) {
+      if (ctl.signal.aborted) return;
+      if (seq !== null) lastSeq = String(seq);
+      follow(ctl);
+    });
+  } else follow(ctl);
+}
+function follow(ctl) {
   var headers = lastSeq ? { "last-event-id": lastSeq } : {};
-  if (!lastSeq) loadRecent();
   readSse("/events", ctl.signal, function (frame) {
     if (!STEP[frame.event]) return;
     lastSeq = frame.id;
@@ -161,9 +171,11 @@ function connectEvents() {
   });
 }
 
+// Fills the table from the latest events; resolves to the stream sequence the snapshot ends
+// at (null when there is none: no key, or it failed).
 function loadRecent() {
   var tbody = document.getElementById("items");
-  api("/dashboard/recent?pipeline=feedback&limit=300").then(function (r) {
+  return api("/dashboard/recent?pipeline=feedback&limit=300").then(function (r) {
     if (r.status === 401 || r.status === 403) {
       if (!tbody.querySelector("tr.hint")) {
         var tr = el("tr", { class: "hint" }); tr.appendChild(el("td", { colspan: "7", class: "muted" }, "Enter an API key above to see recent items."));
@@ -184,7 +196,8 @@ function loadRecent() {
       });
       connectSites();
     }
-  }).catch(function () {});
+    return body && typeof body.last_seq === "number" ? body.last_seq : null;
+  }).catch(function () { return null; });
 }
 
 /** A hub's edge sites' live event streams, by site: the last event id seen, the reader. */

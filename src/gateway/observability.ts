@@ -139,8 +139,12 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
     const limit = intQuery(c.req.query("limit"), "limit", 1, RECENT_EVENTS_MAX) ?? 200;
     const pipeline = recentPipeline(c.req.query("pipeline"));
     const sites = deps.config.hub;
+    const recent = await recentEvents(jetStream.js, jetStream.jsm, limit, pipeline);
     return c.json({
-      events: await recentEvents(jetStream.js, jetStream.jsm, limit, pipeline),
+      events: recent.events,
+      // The stream's last sequence when the snapshot was taken: a client follows the live
+      // events from there (Last-Event-ID), so none falls between the snapshot and the feed.
+      last_seq: recent.lastSeq,
       // A hub's edge sites: their latest events too, each with its site.
       ...(sites.length > 0
         ? {
@@ -185,9 +189,9 @@ export async function recentEvents(
   jsm: JetStreamManager,
   limit: number,
   pipeline: { name: string; stream: string },
-): Promise<{ seq: number; event: unknown }[]> {
+): Promise<{ events: { seq: number; event: unknown }[]; lastSeq: number }> {
   const state = (await jsm.streams.info(pipeline.stream)).state;
-  if (state.messages === 0) return [];
+  if (state.messages === 0) return { events: [], lastSeq: state.last_seq };
   const start = Math.max(state.first_seq, state.last_seq - limit * 2 + 1);
   const consumer = await js.consumers.get(pipeline.stream, {
     filter_subjects: `${pipeline.name}.*.*`,
@@ -212,5 +216,5 @@ export async function recentEvents(
     messages.stop();
     await consumer.delete().catch(() => {}); // or it would stay on the server for 5 minutes
   }
-  return out.slice(-limit);
+  return { events: out.slice(-limit), lastSeq: state.last_seq };
 }
