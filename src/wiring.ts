@@ -37,7 +37,8 @@ import {
   stepPublishes,
   WORK_KINDS,
 } from "./pipeline/derive.ts";
-import { edgesOf } from "./pipeline/validate.ts";
+import { edgesOf, eventOf } from "./pipeline/validate.ts";
+import { entryEvent, FAILED, timeoutEventOf } from "./pipeline/flow.ts";
 
 /** A service the supervisor runs. */
 export interface ServiceSpec {
@@ -337,6 +338,32 @@ export function definedGraph(
     stages: [...extra.before ?? [], ...steps, ...extra.after ?? []],
     graph: pipelineGraph(def),
   };
+}
+
+/**
+ * A hand-wired pipeline's items as `def` has them: started by its entry event, over after an
+ * end step's event or its failure event.
+ */
+export function definedItems(
+  def: PipelineSpec,
+  parts: Omit<WiredItems, "entryType" | "finalTypes">,
+): WiredItems {
+  const ends = Object.entries(def.steps).filter(([, step]) => step.kind === "end");
+  return {
+    ...parts,
+    entryType: `${def.name}.${entryEvent(def)}`,
+    finalTypes: new Set([
+      ...ends.map(([id, step]) => `${def.name}.${eventOf(id, step)}`),
+      `${def.name}.${FAILED}`,
+    ]),
+  };
+}
+
+/** The subjects `def`'s waits and joins time out on (`<name>.<timeout event>.*`): its timers. */
+export function definedTimers(def: PipelineSpec): string[] {
+  return Object.entries(def.steps)
+    .filter(([, step]) => step.kind === "wait" || step.kind === "join")
+    .map(([id, step]) => `${def.name}.${timeoutEventOf(id, step)}.*`);
 }
 
 /** Two accesses as one: every list joined. */

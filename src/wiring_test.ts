@@ -5,7 +5,9 @@ import { SERVICES, wiredServices } from "./supervisor.ts";
 import {
   callerSchedulableSubjects,
   definedGraph,
+  definedItems,
   definedStream,
+  definedTimers,
   type PipelineWiring,
   schedulableSubjects,
   stepAccess,
@@ -192,6 +194,32 @@ Deno.test("a hand-wired pipeline's step services take their consumers and events
       ["state", "state writer"],
     ],
   });
+});
+
+Deno.test("a hand-wired pipeline's items and timers follow from its definition", async () => {
+  const items = definedItems(RETURNS, {
+    what: "return",
+    state: SHIPPED_PIPELINES[0]!.items!.state,
+    statusField: "returns",
+  });
+  assert.equal(items.entryType, "returns.requested");
+  assert.deepEqual(
+    items.finalTypes,
+    new Set(["returns.refunded", "returns.rejected", "returns.failed"]),
+  );
+  assert.deepEqual(definedTimers(RETURNS), []);
+  // The shipped ones: the same items and timers as their own constants say.
+  const { FINAL_EVENT_TYPES, FeedbackEventType } = await import("../pipelines/feedback/events.ts");
+  const { CONTENT_FINAL_EVENT_TYPES, ContentEventType } = await import(
+    "../pipelines/moderation/events.ts"
+  );
+  const [feedback, content] = SHIPPED_PIPELINES;
+  assert.equal(feedback!.items!.entryType, FeedbackEventType.Ingested);
+  assert.deepEqual(feedback!.items!.finalTypes, FINAL_EVENT_TYPES);
+  assert.equal(content!.items!.entryType, ContentEventType.Uploaded);
+  assert.deepEqual(content!.items!.finalTypes, CONTENT_FINAL_EVENT_TYPES);
+  // The review wait's timeout is the SLA timer the review service sets.
+  assert.deepEqual(content!.timers, [`${ContentEventType.SlaExpired}.*`]);
 });
 
 Deno.test("a definition's work step no service runs, or two run, or a service running a non-step, is refused", () => {

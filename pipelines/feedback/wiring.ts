@@ -7,11 +7,18 @@
  * @module
  */
 import type { PipelineWiring } from "../../src/wiring.ts";
-import { definedGraph, definedStream, stepAccess, stepServices } from "../../src/wiring.ts";
+import {
+  definedGraph,
+  definedItems,
+  definedStream,
+  stepAccess,
+  stepServices,
+} from "../../src/wiring.ts";
 import { FEEDBACK_PIPELINE } from "./pipeline.ts";
 import { DIGEST_STREAM, SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../../src/subjects.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET, SUBMIT_SUBJECT } from "./subjects.ts";
-import { FeedbackEventType, FINAL_EVENT_TYPES } from "./events.ts";
+// Its events register in the catalog with the wiring, in every process that loads it.
+import "./events.ts";
 import { FEEDBACK_STATE_SPEC } from "./state.ts";
 
 /** The feedback pipeline's part of the mesh. */
@@ -35,13 +42,11 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     before: [["ingest", "ingest"]],
     after: [["state", "state writer"]],
   }),
-  items: {
+  items: definedItems(FEEDBACK_PIPELINE, {
     what: "feedback item",
-    entryType: FeedbackEventType.Ingested,
-    finalTypes: FINAL_EVENT_TYPES,
     state: FEEDBACK_STATE_SPEC,
     statusField: "items",
-  },
+  }),
   services: [
     {
       name: "state",

@@ -7,10 +7,17 @@
  * @module
  */
 import type { PipelineWiring } from "../../src/wiring.ts";
-import { definedGraph, definedStream, stepServices } from "../../src/wiring.ts";
+import {
+  definedGraph,
+  definedItems,
+  definedStream,
+  definedTimers,
+  stepServices,
+} from "../../src/wiring.ts";
 import { moderationPipeline } from "./pipeline.ts";
-import { SCHEDULE_BUCKET, typeFilter } from "../../src/subjects.ts";
-import { CONTENT_FINAL_EVENT_TYPES, ContentEventType } from "./events.ts";
+import { SCHEDULE_BUCKET } from "../../src/subjects.ts";
+// Its events register in the catalog with the wiring, in every process that loads it.
+import "./events.ts";
 import {
   CONTENT_OBJECT_BUCKET,
   CONTENT_STATE_BUCKET,
@@ -46,17 +53,15 @@ export const MODERATION_WIRING: PipelineWiring = {
   ],
   objectStores: [{ name: CONTENT_OBJECT_BUCKET, description: "Weft: binary content uploads" }],
   // The review service's SLA timers.
-  timers: [typeFilter(ContentEventType.SlaExpired)],
+  timers: definedTimers(MODERATION_PIPELINE),
   dashboard: definedGraph(MODERATION_PIPELINE, "Content moderation pipeline", {
     after: [["content-state", "state writer"]],
   }),
-  items: {
+  items: definedItems(MODERATION_PIPELINE, {
     what: "content item",
-    entryType: ContentEventType.Uploaded,
-    finalTypes: CONTENT_FINAL_EVENT_TYPES,
     state: CONTENT_STATE_SPEC,
     statusField: "content_items",
-  },
+  }),
   services: [
     {
       name: "content-state",
