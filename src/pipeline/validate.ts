@@ -74,6 +74,12 @@ export function edgesOf(step: StepSpec): [string, string][] {
 /** Event tokens the runtime publishes itself (see flow.ts): no step may publish them. */
 const RESERVED = new Set(["submit", "submitted", "failed"]);
 
+/**
+ * What the runtime names `<pipeline>-<part>` itself: its intake, control and state writer
+ * consumers and its `-flow` service. A step of that id would share one.
+ */
+const RUNTIME_PARTS = ["ingest", "control", "state", "flow"];
+
 /** Step kinds run as their own service, with a durable consumer each: a handler per item. */
 export const WORK_KINDS: ReadonlySet<StepSpec["kind"]> = new Set([
   "task",
@@ -137,7 +143,7 @@ export function validatePipeline(spec: PipelineSpec): void {
   if (spec.input.event) events.set(spec.input.event, "(input)");
   // Durable consumers: the runtime's own parts', then the steps' own names.
   const durables = new Map<string, string>(
-    ["ingest", "control", "state"].map((part) => [`${name}-${part}`, `the runtime's ${part}`]),
+    RUNTIME_PARTS.map((part) => [`${name}-${part}`, `the runtime's ${part}`]),
   );
   for (const id of ids) {
     if (spec.steps[id]!.durable === undefined && WORK_KINDS.has(spec.steps[id]!.kind)) {
@@ -147,6 +153,13 @@ export function validatePipeline(spec: PipelineSpec): void {
   for (const id of ids) {
     const step = spec.steps[id]!;
     if (!TOKEN.test(id)) fail(id, "invalid_token", `step id "${id}" is not a subject token`);
+    if (RUNTIME_PARTS.includes(id)) {
+      fail(
+        id,
+        "duplicate_name",
+        `step id "${id}" is the runtime's own (its service or consumer <name>-${id}); name the step otherwise`,
+      );
+    }
     const ev = eventOf(id, step);
     if (!TOKEN.test(ev)) fail(id, "invalid_token", `event "${ev}" is not a subject token`);
     if (RESERVED.has(ev)) {

@@ -193,3 +193,19 @@ Deno.test("a step's own durable consumer name must be a token, on a work step, a
   assert.deepEqual(problemOf(named({ reply: "tickets-triage" })), ["duplicate_name", "reply"]);
   assert.deepEqual(problemOf(named({ reply: "tickets-state" })), ["duplicate_name", "reply"]);
 });
+
+Deno.test("a step named like a part of the runtime (its intake, control, state writer or flow service) is rejected", () => {
+  for (const id of ["ingest", "control", "state", "flow"]) {
+    const s = base();
+    s.steps = { ...s.steps, [id]: s.steps.reply! };
+    delete (s.steps as Record<string, unknown>).reply;
+    (s.steps.approve as { next: string; onTimeout: string }).next = id;
+    (s.steps.approve as { next: string; onTimeout: string }).onTimeout = id;
+    (s.steps.triage as { routes: Record<string, string> }).routes = {
+      urgent: "approve",
+      normal: id,
+    };
+    // Would share tickets-<id>: the runtime's consumer of that name, or its -flow service.
+    assert.deepEqual(problemOf(s), ["duplicate_name", id], id);
+  }
+});
