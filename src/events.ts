@@ -7,7 +7,7 @@
  * @module
  */
 import { createHash } from "node:crypto";
-import type { AnyEvent, EventMap } from "./schemas.ts";
+import type { AnyEvent, EventEnvelope, EventMap } from "./schemas.ts";
 
 /** A deterministic id from its parts: 32 hex characters of SHA-256. */
 export function deterministicId(...parts: string[]): string {
@@ -56,6 +56,30 @@ export interface NewEvent<K extends keyof EventMap> {
  * ```
  */
 export function createEvent<K extends keyof EventMap>(e: NewEvent<K>): EventMap[K] {
+  return createEnvelope(e as NewEnvelope) as EventMap[K];
+}
+
+/** {@link NewEvent} of any type, registered or not (a definition's events are not). */
+export type NewEnvelope = Omit<NewEvent<never>, "type" | "data"> & { type: string; data: unknown };
+
+/**
+ * Creates an event envelope of any type, with no typing of its payload: for events no
+ * pipeline registered in `EventMap`, such as a definition's (src/pipeline/flow.ts).
+ *
+ * @example
+ * ```ts
+ * import { createEnvelope } from "./events.ts";
+ * const e = createEnvelope({
+ *   type: "orders.priced",
+ *   itemId: "o1",
+ *   traceId: "0af7651916cd43dd8448eb211c80319c",
+ *   source: "orders-price",
+ *   data: { total: 10 },
+ * });
+ * console.assert(e.version === 1 && e.type === "orders.priced");
+ * ```
+ */
+export function createEnvelope(e: NewEnvelope): EventEnvelope {
   return {
     id: e.id ?? deterministicId(e.cause ?? e.itemId, e.type),
     type: e.type,
@@ -65,7 +89,7 @@ export function createEvent<K extends keyof EventMap>(e: NewEvent<K>): EventMap[
     time: (e.time ?? new Date()).toISOString(),
     source: e.source,
     data: e.data,
-  } as EventMap[K];
+  };
 }
 
 /** The event types of {@link AnyEvent}. */

@@ -13,7 +13,7 @@
  */
 import { Ajv, type ValidateFunction } from "ajv";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
-import { createEvent, deterministicId } from "../events.ts";
+import { createEnvelope, deterministicId } from "../events.ts";
 import type {
   PipelineDefinition,
   PipelineSpec,
@@ -251,14 +251,12 @@ export function flowEvent(
   data: FlowData | TimerData,
   ctx: EmitContext,
 ): FlowEvent {
-  const e = createEvent({
-    // deno-lint-ignore no-explicit-any
-    type: `${flow.name}.${token}` as any,
+  const e = createEnvelope({
+    type: `${flow.name}.${token}`,
     itemId: cause.item_id,
     traceId: cause.trace_id,
     source: ctx.source,
-    // deno-lint-ignore no-explicit-any
-    data: data as any,
+    data,
     id: deterministicId(cause.id, `${flow.name}.${token}`),
     time: ctx.now,
   }) as unknown as Omit<FlowEvent, "definition">;
