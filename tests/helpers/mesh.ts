@@ -39,6 +39,13 @@ import {
 } from "../../src/supervisor.ts";
 import { ensureTopology } from "../../src/topology.ts";
 
+/**
+ * How long a mesh or service may take to start before a test fails: a deadline, not a wait.
+ * A whole mesh is a dozen Deno processes starting at once; beside another test file's mesh on
+ * two loaded cores, with the page cache reclaimed, that took more than 30 s.
+ */
+const START_DEADLINE_MS = 90_000;
+
 const ROOT = new URL("../../", import.meta.url);
 
 // ---------------------------------------------------------------------------------------------
@@ -270,7 +277,7 @@ export async function startService(
   let started = 0;
   const ready = proc.waitForLog(
     (l) => READY.test(String(l.msg)) && ++started >= want,
-    opts.readyTimeoutMs ?? 30_000,
+    opts.readyTimeoutMs ?? START_DEADLINE_MS,
   );
   const exitedFirst = proc.exited.then((s) => {
     throw new Error(`${proc.name} exited (${s.code}) before it was ready:
@@ -506,14 +513,14 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
   const pinged = async (nc: NatsConnection) => {
     try {
       if (specs.some((s) => s.name === "gateway")) {
-        await until("gateway /readyz", 30_000, async () => {
+        await until("gateway /readyz", START_DEADLINE_MS, async () => {
           const r = await fetch(`${gatewayUrl}/readyz`);
           await r.body?.cancel();
           return r.ok ? true : undefined;
         });
       }
       const want = specs.map((s) => `weft-${s.name}`).sort();
-      await until("every service to answer $SRV.PING", 30_000, async () => {
+      await until("every service to answer $SRV.PING", START_DEADLINE_MS, async () => {
         const names = new Set<string>();
         const answers = await nc.requestMany("$SRV.PING", undefined, {
           strategy: "stall",
@@ -753,8 +760,8 @@ export async function startMesh(
   const settled = new AbortController();
   const listening = book.wait(
     (l) => l.msg === "gateway listening",
-    30_000,
-    () => new Error("timed out after 30000 ms: the gateway to listen"),
+    START_DEADLINE_MS,
+    () => new Error(`timed out after ${START_DEADLINE_MS} ms: the gateway to listen`),
     settled.signal,
   );
   const exitedFirst = child.status.then((s) => {
