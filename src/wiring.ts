@@ -37,7 +37,7 @@ import {
   stepPublishes,
   WORK_KINDS,
 } from "./pipeline/derive.ts";
-import { edgesOf, eventOf } from "./pipeline/validate.ts";
+import { eventOf, flowOrder } from "./pipeline/validate.ts";
 import { entryEvent, FAILED, timeoutEventOf } from "./pipeline/flow.ts";
 
 /** A service the supervisor runs. */
@@ -284,7 +284,7 @@ export function stepServices(
         consumes: [...durables.map((durable) => ({ stream, durable })), ...access.consumes ?? []],
         publishes: [
           ...stepPublishes(def, steps),
-          `${def.name}.failed.*`,
+          `${def.name}.${FAILED}.*`,
           ...durables.map((d) => `deadletter.${d}.*`),
           ...access.publishes ?? [],
         ],
@@ -320,17 +320,7 @@ export function definedGraph(
     after?: readonly (readonly [string, string])[];
   } = {},
 ): WiredGraph {
-  const order: string[] = [];
-  const seen = new Set([def.start]);
-  const queue = [def.start];
-  while (queue.length > 0) {
-    const id = queue.shift()!;
-    order.push(id);
-    for (const [t] of edgesOf(def.steps[id]!)) {
-      if (!seen.has(t)) (seen.add(t), queue.push(t));
-    }
-  }
-  const steps = order
+  const steps = flowOrder(def)
     .filter((id) => WORK_KINDS.has(def.steps[id]!.kind))
     .map((id) => [durableOf(def, id), def.steps[id]!.description ?? id] as const);
   return {

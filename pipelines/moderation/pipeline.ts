@@ -81,3 +81,10 @@ export function moderationPipeline(slaMs = 3_600_000) {
     loops: [{ from: "review-sla", to: "review", maxIterations: 2 }],
   });
 }
+
+/**
+ * The definition's structure, built once for every module of the pipeline that reads it
+ * (its wiring, its stages): the review deadline here is the default, the review service's
+ * setting is what runs.
+ */
+export const MODERATION_PIPELINE = moderationPipeline();

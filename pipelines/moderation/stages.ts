@@ -25,11 +25,8 @@ import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue
 import type { ScheduleStore } from "../../src/scheduler/store.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
 import { stepInput } from "../../src/pipeline/derive.ts";
-import { moderationPipeline } from "./pipeline.ts";
+import { MODERATION_PIPELINE } from "./pipeline.ts";
 import { ContentEventType as T } from "./events.ts";
-
-/** The definition's structure (the SLA is the review service's setting). */
-const MODERATION = moderationPipeline();
 
 /** The id of an item's one decision event, whoever decides (a human or the SLA). */
 export function decidedEventId(itemId: string): string {
@@ -51,7 +48,7 @@ export function moderationStage(
   return {
     input: { kind: "event", types: [T.Uploaded] },
     // Its consumer, stream and failure event: the definition's.
-    ...stepInput(MODERATION, "moderation"),
+    ...stepInput(MODERATION_PIPELINE, "moderation"),
     async handle(event, ctx) {
       const item: ContentItem = event.data;
       let moderation: Moderation;
@@ -89,7 +86,7 @@ export function storageModeratedStage(): Stage<
   return {
     input: { kind: "event", types: [T.Moderated] },
     // Its consumer, stream and failure event: the definition's.
-    ...stepInput(MODERATION, "storage-moderated"),
+    ...stepInput(MODERATION_PIPELINE, "storage-moderated"),
     handle(event, ctx) {
       if (event.data.moderation.verdict !== "safe") return [];
       return [
@@ -106,7 +103,7 @@ export function storageDecidedStage(): Stage<
   return {
     input: { kind: "event", types: [T.Decided] },
     // Its consumer, stream and failure event: the definition's.
-    ...stepInput(MODERATION, "storage-decided"),
+    ...stepInput(MODERATION_PIPELINE, "storage-decided"),
     handle(event, ctx) {
       const d = event.data;
       return [
@@ -178,7 +175,7 @@ export function reviewQueueStage(
   return {
     input: { kind: "event", types: [T.Moderated] },
     // Its consumer, stream and failure event: the definition's.
-    ...stepInput(MODERATION, "review-queue"),
+    ...stepInput(MODERATION_PIPELINE, "review-queue"),
     async handle(event, ctx: StageContext) {
       if (event.data.moderation.verdict !== "flagged") return [];
       // Times derive from the input event, so a redelivery computes the same entry.
@@ -244,7 +241,7 @@ export function reviewSlaStage(
   return {
     input: { kind: "event", types: [T.SlaExpired] },
     // Its consumer, stream and failure event: the definition's.
-    ...stepInput(MODERATION, "review-sla"),
+    ...stepInput(MODERATION_PIPELINE, "review-sla"),
     async handle(event, ctx) {
       const entry = await queue.get(event.item_id);
       if (!entry) return [];

@@ -14,7 +14,7 @@ import {
   definedTimers,
   stepServices,
 } from "../../src/wiring.ts";
-import { moderationPipeline } from "./pipeline.ts";
+import { MODERATION_PIPELINE } from "./pipeline.ts";
 import { SCHEDULE_BUCKET } from "../../src/subjects.ts";
 // Its events register in the catalog with the wiring, in every process that loads it.
 import "./events.ts";
@@ -25,9 +25,6 @@ import {
   REVIEW_BUCKET,
 } from "./subjects.ts";
 import { CONTENT_STATE_SPEC } from "./state.ts";
-
-/** The structure of the moderation pipeline's definition (its SLA is the review service's setting). */
-const MODERATION_PIPELINE = moderationPipeline();
 
 /** The moderation pipeline's part of the mesh. */
 export const MODERATION_WIRING: PipelineWiring = {

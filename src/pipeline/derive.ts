@@ -5,7 +5,7 @@
  * @module
  */
 import type { PipelineSpec, StepSpec } from "./definition.ts";
-import { edgesOf, eventOf, WORK_KINDS } from "./validate.ts";
+import { CONTROL, edgesOf, eventOf, FLOW, INTAKE, STATE, WORK_KINDS } from "./validate.ts";
 import { entryEvent, FAILED, timeoutEventOf } from "./flow.ts";
 
 /**
@@ -19,15 +19,9 @@ export function durableOf(
   const own = (spec.steps?.[step] as { durable?: string } | undefined)?.durable;
   return own ?? `${spec.name}-${step}`;
 }
-/** The runtime's intake: bus submissions (`<name>.submit`) become entry events. */
-export const INTAKE = "ingest";
-/** The runtime's control steps (join, wait, delay) and version checks. */
-export const CONTROL = "control";
-/** The runtime's item state writer. */
-export const STATE = "state";
 /** Step kinds the control service runs: they hold an item, with no handler of their own. */
 export const CONTROL_KINDS: ReadonlySet<StepSpec["kind"]> = new Set(["join", "wait", "delay"]);
-export { WORK_KINDS };
+export { CONTROL, FLOW, INTAKE, STATE, WORK_KINDS };
 
 /** Subjects and stream of one pipeline. */
 export interface PipelineSubjects {

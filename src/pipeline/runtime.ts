@@ -30,6 +30,7 @@ import {
   CONTROL,
   CONTROL_KINDS,
   durableOf,
+  FLOW,
   INTAKE,
   pipelineSubjects,
   STATE,
@@ -101,7 +102,7 @@ export function takenNames(): Set<string> {
 /** A definition's service names: `<pipeline>-flow` and `<pipeline>-<step>`. */
 export function serviceNamesOf(def: PipelineDefinition): { control: string; steps: string[] } {
   return {
-    control: `${def.name}-flow`,
+    control: `${def.name}-${FLOW}`,
     steps: workSteps(def).map((id) => `${def.name}-${id}`),
   };
 }
@@ -500,7 +501,7 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
   ) {
     const data: TimerData = { step, due: due.toISOString(), carry };
     const timer = flowEvent(flow, TIMER, { ...cause, id: `${cause.id}:${step}:timer` }, data, {
-      source: `weft-${n}-flow`,
+      source: `weft-${n}-${FLOW}`,
       now,
     });
     await (await schedules()).create({
@@ -820,7 +821,7 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     filter: `${n}.*.*`,
     bucket: stateBucketOf(n),
     eventTypes: [],
-    source: `weft-${n}-flow`,
+    source: `weft-${n}-${FLOW}`,
     decode(raw, subject) {
       const token = subject.split(".")[1]!;
       // Awaited events are a person's or a callback's plain JSON: the wait's own event

@@ -74,11 +74,38 @@ export function edgesOf(step: StepSpec): [string, string][] {
 /** Event tokens the runtime publishes itself (see flow.ts): no step may publish them. */
 const RESERVED = new Set(["submit", "submitted", "failed"]);
 
+/** The runtime's intake: bus submissions (`<name>.submit`) become entry events. */
+export const INTAKE = "ingest";
+/** The runtime's control steps (join, wait, delay) and version checks. */
+export const CONTROL = "control";
+/** The runtime's item state writer. */
+export const STATE = "state";
+/** The service of a pipeline's intake, control steps and state writer: `<name>-flow`. */
+export const FLOW = "flow";
+
 /**
  * What the runtime names `<pipeline>-<part>` itself: its intake, control and state writer
  * consumers and its `-flow` service. A step of that id would share one.
  */
-const RUNTIME_PARTS = ["ingest", "control", "state", "flow"];
+const RUNTIME_PARTS = [INTAKE, CONTROL, STATE, FLOW];
+
+/**
+ * The steps reached from `spec.start` over every edge, breadth first (the order the
+ * dashboard draws them in); a step missing from it is unreachable.
+ */
+export function flowOrder(spec: PipelineSpec): string[] {
+  const order: string[] = [];
+  const seen = new Set([spec.start]);
+  const queue = [spec.start];
+  while (queue.length > 0) {
+    const id = queue.shift()!;
+    order.push(id);
+    for (const [t] of edgesOf(spec.steps[id]!)) {
+      if (!seen.has(t) && t in spec.steps) (seen.add(t), queue.push(t));
+    }
+  }
+  return order;
+}
 
 /** Step kinds run as their own service, with a durable consumer each: a handler per item. */
 export const WORK_KINDS: ReadonlySet<StepSpec["kind"]> = new Set([
@@ -289,14 +316,7 @@ export function validatePipeline(spec: PipelineSpec): void {
   }
 
   // Reachability from start, over every edge.
-  const reached = new Set<string>([spec.start]);
-  const queue = [spec.start];
-  while (queue.length) {
-    const id = queue.shift()!;
-    for (const [t] of edgesOf(spec.steps[id]!)) {
-      if (!reached.has(t)) (reached.add(t), queue.push(t));
-    }
-  }
+  const reached = new Set(flowOrder(spec));
   for (const id of ids) {
     if (!reached.has(id)) fail(id, "unreachable", "no path from start reaches it");
   }
