@@ -6,6 +6,7 @@
 import { connect } from "@nats-io/transport-node";
 import {
   type ConnectionOptions,
+  errors,
   type NatsConnection,
   nkeyAuthenticator,
   type Status,
@@ -36,9 +37,17 @@ export function tlsCredentials(
   };
 }
 
+/** How long {@link connectNats} keeps trying a server that accepts but does not answer. */
+export const FIRST_CONNECT_PATIENCE_MS = 60_000;
+
 /**
  * Connects to the NATS server(s) in `url` (comma-separated), reconnecting forever: a
  * restarted server must not take the mesh down with it.
+ *
+ * A first connect that times out (the server accepted the socket but did not finish the
+ * handshake within `timeoutMs`, nats.js's 20 s by default: a server busy on loaded cores) is
+ * tried again until `patienceMs` (default {@link FIRST_CONNECT_PATIENCE_MS}) has passed; a
+ * refused connection or a refused identity rejects at once, with nats.js's error.
  *
  * @example
  * ```ts ignore
@@ -52,7 +61,7 @@ export async function connectNats(
   url: string,
   name: string,
   credentials: NatsCredentials = {},
-  options: { timeoutMs?: number } = {},
+  options: { timeoutMs?: number; patienceMs?: number } = {},
 ): Promise<NatsConnection> {
   const opts: ConnectionOptions = {
     servers: url.split(",").map((s) => s.trim()),
@@ -76,7 +85,14 @@ export async function connectNats(
     };
   }
   absorbLateSocketResets();
-  return await connect(opts);
+  const giveUpAt = Date.now() + (options.patienceMs ?? FIRST_CONNECT_PATIENCE_MS);
+  for (;;) {
+    try {
+      return await connect(opts);
+    } catch (err) {
+      if (!(err instanceof errors.TimeoutError) || Date.now() >= giveUpAt) throw err;
+    }
+  }
 }
 
 let absorbing = false;

@@ -13,6 +13,8 @@ import { sseFrames } from "./helpers/sse_frames.ts";
 import { readSse } from "./helpers/sse.ts";
 
 const json = { "content-type": "application/json" };
+/** On a loaded machine an answer can take longer than nats.js's default 1 s. */
+const ASK = { timeout: 10_000 };
 
 Deno.test("an item whose text contains 'crash' is retried with backoff, dead-lettered with its original, ends its SSE stream with the error, and completes after redrive", async () => {
   await using mesh = await startServices({
@@ -107,11 +109,12 @@ Deno.test("an item whose text contains 'crash' is retried with backoff, dead-let
   await mesh.kill("topics", "SIGTERM");
   await mesh.start("topics", { WEFT_FAIL_ON: "" });
   const viaNats = JSON.parse(
-    (await mesh.nc.request(DEADLETTERS_LIST_SUBJECT, JSON.stringify({ pending: true }))).string(),
+    (await mesh.nc.request(DEADLETTERS_LIST_SUBJECT, JSON.stringify({ pending: true }), ASK))
+      .string(),
   );
   assert.deepEqual(viaNats.items.map((e: DeadLetterEntry) => e.seq), [letter.seq]);
   const redriven = JSON.parse(
-    (await mesh.nc.request(DEADLETTERS_REDRIVE_SUBJECT, JSON.stringify({ ids: [letter.seq] })))
+    (await mesh.nc.request(DEADLETTERS_REDRIVE_SUBJECT, JSON.stringify({ ids: [letter.seq] }), ASK))
       .string(),
   );
   assert.equal(redriven.redriven.length, 1);

@@ -93,7 +93,7 @@ Deno.test("weft.feedback.get with malformed JSON answers a clear error, not a 50
   const sub = serveRequests(t.nc, intake, t.log);
   try {
     for (const body of ['{"id":', '{"id":5}', "{}"]) {
-      const reply = (await t.nc.request("weft.feedback.get", body)).json<
+      const reply = (await t.nc.request("weft.feedback.get", body, { timeout: 10_000 })).json<
         { error?: { status: number; field?: string } }
       >();
       assert.ok(reply.error, body);

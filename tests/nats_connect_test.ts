@@ -39,3 +39,51 @@ Deno.test("a refused connection rejects, and leaves no uncaught socket error beh
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a first connect that times out on a server too busy to answer is tried again", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "weft-connect-" });
+  await using server = await startNatsServer({ port: freePort(), cwd: dir });
+  const natsPort = Number(new URL(server.url).port);
+  // A front door to the server that leaves its first `silent` connections unanswered, as a
+  // server does whose cores are busy, and relays the rest.
+  let silent = 2;
+  const held: Deno.Conn[] = [];
+  const relays: Promise<unknown>[] = [];
+  const front = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const accepting = (async () => {
+    for await (const conn of front) {
+      if (silent-- > 0) {
+        held.push(conn);
+        continue;
+      }
+      const back = await Deno.connect({ hostname: "127.0.0.1", port: natsPort });
+      held.push(conn, back);
+      relays.push(
+        conn.readable.pipeTo(back.writable).catch(() => {}),
+        back.readable.pipeTo(conn.writable).catch(() => {}),
+      );
+    }
+  })();
+  const url = `nats://127.0.0.1:${(front.addr as Deno.NetAddr).port}`;
+  try {
+    // Without patience the first timeout is the answer.
+    await assert.rejects(connectNats(url, "hasty", {}, { timeoutMs: 300, patienceMs: 0 }), {
+      name: "TimeoutError",
+    });
+    // With it, the next attempt past the silent one connects.
+    const nc = await connectNats(url, "patient", {}, { timeoutMs: 300, patienceMs: 10_000 });
+    await nc.flush();
+    await nc.close();
+    assert.equal(silent, -1, "the patient connect was answered on its second attempt");
+  } finally {
+    front.close();
+    for (const c of held) {
+      try {
+        c.close();
+      } catch { /* already closed */ }
+    }
+    await accepting.catch(() => {});
+    await Promise.all(relays);
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -10,6 +10,9 @@ import { startTestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
 
+/** On a loaded machine an answer can take longer than nats.js's default 1 s. */
+const ASK = { timeout: 10_000 };
+
 async function processedState(nc: import("@nats-io/nats-core").NatsConnection, id: string) {
   const kv = await new Kvm(nc).open("weft_feedback_state");
   return await waitFor(
@@ -72,14 +75,18 @@ Deno.test("nats req weft.feedback.submit answers with the id; weft.feedback.get 
   await using p = await startPipeline(t);
   const requests = serveRequests(t.nc, p.intake, t.log);
   try {
-    const r = await t.nc.request("weft.feedback.submit", JSON.stringify({ text: "I love it" }));
+    const r = await t.nc.request(
+      "weft.feedback.submit",
+      JSON.stringify({ text: "I love it" }),
+      ASK,
+    );
     const answer = r.json<{ id: string; status: string; links: { state: string } }>();
     assert.equal(answer.status, "accepted");
     assert.equal(answer.links.state, `/feedback/${answer.id}`);
     await processedState(t.nc, answer.id);
-    const g = await t.nc.request("weft.feedback.get", answer.id);
+    const g = await t.nc.request("weft.feedback.get", answer.id, ASK);
     assert.equal(g.json<FeedbackState>().status, "processed");
-    const bad = await t.nc.request("weft.feedback.submit", JSON.stringify({ text: "" }));
+    const bad = await t.nc.request("weft.feedback.submit", JSON.stringify({ text: "" }), ASK);
     assert.deepEqual(
       {
         status: bad.json<{ error: { status: number; field: string } }>().error.status,
@@ -87,7 +94,7 @@ Deno.test("nats req weft.feedback.submit answers with the id; weft.feedback.get 
       },
       { status: 422, field: "/text" },
     );
-    const missing = await t.nc.request("weft.feedback.get", "nope");
+    const missing = await t.nc.request("weft.feedback.get", "nope", ASK);
     assert.equal(missing.json<{ error: { status: number } }>().error.status, 404);
   } finally {
     requests.stop();

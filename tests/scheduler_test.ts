@@ -218,7 +218,7 @@ Deno.test("a schedule on a subject callers may not schedule is refused with 422 
       });
       assert.equal(res.status, 422, subject);
       assert.equal((await res.json()).field, "/subject");
-      const reply = await t.nc.request("weft.schedules.create", body);
+      const reply = await t.nc.request("weft.schedules.create", body, { timeout: 10_000 });
       assert.equal(reply.json<{ error?: { field?: string } }>().error?.field, "/subject", subject);
     }
     assert.equal((await api.schedules.list()).length, 0, "nothing was scheduled");
