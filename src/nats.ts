@@ -37,17 +37,19 @@ export function tlsCredentials(
   };
 }
 
-/** How long {@link connectNats} keeps trying a server that accepts but does not answer. */
+/** How long the supervisor keeps trying a server it started that accepts but does not answer. */
 export const FIRST_CONNECT_PATIENCE_MS = 60_000;
 
 /**
  * Connects to the NATS server(s) in `url` (comma-separated), reconnecting forever: a
  * restarted server must not take the mesh down with it.
  *
- * A first connect that times out (the server accepted the socket but did not finish the
- * handshake within `timeoutMs`, nats.js's 20 s by default: a server busy on loaded cores) is
- * tried again until `patienceMs` (default {@link FIRST_CONNECT_PATIENCE_MS}) has passed; a
- * refused connection or a refused identity rejects at once, with nats.js's error.
+ * With `patienceMs`, a first connect that times out (the server accepted the socket but did
+ * not finish the handshake within `timeoutMs`, nats.js's 20 s by default) is tried again
+ * until that long has passed: for a caller that knows the server is up, only busy (the
+ * supervisor, on the server it just started). Without it the first timeout rejects: a server
+ * that refuses a client's TLS certificate also shows as a timeout, and must fail as soon as
+ * it is seen. A refused connection or identity rejects at once either way.
  *
  * @example
  * ```ts ignore
@@ -85,7 +87,7 @@ export async function connectNats(
     };
   }
   absorbLateSocketResets();
-  const giveUpAt = Date.now() + (options.patienceMs ?? FIRST_CONNECT_PATIENCE_MS);
+  const giveUpAt = Date.now() + (options.patienceMs ?? 0);
   for (;;) {
     try {
       return await connect(opts);

@@ -12,7 +12,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, describeConfig, ENV_PERMISSION, isLoopback, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./observability/log.ts";
 import { ConfigError } from "./errors.ts";
-import { connectNats, tlsCredentials } from "./nats.ts";
+import { connectNats, FIRST_CONNECT_PATIENCE_MS, tlsCredentials } from "./nats.ts";
 import {
   freePort,
   type NatsServer,
@@ -875,6 +875,10 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     nkeySeedFile: seeds?.get("admin") ?? (config.natsNkey || undefined),
     identity: "admin",
     ...tlsCredentials(config),
+  }, {
+    // A server this start began is up (it said it is ready for clients): a handshake that
+    // times out means loaded cores, not a refusal; try again rather than stop everything.
+    patienceMs: nodes.length > 0 ? FIRST_CONNECT_PATIENCE_MS : 0,
   });
   // From here on a failure must not leave the nats-server this start began running.
   const fail = async (message: string, err?: unknown) => {
