@@ -9,7 +9,7 @@ import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { DEADLETTER_STREAM } from "../src/subjects.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
-import { startServices } from "./helpers/mesh.ts";
+import { SERVICES_IN_ONE_PROCESS, startServices } from "./helpers/mesh.ts";
 import { countsByItem, readStates } from "./helpers/nats.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
@@ -166,7 +166,7 @@ function results(s: FeedbackState | undefined) {
 }
 
 Deno.test("thousands of malformed HTTP requests and bus messages each get a clear error, crash nothing, and leave valid items' results unchanged", async () => {
-  await using mesh = await startServices();
+  await using mesh = await startServices(SERVICES_IN_ONE_PROCESS);
   const post = (item: unknown) =>
     fetch(`${mesh.gatewayUrl}/feedback`, {
       method: "POST",

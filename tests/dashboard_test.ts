@@ -8,7 +8,7 @@
  * `--allow-run=/usr/bin/chromium --allow-sys=homedir`.
  */
 import assert from "node:assert/strict";
-import { startServices, WHOLE_MESH } from "./helpers/mesh.ts";
+import { SERVICES_IN_ONE_PROCESS, startServices, WHOLE_MESH } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { hashKey } from "../src/gateway/auth.ts";
 
@@ -35,6 +35,7 @@ Deno.test("the dashboard shows a submitted item moving through the stages and op
   // Topics fails on this phrase (a testing aid), so an item can be dead-lettered for real.
   await using mesh = await startServices({
     ...WHOLE_MESH,
+    ...SERVICES_IN_ONE_PROCESS,
     env: { WEFT_FAIL_ON: "explode-on-purpose", WEFT_FAIL_STAGE: "topics", WEFT_MAX_ATTEMPTS: "2" },
   });
   const browser = await chromium.launch({
@@ -228,6 +229,7 @@ Deno.test("with API keys configured, the dashboard asks for one, then shows the 
   const key = "dashboard-key-0123456789";
   await using mesh = await startServices({
     ...WHOLE_MESH,
+    ...SERVICES_IN_ONE_PROCESS,
     env: { WEFT_API_KEYS: JSON.stringify([{ sha256: hashKey(key), role: "admin", name: "ops" }]) },
   });
   const browser = await chromium.launch({

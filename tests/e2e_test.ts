@@ -8,7 +8,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { connectNats } from "../src/nats.ts";
 import { freePort, portFree, startNatsServer } from "../src/nats_server.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
-import { startMesh, taskArgs } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
 
@@ -170,7 +170,7 @@ Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the re
 
 Deno.test("with NATS_URL set, deno task start uses that server, and the default analyzers route sensibly", async () => {
   await using server = await startNatsServer();
-  await using mesh = await startMesh({ NATS_URL: server.url });
+  await using mesh = await startMesh({ ...ONE_PROCESS, NATS_URL: server.url });
   assert.ok(mesh.logs.some((l) => l.msg === "using the NATS server in NATS_URL"));
   const cases = {
     R1: [

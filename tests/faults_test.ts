@@ -113,9 +113,14 @@ Deno.test("a handler slower than the ack wait keeps its lease with in-progress a
     started,
   );
   const info = await mesh.jsm.consumers.info(FEEDBACK_STREAM, "topics");
-  assert.equal(info.num_redelivered, 0, "no message was redelivered mid-work");
-  assert.equal(info.delivered.consumer_seq, N, "each message delivered once");
-  figures.redeliveries = info.delivered.consumer_seq - N;
+  // A message comes back for one of two reasons: the stage asked for it (a retry, logged: on
+  // a loaded machine a publish can outlast its 5 s timeout) or its lease lapsed mid-work. The
+  // in-progress acks must leave none of the second kind.
+  const retried = mesh.logs.filter((l) => l.msg === "retrying" && l.stage === "topics").length;
+  const redeliveries = info.delivered.consumer_seq - N;
+  assert.equal(redeliveries - retried, 0, "no lease lapsed: every redelivery was a retry");
+  figures.redeliveries = redeliveries;
+  figures.retried = retried;
   report(figures);
 });
 

@@ -31,7 +31,7 @@ import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 import { ContentEventType } from "../pipelines/moderation/events.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { FeedbackEventType } from "../pipelines/feedback/events.ts";
-import { startServices } from "./helpers/mesh.ts";
+import { SERVICES_IN_ONE_PROCESS, startServices } from "./helpers/mesh.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { fuzzBody, mutated, pathToken } from "./helpers/fuzz.ts";
 
@@ -115,6 +115,7 @@ Deno.test({
   sanitizeResources: false,
 }, async () => {
   await using mesh = await startServices({
+    ...SERVICES_IN_ONE_PROCESS,
     services: [
       "state",
       "ingest",

@@ -10,7 +10,12 @@ import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { hashKey } from "../src/gateway/auth.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
-import { MODERATION_SERVICES, rebuildStateTask, startServices } from "./helpers/mesh.ts";
+import {
+  MODERATION_SERVICES,
+  rebuildStateTask,
+  SERVICES_IN_ONE_PROCESS,
+  startServices,
+} from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const KEYS = {
@@ -65,6 +70,7 @@ Deno.test({
     const port = freePort();
     const base = `http://127.0.0.1:${port}`;
     await using _mesh = await startServices({
+      ...SERVICES_IN_ONE_PROCESS,
       services: MODERATION_SERVICES,
       parallel: true,
       nats: server,

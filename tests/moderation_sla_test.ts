@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
-import { MODERATION_SERVICES, startServices } from "./helpers/mesh.ts";
+import { MODERATION_SERVICES, SERVICES_IN_ONE_PROCESS, startServices } from "./helpers/mesh.ts";
 
 const TOXIC = "You idiot, this is the most pathetic service ever.";
 
@@ -36,6 +36,7 @@ Deno.test({
     const port = freePort();
     const base = `http://127.0.0.1:${port}`;
     await using mesh = await startServices({
+      ...SERVICES_IN_ONE_PROCESS,
       services: MODERATION_SERVICES,
       parallel: true,
       nats: server,

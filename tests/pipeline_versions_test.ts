@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { connectNats } from "../src/nats.ts";
-import { meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
+import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
@@ -60,7 +60,10 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
   let stranded: string;
   try {
     {
-      await using mesh = await startMesh({ WEFT_PIPELINES: file }, { storeDir, keepStore: true });
+      await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: file }, {
+        storeDir,
+        keepStore: true,
+      });
       await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
       kept = (await post(mesh.gatewayUrl, "/pipelines/vers/items", { kind: "approve" })).body.id;
       stranded = (await post(mesh.gatewayUrl, "/pipelines/vers/items", { kind: "hold" })).body.id;
@@ -76,7 +79,7 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
 
     // Deploy version 2 while both items wait.
     await Deno.writeTextFile(file, version(2));
-    await using mesh = await startMesh({ WEFT_PIPELINES: file }, { storeDir });
+    await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: file }, { storeDir });
     await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
     const loaded = await mesh.waitForLog((l) => l.msg === "pipeline loaded", 1000, "v2 loaded");
     assert.notEqual(loaded.definition, v1Hash, "a new definition hash");

@@ -7,12 +7,13 @@ import assert from "node:assert/strict";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { compareStates, rebuildStates, type StateDiff } from "../src/rebuild.ts";
 import { redrive } from "../src/redrive.ts";
-import { rebuildStateTask, startServices } from "./helpers/mesh.ts";
+import { rebuildStateTask, SERVICES_IN_ONE_PROCESS, startServices } from "./helpers/mesh.ts";
 import { countsByItem, pushItems, readStates } from "./helpers/nats.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 Deno.test("rebuilding state from the FEEDBACK stream equals the live state, and deno task rebuild-state says so", async () => {
   await using mesh = await startServices({
+    ...SERVICES_IN_ONE_PROCESS,
     env: { WEFT_FAIL_ON: "crash", WEFT_FAIL_STAGE: "topics" },
   });
   const items = Array.from({ length: 300 }, (_, i) => ({

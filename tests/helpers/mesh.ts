@@ -447,9 +447,13 @@ async function until<T>(what: string, ms: number, probe: () => Promise<T | undef
  * ```
  */
 export async function startServices(opts: ServicesOptions = {}): Promise<ServiceMesh> {
-  const specs = (opts.services ?? FEEDBACK_SERVICES).map((s) =>
-    typeof s === "string" ? { name: s } : s
-  );
+  // Each service once (a list may name the gateway twice, as pipelines' lists joined do).
+  const specs = [
+    ...new Map(
+      (opts.services ?? FEEDBACK_SERVICES).map((s) => typeof s === "string" ? { name: s } : s)
+        .map((s) => [s.name, s]),
+    ).values(),
+  ];
   const readyCount = (name: string) => specs.find((s) => s.name === name)?.ready ?? 1;
   const ownsNats = !opts.nats;
   const nats = opts.nats ?? await startNatsServer();
@@ -539,8 +543,23 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
 
   const startAll = async () => {
     if (opts.ready === "ping") {
-      for (const { name } of specs) procs.set(name, spawnService(name, envOf(name), output(name)));
+      if (opts.together) {
+        const together = specs.map((s) => s.name);
+        procs.set(
+          TOGETHER,
+          spawnService(TOGETHER, envOf(TOGETHER), {
+            ...output(TOGETHER),
+            together,
+          }),
+        );
+      } else {
+        for (const { name } of specs) {
+          procs.set(name, spawnService(name, envOf(name), output(name)));
+        }
+      }
       await pinged(nc!);
+    } else if (opts.together) {
+      await start(specs[0]!.name);
     } else if (opts.parallel) {
       const results = await Promise.allSettled(specs.map((s) => start(s.name)));
       const failed = results.find((r) => r.status === "rejected");
@@ -548,8 +567,6 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
         await stopAll("SIGKILL");
         throw (failed as PromiseRejectedResult).reason;
       }
-    } else if (opts.together) {
-      await start(specs[0]!.name);
     } else {
       for (const { name } of specs) await start(name);
     }
@@ -687,6 +704,13 @@ export async function taskArgs(name: string): Promise<string[]> {
  */
 export const ONE_PROCESS: Readonly<Record<string, string>> =
   Deno.env.get("WEFT_TEST_MESH") === "process" ? {} : { WEFT_TOGETHER: "all" };
+
+/**
+ * {@link ONE_PROCESS} for {@link startServices}: spread into its options, it runs the mesh's
+ * services in one process (`together`) unless `WEFT_TEST_MESH=process`.
+ */
+export const SERVICES_IN_ONE_PROCESS: Readonly<Pick<ServicesOptions, "together">> =
+  Deno.env.get("WEFT_TEST_MESH") === "process" ? {} : { together: true };
 
 /** Starts the supervisor of `deno task start` and waits until the gateway listens. */
 export async function startMesh(
