@@ -10,7 +10,7 @@ import { readStream } from "../src/stream_reader.ts";
 import { resumingClient } from "./helpers/sse.ts";
 import { connectNats } from "../src/nats.ts";
 import { clusterPidFile } from "../src/supervisor.ts";
-import { startMesh } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 /** Waits until every accepted item has a processed event; their counts per subject. */
@@ -37,7 +37,12 @@ function printFigures(figures: Record<string, unknown>): void {
 }
 
 Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is killed under load", async () => {
-  await using mesh = await startMesh({ WEFT_CLUSTER: "3", WEFT_ACK_WAIT_MS: "3000" });
+  // What fails here is a node: the services run in one process (the next test kills replicas).
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    WEFT_CLUSTER: "3",
+    WEFT_ACK_WAIT_MS: "3000",
+  });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 90_000, "the cluster mesh ready");
   const ready = mesh.logs.find((l) => l.msg === "weft is ready")!;
   assert.equal(String(ready.nats).split(",").length, 3, "services get all three nodes");

@@ -13,7 +13,7 @@ import { FEEDBACK_SERVICES, startServices } from "./helpers/mesh.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { makeItems, processedAtLeast, pushItems, report, settle } from "./helpers/scenario.ts";
 
-const N = 3000;
+const N = 2000;
 const FAST_REDELIVERY = { WEFT_ACK_WAIT_MS: "2000" };
 
 Deno.test("a stage killed with SIGKILL mid-batch and restarted loses and duplicates nothing", async () => {

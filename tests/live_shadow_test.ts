@@ -16,7 +16,7 @@ import { connectNats } from "../src/nats.ts";
 import { loadRules } from "../pipelines/feedback/rules.ts";
 import { agreementOf } from "../src/ai/agreement.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { type Mesh, meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
+import { type Mesh, meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 import { SAMPLE_FEEDBACK } from "./helpers/texts.ts";
 
@@ -170,7 +170,9 @@ async function load(
 }
 
 Deno.test("a live shadow compares a candidate with production, survives being killed under load, and is promoted or detached with one command", async (t) => {
+  // Production in one process, the shadow host in its own (as always): it is killed below.
   await using mesh = await startMesh({
+    ...ONE_PROCESS,
     WEFT_API_KEYS: JSON.stringify([
       { sha256: hashKey(ADMIN), role: "admin", name: "lead" },
       { sha256: hashKey(INGEST), role: "ingest", name: "intake" },
@@ -617,6 +619,7 @@ export const tickets = definePipeline({
   );
   await using mesh = await startMesh(
     {
+      ...ONE_PROCESS,
       WEFT_PIPELINES: `${dir}/tickets.ts`,
       WEFT_LLM_BASE_URL: llm.baseUrl,
       WEFT_LLM_MODEL: "candidate-model",

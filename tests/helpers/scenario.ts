@@ -35,6 +35,8 @@ export function processedAtLeast(mesh: ServiceMesh, n: number, deadlineMs = 60_0
   return waitUntil(
     async () => (await countsByItem(mesh.jsm, "feedback.processed.*")).size >= n,
     deadlineMs,
+    undefined,
+    250,
   );
 }
 
@@ -59,6 +61,9 @@ export async function settle(
     deadlineMs,
     async () =>
       `${(await countsByItem(mesh.jsm, "feedback.processed.*")).size} of ${ids.size} processed`,
+    // Each look lists every item's subject (thousands): twice a second, not ten times, so the
+    // looking does not compete with the mesh for the cores.
+    500,
   );
   // Every item's state reaches the bucket too.
   await waitUntil(
@@ -68,6 +73,7 @@ export async function settle(
     },
     30_000,
     () => "states not all processed",
+    500,
   );
 
   const processed = await countsByItem(mesh.jsm, "feedback.processed.*");

@@ -43,7 +43,7 @@ export async function waitFor<T>(
 }
 
 /**
- * Re-checks the condition `check` every 100 ms until it holds; after `ms`, fails with
+ * Re-checks the condition `check` every `intervalMs` (100) until it holds; after `ms`, fails with
  * `describe()`, asked for only then. For conditions that are costly to check (a whole
  * stream's counts, every state in the bucket) and whose failure needs explaining. A check
  * that throws (e.g. a request while the server restarts) counts as not yet.
@@ -52,6 +52,7 @@ export async function waitUntil(
   check: () => Promise<boolean> | boolean,
   ms: number,
   describe: () => Promise<string> | string = () => "condition not met",
+  intervalMs = 100,
 ): Promise<void> {
   const end = Date.now() + ms;
   let lastError: unknown;
@@ -65,6 +66,6 @@ export async function waitUntil(
       const why = await Promise.resolve().then(describe).catch((e) => String(e));
       throw new Error(`timed out after ${ms} ms: ${why}`, { cause: lastError });
     }
-    await new Promise((r) => setTimeout(r, 100));
+    await new Promise((r) => setTimeout(r, intervalMs));
   }
 }
