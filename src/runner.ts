@@ -565,7 +565,6 @@ export async function runStage<I extends StageInput>(
     stats.received++;
     metrics.received.inc(labels);
     let raw: unknown;
-    let keepAlive: ReturnType<typeof setInterval> | undefined;
     const message: MessageInfo = {
       subject: m.subject,
       seq: m.seq,
@@ -573,6 +572,13 @@ export async function runStage<I extends StageInput>(
       deliveryCount: m.info.deliveryCount,
     };
     if (trace) message.traceId = trace.traceId;
+    // Keep the lease from the moment the message is taken, not only while the handler runs:
+    // checking an entry event's first delivery is a round trip to the server, and on a
+    // loaded machine that, or a slow handler, can outlast the ack wait.
+    const keepAlive = setInterval(
+      () => m.working(),
+      Math.max(500, Math.floor(config.ackWaitMs / 3)),
+    );
     try {
       if (m.info.deliveryCount > config.maxAttempts) {
         // Delivered past the last attempt without an outcome: the process died on it each
@@ -627,8 +633,6 @@ export async function runStage<I extends StageInput>(
           return;
         }
       }
-      // Keep the lease while a slow handler works, instead of being redelivered mid-work.
-      keepAlive = setInterval(() => m.working(), Math.max(500, Math.floor(config.ackWaitMs / 3)));
       const itemId = itemIdOf(raw);
       if (itemId) span.setAttribute("weft.item_id", itemId);
       const started = performance.now();
@@ -711,7 +715,7 @@ export async function runStage<I extends StageInput>(
         m.nak(delay);
       }
     } finally {
-      if (keepAlive !== undefined) clearInterval(keepAlive);
+      clearInterval(keepAlive);
     }
   }
 
