@@ -21,7 +21,10 @@ export async function deadline<T>(p: Promise<T>, ms: number, what: string): Prom
 
 /**
  * Re-checks `check` until it returns a value other than undefined/false, or fails after
- * `ms`. For conditions with no event to wait on (a consumer's counters, a KV entry).
+ * `ms`. For conditions with no event to wait on (a consumer's counters, a KV entry). It looks
+ * again after 25 ms, then half as long again each time up to every 250 ms: quick for what
+ * holds soon, and a long wait does not keep the mesh it watches busy answering (a look is
+ * usually a request to a service sharing the test's cores).
  */
 export async function waitFor<T>(
   check: () => Promise<T | undefined | false> | T | undefined | false,
@@ -30,6 +33,7 @@ export async function waitFor<T>(
 ): Promise<T> {
   const until = Date.now() + ms;
   let last: unknown;
+  let pause = 25;
   while (Date.now() < until) {
     try {
       const v = await check();
@@ -37,7 +41,15 @@ export async function waitFor<T>(
     } catch (err) {
       last = err;
     }
-    await new Promise((r) => setTimeout(r, 25));
+    // Never sleep past the deadline: the last look is at it.
+    await new Promise((r) => setTimeout(r, Math.max(0, Math.min(pause, until - Date.now()))));
+    pause = Math.min(250, Math.round(pause * 1.5));
+  }
+  try {
+    const v = await check();
+    if (v !== undefined && v !== false) return v as T;
+  } catch (err) {
+    last = err;
   }
   throw new Error(`timed out after ${ms} ms: ${what}${last ? ` (last error: ${last})` : ""}`);
 }
