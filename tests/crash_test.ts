@@ -7,14 +7,12 @@ import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { DEADLETTERS_LIST_SUBJECT, DEADLETTERS_REDRIVE_SUBJECT } from "../src/redrive.ts";
 import type { DeadLetterEntry } from "../src/redrive.ts";
 import { startServices, TEST_ENV } from "./helpers/mesh.ts";
-import { countsByItem } from "./helpers/nats.ts";
+import { countsByItem, PATIENT } from "./helpers/nats.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
 import { readSse } from "./helpers/sse.ts";
 
 const json = { "content-type": "application/json" };
-/** On a loaded machine an answer can take longer than nats.js's default 1 s. */
-const ASK = { timeout: 10_000 };
 
 Deno.test("an item whose text contains 'crash' is retried with backoff, dead-lettered with its original, ends its SSE stream with the error, and completes after redrive", async () => {
   await using mesh = await startServices({
@@ -109,12 +107,16 @@ Deno.test("an item whose text contains 'crash' is retried with backoff, dead-let
   await mesh.kill("topics", "SIGTERM");
   await mesh.start("topics", { WEFT_FAIL_ON: "" });
   const viaNats = JSON.parse(
-    (await mesh.nc.request(DEADLETTERS_LIST_SUBJECT, JSON.stringify({ pending: true }), ASK))
+    (await mesh.nc.request(DEADLETTERS_LIST_SUBJECT, JSON.stringify({ pending: true }), PATIENT))
       .string(),
   );
   assert.deepEqual(viaNats.items.map((e: DeadLetterEntry) => e.seq), [letter.seq]);
   const redriven = JSON.parse(
-    (await mesh.nc.request(DEADLETTERS_REDRIVE_SUBJECT, JSON.stringify({ ids: [letter.seq] }), ASK))
+    (await mesh.nc.request(
+      DEADLETTERS_REDRIVE_SUBJECT,
+      JSON.stringify({ ids: [letter.seq] }),
+      PATIENT,
+    ))
       .string(),
   );
   assert.equal(redriven.redriven.length, 1);

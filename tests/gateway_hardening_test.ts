@@ -17,7 +17,7 @@ import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
-import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { startService } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
@@ -93,7 +93,7 @@ Deno.test("weft.feedback.get with malformed JSON answers a clear error, not a 50
   const sub = serveRequests(t.nc, intake, t.log);
   try {
     for (const body of ['{"id":', '{"id":5}', "{}"]) {
-      const reply = (await t.nc.request("weft.feedback.get", body, { timeout: 10_000 })).json<
+      const reply = (await t.nc.request("weft.feedback.get", body, PATIENT)).json<
         { error?: { status: number; field?: string } }
       >();
       assert.ok(reply.error, body);

@@ -6,12 +6,9 @@ import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
-import { startTestNats } from "./helpers/nats.ts";
+import { PATIENT, startTestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
-
-/** On a loaded machine an answer can take longer than nats.js's default 1 s. */
-const ASK = { timeout: 10_000 };
 
 async function processedState(nc: import("@nats-io/nats-core").NatsConnection, id: string) {
   const kv = await new Kvm(nc).open("weft_feedback_state");
@@ -78,15 +75,15 @@ Deno.test("nats req weft.feedback.submit answers with the id; weft.feedback.get 
     const r = await t.nc.request(
       "weft.feedback.submit",
       JSON.stringify({ text: "I love it" }),
-      ASK,
+      PATIENT,
     );
     const answer = r.json<{ id: string; status: string; links: { state: string } }>();
     assert.equal(answer.status, "accepted");
     assert.equal(answer.links.state, `/feedback/${answer.id}`);
     await processedState(t.nc, answer.id);
-    const g = await t.nc.request("weft.feedback.get", answer.id, ASK);
+    const g = await t.nc.request("weft.feedback.get", answer.id, PATIENT);
     assert.equal(g.json<FeedbackState>().status, "processed");
-    const bad = await t.nc.request("weft.feedback.submit", JSON.stringify({ text: "" }), ASK);
+    const bad = await t.nc.request("weft.feedback.submit", JSON.stringify({ text: "" }), PATIENT);
     assert.deepEqual(
       {
         status: bad.json<{ error: { status: number; field: string } }>().error.status,
@@ -94,7 +91,7 @@ Deno.test("nats req weft.feedback.submit answers with the id; weft.feedback.get 
       },
       { status: 422, field: "/text" },
     );
-    const missing = await t.nc.request("weft.feedback.get", "nope", ASK);
+    const missing = await t.nc.request("weft.feedback.get", "nope", PATIENT);
     assert.equal(missing.json<{ error: { status: number } }>().error.status, 404);
   } finally {
     requests.stop();

@@ -24,7 +24,7 @@ import { createModerationRoutes } from "../pipelines/moderation/routes.ts";
 import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { problemResponse } from "../src/gateway/app.ts";
-import { startTestNats } from "./helpers/nats.ts";
+import { PATIENT, startTestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 /** Collects the firings seen on a core subscription (every publish, before dedupe). */
 function firings(nc: Awaited<ReturnType<typeof connectNats>>, subject: string) {
@@ -218,7 +218,7 @@ Deno.test("a schedule on a subject callers may not schedule is refused with 422 
       });
       assert.equal(res.status, 422, subject);
       assert.equal((await res.json()).field, "/subject");
-      const reply = await t.nc.request("weft.schedules.create", body, { timeout: 10_000 });
+      const reply = await t.nc.request("weft.schedules.create", body, PATIENT);
       assert.equal(reply.json<{ error?: { field?: string } }>().error?.field, "/subject", subject);
     }
     assert.equal((await api.schedules.list()).length, 0, "nothing was scheduled");

@@ -694,6 +694,9 @@ export async function taskArgs(name: string): Promise<string[]> {
   return args;
 }
 
+/** `WEFT_TEST_MESH=process`: every test mesh one process per service. */
+const PER_PROCESS = Deno.env.get("WEFT_TEST_MESH") === "process";
+
 /**
  * For meshes whose tests check what the mesh does, not how its processes behave: every
  * service in one process (`WEFT_TOGETHER=all`, the supported one-process mode), which starts
@@ -702,15 +705,17 @@ export async function taskArgs(name: string): Promise<string[]> {
  * service instead, as `deno task start` does by default. Tests of processes (kills, restarts,
  * identities, the default start) do not use it.
  */
-export const ONE_PROCESS: Readonly<Record<string, string>> =
-  Deno.env.get("WEFT_TEST_MESH") === "process" ? {} : { WEFT_TOGETHER: "all" };
+export const ONE_PROCESS: Readonly<Record<string, string>> = PER_PROCESS
+  ? {}
+  : { WEFT_TOGETHER: "all" };
 
 /**
  * {@link ONE_PROCESS} for {@link startServices}: spread into its options, it runs the mesh's
  * services in one process (`together`) unless `WEFT_TEST_MESH=process`.
  */
-export const SERVICES_IN_ONE_PROCESS: Readonly<Pick<ServicesOptions, "together">> =
-  Deno.env.get("WEFT_TEST_MESH") === "process" ? {} : { together: true };
+export const SERVICES_IN_ONE_PROCESS: Readonly<Pick<ServicesOptions, "together">> = PER_PROCESS
+  ? {}
+  : { together: true };
 
 /** Starts the supervisor of `deno task start` and waits until the gateway listens. */
 export async function startMesh(

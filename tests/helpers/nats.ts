@@ -80,6 +80,12 @@ export async function countsByItem(
   return counts;
 }
 
+/**
+ * Options for a NATS request a Weft service answers: on a loaded machine an answer can take
+ * longer than nats.js's default 1 s.
+ */
+export const PATIENT = { timeout: 10_000 } as const;
+
 /** Every item's state in the state bucket. */
 export async function readStates(
   js: JetStreamClient,

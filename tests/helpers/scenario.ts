@@ -35,8 +35,6 @@ export function processedAtLeast(mesh: ServiceMesh, n: number, deadlineMs = 60_0
   return waitUntil(
     async () => (await countsByItem(mesh.jsm, "feedback.processed.*")).size >= n,
     deadlineMs,
-    undefined,
-    250,
   );
 }
 
@@ -61,8 +59,8 @@ export async function settle(
     deadlineMs,
     async () =>
       `${(await countsByItem(mesh.jsm, "feedback.processed.*")).size} of ${ids.size} processed`,
-    // Each look lists every item's subject (thousands): twice a second, not ten times, so the
-    // looking does not compete with the mesh for the cores.
+    // Each look lists every item's subject (thousands): at most twice a second once it has
+    // waited a while, so the looking does not compete with the mesh for the cores.
     500,
   );
   // Every item's state reaches the bucket too.
