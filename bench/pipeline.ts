@@ -59,7 +59,14 @@ import {
 } from "@nats-io/jetstream";
 import { loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
-import { freePort, type NatsServer, portFree, startNatsServer } from "../src/nats_server.ts";
+import {
+  freePort,
+  type NatsServer,
+  parseSyncInterval,
+  portFree,
+  startNatsServer,
+  withSyncInterval,
+} from "../src/nats_server.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { BENCH_TEXTS } from "./texts.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
@@ -136,6 +143,15 @@ interface Options {
   stepReplicas: number;
   /** Nodes of the nats-server cluster Weft runs on (1: one server). */
   cluster: number;
+  /** The server's `sync_interval` (`always`, `1s`, `2m`...): `1s`, as `deno task start`. */
+  sync: string;
+}
+
+/** `--sync`: a `sync_interval` nats-server takes. */
+function sync(raw: string): string {
+  const v = parseSyncInterval(raw);
+  if (!v) throw new Error("--sync takes always or a duration such as 1s or 500ms");
+  return v;
 }
 
 function options(): Options {
@@ -159,6 +175,7 @@ function options(): Options {
       "bare-subjects": { type: "string" },
       "step-replicas": { type: "string" },
       cluster: { type: "string" },
+      sync: { type: "string" },
     },
   });
   const sides = new Set<SideName>();
@@ -195,6 +212,7 @@ function options(): Options {
     bareSubjects,
     stepReplicas: Math.floor(num(values["step-replicas"], 1, "step-replicas")),
     cluster: clusterNodes(Math.floor(num(values.cluster, 1, "cluster")), sides),
+    sync: sync(values.sync ?? "1s"),
   };
 }
 
@@ -1130,11 +1148,12 @@ async function main() {
     natsDir = await Deno.makeTempDir({ prefix: "weft-bench-nats-" });
     // A cluster's nodes each put their store under natsDir/data/jetstream/node<N>
     // (startCluster rewrites store_dir); one server gets its store with -sd.
+    const base = o.cluster > 1
+      ? `max_payload: 1MB\njetstream {\n  store_dir: "./store"\n}\n`
+      : "max_payload: 1MB\n";
     await Deno.writeTextFile(
       `${natsDir}/base.conf`,
-      o.cluster > 1
-        ? `max_payload: 1MB\njetstream {\n  store_dir: "./store"\n}\n`
-        : "max_payload: 1MB\n",
+      o.sync ? withSyncInterval(base, o.sync) : base,
     );
     const auth = await writeAuthConfig(`${natsDir}/base.conf`, natsDir);
     seeds = auth.seeds;
@@ -1173,6 +1192,7 @@ async function main() {
     print("config.http_connections", o.connections);
     print("config.bullmq_concurrency", o.bullmqConcurrency);
     print("config.step_replicas", o.stepReplicas);
+    print("config.sync_interval", o.sync);
     print("config.cluster_nodes", o.cluster);
     print("config.stream_replicas", Math.min(3, o.cluster));
     if (o.prof.length > 0) {

@@ -9,6 +9,7 @@ import { parseArgs } from "node:util";
 import { ConfigError } from "./errors.ts";
 import { type IngestLimits, parseIngestLimits } from "./gateway/ingest_limits.ts";
 import { parseShadowSpecs, type ShadowSpec } from "./shadow/spec.ts";
+import { parseSyncInterval } from "./nats_server.ts";
 
 /** Log levels, least to most severe. */
 export const LogLevel = { debug: 10, info: 20, warn: 30, error: 40 } as const;
@@ -108,6 +109,15 @@ export interface Config {
    * root. `WEFT_NATS_DIR`.
    */
   natsDir: string;
+  /**
+   * Supervisor: how often the nats-server it starts fsyncs its file store (`sync_interval`,
+   * nats-server 2.10+): `always` (every write, before its ack), or a duration. Default `1s`
+   * (the server's own default is 2 minutes; 1 s measured no slower, `always` about 3x
+   * slower: docs/BENCH.md); a 2.9 server keeps its 2 minutes, with a warning. An
+   * acknowledged write not yet synced survives a process crash, not a power failure.
+   * `WEFT_NATS_SYNC`.
+   */
+  natsSync: string;
   /**
    * Supervisor: how the nats-server it starts authenticates clients. `nkeys` (default): one
    * identity per service, plus `admin` and `ops`, each with least-privilege permissions
@@ -301,6 +311,8 @@ export interface Setting<K extends keyof Config = keyof Config> {
   parse: (raw: string) => Config[K] | undefined;
   /** Masked when the configuration is printed. */
   secret?: boolean;
+  /** What a valid value looks like, said when one is invalid. */
+  expects?: string;
 }
 
 const int = (min: number, max = Number.MAX_SAFE_INTEGER) => (raw: string) => {
@@ -424,6 +436,13 @@ const SETTINGS: Setting<any>[] = [
   { key: "natsPort", env: "WEFT_NATS_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsMonitorPort", env: "WEFT_NATS_MONITOR_PORT", default: 0, parse: int(0, 65535) },
   { key: "natsDir", env: "WEFT_NATS_DIR", default: "", parse: str },
+  {
+    key: "natsSync",
+    env: "WEFT_NATS_SYNC",
+    default: "1s",
+    parse: parseSyncInterval,
+    expects: "always, or a duration such as 500ms, 1s or 2m",
+  },
   {
     key: "natsAuth",
     env: "WEFT_NATS_AUTH",
@@ -617,7 +636,7 @@ export function loadConfig(source: ConfigSource = {}): Config {
       problems.push(
         `${s.flag ? `--${s.flag} / ` : ""}${s.env}: invalid value ${
           JSON.stringify(s.secret ? "***" : raw)
-        }`,
+        }${s.expects ? ` (expects ${s.expects})` : ""}`,
       );
     } else config[s.key] = parsed;
   }

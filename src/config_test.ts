@@ -29,6 +29,19 @@ Deno.test("loadConfig() reports every invalid setting at once", () => {
   );
 });
 
+Deno.test("an invalid setting's error says what a valid value looks like, where it can", () => {
+  assert.throws(
+    () => loadConfig({ env: env({ WEFT_NATS_SYNC: "soon" }), args: [] }),
+    (err) =>
+      err instanceof ConfigError &&
+      err.message.includes(
+        'WEFT_NATS_SYNC: invalid value "soon" (expects always, or a duration such as 500ms',
+      ),
+  );
+  assert.equal(loadConfig({ env: env({ WEFT_NATS_SYNC: "always" }), args: [] }).natsSync, "always");
+  assert.equal(loadConfig({ env: env({}), args: [] }).natsSync, "1s", "Weft's default");
+});
+
 Deno.test("describeConfig() masks credentials in the NATS URL", () => {
   const c = loadConfig({ env: env({ NATS_URL: "nats://user:secret@127.0.0.1:4222" }), args: [] });
   assert.equal(describeConfig(c).natsUrl, "nats://***@127.0.0.1:4222");

@@ -165,6 +165,51 @@ export function tooOldMessage(
     `a newer server.`;
 }
 
+/**
+ * The first nats-server release that takes `sync_interval` in its JetStream block (2.9
+ * refuses the field): how often the file store is fsynced, or `always` for every write.
+ */
+export const SYNC_INTERVAL_SERVER = "2.10.0";
+
+/**
+ * A `sync_interval` value nats-server takes: `always`, or a Go duration of whole units
+ * (`500ms`, `1s`, `2m`, `1h`). Undefined when `raw` is neither.
+ *
+ * @example
+ * ```ts
+ * import { parseSyncInterval } from "./nats_server.ts";
+ * console.assert(parseSyncInterval("1s") === "1s");
+ * console.assert(parseSyncInterval("soon") === undefined);
+ * ```
+ */
+export function parseSyncInterval(raw: string): string | undefined {
+  const v = raw.trim();
+  return v === "always" || /^[1-9]\d*(ms|s|m|h)$/.test(v) ? v : undefined;
+}
+
+/**
+ * The server configuration `conf` with `sync_interval: interval` in its JetStream block:
+ * a `sync_interval` already there is replaced, a block without one gains it, and a
+ * configuration with no JetStream block gets one.
+ *
+ * @example
+ * ```ts
+ * import { withSyncInterval } from "./nats_server.ts";
+ * const conf = withSyncInterval('jetstream {\n  store_dir: "./data"\n}\n', "always");
+ * console.assert(conf.includes("sync_interval: always"));
+ * ```
+ */
+export function withSyncInterval(conf: string, interval: string): string {
+  const line = `sync_interval: ${interval}`;
+  // A line that sets it, not one of nats.conf's comments about it.
+  const set = /^(\s*)sync_interval\s*[:=]?\s*\S+[ \t]*$/m;
+  if (set.test(conf)) return conf.replace(set, (_, indent: string) => `${indent}${line}`);
+  if (/^\s*jetstream\s*[:=]?\s*\{/m.test(conf)) {
+    return conf.replace(/^(\s*jetstream\s*[:=]?\s*\{)/m, `$1\n  ${line}`);
+  }
+  return `${conf.replace(/\n?$/, "\n")}jetstream {\n  ${line}\n}\n`;
+}
+
 /** Ports {@link freePort} handed out in this process: never the same one twice. */
 const handedOut = new Set<number>();
 

@@ -21,8 +21,10 @@ import {
   serverVersion,
   startNatsServer,
   stopLeftover,
+  SYNC_INTERVAL_SERVER,
   tooOldMessage,
   versionAtLeast,
+  withSyncInterval,
 } from "./nats_server.ts";
 import { ensureStream, ensureTopology, streamConfigs } from "./topology.ts";
 import {
@@ -403,6 +405,7 @@ export async function writeAuthConfig(
   cwd: string,
   mesh?: Parameters<typeof meshPermissions>[0],
   edge: EdgeRole = {},
+  sync = "",
 ): Promise<{ configFile: string; seeds: Map<string, string>; dir: string }> {
   const dir = `${cwd.replace(/\/$/, "")}/${IDENTITY_DIR}`;
   const perms = meshPermissions(mesh);
@@ -426,7 +429,7 @@ export async function writeAuthConfig(
       connectionTypes: ["LEAFNODE"],
     })
   );
-  const text = edgeServerConf(await Deno.readTextFile(baseConf), edge) + "\n" +
+  const text = serverConf(await Deno.readTextFile(baseConf), edge, sync) + "\n" +
     authorizationBlock(users);
   const configFile = await writeGeneratedConf(baseConf, cwd, text);
   return {
@@ -475,6 +478,15 @@ export function edgeServerConf(conf: string, edge: EdgeRole): string {
     return siteConf(conf, edge.site.name, edge.site.urls, edge.site.seed, edge.site.tls);
   }
   return conf;
+}
+
+/**
+ * The server configuration `conf` as a start runs it: with an edge role's additions, and
+ * with `sync_interval: sync` (WEFT_NATS_SYNC) when `sync` is set.
+ */
+export function serverConf(conf: string, edge: EdgeRole, sync: string): string {
+  const edged = edgeServerConf(conf, edge);
+  return sync ? withSyncInterval(edged, sync) : edged;
 }
 
 /** Writes `cwd`/{@link GENERATED_CONF} (mode 0600) with a header naming its source. */
@@ -727,6 +739,16 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     );
     Deno.exit(2);
   }
+  // WEFT_NATS_SYNC named on purpose (not its default): refused where it cannot apply.
+  const syncAsked = (Deno.env.get("WEFT_NATS_SYNC") ?? "").trim() !== "";
+  let sync = config.natsSync;
+  if (Deno.env.get("NATS_URL") && syncAsked) {
+    log.error(
+      `WEFT_NATS_SYNC configures the nats-server this start runs: unset NATS_URL, or set ` +
+        `sync_interval in that server's own configuration`,
+    );
+    Deno.exit(2);
+  }
   if (Deno.env.get("NATS_URL")) {
     log.info("using the NATS server in NATS_URL", { nats: describeConfig(config).natsUrl });
   } else {
@@ -734,6 +756,24 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     if (version !== null && !versionAtLeast(version)) {
       log.error(tooOldMessage(version));
       Deno.exit(1);
+    }
+    if (sync && version !== null && !versionAtLeast(version, SYNC_INTERVAL_SERVER)) {
+      if (syncAsked) {
+        log.error(tooOldMessage(
+          version,
+          SYNC_INTERVAL_SERVER,
+          `which WEFT_NATS_SYNC=${sync} needs (sync_interval); unset it to keep the ` +
+            `server's default`,
+        ));
+        Deno.exit(1);
+      }
+      // The default asks for 1 s where the server can; an older one keeps its 2 minutes.
+      log.warn(
+        `nats-server ${version} fsyncs its store only every 2 minutes: a power failure can ` +
+          `lose up to 2 minutes of acknowledged writes (nats-server ${SYNC_INTERVAL_SERVER}+ ` +
+          `lets Weft sync every ${sync})`,
+      );
+      sync = "";
     }
     if (
       version !== null && (config.hub.length > 0 || config.leaf) &&
@@ -817,15 +857,15 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       edge = { site: { name: config.site, urls: config.leaf, seed, tls: leafTls(config) } };
     }
     if (config.natsAuth === "nkeys") {
-      const made = await writeAuthConfig(baseConf, cwd, mesh, edge);
+      const made = await writeAuthConfig(baseConf, cwd, mesh, edge, sync);
       configFile = made.configFile;
       seeds = made.seeds;
       identityDir = made.dir;
-    } else if (edge.site) {
+    } else if (edge.site || sync) {
       configFile = await writeGeneratedConf(
         baseConf,
         cwd,
-        edgeServerConf(await Deno.readTextFile(baseConf), edge),
+        serverConf(await Deno.readTextFile(baseConf), edge, sync),
       );
     }
     // Refused permissions are the server's to log; say them in the mesh's log too.
@@ -1037,6 +1077,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       ? `nats context save weft --server ${config.natsUrl} --nkey ${seeds.get("ops")} --select`
       : undefined,
     services: mesh.services.length,
+    nats_sync: nats && sync ? sync : undefined,
     pipelines: loaded.length > 0 ? loaded.map((p) => p.def.name) : undefined,
     edge: config.hub.length > 0
       ? {

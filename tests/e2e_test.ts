@@ -204,7 +204,11 @@ Deno.test("with NATS_URL set, deno task start uses that server, and the default 
 });
 
 /** Runs `deno task start` with a PATH holding only deno and `files`; its exit and output. */
-async function startWithPath(files: Record<string, string> = {}, args: string[] = []) {
+async function startWithPath(
+  files: Record<string, string> = {},
+  args: string[] = [],
+  env: Record<string, string> = {},
+) {
   const bin = await Deno.makeTempDir({ prefix: "weft-path-" });
   await Deno.symlink(Deno.execPath(), `${bin}/deno`);
   for (const [name, text] of Object.entries(files)) {
@@ -213,7 +217,7 @@ async function startWithPath(files: Record<string, string> = {}, args: string[] 
   const out = await new Deno.Command("deno", {
     args: [...await taskArgs("start"), ...args],
     cwd: new URL("../", import.meta.url),
-    env: { PATH: bin },
+    env: { PATH: bin, ...env },
     stdout: "piped",
     stderr: "piped",
   }).output();
@@ -254,6 +258,57 @@ Deno.test("a hub or an edge site on a nats-server older than 2.10 is refused wit
   }
 });
 
+Deno.test("WEFT_NATS_SYNC on a nats-server older than 2.10, or with NATS_URL, is refused with what to do", async () => {
+  const out = await startWithPath(
+    { "nats-server": "#!/bin/sh\necho 'nats-server: v2.9.10'\n" },
+    [],
+    { WEFT_NATS_SYNC: "1s" },
+  );
+  assert.equal(out.code, 1, out.text);
+  assert.match(
+    out.text,
+    /nats-server 2\.9\.10 is older than 2\.10\.0, which WEFT_NATS_SYNC=1s needs/,
+  );
+  assert.match(out.text, /unset it to keep the server's default/);
+  const remote = await startWithPath({}, [], {
+    WEFT_NATS_SYNC: "1s",
+    NATS_URL: "nats://127.0.0.1:1",
+  });
+  assert.equal(remote.code, 2, remote.text);
+  assert.match(remote.text, /WEFT_NATS_SYNC configures the nats-server this start runs/);
+});
+
+Deno.test("on a nats-server older than 2.10, deno task start keeps the server's fsync interval and says what it costs", async () => {
+  // The real server behind a nats-server that says it is 2.9.10 when asked its version.
+  const real = new TextDecoder().decode(
+    (await new Deno.Command("sh", { args: ["-c", "command -v nats-server"] }).output()).stdout,
+  ).trim();
+  const bin = await Deno.makeTempDir({ prefix: "weft-path-" });
+  try {
+    await Deno.writeTextFile(
+      `${bin}/nats-server`,
+      `#!/bin/sh\nif [ "$1" = "--version" ]; then echo 'nats-server: v2.9.10'; exit 0; fi\n` +
+        `exec '${real}' "$@"\n`,
+      { mode: 0o755 },
+    );
+    await using mesh = await startMesh({
+      ...ONE_PROCESS,
+      PATH: `${bin}:${Deno.env.get("PATH")}`,
+    });
+    const warned = await mesh.waitForLog(
+      (l) => String(l.msg).includes("fsyncs its store only every 2 minutes"),
+      5_000,
+      "the fsync warning",
+    );
+    assert.equal(warned.level, "warn");
+    const varz = await (await fetch(`http://127.0.0.1:${mesh.natsMonitorPort}/varz`)).json();
+    assert.ok(!varz.jetstream.config.sync_always, "not synced on every write");
+    assert.equal(varz.jetstream.config.sync_interval, 120e9, "the server's own 2 minutes");
+  } finally {
+    await Deno.remove(bin, { recursive: true });
+  }
+});
+
 Deno.test("with the gateway's port taken, deno task start says which port and what to do, and starts nothing", async () => {
   const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (held.addr as Deno.NetAddr).port;
@@ -277,10 +332,13 @@ Deno.test("with the gateway's port taken, deno task start says which port and wh
   }
 });
 
-Deno.test("deno task start says it is ready once, after every service answers and the gateway listens", async () => {
-  await using mesh = await startMesh();
+Deno.test("deno task start says it is ready once, after every service answers and the gateway listens; WEFT_NATS_SYNC sets the server's fsync", async () => {
+  await using mesh = await startMesh({ WEFT_NATS_SYNC: "always" });
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
   assert.equal(ready.services, 13);
+  assert.equal(ready.nats_sync, "always");
+  const varz = await (await fetch(`http://127.0.0.1:${mesh.natsMonitorPort}/varz`)).json();
+  assert.equal(varz.jetstream.config.sync_always, true, "every write synced before its ack");
   const at = (pred: (l: Record<string, unknown>) => boolean) => mesh.logs.findIndex(pred);
   assert.ok(at((l) => l.msg === "gateway listening") < at((l) => l.msg === "weft is ready"));
   assert.equal(mesh.logs.filter((l) => l.msg === "weft is ready").length, 1);

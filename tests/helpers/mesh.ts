@@ -643,6 +643,8 @@ export interface Mesh extends AsyncDisposable {
   storeDir: string;
   natsPort: number;
   natsUrl: string;
+  /** nats-server's HTTP monitoring port (/varz, /jsz...). */
+  natsMonitorPort: number;
   /**
    * How to connect as one of the mesh's NATS identities (`ops` for what the nats CLI does,
    * `admin` for the topology, or a service's name).
@@ -727,13 +729,14 @@ export async function startMesh(
   const nodes = Number(env.WEFT_CLUSTER ?? 1);
   const natsPort = opts.natsPort ?? freePortRun(nodes);
   const storeDir = opts.storeDir ?? await meshTempDir("weft-mesh-");
+  const monitorPort = freePort();
   const child = new Deno.Command("deno", {
     args: await taskArgs("start"),
     cwd: ROOT,
     env: {
       PORT: String(port),
       WEFT_NATS_PORT: String(natsPort),
-      WEFT_NATS_MONITOR_PORT: String(freePort()),
+      WEFT_NATS_MONITOR_PORT: String(monitorPort),
       WEFT_NATS_DIR: storeDir,
       WEFT_DRAIN_MS: "3000",
       ...env,
@@ -771,6 +774,7 @@ export async function startMesh(
     storeDir,
     natsPort,
     natsUrl: `nats://127.0.0.1:${natsPort}`,
+    natsMonitorPort: Number(env.WEFT_NATS_MONITOR_PORT ?? monitorPort),
     credentials: (identity) => ({
       nkeySeedFile: `${storeDir}/${IDENTITY_DIR}/${identity}.nk`,
       identity,
