@@ -787,6 +787,18 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       Deno.exit(1);
     }
     const cwd = config.natsDir || ROOT.pathname;
+    // The start task may write only under the repository's data/ (its --allow-write).
+    if (
+      config.natsDir &&
+      Deno.permissions.querySync({ name: "write", path: `${cwd}/data` }).state !== "granted"
+    ) {
+      log.error(
+        `WEFT_NATS_DIR ${config.natsDir} is outside what deno task start may write (the ` +
+          `repository's data/): use a directory under data/, or run src/supervisor.ts with ` +
+          `--allow-write for that directory too`,
+      );
+      Deno.exit(1);
+    }
     const port = config.natsPort || DEFAULT_NATS_PORT;
     // A supervisor killed outright (SIGKILL, OOM) leaves its nats-server running: stop it
     // through the pid file it wrote, or say plainly who holds the port.

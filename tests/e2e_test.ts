@@ -309,6 +309,26 @@ Deno.test("on a nats-server older than 2.10, deno task start keeps the server's 
   }
 });
 
+Deno.test("WEFT_NATS_DIR outside the repository's data/ is refused with one clear line, not a permission stack", async () => {
+  const outside = await Deno.makeTempDir({ prefix: "weft-outside-" });
+  try {
+    const out = await new Deno.Command("deno", {
+      args: await taskArgs("start"),
+      cwd: new URL("../", import.meta.url),
+      env: { PORT: String(freePort()), WEFT_NATS_PORT: String(freePort()), WEFT_NATS_DIR: outside },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const dec = new TextDecoder();
+    const text = dec.decode(out.stdout) + dec.decode(out.stderr);
+    assert.equal(out.code, 1, text);
+    assert.match(text, /WEFT_NATS_DIR \S+ is outside what deno task start may write/);
+    assert.doesNotMatch(text, /NotCapable|Uncaught/);
+  } finally {
+    await Deno.remove(outside, { recursive: true });
+  }
+});
+
 Deno.test("with the gateway's port taken, deno task start says which port and what to do, and starts nothing", async () => {
   const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (held.addr as Deno.NetAddr).port;
