@@ -8,6 +8,7 @@
  * @module
  */
 import { jetstreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, describeConfig, ENV_PERMISSION, isLoopback, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./observability/log.ts";
@@ -137,6 +138,9 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
   };
 }
 
+/** The service that hosts live shadows; started with the first one (see supervise). */
+export const SHADOW_SERVICE = "shadow";
+
 /** The runtime's own services: the gateway, the scheduler and the live shadows. */
 const RUNTIME_SERVICES: readonly ServiceSpec[] = [
   {
@@ -167,7 +171,7 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
   {
     // Live shadows: read production's input and outputs (each pipeline's wiring adds its
     // streams), publish only shadow decisions (not the audit events).
-    name: "shadow",
+    name: SHADOW_SERVICE,
     entry: "services/shadow.ts",
     reads: ["rules", "prompts"],
     llm: true,
@@ -1036,7 +1040,25 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     Deno.addSignalListener("SIGINT", onSignal);
     Deno.addSignalListener("SIGTERM", onSignal);
   });
-  for (const group of groups) start(group, 0);
+  // The live shadows' host runs only once there is a shadow to host: at once with
+  // WEFT_SHADOW, else from the first attached over the API (a put in the shadow bucket).
+  const deferred = config.shadows.length > 0
+    ? []
+    : groups.filter((g) => g.every((s) => s.name === SHADOW_SERVICE));
+  for (const group of groups) if (!deferred.includes(group)) start(group, 0);
+  const shadowWatch = deferred.length > 0
+    ? await new Kvm(nc).open(SHADOW_BUCKET).then((kv) => kv.watch())
+    : undefined;
+  const shadowsAttached = shadowWatch
+    ? (async () => {
+      for await (const e of shadowWatch) {
+        if (e.operation !== "PUT" || stopping) continue;
+        log.info("a live shadow is attached: starting the shadow service", { shadow: e.key });
+        for (const group of deferred) start(group, 0);
+        shadowWatch.stop();
+      }
+    })().catch((err) => log.error("watching for live shadows failed", { err }))
+    : undefined;
   // A cluster node that dies is started again (same ports, name and store), as services are.
   if (nodes.length > 1) {
     nodes.forEach((node, i) => {
@@ -1066,19 +1088,21 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     });
   }
   log.info("starting services", {
-    processes: groups.map((g) =>
+    processes: groups.filter((g) => !deferred.includes(g)).map((g) =>
       g.length === 1 ? g[0]!.name : `together(${g.map((s) => s.name).join(",")})`
     ),
+    ...(deferred.length > 0 ? { with_the_first_live_shadow: [SHADOW_SERVICE] } : {}),
   });
 
   // Ready means every service answers `nats micro` pings and the gateway accepts
   // connections; only then say so, once, with where everything is.
-  const missing = await waitReady(nc, config, 60_000, () => signalled, mesh.services);
+  const started = mesh.services.filter((s) => !deferred.some((g) => g.includes(s)));
+  const missing = await waitReady(nc, config, 60_000, () => signalled, started);
   // A hub keeps its connection: it restarts a site's stalled source once the site is back.
   const sourceWatch = config.hub.length > 0
     ? watchSources(await jetstreamManager(nc), config.hub, { log })
     : undefined;
-  if (!sourceWatch) await nc.close();
+  if (!sourceWatch && !shadowWatch) await nc.close();
   const gateway = `${config.tlsCert ? "https" : "http"}://${config.host}:${config.port}`;
   const summary = {
     gateway,
@@ -1088,7 +1112,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     nats_cli: seeds
       ? `nats context save weft --server ${config.natsUrl} --nkey ${seeds.get("ops")} --select`
       : undefined,
-    services: mesh.services.length,
+    services: started.length,
     nats_sync: nats && sync ? sync : undefined,
     pipelines: loaded.length > 0 ? loaded.map((p) => p.def.name) : undefined,
     edge: config.hub.length > 0
@@ -1111,9 +1135,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   } else if (!signalled) log.info("weft is ready", summary);
   if (!signalled && Deno.stdout.isTerminal() && missing.length === 0) {
     const lines = [
-      `Weft is ready: ${mesh.services.length} services in ${
-        (summary.ready_in_ms / 1000).toFixed(1)
-      } s`,
+      `Weft is ready: ${started.length} services in ${(summary.ready_in_ms / 1000).toFixed(1)} s`,
       `  gateway    ${gateway}   (dashboard: ${summary.dashboard})`,
       `  nats       ${config.natsUrl}${
         summary.nats_monitoring ? `   (monitoring: ${summary.nats_monitoring})` : ""
@@ -1126,10 +1148,10 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
 
   await stopRequested;
   stopping = true;
-  if (sourceWatch) {
-    await sourceWatch.stop();
-    await nc.close().catch(() => {});
-  }
+  if (sourceWatch) await sourceWatch.stop();
+  shadowWatch?.stop();
+  await shadowsAttached;
+  if (sourceWatch || shadowWatch) await nc.close().catch(() => {});
   log.info("stopping: draining services");
   await Promise.all([...running.entries()].map(async ([name, { child }]) => {
     try {

@@ -179,8 +179,11 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
     ]),
   });
   const base = mesh.gatewayUrl;
-  // Ready: every service answers (the shadow service included), not only the gateway.
-  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
+  // Ready: every service answers, not only the gateway. No shadow is attached yet, so the
+  // shadow service is not running: it starts with the first (below).
+  const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  assert.equal(ready.services, 12);
+  assert.ok(!mesh.logs.some((l) => l.service === "weft-shadow"), "no shadow service yet");
   const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   const reference = await loadRules("rules/reference.json");
   try {
@@ -244,6 +247,11 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
         }),
       );
       assert.equal(routed.id, "route2", JSON.stringify(routed));
+      await mesh.waitForLog(
+        (l) => l.msg === "a live shadow is attached: starting the shadow service",
+        10_000,
+        "the supervisor to start the shadow service",
+      );
       await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "ref", 20_000, "ref");
       await mesh.waitForLog(
         (l) => l.msg === "shadow started" && l.shadow === "route2",
@@ -633,6 +641,11 @@ export const tickets = definePipeline({
       }),
     },
     { storeDir: `${dir}/nats` },
+  );
+  const starting = await mesh.waitForLog((l) => l.msg === "starting services", 30_000, "start");
+  assert.ok(
+    (starting.processes as string[]).includes("shadow"),
+    "with WEFT_SHADOW the shadow service starts with the rest",
   );
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
   const base = mesh.gatewayUrl;

@@ -24,13 +24,14 @@ Deno.test("with WEFT_TOGETHER=all every service runs in one process, and both pi
   // A short ack wait: what the killed process had in hand is redelivered sooner.
   await using mesh = await startMesh({ WEFT_TOGETHER: "all", WEFT_ACK_WAIT_MS: "3000" });
   const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
-  // The shadow service alone stays apart: killing it must never take a step with it.
+  // The shadow service alone stays apart (killing it must never take a step with it), and
+  // starts only with the first live shadow.
   assert.deepEqual(started.processes, [
     "together(state,ingest,sentiment,topics,dispatch,digest,content-state,moderation,review,storage,gateway,scheduler)",
-    "shadow",
   ]);
+  assert.deepEqual(started.with_the_first_live_shadow, ["shadow"]);
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
-  assert.equal(ready.services, 13, "every service answers nats micro");
+  assert.equal(ready.services, 12, "every service answers nats micro");
   const pids = new Set(
     mesh.logs.filter((l) => l.msg === "starting" && l.pid && l.service !== "weft-shadow")
       .map((l) => l.pid),
@@ -115,7 +116,6 @@ Deno.test("WEFT_TOGETHER can group some services and run the rest alone", async 
     "review",
     "storage",
     "scheduler",
-    "shadow",
   ]);
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
   const fb = await post(`${mesh.gatewayUrl}/feedback`, { text: "Mixed mode works" });
@@ -170,10 +170,9 @@ export const echo = definePipeline({
   const started = await mesh.waitForLog((l) => l.msg === "starting services", 5_000, "start");
   assert.deepEqual(started.processes, [
     "together(state,ingest,sentiment,topics,dispatch,digest,content-state,moderation,review,storage,gateway,scheduler,echo-flow,echo-shout)",
-    "shadow",
   ]);
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
-  assert.equal(ready.services, 15);
+  assert.equal(ready.services, 14);
   const res = await post(`${mesh.gatewayUrl}/pipelines/echo/items`, { text: "hi" });
   assert.equal(res.status, 202);
   const state = await waitFor(
