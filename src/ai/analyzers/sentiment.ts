@@ -15,6 +15,7 @@ import { lexicon as vaderLexicon } from "vader-sentiment/src/vader_lexicon.js";
 import domain from "../../../rules/sentiment.domain.json" with { type: "json" };
 import type { SentimentLabel, SentimentResult } from "../analysis.ts";
 import {
+  comparedScope,
   CONTRAST_WORDS,
   contrastWeights,
   hedgeScope,
@@ -119,6 +120,14 @@ const STARS = /\b([0-5]|zero|no|one|two|three|four|five)\s*(?:-\s*)?stars?\b/i;
 function ratingValence(share: number): number {
   return share >= 0.8 ? 3 : share >= 0.7 ? 1.5 : share > 0.5 ? 0 : share >= 0.4 ? -1.5 : -3;
 }
+
+/** British to American spelling rewrites, tried when a word is not listed as written. */
+const BRITISH: ReadonlyArray<readonly [RegExp, string]> = [
+  [/is(e|ed|es|ing|ation|ations)$/, "iz$1"],
+  [/ys(e|ed|es|ing)$/, "yz$1"],
+  [/our(s|ed|ing|ite|ites|able|ably|ful|less)?$/, "or$1"],
+  [/tre(s)?$/, "ter$1"],
+];
 
 /** A letter written three times or more in a row. */
 const STRETCHED = /(\p{L})\1\1+/u;
@@ -326,6 +335,13 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
         }
       }
     }
+    if (found === null && word.length >= 5) {
+      // British spellings of listed American ones ("favourite", "mesmerising", "centre").
+      for (const [from, to] of BRITISH) {
+        const us = word.replace(from, to);
+        if (us !== word && (found = wordValence(us) ?? null) !== null) break;
+      }
+    }
     if (found === null && STRETCHED.test(word)) {
       // A stretched word ("loooove", "baaad"): one letter, then two, as written.
       found = wordValence(word.replace(STRETCHED_ALL, "$1")) ??
@@ -346,6 +362,7 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
     const contrast = contrastWeights(tokens);
     const irrealis = irrealisScope(tokens);
     const hedged = hedgeScope(tokens);
+    const compared = comparedScope(tokens);
 
     let sum = 0;
     let emotional = 0;
@@ -410,6 +427,8 @@ export function createDetailScorer(lexicon: SentimentLexicon): (text: string) =>
       if (contrast) valence *= contrast[i]!;
       if (irrealis?.[i]) valence *= lexicon.irrealisScalar;
       if (hedged?.[i]) valence *= lexicon.hedgeScalar;
+      // What the subject is compared with is not the subject ("better than the flimsy one").
+      if (compared?.[i]) valence = 0;
       // A question asserts no praise ("is it any good?"), but a complaint asked as a
       // question stays one ("why is it so slow?").
       if (t.question && valence > 0) valence *= lexicon.questionScalar;

@@ -166,3 +166,24 @@ Deno.test("sentimentAnalyzer() weighs hedged praise and blame less ('maybe', 'pr
   assert.ok(sentimentScore("It is probably great", lex) < sentimentScore("It is great", lex));
   assert.ok(sentimentScore("Maybe it is awful", lex) > sentimentScore("It is awful", lex));
 });
+
+Deno.test("sentimentAnalyzer() reads British spellings as their American entries", () => {
+  // Each word is in the lexicon only in its American spelling.
+  assert.equal(label("My favourite app, the colours are lovely"), "positive");
+  assert.equal(label("The cast is mesmerising"), "positive");
+  assert.equal(label("Waiting was agonising"), "negative");
+  const lex = defaultSentimentLexicon();
+  assert.equal(sentimentScore("mesmerising", lex), sentimentScore("mesmerizing", lex));
+  assert.equal(sentimentScore("humour", lex), sentimentScore("humor", lex));
+});
+
+Deno.test("sentimentAnalyzer() does not count what the subject is compared with", () => {
+  // "than ..." describes the other thing: the sentence praises this one.
+  // (To the end of its clause: a comma ends the comparison.)
+  assert.equal(label("Much better than the flimsy awful case I had before"), "positive");
+  const lex = defaultSentimentLexicon();
+  assert.equal(
+    sentimentScore("Worse than the lovely old one", lex),
+    sentimentScore("Worse than the old one", lex),
+  );
+});

@@ -255,6 +255,22 @@ export function hedgeScope(tokens: readonly Token[]): Uint8Array | undefined {
 }
 
 /**
+ * Marks the tokens after a comparison's "than", to the end of its clause: what the subject
+ * is compared with ("much better than the flimsy old case"), whose own wording says nothing
+ * of the subject. Undefined when the text has none.
+ *
+ * @example
+ * ```ts
+ * comparedScope(tokenize("better than the bad one")); // Uint8Array [0, 0, 1, 1, 1]
+ * ```
+ */
+export function comparedScope(tokens: readonly Token[]): Uint8Array | undefined {
+  return clauseScope(tokens, COMPARISON_WORDS);
+}
+
+const COMPARISON_WORDS: ReadonlySet<string> = new Set(["than"]);
+
+/**
  * The weight of each token under contrast and concession, sentence by sentence: before a
  * "but" 0.5, after it 1.5, up to the end of its sentence (a sentence that opens with "But"
  * weighs down the sentence before it); a clause opened by "although" 0.5. Undefined when

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import {
+  comparedScope,
   contrastWeights,
   hedgeScope,
   irrealisScope,
@@ -70,4 +71,16 @@ Deno.test("irrealisScope() covers the rest of the clause after would/wish/if", (
 Deno.test("hedgeScope() covers the rest of the clause after maybe/probably/seems", () => {
   assert.deepEqual([...hedgeScope(tokenize("maybe it is fine, thanks"))!], [0, 1, 1, 1, 0]);
   assert.equal(hedgeScope(tokenize("it is fine")), undefined);
+});
+
+Deno.test("comparedScope() covers what follows 'than' to the end of its clause", () => {
+  assert.deepEqual([...comparedScope(tokenize("better than the old one, sadly"))!], [
+    0,
+    0,
+    1,
+    1,
+    1,
+    0,
+  ]);
+  assert.equal(comparedScope(tokenize("good enough")), undefined);
 });
