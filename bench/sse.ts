@@ -29,6 +29,7 @@ const args = parseArgs({
     clients: { type: "string", default: "2000" },
     rate: { type: "string", default: "50" },
     seconds: { type: "string", default: "10" },
+    "events-gateway": { type: "boolean", default: false },
   },
 });
 const CLIENTS = Number(args.values.clients);
@@ -82,6 +83,33 @@ const procs = SERVICES.filter((s) => names.includes(s.name)).map((spec) => ({
 }));
 const gateway = procs.find((p) => p.spec.name === "gateway")!.child;
 const base = `http://127.0.0.1:${port}`;
+// --events-gateway: the clients read from a second gateway process on a port of its own (as
+// WEFT_EVENTS_PORT runs one), so the gateway taking POSTs never sets up or writes a stream.
+const eventsPort = args.values["events-gateway"] ? freePort() : port;
+const eventsBase = `http://127.0.0.1:${eventsPort}`;
+let eventsGateway: Deno.ChildProcess | undefined;
+if (eventsPort !== port) {
+  const envE = { ...env, PORT: String(eventsPort) };
+  const configE = loadConfig({ env: (n) => (envE as Record<string, string>)[n], args: [] });
+  const spec = SERVICES.find((s) => s.name === "gateway")!;
+  eventsGateway = new Deno.Command("deno", {
+    args: serviceArgs(spec, configE),
+    cwd: ROOT,
+    env: envE,
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  procs.push({ spec, child: eventsGateway });
+}
+for (let i = 0; i < 300 && eventsGateway; i++) {
+  try {
+    if ((await fetch(`${eventsBase}/readyz`).then((r) => (r.body?.cancel(), r.status))) === 200) {
+      break;
+    }
+  } catch { /* not listening yet */ }
+  await new Promise((r) => setTimeout(r, 100));
+}
 for (let i = 0; i < 300; i++) {
   try {
     if ((await fetch(`${base}/readyz`).then((r) => (r.body?.cancel(), r.status))) === 200) break;
@@ -119,16 +147,17 @@ print("sse.rate_items_per_s", RATE);
 print("post.quiet.p50_ms", pct(quiet, 0.5));
 print("post.quiet.p99_ms", pct(quiet, 0.99));
 const before = await statOf(gateway.pid);
+const eventsBefore = eventsGateway ? await statOf(eventsGateway.pid) : undefined;
 
 // The clients, in their own process (bench/sse_clients.ts): reading, slow (one read a
 // second), and silent (raw sockets never read). They connect while the POSTs go on.
 const clients = new Deno.Command("deno", {
   args: [
     "run",
-    `--allow-net=127.0.0.1:${port}`,
+    `--allow-net=127.0.0.1:${eventsPort}`,
     "bench/sse_clients.ts",
     "--url",
-    base,
+    eventsBase,
     "--clients",
     String(CLIENTS),
   ],
@@ -193,6 +222,15 @@ print(
 print("gateway.rss_mib.quiet", before.rssMiB);
 print("gateway.rss_mib.with_clients", after.rssMiB);
 print("gateway.cpu_s.during_load_phase", Math.round((after.cpuS - before.cpuS) * 10) / 10);
+if (eventsGateway && eventsBefore) {
+  // The second gateway, which the clients read from (--events-gateway).
+  const eventsAfter = await statOf(eventsGateway.pid);
+  print("events_gateway.rss_mib.with_clients", eventsAfter.rssMiB);
+  print(
+    "events_gateway.cpu_s.during_load_phase",
+    Math.round((eventsAfter.cpuS - eventsBefore.cpuS) * 10) / 10,
+  );
+}
 // The clients share this machine's cores with the mesh: what they and the server took.
 print("clients.cpu_s.during_load_phase", clientsAfter.cpuS - clientsBefore.cpuS);
 print("nats.cpu_s.during_load_phase", natsAfter.cpuS - natsBefore.cpuS);

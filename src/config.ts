@@ -29,6 +29,13 @@ export interface Config {
   host: string;
   /** Gateway listen port; 0 picks a free one. `PORT`, `--port`. */
   port: number;
+  /**
+   * Supervisor: also run a second gateway process on this port, for event streams (SSE
+   * clients, dashboards): its connection set-ups and fan-out then never share an event loop
+   * with ingest on `port`. 0: none (the gateway serves both). `WEFT_EVENTS_PORT`,
+   * `--events-port`.
+   */
+  eventsPort: number;
   /** `WEFT_LOG_LEVEL`, `--log-level`. */
   logLevel: LogLevelName;
   /** Path of the ruleset: routing table, and keyword rules for `rules` analyzers. `WEFT_RULES`, `--rules`. */
@@ -376,6 +383,13 @@ const SETTINGS: Setting<any>[] = [
   },
   { key: "host", env: "WEFT_HOST", flag: "host", default: "127.0.0.1", parse: str },
   { key: "port", env: "PORT", flag: "port", default: 8000, parse: int(0, 65535) },
+  {
+    key: "eventsPort",
+    env: "WEFT_EVENTS_PORT",
+    flag: "events-port",
+    default: 0,
+    parse: int(0, 65535),
+  },
   { key: "logLevel", env: "WEFT_LOG_LEVEL", flag: "log-level", default: "info", parse: level },
   { key: "rulesPath", env: "WEFT_RULES", flag: "rules", default: "rules/routing.json", parse: str },
   { key: "analyzers", env: "WEFT_ANALYZERS", flag: "analyzers", default: "embedded", parse: kind },

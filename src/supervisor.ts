@@ -248,9 +248,13 @@ export function meshPermissions(
   },
 ): { name: string; permissions: Permissions }[] {
   const durables = mesh.services.flatMap((s) => s.access.consumes ?? []);
+  // One identity per service, however many processes run it (the events gateway).
+  const services = mesh.services.filter((s, i) =>
+    mesh.services.findIndex((t) => t.name === s.name) === i
+  );
   return [
     // Every service answers the mesh's metrics request and its own status (src/observability/micro.ts).
-    ...mesh.services.map((s) => ({
+    ...services.map((s) => ({
       name: s.name,
       access: {
         ...s.access,
@@ -286,7 +290,9 @@ export function processArgs(
 ): string[] {
   const net = [...natsHosts(config.natsUrl)];
   const listens = specs.some((s) => s.listens);
-  if (listens) net.push(`${config.host}:${config.port}`);
+  for (const port of new Set(specs.filter((s) => s.listens).map((s) => s.port ?? config.port))) {
+    net.push(`${config.host}:${port}`);
+  }
   // An analyzing step reaches the LLM endpoint whenever one is configured: with `llm`
   // analyzers, or to run an LLM candidate promoted from a live shadow.
   const llm = specs.some((s) => s.analyzes) &&
@@ -326,6 +332,17 @@ function v8Flags(specs: readonly ServiceSpec[], config: Config): string[] {
   return flags.size > 0 ? [`--v8-flags=${[...flags].join(",")}`] : [];
 }
 
+/**
+ * The second gateway of `WEFT_EVENTS_PORT`: the gateway as it is (same code, identity and
+ * routes), on its own port and always in a process of its own, so that event-stream clients
+ * sent to it never delay ingest on the first.
+ */
+export function eventsGateway(services: readonly ServiceSpec[], port: number): ServiceSpec {
+  const gateway = services.find((s) => s.name === "gateway");
+  if (!gateway) throw new ConfigError("WEFT_EVENTS_PORT needs the gateway");
+  return { ...gateway, port, apart: true, replicas: undefined, replica: 1 };
+}
+
 /** The module that runs several services in one process. */
 export const TOGETHER_ENTRY = "services/together.ts";
 
@@ -352,11 +369,11 @@ export function processGroups(
   if (unknown.length > 0) {
     throw new ConfigError(`WEFT_TOGETHER names no such service: ${unknown.join(", ")}`);
   }
-  const grouped = services.filter((s) => names.includes(s.name));
+  const grouped = services.filter((s) => names.includes(s.name) && !s.apart);
   return [
     grouped,
     ...grouped.flatMap((s) => extra(s, true)),
-    ...services.filter((s) => !names.includes(s.name)).flatMap((s) => extra(s, false)),
+    ...services.filter((s) => !grouped.includes(s)).flatMap((s) => extra(s, false)),
   ];
 }
 
@@ -538,6 +555,9 @@ async function waitReady(
   services: readonly ServiceSpec[],
 ): Promise<string[]> {
   const want = new Set(services.map((s) => `weft-${s.name}`));
+  const ports = [
+    ...new Set(services.filter((s) => s.listens).map((s) => s.port ?? config.port)),
+  ];
   const deadline = Date.now() + ms;
   let missing = [...want];
   while (Date.now() < deadline && !stopped()) {
@@ -549,15 +569,15 @@ async function waitReady(
         if (name) seen.add(name);
       }
     } catch { /* no responders yet */ }
-    let listening = !isLoopbackOrAny(config.host); // elsewhere: not ours to probe
-    if (!listening) {
-      try {
-        (await Deno.connect({ hostname: "127.0.0.1", port: config.port })).close();
-        listening = true;
-      } catch { /* not yet */ }
-    }
     missing = [...want].filter((n) => !seen.has(n));
-    if (!listening) missing.push(`gateway port ${config.port}`);
+    // (Elsewhere than loopback: not ours to probe.)
+    for (const port of isLoopbackOrAny(config.host) ? ports : []) {
+      try {
+        (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+      } catch {
+        missing.push(`gateway port ${port}`);
+      }
+    }
     if (missing.length === 0) return [];
     await new Promise((r) => setTimeout(r, 200));
   }
@@ -698,6 +718,17 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     );
     Deno.exit(1);
   }
+  if (config.eventsPort && config.eventsPort === config.port) {
+    log.error(`WEFT_EVENTS_PORT ${config.eventsPort} is the gateway's port too: pick another`);
+    Deno.exit(2);
+  }
+  if (config.eventsPort && isLoopbackOrAny(config.host) && !portFree(config.eventsPort)) {
+    log.error(
+      `port ${config.eventsPort} (the events gateway's, WEFT_EVENTS_PORT) is taken by another ` +
+        `process: stop it, or set WEFT_EVENTS_PORT to a free port`,
+    );
+    Deno.exit(1);
+  }
   // Nothing starts on a configuration that cannot run: a bad definition included.
   let groups: ServiceSpec[][];
   let loaded: LoadedPipeline[];
@@ -715,6 +746,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     mesh.services = mesh.services.map((s) =>
       config.serviceReplicas[s.name] ? { ...s, replicas: config.serviceReplicas[s.name] } : s
     );
+    if (config.eventsPort) mesh.services.push(eventsGateway(mesh.services, config.eventsPort));
     groups = processGroups(config.together, mesh.services);
   } catch (err) {
     log.error((err as Error).message);
@@ -1000,6 +1032,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         ...env,
         ...own,
         ...(alone ? serviceEnv(group[0]!, envOrUndefined) : {}),
+        ...(alone && group[0]!.port ? { PORT: String(group[0]!.port) } : {}),
         WEFT_PARENT_WATCH: "stdin",
         // The definitions to run, however the supervisor was given them (env or --pipelines).
         ...(config.pipelines.length > 0 ? { WEFT_PIPELINES: config.pipelines.join(",") } : {}),
@@ -1103,9 +1136,12 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     ? watchSources(await jetstreamManager(nc), config.hub, { log })
     : undefined;
   if (!sourceWatch && !shadowWatch) await nc.close();
-  const gateway = `${config.tlsCert ? "https" : "http"}://${config.host}:${config.port}`;
+  const scheme = config.tlsCert ? "https" : "http";
+  const gateway = `${scheme}://${config.host}:${config.port}`;
+  const events = config.eventsPort ? `${scheme}://${config.host}:${config.eventsPort}` : undefined;
   const summary = {
     gateway,
+    events,
     dashboard: `${gateway}/dashboard`,
     nats: config.natsUrl,
     nats_monitoring: nats ? `http://127.0.0.1:${config.natsMonitorPort || 8222}` : undefined,
@@ -1137,6 +1173,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     const lines = [
       `Weft is ready: ${started.length} services in ${(summary.ready_in_ms / 1000).toFixed(1)} s`,
       `  gateway    ${gateway}   (dashboard: ${summary.dashboard})`,
+      ...(events ? [`  events     ${events}   (event streams: /events, /.../events)`] : []),
       `  nats       ${config.natsUrl}${
         summary.nats_monitoring ? `   (monitoring: ${summary.nats_monitoring})` : ""
       }`,

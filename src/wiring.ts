@@ -51,6 +51,8 @@ export interface ServiceSpec {
   analyzes?: boolean;
   /** Listens on the gateway's host:port. */
   listens?: boolean;
+  /** The port it listens on instead of the gateway's (a second gateway for event streams). */
+  port?: number;
   /** What it does on the bus: its NATS identity's permissions follow from it. */
   access: Access;
   /** Arguments after the entry module. */

@@ -329,6 +329,34 @@ Deno.test("WEFT_NATS_DIR outside the repository's data/ is refused with one clea
   }
 });
 
+Deno.test("with WEFT_EVENTS_PORT a second gateway process serves event streams on its own port", async () => {
+  const eventsPort = freePort();
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_EVENTS_PORT: String(eventsPort) });
+  const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const events = `http://127.0.0.1:${eventsPort}`;
+  assert.equal(ready.events, events);
+  // Its own process, even with every other service in one.
+  const started = await mesh.waitForLog((l) => l.msg === "starting services", 1_000, "start");
+  assert.equal((started.processes as string[]).filter((p) => p === "gateway").length, 1);
+  const gateways = new Set(
+    mesh.logs.filter((l) => l.msg === "starting" && l.service === "weft-gateway").map((l) => l.pid),
+  );
+  assert.equal(gateways.size, 2, "two gateway processes");
+
+  const res = await post(`${mesh.gatewayUrl}/feedback`, { text: "Export keeps failing, annoying" });
+  assert.equal(res.status, 202);
+  const { id } = await res.json();
+  // The item's stream, read to its end from the events gateway: every event, in order.
+  const frames = await readSse(await fetch(`${events}/feedback/${id}/events`));
+  assert.deepEqual(frames.map((e) => e.event), [
+    "feedback.ingested",
+    "feedback.sentiment_analyzed",
+    "feedback.topics_extracted",
+    "feedback.dispatched",
+    "feedback.processed",
+  ]);
+});
+
 Deno.test("with the gateway's port taken, deno task start says which port and what to do, and starts nothing", async () => {
   const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (held.addr as Deno.NetAddr).port;
