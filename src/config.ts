@@ -120,7 +120,8 @@ export interface Config {
    * Supervisor: how often the nats-server it starts fsyncs its file store (`sync_interval`,
    * nats-server 2.10+): `always` (every write, before its ack), or a duration. Default `1s`
    * (the server's own default is 2 minutes; 1 s measured no slower, `always` about 3x
-   * slower: docs/BENCH.md); a 2.9 server keeps its 2 minutes, with a warning. An
+   * slower: docs/BENCH.md); a 2.9 server keeps its 2 minutes, with a warning, and a
+   * `WEFT_NATS_CONF` that sets `sync_interval` keeps its own unless this is set. An
    * acknowledged write not yet synced survives a process crash, not a power failure.
    * `WEFT_NATS_SYNC`.
    */

@@ -187,6 +187,22 @@ export function parseSyncInterval(raw: string): string | undefined {
   return v === "always" || /^[1-9]\d*(ms|s|m|h)$/.test(v) ? v : undefined;
 }
 
+/** A line that sets `sync_interval` (not a comment that mentions it). */
+const SETS_SYNC = /^(\s*)sync_interval\s*[:=]?\s*\S+[ \t]*$/m;
+
+/**
+ * The `sync_interval` a server configuration sets itself, or undefined.
+ *
+ * @example
+ * ```ts
+ * import { syncIntervalOf } from "./nats_server.ts";
+ * console.assert(syncIntervalOf("jetstream {\n  sync_interval: 10s\n}") === "10s");
+ * ```
+ */
+export function syncIntervalOf(conf: string): string | undefined {
+  return SETS_SYNC.exec(conf)?.[0].split(/[:=\s]+/).filter(Boolean)[1];
+}
+
 /**
  * The server configuration `conf` with `sync_interval: interval` in its JetStream block:
  * a `sync_interval` already there is replaced, a block without one gains it, and a
@@ -201,9 +217,9 @@ export function parseSyncInterval(raw: string): string | undefined {
  */
 export function withSyncInterval(conf: string, interval: string): string {
   const line = `sync_interval: ${interval}`;
-  // A line that sets it, not one of nats.conf's comments about it.
-  const set = /^(\s*)sync_interval\s*[:=]?\s*\S+[ \t]*$/m;
-  if (set.test(conf)) return conf.replace(set, (_, indent: string) => `${indent}${line}`);
+  if (SETS_SYNC.test(conf)) {
+    return conf.replace(SETS_SYNC, (_, indent: string) => `${indent}${line}`);
+  }
   if (/^\s*jetstream\s*[:=]?\s*\{/m.test(conf)) {
     return conf.replace(/^(\s*jetstream\s*[:=]?\s*\{)/m, `$1\n  ${line}`);
   }

@@ -7,6 +7,7 @@ import {
   serverVersion,
   startNatsServer,
   SYNC_INTERVAL_SERVER,
+  syncIntervalOf,
   tooOldMessage,
   versionAtLeast,
   withSyncInterval,
@@ -51,6 +52,15 @@ Deno.test("withSyncInterval() sets sync_interval in the JetStream block, once", 
     const out = withSyncInterval("jetstream {\n  sync_interval: 2m\n}\n", "always");
     assert.equal(out, "jetstream {\n  sync_interval: always\n}\n");
   });
+  await t.step(
+    "what a configuration sets itself is read back; a comment is not a setting",
+    async () => {
+      assert.equal(syncIntervalOf("jetstream {\n  sync_interval: 10s\n}\n"), "10s");
+      assert.equal(syncIntervalOf("jetstream {\n  sync_interval = always\n}\n"), "always");
+      const nats = await Deno.readTextFile(new URL("../nats.conf", import.meta.url));
+      assert.equal(syncIntervalOf(nats), undefined, "nats.conf only mentions it in comments");
+    },
+  );
   await t.step("a configuration without a JetStream block gets one", () => {
     assert.equal(
       withSyncInterval("max_payload: 1MB", "500ms"),

@@ -23,6 +23,7 @@ import {
   startNatsServer,
   stopLeftover,
   SYNC_INTERVAL_SERVER,
+  syncIntervalOf,
   tooOldMessage,
   versionAtLeast,
   withSyncInterval,
@@ -859,6 +860,15 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       Deno.exit(1);
     }
     const baseConf = new URL(config.natsConf, ROOT).pathname;
+    // A configuration that sets its own sync_interval keeps it, unless WEFT_NATS_SYNC is set.
+    const own = syncIntervalOf(await Deno.readTextFile(baseConf).catch(() => ""));
+    if (own && !syncAsked) {
+      log.info("nats-server keeps the sync_interval of its configuration", {
+        conf: config.natsConf,
+        sync_interval: own,
+      });
+      sync = "";
+    }
     let configFile = baseConf;
     let edge: EdgeRole = {};
     if (config.hub.length > 0) {

@@ -8,7 +8,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { connectNats } from "../src/nats.ts";
 import { freePort, portFree, startNatsServer } from "../src/nats_server.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
-import { ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
+import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
 
@@ -326,6 +326,27 @@ Deno.test("WEFT_NATS_DIR outside the repository's data/ is refused with one clea
     assert.doesNotMatch(text, /NotCapable|Uncaught/);
   } finally {
     await Deno.remove(outside, { recursive: true });
+  }
+});
+
+Deno.test("a WEFT_NATS_CONF that sets its own sync_interval keeps it", async () => {
+  const dir = await meshTempDir("weft-conf-");
+  try {
+    const conf = `${dir}/own.conf`;
+    await Deno.writeTextFile(
+      conf,
+      `max_payload: 1MB\njetstream {\n  store_dir: "./data/jetstream"\n  sync_interval: 10s\n}\n`,
+    );
+    await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_NATS_CONF: conf });
+    await mesh.waitForLog(
+      (l) => l.msg === "nats-server keeps the sync_interval of its configuration",
+      5_000,
+      "the conf's own interval kept",
+    );
+    const varz = await (await fetch(`http://127.0.0.1:${mesh.natsMonitorPort}/varz`)).json();
+    assert.equal(varz.jetstream.config.sync_interval, 10e9);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });
 
