@@ -109,9 +109,16 @@ export async function stopLeftover(opts: {
  * The oldest nats-server Weft supports: 2.9 brought what Weft relies on (KV and object
  * stores, direct and next-by-subject message gets, ordered consumers on the consumer
  * create API, expected-last-subject-sequence publishes). Tested with 2.9.10 (Debian 12) and
- * 2.15.3 (the version `.ci/run` installs with `go install`).
+ * {@link RECOMMENDED_SERVER_VERSION} (the version `.ci/run` installs with `go install`).
  */
 export const MIN_SERVER_VERSION = "2.9.0";
+
+/**
+ * The nats-server release Weft is tested with and recommends: what `.ci/run` installs with
+ * `go install` (it reads this line) and what a too-old server's message tells users to
+ * install. Pinned here and nowhere else.
+ */
+export const RECOMMENDED_SERVER_VERSION = "2.15.3";
 
 /**
  * Parses `nats-server --version` output (or a bare version) into numbers; null when it
@@ -159,7 +166,8 @@ export function tooOldMessage(
   needs = "the oldest Weft supports",
 ): string {
   return `nats-server ${version} is older than ${min}, ${needs}. ` +
-    `Install a current release: \`go install github.com/nats-io/nats-server/v2@v2.15.3\` ` +
+    `Install a current release: \`go install ` +
+    `github.com/nats-io/nats-server/v2@v${RECOMMENDED_SERVER_VERSION}\` ` +
     `(then put $(go env GOPATH)/bin first on the PATH), \`brew install nats-server\`, or a ` +
     `release binary from https://github.com/nats-io/nats-server/releases; or set NATS_URL to ` +
     `a newer server.`;

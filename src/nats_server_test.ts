@@ -4,6 +4,7 @@ import {
   MIN_SERVER_VERSION,
   parseServerVersion,
   parseSyncInterval,
+  RECOMMENDED_SERVER_VERSION,
   serverVersion,
   startNatsServer,
   SYNC_INTERVAL_SERVER,
@@ -92,4 +93,12 @@ Deno.test({
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test(".ci/run installs the server version pinned in src/nats_server.ts, and pins none itself", async () => {
+  const ci = await Deno.readTextFile(new URL("../.ci/run", import.meta.url));
+  assert.match(ci, /NATS_SERVER_VERSION=v\$\(const_of RECOMMENDED_SERVER_VERSION\)/);
+  assert.match(ci, /MIN_SERVER=\$\(const_of MIN_SERVER_VERSION\)/);
+  assert.doesNotMatch(ci, /nats-server\/v2@v\d/, "no literal server version");
+  assert.match(tooOldMessage("2.8.4"), new RegExp(`@v${RECOMMENDED_SERVER_VERSION}`));
 });
