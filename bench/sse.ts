@@ -10,7 +10,9 @@
  * and CPU time, the reading clients' p99 delivery lag (event time to receipt), how many
  * clients the gateway cut, and the server consumers left. A measurement, never a test.
  *
- * Options: --clients N (2000), --rate N items/s (50), --seconds N per phase (10).
+ * Options: --clients N (2000), --rate N items/s (50), --seconds N per phase (10),
+ * --opens-per-s N (the gateway's WEFT_SSE_OPENS_PER_S; its default unless given; 0 unpaced),
+ * --events-gateway (the clients read from a second gateway process).
  *
  * @module
  */
@@ -30,6 +32,7 @@ const args = parseArgs({
     rate: { type: "string", default: "50" },
     seconds: { type: "string", default: "10" },
     "events-gateway": { type: "boolean", default: false },
+    "opens-per-s": { type: "string" },
   },
 });
 const CLIENTS = Number(args.values.clients);
@@ -56,6 +59,9 @@ const env = {
   NATS_URL: server.url,
   PORT: String(port),
   WEFT_SSE_MAX_CLIENTS: String(CLIENTS + 10),
+  ...(args.values["opens-per-s"] !== undefined
+    ? { WEFT_SSE_OPENS_PER_S: args.values["opens-per-s"] }
+    : {}),
 };
 const config = loadConfig({ env: (n) => (env as Record<string, string>)[n], args: [] });
 const nc = await connectNats(server.url, "bench-sse");
@@ -143,6 +149,7 @@ async function postPhase(): Promise<{ at: number; ms: number }[]> {
 
 const quiet = (await postPhase()).map((t) => t.ms);
 print("sse.clients", CLIENTS);
+print("sse.opens_per_s", config.sseOpensPerSecond);
 print("sse.rate_items_per_s", RATE);
 print("post.quiet.p50_ms", pct(quiet, 0.5));
 print("post.quiet.p99_ms", pct(quiet, 0.99));

@@ -87,6 +87,13 @@ export interface Config {
   /** SSE clients one gateway serves at once. `WEFT_SSE_MAX_CLIENTS`. */
   sseMaxClients: number;
   /**
+   * SSE streams one gateway sets up a second, first come first served, after a burst of a
+   * quarter of that: a storm of clients connecting at once (every browser after a gateway
+   * restart) waits its turn for its stream instead of taking the event loop from ingest.
+   * 0 sets every stream up at once. `WEFT_SSE_OPENS_PER_S`.
+   */
+  sseOpensPerSecond: number;
+  /**
    * Live SSE clients are woken at most this often, each writing everything queued in one
    * chunk: fan-out costs one write per client per flush, not per event; adds up to this
    * much delivery lag, ms. `WEFT_SSE_FLUSH_MS`.
@@ -437,6 +444,7 @@ const SETTINGS: Setting<any>[] = [
   },
   { key: "sseKeepAliveMs", env: "WEFT_SSE_KEEPALIVE_MS", default: 15_000, parse: int(100) },
   { key: "sseMaxClients", env: "WEFT_SSE_MAX_CLIENTS", default: 1000, parse: int(1) },
+  { key: "sseOpensPerSecond", env: "WEFT_SSE_OPENS_PER_S", default: 200, parse: num(0) },
   { key: "sseFlushMs", env: "WEFT_SSE_FLUSH_MS", default: 100, parse: int(0, 10_000) },
   {
     key: "sseWritesPerSecond",

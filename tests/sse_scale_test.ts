@@ -8,7 +8,12 @@ import { jetstream } from "@nats-io/jetstream";
 import { createEvent } from "../src/events.ts";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
-import { type FeedSubscription, LiveFeeds, SSE_FLUSH_SLICE } from "../src/gateway/sse.ts";
+import {
+  type FeedSubscription,
+  LiveFeeds,
+  SSE_FLUSH_SLICE,
+  SseClients,
+} from "../src/gateway/sse.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
@@ -108,6 +113,78 @@ Deno.test("a live client that never reads is cut when its queue is full; the oth
     await res.body?.cancel();
   } finally {
     silent.close();
+    await server.shutdown();
+  }
+});
+
+Deno.test("stream set-ups are paced first come first served after a burst, and the burst comes back after idling", () => {
+  let now = 0;
+  const clients = new SseClients(10_000, Infinity, 200, () => now); // a burst of 50, then 5 ms apart
+  const waits = Array.from({ length: 2_000 }, () => clients.turn());
+  assert.deepEqual(waits.slice(0, 50), Array(50).fill(0), "the burst opens at once");
+  assert.equal(waits[50], 5);
+  assert.equal(waits[1_999], (2_000 - 50) * 5, "the last of a storm of 2,000 waits 9.75 s");
+  for (let i = 1; i < waits.length; i++) assert.ok(waits[i]! >= waits[i - 1]!, "in arrival order");
+  now = 60_000;
+  assert.equal(clients.turn(), 0, "after idling the burst is back");
+  assert.equal(new SseClients(10, Infinity, 0, () => now).turn(), 0, "0 paces nothing");
+});
+
+Deno.test("a storm of SSE clients waits for its streams' turns while ingest is answered at once", async () => {
+  // Two set-ups a second with a burst of one: the fifth stream's turn is 2 s after the first.
+  await using t = await startTestNats({ sseKeepAliveMs: 60_000, sseOpensPerSecond: 2 });
+  const intake = await createIntake(t.nc);
+  const app = feedbackApp(t, intake);
+  const start = performance.now();
+  const openedAt: number[] = [];
+  const streams = Array.from(
+    { length: 5 },
+    () =>
+      Promise.resolve(app.request("/events")).then((res) => {
+        openedAt.push(performance.now() - start);
+        return res;
+      }),
+  );
+  const res = await app.request("/feedback", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ text: "accepted while the streams wait" }),
+  });
+  assert.equal(res.status, 202);
+  await res.body?.cancel();
+  assert.ok(openedAt.length < 5, `ingest answered before the last stream's turn (${openedAt})`);
+  const opened = await deadline(Promise.all(streams), 20_000, "every stream's turn");
+  for (const r of opened) {
+    assert.equal(r.status, 200);
+    assert.equal(r.headers.get("content-type"), "text/event-stream");
+    await r.body?.cancel();
+  }
+  assert.ok(openedAt[4]! >= 1_990, `the fifth stream opened at ${openedAt[4]} ms, on its turn`);
+});
+
+Deno.test("a client that leaves while waiting for its stream's turn frees its slot", async () => {
+  await using t = await startTestNats({ sseKeepAliveMs: 60_000 });
+  const intake = await createIntake(t.nc);
+  const sseClients = new SseClients(10, Infinity, 1); // one a second
+  const app = feedbackApp(t, intake, { sseClients });
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
+  const url = `http://127.0.0.1:${server.addr.port}/events`;
+  const first = new AbortController();
+  const second = new AbortController();
+  try {
+    const res = await fetch(url, { signal: first.signal });
+    assert.equal(res.status, 200);
+    const waiting = fetch(url, { signal: second.signal }).catch((err) => err);
+    await waitFor(() => sseClients.open === 2, 10_000, "the second client waiting with a slot");
+    second.abort();
+    assert.equal((await waiting).name, "AbortError");
+    await waitFor(() => sseClients.open === 1, 10_000, "its slot freed at its turn");
+    first.abort();
+    await res.body?.cancel().catch(() => {});
+    await waitFor(() => sseClients.open === 0, 10_000, "the first slot freed when it left");
+  } finally {
+    first.abort();
+    second.abort();
     await server.shutdown();
   }
 });

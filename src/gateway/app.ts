@@ -179,7 +179,8 @@ function isNatsUnavailable(err: unknown): boolean {
  */
 export function createApp(deps: GatewayDeps): Hono {
   const { jetStream, config, log } = deps;
-  const clients = deps.sseClients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
+  const clients = deps.sseClients ??
+    new SseClients(config.sseMaxClients, config.sseMaxPerKey, config.sseOpensPerSecond);
   const feeds = deps.feeds ??
     new LiveFeeds(jetStream.js, log, config.sseFlushMs, config.sseWritesPerSecond);
   const app = new Hono();

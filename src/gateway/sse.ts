@@ -61,12 +61,48 @@ export interface SseSelection {
   feedFilter?: string;
 }
 
-/** Counts open SSE clients against the configured total and per-key maximums. */
+/**
+ * Counts open SSE clients against the configured total and per-key maximums, and paces
+ * their streams' set-up.
+ */
 export class SseClients {
   #open = 0;
   #byKey = new Map<string, number>();
-  /** `max` clients in all; `maxPerKey` per API key (when requests carry one). */
-  constructor(readonly max: number, readonly maxPerKey = Infinity) {}
+  /** When the next stream's turn would come with no burst left (ms, `now`'s clock). */
+  #nextTurn = -Infinity;
+  /**
+   * `max` clients in all; `maxPerKey` per API key (when requests carry one); streams set up
+   * at `opensPerSecond` after a burst of a quarter of that (0: no pacing). `now` is
+   * injectable for tests.
+   */
+  constructor(
+    readonly max: number,
+    readonly maxPerKey = Infinity,
+    readonly opensPerSecond = 0,
+    readonly now: () => number = () => performance.now(),
+  ) {}
+  /**
+   * Reserves the next stream set-up and says how long it must wait for it, ms (0: at once).
+   * Turns are handed out first come first served at `opensPerSecond`, with a burst of a
+   * quarter of a second's worth (a generic cell rate algorithm): each waiter gets its own
+   * time and sleeps once, so a storm of 2,000 costs 2,000 timers, not a thundering herd.
+   *
+   * @example
+   * ```ts
+   * import { SseClients } from "./sse.ts";
+   * const clients = new SseClients(100, Infinity, 4, () => 0); // 4 a second, burst of 1
+   * console.assert(clients.turn() === 0 && clients.turn() === 250 && clients.turn() === 500);
+   * ```
+   */
+  turn(): number {
+    if (!(this.opensPerSecond > 0)) return 0;
+    const interval = 1000 / this.opensPerSecond;
+    const early = (Math.max(1, Math.floor(this.opensPerSecond / 4)) - 1) * interval;
+    const now = this.now();
+    const due = Math.max(this.#nextTurn, now);
+    this.#nextTurn = due + interval;
+    return Math.max(0, due - early - now);
+  }
   /** Clients open now. */
   get open(): number {
     return this.#open;
@@ -551,8 +587,11 @@ function sseResponse(
   return c.newResponse(wire.body);
 }
 
-/** Streams events matching `sel` to the client as SSE. */
-export function streamEvents(
+/**
+ * Streams events matching `sel` to the client as SSE, once the stream's set-up turn
+ * ({@link SseClients.turn}) has come: the response (headers included) waits for it.
+ */
+export async function streamEvents(
   c: Context,
   js: JetStreamClient,
   sel: SseSelection,
@@ -564,7 +603,14 @@ export function streamEvents(
     /** The per-key slot this client holds, freed when it ends. */
     key?: string;
   },
-): Response {
+): Promise<Response> {
+  const wait = opts.clients.turn();
+  if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+  if (c.req.raw.signal.aborted) {
+    // The client left while it waited: nobody will read (or cancel) a body.
+    opts.clients.close(opts.key);
+    return c.body(null, 204);
+  }
   const after = resumeAfter(c.req.header("Last-Event-ID"));
   const streamName = sel.stream;
   const finalTypes = sel.finalTypes ?? new Set<string>();
