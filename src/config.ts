@@ -623,6 +623,63 @@ export interface ConfigSource {
   args?: string[];
 }
 
+/** The settings' command-line flags, without `--`. */
+const FLAGS: ReadonlySet<string> = new Set(SETTINGS.flatMap((s) => (s.flag ? [s.flag] : [])));
+
+/** The flag an argument names (`--name` or `--name=value`), or undefined. */
+function flagOf(arg: string): string | undefined {
+  return arg.startsWith("--") ? arg.slice(2).split("=", 1)[0] : undefined;
+}
+
+/**
+ * `args` with each bare settings flag (one followed by another settings flag, or last) given
+ * the value `true`: `--together --events-port 8001` is `--together=true --events-port 8001`,
+ * not `--together` with the value `--events-port`. A value that starts with `--` but names
+ * no settings flag is left to be a value.
+ */
+function bareFlagsMarked(args: readonly string[]): string[] {
+  return args.map((arg, i) => {
+    if (arg.includes("=") || !FLAGS.has(flagOf(arg) ?? "")) return arg;
+    const next = args[i + 1];
+    return next === undefined || FLAGS.has(flagOf(next) ?? "") ? `${arg}=true` : arg;
+  });
+}
+
+/**
+ * The `--flags` in `args` that are no setting's flag, each with the closest one when a
+ * typo is likely: a program that takes only settings flags refuses them rather than
+ * ignoring them silently.
+ *
+ * @example
+ * ```ts
+ * import { unknownFlags } from "./config.ts";
+ * console.assert(unknownFlags(["--event-port", "8001"])[0] === "--event-port (did you mean --events-port?)");
+ * ```
+ */
+export function unknownFlags(args: readonly string[]): string[] {
+  const distance = (a: string, b: string): number => {
+    let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+    for (let i = 1; i <= a.length; i++) {
+      const row = [i];
+      for (let j = 1; j <= b.length; j++) {
+        row[j] = Math.min(
+          prev[j]! + 1,
+          row[j - 1]! + 1,
+          prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1),
+        );
+      }
+      prev = row;
+    }
+    return prev[b.length]!;
+  };
+  return args.flatMap((arg) => {
+    const name = flagOf(arg);
+    if (name === undefined || name === "" || FLAGS.has(name)) return [];
+    const near = [...FLAGS].map((f) => ({ f, d: distance(name, f) })).sort((a, b) => a.d - b.d)[0];
+    return [`--${name}${near && near.d <= 2 ? ` (did you mean --${near.f}?)` : ""}`];
+  });
+}
+
 /**
  * Builds and validates the configuration: flags override env, env overrides defaults.
  * Throws a {@link ConfigError} naming every bad setting.
@@ -637,7 +694,7 @@ export interface ConfigSource {
 export function loadConfig(source: ConfigSource = {}): Config {
   const env = source.env ?? ((name: string) => Deno.env.get(name));
   const { values } = parseArgs({
-    args: source.args ?? Deno.args,
+    args: bareFlagsMarked(source.args ?? Deno.args),
     options: Object.fromEntries(
       SETTINGS.filter((s) => s.flag).map((s) => [s.flag!, { type: "string" as const }]),
     ),

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { describeConfig, ENV_PERMISSION, envNames, loadConfig } from "./config.ts";
+import { describeConfig, ENV_PERMISSION, envNames, loadConfig, unknownFlags } from "./config.ts";
 import { ConfigError } from "./errors.ts";
 
 const env = (vars: Record<string, string>) => (name: string) => vars[name];
@@ -40,6 +40,26 @@ Deno.test("an invalid setting's error says what a valid value looks like, where 
   );
   assert.equal(loadConfig({ env: env({ WEFT_NATS_SYNC: "always" }), args: [] }).natsSync, "always");
   assert.equal(loadConfig({ env: env({}), args: [] }).natsSync, "1s", "Weft's default");
+});
+
+Deno.test("a bare flag followed by another flag is bare, not given the next flag as its value", () => {
+  const config = loadConfig({
+    env: () => undefined,
+    args: ["--together", "--events-port", "8001"],
+  });
+  assert.equal(config.together, "all");
+  assert.equal(config.eventsPort, 8001);
+  const last = loadConfig({ env: () => undefined, args: ["--port", "9000", "--together"] });
+  assert.equal(last.together, "all");
+  assert.equal(last.port, 9000);
+});
+
+Deno.test("unknownFlags() names flags that are no setting's, with the likely one meant", () => {
+  assert.deepEqual(unknownFlags(["--together", "--events-port", "8001", "--site=east"]), []);
+  assert.deepEqual(unknownFlags(["--event-port", "8001", "--frobnicate"]), [
+    "--event-port (did you mean --events-port?)",
+    "--frobnicate",
+  ]);
 });
 
 Deno.test("describeConfig() masks credentials in the NATS URL", () => {

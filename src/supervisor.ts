@@ -10,7 +10,14 @@
 import { jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { type Config, describeConfig, ENV_PERMISSION, isLoopback, loadConfig } from "./config.ts";
+import {
+  type Config,
+  describeConfig,
+  ENV_PERMISSION,
+  isLoopback,
+  loadConfig,
+  unknownFlags,
+} from "./config.ts";
 import { createLogger, type Logger } from "./observability/log.ts";
 import { ConfigError } from "./errors.ts";
 import { connectNats, FIRST_CONNECT_PATIENCE_MS, tlsCredentials } from "./nats.ts";
@@ -1225,6 +1232,14 @@ if (import.meta.main) {
   const log = createLogger("weft-supervisor");
   let config: Config;
   try {
+    const unknown = unknownFlags(Deno.args);
+    if (unknown.length > 0) {
+      throw new ConfigError(
+        `unknown flag${unknown.length > 1 ? "s" : ""}: ${
+          unknown.join(", ")
+        }; the flags are listed in README.md ("Configuration")`,
+      );
+    }
     config = loadConfig();
   } catch (err) {
     log.error("configuration refused", { err });

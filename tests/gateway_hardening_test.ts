@@ -19,7 +19,7 @@ import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
-import { startService } from "./helpers/mesh.ts";
+import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
@@ -183,6 +183,21 @@ Deno.test("a non-loopback WEFT_HOST without API keys refuses to start unless tol
   assert.equal(loadConfig(env({ WEFT_HOST: "0.0.0.0", WEFT_API_KEYS: keys })).host, "0.0.0.0");
   assert.equal(loadConfig(env({ WEFT_HOST: "127.0.0.1" })).host, "127.0.0.1");
   assert.equal(loadConfig(env({ WEFT_HOST: "localhost" })).host, "localhost");
+});
+
+Deno.test("deno task start refuses a flag it does not know, naming the likely one, before starting anything", async () => {
+  const out = await new Deno.Command("deno", {
+    args: [...await taskArgs("start"), "--together", "--event-port", "8001"],
+    cwd: new URL("../", import.meta.url),
+    env: { WEFT_NATS_DIR: "" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 2, text);
+  assert.match(text, /unknown flag: --event-port \(did you mean --events-port\?\)/);
+  assert.doesNotMatch(text, /pipeline loaded|starting services|weft is ready/);
 });
 
 Deno.test("while NATS is down, POST answers 503 with Retry-After at once, and works again after it returns", async () => {
