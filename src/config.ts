@@ -646,6 +646,28 @@ function bareFlagsMarked(args: readonly string[]): string[] {
 }
 
 /**
+ * The arguments in `args` that are neither a settings flag nor a flag's value (`start 3`,
+ * `--port 9000 9001`): a program that takes only settings flags refuses them.
+ *
+ * @example
+ * ```ts
+ * import { strayArguments } from "./config.ts";
+ * console.assert(strayArguments(["--port", "9000", "9001"])[0] === "9001");
+ * ```
+ */
+export function strayArguments(args: readonly string[]): string[] {
+  const marked = bareFlagsMarked(args);
+  const stray: string[] = [];
+  for (let i = 0; i < marked.length; i++) {
+    const arg = marked[i]!;
+    if (arg.startsWith("--")) {
+      if (!arg.includes("=")) i++; // its value
+    } else stray.push(arg);
+  }
+  return stray;
+}
+
+/**
  * The `--flags` in `args` that are no setting's flag, each with the closest one when a
  * typo is likely: a program that takes only settings flags refuses them rather than
  * ignoring them silently.

@@ -1,5 +1,12 @@
 import assert from "node:assert/strict";
-import { describeConfig, ENV_PERMISSION, envNames, loadConfig, unknownFlags } from "./config.ts";
+import {
+  describeConfig,
+  ENV_PERMISSION,
+  envNames,
+  loadConfig,
+  strayArguments,
+  unknownFlags,
+} from "./config.ts";
 import { ConfigError } from "./errors.ts";
 
 const env = (vars: Record<string, string>) => (name: string) => vars[name];
@@ -60,6 +67,20 @@ Deno.test("unknownFlags() names flags that are no setting's, with the likely one
     "--event-port (did you mean --events-port?)",
     "--frobnicate",
   ]);
+});
+
+Deno.test("strayArguments() names arguments that are neither a flag nor a flag's value", () => {
+  assert.deepEqual(strayArguments(["--cluster", "3", "--together", "--port=9000"]), []);
+  assert.deepEqual(strayArguments(["3"]), ["3"]);
+  assert.deepEqual(
+    strayArguments(["--port", "9000", "9001", "--together", "--cluster", "3", "x"]),
+    [
+      "9001",
+      "x",
+    ],
+  );
+  // A flag's value is its value, whatever it is: `--together sentiment,topics`.
+  assert.deepEqual(strayArguments(["--together", "sentiment,topics"]), []);
 });
 
 Deno.test("describeConfig() masks credentials in the NATS URL", () => {

@@ -16,6 +16,7 @@ import {
   ENV_PERMISSION,
   isLoopback,
   loadConfig,
+  strayArguments,
   unknownFlags,
 } from "./config.ts";
 import { createLogger, type Logger } from "./observability/log.ts";
@@ -1238,6 +1239,14 @@ if (import.meta.main) {
         `unknown flag${unknown.length > 1 ? "s" : ""}: ${
           unknown.join(", ")
         }; the flags are listed in README.md ("Configuration")`,
+      );
+    }
+    const stray = strayArguments(Deno.args);
+    if (stray.length > 0) {
+      throw new ConfigError(
+        `unexpected argument${stray.length > 1 ? "s" : ""}: ${
+          stray.join(" ")
+        }; settings are flags with a value (--cluster 3) or environment variables (README.md, "Configuration")`,
       );
     }
     config = loadConfig();

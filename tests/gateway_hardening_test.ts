@@ -185,7 +185,7 @@ Deno.test("a non-loopback WEFT_HOST without API keys refuses to start unless tol
   assert.equal(loadConfig(env({ WEFT_HOST: "localhost" })).host, "localhost");
 });
 
-Deno.test("deno task start refuses a flag it does not know, naming the likely one, before starting anything", async () => {
+Deno.test("deno task start refuses a flag it does not know, naming the likely one, and a stray argument, before starting anything", async () => {
   const out = await new Deno.Command("deno", {
     args: [...await taskArgs("start"), "--together", "--event-port", "8001"],
     cwd: new URL("../", import.meta.url),
@@ -198,6 +198,16 @@ Deno.test("deno task start refuses a flag it does not know, naming the likely on
   assert.equal(out.code, 2, text);
   assert.match(text, /unknown flag: --event-port \(did you mean --events-port\?\)/);
   assert.doesNotMatch(text, /pipeline loaded|starting services|weft is ready/);
+  const stray = await new Deno.Command("deno", {
+    args: [...await taskArgs("start"), "--cluster", "3", "3"],
+    cwd: new URL("../", import.meta.url),
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const said = new TextDecoder().decode(stray.stdout) + new TextDecoder().decode(stray.stderr);
+  assert.equal(stray.code, 2, said);
+  assert.match(said, /unexpected argument: 3;/);
 });
 
 Deno.test("while NATS is down, POST answers 503 with Retry-After at once, and works again after it returns", async () => {
