@@ -607,6 +607,31 @@ export function envNames(): string[] {
 }
 
 /**
+ * The flags `deno task start` takes, one line each: the flag, its environment variable and
+ * its default (secrets' defaults are empty). For `--help`.
+ *
+ * @example
+ * ```ts
+ * import { flagsUsage } from "./config.ts";
+ * console.assert(flagsUsage().includes("--port"));
+ * ```
+ */
+export function flagsUsage(): string {
+  const rows = SETTINGS.filter((s) => s.flag).map((s) => {
+    const d = s.default;
+    const shown = d === "" || d === undefined || (Array.isArray(d) && d.length === 0)
+      ? "(none)"
+      : typeof d === "object"
+      ? JSON.stringify(d)
+      : String(d);
+    return [`--${s.flag}`, s.env, shown] as const;
+  });
+  const w0 = Math.max(...rows.map((r) => r[0].length));
+  const w1 = Math.max(...rows.map((r) => r[1].length));
+  return rows.map(([f, e, d]) => `  ${f.padEnd(w0)}  ${e.padEnd(w1)}  default ${d}`).join("\n");
+}
+
+/**
  * The narrowest `--allow-env` value covering {@link envNames}: the names outside the `WEFT_`
  * prefix, and `WEFT_*` (Deno 2 accepts a trailing wildcard; every pipeline setting is `WEFT_*`).
  */

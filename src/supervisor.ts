@@ -14,6 +14,7 @@ import {
   type Config,
   describeConfig,
   ENV_PERMISSION,
+  flagsUsage,
   isLoopback,
   loadConfig,
   strayArguments,
@@ -1230,6 +1231,15 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
 }
 
 if (import.meta.main) {
+  if (Deno.args.includes("--help") || Deno.args.includes("-h")) {
+    console.log(`deno task start [flags]: runs nats-server, every service and the gateway.
+
+Every flag is also an environment variable (flags win); the rest of the settings are
+environment variables only. README.md, "Configuration", says what each one does.
+
+${flagsUsage()}`);
+    Deno.exit(0);
+  }
   const log = createLogger("weft-supervisor");
   let config: Config;
   try {
@@ -1238,7 +1248,7 @@ if (import.meta.main) {
       throw new ConfigError(
         `unknown flag${unknown.length > 1 ? "s" : ""}: ${
           unknown.join(", ")
-        }; the flags are listed in README.md ("Configuration")`,
+        }; \`deno task start --help\` lists them`,
       );
     }
     const stray = strayArguments(Deno.args);

@@ -185,7 +185,7 @@ Deno.test("a non-loopback WEFT_HOST without API keys refuses to start unless tol
   assert.equal(loadConfig(env({ WEFT_HOST: "localhost" })).host, "localhost");
 });
 
-Deno.test("deno task start refuses a flag it does not know, naming the likely one, and a stray argument, before starting anything", async () => {
+Deno.test("deno task start refuses a flag it does not know, naming the likely one, and a stray argument, before starting anything; --help lists the flags", async () => {
   const out = await new Deno.Command("deno", {
     args: [...await taskArgs("start"), "--together", "--event-port", "8001"],
     cwd: new URL("../", import.meta.url),
@@ -208,6 +208,15 @@ Deno.test("deno task start refuses a flag it does not know, naming the likely on
   const said = new TextDecoder().decode(stray.stdout) + new TextDecoder().decode(stray.stderr);
   assert.equal(stray.code, 2, said);
   assert.match(said, /unexpected argument: 3;/);
+  const help = await new Deno.Command("deno", {
+    args: [...await taskArgs("start"), "--help"],
+    cwd: new URL("../", import.meta.url),
+    stdin: "null",
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  assert.equal(help.code, 0);
+  assert.match(new TextDecoder().decode(help.stdout), /--events-port\s+WEFT_EVENTS_PORT/);
 });
 
 Deno.test("while NATS is down, POST answers 503 with Retry-After at once, and works again after it returns", async () => {
