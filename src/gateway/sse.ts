@@ -605,9 +605,21 @@ export async function streamEvents(
   },
 ): Promise<Response> {
   const wait = opts.clients.turn();
-  if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-  if (c.req.raw.signal.aborted) {
-    // The client left while it waited: nobody will read (or cancel) a body.
+  const signal = c.req.raw.signal;
+  if (wait > 0 && !signal.aborted) {
+    // Until the turn comes, or the client leaves: its slot is freed then, not at its turn.
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        signal.removeEventListener("abort", done);
+        resolve();
+      };
+      const timer = setTimeout(done, wait);
+      signal.addEventListener("abort", done);
+    });
+  }
+  if (signal.aborted) {
+    // The client left while it waited: no stream to set up for nobody.
     opts.clients.close(opts.key);
     return c.body(null, 204);
   }
