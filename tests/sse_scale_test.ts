@@ -177,6 +177,9 @@ Deno.test("a client that leaves while waiting for its stream's turn frees its sl
     assert.equal(res.status, 200);
     const waiting = fetch(url, { signal: second.signal }).catch((err) => err);
     await waitFor(() => sseClients.open === 2, 10_000, "the second client waiting with a slot");
+    await waitFor(() => sseClients.waiting === 1, 10_000, "the second client waiting its turn");
+    const metrics = await (await fetch(`http://127.0.0.1:${server.addr.port}/metrics`)).text();
+    assert.match(metrics, /^weft_sse_waiting 1$/m, "/metrics shows it waiting");
     second.abort();
     assert.equal((await waiting).name, "AbortError");
     await waitFor(
@@ -184,6 +187,7 @@ Deno.test("a client that leaves while waiting for its stream's turn frees its sl
       10_000,
       "its slot freed when it left, not at its turn",
     );
+    assert.equal(sseClients.waiting, 0);
     first.abort();
     await res.body?.cancel().catch(() => {});
     await waitFor(() => sseClients.open === 0, 10_000, "the first slot freed when it left");

@@ -46,6 +46,14 @@ export function instrumentGateway(app: Hono, metrics: WeftMetrics, clients: SseC
       this.set(clients.open);
     },
   });
+  new client.Gauge({
+    name: "weft_sse_waiting",
+    help: "SSE clients waiting for their stream's set-up turn (WEFT_SSE_OPENS_PER_S)",
+    registers,
+    collect() {
+      this.set(clients.waiting);
+    },
+  });
   const requests = new client.Counter({
     name: "weft_http_requests_total",
     help: "HTTP requests the gateway answered, by method, route and status",

@@ -103,6 +103,33 @@ export class SseClients {
     this.#nextTurn = due + interval;
     return Math.max(0, due - early - now);
   }
+  /** Clients waiting for their stream's turn now (`weft_sse_waiting`). */
+  get waiting(): number {
+    return this.#waiting;
+  }
+  #waiting = 0;
+  /**
+   * Waits for the next stream set-up's {@link turn}, or until `signal` aborts (the client
+   * left: its slot can be freed at once, not at its turn).
+   */
+  async waitTurn(signal?: AbortSignal): Promise<void> {
+    const wait = this.turn();
+    if (wait <= 0 || signal?.aborted) return;
+    this.#waiting++;
+    try {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          signal?.removeEventListener("abort", done);
+          resolve();
+        };
+        const timer = setTimeout(done, wait);
+        signal?.addEventListener("abort", done);
+      });
+    } finally {
+      this.#waiting--;
+    }
+  }
   /** Clients open now. */
   get open(): number {
     return this.#open;
@@ -604,20 +631,8 @@ export async function streamEvents(
     key?: string;
   },
 ): Promise<Response> {
-  const wait = opts.clients.turn();
   const signal = c.req.raw.signal;
-  if (wait > 0 && !signal.aborted) {
-    // Until the turn comes, or the client leaves: its slot is freed then, not at its turn.
-    await new Promise<void>((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        signal.removeEventListener("abort", done);
-        resolve();
-      };
-      const timer = setTimeout(done, wait);
-      signal.addEventListener("abort", done);
-    });
-  }
+  await opts.clients.waitTurn(signal);
   if (signal.aborted) {
     // The client left while it waited: no stream to set up for nobody.
     opts.clients.close(opts.key);
