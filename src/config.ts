@@ -619,11 +619,9 @@ export function envNames(): string[] {
 export function flagsUsage(): string {
   const rows = SETTINGS.filter((s) => s.flag).map((s) => {
     const d = s.default;
-    const shown = d === "" || d === undefined || (Array.isArray(d) && d.length === 0)
-      ? "(none)"
-      : typeof d === "object"
-      ? JSON.stringify(d)
-      : String(d);
+    const empty = d === "" || d === undefined ||
+      (typeof d === "object" && d !== null && Object.keys(d).length === 0);
+    const shown = empty ? "(none)" : typeof d === "object" ? JSON.stringify(d) : String(d);
     return [`--${s.flag}`, s.env, shown] as const;
   });
   const w0 = Math.max(...rows.map((r) => r[0].length));
@@ -704,6 +702,7 @@ export function strayArguments(args: readonly string[]): string[] {
  * ```
  */
 export function unknownFlags(args: readonly string[]): string[] {
+  // Levenshtein distance, written here: a dozen lines against a dependency for one hint.
   const distance = (a: string, b: string): number => {
     let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
     for (let i = 1; i <= a.length; i++) {
