@@ -1232,12 +1232,15 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
 
 if (import.meta.main) {
   if (Deno.args.includes("--help") || Deno.args.includes("-h")) {
-    console.log(`deno task start [flags]: runs nats-server, every service and the gateway.
+    Deno.stdout.writeSync(new TextEncoder().encode(
+      `deno task start [flags]: runs nats-server, every service and the gateway.
 
 Every flag is also an environment variable (flags win); the rest of the settings are
 environment variables only. README.md, "Configuration", says what each one does.
 
-${flagsUsage()}`);
+${flagsUsage()}
+`,
+    ));
     Deno.exit(0);
   }
   const log = createLogger("weft-supervisor");
