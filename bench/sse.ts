@@ -207,7 +207,7 @@ for await (const c of (await jetstreamManager(nc)).consumers.list("FEEDBACK")) {
 }
 const opened = Number((await openedLine).split(" ")[1]);
 await clients.stdin.close();
-const { lags } = JSON.parse(await readLine()) as { lags: number[] };
+const { lags, opens } = JSON.parse(await readLine()) as { lags: number[]; opens: number[] };
 await clients.status;
 print("sse.opened", opened);
 print("post.with_clients.p50_ms", pct(loaded, 0.5));
@@ -244,6 +244,10 @@ print("nats.cpu_s.during_load_phase", natsAfter.cpuS - natsBefore.cpuS);
 print("phase_s", SECONDS);
 print("sse.reading_clients.lag_p50_ms", pct(lags, 0.5));
 print("sse.reading_clients.lag_p99_ms", pct(lags, 0.99));
+// How long a client of the storm waited for its stream's headers (pacing's price).
+print("sse.open_ms.p50", Math.round(pct(opens, 0.5)));
+print("sse.open_ms.p99", Math.round(pct(opens, 0.99)));
+print("sse.open_ms.max", Math.round(Math.max(...opens)));
 print("nats.ephemeral_consumers", consumers);
 
 for (const p of procs) p.child.kill("SIGTERM");

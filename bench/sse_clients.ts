@@ -3,7 +3,9 @@
  * 2,000 streams never delays the bench's POST timings: opens `--clients` streams on
  * `--url` (a third reading, a third reading one chunk a second, a third raw sockets that
  * never read), prints `opened N` once all are open, and when its stdin closes prints the
- * reading clients' delivery lags (event time to receipt, ms) as one JSON line and exits.
+ * reading clients' delivery lags (event time to receipt, ms) and how long each fetching
+ * client waited for its response headers (ms, from the start of the storm) as one JSON
+ * line, and exits.
  *
  * @module
  */
@@ -20,6 +22,8 @@ const encoder = new TextEncoder();
 const out = (line: string) => Deno.stdout.writeSync(encoder.encode(line + "\n"));
 
 const lags: number[] = [];
+const opens: number[] = [];
+const stormStart = performance.now();
 const aborts = new AbortController();
 const sockets: Deno.Conn[] = [];
 let opened = 0;
@@ -38,6 +42,7 @@ for (let i = 0; i < CLIENTS; i++) {
   opening.push(
     fetch(`${base}/events`, { signal: aborts.signal }).then((res) => {
       opened++;
+      opens.push(performance.now() - stormStart);
       const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
       (async () => {
         let buf = "";
@@ -62,7 +67,7 @@ for (let i = 0; i < CLIENTS; i++) {
 await Promise.all(opening);
 out(`opened ${opened}`);
 for await (const _ of Deno.stdin.readable) { /* wait for the end of stdin */ }
-out(JSON.stringify({ lags }));
+out(JSON.stringify({ lags, opens }));
 aborts.abort();
 for (const s of sockets) s.close();
 Deno.exit(0);
