@@ -31,7 +31,7 @@
  * bare, weft, http (both HTTP feeds), http-single, http-batch, bullmq; for profiling),
  * --batch N (50 items per POST /feedback/batch), --connections N (64 keep-alive HTTP
  * connections, the load generator's requests in flight at most), --bullmq-concurrency N
- * (64, Weft's default), --prof NAMES (V8 tick profiles of those processes, e.g. gateway,http-load,
+ * (Weft's concurrency: WEFT_CONCURRENCY or its default), --prof NAMES (V8 tick profiles of those processes, e.g. gateway,http-load,
  * sentiment, bare1, bullmq-ingest; the folder is printed), --hops (per-hop latency of
  * Weft), --bare-subjects stage|item (`item`: the bare pipeline publishes each message on
  * `bench.sN.<id>` under wildcard filters, the shape of Weft's subjects; see
@@ -204,7 +204,10 @@ function options(): Options {
     json: values.json,
     sides,
     batch: Math.min(1000, Math.floor(num(values.batch, 50, "batch"))),
-    bullmqConcurrency: Math.floor(num(values["bullmq-concurrency"], 64, "bullmq-concurrency")),
+    // BullMQ handles as many jobs at once as a Weft stage does, unless told otherwise.
+    bullmqConcurrency: Math.floor(
+      num(values["bullmq-concurrency"], weftConcurrency(), "bullmq-concurrency"),
+    ),
     connections: Math.floor(num(values.connections, 64, "connections")),
     prof: values.prof?.split(",").map((n) => n.trim()).filter((n) => n !== "") ?? [],
     rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
@@ -833,6 +836,11 @@ async function gatewayReady(url: string) {
     }
   })();
   await within(ready, 60_000, `gateway at ${url}`);
+}
+
+/** The concurrency Weft's stages run with in this bench: WEFT_CONCURRENCY or its default. */
+function weftConcurrency(): number {
+  return loadConfig({ env: (name) => Deno.env.get(name), args: [] }).concurrency;
 }
 
 async function startWeft(
