@@ -300,9 +300,7 @@ export function processArgs(
 ): string[] {
   const net = [...natsHosts(config.natsUrl)];
   const listens = specs.some((s) => s.listens);
-  for (const port of new Set(specs.filter((s) => s.listens).map((s) => s.port ?? config.port))) {
-    net.push(`${config.host}:${port}`);
-  }
+  for (const port of listenPorts(specs, config)) net.push(`${config.host}:${port}`);
   // An analyzing step reaches the LLM endpoint whenever one is configured: with `llm`
   // analyzers, or to run an LLM candidate promoted from a live shadow.
   const llm = specs.some((s) => s.analyzes) &&
@@ -340,6 +338,11 @@ function v8Flags(specs: readonly ServiceSpec[], config: Config): string[] {
   const flags = new Set(config.v8Flags ? config.v8Flags.split(",") : []);
   if (specs.length > 0 && specs.every((s) => s.background)) flags.add("--optimize-for-size");
   return flags.size > 0 ? [`--v8-flags=${[...flags].join(",")}`] : [];
+}
+
+/** The ports the listening services among `specs` take: their own, or the gateway's. */
+function listenPorts(specs: readonly ServiceSpec[], config: Pick<Config, "port">): number[] {
+  return [...new Set(specs.filter((s) => s.listens).map((s) => s.port ?? config.port))];
 }
 
 /**
@@ -565,9 +568,7 @@ async function waitReady(
   services: readonly ServiceSpec[],
 ): Promise<string[]> {
   const want = new Set(services.map((s) => `weft-${s.name}`));
-  const ports = [
-    ...new Set(services.filter((s) => s.listens).map((s) => s.port ?? config.port)),
-  ];
+  const ports = listenPorts(services, config);
   const deadline = Date.now() + ms;
   let missing = [...want];
   while (Date.now() < deadline && !stopped()) {

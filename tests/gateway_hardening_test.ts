@@ -185,38 +185,31 @@ Deno.test("a non-loopback WEFT_HOST without API keys refuses to start unless tol
   assert.equal(loadConfig(env({ WEFT_HOST: "localhost" })).host, "localhost");
 });
 
-Deno.test("deno task start refuses a flag it does not know, naming the likely one, and a stray argument, before starting anything; --help lists the flags", async () => {
+/** Runs `deno task start` with `args` as its user would: exit code and everything it said. */
+async function startTask(...args: string[]): Promise<{ code: number; text: string }> {
   const out = await new Deno.Command("deno", {
-    args: [...await taskArgs("start"), "--together", "--event-port", "8001"],
+    args: [...await taskArgs("start"), ...args],
     cwd: new URL("../", import.meta.url),
     env: { WEFT_NATS_DIR: "" },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
   }).output();
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  assert.equal(out.code, 2, text);
-  assert.match(text, /unknown flag: --event-port \(did you mean --events-port\?\)/);
-  assert.doesNotMatch(text, /pipeline loaded|starting services|weft is ready/);
-  const stray = await new Deno.Command("deno", {
-    args: [...await taskArgs("start"), "--cluster", "3", "3"],
-    cwd: new URL("../", import.meta.url),
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const said = new TextDecoder().decode(stray.stdout) + new TextDecoder().decode(stray.stderr);
-  assert.equal(stray.code, 2, said);
-  assert.match(said, /unexpected argument: 3;/);
-  const help = await new Deno.Command("deno", {
-    args: [...await taskArgs("start"), "--help"],
-    cwd: new URL("../", import.meta.url),
-    stdin: "null",
-    stdout: "piped",
-    stderr: "null",
-  }).output();
+  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
+  return { code: out.code, text: decode(out.stdout) + decode(out.stderr) };
+}
+
+Deno.test("deno task start refuses a flag it does not know, naming the likely one, and a stray argument, before starting anything; --help lists the flags", async () => {
+  const unknown = await startTask("--together", "--event-port", "8001");
+  assert.equal(unknown.code, 2, unknown.text);
+  assert.match(unknown.text, /unknown flag: --event-port \(did you mean --events-port\?\)/);
+  assert.doesNotMatch(unknown.text, /pipeline loaded|starting services|weft is ready/);
+  const stray = await startTask("--cluster", "3", "3");
+  assert.equal(stray.code, 2, stray.text);
+  assert.match(stray.text, /unexpected argument: 3;/);
+  const help = await startTask("--help");
   assert.equal(help.code, 0);
-  assert.match(new TextDecoder().decode(help.stdout), /--events-port\s+WEFT_EVENTS_PORT/);
+  assert.match(help.text, /--events-port\s+WEFT_EVENTS_PORT/);
 });
 
 Deno.test("while NATS is down, POST answers 503 with Retry-After at once, and works again after it returns", async () => {

@@ -38,6 +38,17 @@ function ingested(id: string, text = "hello") {
   }));
 }
 
+/** POSTs one item to the in-process gateway and checks it was accepted (202). */
+async function assertAccepted(app: ReturnType<typeof feedbackApp>, text: string) {
+  const res = await app.request("/feedback", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ text }),
+  });
+  assert.equal(res.status, 202);
+  await res.body?.cancel();
+}
+
 Deno.test("fifty /events clients share one server consumer, and each receives every new event", async () => {
   await using t = await startTestNats({ sseKeepAliveMs: 60_000 });
   const intake = await createIntake(t.nc);
@@ -104,13 +115,7 @@ Deno.test("a live client that never reads is cut when its queue is full; the oth
       "the silent client cut",
     );
     // Ingest is untouched.
-    const res = await app.request("/feedback", {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ text: "still accepted" }),
-    });
-    assert.equal(res.status, 202);
-    await res.body?.cancel();
+    await assertAccepted(app, "still accepted");
   } finally {
     silent.close();
     await server.shutdown();
@@ -145,13 +150,7 @@ Deno.test("a storm of SSE clients waits for its streams' turns while ingest is a
         return res;
       }),
   );
-  const res = await app.request("/feedback", {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ text: "accepted while the streams wait" }),
-  });
-  assert.equal(res.status, 202);
-  await res.body?.cancel();
+  await assertAccepted(app, "accepted while the streams wait");
   assert.ok(openedAt.length < 5, `ingest answered before the last stream's turn (${openedAt})`);
   const opened = await deadline(Promise.all(streams), 20_000, "every stream's turn");
   for (const r of opened) {
