@@ -57,7 +57,7 @@ import {
   RetentionPolicy,
   StorageType,
 } from "@nats-io/jetstream";
-import { loadConfig } from "../src/config.ts";
+import { type Config, loadConfig } from "../src/config.ts";
 import { connectNats } from "../src/nats.ts";
 import {
   freePort,
@@ -143,7 +143,7 @@ interface Options {
   stepReplicas: number;
   /** Nodes of the nats-server cluster Weft runs on (1: one server). */
   cluster: number;
-  /** The server's `sync_interval` (`always`, `1s`, `2m`...): `1s`, as `deno task start`. */
+  /** The server's `sync_interval` (`always`, `1s`, `2m`...): WEFT_NATS_SYNC's, as `deno task start`. */
   sync: string;
 }
 
@@ -206,7 +206,7 @@ function options(): Options {
     batch: Math.min(1000, Math.floor(num(values.batch, 50, "batch"))),
     // BullMQ handles as many jobs at once as a Weft stage does, unless told otherwise.
     bullmqConcurrency: Math.floor(
-      num(values["bullmq-concurrency"], weftConcurrency(), "bullmq-concurrency"),
+      num(values["bullmq-concurrency"], weftDefaults().concurrency, "bullmq-concurrency"),
     ),
     connections: Math.floor(num(values.connections, 64, "connections")),
     prof: values.prof?.split(",").map((n) => n.trim()).filter((n) => n !== "") ?? [],
@@ -215,7 +215,7 @@ function options(): Options {
     bareSubjects,
     stepReplicas: Math.floor(num(values["step-replicas"], 1, "step-replicas")),
     cluster: clusterNodes(Math.floor(num(values.cluster, 1, "cluster")), sides),
-    sync: sync(values.sync ?? "1s"),
+    sync: sync(values.sync ?? weftDefaults().natsSync),
   };
 }
 
@@ -838,9 +838,9 @@ async function gatewayReady(url: string) {
   await within(ready, 60_000, `gateway at ${url}`);
 }
 
-/** The concurrency Weft's stages run with in this bench: WEFT_CONCURRENCY or its default. */
-function weftConcurrency(): number {
-  return loadConfig({ env: (name) => Deno.env.get(name), args: [] }).concurrency;
+/** Weft's settings as its services in this bench read them: WEFT_* or their defaults. */
+function weftDefaults(): Config {
+  return loadConfig({ env: (name) => Deno.env.get(name), args: [] });
 }
 
 async function startWeft(

@@ -616,7 +616,7 @@ function sseResponse(
 
 /**
  * Streams events matching `sel` to the client as SSE, once the stream's set-up turn
- * ({@link SseClients.turn}) has come: the response (headers included) waits for it.
+ * ({@link SseClients.waitTurn}) has come: the response (headers included) waits for it.
  */
 export async function streamEvents(
   c: Context,
