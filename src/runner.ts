@@ -572,6 +572,10 @@ export async function runStage<I extends StageInput>(
       deliveryCount: m.info.deliveryCount,
     };
     if (trace) message.traceId = trace.traceId;
+    if (stage.accepts && !stage.accepts(message)) {
+      m.ack(); // on this stage's consumer, but not for it (a wide filter)
+      return;
+    }
     // Keep the lease from the moment the message is taken, not only while the handler runs:
     // checking an entry event's first delivery is a round trip to the server, and on a
     // loaded machine that, or a slow handler, can outlast the ack wait.
@@ -687,7 +691,8 @@ export async function runStage<I extends StageInput>(
             : parseEventSubject(m.subject)?.itemId ?? itemIdOf(raw);
           await deadLetter(dlContext, m, err, raw, itemId, trace, {
             failItem: errorCode(err) !== ErrorCode.SubjectMismatch &&
-              errorCode(err) !== ErrorCode.InvalidAwaitedEvent,
+              errorCode(err) !== ErrorCode.InvalidAwaitedEvent &&
+              (stage.failsItem?.(message) ?? true),
           });
           stats.deadLettered++;
           metrics.deadLettered.inc(labels);

@@ -64,6 +64,12 @@ export interface Stage<I extends StageInput = StageInput> {
    * message that is not for this stage (acked, nothing published).
    */
   decode?(raw: unknown, message: MessageInfo): unknown;
+  /**
+   * Whether a message on this stage's consumer is for it, told from its subject alone. One
+   * that is not is acked unread, whatever its body: a wide filter also brings an item's other
+   * events, which the consumers they are for handle (and dead-letter when bad).
+   */
+  accepts?(message: MessageInfo): boolean;
   /** Checks an output event before anything is published, instead of schemas/. */
   checkOutput?(event: OutputEvent): void;
   /** Event types that start an item: stored once per subject, the first one wins. */
@@ -75,6 +81,14 @@ export interface Stage<I extends StageInput = StageInput> {
    * tied to it. Defaults to the event's `item_id`.
    */
   identify?(raw: unknown, message: MessageInfo): string | undefined;
+  /**
+   * Whether giving up on this message fails its item (publishes `failedType`). Default: yes,
+   * except for an event that disagrees with its subject and a bad awaited event. A stage
+   * that also reads messages the item does not depend on (a definition's control step, an
+   * item's awaited decisions) says no for those, whatever their body: a forged or garbled
+   * decision is dead-lettered and the item keeps waiting.
+   */
+  failsItem?(message: MessageInfo): boolean;
   /** Pure: same input, same outputs (ids included). Throw to fail; see errors.ts. */
   handle(input: InputOf<I>, ctx: StageContext): OutputEvent[] | Promise<OutputEvent[]>;
 }

@@ -315,16 +315,29 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
       const d = await post(base, `/pipelines/claims/items/${approved}/decided`, { approve: true });
       assert.equal(d.status, 202);
       await waiting(refused);
-      // On the bus, a bad decision is dead-lettered without failing the item; a good one follows.
+      // On the bus, bad decisions are dead-lettered without failing the item: one its schema
+      // refuses, one that is not JSON, one nested too deep to read. Then a good one follows.
       nc.publish(`claims.decided.${refused}`, JSON.stringify({ by: "mallory" }));
-      nc.publish(`claims.decided.${refused}`, JSON.stringify({ approve: false, by: "carol" }));
-      const letter = await waitFor(
-        async () => (await listDeadLetters(jetstream(nc), { item_id: refused }))[0],
+      nc.publish(`claims.decided.${refused}`, "approve");
+      nc.publish(`claims.decided.${refused}`, "[".repeat(100) + "]".repeat(100));
+      const letters = await waitFor(
+        async () => {
+          const all = (await listDeadLetters(jetstream(nc), { item_id: refused }))
+            .filter((l) => l.letter.stage === "claims-control");
+          return all.length === 3 ? all : undefined;
+        },
         20_000,
-        "the bad decision's dead letter",
+        "the bad decisions' dead letters",
       );
-      assert.equal(letter.letter.code, "invalid_awaited_event");
-      assert.match(letter.letter.reason, /\/approve is required/);
+      const schemaLetter = letters.find((l) => l.letter.code === "invalid_awaited_event")!;
+      assert.match(schemaLetter.letter.reason, /\/approve is required/);
+      assert.deepEqual(letters.map((l) => l.letter.code).sort(), [
+        "invalid_awaited_event",
+        "invalid_event",
+        "invalid_event",
+      ]);
+      assert.equal((await waiting(refused)).status, "waiting", "bad decisions fail no item");
+      nc.publish(`claims.decided.${refused}`, JSON.stringify({ approve: false, by: "carol" }));
       await waiting(ignored);
 
       // An item's SSE stream, read to its end.

@@ -138,6 +138,13 @@ export async function loadPipelines(
   );
   for (const f of files) {
     const file = f.startsWith("/") ? f : `${base.replace(/\/$/, "")}/${f}`;
+    if (Deno.permissions.querySync({ name: "read", path: file }).state !== "granted") {
+      // Deno's own advice ("run again with --allow-read") is not the user's to follow.
+      throw new ConfigError(
+        `pipeline file ${f}: outside the folders Weft may read (the repository's pipelines/ ` +
+          `and data/); keep definitions under pipelines/, as deno task new NAME does`,
+      );
+    }
     let mod: Record<string, unknown>;
     try {
       mod = await import(new URL(`file://${file}`).href);
@@ -344,11 +351,14 @@ export function workStage(
     failedType: `${def.name}.${FAILED}`,
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
-    decode(raw, message) {
-      // A wide filter (several events lead here) also brings the item's other events:
-      // only a step's completion or the entry can hand an item on.
+    // A wide filter (several events lead here) also brings the item's other events (a
+    // human decision, a failure): only a step's completion or the entry can hand an item on,
+    // and the others are not even read, so a garbled decision fails nothing here.
+    accepts(message) {
       const role = flow.roles.get(message.subject.split(".")[1] ?? "")?.role;
-      if (role !== "done" && role !== "timeout" && role !== "entry") return undefined;
+      return role === "done" || role === "timeout" || role === "entry";
+    },
+    decode(raw, message) {
       const e = decodeFlowEvent(flow, raw, message.subject);
       return targetsOf(flow, tokenOf(flow, e.type), e.data).includes(id) ? e : undefined;
     },
@@ -711,6 +721,9 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
     failedType: `${n}.${FAILED}`,
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
+    // A decision that cannot be read at all (not JSON, nested too deep, past its attempts)
+    // is a bad decision like one its schema refuses: the item keeps waiting.
+    failsItem: (message) => flow.roles.get(message.subject.split(".")[1] ?? "")?.role !== "awaited",
     decode(raw, message): ControlInput | undefined {
       const parts = message.subject.split(".");
       const token = parts[1]!;
