@@ -182,3 +182,28 @@ export const bad = definePipeline({
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
 });
+
+Deno.test("a definition outside the folders Weft may read stops deno task start, saying where to put it", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "weft-outside-" });
+  const nats = await meshTempDir("weft-outside-nats-");
+  try {
+    await Deno.writeTextFile(`${dir}/orders.ts`, "export const x = 1;\n");
+    const out = await new Deno.Command("deno", {
+      args: await taskArgs("start"),
+      cwd: new URL("../", import.meta.url),
+      env: { WEFT_PIPELINES: `${dir}/orders.ts`, WEFT_NATS_DIR: `${nats}/nats`, PORT: "0" },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(out.code, 2);
+    const lines = new TextDecoder().decode(out.stdout).trim().split("\n").map((l) => JSON.parse(l));
+    const error = lines.find((l) => l.level === "error");
+    assert.match(error.msg, /orders\.ts: outside the folders Weft may read/);
+    assert.match(error.msg, /keep definitions under pipelines\//);
+    assert.doesNotMatch(error.msg, /--allow-read/);
+    assert.ok(!lines.some((l) => /nats-server|starting services/.test(l.msg)), "nothing started");
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+    await Deno.remove(nats, { recursive: true }).catch(() => {});
+  }
+});

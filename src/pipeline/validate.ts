@@ -217,6 +217,17 @@ export function validatePipeline(spec: PipelineSpec): void {
       }
       events.set(to, id);
     }
+    if (step.kind === "router") {
+      for (const [label, t] of Object.entries(step.routes as Record<string, unknown>)) {
+        if (typeof t !== "string") {
+          fail(
+            id,
+            "invalid_value",
+            `routes.${label} must name one step; to fan out, route to a step whose next lists several`,
+          );
+        }
+      }
+    }
     for (const [t, via] of edgesOf(step)) {
       if (!(t in spec.steps)) fail(id, "unknown_step", `${via} names unknown step "${t}"`);
     }

@@ -51,6 +51,13 @@ Deno.test("an edge to an unknown step is rejected naming the step", () => {
   assert.deepEqual(problemOf(s), ["unknown_step", "reply"]);
 });
 
+Deno.test("a router's route naming several steps is rejected, saying how to fan out", () => {
+  const s = base();
+  (s.steps.triage as { routes: Record<string, unknown> }).routes.normal = ["reply", "approve"];
+  assert.deepEqual(problemOf(s), ["invalid_value", "triage"]);
+  assert.throws(() => definePipeline(s), /routes\.normal must name one step; to fan out/);
+});
+
 Deno.test("a step no path reaches is rejected as unreachable", () => {
   const s = base();
   s.steps = { ...s.steps, orphan: { kind: "end", outcome: "lost" } };
