@@ -313,19 +313,22 @@ export function isAlreadyStored(err: unknown): boolean {
  * An item's entry event ({@link isEntryEvent}: its pipeline registered it as one) is published with "expected last subject
  * sequence 0": the stream stores it only if its subject holds nothing yet, so a re-sent
  * submission can never start an item twice, whatever the duplicate window. A refusal means
- * the event is already stored, which is success.
+ * the event is already stored, which is success: then it resolves to false (true when this
+ * call stored it).
  */
 export async function publishEvent(
   js: JetStreamClient,
   event: OutputEvent,
   parent: TraceContext | null,
   entry: boolean = isEntryEvent(event.type),
-): Promise<void> {
+): Promise<boolean> {
   const m = eventMessage(event, parent, entry);
   try {
     await js.publish(m.subject, m.data, { headers: m.headers });
+    return true;
   } catch (err) {
     if (!entry || !isAlreadyStored(err)) throw err;
+    return false;
   }
 }
 

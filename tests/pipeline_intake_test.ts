@@ -162,3 +162,68 @@ Deno.test("at its stream's limit, a definition's intake answers 507 and the stre
   await res.body?.cancel();
   assert.equal((await t.jsm.streams.info(stream)).state.first_seq, 1);
 });
+
+Deno.test("a reused Idempotency-Key is the same item with the same input, and refused with another", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const intake = await createIntake(t.nc);
+  const app = createApp({ nc: t.nc, jetStream: intake, config: t.config, log: t.log, pipelines });
+  const requests = servePipelineRequests(t.nc, pipelines, t.log);
+  try {
+    const post = (path: string, body: unknown, key: string) =>
+      app.request(`/pipelines/tickets/items${path}`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "idempotency-key": key },
+        body: JSON.stringify(body),
+      });
+    const first = await post("", { customer: "c-1", text: "refund please" }, "k1");
+    assert.equal(first.status, 202);
+    assert.equal(first.headers.get("idempotent-replayed"), null);
+    const { id } = await first.json();
+    // The same input with its keys in another order: the same item, said so.
+    const again = await post("", { text: "refund please", customer: "c-1" }, "k1");
+    assert.equal(again.status, 202);
+    assert.equal(again.headers.get("idempotent-replayed"), "true");
+    assert.equal((await again.json()).id, id);
+    // Another input under the key: refused, naming the header; the first input stays.
+    const other = await post("", { customer: "c-1", text: "cancel my order" }, "k1");
+    assert.equal(other.status, 422);
+    assert.equal(other.headers.get("content-type"), "application/problem+json");
+    const problem = await other.json();
+    assert.equal(problem.code, "idempotency_mismatch");
+    assert.equal(problem.field, "Idempotency-Key");
+    // Over NATS, the same rule.
+    const h = headers();
+    h.set("Idempotency-Key", "k1");
+    const nats = await t.nc.request("weft.tickets.submit", JSON.stringify({ customer: "x" }), {
+      headers: h,
+      timeout: 5_000,
+    });
+    assert.equal(nats.json<{ error: { code: string } }>().error.code, "invalid_field");
+    const natsOther = await t.nc.request(
+      "weft.tickets.submit",
+      JSON.stringify({ customer: "c-9", text: "other" }),
+      { headers: h, timeout: 5_000 },
+    );
+    assert.equal(natsOther.json<{ error: { code: string } }>().error.code, "idempotency_mismatch");
+    // A batch: a repeat replays, one item changed refuses the whole batch, storing nothing.
+    const items = [{ customer: "a", text: "1" }, { customer: "b", text: "2" }];
+    assert.equal((await post("/batch", { items }, "b1")).status, 202);
+    const replay = await post("/batch", { items }, "b1");
+    assert.equal(replay.headers.get("idempotent-replayed"), "true");
+    await replay.body?.cancel();
+    const changed = await post("/batch", { items: [items[0], { customer: "b", text: "3" }] }, "b1");
+    assert.equal(changed.status, 422);
+    await changed.body?.cancel();
+    const stored = await t.jsm.streams.getMessage("TICKETS", {
+      last_by_subj: `tickets.submitted.${id}`,
+    });
+    assert.equal(
+      stored!.json<{ data: { input: { text: string } } }>().data.input.text,
+      "refund please",
+    );
+    assert.equal((await t.jsm.streams.info("TICKETS")).state.messages, 3, "3 items, no more");
+  } finally {
+    requests.stop();
+  }
+});

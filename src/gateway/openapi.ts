@@ -281,6 +281,14 @@ export function openApiDocument(
   paths["/pipelines"] = {
     get: op("The pipelines loaded from definitions", { "200": json({ type: "object" }) }),
   };
+  const idempotencyKey = {
+    name: "Idempotency-Key",
+    in: "header",
+    description: "Names the item (a batch's items by position): a repeat with the same input " +
+      "is the same item (answered with Idempotent-Replayed: true), another input is refused " +
+      "with 422 idempotency_mismatch",
+    schema: { type: "string", minLength: 1, maxLength: 256 },
+  };
   for (const { def } of pipelines) {
     const n = def.name;
     const input = `pipeline.${n}.input`;
@@ -291,12 +299,13 @@ export function openApiDocument(
       post: op(`Submit one ${n} item`, { "202": json(accepted, "Accepted") }, {
         ...tag,
         requestBody: body(ref(input)),
-        parameters: [{ name: "Idempotency-Key", in: "header", schema: { type: "string" } }],
+        parameters: [idempotencyKey],
       }),
     };
     paths[`${base}/items/batch`] = {
       post: op(`Submit up to 1000 ${n} items`, { "202": json({ type: "object" }) }, {
         ...tag,
+        parameters: [idempotencyKey],
         requestBody: body({
           type: "object",
           required: ["items"],

@@ -14,7 +14,8 @@ import { ulid } from "ulid";
 import type { Config } from "../config.ts";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
 import { Role } from "../config.ts";
-import { NotFoundError, ValidationError } from "../errors.ts";
+import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
+import canonicalize from "canonicalize";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
@@ -25,6 +26,7 @@ import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
 import { checkAwaitedEvent, entryEvent, FAILED } from "../pipeline/flow.ts";
 import { eventOf } from "../pipeline/validate.ts";
 import {
+  checkInput,
   controlBucketOf,
   type LoadedPipeline,
   readItem,
@@ -114,18 +116,64 @@ async function admit(
   who: Who,
   items: readonly { id: string; input: unknown }[],
   traceId: string,
-): Promise<void> {
+  keyed = false,
+): Promise<{ replayed: boolean }> {
   const stream = pipelineSubjects(p.def).stream;
   guards?.limiter?.take(who, items.length);
+  for (const { input } of items) checkInput(p.flow, input); // a bad input is told as such first
+  // An Idempotency-Key names its items: a repeat with the same input (whatever its key
+  // order) is the same items, one with another input is refused before anything is stored.
+  const known = keyed ? await storedInputs(nc, p, items.map((i) => i.id)) : new Map();
+  for (const { id, input } of items) if (known.has(id)) assertSameInput(known.get(id), input);
+  const todo = items.filter((i) => !known.has(i.id));
+  if (todo.length === 0) return { replayed: true };
   await guards?.capacity?.check(stream);
+  let results: { stored: boolean }[];
   try {
-    await Promise.all(
-      items.map(({ id, input }) =>
+    results = await Promise.all(
+      todo.map(({ id, input }) =>
         submitItem(nc, p, id, input, { source: "weft-gateway", traceId })
       ),
     );
   } catch (err) {
     throw isStreamFull(err) ? streamFullError(stream, err) : err;
+  }
+  // A request racing this one with the same key stored some first: the same check.
+  const raced = todo.filter((_, i) => !results[i]!.stored);
+  if (raced.length > 0) {
+    const now = await storedInputs(nc, p, raced.map((i) => i.id));
+    for (const { id, input } of raced) assertSameInput(now.get(id), input);
+  }
+  return { replayed: false };
+}
+
+/** The inputs the stream holds for the items `ids` (those it has). */
+async function storedInputs(
+  nc: NatsConnection,
+  p: LoadedPipeline,
+  ids: readonly string[],
+): Promise<Map<string, unknown>> {
+  const jsm = await jetstreamManager(nc);
+  const { stream } = pipelineSubjects(p.def);
+  const entry = entryEvent(p.def);
+  const found = await Promise.all(ids.map(async (id) => {
+    const m = await jsm.streams.getMessage(stream, {
+      last_by_subj: `${p.def.name}.${entry}.${id}`,
+    });
+    return m ? [id, m.json<{ data?: { input?: unknown } }>().data?.input] as const : null;
+  }));
+  return new Map(found.filter((f) => f !== null));
+}
+
+/** Refuses a reused Idempotency-Key whose input differs from the stored item's. */
+function assertSameInput(stored: unknown, input: unknown): void {
+  // Canonical JSON (RFC 8785): the same input with its keys in another order matches.
+  if (canonicalize(stored) !== canonicalize(input)) {
+    throw new WeftError(
+      ErrorCode.IdempotencyMismatch,
+      "this Idempotency-Key was used with a different request",
+      { field: "Idempotency-Key" },
+    );
   }
 }
 
@@ -245,17 +293,20 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     async (c) => {
       const r = runtimeOf(c.req.param("name"));
       const input = await readJson(c);
-      const id = newId(r.p.def.name, c.req.header("Idempotency-Key"));
-      await admit(
+      const key = c.req.header("Idempotency-Key");
+      const id = newId(r.p.def.name, key);
+      const { replayed } = await admit(
         nc,
         r.p,
         deps.guards,
         whoOf(c),
         [{ id, input }],
         traceId(c.req.header("traceparent")),
+        key !== undefined,
       );
       const body = accepted(r, id);
       c.header("Location", body.links.state);
+      if (replayed) c.header("Idempotent-Replayed", "true");
       return c.json(body, 202);
     },
   );
@@ -292,7 +343,16 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
         id: key === undefined ? ulid() : newId(r.p.def.name, `${key}#${i}`),
         input,
       }));
-      await admit(nc, r.p, deps.guards, whoOf(c), items, trace);
+      const { replayed } = await admit(
+        nc,
+        r.p,
+        deps.guards,
+        whoOf(c),
+        items,
+        trace,
+        key !== undefined,
+      );
+      if (replayed) c.header("Idempotent-Replayed", "true");
       return c.json({ items: items.map(({ id }) => accepted(r, id)) }, 202);
     },
   );
@@ -461,7 +521,7 @@ export function servePipelineRequests(
             const key = m.headers?.get("Idempotency-Key") || undefined;
             const id = newId(n, key);
             const trace = childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId;
-            await admit(nc, p, opts.guards, who, [{ id, input }], trace);
+            await admit(nc, p, opts.guards, who, [{ id, input }], trace, key !== undefined);
             return { id, status: "accepted", links: links(n, id) };
           }),
       }),

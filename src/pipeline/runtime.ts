@@ -933,14 +933,17 @@ export function pipelineServices(loaded: readonly LoadedPipeline[]): Map<string,
   return out;
 }
 
-/** Publishes an item's entry event (HTTP and request/reply submissions). */
+/**
+ * Publishes an item's entry event (HTTP and request/reply submissions). `stored` is false when
+ * the stream already had the item (its entry event is stored once per item, the first wins).
+ */
 export async function submitItem(
   nc: NatsConnection,
   p: LoadedPipeline,
   id: string,
   input: unknown,
   opts: { source: string; traceId: string },
-): Promise<FlowEvent> {
+): Promise<{ event: FlowEvent; stored: boolean }> {
   const { flow, def } = p;
   const type = `${def.name}.${entryEvent(def)}`;
   const event = flowEvent(
@@ -950,8 +953,8 @@ export async function submitItem(
     entryData(checkInput(flow, input)),
     { source: opts.source, now: new Date() },
   );
-  await publishEvent(jetstream(nc), event as unknown as OutputEvent, null, true);
-  return event;
+  const stored = await publishEvent(jetstream(nc), event as unknown as OutputEvent, null, true);
+  return { event, stored };
 }
 
 /** Reads an item's state; null when there is none. */
