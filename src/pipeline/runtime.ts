@@ -11,7 +11,7 @@
 import type { NatsConnection } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
-import { ConfigError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
+import { ConfigError, ConflictError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
 import { publishEvent, runStage } from "../runner.ts";
@@ -445,6 +445,8 @@ interface Held {
   iter: number;
   /** Join: what arrived from each input. */
   arrived?: Record<string, FlowData>;
+  /** Join: the time of its first input's event (its deadline counts from then). */
+  openedAt?: string;
   /** Wait: the data it was armed with, and the arming event. */
   armed?: { data: FlowData; cause: { id: string; trace_id: string } };
   /** Wait: the awaited event's payload, when it came (possibly before the arming). */
@@ -500,6 +502,12 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
   const timerId = (step: string, item: string, iter: number) =>
     `${n}-${step}-${item}-${iter}`.slice(0, 128);
 
+  /**
+   * Arms the timer of `step` for this item and iteration, once: the timer is built from the
+   * event that armed it alone (a redelivery builds the same one), and when a timer of this
+   * step, item and iteration exists already (armed by an earlier attempt, or by another of a
+   * join's inputs) that one stands.
+   */
   async function arm(
     step: string,
     item: string,
@@ -507,20 +515,23 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
     due: Date,
     cause: FlowEvent,
     carry: FlowData,
-    now: Date,
   ) {
     const data: TimerData = { step, due: due.toISOString(), carry };
     const timer = flowEvent(flow, TIMER, { ...cause, id: `${cause.id}:${step}:timer` }, data, {
       source: `weft-${n}-${FLOW}`,
-      now,
+      now: new Date(cause.time),
     });
-    await (await schedules()).create({
-      id: timerId(step, item, iter),
-      subject: `${n}.${TIMER}.${item}`,
-      payload: timer as unknown as Record<string, unknown>,
-      at: due.toISOString(),
-      description: `${n}: ${step} of ${item}`,
-    });
+    try {
+      await (await schedules()).create({
+        id: timerId(step, item, iter),
+        subject: `${n}.${TIMER}.${item}`,
+        payload: timer as unknown as Record<string, unknown>,
+        at: due.toISOString(),
+        description: `${n}: ${step} of ${item}`,
+      });
+    } catch (err) {
+      if (!(err instanceof ConflictError)) throw err;
+    }
   }
   const disarm = async (step: string, item: string, iter: number) => {
     await (await schedules()).cancel(timerId(step, item, iter)).catch(() => {});
@@ -551,18 +562,20 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
         const due = s.ms !== undefined
           ? new Date(Date.parse(e.time) + s.ms)
           : nextCronTime(s.cron!, new Date(e.time)) ?? new Date(e.time);
-        await arm(t, e.item_id, iter, due, e, e.data, ctx.now());
+        await arm(t, e.item_id, iter, due, e, e.data);
         continue;
       }
       const kv = await heldKv();
       const key = `${t}.${e.item_id}`;
       if (s.kind === "join") {
-        const r = await updateHeld(kv, key, (rec) => {
+        const r = await updateHeld<{ events: FlowEvent[]; openedAt?: string }>(kv, key, (rec) => {
           if (rec && rec.iter === iter && rec.closed) {
-            return { out: { events: rec.closedBy === seq ? rec.emitted! : [], first: false } };
+            return {
+              out: { events: rec.closedBy === seq ? rec.emitted! : [], openedAt: undefined },
+            };
           }
           const cur: Held = rec && rec.iter === iter ? structuredClone(rec) : { iter, arrived: {} };
-          const first = Object.keys(cur.arrived!).length === 0;
+          cur.openedAt ??= e.time;
           cur.arrived![fromStep] = e.data;
           let events: FlowEvent[] = [];
           if (s.after.every((a) => a in cur.arrived!)) {
@@ -576,18 +589,12 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
             );
             Object.assign(cur, { closed: "done", closedBy: seq, emitted: events });
           }
-          return { rec: cur, out: { events, first } };
+          return { rec: cur, out: { events, openedAt: cur.openedAt } };
         });
-        if (r.first && r.events.length === 0) {
-          await arm(
-            t,
-            e.item_id,
-            iter,
-            new Date(Date.parse(e.time) + s.deadlineMs),
-            e,
-            e.data,
-            emit.now,
-          );
+        // Still open: its deadline (from the first input) is armed, by whichever arrival
+        // gets there first, so a kill between recording an input and arming loses nothing.
+        if (r.openedAt !== undefined && r.events.length === 0) {
+          await arm(t, e.item_id, iter, new Date(Date.parse(r.openedAt) + s.deadlineMs), e, e.data);
         }
         if (r.events.length > 0) await disarm(t, e.item_id, iter);
         out.push(...r.events);
@@ -607,15 +614,7 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
           return { rec: cur, out: events };
         });
         if (r === null) {
-          await arm(
-            t,
-            e.item_id,
-            iter,
-            new Date(Date.parse(e.time) + s.timeoutMs),
-            e,
-            e.data,
-            emit.now,
-          );
+          await arm(t, e.item_id, iter, new Date(Date.parse(e.time) + s.timeoutMs), e, e.data);
         } else out.push(...r);
       }
     }
