@@ -1,31 +1,34 @@
 /**
- * Weft: an edge event mesh for AI pipelines on Deno and NATS JetStream.
+ * Weft: an edge event mesh for AI pipelines on Deno and NATS JetStream. This module is the
+ * runtime's public API, and knows no pipeline: the shipped ones are libraries of their own
+ * (`pipelines/<name>/mod.ts`).
  *
- * A pipeline stage is a pure, typed handler from an event to the events that follow;
- * {@link runStage} does everything else (durable consumer, validation, publish with
- * de-duplication, acks, retries, dead letters, trace context, drain). Events are plain
- * JSON on documented subjects, validated against the JSON Schemas in schemas/.
+ * A team writes its pipeline as one definition ({@link definePipeline}); `deno task start`
+ * derives and runs its services, streams, consumers, permissions, HTTP routes and item state
+ * (docs/PIPELINES.md). Underneath, a stage is a pure, typed handler from an event to the
+ * events that follow, and {@link runStage} does everything else (durable consumer,
+ * validation, publish with de-duplication, acks, retries, dead letters, trace context, drain).
+ * Events are plain JSON on documented subjects, validated against JSON Schemas.
  *
- * @example A stage of your own, run against a NATS server
- * ```ts ignore
- * import { connectNats, loadConfig, createLogger, nextEvent, runStage, type Stage } from "./mod.ts";
+ * @example A pipeline of your own: two steps, in pipelines/orders/pipeline.ts
+ * ```ts
+ * import { definePipeline } from "./mod.ts";
  *
- * const shout: Stage<{ kind: "event"; types: readonly ["feedback.ingested"] }> = {
- *   name: "shout",
- *   filterSubject: "feedback.ingested.*",
- *   stream: "FEEDBACK",
- *   failedType: "feedback.failed",
- *   input: { kind: "event", types: ["feedback.ingested"] },
- *   handle: (event, ctx) => [
- *     nextEvent(event, "feedback.sentiment_analyzed", {
- *       ...event.data,
- *       sentiment: { label: "neutral", score: 0, analyzer: "shout" },
- *     }, ctx),
- *   ],
- * };
- * const config = loadConfig();
- * const nc = await connectNats(config.natsUrl, "shout");
- * const runner = await runStage({ nc, stage: shout, config, log: createLogger("shout") });
+ * export const orders = definePipeline({
+ *   name: "orders",
+ *   input: { schema: { type: "object", required: ["sku"], properties: { sku: { type: "string" } } } },
+ *   start: "price",
+ *   steps: {
+ *     price: {
+ *       kind: "task",
+ *       output: { type: "object", properties: { cents: { type: "number" } } },
+ *       handle: (order: { sku: string }) => ({ cents: order.sku.length * 100 }),
+ *       next: "priced",
+ *     },
+ *     priced: { kind: "end", outcome: "priced" },
+ *   },
+ * });
+ * console.assert(orders.steps.price.kind === "task");
  * ```
  *
  * @module
@@ -44,13 +47,6 @@ export type {
 export { runStage } from "./src/runner.ts";
 export type { RunStageOptions, StageRunner, StageStats } from "./src/runner.ts";
 export type { FaultConfig } from "./src/faults.ts";
-export {
-  ABUSE_TOPIC,
-  dispatchStage,
-  ingestStage,
-  sentimentStage,
-  topicsStage,
-} from "./pipelines/feedback/stages.ts";
 
 // Events and schemas
 export { createEvent, deterministicId } from "./src/events.ts";
@@ -70,24 +66,14 @@ export type {
   EventMap,
 } from "./src/schemas.ts";
 export type * from "./src/events.gen.ts";
-export type * from "./pipelines/feedback/events.gen.ts";
-export type * from "./pipelines/moderation/events.gen.ts";
 export * from "./src/subjects.ts";
-// The shipped pipelines' subjects and event types (each in its own folder).
-export * from "./pipelines/feedback/subjects.ts";
-export * from "./pipelines/moderation/subjects.ts";
 
 // State
-export { applyEvent, FEEDBACK_STATE_SPEC, foldEvents } from "./pipelines/feedback/state.ts";
 export { readState, runStateWriter } from "./src/state_writer.ts";
 export type { StateSpec, StateWriter } from "./src/state_writer.ts";
 
 // Analysis and routing
 export type * from "./src/ai/analysis.ts";
-export { compileRules, loadRules } from "./pipelines/feedback/rules.ts";
-export type { CompiledRules, Router } from "./pipelines/feedback/rules.ts";
-export { feedbackAnalyzers } from "./pipelines/feedback/analyzers.ts";
-export type { FeedbackAnalyzers } from "./pipelines/feedback/analyzers.ts";
 export type { AnalyzerConfig } from "./src/ai/configured_analyzers.ts";
 export type { LlmCounter, LlmStats, LlmStatsSnapshot } from "./src/ai/llm/stats.ts";
 export type { LlmUsage } from "./src/ai/llm/errors.ts";
@@ -108,14 +94,8 @@ export type {
 // Gateway
 export { createApp } from "./src/gateway/app.ts";
 export type { GatewayContext, GatewayDeps, GatewayExtension } from "./src/gateway/app.ts";
-export { createIntake } from "./pipelines/feedback/intake.ts";
-export type { Accepted, Intake, IntakeResult, SubmitOptions } from "./pipelines/feedback/intake.ts";
-export { feedbackRoutes } from "./pipelines/feedback/routes.ts";
 export type { Auth, Principal } from "./src/gateway/auth.ts";
-export type { ContentAccepted, ContentView, ModerationApi } from "./pipelines/moderation/api.ts";
-export type { Decision, ReviewEntry, ReviewStatus } from "./pipelines/moderation/review_queue.ts";
 export type { ScheduleEntry, ScheduleStore } from "./src/scheduler/store.ts";
-export { serveRequests } from "./pipelines/feedback/requests.ts";
 
 // Errors, configuration, logging, infrastructure
 export {

@@ -40,19 +40,21 @@ export interface NewEvent<K extends keyof EventMap> {
 }
 
 /**
- * Creates an event envelope.
+ * Creates an event envelope of a registered event type (its pipeline's events module adds it
+ * to `EventMap`), typed by it.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * import { createEvent } from "./events.ts";
+ * // With "orders.placed" registered (see EventMap in schemas.ts):
  * const e = createEvent({
- *   type: "feedback.ingested",
- *   itemId: "fb1",
+ *   type: "orders.placed",
+ *   itemId: "o1",
  *   traceId: "0af7651916cd43dd8448eb211c80319c",
  *   source: "gateway",
- *   data: { text: "I love it" },
+ *   data: { sku: "A-1" },
  * });
- * console.assert(e.version === 1 && e.item_id === "fb1");
+ * console.assert(e.version === 1 && e.item_id === "o1");
  * ```
  */
 export function createEvent<K extends keyof EventMap>(e: NewEvent<K>): EventMap[K] {

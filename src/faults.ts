@@ -50,7 +50,7 @@ function applies(stageFilter: string, name: string): boolean {
  * import { withFaults } from "./faults.ts";
  * const stage = {
  *   name: "topics", filterSubject: "x", stream: "X", failedType: "x.failed",
- *   input: { kind: "document", name: "feedback.submit" },
+ *   input: { kind: "event", types: [] },
  *   handle: () => [],
  * } as const;
  * const faulty = withFaults(stage, { failOn: "crash", failStage: "topics", slowMs: 0, slowStage: "" });

@@ -32,8 +32,9 @@ export interface Rebuilt<S> {
  * @example
  * ```ts ignore
  * import { rebuildStates } from "./rebuild.ts";
- * import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
- * const { states } = await rebuildStates(jetstream(nc), FEEDBACK_STATE_SPEC);
+ * import { loadPipelines, pipelineStateSpec } from "./pipeline/runtime.ts";
+ * const [orders] = await loadPipelines(["pipelines/orders/pipeline.ts"]);
+ * const { states } = await rebuildStates(jetstream(nc), pipelineStateSpec(orders!));
  * ```
  */
 export async function rebuildStates<S>(

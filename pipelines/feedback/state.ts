@@ -127,7 +127,8 @@ export function foldEvents(
  *
  * @example
  * ```ts ignore
- * import { FEEDBACK_STATE_SPEC, runStateWriter } from "../../mod.ts";
+ * import { runStateWriter } from "../../mod.ts";
+ * import { FEEDBACK_STATE_SPEC } from "./mod.ts";
  * const writer = await runStateWriter({ nc, config, log, spec: FEEDBACK_STATE_SPEC });
  * ```
  */

@@ -187,7 +187,6 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
  * @example
  * ```ts
  * import { assertCallerSchedulable } from "./store.ts";
- * assertCallerSchedulable("feedback.submit");
  * try {
  *   assertCallerSchedulable("$JS.API.STREAM.CREATE.X");
  * } catch (err) {

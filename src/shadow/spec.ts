@@ -64,9 +64,9 @@ export interface ShadowLimits {
 export interface ShadowSpec {
   /** Its id: names its consumer (`shadow_<id>`) and its metrics. */
   id: string;
-  /** The pipeline (`feedback`). */
+  /** The pipeline's name. */
   pipeline: string;
-  /** The step it shadows (`sentiment`, `topics`, `dispatch`). */
+  /** The step it shadows (its id in the pipeline). */
   step: string;
   /** What decides instead. */
   candidate: ShadowCandidate;
@@ -128,8 +128,13 @@ const fail = (field: string, message: string): never => {
  * @example
  * ```ts
  * import { parseShadowSpec } from "./spec.ts";
- * const s = parseShadowSpec({ id: "rules1", step: "sentiment", candidate: { analyzers: "rules" } });
- * console.assert(s.pipeline === "feedback" && s.limits.rps === 20);
+ * const s = parseShadowSpec({
+ *   id: "grade2",
+ *   pipeline: "orders",
+ *   step: "grade",
+ *   candidate: { definition: "pipelines/orders/candidate.ts" },
+ * });
+ * console.assert(s.pipeline === "orders" && s.limits.rps === 20);
  * ```
  */
 export function parseShadowSpec(value: unknown): ShadowSpec {
@@ -280,7 +285,7 @@ export function stepVersionKey(pipeline: string, step: string): string {
 
 /** A promotion: the candidate that is now production for a step. */
 export interface StepVersion {
-  /** The pipeline (`feedback`). */
+  /** The pipeline's name. */
   pipeline: string;
   /** The step that runs the candidate. */
   step: string;
