@@ -119,7 +119,7 @@ export function applyPipelineEvent(
   state: ItemState | undefined,
   event: FoldEvent,
 ): ItemState | undefined {
-  if (state && event.seq <= state.last_seq) return state;
+  if (state && event.seq <= state.last_seq) return lateEvent(spec, state, event);
   const n = spec.name;
   if (event.type === `${n}.${TIMER}`) return state; // the runtime's own clock ticks
   const idx = index(spec);
@@ -198,6 +198,83 @@ export function applyPipelineEvent(
   }
   base.status = base.waiting ? "waiting" : "running";
   return base;
+}
+
+/**
+ * An event stored before the last one applied, delivered late (redelivered after the state
+ * writer restarted, while the item's later events were written). The state must not depend
+ * on the order of delivery (a rebuild from the stream folds in order), so: an end or failure
+ * ends the item as it would have; otherwise where the item is does not move back, but what
+ * only this event carries still counts: its scratchpad entries (each once, in the order they
+ * were written), the results no later event carries (a parallel branch's), and its step
+ * leaving the current steps (or the wait it closes). The same state object when it adds
+ * nothing.
+ */
+function lateEvent(spec: PipelineSpec, state: ItemState, event: FoldEvent): ItemState {
+  const ended = state.status === "done" || state.status === "failed";
+  const n = spec.name;
+  const terminal = !ended && (event.type === `${n}.${FAILED}` ||
+    spec.steps[index(spec).byEvent.get(event.type)?.id ?? ""]?.kind === "end");
+  if (terminal) {
+    // An end stored earlier ends the item, as it would have in order (it stays ended).
+    const now = applyPipelineEvent(spec, { ...state, last_seq: event.seq - 1 }, event)!;
+    return { ...now, last_seq: state.last_seq, updated_at: state.updated_at };
+  }
+  const data = event.data as FlowData | undefined;
+  const have = new Set((state.scratchpad ?? []).map((e) => e.id));
+  const notes = (data?.notes ?? []).filter((e) => !have.has(e.id));
+  const results = Object.entries(data?.results ?? {}).filter(([k]) => !(k in state.results));
+  // The step it completed leaves the current steps (unless a later run of it is under way),
+  // and those it leads to that have not run join them, as in order.
+  const hit = index(spec).byEvent.get(event.type);
+  const done = hit && !ended &&
+      spec.steps[hit.id]!.kind !== "end" && (data?.runs?.[hit.id] ?? 0) >= (state.runs[hit.id] ?? 0)
+    ? hit
+    : undefined;
+  const current = done
+    ? [
+      ...new Set([
+        ...state.current.filter((c) => c !== done.id),
+        ...successors(spec, done.id, data, done.timeout === true).filter((t) =>
+          spec.steps[t]!.kind !== "end" && !(t in state.results)
+        ),
+      ]),
+    ]
+    : state.current;
+  const moved = current.length !== state.current.length ||
+    current.some((c, i) => c !== state.current[i]);
+  const waited = done !== undefined && state.waiting?.step === done.id;
+  const earlier = event.seq < state.first_seq;
+  const input = event.type === `${n}.${entryEvent(spec)}` && state.input === undefined;
+  if (notes.length === 0 && results.length === 0 && !moved && !waited && !earlier && !input) {
+    return state;
+  }
+  const next: ItemState = {
+    ...state,
+    current,
+    results: { ...state.results },
+    runs: { ...state.runs },
+  };
+  if (earlier) {
+    next.first_seq = event.seq;
+    next.created_at = event.time;
+    if (event.definition) next.definition = event.definition;
+  }
+  if (input) next.input = data?.input;
+  if (waited) {
+    delete next.waiting;
+    next.status = "running";
+  }
+  for (const [k, v] of results) {
+    next.results[k] = v;
+    next.runs[k] = Math.max(next.runs[k] ?? 0, data?.runs?.[k] ?? 1);
+  }
+  if (notes.length > 0) {
+    // Stable: entries written at one time (a step's turn) keep their order.
+    next.scratchpad = [...state.scratchpad ?? [], ...notes]
+      .sort((a, b) => Date.parse(a.at) - Date.parse(b.at));
+  }
+  return next;
 }
 
 /** Folds events (any order; applied by stream sequence) into one item's state. */
