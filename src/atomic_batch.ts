@@ -24,6 +24,12 @@ export const ATOMIC_BATCH_SERVER = "2.14.0";
 /** The most messages nats-server takes in one atomic batch (its default limit). */
 export const ATOMIC_BATCH_MAX = 1000;
 
+/**
+ * Atomic batches one gateway has in flight on a stream at most: nats-server keeps at most 50
+ * per stream, so three gateway replicas stay below the limit.
+ */
+export const ATOMIC_BATCHES_IN_FLIGHT = 16;
+
 /** Whether a server of this version (`nc.info.version`) can store atomic batches. */
 export function supportsAtomicBatch(version: string | undefined): boolean {
   return version !== undefined && versionAtLeast(version, ATOMIC_BATCH_SERVER);

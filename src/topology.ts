@@ -62,8 +62,16 @@ export type TopologyConfig =
 
 /** Streams and buckets beyond the built-in ones: those of definitions' pipelines. */
 export interface ExtraTopology {
-  /** Event streams, with the same limits as the built-in pipelines' streams. */
-  streams?: readonly { name: string; description: string; subjects: string[] }[];
+  /**
+   * Event streams, with the same limits as the built-in pipelines' streams; `atomicBatch`:
+   * created to take atomic batches where the server can (nats-server 2.14+).
+   */
+  streams?: readonly {
+    name: string;
+    description: string;
+    subjects: string[];
+    atomicBatch?: boolean;
+  }[];
   /** KV buckets; `ttl` in ms. */
   buckets?: readonly { name: string; description: string; ttl?: number }[];
 }
@@ -362,9 +370,10 @@ export async function ensureTopology(
   // too (src/atomic_batch.ts), on the streams that ask for it. An older server keeps them as
   // they were.
   const atomic = supportsAtomicBatch(nc.info?.version);
-  const wantsAtomic = new Set(
-    wirings.flatMap((w) => w.streams.filter((s) => s.atomicBatch).map((s) => s.name)),
-  );
+  const wantsAtomic = new Set([
+    ...wirings.flatMap((w) => w.streams.filter((s) => s.atomicBatch).map((s) => s.name)),
+    ...(extra.streams ?? []).filter((s) => s.atomicBatch).map((s) => s.name),
+  ]);
   for (const s of streamConfigs(config, extra, wirings)) {
     const want = atomic && wantsAtomic.has(s.name) ? { ...s, allow_atomic: true } : s;
     await ensureStream(jsm, want, { allowShrink: config.allowShrink });

@@ -17,6 +17,9 @@ import { eventMessage } from "../src/runner.ts";
 import { createEvent } from "../src/events.ts";
 import { serverVersion } from "../src/nats_server.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { createApp } from "../src/gateway/app.ts";
+import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
+import { ensureTopology } from "../src/topology.ts";
 
 const version = await serverVersion();
 const ignore = !supportsAtomicBatch(version ?? undefined);
@@ -120,5 +123,49 @@ Deno.test({
       { name: "AtomicBatchRefused" },
     );
     assert.equal(await stored(t), 3);
+  },
+});
+
+Deno.test({
+  name:
+    "a definition's batch is all or nothing on the bus too: one the stream cannot hold stores none",
+  ignore,
+  async fn() {
+    // The definition's stream (discard new) at 16 KiB: 10 items of about 2 KiB do not fit.
+    await using t = await startTestNats({ streamMaxBytes: 16 * 1024 });
+    const pipelines = await loadPipelines(
+      ["pipelines/examples/tickets.ts"],
+      new URL("../", import.meta.url).pathname,
+    );
+    await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+    const info = await t.jsm.streams.info("TICKETS");
+    assert.equal((info.config as { allow_atomic?: boolean }).allow_atomic, true);
+    const app = createApp({
+      nc: t.nc,
+      jetStream: await createIntake(t.nc),
+      config: t.config,
+      log: t.log,
+      pipelines,
+    });
+    const batch = (n: number) =>
+      app.request("/pipelines/tickets/items/batch", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({
+          items: Array.from(
+            { length: n },
+            (_, i) => ({ customer: `c${i}`, text: "x".repeat(2_000) }),
+          ),
+        }),
+      });
+    const refused = await batch(10);
+    assert.equal(refused.status, 503, await refused.clone().text());
+    assert.equal((await refused.json()).code, "unavailable");
+    assert.ok(Number(refused.headers.get("retry-after")) > 0, "says when to retry");
+    assert.equal((await t.jsm.streams.info("TICKETS")).state.messages, 0, "none of the 10 stored");
+    const fits = await batch(3);
+    assert.equal(fits.status, 202);
+    await fits.body?.cancel();
+    assert.equal((await t.jsm.streams.info("TICKETS")).state.messages, 3);
   },
 });

@@ -24,6 +24,7 @@ import canonicalize from "canonicalize";
 import { eventMessage, publishEvent } from "../../src/runner.ts";
 import {
   allowsAtomicBatch,
+  ATOMIC_BATCHES_IN_FLIGHT,
   AtomicBatchRefused,
   type BatchMessage,
   publishAtomically,
@@ -105,9 +106,6 @@ export function acceptedAnswer(id: string): Accepted {
 }
 
 /** Creates the intake on a connection whose topology exists. */
-/** Atomic batches one gateway has in flight at most (nats-server allows 50 per stream). */
-const ATOMIC_BATCHES_IN_FLIGHT = 16;
-
 export async function createIntake(
   nc: NatsConnection,
   source = "weft-gateway",
@@ -230,7 +228,7 @@ export async function createIntake(
             ErrorCode.Unavailable,
             `the stream refused the batch of ${todo.length} items: none of them was stored; ` +
               `retry it`,
-            { cause: err },
+            { cause: err, retryAfterSeconds: 1 },
           );
         }
         lookUpAll = true;

@@ -16,9 +16,17 @@ import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.t
 import { Role } from "../config.ts";
 import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
 import canonicalize from "canonicalize";
+import pLimit from "p-limit";
+import {
+  allowsAtomicBatch,
+  ATOMIC_BATCHES_IN_FLIGHT,
+  AtomicBatchRefused,
+  publishAtomically,
+} from "../atomic_batch.ts";
+import type { OutputEvent } from "../stage.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
-import { decodeJson } from "../runner.ts";
+import { decodeJson, eventMessage } from "../runner.ts";
 import { readStream } from "../stream_reader.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
@@ -28,6 +36,7 @@ import { eventOf } from "../pipeline/validate.ts";
 import {
   checkInput,
   controlBucketOf,
+  itemEntryEvent,
   type LoadedPipeline,
   readItem,
   stateBucketOf,
@@ -105,9 +114,10 @@ function lazy<T>(make: () => Promise<T>): () => Promise<T> {
 }
 
 /**
- * Submits `inputs` (already checked) as items `ids` of `p`, after the intake guards: the
- * caller's rate and quota for `inputs.length` items, then the stream's capacity. A stream
- * that refuses a publish for being full answers 507, like every intake.
+ * Submits `items` of `p`, after the intake guards: the caller's rate and quota, each input
+ * checked, a reused Idempotency-Key's items compared, then the stream's capacity. A stream
+ * that refuses a publish for being full answers 507, like every intake. Several items go as
+ * one atomic batch where the stream takes them (nats-server 2.14+): all stored, or none.
  */
 async function admit(
   nc: NatsConnection,
@@ -128,10 +138,24 @@ async function admit(
   const todo = items.filter((i) => !known.has(i.id));
   if (todo.length === 0) return { replayed: true };
   await guards?.capacity?.check(stream);
+  if (todo.length > 1 && await takesAtomicBatches(nc, stream)) {
+    await batchSlots(() => publishBatch(nc, p, guards, todo, traceId));
+  } else await publishEach(nc, p, todo, traceId);
+  return { replayed: false };
+}
+
+/** Publishes items one by one; a request racing this one with the same key is checked. */
+async function publishEach(
+  nc: NatsConnection,
+  p: LoadedPipeline,
+  items: readonly { id: string; input: unknown }[],
+  traceId: string,
+): Promise<void> {
+  const stream = pipelineSubjects(p.def).stream;
   let results: { stored: boolean }[];
   try {
     results = await Promise.all(
-      todo.map(({ id, input }) =>
+      items.map(({ id, input }) =>
         submitItem(nc, p, id, input, { source: "weft-gateway", traceId })
       ),
     );
@@ -139,12 +163,80 @@ async function admit(
     throw isStreamFull(err) ? streamFullError(stream, err) : err;
   }
   // A request racing this one with the same key stored some first: the same check.
-  const raced = todo.filter((_, i) => !results[i]!.stored);
+  const raced = items.filter((_, i) => !results[i]!.stored);
   if (raced.length > 0) {
     const again = await storedInputs(nc, p, raced.map((i) => i.id));
     for (const { id, input } of raced) assertSameInput(again.get(id), input);
   }
-  return { replayed: false };
+}
+
+/** Whether each connection's streams take atomic batches, asked once per stream. */
+const atomicStreams = new WeakMap<NatsConnection, Map<string, Promise<boolean>>>();
+function takesAtomicBatches(nc: NatsConnection, stream: string): Promise<boolean> {
+  let byStream = atomicStreams.get(nc);
+  if (!byStream) atomicStreams.set(nc, byStream = new Map());
+  let p = byStream.get(stream);
+  if (!p) {
+    p = jetstreamManager(nc, { checkAPI: false })
+      .then((jsm) => allowsAtomicBatch(jsm, stream))
+      .catch(() => false);
+    byStream.set(stream, p);
+  }
+  return p;
+}
+const batchSlots = pLimit(ATOMIC_BATCHES_IN_FLIGHT);
+
+/**
+ * Publishes a batch's items as one atomic batch (nats-server 2.14+): the stream stores all of
+ * them or none, so a batch answered with an error has left nothing on the bus. When the
+ * stream refuses it, items another request stored meanwhile under the same key are checked
+ * and left out, and the rest is tried again (three times in all, then 503: none stored).
+ */
+async function publishBatch(
+  nc: NatsConnection,
+  p: LoadedPipeline,
+  guards: IntakeGuards | undefined,
+  items: readonly { id: string; input: unknown }[],
+  traceId: string,
+): Promise<void> {
+  const js = jetstream(nc);
+  const stream = pipelineSubjects(p.def).stream;
+  let todo = items;
+  for (let attempt = 1;; attempt++) {
+    const messages = todo.map(({ id, input }) =>
+      eventMessage(
+        itemEntryEvent(p, id, input, { source: "weft-gateway", traceId }) as unknown as OutputEvent,
+        null,
+        true,
+      )
+    );
+    try {
+      await publishAtomically(js, messages);
+      return;
+    } catch (err) {
+      if (!(err instanceof AtomicBatchRefused)) {
+        if (isStreamFull(err)) throw streamFullError(stream, err);
+        // Refused at its first message: the stream no longer takes atomic batches (an older
+        // server now). Item by item, as on such a server.
+        atomicStreams.get(nc)?.delete(stream);
+        const jsm = await jetstreamManager(nc, { checkAPI: false });
+        if (await allowsAtomicBatch(jsm, stream).catch(() => true)) throw err;
+        return await publishEach(nc, p, todo, traceId);
+      }
+      const stored = await storedInputs(nc, p, todo.map((i) => i.id));
+      for (const { id, input } of todo) if (stored.has(id)) assertSameInput(stored.get(id), input);
+      todo = todo.filter((i) => !stored.has(i.id));
+      if (todo.length === 0) return;
+      await guards?.capacity?.check(stream);
+      if (attempt >= 3) {
+        throw new WeftError(
+          ErrorCode.Unavailable,
+          `the stream refused the batch of ${todo.length} items: none of them was stored; retry it`,
+          { cause: err, retryAfterSeconds: 1 },
+        );
+      }
+    }
+  }
 }
 
 /** The inputs the stream holds for the items `ids` (those it has). */

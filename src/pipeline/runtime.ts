@@ -943,17 +943,27 @@ export async function submitItem(
   input: unknown,
   opts: { source: string; traceId: string },
 ): Promise<{ event: FlowEvent; stored: boolean }> {
+  const event = itemEntryEvent(p, id, input, opts);
+  const stored = await publishEvent(jetstream(nc), event as unknown as OutputEvent, null, true);
+  return { event, stored };
+}
+
+/** An item's entry event: what {@link submitItem} publishes (a batch publishes several). */
+export function itemEntryEvent(
+  p: LoadedPipeline,
+  id: string,
+  input: unknown,
+  opts: { source: string; traceId: string },
+): FlowEvent {
   const { flow, def } = p;
   const type = `${def.name}.${entryEvent(def)}`;
-  const event = flowEvent(
+  return flowEvent(
     flow,
     entryEvent(def),
     { id: deterministicId(id, type), item_id: id, trace_id: opts.traceId },
     entryData(checkInput(flow, input)),
     { source: opts.source, now: new Date() },
   );
-  const stored = await publishEvent(jetstream(nc), event as unknown as OutputEvent, null, true);
-  return { event, stored };
 }
 
 /** Reads an item's state; null when there is none. */
@@ -984,6 +994,7 @@ export function pipelineTopology(
       name: pipelineSubjects(p.def).stream,
       description: `Weft pipeline ${p.def.name}: submissions and every event`,
       subjects: pipelineSubjects(p.def).streamSubjects,
+      atomicBatch: true, // a batch submission is all or nothing on the bus
     })),
     buckets: loaded.flatMap((p) => [
       {
