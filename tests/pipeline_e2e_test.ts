@@ -3,7 +3,7 @@
  * (insurance claims: an LLM summary, a branch, a human decision with a deadline and a
  * default action, a fan-out and a join with a deadline) into a temporary folder, starts it
  * with the supervisor `deno task start` uses, submits items over HTTP and over NATS, reads
- * SSE to the end, kills a step with SIGKILL mid-run, and checks that every item reached
+ * SSE to the end, kills a step and the -flow service with SIGKILL mid-run, and checks that every item reached
  * its expected outcome exactly once.
  */
 import assert from "node:assert/strict";
@@ -338,6 +338,10 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
       ]);
       assert.equal((await waiting(refused)).status, "waiting", "bad decisions fail no item");
       nc.publish(`claims.decided.${refused}`, JSON.stringify({ approve: false, by: "carol" }));
+      // The -flow service (intake, joins, waits, their timers, item state) dies at once, with
+      // the decision and the joins in flight; the supervisor restarts it.
+      await nc.flush();
+      Deno.kill((await pidsOf("claims-flow"))[0]!, "SIGKILL");
       await waiting(ignored);
 
       // An item's SSE stream, read to its end.
@@ -410,6 +414,12 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
         l.msg === "service exited; restarting" && String(l.service).startsWith("claims-fraud#")
       );
       assert.ok(killed, "the supervisor restarted the killed step");
+      assert.ok(
+        mesh.logs.some((l) =>
+          l.msg === "service exited; restarting" && String(l.service).startsWith("claims-flow")
+        ),
+        "the supervisor restarted the killed -flow service",
+      );
     });
 
     await t.step(
