@@ -17,6 +17,7 @@
 import type { MsgHdrs } from "@nats-io/nats-core";
 import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { versionAtLeast } from "./nats_server.ts";
+import { ErrorCode, WeftError } from "./errors.ts";
 
 /** The first nats-server release whose atomic batches take Weft's per-message headers. */
 export const ATOMIC_BATCH_SERVER = "2.14.0";
@@ -93,5 +94,69 @@ export async function publishAtomically(
     await batch.commit(last.subject, last.data, { headers: last.headers });
   } catch (err) {
     throw new AtomicBatchRefused(messages.length, { cause: err });
+  }
+}
+
+/** What {@link storeBatch} stores, and how it tells what the stream has already. */
+export interface BatchStore<T> {
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+  /** The stream the batch goes to (it must allow atomic batches to be all or none). */
+  stream: string;
+  items: readonly T[];
+  /**
+   * The items the stream does not have yet, throwing for one it has with another body
+   * (`again`: after a refused batch, when another request may have stored some meanwhile).
+   */
+  remaining(items: readonly T[], again: boolean): Promise<readonly T[]>;
+  /** An item as the message that stores it. */
+  message(item: T): BatchMessage;
+  /** Stores items one by one: the stream no longer takes atomic batches (an older server). */
+  oneByOne(items: readonly T[]): Promise<void>;
+  /** Throws when the stream is too full to take more (507). */
+  checkCapacity?(): Promise<void>;
+}
+
+/**
+ * Stores a batch submission's items as one atomic batch: all of them, or none and it throws,
+ * so a retry of the request stores them. Items the stream has already (a replay) are left
+ * out. When the stream refuses the batch, it looks again at what the stream has (another
+ * request with the same ids may have stored some), checks capacity, and tries the rest again:
+ * three times in all, then 503 (none stored). Resolves to how many items the atomic batch
+ * stored (0 when it went one by one: what `oneByOne` stores is its own to count).
+ *
+ * @example
+ * ```ts ignore
+ * const stored = await storeBatch({ js, jsm, stream: "ORDERS", items, remaining, message, oneByOne });
+ * ```
+ */
+export async function storeBatch<T>(b: BatchStore<T>): Promise<number> {
+  for (let attempt = 1;; attempt++) {
+    const todo = await b.remaining(b.items, attempt > 1);
+    if (todo.length === 0) return 0;
+    try {
+      await publishAtomically(b.js, todo.map(b.message));
+      return todo.length;
+    } catch (err) {
+      if (!(err instanceof AtomicBatchRefused)) {
+        // Refused at its first message: if the stream no longer takes atomic batches (an
+        // older server now), item by item as on such a server.
+        if (await allowsAtomicBatch(b.jsm, b.stream).catch(() => true)) throw err;
+        await b.oneByOne(todo);
+        return 0;
+      }
+      // Nothing of the batch was stored: some item was stored meanwhile by another request
+      // with the same id (look again and leave it out), or the stream refused the batch:
+      // full (507), or another reason (503, safe to retry).
+      await b.checkCapacity?.();
+      if (attempt >= 3) {
+        throw new WeftError(
+          ErrorCode.Unavailable,
+          `the stream refused the batch of ${todo.length} items: none of them was stored; ` +
+            `retry it`,
+          { cause: err, retryAfterSeconds: 1 },
+        );
+      }
+    }
   }
 }

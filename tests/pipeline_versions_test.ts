@@ -148,6 +148,23 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
   }
 });
 
+/**
+ * Runs `deno task start` with `pipelines`, expecting it to refuse (exit 2): its JSON log
+ * lines and the error line.
+ */
+async function refusedStart(pipelines: string, natsDir: string) {
+  const out = await new Deno.Command("deno", {
+    args: await taskArgs("start"),
+    cwd: new URL("../", import.meta.url),
+    env: { WEFT_PIPELINES: pipelines, WEFT_NATS_DIR: natsDir, PORT: "0" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(out.code, 2);
+  const lines = new TextDecoder().decode(out.stdout).trim().split("\n").map((l) => JSON.parse(l));
+  return { lines, error: lines.find((l) => l.level === "error") };
+}
+
 Deno.test("a bad definition stops deno task start before anything starts, naming the file and the step", async () => {
   const dir = await meshTempDir("weft-baddef-");
   try {
@@ -165,16 +182,7 @@ export const bad = definePipeline({
 });
 `,
     );
-    const out = await new Deno.Command("deno", {
-      args: await taskArgs("start"),
-      cwd: new URL("../", import.meta.url),
-      env: { WEFT_PIPELINES: `${dir}/bad.ts`, WEFT_NATS_DIR: `${dir}/nats`, PORT: "0" },
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(out.code, 2);
-    const lines = new TextDecoder().decode(out.stdout).trim().split("\n").map((l) => JSON.parse(l));
-    const error = lines.find((l) => l.level === "error");
+    const { lines, error } = await refusedStart(`${dir}/bad.ts`, `${dir}/nats`);
     assert.match(error.msg, /bad\.ts/);
     assert.match(error.msg, /pipeline bad, step a: next names unknown step "nowhere"/);
     assert.ok(!lines.some((l) => /nats-server|starting services/.test(l.msg)), "nothing started");
@@ -188,16 +196,7 @@ Deno.test("a definition outside the folders Weft may read stops deno task start,
   const nats = await meshTempDir("weft-outside-nats-");
   try {
     await Deno.writeTextFile(`${dir}/orders.ts`, "export const x = 1;\n");
-    const out = await new Deno.Command("deno", {
-      args: await taskArgs("start"),
-      cwd: new URL("../", import.meta.url),
-      env: { WEFT_PIPELINES: `${dir}/orders.ts`, WEFT_NATS_DIR: `${nats}/nats`, PORT: "0" },
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(out.code, 2);
-    const lines = new TextDecoder().decode(out.stdout).trim().split("\n").map((l) => JSON.parse(l));
-    const error = lines.find((l) => l.level === "error");
+    const { lines, error } = await refusedStart(`${dir}/orders.ts`, `${nats}/nats`);
     assert.match(error.msg, /orders\.ts: outside the folders Weft may read/);
     assert.match(error.msg, /keep definitions under pipelines\//);
     assert.doesNotMatch(error.msg, /--allow-read/);

@@ -22,13 +22,7 @@ import { createEvent, deterministicId } from "../../src/events.ts";
 import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "./events.gen.ts";
 import canonicalize from "canonicalize";
 import { eventMessage, publishEvent } from "../../src/runner.ts";
-import {
-  allowsAtomicBatch,
-  ATOMIC_BATCHES_IN_FLIGHT,
-  AtomicBatchRefused,
-  type BatchMessage,
-  publishAtomically,
-} from "../../src/atomic_batch.ts";
+import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../../src/atomic_batch.ts";
 import pLimit from "p-limit";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../../src/capacity.ts";
 import type { IngestLimiter } from "../../src/gateway/ingest_limits.ts";
@@ -193,47 +187,30 @@ export async function createIntake(
     replay: boolean,
     trace?: TraceContext | null,
   ): Promise<void> {
-    let lookUpAll = replay;
-    for (let attempt = 1;; attempt++) {
-      const todo: number[] = [];
-      await Promise.all(ids.map(async (id, i) => {
-        const mayExist = lookUpAll || items[i]!.id !== undefined;
-        if (!mayExist || await isNew(items[i]!, id)) todo.push(i);
-      }));
-      if (todo.length === 0) return;
-      todo.sort((a, b) => a - b);
-      const messages: BatchMessage[] = todo.map((i) => {
+    const stored = await storeBatch<number>({
+      js,
+      jsm,
+      stream: FEEDBACK_STREAM,
+      items: items.map((_, i) => i),
+      // Only a replay or a client-chosen id may be stored already; after a refusal, any.
+      remaining: async (todo, again) => {
+        const left = await Promise.all(todo.map(async (i) => {
+          const mayExist = again || replay || items[i]!.id !== undefined;
+          return !mayExist || await isNew(items[i]!, ids[i]!);
+        }));
+        return todo.filter((_, k) => left[k]);
+      },
+      message: (i) => {
         const { event, ctx } = ingestedEvent(items[i]!, ids[i]!, trace);
         return eventMessage(event, ctx, true);
-      });
-      try {
-        await publishAtomically(js, messages);
-        onAccepted?.(todo.length);
-        return;
-      } catch (err) {
-        if (!(err instanceof AtomicBatchRefused)) {
-          // Refused at its first message: if FEEDBACK no longer takes atomic batches (an
-          // older server now), publish item by item as on such a server.
-          if (await allowsAtomicBatch(jsm, FEEDBACK_STREAM).catch(() => true)) throw err;
-          atomic = false;
-          await Promise.all(todo.map((i) => publishOnce(items[i]!, ids[i]!, true, trace)));
-          return;
-        }
-        // Nothing of the batch was stored. Either some item was stored meanwhile by another
-        // request with the same id (look again and leave it out), or the stream refused
-        // the batch: full (507), or another reason (503, safe to retry).
-        await capacity?.check(FEEDBACK_STREAM);
-        if (attempt >= 3) {
-          throw new WeftError(
-            ErrorCode.Unavailable,
-            `the stream refused the batch of ${todo.length} items: none of them was stored; ` +
-              `retry it`,
-            { cause: err, retryAfterSeconds: 1 },
-          );
-        }
-        lookUpAll = true;
-      }
-    }
+      },
+      oneByOne: async (todo) => {
+        atomic = false;
+        await Promise.all(todo.map((i) => publishOnce(items[i]!, ids[i]!, true, trace)));
+      },
+      checkCapacity: () => capacity?.check(FEEDBACK_STREAM) ?? Promise.resolve(),
+    });
+    if (stored > 0) onAccepted?.(stored);
   }
 
   /**

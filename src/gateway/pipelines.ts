@@ -17,12 +17,7 @@ import { Role } from "../config.ts";
 import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
 import canonicalize from "canonicalize";
 import pLimit from "p-limit";
-import {
-  allowsAtomicBatch,
-  ATOMIC_BATCHES_IN_FLIGHT,
-  AtomicBatchRefused,
-  publishAtomically,
-} from "../atomic_batch.ts";
+import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../atomic_batch.ts";
 import type { OutputEvent } from "../stage.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
@@ -187,10 +182,10 @@ function takesAtomicBatches(nc: NatsConnection, stream: string): Promise<boolean
 const batchSlots = pLimit(ATOMIC_BATCHES_IN_FLIGHT);
 
 /**
- * Publishes a batch's items as one atomic batch (nats-server 2.14+): the stream stores all of
- * them or none, so a batch answered with an error has left nothing on the bus. When the
- * stream refuses it, items another request stored meanwhile under the same key are checked
- * and left out, and the rest is tried again (three times in all, then 503: none stored).
+ * Publishes a batch's items as one atomic batch (nats-server 2.14+, {@link storeBatch}): the
+ * stream stores all of them or none, so a batch answered with an error has left nothing on
+ * the bus. After a refusal, items another request stored meanwhile under the same key are
+ * checked and left out.
  */
 async function publishBatch(
   nc: NatsConnection,
@@ -199,43 +194,38 @@ async function publishBatch(
   items: readonly { id: string; input: unknown }[],
   traceId: string,
 ): Promise<void> {
-  const js = jetstream(nc);
   const stream = pipelineSubjects(p.def).stream;
-  let todo = items;
-  for (let attempt = 1;; attempt++) {
-    const messages = todo.map(({ id, input }) =>
-      eventMessage(
-        itemEntryEvent(p, id, input, { source: "weft-gateway", traceId }) as unknown as OutputEvent,
-        null,
-        true,
-      )
-    );
-    try {
-      await publishAtomically(js, messages);
-      return;
-    } catch (err) {
-      if (!(err instanceof AtomicBatchRefused)) {
-        if (isStreamFull(err)) throw streamFullError(stream, err);
-        // Refused at its first message: the stream no longer takes atomic batches (an older
-        // server now). Item by item, as on such a server.
+  try {
+    await storeBatch({
+      js: jetstream(nc),
+      jsm: await jetstreamManager(nc, { checkAPI: false }),
+      stream,
+      items,
+      remaining: async (todo, again) => {
+        if (!again) return todo; // admit left out what the stream had
+        const stored = await storedInputs(nc, p, todo.map((i) => i.id));
+        for (const { id, input } of todo) {
+          if (stored.has(id)) assertSameInput(stored.get(id), input);
+        }
+        return todo.filter((i) => !stored.has(i.id));
+      },
+      message: ({ id, input }) =>
+        eventMessage(
+          itemEntryEvent(p, id, input, {
+            source: "weft-gateway",
+            traceId,
+          }) as unknown as OutputEvent,
+          null,
+          true,
+        ),
+      oneByOne: (todo) => {
         atomicStreams.get(nc)?.delete(stream);
-        const jsm = await jetstreamManager(nc, { checkAPI: false });
-        if (await allowsAtomicBatch(jsm, stream).catch(() => true)) throw err;
-        return await publishEach(nc, p, todo, traceId);
-      }
-      const stored = await storedInputs(nc, p, todo.map((i) => i.id));
-      for (const { id, input } of todo) if (stored.has(id)) assertSameInput(stored.get(id), input);
-      todo = todo.filter((i) => !stored.has(i.id));
-      if (todo.length === 0) return;
-      await guards?.capacity?.check(stream);
-      if (attempt >= 3) {
-        throw new WeftError(
-          ErrorCode.Unavailable,
-          `the stream refused the batch of ${todo.length} items: none of them was stored; retry it`,
-          { cause: err, retryAfterSeconds: 1 },
-        );
-      }
-    }
+        return publishEach(nc, p, todo, traceId);
+      },
+      checkCapacity: () => guards?.capacity?.check(stream) ?? Promise.resolve(),
+    });
+  } catch (err) {
+    throw isStreamFull(err) ? streamFullError(stream, err) : err;
   }
 }
 

@@ -38,18 +38,21 @@ const ev = (seq: number, type: string, step?: string, result?: unknown): FoldEve
   };
 };
 
+/** An urgent item's whole run: a wait, a fan-out, a join, its end. */
+const wholeRun = () => [
+  ev(1, "submitted"),
+  ev(2, "triage", "triage", { label: "urgent" }),
+  ev(3, "approved"), // the awaited event itself: the wait's own event follows
+  ev(4, "approve", "approve", { by: "alice" }),
+  ev(5, "fan", "fan", {}),
+  ev(6, "a", "a", { x: 1 }),
+  ev(7, "b", "b", { y: 2 }),
+  ev(8, "join", "join", {}),
+  ev(9, "done"),
+];
+
 Deno.test("the fold records a wait with its event and deadline, then fan-out, join and outcome", () => {
-  const events = [
-    ev(1, "submitted"),
-    ev(2, "triage", "triage", { label: "urgent" }),
-    ev(3, "approved"), // the awaited event itself: the wait's own event follows
-    ev(4, "approve", "approve", { by: "alice" }),
-    ev(5, "fan", "fan", {}),
-    ev(6, "a", "a", { x: 1 }),
-    ev(7, "b", "b", { y: 2 }),
-    ev(8, "join", "join", {}),
-    ev(9, "done"),
-  ];
+  const events = wholeRun();
   const started = foldPipelineEvents(spec, events.slice(0, 1))!;
   assert.deepEqual(started.current, ["triage"]);
   assert.deepEqual(started.input, { text: "hi" });
@@ -162,17 +165,7 @@ Deno.test("an event delivered late (after the item's later events) still adds it
 });
 
 Deno.test("whatever order a run's events are delivered in, once all are in the state is the in-order one", () => {
-  const events = [
-    ev(1, "submitted"),
-    ev(2, "triage", "triage", { label: "urgent" }),
-    ev(3, "approved"),
-    ev(4, "approve", "approve", { by: "alice" }),
-    ev(5, "fan", "fan", {}),
-    ev(6, "a", "a", { x: 1 }),
-    ev(7, "b", "b", { y: 2 }),
-    ev(8, "join", "join", {}),
-    ev(9, "done"),
-  ];
+  const events = wholeRun();
   // Parallel branches carry their own results only; the join carries both.
   for (const [i, own] of [[5, "a"], [6, "b"]] as const) {
     const r = { ...(events[i]!.data as { results: Record<string, unknown> }).results };
