@@ -8,6 +8,7 @@
  * @module
  */
 import { createRateLimiter, type RateLimiter } from "../ai/llm/rate_limit.ts";
+import { type Clock, systemClock } from "../ai/llm/clock.ts";
 import type { FlowControl } from "./definition.ts";
 
 /** The value at a dotted path of `doc`, as a key; `""` when absent. */
@@ -22,12 +23,22 @@ export function keyAt(doc: unknown, path: string | undefined): string {
 
 /** Limits applied around a handler call. */
 export interface StepLimiter {
-  /** Waits for a slot and a token for the item; returns the release of the slot. */
+  /**
+   * Waits for a slot and a token for the item; returns the release of the slot. Rejects
+   * with `signal.reason` when the signal aborts while it waits.
+   */
   acquire(input: unknown, signal: AbortSignal): Promise<() => void>;
+  /**
+   * How many keys it holds state for now. Bounded by the keys in use: a key's rate bucket is
+   * forgotten once it has been idle a whole period (it is full again, as a new one would be),
+   * and its concurrency slots once none is taken.
+   */
+  keys(): number;
 }
 
 /**
- * The limiter of a step's `flow`; one that never waits when it sets none.
+ * The limiter of a step's `flow`; one that never waits when it sets none. `clock` is what
+ * the rate limit reads and sleeps on (tests pass a manual one).
  *
  * @example
  * ```ts
@@ -37,26 +48,50 @@ export interface StepLimiter {
  * release();
  * ```
  */
-export function createStepLimiter(flow: FlowControl | undefined): StepLimiter {
+export function createStepLimiter(
+  flow: FlowControl | undefined,
+  clock: Clock = systemClock,
+): StepLimiter {
   const conc = flow?.concurrency;
   const rate = flow?.rateLimit;
   const slots = new Map<string, { active: number; waiting: (() => void)[] }>();
-  const buckets = new Map<string, RateLimiter>();
+  // Per key: its token bucket, when a token was last taken, and how many callers are in its
+  // acquire. Keys come from items (e.g. a customer id), so without forgetting idle ones a
+  // flood of distinct keys would grow this map, and the process, without bound.
+  const buckets = new Map<string, { bucket: RateLimiter; lastTaken: number; busy: number }>();
+  let swept = clock.now();
+  const sweep = (now: number) => {
+    if (!rate || now - swept < rate.periodMs) return;
+    swept = now;
+    for (const [key, b] of buckets) {
+      if (b.busy === 0 && now - b.lastTaken >= rate.periodMs) buckets.delete(key);
+    }
+  };
   return {
+    keys: () => buckets.size + slots.size,
     async acquire(input, signal) {
       if (rate) {
         const key = keyAt(input, rate.key);
+        sweep(clock.now());
         let b = buckets.get(key);
         if (!b) {
-          buckets.set(
-            key,
-            b = createRateLimiter({
+          b = {
+            bucket: createRateLimiter({
               requestsPerSecond: rate.limit / (rate.periodMs / 1000),
               burst: rate.limit,
-            }),
-          );
+            }, clock),
+            lastTaken: clock.now(),
+            busy: 0,
+          };
+          buckets.set(key, b);
         }
-        await b.acquire(signal);
+        b.busy++;
+        try {
+          await b.bucket.acquire(signal);
+          b.lastTaken = clock.now();
+        } finally {
+          b.busy--;
+        }
       }
       if (!conc) return () => {};
       const key = keyAt(input, conc.key);
@@ -64,7 +99,20 @@ export function createStepLimiter(flow: FlowControl | undefined): StepLimiter {
       if (!s) slots.set(key, s = { active: 0, waiting: [] });
       while (s.active >= conc.limit) {
         signal.throwIfAborted();
-        await new Promise<void>((resolve) => s!.waiting.push(resolve));
+        const slot = s;
+        await new Promise<void>((resolve, reject) => {
+          const wake = () => {
+            signal.removeEventListener("abort", onAbort);
+            resolve();
+          };
+          const onAbort = () => {
+            const i = slot.waiting.indexOf(wake);
+            if (i >= 0) slot.waiting.splice(i, 1);
+            reject(signal.reason);
+          };
+          slot.waiting.push(wake);
+          signal.addEventListener("abort", onAbort, { once: true });
+        });
       }
       s.active++;
       let released = false;

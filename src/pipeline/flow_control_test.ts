@@ -1,5 +1,25 @@
 import assert from "node:assert/strict";
 import { createBatcher, createStepLimiter, keyAt } from "./flow_control.ts";
+import type { Clock } from "../ai/llm/clock.ts";
+
+/** A clock that moves only when told; a sleep resolves once the time passes it. */
+function manualClock(): Clock & { advance(ms: number): void } {
+  let now = 0;
+  let sleepers: { at: number; wake: () => void }[] = [];
+  return {
+    now: () => now,
+    sleep(ms, signal) {
+      signal?.throwIfAborted();
+      return new Promise((resolve) => sleepers.push({ at: now + ms, wake: resolve }));
+    },
+    advance(ms) {
+      now += ms;
+      const due = sleepers.filter((s) => s.at <= now);
+      sleepers = sleepers.filter((s) => s.at > now);
+      for (const s of due) s.wake();
+    },
+  };
+}
 
 Deno.test("a concurrency limit per key holds each customer to its limit and lets others run", async () => {
   const limiter = createStepLimiter({ concurrency: { limit: 2, key: "customer.id" } });
@@ -58,4 +78,52 @@ Deno.test("a batcher sends what arrived within maxWaitMs, and a failed batch fai
   } finally {
     mock.timers.reset();
   }
+});
+
+Deno.test("a rate limit per key forgets a key once idle a whole period, so a flood of distinct keys does not grow the process", async () => {
+  // Found adversarially: every distinct customer id kept its token bucket for the life of
+  // the step's process (a flood of unique keys, each possibly a large string, grew it
+  // without bound).
+  const clock = manualClock();
+  const limiter = createStepLimiter(
+    { rateLimit: { limit: 2, periodMs: 1000, key: "customer" } },
+    clock,
+  );
+  const signal = new AbortController().signal;
+  for (let i = 0; i < 1000; i++) (await limiter.acquire({ customer: `c${i}` }, signal))();
+  assert.equal(limiter.keys(), 1000, "keys used within the period are all still limited");
+  clock.advance(1000);
+  (await limiter.acquire({ customer: "late" }, signal))();
+  assert.equal(limiter.keys(), 1, "a period later only the key just used is held");
+});
+
+Deno.test("a rate limit per key still holds a key that comes back within its period", async () => {
+  const clock = manualClock();
+  const limiter = createStepLimiter(
+    { rateLimit: { limit: 1, periodMs: 1000, key: "customer" } },
+    clock,
+  );
+  const signal = new AbortController().signal;
+  (await limiter.acquire({ customer: "a" }, signal))();
+  clock.advance(999);
+  (await limiter.acquire({ customer: "b" }, signal))(); // a sweep happens no earlier than this
+  let second = false;
+  const again = limiter.acquire({ customer: "a" }, signal).then((r) => (second = true, r));
+  await Promise.resolve();
+  assert.equal(second, false, "a's second call in the same period waits for its token");
+  clock.advance(5); // its token is back (a little float slack)
+  (await again)();
+  assert.equal(second, true);
+});
+
+Deno.test("a call waiting for a concurrency slot gives up when its signal aborts (e.g. the step stops)", async () => {
+  const limiter = createStepLimiter({ concurrency: { limit: 1 } });
+  const held = await limiter.acquire({}, new AbortController().signal);
+  const stop = new AbortController();
+  const waiting = limiter.acquire({}, stop.signal);
+  stop.abort(new Error("stopping"));
+  await assert.rejects(waiting, /stopping/);
+  held();
+  assert.equal(limiter.keys(), 0, "nothing left behind");
+  (await limiter.acquire({}, new AbortController().signal))();
 });
