@@ -29,6 +29,7 @@
 import type { JetStreamClient, JetStreamManager, JsMsg, StreamSource } from "@nats-io/jetstream";
 import type { PipelineSpec } from "./pipeline/definition.ts";
 import { applyPipelineEvent, type ItemState } from "./pipeline/fold.ts";
+import { awaitedEventId } from "./pipeline/flow.ts";
 import type { Logger } from "./observability/log.ts";
 import type { Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
@@ -428,6 +429,7 @@ export async function siteDefinitionItem(
 ): Promise<ItemState & { site: string }> {
   return await foldSiteItem<ItemState>(js, site, id, def.name, `${def.name} item`, (state, m) => {
     let body: {
+      id?: unknown;
       type?: string;
       time?: string;
       item_id?: string;
@@ -441,13 +443,17 @@ export async function siteDefinitionItem(
     }
     // A Weft event has its type and time; an awaited event (a person's or a callback's
     // plain JSON) is known by its subject.
-    const event = typeof body?.type === "string" && typeof body.time === "string" ? body : {
-      type: `${def.name}.${m.subject.split(".")[3]}`,
-      time: m.time.toISOString(),
-      data: body,
-    };
+    const event: typeof body = typeof body?.type === "string" && typeof body.time === "string"
+      ? body
+      : {
+        id: awaitedEventId(m.subject.split(".").slice(2).join(".")), // site.<site>.<subject>
+        type: `${def.name}.${m.subject.split(".")[3]}`,
+        time: m.time.toISOString(),
+        data: body,
+      };
     return applyPipelineEvent(def, state, {
       seq: m.seq,
+      id: typeof event.id === "string" ? event.id : undefined,
       type: event.type!,
       time: event.time!,
       item_id: event.item_id ?? id,

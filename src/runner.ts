@@ -125,6 +125,10 @@ export interface ItemFailedData {
   attempts: number;
   /** Where the original message is kept in the DEADLETTER stream. */
   dead_letter_subject: string;
+  /** The subject the stage gave up on the message on (a redrive republishes it there). */
+  subject?: string;
+  /** The id of the event the stage gave up on, when it is a Weft event (even a large one). */
+  event_id?: string;
   /** The message the stage gave up on, when small and shallow enough. */
   original?: Record<string, unknown>;
 }
@@ -426,6 +430,13 @@ export interface DeadLetterContext {
   failedType?: string;
 }
 
+/** The id of a Weft event (a string `id` beside a string `type`); undefined for anything else. */
+function eventIdOf(raw: unknown): string | undefined {
+  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) return undefined;
+  const { id, type } = raw as { id?: unknown; type?: unknown };
+  return typeof id === "string" && typeof type === "string" ? id : undefined;
+}
+
 /**
  * Gives up on a message for good: keeps it in the DEADLETTER stream with the reason,
  * publishes its pipeline's failure event for its item (when the item is known) so its state and SSE
@@ -465,6 +476,8 @@ export async function deadLetter(
       reason,
       attempts: m.info.deliveryCount,
       dead_letter_subject: dlSubject,
+      subject: m.subject,
+      ...(eventIdOf(raw) ? { event_id: eventIdOf(raw) } : {}),
       // The original rides along only when small and shallow: serializing a deeply
       // nested poison message again could overflow the stack (the letter keeps it all).
       ...(raw !== null && typeof raw === "object" && !Array.isArray(raw) &&

@@ -143,6 +143,43 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
       20_000,
       "dead-lettered again after the redrive",
     );
+    await mesh.stop(); // its store stays for the next start
+
+    // Version 1 again: the step is back. Redriving the letter resumes the item, which runs on
+    // to its end; its state says so (it stayed `failed` before the fold followed redrives),
+    // and its event stream replays both tries, past the failure, to the end.
+    await Deno.writeTextFile(file, version(1));
+    await using again = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: file }, { storeDir });
+    await again.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready with v1 again");
+    const pending = await (await fetch(
+      `${again.gatewayUrl}/deadletters?code=definition_changed&pending=true&item_id=${stranded}`,
+    )).json();
+    assert.equal(pending.items.length, 1, JSON.stringify(pending).slice(0, 600));
+    const back = await post(again.gatewayUrl, "/deadletters/redrive", {
+      ids: [pending.items[0].seq],
+    });
+    assert.equal(back.status, 200, JSON.stringify(back.body));
+    const resumed = await waitFor(
+      async () => {
+        const s = await stateOf(again.gatewayUrl, stranded);
+        return s.status === "done" ? s : undefined;
+      },
+      20_000,
+      "the redriven item done",
+    );
+    assert.deepEqual(resumed.results.finish, { v: 1 });
+    assert.equal(resumed.error, undefined);
+    assert.deepEqual(
+      resumed.redriven.map((r: { code: string }) => r.code),
+      ["definition_changed"],
+      "the failure it was resumed from is kept",
+    );
+    const sse = await (await fetch(`${again.gatewayUrl}/pipelines/vers/items/${stranded}/events`))
+      .text();
+    const types = [...sse.matchAll(/^event: (.+)$/gm)].map((m) => m[1]);
+    assert.equal(types[0], "vers.submitted", `from the first event: ${types}`);
+    assert.ok(types.includes("vers.failed"), `the failures too: ${types}`);
+    assert.equal(types.at(-1), "vers.done", `closed at the end: ${types}`);
   } finally {
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }

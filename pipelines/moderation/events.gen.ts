@@ -557,6 +557,14 @@ export interface ContentFailed {
      */
     dead_letter_subject?: string;
     /**
+     * The subject of the message the stage gave up on (a redrive republishes it there).
+     */
+    subject?: string;
+    /**
+     * The id of the event the stage gave up on, when it is an event (a redrive stores it again with this id).
+     */
+    event_id?: string;
+    /**
      * The message the stage gave up on, as decoded JSON (omitted when it was not a JSON object or was over 256 KiB; the dead letter always keeps it).
      */
     original?: {

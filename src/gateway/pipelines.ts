@@ -448,8 +448,15 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   app.get("/:name/items/:id/events", deps.readAuth, async (c) => {
     const r = runtimeOf(c.req.param("name"));
     const id = itemId(c.req.param("id"));
-    const from = await entrySeq(r, id);
-    if (from === null) throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
+    // From the item's first event: its state knows it. The entry event is the latest one on
+    // its subject, which after a redrive of the entry is the redriven copy, so alone it would
+    // hide the first try and its failure.
+    const [entry, s] = await Promise.all([
+      entrySeq(r, id),
+      r.states().then((kv) => readItem(kv, id)).catch(() => null),
+    ]);
+    if (entry === null) throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
+    const from = Math.min(entry, s?.first_seq ?? entry);
     const key = openSlot(clients, c);
     return streamEvents(c, js, {
       stream: r.stream,

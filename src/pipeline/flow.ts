@@ -29,6 +29,20 @@ export const SUBMITTED = "submitted";
 export const FAILED = "failed";
 /** Timer firings (deadlines, timeouts, delays) from the scheduler: `<pipeline>._timer.<item>`. */
 export const TIMER = "_timer";
+/**
+ * The id an awaited event (a person's or a callback's plain JSON, which has none) is known
+ * by in an item's fold: from its subject.
+ *
+ * @example
+ * ```ts
+ * import { awaitedEventId } from "./flow.ts";
+ * awaitedEventId("orders.approved.o1"); // "awaited-orders.approved.o1"
+ * ```
+ */
+export function awaitedEventId(subject: string): string {
+  return `awaited-${subject}`;
+}
+
 /** Tokens no step may publish: the runtime's own. */
 export const RESERVED_EVENTS: ReadonlySet<string> = new Set([SUBMITTED, FAILED, "submit", TIMER]);
 

@@ -6,13 +6,15 @@
  * @module
  */
 import type { PipelineSpec, ScratchEntry } from "./definition.ts";
-import { entryEvent, FAILED, type FlowData, TIMER } from "./flow.ts";
+import { awaitedEventId, entryEvent, FAILED, type FlowData, TIMER } from "./flow.ts";
 import { eventOf } from "./validate.ts";
 
 /** An event as the fold sees it. */
 export interface FoldEvent {
   /** Stream sequence: orders events and makes the fold idempotent. */
   seq: number;
+  /** The event's id (a redrive republishes an event with its id). */
+  id?: string;
   /** `<pipeline>.<event>`. */
   type: string;
   /** ISO time of the event. */
@@ -42,8 +44,13 @@ export interface ItemState {
   waiting?: { step: string; event: string; until: string };
   /** Terminal outcome (`failed` with `error` when it failed). */
   outcome?: string;
-  /** Why it failed: the failing step, code and reason. */
-  error?: { stage?: string; code?: string; reason?: string };
+  /**
+   * Why it failed: the failing step, code and reason, and the id of the event it failed on
+   * (`event`): a redrive of that event's dead letter resumes the item.
+   */
+  error?: { stage?: string; code?: string; reason?: string; event?: string };
+  /** The failures a redrive resumed the item from, oldest first. */
+  redriven?: { stage?: string; code?: string; reason?: string; seq: number }[];
   /** Hash of the definition the item started on. */
   definition?: string;
   created_at: string;
@@ -145,12 +152,37 @@ export function applyPipelineEvent(
     };
   base.last_seq = event.seq;
   base.updated_at = event.time;
+  if (base.status === "failed" && event.id !== undefined && event.id === base.error?.event) {
+    // The event the item failed on, stored again after the failure: its dead letter was
+    // redriven (byte for byte, so with its id). The item resumes from it, as if new.
+    const { event: _, ...why } = base.error;
+    base.redriven = [...base.redriven ?? [], { ...why, seq: event.seq }];
+    base.status = "running";
+    delete base.error;
+    delete base.outcome;
+  }
   if (base.status === "done" || base.status === "failed") return base;
   if (event.type === `${n}.${FAILED}`) {
     base.status = "failed";
     base.outcome = FAILED;
-    const d = event.data as { stage?: string; code?: string; reason?: string } | undefined;
+    const d = event.data as
+      | {
+        stage?: string;
+        code?: string;
+        reason?: string;
+        subject?: string;
+        event_id?: string;
+      }
+      | undefined;
     base.error = { stage: d?.stage, code: d?.code, reason: d?.reason };
+    // The event it failed on: a Weft event by its id, an awaited one (plain JSON) by its
+    // subject, as it is known when stored again.
+    const failedOn = typeof d?.event_id === "string"
+      ? d.event_id
+      : typeof d?.subject === "string" && d.subject.split(".")[1] !== FAILED
+      ? awaitedEventId(d.subject)
+      : undefined;
+    if (failedOn !== undefined) base.error.event = failedOn;
     base.current = [];
     delete base.waiting;
     return base;

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { definePipeline } from "./definition.ts";
 import { applyPipelineEvent, type FoldEvent, foldPipelineEvents } from "./fold.ts";
+import { awaitedEventId } from "./flow.ts";
 import { pipelineGraph, stepPermissions } from "./derive.ts";
 
 const obj = { type: "object" } as const;
@@ -204,4 +205,99 @@ Deno.test("whatever order a run's events are delivered in, once all are in the s
       assert.deepEqual(pick(s), pick(expected), all.map((e) => e.seq).join(","));
     }
   }
+});
+
+Deno.test("a failed item resumes when the event it failed on is redriven, and ends with the redriven try's outcome", () => {
+  // Found by redriving a definition's dead letter after fixing its step: the item ran on to
+  // its end, but its state stayed `failed` (the fold ignored everything after a failure).
+  const fanEvent = { ...ev(3, "fan", "fan", {}), id: "fan-event" };
+  const failure: FoldEvent = {
+    seq: 5,
+    type: "tickets.failed",
+    time: t(5),
+    item_id: "T1",
+    data: {
+      stage: "tickets-a",
+      code: "handler_failed",
+      reason: "down",
+      event_id: "fan-event",
+    },
+  };
+  const events = [
+    ev(1, "submitted"),
+    ev(2, "triage", "triage", { label: "normal" }),
+    fanEvent,
+    ev(4, "b", "b", { y: 2 }),
+    failure,
+  ];
+  const failed = foldPipelineEvents(spec, events)!;
+  assert.equal(failed.status, "failed");
+  assert.deepEqual(failed.error, {
+    stage: "tickets-a",
+    code: "handler_failed",
+    reason: "down",
+    event: "fan-event",
+  });
+  // Another event after the failure (not a redrive) changes nothing.
+  const still = applyPipelineEvent(spec, failed, { ...ev(6, "b", "b", { y: 3 }), id: "other" })!;
+  assert.equal(still.status, "failed");
+
+  // The redrive stores the failed event again, with its id: the item runs from it.
+  const resumed = applyPipelineEvent(spec, still, { ...fanEvent, seq: 7, time: t(7) })!;
+  assert.equal(resumed.status, "running");
+  assert.equal(resumed.error, undefined);
+  assert.equal(resumed.outcome, undefined);
+  assert.deepEqual(resumed.redriven, [
+    { stage: "tickets-a", code: "handler_failed", reason: "down", seq: 7 },
+  ]);
+  assert.ok(resumed.current.includes("a"), JSON.stringify(resumed.current));
+
+  const done = [ev(8, "a", "a", { x: 1 }), ev(9, "join", "join", {}), ev(10, "done")]
+    .reduce((s, e) => applyPipelineEvent(spec, s, e)!, resumed);
+  assert.equal(done.status, "done");
+  assert.equal(done.outcome, "done");
+  assert.deepEqual(done.results.a, { x: 1 });
+  assert.equal(
+    foldPipelineEvents(spec, [
+      ...events,
+      { ...fanEvent, seq: 7, time: t(7) },
+      ev(8, "a", "a", { x: 1 }),
+      ev(9, "join", "join", {}),
+      ev(10, "done"),
+    ])!.status,
+    "done",
+    "deno task rebuild-state folds the same",
+  );
+});
+
+Deno.test("a failed item resumes when the awaited event it failed on comes again (a person's JSON has no id: known by its subject)", () => {
+  const failure: FoldEvent = {
+    seq: 4,
+    type: "tickets.failed",
+    time: t(4),
+    item_id: "T1",
+    data: {
+      stage: "tickets-control",
+      code: "definition_changed",
+      reason: "gone",
+      subject: "tickets.approved.T1",
+      original: { approve: true, id: "a person's own field" },
+    },
+  };
+  const failed = foldPipelineEvents(spec, [
+    ev(1, "submitted"),
+    ev(2, "triage", "triage", { label: "urgent" }),
+    { ...ev(3, "approved"), id: awaitedEventId("tickets.approved.T1") },
+    failure,
+  ])!;
+  assert.equal(failed.status, "failed");
+  assert.equal(failed.error?.event, awaitedEventId("tickets.approved.T1"));
+  const resumed = applyPipelineEvent(spec, failed, {
+    ...ev(5, "approved"),
+    id: awaitedEventId("tickets.approved.T1"),
+  })!;
+  assert.equal(resumed.status, "running");
+  const done = [ev(6, "approve", "approve", {}), ev(7, "fan", "fan", {})]
+    .reduce((s, e) => applyPipelineEvent(spec, s, e)!, resumed);
+  assert.deepEqual(done.current.sort(), ["a", "b"]);
 });

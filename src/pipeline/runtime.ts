@@ -39,6 +39,7 @@ import {
 } from "./derive.ts";
 import {
   advance,
+  awaitedEventId,
   checkAwaitedEvent,
   compileFlow,
   completion,
@@ -840,7 +841,7 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
       // records what came; here they are only folded as "seen".
       if (flow.roles.get(token)?.role === "awaited") {
         return {
-          id: `awaited-${subject}`,
+          id: awaitedEventId(subject),
           type: `${n}.${token}`,
           item_id: subject.split(".")[2]!,
           time: new Date().toISOString(),
@@ -852,6 +853,7 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     apply: (state, event, seq) =>
       applyPipelineEvent(def, state, {
         seq,
+        id: event.id,
         type: event.type,
         time: event.time,
         item_id: event.item_id,
