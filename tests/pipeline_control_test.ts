@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
+import { jetstream } from "@nats-io/jetstream";
 import { definePipeline, type PipelineDefinition } from "../src/pipeline/definition.ts";
 import { advance, compileFlow, entryData, flowEvent } from "../src/pipeline/flow.ts";
 import { controlStage, type LoadedPipeline, pipelineTopology } from "../src/pipeline/runtime.ts";
@@ -139,4 +140,64 @@ Deno.test("a join's deadline is armed even when the kill came between recording 
   const out = await deliver(t, checks, stock, 5, "2026-01-01T00:00:21.000Z");
   assert.deepEqual(out.map((e) => e.type), ["checks.both", "checks.done"]);
   assert.deepEqual(await timers(t), [], "a completed join's deadline is cancelled");
+});
+
+Deno.test("a failed item's join decides nothing when its deadline passes, until a redrive resumes the item", async () => {
+  // Found adversarially: one branch of a fan-out failed (the item `failed`), then the join's
+  // deadline took the other branch to the `late` outcome, a second end event for the item.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([checks], t.config.retentionMs));
+  const js = jetstream(t.nc);
+  const split = completed(checks, "split", "it3", "2026-01-01T00:00:00.000Z");
+  await js.publish("checks.split.it3", JSON.stringify(split));
+  const fraud = completed(checks, "fraud", "it3", "2026-01-01T00:00:01.000Z");
+  assert.deepEqual(await deliver(t, checks, fraud, 4, "2026-01-01T00:00:01.010Z"), []);
+  // The stock branch gave up on the split event: the item failed.
+  await js.publish(
+    "checks.failed.it3",
+    JSON.stringify({
+      id: "f-it3",
+      type: "checks.failed",
+      version: 1,
+      item_id: "it3",
+      trace_id: TRACE,
+      time: "2026-01-01T00:00:30.000Z",
+      source: "test",
+      data: {
+        stage: "checks-stock",
+        code: "handler_failed",
+        reason: "down",
+        attempts: 5,
+        dead_letter_subject: "deadletter.checks-stock.it3",
+        subject: "checks.split.it3",
+        event_id: split.id,
+      },
+    }),
+  );
+  const [deadline] = await timers(t);
+  const fired = await deliver(
+    t,
+    checks,
+    deadline!.payload as never,
+    10,
+    "2026-01-01T00:01:01.000Z",
+  );
+  assert.deepEqual(fired.map((e) => e.type), [], "no `late` end after the failure");
+  // (Fired here by hand, so the scheduler has not marked the first one done.)
+  const postponed = (await timers(t)).filter((s) => s.id !== deadline!.id);
+  assert.equal(postponed.length, 1, JSON.stringify(await timers(t)));
+  assert.equal(postponed[0]!.at, "2026-01-01T00:02:01.000Z", "checked again a deadline later");
+
+  // Still failed at the next firing: postponed again, nothing decided.
+  const again = await deliver(t, checks, postponed[0]!.payload as never, 11, postponed[0]!.at!);
+  assert.deepEqual(again, []);
+
+  // A redrive stores the split event again: the item resumes, and the join decides.
+  await js.publish("checks.split.it3", JSON.stringify(split));
+  const seen = new Set([deadline!.id, postponed[0]!.id]);
+  const next = (await timers(t)).filter((s) => !seen.has(s.id));
+  assert.equal(next.length, 1);
+  assert.equal(next[0]!.at, "2026-01-01T00:04:01.000Z", "each time twice as long");
+  const decided = await deliver(t, checks, next[0]!.payload as never, 12, next[0]!.at!);
+  assert.deepEqual(decided.map((e) => e.type), ["checks.both_timed_out", "checks.late"]);
 });

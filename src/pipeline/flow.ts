@@ -81,6 +81,8 @@ export interface TimerData {
   due: string;
   /** The data of the event that armed it (a delay resumes with it). */
   carry: FlowData;
+  /** How often it was put off because its item had failed (each time twice as long). */
+  postponed?: number;
 }
 
 /** The entry event type of `spec` (a token). */

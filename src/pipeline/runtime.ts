@@ -9,7 +9,7 @@
  * @module
  */
 import type { NatsConnection } from "@nats-io/nats-core";
-import { jetstream } from "@nats-io/jetstream";
+import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ConfigError, ConflictError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
@@ -489,9 +489,16 @@ async function updateHeld<T>(
   throw new WeftError(ErrorCode.HandlerFailed, `record ${key} kept changing`);
 }
 
-/** The control stage of a pipeline: joins, waits, delays and version checks. */
-// deno-lint-ignore no-explicit-any
-export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> {
+/**
+ * The control stage of a pipeline: joins, waits, delays and version checks. `retentionMs`:
+ * how long the item's events are kept (a failed item's timers are dropped after it).
+ */
+export function controlStage(
+  p: LoadedPipeline,
+  nc: NatsConnection,
+  opts: { retentionMs?: number } = {},
+  // deno-lint-ignore no-explicit-any
+): Stage<any> {
   const { flow, def } = p;
   const n = def.name;
   const kvm = new Kvm(nc);
@@ -537,6 +544,74 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
   const disarm = async (step: string, item: string, iter: number) => {
     await (await schedules()).cancel(timerId(step, item, iter)).catch(() => {});
   };
+
+  let manager: Promise<JetStreamManager> | undefined;
+  const stream = pipelineSubjects(def).stream;
+  /** The last message stored on `subject`; null when there is none. */
+  async function lastOn(subject: string) {
+    try {
+      return await (await (manager ??= jetstreamManager(nc))).streams.getMessage(stream, {
+        last_by_subj: subject,
+      });
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Whether the item has failed and not been resumed since: its last `failed` event is not
+   * followed by the message it failed on, stored again by a redrive. Read from the stream
+   * (two direct reads, only when a timer fires), not from the item's state, which trails.
+   */
+  async function failedNow(item: string): Promise<boolean> {
+    const failed = await lastOn(`${n}.${FAILED}.${item}`);
+    if (!failed) return false;
+    let on: unknown;
+    try {
+      on = (failed.json() as { data?: { subject?: unknown } }).data?.subject;
+    } catch {
+      return true;
+    }
+    if (typeof on !== "string") return true;
+    const again = await lastOn(on);
+    return !(again && again.seq > failed.seq);
+  }
+
+  /**
+   * Fires this timer again later: its item has failed, so its join, wait or delay decides
+   * nothing now (the item's other branches run on, and a deadline would take it to a second
+   * outcome). If a redrive resumes the item, the next firing decides. Each postponement
+   * doubles the wait (from the step's own period, at most a day), and once the item's events
+   * are past retention the timer is dropped: a failed item costs a few firings, not one per
+   * period forever.
+   */
+  async function postpone(
+    e: FlowEvent & { data: FlowData & TimerData },
+    periodMs: number,
+    now: Date,
+  ) {
+    const data = e.data as unknown as TimerData;
+    const times = typeof data.postponed === "number" ? data.postponed : 0;
+    if (now.getTime() - Date.parse(data.due) > (opts.retentionMs ?? 7 * 24 * 3600_000)) return;
+    const wait = Math.min(24 * 3600_000, Math.max(1000, periodMs) * 2 ** Math.min(times, 30));
+    const due = new Date(now.getTime() + wait);
+    const id = deterministicId(e.id, "postponed");
+    const timer = flowEvent(flow, TIMER, { ...e, id }, { ...data, postponed: times + 1 }, {
+      source: `weft-${n}-${FLOW}`,
+      now,
+    });
+    try {
+      await (await schedules()).create({
+        id: `${n}-${data.step}-${e.item_id}-${id.slice(0, 12)}`.slice(0, 128),
+        subject: `${n}.${TIMER}.${e.item_id}`,
+        payload: timer as unknown as Record<string, unknown>,
+        at: due.toISOString(),
+        description: `${n}: ${data.step} of ${e.item_id} (the item has failed)`,
+      });
+    } catch (err) {
+      if (!(err instanceof ConflictError)) throw err;
+    }
+  }
 
   /** The join's data: each input's results merged; its value, each input's value by step. */
   function joined(arrived: Record<string, FlowData>): FlowData {
@@ -690,6 +765,18 @@ export function controlStage(p: LoadedPipeline, nc: NatsConnection): Stage<any> 
       );
     }
     const emit = { source: ctx.source, now: ctx.now() };
+    if (await failedNow(e.item_id)) {
+      await postpone(
+        e,
+        s.kind === "join"
+          ? s.deadlineMs
+          : s.kind === "wait"
+          ? s.timeoutMs
+          : (s.kind === "delay" && s.ms) || 60_000,
+        ctx.now(),
+      );
+      return [];
+    }
     if (s.kind === "delay") {
       return completion(flow, t, e, advance(carry, t, { until: e.data.due }, carry.value), emit);
     }
@@ -880,7 +967,11 @@ export function controlService(p: LoadedPipeline): ServiceDef {
   return defineService(name, async (ctx) => {
     const source = `weft-${name}`;
     const intake = await runStage({ ...ctx, stage: intakeStage(p), source });
-    const control = await runStage({ ...ctx, stage: controlStage(p, ctx.nc), source });
+    const control = await runStage({
+      ...ctx,
+      stage: controlStage(p, ctx.nc, { retentionMs: ctx.config.retentionMs }),
+      source,
+    });
     const state = await runStateWriter({
       ...ctx,
       spec: pipelineStateSpec(p),
