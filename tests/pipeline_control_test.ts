@@ -201,3 +201,61 @@ Deno.test("a failed item's join decides nothing when its deadline passes, until 
   const decided = await deliver(t, checks, next[0]!.payload as never, 12, next[0]!.at!);
   assert.deepEqual(decided.map((e) => e.type), ["checks.both_timed_out", "checks.late"]);
 });
+
+/** Stores a `failed` event for `item` of `p`, as a step giving up on `subject` publishes it. */
+async function failItem(t: TestNats, p: LoadedPipeline, item: string, subject: string) {
+  await jetstream(t.nc).publish(
+    `${p.def.name}.failed.${item}`,
+    JSON.stringify({
+      id: `f-${item}`,
+      type: `${p.def.name}.failed`,
+      version: 1,
+      item_id: item,
+      trace_id: TRACE,
+      time: "2026-01-01T00:00:30.000Z",
+      source: "test",
+      data: {
+        stage: "test",
+        code: "handler_failed",
+        reason: "down",
+        attempts: 5,
+        dead_letter_subject: `deadletter.test.${item}`,
+        subject,
+      },
+    }),
+  );
+}
+
+Deno.test("a decision for a failed item is refused (dead-lettered, redrivable), not taken to an outcome", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const check = completed(approvals, "check", "it4", "2026-01-01T00:00:00.000Z");
+  await deliver(t, approvals, check, 3, "2026-01-01T00:00:00.010Z");
+  await failItem(t, approvals, "it4", "approvals.other.it4");
+  const decision = { type: "approvals.approved", item_id: "it4", approve: true };
+  await assert.rejects(
+    deliver(t, approvals, decision, 9, "2026-01-01T00:00:40.000Z"),
+    (err: Error & { code?: string; permanent?: boolean }) =>
+      err.code === "conflict" && /has failed/.test(err.message),
+  );
+});
+
+Deno.test("a failed item's join holds its last input, and completes (not times out) once the item is resumed", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([checks], t.config.retentionMs));
+  const split = completed(checks, "split", "it5", "2026-01-01T00:00:00.000Z");
+  await jetstream(t.nc).publish("checks.split.it5", JSON.stringify(split));
+  const fraud = completed(checks, "fraud", "it5", "2026-01-01T00:00:01.000Z");
+  assert.deepEqual(await deliver(t, checks, fraud, 4, "2026-01-01T00:00:01.010Z"), []);
+  await failItem(t, checks, "it5", "checks.split.it5");
+  const stock = completed(checks, "stock", "it5", "2026-01-01T00:00:02.000Z");
+  assert.deepEqual(
+    await deliver(t, checks, stock, 6, "2026-01-01T00:00:31.000Z"),
+    [],
+    "held: the item has failed",
+  );
+  await jetstream(t.nc).publish("checks.split.it5", JSON.stringify(split)); // the redrive
+  const [deadline] = await timers(t);
+  const out = await deliver(t, checks, deadline!.payload as never, 12, "2026-01-01T00:01:01.000Z");
+  assert.deepEqual(out.map((e) => e.type), ["checks.both", "checks.done"]);
+});

@@ -116,6 +116,10 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
     );
     assert.equal(failed.error.code, "definition_changed");
     assert.match(failed.error.reason, /vers\.held/);
+    // A decision for the failed item is refused over HTTP: it would run it on to an outcome.
+    const refused = await post(mesh.gatewayUrl, `/pipelines/vers/items/${stranded}/approved`, {});
+    assert.equal(refused.status, 409, JSON.stringify(refused.body));
+    assert.match(refused.body.detail, /has failed \(definition_changed/);
     const letters = await (await fetch(
       `${mesh.gatewayUrl}/deadletters?code=definition_changed`,
     )).json();

@@ -375,7 +375,14 @@ export function openApiDocument(
       paths[`${base}/items/{id}/${step.event}`] = {
         post: op(
           `Deliver ${step.event} to a ${n} item waiting at ${id} (else ${step.onTimeout} after ${step.timeoutMs} ms)`,
-          { "202": json({ type: "object" }, "Accepted") },
+          {
+            "202": json({ type: "object" }, "Accepted"),
+            "409": {
+              ...problem,
+              description: "The item has failed (`conflict`): a decision counts only once a " +
+                "redrive of its dead letter has resumed it",
+            },
+          },
           {
             ...tag,
             parameters: [idParam],

@@ -14,7 +14,7 @@ import { ulid } from "ulid";
 import type { Config } from "../config.ts";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
 import { Role } from "../config.ts";
-import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
+import { ConflictError, ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
 import canonicalize from "canonicalize";
 import pLimit from "p-limit";
 import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../atomic_batch.ts";
@@ -507,6 +507,16 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       checkAwaitedEvent(r.p.flow, role?.role === "awaited" ? role.waits : [], body);
       if ((await entrySeq(r, id)) === null) {
         throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
+      }
+      // A failed item takes no decision (its control step would dead-letter it): say so now.
+      const now = await readItem(await r.states(), id).catch(() => null);
+      if (now?.status === "failed") {
+        throw new ConflictError(
+          `${r.p.def.name} item ${id} has failed (${now.error?.code ?? "failed"}` +
+            `${now.error?.stage ? ` in ${now.error.stage}` : ""}): a decision counts only once a ` +
+            `redrive of its dead letter has resumed it`,
+          { field: "/" },
+        );
       }
       const bytes = encoder.encode(JSON.stringify(body));
       const ack = await js.publish(`${r.p.def.name}.${event}.${id}`, bytes, {

@@ -644,6 +644,9 @@ export function controlStage(
       const kv = await heldKv();
       const key = `${t}.${e.item_id}`;
       if (s.kind === "join") {
+        // A failed item's join holds what arrives; its deadline's firing after a redrive
+        // resumed the item completes it.
+        const failed = await failedNow(e.item_id);
         const r = await updateHeld<{ events: FlowEvent[]; openedAt?: string }>(kv, key, (rec) => {
           if (rec && rec.iter === iter && rec.closed) {
             return {
@@ -654,7 +657,7 @@ export function controlStage(
           cur.openedAt ??= e.time;
           cur.arrived![fromStep] = e.data;
           let events: FlowEvent[] = [];
-          if (s.after.every((a) => a in cur.arrived!)) {
+          if (!failed && s.after.every((a) => a in cur.arrived!)) {
             const data = joined(cur.arrived!);
             events = completion(
               flow,
@@ -724,6 +727,16 @@ export function controlStage(
     seq: number,
     ctx: StageContext,
   ) {
+    if (await failedNow(item)) {
+      // Taking the decision would run the item's waiting branch on to an outcome after its
+      // failure. Kept as a dead letter instead (the item stays failed): redrive it once a
+      // redrive of the failure has resumed the item.
+      throw new ConflictError(
+        `${n} item ${item} has failed: a decision counts only once the item is resumed ` +
+          `(redrive its failure, then this letter)`,
+        { permanent: true },
+      );
+    }
     const kv = await heldKv();
     const out: FlowEvent[] = [];
     for (const t of waits) {
@@ -786,6 +799,19 @@ export function controlStage(
       if (!rec || rec.iter !== iter) return { out: [] as FlowEvent[] }; // a stale timer
       if (rec.closed) return { out: rec.closedBy === seq ? rec.emitted! : [] };
       let events: FlowEvent[];
+      if (s.kind === "join" && s.after.every((a) => a in (rec.arrived ?? {}))) {
+        // Every input came while the item was failed (held): complete it now, as its last
+        // input would have.
+        const data = joined(rec.arrived!);
+        events = completion(
+          flow,
+          t,
+          { ...e, id: deterministicId(e.item_id, t, String(iter), "joined") },
+          advance(data, t, data.value, data.value),
+          emit,
+        );
+        return { rec: { ...rec, closed: "done", closedBy: seq, emitted: events }, out: events };
+      }
       if (s.kind === "join") {
         const data = joined(rec.arrived ?? {});
         events = completion(flow, t, e, advance(data, t, { timed_out: true }, data.value), emit, {
