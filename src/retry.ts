@@ -50,3 +50,34 @@ export function sleep(ms: number, signal: AbortSignal): Promise<void> {
     signal.addEventListener("abort", done, { once: true });
   });
 }
+
+/**
+ * Calls `fn` until it resolves, at most `attempts` times, waiting {@link retryDelay} between
+ * tries; rejects with the last error. For start-up calls that can fail for a moment and then
+ * work (e.g. on a cluster, a stream just created is not usable on every node at once).
+ * (p-retry would do; these few lines reuse the jittered delay every retry here uses.)
+ *
+ * @example
+ * ```ts
+ * import { retrying } from "./retry.ts";
+ * let calls = 0;
+ * const v = await retrying(async () => {
+ *   if (++calls < 3) throw new Error("not yet");
+ *   return "ok";
+ * }, { attempts: 5, baseMs: 1, maxMs: 5, signal: new AbortController().signal });
+ * console.assert(v === "ok" && calls === 3);
+ * ```
+ */
+export async function retrying<T>(
+  fn: () => Promise<T>,
+  opts: { attempts: number; baseMs: number; maxMs: number; signal: AbortSignal },
+): Promise<T> {
+  for (let attempt = 1;; attempt++) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (attempt >= opts.attempts || opts.signal.aborted) throw err;
+      await sleep(retryDelay(attempt, opts.baseMs, opts.maxMs), opts.signal);
+    }
+  }
+}

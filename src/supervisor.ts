@@ -70,6 +70,7 @@ import {
 import { statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
+import { retrying } from "./retry.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 // The shipped pipelines' own settings, validated at start with the rest.
 import "../pipelines/shipped_settings.ts";
@@ -1099,8 +1100,20 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     ? []
     : groups.filter((g) => g.every((s) => s.name === SHADOW_SERVICE));
   for (const group of groups) if (!deferred.includes(group)) start(group, 0);
+  // On a cluster the bucket's stream, just created, can answer "stream not found" for a
+  // moment (seen in CI on a 3-node hub: the supervisor died of it before the gateway
+  // listened): try again, and should it never work, start the shadow service now.
   const shadowWatch = deferred.length > 0
-    ? await new Kvm(nc).open(SHADOW_BUCKET).then((kv) => kv.watch())
+    ? await retrying(() => new Kvm(nc).open(SHADOW_BUCKET).then((kv) => kv.watch()), {
+      attempts: 8,
+      baseMs: 200,
+      maxMs: 3000,
+      signal: new AbortController().signal,
+    }).catch((err) => {
+      log.error("cannot watch for live shadows: starting the shadow service now", { err });
+      for (const group of deferred) start(group, 0);
+      return undefined;
+    })
     : undefined;
   const shadowsAttached = shadowWatch
     ? (async () => {
