@@ -7,6 +7,7 @@
 import { Ajv } from "ajv";
 import { ConfigError } from "../errors.ts";
 import type { PipelineSpec, StepSpec } from "./definition.ts";
+import { Cron } from "croner";
 
 /** What is wrong with a definition. */
 export const DefinitionProblem = {
@@ -280,6 +281,39 @@ export function validatePipeline(spec: PipelineSpec): void {
     }
     if (step.kind === "delay" && (step.ms === undefined) === (step.cron === undefined)) {
       fail(id, "invalid_value", "a delay has exactly one of ms and cron");
+    }
+    if (
+      step.kind === "delay" && step.ms !== undefined && !(Number.isFinite(step.ms) && step.ms >= 0)
+    ) {
+      fail(id, "invalid_value", `a delay's ms must be a number >= 0 (got ${String(step.ms)})`);
+    }
+    if (step.kind === "delay" && step.cron !== undefined) {
+      // Checked here, not when the first item reaches it: a cron that does not parse (or
+      // never comes) would fail every item.
+      let next: Date | null = null;
+      try {
+        next = new Cron(step.cron, { paused: true, timezone: "UTC" }).nextRun(new Date());
+      } catch (err) {
+        fail(id, "invalid_value", `cron ${JSON.stringify(step.cron)}: ${(err as Error).message}`);
+      }
+      if (next === null) {
+        fail(id, "invalid_value", `cron ${JSON.stringify(step.cron)} never comes`);
+      }
+    }
+    const positive = (v: unknown) => typeof v === "number" && Number.isFinite(v) && v > 0;
+    if (
+      step.flow?.concurrency && !(Number.isInteger(step.flow.concurrency.limit) &&
+        step.flow.concurrency.limit >= 1)
+    ) {
+      // 0 would hold every call for ever (its messages kept alive, never handled).
+      fail(id, "invalid_value", "flow.concurrency.limit must be an integer >= 1");
+    }
+    if (
+      step.flow?.rateLimit &&
+      !(positive(step.flow.rateLimit.limit) && positive(step.flow.rateLimit.periodMs))
+    ) {
+      // A limit of 0 would silently limit nothing.
+      fail(id, "invalid_value", "flow.rateLimit needs limit > 0 and periodMs > 0");
     }
     if (step.kind === "router" && Object.keys(step.routes).length === 0) {
       fail(id, "invalid_value", "a router declares at least one label");

@@ -216,3 +216,45 @@ Deno.test("a step named like a part of the runtime (its intake, control, state w
     assert.deepEqual(problemOf(s), ["duplicate_name", id], id);
   }
 });
+
+Deno.test("a delay whose cron does not parse or never comes, or whose ms is negative, is rejected naming the step", () => {
+  // Found reading the delay step: `cron: "every monday"` was accepted, and every item
+  // reaching the delay would then be retried and failed with a handler error.
+  const withDelay = (delay: Record<string, unknown>): PipelineSpec => {
+    const s = base();
+    return {
+      ...s,
+      steps: {
+        ...s.steps,
+        reply: { ...s.steps.reply, next: "later" } as never,
+        later: { kind: "delay", ...delay, next: "done" } as never,
+      },
+    };
+  };
+  assert.deepEqual(problemOf(withDelay({ cron: "every monday" })), ["invalid_value", "later"]);
+  assert.deepEqual(problemOf(withDelay({ cron: "0 0 30 2 *" })), ["invalid_value", "later"]);
+  assert.deepEqual(problemOf(withDelay({ ms: -5 })), ["invalid_value", "later"]);
+  definePipeline(withDelay({ cron: "0 9 * * 1" }));
+  definePipeline(withDelay({ ms: 0 }));
+});
+
+Deno.test("flow limits that would hold every call for ever, or limit nothing, are rejected", () => {
+  const withFlow = (flow: Record<string, unknown>): PipelineSpec => {
+    const s = base();
+    return { ...s, steps: { ...s.steps, reply: { ...s.steps.reply, flow } as never } };
+  };
+  assert.deepEqual(problemOf(withFlow({ concurrency: { limit: 0 } })), ["invalid_value", "reply"]);
+  assert.deepEqual(problemOf(withFlow({ concurrency: { limit: 1.5 } })), [
+    "invalid_value",
+    "reply",
+  ]);
+  assert.deepEqual(problemOf(withFlow({ rateLimit: { limit: 0, periodMs: 1000 } })), [
+    "invalid_value",
+    "reply",
+  ]);
+  assert.deepEqual(problemOf(withFlow({ rateLimit: { limit: 5, periodMs: 0 } })), [
+    "invalid_value",
+    "reply",
+  ]);
+  definePipeline(withFlow({ concurrency: { limit: 5, key: "customer" } }));
+});
