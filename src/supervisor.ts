@@ -59,6 +59,7 @@ import {
 } from "./identities.ts";
 import { METRICS_SUBJECT } from "./observability/metrics.ts";
 import {
+  checkHoldsWithinRetention,
   definitionDirs,
   hasScratchpad,
   type LoadedPipeline,
@@ -748,6 +749,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   try {
     if (config.pipelines.length === 0) config = { ...config, pipelines: await listedPipelines() };
     loaded = await loadPipelines(config.pipelines, ROOT.pathname);
+    checkHoldsWithinRetention(loaded, config.retentionMs);
     mesh = withEdgeSites(meshServices(loaded), config.hub);
     const unknown = Object.keys(config.serviceReplicas).filter((n) =>
       !mesh.services.some((s) => s.name === n)

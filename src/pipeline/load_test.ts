@@ -1,5 +1,7 @@
 import assert from "node:assert/strict";
-import { loadPipelines } from "./runtime.ts";
+import { checkHoldsWithinRetention, loadPipelines } from "./runtime.ts";
+import { definePipeline } from "./definition.ts";
+import { compileFlow } from "./flow.ts";
 import { ConfigError } from "../errors.ts";
 
 const mod = new URL("../../mod.ts", import.meta.url).href;
@@ -68,4 +70,31 @@ Deno.test("a definition's step may not take a durable consumer another pipeline 
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("a wait, join or delay that holds items longer than events are kept stops the start, naming the step", () => {
+  // A 30-day approval with the default 7-day retention: the item's events and state would
+  // expire while it waits, and its outcome would come for an item nothing remembers.
+  const approvals = (timeoutMs: number) => {
+    const def = definePipeline({
+      name: "approvals",
+      input: { schema: { type: "object" } },
+      start: "approval",
+      steps: {
+        approval: { kind: "wait", event: "approved", timeoutMs, onTimeout: "done", next: "done" },
+        done: { kind: "end", outcome: "done" },
+      },
+    });
+    return [{ file: "pipelines/approvals.ts", def, flow: compileFlow(def) }];
+  };
+  const week = 7 * 86_400_000;
+  assert.throws(
+    () => checkHoldsWithinRetention(approvals(30 * 86_400_000), week),
+    (err: Error) =>
+      err instanceof ConfigError &&
+      /pipelines\/approvals\.ts: pipeline approvals, step approval waits up to 30 days, longer than events are kept \(WEFT_RETENTION_MS, 7 days\)/
+        .test(err.message),
+  );
+  checkHoldsWithinRetention(approvals(week), week); // exactly the retention: fine
+  checkHoldsWithinRetention(approvals(30 * 86_400_000), 31 * 86_400_000);
 });

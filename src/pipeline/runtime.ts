@@ -298,6 +298,45 @@ export function withPromotedStep(
   return { file: prod.file, def, flow: prod.flow };
 }
 
+/**
+ * Refuses a definition whose items can be held longer than events are kept: a wait's
+ * timeout, a join's deadline or a delay's `ms` past `retentionMs` (`WEFT_RETENTION_MS`) would
+ * let the item's history and state expire while it is held (its end would then come for an
+ * item nothing remembers). Checked when `deno task start` loads the definitions.
+ *
+ * @example
+ * ```ts ignore
+ * import { checkHoldsWithinRetention, loadPipelines } from "./runtime.ts";
+ * checkHoldsWithinRetention(await loadPipelines(["pipelines/examples/tickets.ts"]), 7 * 86_400_000);
+ * ```
+ */
+export function checkHoldsWithinRetention(
+  pipelines: readonly LoadedPipeline[],
+  retentionMs: number,
+): void {
+  const days = (ms: number) => `${Math.round((ms / 86_400_000) * 10) / 10} days`;
+  for (const { def, file } of pipelines) {
+    for (const [id, step] of Object.entries(def.steps)) {
+      const held = step.kind === "wait"
+        ? ["waits up to", step.timeoutMs]
+        : step.kind === "join"
+        ? ["waits for its inputs up to", step.deadlineMs]
+        : step.kind === "delay" && step.ms !== undefined
+        ? ["holds items for", step.ms]
+        : undefined;
+      if (held && !(Number(held[1]) <= retentionMs)) {
+        throw new ConfigError(
+          `${file}: pipeline ${def.name}, step ${id} ${held[0]} ${
+            days(Number(held[1]))
+          }, longer than events are kept (WEFT_RETENTION_MS, ${days(retentionMs)}): an item's ` +
+            `history and state would expire while it is held. Raise WEFT_RETENTION_MS or shorten ` +
+            `the step's time.`,
+        );
+      }
+    }
+  }
+}
+
 /** A work step (task, router, llm) as a stage of the shared runner. */
 export function workStage(
   p: LoadedPipeline,
