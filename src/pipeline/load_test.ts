@@ -96,5 +96,19 @@ Deno.test("a wait, join or delay that holds items longer than events are kept st
         .test(err.message),
   );
   checkHoldsWithinRetention(approvals(week), week); // exactly the retention: fine
+  const monthly = definePipeline({
+    name: "monthly",
+    input: { schema: { type: "object" } },
+    start: "close",
+    steps: {
+      close: { kind: "delay", cron: "0 0 1 * *", next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  assert.throws(
+    () =>
+      checkHoldsWithinRetention([{ file: "m.ts", def: monthly, flow: compileFlow(monthly) }], week),
+    /step close holds items \(between its cron's times\) for up to (28|29|30|31) days/,
+  );
   checkHoldsWithinRetention(approvals(30 * 86_400_000), 31 * 86_400_000);
 });

@@ -20,6 +20,7 @@ import { combineRunnables, defineService, type ServiceDef } from "../service.ts"
 import type { OutputEvent, Stage, StageContext } from "../stage.ts";
 import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore, nextCronTime } from "../scheduler/store.ts";
+import { Cron } from "croner";
 import { SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import type { ExtraTopology } from "../topology.ts";
@@ -298,9 +299,20 @@ export function withPromotedStep(
   return { file: prod.file, def, flow: prod.flow };
 }
 
+/** The longest wait between the next few times of `cron` (UTC), ms. */
+function longestCronGap(cron: string): number {
+  const runs = new Cron(cron, { paused: true, timezone: "UTC" }).nextRuns(9, new Date());
+  let longest = 0;
+  for (let i = 1; i < runs.length; i++) {
+    longest = Math.max(longest, runs[i]!.getTime() - runs[i - 1]!.getTime());
+  }
+  return longest;
+}
+
 /**
  * Refuses a definition whose items can be held longer than events are kept: a wait's
- * timeout, a join's deadline or a delay's `ms` past `retentionMs` (`WEFT_RETENTION_MS`) would
+ * timeout, a join's deadline or a delay (its `ms`, or the longest gap between its cron's
+ * next times) past `retentionMs` (`WEFT_RETENTION_MS`) would
  * let the item's history and state expire while it is held (its end would then come for an
  * item nothing remembers). Checked when `deno task start` loads the definitions.
  *
@@ -323,6 +335,8 @@ export function checkHoldsWithinRetention(
         ? ["waits for its inputs up to", step.deadlineMs]
         : step.kind === "delay" && step.ms !== undefined
         ? ["holds items for", step.ms]
+        : step.kind === "delay" && step.cron !== undefined
+        ? ["holds items (between its cron's times) for up to", longestCronGap(step.cron)]
         : undefined;
       if (held && !(Number(held[1]) <= retentionMs)) {
         throw new ConfigError(
