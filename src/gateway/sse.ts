@@ -467,7 +467,10 @@ class Feed {
       filter_subjects: this.filter,
       deliver_policy: DeliverPolicy.New,
     });
-    const messages = await consumer.consume({ max_messages: 256 });
+    // Pulls that expire in 5 s, so heartbeats every 2.5 s: after a stream leader's loss the
+    // feed notices in about 5 s and recreates its consumer (with the default 30 s, its clients
+    // waited 30 s and more before a new leader's events reached them).
+    const messages = await consumer.consume({ max_messages: 256, expires: 5_000 });
     let stopping = false;
     const loop = (async () => {
       for await (const m of messages) this.#deliver(frameOf(m));
