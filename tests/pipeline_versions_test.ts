@@ -49,6 +49,17 @@ async function post(base: string, path: string, body: unknown) {
 const stateOf = async (base: string, id: string) =>
   await (await fetch(`${base}/pipelines/vers/items/${id}`)).json();
 
+/** The item's state once its status is `status` (within 20 s). */
+const stateWhen = (base: string, id: string, status: string, what: string) =>
+  waitFor(
+    async () => {
+      const s = await stateOf(base, id);
+      return s.status === status ? s : undefined;
+    },
+    20_000,
+    what,
+  );
+
 Deno.test("a changed definition: items whose next step exists continue, the others are dead-lettered with the reason", async () => {
   const dir = await meshTempDir("weft-vers-");
   const file = `${dir}/def/vers.ts`;
@@ -86,14 +97,7 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
 
     const decided = await post(mesh.gatewayUrl, `/pipelines/vers/items/${kept}/approved`, {});
     assert.equal(decided.status, 202);
-    const done = await waitFor(
-      async () => {
-        const s = await stateOf(mesh.gatewayUrl, kept);
-        return s.status === "done" ? s : undefined;
-      },
-      20_000,
-      "the kept item done",
-    );
+    const done = await stateWhen(mesh.gatewayUrl, kept, "done", "the kept item done");
     assert.deepEqual(done.results.finish, { v: 2 }, "it continued on the new code");
     assert.equal(done.definition, v1Hash, "it records the definition it started on");
 
@@ -106,14 +110,7 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
     } finally {
       await nc.close();
     }
-    const failed = await waitFor(
-      async () => {
-        const s = await stateOf(mesh.gatewayUrl, stranded);
-        return s.status === "failed" ? s : undefined;
-      },
-      20_000,
-      "the stranded item failed",
-    );
+    const failed = await stateWhen(mesh.gatewayUrl, stranded, "failed", "the stranded item failed");
     assert.equal(failed.error.code, "definition_changed");
     assert.match(failed.error.reason, /vers\.held/);
     // A decision for the failed item is refused over HTTP: it would run it on to an outcome.
@@ -163,14 +160,7 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
       ids: [pending.items[0].seq],
     });
     assert.equal(back.status, 200, JSON.stringify(back.body));
-    const resumed = await waitFor(
-      async () => {
-        const s = await stateOf(again.gatewayUrl, stranded);
-        return s.status === "done" ? s : undefined;
-      },
-      20_000,
-      "the redriven item done",
-    );
+    const resumed = await stateWhen(again.gatewayUrl, stranded, "done", "the redriven item done");
     assert.deepEqual(resumed.results.finish, { v: 1 });
     assert.equal(resumed.error, undefined);
     assert.deepEqual(

@@ -81,8 +81,8 @@ Deno.test("a batcher sends what arrived within maxWaitMs, and a failed batch fai
 });
 
 Deno.test("a rate limit per key forgets a key once idle a whole period, so a flood of distinct keys does not grow the process", async () => {
-  // Found adversarially: every distinct customer id kept its token bucket for the life of
-  // the step's process (a flood of unique keys, each possibly a large string, grew it
+  // Found reading the limiter: every distinct customer id kept its token bucket for the life
+  // of the step's process (a flood of unique keys, each possibly a large string, grew it
   // without bound).
   const clock = manualClock();
   const limiter = createStepLimiter(

@@ -19,8 +19,8 @@ import type { AnyEvent } from "../schemas.ts";
 import { combineRunnables, defineService, type ServiceDef } from "../service.ts";
 import type { OutputEvent, Stage, StageContext } from "../stage.ts";
 import { runStateWriter, type StateSpec } from "../state_writer.ts";
-import { createScheduleStore, nextCronTime } from "../scheduler/store.ts";
-import { Cron } from "croner";
+import { createScheduleStore } from "../scheduler/store.ts";
+import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
 import { SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import type { ExtraTopology } from "../topology.ts";
@@ -299,16 +299,6 @@ export function withPromotedStep(
   return { file: prod.file, def, flow: prod.flow };
 }
 
-/** The longest wait between the next few times of `cron` (UTC), ms. */
-function longestCronGap(cron: string): number {
-  const runs = new Cron(cron, { paused: true, timezone: "UTC" }).nextRuns(9, new Date());
-  let longest = 0;
-  for (let i = 1; i < runs.length; i++) {
-    longest = Math.max(longest, runs[i]!.getTime() - runs[i - 1]!.getTime());
-  }
-  return longest;
-}
-
 /**
  * Refuses a definition whose items can be held longer than events are kept: a wait's
  * timeout, a join's deadline or a delay (its `ms`, or the longest gap between its cron's
@@ -336,7 +326,10 @@ export function checkHoldsWithinRetention(
         : step.kind === "delay" && step.ms !== undefined
         ? ["holds items for", step.ms]
         : step.kind === "delay" && step.cron !== undefined
-        ? ["holds items (between its cron's times) for up to", longestCronGap(step.cron)]
+        ? [
+          "holds items (between its cron's times) for up to",
+          longestCronGap(step.cron, new Date()),
+        ]
         : undefined;
       if (held && !(Number(held[1]) <= retentionMs)) {
         throw new ConfigError(
@@ -679,6 +672,27 @@ export function controlStage(
     return { input: all[0]!.input, value, results, runs };
   }
 
+  /**
+   * A join's completion with every input in: the same event (its id from the item, step and
+   * iteration) whichever arrival or firing completes it.
+   */
+  function completeJoin(
+    t: string,
+    iter: number,
+    cause: FlowEvent,
+    arrived: Record<string, FlowData>,
+    emit: { source: string; now: Date },
+  ): FlowEvent[] {
+    const data = joined(arrived);
+    return completion(
+      flow,
+      t,
+      { ...cause, id: deterministicId(cause.item_id, t, String(iter), "joined") },
+      advance(data, t, data.value, data.value),
+      emit,
+    );
+  }
+
   async function onArrive(e: FlowEvent, steps: string[], seq: number, ctx: StageContext) {
     const out: FlowEvent[] = [];
     const from = flow.roles.get(tokenOf(flow, e.type));
@@ -711,14 +725,7 @@ export function controlStage(
           cur.arrived![fromStep] = e.data;
           let events: FlowEvent[] = [];
           if (!failed && s.after.every((a) => a in cur.arrived!)) {
-            const data = joined(cur.arrived!);
-            events = completion(
-              flow,
-              t,
-              { ...e, id: deterministicId(e.item_id, t, String(iter), "joined") },
-              advance(data, t, data.value, data.value),
-              emit,
-            );
+            events = completeJoin(t, iter, e, cur.arrived!, emit);
             Object.assign(cur, { closed: "done", closedBy: seq, emitted: events });
           }
           return { rec: cur, out: { events, openedAt: cur.openedAt } };
@@ -855,14 +862,7 @@ export function controlStage(
       if (s.kind === "join" && s.after.every((a) => a in (rec.arrived ?? {}))) {
         // Every input came while the item was failed (held): complete it now, as its last
         // input would have.
-        const data = joined(rec.arrived!);
-        events = completion(
-          flow,
-          t,
-          { ...e, id: deterministicId(e.item_id, t, String(iter), "joined") },
-          advance(data, t, data.value, data.value),
-          emit,
-        );
+        events = completeJoin(t, iter, e, rec.arrived!, emit);
         return { rec: { ...rec, closed: "done", closedBy: seq, emitted: events }, out: events };
       }
       if (s.kind === "join") {

@@ -7,7 +7,7 @@
 import { Ajv } from "ajv";
 import { ConfigError } from "../errors.ts";
 import type { PipelineSpec, StepSpec } from "./definition.ts";
-import { Cron } from "croner";
+import { nextCronTime } from "../scheduler/cron.ts";
 
 /** What is wrong with a definition. */
 export const DefinitionProblem = {
@@ -292,7 +292,7 @@ export function validatePipeline(spec: PipelineSpec): void {
       // never comes) would fail every item.
       let next: Date | null = null;
       try {
-        next = new Cron(step.cron, { paused: true, timezone: "UTC" }).nextRun(new Date());
+        next = nextCronTime(step.cron, new Date());
       } catch (err) {
         fail(id, "invalid_value", `cron ${JSON.stringify(step.cron)}: ${(err as Error).message}`);
       }

@@ -7,7 +7,7 @@
  * @module
  */
 import type { KV } from "@nats-io/kv";
-import { Cron } from "croner";
+import { nextCronTime } from "./cron.ts";
 import { ulid } from "ulid";
 import { ConflictError, NotFoundError, ValidationError } from "../errors.ts";
 import type { Schedule } from "../events.gen.ts";
@@ -42,10 +42,7 @@ export interface ScheduleEntry {
   last_fired_at?: string;
 }
 
-/** The next firing of `cron` strictly after `after`, or null (croner, UTC). */
-export function nextCronTime(cron: string, after: Date): Date | null {
-  return new Cron(cron, { paused: true, timezone: "UTC" }).nextRun(after);
-}
+export { nextCronTime } from "./cron.ts";
 
 /**
  * Checks a schedule definition and builds its stored entry.
