@@ -267,7 +267,7 @@ export function freePort(): number {
  */
 export async function startNatsServer(opts: NatsServerOptions = {}): Promise<NatsServer> {
   const binary = opts.binary ?? "nats-server";
-  const port = opts.port ?? (opts.configFile ? undefined : freePort());
+  let port = opts.port ?? (opts.configFile ? undefined : freePort());
   const storeDir = opts.storeDir ??
     (opts.configFile ? undefined : await Deno.makeTempDir({ prefix: "weft-nats-" }));
   const ownsStore = opts.storeDir === undefined && storeDir !== undefined;
@@ -343,7 +343,20 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
       }
     })().catch(() => {});
   };
-  await spawn();
+  for (let attempt = 1;; attempt++) {
+    try {
+      await spawn();
+      break;
+    } catch (err) {
+      // A port this call picked was free, not held: another process (a test file running
+      // beside this one) may bind it first. Pick another, a few times.
+      const picked = opts.port === undefined && port !== undefined;
+      if (!picked || attempt >= 3 || !/address already in use/i.test(String(err))) throw err;
+      port = freePort();
+      args[args.indexOf("-p") + 1] = String(port);
+      actualPort = port;
+    }
+  }
 
   const server: NatsServer = {
     get url() {

@@ -719,10 +719,39 @@ export const SERVICES_IN_ONE_PROCESS: Readonly<Pick<ServicesOptions, "together">
   ? {}
   : { together: true };
 
-/** Starts the supervisor of `deno task start` and waits until the gateway listens. */
+/** What a supervisor or a service says when a port it was given is held by someone else. */
+const PORT_TAKEN = /is taken by|AddrInUse|address already in use/i;
+
+/** A mesh that did not start because a port picked for it was taken meanwhile. */
+class PortTakenError extends Error {}
+
+/** How many times {@link startMesh} picks fresh ports when one was taken before it bound it. */
+const PORT_ATTEMPTS = 3;
+
+/**
+ * Starts the supervisor of `deno task start` and waits until the gateway listens.
+ *
+ * The ports it picks are free when picked, not held: a test file running beside this one
+ * (its own worker, with its own {@link freePort}) may bind one before the supervisor does,
+ * which then stops with "port N is taken by another process". Such a start is tried again
+ * with fresh ports (the ports the caller pinned stay), up to {@link PORT_ATTEMPTS} times.
+ */
 export async function startMesh(
   env: Record<string, string> = {},
   opts: { storeDir?: string; natsPort?: number; port?: number; keepStore?: boolean } = {},
+): Promise<Mesh> {
+  for (let attempt = 1;; attempt++) {
+    try {
+      return await startMeshOnce(env, opts);
+    } catch (err) {
+      if (!(err instanceof PortTakenError) || attempt >= PORT_ATTEMPTS) throw err;
+    }
+  }
+}
+
+async function startMeshOnce(
+  env: Record<string, string>,
+  opts: { storeDir?: string; natsPort?: number; port?: number; keepStore?: boolean },
 ): Promise<Mesh> {
   const port = opts.port ?? freePort();
   // A cluster's nodes listen on natsPort, +1, +2...: find a run of free ports.
@@ -800,9 +829,28 @@ export async function startMesh(
   const exitedFirst = child.status.then((s) => {
     throw new Error(`the supervisor exited with ${s.code} before the gateway listened`);
   });
+  // A port taken before the supervisor (or the gateway it starts) bound it: stop at once.
+  const portTaken = book.wait(
+    (l) => PORT_TAKEN.test(JSON.stringify(l)),
+    START_DEADLINE_MS,
+    () => new Error("no port taken"),
+    settled.signal,
+  ).then((l) => {
+    throw new PortTakenError(`a port picked for the mesh was taken: ${JSON.stringify(l)}`);
+  });
   try {
-    await Promise.race([listening, exitedFirst]);
+    await Promise.race([listening, exitedFirst, portTaken]);
   } catch (err) {
+    const taken = err instanceof PortTakenError ||
+      book.lines.some((l) => PORT_TAKEN.test(JSON.stringify(l)));
+    if (taken) {
+      // Tried again with fresh ports: a store the caller gave is kept for that start.
+      await stop();
+      if (opts.storeDir === undefined) {
+        await Deno.remove(storeDir, { recursive: true }).catch(() => {});
+      }
+      throw new PortTakenError(`${(err as Error).message}`);
+    }
     await mesh[Symbol.asyncDispose]();
     throw new Error(
       `${(err as Error).message}\n${book.lines.map((l) => JSON.stringify(l)).join("\n")}`,
@@ -811,6 +859,7 @@ export async function startMesh(
     settled.abort();
     listening.catch(() => {});
     exitedFirst.catch(() => {});
+    portTaken.catch(() => {});
   }
   return mesh;
 }
