@@ -8,10 +8,10 @@ import assert from "node:assert/strict";
 import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { readStream } from "../src/stream_reader.ts";
 import { resumingClient } from "./helpers/sse.ts";
-import { connectNats } from "../src/nats.ts";
 import { clusterPidFile } from "../src/supervisor.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 /** Waits until every accepted item has a processed event; their counts per subject. */
 function processedCounts(
@@ -51,7 +51,7 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
   await mesh.waitForLog((l) => l.msg === "weft is ready", 90_000, "the cluster mesh ready");
   const ready = mesh.logs.find((l) => l.msg === "weft is ready")!;
   assert.equal(String(ready.nats).split(",").length, 3, "services get all three nodes");
-  const nc = await connectNats(String(ready.nats), "test-ops", mesh.credentials("ops"));
+  const nc = await connectClient(String(ready.nats), "test-ops", mesh.credentials("ops"));
   try {
     const jsm = await jetstreamManager(nc);
     for (const stream of ["FEEDBACK", "CONTENT", "DEADLETTER", "KV_weft_feedback_state"]) {
@@ -162,7 +162,7 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
   });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 90_000, "the cluster mesh ready");
   const ready = mesh.logs.find((l) => l.msg === "weft is ready")!;
-  const nc = await connectNats(String(ready.nats), "test-ops", mesh.credentials("ops"));
+  const nc = await connectClient(String(ready.nats), "test-ops", mesh.credentials("ops"));
   try {
     const jsm = await jetstreamManager(nc);
     const pidOf = async (node: string) =>

@@ -7,12 +7,12 @@ import assert from "node:assert/strict";
 import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { loadConfig } from "../src/config.ts";
 import { createEvent } from "../src/events.ts";
-import { connectNats } from "../src/nats.ts";
 import { startNatsServer } from "../src/nats_server.ts";
 import { publishEvent } from "../src/runner.ts";
 import { DIGEST_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/mesh.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 Deno.test({
   name: "a recurring schedule publishes the feedback digest with counts per team",
@@ -20,7 +20,7 @@ Deno.test({
   sanitizeResources: true,
   async fn() {
     await using server = await startNatsServer();
-    const nc = await connectNats(server.url, "test");
+    const nc = await connectClient(server.url, "test");
     try {
       const js = jetstream(nc);
       await ensureTopology(

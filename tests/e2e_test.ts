@@ -5,12 +5,12 @@
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { connectNats } from "../src/nats.ts";
 import { freePort, portFree, startNatsServer } from "../src/nats_server.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const REFERENCE = {
   FB001: ["The new feature is great, but I found a small bug when saving settings.", "positive", [
@@ -68,7 +68,7 @@ Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the re
   const mesh = await startMesh(REFERENCE_RULES, { keepStore: true });
   let nc: NatsConnection | undefined;
   try {
-    nc = await connectNats(mesh.natsUrl, "e2e", mesh.credentials("ops"));
+    nc = await connectClient(mesh.natsUrl, "e2e", mesh.credentials("ops"));
 
     await t.step("over HTTP, with the SSE stream read to its end", async () => {
       for (const id of ["FB001", "FB002"] as const) {
@@ -187,7 +187,7 @@ Deno.test("with NATS_URL set, deno task start uses that server, and the default 
     assert.equal(res.status, 202);
     await res.body?.cancel();
   }
-  const nc = await connectNats(server.url, "e2e");
+  const nc = await connectClient(server.url, "e2e");
   try {
     for (const [id, [, team]] of Object.entries(cases)) {
       const s = await kvState(nc, id);

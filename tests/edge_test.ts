@@ -10,7 +10,6 @@ import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { edgeStream, siteStreams } from "../src/edge.ts";
-import { connectNats } from "../src/nats.ts";
 import { portFree } from "../src/nats_server.ts";
 import { clusterPidFile, IDENTITY_DIR } from "../src/supervisor.ts";
 import { readStream } from "../src/stream_reader.ts";
@@ -19,6 +18,7 @@ import { startLink } from "./helpers/link.ts";
 import { type Mesh, meshTempDir, startMesh } from "./helpers/mesh.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 /**
  * `n` consecutive free loopback ports below the kernel's ephemeral range (32768 and up on
@@ -218,9 +218,9 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     await m.waitForLog((l) => l.msg === "weft is ready", 90_000, `site ${name} ready`);
   }
   const ncs = {
-    hub: await connectNats(hub.natsUrl, "test-hub", hub.credentials("ops")),
-    east: await connectNats(east.natsUrl, "test-east", east.credentials("ops")),
-    west: await connectNats(west.natsUrl, "test-west", west.credentials("ops")),
+    hub: await connectClient(hub.natsUrl, "test-hub", hub.credentials("ops")),
+    east: await connectClient(east.natsUrl, "test-east", east.credentials("ops")),
+    west: await connectClient(west.natsUrl, "test-west", west.credentials("ops")),
   };
   let stopLoad = async () => {};
   try {
@@ -255,7 +255,7 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
       west: [await postContent(west, "our new shop opens on Monday, all welcome")],
     };
     // A forged event at west, dead-lettered there: the hub collects its dead letters too.
-    const forger = await connectNats(west.natsUrl, "test-forger", west.credentials("admin"));
+    const forger = await connectClient(west.natsUrl, "test-forger", west.credentials("admin"));
     try {
       await jetstream(forger).publish("feedback.sentiment_analyzed.FORGED-1", "{not json");
     } finally {
@@ -404,7 +404,7 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     assert.equal(users.filter((u) => u.includes('"LEAFNODE"')).length, 2, "one per site");
     // A site's leafnode key opens no client connection at the hub.
     await assert.rejects(
-      connectNats(hub.natsUrl, "test-as-leaf", {
+      connectClient(hub.natsUrl, "test-as-leaf", {
         nkeySeedFile: `${hub.storeDir}/${IDENTITY_DIR}/leaf-east.nk`,
       }).then((nc) => nc.close()),
       "leaf-east is for leafnode connections only",
@@ -587,8 +587,8 @@ Deno.test("a clustered hub (3 nodes, the site's stream at R3) keeps collecting a
     WEFT_TOGETHER: "all",
   });
   const siteReady = await north.waitForLog((l) => l.msg === "weft is ready", 90_000, "site");
-  const hubNc = await connectNats(String(hubReady.nats), "test-hub", hub.credentials("ops"));
-  const siteNc = await connectNats(north.natsUrl, "test-north", north.credentials("ops"));
+  const hubNc = await connectClient(String(hubReady.nats), "test-hub", hub.credentials("ops"));
+  const siteNc = await connectClient(north.natsUrl, "test-north", north.credentials("ops"));
   let stopLoad = async () => {};
   try {
     const jsm = await jetstreamManager(hubNc);

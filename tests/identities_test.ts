@@ -10,11 +10,11 @@ import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { connectNats } from "../src/nats.ts";
 import { GENERATED_CONF, IDENTITY_DIR, SERVICES } from "../src/supervisor.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
 import { type Mesh, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const TOXIC = "You idiot, this is the most pathetic service ever.";
 
@@ -34,7 +34,7 @@ function violations(mesh: Mesh): unknown[] {
 
 /** Connects as `identity` and runs `fn`, closing the connection after. */
 async function as<T>(mesh: Mesh, identity: string, fn: (nc: NatsConnection) => Promise<T>) {
-  const nc = await connectNats(mesh.natsUrl, `test-as-${identity}`, mesh.credentials(identity));
+  const nc = await connectClient(mesh.natsUrl, `test-as-${identity}`, mesh.credentials(identity));
   try {
     return await fn(nc);
   } finally {
@@ -251,7 +251,7 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
     "a connection without a key is refused",
     async () => {
       await assert.rejects(
-        connectNats(mesh.natsUrl, "anonymous"),
+        connectClient(mesh.natsUrl, "anonymous"),
         /authorization|auth/i,
       );
     },

@@ -12,13 +12,13 @@ import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { hashKey } from "../src/gateway/auth.ts";
-import { connectNats } from "../src/nats.ts";
 import { loadRules } from "../pipelines/feedback/rules.ts";
 import { agreementOf } from "../src/ai/agreement.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { type Mesh, meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 import { SAMPLE_FEEDBACK } from "./helpers/texts.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const ADMIN = "admin-key-for-the-shadow-test";
 const INGEST = "ingest-key-for-the-shadow-test";
@@ -184,7 +184,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
   assert.equal(ready.services, 12);
   assert.ok(!mesh.logs.some((l) => l.service === "weft-shadow"), "no shadow service yet");
-  const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  const nc = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   const reference = await loadRules("rules/reference.json");
   try {
     const watch = new Watch(nc);
@@ -544,7 +544,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
         [],
         "no refused permission so far",
       );
-      const sc = await connectNats(mesh.natsUrl, "test-as-shadow", mesh.credentials("shadow"));
+      const sc = await connectClient(mesh.natsUrl, "test-as-shadow", mesh.credentials("shadow"));
       try {
         const js = jetstream(sc);
         await js.publish("shadow.feedback.sentiment.OWN", "{}");
@@ -825,7 +825,7 @@ export const tickets = definePipeline({
   }
   assert.match(llm.requests[0]!.body.messages[0]!.content, /A question or a feature request/);
   assert.equal((await call(base, "DELETE", "/shadows/llm1", "none")).status, 200);
-  const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  const nc = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   try {
     const jsm = await jetstreamManager(nc);
     await waitFor(

@@ -5,11 +5,11 @@
  */
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
-import { connectNats } from "../src/nats.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { chat, type FakeReply, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 /** Answers each analyzer's prompt; fails every request for texts containing "outage". */
 function llmScript(req: { body: { messages: { role: string; content: string }[] } }): FakeReply {
@@ -55,7 +55,7 @@ Deno.test("with WEFT_ANALYZERS=llm the stages record the LLM's decision, usage a
       assert.equal(res.status, 202);
       await res.body?.cancel();
     }
-    const nc = await connectNats(mesh.natsUrl, "llm-test", mesh.credentials("ops"));
+    const nc = await connectClient(mesh.natsUrl, "llm-test", mesh.credentials("ops"));
     try {
       const kv = await new Kvm(nc).open("weft_feedback_state");
       const done = (id: string) =>

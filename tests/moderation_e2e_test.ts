@@ -6,7 +6,6 @@
 import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
-import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { hashKey } from "../src/gateway/auth.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
@@ -17,6 +16,7 @@ import {
   startServices,
 } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const KEYS = {
   ingest: "ingest-key-0123456789",
@@ -82,7 +82,7 @@ Deno.test({
         WEFT_LOG_LEVEL: "info",
       },
     });
-    const nc = await connectNats(server.url, "test");
+    const nc = await connectClient(server.url, "test");
     const call = client(base);
     try {
       await t.step("safe content is published and its history streams over SSE", async () => {

@@ -6,10 +6,10 @@
  * themselves in the body.
  */
 import assert from "node:assert/strict";
-import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
 import { MODERATION_SERVICES, SERVICES_IN_ONE_PROCESS, startServices } from "./helpers/mesh.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const TOXIC = "You idiot, this is the most pathetic service ever.";
 
@@ -50,7 +50,7 @@ Deno.test({
         WEFT_SLA_DEFAULT_ACTION: "reject",
       },
     });
-    const nc = await connectNats(server.url, "test");
+    const nc = await connectClient(server.url, "test");
     try {
       const a = (await call(base, "POST", "/content", { text: TOXIC })).body.id as string;
       const b = (await call(base, "POST", "/content", { text: `${TOXIC} moron` })).body

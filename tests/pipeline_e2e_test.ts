@@ -9,11 +9,11 @@
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { connectNats } from "../src/nats.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { meshTempDir, rebuildStateTask, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 import { readSse } from "./helpers/sse.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
@@ -179,7 +179,7 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
   }, { storeDir: `${dir}/nats` });
   const base = mesh.gatewayUrl;
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
-  const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  const nc = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   const expected = new Map<string, string>();
   try {
     await t.step(

@@ -17,7 +17,6 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { connectNats } from "../src/nats.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { decodeJson } from "../src/runner.ts";
 import { decodeFlowEvent } from "../src/pipeline/flow.ts";
@@ -26,6 +25,7 @@ import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { fuzzBody, mutated, pathToken } from "./helpers/fuzz.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const SEED = Number(Deno.env.get("FUZZ_SEED") ?? 20261204);
 const HTTP_RUNS = Math.ceil(Number(Deno.env.get("FUZZ_RUNS") ?? 1200) / 3);
@@ -85,7 +85,7 @@ Deno.test({
     WEFT_DIGEST_CRON: "off",
   });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
-  const nc = await connectNats(mesh.natsUrl, "fuzz-admin", mesh.credentials("admin"));
+  const nc = await connectClient(mesh.natsUrl, "fuzz-admin", mesh.credentials("admin"));
   try {
     const js = jetstream(nc);
     const jsm = await jetstreamManager(nc);

@@ -5,9 +5,9 @@
  * reason `definition_changed`, its state failed, the letter listed for redrive.
  */
 import assert from "node:assert/strict";
-import { connectNats } from "../src/nats.ts";
 import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
 
@@ -103,7 +103,7 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
 
     // The stranded item's awaited event comes (an operator publishes it): version 2 has no
     // step that awaits it.
-    const nc = await connectNats(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
     try {
       nc.publish(`vers.held.${stranded}`, JSON.stringify({ by: "dan" }));
       await nc.flush();

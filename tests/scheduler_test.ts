@@ -8,7 +8,6 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { Msg } from "@nats-io/nats-core";
 import { loadConfig } from "../src/config.ts";
-import { connectNats } from "../src/nats.ts";
 import { startNatsServer } from "../src/nats_server.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
 import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET, subjectAllowed } from "../src/subjects.ts";
@@ -24,10 +23,10 @@ import { createModerationRoutes } from "../pipelines/moderation/routes.ts";
 import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { problemResponse } from "../src/gateway/app.ts";
-import { PATIENT, startTestNats } from "./helpers/nats.ts";
+import { connectClient, PATIENT, startTestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 /** Collects the firings seen on a core subscription (every publish, before dedupe). */
-function firings(nc: Awaited<ReturnType<typeof connectNats>>, subject: string) {
+function firings(nc: Awaited<ReturnType<typeof connectClient>>, subject: string) {
   const seen: { schedule: string; at: string }[] = [];
   const waiters: { pred: () => boolean; resolve: () => void }[] = [];
   const sub = nc.subscribe(subject, {
@@ -62,7 +61,7 @@ Deno.test({
   async fn(t) {
     await using server = await startNatsServer();
     const env = { NATS_URL: server.url, WEFT_LOG_LEVEL: "info" };
-    const nc = await connectNats(server.url, "test");
+    const nc = await connectClient(server.url, "test");
     try {
       const jsm = await jetstreamManager(nc);
       await ensureTopology(nc, jsm, loadConfig({ env: () => undefined, args: [] }));
@@ -156,7 +155,7 @@ Deno.test({
   sanitizeResources: true,
   async fn() {
     await using server = await startNatsServer();
-    const nc = await connectNats(server.url, "test");
+    const nc = await connectClient(server.url, "test");
     try {
       const jsm = await jetstreamManager(nc);
       await ensureTopology(nc, jsm, loadConfig({ env: () => undefined, args: [] }));

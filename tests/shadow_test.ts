@@ -4,11 +4,11 @@
  */
 import assert from "node:assert/strict";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { connectNats } from "../src/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { SAMPLE_FEEDBACK } from "./helpers/texts.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const TEXTS = SAMPLE_FEEDBACK.slice(0, 8);
 
@@ -29,7 +29,7 @@ Deno.test("deno task shadow reports a candidate's agreement, routing changes and
     });
     assert.equal(post.status, 202);
     await post.body?.cancel();
-    const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+    const nc = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
     try {
       const jsm = await jetstreamManager(nc);
       await waitFor(

@@ -7,16 +7,16 @@
  */
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
-import { connectNats } from "../src/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { type Mesh, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const DEF = "pipelines/support/pipeline.ts";
 
 async function seedOrders(mesh: Mesh) {
-  const nc = await connectNats(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+  const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
   try {
     const kv = await new Kvm(nc).open("weft_support_orders");
     await kv.put("A100", JSON.stringify({ status: "shipped", items: ["lamp"] }));
@@ -64,7 +64,7 @@ Deno.test("support offline: the billing agent looks the order up and answers; th
     ],
   );
   // The same history is in KV, and on the item's event stream.
-  const nc = await connectNats(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  const nc = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   try {
     const kv = await new Kvm(nc).open("weft_support_scratchpad");
     const pad = (await kv.get(id))!.json<{ step: string; kind: string }[]>();

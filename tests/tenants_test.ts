@@ -10,11 +10,11 @@ import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { loadConfig } from "../src/config.ts";
 import { ensureIdentities, type Identity } from "../src/identities.ts";
-import { connectNats } from "../src/nats.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 async function stateOf(nc: NatsConnection, id: string): Promise<string | undefined> {
   const e = await (await new Kvm(nc).open("weft_feedback_state")).get(id);
@@ -43,8 +43,8 @@ accounts {
       cwd: dir,
     });
     const config = { ...loadConfig({ env: () => undefined, args: [] }), natsUrl: server.url };
-    const ncA = await connectNats(server.url, "tenant-a", { nkeySeedFile: a.seedFile });
-    const ncB = await connectNats(server.url, "tenant-b", { nkeySeedFile: b.seedFile });
+    const ncA = await connectClient(server.url, "tenant-a", { nkeySeedFile: a.seedFile });
+    const ncB = await connectClient(server.url, "tenant-b", { nkeySeedFile: b.seedFile });
     try {
       for (const nc of [ncA, ncB]) await ensureTopology(nc, await jetstreamManager(nc), config);
       const env = (id: Identity) => ({ NATS_URL: server.url, WEFT_NATS_NKEY: id.seedFile });

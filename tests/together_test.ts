@@ -5,11 +5,11 @@
  */
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
-import { connectNats } from "../src/nats.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
 import { meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 const post = async (url: string, body: unknown) => {
   const res = await fetch(url, {
@@ -38,7 +38,7 @@ Deno.test("with WEFT_TOGETHER=all every service runs in one process, and both pi
   );
   assert.equal(pids.size, 1, "one process for every production service");
 
-  const nc = await connectNats(mesh.natsUrl, "together-test", mesh.credentials("ops"));
+  const nc = await connectClient(mesh.natsUrl, "together-test", mesh.credentials("ops"));
   try {
     await t.step("feedback and moderation items reach their ends", async () => {
       const fb = await post(`${mesh.gatewayUrl}/feedback`, { text: "Great app, but export fails" });

@@ -26,7 +26,8 @@ import {
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Config, loadConfig } from "../../src/config.ts";
-import { connectNats, type NatsCredentials } from "../../src/nats.ts";
+import type { NatsCredentials } from "../../src/nats.ts";
+import { connectClient } from "./nats.ts";
 import { freePort, type NatsServer, portFree, startNatsServer } from "../../src/nats_server.ts";
 import {
   IDENTITY_DIR,
@@ -581,7 +582,7 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
 
   let jsm: JetStreamManager;
   try {
-    nc = await connectNats(nats.url, "weft-test");
+    nc = await connectClient(nats.url, "weft-test");
     jsm = await jetstreamManager(nc);
     if (opts.topology ?? ownsNats) await ensureTopology(nc, jsm, config);
     await startAll();

@@ -9,11 +9,26 @@ import { type JetStreamClient, type JetStreamManager, jetstreamManager } from "@
 import { type Config, loadConfig } from "../../src/config.ts";
 import type { FeedbackState } from "../../pipelines/feedback/events.gen.ts";
 import { createLogger, type Logger } from "../../src/observability/log.ts";
-import { connectNats } from "../../src/nats.ts";
+import { connectNats, type NatsCredentials } from "../../src/nats.ts";
 import { type NatsServer, startNatsServer } from "../../src/nats_server.ts";
 import { readStream } from "../../src/stream_reader.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../../pipelines/feedback/subjects.ts";
 import { ensureTopology } from "../../src/topology.ts";
+
+/**
+ * A test's own NATS client: {@link connectNats} whose first connect, when it times out (10 s)
+ * on a loaded machine, is tried again for up to a minute, as a service's is under the
+ * supervisor. A refused connection or identity still rejects at once. (Seen with three test
+ * files at a time on two cores: a first connect to a mesh's server timed out after nats.js's
+ * 20 s and failed the test.)
+ */
+export function connectClient(
+  url: string,
+  name: string,
+  credentials: NatsCredentials = {},
+): Promise<NatsConnection> {
+  return connectNats(url, name, credentials, { timeoutMs: 10_000, patienceMs: 60_000 });
+}
 
 /** A running server, a connection to it and the topology in place. */
 export interface TestNats extends AsyncDisposable {
@@ -47,7 +62,7 @@ export function testConfig(natsUrl: string, overrides: Partial<Config> = {}): Co
 /** Starts a server and connects; dispose to close and remove everything. */
 export async function startTestNats(overrides: Partial<Config> = {}): Promise<TestNats> {
   const server = await startNatsServer();
-  const nc = await connectNats(server.url, "weft-test");
+  const nc = await connectClient(server.url, "weft-test");
   const jsm = await jetstreamManager(nc);
   const config = testConfig(server.url, overrides);
   await ensureTopology(nc, jsm, config);
