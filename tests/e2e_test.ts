@@ -7,7 +7,7 @@ import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { freePort, portFree, startNatsServer } from "../src/nats_server.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
-import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
+import { meshTempDir, ONE_PROCESS, removedAtEnd, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { connectClient } from "./helpers/nats.ts";
@@ -65,7 +65,11 @@ const post = (url: string, body: unknown) =>
   });
 
 Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the reference decisions", async (t) => {
-  const mesh = await startMesh(REFERENCE_RULES, { keepStore: true });
+  // The store outlives this mesh (a second start reuses it below); removed at the end.
+  const storeDir = await meshTempDir("weft-mesh-");
+  await using _store = removedAtEnd(storeDir);
+  // Stopped by the last steps; disposed (stopped) too when a step before them fails.
+  await using mesh = await startMesh(REFERENCE_RULES, { storeDir, keepStore: true });
   let nc: NatsConnection | undefined;
   try {
     nc = await connectClient(mesh.natsUrl, "e2e", mesh.credentials("ops"));

@@ -4,7 +4,7 @@
  * feedback pipeline and for a pipeline run from a definition.
  */
 import assert from "node:assert/strict";
-import { meshTempDir, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
+import { meshTempDir, ONE_PROCESS, removedAtEnd, startMesh } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
@@ -12,6 +12,7 @@ const decoder = new TextDecoder();
 
 Deno.test("every nats CLI command the README shows works against the mesh", async (t) => {
   const dir = await meshTempDir("weft-cli-");
+  await using _dir = removedAtEnd(dir);
   await Deno.writeTextFile(
     `${dir}/hello.ts`,
     `import { definePipeline } from "${MOD}";

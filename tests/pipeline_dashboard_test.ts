@@ -4,7 +4,7 @@
  * with its label; an item submitted over HTTP is counted on each step it ran.
  */
 import assert from "node:assert/strict";
-import { meshTempDir, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
+import { meshTempDir, ONE_PROCESS, removedAtEnd, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
@@ -14,6 +14,7 @@ Deno.test("the dashboard draws a definition's graph and counts its items on each
   Deno.env.set("__IS_WSL_TEST__", "1"); // see dashboard_test.ts
   const { chromium } = await import("playwright-core");
   const dir = await meshTempDir("weft-dash-");
+  await using _dir = removedAtEnd(dir);
   await Deno.writeTextFile(
     `${dir}/sorting.ts`,
     `import { definePipeline } from "${MOD}";

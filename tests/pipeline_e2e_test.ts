@@ -11,7 +11,7 @@ import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { listDeadLetters } from "../src/redrive.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { meshTempDir, rebuildStateTask, startMesh } from "./helpers/mesh.ts";
+import { meshTempDir, rebuildStateTask, removedAtEnd, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { connectClient } from "./helpers/nats.ts";
 import { readSse } from "./helpers/sse.ts";
@@ -160,6 +160,7 @@ Deno.test("a new definition runs end to end: LLM, branch, human wait with deadli
     return chat({ summary: text.slice(0, 40), risk: /urgent/.test(text) ? "high" : "low" });
   });
   const dir = await meshTempDir("weft-claims-");
+  await using _dir = removedAtEnd(dir);
   await Deno.mkdir(`${dir}/def/prompts`, { recursive: true });
   await Deno.writeTextFile(`${dir}/def/claims.ts`, DEFINITION);
   await Deno.writeTextFile(

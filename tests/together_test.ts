@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { has, waitForEvents } from "./helpers/content_events.ts";
-import { meshTempDir, startMesh, taskArgs } from "./helpers/mesh.ts";
+import { meshTempDir, removedAtEnd, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { connectClient } from "./helpers/nats.ts";
@@ -149,6 +149,7 @@ Deno.test("WEFT_TOGETHER naming no such service stops deno task start with one c
 
 Deno.test("with WEFT_TOGETHER=all a definition's services run in the one process too", async () => {
   const dir = await meshTempDir("weft-together-def-");
+  await using _dir = removedAtEnd(dir);
   await Deno.writeTextFile(
     `${dir}/echo.ts`,
     `import { definePipeline } from "${new URL("../mod.ts", import.meta.url).href}";

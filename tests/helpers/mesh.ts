@@ -627,6 +627,25 @@ export async function meshTempDir(prefix: string): Promise<string> {
   return await Deno.makeTempDir({ dir, prefix });
 }
 
+/**
+ * Removes `dir` when disposed. Declared before the mesh that uses the directory, it is
+ * removed after that mesh stops, whether the test passed or failed.
+ *
+ * @example
+ * ```ts ignore
+ * const dir = await meshTempDir("weft-x-");
+ * await using _dir = removedAtEnd(dir);
+ * await using mesh = await startMesh({ WEFT_PIPELINES: `${dir}/x.ts` });
+ * ```
+ */
+export function removedAtEnd(dir: string): AsyncDisposable {
+  return {
+    async [Symbol.asyncDispose]() {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    },
+  };
+}
+
 /** A port whose next `n - 1` ports are free too (a cluster's client ports). */
 export function freePortRun(n: number): number {
   for (let attempt = 0; attempt < 100; attempt++) {
