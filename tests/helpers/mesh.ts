@@ -869,7 +869,9 @@ async function startMeshOnce(
       if (opts.storeDir === undefined) {
         await Deno.remove(storeDir, { recursive: true }).catch(() => {});
       }
-      throw new PortTakenError(`${(err as Error).message}`);
+      throw new PortTakenError(
+        `${(err as Error).message}\n${book.lines.map((l) => JSON.stringify(l)).join("\n")}`,
+      );
     }
     await mesh[Symbol.asyncDispose]();
     throw new Error(
