@@ -78,6 +78,15 @@ export type AgentRunner = (
   ctx: StepContext & { eventId: string },
 ) => Promise<AgentOutcome>;
 
+/**
+ * At most this many of one model turn's tool calls are run; each call past them is answered
+ * with an error the model can read, and is not run. A model asking for hundreds of calls in
+ * one turn (a prompt injected through an item's text can ask for that) would otherwise run
+ * every one and grow the item's scratchpad past what one event or KV entry may hold. With
+ * `maxTurns`, this bounds an agent step's tool calls.
+ */
+export const MAX_TOOL_CALLS_PER_TURN = 16;
+
 /** The agent of step `id`: the LLM when `llm` is given, else its offline policy. */
 export function createAgent(
   p: { file: string; def: { name: string } },
@@ -204,7 +213,15 @@ export function createAgent(
               function: { name: c.name, arguments: c.arguments },
             })),
           });
-          for (const c of r.toolCalls) {
+          for (const [k, c] of r.toolCalls.entries()) {
+            if (k >= MAX_TOOL_CALLS_PER_TURN) {
+              const refused = {
+                error: `too many tool calls in one turn: the first ${MAX_TOOL_CALLS_PER_TURN} ` +
+                  `were run, this one was not`,
+              };
+              messages.push({ role: "tool", tool_call_id: c.id, content: JSON.stringify(refused) });
+              continue;
+            }
             let args: unknown;
             try {
               args = JSON.parse(c.arguments);

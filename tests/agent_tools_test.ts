@@ -1,0 +1,83 @@
+/**
+ * An agent step against a real OpenAI-compatible server (tests/helpers/openai_server.ts) and
+ * a real nats-server: what it does with the tool calls a model asks for.
+ *
+ * @module
+ */
+import assert from "node:assert/strict";
+import { startNatsServer } from "../src/nats_server.ts";
+import { createAgent, MAX_TOOL_CALLS_PER_TURN } from "../src/pipeline/agent_step.ts";
+import type { AgentStep } from "../src/pipeline/definition.ts";
+import { connectClient } from "./helpers/nats.ts";
+import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
+
+Deno.test("an agent runs at most MAX_TOOL_CALLS_PER_TURN of one turn's tool calls; each one past them is answered with an error and not run", async () => {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "agent-tools-test");
+  const asked = 40;
+  // A model (or a prompt injected through the item's text) asking for 40 calls at once.
+  const llm = startFakeOpenAI([
+    {
+      kind: "tool_calls",
+      calls: Array.from({ length: asked }, (_, i) => ({ name: "count", arguments: { i } })),
+    },
+    chat({ ok: true }),
+  ]);
+  const dir = await Deno.makeTempDir({ prefix: "weft-agent-tools-" });
+  try {
+    await Deno.writeTextFile(`${dir}/agent.md`, "Count. Reply with JSON matching {{schema}}.");
+    let ran = 0;
+    const step: AgentStep = {
+      kind: "agent",
+      prompt: "agent.md",
+      maxTurns: 3,
+      output: { type: "object", required: ["ok"], properties: { ok: { type: "boolean" } } },
+      tools: {
+        count: {
+          description: "counts its calls",
+          parameters: { type: "object" },
+          run: () => ++ran,
+        },
+      },
+    };
+    const agent = createAgent(
+      { file: `${dir}/def.ts`, def: { name: "counting" } },
+      "counter",
+      step,
+      { nc, llm: { baseUrl: llm.baseUrl, apiKey: "test-key", model: "fake-model" } },
+    );
+    const out = await agent("go", {
+      source: "test",
+      message: { subject: "counting.submitted.i1", seq: 1, storedAt: 0, deliveryCount: 1 },
+      now: () => new Date(0),
+      signal: new AbortController().signal,
+      item: "i1",
+      input: {},
+      results: {},
+      runs: {},
+      scratchpad: [],
+      eventId: "e1",
+    });
+
+    assert.equal(ran, MAX_TOOL_CALLS_PER_TURN, "only the first calls ran");
+    assert.deepEqual(out.result, { ok: true });
+    const notes = out.notes.filter((n) => n.kind === "tool_call");
+    assert.equal(notes.length, MAX_TOOL_CALLS_PER_TURN, "the scratchpad holds the calls that ran");
+    // Every call the model made is answered (the API wants one tool message per call id).
+    const answers = llm.requests[1]!.body.messages.filter((m) => m.role === "tool");
+    assert.equal(answers.length, asked);
+    const refused = answers.filter((m) =>
+      /^too many tool calls in one turn/.test(JSON.parse(m.content).error ?? "")
+    );
+    assert.equal(refused.length, asked - MAX_TOOL_CALLS_PER_TURN);
+    assert.deepEqual(
+      refused.map((m) => m.tool_call_id),
+      answers.slice(MAX_TOOL_CALLS_PER_TURN).map((m) => m.tool_call_id),
+      "the calls past the bound are the ones refused",
+    );
+  } finally {
+    await nc.close();
+    await llm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
