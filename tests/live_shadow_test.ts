@@ -15,7 +15,14 @@ import { hashKey } from "../src/gateway/auth.ts";
 import { loadRules } from "../pipelines/feedback/rules.ts";
 import { agreementOf } from "../src/ai/agreement.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
-import { type Mesh, meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
+import {
+  type Mesh,
+  meshTempDir,
+  ONE_PROCESS,
+  removedAtEnd,
+  startMesh,
+  taskArgs,
+} from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 import { SAMPLE_FEEDBACK } from "./helpers/texts.ts";
 import { connectClient } from "./helpers/nats.ts";
@@ -591,9 +598,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
 
 Deno.test("a live shadow follows a definition's step with another version of the definition; a WEFT_SHADOW shadow runs; an LLM candidate stops at its own budget", async () => {
   const dir = await meshTempDir("weft-shadow-def-");
-  await using _cleanup = {
-    [Symbol.asyncDispose]: () => Deno.remove(dir, { recursive: true }).catch(() => {}),
-  };
+  await using _dir = removedAtEnd(dir);
   const mod = new URL("../mod.ts", import.meta.url).href;
   // Production calls a text long from 20 characters; the candidate version from 30.
   const definition = (min: number, output = `{ type: "object" }`) =>
