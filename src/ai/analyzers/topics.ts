@@ -28,6 +28,14 @@ export interface TaxonomyLabel {
   threshold?: number;
   /** Whether a negator just before a keyword or phrase cancels it. Default true. */
   negatable?: boolean;
+  /**
+   * Whether the label is a request, so that modal and desire words ("would", "could",
+   * "should", "need", "want") count only where they ask for something: not where the writer
+   * speaks of themself ("I would recommend it", "I should be walking more"; "I would like"
+   * still asks) nor in a free relative naming what the product already gives ("everything I
+   * need", "anything you could want"). Default false.
+   */
+  request?: boolean;
   /** Labels that also apply whenever this one does. */
   implies?: string[];
   /** Single words to weights; a trailing `*` matches any ending. */
@@ -99,6 +107,7 @@ interface Compiled {
   names: string[];
   thresholds: number[];
   negatable: boolean[];
+  request: boolean[];
   implies: number[][];
   exact: Map<string, Hit[]>;
   prefixes: Array<Hit & { prefix: string }>;
@@ -135,6 +144,11 @@ export function parseTaxonomy(json: unknown): Taxonomy {
     }
     if (seen.has(l.label)) throw new TaxonomyError(`duplicate label ${l.label}`);
     seen.add(l.label);
+    for (const key of ["negatable", "request"] as const) {
+      if (l[key] !== undefined && typeof l[key] !== "boolean") {
+        throw new TaxonomyError(`${l.label}.${key} must be a boolean`);
+      }
+    }
     for (const key of ["keywords", "phrases", "imperatives"] as const) {
       const table = l[key];
       if (table === undefined) continue;
@@ -173,6 +187,7 @@ function compile(taxonomy: Taxonomy): Compiled {
     names,
     thresholds: taxonomy.labels.map((l) => l.threshold ?? taxonomy.defaultThreshold ?? 1),
     negatable: taxonomy.labels.map((l) => l.negatable ?? true),
+    request: taxonomy.labels.map((l) => l.request ?? false),
     implies: taxonomy.labels.map((l) => (l.implies ?? []).map((n) => index.get(n)!)),
     exact: new Map(),
     prefixes: [],
@@ -222,6 +237,30 @@ const WORD_CACHE_LIMIT = 50_000;
 /** Words that may come before an imperative verb at the start of a sentence. */
 const IMPERATIVE_OPENERS: ReadonlySet<string> = new Set(["please", "pls", "plz", "kindly", "just"]);
 
+/** Modals that, after "I", speak of the writer ("I would say", "I should be moving"). */
+const SELF_MODALS: ReadonlySet<string> = new Set(["would", "should", "could"]);
+/** Words of wanting, which a free relative turns into a description ("everything I need"). */
+const DESIRES: ReadonlySet<string> = new Set(["need", "needs", "want", "wants", "would", "could"]);
+/** Verbs after "I would" that still ask for something ("I would like", "I would love"). */
+const WISH_VERBS: ReadonlySet<string> = new Set([
+  "like",
+  "love",
+  "prefer",
+  "appreciate",
+  "want",
+  "suggest",
+]);
+/** Words that open a free relative: "what I need", "everything you could want". */
+const FREE_RELATIVES: ReadonlySet<string> = new Set([
+  "what",
+  "whatever",
+  "anything",
+  "everything",
+  "something",
+  "all",
+]);
+const SUBJECTS: ReadonlySet<string> = new Set(["i", "you", "we", "they", "one"]);
+
 let defaultCompiled: Compiled | undefined;
 
 /**
@@ -254,6 +293,27 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
     }
     if (wordCache.size < WORD_CACHE_LIMIT) wordCache.set(word, hits);
     return hits;
+  }
+
+  /** Whether the modal or desire word at `i` does not ask for anything (see `request`). */
+  function notARequest(tokens: Token[], i: number): boolean {
+    const w = tokens[i]!.word;
+    if (!SELF_MODALS.has(w) && !DESIRES.has(w)) return false;
+    // "I would recommend", "I should be moving": the writer about themself, not a request;
+    // "I would like", "I would love" stay requests.
+    if (SELF_MODALS.has(w) && i > 0 && !tokens[i]!.clauseStart && tokens[i - 1]!.word === "i") {
+      const next = tokens[i + 1];
+      if (!next || next.clauseStart || !WISH_VERBS.has(next.word)) return true;
+    }
+    // "everything I need", "anything you could want": a free relative names what the app has.
+    for (let d = 1; d <= 4; d++) {
+      const j = i - d;
+      if (j < 0 || tokens[j + 1]!.clauseStart) break;
+      if (FREE_RELATIVES.has(tokens[j]!.word)) {
+        return d >= 2 && SUBJECTS.has(tokens[j + 1]!.word);
+      }
+    }
+    return false;
   }
 
   function negatedAt(tokens: Token[], i: number): boolean {
@@ -299,11 +359,13 @@ export function topicsAnalyzer(options: TopicsOptions = {}): EmbeddedTopicsAnaly
             }
             if (!ok) continue;
             if (c.negatable[p.label] && (negated ??= negatedAt(tokens, i))) continue;
+            if (c.request[p.label] && p.words.some((_, k) => notARequest(tokens, i + k))) continue;
             add(p, p.evidence, i);
           }
         }
         for (const hit of wordHits(word)) {
           if (c.negatable[hit.label] && (negated ??= negatedAt(tokens, i))) continue;
+          if (c.request[hit.label] && notARequest(tokens, i)) continue;
           add(hit, hit.evidence, i);
         }
         if (c.imperatives.size > 0) {

@@ -41,6 +41,44 @@ Deno.test("topicsAnalyzer() ignores negated problems like 'no crashes'", () => {
   assert.deepEqual(top("No crashes, no bugs, works great"), ["praise"]);
 });
 
+Deno.test("topicsAnalyzer() takes a modal or a want as a request only where it asks", async (t) => {
+  // Written for this test: the writer speaking of themself, and free relatives naming what
+  // the app already gives, once counted as feature requests on their "would"/"should"/"need".
+  const notRequests = [
+    "I would recommend it to anyone, five stars",
+    "I would be lost without this app",
+    "It reminds me I should be drinking more water",
+    "I should have switched years ago",
+    "It has everything I need for my workouts",
+    "You get anything you could want in one place",
+  ];
+  for (const text of notRequests) {
+    await t.step(JSON.stringify(text), () => {
+      assert.ok(!top(text).includes("feature_request"), `got ${top(text).join(",")}`);
+    });
+  }
+  const requests = [
+    "I would like a dark theme",
+    "I would love an export button",
+    "You should add a calendar widget",
+    "We need an offline mode",
+    "It would be nice to sync with my watch",
+    "The app should allow two accounts",
+  ];
+  for (const text of requests) {
+    await t.step(`${JSON.stringify(text)} still asks`, () => {
+      assert.ok(top(text).includes("feature_request"), `got ${top(text).join(",")}`);
+    });
+  }
+});
+
+Deno.test("parseTaxonomy() refuses a request or negatable flag that is not a boolean", () => {
+  assert.throws(
+    () => parseTaxonomy({ fallback: "x", labels: [{ label: "a", request: "yes" }] }),
+    TaxonomyError,
+  );
+});
+
 Deno.test("topicsAnalyzer() counts slowness as a technical issue too", () => {
   const r = top("Everything is so slow, it takes forever");
   assert.equal(r[0], "performance");
