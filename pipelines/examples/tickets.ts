@@ -1,4 +1,4 @@
-import { definePipeline, type Infer, type StepContext } from "../../mod.ts";
+import { definePipeline } from "../../mod.ts";
 
 const triaged = { type: "object", properties: { urgent: { type: "boolean" } } } as const;
 const ticket = {
@@ -27,10 +27,7 @@ export const tickets = definePipeline({
     reply: {
       kind: "task",
       output: { type: "object" },
-      handle: (_v: unknown, ctx: StepContext<Infer<typeof ticket>>) => ({
-        to: ctx.input.customer,
-        body: "Thanks, on it.",
-      }),
+      handle: (_v, ctx) => ({ to: ctx.input.customer, body: "Thanks, on it." }),
       flow: { concurrency: { limit: 5, key: "customer" } },
       next: "sent",
     },

@@ -80,8 +80,8 @@ interface StepBase {
 /** Where an item goes after a step: one step, or several at once (fan-out). */
 export type Next = string | readonly string[];
 
-/** A pure typed handler and its output schema. */
-export interface TaskStep extends StepBase {
+/** A pure typed handler and its output schema; `In` is the type of the item's input document. */
+export interface TaskStep<In = Untyped> extends StepBase {
   kind: "task";
   /** JSON Schema of the handler's result. */
   output: JsonSchema;
@@ -90,7 +90,7 @@ export interface TaskStep extends StepBase {
    * before handed on (the input document for the first step); `ctx.input`, `ctx.results`.
    */
   // deno-lint-ignore no-explicit-any
-  handle?: (value: any, ctx: StepContext) => unknown | Promise<unknown>;
+  handle?: (value: any, ctx: StepContext<In>) => unknown | Promise<unknown>;
   /**
    * With `flow.batch`: one call for up to `maxItems` items, or whatever arrived within
    * `maxWaitMs`, returning one result per value, in order (e.g. a batched embedding call).
@@ -186,11 +186,14 @@ export interface AgentStep extends StepBase {
   next?: Next;
 }
 
-/** Branch: the handler returns one of the declared labels; each label names a step. */
-export interface RouterStep extends StepBase {
+/**
+ * Branch: the handler returns one of the declared labels; each label names a step. `In` is the
+ * type of the item's input document.
+ */
+export interface RouterStep<In = Untyped> extends StepBase {
   kind: "router";
   // deno-lint-ignore no-explicit-any
-  route?: (value: any, ctx: StepContext) => string | Promise<string>;
+  route?: (value: any, ctx: StepContext<In>) => string | Promise<string>;
   routes: Readonly<Record<string, string>>;
   /**
    * A prompt file: with an LLM endpoint configured the model picks the label (structured
@@ -245,12 +248,12 @@ export interface EndStep extends StepBase {
   outcome: string;
 }
 
-/** Any step. */
-export type StepSpec =
-  | TaskStep
+/** Any step; `In` is the type of the item's input document, which handlers' `ctx.input` has. */
+export type StepSpec<In = Untyped> =
+  | TaskStep<In>
   | LlmStep
   | AgentStep
-  | RouterStep
+  | RouterStep<In>
   | JoinStep
   | WaitStep
   | DelayStep
@@ -263,8 +266,8 @@ export interface LoopSpec {
   maxIterations: number;
 }
 
-/** A pipeline definition: one literal. */
-export interface PipelineSpec {
+/** A pipeline definition: one literal; `In` is the type of its input document. */
+export interface PipelineSpec<In = Untyped> {
   /** Subject token: subjects are `<name>.<event>.<item>`. */
   name: string;
   description?: string;
@@ -273,7 +276,7 @@ export interface PipelineSpec {
   /** The first step. */
   start: string;
   /** Steps by stable id (ids name consumers and services: never reuse one for another step). */
-  steps: Readonly<Record<string, StepSpec>>;
+  steps: Readonly<Record<string, StepSpec<In>>>;
   loops?: readonly LoopSpec[];
   /** KV buckets the runtime creates for the pipeline's tools: `weft_<name>_<something>`. */
   buckets?: readonly string[];
@@ -434,7 +437,9 @@ export function definitionHash(spec: PipelineSpec): string {
 
 /**
  * Checks a definition and pins it to its hash. Throws {@link PipelineDefinitionError}
- * (a ConfigError) naming the pipeline and step on the first problem.
+ * (a ConfigError) naming the pipeline and step on the first problem. `I` is inferred from
+ * `input.schema` first, so every handler's `ctx.input` is typed without an annotation; `S`
+ * is the whole literal, which {@link TypedSteps} checks handlers against.
  *
  * @example
  * ```ts
@@ -451,8 +456,11 @@ export function definitionHash(spec: PipelineSpec): string {
  * console.log(p.hash.length); // 16
  * ```
  */
-export function definePipeline<const S extends PipelineSpec>(
-  spec: S & TypedSteps<S>,
+export function definePipeline<
+  const I extends JsonSchema,
+  const S extends PipelineSpec<Infer<I>>,
+>(
+  spec: S & { input: { schema: I } } & TypedSteps<S>,
 ): PipelineDefinition<S> {
   validatePipeline(spec);
   return Object.freeze({ ...spec, hash: definitionHash(spec) });

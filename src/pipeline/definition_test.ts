@@ -82,6 +82,36 @@ Deno.test("a task's handler returns what its output schema describes, or the def
   assert.ok(wrongResult.hash && wrongInput.hash);
 });
 
+Deno.test("an unannotated handler's ctx.input has the input schema's type", () => {
+  const typed = definePipeline({
+    name: "typed",
+    input: { schema: ticket },
+    start: "route",
+    steps: {
+      route: {
+        kind: "router",
+        // No annotation: ctx.input is { customer: string; text: string }.
+        route: (_v, ctx) => (ctx.input.text.length > 10 ? "long" : "short"),
+        routes: { long: "reply", short: "reply" },
+      },
+      reply: {
+        kind: "task",
+        output: reply,
+        handle: (_v, ctx) => {
+          // @ts-expect-error: the input schema gives `customer` as a string, not a number
+          const n: number = ctx.input.customer;
+          // @ts-expect-error: `email` is not in the input schema: unknown, not a string
+          const email: string = ctx.input.email;
+          return { to: `${ctx.input.customer}${n}${email}` };
+        },
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  assert.equal(typed.hash.length, 16);
+});
+
 Deno.test("a task's handler is handed what the step before returns, or the definition does not compile", () => {
   const chain = definePipeline({
     name: "chain",
