@@ -142,6 +142,35 @@ Deno.test("a forged second `ingested` event with new text neither re-runs the it
   assert.deepEqual(after.routing, before.routing);
 });
 
+Deno.test("a malformed event on a processed item's subject is dead-lettered and leaves the item processed", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "The export crashes with an error" });
+  const before = await processed(t, body.id);
+
+  // Not an event at all: the sentiment stage dead-letters it and publishes feedback.failed
+  // for the subject's item, which had already been processed.
+  const ack = await jetstream(t.nc).publish(`feedback.ingested.${body.id}`, '{"garbage":true}');
+  await waitFor(
+    async () =>
+      (await listDeadLetters(jetstream(t.nc))).some((l) => l.letter.stream_seq === ack.seq),
+    10_000,
+    "the malformed event's dead letter",
+  );
+  await waitFor(
+    async () => (await countOn(t.jsm, `feedback.failed.${body.id}`)) === 1,
+    10_000,
+    "the failure it reports",
+  );
+  await settled(t.jsm);
+
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  const after = (await readState<FeedbackState>(kv, body.id))!.state;
+  assert.equal(after.status, "processed", "a failure after the outcome does not undo it");
+  assert.equal(after.error, undefined);
+  assert.deepEqual(after.routing, before.routing);
+});
+
 Deno.test("a submission re-sent on feedback.submit after the duplicate window does not run the item again", async () => {
   await using t = await startTestNats({ duplicateWindowMs: 1000 });
   await using _p = await startPipeline(t);

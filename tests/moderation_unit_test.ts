@@ -147,6 +147,37 @@ Deno.test("applyContentEvent folds in any order to the furthest step, idempotent
   assert.equal(forward.review?.reviewer, "bob");
 });
 
+Deno.test("applyContentEvent: a failure stored after the item's outcome leaves the outcome, in any order", () => {
+  const events = [
+    ev("content.uploaded", { text: "hi" }, 0),
+    ev("content.moderated", { content: { text: "hi" }, moderation: entry.moderation }, 1),
+    ev("content.published", { content: { text: "hi" }, via: "moderation" }, 2),
+    // A poison or forged copy of an event of it, read after it was published.
+    ev("content.failed", {
+      stage: "moderation",
+      code: "invalid_event",
+      reason: "/text is required",
+      attempts: 1,
+    }, 3),
+  ];
+  const fold = (order: number[]) =>
+    order.reduce<ReturnType<typeof applyContentEvent> | undefined>(
+      (s, i) => applyContentEvent(s, events[i]!, i + 1),
+      undefined,
+    )!;
+  const forward = fold([0, 1, 2, 3]);
+  assert.equal(forward.status, "published");
+  assert.equal(forward.error, undefined);
+  assert.deepEqual(fold([3, 2, 1, 0]), forward);
+  assert.deepEqual(fold([1, 3, 0, 2]), forward);
+  // A failure before the outcome (then redriven) is replaced by it, error and all.
+  const redriven = [0, 1, 3, 2].map((i) => events[i]!).reduce<
+    ReturnType<typeof applyContentEvent> | undefined
+  >((s, e, seq) => applyContentEvent(s, e, seq + 1), undefined)!;
+  assert.equal(redriven.status, "published");
+  assert.equal(redriven.error, undefined);
+});
+
 Deno.test("moderation screens with the toxicity analyzer and gives reviewers the words that fired", async () => {
   const stage = moderationStage(toxicityAnalyzer());
   const ctx = {

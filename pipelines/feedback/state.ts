@@ -15,14 +15,19 @@ import { FEEDBACK_STREAM, STATE_BUCKET } from "./subjects.ts";
 import { FeedbackEventType as T, ONCE_PER_ITEM_TYPES } from "./events.ts";
 import type { StateSpec } from "../../src/state_writer.ts";
 
-/** Pipeline order of event types; final events rank last. */
+/**
+ * Pipeline order of event types; final events rank last. Processed outranks failed: an item
+ * that was processed stays processed whatever failure is stored for it later (a poison or
+ * forged copy of one of its events after it finished; a redrive that succeeds after a
+ * failure is processed after it either way).
+ */
 const RANK: Record<string, number> = {
   [T.Ingested]: 1,
   [T.SentimentAnalyzed]: 2,
   [T.TopicsExtracted]: 3,
   [T.Dispatched]: 4,
-  [T.Processed]: 5,
   [T.Failed]: 5,
+  [T.Processed]: 6,
 };
 
 function shortType(type: string): string {
@@ -66,12 +71,11 @@ export function applyEvent(
   next.stages[key] = { at: event.time, event_id: event.id, seq };
   spanTimes(next);
 
-  // Order is the stream's (sequence), never a time the producer wrote: a final event
-  // overrides another final event only when stored after it.
+  // Order is the stream's (sequence), never a time the producer wrote: between events of one
+  // rank (one type: a failure after a redriven failure), the one stored later.
   const rank = RANK[event.type] ?? 0;
   const currentRank = RANK[`feedback.${next.stage}`] ?? 0;
-  const furthest = rank > currentRank ||
-    (rank === currentRank && rank === 5 && seq > currentSeq);
+  const furthest = rank > currentRank || (rank === currentRank && seq > currentSeq);
 
   if (event.type === T.Failed) {
     if (furthest) {

@@ -128,6 +128,27 @@ Deno.test("applyEvent() orders by stream sequence: an event dated in the year 99
   assert.equal(s.created_at, ingested!.event.time);
 });
 
+Deno.test("a failure stored after the item was processed leaves it processed, in any order", () => {
+  // A poison or forged copy of one of its events, published after it finished, makes the
+  // stage that reads it publish feedback.failed for the item.
+  const late = createEvent({
+    type: "feedback.failed",
+    itemId: "fb1",
+    traceId: TRACE,
+    source: "weft-sentiment",
+    time: at(9),
+    data: { stage: "sentiment", code: "invalid_event", reason: "/text is required", attempts: 1 },
+  });
+  const h = [...history(), { event: late, seq: 9 }];
+  const forward = foldEvents(h)!;
+  assert.equal(forward.status, "processed");
+  assert.equal(forward.stage, "processed");
+  assert.equal(forward.error, undefined);
+  assert.deepEqual(forward.routing, routing);
+  assert.deepEqual(foldEvents([...h].reverse()), forward);
+  assert.deepEqual(foldEvents([h[5]!, h[0]!, h[4]!, h[2]!, h[1]!, h[3]!]), forward);
+});
+
 Deno.test("applyEvent() keeps the first stored event of a once-per-item type: a later copy changes nothing", () => {
   const [ingested, ...rest] = history();
   const forged = createEvent({

@@ -14,7 +14,12 @@ import { CONTENT_FINAL_EVENT_TYPES, ContentEventType as T, ONCE_PER_ITEM_TYPES }
 import { CONTENT_STATE_BUCKET, CONTENT_STREAM } from "./subjects.ts";
 import { spanTimes } from "../../src/state.ts";
 
-/** Step order of content event types; final events rank last. */
+/**
+ * Step order of content event types; final events rank last, and an outcome (published,
+ * archived) outranks a failure: an item that reached one keeps it whatever failure is stored
+ * for it later (a poison or forged copy of one of its events after it finished; a redrive that
+ * succeeds after a failure reaches its outcome after it either way).
+ */
 const RANK: Record<string, number> = {
   [T.Uploaded]: 1,
   [T.Moderated]: 2,
@@ -23,9 +28,9 @@ const RANK: Record<string, number> = {
   [T.SlaExpired]: 4,
   [T.Escalated]: 5,
   [T.Decided]: 6,
-  [T.Published]: 7,
-  [T.Archived]: 7,
   [T.Failed]: 7,
+  [T.Published]: 8,
+  [T.Archived]: 8,
 };
 
 const STATUS: Record<string, ContentState["status"]> = {
@@ -116,12 +121,7 @@ export function applyContentEvent(
       next.content = event.data.content;
       break;
     case T.Failed:
-      next.error = {
-        stage: event.data.stage,
-        code: event.data.code,
-        reason: event.data.reason,
-        attempts: event.data.attempts,
-      };
+      // Recorded below, when the failure is where the item is.
       break;
     case T.SlaExpired:
       break;
@@ -137,6 +137,14 @@ export function applyContentEvent(
   ) {
     next.stage = key;
     next.status = STATUS[event.type]!;
+    if (event.type === T.Failed) {
+      next.error = {
+        stage: event.data.stage,
+        code: event.data.code,
+        reason: event.data.reason,
+        attempts: event.data.attempts,
+      };
+    } else if (rank === RANK[T.Published]) delete next.error;
   }
   return next;
 }
