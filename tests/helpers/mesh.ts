@@ -366,7 +366,8 @@ export interface ServicesOptions {
   stopSignal?: Deno.Signal;
   /**
    * Run every service in one process (`--together`): `start`, `kill` and the mesh's
-   * process map then act on that one process, whichever service they name.
+   * process map then act on that one process, whichever service they name; `start` with a
+   * key of its own (`name#2`) starts another such process, a replica of every service.
    */
   together?: boolean;
 }
@@ -484,16 +485,20 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
   let nc: NatsConnection | undefined;
 
   const TOGETHER = "together";
+  /** In one process: the process a key names (a replica's own key, else the one process). */
+  const togetherKey = (name: string, key: string) => key === name ? TOGETHER : key;
   const start = async (name: string, env: Record<string, string> = {}, key = name) => {
     if (opts.together) {
-      const running = procs.get(TOGETHER);
+      // Another key (name#n) starts one more process of every service: a replica of them all.
+      const procKey = togetherKey(name, key);
+      const running = procs.get(procKey);
       if (running && !running.gone) return running;
       const proc = await startService(TOGETHER, envOf(name, env), {
-        ...output(TOGETHER),
+        ...output(procKey),
         together: specs.map((s) => s.name),
         readyCount: specs.reduce((n, s) => n + (s.ready ?? 1), 0),
       });
-      procs.set(TOGETHER, proc);
+      procs.set(procKey, proc);
       return proc;
     }
     const proc = await startService(name, envOf(name, env), {
@@ -505,7 +510,7 @@ export async function startServices(opts: ServicesOptions = {}): Promise<Service
   };
 
   const kill = (key: string, signal: Deno.Signal = "SIGKILL") => {
-    const proc = procs.get(opts.together ? TOGETHER : key);
+    const proc = procs.get(opts.together && !procs.has(key) ? TOGETHER : key);
     if (!proc) throw new Error(`no service ${key} in the mesh`);
     expectedExit.add(proc);
     return proc.stop(signal);
