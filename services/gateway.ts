@@ -63,6 +63,9 @@ export const service: ServiceDef = defineService(
     const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
     const pipelineRequests = servePipelineRequests(nc, pipelines, log, { auth, guards });
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth);
+    // The server has every request subscription above before the gateway says it listens:
+    // a `nats req` sent on that word, from another connection, finds its responder.
+    await nc.flush();
     // HTTPS when given a certificate and its key (PEM files, read once at start).
     const tls = config.tlsCert
       ? {
