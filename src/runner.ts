@@ -416,6 +416,47 @@ async function alreadyStored(
   return stored;
 }
 
+/** Refused: the item already has one of its stage's `outcomes` (a `conflict`, failing nothing). */
+class OutcomeTaken extends WeftError {
+  constructor(type: string, seq: number) {
+    super(
+      ErrorCode.Conflict,
+      `the item already has its outcome ${type} (stream sequence ${seq})`,
+      { permanent: true },
+    );
+  }
+}
+
+/**
+ * An outcome the item already has, stored under another event id than the one `outputs`
+ * would publish (a redelivery's own output is not a conflict), or undefined.
+ */
+async function outcomeTaken(
+  jsm: JetStreamManager,
+  stream: string,
+  outputs: OutputEvent[],
+  outcomes: ReadonlySet<string>,
+): Promise<{ type: string; seq: number } | undefined> {
+  const mine = outputs.filter((e) => outcomes.has(e.type));
+  if (mine.length === 0) return undefined;
+  const ids = new Set(mine.map((e) => e.id));
+  const item = mine[0]!.item_id;
+  const found = await Promise.all([...outcomes].map(async (type) => {
+    try {
+      const last = await jsm.streams.getMessage(stream, {
+        last_by_subj: eventSubject(type, item),
+      });
+      return last && !ids.has(last.header.get("Nats-Msg-Id")) ? { type, seq: last.seq } : undefined;
+    } catch (err) {
+      if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
+        return undefined;
+      }
+      throw err; // cannot tell: retried like any failed publish
+    }
+  }));
+  return found.find((f) => f !== undefined);
+}
+
 /** Who is dead-lettering: the stage (or writer) name and the service that records it. */
 export interface DeadLetterContext {
   js: JetStreamClient;
@@ -668,6 +709,13 @@ export async function runStage<I extends StageInput>(
       // All outputs at once: one connection keeps them in order in the stream, and the item
       // does not wait a round trip per event (dispatch emits two). A failed publish fails the
       // message, whose retry re-publishes them all under the same message ids.
+      if (stage.outcomes) {
+        const taken = await outcomeTaken(jsm, stream, outputs, stage.outcomes);
+        if (taken) {
+          // A second outcome (a forged or repeated decision): the item keeps its first.
+          throw new OutcomeTaken(taken.type, taken.seq);
+        }
+      }
       const skip = m.info.deliveryCount > 1
         ? await alreadyStored(jsm, stream, outputs)
         : new Set<OutputEvent>();
@@ -708,6 +756,7 @@ export async function runStage<I extends StageInput>(
           await deadLetter(dlContext, m, err, raw, itemId, trace, {
             failItem: errorCode(err) !== ErrorCode.SubjectMismatch &&
               errorCode(err) !== ErrorCode.InvalidAwaitedEvent &&
+              !(err instanceof OutcomeTaken) &&
               (stage.failsItem?.(message) ?? true),
           });
           stats.deadLettered++;

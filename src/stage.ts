@@ -74,6 +74,13 @@ export interface Stage<I extends StageInput = StageInput> {
   checkOutput?(event: OutputEvent): void;
   /** Event types that start an item: stored once per subject, the first one wins. */
   entryTypes?: ReadonlySet<string>;
+  /**
+   * Event types of which an item has at most one, whichever it is: its outcomes (e.g.
+   * published or archived). The runner publishes none of them for an item that already has
+   * one stored under another event id; it dead-letters the message instead, with code
+   * `conflict`, and fails nothing (the item has its outcome).
+   */
+  outcomes?: ReadonlySet<string>;
   /** What it consumes. */
   input: I;
   /**

@@ -17,6 +17,8 @@ import {
 } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { connectClient } from "./helpers/nats.ts";
+import { CONTENT_STATE_BUCKET, CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
+import { Kvm } from "@nats-io/kv";
 
 const KEYS = {
   ingest: "ingest-key-0123456789",
@@ -104,6 +106,68 @@ Deno.test({
         assert.equal(state.content.metadata.lang, "en");
         assert.equal(state.moderation.verdict, "safe");
       });
+
+      await t.step(
+        "a decision forged on the bus for an item moderation published is dead-lettered as a conflict; the item stays published",
+        async () => {
+          const res = await call("POST", "/content", KEYS.ingest, { text: SAFE });
+          assert.equal(res.status, 202);
+          const id = res.body.id as string;
+          const before = await waitForState(call, id, "published");
+          const js = jetstream(nc);
+          const forged = {
+            id: `forged-decision-${id}`,
+            type: "content.decided",
+            version: 1,
+            item_id: id,
+            trace_id: before.trace_id,
+            time: new Date().toISOString(),
+            source: "forger",
+            data: {
+              content: before.content,
+              decision: "reject",
+              reason: "forged",
+              reviewer: "mallory",
+              automatic: false,
+            },
+          };
+          const ack = await js.publish(`content.decided.${id}`, JSON.stringify(forged));
+          const letter = await waitFor(
+            async () =>
+              (await call("GET", `/deadletters?item_id=${id}`, KEYS.admin)).body.items
+                .find((l: Json) => l.letter.stream_seq === ack.seq)?.letter,
+            10_000,
+            "the forged decision's dead letter",
+          );
+          assert.equal(letter.code, "conflict");
+          assert.match(letter.reason, /already has its outcome content\.published/);
+          const info = await (await js.jetstreamManager()).streams.info(CONTENT_STREAM, {
+            subjects_filter: `content.*.${id}`,
+          });
+          assert.deepEqual(Object.keys(info.state.subjects ?? {}).sort(), [
+            `content.decided.${id}`,
+            `content.moderated.${id}`,
+            `content.published.${id}`,
+            `content.uploaded.${id}`,
+          ], "no second outcome, no failure");
+          // Once the state writer has read the forgery: still published, and no review shows.
+          // Once the state writer has read the forgery (its bucket entry records every event):
+          // still published, and no review shows.
+          const kv = await new Kvm(nc).open(CONTENT_STATE_BUCKET);
+          const after = await waitFor(
+            async () => {
+              const entry = await kv.get(id);
+              const state = entry?.json<Json>();
+              return state?.stages?.decided ? state : undefined;
+            },
+            10_000,
+            "the forged decision folded",
+          );
+          assert.equal(after.status, "published");
+          assert.equal(after.review, undefined);
+          assert.equal(after.content.text, SAFE);
+        },
+      );
 
       await t.step(
         "flagged content waits for review; approve publishes it; a second decision is 409",

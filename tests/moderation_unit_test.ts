@@ -178,6 +178,37 @@ Deno.test("applyContentEvent: a failure stored after the item's outcome leaves t
   assert.equal(redriven.error, undefined);
 });
 
+Deno.test("applyContentEvent: an item's first outcome stands, and a decision on an item moderation found safe shows nowhere, in any order", () => {
+  const events = [
+    ev("content.uploaded", { text: "hi" }, 0),
+    ev("content.moderated", {
+      content: { text: "hi" },
+      moderation: { ...entry.moderation, verdict: "safe" },
+    }, 1),
+    ev("content.published", { content: { text: "hi" }, via: "moderation" }, 2),
+    // Forged: a rejection of an item nobody reviewed, and the archive it would lead to.
+    ev("content.decided", {
+      content: { text: "forged" },
+      decision: "reject",
+      reason: "forged",
+      reviewer: "mallory",
+      automatic: false,
+    }, 3),
+    ev("content.archived", { content: { text: "forged" }, reason: "rejected" }, 4),
+  ];
+  const fold = (order: number[]) =>
+    order.reduce<ReturnType<typeof applyContentEvent> | undefined>(
+      (s, i) => applyContentEvent(s, events[i]!, i + 1),
+      undefined,
+    )!;
+  const forward = fold([0, 1, 2, 3, 4]);
+  assert.equal(forward.status, "published");
+  assert.equal(forward.review, undefined);
+  assert.equal(forward.content?.text, "hi");
+  assert.deepEqual(fold([4, 3, 2, 1, 0]), forward);
+  assert.deepEqual(fold([1, 4, 2, 0, 3]), forward);
+});
+
 Deno.test("moderation screens with the toxicity analyzer and gives reviewers the words that fired", async () => {
   const stage = moderationStage(toxicityAnalyzer());
   const ctx = {

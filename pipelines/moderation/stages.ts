@@ -79,12 +79,16 @@ export function moderationStage(
   };
 }
 
+/** An item's outcomes: it is published or archived, once. */
+const OUTCOMES: ReadonlySet<string> = new Set([T.Published, T.Archived]);
+
 /** Publishes what moderation found safe. */
 export function storageModeratedStage(): Stage<
   { kind: "event"; types: readonly ["content.moderated"] }
 > {
   return {
     input: { kind: "event", types: [T.Moderated] },
+    outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-moderated"),
     handle(event, ctx) {
@@ -96,12 +100,16 @@ export function storageModeratedStage(): Stage<
   };
 }
 
-/** Publishes approved items, archives rejected ones. */
+/**
+ * Publishes approved items, archives rejected ones; a decision for an item that already has
+ * its outcome (published by moderation, or decided before) is dead-lettered as a `conflict`.
+ */
 export function storageDecidedStage(): Stage<
   { kind: "event"; types: readonly ["content.decided"] }
 > {
   return {
     input: { kind: "event", types: [T.Decided] },
+    outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-decided"),
     handle(event, ctx) {

@@ -117,23 +117,35 @@ export function applyContentEvent(
       review.automatic = event.data.automatic;
       break;
     case T.Published:
-    case T.Archived:
-      next.content = event.data.content;
+    case T.Archived: {
+      // The item's one outcome is the first stored (see below): a later one changes nothing.
+      const other = next.stages[event.type === T.Published ? "archived" : "published"];
+      if (!other || other.seq > seq) next.content = event.data.content;
       break;
+    }
     case T.Failed:
       // Recorded below, when the failure is where the item is.
       break;
     case T.SlaExpired:
       break;
   }
+  // Moderation found it safe: it was never reviewed, so review events for it (a forged or
+  // stray decision, which the storage step dead-letters as a conflict) show nowhere, whatever
+  // order they are folded in.
+  if (next.moderation?.verdict === "safe") {
+    for (const k of Object.keys(review)) delete review[k as keyof typeof review];
+  }
   if (Object.keys(review).length === 0) delete next.review;
 
   const rank = RANK[event.type] ?? 0;
   const currentRank = RANK[`content.${next.stage}`] ?? 0;
-  // Between equals (published, archived, failed), the one stored later in the stream.
+  // Between equals of different types: of the outcomes (published, archived), the one stored
+  // first, since an item has one outcome (a second is a forged or repeated decision); of the
+  // others, the one stored later.
+  const between = rank === RANK[T.Published] ? seq < currentSeq : seq > currentSeq;
   if (
     STATUS[event.type] !== undefined &&
-    (rank > currentRank || (rank === currentRank && key !== next.stage && seq > currentSeq))
+    (rank > currentRank || (rank === currentRank && key !== next.stage && between))
   ) {
     next.stage = key;
     next.status = STATUS[event.type]!;
