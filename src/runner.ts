@@ -40,6 +40,7 @@ import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./sta
 import { deadLetterSubject, eventSubject, ITEM_ID, parseEventSubject } from "./subjects.ts";
 import { stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
+import { versionAtLeast } from "./nats_server.ts";
 import {
   childContext,
   formatTraceparent,
@@ -580,6 +581,10 @@ export async function runStage<I extends StageInput>(
   const stream = stage.stream;
   await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config));
   const consumer = await js.consumers.get(stream, stage.name);
+  // nats-server 2.9 looked up a subject's last sequence on the stream's write path, which
+  // delayed publish acks under bursts when every event carried the check: there, `once`
+  // outputs rely on their message ids and the duplicate window, as before.
+  const once = versionAtLeast(nc.info?.version ?? "0.0.0", "2.10.0") ? stage.once : undefined;
   // Pull only as many messages as there are free handler slots (no prefetch): a message
   // starts its handler, and so its in-progress acks, the moment it arrives, so a slow
   // handler can never let a waiting message's ack wait expire.
@@ -725,7 +730,8 @@ export async function runStage<I extends StageInput>(
             js,
             event,
             trace,
-            stage.entryTypes?.has(event.type) ?? isEntryEvent(event.type),
+            (stage.entryTypes?.has(event.type) ?? isEntryEvent(event.type)) ||
+              once?.has(event.type) === true,
           )
         ),
       );

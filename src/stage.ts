@@ -75,6 +75,13 @@ export interface Stage<I extends StageInput = StageInput> {
   /** Event types that start an item: stored once per subject, the first one wins. */
   entryTypes?: ReadonlySet<string>;
   /**
+   * Output event types an item has at most one of: published with "expected last subject
+   * sequence 0", so the stream stores each once per item, however late a second comes (a
+   * forged or stray copy of an earlier event under another id would otherwise run the rest
+   * of the item again). A refusal means it is stored already, which is success.
+   */
+  once?: ReadonlySet<string>;
+  /**
    * Event types of which an item has at most one, whichever it is: its outcomes (e.g.
    * published or archived). The runner publishes none of them for an item that already has
    * one stored under another event id; it dead-letters the message instead, with code

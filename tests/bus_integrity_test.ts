@@ -18,6 +18,7 @@ import { FEEDBACK_STREAM, STATE_BUCKET } from "../pipelines/feedback/subjects.ts
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { serverVersion, versionAtLeast } from "../src/nats_server.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const STAGES = ["ingest", "sentiment", "topics", "dispatch", "state"];
@@ -169,6 +170,41 @@ Deno.test("a malformed event on a processed item's subject is dead-lettered and 
   assert.equal(after.status, "processed", "a failure after the outcome does not undo it");
   assert.equal(after.error, undefined);
   assert.deepEqual(after.routing, before.routing);
+});
+
+Deno.test({
+  name:
+    "a forged second `topics_extracted` event (another event id) for a processed item stores no second routing or outcome",
+  // On nats-server 2.9 a step's outputs rely on their message ids and the duplicate window.
+  ignore: !versionAtLeast((await serverVersion()) ?? "0.0.0", "2.10.0"),
+  async fn() {
+    await using t = await startTestNats();
+    await using p = await startPipeline(t);
+    const { body } = await p.intake.submit({ text: "The export crashes with an error" });
+    const before = await processed(t, body.id);
+
+    // A valid copy of the item's topics event under a new id, with other topics: dispatch
+    // would route it again (to another team) and publish a second `processed`.
+    const real = await lastOn(t.jsm, `feedback.topics_extracted.${body.id}`);
+    const forged = {
+      ...real,
+      id: "forged-topics",
+      data: {
+        ...real.data,
+        topics: { topics: ["billing"], evidence: { billing: ["charged"] }, analyzer: "forger" },
+      },
+    };
+    await jetstream(t.nc).publish(`feedback.topics_extracted.${body.id}`, JSON.stringify(forged));
+    await settled(t.jsm);
+
+    assert.equal(await countOn(t.jsm, `feedback.topics_extracted.${body.id}`), 2, "stored");
+    assert.equal(await countOn(t.jsm, `feedback.dispatched.${body.id}`), 1, "one routing");
+    assert.equal(await countOn(t.jsm, `feedback.processed.${body.id}`), 1, "one outcome");
+    assert.equal(await countOn(t.jsm, "feedback.failed.*"), 0);
+    const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+    const after = (await readState<FeedbackState>(kv, body.id))!.state;
+    assert.deepEqual(after.routing, before.routing);
+  },
 });
 
 Deno.test("a submission re-sent on feedback.submit after the duplicate window does not run the item again", async () => {

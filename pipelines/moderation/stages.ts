@@ -49,6 +49,7 @@ export function moderationStage(
     input: { kind: "event", types: [T.Uploaded] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "moderation"),
+    once: new Set([T.Moderated]),
     async handle(event, ctx) {
       const item: ContentItem = event.data;
       let moderation: Moderation;
@@ -79,7 +80,10 @@ export function moderationStage(
   };
 }
 
-/** An item's outcomes: it is published or archived, once. */
+/**
+ * An item's outcomes: it is published or archived, once (each is stored once per item, and
+ * the runner refuses the second kind; see `Stage.outcomes`).
+ */
 const OUTCOMES: ReadonlySet<string> = new Set([T.Published, T.Archived]);
 
 /** Publishes what moderation found safe. */
@@ -91,6 +95,7 @@ export function storageModeratedStage(): Stage<
     outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-moderated"),
+    once: OUTCOMES,
     handle(event, ctx) {
       if (event.data.moderation.verdict !== "safe") return [];
       return [
@@ -112,6 +117,7 @@ export function storageDecidedStage(): Stage<
     outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-decided"),
+    once: OUTCOMES,
     handle(event, ctx) {
       const d = event.data;
       return [
@@ -184,6 +190,7 @@ export function reviewQueueStage(
     input: { kind: "event", types: [T.Moderated] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "review-queue"),
+    once: new Set([T.ReviewRequested]),
     async handle(event, ctx: StageContext) {
       if (event.data.moderation.verdict !== "flagged") return [];
       // Times derive from the input event, so a redelivery computes the same entry.
@@ -250,6 +257,7 @@ export function reviewSlaStage(
     input: { kind: "event", types: [T.SlaExpired] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "review-sla"),
+    once: new Set([T.Decided]),
     async handle(event, ctx) {
       const entry = await queue.get(event.item_id);
       if (!entry) return [];
