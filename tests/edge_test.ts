@@ -470,7 +470,12 @@ Deno.test("edge sites keep processing through a 30 s cut of their link, and the 
     );
     const seqs = westFrames.map((f) => Number(f.id));
     assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), "in the hub's order");
-    assert.equal(westFrames[0]!.event, "feedback.ingested");
+    // Replayed from the first: the site's first item event comes first (the hourly feedback
+    // digest's request may come before it when the run crosses the hour).
+    assert.equal(
+      westFrames.find((f) => !f.event?.startsWith("digest."))!.event,
+      "feedback.ingested",
+    );
     for (const name of SITES) {
       for (const id of [shared, ...accepted[name]!.slice(0, 10)]) {
         const { status, body } = await getJson(`${hub.gatewayUrl}/sites/${name}/feedback/${id}`);
