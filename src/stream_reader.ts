@@ -18,9 +18,11 @@ export interface ReadStreamOptions {
   /** Read what was stored from this time on (implies DeliverPolicy.StartTime). */
   startTime?: Date;
   /**
-   * How long to wait for the next message while the server says more are pending, ms,
-   * before failing with {@link StreamReadStalled}. A pause never ends a read early: the
-   * read ends at the last pending message, or at once when nothing matches. Default 30,000.
+   * How long to wait in all for the next message while the server says more are pending, ms,
+   * before failing with {@link StreamReadStalled}; within it the read starts again twice after
+   * its last message, each time after a third of it without one. A pause never ends a read
+   * early: the read ends at the last pending message, or at once when nothing matches.
+   * Default 30,000.
    */
   stallMs?: number;
 }
@@ -55,6 +57,42 @@ export async function* readStream(
   stream: string,
   opts: ReadStreamOptions = {},
 ): AsyncGenerator<JsMsg> {
+  const stallMs = opts.stallMs ?? 30_000;
+  // A stalled read starts again after its last message with a new ordered consumer, up to
+  // RESTARTS times within `stallMs` in all: an ordered consumer whose server-side half is gone
+  // (it lived on a cluster node that died, or the server dropped it) is noticed by nats.js only
+  // after missed heartbeats, and a pause of the server is outlasted either way.
+  const wait = Math.max(1, Math.floor(stallMs / (RESTARTS + 1)));
+  let read = 0;
+  let after: number | undefined;
+  for (let attempt = 0;; attempt++) {
+    const from = after !== undefined ? { ...opts, startSeq: after + 1 } : opts;
+    let stalled = false;
+    for await (const m of readOnce(js, stream, from, wait)) {
+      if (m === STALLED) {
+        stalled = true;
+        break;
+      }
+      read++;
+      after = m.seq;
+      yield m;
+    }
+    if (!stalled) return;
+    if (attempt >= RESTARTS) throw new StreamReadStalled(stream, read, stallMs);
+  }
+}
+
+/** How many times a stalled read starts again before it fails. */
+const RESTARTS = 2;
+const STALLED = Symbol("stalled");
+
+/** One ordered consumer's read: its messages, then STALLED when it waited `wait` ms for one. */
+async function* readOnce(
+  js: JetStreamClient,
+  stream: string,
+  opts: ReadStreamOptions,
+  wait: number,
+): AsyncGenerator<JsMsg | typeof STALLED> {
   const consumer = await js.consumers.get(stream, {
     ...(opts.filter ? { filter_subjects: opts.filter } : {}),
     ...(opts.startSeq !== undefined
@@ -63,22 +101,22 @@ export async function* readStream(
       ? { deliver_policy: DeliverPolicy.StartTime, opt_start_time: opts.startTime.toISOString() }
       : { deliver_policy: opts.deliverPolicy ?? DeliverPolicy.All }),
   });
-  const stallMs = opts.stallMs ?? 30_000;
   try {
     // The ordered consumer's creation answer counts what it has to deliver.
     if ((await consumer.info(true)).num_pending === 0) return;
     const messages = await consumer.consume({ max_messages: 1000 });
     const it = messages[Symbol.asyncIterator]();
-    let read = 0;
     try {
       while (true) {
         let timer: ReturnType<typeof setTimeout> | undefined;
-        const stalled = new Promise<"stalled">((r) => (timer = setTimeout(r, stallMs, "stalled")));
+        const stalled = new Promise<typeof STALLED>((r) => (timer = setTimeout(r, wait, STALLED)));
         const next = await Promise.race([it.next(), stalled]);
         clearTimeout(timer);
-        if (next === "stalled") throw new StreamReadStalled(stream, read, stallMs);
+        if (next === STALLED) {
+          yield STALLED;
+          return;
+        }
         if (next.done) return;
-        read++;
         yield next.value;
         if (next.value.info.pending === 0) return;
       }

@@ -44,6 +44,40 @@ Deno.test("a stream read that pauses mid-way (the server stalls) still reads to 
   assert.deepEqual(seqs, Array.from({ length: COUNT }, (_, i) => i + 1));
 });
 
+Deno.test("a read stalled longer than a third of its stall budget starts again after its last message and reads to the end", async () => {
+  await using t = await serverWithStream();
+  const seqs: number[] = [];
+  let paused = false;
+  // A 3 s budget: one consumer waits 1 s, then the read starts again from its last message.
+  for await (const m of readStream(t.js, "R", { filter: "r.*.*", stallMs: 3_000 })) {
+    seqs.push(m.seq);
+    if (seqs.length === 100) {
+      // Longer than the whole budget: a read that waited on one consumer would fail.
+      Deno.kill(t.server.pid, "SIGSTOP");
+      paused = true;
+      setTimeout(() => Deno.kill(t.server.pid, "SIGCONT"), 4_000);
+    }
+  }
+  assert.ok(paused);
+  assert.deepEqual(seqs, Array.from({ length: COUNT }, (_, i) => i + 1), "each once, in order");
+  assert.equal((await t.jsm.streams.info("R")).state.consumer_count, 0, "no consumer left");
+});
+
+Deno.test("a read whose consumer is deleted on the server mid-read still reads every message once", async () => {
+  await using t = await serverWithStream();
+  const seqs: number[] = [];
+  for await (const m of readStream(t.js, "R", { filter: "r.*.*", stallMs: 3_000 })) {
+    seqs.push(m.seq);
+    if (seqs.length === 100) {
+      // As when the node it lived on dies: the server side of the ordered consumer is gone.
+      for await (const c of t.jsm.consumers.list("R")) {
+        await t.jsm.consumers.delete("R", c.name);
+      }
+    }
+  }
+  assert.deepEqual(seqs, Array.from({ length: COUNT }, (_, i) => i + 1), "each once, in order");
+});
+
 Deno.test("a stream read whose filter matches nothing ends at once, and leaves no consumer behind", async () => {
   await using t = await serverWithStream();
   const started = Date.now();
