@@ -21,6 +21,8 @@ import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
+import { StreamReadStalled } from "../src/stream_reader.ts";
+import { Hono } from "hono";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
@@ -50,6 +52,25 @@ async function expectProblem(res: Response, status: number, field?: string) {
   if (field !== undefined) assert.equal(p.field, field, text);
   return p;
 }
+
+Deno.test("a history read that stays stalled is answered 503 with Retry-After, not 500", async () => {
+  await using t = await startTestNats();
+  const stalls = new Hono().get("/stalls", () => {
+    throw new StreamReadStalled("FEEDBACK", 12, 30_000);
+  });
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: t.config,
+    log: t.log,
+    auth: createAuth([]),
+    extensions: [() => stalls],
+  });
+  const res = await app.request("/stalls");
+  const p = await expectProblem(res, 503);
+  assert.equal(p.code, "unavailable");
+  assert.ok(Number(res.headers.get("retry-after")) > 0);
+});
 
 Deno.test("an Idempotency-Key repeated with the same body in another key order returns the first answer", async () => {
   await using t = await startTestNats();

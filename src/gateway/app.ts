@@ -24,6 +24,7 @@ import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "
 import { watchConnection } from "../nats.ts";
 import type { Config } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
+import { StreamReadStalled } from "../stream_reader.ts";
 import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 import { DEADLETTER_STREAM } from "../subjects.ts";
@@ -164,7 +165,9 @@ function isNatsUnavailable(err: unknown): boolean {
     // (its JetStreamNotEnabled class is not exported from the package's main module).
     (err instanceof Error && err.name === "JetStreamNotEnabled") ||
     // "JetStream system temporarily unavailable"
-    (err instanceof JetStreamApiError && err.code === 10008);
+    (err instanceof JetStreamApiError && err.code === 10008) ||
+    // A history read that found no message for its whole stall budget, consumer restarts included.
+    err instanceof StreamReadStalled;
 }
 
 /**
