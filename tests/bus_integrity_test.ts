@@ -19,6 +19,16 @@ import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { serverVersion, versionAtLeast } from "../src/nats_server.ts";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { durableOf, pipelineSubjects } from "../src/pipeline/derive.ts";
+import {
+  type LoadedPipeline,
+  pipelineTopology,
+  submitItem,
+  workStage,
+} from "../src/pipeline/runtime.ts";
+import { ensureTopology } from "../src/topology.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const STAGES = ["ingest", "sentiment", "topics", "dispatch", "state"];
@@ -204,6 +214,59 @@ Deno.test({
     const kv = await new Kvm(t.nc).open(STATE_BUCKET);
     const after = (await readState<FeedbackState>(kv, body.id))!.state;
     assert.deepEqual(after.routing, before.routing);
+  },
+});
+
+Deno.test({
+  name:
+    "a forged copy of a definition's step event (another id) for a done item does not end it a second time",
+  ignore: !versionAtLeast((await serverVersion()) ?? "0.0.0", "2.10.0"),
+  async fn() {
+    await using t = await startTestNats();
+    const obj = { type: "object" } as const;
+    const def = definePipeline({
+      name: "twice",
+      input: { schema: obj },
+      start: "a",
+      steps: {
+        a: { kind: "task", output: obj, handle: () => ({ checked: true }), next: "b" },
+        b: { kind: "task", output: obj, handle: () => ({ sent: true }), next: "done" },
+        done: { kind: "end", outcome: "done" },
+      },
+    });
+    const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+    await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+    const { stream } = pipelineSubjects(def);
+    const count = async (subject: string) => {
+      const info = await t.jsm.streams.info(stream, { subjects_filter: subject });
+      return Object.values(info.state.subjects ?? {}).reduce((a, b) => a + b, 0);
+    };
+    const runners = [
+      await runStage({ nc: t.nc, stage: workStage(p, "a"), config: t.config, log: t.log }),
+      await runStage({ nc: t.nc, stage: workStage(p, "b"), config: t.config, log: t.log }),
+    ];
+    try {
+      await submitItem(t.nc, p, "i1", {}, { source: "test", traceId: TRACE });
+      await waitFor(async () => (await count("twice.done.i1")) === 1, 10_000, "the item done");
+
+      // Step a's event again under another id: step b runs again, but the item ends once.
+      const real = (await t.jsm.streams.getMessage(stream, { last_by_subj: "twice.a.i1" }))!
+        .json<Record<string, unknown>>();
+      await jetstream(t.nc).publish("twice.a.i1", JSON.stringify({ ...real, id: "forged-a" }));
+      await waitFor(
+        async () => {
+          const info = await t.jsm.consumers.info(stream, durableOf(def, "b"));
+          return info.num_pending === 0 && info.num_ack_pending === 0 &&
+            info.delivered.stream_seq > 0;
+        },
+        10_000,
+        "step b to settle",
+      );
+      assert.equal(await count("twice.b.i1"), 2, "b ran on the forgery");
+      assert.equal(await count("twice.done.i1"), 1, "one end");
+    } finally {
+      for (const r of runners) await r.stop();
+    }
   },
 });
 

@@ -396,6 +396,7 @@ export function workStage(
     filterSubject: filter,
     stream: pipelineSubjects(def).stream,
     failedType: `${def.name}.${FAILED}`,
+    once: endTypes(def),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A wide filter (several events lead here) also brings the item's other events (a
@@ -533,6 +534,19 @@ async function updateHeld<T>(
     }
   }
   throw new WeftError(ErrorCode.HandlerFailed, `record ${key} kept changing`);
+}
+
+/**
+ * A definition's end events: an item reaches one, once, so each is stored once per item
+ * (`Stage.once`): a copy of an earlier event under another id (forged, or stray) cannot end
+ * the item a second time. Not its failure, which a redrive may follow with another.
+ */
+export function endTypes(def: PipelineDefinition): ReadonlySet<string> {
+  const out = new Set<string>();
+  for (const [id, step] of Object.entries(def.steps)) {
+    if (step.kind === "end" && step.outcome !== FAILED) out.add(`${def.name}.${eventOf(id, step)}`);
+  }
+  return out;
 }
 
 /**
@@ -885,6 +899,7 @@ export function controlStage(
     filterSubject: `${n}.*.*`,
     stream: pipelineSubjects(def).stream,
     failedType: `${n}.${FAILED}`,
+    once: endTypes(def),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A decision that cannot be read at all (not JSON, nested too deep, past its attempts)
