@@ -11,17 +11,13 @@ import { countsByItem, PATIENT } from "./helpers/nats.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
 import { readSse } from "./helpers/sse.ts";
+import { FAULT_MODES } from "./helpers/fault_scenarios.ts";
 
 const json = { "content-type": "application/json" };
 
 // Every service its own process, then all in one (`--together`), where restarting the fixed
 // stage restarts the one process.
-for (
-  const mode of [{ name: "", together: false }, {
-    name: "in one process (--together), ",
-    together: true,
-  }]
-) {
+for (const mode of FAULT_MODES) {
   Deno.test(`${mode.name}an item whose text contains 'crash' is retried with backoff, dead-lettered with its original, ends its SSE stream with the error, and completes after redrive`, async () => {
     await using mesh = await startServices({
       env: { WEFT_FAIL_ON: "crash", WEFT_FAIL_STAGE: "topics" },

@@ -10,44 +10,14 @@ import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { FEEDBACK_SERVICES, startServices } from "./helpers/mesh.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { makeItems, processedAtLeast, pushItems, report, settle } from "./helpers/scenario.ts";
-import { FAST_REDELIVERY, N, sharedFaultTests } from "./helpers/fault_scenarios.ts";
+import {
+  FAST_REDELIVERY,
+  N,
+  PER_PROCESS_MODE,
+  sharedFaultTests,
+} from "./helpers/fault_scenarios.ts";
 
-Deno.test("a stage killed with SIGKILL mid-batch and restarted loses and duplicates nothing", async () => {
-  const started = Date.now();
-  await using mesh = await startServices({ env: FAST_REDELIVERY });
-  const items = makeItems("kill-stage", N);
-  const pushing = pushItems(mesh.js, items);
-  await processedAtLeast(mesh, N / 4);
-  await mesh.kill("sentiment", "SIGKILL");
-  await mesh.start("sentiment");
-  await pushing;
-  const figures = await settle(
-    mesh,
-    "kill -9 a stage (sentiment) mid-batch, restart",
-    items,
-    1,
-    started,
-  );
-  figures.redeliveries =
-    (await mesh.jsm.consumers.info(FEEDBACK_STREAM, "sentiment")).delivered.consumer_seq - N;
-  report(figures);
-});
-
-Deno.test("nats-server killed with SIGKILL mid-run and restarted on its file store loses and duplicates nothing", async () => {
-  const started = Date.now();
-  await using mesh = await startServices({ env: FAST_REDELIVERY });
-  const items = makeItems("kill-nats", N);
-  const pushing = pushItems(mesh.js, items);
-  await processedAtLeast(mesh, N / 4);
-  await mesh.nats.stop("SIGKILL");
-  await mesh.nats.restart();
-  await pushing;
-  report(
-    await settle(mesh, "kill -9 nats-server mid-run, restart (file store)", items, 1, started),
-  );
-});
-
-sharedFaultTests({ name: "", together: false });
+sharedFaultTests(PER_PROCESS_MODE);
 
 Deno.test("one stage run as three replicas on one durable consumer, one of them killed, processes each item once in effect", async () => {
   const started = Date.now();

@@ -7,50 +7,14 @@ import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { FEEDBACK_SERVICES, startServices } from "./helpers/mesh.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { makeItems, processedAtLeast, pushItems, report, settle } from "./helpers/scenario.ts";
-import { FAST_REDELIVERY, N, sharedFaultTests } from "./helpers/fault_scenarios.ts";
+import {
+  FAST_REDELIVERY,
+  N,
+  ONE_PROCESS_MODE,
+  sharedFaultTests,
+} from "./helpers/fault_scenarios.ts";
 
-Deno.test("in one process (--together), the process killed with SIGKILL mid-batch and restarted loses and duplicates nothing", async () => {
-  const started = Date.now();
-  await using mesh = await startServices({ env: FAST_REDELIVERY, together: true });
-  const items = makeItems("kill-together", N);
-  const pushing = pushItems(mesh.js, items);
-  await processedAtLeast(mesh, N / 4);
-  // Every step, the state writer and the gateway go down at once, mid-batch.
-  await mesh.kill("sentiment", "SIGKILL");
-  await mesh.start("sentiment");
-  await pushing;
-  report(
-    await settle(
-      mesh,
-      "kill -9 the one process (--together) mid-batch, restart",
-      items,
-      1,
-      started,
-    ),
-  );
-});
-
-Deno.test("in one process (--together), nats-server killed with SIGKILL mid-run and restarted loses and duplicates nothing", async () => {
-  const started = Date.now();
-  await using mesh = await startServices({ env: FAST_REDELIVERY, together: true });
-  const items = makeItems("kill-nats-together", N);
-  const pushing = pushItems(mesh.js, items);
-  await processedAtLeast(mesh, N / 4);
-  await mesh.nats.stop("SIGKILL");
-  await mesh.nats.restart();
-  await pushing;
-  report(
-    await settle(
-      mesh,
-      "kill -9 nats-server mid-run under --together, restart (file store)",
-      items,
-      1,
-      started,
-    ),
-  );
-});
-
-sharedFaultTests({ name: "in one process (--together), ", together: true });
+sharedFaultTests(ONE_PROCESS_MODE);
 
 Deno.test("in one process (--together), three replicas of the one process on the same durable consumers, one of them killed, process each item once in effect", async () => {
   const started = Date.now();

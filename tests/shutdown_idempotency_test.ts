@@ -7,15 +7,11 @@ import { startServices } from "./helpers/mesh.ts";
 import { countsByItem, pushItems } from "./helpers/nats.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { makeItems, settle } from "./helpers/scenario.ts";
+import { FAULT_MODES } from "./helpers/fault_scenarios.ts";
 
 // Every service its own process, then all in one (`--together`), where the SIGTERM drains
 // the one process: every step, the state writer and the gateway.
-for (
-  const mode of [{ name: "", together: false }, {
-    name: "in one process (--together), ",
-    together: true,
-  }]
-) {
+for (const mode of FAULT_MODES) {
   Deno.test(`${mode.name}SIGTERM stops fetching, finishes in-flight work within the drain deadline, and leaves the rest for redelivery`, async () => {
     const started = Date.now();
     const drainMs = 3000;

@@ -541,7 +541,7 @@ async function updateHeld<T>(
  * (`Stage.once`): a copy of an earlier event under another id (forged, or stray) cannot end
  * the item a second time. Not its failure, which a redrive may follow with another.
  */
-export function endTypes(def: PipelineDefinition): ReadonlySet<string> {
+function endTypes(def: PipelineDefinition): ReadonlySet<string> {
   const out = new Set<string>();
   for (const [id, step] of Object.entries(def.steps)) {
     if (step.kind === "end" && step.outcome !== FAILED) out.add(`${def.name}.${eventOf(id, step)}`);

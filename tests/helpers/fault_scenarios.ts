@@ -26,8 +26,74 @@ export interface FaultMode {
   together: boolean;
 }
 
-/** Registers the slow-handler, stopped-stage and gateway-kill tests in `mode`. */
+/** Every service its own process. */
+export const PER_PROCESS_MODE: FaultMode = { name: "", together: false };
+/** Every service in one process (`--together`). */
+export const ONE_PROCESS_MODE: FaultMode = {
+  name: "in one process (--together), ",
+  together: true,
+};
+/** Both modes, for a test that runs in each. */
+export const FAULT_MODES: readonly FaultMode[] = [PER_PROCESS_MODE, ONE_PROCESS_MODE];
+
+/**
+ * Registers the tests both modes run in `mode`: a stage (in one process, the process) and
+ * nats-server killed mid-run, a slow handler, a stopped stage, and a gateway killed under SSE.
+ */
 export function sharedFaultTests(mode: FaultMode): void {
+  Deno.test(
+    mode.together
+      ? "in one process (--together), the process killed with SIGKILL mid-batch and restarted loses and duplicates nothing"
+      : "a stage killed with SIGKILL mid-batch and restarted loses and duplicates nothing",
+    async () => {
+      const started = Date.now();
+      await using mesh = await startServices({ env: FAST_REDELIVERY, together: mode.together });
+      const items = makeItems(mode.together ? "kill-together" : "kill-stage", N);
+      const pushing = pushItems(mesh.js, items);
+      await processedAtLeast(mesh, N / 4);
+      // In one process, every step, the state writer and the gateway go down at once.
+      await mesh.kill("sentiment", "SIGKILL");
+      await mesh.start("sentiment");
+      await pushing;
+      const figures = await settle(
+        mesh,
+        mode.together
+          ? "kill -9 the one process (--together) mid-batch, restart"
+          : "kill -9 a stage (sentiment) mid-batch, restart",
+        items,
+        1,
+        started,
+      );
+      if (!mode.together) {
+        figures.redeliveries =
+          (await mesh.jsm.consumers.info(FEEDBACK_STREAM, "sentiment")).delivered.consumer_seq - N;
+      }
+      report(figures);
+    },
+  );
+
+  Deno.test(`${mode.name}nats-server killed with SIGKILL mid-run and restarted on its file store loses and duplicates nothing`, async () => {
+    const started = Date.now();
+    await using mesh = await startServices({ env: FAST_REDELIVERY, together: mode.together });
+    const items = makeItems(mode.together ? "kill-nats-together" : "kill-nats", N);
+    const pushing = pushItems(mesh.js, items);
+    await processedAtLeast(mesh, N / 4);
+    await mesh.nats.stop("SIGKILL");
+    await mesh.nats.restart();
+    await pushing;
+    report(
+      await settle(
+        mesh,
+        mode.together
+          ? "kill -9 nats-server mid-run under --together, restart (file store)"
+          : "kill -9 nats-server mid-run, restart (file store)",
+        items,
+        1,
+        started,
+      ),
+    );
+  });
+
   Deno.test(`${mode.name}a handler slower than the ack wait keeps its lease with in-progress acks and is not redelivered`, async () => {
     const started = Date.now();
     // The handler outlasts the ack wait; in-progress acks every ack wait / 3 (3 s) keep the
