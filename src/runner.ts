@@ -470,6 +470,30 @@ export interface DeadLetterContext {
    * is not failed (a state writer keeping a poison event).
    */
   failedType?: string;
+  /**
+   * The item's outcome types (`Stage.finalTypes`): an item that already has one is not
+   * failed; looked up with `jsm` in the message's stream.
+   */
+  finalTypes?: ReadonlySet<string>;
+  jsm?: JetStreamManager;
+}
+
+/** The first of `types` stored for `item` in `stream` (undefined when none or unknown). */
+async function finalStored(
+  jsm: JetStreamManager,
+  stream: string,
+  item: string,
+  types: ReadonlySet<string>,
+): Promise<string | undefined> {
+  const found = await Promise.all([...types].map(async (type) => {
+    try {
+      const last = await jsm.streams.getMessage(stream, { last_by_subj: eventSubject(type, item) });
+      return last ? type : undefined;
+    } catch {
+      return undefined; // nothing stored, or cannot tell: fail the item as before
+    }
+  }));
+  return found.find((f) => f !== undefined);
 }
 
 /** The id of a Weft event (a string `id` beside a string `type`); undefined for anything else. */
@@ -509,7 +533,14 @@ export async function deadLetter(
   await ctx.js.publish(dlSubject, encoder.encode(JSON.stringify(letter)), {
     msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
   });
-  if (itemId && ctx.failedType && (opts.failItem ?? true)) {
+  const finished = itemId && ctx.failedType && (opts.failItem ?? true) && ctx.finalTypes &&
+      ctx.jsm
+    ? await finalStored(ctx.jsm, m.info.stream, itemId, ctx.finalTypes)
+    : undefined;
+  if (finished) {
+    // A late or forged message for a finished item: the letter keeps it, the item its outcome.
+    ctx.log.info("not failing a finished item", { item_id: itemId, outcome: finished });
+  } else if (itemId && ctx.failedType && (opts.failItem ?? true)) {
     // Every pipeline fails an item on its own `<name>.failed`, all of one shape.
     const failedType = ctx.failedType;
     const data: ItemFailedData = {
@@ -608,6 +639,8 @@ export async function runStage<I extends StageInput>(
     now,
     log,
     failedType: stage.failedType,
+    finalTypes: stage.finalTypes,
+    jsm,
   };
 
   function handle(m: JsMsg): Promise<void> {

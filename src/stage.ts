@@ -88,6 +88,12 @@ export interface Stage<I extends StageInput = StageInput> {
    * `conflict`, and fails nothing (the item has its outcome).
    */
   outcomes?: ReadonlySet<string>;
+  /**
+   * The event types that finish an item: its pipeline's outcomes (e.g. processed; published
+   * or archived). Giving up on a message of an item that already has one dead-letters the
+   * message and fails nothing: no `failedType` event is stored after the outcome.
+   */
+  finalTypes?: ReadonlySet<string>;
   /** What it consumes. */
   input: I;
   /**

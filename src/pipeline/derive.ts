@@ -102,6 +102,8 @@ export interface StepInput {
   filterSubject: string;
   /** The pipeline's failure event type, `<name>.failed`. */
   failedType: string;
+  /** The pipeline's outcome event types (see `Stage.finalTypes`). */
+  finalTypes: ReadonlySet<string>;
 }
 
 /**
@@ -129,7 +131,69 @@ export function stepInput(spec: PipelineSpec, id: string): StepInput {
     stream: pipelineSubjects(spec).stream,
     filterSubject,
     failedType: `${spec.name}.${FAILED}`,
+    finalTypes: endTypesOf(spec),
   };
+}
+
+/**
+ * The event types of a definition that an item has at most one of: its outcomes, and the
+ * completion (and timeout) events of every step that runs at most once per item. A step
+ * runs more than once when it is on a cycle (a bounded loop, an agent handing back to its
+ * router) or when two branches of one fan-out reach it without a join between; those steps'
+ * events may repeat, so they are not in the set. Each of the set is stored once per item
+ * (`Stage.once`): a copy of an earlier event under another id (forged, or stray) runs
+ * nothing again.
+ */
+export function onceTypesOf(spec: PipelineSpec): ReadonlySet<string> {
+  const steps = spec.steps as Readonly<Record<string, StepSpec>>;
+  const next = (id: string) => steps[id] ? edgesOf(steps[id]!).map(([t]) => t) : [];
+  /** Steps reached from `from` (itself included), not going on past `stopAtJoins` joins. */
+  const reach = (from: string, stopAtJoins: boolean): Set<string> => {
+    const seen = new Set<string>([from]);
+    const todo = [from];
+    while (todo.length > 0) {
+      const at = todo.pop()!;
+      if (stopAtJoins && steps[at]?.kind === "join") continue;
+      for (const t of next(at)) if (!seen.has(t)) seen.add(t), todo.push(t);
+    }
+    return seen;
+  };
+  const repeats = new Set<string>();
+  for (const id of Object.keys(steps)) {
+    // On a cycle: reached again from one of its own successors.
+    if (next(id).some((t) => reach(t, false).has(id))) repeats.add(id);
+    const s = steps[id]!;
+    const fanOut = "next" in s && Array.isArray(s.next) ? s.next as readonly string[] : [];
+    if (fanOut.length < 2) continue;
+    const counts = new Map<string, number>();
+    for (const t of new Set(fanOut)) {
+      for (const r of reach(t, true)) counts.set(r, (counts.get(r) ?? 0) + 1);
+    }
+    for (const [r, n] of counts) if (n > 1 && steps[r]?.kind !== "join") repeats.add(r);
+  }
+  const out = new Set(endTypesOf(spec));
+  for (const [id, step] of Object.entries(steps)) {
+    if (step.kind === "end" || repeats.has(id)) continue;
+    out.add(`${spec.name}.${eventOf(id, step)}`);
+    if (step.kind === "wait" || step.kind === "join") {
+      out.add(`${spec.name}.${timeoutEventOf(id, step)}`);
+    }
+  }
+  return out;
+}
+
+/**
+ * A definition's outcome event types: the events of its end steps, but not its failure
+ * (which a redrive may follow with another). An item reaches one of them, once.
+ */
+export function endTypesOf(spec: PipelineSpec): ReadonlySet<string> {
+  const out = new Set<string>();
+  for (const [id, step] of Object.entries(spec.steps) as [string, StepSpec][]) {
+    if (step.kind === "end" && step.outcome !== FAILED) {
+      out.add(`${spec.name}.${eventOf(id, step)}`);
+    }
+  }
+  return out;
 }
 
 /** Settings a consumer config is built from (the Config fields topology.ts uses). */

@@ -31,8 +31,10 @@ import {
   CONTROL,
   CONTROL_KINDS,
   durableOf,
+  endTypesOf,
   FLOW,
   INTAKE,
+  onceTypesOf,
   pipelineSubjects,
   STATE,
   stepFilterSubject,
@@ -396,7 +398,8 @@ export function workStage(
     filterSubject: filter,
     stream: pipelineSubjects(def).stream,
     failedType: `${def.name}.${FAILED}`,
-    once: endTypes(def),
+    once: onceTypesOf(def),
+    finalTypes: endTypesOf(def),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A wide filter (several events lead here) also brings the item's other events (a
@@ -534,19 +537,6 @@ async function updateHeld<T>(
     }
   }
   throw new WeftError(ErrorCode.HandlerFailed, `record ${key} kept changing`);
-}
-
-/**
- * A definition's end events: an item reaches one, once, so each is stored once per item
- * (`Stage.once`): a copy of an earlier event under another id (forged, or stray) cannot end
- * the item a second time. Not its failure, which a redrive may follow with another.
- */
-function endTypes(def: PipelineDefinition): ReadonlySet<string> {
-  const out = new Set<string>();
-  for (const [id, step] of Object.entries(def.steps)) {
-    if (step.kind === "end" && step.outcome !== FAILED) out.add(`${def.name}.${eventOf(id, step)}`);
-  }
-  return out;
 }
 
 /**
@@ -899,7 +889,8 @@ export function controlStage(
     filterSubject: `${n}.*.*`,
     stream: pipelineSubjects(def).stream,
     failedType: `${n}.${FAILED}`,
-    once: endTypes(def),
+    once: onceTypesOf(def),
+    finalTypes: endTypesOf(def),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A decision that cannot be read at all (not JSON, nested too deep, past its attempts)
