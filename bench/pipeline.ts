@@ -38,7 +38,8 @@
  * docs/BENCH.md), --step-replicas N (1: processes of each Weft step, sentiment, topics and
  * dispatch, on its one durable consumer), --cluster N (1: Weft on an N-node nats-server
  * cluster on loopback, every stream and bucket at R min(N, 3), the services connected to
- * every node; only with --only weft/http), --json FILE. `deno task bench:scale` runs the
+ * every node; only with --only weft/http), --together (Weft's services in one process, as
+ * `deno task start --together`), --json FILE. `deno task bench:scale` runs the
  * replica and R1/R3 matrix (bench/scale.ts).
  * Environment: WEFT_* settings (e.g. WEFT_CONCURRENCY) reach the Weft services.
  *
@@ -70,7 +71,14 @@ import {
 import { createLogger } from "../src/observability/log.ts";
 import { BENCH_TEXTS } from "./texts.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
-import { serviceArgs, SERVICES, startCluster, writeAuthConfig } from "../src/supervisor.ts";
+import {
+  processArgs,
+  serviceArgs,
+  SERVICES,
+  startCluster,
+  TOGETHER_ENTRY,
+  writeAuthConfig,
+} from "../src/supervisor.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
 import { FeedbackEventType } from "../pipelines/feedback/events.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
@@ -145,6 +153,8 @@ interface Options {
   cluster: number;
   /** The server's `sync_interval` (`always`, `1s`, `2m`...): WEFT_NATS_SYNC's, as `deno task start`. */
   sync: string;
+  /** Weft's services in one process (`--together`, as `deno task start --together` runs them). */
+  together: boolean;
 }
 
 /** `--sync`: a `sync_interval` nats-server takes. */
@@ -176,6 +186,7 @@ function options(): Options {
       "step-replicas": { type: "string" },
       cluster: { type: "string" },
       sync: { type: "string" },
+      together: { type: "boolean" },
     },
   });
   const sides = new Set<SideName>();
@@ -216,6 +227,7 @@ function options(): Options {
     stepReplicas: Math.floor(num(values["step-replicas"], 1, "step-replicas")),
     cluster: clusterNodes(Math.floor(num(values.cluster, 1, "cluster")), sides),
     sync: sync(values.sync ?? weftDefaults().natsSync),
+    together: values.together === true,
   };
 }
 
@@ -871,7 +883,24 @@ async function startWeft(
   }
   const services: Proc[] = [];
   const names = [...WEFT_SERVICES, ...(http ? ["gateway"] : [])];
-  for (const spec of SERVICES.filter((s) => names.includes(s.name))) {
+  if (o.together) {
+    // One process, each service on its own identity from the identity folder, as the
+    // supervisor runs a group.
+    const specs = SERVICES.filter((s) => names.includes(s.name));
+    const dir = seeds ? seeds.get("admin")!.replace(/\/[^/]+$/, "") : "";
+    services.push(spawn(
+      "together",
+      processArgs(specs, config, [TOGETHER_ENTRY, ...specs.map((s) => s.name)], [
+        ...(seeds ? specs.map((s) => seeds!.get(s.name)!) : []),
+      ]),
+      {
+        NATS_URL: natsUrl,
+        PORT: String(port),
+        ...(seeds ? { WEFT_NATS_IDENTITY_DIR: dir, WEFT_ENSURE_TOPOLOGY: "false" } : {}),
+      },
+    ));
+  }
+  for (const spec of SERVICES.filter((s) => !o.together && names.includes(s.name))) {
     // Each service as its own NATS identity, as under deno task start; a step's replicas
     // share its identity and its durable consumer, as WEFT_REPLICAS runs them.
     const seed = seeds?.get(spec.name);
@@ -1200,6 +1229,7 @@ async function main() {
     print("config.http_connections", o.connections);
     print("config.bullmq_concurrency", o.bullmqConcurrency);
     print("config.step_replicas", o.stepReplicas);
+    print("config.together", o.together);
     print("config.sync_interval", o.sync);
     print("config.cluster_nodes", o.cluster);
     print("config.stream_replicas", Math.min(3, o.cluster));

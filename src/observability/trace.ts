@@ -31,9 +31,19 @@ export function formatTraceparent(ctx: TraceContext): string {
   return `00-${ctx.traceId}-${ctx.spanId}-${ctx.sampled ? "01" : "00"}`;
 }
 
+const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
+/** Random bytes drawn 4 KiB at a time: one `getRandomValues` per 512 span ids, not one each. */
+let pool = new Uint8Array(0);
+let poolAt = 0;
+
 function randomHex(bytes: number): string {
-  const buf = crypto.getRandomValues(new Uint8Array(bytes));
-  return Array.from(buf, (b) => b.toString(16).padStart(2, "0")).join("");
+  if (poolAt + bytes > pool.length) {
+    pool = crypto.getRandomValues(new Uint8Array(4096));
+    poolAt = 0;
+  }
+  let out = "";
+  for (let i = 0; i < bytes; i++) out += HEX[pool[poolAt++]!];
+  return out;
 }
 
 /** A new span in `parent`'s trace, or in a new trace when there is no parent. */
