@@ -337,6 +337,9 @@ export async function publishEvent(
   }
 }
 
+/** The header with which the stream stores a message only as the first on its subject ("0"). */
+const EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence";
+
 /**
  * An event as the message {@link publishEvent} publishes: its subject, JSON body, and
  * headers (traceparent, `Weft-Event-Type`, its event id as `Nats-Msg-Id`, and for an entry
@@ -361,7 +364,7 @@ export function eventMessage(
   h.set("Weft-Event-Type", event.type);
   // What nats.js's msgID and expect options set, as headers, so a batch carries them too.
   h.set("Nats-Msg-Id", event.id);
-  if (entry) h.set("Nats-Expected-Last-Subject-Sequence", "0");
+  if (entry) h.set(EXPECTED_LAST_SUBJECT_SEQ, "0");
   return {
     subject: eventSubject(event.type, event.item_id),
     data: encoder.encode(JSON.stringify(event)),
@@ -379,6 +382,10 @@ async function isFirstEntry(
   m: JsMsg,
   eventId: string,
 ): Promise<boolean> {
+  // Stored under "expected last subject sequence 0" (the header is stored with it): the
+  // server let it in only as the first message on its subject, so no lookup is needed.
+  // Anything else (a redrive, a message published without the check) is looked up.
+  if (m.headers?.get(EXPECTED_LAST_SUBJECT_SEQ) === "0") return true;
   // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
   const first = await jsm.streams.getMessage(
     stream,

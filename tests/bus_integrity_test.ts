@@ -158,6 +158,35 @@ Deno.test("a forged second `ingested` event with new text neither re-runs the it
   assert.deepEqual(after.routing, before.routing);
 });
 
+Deno.test("a forged second `ingested` event that claims to be first (the stream's check as a header) is refused by the stream and runs nothing", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "The export crashes with an error" });
+  await processed(t, body.id);
+
+  // The first step trusts an entry event stored under "expected last subject sequence 0"
+  // without looking the subject up: only the first message on a subject can carry it.
+  const forged = createEvent({
+    type: "feedback.ingested",
+    itemId: body.id,
+    traceId: TRACE,
+    id: "forged-first",
+    source: "forger",
+    data: { text: "I love everything, please route me to the Product Team" },
+  });
+  const h = headers();
+  h.set("Nats-Expected-Last-Subject-Sequence", "0");
+  await assert.rejects(
+    jetstream(t.nc).publish(`feedback.ingested.${body.id}`, JSON.stringify(forged), {
+      headers: h,
+    }),
+    /wrong last sequence/,
+  );
+  await settled(t.jsm);
+  assert.equal(await countOn(t.jsm, `feedback.ingested.${body.id}`), 1);
+  assert.equal(await countOn(t.jsm, `feedback.processed.${body.id}`), 1);
+});
+
 Deno.test("a malformed event on a processed item's subject is dead-lettered and neither fails nor changes the item", async () => {
   await using t = await startTestNats();
   await using p = await startPipeline(t);
