@@ -485,22 +485,27 @@ export interface DeadLetterContext {
   jsm?: JetStreamManager;
 }
 
-/** The first of `types` stored for `item` in `stream` (undefined when none or unknown). */
-async function finalStored(
-  jsm: JetStreamManager,
-  stream: string,
-  item: string,
-  types: ReadonlySet<string>,
-): Promise<string | undefined> {
-  const found = await Promise.all([...types].map(async (type) => {
+/**
+ * Whether `item` already has one of its outcomes (`ctx.finalTypes`) in the stream of `m`: a
+ * late or forged message for a finished item, which the letter keeps and which fails nothing.
+ * False when none is stored or it cannot tell (the item is failed, as before).
+ */
+async function finished(ctx: DeadLetterContext, m: JsMsg, item: string): Promise<boolean> {
+  if (!ctx.finalTypes || !ctx.jsm) return false;
+  const jsm = ctx.jsm;
+  const found = await Promise.all([...ctx.finalTypes].map(async (type) => {
     try {
-      const last = await jsm.streams.getMessage(stream, { last_by_subj: eventSubject(type, item) });
+      const last = await jsm.streams.getMessage(m.info.stream, {
+        last_by_subj: eventSubject(type, item),
+      });
       return last ? type : undefined;
     } catch {
-      return undefined; // nothing stored, or cannot tell: fail the item as before
+      return undefined;
     }
   }));
-  return found.find((f) => f !== undefined);
+  const outcome = found.find((f) => f !== undefined);
+  if (outcome) ctx.log.info("not failing a finished item", { item_id: item, outcome });
+  return outcome !== undefined;
 }
 
 /** The id of a Weft event (a string `id` beside a string `type`); undefined for anything else. */
@@ -540,14 +545,9 @@ export async function deadLetter(
   await ctx.js.publish(dlSubject, encoder.encode(JSON.stringify(letter)), {
     msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
   });
-  const finished = itemId && ctx.failedType && (opts.failItem ?? true) && ctx.finalTypes &&
-      ctx.jsm
-    ? await finalStored(ctx.jsm, m.info.stream, itemId, ctx.finalTypes)
-    : undefined;
-  if (finished) {
-    // A late or forged message for a finished item: the letter keeps it, the item its outcome.
-    ctx.log.info("not failing a finished item", { item_id: itemId, outcome: finished });
-  } else if (itemId && ctx.failedType && (opts.failItem ?? true)) {
+  if (
+    itemId && ctx.failedType && (opts.failItem ?? true) && !(await finished(ctx, m, itemId))
+  ) {
     // Every pipeline fails an item on its own `<name>.failed`, all of one shape.
     const failedType = ctx.failedType;
     const data: ItemFailedData = {

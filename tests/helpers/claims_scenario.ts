@@ -150,17 +150,33 @@ async function allEvents(nc: NatsConnection): Promise<{ type: string; item: stri
   return out;
 }
 
-/** The pids of a pipeline service's own processes (`together`: the one process's). */
-async function pidsOf(service: string): Promise<number[]> {
-  const out = await new Deno.Command("ps", { args: ["-eo", "pid,args"], stdout: "piped" })
+/**
+ * The pids of a pipeline service's own processes (`together`: the one process's) among the
+ * descendants of `root` (the mesh's `deno task start`): the other mode's test may run a mesh
+ * of the same definition beside this one.
+ */
+async function pidsOf(root: number, service: string): Promise<number[]> {
+  const out = await new Deno.Command("ps", { args: ["-eo", "pid,ppid,args"], stdout: "piped" })
     .output();
-  return new TextDecoder().decode(out.stdout).split("\n")
-    .filter((l) =>
-      service === "together"
-        ? l.includes("services/together.ts") && l.includes(" claims-flow")
-        : l.includes("services/pipeline.ts") && l.trim().endsWith(` ${service}`)
+  const rows = new TextDecoder().decode(out.stdout).split("\n").slice(1)
+    .map((l) => l.trim().split(/\s+/))
+    .filter((f) => f.length >= 3)
+    .map((f) => ({ pid: Number(f[0]), ppid: Number(f[1]), args: f.slice(2).join(" ") }));
+  const mine = new Set([root]);
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const r of rows) {
+      if (mine.has(r.ppid) && !mine.has(r.pid)) (mine.add(r.pid), grew = true);
+    }
+  }
+  return rows
+    .filter((r) =>
+      mine.has(r.pid) &&
+      (service === "together"
+        ? r.args.includes("services/together.ts") && r.args.includes(" claims-flow")
+        : r.args.includes("services/pipeline.ts") && r.args.endsWith(` ${service}`))
     )
-    .map((l) => Number(l.trim().split(/\s+/)[0]));
+    .map((r) => r.pid);
 }
 
 /**
@@ -316,11 +332,11 @@ export function claimsEndToEnd(mode: FaultMode): void {
           // The fraud step runs as two replicas (together: one in the one process, one alone); one
           // process of its own dies at once, mid-run, and is restarted.
           assert.equal(
-            (await pidsOf("claims-fraud")).length,
+            (await pidsOf(mesh.child.pid, "claims-fraud")).length,
             mode.together ? 1 : 2,
             "fraud's own processes",
           );
-          Deno.kill((await pidsOf("claims-fraud"))[0]!, "SIGKILL");
+          Deno.kill((await pidsOf(mesh.child.pid, "claims-fraud"))[0]!, "SIGKILL");
 
           // The human decisions: one over HTTP, one on the bus; the third never comes.
           const waiting = async (id: string) =>
@@ -374,7 +390,10 @@ export function claimsEndToEnd(mode: FaultMode): void {
           // the decision and the joins in flight; the supervisor restarts it. Together, the one
           // process dies: every step, the state writer and the gateway with it.
           await nc.flush();
-          Deno.kill((await pidsOf(mode.together ? "together" : "claims-flow"))[0]!, "SIGKILL");
+          Deno.kill(
+            (await pidsOf(mesh.child.pid, mode.together ? "together" : "claims-flow"))[0]!,
+            "SIGKILL",
+          );
           await waiting(ignored);
 
           // An item's SSE stream, read to its end.
