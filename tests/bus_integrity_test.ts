@@ -253,7 +253,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "a forged copy of a definition's step event (another id) for a done item runs no later step again and does not end it a second time",
+    "a forged copy of a definition's step event (another id) for a done item runs no later step again and does not end it a second time; garbage fails it no more",
   ignore: !STORES_ONCE,
   async fn() {
     await using t = await startTestNats();
@@ -299,6 +299,18 @@ Deno.test({
       );
       assert.equal(await count("twice.b.i1"), 1, "b's event stored once");
       assert.equal(await count("twice.done.i1"), 1, "one end");
+
+      // Garbage on the same subject is dead-lettered, naming the item, and fails the done
+      // item no more than a forged copy ends it twice.
+      const ack = await jetstream(t.nc).publish("twice.a.i1", '{"garbage":true}');
+      await waitFor(
+        async () =>
+          (await listDeadLetters(jetstream(t.nc), { item_id: "i1" }))
+            .some((l) => l.letter.stream_seq === ack.seq),
+        10_000,
+        "the garbage's dead letter",
+      );
+      assert.equal(await count("twice.failed.i1"), 0, "a done item is not failed");
     } finally {
       for (const r of runners) await r.stop();
     }
