@@ -465,6 +465,58 @@ async function outcomeTaken(
   return found.find((f) => f !== undefined);
 }
 
+/** Where an item's history in its stream ends: the last sequence on `<pipeline>.*.<item>`. */
+interface HistoryEnd {
+  subject: string;
+  seq: number;
+}
+
+/** The end of `event`'s item's history (all its events' subjects) in `stream`. */
+async function historyEnd(
+  jsm: JetStreamManager,
+  stream: string,
+  event: OutputEvent,
+): Promise<HistoryEnd> {
+  const subject = `${event.type.slice(0, event.type.indexOf("."))}.*.${event.item_id}`;
+  try {
+    const last = await jsm.streams.getMessage(stream, { last_by_subj: subject });
+    return { subject, seq: last?.seq ?? 0 };
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
+      return { subject, seq: 0 };
+    }
+    throw err;
+  }
+}
+
+/**
+ * Publishes an outcome only if its item's history still ends where it did when the runner
+ * checked that the item had no outcome (nats-server 2.11+: "expected last subject sequence"
+ * on the item's whole subject space): two steps deciding one item at the same instant cannot
+ * both store an outcome. The one refused is retried, and then finds the other's outcome.
+ */
+async function publishFenced(
+  js: JetStreamClient,
+  event: OutputEvent,
+  parent: TraceContext | null,
+  end: HistoryEnd,
+): Promise<void> {
+  const m = eventMessage(event, parent, false);
+  m.headers.set(EXPECTED_LAST_SUBJECT_SEQ, String(end.seq));
+  m.headers.set(`${EXPECTED_LAST_SUBJECT_SEQ}-Subject`, end.subject);
+  try {
+    await js.publish(m.subject, m.data, { headers: m.headers });
+  } catch (err) {
+    if (!isAlreadyStored(err)) throw err;
+    throw new WeftError(
+      ErrorCode.Conflict,
+      `item ${event.item_id} changed while its outcome was decided (${end.subject} ` +
+        `moved past sequence ${end.seq}): retried`,
+      { cause: err, permanent: false },
+    );
+  }
+}
+
 /** Who is dead-lettering: the stage (or writer) name and the service that records it. */
 export interface DeadLetterContext {
   js: JetStreamClient;
@@ -623,6 +675,9 @@ export async function runStage<I extends StageInput>(
   // delayed publish acks under bursts when every event carried the check: there, `once`
   // outputs rely on their message ids and the duplicate window, as before.
   const once = versionAtLeast(nc.info?.version ?? "0.0.0", "2.10.0") ? stage.once : undefined;
+  // nats-server 2.11 checks a publish against the last sequence of a wildcard subject, which
+  // makes a stage's outcome check and its publish one atomic step (`publishFenced`).
+  const fences = versionAtLeast(nc.info?.version ?? "0.0.0", "2.11.0");
   // Pull only as many messages as there are free handler slots (no prefetch): a message
   // starts its handler, and so its in-progress acks, the moment it arrives, so a slow
   // handler can never let a waiting message's ack wait expire.
@@ -754,6 +809,10 @@ export async function runStage<I extends StageInput>(
       // All outputs at once: one connection keeps them in order in the stream, and the item
       // does not wait a round trip per event (dispatch emits two). A failed publish fails the
       // message, whose retry re-publishes them all under the same message ids.
+      // An outcome is published only where the item's history still ends where it did
+      // before the check that it has none (read first), where the server can say so.
+      const outcome = stage.outcomes ? outputs.find((e) => stage.outcomes!.has(e.type)) : undefined;
+      const end = outcome && fences ? await historyEnd(jsm, stream, outcome) : undefined;
       if (stage.outcomes) {
         const taken = await outcomeTaken(jsm, stream, outputs, stage.outcomes);
         if (taken) {
@@ -764,6 +823,10 @@ export async function runStage<I extends StageInput>(
       const skip = m.info.deliveryCount > 1
         ? await alreadyStored(jsm, stream, outputs)
         : new Set<OutputEvent>();
+      if (outcome && end && !skip.has(outcome)) {
+        await publishFenced(js, outcome, trace, end);
+        skip.add(outcome);
+      }
       await Promise.all(
         outputs.filter((e) => !skip.has(e)).map((event) =>
           publishEvent(

@@ -85,7 +85,9 @@ export interface Stage<I extends StageInput = StageInput> {
    * Event types of which an item has at most one, whichever it is: its outcomes (e.g.
    * published or archived). The runner publishes none of them for an item that already has
    * one stored under another event id; it dead-letters the message instead, with code
-   * `conflict`, and fails nothing (the item has its outcome).
+   * `conflict`, and fails nothing (the item has its outcome). On nats-server 2.11+ the check
+   * and the publish are atomic: the outcome is stored only if nothing was stored for the item
+   * since the check (two steps deciding one item at once store one outcome).
    */
   outcomes?: ReadonlySet<string>;
   /**

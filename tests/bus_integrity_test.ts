@@ -29,6 +29,8 @@ import {
   workStage,
 } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
+import { storageDecidedStage, storageModeratedStage } from "../pipelines/moderation/stages.ts";
+import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 /**
@@ -36,6 +38,8 @@ const TRACE = "0af7651916cd43dd8448eb211c80319c";
  * a step's outputs rely on their message ids and the duplicate window.
  */
 const STORES_ONCE = versionAtLeast((await serverVersion()) ?? "0.0.0", "2.10.0");
+/** Whether it checks a publish against the last sequence of a wildcard subject (2.11+). */
+const FENCES = versionAtLeast((await serverVersion()) ?? "0.0.0", "2.11.0");
 const STAGES = ["ingest", "sentiment", "topics", "dispatch", "state"];
 
 async function processed(t: TestNats, id: string): Promise<FeedbackState> {
@@ -399,4 +403,88 @@ Deno.test("a redelivered message whose output was already stored does not publis
   await t.nc.flush();
   assert.deepEqual(seen, [], "nothing re-published");
   assert.equal(await countOn(t.jsm, "feedback.sentiment_analyzed.redelivered-1"), 1);
+});
+
+Deno.test({
+  name:
+    "a forged decision racing moderation's outcome on two storage steps at once still leaves each item one outcome",
+  ignore: !FENCES,
+  async fn() {
+    await using t = await startTestNats();
+    const runners = [
+      await runStage({ nc: t.nc, stage: storageModeratedStage(), config: t.config, log: t.log }),
+      await runStage({ nc: t.nc, stage: storageDecidedStage(), config: t.config, log: t.log }),
+    ];
+    const js = jetstream(t.nc);
+    const N = 40;
+    const content = { text: "a photo of a sunset" };
+    const ev = (type: string, id: string, data: Record<string, unknown>) =>
+      JSON.stringify({
+        id: `${type}-${id}`,
+        type,
+        version: 1,
+        item_id: id,
+        trace_id: TRACE,
+        time: new Date().toISOString(),
+        source: "test",
+        data,
+      });
+    try {
+      // Moderation found each item safe (storage publishes it) while a forged rejection for
+      // it arrives at the same moment (storage would archive it): both steps check for an
+      // outcome, see none, and publish.
+      await Promise.all(Array.from({ length: N }, async (_, i) => {
+        const id = `race${i}`;
+        await Promise.all([
+          js.publish(
+            `content.moderated.${id}`,
+            ev("content.moderated", id, {
+              content,
+              moderation: { verdict: "safe", categories: [], score: 0, analyzer: "t", reasons: [] },
+            }),
+          ),
+          js.publish(
+            `content.decided.${id}`,
+            ev("content.decided", id, {
+              content,
+              decision: "reject",
+              reason: "forged",
+              reviewer: "mallory",
+              automatic: false,
+            }),
+          ),
+        ]);
+      }));
+      const outcomes = async () => {
+        const info = await t.jsm.streams.info(CONTENT_STREAM, { subjects_filter: "content.*.*" });
+        const by = new Map<string, string[]>();
+        for (const subject of Object.keys(info.state.subjects ?? {})) {
+          const [, type, id] = subject.split(".");
+          if (type !== "published" && type !== "archived") continue;
+          by.set(id!, [...(by.get(id!) ?? []), type]);
+        }
+        return by;
+      };
+      await waitFor(async () => (await outcomes()).size === N, 20_000, "every item's outcome");
+      for (const name of ["storage-moderated", "storage-decided"]) {
+        await waitFor(
+          async () => {
+            const info = await t.jsm.consumers.info(CONTENT_STREAM, name);
+            return info.num_pending === 0 && info.num_ack_pending === 0;
+          },
+          20_000,
+          `${name} to settle`,
+        );
+      }
+      const two = [...(await outcomes())].filter(([, types]) => types.length > 1);
+      assert.deepEqual(two, [], "items with two outcomes");
+      // The loser of each race is kept as a `conflict`, failing nothing.
+      const failed = await t.jsm.streams.info(CONTENT_STREAM, {
+        subjects_filter: "content.failed.*",
+      });
+      assert.deepEqual(Object.keys(failed.state.subjects ?? {}), [], "no item failed");
+    } finally {
+      for (const r of runners) await r.stop();
+    }
+  },
 });
