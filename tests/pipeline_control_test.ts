@@ -122,6 +122,27 @@ Deno.test("a wait's arming handled again later (a kill before its ack) keeps its
   ]);
 });
 
+Deno.test("a timer that comes before its wait's deadline (forged, or published early) decides nothing and fails nothing", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const event = completed(approvals, "check", "it9", "2026-01-01T00:00:00.000Z");
+  assert.deepEqual(await deliver(t, approvals, event, 7, "2026-01-01T00:00:00.010Z"), []);
+  const [deadline] = await timers(t);
+  // A copy of the armed timer claiming a deadline already past, handled 10 s after arming,
+  // 50 s before the wait's real deadline: refused, not a timeout.
+  const forged = structuredClone(deadline!.payload) as { data: { due: string } };
+  forged.data.due = "2026-01-01T00:00:05.000Z";
+  await assert.rejects(
+    deliver(t, approvals, forged as never, 8, "2026-01-01T00:00:10.000Z"),
+    (err: Error & { code?: string }) =>
+      err.code === "invalid_awaited_event" &&
+      /before its deadline 2026-01-01T00:01:00/.test(err.message),
+  );
+  // The real one, at its time, times the wait out.
+  const fired = await deliver(t, approvals, deadline!.payload as never, 9, deadline!.at!);
+  assert.deepEqual(fired.map((e) => e.type), ["approvals.approval_timed_out", "approvals.expired"]);
+});
+
 Deno.test("a join's deadline is armed even when the kill came between recording its first input and arming", async () => {
   await using t = await startTestNats();
   await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([checks], t.config.retentionMs));

@@ -490,6 +490,12 @@ export function workStage(
   }
 }
 
+/**
+ * How much earlier than its deadline a timer may be handled (the scheduler's and this
+ * process's clocks may differ a little); any earlier, it is refused.
+ */
+const TIMER_SKEW_MS = 5_000;
+
 /** A held item's record in the control bucket: one per (control step, item). */
 interface Held {
   /** Loop iteration of the step this record is for. */
@@ -498,8 +504,8 @@ interface Held {
   arrived?: Record<string, FlowData>;
   /** Join: the time of its first input's event (its deadline counts from then). */
   openedAt?: string;
-  /** Wait: the data it was armed with, and the arming event. */
-  armed?: { data: FlowData; cause: { id: string; trace_id: string } };
+  /** Wait: the data it was armed with, the arming event, and its deadline (ISO). */
+  armed?: { data: FlowData; cause: { id: string; trace_id: string }; due?: string };
   /** Wait: the awaited event's payload, when it came (possibly before the arming). */
   received?: unknown;
   /** How it ended: completed, or its deadline won. */
@@ -748,7 +754,11 @@ export function controlStage(
           }
           // A new arming; a decision that came before it (same iteration) counts.
           const cur: Held = rec && rec.iter === iter ? structuredClone(rec) : { iter };
-          cur.armed = { data: e.data, cause: { id: e.id, trace_id: e.trace_id } };
+          cur.armed = {
+            data: e.data,
+            cause: { id: e.id, trace_id: e.trace_id },
+            due: new Date(Date.parse(e.time) + s.timeoutMs).toISOString(),
+          };
           let events: FlowEvent[] | null = null;
           if (cur.received !== undefined) {
             events = resume(t, e.item_id, cur, emit);
@@ -859,9 +869,16 @@ export function controlStage(
     }
     const kv = await heldKv();
     const iter = carry.runs[t] ?? 0;
-    return await updateHeld(kv, `${t}.${e.item_id}`, (rec) => {
+    const now = ctx.now().getTime();
+    const r = await updateHeld<FlowEvent[] | { early: string }>(kv, `${t}.${e.item_id}`, (rec) => {
       if (!rec || rec.iter !== iter) return { out: [] as FlowEvent[] }; // a stale timer
       if (rec.closed) return { out: rec.closedBy === seq ? rec.emitted! : [] };
+      // The deadline the control step armed, not the one the timer event claims: a timer
+      // before it (forged, or a copy published early) decides nothing.
+      const due = s.kind === "join"
+        ? rec.openedAt && Date.parse(rec.openedAt) + s.deadlineMs
+        : rec.armed?.due && Date.parse(rec.armed.due);
+      if (due && now < due - TIMER_SKEW_MS) return { out: { early: new Date(due).toISOString() } };
       let events: FlowEvent[];
       if (s.kind === "join" && s.after.every((a) => a in (rec.arrived ?? {}))) {
         // Every input came while the item was failed (held): complete it now, as its last
@@ -882,6 +899,14 @@ export function controlStage(
       }
       return { rec: { ...rec, closed: "timed_out", closedBy: seq, emitted: events }, out: events };
     });
+    if (!Array.isArray(r)) {
+      // Kept as a dead letter; the item keeps waiting for its real deadline.
+      throw new WeftError(
+        ErrorCode.InvalidAwaitedEvent,
+        `a timer of step ${t} of ${n} item ${e.item_id} came before its deadline ${r.early}`,
+      );
+    }
+    return r;
   }
 
   return {
