@@ -121,14 +121,16 @@ Deno.test("an item's event stream starts at the item's first event, not at the s
     assert.equal(Number(first.id), 21, "the item's ingested event, after the 20 earlier ones");
     // The stream is open (no stage runs, so the item is not final). Its replay consumer,
     // which started there, is gone once caught up: what remains is the gateway's one
-    // shared live feed, from new messages on.
+    // shared live feed, from new messages on (after the stream's last one when it started).
     const consumers = await waitFor(
       async () => {
         const list = [];
         for await (const c of t.jsm.consumers.list("FEEDBACK")) {
           if (!c.config.durable_name) list.push(c.config);
         }
-        return list.length === 1 && list[0]!.deliver_policy === DeliverPolicy.New && list;
+        return list.length === 1 &&
+          list[0]!.deliver_policy === DeliverPolicy.StartSequence &&
+          (list[0]!.opt_start_seq ?? 0) >= 22 && list;
       },
       10_000,
       "only the live feed left",

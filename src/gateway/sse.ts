@@ -463,9 +463,15 @@ class Feed {
   }
 
   async #start(): Promise<{ stop(): Promise<void> }> {
+    // From the stream's position now, not "new" as of whenever the server creates the
+    // consumer: nats.js creates an ordered consumer in the background once it consumes, so
+    // an event stored right after a client's stream opened could otherwise be missed.
+    const jsm = await this.js.jetstreamManager();
+    const { state } = await jsm.streams.info(this.stream);
     const consumer = await this.js.consumers.get(this.stream, {
       filter_subjects: this.filter,
-      deliver_policy: DeliverPolicy.New,
+      deliver_policy: DeliverPolicy.StartSequence,
+      opt_start_seq: state.last_seq + 1,
     });
     // Pulls that expire in 5 s, so heartbeats every 2.5 s: after a stream leader's loss the
     // feed notices in about 5 s and recreates its consumer (with the default 30 s, its clients
