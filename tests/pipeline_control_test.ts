@@ -65,6 +65,17 @@ const checks = loaded(definePipeline({
   },
 }));
 
+const later = loaded(definePipeline({
+  name: "later",
+  input: { schema: obj },
+  start: "check",
+  steps: {
+    check: task("pause"),
+    pause: { kind: "delay", ms: 60_000, next: "done" },
+    done: { kind: "end", outcome: "done" },
+  },
+}));
+
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 
 /** The event of `step` completing for `item`, as its service would publish it. */
@@ -141,6 +152,25 @@ Deno.test("a timer that comes before its wait's deadline (forged, or published e
   // The real one, at its time, times the wait out.
   const fired = await deliver(t, approvals, deadline!.payload as never, 9, deadline!.at!);
   assert.deepEqual(fired.map((e) => e.type), ["approvals.approval_timed_out", "approvals.expired"]);
+});
+
+Deno.test("a delay's timer that comes before its time decides nothing; at its time it goes on", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([later], t.config.retentionMs));
+  const event = completed(later, "check", "it8", "2026-01-01T00:00:00.000Z");
+  assert.deepEqual(await deliver(t, later, event, 7, "2026-01-01T00:00:00.010Z"), []);
+  const [due] = await timers(t);
+  assert.equal(due!.at, "2026-01-01T00:01:00.000Z");
+  const forged = structuredClone(due!.payload) as { data: { due: string } };
+  forged.data.due = "2026-01-01T00:00:01.000Z";
+  await assert.rejects(
+    deliver(t, later, forged as never, 8, "2026-01-01T00:00:02.000Z"),
+    (err: Error & { code?: string }) =>
+      err.code === "invalid_awaited_event" &&
+      /before its time 2026-01-01T00:01:00/.test(err.message),
+  );
+  const fired = await deliver(t, later, due!.payload as never, 9, due!.at!);
+  assert.deepEqual(fired.map((e) => e.type), ["later.pause", "later.done"]);
 });
 
 Deno.test("a join's deadline is armed even when the kill came between recording its first input and arming", async () => {

@@ -504,6 +504,8 @@ interface Held {
   arrived?: Record<string, FlowData>;
   /** Join: the time of its first input's event (its deadline counts from then). */
   openedAt?: string;
+  /** Delay: when it is due (ISO). */
+  due?: string;
   /** Wait: the data it was armed with, the arming event, and its deadline (ISO). */
   armed?: { data: FlowData; cause: { id: string; trace_id: string }; due?: string };
   /** Wait: the awaited event's payload, when it came (possibly before the arming). */
@@ -711,15 +713,21 @@ export function controlStage(
       const s = def.steps[t]!;
       const iter = e.data.runs[t] ?? 0;
       const emit = { source: ctx.source, now: ctx.now() };
+      const kv = await heldKv();
+      const key = `${t}.${e.item_id}`;
       if (s.kind === "delay") {
         const due = s.ms !== undefined
           ? new Date(Date.parse(e.time) + s.ms)
           : nextCronTime(s.cron!, new Date(e.time)) ?? new Date(e.time);
+        // Recorded first, so its timer is checked against it (a redelivery keeps the first).
+        await updateHeld(kv, key, (rec) =>
+          rec && rec.iter === iter ? { out: null } : {
+            rec: { iter, due: due.toISOString() },
+            out: null,
+          });
         await arm(t, e.item_id, iter, due, e, e.data);
         continue;
       }
-      const kv = await heldKv();
-      const key = `${t}.${e.item_id}`;
       if (s.kind === "join") {
         // A failed item's join holds what arrives; its deadline's firing after a redrive
         // resumed the item completes it.
@@ -864,12 +872,22 @@ export function controlStage(
       );
       return [];
     }
-    if (s.kind === "delay") {
-      return completion(flow, t, e, advance(carry, t, { until: e.data.due }, carry.value), emit);
-    }
     const kv = await heldKv();
     const iter = carry.runs[t] ?? 0;
     const now = ctx.now().getTime();
+    if (s.kind === "delay") {
+      const e2 = await kv.get(`${t}.${e.item_id}`);
+      const rec = e2 && e2.operation === "PUT" && e2.length > 0 ? e2.json<Held>() : undefined;
+      const due = rec?.iter === iter && rec.due ? Date.parse(rec.due) : undefined;
+      if (due && now < due - TIMER_SKEW_MS) {
+        throw new WeftError(
+          ErrorCode.InvalidAwaitedEvent,
+          `a timer of step ${t} of ${n} item ${e.item_id} came before its time ` +
+            new Date(due).toISOString(),
+        );
+      }
+      return completion(flow, t, e, advance(carry, t, { until: e.data.due }, carry.value), emit);
+    }
     const r = await updateHeld<FlowEvent[] | { early: string }>(kv, `${t}.${e.item_id}`, (rec) => {
       if (!rec || rec.iter !== iter) return { out: [] as FlowEvent[] }; // a stale timer
       if (rec.closed) return { out: rec.closedBy === seq ? rec.emitted! : [] };
