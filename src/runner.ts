@@ -449,20 +449,24 @@ async function outcomeTaken(
   if (mine.length === 0) return undefined;
   const ids = new Set(mine.map((e) => e.id));
   const item = mine[0]!.item_id;
+  // A lookup that cannot tell throws: the message is retried like any failed publish.
   const found = await Promise.all([...outcomes].map(async (type) => {
-    try {
-      const last = await jsm.streams.getMessage(stream, {
-        last_by_subj: eventSubject(type, item),
-      });
-      return last && !ids.has(last.header.get("Nats-Msg-Id")) ? { type, seq: last.seq } : undefined;
-    } catch (err) {
-      if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
-        return undefined;
-      }
-      throw err; // cannot tell: retried like any failed publish
-    }
+    const last = await lastOn(jsm, stream, eventSubject(type, item));
+    return last && !ids.has(last.header.get("Nats-Msg-Id")) ? { type, seq: last.seq } : undefined;
   }));
   return found.find((f) => f !== undefined);
+}
+
+/** The last message stored on `subject` in `stream` (a wildcard too); null when there is none. */
+async function lastOn(jsm: JetStreamManager, stream: string, subject: string) {
+  try {
+    return await jsm.streams.getMessage(stream, { last_by_subj: subject });
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
+      return null;
+    }
+    throw err;
+  }
 }
 
 /** Where an item's history in its stream ends: the last sequence on `<pipeline>.*.<item>`. */
@@ -478,15 +482,7 @@ async function historyEnd(
   event: OutputEvent,
 ): Promise<HistoryEnd> {
   const subject = `${event.type.slice(0, event.type.indexOf("."))}.*.${event.item_id}`;
-  try {
-    const last = await jsm.streams.getMessage(stream, { last_by_subj: subject });
-    return { subject, seq: last?.seq ?? 0 };
-  } catch (err) {
-    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
-      return { subject, seq: 0 };
-    }
-    throw err;
-  }
+  return { subject, seq: (await lastOn(jsm, stream, subject))?.seq ?? 0 };
 }
 
 /**
@@ -545,16 +541,13 @@ export interface DeadLetterContext {
 async function finished(ctx: DeadLetterContext, m: JsMsg, item: string): Promise<boolean> {
   if (!ctx.finalTypes || !ctx.jsm) return false;
   const jsm = ctx.jsm;
-  const found = await Promise.all([...ctx.finalTypes].map(async (type) => {
-    try {
-      const last = await jsm.streams.getMessage(m.info.stream, {
-        last_by_subj: eventSubject(type, item),
-      });
-      return last ? type : undefined;
-    } catch {
-      return undefined;
-    }
-  }));
+  const found = await Promise.all(
+    [...ctx.finalTypes].map(async (type) =>
+      (await lastOn(jsm, m.info.stream, eventSubject(type, item)).catch(() => null))
+        ? type
+        : undefined
+    ),
+  );
   const outcome = found.find((f) => f !== undefined);
   if (outcome) ctx.log.info("not failing a finished item", { item_id: item, outcome });
   return outcome !== undefined;
@@ -674,10 +667,11 @@ export async function runStage<I extends StageInput>(
   // nats-server 2.9 looked up a subject's last sequence on the stream's write path, which
   // delayed publish acks under bursts when every event carried the check: there, `once`
   // outputs rely on their message ids and the duplicate window, as before.
-  const once = versionAtLeast(nc.info?.version ?? "0.0.0", "2.10.0") ? stage.once : undefined;
+  const version = nc.info?.version ?? "0.0.0";
+  const once = versionAtLeast(version, "2.10.0") ? stage.once : undefined;
   // nats-server 2.11 checks a publish against the last sequence of a wildcard subject, which
   // makes a stage's outcome check and its publish one atomic step (`publishFenced`).
-  const fences = versionAtLeast(nc.info?.version ?? "0.0.0", "2.11.0");
+  const fences = versionAtLeast(version, "2.11.0");
   // Pull only as many messages as there are free handler slots (no prefetch): a message
   // starts its handler, and so its in-progress acks, the moment it arrives, so a slow
   // handler can never let a waiting message's ack wait expire.

@@ -133,43 +133,56 @@ Deno.test("a wait's arming handled again later (a kill before its ack) keeps its
   ]);
 });
 
-Deno.test("a timer that comes before its wait's deadline (forged, or published early) decides nothing and fails nothing", async () => {
+/**
+ * Arms `p`'s timer for `item` (its `check` step completing at 00:00), checks that a copy of
+ * it claiming `forgedDue` and handled at `handledAt`, before the armed time, is refused with
+ * `refusal`, then fires the real one at its time and returns what that published.
+ */
+async function earlyTimerRefused(
+  p: LoadedPipeline,
+  item: string,
+  forgedDue: string,
+  handledAt: string,
+  refusal: RegExp,
+) {
   await using t = await startTestNats();
-  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
-  const event = completed(approvals, "check", "it9", "2026-01-01T00:00:00.000Z");
-  assert.deepEqual(await deliver(t, approvals, event, 7, "2026-01-01T00:00:00.010Z"), []);
-  const [deadline] = await timers(t);
-  // A copy of the armed timer claiming a deadline already past, handled 10 s after arming,
-  // 50 s before the wait's real deadline: refused, not a timeout.
-  const forged = structuredClone(deadline!.payload) as { data: { due: string } };
-  forged.data.due = "2026-01-01T00:00:05.000Z";
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const event = completed(p, "check", item, "2026-01-01T00:00:00.000Z");
+  assert.deepEqual(await deliver(t, p, event, 7, "2026-01-01T00:00:00.010Z"), []);
+  const [armed] = await timers(t);
+  assert.equal(armed!.at, "2026-01-01T00:01:00.000Z");
+  const forged = structuredClone(armed!.payload) as { data: { due: string } };
+  forged.data.due = forgedDue;
   await assert.rejects(
-    deliver(t, approvals, forged as never, 8, "2026-01-01T00:00:10.000Z"),
+    deliver(t, p, forged as never, 8, handledAt),
     (err: Error & { code?: string }) =>
-      err.code === "invalid_awaited_event" &&
-      /before its deadline 2026-01-01T00:01:00/.test(err.message),
+      err.code === "invalid_awaited_event" && refusal.test(err.message),
   );
-  // The real one, at its time, times the wait out.
-  const fired = await deliver(t, approvals, deadline!.payload as never, 9, deadline!.at!);
+  return await deliver(t, p, armed!.payload as never, 9, armed!.at!);
+}
+
+Deno.test("a timer that comes before its wait's deadline (forged, or published early) decides nothing and fails nothing", async () => {
+  // A copy of the armed timer claiming a deadline already past, handled 10 s after arming,
+  // 50 s before the wait's real deadline: refused, not a timeout. The real one, at its time,
+  // times the wait out.
+  const fired = await earlyTimerRefused(
+    approvals,
+    "it9",
+    "2026-01-01T00:00:05.000Z",
+    "2026-01-01T00:00:10.000Z",
+    /before its deadline 2026-01-01T00:01:00/,
+  );
   assert.deepEqual(fired.map((e) => e.type), ["approvals.approval_timed_out", "approvals.expired"]);
 });
 
 Deno.test("a delay's timer that comes before its time decides nothing; at its time it goes on", async () => {
-  await using t = await startTestNats();
-  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([later], t.config.retentionMs));
-  const event = completed(later, "check", "it8", "2026-01-01T00:00:00.000Z");
-  assert.deepEqual(await deliver(t, later, event, 7, "2026-01-01T00:00:00.010Z"), []);
-  const [due] = await timers(t);
-  assert.equal(due!.at, "2026-01-01T00:01:00.000Z");
-  const forged = structuredClone(due!.payload) as { data: { due: string } };
-  forged.data.due = "2026-01-01T00:00:01.000Z";
-  await assert.rejects(
-    deliver(t, later, forged as never, 8, "2026-01-01T00:00:02.000Z"),
-    (err: Error & { code?: string }) =>
-      err.code === "invalid_awaited_event" &&
-      /before its time 2026-01-01T00:01:00/.test(err.message),
+  const fired = await earlyTimerRefused(
+    later,
+    "it8",
+    "2026-01-01T00:00:01.000Z",
+    "2026-01-01T00:00:02.000Z",
+    /before its time 2026-01-01T00:01:00/,
   );
-  const fired = await deliver(t, later, due!.payload as never, 9, due!.at!);
   assert.deepEqual(fired.map((e) => e.type), ["later.pause", "later.done"]);
 });
 

@@ -42,17 +42,6 @@ export function busSubmissionId(message: { seq: number; storedAt: number }): str
 /** Where every feedback stage reads, and what it fails an item with. */
 const FEEDBACK = { stream: FEEDBACK_STREAM, failedType: T.Failed } as const;
 
-/**
- * The steps' events, each stored once per item: a second copy of an earlier event (forged,
- * or stray under another id) runs nothing again, since what it would publish is there.
- */
-const ONCE: ReadonlySet<string> = new Set([
-  T.SentimentAnalyzed,
-  T.TopicsExtracted,
-  T.Dispatched,
-  T.Processed,
-]);
-
 /** Turns plain submissions from `feedback.submit` into ingested events. */
 export function ingestStage(): Stage<{ kind: "document"; name: "feedback.submit" }> {
   return {
@@ -89,7 +78,6 @@ export function sentimentStage(
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "sentiment"),
-    once: ONCE,
     input: { kind: "event", types: [T.Ingested] },
     async handle(event, ctx) {
       const sentiment = await analyzer.analyze(event.data.text, { signal: ctx.signal });
@@ -112,7 +100,6 @@ export function topicsStage(
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "topics"),
-    once: ONCE,
     input: { kind: "event", types: [T.SentimentAnalyzed] },
     async handle(event, ctx) {
       const options = { signal: ctx.signal };
@@ -139,7 +126,6 @@ export function dispatchStage(
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "dispatch"),
-    once: ONCE,
     input: { kind: "event", types: [T.TopicsExtracted] },
     handle(event, ctx) {
       const routing = route(event.data.sentiment.label, event.data.topics.topics);

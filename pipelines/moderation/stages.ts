@@ -24,7 +24,7 @@ import type { ContentDecided, ContentItem, ContentSlaExpired, Moderation } from 
 import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue.ts";
 import type { ScheduleStore } from "../../src/scheduler/store.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
-import { stepInput } from "../../src/pipeline/derive.ts";
+import { endTypesOf, stepInput } from "../../src/pipeline/derive.ts";
 import { MODERATION_PIPELINE } from "./pipeline.ts";
 import { ContentEventType as T } from "./events.ts";
 
@@ -49,7 +49,6 @@ export function moderationStage(
     input: { kind: "event", types: [T.Uploaded] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "moderation"),
-    once: new Set([T.Moderated]),
     async handle(event, ctx) {
       const item: ContentItem = event.data;
       let moderation: Moderation;
@@ -84,7 +83,7 @@ export function moderationStage(
  * An item's outcomes: it is published or archived, once (each is stored once per item, and
  * the runner refuses the second kind; see `Stage.outcomes`).
  */
-const OUTCOMES: ReadonlySet<string> = new Set([T.Published, T.Archived]);
+const OUTCOMES: ReadonlySet<string> = endTypesOf(MODERATION_PIPELINE);
 
 /** Publishes what moderation found safe. */
 export function storageModeratedStage(): Stage<
@@ -95,7 +94,6 @@ export function storageModeratedStage(): Stage<
     outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-moderated"),
-    once: OUTCOMES,
     handle(event, ctx) {
       if (event.data.moderation.verdict !== "safe") return [];
       return [
@@ -117,7 +115,6 @@ export function storageDecidedStage(): Stage<
     outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-decided"),
-    once: OUTCOMES,
     handle(event, ctx) {
       const d = event.data;
       return [
@@ -190,7 +187,6 @@ export function reviewQueueStage(
     input: { kind: "event", types: [T.Moderated] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "review-queue"),
-    once: new Set([T.ReviewRequested]),
     async handle(event, ctx: StageContext) {
       if (event.data.moderation.verdict !== "flagged") return [];
       // Times derive from the input event, so a redelivery computes the same entry.
@@ -257,6 +253,8 @@ export function reviewSlaStage(
     input: { kind: "event", types: [T.SlaExpired] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "review-sla"),
+    // The definition's loop (SLA -> review) repeats its escalations; its automatic decision,
+    // like a reviewer's, comes once.
     once: new Set([T.Decided]),
     async handle(event, ctx) {
       const entry = await queue.get(event.item_id);

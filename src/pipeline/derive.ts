@@ -104,10 +104,13 @@ export interface StepInput {
   failedType: string;
   /** The pipeline's outcome event types (see `Stage.finalTypes`). */
   finalTypes: ReadonlySet<string>;
+  /** Its event types an item has at most one of ({@link onceTypesOf}; see `Stage.once`). */
+  once: ReadonlySet<string>;
 }
 
 /**
- * The durable consumer, stream, filter and failure event of work step `id`: a stage module
+ * The durable consumer, stream, filter, failure and outcome events, and once-per-item events
+ * of work step `id`: a stage module
  * that runs the step spreads this into its stage, so the definition decides what it reads.
  *
  * @example
@@ -132,6 +135,7 @@ export function stepInput(spec: PipelineSpec, id: string): StepInput {
     filterSubject,
     failedType: `${spec.name}.${FAILED}`,
     finalTypes: endTypesOf(spec),
+    once: onceTypesOf(spec),
   };
 }
 

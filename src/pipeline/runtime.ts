@@ -10,7 +10,7 @@
  */
 import type { NatsConnection } from "@nats-io/nats-core";
 import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
-import { type KV, Kvm } from "@nats-io/kv";
+import { type KV, type KvEntry, Kvm } from "@nats-io/kv";
 import { ConfigError, ConflictError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
@@ -524,6 +524,11 @@ type ControlInput =
 
 const encoder = new TextEncoder();
 
+/** The record a control-bucket entry holds; undefined for none (or a deleted one). */
+function heldOf(e: KvEntry | null): Held | undefined {
+  return e && e.operation === "PUT" && e.length > 0 ? e.json<Held>() : undefined;
+}
+
 /** Reads, changes (compare-and-set) and writes one record; returns what `change` returned. */
 async function updateHeld<T>(
   kv: KV,
@@ -532,7 +537,7 @@ async function updateHeld<T>(
 ): Promise<T> {
   for (let attempt = 0; attempt < 20; attempt++) {
     const e = await kv.get(key);
-    const current = e && e.operation === "PUT" && e.length > 0 ? e.json<Held>() : undefined;
+    const current = heldOf(e);
     const { rec, out } = change(current);
     if (!rec) return out;
     try {
@@ -876,8 +881,7 @@ export function controlStage(
     const iter = carry.runs[t] ?? 0;
     const now = ctx.now().getTime();
     if (s.kind === "delay") {
-      const e2 = await kv.get(`${t}.${e.item_id}`);
-      const rec = e2 && e2.operation === "PUT" && e2.length > 0 ? e2.json<Held>() : undefined;
+      const rec = heldOf(await kv.get(`${t}.${e.item_id}`));
       const due = rec?.iter === iter && rec.due ? Date.parse(rec.due) : undefined;
       if (due && now < due - TIMER_SKEW_MS) {
         throw new WeftError(
