@@ -52,6 +52,18 @@ export interface Access {
   writesObjects?: readonly string[];
   /** Subscribes to these plain subjects (e.g. `nats sub`). */
   subscribes?: readonly string[];
+  /**
+   * Subjects it may not subscribe to even where `subscribes` would allow them (the ops
+   * identity: other clients' requests, which may carry API keys in their headers).
+   */
+  neverSubscribes?: readonly string[];
+  /**
+   * Whether it answers requests it receives (`allow_responses`). Default true: every
+   * service answers `nats micro` and the metrics request. An identity that subscribes
+   * widely and serves nothing (ops) must not: with it, it could answer, or ack, whatever
+   * it received with a reply subject.
+   */
+  answers?: boolean;
   /** Every JetStream API, every subject: the topology owner. */
   admin?: boolean;
 }
@@ -79,8 +91,12 @@ function readStreamSubjects(stream: string): string[] {
     `${API}.STREAM.MSG.GET.${stream}`,
     `${API}.DIRECT.GET.${stream}`,
     `${API}.DIRECT.GET.${stream}.>`,
-    // Ephemeral and ordered consumers: create (2.9 and 2.10+ forms), pull, info, delete.
-    `${API}.CONSUMER.CREATE.${stream}`,
+    // Ephemeral and ordered consumers: create, pull, info, delete. Only the form that names
+    // the consumer in the subject (`CREATE.<stream>.<name>[.<filter>]`, nats-server 2.9+):
+    // the unnamed `CREATE.<stream>` takes the name from the body, where a deny cannot see
+    // it, and a body naming a step's durable consumer updates it (its filter, its start),
+    // so the step never sees the items published meanwhile. Readers give one filter as a
+    // string, which nats.js sends in the named form.
     `${API}.CONSUMER.CREATE.${stream}.>`,
     `${API}.CONSUMER.MSG.NEXT.${stream}.>`,
     `${API}.CONSUMER.INFO.${stream}.>`,
@@ -133,6 +149,7 @@ export function permissionsFor(
   identity: string,
   access: Access,
   durables: readonly { stream: string; durable: string }[],
+  identities: readonly string[] = [],
 ): Permissions {
   if (access.admin) {
     return { publish: { allow: [">"] }, subscribe: { allow: [">"] }, allow_responses: true };
@@ -182,10 +199,16 @@ export function permissionsFor(
       for (const s of durableDenies(stream, durable)) deny.add(s);
     }
   }
+  // Another identity's inbox is never readable: deliveries of its consumers arrive there,
+  // and a reader of their reply subjects could ack (or terminate) them in its place.
+  const subDeny = new Set<string>(access.neverSubscribes ?? []);
+  for (const other of identities) {
+    if (other !== identity) subDeny.add(`${inboxPrefix(other)}.>`);
+  }
   return {
     publish: { allow: [...pub], ...(deny.size ? { deny: [...deny] } : {}) },
-    subscribe: { allow: [...sub] },
-    allow_responses: true,
+    subscribe: { allow: [...sub], ...(subDeny.size ? { deny: [...subDeny] } : {}) },
+    allow_responses: access.answers ?? true,
   };
 }
 

@@ -239,6 +239,10 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
     publishes: callerSchedulableSubjects(SHIPPED_PIPELINES),
     requests: ["weft.>", "$SRV.>"],
     subscribes: [">"],
+    // Others' requests to the gateway carry their API keys; replies to its own requests
+    // arrive in its own inbox.
+    neverSubscribes: ["weft.>"],
+    answers: false,
     readsStreams: [...SHIPPED_READS.readsStreams!, ...RUNTIME_STREAMS],
     readsBuckets: [
       ...SHIPPED_READS.readsBuckets!,
@@ -274,7 +278,10 @@ export function meshPermissions(
       },
     })),
     ...Object.entries(mesh.operators).map(([name, access]) => ({ name, access })),
-  ].map(({ name, access }) => ({ name, permissions: permissionsFor(name, access, durables) }));
+  ].map(({ name, access }, _, all) => ({
+    name,
+    permissions: permissionsFor(name, access, durables, all.map((a) => a.name)),
+  }));
 }
 
 /** host:port of each server in a NATS URL list, for `--allow-net`. */

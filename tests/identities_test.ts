@@ -181,6 +181,46 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
   );
 
   await t.step(
+    "no reader can rewrite a step's consumer, read another identity's deliveries, or see others' requests",
+    async () => {
+      const config = async () =>
+        await as(
+          mesh,
+          "admin",
+          async (nc) =>
+            (await (await jetstreamManager(nc)).consumers.info("FEEDBACK", "sentiment")).config,
+        );
+      const before = await config();
+      for (const identity of ["ops", "gateway"]) {
+        await as(mesh, identity, async (nc) => {
+          // The unnamed create takes the consumer's name from its body: naming a step's
+          // durable consumer there would update it, and the step would miss every item
+          // published while its filter pointed elsewhere.
+          const hijack = { ...before, filter_subject: "feedback.nothing.*" };
+          await assert.rejects(
+            nc.request(
+              "$JS.API.CONSUMER.CREATE.FEEDBACK",
+              JSON.stringify({ stream_name: "FEEDBACK", config: hijack }),
+              { timeout: 5_000 },
+            ),
+            /permission/i,
+            identity,
+          );
+        });
+      }
+      assert.equal((await config()).filter_subject, before.filter_subject);
+      await as(mesh, "ops", async (nc) => {
+        // A step's deliveries arrive in its inbox, with the subject that acks them as their
+        // reply; requests to the gateway carry the callers' API keys.
+        for (const subject of ["_INBOX_topics.>", "weft.>"]) {
+          const closed = await nc.subscribe(subject).closed;
+          assert.match(String(closed), /permission/i, subject);
+        }
+      });
+    },
+  );
+
+  await t.step(
     "no service, nor the ops identity, can delete or purge a stream or a step's consumer",
     async () => {
       for (const identity of ["sentiment", "gateway", "state", "ops"]) {

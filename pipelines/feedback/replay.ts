@@ -129,7 +129,7 @@ export async function readProduction(
 ): Promise<ProductionDecision[]> {
   const js = jetstream(nc);
   const consumer = await js.consumers.get(FEEDBACK_STREAM, {
-    filter_subjects: ["feedback.dispatched.*"],
+    filter_subjects: "feedback.dispatched.*",
     ...(opts.since ? { opt_start_time: opts.since.toISOString() } : {}),
   });
   const out: ProductionDecision[] = [];

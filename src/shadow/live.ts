@@ -518,7 +518,7 @@ export async function restoreTally(
   const info = await jsm.streams.info(SHADOW_STREAM, { subjects_filter: filter });
   if (info.state.messages === 0) return 0;
   const consumer = await js.consumers.get(SHADOW_STREAM, {
-    filter_subjects: [filter],
+    filter_subjects: filter,
     ...(spec.attached_at ? { opt_start_time: spec.attached_at } : {}),
   });
   let left = (await consumer.info(true)).num_pending;
@@ -1168,7 +1168,7 @@ export async function readShadowDecisions(
   const jsm = await jetstreamManager(nc);
   const state = (await jsm.streams.info(SHADOW_STREAM)).state;
   if (state.messages === 0) return [];
-  const consumer = await js.consumers.get(SHADOW_STREAM, { filter_subjects: ["shadow.*.*.*"] });
+  const consumer = await js.consumers.get(SHADOW_STREAM, { filter_subjects: "shadow.*.*.*" });
   let left = (await consumer.info(true)).num_pending;
   const out: ShadowDecision[] = [];
   if (left === 0) return out;
