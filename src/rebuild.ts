@@ -9,7 +9,7 @@
  * @module
  */
 import type { JetStreamClient } from "@nats-io/jetstream";
-import canonicalize from "canonicalize";
+import { canonicalJson } from "./canonical_json.ts";
 import { assertMatchesSubject } from "./runner.ts";
 import { validateEvent } from "./schemas.ts";
 import type { StateSpec } from "./state_writer.ts";
@@ -89,7 +89,7 @@ export function compareStates<S>(rebuilt: Map<string, S>, live: Map<string, S>):
   for (const [id, s] of rebuilt) {
     const l = live.get(id);
     if (!l) diff.missingLive.push(id);
-    else if (canonicalize(l) === canonicalize(s)) diff.equal++;
+    else if (canonicalJson(l) === canonicalJson(s)) diff.equal++;
     else diff.different.push(id);
   }
   for (const id of live.keys()) if (!rebuilt.has(id)) diff.missingRebuilt.push(id);

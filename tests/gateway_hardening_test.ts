@@ -108,6 +108,30 @@ Deno.test("a client id reused with a different body is refused with 422 like a r
   await expectProblem(batch, 422, "/id");
 });
 
+Deno.test("a text with a lone UTF-16 surrogate is accepted, and its repeat is a replay, not a 500", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  // JSON.parse accepts "\ud800"; canonical JSON as RFC 8785 defines it refuses it.
+  const body = '{"id":"lone-1","text":"a\\ud800b"}';
+  const post = (path: string, text: string, key?: string) =>
+    app.request(path, {
+      method: "POST",
+      headers: { ...JSON_TYPE, ...(key ? { "Idempotency-Key": key } : {}) },
+      body: text,
+    });
+  assert.equal((await post("/feedback", body)).status, 202);
+  const again = await post("/feedback", body);
+  assert.equal(again.status, 202, await again.clone().text());
+  assert.equal(again.headers.get("idempotent-replayed"), "true");
+  const keyed = '{"id":"lone-2","text":"a\\ud800b"}';
+  assert.equal((await post("/feedback", keyed, "lone-key")).status, 202);
+  const keyedAgain = await post("/feedback", keyed, "lone-key");
+  assert.equal(keyedAgain.status, 202, await keyedAgain.clone().text());
+  assert.equal(keyedAgain.headers.get("idempotent-replayed"), "true");
+  const other = await post("/feedback", '{"id":"lone-1","text":"a\\udc00b"}');
+  assert.equal((await expectProblem(other, 422, "/id")).code, "idempotency_mismatch");
+});
+
 Deno.test("weft.feedback.get with malformed JSON answers a clear error, not a 500", async () => {
   await using t = await startTestNats();
   const intake = await createIntake(t.nc);

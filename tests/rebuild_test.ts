@@ -65,3 +65,11 @@ Deno.test("rebuilding state from the FEEDBACK stream equals the live state, and 
   assert.equal(figures.missing_in_bucket, 0);
   assert.equal(figures.equal, live.size);
 });
+
+Deno.test("comparing states holding a lone UTF-16 surrogate (accepted over HTTP) does not throw", () => {
+  const live = new Map([["a", { text: "x\ud800" }], ["b", { text: "y" }]]);
+  const rebuilt = new Map([["a", { text: "x\ud800" }], ["b", { text: "y\udc00" }]]);
+  const diff = compareStates(rebuilt, live);
+  assert.equal(diff.equal, 1);
+  assert.deepEqual(diff.different, ["b"]);
+});

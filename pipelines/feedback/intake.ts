@@ -20,7 +20,7 @@ import { ulid } from "ulid";
 import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../../src/errors.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";
 import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "./events.gen.ts";
-import canonicalize from "canonicalize";
+import { canonicalJson } from "../../src/canonical_json.ts";
 import { eventMessage, publishEvent } from "../../src/runner.ts";
 import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../../src/atomic_batch.ts";
 import pLimit from "p-limit";
@@ -222,7 +222,7 @@ export async function createIntake(
     if (!stored) return true;
     // The same id again: the same item (replay) only with the same content; another body
     // under a known id is refused, as a reused Idempotency-Key with another body is.
-    if (canonicalize(stored.event.data) !== canonicalize(itemOf(submission))) {
+    if (canonicalJson(stored.event.data) !== canonicalJson(itemOf(submission))) {
       throw new WeftError(
         ErrorCode.IdempotencyMismatch,
         `item ${id} was already submitted with a different body`,
@@ -250,8 +250,8 @@ export async function createIntake(
       });
     }
     const kvKey = deterministicId("idempotency", key);
-    // Canonical JSON (RFC 8785): the same request with its keys in another order matches.
-    const fingerprint = deterministicId(canonicalize(request) ?? "");
+    // Canonical JSON (src/canonical_json.ts): the same request with its keys in another order matches.
+    const fingerprint = deterministicId(canonicalJson(request) ?? "");
     const body = answer();
     try {
       await idempotency.create(kvKey, encoder.encode(JSON.stringify({ fingerprint, body })));

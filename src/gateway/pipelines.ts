@@ -15,7 +15,7 @@ import type { Config } from "../config.ts";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
 import { Role } from "../config.ts";
 import { ConflictError, ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
-import canonicalize from "canonicalize";
+import { canonicalJson } from "../canonical_json.ts";
 import pLimit from "p-limit";
 import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../atomic_batch.ts";
 import type { OutputEvent } from "../stage.ts";
@@ -249,8 +249,8 @@ async function storedInputs(
 
 /** Refuses a reused Idempotency-Key whose input differs from the stored item's. */
 function assertSameInput(stored: unknown, input: unknown): void {
-  // Canonical JSON (RFC 8785): the same input with its keys in another order matches.
-  if (canonicalize(stored) !== canonicalize(input)) {
+  // Canonical JSON (src/canonical_json.ts): the same input with its keys in another order matches.
+  if (canonicalJson(stored) !== canonicalJson(input)) {
     throw new WeftError(
       ErrorCode.IdempotencyMismatch,
       "this Idempotency-Key was used with a different request",
