@@ -100,6 +100,9 @@ import {
 /** The repository root: service entries and nats.conf are relative to it. */
 const ROOT = new URL("../", import.meta.url);
 
+/** The server's answer when the streams' reserved limits pass its JetStream store. */
+const INSUFFICIENT_STORE = /insufficient (storage )?resources/i;
+
 /** nats.conf's client port, used when WEFT_NATS_PORT does not override it. */
 const DEFAULT_NATS_PORT = 4222;
 /** Where the supervisor's nats-server writes its pid, relative to its working directory. */
@@ -1024,13 +1027,20 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         }
         break;
       } catch (err) {
-        if (Date.now() >= until) throw err;
+        // Each stream reserves its byte limit in the server's store: waiting will not help.
+        if (Date.now() >= until || INSUFFICIENT_STORE.test(String(err))) throw err;
         log.info("JetStream not ready yet; trying again", { attempt, err: String(err) });
         await new Promise((r) => setTimeout(r, 1000));
       }
     }
   } catch (err) {
-    await fail(`streams and buckets could not be set up: ${(err as Error).message}`, err);
+    const hint = INSUFFICIENT_STORE.test(String(err))
+      ? `. Each pipeline's stream reserves WEFT_STREAM_MAX_BYTES (now ${config.streamMaxBytes} ` +
+        `bytes) of the server's JetStream store (max_file_store in nats.conf, 8GB): with ` +
+        `${loaded.length} definitions besides the shipped pipelines, lower WEFT_STREAM_MAX_BYTES ` +
+        `or raise max_file_store`
+      : "";
+    await fail(`streams and buckets could not be set up: ${(err as Error).message}${hint}`, err);
   }
 
   let stopping = false;

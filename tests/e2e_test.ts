@@ -420,6 +420,38 @@ Deno.test("deno task start says it is ready once, after every service answers an
   assert.ok(!mesh.logs.some((l) => "config" in l), "no configuration printed at info");
 });
 
+Deno.test("when the streams' limits pass the server's store, deno task start says which setting to change, at once", async () => {
+  const storeDir = await meshTempDir("weft-mesh-");
+  const natsPort = freePort();
+  try {
+    const started = Date.now();
+    const out = await new Deno.Command("deno", {
+      args: await taskArgs("start"),
+      cwd: new URL("../", import.meta.url),
+      env: {
+        PORT: String(freePort()),
+        WEFT_NATS_PORT: String(natsPort),
+        WEFT_NATS_MONITOR_PORT: String(freePort()),
+        WEFT_NATS_DIR: storeDir,
+        // More than nats.conf's max_file_store (8GB) for one stream: what six definitions'
+        // streams of 1 GiB each and the shipped ones' reserve together.
+        WEFT_STREAM_MAX_BYTES: String(9 * 1024 ** 3),
+      },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 1);
+    assert.match(text, /insufficient storage resources/);
+    assert.match(text, /lower WEFT_STREAM_MAX_BYTES or raise max_file_store/);
+    // Not retried as if JetStream were still starting (that takes the whole start timeout).
+    assert.ok(Date.now() - started < 25_000, `${Date.now() - started} ms`);
+    assert.ok(portFree(natsPort), "nats-server stopped with it");
+  } finally {
+    await Deno.remove(storeDir, { recursive: true }).catch(() => {});
+  }
+});
+
 Deno.test("with nats-server's monitoring port taken, deno task start says which port, not an empty failure", async () => {
   const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (held.addr as Deno.NetAddr).port;

@@ -29,6 +29,7 @@ export function createLlmStep(
   let analyzer:
     | Promise<{ analyze(text: string, o: { signal: AbortSignal }): Promise<unknown> }>
     | undefined;
+  // A failed load (the prompt file unreadable) is not kept: the next item tries again.
   const load = () =>
     analyzer ??= (async () => {
       const text = await Deno.readTextFile(new URL(step.prompt, `file://${p.file}`));
@@ -41,7 +42,10 @@ export function createLlmStep(
         vars: {},
         toResult: (payload) => payload,
       });
-    })();
+    })().catch((err) => {
+      analyzer = undefined;
+      throw err;
+    });
   return async (value, _data, signal) => {
     const r = await (await load()).analyze(JSON.stringify(value), { signal }) as
       & Record<string, unknown>

@@ -112,3 +112,53 @@ Deno.test("a wait, join or delay that holds items longer than events are kept st
   );
   checkHoldsWithinRetention(approvals(30 * 86_400_000), 31 * 86_400_000);
 });
+
+Deno.test("a step's prompt file that does not exist stops the start, naming the step and the path", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = await definitionFile(dir, "orders");
+    await Deno.writeTextFile(
+      file,
+      (await Deno.readTextFile(file)).replace(
+        `echo: {\n      kind: "task",`,
+        `triage: { kind: "llm", prompt: "prompts/triage.md", output: { type: "object" }, next: "echo" },\n    echo: {\n      kind: "task",`,
+      ).replace(`start: "echo"`, `start: "triage"`),
+    );
+    await assert.rejects(
+      loadPipelines([file]),
+      (e) =>
+        e instanceof ConfigError && e.message.includes("step triage") &&
+        e.message.includes("prompt file prompts/triage.md not found"),
+    );
+    await Deno.mkdir(`${dir}/prompts`);
+    await Deno.writeTextFile(`${dir}/prompts/triage.md`, "Triage it. {{schema}}");
+    assert.equal((await loadPipelines([file])).length, 1, "found relative to the definition");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("two pipelines whose names differ only by - and _ are refused: they would share buckets", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await assert.rejects(
+      loadPipelines([await definitionFile(dir, "a-b"), await definitionFile(dir, "a_b")]),
+      (e) => e instanceof ConfigError && e.message.includes("would share its buckets"),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the shipped example definitions load: every prompt they name exists", async () => {
+  const root = new URL("../../", import.meta.url).pathname;
+  const loaded = await loadPipelines(
+    [
+      "pipelines/examples/tickets.ts",
+      "pipelines/examples/documents.ts",
+      "pipelines/support/pipeline.ts",
+    ],
+    root,
+  );
+  assert.deepEqual(loaded.map((p) => p.def.name).sort(), ["documents", "support", "tickets"]);
+});

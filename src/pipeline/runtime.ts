@@ -172,6 +172,14 @@ export async function loadPipelines(
           `pipeline file ${f}: pipeline "${def.name}" is also defined in ${twin.file}`,
         );
       }
+      // Bucket names cannot hold "-": `a-b` and `a_b` would share every bucket.
+      const sharer = out.find((p) => stateBucketOf(p.def.name) === stateBucketOf(def.name));
+      if (sharer) {
+        throw new ConfigError(
+          `pipeline file ${f}: pipeline "${def.name}" would share its buckets ` +
+            `(${stateBucketOf(def.name)}) with pipeline "${sharer.def.name}" (${sharer.file})`,
+        );
+      }
       for (const [id, step] of Object.entries(def.steps)) {
         if (WORK_KINDS.has(step.kind)) {
           const durable = durableOf(def, id);
@@ -182,6 +190,20 @@ export async function loadPipelines(
             );
           }
           durables.set(durable, `pipeline ${def.name}`);
+        }
+        const prompt = (step as { prompt?: unknown }).prompt;
+        if (typeof prompt === "string") {
+          // Found now, not on the first item (which would fail every item after retries).
+          const path = new URL(prompt, `file://${file}`).pathname;
+          try {
+            if (!Deno.statSync(path).isFile) throw new Deno.errors.NotFound(path);
+          } catch (err) {
+            if (!(err instanceof Deno.errors.NotFound)) throw err;
+            throw new ConfigError(
+              `pipeline file ${f}, step ${id}: prompt file ${prompt} not found (${path}; ` +
+                `a prompt's path is relative to its definition file)`,
+            );
+          }
         }
         if (step.kind === "router" && !step.route) {
           throw new ConfigError(
