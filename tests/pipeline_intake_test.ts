@@ -227,3 +227,39 @@ Deno.test("a reused Idempotency-Key is the same item with the same input, and re
     requests.stop();
   }
 });
+
+Deno.test("an input nesting deeper than an event may is refused at intake with 422, not accepted and failed", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: t.config,
+    log: t.log,
+    pipelines,
+  });
+  // The entry event holds the input two levels down, under data.input: 62 levels fit in
+  // the 64 every consumer takes, 63 do not.
+  const nested = (levels: number) =>
+    `{"customer":"c-1","text":"deep","x":${"[".repeat(levels - 1)}${"]".repeat(levels - 1)}}`;
+  const post = (path: string, body: string) =>
+    app.request(`/pipelines/tickets/items${path}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body,
+    });
+  assert.equal((await post("", nested(62))).status, 202);
+  const deep = await post("", nested(63));
+  assert.equal(deep.status, 422);
+  assert.equal(deep.headers.get("content-type"), "application/problem+json");
+  assert.equal((await deep.json()).field, "/");
+  const batch = await post("/batch", `{"items":[${nested(2)},${nested(63)}]}`);
+  assert.equal(batch.status, 422);
+  assert.equal((await batch.json()).field, "/items/1");
+  const requests = servePipelineRequests(t.nc, pipelines, t.log);
+  try {
+    assert.equal((await ask(t, "weft.tickets.submit", nested(63))).error?.status, 422);
+  } finally {
+    requests.stop();
+  }
+});

@@ -14,7 +14,7 @@ import { type KV, type KvEntry, Kvm } from "@nats-io/kv";
 import { ConfigError, ConflictError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
-import { publishEvent, runStage } from "../runner.ts";
+import { depthWithin, MAX_DEPTH, publishEvent, runStage } from "../runner.ts";
 import type { AnyEvent } from "../schemas.ts";
 import { combineRunnables, defineService, type ServiceDef } from "../service.ts";
 import type { OutputEvent, Stage, StageContext } from "../stage.ts";
@@ -1058,8 +1058,20 @@ export function intakeStage(p: LoadedPipeline): Stage<any> {
   };
 }
 
+/**
+ * How deep an item's input may nest: its entry event holds it two levels down (`data.input`),
+ * and no consumer takes an event nesting deeper than {@link MAX_DEPTH} levels, so a deeper
+ * input is refused at intake (422 naming it) rather than accepted and then failed.
+ */
+export const MAX_INPUT_DEPTH: number = MAX_DEPTH - 2;
+
 /** Checks an input document against the definition's input schema; a 4xx naming the field. */
 export function checkInput(flow: Flow, value: unknown): unknown {
+  if (!depthWithin(value, MAX_INPUT_DEPTH)) {
+    throw new ValidationError(`the input nests deeper than ${MAX_INPUT_DEPTH} levels`, {
+      field: "/",
+    });
+  }
   if (flow.checkInput(value)) return value;
   const { field, message } = schemaFailure(flow.checkInput);
   throw new ValidationError(message, { field });
