@@ -4,6 +4,7 @@
  * that would later be dead-lettered. Real nats-server, the gateway app in-process.
  */
 import assert from "node:assert/strict";
+import { headers } from "@nats-io/nats-core";
 import { loadConfig } from "../src/config.ts";
 import { ConfigError } from "../src/errors.ts";
 import { createApp } from "../src/gateway/app.ts";
@@ -14,6 +15,7 @@ import { createIntake } from "../pipelines/feedback/intake.ts";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
+import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
@@ -42,6 +44,12 @@ async function gateway(t: TestNats) {
     auth: createAuth([]),
     extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
   });
+}
+
+function natsHeaders(authorization: string) {
+  const h = headers();
+  h.set("Authorization", authorization);
+  return h;
 }
 
 async function expectProblem(res: Response, status: number, field?: string) {
@@ -130,6 +138,97 @@ Deno.test("a text with a lone UTF-16 surrogate is accepted, and its repeat is a 
   assert.equal(keyedAgain.headers.get("idempotent-replayed"), "true");
   const other = await post("/feedback", '{"id":"lone-1","text":"a\\udc00b"}');
   assert.equal((await expectProblem(other, 422, "/id")).code, "idempotency_mismatch");
+});
+
+Deno.test("a content id reused with a different body is refused with 422 over HTTP and weft.content.submit, from any key; the same body is a replay", async () => {
+  await using t = await startTestNats();
+  const auth = createAuth([
+    { sha256: hashKey("k-web"), role: "ingest", name: "web" },
+    { sha256: hashKey("k-partner"), role: "ingest", name: "partner" },
+  ]);
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: true,
+  });
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: t.config,
+    log: t.log,
+    auth,
+    extensions: [moderationRoutes(moderation)],
+  });
+  const requests = serveModerationRequests(t.nc, moderation, auth, t.log);
+  try {
+    const post = (key: string, body: unknown) =>
+      app.request("/content", {
+        method: "POST",
+        headers: { ...JSON_TYPE, authorization: `Bearer ${key}` },
+        body: JSON.stringify(body),
+      });
+    const storedText = async (id: string) => {
+      const m = await t.jsm.streams.getMessage(CONTENT_STREAM, {
+        last_by_subj: `content.uploaded.${id}`,
+      });
+      return m?.json<{ data: { text?: string } }>().data.text;
+    };
+    const first = { id: "ct-mine-1", text: "first text", metadata: { a: 1, b: "x" } };
+    assert.equal((await post("k-web", first)).status, 202);
+    // The same body, its keys in another order: the first answer again.
+    const same = await post("k-web", {
+      metadata: { b: "x", a: 1 },
+      text: "first text",
+      id: first.id,
+    });
+    assert.equal(same.status, 202, await same.clone().text());
+    assert.equal(same.headers.get("idempotent-replayed"), "true");
+    for (const key of ["k-web", "k-partner"]) {
+      for (const body of [{ ...first, text: "other text" }, { ...first, metadata: { a: 2 } }]) {
+        const p = await expectProblem(await post(key, body), 422, "/id");
+        assert.equal(p.code, "idempotency_mismatch");
+      }
+    }
+    const reply = (await t.nc.request(
+      "weft.content.submit",
+      JSON.stringify({ id: first.id, text: "over the bus" }),
+      { ...PATIENT, headers: natsHeaders("Bearer k-partner") },
+    )).json<{ error?: { status: number; code: string } }>();
+    assert.equal(reply.error?.status, 422, JSON.stringify(reply));
+    assert.equal(reply.error?.code, "idempotency_mismatch");
+    assert.equal(await storedText(first.id), "first text", "the first submission stands");
+
+    // Two different bodies racing for a new id: one is accepted, the other refused.
+    const raced = await Promise.all(
+      ["racer one", "racer two"].map((text) => post("k-web", { id: "ct-race-1", text })),
+    );
+    assert.deepEqual(raced.map((r) => r.status).sort(), [202, 422]);
+    const winner = raced.find((r) => r.status === 202)!;
+    await winner.body?.cancel();
+    await raced.find((r) => r.status === 422)!.body?.cancel();
+
+    // A binary upload's id named by a text submission is another body too.
+    const upload = await app.request("/content?meta.camera=x100", {
+      method: "POST",
+      headers: { "content-type": "image/png", authorization: "Bearer k-web" },
+      body: new Uint8Array([1, 2, 3]),
+    });
+    assert.equal(upload.status, 202);
+    const { id: objectId } = await upload.json();
+    await expectProblem(await post("k-web", { id: objectId, text: "not the image" }), 422, "/id");
+    const info = await t.jsm.streams.info(CONTENT_STREAM, {
+      subjects_filter: "content.uploaded.*",
+    });
+    // (state.messages counts the whole stream; state.subjects only the filter's)
+    assert.deepEqual(
+      Object.values(info.state.subjects ?? {}),
+      [1, 1, 1],
+      "one upload per item, nothing more",
+    );
+  } finally {
+    requests.stop();
+  }
 });
 
 Deno.test("weft.feedback.get with malformed JSON answers a clear error, not a 500", async () => {

@@ -7,6 +7,7 @@
  * @module
  */
 import "./settings.ts";
+import { isDeepStrictEqual } from "node:util";
 import { headers, type NatsConnection } from "@nats-io/nats-core";
 import {
   jetstream,
@@ -135,6 +136,38 @@ export function uploadedEventId(itemId: string): string {
   return deterministicId(itemId, T.Uploaded);
 }
 
+/**
+ * What a submission of an item consists of, to tell a repeat from another submission under
+ * the same id: the text or the object's content (its digest, size and type: the bytes'
+ * hash), and the metadata. Not who submitted it, nor where the object is kept (named by
+ * the id).
+ */
+export function submissionOf(item: ContentItem): unknown {
+  const view: Record<string, unknown> = {};
+  if (item.text !== undefined) view.text = item.text;
+  if (item.object !== undefined) {
+    const { digest, size, content_type } = item.object;
+    view.object = { digest, size, content_type };
+  }
+  if (item.metadata !== undefined) view.metadata = item.metadata;
+  // As the stream stores it (JSON), so that -0 and 0, say, are one value.
+  return JSON.parse(JSON.stringify(view));
+}
+
+/**
+ * Refuses (422 `idempotency_mismatch`, as feedback does) a submission under an id the
+ * stream already holds with another body; the same body, its keys in any order, passes.
+ */
+export function assertSameSubmission(id: string, stored: ContentItem, item: ContentItem): void {
+  if (!isDeepStrictEqual(submissionOf(stored), submissionOf(item))) {
+    throw new WeftError(
+      ErrorCode.IdempotencyMismatch,
+      `item ${id} was already submitted with a different body`,
+      { field: "/id" },
+    );
+  }
+}
+
 /** Who a reviewer action is recorded as: the credential's name, or (auth off) the body's. */
 export function reviewerOf(
   who: Principal,
@@ -246,13 +279,27 @@ export async function createModerationApi(deps: {
       deps.limiter?.take(who);
       await deps.capacity?.check(CONTENT_STREAM);
       const id = s.id ?? `ct_${ulid()}`;
-      if (s.id !== undefined && await uploadedExists(id)) {
-        return { body: { id, status: "accepted", links: contentLinks(id, false) }, replayed: true };
-      }
       const item: ContentItem = { text: s.text, submitted_by: who.name };
       if (s.metadata !== undefined) item.metadata = s.metadata;
+      const accepted = (replayed: boolean) => ({
+        body: { id, status: "accepted" as const, links: contentLinks(id, false) },
+        replayed,
+      });
+      // A client id already known: a replay only with the same body.
+      if (s.id !== undefined) {
+        const stored = await uploaded(id);
+        if (stored) {
+          assertSameSubmission(id, stored, item);
+          return accepted(true);
+        }
+      }
       const replayed = await publishUpload(id, item, trace);
-      return { body: { id, status: "accepted", links: contentLinks(id, false) }, replayed };
+      // Another submission of the id stored first (a race): the same check.
+      if (replayed) {
+        const stored = await uploaded(id);
+        if (stored) assertSameSubmission(id, stored, item);
+      }
+      return accepted(replayed);
     },
     async submitObject(body, meta, who, trace) {
       deps.limiter?.take(who);
