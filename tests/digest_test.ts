@@ -1,18 +1,25 @@
 /**
  * The feedback digest as a recurring schedule over real processes: the scheduler fires
  * the `feedback-digest` cron, the digest service counts dispatched items per team and
- * publishes `digest.feedback_counts`.
+ * publishes `digest.feedback_counts`. Then the digest stage in-process on a real
+ * nats-server: what it does with bad requests.
  */
 import assert from "node:assert/strict";
 import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { loadConfig } from "../src/config.ts";
 import { createEvent } from "../src/events.ts";
 import { startNatsServer } from "../src/nats_server.ts";
-import { publishEvent } from "../src/runner.ts";
+import { publishEvent, runStage } from "../src/runner.ts";
 import { DIGEST_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/mesh.ts";
-import { connectClient } from "./helpers/nats.ts";
+import { connectClient, startTestNats, type TestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+import { listDeadLetters } from "../src/redrive.ts";
+import { type DispatchCounter, feedbackDigestStage } from "../pipelines/feedback/digest.ts";
+import { DIGEST_REQUEST_SUBJECT, FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
+
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
 
 Deno.test({
   name: "a recurring schedule publishes the feedback digest with counts per team",
@@ -67,4 +74,59 @@ Deno.test({
       await nc.close();
     }
   },
+});
+
+/** The digest stage in-process on `t`'s server, counting with `count`. */
+function digestRunner(t: TestNats, count: DispatchCounter) {
+  return runStage({
+    nc: t.nc,
+    stage: feedbackDigestStage(count, 3600_000),
+    config: t.config,
+    log: t.log,
+  });
+}
+
+const noCounts: DispatchCounter = () => Promise.resolve({ total: 0, teams: {} });
+
+/** Messages stored in FEEDBACK on `filter`. */
+async function storedOn(t: TestNats, filter: string): Promise<number> {
+  const info = await t.jsm.streams.info(FEEDBACK_STREAM, { subjects_filter: filter });
+  return Object.values(info.state.subjects ?? {}).reduce((a, n) => a + n, 0);
+}
+
+Deno.test("a bad digest request is dead-lettered and fails no item, not even one named like its subject's last token", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  // An item whose id is the request subject's last token, already finished.
+  await publishEvent(
+    js,
+    createEvent({
+      type: "feedback.processed",
+      itemId: "feedback",
+      traceId: TRACE,
+      source: "test",
+      data: {
+        text: "the invoice is wrong",
+        sentiment: { label: "negative", score: -0.5, analyzer: "rules" },
+        topics: { topics: ["billing"], evidence: {}, analyzer: "rules" },
+        routing: { team: "billing", rule: 0 },
+      },
+    }),
+    null,
+  );
+  const runner = await digestRunner(t, noCounts);
+  try {
+    const bad = ["x", '{"item_id":"victim"}', '{"window_ms":5}'];
+    for (const body of bad) await js.publish(DIGEST_REQUEST_SUBJECT, body);
+    await waitFor(() => runner.stats.deadLettered === bad.length, 10_000, "three dead letters");
+  } finally {
+    await runner.stop();
+  }
+  assert.equal(await storedOn(t, "feedback.failed.*"), 0, "no item failed");
+  const letters = await listDeadLetters(js, { stage: "feedback-digest" });
+  assert.equal(letters.length, 3);
+  for (const l of letters) {
+    assert.equal(l.letter.item_id, undefined, `a digest request is no item: ${l.subject}`);
+    assert.equal(l.letter.attempts, 1, "invalid on its first delivery");
+  }
 });

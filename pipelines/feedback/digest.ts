@@ -66,6 +66,11 @@ export function feedbackDigestStage(
     failedType: FeedbackEventType.Failed,
     filterSubject: DIGEST_REQUEST_SUBJECT,
     input: { kind: "document", name: "digest.request" },
+    // A digest request is no item: its subject's last token (`feedback`) names none, nor does
+    // anything in its body. A bad one is dead-lettered and fails no item, so `failedType` is
+    // never published.
+    identify: () => undefined,
+    failsItem: () => false,
     async handle(request, ctx) {
       // The window ends when the request was stored: a redelivery counts the same window.
       const end = new Date(ctx.message.storedAt);
