@@ -27,7 +27,13 @@ import {
 import { toProblem, ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
 import { assertMatchesSubject, decodeJson } from "./runner.ts";
-import { type EventMap, submissionDocument, validateDocument, validateEvent } from "./schemas.ts";
+import {
+  type EventMap,
+  requestDocument,
+  submissionDocument,
+  validateDocument,
+  validateEvent,
+} from "./schemas.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import type { Logger } from "./observability/log.ts";
 import type { Auth } from "./gateway/auth.ts";
@@ -286,8 +292,10 @@ async function refusalOf(jsm: JetStreamManager, letter: DeadLetter): Promise<str
   const body = originalBody(letter, bytes);
   try {
     const value = decodeJson(body);
-    const submission = submissionDocument(subject);
-    if (submission) validateDocument(submission, value);
+    // A submission or a request is a plain document, whatever its subject looks like: a
+    // request on `digest.request.feedback` is no `digest.request` event of item `feedback`.
+    const document = submissionDocument(subject) ?? requestDocument(subject);
+    if (document) validateDocument(document, value);
     else if (parseEventSubject(subject)) {
       const event = validateEvent(value, [parseEventSubject(subject)!.type as keyof EventMap]);
       assertMatchesSubject(event, subject);

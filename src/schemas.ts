@@ -80,6 +80,12 @@ export interface EventCatalog {
    * keeps the item id its intake gave it.
    */
   submissions?: Readonly<Record<string, string>>;
+  /**
+   * Subjects plain-JSON requests that are no item arrive on (`digest.request.feedback`), with
+   * the document each is validated as: a redrive of one is checked the same way (not as an
+   * event, whatever its subject looks like) and republished as it was.
+   */
+  requests?: Readonly<Record<string, string>>;
 }
 
 // ajv-formats is CommonJS; its default export arrives wrapped under Deno's npm interop.
@@ -100,6 +106,7 @@ const eventVersions = new Map<string, Map<number, object>>();
 const entryTypes = new Set<string>();
 const eventRoots = new Set<string>();
 const submissionSubjects = new Map<string, string>();
+const requestSubjects = new Map<string, string>();
 
 /** A schema's `$id`, what tells two schemas apart. */
 const idOf = (schema: object): string | undefined => (schema as { $id?: string }).$id;
@@ -149,12 +156,21 @@ export function registerEvents(catalog: EventCatalog): void {
     eventRoots.add(type.split(".")[0]!);
   }
   for (const type of catalog.entry ?? []) entryTypes.add(type);
-  for (const [subject, document] of Object.entries(catalog.submissions ?? {})) {
-    const taken = submissionSubjects.get(subject);
-    if (taken !== undefined && taken !== document) {
-      throw new TypeError(`submissions on ${subject} are already validated as ${taken}`);
+  addSubjects(submissionSubjects, catalog.submissions);
+  addSubjects(requestSubjects, catalog.requests);
+}
+
+/** Adds document subjects to `into`; a subject validated otherwise already is a TypeError. */
+function addSubjects(
+  into: Map<string, string>,
+  subjects: Readonly<Record<string, string>> | undefined,
+): void {
+  for (const [subject, document] of Object.entries(subjects ?? {})) {
+    const taken = submissionSubjects.get(subject) ?? requestSubjects.get(subject);
+    if (taken !== undefined && (taken !== document || !into.has(subject))) {
+      throw new TypeError(`messages on ${subject} are already validated as ${taken}`);
     }
-    submissionSubjects.set(subject, document);
+    into.set(subject, document);
   }
 }
 
@@ -182,6 +198,14 @@ export function isEventRoot(root: string): boolean {
 /** The document a bus submission on `subject` is validated as, if it is a submission subject. */
 export function submissionDocument(subject: string): keyof DocumentMap | undefined {
   return submissionSubjects.get(subject) as keyof DocumentMap | undefined;
+}
+
+/**
+ * The document a request that is no item on `subject` is validated as
+ * ({@link EventCatalog.requests}), if it is a request subject.
+ */
+export function requestDocument(subject: string): keyof DocumentMap | undefined {
+  return requestSubjects.get(subject) as keyof DocumentMap | undefined;
 }
 
 const compiled = new Map<object, ValidateFunction>();

@@ -162,6 +162,11 @@ Deno.test("a pipeline registers its events: their schemas, entry events and bus 
       /already validated as orders.submit/,
     );
     assert.throws(
+      () => registerEvents({ requests: { "orders.submit": "orders.submit" } }),
+      /already validated as orders.submit/,
+      "a submission subject is no request subject",
+    );
+    assert.throws(
       () => registerEvents({ events: { "feedback.ingested": placed } }),
       /two pipelines cannot own one event type/,
     );

@@ -2,7 +2,7 @@
  * The feedback digest as a recurring schedule over real processes: the scheduler fires
  * the `feedback-digest` cron, the digest service counts dispatched items per team and
  * publishes `digest.feedback_counts`. Then the digest stage in-process on a real
- * nats-server: what it does with bad requests.
+ * nats-server: what it does with bad requests, and how its dead letters are redriven.
  */
 import assert from "node:assert/strict";
 import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
@@ -14,9 +14,11 @@ import { DIGEST_STREAM } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/mesh.ts";
 import { connectClient, startTestNats, type TestNats } from "./helpers/nats.ts";
+import { feedbackApp } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { type DispatchCounter, feedbackDigestStage } from "../pipelines/feedback/digest.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
 import { DIGEST_REQUEST_SUBJECT, FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -128,5 +130,42 @@ Deno.test("a bad digest request is dead-lettered and fails no item, not even one
   for (const l of letters) {
     assert.equal(l.letter.item_id, undefined, `a digest request is no item: ${l.subject}`);
     assert.equal(l.letter.attempts, 1, "invalid on its first delivery");
+  }
+});
+
+Deno.test("digest dead letters are redriven: a handler_failed one runs again and publishes its digest", async () => {
+  await using t = await startTestNats({ maxAttempts: 2 });
+  const js = jetstream(t.nc);
+  let down = true;
+  const count: DispatchCounter = (from, to) =>
+    down ? Promise.reject(new Error("FEEDBACK is unreachable")) : noCounts(from, to);
+  const runner = await digestRunner(t, count);
+  try {
+    await js.publish(DIGEST_REQUEST_SUBJECT, '{"window_ms":86400000}');
+    await waitFor(() => runner.stats.deadLettered === 1, 10_000, "the dead letter");
+    const [letter] = await listDeadLetters(js, { stage: "feedback-digest" });
+    assert.equal(letter?.letter.code, "handler_failed");
+    down = false;
+    const app = feedbackApp(t, await createIntake(t.nc));
+    const res = await app.request("/deadletters/redrive", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ all: true }),
+    });
+    assert.equal(res.status, 200, await res.clone().text());
+    const result = await res.json();
+    assert.deepEqual(result.refused, []);
+    assert.equal(result.redriven.length, 1);
+    assert.equal(result.redriven[0].subject, DIGEST_REQUEST_SUBJECT);
+    const consumer = await js.consumers.get(DIGEST_STREAM, {
+      filter_subjects: "digest.feedback_counts.*",
+      deliver_policy: DeliverPolicy.All,
+    });
+    const m = await consumer.next({ expires: 10_000 });
+    assert.ok(m, "the redriven request's digest was published within 10 s");
+    const digest = m.json<{ data: { window_start: string; window_end: string } }>().data;
+    assert.equal(Date.parse(digest.window_end) - Date.parse(digest.window_start), 86400000);
+  } finally {
+    await runner.stop();
   }
 });

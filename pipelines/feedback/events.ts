@@ -42,7 +42,12 @@ import type {
   FeedbackTopicsExtracted,
   Ruleset,
 } from "./events.gen.ts";
-import { FeedbackEventType, FINAL_EVENT_TYPES, SUBMIT_SUBJECT } from "./subjects.ts";
+import {
+  DIGEST_REQUEST_SUBJECT,
+  FeedbackEventType,
+  FINAL_EVENT_TYPES,
+  SUBMIT_SUBJECT,
+} from "./subjects.ts";
 
 declare module "../../src/schemas.ts" {
   interface EventMap {
@@ -114,4 +119,5 @@ registerEvents({
   },
   entry: [FeedbackEventType.Ingested],
   submissions: { [SUBMIT_SUBJECT]: "feedback.submit" },
+  requests: { [DIGEST_REQUEST_SUBJECT]: "digest.request" },
 });
