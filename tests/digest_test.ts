@@ -16,7 +16,7 @@ import { startService } from "./helpers/mesh.ts";
 import { connectClient, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
-import { listDeadLetters } from "../src/redrive.ts";
+import { checkRedrivable, listDeadLetters } from "../src/redrive.ts";
 import { type DispatchCounter, feedbackDigestStage } from "../pipelines/feedback/digest.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { DIGEST_REQUEST_SUBJECT, FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
@@ -168,4 +168,23 @@ Deno.test("digest dead letters are redriven: a handler_failed one runs again and
   } finally {
     await runner.stop();
   }
+});
+
+Deno.test("a digest request's window_ms past the schema's maximum is dead-lettered as invalid at once, and never redriven", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  const runner = await digestRunner(t, noCounts);
+  try {
+    await js.publish(DIGEST_REQUEST_SUBJECT, '{"window_ms":1e308}');
+    await waitFor(() => runner.stats.deadLettered === 1, 10_000, "the dead letter");
+    assert.equal(runner.stats.retried, 0, "not retried as a transient failure");
+  } finally {
+    await runner.stop();
+  }
+  const [letter] = await listDeadLetters(js, { stage: "feedback-digest" });
+  assert.equal(letter?.letter.code, "invalid_event");
+  assert.equal(letter?.letter.attempts, 1);
+  assert.match(letter?.letter.reason ?? "", /window_ms/);
+  const checked = await checkRedrivable(t.jsm, letter!.letter);
+  assert.match(checked.refused ?? "", /would be dead-lettered again/);
 });

@@ -655,7 +655,7 @@ export interface Ruleset {
  */
 export interface DigestRequest {
   /**
-   * The digest covers this long before the request; defaults to WEFT_DIGEST_WINDOW_MS.
+   * The digest covers this long before the request, at most 366 days; defaults to WEFT_DIGEST_WINDOW_MS.
    */
   window_ms?: number;
 }
