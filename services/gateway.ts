@@ -15,7 +15,7 @@ import { SHIPPED_GATEWAYS } from "../pipelines/shipped_gateways.ts";
 import { type GatewayPart, wiredStreams } from "../src/wiring.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
-import { servePipelineRequests } from "../src/gateway/pipelines.ts";
+import { definitionRedriveCheck, servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { createShadowControl } from "../src/shadow/control.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
@@ -62,7 +62,9 @@ export const service: ServiceDef = defineService(
     });
     const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
     const pipelineRequests = servePipelineRequests(nc, pipelines, log, { auth, guards });
-    const deadLetterRequests = serveDeadLetterRequests(nc, log, auth);
+    const deadLetterRequests = serveDeadLetterRequests(nc, log, auth, {
+      check: definitionRedriveCheck(pipelines),
+    });
     // The server has every request subscription above before the gateway says it listens:
     // a `nats req` sent on that word, from another connection, finds its responder.
     await nc.flush();

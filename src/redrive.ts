@@ -26,7 +26,7 @@ import {
 } from "@nats-io/jetstream";
 import { toProblem, ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
-import { assertMatchesSubject, decodeJson } from "./runner.ts";
+import { assertMatchesSubject, decodeJson, depthWithin, MAX_DEPTH } from "./runner.ts";
 import {
   type EventMap,
   requestDocument,
@@ -238,12 +238,26 @@ export type Redrivable = { body: Uint8Array; refused?: undefined } | { refused: 
 export async function checkRedrivable(
   jsm: JetStreamManager,
   letter: DeadLetter,
+  opts: RedriveOptions = {},
 ): Promise<Redrivable> {
-  const refusal = await refusalOf(jsm, letter);
+  const refusal = await refusalOf(jsm, letter, opts);
   return typeof refusal === "string" ? { refused: refusal } : { body: refusal };
 }
 
-async function refusalOf(jsm: JetStreamManager, letter: DeadLetter): Promise<string | Uint8Array> {
+/** What a redrive knows besides the catalog of events. */
+export interface RedriveOptions {
+  /**
+   * Validates an original on a subject the catalog does not know (a definition's), as its
+   * consumer would; throws what that consumer would dead-letter it for.
+   */
+  check?: (subject: string, value: unknown) => void;
+}
+
+async function refusalOf(
+  jsm: JetStreamManager,
+  letter: DeadLetter,
+  opts: RedriveOptions,
+): Promise<string | Uint8Array> {
   const subject = letter.subject;
   if (typeof subject !== "string" || /^[$_]/.test(subject) || /[\s*>]/.test(subject)) {
     return `subject ${JSON.stringify(subject)} may never be published to by a redrive`;
@@ -292,6 +306,10 @@ async function refusalOf(jsm: JetStreamManager, letter: DeadLetter): Promise<str
   const body = originalBody(letter, bytes);
   try {
     const value = decodeJson(body);
+    // Every consumer refuses a body nesting deeper than this before anything else.
+    if (!depthWithin(value, MAX_DEPTH)) {
+      throw new Error(`body nests deeper than ${MAX_DEPTH} levels`);
+    }
     // A submission or a request is a plain document, whatever its subject looks like: a
     // request on `digest.request.feedback` is no `digest.request` event of item `feedback`.
     const document = submissionDocument(subject) ?? requestDocument(subject);
@@ -299,7 +317,7 @@ async function refusalOf(jsm: JetStreamManager, letter: DeadLetter): Promise<str
     else if (parseEventSubject(subject)) {
       const event = validateEvent(value, [parseEventSubject(subject)!.type as keyof EventMap]);
       assertMatchesSubject(event, subject);
-    }
+    } else opts.check?.(subject, value);
   } catch (err) {
     return `the original would be dead-lettered again: ${(err as Error).message}`;
   }
@@ -322,7 +340,11 @@ function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
  * const { redriven } = await redrive(js, { filter: { stage: "topics", code: "handler_failed" } });
  * ```
  */
-export async function redrive(js: JetStreamClient, req: RedriveRequest): Promise<RedriveResult> {
+export async function redrive(
+  js: JetStreamClient,
+  req: RedriveRequest,
+  opts: RedriveOptions = {},
+): Promise<RedriveResult> {
   const all = await listDeadLetters(js, {}, Number.MAX_SAFE_INTEGER);
   let selected: DeadLetterEntry[];
   const notFound: number[] = [];
@@ -342,7 +364,7 @@ export async function redrive(js: JetStreamClient, req: RedriveRequest): Promise
   const result: RedriveResult = { redriven: [], not_found: notFound, refused: [] };
   const jsm = await js.jetstreamManager();
   for (const e of selected) {
-    const checked = await checkRedrivable(jsm, e.letter);
+    const checked = await checkRedrivable(jsm, e.letter, opts);
     if (checked.refused !== undefined) {
       result.refused.push({ seq: e.seq, reason: checked.refused });
       continue;
@@ -388,6 +410,7 @@ export function serveDeadLetterRequests(
   nc: NatsConnection,
   log: Logger,
   auth?: Auth,
+  opts: RedriveOptions = {},
 ): { stop(): void } {
   // With API keys configured, dead letters need an admin key, as over HTTP.
   const admin = (m: Msg) => auth?.authorize(m.headers?.get("Authorization"), [Role.Admin]);
@@ -424,7 +447,7 @@ export function serveDeadLetterRequests(
       callback: (_e, m) =>
         void reply(m, () => {
           admin(m);
-          return redrive(js, parseRedriveRequest(body(m)));
+          return redrive(js, parseRedriveRequest(body(m)), opts);
         }),
     }),
   ];

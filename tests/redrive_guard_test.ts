@@ -13,6 +13,16 @@ import { STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { createApp } from "../src/gateway/app.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
+import {
+  controlStage,
+  intakeStage,
+  loadPipelines,
+  pipelineTopology,
+} from "../src/pipeline/runtime.ts";
+import { CONTROL, durableOf, INTAKE, pipelineSubjects } from "../src/pipeline/derive.ts";
+import { ensureConsumer, ensureTopology, stageConsumerConfig } from "../src/topology.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -124,4 +134,55 @@ Deno.test("POST /deadletters/redrive refuses a body over its limit with 413 befo
   });
   assert.equal(res.status, 413);
   assert.match(res.headers.get("content-type") ?? "", /problem\+json/);
+});
+
+Deno.test("a definition's letter whose original would fail its consumer again is not redriven", async () => {
+  await using t = await startTestNats();
+  const pipelines = await loadPipelines(
+    ["pipelines/examples/tickets.ts"],
+    new URL("../", import.meta.url).pathname,
+  );
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: t.config,
+    log: t.log,
+    pipelines,
+  });
+  const js = jetstream(t.nc);
+  const def = pipelines[0]!.def;
+  // Originals dead-lettered on their first delivery: by the control step, a body that is no
+  // event of the flow and one too deep to decode; by the intake, a submission the input
+  // schema refuses.
+  const originals: [string, string, string][] = [
+    ["tickets.triage.it1", '{"garbage":true}', durableOf(def, CONTROL)],
+    ["tickets.approved.it1", `${"[".repeat(100)}${"]".repeat(100)}`, durableOf(def, CONTROL)],
+    ["tickets.submit", '{"customer":5}', durableOf(def, INTAKE)],
+  ];
+  // The consumers the control and intake services make when they start.
+  for (const stage of [controlStage(pipelines[0]!, t.nc), intakeStage(pipelines[0]!)]) {
+    await ensureConsumer(t.jsm, stage.stream, stageConsumerConfig(stage, t.config));
+  }
+  const ids: number[] = [];
+  for (const [subject, payload, stage] of originals) {
+    const stored = await js.publish(subject, payload);
+    const l = letter({ stage, subject, payload, stream_seq: stored.seq, code: "invalid_event" });
+    ids.push((await js.publish(`deadletter.${stage}.it1`, JSON.stringify(l))).seq);
+  }
+  const res = await app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ids }),
+  });
+  assert.equal(res.status, 422, await res.clone().text());
+  const problem = await res.json();
+  for (const seq of ids) {
+    assert.match(
+      problem.detail,
+      new RegExp(`\\b${seq}: the original would be dead-lettered again`),
+    );
+  }
+  const stream = await t.jsm.streams.info(pipelineSubjects(def).stream);
+  assert.equal(stream.state.messages, originals.length, "nothing republished");
 });

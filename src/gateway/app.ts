@@ -32,7 +32,7 @@ import { deadLetterRoutes } from "./deadletters.ts";
 import { type Auth, createAuth } from "./auth.ts";
 import { Role } from "../config.ts";
 import { LiveFeeds, SseClients } from "./sse.ts";
-import { type IntakeGuards, pipelineRoutes } from "./pipelines.ts";
+import { definitionRedriveCheck, type IntakeGuards, pipelineRoutes } from "./pipelines.ts";
 import { openApiDocument } from "./openapi.ts";
 import { pipelineSubjects } from "../pipeline/derive.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
@@ -283,7 +283,10 @@ export function createApp(deps: GatewayDeps): Hono {
 
   app.use("/deadletters", adminAuth);
   app.use("/deadletters/*", adminAuth);
-  app.route("/deadletters", deadLetterRoutes(jetStream.js));
+  app.route(
+    "/deadletters",
+    deadLetterRoutes(jetStream.js, { check: definitionRedriveCheck(deps.pipelines ?? []) }),
+  );
   if (deps.shadows) {
     app.use("/shadows", adminAuth);
     app.use("/shadows/*", adminAuth);

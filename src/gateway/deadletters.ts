@@ -12,7 +12,13 @@ import { bodyLimit } from "hono/body-limit";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { boolQuery, intQuery } from "./query.ts";
 import { decodeJson } from "../runner.ts";
-import { listDeadLetters, parseFilter, parseRedriveRequest, redrive } from "../redrive.ts";
+import {
+  listDeadLetters,
+  parseFilter,
+  parseRedriveRequest,
+  redrive,
+  type RedriveOptions,
+} from "../redrive.ts";
 
 /** Largest accepted body of `POST /deadletters/redrive`, bytes. */
 export const REDRIVE_BODY_LIMIT = 256 * 1024;
@@ -25,7 +31,7 @@ export const REDRIVE_BODY_LIMIT = 256 * 1024;
  * app.route("/deadletters", deadLetterRoutes(intake.js));
  * ```
  */
-export function deadLetterRoutes(js: JetStreamClient): Hono {
+export function deadLetterRoutes(js: JetStreamClient, opts: RedriveOptions = {}): Hono {
   const app = new Hono();
   app.get("/", async (c) => {
     const q = c.req.query();
@@ -58,7 +64,7 @@ export function deadLetterRoutes(js: JetStreamClient): Hono {
         });
       }
       const body = decodeJson(new Uint8Array(await c.req.arrayBuffer()));
-      return c.json(await redrive(js, parseRedriveRequest(body)));
+      return c.json(await redrive(js, parseRedriveRequest(body), opts));
     },
   );
   return app;

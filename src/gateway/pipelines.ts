@@ -26,7 +26,7 @@ import { readStream } from "../stream_reader.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
 import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
-import { checkAwaitedEvent, entryEvent, FAILED } from "../pipeline/flow.ts";
+import { checkAwaitedEvent, decodeFlowEvent, entryEvent, FAILED } from "../pipeline/flow.ts";
 import { eventOf } from "../pipeline/validate.ts";
 import {
   checkInput,
@@ -656,4 +656,28 @@ export function servePipelineRequests(
     ];
   });
   return { stop: () => subs.forEach((s) => s.unsubscribe()) };
+}
+
+/**
+ * How a redrive checks a definition's letter before republishing it, as the definition's
+ * consumers would (src/redrive.ts checks the catalog's events and documents itself): a
+ * submission against the input schema, an awaited event against its waits' schemas, any
+ * other event as an event of the flow on its subject. Throws what would dead-letter it again.
+ */
+export function definitionRedriveCheck(
+  pipelines: readonly LoadedPipeline[],
+): (subject: string, value: unknown) => void {
+  const byName = new Map(pipelines.map((p) => [p.def.name, p]));
+  return (subject, value) => {
+    const [root, token] = subject.split(".");
+    const p = byName.get(root!);
+    if (!p) return;
+    if (subject === pipelineSubjects(p.def).submit) {
+      checkInput(p.flow, value);
+      return;
+    }
+    const role = p.flow.roles.get(token!);
+    if (role?.role === "awaited") checkAwaitedEvent(p.flow, role.waits, value);
+    else decodeFlowEvent(p.flow, value, subject);
+  };
 }
