@@ -186,6 +186,35 @@ Deno.test("a delay's timer that comes before its time decides nothing; at its ti
   assert.deepEqual(fired.map((e) => e.type), ["later.pause", "later.done"]);
 });
 
+Deno.test("a delay's timer resumes the item only as the control step held it: never one it did not arm, nor other data", async () => {
+  // Found adversarially: a timer published for an item with no delay armed (or carrying
+  // another input) ran the steps after the delay on whatever it carried.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([later], t.config.retentionMs));
+  const event = completed(later, "check", "it6", "2026-01-01T00:00:00.000Z");
+  assert.deepEqual(await deliver(t, later, event, 7, "2026-01-01T00:00:00.010Z"), []);
+  const [armed] = await timers(t);
+  const real = armed!.payload as { item_id: string; data: { carry: { input: unknown } } };
+  const refused = (err: Error & { code?: string }, why: RegExp) =>
+    err.code === "invalid_awaited_event" && why.test(err.message);
+  // Another item's timer, never armed.
+  const stray = structuredClone(real);
+  stray.item_id = "it5";
+  await assert.rejects(
+    deliver(t, later, stray as never, 8, armed!.at!),
+    (err: Error & { code?: string }) => refused(err, /never armed/),
+  );
+  // This item's timer at its time, carrying another input.
+  const forged = structuredClone(real);
+  forged.data.carry.input = { text: "FORGED" };
+  await assert.rejects(
+    deliver(t, later, forged as never, 9, armed!.at!),
+    (err: Error & { code?: string }) => refused(err, /other data/),
+  );
+  const fired = await deliver(t, later, real as never, 10, armed!.at!);
+  assert.deepEqual(fired.map((e) => e.type), ["later.pause", "later.done"]);
+});
+
 Deno.test("a join's deadline is armed even when the kill came between recording its first input and arming", async () => {
   await using t = await startTestNats();
   await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([checks], t.config.retentionMs));

@@ -12,7 +12,8 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, type KvEntry, Kvm } from "@nats-io/kv";
 import { ConfigError, ConflictError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
-import { deterministicId } from "../events.ts";
+import { deterministicId, sha256Hex } from "../events.ts";
+import { canonicalJson } from "../canonical_json.ts";
 import type { Logger } from "../observability/log.ts";
 import { depthWithin, MAX_DEPTH, publishEvent, runStage } from "../runner.ts";
 import type { AnyEvent } from "../schemas.ts";
@@ -519,6 +520,11 @@ export function workStage(
 const TIMER_SKEW_MS = 5_000;
 
 /** A held item's record in the control bucket: one per (control step, item). */
+/** What a delay's record keeps of the data it holds an item with: its canonical digest. */
+function carryDigest(data: FlowData): string {
+  return sha256Hex(encoder.encode(canonicalJson(data) ?? ""));
+}
+
 interface Held {
   /** Loop iteration of the step this record is for. */
   iter: number;
@@ -528,6 +534,8 @@ interface Held {
   openedAt?: string;
   /** Delay: when it is due (ISO). */
   due?: string;
+  /** Delay: the SHA-256 of the data it holds the item with (what its timer must carry). */
+  carry?: string;
   /** Wait: the data it was armed with, the arming event, and its deadline (ISO). */
   armed?: { data: FlowData; cause: { id: string; trace_id: string }; due?: string };
   /** Wait: the awaited event's payload, when it came (possibly before the arming). */
@@ -749,7 +757,7 @@ export function controlStage(
         // Recorded first, so its timer is checked against it (a redelivery keeps the first).
         await updateHeld(kv, key, (rec) =>
           rec && rec.iter === iter ? { out: null } : {
-            rec: { iter, due: due.toISOString() },
+            rec: { iter, due: due.toISOString(), carry: carryDigest(e.data) },
             out: null,
           });
         await arm(t, e.item_id, iter, due, e, e.data);
@@ -904,7 +912,24 @@ export function controlStage(
     const now = ctx.now().getTime();
     if (s.kind === "delay") {
       const rec = heldOf(await kv.get(`${t}.${e.item_id}`));
-      const due = rec?.iter === iter && rec.due ? Date.parse(rec.due) : undefined;
+      if (rec && iter < rec.iter) return []; // a stale timer: the item went round since
+      // The item resumes with the data the timer carries: only with what the control step
+      // armed it with, for an arming it recorded (a forged timer could carry anything).
+      if (!rec || rec.iter !== iter) {
+        throw new WeftError(
+          ErrorCode.InvalidAwaitedEvent,
+          `a timer of step ${t} of ${n} item ${e.item_id} (run ${iter}) that its control ` +
+            `step never armed`,
+        );
+      }
+      if (rec.carry !== undefined && rec.carry !== carryDigest(carry)) {
+        throw new WeftError(
+          ErrorCode.InvalidAwaitedEvent,
+          `a timer of step ${t} of ${n} item ${e.item_id} carries other data than the item ` +
+            `was held with`,
+        );
+      }
+      const due = rec.due ? Date.parse(rec.due) : undefined;
       if (due && now < due - TIMER_SKEW_MS) {
         throw new WeftError(
           ErrorCode.InvalidAwaitedEvent,
