@@ -274,3 +274,45 @@ Deno.test("every schedule in the docs' examples targets a subject callers may sc
     }
   }
 });
+
+Deno.test("a caller can neither squat a pipeline timer's id before it is set nor cancel one", async () => {
+  // Found adversarially: an admin schedule made with the id of a review's SLA deadline to
+  // come (`sla-1-<item>`) kept the deadline from ever being set, and DELETE
+  // /schedules/sla-1-<item> cancelled one: the item stayed pending for good.
+  await using t = await startTestNats();
+  const log = createLogger("test", "error", () => {});
+  const api = await createModerationApi({ nc: t.nc, config: t.config, log, authEnabled: false });
+  const app = new Hono();
+  app.onError((err, c) => problemResponse(c, err));
+  app.route("/", createModerationRoutes({ api, auth: createAuth([]), config: t.config, log }));
+  const post = (body: unknown) =>
+    app.request("/schedules", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  const later = new Date(Date.now() + 3_600_000).toISOString();
+  const squat = await post({
+    id: "sla-1-r14",
+    subject: "feedback.submit",
+    payload: { text: "x" },
+    at: "2099-01-01T00:00:00.000Z",
+  });
+  assert.equal(squat.status, 201);
+  // The pipeline sets its deadline under that id: its timer wins.
+  const sla = { subject: "content.sla_expired.r14", payload: { id: "e" }, at: later };
+  const own = await api.schedules.create({ id: "sla-1-r14", ...sla });
+  assert.equal(own.subject, "content.sla_expired.r14");
+  assert.equal((await api.schedules.get("sla-1-r14")).at, later);
+  // A caller cannot cancel it, nor take its id again; its own schedules it can cancel.
+  const cancel = await app.request("/schedules/sla-1-r14", { method: "DELETE" });
+  assert.equal(cancel.status, 409, await cancel.text());
+  assert.equal((await api.schedules.get("sla-1-r14")).subject, "content.sla_expired.r14");
+  const again = await post({ id: "sla-1-r14", subject: "feedback.submit", payload: {}, at: later });
+  assert.equal(again.status, 409);
+  assert.equal(
+    (await post({ id: "mine", subject: "feedback.submit", payload: {}, at: later })).status,
+    201,
+  );
+  assert.equal((await app.request("/schedules/mine", { method: "DELETE" })).status, 204);
+});

@@ -131,7 +131,7 @@ export function serveModerationRequests(
     },
     [`${SCHEDULES_REQUEST_PREFIX}.cancel`]: {
       roles: [Role.Admin],
-      run: async (m) => ({ cancelled: await api.schedules.cancel(idOf(m)) }),
+      run: async (m) => ({ cancelled: await api.schedules.cancel(idOf(m), { caller: true }) }),
     },
   };
   const subs = Object.entries(handlers).map(([subject, h]) =>

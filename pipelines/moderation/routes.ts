@@ -196,7 +196,7 @@ export function createModerationRoutes(deps: {
   });
   app.get("/schedules/:id", admin, async (c) => c.json(await api.schedules.get(c.req.param("id"))));
   app.delete("/schedules/:id", admin, async (c) => {
-    if (!(await api.schedules.cancel(c.req.param("id")))) {
+    if (!(await api.schedules.cancel(c.req.param("id"), { caller: true }))) {
       throw new WeftError(ErrorCode.NotFound, `no schedule ${JSON.stringify(c.req.param("id"))}`);
     }
     return c.body(null, 204);

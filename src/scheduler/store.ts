@@ -108,8 +108,17 @@ export interface ScheduleStore {
   get(id: string): Promise<ScheduleEntry>;
   /** Every schedule, soonest first. */
   list(): Promise<ScheduleEntry[]>;
-  /** Cancels (deletes) a schedule; false when there was none. */
-  cancel(id: string): Promise<boolean>;
+  /**
+   * Cancels (deletes) a schedule; false when there was none. With `caller` (a request over
+   * HTTP or NATS), only one a caller could have made: a pipeline's own timer (its subject no
+   * caller may schedule) is refused with a {@link ConflictError}.
+   */
+  cancel(id: string, opts?: { caller?: boolean }): Promise<boolean>;
+}
+
+/** Whether a caller may schedule on `subject` ({@link assertCallerSchedulable}). */
+function callerMay(subject: string): boolean {
+  return subjectAllowed(callerSchedulableSubjects(SHIPPED_PIPELINES), subject);
 }
 
 const encoder = new TextEncoder();
@@ -150,6 +159,13 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
         const existing = await readSchedule(kv, entry.id);
         if (!existing) throw err;
         if (sameDefinition(existing.entry, entry)) return existing.entry;
+        // A pipeline's own timer (on a subject no caller may schedule) takes its id from one
+        // a caller made first: a caller could otherwise squat the id of a deadline to come
+        // (a review's SLA, a wait's timeout) and the pipeline's timer would never be set.
+        if (callerMay(existing.entry.subject) && !callerMay(entry.subject)) {
+          await kv.update(entry.id, encoder.encode(JSON.stringify(entry)), existing.revision);
+          return entry;
+        }
         throw new ConflictError(`schedule ${entry.id} exists with another definition`, {
           cause: err,
         });
@@ -167,8 +183,14 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
       return found.filter((f) => f !== null).map((f) => f.entry)
         .sort((a, b) => (a.next_at ?? "~").localeCompare(b.next_at ?? "~"));
     },
-    async cancel(id) {
-      if (!ID.test(id) || !(await readSchedule(kv, id))) return false;
+    async cancel(id, opts = {}) {
+      const found = ID.test(id) ? await readSchedule(kv, id) : null;
+      if (!found) return false;
+      if (opts.caller && !callerMay(found.entry.subject)) {
+        throw new ConflictError(
+          `schedule ${id} is a pipeline's own timer (${found.entry.subject}), not a caller's`,
+        );
+      }
       await kv.delete(id);
       return true;
     },
