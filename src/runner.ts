@@ -437,24 +437,30 @@ class OutcomeTaken extends WeftError {
 
 /**
  * An outcome the item already has, stored under another event id than the one `outputs`
- * would publish (a redelivery's own output is not a conflict), or undefined.
+ * would publish (`taken`), and those of `outputs`' outcomes stored already (`stored`: a
+ * redelivery's or a redriven copy's own output is not a conflict, and is not stored again).
  */
 async function outcomeTaken(
   jsm: JetStreamManager,
   stream: string,
   outputs: OutputEvent[],
   outcomes: ReadonlySet<string>,
-): Promise<{ type: string; seq: number } | undefined> {
+): Promise<{ taken?: { type: string; seq: number }; stored: OutputEvent[] }> {
   const mine = outputs.filter((e) => outcomes.has(e.type));
-  if (mine.length === 0) return undefined;
-  const ids = new Set(mine.map((e) => e.id));
+  if (mine.length === 0) return { stored: [] };
+  const byId = new Map(mine.map((e) => [e.id, e]));
   const item = mine[0]!.item_id;
   // A lookup that cannot tell throws: the message is retried like any failed publish.
   const found = await Promise.all([...outcomes].map(async (type) => {
     const last = await lastOn(jsm, stream, eventSubject(type, item));
-    return last && !ids.has(last.header.get("Nats-Msg-Id")) ? { type, seq: last.seq } : undefined;
+    if (!last) return undefined;
+    const own = byId.get(last.header.get("Nats-Msg-Id"));
+    return own ? { own } : { taken: { type, seq: last.seq } };
   }));
-  return found.find((f) => f !== undefined);
+  return {
+    taken: found.find((f) => f?.taken)?.taken,
+    stored: found.flatMap((f) => (f?.own ? [f.own] : [])),
+  };
 }
 
 /** The last message stored on `subject` in `stream` (a wildcard too); null when there is none. */
@@ -804,34 +810,46 @@ export async function runStage<I extends StageInput>(
       // does not wait a round trip per event (dispatch emits two). A failed publish fails the
       // message, whose retry re-publishes them all under the same message ids.
       // An outcome is published only where the item's history still ends where it did
-      // before the check that it has none (read first), where the server can say so.
-      const outcome = stage.outcomes ? outputs.find((e) => stage.outcomes!.has(e.type)) : undefined;
-      const end = outcome && fences ? await historyEnd(jsm, stream, outcome) : undefined;
-      if (stage.outcomes) {
-        const taken = await outcomeTaken(jsm, stream, outputs, stage.outcomes);
-        if (taken) {
-          // A second outcome (a forged or repeated decision): the item keeps its first.
-          throw new OutcomeTaken(taken.type, taken.seq);
-        }
-      }
+      // before the check that it has none (read first), where the server can say so. The
+      // events before it (a definition's step event, then the end it leads to) are stored
+      // first, in order; then the history's end is read, the check made again, and the
+      // outcome published against it.
+      const at = stage.outcomes ? outputs.findIndex((e) => stage.outcomes!.has(e.type)) : -1;
+      const outcome = at >= 0 ? outputs[at] : undefined;
+      const fenced = outcome !== undefined && fences;
+      let end = fenced && at === 0 ? await historyEnd(jsm, stream, outcome) : undefined;
       const skip = m.info.deliveryCount > 1
         ? await alreadyStored(jsm, stream, outputs)
         : new Set<OutputEvent>();
-      if (outcome && end && !skip.has(outcome)) {
-        await publishFenced(js, outcome, trace, end);
-        skip.add(outcome);
-      }
-      await Promise.all(
-        outputs.filter((e) => !skip.has(e)).map((event) =>
-          publishEvent(
-            js,
-            event,
-            trace,
-            (stage.entryTypes?.has(event.type) ?? isEntryEvent(event.type)) ||
-              once?.has(event.type) === true,
-          )
-        ),
-      );
+      const checkOutcome = async () => {
+        const found = await outcomeTaken(jsm, stream, outputs, stage.outcomes!);
+        // A second outcome (a forged or repeated decision, another branch's end): the item
+        // keeps its first.
+        if (found.taken) throw new OutcomeTaken(found.taken.type, found.taken.seq);
+        for (const e of found.stored) skip.add(e); // this message's own, stored before
+      };
+      if (stage.outcomes && outcome) await checkOutcome();
+      const publish = (events: OutputEvent[]) =>
+        Promise.all(
+          events.filter((e) => !skip.has(e)).map((event) =>
+            publishEvent(
+              js,
+              event,
+              trace,
+              (stage.entryTypes?.has(event.type) ?? isEntryEvent(event.type)) ||
+                once?.has(event.type) === true,
+            )
+          ),
+        );
+      if (fenced) {
+        await publish(outputs.slice(0, at));
+        if (!skip.has(outcome) && !end) {
+          end = await historyEnd(jsm, stream, outcome);
+          await checkOutcome();
+        }
+        if (!skip.has(outcome)) await publishFenced(js, outcome, trace, end!);
+        await publish(outputs.slice(at + 1));
+      } else await publish(outputs);
       for (const event of outputs) {
         stats.published++;
         metrics.published.inc({ stage: stage.name, type: event.type });

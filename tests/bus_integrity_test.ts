@@ -13,18 +13,21 @@ import { createEvent } from "../src/events.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { runStage } from "../src/runner.ts";
 import { nextEvent, type Stage } from "../src/stage.ts";
-import { readState } from "../src/state_writer.ts";
+import { readState, runStateWriter } from "../src/state_writer.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
-import { waitFor } from "./helpers/wait.ts";
+import { waitFor, waitUntil } from "./helpers/wait.ts";
 import { serverVersion, versionAtLeast } from "../src/nats_server.ts";
 import { definePipeline } from "../src/pipeline/definition.ts";
 import { compileFlow } from "../src/pipeline/flow.ts";
 import { durableOf, pipelineSubjects } from "../src/pipeline/derive.ts";
 import {
   type LoadedPipeline,
+  pipelineStateSpec,
   pipelineTopology,
+  readItem,
+  stateBucketOf,
   submitItem,
   workStage,
 } from "../src/pipeline/runtime.ts";
@@ -483,6 +486,107 @@ Deno.test({
         subjects_filter: "content.failed.*",
       });
       assert.deepEqual(Object.keys(failed.state.subjects ?? {}), [], "no item failed");
+    } finally {
+      for (const r of runners) await r.stop();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "two branches of one fan-out that end an item differently store one outcome per item; the other is a conflict and fails nothing",
+  ignore: !FENCES,
+  async fn() {
+    await using t = await startTestNats();
+    const obj = { type: "object" } as const;
+    // The runtime's fence holds on this graph (not one to write on purpose).
+    const def = definePipeline({
+      name: "forked",
+      input: { schema: obj },
+      start: "a",
+      steps: {
+        a: { kind: "task", output: obj, handle: () => ({ split: true }), next: ["b", "c"] },
+        b: { kind: "task", output: obj, handle: () => ({ left: true }), next: "x" },
+        c: { kind: "task", output: obj, handle: () => ({ right: true }), next: "y" },
+        x: { kind: "end", outcome: "x" },
+        y: { kind: "end", outcome: "y" },
+      },
+    });
+    const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+    await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+    const { stream } = pipelineSubjects(def);
+    const deps = { nc: t.nc, config: t.config, log: t.log };
+    const runners = [
+      await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+      ...await Promise.all(
+        ["a", "b", "c"].map((id) => runStage({ ...deps, stage: workStage(p, id) })),
+      ),
+    ];
+    const N = 20;
+    const ids = Array.from({ length: N }, (_, i) => `fork${i}`);
+    try {
+      await Promise.all(
+        ids.map((id) => submitItem(t.nc, p, id, {}, { source: "test", traceId: TRACE })),
+      );
+      const subjects = async (filter: string) =>
+        Object.keys(
+          (await t.jsm.streams.info(stream, { subjects_filter: filter })).state.subjects ?? {},
+        );
+      const outcomes = async () => {
+        const by = new Map<string, string[]>();
+        for (const s of await subjects("forked.*.*")) {
+          const [, type, id] = s.split(".");
+          if (type === "x" || type === "y") by.set(id!, [...by.get(id!) ?? [], type]);
+        }
+        return by;
+      };
+      // Each branch has ended its item or been given up on (dead-lettered).
+      const settled = async () => {
+        const letters = await listDeadLetters(jetstream(t.nc), {});
+        const gaveUp = (stage: string, id: string) =>
+          letters.some((l) => l.letter.stage === stage && l.letter.item_id === id);
+        const by = await outcomes();
+        return ids.every((id) =>
+          (by.get(id)?.includes("x") || gaveUp("forked-b", id)) &&
+          (by.get(id)?.includes("y") || gaveUp("forked-c", id))
+        );
+      };
+      await waitUntil(settled, 30_000, async () => JSON.stringify([...await outcomes()]));
+      for (const step of ["a", "b", "c"]) {
+        await waitFor(
+          async () => {
+            const info = await t.jsm.consumers.info(stream, durableOf(def, step));
+            return info.num_pending === 0 && info.num_ack_pending === 0;
+          },
+          20_000,
+          `step ${step} to settle`,
+        );
+      }
+      const by = await outcomes();
+      const two = [...by].filter(([, types]) => types.length > 1);
+      assert.deepEqual(two, [], "items with two outcomes");
+      assert.equal(by.size, N, "every item has its outcome");
+      assert.deepEqual(await subjects("forked.failed.*"), [], "no item failed");
+      // The branch that came second is kept as a conflict, naming its item.
+      const letters = (await listDeadLetters(jetstream(t.nc), {}))
+        .filter((l) => l.letter.stage === "forked-b" || l.letter.stage === "forked-c");
+      assert.equal(letters.length, N);
+      assert.ok(letters.every((l) => l.letter.code === "conflict"), JSON.stringify(letters[0]));
+      // The item's state is the outcome the stream stored.
+      const kv = await new Kvm(t.nc).open(stateBucketOf("forked"));
+      for (const [id, [type]] of by) {
+        const s = await waitFor(
+          async () => {
+            const s = await readItem(kv, id);
+            return s?.status === "done" && s;
+          },
+          10_000,
+          `${id} done`,
+        );
+        assert.equal(s.outcome, type, id);
+        // The winning branch's step event was stored before the end it led to.
+        assert.ok((type === "x" ? "b" : "c") in s.results, JSON.stringify(s.results));
+      }
     } finally {
       for (const r of runners) await r.stop();
     }

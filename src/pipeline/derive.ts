@@ -188,7 +188,9 @@ export function onceTypesOf(spec: PipelineSpec): ReadonlySet<string> {
 
 /**
  * A definition's outcome event types: the events of its end steps, but not its failure
- * (which a redrive may follow with another). An item reaches one of them, once.
+ * (which a redrive may follow with another). An item reaches one of them, once: the runtime's
+ * steps name them as their `Stage.outcomes`, so a second end (another branch's) is refused
+ * and dead-lettered as a `conflict`, failing nothing.
  */
 export function endTypesOf(spec: PipelineSpec): ReadonlySet<string> {
   const out = new Set<string>();

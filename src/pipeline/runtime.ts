@@ -422,6 +422,8 @@ export function workStage(
     stream: pipelineSubjects(def).stream,
     failedType: `${def.name}.${FAILED}`,
     once: onceTypesOf(def),
+    // An item ends once: a second end (another branch's) is refused as a conflict.
+    outcomes: endTypesOf(def),
     finalTypes: endTypesOf(def),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
@@ -984,6 +986,7 @@ export function controlStage(
     stream: pipelineSubjects(def).stream,
     failedType: `${n}.${FAILED}`,
     once: onceTypesOf(def),
+    outcomes: endTypesOf(def),
     finalTypes: endTypesOf(def),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
