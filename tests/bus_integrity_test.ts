@@ -499,7 +499,7 @@ Deno.test({
   async fn() {
     await using t = await startTestNats();
     const obj = { type: "object" } as const;
-    // The runtime's fence holds on this graph (not one to write on purpose).
+    // Loading refuses this graph (loadPipelines): the runtime's fence is what holds here.
     const def = definePipeline({
       name: "forked",
       input: { schema: obj },

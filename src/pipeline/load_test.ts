@@ -72,6 +72,39 @@ Deno.test("a definition's step may not take a durable consumer another pipeline 
   }
 });
 
+Deno.test("a fan-out whose branches always end the item at two different ends stops the start, naming the step", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/forked.ts`;
+    await Deno.writeTextFile(
+      file,
+      `import { definePipeline } from ${JSON.stringify(mod)};
+const obj = { type: "object" } as const;
+export const p = definePipeline({
+  name: "forked",
+  input: { schema: obj },
+  start: "a",
+  steps: {
+    a: { kind: "task", output: obj, handle: () => ({}), next: ["b", "c"] },
+    b: { kind: "task", output: obj, handle: () => ({}), next: "x" },
+    c: { kind: "task", output: obj, handle: () => ({}), next: "y" },
+    x: { kind: "end", outcome: "x" },
+    y: { kind: "end", outcome: "y" },
+  },
+});
+`,
+    );
+    await assert.rejects(
+      loadPipelines([file]),
+      (e) =>
+        e instanceof ConfigError && e.message.includes(`pipeline file ${file}, step a:`) &&
+        e.message.includes("two different ends (x and y)"),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a wait, join or delay that holds items longer than events are kept stops the start, naming the step", () => {
   // A 30-day approval with the default 7-day retention: the item's events and state would
   // expire while it waits, and its outcome would come for an item nothing remembers.

@@ -26,7 +26,7 @@ import { SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import type { ExtraTopology } from "../topology.ts";
 import type { Access } from "../identities.ts";
-import { edgesOf, eventOf, WORK_KINDS } from "./validate.ts";
+import { edgesOf, endsApart, eventOf, WORK_KINDS } from "./validate.ts";
 import type { PipelineDefinition, ScratchEntry, StepContext, StepSpec } from "./definition.ts";
 import {
   CONTROL,
@@ -211,6 +211,15 @@ export async function loadPipelines(
             `pipeline file ${f}, step ${id}: a router needs its route (the rules; a prompt only adds the LLM's choice)`,
           );
         }
+      }
+      const apart = endsApart(def);
+      if (apart) {
+        const [b1, b2] = apart.branches;
+        throw new ConfigError(
+          `pipeline file ${f}, step ${apart.step}: its branches ${b1} and ${b2} always end ` +
+            `the item at two different ends (${apart.ends.join(" and ")}), and an item has one ` +
+            `outcome; join the branches first, or end them at one end`,
+        );
       }
       out.push({ file, def, flow: compileFlow(def) });
     }

@@ -421,3 +421,83 @@ export function validatePipeline(spec: PipelineSpec): void {
     }
   }
 }
+
+/** Two branches of one fan-out that each end the item, at different end steps. */
+export interface EndsApart {
+  /** The step whose `next` fans out. */
+  step: string;
+  /** The two branches (steps of its `next`). */
+  branches: [string, string];
+  /** The end each of them always reaches. */
+  ends: [string, string];
+}
+
+/**
+ * The first fan-out two of whose branches each always reach an end, and not the same one,
+ * without a join between: every item would end twice, at two outcomes (the runtime stores
+ * the first and refuses the second as a `conflict`). Always reach: on every path, whatever a
+ * router or a wait decides; an end after a join, or one reached only on some paths (a
+ * router's route, a loop), does not count, so graphs that may still be right pass. Steps run
+ * by hand-written stages (moderation's `next: ["archived", "published"]`, one of which its
+ * stage emits) may declare such a fan-out; the definition runtime refuses it when it loads
+ * (`loadPipelines`).
+ *
+ * @example
+ * ```ts
+ * import { endsApart } from "./validate.ts";
+ * const obj = { type: "object" } as const;
+ * const found = endsApart({
+ *   name: "p", input: { schema: obj }, start: "a",
+ *   steps: {
+ *     a: { kind: "task", output: obj, handle: (x: unknown) => x, next: ["x", "y"] },
+ *     x: { kind: "end", outcome: "x" },
+ *     y: { kind: "end", outcome: "y" },
+ *   },
+ * });
+ * console.assert(found?.step === "a");
+ * ```
+ */
+export function endsApart(spec: PipelineSpec): EndsApart | undefined {
+  const steps = spec.steps as Readonly<Record<string, StepSpec>>;
+  const memo = new Map<string, ReadonlySet<string>>();
+  const visiting = new Set<string>();
+  const nextOf = (s: StepSpec) => edgesOf(s).filter(([, via]) => via === "next").map(([t]) => t);
+  /** The end steps every run from `id` reaches before any join (a cycle: none certain). */
+  const sure = (id: string): ReadonlySet<string> => {
+    const s = steps[id];
+    if (!s || s.kind === "join" || visiting.has(id)) return new Set();
+    if (s.kind === "end") return new Set([id]);
+    const known = memo.get(id);
+    if (known) return known;
+    visiting.add(id);
+    // A fan-out runs every branch: each one's ends are reached. Of a router's routes, or a
+    // wait's decision and timeout, one is taken: only the ends all of them reach.
+    const all = (ids: readonly string[]) => new Set(ids.flatMap((t) => [...sure(t)]));
+    const common = (sets: ReadonlySet<string>[]) =>
+      new Set([...sets[0] ?? []].filter((e) => sets.every((x) => x.has(e))));
+    const out = s.kind === "router"
+      ? common(Object.values(s.routes).map((t) => sure(t)))
+      : s.kind === "wait"
+      ? common([all(nextOf(s)), sure(s.onTimeout)])
+      : all(nextOf(s));
+    visiting.delete(id);
+    memo.set(id, out);
+    return out;
+  };
+  for (const [id, s] of Object.entries(steps)) {
+    const branches = [...new Set(nextOf(s))];
+    for (let i = 0; i < branches.length; i++) {
+      for (let j = i + 1; j < branches.length; j++) {
+        const a = [...sure(branches[i]!)];
+        const b = [...sure(branches[j]!)];
+        for (const ea of a) {
+          const eb = b.find((e) => e !== ea);
+          if (eb !== undefined) {
+            return { step: id, branches: [branches[i]!, branches[j]!], ends: [ea, eb] };
+          }
+        }
+      }
+    }
+  }
+  return undefined;
+}

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { definePipeline, type PipelineSpec } from "./definition.ts";
-import { PipelineDefinitionError } from "./validate.ts";
+import { endsApart, PipelineDefinitionError } from "./validate.ts";
+import { MODERATION_PIPELINE } from "../../pipelines/moderation/pipeline.ts";
 import { checkAwaitedEvent, compileFlow } from "./flow.ts";
 import { ConfigError, ValidationError } from "../errors.ts";
 
@@ -257,4 +258,75 @@ Deno.test("flow limits that would hold every call for ever, or limit nothing, ar
     "reply",
   ]);
   definePipeline(withFlow({ concurrency: { limit: 5, key: "customer" } }));
+});
+
+Deno.test("endsApart finds a fan-out whose branches always end the item at two different ends", () => {
+  const task = { kind: "task", output: obj, handle: (x: unknown) => x } as const;
+  const spec = (steps: PipelineSpec["steps"]): PipelineSpec => ({
+    name: "forked",
+    input: { schema: obj },
+    start: "a",
+    steps,
+  });
+  const x = { kind: "end", outcome: "x" } as const;
+  const y = { kind: "end", outcome: "y" } as const;
+  // The probe's graph: each branch's step leads to its own end.
+  assert.deepEqual(
+    endsApart(spec({
+      a: { ...task, next: ["b", "c"] },
+      b: { ...task, next: "x" },
+      c: { ...task, next: "y" },
+      x,
+      y,
+    })),
+    { step: "a", branches: ["b", "c"], ends: ["x", "y"] },
+  );
+  // Straight to two ends; and a wait whose decision and timeout both reach one of them.
+  assert.equal(endsApart(spec({ a: { ...task, next: ["x", "y"] }, x, y }))?.step, "a");
+  assert.equal(
+    endsApart(spec({
+      a: { ...task, next: ["b", "w"] },
+      b: { ...task, next: "y" },
+      w: { kind: "wait", event: "ok", timeoutMs: 1000, onTimeout: "x", next: "x" },
+      x,
+      y,
+    }))?.step,
+    "a",
+  );
+  // One end for both branches, a router's exclusive routes, an end one branch reaches only
+  // on some routes, a join before the ends, a loop: no second outcome is certain.
+  const fine: PipelineSpec["steps"][] = [
+    { a: { ...task, next: ["b", "c"] }, b: { ...task, next: "x" }, c: { ...task, next: "x" }, x },
+    { a: { kind: "router", route: () => "p", routes: { p: "x", q: "y" } }, x, y },
+    {
+      a: { ...task, next: ["r", "c"] },
+      r: { kind: "router", route: () => "p", routes: { p: "x", q: "y" } },
+      c: { ...task, next: "x" },
+      x,
+      y,
+    },
+    {
+      a: { ...task, next: ["b", "c"] },
+      b: { ...task, next: "j" },
+      c: { ...task, next: "j" },
+      j: { kind: "join", after: ["b", "c"], deadlineMs: 1000, onDeadline: "y", next: "x" },
+      x,
+      y,
+    },
+    {
+      a: { ...task, next: ["b", "c"] },
+      b: { kind: "router", route: () => "p", routes: { p: "b2", q: "x" } },
+      b2: { ...task, next: "b" },
+      c: { ...task, next: "y" },
+      x,
+      y,
+    },
+    { a: { ...task, next: ["b", "c"] }, b: { ...task, next: "x" }, c: { ...task }, x },
+  ];
+  for (const steps of fine) {
+    assert.equal(endsApart(spec(steps)), undefined, Object.keys(steps).join());
+  }
+  // A graph for hand-written stages may declare it (moderation's storage emits one of its
+  // two ends): definePipeline accepts it, the definition runtime's loading does not.
+  assert.equal(endsApart(MODERATION_PIPELINE)?.step, "storage-decided");
 });
