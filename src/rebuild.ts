@@ -47,7 +47,7 @@ export async function rebuildStates<S>(
   for await (const m of readStream(js, spec.stream, { filter: spec.filter })) {
     let event;
     try {
-      if (spec.decode) event = spec.decode(m.json(), m.subject);
+      if (spec.decode) event = spec.decode(m.json(), m.subject, m.time.getTime());
       else {
         event = validateEvent(m.json(), spec.eventTypes);
         assertMatchesSubject(event, m.subject); // as the state writer does

@@ -58,8 +58,10 @@ export interface StateSpec<S> {
   /**
    * Decodes and checks an event itself (a definition's pipeline), instead of schemas/ and
    * `eventTypes`; it must check that the event is about the item its subject names.
+   * `storedAt`: when the server stored the message (ms since the epoch), the time of a
+   * message that carries none of its own (an awaited event), the same live and in a rebuild.
    */
-  decode?(raw: unknown, subject: string): AnyEvent;
+  decode?(raw: unknown, subject: string, storedAt: number): AnyEvent;
 }
 
 /** A running state writer. */
@@ -220,7 +222,7 @@ export async function runStateWriter<S>(opts: {
       try {
         raw = decodeJson(m.data);
         const event = spec.decode
-          ? spec.decode(raw, m.subject)
+          ? spec.decode(raw, m.subject, m.time.getTime())
           : validateEvent(raw, spec.eventTypes);
         if (!spec.decode) assertMatchesSubject(event, m.subject);
         let group = held.get(event.item_id);

@@ -9,7 +9,26 @@ import { compareStates, rebuildStates, type StateDiff } from "../src/rebuild.ts"
 import { redrive } from "../src/redrive.ts";
 import { rebuildStateTask, SERVICES_IN_ONE_PROCESS, startServices } from "./helpers/mesh.ts";
 import { countsByItem, pushItems, readStates } from "./helpers/nats.ts";
-import { waitUntil } from "./helpers/wait.ts";
+import { startTestNats } from "./helpers/nats.ts";
+import { waitFor, waitUntil } from "./helpers/wait.ts";
+import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import {
+  controlStage,
+  type LoadedPipeline,
+  pipelineStateSpec,
+  pipelineTopology,
+  readItem,
+  stateBucketOf,
+  submitItem,
+} from "../src/pipeline/runtime.ts";
+import { runStage } from "../src/runner.ts";
+import { runStateWriter, type StateSpec } from "../src/state_writer.ts";
+import { ensureTopology } from "../src/topology.ts";
+
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
 
 Deno.test("rebuilding state from the FEEDBACK stream equals the live state, and deno task rebuild-state says so", async () => {
   await using mesh = await startServices({
@@ -72,4 +91,62 @@ Deno.test("comparing states holding a lone UTF-16 surrogate (accepted over HTTP)
   const diff = compareStates(rebuilt, live);
   assert.equal(diff.equal, 1);
   assert.deepEqual(diff.different, ["b"]);
+});
+
+Deno.test("a definition item's awaited events are folded at their stored time: the rebuild equals the live state", async () => {
+  await using t = await startTestNats();
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "asks",
+    input: { schema: obj },
+    start: "ask",
+    steps: {
+      ask: { kind: "wait", event: "answer", timeoutMs: 3_600_000, onTimeout: "late", next: "ok" },
+      ok: { kind: "end", outcome: "ok" },
+      late: { kind: "end", outcome: "late" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const spec = pipelineStateSpec(p);
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec }),
+    await runStage({ ...deps, stage: controlStage(p, t.nc) }),
+  ];
+  const js = jetstream(t.nc);
+  const kv = await new Kvm(t.nc).open(stateBucketOf("asks"));
+  /** The item's live state once it has folded the message stored at `seq`. */
+  const folded = (id: string, seq: number) =>
+    waitFor(
+      async () => {
+        const s = await readItem(kv, id);
+        return s !== null && s.last_seq >= seq && s;
+      },
+      10_000,
+      `${id}'s state at ${seq}`,
+    );
+  try {
+    // One item answered once; one answered again after it ended (the first answer counts):
+    // its last event is an awaited one.
+    for (const id of ["once", "twice"]) {
+      await submitItem(t.nc, p, id, {}, { source: "test", traceId: TRACE });
+      await js.publish(`asks.answer.${id}`, JSON.stringify({ yes: true }));
+      await waitFor(async () => (await readItem(kv, id))?.status === "done", 10_000, id);
+    }
+    const again = await js.publish("asks.answer.twice", JSON.stringify({ yes: false }));
+    const live = await folded("twice", again.seq);
+    const stored = await t.jsm.streams.getMessage("ASKS", { seq: again.seq });
+    assert.equal(live.updated_at, stored!.time.toISOString(), "the answer's stored time");
+    assert.equal(live.outcome, "ok");
+
+    const { states } = await rebuildStates(js, spec as StateSpec<unknown>);
+    const diff = compareStates(
+      states,
+      new Map([["once", await readItem(kv, "once")], ["twice", live]]),
+    );
+    assert.deepEqual(diff, { equal: 2, different: [], missingLive: [], missingRebuilt: [] });
+  } finally {
+    for (const r of runners) await r.stop();
+  }
 });

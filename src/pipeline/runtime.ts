@@ -1125,16 +1125,17 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     bucket: stateBucketOf(n),
     eventTypes: [],
     source: `weft-${n}-${FLOW}`,
-    decode(raw, subject) {
+    decode(raw, subject, storedAt) {
       const token = subject.split(".")[1]!;
       // Awaited events are a person's or a callback's plain JSON: the wait's own event
-      // records what came; here they are only folded as "seen".
+      // records what came; here they are only folded as "seen", at the time the stream
+      // stored them (a rebuild folds the same time as the live writer did).
       if (flow.roles.get(token)?.role === "awaited") {
         return {
           id: awaitedEventId(subject),
           type: `${n}.${token}`,
           item_id: subject.split(".")[2]!,
-          time: new Date().toISOString(),
+          time: new Date(storedAt).toISOString(),
           data: raw,
         } as unknown as AnyEvent;
       }
