@@ -13,9 +13,18 @@ import { createIntake } from "../pipelines/feedback/intake.ts";
 import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { createCapacityGuard } from "../src/capacity.ts";
-import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
+import {
+  intakeStage,
+  loadPipelines,
+  pipelineStateSpec,
+  pipelineTopology,
+} from "../src/pipeline/runtime.ts";
+import { runStage } from "../src/runner.ts";
+import { runStateWriter } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { readSse } from "./helpers/sse.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 const root = new URL("../", import.meta.url).pathname;
 const pipelines = await loadPipelines(["pipelines/examples/tickets.ts"], root);
@@ -261,5 +270,43 @@ Deno.test("an input nesting deeper than an event may is refused at intake with 4
     assert.equal((await ask(t, "weft.tickets.submit", nested(63))).error?.status, 422);
   } finally {
     requests.stop();
+  }
+});
+
+Deno.test("an item that failed at intake streams its events, to its failure, as GET shows it failed", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const p = pipelines[0]!;
+  const intake = await createIntake(t.nc);
+  const app = createApp({ nc: t.nc, jetStream: intake, config: t.config, log: t.log, pipelines });
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStage({ ...deps, stage: intakeStage(p) }),
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+  ];
+  try {
+    // A bus submission its schema refuses: the item fails before its entry event exists.
+    const ack = await jetstream(t.nc).publish("tickets.submit", JSON.stringify({ customer: "x" }));
+    const id = `tickets-${ack.seq}`;
+    await waitFor(
+      async () => {
+        const res = await app.request(`/pipelines/tickets/items/${id}`);
+        return res.status === 200 && (await res.json()).status === "failed";
+      },
+      10_000,
+      `${id} failed`,
+    );
+    const res = await app.request(`/pipelines/tickets/items/${id}/events`);
+    assert.equal(res.status, 200, await res.clone().text());
+    // The stream closes at the item's failure.
+    const frames = await readSse(res);
+    assert.deepEqual(frames.map((f) => f.event), ["tickets.failed"]);
+    assert.equal(JSON.parse(frames[0]!.data).item_id, id);
+    // An item of no event at all is still unknown.
+    const none = await app.request("/pipelines/tickets/items/tickets-999999/events");
+    assert.equal(none.status, 404);
+    await none.body?.cancel();
+  } finally {
+    for (const r of runners) await r.stop();
   }
 });

@@ -457,13 +457,17 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     const id = itemId(c.req.param("id"));
     // From the item's first event: its state knows it. The entry event is the latest one on
     // its subject, which after a redrive of the entry is the redriven copy, so alone it would
-    // hide the first try and its failure.
+    // hide the first try and its failure. An item with a state and no entry event failed at
+    // intake (a bus submission refused before its entry event existed): its events are its
+    // failure, from its first one, as `GET .../items/<id>` shows it.
     const [entry, s] = await Promise.all([
       entrySeq(r, id),
       r.states().then((kv) => readItem(kv, id)).catch(() => null),
     ]);
-    if (entry === null) throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
-    const from = Math.min(entry, s?.first_seq ?? entry);
+    if (entry === null && !s) {
+      throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
+    }
+    const from = Math.min(entry ?? Infinity, s?.first_seq ?? Infinity);
     const key = openSlot(clients, c);
     return streamEvents(c, js, {
       stream: r.stream,
