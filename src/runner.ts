@@ -332,9 +332,25 @@ export async function publishEvent(
     await js.publish(m.subject, m.data, { headers: m.headers });
     return true;
   } catch (err) {
+    if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
     return false;
   }
+}
+
+/** The client's refusal of a message over the server's `max_payload`: no retry can pass it. */
+function isOverMaxPayload(err: unknown): boolean {
+  return err instanceof Error && /max_payload/.test(err.message);
+}
+
+/** A permanent error for an event over the server's message size limit. */
+function tooLargeToPublish(event: OutputEvent, bytes: number, cause: unknown): WeftError {
+  return new WeftError(
+    ErrorCode.PayloadTooLarge,
+    `event ${event.type} of item ${event.item_id} is ${bytes} bytes, more than the server ` +
+      `takes in one message (max_payload)`,
+    { cause, field: "/" },
+  );
 }
 
 /** The header with which the stream stores a message only as the first on its subject ("0"). */

@@ -310,3 +310,49 @@ Deno.test("an item that failed at intake streams its events, to its failure, as 
     for (const r of runners) await r.stop();
   }
 });
+
+Deno.test("an input whose entry event would pass the server's message limit is refused at once: 413 over HTTP, one dead letter from the bus", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: { ...t.config, bodyLimit: 4 * 1024 * 1024 },
+    log: t.log,
+    pipelines,
+  });
+  // 600 KB of text: the entry event carries it twice (the input, and the value handed on),
+  // more than the server's 1 MB.
+  const input = JSON.stringify({ customer: "c-1", text: "x".repeat(600_000) });
+  const res = await app.request("/pipelines/tickets/items", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: input,
+  });
+  assert.equal(res.status, 413, await res.clone().text());
+  assert.equal(res.headers.get("content-type"), "application/problem+json");
+  await res.body?.cancel();
+  const runner = await runStage({
+    nc: t.nc,
+    config: { ...t.config, maxAttempts: 5, retryBaseMs: 10 },
+    log: t.log,
+    stage: intakeStage(pipelines[0]!),
+  });
+  try {
+    await jetstream(t.nc).publish("tickets.submit", input);
+    const letter = await waitFor(
+      async () => {
+        const info = await t.jsm.streams.info("DEADLETTER", { subjects_filter: "deadletter.>" });
+        if (info.state.messages === 0) return false;
+        const m = await t.jsm.streams.getMessage("DEADLETTER", { seq: info.state.first_seq });
+        return m?.json<{ code: string; attempts: number }>() ?? false;
+      },
+      15_000,
+      "the submission's dead letter",
+    );
+    assert.equal(letter.code, "payload_too_large");
+    assert.equal(letter.attempts, 1, "not retried: no retry can make it fit");
+  } finally {
+    await runner.stop();
+  }
+});
