@@ -666,7 +666,8 @@ export function servePipelineRequests(
  * How a redrive checks a definition's letter before republishing it, as the definition's
  * consumers would (src/redrive.ts checks the catalog's events and documents itself): a
  * submission against the input schema, an awaited event against its waits' schemas, any
- * other event as an event of the flow on its subject. Throws what would dead-letter it again.
+ * other event it knows as an event of the flow on its subject. Throws what would dead-letter
+ * it again.
  */
 export function definitionRedriveCheck(
   pipelines: readonly LoadedPipeline[],
@@ -681,7 +682,10 @@ export function definitionRedriveCheck(
       return;
     }
     const role = p.flow.roles.get(token!);
-    if (role?.role === "awaited") checkAwaitedEvent(p.flow, role.waits, value);
+    // An event the running definition does not know (a step since removed: its letter says
+    // `definition_changed`) is not judged by it: redriven once the step is back.
+    if (role === undefined) return;
+    if (role.role === "awaited") checkAwaitedEvent(p.flow, role.waits, value);
     else decodeFlowEvent(p.flow, value, subject);
   };
 }
