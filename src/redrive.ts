@@ -311,7 +311,7 @@ async function refusalOf(
       throw new Error(`body nests deeper than ${MAX_DEPTH} levels`);
     }
     // A submission or a request is a plain document, whatever its subject looks like: a
-    // request on `digest.request.feedback` is no `digest.request` event of item `feedback`.
+    // request on `digest.request.<pipeline>` is no `digest.request` event of an item.
     const document = submissionDocument(subject) ?? requestDocument(subject);
     if (document) validateDocument(document, value);
     else if (parseEventSubject(subject)) {

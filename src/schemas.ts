@@ -81,7 +81,7 @@ export interface EventCatalog {
    */
   submissions?: Readonly<Record<string, string>>;
   /**
-   * Subjects plain-JSON requests that are no item arrive on (`digest.request.feedback`), with
+   * Subjects plain-JSON requests that are no item arrive on (e.g. `digest.request.<pipeline>`), with
    * the document each is validated as: a redrive of one is checked the same way (not as an
    * event, whatever its subject looks like) and republished as it was.
    */

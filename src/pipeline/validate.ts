@@ -438,8 +438,8 @@ export interface EndsApart {
  * the first and refuses the second as a `conflict`). Always reach: on every path, whatever a
  * router or a wait decides; an end after a join, or one reached only on some paths (a
  * router's route, a loop), does not count, so graphs that may still be right pass. Steps run
- * by hand-written stages (moderation's `next: ["archived", "published"]`, one of which its
- * stage emits) may declare such a fan-out; the definition runtime refuses it when it loads
+ * by hand-written stages (a hand-wired pipeline's `next: ["rejected", "accepted"]`, one of which
+ * its stage emits) may declare such a fan-out; the definition runtime refuses it when it loads
  * (`loadPipelines`).
  *
  * @example
