@@ -300,6 +300,9 @@ Deno.test({
         });
         assert.equal(asReviewer.status, 200);
         assert.equal(asReviewer.headers.get("content-type"), "image/png");
+        // The uploader's bytes, never run as a page on the gateway's origin.
+        assert.equal(asReviewer.headers.get("x-content-type-options"), "nosniff");
+        assert.match(asReviewer.headers.get("content-security-policy") ?? "", /^sandbox;/);
         assert.deepEqual(new Uint8Array(await asReviewer.arrayBuffer()), bytes);
 
         await call("POST", `/reviews/${id}/decision`, KEYS.alice, {

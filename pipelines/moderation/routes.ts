@@ -135,7 +135,14 @@ export function createModerationRoutes(deps: {
 
   app.get("/content/:id/object", anyRole, async (c) => {
     const { data, contentType } = await api.object(c.req.param("id"), c.get("principal"));
-    return c.body(data as Uint8Array<ArrayBuffer>, 200, { "content-type": contentType });
+    // The uploader chose the content type: served from the dashboard's origin, an uploaded
+    // HTML page must not run script there (the dashboard keeps the API key in the tab).
+    return c.body(data as Uint8Array<ArrayBuffer>, 200, {
+      "content-type": contentType,
+      "x-content-type-options": "nosniff",
+      "content-security-policy":
+        "sandbox; default-src 'none'; img-src 'self' data:; media-src 'self'",
+    });
   });
 
   app.get("/content/:id/events", anyRole, async (c) => {
