@@ -17,7 +17,7 @@ import { eventMessage } from "../src/runner.ts";
 import { createEvent } from "../src/events.ts";
 import { serverVersion } from "../src/nats_server.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
-import { createApp } from "../src/gateway/app.ts";
+import { definitionsApp } from "./helpers/pipeline.ts";
 import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
 
@@ -140,13 +140,7 @@ Deno.test({
     await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
     const info = await t.jsm.streams.info("TICKETS");
     assert.equal((info.config as { allow_atomic?: boolean }).allow_atomic, true);
-    const app = createApp({
-      nc: t.nc,
-      jetStream: await createIntake(t.nc),
-      config: t.config,
-      log: t.log,
-      pipelines,
-    });
+    const app = await definitionsApp(t, pipelines);
     const batch = (n: number) =>
       app.request("/pipelines/tickets/items/batch", {
         method: "POST",

@@ -23,6 +23,7 @@ import { runStage } from "../src/runner.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { definitionsApp } from "./helpers/pipeline.ts";
 import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
 
@@ -240,13 +241,7 @@ Deno.test("a reused Idempotency-Key is the same item with the same input, and re
 Deno.test("an input nesting deeper than an event may is refused at intake with 422, not accepted and failed", async () => {
   await using t = await startTestNats();
   await ensureTopology(t.nc, t.jsm, t.config, topology(t));
-  const app = createApp({
-    nc: t.nc,
-    jetStream: await createIntake(t.nc),
-    config: t.config,
-    log: t.log,
-    pipelines,
-  });
+  const app = await definitionsApp(t, pipelines);
   // The entry event holds the input two levels down, under data.input: 62 levels fit in
   // the 64 every consumer takes, 63 do not.
   const nested = (levels: number) =>
@@ -314,13 +309,7 @@ Deno.test("an item that failed at intake streams its events, to its failure, as 
 Deno.test("an input whose entry event would pass the server's message limit is refused at once: 413 over HTTP, one dead letter from the bus", async () => {
   await using t = await startTestNats();
   await ensureTopology(t.nc, t.jsm, t.config, topology(t));
-  const app = createApp({
-    nc: t.nc,
-    jetStream: await createIntake(t.nc),
-    config: { ...t.config, bodyLimit: 4 * 1024 * 1024 },
-    log: t.log,
-    pipelines,
-  });
+  const app = await definitionsApp(t, pipelines, { bodyLimit: 4 * 1024 * 1024 });
   // 600 KB of text: the entry event carries it twice (the input, and the value handed on),
   // more than the server's 1 MB.
   const input = JSON.stringify({ customer: "c-1", text: "x".repeat(600_000) });

@@ -11,10 +11,8 @@ import { createEvent } from "../src/events.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
 import { startTestNats } from "./helpers/nats.ts";
-import { startPipeline } from "./helpers/pipeline.ts";
+import { definitionsApp, startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
-import { createApp } from "../src/gateway/app.ts";
-import { createIntake } from "../pipelines/feedback/intake.ts";
 import {
   controlStage,
   intakeStage,
@@ -143,13 +141,7 @@ Deno.test("a definition's letter whose original would fail its consumer again is
     new URL("../", import.meta.url).pathname,
   );
   await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
-  const app = createApp({
-    nc: t.nc,
-    jetStream: await createIntake(t.nc),
-    config: t.config,
-    log: t.log,
-    pipelines,
-  });
+  const app = await definitionsApp(t, pipelines);
   const js = jetstream(t.nc);
   const def = pipelines[0]!.def;
   // Originals dead-lettered on their first delivery: by the control step, a body that is no

@@ -68,3 +68,21 @@ export function feedbackApp(
     extensions: [feedbackRoutes(intake), ...deps.extensions ?? []],
   });
 }
+
+/**
+ * The gateway app serving `pipelines` (loaded definitions) on `t`'s server, with the
+ * configuration `config` overrides: their routes under /pipelines, dead letters, the rest.
+ */
+export async function definitionsApp(
+  t: TestNats,
+  pipelines: NonNullable<GatewayDeps["pipelines"]>,
+  config: Partial<TestNats["config"]> = {},
+): Promise<Hono> {
+  return createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: { ...t.config, ...config },
+    log: t.log,
+    pipelines,
+  });
+}
