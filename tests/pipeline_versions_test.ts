@@ -101,6 +101,12 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
     assert.deepEqual(done.results.finish, { v: 2 }, "it continued on the new code");
     assert.equal(done.definition, v1Hash, "it records the definition it started on");
 
+    // A decision over HTTP that no step would take (the item waits at `hold`, which version
+    // 2 has not, though it awaits `approved` elsewhere): refused, not accepted and lost.
+    const stuck = await post(mesh.gatewayUrl, `/pipelines/vers/items/${stranded}/approved`, {});
+    assert.equal(stuck.status, 409, JSON.stringify(stuck.body));
+    assert.match(stuck.body.detail, /waits at step hold, which the running definition/);
+
     // The stranded item's awaited event comes (an operator publishes it): version 2 has no
     // step that awaits it.
     const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));

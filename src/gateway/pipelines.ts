@@ -529,6 +529,18 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
           { field: "/" },
         );
       }
+      // Held at a wait the running definition no longer has (renamed or removed since the
+      // item reached it): no step would take the decision, and its letter comes at the old
+      // deadline. Said now instead of accepted and lost.
+      const held = now?.status === "waiting" ? now.waiting?.step : undefined;
+      if (held !== undefined && r.p.def.steps[held]?.kind !== "wait") {
+        throw new ConflictError(
+          `${r.p.def.name} item ${id} waits at step ${held}, which the running definition ` +
+            `(${r.p.def.hash}) no longer has: its decision cannot be taken (the item is ` +
+            `dead-lettered as definition_changed at its deadline; restore the step to decide it)`,
+          { field: "/" },
+        );
+      }
       const bytes = encoder.encode(JSON.stringify(body));
       const ack = await js.publish(`${r.p.def.name}.${event}.${id}`, bytes, {
         msgID: `${r.p.def.name}-${event}-${id}-${sha256Hex(bytes).slice(0, 16)}`,
