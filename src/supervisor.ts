@@ -60,6 +60,7 @@ import {
 import { METRICS_SUBJECT } from "./observability/metrics.ts";
 import {
   checkHoldsWithinRetention,
+  checkModelSteps,
   definitionDirs,
   hasScratchpad,
   type LoadedPipeline,
@@ -760,6 +761,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     if (config.pipelines.length === 0) config = { ...config, pipelines: await listedPipelines() };
     loaded = await loadPipelines(config.pipelines, ROOT.pathname);
     checkHoldsWithinRetention(loaded, config.retentionMs);
+    checkModelSteps(loaded, config.llmBaseUrl);
     mesh = withEdgeSites(meshServices(loaded), config.hub);
     const unknown = Object.keys(config.serviceReplicas).filter((n) =>
       !mesh.services.some((s) => s.name === n)

@@ -228,6 +228,20 @@ export const bad = definePipeline({
   }
 });
 
+Deno.test("an llm step with no LLM endpoint configured stops deno task start with one line saying what to set", async () => {
+  // Found on a fresh clone: the README's example started, and its llm step's service then
+  // failed with a stack trace on every restart, so the mesh never said it was ready.
+  const dir = await meshTempDir("weft-nollm-");
+  try {
+    const { lines, error } = await refusedStart("pipelines/examples/tickets.ts", `${dir}/nats`);
+    assert.match(error.msg, /tickets\.ts, step triage: an llm step needs an LLM endpoint/);
+    assert.match(error.msg, /WEFT_LLM_BASE_URL/);
+    assert.ok(!lines.some((l) => /nats-server|starting services/.test(l.msg)), "nothing started");
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
+
 Deno.test("a definition outside the folders Weft may read stops deno task start, saying where to put it", async () => {
   const dir = await Deno.makeTempDir({ prefix: "weft-outside-" });
   const nats = await meshTempDir("weft-outside-nats-");

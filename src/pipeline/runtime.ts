@@ -334,6 +334,39 @@ export function withPromotedStep(
 }
 
 /**
+ * Refuses to start definitions whose model-driven steps have no model: an `llm` step, or an
+ * agent without an offline policy, with no LLM endpoint configured (`WEFT_LLM_BASE_URL`).
+ * Checked when `deno task start` loads the definitions, so the start stops with one line
+ * instead of the step's service failing on every restart.
+ *
+ * @example
+ * ```ts ignore
+ * import { checkModelSteps, loadPipelines } from "./runtime.ts";
+ * checkModelSteps(await loadPipelines(["pipelines/examples/documents.ts"]), "");
+ * // ConfigError: pipeline documents, step extract: an llm step needs an LLM endpoint ...
+ * ```
+ */
+export function checkModelSteps(loaded: readonly LoadedPipeline[], llmBaseUrl: string): void {
+  if (llmBaseUrl) return;
+  for (const { file, def } of loaded) {
+    for (const [id, step] of Object.entries(def.steps)) {
+      const needs = step.kind === "llm"
+        ? "an llm step"
+        : step.kind === "agent" && !step.offline
+        ? "an agent without an offline policy"
+        : undefined;
+      if (needs) {
+        throw new ConfigError(
+          `pipeline file ${file.replace(ROOT_DIR, "")}, step ${id}: ${needs} needs an LLM ` +
+            `endpoint: set WEFT_LLM_BASE_URL (an OpenAI-compatible server), WEFT_LLM_MODEL and ` +
+            `WEFT_LLM_API_KEY (docs/LLM.md), or leave the pipeline out (WEFT_PIPELINES)`,
+        );
+      }
+    }
+  }
+}
+
+/**
  * Refuses a definition whose items can be held longer than events are kept: a wait's
  * timeout, a join's deadline or a delay (its `ms`, or the longest gap between its cron's
  * next times) past `retentionMs` (`WEFT_RETENTION_MS`) would
