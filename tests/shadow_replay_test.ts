@@ -305,3 +305,98 @@ Deno.test("an agent step replays too: its tools read the buckets, it sees the sc
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a step that runs more than once per item is compared run by run, not every run with production's last", async () => {
+  // Found on a fresh clone: replaying an identical copy of the support pipeline's router
+  // agreed on 60% of its runs: each run after an agent's hand-back was compared with the
+  // item's last routing.
+  const dir = await meshTempDir("weft-replay-loop-");
+  await using t = await startTestNats();
+  try {
+    const source = `import { definePipeline } from "${MOD}";
+export const rounds = definePipeline({
+  name: "rounds",
+  input: { schema: { type: "object" } },
+  start: "grade",
+  steps: {
+    grade: {
+      kind: "task",
+      output: { type: "object", required: ["round"], properties: { round: { type: "number" } } },
+      handle: (_v: unknown, ctx) => ({ round: (ctx.runs.grade ?? 0) + 1 }),
+      next: "check",
+    },
+    check: {
+      kind: "router",
+      route: (_v: unknown, ctx) => ((ctx.runs.grade ?? 0) < 2 ? "again" : "done"),
+      routes: { again: "grade", done: "done" },
+    },
+    done: { kind: "end", outcome: "done" },
+  },
+  loops: [{ from: "check", to: "grade", maxIterations: 2 }],
+});
+`;
+    await Deno.writeTextFile(`${dir}/pipeline.ts`, source);
+    await Deno.writeTextFile(`${dir}/same.ts`, source);
+    const pipelines = await loadPipelines([`${dir}/pipeline.ts`]);
+    await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+    const flow = compileFlow(pipelines[0]!.def);
+    const js = jetstream(t.nc);
+    const ctx = { source: "production", now: new Date() };
+    const publish = async (events: { type: string; item_id: string }[]) => {
+      for (const e of events) await js.publish(`${e.type}.${e.item_id}`, JSON.stringify(e));
+    };
+    // Production's history of three items, each graded twice (round 1, then round 2).
+    for (const i of [1, 2, 3]) {
+      const cause = { id: `e${i}`, item_id: `item${i}`, trace_id: "0".repeat(32) };
+      const entry = flowEvent(flow, "submitted", cause, entryData({}), ctx);
+      const g1 = completion(
+        flow,
+        "grade",
+        entry,
+        advance(entry.data, "grade", { round: 1 }, { round: 1 }),
+        ctx,
+      );
+      const c1 = completion(
+        flow,
+        "check",
+        g1[0]!,
+        advance(g1[0]!.data, "check", { label: "again" }, g1[0]!.data.value),
+        ctx,
+      );
+      const g2 = completion(
+        flow,
+        "grade",
+        c1[0]!,
+        advance(c1[0]!.data, "grade", { round: 2 }, { round: 2 }),
+        ctx,
+      );
+      const c2 = completion(
+        flow,
+        "check",
+        g2[0]!,
+        advance(g2[0]!.data, "check", { label: "done" }, g2[0]!.data.value),
+        ctx,
+      );
+      await publish([entry, ...g1, ...c1, ...g2, ...c2]);
+    }
+    const replay = await replayShadow({
+      nc: t.nc,
+      spec: parseShadowSpec({
+        id: "same",
+        pipeline: "rounds",
+        step: "grade",
+        candidate: { definition: `${dir}/same.ts` },
+      }),
+      config: t.config,
+      log: t.log,
+      pipelines,
+      root: "",
+    });
+    const r = liveShadowReport("same", replay.decisions);
+    assert.equal(r.items, 6, "two runs of three items");
+    assert.equal(r.unmatched, 0);
+    assert.equal(r.fields.round!.agreement, 1, JSON.stringify(r.disagreements));
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});

@@ -652,23 +652,41 @@ async function decideOnce(
   return { itemId: input.item_id, event, ms };
 }
 
-/** Production's stored output event for an item (its data), or null when it has none yet. */
+/**
+ * Production's stored output event for the input the candidate decided (its data), or null
+ * when it has none yet. Output ids follow from the input event's, so the candidate's event
+ * has the id of production's for the same input: a step that ran more than once for the
+ * item (a loop, a router after an agent's hand-back) is compared run by run, not every run
+ * with production's last.
+ */
 async function storedOutput(
   jsm: JetStreamManager,
   step: Pick<ShadowTarget, "stream" | "output">,
   itemId: string,
+  eventId: string,
 ): Promise<Record<string, unknown> | null> {
-  try {
-    const m = await jsm.streams.getMessage(step.stream, {
-      last_by_subj: eventSubject(step.output, itemId),
-    });
-    return m ? m.json<{ data: Record<string, unknown> }>().data : null;
-  } catch (err) {
-    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
-      return null;
+  const subject = eventSubject(step.output, itemId);
+  const get = async (req: { last_by_subj: string } | { next_by_subj: string; seq: number }) => {
+    try {
+      return await jsm.streams.getMessage(step.stream, req);
+    } catch (err) {
+      if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
+        return null;
+      }
+      throw err;
     }
-    throw err;
+  };
+  type Stored = { id?: string; data: Record<string, unknown> };
+  const last = await get({ last_by_subj: subject });
+  if (!last) return null;
+  if (last.json<Stored>().id === eventId) return last.json<Stored>().data;
+  for (let seq = 1; seq < last.seq;) {
+    const m = await get({ next_by_subj: subject, seq });
+    if (!m || m.seq >= last.seq) break;
+    if (m.json<Stored>().id === eventId) return m.json<Stored>().data;
+    seq = m.seq + 1;
   }
+  return null;
 }
 
 /** A decision as published (live) or reported (replay), compared with production's. */
@@ -748,12 +766,15 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
    * decides the item at the same time: the first look waits a moment, so it usually finds
    * it at once (one request per item on production's server, not several).
    */
-  async function production(itemId: string): Promise<Record<string, unknown> | null> {
+  async function production(
+    itemId: string,
+    eventId: string,
+  ): Promise<Record<string, unknown> | null> {
     const until = Date.now() + matchWaitMs;
     await delay(FIRST_LOOK_MS, abort.signal);
     for (let wait = 50; !abort.signal.aborted; wait = Math.min(1000, wait * 2)) {
       try {
-        const found = await storedOutput(jsm, step, itemId);
+        const found = await storedOutput(jsm, step, itemId, eventId);
         if (found) return found;
       } catch (err) {
         log.debug("production lookup failed", { err: String(err) });
@@ -775,7 +796,7 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
     const lease = setInterval(() => m.working(), ACK_WAIT_MS / 3);
     let prod: Record<string, unknown> | null;
     try {
-      prod = await production(itemId);
+      prod = await production(itemId, event.id);
     } finally {
       clearInterval(lease);
     }
@@ -960,7 +981,7 @@ export async function replayShadow(opts: {
       const decided = await decideOnce(step, m, `weft-shadow-${spec.id}`, abort.signal);
       if (!decided) continue; // not for this step (a join's other inputs)
       handlerSeconds += decided.ms / 1000;
-      const prod = await storedOutput(jsm, step, decided.itemId);
+      const prod = await storedOutput(jsm, step, decided.itemId, decided.event.id);
       decisions.push(decisionOf(
         spec,
         step.candidate,
