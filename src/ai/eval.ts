@@ -26,7 +26,14 @@ import {
   formatRepeated,
   paramGrid,
 } from "./cross_validation.ts";
-import { EvalTask, evaluate, formatEvaluation, parseRows, topicEvalClass } from "./evaluation.ts";
+import {
+  EvalError,
+  EvalTask,
+  evaluate,
+  formatEvaluation,
+  parseRows,
+  topicEvalClass,
+} from "./evaluation.ts";
 
 /** A list of values with the default first (ties in the search go to the earlier one). */
 function withDefault(value: number, others: number[]): number[] {
@@ -210,5 +217,13 @@ async function main(args: string[]): Promise<number> {
 }
 
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args));
+  try {
+    Deno.exit(await main(Deno.args));
+  } catch (e) {
+    // A file that cannot be scored (unreadable, mixed tasks, a bad row): one line, no trace.
+    if (!(e instanceof EvalError || e instanceof Deno.errors.NotFound)) throw e;
+    // deno-lint-ignore no-console
+    console.error(`eval: ${e.message}`);
+    Deno.exit(2);
+  }
 }

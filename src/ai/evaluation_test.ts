@@ -115,3 +115,24 @@ Deno.test("deno task eval --folds prints a cross-validation of the thresholds", 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("deno task eval on a file it cannot score says why in one line, without a stack trace", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/mixed.jsonl`;
+    await Deno.writeTextFile(
+      file,
+      '{"text":"a","sentiment":"positive"}\n{"text":"b","topics":["billing"]}\n',
+    );
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-read", "src/ai/eval.ts", file],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const err = new TextDecoder().decode(out.stderr).trim();
+    assert.equal(out.code, 2);
+    assert.equal(err, "eval: line 2 is a topics row in a sentiment set");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
