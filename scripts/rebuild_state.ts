@@ -12,6 +12,7 @@ import { parseArgs } from "node:util";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { loadConfig } from "../src/config.ts";
+import { ConfigError } from "../src/errors.ts";
 import { connectNats, tlsCredentials } from "../src/nats.ts";
 import { loadPipelines, pipelineStateSpec } from "../src/pipeline/runtime.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
@@ -57,6 +58,10 @@ if (import.meta.main) {
   const nc = await connectNats(config.natsUrl, "weft-rebuild-state", {
     nkeySeedFile: config.natsNkey || undefined,
     ...tlsCredentials(config),
+  }).catch((err) => {
+    if (!(err instanceof ConfigError)) throw err;
+    Deno.stderr.writeSync(new TextEncoder().encode(`rebuild-state: ${err.message}\n`));
+    Deno.exit(2);
   });
   const js = jetstream(nc);
   const started = performance.now();

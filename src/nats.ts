@@ -12,6 +12,7 @@ import {
   type Status,
 } from "@nats-io/nats-core";
 import { inboxPrefix } from "./identities.ts";
+import { ConfigError } from "./errors.ts";
 
 /** Who a connection is and how it checks the server. */
 export interface NatsCredentials {
@@ -92,6 +93,15 @@ export async function connectNats(
     try {
       return await connect(opts);
     } catch (err) {
+      if (err instanceof errors.AuthorizationError && !credentials.nkeySeedFile) {
+        // A command-line tool run against `deno task start`'s server without a key.
+        throw new ConfigError(
+          `NATS at ${url} wants an identity (${err.message}): set WEFT_NATS_NKEY to a key ` +
+            `file, e.g. WEFT_NATS_NKEY=data/identities/ops.nk (reads, submits, requests) or ` +
+            `data/identities/admin.nk (changes)`,
+          { cause: err },
+        );
+      }
       if (!(err instanceof errors.TimeoutError) || Date.now() >= giveUpAt) throw err;
     }
   }

@@ -12,7 +12,7 @@ import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { GENERATED_CONF, IDENTITY_DIR, SERVICES } from "../src/supervisor.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
-import { type Mesh, startMesh } from "./helpers/mesh.ts";
+import { type Mesh, rebuildStateTask, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { connectClient } from "./helpers/nats.ts";
 
@@ -217,6 +217,20 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
           assert.match(String(closed), /permission/i, subject);
         }
       });
+    },
+  );
+
+  await t.step(
+    "a command-line tool run without a key is told which to use, in one line",
+    async () => {
+      const { code, output } = await rebuildStateTask({
+        NATS_URL: mesh.natsUrl,
+        WEFT_NATS_NKEY: "",
+      });
+      assert.equal(code, 2, output);
+      assert.match(output, /^rebuild-state: NATS at \S+ wants an identity/);
+      assert.match(output, /WEFT_NATS_NKEY=data\/identities\/ops\.nk/);
+      assert.doesNotMatch(output, /\n\s+at /, "no stack trace");
     },
   );
 
