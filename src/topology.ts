@@ -15,6 +15,7 @@ import {
   JetStreamApiCodes,
   JetStreamApiError,
   type JetStreamManager,
+  jetstreamManager,
   RetentionPolicy,
   StorageType,
   type StreamConfig,
@@ -331,6 +332,7 @@ export async function ensureBuckets(
       });
     }
   };
+  const jsm = await jetstreamManager(nc);
   for (const { name, description, ttl, history } of bucketConfigs(config, extra, wirings)) {
     await orOpen(
       () =>
@@ -343,6 +345,7 @@ export async function ensureBuckets(
         }),
       () => kvm.open(name),
     );
+    await refuseRollups(jsm, `KV_${name}`);
   }
   const objm = new Objm(nc);
   for (const { name, description } of wirings.flatMap((w) => w.objectStores ?? [])) {
@@ -356,6 +359,18 @@ export async function ensureBuckets(
       () => objm.open(name),
     );
   }
+}
+
+/**
+ * Turns off rollup headers on a bucket's stream (nats.js creates buckets with them on, for
+ * `kv.purge()`, which Weft never uses): with them, any writer of one key could erase every
+ * key of the bucket with one message (`KV-Operation: PURGE` and `Nats-Rollup: all`), e.g.
+ * every timer in the schedule bucket or every item's scratchpad.
+ */
+async function refuseRollups(jsm: JetStreamManager, stream: string): Promise<void> {
+  const info = await jsm.streams.info(stream);
+  if (info.config.allow_rollup_hdrs === false) return;
+  await jsm.streams.update(stream, { ...info.config, allow_rollup_hdrs: false });
 }
 
 /** Ensures the streams and buckets exist (consumers are ensured by their stages). */

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import type { NatsConnection } from "@nats-io/nats-core";
+import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { GENERATED_CONF, IDENTITY_DIR, SERVICES } from "../src/supervisor.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
 import { type Mesh, rebuildStateTask, startMesh } from "./helpers/mesh.ts";
@@ -217,6 +217,40 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
           assert.match(String(closed), /permission/i, subject);
         }
       });
+    },
+  );
+
+  await t.step(
+    "a writer of one key of a shared bucket cannot erase the others (no rollups)",
+    async () => {
+      // Found adversarially: `KV-Operation: PURGE` with `Nats-Rollup: all` on one key the digest
+      // service may write erased every timer in the schedule bucket.
+      const keys = async () =>
+        await as(mesh, "admin", async (nc) => {
+          const out: string[] = [];
+          for await (const k of await (await new Kvm(nc).open("weft_schedules")).keys()) {
+            out.push(k);
+          }
+          return out.sort();
+        });
+      const before = await waitFor(
+        async () => {
+          const k = await keys();
+          return k.includes("feedback-digest") && k;
+        },
+        15_000,
+        "the digest's schedule",
+      );
+      await as(mesh, "digest", async (nc) => {
+        const h = headers();
+        h.set("KV-Operation", "PURGE");
+        h.set("Nats-Rollup", "all");
+        await assert.rejects(
+          jetstream(nc).publish("$KV.weft_schedules.feedback-digest", "", { headers: h }),
+          /rollup/i,
+        );
+      });
+      assert.deepEqual(await keys(), before);
     },
   );
 
