@@ -18,7 +18,8 @@
  * - nobody but the `admin` identity (topology: the supervisor, or an operator on purpose)
  *   may create, update, purge or delete a stream or a durable consumer it does not own;
  * - replies go to a per-identity inbox prefix (`_INBOX_<name>`), so no service can read
- *   another's replies, and answering a request needs no publish grant (`allow_responses`).
+ *   another's replies; a service answers only into the requesters' inboxes (no
+ *   `allow_responses`, which would let a requester choose where an answer is published).
  *
  * @module
  */
@@ -58,10 +59,11 @@ export interface Access {
    */
   neverSubscribes?: readonly string[];
   /**
-   * Whether it answers requests it receives (`allow_responses`). Default true: every
-   * service answers `nats micro` and the metrics request. An identity that subscribes
-   * widely and serves nothing (ops) must not: with it, it could answer, or ack, whatever
-   * it received with a reply subject.
+   * Whether it answers requests: it may publish to the inboxes of the identities that send
+   * requests (and to nats.js's default `_INBOX.`), never to a reply subject of a requester's
+   * choosing (`allow_responses` stays off). Default true: every service answers `nats micro`
+   * and the metrics request. An identity that subscribes widely and serves nothing (ops)
+   * does not.
    */
   answers?: boolean;
   /** Every JetStream API, every subject: the topology owner. */
@@ -150,6 +152,7 @@ export function permissionsFor(
   access: Access,
   durables: readonly { stream: string; durable: string }[],
   identities: readonly string[] = [],
+  requesters: readonly string[] = [],
 ): Permissions {
   if (access.admin) {
     return { publish: { allow: [">"] }, subscribe: { allow: [">"] }, allow_responses: true };
@@ -205,10 +208,21 @@ export function permissionsFor(
   for (const other of identities) {
     if (other !== identity) subDeny.add(`${inboxPrefix(other)}.>`);
   }
+  // Replies go only to the inboxes of those who send requests: `allow_responses` would let a
+  // requester name any reply subject (`$KV.<bucket>.<key>`, another step's event subject), and
+  // every service's answer to a `nats micro` ping would be published there for it.
+  if (access.answers ?? true) {
+    pub.add("_INBOX.>"); // clients with nats.js's default prefix, e.g. the nats CLI
+    for (const r of requesters) if (r !== identity) pub.add(`${inboxPrefix(r)}.>`);
+  }
+  // Flow control of the push consumers nats.js watches buckets with (replies to the server).
+  for (const stream of new Set([...read, ...manages, ...[...own].map((o) => o.split("/")[0]!)])) {
+    pub.add(`$JS.FC.${stream}.>`);
+  }
   return {
     publish: { allow: [...pub], ...(deny.size ? { deny: [...deny] } : {}) },
     subscribe: { allow: [...sub], ...(subDeny.size ? { deny: [...subDeny] } : {}) },
-    allow_responses: access.answers ?? true,
+    allow_responses: false,
   };
 }
 

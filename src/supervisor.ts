@@ -132,6 +132,9 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
             access: mergeAccess(s.access, extra.gateway),
             reads: definitionDirs(loaded, ROOT.pathname),
           }
+          : s.name === "scheduler"
+          // Its timers fire into the definitions' streams (checked as for its own, above).
+          ? { ...s, access: mergeAccess(s.access, { readsStreams: streams }) }
           : s.name === "shadow"
           // Shadows of the definitions' work steps: their streams, and the definitions; an
           // agent's copy reads its item's scratchpad and what its tools read.
@@ -221,7 +224,11 @@ export function wiredServices(
     ...wirings.flatMap((w) => w.services),
     ...RUNTIME_SERVICES.map(grow("gateway", (w) => w.gateway))
       .map(grow("shadow", (w) => w.shadow))
-      .map(grow("scheduler", (w) => ({ publishes: [...w.schedulable ?? [], ...w.timers ?? []] }))),
+      // It reads what it fires into: a firing answered "duplicate" is checked to be its own.
+      .map(grow("scheduler", (w) => ({
+        publishes: [...w.schedulable ?? [], ...w.timers ?? []],
+        readsStreams: w.streams.map((s) => s.name),
+      }))),
   ];
 }
 
@@ -284,7 +291,14 @@ export function meshPermissions(
     ...Object.entries(mesh.operators).map(([name, access]) => ({ name, access })),
   ].map(({ name, access }, _, all) => ({
     name,
-    permissions: permissionsFor(name, access, durables, all.map((a) => a.name)),
+    permissions: permissionsFor(
+      name,
+      access,
+      durables,
+      all.map((a) => a.name),
+      // Who sends requests (services answer into their inboxes only).
+      all.filter((a) => a.access.admin || (a.access.requests ?? []).length > 0).map((a) => a.name),
+    ),
   }));
 }
 

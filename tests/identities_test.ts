@@ -220,6 +220,21 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
     },
   );
 
+  await t.step("a request cannot choose where a service's answer is published", async () => {
+    // Found adversarially: a `nats micro` ping or status request from the ops key with the
+    // reply subject `$KV.weft_feedback_state.<id>` had every service write its answer there
+    // (allow_responses), replacing the item's state.
+    await as(mesh, "ops", async (nc) => {
+      nc.publish("weft.sentiment.status", "", { reply: "$KV.weft_feedback_state.reflected" });
+      // Answered in order on one connection: once this answer is in, the one above was handled.
+      await nc.request("weft.sentiment.status", "", { timeout: 10_000 });
+    });
+    await as(mesh, "admin", async (nc) => {
+      const kv = await new Kvm(nc).open("weft_feedback_state");
+      assert.equal(await kv.get("reflected"), null, "no answer written into the state bucket");
+    });
+  });
+
   await t.step(
     "a writer of one key of a shared bucket cannot erase the others (no rollups)",
     async () => {
