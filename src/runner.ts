@@ -19,6 +19,7 @@ import {
   jetstreamManager,
   type JsMsg,
   type MsgRequest,
+  type PubAck,
 } from "@nats-io/jetstream";
 import type { Span } from "@opentelemetry/api";
 import type { Config } from "./config.ts";
@@ -329,13 +330,38 @@ export async function publishEvent(
 ): Promise<boolean> {
   const m = eventMessage(event, parent, entry);
   try {
-    await js.publish(m.subject, m.data, { headers: m.headers });
+    await publishUnique(js, m.subject, m.data, m.headers);
     return true;
   } catch (err) {
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
     return false;
   }
+}
+
+/**
+ * Publishes a message carrying a `Nats-Msg-Id` and makes sure the stream holds *it*. A
+ * PubAck that says "duplicate" answers whatever message took that id first within the
+ * stream's duplicate window: a redelivery's own copy (fine), or, since ids follow from the
+ * item and are predictable, a message published on purpose under a future event's id by
+ * anyone who may publish on the stream, which would have the event dropped in silence.
+ * When the message stored under the id is on another subject, this one is published again
+ * without the id (its other headers, such as "expected last subject sequence", still hold).
+ */
+export async function publishUnique(
+  js: JetStreamClient,
+  subject: string,
+  data: Uint8Array,
+  hdrs: MsgHdrs,
+): Promise<PubAck> {
+  const ack = await js.publish(subject, data, { headers: hdrs });
+  if (!ack.duplicate) return ack;
+  const jsm = await js.jetstreamManager();
+  const stored = await jsm.streams.getMessage(ack.stream, { seq: ack.seq }).catch(() => null);
+  if (!stored || stored.subject === subject) return ack;
+  const again = headers();
+  for (const [k, v] of hdrs) if (k !== "Nats-Msg-Id") { for (const x of v) again.append(k, x); }
+  return await js.publish(subject, data, { headers: again });
 }
 
 /** The client's refusal of a message over the server's `max_payload`: no retry can pass it. */
@@ -523,7 +549,7 @@ async function publishFenced(
   m.headers.set(EXPECTED_LAST_SUBJECT_SEQ, String(end.seq));
   m.headers.set(`${EXPECTED_LAST_SUBJECT_SEQ}-Subject`, end.subject);
   try {
-    await js.publish(m.subject, m.data, { headers: m.headers });
+    await publishUnique(js, m.subject, m.data, m.headers);
   } catch (err) {
     if (!isAlreadyStored(err)) throw err;
     throw new WeftError(

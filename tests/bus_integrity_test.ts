@@ -9,7 +9,7 @@ import { AckPolicy, jetstream, type JetStreamManager } from "@nats-io/jetstream"
 import { Kvm } from "@nats-io/kv";
 import type { DeadLetter } from "../src/events.gen.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
-import { createEvent } from "../src/events.ts";
+import { createEvent, deterministicId } from "../src/events.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { runStage } from "../src/runner.ts";
 import { nextEvent, type Stage } from "../src/stage.ts";
@@ -135,6 +135,27 @@ Deno.test("an event whose body names another item than its subject is dead-lette
     "the subject's item is neither created nor failed",
   );
   assert.equal(await countOn(t.jsm, "feedback.failed.*"), 0);
+});
+
+Deno.test("a message published first under a future event's id does not make the stream drop that event", async () => {
+  // Found adversarially: event ids follow from the item and are predictable, and the
+  // stream's duplicate window is per stream, so a submission on feedback.submit carrying
+  // (as Nats-Msg-Id) the id the item's topics event would have had the real one dropped as
+  // a "duplicate": the item stayed at sentiment_analyzed for good, with no dead letter.
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const id = "fb-pre-empted";
+  const ingested = deterministicId(id, "feedback.ingested");
+  const sentiment = deterministicId(ingested, "feedback.sentiment_analyzed");
+  const h = headers();
+  h.set("Nats-Msg-Id", deterministicId(sentiment, "feedback.topics_extracted"));
+  await jetstream(t.nc).publish("feedback.submit", JSON.stringify({ text: "decoy" }), {
+    headers: h,
+  });
+  const { body } = await p.intake.submit({ id, text: "The export crashes with an error" });
+  const state = await processed(t, body.id);
+  assert.equal(state.status, "processed");
+  assert.equal(await countOn(t.jsm, `feedback.topics_extracted.${id}`), 1);
 });
 
 Deno.test("a forged second `ingested` event with new text neither re-runs the item nor changes its text", async () => {

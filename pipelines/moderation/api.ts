@@ -31,7 +31,7 @@ import type {
 } from "./events.gen.ts";
 import type { Logger } from "../../src/observability/log.ts";
 import { validateEvent } from "../../src/schemas.ts";
-import { isAlreadyStored, publishEvent } from "../../src/runner.ts";
+import { isAlreadyStored, publishEvent, publishUnique } from "../../src/runner.ts";
 import { createScheduleStore, type ScheduleStore } from "../../src/scheduler/store.ts";
 import { humanDecidedEvent, slaScheduleId } from "./stages.ts";
 import { readState } from "../../src/state_writer.ts";
@@ -236,10 +236,13 @@ export async function createModerationApi(deps: {
     // Published here rather than by publishEvent: the PubAck's duplicate flag tells a replay.
     // Once per item: a subject that already holds an upload refuses another, however late.
     try {
-      const ack = await js.publish(
+      h.set("Nats-Msg-Id", event.id);
+      h.set("Nats-Expected-Last-Subject-Sequence", "0");
+      const ack = await publishUnique(
+        js,
         eventSubject(event.type, id),
         encoder.encode(JSON.stringify(event)),
-        { msgID: event.id, headers: h, expect: { lastSubjectSequence: 0 } },
+        h,
       );
       return ack.duplicate;
     } catch (err) {

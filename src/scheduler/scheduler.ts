@@ -18,6 +18,7 @@ import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { Logger } from "../observability/log.ts";
+import { publishUnique } from "../runner.ts";
 import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET, subjectAllowed } from "../subjects.ts";
 import { afterFiring, readSchedule, type ScheduleEntry } from "./store.ts";
 import { schedulableSubjects } from "../wiring.ts";
@@ -103,10 +104,10 @@ export async function runScheduler(opts: {
     const h = headers();
     h.set("Weft-Schedule-Id", entry.id);
     h.set("Weft-Fire-Time", new Date(dueMs).toISOString());
-    await js.publish(entry.subject, encoder.encode(JSON.stringify(entry.payload)), {
-      msgID: `sched-${entry.id}-${dueMs}`,
-      headers: h,
-    });
+    // Once per firing (a replica's retry is dropped as a duplicate), and never dropped for a
+    // message someone else published under its id first.
+    h.set("Nats-Msg-Id", `sched-${entry.id}-${dueMs}`);
+    await publishUnique(js, entry.subject, encoder.encode(JSON.stringify(entry.payload)), h);
   }
 
   /** Moves the schedule past `due` (compare-and-set); false if someone else did. */
