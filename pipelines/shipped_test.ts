@@ -93,6 +93,12 @@ Deno.test("the shipped pipelines' own settings are read, defaulted and validated
     () => loadConfig({ env: env({ WEFT_REVIEW_SLA_MS: "soon" }), args: [] }),
     /WEFT_REVIEW_SLA_MS: invalid value "soon"/,
   );
+  // A digest window no request may have (366 days at most) is refused at start, not thrown
+  // by the digest on every request.
+  assert.throws(
+    () => loadConfig({ env: env({ WEFT_DIGEST_WINDOW_MS: "99999999999999" }), args: [] }),
+    /WEFT_DIGEST_WINDOW_MS: invalid value/,
+  );
   assert.ok(
     envNames().includes("WEFT_CONTENT_MAX_BYTES") && envNames().includes("WEFT_DIGEST_CRON"),
   );

@@ -20,5 +20,11 @@ declare module "../../src/config.ts" {
 
 registerSettings([
   { key: "digestCron", env: "WEFT_DIGEST_CRON", default: "0 * * * *", parse: str },
-  { key: "digestWindowMs", env: "WEFT_DIGEST_WINDOW_MS", default: 3600_000, parse: int(1000) },
+  // At most 366 days, as a digest request's window_ms (schemas/digest.request.v1.json).
+  {
+    key: "digestWindowMs",
+    env: "WEFT_DIGEST_WINDOW_MS",
+    default: 3600_000,
+    parse: int(1000, 366 * 86_400_000),
+  },
 ]);
