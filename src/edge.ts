@@ -362,7 +362,10 @@ export async function siteStatuses(
     // error below, not a silent link).
     const actives = sources.filter((s) => s.error?.err_code !== STREAM_NOT_FOUND)
       .map((s) => s.active ?? -1);
-    const error = sources.find((s) => s.error)?.error?.description;
+    // Named by its stream: a definition the hub runs and the site does not is "ORDERS: stream
+    // not found" (the rest of the site's events still arrive).
+    const failing = sources.find((s) => s.error);
+    const error = failing ? `${failing.name}: ${failing.error!.description}` : undefined;
     return {
       site,
       stream,
