@@ -7,12 +7,15 @@
  * with openssl; everything runs on loopback.
  */
 import assert from "node:assert/strict";
-import { freePort, startNatsServer } from "../src/nats_server.ts";
+import { freePort, serverVersion, startNatsServer, versionAtLeast } from "../src/nats_server.ts";
 import { siteConf } from "../src/edge.ts";
 import { IDENTITY_DIR } from "../src/supervisor.ts";
 import { type Ca, makeCa, makeCert } from "./helpers/certs.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+
+/** Features of nats-server 2.10 and later (fsync interval, subject transforms for hubs): not run on 2.9. */
+const CURRENT_SERVER = { ignore: !versionAtLeast((await serverVersion()) ?? "0.0.0", "2.10.0") };
 
 async function getJson(url: string): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await fetch(url);
@@ -58,110 +61,114 @@ async function hubLeaves(monitorPort: number): Promise<string[]> {
   return ((body.leafs ?? []) as { name: string }[]).map((l) => l.name).sort();
 }
 
-Deno.test("an edge site reaches its hub over mutual TLS, and servers without the right certificates are refused", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "weft-leaf-tls-" });
-  try {
-    const ca: Ca = await makeCa(dir, "ca");
-    const rogueCa: Ca = await makeCa(dir, "rogue");
-    const hubCert = await makeCert(ca, "hub");
-    const eastCert = await makeCert(ca, "east");
-    const rogueCert = await makeCert(rogueCa, "impostor");
-    const leafPort = freePort();
-    const monitorPort = freePort();
-    await using hub = await startMesh({
-      WEFT_NATS_MONITOR_PORT: String(monitorPort),
-      ...ONE_PROCESS,
-      WEFT_HUB: "east",
-      WEFT_LEAF_PORT: String(leafPort),
-      WEFT_LEAF_TLS_CERT: hubCert.cert,
-      WEFT_LEAF_TLS_KEY: hubCert.key,
-      WEFT_LEAF_TLS_CA: ca.pem,
-    });
-    await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "the hub ready");
-    const ready = hub.logs.find((l) => l.msg === "weft is ready")!;
-    assert.equal(
-      (ready.edge as { leafnodes: string }).leafnodes,
-      `tls://127.0.0.1:${leafPort}`,
-      "the hub announces its leafnode URL as TLS",
-    );
-    const seedFile = `${hub.storeDir}/${IDENTITY_DIR}/leaf-east.nk`;
-    const hubLeafUrl = `nats-leaf://127.0.0.1:${leafPort}`;
-    await using east = await startMesh({
-      ...ONE_PROCESS,
-      WEFT_LEAF: hubLeafUrl,
-      WEFT_SITE: "east",
-      WEFT_LEAF_NKEY: seedFile,
-      WEFT_LEAF_TLS_CA: ca.pem,
-      WEFT_LEAF_TLS_CERT: eastCert.cert,
-      WEFT_LEAF_TLS_KEY: eastCert.key,
-    });
-    await east.waitForLog((l) => l.msg === "weft is ready", 90_000, "the site ready");
+Deno.test(
+  "an edge site reaches its hub over mutual TLS, and servers without the right certificates are refused",
+  CURRENT_SERVER,
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "weft-leaf-tls-" });
+    try {
+      const ca: Ca = await makeCa(dir, "ca");
+      const rogueCa: Ca = await makeCa(dir, "rogue");
+      const hubCert = await makeCert(ca, "hub");
+      const eastCert = await makeCert(ca, "east");
+      const rogueCert = await makeCert(rogueCa, "impostor");
+      const leafPort = freePort();
+      const monitorPort = freePort();
+      await using hub = await startMesh({
+        WEFT_NATS_MONITOR_PORT: String(monitorPort),
+        ...ONE_PROCESS,
+        WEFT_HUB: "east",
+        WEFT_LEAF_PORT: String(leafPort),
+        WEFT_LEAF_TLS_CERT: hubCert.cert,
+        WEFT_LEAF_TLS_KEY: hubCert.key,
+        WEFT_LEAF_TLS_CA: ca.pem,
+      });
+      await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "the hub ready");
+      const ready = hub.logs.find((l) => l.msg === "weft is ready")!;
+      assert.equal(
+        (ready.edge as { leafnodes: string }).leafnodes,
+        `tls://127.0.0.1:${leafPort}`,
+        "the hub announces its leafnode URL as TLS",
+      );
+      const seedFile = `${hub.storeDir}/${IDENTITY_DIR}/leaf-east.nk`;
+      const hubLeafUrl = `nats-leaf://127.0.0.1:${leafPort}`;
+      await using east = await startMesh({
+        ...ONE_PROCESS,
+        WEFT_LEAF: hubLeafUrl,
+        WEFT_SITE: "east",
+        WEFT_LEAF_NKEY: seedFile,
+        WEFT_LEAF_TLS_CA: ca.pem,
+        WEFT_LEAF_TLS_CERT: eastCert.cert,
+        WEFT_LEAF_TLS_KEY: eastCert.key,
+      });
+      await east.waitForLog((l) => l.msg === "weft is ready", 90_000, "the site ready");
 
-    // The hub sources the site across the TLS link, and an item posted there reaches it.
-    await waitFor(
-      async () => {
-        const { body } = await getJson(`${hub.gatewayUrl}/sites`);
-        const [site] = body.sites as { last_seen_ms: number | null }[];
-        return (site?.last_seen_ms !== null && site!.last_seen_ms < 10_000) || undefined;
-      },
-      120_000,
-      "the hub sourcing east over TLS",
-    );
-    const res = await fetch(`${east.gatewayUrl}/feedback`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ text: "over TLS: the export works again" }),
-    });
-    assert.equal(res.status, 202);
-    const { id } = await res.json() as { id: string };
-    const state = await waitFor(
-      async () => {
-        const { status, body } = await getJson(`${hub.gatewayUrl}/sites/east/feedback/${id}`);
-        return status === 200 && body.status === "processed" ? body : undefined;
-      },
-      60_000,
-      "the site's item processed, seen from the hub",
-    );
-    assert.equal(state.site, "east");
+      // The hub sources the site across the TLS link, and an item posted there reaches it.
+      await waitFor(
+        async () => {
+          const { body } = await getJson(`${hub.gatewayUrl}/sites`);
+          const [site] = body.sites as { last_seen_ms: number | null }[];
+          return (site?.last_seen_ms !== null && site!.last_seen_ms < 10_000) || undefined;
+        },
+        120_000,
+        "the hub sourcing east over TLS",
+      );
+      const res = await fetch(`${east.gatewayUrl}/feedback`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text: "over TLS: the export works again" }),
+      });
+      assert.equal(res.status, 202);
+      const { id } = await res.json() as { id: string };
+      const state = await waitFor(
+        async () => {
+          const { status, body } = await getJson(`${hub.gatewayUrl}/sites/east/feedback/${id}`);
+          return status === 200 && body.status === "processed" ? body : undefined;
+        },
+        60_000,
+        "the site's item processed, seen from the hub",
+      );
+      assert.equal(state.site, "east");
 
-    assert.deepEqual(await hubLeaves(monitorPort), ["weft-east"]);
+      assert.deepEqual(await hubLeaves(monitorPort), ["weft-east"]);
 
-    // The site's valid nkey is not enough without the right certificates: each of these is
-    // refused, and the hub still has exactly its one leaf.
-    const seed = (await Deno.readTextFile(seedFile)).trim();
-    // A server that does not trust the hub's certificate (another CA) refuses the hub.
-    const untrusting = await refusedLeaf(dir, "untrusting", hubLeafUrl, seed, {
-      ca: rogueCa.pem,
-      cert: eastCert.cert,
-      key: eastCert.key,
-    });
-    assert.ok(untrusting.some((l) => /x509: certificate signed by unknown authority/.test(l)));
-    // One whose certificate another CA signed, or that has none, the hub refuses.
-    for (
-      const [name, tls] of [
-        ["impostor", { ca: ca.pem, cert: rogueCert.cert, key: rogueCert.key }],
-        ["anonymous", { ca: ca.pem }],
-      ] as const
-    ) {
-      await refusedLeaf(dir, name, hubLeafUrl, seed, tls);
-      assert.deepEqual(await hubLeaves(monitorPort), ["weft-east"], `${name} refused`);
+      // The site's valid nkey is not enough without the right certificates: each of these is
+      // refused, and the hub still has exactly its one leaf.
+      const seed = (await Deno.readTextFile(seedFile)).trim();
+      // A server that does not trust the hub's certificate (another CA) refuses the hub.
+      const untrusting = await refusedLeaf(dir, "untrusting", hubLeafUrl, seed, {
+        ca: rogueCa.pem,
+        cert: eastCert.cert,
+        key: eastCert.key,
+      });
+      assert.ok(untrusting.some((l) => /x509: certificate signed by unknown authority/.test(l)));
+      // One whose certificate another CA signed, or that has none, the hub refuses.
+      for (
+        const [name, tls] of [
+          ["impostor", { ca: ca.pem, cert: rogueCert.cert, key: rogueCert.key }],
+          ["anonymous", { ca: ca.pem }],
+        ] as const
+      ) {
+        await refusedLeaf(dir, name, hubLeafUrl, seed, tls);
+        assert.deepEqual(await hubLeaves(monitorPort), ["weft-east"], `${name} refused`);
+      }
+      // Still linked: the site's next item reaches the hub.
+      const again = await fetch(`${east.gatewayUrl}/feedback`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text: "still over TLS" }),
+      });
+      const next = (await again.json() as { id: string }).id;
+      await waitFor(
+        async () => {
+          const { status } = await getJson(`${hub.gatewayUrl}/sites/east/feedback/${next}`);
+          return status === 200 || undefined;
+        },
+        60_000,
+        "the site's next item at the hub",
+      );
+    } finally {
+      await Deno.remove(dir, { recursive: true });
     }
-    // Still linked: the site's next item reaches the hub.
-    const again = await fetch(`${east.gatewayUrl}/feedback`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ text: "still over TLS" }),
-    });
-    const next = (await again.json() as { id: string }).id;
-    await waitFor(
-      async () => {
-        const { status } = await getJson(`${hub.gatewayUrl}/sites/east/feedback/${next}`);
-        return status === 200 || undefined;
-      },
-      60_000,
-      "the site's next item at the hub",
-    );
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-});
+  },
+);
