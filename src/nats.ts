@@ -10,6 +10,8 @@ import {
   type NatsConnection,
   nkeyAuthenticator,
   type Status,
+  type Subscription,
+  type SubscriptionOptions,
 } from "@nats-io/nats-core";
 import { inboxPrefix } from "./identities.ts";
 import { ConfigError } from "./errors.ts";
@@ -91,7 +93,7 @@ export async function connectNats(
   const giveUpAt = Date.now() + (options.patienceMs ?? 0);
   for (;;) {
     try {
-      return await connect(opts);
+      return answersOnlyInboxes(await connect(opts));
     } catch (err) {
       if (err instanceof errors.AuthorizationError && !credentials.nkeySeedFile) {
         // A command-line tool run against `deno task start`'s server without a key.
@@ -105,6 +107,33 @@ export async function connectNats(
       if (!(err instanceof errors.TimeoutError) || Date.now() >= giveUpAt) throw err;
     }
   }
+}
+
+/** An inbox: nats.js's default `_INBOX.` or an identity's `_INBOX_<name>.`. */
+const INBOX = /^_INBOX[._]/;
+
+/**
+ * Makes every request a service serves on `nc` (its subscriptions outside inboxes: `weft.*`,
+ * `$SRV.*`) go unanswered when its reply subject is no inbox. A reply is an ordinary
+ * publish, so a requester naming `$KV.<bucket>.<key>` or a step's event subject as reply
+ * would have the service write there whatever its own permissions allow (a `nats micro`
+ * ping from the ops key replaced an item's state). Subscriptions on inboxes (replies to this
+ * connection's requests, JetStream deliveries with their ack subjects) are left alone.
+ */
+function answersOnlyInboxes(nc: NatsConnection): NatsConnection {
+  const subscribe = nc.subscribe.bind(nc);
+  nc.subscribe = (subject: string, opts?: SubscriptionOptions): Subscription => {
+    const callback = opts?.callback;
+    if (INBOX.test(subject) || !callback) return subscribe(subject, opts);
+    return subscribe(subject, {
+      ...opts,
+      callback: (err, msg) => {
+        if (msg?.reply && !INBOX.test(msg.reply)) return;
+        callback(err, msg);
+      },
+    });
+  };
+  return nc;
 }
 
 let absorbing = false;

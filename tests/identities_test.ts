@@ -224,10 +224,13 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
     // Found adversarially: a `nats micro` ping or status request from the ops key with the
     // reply subject `$KV.weft_feedback_state.<id>` had every service write its answer there
     // (allow_responses), replacing the item's state.
+    // The state service may write that bucket: its answer must still not go there.
     await as(mesh, "ops", async (nc) => {
-      nc.publish("weft.sentiment.status", "", { reply: "$KV.weft_feedback_state.reflected" });
-      // Answered in order on one connection: once this answer is in, the one above was handled.
-      await nc.request("weft.sentiment.status", "", { timeout: 10_000 });
+      nc.publish("weft.state.status", "", { reply: "$KV.weft_feedback_state.reflected" });
+      nc.publish("$SRV.INFO.weft-state", "", { reply: "$KV.weft_feedback_state.reflected" });
+      // Answered in order on one connection: once this answer is in, the ones above were handled.
+      await nc.request("weft.state.status", "", { timeout: 10_000 });
+      await nc.request("$SRV.INFO.weft-state", "", { timeout: 10_000 });
     });
     await as(mesh, "admin", async (nc) => {
       const kv = await new Kvm(nc).open("weft_feedback_state");
