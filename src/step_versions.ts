@@ -94,8 +94,12 @@ export async function followVersion<T>(
     if (entry && entry.operation === "PUT") await apply(entry.json<StepVersion>());
     const watch = await kv.watch({ key, include: KvWatchInclude.UpdatesOnly });
     (async () => {
-      for await (const e of watch) {
-        await apply(e.operation === "PUT" ? e.json<StepVersion>() : null);
+      for await (const _ of watch) {
+        // What the bucket holds, not what the watch delivered: any reader able to create a
+        // push consumer can have the server deliver another stream's message onto this
+        // watch's inbox (a forged promotion reached a step that way).
+        const now = await kv.get(key);
+        await apply(now?.operation === "PUT" ? now.json<StepVersion>() : null);
       }
     })().catch((err) => log.warn("step version watch ended", { step: key, err }));
   } catch (err) {

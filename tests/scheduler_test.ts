@@ -4,7 +4,7 @@
  * a restart.
  */
 import assert from "node:assert/strict";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { Msg } from "@nats-io/nats-core";
 import { loadConfig } from "../src/config.ts";
@@ -315,4 +315,59 @@ Deno.test("a caller can neither squat a pipeline timer's id before it is set nor
     201,
   );
   assert.equal((await app.request("/schedules/mine", { method: "DELETE" })).status, 204);
+});
+
+Deno.test("a forged entry delivered onto the scheduler's watch cancels nothing: it follows the bucket", async () => {
+  // Found adversarially: any reader may create a push consumer, and the server delivers its
+  // messages wherever its deliver_subject says, unchecked: onto the scheduler's bucket watch,
+  // a message {"id":"victim","status":"cancelled"} from another stream cancelled the timer.
+  await using t = await startTestNats();
+  const log = createLogger("test", "error", () => {});
+  const scheduler = await runScheduler({ nc: t.nc, log, replica: "r1" });
+  const fired = firings(t.nc, "feedback.submit");
+  try {
+    const store = createScheduleStore(await new Kvm(t.nc).open(SCHEDULE_BUCKET));
+    const due = new Date(Date.now() + 4_000).toISOString();
+    await store.create({
+      id: "victim",
+      subject: "feedback.submit",
+      payload: { text: "x" },
+      at: due,
+    });
+    // A stream of the attacker's whose message, read as a bucket entry, is key "victim":
+    // its subject past the bucket's prefix (`$KV.weft_schedules.`, 19 characters).
+    await t.jsm.streams.add({ name: "FORGE", subjects: ["forge.>"] });
+    const forged = { id: "victim", subject: "feedback.submit", status: "cancelled" };
+    await jetstream(t.nc).publish(`forge.${"x".repeat(13)}victim`, JSON.stringify(forged));
+    const watchInbox = async () => {
+      const found: string[] = [];
+      for await (const c of t.jsm.consumers.list("KV_weft_schedules")) {
+        if (c.config.deliver_subject) found.push(c.config.deliver_subject);
+      }
+      return found;
+    };
+    // The first delivery out of order makes nats.js recreate the watch on another inbox;
+    // the second, on that one, is taken as the watch's next entry.
+    for (const n of [1, 2]) {
+      const [inbox] = await waitFor(
+        async () => {
+          const now = await watchInbox();
+          return now.length === 1 && now;
+        },
+        10_000,
+        "the scheduler's watch",
+      );
+      await t.jsm.consumers.add("FORGE", {
+        name: `forge${n}`,
+        deliver_subject: inbox,
+        ack_policy: AckPolicy.None,
+        deliver_policy: DeliverPolicy.All,
+      });
+      await waitFor(async () => !(await watchInbox()).includes(inbox!) || n === 2, 10_000, "reset");
+    }
+    await fired.until(() => fired.seen.some((f) => f.schedule === "victim"), 15_000);
+  } finally {
+    fired.stop();
+    await scheduler.stop();
+  }
 });

@@ -35,6 +35,9 @@ export interface Scheduler {
 }
 
 const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** How often every timer is set again from the bucket, whatever the watch saw. */
+const RESYNC_MS = 30_000;
 const encoder = new TextEncoder();
 
 /** The lease key of one firing. */
@@ -162,18 +165,34 @@ export async function runScheduler(opts: {
     await advance(id, due);
   }
 
+  /**
+   * Arms or clears `key`'s timer from what the bucket holds under it, never from what a watch
+   * delivered: any reader able to create a push consumer can have the server deliver another
+   * stream's message onto the watch's inbox (a forged `cancelled` entry cancelled a timer).
+   */
+  async function follow(key: string) {
+    const found = await readSchedule(schedules, key).catch(() => null);
+    const entry = found?.entry;
+    if (!entry || entry.id !== key) return clear(key);
+    if (entry.status !== "active" || !entry.next_at) return clear(key);
+    if (timers.get(key)?.due !== entry.next_at) arm(key, entry.next_at);
+  }
+
   const watch = await schedules.watch();
   const done = (async () => {
-    for await (const e of watch) {
-      if (e.operation !== "PUT" || e.length === 0) {
-        clear(e.key);
-        continue;
-      }
-      const entry = e.json<ScheduleEntry>();
-      if (entry.status === "active" && entry.next_at) arm(entry.id, entry.next_at);
-      else clear(entry.id);
-    }
+    for await (const e of watch) await follow(e.key);
   })();
+  // Every timer again from the bucket now and then: a watch whose consumer another reader
+  // deleted, or whose position a forged delivery moved past the bucket's, sees nothing new
+  // until nats.js recreates it.
+  const resync = setInterval(() => {
+    void (async () => {
+      const keys = new Set<string>();
+      for await (const k of await schedules.keys()) keys.add(k);
+      for (const k of keys) await follow(k);
+      for (const id of timers.keys()) if (!keys.has(id)) clear(id);
+    })().catch((err) => log.warn("schedule resync failed", { err: String(err) }));
+  }, RESYNC_MS);
 
   log.info("scheduler started", { replica, takeover_ms: takeoverMs });
   return {
@@ -181,6 +200,7 @@ export async function runScheduler(opts: {
     done,
     async stop() {
       stopped = true;
+      clearInterval(resync);
       for (const id of [...timers.keys()]) clear(id);
       watch.stop();
       await done.catch(() => {});
