@@ -49,6 +49,9 @@ export interface BatchMessage {
   headers: MsgHdrs;
 }
 
+/** nats-server's "atomic publish too many inflight" (JetStream API error code). */
+const TOO_MANY_OPEN_BATCHES = 10210;
+
 /**
  * The server did not store the batch: nothing of it is in the stream. nats.js does not
  * pass on the server's reason for a refused commit, so the caller looks at the stream to
@@ -87,7 +90,17 @@ export async function publishAtomically(
     }
     return;
   }
-  const batch = await js.startBatch(first!.subject, first!.data, { headers: first!.headers });
+  let batch;
+  try {
+    batch = await js.startBatch(first!.subject, first!.data, { headers: first!.headers });
+  } catch (err) {
+    // The server holds too many open batches (anyone who may publish on the stream can open
+    // some and never commit them): nothing was stored, and a retry may pass.
+    if (err instanceof JetStreamApiError && err.code === TOO_MANY_OPEN_BATCHES) {
+      throw new AtomicBatchRefused(messages.length, { cause: err });
+    }
+    throw err;
+  }
   const last = rest.pop()!;
   for (const m of rest) batch.add(m.subject, m.data, { headers: m.headers });
   try {

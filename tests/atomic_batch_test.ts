@@ -9,6 +9,7 @@
  */
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
+import { headers } from "@nats-io/nats-core";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { ErrorCode, WeftError } from "../src/errors.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
@@ -163,3 +164,37 @@ Deno.test({
     assert.equal((await t.jsm.streams.info("TICKETS")).state.messages, 3);
   },
 });
+
+Deno.test({
+  name: "batches others opened and never committed make a batch wait or answer 503, never fail it",
+  ignore,
+  async fn() {
+    // Found adversarially: 60 atomic batches opened on feedback.submit (anyone who may submit
+    // can) and left open; the next POST /feedback/batch answered 500 ("atomic publish too
+    // many inflight").
+    await using t = await startTestNats();
+    const intake = await createIntake(t.nc);
+    for (let i = 0; i < 60; i++) {
+      t.nc.publish("feedback.submit", "{}", {
+        headers: batchHeaders(`open-${i}`),
+      });
+    }
+    await t.nc.flush();
+    try {
+      const { body } = await intake.submitBatch([{ text: "one" }, { text: "two" }]);
+      assert.equal(body.items.length, 2);
+    } catch (err) {
+      assert.ok(err instanceof WeftError, String(err));
+      assert.equal(err.code, ErrorCode.Unavailable, err.message);
+      assert.ok(err.retryAfterSeconds, "with Retry-After");
+    }
+  },
+});
+
+/** The headers of the first message of an atomic batch (nats-server 2.14+). */
+function batchHeaders(id: string) {
+  const h = headers();
+  h.set("Nats-Batch-Id", id);
+  h.set("Nats-Batch-Sequence", "1");
+  return h;
+}
