@@ -250,9 +250,10 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
     publishes: callerSchedulableSubjects(SHIPPED_PIPELINES),
     requests: ["weft.>", "$SRV.>"],
     subscribes: [">"],
-    // Others' requests to the gateway carry their API keys; replies to its own requests
-    // arrive in its own inbox.
-    neverSubscribes: ["weft.>"],
+    // Others' requests to the gateway carry their API keys (replies to its own requests
+    // arrive in its own inbox), and the JetStream API's and acks' traffic names every
+    // service's pull inbox, where a push consumer could then deliver.
+    neverSubscribes: ["weft.>", "$JS.API.>", "$JS.ACK.>"],
     answers: false,
     readsStreams: [...SHIPPED_READS.readsStreams!, ...RUNTIME_STREAMS],
     readsBuckets: [

@@ -212,7 +212,7 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
       await as(mesh, "ops", async (nc) => {
         // A step's deliveries arrive in its inbox, with the subject that acks them as their
         // reply; requests to the gateway carry the callers' API keys.
-        for (const subject of ["_INBOX_topics.>", "weft.>"]) {
+        for (const subject of ["_INBOX_topics.>", "weft.>", "$JS.API.CONSUMER.MSG.NEXT.>"]) {
           const closed = await nc.subscribe(subject).closed;
           assert.match(String(closed), /permission/i, subject);
         }
