@@ -48,6 +48,7 @@ import {
   type LeafTls,
   siteConf,
   type SiteStream,
+  siteSubjectPrefix,
   watchSources,
 } from "./edge.ts";
 import {
@@ -249,7 +250,16 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
   ops: {
     publishes: callerSchedulableSubjects(SHIPPED_PIPELINES),
     requests: ["weft.>", "$SRV.>"],
-    subscribes: [">"],
+    // `nats sub` on the pipelines' subjects, and its replies (nats.js's default inbox): not
+    // every subject, since a subscriber is what a reader's push consumer needs to have the
+    // server deliver messages onto a subject (a bucket's, for instance).
+    subscribes: [
+      ...SHIPPED_PIPELINES.flatMap((w) => w.streams.flatMap((s) => s.subjects)),
+      "deadletter.>",
+      "digest.>",
+      "shadow.>",
+      "_INBOX.>",
+    ],
     // Others' requests to the gateway carry their API keys (replies to its own requests
     // arrive in its own inbox), and the JetStream API's and acks' traffic names every
     // service's pull inbox, where a push consumer could then deliver.
@@ -575,7 +585,13 @@ export function withEdgeSites(
     services: mesh.services.map((s) =>
       s.name === "gateway" ? { ...s, access: mergeAccess(s.access, reads) } : s
     ),
-    operators: { ...mesh.operators, ops: mergeAccess(mesh.operators.ops, reads) },
+    operators: {
+      ...mesh.operators,
+      ops: mergeAccess(mesh.operators.ops, {
+        ...reads,
+        subscribes: sites.map((site) => `${siteSubjectPrefix(site)}.>`),
+      }),
+    },
   };
 }
 

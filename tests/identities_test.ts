@@ -212,7 +212,16 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
       await as(mesh, "ops", async (nc) => {
         // A step's deliveries arrive in its inbox, with the subject that acks them as their
         // reply; requests to the gateway carry the callers' API keys.
-        for (const subject of ["_INBOX_topics.>", "weft.>", "$JS.API.CONSUMER.MSG.NEXT.>"]) {
+        // Nor a bucket's subjects: a subscriber there is what a reader's push consumer needs
+        // to have the server deliver into the bucket.
+        for (
+          const subject of [
+            "_INBOX_topics.>",
+            "weft.>",
+            "$JS.API.CONSUMER.MSG.NEXT.>",
+            "$KV.weft_feedback_state.>",
+          ]
+        ) {
           const closed = await nc.subscribe(subject).closed;
           assert.match(String(closed), /permission/i, subject);
         }

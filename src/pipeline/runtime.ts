@@ -1476,6 +1476,7 @@ export function pipelineGatewayAccess(loaded: readonly LoadedPipeline[]): {
     },
     ops: {
       publishes: [...loaded.map((p) => `${p.def.name}.submit`), ...awaited],
+      subscribes: loaded.map((p) => `${p.def.name}.>`),
       readsStreams: streams,
       readsBuckets: [
         ...states,
