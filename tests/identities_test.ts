@@ -222,7 +222,15 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
             "$KV.weft_feedback_state.>",
           ]
         ) {
-          const closed = await nc.subscribe(subject).closed;
+          // Refused: the server closes the subscription with a permission error at once.
+          const sub = nc.subscribe(subject);
+          let timer: ReturnType<typeof setTimeout> | undefined;
+          const closed = await Promise.race([
+            sub.closed,
+            new Promise((resolve) => timer = setTimeout(() => resolve("still open"), 10_000)),
+          ]);
+          clearTimeout(timer);
+          sub.unsubscribe();
           assert.match(String(closed), /permission/i, subject);
         }
       });
