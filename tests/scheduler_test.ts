@@ -188,13 +188,19 @@ Deno.test({
   },
 });
 
-Deno.test("a schedule on a subject callers may not schedule is refused with 422 over HTTP and NATS, and the scheduler never fires one written into the bucket", async () => {
-  await using t = await startTestNats();
+/** The schedule routes (`/schedules`) on `t`'s server, with no API keys, and their API. */
+async function scheduleRoutes(t: Awaited<ReturnType<typeof startTestNats>>) {
   const log = createLogger("test", "error", () => {});
   const api = await createModerationApi({ nc: t.nc, config: t.config, log, authEnabled: false });
   const app = new Hono();
   app.onError((err, c) => problemResponse(c, err));
   app.route("/", createModerationRoutes({ api, auth: createAuth([]), config: t.config, log }));
+  return { api, app, log };
+}
+
+Deno.test("a schedule on a subject callers may not schedule is refused with 422 over HTTP and NATS, and the scheduler never fires one written into the bucket", async () => {
+  await using t = await startTestNats();
+  const { api, app, log } = await scheduleRoutes(t);
   const requests = serveModerationRequests(t.nc, api, createAuth([]), log);
   try {
     for (
@@ -280,11 +286,7 @@ Deno.test("a caller can neither squat a pipeline timer's id before it is set nor
   // come (`sla-1-<item>`) kept the deadline from ever being set, and DELETE
   // /schedules/sla-1-<item> cancelled one: the item stayed pending for good.
   await using t = await startTestNats();
-  const log = createLogger("test", "error", () => {});
-  const api = await createModerationApi({ nc: t.nc, config: t.config, log, authEnabled: false });
-  const app = new Hono();
-  app.onError((err, c) => problemResponse(c, err));
-  app.route("/", createModerationRoutes({ api, auth: createAuth([]), config: t.config, log }));
+  const { api, app } = await scheduleRoutes(t);
   const post = (body: unknown) =>
     app.request("/schedules", {
       method: "POST",
