@@ -136,6 +136,28 @@ async function control(verb: string, args: string[]): Promise<number> {
 }
 
 /** `deno task shadow report ID [--out PATH]`: a live shadow's decisions, read from SHADOW. */
+/**
+ * What the shadow service says of shadow `id` when it does not run (it failed to start, or
+ * no shadow service answers), or undefined when it runs.
+ */
+async function shadowStatus(
+  nc: Awaited<ReturnType<typeof connectNats>>,
+  id: string,
+): Promise<string | undefined> {
+  try {
+    const m = await nc.request("weft.shadow.status", "", { timeout: 3_000 });
+    const s = m.json<{ shadows?: Record<string, { up?: boolean; error?: string }> }>();
+    const one = s.shadows?.[id];
+    if (!one) {
+      return "not running (no shadow service hosts it: attached? see deno task shadow list)";
+    }
+    if (one.up === false) return `not running: ${one.error ?? "it did not start"}`;
+    return undefined;
+  } catch {
+    return "no shadow service answered (it starts with the first live shadow)";
+  }
+}
+
 async function report(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args,
@@ -161,6 +183,11 @@ async function report(args: string[]): Promise<number> {
     if (values.out) {
       await Deno.writeTextFile(`${values.out}.json`, JSON.stringify(r, null, 2) + "\n");
       say(`wrote ${values.out}.json`);
+    }
+    if (r.items === 0) {
+      // Nothing decided yet: say whether the shadow runs at all (its service knows why not).
+      const why = await shadowStatus(nc, id);
+      if (why) say(`shadow ${id}: ${why}`, Deno.stderr);
     }
     return r.items > 0 ? 0 : 1;
   } finally {

@@ -426,6 +426,16 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
           printed,
           /live shadow ref: rules:rules\/reference\.json on feedback\.sentiment/,
         );
+        // A shadow that did not start: its report says why, not only "0 items".
+        const broken = await new Deno.Command("deno", {
+          args: [...await taskArgs("shadow"), "report", "broken"],
+          cwd: new URL("../", import.meta.url),
+          env: { NATS_URL: mesh.natsUrl, WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile! },
+          stdout: "piped",
+          stderr: "piped",
+        }).output();
+        assert.equal(broken.code, 1);
+        assert.match(new TextDecoder().decode(broken.stderr), /shadow broken: not running: \S/);
         const report = JSON.parse(await Deno.readTextFile(`${mesh.storeDir}/live.json`));
         const ids = [...phaseA, ...phaseB];
         assert.equal(report.items, ids.length, "each item's decision once");
