@@ -54,11 +54,6 @@ export interface Access {
   /** Subscribes to these plain subjects (e.g. `nats sub`). */
   subscribes?: readonly string[];
   /**
-   * Subjects it may not subscribe to even where `subscribes` would allow them (the ops
-   * identity: other clients' requests, which may carry API keys in their headers).
-   */
-  neverSubscribes?: readonly string[];
-  /**
    * Whether it answers requests: it may publish to the inboxes of the identities that send
    * requests (and to nats.js's default `_INBOX.`), never to a reply subject of a requester's
    * choosing (`allow_responses` stays off). Default true: every service answers `nats micro`
@@ -204,7 +199,7 @@ export function permissionsFor(
   }
   // Another identity's inbox is never readable: deliveries of its consumers arrive there,
   // and a reader of their reply subjects could ack (or terminate) them in its place.
-  const subDeny = new Set<string>(access.neverSubscribes ?? []);
+  const subDeny = new Set<string>();
   for (const other of identities) {
     if (other !== identity) subDeny.add(`${inboxPrefix(other)}.>`);
   }

@@ -505,16 +505,25 @@ async function outcomeTaken(
   };
 }
 
-/** The last message stored on `subject` in `stream` (a wildcard too); null when there is none. */
-async function lastOn(jsm: JetStreamManager, stream: string, subject: string) {
+/** The message of `stream` that `query` names; null when there is none (any other error throws). */
+export async function storedMessage(
+  jsm: JetStreamManager,
+  stream: string,
+  query: Parameters<JetStreamManager["streams"]["getMessage"]>[1],
+) {
   try {
-    return await jsm.streams.getMessage(stream, { last_by_subj: subject });
+    return await jsm.streams.getMessage(stream, query);
   } catch (err) {
     if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
       return null;
     }
     throw err;
   }
+}
+
+/** The last message stored on `subject` in `stream` (a wildcard too); null when there is none. */
+function lastOn(jsm: JetStreamManager, stream: string, subject: string) {
+  return storedMessage(jsm, stream, { last_by_subj: subject });
 }
 
 /** Where an item's history in its stream ends: the last sequence on `<pipeline>.*.<item>`. */

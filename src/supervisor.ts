@@ -252,7 +252,9 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
     requests: ["weft.>", "$SRV.>"],
     // `nats sub` on the pipelines' subjects, and its replies (nats.js's default inbox): not
     // every subject, since a subscriber is what a reader's push consumer needs to have the
-    // server deliver messages onto a subject (a bucket's, for instance).
+    // server deliver messages onto a subject (a bucket's, for instance), others' requests to
+    // the gateway carry their API keys (`weft.>`), and the JetStream API's and acks' traffic
+    // names every service's pull inbox.
     subscribes: [
       ...SHIPPED_PIPELINES.flatMap((w) => w.streams.flatMap((s) => s.subjects)),
       "deadletter.>",
@@ -260,10 +262,6 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
       "shadow.>",
       "_INBOX.>",
     ],
-    // Others' requests to the gateway carry their API keys (replies to its own requests
-    // arrive in its own inbox), and the JetStream API's and acks' traffic names every
-    // service's pull inbox, where a push consumer could then deliver.
-    neverSubscribes: ["weft.>", "$JS.API.>", "$JS.ACK.>"],
     answers: false,
     readsStreams: [...SHIPPED_READS.readsStreams!, ...RUNTIME_STREAMS],
     readsBuckets: [

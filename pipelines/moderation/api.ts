@@ -7,7 +7,6 @@
  * @module
  */
 import "./settings.ts";
-import { isDeepStrictEqual } from "node:util";
 import { headers, type NatsConnection } from "@nats-io/nats-core";
 import {
   jetstream,
@@ -31,6 +30,7 @@ import type {
 } from "./events.gen.ts";
 import type { Logger } from "../../src/observability/log.ts";
 import { validateEvent } from "../../src/schemas.ts";
+import { canonicalJson } from "../../src/canonical_json.ts";
 import { isAlreadyStored, publishEvent, publishUnique } from "../../src/runner.ts";
 import { createScheduleStore, type ScheduleStore } from "../../src/scheduler/store.ts";
 import { humanDecidedEvent, slaScheduleId } from "./stages.ts";
@@ -150,8 +150,7 @@ export function submissionOf(item: ContentItem): unknown {
     view.object = { digest, size, content_type };
   }
   if (item.metadata !== undefined) view.metadata = item.metadata;
-  // As the stream stores it (JSON), so that -0 and 0, say, are one value.
-  return JSON.parse(JSON.stringify(view));
+  return view;
 }
 
 /**
@@ -159,7 +158,8 @@ export function submissionOf(item: ContentItem): unknown {
  * stream already holds with another body; the same body, its keys in any order, passes.
  */
 export function assertSameSubmission(id: string, stored: ContentItem, item: ContentItem): void {
-  if (!isDeepStrictEqual(submissionOf(stored), submissionOf(item))) {
+  // Canonical JSON (src/canonical_json.ts): keys in any order, and -0 and 0, are one body.
+  if (canonicalJson(submissionOf(stored)) !== canonicalJson(submissionOf(item))) {
     throw new WeftError(
       ErrorCode.IdempotencyMismatch,
       `item ${id} was already submitted with a different body`,

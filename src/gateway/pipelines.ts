@@ -21,7 +21,7 @@ import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../atom
 import type { OutputEvent } from "../stage.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
-import { decodeJson, depthWithin, eventMessage } from "../runner.ts";
+import { decodeJson, eventMessage } from "../runner.ts";
 import { readStream } from "../stream_reader.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
@@ -33,7 +33,6 @@ import {
   controlBucketOf,
   itemEntryEvent,
   type LoadedPipeline,
-  MAX_INPUT_DEPTH,
   readItem,
   stateBucketOf,
   submitItem,
@@ -411,21 +410,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
         });
       }
       // Every item is checked before any is accepted: a bad one names its index.
-      body.items.forEach((item, i) => {
-        if (!depthWithin(item, MAX_INPUT_DEPTH)) {
-          throw new ValidationError(
-            `/items/${i} nests deeper than ${MAX_INPUT_DEPTH} levels`,
-            { field: `/items/${i}` },
-          );
-        }
-        if (!r.p.flow.checkInput(item)) {
-          const e = r.p.flow.checkInput.errors?.[0];
-          const missing = (e?.params as { missingProperty?: string })?.missingProperty;
-          const field = `/items/${i}${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}`;
-          const why = missing ? "is required" : e?.message ?? "is invalid";
-          throw new ValidationError(`${field} ${why}`, { field });
-        }
-      });
+      body.items.forEach((item, i) => checkInput(r.p.flow, item, `/items/${i}`));
       const key = c.req.header("Idempotency-Key");
       const trace = traceId(c.req.header("traceparent"));
       const items = body.items.map((input, i) => ({

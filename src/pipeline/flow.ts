@@ -316,10 +316,13 @@ export function checkAwaitedEvent(flow: Flow, waits: readonly string[], body: un
  * The first field a compiled schema refused, as a JSON pointer, and what is wrong with it
  * (`/amount is required`, `/weight must be >= 1`), for a problem or dead letter naming it.
  */
-export function schemaFailure(check: ValidateFunction): { field: string; message: string } {
+export function schemaFailure(
+  check: ValidateFunction,
+  at = "",
+): { field: string; message: string } {
   const e = check.errors?.[0];
   const missing = (e?.params as { missingProperty?: string } | undefined)?.missingProperty;
-  const field = `${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}` || "/";
+  const field = `${at}${e?.instancePath ?? ""}${missing ? `/${missing}` : ""}` || "/";
   return {
     field,
     message: missing ? `${field} is required` : `${field} ${e?.message ?? "is invalid"}`,

@@ -563,12 +563,12 @@ export function workStage(
  */
 const TIMER_SKEW_MS = 5_000;
 
-/** A held item's record in the control bucket: one per (control step, item). */
 /** What a delay's record keeps of the data it holds an item with: its canonical digest. */
 function carryDigest(data: FlowData): string {
   return sha256Hex(encoder.encode(canonicalJson(data) ?? ""));
 }
 
+/** A held item's record in the control bucket: one per (control step, item). */
 interface Held {
   /** Loop iteration of the step this record is for. */
   iter: number;
@@ -1135,15 +1135,18 @@ export function intakeStage(p: LoadedPipeline): Stage<any> {
  */
 export const MAX_INPUT_DEPTH: number = MAX_DEPTH - 2;
 
-/** Checks an input document against the definition's input schema; a 4xx naming the field. */
-export function checkInput(flow: Flow, value: unknown): unknown {
+/**
+ * Checks an input document against the definition's input schema; a 4xx naming the field.
+ * `at`: where the input is in the request (`/items/3` in a batch), before the field.
+ */
+export function checkInput(flow: Flow, value: unknown, at = ""): unknown {
   if (!depthWithin(value, MAX_INPUT_DEPTH)) {
-    throw new ValidationError(`the input nests deeper than ${MAX_INPUT_DEPTH} levels`, {
-      field: "/",
+    throw new ValidationError(`${at || "the input"} nests deeper than ${MAX_INPUT_DEPTH} levels`, {
+      field: at || "/",
     });
   }
   if (flow.checkInput(value)) return value;
-  const { field, message } = schemaFailure(flow.checkInput);
+  const { field, message } = schemaFailure(flow.checkInput, at);
   throw new ValidationError(message, { field });
 }
 

@@ -44,7 +44,7 @@ import type { LlmStats } from "../ai/llm/stats.ts";
 import type { AnalyzerConfig } from "../ai/configured_analyzers.ts";
 import type { Logger } from "../observability/log.ts";
 import { createStepLimiter } from "../pipeline/flow_control.ts";
-import { assertMatchesSubject, decodeJson, validateInput } from "../runner.ts";
+import { assertMatchesSubject, decodeJson, storedMessage, validateInput } from "../runner.ts";
 import {
   candidateConfig,
   candidateName,
@@ -666,16 +666,8 @@ async function storedOutput(
   eventId: string,
 ): Promise<Record<string, unknown> | null> {
   const subject = eventSubject(step.output, itemId);
-  const get = async (req: { last_by_subj: string } | { next_by_subj: string; seq: number }) => {
-    try {
-      return await jsm.streams.getMessage(step.stream, req);
-    } catch (err) {
-      if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
-        return null;
-      }
-      throw err;
-    }
-  };
+  const get = (query: { last_by_subj: string } | { next_by_subj: string; seq: number }) =>
+    storedMessage(jsm, step.stream, query);
   type Stored = { id?: string; data: Record<string, unknown> };
   const last = await get({ last_by_subj: subject });
   if (!last) return null;
