@@ -43,6 +43,12 @@ export interface Access {
    * service owns.
    */
   managesConsumers?: readonly string[];
+  /**
+   * Streams whose consumers it may list (the gateway, for each step's backlog on /metrics).
+   * Readers of a stream may not: with others' ephemeral consumers' names, they could delete
+   * them. Consumer managers may.
+   */
+  listsConsumers?: readonly string[];
   /** KV buckets it reads. */
   readsBuckets?: readonly string[];
   /** KV buckets it writes (and reads). */
@@ -94,12 +100,14 @@ function readStreamSubjects(stream: string): string[] {
     // it, and a body naming a step's durable consumer updates it (its filter, its start),
     // so the step never sees the items published meanwhile. Readers give one filter as a
     // string, which nats.js sends in the named form.
+    //
+    // Not the listing of the stream's consumers: others' ephemeral consumers (a bucket watch,
+    // an SSE feed) have random names, and a reader who cannot learn one cannot delete it or
+    // create it again with another filter, which the server would allow (see `listsConsumers`).
     `${API}.CONSUMER.CREATE.${stream}.>`,
     `${API}.CONSUMER.MSG.NEXT.${stream}.>`,
     `${API}.CONSUMER.INFO.${stream}.>`,
     `${API}.CONSUMER.DELETE.${stream}.>`,
-    `${API}.CONSUMER.NAMES.${stream}`,
-    `${API}.CONSUMER.LIST.${stream}`,
   ];
 }
 
@@ -183,6 +191,10 @@ export function permissionsFor(
     pub.add(`${API}.STREAM.PURGE.${objStream(b)}`);
   }
   for (const stream of read) for (const s of readStreamSubjects(stream)) pub.add(s);
+  for (const stream of access.listsConsumers ?? []) {
+    pub.add(`${API}.CONSUMER.LIST.${stream}`);
+    pub.add(`${API}.CONSUMER.NAMES.${stream}`);
+  }
   const manages = new Set(access.managesConsumers ?? []);
   for (const stream of manages) {
     for (const s of durableSubjects(stream, "*")) pub.add(s);

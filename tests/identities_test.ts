@@ -336,6 +336,47 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
   );
 
   await t.step(
+    "ops cannot learn the names of others' ephemeral consumers, so cannot delete or rewrite them",
+    async () => {
+      // The scheduler watches its bucket with an ephemeral consumer of a random name;
+      // deleting it (or re-creating it with another filter) stalls every timer.
+      const ephemerals = () =>
+        as(mesh, "admin", async (nc) => {
+          const names: string[] = [];
+          const jsm = await jetstreamManager(nc);
+          for await (const c of jsm.consumers.list("KV_weft_schedules")) {
+            if (!c.config.durable_name) names.push(c.name);
+          }
+          return names;
+        });
+      const [watch] = await waitFor(
+        async () => {
+          const names = await ephemerals();
+          return names.length > 0 && names;
+        },
+        10_000,
+        "the scheduler's bucket watch",
+      );
+      await as(mesh, "ops", async (nc) => {
+        const jsm = await jetstreamManager(nc);
+        for (const stream of ["KV_weft_schedules", "FEEDBACK", "KV_weft_feedback_state"]) {
+          await assert.rejects(
+            (async () => {
+              for await (const _ of jsm.consumers.list(stream)) { /* names */ }
+            })(),
+            /permission/i,
+            `listing ${stream}'s consumers`,
+          );
+        }
+        // What ops needs day to day still works: a step's backlog by its name.
+        const info = await jsm.consumers.info("FEEDBACK", "sentiment");
+        assert.equal(info.name, "sentiment");
+      });
+      assert.ok((await ephemerals()).includes(watch!), "the scheduler's watch is still there");
+    },
+  );
+
+  await t.step(
     "the nats CLI with the ops key reads and submits; removing a stream is refused",
     async () => {
       const nats = async (...args: string[]) => {

@@ -111,6 +111,7 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     publishes: ["feedback.>"],
     serves: ["weft.feedback.>"],
     readsStreams: [FEEDBACK_STREAM],
+    listsConsumers: [FEEDBACK_STREAM],
     readsBuckets: [STATE_BUCKET],
   },
   // Live shadows read production's input and outputs and work consumers of their own on

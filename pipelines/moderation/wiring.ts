@@ -99,6 +99,7 @@ export const MODERATION_WIRING: PipelineWiring = {
     publishes: ["content.>"],
     serves: ["weft.content.>", "weft.reviews.>"],
     readsStreams: [CONTENT_STREAM],
+    listsConsumers: [CONTENT_STREAM],
     readsBuckets: [CONTENT_STATE_BUCKET],
     writesBuckets: [REVIEW_BUCKET],
     writesObjects: [CONTENT_OBJECT_BUCKET],

@@ -1474,6 +1474,8 @@ export function pipelineGatewayAccess(loaded: readonly LoadedPipeline[]): {
       publishes: loaded.map((p) => `${p.def.name}.>`),
       serves: loaded.map((p) => `weft.${p.def.name}.>`),
       readsStreams: streams,
+      // Each step's backlog on /metrics.
+      listsConsumers: streams,
       // States, and the held items (GET /pipelines/<name>/waiting).
       readsBuckets: [...states, ...loaded.map((p) => controlBucketOf(p.def.name))],
     },
