@@ -138,6 +138,8 @@ export { retryDelay } from "./src/retry.ts";
  * and {@link completion} are how a run moves, as pure functions. Types follow from the
  * schemas: `Infer<typeof schema>` is the type a schema describes, and a task's handler that
  * returns what its `output` schema does not describe does not compile ({@link TypedSteps}).
+ * Handlers given apart, as `definePipeline`'s second argument ({@link Handlers}), are typed
+ * without annotations.
  *
  * @example
  * ```ts
@@ -163,6 +165,7 @@ export type {
   DelayStep,
   EndStep,
   FlowControl,
+  Handlers,
   Infer,
   JoinStep,
   JsonSchema,

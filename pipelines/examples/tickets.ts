@@ -12,11 +12,7 @@ export const tickets = definePipeline({
   start: "triage",
   steps: {
     triage: { kind: "llm", prompt: "prompts/triage.md", output: triaged, next: "route" },
-    route: {
-      kind: "router",
-      route: (t: { urgent?: boolean }) => (t.urgent ? "urgent" : "normal"),
-      routes: { urgent: "approval", normal: "reply" },
-    },
+    route: { kind: "router", routes: { urgent: "approval", normal: "reply" } },
     approval: {
       kind: "wait",
       event: "approved",
@@ -27,11 +23,14 @@ export const tickets = definePipeline({
     reply: {
       kind: "task",
       output: { type: "object" },
-      handle: (_v, ctx) => ({ to: ctx.input.customer, body: "Thanks, on it." }),
       flow: { concurrency: { limit: 5, key: "customer" } },
       next: "sent",
     },
     sent: { kind: "end", outcome: "sent" },
     escalated: { kind: "end", outcome: "escalated" },
   },
+}, {
+  // Handlers, typed from the definition: `t` is what triage returns; `ctx.input`, a ticket.
+  route: (t) => (t.urgent ? "urgent" : "normal"),
+  reply: (_v, ctx) => ({ to: ctx.input.customer, body: "Thanks, on it." }),
 });

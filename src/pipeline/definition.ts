@@ -7,7 +7,7 @@
  */
 import type { FromSchema, JSONSchema } from "json-schema-to-ts";
 import type { StageContext } from "../stage.ts";
-import { validatePipeline } from "./validate.ts";
+import { DefinitionProblem, PipelineDefinitionError, validatePipeline } from "./validate.ts";
 
 /**
  * The TypeScript type a JSON Schema describes, computed by the compiler from the schema's
@@ -399,6 +399,65 @@ export type TypedSteps<S extends PipelineSpec> = {
   };
 };
 
+/**
+ * Handlers given apart from the graph, {@link definePipeline}'s second argument, by step id:
+ * a task step's `handle`, a router's `route`. Given there, `value` and `ctx` are typed from
+ * the definition without annotations: TypeScript types a function written inside the literal
+ * it is still inferring only from what it is annotated with, so inside the literal an
+ * unannotated `value` is `any` (checked when annotated, by {@link TypedSteps}).
+ *
+ * @example
+ * ```ts
+ * import { definePipeline } from "./definition.ts";
+ * const n = { type: "object", required: ["n"], properties: { n: { type: "number" } } } as const;
+ * const p = definePipeline({
+ *   name: "double",
+ *   input: { schema: n },
+ *   start: "double",
+ *   steps: {
+ *     double: { kind: "task", output: n, next: "size" },
+ *     size: { kind: "router", routes: { big: "done", small: "done" } },
+ *     done: { kind: "end", outcome: "done" },
+ *   },
+ * }, {
+ *   double: (v) => ({ n: v.n * 2 }), // v: the input document, { n: number }
+ *   size: (v) => (v.n > 10 ? "big" : "small"), // v: what double returned
+ * });
+ * ```
+ */
+export type Handlers<S extends PipelineSpec> = {
+  [K in keyof S["steps"]]?: S["steps"][K] extends { kind: "task"; output: infer O } ? (
+      value: ValueOf<S, K>,
+      ctx: StepContext<Infer<S["input"]["schema"]>>,
+    ) => Infer<O> | Promise<Infer<O>>
+    : S["steps"][K] extends { kind: "router"; routes: infer R } ? (
+        value: ValueOf<S, K>,
+        ctx: StepContext<Infer<S["input"]["schema"]>>,
+      ) => (keyof R & string) | Promise<keyof R & string>
+    : never;
+};
+
+/** `spec` with each of `handlers` set as its step's `handle` (task) or `route` (router). */
+function withHandlers(spec: PipelineSpec, handlers: Record<string, unknown>): PipelineSpec {
+  const steps: Record<string, StepSpec> = { ...spec.steps };
+  for (const [id, fn] of Object.entries(handlers)) {
+    const step = steps[id];
+    const fail = (message: string) => {
+      throw new PipelineDefinitionError(spec.name, id, DefinitionProblem.InvalidValue, message);
+    };
+    if (fn === undefined) continue;
+    if (!step) fail(`a handler is given for a step the definition does not have`);
+    if (typeof fn !== "function") fail(`its handler is not a function`);
+    const field = step!.kind === "task" ? "handle" : step!.kind === "router" ? "route" : undefined;
+    if (!field) fail(`a ${step!.kind} step takes no handler (only task and router steps do)`);
+    if ((step as unknown as Record<string, unknown>)[field!] !== undefined) {
+      fail(`its ${field} is given twice: in the step and in the handlers`);
+    }
+    steps[id] = { ...step!, [field!]: fn } as StepSpec;
+  }
+  return { ...spec, steps };
+}
+
 /** A validated definition pinned to its hash. */
 export type PipelineDefinition<S extends PipelineSpec = PipelineSpec> = S & {
   /** FNV-1a 64-bit hash (16 hex digits) of the definition's data (handlers excluded); carried on every event of a run. */
@@ -439,7 +498,8 @@ export function definitionHash(spec: PipelineSpec): string {
  * Checks a definition and pins it to its hash. Throws {@link PipelineDefinitionError}
  * (a ConfigError) naming the pipeline and step on the first problem. `I` is inferred from
  * `input.schema` first, so every handler's `ctx.input` is typed without an annotation; `S`
- * is the whole literal, which {@link TypedSteps} checks handlers against.
+ * is the whole literal, which {@link TypedSteps} checks handlers against. Handlers may also
+ * be given apart, as `handlers` ({@link Handlers}), where their `value` is typed too.
  *
  * @example
  * ```ts
@@ -461,7 +521,9 @@ export function definePipeline<
   const S extends PipelineSpec<Infer<I>>,
 >(
   spec: S & { input: { schema: I } } & TypedSteps<S>,
+  handlers?: Handlers<S>,
 ): PipelineDefinition<S> {
-  validatePipeline(spec);
-  return Object.freeze({ ...spec, hash: definitionHash(spec) });
+  const full = (handlers ? withHandlers(spec, handlers as Record<string, unknown>) : spec) as S;
+  validatePipeline(full);
+  return Object.freeze({ ...full, hash: definitionHash(full) });
 }

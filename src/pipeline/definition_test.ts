@@ -4,7 +4,15 @@
  * test file itself does not compile.
  */
 import assert from "node:assert/strict";
-import { definePipeline, type Infer, type StepContext, type ValueOf } from "./definition.ts";
+import {
+  definePipeline,
+  type Infer,
+  type PipelineSpec,
+  type RouterStep,
+  type StepContext,
+  type TaskStep,
+  type ValueOf,
+} from "./definition.ts";
 
 const ticket = {
   type: "object",
@@ -151,6 +159,80 @@ Deno.test("a task's handler is handed what the step before returns, or the defin
     },
   });
   assert.ok(mismatched.hash);
+});
+
+Deno.test("handlers given apart are typed without annotations, and run as the steps' own", async () => {
+  const def = definePipeline({
+    name: "apart",
+    input: { schema: ticket },
+    start: "reply",
+    steps: {
+      reply: { kind: "task", output: reply, next: "size" },
+      size: { kind: "router", routes: { long: "done", short: "done" } },
+      done: { kind: "end", outcome: "done" },
+    },
+  }, {
+    // `t` is the input document; `ctx.input` too.
+    reply: (t, ctx) => ({ to: `${t.customer}/${ctx.input.text}` }),
+    // `r` is what `reply` returned.
+    size: (r) => (r.to.length > 8 ? "long" : "short"),
+  });
+  const ctx = { input: { customer: "c1", text: "hi" } } as StepContext<Infer<typeof ticket>>;
+  const steps = def.steps as PipelineSpec["steps"];
+  const handed = await (steps.reply as TaskStep).handle!({ customer: "c1", text: "hi" }, ctx);
+  assert.deepEqual(handed, { to: "c1/hi" });
+  assert.equal(await (steps.size as RouterStep).route!(handed, ctx), "short");
+
+  definePipeline({
+    name: "apart",
+    input: { schema: ticket },
+    start: "reply",
+    steps: {
+      reply: { kind: "task", output: reply, next: "size" },
+      size: { kind: "router", routes: { long: "done", short: "done" } },
+      done: { kind: "end", outcome: "done" },
+    },
+  }, {
+    // @ts-expect-error: `reply` must return `to` as a string
+    reply: (t) => ({ to: t.text.length }),
+    // @ts-expect-error: `reply` hands on `{ to: string }`: it has no `customer`
+    size: (r) => (r.customer ? "long" : "short"),
+  });
+  definePipeline({
+    name: "apart",
+    input: { schema: ticket },
+    start: "reply",
+    steps: {
+      reply: { kind: "task", output: reply, next: "size" },
+      size: { kind: "router", routes: { long: "done", short: "done" } },
+      done: { kind: "end", outcome: "done" },
+    },
+  }, {
+    reply: () => ({ to: "x" }),
+    // @ts-expect-error: "medium" is not one of the router's labels
+    size: () => "medium",
+  });
+});
+
+Deno.test("a handler given apart must name a task or router step, and not one that has its own", () => {
+  const spec = {
+    name: "apart",
+    input: { schema: { type: "object" } },
+    start: "a",
+    steps: {
+      a: { kind: "task", output: { type: "object" }, handle: () => ({}), next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  } as const;
+  const refused = (handlers: Record<string, unknown>, message: RegExp) =>
+    assert.throws(() => definePipeline(spec, handlers as never), message);
+  refused(
+    { b: () => ({}) },
+    /pipeline apart, step b: a handler is given for a step the definition does not have/,
+  );
+  refused({ done: () => ({}) }, /step done: a end step takes no handler/);
+  refused({ a: () => ({}) }, /step a: its handle is given twice/);
+  refused({ a: "not a function" }, /step a: its handler is not a function/);
 });
 
 Deno.test("a value is typed through routers, delays, joins and a wait's timeout", () => {

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { checkHoldsWithinRetention, loadPipelines } from "./runtime.ts";
-import { definePipeline } from "./definition.ts";
+import { definePipeline, type StepContext, type TaskStep } from "./definition.ts";
 import { compileFlow } from "./flow.ts";
 import { ConfigError } from "../errors.ts";
 
@@ -67,6 +67,39 @@ Deno.test("a definition's step may not take a durable consumer another pipeline 
         e instanceof ConfigError && e.message.includes("step echo") &&
         e.message.includes(`"sentiment" is also feedback's`),
     );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a task step without a handler, or a router without its route, stops the start, naming the step", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = await definitionFile(dir, "orders");
+    const source = await Deno.readTextFile(file);
+    // Before: accepted, then every item failed in the step (its handle is not a function).
+    await Deno.writeTextFile(
+      file,
+      source.replace("handle: (i: { text: string }) => ({ text: i.text }),", ""),
+    );
+    await assert.rejects(
+      loadPipelines([file]),
+      (e) =>
+        e instanceof ConfigError &&
+        /pipeline file \S+orders\.ts, step echo: a task step needs its handle/.test(e.message),
+    );
+    // Given apart, it is the step's own (another file: a module is imported once).
+    const apart = `${dir}/apart.ts`;
+    await Deno.writeTextFile(
+      apart,
+      source.replace("handle: (i: { text: string }) => ({ text: i.text }),", "").replace(
+        "\n});\n",
+        "\n}, { echo: (i) => ({ text: i.text }) });\n",
+      ),
+    );
+    const [loaded] = await loadPipelines([apart]);
+    const echo = loaded!.def.steps.echo as TaskStep;
+    assert.deepEqual(await echo.handle!({ text: "hi" }, {} as StepContext), { text: "hi" });
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -206,6 +206,12 @@ export async function loadPipelines(
             );
           }
         }
+        if (step.kind === "task" && !step.handle && !step.handleBatch) {
+          throw new ConfigError(
+            `pipeline file ${f}, step ${id}: a task step needs its handle (in the step, or in ` +
+              `definePipeline's second argument), or handleBatch with flow.batch`,
+          );
+        }
         if (step.kind === "router" && !step.route) {
           throw new ConfigError(
             `pipeline file ${f}, step ${id}: a router needs its route (the rules; a prompt only adds the LLM's choice)`,
