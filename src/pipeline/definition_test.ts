@@ -162,7 +162,7 @@ Deno.test("a task's handler is handed what the step before returns, or the defin
 });
 
 Deno.test("handlers given apart are typed without annotations, and run as the steps' own", async () => {
-  const def = definePipeline({
+  const graph = {
     name: "apart",
     input: { schema: ticket },
     start: "reply",
@@ -171,7 +171,8 @@ Deno.test("handlers given apart are typed without annotations, and run as the st
       size: { kind: "router", routes: { long: "done", short: "done" } },
       done: { kind: "end", outcome: "done" },
     },
-  }, {
+  } as const;
+  const def = definePipeline(graph, {
     // `t` is the input document; `ctx.input` too.
     reply: (t, ctx) => ({ to: `${t.customer}/${ctx.input.text}` }),
     // `r` is what `reply` returned.
@@ -183,31 +184,13 @@ Deno.test("handlers given apart are typed without annotations, and run as the st
   assert.deepEqual(handed, { to: "c1/hi" });
   assert.equal(await (steps.size as RouterStep).route!(handed, ctx), "short");
 
-  definePipeline({
-    name: "apart",
-    input: { schema: ticket },
-    start: "reply",
-    steps: {
-      reply: { kind: "task", output: reply, next: "size" },
-      size: { kind: "router", routes: { long: "done", short: "done" } },
-      done: { kind: "end", outcome: "done" },
-    },
-  }, {
+  definePipeline(graph, {
     // @ts-expect-error: `reply` must return `to` as a string
     reply: (t) => ({ to: t.text.length }),
     // @ts-expect-error: `reply` hands on `{ to: string }`: it has no `customer`
     size: (r) => (r.customer ? "long" : "short"),
   });
-  definePipeline({
-    name: "apart",
-    input: { schema: ticket },
-    start: "reply",
-    steps: {
-      reply: { kind: "task", output: reply, next: "size" },
-      size: { kind: "router", routes: { long: "done", short: "done" } },
-      done: { kind: "end", outcome: "done" },
-    },
-  }, {
+  definePipeline(graph, {
     reply: () => ({ to: "x" }),
     // @ts-expect-error: "medium" is not one of the router's labels
     size: () => "medium",
