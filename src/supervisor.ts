@@ -1167,12 +1167,16 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     : undefined;
   const shadowsAttached = shadowWatch
     ? (async () => {
+      // Once: the watch hands over every entry already in the bucket (a restart with shadows
+      // attached) and any that come meanwhile, and each would start another process, with
+      // its own rate limits and budget for every shadow.
       for await (const e of shadowWatch) {
         if (e.operation !== "PUT" || stopping) continue;
         log.info("a live shadow is attached: starting the shadow service", { shadow: e.key });
         for (const group of deferred) start(group, 0);
-        shadowWatch.stop();
+        break;
       }
+      shadowWatch.stop();
     })().catch((err) => log.error("watching for live shadows failed", { err }))
     : undefined;
   // A cluster node that dies is started again (same ports, name and store), as services are.

@@ -24,6 +24,7 @@ import {
   taskArgs,
 } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
+import { freePort } from "../src/nats_server.ts";
 import { SAMPLE_FEEDBACK } from "./helpers/texts.ts";
 import { connectClient } from "./helpers/nats.ts";
 
@@ -855,4 +856,49 @@ export const tickets = definePipeline({
     await nc.close();
   }
   assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);
+});
+
+Deno.test("one shadow service hosts every attached shadow, also after a restart of the mesh", async () => {
+  const storeDir = await meshTempDir("weft-shadow-host-");
+  await using _store = removedAtEnd(storeDir);
+  const ports = { natsPort: freePort(), port: freePort() };
+  /** The shadow service's processes under the supervisor `mesh` runs. */
+  const shadowServices = async (mesh: Mesh) => {
+    const out = await new Deno.Command("ps", {
+      args: ["-o", "args=", "--ppid", String(mesh.child.pid)],
+    }).output();
+    return new TextDecoder().decode(out.stdout).split("\n")
+      .filter((l) => l.includes("services/shadow.ts")).length;
+  };
+  const started = (mesh: Mesh, n: number) =>
+    waitFor(
+      () =>
+        mesh.logs.filter((l) => l.service === "weft-shadow" && l.msg === "shadow started")
+          .length >= n,
+      60_000,
+      `${n} shadows started`,
+    );
+  const ids = ["s1", "s2", "s3"];
+  {
+    await using mesh = await startMesh(ONE_PROCESS, { storeDir, ...ports, keepStore: true });
+    for (const id of ids) {
+      const attached = await call(mesh.gatewayUrl, "POST", "/shadows", "", {
+        id,
+        step: "sentiment",
+        candidate: { analyzers: "rules", rules: "rules/reference.json" },
+      });
+      assert.equal(attached.status, 201, JSON.stringify(attached.body));
+    }
+    await started(mesh, ids.length);
+    assert.equal(await shadowServices(mesh), 1);
+  }
+  // Started again, the supervisor finds the three in the bucket at once: one service still.
+  // (Before: one per entry, each with its own rate limit and budget for every shadow.)
+  await using mesh = await startMesh(ONE_PROCESS, { storeDir, ...ports });
+  await started(mesh, ids.length);
+  assert.equal(await shadowServices(mesh), 1);
+  assert.equal(
+    mesh.logs.filter((l) => l.service === "weft-shadow" && l.msg === "shadow started").length,
+    ids.length,
+  );
 });
