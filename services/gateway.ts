@@ -44,7 +44,19 @@ export const service: ServiceDef = defineService(
     }
     const pipelines = await loadPipelines(config.pipelines, ROOT);
     const guards = { capacity, limiter };
-    const shadows = createShadowControl(nc, config.shadows, { pipelines, root: ROOT });
+    // A candidate is built at attach as the shadow service builds it (its analyzers are
+    // loaded into the gateway then, not before).
+    const shadows = createShadowControl(
+      nc,
+      config.shadows,
+      { pipelines, root: ROOT },
+      async (spec) =>
+        (await import("../src/shadow/live.ts")).resolveShadowTarget(spec, config, {
+          nc,
+          pipelines,
+          root: ROOT,
+        }),
+    );
     const app = createApp({
       nc,
       jetStream: { js: jetstream(nc), jsm },

@@ -131,7 +131,7 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
           ? {
             ...s,
             access: mergeAccess(s.access, extra.gateway),
-            reads: definitionDirs(loaded, ROOT.pathname),
+            reads: [...s.reads ?? [], ...definitionDirs(loaded, ROOT.pathname)],
           }
           : s.name === "scheduler"
           // Its timers fire into the definitions' streams (checked as for its own, above).
@@ -167,6 +167,8 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
     name: "gateway",
     entry: "services/gateway.ts",
     listens: true,
+    // A live shadow's candidate is built at attach, to refuse one that cannot run.
+    reads: ["rules", "prompts"],
     access: {
       // Human actions; a redrive republishes a letter's original to the input of the step
       // that consumed it (after checking it byte for byte against the stream). Each

@@ -237,13 +237,27 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
       const garbage = await request(nc, "attach", "{not json");
       // (As on the other request subjects: a body that is not JSON is an invalid event.)
       assert.equal((garbage.error as { status: number }).status, 422);
-      // One that cannot start (its ruleset is missing) is reported, and harms nothing.
-      const broken = await call(base, "POST", "/shadows", ADMIN, {
+      // One that cannot start (its ruleset is missing) is refused, naming why.
+      const brokenSpec = {
         id: "broken",
         step: "topics",
         candidate: { analyzers: "rules", rules: "rules/missing.json" },
-      });
-      assert.equal(broken.status, 201);
+      };
+      const broken = await call(base, "POST", "/shadows", ADMIN, brokenSpec);
+      assert.equal(broken.status, 422, JSON.stringify(broken.body));
+      assert.equal(broken.body.field, "/candidate");
+      assert.match(broken.body.detail, /cannot run: .*rules\/missing\.json/);
+      // Should one be attached all the same (its ruleset removed since), it is reported and
+      // harms nothing: written to the bucket as an attach does.
+      const admin = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+      try {
+        await (await new Kvm(admin).open("weft_shadows")).create(
+          "broken",
+          JSON.stringify({ ...brokenSpec, attached_by: "lead" }),
+        );
+      } finally {
+        await admin.close();
+      }
       // And one over NATS, on dispatch, as `deno task shadow attach` sends it.
       const routed = await request(
         nc,
@@ -548,7 +562,7 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
       assert.deepEqual(Object.keys(audit.state.subjects ?? {}).sort(), [
         "shadow._audit.attached.feedback.dispatch",
         "shadow._audit.attached.feedback.sentiment",
-        "shadow._audit.attached.feedback.topics",
+        // (broken, on topics, was written to the bucket, not attached: no audit event.)
         "shadow._audit.detached.feedback.dispatch",
         "shadow._audit.detached.feedback.topics",
         "shadow._audit.promoted.feedback.sentiment",
@@ -901,4 +915,92 @@ Deno.test("one shadow service hosts every attached shadow, also after a restart 
     mesh.logs.filter((l) => l.service === "weft-shadow" && l.msg === "shadow started").length,
     ids.length,
   );
+});
+
+Deno.test("a definition step's shadow counts only the step's inputs; attach refuses a candidate that cannot run; promote needs one that compared items", async () => {
+  const dir = await meshTempDir("weft-shadow-inputs-");
+  await using _dir = removedAtEnd(dir);
+  const mod = new URL("../mod.ts", import.meta.url).href;
+  // `size` follows two steps, so its consumer's filter is every event of the pipeline
+  // (`sizes.*.*`): the router's and prep's events, entries, ends, its own.
+  const definition = (min: number) =>
+    `import { definePipeline } from "${mod}";
+export const sizes = definePipeline({
+  name: "sizes",
+  input: { schema: { type: "object", required: ["text"] } },
+  start: "pick",
+  steps: {
+    pick: {
+      kind: "router",
+      route: (i: { text: string }) => (i.text.length % 2 ? "direct" : "via"),
+      routes: { direct: "size", via: "prep" },
+    },
+    prep: {
+      kind: "task",
+      output: { type: "object" },
+      handle: (i: { text: string }) => ({ text: i.text }),
+      next: "size",
+    },
+    size: {
+      kind: "task",
+      output: { type: "object" },
+      handle: (i: { text: string }) => ({ size: i.text.length >= ${min} ? "long" : "short" }),
+      next: "done",
+    },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+  await Deno.writeTextFile(`${dir}/sizes.ts`, definition(20));
+  await Deno.writeTextFile(`${dir}/sizes_v2.ts`, definition(30));
+  await Deno.writeTextFile(`${dir}/broken.ts`, "export const sizes = definePipeline({");
+  await using mesh = await startMesh(
+    { ...ONE_PROCESS, WEFT_PIPELINES: `${dir}/sizes.ts` },
+    { storeDir: `${dir}/nats` },
+  );
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
+  const base = mesh.gatewayUrl;
+  const spec = { id: "size2", pipeline: "sizes", step: "size" };
+  const post = (definition: string) =>
+    call(base, "POST", "/shadows", "none", { ...spec, candidate: { definition } });
+
+  // Refused at once, naming the field, instead of a shadow that never starts.
+  for (const bad of [`${dir}/missing.ts`, `${dir}/broken.ts`, "pipelines/support/pipeline.ts"]) {
+    const r = await post(bad);
+    assert.equal(r.status, 422, `${bad}: ${JSON.stringify(r.body)}`);
+    assert.equal(r.body.field, "/candidate/definition", bad);
+  }
+  const attached = await post(`${dir}/sizes_v2.ts`);
+  assert.equal(attached.status, 201, JSON.stringify(attached.body));
+  await mesh.waitForLog((l) => l.msg === "shadow started" && l.shadow === "size2", 20_000, "size2");
+  const early = await call(base, "POST", "/shadows/size2/promote", "none");
+  assert.equal(early.status, 409, JSON.stringify(early.body));
+  assert.match(early.body.detail, /compared no item/);
+
+  const texts = Array.from({ length: 20 }, (_, i) => "x".repeat(10 + i));
+  for (const text of texts) {
+    const r = await call(base, "POST", "/pipelines/sizes/items", "none", { text });
+    assert.equal(r.status, 202, JSON.stringify(r.body));
+  }
+  const text = await waitFor(
+    async () => {
+      const t = await metricsText(base);
+      const compared = shadowValue(t, "weft_shadow_items_total", {
+        shadow: "size2",
+        outcome: "compared",
+      });
+      return compared === texts.length ? t : undefined;
+    },
+    60_000,
+    "the shadow to compare every item",
+  );
+  const count = (outcome: string) =>
+    shadowValue(text, "weft_shadow_items_total", { shadow: "size2", outcome }) ?? 0;
+  // Before: every other event on the filter was counted "skipped" (sampled out), and took a
+  // token of the shadow's rate limit.
+  assert.equal(count("skipped"), 0);
+  assert.equal(count("decided"), texts.length);
+  assert.equal(count("failed"), 0);
+  const promoted = await call(base, "POST", "/shadows/size2/promote", "none");
+  assert.equal(promoted.status, 200, JSON.stringify(promoted.body));
 });

@@ -71,6 +71,12 @@ export function createShadowControl(
   nc: NatsConnection,
   configured: readonly ShadowSpec[] = [],
   definitions: { pipelines: readonly LoadedPipeline[]; root: string } = { pipelines: [], root: "" },
+  /**
+   * Builds the candidate as the shadow service would (its analyzers, rules and prompts; its
+   * definition), throwing what would keep it from starting: an attach of such a candidate is
+   * a 422 instead of a shadow that never runs.
+   */
+  canRun?: (spec: ShadowSpec) => Promise<unknown>,
 ): ShadowControl {
   /** A running definition's work step (task, llm, router or agent), if `step` is one. */
   const definitionStep = (pipeline: string, step: string): LoadedPipeline | undefined => {
@@ -89,7 +95,11 @@ export function createShadowControl(
         { field: "/step" },
       );
     }
-    candidateDefinitionFile(spec.candidate.definition!, definitions.pipelines, definitions.root);
+    candidateDefinitionFile(
+      spec.candidate.definition!,
+      definitions.pipelines.filter((p) => p.def.name === spec.pipeline),
+      definitions.root,
+    );
   };
   /**
    * A definition's candidate may take its step's place only when it keeps the step's contract
@@ -176,6 +186,14 @@ export function createShadowControl(
       if (configured.some((c) => c.id === spec.id)) {
         throw new WeftError(ErrorCode.Conflict, `shadow ${spec.id} is attached by WEFT_SHADOW`);
       }
+      try {
+        await canRun?.(spec);
+      } catch (cause) {
+        throw new ValidationError(`the candidate cannot run: ${(cause as Error).message}`, {
+          field: spec.candidate.definition ? "/candidate/definition" : "/candidate",
+          cause,
+        });
+      }
       spec.attached_by = by;
       spec.attached_at = new Date().toISOString();
       const { shadows } = await open();
@@ -212,7 +230,30 @@ export function createShadowControl(
       const spec = configured.find((c) => c.id === id) ?? await fromApi(id);
       if (!spec) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
       if (!shippedShadowSteps(spec.pipeline)) await checkPromotable(spec);
-      const figures = (await status())[id]?.fields as Record<string, FieldFigures> | undefined;
+      // Promoted on what it has shown: a shadow that never ran, or compared nothing, would
+      // record a version no one has seen decide (and, not starting, no step could run).
+      const live = (await status())[id];
+      if (!live) {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `shadow ${id} is not running (the shadow service does not report it): promote a ` +
+            `shadow once it has compared items with production`,
+        );
+      }
+      if (live.up === false) {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `shadow ${id} is not running${live.error ? `: ${live.error}` : ""}`,
+        );
+      }
+      if (!((live.compared as number | undefined) ?? 0)) {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `shadow ${id} has compared no item with production yet: nothing says what ` +
+            `promoting it would change`,
+        );
+      }
+      const figures = live.fields as Record<string, FieldFigures> | undefined;
       const version: StepVersion = {
         pipeline: spec.pipeline,
         step: spec.step,

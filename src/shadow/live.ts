@@ -192,7 +192,12 @@ export async function resolveShadowTarget(
   if (!shadowable(prod.def)) {
     throw new ConfigError(`${spec.pipeline}.${spec.step} is not a task, llm, router or agent step`);
   }
-  const file = candidateDefinitionFile(spec.candidate.definition!, pipelines, ctx.root ?? "");
+  // Beside production's definition of the same pipeline, as the attach checked.
+  const file = candidateDefinitionFile(
+    spec.candidate.definition!,
+    pipelines.filter((p) => p.def.name === spec.pipeline),
+    ctx.root ?? "",
+  );
   const cand = (await loadPipelines([file])).find((p) => p.def.name === spec.pipeline);
   if (!cand || !shadowable(cand.def)) {
     throw new ConfigError(`${file} defines no step ${spec.step} of pipeline ${spec.pipeline}`);
@@ -452,6 +457,8 @@ export function registerShadowMetrics(
 /** What a shadow publishes about each item, on `shadow.<pipeline>.<step>.<item_id>`. */
 export interface ShadowDecision {
   shadow: string;
+  /** When the shadow was attached over the API: an id attached again is another shadow. */
+  attached_at?: string;
   pipeline: string;
   step: string;
   item_id: string;
@@ -529,7 +536,10 @@ export async function restoreTally(
     left--;
     try {
       const d = m.json<ShadowDecision>();
-      if (d.shadow === spec.id && d.candidate === tally.candidate) {
+      if (
+        d.shadow === spec.id && d.candidate === tally.candidate &&
+        (d.attached_at === undefined || d.attached_at === spec.attached_at)
+      ) {
         tally.counts.decided++;
         if (d.production) tally.record(d.production, d.decision);
         else tally.counts.unmatched++;
@@ -609,18 +619,20 @@ const delay = (ms: number, signal: AbortSignal) =>
     signal.addEventListener("abort", done, { once: true });
   });
 
+/** An input message of the step, decoded: what the candidate's step is handed. */
+interface ShadowInput {
+  m: JsMsg;
+  input: { id: string; type: string; item_id: string };
+  message: { subject: string; seq: number; storedAt: number; deliveryCount: number };
+}
+
 /**
- * The candidate's decision on one input message of its step: the item, the event the
- * candidate's step would publish, and its handler time (ms). Undefined when the message is
- * not for the step (a definition's own decoding skips it, e.g. a join's other inputs).
- * Throws what the handler throws, and when it emits no event of production's type.
+ * Decodes one message of the step's filter as the candidate's step would: undefined when the
+ * message is not for the step (a definition's own decoding skips it, e.g. a join's other
+ * inputs, a router's events that are not its input), so it is neither sampled, nor rate
+ * limited, nor counted. Throws on input the step would refuse.
  */
-async function decideOnce(
-  step: ShadowTarget,
-  m: JsMsg,
-  source: string,
-  signal: AbortSignal,
-): Promise<{ itemId: string; event: OutputEvent; ms: number } | undefined> {
+function inputOf(step: ShadowTarget, m: JsMsg): ShadowInput | undefined {
   const stage = step.stage as Stage<StageInput>;
   const raw = decodeJson(m.data);
   const message = {
@@ -629,16 +641,27 @@ async function decideOnce(
     storedAt: m.time.getTime(),
     deliveryCount: m.info.deliveryCount,
   };
-  let input: { id: string; type: string; item_id: string };
   if (stage.decode) {
-    // A definition's step: its own decoding says whether the event is for it.
-    const decoded = stage.decode(raw, message) as typeof input | undefined;
-    if (decoded === undefined) return undefined;
-    input = decoded;
-  } else {
-    input = validateInput(stage.input, raw) as typeof input;
-    assertMatchesSubject(input, m.subject);
+    const decoded = stage.decode(raw, message) as ShadowInput["input"] | undefined;
+    return decoded === undefined ? undefined : { m, input: decoded, message };
   }
+  const input = validateInput(stage.input, raw) as ShadowInput["input"];
+  assertMatchesSubject(input, m.subject);
+  return { m, input, message };
+}
+
+/**
+ * The candidate's decision on one input of its step: the item, the event the candidate's
+ * step would publish, and its handler time (ms). Throws what the handler throws, and when
+ * it emits no event of production's type.
+ */
+async function decideOnce(
+  step: ShadowTarget,
+  { input, message }: ShadowInput,
+  source: string,
+  signal: AbortSignal,
+): Promise<{ itemId: string; event: OutputEvent; ms: number }> {
+  const stage = step.stage as Stage<StageInput>;
   const started = performance.now();
   const outputs = await stage.handle(input as never, {
     source,
@@ -683,7 +706,7 @@ async function storedOutput(
 
 /** A decision as published (live) or reported (replay), compared with production's. */
 function decisionOf(
-  spec: Pick<ShadowSpec, "id" | "pipeline" | "step">,
+  spec: Pick<ShadowSpec, "id" | "pipeline" | "step" | "attached_at">,
   candidate: string,
   input: { itemId: string; seq: number; time: Date; ms: number },
   decision: Record<string, string>,
@@ -692,6 +715,7 @@ function decisionOf(
 ): ShadowDecision {
   return {
     shadow: spec.id,
+    ...(spec.attached_at ? { attached_at: spec.attached_at } : {}),
     pipeline: spec.pipeline,
     step: spec.step,
     item_id: input.itemId,
@@ -821,17 +845,27 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
     return true;
   }
 
-  async function handle(m: JsMsg, release: () => void): Promise<void> {
-    // (The subject's last token: the item, as the input event itself says.)
-    const itemId = m.subject.split(".").pop();
+  /** Counts a candidate's failure on `m` and terminates it (never retried). */
+  function failed(m: JsMsg, err: unknown): void {
+    const overBudget = err instanceof LlmError && err.code === "over_budget";
+    if (overBudget) tally.counts.over_budget++;
+    else tally.counts.failed++;
+    // Never retried: a shadow's failure costs production nothing, and retrying costs it
+    // the candidate's budget.
+    m.term();
+    log[overBudget ? "debug" : "warn"]("shadow decision failed", {
+      // (The subject's last token: the item, as the input event itself says.)
+      item_id: m.subject.split(".").pop(),
+      code: errorCode(err),
+      err: String(err),
+    });
+  }
+
+  async function handle(given: ShadowInput, release: () => void): Promise<void> {
+    const { m } = given;
     try {
-      const decided = await decideOnce(step, m, source, abort.signal);
+      const decided = await decideOnce(step, given, source, abort.signal);
       release();
-      if (!decided) {
-        tally.counts.skipped++;
-        m.ack();
-        return;
-      }
       tally.seconds += decided.ms / 1000;
       tally.counts.decided++;
       // Acked once compared and published: a shadow killed meanwhile is given the item
@@ -841,17 +875,7 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
     } catch (err) {
       release();
       if (abort.signal.aborted) return; // stopping: redelivered to the next run
-      const overBudget = err instanceof LlmError && err.code === "over_budget";
-      if (overBudget) tally.counts.over_budget++;
-      else tally.counts.failed++;
-      // Never retried: a shadow's failure costs production nothing, and retrying costs it
-      // the candidate's budget.
-      m.term();
-      log[overBudget ? "debug" : "warn"]("shadow decision failed", {
-        item_id: itemId,
-        code: errorCode(err),
-        err: String(err),
-      });
+      failed(m, err);
     }
   }
 
@@ -861,8 +885,20 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
         messages = await consumer.consume({ max_messages: spec.limits.concurrency });
         for await (const m of messages) {
           if (stopping) break;
-          const itemId = m.subject.split(".").pop() ?? "";
-          if (!sampled(itemId, spec.limits.sample)) {
+          // Only the step's inputs are sampled, rate limited and counted: the filter of a
+          // definition's step also carries events that are not for it.
+          let given: ShadowInput | undefined;
+          try {
+            given = inputOf(step, m);
+          } catch (err) {
+            failed(m, err);
+            continue;
+          }
+          if (!given) {
+            m.ack();
+            continue;
+          }
+          if (!sampled(given.input.item_id, spec.limits.sample)) {
             tally.counts.skipped++;
             m.ack();
             continue;
@@ -873,7 +909,7 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
           } catch {
             break; // stopping
           }
-          const p: Promise<void> = handle(m, release).finally(() => inFlight.delete(p));
+          const p: Promise<void> = handle(given, release).finally(() => inFlight.delete(p));
           inFlight.add(p);
         }
       } catch (err) {
@@ -968,10 +1004,11 @@ export async function replayShadow(opts: {
     if (opts.since && m.time < opts.since) continue;
     if (opts.until && m.time > opts.until) break;
     const itemId = m.subject.split(".").pop() ?? "";
-    if (!sampled(itemId, spec.limits.sample)) continue;
     try {
-      const decided = await decideOnce(step, m, `weft-shadow-${spec.id}`, abort.signal);
-      if (!decided) continue; // not for this step (a join's other inputs)
+      const given = inputOf(step, m);
+      if (!given) continue; // not for this step (a join's other inputs)
+      if (!sampled(given.input.item_id, spec.limits.sample)) continue;
+      const decided = await decideOnce(step, given, `weft-shadow-${spec.id}`, abort.signal);
       handlerSeconds += decided.ms / 1000;
       const prod = await storedOutput(jsm, step, decided.itemId, decided.event.id);
       decisions.push(decisionOf(
@@ -1047,7 +1084,13 @@ export function liveShadowReport(
   decisions: readonly ShadowDecision[],
   maxExamples = 10,
 ): LiveShadowReport {
-  const mine = decisions.filter((d) => d.shadow === shadow);
+  // The latest attachment's: a shadow detached and attached again under its id (another
+  // candidate, perhaps) starts a report of its own, as its live figures do.
+  const latest = decisions.findLast((d) => d.shadow === shadow);
+  const mine = decisions.filter((d) =>
+    d.shadow === shadow && d.attached_at === latest?.attached_at &&
+    d.candidate === latest?.candidate
+  );
   const last = mine.at(-1);
   const compared = mine.filter((d) => d.production);
   const fields: Record<string, FieldAgreement> = {};
@@ -1269,12 +1312,16 @@ export function formatLiveShadowReport(r: LiveShadowReport, title = "live shadow
     const cols = [...new Set(Object.values(a.confusion).flatMap((row) => Object.keys(row)))].sort();
     if (cols.length > 12 || Object.keys(a.confusion).length > 12) continue;
     lines.push("", `${f} confusion (rows: production, columns: candidate)`);
-    lines.push(["".padEnd(14), ...cols.map((c) => c.slice(0, 13).padStart(14))].join(""));
-    for (const row of Object.keys(a.confusion).sort()) {
+    // Labels whole, however long (a router's result is JSON): cut, two could read the same.
+    const rows = Object.keys(a.confusion).sort();
+    const rowWidth = Math.max(13, ...rows.map((r) => r.length)) + 1;
+    const colWidth = Math.max(13, ...cols.map((c) => c.length)) + 1;
+    lines.push(["".padEnd(rowWidth), ...cols.map((c) => c.padStart(colWidth))].join(""));
+    for (const row of rows) {
       lines.push(
         [
-          row.slice(0, 13).padEnd(14),
-          ...cols.map((c) => String(a.confusion[row]![c] ?? 0).padStart(14)),
+          row.padEnd(rowWidth),
+          ...cols.map((c) => String(a.confusion[row]![c] ?? 0).padStart(colWidth)),
         ].join(""),
       );
     }

@@ -1,6 +1,14 @@
 import assert from "node:assert/strict";
 import { WeftMetrics } from "../observability/metrics.ts";
-import { labelledAccuracy, parseItemLabels, registerShadowMetrics, ShadowTally } from "./live.ts";
+import {
+  formatLiveShadowReport,
+  labelledAccuracy,
+  liveShadowReport,
+  parseItemLabels,
+  registerShadowMetrics,
+  type ShadowDecision,
+  ShadowTally,
+} from "./live.ts";
 import { ValidationError } from "../errors.ts";
 import { candidateConfig, parseShadowSpec } from "./spec.ts";
 import { agreementOf } from "../ai/agreement.ts";
@@ -95,4 +103,48 @@ Deno.test("labels by item: each field's accuracy for production and candidate, o
       (e) => e instanceof ValidationError && e.field === field,
     );
   }
+});
+
+/** A decision of shadow `s` on item `i`: production said `p`, the candidate `c`. */
+function decided(i: string, p: string, c: string, more: Partial<ShadowDecision> = {}) {
+  return {
+    shadow: "s",
+    pipeline: "feedback",
+    step: "sentiment",
+    item_id: i,
+    candidate: "rules",
+    time: "2026-12-06T00:00:00.000Z",
+    input_seq: 1,
+    ms: 1,
+    decision: { sentiment: c },
+    production: { sentiment: p },
+    agrees: { sentiment: p === c },
+    event: {} as ShadowDecision["event"],
+    ...more,
+  } as ShadowDecision;
+}
+
+Deno.test("a shadow's report covers its latest attachment only, not an earlier one under its id", () => {
+  const first = { attached_at: "2026-12-06T10:00:00.000Z", candidate: "rules" };
+  const again = { attached_at: "2026-12-06T11:00:00.000Z", candidate: "embedded:sentiment" };
+  const r = liveShadowReport("s", [
+    decided("a", "positive", "negative", first),
+    decided("b", "positive", "negative", first),
+    decided("c", "positive", "positive", again),
+    decided("d", "negative", "negative", again),
+  ]);
+  assert.equal(r.items, 2);
+  assert.equal(r.candidate, "embedded:sentiment");
+  assert.equal(r.fields.sentiment!.agreement, 1);
+});
+
+Deno.test("the terminal report prints labels whole, so two long ones never read the same", () => {
+  const long1 = '{"by":"rules","label":"billing"}';
+  const long2 = '{"by":"rules","label":"technical"}';
+  const text = formatLiveShadowReport(liveShadowReport("s", [
+    decided("a", long1, long1),
+    decided("b", long2, long1),
+  ]));
+  const matrix = text.slice(text.indexOf("confusion"), text.indexOf("disagreements"));
+  for (const label of [long1, long2]) assert.ok(matrix.includes(label), text);
 });
