@@ -25,6 +25,9 @@
  * deno task shadow report calm [--out PATH]     # agreement and disagreements, from shadow.>
  * ```
  *
+ * `--help` lists the commands and flags; an unknown flag or command is refused (exit 2)
+ * before anything runs.
+ *
  * @module
  */
 import { parseArgs } from "node:util";
@@ -43,7 +46,8 @@ import { createLogger } from "../src/observability/log.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { parseShadowSpec } from "../src/shadow/spec.ts";
 import { listedPipelines } from "../src/supervisor.ts";
-import { loadConfig } from "../src/config.ts";
+import { loadConfig, strayArguments, unknownFlags } from "../src/config.ts";
+import { ConfigError } from "../src/errors.ts";
 import { feedbackAnalyzers } from "../pipelines/feedback/analyzers.ts";
 import { parseRows } from "../src/ai/evaluation.ts";
 import { connectNats, tlsCredentials } from "../src/nats.ts";
@@ -61,8 +65,88 @@ const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.st
 /** The live shadow commands. */
 const VERBS = ["attach", "detach", "promote", "reset", "list"];
 
+/** What `deno task shadow --help` prints. */
+const USAGE = `deno task shadow: a candidate version of a step against production (docs/SHADOW.md)
+
+Replay stored history, read-only (run with the ops key: WEFT_NATS_NKEY=data/identities/ops.nk):
+  deno task shadow [--analyzers embedded|rules|llm] [--rules FILE] [--prompt KIND=VERSION,...]
+                   [--since ISO] [--until ISO] [--count N] [--sample F] [--labels FILE] [--out PATH]
+  deno task shadow --pipeline NAME --step STEP --definition FILE
+                   [--since ISO] [--until ISO] [--count N] [--sample F] [--labels FILE] [--out PATH]
+  (also --nats-url URL, --log-level L, --pipelines FILES; an LLM candidate's endpoint is WEFT_LLM_*)
+
+Live shadows, one request to the gateway each (an admin key in WEFT_API_KEY or --key KEY):
+  deno task shadow attach --id ID --step STEP [--pipeline NAME] [--analyzers K] [--rules FILE]
+                   [--model M] [--prompt V] [--rps N] [--concurrency N] [--sample F]
+                   [--budget-usd USD]      (or --spec JSON)
+  deno task shadow list
+  deno task shadow promote ID
+  deno task shadow detach ID
+  deno task shadow reset PIPELINE.STEP
+  deno task shadow report ID [--out PATH] [--examples N]`;
+
+/** The replay's own flags, and the settings flags it reads (loadConfig). */
+const REPLAY_FLAGS = [
+  "since",
+  "until",
+  "count",
+  "sample",
+  "labels",
+  "out",
+  "prompt",
+  "pipeline",
+  "step",
+  "definition",
+  "analyzers",
+  "rules",
+  "nats-url",
+  "log-level",
+  "pipelines",
+];
+/** The live shadow commands' flags. */
+const CONTROL_FLAGS = [
+  "id",
+  "pipeline",
+  "step",
+  "analyzers",
+  "rules",
+  "model",
+  "prompt",
+  "rps",
+  "concurrency",
+  "sample",
+  "budget-usd",
+  "spec",
+  "key",
+];
+const REPORT_FLAGS = ["out", "examples"];
+
+/**
+ * Refuses a flag that is none of `known` (naming it, and the likely one meant), and, with
+ * `positionals` false, any argument that is no flag's value (the first one an unknown
+ * command): a typo never runs a replay with the defaults.
+ */
+function refuseUnknown(args: string[], known: readonly string[], positionals: boolean): void {
+  const hint = "`deno task shadow --help` lists them";
+  const stray = positionals ? [] : strayArguments(args);
+  const unknown = [...unknownFlags(args, known), ...stray.filter((a) => a.startsWith("-"))];
+  if (unknown.length > 0) {
+    throw new ConfigError(
+      `unknown flag${unknown.length > 1 ? "s" : ""}: ${unknown.join(", ")}; ${hint}`,
+    );
+  }
+  if (stray.length > 0) {
+    throw new ConfigError(
+      stray[0] === args[0]
+        ? `unknown command: ${stray[0]} (commands: ${VERBS.join(", ")}, report); ${hint}`
+        : `unexpected argument${stray.length > 1 ? "s" : ""}: ${stray.join(" ")}; ${hint}`,
+    );
+  }
+}
+
 /** `deno task shadow attach|detach|promote|list ...`: one request to the gateway. */
 async function control(verb: string, args: string[]): Promise<number> {
+  refuseUnknown(args, CONTROL_FLAGS, true);
   const { values, positionals } = parseArgs({
     args,
     options: {
@@ -159,6 +243,7 @@ async function shadowStatus(
 }
 
 async function report(args: string[]): Promise<number> {
+  refuseUnknown(args, REPORT_FLAGS, true);
   const { values, positionals } = parseArgs({
     args,
     options: { out: { type: "string" }, examples: { type: "string" } },
@@ -272,8 +357,13 @@ async function replayDefinition(
 }
 
 async function main(args: string[]): Promise<number> {
+  if (args.includes("--help") || args.includes("-h") || args[0] === "help") {
+    say(USAGE);
+    return 0;
+  }
   if (args[0] === "report") return report(args.slice(1));
   if (args[0] !== undefined && VERBS.includes(args[0])) return control(args[0], args.slice(1));
+  refuseUnknown(args, REPLAY_FLAGS, false);
   const { values } = parseArgs({
     args,
     options: {

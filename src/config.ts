@@ -695,17 +695,22 @@ export function strayArguments(args: readonly string[]): string[] {
 }
 
 /**
- * The `--flags` in `args` that are no setting's flag, each with the closest one when a
- * typo is likely: a program that takes only settings flags refuses them rather than
- * ignoring them silently.
+ * The `--flags` in `args` that are no setting's flag (or none of `known`, a program's own
+ * flags without `--`), each with the closest one when a typo is likely: a program refuses
+ * them rather than ignoring them silently.
  *
  * @example
  * ```ts
  * import { unknownFlags } from "./config.ts";
  * console.assert(unknownFlags(["--event-port", "8001"])[0] === "--event-port (did you mean --events-port?)");
+ * console.assert(unknownFlags(["--cout", "3"], ["count"])[0] === "--cout (did you mean --count?)");
  * ```
  */
-export function unknownFlags(args: readonly string[]): string[] {
+export function unknownFlags(
+  args: readonly string[],
+  known: Iterable<string> = FLAGS,
+): string[] {
+  const flags = new Set(known);
   // Levenshtein distance, written here: a dozen lines against a dependency for one hint.
   const distance = (a: string, b: string): number => {
     let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
@@ -724,8 +729,8 @@ export function unknownFlags(args: readonly string[]): string[] {
   };
   return args.flatMap((arg) => {
     const name = flagOf(arg);
-    if (name === undefined || name === "" || FLAGS.has(name)) return [];
-    const near = [...FLAGS].map((f) => ({ f, d: distance(name, f) })).sort((a, b) => a.d - b.d)[0];
+    if (name === undefined || name === "" || flags.has(name)) return [];
+    const near = [...flags].map((f) => ({ f, d: distance(name, f) })).sort((a, b) => a.d - b.d)[0];
     return [`--${name}${near && near.d <= 2 ? ` (did you mean --${near.f}?)` : ""}`];
   });
 }

@@ -67,6 +67,10 @@ Deno.test("unknownFlags() names flags that are no setting's, with the likely one
     "--event-port (did you mean --events-port?)",
     "--frobnicate",
   ]);
+  // A program's own flags instead of the settings'.
+  assert.deepEqual(unknownFlags(["--count", "3", "--analyzer", "llm"], ["count", "analyzers"]), [
+    "--analyzer (did you mean --analyzers?)",
+  ]);
 });
 
 Deno.test("strayArguments() names arguments that are neither a flag nor a flag's value", () => {
