@@ -413,7 +413,13 @@ async function main(args: string[]): Promise<number> {
       prompts[m[1]!] = m[2]!;
     }
   }
-  const candidate = await feedbackAnalyzers({ ...config, llmPromptVersions: prompts });
+  // Never the embedded analyzers in the LLM's place: a failed call is the candidate's
+  // failure, counted, as a live shadow's is (candidateConfig's `fallback: false`).
+  const candidate = await feedbackAnalyzers({
+    ...config,
+    llmPromptVersions: prompts,
+    llmFallback: false,
+  });
   const promptNote = Object.entries(prompts).map(([k, v]) => ` ${k}@${v}`).join("");
   const name = `${config.analyzers}${
     config.analyzers === "llm" ? `:${config.llmModel}${promptNote}` : ""
@@ -431,8 +437,16 @@ async function main(args: string[]): Promise<number> {
       sample,
     });
     const started = performance.now();
-    const decided = await decideAll(candidate, production);
+    const run = await decideAll(candidate, production);
     const wallMs = performance.now() - started;
+    if (production.length > 0 && run.items.length === 0) {
+      say(
+        `shadow: the candidate failed on every one of the ${production.length} items ` +
+          `(first: ${run.firstFailure}); nothing to compare`,
+        Deno.stderr,
+      );
+      return 1;
+    }
     let labels;
     if (typeof values.labels === "string") {
       const { task, rows } = parseRows(await Deno.readTextFile(values.labels));
@@ -447,8 +461,9 @@ async function main(args: string[]): Promise<number> {
       } as const;
     }
     const stats = candidate.llmStats?.snapshot();
-    const report = shadowReport(name, production, decided, {
+    const report = shadowReport(name, run.items, run.decided, {
       wallMs,
+      failures: run,
       labels,
       ...(stats
         ? {

@@ -1,10 +1,15 @@
 /**
  * `deno task shadow`'s command line: `--help`, and what it refuses (an unknown flag or
- * command runs nothing). Each run points at a port no server listens on, so one that went on
- * to replay anyway fails to connect instead of reading another test's server.
+ * command runs nothing; each such run points at a port no server listens on, so one that
+ * went on to replay anyway fails to connect instead of reading another test's server); and
+ * the feedback replay on a real nats-server whose FEEDBACK stream holds a made history: an
+ * LLM candidate's failures are its own, never the embedded analyzers' decisions.
  */
 import assert from "node:assert/strict";
-import { taskArgs } from "./helpers/mesh.ts";
+import { jetstream } from "@nats-io/jetstream";
+import { meshTempDir, removedAtEnd, taskArgs } from "./helpers/mesh.ts";
+import { startTestNats } from "./helpers/nats.ts";
+import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 
 /** A loopback port nothing listens on (taken, then let go). */
 function closedPort(): number {
@@ -16,11 +21,12 @@ function closedPort(): number {
 
 async function shadow(
   args: string[],
+  env: Record<string, string> = { NATS_URL: `nats://127.0.0.1:${closedPort()}` },
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command("deno", {
     args: [...await taskArgs("shadow"), ...args],
     cwd: new URL("../", import.meta.url),
-    env: { NATS_URL: `nats://127.0.0.1:${closedPort()}` },
+    env,
     stdout: "piped",
     stderr: "piped",
   }).output();
@@ -67,5 +73,92 @@ Deno.test("deno task shadow refuses an unknown flag or command in one line, exit
     assert.match(lines[0]!, /^shadow: /);
     assert.match(lines[0]!, message);
     assert.match(lines[0]!, /deno task shadow --help/);
+  }
+});
+
+/** Production's history: `feedback.dispatched` events, as the dispatch stage publishes them. */
+async function dispatched(
+  nc: Parameters<typeof jetstream>[0],
+  texts: readonly string[],
+): Promise<void> {
+  const js = jetstream(nc);
+  for (const [i, text] of texts.entries()) {
+    await js.publish(
+      `feedback.dispatched.R${i}`,
+      JSON.stringify({
+        id: `e${i}`,
+        type: "feedback.dispatched",
+        item_id: `R${i}`,
+        time: new Date().toISOString(),
+        data: {
+          text,
+          sentiment: { label: "neutral", score: 0 },
+          topics: { topics: ["general"] },
+          routing: { team: "Support" },
+        },
+      }),
+    );
+  }
+}
+
+const TEXTS = [
+  "the app is broken again",
+  "charged twice this month",
+  "love the new design",
+  "broken login page",
+  "please add dark mode",
+  "refund took a week",
+];
+
+Deno.test("a replay's LLM candidate never falls back: the items it fails on are counted, and all failing stops it in one line", async () => {
+  await using t = await startTestNats();
+  await dispatched(t.nc, TEXTS);
+  // The endpoint refuses the items about something broken (a 400 is not retried).
+  const llm = startFakeOpenAI((req) => {
+    const text = req.body.messages.at(-1)!.content;
+    if (/broken/.test(text)) return { kind: "error", status: 400, message: "refused" };
+    if (/sentiment/i.test(req.body.messages[0]!.content)) {
+      return chat({ label: "negative", score: -0.5 });
+    }
+    return chat({ topics: ["billing"], evidence: { billing: ["charged"] } });
+  });
+  try {
+    const env = {
+      NATS_URL: t.server.url,
+      WEFT_ANALYZERS: "llm",
+      WEFT_LLM_BASE_URL: llm.baseUrl,
+      WEFT_LLM_API_KEY: "test-key",
+      WEFT_LLM_MODEL: "m",
+    };
+    // Under data/, where `deno task shadow` may write.
+    const dir = await meshTempDir("weft-shadow-cli-");
+    await using _dir = removedAtEnd(dir);
+    const out = `${dir}/report`;
+    {
+      const r = await shadow(["--out", out], env);
+      assert.equal(r.code, 0, r.stderr + r.stdout);
+      assert.match(r.stdout, /on 4 items/);
+      assert.match(r.stdout, /candidate failed on 2 of 6 items, not compared; first: http_error/);
+      const report = JSON.parse(await Deno.readTextFile(`${out}.json`));
+      assert.equal(report.items, 4);
+      assert.equal(report.failed, 2);
+      assert.equal(report.overBudget, 0);
+      // Every compared decision is the LLM's: negative, where production said neutral.
+      assert.equal(report.fields.sentiment.agreement, 0);
+    }
+
+    // No endpoint at all: every item fails, and the replay says so instead of a report.
+    const down = await shadow(["--count", "2"], {
+      ...env,
+      WEFT_LLM_BASE_URL: `http://127.0.0.1:${closedPort()}/v1`,
+      WEFT_LLM_TIMEOUT_MS: "2000",
+    });
+    assert.equal(down.code, 1, down.stderr + down.stdout);
+    assert.equal(down.stdout, "");
+    const lines = down.stderr.trimEnd().split("\n");
+    assert.equal(lines.length, 1, down.stderr);
+    assert.match(lines[0]!, /^shadow: the candidate failed on every one of the 2 items \(first: /);
+  } finally {
+    await llm.close();
   }
 });

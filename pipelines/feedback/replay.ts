@@ -14,6 +14,8 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import type { FeedbackAnalyzers } from "./analyzers.ts";
 import type { LlmStatsSnapshot } from "../../src/ai/llm/stats.ts";
 import { FEEDBACK_STREAM } from "./subjects.ts";
+import { LlmError, LlmErrorCode } from "../../src/ai/llm/errors.ts";
+import { errorCode } from "../../src/errors.ts";
 import { topicEvalClass } from "../../src/ai/evaluation.ts";
 import { agreementOf, type FieldAgreement } from "../../src/ai/agreement.ts";
 
@@ -35,10 +37,34 @@ export interface CandidateDecision {
   ms: number;
 }
 
+/**
+ * What the candidate made of the items it was given: the items it decided with its decisions
+ * (in the same order), and how many it failed on.
+ */
+export interface CandidateRun {
+  /** The items decided. */
+  items: ProductionDecision[];
+  /** The candidate's decisions, one per item of `items`. */
+  decided: CandidateDecision[];
+  /** Items an analyzer failed on (an LLM unreachable, timed out, answering nonsense). */
+  failed: number;
+  /** Items refused because the candidate's LLM budget was spent. */
+  overBudget: number;
+  /** The first failure, `code: message`. */
+  firstFailure?: string;
+}
+
 /** The report of a shadow run. */
 export interface ShadowReport {
   candidate: string;
+  /** Items compared: those the candidate decided. */
   items: number;
+  /** Items the candidate failed on, not compared (as a live shadow counts `failed`). */
+  failed: number;
+  /** Items not decided because the candidate's LLM budget was spent (`over_budget`). */
+  overBudget: number;
+  /** The first failure, `code: message`. */
+  firstFailure?: string;
   fields: { sentiment: FieldAgreement; topic: FieldAgreement; team: FieldAgreement };
   /** Items the candidate would route to another team. */
   routingChanges: {
@@ -70,6 +96,8 @@ export function shadowReport(
   decided: readonly CandidateDecision[],
   opts: {
     wallMs?: number;
+    /** What the candidate failed on (from {@link decideAll}); none by default. */
+    failures?: Pick<CandidateRun, "failed" | "overBudget" | "firstFailure">;
     llm?: ShadowReport["llm"];
     labels?: { task: "sentiment" | "topics"; byText: Map<string, string> };
     maxExamples?: number;
@@ -84,6 +112,9 @@ export function shadowReport(
   const report: ShadowReport = {
     candidate,
     items: production.length,
+    failed: opts.failures?.failed ?? 0,
+    overBudget: opts.failures?.overBudget ?? 0,
+    ...(opts.failures?.firstFailure ? { firstFailure: opts.failures.firstFailure } : {}),
     fields: {
       sentiment: agreementOf(production.map((p) => p.sentiment), decided.map((d) => d.sentiment)),
       topic: agreementOf(
@@ -167,25 +198,37 @@ export async function readProduction(
   return out;
 }
 
-/** Runs the candidate on each item's text, as production's stages would. */
+/**
+ * Runs the candidate on each item's text, as production's stages would. An item the candidate
+ * fails on (build it without a fallback: its failure must not pass for a decision) is counted,
+ * not compared, and the run goes on, as a live shadow's does.
+ */
 export async function decideAll(
   candidate: FeedbackAnalyzers,
   items: readonly ProductionDecision[],
-): Promise<CandidateDecision[]> {
-  const out: CandidateDecision[] = [];
+): Promise<CandidateRun> {
+  const run: CandidateRun = { items: [], decided: [], failed: 0, overBudget: 0 };
   for (const p of items) {
     const at = performance.now();
-    const sentiment = await candidate.sentiment.analyze(p.text);
-    const topics = await candidate.topics.analyze(p.text);
-    const team = candidate.route(sentiment.label, topics.topics).team;
-    out.push({
-      sentiment: sentiment.label,
-      topics: topics.topics,
-      team,
-      ms: performance.now() - at,
-    });
+    try {
+      const sentiment = await candidate.sentiment.analyze(p.text);
+      const topics = await candidate.topics.analyze(p.text);
+      const team = candidate.route(sentiment.label, topics.topics).team;
+      run.items.push(p);
+      run.decided.push({
+        sentiment: sentiment.label,
+        topics: topics.topics,
+        team,
+        ms: performance.now() - at,
+      });
+    } catch (err) {
+      const code = err instanceof LlmError ? err.code : errorCode(err);
+      if (code === LlmErrorCode.OverBudget) run.overBudget++;
+      else run.failed++;
+      run.firstFailure ??= `${code}: ${err instanceof Error ? err.message : String(err)}`;
+    }
   }
-  return out;
+  return run;
 }
 
 const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
@@ -194,6 +237,15 @@ const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
 export function formatShadowReport(r: ShadowReport): string {
   const lines = [
     `== shadow: ${r.candidate} on ${r.items} items`,
+    ...(r.failed + r.overBudget > 0
+      ? [
+        `candidate failed on ${r.failed + r.overBudget} of ${
+          r.items + r.failed + r.overBudget
+        } items, not compared${r.overBudget ? ` (${r.overBudget} over budget)` : ""}${
+          r.firstFailure ? `; first: ${r.firstFailure}` : ""
+        }`,
+      ]
+      : []),
     ...(["sentiment", "topic", "team"] as const).map((f) =>
       `${f.padEnd(10)} agreement ${pct(r.fields[f].agreement)}  kappa ${
         r.fields[f].kappa.toFixed(3)
@@ -242,7 +294,9 @@ export function shadowReportHtml(r: ShadowReport): string {
   return `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Weft shadow: ${
     escape(r.candidate)
   }</title><style>body{font:14px system-ui;margin:2rem;max-width:60rem}td,th{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}</style></head><body>
-<h1>Shadow run: ${escape(r.candidate)}</h1><p>${r.items} items</p>
+<h1>Shadow run: ${escape(r.candidate)}</h1><p>${r.items} items${
+    r.failed + r.overBudget > 0 ? `; the candidate failed on ${r.failed + r.overBudget} more` : ""
+  }</p>
 <h2>Agreement with production</h2><table><tr><th>field</th><th>agreement</th><th>kappa</th></tr>${
     (["sentiment", "topic", "team"] as const).map((f) =>
       `<tr><td>${f}</td><td>${pct(r.fields[f].agreement)}</td><td>${
