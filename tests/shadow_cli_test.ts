@@ -162,3 +162,21 @@ Deno.test("a replay's LLM candidate never falls back: the items it fails on are 
     await llm.close();
   }
 });
+
+Deno.test("a feedback replay leaves no consumer on FEEDBACK, whether it reads everything, stops at --count or finds nothing", async () => {
+  await using t = await startTestNats();
+  await dispatched(t.nc, TEXTS);
+  const env = { NATS_URL: t.server.url, WEFT_ANALYZERS: "embedded" };
+  for (
+    const args of [[], ["--count", "2"], [
+      "--since",
+      new Date(Date.now() + 3_600_000).toISOString(),
+    ]]
+  ) {
+    const r = await shadow(args, env);
+    assert.equal(r.code, 0, r.stderr + r.stdout);
+    // The replay has exited: what it created and did not delete is still listed.
+    const left = await Array.fromAsync(await t.jsm.consumers.list("FEEDBACK"));
+    assert.deepEqual(left.map((c) => c.name), [], `after: deno task shadow ${args.join(" ")}`);
+  }
+});

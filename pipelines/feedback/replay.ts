@@ -14,6 +14,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import type { FeedbackAnalyzers } from "./analyzers.ts";
 import type { LlmStatsSnapshot } from "../../src/ai/llm/stats.ts";
 import { FEEDBACK_STREAM } from "./subjects.ts";
+import { readStream } from "../../src/stream_reader.ts";
 import { LlmError, LlmErrorCode } from "../../src/ai/llm/errors.ts";
 import { errorCode } from "../../src/errors.ts";
 import { topicEvalClass } from "../../src/ai/evaluation.ts";
@@ -153,24 +154,24 @@ export function shadowReport(
   return report;
 }
 
-/** Production's decisions from the FEEDBACK stream, oldest first: by time range, count, sample. */
+/**
+ * Production's decisions from the FEEDBACK stream, oldest first: by time range, count, sample.
+ * Read with {@link readStream}, whose consumer is deleted when the read ends, early or not (a
+ * stopped one stays on the server for minutes).
+ */
 export async function readProduction(
   nc: NatsConnection,
   opts: { since?: Date; until?: Date; count?: number; sample?: number; random?: () => number } = {},
 ): Promise<ProductionDecision[]> {
   const js = jetstream(nc);
-  const consumer = await js.consumers.get(FEEDBACK_STREAM, {
-    filter_subjects: "feedback.dispatched.*",
-    ...(opts.since ? { opt_start_time: opts.since.toISOString() } : {}),
-  });
   const out: ProductionDecision[] = [];
   const random = opts.random ?? Math.random;
-  const info = await consumer.info(true);
-  let left = info.num_pending;
-  if (left === 0) return out;
-  const messages = await consumer.consume();
-  for await (const m of messages) {
-    left--;
+  for await (
+    const m of readStream(js, FEEDBACK_STREAM, {
+      filter: "feedback.dispatched.*",
+      ...(opts.since ? { startTime: opts.since } : {}),
+    })
+  ) {
     const e = m.json<{
       item_id: string;
       time: string;
@@ -192,9 +193,8 @@ export async function readProduction(
         team: e.data.routing.team,
       });
     }
-    if ((opts.count !== undefined && out.length >= opts.count) || left <= 0) break;
+    if (opts.count !== undefined && out.length >= opts.count) break;
   }
-  await messages.close();
   return out;
 }
 
