@@ -6,7 +6,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { ConfigError } from "./errors.ts";
+import { ConfigError, ValidationError } from "./errors.ts";
 import { type IngestLimits, parseIngestLimits } from "./gateway/ingest_limits.ts";
 import { parseShadowSpecs, type ShadowSpec } from "./shadow/spec.ts";
 import { parseSyncInterval } from "./nats_server.ts";
@@ -326,7 +326,10 @@ export interface Setting<K extends keyof Config = keyof Config> {
   flag?: string;
   /** The value when neither is given. */
   default: Config[K];
-  /** The value of a raw string; undefined when it is invalid. */
+  /**
+   * The value of a raw string; undefined when it is invalid, or a {@link ValidationError}
+   * saying why (reported with its field, never for a secret).
+   */
   parse: (raw: string) => Config[K] | undefined;
   /** Masked when the configuration is printed. */
   secret?: boolean;
@@ -766,7 +769,22 @@ export function loadConfig(source: ConfigSource = {}): Config {
       config[s.key] = s.default;
       continue;
     }
-    const parsed = s.parse(raw);
+    let parsed: unknown;
+    try {
+      parsed = s.parse(raw);
+    } catch (err) {
+      if (!(err instanceof ValidationError)) throw err;
+      // A parser that says what is wrong (WEFT_SHADOW names the field, as its HTTP attach
+      // does); a secret's is not repeated, it may quote the value.
+      if (!s.secret) {
+        problems.push(
+          `${s.flag ? `--${s.flag} / ` : ""}${s.env}: ${
+            err.field ? `${err.field}: ` : ""
+          }${err.message}`,
+        );
+        continue;
+      }
+    }
     if (parsed === undefined) {
       problems.push(
         `${s.flag ? `--${s.flag} / ` : ""}${s.env}: invalid value ${

@@ -139,3 +139,26 @@ Deno.test("a pipeline's settings register with the configuration, under WEFT_ on
     );
   });
 });
+
+Deno.test("an invalid WEFT_SHADOW is refused naming its bad field, as the HTTP attach does", () => {
+  const refused = (raw: string) => {
+    try {
+      loadConfig({ env: (n) => (n === "WEFT_SHADOW" ? raw : undefined), args: [] });
+    } catch (err) {
+      assert.ok(err instanceof ConfigError, String(err));
+      return err.message;
+    }
+    assert.fail(`${raw} was taken`);
+  };
+  assert.match(
+    refused('{"id":"a","step":"ingest","candidate":{"analyzers":"rules"}}'),
+    /WEFT_SHADOW: \/step: step must be one of /,
+  );
+  assert.match(
+    refused(
+      '[{"id":"a","step":"sentiment","candidate":{"analyzers":"rules"},"limits":{"rps":0}}]',
+    ),
+    /WEFT_SHADOW: \/0\/limits\/rps: /,
+  );
+  assert.match(refused("{not json"), /WEFT_SHADOW: not JSON: /);
+});

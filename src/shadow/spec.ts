@@ -7,7 +7,7 @@
  */
 import type { AnalyzerKind } from "../config.ts";
 import type { AnalyzerConfig } from "../ai/configured_analyzers.ts";
-import { ValidationError } from "../errors.ts";
+import { ErrorCode, ValidationError } from "../errors.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 /** The analyzer families (config.ts's AnalyzerKind; repeated so config.ts can import this module). */
@@ -265,17 +265,45 @@ function finish(
 }
 
 /**
- * Parses `WEFT_SHADOW`: one shadow or a list, as JSON. Undefined when invalid (the
- * configuration reports it).
+ * Parses `WEFT_SHADOW`: one shadow or a list, as JSON. A {@link ValidationError} naming the
+ * first bad field otherwise, as {@link parseShadowSpec} does (in a list, under the shadow's
+ * index: `/1/step`); the configuration reports it.
+ *
+ * @example
+ * ```ts
+ * import { parseShadowSpecs } from "./spec.ts";
+ * const [s] = parseShadowSpecs('{"id":"a","step":"sentiment","candidate":{"analyzers":"rules"}}');
+ * console.assert(s?.id === "a");
+ * ```
  */
-export function parseShadowSpecs(raw: string): ShadowSpec[] | undefined {
+export function parseShadowSpecs(raw: string): ShadowSpec[] {
+  let value: unknown;
   try {
-    const value = JSON.parse(raw);
-    const specs = (Array.isArray(value) ? value : [value]).map(parseShadowSpec);
-    return new Set(specs.map((s) => s.id)).size === specs.length ? specs : undefined;
-  } catch {
-    return undefined;
+    value = JSON.parse(raw);
+  } catch (err) {
+    throw new ValidationError(`not JSON: ${(err as Error).message}`, {
+      code: ErrorCode.MalformedJson,
+      cause: err,
+    });
   }
+  if (!Array.isArray(value)) return [parseShadowSpec(value)];
+  const ids = new Set<string>();
+  return value.map((v, i) => {
+    let spec: ShadowSpec;
+    try {
+      spec = parseShadowSpec(v);
+    } catch (err) {
+      if (!(err instanceof ValidationError)) throw err;
+      throw new ValidationError(err.message, {
+        code: err.code,
+        field: `/${i}${err.field === "/" ? "" : err.field ?? ""}`,
+        cause: err,
+      });
+    }
+    if (ids.has(spec.id)) fail(`/${i}/id`, `id ${spec.id} is given twice`);
+    ids.add(spec.id);
+    return spec;
+  });
 }
 
 /** Where a step's promoted version is recorded in the step-version bucket. */

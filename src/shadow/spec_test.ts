@@ -67,10 +67,28 @@ Deno.test("parseShadowSpec names the first bad field", () => {
 
 Deno.test("parseShadowSpecs takes one shadow or a list, and refuses a repeated id", () => {
   const one = '{"id":"a","step":"sentiment","candidate":{"analyzers":"rules"}}';
-  assert.equal(parseShadowSpecs(one)?.length, 1);
-  assert.equal(parseShadowSpecs(`[${one}]`)?.length, 1);
-  assert.equal(parseShadowSpecs(`[${one},${one}]`), undefined);
-  assert.equal(parseShadowSpecs("not json"), undefined);
+  assert.equal(parseShadowSpecs(one).length, 1);
+  assert.equal(parseShadowSpecs(`[${one}]`).length, 1);
+  const refused = (raw: string, field: string | undefined) =>
+    assert.throws(
+      () => parseShadowSpecs(raw),
+      (err) => err instanceof ValidationError && err.field === field,
+      raw,
+    );
+  refused(`[${one},${one}]`, "/1/id");
+  refused("not json", undefined);
+});
+
+Deno.test("parseShadowSpecs names the bad field, under its index in a list", () => {
+  const bad = '{"id":"a","step":"ingest","candidate":{"analyzers":"rules"}}';
+  const good = '{"id":"b","step":"sentiment","candidate":{"analyzers":"rules"}}';
+  for (const [raw, field] of [[bad, "/step"], [`[${good},${bad}]`, "/1/step"], ["[1]", "/0"]]) {
+    assert.throws(
+      () => parseShadowSpecs(raw!),
+      (err) => err instanceof ValidationError && err.field === field,
+      raw,
+    );
+  }
 });
 
 Deno.test("sampled keeps about the given share of items, the same ones every time", () => {
