@@ -451,6 +451,18 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
         }).output();
         assert.equal(broken.code, 1);
         assert.match(new TextDecoder().decode(broken.stderr), /shadow broken: not running: \S/);
+        // Reading the decisions left no consumer on SHADOW (nats.js keeps an ordered
+        // consumer it only stopped for 5 minutes); the shadow service's restore neither.
+        const admin = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+        try {
+          const left: string[] = [];
+          for await (const c of (await jetstreamManager(admin)).consumers.list("SHADOW")) {
+            left.push(c.name);
+          }
+          assert.deepEqual(left, []);
+        } finally {
+          await admin.close();
+        }
         const report = JSON.parse(await Deno.readTextFile(`${mesh.storeDir}/live.json`));
         const ids = [...phaseA, ...phaseB];
         assert.equal(report.items, ids.length, "each item's decision once");

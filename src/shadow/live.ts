@@ -524,16 +524,14 @@ export async function restoreTally(
   const filter = shadowSubject(spec.pipeline, spec.step, "*");
   const info = await jsm.streams.info(SHADOW_STREAM, { subjects_filter: filter });
   if (info.state.messages === 0) return 0;
-  const consumer = await js.consumers.get(SHADOW_STREAM, {
-    filter_subjects: filter,
-    ...(spec.attached_at ? { opt_start_time: spec.attached_at } : {}),
-  });
-  let left = (await consumer.info(true)).num_pending;
-  if (left === 0) return 0;
   let restored = 0;
-  const messages = await consumer.consume();
-  for await (const m of messages) {
-    left--;
+  // (readStream deletes its consumer when the read ends: nothing is left on the server.)
+  for await (
+    const m of readStream(js, SHADOW_STREAM, {
+      filter,
+      ...(spec.attached_at ? { startTime: new Date(spec.attached_at) } : {}),
+    })
+  ) {
     try {
       const d = m.json<ShadowDecision>();
       if (
@@ -546,9 +544,7 @@ export async function restoreTally(
         restored++;
       }
     } catch { /* not a decision: skip */ }
-    if (left <= 0 || m.info.pending === 0) break;
   }
-  await messages.close();
   return restored;
 }
 
@@ -1224,13 +1220,8 @@ export async function readShadowDecisions(
   const jsm = await jetstreamManager(nc);
   const state = (await jsm.streams.info(SHADOW_STREAM)).state;
   if (state.messages === 0) return [];
-  const consumer = await js.consumers.get(SHADOW_STREAM, { filter_subjects: "shadow.*.*.*" });
-  let left = (await consumer.info(true)).num_pending;
   const out: ShadowDecision[] = [];
-  if (left === 0) return out;
-  const messages = await consumer.consume();
-  for await (const m of messages) {
-    left--;
+  for await (const m of readStream(js, SHADOW_STREAM, { filter: "shadow.*.*.*" })) {
     try {
       const d = m.json<ShadowDecision>();
       if (d.shadow === id) {
@@ -1238,9 +1229,7 @@ export async function readShadowDecisions(
         if (out.length > max) out.shift();
       }
     } catch { /* not a decision */ }
-    if (left <= 0 || m.info.pending === 0) break;
   }
-  await messages.close();
   return out;
 }
 
