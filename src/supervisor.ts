@@ -764,6 +764,8 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   let nats: NatsServer | undefined;
   /** Every node this start runs (one, or a cluster's). */
   let nodes: NatsServer[] = [];
+  /** Held while this start runs its own nats-server: one supervisor per store. */
+  let supervisorLock: Deno.FsFile | undefined;
   // A gateway port another process holds would crash-loop the gateway: say so once, and
   // start nothing.
   if (isLoopbackOrAny(config.host) && !portFree(config.port)) {
@@ -889,6 +891,19 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         `WEFT_NATS_DIR ${config.natsDir} is outside what deno task start may write (the ` +
           `repository's data/): use a directory under data/, or run src/supervisor.ts with ` +
           `--allow-write for that directory too`,
+      );
+      Deno.exit(1);
+    }
+    // One supervisor per store: a second start on the same store (another terminal, or
+    // during the first one's drain) would stop the first one's live nats-server as a
+    // leftover and take over its services. The lock goes with the process, however it ends.
+    await Deno.mkdir(`${cwd}/data`, { recursive: true });
+    supervisorLock = await Deno.open(`${cwd}/data/supervisor.lock`, { create: true, write: true });
+    if (!(await supervisorLock.tryLock(true))) {
+      log.error(
+        `another deno task start runs on this store (${cwd}/data): stop it first (Ctrl-C), ` +
+          `or give a second mesh its own store and ports (WEFT_NATS_DIR=data/<dir>, ` +
+          `WEFT_NATS_PORT, PORT)`,
       );
       Deno.exit(1);
     }
@@ -1181,8 +1196,9 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       shadowWatch.stop();
     })().catch((err) => log.error("watching for live shadows failed", { err }))
     : undefined;
-  // A cluster node that dies is started again (same ports, name and store), as services are.
-  if (nodes.length > 1) {
+  // A nats-server this start runs that dies (a cluster node, or the one server) is started
+  // again (same ports, name and store), as services are; the services reconnect.
+  if (nodes.length > 0) {
     nodes.forEach((node, i) => {
       const watch = (restarts: number): void => {
         node.exited.then(async (status) => {

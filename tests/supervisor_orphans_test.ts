@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { freePort } from "../src/nats_server.ts";
-import { meshTempDir, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
+import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
 async function childrenOf(pid: number): Promise<{ pid: number; args: string }[]> {
@@ -58,6 +58,82 @@ Deno.test("when the supervisor is SIGKILLed its services stop, and the next star
       30_000,
       "the item processed by the second mesh",
     );
+  } finally {
+    await Deno.remove(storeDir, { recursive: true }).catch(() => {});
+  }
+});
+
+Deno.test("a nats-server killed under a running mesh is started again, and items flow once more", async () => {
+  await using mesh = await startMesh(ONE_PROCESS);
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const pid = Number((await Deno.readTextFile(`${mesh.storeDir}/nats-server.pid`)).trim());
+  Deno.kill(pid, "SIGKILL");
+  await waitFor(async () => !(await alive(pid)), 10_000, "the server gone");
+  // Before: no log line, no restart, and /readyz answered 503 for good.
+  await mesh.waitForLog((l) => l.msg === "nats-server node back", 30_000, "the server back");
+  const res = await waitFor(
+    async () => {
+      const r = await fetch(`${mesh.gatewayUrl}/feedback`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text: "After the broker came back" }),
+      });
+      if (r.status === 202) return await r.json();
+      await r.body?.cancel();
+      return undefined;
+    },
+    30_000,
+    "a submission accepted again",
+  );
+  await waitFor(
+    async () =>
+      (await (await fetch(`${mesh.gatewayUrl}/feedback/${res.id}`)).json()).status ===
+        "processed",
+    30_000,
+    "the item processed",
+  );
+});
+
+Deno.test("a second start on the same store is refused, and leaves the running mesh alone", async () => {
+  const storeDir = await meshTempDir("weft-second-");
+  const ports = { natsPort: freePort(), port: freePort() };
+  try {
+    await using first = await startMesh(ONE_PROCESS, { storeDir, ...ports });
+    await first.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+    const pid = Number((await Deno.readTextFile(`${storeDir}/nats-server.pid`)).trim());
+    // Another gateway port, the same store and NATS port: before, it stopped the first
+    // mesh's live server as a leftover and its services moved over to its own.
+    const child = new Deno.Command("deno", {
+      args: await taskArgs("start"),
+      cwd: new URL("../", import.meta.url),
+      env: {
+        PORT: String(freePort()),
+        WEFT_NATS_PORT: String(ports.natsPort),
+        WEFT_NATS_DIR: storeDir,
+        WEFT_NATS_MONITOR_PORT: String(freePort()),
+        ...ONE_PROCESS,
+      },
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    // (Before, it ran on: stopped here, not waited for.)
+    const output = child.output();
+    const second = await deadline(output, 60_000, "the second start to stop").catch(
+      async (err) => {
+        child.kill("SIGINT");
+        await output;
+        throw err;
+      },
+    );
+    const printed = new TextDecoder().decode(second.stdout) +
+      new TextDecoder().decode(second.stderr);
+    assert.equal(second.code, 1, printed);
+    assert.match(printed, /another deno task start runs on this store/);
+    assert.ok(await alive(pid), "the first mesh's server still runs");
+    const r = await fetch(`${first.gatewayUrl}/readyz`);
+    await r.body?.cancel();
+    assert.equal(r.status, 200);
   } finally {
     await Deno.remove(storeDir, { recursive: true }).catch(() => {});
   }
