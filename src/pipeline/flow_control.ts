@@ -2,12 +2,14 @@
  * Per-step flow control of a definition's work steps: at most N handler calls at once and
  * at most N calls per period, for the whole step or per key taken from the item's input
  * (e.g. at most 5 LLM calls at once per customer). In process: with R replicas of a step
- * the limits hold per replica. The rate limit is the LLM client's token bucket; the
- * concurrency limit is a small keyed semaphore (a few lines, no library keys one).
+ * the limits hold per replica. The rate limit is a sliding log per key (the times of its
+ * last `limit` calls: a call waits until the oldest is a whole period old, so no window of
+ * `periodMs` ever holds more than `limit` calls, which a token bucket's burst and refill
+ * would allow); the concurrency limit is a small keyed semaphore (a few lines, no library
+ * keys one).
  *
  * @module
  */
-import { createRateLimiter, type RateLimiter } from "../ai/llm/rate_limit.ts";
 import { type Clock, systemClock } from "../ai/llm/clock.ts";
 import type { FlowControl } from "./definition.ts";
 
@@ -29,9 +31,9 @@ export interface StepLimiter {
    */
   acquire(input: unknown, signal: AbortSignal): Promise<() => void>;
   /**
-   * How many keys it holds state for now. Bounded by the keys in use: a key's rate bucket is
-   * forgotten once it has been idle a whole period (it is full again, as a new one would be),
-   * and its concurrency slots once none is taken.
+   * How many keys it holds state for now. Bounded by the keys in use: a key's log of call
+   * times is forgotten once its last call is a whole period old (nothing in it limits any
+   * more), and its concurrency slots once none is taken.
    */
   keys(): number;
 }
@@ -55,42 +57,45 @@ export function createStepLimiter(
   const conc = flow?.concurrency;
   const rate = flow?.rateLimit;
   const slots = new Map<string, { active: number; waiting: (() => void)[] }>();
-  // Per key: its token bucket, when a token was last taken, and how many callers are in its
+  // A fractional limit: at most its whole part per period (2.5 per second is 2 in any second);
+  // one below 1: one call per `periodMs / limit` (0.5 per second is one per 2 s).
+  const most = rate ? (rate.limit >= 1 ? Math.floor(rate.limit) : 1) : 0;
+  const period = rate ? (rate.limit >= 1 ? rate.periodMs : rate.periodMs / rate.limit) : 0;
+  // Per key: the times of its last `most` calls, oldest first, and how many callers are in its
   // acquire. Keys come from items (e.g. a customer id), so without forgetting idle ones a
   // flood of distinct keys would grow this map, and the process, without bound.
-  const buckets = new Map<string, { bucket: RateLimiter; lastTaken: number; busy: number }>();
+  const logs = new Map<string, { times: number[]; busy: number }>();
   let swept = clock.now();
   const sweep = (now: number) => {
-    if (!rate || now - swept < rate.periodMs) return;
+    if (!rate || now - swept < period) return;
     swept = now;
-    for (const [key, b] of buckets) {
-      if (b.busy === 0 && now - b.lastTaken >= rate.periodMs) buckets.delete(key);
+    for (const [key, l] of logs) {
+      if (l.busy === 0 && !(now - (l.times.at(-1) ?? -Infinity) < period)) logs.delete(key);
     }
   };
   return {
-    keys: () => buckets.size + slots.size,
+    keys: () => logs.size + slots.size,
     async acquire(input, signal) {
       if (rate) {
         const key = keyAt(input, rate.key);
         sweep(clock.now());
-        let b = buckets.get(key);
-        if (!b) {
-          b = {
-            bucket: createRateLimiter({
-              requestsPerSecond: rate.limit / (rate.periodMs / 1000),
-              burst: rate.limit,
-            }, clock),
-            lastTaken: clock.now(),
-            busy: 0,
-          };
-          buckets.set(key, b);
-        }
-        b.busy++;
+        let l = logs.get(key);
+        if (!l) logs.set(key, l = { times: [], busy: 0 });
+        l.busy++;
         try {
-          await b.bucket.acquire(signal);
-          b.lastTaken = clock.now();
+          for (;;) {
+            signal.throwIfAborted();
+            const now = clock.now();
+            // Calls a whole period old limit nothing: a window of `period` ending now excludes them.
+            while (l.times.length > 0 && now - l.times[0]! >= period) l.times.shift();
+            if (l.times.length < most) {
+              l.times.push(now);
+              break;
+            }
+            await clock.sleep(l.times[0]! + period - now, signal);
+          }
         } finally {
-          b.busy--;
+          l.busy--;
         }
       }
       if (!conc) return () => {};

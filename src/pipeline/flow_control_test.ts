@@ -127,3 +127,86 @@ Deno.test("a call waiting for a concurrency slot gives up when its signal aborts
   assert.equal(limiter.keys(), 0, "nothing left behind");
   (await limiter.acquire({}, new AbortController().signal))();
 });
+
+/** A clock on which a sleep passes its time at once: calls awaited one after another. */
+function skippingClock(): Clock {
+  let now = 0;
+  return {
+    now: () => now,
+    sleep(ms, signal) {
+      signal?.throwIfAborted();
+      now += ms;
+      return Promise.resolve();
+    },
+  };
+}
+
+/** The most of `times` that fall in any window `[t, t + periodMs)`. */
+function mostInAWindow(times: number[], periodMs: number): number {
+  return Math.max(...times.map((t) => times.filter((u) => u >= t && u < t + periodMs).length));
+}
+
+Deno.test("a rate limit never lets more than limit calls into any window of periodMs", async () => {
+  // Found by a new user's probe: limit 2 per 2000 ms ran a customer's batch of 5 at 188, 389
+  // and 1189 ms, 3 calls within 1 s: a token bucket of 2 refilled at 1/s lets a full bucket
+  // and its refill through in one period.
+  const clock = skippingClock();
+  const limiter = createStepLimiter(
+    { rateLimit: { limit: 2, periodMs: 2000, key: "customer.id" } },
+    clock,
+  );
+  const signal = new AbortController().signal;
+  const times: number[] = [];
+  for (let i = 0; i < 7; i++) {
+    (await limiter.acquire({ customer: { id: "c1" } }, signal))();
+    times.push(clock.now());
+  }
+  assert.equal(mostInAWindow(times, 2000), 2, `calls at ${times.join(", ")}`);
+  assert.deepEqual(times, [0, 0, 2000, 2000, 4000, 4000, 6000], "and no slower than that");
+  (await limiter.acquire({ customer: { id: "c2" } }, signal))();
+  assert.equal(clock.now(), 6000, "another customer has its own limit");
+});
+
+Deno.test("a rate limit that waiters share still lets at most limit calls into any window", async () => {
+  const clock = manualClock();
+  const limiter = createStepLimiter({ rateLimit: { limit: 3, periodMs: 1000 } }, clock);
+  const signal = new AbortController().signal;
+  const times: number[] = [];
+  const calls = Array.from({ length: 10 }, () =>
+    limiter.acquire({}, signal).then((release) => {
+      times.push(clock.now());
+      release();
+    }));
+  // Time moves in steps; between them, whatever a step woke takes its turn.
+  const settle = async () => {
+    for (let i = 0; i < 20; i++) await Promise.resolve();
+  };
+  await settle();
+  while (times.length < 10 && clock.now() < 10_000) {
+    clock.advance(100);
+    await settle();
+  }
+  await Promise.all(calls);
+  assert.equal(mostInAWindow(times, 1000), 3, `calls at ${times.join(", ")}`);
+  assert.deepEqual(times, [0, 0, 0, 1000, 1000, 1000, 2000, 2000, 2000, 3000]);
+});
+
+Deno.test("a fractional rate limit rounds down within the period (as a shadow's rps of 2.5), and one below 1 spaces calls out", async () => {
+  const signal = new AbortController().signal;
+  const twoAndAHalf = skippingClock();
+  const a = createStepLimiter({ rateLimit: { limit: 2.5, periodMs: 1000 } }, twoAndAHalf);
+  const times: number[] = [];
+  for (let i = 0; i < 6; i++) {
+    (await a.acquire({}, signal))();
+    times.push(twoAndAHalf.now());
+  }
+  assert.equal(mostInAWindow(times, 1000), 2, `calls at ${times.join(", ")}`);
+  const half = skippingClock();
+  const b = createStepLimiter({ rateLimit: { limit: 0.5, periodMs: 1000 } }, half);
+  const spaced: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    (await b.acquire({}, signal))();
+    spaced.push(half.now());
+  }
+  assert.deepEqual(spaced, [0, 2000, 4000], "one call per 2 s");
+});
