@@ -136,28 +136,27 @@ export function createStepLimiter(
 /**
  * Gathers single calls into batches: up to `maxItems` values, or whatever arrived within
  * `maxWaitMs` of the first, handed to `run` at once; each caller gets its own result. A
- * failed batch fails each of its calls (each message is then retried on its own).
+ * failed batch fails each of its calls. A call with `alone` (a retry: the runner passes it for
+ * a redelivered message) runs at once in a batch of its own, so a failed batch's items are
+ * retried item by item: one bad item cannot fail the others again, and each item's retries
+ * are its own.
  *
  * @example
  * ```ts
  * import { createBatcher } from "./flow_control.ts";
  * const double = createBatcher({ maxItems: 10, maxWaitMs: 5 }, async (xs: number[]) => xs.map((x) => x * 2));
  * console.log(await Promise.all([double(1, undefined), double(2, undefined)])); // [2, 4]
+ * console.log(await double(3, undefined, { alone: true })); // 6, in a batch of one
  * ```
  */
 export function createBatcher<V, C, R>(
   opts: { maxItems: number; maxWaitMs: number },
   run: (values: V[], ctxs: C[]) => Promise<R[]> | R[],
-): (value: V, ctx: C) => Promise<R> {
+): (value: V, ctx: C, call?: { alone?: boolean }) => Promise<R> {
   type Entry = { value: V; ctx: C; resolve: (r: R) => void; reject: (e: unknown) => void };
   const pending: Entry[] = [];
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const flush = async () => {
-    if (timer !== undefined) clearTimeout(timer);
-    timer = undefined;
-    const batch = pending.splice(0, opts.maxItems);
-    if (pending.length > 0) timer = setTimeout(flush, opts.maxWaitMs);
-    if (batch.length === 0) return;
+  const runBatch = async (batch: Entry[]) => {
     try {
       const results = await run(batch.map((e) => e.value), batch.map((e) => e.ctx));
       if (!Array.isArray(results) || results.length !== batch.length) {
@@ -171,8 +170,16 @@ export function createBatcher<V, C, R>(
       for (const e of batch) e.reject(err);
     }
   };
-  return (value, ctx) =>
+  const flush = async () => {
+    if (timer !== undefined) clearTimeout(timer);
+    timer = undefined;
+    const batch = pending.splice(0, opts.maxItems);
+    if (pending.length > 0) timer = setTimeout(flush, opts.maxWaitMs);
+    if (batch.length > 0) await runBatch(batch);
+  };
+  return (value, ctx, call) =>
     new Promise<R>((resolve, reject) => {
+      if (call?.alone) return void runBatch([{ value, ctx, resolve, reject }]);
       pending.push({ value, ctx, resolve, reject });
       if (pending.length >= opts.maxItems) void flush();
       else if (timer === undefined) timer = setTimeout(flush, opts.maxWaitMs);

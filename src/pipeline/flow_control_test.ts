@@ -210,3 +210,32 @@ Deno.test("a fractional rate limit rounds down within the period (as a shadow's 
   }
   assert.deepEqual(spaced, [0, 2000, 4000], "one call per 2 s");
 });
+
+Deno.test("a batcher runs a call marked alone (a retry) at once in a batch of its own, apart from those pending", async () => {
+  const { mock } = await import("node:test");
+  mock.timers.enable({ apis: ["setTimeout"] });
+  try {
+    const batches: number[][] = [];
+    const f = createBatcher({ maxItems: 10, maxWaitMs: 50 }, (xs: number[]) => {
+      batches.push(xs);
+      if (xs.includes(0) && xs.length > 1) throw new Error("boom");
+      return xs.map((x) => -x);
+    });
+    const fresh = f(1, undefined);
+    assert.equal(await f(2, undefined, { alone: true }), -2, "without waiting for maxWaitMs");
+    mock.timers.tick(50);
+    assert.equal(await fresh, -1);
+    assert.deepEqual(batches, [[2], [1]]);
+    // Its batch failed: each call retried alone gets its own result.
+    const first = [f(0, undefined), f(3, undefined)];
+    mock.timers.tick(50);
+    for (const p of first) await assert.rejects(p, /boom/);
+    assert.deepEqual(await Promise.all([0, 3].map((x) => f(x, undefined, { alone: true }))), [
+      -0,
+      -3,
+    ]);
+    assert.deepEqual(batches.slice(2), [[0, 3], [0], [3]]);
+  } finally {
+    mock.timers.reset();
+  }
+});

@@ -547,10 +547,12 @@ export function workStage(
         }
         next = advance(data, id, { label, by }, data.value);
       } else {
+        // A batched task's redelivery (its batch failed, or its process died) runs alone: a
+        // failed batch is retried item by item, so one bad item cannot fail the others again.
         const result = step.kind === "llm"
           ? await llm!(data.value, data, signal)
           : batched
-          ? await batched(data.value, sctx)
+          ? await batched(data.value, sctx, { alone: sctx.message.deliveryCount > 1 })
           : await (step as { handle: (v: unknown, c: StepContext) => unknown }).handle(
             data.value,
             sctx,

@@ -1,0 +1,99 @@
+/**
+ * A definition's batched task (`flow.batch` with `handleBatch`) on a real nats-server, with
+ * the shared runner and the gateway's batch intake: a failed batch is retried item by item,
+ * each item with its own attempts.
+ */
+import assert from "node:assert/strict";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import {
+  type LoadedPipeline,
+  pipelineStateSpec,
+  pipelineTopology,
+  workStage,
+} from "../src/pipeline/runtime.ts";
+import { runStage } from "../src/runner.ts";
+import { runStateWriter } from "../src/state_writer.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { startTestNats } from "./helpers/nats.ts";
+import { definitionsApp } from "./helpers/pipeline.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+Deno.test("a failed batch is retried item by item: the good items complete, the bad one fails after its own attempts", async () => {
+  // Found by a new user's probe: a batch of three whose handleBatch threw for one item was
+  // called again five times with the same three items (the three redeliveries came back
+  // together and were batched again), and all three failed with the bad one's error.
+  await using t = await startTestNats({ maxAttempts: 3 });
+  const calls: string[][] = [];
+  const def = definePipeline({
+    name: "batched",
+    input: {
+      schema: {
+        type: "object",
+        required: ["name"],
+        properties: { name: { type: "string" }, fail: { type: "string" } },
+      },
+    },
+    start: "enrich",
+    steps: {
+      enrich: {
+        kind: "task",
+        output: { type: "object", required: ["name"] },
+        flow: { batch: { maxItems: 8, maxWaitMs: 200 } },
+        handleBatch: (_values: unknown[], ctxs: { input: { name: string; fail?: string } }[]) => {
+          calls.push(ctxs.map((c) => c.input.name));
+          if (ctxs.some((c) => c.input.fail === c.input.name)) throw new Error("batch exploded");
+          return ctxs.map((c) => ({ name: c.input.name }));
+        },
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: workStage(p, "enrich") }),
+  ];
+  try {
+    const app = await definitionsApp(t, [p]);
+    const res = await app.request("/pipelines/batched/items/batch", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        items: [{ name: "a" }, { name: "b", fail: "b" }, { name: "c" }],
+      }),
+    });
+    assert.equal(res.status, 202, await res.clone().text());
+    const ids = ((await res.json()) as { items: { id: string }[] }).items.map((i) => i.id);
+    const statuses = () =>
+      Promise.all(ids.map(async (id) => {
+        const r = await app.request(`/pipelines/batched/items/${id}`);
+        return r.status === 200 ? ((await r.json()) as { status?: string }).status : undefined;
+      }));
+    const final = await waitFor(
+      async () => {
+        const s = await statuses();
+        return s.every((x) => x === "done" || x === "failed") && s;
+      },
+      20_000,
+      "every item done or failed",
+    );
+    assert.deepEqual(
+      final,
+      ["done", "failed", "done"],
+      `handleBatch calls: ${JSON.stringify(calls)}`,
+    );
+    // One batch of the three, then each alone: a and c once, b until its attempts ran out.
+    assert.deepEqual(calls[0], ["a", "b", "c"]);
+    assert.deepEqual(
+      calls.slice(1).map((c) => c.join()).sort(),
+      ["a", "b", "b", "c"],
+      `handleBatch calls: ${JSON.stringify(calls)}`,
+    );
+  } finally {
+    for (const r of runners) await r.stop();
+  }
+});
