@@ -7,6 +7,7 @@
  */
 import { parseArgs } from "node:util";
 import { ConfigError, ValidationError } from "./errors.ts";
+import { closest } from "./did_you_mean.ts";
 import { type IngestLimits, parseIngestLimits } from "./gateway/ingest_limits.ts";
 import { parseShadowSpecs, type ShadowSpec } from "./shadow/spec.ts";
 import { parseSyncInterval } from "./nats_server.ts";
@@ -714,27 +715,11 @@ export function unknownFlags(
   known: Iterable<string> = FLAGS,
 ): string[] {
   const flags = new Set(known);
-  // Levenshtein distance, written here: a dozen lines against a dependency for one hint.
-  const distance = (a: string, b: string): number => {
-    let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
-    for (let i = 1; i <= a.length; i++) {
-      const row = [i];
-      for (let j = 1; j <= b.length; j++) {
-        row[j] = Math.min(
-          prev[j]! + 1,
-          row[j - 1]! + 1,
-          prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1),
-        );
-      }
-      prev = row;
-    }
-    return prev[b.length]!;
-  };
   return args.flatMap((arg) => {
     const name = flagOf(arg);
     if (name === undefined || name === "" || flags.has(name)) return [];
-    const near = [...flags].map((f) => ({ f, d: distance(name, f) })).sort((a, b) => a.d - b.d)[0];
-    return [`--${name}${near && near.d <= 2 ? ` (did you mean --${near.f}?)` : ""}`];
+    const near = closest(name, flags);
+    return [`--${name}${near !== undefined ? ` (did you mean --${near}?)` : ""}`];
   });
 }
 

@@ -228,3 +228,32 @@ Deno.test("the shipped example definitions load: every prompt they name exists",
   );
   assert.deepEqual(loaded.map((p) => p.def.name).sort(), ["documents", "support", "tickets"]);
 });
+
+Deno.test("a definition with a mistyped kind or field is refused at load naming the file, step and field", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const source = await Deno.readTextFile(await definitionFile(dir, "orders"));
+    for (
+      const [from, to, said] of [
+        [
+          `kind: "task",`,
+          `kind: "taks",`,
+          /step echo: kind "taks" is not a step kind \(did you mean task\?\)/,
+        ],
+        [`next: "done",`, `nxt: "done",`, /step echo: unknown field "nxt" \(did you mean next\?\)/],
+        [`outcome: "done"`, `result: "done"`, /step done: unknown field "result"/],
+      ] as const
+    ) {
+      // A file each: an imported module is not imported again.
+      const file = `${dir}/${crypto.randomUUID()}.ts`;
+      await Deno.writeTextFile(file, source.replace(from, to));
+      await assert.rejects(
+        loadPipelines([file]),
+        (e) => e instanceof ConfigError && e.message.includes(file) && said.test(e.message),
+        to,
+      );
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -8,6 +8,7 @@ import { Ajv } from "ajv";
 import { ConfigError } from "../errors.ts";
 import type { PipelineSpec, StepSpec } from "./definition.ts";
 import { nextCronTime } from "../scheduler/cron.ts";
+import { closest } from "../did_you_mean.ts";
 
 /** What is wrong with a definition. */
 export const DefinitionProblem = {
@@ -20,6 +21,8 @@ export const DefinitionProblem = {
   InvalidToken: "invalid_token",
   InvalidSchema: "invalid_schema",
   InvalidValue: "invalid_value",
+  DeadEnd: "dead_end",
+  UnknownField: "unknown_field",
 } as const;
 /** One of {@link DefinitionProblem}. */
 export type DefinitionProblem = typeof DefinitionProblem[keyof typeof DefinitionProblem];
@@ -51,25 +54,103 @@ export class PipelineDefinitionError extends ConfigError {
 
 const TOKEN = /^[a-z0-9][a-z0-9_-]*$/;
 
+/** Every field of a step of kind `K`, as its type declares it (required or not). */
+type FieldsOf<K extends StepSpec["kind"]> = {
+  readonly [F in keyof Extract<StepSpec, { kind: K }>]-?: true;
+};
+
+/**
+ * The fields each step kind has, derived from the step types (definition.ts): a field
+ * added to a type and not here, or listed here and not in the type, does not compile.
+ */
+const STEP_FIELDS: { readonly [K in StepSpec["kind"]]: FieldsOf<K> } = (() => {
+  const base = {
+    description: true,
+    emits: true,
+    flow: true,
+    replicas: true,
+    durable: true,
+  } as const;
+  return {
+    task: {
+      ...base,
+      kind: true,
+      output: true,
+      handle: true,
+      handleBatch: true,
+      alsoEmits: true,
+      next: true,
+    },
+    llm: { ...base, kind: true, prompt: true, output: true, next: true },
+    agent: {
+      ...base,
+      kind: true,
+      prompt: true,
+      tools: true,
+      maxTurns: true,
+      output: true,
+      reads: true,
+      offline: true,
+      next: true,
+    },
+    router: { ...base, kind: true, route: true, routes: true, prompt: true },
+    join: { ...base, kind: true, after: true, deadlineMs: true, onDeadline: true, next: true },
+    wait: {
+      ...base,
+      kind: true,
+      event: true,
+      match: true,
+      schema: true,
+      timeoutMs: true,
+      onTimeout: true,
+      timeoutEvent: true,
+      next: true,
+    },
+    delay: { ...base, kind: true, ms: true, cron: true, next: true },
+    end: { ...base, kind: true, outcome: true },
+  };
+})();
+
+/** The step kinds, in the order messages list them. */
+const KINDS = Object.keys(STEP_FIELDS) as StepSpec["kind"][];
+
+/** The steps an edge field names (one, several, or none when absent). */
+function list(n: string | readonly string[] | undefined): string[] {
+  return n === undefined ? [] : typeof n === "string" ? [n] : [...n];
+}
+
 /** Every edge leaving a step: `[target, via]` (via names the field, for messages). */
 export function edgesOf(step: StepSpec): [string, string][] {
-  const list = (n: string | readonly string[] | undefined, via: string): [string, string][] =>
-    n === undefined ? [] : (typeof n === "string" ? [n] : [...n]).map((t) => [t, via]);
+  const via = (n: string | readonly string[] | undefined, field: string): [string, string][] =>
+    list(n).map((t) => [t, field]);
   switch (step.kind) {
     case "task":
     case "llm":
     case "agent":
     case "delay":
-      return list(step.next, "next");
+      return via(step.next, "next");
     case "router":
       return Object.entries(step.routes).map(([label, t]) => [t, `routes.${label}`]);
     case "join":
-      return [...list(step.next, "next"), ...list(step.onDeadline, "onDeadline")];
+      return [...via(step.next, "next"), ...via(step.onDeadline, "onDeadline")];
     case "wait":
-      return [...list(step.next, "next"), ...list(step.onTimeout, "onTimeout")];
+      return [...via(step.next, "next"), ...via(step.onTimeout, "onTimeout")];
     case "end":
       return [];
   }
+}
+
+/** The steps reached from step `from` over every edge, `from` included. */
+function reachableFrom(spec: PipelineSpec, from: string): Set<string> {
+  const seen = new Set([from]);
+  const queue = [from];
+  while (queue.length > 0) {
+    const step = spec.steps[queue.shift()!];
+    for (const [t] of step ? edgesOf(step) : []) {
+      if (!seen.has(t)) (seen.add(t), queue.push(t));
+    }
+  }
+  return seen;
 }
 
 /** Event tokens the runtime publishes itself (see flow.ts): no step may publish them. */
@@ -150,6 +231,35 @@ export function validatePipeline(spec: PipelineSpec): void {
     }
   }
   if (ids.length === 0) fail(undefined, "invalid_value", "no steps");
+  // Kinds and fields first: every later check reads a step by its kind.
+  for (const id of ids) {
+    const step = spec.steps[id] as unknown;
+    if (step === null || typeof step !== "object" || Array.isArray(step)) {
+      fail(id, "invalid_value", `a step is an object with a kind (${KINDS.join(", ")})`);
+    }
+    const kind = (step as { kind?: unknown }).kind;
+    if (typeof kind !== "string" || !KINDS.includes(kind as StepSpec["kind"])) {
+      const near = typeof kind === "string" ? closest(kind, KINDS) : undefined;
+      fail(
+        id,
+        "invalid_value",
+        `${kind === undefined ? "no kind" : `kind ${JSON.stringify(kind)} is not a step kind`}${
+          near ? ` (did you mean ${near}?)` : ""
+        }; a step's kind is one of ${KINDS.join(", ")}`,
+      );
+    }
+    const fields = Object.keys(STEP_FIELDS[kind as StepSpec["kind"]]);
+    for (const field of Object.keys(step as object)) {
+      if (fields.includes(field)) continue;
+      const near = closest(field, fields);
+      fail(
+        id,
+        "unknown_field",
+        `unknown field ${JSON.stringify(field)}${near ? ` (did you mean ${near}?)` : ""}; ` +
+          `a ${kind} step has ${fields.filter((f) => f !== "kind").join(", ")}`,
+      );
+    }
+  }
   if (!(spec.start in spec.steps)) {
     fail(undefined, "unknown_step", `start names unknown step "${spec.start}"`);
   }
@@ -186,6 +296,16 @@ export function validatePipeline(spec: PipelineSpec): void {
         id,
         "duplicate_name",
         `step id "${id}" is the runtime's own (its service or consumer <name>-${id}); name the step otherwise`,
+      );
+    }
+    if (step.kind === "end" && !(typeof step.outcome === "string" && TOKEN.test(step.outcome))) {
+      // The outcome is the item's result and, without emits, its end event.
+      fail(
+        id,
+        "invalid_token",
+        `an end step needs an outcome, a subject token (a-z 0-9 _ -); got ${
+          JSON.stringify(step.outcome) ?? "none"
+        }`,
       );
     }
     const ev = eventOf(id, step);
@@ -232,6 +352,15 @@ export function validatePipeline(spec: PipelineSpec): void {
     for (const [t, via] of edgesOf(step)) {
       if (!(t in spec.steps)) fail(id, "unknown_step", `${via} names unknown step "${t}"`);
     }
+    if (step.kind !== "end" && step.kind !== "router" && list(step.next).length === 0) {
+      // The item would stay running at it for ever.
+      fail(
+        id,
+        "dead_end",
+        `a ${step.kind} step with no next leads nowhere (the item would never end); ` +
+          `lead it to the next step or to an end step`,
+      );
+    }
     if (step.durable !== undefined) {
       if (!WORK_KINDS.has(step.kind)) {
         fail(id, "invalid_value", `a ${step.kind} step has no consumer of its own to name`);
@@ -277,6 +406,10 @@ export function validatePipeline(spec: PipelineSpec): void {
       if (!(step.deadlineMs > 0)) fail(id, "invalid_value", "a join needs deadlineMs > 0");
       for (const a of step.after) {
         if (!(a in spec.steps)) fail(id, "unknown_step", `after names unknown step "${a}"`);
+      }
+      const twice = step.after.find((a, i) => step.after.indexOf(a) !== i);
+      if (twice !== undefined) {
+        fail(id, "join_cannot_complete", `after names "${twice}" twice; name each input once`);
       }
     }
     if (step.kind === "delay" && (step.ms === undefined) === (step.cron === undefined)) {
@@ -357,6 +490,14 @@ export function validatePipeline(spec: PipelineSpec): void {
     if (!(Number.isInteger(l.maxIterations) && l.maxIterations >= 1)) {
       fail(l.from, "invalid_value", "loop maxIterations must be a positive integer");
     }
+    if (!reachableFrom(spec, l.to).has(l.from)) {
+      fail(
+        l.from,
+        "invalid_value",
+        `loop ${l.from} -> ${l.to} is not part of a cycle (${l.to} never leads back to ` +
+          `${l.from}); declare loops on the edges that close a cycle only`,
+      );
+    }
     loopEdges.add(`${l.from}>${l.to}`);
   }
 
@@ -386,6 +527,24 @@ export function validatePipeline(spec: PipelineSpec): void {
     state.set(id, 2);
   };
   visit(spec.start, []);
+
+  // Every step leads to an end: a cycle with no way out would hold its items for ever.
+  const ends = ids.filter((id) => spec.steps[id]!.kind === "end");
+  const leadsToEnd = new Set(ends);
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const id of ids) {
+      if (leadsToEnd.has(id)) continue;
+      if (edgesOf(spec.steps[id]!).some(([t]) => leadsToEnd.has(t))) {
+        (leadsToEnd.add(id), grew = true);
+      }
+    }
+  }
+  for (const id of flowOrder(spec)) {
+    if (!leadsToEnd.has(id)) {
+      fail(id, "dead_end", "no path from it reaches an end step (the item would never end)");
+    }
+  }
 
   // Joins: each input must be a step that can precede the join (has an edge into it).
   for (const id of ids) {

@@ -330,3 +330,127 @@ Deno.test("endsApart finds a fan-out whose branches always end the item at two d
   // two ends): definePipeline accepts it, the definition runtime's loading does not.
   assert.equal(endsApart(MODERATION_PIPELINE)?.step, "storage-decided");
 });
+
+/** The error a definition is refused with. */
+function refusal(spec: unknown): PipelineDefinitionError {
+  try {
+    definePipeline(spec as PipelineSpec);
+  } catch (err) {
+    assert.ok(err instanceof PipelineDefinitionError, String(err));
+    return err;
+  }
+  assert.fail("definition was accepted");
+}
+
+Deno.test("a work step with no next (a dead end that is not an end step) is rejected naming it", () => {
+  for (const next of [undefined, []]) {
+    const s = base();
+    s.steps = { ...s.steps, reply: { kind: "task", output: obj, handle: (x) => x, next } };
+    const err = refusal(s);
+    assert.deepEqual([err.problem, err.step], ["dead_end", "reply"]);
+    assert.match(err.message, /no next/);
+  }
+  const llm = base();
+  llm.steps = { ...llm.steps, reply: { kind: "llm", prompt: "p.md", output: obj } };
+  assert.deepEqual(problemOf(llm), ["dead_end", "reply"]);
+  // A wait whose next is missing leads nowhere once its event comes.
+  const wait = base();
+  const { next: _, ...approve } = wait.steps.approve as { next: string };
+  wait.steps = { ...wait.steps, approve: approve as unknown as PipelineSpec["steps"][string] };
+  assert.deepEqual(problemOf(wait), ["dead_end", "approve"]);
+});
+
+Deno.test("steps from which no path reaches an end step are rejected naming one", () => {
+  const s: PipelineSpec = {
+    name: "spin",
+    input: { schema: obj },
+    start: "a",
+    steps: {
+      a: { kind: "router", routes: { on: "b", off: "done" } },
+      b: { kind: "task", output: obj, handle: (x) => x, next: "c" },
+      c: { kind: "task", output: obj, handle: (x) => x, next: "b" },
+      done: { kind: "end", outcome: "done" },
+    },
+    loops: [{ from: "c", to: "b", maxIterations: 3 }],
+  };
+  const err = refusal(s);
+  assert.deepEqual([err.problem, err.step], ["dead_end", "b"]);
+  assert.match(err.message, /no path from it reaches an end step/);
+});
+
+Deno.test("an end step without an outcome token is rejected naming it", () => {
+  for (const outcome of [undefined, "", "Not Token"]) {
+    const s = base();
+    s.steps = {
+      ...s.steps,
+      done: { kind: "end", outcome } as unknown as PipelineSpec["steps"][string],
+    };
+    const err = refusal(s);
+    assert.deepEqual([err.problem, err.step], ["invalid_token", "done"]);
+    assert.match(err.message, /outcome/);
+  }
+});
+
+Deno.test("an unknown step kind is rejected first, naming the step and listing the kinds", () => {
+  const s = base();
+  s.steps = { ...s.steps, reply: { kind: "taks", output: obj, next: "done" } as never };
+  const err = refusal(s);
+  assert.deepEqual([err.problem, err.step], ["invalid_value", "reply"]);
+  assert.match(err.message, /kind "taks" is not a step kind \(did you mean task\?\)/);
+  assert.match(err.message, /task, llm, agent, router, join, wait, delay, end/);
+  const none = base();
+  none.steps = { ...none.steps, reply: { output: obj, next: "done" } as never };
+  assert.deepEqual(problemOf(none), ["invalid_value", "reply"]);
+});
+
+Deno.test("an unknown field of a step is rejected naming the step, the field and the likely one", () => {
+  const s = base();
+  s.steps = {
+    ...s.steps,
+    reply: { kind: "task", output: obj, handle: (x: unknown) => x, nxt: "done" } as never,
+  };
+  const err = refusal(s);
+  assert.deepEqual([err.problem, err.step], ["unknown_field", "reply"]);
+  assert.match(err.message, /unknown field "nxt" \(did you mean next\?\)/);
+  // A field of another kind is unknown to this one.
+  const other = base();
+  other.steps = { ...other.steps, done: { kind: "end", outcome: "done", next: "reply" } as never };
+  assert.deepEqual(problemOf(other), ["unknown_field", "done"]);
+  // Every field each kind declares is known (the shipped definitions use many of them).
+  definePipeline(MODERATION_PIPELINE);
+});
+
+Deno.test("a join naming one input twice is rejected", () => {
+  const s: PipelineSpec = {
+    name: "fan",
+    input: { schema: obj },
+    start: "split",
+    steps: {
+      split: { kind: "task", output: obj, handle: (x) => x, next: ["x", "y"] },
+      x: { kind: "task", output: obj, handle: (v) => v, next: "join" },
+      y: { kind: "task", output: obj, handle: (v) => v, next: "join" },
+      join: {
+        kind: "join",
+        after: ["x", "x", "y"],
+        deadlineMs: 1000,
+        onDeadline: "done",
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  };
+  const err = refusal(s);
+  assert.deepEqual([err.problem, err.step], ["join_cannot_complete", "join"]);
+  assert.match(err.message, /"x" twice/);
+});
+
+Deno.test("a loop on an edge that is not part of a cycle, or not an edge, is rejected naming it", () => {
+  const s = base();
+  const err = refusal({ ...s, loops: [{ from: "reply", to: "done", maxIterations: 2 }] });
+  assert.deepEqual([err.problem, err.step], ["invalid_value", "reply"]);
+  assert.match(err.message, /loop reply -> done is not part of a cycle/);
+  assert.deepEqual(
+    problemOf({ ...s, loops: [{ from: "triage", to: "done", maxIterations: 2 }] }),
+    ["unknown_step", "triage"],
+  );
+});
