@@ -86,6 +86,35 @@ Deno.test("${name}: a question is normalized, classified and done", async () => 
 `;
 }
 
+/**
+ * The pipeline `name` would share its buckets with (names differing only by - and _ are one
+ * to the buckets: `weft_a_b_state`), and where that one is: a folder of pipelines/, or a file
+ * pipelines/run.json lists (by its folder, or the name it defines). Undefined when none.
+ */
+export async function bucketTwin(
+  name: string,
+  root: URL = ROOT,
+): Promise<{ name: string; where: string } | undefined> {
+  const key = (n: string) => n.replaceAll("-", "_");
+  const twin = (n: string | undefined) => n !== undefined && n !== name && key(n) === key(name);
+  for await (const e of Deno.readDir(new URL("pipelines/", root))) {
+    if (e.isDirectory && twin(e.name)) return { name: e.name, where: `pipelines/${e.name}/` };
+  }
+  const list = JSON.parse(
+    await Deno.readTextFile(new URL("pipelines/run.json", root)).catch(() => '{"run":[]}'),
+  ) as { run?: unknown };
+  for (const file of Array.isArray(list.run) ? list.run : []) {
+    if (typeof file !== "string") continue;
+    const folder = file.split("/").at(-2);
+    // The name it defines: the first `name: "..."` of the file, when it can be read.
+    const text = await Deno.readTextFile(new URL(file, root)).catch(() => "");
+    const defined = /\bname:\s*["']([a-z0-9_-]+)["']/.exec(text)?.[1];
+    const found = [defined, folder].find(twin);
+    if (found) return { name: found, where: `${file} (listed in pipelines/run.json)` };
+  }
+  return undefined;
+}
+
 const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.stdout) =>
   to.writeSync(new TextEncoder().encode(text + "\n"));
 
@@ -107,6 +136,16 @@ if (import.meta.main) {
     say(`pipelines/${name}/ exists already: choose another name`, Deno.stderr);
     Deno.exit(1);
   } catch { /* free */ }
+  const twin = await bucketTwin(name);
+  if (twin) {
+    say(
+      `"${name}" would share the buckets of pipeline "${twin.name}" (${twin.where}): ` +
+        `weft_${name.replaceAll("-", "_")}_state is both's, as names differing only by - and _ ` +
+        `are one to the buckets; choose another name`,
+      Deno.stderr,
+    );
+    Deno.exit(1);
+  }
   await Deno.mkdir(dir, { recursive: true });
   await Deno.writeTextFile(new URL("pipeline.ts", dir), pipelineSource(name));
   await Deno.writeTextFile(new URL("pipeline_test.ts", dir), testSource(name));

@@ -76,3 +76,34 @@ Deno.test("deno task new refuses a name the mesh already uses (a hand-wired pipe
     assert.match(new TextDecoder().decode(made.stderr), /not one of .*feedback, content/);
   }
 });
+
+Deno.test("deno task new refuses a name differing only by - and _ from a pipeline's there or listed in run.json, in one line", async () => {
+  const tag = crypto.randomUUID().slice(0, 8);
+  const there = `gen_${tag}`;
+  const listFile = new URL("pipelines/run.json", root);
+  const list = await Deno.readTextFile(listFile);
+  try {
+    assert.ok((await newPipeline(there)).success);
+    const made = await newPipeline(`gen-${tag}`);
+    const said = new TextDecoder().decode(made.stderr);
+    assert.equal(made.code, 1, said);
+    assert.equal(said.trim().split("\n").length, 1, said);
+    assert.match(said, new RegExp(`"gen-${tag}" would share the buckets of pipeline "${there}"`));
+    await assert.rejects(Deno.stat(new URL(`pipelines/gen-${tag}/`, root)));
+
+    // Listed in run.json only (its folder elsewhere, or gone).
+    const listed = `gen-${tag}-b`;
+    await Deno.writeTextFile(
+      listFile,
+      JSON.stringify({ run: [`pipelines/gen_${tag}_b/pipeline.ts`] }, null, 2) + "\n",
+    );
+    const again = await newPipeline(listed);
+    assert.equal(again.code, 1, new TextDecoder().decode(again.stderr));
+    assert.match(new TextDecoder().decode(again.stderr), /pipelines\/run\.json/);
+  } finally {
+    await Deno.writeTextFile(listFile, list);
+    for (const d of [there, `gen-${tag}`, `gen-${tag}-b`]) {
+      await Deno.remove(new URL(`pipelines/${d}/`, root), { recursive: true }).catch(() => {});
+    }
+  }
+});
