@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { jetstreamManager } from "@nats-io/jetstream";
+import { type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import {
@@ -104,6 +104,58 @@ const ROOT = new URL("../", import.meta.url);
 
 /** The server's answer when the streams' reserved limits pass its JetStream store. */
 const INSUFFICIENT_STORE = /insufficient (storage )?resources/i;
+
+/**
+ * The streams on the server that belong to no running pipeline (none of `running`: the
+ * shipped pipelines', the runtime's and the loaded definitions' streams; KV buckets and object
+ * stores apart), with the bytes each reserves of the store: often a definition no longer run
+ * (an experiment's), which keeps its reservation until removed.
+ */
+export async function strayStreams(
+  jsm: JetStreamManager,
+  running: Iterable<string>,
+): Promise<{ name: string; maxBytes: number }[]> {
+  const known = new Set(running);
+  const out: { name: string; maxBytes: number }[] = [];
+  for await (const info of jsm.streams.list()) {
+    const name = info.config.name;
+    if (known.has(name) || name.startsWith("KV_") || name.startsWith("OBJ_")) continue;
+    out.push({ name, maxBytes: info.config.max_bytes ?? -1 });
+  }
+  return out.sort((a, b) => b.maxBytes - a.maxBytes || a.name.localeCompare(b.name));
+}
+
+/**
+ * What to say of `stray` ({@link strayStreams}) when the store is short: their names, what
+ * each reserves, and how to remove one (on `server`, with the admin key `nkey` under nkeys).
+ * Empty when there is none.
+ *
+ * @example
+ * ```ts
+ * import { strayStreamsHint } from "./supervisor.ts";
+ * const said = strayStreamsHint([{ name: "BADB", maxBytes: 1024 ** 3 }], "data/identities/admin.nk");
+ * console.assert(said.includes("BADB (1 GiB)"));
+ * console.assert(said.includes("nats stream rm NAME --nkey data/identities/admin.nk"));
+ * ```
+ */
+export function strayStreamsHint(
+  stray: readonly { name: string; maxBytes: number }[],
+  nkey?: string,
+  server?: string,
+): string {
+  if (stray.length === 0) return "";
+  const size = (b: number) =>
+    b <= 0
+      ? "no byte limit"
+      : b >= 1024 ** 3
+      ? `${+(b / 1024 ** 3).toFixed(2)} GiB`
+      : `${+(b / 1024 ** 2).toFixed(2)} MiB`;
+  return `. Streams no running pipeline uses hold part of that store: ` +
+    `${stray.map((s) => `${s.name} (${size(s.maxBytes)})`).join(", ")}; remove one no ` +
+    `longer needed (its messages are lost) with \`nats stream rm NAME${
+      server ? ` --server ${server}` : ""
+    }${nkey ? ` --nkey ${nkey}` : ""}\``;
+}
 
 /** nats.conf's client port, used when WEFT_NATS_PORT does not override it. */
 const DEFAULT_NATS_PORT = 4222;
@@ -1082,12 +1134,31 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       }
     }
   } catch (err) {
-    const hint = INSUFFICIENT_STORE.test(String(err))
-      ? `. Each pipeline's stream reserves WEFT_STREAM_MAX_BYTES (now ${config.streamMaxBytes} ` +
+    let hint = "";
+    if (INSUFFICIENT_STORE.test(String(err))) {
+      hint =
+        `. Each pipeline's stream reserves WEFT_STREAM_MAX_BYTES (now ${config.streamMaxBytes} ` +
         `bytes) of the server's JetStream store (max_file_store in nats.conf, 8GB): with ` +
         `${loaded.length} definitions besides the shipped pipelines, lower WEFT_STREAM_MAX_BYTES ` +
-        `or raise max_file_store`
-      : "";
+        `or raise max_file_store`;
+      // Streams of definitions no longer run (an earlier experiment's) keep their reservation.
+      try {
+        const topology = { ...config, replicas: Math.min(3, config.cluster) };
+        const running = [
+          ...streamConfigs(topology, pipelineTopology(loaded, config.retentionMs)),
+          ...edgeStreamConfigs(
+            config.hub,
+            streamConfigs(topology)[0]!,
+            definitionSiteStreams(loaded),
+          ),
+        ].map((s) => s.name);
+        const nkey = seeds?.get("admin") ?? (config.natsNkey || undefined);
+        const stray = await strayStreams(await jetstreamManager(nc), running);
+        hint += strayStreamsHint(stray, nkey, config.natsUrl);
+      } catch (listErr) {
+        log.warn("the streams could not be listed", { err: String(listErr) });
+      }
+    }
     await fail(`streams and buckets could not be set up: ${(err as Error).message}${hint}`, err);
   }
 

@@ -1,4 +1,8 @@
 import assert from "node:assert/strict";
+import { Kvm } from "@nats-io/kv";
+import { startTestNats } from "../tests/helpers/nats.ts";
+import { ensureTopology, streamConfigs } from "./topology.ts";
+import { loadPipelines, pipelineTopology } from "./pipeline/runtime.ts";
 import { loadConfig } from "./config.ts";
 import {
   eventsGateway,
@@ -8,6 +12,8 @@ import {
   processGroups,
   serviceArgs,
   SERVICES,
+  strayStreams,
+  strayStreamsHint,
 } from "./supervisor.ts";
 
 const config = (env: Record<string, string> = {}) =>
@@ -54,4 +60,31 @@ Deno.test("WEFT_EVENTS_PORT: a second gateway, alone in its process, may listen 
   // One NATS identity for the gateway, however many processes run it.
   const mesh = { services: [...SERVICES, events], operators: OPERATOR_IDENTITIES };
   assert.equal(meshPermissions(mesh).filter((p) => p.name === "gateway").length, 1);
+});
+
+Deno.test("strayStreams names the streams of no running pipeline (an earlier definition's), with how to remove one", async () => {
+  await using t = await startTestNats();
+  const loaded = await loadPipelines(["pipelines/examples/tickets.ts"]);
+  const topology = pipelineTopology(loaded, t.config.retentionMs);
+  await ensureTopology(t.nc, t.jsm, t.config, topology);
+  const running = streamConfigs(t.config, topology).map((s) => s.name);
+  assert.deepEqual(await strayStreams(t.jsm, running), [], "the running ones are not stray");
+  assert.equal(strayStreamsHint([]), "");
+  // An earlier experiment's definitions, no longer run; and a bucket, which is no stream's.
+  for (const [name, bytes] of [["BADB", 2 * 1024 ** 2], ["BADC", 1024 ** 2]] as const) {
+    await t.jsm.streams.add({ name, subjects: [`${name.toLowerCase()}.>`], max_bytes: bytes });
+  }
+  await (await new Kvm(t.nc).create("weft_badb_state")).status();
+  const stray = await strayStreams(t.jsm, running);
+  assert.deepEqual(stray, [{ name: "BADB", maxBytes: 2 * 1024 ** 2 }, {
+    name: "BADC",
+    maxBytes: 1024 ** 2,
+  }]);
+  const said = strayStreamsHint(stray, "data/identities/admin.nk", t.server.url);
+  assert.match(said, /BADB \(2 MiB\), BADC \(1 MiB\)/);
+  assert.ok(
+    said.includes(`nats stream rm NAME --server ${t.server.url} --nkey data/identities/admin.nk`),
+    said,
+  );
+  assert.equal(strayStreamsHint([{ name: "X", maxBytes: 1024 ** 3 }]).includes("X (1 GiB)"), true);
 });
