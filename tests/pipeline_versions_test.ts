@@ -11,7 +11,15 @@ import { connectClient } from "./helpers/nats.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
 
-/** Version 1 holds some items in `hold`; version 2 has no `hold` and a new `finish`. */
+/**
+ * How long `tick` holds an item: its timer must fire after version 1 stopped (well within
+ * this) and while version 2 runs.
+ */
+const TICK_MS = 15_000;
+
+/**
+ * Version 1 holds some items in `hold` and `tick`; version 2 has neither and a new `finish`.
+ */
 const version = (v: 1 | 2) => `
 import { definePipeline } from "${MOD}";
 export const vers = definePipeline({
@@ -21,13 +29,16 @@ export const vers = definePipeline({
   steps: {
     route: {
       kind: "router",
-      route: (i: { kind: string }) => (${v === 1 ? 'i.kind === "hold" ? "hold" : ' : ""}"approve"),
-      routes: { approve: "approve"${v === 1 ? ', hold: "hold"' : ""} },
+      route: (i: { kind: string }) => (${
+  v === 1 ? 'i.kind === "hold" || i.kind === "tick" ? i.kind : ' : ""
+}"approve"),
+      routes: { approve: "approve"${v === 1 ? ', hold: "hold", tick: "tick"' : ""} },
     },
     approve: { kind: "wait", event: "approved", timeoutMs: 600000, onTimeout: "expired", next: "finish" },
     ${
   v === 1
-    ? 'hold: { kind: "wait", event: "held", timeoutMs: 600000, onTimeout: "expired", next: "finish" },'
+    ? 'hold: { kind: "wait", event: "held", timeoutMs: 600000, onTimeout: "expired", next: "finish" },' +
+      `tick: { kind: "wait", event: "ticked", timeoutMs: ${TICK_MS}, onTimeout: "expired", next: "finish" },`
     : ""
 }
     finish: { kind: "task", output: { type: "object" }, handle: () => ({ v: ${v} }), next: "done" },
@@ -69,6 +80,7 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
   let v1Hash: string;
   let kept: string;
   let stranded: string;
+  let ticked: string;
   try {
     {
       await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: file }, {
@@ -78,7 +90,8 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
       await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
       kept = (await post(mesh.gatewayUrl, "/pipelines/vers/items", { kind: "approve" })).body.id;
       stranded = (await post(mesh.gatewayUrl, "/pipelines/vers/items", { kind: "hold" })).body.id;
-      for (const id of [kept, stranded]) {
+      ticked = (await post(mesh.gatewayUrl, "/pipelines/vers/items", { kind: "tick" })).body.id;
+      for (const id of [kept, stranded, ticked]) {
         await waitFor(
           async () => (await stateOf(mesh.gatewayUrl, id)).status === "waiting",
           20_000,
@@ -150,6 +163,18 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
       20_000,
       "dead-lettered again after the redrive",
     );
+    // The item held at `tick` (gone too): its timer fires under version 2, which has no such
+    // step, and is dead-lettered with the reason (the item fails).
+    const timedOut = await waitFor(
+      async () => {
+        const s = await stateOf(mesh.gatewayUrl, ticked);
+        return s.status === "failed" ? s : undefined;
+      },
+      TICK_MS + 30_000,
+      "the item held at tick failed at its deadline",
+    );
+    assert.equal(timedOut.error.code, "definition_changed");
+    assert.match(timedOut.error.reason, /a timer of step tick/);
     await mesh.stop(); // its store stays for the next start
 
     // Version 1 again: the step is back. Redriving the letter resumes the item, which runs on
@@ -180,6 +205,26 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
     assert.equal(types[0], "vers.submitted", `from the first event: ${types}`);
     assert.ok(types.includes("vers.failed"), `the failures too: ${types}`);
     assert.equal(types.at(-1), "vers.done", `closed at the end: ${types}`);
+
+    // The timer's letter too: redriven with its step back, it times the item out, and the
+    // item's state says so (it stayed `failed` while the fold skipped every timer event).
+    const timer = await (await fetch(
+      `${again.gatewayUrl}/deadletters?code=definition_changed&pending=true&item_id=${ticked}`,
+    )).json();
+    assert.equal(timer.items.length, 1, JSON.stringify(timer).slice(0, 600));
+    assert.match(timer.items[0].letter.subject, /^vers\._timer\./);
+    const fired = await post(again.gatewayUrl, "/deadletters/redrive", {
+      ids: [timer.items[0].seq],
+    });
+    assert.equal(fired.status, 200, JSON.stringify(fired.body));
+    const expired = await stateWhen(again.gatewayUrl, ticked, "done", "the redriven timer's item");
+    assert.equal(expired.outcome, "expired");
+    assert.deepEqual(expired.results.tick, { timed_out: true });
+    assert.equal(expired.error, undefined);
+    assert.deepEqual(
+      expired.redriven.map((r: { code: string }) => r.code),
+      ["definition_changed"],
+    );
   } finally {
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }

@@ -128,7 +128,12 @@ export function applyPipelineEvent(
 ): ItemState | undefined {
   if (state && event.seq <= state.last_seq) return lateEvent(spec, state, event);
   const n = spec.name;
-  if (event.type === `${n}.${TIMER}`) return state; // the runtime's own clock ticks
+  // The runtime's own clock ticks fold to nothing, except the timer a failed item failed on,
+  // redriven (a timer dead-lettered `definition_changed`): it resumes the item, below.
+  const timer = event.type === `${n}.${TIMER}`;
+  if (timer && !(state?.status === "failed" && event.id && event.id === state.error?.event)) {
+    return state;
+  }
   const idx = index(spec);
   const data = event.data as FlowData | undefined;
   const base: ItemState = state
@@ -160,6 +165,12 @@ export function applyPipelineEvent(
     base.status = "running";
     delete base.error;
     delete base.outcome;
+    if (timer) {
+      // At the step whose timer fires: the control step decides it now (its deadline passed).
+      const step = (data as { step?: unknown } | undefined)?.step;
+      base.current = typeof step === "string" && step in spec.steps ? [step] : [];
+      return base;
+    }
   }
   if (base.status === "done" || base.status === "failed") return base;
   if (event.type === `${n}.${FAILED}`) {

@@ -301,3 +301,63 @@ Deno.test("a failed item resumes when the awaited event it failed on comes again
     .reduce((s, e) => applyPipelineEvent(spec, s, e)!, resumed);
   assert.deepEqual(done.current.sort(), ["a", "b"]);
 });
+
+Deno.test("a failed item resumes when the timer it failed on is redriven, and ends with the timeout's outcome", () => {
+  // Found by renaming a wait step while items were held at it and back: their timers were
+  // dead-lettered `definition_changed`, and redriving them ran each item on to its timeout's
+  // outcome, but its state stayed `failed` (the fold skipped every timer event, the redriven
+  // one too).
+  const timer: FoldEvent = {
+    seq: 3,
+    id: "armed:approve:timer",
+    type: "tickets._timer",
+    time: t(3),
+    item_id: "T1",
+    data: { step: "approve", due: t(3), carry: { input: { text: "hi" }, results, runs } },
+  };
+  const failure: FoldEvent = {
+    seq: 4,
+    type: "tickets.failed",
+    time: t(4),
+    item_id: "T1",
+    data: {
+      stage: "tickets-control",
+      code: "definition_changed",
+      reason: "a timer of step approve, which definition x of tickets no longer has",
+      subject: "tickets._timer.T1",
+      event_id: "armed:approve:timer",
+    },
+  };
+  const events = [ev(1, "submitted"), ev(2, "triage", "triage", { label: "urgent" })];
+  assert.equal(foldPipelineEvents(spec, events)!.status, "waiting");
+  const failed = foldPipelineEvents(spec, [...events, timer, failure])!;
+  assert.equal(failed.status, "failed");
+  assert.equal(failed.error?.event, "armed:approve:timer");
+  // Another timer (not the one it failed on: a postponed one) changes nothing.
+  const other = { ...timer, seq: 5, time: t(5), id: "armed:approve:timer:postponed" };
+  assert.equal(applyPipelineEvent(spec, failed, other), failed);
+
+  const redriven = { ...timer, seq: 6, time: t(6) };
+  const resumed = applyPipelineEvent(spec, failed, redriven)!;
+  assert.equal(resumed.status, "running");
+  assert.equal(resumed.error, undefined);
+  assert.equal(resumed.outcome, undefined);
+  assert.deepEqual(resumed.current, ["approve"], "at the step whose timer fires");
+  assert.deepEqual(resumed.redriven, [
+    {
+      stage: "tickets-control",
+      code: "definition_changed",
+      reason: "a timer of step approve, which definition x of tickets no longer has",
+      seq: 6,
+    },
+  ]);
+  const after = [ev(7, "approve_timed_out", "approve", { timed_out: true })];
+  const moved = after.reduce((s, e) => applyPipelineEvent(spec, s, e)!, resumed);
+  assert.deepEqual(moved.current, ["fan"]);
+  assert.deepEqual(moved.results.approve, { timed_out: true });
+  assert.deepEqual(
+    foldPipelineEvents(spec, [...events, timer, failure, other, redriven, ...after]),
+    moved,
+    "deno task rebuild-state folds the same",
+  );
+});
