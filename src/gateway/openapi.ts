@@ -379,8 +379,9 @@ export function openApiDocument(
             "202": json({ type: "object" }, "Accepted"),
             "409": {
               ...problem,
-              description: "The item has failed (`conflict`): a decision counts only once a " +
-                "redrive of its dead letter has resumed it",
+              description: "The item has ended (`conflict`: a decision changes nothing), " +
+                "has failed (a decision counts only once a redrive of its dead letter has " +
+                "resumed it), or waits at a step the running definition no longer has",
             },
           },
           {

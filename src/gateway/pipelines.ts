@@ -514,6 +514,16 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
           { field: "/" },
         );
       }
+      // An item with its outcome takes no decision: no step would take it (the first end
+      // stands). Said now instead of accepted and stored for nothing. (One still running,
+      // not yet at the wait, may be decided early: it counts once the item reaches it.)
+      if (now?.status === "done") {
+        throw new ConflictError(
+          `${r.p.def.name} item ${id} has ended (outcome ${now.outcome ?? "done"}): a ` +
+            `decision changes nothing now`,
+          { field: "/" },
+        );
+      }
       // Held at a wait the running definition no longer has (renamed or removed since the
       // item reached it): no step would take the decision, and its letter comes at the old
       // deadline. Said now instead of accepted and lost.
