@@ -62,12 +62,28 @@ export interface StateSpec<S> {
    * message that carries none of its own (an awaited event), the same live and in a rebuild.
    */
   decode?(raw: unknown, subject: string, storedAt: number): AnyEvent;
+  /**
+   * True for a subject whose invalid messages another consumer of the stream dead-letters
+   * (a definition's awaited events: its control step, which acts on them). The writer skips
+   * such a message it cannot read (acks it, counts it in `stats.skipped`, logs it at debug),
+   * so the message has one dead letter, not two.
+   */
+  lettersElsewhere?(subject: string): boolean;
 }
 
 /** A running state writer. */
 export interface StateWriter {
-  /** Events read, state writes made, write conflicts retried and batches folded. */
-  readonly stats: { events: number; writes: number; conflicts: number; batches: number };
+  /**
+   * Events read, state writes made, write conflicts retried, batches folded, and invalid
+   * messages skipped (another consumer dead-letters them: {@link StateSpec.lettersElsewhere}).
+   */
+  readonly stats: {
+    events: number;
+    writes: number;
+    conflicts: number;
+    batches: number;
+    skipped: number;
+  };
   /** Stops pulling, waits (up to the drain deadline) for pending writes, then returns. */
   stop(): Promise<void>;
   /** Resolves when the writer has stopped, after writing everything it held. */
@@ -149,7 +165,7 @@ export async function runStateWriter<S>(opts: {
     log,
     onError: () => ensureConsumer(jsm, spec.stream, consumerConfig).then(() => {}, () => {}),
   });
-  const stats = { events: 0, writes: 0, conflicts: 0, batches: 0 };
+  const stats = { events: 0, writes: 0, conflicts: 0, batches: 0, skipped: 0 };
   const cache = new Map<string, Cached<S>>();
   const dlContext = { js, stage: spec.durable, source: spec.source, now, log };
 
@@ -234,6 +250,17 @@ export async function runStateWriter<S>(opts: {
         // An event that alone makes a state final is the item's last one.
         if (!group.final) group.final = spec.isFinal(spec.apply(undefined, event, m.seq));
       } catch (err) {
+        if (spec.lettersElsewhere?.(m.subject)) {
+          // Its consumer keeps it as a dead letter, with the reason: one letter, not two.
+          stats.skipped++;
+          m.ack();
+          log.debug("invalid message skipped: another consumer dead-letters it", {
+            subject: m.subject,
+            stream_seq: m.seq,
+            reason: (err as Error).message,
+          });
+          continue;
+        }
         // A poison event: the stage that consumes it dead-letters it with the item's
         // failure; here it is only kept (naming the subject's item, failing nothing), so
         // the state writer is not stuck on it.

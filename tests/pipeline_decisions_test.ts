@@ -4,18 +4,24 @@
  * decision no step would take is refused, not accepted and lost.
  */
 import assert from "node:assert/strict";
+import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { definePipeline } from "../src/pipeline/definition.ts";
 import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import { advance, compileFlow, entryData, flowEvent } from "../src/pipeline/flow.ts";
 import {
+  controlStage,
   type LoadedPipeline,
   pipelineStateSpec,
   pipelineTopology,
   submitItem,
 } from "../src/pipeline/runtime.ts";
-import { runStateWriter } from "../src/state_writer.ts";
+import { listDeadLetters } from "../src/redrive.ts";
+import { runStage } from "../src/runner.ts";
+import { readState, runStateWriter } from "../src/state_writer.ts";
+import type { ItemState } from "../src/pipeline/fold.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
@@ -90,5 +96,57 @@ Deno.test("a decision for an item that has ended is refused with 409 saying so; 
     assert.equal((await early.json()).duplicate, false);
   } finally {
     await state.stop();
+  }
+});
+
+Deno.test("a decision from the bus that is not JSON is one dead letter, the control step's: the state writer skips it", async () => {
+  // Found by a new user: `nats pub approvals.approved.<id> 'not json'` left two letters for
+  // the one message (<name>-control and <name>-state, both invalid_event), so a "redrive
+  // all" sent it twice.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const spec = pipelineStateSpec(approvals);
+  const runners = [
+    await runStage({ ...deps, stage: controlStage(approvals, t.nc) }),
+    await runStateWriter({ ...deps, spec }),
+  ];
+  try {
+    await submitItem(t.nc, approvals, "approvals-3", {}, { source: "test", traceId: TRACE });
+    const js = jetstream(t.nc);
+    const ack = await js.publish("approvals.approved.approvals-3", "not json");
+    // The state writer has handled everything up to it (skipped, or dead-lettered as before).
+    await waitFor(
+      async () => {
+        const c = await t.jsm.consumers.info(spec.stream, spec.durable);
+        return c.num_pending === 0 && c.num_ack_pending === 0 && c.ack_floor.stream_seq >= ack.seq;
+      },
+      10_000,
+      "the state writer past the message",
+    );
+    const letters = await waitFor(
+      async () => {
+        const all = (await listDeadLetters(js, { item_id: "approvals-3" }))
+          .filter((l) => l.letter.stream_seq === ack.seq);
+        return all.some((l) => l.letter.stage === "approvals-control") ? all : undefined;
+      },
+      10_000,
+      "the control step's letter",
+    );
+    assert.deepEqual(
+      letters.map((l) => [l.letter.stage, l.letter.code]),
+      [["approvals-control", "invalid_event"]],
+      "one letter for the message",
+    );
+    assert.match(letters[0]!.letter.reason, /JSON/i);
+    assert.ok(
+      t.lines.some((l) => /"level":"debug"/.test(l) && /another consumer dead-letters/.test(l)),
+      "the state writer says it skipped it (debug)",
+    );
+    // A bad decision fails no item.
+    const kv = await new Kvm(t.nc).open(spec.bucket);
+    assert.equal((await readState<ItemState>(kv, "approvals-3"))?.state.status, "running");
+  } finally {
+    for (const r of runners) await r.stop();
   }
 });

@@ -1185,6 +1185,9 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
       }
       return decodeFlowEvent(flow, raw, subject) as unknown as AnyEvent;
     },
+    // An awaited event is judged by the control step, which dead-letters a bad one (not
+    // JSON, too deep, against its schema) with the reason: the fold takes the rest as seen.
+    lettersElsewhere: (subject) => flow.roles.get(subject.split(".")[1]!)?.role === "awaited",
     apply: (state, event, seq) =>
       applyPipelineEvent(def, state, {
         seq,
