@@ -39,7 +39,7 @@ import { retryDelay } from "./retry.ts";
 import { type EventEnvelope, isEntryEvent, validateDocument, validateEvent } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
 import { deadLetterSubject, eventSubject, ITEM_ID, parseEventSubject } from "./subjects.ts";
-import { stageConsumerConfig } from "./topology.ts";
+import { BACKLOG_SEQ_KEY, stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
 import { versionAtLeast } from "./nats_server.ts";
 import {
@@ -526,6 +526,19 @@ function lastOn(jsm: JetStreamManager, stream: string, subject: string) {
   return storedMessage(jsm, stream, { last_by_subj: subject });
 }
 
+/** Whether `item` has an event of one of `types` (its outcomes, its failure) in `stream`. */
+async function ended(
+  jsm: JetStreamManager,
+  stream: string,
+  item: string,
+  types: ReadonlySet<string>,
+): Promise<boolean> {
+  const found = await Promise.all(
+    [...types].map((type) => lastOn(jsm, stream, eventSubject(type, item)).catch(() => null)),
+  );
+  return found.some((m) => m !== null);
+}
+
 /** Where an item's history in its stream ends: the last sequence on `<pipeline>.*.<item>`. */
 interface HistoryEnd {
   subject: string;
@@ -719,12 +732,21 @@ export async function runStage<I extends StageInput>(
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
   const stream = stage.stream;
-  await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config));
-  const consumer = await js.consumers.get(stream, stage.name);
   // nats-server 2.9 looked up a subject's last sequence on the stream's write path, which
   // delayed publish acks under bursts when every event carried the check: there, `once`
   // outputs rely on their message ids and the duplicate window, as before.
   const version = nc.info?.version ?? "0.0.0";
+  const markBacklog = versionAtLeast(version, "2.10.0");
+  await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config), { markBacklog });
+  const consumer = await js.consumers.get(stream, stage.name);
+  // A step new to a stream that holds messages (a step added to, or renamed in, a running
+  // definition) is handed the stream's whole history: what its consumer was created behind.
+  // Those of items that have ended are acked unhandled; running the step for every finished
+  // item would repeat its side effects (an email, a payment) and its events after their end.
+  const backlogOf = async () =>
+    Number((await consumer.info(false)).config.metadata?.[BACKLOG_SEQ_KEY] ?? 0);
+  let backlogSeq = await backlogOf();
+  const endTypes = new Set([...stage.finalTypes ?? [], stage.failedType]);
   const once = versionAtLeast(version, "2.10.0") ? stage.once : undefined;
   // nats-server 2.11 checks a publish against the last sequence of a wildcard subject, which
   // makes a stage's outcome check and its publish one atomic step (`publishFenced`).
@@ -847,6 +869,14 @@ export async function runStage<I extends StageInput>(
       }
       const itemId = itemIdOf(raw);
       if (itemId) span.setAttribute("weft.item_id", itemId);
+      if (m.seq <= backlogSeq && itemId && await ended(jsm, stream, itemId, endTypes)) {
+        log.debug("skipped: the item ended before this step's consumer was created", {
+          item_id: itemId,
+          seq: m.seq,
+        });
+        m.ack();
+        return;
+      }
       const started = performance.now();
       const outputs = await stage.handle(input, { source, message, now, signal: abort.signal });
       const took = performance.now() - started;
@@ -989,7 +1019,9 @@ export async function runStage<I extends StageInput>(
         if (stopping) break;
         log.warn("fetch failed; retrying", { err });
         await new Promise((r) => setTimeout(r, 500));
-        await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config))
+        // (Deleted meanwhile: created again behind the stream's history, which it marks.)
+        await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config), { markBacklog })
+          .then(async () => (backlogSeq = await backlogOf()))
           .catch(() => {});
       }
     }

@@ -259,20 +259,43 @@ export async function ensureStream(
   }
 }
 
-/** Creates or updates a durable consumer. */
+/**
+ * The consumer metadata key a stage's durable records, when it is created on a stream that
+ * holds messages already, the stream's last sequence then: its backlog, which a new step of
+ * a changed definition must not run for items that have ended (see `runStage`).
+ */
+export const BACKLOG_SEQ_KEY = "weft_backlog_seq";
+
+/**
+ * Creates or updates a durable consumer. With `markBacklog` (nats-server 2.10+: consumer
+ * metadata), one created on a stream that already holds messages records the stream's last
+ * sequence under {@link BACKLOG_SEQ_KEY}; an update keeps the metadata it has.
+ */
 export async function ensureConsumer(
   jsm: JetStreamManager,
   stream: string,
   want: Partial<ConsumerConfig>,
+  opts: { markBacklog?: boolean } = {},
 ): Promise<void> {
   try {
     const info = await jsm.consumers.info(stream, want.durable_name!);
     if (differs(want, info.config as unknown as Record<string, unknown>)) {
-      await jsm.consumers.update(stream, want.durable_name!, want);
+      const metadata = info.config.metadata;
+      await jsm.consumers.update(stream, want.durable_name!, {
+        ...want,
+        ...(metadata && !want.metadata ? { metadata } : {}),
+      });
     }
   } catch (err) {
     if (!isApiError(err, JetStreamApiCodes.ConsumerNotFound)) throw err;
-    await jsm.consumers.add(stream, want);
+    let create = want;
+    if (opts.markBacklog) {
+      const last = (await jsm.streams.info(stream)).state.last_seq;
+      if (last > 0) {
+        create = { ...want, metadata: { ...want.metadata, [BACKLOG_SEQ_KEY]: String(last) } };
+      }
+    }
+    await jsm.consumers.add(stream, create);
   }
 }
 

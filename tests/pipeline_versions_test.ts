@@ -302,3 +302,101 @@ Deno.test("a definition outside the folders Weft may read stops deno task start,
     await Deno.remove(nats, { recursive: true }).catch(() => {});
   }
 });
+
+/** Version 1: a, then a wait, then done; version 2 adds step `b` after the wait. */
+const growing = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const grow = definePipeline({
+  name: "grow",
+  input: { schema: { type: "object" } },
+  start: "a",
+  steps: {
+    a: { kind: "task", output: { type: "object" }, handle: () => ({ a: true }), next: "w" },
+    w: { kind: "wait", event: "go", timeoutMs: 600000, onTimeout: "expired", next: "${
+  v === 1 ? "done" : "b"
+}" },
+    ${
+  v === 2
+    ? 'b: { kind: "task", output: { type: "object" }, handle: () => ({ b: true }), next: "done" },'
+    : ""
+}
+    done: { kind: "end", outcome: "done" },
+    expired: { kind: "end", outcome: "expired" },
+  },
+});
+`;
+
+Deno.test("a step added to a running definition runs for items in flight, never for those that ended", async () => {
+  const dir = await meshTempDir("weft-grow-");
+  const file = `${dir}/def/grow.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, growing(1));
+  const storeDir = `${dir}/nats`;
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/grow/items/${id}`)).json();
+  const finished: string[] = [];
+  let waiting: string;
+  try {
+    {
+      await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: file }, {
+        storeDir,
+        keepStore: true,
+      });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      for (let i = 0; i < 3; i++) {
+        finished.push((await post(base, "/pipelines/grow/items", {})).body.id);
+      }
+      waiting = (await post(base, "/pipelines/grow/items", {})).body.id;
+      for (const id of [...finished, waiting]) {
+        await waitFor(async () => (await state(base, id)).status === "waiting", 20_000, id);
+      }
+      for (const id of finished) {
+        assert.equal((await post(base, `/pipelines/grow/items/${id}/go`, {})).status, 202);
+        await waitFor(async () => (await state(base, id)).status === "done", 20_000, id);
+      }
+    }
+    // Version 2 adds `b` after the wait: its consumer is created behind the stream's
+    // history, which holds the finished items' `go` events.
+    await Deno.writeTextFile(file, growing(2));
+    await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: file }, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const base = mesh.gatewayUrl;
+    assert.equal((await post(base, `/pipelines/grow/items/${waiting}/go`, {})).status, 202);
+    const done = await waitFor(
+      async () => {
+        const s = await state(base, waiting);
+        return s.status === "done" ? s : undefined;
+      },
+      20_000,
+      "the item in flight done",
+    );
+    assert.deepEqual(done.results.b, { b: true }, "the item in flight ran the new step");
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      await waitFor(
+        async () => {
+          const ci = await jsm.consumers.info("GROW", "grow-b");
+          return ci.num_pending === 0 && ci.num_ack_pending === 0;
+        },
+        20_000,
+        "b's backlog handled",
+      );
+      // Before: b ran for each finished item, stored its event after the item's end, and
+      // its end was dead-lettered as a conflict.
+      for (const id of finished) {
+        const b = await jsm.streams.getMessage("GROW", { last_by_subj: `grow.b.${id}` })
+          .catch(() => null);
+        assert.equal(b, null, `no b event for the finished ${id}`);
+        assert.equal((await state(base, id)).results.b, undefined);
+      }
+      assert.equal((await jsm.streams.info("DEADLETTER")).state.messages, 0, "no dead letter");
+    } finally {
+      await nc.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
