@@ -75,6 +75,12 @@ export interface Config {
   concurrency: number;
   /** How long the server waits for an ack before redelivering, ms. `WEFT_ACK_WAIT_MS`. */
   ackWaitMs: number;
+  /**
+   * Longest a stage's handler may take for one message, ms: past it the call is aborted
+   * (its signal) and counts as a failed attempt, retried, then dead-lettered.
+   * `WEFT_HANDLER_TIMEOUT_MS`.
+   */
+  handlerTimeoutMs: number;
   /** First retry delay, ms; doubles per attempt with jitter. `WEFT_RETRY_BASE_MS`. */
   retryBaseMs: number;
   /** Longest retry delay, ms. `WEFT_RETRY_MAX_MS`. */
@@ -434,6 +440,12 @@ const SETTINGS: Setting<any>[] = [
     parse: int(1, 10_000),
   },
   { key: "ackWaitMs", env: "WEFT_ACK_WAIT_MS", default: 30_000, parse: int(1000) },
+  {
+    key: "handlerTimeoutMs",
+    env: "WEFT_HANDLER_TIMEOUT_MS",
+    default: 300_000,
+    parse: int(100, 24 * 3600_000),
+  },
   { key: "retryBaseMs", env: "WEFT_RETRY_BASE_MS", default: 500, parse: int(0) },
   { key: "retryMaxMs", env: "WEFT_RETRY_MAX_MS", default: 30_000, parse: int(0) },
   { key: "retentionMs", env: "WEFT_RETENTION_MS", default: 7 * 24 * 3600_000, parse: int(60_000) },

@@ -96,6 +96,7 @@ export interface RunStageOptions<I extends StageInput> {
       Config,
       "concurrency" | "maxAttempts" | "ackWaitMs" | "retryBaseMs" | "retryMaxMs" | "drainMs"
     >
+    & Partial<Pick<Config, "handlerTimeoutMs">>
     & Partial<FaultConfig>;
   /** Where the runner logs. */
   log: Logger;
@@ -526,6 +527,41 @@ function lastOn(jsm: JetStreamManager, stream: string, subject: string) {
   return storedMessage(jsm, stream, { last_by_subj: subject });
 }
 
+/** A handler's longest call when the configuration names none (`WEFT_HANDLER_TIMEOUT_MS`). */
+const DEFAULT_HANDLER_TIMEOUT_MS = 300_000;
+
+/**
+ * Runs `call` with a signal that aborts when `stop` does or after `ms`; a call that has not
+ * answered by then fails (a retryable handler failure), so a handler awaiting something that
+ * never comes cannot hold its message, and its item, for ever.
+ */
+async function withinTimeout<T>(
+  call: (signal: AbortSignal) => Promise<T>,
+  ms: number,
+  stop: AbortSignal,
+): Promise<T> {
+  const controller = new AbortController();
+  const onStop = () => controller.abort(stop.reason);
+  stop.addEventListener("abort", onStop, { once: true });
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timedOut = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const err = new WeftError(
+        ErrorCode.HandlerFailed,
+        `the handler did not answer within ${ms} ms (WEFT_HANDLER_TIMEOUT_MS)`,
+      );
+      controller.abort(err);
+      reject(err);
+    }, ms);
+  });
+  try {
+    return await Promise.race([call(controller.signal), timedOut]);
+  } finally {
+    clearTimeout(timer);
+    stop.removeEventListener("abort", onStop);
+  }
+}
+
 /** Whether `item` has an event of one of `types` (its outcomes, its failure) in `stream`. */
 async function ended(
   jsm: JetStreamManager,
@@ -878,7 +914,11 @@ export async function runStage<I extends StageInput>(
         return;
       }
       const started = performance.now();
-      const outputs = await stage.handle(input, { source, message, now, signal: abort.signal });
+      const outputs = await withinTimeout(
+        async (signal) => await stage.handle(input, { source, message, now, signal }),
+        config.handlerTimeoutMs ?? DEFAULT_HANDLER_TIMEOUT_MS,
+        abort.signal,
+      );
       const took = performance.now() - started;
       stats.handlerMs += took;
       metrics.handlerSeconds.observe(labels, took / 1000);

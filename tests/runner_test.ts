@@ -208,6 +208,33 @@ Deno.test("a failing handler is retried with a growing delay and its next attemp
   await runner.stop();
 });
 
+Deno.test("a handler that never answers times out, is retried, and is dead-lettered naming the timeout", async () => {
+  await using t = await startTestNats();
+  const signals: AbortSignal[] = [];
+  const stage = probeStage(() => new Promise<void>(() => {}));
+  const handle = stage.handle.bind(stage);
+  stage.handle = (event, ctx) => {
+    signals.push(ctx.signal);
+    return handle(event, ctx);
+  };
+  const config = runnerConfig(t.config, {
+    handlerTimeoutMs: 300,
+    maxAttempts: 2,
+    retryBaseMs: 10,
+    retryMaxMs: 20,
+  });
+  const runner = await runStage({ nc: t.nc, stage, config, log: t.log });
+  const letters = nextMessages(t.nc, "deadletter.probe.fb9");
+  await jetstream(t.nc).publish("feedback.ingested.fb9", JSON.stringify(ingested("fb9")));
+  // Before: held for ever (its lease kept alive), never retried nor dead-lettered.
+  const letter = (await letters)[0]!.json<DeadLetter>();
+  assert.equal(letter.code, "handler_failed");
+  assert.match(letter.reason, /did not answer within 300 ms/);
+  assert.equal(letter.attempts, 2);
+  assert.ok(signals.length >= 2 && signals.every((s) => s.aborted), "each call was aborted");
+  await runner.stop();
+});
+
 Deno.test("a permanent failure is dead-lettered at once, without retries", async () => {
   await using t = await startTestNats();
   let calls = 0;
