@@ -75,6 +75,12 @@ export const SHADOW_STREAM = "SHADOW";
 /** KV bucket of the live shadows attached over the API (`weft.shadow.attach`, `POST /shadows`). */
 export const SHADOW_BUCKET = "weft_shadows";
 /**
+ * KV bucket of each live shadow's counters that its decisions do not hold (failures, items
+ * over budget or sampled out, the candidate's LLM spend), key: the shadow's id; written by
+ * the shadow service as it goes, so a restart goes on from them (its budget included).
+ */
+export const SHADOW_TALLY_BUCKET = "weft_shadow_tallies";
+/**
  * KV bucket of promoted step versions, key `<pipeline>.<step>`: the candidate a step runs
  * instead of its configured analyzers (history kept: every promotion is recorded).
  */

@@ -93,6 +93,7 @@ import {
   SCHEDULE_LEASE_BUCKET,
   SHADOW_AUDIT_PREFIX,
   SHADOW_BUCKET,
+  SHADOW_TALLY_BUCKET,
   SHADOW_REQUEST_PREFIX,
   SHADOW_STREAM,
   STEP_VERSION_BUCKET,
@@ -254,9 +255,11 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
     background: true,
     access: {
       publishes: ["shadow.*.*.*"],
-      // SHADOW: its own decisions, counted again after a restart.
+      // SHADOW: its own decisions, counted again after a restart; its other counters (and
+      // budget spent) in the tally bucket.
       readsStreams: [SHADOW_STREAM],
       readsBuckets: [SHADOW_BUCKET],
+      writesBuckets: [SHADOW_TALLY_BUCKET],
     },
   },
 ];
@@ -324,6 +327,7 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
       SCHEDULE_LEASE_BUCKET,
       IDEMPOTENCY_BUCKET,
       SHADOW_BUCKET,
+      SHADOW_TALLY_BUCKET,
       STEP_VERSION_BUCKET,
     ],
     readsObjects: SHIPPED_READS.readsObjects,

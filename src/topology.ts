@@ -33,6 +33,7 @@ import {
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
   SHADOW_BUCKET,
+  SHADOW_TALLY_BUCKET,
   SHADOW_STREAM,
   STEP_VERSION_BUCKET,
 } from "./subjects.ts";
@@ -324,6 +325,10 @@ export function bucketConfigs(
     },
     { name: SCHEDULE_BUCKET, description: "Weft: schedules of delayed and recurring events" },
     { name: SHADOW_BUCKET, description: "Weft: live shadows attached over the API" },
+    {
+      name: SHADOW_TALLY_BUCKET,
+      description: "Weft: each live shadow's failures, skips and LLM spend, across restarts",
+    },
     {
       name: STEP_VERSION_BUCKET,
       description: "Weft: promoted step versions (the candidate a step runs), with history",

@@ -866,6 +866,52 @@ export const tickets = definePipeline({
     assert.match(state.sentiment.analyzer, /^embedded/);
   }
   assert.match(llm.requests[0]!.body.messages[0]!.content, /A question or a feature request/);
+  // Killed and started again, the shadow goes on from its counters and spent budget:
+  // before, a restart gave it its whole budget again (one more call per restart), and its
+  // over_budget, failed and skipped counts and LLM spend started from zero.
+  const shadowPid = async () => {
+    const out = await new Deno.Command("ps", {
+      args: ["-o", "pid=,args=", "--ppid", String(mesh.child.pid)],
+    }).output();
+    const line = new TextDecoder().decode(out.stdout).split("\n")
+      .find((l) => l.includes("services/shadow.ts"));
+    return line ? Number(line.trim().split(/\s+/, 1)[0]) : undefined;
+  };
+  const before = await shadowPid();
+  assert.ok(before, "the shadow service runs");
+  const startedBefore = mesh.logs.filter((l) => l.msg === "shadow started" && l.shadow === "llm1")
+    .length;
+  Deno.kill(before!, "SIGKILL");
+  await waitFor(
+    () =>
+      mesh.logs.filter((l) => l.msg === "shadow started" && l.shadow === "llm1").length >
+        startedBefore,
+    30_000,
+    "llm1 started again",
+  );
+  for (const text of ["Crashes at login", "Love the new look"]) {
+    assert.equal((await call(base, "POST", "/feedback", "none", { text })).status, 202);
+  }
+  const after = await waitFor(
+    async () => {
+      const t = await metricsText(base);
+      const v = (outcome: string) =>
+        shadowValue(t, "weft_shadow_items_total", { shadow: "llm1", outcome }) ?? 0;
+      if (v("compared") + v("over_budget") === distinct.length + 2) return t;
+      throw new Error(
+        ["decided", "compared", "over_budget", "failed", "skipped"].map((o) => `${o} ${v(o)}`)
+          .join(", "),
+      );
+    },
+    30_000,
+    "the restarted shadow to count both new items",
+  );
+  assert.equal(llm.requests.length, 1, "no call past the budget after the restart");
+  assert.equal(
+    shadowValue(after, "weft_shadow_items_total", { shadow: "llm1", outcome: "over_budget" }),
+    5,
+  );
+  assert.ok((shadowValue(after, "weft_shadow_llm_cost_usd_total", { shadow: "llm1" }) ?? 0) > 0);
   assert.equal((await call(base, "DELETE", "/shadows/llm1", "none")).status, 200);
   const nc = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
   try {

@@ -24,7 +24,7 @@ import type { Logger } from "../observability/log.ts";
 import type { WeftMetrics } from "../observability/metrics.ts";
 import type { Runnable } from "../service.ts";
 import { parseShadowSpec, type ShadowSpec } from "./spec.ts";
-import { SHADOW_BUCKET } from "../subjects.ts";
+import { SHADOW_BUCKET, SHADOW_TALLY_BUCKET } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 interface Hosted {
@@ -87,6 +87,8 @@ export async function hostShadows(
     await deleteShadowConsumer(jsm, h.tally.spec).catch((err) =>
       log.warn("shadow consumer not deleted", { shadow: id, err })
     );
+    // Its counters go with it (an attachment under the same id starts from zero anyway).
+    await new Kvm(nc).open(SHADOW_TALLY_BUCKET).then((kv) => kv.delete(id)).catch(() => {});
     log.info("shadow detached", { shadow: id });
   };
 

@@ -28,6 +28,7 @@ import {
   type JsMsg,
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
+import { type KV, Kvm } from "@nats-io/kv";
 import client from "prom-client";
 import type { Config } from "../config.ts";
 import { ConfigError, errorCode, ValidationError } from "../errors.ts";
@@ -40,7 +41,7 @@ import {
 } from "../pipeline/runtime.ts";
 import { eventOf } from "../pipeline/validate.ts";
 import { LlmError } from "../ai/llm/errors.ts";
-import type { LlmStats } from "../ai/llm/stats.ts";
+import type { LlmCounter, LlmStats, LlmStatsSnapshot } from "../ai/llm/stats.ts";
 import type { AnalyzerConfig } from "../ai/configured_analyzers.ts";
 import type { Logger } from "../observability/log.ts";
 import { createStepLimiter } from "../pipeline/flow_control.ts";
@@ -58,7 +59,7 @@ import { agreementOf, type FieldAgreement } from "../ai/agreement.ts";
 import { readStream } from "../stream_reader.ts";
 import type { OutputEvent, Stage, StageInput } from "../stage.ts";
 import { SHIPPED_SHADOW_STEPS } from "../../pipelines/shipped_shadows.ts";
-import { eventSubject, SHADOW_STREAM } from "../subjects.ts";
+import { eventSubject, SHADOW_STREAM, SHADOW_TALLY_BUCKET } from "../subjects.ts";
 
 /** How a step is shadowed: what it consumes, what production emits, which fields compare. */
 export interface ShadowStepDef {
@@ -548,6 +549,37 @@ export async function restoreTally(
   return restored;
 }
 
+/**
+ * What a shadow's decisions do not hold, kept in the tally bucket as it goes: failures,
+ * items over budget, sampled out or not published, handler time, and the candidate's LLM
+ * counters (its spend, which its budget goes on from after a restart).
+ */
+export interface TallyCheckpoint {
+  /** Which attachment it counts (see {@link tallyMark}): another one starts from zero. */
+  mark: string;
+  counts: Pick<ShadowTally["counts"], "failed" | "over_budget" | "skipped" | "publish_failed">;
+  seconds: number;
+  llm?: LlmStatsSnapshot;
+}
+
+/** The attachment a checkpoint belongs to: when attached, the candidate, its limits. */
+export function tallyMark(spec: ShadowSpec): string {
+  return JSON.stringify([spec.attached_at ?? null, spec.candidate, spec.limits]);
+}
+
+/** Adds a checkpoint's counters into `tally` (its LLM counters into `tally.llm`). */
+function restoreCheckpoint(tally: ShadowTally, saved: TallyCheckpoint): void {
+  for (const [k, v] of Object.entries(saved.counts)) {
+    tally.counts[k as keyof TallyCheckpoint["counts"]] += Number(v) || 0;
+  }
+  tally.seconds += saved.seconds || 0;
+  if (tally.llm && saved.llm) {
+    const { prompt_tokens, completion_tokens, total_tokens, cost_usd, ...counters } = saved.llm;
+    for (const [k, v] of Object.entries(counters)) tally.llm.count(k as LlmCounter, v);
+    tally.llm.addUsage({ prompt_tokens, completion_tokens, total_tokens, cost_usd });
+  }
+}
+
 /** How long after deciding a shadow first looks for production's output, ms. */
 const FIRST_LOOK_MS = 100;
 /** How long a shadow waits for production's output of an item, ms. */
@@ -746,12 +778,46 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   const log = opts.log.with({ shadow: spec.id, step: `${spec.pipeline}.${spec.step}` });
   const tally = opts.tally ?? new ShadowTally(spec);
   const matchWaitMs = opts.matchWaitMs ?? MATCH_WAIT_MS;
-  const step = await resolveShadowTarget(spec, config, {
-    nc,
-    pipelines: opts.pipelines,
-    root: opts.root,
+  // What it counted before a restart (of this attachment): its budget goes on from there.
+  const mark = tallyMark(spec);
+  const tallies: KV | undefined = await new Kvm(nc).open(SHADOW_TALLY_BUCKET).catch((err) => {
+    log.warn("shadow tally bucket unavailable: figures restart from the decisions", { err });
+    return undefined;
   });
+  const saved = await tallies?.get(spec.id).then((e) => {
+    const c = e?.operation === "PUT" ? e.json<TallyCheckpoint>() : undefined;
+    return c?.mark === mark ? c : undefined;
+  }).catch(() => undefined);
+  const budget = spec.limits.budgetUsd;
+  const spent = saved?.llm?.cost_usd ?? 0;
+  const spentOut = budget > 0 && spent >= budget;
+  const step = await resolveShadowTarget(
+    budget > 0 && spent > 0 && !spentOut
+      ? { ...spec, limits: { ...spec.limits, budgetUsd: budget - spent } }
+      : spec,
+    config,
+    { nc, pipelines: opts.pipelines, root: opts.root },
+  );
   if (step.llm) tally.llm = step.llm;
+  if (saved) restoreCheckpoint(tally, saved);
+  let lastSaved = "";
+  const save = async () => {
+    if (!tallies) return;
+    const { failed, over_budget, skipped, publish_failed } = tally.counts;
+    const body = JSON.stringify(
+      {
+        mark,
+        counts: { failed, over_budget, skipped, publish_failed },
+        seconds: tally.seconds,
+        ...(tally.llm ? { llm: tally.llm.snapshot() } : {}),
+      } satisfies TallyCheckpoint,
+    );
+    if (body === lastSaved) return;
+    lastSaved = body;
+    await tallies.put(spec.id, body).catch((err) =>
+      log.debug("shadow tally not saved", { err: String(err) })
+    );
+  };
   tally.candidate = step.candidate;
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
@@ -858,7 +924,24 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   }
 
   async function handle(given: ShadowInput, release: () => void): Promise<void> {
+    try {
+      await decide(given, release);
+    } finally {
+      // An LLM candidate's spend is saved as soon as it changes, before the next call: a
+      // restart right after cannot spend its budget twice.
+      if (step.llm) await save();
+    }
+  }
+
+  async function decide(given: ShadowInput, release: () => void): Promise<void> {
     const { m } = given;
+    if (spentOut && step.llm) {
+      // Its budget was spent before a restart: nothing more is asked of the model.
+      release();
+      tally.counts.over_budget++;
+      m.term();
+      return;
+    }
     try {
       const decided = await decideOnce(step, given, source, abort.signal);
       release();
@@ -917,6 +1000,8 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
     }
     await Promise.all(inFlight);
   })();
+  // Saved as it goes (at most a second behind), and when it stops.
+  const saver = setInterval(save, 1000);
   tally.up = true;
   delete tally.error;
   log.info("shadow started", {
@@ -936,6 +1021,8 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
       clearTimeout(timer);
       abort.abort();
       await done;
+      clearInterval(saver);
+      await save();
       tally.up = false;
       log.info("shadow stopped", { ...tally.counts });
     },
