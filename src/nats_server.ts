@@ -63,6 +63,43 @@ export class NatsServerMissingError extends Error {
   }
 }
 
+/**
+ * Thrown when nats-server exits before it is ready for clients: `reason` is what it said
+ * of why (its `[FTL]` lines, else its last line), `output` its last output.
+ */
+export class NatsServerExitedError extends Error {
+  /** nats-server's own reason, one line. */
+  readonly reason: string;
+  /** The error for a server that printed `output` and exited. */
+  constructor(readonly output: string) {
+    super(`nats-server exited before it was ready: ${output || "(no output)"}`);
+    this.name = "NatsServerExitedError";
+    this.reason = fatalReason(output);
+  }
+}
+
+/**
+ * Why a nats-server that printed `output` stopped, in one line: its `[FTL]` lines (without
+ * their pid and time), else its last non-empty line (a configuration error is printed
+ * without a level).
+ *
+ * @example
+ * ```ts
+ * import { fatalReason } from "./nats_server.ts";
+ * const out = "[7] 2026/01/01 10:00:00.000000 [INF] Starting JetStream\n" +
+ *   "[7] 2026/01/01 10:00:00.000001 [FTL] Can't start JetStream: storage directory is not a directory";
+ * console.assert(fatalReason(out) === "Can't start JetStream: storage directory is not a directory");
+ * ```
+ */
+export function fatalReason(output: string): string {
+  const lines = output.split("\n").map((l) => l.trim()).filter(Boolean);
+  const fatal = lines.flatMap((l) => {
+    const m = /\[FTL\]\s*(.*)$/.exec(l);
+    return m ? [m[1]!] : [];
+  });
+  return (fatal.length > 0 ? fatal.join("; ") : lines.at(-1) ?? "(no output)");
+}
+
 /** True when nothing listens on loopback `port` right now. */
 export function portFree(port: number): boolean {
   try {
@@ -317,7 +354,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
         if (done) {
           await exited;
           const why = [stdout, ...tail, buffer].join("\n").trim().slice(-2000);
-          throw new Error(`nats-server exited before it was ready: ${why || "(no output)"}`);
+          throw new NatsServerExitedError(why);
         }
         buffer += value;
         let nl: number;

@@ -26,6 +26,7 @@ import { connectNats, FIRST_CONNECT_PATIENCE_MS, tlsCredentials } from "./nats.t
 import {
   freePort,
   type NatsServer,
+  NatsServerExitedError,
   NatsServerMissingError,
   portFree,
   serverVersion,
@@ -656,6 +657,136 @@ function isLoopbackOrAny(host: string): boolean {
   return isLoopback(host) || host === "0.0.0.0" || host === "::";
 }
 
+/** A port a start listens on, and the setting it comes from. */
+export interface PlannedPort {
+  /** The port. */
+  port: number;
+  /** The setting, and what listens there: `PORT (the gateway)`. */
+  what: string;
+}
+
+/**
+ * The client and monitoring ports a nats-server configuration sets at its top level
+ * (`listen: host:port` or `port: N`; `http: host:port`, `http: N` or `http_port: N`); a
+ * block's own `listen` (leafnodes, cluster) is indented and not taken.
+ */
+export function confPorts(conf: string): { client?: number; monitor?: number } {
+  const top = (keys: string) =>
+    new RegExp(`^(?:${keys})\\s*[:=]\\s*"?(?:[^\\s":]*:)?(\\d+)"?\\s*$`, "m").exec(conf)?.[1];
+  const client = top("listen|port");
+  const monitor = top("http|http_port");
+  return {
+    ...(client ? { client: Number(client) } : {}),
+    ...(monitor ? { monitor: Number(monitor) } : {}),
+  };
+}
+
+/**
+ * Every port this start will listen on, with the setting each comes from: the gateway's
+ * (`PORT`, 0 picks a free one and is left out) and the events gateway's; with its own
+ * nats-server (`ownNats`, no `NATS_URL`), the client port of each node (`WEFT_NATS_PORT`,
+ * +1, +2... for a cluster; else `conf`'s, else 4222), the monitoring port (the first node's:
+ * the others take free ones, as do a cluster's routes) and a hub's leafnode port of each
+ * node (`WEFT_LEAF_PORT`, +1...).
+ *
+ * @example
+ * ```ts
+ * import { loadConfig } from "./config.ts";
+ * import { plannedPorts } from "./supervisor.ts";
+ * const config = loadConfig({ env: () => undefined, args: ["--cluster", "3"] });
+ * const ports = plannedPorts(config, { ownNats: true, conf: "listen: 127.0.0.1:4222" });
+ * console.assert(ports.some((p) => p.port === 4224 && p.what.startsWith("WEFT_NATS_PORT+2")));
+ * ```
+ */
+export function plannedPorts(
+  config: Pick<
+    Config,
+    | "port"
+    | "eventsPort"
+    | "natsConf"
+    | "natsPort"
+    | "natsMonitorPort"
+    | "cluster"
+    | "hub"
+    | "leafPort"
+  >,
+  opts: { ownNats: boolean; conf?: string },
+): PlannedPort[] {
+  const out: PlannedPort[] = [];
+  if (config.port) out.push({ port: config.port, what: "PORT (the gateway)" });
+  if (config.eventsPort) {
+    out.push({ port: config.eventsPort, what: "WEFT_EVENTS_PORT (the events gateway)" });
+  }
+  if (!opts.ownNats) return out;
+  const fromConf = confPorts(opts.conf ?? "");
+  const n = Math.max(1, config.cluster);
+  const node = (i: number) => n > 1 ? ` of cluster node weft-${i + 1}` : "";
+  // (Unset, a port is the conf's: said, as the setting that moves it.)
+  const fromFile = (set: number) => set ? "" : `, as ${config.natsConf} sets it`;
+  const client = config.natsPort || fromConf.client || DEFAULT_NATS_PORT;
+  for (let i = 0; i < n; i++) {
+    out.push({
+      port: client + i,
+      what: `WEFT_NATS_PORT${i > 0 ? `+${i}` : ""} (nats-server's client port${node(i)}${
+        fromFile(config.natsPort)
+      })`,
+    });
+  }
+  const monitor = config.natsMonitorPort || fromConf.monitor;
+  if (monitor) {
+    out.push({
+      port: monitor,
+      what: `WEFT_NATS_MONITOR_PORT (nats-server monitoring${fromFile(config.natsMonitorPort)})`,
+    });
+  }
+  if (config.hub.length > 0) {
+    for (let i = 0; i < n; i++) {
+      out.push({
+        port: config.leafPort + i,
+        what: `WEFT_LEAF_PORT${i > 0 ? `+${i}` : ""} (the hub's leafnode listener${node(i)})`,
+      });
+    }
+  }
+  return out;
+}
+
+/**
+ * What is wrong with `ports` ({@link plannedPorts}): one line naming each port two settings
+ * share, and both settings; empty when every port is its own.
+ *
+ * @example
+ * ```ts
+ * import { portClashes } from "./supervisor.ts";
+ * const said = portClashes([{ port: 8000, what: "PORT" }, { port: 8000, what: "WEFT_EVENTS_PORT" }]);
+ * console.assert(said === "PORT and WEFT_EVENTS_PORT are both port 8000: give each its own port");
+ * ```
+ */
+export function portClashes(ports: readonly PlannedPort[]): string {
+  const byPort = new Map<number, string[]>();
+  for (const p of ports) byPort.set(p.port, [...byPort.get(p.port) ?? [], p.what]);
+  const clashes = [...byPort].filter(([, whats]) => whats.length > 1).map(([port, whats]) =>
+    `${whats.slice(0, -1).join(", ")} and ${whats.at(-1)} are ${
+      whats.length > 2 ? "all" : "both"
+    } port ${port}`
+  );
+  return clashes.length > 0 ? `${clashes.join("; ")}: give each its own port` : "";
+}
+
+/**
+ * What a start with `config` should warn of before it runs: a 2-node cluster, which keeps no
+ * majority when one node is lost (every stream and the cluster's meta leader stop until it
+ * is back).
+ */
+export function startWarnings(config: Pick<Config, "cluster">): string[] {
+  return config.cluster === 2
+    ? [
+      "WEFT_CLUSTER=2: two nodes keep no majority when one is lost: every stream (at R2) and " +
+      "the cluster itself stop taking writes until it is back (the gateway answers 503 " +
+      "meanwhile); run 3 nodes to survive losing one, or 1 for a single server",
+    ]
+    : [];
+}
+
 /**
  * Waits until every service answers a `$SRV.PING` and the gateway's port accepts a
  * connection, or `ms` pass. Returns what is still missing (empty: ready).
@@ -708,6 +839,8 @@ export async function startCluster(
     cwd: string;
     port: number;
     monitorPort?: number;
+    /** Ports the route and other monitoring ports must not take (the gateways'). */
+    avoid?: readonly number[];
     onLog?: (line: string) => void;
     log: Logger;
   },
@@ -732,6 +865,7 @@ export async function startCluster(
     ...clientPorts,
     ...(leaf ? clientPorts.map((_, i) => Number(leaf[1]) + i) : []),
     ...(opts.monitorPort ? [opts.monitorPort] : []),
+    ...opts.avoid ?? [],
   ]);
   const pick = (): number => {
     for (;;) {
@@ -758,7 +892,7 @@ export async function startCluster(
     await Deno.writeTextFile(file, text, { mode: 0o600 });
     return file;
   }));
-  const nodes = await Promise.all(clientPorts.map((port, i) =>
+  const started = await Promise.allSettled(clientPorts.map((port, i) =>
     startNatsServer({
       configFile: files[i]!,
       port,
@@ -780,6 +914,13 @@ export async function startCluster(
       ],
     })
   ));
+  // A node that did not start stops the start: the nodes that did are stopped, not left.
+  const failed = started.find((r) => r.status === "rejected");
+  if (failed) {
+    await Promise.all(started.map((r) => r.status === "fulfilled" ? r.value.stop() : undefined));
+    throw failed.reason;
+  }
+  const nodes = started.map((r) => (r as PromiseFulfilledResult<NatsServer>).value);
   opts.log.info("nats cluster started", {
     nodes: nodes.map((node, i) => ({ name: `weft-${i + 1}`, url: node.url, pid: node.pid })),
   });
@@ -822,6 +963,17 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   let nodes: NatsServer[] = [];
   /** Held while this start runs its own nats-server: one supervisor per store. */
   let supervisorLock: Deno.FsFile | undefined;
+  for (const warning of startWarnings(config)) log.warn(warning);
+  // Two settings on one port would crash-loop a gateway or stop nats-server: say which,
+  // once, and start nothing.
+  const clash = portClashes(plannedPorts(config, {
+    ownNats: !Deno.env.get("NATS_URL"),
+    conf: await Deno.readTextFile(new URL(config.natsConf, ROOT)).catch(() => ""),
+  }));
+  if (clash) {
+    log.error(clash);
+    Deno.exit(2);
+  }
   // A gateway port another process holds would crash-loop the gateway: say so once, and
   // start nothing.
   if (isLoopbackOrAny(config.host) && !portFree(config.port)) {
@@ -830,10 +982,6 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         `PORT to a free port`,
     );
     Deno.exit(1);
-  }
-  if (config.eventsPort && config.eventsPort === config.port) {
-    log.error(`WEFT_EVENTS_PORT ${config.eventsPort} is the gateway's port too: pick another`);
-    Deno.exit(2);
   }
   if (config.eventsPort && isLoopbackOrAny(config.host) && !portFree(config.eventsPort)) {
     log.error(
@@ -1064,6 +1212,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
           cwd,
           port,
           monitorPort: monitorPort || undefined,
+          avoid: [config.port, config.eventsPort].filter((p) => p > 0),
           onLog,
           log,
         });
@@ -1087,6 +1236,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       }
       if (err instanceof ConfigError) {
         log.error(err.message);
+        Deno.exit(1);
+      }
+      // nats-server's own reason, in one line: a port or store it cannot use, a bad conf.
+      if (err instanceof NatsServerExitedError) {
+        log.error(`nats-server could not start: ${err.reason}`);
         Deno.exit(1);
       }
       throw err;

@@ -5,13 +5,17 @@ import { ensureTopology, streamConfigs } from "./topology.ts";
 import { loadPipelines, pipelineTopology } from "./pipeline/runtime.ts";
 import { loadConfig } from "./config.ts";
 import {
+  confPorts,
   eventsGateway,
   meshPermissions,
   OPERATOR_IDENTITIES,
+  plannedPorts,
+  portClashes,
   processArgs,
   processGroups,
   serviceArgs,
   SERVICES,
+  startWarnings,
   strayStreams,
   strayStreamsHint,
 } from "./supervisor.ts";
@@ -87,4 +91,27 @@ Deno.test("strayStreams names the streams of no running pipeline (an earlier def
     said,
   );
   assert.equal(strayStreamsHint([{ name: "X", maxBytes: 1024 ** 3 }]).includes("X (1 GiB)"), true);
+});
+
+Deno.test("the ports a start listens on: NATS's only with its own server, the conf's unless overridden", async () => {
+  const conf = await Deno.readTextFile(new URL("../nats.conf", import.meta.url));
+  assert.deepEqual(confPorts(conf), { client: 4222, monitor: 8222 });
+  // A block's own listen (a hub's leafnodes) is not the client port.
+  assert.deepEqual(
+    confPorts('port: 4300\nhttp_port: 9000\nleafnodes {\n  listen: "127.0.0.1:7422"\n}'),
+    { client: 4300, monitor: 9000 },
+  );
+  const hub = config({ WEFT_HUB: "east", WEFT_CLUSTER: "3", PORT: "7424" });
+  assert.match(
+    portClashes(plannedPorts(hub, { ownNats: true, conf })),
+    /^PORT \(the gateway\) and WEFT_LEAF_PORT\+2 \(the hub's leafnode listener of cluster node weft-3\) are both port 7424/,
+  );
+  // Against a server in NATS_URL, its ports are not this start's.
+  const remote = config({ PORT: "4222", WEFT_NATS_MONITOR_PORT: "4222" });
+  assert.equal(portClashes(plannedPorts(remote, { ownNats: false, conf })), "");
+  assert.equal(portClashes(plannedPorts(config(), { ownNats: true, conf })), "");
+  // PORT=0 picks a free port: it clashes with nothing.
+  assert.equal(portClashes(plannedPorts(config({ PORT: "0" }), { ownNats: true, conf })), "");
+  assert.equal(startWarnings(config({ WEFT_CLUSTER: "3" })).length, 0);
+  assert.equal(startWarnings(config({ WEFT_CLUSTER: "2" })).length, 1);
 });
