@@ -344,9 +344,20 @@ export interface Setting<K extends keyof Config = keyof Config> {
   expects?: string;
 }
 
-const int = (min: number, max = Number.MAX_SAFE_INTEGER) => (raw: string) => {
-  const n = Number(raw);
-  return Number.isInteger(n) && n >= min && n <= max ? n : undefined;
+/** What each integer parser ({@link int}) takes, said when a value is invalid. */
+const INT_RANGES = new WeakMap<(raw: string) => unknown, string>();
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) => {
+  const parse = (raw: string) => {
+    const n = Number(raw);
+    return Number.isInteger(n) && n >= min && n <= max ? n : undefined;
+  };
+  INT_RANGES.set(
+    parse,
+    max === Number.MAX_SAFE_INTEGER
+      ? `an integer, at least ${min}`
+      : `an integer from ${min} to ${max}`,
+  );
+  return parse;
 };
 const str = (raw: string) => (raw.trim() === "" ? undefined : raw.trim());
 const level = (raw: string) => (raw in LogLevel ? raw as LogLevelName : undefined);
@@ -376,9 +387,18 @@ const url = (raw: string) => {
  * `hub` is the hub's own domain.
  */
 export const SITE_NAME: RegExp = /^[a-z][a-z0-9-]{0,31}$/;
+/** What a site name looks like, said when one is invalid. */
+const SITE_NAME_RULE =
+  "lower-case letters, digits and -, starting with a letter, at most 32 characters";
 const siteName = (raw: string) => {
   const v = raw.trim();
-  return SITE_NAME.test(v) && v !== "hub" ? v : undefined;
+  if (v === "hub") {
+    throw new ValidationError(
+      `invalid value "hub": "hub" is reserved, the hub's own JetStream domain: name each site ` +
+        `otherwise (${SITE_NAME_RULE})`,
+    );
+  }
+  return SITE_NAME.test(v) ? v : undefined;
 };
 /** Leafnode URLs (`nats-leaf://`, `nats://`, `tls://`), comma-separated, normalised. */
 const parseLeafUrls = (raw: string) => {
@@ -515,9 +535,31 @@ const SETTINGS: Setting<any>[] = [
       return /^--[a-z0-9_-]+(=[\w.]+)?(,--[a-z0-9_-]+(=[\w.]+)?)*$/.test(v) ? v : undefined;
     },
   },
-  { key: "cluster", env: "WEFT_CLUSTER", flag: "cluster", default: 1, parse: int(1, 5) },
-  { key: "leaf", env: "WEFT_LEAF", flag: "leaf", default: "", parse: parseLeafUrls },
-  { key: "site", env: "WEFT_SITE", flag: "site", default: "", parse: siteName },
+  {
+    key: "cluster",
+    env: "WEFT_CLUSTER",
+    flag: "cluster",
+    default: 1,
+    parse: int(1, 5),
+    expects: "a number of nats-server nodes from 1 to 5",
+  },
+  {
+    key: "leaf",
+    env: "WEFT_LEAF",
+    flag: "leaf",
+    default: "",
+    parse: parseLeafUrls,
+    expects: "the hub's leafnode URL(s), comma-separated, each nats-leaf://host:port " +
+      "(or tls://host:port for TLS, or nats://host:port)",
+  },
+  {
+    key: "site",
+    env: "WEFT_SITE",
+    flag: "site",
+    default: "",
+    parse: siteName,
+    expects: `a site name: ${SITE_NAME_RULE}`,
+  },
   { key: "leafNkey", env: "WEFT_LEAF_NKEY", flag: "leaf-nkey", default: "", parse: str },
   {
     key: "hub",
@@ -532,6 +574,7 @@ const SETTINGS: Setting<any>[] = [
         ? sites
         : undefined;
     },
+    expects: `site names, comma-separated, none twice, each ${SITE_NAME_RULE}`,
   },
   { key: "leafPort", env: "WEFT_LEAF_PORT", default: 7422, parse: int(1, 65535) },
   { key: "leafHost", env: "WEFT_LEAF_HOST", default: "127.0.0.1", parse: str },
@@ -758,6 +801,8 @@ export function loadConfig(source: ConfigSource = {}): Config {
   });
   const config: Record<string, unknown> = {};
   const problems: string[] = [];
+  /** The settings given an invalid value: the checks of settings together skip them. */
+  const invalid = new Set<string>();
   for (const s of SETTINGS) {
     const fromFlag = s.flag ? values[s.flag] : undefined;
     // A bare `--flag` (no value) means "true".
@@ -774,6 +819,7 @@ export function loadConfig(source: ConfigSource = {}): Config {
       // A parser that says what is wrong (WEFT_SHADOW names the field, as its HTTP attach
       // does); a secret's is not repeated, it may quote the value.
       if (!s.secret) {
+        invalid.add(s.key);
         problems.push(
           `${s.flag ? `--${s.flag} / ` : ""}${s.env}: ${
             err.field ? `${err.field}: ` : ""
@@ -783,10 +829,12 @@ export function loadConfig(source: ConfigSource = {}): Config {
       }
     }
     if (parsed === undefined) {
+      invalid.add(s.key);
+      const expects = s.expects ?? INT_RANGES.get(s.parse);
       problems.push(
         `${s.flag ? `--${s.flag} / ` : ""}${s.env}: invalid value ${
           JSON.stringify(s.secret ? "***" : raw)
-        }${s.expects ? ` (expects ${s.expects})` : ""}`,
+        }${expects ? ` (expects ${expects})` : ""}`,
       );
     } else config[s.key] = parsed;
   }
@@ -802,24 +850,28 @@ export function loadConfig(source: ConfigSource = {}): Config {
         `set WEFT_API_KEYS, or WEFT_INSECURE_NO_AUTH=1 to do it anyway`,
     );
   }
-  if (Boolean(config.natsCert) !== Boolean(config.natsKey)) {
+  // Settings that go together, one without the other. (A value refused above is not
+  // missing: its own problem says what is wrong with it.)
+  const oneOf = (a: string, b: string) =>
+    !invalid.has(a) && !invalid.has(b) && Boolean(config[a]) !== Boolean(config[b]);
+  if (oneOf("natsCert", "natsKey")) {
     problems.push(
       "WEFT_NATS_CERT and WEFT_NATS_KEY go together: set both for a client certificate, or neither",
     );
   }
-  if (Boolean(config.leaf) !== Boolean(config.site)) {
+  if (oneOf("leaf", "site")) {
     problems.push("--leaf (WEFT_LEAF) and --site (WEFT_SITE) go together: set both for a site");
   }
-  if (config.leaf && (config.hub as string[]).length > 0) {
+  if (config.leaf && ((config.hub as string[] | undefined) ?? []).length > 0) {
     problems.push("a process is a hub (--hub) or an edge site (--leaf), not both");
   }
   if (config.leaf && Number(config.cluster) > 1) {
     problems.push("an edge site runs one nats-server: --leaf does not go with --cluster");
   }
-  if (Boolean(config.tlsCert) !== Boolean(config.tlsKey)) {
+  if (oneOf("tlsCert", "tlsKey")) {
     problems.push("WEFT_TLS_CERT and WEFT_TLS_KEY go together: set both for HTTPS, or neither");
   }
-  if (Boolean(config.leafTlsCert) !== Boolean(config.leafTlsKey)) {
+  if (oneOf("leafTlsCert", "leafTlsKey")) {
     problems.push(
       "WEFT_LEAF_TLS_CERT and WEFT_LEAF_TLS_KEY go together: set both for leafnode TLS, or neither",
     );

@@ -162,3 +162,50 @@ Deno.test("an invalid WEFT_SHADOW is refused naming its bad field, as the HTTP a
   );
   assert.match(refused("{not json"), /WEFT_SHADOW: not JSON: /);
 });
+
+Deno.test("an invalid edge or cluster setting says what is wrong with it, and not that its partner is missing", () => {
+  const refusal = (vars: Record<string, string>) => {
+    try {
+      loadConfig({ env: env(vars), args: [] });
+    } catch (err) {
+      assert.ok(err instanceof ConfigError);
+      return err.message;
+    }
+    assert.fail(`${JSON.stringify(vars)} was accepted`);
+  };
+  // Both set: the scheme is what is wrong, and a valid value is shown.
+  const scheme = refusal({ WEFT_LEAF: "http://127.0.0.1:14620", WEFT_SITE: "east" });
+  assert.match(
+    scheme,
+    /WEFT_LEAF: invalid value "http:\/\/127\.0\.0\.1:14620" \(expects .*nats-leaf:\/\/host:port/,
+  );
+  assert.doesNotMatch(scheme, /go together/);
+  const site = refusal({ WEFT_LEAF: "nats-leaf://127.0.0.1:14620", WEFT_SITE: "Bad" });
+  assert.match(site, /WEFT_SITE: invalid value "Bad" \(expects a site name: lower-case letters/);
+  assert.doesNotMatch(site, /go together/);
+  // A partner really missing is still said.
+  assert.match(
+    refusal({ WEFT_SITE: "east" }),
+    /--leaf \(WEFT_LEAF\) and --site \(WEFT_SITE\) go together/,
+  );
+  assert.match(refusal({ WEFT_HUB: "hub" }), /WEFT_HUB: invalid value "hub": "hub" is reserved/);
+  assert.match(refusal({ WEFT_HUB: "east,hub" }), /"hub" is reserved/);
+  assert.match(
+    refusal({ WEFT_CLUSTER: "6" }),
+    /WEFT_CLUSTER: invalid value "6" \(expects .*from 1 to 5\)/,
+  );
+  // Every integer setting says its range.
+  assert.match(
+    refusal({ PORT: "http" }),
+    /PORT: invalid value "http" \(expects an integer from 0 to 65535\)/,
+  );
+  assert.match(
+    refusal({ WEFT_DRAIN_MS: "-1" }),
+    /WEFT_DRAIN_MS: invalid value "-1" \(expects an integer, at least 0\)/,
+  );
+  // An invalid hub beside a leaf is its own problem, not a crash.
+  assert.match(
+    refusal({ WEFT_LEAF: "nats-leaf://h:1", WEFT_SITE: "s", WEFT_HUB: "Bad" }),
+    /WEFT_HUB: invalid value "Bad" \(expects site names/,
+  );
+});
