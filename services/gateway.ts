@@ -19,6 +19,7 @@ import { definitionRedriveCheck, servePipelineRequests } from "../src/gateway/pi
 import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { createShadowControl } from "../src/shadow/control.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
+import { SseClients } from "../src/gateway/sse.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
@@ -57,7 +58,14 @@ export const service: ServiceDef = defineService(
           root: ROOT,
         }),
     );
+    // Every event stream's slot, here so that stop() can end the streams.
+    const sseClients = new SseClients(
+      config.sseMaxClients,
+      config.sseMaxPerKey,
+      config.sseOpensPerSecond,
+    );
     const app = createApp({
+      sseClients,
       nc,
       jetStream: { js: jetstream(nc), jsm },
       streams: wiredStreams(SHIPPED_PIPELINES),
@@ -102,7 +110,25 @@ export const service: ServiceDef = defineService(
         pipelineRequests.stop();
         deadLetterRequests.stop();
         shadowRequests.stop();
-        await server.shutdown();
+        // Stop accepting, then end every event stream (each client told to reconnect): the
+        // server's shutdown waits for every open response, and an event stream never ends
+        // on its own. Requests in flight (intake above all) finish.
+        const shutdown = server.shutdown();
+        sseClients.closeAll();
+        // A client that stopped reading can still hold its response open: the gateway waits
+        // for it no longer than the drain deadline, then exits with it.
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const late = await Promise.race([
+          shutdown.then(() => false),
+          new Promise<boolean>((r) => (timer = setTimeout(() => r(true), config.drainMs))),
+        ]);
+        clearTimeout(timer);
+        if (late) {
+          log.warn("gateway: connections still open after the drain deadline; stopping anyway", {
+            drain_ms: config.drainMs,
+            sse_clients: sseClients.open,
+          });
+        }
       },
     };
   },

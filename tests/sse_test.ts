@@ -10,10 +10,11 @@ import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
+import { SseClients } from "../src/gateway/sse.ts";
 
-async function serveGateway(t: TestNats) {
+async function serveGateway(t: TestNats, sseClients?: SseClients) {
   const intake = await createIntake(t.nc);
-  const app = feedbackApp(t, intake);
+  const app = feedbackApp(t, intake, sseClients ? { sseClients } : {});
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
   return { server, port: server.addr.port };
 }
@@ -85,6 +86,45 @@ Deno.test("an SSE client that goes away leaves no consumer behind, and the limit
     await waitFor(async () => (await sseConsumers(t)) === 0, 10_000, "the consumer to be removed");
   } finally {
     await server.shutdown();
+  }
+});
+
+Deno.test("closeAll (the gateway stopping) ends every open stream with a retry hint, refuses new ones, and the server's shutdown waits for none", async () => {
+  await using t = await startTestNats({ sseKeepAliveMs: 60_000 });
+  const clients = new SseClients(10);
+  const { server, port } = await serveGateway(t, clients);
+  let shut = false;
+  try {
+    const intake = await createIntake(t.nc);
+    const { body } = await intake.submit({ text: "an item to follow" });
+    const live = await fetch(`http://127.0.0.1:${port}/events`);
+    const item = await fetch(`http://127.0.0.1:${port}/feedback/${body.id}/events`);
+    assert.equal(live.status, 200);
+    assert.equal(item.status, 200);
+    const frames = sseFrames(item.body!);
+    assert.equal((await frames.next()).value?.event, "feedback.ingested");
+    await waitFor(async () => (await sseConsumers(t)) === 1, 5_000, "the live feed's consumer");
+    const rest = Promise.all([
+      new Response(live.body).text(),
+      (async () => {
+        for await (const _ of frames) { /* to the end */ }
+      })(),
+    ]);
+
+    const t0 = Date.now();
+    const shutdown = server.shutdown();
+    clients.closeAll();
+    await shutdown;
+    shut = true;
+    const took = Date.now() - t0;
+    const [text] = await rest;
+    assert.ok(took < 2_000, `the server shut down in ${took} ms`);
+    assert.match(text, /retry: 1000/, "told to reconnect");
+    assert.equal(clients.open, 0, "every slot freed");
+    assert.equal(clients.tryOpen(), false, "no stream opens after");
+    await waitFor(async () => (await sseConsumers(t)) === 0, 10_000, "the consumer to be removed");
+  } finally {
+    if (!shut) await server.shutdown();
   }
 });
 

@@ -20,7 +20,7 @@ import { recentSiteEvents } from "../edge.ts";
 import { dashboardHtml, type DashboardPanel } from "./dashboard_page.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { meshMetrics, type MeshSnapshot, meshSnapshot, MetricsCache } from "./mesh_metrics.ts";
-import type { SseClients } from "./sse.ts";
+import { SSE_RECONNECT, type SseClients, stoppingError } from "./sse.ts";
 import { intQuery } from "./query.ts";
 
 /** Interval of the dashboard's metrics frames, ms. */
@@ -121,23 +121,44 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   app.get("/", (c) => c.redirect("/dashboard"));
 
   app.get("/dashboard/stream", (c) => {
+    if (clients.closing.aborted) throw stoppingError();
     if (!clients.tryOpen()) {
       throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
     }
     return streamSSE(c, async (stream) => {
+      // The gateway stops: the stream ends at once (a snapshot or a tick's wait is not
+      // waited for), its client told to reconnect.
+      const closing = clients.closing;
+      let wake = () => {};
+      const stopping = () => wake();
+      closing.addEventListener("abort", stopping);
+      /** Resolves at the gateway's stop: what a wait races. */
+      const stopped = new Promise<"stopped">((r) => (wake = () => r("stopped")));
+      if (closing.aborted) wake();
+      let timer: ReturnType<typeof setTimeout> | undefined;
       try {
         let id = 0;
-        while (!stream.aborted) {
+        while (!stream.aborted && !closing.aborted) {
           const started = Date.now();
           try {
-            const data = JSON.stringify(await snapshot());
-            await stream.writeSSE({ id: String(++id), event: "metrics", data });
+            const snap = await Promise.race([snapshot(), stopped]);
+            if (snap === "stopped") break;
+            await stream.writeSSE({
+              id: String(++id),
+              event: "metrics",
+              data: JSON.stringify(snap),
+            });
           } catch (err) {
             log.warn("dashboard metrics failed", { err });
           }
-          await stream.sleep(Math.max(50, DASHBOARD_TICK_MS - (Date.now() - started)));
+          const ms = Math.max(50, DASHBOARD_TICK_MS - (Date.now() - started));
+          await Promise.race([new Promise((r) => (timer = setTimeout(r, ms))), stopped]);
+          clearTimeout(timer);
         }
+        if (closing.aborted && !stream.aborted) await stream.write(SSE_RECONNECT);
       } finally {
+        clearTimeout(timer);
+        closing.removeEventListener("abort", stopping);
         clients.close();
       }
     });

@@ -110,21 +110,24 @@ export class SseClients {
   #waiting = 0;
   /**
    * Waits for the next stream set-up's {@link turn}, or until `signal` aborts (the client
-   * left: its slot can be freed at once, not at its turn).
+   * left: its slot can be freed at once, not at its turn) or {@link closeAll} is called.
    */
   async waitTurn(signal?: AbortSignal): Promise<void> {
     const wait = this.turn();
-    if (wait <= 0 || signal?.aborted) return;
+    const closing = this.#closing.signal;
+    if (wait <= 0 || signal?.aborted || closing.aborted) return;
     this.#waiting++;
     try {
       await new Promise<void>((resolve) => {
         const done = () => {
           clearTimeout(timer);
           signal?.removeEventListener("abort", done);
+          closing.removeEventListener("abort", done);
           resolve();
         };
         const timer = setTimeout(done, wait);
         signal?.addEventListener("abort", done);
+        closing.addEventListener("abort", done);
       });
     } finally {
       this.#waiting--;
@@ -134,8 +137,26 @@ export class SseClients {
   get open(): number {
     return this.#open;
   }
+  #closing = new AbortController();
+  /**
+   * Aborted by {@link closeAll} (the gateway is stopping): every open stream ends on it,
+   * and no stream opens after it.
+   */
+  get closing(): AbortSignal {
+    return this.#closing.signal;
+  }
+  /**
+   * Ends every stream of these slots and refuses new ones, for a gateway that stops: its
+   * server waits for every open response, and an event stream never ends on its own. Each
+   * client is told to reconnect ({@link SSE_RECONNECT}); it resumes elsewhere, or here after
+   * the restart, with Last-Event-ID and misses nothing.
+   */
+  closeAll(): void {
+    this.#closing.abort();
+  }
   /** Takes a slot for a client (of `key`, when given); false when a cap is reached. */
   tryOpen(key?: string): boolean {
+    if (this.#closing.signal.aborted) return false;
     if (this.#open >= this.max) return false;
     if (key !== undefined && (this.#byKey.get(key) ?? 0) >= this.maxPerKey) return false;
     this.#open++;
@@ -157,6 +178,7 @@ export class SseClients {
  * the key to free it with, or a 503 problem with Retry-After when a cap is reached.
  */
 export function openSlot(clients: SseClients, c: Context): string | undefined {
+  if (clients.closing.aborted) throw stoppingError();
   const auth = c.req.header("authorization");
   const key = auth ? deterministicId("sse-key", auth) : undefined;
   if (!clients.tryOpen(key)) {
@@ -165,6 +187,19 @@ export function openSlot(clients: SseClients, c: Context): string | undefined {
     });
   }
   return key;
+}
+
+/**
+ * The last frame of a stream the gateway ends because it stops: a comment saying so, and
+ * how soon to reconnect (ms; an EventSource then resumes with Last-Event-ID).
+ */
+export const SSE_RECONNECT = ": the gateway is stopping; reconnect\nretry: 1000\n\n";
+
+/** The 503 a stream asked for while the gateway stops gets. */
+export function stoppingError(): WeftError {
+  return new WeftError(ErrorCode.Unavailable, "the gateway is stopping; retry shortly", {
+    retryAfterSeconds: 1,
+  });
 }
 
 /** One event as a client receives it: encoded once, written to every client as is. */
@@ -641,11 +676,16 @@ export async function streamEvents(
   },
 ): Promise<Response> {
   const signal = c.req.raw.signal;
+  const closing = opts.clients.closing;
   await opts.clients.waitTurn(signal);
   if (signal.aborted) {
     // The client left while it waited: no stream to set up for nobody.
     opts.clients.close(opts.key);
     return c.body(null, 204);
+  }
+  if (closing.aborted) {
+    opts.clients.close(opts.key);
+    throw stoppingError();
   }
   const after = resumeAfter(c.req.header("Last-Event-ID"));
   const streamName = sel.stream;
@@ -705,7 +745,15 @@ export async function streamEvents(
       }
       return end >= 0 ? "end" : "more";
     };
+    // The gateway stops: the stream ends now, its client told to reconnect (replays and
+    // writes stop at the abort, a live wait wakes as its subscription closes).
+    const stopping = () => {
+      stream.write(SSE_RECONNECT);
+      stream.abort();
+    };
     try {
+      closing.addEventListener("abort", stopping);
+      if (closing.aborted) stopping();
       keepAlive = setInterval(() => {
         stream.write(": ping\n\n");
       }, opts.config.sseKeepAliveMs);
@@ -763,6 +811,7 @@ export async function streamEvents(
         for (const chunk of taken) if (await sendChunk(chunk) === "end") return;
       }
     } finally {
+      closing.removeEventListener("abort", stopping);
       clearInterval(keepAlive);
       sub?.close();
       opts.clients.close(opts.key);
