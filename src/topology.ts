@@ -33,8 +33,8 @@ import {
   SCHEDULE_BUCKET,
   SCHEDULE_LEASE_BUCKET,
   SHADOW_BUCKET,
-  SHADOW_TALLY_BUCKET,
   SHADOW_STREAM,
+  SHADOW_TALLY_BUCKET,
   STEP_VERSION_BUCKET,
 } from "./subjects.ts";
 import type { PipelineWiring } from "./wiring.ts";
