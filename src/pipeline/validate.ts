@@ -111,6 +111,21 @@ const STEP_FIELDS: { readonly [K in StepSpec["kind"]]: FieldsOf<K> } = (() => {
   };
 })();
 
+/**
+ * A definition's own fields (and `hash`, which {@link definePipeline}'s result carries): a
+ * field added to PipelineSpec and not here does not compile.
+ */
+const SPEC_FIELDS: { readonly [K in keyof PipelineSpec | "hash"]-?: true } = {
+  name: true,
+  description: true,
+  input: true,
+  start: true,
+  steps: true,
+  loops: true,
+  buckets: true,
+  hash: true,
+};
+
 /** The step kinds, in the order messages list them. */
 const KINDS = Object.keys(STEP_FIELDS) as StepSpec["kind"][];
 
@@ -223,6 +238,18 @@ export function validatePipeline(spec: PipelineSpec): void {
   };
   if (!TOKEN.test(name)) {
     fail(undefined, "invalid_token", `name "${name}" is not a subject token (a-z 0-9 _ -)`);
+  }
+  // A misspelt field (`loop:` for `loops:`) would be ignored without a word.
+  const specFields = Object.keys(SPEC_FIELDS);
+  for (const field of Object.keys(spec)) {
+    if (specFields.includes(field)) continue;
+    const near = closest(field, specFields);
+    fail(
+      undefined,
+      "unknown_field",
+      `unknown field ${JSON.stringify(field)}${near ? ` (did you mean ${near}?)` : ""}; ` +
+        `a definition has ${specFields.filter((f) => f !== "hash").join(", ")}`,
+    );
   }
   const ids = Object.keys(spec.steps);
   for (const b of spec.buckets ?? []) {

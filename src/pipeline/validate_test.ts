@@ -420,6 +420,13 @@ Deno.test("an unknown field of a step is rejected naming the step, the field and
   definePipeline(MODERATION_PIPELINE);
 });
 
+Deno.test("an unknown field of a definition is rejected naming it and the likely one", () => {
+  const s = { ...base(), loop: [{ from: "reply", to: "reply", maxIterations: 2 }] };
+  const err = refusal(s as PipelineSpec);
+  assert.deepEqual([err.problem, err.step], ["unknown_field", undefined]);
+  assert.match(err.message, /unknown field "loop" \(did you mean loops\?\)/);
+});
+
 Deno.test("a join naming one input twice is rejected", () => {
   const s: PipelineSpec = {
     name: "fan",
