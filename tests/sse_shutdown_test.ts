@@ -45,6 +45,8 @@ for (const mode of ["one process per service", "one process (WEFT_TOGETHER=all)"
       WEFT_RETRY_MAX_MS: "60000",
       ...(together ? { WEFT_TOGETHER: "all" } : { WEFT_EVENTS_PORT: String(eventsPort) }),
     });
+    // Every service answers and both gateways listen (the events gateway may listen first).
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "the mesh to be ready");
     if (!together) {
       await mesh.waitForLog(
         (l) => l.msg === "gateway listening" && String(l.url).endsWith(`:${eventsPort}`),
