@@ -773,7 +773,8 @@ export async function runStage<I extends StageInput>(
   // outputs rely on their message ids and the duplicate window, as before.
   const version = nc.info?.version ?? "0.0.0";
   const markBacklog = versionAtLeast(version, "2.10.0");
-  await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config), { markBacklog });
+  const consumerConfig = stageConsumerConfig(stage, config, { multiFilter: markBacklog });
+  await ensureConsumer(jsm, stream, consumerConfig, { markBacklog });
   const consumer = await js.consumers.get(stream, stage.name);
   // A step new to a stream that holds messages (a step added to, or renamed in, a running
   // definition) is handed the stream's whole history: what its consumer was created behind.
@@ -1060,7 +1061,7 @@ export async function runStage<I extends StageInput>(
         log.warn("fetch failed; retrying", { err });
         await new Promise((r) => setTimeout(r, 500));
         // (Deleted meanwhile: created again behind the stream's history, which it marks.)
-        await ensureConsumer(jsm, stream, stageConsumerConfig(stage, config), { markBacklog })
+        await ensureConsumer(jsm, stream, consumerConfig, { markBacklog })
           .then(async () => (backlogSeq = await backlogOf()))
           .catch(() => {});
       }

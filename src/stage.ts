@@ -54,6 +54,12 @@ export interface Stage<I extends StageInput = StageInput> {
   name: string;
   /** The subject filter of its durable consumer. */
   filterSubject: string;
+  /**
+   * A step with several inputs: their subjects, which its consumer filters on instead of
+   * `filterSubject` (their wildcard) where the server can (nats-server 2.10+), so it is
+   * delivered only what is for it.
+   */
+  filterSubjects?: readonly string[];
   /** The stream its durable consumer reads. */
   stream: string;
   /** The event type published for an item that is dead-lettered (`<pipeline>.failed`). */

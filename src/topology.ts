@@ -155,13 +155,21 @@ export function streamConfigs(
 
 /** The durable consumer a stage reads from. */
 export function stageConsumerConfig(
-  stage: { name: string; filterSubject: string },
+  stage: { name: string; filterSubject: string; filterSubjects?: readonly string[] },
   config: Pick<Config, "ackWaitMs" | "maxAttempts">,
+  opts: { multiFilter?: boolean } = {},
 ): Partial<ConsumerConfig> {
+  // Several filters where the server takes them (2.10+); either way the other field is set
+  // to nothing, so that an update from one form to the other leaves no stale filter.
+  const filters = opts.multiFilter
+    ? (stage.filterSubjects?.length ?? 0) > 1
+      ? { filter_subject: undefined, filter_subjects: [...stage.filterSubjects!] }
+      : { filter_subject: stage.filterSubject, filter_subjects: undefined }
+    : { filter_subject: stage.filterSubject };
   return {
     durable_name: stage.name,
     description: `Weft stage ${stage.name}`,
-    filter_subject: stage.filterSubject,
+    ...filters,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
     ack_wait: ms(config.ackWaitMs),

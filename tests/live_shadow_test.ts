@@ -8,6 +8,7 @@
  * sentiment step runs it from the next item on), rolled back, and another shadow is detached.
  */
 import assert from "node:assert/strict";
+import { versionAtLeast } from "../src/nats_server.ts";
 import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
@@ -1061,4 +1062,17 @@ export const sizes = definePipeline({
   assert.equal(count("failed"), 0);
   const promoted = await call(base, "POST", "/shadows/size2/promote", "none");
   assert.equal(promoted.status, 200, JSON.stringify(promoted.body));
+  // Production's `size` consumer filters on its two inputs, not on every event of the
+  // pipeline (nats-server 2.10+): before, it was delivered every event and decoded each.
+  const admin = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+  try {
+    if (!versionAtLeast(admin.info?.version ?? "0.0.0", "2.10.0")) return;
+    const ci = await (await jetstreamManager(admin)).consumers.info("SIZES", "sizes-size");
+    assert.deepEqual(ci.config.filter_subjects, ["sizes.pick.*", "sizes.prep.*"]);
+    assert.equal(ci.config.filter_subject, undefined);
+    // 20 router events and 10 prep events; all 100 of the pipeline's events before.
+    assert.ok(ci.delivered.consumer_seq < 60, JSON.stringify(ci.delivered));
+  } finally {
+    await admin.close();
+  }
 });

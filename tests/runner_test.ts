@@ -2,8 +2,9 @@
  * The runner against a real nats-server: what every stage gets for free.
  */
 import assert from "node:assert/strict";
+import { serverVersion, versionAtLeast } from "../src/nats_server.ts";
 import { headers, type NatsConnection } from "@nats-io/nats-core";
-import { jetstream } from "@nats-io/jetstream";
+import { AckPolicy, jetstream } from "@nats-io/jetstream";
 import { runStage } from "../src/runner.ts";
 import { createEvent } from "../src/events.ts";
 import { PermanentError } from "../src/errors.ts";
@@ -15,6 +16,9 @@ import type { FeedbackFailed } from "../pipelines/feedback/events.gen.ts";
 import type { Config } from "../src/config.ts";
 import { startTestNats, testConfig } from "./helpers/nats.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
+
+/** nats-server 2.10+ (consumer metadata, several filters per consumer). */
+const SERVER_2_10 = versionAtLeast((await serverVersion()) ?? "0.0.0", "2.10.0");
 
 const rules = await feedbackAnalyzers({ ...testConfig(""), analyzers: "rules" });
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -233,6 +237,31 @@ Deno.test("a handler that never answers times out, is retried, and is dead-lette
   assert.equal(letter.attempts, 2);
   assert.ok(signals.length >= 2 && signals.every((s) => s.aborted), "each call was aborted");
   await runner.stop();
+});
+
+Deno.test({
+  name:
+    "a stage with several inputs filters on each (its consumer made before with their wildcard is updated)",
+  // Consumer metadata and several filters per consumer: nats-server 2.10+.
+  ignore: !SERVER_2_10,
+  fn: async () => {
+    await using t = await startTestNats();
+    // As an earlier Weft made it: one wildcard filter.
+    await t.jsm.consumers.add("FEEDBACK", {
+      durable_name: "probe",
+      filter_subject: "feedback.*.*",
+      ack_policy: AckPolicy.Explicit,
+    });
+    const stage = {
+      ...probeStage(() => {}),
+      filterSubjects: ["feedback.ingested.*", "feedback.dispatched.*"],
+    };
+    const runner = await runStage({ nc: t.nc, stage, config: t.config, log: t.log });
+    const ci = await t.jsm.consumers.info("FEEDBACK", "probe");
+    assert.deepEqual(ci.config.filter_subjects, ["feedback.ingested.*", "feedback.dispatched.*"]);
+    assert.equal(ci.config.filter_subject, undefined);
+    await runner.stop();
+  },
 });
 
 Deno.test("a permanent failure is dead-lettered at once, without retries", async () => {

@@ -78,6 +78,35 @@ function publishedEvents(spec: PipelineSpec, id: string, step: StepSpec): string
  * delay) and end steps have none of their own (the control service holds the items).
  */
 export function stepFilterSubject(spec: PipelineSpec, id: string): string | null {
+  const subjects = stepFilterSubjects(spec, id);
+  if (subjects === null) return null;
+  return subjects.length === 1 ? subjects[0]! : `${spec.name}.*.*`;
+}
+
+/**
+ * The subjects of work step `id`'s inputs, one per event that leads to it (null for other
+ * kinds). A consumer filters on all of them at once on nats-server 2.10+ (`filter_subjects`);
+ * {@link stepFilterSubject} is their wildcard, for older servers.
+ *
+ * @example
+ * ```ts
+ * import { definePipeline } from "./definition.ts";
+ * import { stepFilterSubjects } from "./derive.ts";
+ * const p = definePipeline({
+ *   name: "p",
+ *   input: { schema: { type: "object" } },
+ *   start: "a",
+ *   steps: {
+ *     a: { kind: "router", route: () => "x" as const, routes: { x: "b", y: "c" } },
+ *     b: { kind: "task", output: { type: "object" }, handle: (v) => v, next: "c" },
+ *     c: { kind: "task", output: { type: "object" }, handle: (v) => v, next: "done" },
+ *     done: { kind: "end", outcome: "done" },
+ *   },
+ * });
+ * console.assert(stepFilterSubjects(p, "c")!.join() === "p.a.*,p.b.*");
+ * ```
+ */
+export function stepFilterSubjects(spec: PipelineSpec, id: string): string[] | null {
   const n = spec.name;
   const step = spec.steps[id]!;
   if (!WORK_KINDS.has(step.kind)) return null;
@@ -90,8 +119,7 @@ export function stepFilterSubject(spec: PipelineSpec, id: string): string | null
       } else filters.push(`${n}.${eventOf(from, s)}.*`);
     }
   }
-  const unique = [...new Set(filters)];
-  return unique.length === 1 ? unique[0]! : `${n}.*.*`;
+  return [...new Set(filters)];
 }
 
 /** What a stage running a work step takes from the definition: where it reads and fails. */

@@ -1,6 +1,12 @@
 import assert from "node:assert/strict";
 import { definePipeline } from "./definition.ts";
-import { endTypesOf, onceTypesOf, stepInput } from "./derive.ts";
+import {
+  endTypesOf,
+  onceTypesOf,
+  stepFilterSubject,
+  stepFilterSubjects,
+  stepInput,
+} from "./derive.ts";
 
 const obj = { type: "object" } as const;
 
@@ -85,4 +91,22 @@ Deno.test("a work step's stage input names the pipeline's outcomes", () => {
     },
   });
   assert.deepEqual([...stepInput(def, "price").finalTypes], ["orders.done"]);
+});
+
+Deno.test("a step with several inputs filters on each of their subjects; its wildcard is for older servers", () => {
+  const p = definePipeline({
+    name: "p",
+    input: { schema: { type: "object" } },
+    start: "a",
+    steps: {
+      a: { kind: "router", route: () => "x" as const, routes: { x: "b", y: "c" } },
+      b: { kind: "task", output: { type: "object" }, handle: (v) => v, next: "c" },
+      c: { kind: "task", output: { type: "object" }, handle: (v) => v, next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  assert.deepEqual(stepFilterSubjects(p, "c"), ["p.a.*", "p.b.*"]);
+  assert.equal(stepFilterSubject(p, "c"), "p.*.*");
+  assert.deepEqual(stepFilterSubjects(p, "b"), ["p.a.*"]);
+  assert.equal(stepFilterSubjects(p, "done"), null);
 });

@@ -39,6 +39,7 @@ import {
   pipelineSubjects,
   STATE,
   stepFilterSubject,
+  stepFilterSubjects,
   stepPublishes,
 } from "./derive.ts";
 import {
@@ -464,9 +465,11 @@ export function workStage(
     if (!opts.nc) throw new ConfigError(`step ${id} of ${def.name}: an agent needs a connection`);
     agent = createAgent(p, id, step, { nc: opts.nc, llm: opts.llm });
   }
+  const inputs = stepFilterSubjects(def, id)!;
   return {
     name: durableOf(def, id),
     filterSubject: filter,
+    ...(inputs.length > 1 ? { filterSubjects: inputs } : {}),
     stream: pipelineSubjects(def).stream,
     failedType: `${def.name}.${FAILED}`,
     once: onceTypesOf(def),
