@@ -531,35 +531,61 @@ function lastOn(jsm: JetStreamManager, stream: string, subject: string) {
 const DEFAULT_HANDLER_TIMEOUT_MS = 300_000;
 
 /**
- * Runs `call` with a signal that aborts when `stop` does or after `ms`; a call that has not
- * answered by then fails (a retryable handler failure), so a handler awaiting something that
- * never comes cannot hold its message, and its item, for ever.
+ * Handler calls in flight, each with a signal that aborts when the stage stops or its call
+ * passes `ms`: a call that has not answered by then fails (a retryable handler failure), so a
+ * handler awaiting something that never comes cannot hold its message, and its item, for
+ * ever. One sweep timer for the stage, not one timer per message (the hot path).
  */
-async function withinTimeout<T>(
-  call: (signal: AbortSignal) => Promise<T>,
-  ms: number,
-  stop: AbortSignal,
-): Promise<T> {
-  const controller = new AbortController();
-  const onStop = () => controller.abort(stop.reason);
-  stop.addEventListener("abort", onStop, { once: true });
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timedOut = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => {
-      const err = new WeftError(
-        ErrorCode.HandlerFailed,
-        `the handler did not answer within ${ms} ms (WEFT_HANDLER_TIMEOUT_MS)`,
+function callDeadlines(ms: number, stop: AbortSignal) {
+  type Call = { at: number; controller: AbortController; fail: (err: Error) => void };
+  const calls = new Set<Call>();
+  const expire = (c: Call, err: Error) => {
+    calls.delete(c);
+    c.controller.abort(err);
+    c.fail(err);
+  };
+  let timer: ReturnType<typeof setInterval> | undefined;
+  const sweep = () => {
+    const now = performance.now();
+    for (const c of calls) {
+      if (c.at > now) continue;
+      expire(
+        c,
+        new WeftError(
+          ErrorCode.HandlerFailed,
+          `the handler did not answer within ${ms} ms (WEFT_HANDLER_TIMEOUT_MS)`,
+        ),
       );
-      controller.abort(err);
-      reject(err);
-    }, ms);
-  });
-  try {
-    return await Promise.race([call(controller.signal), timedOut]);
-  } finally {
-    clearTimeout(timer);
-    stop.removeEventListener("abort", onStop);
-  }
+    }
+    if (calls.size === 0) {
+      clearInterval(timer);
+      timer = undefined;
+    }
+  };
+  // The stage stopping aborts each call's signal; what a call then does is its own, as
+  // before (the runner has stopped waiting for it).
+  stop.addEventListener("abort", () => {
+    for (const c of calls) c.controller.abort(stop.reason);
+  }, { once: true });
+  return {
+    async run<T>(call: (signal: AbortSignal) => T | Promise<T>): Promise<T> {
+      const controller = new AbortController();
+      const { promise, reject } = Promise.withResolvers<never>();
+      const c: Call = { at: performance.now() + ms, controller, fail: reject };
+      calls.add(c);
+      timer ??= setInterval(sweep, Math.max(25, Math.min(1000, Math.floor(ms / 4))));
+      try {
+        return await Promise.race([call(controller.signal), promise]);
+      } finally {
+        calls.delete(c);
+      }
+    },
+    /** Stops the sweep (the stage has stopped). */
+    close() {
+      clearInterval(timer);
+      timer = undefined;
+    },
+  };
 }
 
 /** Whether `item` has an event of one of `types` (its outcomes, its failure) in `stream`. */
@@ -802,6 +828,10 @@ export async function runStage<I extends StageInput>(
     handlerMs: 0,
   };
   const abort = new AbortController();
+  const deadlines = callDeadlines(
+    config.handlerTimeoutMs ?? DEFAULT_HANDLER_TIMEOUT_MS,
+    abort.signal,
+  );
   const inFlight = new Set<Promise<void>>();
   let wake: (() => void) | undefined;
   const dlContext: DeadLetterContext = {
@@ -915,10 +945,8 @@ export async function runStage<I extends StageInput>(
         return;
       }
       const started = performance.now();
-      const outputs = await withinTimeout(
-        async (signal) => await stage.handle(input, { source, message, now, signal }),
-        config.handlerTimeoutMs ?? DEFAULT_HANDLER_TIMEOUT_MS,
-        abort.signal,
+      const outputs = await deadlines.run((signal) =>
+        stage.handle(input, { source, message, now, signal })
       );
       const took = performance.now() - started;
       stats.handlerMs += took;
@@ -1082,6 +1110,7 @@ export async function runStage<I extends StageInput>(
       await Promise.race([done, new Promise((r) => (timer = setTimeout(r, config.drainMs)))]);
       clearTimeout(timer);
       abort.abort();
+      deadlines.close();
       log.info("stage stopped", { in_flight_left: inFlight.size, ...stats });
     },
   };
