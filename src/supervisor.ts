@@ -1101,11 +1101,12 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     // One supervisor per store: a second start on the same store (another terminal, or
     // during the first one's drain) would stop the first one's live nats-server as a
     // leftover and take over its services. The lock goes with the process, however it ends.
-    await Deno.mkdir(`${cwd}/data`, { recursive: true });
-    supervisorLock = await Deno.open(`${cwd}/data/supervisor.lock`, { create: true, write: true });
+    const store = `${cwd.replace(/\/$/, "")}/data`;
+    await Deno.mkdir(store, { recursive: true });
+    supervisorLock = await Deno.open(`${store}/supervisor.lock`, { create: true, write: true });
     if (!(await supervisorLock.tryLock(true))) {
       log.error(
-        `another deno task start runs on this store (${cwd}/data): stop it first (Ctrl-C), ` +
+        `another deno task start runs on this store (${store}): stop it first (Ctrl-C), ` +
           `or give a second mesh its own store and ports (WEFT_NATS_DIR=data/<dir>, ` +
           `WEFT_NATS_PORT, PORT)`,
       );
