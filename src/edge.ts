@@ -31,7 +31,7 @@ import type { PipelineSpec } from "./pipeline/definition.ts";
 import { applyPipelineEvent, type ItemState } from "./pipeline/fold.ts";
 import { awaitedEventId } from "./pipeline/flow.ts";
 import type { Logger } from "./observability/log.ts";
-import type { Permissions } from "./identities.ts";
+import { IDENTITY_DIR, type Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
 import { readStream } from "./stream_reader.ts";
@@ -343,6 +343,9 @@ async function countUnder(
   return { subjects: counts.length, messages: counts.reduce((a, b) => a + b, 0) };
 }
 
+/** Restarts of a site's never-heard source before the hub warns (about 30 s at the defaults). */
+const NEVER_HEARD_WARN_AFTER = 3;
+
 /** Each site's status from its hub stream. */
 export async function siteStatuses(
   jsm: JetStreamManager,
@@ -365,7 +368,15 @@ export async function siteStatuses(
     // Named by its stream: a definition the hub runs and the site does not is "ORDERS: stream
     // not found" (the rest of the site's events still arrive).
     const failing = sources.find((s) => s.error);
-    const error = failing ? `${failing.name}: ${failing.error!.description}` : undefined;
+    // Never heard from, and no error to say why: a site not running or not linked, or one
+    // linked with another site's key (its link is up, and nothing of it arrives).
+    const silent = actives.length === 0 || actives.some((a) => a < 0);
+    const error = failing
+      ? `${failing.name}: ${failing.error!.description}`
+      : silent
+      ? `not heard from yet: is the site running, linked to this hub (--leaf), and with the ` +
+        `leafnode key this hub made for it (${IDENTITY_DIR}/${leafIdentity(site)}.nk)?`
+      : undefined;
     return {
       site,
       stream,
@@ -373,9 +384,7 @@ export async function siteStatuses(
       ...Object.fromEntries(counted.map((c, i) => [c.statusField, items[i]!.subjects])),
       dead_letters: dead.messages,
       lag: sources.reduce((n, s) => n + (s.lag ?? 0), 0),
-      last_seen_ms: actives.length === 0 || actives.some((a) => a < 0)
-        ? null
-        : Math.round(Math.max(...actives) / 1e6),
+      last_seen_ms: silent ? null : Math.round(Math.max(...actives) / 1e6),
       ...(error ? { error } : {}),
     };
   }));
@@ -545,6 +554,8 @@ export function watchSources(
   const stalledMs = opts.stalledMs ?? 8_000;
   const restartMs = opts.restartMs ?? 10_000;
   const restarts: Record<string, number> = Object.fromEntries(sites.map((s) => [s, 0]));
+  /** Consecutive restarts of a site's source that had never been heard from, by site. */
+  const neverHeard: Record<string, number> = {};
   const lastRestart = new Map<string, number>();
   let stopped = false;
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -574,6 +585,17 @@ export function watchSources(
       silent_ms: active < 0 ? null : Math.round(active / 1e6),
       error: source?.error?.description,
     });
+    // Never heard from, restart after restart, with no error to say why: said once, as a
+    // warning (a site linked with another site's key has its link up and sends nothing here).
+    neverHeard[site] = active < 0 && !source?.error ? (neverHeard[site] ?? 0) + 1 : 0;
+    if (neverHeard[site] === NEVER_HEARD_WARN_AFTER) {
+      opts.log.warn(
+        `site ${site}: never heard from after ${NEVER_HEARD_WARN_AFTER} restarts of its ` +
+          `source: is it running, linked to this hub (--leaf), and with the leafnode key this ` +
+          `hub made for it (${IDENTITY_DIR}/${leafIdentity(site)}.nk)?`,
+        { site, stream: name },
+      );
+    }
   };
   const loop = (async () => {
     while (!stopped) {

@@ -25,6 +25,9 @@
  */
 import { nkeys } from "@nats-io/nats-core";
 
+/** Where identities (nkey seeds) live, under nats-server's directory. */
+export const IDENTITY_DIR = "data/identities";
+
 /** What a service does on the bus; its NATS permissions follow from it. */
 export interface Access {
   /** Subjects it publishes on (JetStream publishes included), e.g. `orders.priced.*`. */

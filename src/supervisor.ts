@@ -56,6 +56,7 @@ import {
   type Access,
   authorizationBlock,
   ensureIdentities,
+  IDENTITY_DIR,
   type Permissions,
   permissionsFor,
 } from "./identities.ts";
@@ -519,8 +520,8 @@ interface Running {
   restarts: number;
 }
 
-/** Where identities and the generated server configuration live, under nats-server's directory. */
-export const IDENTITY_DIR = "data/identities";
+/** Where identities live, under nats-server's directory (src/identities.ts). */
+export { IDENTITY_DIR };
 /** The configuration the supervisor starts nats-server with when it authenticates. */
 export const GENERATED_CONF = "data/nats-weft.conf";
 

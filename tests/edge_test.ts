@@ -198,6 +198,15 @@ Deno.test(
       WEFT_PIPELINES: DEFINITION,
     });
     await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "the hub ready");
+    // Before any site runs, each says it has not been heard from and what to check (a site
+    // linked with another site's key looks the same), not only a lag of 0.
+    const before = (await getJson(`${hub.gatewayUrl}/sites`)).body as {
+      sites: { last_seen_ms: number | null; error?: string }[];
+    };
+    for (const s of before.sites) {
+      assert.equal(s.last_seen_ms, null, JSON.stringify(s));
+      assert.match(s.error ?? "", /not heard from yet|\S: /, JSON.stringify(s));
+    }
     // East's uplink goes through a relay the test can cut; west's is direct.
     await using eastLink = startLink(leafPort);
     // East names its key (--leaf-nkey); west finds it where the hub keeps it, copied into the
