@@ -39,14 +39,19 @@ import type { Logger } from "./observability/log.ts";
 import type { Auth } from "./gateway/auth.ts";
 import { Role } from "./config.ts";
 import { readStream } from "./stream_reader.ts";
-import { DEADLETTER_STREAM, parseEventSubject, subjectMatches } from "./subjects.ts";
+import {
+  DEADLETTER_STREAM,
+  parseEventSubject,
+  REDRIVEN_TOKEN,
+  subjectMatches,
+} from "./subjects.ts";
 
 /** Request subject listing dead letters: body = a {@link DeadLetterFilter} as JSON (or empty). */
 export const DEADLETTERS_LIST_SUBJECT = "weft.deadletters.list";
 /** Request subject redriving dead letters: body = a {@link RedriveRequest} as JSON. */
 export const DEADLETTERS_REDRIVE_SUBJECT = "weft.deadletters.redrive";
 /** Markers of redriven letters: `deadletter.redriven.<dead-letter seq>` ("redriven" is no stage). */
-export const REDRIVEN_PREFIX = "deadletter.redriven";
+export const REDRIVEN_PREFIX = `deadletter.${REDRIVEN_TOKEN}`;
 
 /** Which dead letters. Every given field must match. */
 export interface DeadLetterFilter {

@@ -49,6 +49,12 @@ export function parseEventSubject(subject: string): { type: string; itemId: stri
   return { type: `${parts[0]}.${parts[1]}`, itemId: parts[2] };
 }
 
+/**
+ * The dead-letter subjects' token of redrive markers (`deadletter.redriven.<seq>`): no
+ * stage's durable may take it, or its letters would be taken for markers.
+ */
+export const REDRIVEN_TOKEN = "redriven";
+
 /** The subject a dead letter from `stage` about `itemId` is kept on. */
 export function deadLetterSubject(stage: string, itemId: string | undefined): string {
   return `deadletter.${stage}.${itemId ?? "unknown"}`;

@@ -72,7 +72,8 @@ interface StepBase {
   /**
    * A work step's durable consumer (also its dead-letter subject and metrics label), when it
    * predates the definition and must keep its name: a renamed consumer would start over from
-   * the stream's first message. Default `<pipeline>-<step>`.
+   * the stream's first message. Default `<pipeline>-<step>`. Not `redriven`: the dead-letter
+   * stream keeps redrive markers under that name.
    */
   durable?: string;
 }

@@ -72,6 +72,30 @@ Deno.test("a definition's step may not take a durable consumer another pipeline 
   }
 });
 
+Deno.test("a step's durable may not be redriven: its dead letters would be the redrive markers", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = await definitionFile(dir, "orders");
+    await Deno.writeTextFile(
+      file,
+      (await Deno.readTextFile(file)).replace(
+        `kind: "task",`,
+        `kind: "task", durable: "redriven",`,
+      ),
+    );
+    // Before: accepted; its letters went to deadletter.redriven.*, where each redrive's
+    // marker is kept (and counted as a letter redriven), and its identity could write them.
+    await assert.rejects(
+      loadPipelines([file]),
+      (e) =>
+        e instanceof ConfigError && e.message.includes("step echo") &&
+        e.message.includes(`"redriven"`) && e.message.includes("deadletter.redriven"),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a task step without a handler, or a router without its route, stops the start, naming the step", async () => {
   const dir = await Deno.makeTempDir();
   try {

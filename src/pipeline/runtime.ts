@@ -22,7 +22,7 @@ import type { OutputEvent, Stage, StageContext } from "../stage.ts";
 import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore } from "../scheduler/store.ts";
 import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
-import { SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
+import { REDRIVEN_TOKEN, SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import type { ExtraTopology } from "../topology.ts";
 import type { Access } from "../identities.ts";
@@ -185,6 +185,13 @@ export async function loadPipelines(
       for (const [id, step] of Object.entries(def.steps)) {
         if (WORK_KINDS.has(step.kind)) {
           const durable = durableOf(def, id);
+          if (durable === REDRIVEN_TOKEN) {
+            throw new ConfigError(
+              `pipeline file ${f}, step ${id}: durable consumer "${durable}" would put its dead ` +
+                `letters on deadletter.${REDRIVEN_TOKEN}.*, where each redrive's marker is kept: ` +
+                `choose another`,
+            );
+          }
           const owner = durables.get(durable);
           if (owner !== undefined) {
             throw new ConfigError(
