@@ -588,17 +588,22 @@ function callDeadlines(ms: number, stop: AbortSignal) {
   };
 }
 
-/** Whether `item` has an event of one of `types` (its outcomes, its failure) in `stream`. */
-async function ended(
+/**
+ * The first of `types` (an item's outcomes, its failure) that `item` has an event of in
+ * `stream`; undefined when it has none, or it cannot tell.
+ */
+async function endedWith(
   jsm: JetStreamManager,
   stream: string,
   item: string,
   types: ReadonlySet<string>,
-): Promise<boolean> {
+): Promise<string | undefined> {
   const found = await Promise.all(
-    [...types].map((type) => lastOn(jsm, stream, eventSubject(type, item)).catch(() => null)),
+    [...types].map(async (type) =>
+      (await lastOn(jsm, stream, eventSubject(type, item)).catch(() => null)) ? type : undefined
+    ),
   );
-  return found.some((m) => m !== null);
+  return found.find((f) => f !== undefined);
 }
 
 /** Where an item's history in its stream ends: the last sequence on `<pipeline>.*.<item>`. */
@@ -672,15 +677,7 @@ export interface DeadLetterContext {
  */
 async function finished(ctx: DeadLetterContext, m: JsMsg, item: string): Promise<boolean> {
   if (!ctx.finalTypes || !ctx.jsm) return false;
-  const jsm = ctx.jsm;
-  const found = await Promise.all(
-    [...ctx.finalTypes].map(async (type) =>
-      (await lastOn(jsm, m.info.stream, eventSubject(type, item)).catch(() => null))
-        ? type
-        : undefined
-    ),
-  );
-  const outcome = found.find((f) => f !== undefined);
+  const outcome = await endedWith(ctx.jsm, m.info.stream, item, ctx.finalTypes);
   if (outcome) ctx.log.info("not failing a finished item", { item_id: item, outcome });
   return outcome !== undefined;
 }
@@ -936,7 +933,10 @@ export async function runStage<I extends StageInput>(
       }
       const itemId = itemIdOf(raw);
       if (itemId) span.setAttribute("weft.item_id", itemId);
-      if (m.seq <= backlogSeq && itemId && await ended(jsm, stream, itemId, endTypes)) {
+      if (
+        m.seq <= backlogSeq && itemId &&
+        await endedWith(jsm, stream, itemId, endTypes) !== undefined
+      ) {
         log.debug("skipped: the item ended before this step's consumer was created", {
           item_id: itemId,
           seq: m.seq,

@@ -6,6 +6,19 @@ import { ConfigError } from "../errors.ts";
 
 const mod = new URL("../../mod.ts", import.meta.url).href;
 
+/** The one-step definition of {@link definitionFile}, its step taking the durable `durable`. */
+async function withDurable(dir: string, durable: string): Promise<string> {
+  const file = await definitionFile(dir, "orders");
+  await Deno.writeTextFile(
+    file,
+    (await Deno.readTextFile(file)).replace(
+      `kind: "task",`,
+      `kind: "task", durable: "${durable}",`,
+    ),
+  );
+  return file;
+}
+
 /** A one-step definition named `name`, in a file of its own. */
 async function definitionFile(dir: string, name: string): Promise<string> {
   const file = `${dir}/${name}.ts`;
@@ -52,15 +65,8 @@ Deno.test("a definition may not take a name the mesh's subjects already use", as
 Deno.test("a definition's step may not take a durable consumer another pipeline has", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const file = await definitionFile(dir, "orders");
     // The feedback pipeline's sentiment step keeps its consumer "sentiment".
-    await Deno.writeTextFile(
-      file,
-      (await Deno.readTextFile(file)).replace(
-        `kind: "task",`,
-        `kind: "task", durable: "sentiment",`,
-      ),
-    );
+    const file = await withDurable(dir, "sentiment");
     await assert.rejects(
       loadPipelines([file]),
       (e) =>
@@ -75,14 +81,7 @@ Deno.test("a definition's step may not take a durable consumer another pipeline 
 Deno.test("a step's durable may not be redriven: its dead letters would be the redrive markers", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const file = await definitionFile(dir, "orders");
-    await Deno.writeTextFile(
-      file,
-      (await Deno.readTextFile(file)).replace(
-        `kind: "task",`,
-        `kind: "task", durable: "redriven",`,
-      ),
-    );
+    const file = await withDurable(dir, "redriven");
     // Before: accepted; its letters went to deadletter.redriven.*, where each redrive's
     // marker is kept (and counted as a letter redriven), and its identity could write them.
     await assert.rejects(
