@@ -296,7 +296,13 @@ Deno.test("a failed item's join decides nothing when its deadline passes, until 
 });
 
 /** Stores a `failed` event for `item` of `p`, as a step giving up on `subject` publishes it. */
-async function failItem(t: TestNats, p: LoadedPipeline, item: string, subject: string) {
+async function failItem(
+  t: TestNats,
+  p: LoadedPipeline,
+  item: string,
+  subject: string,
+  eventId?: string,
+) {
   await jetstream(t.nc).publish(
     `${p.def.name}.failed.${item}`,
     JSON.stringify({
@@ -314,6 +320,7 @@ async function failItem(t: TestNats, p: LoadedPipeline, item: string, subject: s
         attempts: 5,
         dead_letter_subject: `deadletter.test.${item}`,
         subject,
+        ...(eventId ? { event_id: eventId } : {}),
       },
     }),
   );
@@ -351,4 +358,42 @@ Deno.test("a failed item's join holds its last input, and completes (not times o
   const [deadline] = await timers(t);
   const out = await deliver(t, checks, deadline!.payload as never, 12, "2026-01-01T00:01:01.000Z");
   assert.deepEqual(out.map((e) => e.type), ["checks.both", "checks.done"]);
+});
+
+Deno.test("an item that failed on a timer stays failed when another of its timers fires, until that timer is redriven", async () => {
+  // Seen in review: "resumed" was any message stored on the subject the item failed on after
+  // the failure. Every timer of an item shares one subject (`<name>._timer.<item>`), so the
+  // next timer of an item that failed on one (its wait's, or a postponement) took the item
+  // for resumed and decided: an outcome after the failure.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const js = jetstream(t.nc);
+  const check = completed(approvals, "check", "it7", "2026-01-01T00:00:00.000Z");
+  assert.deepEqual(await deliver(t, approvals, check, 3, "2026-01-01T00:00:00.010Z"), []);
+  const [deadline] = await timers(t);
+  // A timer of the item that the control step gave up on (here one it never armed).
+  const bad = structuredClone(deadline!.payload) as { id: string; data: { step: string } };
+  bad.id = "bad-timer";
+  await js.publish("approvals._timer.it7", JSON.stringify(bad));
+  await failItem(t, approvals, "it7", "approvals._timer.it7", "bad-timer");
+  // The wait's own timer fires: the scheduler stores it on the same subject.
+  const fired = await js.publish("approvals._timer.it7", JSON.stringify(deadline!.payload));
+  assert.deepEqual(
+    await deliver(t, approvals, deadline!.payload as never, fired.seq, deadline!.at!),
+    [],
+    "no `expired` end after the failure",
+  );
+  const postponed = (await timers(t)).filter((s) => s.id !== deadline!.id);
+  assert.equal(postponed.length, 1, "checked again later");
+
+  // The failed timer redriven (the same event stored again): the item is resumed, and the
+  // wait's next firing decides.
+  await js.publish("approvals._timer.it7", JSON.stringify(bad));
+  const next = postponed[0]!;
+  const stored = await js.publish("approvals._timer.it7", JSON.stringify(next.payload));
+  const decided = await deliver(t, approvals, next.payload as never, stored.seq, next.at!);
+  assert.deepEqual(decided.map((e) => e.type), [
+    "approvals.approval_timed_out",
+    "approvals.expired",
+  ]);
 });

@@ -713,23 +713,59 @@ export function controlStage(
     }
   }
 
+  /** The first message stored on `subject` at or after stream sequence `seq`; null when none. */
+  async function nextOn(subject: string, seq: number) {
+    try {
+      return await (await (manager ??= jetstreamManager(nc))).streams.getMessage(stream, {
+        next_by_subj: subject,
+        seq,
+      } as unknown as { seq: number });
+    } catch {
+      return null;
+    }
+  }
+
   /**
    * Whether the item has failed and not been resumed since: its last `failed` event is not
-   * followed by the message it failed on, stored again by a redrive. Read from the stream
-   * (two direct reads, only when a timer fires), not from the item's state, which trails.
+   * followed by the message it failed on, stored again by a redrive (the same event id, when
+   * the failure names one: an item's timers all share one subject, so another timer of the
+   * item stored after the failure resumes nothing). Read from the stream (direct reads, only
+   * when a timer fires or a decision comes), not from the item's state, which trails.
    */
   async function failedNow(item: string): Promise<boolean> {
     const failed = await lastOn(`${n}.${FAILED}.${item}`);
     if (!failed) return false;
     let on: unknown;
+    let eventId: unknown;
     try {
-      on = (failed.json() as { data?: { subject?: unknown } }).data?.subject;
+      const data = (failed.json() as { data?: { subject?: unknown; event_id?: unknown } }).data;
+      on = data?.subject;
+      eventId = data?.event_id;
     } catch {
       return true;
     }
     if (typeof on !== "string") return true;
     const again = await lastOn(on);
-    return !(again && again.seq > failed.seq);
+    if (!again || again.seq <= failed.seq) return true;
+    if (typeof eventId !== "string") return false;
+    const isIt = (m: { json(): unknown }) => {
+      try {
+        return (m.json() as { id?: unknown }).id === eventId;
+      } catch {
+        return false; // not an event: not the one it failed on
+      }
+    };
+    if (isIt(again)) return false;
+    // The messages on the subject between the failure and the last one, up to a bound (an
+    // item's own subject holds a few; past it the item is taken as still failed, and is asked
+    // about again at its next timer).
+    for (let seq = failed.seq + 1, i = 0; seq < again.seq && i < 256; i++) {
+      const m = await nextOn(on, seq);
+      if (!m || m.seq >= again.seq) return true;
+      if (isIt(m)) return false;
+      seq = m.seq + 1;
+    }
+    return true;
   }
 
   /**
