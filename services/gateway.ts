@@ -20,6 +20,8 @@ import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { createShadowControl } from "../src/shadow/control.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
 import { SseClients } from "../src/gateway/sse.ts";
+import { lazyScheduleStore, serveScheduleRequests } from "../src/gateway/schedules.ts";
+import { callerSchedulable } from "../src/scheduler/store.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
@@ -64,6 +66,7 @@ export const service: ServiceDef = defineService(
       config.sseMaxPerKey,
       config.sseOpensPerSecond,
     );
+    const schedules = lazyScheduleStore(nc);
     const app = createApp({
       sseClients,
       nc,
@@ -79,9 +82,17 @@ export const service: ServiceDef = defineService(
       pipelines,
       guards,
       shadows,
+      schedules,
     });
     const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
     const pipelineRequests = servePipelineRequests(nc, pipelines, log, { auth, guards });
+    const scheduleRequests = serveScheduleRequests(
+      nc,
+      schedules,
+      callerSchedulable(pipelines),
+      log,
+      auth,
+    );
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth, {
       check: definitionRedriveCheck(pipelines),
     });
@@ -109,6 +120,7 @@ export const service: ServiceDef = defineService(
         for (const p of parts) p.stop();
         pipelineRequests.stop();
         deadLetterRequests.stop();
+        scheduleRequests.stop();
         shadowRequests.stop();
         // Stop accepting, then end every event stream (each client told to reconnect): the
         // server's shutdown waits for every open response, and an event stream never ends

@@ -189,8 +189,15 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
             reads: [...s.reads ?? [], ...definitionDirs(loaded, ROOT.pathname)],
           }
           : s.name === "scheduler"
-          // Its timers fire into the definitions' streams (checked as for its own, above).
-          ? { ...s, access: mergeAccess(s.access, { readsStreams: streams }) }
+          // Its timers fire into the definitions' streams (checked as for its own, above), and
+          // so do callers' schedules of their submissions.
+          ? {
+            ...s,
+            access: mergeAccess(s.access, {
+              readsStreams: streams,
+              publishes: loaded.map((p) => `${p.def.name}.submit`),
+            }),
+          }
           : s.name === "shadow"
           // Shadows of the definitions' work steps: their streams, and the definitions; an
           // agent's copy reads its item's scratchpad and what its tools read.

@@ -18,9 +18,15 @@ import { createLogger } from "../src/observability/log.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startService } from "./helpers/mesh.ts";
 import { Hono } from "hono";
-import { createModerationApi } from "../pipelines/moderation/api.ts";
-import { createModerationRoutes } from "../pipelines/moderation/routes.ts";
-import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
+import {
+  lazyScheduleStore,
+  scheduleRoutes,
+  serveScheduleRequests,
+} from "../src/gateway/schedules.ts";
+import { callerSchedulable } from "../src/scheduler/store.ts";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { type LoadedPipeline, pipelineTopology } from "../src/pipeline/runtime.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { problemResponse } from "../src/gateway/app.ts";
 import { connectClient, PATIENT, startTestNats } from "./helpers/nats.ts";
@@ -188,21 +194,34 @@ Deno.test({
   },
 });
 
-/** The schedule routes (`/schedules`) on `t`'s server, with no API keys, and their API. */
-async function scheduleRoutes(t: Awaited<ReturnType<typeof startTestNats>>) {
+/**
+ * The gateway's schedule routes (`/schedules`) and request subjects on `t`'s server, with no
+ * API keys, for the shipped pipelines and `pipelines`; and the schedule store.
+ */
+async function scheduleApp(
+  t: Awaited<ReturnType<typeof startTestNats>>,
+  pipelines: readonly LoadedPipeline[] = [],
+) {
   const log = createLogger("test", "error", () => {});
-  const api = await createModerationApi({ nc: t.nc, config: t.config, log, authEnabled: false });
+  const store = lazyScheduleStore(t.nc);
+  const allowed = callerSchedulable(pipelines);
   const app = new Hono();
   app.onError((err, c) => problemResponse(c, err));
-  app.route("/", createModerationRoutes({ api, auth: createAuth([]), config: t.config, log }));
-  return { api, app, log };
+  app.route("/schedules", scheduleRoutes(store, allowed, t.config.bodyLimit));
+  const requests = serveScheduleRequests(t.nc, store, allowed, log, createAuth([]));
+  return {
+    schedules: await store(),
+    app,
+    log,
+    [Symbol.dispose]: () => requests.stop(),
+  };
 }
 
 Deno.test("a schedule on a subject callers may not schedule is refused with 422 over HTTP and NATS, and the scheduler never fires one written into the bucket", async () => {
   await using t = await startTestNats();
-  const { api, app, log } = await scheduleRoutes(t);
-  const requests = serveModerationRequests(t.nc, api, createAuth([]), log);
-  try {
+  using gateway = await scheduleApp(t);
+  const { schedules, app } = gateway;
+  {
     for (
       const subject of [
         "$JS.API.STREAM.CREATE.X",
@@ -226,7 +245,7 @@ Deno.test("a schedule on a subject callers may not schedule is refused with 422 
       const reply = await t.nc.request("weft.schedules.create", body, PATIENT);
       assert.equal(reply.json<{ error?: { field?: string } }>().error?.field, "/subject", subject);
     }
-    assert.equal((await api.schedules.list()).length, 0, "nothing was scheduled");
+    assert.equal((await schedules.list()).length, 0, "nothing was scheduled");
     const ok = await app.request("/schedules", {
       method: "POST",
       headers: { "content-type": "application/json" },
@@ -262,8 +281,6 @@ Deno.test("a schedule on a subject callers may not schedule is refused with 422 
     sub.unsubscribe();
     assert.deepEqual(seen, []);
     await assert.rejects(t.jsm.streams.info("EVIL"));
-  } finally {
-    requests.stop();
   }
 });
 
@@ -286,7 +303,8 @@ Deno.test("a caller can neither squat a pipeline timer's id before it is set nor
   // come (`sla-1-<item>`) kept the deadline from ever being set, and DELETE
   // /schedules/sla-1-<item> cancelled one: the item stayed pending for good.
   await using t = await startTestNats();
-  const { api, app } = await scheduleRoutes(t);
+  using gateway = await scheduleApp(t);
+  const { schedules, app } = gateway;
   const post = (body: unknown) =>
     app.request("/schedules", {
       method: "POST",
@@ -303,13 +321,13 @@ Deno.test("a caller can neither squat a pipeline timer's id before it is set nor
   assert.equal(squat.status, 201);
   // The pipeline sets its deadline under that id: its timer wins.
   const sla = { subject: "content.sla_expired.r14", payload: { id: "e" }, at: later };
-  const own = await api.schedules.create({ id: "sla-1-r14", ...sla });
+  const own = await schedules.create({ id: "sla-1-r14", ...sla });
   assert.equal(own.subject, "content.sla_expired.r14");
-  assert.equal((await api.schedules.get("sla-1-r14")).at, later);
+  assert.equal((await schedules.get("sla-1-r14")).at, later);
   // A caller cannot cancel it, nor take its id again; its own schedules it can cancel.
   const cancel = await app.request("/schedules/sla-1-r14", { method: "DELETE" });
   assert.equal(cancel.status, 409, await cancel.text());
-  assert.equal((await api.schedules.get("sla-1-r14")).subject, "content.sla_expired.r14");
+  assert.equal((await schedules.get("sla-1-r14")).subject, "content.sla_expired.r14");
   const again = await post({ id: "sla-1-r14", subject: "feedback.submit", payload: {}, at: later });
   assert.equal(again.status, 409);
   assert.equal(
@@ -368,6 +386,53 @@ Deno.test("a forged entry delivered onto the scheduler's watch cancels nothing: 
       await waitFor(async () => !(await watchInbox()).includes(inbox!) || n === 2, 10_000, "reset");
     }
     await fired.until(() => fired.seen.some((f) => f.schedule === "victim"), 15_000);
+  } finally {
+    fired.stop();
+    await scheduler.stop();
+  }
+});
+
+Deno.test("callers may schedule submissions to a running definition; a pipeline nothing runs is refused", async () => {
+  // Found in review: /schedules took only the shipped pipelines' inputs, so a team could not
+  // schedule a submission to its own pipeline (`orders.submit`), and lived in the moderation
+  // pipeline's routes: without it, the mesh had no /schedules at all.
+  await using t = await startTestNats();
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: { type: "object", required: ["sku"] } },
+    start: "price",
+    steps: {
+      price: { kind: "task", output: { type: "object" }, handle: () => ({}), next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const orders: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([orders], t.config.retentionMs));
+  using gateway = await scheduleApp(t, [orders]);
+  const body = (subject: string) =>
+    JSON.stringify({ subject, payload: { sku: "A1" }, at: new Date().toISOString() });
+  const refused = await gateway.app.request("/schedules", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: body("nope.submit"),
+  });
+  assert.equal(refused.status, 422);
+  assert.equal((await refused.json()).field, "/subject");
+  const overNats = await t.nc.request("weft.schedules.create", body("nope.submit"), PATIENT);
+  assert.equal(overNats.json<{ error?: { field?: string } }>().error?.field, "/subject");
+
+  const made = await gateway.app.request("/schedules", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: body("orders.submit"),
+  });
+  assert.equal(made.status, 201, await made.clone().text());
+  const fired = firings(t.nc, "orders.submit");
+  const scheduler = await runScheduler({ nc: t.nc, log: gateway.log, replica: "r1" });
+  try {
+    await fired.until(() => fired.seen.length === 1);
+    const stored = await t.jsm.streams.getMessage("ORDERS", { last_by_subj: "orders.submit" });
+    assert.deepEqual(stored?.json(), { sku: "A1" }, "stored for the pipeline's intake");
   } finally {
     fired.stop();
     await scheduler.stop();

@@ -2,7 +2,7 @@
  * What users and reviewers can do with content, in one place behind both the HTTP routes
  * (pipelines/moderation/routes.ts) and the NATS request subjects
  * (pipelines/moderation/requests.ts): upload, read state, list the review queue,
- * claim, decide, and manage schedules.
+ * claim and decide.
  *
  * @module
  */
@@ -32,7 +32,7 @@ import type { Logger } from "../../src/observability/log.ts";
 import { validateEvent } from "../../src/schemas.ts";
 import { canonicalJson } from "../../src/canonical_json.ts";
 import { isAlreadyStored, publishEvent, publishUnique } from "../../src/runner.ts";
-import { createScheduleStore, type ScheduleStore } from "../../src/scheduler/store.ts";
+import { createScheduleStore } from "../../src/scheduler/store.ts";
 import { humanDecidedEvent, slaScheduleId } from "./stages.ts";
 import { readState } from "../../src/state_writer.ts";
 import { firstEventSeq } from "../../src/state.ts";
@@ -111,8 +111,6 @@ export interface ModerationApi {
     req: ReviewDecisionRequest,
     who: Principal,
   ): Promise<{ entry: ReviewEntry; replayed: boolean }>;
-  /** The schedules, for /schedules and weft.schedules.*. */
-  readonly schedules: ScheduleStore;
   /** JetStream client (SSE reads the CONTENT stream through it). */
   readonly js: JetStreamClient;
   /** JetStream manager. */
@@ -277,7 +275,6 @@ export async function createModerationApi(deps: {
   const api: ModerationApi = {
     js,
     jsm,
-    schedules,
     async submitText(s, who, trace) {
       deps.limiter?.take(who);
       await deps.capacity?.check(CONTENT_STREAM);

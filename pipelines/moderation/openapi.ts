@@ -1,6 +1,6 @@
 /**
  * The content moderation pipeline's routes in the gateway's OpenAPI document
- * (`GET /openapi.json`): uploads, content items, reviews and schedules.
+ * (`GET /openapi.json`): uploads, content items and reviews.
  *
  * @module
  */
@@ -56,18 +56,6 @@ export function moderationPaths(): Json {
       post: op("Decide a review", { "200": json({ type: "object" }) }, {
         parameters: [idParam],
         requestBody: body(ref("review.decision")),
-      }),
-    },
-    "/schedules": {
-      get: op("Every schedule", { "200": json({ type: "object" }) }),
-      post: op("Create a schedule", { "201": json(ref("schedule"), "Created") }, {
-        requestBody: body(ref("schedule")),
-      }),
-    },
-    "/schedules/{id}": {
-      get: op("One schedule", { "200": json(ref("schedule")) }, { parameters: [idParam] }),
-      delete: op("Cancel a schedule", { "204": { description: "Cancelled" } }, {
-        parameters: [idParam],
       }),
     },
   };

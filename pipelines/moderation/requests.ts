@@ -4,7 +4,6 @@
  * - `weft.content.submit` `{"text": ...}` and `weft.content.get` `ID`
  * - `weft.reviews.list` `{"status": "pending"}`, `weft.reviews.claim` `{"id", "reviewer"?}`,
  *   `weft.reviews.decide` `{"id", "decision", "reason", "reviewer"?}`
- * - `weft.schedules.create|list|get|cancel`
  *
  * When API keys are configured a request carries one in an `Authorization: Bearer <key>`
  * header, with the same roles as HTTP. Errors answer `{"error": <problem>}`.
@@ -18,9 +17,7 @@ import type { Logger } from "../../src/observability/log.ts";
 import type { ModerationApi } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
 import { decodeJson } from "../../src/runner.ts";
-import { assertCallerSchedulable } from "../../src/scheduler/store.ts";
 import { validateDocument } from "../../src/schemas.ts";
-import { SCHEDULES_REQUEST_PREFIX } from "../../src/subjects.ts";
 import {
   CONTENT_GET_REQUEST_SUBJECT,
   CONTENT_SUBMIT_REQUEST_SUBJECT,
@@ -112,26 +109,6 @@ export function serveModerationRequests(
         if (!req.id) throw new ValidationError("/id is required", { field: "/id" });
         return (await api.decide(req.id, req, who)).entry;
       },
-    },
-    [`${SCHEDULES_REQUEST_PREFIX}.create`]: {
-      roles: [Role.Admin],
-      run: (m) => {
-        const doc = validateDocument("schedule", objectOf(m));
-        assertCallerSchedulable(doc.subject);
-        return api.schedules.create(doc);
-      },
-    },
-    [`${SCHEDULES_REQUEST_PREFIX}.list`]: {
-      roles: [Role.Admin],
-      run: async () => ({ items: await api.schedules.list() }),
-    },
-    [`${SCHEDULES_REQUEST_PREFIX}.get`]: {
-      roles: [Role.Admin],
-      run: (m) => api.schedules.get(idOf(m)),
-    },
-    [`${SCHEDULES_REQUEST_PREFIX}.cancel`]: {
-      roles: [Role.Admin],
-      run: async (m) => ({ cancelled: await api.schedules.cancel(idOf(m), { caller: true }) }),
     },
   };
   const subs = Object.entries(handlers).map(([subject, h]) =>

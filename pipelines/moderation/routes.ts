@@ -6,7 +6,6 @@
  * - `GET /content/:id`, `GET /content/:id/events` (SSE), `GET /content/:id/object`.
  * - `GET /reviews?status=pending|escalated|decided`, `GET /reviews/:id`,
  *   `POST /reviews/:id/claim`, `POST /reviews/:id/decision` (reviewer).
- * - `GET|POST /schedules`, `GET|DELETE /schedules/:id` (admin).
  *
  * @module
  */
@@ -19,7 +18,6 @@ import { ErrorCode, ValidationError, WeftError } from "../../src/errors.ts";
 import type { Logger } from "../../src/observability/log.ts";
 import type { ModerationApi } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
-import { assertCallerSchedulable } from "../../src/scheduler/store.ts";
 import { decodeJson } from "../../src/runner.ts";
 import { validateDocument } from "../../src/schemas.ts";
 import { CONTENT_FINAL_EVENT_TYPES } from "./events.ts";
@@ -191,22 +189,6 @@ export function createModerationRoutes(deps: {
     const { entry, replayed } = await api.decide(c.req.param("id"), req, c.get("principal"));
     if (replayed) c.header("Idempotent-Replayed", "true");
     return c.json(entry);
-  });
-
-  const admin = auth.require(Role.Admin);
-  app.get("/schedules", admin, async (c) => c.json({ items: await api.schedules.list() }));
-  app.post("/schedules", admin, tooLarge(config.bodyLimit), async (c) => {
-    const doc = validateDocument("schedule", await readJson(c));
-    assertCallerSchedulable(doc.subject);
-    const entry = await api.schedules.create(doc);
-    return c.json(entry, 201);
-  });
-  app.get("/schedules/:id", admin, async (c) => c.json(await api.schedules.get(c.req.param("id"))));
-  app.delete("/schedules/:id", admin, async (c) => {
-    if (!(await api.schedules.cancel(c.req.param("id"), { caller: true }))) {
-      throw new WeftError(ErrorCode.NotFound, `no schedule ${JSON.stringify(c.req.param("id"))}`);
-    }
-    return c.body(null, 204);
   });
 
   return app;

@@ -29,6 +29,8 @@ import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 import { DEADLETTER_STREAM } from "../subjects.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
+import { lazyScheduleStore, scheduleRoutes } from "./schedules.ts";
+import { callerSchedulable, type ScheduleStore } from "../scheduler/store.ts";
 import { type Auth, createAuth } from "./auth.ts";
 import { Role } from "../config.ts";
 import { LiveFeeds, SseClients } from "./sse.ts";
@@ -101,6 +103,8 @@ export interface GatewayDeps {
   openApi?: readonly Record<string, unknown>[];
   /** Live shadow control: mounts /shadows (admin). */
   shadows?: ShadowControl;
+  /** The schedules behind /schedules (admin); by default `weft_schedules` over `nc`. */
+  schedules?: () => Promise<ScheduleStore>;
 }
 
 /** The problem+json response for an error. */
@@ -286,6 +290,16 @@ export function createApp(deps: GatewayDeps): Hono {
   app.route(
     "/deadletters",
     deadLetterRoutes(jetStream.js, { check: definitionRedriveCheck(deps.pipelines ?? []) }),
+  );
+  app.use("/schedules", adminAuth);
+  app.use("/schedules/*", adminAuth);
+  app.route(
+    "/schedules",
+    scheduleRoutes(
+      deps.schedules ?? lazyScheduleStore(deps.nc),
+      callerSchedulable(deps.pipelines ?? []),
+      config.bodyLimit,
+    ),
   );
   if (deps.shadows) {
     app.use("/shadows", adminAuth);

@@ -80,6 +80,12 @@ export const accepted: Json = {
   },
 };
 
+const scheduleId = {
+  name: "id",
+  in: "path",
+  required: true,
+  schema: { type: "string", pattern: "^[A-Za-z0-9_-]{1,128}$" },
+};
 const shadowId = {
   name: "id",
   in: "path",
@@ -182,6 +188,24 @@ export function openApiDocument(
     "/deadletters/redrive": {
       post: op("Redrive dead letters", { "200": json({ type: "object" }) }, {
         requestBody: body({ type: "object" }),
+      }),
+    },
+    "/schedules": {
+      get: op("Every schedule, the pipelines' own timers included (admin)", {
+        "200": json({ type: "object" }),
+      }),
+      post: op(
+        "Schedule a submission to a running pipeline's bus input (`<name>.submit`; admin)",
+        { "201": json(ref("schedule"), "Created") },
+        { requestBody: body(ref("schedule")) },
+      ),
+    },
+    "/schedules/{id}": {
+      get: op("One schedule (admin)", { "200": json(ref("schedule")) }, {
+        parameters: [scheduleId],
+      }),
+      delete: op("Cancel a caller's schedule (admin)", { "204": { description: "Cancelled" } }, {
+        parameters: [scheduleId],
       }),
     },
     "/shadows": {

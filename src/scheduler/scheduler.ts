@@ -62,11 +62,15 @@ export async function runScheduler(opts: {
   /** A lease older than this whose schedule was not advanced is taken over, ms. */
   takeoverMs?: number;
   now?: () => Date;
-  /** What it fires on at all; by default the shipped pipelines' ({@link schedulableSubjects}). */
+  /**
+   * What it fires on at all; by default the shipped pipelines' ({@link schedulableSubjects})
+   * and every definition's bus input, `<name>.submit` (its NATS identity may publish only the
+   * running definitions').
+   */
   schedulable?: readonly string[];
 }): Promise<Scheduler> {
   const { nc, replica } = opts;
-  const schedulable = opts.schedulable ?? schedulableSubjects(SHIPPED_PIPELINES);
+  const schedulable = opts.schedulable ?? [...schedulableSubjects(SHIPPED_PIPELINES), "*.submit"];
   const log = opts.log.with({ stage: "scheduler" });
   const now = opts.now ?? (() => new Date());
   const takeoverMs = opts.takeoverMs ?? 30_000;

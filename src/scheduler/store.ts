@@ -116,9 +116,34 @@ export interface ScheduleStore {
   cancel(id: string, opts?: { caller?: boolean }): Promise<boolean>;
 }
 
-/** Whether a caller may schedule on `subject` ({@link assertCallerSchedulable}). */
+/** Every pipeline's bus input: `<name>.submit` (a definition's intake validates what it reads). */
+const SUBMIT_SUBJECTS = "*.submit";
+
+/** Whether a caller may have made a schedule on `subject` ({@link assertCallerSchedulable}). */
 function callerMay(subject: string): boolean {
-  return subjectAllowed(callerSchedulableSubjects(SHIPPED_PIPELINES), subject);
+  return subjectAllowed(
+    [...callerSchedulableSubjects(SHIPPED_PIPELINES), SUBMIT_SUBJECTS],
+    subject,
+  );
+}
+
+/**
+ * The subjects a caller may schedule with these definitions running: the shipped pipelines'
+ * schedulable bus inputs and each definition's `<name>.submit`.
+ *
+ * @example
+ * ```ts
+ * import { callerSchedulable } from "./store.ts";
+ * console.assert(callerSchedulable([{ def: { name: "tickets" } }]).includes("tickets.submit"));
+ * ```
+ */
+export function callerSchedulable(
+  pipelines: readonly { def: { name: string } }[] = [],
+): string[] {
+  return [
+    ...callerSchedulableSubjects(SHIPPED_PIPELINES),
+    ...pipelines.map((p) => `${p.def.name}.submit`),
+  ];
 }
 
 const encoder = new TextEncoder();
@@ -198,10 +223,10 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
 }
 
 /**
- * Refuses a schedule a caller may not create: its subject must be one of the shipped
- * pipelines' schedulable bus inputs ({@link callerSchedulableSubjects}), never a step's
- * events, a JetStream API, KV or object-store subject. A {@link ValidationError} naming
- * `/subject`.
+ * Refuses a schedule a caller may not create: its subject must be one of `allowed` (by
+ * default the shipped pipelines' schedulable bus inputs; {@link callerSchedulable} adds the
+ * running definitions'), never a step's events, a JetStream API, KV or object-store subject,
+ * nor a subject nothing running consumes. A {@link ValidationError} naming `/subject`.
  *
  * @example
  * ```ts
@@ -213,8 +238,10 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
  * }
  * ```
  */
-export function assertCallerSchedulable(subject: string): void {
-  const allowed = callerSchedulableSubjects(SHIPPED_PIPELINES);
+export function assertCallerSchedulable(
+  subject: string,
+  allowed: readonly string[] = callerSchedulable(),
+): void {
   if (!subjectAllowed(allowed, subject)) {
     throw new ValidationError(
       `/subject must be one of ${allowed.join(", ")} (got ${

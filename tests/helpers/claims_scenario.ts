@@ -476,6 +476,29 @@ export function claimsEndToEnd(mode: FaultMode): void {
         );
       });
 
+      await t.step("a submission scheduled over /schedules becomes an item", async () => {
+        const scheduled = await post(base, "/schedules", {
+          subject: "claims.submit",
+          payload: { claimant: "cron", amount: 4, text: "monthly" },
+          at: new Date().toISOString(),
+        });
+        assert.equal(scheduled.status, 201, JSON.stringify(scheduled.body));
+        const id = await waitFor(
+          async () => {
+            const events = await allEvents(nc);
+            const fresh = events.find((e) =>
+              e.type === "claims.submitted" && !expected.has(e.item)
+            );
+            return fresh && events.some((e) => e.item === fresh.item && e.type === "claims.paid")
+              ? fresh.item
+              : undefined;
+          },
+          30_000,
+          "the scheduled item paid (the scheduler may publish the definition's input)",
+        );
+        expected.set(id, "paid");
+      });
+
       await t.step(
         "deno task rebuild-state --pipeline claims: the stream rebuilds the live state",
         async () => {

@@ -1,0 +1,157 @@
+/**
+ * Schedules for admins, over HTTP and NATS request/reply: delayed and recurring submissions
+ * to any running pipeline's bus input (the shipped pipelines' and each definition's
+ * `<name>.submit`), kept in `weft_schedules` and fired by the scheduler.
+ *
+ * - `GET /schedules`, `POST /schedules`, `GET /schedules/:id`, `DELETE /schedules/:id`
+ * - `weft.schedules.list`, `weft.schedules.create`, `weft.schedules.get ID`,
+ *   `weft.schedules.cancel ID`
+ *
+ * A pipeline's own timers (a wait's timeout, a review's SLA) are listed too, and cannot be
+ * cancelled here.
+ *
+ * @module
+ */
+import { Hono } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import type { Msg, NatsConnection } from "@nats-io/nats-core";
+import { Kvm } from "@nats-io/kv";
+import { Role } from "../config.ts";
+import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
+import type { Logger } from "../observability/log.ts";
+import { decodeJson } from "../runner.ts";
+import {
+  assertCallerSchedulable,
+  createScheduleStore,
+  type ScheduleStore,
+} from "../scheduler/store.ts";
+import { validateDocument } from "../schemas.ts";
+import { SCHEDULE_BUCKET, SCHEDULES_REQUEST_PREFIX } from "../subjects.ts";
+import type { Auth } from "./auth.ts";
+
+/** The schedule store of the gateway's connection, opened on first use. */
+export function lazyScheduleStore(nc: NatsConnection): () => Promise<ScheduleStore> {
+  let store: Promise<ScheduleStore> | undefined;
+  return () =>
+    store ??= new Kvm(nc).open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv)).catch(
+      (err) => {
+        store = undefined; // NATS down at the first request: open again at the next
+        throw err;
+      },
+    );
+}
+
+function parse(bytes: Uint8Array): unknown {
+  try {
+    return decodeJson(bytes);
+  } catch (err) {
+    throw new ValidationError((err as Error).message, {
+      code: ErrorCode.MalformedJson,
+      field: "/",
+      cause: err,
+    });
+  }
+}
+
+/** Checks a caller's schedule and stores it. */
+async function create(
+  store: () => Promise<ScheduleStore>,
+  allowed: readonly string[],
+  body: unknown,
+) {
+  const doc = validateDocument("schedule", body);
+  assertCallerSchedulable(doc.subject, allowed);
+  return await (await store()).create(doc);
+}
+
+/**
+ * The `/schedules` routes (mount them behind the admin role). `allowed`: the subjects a caller
+ * may schedule ({@link callerSchedulable}).
+ *
+ * @example
+ * ```ts ignore
+ * app.route("/schedules", scheduleRoutes(lazyScheduleStore(nc), callerSchedulable(pipelines), 65536));
+ * ```
+ */
+export function scheduleRoutes(
+  store: () => Promise<ScheduleStore>,
+  allowed: readonly string[],
+  maxBody: number,
+): Hono {
+  const app = new Hono();
+  app.get("/", async (c) => c.json({ items: await (await store()).list() }));
+  app.post(
+    "/",
+    bodyLimit({
+      maxSize: maxBody,
+      onError: () => {
+        throw new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${maxBody} bytes`);
+      },
+    }),
+    async (c) => {
+      const body = parse(new Uint8Array(await c.req.arrayBuffer()));
+      return c.json(await create(store, allowed, body), 201);
+    },
+  );
+  app.get("/:id", async (c) => c.json(await (await store()).get(c.req.param("id"))));
+  app.delete("/:id", async (c) => {
+    if (!(await (await store()).cancel(c.req.param("id"), { caller: true }))) {
+      throw new WeftError(ErrorCode.NotFound, `no schedule ${JSON.stringify(c.req.param("id"))}`);
+    }
+    return c.body(null, 204);
+  });
+  return app;
+}
+
+/** The id a get or cancel request names: the body itself, or `{"id": ...}`. */
+function idOf(m: Msg): string {
+  const text = m.string().trim();
+  if (!text.startsWith("{")) return text;
+  const id = (parse(m.data) as { id?: unknown } | null)?.id;
+  if (typeof id !== "string") throw new ValidationError("/id is required", { field: "/id" });
+  return id;
+}
+
+/**
+ * Serves `weft.schedules.*` for admins (with API keys configured, a request carries an admin
+ * key in an `Authorization: Bearer <key>` header). Errors answer `{"error": <problem>}`.
+ *
+ * @example
+ * ```ts ignore
+ * const requests = serveScheduleRequests(nc, lazyScheduleStore(nc), allowed, log, auth);
+ * // nats req weft.schedules.list ''
+ * requests.stop();
+ * ```
+ */
+export function serveScheduleRequests(
+  nc: NatsConnection,
+  store: () => Promise<ScheduleStore>,
+  allowed: readonly string[],
+  log: Logger,
+  auth: Auth,
+): { stop(): void } {
+  const handlers: Record<string, (m: Msg) => Promise<unknown>> = {
+    create: (m) => create(store, allowed, m.data.length === 0 ? {} : parse(m.data)),
+    list: async () => ({ items: await (await store()).list() }),
+    get: async (m) => await (await store()).get(idOf(m)),
+    cancel: async (m) => ({ cancelled: await (await store()).cancel(idOf(m), { caller: true }) }),
+  };
+  const subs = Object.entries(handlers).map(([verb, run]) =>
+    nc.subscribe(`${SCHEDULES_REQUEST_PREFIX}.${verb}`, {
+      queue: "weft-gateway",
+      callback: (_e, m) => {
+        void (async () => {
+          try {
+            auth.authorize(m.headers?.get("Authorization"), [Role.Admin]);
+            m.respond(JSON.stringify(await run(m)));
+          } catch (err) {
+            const problem = toProblem(err);
+            if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
+            m.respond(JSON.stringify({ error: problem }));
+          }
+        })();
+      },
+    })
+  );
+  return { stop: () => subs.forEach((s) => s.unsubscribe()) };
+}
