@@ -12,20 +12,18 @@
 import "./settings.ts";
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
-import type { Context } from "hono";
 import { type Config, Role } from "../../src/config.ts";
 import { ErrorCode, ValidationError, WeftError } from "../../src/errors.ts";
 import type { Logger } from "../../src/observability/log.ts";
 import type { ModerationApi } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
-import { decodeJson } from "../../src/runner.ts";
 import { validateDocument } from "../../src/schemas.ts";
 import { CONTENT_FINAL_EVENT_TYPES } from "./events.ts";
 import { CONTENT_STREAM, contentEventsFilter } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";
-import type { GatewayExtension } from "../../src/gateway/app.ts";
+import { type GatewayExtension, readJson } from "../../src/gateway/app.ts";
 
 type Env = { Variables: { principal: Principal } };
 
@@ -34,20 +32,6 @@ const STATUSES = new Set<string>(Object.values(ReviewStatus));
 
 /** Most `meta.*` parameters an upload may carry (the schema's Metadata maxProperties). */
 const MAX_META = 32;
-
-async function readJson(c: Context, optional = false): Promise<unknown> {
-  const bytes = new Uint8Array(await c.req.arrayBuffer());
-  if (optional && bytes.length === 0) return {};
-  try {
-    return decodeJson(bytes);
-  } catch (err) {
-    throw new ValidationError((err as Error).message, {
-      code: ErrorCode.MalformedJson,
-      field: "/",
-      cause: err,
-    });
-  }
-}
 
 /**
  * Creates the moderation routes.
@@ -174,7 +158,7 @@ export function createModerationRoutes(deps: {
   app.get("/reviews/:id", reviewer, async (c) => c.json(await api.getReview(c.req.param("id"))));
 
   app.post("/reviews/:id/claim", reviewer, tooLarge(4096), async (c) => {
-    const body = await readJson(c, true) as { reviewer?: unknown } | null;
+    const body = await readJson(c, { optional: true }) as { reviewer?: unknown } | null;
     if (body === null || typeof body !== "object" || Array.isArray(body)) {
       throw new ValidationError("the body must be a JSON object", { field: "/" });
     }

@@ -142,10 +142,15 @@ export const requireJson: MiddlewareHandler = async (c, next) => {
   await next();
 };
 
-/** The request body as JSON; a 400 problem naming the body when it is not. */
-export async function readJson(c: Context): Promise<unknown> {
+/**
+ * The request body as JSON; a 400 problem naming the body when it is not. With `optional`, an
+ * empty body is `{}`.
+ */
+export async function readJson(c: Context, opts: { optional?: boolean } = {}): Promise<unknown> {
   try {
-    return decodeJson(new Uint8Array(await c.req.arrayBuffer()));
+    const bytes = new Uint8Array(await c.req.arrayBuffer());
+    if (opts.optional && bytes.length === 0) return {};
+    return decodeJson(bytes);
   } catch (err) {
     if (err instanceof HTTPException) throw err;
     throw new ValidationError((err as Error).message, {

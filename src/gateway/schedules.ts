@@ -13,11 +13,11 @@
  * @module
  */
 import { Hono } from "hono";
-import { bodyLimit } from "hono/body-limit";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { Kvm } from "@nats-io/kv";
 import { Role } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
+import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 import {
@@ -39,18 +39,6 @@ export function lazyScheduleStore(nc: NatsConnection): () => Promise<ScheduleSto
         throw err;
       },
     );
-}
-
-function parse(bytes: Uint8Array): unknown {
-  try {
-    return decodeJson(bytes);
-  } catch (err) {
-    throw new ValidationError((err as Error).message, {
-      code: ErrorCode.MalformedJson,
-      field: "/",
-      cause: err,
-    });
-  }
 }
 
 /** Checks a caller's schedule and stores it. */
@@ -82,16 +70,9 @@ export function scheduleRoutes(
   app.get("/", async (c) => c.json({ items: await (await store()).list() }));
   app.post(
     "/",
-    bodyLimit({
-      maxSize: maxBody,
-      onError: () => {
-        throw new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${maxBody} bytes`);
-      },
-    }),
-    async (c) => {
-      const body = parse(new Uint8Array(await c.req.arrayBuffer()));
-      return c.json(await create(store, allowed, body), 201);
-    },
+    requireJson,
+    bodyLimitProblem(maxBody),
+    async (c) => c.json(await create(store, allowed, await readJson(c)), 201),
   );
   app.get("/:id", async (c) => c.json(await (await store()).get(c.req.param("id"))));
   app.delete("/:id", async (c) => {
@@ -107,7 +88,7 @@ export function scheduleRoutes(
 function idOf(m: Msg): string {
   const text = m.string().trim();
   if (!text.startsWith("{")) return text;
-  const id = (parse(m.data) as { id?: unknown } | null)?.id;
+  const id = (decodeJson(m.data) as { id?: unknown } | null)?.id;
   if (typeof id !== "string") throw new ValidationError("/id is required", { field: "/id" });
   return id;
 }
@@ -131,7 +112,7 @@ export function serveScheduleRequests(
   auth: Auth,
 ): { stop(): void } {
   const handlers: Record<string, (m: Msg) => Promise<unknown>> = {
-    create: (m) => create(store, allowed, m.data.length === 0 ? {} : parse(m.data)),
+    create: (m) => create(store, allowed, m.data.length === 0 ? {} : decodeJson(m.data)),
     list: async () => ({ items: await (await store()).list() }),
     get: async (m) => await (await store()).get(idOf(m)),
     cancel: async (m) => ({ cancelled: await (await store()).cancel(idOf(m), { caller: true }) }),
