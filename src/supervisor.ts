@@ -1093,7 +1093,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       ));
       Deno.exit(1);
     }
-    const cwd = config.natsDir || ROOT.pathname;
+    // A relative store is the repository's (data/<dir>, as the messages below suggest), not
+    // nats-server's working directory's.
+    const cwd = config.natsDir
+      ? decodeURIComponent(new URL(config.natsDir, ROOT).pathname)
+      : ROOT.pathname;
     // The start task may write only under the repository's data/ (its --allow-write).
     if (
       config.natsDir &&

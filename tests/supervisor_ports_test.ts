@@ -168,3 +168,23 @@ Deno.test("a nats-server node that cannot start stops the start in one line with
     }
   }
 });
+
+Deno.test("a relative WEFT_NATS_DIR (data/<dir>, as the start's messages suggest) is the repository's: the mesh starts", async () => {
+  // Found by a probe: nats-server runs in the store directory, and was handed the generated
+  // configuration's path relative to the repository: "open data/x/data/nats-weft.conf: no
+  // such file or directory".
+  const dir = await meshTempDir("weft-relative-");
+  await using _dir = removedAtEnd(dir);
+  const relative = dir.slice(new URL("../", import.meta.url).pathname.length);
+  assert.match(relative, /^data\/tmp\//);
+  const run = freePortRun(3);
+  const out = await start({
+    WEFT_NATS_DIR: relative,
+    WEFT_NATS_PORT: `${run}`,
+    WEFT_NATS_MONITOR_PORT: `${run + 1}`,
+    PORT: `${run + 2}`,
+  }, 15_000);
+  assert.deepEqual(linesAt(out.text, "error"), [], out.text);
+  assert.ok(linesAt(out.text, "info").includes("starting services"), out.text);
+  await Deno.stat(`${dir}/data/nats-weft.conf`);
+});
