@@ -329,6 +329,9 @@ export function createApp(deps: GatewayDeps): Hono {
       }, deps.pipelines),
     );
   }
+  // Every stage's and consumer's figures, and a gather across the mesh per scrape: behind a
+  // key like the other reads (any role; Prometheus sends it as its scrape's bearer token).
+  app.use("/metrics", readAuth);
   app.use("/dashboard/recent", readAuth); // item texts: behind a key like the other reads
   app.use("/dashboard/stream", readAuth); // takes SSE slots: anonymous clients must not
   mountObservability(app, {

@@ -23,6 +23,9 @@ import { meshMetrics, type MeshSnapshot, meshSnapshot, MetricsCache } from "./me
 import { SSE_RECONNECT, type SseClients, stoppingError } from "./sse.ts";
 import { intQuery } from "./query.ts";
 
+/** How long one gather of the mesh's metrics answers further scrapes, ms. */
+export const METRICS_REUSE_MS = 1000;
+
 /** Interval of the dashboard's metrics frames, ms. */
 export const DASHBOARD_TICK_MS = 1000;
 /** Most events `GET /dashboard/recent` returns. */
@@ -106,9 +109,17 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
     return cached.snapshot;
   };
 
+  // Scrapes within a second of each other (several Prometheus servers, a client in a loop)
+  // share one gather across the mesh: its cost is bounded whoever asks, however often.
+  let scraped: { at: number; text: Promise<string> } | undefined;
   app.get("/metrics", async (c) => {
-    const registry = await meshMetrics(nc, jetStream.jsm, metrics, gather);
-    return c.body(await registry.metrics(), 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
+    const now = Date.now();
+    if (!scraped || now - scraped.at >= METRICS_REUSE_MS) {
+      const text = meshMetrics(nc, jetStream.jsm, metrics, gather).then((r) => r.metrics());
+      scraped = { at: now, text };
+      text.catch(() => (scraped = undefined));
+    }
+    return c.body(await scraped.text, 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
 
   const page = dashboardHtml(
