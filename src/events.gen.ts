@@ -64,7 +64,7 @@ export interface DeadLetter {
  */
 export interface Schedule {
   /**
-   * Schedule id: letters, digits, '_' and '-'.
+   * Schedule id: letters, digits, '_' and '-'. A pipeline's own timers are `<owner>.<id>` (its name, then its id): only that pipeline's services may write them, and they fire only on its subjects.
    */
   id?: string;
   /**

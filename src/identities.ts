@@ -56,6 +56,12 @@ export interface Access {
   readsBuckets?: readonly string[];
   /** KV buckets it writes (and reads). */
   writesBuckets?: readonly string[];
+  /**
+   * Keys of a KV bucket it writes (and the whole bucket it reads): a subject pattern of keys,
+   * e.g. `{ bucket: "weft_schedules", keys: "content.>" }` (the keys `content.<...>`), or `*`
+   * (the keys with no `.`). Another's keys in the bucket it may not write nor delete.
+   */
+  writesKeys?: readonly { bucket: string; keys: string }[];
   /** Object stores it reads. */
   readsObjects?: readonly string[];
   /** Object stores it writes (and reads). */
@@ -185,6 +191,10 @@ export function permissionsFor(
     read.add(kvStream(b));
   }
   for (const b of access.writesBuckets ?? []) pub.add(`$KV.${b}.>`);
+  for (const { bucket, keys } of access.writesKeys ?? []) {
+    read.add(kvStream(bucket));
+    pub.add(`$KV.${bucket}.${keys}`);
+  }
   for (const b of [...access.readsObjects ?? [], ...access.writesObjects ?? []]) {
     read.add(objStream(b));
   }

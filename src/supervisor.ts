@@ -239,7 +239,9 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
       requests: [METRICS_SUBJECT, "weft.*.status", "$SRV.>"],
       serves: ["weft.schedules.>", "weft.deadletters.>", `${SHADOW_REQUEST_PREFIX}.>`],
       readsStreams: [DEADLETTER_STREAM, DIGEST_STREAM, SHADOW_STREAM],
-      writesBuckets: [IDEMPOTENCY_BUCKET, SCHEDULE_BUCKET, SHADOW_BUCKET, STEP_VERSION_BUCKET],
+      writesBuckets: [IDEMPOTENCY_BUCKET, SHADOW_BUCKET, STEP_VERSION_BUCKET],
+      // Callers' schedules (ids without a `.`), not the pipelines' own timers.
+      writesKeys: [{ bucket: SCHEDULE_BUCKET, keys: "*" }],
     },
   },
   {

@@ -216,6 +216,21 @@ export function schedulableSubjects(wirings: readonly PipelineWiring[]): string[
 }
 
 /**
+ * What a pipeline's own schedules (ids `<owner>.<id>`, written only by its services) may fire
+ * on: a wiring's timers and bus inputs, or else a definition's timers (`<owner>._timer.*`).
+ *
+ * @example
+ * ```ts
+ * import { ownedSubjects } from "./wiring.ts";
+ * console.assert(ownedSubjects([], "orders")[0] === "orders._timer.*");
+ * ```
+ */
+export function ownedSubjects(wirings: readonly PipelineWiring[], owner: string): string[] {
+  const w = wirings.find((w) => w.name === owner);
+  return w ? [...w.timers ?? [], ...w.schedulable ?? []] : [`${owner}._timer.*`];
+}
+
+/**
  * A service of a hand-wired pipeline that runs steps of the pipeline's definition with a stage
  * module of its own (`entry`), e.g. an analyzer step.
  */

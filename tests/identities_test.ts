@@ -271,7 +271,7 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
       const before = await waitFor(
         async () => {
           const k = await keys();
-          return k.includes("feedback-digest") && k;
+          return k.includes("feedback.digest") && k;
         },
         15_000,
         "the digest's schedule",
@@ -281,11 +281,50 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
         h.set("KV-Operation", "PURGE");
         h.set("Nats-Rollup", "all");
         await assert.rejects(
-          jetstream(nc).publish("$KV.weft_schedules.feedback-digest", "", { headers: h }),
+          jetstream(nc).publish("$KV.weft_schedules.feedback.digest", "", { headers: h }),
           /rollup/i,
         );
       });
       assert.deepEqual(await keys(), before);
+    },
+  );
+
+  await t.step(
+    "a service writes only its own pipeline's schedules, and those fire only on its subjects",
+    async () => {
+      // Found adversarially: with the digest's key, a schedule written into the bucket for
+      // `content.sla_expired.<id>` decided a flagged item with no review (and deleting
+      // `sla-1-<id>` would have kept it from ever escalating).
+      const now = new Date().toISOString();
+      const forged = (id: string) =>
+        JSON.stringify({
+          id,
+          subject: "content.sla_expired.victim",
+          payload: { level: 2 },
+          at: now,
+          status: "active",
+          next_at: now,
+          created_at: now,
+          fired: 0,
+        });
+      await as(mesh, "digest", async (nc) => {
+        const js = jetstream(nc);
+        for (const key of ["content.sla-2-victim", "sla-2-victim"]) {
+          await assert.rejects(js.publish(`$KV.weft_schedules.${key}`, forged(key)), /permission/i);
+        }
+        // Under its own name it may write, but the scheduler fires it only on its subjects.
+        await (await new Kvm(nc).open("weft_schedules")).put(
+          "feedback.evil",
+          forged("feedback.evil"),
+        );
+      });
+      await mesh.waitForLog(
+        (l) =>
+          l.msg === "schedule refused: its subject is not schedulable" &&
+          l.schedule === "feedback.evil",
+        15_000,
+        "the scheduler's refusal",
+      );
     },
   );
 

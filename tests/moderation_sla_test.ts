@@ -58,7 +58,7 @@ Deno.test({
       await waitForEvents(nc, a, has("content.review_requested"));
       await waitForEvents(nc, b, has("content.review_requested"));
       const schedules = (await call(base, "GET", "/schedules")).body.items as Json[];
-      assert.ok(schedules.some((s) => s.id === `sla-1-${b}`), "the deadline lives in NATS");
+      assert.ok(schedules.some((s) => s.id === `content.sla-1-${b}`), "the deadline lives in NATS");
 
       // Every process dies at once, without draining; NATS keeps running.
       await mesh.stopAll("SIGKILL");
@@ -81,7 +81,10 @@ Deno.test({
         assert.equal(aEvents.filter((e) => e.type === type).length, 1, `one ${type}`);
       }
       const afterDecision = (await call(base, "GET", "/schedules")).body.items as Json[];
-      assert.ok(!afterDecision.some((s) => s.id === `sla-1-${a}`), "a decision cancels its SLA");
+      assert.ok(
+        !afterDecision.some((s) => s.id === `content.sla-1-${a}`),
+        "a decision cancels its SLA",
+      );
 
       // b's review deadline was pending while the scheduler was dead: it still fires.
       const escalated = await waitForEvents(nc, b, has("content.escalated"), 25_000);

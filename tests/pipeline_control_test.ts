@@ -129,7 +129,7 @@ Deno.test("a wait's arming handled again later (a kill before its ack) keeps its
   assert.deepEqual(await deliver(t, approvals, event, 7, "2026-01-01T00:00:31.000Z", 2), []);
   const armed = await timers(t);
   assert.deepEqual(armed.map((s) => [s.id, s.at]), [
-    ["approvals-approval-it1-0", "2026-01-01T00:01:00.000Z"],
+    ["approvals.approval-it1-0", "2026-01-01T00:01:00.000Z"],
   ]);
 });
 
@@ -222,11 +222,11 @@ Deno.test("a join's deadline is armed even when the kill came between recording 
   assert.deepEqual(await deliver(t, checks, fraud, 4, "2026-01-01T00:00:00.010Z"), []);
   const store = createScheduleStore(await new Kvm(t.nc).open(SCHEDULE_BUCKET));
   // What a kill between the two writes leaves: the input recorded, no timer.
-  assert.equal(await store.cancel("checks-both-it2-0"), true);
+  assert.equal(await store.cancel("checks.both-it2-0"), true);
   assert.deepEqual(await timers(t), []);
   assert.deepEqual(await deliver(t, checks, fraud, 4, "2026-01-01T00:00:20.000Z", 2), []);
   assert.deepEqual((await timers(t)).map((s) => [s.id, s.at]), [
-    ["checks-both-it2-0", "2026-01-01T00:01:00.000Z"],
+    ["checks.both-it2-0", "2026-01-01T00:01:00.000Z"],
   ]);
   // The join completes with its other input.
   const stock = completed(checks, "stock", "it2", "2026-01-01T00:00:05.000Z");

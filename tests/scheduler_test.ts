@@ -335,6 +335,61 @@ Deno.test("a caller can neither squat a pipeline timer's id before it is set nor
     201,
   );
   assert.equal((await app.request("/schedules/mine", { method: "DELETE" })).status, 204);
+
+  // A pipeline's timers now have ids of their own (`<owner>.<id>`): a caller can neither make
+  // one nor cancel one.
+  const owned = await post({ id: "content.sla-1-r15", ...sla });
+  assert.equal(await expectField(owned, 422), "/id");
+  await schedules.create({ id: "content.sla-1-r15", ...sla });
+  const cancelOwned = await app.request("/schedules/content.sla-1-r15", { method: "DELETE" });
+  assert.equal(cancelOwned.status, 409, await cancelOwned.text());
+  assert.equal((await schedules.get("content.sla-1-r15")).subject, "content.sla_expired.r14");
+});
+
+/** The `field` of a problem answered with `status`. */
+async function expectField(res: Response, status: number): Promise<string | undefined> {
+  const text = await res.text();
+  assert.equal(res.status, status, text);
+  return (JSON.parse(text) as { field?: string }).field;
+}
+
+Deno.test("a pipeline's own schedule fires only on that pipeline's subjects, whoever wrote it", async () => {
+  // Its services may write only `<owner>.<...>` keys (NATS permissions; tests/identities_test.ts):
+  // one written there for another pipeline's subject is refused when it comes due.
+  await using t = await startTestNats();
+  const lines: string[] = [];
+  const scheduler = await runScheduler({
+    nc: t.nc,
+    log: createLogger("test", "debug", (l) => lines.push(l)),
+    replica: "owners",
+  });
+  const fired = firings(t.nc, "content.sla_expired.*");
+  try {
+    const store = createScheduleStore(await new Kvm(t.nc).open(SCHEDULE_BUCKET));
+    const now = new Date().toISOString();
+    await store.create({
+      id: "feedback.evil",
+      subject: "content.sla_expired.victim",
+      payload: {},
+      at: now,
+    });
+    await store.create({
+      id: "content.sla-1-ok",
+      subject: "content.sla_expired.ok",
+      payload: {},
+      at: now,
+    });
+    await fired.until(() => fired.seen.length >= 1);
+    await waitFor(
+      () => lines.some((l) => l.includes("schedule refused") && l.includes("feedback.evil")),
+      10_000,
+      "the refusal",
+    );
+    assert.deepEqual(fired.seen.map((f) => f.schedule), ["content.sla-1-ok"]);
+  } finally {
+    fired.stop();
+    await scheduler.stop();
+  }
 });
 
 Deno.test("a forged entry delivered onto the scheduler's watch cancels nothing: it follows the bucket", async () => {

@@ -26,8 +26,13 @@ export function itemEventsFilter(itemId: string): string {
 
 /** Where a feedback digest is requested (the recurring schedule publishes here). */
 export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
-/** The id of the recurring schedule that requests the feedback digest. */
-export const DIGEST_SCHEDULE_ID = "feedback-digest";
+/**
+ * The id of the recurring schedule that requests the feedback digest: the pipeline's own
+ * (`feedback.<...>`), which only its digest service may write.
+ */
+export const DIGEST_SCHEDULE_ID = "feedback.digest";
+/** Its id before schedules had owners: removed by the digest service when it starts. */
+export const LEGACY_DIGEST_SCHEDULE_ID = "feedback-digest";
 
 /** The event types of the feedback pipeline, in pipeline order. */
 export const FeedbackEventType = {

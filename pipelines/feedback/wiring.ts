@@ -16,7 +16,12 @@ import {
 } from "../../src/wiring.ts";
 import { FEEDBACK_PIPELINE } from "./pipeline.ts";
 import { DIGEST_STREAM, SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../../src/subjects.ts";
-import { FEEDBACK_STREAM, STATE_BUCKET, SUBMIT_SUBJECT } from "./subjects.ts";
+import {
+  FEEDBACK_STREAM,
+  LEGACY_DIGEST_SCHEDULE_ID,
+  STATE_BUCKET,
+  SUBMIT_SUBJECT,
+} from "./subjects.ts";
 // Its events register in the catalog with the wiring, in every process that loads it.
 import "./events.ts";
 import { FEEDBACK_STATE_SPEC } from "./state.ts";
@@ -101,7 +106,14 @@ export const FEEDBACK_WIRING: PipelineWiring = {
         ["feedback-digest"],
         ["digest.feedback_counts"],
         "feedback.failed",
-        { readsStreams: [FEEDBACK_STREAM], writesBuckets: [SCHEDULE_BUCKET] },
+        {
+          readsStreams: [FEEDBACK_STREAM],
+          // Its own schedule only (and the one it had before schedules had owners).
+          writesKeys: [
+            { bucket: SCHEDULE_BUCKET, keys: "feedback.>" },
+            { bucket: SCHEDULE_BUCKET, keys: LEGACY_DIGEST_SCHEDULE_ID },
+          ],
+        },
       ),
     },
   ],

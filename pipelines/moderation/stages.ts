@@ -33,10 +33,16 @@ export function decidedEventId(itemId: string): string {
   return deterministicId(itemId, T.Decided);
 }
 
-/** The schedule id of an item's SLA deadline at `level` (1: review, 2: escalation). */
+/**
+ * The schedule id of an item's SLA deadline at `level` (1: review, 2: escalation): the
+ * pipeline's own (`content.<...>`), which only its services may write.
+ */
 export function slaScheduleId(itemId: string, level: 1 | 2): string {
-  return `sla-${level}-${itemId}`;
+  return `${CONTENT_OWNER}.sla-${level}-${itemId}`;
 }
+
+/** The owner token of the content pipeline's own schedules: its wiring's name. */
+const CONTENT_OWNER = "content";
 
 /**
  * Screens uploaded content. Binary uploads cannot be read by a text analyzer, so they go

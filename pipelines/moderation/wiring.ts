@@ -84,7 +84,11 @@ export const MODERATION_WIRING: PipelineWiring = {
         name: "review",
         entry: "pipelines/moderation/services/review.ts",
         steps: ["review-queue", "review-sla"],
-        access: { writesBuckets: [REVIEW_BUCKET, SCHEDULE_BUCKET] },
+        // Its SLA timers only (`content.<...>`): no other pipeline's schedules.
+        access: {
+          writesBuckets: [REVIEW_BUCKET],
+          writesKeys: [{ bucket: SCHEDULE_BUCKET, keys: "content.>" }],
+        },
       },
       {
         name: "storage",
@@ -102,6 +106,8 @@ export const MODERATION_WIRING: PipelineWiring = {
     listsConsumers: [CONTENT_STREAM],
     readsBuckets: [CONTENT_STATE_BUCKET],
     writesBuckets: [REVIEW_BUCKET],
+    // A decision cancels the item's SLA timers.
+    writesKeys: [{ bucket: SCHEDULE_BUCKET, keys: "content.>" }],
     writesObjects: [CONTENT_OBJECT_BUCKET],
   },
 };

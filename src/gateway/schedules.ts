@@ -7,8 +7,8 @@
  * - `weft.schedules.list`, `weft.schedules.create`, `weft.schedules.get ID`,
  *   `weft.schedules.cancel ID`
  *
- * A pipeline's own timers (a wait's timeout, a review's SLA) are listed too, and cannot be
- * cancelled here.
+ * A pipeline's own timers (a wait's timeout, a review's SLA: ids `<owner>.<id>`) are listed
+ * too, and cannot be made or cancelled here.
  *
  * @module
  */
@@ -23,6 +23,7 @@ import { decodeJson } from "../runner.ts";
 import {
   assertCallerSchedulable,
   createScheduleStore,
+  scheduleOwner,
   type ScheduleStore,
 } from "../scheduler/store.ts";
 import { validateDocument } from "../schemas.ts";
@@ -48,6 +49,12 @@ async function create(
   body: unknown,
 ) {
   const doc = validateDocument("schedule", body);
+  if (doc.id !== undefined && scheduleOwner(doc.id) !== undefined) {
+    throw new ValidationError(
+      "/id may not hold a '.': ids with one are the pipelines' own timers (<owner>.<id>)",
+      { field: "/id" },
+    );
+  }
   assertCallerSchedulable(doc.subject, allowed);
   return await (await store()).create(doc);
 }

@@ -662,8 +662,9 @@ export function controlStage(
   const heldKv = () => held ??= kvm.open(controlBucketOf(n));
   const schedules = () =>
     timers ??= kvm.open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv));
+  // The pipeline's own schedules: `<name>.<...>`, which only its control service may write.
   const timerId = (step: string, item: string, iter: number) =>
-    `${n}-${step}-${item}-${iter}`.slice(0, 128);
+    `${n}.${`${step}-${item}-${iter}`.slice(0, 128)}`;
 
   /**
    * Arms the timer of `step` for this item and iteration, once: the timer is built from the
@@ -793,7 +794,7 @@ export function controlStage(
     });
     try {
       await (await schedules()).create({
-        id: `${n}-${data.step}-${e.item_id}-${id.slice(0, 12)}`.slice(0, 128),
+        id: `${n}.${`${data.step}-${e.item_id}-${id.slice(0, 12)}`.slice(0, 128)}`,
         subject: `${n}.${TIMER}.${e.item_id}`,
         payload: timer as unknown as Record<string, unknown>,
         at: due.toISOString(),
@@ -1465,7 +1466,9 @@ export function pipelineServiceSpecs(
           ...stepPublishes(def, controlSteps),
           ...[INTAKE, CONTROL, STATE].map((part) => `deadletter.${durableOf(def, part)}.*`),
         ],
-        writesBuckets: [stateBucketOf(n), controlBucketOf(n), SCHEDULE_BUCKET],
+        writesBuckets: [stateBucketOf(n), controlBucketOf(n)],
+        // Its timers only: `<name>.<...>` (another pipeline's deadlines are not its to set).
+        writesKeys: [{ bucket: SCHEDULE_BUCKET, keys: `${n}.>` }],
       },
     });
     for (const id of workSteps(def)) {

@@ -20,8 +20,8 @@ import { type KV, Kvm } from "@nats-io/kv";
 import type { Logger } from "../observability/log.ts";
 import { publishUnique } from "../runner.ts";
 import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET, subjectAllowed } from "../subjects.ts";
-import { afterFiring, readSchedule, type ScheduleEntry } from "./store.ts";
-import { schedulableSubjects } from "../wiring.ts";
+import { afterFiring, readSchedule, type ScheduleEntry, scheduleOwner } from "./store.ts";
+import { ownedSubjects, schedulableSubjects } from "../wiring.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 /** A running scheduler replica. */
@@ -68,9 +68,16 @@ export async function runScheduler(opts: {
    * running definitions').
    */
   schedulable?: readonly string[];
+  /**
+   * What a pipeline's own schedules (ids `<owner>.<id>`) fire on; by default a shipped
+   * pipeline's timers and bus inputs ({@link ownedSubjects}), or a definition's timers.
+   */
+  ownSubjects?: (owner: string) => readonly string[];
 }): Promise<Scheduler> {
   const { nc, replica } = opts;
   const schedulable = opts.schedulable ?? [...schedulableSubjects(SHIPPED_PIPELINES), "*.submit"];
+  const ownSubjects = opts.ownSubjects ??
+    ((owner: string) => ownedSubjects(SHIPPED_PIPELINES, owner));
   const log = opts.log.with({ stage: "scheduler" });
   const now = opts.now ?? (() => new Date());
   const takeoverMs = opts.takeoverMs ?? 30_000;
@@ -135,8 +142,12 @@ export async function runScheduler(opts: {
   async function fire(id: string, due: string): Promise<void> {
     const current = await readSchedule(schedules, id);
     if (!current || current.entry.status !== "active" || current.entry.next_at !== due) return;
-    if (!subjectAllowed(schedulable, current.entry.subject)) {
-      // Only a schedule written straight into the bucket can get here: never publish it.
+    const owner = scheduleOwner(id);
+    if (
+      !subjectAllowed(owner === undefined ? schedulable : ownSubjects(owner), current.entry.subject)
+    ) {
+      // Only a schedule written straight into the bucket can get here (e.g. by one
+      // pipeline's service under its own key, for another's subject): never publish it.
       log.error("schedule refused: its subject is not schedulable", {
         schedule: id,
         subject: current.entry.subject.slice(0, 200),

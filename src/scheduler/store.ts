@@ -4,6 +4,12 @@
  * croner). The store only keeps definitions and their next firing time; the scheduler
  * replicas (src/scheduler/scheduler.ts) watch the bucket and fire.
  *
+ * Callers' schedules have ids without a `.`; a pipeline's own timers (a wait's timeout, a
+ * review's SLA, a digest) are `<owner>.<id>`, where the owner is the pipeline's name: each
+ * pipeline's services may write only their own keys (NATS permissions on
+ * `$KV.weft_schedules.<owner>.>`), and the scheduler fires an owner's schedule only on that
+ * pipeline's subjects, so one service's key cannot set, move or cancel another's deadline.
+ *
  * @module
  */
 import type { KV } from "@nats-io/kv";
@@ -18,7 +24,7 @@ import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 
 /** A stored schedule. */
 export interface ScheduleEntry {
-  /** Schedule id (a pipeline's own, e.g. `sla-1-<item>`, or a ULID). */
+  /** Schedule id: a caller's (given, or a ULID), or a pipeline's own `<owner>.<id>`. */
   id: string;
   /** Subject the payload is published on. */
   subject: string;
@@ -147,7 +153,22 @@ export function callerSchedulable(
 }
 
 const encoder = new TextEncoder();
-const ID = /^[A-Za-z0-9_-]{1,128}$/;
+const ID = /^(?:[A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{1,128}$/;
+
+/**
+ * The pipeline that owns a schedule: the token before the `.` of its id; none for a caller's.
+ *
+ * @example
+ * ```ts
+ * import { scheduleOwner } from "./store.ts";
+ * console.assert(scheduleOwner("content.sla-1-r1") === "content");
+ * console.assert(scheduleOwner("nightly") === undefined);
+ * ```
+ */
+export function scheduleOwner(id: string): string | undefined {
+  const dot = id.indexOf(".");
+  return dot > 0 ? id.slice(0, dot) : undefined;
+}
 
 function sameDefinition(a: ScheduleEntry, b: ScheduleEntry): boolean {
   return a.subject === b.subject && a.at === b.at && a.cron === b.cron &&
@@ -211,7 +232,7 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
     async cancel(id, opts = {}) {
       const found = ID.test(id) ? await readSchedule(kv, id) : null;
       if (!found) return false;
-      if (opts.caller && !callerMay(found.entry.subject)) {
+      if (opts.caller && (scheduleOwner(id) !== undefined || !callerMay(found.entry.subject))) {
         throw new ConflictError(
           `schedule ${id} is a pipeline's own timer (${found.entry.subject}), not a caller's`,
         );
