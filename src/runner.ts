@@ -320,8 +320,9 @@ export function isAlreadyStored(err: unknown): boolean {
  * An item's entry event ({@link isEntryEvent}: its pipeline registered it as one) is published with "expected last subject
  * sequence 0": the stream stores it only if its subject holds nothing yet, so a re-sent
  * submission can never start an item twice, whatever the duplicate window. A refusal means
- * the event is already stored, which is success: then it resolves to false (true when this
- * call stored it).
+ * the event is already stored, which is success: then it resolves to false, as it does for a
+ * duplicate (true when this call stored it). A caller that must know the stored event is its
+ * own (an intake comparing bodies) looks it up on false.
  */
 export async function publishEvent(
   js: JetStreamClient,
@@ -331,8 +332,11 @@ export async function publishEvent(
 ): Promise<boolean> {
   const m = eventMessage(event, parent, entry);
   try {
-    await publishUnique(js, m.subject, m.data, m.headers);
-    return true;
+    // A duplicate (the stream already holds a message under this event id, on this subject)
+    // was not stored by this call. An entry event's id follows from its item alone, so the
+    // message held may carry another body: nats-server 2.9 answers a second entry event of
+    // an item within the duplicate window so, not with the expected-sequence refusal.
+    return !(await publishUnique(js, m.subject, m.data, m.headers)).duplicate;
   } catch (err) {
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;

@@ -19,8 +19,8 @@ import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
-import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
-import { waitFor } from "./helpers/wait.ts";
+import { connectClient, PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
+import { deadline, waitFor } from "./helpers/wait.ts";
 import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { StreamReadStalled } from "../src/stream_reader.ts";
@@ -114,6 +114,79 @@ Deno.test("a client id reused with a different body is refused with 422 like a r
     body: JSON.stringify({ items: [{ id: "mine-1", text: "yet another" }] }),
   });
   await expectProblem(batch, 422, "/id");
+});
+
+Deno.test("two submissions racing under one client id with different bodies: one is accepted, the other refused with 422, never both accepted", async () => {
+  // Found by sending both at once: each looked the id up before either was stored, the second
+  // publish was refused (the id's subject held the first), and it was answered 202 all the same:
+  // its body accepted and never stored.
+  await using t = await startTestNats();
+  // The second submission's gateway: its publish of the item waits, past its look-up, until
+  // the first submission is stored (a fixed interleaving of the race, not a timing).
+  const nc2 = await connectClient(t.server.url, "weft-test-racer");
+  try {
+    const reached = Promise.withResolvers<void>();
+    const release = Promise.withResolvers<void>();
+    const request = nc2.request.bind(nc2);
+    nc2.request = async (subject, ...rest) => {
+      if (subject.startsWith("feedback.ingested.")) {
+        reached.resolve();
+        await release.promise;
+      }
+      return await request(subject, ...rest);
+    };
+    const app = (intake: Awaited<ReturnType<typeof createIntake>>) =>
+      createApp({
+        nc: t.nc,
+        jetStream: intake,
+        config: t.config,
+        log: t.log,
+        auth: createAuth([]),
+        extensions: [feedbackRoutes(intake)],
+      });
+    const first = app(await createIntake(t.nc));
+    const second = app(await createIntake(nc2));
+    const post = async (a: Hono, body: unknown) =>
+      await a.request("/feedback", {
+        method: "POST",
+        headers: JSON_TYPE,
+        body: JSON.stringify(body),
+      });
+    const late = post(second, { id: "race-1", text: "the second body" });
+    await deadline(reached.promise, 10_000, "the second submission's publish");
+    const won = await post(first, { id: "race-1", text: "the first body" });
+    assert.equal(won.status, 202, await won.clone().text());
+    await won.body?.cancel();
+    release.resolve();
+    const p = await expectProblem(await deadline(late, 10_000, "the second answer"), 422, "/id");
+    assert.equal(p.code, "idempotency_mismatch");
+    const stored = await t.jsm.streams.getMessage(FEEDBACK_STREAM, {
+      last_by_subj: "feedback.ingested.race-1",
+    });
+    assert.equal(stored!.json<{ data: { text: string } }>().data.text, "the first body");
+    // The same body racing is a replay, said so.
+    const reached2 = Promise.withResolvers<void>();
+    const release2 = Promise.withResolvers<void>();
+    nc2.request = async (subject, ...rest) => {
+      if (subject.startsWith("feedback.ingested.")) {
+        reached2.resolve();
+        await release2.promise;
+      }
+      return await request(subject, ...rest);
+    };
+    const same = post(second, { id: "race-2", text: "one body" });
+    await deadline(reached2.promise, 10_000, "the second submission's publish");
+    const firstSame = await post(first, { id: "race-2", text: "one body" });
+    assert.equal(firstSame.status, 202);
+    await firstSame.body?.cancel();
+    release2.resolve();
+    const replay = await deadline(same, 10_000, "the replay's answer");
+    assert.equal(replay.status, 202, await replay.clone().text());
+    assert.equal(replay.headers.get("idempotent-replayed"), "true");
+    await replay.body?.cancel();
+  } finally {
+    await nc2.close();
+  }
 });
 
 Deno.test("a text with a lone UTF-16 surrogate is accepted, and its repeat is a replay, not a 500", async () => {

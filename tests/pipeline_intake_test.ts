@@ -22,10 +22,10 @@ import {
 import { runStage } from "../src/runner.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { connectClient, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { definitionsApp } from "./helpers/pipeline.ts";
 import { readSse } from "./helpers/sse.ts";
-import { waitFor } from "./helpers/wait.ts";
+import { deadline, waitFor } from "./helpers/wait.ts";
 
 const root = new URL("../", import.meta.url).pathname;
 const pipelines = await loadPipelines(["pipelines/examples/tickets.ts"], root);
@@ -235,6 +235,61 @@ Deno.test("a reused Idempotency-Key is the same item with the same input, and re
     assert.equal((await t.jsm.streams.info("TICKETS")).state.messages, 3, "3 items, no more");
   } finally {
     requests.stop();
+  }
+});
+
+Deno.test("two submissions racing under one Idempotency-Key with different inputs: one is accepted, the other refused with 422", async () => {
+  // Found on nats-server 2.9: the second entry event, under the same event id within the
+  // duplicate window, was answered "duplicate" rather than refused, taken for stored, and the
+  // second request answered 202 with its input never stored.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const nc2 = await connectClient(t.server.url, "weft-test-racer");
+  try {
+    // The second request's gateway: its publish waits, past its look-up, until the first
+    // request's item is stored (a fixed interleaving of the race, not a timing).
+    const reached = Promise.withResolvers<void>();
+    const release = Promise.withResolvers<void>();
+    const request = nc2.request.bind(nc2);
+    nc2.request = async (subject, ...rest) => {
+      if (subject.startsWith("tickets.submitted.")) {
+        reached.resolve();
+        await release.promise;
+      }
+      return await request(subject, ...rest);
+    };
+    const first = await definitionsApp(t, pipelines);
+    const second = createApp({
+      nc: nc2,
+      jetStream: await createIntake(nc2),
+      config: t.config,
+      log: t.log,
+      pipelines,
+    });
+    const post = async (app: typeof first, body: unknown) =>
+      await app.request("/pipelines/tickets/items", {
+        method: "POST",
+        headers: { "content-type": "application/json", "idempotency-key": "race" },
+        body: JSON.stringify(body),
+      });
+    const late = post(second, { customer: "c-2", text: "the second input" });
+    await deadline(reached.promise, 10_000, "the second request's publish");
+    const won = await post(first, { customer: "c-1", text: "the first input" });
+    assert.equal(won.status, 202, await won.clone().text());
+    const { id } = await won.json();
+    release.resolve();
+    const lost = await deadline(late, 10_000, "the second answer");
+    assert.equal(lost.status, 422, await lost.clone().text());
+    assert.equal((await lost.json()).code, "idempotency_mismatch");
+    const stored = await t.jsm.streams.getMessage("TICKETS", {
+      last_by_subj: `tickets.submitted.${id}`,
+    });
+    assert.equal(
+      stored!.json<{ data: { input: { text: string } } }>().data.input.text,
+      "the first input",
+    );
+  } finally {
+    await nc2.close();
   }
 });
 

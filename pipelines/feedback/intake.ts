@@ -159,10 +159,15 @@ export async function createIntake(
     return { event, ctx };
   }
 
-  async function publish(submission: FeedbackSubmission, id: string, trace?: TraceContext | null) {
+  /** Publishes the item's ingested event; false when the stream already held the item's. */
+  async function publish(
+    submission: FeedbackSubmission,
+    id: string,
+    trace?: TraceContext | null,
+  ): Promise<boolean> {
     const { event, ctx } = ingestedEvent(submission, id, trace);
     try {
-      await publishEvent(js, event, ctx);
+      return await publishEvent(js, event, ctx);
     } catch (err) {
       throw isStreamFull(err) ? streamFullError(FEEDBACK_STREAM, err) : err;
     }
@@ -285,7 +290,12 @@ export async function createIntake(
     trace?: TraceContext | null,
   ): Promise<boolean> {
     if (mayExist && !(await isNew(submission, id))) return false;
-    await publish(submission, id, trace);
+    if (!(await publish(submission, id, trace))) {
+      // Another submission of the id stored first (a race past the look-up above): a replay
+      // only with the same body, else refused like any reused id.
+      await isNew(submission, id);
+      return false;
+    }
     onAccepted?.(1);
     return true;
   }
