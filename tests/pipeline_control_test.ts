@@ -397,3 +397,43 @@ Deno.test("an item that failed on a timer stays failed when another of its timer
     "approvals.expired",
   ]);
 });
+
+Deno.test("a decision that came before its wait is not taken when the item has failed meanwhile; the wait's firing after a redrive takes it", async () => {
+  // Found in review: a decision may come before the item reaches its wait (it counts when the
+  // item gets there). When another branch failed the item in between, the arrival at the wait
+  // took that decision at once and ran the item on to `done`: an outcome after its failure.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const js = jetstream(t.nc);
+  const decision = { type: "approvals.approved", item_id: "it8", approve: true };
+  assert.deepEqual(await deliver(t, approvals, decision, 2, "2026-01-01T00:00:00.000Z"), []);
+  await failItem(t, approvals, "it8", "approvals.other.it8", "other-it8");
+  const check = completed(approvals, "check", "it8", "2026-01-01T00:00:01.000Z");
+  assert.deepEqual(
+    await deliver(t, approvals, check, 5, "2026-01-01T00:00:31.000Z"),
+    [],
+    "held: the item has failed",
+  );
+  const [deadline] = await timers(t);
+  assert.ok(deadline, "the wait is armed");
+  const fired = await js.publish("approvals._timer.it8", JSON.stringify(deadline!.payload));
+  assert.deepEqual(
+    await deliver(t, approvals, deadline!.payload as never, fired.seq, deadline!.at!),
+    [],
+    "no outcome while failed",
+  );
+  const [postponed] = (await timers(t)).filter((s) => s.id !== deadline!.id);
+  assert.ok(postponed, "checked again later");
+  // The redrive stores the event the item failed on again: the item is resumed, and the
+  // wait's next firing takes the decision that came first (not its timeout).
+  await js.publish("approvals.other.it8", JSON.stringify({ id: "other-it8" }));
+  const stored = await js.publish("approvals._timer.it8", JSON.stringify(postponed!.payload));
+  const decided = await deliver(
+    t,
+    approvals,
+    postponed!.payload as never,
+    stored.seq,
+    postponed!.at!,
+  );
+  assert.deepEqual(decided.map((e) => e.type), ["approvals.approval", "approvals.done"]);
+});

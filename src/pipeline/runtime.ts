@@ -890,6 +890,9 @@ export function controlStage(
         if (r.events.length > 0) await disarm(t, e.item_id, iter);
         out.push(...r.events);
       } else if (s.kind === "wait") {
+        // A failed item's wait is armed but takes no decision that came before it: its
+        // timer's firing after a redrive resumed the item takes it.
+        const failed = await failedNow(e.item_id);
         const r = await updateHeld(kv, key, (rec) => {
           if (rec && rec.iter === iter && rec.armed) {
             return { out: rec.closedBy === seq ? rec.emitted! : null };
@@ -902,7 +905,7 @@ export function controlStage(
             due: new Date(Date.parse(e.time) + s.timeoutMs).toISOString(),
           };
           let events: FlowEvent[] | null = null;
-          if (cur.received !== undefined) {
+          if (cur.received !== undefined && !failed) {
             events = resume(t, e.item_id, cur, emit);
             Object.assign(cur, { closed: "done", closedBy: seq, emitted: events });
           }
@@ -1052,6 +1055,12 @@ export function controlStage(
         // Every input came while the item was failed (held): complete it now, as its last
         // input would have.
         events = completeJoin(t, iter, e, rec.arrived!, emit);
+        return { rec: { ...rec, closed: "done", closedBy: seq, emitted: events }, out: events };
+      }
+      if (s.kind === "wait" && rec.armed && rec.received !== undefined) {
+        // Its decision came while the item was failed (held): take it now, as its arming
+        // would have.
+        events = resume(t, e.item_id, rec, emit);
         return { rec: { ...rec, closed: "done", closedBy: seq, emitted: events }, out: events };
       }
       if (s.kind === "join") {
