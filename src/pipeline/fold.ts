@@ -49,6 +49,8 @@ export interface ItemState {
    * (`event`): a redrive of that event's dead letter resumes the item.
    */
   error?: { stage?: string; code?: string; reason?: string; event?: string };
+  /** Stream sequence of the failure the item ended with, while failed. */
+  failed_seq?: number;
   /** The failures a redrive resumed the item from, oldest first. */
   redriven?: { stage?: string; code?: string; reason?: string; seq: number }[];
   /** Hash of the definition the item started on. */
@@ -164,6 +166,7 @@ export function applyPipelineEvent(
     base.redriven = [...base.redriven ?? [], { ...why, seq: event.seq }];
     base.status = "running";
     delete base.error;
+    delete base.failed_seq;
     delete base.outcome;
     if (timer) {
       // At the step whose timer fires: the control step decides it now (its deadline passed).
@@ -186,6 +189,7 @@ export function applyPipelineEvent(
       }
       | undefined;
     base.error = { stage: d?.stage, code: d?.code, reason: d?.reason };
+    base.failed_seq = event.seq;
     // The event it failed on: a Weft event by its id, an awaited one (plain JSON) by its
     // subject, as it is known when stored again.
     const failedOn = typeof d?.event_id === "string"
@@ -256,6 +260,16 @@ export function applyPipelineEvent(
 function lateEvent(spec: PipelineSpec, state: ItemState, event: FoldEvent): ItemState {
   const ended = state.status === "done" || state.status === "failed";
   const n = spec.name;
+  const endStep = spec.steps[index(spec).byEvent.get(event.type)?.id ?? ""];
+  if (
+    state.status === "failed" && endStep?.kind === "end" && endStep.outcome !== FAILED &&
+    state.failed_seq !== undefined && event.seq < state.failed_seq
+  ) {
+    // An end stored before the failure the item ended with, delivered after it: in order the
+    // item ended there, and a failure after its end changes nothing.
+    const { error: _, failed_seq: _at, ...rest } = state;
+    return { ...rest, status: "done", outcome: endStep.outcome, current: [] };
+  }
   const terminal = !ended && (event.type === `${n}.${FAILED}` ||
     spec.steps[index(spec).byEvent.get(event.type)?.id ?? ""]?.kind === "end");
   if (terminal) {

@@ -361,3 +361,33 @@ Deno.test("a failed item resumes when the timer it failed on is redriven, and en
     "deno task rebuild-state folds the same",
   );
 });
+
+Deno.test("an end stored before a failure stands, whichever of the two the state writer is handed first", () => {
+  // Found in review: an item can hold both (a failure stored after its end, when the step's
+  // look-up of the item's end could not answer). In order, the end stands; handed the failure
+  // first (a redelivery, a second writer on the durable), the fold kept `failed`, and the live
+  // state differed from `deno task rebuild-state`.
+  const events: FoldEvent[] = [
+    ev(1, "submitted"),
+    ev(2, "triage", "triage", { label: "normal" }),
+    ev(3, "done"),
+    {
+      seq: 4,
+      type: "tickets.failed",
+      time: t(4),
+      item_id: "T1",
+      data: { stage: "tickets-a", code: "handler_failed", reason: "late", event_id: "x" },
+    },
+  ];
+  const inOrder = foldPipelineEvents(spec, events)!;
+  assert.equal(inOrder.status, "done");
+  let late: ReturnType<typeof applyPipelineEvent>;
+  for (const e of [events[0]!, events[1]!, events[3]!, events[2]!]) {
+    late = applyPipelineEvent(spec, late, e) ?? late;
+  }
+  assert.equal(late!.status, inOrder.status);
+  assert.equal(late!.outcome, inOrder.outcome);
+  assert.equal(late!.error, undefined);
+  assert.deepEqual(late!.current, inOrder.current);
+  assert.equal(late!.last_seq, 4);
+});
