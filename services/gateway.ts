@@ -20,8 +20,11 @@ import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { createShadowControl } from "../src/shadow/control.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
 import { SseClients } from "../src/gateway/sse.ts";
-import { lazyScheduleStore, serveScheduleRequests } from "../src/gateway/schedules.ts";
-import { callerSchedulable } from "../src/scheduler/store.ts";
+import {
+  lazyScheduleStore,
+  scheduleTargets,
+  serveScheduleRequests,
+} from "../src/gateway/schedules.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
@@ -89,7 +92,7 @@ export const service: ServiceDef = defineService(
     const scheduleRequests = serveScheduleRequests(
       nc,
       schedules,
-      callerSchedulable(pipelines),
+      scheduleTargets(pipelines),
       log,
       auth,
     );

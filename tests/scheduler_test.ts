@@ -21,9 +21,9 @@ import { Hono } from "hono";
 import {
   lazyScheduleStore,
   scheduleRoutes,
+  scheduleTargets,
   serveScheduleRequests,
 } from "../src/gateway/schedules.ts";
-import { callerSchedulable } from "../src/scheduler/store.ts";
 import { definePipeline } from "../src/pipeline/definition.ts";
 import { compileFlow } from "../src/pipeline/flow.ts";
 import { type LoadedPipeline, pipelineTopology } from "../src/pipeline/runtime.ts";
@@ -204,7 +204,7 @@ async function scheduleApp(
 ) {
   const log = createLogger("test", "error", () => {});
   const store = lazyScheduleStore(t.nc);
-  const allowed = callerSchedulable(pipelines);
+  const allowed = scheduleTargets(pipelines);
   const app = new Hono();
   app.onError((err, c) => problemResponse(c, err));
   app.route("/schedules", scheduleRoutes(store, allowed, t.config.bodyLimit));
@@ -328,10 +328,16 @@ Deno.test("a caller can neither squat a pipeline timer's id before it is set nor
   const cancel = await app.request("/schedules/sla-1-r14", { method: "DELETE" });
   assert.equal(cancel.status, 409, await cancel.text());
   assert.equal((await schedules.get("sla-1-r14")).subject, "content.sla_expired.r14");
-  const again = await post({ id: "sla-1-r14", subject: "feedback.submit", payload: {}, at: later });
+  const again = await post({
+    id: "sla-1-r14",
+    subject: "feedback.submit",
+    payload: { text: "x" },
+    at: later,
+  });
   assert.equal(again.status, 409);
   assert.equal(
-    (await post({ id: "mine", subject: "feedback.submit", payload: {}, at: later })).status,
+    (await post({ id: "mine", subject: "feedback.submit", payload: { text: "x" }, at: later }))
+      .status,
     201,
   );
   assert.equal((await app.request("/schedules/mine", { method: "DELETE" })).status, 204);
@@ -492,4 +498,30 @@ Deno.test("callers may schedule submissions to a running definition; a pipeline 
     fired.stop();
     await scheduler.stop();
   }
+});
+
+Deno.test("a schedule its target would refuse is refused when made, naming the field: a bad payload, or a subject nothing reads", async () => {
+  // Found by a probe: `{"subject":"feedback.submit","payload":{"text":""}}` got 201 and, when
+  // it fired, a dead letter and a failed item; `digest.request.nonexistent` (inside the allowed
+  // `digest.request.*`) got 201, fired, and was read by no one.
+  await using t = await startTestNats();
+  using gateway = await scheduleApp(t);
+  const at = "2099-01-01T00:00:00Z";
+  const cases: [unknown, string][] = [
+    [{ subject: "feedback.submit", payload: { text: "" }, at }, "/payload/text"],
+    [{ subject: "feedback.submit", payload: {}, at }, "/payload/text"],
+    [{ subject: "digest.request.feedback", payload: { window_ms: 1 }, at }, "/payload/window_ms"],
+    [{ subject: "digest.request.nonexistent", payload: {}, at }, "/subject"],
+  ];
+  for (const [body, field] of cases) {
+    const res = await gateway.app.request("/schedules", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    assert.equal(await expectField(res, 422), field, JSON.stringify(body));
+    const reply = await t.nc.request("weft.schedules.create", JSON.stringify(body), PATIENT);
+    assert.equal(reply.json<{ error?: { field?: string } }>().error?.field, field);
+  }
+  assert.deepEqual(await gateway.schedules.list(), [], "nothing was scheduled");
 });

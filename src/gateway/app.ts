@@ -29,8 +29,8 @@ import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 import { DEADLETTER_STREAM } from "../subjects.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
-import { lazyScheduleStore, scheduleRoutes } from "./schedules.ts";
-import { callerSchedulable, type ScheduleStore } from "../scheduler/store.ts";
+import { lazyScheduleStore, scheduleRoutes, scheduleTargets } from "./schedules.ts";
+import type { ScheduleStore } from "../scheduler/store.ts";
 import { type Auth, createAuth } from "./auth.ts";
 import { Role } from "../config.ts";
 import { LiveFeeds, SseClients } from "./sse.ts";
@@ -302,7 +302,7 @@ export function createApp(deps: GatewayDeps): Hono {
     "/schedules",
     scheduleRoutes(
       deps.schedules ?? lazyScheduleStore(deps.nc),
-      callerSchedulable(deps.pipelines ?? []),
+      scheduleTargets(deps.pipelines ?? []),
       config.bodyLimit,
     ),
   );

@@ -22,11 +22,13 @@ import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 import {
   assertCallerSchedulable,
+  callerSchedulable,
   createScheduleStore,
   scheduleOwner,
   type ScheduleStore,
 } from "../scheduler/store.ts";
-import { validateDocument } from "../schemas.ts";
+import { requestDocument, submissionDocument, validateDocument } from "../schemas.ts";
+import { checkInput, type LoadedPipeline } from "../pipeline/runtime.ts";
 import { SCHEDULE_BUCKET, SCHEDULES_REQUEST_PREFIX } from "../subjects.ts";
 import type { Auth } from "./auth.ts";
 
@@ -42,10 +44,60 @@ export function lazyScheduleStore(nc: NatsConnection): () => Promise<ScheduleSto
     );
 }
 
+/**
+ * What callers may schedule with `pipelines` running: the subjects ({@link callerSchedulable})
+ * and a check of a payload as the subject's consumer will check it (a submission's or a
+ * request's document, a definition's input), so a schedule that could only fail is refused
+ * now, naming the field, not dead-lettered when it fires.
+ */
+export interface ScheduleTargets {
+  /** The subjects a caller may schedule. */
+  allowed: readonly string[];
+  /** Throws a {@link ValidationError} naming `/payload/...` when `payload` would be refused. */
+  check(subject: string, payload: unknown): void;
+}
+
+/**
+ * The schedule targets of the shipped pipelines and `pipelines`.
+ *
+ * @example
+ * ```ts ignore
+ * const targets = scheduleTargets(pipelines);
+ * targets.check("feedback.submit", { text: 42 }); // throws, field "/payload/text"
+ * ```
+ */
+export function scheduleTargets(pipelines: readonly LoadedPipeline[]): ScheduleTargets {
+  return {
+    allowed: callerSchedulable(pipelines),
+    check(subject, payload) {
+      const doc = submissionDocument(subject) ?? requestDocument(subject);
+      const p = pipelines.find((p) => `${p.def.name}.submit` === subject);
+      if (!doc && !p) {
+        // Inside an allowed pattern (`digest.request.*`) but read by no one: it would fire
+        // into the stream and be lost.
+        throw new ValidationError(`/subject ${JSON.stringify(subject)}: nothing running reads it`, {
+          field: "/subject",
+        });
+      }
+      try {
+        if (doc) validateDocument(doc, payload);
+        if (p) checkInput(p.flow, payload);
+      } catch (err) {
+        if (!(err instanceof ValidationError)) throw err;
+        const field = `/payload${err.field === "/" ? "" : err.field ?? ""}`;
+        throw new ValidationError(`payload (as ${subject} takes it): ${err.message}`, {
+          field,
+          cause: err,
+        });
+      }
+    },
+  };
+}
+
 /** Checks a caller's schedule and stores it. */
 async function create(
   store: () => Promise<ScheduleStore>,
-  allowed: readonly string[],
+  targets: ScheduleTargets,
   body: unknown,
 ) {
   const doc = validateDocument("schedule", body);
@@ -55,22 +107,22 @@ async function create(
       { field: "/id" },
     );
   }
-  assertCallerSchedulable(doc.subject, allowed);
+  assertCallerSchedulable(doc.subject, targets.allowed);
+  targets.check(doc.subject, doc.payload);
   return await (await store()).create(doc);
 }
 
 /**
- * The `/schedules` routes (mount them behind the admin role). `allowed`: the subjects a caller
- * may schedule ({@link callerSchedulable}).
+ * The `/schedules` routes (mount them behind the admin role).
  *
  * @example
  * ```ts ignore
- * app.route("/schedules", scheduleRoutes(lazyScheduleStore(nc), callerSchedulable(pipelines), 65536));
+ * app.route("/schedules", scheduleRoutes(lazyScheduleStore(nc), scheduleTargets(pipelines), 65536));
  * ```
  */
 export function scheduleRoutes(
   store: () => Promise<ScheduleStore>,
-  allowed: readonly string[],
+  targets: ScheduleTargets,
   maxBody: number,
 ): Hono {
   const app = new Hono();
@@ -79,7 +131,7 @@ export function scheduleRoutes(
     "/",
     requireJson,
     bodyLimitProblem(maxBody),
-    async (c) => c.json(await create(store, allowed, await readJson(c)), 201),
+    async (c) => c.json(await create(store, targets, await readJson(c)), 201),
   );
   app.get("/:id", async (c) => c.json(await (await store()).get(c.req.param("id"))));
   app.delete("/:id", async (c) => {
@@ -106,7 +158,7 @@ function idOf(m: Msg): string {
  *
  * @example
  * ```ts ignore
- * const requests = serveScheduleRequests(nc, lazyScheduleStore(nc), allowed, log, auth);
+ * const requests = serveScheduleRequests(nc, lazyScheduleStore(nc), targets, log, auth);
  * // nats req weft.schedules.list ''
  * requests.stop();
  * ```
@@ -114,12 +166,12 @@ function idOf(m: Msg): string {
 export function serveScheduleRequests(
   nc: NatsConnection,
   store: () => Promise<ScheduleStore>,
-  allowed: readonly string[],
+  targets: ScheduleTargets,
   log: Logger,
   auth: Auth,
 ): { stop(): void } {
   const handlers: Record<string, (m: Msg) => Promise<unknown>> = {
-    create: (m) => create(store, allowed, m.data.length === 0 ? {} : decodeJson(m.data)),
+    create: (m) => create(store, targets, m.data.length === 0 ? {} : decodeJson(m.data)),
     list: async () => ({ items: await (await store()).list() }),
     get: async (m) => await (await store()).get(idOf(m)),
     cancel: async (m) => ({ cancelled: await (await store()).cancel(idOf(m), { caller: true }) }),
