@@ -10,6 +10,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
+import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { createCapacityGuard } from "../src/capacity.ts";
@@ -398,5 +399,79 @@ Deno.test("an input whose entry event would pass the server's message limit is r
     assert.equal(letter.attempts, 1, "not retried: no retry can make it fit");
   } finally {
     await runner.stop();
+  }
+});
+
+Deno.test("an Idempotency-Key is its caller's: another API key's holder using the same key gets its own item, over HTTP and NATS", async () => {
+  // Found by a probe: the ingest key posted {"text":"private A"} with Idempotency-Key shared-1,
+  // and the admin key, posting the same with that key, was answered the first caller's item;
+  // with another body it got 422. Keys are per caller at any API that takes them.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const keys = createAuth([
+    { sha256: await hashKey("k-a"), role: "ingest", name: "team-a" },
+    { sha256: await hashKey("k-b"), role: "ingest", name: "team-b" },
+  ]);
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: t.config,
+    log: t.log,
+    auth: keys,
+    pipelines,
+    extensions: [feedbackRoutes(await createIntake(t.nc))],
+  });
+  const post = async (path: string, key: string, body: unknown) => {
+    const res = await app.request(path, {
+      method: "POST",
+      headers: {
+        "content-type": "application/json",
+        authorization: `Bearer ${key}`,
+        "Idempotency-Key": "shared-1",
+      },
+      body: JSON.stringify(body),
+    });
+    return { status: res.status, body: await res.json() };
+  };
+  for (
+    const [path, a, b] of [
+      ["/pipelines/tickets/items", { customer: "a", text: "mine" }, {
+        customer: "b",
+        text: "theirs",
+      }],
+      ["/feedback", { text: "private A" }, { text: "private B" }],
+    ] as const
+  ) {
+    const first = await post(path, "k-a", a);
+    assert.equal(first.status, 202, JSON.stringify(first.body));
+    const other = await post(path, "k-b", b);
+    assert.equal(other.status, 202, `${path}: ${JSON.stringify(other.body)}`);
+    assert.notEqual(other.body.id, first.body.id, path);
+    const again = await post(path, "k-a", a);
+    assert.equal(again.body.id, first.body.id, `${path}: the same caller's repeat`);
+    assert.equal((await post(path, "k-a", b)).status, 422, `${path}: its key, another body`);
+  }
+  // Over NATS the key is the caller's too: team-b's request is its own item.
+  const requests = servePipelineRequests(t.nc, pipelines, t.log, { auth: keys });
+  try {
+    const h = headers();
+    h.set("Authorization", "Bearer k-b");
+    h.set("Idempotency-Key", "shared-2");
+    const viaNats =
+      (await t.nc.request("weft.tickets.submit", TICKET, { headers: h, timeout: 5_000 })).json<
+        { id: string }
+      >();
+    const viaHttp = await app.request("/pipelines/tickets/items", {
+      method: "POST",
+      headers: {
+        "content-type": "application/json",
+        authorization: "Bearer k-b",
+        "Idempotency-Key": "shared-2",
+      },
+      body: TICKET,
+    });
+    assert.equal((await viaHttp.json()).id, viaNats.id, "one caller, one key: one item");
+  } finally {
+    requests.stop();
   }
 });

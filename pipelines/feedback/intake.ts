@@ -99,6 +99,9 @@ export function acceptedAnswer(id: string): Accepted {
   };
 }
 
+/** Whose Idempotency-Keys a submission's are when it names no caller (auth off). */
+const ANONYMOUS = "anonymous";
+
 /** Creates the intake on a connection whose topology exists. */
 export async function createIntake(
   nc: NatsConnection,
@@ -237,9 +240,14 @@ export async function createIntake(
     return false;
   }
 
-  /** Runs `work` once per Idempotency-Key; later calls get the first answer. */
+  /**
+   * Runs `work` once per Idempotency-Key of a caller (keys are each API key holder's own, as
+   * at any API: two callers who pick the same key do not share answers); later calls get the
+   * first answer.
+   */
   async function once<T>(
     key: string | undefined,
+    caller: string,
     request: unknown,
     answer: () => T,
     work: (answer: T, replay: boolean) => Promise<void>,
@@ -254,7 +262,7 @@ export async function createIntake(
         field: "Idempotency-Key",
       });
     }
-    const kvKey = deterministicId("idempotency", key);
+    const kvKey = deterministicId("idempotency", caller, key);
     // Canonical JSON (src/canonical_json.ts): the same request with its keys in another order matches.
     const fingerprint = deterministicId(canonicalJson(request) ?? "");
     const body = answer();
@@ -309,6 +317,7 @@ export async function createIntake(
       let seenBefore = false;
       const result = await once(
         opts.idempotencyKey,
+        opts.who?.name ?? ANONYMOUS,
         submission,
         () => acceptedAnswer(submission.id ?? ulid()),
         async (answer, replay) => {
@@ -333,6 +342,7 @@ export async function createIntake(
       });
       return await once(
         opts.idempotencyKey,
+        opts.who?.name ?? ANONYMOUS,
         items,
         () => ({ items: items.map((item) => acceptedAnswer(item.id ?? ulid())) }),
         async (answer, replay) => {

@@ -87,15 +87,19 @@ const encoder = new TextEncoder();
 /** Most items in one batch submission. */
 const BATCH_MAX_ITEMS = 1000;
 
-/** The id of a new item: from the Idempotency-Key when given (a repeat is the same item). */
-function newId(name: string, key: string | undefined): string {
+/**
+ * The id of a new item: from the caller's Idempotency-Key when given (a repeat is the same
+ * item; each API key holder's keys are its own, so two callers who pick one key do not share
+ * items).
+ */
+function newId(name: string, key: string | undefined, caller: string): string {
   if (key === undefined) return ulid();
   if (key.length === 0 || key.length > 256) {
     throw new ValidationError("Idempotency-Key must be 1 to 256 characters", {
       field: "Idempotency-Key",
     });
   }
-  return deterministicId(name, "idempotency", key).slice(0, 26);
+  return deterministicId(name, "idempotency", caller, key).slice(0, 26);
 }
 
 /** `make()` on the first call, its promise after (rejected ones are retried). */
@@ -376,7 +380,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       const r = runtimeOf(c.req.param("name"));
       const input = await readJson(c);
       const key = c.req.header("Idempotency-Key");
-      const id = newId(r.p.def.name, key);
+      const id = newId(r.p.def.name, key, whoOf(c).name);
       const { replayed } = await admit(
         nc,
         r.p,
@@ -414,7 +418,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       const key = c.req.header("Idempotency-Key");
       const trace = traceId(c.req.header("traceparent"));
       const items = body.items.map((input, i) => ({
-        id: key === undefined ? ulid() : newId(r.p.def.name, `${key}#${i}`),
+        id: key === undefined ? ulid() : newId(r.p.def.name, `${key}#${i}`, whoOf(c).name),
         input,
       }));
       const { replayed } = await admit(
@@ -636,7 +640,7 @@ export function servePipelineRequests(
             const who = check(m, Role.Ingest) ?? ANONYMOUS;
             const input = decodeJson(m.data);
             const key = m.headers?.get("Idempotency-Key") || undefined;
-            const id = newId(n, key);
+            const id = newId(n, key, who.name);
             const trace = childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId;
             await admit(nc, p, opts.guards, who, [{ id, input }], trace, key !== undefined);
             return { id, status: "accepted", links: links(n, id) };
