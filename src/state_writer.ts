@@ -290,10 +290,27 @@ export async function runStateWriter<S>(opts: {
       } catch (err) {
         log.warn("state write failed", { item_id: id, err });
         metrics?.failed.inc({ stage: spec.durable, code: "state_write_failed" });
-        metrics?.retried.inc({ stage: spec.durable }, group.msgs.length);
-        for (const m of group.msgs) {
-          m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
-        }
+        await Promise.all(group.msgs.map(async (m, i) => {
+          if (m.info.deliveryCount < config.maxAttempts) {
+            metrics?.retried.inc({ stage: spec.durable });
+            m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
+            return;
+          }
+          // Its last attempt (the server delivers it no more after a few): kept as a dead
+          // letter with the reason, not dropped unseen. The item's state lacks it until a
+          // redrive (or rebuild-state) folds it in.
+          await deadLetter(
+            dlContext,
+            m,
+            err,
+            group.events[i]!.event,
+            id,
+            parseTraceparent(m.headers?.get("traceparent")),
+            { failItem: false },
+          )
+            .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
+            .catch(() => m.nak(1000));
+        }));
       }
     }));
   }

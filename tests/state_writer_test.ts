@@ -9,6 +9,7 @@ import { runStateWriter } from "../src/state_writer.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { startTestNats } from "./helpers/nats.ts";
+import { listDeadLetters } from "../src/redrive.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -80,4 +81,55 @@ Deno.test("two state writers on one consumer, fed events out of order, lose no f
   const writes = writers.reduce((n, w) => n + w.stats.writes, 0);
   assert.ok(events >= ids.length * 5);
   assert.ok(writes < events, `batched: ${writes} writes for ${events} events`);
+});
+
+Deno.test("an item whose state cannot be written is dead-lettered with the reason on its last attempt, and the writer goes on", async () => {
+  // Seen in review: a state that can never be stored (here one past the server's largest
+  // message) was retried until the server stopped delivering its events: no dead letter, the
+  // events silently missing from the state until a rebuild.
+  await using t = await startTestNats();
+  const config = { ...t.config, maxAttempts: 2, retryBaseMs: 10, retryMaxMs: 20 };
+  const huge = "x".repeat(2 * 1024 * 1024);
+  const writer = await runStateWriter({
+    nc: t.nc,
+    config,
+    log: t.log,
+    spec: {
+      ...FEEDBACK_STATE_SPEC,
+      apply: (s, e, seq) => {
+        const next = FEEDBACK_STATE_SPEC.apply(s, e, seq);
+        return e.item_id === "huge" ? { ...next, padding: huge } as typeof next : next;
+      },
+    },
+  });
+  try {
+    const js = jetstream(t.nc);
+    for (const id of ["huge", "fine"]) {
+      for (const e of eventsOf(id)) {
+        await js.publish(`${e.type}.${id}`, JSON.stringify(e), { msgID: e.id });
+      }
+    }
+    const kv = await new Kvm(t.nc).open("weft_feedback_state");
+    await waitFor(
+      async () => (await kv.get("fine"))?.json<FeedbackState>().status === "processed",
+      10_000,
+      "the other item's state",
+    );
+    const letters = await waitFor(
+      async () => {
+        const l = await listDeadLetters(js, { stage: FEEDBACK_STATE_SPEC.durable });
+        return l.length === 5 ? l : undefined;
+      },
+      20_000,
+      "a dead letter for each of the huge item's five events",
+    );
+    for (const l of letters) {
+      assert.equal(l.letter.item_id, "huge");
+      assert.equal(l.letter.attempts, 2);
+      assert.match(l.letter.reason, /payload/i);
+    }
+    assert.equal(await kv.get("huge"), null);
+  } finally {
+    await writer.stop();
+  }
 });
