@@ -54,7 +54,8 @@ function samples(text: string, name: string): Sample[] {
 }
 
 async function metricsText(base: string): Promise<string> {
-  const r = await fetch(`${base}/metrics`);
+  // Keys are configured in these meshes: a scrape sends one, as Prometheus would.
+  const r = await fetch(`${base}/metrics`, { headers: { authorization: `Bearer ${ADMIN}` } });
   assert.equal(r.status, 200);
   return await r.text();
 }
