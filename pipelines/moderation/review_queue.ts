@@ -53,6 +53,10 @@ export interface ReviewEntry {
   due_at?: string;
   /** 0 while in the review SLA, 1 once escalated. */
   escalation_level: number;
+  /** When the item was escalated (ISO 8601); its escalation SLA counts from then. */
+  escalated_at?: string;
+  /** The id of the SLA timer event that escalated it (its redelivery escalates nothing again). */
+  escalated_by?: string;
   /** The content under review. */
   content: ContentItem;
   /** What automatic moderation found, with reasons. */
@@ -124,15 +128,27 @@ export function decideReview(
   return { entry: next, replayed: false };
 }
 
-/** Moves an undecided item to the escalation queue; null when there is nothing to do. */
-export function escalateReview(entry: ReviewEntry, dueAt: Date): ReviewEntry | null {
+/**
+ * Moves an undecided item to the escalation queue, recording when and by which timer; null
+ * when there is nothing to do.
+ */
+export function escalateReview(
+  entry: ReviewEntry,
+  dueAt: Date,
+  by?: { at: Date; timer: string },
+): ReviewEntry | null {
   if (entry.status !== ReviewStatus.Pending) return null;
-  return {
+  const next: ReviewEntry = {
     ...entry,
     status: ReviewStatus.Escalated,
     escalation_level: 1,
     due_at: dueAt.toISOString(),
   };
+  if (by) {
+    next.escalated_at = by.at.toISOString();
+    next.escalated_by = by.timer;
+  }
+  return next;
 }
 
 /** The queue in NATS KV. */
@@ -152,7 +168,11 @@ export interface ReviewQueue {
     now: Date,
   ): Promise<{ entry: ReviewEntry; replayed: boolean }>;
   /** Moves a pending item to the escalation queue; null when it is not pending. */
-  escalate(id: string, dueAt: Date): Promise<ReviewEntry | null>;
+  escalate(
+    id: string,
+    dueAt: Date,
+    by?: { at: Date; timer: string },
+  ): Promise<ReviewEntry | null>;
 }
 
 function isCasConflict(err: unknown): boolean {
@@ -239,9 +259,9 @@ export function createReviewQueue(kv: KV, opts: { claimTtlMs: number }): ReviewQ
         return { next: r.replayed ? null : r.entry, result: r };
       });
     },
-    escalate(id, dueAt) {
+    escalate(id, dueAt, by) {
       return change(id, (entry) => {
-        const next = escalateReview(entry, dueAt);
+        const next = escalateReview(entry, dueAt, by);
         return { next, result: next };
       });
     },

@@ -18,7 +18,7 @@
  */
 import "./settings.ts";
 import type { ToxicityAnalyzer } from "../../src/ai/analysis.ts";
-import { ConflictError } from "../../src/errors.ts";
+import { ConflictError, ErrorCode, WeftError } from "../../src/errors.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";
 import type { ContentDecided, ContentItem, ContentSlaExpired, Moderation } from "./events.gen.ts";
 import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue.ts";
@@ -249,7 +249,29 @@ function decidedEvent(
 /** The reviewer name recorded on decisions the SLA makes. */
 export const SLA_REVIEWER = "weft-sla";
 
-/** Acts on SLA deadlines: escalate first, then apply the default action. */
+/**
+ * How much earlier than its deadline an SLA timer may be handled (the scheduler's and this
+ * process's clocks may differ a little); any earlier, it decides nothing. As a definition's
+ * timers (src/pipeline/runtime.ts).
+ */
+export const SLA_TIMER_SKEW_MS = 5_000;
+
+/** A timer that does not fit the item's review record: dead-lettered, failing nothing. */
+function badTimer(event: ContentSlaExpired, why: string): WeftError {
+  return new WeftError(
+    ErrorCode.InvalidAwaitedEvent,
+    `SLA timer (level ${event.data.level}) of item ${event.item_id} ${why}`,
+  );
+}
+
+/**
+ * Acts on SLA deadlines: escalate first, then apply the default action. A timer is judged by
+ * the item's review record (its status, the deadline the review stages recorded on it, and
+ * which timer escalated it), never by the level and deadline the timer event claims: one
+ * that comes before the item's deadline, or does not fit its step (a level 2 for an item
+ * never escalated, another level 1 for an escalated one), decides nothing; it is
+ * dead-lettered as `invalid_awaited_event` and fails nothing.
+ */
 export function reviewSlaStage(
   queue: ReviewQueue,
   schedules: ScheduleStore,
@@ -263,7 +285,7 @@ export function reviewSlaStage(
     // like a reviewer's, comes once.
     once: new Set([T.Decided]),
     async handle(event, ctx) {
-      const entry = await queue.get(event.item_id);
+      let entry = await queue.get(event.item_id);
       if (!entry) return [];
       if (entry.status === ReviewStatus.Decided && !entry.decision?.automatic) {
         // Decided by a human in time. Its SLA should have been cancelled; that it fired
@@ -271,19 +293,53 @@ export function reviewSlaStage(
         // decision again: same event id, so JetStream drops it if it was published.
         return [decidedEvent(entry, decidedEventId(entry.id), ctx.source, ctx.now())];
       }
-      if (event.data.level === 1) {
-        if (entry.status === ReviewStatus.Decided) return [];
-        const dueAt = new Date(Date.parse(event.data.due_at) + sla.escalationSlaMs)
-          .toISOString();
-        const escalated = await queue.escalate(entry.id, new Date(dueAt)) ?? entry;
-        if (escalated.status !== ReviewStatus.Escalated) return [];
-        await scheduleSla(schedules, entry, 2, dueAt, ctx.source);
+      const level = event.data.level;
+      const now = ctx.now().getTime();
+      const notBefore = (due: number, what: string) => {
+        if (now < due - SLA_TIMER_SKEW_MS) {
+          throw badTimer(event, `came before the item's ${what} ${new Date(due).toISOString()}`);
+        }
+      };
+      if (entry.status === ReviewStatus.Pending) {
+        if (level !== 1) throw badTimer(event, "came for an item that was never escalated");
+        // The deadline the review queue recorded when the item entered it.
+        const reviewDue = entry.due_at
+          ? Date.parse(entry.due_at)
+          : Date.parse(entry.queued_at) + sla.reviewSlaMs;
+        notBefore(reviewDue, "review deadline");
+        const dueAt = new Date(reviewDue + sla.escalationSlaMs);
+        entry = await queue.escalate(entry.id, dueAt, { at: ctx.now(), timer: event.id }) ??
+          await queue.get(entry.id) ?? entry;
+        if (entry.status === ReviewStatus.Decided && !entry.decision?.automatic) {
+          return []; // a human decided meanwhile
+        }
+      }
+      if (entry.status === ReviewStatus.Escalated && level === 1) {
+        // Escalated by this timer (its redelivery: the escalation, or its schedule or event,
+        // may not have been stored), or before timers were recorded: the same again, no-ops
+        // where stored. Another level-1 timer of an escalated item escalates nothing.
+        if (entry.escalated_by !== undefined && entry.escalated_by !== event.id) {
+          throw badTimer(event, `came for an item escalated at ${entry.escalated_at}`);
+        }
+        await scheduleSla(schedules, entry, 2, entry.due_at!, ctx.source);
         return [nextEvent(event, T.Escalated, {
           level: 1,
           reason: `not decided within ${sla.reviewSlaMs} ms`,
-          due_at: dueAt,
+          due_at: entry.due_at!,
         }, ctx)];
       }
+      if (entry.status === ReviewStatus.Decided) {
+        // Decided by the default action: a level 2 timer (a redelivery) publishes the
+        // decision again (same event id); a level 1 has nothing left to do.
+        return level === 2 ? [decidedEvent(entry, event.id, ctx.source, ctx.now())] : [];
+      }
+      if (level !== 2) throw badTimer(event, "does not fit the item's review"); // unreachable
+      notBefore(
+        entry.due_at
+          ? Date.parse(entry.due_at)
+          : Date.parse(entry.escalated_at ?? entry.queued_at) + sla.escalationSlaMs,
+        "escalation deadline",
+      );
       let decided: ReviewEntry;
       try {
         ({ entry: decided } = await queue.decide(entry.id, {
@@ -291,7 +347,7 @@ export function reviewSlaStage(
           reason: `no decision within the escalation SLA: default action`,
           reviewer: SLA_REVIEWER,
           automatic: true,
-        }, new Date(event.data.due_at)));
+        }, ctx.now()));
       } catch (err) {
         if (!(err instanceof ConflictError)) throw err;
         const now = await queue.get(entry.id);

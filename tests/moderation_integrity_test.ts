@@ -1,0 +1,218 @@
+/**
+ * Defects an adversarial probe found in content moderation, each kept fixed: forged or early
+ * SLA timers, late timers, decisions replayed after the duplicate window or forged on the
+ * bus, cross-site decisions, refused uploads, bad messages on an item's decision subject.
+ * Real nats-server; the review and storage stages and the gateway app in-process, on a clock
+ * the test moves (the scheduler does not run: the test publishes a schedule's payload when
+ * it would fire).
+ */
+import assert from "node:assert/strict";
+import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { toxicityAnalyzer } from "../src/ai/analyzers/mod.ts";
+import { createApp } from "../src/gateway/app.ts";
+import { createAuth } from "../src/gateway/auth.ts";
+import { runStage, type StageRunner } from "../src/runner.ts";
+import { createScheduleStore } from "../src/scheduler/store.ts";
+import { DEADLETTER_STREAM, SCHEDULE_BUCKET } from "../src/subjects.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
+import { createModerationApi, type ModerationApi } from "../pipelines/moderation/api.ts";
+import { moderationRoutes } from "../pipelines/moderation/routes.ts";
+import { createReviewQueue, type ReviewQueue } from "../pipelines/moderation/review_queue.ts";
+import {
+  moderationStage,
+  reviewQueueStage,
+  reviewSlaStage,
+  slaScheduleId,
+  storageDecidedStage,
+} from "../pipelines/moderation/stages.ts";
+import { CONTENT_STREAM, REVIEW_BUCKET } from "../pipelines/moderation/subjects.ts";
+import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const TOXIC = "You idiot, this is the most pathetic service ever.";
+const T0 = Date.parse("2026-03-01T10:00:00.000Z");
+const SLA = { reviewSlaMs: 30_000, escalationSlaMs: 20_000, slaDefaultAction: "reject" as const };
+
+// deno-lint-ignore no-explicit-any
+type Json = Record<string, any>;
+
+/** The review and storage stages, the API and the gateway app, on a clock the test moves. */
+async function mesh(t: TestNats) {
+  let clock = T0;
+  const now = () => new Date(clock);
+  const kvm = new Kvm(t.nc);
+  const queue: ReviewQueue = createReviewQueue(await kvm.open(REVIEW_BUCKET), t.config);
+  const schedules = createScheduleStore(await kvm.open(SCHEDULE_BUCKET), now);
+  const api: ModerationApi = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: false,
+    now,
+  });
+  const deps = { nc: t.nc, config: t.config, log: t.log, now };
+  const runners: StageRunner[] = [
+    await runStage({ ...deps, stage: moderationStage(toxicityAnalyzer()) }),
+    await runStage({ ...deps, stage: reviewQueueStage(queue, schedules, SLA) }),
+    await runStage({ ...deps, stage: reviewSlaStage(queue, schedules, SLA) }),
+    await runStage({ ...deps, stage: storageDecidedStage() }),
+  ];
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: t.config,
+    log: t.log,
+    auth: createAuth([]),
+    extensions: [moderationRoutes(api)],
+  });
+  const js = jetstream(t.nc);
+  /** Every event stored on `content.<type>.<id>`, oldest first. */
+  const events = async (type: string, id: string): Promise<Json[]> => {
+    const info = await t.jsm.streams.info(CONTENT_STREAM, {
+      subjects_filter: `content.${type}.${id}`,
+    });
+    const n = Object.values(info.state.subjects ?? {})[0] ?? 0;
+    const out: Json[] = [];
+    let seq = 0;
+    for (let i = 0; i < n; i++) {
+      const m = await t.jsm.streams.getMessage(CONTENT_STREAM, {
+        next_by_subj: `content.${type}.${id}`,
+        seq: seq + 1,
+      } as unknown as { seq: number });
+      seq = m!.seq;
+      out.push(m!.json<Json>());
+    }
+    return out;
+  };
+  /** The dead letters of `stage` for item `id`, once there are `n`. */
+  const letters = (stage: string, id: string, n = 1) =>
+    waitFor(
+      async () => {
+        const info = await t.jsm.streams.info(DEADLETTER_STREAM, {
+          subjects_filter: `deadletter.${stage}.${id}`,
+        });
+        const count = Object.values(info.state.subjects ?? {})[0] ?? 0;
+        if (count < n) return undefined;
+        const out: Json[] = [];
+        let seq = 0;
+        for (let i = 0; i < count; i++) {
+          const m = await t.jsm.streams.getMessage(DEADLETTER_STREAM, {
+            next_by_subj: `deadletter.${stage}.${id}`,
+            seq: seq + 1,
+          } as unknown as { seq: number });
+          seq = m!.seq;
+          out.push(m!.json<Json>());
+        }
+        return out;
+      },
+      10_000,
+      `${n} dead letter(s) of ${stage} for ${id}`,
+    );
+  /** A flagged item, waiting in the review queue. */
+  const flagged = async (text = TOXIC) => {
+    const { body } = await api.submitText({ text }, { name: "test", role: "admin" });
+    await waitFor(async () => (await queue.get(body.id)) ?? undefined, 10_000, `${body.id} queued`);
+    return body.id;
+  };
+  /** What the scheduler publishes when schedule `level` of `id` fires (read from the store). */
+  const fire = async (id: string, level: 1 | 2) => {
+    const entry = await schedules.get(slaScheduleId(id, level));
+    return await js.publish(entry.subject, JSON.stringify(entry.payload), {
+      msgID: `sched-${entry.id}-${Date.parse(entry.at!)}`,
+    });
+  };
+  return {
+    queue,
+    schedules,
+    api,
+    app,
+    js,
+    events,
+    letters,
+    flagged,
+    fire,
+    set: (ms: number) => (clock = ms),
+    get now() {
+      return clock;
+    },
+    async [Symbol.asyncDispose]() {
+      for (const r of runners) await r.stop();
+    },
+  };
+}
+
+/** An SLA timer event for `id` as anyone could publish it. */
+function forgedTimer(id: string, level: number, dueAt: string, n: string) {
+  return JSON.stringify({
+    id: `forged-${n}`,
+    type: "content.sla_expired",
+    version: 1,
+    item_id: id,
+    trace_id: "0af7651916cd43dd8448eb211c80319c",
+    time: new Date(T0).toISOString(),
+    source: "forger",
+    data: { level, due_at: dueAt },
+  });
+}
+
+Deno.test("an SLA timer is judged by the item's review record, not by what it claims: early or inconsistent ones are dead-lettered, decide nothing and fail nothing; an item escalates once", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  const queued = (await m.queue.get(id))!;
+  assert.equal(Date.parse(queued.due_at!), T0 + SLA.reviewSlaMs);
+
+  // 28 s before its review deadline, a forged level 2 and a forged level 1 dated 9999.
+  m.set(T0 + 2_000);
+  await m.js.publish(
+    `content.sla_expired.${id}`,
+    forgedTimer(id, 2, new Date(T0).toISOString(), "a"),
+  );
+  await m.js.publish(
+    `content.sla_expired.${id}`,
+    forgedTimer(id, 1, "9999-01-01T00:00:00.000Z", "b"),
+  );
+  const early = await m.letters("review-sla", id, 2);
+  for (const l of early) assert.equal(l.code, "invalid_awaited_event", JSON.stringify(l));
+  let entry = (await m.queue.get(id))!;
+  assert.equal(entry.status, "pending", "the item still waits for review");
+  assert.equal(entry.due_at, queued.due_at);
+  assert.deepEqual(await m.events("decided", id), [], "no decision");
+  assert.deepEqual(await m.events("escalated", id), [], "no escalation");
+  assert.deepEqual(await m.events("failed", id), [], "nothing failed");
+
+  // The real review deadline escalates it.
+  m.set(T0 + SLA.reviewSlaMs);
+  await m.fire(id, 1);
+  await waitFor(async () => (await m.events("escalated", id)).length > 0, 10_000, "escalated");
+  entry = (await m.queue.get(id))!;
+  assert.equal(entry.status, "escalated");
+  const escalationDue = T0 + SLA.reviewSlaMs + SLA.escalationSlaMs;
+  assert.equal(Date.parse(entry.due_at!), escalationDue);
+  assert.equal(Date.parse((await m.schedules.get(slaScheduleId(id, 2))).at!), escalationDue);
+
+  // A forged level 1 again (another id), and the forged level 2 before the escalation ends.
+  await m.js.publish(
+    `content.sla_expired.${id}`,
+    forgedTimer(id, 1, "9999-01-01T00:00:00.000Z", "c"),
+  );
+  await m.js.publish(
+    `content.sla_expired.${id}`,
+    forgedTimer(id, 2, new Date(T0).toISOString(), "d"),
+  );
+  const later = await m.letters("review-sla", id, 4);
+  for (const l of later) assert.equal(l.code, "invalid_awaited_event", JSON.stringify(l));
+  assert.equal((await m.events("escalated", id)).length, 1, "escalated once");
+  assert.deepEqual(await m.events("decided", id), [], "no decision before the escalation SLA");
+  assert.equal((await m.queue.get(id))!.status, "escalated");
+
+  // The real escalation deadline applies the default action.
+  m.set(escalationDue + 10);
+  await m.fire(id, 2);
+  await waitFor(async () => (await m.events("archived", id)).length > 0, 10_000, "archived");
+  const decided = await m.events("decided", id);
+  assert.equal(decided.length, 1);
+  assert.equal(decided[0]!.data.automatic, true);
+  assert.deepEqual(await m.events("failed", id), [], "nothing failed");
+});
