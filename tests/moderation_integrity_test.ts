@@ -115,12 +115,10 @@ async function mesh(t: TestNats) {
     await waitFor(async () => (await queue.get(body.id)) ?? undefined, 10_000, `${body.id} queued`);
     return body.id;
   };
-  /** What the scheduler publishes when schedule `level` of `id` fires (read from the store). */
+  /** What the scheduler publishes when schedule `level` of `id` fires (read from the store), now. */
   const fire = async (id: string, level: 1 | 2) => {
     const entry = await schedules.get(slaScheduleId(id, level));
-    return await js.publish(entry.subject, JSON.stringify(entry.payload), {
-      msgID: `sched-${entry.id}-${Date.parse(entry.at!)}`,
-    });
+    return await js.publish(entry.subject, JSON.stringify(entry.payload));
   };
   return {
     queue,
@@ -215,4 +213,43 @@ Deno.test("an SLA timer is judged by the item's review record, not by what it cl
   assert.equal(decided.length, 1);
   assert.equal(decided[0]!.data.automatic, true);
   assert.deepEqual(await m.events("failed", id), [], "nothing failed");
+});
+
+Deno.test("the escalation SLA counts from the escalation: a review deadline handled 70 s late does not default-decide the item at once", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  // The scheduler was stopped for 70 s: the review deadline fires that late.
+  const escalatedAt = T0 + SLA.reviewSlaMs + 70_000;
+  m.set(escalatedAt);
+  await m.fire(id, 1);
+  const [escalated] = await waitFor(
+    async () => {
+      const es = await m.events("escalated", id);
+      return es.length > 0 ? es : undefined;
+    },
+    10_000,
+    "escalated",
+  );
+  const due = escalatedAt + SLA.escalationSlaMs;
+  assert.equal(
+    Date.parse(escalated!.data.due_at),
+    due,
+    "still undecided this long after escalation",
+  );
+  assert.equal(Date.parse((await m.queue.get(id))!.due_at!), due);
+  assert.equal(Date.parse((await m.schedules.get(slaScheduleId(id, 2))).at!), due);
+
+  // Its escalation deadline, handled 12 ms later, is not due yet: nothing is decided.
+  m.set(escalatedAt + 12);
+  await m.fire(id, 2);
+  const [letter] = await m.letters("review-sla", id);
+  assert.equal(letter!.code, "invalid_awaited_event");
+  assert.deepEqual(await m.events("decided", id), [], "a reviewer still has the escalation SLA");
+  assert.equal((await m.queue.get(id))!.status, "escalated");
+
+  m.set(due);
+  await m.fire(id, 2);
+  await waitFor(async () => (await m.events("archived", id)).length > 0, 10_000, "archived");
+  assert.equal((await m.events("decided", id)).length, 1);
 });

@@ -307,7 +307,9 @@ export function reviewSlaStage(
           ? Date.parse(entry.due_at)
           : Date.parse(entry.queued_at) + sla.reviewSlaMs;
         notBefore(reviewDue, "review deadline");
-        const dueAt = new Date(reviewDue + sla.escalationSlaMs);
+        // Still undecided this long after the escalation, which is now (a late timer, the
+        // scheduler down a while, leaves reviewers the whole escalation SLA).
+        const dueAt = new Date(now + sla.escalationSlaMs);
         entry = await queue.escalate(entry.id, dueAt, { at: ctx.now(), timer: event.id }) ??
           await queue.get(entry.id) ?? entry;
         if (entry.status === ReviewStatus.Decided && !entry.decision?.automatic) {
