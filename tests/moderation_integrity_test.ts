@@ -253,3 +253,66 @@ Deno.test("the escalation SLA counts from the escalation: a review deadline hand
   await waitFor(async () => (await m.events("archived", id)).length > 0, 10_000, "archived");
   assert.equal((await m.events("decided", id)).length, 1);
 });
+
+/** Resolves once the stream has forgotten the message ids published before this call. */
+async function duplicateWindowPassed(t: TestNats) {
+  const js = jetstream(t.nc);
+  const probe = () => js.publish("content.probe.window", "", { msgID: "window-probe" });
+  await probe();
+  await waitFor(async () => !(await probe()).duplicate, 20_000, "the duplicate window to pass");
+}
+
+const decide = (
+  app: { request: (path: string, init: RequestInit) => Response | Promise<Response> },
+  id: string,
+  body: Json,
+) =>
+  app.request(`/reviews/${id}/decision`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+
+Deno.test("a decision replayed after the duplicate window stores no second content.decided; a decision the stream did not store is answered 409, not 200", async () => {
+  await using t = await startTestNats({ duplicateWindowMs: 1_000 });
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  const carol = { decision: "reject", reason: "insults staff", reviewer: "carol" };
+  const first = await decide(m.app, id, carol);
+  assert.equal(first.status, 200, await first.text());
+  await waitFor(async () => (await m.events("archived", id)).length > 0, 10_000, "archived");
+
+  await duplicateWindowPassed(t);
+  const replay = await decide(m.app, id, carol);
+  assert.equal(replay.status, 200, await replay.text());
+  assert.equal(replay.headers.get("idempotent-replayed"), "true");
+  assert.equal((await m.events("decided", id)).length, 1, "one decision event per item");
+
+  // A decision forged on the bus before the reviewer's: hers is not the stored one.
+  const other = await m.flagged(`${TOXIC} moron`);
+  const forged = {
+    id: `forged-decision-${other}`,
+    type: "content.decided",
+    version: 1,
+    item_id: other,
+    trace_id: (await m.queue.get(other))!.trace_id,
+    time: new Date(m.now).toISOString(),
+    source: "forger",
+    data: {
+      content: { text: TOXIC },
+      decision: "approve",
+      reason: "forged",
+      reviewer: "mallory",
+      automatic: false,
+    },
+  };
+  await m.js.publish(`content.decided.${other}`, JSON.stringify(forged));
+  const refused = await decide(m.app, other, carol);
+  const text = await refused.text();
+  assert.equal(refused.status, 409, text);
+  assert.equal(JSON.parse(text).code, "conflict");
+  assert.match(JSON.parse(text).detail, /mallory/);
+  const stored = await m.events("decided", other);
+  assert.deepEqual(stored.map((e) => e.data.reviewer), ["mallory"], "the stream's one decision");
+  assert.equal((await m.queue.get(other))!.decision, undefined, "the queue records no decision");
+});

@@ -21,7 +21,13 @@ import type { CapacityGuard } from "../../src/capacity.ts";
 import type { IngestLimiter } from "../../src/gateway/ingest_limits.ts";
 import type { Config } from "../../src/config.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";
-import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../../src/errors.ts";
+import {
+  ConflictError,
+  ErrorCode,
+  NotFoundError,
+  ValidationError,
+  WeftError,
+} from "../../src/errors.ts";
 import type {
   ContentItem,
   ContentState,
@@ -31,9 +37,9 @@ import type {
 import type { Logger } from "../../src/observability/log.ts";
 import { validateEvent } from "../../src/schemas.ts";
 import { canonicalJson } from "../../src/canonical_json.ts";
-import { isAlreadyStored, publishEvent, publishUnique } from "../../src/runner.ts";
+import { isAlreadyStored, publishEvent, publishUnique, storedMessage } from "../../src/runner.ts";
 import { createScheduleStore } from "../../src/scheduler/store.ts";
-import { humanDecidedEvent, slaScheduleId } from "./stages.ts";
+import { decidedEventId, humanDecidedEvent, slaScheduleId } from "./stages.ts";
 import { readState } from "../../src/state_writer.ts";
 import { firstEventSeq } from "../../src/state.ts";
 import { eventSubject, ITEM_ID, SCHEDULE_BUCKET } from "../../src/subjects.ts";
@@ -272,6 +278,44 @@ export async function createModerationApi(deps: {
     return (await readState<ContentState>(stateKv, id))?.state ?? null;
   }
 
+  /**
+   * Refuses (409) a decision when the item's decided subject holds another one than it (the
+   * first stored is the item's decision); with `absentOk`, none stored yet passes.
+   */
+  async function assertDecisionStored(
+    id: string,
+    d: { decision: string; reviewer: string },
+    absentOk: boolean,
+  ): Promise<void> {
+    if (!ITEM_ID.test(id)) return;
+    // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+    const m = await storedMessage(jsm, CONTENT_STREAM, {
+      next_by_subj: eventSubject(T.Decided, id),
+      seq: 0,
+    } as unknown as { seq: number });
+    if (!m) {
+      if (absentOk) return;
+      throw new ConflictError(`the decision of item ${id} was not stored; retry`);
+    }
+    let e: { id?: unknown; data?: { decision?: unknown; reviewer?: unknown } } | undefined;
+    try {
+      e = m.json();
+    } catch {
+      // not an event at all: not this decision
+    }
+    if (
+      e?.id === decidedEventId(id) && e.data?.decision === d.decision &&
+      e.data?.reviewer === d.reviewer
+    ) return;
+    const what = e?.data
+      ? `${JSON.stringify(e.data.decision)} by ${JSON.stringify(e.data.reviewer)}`
+      : "a message that is no decision event";
+    throw new ConflictError(
+      `item ${id} already has a decision on ${eventSubject(T.Decided, id)} (stream sequence ` +
+        `${m.seq}: ${what}), not this one`,
+    );
+  }
+
   const api: ModerationApi = {
     js,
     jsm,
@@ -399,15 +443,26 @@ export async function createModerationApi(deps: {
     },
     async decide(id, req, who) {
       const reviewer = reviewerOf(who, req.reviewer, authEnabled);
+      // The stream already holds a decision that is not this one (forged on the bus): the
+      // queue is left as it is.
+      await assertDecisionStored(id, { decision: req.decision, reviewer }, true);
       const result = await queue.decide(id, {
         decision: req.decision,
         reason: req.reason,
         reviewer,
         automatic: false,
       }, now());
-      // Published after the compare-and-set won; a replay publishes again with the same id,
-      // which the stream drops, so a crash between the two is healed by retrying.
-      await publishEvent(js, humanDecidedEvent(result.entry, "weft-gateway", now()), null);
+      // Published after the compare-and-set won, once per item ("expected last subject
+      // sequence 0" on its decided subject): a replay, however late, stores nothing again,
+      // and a crash between the two is healed by retrying. Refused, the stored decision must
+      // be this one; any other is a conflict.
+      const stored = await publishEvent(
+        js,
+        humanDecidedEvent(result.entry, "weft-gateway", now()),
+        null,
+        true,
+      );
+      if (!stored) await assertDecisionStored(id, result.entry.decision!, false);
       for (const level of [1, 2] as const) {
         await schedules.cancel(slaScheduleId(id, level)).catch((err) =>
           log.warn("could not cancel an SLA schedule", { item_id: id, err })
