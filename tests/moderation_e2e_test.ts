@@ -40,7 +40,8 @@ function client(base: string) {
   const call = async (method: string, path: string, key?: string, body?: unknown) => {
     const h: Record<string, string> = {};
     if (key) h.authorization = `Bearer ${key}`;
-    if (body !== undefined) h["content-type"] = "application/json";
+    // Every POST declares JSON, a claim's empty body included (claims and decisions require it).
+    if (body !== undefined || method === "POST") h["content-type"] = "application/json";
     const res = await fetch(`${base}${path}`, {
       method,
       headers: h,

@@ -316,3 +316,36 @@ Deno.test("a decision replayed after the duplicate window stores no second conte
   assert.deepEqual(stored.map((e) => e.data.reviewer), ["mallory"], "the stream's one decision");
   assert.equal((await m.queue.get(other))!.decision, undefined, "the queue records no decision");
 });
+
+Deno.test("claims and decisions require a JSON content type: a cross-site form (text/plain) decides nothing, even with no API keys", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  const form = (path: string, body: string, type?: string) =>
+    m.app.request(path, {
+      method: "POST",
+      headers: type === undefined ? {} : { "content-type": type },
+      body,
+    });
+  const decision = JSON.stringify({ decision: "approve", reason: "csrf", reviewer: "mallory" });
+  for (const type of ["text/plain", "application/x-www-form-urlencoded", undefined]) {
+    const decided = await form(`/reviews/${id}/decision`, decision, type);
+    const text = await decided.text();
+    assert.equal(decided.status, 415, `${type}: ${text}`);
+    assert.equal(JSON.parse(text).field, "content-type");
+    const claimed = await form(`/reviews/${id}/claim`, "", type);
+    assert.equal(claimed.status, 415, `${type}: ${await claimed.text()}`);
+  }
+  const entry = (await m.queue.get(id))!;
+  assert.equal(entry.status, "pending");
+  assert.equal(entry.claim, undefined, "no claim");
+  assert.deepEqual(await m.events("decided", id), [], "no decision");
+
+  // With the header, an empty claim body is still {} (the reviewer, auth off, named in it).
+  const claimed = await form(`/reviews/${id}/claim`, "", "application/json");
+  assert.equal(claimed.status, 422, "auth off: the reviewer is required");
+  await claimed.body?.cancel();
+  const ok = await form(`/reviews/${id}/claim`, '{"reviewer":"carol"}', "application/json");
+  assert.equal(ok.status, 200, await ok.clone().text());
+  await ok.body?.cancel();
+});

@@ -23,7 +23,7 @@ import { CONTENT_STREAM, contentEventsFilter } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";
-import { type GatewayExtension, readJson } from "../../src/gateway/app.ts";
+import { type GatewayExtension, readJson, requireJson } from "../../src/gateway/app.ts";
 
 type Env = { Variables: { principal: Principal } };
 
@@ -157,7 +157,10 @@ export function createModerationRoutes(deps: {
 
   app.get("/reviews/:id", reviewer, async (c) => c.json(await api.getReview(c.req.param("id"))));
 
-  app.post("/reviews/:id/claim", reviewer, tooLarge(4096), async (c) => {
+  // A JSON content type, an empty claim body included: a browser sends one cross-site only
+  // after a CORS preflight this gateway does not grant, so a page elsewhere cannot claim or
+  // decide in a reviewer's browser (with no API keys, in anyone's name).
+  app.post("/reviews/:id/claim", reviewer, requireJson, tooLarge(4096), async (c) => {
     const body = await readJson(c, { optional: true }) as { reviewer?: unknown } | null;
     if (body === null || typeof body !== "object" || Array.isArray(body)) {
       throw new ValidationError("the body must be a JSON object", { field: "/" });
@@ -168,7 +171,7 @@ export function createModerationRoutes(deps: {
     return c.json(await api.claim(c.req.param("id"), c.get("principal"), body.reviewer));
   });
 
-  app.post("/reviews/:id/decision", reviewer, tooLarge(16 * 1024), async (c) => {
+  app.post("/reviews/:id/decision", reviewer, requireJson, tooLarge(16 * 1024), async (c) => {
     const req = validateDocument("review.decision", await readJson(c));
     const { entry, replayed } = await api.decide(c.req.param("id"), req, c.get("principal"));
     if (replayed) c.header("Idempotent-Replayed", "true");
