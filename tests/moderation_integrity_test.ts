@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
+import { Objm } from "@nats-io/obj";
 import { toxicityAnalyzer } from "../src/ai/analyzers/mod.ts";
 import { createApp } from "../src/gateway/app.ts";
 import { createAuth } from "../src/gateway/auth.ts";
@@ -26,7 +27,11 @@ import {
   slaScheduleId,
   storageDecidedStage,
 } from "../pipelines/moderation/stages.ts";
-import { CONTENT_STREAM, REVIEW_BUCKET } from "../pipelines/moderation/subjects.ts";
+import {
+  CONTENT_OBJECT_BUCKET,
+  CONTENT_STREAM,
+  REVIEW_BUCKET,
+} from "../pipelines/moderation/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 
@@ -348,4 +353,44 @@ Deno.test("claims and decisions require a JSON content type: a cross-site form (
   const ok = await form(`/reviews/${id}/claim`, '{"reviewer":"carol"}', "application/json");
   assert.equal(ok.status, 200, await ok.clone().text());
   await ok.body?.cancel();
+});
+
+Deno.test("a refused binary upload leaves nothing in the object store: a too-long content type is a 422 naming the header, and a publish the stream refuses removes the stored object", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const objects = await new Objm(t.nc).open(CONTENT_OBJECT_BUCKET);
+  const stored = async () => {
+    const names: string[] = [];
+    for (const o of await objects.list()) names.push(o.name);
+    return names;
+  };
+  const upload = (type: string) =>
+    m.app.request("/content?meta.camera=x100", {
+      method: "POST",
+      headers: { "content-type": type },
+      body: new Uint8Array([137, 80, 78, 71, 1, 2, 3]),
+    });
+
+  const long = await upload(`image/${"x".repeat(294)}`);
+  const text = await long.text();
+  assert.equal(long.status, 422, text);
+  const problem = JSON.parse(text);
+  assert.equal(problem.field, "content-type", text);
+  assert.equal(problem.code, "invalid_field", text);
+  assert.deepEqual(await stored(), [], "no object left behind");
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing accepted");
+
+  // The stream refuses the upload event (full: discard new): the object goes too.
+  const info = await t.jsm.streams.info(CONTENT_STREAM);
+  await t.jsm.streams.update(CONTENT_STREAM, { ...info.config, max_msgs: 1 });
+  await m.js.publish("content.probe.full", "");
+  const refused = await upload("image/png");
+  assert.ok(refused.status >= 500, `${refused.status}: ${await refused.text()}`);
+  assert.deepEqual(await stored(), [], "no object left behind");
+
+  await t.jsm.streams.update(CONTENT_STREAM, { ...info.config, max_msgs: -1 });
+  const ok = await upload("image/png");
+  assert.equal(ok.status, 202, await ok.clone().text());
+  const { id } = await ok.json();
+  assert.deepEqual(await stored(), [id], "an accepted upload keeps its object");
 });

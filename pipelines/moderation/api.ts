@@ -257,6 +257,56 @@ export async function createModerationApi(deps: {
     }
   }
 
+  /**
+   * Checks what a binary upload's event will carry, answering for the request's own fields: its
+   * content type (the `content-type` header) and metadata (`meta.<key>` parameters).
+   */
+  function checkUpload(id: string, item: ContentItem): void {
+    try {
+      validateEvent(
+        createEvent({
+          type: T.Uploaded,
+          id: uploadedEventId(id),
+          itemId: id,
+          traceId: "0".repeat(32),
+          source: "weft-gateway",
+          data: item,
+          time: now(),
+        }),
+        [T.Uploaded],
+      );
+    } catch (err) {
+      const field = err instanceof WeftError ? err.field ?? "" : "";
+      const header = field.startsWith("/data/object/content_type")
+        ? "content-type"
+        : field.startsWith("/data/metadata/")
+        ? `meta.${field.slice("/data/metadata/".length).split("/")[0]}`
+        : field.startsWith("/data/metadata")
+        ? "meta.*"
+        : undefined;
+      if (header === undefined) throw err;
+      const message = (err as Error).message.replace(field, header);
+      throw new ValidationError(message, { field: header, cause: err });
+    }
+  }
+
+  /**
+   * Removes the object of an upload that was refused after it was stored (the stream refused
+   * its event, NATS failed): only when its event is surely not stored, since a stored event
+   * (a publish whose answer was lost) names the object.
+   */
+  async function discardObject(id: string): Promise<void> {
+    try {
+      const m = await storedMessage(jsm, CONTENT_STREAM, {
+        last_by_subj: eventSubject(T.Uploaded, id),
+      });
+      if (m) return;
+      await objects.delete(id);
+    } catch (err) {
+      log.warn("could not remove the object of a refused upload", { item_id: id, err });
+    }
+  }
+
   /** The uploaded event in the stream, by its subject: there before any state is written. */
   async function uploadedEvent(id: string): Promise<{ item: ContentItem; seq: number } | null> {
     if (!ITEM_ID.test(id)) return null;
@@ -349,23 +399,34 @@ export async function createModerationApi(deps: {
       deps.limiter?.take(who);
       await deps.capacity?.check(CONTENT_STREAM);
       const id = `ct_${ulid()}`;
-      const info = await objects.put({
-        name: id,
-        description: `upload by ${who.name}`,
-        headers: undefined,
-      }, body);
-      const item: ContentItem = {
-        object: {
-          bucket: CONTENT_OBJECT_BUCKET,
-          name: id,
-          size: info.size,
-          content_type: meta.contentType,
-          digest: info.digest,
-        },
-        submitted_by: who.name,
+      const itemOf = (info: { size: number; digest: string }): ContentItem => {
+        const item: ContentItem = {
+          object: {
+            bucket: CONTENT_OBJECT_BUCKET,
+            name: id,
+            size: info.size,
+            content_type: meta.contentType,
+            digest: info.digest,
+          },
+          submitted_by: who.name,
+        };
+        if (meta.metadata && Object.keys(meta.metadata).length > 0) item.metadata = meta.metadata;
+        return item;
       };
-      if (meta.metadata && Object.keys(meta.metadata).length > 0) item.metadata = meta.metadata;
-      await publishUpload(id, item, trace);
+      // The upload event checked before the bytes are stored (its size and digest are not
+      // known yet): a refused request leaves nothing behind.
+      checkUpload(id, itemOf({ size: 0, digest: "SHA-256=" }));
+      try {
+        const info = await objects.put({
+          name: id,
+          description: `upload by ${who.name}`,
+          headers: undefined,
+        }, body);
+        await publishUpload(id, itemOf(info), trace);
+      } catch (err) {
+        await discardObject(id);
+        throw err;
+      }
       return { body: { id, status: "accepted", links: contentLinks(id, true) }, replayed: false };
     },
     async content(id) {
