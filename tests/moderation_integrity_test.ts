@@ -394,3 +394,36 @@ Deno.test("a refused binary upload leaves nothing in the object store: a too-lon
   const { id } = await ok.json();
   assert.deepEqual(await stored(), [id], "an accepted upload keeps its object");
 });
+
+Deno.test("a bad message on an item's decided subject is dead-lettered and fails nothing; the item waits for a good decision", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  await m.js.publish(`content.decided.${id}`, "this is not JSON");
+  await m.js.publish(
+    `content.decided.${id}`,
+    JSON.stringify({
+      id: `wrong-type-${id}`,
+      type: "content.escalated",
+      version: 1,
+      item_id: id,
+      trace_id: "0af7651916cd43dd8448eb211c80319c",
+      time: new Date(T0).toISOString(),
+      source: "forger",
+      data: { level: 1, reason: "x", due_at: new Date(T0).toISOString() },
+    }),
+  );
+  const letters = await m.letters("storage-decided", id, 2);
+  assert.deepEqual(letters.map((l) => l.code), ["invalid_event", "invalid_event"]);
+  assert.deepEqual(await m.events("failed", id), [], "the item did not fail");
+  assert.equal((await m.queue.get(id))!.status, "pending", "its review still runs");
+
+  const decided = await decide(m.app, id, {
+    decision: "reject",
+    reason: "insults staff",
+    reviewer: "carol",
+  });
+  assert.equal(decided.status, 200, await decided.text());
+  await waitFor(async () => (await m.events("archived", id)).length > 0, 10_000, "archived");
+  assert.deepEqual(await m.events("failed", id), []);
+});

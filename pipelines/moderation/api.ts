@@ -29,6 +29,7 @@ import {
   WeftError,
 } from "../../src/errors.ts";
 import type {
+  ContentDecided,
   ContentItem,
   ContentState,
   ContentSubmission,
@@ -37,7 +38,13 @@ import type {
 import type { Logger } from "../../src/observability/log.ts";
 import { validateEvent } from "../../src/schemas.ts";
 import { canonicalJson } from "../../src/canonical_json.ts";
-import { isAlreadyStored, publishEvent, publishUnique, storedMessage } from "../../src/runner.ts";
+import {
+  eventMessage,
+  isAlreadyStored,
+  publishEvent,
+  publishUnique,
+  storedMessage,
+} from "../../src/runner.ts";
 import { createScheduleStore } from "../../src/scheduler/store.ts";
 import { decidedEventId, humanDecidedEvent, slaScheduleId } from "./stages.ts";
 import { readState } from "../../src/state_writer.ts";
@@ -124,6 +131,12 @@ export interface ModerationApi {
 }
 
 const encoder = new TextEncoder();
+
+/**
+ * How many messages on an item's decided subject are read looking for its decision (each one
+ * not a decision was published on the bus around the gateway).
+ */
+const MAX_DECIDED_SCAN = 64;
 
 /** The links of a content item. */
 export function contentLinks(id: string, hasObject: boolean): ContentAccepted["links"] {
@@ -329,41 +342,76 @@ export async function createModerationApi(deps: {
   }
 
   /**
-   * Refuses (409) a decision when the item's decided subject holds another one than it (the
-   * first stored is the item's decision); with `absentOk`, none stored yet passes.
+   * The item's decision as the stream holds it: the first decision event on its decided
+   * subject (a message there that is no decision, not JSON or another type, is not one: the
+   * storage step dead-letters it), and the last stream sequence on that subject.
    */
-  async function assertDecisionStored(
+  async function decisionOnStream(
     id: string,
+  ): Promise<{ decision?: { seq: number; event: ContentDecided }; last: number }> {
+    const subject = eventSubject(T.Decided, id);
+    const last = await storedMessage(jsm, CONTENT_STREAM, { last_by_subj: subject });
+    if (!last) return { last: 0 };
+    let seq = 0;
+    for (let n = 0; n < MAX_DECIDED_SCAN && seq < last.seq; n++) {
+      // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+      const m = await storedMessage(jsm, CONTENT_STREAM, {
+        next_by_subj: subject,
+        seq: seq + 1,
+      } as unknown as { seq: number });
+      if (!m) break;
+      seq = m.seq;
+      try {
+        const event = validateEvent(m.json(), [T.Decided]);
+        if (event.item_id === id) return { decision: { seq, event }, last: last.seq };
+      } catch {
+        // not a decision: the storage step dead-letters it
+      }
+    }
+    return { last: last.seq };
+  }
+
+  /** Refuses (409) a decision when the stream holds another one for the item. */
+  function assertSameDecision(
+    id: string,
+    stored: { seq: number; event: ContentDecided },
     d: { decision: string; reviewer: string },
-    absentOk: boolean,
-  ): Promise<void> {
-    if (!ITEM_ID.test(id)) return;
-    // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
-    const m = await storedMessage(jsm, CONTENT_STREAM, {
-      next_by_subj: eventSubject(T.Decided, id),
-      seq: 0,
-    } as unknown as { seq: number });
-    if (!m) {
-      if (absentOk) return;
-      throw new ConflictError(`the decision of item ${id} was not stored; retry`);
-    }
-    let e: { id?: unknown; data?: { decision?: unknown; reviewer?: unknown } } | undefined;
-    try {
-      e = m.json();
-    } catch {
-      // not an event at all: not this decision
-    }
+  ): void {
+    const e = stored.event;
     if (
-      e?.id === decidedEventId(id) && e.data?.decision === d.decision &&
-      e.data?.reviewer === d.reviewer
+      e.id === decidedEventId(id) && e.data.decision === d.decision &&
+      e.data.reviewer === d.reviewer
     ) return;
-    const what = e?.data
-      ? `${JSON.stringify(e.data.decision)} by ${JSON.stringify(e.data.reviewer)}`
-      : "a message that is no decision event";
     throw new ConflictError(
       `item ${id} already has a decision on ${eventSubject(T.Decided, id)} (stream sequence ` +
-        `${m.seq}: ${what}), not this one`,
+        `${stored.seq}: ${JSON.stringify(e.data.decision)} by ${
+          JSON.stringify(e.data.reviewer)
+        }), not this one`,
     );
+  }
+
+  /**
+   * Publishes a human decision unless the stream holds one: with "expected last subject
+   * sequence" on the item's decided subject, so the stream stores one decision per item
+   * however late a repeat comes. A decision found there is a replay when it is this one, a
+   * conflict (409) otherwise.
+   */
+  async function publishDecision(entry: ReviewEntry): Promise<void> {
+    const event = humanDecidedEvent(entry, "weft-gateway", now());
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const held = await decisionOnStream(entry.id);
+      if (held.decision) return assertSameDecision(entry.id, held.decision, entry.decision!);
+      const m = eventMessage(event, null, false);
+      m.headers.set("Nats-Expected-Last-Subject-Sequence", String(held.last));
+      try {
+        await publishUnique(js, m.subject, m.data, m.headers);
+        return;
+      } catch (err) {
+        if (!isAlreadyStored(err)) throw err;
+        // Something was stored on the subject meanwhile: look again.
+      }
+    }
+    throw new ConflictError(`the decision of item ${entry.id} kept being raced; retry`);
   }
 
   const api: ModerationApi = {
@@ -506,24 +554,17 @@ export async function createModerationApi(deps: {
       const reviewer = reviewerOf(who, req.reviewer, authEnabled);
       // The stream already holds a decision that is not this one (forged on the bus): the
       // queue is left as it is.
-      await assertDecisionStored(id, { decision: req.decision, reviewer }, true);
+      const held = (await decisionOnStream(id)).decision;
+      if (held) assertSameDecision(id, held, { decision: req.decision, reviewer });
       const result = await queue.decide(id, {
         decision: req.decision,
         reason: req.reason,
         reviewer,
         automatic: false,
       }, now());
-      // Published after the compare-and-set won, once per item ("expected last subject
-      // sequence 0" on its decided subject): a replay, however late, stores nothing again,
-      // and a crash between the two is healed by retrying. Refused, the stored decision must
-      // be this one; any other is a conflict.
-      const stored = await publishEvent(
-        js,
-        humanDecidedEvent(result.entry, "weft-gateway", now()),
-        null,
-        true,
-      );
-      if (!stored) await assertDecisionStored(id, result.entry.decision!, false);
+      // Published after the compare-and-set won, once per item: a replay, however late,
+      // stores nothing again, and a crash between the two is healed by retrying.
+      await publishDecision(result.entry);
       for (const level of [1, 2] as const) {
         await schedules.cancel(slaScheduleId(id, level)).catch((err) =>
           log.warn("could not cancel an SLA schedule", { item_id: id, err })

@@ -109,19 +109,30 @@ export function storageModeratedStage(): Stage<
   };
 }
 
+/** How many handled messages {@link storageDecidedStage} remembers as readable decisions. */
+const READABLE_KEPT = 1024;
+
 /**
  * Publishes approved items, archives rejected ones; a decision for an item that already has
  * its outcome (published by moderation, or decided before) is dead-lettered as a `conflict`.
+ * A message on an item's decided subject that is no decision (not JSON, another event type,
+ * its schema refuses it) is dead-lettered and fails nothing: the item keeps waiting for its
+ * decision. Only a decision that could not be stored fails its item.
  */
 export function storageDecidedStage(): Stage<
   { kind: "event"; types: readonly ["content.decided"] }
 > {
+  // Stream sequences of messages that reached the handler: valid decisions.
+  const readable = new Set<number>();
   return {
     input: { kind: "event", types: [T.Decided] },
     outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-decided"),
+    failsItem: (message) => readable.delete(message.seq),
     handle(event, ctx) {
+      readable.add(ctx.message.seq);
+      if (readable.size > READABLE_KEPT) readable.delete(readable.values().next().value!);
       const d = event.data;
       return [
         d.decision === "approve"
