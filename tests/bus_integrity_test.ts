@@ -32,7 +32,11 @@ import {
   workStage,
 } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { storageDecidedStage, storageModeratedStage } from "../pipelines/moderation/stages.ts";
+import {
+  storageDecidedStage,
+  storageModeratedStage,
+  uploadedContentReader,
+} from "../pipelines/moderation/stages.ts";
 import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -437,7 +441,12 @@ Deno.test({
     await using t = await startTestNats();
     const runners = [
       await runStage({ nc: t.nc, stage: storageModeratedStage(), config: t.config, log: t.log }),
-      await runStage({ nc: t.nc, stage: storageDecidedStage(), config: t.config, log: t.log }),
+      await runStage({
+        nc: t.nc,
+        stage: storageDecidedStage(uploadedContentReader(t.jsm)),
+        config: t.config,
+        log: t.log,
+      }),
     ];
     const js = jetstream(t.nc);
     const N = 40;
@@ -459,6 +468,8 @@ Deno.test({
       // outcome, see none, and publish.
       await Promise.all(Array.from({ length: N }, async (_, i) => {
         const id = `race${i}`;
+        // Uploaded first (storage publishes the item's content as uploaded).
+        await js.publish(`content.uploaded.${id}`, ev("content.uploaded", id, content));
         await Promise.all([
           js.publish(
             `content.moderated.${id}`,

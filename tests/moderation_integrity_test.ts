@@ -26,6 +26,7 @@ import {
   reviewSlaStage,
   slaScheduleId,
   storageDecidedStage,
+  uploadedContentReader,
 } from "../pipelines/moderation/stages.ts";
 import {
   CONTENT_OBJECT_BUCKET,
@@ -61,7 +62,7 @@ async function mesh(t: TestNats) {
     await runStage({ ...deps, stage: moderationStage(toxicityAnalyzer()) }),
     await runStage({ ...deps, stage: reviewQueueStage(queue, schedules, SLA) }),
     await runStage({ ...deps, stage: reviewSlaStage(queue, schedules, SLA) }),
-    await runStage({ ...deps, stage: storageDecidedStage() }),
+    await runStage({ ...deps, stage: storageDecidedStage(uploadedContentReader(t.jsm)) }),
   ];
   const app = createApp({
     nc: t.nc,
@@ -426,4 +427,64 @@ Deno.test("a bad message on an item's decided subject is dead-lettered and fails
   assert.equal(decided.status, 200, await decided.text());
   await waitFor(async () => (await m.events("archived", id)).length > 0, 10_000, "archived");
   assert.deepEqual(await m.events("failed", id), []);
+});
+
+Deno.test("storage publishes the item's uploaded content, never the content a decision carries", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  await m.js.publish(
+    `content.decided.${id}`,
+    JSON.stringify({
+      id: `forged-decision-${id}`,
+      type: "content.decided",
+      version: 1,
+      item_id: id,
+      trace_id: "0af7651916cd43dd8448eb211c80319c",
+      time: new Date(T0).toISOString(),
+      source: "forger",
+      data: {
+        content: { text: "Buy cheap watches at example.com" },
+        decision: "approve",
+        reason: "forged",
+        reviewer: "mallory",
+        automatic: false,
+      },
+    }),
+  );
+  const [published] = await waitFor(
+    async () => {
+      const es = await m.events("published", id);
+      return es.length > 0 ? es : undefined;
+    },
+    10_000,
+    "published",
+  );
+  assert.equal(published!.data.content.text, TOXIC, "the uploaded text, not the decision's");
+
+  // A decision for an item that was never uploaded publishes nothing and fails nothing.
+  const ghost = "ct_never_uploaded";
+  await m.js.publish(
+    `content.decided.${ghost}`,
+    JSON.stringify({
+      id: `forged-decision-${ghost}`,
+      type: "content.decided",
+      version: 1,
+      item_id: ghost,
+      trace_id: "0af7651916cd43dd8448eb211c80319c",
+      time: new Date(T0).toISOString(),
+      source: "forger",
+      data: {
+        content: { text: "spam" },
+        decision: "approve",
+        reason: "x",
+        reviewer: "m",
+        automatic: false,
+      },
+    }),
+  );
+  const [letter] = await m.letters("storage-decided", ghost);
+  assert.match(letter!.reason, /never uploaded/);
+  assert.deepEqual(await m.events("published", ghost), []);
+  assert.deepEqual(await m.events("failed", ghost), []);
 });

@@ -24,6 +24,10 @@ import type { ContentDecided, ContentItem, ContentSlaExpired, Moderation } from 
 import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue.ts";
 import type { ScheduleStore } from "../../src/scheduler/store.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
+import type { JetStreamManager } from "@nats-io/jetstream";
+import { storedMessage } from "../../src/runner.ts";
+import { validateEvent } from "../../src/schemas.ts";
+import { CONTENT_STREAM } from "./subjects.ts";
 import { endTypesOf, stepInput } from "../../src/pipeline/derive.ts";
 import { MODERATION_PIPELINE } from "./pipeline.ts";
 import { ContentEventType as T } from "./events.ts";
@@ -109,6 +113,23 @@ export function storageModeratedStage(): Stage<
   };
 }
 
+/**
+ * Reads an item's content as uploaded: the data of the first `content.uploaded` event stored on
+ * its subject (the one moderation handled, and reviewers saw); null when there is none.
+ */
+export function uploadedContentReader(
+  jsm: JetStreamManager,
+): (itemId: string) => Promise<ContentItem | null> {
+  return async (itemId) => {
+    // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+    const m = await storedMessage(jsm, CONTENT_STREAM, {
+      next_by_subj: `${T.Uploaded}.${itemId}`,
+      seq: 0,
+    } as unknown as { seq: number });
+    return m ? validateEvent(m.json(), [T.Uploaded]).data : null;
+  };
+}
+
 /** How many handled messages {@link storageDecidedStage} remembers as readable decisions. */
 const READABLE_KEPT = 1024;
 
@@ -119,7 +140,9 @@ const READABLE_KEPT = 1024;
  * its schema refuses it) is dead-lettered and fails nothing: the item keeps waiting for its
  * decision. Only a decision that could not be stored fails its item.
  */
-export function storageDecidedStage(): Stage<
+export function storageDecidedStage(
+  uploaded: (itemId: string) => Promise<ContentItem | null>,
+): Stage<
   { kind: "event"; types: readonly ["content.decided"] }
 > {
   // Stream sequences of messages that reached the handler: valid decisions.
@@ -130,15 +153,24 @@ export function storageDecidedStage(): Stage<
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-decided"),
     failsItem: (message) => readable.delete(message.seq),
-    handle(event, ctx) {
+    async handle(event, ctx) {
       readable.add(ctx.message.seq);
       if (readable.size > READABLE_KEPT) readable.delete(readable.values().next().value!);
       const d = event.data;
+      // What is published or archived is the item as uploaded, never what a decision carries
+      // (a decision published on the bus could carry anything).
+      const content = await uploaded(event.item_id);
+      if (!content) {
+        throw new WeftError(
+          ErrorCode.InvalidAwaitedEvent,
+          `a decision for item ${event.item_id}, which was never uploaded`,
+        );
+      }
       return [
         d.decision === "approve"
-          ? nextEvent(event, T.Published, { content: d.content, via: "review" }, ctx)
+          ? nextEvent(event, T.Published, { content, via: "review" }, ctx)
           : nextEvent(event, T.Archived, {
-            content: d.content,
+            content,
             reason: `rejected by ${d.reviewer}: ${d.reason}`,
           }, ctx),
       ];

@@ -12,13 +12,17 @@ import {
   runService,
   type ServiceDef,
 } from "../../../src/service.ts";
-import { storageDecidedStage, storageModeratedStage } from "../stages.ts";
+import { storageDecidedStage, storageModeratedStage, uploadedContentReader } from "../stages.ts";
+import { jetstreamManager } from "@nats-io/jetstream";
 
 /** The storage service. */
 export const service: ServiceDef = defineService("storage", async (ctx) =>
   combineRunnables([
     await runStage({ ...ctx, stage: storageModeratedStage() }),
-    await runStage({ ...ctx, stage: storageDecidedStage() }),
+    await runStage({
+      ...ctx,
+      stage: storageDecidedStage(uploadedContentReader(await jetstreamManager(ctx.nc))),
+    }),
   ]));
 
 if (import.meta.main) await runService(service);
