@@ -881,8 +881,11 @@ export async function runStage<I extends StageInput>(
       () => m.working(),
       Math.max(500, Math.floor(config.ackWaitMs / 3)),
     );
+    // Whether the message got as far as the handler (read and checked), for failsItem.
+    let handled = false;
     try {
       if (m.info.deliveryCount > config.maxAttempts) {
+        handled = true; // every earlier delivery died in it
         // Delivered past the last attempt without an outcome: the process died on it each
         // time (crash, OOM, kill). Dead-letter it without running the handler again; the
         // server's max_deliver leaves two deliveries for this.
@@ -949,6 +952,7 @@ export async function runStage<I extends StageInput>(
         return;
       }
       const started = performance.now();
+      handled = true;
       const outputs = await deadlines.run((signal) =>
         stage.handle(input, { source, message, now, signal })
       );
@@ -1032,7 +1036,7 @@ export async function runStage<I extends StageInput>(
             failItem: errorCode(err) !== ErrorCode.SubjectMismatch &&
               errorCode(err) !== ErrorCode.InvalidAwaitedEvent &&
               !(err instanceof OutcomeTaken) &&
-              (stage.failsItem?.(message) ?? true),
+              (stage.failsItem?.(message, handled) ?? true),
           });
           stats.deadLettered++;
           metrics.deadLettered.inc(labels);

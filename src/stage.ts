@@ -114,9 +114,12 @@ export interface Stage<I extends StageInput = StageInput> {
    * except for an event that disagrees with its subject and a bad awaited event. A stage
    * that also reads messages the item does not depend on (a definition's control step, an
    * item's awaited decisions) says no for those, whatever their body: a forged or garbled
-   * decision is dead-lettered and the item keeps waiting.
+   * decision is dead-lettered and the item keeps waiting. `handled`: whether the message
+   * reached the handler (it decoded and passed its schema), so a stage may fail the item only
+   * for a message it could read (an item's decision that could not be acted on), not for
+   * junk on its subject.
    */
-  failsItem?(message: MessageInfo): boolean;
+  failsItem?(message: MessageInfo, handled: boolean): boolean;
   /** Pure: same input, same outputs (ids included). Throw to fail; see errors.ts. */
   handle(input: InputOf<I>, ctx: StageContext): OutputEvent[] | Promise<OutputEvent[]>;
 }

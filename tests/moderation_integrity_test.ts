@@ -429,6 +429,22 @@ Deno.test("a bad message on an item's decided subject is dead-lettered and fails
   assert.deepEqual(await m.events("failed", id), []);
 });
 
+Deno.test("a bad message on an item's SLA timer subject is dead-lettered and fails nothing; the real deadline still escalates it", async () => {
+  // Left open by the fix above (seen in its review): junk on content.sla_expired.<id> still
+  // marked a pending item failed.
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  await m.js.publish(`content.sla_expired.${id}`, "this is not JSON");
+  const letters = await m.letters("review-sla", id, 1);
+  assert.deepEqual(letters.map((l) => l.code), ["invalid_event"]);
+  assert.deepEqual(await m.events("failed", id), [], "the item did not fail");
+  m.set(T0 + SLA.reviewSlaMs);
+  await m.fire(id, 1);
+  await waitFor(async () => (await m.events("escalated", id)).length > 0, 10_000, "escalated");
+  assert.deepEqual(await m.events("failed", id), []);
+});
+
 Deno.test("storage publishes the item's uploaded content, never the content a decision carries", async () => {
   await using t = await startTestNats();
   await using m = await mesh(t);

@@ -130,9 +130,6 @@ export function uploadedContentReader(
   };
 }
 
-/** How many handled messages {@link storageDecidedStage} remembers as readable decisions. */
-const READABLE_KEPT = 1024;
-
 /**
  * Publishes approved items, archives rejected ones; a decision for an item that already has
  * its outcome (published by moderation, or decided before) is dead-lettered as a `conflict`.
@@ -145,17 +142,14 @@ export function storageDecidedStage(
 ): Stage<
   { kind: "event"; types: readonly ["content.decided"] }
 > {
-  // Stream sequences of messages that reached the handler: valid decisions.
-  const readable = new Set<number>();
   return {
     input: { kind: "event", types: [T.Decided] },
     outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-decided"),
-    failsItem: (message) => readable.delete(message.seq),
+    // Only a decision it read and could not act on fails the item, never junk on the subject.
+    failsItem: (_message, handled) => handled,
     async handle(event, ctx) {
-      readable.add(ctx.message.seq);
-      if (readable.size > READABLE_KEPT) readable.delete(readable.values().next().value!);
       const d = event.data;
       // What is published or archived is the item as uploaded, never what a decision carries
       // (a decision published on the bus could carry anything).
@@ -327,6 +321,9 @@ export function reviewSlaStage(
     // The definition's loop (SLA -> review) repeats its escalations; its automatic decision,
     // like a reviewer's, comes once.
     once: new Set([T.Decided]),
+    // A timer message it cannot read (not JSON, not a timer: forged or garbled) is
+    // dead-lettered and fails nothing; the item's real deadline still comes.
+    failsItem: (_message, handled) => handled,
     async handle(event, ctx) {
       let entry = await queue.get(event.item_id);
       if (!entry) return [];
