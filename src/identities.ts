@@ -58,7 +58,7 @@ export interface Access {
   writesBuckets?: readonly string[];
   /**
    * Keys of a KV bucket it writes (and the whole bucket it reads): a subject pattern of keys,
-   * e.g. `{ bucket: "weft_schedules", keys: "content.>" }` (the keys `content.<...>`), or `*`
+   * e.g. `{ bucket: "weft_schedules", keys: "orders.>" }` (the keys `orders.<...>`), or `*`
    * (the keys with no `.`). Another's keys in the bucket it may not write nor delete.
    */
   writesKeys?: readonly { bucket: string; keys: string }[];

@@ -63,7 +63,7 @@ export interface ScheduleTargets {
  * @example
  * ```ts ignore
  * const targets = scheduleTargets(pipelines);
- * targets.check("feedback.submit", { text: 42 }); // throws, field "/payload/text"
+ * targets.check("orders.submit", { qty: "two" }); // throws, field "/payload/qty"
  * ```
  */
 export function scheduleTargets(pipelines: readonly LoadedPipeline[]): ScheduleTargets {

@@ -161,7 +161,7 @@ const ID = /^(?:[A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{1,128}$/;
  * @example
  * ```ts
  * import { scheduleOwner } from "./store.ts";
- * console.assert(scheduleOwner("content.sla-1-r1") === "content");
+ * console.assert(scheduleOwner("orders.sla-1-r1") === "orders");
  * console.assert(scheduleOwner("nightly") === undefined);
  * ```
  */
