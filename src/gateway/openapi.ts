@@ -12,6 +12,7 @@
 import { registeredSchemas } from "../schemas.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
+import { DEFAULT_SHADOW_PIPELINE } from "../shadow/spec.ts";
 
 /** A JSON object: an OpenAPI fragment. */
 export type Json = Record<string, unknown>;
@@ -102,23 +103,29 @@ const shadowSpec: Json = {
       type: "string",
       description: `A shipped pipeline (${
         SHIPPED_PIPELINES.filter((w) => w.shadowSteps).map((w) => w.name).join(", ")
-      }) or a definition's`,
+      }) or a definition's; default ${DEFAULT_SHADOW_PIPELINE}`,
     },
     step: {
       type: "string",
-      description: `A shipped pipeline's step (${
-        SHIPPED_PIPELINES.flatMap((w) => (w.shadowSteps ?? []).map((s) => `${w.name}.${s}`))
-          .join(", ")
+      description: `The step of \`pipeline\`, by its name alone: a shipped pipeline's (${
+        SHIPPED_PIPELINES.filter((w) => w.shadowSteps).map((w) =>
+          `${w.name}: ${w.shadowSteps!.join(", ")}`
+        ).join("; ")
       }) or a definition's work step`,
     },
     candidate: {
       type: "object",
-      required: ["analyzers"],
+      description: "A shipped pipeline's step: analyzers (rules, model, prompt); " +
+        "a definition's step: definition",
       properties: {
         analyzers: { enum: ["embedded", "rules", "llm"] },
         rules: { type: "string", description: "A ruleset in rules/" },
         model: { type: "string" },
         prompt: { type: "string", description: "Prompt version, e.g. v2" },
+        definition: {
+          type: "string",
+          description: "Another version of the definition (.ts), beside the running one",
+        },
       },
     },
     limits: {
@@ -230,7 +237,13 @@ export function openApiDocument(
       delete: op("Roll a step (`<pipeline>.<step>`) back to its configured version (admin)", {
         "200": json({ type: "object" }),
       }, {
-        parameters: [{ name: "step", in: "path", required: true, schema: { type: "string" } }],
+        parameters: [{
+          name: "step",
+          in: "path",
+          required: true,
+          description: "`<pipeline>.<step>`, e.g. feedback.sentiment",
+          schema: { type: "string" },
+        }],
       }),
     },
     "/metrics": {

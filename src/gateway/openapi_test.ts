@@ -1,9 +1,11 @@
 import assert from "node:assert/strict";
 import { Validator } from "@seriousme/openapi-schema-validator";
+import { Ajv } from "ajv";
 import { openApiDocument } from "./openapi.ts";
 import { loadPipelines } from "../pipeline/runtime.ts";
 import { feedbackPaths } from "../../pipelines/feedback/openapi.ts";
 import { moderationPaths } from "../../pipelines/moderation/openapi.ts";
+import { parseShadowSpec, SHADOW_STEPS } from "../shadow/spec.ts";
 
 const root = new URL("../../", import.meta.url).pathname;
 
@@ -52,4 +54,53 @@ Deno.test("the OpenAPI document is valid 3.1, every $ref resolves, and a pipelin
   assert.ok(paths["/pipelines/tickets/items/{id}/approved"]?.post, "the awaited event's route");
   const schemas = (doc.components as { schemas: Record<string, unknown> }).schemas;
   assert.deepEqual(schemas["pipeline.tickets.input"], pipelines[0]!.def.input.schema);
+});
+
+Deno.test("POST /shadows as documented is what the server takes: a shipped step by its name, a definition's step with its candidate definition", () => {
+  const doc = openApiDocument([], [feedbackPaths(), moderationPaths()]);
+  const post = (doc.paths as Record<string, Record<string, Record<string, unknown>>>)["/shadows"]!
+    .post!;
+  const schema = (post.requestBody as { content: Record<string, { schema: unknown }> })
+    .content["application/json"]!.schema as {
+      properties: { step: { description: string } };
+    };
+  // docs/SHADOW.md's two specs: the server takes both, and so does the documented schema.
+  const specs = [
+    {
+      id: "sentiment-v2",
+      step: "sentiment",
+      candidate: { analyzers: "llm", prompt: "v2" },
+      limits: { rps: 20, budgetUsd: 1 },
+    },
+    {
+      id: "route-v2",
+      pipeline: "support",
+      step: "route",
+      candidate: { definition: "pipelines/support/support_v2.ts" },
+      limits: { rps: 5 },
+    },
+  ];
+  const validate = new Ajv({ strict: false }).compile(schema);
+  for (const spec of specs) {
+    parseShadowSpec(spec);
+    assert.ok(validate(spec), `${JSON.stringify(spec)}: ${JSON.stringify(validate.errors)}`);
+  }
+  // A shipped step is named as the server takes it: `sentiment` (with `pipeline`), not
+  // `feedback.sentiment` (the form of DELETE /shadows/versions/{step}).
+  const described = schema.properties.step.description;
+  for (const [pipeline, steps] of Object.entries(SHADOW_STEPS)) {
+    for (const step of steps) {
+      parseShadowSpec({ id: "x", pipeline, step, candidate: { analyzers: "rules" } });
+      assert.ok(described.includes(step), `${step} in ${described}`);
+      assert.ok(!described.includes(`${pipeline}.${step}`), described);
+      assert.throws(() =>
+        parseShadowSpec({
+          id: "x",
+          pipeline,
+          step: `${pipeline}.${step}`,
+          candidate: { analyzers: "rules" },
+        })
+      );
+    }
+  }
 });

@@ -283,7 +283,10 @@ export function createShadowControl(
         !pipeline || !name ||
         !(shippedShadowSteps(pipeline)?.includes(name) || definitionStep(pipeline, name))
       ) {
-        throw new NotFoundError(`no shadowable step ${JSON.stringify(step)}`);
+        throw new NotFoundError(
+          `no shadowable step ${JSON.stringify(step)} (a step is named <pipeline>.<step>, ` +
+            `e.g. feedback.sentiment)`,
+        );
       }
       const { versions } = await open();
       const key = stepVersionKey(pipeline, name);
