@@ -113,7 +113,15 @@ Deno.test("a client id reused with a different body is refused with 422 like a r
     headers: JSON_TYPE,
     body: JSON.stringify({ items: [{ id: "mine-1", text: "yet another" }] }),
   });
-  await expectProblem(batch, 422, "/id");
+  await expectProblem(batch, 422, "/items/0/id");
+  // The pointer names the item, as a bad field of a batch item does (/items/<i>/<field>).
+  const second = await app.request("/feedback/batch", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ items: [{ text: "fresh" }, { id: "mine-1", text: "yet another" }] }),
+  });
+  const p2 = await expectProblem(second, 422, "/items/1/id");
+  assert.equal(p2.code, "idempotency_mismatch");
 });
 
 Deno.test("two submissions racing under one client id with different bodies: one is accepted, the other refused with 422, never both accepted", async () => {

@@ -204,7 +204,7 @@ export async function createIntake(
       remaining: async (todo, again) => {
         const left = await Promise.all(todo.map(async (i) => {
           const mayExist = again || replay || items[i]!.id !== undefined;
-          return !mayExist || await isNew(items[i]!, ids[i]!);
+          return !mayExist || await isNew(items[i]!, ids[i]!, `/items/${i}/id`);
         }));
         return todo.filter((_, k) => left[k]);
       },
@@ -214,7 +214,9 @@ export async function createIntake(
       },
       oneByOne: async (todo) => {
         atomic = false;
-        await Promise.all(todo.map((i) => publishOnce(items[i]!, ids[i]!, true, trace)));
+        await Promise.all(
+          todo.map((i) => publishOnce(items[i]!, ids[i]!, true, trace, `/items/${i}/id`)),
+        );
       },
       checkCapacity: () => capacity?.check(FEEDBACK_STREAM) ?? Promise.resolve(),
     });
@@ -223,9 +225,14 @@ export async function createIntake(
 
   /**
    * False when the stream already has item `id` with this body; throws when it has it with
-   * another body; true when it does not have it.
+   * another body (a problem naming `field`, the id's pointer in the request); true when it
+   * does not have it.
    */
-  async function isNew(submission: FeedbackSubmission, id: string): Promise<boolean> {
+  async function isNew(
+    submission: FeedbackSubmission,
+    id: string,
+    field = "/id",
+  ): Promise<boolean> {
     const stored = await ingestedInStream(id);
     if (!stored) return true;
     // The same id again: the same item (replay) only with the same content; another body
@@ -234,7 +241,7 @@ export async function createIntake(
       throw new WeftError(
         ErrorCode.IdempotencyMismatch,
         `item ${id} was already submitted with a different body`,
-        { field: "/id" },
+        { field },
       );
     }
     return false;
@@ -296,12 +303,13 @@ export async function createIntake(
     id: string,
     mayExist: boolean,
     trace?: TraceContext | null,
+    field?: string,
   ): Promise<boolean> {
-    if (mayExist && !(await isNew(submission, id))) return false;
+    if (mayExist && !(await isNew(submission, id, field))) return false;
     if (!(await publish(submission, id, trace))) {
       // Another submission of the id stored first (a race past the look-up above): a replay
       // only with the same body, else refused like any reused id.
-      await isNew(submission, id);
+      await isNew(submission, id, field);
       return false;
     }
     onAccepted?.(1);
@@ -353,7 +361,13 @@ export async function createIntake(
           }
           await Promise.all(ids.map((id, i) => {
             const item = items[i]!;
-            return publishOnce(item, id, replay || item.id !== undefined, opts.trace);
+            return publishOnce(
+              item,
+              id,
+              replay || item.id !== undefined,
+              opts.trace,
+              `/items/${i}/id`,
+            );
           }));
         },
       );
