@@ -474,4 +474,28 @@ Deno.test("an Idempotency-Key is its caller's: another API key's holder using th
   } finally {
     requests.stop();
   }
+
+Deno.test("GET /pipelines/<name>/events refuses a replay other than true or false with 422 naming it, as /events does, and holds no SSE slot for it", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const app = await definitionsApp(t, pipelines, { sseMaxClients: 1 });
+  for (const bad of ["x", "1", "TRUE", ""]) {
+    const abort = new AbortController();
+    const res = await app.request(`/pipelines/tickets/events?replay=${bad}`, {
+      signal: abort.signal,
+    });
+    if (res.status === 200) { // an event stream: never read whole
+      abort.abort();
+      await res.body?.cancel();
+    }
+    assert.equal(res.status, 422, `replay=${bad}`);
+    assert.equal(res.headers.get("content-type"), "application/problem+json");
+    assert.equal((await res.json()).field, "replay");
+  }
+  // The one slot is still free: a good request gets its stream.
+  const abort = new AbortController();
+  const ok = await app.request("/pipelines/tickets/events?replay=false", { signal: abort.signal });
+  assert.equal(ok.status, 200);
+  abort.abort();
+  await ok.body?.cancel();
 });

@@ -38,6 +38,7 @@ import {
   submitItem,
 } from "../pipeline/runtime.ts";
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
+import { boolQuery } from "./query.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import { replyTo } from "./requests.ts";
 import type { Auth } from "./auth.ts";
@@ -471,12 +472,14 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
 
   app.get("/:name/events", deps.readAuth, (c) => {
     const r = runtimeOf(c.req.param("name"));
+    // Checked before a slot is taken: a refused request holds none.
+    const replay = boolQuery(c.req.query("replay"), "replay") === true;
     const key = openSlot(clients, c);
     return streamEvents(c, js, {
       stream: r.stream,
       filter: `${r.p.def.name}.*.*`,
       closeOnFinal: false,
-      replay: c.req.query("replay") === "true",
+      replay,
       finalTypes: r.finals,
     }, { config, clients, feeds, log, key });
   });
