@@ -581,6 +581,8 @@ Deno.test("with API keys configured, GET /metrics needs one, and scrapes close t
   // Found by a probe: /metrics answered anyone while every other read needed a key, and each
   // call gathered from the whole mesh again (16 loops of it took POST /feedback's p99 from
   // 9 to 36 ms).
+
+Deno.test("an event stream refused for a bad query parameter holds no SSE slot: the next good request still gets its stream", async () => {
   await using t = await startTestNats();
   const intake = await createIntake(t.nc);
   const app = createApp({
@@ -602,4 +604,20 @@ Deno.test("with API keys configured, GET /metrics needs one, and scrapes close t
   }
   sub.unsubscribe();
   assert.equal(gathers, 1, "eight scrapes at once, one gather across the mesh");
+
+    config: { ...t.config, sseMaxClients: 1, hub: ["east"] },
+    log: t.log,
+    auth: createAuth([]),
+    extensions: [feedbackRoutes(intake)],
+  });
+  for (const path of ["/events?replay=maybe", "/sites/east/events?replay=maybe"]) {
+    for (let i = 0; i < 3; i++) {
+      await expectProblem(await app.request(path), 422, "replay");
+    }
+  }
+  const abort = new AbortController();
+  const ok = await app.request("/events", { signal: abort.signal });
+  assert.equal(ok.status, 200);
+  abort.abort();
+  await ok.body?.cancel();
 });

@@ -119,13 +119,15 @@ export function feedbackRoutes(intake: Intake): GatewayExtension {
         }
         filter = typeFilter(full);
       }
+      // Checked before a slot is taken: a refused request holds none.
+      const replay = boolQuery(c.req.query("replay"), "replay") === true;
       const key = openSlot(clients, c);
       return streamEvents(c, intake.js, {
         stream: FEEDBACK_STREAM,
         filter,
         finalTypes: FINAL_EVENT_TYPES,
         closeOnFinal: false,
-        replay: boolQuery(c.req.query("replay"), "replay") === true,
+        replay,
       }, { ...sse, key });
     });
 

@@ -75,13 +75,15 @@ export function edgeRoutes(
     app.get("/:site/events", (c) => {
       const site = c.req.param("site");
       knownSite(site);
+      // Checked before a slot is taken: a refused request holds none.
+      const replay = boolQuery(c.req.query("replay"), "replay") === true;
       const key = openSlot(sse.clients, c);
       const all = `${siteSubjectPrefix(site)}.>`;
       return streamEvents(c, jetStream.js, {
         filter: all,
         stream: edgeStream(site),
         closeOnFinal: false,
-        replay: boolQuery(c.req.query("replay"), "replay") === true,
+        replay,
         feedFilter: all,
       }, { ...sse, key });
     });
