@@ -582,6 +582,18 @@ Deno.test("with API keys configured, GET /metrics needs one, and scrapes close t
   // call gathered from the whole mesh again (16 loops of it took POST /feedback's p99 from
   // 9 to 36 ms).
 
+Deno.test("GET /reviews takes no limit: limit=-5, limit=x or another unknown parameter is refused with 422 naming it, not ignored", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  await expectProblem(await app.request("/reviews?limit=-5"), 422, "limit");
+  await expectProblem(await app.request("/reviews?limit=x"), 422, "limit");
+  await expectProblem(await app.request("/reviews?status=decided&limit=10"), 422, "limit");
+  await expectProblem(await app.request("/reviews?statuss=decided"), 422, "statuss");
+  const ok = await app.request("/reviews?status=decided");
+  assert.equal(ok.status, 200);
+  assert.deepEqual(await ok.json(), { items: [] });
+});
+
 Deno.test("an event stream refused for a bad query parameter holds no SSE slot: the next good request still gets its stream", async () => {
   await using t = await startTestNats();
   const intake = await createIntake(t.nc);

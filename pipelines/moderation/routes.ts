@@ -24,6 +24,7 @@ import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";
 import { type GatewayExtension, readJson, requireJson } from "../../src/gateway/app.ts";
+import { onlyQuery } from "../../src/gateway/query.ts";
 
 type Env = { Variables: { principal: Principal } };
 
@@ -146,6 +147,8 @@ export function createModerationRoutes(deps: {
   });
 
   app.get("/reviews", reviewer, async (c) => {
+    // The whole queue of a status (no limit, no paging): any other parameter is refused.
+    onlyQuery(c.req.query(), ["status"]);
     const status = c.req.query("status") ?? ReviewStatus.Pending;
     if (!STATUSES.has(status)) {
       throw new ValidationError(`status must be one of ${[...STATUSES].join(", ")}`, {

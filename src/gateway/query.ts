@@ -47,3 +47,24 @@ export function boolQuery(raw: string | undefined, name: string): boolean | unde
   if (raw === "false") return false;
   throw new ValidationError(`${name} must be true or false`, { field: name });
 }
+
+/**
+ * Refuses a parameter the route does not take (a 422 naming it), instead of ignoring it:
+ * `limit` on a route that has no limit would otherwise look honoured.
+ *
+ * @example
+ * ```ts
+ * import { onlyQuery } from "./query.ts";
+ * onlyQuery({ status: "pending" }, ["status"]);
+ * ```
+ */
+export function onlyQuery(query: Record<string, string>, known: readonly string[]): void {
+  for (const name of Object.keys(query)) {
+    if (!known.includes(name)) {
+      throw new ValidationError(
+        `unknown query parameter ${name}; this route takes ${known.join(", ") || "none"}`,
+        { field: name },
+      );
+    }
+  }
+}
