@@ -21,6 +21,10 @@ import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { connectClient, PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
+
+import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+import { readSse } from "./helpers/sse.ts";
 import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { StreamReadStalled } from "../src/stream_reader.ts";
@@ -632,4 +636,42 @@ Deno.test("an event stream refused for a bad query parameter holds no SSE slot: 
   assert.equal(ok.status, 200);
   abort.abort();
   await ok.body?.cancel();
+});
+
+Deno.test("a Last-Event-ID that is not a stream sequence (abc, -1, 1e3, 3,000 digits) is refused with 422 naming the header, not read as the start or as 1000", async () => {
+  await using t = await startTestNats();
+  const intake = await createIntake(t.nc);
+  const app = feedbackApp(t, intake, {
+    config: { ...t.config, sseMaxClients: 1 },
+    auth: createAuth([]),
+  });
+  for (let i = 1; i <= 3; i++) {
+    const res = await app.request("/feedback", {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({ id: `L${i}`, text: `item ${i}` }),
+    });
+    assert.equal(res.status, 202);
+  }
+  const bad = ["abc", "-1", "1e3", "1.5", "0x2", "+2", "2 3", "9".repeat(3_000), "9".repeat(17)];
+  for (const id of bad) {
+    for (const path of ["/events", "/events?replay=true", "/feedback/L1/events"]) {
+      const abort = new AbortController();
+      const res = await app.request(path, {
+        headers: { "Last-Event-ID": id },
+        signal: abort.signal,
+      });
+      if (res.status === 200) { // an event stream: never read whole
+        abort.abort();
+        await res.body?.cancel();
+        assert.fail(`${path} with Last-Event-ID ${id.slice(0, 20)}: a 200 event stream`);
+      }
+      await expectProblem(res, 422, "Last-Event-ID");
+    }
+  }
+  // A stream sequence resumes after it, with the one slot free.
+  const res = await app.request("/events", { headers: { "Last-Event-ID": "1" } });
+  assert.equal(res.status, 200);
+  const frames = await readSse(res, { stopAfter: (_, all) => all.length === 2 });
+  assert.deepEqual(frames.map((f) => f.id), ["2", "3"]);
 });

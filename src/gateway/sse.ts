@@ -22,7 +22,7 @@ import {
 } from "@nats-io/jetstream";
 import type { Config } from "../config.ts";
 import type { Logger } from "../observability/log.ts";
-import { ErrorCode, WeftError } from "../errors.ts";
+import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
 import { readStream } from "../stream_reader.ts";
 import { subjectMatches } from "../subjects.ts";
@@ -545,11 +545,31 @@ class Feed {
 
 const decoder = new TextDecoder();
 
-/** The stream sequence to resume after, from a Last-Event-ID header. */
+/**
+ * The stream sequence to resume after, from a Last-Event-ID header: undefined when there
+ * is none (or it is empty, as an EventSource that has seen no id sends none). Event ids are
+ * stream sequences, so anything but digits (at most 16, a safe integer) is a 422 problem
+ * naming the header, never read as "from the start" or, like `1e3`, as another number.
+ * (A browser's EventSource only echoes ids the server sent; a bad one is a client's bug.)
+ *
+ * @example
+ * ```ts
+ * import { resumeAfter } from "./sse.ts";
+ * console.assert(resumeAfter("41") === 41 && resumeAfter(undefined) === undefined);
+ * ```
+ */
 export function resumeAfter(lastEventId: string | undefined): number | undefined {
   if (lastEventId === undefined) return undefined;
-  const n = Number(lastEventId.trim());
-  return Number.isSafeInteger(n) && n >= 0 ? n : undefined;
+  const id = lastEventId.trim();
+  if (id === "") return undefined;
+  const n = /^[0-9]{1,16}$/.test(id) ? Number(id) : NaN;
+  if (!Number.isSafeInteger(n)) {
+    throw new ValidationError(
+      "Last-Event-ID must be an event id this server sent: a stream sequence (digits)",
+      { field: "Last-Event-ID" },
+    );
+  }
+  return n;
 }
 
 /**
@@ -675,6 +695,13 @@ export async function streamEvents(
     key?: string;
   },
 ): Promise<Response> {
+  let after: number | undefined;
+  try {
+    after = resumeAfter(c.req.header("Last-Event-ID"));
+  } catch (err) {
+    opts.clients.close(opts.key); // a refused request holds no slot
+    throw err;
+  }
   const signal = c.req.raw.signal;
   const closing = opts.clients.closing;
   await opts.clients.waitTurn(signal);
@@ -687,7 +714,6 @@ export async function streamEvents(
     opts.clients.close(opts.key);
     throw stoppingError();
   }
-  const after = resumeAfter(c.req.header("Last-Event-ID"));
   const streamName = sel.stream;
   const finalTypes = sel.finalTypes ?? new Set<string>();
   return sseResponse(c, async (stream) => {
