@@ -675,3 +675,20 @@ Deno.test("a Last-Event-ID that is not a stream sequence (abc, -1, 1e3, 3,000 di
   const frames = await readSse(res, { stopAfter: (_, all) => all.length === 2 });
   assert.deepEqual(frames.map((f) => f.id), ["2", "3"]);
 });
+
+Deno.test("GET /events takes one type: a repeated type is refused with 422 naming it, not read as the first", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  for (
+    const q of ["type=processed&type=failed", "type=processed&type=processed", "type=x&type=failed"]
+  ) {
+    const abort = new AbortController();
+    const res = await app.request(`/events?${q}`, { signal: abort.signal });
+    if (res.status === 200) { // an event stream: never read whole
+      abort.abort();
+      await res.body?.cancel();
+      assert.fail(`/events?${q}: a 200 event stream`);
+    }
+    await expectProblem(res, 422, "type");
+  }
+});

@@ -21,7 +21,7 @@ import { FeedbackEventType, FINAL_EVENT_TYPES } from "./events.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Principal } from "../../src/gateway/auth.ts";
 import { openSlot, streamEvents } from "../../src/gateway/sse.ts";
-import { boolQuery } from "../../src/gateway/query.ts";
+import { boolQuery, oneQuery } from "../../src/gateway/query.ts";
 import {
   bodyLimitProblem,
   type GatewayExtension,
@@ -107,7 +107,7 @@ export function feedbackRoutes(intake: Intake): GatewayExtension {
     });
 
     app.get("/events", readAuth, (c) => {
-      const type = c.req.query("type");
+      const type = oneQuery(c.req.queries("type"), "type");
       let filter = "feedback.*.*";
       if (type !== undefined) {
         const full = type.startsWith("feedback.") ? type : `feedback.${type}`;

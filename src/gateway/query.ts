@@ -68,3 +68,23 @@ export function onlyQuery(query: Record<string, string>, known: readonly string[
     }
   }
 }
+
+/**
+ * The one value of a parameter that takes one (`c.req.queries(name)`); undefined when
+ * absent. Repeated, it is a 422 problem naming it: reading only the first (or the last)
+ * would silently drop the others.
+ *
+ * @example
+ * ```ts
+ * import { oneQuery } from "./query.ts";
+ * console.assert(oneQuery(["processed"], "type") === "processed");
+ * console.assert(oneQuery(undefined, "type") === undefined);
+ * ```
+ */
+export function oneQuery(values: readonly string[] | undefined, name: string): string | undefined {
+  if (values === undefined || values.length === 0) return undefined;
+  if (values.length > 1) {
+    throw new ValidationError(`${name} takes one value, not ${values.length}`, { field: name });
+  }
+  return values[0];
+}
