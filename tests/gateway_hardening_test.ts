@@ -21,9 +21,6 @@ import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { connectClient, PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
-
-import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
-import { waitFor } from "./helpers/wait.ts";
 import { readSse } from "./helpers/sse.ts";
 import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
@@ -585,20 +582,6 @@ Deno.test("with API keys configured, GET /metrics needs one, and scrapes close t
   // Found by a probe: /metrics answered anyone while every other read needed a key, and each
   // call gathered from the whole mesh again (16 loops of it took POST /feedback's p99 from
   // 9 to 36 ms).
-
-Deno.test("GET /reviews takes no limit: limit=-5, limit=x or another unknown parameter is refused with 422 naming it, not ignored", async () => {
-  await using t = await startTestNats();
-  const app = await gateway(t);
-  await expectProblem(await app.request("/reviews?limit=-5"), 422, "limit");
-  await expectProblem(await app.request("/reviews?limit=x"), 422, "limit");
-  await expectProblem(await app.request("/reviews?status=decided&limit=10"), 422, "limit");
-  await expectProblem(await app.request("/reviews?statuss=decided"), 422, "statuss");
-  const ok = await app.request("/reviews?status=decided");
-  assert.equal(ok.status, 200);
-  assert.deepEqual(await ok.json(), { items: [] });
-});
-
-Deno.test("an event stream refused for a bad query parameter holds no SSE slot: the next good request still gets its stream", async () => {
   await using t = await startTestNats();
   const intake = await createIntake(t.nc);
   const app = createApp({
@@ -620,7 +603,26 @@ Deno.test("an event stream refused for a bad query parameter holds no SSE slot: 
   }
   sub.unsubscribe();
   assert.equal(gathers, 1, "eight scrapes at once, one gather across the mesh");
+});
 
+Deno.test("GET /reviews takes no limit: limit=-5, limit=x or another unknown parameter is refused with 422 naming it, not ignored", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  await expectProblem(await app.request("/reviews?limit=-5"), 422, "limit");
+  await expectProblem(await app.request("/reviews?limit=x"), 422, "limit");
+  await expectProblem(await app.request("/reviews?status=decided&limit=10"), 422, "limit");
+  await expectProblem(await app.request("/reviews?statuss=decided"), 422, "statuss");
+  const ok = await app.request("/reviews?status=decided");
+  assert.equal(ok.status, 200);
+  assert.deepEqual(await ok.json(), { items: [] });
+});
+
+Deno.test("an event stream refused for a bad query parameter holds no SSE slot: the next good request still gets its stream", async () => {
+  await using t = await startTestNats();
+  const intake = await createIntake(t.nc);
+  const app = createApp({
+    nc: t.nc,
+    jetStream: intake,
     config: { ...t.config, sseMaxClients: 1, hub: ["east"] },
     log: t.log,
     auth: createAuth([]),

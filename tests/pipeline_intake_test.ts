@@ -474,6 +474,7 @@ Deno.test("an Idempotency-Key is its caller's: another API key's holder using th
   } finally {
     requests.stop();
   }
+});
 
 Deno.test("GET /pipelines/<name>/events refuses a replay other than true or false with 422 naming it, as /events does, and holds no SSE slot for it", async () => {
   await using t = await startTestNats();
