@@ -36,7 +36,14 @@ import type { DeadLetter } from "./events.gen.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
 import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
-import { type EventEnvelope, isEntryEvent, validateDocument, validateEvent } from "./schemas.ts";
+import {
+  type EventEnvelope,
+  type EventMap,
+  isEntryEvent,
+  knownEventTypes,
+  validateDocument,
+  validateEvent,
+} from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
 import { deadLetterSubject, eventSubject, ITEM_ID, parseEventSubject } from "./subjects.ts";
 import { BACKLOG_SEQ_KEY, stageConsumerConfig } from "./topology.ts";
@@ -340,8 +347,61 @@ export async function publishEvent(
   } catch (err) {
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
-    return false;
+    return await publishAfterJunk(js, event, m);
   }
+}
+
+/** Most messages on one item's subject read to find the event a refusal says is there. */
+const MAX_SUBJECT_SCAN = 64;
+
+/**
+ * After a once-per-item publish was refused ("expected last subject sequence 0"): whether the
+ * subject holds an event of this type for this item. If it holds only messages that are none
+ * (not JSON, another type, one its schema refuses: published there by anyone who may), the
+ * event is published after them, against the subject's last message, so junk stored first
+ * cannot keep the item from its event. True when this call stored it.
+ */
+async function publishAfterJunk(
+  js: JetStreamClient,
+  event: OutputEvent,
+  m: { subject: string; data: Uint8Array; headers: MsgHdrs },
+): Promise<boolean> {
+  const jsm = await js.jetstreamManager();
+  const stream = await jsm.streams.find(m.subject);
+  const known = event.type in knownEventTypes();
+  const isIt = (raw: unknown) => {
+    try {
+      const e = raw as { type?: unknown; item_id?: unknown };
+      if (e?.type !== event.type || e.item_id !== event.item_id) return false;
+      if (known) validateEvent(raw, [event.type as keyof EventMap]);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  for (let attempt = 0; attempt < 5; attempt++) {
+    let last = 0;
+    for (let i = 0, seq = 1; i < MAX_SUBJECT_SCAN; i++) {
+      // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+      const held = await jsm.streams.getMessage(stream, {
+        next_by_subj: m.subject,
+        seq,
+      } as unknown as { seq: number }).catch(() => null);
+      if (!held) break;
+      if (isIt(tryDecode(held.data))) return false; // stored already: success
+      last = held.seq;
+      seq = held.seq + 1;
+    }
+    if (last === 0) return false; // nothing readable there now (purged?): as stored
+    m.headers.set(EXPECTED_LAST_SUBJECT_SEQ, String(last));
+    try {
+      return !(await publishUnique(js, m.subject, m.data, m.headers)).duplicate;
+    } catch (err) {
+      if (!isAlreadyStored(err)) throw err;
+      // Something was stored on the subject meanwhile: look again.
+    }
+  }
+  throw new WeftError(ErrorCode.Unavailable, `${m.subject} kept changing under a once publish`);
 }
 
 /**

@@ -445,6 +445,29 @@ Deno.test("a bad message on an item's SLA timer subject is dead-lettered and fai
   assert.deepEqual(await m.events("failed", id), []);
 });
 
+Deno.test("a message that is no decision, stored first on an item's decided subject, does not keep the SLA's default action from being stored", async () => {
+  // Left open by the fix above: the default action is published once per item ("expected
+  // last subject sequence 0", nats-server 2.10+), and the runner took the refusal behind a
+  // junk message for a decision already stored: the queue said decided, the stream held none,
+  // and the item never got its outcome.
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  const junk = { type: "content.escalated", item_id: id, note: "not a decision" };
+  await m.js.publish(`content.decided.${id}`, JSON.stringify(junk));
+  await m.letters("storage-decided", id, 1);
+  m.set(T0 + SLA.reviewSlaMs);
+  await m.fire(id, 1);
+  await waitFor(async () => (await m.events("escalated", id)).length > 0, 10_000, "escalated");
+  m.set(T0 + SLA.reviewSlaMs + SLA.escalationSlaMs + 10);
+  await m.fire(id, 2);
+  await waitFor(async () => (await m.events("archived", id)).length > 0, 10_000, "archived");
+  const decided = (await m.events("decided", id)).filter((e) => e.type === "content.decided");
+  assert.equal(decided.length, 1);
+  assert.equal(decided[0]!.data.automatic, true);
+  assert.deepEqual(await m.events("failed", id), [], "nothing failed");
+});
+
 Deno.test("storage publishes the item's uploaded content, never the content a decision carries", async () => {
   await using t = await startTestNats();
   await using m = await mesh(t);
