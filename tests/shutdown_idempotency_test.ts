@@ -28,6 +28,12 @@ for (const mode of FAULT_MODES) {
       async () => (await countsByItem(mesh.jsm, "feedback.sentiment_analyzed.*")).size >= 50,
       20_000,
     );
+    // Its ten slots busy (on a loaded machine the slow step may not have pulled them all yet
+    // when the earlier step is 50 items in): ten in flight when the SIGTERM comes.
+    await waitUntil(
+      async () => (await mesh.jsm.consumers.info(FEEDBACK_STREAM, "topics")).num_ack_pending >= 10,
+      20_000,
+    );
     const before = (await countsByItem(mesh.jsm, "feedback.topics_extracted.*")).size;
     const t0 = Date.now();
     const status = await mesh.kill("topics", "SIGTERM");

@@ -285,7 +285,7 @@ export function createShadowControl(
       ) {
         throw new NotFoundError(
           `no shadowable step ${JSON.stringify(step)} (a step is named <pipeline>.<step>, ` +
-            `e.g. feedback.sentiment)`,
+            `e.g. orders.price)`,
         );
       }
       const { versions } = await open();
