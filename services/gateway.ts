@@ -88,7 +88,11 @@ export const service: ServiceDef = defineService(
       schedules,
     });
     const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
-    const pipelineRequests = servePipelineRequests(nc, pipelines, log, { auth, guards });
+    const pipelineRequests = servePipelineRequests(nc, pipelines, log, {
+      auth,
+      guards,
+      claimTtlMs: config.claimTtlMs,
+    });
     const scheduleRequests = serveScheduleRequests(
       nc,
       schedules,

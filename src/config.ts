@@ -93,6 +93,11 @@ export interface Config {
   duplicateWindowMs: number;
   /** How long the first answer to an Idempotency-Key is kept, ms. `WEFT_IDEMPOTENCY_TTL_MS`. */
   idempotencyTtlMs: number;
+  /**
+   * A reviewer's claim on a waiting item (a definition's wait, a content review) lapses after
+   * this long, so another may take the item, ms. `WEFT_CLAIM_TTL_MS`.
+   */
+  claimTtlMs: number;
   /** Comment sent to idle SSE clients this often, ms. `WEFT_SSE_KEEPALIVE_MS`. */
   sseKeepAliveMs: number;
   /** SSE clients one gateway serves at once. `WEFT_SSE_MAX_CLIENTS`. */
@@ -482,6 +487,7 @@ const SETTINGS: Setting<any>[] = [
     default: 24 * 3600_000,
     parse: int(1000),
   },
+  { key: "claimTtlMs", env: "WEFT_CLAIM_TTL_MS", default: 15 * 60_000, parse: int(1000) },
   { key: "sseKeepAliveMs", env: "WEFT_SSE_KEEPALIVE_MS", default: 15_000, parse: int(100) },
   { key: "sseMaxClients", env: "WEFT_SSE_MAX_CLIENTS", default: 1000, parse: int(1) },
   { key: "sseOpensPerSecond", env: "WEFT_SSE_OPENS_PER_S", default: 200, parse: num(0) },

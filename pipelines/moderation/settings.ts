@@ -20,8 +20,6 @@ declare module "../../src/config.ts" {
     escalationSlaMs: number;
     /** What happens to an item still undecided after escalation. `WEFT_SLA_DEFAULT_ACTION`. */
     slaDefaultAction: "approve" | "reject";
-    /** A reviewer's claim lapses after this long, so another may take the item, ms. `WEFT_CLAIM_TTL_MS`. */
-    claimTtlMs: number;
   }
 }
 
@@ -40,5 +38,4 @@ registerSettings([
     default: "reject",
     parse: (raw: string) => (raw === "approve" || raw === "reject" ? raw : undefined),
   },
-  { key: "claimTtlMs", env: "WEFT_CLAIM_TTL_MS", default: 15 * 60_000, parse: int(1000) },
 ]);

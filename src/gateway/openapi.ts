@@ -241,7 +241,7 @@ export function openApiDocument(
           name: "step",
           in: "path",
           required: true,
-          description: "`<pipeline>.<step>`, e.g. feedback.sentiment",
+          description: "`<pipeline>.<step>`, e.g. orders.price",
           schema: { type: "string" },
         }],
       }),
@@ -389,6 +389,15 @@ export function openApiDocument(
                       until: { type: "string", format: "date-time" },
                       input: {},
                       value: {},
+                      claim: {
+                        type: "object",
+                        description: "The reviewer's claim on it, while live",
+                        properties: {
+                          by: { type: "string" },
+                          at: { type: "string", format: "date-time" },
+                          until: { type: "string", format: "date-time" },
+                        },
+                      },
                     },
                   },
                 },
@@ -404,6 +413,35 @@ export function openApiDocument(
               schema: { type: "integer", minimum: 1, maximum: 1000 },
             }],
           },
+        ),
+      };
+      const by = {
+        name: "by",
+        in: "query",
+        description: "Who acts, when authentication is off (with keys: the key's holder)",
+        schema: { type: "string" },
+      };
+      paths[`${base}/claims/{id}`] = {
+        post: op(
+          `Claim a ${n} item waiting for a person (reviewer): while the claim lasts ` +
+            "(WEFT_CLAIM_TTL_MS), only its holder's decision is taken",
+          {
+            "200": json({ type: "object" }, "The claim"),
+            "409": { ...problem, description: "Another holds a live claim, or it is not waiting" },
+          },
+          {
+            ...tag,
+            parameters: [idParam],
+            requestBody: body({
+              type: "object",
+              properties: { by: { type: "string", description: "Authentication off only" } },
+            }),
+          },
+        ),
+        delete: op(
+          `Release a claim on a ${n} item (its holder)`,
+          { "204": { description: "Released" } },
+          { ...tag, parameters: [idParam, by] },
         ),
       };
     }

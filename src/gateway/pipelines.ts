@@ -8,7 +8,12 @@
  */
 import { type Context, Hono, type MiddlewareHandler } from "hono";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
-import { jetstream, type JetStreamClient, jetstreamManager } from "@nats-io/jetstream";
+import {
+  jetstream,
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstreamManager,
+} from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
 import type { Config } from "../config.ts";
@@ -28,9 +33,11 @@ import { childContext, parseTraceparent } from "../observability/trace.ts";
 import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
 import { checkAwaitedEvent, decodeFlowEvent, entryEvent, FAILED } from "../pipeline/flow.ts";
 import { eventOf } from "../pipeline/validate.ts";
+import { type Claim, type Claims, claimsBucketOf, createClaims } from "../pipeline/claims.ts";
 import {
   checkInput,
   controlBucketOf,
+  hasWaits,
   itemEntryEvent,
   type LoadedPipeline,
   readItem,
@@ -80,8 +87,36 @@ interface Runtime {
   p: LoadedPipeline;
   stream: string;
   states: () => Promise<KV>;
+  /** Reviewers' claims on its waiting items: a pipeline with waits only. */
+  claims?: () => Promise<Claims>;
   finals: Set<string>;
   awaited: Set<string>;
+}
+
+/**
+ * Who a reviewer's claim or decision is recorded as: the API key's holder, or, with
+ * authentication off (every caller `anonymous`), the name given (`by`), required for a claim.
+ */
+function reviewerOf(who: Who, by: unknown, required: boolean): string {
+  if (by !== undefined && (typeof by !== "string" || !/^[\w .@-]{1,64}$/.test(by))) {
+    throw new ValidationError("by must be a name of 1 to 64 letters, digits, _ . @ - or spaces", {
+      field: "by",
+    });
+  }
+  if (who.name !== ANONYMOUS.name) {
+    if (by !== undefined && by !== who.name) {
+      throw new WeftError(ErrorCode.Forbidden, `this key belongs to ${who.name}, not ${by}`, {
+        field: "by",
+      });
+    }
+    return who.name;
+  }
+  if (by === undefined && required) {
+    throw new ValidationError("by is required (who claims: authentication is off)", {
+      field: "by",
+    });
+  }
+  return (by as string | undefined) ?? ANONYMOUS.name;
 }
 
 const encoder = new TextEncoder();
@@ -291,6 +326,13 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       p,
       stream: pipelineSubjects(p.def).stream,
       states: lazy(() => kvm.open(stateBucketOf(p.def.name))),
+      ...(hasWaits(p.def)
+        ? {
+          claims: lazy(async () =>
+            createClaims(await kvm.open(claimsBucketOf(p.def.name)), config.claimTtlMs)
+          ),
+        }
+        : {}),
       finals,
       awaited,
     }];
@@ -369,7 +411,8 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     if (!Number.isInteger(max) || max < 1 || max > 1000) {
       throw new ValidationError("limit must be an integer from 1 to 1000", { field: "limit" });
     }
-    return c.json(await waitingItems(r.p, js, await r.states(), max));
+    const claims = r.claims ? await r.claims() : undefined;
+    return c.json(await waitingItems(r.p, js, await r.states(), max, new Date(), claims));
   });
 
   app.post(
@@ -484,6 +527,41 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     }, { config, clients, feeds, log, key });
   });
 
+  /** The claims of a pipeline with waits; 404 for one without. */
+  async function claimsOf(r: Runtime): Promise<Claims> {
+    if (!r.claims) throw new NotFoundError(`${r.p.def.name} has no wait step: nothing to claim`);
+    return await r.claims();
+  }
+
+  // A reviewer's claim on a waiting item: while it lasts, only its holder's decision is
+  // taken. `{"by": "carol"}` names the reviewer when authentication is off.
+  app.post(
+    "/:name/claims/:id",
+    deps.decideAuth,
+    requireJson,
+    limit(4096),
+    async (c) => {
+      const r = runtimeOf(c.req.param("name"));
+      const id = itemId(c.req.param("id"));
+      const body = await readJson(c, { optional: true }) as { by?: unknown } | null;
+      if (body === null || typeof body !== "object" || Array.isArray(body)) {
+        throw new ValidationError("the body must be a JSON object", { field: "/" });
+      }
+      const who = reviewerOf(whoOf(c), body.by, true);
+      await assertWaiting(r.p, await r.states(), id, await jsm());
+      return c.json({ id, claim: await (await claimsOf(r)).take(id, who) });
+    },
+  );
+  app.delete("/:name/claims/:id", deps.decideAuth, async (c) => {
+    const r = runtimeOf(c.req.param("name"));
+    const id = itemId(c.req.param("id"));
+    const who = reviewerOf(whoOf(c), c.req.query("by"), true);
+    if (!(await (await claimsOf(r)).release(id, who))) {
+      throw new NotFoundError(`${who} holds no claim on ${r.p.def.name} item ${id}`);
+    }
+    return c.body(null, 204);
+  });
+
   // An awaited event: `POST /pipelines/tickets/items/ID/approved {"by":"carol"}`, the
   // same as `nats pub tickets.approved.ID '{"by":"carol"}'`.
   app.post(
@@ -543,6 +621,9 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
           { field: "/" },
         );
       }
+      // Another reviewer's live claim holds the item (`?by=` names the decider when
+      // authentication is off).
+      await (await claimsOf(r)).assertMayDecide(id, reviewerOf(whoOf(c), c.req.query("by"), false));
       const bytes = encoder.encode(JSON.stringify(body));
       const ack = await js.publish(`${r.p.def.name}.${event}.${id}`, bytes, {
         msgID: `${r.p.def.name}-${event}-${id}-${sha256Hex(bytes).slice(0, 16)}`,
@@ -551,6 +632,27 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     },
   );
   return app;
+}
+
+/** Refuses a claim on an item of `p` not held at one of its wait steps now: 404 or 409. */
+async function assertWaiting(
+  p: LoadedPipeline,
+  states: KV,
+  id: string,
+  jsm: JetStreamManager,
+): Promise<void> {
+  const now = await readItem(states, id).catch(() => null);
+  const step = now?.status === "waiting" ? now.waiting?.step : undefined;
+  if (step !== undefined && p.def.steps[step]?.kind === "wait") return;
+  if (now === null) {
+    const entry = await jsm.streams.getMessage(pipelineSubjects(p.def).stream, {
+      last_by_subj: `${p.def.name}.${entryEvent(p.def)}.${id}`,
+    }).catch(() => null);
+    if (!entry) throw new NotFoundError(`no ${p.def.name} item ${JSON.stringify(id)}`);
+  }
+  throw new ConflictError(
+    `${p.def.name} item ${id} is not waiting for a person (${now?.status ?? "accepted"})`,
+  );
 }
 
 /** An item held at a wait step (`GET /pipelines/<name>/waiting`, `weft.<name>.waiting`). */
@@ -564,6 +666,8 @@ export interface WaitingItem {
   input: unknown;
   /** What the wait was handed. */
   value: unknown;
+  /** The reviewer's claim on it, while live. */
+  claim?: Claim;
 }
 
 /**
@@ -578,6 +682,7 @@ export async function waitingItems(
   states: KV,
   max: number,
   now: Date = new Date(),
+  claims?: Claims,
 ): Promise<{ items: WaitingItem[]; total: number }> {
   const bucket = controlBucketOf(p.def.name);
   const items: WaitingItem[] = [];
@@ -613,7 +718,14 @@ export async function waitingItems(
     }
   }
   items.sort((a, b) => a.until.localeCompare(b.until));
-  return { items: items.slice(0, max), total: items.length };
+  const shown = items.slice(0, max);
+  if (claims) {
+    await Promise.all(shown.map(async (item) => {
+      const claim = await claims.get(item.id);
+      if (claim && Date.parse(claim.until) > now.getTime()) item.claim = claim;
+    }));
+  }
+  return { items: shown, total: items.length };
 }
 
 /**
@@ -626,16 +738,57 @@ export function servePipelineRequests(
   nc: NatsConnection,
   pipelines: readonly LoadedPipeline[],
   log: Logger,
-  opts: { auth?: Auth; guards?: IntakeGuards } = {},
+  opts: { auth?: Auth; guards?: IntakeGuards; claimTtlMs?: number } = {},
 ): { stop(): void } {
   const kvm = new Kvm(nc);
+  let jsmP: ReturnType<typeof jetstreamManager> | undefined;
   const reply = (m: Msg, work: () => Promise<unknown>) => replyTo(m, log, work);
   const check = (m: Msg, ...roles: Role[]): Who | undefined =>
     opts.auth?.authorize(m.headers?.get("Authorization"), roles);
   const subs = pipelines.flatMap((p) => {
     const n = p.def.name;
     const states = lazy(() => kvm.open(stateBucketOf(n)));
+    const claims = hasWaits(p.def)
+      ? lazy(async () =>
+        createClaims(await kvm.open(claimsBucketOf(n)), opts.claimTtlMs ?? 15 * 60_000)
+      )
+      : undefined;
+    /** `{"id": ..., "by"?: ...}`: the item and (auth off) the reviewer. */
+    const claimRequest = (m: Msg) => {
+      const who = check(m, Role.Reviewer) ?? ANONYMOUS;
+      if (!claims) throw new NotFoundError(`${n} has no wait step: nothing to claim`);
+      const body = decodeJson(m.data) as { id?: unknown; by?: unknown } | null;
+      if (body === null || typeof body !== "object" || Array.isArray(body)) {
+        throw new ValidationError("the body must be a JSON object", { field: "/" });
+      }
+      if (typeof body.id !== "string" || !ITEM_ID.test(body.id)) {
+        throw new ValidationError("/id must be an item id", { field: "/id" });
+      }
+      return { id: body.id, who: reviewerOf(who, body.by, true) };
+    };
+    const waitingSubs = claims
+      ? [
+        nc.subscribe(`weft.${n}.claim`, {
+          queue: "weft-gateway",
+          callback: (_e, m) =>
+            void reply(m, async () => {
+              const { id, who } = claimRequest(m);
+              await assertWaiting(p, await states(), id, await (jsmP ??= jetstreamManager(nc)));
+              return { id, claim: await (await claims()).take(id, who) };
+            }),
+        }),
+        nc.subscribe(`weft.${n}.release`, {
+          queue: "weft-gateway",
+          callback: (_e, m) =>
+            void reply(m, async () => {
+              const { id, who } = claimRequest(m);
+              return { id, released: await (await claims()).release(id, who) };
+            }),
+        }),
+      ]
+      : [];
     return [
+      ...waitingSubs,
       nc.subscribe(`weft.${n}.submit`, {
         queue: "weft-gateway",
         callback: (_e, m) =>
@@ -668,7 +821,14 @@ export function servePipelineRequests(
         callback: (_e, m) =>
           void reply(m, async () => {
             check(m, Role.Ingest, Role.Reviewer);
-            return await waitingItems(p, jetstream(nc), await states(), 1000);
+            return await waitingItems(
+              p,
+              jetstream(nc),
+              await states(),
+              1000,
+              new Date(),
+              claims ? await claims() : undefined,
+            );
           }),
       }),
     ];

@@ -9,6 +9,7 @@
  * @module
  */
 import type { NatsConnection } from "@nats-io/nats-core";
+import { claimsBucketOf } from "./claims.ts";
 import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, type KvEntry, Kvm } from "@nats-io/kv";
 import { ConfigError, ConflictError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
@@ -280,6 +281,11 @@ export function scratchpadAsOf(
   e: { id: string; time: string },
 ): ScratchEntry[] {
   return entries.filter((x) => !x.id.startsWith(`${e.id}:`) && x.at <= e.time);
+}
+
+/** Whether items of `def` may wait for a person (or a callback): pipelines with wait steps. */
+export function hasWaits(def: PipelineDefinition): boolean {
+  return Object.values(def.steps).some((s) => s.kind === "wait");
 }
 
 /** Whether items of `def` have a shared scratchpad: pipelines with agent steps. */
@@ -1407,6 +1413,13 @@ export function pipelineTopology(
         description: `Weft: ${p.def.name} items held at joins and waits`,
         ttl: retentionMs,
       },
+      ...(hasWaits(p.def)
+        ? [{
+          name: claimsBucketOf(p.def.name),
+          description: `Weft: reviewers' claims on ${p.def.name} items waiting for a person`,
+          ttl: retentionMs,
+        }]
+        : []),
       ...(hasScratchpad(p.def)
         ? [{
           name: scratchpadBucketOf(p.def.name),
@@ -1547,6 +1560,8 @@ export function pipelineGatewayAccess(loaded: readonly LoadedPipeline[]): {
       listsConsumers: streams,
       // States, and the held items (GET /pipelines/<name>/waiting).
       readsBuckets: [...states, ...loaded.map((p) => controlBucketOf(p.def.name))],
+      // Reviewers' claims on waiting items.
+      writesBuckets: loaded.filter((p) => hasWaits(p.def)).map((p) => claimsBucketOf(p.def.name)),
     },
     ops: {
       publishes: [...loaded.map((p) => `${p.def.name}.submit`), ...awaited],
@@ -1555,6 +1570,7 @@ export function pipelineGatewayAccess(loaded: readonly LoadedPipeline[]): {
       readsBuckets: [
         ...states,
         ...loaded.map((p) => controlBucketOf(p.def.name)),
+        ...loaded.filter((p) => hasWaits(p.def)).map((p) => claimsBucketOf(p.def.name)),
         ...loaded.filter((p) => hasScratchpad(p.def)).map((p) => scratchpadBucketOf(p.def.name)),
         ...loaded.flatMap((p) => p.def.buckets ?? []),
       ],

@@ -1,0 +1,177 @@
+/**
+ * Reviewers' claims on a definition's items waiting for a person, on a real nats-server with
+ * the gateway app, the control step and the state writer in-process: while a claim lasts,
+ * only its holder's decision is taken; the waiting list shows who holds what.
+ */
+import assert from "node:assert/strict";
+import { headers } from "@nats-io/nats-core";
+import { createApp } from "../src/gateway/app.ts";
+import { createAuth, hashKey } from "../src/gateway/auth.ts";
+import { Role } from "../src/config.ts";
+import { servePipelineRequests } from "../src/gateway/pipelines.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { advance, compileFlow, entryData, flowEvent } from "../src/pipeline/flow.ts";
+import {
+  controlStage,
+  type LoadedPipeline,
+  pipelineStateSpec,
+  pipelineTopology,
+  submitItem,
+} from "../src/pipeline/runtime.ts";
+import { runStage } from "../src/runner.ts";
+import { runStateWriter } from "../src/state_writer.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const obj = { type: "object" } as const;
+const def = definePipeline({
+  name: "approvals",
+  input: { schema: obj },
+  start: "check",
+  steps: {
+    check: { kind: "task", output: obj, handle: () => ({}), next: "approval" },
+    approval: {
+      kind: "wait",
+      event: "approved",
+      timeoutMs: 600_000,
+      onTimeout: "expired",
+      next: "done",
+    },
+    done: { kind: "end", outcome: "done" },
+    expired: { kind: "end", outcome: "expired" },
+  },
+});
+const approvals: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
+const JSON_TYPE = { "content-type": "application/json" };
+
+/** The gateway app, the control step and the state writer for `approvals`, with `keys`. */
+async function mesh(t: TestNats, keys: Parameters<typeof createAuth>[0]) {
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const auth = createAuth(keys);
+  const app = createApp({
+    ...deps,
+    jetStream: await createIntake(t.nc),
+    pipelines: [approvals],
+    auth,
+  });
+  const runners = [
+    await runStage({ ...deps, stage: controlStage(approvals, t.nc) }),
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(approvals) }),
+  ];
+  const requests = servePipelineRequests(t.nc, [approvals], t.log, { auth, claimTtlMs: 60_000 });
+  /** An item of approvals held at its wait. */
+  const waiting = async (id: string) => {
+    await submitItem(t.nc, approvals, id, {}, { source: "test", traceId: TRACE });
+    const checked = flowEvent(
+      approvals.flow,
+      "check",
+      { id: `${id}-check`, item_id: id, trace_id: TRACE },
+      advance(entryData({}), "check", {}, {}),
+      { source: "test", now: new Date() },
+    );
+    await t.nc.request(`approvals.check.${id}`, JSON.stringify(checked), PATIENT);
+    await waitFor(
+      async () => (await (await get(id)).json()).status === "waiting",
+      10_000,
+      `${id} waiting`,
+    );
+  };
+  const get = (id: string, key = "k-carol") =>
+    app.request(`/pipelines/approvals/items/${id}`, {
+      headers: { authorization: `Bearer ${key}` },
+    });
+  return {
+    app,
+    waiting,
+    get,
+    async [Symbol.asyncDispose]() {
+      requests.stop();
+      for (const r of runners) await r.stop();
+    },
+  };
+}
+
+const REVIEWERS = [
+  { sha256: hashKey("k-carol"), role: Role.Reviewer, name: "carol" },
+  { sha256: hashKey("k-dave"), role: Role.Reviewer, name: "dave" },
+];
+
+Deno.test("a claimed waiting item takes only its holder's decision; the waiting list shows the claim; a released one is free again", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t, REVIEWERS);
+  await m.waiting("a1");
+  const as = (key: string, method: string, path: string, body?: unknown) =>
+    m.app.request(path, {
+      method,
+      headers: { ...JSON_TYPE, authorization: `Bearer ${key}` },
+      ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+    });
+
+  const taken = await as("k-carol", "POST", "/pipelines/approvals/claims/a1", {});
+  assert.equal(taken.status, 200, await taken.clone().text());
+  assert.equal((await taken.json()).claim.by, "carol");
+  const other = await as("k-dave", "POST", "/pipelines/approvals/claims/a1", {});
+  assert.equal(other.status, 409);
+  assert.match((await other.json()).detail, /claimed by carol/);
+  const spoof = await as("k-dave", "POST", "/pipelines/approvals/claims/a1", { by: "carol" });
+  assert.equal(spoof.status, 403, "a key claims as its holder only");
+
+  const list = await (await as("k-dave", "GET", "/pipelines/approvals/waiting")).json();
+  assert.deepEqual(
+    list.items.map((i: { id: string; claim?: { by: string } }) => [i.id, i.claim?.by]),
+    [
+      ["a1", "carol"],
+    ],
+  );
+
+  const daveDecides = await as("k-dave", "POST", "/pipelines/approvals/items/a1/approved", {
+    ok: true,
+  });
+  assert.equal(daveDecides.status, 409, "held by carol");
+  assert.equal((await as("k-dave", "DELETE", "/pipelines/approvals/claims/a1")).status, 409);
+  assert.equal((await as("k-carol", "DELETE", "/pipelines/approvals/claims/a1")).status, 204);
+  // Free again: dave takes it over NATS and decides.
+  const h = headers();
+  h.set("Authorization", "Bearer k-dave");
+  const viaNats = await t.nc.request(
+    "weft.approvals.claim",
+    JSON.stringify({ id: "a1" }),
+    { ...PATIENT, headers: h },
+  );
+  assert.equal(viaNats.json<{ claim?: { by: string } }>().claim?.by, "dave");
+  const decided = await as("k-dave", "POST", "/pipelines/approvals/items/a1/approved", { ok: 1 });
+  assert.equal(decided.status, 202, await decided.clone().text());
+  await waitFor(async () => (await (await m.get("a1")).json()).status === "done", 10_000, "done");
+
+  // An item that is not waiting cannot be claimed; one that does not exist is 404.
+  assert.equal((await as("k-carol", "POST", "/pipelines/approvals/claims/a1", {})).status, 409);
+  assert.equal((await as("k-carol", "POST", "/pipelines/approvals/claims/nope", {})).status, 404);
+  assert.equal(
+    (await m.app.request("/pipelines/approvals/claims/a1", {
+      method: "POST",
+      headers: { authorization: "Bearer k-carol", "content-type": "text/plain" },
+      body: "{}",
+    })).status,
+    415,
+    "JSON only: no cross-site form can claim",
+  );
+});
+
+Deno.test("with authentication off, a claim names its reviewer (by), and a decision names its decider with ?by=", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t, []);
+  await m.waiting("b1");
+  const post = (path: string, body: unknown) =>
+    m.app.request(path, { method: "POST", headers: JSON_TYPE, body: JSON.stringify(body) });
+  const unnamed = await post("/pipelines/approvals/claims/b1", {});
+  assert.equal(unnamed.status, 422);
+  assert.equal((await unnamed.json()).field, "by");
+  assert.equal((await post("/pipelines/approvals/claims/b1", { by: "erin" })).status, 200);
+  assert.equal((await post("/pipelines/approvals/items/b1/approved", { ok: 1 })).status, 409);
+  const erin = await post("/pipelines/approvals/items/b1/approved?by=erin", { ok: 1 });
+  assert.equal(erin.status, 202, await erin.clone().text());
+});
