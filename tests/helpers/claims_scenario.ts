@@ -358,7 +358,12 @@ export function claimsEndToEnd(mode: FaultMode): void {
           assert.equal(bad.status, 422);
           assert.equal(bad.body.code, "invalid_awaited_event");
           assert.equal(bad.body.field, "/approve");
-          const d = await post(base, `/pipelines/claims/items/${approved}/decided`, {
+          // A reviewer claims it first (the gateway writes weft_claims_claims under its own
+          // identity); the claim's holder decides.
+          const claimed = await post(base, `/pipelines/claims/claims/${approved}`, { by: "carol" });
+          assert.equal(claimed.status, 200, JSON.stringify(claimed.body));
+          assert.equal(claimed.body.claim.by, "carol");
+          const d = await post(base, `/pipelines/claims/items/${approved}/decided?by=carol`, {
             approve: true,
           });
           assert.equal(d.status, 202);
