@@ -111,6 +111,21 @@ export const sorting = definePipeline({
       ]),
       [[id, "check", "sorting.checked", { n: 30 }]],
     );
+    // A reviewer's claim shows on its row; released, the item is anyone's again.
+    const claim = await fetch(`${mesh.gatewayUrl}/pipelines/sorting/claims/${id}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ by: "carol" }),
+    });
+    assert.equal(claim.status, 200, await claim.text());
+    await row.locator('[data-claim="carol"]').filter({ hasText: /claimed by carol/ })
+      .waitFor({ timeout: 20_000 });
+    const released = await fetch(
+      `${mesh.gatewayUrl}/pipelines/sorting/claims/${id}?by=carol`,
+      { method: "DELETE" },
+    );
+    assert.equal(released.status, 204);
+    await released.body?.cancel();
     // A value the schema refuses: the problem's detail shows, and the item waits on.
     await row.locator('input[name="ok"]').check();
     await row.locator('input[name="weight"]').fill("0");

@@ -528,7 +528,9 @@ function loadWaiting() {
     }).then(function (body) {
       if (!body) return;
       // Redrawn only when the list changes, so a form being filled in is kept.
-      var ids = body.items.slice(0, 50).map(function (it) { return it.id + "@" + it.step; }).join(",");
+      var ids = body.items.slice(0, 50).map(function (it) {
+        return it.id + "@" + it.step + "@" + (it.claim ? it.claim.by : "");
+      }).join(",");
       if (box.getAttribute("data-ids") === ids && box.textContent !== "…") return;
       box.setAttribute("data-ids", ids);
       box.textContent = ""; box.className = "waiting";
@@ -540,7 +542,9 @@ function loadWaiting() {
         var tr = el("tr", { "data-waiting-item": it.id });
         tr.append(el("td", null, it.id), el("td", null, it.step),
           el("td", { title: input }, input.length > 80 ? input.slice(0, 80) + "…" : input),
-          el("td", null, "until " + new Date(it.until).toLocaleTimeString()));
+          el("td", it.claim ? { "data-claim": it.claim.by } : null,
+            "until " + new Date(it.until).toLocaleTimeString() +
+            (it.claim ? " · claimed by " + it.claim.by : "")));
         var cell = el("td", { class: "decide" });
         var read = decisionForm(cell, wait.schema);
         var b = el("button", null, "send " + wait.event);
