@@ -10,11 +10,9 @@ import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { Role } from "../src/config.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
-import { definePipeline } from "../src/pipeline/definition.ts";
-import { advance, compileFlow, entryData, flowEvent } from "../src/pipeline/flow.ts";
+import { advance, entryData, flowEvent } from "../src/pipeline/flow.ts";
 import {
   controlStage,
-  type LoadedPipeline,
   pipelineStateSpec,
   pipelineTopology,
   submitItem,
@@ -24,26 +22,9 @@ import { runStateWriter } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { approvalsPipeline } from "./helpers/pipeline.ts";
 
-const obj = { type: "object" } as const;
-const def = definePipeline({
-  name: "approvals",
-  input: { schema: obj },
-  start: "check",
-  steps: {
-    check: { kind: "task", output: obj, handle: () => ({}), next: "approval" },
-    approval: {
-      kind: "wait",
-      event: "approved",
-      timeoutMs: 600_000,
-      onTimeout: "expired",
-      next: "done",
-    },
-    done: { kind: "end", outcome: "done" },
-    expired: { kind: "end", outcome: "expired" },
-  },
-});
-const approvals: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+const approvals = approvalsPipeline(600_000);
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const JSON_TYPE = { "content-type": "application/json" };
 

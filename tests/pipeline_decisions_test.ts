@@ -8,12 +8,10 @@ import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
-import { definePipeline } from "../src/pipeline/definition.ts";
 import { pipelineSubjects } from "../src/pipeline/derive.ts";
-import { advance, compileFlow, entryData, flowEvent } from "../src/pipeline/flow.ts";
+import { advance, entryData, flowEvent } from "../src/pipeline/flow.ts";
 import {
   controlStage,
-  type LoadedPipeline,
   pipelineStateSpec,
   pipelineTopology,
   submitItem,
@@ -25,26 +23,10 @@ import type { ItemState } from "../src/pipeline/fold.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { approvalsPipeline } from "./helpers/pipeline.ts";
 
-const obj = { type: "object" } as const;
-const def = definePipeline({
-  name: "approvals",
-  input: { schema: obj },
-  start: "check",
-  steps: {
-    check: { kind: "task", output: obj, handle: () => ({}), next: "approval" },
-    approval: {
-      kind: "wait",
-      event: "approved",
-      timeoutMs: 60_000,
-      onTimeout: "expired",
-      next: "done",
-    },
-    done: { kind: "end", outcome: "done" },
-    expired: { kind: "end", outcome: "expired" },
-  },
-});
-const approvals: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+const approvals = approvalsPipeline();
+const def = approvals.def;
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 
 Deno.test("a decision for an item that has ended is refused with 409 saying so; one for a running item not yet at its wait is accepted", async () => {

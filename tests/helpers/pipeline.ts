@@ -19,6 +19,9 @@ import { createIntake, type Intake } from "../../pipelines/feedback/intake.ts";
 import { createApp, type GatewayDeps } from "../../src/gateway/app.ts";
 import { feedbackRoutes } from "../../pipelines/feedback/routes.ts";
 import type { TestNats } from "./nats.ts";
+import { definePipeline } from "../../src/pipeline/definition.ts";
+import { compileFlow } from "../../src/pipeline/flow.ts";
+import type { LoadedPipeline } from "../../src/pipeline/runtime.ts";
 
 /** A running in-process pipeline. */
 export interface Pipeline extends AsyncDisposable {
@@ -85,4 +88,25 @@ export async function definitionsApp(
     log: t.log,
     pipelines,
   });
+}
+
+/**
+ * A small definition with a person in it, loaded as the runtime loads one: `check` (a task),
+ * then the wait `approval` for the event `approved` (else `expired` after `timeoutMs`), then
+ * `done`.
+ */
+export function approvalsPipeline(timeoutMs = 60_000): LoadedPipeline {
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "approvals",
+    input: { schema: obj },
+    start: "check",
+    steps: {
+      check: { kind: "task", output: obj, handle: () => ({}), next: "approval" },
+      approval: { kind: "wait", event: "approved", timeoutMs, onTimeout: "expired", next: "done" },
+      done: { kind: "end", outcome: "done" },
+      expired: { kind: "end", outcome: "expired" },
+    },
+  });
+  return { file: "inline", def, flow: compileFlow(def) };
 }
