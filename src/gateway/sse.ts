@@ -716,9 +716,32 @@ export async function streamEvents(
   }
   const streamName = sel.stream;
   const finalTypes = sel.finalTypes ?? new Set<string>();
+  const joinFeed = () =>
+    opts.feeds.join(
+      streamName,
+      sel.feedFilter ??
+        (sel.filter.split(".").length === 3 ? `${sel.filter.split(".")[0]}.*.*` : sel.filter),
+      {
+        key: sel.filter,
+        match: (subject) => subjectMatches(sel.filter, subject),
+        ...(sel.itemId !== undefined ? { itemId: sel.itemId } : {}),
+      },
+    );
+  const history = after !== undefined || sel.replay;
+  // A live client is on the feed before its response starts: an event stored once the client
+  // has its 200 reaches it. (A client with history joins after its replay, in the stream.)
+  let joined: FeedSubscription | undefined;
+  if (!history) {
+    try {
+      joined = await joinFeed();
+    } catch (err) {
+      opts.clients.close(opts.key);
+      throw err;
+    }
+  }
   return sseResponse(c, async (stream) => {
     let keepAlive: ReturnType<typeof setInterval> | undefined;
-    let sub: FeedSubscription | undefined;
+    let sub: FeedSubscription | undefined = joined;
     let last = after ?? 0;
     /** Writes `bytes` within the write timeout; false when the client is too slow. */
     const write = async (bytes: Uint8Array, firstSeq: number): Promise<boolean> => {
@@ -804,21 +827,11 @@ export async function streamEvents(
         }
         return "more";
       };
-      const history = after !== undefined || sel.replay;
       // History first, as long as it takes, with no live queue filling meanwhile; then join
       // the live feed and replay once more what was stored between the two (a short gap):
       // nothing falls in between, and what both deliver is sent once (by sequence).
       if (history && await replay(after !== undefined ? after + 1 : sel.from) === "end") return;
-      sub = await opts.feeds.join(
-        streamName,
-        sel.feedFilter ??
-          (sel.filter.split(".").length === 3 ? `${sel.filter.split(".")[0]}.*.*` : sel.filter),
-        {
-          key: sel.filter,
-          match: (subject) => subjectMatches(sel.filter, subject),
-          ...(sel.itemId !== undefined ? { itemId: sel.itemId } : {}),
-        },
-      );
+      sub ??= await joinFeed();
       if (stream.aborted) return;
       if (history && await replay(last > 0 ? last + 1 : sel.from) === "end") return;
       // A per-item stream whose client has already seen the item's final event is over
