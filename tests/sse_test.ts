@@ -8,7 +8,7 @@ import { createIntake } from "../pipelines/feedback/intake.ts";
 import { createEvent } from "../src/events.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
-import { waitFor } from "./helpers/wait.ts";
+import { deadline, waitFor } from "./helpers/wait.ts";
 import { sseFrames } from "./helpers/sse_frames.ts";
 import { SseClients } from "../src/gateway/sse.ts";
 
@@ -179,6 +179,39 @@ Deno.test("an item's event stream starts at the item's first event, not at the s
     abort.abort();
     await frames.return(undefined).catch(() => {});
     await waitFor(async () => (await sseConsumers(t)) === 0, 10_000, "the consumer to be removed");
+  } finally {
+    abort.abort();
+    await server.shutdown();
+  }
+});
+
+Deno.test("a Last-Event-ID past everything the stream holds resumes from now: new events arrive", async () => {
+  // Found by a probe: `Last-Event-ID: 99999999` (a client of another server, or one that made
+  // it up) passed the digits-only check, and the stream stayed silent until its sequence
+  // passed the id: 0 events where a client without it got 5.
+  await using t = await startTestNats({ sseKeepAliveMs: 60_000 });
+  const { server, port } = await serveGateway(t);
+  const abort = new AbortController();
+  try {
+    const res = await fetch(`http://127.0.0.1:${port}/events`, {
+      signal: abort.signal,
+      headers: { "Last-Event-ID": "99999999" },
+    });
+    assert.equal(res.status, 200);
+    const frames = sseFrames(res.body!);
+    const js = jetstream(t.nc);
+    await js.publish(
+      "feedback.ingested.after1",
+      JSON.stringify(createEvent({
+        type: "feedback.ingested",
+        itemId: "after1",
+        traceId: "0af7651916cd43dd8448eb211c80319c",
+        source: "test",
+        data: { text: "new" },
+      })),
+    );
+    const first = await deadline(frames.next(), 10_000, "the new event");
+    assert.equal(first.value!.event, "feedback.ingested");
   } finally {
     abort.abort();
     await server.shutdown();

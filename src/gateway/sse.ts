@@ -715,6 +715,13 @@ export async function streamEvents(
     throw stoppingError();
   }
   const streamName = sel.stream;
+  if (after !== undefined) {
+    // An id past anything stored (a client of another server, or one that made it up) would
+    // hide every event until the stream caught up with it: it resumes from now instead.
+    const stored = await (await js.jetstreamManager()).streams.info(streamName)
+      .then((i) => i.state.last_seq).catch(() => undefined);
+    if (stored !== undefined && after > stored) after = stored;
+  }
   const finalTypes = sel.finalTypes ?? new Set<string>();
   const joinFeed = () =>
     opts.feeds.join(
