@@ -126,6 +126,19 @@ export function subjectMatches(filter: string, subject: string): boolean {
  */
 export const TIMER_SUBJECTS: readonly string[] = ["*._timer.*"];
 
+/**
+ * The first tokens of the runtime's own subjects: no pipeline is named so, so no timer,
+ * submission or event of a pipeline is ever published under them.
+ */
+export const RUNTIME_ROOTS: ReadonlySet<string> = new Set([
+  "deadletter",
+  "digest",
+  "shadow",
+  "weft",
+  "schedules",
+  "site",
+]);
+
 /** True when `subject` matches one of `filters`. */
 export function subjectAllowed(filters: readonly string[], subject: string): boolean {
   return filters.some((f) => subjectMatches(f, subject));

@@ -99,7 +99,6 @@ import {
   SHADOW_STREAM,
   SHADOW_TALLY_BUCKET,
   STEP_VERSION_BUCKET,
-  TIMER_SUBJECTS,
 } from "./subjects.ts";
 
 /** The repository root: service entries and nats.conf are relative to it. */
@@ -195,7 +194,7 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
             ...s,
             access: mergeAccess(s.access, {
               readsStreams: streams,
-              publishes: loaded.map((p) => `${p.def.name}.submit`),
+              publishes: loaded.flatMap((p) => [`${p.def.name}.submit`, `${p.def.name}._timer.*`]),
             }),
           }
           : s.name === "shadow"
@@ -249,8 +248,10 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
     entry: "services/scheduler.ts",
     background: true,
     access: {
-      // Each pipeline adds what it may schedule (its wiring's `schedulable` and `timers`).
-      publishes: TIMER_SUBJECTS,
+      // Each pipeline adds what it may schedule (its wiring's `schedulable` and `timers`; a
+      // definition's submissions and timers, `<name>._timer.*`): never a subject of the
+      // runtime's own (a timer "of" `deadletter` would be a forged dead letter).
+      publishes: [],
       writesBuckets: [SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET],
     },
   },

@@ -172,6 +172,12 @@ export interface PipelineWiring {
   schedulable?: readonly string[];
   /** Subjects its own services set timers on (the scheduler fires them), e.g. `orders.sla.*`. */
   timers?: readonly string[];
+  /**
+   * Schedules it kept under ids it no longer uses (before schedules had owners): the
+   * scheduler removes each when it starts, if it still publishes on that subject (a caller's
+   * schedule that took the id meanwhile stays).
+   */
+  retiredSchedules?: readonly { id: string; subject: string }[];
   /** How the dashboard draws it (a graph of its consumers, fed by their metrics). */
   dashboard?: WiredGraph;
 }

@@ -309,7 +309,7 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
         });
       await as(mesh, "digest", async (nc) => {
         const js = jetstream(nc);
-        for (const key of ["content.sla-2-victim", "sla-2-victim"]) {
+        for (const key of ["content.sla-2-victim", "sla-2-victim", "feedback-digest"]) {
           await assert.rejects(js.publish(`$KV.weft_schedules.${key}`, forged(key)), /permission/i);
         }
         // Under its own name it may write, but the scheduler fires it only on its subjects.

@@ -385,12 +385,21 @@ Deno.test("a pipeline's own schedule fires only on that pipeline's subjects, who
       payload: {},
       at: now,
     });
+    // With no owner (a caller's id, which the gateway may write), a "timer" under the
+    // runtime's own roots or a hand-wired pipeline's is never fired either: it would be a
+    // forged dead letter, or a content event no service set.
+    const forged = [["gwforge", "deadletter._timer.x"], ["gwforge2", "content._timer.x"]] as const;
+    for (const [id, subject] of forged) {
+      await store.create({ id, subject, payload: {}, at: now });
+    }
     await fired.until(() => fired.seen.length >= 1);
-    await waitFor(
-      () => lines.some((l) => l.includes("schedule refused") && l.includes("feedback.evil")),
-      10_000,
-      "the refusal",
-    );
+    for (const id of ["feedback.evil", "gwforge", "gwforge2"]) {
+      await waitFor(
+        () => lines.some((l) => l.includes("schedule refused") && l.includes(`"${id}"`)),
+        10_000,
+        `the refusal of ${id}`,
+      );
+    }
     assert.deepEqual(fired.seen.map((f) => f.schedule), ["content.sla-1-ok"]);
   } finally {
     fired.stop();
@@ -524,4 +533,31 @@ Deno.test("a schedule its target would refuse is refused when made, naming the f
     assert.equal(reply.json<{ error?: { field?: string } }>().error?.field, field);
   }
   assert.deepEqual(await gateway.schedules.list(), [], "nothing was scheduled");
+});
+
+Deno.test("a pipeline's retired schedule is removed when the scheduler starts; a caller's schedule under that id for another subject stays", async () => {
+  // Its digest schedule was `feedback-digest` before schedules had owners; left in a store, it
+  // would fire beside `feedback.digest`. Only the scheduler may remove it: no service's key
+  // may write ids without an owner's prefix but the gateway's, for callers.
+  for (
+    const [subject, stays] of [["digest.request.feedback", false], [
+      "feedback.submit",
+      true,
+    ]] as const
+  ) {
+    await using t = await startTestNats();
+    const store = createScheduleStore(await new Kvm(t.nc).open(SCHEDULE_BUCKET));
+    const payload = subject === "feedback.submit" ? { text: "monthly" } : {};
+    await store.create({ id: "feedback-digest", subject, payload, cron: "0 * * * *" });
+    const lines: string[] = [];
+    const scheduler = await runScheduler({
+      nc: t.nc,
+      log: createLogger("test", "info", (l) => lines.push(l)),
+      replica: "retire",
+    });
+    await scheduler.stop();
+    const left = (await store.list()).map((s) => s.id);
+    assert.deepEqual(left, stays ? ["feedback-digest"] : [], subject);
+    assert.equal(lines.some((l) => l.includes("retired schedule removed")), !stays);
+  }
 });

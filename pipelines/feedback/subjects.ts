@@ -31,7 +31,7 @@ export const DIGEST_REQUEST_SUBJECT = "digest.request.feedback";
  * (`feedback.<...>`), which only its digest service may write.
  */
 export const DIGEST_SCHEDULE_ID = "feedback.digest";
-/** Its id before schedules had owners: removed by the digest service when it starts. */
+/** Its id before schedules had owners: removed by the scheduler when it starts (wiring.ts). */
 export const LEGACY_DIGEST_SCHEDULE_ID = "feedback-digest";
 
 /** The event types of the feedback pipeline, in pipeline order. */

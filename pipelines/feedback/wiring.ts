@@ -17,6 +17,7 @@ import {
 import { FEEDBACK_PIPELINE } from "./pipeline.ts";
 import { DIGEST_STREAM, SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../../src/subjects.ts";
 import {
+  DIGEST_REQUEST_SUBJECT,
   FEEDBACK_STREAM,
   LEGACY_DIGEST_SCHEDULE_ID,
   STATE_BUCKET,
@@ -43,6 +44,8 @@ export const FEEDBACK_WIRING: PipelineWiring = {
   // Submissions and digest requests may be scheduled (POST /schedules): their consumers
   // validate what they read.
   schedulable: [SUBMIT_SUBJECT, "digest.request.*"],
+  // The digest's schedule before schedules had owners (now `feedback.digest`).
+  retiredSchedules: [{ id: LEGACY_DIGEST_SCHEDULE_ID, subject: DIGEST_REQUEST_SUBJECT }],
   dashboard: definedGraph(FEEDBACK_PIPELINE, "Feedback pipeline", {
     before: [["ingest", "ingest"]],
     after: [["state", "state writer"]],
@@ -108,11 +111,8 @@ export const FEEDBACK_WIRING: PipelineWiring = {
         "feedback.failed",
         {
           readsStreams: [FEEDBACK_STREAM],
-          // Its own schedule only (and the one it had before schedules had owners).
-          writesKeys: [
-            { bucket: SCHEDULE_BUCKET, keys: "feedback.>" },
-            { bucket: SCHEDULE_BUCKET, keys: LEGACY_DIGEST_SCHEDULE_ID },
-          ],
+          // Its own schedule only.
+          writesKeys: [{ bucket: SCHEDULE_BUCKET, keys: "feedback.>" }],
         },
       ),
     },

@@ -23,7 +23,12 @@ import type { OutputEvent, Stage, StageContext } from "../stage.ts";
 import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore } from "../scheduler/store.ts";
 import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
-import { REDRIVEN_TOKEN, SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../subjects.ts";
+import {
+  REDRIVEN_TOKEN,
+  RUNTIME_ROOTS,
+  SCHEDULE_BUCKET,
+  STEP_VERSION_BUCKET,
+} from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import type { ExtraTopology } from "../topology.ts";
 import type { Access } from "../identities.ts";
@@ -94,11 +99,7 @@ export function controlBucketOf(name: string): string {
  */
 export function takenNames(): Set<string> {
   return new Set([
-    "deadletter",
-    "digest",
-    "shadow",
-    "weft",
-    "schedules",
+    ...RUNTIME_ROOTS,
     ...SHIPPED_PIPELINES.flatMap((w) => [
       w.name,
       ...w.streams.flatMap((s) => s.subjects.map((subject) => subject.split(".")[0]!)),

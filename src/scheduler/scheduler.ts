@@ -19,7 +19,12 @@ import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { Logger } from "../observability/log.ts";
 import { publishUnique } from "../runner.ts";
-import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET, subjectAllowed } from "../subjects.ts";
+import {
+  RUNTIME_ROOTS,
+  SCHEDULE_BUCKET,
+  SCHEDULE_LEASE_BUCKET,
+  subjectAllowed,
+} from "../subjects.ts";
 import { afterFiring, readSchedule, type ScheduleEntry, scheduleOwner } from "./store.ts";
 import { ownedSubjects, schedulableSubjects } from "../wiring.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
@@ -39,6 +44,17 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 /** How often every timer is set again from the bucket, whatever the watch saw. */
 const RESYNC_MS = 30_000;
 const encoder = new TextEncoder();
+
+/**
+ * Whether a timer subject (`<root>._timer.<item>`) is a definition's: never under one of the
+ * runtime's own roots (`deadletter._timer.x` would be a dead letter) or a hand-wired pipeline's.
+ * True for any other subject.
+ */
+function definitionTimerRoot(subject: string): boolean {
+  const [root, token] = subject.split(".");
+  if (token !== "_timer") return true;
+  return !RUNTIME_ROOTS.has(root!) && !SHIPPED_PIPELINES.some((w) => w.name === root);
+}
 
 /** The lease key of one firing. */
 export function leaseKey(id: string, dueMs: number): string {
@@ -86,6 +102,14 @@ export async function runScheduler(opts: {
   const kvm = new Kvm(nc);
   const schedules: KV = await kvm.open(SCHEDULE_BUCKET);
   const leases: KV = await kvm.open(SCHEDULE_LEASE_BUCKET);
+  // The pipelines' schedules under ids they no longer use: removed, or they would fire beside
+  // their successors (only the scheduler may write ids without an owner's prefix but callers').
+  for (const { id, subject } of SHIPPED_PIPELINES.flatMap((w) => w.retiredSchedules ?? [])) {
+    const old = await readSchedule(schedules, id).catch(() => null);
+    if (old?.entry.subject !== subject) continue;
+    await schedules.delete(id, { previousSeq: old.revision }).catch(() => {});
+    log.info("retired schedule removed", { schedule: id });
+  }
   const timers = new Map<string, { due: string; timer: ReturnType<typeof setTimeout> }>();
   const stats = { fired: 0, lost: 0, takeovers: 0 };
   const inFlight = new Set<Promise<void>>();
@@ -143,8 +167,10 @@ export async function runScheduler(opts: {
     const current = await readSchedule(schedules, id);
     if (!current || current.entry.status !== "active" || current.entry.next_at !== due) return;
     const owner = scheduleOwner(id);
+    const subject = current.entry.subject;
     if (
-      !subjectAllowed(owner === undefined ? schedulable : ownSubjects(owner), current.entry.subject)
+      !subjectAllowed(owner === undefined ? schedulable : ownSubjects(owner), subject) ||
+      !definitionTimerRoot(subject)
     ) {
       // Only a schedule written straight into the bucket can get here (e.g. by one
       // pipeline's service under its own key, for another's subject): never publish it.

@@ -13,18 +13,12 @@ import { runStage } from "../../../src/runner.ts";
 import { createScheduleStore } from "../../../src/scheduler/store.ts";
 import { defineService, runService, type ServiceDef } from "../../../src/service.ts";
 import { SCHEDULE_BUCKET } from "../../../src/subjects.ts";
-import {
-  DIGEST_REQUEST_SUBJECT,
-  DIGEST_SCHEDULE_ID,
-  LEGACY_DIGEST_SCHEDULE_ID,
-} from "../subjects.ts";
+import { DIGEST_REQUEST_SUBJECT, DIGEST_SCHEDULE_ID } from "../subjects.ts";
 
 /** The digest service. */
 export const service: ServiceDef = defineService("digest", async (ctx) => {
   const { config, log } = ctx;
   const schedules = createScheduleStore(await new Kvm(ctx.nc).open(SCHEDULE_BUCKET));
-  // A store from before schedules had owners: its digest schedule would fire beside this one.
-  await schedules.cancel(LEGACY_DIGEST_SCHEDULE_ID);
   if (config.digestCron === "off") {
     if (await schedules.cancel(DIGEST_SCHEDULE_ID)) log.info("feedback digest schedule removed");
   } else {
