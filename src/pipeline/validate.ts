@@ -53,6 +53,13 @@ export class PipelineDefinitionError extends ConfigError {
 }
 
 const TOKEN = /^[a-z0-9][a-z0-9_-]*$/;
+/**
+ * Longest pipeline name and step id: they name buckets, consumers, services and schedule ids
+ * (`<name>.<step>-<item>-<run>`, at most 64 + 128 characters with 64-character item ids), and
+ * a longer one would be cut there, so two timers could share an id.
+ */
+const MAX_NAME = 32;
+const MAX_STEP_ID = 48;
 
 /** Every field of a step of kind `K`, as its type declares it (required or not). */
 type FieldsOf<K extends StepSpec["kind"]> = {
@@ -239,6 +246,9 @@ export function validatePipeline(spec: PipelineSpec): void {
   if (!TOKEN.test(name)) {
     fail(undefined, "invalid_token", `name "${name}" is not a subject token (a-z 0-9 _ -)`);
   }
+  if (name.length > MAX_NAME) {
+    fail(undefined, "invalid_token", `name "${name}" is longer than ${MAX_NAME} characters`);
+  }
   // A misspelt field (`loop:` for `loops:`) would be ignored without a word.
   const specFields = Object.keys(SPEC_FIELDS);
   for (const field of Object.keys(spec)) {
@@ -318,6 +328,9 @@ export function validatePipeline(spec: PipelineSpec): void {
   for (const id of ids) {
     const step = spec.steps[id]!;
     if (!TOKEN.test(id)) fail(id, "invalid_token", `step id "${id}" is not a subject token`);
+    if (id.length > MAX_STEP_ID) {
+      fail(id, "invalid_token", `step id "${id}" is longer than ${MAX_STEP_ID} characters`);
+    }
     if (RUNTIME_PARTS.includes(id)) {
       fail(
         id,

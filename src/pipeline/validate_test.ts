@@ -126,6 +126,21 @@ Deno.test("names that are not subject tokens are rejected", () => {
   assert.deepEqual(problemOf(s), ["invalid_token", "Bad Id"]);
 });
 
+Deno.test("a name or step id too long for the ids derived from it is rejected", () => {
+  // Seen in review: a timer's id is `<name>.<step>-<item>-<run>` cut to its bound, so a step id
+  // of ~100 characters lost the run number and two runs' timers shared one id.
+  assert.deepEqual(problemOf({ ...base(), name: "t".repeat(33) }), ["invalid_token", undefined]);
+  const s = base();
+  const long = "s".repeat(49);
+  s.steps = { ...s.steps, [long]: { kind: "end", outcome: "x" } };
+  (s.steps.reply as { next: string }).next = long;
+  assert.deepEqual(problemOf(s), ["invalid_token", long]);
+  const ok = base();
+  ok.steps = { ...ok.steps, ["s".repeat(48)]: { kind: "end", outcome: "x" } };
+  (ok.steps.reply as { next: string }).next = "s".repeat(48);
+  assert.notEqual(problemOf(ok)[0], "invalid_token", "48 characters are within the bound");
+});
+
 Deno.test("a schema that does not compile is rejected naming the step", () => {
   const s = base();
   (s.steps.reply as { output: unknown }).output = { type: "no-such-type" };
