@@ -473,6 +473,47 @@ Deno.test("llm client honours 429 and Retry-After", async (t) => {
       },
     ));
 
+  await t.step(
+    "a huge Retry-After that the call gives up on does not pause the stage's later calls",
+    () =>
+      withServer(
+        [
+          httpError(429, "quota", { "retry-after": "1000000000" }),
+          httpError(503, "maintenance", { "retry-after": "1000000000" }),
+          chat({ label: "neutral", score: 0 }),
+        ],
+        async (server, clock) => {
+          const sentiment = createLlmSentimentAnalyzer(options(server, clock, { timeoutMs: 5000 }));
+          const e = await rejectsWith(sentiment.analyze("x"), "rate_limited");
+          assert.equal(e.retryAfterMs, 60_000, "Retry-After is capped at 60 s");
+          await rejectsWith(sentiment.analyze("y"), "http_error");
+          const r = await sentiment.analyze("z");
+          assert.equal(r.label, "neutral");
+          assert.equal(server.requests.length, 3);
+          assert.deepEqual(clock.sleeps, [], "no call waited for the refused Retry-After");
+        },
+      ),
+  );
+
+  await t.step("a huge Retry-After is waited for at most 60 s", () =>
+    withServer(
+      [
+        httpError(429, "quota", { "retry-after": "1000000000" }),
+        chat({ label: "neutral", score: 0 }),
+        chat({ label: "neutral", score: 0 }),
+      ],
+      async (server, clock) => {
+        const sentiment = createLlmSentimentAnalyzer(
+          options(server, clock, { timeoutMs: Infinity }),
+        );
+        await sentiment.analyze("x");
+        assert.deepEqual(clock.sleeps, [60_000]);
+        await sentiment.analyze("y");
+        assert.deepEqual(clock.sleeps, [60_000], "the pause ended with the wait");
+        assert.equal(server.requests.length, 3);
+      },
+    ));
+
   await t.step("a 429 pauses the whole stage until Retry-After has passed", async () => {
     const clock = createFakeClock();
     const limiter = createRateLimiter(undefined, clock);
@@ -489,6 +530,9 @@ Deno.test("llm client honours 429 and Retry-After", async (t) => {
     assert.equal(parseRetryAfter("0.5", now), 500);
     assert.equal(parseRetryAfter("Wed, 21 Oct 2015 07:28:04 GMT", now), 4000);
     assert.equal(parseRetryAfter("Wed, 21 Oct 2015 07:27:00 GMT", now), 0);
+    assert.equal(parseRetryAfter("1000000000", now), 60_000);
+    assert.equal(parseRetryAfter("9".repeat(400), now), 60_000);
+    assert.equal(parseRetryAfter("Wed, 21 Oct 2099 07:28:00 GMT", now), 60_000);
     assert.equal(parseRetryAfter("soon", now), undefined);
     assert.equal(parseRetryAfter(null, now), undefined);
   });

@@ -348,7 +348,6 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
         }
         if (!err.retryable || attempt >= maxRetries) throw err;
         const delay = err.retryAfterMs ?? backoffDelay(attempt, retry, random);
-        if (err.retryAfterMs !== undefined) limiter.pauseUntil(clock.now() + delay);
         if (deadline !== undefined && clock.now() + delay >= deadline) {
           throw err.code === "rate_limited" && err.retryAfterMs !== undefined
             ? new LlmRateLimitedError(
@@ -363,6 +362,8 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
           fields: { code: err.code, status: err.status, attempt: attempt + 1, delay_ms: delay },
         });
         options.stats?.count("retries");
+        // only a wait this call takes pauses the stage (a Retry-After it gives up on does not)
+        if (err.retryAfterMs !== undefined) limiter.pauseUntil(clock.now() + delay);
         try {
           await clock.sleep(delay, signal);
         } catch (e) {

@@ -95,8 +95,21 @@ export function createRateLimiter(
 }
 
 /**
+ * The longest `Retry-After` honoured, in ms (60 s): a larger one (a misbehaving server's
+ * `Retry-After: 1000000000`) is read as this, so one header cannot stall a stage.
+ *
+ * @example
+ * ```ts
+ * import { MAX_RETRY_AFTER_MS } from "./rate_limit.ts";
+ * MAX_RETRY_AFTER_MS; // 60000
+ * ```
+ */
+export const MAX_RETRY_AFTER_MS = 60_000;
+
+/**
  * Parses an HTTP `Retry-After` value (delay in seconds, or an HTTP-date) into a delay in
- * ms from `nowMs`. Returns `undefined` when absent or unreadable; never negative.
+ * ms from `nowMs`. Returns `undefined` when absent or unreadable; never negative, and never
+ * more than {@link MAX_RETRY_AFTER_MS}.
  *
  * @example
  * ```ts
@@ -112,8 +125,8 @@ export function parseRetryAfter(
   if (value === null || value === undefined) return undefined;
   const v = value.trim();
   if (v === "") return undefined;
-  if (/^\d+(\.\d+)?$/.test(v)) return Math.round(Number(v) * 1000);
+  if (/^\d+(\.\d+)?$/.test(v)) return Math.min(MAX_RETRY_AFTER_MS, Math.round(Number(v) * 1000));
   const date = Date.parse(v);
   if (Number.isNaN(date)) return undefined;
-  return Math.max(0, date - nowMs);
+  return Math.min(MAX_RETRY_AFTER_MS, Math.max(0, date - nowMs));
 }
