@@ -794,6 +794,94 @@ Deno.test("llm budget stops calls once spent", async (t) => {
   );
 });
 
+function rawChat(content: unknown, usage: string): FakeReply {
+  return {
+    kind: "raw",
+    status: 200,
+    body: `{"choices":[{"index":0,"message":{"role":"assistant","content":${
+      JSON.stringify(JSON.stringify(content))
+    }},"finish_reason":"stop"}],"usage":${usage}}`,
+  };
+}
+
+Deno.test("llm usage is taken only as non-negative integers", async (t) => {
+  await t.step(
+    "negative, infinite or fractional token counts are counted as 0, the total never below the parts",
+    () =>
+      withServer(
+        [
+          rawChat(
+            { label: "neutral", score: 0 },
+            '{"prompt_tokens":-1e12,"completion_tokens":20,"total_tokens":1e400}',
+          ),
+          rawChat(
+            { label: "neutral", score: 0 },
+            '{"prompt_tokens":100,"completion_tokens":2.5,"total_tokens":-7}',
+          ),
+          rawChat(
+            { label: "neutral", score: 0 },
+            '{"prompt_tokens":1e400,"completion_tokens":"20","total_tokens":3}',
+          ),
+        ],
+        async (server, clock) => {
+          const sentiment = createLlmSentimentAnalyzer(options(server, clock, { cache: null }));
+          const a = await sentiment.analyze("a");
+          assert.deepEqual(a.usage, {
+            prompt_tokens: 0,
+            completion_tokens: 20,
+            total_tokens: 20,
+            cost_usd: a.usage.cost_usd,
+          });
+          closeTo(a.usage.cost_usd, 0.02 * 0.03);
+          const b = await sentiment.analyze("b");
+          assert.deepEqual(
+            [b.usage.prompt_tokens, b.usage.completion_tokens, b.usage.total_tokens],
+            [100, 0, 100],
+          );
+          const c = await sentiment.analyze("c");
+          assert.deepEqual(
+            [c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens],
+            [0, 0, 3],
+          );
+          const s = sentiment.stats.snapshot();
+          assert.equal(s.prompt_tokens, 100);
+          assert.equal(s.total_tokens, 123);
+          assert.ok(s.cost_usd >= 0);
+        },
+      ),
+  );
+
+  await t.step(
+    "a negative prompt_tokens does not lower the spend under a cost budget",
+    () =>
+      withServer(
+        () =>
+          rawChat({ label: "neutral", score: 0 }, '{"prompt_tokens":-1e12,"completion_tokens":20}'),
+        async (server, clock) => {
+          const sentiment = createLlmSentimentAnalyzer(
+            options(server, clock, { cache: null, budget: { maxCostUsd: 0.001 } }),
+          );
+          await sentiment.analyze("one"); // 0.0006 USD
+          await sentiment.analyze("two"); // 0.0012 USD
+          await rejectsWith(sentiment.analyze("three"), "over_budget");
+          assert.equal(server.requests.length, 2);
+        },
+      ),
+  );
+
+  await t.step("a budget never records a negative or unknown spend", () => {
+    const budget = createBudget({ maxCostUsd: 1, maxTokens: 100 });
+    budget.record({ prompt_tokens: 0, completion_tokens: 0, total_tokens: -1e12, cost_usd: -3e6 });
+    budget.record({ prompt_tokens: 0, completion_tokens: 0, total_tokens: NaN, cost_usd: NaN });
+    assert.deepEqual(
+      [budget.snapshot().cost_usd, budget.snapshot().tokens],
+      [0, 0],
+    );
+    budget.record({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 10, cost_usd: 1 });
+    assert.match(budget.exceeded() ?? "", /USD/);
+  });
+});
+
 Deno.test("llm stats count tokens, cost, calls, failures and fallbacks", async () => {
   await withServer(
     [chat({ label: "positive", score: 1 }), httpError(400, "bad")],

@@ -60,7 +60,7 @@ export interface BudgetSnapshot {
 export interface Budget {
   /** Why no more calls may be made now, or undefined when there is budget left. */
   exceeded(): string | undefined;
-  /** Adds spent usage. */
+  /** Adds spent usage; negative or NaN amounts count as 0. */
   record(usage: LlmUsage): void;
   /** Current window's spending. */
   snapshot(): BudgetSnapshot;
@@ -102,8 +102,9 @@ export function createBudget(options: BudgetOptions = {}, clock: Clock = systemC
     },
     record(usage) {
       roll();
-      cost += usage.cost_usd;
-      tokens += usage.total_tokens;
+      // a negative or unreadable (NaN) amount never lowers the spend
+      if (usage.cost_usd > 0) cost += usage.cost_usd;
+      if (usage.total_tokens > 0) tokens += usage.total_tokens;
     },
     snapshot() {
       roll();

@@ -473,10 +473,13 @@ function parseCompletion(text: string, pricing: LlmPricing | undefined): ChatCom
     throw new LlmHttpError("the answer has no choices[0].message.content string");
   }
   const u = isRecord(parsed) && isRecord(parsed.usage) ? parsed.usage : {};
-  const num = (v: unknown) => (typeof v === "number" && Number.isFinite(v) ? v : 0);
-  const prompt = num(u.prompt_tokens);
-  const completion = num(u.completion_tokens);
-  const total = typeof u.total_tokens === "number" ? u.total_tokens : prompt + completion;
+  // Token counts are taken only as non-negative safe integers; anything else (negative,
+  // fractional, 1e400 read as Infinity, not a number) is unknown and counted as 0. The total
+  // is never below its parts, so an odd total cannot lower the spend.
+  const count = (v: unknown) => (Number.isSafeInteger(v) && (v as number) >= 0 ? v as number : 0);
+  const prompt = count(u.prompt_tokens);
+  const completion = count(u.completion_tokens);
+  const total = Math.max(count(u.total_tokens), prompt + completion);
   return {
     content: typeof content === "string" ? content : "",
     usage: usageOf(prompt, completion, pricing, total),
