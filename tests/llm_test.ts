@@ -8,7 +8,7 @@ import {
   type LlmAnalyzerOptions,
 } from "../src/ai/llm/analyzers.ts";
 import { createBudget } from "../src/ai/llm/budget.ts";
-import { cacheKey, createLruCache } from "../src/ai/llm/cache.ts";
+import { cacheKey, createLruCache, MAX_CACHED_ANSWER_CHARS } from "../src/ai/llm/cache.ts";
 import { createChatClient, type LlmLogEntry } from "../src/ai/llm/client.ts";
 import {
   LlmError,
@@ -704,6 +704,25 @@ Deno.test("llm results are cached by content hash, prompt version and model", as
         await sentiment.analyze("t");
         assert.equal(server.requests.length, 2);
       }),
+  );
+
+  await t.step(
+    "an answer larger than MAX_CACHED_ANSWER_CHARS is returned but not cached",
+    () =>
+      withServer(
+        () => chat({ label: "positive", score: 0.9, pad: "x".repeat(MAX_CACHED_ANSWER_CHARS) }),
+        async (server, clock) => {
+          const cache = createLruCache({ maxEntries: 10 });
+          const sentiment = createLlmSentimentAnalyzer(options(server, clock, { cache }));
+          const r = await sentiment.analyze("padded");
+          assert.equal(r.label, "positive");
+          assert.equal("pad" in r, false);
+          assert.equal(cache.size, 0);
+          const again = await sentiment.analyze("padded");
+          assert.equal(again.cached, false);
+          assert.equal(server.requests.length, 2);
+        },
+      ),
   );
 
   await t.step("the LRU evicts the least recently used entry", async () => {

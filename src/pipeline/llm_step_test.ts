@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { createLlmStep } from "./llm_step.ts";
 import { entryData } from "./flow.ts";
 import { chat, startFakeOpenAI } from "../../tests/helpers/openai_server.ts";
+import { MAX_CACHED_ANSWER_CHARS } from "../ai/llm/cache.ts";
 
 Deno.test("an llm step whose prompt could not be read reads it again on the next item", async () => {
   const llm = startFakeOpenAI(() => chat({ urgent: true }));
@@ -26,6 +27,38 @@ Deno.test("an llm step whose prompt could not be read reads it again on the next
     await Deno.writeTextFile(`${dir}/prompts/triage.md`, "Triage. Reply matching {{schema}}.");
     assert.deepEqual(await step({ text: "x" }, entryData({ text: "x" }), signal), { urgent: true });
     assert.equal(llm.requests.length, 1);
+  } finally {
+    await llm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("an llm step does not cache an answer larger than MAX_CACHED_ANSWER_CHARS", async () => {
+  const big = "x".repeat(MAX_CACHED_ANSWER_CHARS);
+  const llm = startFakeOpenAI((req) =>
+    chat(req.body.messages.at(-1)?.content === '{"n":1}' ? { summary: big } : { summary: "s" })
+  );
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(`${dir}/summary.md`, "Summarise. Reply matching {{schema}}.");
+    const step = createLlmStep(
+      { file: `${dir}/summaries.ts`, def: { hash: "0123456789abcdef" } },
+      "summary",
+      {
+        kind: "llm",
+        prompt: "summary.md",
+        output: { type: "object", properties: { summary: { type: "string" } } },
+      },
+      { baseUrl: llm.baseUrl, apiKey: "k", model: "m" },
+    );
+    const signal = new AbortController().signal;
+    const run = (n: number) => step({ n }, entryData({ n }), signal);
+    assert.deepEqual(await run(1), { summary: big }, "the large answer is the step's result");
+    await run(1);
+    assert.equal(llm.requests.length, 2, "the large answer was not cached");
+    await run(2);
+    await run(2);
+    assert.equal(llm.requests.length, 3, "a small answer is cached");
   } finally {
     await llm.close();
     await Deno.remove(dir, { recursive: true });

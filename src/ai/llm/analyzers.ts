@@ -1,7 +1,8 @@
 /**
  * LLM analyzers (sentiment, topics, toxicity) behind the interfaces of `../analysis.ts`.
  * Each call: cache lookup -> budget check -> chat completion in JSON mode -> schema
- * validation -> at most one repair request quoting the validation error -> cache store.
+ * validation -> at most one repair request quoting the validation error -> cache store (of
+ * answers up to `MAX_CACHED_ANSWER_CHARS`).
  * Results carry `analyzer: "llm:<model>"`, `prompt_version`, `usage` and flags.
  *
  * @module
@@ -16,7 +17,7 @@ import type {
   ToxicityResult,
 } from "../analysis.ts";
 import { type Budget, type BudgetOptions, createBudget } from "./budget.ts";
-import { cacheKey, createLruCache, type LlmCache } from "./cache.ts";
+import { cacheKey, createLruCache, type LlmCache, MAX_CACHED_ANSWER_CHARS } from "./cache.ts";
 import {
   type ChatClient,
   type ChatMessage,
@@ -372,7 +373,13 @@ export function createLlmAnalyzer<P, R>(
           }
           repaired = true;
         }
-        if (cache && key !== undefined) await cache.set(key, checked.value);
+        // a padded answer (valid, plus megabytes of extra fields) is not kept
+        if (
+          cache && key !== undefined &&
+          JSON.stringify(checked.value).length <= MAX_CACHED_ANSWER_CHARS
+        ) {
+          await cache.set(key, checked.value);
+        }
         return finish(checked.value, {
           prompt_version: promptVersion,
           usage: spent,

@@ -23,6 +23,20 @@ export interface LlmCache {
 }
 
 /**
+ * The largest answer the LLM analyzers (and llm steps) cache, in characters of its JSON
+ * text (32 KiB): a larger one is returned but not cached, so a model padding its answers
+ * cannot fill the process's memory through the cache (1000 entries hold at most ~32 M
+ * characters).
+ *
+ * @example
+ * ```ts
+ * import { MAX_CACHED_ANSWER_CHARS } from "./cache.ts";
+ * MAX_CACHED_ANSWER_CHARS; // 32768
+ * ```
+ */
+export const MAX_CACHED_ANSWER_CHARS = 32_768;
+
+/**
  * The in-memory LRU, with its size visible.
  *
  * @example
