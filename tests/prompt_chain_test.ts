@@ -57,3 +57,55 @@ Deno.test("a prompt chain: each llm step gets the previous step's result and the
     await llm.close();
   }
 });
+
+Deno.test("llm steps keep to WEFT_LLM_BUDGET_USD at the configured prices: past it no request is sent and the item fails", async () => {
+  const llm = startFakeOpenAI((req) => {
+    const system = req.body.messages[0]!.content;
+    if (system.startsWith("Extract")) return chat({ sender: "ACME", amounts: [120.5] });
+    if (system.startsWith("You are given the facts")) return chat({ summary: "ACME asks" });
+    return chat({ kind: "invoice" });
+  });
+  try {
+    await using mesh = await startMesh({
+      ...ONE_PROCESS,
+      WEFT_PIPELINES: "pipelines/examples/documents.ts",
+      WEFT_LLM_BASE_URL: llm.baseUrl,
+      WEFT_LLM_API_KEY: "test-key",
+      WEFT_LLM_MODEL: "fake-model",
+      // one call (100 prompt + 20 completion tokens) costs 0.0016 USD: each step's budget is
+      // spent by its first call
+      WEFT_LLM_PRICE_IN_PER_1K: "0.01",
+      WEFT_LLM_PRICE_OUT_PER_1K: "0.03",
+      WEFT_LLM_BUDGET_USD: "0.001",
+      WEFT_MAX_ATTEMPTS: "1",
+    });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+    const ended = async (text: string) => {
+      const res = await fetch(`${mesh.gatewayUrl}/pipelines/documents/items`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text }),
+      });
+      assert.equal(res.status, 202);
+      const { id } = await res.json();
+      return await waitFor(
+        async () => {
+          const s = await (await fetch(`${mesh.gatewayUrl}/pipelines/documents/items/${id}`))
+            .json();
+          return s.status === "done" || s.status === "failed" ? s : undefined;
+        },
+        30_000,
+        `${text} ended`,
+      );
+    };
+    const first = await ended("Invoice 17 from ACME: 120.50 EUR due 2027-01-31");
+    assert.equal(first.status, "done");
+    assert.equal(llm.requests.length, 3);
+    const second = await ended("Invoice 18 from ACME: 99.00 EUR due 2027-02-28");
+    assert.equal(second.status, "failed", JSON.stringify(second));
+    assert.match(JSON.stringify(second), /budget exceeded/, JSON.stringify(second));
+    assert.equal(llm.requests.length, 3, "no request past the budget");
+  } finally {
+    await llm.close();
+  }
+});

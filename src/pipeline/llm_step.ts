@@ -7,6 +7,8 @@
  * @module
  */
 import { createLlmAnalyzer, type LlmResultMeta } from "../ai/llm/analyzers.ts";
+import type { Budget, BudgetOptions } from "../ai/llm/budget.ts";
+import type { LlmPricing } from "../ai/llm/usage.ts";
 import type { FlowData } from "./flow.ts";
 import type { LlmStep } from "./definition.ts";
 
@@ -17,6 +19,10 @@ export interface LlmStepOptions {
   model: string;
   timeoutMs?: number;
   concurrency?: number;
+  /** Prices for `usage.cost_usd` and cost budgets (`WEFT_LLM_PRICE_*_PER_1K`). */
+  pricing?: LlmPricing;
+  /** Spend limit (`WEFT_LLM_BUDGET_USD`); past it a call fails with `over_budget`. */
+  budget?: BudgetOptions | Budget;
 }
 
 /** The call of one llm step: the value in, the schema-valid result out (usage on `_llm`). */

@@ -69,6 +69,7 @@ import {
 } from "./flow.ts";
 import { applyPipelineEvent, type ItemState } from "./fold.ts";
 import { createLlmStep, type LlmStepOptions } from "./llm_step.ts";
+import { createBudget } from "../ai/llm/budget.ts";
 import { createBatcher, createStepLimiter } from "./flow_control.ts";
 import { followVersion } from "../step_versions.ts";
 import { type AgentRunner, createAgent, openScratchpad, scratchpadBucketOf } from "./agent_step.ts";
@@ -1307,6 +1308,9 @@ export function stepService(p: LoadedPipeline, id: string): ServiceDef {
         model: c.llmModel,
         timeoutMs: c.llmTimeoutMs,
         concurrency: c.llmConcurrency,
+        pricing: { inputPer1k: c.llmPriceInPer1k, outputPer1k: c.llmPriceOutPer1k },
+        // one budget for the step's service, shared by a promoted version run in its place
+        ...(c.llmBudgetUsd > 0 ? { budget: createBudget({ maxCostUsd: c.llmBudgetUsd }) } : {}),
       }
       : undefined;
     const opts = { llm, nc: ctx.nc };
