@@ -18,7 +18,7 @@ import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
-import { feedbackApp } from "./helpers/pipeline.ts";
+import { approvalsPipeline, feedbackApp } from "./helpers/pipeline.ts";
 import { connectClient, PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 import { readSse } from "./helpers/sse.ts";
@@ -45,6 +45,42 @@ async function gateway(t: TestNats) {
     auth: createAuth([]),
     extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
   });
+}
+
+/**
+ * Every event-stream route: feedback and content, a definition (`approvals`) and a hub's
+ * view of the site `east`.
+ */
+async function streamsApp(t: TestNats) {
+  const intake = await createIntake(t.nc);
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: false,
+  });
+  return createApp({
+    nc: t.nc,
+    jetStream: intake,
+    config: { ...t.config, hub: ["east"] },
+    log: t.log,
+    auth: createAuth([]),
+    pipelines: [approvalsPipeline()],
+    extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
+  });
+}
+
+/** `path` is refused with 422 naming `field`; a 200 event stream is never read whole. */
+async function refusedStream(app: Hono, path: string, field: string) {
+  const abort = new AbortController();
+  const res = await app.request(path, { signal: abort.signal });
+  if (res.status === 200) {
+    abort.abort();
+    await res.body?.cancel();
+    assert.fail(`${path}: a 200 event stream`);
+  }
+  const p = await expectProblem(res, 422, field);
+  assert.match(p.detail ?? p.title, new RegExp(field.replace(".", "\\.")), path);
 }
 
 function natsHeaders(authorization: string) {
@@ -692,5 +728,17 @@ Deno.test("GET /events takes one type: a repeated type is refused with 422 namin
       assert.fail(`/events?${q}: a 200 event stream`);
     }
     await expectProblem(res, 422, "type");
+  }
+});
+
+Deno.test("every event stream that takes replay takes one: a repeated replay is refused with 422 naming it, not read as the first", async () => {
+  await using t = await startTestNats();
+  const app = await streamsApp(t);
+  for (const path of ["/events", "/pipelines/approvals/events", "/sites/east/events"]) {
+    for (
+      const q of ["replay=true&replay=false", "replay=false&replay=false", "replay=x&replay=true"]
+    ) {
+      await refusedStream(app, `${path}?${q}`, "replay");
+    }
   }
 });

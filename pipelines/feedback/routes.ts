@@ -120,7 +120,7 @@ export function feedbackRoutes(intake: Intake): GatewayExtension {
         filter = typeFilter(full);
       }
       // Checked before a slot is taken: a refused request holds none.
-      const replay = boolQuery(c.req.query("replay"), "replay") === true;
+      const replay = boolQuery(oneQuery(c.req.queries("replay"), "replay"), "replay") === true;
       const key = openSlot(clients, c);
       return streamEvents(c, intake.js, {
         stream: FEEDBACK_STREAM,

@@ -28,7 +28,7 @@ import { ITEM_ID } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { openSlot, streamEvents } from "./sse.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
-import { boolQuery } from "./query.ts";
+import { boolQuery, oneQuery } from "./query.ts";
 
 /** What the per-item event stream needs: the gateway's SSE settings, slots and feeds. */
 export type EdgeSse = Omit<Parameters<typeof streamEvents>[3], "key">;
@@ -76,7 +76,7 @@ export function edgeRoutes(
       const site = c.req.param("site");
       knownSite(site);
       // Checked before a slot is taken: a refused request holds none.
-      const replay = boolQuery(c.req.query("replay"), "replay") === true;
+      const replay = boolQuery(oneQuery(c.req.queries("replay"), "replay"), "replay") === true;
       const key = openSlot(sse.clients, c);
       const all = `${siteSubjectPrefix(site)}.>`;
       return streamEvents(c, jetStream.js, {

@@ -45,7 +45,7 @@ import {
   submitItem,
 } from "../pipeline/runtime.ts";
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
-import { boolQuery } from "./query.ts";
+import { boolQuery, oneQuery } from "./query.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import { replyTo } from "./requests.ts";
 import type { Auth } from "./auth.ts";
@@ -516,7 +516,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   app.get("/:name/events", deps.readAuth, (c) => {
     const r = runtimeOf(c.req.param("name"));
     // Checked before a slot is taken: a refused request holds none.
-    const replay = boolQuery(c.req.query("replay"), "replay") === true;
+    const replay = boolQuery(oneQuery(c.req.queries("replay"), "replay"), "replay") === true;
     const key = openSlot(clients, c);
     return streamEvents(c, js, {
       stream: r.stream,
