@@ -742,3 +742,33 @@ Deno.test("every event stream that takes replay takes one: a repeated replay is 
     }
   }
 });
+
+Deno.test("an event stream refuses a query parameter it does not take with 422 naming it, instead of ignoring it: an item's stream takes none", async () => {
+  await using t = await startTestNats();
+  const app = await streamsApp(t);
+  const post = (path: string, body: unknown) =>
+    app.request(path, { method: "POST", headers: JSON_TYPE, body: JSON.stringify(body) });
+  assert.equal((await post("/feedback", { id: "Q1", text: "an item" })).status, 202);
+  assert.equal((await post("/content", { id: "C1", text: "a text" })).status, 202);
+  const refusals: [string, string][] = [
+    ["/events?foo=1", "foo"],
+    ["/events?type=processed&replay=true&limit=5", "limit"],
+    ["/feedback/Q1/events?replay=false", "replay"],
+    ["/feedback/Q1/events?foo=1", "foo"],
+    ["/content/C1/events?replay=maybe", "replay"],
+    ["/content/C1/events?foo=1", "foo"],
+    ["/pipelines/approvals/events?foo=1", "foo"],
+    ["/pipelines/approvals/items/A1/events?replay=true", "replay"],
+    ["/sites/east/events?replay=true&type=processed", "type"],
+    ["/sites/east/feedback/Q1/events?foo=1", "foo"],
+  ];
+  for (const [path, field] of refusals) await refusedStream(app, path, field);
+  // What a stream takes is still taken.
+  for (const path of ["/events?type=processed&replay=true", "/content/C1/events"]) {
+    const abort = new AbortController();
+    const res = await app.request(path, { signal: abort.signal });
+    assert.equal(res.status, 200, path);
+    abort.abort();
+    await res.body?.cancel();
+  }
+});

@@ -21,7 +21,7 @@ import { FeedbackEventType, FINAL_EVENT_TYPES } from "./events.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Principal } from "../../src/gateway/auth.ts";
 import { openSlot, streamEvents } from "../../src/gateway/sse.ts";
-import { boolQuery, oneQuery } from "../../src/gateway/query.ts";
+import { boolQuery, oneQuery, onlyQuery } from "../../src/gateway/query.ts";
 import {
   bodyLimitProblem,
   type GatewayExtension,
@@ -89,6 +89,7 @@ export function feedbackRoutes(intake: Intake): GatewayExtension {
     app.get("/feedback/:id", readAuth, async (c) => c.json(await intake.state(c.req.param("id"))));
 
     app.get("/feedback/:id/events", readAuth, async (c) => {
+      onlyQuery(c.req.query(), []);
       const id = c.req.param("id");
       const from = await intake.eventsStart(id);
       if (from === null) {
@@ -107,6 +108,7 @@ export function feedbackRoutes(intake: Intake): GatewayExtension {
     });
 
     app.get("/events", readAuth, (c) => {
+      onlyQuery(c.req.query(), ["type", "replay"]);
       const type = oneQuery(c.req.queries("type"), "type");
       let filter = "feedback.*.*";
       if (type !== undefined) {

@@ -129,6 +129,8 @@ export function createModerationRoutes(deps: {
   });
 
   app.get("/content/:id/events", anyRole, async (c) => {
+    // From the item's first event, always: it takes no parameter (no replay).
+    onlyQuery(c.req.query(), []);
     const id = c.req.param("id");
     const from = await api.eventsStart(id);
     if (from === null) {

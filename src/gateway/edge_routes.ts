@@ -28,7 +28,7 @@ import { ITEM_ID } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { openSlot, streamEvents } from "./sse.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
-import { boolQuery, oneQuery } from "./query.ts";
+import { boolQuery, oneQuery, onlyQuery } from "./query.ts";
 
 /** What the per-item event stream needs: the gateway's SSE settings, slots and feeds. */
 export type EdgeSse = Omit<Parameters<typeof streamEvents>[3], "key">;
@@ -76,6 +76,7 @@ export function edgeRoutes(
       const site = c.req.param("site");
       knownSite(site);
       // Checked before a slot is taken: a refused request holds none.
+      onlyQuery(c.req.query(), ["replay"]);
       const replay = boolQuery(oneQuery(c.req.queries("replay"), "replay"), "replay") === true;
       const key = openSlot(sse.clients, c);
       const all = `${siteSubjectPrefix(site)}.>`;
@@ -100,6 +101,7 @@ export function edgeRoutes(
       const site = c.req.param("site");
       const id = c.req.param("id");
       known(site, id, what);
+      onlyQuery(c.req.query(), []);
       if (!(await siteHasItem(jetStream.jsm, site, id, pipeline))) {
         throw new NotFoundError(`no ${what} ${id} from site ${site}`);
       }

@@ -45,7 +45,7 @@ import {
   submitItem,
 } from "../pipeline/runtime.ts";
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
-import { boolQuery, oneQuery } from "./query.ts";
+import { boolQuery, oneQuery, onlyQuery } from "./query.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import { replyTo } from "./requests.ts";
 import type { Auth } from "./auth.ts";
@@ -487,6 +487,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
 
   app.get("/:name/items/:id/events", deps.readAuth, async (c) => {
     const r = runtimeOf(c.req.param("name"));
+    onlyQuery(c.req.query(), []);
     const id = itemId(c.req.param("id"));
     // From the item's first event: its state knows it. The entry event is the latest one on
     // its subject, which after a redrive of the entry is the redriven copy, so alone it would
@@ -516,6 +517,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   app.get("/:name/events", deps.readAuth, (c) => {
     const r = runtimeOf(c.req.param("name"));
     // Checked before a slot is taken: a refused request holds none.
+    onlyQuery(c.req.query(), ["replay"]);
     const replay = boolQuery(oneQuery(c.req.queries("replay"), "replay"), "replay") === true;
     const key = openSlot(clients, c);
     return streamEvents(c, js, {
