@@ -772,3 +772,28 @@ Deno.test("an event stream refuses a query parameter it does not take with 422 n
     await res.body?.cancel();
   }
 });
+
+Deno.test("a binary upload refuses a repeated meta.<key> and a parameter other than meta.<key> with 422 naming it, before anything is accepted", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const upload = (q: string) =>
+    app.request(`/content?${q}`, {
+      method: "POST",
+      headers: { "content-type": "image/png" },
+      body: new Uint8Array([1, 2, 3]),
+    });
+  const refusals: [string, string][] = [
+    ["meta.camera=a&meta.camera=b", "meta.camera"],
+    ["meta.camera=a&meta.lens=x&meta.camera=a", "meta.camera"],
+    ["meta.camera=a&foo=1", "foo"],
+    ["id=C9", "id"],
+  ];
+  for (const [q, field] of refusals) {
+    const p = await expectProblem(await upload(q), 422, field);
+    assert.match(p.detail, new RegExp(field.replace(".", "\\.")), q);
+  }
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing accepted");
+  const ok = await upload("meta.camera=x100&meta.lens=35mm");
+  assert.equal(ok.status, 202, await ok.clone().text());
+  await ok.body?.cancel();
+});

@@ -24,7 +24,7 @@ import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";
 import { type GatewayExtension, readJson, requireJson } from "../../src/gateway/app.ts";
-import { onlyQuery } from "../../src/gateway/query.ts";
+import { oneQuery, onlyQuery } from "../../src/gateway/query.ts";
 
 type Env = { Variables: { principal: Principal } };
 
@@ -89,9 +89,18 @@ export function createModerationRoutes(deps: {
       const submission = validateDocument("content.submit", await readJson(c));
       result = await api.submitText(submission, who, trace);
     } else {
+      // `meta.<key>=<value>` parameters, each once: nothing else is silently ignored and no
+      // value silently replaced by the last.
       const metadata: Record<string, string> = {};
-      for (const [k, v] of new URL(c.req.url).searchParams) {
-        if (k.startsWith("meta.")) metadata[k.slice(5)] = v;
+      const params = new URL(c.req.url).searchParams;
+      for (const k of new Set(params.keys())) {
+        if (!k.startsWith("meta.")) {
+          throw new ValidationError(
+            `unknown query parameter ${k}; an upload takes meta.<key> parameters only`,
+            { field: k },
+          );
+        }
+        metadata[k.slice(5)] = oneQuery(params.getAll(k), k)!;
       }
       if (Object.keys(metadata).length > MAX_META) {
         throw new ValidationError(`at most ${MAX_META} meta.* parameters`, { field: "meta.*" });
