@@ -7,18 +7,20 @@
  * it would fire).
  */
 import assert from "node:assert/strict";
+import { headers } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { Objm } from "@nats-io/obj";
 import { toxicityAnalyzer } from "../src/ai/analyzers/mod.ts";
 import { createApp } from "../src/gateway/app.ts";
-import { createAuth } from "../src/gateway/auth.ts";
+import { createAuth, hashKey } from "../src/gateway/auth.ts";
 import { runStage, type StageRunner } from "../src/runner.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
 import { DEADLETTER_STREAM, SCHEDULE_BUCKET } from "../src/subjects.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { createModerationApi, type ModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
+import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { createReviewQueue, type ReviewQueue } from "../pipelines/moderation/review_queue.ts";
 import {
   moderationStage,
@@ -354,6 +356,68 @@ Deno.test("claims and decisions require a JSON content type: a cross-site form (
   const ok = await form(`/reviews/${id}/claim`, '{"reviewer":"carol"}', "application/json");
   assert.equal(ok.status, 200, await ok.clone().text());
   await ok.body?.cancel();
+});
+
+Deno.test("a claim refuses a field it does not take, and a reviewer that is not a string, with 422 naming it, over HTTP and weft.reviews.claim alike", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  // Over NATS with API keys, where a reviewer that is not a string was ignored (the claim
+  // taken in the key's name) rather than refused.
+  const keyed = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: true,
+  });
+  const auth = createAuth([{ sha256: hashKey("k-amy"), role: "reviewer", name: "amy" }]);
+  const requests = serveModerationRequests(t.nc, keyed, auth, t.log);
+  const h = headers();
+  h.set("Authorization", "Bearer k-amy");
+  try {
+    const http = (body: unknown) =>
+      m.app.request(`/reviews/${id}/claim`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(body),
+      });
+    const nats = async (body: unknown) =>
+      (await t.nc.request("weft.reviews.claim", JSON.stringify(body), {
+        headers: h,
+        timeout: 5_000,
+      }))
+        .json<{ error?: { status: number; code: string; field?: string } }>();
+    for (
+      const [body, field] of [
+        [{ reviewer: "amy", x: 1 }, "/x"],
+        [{ reviewer: 5 }, "/reviewer"],
+        [{ reviewer: null }, "/reviewer"],
+        [{ reviewer: "amy", id }, "/id"], // over HTTP the item is the path's
+      ] as const
+    ) {
+      const res = await http(body);
+      const text = await res.text();
+      assert.equal(res.status, 422, `${JSON.stringify(body)}: ${text}`);
+      assert.equal(JSON.parse(text).field, field, text);
+    }
+    for (
+      const [body, field] of [
+        [{ id, reviewer: "amy", x: 1 }, "/x"],
+        [{ id, reviewer: 5 }, "/reviewer"],
+        [{ id, reviewer: null }, "/reviewer"],
+      ] as const
+    ) {
+      const reply = await nats(body);
+      assert.equal(reply.error?.status, 422, `${JSON.stringify(body)}: ${JSON.stringify(reply)}`);
+      assert.equal(reply.error?.field, field, JSON.stringify(reply));
+    }
+    assert.equal((await m.queue.get(id))!.claim, undefined, "no claim taken");
+    const ok = await nats({ id });
+    assert.equal(ok.error, undefined, JSON.stringify(ok));
+    assert.equal((await m.queue.get(id))!.claim?.reviewer, "amy");
+  } finally {
+    requests.stop();
+  }
 });
 
 Deno.test("a refused binary upload leaves nothing in the object store: a too-long content type is a 422 naming the header, and a publish the stream refuses removes the stored object", async () => {

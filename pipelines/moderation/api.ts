@@ -185,6 +185,36 @@ export function assertSameSubmission(id: string, stored: ContentItem, item: Cont
   }
 }
 
+/**
+ * A claim's body, as HTTP (`{"reviewer"?}`) and NATS (`{"id", "reviewer"?}`) take it, the
+ * fields given in `fields`: another field, or a reviewer that is not a string, is a 422
+ * naming it, never ignored.
+ *
+ * @example
+ * ```ts
+ * import { claimBody } from "./api.ts";
+ * console.assert(claimBody({ reviewer: "amy" }, ["reviewer"]).reviewer === "amy");
+ * ```
+ */
+export function claimBody(
+  value: unknown,
+  fields: readonly ("id" | "reviewer")[],
+): { id?: unknown; reviewer?: string } {
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw new ValidationError("the body must be a JSON object", { field: "/" });
+  }
+  for (const k of Object.keys(value)) {
+    if (!(fields as readonly string[]).includes(k)) {
+      throw new ValidationError(`/${k} is not an allowed field`, { field: `/${k}` });
+    }
+  }
+  const body = value as { id?: unknown; reviewer?: unknown };
+  if (body.reviewer !== undefined && typeof body.reviewer !== "string") {
+    throw new ValidationError("/reviewer must be a string", { field: "/reviewer" });
+  }
+  return body as { id?: unknown; reviewer?: string };
+}
+
 /** Who a reviewer action is recorded as: the credential's name, or (auth off) the body's. */
 export function reviewerOf(
   who: Principal,

@@ -14,7 +14,7 @@ import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { Role } from "../../src/config.ts";
 import { toProblem, ValidationError } from "../../src/errors.ts";
 import type { Logger } from "../../src/observability/log.ts";
-import type { ModerationApi } from "./api.ts";
+import { claimBody, type ModerationApi } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
 import { decodeJson } from "../../src/runner.ts";
 import { validateDocument } from "../../src/schemas.ts";
@@ -94,12 +94,11 @@ export function serveModerationRequests(
     [REVIEWS_CLAIM_REQUEST_SUBJECT]: {
       roles: [Role.Reviewer],
       run: (m, who) => {
-        const body = objectOf(m);
+        const body = claimBody(objectOf(m), ["id", "reviewer"]);
         if (typeof body.id !== "string") {
           throw new ValidationError("/id is required", { field: "/id" });
         }
-        const reviewer = typeof body.reviewer === "string" ? body.reviewer : undefined;
-        return api.claim(body.id, who, reviewer);
+        return api.claim(body.id, who, body.reviewer);
       },
     },
     [REVIEWS_DECIDE_REQUEST_SUBJECT]: {

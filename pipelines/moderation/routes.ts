@@ -15,7 +15,7 @@ import { bodyLimit } from "hono/body-limit";
 import { type Config, Role } from "../../src/config.ts";
 import { ErrorCode, ValidationError, WeftError } from "../../src/errors.ts";
 import type { Logger } from "../../src/observability/log.ts";
-import type { ModerationApi } from "./api.ts";
+import { claimBody, type ModerationApi } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
 import { validateDocument } from "../../src/schemas.ts";
 import { CONTENT_FINAL_EVENT_TYPES } from "./events.ts";
@@ -175,13 +175,7 @@ export function createModerationRoutes(deps: {
   // after a CORS preflight this gateway does not grant, so a page elsewhere cannot claim or
   // decide in a reviewer's browser (with no API keys, in anyone's name).
   app.post("/reviews/:id/claim", reviewer, requireJson, tooLarge(4096), async (c) => {
-    const body = await readJson(c, { optional: true }) as { reviewer?: unknown } | null;
-    if (body === null || typeof body !== "object" || Array.isArray(body)) {
-      throw new ValidationError("the body must be a JSON object", { field: "/" });
-    }
-    if (body.reviewer !== undefined && typeof body.reviewer !== "string") {
-      throw new ValidationError("/reviewer must be a string", { field: "/reviewer" });
-    }
+    const body = claimBody(await readJson(c, { optional: true }), ["reviewer"]);
     return c.json(await api.claim(c.req.param("id"), c.get("principal"), body.reviewer));
   });
 
