@@ -27,6 +27,7 @@ import {
 import { toProblem, ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
 import { assertMatchesSubject, decodeJson, depthWithin, MAX_DEPTH } from "./runner.ts";
+import { requestJson } from "./gateway/requests.ts";
 import {
   type EventMap,
   requestDocument,
@@ -430,13 +431,8 @@ export function serveDeadLetterRequests(
     }
   };
   const body = (m: Msg): unknown => {
-    const text = decoder.decode(m.data).trim();
-    if (text === "") return undefined;
-    try {
-      return JSON.parse(text);
-    } catch (cause) {
-      throw new ValidationError("request body is not JSON", { field: "/", cause });
-    }
+    if (decoder.decode(m.data).trim() === "") return undefined;
+    return requestJson(m.data);
   };
   const subs = [
     nc.subscribe(DEADLETTERS_LIST_SUBJECT, {

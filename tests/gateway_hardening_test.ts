@@ -26,6 +26,10 @@ import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { StreamReadStalled } from "../src/stream_reader.ts";
 import { Hono } from "hono";
+import { servePipelineRequests } from "../src/gateway/pipelines.ts";
+import { serveShadowRequests } from "../src/gateway/shadows.ts";
+import type { ShadowControl } from "../src/shadow/control.ts";
+import { serveDeadLetterRequests } from "../src/redrive.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
@@ -796,4 +800,67 @@ Deno.test("a binary upload refuses a repeated meta.<key> and a parameter other t
   const ok = await upload("meta.camera=x100&meta.lens=35mm");
   assert.equal(ok.status, 202, await ok.clone().text());
   await ok.body?.cancel();
+});
+
+Deno.test("a request body that is not JSON answers 400 malformed_json naming the body, over NATS as over HTTP, on every request subject that reads JSON", async () => {
+  await using t = await startTestNats();
+  const intake = await createIntake(t.nc);
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: false,
+  });
+  const auth = createAuth([]);
+  // A body that is not JSON is refused before the control is asked anything.
+  const control = {} as ShadowControl;
+  const served = [
+    serveRequests(t.nc, intake, t.log),
+    serveModerationRequests(t.nc, moderation, auth, t.log),
+    servePipelineRequests(t.nc, [approvalsPipeline()], t.log),
+    serveDeadLetterRequests(t.nc, t.log),
+    serveShadowRequests(t.nc, control, t.log),
+  ];
+  try {
+    const subjects = [
+      "weft.feedback.submit",
+      "weft.feedback.get",
+      "weft.content.submit",
+      "weft.content.get",
+      "weft.reviews.list",
+      "weft.reviews.claim",
+      "weft.reviews.decide",
+      "weft.approvals.submit",
+      "weft.approvals.claim",
+      "weft.approvals.release",
+      "weft.deadletters.list",
+      "weft.deadletters.redrive",
+      "weft.shadow.attach",
+      "weft.shadow.detach",
+    ];
+    const bodies = ['{"id":', '{"id": "x",}', new Uint8Array([0x7b, 0xff, 0x7d])];
+    for (const subject of subjects) {
+      for (const body of bodies) {
+        const reply = (await t.nc.request(subject, body, PATIENT)).json<
+          { error?: { status: number; code: string; field?: string } }
+        >();
+        const what = `${subject} ${String(body)}: ${JSON.stringify(reply)}`;
+        assert.equal(reply.error?.code, "malformed_json", what);
+        assert.equal(reply.error?.status, 400, what);
+        assert.equal(reply.error?.field, "/", what);
+      }
+    }
+    // Over HTTP the same body is the same problem, POST /deadletters/redrive included.
+    const app = await gateway(t);
+    for (const path of ["/feedback", "/content", "/deadletters/redrive"]) {
+      const p = await expectProblem(
+        await app.request(path, { method: "POST", headers: JSON_TYPE, body: '{"id":' }),
+        400,
+        "/",
+      );
+      assert.equal(p.code, "malformed_json", path);
+    }
+  } finally {
+    for (const s of served) s.stop();
+  }
 });

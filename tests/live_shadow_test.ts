@@ -237,8 +237,9 @@ Deno.test("a live shadow compares a candidate with production, survives being ki
       assert.equal(await raw(JSON.stringify({ ...spec, pad: "x".repeat(20_000) })), 413);
       assert.equal((await call(base, "POST", "/shadows/nope/promote", ADMIN)).status, 404);
       const garbage = await request(nc, "attach", "{not json");
-      // (As on the other request subjects: a body that is not JSON is an invalid event.)
-      assert.equal((garbage.error as { status: number }).status, 422);
+      // As over HTTP (and on the other request subjects): a body that is not JSON is a 400.
+      assert.equal((garbage.error as { status: number }).status, 400);
+      assert.equal((garbage.error as { code: string }).code, "malformed_json");
       // One that cannot start (its ruleset is missing) is refused, naming why.
       const brokenSpec = {
         id: "broken",

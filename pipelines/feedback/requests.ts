@@ -9,13 +9,12 @@
  */
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import type { Logger } from "../../src/observability/log.ts";
-import { decodeJson } from "../../src/runner.ts";
 import { validateDocument } from "../../src/schemas.ts";
 import { GET_REQUEST_SUBJECT, SUBMIT_REQUEST_SUBJECT } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth } from "../../src/gateway/auth.ts";
 import { Role } from "../../src/config.ts";
-import { replyTo, requestedId } from "../../src/gateway/requests.ts";
+import { replyTo, requestedId, requestJson } from "../../src/gateway/requests.ts";
 import type { Intake } from "./intake.ts";
 
 const QUEUE = "weft-gateway";
@@ -37,7 +36,7 @@ export function serveRequests(
       callback: (_e, m) => {
         void reply(m, async () => {
           const who = check(m, Role.Ingest) ?? { name: "anonymous", role: Role.Admin };
-          const submission = validateDocument("feedback.submit", decodeJson(m.data));
+          const submission = validateDocument("feedback.submit", requestJson(m.data));
           const { body } = await intake.submit(submission, {
             idempotencyKey: m.headers?.get("Idempotency-Key") || undefined,
             trace: parseTraceparent(m.headers?.get("traceparent")),

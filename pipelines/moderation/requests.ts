@@ -16,7 +16,6 @@ import { toProblem, ValidationError } from "../../src/errors.ts";
 import type { Logger } from "../../src/observability/log.ts";
 import { claimBody, type ModerationApi } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
-import { decodeJson } from "../../src/runner.ts";
 import { validateDocument } from "../../src/schemas.ts";
 import {
   CONTENT_GET_REQUEST_SUBJECT,
@@ -27,20 +26,21 @@ import {
 } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
+import { requestJson } from "../../src/gateway/requests.ts";
 
 const QUEUE = "weft-gateway";
 
 function idOf(m: Msg): string {
   const text = m.string().trim();
   if (!text.startsWith("{")) return text;
-  const id = (decodeJson(m.data) as { id?: unknown }).id;
+  const id = (requestJson(m.data) as { id?: unknown }).id;
   if (typeof id !== "string") throw new ValidationError("/id is required", { field: "/id" });
   return id;
 }
 
 function objectOf(m: Msg): Record<string, unknown> {
   if (m.data.length === 0) return {};
-  const v = decodeJson(m.data);
+  const v = requestJson(m.data);
   if (typeof v !== "object" || v === null || Array.isArray(v)) {
     throw new ValidationError("body must be a JSON object", { field: "/" });
   }
@@ -70,7 +70,7 @@ export function serveModerationRequests(
       roles: [Role.Ingest],
       run: async (m, who) =>
         (await api.submitText(
-          validateDocument("content.submit", decodeJson(m.data)),
+          validateDocument("content.submit", requestJson(m.data)),
           who,
           parseTraceparent(m.headers?.get("traceparent")),
         )).body,

@@ -26,7 +26,7 @@ import type { Config } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
 import { StreamReadStalled } from "../stream_reader.ts";
 import type { Logger } from "../observability/log.ts";
-import { decodeJson } from "../runner.ts";
+import { requestJson } from "./requests.ts";
 import { DEADLETTER_STREAM } from "../subjects.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
 import { lazyScheduleStore, scheduleRoutes, scheduleTargets } from "./schedules.ts";
@@ -150,7 +150,7 @@ export async function readJson(c: Context, opts: { optional?: boolean } = {}): P
   try {
     const bytes = new Uint8Array(await c.req.arrayBuffer());
     if (opts.optional && bytes.length === 0) return {};
-    return decodeJson(bytes);
+    return requestJson(bytes);
   } catch (err) {
     if (err instanceof HTTPException) throw err;
     throw new ValidationError((err as Error).message, {

@@ -11,7 +11,7 @@ import type { JetStreamClient } from "@nats-io/jetstream";
 import { bodyLimit } from "hono/body-limit";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { boolQuery, intQuery } from "./query.ts";
-import { decodeJson } from "../runner.ts";
+import { requestJson } from "./requests.ts";
 import {
   listDeadLetters,
   parseFilter,
@@ -63,7 +63,7 @@ export function deadLetterRoutes(js: JetStreamClient, opts: RedriveOptions = {})
           field: "content-type",
         });
       }
-      const body = decodeJson(new Uint8Array(await c.req.arrayBuffer()));
+      const body = requestJson(new Uint8Array(await c.req.arrayBuffer()));
       return c.json(await redrive(js, parseRedriveRequest(body), opts));
     },
   );

@@ -26,7 +26,7 @@ import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../atom
 import type { OutputEvent } from "../stage.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
-import { decodeJson, eventMessage } from "../runner.ts";
+import { eventMessage } from "../runner.ts";
 import { readStream } from "../stream_reader.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
@@ -47,7 +47,7 @@ import {
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
 import { boolQuery, oneQuery, onlyQuery } from "./query.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
-import { replyTo } from "./requests.ts";
+import { replyTo, requestJson } from "./requests.ts";
 import type { Auth } from "./auth.ts";
 import type { IngestLimiter } from "./ingest_limits.ts";
 
@@ -759,7 +759,7 @@ export function servePipelineRequests(
     const claimRequest = (m: Msg) => {
       const who = check(m, Role.Reviewer) ?? ANONYMOUS;
       if (!claims) throw new NotFoundError(`${n} has no wait step: nothing to claim`);
-      const body = decodeJson(m.data) as { id?: unknown; by?: unknown } | null;
+      const body = requestJson(m.data) as { id?: unknown; by?: unknown } | null;
       if (body === null || typeof body !== "object" || Array.isArray(body)) {
         throw new ValidationError("the body must be a JSON object", { field: "/" });
       }
@@ -796,7 +796,7 @@ export function servePipelineRequests(
         callback: (_e, m) =>
           void reply(m, async () => {
             const who = check(m, Role.Ingest) ?? ANONYMOUS;
-            const input = decodeJson(m.data);
+            const input = requestJson(m.data);
             const key = m.headers?.get("Idempotency-Key") || undefined;
             const id = newId(n, key, who.name);
             const trace = childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId;

@@ -5,9 +5,31 @@
  * @module
  */
 import type { Msg } from "@nats-io/nats-core";
-import { toProblem, ValidationError } from "../errors.ts";
+import { ErrorCode, toProblem, ValidationError } from "../errors.ts";
 import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
+
+/**
+ * A request body as JSON, over HTTP (`readJson`) and NATS alike: one that is not UTF-8 JSON
+ * is a 400 `malformed_json` problem naming the body (`/`), the same answer on both.
+ *
+ * @example
+ * ```ts
+ * import { requestJson } from "./requests.ts";
+ * console.assert((requestJson(new TextEncoder().encode('{"id":"a"}')) as { id: string }).id === "a");
+ * ```
+ */
+export function requestJson(data: Uint8Array): unknown {
+  try {
+    return decodeJson(data);
+  } catch (err) {
+    throw new ValidationError((err as Error).message, {
+      code: ErrorCode.MalformedJson,
+      field: "/",
+      cause: err,
+    });
+  }
+}
 
 /**
  * Answers request `m` with what `work` returns as JSON, or `{"error": <problem>}`; a 5xx
@@ -30,7 +52,7 @@ export async function replyTo(m: Msg, log: Logger, work: () => Promise<unknown>)
 export function requestedId(data: Uint8Array): string {
   const text = new TextDecoder().decode(data).trim();
   if (!text.startsWith("{")) return text;
-  const value = decodeJson(data) as { id?: unknown };
+  const value = requestJson(data) as { id?: unknown };
   if (typeof value.id !== "string") {
     throw new ValidationError("/id must be a string", { field: "/id" });
   }

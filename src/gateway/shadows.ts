@@ -19,12 +19,11 @@ import type { Context } from "hono";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { Role } from "../config.ts";
 import type { Logger } from "../observability/log.ts";
-import { decodeJson } from "../runner.ts";
 import type { ShadowControl } from "../shadow/control.ts";
 import { SHADOW_REQUEST_PREFIX } from "../subjects.ts";
 import type { Auth } from "./auth.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
-import { replyTo, requestedId } from "./requests.ts";
+import { replyTo, requestedId, requestJson } from "./requests.ts";
 
 /** Largest accepted shadow spec, bytes. */
 const SPEC_LIMIT = 16 * 1024;
@@ -71,7 +70,7 @@ export function serveShadowRequests(
     });
   const subs = [
     serve("list", () => control.list()),
-    serve("attach", (m, who) => control.attach(decodeJson(m.data), who)),
+    serve("attach", (m, who) => control.attach(requestJson(m.data), who)),
     serve("detach", (m, who) => control.detach(requestedId(m.data), who)),
     serve("promote", (m, who) => control.promote(requestedId(m.data), who)),
     serve("reset", (m, who) => control.reset(requestedId(m.data), who)),
