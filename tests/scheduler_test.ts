@@ -533,6 +533,10 @@ Deno.test("a schedule its target would refuse is refused when made, naming the f
     assert.equal(reply.json<{ error?: { field?: string } }>().error?.field, field);
   }
   assert.deepEqual(await gateway.schedules.list(), [], "nothing was scheduled");
+  // A body that is not JSON is the same problem over NATS as over HTTP.
+  const garbled = await t.nc.request("weft.schedules.create", "{not json", PATIENT);
+  const problem = garbled.json<{ error?: { status?: number; code?: string } }>().error;
+  assert.deepEqual([problem?.status, problem?.code], [400, "malformed_json"]);
 });
 
 Deno.test("a pipeline's retired schedule is removed when the scheduler starts; a caller's schedule under that id for another subject stays", async () => {

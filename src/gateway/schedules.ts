@@ -19,7 +19,7 @@ import { Role } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import type { Logger } from "../observability/log.ts";
-import { decodeJson } from "../runner.ts";
+import { requestJson } from "./requests.ts";
 import {
   assertCallerSchedulable,
   callerSchedulable,
@@ -147,7 +147,7 @@ export function scheduleRoutes(
 function idOf(m: Msg): string {
   const text = m.string().trim();
   if (!text.startsWith("{")) return text;
-  const id = (decodeJson(m.data) as { id?: unknown } | null)?.id;
+  const id = (requestJson(m.data) as { id?: unknown } | null)?.id;
   if (typeof id !== "string") throw new ValidationError("/id is required", { field: "/id" });
   return id;
 }
@@ -171,7 +171,7 @@ export function serveScheduleRequests(
   auth: Auth,
 ): { stop(): void } {
   const handlers: Record<string, (m: Msg) => Promise<unknown>> = {
-    create: (m) => create(store, targets, m.data.length === 0 ? {} : decodeJson(m.data)),
+    create: (m) => create(store, targets, m.data.length === 0 ? {} : requestJson(m.data)),
     list: async () => ({ items: await (await store()).list() }),
     get: async (m) => await (await store()).get(idOf(m)),
     cancel: async (m) => ({ cancelled: await (await store()).cancel(idOf(m), { caller: true }) }),
