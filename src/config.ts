@@ -49,7 +49,10 @@ export interface Config {
   llmModel: string;
   /** API key (never printed). `WEFT_LLM_API_KEY`. */
   llmApiKey: string;
-  /** Deadline of one LLM analysis, ms. `WEFT_LLM_TIMEOUT_MS`. */
+  /**
+   * Deadline of one LLM analysis (an llm step's call) and of each model call of an agent, ms.
+   * `WEFT_LLM_TIMEOUT_MS`.
+   */
   llmTimeoutMs: number;
   /** LLM requests in flight per stage process. `WEFT_LLM_CONCURRENCY`. */
   llmConcurrency: number;

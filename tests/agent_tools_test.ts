@@ -10,6 +10,7 @@ import { createAgent, MAX_TOOL_CALLS_PER_TURN } from "../src/pipeline/agent_step
 import type { AgentStep } from "../src/pipeline/definition.ts";
 import { connectClient } from "./helpers/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
+import { deadline } from "./helpers/wait.ts";
 
 Deno.test("an agent runs at most MAX_TOOL_CALLS_PER_TURN of one turn's tool calls; each one past them is answered with an error and not run", async () => {
   await using server = await startNatsServer();
@@ -81,3 +82,69 @@ Deno.test("an agent runs at most MAX_TOOL_CALLS_PER_TURN of one turn's tool call
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+/** A context for one agent run of item `i1`, aborted by `signal`. */
+function runCtx(signal: AbortSignal) {
+  return {
+    source: "test",
+    message: { subject: "counting.submitted.i1", seq: 1, storedAt: 0, deliveryCount: 1 },
+    now: () => new Date(0),
+    signal,
+    item: "i1",
+    input: {},
+    results: {},
+    runs: {},
+    scratchpad: [],
+    eventId: "e1",
+  };
+}
+
+/** An agent step with one tool (`count`) and an `{ ok: boolean }` answer. */
+const okStep: AgentStep = {
+  kind: "agent",
+  prompt: "agent.md",
+  maxTurns: 3,
+  output: { type: "object", required: ["ok"], properties: { ok: { type: "boolean" } } },
+  tools: { count: { description: "counts", parameters: { type: "object" }, run: () => 1 } },
+};
+
+for (
+  const [what, reply, code] of [
+    ["a model that never answers", { kind: "hang" }, "timeout"],
+    [
+      "a Retry-After longer than the timeout",
+      { kind: "error", status: 429, message: "slow down", headers: { "retry-after": "60" } },
+      "rate_limited",
+    ],
+  ] as const
+) {
+  Deno.test(`an agent's model call has the LLM timeout (WEFT_LLM_TIMEOUT_MS): ${what} fails the attempt with ${code}`, async () => {
+    await using server = await startNatsServer();
+    const nc = await connectClient(server.url, "agent-timeout-test");
+    const llm = startFakeOpenAI(() => reply);
+    const dir = await Deno.makeTempDir({ prefix: "weft-agent-timeout-" });
+    const abort = new AbortController();
+    try {
+      await Deno.writeTextFile(`${dir}/agent.md`, "Answer with JSON matching {{schema}}.");
+      const agent = createAgent({ file: `${dir}/def.ts`, def: { name: "timing" } }, "a", okStep, {
+        nc,
+        llm: { baseUrl: llm.baseUrl, apiKey: "test-key", model: "fake-model", timeoutMs: 300 },
+      });
+      const started = Date.now();
+      // The step's own signal (the handler timeout, minutes) is not what ends the call.
+      const err = await deadline(
+        agent("go", runCtx(abort.signal)).then(() => undefined, (e: unknown) => e),
+        5_000,
+        "the agent's model call to end at its timeout",
+      ) as { code?: string };
+      assert.equal(err?.code, code);
+      assert.ok(Date.now() - started < 5_000);
+      assert.equal(abort.signal.aborted, false);
+    } finally {
+      abort.abort();
+      await nc.close();
+      await llm.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  });
+}

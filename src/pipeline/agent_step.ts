@@ -14,7 +14,12 @@ import { Ajv, type ValidateFunction } from "ajv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ConfigError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
-import { type ChatClient, type ChatMessage, createChatClient } from "../ai/llm/client.ts";
+import {
+  type ChatClient,
+  type ChatMessage,
+  createChatClient,
+  createDeadline,
+} from "../ai/llm/client.ts";
 import type { AgentStep, ScratchEntry, StepContext, ToolContext } from "./definition.ts";
 import type { LlmStepOptions } from "./llm_step.ts";
 
@@ -87,6 +92,9 @@ export type AgentRunner = (
  */
 export const MAX_TOOL_CALLS_PER_TURN = 16;
 
+/** Deadline of one model call of an agent without a configured one (as `WEFT_LLM_TIMEOUT_MS`). */
+const DEFAULT_LLM_TIMEOUT_MS = 15_000;
+
 /** The agent of step `id`: the LLM when `llm` is given, else its offline policy. */
 export function createAgent(
   p: { file: string; def: { name: string } },
@@ -103,6 +111,7 @@ export function createAgent(
   const buckets = new Map<string, Promise<KV>>();
   let chat: ChatClient | undefined;
   let prompt: Promise<string> | undefined;
+  const timeoutMs = opts.llm?.timeoutMs ?? DEFAULT_LLM_TIMEOUT_MS;
   if (opts.llm) chat = createChatClient({ ...opts.llm });
   else if (!step.offline) {
     throw new ConfigError(
@@ -202,7 +211,19 @@ export function createAgent(
         parameters: t.parameters as Record<string, unknown>,
       }));
       for (let turn = 1; turn <= step.maxTurns; turn++) {
-        const r = await chat.complete(messages, { tools, signal: ctx.signal });
+        // Each model call has the LLM timeout (with the step's signal): a hanging model or a
+        // Retry-After past it fails this attempt, as an llm step's call does.
+        const limit = createDeadline(timeoutMs, ctx.signal);
+        let r;
+        try {
+          r = await chat.complete(messages, {
+            tools,
+            signal: limit.signal,
+            deadline: limit.deadline,
+          });
+        } finally {
+          limit.dispose();
+        }
         if (r.toolCalls && r.toolCalls.length > 0) {
           messages.push({
             role: "assistant",
