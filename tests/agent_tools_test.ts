@@ -6,7 +6,14 @@
  */
 import assert from "node:assert/strict";
 import { startNatsServer } from "../src/nats_server.ts";
-import { createAgent, MAX_TOOL_CALLS_PER_TURN } from "../src/pipeline/agent_step.ts";
+import { Kvm } from "@nats-io/kv";
+import {
+  createAgent,
+  MAX_NOTE_VALUE_BYTES,
+  MAX_TOOL_CALLS_PER_TURN,
+  openScratchpad,
+  scratchpadBucketOf,
+} from "../src/pipeline/agent_step.ts";
 import type { AgentStep } from "../src/pipeline/definition.ts";
 import { connectClient } from "./helpers/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
@@ -148,3 +155,96 @@ for (
     }
   });
 }
+
+Deno.test("an agent's note records at most MAX_NOTE_VALUE_BYTES of a call's arguments and of its result, marking the cut, so a turn's calls fit in the scratchpad", async () => {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "agent-notes-test");
+  // 16 calls to a tool that does not exist, each with a 100 KB argument (1.6 MB in all), and
+  // one to a real tool whose result is 100 KB.
+  const big = "x".repeat(100_000);
+  const llm = startFakeOpenAI([
+    {
+      kind: "tool_calls",
+      calls: [
+        ...Array.from(
+          { length: MAX_TOOL_CALLS_PER_TURN - 1 },
+          () => ({ name: "nope", arguments: { big } }),
+        ),
+        { name: "echo", arguments: { n: 100_000 } },
+      ],
+    },
+    chat({ ok: true }),
+  ]);
+  const dir = await Deno.makeTempDir({ prefix: "weft-agent-notes-" });
+  try {
+    await Deno.writeTextFile(`${dir}/agent.md`, "Answer with JSON matching {{schema}}.");
+    await new Kvm(nc).create(scratchpadBucketOf("noting"));
+    const step: AgentStep = {
+      ...okStep,
+      tools: {
+        echo: {
+          description: "n characters",
+          parameters: { type: "object" },
+          run: (a: { n: number }) => ({ text: "y".repeat(a.n) }),
+        },
+      },
+    };
+    const agent = createAgent({ file: `${dir}/def.ts`, def: { name: "noting" } }, "a", step, {
+      nc,
+      llm: { baseUrl: llm.baseUrl, apiKey: "test-key", model: "fake-model" },
+    });
+    const abort = new AbortController();
+    const out = await agent("go", runCtx(abort.signal));
+    assert.deepEqual(out.result, { ok: true });
+    const calls = out.notes.filter((n) => n.kind === "tool_call");
+    assert.equal(calls.length, MAX_TOOL_CALLS_PER_TURN);
+    for (const n of calls.slice(0, -1)) {
+      const args = n.args as { cut: boolean; bytes: number; head: string };
+      assert.equal(args.cut, true);
+      assert.equal(args.bytes, JSON.stringify({ big }).length);
+      assert.equal(args.head, JSON.stringify({ big }).slice(0, MAX_NOTE_VALUE_BYTES));
+      assert.match((n.result as { error: string }).error, /^no tool nope/, "short: kept whole");
+    }
+    const echo = calls.at(-1)!;
+    assert.deepEqual(echo.args, { n: 100_000 }, "short arguments are kept whole");
+    assert.equal((echo.result as { cut: boolean }).cut, true);
+    // The model itself got the whole result.
+    const answered = llm.requests[1]!.body.messages.filter((m) => m.role === "tool").at(-1)!;
+    assert.equal(JSON.parse(answered.content).text.length, 100_000);
+    // The notes fit in the scratchpad.
+    await openScratchpad(nc, "noting").append("i1", out.notes);
+    assert.equal((await openScratchpad(nc, "noting").read("i1")).length, out.notes.length);
+  } finally {
+    await nc.close();
+    await llm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a scratchpad write the server refuses as too large fails for good, saying so; it is not a compare-and-set conflict to retry", async () => {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "scratchpad-size-test");
+  try {
+    await new Kvm(nc).create(scratchpadBucketOf("sizing"));
+    const pad = openScratchpad(nc, "sizing");
+    const entry = (i: number, text: string) => ({
+      id: `e1:a:${i}`,
+      step: "a",
+      at: new Date(0).toISOString(),
+      kind: "note" as const,
+      text,
+    });
+    await pad.append("i1", [entry(0, "small")]);
+    // Past the server's max_payload (1 MB).
+    const err = await pad.append("i1", [entry(1, "z".repeat(2_000_000))]).then(
+      () => undefined,
+      (e: unknown) => e,
+    ) as { code?: string; permanent?: boolean; message?: string };
+    assert.equal(err?.code, "payload_too_large", err?.message);
+    assert.equal(err.permanent, true);
+    assert.match(err.message!, /scratchpad of i1 .*too large/);
+    assert.deepEqual((await pad.read("i1")).map((e) => e.id), ["e1:a:0"], "nothing was written");
+  } finally {
+    await nc.close();
+  }
+});

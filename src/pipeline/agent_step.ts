@@ -11,7 +11,8 @@
  * @module
  */
 import { Ajv, type ValidateFunction } from "ajv";
-import type { NatsConnection } from "@nats-io/nats-core";
+import { InvalidArgumentError, type NatsConnection } from "@nats-io/nats-core";
+import { JetStreamApiCodes, JetStreamApiError } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ConfigError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import {
@@ -29,6 +30,23 @@ export function scratchpadBucketOf(name: string): string {
 }
 
 const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** JetStream's refusal of a message larger than the stream's maximum message size. */
+const MESSAGE_TOO_LARGE = 10054;
+
+/** Another writer changed the entry since it was read (a compare-and-set conflict). */
+function isConflict(err: unknown): boolean {
+  return err instanceof JetStreamApiError &&
+    (err.code === JetStreamApiCodes.StreamWrongLastSequence ||
+      err.code === JetStreamApiCodes.StreamWrongLastSequenceUnknown);
+}
+
+/** The write is larger than the server takes (its max_payload, or the bucket's limit). */
+function isTooLarge(err: unknown): boolean {
+  return (err instanceof InvalidArgumentError && /max_payload/.test(err.message)) ||
+    (err instanceof JetStreamApiError && err.code === MESSAGE_TOO_LARGE);
+}
 
 /** An item's scratchpad in KV: read it, append entries once each (compare-and-set). */
 export interface Scratchpad {
@@ -62,8 +80,18 @@ export function openScratchpad(nc: NatsConnection, name: string): Scratchpad {
           if (revision === 0) await (await open()).create(item, body);
           else await (await open()).update(item, body, revision);
           return;
-        } catch {
-          // another step of the item appended first: read again
+        } catch (err) {
+          // Another step of the item appended first: read again. Anything else is no conflict.
+          if (isConflict(err)) continue;
+          if (isTooLarge(err)) {
+            throw new WeftError(
+              ErrorCode.PayloadTooLarge,
+              `the scratchpad of ${item} would be ${body.length} bytes, too large for the ` +
+                `server to store: ${(err as Error).message}`,
+              { permanent: true, cause: err },
+            );
+          }
+          throw err;
         }
       }
       throw new WeftError(ErrorCode.HandlerFailed, `the scratchpad of ${item} kept changing`);
@@ -91,6 +119,38 @@ export type AgentRunner = (
  * `maxTurns`, this bounds an agent step's tool calls.
  */
 export const MAX_TOOL_CALLS_PER_TURN = 16;
+
+/**
+ * A note records at most this many bytes of a tool call's arguments and of its result (their
+ * JSON): a longer one is replaced by `{ cut: true, bytes, head }`, its size and its first
+ * bytes. The agent and the model see the whole value; the scratchpad and the step's event
+ * keep the cut one, so a turn's calls (at most {@link MAX_TOOL_CALLS_PER_TURN}) cannot grow
+ * the item's scratchpad past what one KV entry may hold, whatever the model sends.
+ */
+export const MAX_NOTE_VALUE_BYTES = 1024;
+
+/** A tool name (the model's, for an unknown tool) recorded up to this many characters. */
+const MAX_NOTE_TOOL_CHARS = 64;
+
+/** `value` as a note records it: whole, or cut to {@link MAX_NOTE_VALUE_BYTES}, marked. */
+function noted(value: unknown): unknown {
+  if (value === undefined) return undefined;
+  const bytes = encoder.encode(JSON.stringify(value));
+  if (bytes.length <= MAX_NOTE_VALUE_BYTES) return value;
+  // A character cut in two at the end is dropped.
+  const head = decoder.decode(bytes.subarray(0, MAX_NOTE_VALUE_BYTES)).replace(/\uFFFD$/, "");
+  return { cut: true, bytes: bytes.length, head };
+}
+
+/** A tool call as a note records it. */
+function toolNote(tool: string, args: unknown, result: unknown) {
+  return {
+    kind: "tool_call" as const,
+    tool: tool.length > MAX_NOTE_TOOL_CHARS ? `${tool.slice(0, MAX_NOTE_TOOL_CHARS)}…` : tool,
+    args: noted(args),
+    result: noted(result),
+  };
+}
 
 /** Deadline of one model call of an agent without a configured one (as `WEFT_LLM_TIMEOUT_MS`). */
 const DEFAULT_LLM_TIMEOUT_MS = 15_000;
@@ -189,7 +249,7 @@ export function createAgent(
         if ("final" in action) return done(final(action.final));
         const result = await call(action.call, action.args, ctx);
         calls.push({ tool: action.call, args: action.args, result });
-        note({ kind: "tool_call", tool: action.call, args: action.args, result });
+        note(toolNote(action.call, action.args, result));
       }
     } else {
       prompt ??= Deno.readTextFile(new URL(step.prompt, `file://${p.file}`));
@@ -253,7 +313,7 @@ export function createAgent(
               ? { error: "arguments are not JSON" }
               : await call(c.name, args, ctx);
             calls.push({ tool: c.name, args, result });
-            note({ kind: "tool_call", tool: c.name, args, result });
+            note(toolNote(c.name, args, result));
             messages.push({ role: "tool", tool_call_id: c.id, content: JSON.stringify(result) });
           }
           continue;
