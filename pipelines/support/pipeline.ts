@@ -8,11 +8,12 @@
  * Offline (no WEFT_LLM_BASE_URL) the router's rules and each agent's deterministic policy
  * decide; with an OpenAI-compatible endpoint the model routes (the rules are its fallback)
  * and the agents' model chooses the tool calls.
- * Orders live in KV: `nats kv put weft_support_orders A100 '{"status":"shipped"}'`.
+ * Orders live in KV, each with its customer; an agent only gets an order of the item's
+ * customer: `nats kv put weft_support_orders A100 '{"customer":"ann","status":"shipped"}'`.
  *
  * @module
  */
-import { type AgentTurn, definePipeline, type ScratchEntry } from "../../mod.ts";
+import { type AgentTurn, definePipeline, type ScratchEntry, type ToolContext } from "../../mod.ts";
 import faq from "./faq.json" with { type: "json" };
 
 /** The support request. */
@@ -66,15 +67,27 @@ export function routeRequest(text: string, scratchpad: readonly ScratchEntry[]):
 
 const tools = {
   lookup_order: {
-    description: "Look up an order by its id: its status and items, or null when unknown",
+    description: "Look up one of the customer's orders by its id: its status and items, " +
+      "or an error when the customer has no such order",
     parameters: {
       type: "object",
       required: ["order_id"],
       properties: { order_id: { type: "string", pattern: "^[A-Za-z0-9_-]{1,64}$" } },
       additionalProperties: false,
     },
-    run: (a: { order_id: string }, ctx: { kv(b: string, k: string): Promise<unknown> }) =>
-      ctx.kv(ORDERS, a.order_id),
+    // Only an order of the item's own customer (each order records its `customer`): the item's
+    // text may ask the model for anyone's order, and what a tool returns reaches the answer, the
+    // scratchpad, the item's state and its events. Another's order and an unknown one answer
+    // the same error, so the agent cannot tell whether it exists.
+    run: async (a: { order_id: string }, ctx: ToolContext) => {
+      const order = await ctx.kv(ORDERS, a.order_id) as Record<string, unknown> | null;
+      if (
+        order === null || typeof order !== "object" ||
+        order.customer !== (ctx.input as Request).customer
+      ) throw new Error(`this customer has no order ${a.order_id}`);
+      const { customer: _, ...rest } = order;
+      return rest;
+    },
   },
   search_faq: {
     description: "Search the FAQ; returns the matching answers, best first",
