@@ -248,3 +248,69 @@ Deno.test("a scratchpad write the server refuses as too large fails for good, sa
     await nc.close();
   }
 });
+
+/** Runs `okStep` once against `script`; the answer or the error, and the requests. */
+async function runOnce(script: Parameters<typeof startFakeOpenAI>[0]) {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "agent-answer-test");
+  const llm = startFakeOpenAI(script);
+  const dir = await Deno.makeTempDir({ prefix: "weft-agent-answer-" });
+  try {
+    await Deno.writeTextFile(`${dir}/agent.md`, "Answer with JSON matching {{schema}}.");
+    const agent = createAgent({ file: `${dir}/def.ts`, def: { name: "answering" } }, "a", okStep, {
+      nc,
+      llm: { baseUrl: llm.baseUrl, apiKey: "test-key", model: "fake-model" },
+    });
+    const out = await agent("go", runCtx(new AbortController().signal)).then(
+      (o) => ({ result: o.result, notes: o.notes, error: undefined }),
+      (e: { code?: string; permanent?: boolean; message: string }) => ({
+        result: undefined,
+        notes: [],
+        error: e,
+      }),
+    );
+    return { ...out, requests: llm.requests };
+  } finally {
+    await nc.close();
+    await llm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("an agent's answer in a code fence is unwrapped, as an llm step's is", async () => {
+  const out = await runOnce([chat('```json\n{"ok": true}\n```')]);
+  assert.equal(out.error, undefined, out.error?.message);
+  assert.deepEqual(out.result, { ok: true });
+  assert.equal(out.requests.length, 1);
+});
+
+Deno.test("an agent's wrong-shape answer gets one repair request quoting the error; the repaired answer stands", async () => {
+  const out = await runOnce([chat({ ok: "yes" }), chat({ ok: true })]);
+  assert.equal(out.error, undefined, out.error?.message);
+  assert.deepEqual(out.result, { ok: true });
+  assert.equal(out.requests.length, 2);
+  const [bad, repair] = out.requests[1]!.body.messages.slice(-2);
+  assert.deepEqual([bad!.role, JSON.parse(bad!.content)], ["assistant", { ok: "yes" }]);
+  assert.equal(repair!.role, "user");
+  assert.match(repair!.content, /invalid: .*\/ok must be boolean/);
+  assert.deepEqual(out.notes.map((n) => [n.kind, n.result]), [["answer", { ok: true }]]);
+});
+
+Deno.test("an agent's answer that is no JSON gets one repair request too", async () => {
+  const out = await runOnce([chat("Sure! The answer is ok."), chat({ ok: false })]);
+  assert.equal(out.error, undefined, out.error?.message);
+  assert.deepEqual(out.result, { ok: false });
+  assert.match(out.requests[1]!.body.messages.at(-1)!.content, /invalid: not valid JSON/);
+});
+
+Deno.test("an agent's answer still wrong after its one repair fails as before: permanently for a wrong shape, no third request", async () => {
+  const out = await runOnce([chat({ ok: "yes" }), chat({ ok: "still" }), chat({ ok: true })]);
+  assert.equal(out.error?.code, "invalid_field");
+  assert.equal(out.error?.permanent, true);
+  assert.match(out.error!.message, /does not match its output schema: \/ok must be boolean/);
+  assert.equal(out.requests.length, 2);
+  const none = await runOnce([chat("no"), chat("still no"), chat({ ok: true })]);
+  assert.equal(none.error?.code, "handler_failed");
+  assert.match(none.error!.message, /answered with no JSON object/);
+  assert.equal(none.requests.length, 2);
+});

@@ -21,6 +21,7 @@ import {
   createChatClient,
   createDeadline,
 } from "../ai/llm/client.ts";
+import { createOutputValidator } from "../ai/llm/output.ts";
 import type { AgentStep, ScratchEntry, StepContext, ToolContext } from "./definition.ts";
 import type { LlmStepOptions } from "./llm_step.ts";
 
@@ -167,6 +168,8 @@ export function createAgent(
     Object.entries(step.tools).map(([name, t]) => [name, ajv.compile(t.parameters as object)]),
   );
   const checkOutput = ajv.compile(step.output as object);
+  // The model's answer is read as an llm step's is: a single code fence is unwrapped first.
+  const parseAnswer = createOutputValidator<unknown>({});
   const kvm = new Kvm(opts.nc);
   const buckets = new Map<string, Promise<KV>>();
   let chat: ChatClient | undefined;
@@ -270,6 +273,7 @@ export function createAgent(
         description: t.description,
         parameters: t.parameters as Record<string, unknown>,
       }));
+      let repaired = false;
       for (let turn = 1; turn <= step.maxTurns; turn++) {
         // Each model call has the LLM timeout (with the step's signal): a hanging model or a
         // Retry-After past it fails this attempt, as an llm step's call does.
@@ -318,13 +322,31 @@ export function createAgent(
           }
           continue;
         }
-        let answer: unknown;
-        try {
-          answer = JSON.parse(r.content);
-        } catch {
+        const answer = parseAnswer(r.content);
+        if (answer.ok && checkOutput(answer.value)) return done(answer.value);
+        if (!repaired) {
+          // One repair request, as an llm step makes: the bad answer and what is wrong with it.
+          // It is not counted as a turn (the model may still call tools after it).
+          repaired = true;
+          const e = checkOutput.errors?.[0];
+          const error = answer.ok
+            ? `does not match the schema: ${e?.instancePath || "/"} ${e?.message ?? ""}`.trim()
+            : answer.error;
+          messages.push(
+            { role: "assistant", content: r.content },
+            {
+              role: "user",
+              content: `Your previous reply is invalid: ${error}. Reply again with only the ` +
+                `corrected JSON object, matching this JSON Schema: ${schema}`,
+            },
+          );
+          turn--;
+          continue;
+        }
+        if (!answer.ok) {
           throw new WeftError(ErrorCode.HandlerFailed, `agent ${id} answered with no JSON object`);
         }
-        return done(final(answer));
+        return done(final(answer.value));
       }
     }
     throw new WeftError(
