@@ -186,5 +186,5 @@ Deno.test("a relative WEFT_NATS_DIR (data/<dir>, as the start's messages suggest
   }, 15_000);
   assert.deepEqual(linesAt(out.text, "error"), [], out.text);
   assert.ok(linesAt(out.text, "info").includes("starting services"), out.text);
-  await Deno.stat(`${dir}/data/nats-weft.conf`);
+  await Deno.stat(`${dir}/data/supervisor.lock`); // the store it was given
 });
