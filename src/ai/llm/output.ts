@@ -5,6 +5,7 @@
  * @module
  */
 
+import { depthWithin, MAX_DEPTH } from "../../runner.ts";
 import { Ajv } from "ajv";
 
 const ajv = new Ajv({ allErrors: true, strict: false });
@@ -62,6 +63,16 @@ export function createOutputValidator<T>(schema: Record<string, unknown>): Outpu
         ok: false,
         reason: "json",
         error: `not valid JSON: ${e instanceof Error ? e.message : String(e)}`,
+      };
+    }
+    // An answer nested deeper than any event may hold could not be published anyway, and
+    // walking it (the schema check, the cache's key) would overflow the stack: refused here,
+    // as a wrong shape is (one repair request, then the call fails with the reason).
+    if (!depthWithin(value, MAX_DEPTH)) {
+      return {
+        ok: false,
+        reason: "schema",
+        error: `nests deeper than ${MAX_DEPTH} levels`,
       };
     }
     if (!validate(value)) {
