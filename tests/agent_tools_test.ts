@@ -18,6 +18,7 @@ import type { AgentStep } from "../src/pipeline/definition.ts";
 import { connectClient } from "./helpers/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { deadline } from "./helpers/wait.ts";
+import { createBudget } from "../src/ai/llm/budget.ts";
 
 Deno.test("an agent runs at most MAX_TOOL_CALLS_PER_TURN of one turn's tool calls; each one past them is answered with an error and not run", async () => {
   await using server = await startNatsServer();
@@ -313,4 +314,36 @@ Deno.test("an agent's answer still wrong after its one repair fails as before: p
   assert.equal(none.error?.code, "handler_failed");
   assert.match(none.error!.message, /answered with no JSON object/);
   assert.equal(none.requests.length, 2);
+});
+
+Deno.test("an agent keeps to its step's budget at the configured prices: past it no request is sent and the attempt fails with over_budget", async () => {
+  // Found by a probe: agents recorded no usage or cost and spent without limit, while the
+  // analyzers (and since, llm steps) stop at WEFT_LLM_BUDGET_USD.
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "agent-budget-test");
+  const llm = startFakeOpenAI(() => chat({ ok: true }));
+  const dir = await Deno.makeTempDir({ prefix: "weft-agent-budget-" });
+  try {
+    await Deno.writeTextFile(`${dir}/agent.md`, "Answer with JSON matching {{schema}}.");
+    // 100 + 20 tokens a call at 1 USD per 1k: 0.12 USD a call, against a 0.2 USD budget.
+    const agent = createAgent({ file: `${dir}/def.ts`, def: { name: "spending" } }, "a", okStep, {
+      nc,
+      llm: {
+        baseUrl: llm.baseUrl,
+        apiKey: "test-key",
+        model: "fake-model",
+        pricing: { inputPer1k: 1, outputPer1k: 1 },
+        budget: createBudget({ maxCostUsd: 0.2 }),
+      },
+    });
+    const ctx = runCtx(new AbortController().signal);
+    assert.deepEqual((await agent("one", ctx)).result, { ok: true });
+    assert.deepEqual((await agent("two", ctx)).result, { ok: true });
+    await assert.rejects(agent("three", ctx), (e: { code?: string }) => e.code === "over_budget");
+    assert.equal(llm.requests.length, 2, "the third call was never sent");
+  } finally {
+    await nc.close();
+    await llm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -22,6 +22,8 @@ import {
   createDeadline,
 } from "../ai/llm/client.ts";
 import { createOutputValidator } from "../ai/llm/output.ts";
+import { type Budget, createBudget } from "../ai/llm/budget.ts";
+import { LlmOverBudgetError } from "../ai/llm/errors.ts";
 import type { AgentStep, ScratchEntry, StepContext, ToolContext } from "./definition.ts";
 import type { LlmStepOptions } from "./llm_step.ts";
 
@@ -175,6 +177,12 @@ export function createAgent(
   let chat: ChatClient | undefined;
   let prompt: Promise<string> | undefined;
   const timeoutMs = opts.llm?.timeoutMs ?? DEFAULT_LLM_TIMEOUT_MS;
+  // Its spend limit (WEFT_LLM_BUDGET_USD, shared by the step's service as an llm step's is):
+  // past it no request is sent, and the attempt fails with over_budget.
+  const configured = opts.llm?.budget;
+  const budget: Budget = configured !== undefined && "exceeded" in configured
+    ? configured
+    : createBudget(configured);
   if (opts.llm) chat = createChatClient({ ...opts.llm });
   else if (!step.offline) {
     throw new ConfigError(
@@ -277,6 +285,10 @@ export function createAgent(
       for (let turn = 1; turn <= step.maxTurns; turn++) {
         // Each model call has the LLM timeout (with the step's signal): a hanging model or a
         // Retry-After past it fails this attempt, as an llm step's call does.
+        const over = budget.exceeded();
+        if (over !== undefined) {
+          throw new LlmOverBudgetError(`agent ${id} budget exceeded: ${over}`);
+        }
         const limit = createDeadline(timeoutMs, ctx.signal);
         let r;
         try {
@@ -288,6 +300,7 @@ export function createAgent(
         } finally {
           limit.dispose();
         }
+        budget.record(r.usage);
         if (r.toolCalls && r.toolCalls.length > 0) {
           messages.push({
             role: "assistant",
