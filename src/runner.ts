@@ -1093,8 +1093,11 @@ export async function runStage<I extends StageInput>(
             ? stage.identify(raw, message)
             : parseEventSubject(m.subject)?.itemId ?? itemIdOf(raw);
           await deadLetter(dlContext, m, err, raw, itemId, trace, {
+            // A conflict (the item has its outcome, or has failed and holds this message
+            // until it is resumed) is this message's, not a failure of the item.
             failItem: errorCode(err) !== ErrorCode.SubjectMismatch &&
               errorCode(err) !== ErrorCode.InvalidAwaitedEvent &&
+              errorCode(err) !== ErrorCode.Conflict &&
               !(err instanceof OutcomeTaken) &&
               (stage.failsItem?.(message, handled) ?? true),
           });

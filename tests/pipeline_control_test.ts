@@ -8,7 +8,12 @@ import { Kvm } from "@nats-io/kv";
 import { jetstream } from "@nats-io/jetstream";
 import { definePipeline, type PipelineDefinition } from "../src/pipeline/definition.ts";
 import { advance, compileFlow, entryData, flowEvent } from "../src/pipeline/flow.ts";
-import { controlStage, type LoadedPipeline, pipelineTopology } from "../src/pipeline/runtime.ts";
+import {
+  controlStage,
+  type LoadedPipeline,
+  pipelineTopology,
+  workStage,
+} from "../src/pipeline/runtime.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
 import { SCHEDULE_BUCKET } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
@@ -436,4 +441,50 @@ Deno.test("a decision that came before its wait is not taken when the item has f
     postponed!.at!,
   );
   assert.deepEqual(decided.map((e) => e.type), ["approvals.approval", "approvals.done"]);
+});
+
+Deno.test("a branch reaching an end while another branch's failure holds the item is kept as a dead letter, not stored as an outcome after the failure", async () => {
+  // Seen in review: in a fan-out with no join, one branch failed (the item `failed`) and the
+  // other then reached its end: a failure and an outcome stored for one item, and the live
+  // state and a rebuild could disagree on which came first.
+  const task = (next: string | string[]) => ({
+    kind: "task" as const,
+    output: obj,
+    handle: () => ({}),
+    next,
+  });
+  const forks = loaded(definePipeline({
+    name: "forks",
+    input: { schema: obj },
+    start: "split",
+    steps: {
+      split: task(["a", "b"]),
+      a: task("x"),
+      b: task("y"),
+      x: { kind: "end", outcome: "x" },
+      y: { kind: "end", outcome: "y" },
+    },
+  }));
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([forks], t.config.retentionMs));
+  const split = completed(forks, "split", "f1", "2026-01-01T00:00:00.000Z");
+  await jetstream(t.nc).publish("forks.split.f1", JSON.stringify(split));
+  await failItem(t, forks, "f1", "forks.split.f1", split.id);
+  const stage = workStage(forks, "b", { nc: t.nc });
+  const message = { subject: "forks.split.f1", seq: 1, storedAt: 0, deliveryCount: 1 };
+  const ctx: StageContext = {
+    source: "weft-test-b",
+    message,
+    now: () => new Date("2026-01-01T00:00:01.000Z"),
+    signal: new AbortController().signal,
+  };
+  await assert.rejects(
+    async () => await stage.handle(stage.decode!(split, message) as never, ctx),
+    (err: Error & { code?: string; permanent?: boolean }) =>
+      err.code === "conflict" && err.permanent === true && /has failed/.test(err.message),
+  );
+  // Once a redrive has resumed the item (its failed message stored again), the branch ends.
+  await jetstream(t.nc).publish("forks.split.f1", JSON.stringify(split));
+  const out = await stage.handle(stage.decode!(split, message) as never, ctx);
+  assert.deepEqual(out.map((e) => e.type), ["forks.b", "forks.y"]);
 });

@@ -481,6 +481,9 @@ export function workStage(
     agent = createAgent(p, id, step, { nc: opts.nc, llm: opts.llm });
   }
   const inputs = stepFilterSubjects(def, id)!;
+  const ends = endTypesOf(def);
+  const stream = pipelineSubjects(def).stream;
+  let jsm: Promise<JetStreamManager> | undefined;
   return {
     name: durableOf(def, id),
     filterSubject: filter,
@@ -532,10 +535,22 @@ export function workStage(
       } finally {
         release();
       }
-      return completion(flow, id, e, next, {
-        source: ctx.source,
-        now: ctx.now(),
-      }) as unknown as OutputEvent[];
+      const out = completion(flow, id, e, next, { source: ctx.source, now: ctx.now() });
+      // A branch reaching an end while another branch's failure holds the item (a fan-out
+      // with no join): its end would be an outcome after the failure. Kept as a dead letter
+      // (a conflict, failing nothing): redriven once a redrive has resumed the item, or to
+      // end the item there.
+      if (
+        opts.nc && out.some((o) => ends.has(o.type)) &&
+        await itemFailedNow(await (jsm ??= jetstreamManager(opts.nc)), stream, def.name, e.item_id)
+      ) {
+        throw new ConflictError(
+          `${def.name} item ${e.item_id} has failed: step ${id}'s end counts only once the ` +
+            `item is resumed (redrive its failure, then this letter)`,
+          { permanent: true },
+        );
+      }
+      return out as unknown as OutputEvent[];
     },
   };
 
@@ -653,6 +668,62 @@ async function updateHeld<T>(
 }
 
 /**
+ * Whether item `item` of pipeline `name` has failed and not been resumed since: its last
+ * `failed` event is not followed by the message it failed on, stored again by a redrive (the
+ * same event id, when the failure names one: an item's timers all share one subject, so
+ * another timer of the item stored after the failure resumes nothing). Read from the stream
+ * (direct reads, only when a timer fires, a decision comes or a step would end the item), not
+ * from the item's state, which trails.
+ */
+export async function itemFailedNow(
+  jsm: JetStreamManager,
+  stream: string,
+  name: string,
+  item: string,
+): Promise<boolean> {
+  const get = async (req: Record<string, unknown>) => {
+    try {
+      return await jsm.streams.getMessage(stream, req as unknown as { seq: number });
+    } catch {
+      return null;
+    }
+  };
+  const failed = await get({ last_by_subj: `${name}.${FAILED}.${item}` });
+  if (!failed) return false;
+  let on: unknown;
+  let eventId: unknown;
+  try {
+    const data = (failed.json() as { data?: { subject?: unknown; event_id?: unknown } }).data;
+    on = data?.subject;
+    eventId = data?.event_id;
+  } catch {
+    return true;
+  }
+  if (typeof on !== "string") return true;
+  const again = await get({ last_by_subj: on });
+  if (!again || again.seq <= failed.seq) return true;
+  if (typeof eventId !== "string") return false;
+  const isIt = (m: { json(): unknown }) => {
+    try {
+      return (m.json() as { id?: unknown }).id === eventId;
+    } catch {
+      return false; // not an event: not the one it failed on
+    }
+  };
+  if (isIt(again)) return false;
+  // The messages on the subject between the failure and the last one, up to a bound (an
+  // item's own subject holds a few; past it the item is taken as still failed, and is asked
+  // about again later). STREAM.MSG.GET takes next_by_subj (nats-server 2.9+).
+  for (let seq = failed.seq + 1, i = 0; seq < again.seq && i < 256; i++) {
+    const m = await get({ next_by_subj: on, seq });
+    if (!m || m.seq >= again.seq) return true;
+    if (isIt(m)) return false;
+    seq = m.seq + 1;
+  }
+  return true;
+}
+
+/**
  * The control stage of a pipeline: joins, waits, delays and version checks. `retentionMs`:
  * how long the item's events are kept (a failed item's timers are dropped after it).
  */
@@ -711,71 +782,9 @@ export function controlStage(
 
   let manager: Promise<JetStreamManager> | undefined;
   const stream = pipelineSubjects(def).stream;
-  /** The last message stored on `subject`; null when there is none. */
-  async function lastOn(subject: string) {
-    try {
-      return await (await (manager ??= jetstreamManager(nc))).streams.getMessage(stream, {
-        last_by_subj: subject,
-      });
-    } catch {
-      return null;
-    }
-  }
-
-  /** The first message stored on `subject` at or after stream sequence `seq`; null when none. */
-  async function nextOn(subject: string, seq: number) {
-    try {
-      return await (await (manager ??= jetstreamManager(nc))).streams.getMessage(stream, {
-        next_by_subj: subject,
-        seq,
-      } as unknown as { seq: number });
-    } catch {
-      return null;
-    }
-  }
-
-  /**
-   * Whether the item has failed and not been resumed since: its last `failed` event is not
-   * followed by the message it failed on, stored again by a redrive (the same event id, when
-   * the failure names one: an item's timers all share one subject, so another timer of the
-   * item stored after the failure resumes nothing). Read from the stream (direct reads, only
-   * when a timer fires or a decision comes), not from the item's state, which trails.
-   */
-  async function failedNow(item: string): Promise<boolean> {
-    const failed = await lastOn(`${n}.${FAILED}.${item}`);
-    if (!failed) return false;
-    let on: unknown;
-    let eventId: unknown;
-    try {
-      const data = (failed.json() as { data?: { subject?: unknown; event_id?: unknown } }).data;
-      on = data?.subject;
-      eventId = data?.event_id;
-    } catch {
-      return true;
-    }
-    if (typeof on !== "string") return true;
-    const again = await lastOn(on);
-    if (!again || again.seq <= failed.seq) return true;
-    if (typeof eventId !== "string") return false;
-    const isIt = (m: { json(): unknown }) => {
-      try {
-        return (m.json() as { id?: unknown }).id === eventId;
-      } catch {
-        return false; // not an event: not the one it failed on
-      }
-    };
-    if (isIt(again)) return false;
-    // The messages on the subject between the failure and the last one, up to a bound (an
-    // item's own subject holds a few; past it the item is taken as still failed, and is asked
-    // about again at its next timer).
-    for (let seq = failed.seq + 1, i = 0; seq < again.seq && i < 256; i++) {
-      const m = await nextOn(on, seq);
-      if (!m || m.seq >= again.seq) return true;
-      if (isIt(m)) return false;
-      seq = m.seq + 1;
-    }
-    return true;
-  }
+  /** Whether the item has failed and not been resumed since ({@link itemFailedNow}). */
+  const failedNow = async (item: string) =>
+    await itemFailedNow(await (manager ??= jetstreamManager(nc)), stream, n, item);
 
   /**
    * Fires this timer again later: its item has failed, so its join, wait or delay decides
