@@ -380,6 +380,10 @@ async function publishAfterJunk(
     }
   };
   for (let attempt = 0; attempt < 5; attempt++) {
+    // The usual refusal (a re-sent submission, a redelivery): the event is the subject's last.
+    const newest = await jsm.streams.getMessage(stream, { last_by_subj: m.subject })
+      .catch(() => null);
+    if (newest && isIt(tryDecode(newest.data))) return false;
     let last = 0;
     for (let i = 0, seq = 1; i < MAX_SUBJECT_SCAN; i++) {
       // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
