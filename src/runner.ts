@@ -1006,7 +1006,8 @@ export async function runStage<I extends StageInput>(
       if (itemId) span.setAttribute("weft.item_id", itemId);
       if (
         m.seq <= backlogSeq && itemId &&
-        await endedWith(jsm, stream, itemId, endTypes) !== undefined
+        (await endedWith(jsm, stream, itemId, endTypes) !== undefined ||
+          await stage.ended?.(itemId) === true)
       ) {
         log.debug("skipped: the item ended before this step's consumer was created", {
           item_id: itemId,

@@ -120,6 +120,13 @@ export interface Stage<I extends StageInput = StageInput> {
    * junk on its subject.
    */
   failsItem?(message: MessageInfo, handled: boolean): boolean;
+  /**
+   * Whether an item has ended by any means this stage's `finalTypes` may not know (an end of
+   * an earlier version of its pipeline's definition): asked for the events of its consumer's
+   * backlog (stored before the consumer was created), which are acked unhandled for an item
+   * that ended.
+   */
+  ended?(item: string): Promise<boolean>;
   /** Pure: same input, same outputs (ids included). Throw to fail; see errors.ts. */
   handle(input: InputOf<I>, ctx: StageContext): OutputEvent[] | Promise<OutputEvent[]>;
 }

@@ -306,7 +306,10 @@ Deno.test("a definition outside the folders Weft may read stops deno task start,
   }
 });
 
-/** Version 1: a, then a wait, then done; version 2 adds step `b` after the wait. */
+/**
+ * Version 1: a, then a wait, then done; version 2 adds step `b` after the wait, and ends at
+ * `finished` instead of `done` (so the items that ended before end with a type it lacks).
+ */
 const growing = (v: 1 | 2) => `
 import { definePipeline } from "${MOD}";
 export const grow = definePipeline({
@@ -320,10 +323,14 @@ export const grow = definePipeline({
 }" },
     ${
   v === 2
-    ? 'b: { kind: "task", output: { type: "object" }, handle: () => ({ b: true }), next: "done" },'
+    ? 'b: { kind: "task", output: { type: "object" }, handle: () => ({ b: true }), next: "finished" },'
     : ""
 }
-    done: { kind: "end", outcome: "done" },
+    ${
+  v === 1
+    ? 'done: { kind: "end", outcome: "done" },'
+    : 'finished: { kind: "end", outcome: "finished" },'
+}
     expired: { kind: "end", outcome: "expired" },
   },
 });

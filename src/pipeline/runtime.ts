@@ -484,6 +484,7 @@ export function workStage(
   const ends = endTypesOf(def);
   const stream = pipelineSubjects(def).stream;
   let jsm: Promise<JetStreamManager> | undefined;
+  let states: Promise<KV> | undefined;
   return {
     name: durableOf(def, id),
     filterSubject: filter,
@@ -508,6 +509,20 @@ export function workStage(
       return targetsOf(flow, tokenOf(flow, e.type), e.data).includes(id) ? e : undefined;
     },
     checkOutput: () => {}, // completion() builds them from the definition
+    // An item of the backlog that ended under an earlier version of the definition (an end
+    // step this one lacks): its state says so.
+    ...(opts.nc
+      ? {
+        ended: async (item: string) => {
+          const s = await readItem(
+            await (states ??= new Kvm(opts.nc!).open(stateBucketOf(def.name))),
+            item,
+          )
+            .catch(() => null);
+          return s?.status === "done" || s?.status === "failed";
+        },
+      }
+      : {}),
     async handle(e: FlowEvent, ctx: StageContext) {
       const data = e.data;
       const sctx: StepContext = {
@@ -1525,12 +1540,15 @@ export function pipelineServiceSpecs(
               writesBuckets: [scratchpadBucketOf(n)],
               readsBuckets: [
                 STEP_VERSION_BUCKET,
+                stateBucketOf(n),
                 ...(def.steps[id] as { reads?: string[] }).reads ?? [],
               ],
             }
             : {
               readsBuckets: [
                 STEP_VERSION_BUCKET,
+                // Whether a backlog event's item has ended (under an earlier definition).
+                stateBucketOf(n),
                 ...(hasScratchpad(def) ? [scratchpadBucketOf(n)] : []),
               ],
             }),
