@@ -150,9 +150,20 @@ Deno.test("with authentication off, a claim names its reviewer (by), and a decis
     m.app.request(path, { method: "POST", headers: JSON_TYPE, body: JSON.stringify(body) });
   const unnamed = await post("/pipelines/approvals/claims/b1", {});
   assert.equal(unnamed.status, 422);
-  assert.equal((await unnamed.json()).field, "by");
+  assert.equal((await unnamed.json()).field, "/by", "a JSON pointer into the body");
+  const extra = await post("/pipelines/approvals/claims/b1", { by: "erin", x: 1 });
+  assert.equal(extra.status, 422);
+  assert.equal((await extra.json()).field, "/x", "an unknown field is refused, naming it");
   assert.equal((await post("/pipelines/approvals/claims/b1", { by: "erin" })).status, 200);
   assert.equal((await post("/pipelines/approvals/items/b1/approved", { ok: 1 })).status, 409);
+  // Released with the name in a JSON body (or ?by=), then taken again, then decided.
+  const release = await m.app.request("/pipelines/approvals/claims/b1", {
+    method: "DELETE",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ by: "erin" }),
+  });
+  assert.equal(release.status, 204, await release.text());
+  assert.equal((await post("/pipelines/approvals/claims/b1", { by: "erin" })).status, 200);
   const erin = await post("/pipelines/approvals/items/b1/approved?by=erin", { ok: 1 });
   assert.equal(erin.status, 202, await erin.clone().text());
 });

@@ -96,27 +96,44 @@ interface Runtime {
 /**
  * Who a reviewer's claim or decision is recorded as: the API key's holder, or, with
  * authentication off (every caller `anonymous`), the name given (`by`), required for a claim.
+ * `field` names where `by` came from in a problem: `/by` in a body, `by` as a query parameter.
  */
-function reviewerOf(who: Who, by: unknown, required: boolean): string {
+function reviewerOf(who: Who, by: unknown, required: boolean, field = "/by"): string {
   if (by !== undefined && (typeof by !== "string" || !/^[\w .@-]{1,64}$/.test(by))) {
-    throw new ValidationError("by must be a name of 1 to 64 letters, digits, _ . @ - or spaces", {
-      field: "by",
-    });
+    throw new ValidationError(
+      `${field} must be a name of 1 to 64 letters, digits, _ . @ - or spaces`,
+      { field },
+    );
   }
   if (who.name !== ANONYMOUS.name) {
     if (by !== undefined && by !== who.name) {
       throw new WeftError(ErrorCode.Forbidden, `this key belongs to ${who.name}, not ${by}`, {
-        field: "by",
+        field,
       });
     }
     return who.name;
   }
   if (by === undefined && required) {
-    throw new ValidationError("by is required (who claims: authentication is off)", {
-      field: "by",
+    throw new ValidationError(`${field} is required (who claims: authentication is off)`, {
+      field,
     });
   }
   return (by as string | undefined) ?? ANONYMOUS.name;
+}
+
+/** A claim's body: an object with at most `by` (and, over NATS, `id`); 422 naming another. */
+function claimBody(raw: unknown, allowed: readonly string[]): { id?: unknown; by?: unknown } {
+  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
+    throw new ValidationError("the body must be a JSON object", { field: "/" });
+  }
+  for (const k of Object.keys(raw)) {
+    if (!allowed.includes(k)) {
+      throw new ValidationError(`/${k} is not a field of a claim (${allowed.join(", ")})`, {
+        field: `/${k}`,
+      });
+    }
+  }
+  return raw as { id?: unknown; by?: unknown };
 }
 
 const encoder = new TextEncoder();
@@ -545,19 +562,23 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     async (c) => {
       const r = runtimeOf(c.req.param("name"));
       const id = itemId(c.req.param("id"));
-      const body = await readJson(c, { optional: true }) as { by?: unknown } | null;
-      if (body === null || typeof body !== "object" || Array.isArray(body)) {
-        throw new ValidationError("the body must be a JSON object", { field: "/" });
-      }
+      const body = claimBody(await readJson(c, { optional: true }), ["by"]);
       const who = reviewerOf(whoOf(c), body.by, true);
       await assertWaiting(r.p, await r.states(), id, await jsm());
       return c.json({ id, claim: await (await claimsOf(r)).take(id, who) });
     },
   );
+  // Released by its holder: with authentication off, named by `?by=` or a JSON body `{"by"}`.
   app.delete("/:name/claims/:id", deps.decideAuth, async (c) => {
     const r = runtimeOf(c.req.param("name"));
     const id = itemId(c.req.param("id"));
-    const who = reviewerOf(whoOf(c), c.req.query("by"), true);
+    const query = c.req.query("by");
+    const body = query === undefined && /json/i.test(c.req.header("content-type") ?? "")
+      ? claimBody(await readJson(c, { optional: true }), ["by"])
+      : {};
+    const who = query !== undefined
+      ? reviewerOf(whoOf(c), query, true, "by")
+      : reviewerOf(whoOf(c), body.by, true);
     if (!(await (await claimsOf(r)).release(id, who))) {
       throw new NotFoundError(`${who} holds no claim on ${r.p.def.name} item ${id}`);
     }
@@ -625,7 +646,10 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       }
       // Another reviewer's live claim holds the item (`?by=` names the decider when
       // authentication is off).
-      await (await claimsOf(r)).assertMayDecide(id, reviewerOf(whoOf(c), c.req.query("by"), false));
+      await (await claimsOf(r)).assertMayDecide(
+        id,
+        reviewerOf(whoOf(c), c.req.query("by"), false, "by"),
+      );
       const bytes = encoder.encode(JSON.stringify(body));
       const ack = await js.publish(`${r.p.def.name}.${event}.${id}`, bytes, {
         msgID: `${r.p.def.name}-${event}-${id}-${sha256Hex(bytes).slice(0, 16)}`,
@@ -759,10 +783,7 @@ export function servePipelineRequests(
     const claimRequest = (m: Msg) => {
       const who = check(m, Role.Reviewer) ?? ANONYMOUS;
       if (!claims) throw new NotFoundError(`${n} has no wait step: nothing to claim`);
-      const body = requestJson(m.data) as { id?: unknown; by?: unknown } | null;
-      if (body === null || typeof body !== "object" || Array.isArray(body)) {
-        throw new ValidationError("the body must be a JSON object", { field: "/" });
-      }
+      const body = claimBody(requestJson(m.data), ["id", "by"]);
       if (typeof body.id !== "string" || !ITEM_ID.test(body.id)) {
         throw new ValidationError("/id must be an item id", { field: "/id" });
       }
