@@ -25,6 +25,7 @@ import { readSse } from "./helpers/sse.ts";
 import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { StreamReadStalled } from "../src/stream_reader.ts";
+import type { LoadedPipeline } from "../src/pipeline/runtime.ts";
 import { Hono } from "hono";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
@@ -33,7 +34,14 @@ import { serveDeadLetterRequests } from "../src/redrive.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
-async function gateway(t: TestNats) {
+/**
+ * The gateway app with feedback and content moderation, no API keys; `opts` adds what the
+ * event-stream tests need: a definition and a hub's view of an edge site.
+ */
+async function gateway(
+  t: TestNats,
+  opts: { pipelines?: LoadedPipeline[]; hub?: string[] } = {},
+) {
   const intake = await createIntake(t.nc);
   const moderation = await createModerationApi({
     nc: t.nc,
@@ -44,9 +52,10 @@ async function gateway(t: TestNats) {
   return createApp({
     nc: t.nc,
     jetStream: intake,
-    config: t.config,
+    config: opts.hub ? { ...t.config, hub: opts.hub } : t.config,
     log: t.log,
     auth: createAuth([]),
+    ...(opts.pipelines ? { pipelines: opts.pipelines } : {}),
     extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
   });
 }
@@ -55,24 +64,7 @@ async function gateway(t: TestNats) {
  * Every event-stream route: feedback and content, a definition (`approvals`) and a hub's
  * view of the site `east`.
  */
-async function streamsApp(t: TestNats) {
-  const intake = await createIntake(t.nc);
-  const moderation = await createModerationApi({
-    nc: t.nc,
-    config: t.config,
-    log: t.log,
-    authEnabled: false,
-  });
-  return createApp({
-    nc: t.nc,
-    jetStream: intake,
-    config: { ...t.config, hub: ["east"] },
-    log: t.log,
-    auth: createAuth([]),
-    pipelines: [approvalsPipeline()],
-    extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
-  });
-}
+const streamsApp = (t: TestNats) => gateway(t, { pipelines: [approvalsPipeline()], hub: ["east"] });
 
 /** `path` is refused with 422 naming `field`; a 200 event stream is never read whole. */
 async function refusedStream(app: Hono, path: string, field: string) {
