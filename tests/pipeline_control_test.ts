@@ -447,12 +447,6 @@ Deno.test("a branch reaching an end while another branch's failure holds the ite
   // Seen in review: in a fan-out with no join, one branch failed (the item `failed`) and the
   // other then reached its end: a failure and an outcome stored for one item, and the live
   // state and a rebuild could disagree on which came first.
-  const task = (next: string | string[]) => ({
-    kind: "task" as const,
-    output: obj,
-    handle: () => ({}),
-    next,
-  });
   const forks = loaded(definePipeline({
     name: "forks",
     input: { schema: obj },
