@@ -75,6 +75,10 @@ export function createOutputValidator<T>(schema: Record<string, unknown>): Outpu
         error: `nests deeper than ${MAX_DEPTH} levels`,
       };
     }
+    // A lone UTF-16 surrogate in a string (`"\ud83d"`, which JSON.parse takes) would ride on
+    // into events and item state, where strict JSON readers (jq, serde) refuse it: replaced
+    // with U+FFFD, as a well-formed string has it.
+    value = wellFormed(value);
     if (!validate(value)) {
       return {
         ok: false,
@@ -84,6 +88,16 @@ export function createOutputValidator<T>(schema: Record<string, unknown>): Outpu
     }
     return { ok: true, value: value as T };
   };
+}
+
+/** `value` with every string (keys included) well-formed UTF-16 (depth already bounded). */
+function wellFormed(value: unknown): unknown {
+  if (typeof value === "string") return value.isWellFormed() ? value : value.toWellFormed();
+  if (value === null || typeof value !== "object") return value;
+  if (Array.isArray(value)) return value.map(wellFormed);
+  return Object.fromEntries(
+    Object.entries(value).map(([k, v]) => [wellFormed(k) as string, wellFormed(v)]),
+  );
 }
 
 function unfence(content: string): string {

@@ -18,3 +18,17 @@ Deno.test("an answer nested deeper than an event may hold is refused with the re
   assert.match((out as { error: string }).error, /nests deeper than 64 levels/);
   assert.equal(check('```json\n{"label":"x"}\n```').ok, true, "a fenced answer is read");
 });
+
+Deno.test("a lone surrogate in an answer's strings is replaced with U+FFFD, so events and state stay JSON every reader takes", () => {
+  // Found by a probe: `"sender":"\ud83d"` reached an item's events and state, and jq refused
+  // the state's JSON ("Invalid \uXXXX\uXXXX surrogate pair escape").
+  const check = createOutputValidator<{ sender: string; ok: string }>({
+    type: "object",
+    properties: { sender: { type: "string" } },
+  });
+  const out = check('{"sender":"a\\ud83d", "ok":"\\ud83d\\ude00"}');
+  assert.equal(out.ok, true);
+  const v = (out as { value: { sender: string; ok: string } }).value;
+  assert.equal(v.sender, "a\ufffd");
+  assert.equal(v.ok, "\u{1f600}", "a whole pair stays as it is");
+});
