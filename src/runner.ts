@@ -20,6 +20,7 @@ import {
   type JsMsg,
   type MsgRequest,
   type PubAck,
+  type StoredMsg,
 } from "@nats-io/jetstream";
 import type { Span } from "@opentelemetry/api";
 import type { Config } from "./config.ts";
@@ -366,7 +367,7 @@ async function publishAfterJunk(
   event: OutputEvent,
   m: { subject: string; data: Uint8Array; headers: MsgHdrs },
 ): Promise<boolean> {
-  const jsm = await js.jetstreamManager();
+  const jsm = await js.jetstreamManager(false);
   const stream = await jsm.streams.find(m.subject);
   const known = event.type in knownEventTypes();
   const isIt = (raw: unknown) => {
@@ -385,16 +386,9 @@ async function publishAfterJunk(
       .catch(() => null);
     if (newest && isIt(tryDecode(newest.data))) return false;
     let last = 0;
-    for (let i = 0, seq = 1; i < MAX_SUBJECT_SCAN; i++) {
-      // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
-      const held = await jsm.streams.getMessage(stream, {
-        next_by_subj: m.subject,
-        seq,
-      } as unknown as { seq: number }).catch(() => null);
-      if (!held) break;
+    for await (const held of messagesOn(jsm, stream, m.subject, { max: MAX_SUBJECT_SCAN })) {
       if (isIt(tryDecode(held.data))) return false; // stored already: success
       last = held.seq;
-      seq = held.seq + 1;
     }
     if (last === 0) return false; // nothing readable there now (purged?): as stored
     m.headers.set(EXPECTED_LAST_SUBJECT_SEQ, String(last));
@@ -425,7 +419,7 @@ export async function publishUnique(
 ): Promise<PubAck> {
   const ack = await js.publish(subject, data, { headers: hdrs });
   if (!ack.duplicate) return ack;
-  const jsm = await js.jetstreamManager();
+  const jsm = await js.jetstreamManager(false);
   const stored = await jsm.streams.getMessage(ack.stream, { seq: ack.seq }).catch(() => null);
   if (!stored || stored.subject === subject) return ack;
   const again = headers();
@@ -587,6 +581,34 @@ export async function storedMessage(
       return null;
     }
     throw err;
+  }
+}
+
+/**
+ * The messages stored on `subject` in `stream`, oldest first: from stream sequence `from`
+ * (default the first), before `before` (default no bound), at most `max` (default 64), one
+ * direct read each (STREAM.MSG.GET with next_by_subj, nats-server 2.9+; nats.js types only
+ * seq and last_by_subj). For an item's own subject, which holds a few.
+ *
+ * @example
+ * ```ts ignore
+ * for await (const m of messagesOn(jsm, "ORDERS", "orders.approved.o1")) console.log(m.seq);
+ * ```
+ */
+export async function* messagesOn(
+  jsm: JetStreamManager,
+  stream: string,
+  subject: string,
+  opts: { from?: number; before?: number; max?: number } = {},
+): AsyncGenerator<StoredMsg> {
+  const before = opts.before ?? Infinity;
+  for (let seq = opts.from ?? 1, n = 0; seq < before && n < (opts.max ?? 64); n++) {
+    const m = await storedMessage(jsm, stream, { next_by_subj: subject, seq } as unknown as {
+      seq: number;
+    });
+    if (!m || m.seq >= before) return;
+    yield m;
+    seq = m.seq + 1;
   }
 }
 

@@ -41,6 +41,7 @@ import { canonicalJson } from "../../src/canonical_json.ts";
 import {
   eventMessage,
   isAlreadyStored,
+  messagesOn,
   publishEvent,
   publishUnique,
   storedMessage,
@@ -382,18 +383,14 @@ export async function createModerationApi(deps: {
     const subject = eventSubject(T.Decided, id);
     const last = await storedMessage(jsm, CONTENT_STREAM, { last_by_subj: subject });
     if (!last) return { last: 0 };
-    let seq = 0;
-    for (let n = 0; n < MAX_DECIDED_SCAN && seq < last.seq; n++) {
-      // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
-      const m = await storedMessage(jsm, CONTENT_STREAM, {
-        next_by_subj: subject,
-        seq: seq + 1,
-      } as unknown as { seq: number });
-      if (!m) break;
-      seq = m.seq;
+    const held = messagesOn(jsm, CONTENT_STREAM, subject, {
+      before: last.seq + 1,
+      max: MAX_DECIDED_SCAN,
+    });
+    for await (const m of held) {
       try {
         const event = validateEvent(m.json(), [T.Decided]);
-        if (event.item_id === id) return { decision: { seq, event }, last: last.seq };
+        if (event.item_id === id) return { decision: { seq: m.seq, event }, last: last.seq };
       } catch {
         // not a decision: the storage step dead-letters it
       }

@@ -501,7 +501,7 @@ class Feed {
     // From the stream's position now, not "new" as of whenever the server creates the
     // consumer: nats.js creates an ordered consumer in the background once it consumes, so
     // an event stored right after a client's stream opened could otherwise be missed.
-    const jsm = await this.js.jetstreamManager();
+    const jsm = await this.js.jetstreamManager(false);
     const { state } = await jsm.streams.info(this.stream);
     const consumer = await this.js.consumers.get(this.stream, {
       filter_subjects: this.filter,
@@ -583,7 +583,7 @@ async function latestFinalSeq(
   itemId: string,
   subjectOf: (type: string, itemId: string) => string = (type, id) => `${type}.${id}`,
 ): Promise<number | undefined> {
-  const jsm = await js.jetstreamManager();
+  const jsm = await js.jetstreamManager(false);
   let latest: number | undefined;
   for (const type of finalTypes) {
     try {
@@ -718,7 +718,7 @@ export async function streamEvents(
   if (after !== undefined) {
     // An id past anything stored (a client of another server, or one that made it up) would
     // hide every event until the stream caught up with it: it resumes from now instead.
-    const stored = await (await js.jetstreamManager()).streams.info(streamName)
+    const stored = await (await js.jetstreamManager(false)).streams.info(streamName)
       .then((i) => i.state.last_seq).catch(() => undefined);
     if (stored !== undefined && after > stored) after = stored;
   }

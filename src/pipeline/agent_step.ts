@@ -26,10 +26,11 @@ import { type Budget, createBudget } from "../ai/llm/budget.ts";
 import { LlmOverBudgetError } from "../ai/llm/errors.ts";
 import type { AgentStep, ScratchEntry, StepContext, ToolContext } from "./definition.ts";
 import type { LlmStepOptions } from "./llm_step.ts";
+import { pipelineBucketOf } from "./derive.ts";
 
 /** The scratchpad bucket of a pipeline. */
 export function scratchpadBucketOf(name: string): string {
-  return `weft_${name.replaceAll("-", "_")}_scratchpad`;
+  return pipelineBucketOf(name, "scratchpad");
 }
 
 const encoder = new TextEncoder();

@@ -12,6 +12,7 @@
  */
 import type { KV } from "@nats-io/kv";
 import { ConflictError } from "../errors.ts";
+import { pipelineBucketOf } from "./derive.ts";
 
 /** A live or lapsed claim on an item. */
 export interface Claim {
@@ -25,7 +26,7 @@ export interface Claim {
 
 /** The KV bucket of a pipeline's claims. */
 export function claimsBucketOf(name: string): string {
-  return `weft_${name.replaceAll("-", "_")}_claims`;
+  return pipelineBucketOf(name, "claims");
 }
 
 /** Whether `claim` is held by someone other than `who` at `now`. */

@@ -39,6 +39,20 @@ export interface PipelineSubjects {
   eventTypes: string[];
 }
 
+/**
+ * A KV bucket of the pipeline named `name`: `weft_<name>_<part>`, `-` as `_` (bucket names
+ * cannot hold `-`).
+ *
+ * @example
+ * ```ts
+ * import { pipelineBucketOf } from "./derive.ts";
+ * console.assert(pipelineBucketOf("sup-port", "state") === "weft_sup_port_state");
+ * ```
+ */
+export function pipelineBucketOf(name: string, part: string): string {
+  return `weft_${name.replaceAll("-", "_")}_${part}`;
+}
+
 /** The stream of the pipeline named `name`: its name in capitals, `-` as `_`. */
 export function pipelineStreamOf(name: string): string {
   return name.toUpperCase().replaceAll("-", "_");

@@ -16,7 +16,7 @@ import { ConfigError, ConflictError, ErrorCode, ValidationError, WeftError } fro
 import { deterministicId, sha256Hex } from "../events.ts";
 import { canonicalJson } from "../canonical_json.ts";
 import type { Logger } from "../observability/log.ts";
-import { depthWithin, MAX_DEPTH, publishEvent, runStage } from "../runner.ts";
+import { depthWithin, MAX_DEPTH, messagesOn, publishEvent, runStage } from "../runner.ts";
 import type { AnyEvent } from "../schemas.ts";
 import { combineRunnables, defineService, type ServiceDef } from "../service.ts";
 import type { OutputEvent, Stage, StageContext } from "../stage.ts";
@@ -42,6 +42,7 @@ import {
   FLOW,
   INTAKE,
   onceTypesOf,
+  pipelineBucketOf,
   pipelineSubjects,
   STATE,
   stepFilterSubject,
@@ -87,11 +88,11 @@ export interface LoadedPipeline {
 
 /** The KV bucket of a pipeline's item states (`nats kv get weft_<name>_state <item>`). */
 export function stateBucketOf(name: string): string {
-  return `weft_${name.replaceAll("-", "_")}_state`;
+  return pipelineBucketOf(name, "state");
 }
 /** The KV bucket of a pipeline's held items (joins, waits). */
 export function controlBucketOf(name: string): string {
-  return `weft_${name.replaceAll("-", "_")}_control`;
+  return pipelineBucketOf(name, "control");
 }
 
 /**
@@ -696,14 +697,14 @@ export async function itemFailedNow(
   name: string,
   item: string,
 ): Promise<boolean> {
-  const get = async (req: Record<string, unknown>) => {
+  const last = async (subject: string) => {
     try {
-      return await jsm.streams.getMessage(stream, req as unknown as { seq: number });
+      return await jsm.streams.getMessage(stream, { last_by_subj: subject });
     } catch {
       return null;
     }
   };
-  const failed = await get({ last_by_subj: `${name}.${FAILED}.${item}` });
+  const failed = await last(`${name}.${FAILED}.${item}`);
   if (!failed) return false;
   let on: unknown;
   let eventId: unknown;
@@ -715,7 +716,7 @@ export async function itemFailedNow(
     return true;
   }
   if (typeof on !== "string") return true;
-  const again = await get({ last_by_subj: on });
+  const again = await last(on);
   if (!again || again.seq <= failed.seq) return true;
   if (typeof eventId !== "string") return false;
   const isIt = (m: { json(): unknown }) => {
@@ -728,12 +729,12 @@ export async function itemFailedNow(
   if (isIt(again)) return false;
   // The messages on the subject between the failure and the last one, up to a bound (an
   // item's own subject holds a few; past it the item is taken as still failed, and is asked
-  // about again later). STREAM.MSG.GET takes next_by_subj (nats-server 2.9+).
-  for (let seq = failed.seq + 1, i = 0; seq < again.seq && i < 256; i++) {
-    const m = await get({ next_by_subj: on, seq });
-    if (!m || m.seq >= again.seq) return true;
-    if (isIt(m)) return false;
-    seq = m.seq + 1;
+  // about again later). A read that fails counts the same.
+  try {
+    const between = { from: failed.seq + 1, before: again.seq, max: 256 };
+    for await (const m of messagesOn(jsm, stream, on, between)) if (isIt(m)) return false;
+  } catch {
+    // as still failed
   }
   return true;
 }

@@ -45,7 +45,13 @@ import type { LlmCounter, LlmStats, LlmStatsSnapshot } from "../ai/llm/stats.ts"
 import type { AnalyzerConfig } from "../ai/configured_analyzers.ts";
 import type { Logger } from "../observability/log.ts";
 import { createStepLimiter } from "../pipeline/flow_control.ts";
-import { assertMatchesSubject, decodeJson, storedMessage, validateInput } from "../runner.ts";
+import {
+  assertMatchesSubject,
+  decodeJson,
+  messagesOn,
+  storedMessage,
+  validateInput,
+} from "../runner.ts";
 import {
   candidateConfig,
   candidateName,
@@ -717,17 +723,14 @@ async function storedOutput(
   eventId: string,
 ): Promise<Record<string, unknown> | null> {
   const subject = eventSubject(step.output, itemId);
-  const get = (query: { last_by_subj: string } | { next_by_subj: string; seq: number }) =>
-    storedMessage(jsm, step.stream, query);
   type Stored = { id?: string; data: Record<string, unknown> };
-  const last = await get({ last_by_subj: subject });
+  const last = await storedMessage(jsm, step.stream, { last_by_subj: subject });
   if (!last) return null;
   if (last.json<Stored>().id === eventId) return last.json<Stored>().data;
-  for (let seq = 1; seq < last.seq;) {
-    const m = await get({ next_by_subj: subject, seq });
-    if (!m || m.seq >= last.seq) break;
+  for await (
+    const m of messagesOn(jsm, step.stream, subject, { before: last.seq, max: Infinity })
+  ) {
     if (m.json<Stored>().id === eventId) return m.json<Stored>().data;
-    seq = m.seq + 1;
   }
   return null;
 }
