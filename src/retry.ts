@@ -81,3 +81,27 @@ export async function retrying<T>(
     }
   }
 }
+
+/**
+ * `make()` on the first call and its promise after, except that a rejected one is not kept:
+ * the next call makes it again. For what is opened once and used for the life of a process
+ * (a bucket, a JetStream manager): one failure while NATS is away must not stay cached and
+ * fail every later call.
+ *
+ * @example
+ * ```ts
+ * import { lazy } from "./retry.ts";
+ * let calls = 0;
+ * const open = lazy(() => ++calls === 1 ? Promise.reject(new Error("down")) : Promise.resolve(calls));
+ * await open().catch(() => {}); // the first try fails...
+ * console.assert(await open() === 2 && await open() === 2); // ...the next opens, once
+ * ```
+ */
+export function lazy<T>(make: () => Promise<T>): () => Promise<T> {
+  let p: Promise<T> | undefined;
+  return () =>
+    p ??= make().catch((err) => {
+      p = undefined;
+      throw err;
+    });
+}

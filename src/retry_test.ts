@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { retrying } from "./retry.ts";
+import { lazy, retrying } from "./retry.ts";
 
 Deno.test("retrying calls again until the call works, and gives up with the last error after its attempts", async () => {
   const signal = new AbortController().signal;
@@ -24,4 +24,19 @@ Deno.test("retrying calls again until the call works, and gives up with the last
     /down 4/,
   );
   assert.equal(calls, 4);
+});
+
+Deno.test("lazy makes once and shares the promise, but makes again after a rejection", async () => {
+  let calls = 0;
+  const open = lazy(async () => {
+    calls++;
+    if (calls === 1) throw new Error("NATS away");
+    return `bucket ${calls}`;
+  });
+  await assert.rejects(open(), /NATS away/);
+  const [a, b] = await Promise.all([open(), open()]);
+  assert.equal(a, "bucket 2");
+  assert.equal(b, "bucket 2");
+  assert.equal(await open(), "bucket 2");
+  assert.equal(calls, 2);
 });

@@ -50,6 +50,7 @@ import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import { replyTo, requestJson } from "./requests.ts";
 import type { Auth } from "./auth.ts";
 import type { IngestLimiter } from "./ingest_limits.ts";
+import { lazy } from "../retry.ts";
 
 /**
  * What guards intake into a definition's stream, as it guards a hand-wired one's: per-key rate
@@ -153,16 +154,6 @@ function newId(name: string, key: string | undefined, caller: string): string {
     });
   }
   return deterministicId(name, "idempotency", caller, key).slice(0, 26);
-}
-
-/** `make()` on the first call, its promise after (rejected ones are retried). */
-function lazy<T>(make: () => Promise<T>): () => Promise<T> {
-  let p: Promise<T> | undefined;
-  return () =>
-    p ??= make().catch((err) => {
-      p = undefined;
-      throw err;
-    });
 }
 
 /**
@@ -330,8 +321,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   const kvm = new Kvm(nc);
   const js = jetstream(nc);
   // Opened on first use: a gateway whose connection closes early leaves no request pending.
-  let jsmP: ReturnType<typeof jetstreamManager> | undefined;
-  const jsm = () => jsmP ??= jetstreamManager(nc);
+  const jsm = lazy(() => jetstreamManager(nc));
   const byName = new Map<string, Runtime>(deps.pipelines.map((p) => {
     const finals = new Set<string>([`${p.def.name}.${FAILED}`]);
     const awaited = new Set<string>();
@@ -767,7 +757,7 @@ export function servePipelineRequests(
   opts: { auth?: Auth; guards?: IntakeGuards; claimTtlMs?: number } = {},
 ): { stop(): void } {
   const kvm = new Kvm(nc);
-  let jsmP: ReturnType<typeof jetstreamManager> | undefined;
+  const jsm = lazy(() => jetstreamManager(nc));
   const reply = (m: Msg, work: () => Promise<unknown>) => replyTo(m, log, work);
   const check = (m: Msg, ...roles: Role[]): Who | undefined =>
     opts.auth?.authorize(m.headers?.get("Authorization"), roles);
@@ -796,7 +786,7 @@ export function servePipelineRequests(
           callback: (_e, m) =>
             void reply(m, async () => {
               const { id, who } = claimRequest(m);
-              await assertWaiting(p, await states(), id, await (jsmP ??= jetstreamManager(nc)));
+              await assertWaiting(p, await states(), id, await jsm());
               return { id, claim: await (await claims()).take(id, who) };
             }),
         }),

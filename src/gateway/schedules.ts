@@ -31,17 +31,12 @@ import { requestDocument, submissionDocument, validateDocument } from "../schema
 import { checkInput, type LoadedPipeline } from "../pipeline/runtime.ts";
 import { SCHEDULE_BUCKET, SCHEDULES_REQUEST_PREFIX } from "../subjects.ts";
 import type { Auth } from "./auth.ts";
+import { lazy } from "../retry.ts";
 
 /** The schedule store of the gateway's connection, opened on first use. */
 export function lazyScheduleStore(nc: NatsConnection): () => Promise<ScheduleStore> {
-  let store: Promise<ScheduleStore> | undefined;
-  return () =>
-    store ??= new Kvm(nc).open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv)).catch(
-      (err) => {
-        store = undefined; // NATS down at the first request: open again at the next
-        throw err;
-      },
-    );
+  // NATS down at the first request: open again at the next.
+  return lazy(() => new Kvm(nc).open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv)));
 }
 
 /**

@@ -27,6 +27,7 @@ import { LlmOverBudgetError } from "../ai/llm/errors.ts";
 import type { AgentStep, ScratchEntry, StepContext, ToolContext } from "./definition.ts";
 import type { LlmStepOptions } from "./llm_step.ts";
 import { pipelineBucketOf } from "./derive.ts";
+import { lazy } from "../retry.ts";
 
 /** The scratchpad bucket of a pipeline. */
 export function scratchpadBucketOf(name: string): string {
@@ -60,8 +61,7 @@ export interface Scratchpad {
 
 /** The scratchpad of pipeline `name` on `nc`. */
 export function openScratchpad(nc: NatsConnection, name: string): Scratchpad {
-  let kv: Promise<KV> | undefined;
-  const open = () => kv ??= new Kvm(nc).open(scratchpadBucketOf(name));
+  const open = lazy(() => new Kvm(nc).open(scratchpadBucketOf(name)));
   const get = async (item: string) => {
     const e = await (await open()).get(item);
     return e && e.operation === "PUT" && e.length > 0

@@ -74,6 +74,7 @@ import { createBudget } from "../ai/llm/budget.ts";
 import { createBatcher, createStepLimiter } from "./flow_control.ts";
 import { followVersion } from "../step_versions.ts";
 import { type AgentRunner, createAgent, openScratchpad, scratchpadBucketOf } from "./agent_step.ts";
+import { lazy } from "../retry.ts";
 
 /** The repository root: relative definition paths (a promoted candidate's) start here. */
 const ROOT_DIR = new URL("../../", import.meta.url).pathname;
@@ -484,8 +485,8 @@ export function workStage(
   const inputs = stepFilterSubjects(def, id)!;
   const ends = endTypesOf(def);
   const stream = pipelineSubjects(def).stream;
-  let jsm: Promise<JetStreamManager> | undefined;
-  let states: Promise<KV> | undefined;
+  const jsm = opts.nc ? lazy(() => jetstreamManager(opts.nc!)) : undefined;
+  const states = opts.nc ? lazy(() => new Kvm(opts.nc!).open(stateBucketOf(def.name))) : undefined;
   return {
     name: durableOf(def, id),
     filterSubject: filter,
@@ -515,11 +516,7 @@ export function workStage(
     ...(opts.nc
       ? {
         ended: async (item: string) => {
-          const s = await readItem(
-            await (states ??= new Kvm(opts.nc!).open(stateBucketOf(def.name))),
-            item,
-          )
-            .catch(() => null);
+          const s = await readItem(await states!(), item).catch(() => null);
           return s?.status === "done" || s?.status === "failed";
         },
       }
@@ -558,7 +555,7 @@ export function workStage(
       // end the item there.
       if (
         opts.nc && out.some((o) => ends.has(o.type)) &&
-        await itemFailedNow(await (jsm ??= jetstreamManager(opts.nc)), stream, def.name, e.item_id)
+        await itemFailedNow(await jsm!(), stream, def.name, e.item_id)
       ) {
         throw new ConflictError(
           `${def.name} item ${e.item_id} has failed: step ${id}'s end counts only once the ` +
@@ -752,11 +749,9 @@ export function controlStage(
   const { flow, def } = p;
   const n = def.name;
   const kvm = new Kvm(nc);
-  let held: Promise<KV> | undefined;
-  let timers: Promise<ReturnType<typeof createScheduleStore>> | undefined;
-  const heldKv = () => held ??= kvm.open(controlBucketOf(n));
-  const schedules = () =>
-    timers ??= kvm.open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv));
+  // Opened at first use; one that failed (NATS away) is opened again at the next.
+  const heldKv = lazy(() => kvm.open(controlBucketOf(n)));
+  const schedules = lazy(() => kvm.open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv)));
   // The pipeline's own schedules: `<name>.<...>`, which only its control service may write.
   const timerId = (step: string, item: string, iter: number) =>
     `${n}.${`${step}-${item}-${iter}`.slice(0, 128)}`;
@@ -796,11 +791,10 @@ export function controlStage(
     await (await schedules()).cancel(timerId(step, item, iter)).catch(() => {});
   };
 
-  let manager: Promise<JetStreamManager> | undefined;
+  const manager = lazy(() => jetstreamManager(nc));
   const stream = pipelineSubjects(def).stream;
   /** Whether the item has failed and not been resumed since ({@link itemFailedNow}). */
-  const failedNow = async (item: string) =>
-    await itemFailedNow(await (manager ??= jetstreamManager(nc)), stream, n, item);
+  const failedNow = async (item: string) => await itemFailedNow(await manager(), stream, n, item);
 
   /**
    * Fires this timer again later: its item has failed, so its join, wait or delay decides
