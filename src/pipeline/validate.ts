@@ -306,7 +306,12 @@ export function validatePipeline(spec: PipelineSpec): void {
     try {
       ajv.compile(schema as object);
     } catch (err) {
-      fail(step, "invalid_schema", `${what} does not compile: ${(err as Error).message}`);
+      // Ajv compiles a schema to one function: one with thousands of properties or deeply
+      // nested overflows the stack, which says nothing of the schema by itself.
+      const why = err instanceof RangeError
+        ? `it is too large or too deeply nested for the validator (${err.message})`
+        : (err as Error).message;
+      fail(step, "invalid_schema", `${what} does not compile: ${why}`);
     }
   };
   compile(undefined, "input schema", spec.input.schema);

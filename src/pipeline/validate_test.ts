@@ -147,6 +147,15 @@ Deno.test("a schema that does not compile is rejected naming the step", () => {
   assert.deepEqual(problemOf(s), ["invalid_schema", "reply"]);
 });
 
+Deno.test("a schema too deep for the validator to compile says so, not only that the stack overflowed", () => {
+  const s = base();
+  let schema: Record<string, unknown> = { type: "string" };
+  for (let i = 0; i < 20_000; i++) schema = { type: "object", properties: { a: schema } };
+  (s.steps.reply as { output: unknown }).output = schema;
+  assert.deepEqual(problemOf(s), ["invalid_schema", "reply"]);
+  assert.throws(() => definePipeline(s), /too large or too deeply nested for the validator/);
+});
+
 Deno.test("an awaited event's schema that does not compile is rejected naming the wait", () => {
   const s = base();
   (s.steps.approve as { schema: unknown }).schema = { type: "object", required: "by" };
