@@ -63,6 +63,11 @@ export const ErrorCode = {
    * either way the item keeps waiting for a valid one or its timeout.
    */
   InvalidAwaitedEvent: "invalid_awaited_event",
+  /**
+   * An item's scratchpad (KV `weft_<pipeline>_scratchpad`) holds what no agent wrote: not a
+   * JSON list of entries. The step is dead-lettered at once; delete or fix the key, then redrive.
+   */
+  InvalidScratchpad: "invalid_scratchpad",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -117,6 +122,7 @@ const PERMANENT_BY_DEFAULT: ReadonlySet<ErrorCode> = new Set([
   ErrorCode.DefinitionChanged,
   ErrorCode.LoopLimit,
   ErrorCode.InvalidAwaitedEvent,
+  ErrorCode.InvalidScratchpad,
 ]);
 
 /** Input failed validation against its JSON Schema. */
@@ -222,6 +228,7 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   definition_changed: 409,
   loop_limit: 422,
   invalid_awaited_event: 422,
+  invalid_scratchpad: 500,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -246,6 +253,7 @@ const TITLES: Record<ErrorCode, string> = {
   definition_changed: "The pipeline's definition changed under the item",
   loop_limit: "Loop bound reached",
   invalid_awaited_event: "Invalid awaited event",
+  invalid_scratchpad: "Invalid scratchpad",
 };
 
 /** Maps any error to the problem document the gateway answers with. */

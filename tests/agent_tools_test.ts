@@ -250,6 +250,67 @@ Deno.test("a scratchpad write the server refuses as too large fails for good, sa
   }
 });
 
+Deno.test("a scratchpad key holding what no agent wrote fails the step for good, naming the key, rather than a parse error retried to exhaustion or a forged shape handed on", async () => {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "scratchpad-shape-test");
+  try {
+    const kv = await new Kvm(nc).create(scratchpadBucketOf("shaping"));
+    const pad = openScratchpad(nc, "shaping");
+    for (
+      const [item, stored, why] of [
+        ["i1", "not json at all", /not JSON/],
+        ["i2", '{"kind":"answer"}', /not a JSON array/],
+        [
+          "i3",
+          '[{"kind":"answer","step":"billing","result":{"action":"handback"}}]',
+          /entry 0 needs/,
+        ],
+      ] as const
+    ) {
+      await kv.put(item, stored);
+      const err = await pad.read(item).then(() => undefined, (e: unknown) => e) as {
+        code?: string;
+        permanent?: boolean;
+        message?: string;
+      };
+      assert.equal(err?.code, "invalid_scratchpad", `${item}: ${err?.message}`);
+      assert.equal(err.permanent, true);
+      assert.match(err.message!, why);
+      assert.match(err.message!, new RegExp(`key ${item} of ${scratchpadBucketOf("shaping")}`));
+    }
+  } finally {
+    await nc.close();
+  }
+});
+
+Deno.test("an agent's answer is recorded in its note cut like a tool call's value; the step's result keeps it whole", async () => {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "agent-answer-note-test");
+  const dir = await Deno.makeTempDir({ prefix: "weft-agent-answer-note-" });
+  try {
+    await Deno.writeTextFile(`${dir}/agent.md`, "Answer.");
+    const reason = "r".repeat(300_000); // e.g. an input field echoed back
+    const step: AgentStep = {
+      ...okStep,
+      output: { type: "object" },
+      offline: () => ({ final: { ok: true, reason } }),
+    };
+    const agent = createAgent({ file: `${dir}/def.ts`, def: { name: "answering" } }, "a", step, {
+      nc,
+    });
+    const out = await agent("go", runCtx(new AbortController().signal));
+    assert.equal((out.result as { reason: string }).reason.length, reason.length);
+    const answer = out.notes.find((n) => n.kind === "answer")!;
+    const noted = answer.result as { cut: boolean; bytes: number; head: string };
+    assert.equal(noted.cut, true);
+    assert.equal(noted.bytes, JSON.stringify({ ok: true, reason }).length);
+    assert.equal(noted.head.length, MAX_NOTE_VALUE_BYTES);
+  } finally {
+    await nc.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 /** Runs `okStep` once against `script`; the answer or the error, and the requests. */
 async function runOnce(script: Parameters<typeof startFakeOpenAI>[0]) {
   await using server = await startNatsServer();

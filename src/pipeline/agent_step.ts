@@ -59,13 +59,51 @@ export interface Scratchpad {
   append(item: string, entries: readonly ScratchEntry[]): Promise<void>;
 }
 
+const ENTRY_KINDS: ReadonlySet<string> = new Set(["tool_call", "answer", "note"]);
+
+/**
+ * The entries of an item's stored scratchpad. Anything else there (not JSON, not a list of
+ * entries: written by hand or by a key holder, not by an agent) fails the step for good,
+ * naming the key, instead of a parse error retried to exhaustion or a forged shape handed to
+ * the next agent.
+ */
+function scratchEntries(name: string, item: string, text: string): ScratchEntry[] {
+  const bad = (why: string): never => {
+    throw new WeftError(
+      ErrorCode.InvalidScratchpad,
+      `the scratchpad of ${name} item ${item} (key ${item} of ${
+        scratchpadBucketOf(name)
+      }) is not a list of scratchpad entries: ${why}; delete or fix the key, then redrive`,
+      { permanent: true },
+    );
+  };
+  let list: unknown;
+  try {
+    list = JSON.parse(text);
+  } catch (err) {
+    return bad(`not JSON (${(err as Error).message.slice(0, 120)})`);
+  }
+  if (!Array.isArray(list)) return bad("not a JSON array");
+  list.forEach((e, i) => {
+    const entry = e as Partial<ScratchEntry> | null;
+    if (
+      entry === null || typeof entry !== "object" || Array.isArray(entry) ||
+      typeof entry.id !== "string" || typeof entry.step !== "string" ||
+      typeof entry.at !== "string" || !ENTRY_KINDS.has(entry.kind as string)
+    ) {
+      bad(`entry ${i} needs a string id, step and at, and a kind (tool_call, answer, note)`);
+    }
+  });
+  return list as ScratchEntry[];
+}
+
 /** The scratchpad of pipeline `name` on `nc`. */
 export function openScratchpad(nc: NatsConnection, name: string): Scratchpad {
   const open = lazy(() => new Kvm(nc).open(scratchpadBucketOf(name)));
   const get = async (item: string) => {
     const e = await (await open()).get(item);
     return e && e.operation === "PUT" && e.length > 0
-      ? { list: e.json<ScratchEntry[]>(), revision: e.revision }
+      ? { list: scratchEntries(name, item, e.string()), revision: e.revision }
       : { list: [] as ScratchEntry[], revision: 0 };
   };
   return {
@@ -245,7 +283,8 @@ export function createAgent(
     const note = (e: Omit<ScratchEntry, "id" | "step" | "at">) =>
       notes.push({ id: `${ctx.eventId}:${id}:${notes.length}`, step: id, at, ...e });
     const done = (result: unknown): AgentOutcome => {
-      note({ kind: "answer", result });
+      // The result whole is the step's; its note is bounded like a tool call's.
+      note({ kind: "answer", result: noted(result) });
       return { result, notes };
     };
     if (!chat) {
