@@ -52,6 +52,13 @@ export interface Access {
    * them. Consumer managers may.
    */
   listsConsumers?: readonly string[];
+  /**
+   * Streams whose durable consumers that no service owns (a retired step's: a pipeline's
+   * control service sweeps them) it may list, pull from, ack on and delete; every other
+   * service's durable consumer on them stays denied, so it can never take a live step's
+   * messages.
+   */
+  retiresConsumers?: readonly string[];
   /** KV buckets it reads. */
   readsBuckets?: readonly string[];
   /** KV buckets it writes (and reads). */
@@ -216,9 +223,22 @@ export function permissionsFor(
     pub.add(`${API}.CONSUMER.NAMES.${stream}`);
     pub.add(`${API}.STREAM.INFO.${stream}`);
   }
+  const retires = new Set(access.retiresConsumers ?? []);
+  for (const stream of retires) {
+    pub.add(`${API}.CONSUMER.LIST.${stream}`);
+    pub.add(`${API}.CONSUMER.NAMES.${stream}`);
+    pub.add(`${API}.CONSUMER.INFO.${stream}.*`);
+    pub.add(`${API}.CONSUMER.MSG.NEXT.${stream}.*`);
+    pub.add(`${API}.CONSUMER.DELETE.${stream}.*`);
+    pub.add(`$JS.ACK.${stream}.*.>`);
+    pub.add(`${API}.STREAM.INFO.${stream}`);
+  }
   const deny = new Set<string>();
   for (const { stream, durable } of durables) {
-    if ((read.has(stream) || manages.has(stream)) && !own.has(`${stream}/${durable}`)) {
+    if (
+      (read.has(stream) || manages.has(stream) || retires.has(stream)) &&
+      !own.has(`${stream}/${durable}`)
+    ) {
       for (const s of durableDenies(stream, durable)) deny.add(s);
     }
   }
@@ -236,7 +256,14 @@ export function permissionsFor(
     for (const r of requesters) if (r !== identity) pub.add(`${inboxPrefix(r)}.>`);
   }
   // Flow control of the push consumers nats.js watches buckets with (replies to the server).
-  for (const stream of new Set([...read, ...manages, ...[...own].map((o) => o.split("/")[0]!)])) {
+  for (
+    const stream of new Set([
+      ...read,
+      ...manages,
+      ...retires,
+      ...[...own].map((o) => o.split("/")[0]!),
+    ])
+  ) {
     pub.add(`$JS.FC.${stream}.>`);
   }
   return {

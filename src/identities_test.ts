@@ -2,6 +2,9 @@ import assert from "node:assert/strict";
 import { authorizationBlock, ensureIdentities, inboxPrefix, permissionsFor } from "./identities.ts";
 import { meshPermissions, SERVICES } from "./supervisor.ts";
 import { subjectMatches } from "./subjects.ts";
+import { definePipeline } from "./pipeline/definition.ts";
+import { compileFlow } from "./pipeline/flow.ts";
+import { pipelineServiceSpecs } from "./pipeline/runtime.ts";
 
 const DURABLES = SERVICES.flatMap((s) => s.access.consumes ?? []);
 
@@ -128,4 +131,50 @@ Deno.test("the shadow service publishes only shadow decisions and works only con
     assert.ok(!mayPublish(shadow, `$JS.API.STREAM.${op}.FEEDBACK`), op);
   }
   assert.ok(!mayPublish(shadow, "$JS.API.CONSUMER.CREATE.CONTENT.shadow_r1"));
+});
+
+Deno.test("a pipeline's control service works and deletes only consumers no running step owns", () => {
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: { type: "object" } },
+    start: "price",
+    steps: {
+      price: { kind: "task", output: { type: "object" }, handle: (v) => v, next: "approve" },
+      approve: {
+        kind: "wait",
+        event: "approved",
+        timeoutMs: 60_000,
+        onTimeout: "done",
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const specs = pipelineServiceSpecs([{ file: "/p/orders.ts", def, flow: compileFlow(def) }], "/p");
+  const durables = specs.flatMap((s) => s.access.consumes ?? []);
+  const control = permissionsFor("orders-flow", specs[0]!.access, durables);
+  // A retired step's consumer (`orders-ship`, which this definition lacks): listed, drained
+  // and deleted.
+  for (
+    const s of [
+      "$JS.API.CONSUMER.LIST.ORDERS",
+      "$JS.API.CONSUMER.INFO.ORDERS.orders-ship",
+      "$JS.API.CONSUMER.MSG.NEXT.ORDERS.orders-ship",
+      "$JS.ACK.ORDERS.orders-ship.1.5.5.1700000000.0",
+      "$JS.API.CONSUMER.DELETE.ORDERS.orders-ship",
+      "orders.done.o1", // the end a redriven completion leads to
+    ]
+  ) assert.ok(mayPublish(control, s), s);
+  // A running step's: never.
+  for (
+    const s of [
+      "$JS.API.CONSUMER.MSG.NEXT.ORDERS.orders-price",
+      "$JS.ACK.ORDERS.orders-price.1.5.5.1700000000.0",
+      "$JS.API.CONSUMER.DELETE.ORDERS.orders-price",
+      "$JS.API.CONSUMER.CREATE.ORDERS.orders-price",
+      "$JS.API.CONSUMER.MSG.NEXT.FEEDBACK.sentiment",
+      "$JS.API.CONSUMER.DELETE.FEEDBACK.sentiment",
+      "orders.price.o1",
+    ]
+  ) assert.ok(!mayPublish(control, s), s);
 });

@@ -43,6 +43,7 @@ import { readStream } from "./stream_reader.ts";
 import {
   DEADLETTER_STREAM,
   parseEventSubject,
+  REDRIVE_OF_HEADER,
   REDRIVEN_TOKEN,
   subjectMatches,
 } from "./subjects.ts";
@@ -377,7 +378,7 @@ export async function redrive(
     }
     const msgId = `redrive-${e.seq}-${e.redrives + 1}`;
     const h = headers();
-    h.set("Weft-Redrive-Of", String(e.seq));
+    h.set(REDRIVE_OF_HEADER, String(e.seq));
     await js.publish(e.letter.subject, checked.body, { msgID: msgId, headers: h });
     const marker: Marker = { dl_seq: e.seq, msg_id: msgId, time: new Date().toISOString() };
     await js.publish(`${REDRIVEN_PREFIX}.${e.seq}`, encoder.encode(JSON.stringify(marker)), {

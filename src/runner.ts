@@ -46,7 +46,13 @@ import {
   validateEvent,
 } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
-import { deadLetterSubject, eventSubject, ITEM_ID, parseEventSubject } from "./subjects.ts";
+import {
+  deadLetterSubject,
+  eventSubject,
+  ITEM_ID,
+  parseEventSubject,
+  REDRIVE_OF_HEADER,
+} from "./subjects.ts";
 import { BACKLOG_SEQ_KEY, stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
 import { versionAtLeast } from "./nats_server.ts";
@@ -886,9 +892,17 @@ export async function runStage<I extends StageInput>(
   // outputs rely on their message ids and the duplicate window, as before.
   const version = nc.info?.version ?? "0.0.0";
   const markBacklog = versionAtLeast(version, "2.10.0");
-  const consumerConfig = stageConsumerConfig(stage, config, { multiFilter: markBacklog });
-  await ensureConsumer(jsm, stream, consumerConfig, { markBacklog });
-  const consumer = await js.consumers.get(stream, stage.name);
+  const consumerConfig = stageConsumerConfig(stage, config, {
+    multiFilter: markBacklog,
+    metadata: markBacklog,
+  });
+  // A stage draining another's consumer (`durable`) takes it as it is.
+  const ensure = () =>
+    stage.durable === undefined
+      ? ensureConsumer(jsm, stream, consumerConfig, { markBacklog })
+      : Promise.resolve();
+  await ensure();
+  const consumer = await js.consumers.get(stream, stage.durable ?? stage.name);
   // A step new to a stream that holds messages (a step added to, or renamed in, a running
   // definition) is handed the stream's whole history: what its consumer was created behind.
   // Those of items that have ended are acked unhandled; running the step for every finished
@@ -956,6 +970,8 @@ export async function runStage<I extends StageInput>(
       deliveryCount: m.info.deliveryCount,
     };
     if (trace) message.traceId = trace.traceId;
+    const redriveOf = Number(m.headers?.get(REDRIVE_OF_HEADER) || NaN);
+    if (Number.isSafeInteger(redriveOf) && redriveOf > 0) message.redriveOf = redriveOf;
     if (stage.accepts && !stage.accepts(message)) {
       m.ack(); // on this stage's consumer, but not for it (a wide filter)
       return;
@@ -1187,7 +1203,7 @@ export async function runStage<I extends StageInput>(
         log.warn("fetch failed; retrying", { err });
         await new Promise((r) => setTimeout(r, 500));
         // (Deleted meanwhile: created again behind the stream's history, which it marks.)
-        await ensureConsumer(jsm, stream, consumerConfig, { markBacklog })
+        await ensure()
           .then(async () => (backlogSeq = await backlogOf()))
           .catch(() => {});
       }

@@ -19,6 +19,8 @@ export interface MessageInfo {
   deliveryCount: number;
   /** Trace id from the message's traceparent header, when present. */
   traceId?: string;
+  /** The dead letter a redrive republished it from (its `Weft-Redrive-Of` header), if any. */
+  redriveOf?: number;
 }
 
 /** What a handler gets beside its input. */
@@ -62,6 +64,14 @@ export interface Stage<I extends StageInput = StageInput> {
   filterSubjects?: readonly string[];
   /** The stream its durable consumer reads. */
   stream: string;
+  /**
+   * Reads this existing durable consumer, as it is, instead of the one `name` names (which
+   * still names its dead letters, metrics and logs): never created nor changed, only drained
+   * (a retired step's consumer, by its pipeline's control service).
+   */
+  durable?: string;
+  /** Recorded on its durable consumer where the server keeps metadata (nats-server 2.10+). */
+  metadata?: Readonly<Record<string, string>>;
   /** The event type published for an item that is dead-lettered (`<pipeline>.failed`). */
   failedType: string;
   /**

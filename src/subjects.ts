@@ -49,6 +49,8 @@ export function parseEventSubject(subject: string): { type: string; itemId: stri
   return { type: `${parts[0]}.${parts[1]}`, itemId: parts[2] };
 }
 
+/** The header a redrive republishes an original with: the dead letter's sequence. */
+export const REDRIVE_OF_HEADER = "Weft-Redrive-Of";
 /**
  * The dead-letter subjects' token of redrive markers (`deadletter.redriven.<seq>`): no
  * stage's durable may take it, or its letters would be taken for markers.

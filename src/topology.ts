@@ -155,9 +155,14 @@ export function streamConfigs(
 
 /** The durable consumer a stage reads from. */
 export function stageConsumerConfig(
-  stage: { name: string; filterSubject: string; filterSubjects?: readonly string[] },
+  stage: {
+    name: string;
+    filterSubject: string;
+    filterSubjects?: readonly string[];
+    metadata?: Readonly<Record<string, string>>;
+  },
   config: Pick<Config, "ackWaitMs" | "maxAttempts">,
-  opts: { multiFilter?: boolean } = {},
+  opts: { multiFilter?: boolean; metadata?: boolean } = {},
 ): Partial<ConsumerConfig> {
   // Several filters where the server takes them (2.10+); either way the other field is set
   // to nothing, so that an update from one form to the other leaves no stale filter.
@@ -177,6 +182,8 @@ export function stageConsumerConfig(
     // process that dies on the message itself, so it can never be redelivered forever.
     max_deliver: config.maxAttempts + 2,
     max_ack_pending: 10_000,
+    // Who made it (nats-server 2.10+ keeps metadata): a retired step's is found by it.
+    ...(opts.metadata && stage.metadata ? { metadata: { ...stage.metadata } } : {}),
   };
 }
 
@@ -185,7 +192,12 @@ function isApiError(err: unknown, code: number): boolean {
 }
 
 function differs(want: Record<string, unknown>, have: Record<string, unknown>): boolean {
-  return Object.entries(want).some(([k, v]) => JSON.stringify(have[k]) !== JSON.stringify(v));
+  return Object.entries(want).some(([k, v]) =>
+    // Metadata: the keys wanted (the server's own and a backlog mark may be beside them).
+    k === "metadata" && v && typeof v === "object"
+      ? differs(v as Record<string, unknown>, (have[k] ?? {}) as Record<string, unknown>)
+      : JSON.stringify(have[k]) !== JSON.stringify(v)
+  );
 }
 
 /**
@@ -278,7 +290,8 @@ export const BACKLOG_SEQ_KEY = "weft_backlog_seq";
 /**
  * Creates or updates a durable consumer. With `markBacklog` (nats-server 2.10+: consumer
  * metadata), one created on a stream that already holds messages records the stream's last
- * sequence under {@link BACKLOG_SEQ_KEY}; an update keeps the metadata it has.
+ * sequence under {@link BACKLOG_SEQ_KEY}; an update keeps the metadata it has (what `want`
+ * names is set over it).
  */
 export async function ensureConsumer(
   jsm: JetStreamManager,
@@ -289,10 +302,13 @@ export async function ensureConsumer(
   try {
     const info = await jsm.consumers.info(stream, want.durable_name!);
     if (differs(want, info.config as unknown as Record<string, unknown>)) {
-      const metadata = info.config.metadata;
+      // The metadata it has stays (its backlog mark), with what is wanted over it.
+      const metadata = info.config.metadata || want.metadata
+        ? { ...info.config.metadata, ...want.metadata }
+        : undefined;
       await jsm.consumers.update(stream, want.durable_name!, {
         ...want,
-        ...(metadata && !want.metadata ? { metadata } : {}),
+        ...(metadata ? { metadata } : {}),
       });
     }
   } catch (err) {

@@ -415,3 +415,174 @@ Deno.test({
     }
   },
 });
+
+/**
+ * Version 1: `prep`, a wait `approve`, then `finish` (which holds every item until it is
+ * stopped), then done; version 2 has no `finish`: `approve` leads to done.
+ */
+const retiring = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const retire = definePipeline({
+  name: "retire",
+  input: { schema: { type: "object" } },
+  start: "prep",
+  steps: {
+    prep: { kind: "task", output: { type: "object" }, handle: () => ({ prepped: true }), next: "approve" },
+    approve: { kind: "wait", event: "approved", timeoutMs: 600000, onTimeout: "done", next: "${
+  v === 1 ? "finish" : "done"
+}" },
+    ${
+  v === 1
+    ? `finish: {
+      kind: "task",
+      output: { type: "object" },
+      handle: (_v: unknown, ctx: { signal: AbortSignal }) =>
+        new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(new Error("stopped")))),
+      next: "done",
+    },`
+    : ""
+}
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+
+Deno.test("a step removed while items wait on its consumer: they are dead-lettered with the reason, its consumer swept, and a redrive ends them once", async () => {
+  const dir = await meshTempDir("weft-retire-");
+  const file = `${dir}/def/retire.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, retiring(1));
+  const storeDir = `${dir}/nats`;
+  // A short ack wait: what the stopped step held comes back soon after the restart.
+  const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/retire/items/${id}`)).json();
+  const ids: string[] = [];
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      for (let i = 0; i < 3; i++) {
+        ids.push((await post(base, "/pipelines/retire/items", {})).body.id);
+      }
+      for (const id of ids) {
+        await waitFor(async () => (await state(base, id)).status === "waiting", 20_000, id);
+        assert.equal((await post(base, `/pipelines/retire/items/${id}/approved`, {})).status, 202);
+      }
+      for (const id of ids) {
+        await waitFor(
+          async () => (await state(base, id)).current?.join() === "finish",
+          20_000,
+          `${id} at finish`,
+        );
+      }
+      const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+      try {
+        const { jetstreamManager } = await import("@nats-io/jetstream");
+        const jsm = await jetstreamManager(nc);
+        await waitFor(
+          async () => (await jsm.consumers.info("RETIRE", "retire-finish")).num_ack_pending === 3,
+          20_000,
+          "finish holds the three approvals",
+        );
+        if (SERVER_2_10) {
+          // Who made it, so a definition without the step finds it (2.9: by its name).
+          const { metadata } = (await jsm.consumers.info("RETIRE", "retire-finish")).config;
+          assert.equal(metadata?.weft_pipeline, "retire");
+          assert.equal(metadata?.weft_step, "finish");
+        }
+      } finally {
+        await nc.close();
+      }
+    }
+
+    // Version 2 has no `finish`: what its consumer holds leads nowhere the running steps go.
+    await Deno.writeTextFile(file, retiring(2));
+    await using mesh = await startMesh(env, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const base = mesh.gatewayUrl;
+    for (const id of ids) {
+      const failed = await waitFor(
+        async () => {
+          const s = await state(base, id);
+          return s.status === "failed" ? s : undefined;
+        },
+        30_000,
+        `${id} failed, not left running at finish`,
+      );
+      assert.equal(failed.error.code, "definition_changed");
+      assert.match(
+        failed.error.reason,
+        /step finish of retire is gone from the running definition/,
+      );
+    }
+    const swept = await mesh.waitForLog(
+      (l) => l.msg === "swept a retired step's consumer",
+      30_000,
+      "the retired consumer swept",
+    );
+    assert.equal(swept.consumer, "retire-finish");
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      await assert.rejects(jsm.consumers.info("RETIRE", "retire-finish"), /consumer not found/i);
+
+      const letters = (await (await fetch(`${base}/deadletters?code=definition_changed`)).json())
+        .items as { seq: number; letter: { item_id: string; stage: string; subject: string } }[];
+      assert.deepEqual(letters.map((l) => l.letter.item_id).sort(), [...ids].sort());
+      for (const l of letters) {
+        assert.equal(l.letter.subject, `retire.approve.${l.letter.item_id}`);
+      }
+      const redriven = await post(base, "/deadletters/redrive", {
+        ids: letters.map((l) => l.seq),
+      });
+      assert.equal(redriven.status, 200, JSON.stringify(redriven.body));
+      assert.equal(redriven.body.redriven.length, 3);
+      for (const id of ids) {
+        const done = await waitFor(
+          async () => {
+            const s = await state(base, id);
+            return s.status === "done" ? s : undefined;
+          },
+          20_000,
+          `${id} done after the redrive`,
+        );
+        assert.equal(done.outcome, "done");
+      }
+      const ends = await jsm.streams.info("RETIRE", { subjects_filter: "retire.done.>" });
+      assert.deepEqual(
+        Object.values(ends.state.subjects ?? {}),
+        [1, 1, 1],
+        `one end event per item: ${JSON.stringify(ends.state.subjects)}`,
+      );
+    } finally {
+      await nc.close();
+    }
+    assert.deepEqual(
+      mesh.logs.filter((l) => l.msg === "nats permission violation"),
+      [],
+      "no refused permission while sweeping",
+    );
+    // The control service's identity may sweep retired consumers, never a running step's.
+    const flow = await connectClient(
+      mesh.natsUrl,
+      "test-as-retire-flow",
+      mesh.credentials("retire-flow"),
+    );
+    try {
+      // The pull itself (its consumer's info is not secret): refused by the server.
+      await assert.rejects(
+        flow.request("$JS.API.CONSUMER.MSG.NEXT.RETIRE.retire-prep", JSON.stringify({ batch: 1 }), {
+          timeout: 5_000,
+        }),
+        /permission/i,
+      );
+    } finally {
+      await flow.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});

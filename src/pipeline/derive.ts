@@ -257,6 +257,27 @@ export interface DerivedConsumer {
   filter_subject: string;
   ack_wait_ms: number;
   max_deliver: number;
+  /** Which pipeline and step made it (kept where the server has metadata, 2.10+). */
+  metadata: Record<string, string>;
+}
+
+/** The consumer metadata key naming the pipeline whose step made the consumer. */
+export const PIPELINE_KEY = "weft_pipeline";
+/** The consumer metadata key naming the step that made the consumer. */
+export const STEP_KEY = "weft_step";
+
+/**
+ * What a work step's durable consumer records about its maker: its pipeline and step, so a
+ * later definition without the step finds the consumer it left (a retired step's).
+ *
+ * @example
+ * ```ts
+ * import { stepConsumerMetadata } from "./derive.ts";
+ * console.assert(stepConsumerMetadata({ name: "orders" }, "price").weft_step === "price");
+ * ```
+ */
+export function stepConsumerMetadata(spec: { name: string }, step: string): Record<string, string> {
+  return { [PIPELINE_KEY]: spec.name, [STEP_KEY]: step };
 }
 
 /**
@@ -275,6 +296,7 @@ export function stepConsumers(spec: PipelineSpec, settings: ConsumerSettings): D
       filter_subject: filter,
       ack_wait_ms: settings.ackWaitMs,
       max_deliver: settings.maxAttempts + 2,
+      metadata: stepConsumerMetadata(spec, id),
     });
   }
   return out;

@@ -241,7 +241,6 @@ export function completion(
   const spec = flow.def.steps[step]!;
   const token = opts.timedOut ? timeoutEventOf(step, spec) : eventOf(step, spec);
   const event = flowEvent(flow, token, cause, data, ctx);
-  const out = [event];
   for (const t of targetsOf(flow, token, data)) {
     const bound = flow.loops.get(`${step}>${t}`);
     if (bound !== undefined && (data.runs[t] ?? 0) >= bound) {
@@ -251,9 +250,22 @@ export function completion(
         { permanent: true },
       );
     }
+  }
+  return [event, ...endEventsAfter(flow, event, ctx)];
+}
+
+/**
+ * The terminal events of the end steps `event` (a step's completion) leads to, as
+ * {@link completion} publishes them beside it: their ids follow from the event's, so the
+ * same event always ends its item with the same ids.
+ */
+export function endEventsAfter(flow: Flow, event: FlowEvent, ctx: EmitContext): FlowEvent[] {
+  const token = event.type.slice(flow.name.length + 1);
+  const out: FlowEvent[] = [];
+  for (const t of targetsOf(flow, token, event.data)) {
     const ts = flow.def.steps[t]!;
     if (ts.kind === "end" && eventOf(t, ts) !== token) {
-      out.push(flowEvent(flow, eventOf(t, ts), event, data, ctx));
+      out.push(flowEvent(flow, eventOf(t, ts), event, event.data, ctx));
     }
   }
   return out;

@@ -17,8 +17,15 @@ import { deterministicId, sha256Hex } from "../events.ts";
 import { canonicalJson } from "../canonical_json.ts";
 import type { Logger } from "../observability/log.ts";
 import { depthWithin, MAX_DEPTH, messagesOn, publishEvent, runStage } from "../runner.ts";
+import { shadowDurable } from "../shadow/spec.ts";
 import type { AnyEvent } from "../schemas.ts";
-import { combineRunnables, defineService, type ServiceDef } from "../service.ts";
+import {
+  combineRunnables,
+  defineService,
+  type Runnable,
+  type ServiceContext,
+  type ServiceDef,
+} from "../service.ts";
 import type { OutputEvent, Stage, StageContext } from "../stage.ts";
 import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore } from "../scheduler/store.ts";
@@ -42,9 +49,12 @@ import {
   FLOW,
   INTAKE,
   onceTypesOf,
+  PIPELINE_KEY,
   pipelineBucketOf,
   pipelineSubjects,
   STATE,
+  STEP_KEY,
+  stepConsumerMetadata,
   stepFilterSubject,
   stepFilterSubjects,
   stepPublishes,
@@ -56,6 +66,7 @@ import {
   compileFlow,
   completion,
   decodeFlowEvent,
+  endEventsAfter,
   entryData,
   entryEvent,
   FAILED,
@@ -646,7 +657,8 @@ interface Held {
 }
 
 type ControlInput =
-  | { kind: "arrive"; event: FlowEvent; steps: string[] }
+  /** `ends`: a redriven event leading to end steps, whose end events it publishes. */
+  | { kind: "arrive"; event: FlowEvent; steps: string[]; ends?: boolean }
   | { kind: "awaited"; item: string; payload: unknown; waits: string[]; subject: string }
   | { kind: "timer"; event: FlowEvent & { data: FlowData & TimerData } };
 
@@ -1113,6 +1125,22 @@ export function controlStage(
     return r;
   }
 
+  /**
+   * The end events a redriven completion leads to, as its step's completion would have
+   * published them beside it (the same ids: a copy stored already counts, the item ends once).
+   */
+  async function endsOf(e: FlowEvent, ctx: StageContext): Promise<FlowEvent[]> {
+    if (await failedNow(e.item_id)) {
+      // Another failure of the item came after: it ends once that one is redriven.
+      throw new ConflictError(
+        `${n} item ${e.item_id} has failed: its end counts only once the item is resumed ` +
+          `(redrive its failure, then this letter)`,
+        { permanent: true },
+      );
+    }
+    return endEventsAfter(flow, e, { source: ctx.source, now: ctx.now() });
+  }
+
   return {
     name: durableOf(def, CONTROL),
     filterSubject: `${n}.*.*`,
@@ -1165,17 +1193,34 @@ export function controlStage(
         }
         return { kind: "timer", event: e as FlowEvent & { data: FlowData & TimerData } };
       }
-      const steps = targetsOf(flow, token, e.data).filter((t) =>
-        CONTROL_KINDS.has(def.steps[t]!.kind)
-      );
+      const targets = targetsOf(flow, token, e.data);
+      const steps = targets.filter((t) => CONTROL_KINDS.has(def.steps[t]!.kind));
+      // A redriven completion (its letter kept it from a step the running definition lacks,
+      // or from an earlier failure) is taken forward under the running definition: a work
+      // step's consumer gets it as a new message, a join, wait or delay here, and an end
+      // step (which has no consumer: a completion publishes its end itself) here too.
+      if (message.redriveOf !== undefined && (role.role === "done" || role.role === "timeout")) {
+        if (targets.length === 0) {
+          throw new WeftError(
+            ErrorCode.DefinitionChanged,
+            `event ${n}.${token}, redriven, leads to no step of the running definition of ` +
+              `${n} (${def.hash})`,
+          );
+        }
+        if (targets.some((t) => def.steps[t]!.kind === "end")) {
+          return { kind: "arrive", event: e, steps, ends: true };
+        }
+      }
       return steps.length > 0 ? { kind: "arrive", event: e, steps } : undefined;
     },
     checkOutput: () => {},
     async handle(input: ControlInput, ctx: StageContext) {
       const seq = ctx.message.seq;
       let out: FlowEvent[];
-      if (input.kind === "arrive") out = await onArrive(input.event, input.steps, seq, ctx);
-      else if (input.kind === "timer") out = await onTimer(input.event, seq, ctx);
+      if (input.kind === "arrive") {
+        out = await onArrive(input.event, input.steps, seq, ctx);
+        if (input.ends) out.push(...await endsOf(input.event, ctx));
+      } else if (input.kind === "timer") out = await onTimer(input.event, seq, ctx);
       else out = await onAwaited(input.item, input.payload, input.waits, seq, ctx);
       return out as unknown as OutputEvent[];
     },
@@ -1295,11 +1340,178 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
   };
 }
 
+/** A durable consumer that a step of a pipeline made and the running definition lacks. */
+export interface RetiredConsumer {
+  durable: string;
+  /** The step that made it. */
+  step: string;
+}
+
+/**
+ * The durable consumers of `def`'s stream that a step of its pipeline made (their metadata
+ * says so; made before metadata, or on nats-server 2.9: named `<pipeline>-<step>`) and that
+ * the running definition does not use: a step it no longer has, or one it renamed. Never
+ * one of its steps', its control service's, a live shadow's or an ephemeral consumer.
+ */
+export async function retiredConsumers(
+  jsm: JetStreamManager,
+  def: PipelineDefinition,
+): Promise<RetiredConsumer[]> {
+  const live = new Set([
+    ...workSteps(def).map((id) => durableOf(def, id)),
+    ...[INTAKE, CONTROL, STATE].map((part) => durableOf(def, part)),
+  ]);
+  const out: RetiredConsumer[] = [];
+  for await (const ci of jsm.consumers.list(pipelineSubjects(def).stream)) {
+    const durable = ci.config.durable_name;
+    if (!durable || live.has(durable) || durable.startsWith(shadowDurable(""))) continue;
+    const meta = ci.config.metadata ?? {};
+    const step = meta[PIPELINE_KEY] !== undefined
+      ? meta[PIPELINE_KEY] === def.name ? meta[STEP_KEY] : undefined
+      : durable.startsWith(`${def.name}-`)
+      ? durable.slice(def.name.length + 1)
+      : undefined;
+    if (step) out.push({ durable, step });
+  }
+  return out;
+}
+
+/**
+ * The stage draining a retired step's consumer (`retired`): each message the earlier
+ * definition's control step judged (at or below `judgedUpTo`, its consumer's position when
+ * this control service started) for an item still at that step is dead-lettered
+ * `definition_changed`, its item failed, under the control step's name (whose consumer takes
+ * every subject, so a redrive republishes the letter's original where it was); the others
+ * (the item ended or went elsewhere, or the message came after: the running definition's
+ * control step judges it) are acked.
+ */
+export function retiredStage(
+  p: LoadedPipeline,
+  retired: RetiredConsumer,
+  judgedUpTo: number,
+  nc: NatsConnection,
+  // deno-lint-ignore no-explicit-any
+): Stage<any> {
+  const { flow, def } = p;
+  const n = def.name;
+  const states = lazy(() => new Kvm(nc).open(stateBucketOf(n)));
+  return {
+    name: durableOf(def, CONTROL),
+    durable: retired.durable,
+    filterSubject: `${n}.*.*`,
+    stream: pipelineSubjects(def).stream,
+    failedType: `${n}.${FAILED}`,
+    finalTypes: endTypesOf(def),
+    input: { kind: "event", types: [] },
+    identify: (_raw, message) => message.subject.split(".")[2],
+    decode: (raw, message) =>
+      message.seq > judgedUpTo ? undefined : decodeFlowEvent(flow, raw, message.subject),
+    checkOutput: () => {},
+    async handle(e: FlowEvent, ctx: StageContext) {
+      const s = await readItem(await states(), e.item_id);
+      // Ended; or its state, past this event, has it elsewhere (a router's other route).
+      if (s?.status === "done") return [];
+      if (s && s.last_seq >= ctx.message.seq && !s.current.includes(retired.step)) return [];
+      throw new WeftError(
+        ErrorCode.DefinitionChanged,
+        `step ${retired.step} of ${n} is gone from the running definition (${def.hash}): ` +
+          `redrive this letter to continue the item under it`,
+      );
+    },
+  };
+}
+
+/** How often a sweep asks whether a retired consumer has anything left for it. */
+const SWEEP_POLL_MS = 1_000;
+
+/**
+ * Drains each retired consumer of `p`'s stream ({@link retiredStage}) and deletes it once
+ * nothing it holds was judged by the earlier definition. Runs beside the control service's
+ * stages; a sweep cut short (a stop, NATS away) is taken up at the next start.
+ */
+function sweepRetired(
+  ctx: ServiceContext,
+  p: LoadedPipeline,
+  retired: readonly RetiredConsumer[],
+  judgedUpTo: number,
+): Runnable {
+  const stream = pipelineSubjects(p.def).stream;
+  const log = ctx.log.with({ stage: durableOf(p.def, CONTROL) });
+  let stopping = false;
+  const wakes = new Set<() => void>();
+  const one = async (r: RetiredConsumer) => {
+    const jsm = await jetstreamManager(ctx.nc);
+    const runner = await runStage({
+      ...ctx,
+      stage: retiredStage(p, r, judgedUpTo, ctx.nc),
+      source: `weft-${serviceNamesOf(p.def).control}`,
+    });
+    try {
+      while (!stopping) {
+        // Done once everything up to `judgedUpTo` is acked or dead-lettered: what comes after
+        // is the running definition's (acked unread meanwhile).
+        const ci = await jsm.consumers.info(stream, r.durable);
+        if (
+          ci.ack_floor.stream_seq >= judgedUpTo ||
+          (ci.num_ack_pending === 0 &&
+            (ci.num_pending === 0 || ci.delivered.stream_seq >= judgedUpTo))
+        ) break;
+        await new Promise<void>((res) => {
+          const wake = () => (clearTimeout(t), wakes.delete(wake), res());
+          const t = setTimeout(wake, SWEEP_POLL_MS);
+          wakes.add(wake);
+        });
+      }
+    } finally {
+      await runner.stop();
+    }
+    if (stopping) return;
+    await jsm.consumers.delete(stream, r.durable);
+    log.info("swept a retired step's consumer", {
+      consumer: r.durable,
+      step: r.step,
+      dead_lettered: runner.stats.deadLettered,
+      acked: runner.stats.processed,
+    });
+  };
+  const done = Promise.all(retired.map((r) =>
+    one(r).catch((err) => {
+      log.warn("sweeping a retired step's consumer failed: taken up at the next start", {
+        consumer: r.durable,
+        err,
+      });
+    })
+  ));
+  let stopped: () => void;
+  return {
+    // Ends with the service, not with the sweep.
+    done: new Promise<void>((res) => (stopped = res)),
+    async stop() {
+      stopping = true;
+      for (const wake of [...wakes]) wake();
+      await done;
+      stopped();
+    },
+  };
+}
+
 /** The control service of a pipeline: intake, control steps and item state. */
 export function controlService(p: LoadedPipeline): ServiceDef {
   const name = serviceNamesOf(p.def).control;
   return defineService(name, async (ctx) => {
     const source = `weft-${name}`;
+    // Consumers the steps of an earlier definition left: what they hold was judged by the
+    // control step of that definition (up to where its consumer is now), which took it to
+    // a step that is gone. Found before this control step judges anything.
+    const jsm = await jetstreamManager(ctx.nc);
+    const stream = pipelineSubjects(p.def).stream;
+    const retired = await retiredConsumers(jsm, p.def).catch((err) => {
+      ctx.log.warn("could not list the consumers of retired steps", { err });
+      return [];
+    });
+    const judgedUpTo = retired.length === 0 ? 0 : await jsm.consumers
+      .info(stream, durableOf(p.def, CONTROL))
+      .then((ci) => ci.delivered.stream_seq, () => 0);
     const intake = await runStage({ ...ctx, stage: intakeStage(p), source });
     const control = await runStage({
       ...ctx,
@@ -1311,7 +1523,12 @@ export function controlService(p: LoadedPipeline): ServiceDef {
       spec: pipelineStateSpec(p),
       metrics: ctx.metrics,
     });
-    return combineRunnables([intake, control, state]);
+    return combineRunnables([
+      intake,
+      control,
+      state,
+      ...(retired.length > 0 ? [sweepRetired(ctx, p, retired, judgedUpTo)] : []),
+    ]);
   }, { description: `Weft pipeline ${p.def.name}: intake, joins, waits, delays, item state` });
 }
 
@@ -1346,7 +1563,12 @@ export function stepService(p: LoadedPipeline, id: string): ServiceDef {
     });
     return await runStage({
       ...ctx,
-      stage: { ...configured, handle: (e, sctx) => live.current().handle(e, sctx) },
+      stage: {
+        ...configured,
+        // Says whose it is: a later definition without the step finds it (retiredConsumers).
+        metadata: stepConsumerMetadata(p.def, id),
+        handle: (e, sctx) => live.current().handle(e, sctx),
+      },
       source: `weft-${name}`,
     });
   }, { description: `Weft pipeline ${p.def.name}, step ${id}` });
@@ -1478,7 +1700,9 @@ export interface PipelineServiceSpec {
  * Each pipeline service's least-privilege access, from its definition: a step publishes
  * only its own events (and the end events it leads to), its pipeline's failure event and
  * its dead letters, and pulls only its own durable consumer; the control service also
- * turns submissions into entry events and owns the state and control buckets.
+ * turns submissions into entry events, owns the state and control buckets, publishes the
+ * ends a redriven completion leads to, and drains and deletes the consumers of steps its
+ * definition no longer has (never a running step's).
  */
 export function pipelineServiceSpecs(
   loaded: readonly LoadedPipeline[],
@@ -1506,10 +1730,15 @@ export function pipelineServiceSpecs(
           stream,
           durable: durableOf(def, part),
         })),
+        // The consumers of steps the definition no longer has, to sweep them (never one a
+        // running step owns: those stay denied).
+        retiresConsumers: [stream],
         publishes: [
           `${n}.${entryEvent(def)}.*`,
           `${n}.${FAILED}.*`,
           ...stepPublishes(def, controlSteps),
+          // The end a redriven completion leads to (a step's completion publishes its own).
+          ...[...endTypesOf(def)].map((t) => `${t}.*`),
           ...[INTAKE, CONTROL, STATE].map((part) => `deadletter.${durableOf(def, part)}.*`),
         ],
         writesBuckets: [stateBucketOf(n), controlBucketOf(n)],
