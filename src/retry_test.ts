@@ -28,10 +28,11 @@ Deno.test("retrying calls again until the call works, and gives up with the last
 
 Deno.test("lazy makes once and shares the promise, but makes again after a rejection", async () => {
   let calls = 0;
-  const open = lazy(async () => {
+  const open = lazy(() => {
     calls++;
-    if (calls === 1) throw new Error("NATS away");
-    return `bucket ${calls}`;
+    return calls === 1
+      ? Promise.reject(new Error("NATS away"))
+      : Promise.resolve(`bucket ${calls}`);
   });
   await assert.rejects(open(), /NATS away/);
   const [a, b] = await Promise.all([open(), open()]);
