@@ -53,6 +53,12 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
   for (const id of ids) await waitFinal(mesh.gatewayUrl, id);
   await waitFinal(mesh.gatewayUrl, "poison1");
 
+  // Methods a caller made up, each of which was once a /metrics series of its own.
+  for (const method of ["FOO1", "FOO2"]) {
+    const r = await fetch(`${mesh.gatewayUrl}/x`, { method });
+    await r.body?.cancel();
+  }
+
   // Everything settled: nothing pending or unacked on any durable consumer.
   let text = "";
   const deadline = Date.now() + 15_000;
@@ -116,6 +122,16 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
       }),
       5,
     );
+    assert.equal(
+      sample(text, "weft_http_requests_total", {
+        method: "other",
+        route: "unmatched",
+        status: "404",
+      }),
+      2,
+      "made-up methods are counted as other",
+    );
+    assert.doesNotMatch(text, /method="FOO/);
   });
 
   await t.step("GET /dashboard/recent lists the latest events oldest first", async () => {

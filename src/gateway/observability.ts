@@ -65,11 +65,24 @@ export function instrumentGateway(app: Hono, metrics: WeftMetrics, clients: SseC
   });
   app.use(async (c, next) => {
     await next();
-    // The matched route pattern keeps cardinality bounded (no item ids in labels).
+    // The matched route pattern keeps cardinality bounded (no item ids in labels), and so does
+    // the method: a caller may send any token as one, each of which was a series of its own.
     const route = c.req.routePath && c.req.routePath !== "/*" ? c.req.routePath : "unmatched";
-    requests.inc({ method: c.req.method, route, status: String(c.res.status) });
+    const method = HTTP_METHODS.has(c.req.method) ? c.req.method : "other";
+    requests.inc({ method, route, status: String(c.res.status) });
   });
 }
+
+/** The methods counted by name on `weft_http_requests_total`; any other is `other`. */
+const HTTP_METHODS: ReadonlySet<string> = new Set([
+  "GET",
+  "HEAD",
+  "POST",
+  "PUT",
+  "PATCH",
+  "DELETE",
+  "OPTIONS",
+]);
 
 /** What the observability routes need. */
 export interface ObservabilityDeps {
