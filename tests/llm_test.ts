@@ -197,6 +197,28 @@ Deno.test("llm analyzers speak the OpenAI chat-completions wire format", async (
   );
 
   await t.step(
+    "a provider's error message is cut to 200 characters and never keeps the api key it quotes",
+    () =>
+      withServer(
+        [{
+          kind: "error",
+          status: 401,
+          // A proxy quoting the request's key, then a very long message.
+          message: `Incorrect API key provided: Bearer ${KEY}. ${"E".repeat(600_000)}`,
+          type: "invalid_request_error",
+          code: "invalid_api_key",
+        }],
+        async (server, clock) => {
+          const sentiment = createLlmSentimentAnalyzer(options(server, clock));
+          const e = await rejectsWith(sentiment.analyze("hello"), "http_error");
+          assert.match(e.message, /Incorrect API key provided: Bearer \*\*\*/);
+          assert.doesNotMatch(`${e.message} ${JSON.stringify(e)}`, /sk-test-secret/);
+          assert.ok(e.message.length < 400, `message of ${e.message.length} characters`);
+        },
+      ),
+  );
+
+  await t.step(
     "a prompt of the wrong kind is refused at construction",
     () =>
       withServer([], (server, clock) => {

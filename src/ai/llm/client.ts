@@ -316,7 +316,15 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
           cause: e,
         });
       }
-      if (!res.ok) throw httpError(res.status, text, res.headers.get("retry-after"), clock.now());
+      if (!res.ok) {
+        throw httpError(
+          res.status,
+          text,
+          res.headers.get("retry-after"),
+          clock.now(),
+          options.apiKey,
+        );
+      }
       return parseCompletion(text, options.pricing);
     }, signal);
 
@@ -407,19 +415,28 @@ function describe(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
+/** `text` with every occurrence of `secret` (an API key) masked. */
+function scrub(text: string, secret: string): string {
+  return secret.length >= 4 ? text.replaceAll(secret, "***") : text;
+}
+
 function toLlmError(e: unknown, signal?: AbortSignal): LlmError {
   if (e instanceof LlmError) return e;
   if (signal?.aborted) return errorFromAbort(signal);
   return new LlmNetworkError(describe(e), { cause: e });
 }
 
+/** How much of a provider's error text an error keeps (it rides on items' events). */
+const MAX_ERROR_TEXT = 200;
+
 function httpError(
   status: number,
   text: string,
   retryAfter: string | null,
   now: number,
+  apiKey: string,
 ): LlmError {
-  let message = text.slice(0, 200);
+  let message = text;
   let errorType: string | undefined;
   let errorCode: string | undefined;
   try {
@@ -435,6 +452,12 @@ function httpError(
   } catch {
     // not a JSON error body: keep the raw text
   }
+  // The provider's words are cut (a 600 KB message rode on two events of the item and failed
+  // it as too large), and the key is never kept: some proxies quote the request's
+  // Authorization in their 401, and the message reaches items' events and their readers.
+  message = scrub(message, apiKey).slice(0, MAX_ERROR_TEXT);
+  errorType = errorType === undefined ? undefined : scrub(errorType, apiKey).slice(0, 100);
+  errorCode = errorCode === undefined ? undefined : scrub(errorCode, apiKey).slice(0, 100);
   const details = { status, errorType, errorCode, retryable: isRetryableStatus(status) };
   // Retry-After is honoured on 429 and on retryable 5xx (e.g. 503 during maintenance)
   const retryAfterMs = details.retryable ? parseRetryAfter(retryAfter, now) : undefined;

@@ -112,7 +112,8 @@ export function withFallback<P, F>(
         const meta: FallbackMeta = {
           fallback_reason: reason,
           fallback_from: primary.name,
-          fallback_error: e instanceof Error ? e.message : String(e),
+          // Bounded: it rides on the item's events.
+          fallback_error: (e instanceof Error ? e.message : String(e)).slice(0, 500),
         };
         if (e instanceof LlmError && e.usage !== undefined) meta.usage = e.usage;
         return { ...result, ...meta };
