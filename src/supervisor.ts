@@ -421,6 +421,10 @@ export function processArgs(
     // Services print only JSON log lines: silence Deno's own progress notices (downloads,
     // "waiting for file lock"); errors still reach stderr.
     "--quiet",
+    // A request's signal aborts only when its client goes away, not also after every
+    // successful response (Deno's legacy behaviour, which prints a free-text deprecation
+    // warning the first time a handler reads the signal: the event streams do).
+    ...(listens ? ["--unstable-no-legacy-abort"] : []),
     ...v8Flags(specs, config),
     `--allow-net=${net.join(",")}`,
     `--allow-env=${ENV_PERMISSION}`,

@@ -37,6 +37,15 @@ Deno.test("services on an item's path run with V8's defaults, background ones op
   assert.equal(v8(together), undefined);
 });
 
+Deno.test("a process that serves HTTP has request signals abort only when a client goes away, so Deno prints no free-text warning among the JSON log lines", () => {
+  const flag = "--unstable-no-legacy-abort";
+  assert.ok(serviceArgs(spec("gateway"), config()).includes(flag));
+  assert.ok(processArgs([spec("ingest"), spec("gateway")], config(), ["x.ts"], []).includes(flag));
+  for (const name of ["ingest", "sentiment", "scheduler"]) {
+    assert.ok(!serviceArgs(spec(name), config()).includes(flag), name);
+  }
+});
+
 Deno.test("WEFT_V8_FLAGS reaches every service process, before the entry module", () => {
   const c = config({ WEFT_V8_FLAGS: "--max-semi-space-size=2" });
   const ingest = serviceArgs(spec("ingest"), c);
