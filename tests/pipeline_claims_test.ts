@@ -20,6 +20,7 @@ import {
 import { runStage } from "../src/runner.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
+import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { approvalsPipeline } from "./helpers/pipeline.ts";
@@ -166,4 +167,46 @@ Deno.test("with authentication off, a claim names its reviewer (by), and a decis
   assert.equal((await post("/pipelines/approvals/claims/b1", { by: "erin" })).status, 200);
   const erin = await post("/pipelines/approvals/items/b1/approved?by=erin", { ok: 1 });
   assert.equal(erin.status, 202, await erin.clone().text());
+});
+
+Deno.test("with API keys, an awaited event's `by` is the caller's: naming another is 403 on /by and publishes nothing; one without is recorded as the caller's", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t, REVIEWERS);
+  await m.waiting("c1");
+  const decide = (key: string, body: unknown) =>
+    m.app.request("/pipelines/approvals/items/c1/approved", {
+      method: "POST",
+      headers: { ...JSON_TYPE, authorization: `Bearer ${key}` },
+      body: JSON.stringify(body),
+    });
+  const { stream } = pipelineSubjects(approvals.def);
+  const stored = () =>
+    t.jsm.streams.getMessage(stream, { last_by_subj: "approvals.approved.c1" })
+      .then((msg) => msg?.json<Record<string, unknown>>() ?? null);
+
+  const spoof = await decide("k-dave", { ok: 1, by: "carol" });
+  assert.equal(spoof.status, 403, await spoof.clone().text());
+  assert.equal((await spoof.json()).field, "/by");
+  assert.equal(await stored(), null, "nothing published in carol's name");
+
+  const decided = await decide("k-dave", { ok: 1 });
+  assert.equal(decided.status, 202, await decided.clone().text());
+  assert.deepEqual(await stored(), { ok: 1, by: "dave" }, "recorded as the key's holder");
+  await waitFor(async () => (await (await m.get("c1")).json()).status === "done", 10_000, "done");
+});
+
+Deno.test("with authentication off, an awaited event's `by` is published as given", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t, []);
+  await m.waiting("d1");
+  const res = await m.app.request("/pipelines/approvals/items/d1/approved", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ok: 1, by: "mallory" }),
+  });
+  assert.equal(res.status, 202, await res.clone().text());
+  const msg = await t.jsm.streams.getMessage(pipelineSubjects(approvals.def).stream, {
+    last_by_subj: "approvals.approved.d1",
+  });
+  assert.deepEqual(msg?.json(), { ok: 1, by: "mallory" });
 });

@@ -462,7 +462,13 @@ export function openApiDocument(
           {
             ...tag,
             parameters: [idParam],
-            requestBody: body((step.schema as Record<string, unknown>) ?? { type: "object" }),
+            requestBody: {
+              ...body((step.schema as Record<string, unknown>) ?? { type: "object" }),
+              description: "The awaited event, checked against the wait's schema. With API " +
+                "keys, its `by` is the key's holder: a `by` naming anyone else is 403 naming " +
+                "`/by`, and a body without one is published with the holder's name where the " +
+                "schema has room for it; with authentication off, `by` as given",
+            },
           },
         ),
       };

@@ -122,6 +122,37 @@ function reviewerOf(who: Who, by: unknown, required: boolean, field = "/by"): st
   return (by as string | undefined) ?? ANONYMOUS.name;
 }
 
+/**
+ * An awaited event's body as it is published, checked by `check` (the wait's schema). With
+ * authentication on, its `by` is the caller's: a `by` naming anyone else is a 403 naming
+ * `/by` (as a claim's is), and a body without one is recorded with the caller's name where the
+ * wait's schema has room for it. With authentication off (every caller `anonymous`), the body
+ * as given.
+ */
+function decidedBy(
+  who: Who,
+  body: Record<string, unknown>,
+  check: (body: unknown) => void,
+): Record<string, unknown> {
+  const keyed = who.name !== ANONYMOUS.name;
+  if (keyed && body.by !== undefined && body.by !== who.name) {
+    throw new WeftError(
+      ErrorCode.Forbidden,
+      `this key belongs to ${who.name}, not ${JSON.stringify(body.by).slice(0, 100)}`,
+      { field: "/by" },
+    );
+  }
+  check(body);
+  if (!keyed || body.by !== undefined) return body;
+  const stamped = { ...body, by: who.name };
+  try {
+    check(stamped);
+    return stamped;
+  } catch {
+    return body; // the schema has no room for `by` (additionalProperties, another type)
+  }
+}
+
 /** A claim's body: an object with at most `by` (and, over NATS, `id`); 422 naming another. */
 function claimBody(raw: unknown, allowed: readonly string[]): { id?: unknown; by?: unknown } {
   if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
@@ -598,7 +629,10 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
         throw new ValidationError("the body must be a JSON object", { field: "/" });
       }
       const role = r.p.flow.roles.get(event);
-      checkAwaitedEvent(r.p.flow, role?.role === "awaited" ? role.waits : [], body);
+      const waits = role?.role === "awaited" ? role.waits : [];
+      const decision = decidedBy(whoOf(c), body as Record<string, unknown>, (b) => {
+        checkAwaitedEvent(r.p.flow, waits, b);
+      });
       if ((await entrySeq(r, id)) === null) {
         throw new NotFoundError(`no ${r.p.def.name} item ${JSON.stringify(id)}`);
       }
@@ -640,7 +674,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
         id,
         reviewerOf(whoOf(c), c.req.query("by"), false, "by"),
       );
-      const bytes = encoder.encode(JSON.stringify(body));
+      const bytes = encoder.encode(JSON.stringify(decision));
       const ack = await js.publish(`${r.p.def.name}.${event}.${id}`, bytes, {
         msgID: `${r.p.def.name}-${event}-${id}-${sha256Hex(bytes).slice(0, 16)}`,
       });
