@@ -23,7 +23,10 @@ import { ensureTopology } from "../src/topology.ts";
 import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
-import { approvalsPipeline } from "./helpers/pipeline.ts";
+import { approvalsPipeline, definitionsApp } from "./helpers/pipeline.ts";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { openApiDocument } from "../src/gateway/openapi.ts";
 
 const approvals = approvalsPipeline(600_000);
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -209,4 +212,41 @@ Deno.test("with authentication off, an awaited event's `by` is published as give
     last_by_subj: "approvals.approved.d1",
   });
   assert.deepEqual(msg?.json(), { ok: 1, by: "mallory" });
+});
+
+Deno.test("a pipeline without a wait step has no waiting list and no claims: 404 saying so, not an empty list or 409, and its OpenAPI lists neither", async () => {
+  await using t = await startTestNats();
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "plain",
+    input: { schema: obj },
+    start: "check",
+    steps: {
+      check: { kind: "task", output: obj, handle: () => ({}), next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const plain = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([plain], t.config.retentionMs));
+  await submitItem(t.nc, plain, "p1", {}, { source: "test", traceId: TRACE });
+  const app = await definitionsApp(t, [plain]);
+  for (
+    const [method, path] of [
+      ["GET", "/pipelines/plain/waiting"],
+      ["POST", "/pipelines/plain/claims/p1"],
+      ["DELETE", "/pipelines/plain/claims/p1?by=erin"],
+    ]
+  ) {
+    const res = await app.request(path!, {
+      method,
+      headers: JSON_TYPE,
+      ...(method === "POST" ? { body: JSON.stringify({ by: "erin" }) } : {}),
+    });
+    assert.equal(res.status, 404, `${method} ${path}: ${await res.clone().text()}`);
+    assert.match((await res.json()).detail, /plain has no wait step/);
+  }
+  const paths = Object.keys(openApiDocument([plain, approvals]).paths as Record<string, unknown>);
+  assert.ok(paths.includes("/pipelines/approvals/waiting"));
+  assert.ok(paths.includes("/pipelines/approvals/claims/{id}"));
+  assert.deepEqual(paths.filter((p) => /^\/pipelines\/plain\/(waiting|claims)/.test(p)), []);
 });

@@ -444,6 +444,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   // The items waiting at a wait step now, soonest deadline first: a reviewer's queue.
   app.get("/:name/waiting", deps.readAuth, async (c) => {
     const r = runtimeOf(c.req.param("name"));
+    if (!r.claims) throw new NotFoundError(`${r.p.def.name} has no wait step: nothing waits`);
     const raw = c.req.query("limit") ?? "100";
     const max = Number(raw);
     if (!Number.isInteger(max) || max < 1 || max > 1000) {
@@ -583,15 +584,17 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     async (c) => {
       const r = runtimeOf(c.req.param("name"));
       const id = itemId(c.req.param("id"));
+      const claims = await claimsOf(r); // a pipeline without waits: 404 before anything else
       const body = claimBody(await readJson(c, { optional: true }), ["by"]);
       const who = reviewerOf(whoOf(c), body.by, true);
       await assertWaiting(r.p, await r.states(), id, await jsm());
-      return c.json({ id, claim: await (await claimsOf(r)).take(id, who) });
+      return c.json({ id, claim: await claims.take(id, who) });
     },
   );
   // Released by its holder: with authentication off, named by `?by=` or a JSON body `{"by"}`.
   app.delete("/:name/claims/:id", deps.decideAuth, async (c) => {
     const r = runtimeOf(c.req.param("name"));
+    const claims = await claimsOf(r);
     const id = itemId(c.req.param("id"));
     const query = c.req.query("by");
     const body = query === undefined && /json/i.test(c.req.header("content-type") ?? "")
@@ -600,7 +603,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     const who = query !== undefined
       ? reviewerOf(whoOf(c), query, true, "by")
       : reviewerOf(whoOf(c), body.by, true);
-    if (!(await (await claimsOf(r)).release(id, who))) {
+    if (!(await claims.release(id, who))) {
       throw new NotFoundError(`${who} holds no claim on ${r.p.def.name} item ${id}`);
     }
     return c.body(null, 204);
