@@ -25,7 +25,8 @@ import { readSse } from "./helpers/sse.ts";
 import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { StreamReadStalled } from "../src/stream_reader.ts";
-import type { LoadedPipeline } from "../src/pipeline/runtime.ts";
+import { type LoadedPipeline, pipelineTopology } from "../src/pipeline/runtime.ts";
+import { ensureTopology } from "../src/topology.ts";
 import { Hono } from "hono";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
@@ -854,5 +855,33 @@ Deno.test("a request body that is not JSON answers 400 malformed_json naming the
     }
   } finally {
     for (const s of served) s.stop();
+  }
+});
+
+Deno.test("every query parameter takes one value: a repeated status, stage, limit, pipeline or by is refused with 422 naming it, not read as the first", async () => {
+  await using t = await startTestNats();
+  const approvals = approvalsPipeline();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const app = await gateway(t, { pipelines: [approvals] });
+  for (
+    const [method, path, field] of [
+      ["GET", "/reviews?status=pending&status=decided", "status"],
+      ["GET", "/deadletters?stage=a&stage=b", "stage"],
+      ["GET", "/deadletters?limit=1&limit=2", "limit"],
+      ["GET", "/deadletters?pending=true&pending=true", "pending"],
+      ["GET", "/pipelines/approvals/waiting?limit=1&limit=2", "limit"],
+      ["GET", "/dashboard/recent?limit=1&limit=2", "limit"],
+      ["GET", "/dashboard/recent?pipeline=feedback&pipeline=content", "pipeline"],
+      ["DELETE", "/pipelines/approvals/claims/a1?by=erin&by=frank", "by"],
+      ["POST", "/pipelines/approvals/items/a1/approved?by=erin&by=frank", "by"],
+    ] as const
+  ) {
+    const res = await app.request(path, {
+      method,
+      headers: JSON_TYPE,
+      ...(method === "POST" ? { body: "{}" } : {}),
+    });
+    const p = await expectProblem(res, 422, field);
+    assert.match(p.detail, /takes one value/, `${method} ${path}`);
   }
 });

@@ -160,7 +160,7 @@ export function createModerationRoutes(deps: {
   app.get("/reviews", reviewer, async (c) => {
     // The whole queue of a status (no limit, no paging): any other parameter is refused.
     onlyQuery(c.req.query(), ["status"]);
-    const status = c.req.query("status") ?? ReviewStatus.Pending;
+    const status = oneQuery(c.req.queries("status"), "status") ?? ReviewStatus.Pending;
     if (!STATUSES.has(status)) {
       throw new ValidationError(`status must be one of ${[...STATUSES].join(", ")}`, {
         field: "status",

@@ -10,7 +10,7 @@ import { Hono } from "hono";
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { bodyLimit } from "hono/body-limit";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
-import { boolQuery, intQuery } from "./query.ts";
+import { boolQuery, intQuery, oneQuery } from "./query.ts";
 import { requestJson } from "./requests.ts";
 import {
   listDeadLetters,
@@ -34,7 +34,10 @@ export const REDRIVE_BODY_LIMIT = 256 * 1024;
 export function deadLetterRoutes(js: JetStreamClient, opts: RedriveOptions = {}): Hono {
   const app = new Hono();
   app.get("/", async (c) => {
-    const q = c.req.query();
+    // Each parameter once: a repeated one is refused, not read as its first value.
+    const q = Object.fromEntries(
+      Object.keys(c.req.query()).map((k) => [k, oneQuery(c.req.queries(k), k)!]),
+    );
     const limit = intQuery(q.limit, "limit", 1, 100_000) ?? 1000;
     delete q.limit;
     const filter = parseFilter(

@@ -21,7 +21,7 @@ import { dashboardHtml, type DashboardPanel } from "./dashboard_page.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { meshMetrics, type MeshSnapshot, meshSnapshot, MetricsCache } from "./mesh_metrics.ts";
 import { SSE_RECONNECT, type SseClients, stoppingError } from "./sse.ts";
-import { intQuery } from "./query.ts";
+import { intQuery, oneQuery } from "./query.ts";
 
 /** How long one gather of the mesh's metrics answers further scrapes, ms. */
 export const METRICS_REUSE_MS = 1000;
@@ -189,8 +189,10 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   });
 
   app.get("/dashboard/recent", async (c) => {
-    const limit = intQuery(c.req.query("limit"), "limit", 1, RECENT_EVENTS_MAX) ?? 200;
-    const pipeline = recentPipeline(c.req.query("pipeline"));
+    const limit =
+      intQuery(oneQuery(c.req.queries("limit"), "limit"), "limit", 1, RECENT_EVENTS_MAX) ??
+        200;
+    const pipeline = recentPipeline(oneQuery(c.req.queries("pipeline"), "pipeline"));
     const sites = deps.config.hub;
     const recent = await recentEvents(jetStream.js, jetStream.jsm, limit, pipeline);
     return c.json({

@@ -45,7 +45,7 @@ import {
   submitItem,
 } from "../pipeline/runtime.ts";
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
-import { boolQuery, oneQuery, onlyQuery } from "./query.ts";
+import { boolQuery, intQuery, oneQuery, onlyQuery } from "./query.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import { replyTo, requestJson } from "./requests.ts";
 import type { Auth } from "./auth.ts";
@@ -445,11 +445,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   app.get("/:name/waiting", deps.readAuth, async (c) => {
     const r = runtimeOf(c.req.param("name"));
     if (!r.claims) throw new NotFoundError(`${r.p.def.name} has no wait step: nothing waits`);
-    const raw = c.req.query("limit") ?? "100";
-    const max = Number(raw);
-    if (!Number.isInteger(max) || max < 1 || max > 1000) {
-      throw new ValidationError("limit must be an integer from 1 to 1000", { field: "limit" });
-    }
+    const max = intQuery(oneQuery(c.req.queries("limit"), "limit"), "limit", 1, 1000) ?? 100;
     const claims = r.claims ? await r.claims() : undefined;
     return c.json(await waitingItems(r.p, js, await r.states(), max, new Date(), claims));
   });
@@ -596,7 +592,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     const r = runtimeOf(c.req.param("name"));
     const claims = await claimsOf(r);
     const id = itemId(c.req.param("id"));
-    const query = c.req.query("by");
+    const query = oneQuery(c.req.queries("by"), "by");
     const body = query === undefined && /json/i.test(c.req.header("content-type") ?? "")
       ? claimBody(await readJson(c, { optional: true }), ["by"])
       : {};
@@ -620,6 +616,8 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       const r = runtimeOf(c.req.param("name"));
       const id = itemId(c.req.param("id"));
       const event = c.req.param("event");
+      // Who decides, when authentication is off (checked against a claim below).
+      const by = oneQuery(c.req.queries("by"), "by");
       if (!r.awaited.has(event)) {
         throw new NotFoundError(
           `${r.p.def.name} awaits no event ${JSON.stringify(event)} (it awaits: ${
@@ -675,7 +673,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       // authentication is off).
       await (await claimsOf(r)).assertMayDecide(
         id,
-        reviewerOf(whoOf(c), c.req.query("by"), false, "by"),
+        reviewerOf(whoOf(c), by, false, "by"),
       );
       const bytes = encoder.encode(JSON.stringify(decision));
       const ack = await js.publish(`${r.p.def.name}.${event}.${id}`, bytes, {
