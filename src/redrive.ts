@@ -103,29 +103,37 @@ interface Marker {
 
 const decoder = new TextDecoder();
 const encoder = new TextEncoder();
-const FILTER_KEYS = new Set(["stage", "code", "item_id", "pending"]);
+/** The fields of a dead-letter filter (a redrive's `filter`, `GET /deadletters`' parameters). */
+export const FILTER_KEYS: ReadonlySet<string> = new Set(["stage", "code", "item_id", "pending"]);
 
-/** Validates a filter from a request; a {@link ValidationError} naming the field. */
-export function parseFilter(value: unknown, at = ""): DeadLetterFilter {
+/**
+ * Validates a filter from a request; a {@link ValidationError} naming the field: a JSON
+ * pointer under `at` in a body, or what `name` makes of it (`GET /deadletters` names the bare
+ * query parameter).
+ */
+export function parseFilter(
+  value: unknown,
+  at = "",
+  name: (key: string) => string = (key) => `${at}/${key}`,
+): DeadLetterFilter {
   if (value === undefined || value === null) return {};
   if (typeof value !== "object" || Array.isArray(value)) {
     throw new ValidationError(`${at || "/"} must be an object`, { field: at || "/" });
   }
   const out: DeadLetterFilter = {};
   for (const [k, v] of Object.entries(value)) {
+    const field = name(k);
     if (!FILTER_KEYS.has(k)) {
-      throw new ValidationError(`${at}/${k} is not a filter field`, { field: `${at}/${k}` });
+      throw new ValidationError(`${field} is not a filter field`, { field });
     }
     if (k === "pending") {
       if (typeof v !== "boolean") {
-        throw new ValidationError(`${at}/pending must be a boolean`, { field: `${at}/pending` });
+        throw new ValidationError(`${field} must be a boolean`, { field });
       }
       out.pending = v;
     } else {
       if (typeof v !== "string" || v.length === 0 || v.length > 128) {
-        throw new ValidationError(`${at}/${k} must be a non-empty string`, {
-          field: `${at}/${k}`,
-        });
+        throw new ValidationError(`${field} must be a non-empty string`, { field });
       }
       out[k as "stage" | "code" | "item_id"] = v;
     }
@@ -148,7 +156,13 @@ export function parseRedriveRequest(value: unknown): RedriveRequest {
   }
   const v = value as Record<string, unknown>;
   const keys = Object.keys(v);
-  if (keys.length !== 1 || !["ids", "filter", "all"].includes(keys[0]!)) {
+  const unknown = keys.find((k) => !["ids", "filter", "all"].includes(k));
+  if (unknown !== undefined) {
+    throw new ValidationError(`/${unknown} is not a field of a redrive (ids, filter, all)`, {
+      field: `/${unknown}`,
+    });
+  }
+  if (keys.length !== 1) {
     throw new ValidationError("body must have exactly one of ids, filter, all", { field: "/" });
   }
   if ("ids" in v) {

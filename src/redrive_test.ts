@@ -23,6 +23,8 @@ Deno.test("parseRedriveRequest refuses bad requests naming the field", () => {
   };
   assert.equal(field(null), "/");
   assert.equal(field({ ids: [1], all: true }), "/");
+  assert.equal(field({ ids: [1], zz: 1 }), "/zz", "an unknown field is named");
+  assert.equal(field({ zz: 1 }), "/zz");
   assert.equal(field({ ids: [] }), "/ids");
   assert.equal(field({ ids: [-1] }), "/ids");
   assert.equal(field({ all: false }), "/all");

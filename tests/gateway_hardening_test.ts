@@ -885,3 +885,28 @@ Deno.test("every query parameter takes one value: a repeated status, stage, limi
     assert.match(p.detail, /takes one value/, `${method} ${path}`);
   }
 });
+
+Deno.test("dead letters answer like every JSON route: a redrive not declared JSON is 415, an unknown body field is 422 naming it, and a list's bad parameter is named bare", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const redrive = (headers: Record<string, string>, body: string) =>
+    app.request("/deadletters/redrive", { method: "POST", headers, body });
+  for (const type of ["text/plain", "application/x-www-form-urlencoded"]) {
+    await expectProblem(
+      await redrive({ "content-type": type }, '{"ids":[1]}'),
+      415,
+      "content-type",
+    );
+  }
+  const untyped = await app.request("/deadletters/redrive", {
+    method: "POST",
+    body: new TextEncoder().encode('{"ids":[1]}'),
+  });
+  await expectProblem(untyped, 415, "content-type");
+  const extra = await expectProblem(await redrive(JSON_TYPE, '{"ids":[1],"zz":1}'), 422, "/zz");
+  assert.match(extra.detail, /\/zz is not a field/);
+  await expectProblem(await redrive(JSON_TYPE, '{"ids":[1],"all":true}'), 422, "/");
+  await expectProblem(await app.request("/deadletters?zzz=1"), 422, "zzz");
+  await expectProblem(await app.request("/deadletters?stage="), 422, "stage");
+  assert.equal((await redrive(JSON_TYPE, '{"ids":[1]}')).status, 200);
+});

@@ -9,10 +9,12 @@
 import { Hono } from "hono";
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { bodyLimit } from "hono/body-limit";
-import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
-import { boolQuery, intQuery, oneQuery } from "./query.ts";
+import { ErrorCode, WeftError } from "../errors.ts";
+import { boolQuery, intQuery, oneQuery, onlyQuery } from "./query.ts";
+import { requireJson } from "./app.ts";
 import { requestJson } from "./requests.ts";
 import {
+  FILTER_KEYS,
   listDeadLetters,
   parseFilter,
   parseRedriveRequest,
@@ -34,7 +36,8 @@ export const REDRIVE_BODY_LIMIT = 256 * 1024;
 export function deadLetterRoutes(js: JetStreamClient, opts: RedriveOptions = {}): Hono {
   const app = new Hono();
   app.get("/", async (c) => {
-    // Each parameter once: a repeated one is refused, not read as its first value.
+    // Only its own parameters, each once: another or a repeated one is refused, naming it.
+    onlyQuery(c.req.query(), [...FILTER_KEYS, "limit"]);
     const q = Object.fromEntries(
       Object.keys(c.req.query()).map((k) => [k, oneQuery(c.req.queries(k), k)!]),
     );
@@ -44,12 +47,15 @@ export function deadLetterRoutes(js: JetStreamClient, opts: RedriveOptions = {})
       Object.fromEntries(
         Object.entries(q).map(([k, v]) => [k, k === "pending" ? boolQuery(v, "pending") : v]),
       ),
+      "",
+      (k) => k,
     );
     return c.json({ items: await listDeadLetters(js, filter, limit) });
   });
   // Ids of 10,000 letters fit in ~120 KB; anything larger is refused before it is read.
   app.post(
     "/redrive",
+    requireJson, // 415 for another content type, as every JSON route
     bodyLimit({
       maxSize: REDRIVE_BODY_LIMIT,
       onError: () => {
@@ -60,12 +66,6 @@ export function deadLetterRoutes(js: JetStreamClient, opts: RedriveOptions = {})
       },
     }),
     async (c) => {
-      const type = c.req.header("content-type") ?? "";
-      if (!/^application\/json\s*(?:;|$)/i.test(type)) {
-        throw new ValidationError("content-type must be application/json", {
-          field: "content-type",
-        });
-      }
       const body = requestJson(new Uint8Array(await c.req.arrayBuffer()));
       return c.json(await redrive(js, parseRedriveRequest(body), opts));
     },
