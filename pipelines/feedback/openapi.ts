@@ -14,18 +14,28 @@ import {
   sse,
 } from "../../src/gateway/openapi.ts";
 
+/** The Idempotency-Key header of a submission (intake.ts keeps one answer per key and caller). */
+const idempotencyKey: Json = {
+  name: "Idempotency-Key",
+  in: "header",
+  description: "A repeat with the same body gets the first answer (Idempotent-Replayed: " +
+    "true); another body under the key is refused with 422 idempotency_mismatch",
+  schema: { type: "string", minLength: 1, maxLength: 255 },
+};
+
 /** The OpenAPI paths of pipelines/feedback/routes.ts. */
 export function feedbackPaths(): Json {
   return {
     "/feedback": {
       post: op("Submit one feedback item", { "202": json(accepted, "Accepted") }, {
         requestBody: body(ref("feedback.submit")),
-        parameters: [{ name: "Idempotency-Key", in: "header", schema: { type: "string" } }],
+        parameters: [idempotencyKey],
       }),
     },
     "/feedback/batch": {
       post: op("Submit up to 1000 feedback items", { "202": json({ type: "object" }) }, {
         requestBody: body(ref("feedback.submit_batch")),
+        parameters: [idempotencyKey],
       }),
     },
     "/feedback/{id}": {

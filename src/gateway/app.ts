@@ -31,7 +31,7 @@ import { DEADLETTER_STREAM } from "../subjects.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
 import { lazyScheduleStore, scheduleRoutes, scheduleTargets } from "./schedules.ts";
 import type { ScheduleStore } from "../scheduler/store.ts";
-import { type Auth, createAuth } from "./auth.ts";
+import { type Auth, createAuth, needsRoles } from "./auth.ts";
 import { Role } from "../config.ts";
 import { LiveFeeds, SseClients } from "./sse.ts";
 import { definitionRedriveCheck, type IntakeGuards, pipelineRoutes } from "./pipelines.ts";
@@ -233,10 +233,14 @@ export function createApp(deps: GatewayDeps): Hono {
 
   // With API keys configured: ingest needs an ingest key, reading items any key, dead
   // letters an admin key (admin may do everything). Without keys, auth is off.
+  // Marked with its roles either way: /openapi.json says which role each route needs.
   const guard = (...roles: Role[]): MiddlewareHandler =>
-    deps.auth?.enabled
-      ? deps.auth.require(...roles) as unknown as MiddlewareHandler
-      : (_c, next) => next();
+    needsRoles(
+      deps.auth?.enabled
+        ? deps.auth.require(...roles) as unknown as MiddlewareHandler
+        : (_c, next) => next(),
+      roles,
+    );
   const ingestAuth = guard(Role.Ingest);
   const readAuth = guard(Role.Ingest, Role.Reviewer);
   const adminAuth = guard(Role.Admin);
@@ -250,7 +254,13 @@ export function createApp(deps: GatewayDeps): Hono {
   let openApi: unknown;
   app.get(
     "/openapi.json",
-    (c) => c.json(openApi ??= openApiDocument(deps.pipelines ?? [], deps.openApi ?? [])),
+    (c) =>
+      c.json(
+        openApi ??= openApiDocument(deps.pipelines ?? [], deps.openApi ?? [], {
+          routes: app.routes,
+          hub: config.hub.length > 0,
+        }),
+      ),
   );
   app.get("/readyz", async (c) => {
     if (deps.nc.isClosed()) {

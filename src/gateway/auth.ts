@@ -36,6 +36,33 @@ export interface Auth {
   require(...roles: Role[]): MiddlewareHandler<{ Variables: { principal: Principal } }>;
 }
 
+/** The roles each role-checking middleware lets through, by the middleware. */
+const ROLES = new WeakMap<object, readonly Role[]>();
+
+/**
+ * Marks `middleware` as the check that lets `roles` (and admin) through: what
+ * {@link Auth.require} makes is marked already, and a route table read with {@link rolesOf}
+ * says which role each route needs (the OpenAPI document's `x-weft-roles`).
+ */
+export function needsRoles<T extends object>(middleware: T, roles: readonly Role[]): T {
+  ROLES.set(middleware, roles);
+  return middleware;
+}
+
+/**
+ * The roles a route handler lets through, when it is a role check ({@link needsRoles}, every
+ * {@link Auth.require}); undefined for any other handler.
+ *
+ * @example
+ * ```ts
+ * import { createAuth, rolesOf } from "./auth.ts";
+ * console.assert(rolesOf(createAuth([]).require("reviewer"))?.[0] === "reviewer");
+ * ```
+ */
+export function rolesOf(handler: unknown): readonly Role[] | undefined {
+  return typeof handler === "function" ? ROLES.get(handler) : undefined;
+}
+
 /** The SHA-256 hex of a key: what WEFT_API_KEYS holds. */
 export function hashKey(key: string): string {
   return createHash("sha256").update(key).digest("hex");
@@ -80,7 +107,7 @@ export function createAuth(keys: readonly ApiKey[]): Auth {
     enabled,
     authorize,
     require(...roles) {
-      return async (c, next) => {
+      return needsRoles(async (c, next) => {
         try {
           c.set("principal", authorize(c.req.header("authorization"), roles));
         } catch (err) {
@@ -90,7 +117,7 @@ export function createAuth(keys: readonly ApiKey[]): Auth {
           throw err;
         }
         await next();
-      };
+      }, roles);
     },
   };
 }

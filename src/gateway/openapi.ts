@@ -13,6 +13,9 @@ import { registeredSchemas } from "../schemas.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { DEFAULT_SHADOW_PIPELINE } from "../shadow/spec.ts";
+import { Role } from "../config.ts";
+import { rolesOf } from "./auth.ts";
+import { RECENT_EVENTS_MAX } from "./observability.ts";
 
 /** A JSON object: an OpenAPI fragment. */
 export type Json = Record<string, unknown>;
@@ -81,11 +84,42 @@ export const accepted: Json = {
   },
 };
 
+/**
+ * A schedule's id as GET and DELETE take it: a caller's, or a pipeline's own timer's
+ * `<owner>.<id>` (listed by GET /schedules and readable; not cancellable).
+ */
 const scheduleId = {
   name: "id",
   in: "path",
   required: true,
-  schema: { type: "string", pattern: "^[A-Za-z0-9_-]{1,128}$" },
+  description: "A caller's schedule id, or a pipeline's own timer's `<owner>.<id>` " +
+    "(e.g. `<pipeline>.sla-1-<item>`: readable, not cancellable)",
+  schema: { type: "string", pattern: "^(?:[A-Za-z0-9_-]{1,64}\\.)?[A-Za-z0-9_-]{1,128}$" },
+};
+/** A schedule's field, as the request schema (schemas/schedule.v1.json) has it. */
+const scheduleField = (name: string): Json => ref(`schedule/properties/${name}`);
+/** A stored schedule, as POST /schedules (201) and GET /schedules[/{id}] answer it. */
+const scheduleEntry: Json = {
+  type: "object",
+  required: ["id", "subject", "payload", "status", "next_at", "created_at", "fired"],
+  additionalProperties: false,
+  properties: {
+    id: scheduleId.schema,
+    subject: scheduleField("subject"),
+    payload: scheduleField("payload"),
+    at: scheduleField("at"),
+    cron: scheduleField("cron"),
+    description: scheduleField("description"),
+    status: { enum: ["active", "done"], description: "`done`: a one-shot schedule that fired" },
+    next_at: {
+      type: ["string", "null"],
+      format: "date-time",
+      description: "The next firing; null once done",
+    },
+    created_at: { type: "string", format: "date-time" },
+    fired: { type: "integer", minimum: 0, description: "How many times it fired" },
+    last_fired_at: { type: "string", format: "date-time" },
+  },
 };
 const shadowId = {
   name: "id",
@@ -140,118 +174,87 @@ const shadowSpec: Json = {
   },
 };
 
-/** An operation: summary, responses (problems added), and anything else (body, parameters). */
-export function op(
-  summary: string,
-  responses: Json,
-  extra: Json = {},
-): Json {
-  return {
-    summary,
-    responses: { ...responses, "4XX": problem, "5XX": problem },
-    ...extra,
-  };
+/** A route of the gateway app as Hono lists it (`app.routes`): each handler one entry. */
+export interface AppRoute {
+  method: string;
+  path: string;
+  handler: unknown;
+}
+
+/** What else the document says of the gateway that serves it. */
+export interface OpenApiOptions {
+  /**
+   * The app's route table (`app.routes`): each operation's `security` and `x-weft-roles` come
+   * from the role check its route runs ({@link rolesOf}), so they cannot drift from it.
+   */
+  routes?: readonly AppRoute[];
+  /** A hub (`--hub`): its `/sites/...` paths are listed. */
+  hub?: boolean;
 }
 
 /**
- * The OpenAPI document of the gateway with `pipelines` loaded and the shipped pipelines'
- * own `paths` (each one's, from its part of the gateway).
+ * Whether Hono's route pattern (`/pipelines/:name/items/:id`, `/deadletters/*`) serves the
+ * documented path (`/pipelines/tickets/items/{id}`): a parameter segment takes any segment, a
+ * trailing `*` any rest; a documented `{param}` only a parameter.
  */
-export function openApiDocument(
-  pipelines: readonly LoadedPipeline[] = [],
-  shippedPaths: readonly Json[] = [],
-): Json {
-  const files = new Map(
-    Object.keys(registeredSchemas()).map((name) => [`${name}.v1.json`, name] as const),
-  );
-  const schemas: Json = {
-    Problem: {
-      type: "object",
-      required: ["type", "title", "status", "code"],
-      properties: {
-        type: { type: "string" },
-        title: { type: "string" },
-        status: { type: "integer" },
-        detail: { type: "string" },
-        code: { type: "string", description: "Stable error code (src/errors.ts)" },
-        field: { type: "string", description: "JSON pointer of the field at fault" },
-      },
-    },
-  };
-  for (const [name, schema] of Object.entries(registeredSchemas())) {
-    schemas[name] = rehome(schema, name, files);
+export function serves(pattern: string, path: string): boolean {
+  const want = pattern.split("/");
+  const have = path.split("/");
+  for (let i = 0; i < want.length; i++) {
+    const w = want[i]!;
+    if (w === "*" && i === want.length - 1) return true;
+    const h = have[i];
+    if (h === undefined) return false;
+    if (w.startsWith(":")) continue;
+    if (h !== w) return false;
   }
-  const paths: Json = {
-    ...Object.assign({}, ...shippedPaths),
-    "/deadletters": {
-      get: op("Dead letters with their reasons", { "200": json({ type: "object" }) }, {
-        parameters: ["stage", "code", "item_id", "pending", "limit"].map((name) => ({
-          name,
-          in: "query",
-          schema: { type: "string" },
-        })),
-      }),
-    },
-    "/deadletters/redrive": {
-      post: op("Redrive dead letters", { "200": json({ type: "object" }) }, {
-        requestBody: body({ type: "object" }),
-      }),
-    },
-    "/schedules": {
-      get: op("Every schedule, the pipelines' own timers included (admin)", {
-        "200": json({ type: "object" }),
-      }),
-      post: op(
-        "Schedule a submission to a running pipeline's bus input (`<name>.submit`; admin)",
-        { "201": json(ref("schedule"), "Created") },
-        { requestBody: body(ref("schedule")) },
-      ),
-    },
-    "/schedules/{id}": {
-      get: op("One schedule (admin)", { "200": json(ref("schedule")) }, {
-        parameters: [scheduleId],
-      }),
-      delete: op("Cancel a caller's schedule (admin)", { "204": { description: "Cancelled" } }, {
-        parameters: [scheduleId],
-      }),
-    },
-    "/shadows": {
-      get: op("Live shadows with their figures, and promoted step versions (admin)", {
-        "200": json({ type: "object" }),
-      }),
-      post: op("Attach a live shadow (admin; docs/SHADOW.md)", {
-        "201": json(shadowSpec, "Attached"),
-      }, { requestBody: body(shadowSpec) }),
-    },
-    "/shadows/{id}": {
-      delete: op("Detach a live shadow (admin)", { "200": json({ type: "object" }) }, {
-        parameters: [shadowId],
-      }),
-    },
-    "/shadows/{id}/promote": {
-      post: op("Promote a shadow's candidate to production for its step (admin)", {
-        "200": json({ type: "object" }),
-      }, { parameters: [shadowId] }),
-    },
-    "/shadows/versions/{step}": {
-      delete: op("Roll a step (`<pipeline>.<step>`) back to its configured version (admin)", {
-        "200": json({ type: "object" }),
-      }, {
-        parameters: [{
-          name: "step",
-          in: "path",
-          required: true,
-          description: "`<pipeline>.<step>`, e.g. orders.price",
-          schema: { type: "string" },
-        }],
-      }),
-    },
-    "/metrics": {
-      get: op("Prometheus metrics of the whole mesh", {
-        "200": { description: "text/plain; version=0.0.4" },
-      }),
-    },
-    // A hub's (`--hub`) central view of its edge sites (src/gateway/edge_routes.ts).
+  return want.length === have.length;
+}
+
+/**
+ * The roles the route serving `method path` lets through (admin always, when any is needed;
+ * none for an open route), from the role checks on it and on its path (`app.use`); undefined
+ * when no route serves it.
+ */
+export function routeRoles(
+  routes: readonly AppRoute[],
+  method: string,
+  path: string,
+): Role[] | undefined {
+  const upper = method.toUpperCase();
+  const route = routes.find((r) => r.method === upper && serves(r.path, path));
+  if (!route) return undefined;
+  const roles = new Set<Role>();
+  for (const r of routes) {
+    const on = r.method === "ALL" ? serves(r.path, path) : r === route ||
+      (r.method === upper && r.path === route.path);
+    for (const role of on ? rolesOf(r.handler) ?? [] : []) roles.add(role);
+  }
+  return roles.size === 0 ? [] : [...roles, ...(roles.has(Role.Admin) ? [] : [Role.Admin])];
+}
+
+/**
+ * Each operation's `security` and `x-weft-roles` from the route table, and a sentence saying
+ * which key it needs; an operation no route serves is left as it is (a test fails on it).
+ */
+function annotateRoles(paths: Json, routes: readonly AppRoute[]): void {
+  for (const [path, item] of Object.entries(paths)) {
+    for (const [method, operation] of Object.entries(item as Record<string, Json>)) {
+      const roles = routeRoles(routes, method, path);
+      if (roles === undefined) continue;
+      operation.security = roles.length === 0 ? [] : [{ apiKey: [] }];
+      operation["x-weft-roles"] = roles;
+      const needs = roles.length === 0
+        ? "Needs no API key."
+        : `With API keys configured, needs a key of role ${roles.join(" or ")}.`;
+      operation.description = operation.description ? `${operation.description} ${needs}` : needs;
+    }
+  }
+}
+
+/** A hub's (`--hub`) central view of its edge sites (src/gateway/edge_routes.ts). */
+function hubPaths(): Json {
+  return {
     "/sites": {
       get: op(
         "A hub only: each edge site's events, items of each shipped pipeline, dead letters, " +
@@ -311,9 +314,198 @@ export function openApiDocument(
         },
       ),
     },
+  };
+}
+
+/** An operation: summary, responses (problems added), and anything else (body, parameters). */
+export function op(
+  summary: string,
+  responses: Json,
+  extra: Json = {},
+): Json {
+  return {
+    summary,
+    responses: { ...responses, "4XX": problem, "5XX": problem },
+    ...extra,
+  };
+}
+
+/**
+ * The OpenAPI document of the gateway with `pipelines` loaded and the shipped pipelines'
+ * own `paths` (each one's, from its part of the gateway).
+ */
+export function openApiDocument(
+  pipelines: readonly LoadedPipeline[] = [],
+  shippedPaths: readonly Json[] = [],
+  opts: OpenApiOptions = {},
+): Json {
+  const files = new Map(
+    Object.keys(registeredSchemas()).map((name) => [`${name}.v1.json`, name] as const),
+  );
+  const schemas: Json = {
+    Problem: {
+      type: "object",
+      required: ["type", "title", "status", "code"],
+      properties: {
+        type: { type: "string" },
+        title: { type: "string" },
+        status: { type: "integer" },
+        detail: { type: "string" },
+        code: { type: "string", description: "Stable error code (src/errors.ts)" },
+        field: { type: "string", description: "JSON pointer of the field at fault" },
+      },
+    },
+  };
+  for (const [name, schema] of Object.entries(registeredSchemas())) {
+    schemas[name] = rehome(schema, name, files);
+  }
+  const paths: Json = {
+    ...Object.assign({}, ...shippedPaths),
+    "/deadletters": {
+      get: op("Dead letters with their reasons", { "200": json({ type: "object" }) }, {
+        parameters: ["stage", "code", "item_id", "pending", "limit"].map((name) => ({
+          name,
+          in: "query",
+          schema: { type: "string" },
+        })),
+      }),
+    },
+    "/deadletters/redrive": {
+      post: op("Redrive dead letters", { "200": json({ type: "object" }) }, {
+        requestBody: body({ type: "object" }),
+      }),
+    },
+    "/schedules": {
+      get: op("Every schedule, the pipelines' own timers included (admin)", {
+        "200": json({
+          type: "object",
+          required: ["items"],
+          properties: { items: { type: "array", items: scheduleEntry } },
+        }),
+      }),
+      post: op(
+        "Schedule a submission to a running pipeline's bus input (`<name>.submit`; admin)",
+        { "201": json(scheduleEntry, "Created") },
+        { requestBody: body(ref("schedule")) },
+      ),
+    },
+    "/schedules/{id}": {
+      get: op("One schedule (admin)", { "200": json(scheduleEntry) }, {
+        parameters: [scheduleId],
+      }),
+      delete: op("Cancel a caller's schedule (admin)", { "204": { description: "Cancelled" } }, {
+        parameters: [scheduleId],
+      }),
+    },
+    "/shadows": {
+      get: op("Live shadows with their figures, and promoted step versions (admin)", {
+        "200": json({ type: "object" }),
+      }),
+      post: op("Attach a live shadow (admin; docs/SHADOW.md)", {
+        "201": json(shadowSpec, "Attached"),
+      }, { requestBody: body(shadowSpec) }),
+    },
+    "/shadows/{id}": {
+      delete: op("Detach a live shadow (admin)", { "200": json({ type: "object" }) }, {
+        parameters: [shadowId],
+      }),
+    },
+    "/shadows/{id}/promote": {
+      post: op("Promote a shadow's candidate to production for its step (admin)", {
+        "200": json({ type: "object" }),
+      }, { parameters: [shadowId] }),
+    },
+    "/shadows/versions/{step}": {
+      delete: op("Roll a step (`<pipeline>.<step>`) back to its configured version (admin)", {
+        "200": json({ type: "object" }),
+      }, {
+        parameters: [{
+          name: "step",
+          in: "path",
+          required: true,
+          description: "`<pipeline>.<step>`, e.g. orders.price",
+          schema: { type: "string" },
+        }],
+      }),
+    },
+    "/metrics": {
+      get: op("Prometheus metrics of the whole mesh", {
+        "200": { description: "text/plain; version=0.0.4" },
+      }),
+    },
+    ...(opts.hub ? hubPaths() : {}),
     "/healthz": { get: op("Liveness", { "200": json({ type: "object" }) }) },
     "/readyz": { get: op("Readiness: NATS and the streams", { "200": json({ type: "object" }) }) },
     "/openapi.json": { get: op("This document", { "200": json({ type: "object" }) }) },
+    "/": {
+      get: op("The dashboard's address", {
+        "302": {
+          description: "Redirect to /dashboard",
+          headers: { Location: { schema: { const: "/dashboard" } } },
+        },
+      }),
+    },
+    "/dashboard": {
+      get: op("The live dashboard (an HTML page; it asks for an API key when keys are on)", {
+        "200": {
+          description: "The page",
+          content: { "text/html": { schema: { type: "string" } } },
+        },
+      }),
+    },
+    "/favicon.ico": {
+      get: op("No icon: an empty answer rather than a 404", {
+        "204": { description: "No content" },
+      }),
+    },
+    "/dashboard/recent": {
+      get: op(
+        "A hand-wired pipeline's latest events (oldest first) and the stream's last sequence, " +
+          "for the dashboard to follow live from there; a hub adds its sites' latest events",
+        {
+          "200": json({
+            type: "object",
+            required: ["events", "last_seq"],
+            properties: {
+              events: {
+                type: "array",
+                items: {
+                  type: "object",
+                  required: ["seq", "event"],
+                  properties: { seq: { type: "integer" }, event: { type: "object" } },
+                },
+              },
+              last_seq: { type: "integer" },
+              site_events: { type: "array" },
+            },
+          }),
+        },
+        {
+          parameters: [
+            {
+              name: "limit",
+              in: "query",
+              schema: { type: "integer", minimum: 1, maximum: RECENT_EVENTS_MAX, default: 200 },
+            },
+            {
+              name: "pipeline",
+              in: "query",
+              description: "A hand-wired pipeline with items (by default the first)",
+              schema: {
+                enum: SHIPPED_PIPELINES.filter((w) => w.items && w.streams.length > 0).map((w) =>
+                  w.name
+                ),
+              },
+            },
+          ],
+        },
+      ),
+    },
+    "/dashboard/stream": {
+      get: op("The dashboard's mesh figures, one `metrics` frame a second", {
+        "200": sse("Mesh figures"),
+      }),
+    },
   };
   paths["/pipelines"] = {
     get: op("The pipelines loaded from definitions", { "200": json({ type: "object" }) }),
@@ -474,6 +666,7 @@ export function openApiDocument(
       };
     }
   }
+  if (opts.routes) annotateRoles(paths, opts.routes);
   return {
     openapi: "3.1.0",
     info: {
