@@ -68,6 +68,8 @@ export const ErrorCode = {
    * JSON list of entries. The step is dead-lettered at once; delete or fix the key, then redrive.
    */
   InvalidScratchpad: "invalid_scratchpad",
+  /** The path exists but not with this method: the answer's `Allow` header lists its methods. */
+  MethodNotAllowed: "method_not_allowed",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -123,6 +125,7 @@ const PERMANENT_BY_DEFAULT: ReadonlySet<ErrorCode> = new Set([
   ErrorCode.LoopLimit,
   ErrorCode.InvalidAwaitedEvent,
   ErrorCode.InvalidScratchpad,
+  ErrorCode.MethodNotAllowed,
 ]);
 
 /** Input failed validation against its JSON Schema. */
@@ -229,6 +232,7 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   loop_limit: 422,
   invalid_awaited_event: 422,
   invalid_scratchpad: 500,
+  method_not_allowed: 405,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -254,6 +258,7 @@ const TITLES: Record<ErrorCode, string> = {
   loop_limit: "Loop bound reached",
   invalid_awaited_event: "Invalid awaited event",
   invalid_scratchpad: "Invalid scratchpad",
+  method_not_allowed: "Method not allowed",
 };
 
 /** Maps any error to the problem document the gateway answers with. */

@@ -910,3 +910,50 @@ Deno.test("dead letters answer like every JSON route: a redrive not declared JSO
   await expectProblem(await app.request("/deadletters?stage="), 422, "stage");
   assert.equal((await redrive(JSON_TYPE, '{"ids":[1]}')).status, 200);
 });
+
+Deno.test("a path served with other methods answers 405 with Allow, OPTIONS 204 with Allow, the same with a key or without; an unknown path stays 404", async () => {
+  await using t = await startTestNats();
+  const intake = await createIntake(t.nc);
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: true,
+  });
+  const app = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    config: t.config,
+    log: t.log,
+    auth: createAuth([{ sha256: hashKey("k-root"), role: "admin", name: "root" }]),
+    extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
+  });
+  for (const key of [undefined, "k-root"]) {
+    const headers: Record<string, string> = key ? { authorization: `Bearer ${key}` } : {};
+    for (
+      const [method, path, allow] of [
+        ["PUT", "/feedback", "POST, OPTIONS"],
+        ["DELETE", "/feedback/abc", "GET, HEAD, OPTIONS"],
+        ["GET", "/content", "POST, OPTIONS"],
+        ["PUT", "/schedules", "GET, POST, HEAD, OPTIONS"],
+        ["POST", "/healthz", "GET, HEAD, OPTIONS"],
+      ]
+    ) {
+      const res = await app.request(path!, { method, headers });
+      await expectProblem(res, 405);
+      assert.equal(res.headers.get("allow"), allow, `${method} ${path}`);
+    }
+    for (
+      const [path, allow] of [["/schedules", "GET, POST, HEAD, OPTIONS"], [
+        "/feedback",
+        "POST, OPTIONS",
+      ]]
+    ) {
+      const res = await app.request(path!, { method: "OPTIONS", headers });
+      assert.equal(res.status, 204, `OPTIONS ${path} with key ${key}`);
+      assert.equal(res.headers.get("allow"), allow);
+    }
+    await expectProblem(await app.request("/nope", { method: "OPTIONS", headers }), 404);
+    await expectProblem(await app.request("/nope", { method: "PUT", headers }), 404);
+  }
+});

@@ -161,6 +161,17 @@ export async function readJson(c: Context, opts: { optional?: boolean } = {}): P
   }
 }
 
+/** The methods a route may have; HEAD and OPTIONS follow from them. */
+const ALLOWABLE = ["GET", "POST", "PUT", "PATCH", "DELETE"] as const;
+
+/** Whether `app` has a route (not a middleware for every method) for `method path`. */
+function routed(app: Hono, method: string, path: string): boolean {
+  const [matched] = app.router.match(method, path) as unknown as [
+    [[unknown, { method: string }], unknown][],
+  ];
+  return matched.some(([[, route]]) => route.method !== "ALL");
+}
+
 /** Routes that answer without NATS. */
 const NO_NATS_NEEDED = new Set(["/healthz", "/", "/dashboard", "/openapi.json"]);
 
@@ -198,6 +209,23 @@ export function createApp(deps: GatewayDeps): Hono {
   const app = new Hono();
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
+
+  // A path served with other methods: OPTIONS is 204 and any other method 405, each with
+  // `Allow` listing them, before a path's key check (an OPTIONS or a wrong method is told the
+  // same with a key or without). A path served with none goes on to 404.
+  app.use(async (c, next) => {
+    const method = c.req.method === "HEAD" ? "GET" : c.req.method;
+    if (method !== "OPTIONS" && routed(app, method, c.req.path)) return await next();
+    const allowed = ALLOWABLE.filter((m) => routed(app, m, c.req.path));
+    if (allowed.length === 0) return await next();
+    const allow = [...allowed, ...(allowed.includes("GET") ? ["HEAD"] : []), "OPTIONS"].join(", ");
+    if (method === "OPTIONS") return c.body(null, 204, { Allow: allow });
+    c.header("Allow", allow);
+    throw new WeftError(
+      ErrorCode.MethodNotAllowed,
+      `${c.req.path} takes ${allow}, not ${c.req.method}`,
+    );
+  });
 
   // While NATS is unreachable, answer 503 at once instead of waiting out a publish timeout.
   const health = watchConnection(deps.nc);
