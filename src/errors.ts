@@ -82,6 +82,11 @@ export interface WeftErrorOptions extends ErrorOptions {
   permanent?: boolean;
   /** Seconds after which a retry may succeed (HTTP `Retry-After`). */
   retryAfterSeconds?: number;
+  /**
+   * The message is safe to show in a 5xx problem's detail (written for the client, no
+   * internals): a 5xx detail is otherwise only its title.
+   */
+  shown?: boolean;
 }
 
 /** The base of every error Weft raises on purpose. */
@@ -94,6 +99,8 @@ export class WeftError extends Error {
   readonly permanent: boolean;
   /** Seconds after which a retry may succeed, when known (HTTP `Retry-After`). */
   readonly retryAfterSeconds?: number;
+  /** True when the message may be a 5xx problem's detail ({@link WeftErrorOptions.shown}). */
+  readonly shown: boolean;
 
   /** An error with `code`; `options.permanent` defaults by code. */
   constructor(code: ErrorCode, message: string, options: WeftErrorOptions = {}) {
@@ -103,6 +110,7 @@ export class WeftError extends Error {
     this.field = options.field;
     this.permanent = options.permanent ?? PERMANENT_BY_DEFAULT.has(code);
     if (options.retryAfterSeconds !== undefined) this.retryAfterSeconds = options.retryAfterSeconds;
+    this.shown = options.shown ?? false;
   }
 }
 
@@ -241,7 +249,7 @@ const TITLES: Record<ErrorCode, string> = {
   payload_too_large: "Payload too large",
   unsupported_media_type: "Unsupported media type",
   not_found: "Not found",
-  idempotency_mismatch: "Idempotency-Key reused with a different request",
+  idempotency_mismatch: "An id or Idempotency-Key reused with a different request",
   invalid_event: "Invalid event",
   unknown_version: "Unknown schema version",
   handler_failed: "Internal error",
@@ -269,8 +277,10 @@ export function toProblem(err: unknown): Problem {
     type: `https://weft.dev/problems/${code}`,
     title: TITLES[code],
     status,
-    // 5xx details are logged, never shown: they may carry internals.
-    detail: status >= 500 || !(err instanceof Error) ? TITLES[code] : err.message,
+    // 5xx details are logged, never shown (they may carry internals), unless written for it.
+    detail: !(err instanceof Error) || (status >= 500 && !(err instanceof WeftError && err.shown))
+      ? TITLES[code]
+      : err.message,
     code,
   };
   if (err instanceof WeftError && err.field !== undefined) problem.field = err.field;

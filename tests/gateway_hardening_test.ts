@@ -957,3 +957,61 @@ Deno.test("a path served with other methods answers 405 with Allow, OPTIONS 204 
     await expectProblem(await app.request("/nope", { method: "PUT", headers }), 404);
   }
 });
+
+Deno.test("small answers fixed: /readyz's 503 has Retry-After, a stream cap's 503 says which cap, a reused id's title fits an id, POST /schedules has Location, a decision's body id must be the path's, a batch refuses an unknown field", async () => {
+  await using t = await startTestNats();
+  const intake = await createIntake(t.nc);
+  const notReady = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    streams: ["NO_SUCH_STREAM"],
+    config: t.config,
+    log: t.log,
+  });
+  const ready = await notReady.request("/readyz");
+  await expectProblem(ready, 503);
+  assert.equal(ready.headers.get("retry-after"), "5");
+
+  const app = await gateway(t, { pipelines: [approvalsPipeline()] });
+  const capped = feedbackApp(t, intake, { config: { ...t.config, sseMaxPerKey: 1 } });
+  const key = { authorization: "Bearer k1" };
+  const abort = new AbortController();
+  const first = await capped.request("/events", { headers: key, signal: abort.signal });
+  assert.equal(first.status, 200);
+  try {
+    const second = await capped.request("/events", { headers: key });
+    const p = await expectProblem(second, 503);
+    assert.match(p.detail, /this API key's 1 event streams are open \(WEFT_SSE_MAX_PER_KEY\)/);
+    assert.equal(second.headers.get("retry-after"), "5");
+  } finally {
+    abort.abort();
+    await first.body?.cancel();
+  }
+
+  const post = (path: string, body: unknown) =>
+    app.request(path, { method: "POST", headers: JSON_TYPE, body: JSON.stringify(body) });
+  assert.equal((await post("/feedback", { id: "reused-1", text: "one" })).status, 202);
+  const reused = await expectProblem(await post("/feedback", { id: "reused-1", text: "two" }), 422);
+  assert.equal(reused.code, "idempotency_mismatch");
+  assert.match(reused.title, /\bid\b/, "the title fits a reused id");
+
+  const scheduled = await post("/schedules", {
+    id: "located",
+    subject: "feedback.submit",
+    payload: { text: "hi" },
+    at: "2099-01-01T00:00:00Z",
+  });
+  assert.equal(scheduled.status, 201, await scheduled.clone().text());
+  assert.equal(scheduled.headers.get("location"), "/schedules/located");
+
+  await expectProblem(
+    await post("/reviews/abc/decision", { id: "other", decision: "approve", reason: "ok" }),
+    422,
+    "/id",
+  );
+  await expectProblem(
+    await post("/pipelines/approvals/items/batch", { items: [{}], zz: 1 }),
+    422,
+    "/zz",
+  );
+});

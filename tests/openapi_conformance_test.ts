@@ -230,6 +230,7 @@ Deno.test("live responses validate against the document: schedules (a caller's a
       at: "2099-01-01T00:00:00Z",
     });
     assert.equal(created.status, 201);
+    assert.equal(created.headers.get("location"), "/schedules/nightly");
     await conforms(created, "post", "/schedules");
     const store = await lazyScheduleStore(t.nc)();
     await store.create({

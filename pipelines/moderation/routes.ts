@@ -181,6 +181,9 @@ export function createModerationRoutes(deps: {
 
   app.post("/reviews/:id/decision", reviewer, requireJson, tooLarge(16 * 1024), async (c) => {
     const req = validateDocument("review.decision", await readJson(c));
+    if (req.id !== undefined && req.id !== c.req.param("id")) {
+      throw new ValidationError(`/id ${req.id} is not the item of the path`, { field: "/id" });
+    }
     const { entry, replayed } = await api.decide(c.req.param("id"), req, c.get("principal"));
     if (replayed) c.header("Idempotent-Replayed", "true");
     return c.json(entry);

@@ -292,7 +292,10 @@ export function createApp(deps: GatewayDeps): Hono {
   );
   app.get("/readyz", async (c) => {
     if (deps.nc.isClosed()) {
-      return problemResponse(c, new WeftError(ErrorCode.Unavailable, "NATS connection closed"));
+      return problemResponse(
+        c,
+        new WeftError(ErrorCode.Unavailable, "NATS connection closed", { retryAfterSeconds: 5 }),
+      );
     }
     try {
       for (const stream of [...deps.streams ?? [], DEADLETTER_STREAM]) {
@@ -303,6 +306,7 @@ export function createApp(deps: GatewayDeps): Hono {
         c,
         new WeftError(ErrorCode.Unavailable, "JetStream streams are not available", {
           cause: err,
+          retryAfterSeconds: 5,
         }),
       );
     }

@@ -147,7 +147,11 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   app.get("/dashboard/stream", (c) => {
     if (clients.closing.aborted) throw stoppingError();
     if (!clients.tryOpen()) {
-      throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later");
+      const cap = clients.capReached() ?? "too many event streams open";
+      throw new WeftError(ErrorCode.Unavailable, `${cap}; retry later`, {
+        retryAfterSeconds: 5,
+        shown: true,
+      });
     }
     return streamSSE(c, async (stream) => {
       // The gateway stops: the stream ends at once (a snapshot or a tick's wait is not

@@ -385,7 +385,12 @@ export function openApiDocument(
       }),
       post: op(
         "Schedule a submission to a running pipeline's bus input (`<name>.submit`; admin)",
-        { "201": json(scheduleEntry, "Created") },
+        {
+          "201": {
+            ...json(scheduleEntry, "Created"),
+            headers: { Location: { schema: { type: "string" }, description: "/schedules/{id}" } },
+          },
+        },
         { requestBody: body(ref("schedule")) },
       ),
     },

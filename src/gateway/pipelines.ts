@@ -484,6 +484,14 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     async (c) => {
       const r = runtimeOf(c.req.param("name"));
       const body = await readJson(c) as { items?: unknown };
+      const extra = body !== null && typeof body === "object" && !Array.isArray(body)
+        ? Object.keys(body).find((k) => k !== "items")
+        : undefined;
+      if (extra !== undefined) {
+        throw new ValidationError(`/${extra} is not a field of a batch (items)`, {
+          field: `/${extra}`,
+        });
+      }
       if (!body || !Array.isArray(body.items) || body.items.length === 0) {
         throw new ValidationError("/items must be a non-empty array", { field: "/items" });
       }

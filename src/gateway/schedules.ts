@@ -126,7 +126,11 @@ export function scheduleRoutes(
     "/",
     requireJson,
     bodyLimitProblem(maxBody),
-    async (c) => c.json(await create(store, targets, await readJson(c)), 201),
+    async (c) => {
+      const entry = await create(store, targets, await readJson(c));
+      c.header("Location", `/schedules/${entry.id}`);
+      return c.json(entry, 201);
+    },
   );
   app.get("/:id", async (c) => c.json(await (await store()).get(c.req.param("id"))));
   app.delete("/:id", async (c) => {

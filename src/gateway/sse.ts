@@ -163,6 +163,16 @@ export class SseClients {
     if (key !== undefined) this.#byKey.set(key, (this.#byKey.get(key) ?? 0) + 1);
     return true;
   }
+  /** Which cap refuses a client of `key` now, in words; undefined when none does. */
+  capReached(key?: string): string | undefined {
+    if (this.#open >= this.max) {
+      return `the gateway's ${this.max} event streams are open (WEFT_SSE_MAX_CLIENTS)`;
+    }
+    if (key !== undefined && (this.#byKey.get(key) ?? 0) >= this.maxPerKey) {
+      return `this API key's ${this.maxPerKey} event streams are open (WEFT_SSE_MAX_PER_KEY)`;
+    }
+    return undefined;
+  }
   /** Frees the slot taken by {@link tryOpen} with the same `key`. */
   close(key?: string): void {
     this.#open--;
@@ -182,8 +192,10 @@ export function openSlot(clients: SseClients, c: Context): string | undefined {
   const auth = c.req.header("authorization");
   const key = auth ? deterministicId("sse-key", auth) : undefined;
   if (!clients.tryOpen(key)) {
-    throw new WeftError(ErrorCode.Unavailable, "too many event streams open; retry later", {
+    const cap = clients.capReached(key) ?? "too many event streams open";
+    throw new WeftError(ErrorCode.Unavailable, `${cap}; retry later`, {
       retryAfterSeconds: 5,
+      shown: true,
     });
   }
   return key;
