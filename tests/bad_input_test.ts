@@ -90,7 +90,8 @@ function httpCase(n: number): HttpCase {
       field: "type",
     }),
     () => ({ method: "GET", path: `/feedback/nope-${n}`, headers: {}, status: 404 }),
-    () => ({ method: "DELETE", path: "/feedback", headers: {}, status: 404 }),
+    () => ({ method: "DELETE", path: "/feedback", headers: {}, status: 405 }),
+    () => ({ method: "DELETE", path: `/no-such-route-${n}`, headers: {}, status: 404 }),
     () => ({
       ...post(JSON.stringify({ text: "x" }), 422, "Idempotency-Key"),
       headers: { ...JSON_TYPE, "Idempotency-Key": "k".repeat(300) },

@@ -21,6 +21,7 @@ import { runStateWriter } from "../src/state_writer.ts";
 import { pipelineTopology } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { lazyScheduleStore } from "../src/gateway/schedules.ts";
+import { SseClients } from "../src/gateway/sse.ts";
 import type { ShadowControl } from "../src/shadow/control.ts";
 import type { GatewayPart } from "../src/wiring.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
@@ -66,7 +67,13 @@ async function gateway(t: TestNats, hub = false) {
       }),
     );
   }
+  const sseClients = new SseClients(
+    config.sseMaxClients,
+    config.sseMaxPerKey,
+    config.sseOpensPerSecond,
+  );
   const app = createApp({
+    sseClients,
     nc: t.nc,
     jetStream: { js: t.jsm.jetstream(), jsm: t.jsm },
     config,
@@ -84,6 +91,7 @@ async function gateway(t: TestNats, hub = false) {
   return {
     app,
     doc,
+    sseClients,
     [Symbol.dispose]() {
       for (const p of parts) p.stop();
     },
@@ -275,6 +283,8 @@ Deno.test("live responses validate against the document: schedules (a caller's a
     assert.equal(stream.headers.get("content-type")?.split(";")[0], "text/event-stream");
     await stream.body?.cancel();
     await conforms(stream, "get", "/dashboard/stream");
+    // The stream's own timers end once the gateway has let the client go.
+    await waitFor(() => g.sseClients.open === 0, 10_000, "the dashboard stream closed");
   } finally {
     await writer.stop();
   }
