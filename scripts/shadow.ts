@@ -329,6 +329,7 @@ async function replayDefinition(
     const decided = replay.decisions.length;
     const stats = {
       failed: replay.failed,
+      timed_out: replay.timedOut,
       items_per_s: Math.round(decided / Math.max(replay.wallSeconds, 1e-6)),
       handler_ms_mean: decided ? Math.round((replay.handlerSeconds / decided) * 1e6) / 1e3 : 0,
       ...(replay.llm ? { llm: replay.llm } : {}),
@@ -337,6 +338,10 @@ async function replayDefinition(
     say(
       `\ncandidate: ${stats.items_per_s} items/s, ${stats.handler_ms_mean} ms per item, ` +
         `${stats.failed} failed` +
+        (replay.timedOut
+          ? ` (${replay.timedOut} did not answer within ${config.handlerTimeoutMs} ms, ` +
+            `WEFT_HANDLER_TIMEOUT_MS)`
+          : "") +
         (replay.llm
           ? `, LLM ${replay.llm.calls} calls, ${replay.llm.total_tokens} tokens, ` +
             `$${replay.llm.cost_usd.toFixed(4)}`

@@ -53,10 +53,17 @@ export async function hostShadows(
   const pipelines = await loadPipelines(config.pipelines, root);
   const hosted = new Map<string, Hosted>();
   registerShadowMetrics(ctx.metrics.registry, () => [...hosted.values()].map((h) => h.tally));
-  // One change at a time, in order.
-  let chain: Promise<void> = Promise.resolve();
-  const serial = (work: () => Promise<void>) =>
-    chain = chain.then(work).catch((err) => log.error("shadow change failed", { err }));
+  // One change at a time per shadow, in order; shadows apart from each other, so one slow
+  // to stop (its stop is bounded anyway) holds no other's start or detach.
+  const chains = new Map<string, Promise<void>>();
+  const serial = (id: string, work: () => Promise<void>) => {
+    const next: Promise<void> = (chains.get(id) ?? Promise.resolve()).then(work)
+      .catch((err) => log.error("shadow change failed", { shadow: id, err }))
+      .finally(() => {
+        if (chains.get(id) === next) chains.delete(id);
+      });
+    chains.set(id, next);
+  };
 
   const start = async (spec: ShadowSpec, source: Hosted["source"]) => {
     const json = JSON.stringify({ ...spec, attached_by: undefined, attached_at: undefined });
@@ -92,7 +99,7 @@ export async function hostShadows(
     log.info("shadow detached", { shadow: id });
   };
 
-  for (const spec of config.shadows) serial(() => start(spec, "config"));
+  for (const spec of config.shadows) serial(spec.id, () => start(spec, "config"));
 
   // Shadows attached over the API, and their changes.
   let stopped = false;
@@ -138,8 +145,8 @@ export async function hostShadows(
             log.error("invalid shadow in the bucket; ignored", { key: e.key, err });
             continue;
           }
-          serial(() => start(spec, "api"));
-        } else serial(() => remove(e.key, "api"));
+          serial(spec.id, () => start(spec, "api"));
+        } else serial(e.key, () => remove(e.key, "api"));
       }
     })().catch((err) => log.error("shadow watch failed", { err })).finally(() => {
       // The watch ended on its own: end the service, so it is restarted whole.
@@ -172,7 +179,7 @@ export async function hostShadows(
     async stop() {
       stopped = true;
       watcher?.stop();
-      await chain;
+      await Promise.all(chains.values());
       await Promise.all([...hosted.values()].map((h) => h.runner?.stop()));
       resolveDone();
     },

@@ -31,7 +31,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { type KV, Kvm } from "@nats-io/kv";
 import client from "prom-client";
 import type { Config } from "../config.ts";
-import { ConfigError, errorCode, ValidationError } from "../errors.ts";
+import { ConfigError, ErrorCode, errorCode, ValidationError, WeftError } from "../errors.ts";
 import { pipelineStreamOf, stepFilterSubject } from "../pipeline/derive.ts";
 import {
   candidateDefinitionFile,
@@ -586,6 +586,8 @@ function restoreCheckpoint(tally: ShadowTally, saved: TallyCheckpoint): void {
   }
 }
 
+/** A candidate call's deadline when the configuration names none (`WEFT_HANDLER_TIMEOUT_MS`). */
+const DEFAULT_CALL_TIMEOUT_MS = 300_000;
 /** How long after deciding a shadow first looks for production's output, ms. */
 const FIRST_LOOK_MS = 100;
 /** How long a shadow waits for production's output of an item, ms. */
@@ -684,25 +686,68 @@ function inputOf(step: ShadowTarget, m: JsMsg): ShadowInput | undefined {
   return { m, input, message };
 }
 
+/** A candidate's call that did not answer within its deadline (`WEFT_HANDLER_TIMEOUT_MS`). */
+export class CandidateTimeoutError extends WeftError {
+  /** The deadline it passed, ms. */
+  readonly timeoutMs: number;
+
+  constructor(timeoutMs: number) {
+    super(
+      ErrorCode.HandlerFailed,
+      `the candidate did not answer within ${timeoutMs} ms (WEFT_HANDLER_TIMEOUT_MS)`,
+    );
+    this.name = "CandidateTimeoutError";
+    this.timeoutMs = timeoutMs;
+  }
+}
+
 /**
  * The candidate's decision on one input of its step: the item, the event the candidate's
  * step would publish, and its handler time (ms). Throws what the handler throws, and when
- * it emits no event of production's type.
+ * it emits no event of production's type. The call is bounded: past `timeoutMs` its signal
+ * aborts and it fails with {@link CandidateTimeoutError}; `signal` aborting (the shadow
+ * stopping) fails it at once. Either way the handler's promise is left behind, so a handler
+ * that never answers (and ignores its signal) holds neither the shadow nor its stop.
  */
 async function decideOnce(
   step: ShadowTarget,
   { input, message }: ShadowInput,
   source: string,
   signal: AbortSignal,
+  timeoutMs: number,
 ): Promise<{ itemId: string; event: OutputEvent; ms: number }> {
   const stage = step.stage as Stage<StageInput>;
   const started = performance.now();
-  const outputs = await stage.handle(input as never, {
-    source,
-    message,
-    now: () => new Date(),
-    signal,
-  });
+  const call = new AbortController();
+  const { promise: given, reject } = Promise.withResolvers<never>();
+  const stop = () => {
+    call.abort(signal.reason);
+    reject(signal.reason ?? new Error("the shadow stopped"));
+  };
+  const timer = setTimeout(() => {
+    const err = new CandidateTimeoutError(timeoutMs);
+    call.abort(err);
+    reject(err);
+  }, timeoutMs);
+  if (signal.aborted) stop();
+  else signal.addEventListener("abort", stop, { once: true });
+  let outputs: OutputEvent[];
+  try {
+    outputs = await Promise.race([
+      Promise.resolve().then(() =>
+        stage.handle(input as never, {
+          source,
+          message,
+          now: () => new Date(),
+          signal: call.signal,
+        })
+      ),
+      given,
+    ]);
+  } finally {
+    clearTimeout(timer);
+    signal.removeEventListener("abort", stop);
+  }
   const ms = performance.now() - started;
   const event = outputs.find((e) => e.type === step.output);
   if (!event) throw new Error(`the candidate emitted no ${step.output}`);
@@ -781,6 +826,7 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   const log = opts.log.with({ shadow: spec.id, step: `${spec.pipeline}.${spec.step}` });
   const tally = opts.tally ?? new ShadowTally(spec);
   const matchWaitMs = opts.matchWaitMs ?? MATCH_WAIT_MS;
+  const callTimeoutMs = config.handlerTimeoutMs ?? DEFAULT_CALL_TIMEOUT_MS;
   // What it counted before a restart (of this attachment): its budget goes on from there.
   const mark = tallyMark(spec);
   const tallies: KV | undefined = await new Kvm(nc).open(SHADOW_TALLY_BUCKET).catch((err) => {
@@ -840,6 +886,7 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   const inFlight = new Set<Promise<void>>();
   let messages: ConsumerMessages | undefined;
   let stopping = false;
+  let stopped: Promise<void> | undefined;
   const source = `weft-shadow-${spec.id}`;
 
   /**
@@ -945,8 +992,15 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
       m.term();
       return;
     }
+    // Its lease kept while the candidate decides (up to its deadline, past the ack wait).
+    const lease = setInterval(() => m.working(), ACK_WAIT_MS / 3);
     try {
-      const decided = await decideOnce(step, given, source, abort.signal);
+      let decided;
+      try {
+        decided = await decideOnce(step, given, source, abort.signal, callTimeoutMs);
+      } finally {
+        clearInterval(lease);
+      }
       release();
       tally.seconds += decided.ms / 1000;
       tally.counts.decided++;
@@ -1015,19 +1069,34 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
   return {
     tally,
     done,
-    async stop() {
-      if (stopping) return done;
-      stopping = true;
-      messages?.stop();
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([done, new Promise((r) => (timer = setTimeout(r, config.drainMs)))]);
-      clearTimeout(timer);
-      abort.abort();
-      await done;
-      clearInterval(saver);
-      await save();
-      tally.up = false;
-      log.info("shadow stopped", { ...tally.counts });
+    stop() {
+      return stopped ??= (async () => {
+        stopping = true;
+        messages?.stop();
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([done, new Promise((r) => (timer = setTimeout(r, config.drainMs)))]);
+        clearTimeout(timer);
+        abort.abort();
+        // Its calls fail once aborted; what else is in flight (a publish, a lookup) is bounded
+        // by its own timeout. Past a second deadline it is abandoned, logged: a stop never
+        // waits for ever (the host's next change of this shadow waits for it).
+        const abandonMs = Math.max(config.drainMs, 1000);
+        const gone = await Promise.race([
+          done.then(() => true),
+          new Promise<false>((r) => (timer = setTimeout(() => r(false), abandonMs))),
+        ]);
+        clearTimeout(timer);
+        if (!gone) {
+          log.warn("shadow stop abandoned what it had in flight", {
+            in_flight: inFlight.size,
+            after_ms: abandonMs,
+          });
+        }
+        clearInterval(saver);
+        await save();
+        tally.up = false;
+        log.info("shadow stopped", { ...tally.counts });
+      })();
     },
   };
 }
@@ -1036,8 +1105,10 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
 export interface ShadowReplay {
   /** One per input replayed (compared with production's stored output when there is one). */
   decisions: ShadowDecision[];
-  /** Inputs the candidate failed on (its handler threw, or emitted no output). */
+  /** Inputs the candidate failed on (its handler threw, or emitted no output, or timed out). */
   failed: number;
+  /** Of which calls that passed their deadline (`WEFT_HANDLER_TIMEOUT_MS`). */
+  timedOut: number;
   /** The candidate's handler time in all, s, and the replay's wall time, s. */
   handlerSeconds: number;
   wallSeconds: number;
@@ -1082,7 +1153,9 @@ export async function replayShadow(opts: {
   const abort = new AbortController();
   const decisions: ShadowDecision[] = [];
   let failed = 0;
+  let timedOut = 0;
   let handlerSeconds = 0;
+  const timeoutMs = opts.config.handlerTimeoutMs ?? DEFAULT_CALL_TIMEOUT_MS;
   const started = performance.now();
   const max = opts.count ?? Infinity;
   for await (const m of readStream(js, step.stream, { filter: step.filterSubject })) {
@@ -1094,7 +1167,13 @@ export async function replayShadow(opts: {
       const given = inputOf(step, m);
       if (!given) continue; // not for this step (a join's other inputs)
       if (!sampled(given.input.item_id, spec.limits.sample)) continue;
-      const decided = await decideOnce(step, given, `weft-shadow-${spec.id}`, abort.signal);
+      const decided = await decideOnce(
+        step,
+        given,
+        `weft-shadow-${spec.id}`,
+        abort.signal,
+        timeoutMs,
+      );
       handlerSeconds += decided.ms / 1000;
       const prod = await storedOutput(jsm, step, decided.itemId, decided.event.id);
       decisions.push(decisionOf(
@@ -1107,6 +1186,7 @@ export async function replayShadow(opts: {
       ));
     } catch (err) {
       failed++;
+      if (err instanceof CandidateTimeoutError) timedOut++;
       opts.log.warn("replayed decision failed", {
         item_id: itemId,
         code: errorCode(err),
@@ -1118,6 +1198,7 @@ export async function replayShadow(opts: {
   return {
     decisions,
     failed,
+    timedOut,
     handlerSeconds,
     wallSeconds: (performance.now() - started) / 1000,
     ...(stats
