@@ -7,15 +7,16 @@
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { compileFlow, entryData, flowEvent } from "../mod.ts";
+import { advance, compileFlow, completion, entryData, flowEvent, type TaskStep } from "../mod.ts";
 import { replayShadow, runShadow } from "../src/shadow/live.ts";
-import { hostShadows } from "../src/shadow/host.ts";
+import { fitStatus, hostShadows } from "../src/shadow/host.ts";
 import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
 import { parseShadowSpec } from "../src/shadow/spec.ts";
 import { SHADOW_BUCKET } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { createLogger } from "../src/observability/log.ts";
-import { WeftMetrics } from "../src/observability/metrics.ts";
+import { type MetricsJson, WeftMetrics } from "../src/observability/metrics.ts";
+import { registerMicroService } from "../src/observability/micro.ts";
 import type { Config } from "../src/config.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { meshTempDir } from "./helpers/mesh.ts";
@@ -50,25 +51,39 @@ export const bounded = definePipeline({
 }
 
 /** A server with the `bounded` pipeline's topology, its definitions in a folder of their own. */
-async function setUp(overrides: Partial<Config>) {
+async function setUp(
+  overrides: Partial<Config>,
+  files: Record<string, string> = { "pipeline.ts": definition(), "hang.ts": definition(true) },
+) {
   const dir = await meshTempDir("weft-shadow-bounds-");
-  await Deno.writeTextFile(`${dir}/pipeline.ts`, definition());
-  await Deno.writeTextFile(`${dir}/hang.ts`, definition(true));
+  for (const [name, text] of Object.entries(files)) {
+    await Deno.writeTextFile(`${dir}/${name}`, text);
+  }
   const t = await startTestNats({ pipelines: [`${dir}/pipeline.ts`], ...overrides });
   const pipelines = await loadPipelines([`${dir}/pipeline.ts`]);
   await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
   const flow = compileFlow(pipelines[0]!.def);
   const js = jetstream(t.nc);
-  /** Submits an item: its entry event, the `grade` step's input. */
-  const submit = async (id: string, text: string) => {
+  const ctx = { source: "test", now: new Date() };
+  /**
+   * Submits an item: its entry event, the `grade` step's input; with `decided`, production's
+   * completion too, as its handler decides it.
+   */
+  const submit = async (id: string, text: string, decided = false) => {
     const e = flowEvent(
       flow,
       "submitted",
       { id: `e-${id}`, item_id: id, trace_id: "0".repeat(32) },
       entryData({ text }),
-      { source: "test", now: new Date() },
+      ctx,
     );
     await js.publish(`${e.type}.${e.item_id}`, JSON.stringify(e));
+    if (!decided) return;
+    const grade = pipelines[0]!.def.steps.grade as TaskStep;
+    const result = await grade.handle!({ text }, {} as never);
+    for (const c of completion(flow, "grade", e, advance(e.data, "grade", result, result), ctx)) {
+      await js.publish(`${c.type}.${c.item_id}`, JSON.stringify(c));
+    }
   };
   return {
     t,
@@ -196,4 +211,137 @@ Deno.test("a replay's candidate call that never answers is cut at its deadline a
   assert.equal(replay.decisions.length, 2);
   assert.equal(replay.failed, 1);
   assert.equal(replay.timedOut, 1);
+});
+
+/**
+ * A step whose result has many top-level values: 20 with the same names on every item, 200
+ * named after the item (new names on every item), all with long names; `shift` changes the
+ * candidate's values of every third field.
+ */
+function wide(shift: number): string {
+  return `import { definePipeline } from "${MOD}";
+export const bounded = definePipeline({
+  name: "bounded",
+  input: { schema: { type: "object", required: ["text"], properties: { text: { type: "string" } } } },
+  start: "grade",
+  steps: {
+    grade: {
+      kind: "task",
+      output: { type: "object" },
+      handle: (v: { text: string }) => {
+        const out: Record<string, string> = {};
+        const long = "${"n".repeat(90)}";
+        for (let i = 0; i < 20; i++) out["a_" + i + long] = v.text + (i % 3 ? 0 : ${shift});
+        for (let i = 0; i < 200; i++) out["z_" + v.text + "_" + i + long] = v.text + i;
+        return out;
+      },
+      next: "done",
+    },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+}
+
+Deno.test("a shadow of a step with many result values compares at most 16 fields; the metrics and status answers stay whole", async () => {
+  await using s = await setUp({}, {
+    "pipeline.ts": wide(0),
+    "wide.ts": wide(1),
+    "same.ts": wide(0),
+  });
+  const log = createLogger("test", "debug", (l) => s.t.lines.push(l));
+  const metrics = new WeftMetrics();
+  const host = await hostShadows({ nc: s.t.nc, config: s.t.config, log, metrics });
+  const service = await registerMicroService({
+    nc: s.t.nc,
+    name: "shadow",
+    description: "test",
+    metrics,
+    status: () => (host.stats ?? {}) as Record<string, unknown>,
+    log,
+  });
+  const kv = await new Kvm(s.t.nc).open(SHADOW_BUCKET);
+  try {
+    for (const [id, file] of [["wide", "wide.ts"], ["same", "same.ts"]]) {
+      await kv.create(
+        id!,
+        JSON.stringify({
+          id,
+          pipeline: "bounded",
+          step: "grade",
+          candidate: { definition: `${s.dir}/${file}` },
+          limits: { rps: 100 },
+          attached_at: new Date().toISOString(),
+        }),
+      );
+    }
+    await waitFor(
+      () => s.t.lines.filter((l) => l.includes('"shadow started"')).length === 2,
+      20_000,
+      "both shadows started",
+    );
+    const n = 30;
+    for (let i = 0; i < n; i++) await s.submit(`w${i}`, `item${i}`, true);
+    type Status = { shadows: Record<string, Record<string, unknown>> };
+    const status = await waitFor(
+      async () => {
+        const m = await s.t.nc.request("weft.shadow.status", "", { timeout: 5_000 });
+        const st = m.json<Status>();
+        return ["wide", "same"].every((id) => st.shadows?.[id]?.compared === n)
+          ? { st, bytes: m.data.length }
+          : undefined;
+      },
+      30_000,
+      `both shadows to compare ${n} items`,
+    );
+    const max = s.t.nc.info!.max_payload;
+    assert.ok(status.bytes <= max);
+    for (const id of ["wide", "same"]) {
+      const one = status.st.shadows[id]!;
+      const fields = one.fields as Record<string, { agreement: number }>;
+      assert.equal(Object.keys(fields).length, 16, id);
+      assert.ok((one.fields_dropped as number) > 0, id);
+      assert.ok(Object.keys(fields).every((f) => f.length <= 64), "names cut");
+      assert.ok("result" in fields);
+    }
+    const wideFields = status.st.shadows.wide!.fields as Record<string, { agreement: number }>;
+    assert.equal(wideFields[`a_0${"n".repeat(61)}`]?.agreement, 0, "the shifted field disagrees");
+    assert.equal(wideFields[`a_1${"n".repeat(61)}`]?.agreement, 1);
+    // Every shadow's series are in the metrics answer.
+    const m = await s.t.nc.request("weft.metrics", "", { timeout: 5_000 });
+    assert.ok(m.data.length <= max);
+    const families = m.json<MetricsJson>();
+    const items = families.find((f) => f.name === "weft_shadow_items_total")!;
+    for (const id of ["wide", "same"]) {
+      assert.equal(
+        items.values.find((v) => v.labels.shadow === id && v.labels.outcome === "compared")?.value,
+        n,
+        id,
+      );
+    }
+  } finally {
+    await service.stop();
+    await deadline(host.stop(), 10_000, "the shadow host to stop");
+  }
+});
+
+Deno.test("fitStatus drops the largest shadows' field figures first and keeps every shadow listed", () => {
+  const fields = (n: number) =>
+    Object.fromEntries(
+      Array.from({ length: n }, (_, i) => [`f${i}`, { compared: 1, agreement: 1, kappa: 1 }]),
+    );
+  const shadows = {
+    big: { up: true, compared: 9, fields: fields(2000) },
+    small: { up: true, compared: 3, fields: fields(2) },
+  };
+  assert.equal(fitStatus(shadows, 10_000_000), shadows);
+  const fitted = fitStatus(shadows, 4096);
+  assert.deepEqual(fitted.big, { up: true, compared: 9, fields_truncated: true });
+  assert.deepEqual(fitted.small, shadows.small);
+  const many = Object.fromEntries(
+    Array.from({ length: 500 }, (_, i) => [`s${i}`, { up: true, compared: i, candidate: "x" }]),
+  );
+  const tight = fitStatus(many, 16 * 1024);
+  assert.equal(Object.keys(tight).length, 500);
+  assert.deepEqual(tight.s7, { up: true, compared: 7, fields_truncated: true });
 });

@@ -160,6 +160,51 @@ export class WeftMetrics {
 }
 
 /**
+ * A service's metrics cut to `budget` bytes of JSON (a NATS reply past the server's
+ * max_payload is never sent, and the gateway's /metrics would lose every series of the
+ * service): the largest families lose their series first, and `weft_metrics_truncated`
+ * names each one cut, with how many series it had. Unchanged when it fits.
+ *
+ * @example
+ * ```ts
+ * import { fitMetrics, WeftMetrics } from "./metrics.ts";
+ * const m = new WeftMetrics();
+ * const fitted = fitMetrics(await m.json(), 1_000_000);
+ * console.assert(fitted.every((f) => f.name !== "weft_metrics_truncated"));
+ * ```
+ */
+export function fitMetrics(json: MetricsJson, budget: number): MetricsJson {
+  const size = (v: unknown) => new TextEncoder().encode(JSON.stringify(v)).length;
+  let total = size(json);
+  if (total <= budget) return json;
+  const sizes = json.map((f) => size(f));
+  const order = json.map((_, i) => i).sort((a, b) => sizes[b]! - sizes[a]!);
+  const out = [...json];
+  const cut: { labels: { metric: string }; value: number }[] = [];
+  // Room for the note itself (a family and one series per cut family).
+  const room = () => 200 + cut.length * 120;
+  for (const i of order) {
+    if (total + room() <= budget) break;
+    const f = out[i]!;
+    const emptied = { ...f, values: [] };
+    total -= sizes[i]! - size(emptied);
+    out[i] = emptied as typeof f;
+    cut.push({ labels: { metric: f.name.slice(0, 200) }, value: f.values.length });
+  }
+  out.push(
+    {
+      name: "weft_metrics_truncated",
+      help: "Metric families whose series a service left out of its answer, which would " +
+        "have passed NATS's max_payload: the value is how many series it had",
+      type: "gauge",
+      aggregator: "sum",
+      values: cut,
+    } as unknown as MetricsJson[number],
+  );
+  return out;
+}
+
+/**
  * Sums several registries' JSON (metrics with the same name and labels add up) into one
  * registry; how the gateway merges the services' metrics.
  *

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { createLlmStats } from "../ai/llm/stats.ts";
-import { aggregateMetrics, registerLlmMetrics, WeftMetrics } from "./metrics.ts";
+import { aggregateMetrics, fitMetrics, registerLlmMetrics, WeftMetrics } from "./metrics.ts";
 import { meshSnapshot } from "../gateway/mesh_metrics.ts";
 import { serviceEnv } from "../supervisor.ts";
 import { activeTraceContext, SpanKind, startSpan, traceContextOf, withSpan } from "./telemetry.ts";
@@ -85,4 +85,21 @@ Deno.test("telemetry is a no-op without OTEL_DENO: spans do not record and heade
   assert.equal(traceContextOf(span), null);
   withSpan(span, () => assert.equal(activeTraceContext(), null));
   span.end();
+});
+
+Deno.test("fitMetrics cuts the largest families to fit a reply and names them", async () => {
+  const m = new WeftMetrics();
+  m.processed.inc({ stage: "topics" }, 3);
+  for (let i = 0; i < 5000; i++) m.received.inc({ stage: `stage-${i}-${"x".repeat(40)}` });
+  const json = await m.json();
+  assert.equal(fitMetrics(json, 10_000_000), json, "unchanged when it fits");
+  const fitted = fitMetrics(json, 64 * 1024);
+  assert.ok(JSON.stringify(fitted).length <= 64 * 1024);
+  assert.equal(fitted.find((f) => f.name === "weft_stage_received_total")?.values.length, 0);
+  const kept = fitted.find((f) => f.name === "weft_stage_processed_total")!;
+  assert.equal(kept.values[0]?.value, 3, "the small families stay");
+  const note = fitted.find((f) => f.name === "weft_metrics_truncated")!;
+  assert.deepEqual(note.values, [{ labels: { metric: "weft_stage_received_total" }, value: 5000 }]);
+  const text = await aggregateMetrics([fitted]).metrics();
+  assert.match(text, /^weft_metrics_truncated\{metric="weft_stage_received_total"\} 5000$/m);
 });

@@ -19,7 +19,7 @@ import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/nats-core";
 import { type Service, type ServiceMsg, Svcm } from "@nats-io/services";
 import denoJson from "../../deno.json" with { type: "json" };
 import type { Logger } from "./log.ts";
-import { METRICS_SUBJECT, type WeftMetrics } from "./metrics.ts";
+import { fitMetrics, METRICS_SUBJECT, type WeftMetrics } from "./metrics.ts";
 
 /** Weft's version, as registered with the services protocol. */
 export const WEFT_VERSION: string = denoJson.version;
@@ -93,7 +93,18 @@ export async function registerMicroService(opts: MicroServiceOptions): Promise<S
         // Which instance answers: a gather it answers too late reuses its last answer.
         const h = headers();
         h.set(INSTANCE_HEADER, service.info().id);
-        reply(m, () => metrics.json(), h);
+        // Cut to fit a reply (max_payload, less room for headers): never no answer.
+        const budget = Math.max(16 * 1024, (nc.info?.max_payload ?? 1024 * 1024) - 8 * 1024);
+        reply(m, async () => {
+          const json = await metrics.json();
+          const fitted = fitMetrics(json, budget);
+          if (fitted !== json) {
+            log.warn("metrics answer cut to fit max_payload", {
+              cut: fitted.at(-1)?.values.map((v) => v.labels.metric),
+            });
+          }
+          return fitted;
+        }, h);
       },
     });
   }

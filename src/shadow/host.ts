@@ -13,6 +13,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import type { Config } from "../config.ts";
 import {
   deleteShadowConsumer,
+  MAX_FIELDS,
   registerShadowMetrics,
   runShadow,
   type ShadowRunner,
@@ -161,20 +162,24 @@ export async function hostShadows(
   return {
     done,
     get stats() {
-      return {
-        pid: Deno.pid,
-        shadows: Object.fromEntries(
-          [...hosted].map(([id, h]) => [id, {
-            source: h.source,
-            up: h.tally.up,
-            ...(h.tally.error ? { error: h.tally.error } : {}),
-            candidate: h.tally.candidate,
-            step: `${h.tally.spec.pipeline}.${h.tally.spec.step}`,
-            ...h.tally.counts,
-            fields: h.tally.figures(),
-          }]),
-        ),
-      };
+      const shadows = Object.fromEntries(
+        [...hosted].map(([id, h]) => [id, {
+          source: h.source,
+          up: h.tally.up,
+          ...(h.tally.error ? { error: h.tally.error } : {}),
+          candidate: h.tally.candidate.slice(0, 200),
+          step: `${h.tally.spec.pipeline}.${h.tally.spec.step}`,
+          ...h.tally.counts,
+          ...(h.tally.fieldsDropped
+            ? {
+              fields_dropped: h.tally.fieldsDropped,
+              note: `compares its first ${MAX_FIELDS} fields only`,
+            }
+            : {}),
+          fields: h.tally.figures(),
+        } as Record<string, unknown>]),
+      );
+      return { pid: Deno.pid, shadows: fitStatus(shadows, statusBudget(nc)) };
     },
     async stop() {
       stopped = true;
@@ -184,4 +189,42 @@ export async function hostShadows(
       resolveDone();
     },
   };
+}
+
+/** Bytes a status reply may take: the server's max_payload, less room for the envelope. */
+function statusBudget(nc: NatsConnection): number {
+  return Math.max(16 * 1024, (nc.info?.max_payload ?? 1024 * 1024) - 8 * 1024);
+}
+
+/**
+ * The shadows' status cut to `budget` bytes of JSON: the largest shadows' per-field figures
+ * go first (`fields_truncated: true`), then, if that is not enough, every shadow past those
+ * that fit is listed by its counters only. Every shadow stays listed with its `up` and
+ * `compared` (what a promotion checks): one shadow's size never hides the others.
+ */
+export function fitStatus(
+  shadows: Record<string, Record<string, unknown>>,
+  budget: number,
+): Record<string, Record<string, unknown>> {
+  const size = (v: unknown) => new TextEncoder().encode(JSON.stringify(v)).length;
+  if (size(shadows) <= budget) return shadows;
+  const out = { ...shadows };
+  const sizes = new Map(Object.entries(out).map(([id, v]) => [id, size(v)]));
+  const bySize = [...sizes.keys()].sort((a, b) => sizes.get(b)! - sizes.get(a)!);
+  for (const id of bySize) {
+    const { fields: _, note: __, ...rest } = out[id]!;
+    out[id] = { ...rest, fields_truncated: true };
+    if (size(out) <= budget) return out;
+  }
+  // Thousands of shadows: what a promotion and a listing need, nothing else.
+  for (const id of Object.keys(out)) {
+    const s = out[id]!;
+    out[id] = {
+      up: s.up,
+      compared: s.compared,
+      ...(s.error ? { error: String(s.error).slice(0, 200) } : {}),
+      fields_truncated: true,
+    };
+  }
+  return out;
 }

@@ -124,6 +124,8 @@ export interface ShadowTarget {
   /** The event type production's step emits for an item. */
   output: string;
   fields(data: Record<string, unknown>): Record<string, string>;
+  /** How many values of an output `fields` left out (past {@link MAX_FIELDS}). */
+  dropped?(data: Record<string, unknown>): number;
   // deno-lint-ignore no-explicit-any
   stage: Stage<any>;
   /** The candidate's name, as published and in the metrics. */
@@ -143,21 +145,44 @@ function stableJson(v: unknown): string {
 }
 
 /**
+ * Most fields a shadow compares: the whole result and 15 top-level values of a definition's
+ * step (by name); a shadow's tally keeps at most as many, counting the rest as dropped.
+ */
+export const MAX_FIELDS = 16;
+/** A compared field's name is cut to this many characters (label values to 100). */
+export const MAX_FIELD_NAME = 64;
+
+/**
  * The compared fields of a definition step's result: the whole result (`result`), and each
- * of its top-level values that is a string, number or boolean (a router's `label`).
+ * of its top-level values that is a string, number or boolean (a router's `label`): the first
+ * {@link MAX_FIELDS} - 1 by name, names cut to {@link MAX_FIELD_NAME} characters, values to 100.
  */
 export function resultFields(result: unknown): Record<string, string> {
-  const out: Record<string, string> = { result: stableJson(result).slice(0, 500) };
+  return resultFieldsOf(result).fields;
+}
+
+/** {@link resultFields}, and how many further values it left out. */
+function resultFieldsOf(result: unknown): { fields: Record<string, string>; dropped: number } {
+  const fields: Record<string, string> = { result: stableJson(result).slice(0, 500) };
+  let n = 1, dropped = 0;
   if (result !== null && typeof result === "object" && !Array.isArray(result)) {
-    for (const [k, v] of Object.entries(result)) {
+    for (const k of Object.keys(result).sort()) {
+      const v = (result as Record<string, unknown>)[k];
+      const name = k.slice(0, MAX_FIELD_NAME);
       if (
-        k !== "result" && (typeof v === "string" || typeof v === "number" || typeof v === "boolean")
+        name !== "result" && !(name in fields) &&
+        (typeof v === "string" || typeof v === "number" || typeof v === "boolean")
       ) {
-        out[k] = String(v).slice(0, 100);
+        if (n >= MAX_FIELDS) {
+          dropped++;
+          continue;
+        }
+        fields[name] = String(v).slice(0, 100);
+        n++;
       }
     }
   }
-  return out;
+  return { fields, dropped };
 }
 
 /**
@@ -216,6 +241,8 @@ export async function resolveShadowTarget(
     filterSubject: stepFilterSubject(prod.def, id)!,
     output: `${spec.pipeline}.${eventOf(id, prod.def.steps[id]!)}`,
     fields: (data) => resultFields((data as { results?: Record<string, unknown> }).results?.[id]),
+    dropped: (data) =>
+      resultFieldsOf((data as { results?: Record<string, unknown> }).results?.[id]).dropped,
     stage: workStage(cand, id, {
       nc: ctx.nc,
       shadow: true,
@@ -287,8 +314,10 @@ export class ShadowTally {
     unmatched: 0,
     publish_failed: 0,
   };
-  /** Per field. */
+  /** Per field (at most {@link MAX_FIELDS}). */
   readonly fields: Map<string, FieldTally> = new Map();
+  /** Comparisons of fields past {@link MAX_FIELDS}, not kept. */
+  fieldsDropped = 0;
   /** Whether the shadow runs (false: it failed to start; `error` says why). */
   up = false;
   /** Why it is not up. */
@@ -308,10 +337,19 @@ export class ShadowTally {
   /** Records one item's comparison. */
   record(production: Record<string, string>, candidate: Record<string, string>): void {
     this.counts.compared++;
-    for (const [field, p] of Object.entries(production)) {
-      const c = candidate[field] ?? "none";
-      const t = this.fields.get(field) ??
-        (this.fields.set(field, { n: 0, same: 0, confusion: new Map() }).get(field)!);
+    for (const [name, p] of Object.entries(production)) {
+      const field = name.slice(0, MAX_FIELD_NAME);
+      const c = candidate[name] ?? "none";
+      let t = this.fields.get(field);
+      if (!t) {
+        // Bounded: a step whose results carry ever new keys would grow the tally, the
+        // metrics and the status without end (and past NATS's max_payload).
+        if (this.fields.size >= MAX_FIELDS) {
+          this.fieldsDropped++;
+          continue;
+        }
+        this.fields.set(field, t = { n: 0, same: 0, confusion: new Map() });
+      }
       t.n++;
       if (p === c) t.same++;
       const rowKey = t.confusion.has(p) || t.confusion.size < MAX_LABELS ? p : "other";
@@ -951,6 +989,7 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
       log.debug("shadow publish failed", { item_id: itemId, err: String(err) });
     }
     if (!duplicate) {
+      if (prod) tally.fieldsDropped += step.dropped?.(prod) ?? 0;
       if (body.production) tally.record(body.production, decision);
       else tally.counts.unmatched++;
     }
