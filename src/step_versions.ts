@@ -5,16 +5,22 @@
  * audit event on the SHADOW stream. A production step follows its key: at start it runs
  * the promoted version if there is one, and while running it switches when a promotion
  * (or a reset: the key deleted) arrives, from the next message on. A version that cannot
- * be built (a ruleset it may not read) is logged and the step keeps what it runs.
+ * be built (a ruleset it may not read), or an entry that is no promotion (malformed), is
+ * logged and the step keeps what it runs, following its key on.
  *
  * @module
  */
-import { Kvm, KvWatchInclude } from "@nats-io/kv";
+import { type KvEntry, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/nats-core";
 import type { Config } from "./config.ts";
 import type { AnalyzerConfig } from "./ai/configured_analyzers.ts";
 import type { Logger } from "./observability/log.ts";
-import { candidateConfig, type StepVersion, stepVersionKey } from "./shadow/spec.ts";
+import {
+  candidateConfig,
+  parseStepVersion,
+  type StepVersion,
+  stepVersionKey,
+} from "./shadow/spec.ts";
 import { STEP_VERSION_BUCKET } from "./subjects.ts";
 
 /** What a step runs now, switched by promotions. */
@@ -88,18 +94,40 @@ export async function followVersion<T>(
       });
     }
   };
+  /**
+   * What an entry says to run: its promotion, null for none (deleted), or undefined for an
+   * entry that is no promotion (logged: the step keeps what it runs, and goes on watching).
+   */
+  const versionOf = (e: KvEntry | null): StepVersion | null | undefined => {
+    if (!e || e.operation !== "PUT") return null;
+    try {
+      return parseStepVersion(e.string());
+    } catch (err) {
+      log.error("invalid step version ignored; keeping the current one", {
+        step: key,
+        revision: e.revision,
+        err: String(err),
+      });
+      return undefined;
+    }
+  };
   try {
     const kv = await new Kvm(nc).open(STEP_VERSION_BUCKET);
-    const entry = await kv.get(key);
-    if (entry && entry.operation === "PUT") await apply(entry.json<StepVersion>());
+    const entry = versionOf(await kv.get(key));
+    if (entry) await apply(entry);
     const watch = await kv.watch({ key, include: KvWatchInclude.UpdatesOnly });
     (async () => {
       for await (const _ of watch) {
-        // What the bucket holds, not what the watch delivered: any reader able to create a
-        // push consumer can have the server deliver another stream's message onto this
-        // watch's inbox (a forged promotion reached a step that way).
-        const now = await kv.get(key);
-        await apply(now?.operation === "PUT" ? now.json<StepVersion>() : null);
+        try {
+          // What the bucket holds, not what the watch delivered: any reader able to create a
+          // push consumer can have the server deliver another stream's message onto this
+          // watch's inbox (a forged promotion reached a step that way).
+          const now = versionOf(await kv.get(key));
+          if (now !== undefined) await apply(now);
+        } catch (err) {
+          // A read that failed (NATS away a moment): the next change reads again.
+          log.warn("step version not read; keeping the current one", { step: key, err });
+        }
       }
     })().catch((err) => log.warn("step version watch ended", { step: key, err }));
   } catch (err) {

@@ -26,6 +26,7 @@ import {
 import { statusSubject } from "../observability/micro.ts";
 import {
   parseShadowSpec,
+  parseStepVersion,
   SHADOW_ID,
   type ShadowSpec,
   shippedShadowSteps,
@@ -41,10 +42,16 @@ export type ListedShadow = ShadowSpec & {
   status?: Record<string, unknown>;
 };
 
+/**
+ * A step's promoted version as listed; an entry that is no promotion (the steps ignore it)
+ * is listed by its key with why (`invalid`), so it can be seen and reset.
+ */
+export type ListedVersion = StepVersion | { key: string; invalid: string };
+
 /** Shadow control. */
 export interface ShadowControl {
   /** Every shadow, and every step's promoted version. */
-  list(): Promise<{ shadows: ListedShadow[]; versions: StepVersion[] }>;
+  list(): Promise<{ shadows: ListedShadow[]; versions: ListedVersion[] }>;
   /** Attaches a shadow; a conflict when its id is taken. */
   attach(value: unknown, by: string): Promise<ShadowSpec>;
   /** Detaches a shadow attached over the API. */
@@ -172,10 +179,15 @@ export function createShadowControl(
         if (spec && !configured.some((c) => c.id === spec.id)) out.push({ ...spec, source: "api" });
       }
       for (const s of out) if (live[s.id]) s.status = live[s.id];
-      const promoted: StepVersion[] = [];
+      const promoted: ListedVersion[] = [];
       for await (const key of await versions.keys()) {
         const e = await versions.get(key);
-        if (e && e.operation === "PUT") promoted.push(e.json<StepVersion>());
+        if (!e || e.operation !== "PUT") continue;
+        try {
+          promoted.push(parseStepVersion(e.string()));
+        } catch (err) {
+          promoted.push({ key, invalid: (err as Error).message });
+        }
       }
       return { shadows: out.sort((a, b) => a.id.localeCompare(b.id)), versions: promoted };
     },
@@ -294,10 +306,17 @@ export function createShadowControl(
       if (!e || e.operation !== "PUT") {
         throw new NotFoundError(`${key} runs its configured version already`);
       }
-      const was = e.json<StepVersion>();
+      // An entry that is no promotion (the step ignores it) is reset all the same.
+      let was: StepVersion | undefined;
+      try {
+        was = parseStepVersion(e.string());
+      } catch { /* reset without it */ }
       await versions.delete(key);
-      await audit("reset", { pipeline, step: name }, { by, was });
-      return { reset: key, was };
+      await audit("reset", { pipeline, step: name }, {
+        by,
+        ...(was ? { was } : { invalid: true }),
+      });
+      return { reset: key, ...(was ? { was } : {}) };
     },
   };
 }

@@ -330,6 +330,42 @@ export interface StepVersion {
 }
 
 /**
+ * Checks a `weft_step_versions` entry as stored (JSON text): a {@link ValidationError}
+ * naming the field when it is not a promotion (not JSON, not an object, no pipeline, step
+ * or candidate), which a step ignores, keeping what it runs.
+ *
+ * @example
+ * ```ts
+ * import { parseStepVersion } from "./spec.ts";
+ * const v = parseStepVersion('{"pipeline":"o","step":"p","candidate":{"analyzers":"rules"}}');
+ * console.assert(v.step === "p");
+ * ```
+ */
+export function parseStepVersion(text: string): StepVersion {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new ValidationError(`not JSON: ${(err as Error).message}`, {
+      code: ErrorCode.MalformedJson,
+      cause: err,
+    });
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    fail("/", "a step version is a JSON object");
+  }
+  const v = value as Record<string, unknown>;
+  for (const k of ["pipeline", "step"]) {
+    if (typeof v[k] !== "string") fail(`/${k}`, `${k} must be a string`);
+  }
+  const c = v.candidate;
+  if (c === null || typeof c !== "object" || Array.isArray(c)) {
+    fail("/candidate", "candidate must be an object");
+  }
+  return value as StepVersion;
+}
+
+/**
  * Whether an item is in a `sample` share of items: by a 32-bit FNV-1a hash of its id, so
  * the same items in every process and run.
  */
