@@ -2,7 +2,7 @@
  * What bounds a live shadow and its replay, on a real nats-server: a candidate's call that
  * never answers is cut at its deadline and counted failed (live and replayed), a shadow with
  * such a call in flight still stops when detached, and the other shadows' attaches and
- * detaches go on meanwhile.
+ * detaches go on meanwhile; a step with many result values; promotions at once.
  */
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
@@ -12,7 +12,8 @@ import { replayShadow, runShadow } from "../src/shadow/live.ts";
 import { fitStatus, hostShadows } from "../src/shadow/host.ts";
 import { loadPipelines, pipelineTopology } from "../src/pipeline/runtime.ts";
 import { parseShadowSpec } from "../src/shadow/spec.ts";
-import { SHADOW_BUCKET } from "../src/subjects.ts";
+import { SHADOW_BUCKET, STEP_VERSION_BUCKET } from "../src/subjects.ts";
+import { createShadowControl } from "../src/shadow/control.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { type MetricsJson, WeftMetrics } from "../src/observability/metrics.ts";
@@ -344,4 +345,57 @@ Deno.test("fitStatus drops the largest shadows' field figures first and keeps ev
   const tight = fitStatus(many, 16 * 1024);
   assert.equal(Object.keys(tight).length, 500);
   assert.deepEqual(tight.s7, { up: true, compared: 7, fields_truncated: true });
+});
+
+Deno.test("two promotions of one shadow at once: one succeeds, the other finds it gone", async () => {
+  await using s = await setUp({}, { "pipeline.ts": definition(), "v2.ts": definition() });
+  const log = createLogger("test", "debug", (l) => s.t.lines.push(l));
+  const metrics = new WeftMetrics();
+  const host = await hostShadows({ nc: s.t.nc, config: s.t.config, log, metrics });
+  const service = await registerMicroService({
+    nc: s.t.nc,
+    name: "shadow",
+    description: "test",
+    metrics,
+    status: () => (host.stats ?? {}) as Record<string, unknown>,
+    log,
+  });
+  try {
+    const control = createShadowControl(s.t.nc, [], { pipelines: s.pipelines, root: "" });
+    await control.attach({
+      id: "twice",
+      pipeline: "bounded",
+      step: "grade",
+      candidate: { definition: `${s.dir}/v2.ts` },
+    }, "test");
+    await waitFor(
+      () => s.t.lines.some((l) => l.includes('"shadow started"')),
+      20_000,
+      "the shadow started",
+    );
+    await s.submit("p1", "hello there", true);
+    await waitFor(
+      async () => {
+        const m = await s.t.nc.request("weft.shadow.status", "", { timeout: 5_000 });
+        return m.json<{ shadows: Record<string, { compared?: number }> }>().shadows?.twice
+          ?.compared === 1;
+      },
+      20_000,
+      "the shadow to compare an item",
+    );
+    const results = await Promise.allSettled([
+      control.promote("twice", "a"),
+      control.promote("twice", "b"),
+    ]);
+    assert.equal(results.filter((r) => r.status === "fulfilled").length, 1);
+    const refused = results.find((r) => r.status === "rejected") as PromiseRejectedResult;
+    assert.equal(refused.reason.code, "not_found", String(refused.reason));
+    const kv = await new Kvm(s.t.nc).open(STEP_VERSION_BUCKET);
+    const history = [];
+    for await (const e of await kv.history({ key: "bounded.grade" })) history.push(e);
+    assert.equal(history.length, 1, "one promotion recorded");
+  } finally {
+    await service.stop();
+    await deadline(host.stop(), 10_000, "the shadow host to stop");
+  }
 });

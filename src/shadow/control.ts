@@ -160,10 +160,14 @@ export function createShadowControl(
       return {};
     }
   };
-  const fromApi = async (id: string): Promise<ShadowSpec | undefined> => {
+  const fromApi = async (id: string): Promise<ShadowSpec | undefined> => (await entryOf(id))?.spec;
+  /** A shadow attached over the API, with the revision of its entry. */
+  const entryOf = async (id: string) => {
     const { shadows } = await open();
     const e = await shadows.get(id);
-    return e && e.operation === "PUT" ? parseShadowSpec(e.json()) : undefined;
+    return e && e.operation === "PUT"
+      ? { spec: parseShadowSpec(e.json()), revision: e.revision }
+      : undefined;
   };
   const checkId = (id: string) => {
     if (!SHADOW_ID.test(id)) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
@@ -239,8 +243,13 @@ export function createShadowControl(
 
     async promote(id, by) {
       checkId(id);
-      const spec = configured.find((c) => c.id === id) ?? await fromApi(id);
+      const fromConfig = configured.find((c) => c.id === id);
+      const attached = fromConfig ? undefined : await entryOf(id);
+      const spec = fromConfig ?? attached?.spec;
       if (!spec) throw new NotFoundError(`no shadow ${JSON.stringify(id)}`);
+      const key = stepVersionKey(spec.pipeline, spec.step);
+      // What the step's entry was when this promotion began: one promotion per reading.
+      const before = fromConfig ? await (await open()).versions.get(key) : null;
       if (!shippedShadowSteps(spec.pipeline)) await checkPromotable(spec);
       // Promoted on what it has shown: a shadow that never ran, or compared nothing, would
       // record a version no one has seen decide (and, not starting, no step could run).
@@ -282,10 +291,33 @@ export function createShadowControl(
         promoted_by: by,
       };
       const { shadows, versions } = await open();
-      await versions.put(stepVersionKey(spec.pipeline, spec.step), JSON.stringify(version));
+      // Compare-and-set: of two promotions at once, the second finds the shadow gone (an
+      // attached one: its entry is deleted only at the revision read) or the step's entry
+      // changed (one of WEFT_SHADOW), as a promotion after the first would.
+      if (attached) {
+        // Shadowing production with itself measures nothing: the shadow goes.
+        try {
+          await shadows.delete(id, { previousSeq: attached.revision });
+        } catch (cause) {
+          throw new NotFoundError(
+            `no shadow ${JSON.stringify(id)} (promoted or detached meanwhile)`,
+            { cause },
+          );
+        }
+        await versions.put(key, JSON.stringify(version));
+      } else {
+        try {
+          if (before) await versions.update(key, JSON.stringify(version), before.revision);
+          else await versions.create(key, JSON.stringify(version));
+        } catch (cause) {
+          throw new WeftError(
+            ErrorCode.Conflict,
+            `${key} was promoted or reset meanwhile: look again (deno task shadow list)`,
+            { cause },
+          );
+        }
+      }
       await audit("promoted", spec, { shadow: id, by, version });
-      // Shadowing production with itself measures nothing: the shadow goes.
-      if (!configured.some((c) => c.id === id)) await shadows.delete(id);
       return version;
     },
 
