@@ -69,6 +69,16 @@ Deno.test("the shadow control lists a malformed step version marked, and resets 
   const bad = versions.find((v) => "key" in v && v.key === "feedback.sentiment");
   assert.ok(bad && "invalid" in bad && /not JSON/.test(bad.invalid), JSON.stringify(versions));
   assert.ok(versions.some((v) => "candidate" in v && v.candidate.rules === "t.json"));
+  // Exactly `<pipeline>.<step>`: more parts are refused naming the field, nothing reset.
+  await kv.put("feedback.topics", version("t2.json"));
+  for (const bad of ["feedback.topics.extra.more", "feedback.topics.", "feedback"]) {
+    await assert.rejects(control.reset(bad, "test"), (err: { code?: string; field?: string }) => {
+      assert.equal(err.code, "invalid_field", bad);
+      assert.equal(err.field, "/step", bad);
+      return true;
+    });
+  }
+  assert.equal((await kv.get("feedback.topics"))?.operation, "PUT");
   assert.deepEqual(await control.reset("feedback.sentiment", "test"), {
     reset: "feedback.sentiment",
   });

@@ -322,7 +322,15 @@ export function createShadowControl(
     },
 
     async reset(step, by) {
-      const [pipeline, name] = step.split(".");
+      const parts = step.split(".");
+      if (parts.length !== 2) {
+        // Exactly `<pipeline>.<step>`: `a.b.c.d` reset a.b before.
+        throw new ValidationError(
+          `step must be <pipeline>.<step> (e.g. orders.price), not ${JSON.stringify(step)}`,
+          { field: "/step" },
+        );
+      }
+      const [pipeline, name] = parts;
       if (
         !pipeline || !name ||
         !(shippedShadowSteps(pipeline)?.includes(name) || definitionStep(pipeline, name))
