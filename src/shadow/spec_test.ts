@@ -99,6 +99,19 @@ Deno.test("sampled keeps about the given share of items, the same ones every tim
   assert.ok(ids.every((id) => sampled(id, 1)));
 });
 
+Deno.test("sampled takes about its share of sequential ids, short and long", () => {
+  for (const prefix of ["SM", "item-", "t"]) {
+    const ids = Array.from({ length: 1000 }, (_, i) => `${prefix}${i}`);
+    const half = ids.filter((id) => sampled(id, 0.5)).length;
+    assert.ok(half > 450 && half < 550, `${prefix}: ${half} of 1000 at 0.5`);
+    const tenth = ids.filter((id) => sampled(id, 0.1)).length;
+    assert.ok(tenth > 70 && tenth < 130, `${prefix}: ${tenth} of 1000 at 0.1`);
+  }
+  // The probe's case: 40 ids, half of them (was 10).
+  const forty = Array.from({ length: 40 }, (_, i) => `SM${i}`).filter((id) => sampled(id, 0.5));
+  assert.ok(forty.length >= 14 && forty.length <= 26, String(forty.length));
+});
+
 Deno.test("a pipeline named like an Object property is a definition's, not a shipped one", () => {
   // `"constructor" in {}` is true: a lookup by `in` took it for a shipped pipeline and threw
   // a TypeError (a 500) instead of naming the field.
