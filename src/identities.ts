@@ -83,6 +83,11 @@ export interface Access {
    * does not.
    */
   answers?: boolean;
+  /**
+   * Subjects it may not publish on even where a grant above matches them (a deny wins), e.g.
+   * the audit events under the shadow service's `shadow.*.*.*`.
+   */
+  deniesPublishes?: readonly string[];
   /** Every JetStream API, every subject: the topology owner. */
   admin?: boolean;
 }
@@ -233,7 +238,7 @@ export function permissionsFor(
     pub.add(`$JS.ACK.${stream}.*.>`);
     pub.add(`${API}.STREAM.INFO.${stream}`);
   }
-  const deny = new Set<string>();
+  const deny = new Set<string>(access.deniesPublishes ?? []);
   for (const { stream, durable } of durables) {
     if (
       (read.has(stream) || manages.has(stream) || retires.has(stream)) &&

@@ -102,6 +102,8 @@ Deno.test("the shadow service publishes only shadow decisions and works only con
       "feedback.failed.fb1",
       "deadletter.shadow.fb1",
       "shadow._audit.promoted.feedback.sentiment",
+      // Four tokens match shadow.*.*.*: refused all the same, as an audit event's prefix.
+      "shadow._audit.x.y",
       "$KV.weft_shadows.x",
       "$KV.weft_step_versions.feedback.sentiment",
     ]

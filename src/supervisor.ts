@@ -267,6 +267,9 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
     background: true,
     access: {
       publishes: ["shadow.*.*.*"],
+      // Not `shadow._audit.<action>.<step>` (a real audit event has 5 tokens, out of reach
+      // of `shadow.*.*.*`; a 4-token one under _audit would pass for one to a reader).
+      deniesPublishes: ["shadow._audit.>"],
       // SHADOW: its own decisions, counted again after a restart; its other counters (and
       // budget spent) in the tally bucket.
       readsStreams: [SHADOW_STREAM],
