@@ -399,3 +399,42 @@ Deno.test("two promotions of one shadow at once: one succeeds, the other finds i
     await deadline(host.stop(), 10_000, "the shadow host to stop");
   }
 });
+
+Deno.test("a shadow attached again under its id starts from zero, not from the earlier attachment's backlog", async () => {
+  await using s = await setUp({}, { "pipeline.ts": definition(), "v2.ts": definition() });
+  const spec = (attached_at: string) =>
+    parseShadowSpec({
+      id: "again",
+      pipeline: "bounded",
+      step: "grade",
+      candidate: { definition: `${s.dir}/v2.ts` },
+      attached_at,
+    });
+  const run = (attached_at: string) =>
+    runShadow({
+      nc: s.t.nc,
+      spec: spec(attached_at),
+      config: s.t.config,
+      log: s.t.log,
+      pipelines: s.pipelines,
+      root: "",
+      matchWaitMs: 200,
+    });
+  const first = await run("2026-12-01T00:00:00.000Z");
+  await deadline(first.stop(), 10_000, "the first attachment to stop");
+  // Detached while the shadow service was down: its consumer stayed, and items came.
+  for (const id of ["x1", "x2", "x3"]) await s.submit(id, "backlog item");
+  const before = await s.t.jsm.consumers.info("BOUNDED", "shadow_again");
+  assert.equal(before.num_pending, 3);
+  const second = await run("2026-12-02T00:00:00.000Z");
+  try {
+    const ci = await s.t.jsm.consumers.info("BOUNDED", "shadow_again");
+    assert.equal(ci.num_pending + ci.num_ack_pending + ci.delivered.consumer_seq, 0);
+    assert.match(ci.config.description ?? "", /attached 2026-12-02T00:00:00.000Z$/);
+    await s.submit("x4", "a new one");
+    await waitFor(() => second.tally.counts.decided === 1, 20_000, "the new item decided");
+  } finally {
+    await deadline(second.stop(), 10_000, "the second attachment to stop");
+  }
+  assert.equal(second.tally.counts.decided, 1, "the earlier backlog was not decided");
+});

@@ -640,10 +640,17 @@ export async function ensureShadowConsumer(
   step: Pick<ShadowTarget, "stream" | "filterSubject">,
 ): Promise<void> {
   const durable = shadowDurable(spec.id);
+  // The attachment it belongs to: a shadow attached again under the same id (detached while
+  // the shadow service was down) starts from zero, not from the earlier one's backlog.
+  const attachment = spec.attached_at ? `, attached ${spec.attached_at}` : "";
+  const description = `Weft live shadow ${spec.id} of ${spec.pipeline}.${spec.step}${attachment}`;
   try {
     const info = await jsm.consumers.info(step.stream, durable);
-    if (info.config.filter_subject === step.filterSubject) return;
-    // Another step under the same id: start over.
+    const was = /, attached (\S+)$/.exec(info.config.description ?? "")?.[1];
+    // (One made before consumers named their attachment is taken as this one's.)
+    const same = was === undefined || was === spec.attached_at;
+    if (info.config.filter_subject === step.filterSubject && same) return;
+    // Another step or another attachment under the same id: start over.
     await jsm.consumers.delete(step.stream, durable);
   } catch (err) {
     if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)) {
@@ -656,7 +663,7 @@ export async function ensureShadowConsumer(
   const waitMs = Math.ceil((2 * spec.limits.concurrency / spec.limits.rps) * 1000);
   await jsm.consumers.add(step.stream, {
     durable_name: durable,
-    description: `Weft live shadow ${spec.id} of ${spec.pipeline}.${spec.step}`,
+    description,
     filter_subject: step.filterSubject,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.New,
