@@ -242,6 +242,28 @@ async function shadowStatus(
   }
 }
 
+/**
+ * Throws unless this task may write `out` + each suffix: checked before a replay runs, so a
+ * report is not computed (and LLM calls paid for) only to fail at the end.
+ */
+async function assertWritable(out: string, suffixes: readonly string[]): Promise<void> {
+  for (const suffix of suffixes) {
+    const { state } = await Deno.permissions.query({ name: "write", path: `${out}${suffix}` });
+    if (state !== "granted") {
+      throw new Error(
+        `--out ${out}: this task may write only under data/ (e.g. --out data/replay)`,
+      );
+    }
+  }
+}
+
+/** Throws for a flag of `names` given without a value (`--count` alone parses as `true`). */
+function refuseBare(values: Record<string, unknown>, names: readonly string[]): void {
+  for (const name of names) {
+    if (values[name] === true) throw new Error(`--${name} needs a value`);
+  }
+}
+
 async function report(args: string[]): Promise<number> {
   refuseUnknown(args, REPORT_FLAGS, true);
   const { values, positionals } = parseArgs({
@@ -252,6 +274,11 @@ async function report(args: string[]): Promise<number> {
   });
   const id = positionals[0];
   if (!id) throw new Error("usage: deno task shadow report ID [--out PATH]");
+  const examples = values.examples === undefined ? 10 : Number(values.examples);
+  if (!(Number.isInteger(examples) && examples >= 0)) {
+    throw new Error("--examples must be a whole number of examples (0 or more)");
+  }
+  if (values.out !== undefined) await assertWritable(values.out, [".json"]);
   const config = loadConfig({ args: [] });
   const nc = await connectNats(config.natsUrl, "weft-shadow-report", {
     nkeySeedFile: config.natsNkey || undefined,
@@ -262,7 +289,7 @@ async function report(args: string[]): Promise<number> {
     const r = liveShadowReport(
       id,
       await readShadowDecisions(nc, id),
-      values.examples ? Number(values.examples) : 10,
+      examples,
     );
     say(formatLiveShadowReport(r));
     if (values.out) {
@@ -324,9 +351,16 @@ async function replayDefinition(
       root,
       ...range,
     });
+    const decided = replay.decisions.length;
+    if (decided === 0 && replay.failed === 0) {
+      say(
+        `shadow: no ${spec.pipeline}.${spec.step} items in the range given: nothing to compare`,
+        Deno.stderr,
+      );
+      return 1;
+    }
     const r = liveShadowReport(spec.id, replay.decisions);
     if (labels) r.labelled = labelledAccuracy(replay.decisions, labels);
-    const decided = replay.decisions.length;
     const stats = {
       failed: replay.failed,
       timed_out: replay.timedOut,
@@ -385,6 +419,27 @@ async function main(args: string[]): Promise<number> {
     },
     strict: false,
   });
+  refuseBare(values, [
+    "since",
+    "until",
+    "count",
+    "sample",
+    "labels",
+    "out",
+    "prompt",
+    "pipeline",
+    "step",
+    "definition",
+  ]);
+  const feedbackReplay = values.pipeline === undefined || values.pipeline === "feedback";
+  if (feedbackReplay && (values.step !== undefined || values.definition !== undefined)) {
+    throw new Error(
+      "--step and --definition replay a step of a definition's pipeline: add --pipeline NAME. " +
+        "The feedback replay runs its candidate analyzers (--analyzers, --rules, --prompt) " +
+        "over all its steps",
+    );
+  }
+  if (typeof values.out === "string") await assertWritable(values.out, [".json", ".html"]);
   // The candidate's analyzers come from the usual settings (flags and WEFT_* env).
   const config = loadConfig({ args });
   const date = (v: unknown, name: string) => {
@@ -441,6 +496,10 @@ async function main(args: string[]): Promise<number> {
       count,
       sample,
     });
+    if (production.length === 0) {
+      say("shadow: no feedback items in the range given: nothing to compare", Deno.stderr);
+      return 1;
+    }
     const started = performance.now();
     const run = await decideAll(candidate, production);
     const wallMs = performance.now() - started;

@@ -76,6 +76,30 @@ Deno.test("deno task shadow refuses an unknown flag or command in one line, exit
   }
 });
 
+Deno.test("deno task shadow refuses, before any replay runs, a flag without its value, a definition's flag on the feedback replay and an --out it may not write", async () => {
+  const cases: [string[], RegExp][] = [
+    [["--count"], /--count needs a value/],
+    [["--sample"], /--sample needs a value/],
+    [["--out"], /--out needs a value/],
+    [["--labels"], /--labels needs a value/],
+    [["--step", "nope"], /--step and --definition replay a step of a definition's pipeline/],
+    [["--pipeline", "feedback", "--step", "topics"], /add --pipeline NAME/],
+    [["--definition", "nothing.ts"], /--step and --definition/],
+    [
+      ["--out", "/tmp/weft-shadow-report"],
+      /--out \/tmp\/weft-shadow-report: this task may write only under data\//,
+    ],
+    [["report", "calm", "--examples", "abc"], /--examples must be a whole number/],
+    [["report", "calm", "--out", "/tmp/x"], /may write only under data\//],
+  ];
+  for (const [args, message] of cases) {
+    const r = await shadow(args);
+    assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}${r.stdout}`);
+    assert.equal(r.stdout, "", args.join(" "));
+    assert.match(r.stderr, message, args.join(" "));
+  }
+});
+
 /** Production's history: `feedback.dispatched` events, as the dispatch stage publishes them. */
 async function dispatched(
   nc: Parameters<typeof jetstream>[0],
@@ -174,7 +198,13 @@ Deno.test("a feedback replay leaves no consumer on FEEDBACK, whether it reads ev
     ]]
   ) {
     const r = await shadow(args, env);
-    assert.equal(r.code, 0, r.stderr + r.stdout);
+    const empty = args[0] === "--since";
+    assert.equal(r.code, empty ? 1 : 0, r.stderr + r.stdout);
+    if (empty) {
+      // Nothing in range is said so, not reported as 0% agreement.
+      assert.match(r.stderr, /no feedback items in the range given/);
+      assert.equal(r.stdout, "");
+    }
     // The replay has exited: what it created and did not delete is still listed.
     const left = await Array.fromAsync(await t.jsm.consumers.list("FEEDBACK"));
     assert.deepEqual(left.map((c) => c.name), [], `after: deno task shadow ${args.join(" ")}`);
