@@ -10,6 +10,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { meshTempDir, removedAtEnd, taskArgs } from "./helpers/mesh.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
+import { sampled } from "../src/shadow/spec.ts";
 
 /** A loopback port nothing listens on (taken, then let go). */
 function closedPort(): number {
@@ -209,4 +210,23 @@ Deno.test("a feedback replay leaves no consumer on FEEDBACK, whether it reads ev
     const left = await Array.fromAsync(await t.jsm.consumers.list("FEEDBACK"));
     assert.deepEqual(left.map((c) => c.name), [], `after: deno task shadow ${args.join(" ")}`);
   }
+});
+
+Deno.test("a feedback replay passes over what is no decision on feedback.dispatched.*, and samples the same items each time", async () => {
+  await using t = await startTestNats();
+  await dispatched(t.nc, TEXTS);
+  const js = jetstream(t.nc);
+  await js.publish("feedback.dispatched.JUNK1", "{not json");
+  await js.publish("feedback.dispatched.JUNK2", JSON.stringify({ item_id: "JUNK2", data: {} }));
+  const env = { NATS_URL: t.server.url, WEFT_ANALYZERS: "embedded" };
+  const all = await shadow([], env);
+  assert.equal(all.code, 0, all.stderr + all.stdout);
+  assert.match(all.stdout, / on 6 items/);
+  const once = await shadow(["--sample", "0.5"], env);
+  const again = await shadow(["--sample", "0.5"], env);
+  assert.equal(once.code, 0, once.stderr + once.stdout);
+  const itemsOf = (out: string) => / on (\d+) items/.exec(out)?.[1];
+  assert.equal(itemsOf(once.stdout), itemsOf(again.stdout), "the same sample both times");
+  const expected = TEXTS.filter((_, i) => sampled(`R${i}`, 0.5)).length;
+  assert.equal(itemsOf(once.stdout), String(expected), "the items whose ids are sampled");
 });

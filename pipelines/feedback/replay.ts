@@ -15,6 +15,7 @@ import type { FeedbackAnalyzers } from "./analyzers.ts";
 import type { LlmStatsSnapshot } from "../../src/ai/llm/stats.ts";
 import { FEEDBACK_STREAM } from "./subjects.ts";
 import { readStream } from "../../src/stream_reader.ts";
+import { sampled } from "../../src/shadow/spec.ts";
 import { LlmError, LlmErrorCode } from "../../src/ai/llm/errors.ts";
 import { errorCode } from "../../src/errors.ts";
 import { topicEvalClass } from "../../src/ai/evaluation.ts";
@@ -161,18 +162,19 @@ export function shadowReport(
  */
 export async function readProduction(
   nc: NatsConnection,
-  opts: { since?: Date; until?: Date; count?: number; sample?: number; random?: () => number } = {},
+  opts: { since?: Date; until?: Date; count?: number; sample?: number } = {},
 ): Promise<ProductionDecision[]> {
   const js = jetstream(nc);
   const out: ProductionDecision[] = [];
-  const random = opts.random ?? Math.random;
   for await (
     const m of readStream(js, FEEDBACK_STREAM, {
       filter: "feedback.dispatched.*",
       ...(opts.since ? { startTime: opts.since } : {}),
     })
   ) {
-    const e = m.json<{
+    // What the stream holds on the subject, not only what dispatch published: anything else
+    // (junk a key holder stored there) is no decision to compare, and is passed over.
+    let e: {
       item_id: string;
       time: string;
       data: {
@@ -181,9 +183,20 @@ export async function readProduction(
         topics: { topics: string[] };
         routing: { team: string };
       };
-    }>();
+    };
+    try {
+      e = m.json();
+      if (
+        typeof e.item_id !== "string" || typeof e.time !== "string" ||
+        typeof e.data?.text !== "string" || typeof e.data.sentiment?.label !== "string" ||
+        !Array.isArray(e.data.topics?.topics) || typeof e.data.routing?.team !== "string"
+      ) continue;
+    } catch {
+      continue;
+    }
     if (opts.until && Date.parse(e.time) > opts.until.getTime()) break;
-    if (opts.sample === undefined || random() < opts.sample) {
+    // By item id, as live shadows and a definition's replay sample: the same items each time.
+    if (opts.sample === undefined || sampled(e.item_id, opts.sample)) {
       out.push({
         item: e.item_id,
         time: e.time,
