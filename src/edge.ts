@@ -26,15 +26,13 @@
  *
  * @module
  */
-import type { JetStreamClient, JetStreamManager, JsMsg, StreamSource } from "@nats-io/jetstream";
-import type { PipelineSpec } from "./pipeline/definition.ts";
-import { applyPipelineEvent, type ItemState } from "./pipeline/fold.ts";
-import { awaitedEventId } from "./pipeline/flow.ts";
+import type { JetStreamClient, JetStreamManager, StreamSource } from "@nats-io/jetstream";
 import type { Logger } from "./observability/log.ts";
 import { IDENTITY_DIR, type Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
 import { readStream } from "./stream_reader.ts";
+import { decodeStateEvent, type StateSpec } from "./state_writer.ts";
 import { DEADLETTER_STREAM, DIGEST_STREAM } from "./subjects.ts";
 import type { PipelineWiring } from "./wiring.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
@@ -407,9 +405,9 @@ export async function siteHasItem(
 }
 
 /**
- * An edge item of a shipped pipeline (`wiring`), folded from its events on the hub with its
- * state writer's pure fold, with the site it ran at. Throws NotFoundError when the hub has
- * none.
+ * An edge item of a shipped pipeline (`wiring`), folded from its events on the hub as its
+ * state writer folds them (see {@link siteItem}), with the site it ran at. Throws
+ * NotFoundError when the hub has none.
  */
 export async function siteWiredItem(
   js: JetStreamClient,
@@ -419,78 +417,45 @@ export async function siteWiredItem(
 ): Promise<Record<string, unknown> & { site: string }> {
   const items = wiring.items;
   if (!items) throw new NotFoundError(`pipeline ${wiring.name} has no items`);
-  return await foldSiteItem<Record<string, unknown>>(
+  return await siteItem<Record<string, unknown>>(
     js,
     site,
-    id,
     wiring.name,
+    items.state,
     items.what,
-    (state, m) => items.state.apply(state, m.json<AnyEvent>(), m.seq),
+    id,
   );
 }
 
 /**
- * An edge item of a pipeline definition the hub runs, folded from its events at the hub
- * (the definition's own state fold), with its site. Throws NotFoundError when the hub has none.
+ * Item `id` of `pipeline` from `site`, folded from its events on the hub (in the hub's order)
+ * exactly as the site's state writer of `spec` folds them: each through
+ * {@link decodeStateEvent} under the subject it has at the site, so what the site refused
+ * (not JSON, not a valid event, about another item than its subject's, a time that is no
+ * time) is skipped here too, and the hub shows the state the site does. With its site;
+ * throws NotFoundError (naming it `what`) when the hub has none the site would fold.
  */
-export async function siteDefinitionItem(
+export async function siteItem<S>(
   js: JetStreamClient,
   site: string,
-  def: PipelineSpec,
-  id: string,
-): Promise<ItemState & { site: string }> {
-  return await foldSiteItem<ItemState>(js, site, id, def.name, `${def.name} item`, (state, m) => {
-    let body: {
-      id?: unknown;
-      type?: string;
-      time?: string;
-      item_id?: string;
-      definition?: string;
-      data?: unknown;
-    };
-    try {
-      body = m.json();
-    } catch {
-      return state; // not JSON: nothing to fold
-    }
-    // A Weft event has its type and time; an awaited event (a person's or a callback's
-    // plain JSON) is known by its subject.
-    const event: typeof body = typeof body?.type === "string" && typeof body.time === "string"
-      ? body
-      : {
-        id: awaitedEventId(m.subject.split(".").slice(2).join(".")), // site.<site>.<subject>
-        type: `${def.name}.${m.subject.split(".")[3]}`,
-        time: m.time.toISOString(),
-        data: body,
-      };
-    return applyPipelineEvent(def, state, {
-      seq: m.seq,
-      id: typeof event.id === "string" ? event.id : undefined,
-      type: event.type!,
-      time: event.time!,
-      item_id: event.item_id ?? id,
-      definition: event.definition,
-      data: event.data,
-    }) ?? state;
-  });
-}
-
-/**
- * Item `id` of `pipeline` from `site`, folded from its events on the hub (in stream order)
- * with `fold`, and its site. Throws NotFoundError (naming it `what`) when the hub has none.
- */
-async function foldSiteItem<S>(
-  js: JetStreamClient,
-  site: string,
-  id: string,
   pipeline: string,
+  spec: StateSpec<S>,
   what: string,
-  fold: (state: S | undefined, m: JsMsg) => S | undefined,
+  id: string,
 ): Promise<S & { site: string }> {
   let state: S | undefined;
   // (A read of nothing ends at once: the consumer's creation says none is pending.)
   const filter = siteEventsFilter(site, id, pipeline);
-  for await (const m of readStream(js, edgeStream(site), { filter })) state = fold(state, m);
+  const prefix = `${siteSubjectPrefix(site)}.`;
+  for await (const m of readStream(js, edgeStream(site), { filter })) {
+    let event: AnyEvent;
+    try {
+      event = decodeStateEvent(spec, m.data, m.subject.slice(prefix.length), m.time.getTime());
+    } catch {
+      continue; // the site dead-letters it and folds nothing
+    }
+    state = spec.apply(state, event, m.seq);
+  }
   if (state === undefined) throw new NotFoundError(`no ${what} ${id} from site ${site}`);
   return { ...state, site };
 }

@@ -10,9 +10,7 @@
  */
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { canonicalJson } from "./canonical_json.ts";
-import { assertMatchesSubject } from "./runner.ts";
-import { validateEvent } from "./schemas.ts";
-import type { StateSpec } from "./state_writer.ts";
+import { decodeStateEvent, type StateSpec } from "./state_writer.ts";
 import { readStream } from "./stream_reader.ts";
 
 /** What a rebuild read. */
@@ -47,11 +45,7 @@ export async function rebuildStates<S>(
   for await (const m of readStream(js, spec.stream, { filter: spec.filter })) {
     let event;
     try {
-      if (spec.decode) event = spec.decode(m.json(), m.subject, m.time.getTime());
-      else {
-        event = validateEvent(m.json(), spec.eventTypes);
-        assertMatchesSubject(event, m.subject); // as the state writer does
-      }
+      event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime());
     } catch {
       skipped++;
       continue;

@@ -111,6 +111,41 @@ function isWrongLastSequence(err: unknown): boolean {
 
 const encoder = new TextEncoder();
 
+/**
+ * The event a state writer of `spec` folds from one message of its stream: its body decoded
+ * and checked (by `spec.decode`, or against `spec.eventTypes` and its subject), `storedAt`
+ * being when the server stored it. Throws, with the reason, for a message the writer does
+ * not fold (it dead-letters it, or skips it: {@link StateSpec.lettersElsewhere}). A rebuild
+ * and a hub's view of an edge site's items fold through this too, so they fold exactly what
+ * the writer does.
+ *
+ * @example
+ * ```ts ignore
+ * const event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime());
+ * ```
+ */
+export function decodeStateEvent<S>(
+  spec: StateSpec<S>,
+  data: Uint8Array,
+  subject: string,
+  storedAt: number,
+): AnyEvent {
+  const raw = decodeJson(data);
+  if (spec.decode) return spec.decode(raw, subject, storedAt);
+  const event = validateEvent(raw, spec.eventTypes);
+  assertMatchesSubject(event, subject);
+  return event;
+}
+
+/** The body when it is JSON, else undefined (what a dead letter keeps of it). */
+function tryDecodeJson(data: Uint8Array): unknown {
+  try {
+    return decodeJson(data);
+  } catch {
+    return undefined;
+  }
+}
+
 /** Reads an item's state from the bucket; null when there is none. */
 export async function readState<S>(
   kv: KV,
@@ -234,13 +269,8 @@ export async function runStateWriter<S>(opts: {
     for (const m of batch) {
       stats.events++;
       metrics?.received.inc({ stage: spec.durable });
-      let raw: unknown;
       try {
-        raw = decodeJson(m.data);
-        const event = spec.decode
-          ? spec.decode(raw, m.subject, m.time.getTime())
-          : validateEvent(raw, spec.eventTypes);
-        if (!spec.decode) assertMatchesSubject(event, m.subject);
+        const event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime());
         let group = held.get(event.item_id);
         if (!group) {
           held.set(event.item_id, group = { msgs: [], events: [], since: at, final: false });
@@ -264,6 +294,7 @@ export async function runStateWriter<S>(opts: {
         // A poison event: the stage that consumes it dead-letters it with the item's
         // failure; here it is only kept (naming the subject's item, failing nothing), so
         // the state writer is not stuck on it.
+        const raw = tryDecodeJson(m.data);
         await deadLetter(
           dlContext,
           m,

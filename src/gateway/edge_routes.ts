@@ -16,9 +16,9 @@ import { Hono } from "hono";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import {
   edgeStream,
-  siteDefinitionItem,
   siteEventsFilter,
   siteHasItem,
+  siteItem,
   siteStatuses,
   siteSubjectPrefix,
   siteWiredItem,
@@ -27,7 +27,7 @@ import { NotFoundError } from "../errors.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { openSlot, streamEvents } from "./sse.ts";
-import type { LoadedPipeline } from "../pipeline/runtime.ts";
+import { type LoadedPipeline, pipelineStateSpec } from "../pipeline/runtime.ts";
 import { boolQuery, oneQuery, onlyQuery } from "./query.ts";
 
 /** What the per-item event stream needs: the gateway's SSE settings, slots and feeds. */
@@ -69,7 +69,8 @@ export function edgeRoutes(
     const loaded = pipelines.find((p) => p.def.name === name);
     if (!loaded) throw new NotFoundError(`no pipeline ${JSON.stringify(name)} at this hub`);
     known(site, id, `${name} item`);
-    return c.json(await siteDefinitionItem(jetStream.js, site, loaded.def, id));
+    const spec = pipelineStateSpec(loaded);
+    return c.json(await siteItem(jetStream.js, site, name, spec, `${name} item`, id));
   });
   if (sse) {
     app.get("/:site/events", (c) => {
