@@ -183,7 +183,13 @@ export function siteSources(site: string, definitions: readonly SiteStream[] = [
 
 /**
  * The hub's per-site streams, from an event stream's configuration (its limits and
- * replicas): no subjects of their own, a source per collected stream of the site.
+ * replicas): no subjects of their own, a source per collected stream of the site, and no
+ * duplicate window. Sourcing delivers each of the site's messages once (it tracks the site's
+ * stream sequences), and the copies keep their `Nats-Msg-Id`: two messages the site stored
+ * under one id minutes apart (past its own window, as it may) can reach the hub within one
+ * window after an outage, and a window would drop the second. (nats-server leaves a stream
+ * with sources and a window of 0 without de-duplication; it takes its 2-minute default only
+ * for a stream with neither sources nor a mirror.)
  */
 export function edgeStreamConfigs(
   sites: readonly string[],
@@ -196,6 +202,7 @@ export function edgeStreamConfigs(
     name: edgeStream(site),
     description: `Weft edge site ${site}: its events and dead letters, on site.${site}.>`,
     sources: siteSources(site, definitions),
+    duplicate_window: 0,
   }));
 }
 
@@ -540,7 +547,10 @@ export function watchSources(
     const stalled = active < 0 || active / 1e6 > stalledMs || source?.error !== undefined;
     if (!stalled || Date.now() - (lastRestart.get(site) ?? 0) < restartMs) return;
     lastRestart.set(site, Date.now());
-    const config = info.config;
+    // (The client merges an update into the stream's configuration, and a stream without
+    // sources gets the server's 2-minute duplicate window: the second update sets it back to
+    // none, which the server leaves out of the configuration it returns.)
+    const config = { ...info.config, duplicate_window: info.config.duplicate_window ?? 0 };
     await jsm.streams.update(name, { ...config, sources: [] });
     await jsm.streams.update(name, config);
     restarts[site] = (restarts[site] ?? 0) + 1;

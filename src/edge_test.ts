@@ -92,10 +92,12 @@ Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEE
     name: "FEEDBACK",
     subjects: ["feedback.>"],
     max_bytes: 5,
+    duplicate_window: 120_000_000_000,
   });
   assert.equal(east!.name, "EDGE_EAST");
   assert.equal(east!.subjects, undefined);
   assert.equal(east!.max_bytes, 5);
+  assert.equal(east!.duplicate_window, 0, "sourcing delivers once: no de-duplication");
   assert.deepEqual(
     east!.sources,
     [

@@ -196,7 +196,8 @@ function differs(want: Record<string, unknown>, have: Record<string, unknown>): 
     // Metadata: the keys wanted (the server's own and a backlog mark may be beside them).
     k === "metadata" && v && typeof v === "object"
       ? differs(v as Record<string, unknown>, (have[k] ?? {}) as Record<string, unknown>)
-      : JSON.stringify(have[k]) !== JSON.stringify(v)
+      // (The server leaves out a field that is 0, e.g. a sourcing stream's duplicate_window.)
+      : JSON.stringify(have[k] ?? (v === 0 ? 0 : undefined)) !== JSON.stringify(v)
   );
 }
 

@@ -1,15 +1,118 @@
 /**
- * The hub's side of edge sites on real nats-servers, without whole meshes: how the hub
- * folds the events it holds from a site into the site's items.
+ * The hub's side of edge sites on real nats-servers, without whole meshes: a hub's
+ * nats-server and a site's (each configured as `deno task start --hub`/`--leaf` configures
+ * it, without keys), the site linked through a relay the test can cut, and the hub's
+ * per-site stream and source watch; and how the hub folds the events it holds from a site
+ * into the site's items.
  */
 import assert from "node:assert/strict";
-import { jetstream } from "@nats-io/jetstream";
-import { edgeStream, siteWiredItem } from "../src/edge.ts";
+import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import {
+  edgeStream,
+  edgeStreamConfigs,
+  hubConf,
+  siteConf,
+  siteWiredItem,
+  type SourceWatch,
+  watchSources,
+} from "../src/edge.ts";
+import type { Config } from "../src/config.ts";
 import { NotFoundError } from "../src/errors.ts";
 import { createEvent } from "../src/events.ts";
+import {
+  freePort,
+  type NatsServer,
+  serverVersion,
+  startNatsServer,
+  versionAtLeast,
+} from "../src/nats_server.ts";
+import { createLogger } from "../src/observability/log.ts";
 import { rebuildStates } from "../src/rebuild.ts";
+import { ensureStream, ensureTopology, streamConfigs } from "../src/topology.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
-import { startTestNats } from "./helpers/nats.ts";
+import { type Link, startLink } from "./helpers/link.ts";
+import { connectClient, startTestNats, testConfig } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+/** A hub sources with subject transforms: nats-server 2.10 and later. */
+const CURRENT_SERVER = { ignore: !versionAtLeast((await serverVersion()) ?? "0.0.0", "2.10.0") };
+
+/** A hub's server and site east's, linked through a relay, with the hub's source watch. */
+interface EdgePair extends AsyncDisposable {
+  hub: { server: NatsServer; nc: NatsConnection; jsm: JetStreamManager };
+  site: { server: NatsServer; nc: NatsConnection; jsm: JetStreamManager };
+  /** The site's link to the hub. */
+  link: Link;
+  watch: SourceWatch;
+  /** The hub's log lines (its source watch's). */
+  hubLog: Record<string, unknown>[];
+}
+
+/**
+ * Starts a hub's nats-server collecting site east, and east's, linked through a relay; east
+ * with Weft's streams under `site` settings, the hub with east's stream and a source watch
+ * quicker than the supervisor's (so a test waits seconds, not tens of them).
+ */
+async function startEdgePair(site: Partial<Config> = {}): Promise<EdgePair> {
+  const dir = await Deno.makeTempDir({ prefix: "weft-edge-hub-" });
+  const leafPort = freePort();
+  await Deno.writeTextFile(`${dir}/hub.conf`, hubConf("", leafPort));
+  const hubServer = await startNatsServer({
+    configFile: `${dir}/hub.conf`,
+    port: freePort(),
+    storeDir: `${dir}/hub`,
+  });
+  const link = startLink(leafPort);
+  await Deno.writeTextFile(
+    `${dir}/site.conf`,
+    siteConf("", "east", `nats-leaf://127.0.0.1:${link.port}`),
+  );
+  const siteServer = await startNatsServer({
+    configFile: `${dir}/site.conf`,
+    port: freePort(),
+    storeDir: `${dir}/site`,
+  });
+  const hubNc = await connectClient(hubServer.url, "test-hub");
+  const siteNc = await connectClient(siteServer.url, "test-site");
+  const hubJsm = await jetstreamManager(hubNc);
+  const siteJsm = await jetstreamManager(siteNc);
+  await ensureTopology(siteNc, siteJsm, testConfig(siteServer.url, site));
+  const [east] = edgeStreamConfigs(["east"], streamConfigs(testConfig(hubServer.url))[0]!);
+  await ensureStream(hubJsm, east!);
+  const hubLog: Record<string, unknown>[] = [];
+  const log = createLogger("test-hub", "debug", (l) => hubLog.push(JSON.parse(l)));
+  const watch = watchSources(hubJsm, ["east"], {
+    log,
+    checkMs: 200,
+    stalledMs: 1_500,
+    restartMs: 1_000,
+  });
+  return {
+    hub: { server: hubServer, nc: hubNc, jsm: hubJsm },
+    site: { server: siteServer, nc: siteNc, jsm: siteJsm },
+    link,
+    watch,
+    hubLog,
+    async [Symbol.asyncDispose]() {
+      await watch.stop();
+      await hubNc.close();
+      await siteNc.close();
+      await link[Symbol.asyncDispose]();
+      await siteServer[Symbol.asyncDispose]();
+      await hubServer[Symbol.asyncDispose]();
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+/** How many messages the hub holds from east on `subject` (after `site.east.`). */
+async function atHub(jsm: JetStreamManager, subject: string): Promise<number> {
+  const info = await jsm.streams.info(edgeStream("east"), {
+    subjects_filter: `site.east.${subject}`,
+  });
+  return info.state.subjects?.[`site.east.${subject}`] ?? 0;
+}
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 
@@ -88,3 +191,49 @@ Deno.test("the hub folds a site's items as the site's state writer does: what th
   }
   await assert.rejects(siteWiredItem(js, "east", content!, "ct_FORGED"), NotFoundError);
 });
+
+Deno.test(
+  "two messages a site stored under one message id, past its duplicate window, both reach the hub after an outage",
+  CURRENT_SERVER,
+  async () => {
+    // A site window of 100 ms, so the second copy is legal at once (ids like a dead letter's
+    // dl-<stream>-<seq>-<stage> recur minutes apart at a real site).
+    await using pair = await startEdgePair({ duplicateWindowMs: 100 });
+    const js = jetstream(pair.site.nc);
+    pair.link.cut();
+    const first = await js.publish("feedback.ingested.DUP-1", "first", { msgID: "dl-1" });
+    assert.equal(first.duplicate, false);
+    await waitFor(
+      async () =>
+        !(await js.publish("feedback.ingested.DUP-1", "second", { msgID: "dl-1" })).duplicate ||
+        undefined,
+      10_000,
+      "the site storing a second message under the id, past its window",
+    );
+    await js.publish("feedback.ingested.MARK-1", "after them");
+    pair.link.restore();
+    // Sourcing keeps the site's order: once the marker is at the hub, both were before it.
+    await waitFor(
+      async () => (await atHub(pair.hub.jsm, "feedback.ingested.MARK-1")) === 1 || undefined,
+      60_000,
+      "the hub catching up with the site",
+    );
+    const atSite = await pair.site.jsm.streams.info("FEEDBACK", {
+      subjects_filter: "feedback.ingested.DUP-1",
+    });
+    assert.equal(atSite.state.subjects?.["feedback.ingested.DUP-1"], 2, "the site holds both");
+    assert.equal(await atHub(pair.hub.jsm, "feedback.ingested.DUP-1"), 2, "the hub holds both");
+  },
+);
+
+Deno.test(
+  "a hub's site stream made with a duplicate window loses it at the next start",
+  CURRENT_SERVER,
+  async () => {
+    await using t = await startTestNats();
+    const [east] = edgeStreamConfigs(["east"], streamConfigs(t.config)[0]!);
+    await t.jsm.streams.add({ ...east!, duplicate_window: 120_000_000_000 });
+    await ensureStream(t.jsm, east!);
+    assert.equal((await t.jsm.streams.info(edgeStream("east"))).config.duplicate_window ?? 0, 0);
+  },
+);
