@@ -26,7 +26,13 @@
  *
  * @module
  */
-import type { JetStreamClient, JetStreamManager, StreamSource } from "@nats-io/jetstream";
+import type {
+  JetStreamClient,
+  JetStreamManager,
+  StreamInfo,
+  StreamSource,
+  StreamSourceInfo,
+} from "@nats-io/jetstream";
 import type { Logger } from "./observability/log.ts";
 import { IDENTITY_DIR, type Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
@@ -326,14 +332,22 @@ export interface SiteStatus {
   [statusField: string]: number | string | null | undefined;
   /** The site's dead letters the hub holds. */
   dead_letters: number;
-  /** Events the site holds that the hub has not yet received, as last reported. */
-  lag: number;
   /**
-   * Since the last message or heartbeat from the site, ms, for the longest silent of its
-   * sources; null when one never reported.
+   * Events the site holds that the hub has not yet received, as last reported; null while the
+   * link is down (the site's count cannot be known then, and is not 0).
+   */
+  lag: number | null;
+  /**
+   * Since the hub last heard from the site, ms: while linked, since the last message or
+   * heartbeat of its most silent source; while the link is down, since the last contact
+   * the hub remembers (across restarts of its sources), or else since the last event the
+   * hub stored from it. Null only for a site never heard from.
    */
   last_seen_ms: number | null;
-  /** A source's error, when one has one (e.g. no responders while the link is down). */
+  /**
+   * Why the site's events may not be arriving: its link down since a time, never heard from
+   * (with what to check), or a source's error (e.g. a stream the site lacks).
+   */
   error?: string;
 }
 
@@ -348,13 +362,77 @@ async function countUnder(
   return { subjects: counts.length, messages: counts.reduce((a, b) => a + b, 0) };
 }
 
-/** Restarts of a site's never-heard source before the hub warns (about 30 s at the defaults). */
+/** Restarts of a silent site's source before the hub warns (about 30 s at the defaults). */
 const NEVER_HEARD_WARN_AFTER = 3;
 
-/** Each site's status from its hub stream. */
+/**
+ * Silence after which a site's link counts as down: its sources have a message or a
+ * heartbeat every second, and the hub's watch restarts one silent for 8 s.
+ */
+const LINK_DOWN_AFTER_MS = 10_000;
+
+/**
+ * When each site was last heard from (ms since the epoch), by site: kept by whoever reads
+ * the sites' streams again and again (the source watch, the gateway's `/sites`), since a
+ * source restarted after an outage forgets it (its `active` starts again at -1).
+ */
+export type SiteContacts = Map<string, number>;
+
+/** What a site's stream says of its link, with what `contacts` remembers of it. */
+interface SiteLink {
+  /** The sources of the site's streams (not those of a stream it lacks). */
+  linked: StreamSourceInfo[];
+  /** When the site was last heard from, ms since the epoch; undefined: never. */
+  heardAt?: number;
+  /** Silent longer than {@link LINK_DOWN_AFTER_MS}, or a source not heard from since it started. */
+  down: boolean;
+}
+
+/**
+ * Reads a site's link from its stream's `info`, and updates `contacts` with it. The site was
+ * heard from at the latest of: its sources' last message or heartbeat, the last contact
+ * remembered, and the last event the stream holds from it (a hub restarted during an outage
+ * remembers nothing else).
+ */
+function siteLink(site: string, info: StreamInfo, contacts: SiteContacts, now: number): SiteLink {
+  // (A stream the site does not have, e.g. a definition it does not run, says nothing of the
+  // link: it is an error of its own.)
+  const linked = (info.sources ?? []).filter((s) => s.error?.err_code !== STREAM_NOT_FOUND);
+  const actives = linked.map((s) => s.active ?? -1);
+  const heard = actives.filter((a) => a >= 0);
+  const lastEvent = info.state.last_seq > 0 ? Date.parse(info.state.last_ts) : NaN;
+  const candidates = [
+    ...(heard.length > 0 ? [now - Math.min(...heard) / 1e6] : []),
+    ...(contacts.has(site) ? [contacts.get(site)!] : []),
+    ...(Number.isFinite(lastEvent) ? [lastEvent] : []),
+  ];
+  const heardAt = candidates.length > 0 ? Math.max(...candidates) : undefined;
+  if (heardAt !== undefined) contacts.set(site, heardAt);
+  const down = linked.length === 0 || heard.length < actives.length ||
+    Math.max(...heard) / 1e6 > LINK_DOWN_AFTER_MS;
+  return { linked, heardAt, down };
+}
+
+/** Why a site never heard from may be silent: what to check. */
+function neverHeardHint(site: string): string {
+  return `is the site running, linked to this hub (--leaf), and with the leafnode key this ` +
+    `hub made for it (${IDENTITY_DIR}/${leafIdentity(site)}.nk)?`;
+}
+
+/** The error of a site whose link is down, heard from last at `heardAt`. */
+function linkDownError(heardAt: number): string {
+  return `link down since ${new Date(heardAt).toISOString()}: nothing heard from the site ` +
+    `since; its events wait there and arrive, in order, once the link is back`;
+}
+
+/**
+ * Each site's status from its hub stream. `contacts` (one per reader, kept between calls)
+ * remembers when each site was last heard from across restarts of its sources.
+ */
 export async function siteStatuses(
   jsm: JetStreamManager,
   sites: readonly string[],
+  contacts: SiteContacts = new Map(),
 ): Promise<SiteStatus[]> {
   return await Promise.all(sites.map(async (site) => {
     const stream = edgeStream(site);
@@ -365,31 +443,32 @@ export async function siteStatuses(
       countUnder(jsm, stream, `${prefix}.deadletter.>`),
       ...counted.map((i) => countUnder(jsm, stream, `${prefix}.${i.entryType}.*`)),
     ]);
-    const sources = info.sources ?? [];
-    // Heard from: the sources of streams the site has (a definition it does not run is an
-    // error below, not a silent link).
-    const actives = sources.filter((s) => s.error?.err_code !== STREAM_NOT_FOUND)
-      .map((s) => s.active ?? -1);
+    const now = Date.now();
+    const { linked, heardAt, down } = siteLink(site, info, contacts, now);
     // Named by its stream: a definition the hub runs and the site does not is "ORDERS: stream
     // not found" (the rest of the site's events still arrive).
-    const failing = sources.find((s) => s.error);
-    // Never heard from, and no error to say why: a site not running or not linked, or one
-    // linked with another site's key (its link is up, and nothing of it arrives).
-    const silent = actives.length === 0 || actives.some((a) => a < 0);
-    const error = failing
+    const failing = (info.sources ?? []).find((s) => s.error);
+    // A site known to the hub whose link is down says since when; one never heard from, with
+    // no error to say why, is not running or not linked, or linked with another site's key
+    // (its link is up, and nothing of it arrives).
+    const error = down && heardAt !== undefined
+      ? linkDownError(heardAt)
+      : failing
       ? `${failing.name}: ${failing.error!.description}`
-      : silent
-      ? `not heard from yet: is the site running, linked to this hub (--leaf), and with the ` +
-        `leafnode key this hub made for it (${IDENTITY_DIR}/${leafIdentity(site)}.nk)?`
+      : down
+      ? `not heard from yet: ${neverHeardHint(site)}`
       : undefined;
+    const silentMs = Math.max(...linked.map((s) => s.active ?? -1)) / 1e6;
     return {
       site,
       stream,
       events: info.state.messages,
       ...Object.fromEntries(counted.map((c, i) => [c.statusField, items[i]!.subjects])),
       dead_letters: dead.messages,
-      lag: sources.reduce((n, s) => n + (s.lag ?? 0), 0),
-      last_seen_ms: silent ? null : Math.round(Math.max(...actives) / 1e6),
+      lag: down ? null : linked.reduce((n, s) => n + (s.lag ?? 0), 0),
+      last_seen_ms: heardAt === undefined
+        ? null
+        : Math.round(down ? Math.max(0, now - heardAt) : silentMs),
       ...(error ? { error } : {}),
     };
   }));
@@ -526,8 +605,9 @@ export function watchSources(
   const stalledMs = opts.stalledMs ?? 8_000;
   const restartMs = opts.restartMs ?? 10_000;
   const restarts: Record<string, number> = Object.fromEntries(sites.map((s) => [s, 0]));
-  /** Consecutive restarts of a site's source that had never been heard from, by site. */
-  const neverHeard: Record<string, number> = {};
+  /** Consecutive restarts of a site's source that brought nothing, by site. */
+  const silentRestarts: Record<string, number> = {};
+  const contacts: SiteContacts = new Map();
   const lastRestart = new Map<string, number>();
   let stopped = false;
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -535,16 +615,21 @@ export function watchSources(
   const check = async (site: string) => {
     const name = edgeStream(site);
     const info = await jsm.streams.info(name);
+    const { linked, heardAt, down } = siteLink(site, info, contacts, Date.now());
     // The site's sources share its one link: the one in error, never heard from, or
     // silent longest speaks for all.
-    const sources = info.sources ?? [];
-    // (A stream the site does not have, e.g. a definition it does not run, is no stalled
-    // link: restarting would not bring it.)
-    const linked = sources.filter((s) => s.error?.err_code !== STREAM_NOT_FOUND);
     const source = linked.find((s) => s.error || (s.active ?? -1) < 0) ??
       linked.toSorted((a, b) => (b.active ?? 0) - (a.active ?? 0))[0];
     const active = source?.active ?? -1;
     const stalled = active < 0 || active / 1e6 > stalledMs || source?.error !== undefined;
+    if (!down && silentRestarts[site]) {
+      opts.log.info("edge site heard from again", {
+        site,
+        stream: name,
+        restarts: silentRestarts[site],
+      });
+      silentRestarts[site] = 0;
+    }
     if (!stalled || Date.now() - (lastRestart.get(site) ?? 0) < restartMs) return;
     lastRestart.set(site, Date.now());
     // (The client merges an update into the stream's configuration, and a stream without
@@ -557,17 +642,24 @@ export function watchSources(
     opts.log.info("edge source restarted", {
       site,
       stream: name,
-      silent_ms: active < 0 ? null : Math.round(active / 1e6),
+      silent_ms: heardAt === undefined ? null : Math.max(0, Date.now() - heardAt),
       error: source?.error?.description,
     });
-    // Never heard from, restart after restart, with no error to say why: said once, as a
-    // warning (a site linked with another site's key has its link up and sends nothing here).
-    neverHeard[site] = active < 0 && !source?.error ? (neverHeard[site] ?? 0) + 1 : 0;
-    if (neverHeard[site] === NEVER_HEARD_WARN_AFTER) {
+    // Silent, restart after restart: said once, as a warning. A site heard from before has
+    // its link down (its events wait at the site); one never heard from, with no error to
+    // say why, may be linked with another site's key (its link is up and sends nothing here).
+    silentRestarts[site] = down ? (silentRestarts[site] ?? 0) + 1 : 0;
+    if (silentRestarts[site] !== NEVER_HEARD_WARN_AFTER) return;
+    if (heardAt !== undefined) {
+      opts.log.warn(`site ${site}: ${linkDownError(heardAt)}`, {
+        site,
+        stream: name,
+        restarts: NEVER_HEARD_WARN_AFTER,
+      });
+    } else if (!source?.error) {
       opts.log.warn(
         `site ${site}: never heard from after ${NEVER_HEARD_WARN_AFTER} restarts of its ` +
-          `source: is it running, linked to this hub (--leaf), and with the leafnode key this ` +
-          `hub made for it (${IDENTITY_DIR}/${leafIdentity(site)}.nk)?`,
+          `source: ${neverHeardHint(site)}`,
         { site, stream: name },
       );
     }

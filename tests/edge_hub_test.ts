@@ -13,6 +13,8 @@ import {
   edgeStreamConfigs,
   hubConf,
   siteConf,
+  type SiteStatus,
+  siteStatuses,
   siteWiredItem,
   type SourceWatch,
   watchSources,
@@ -54,7 +56,10 @@ interface EdgePair extends AsyncDisposable {
  * with Weft's streams under `site` settings, the hub with east's stream and a source watch
  * quicker than the supervisor's (so a test waits seconds, not tens of them).
  */
-async function startEdgePair(site: Partial<Config> = {}): Promise<EdgePair> {
+async function startEdgePair(
+  site: Partial<Config> = {},
+  sites: readonly string[] = ["east"],
+): Promise<EdgePair> {
   const dir = await Deno.makeTempDir({ prefix: "weft-edge-hub-" });
   const leafPort = freePort();
   await Deno.writeTextFile(`${dir}/hub.conf`, hubConf("", leafPort));
@@ -78,11 +83,12 @@ async function startEdgePair(site: Partial<Config> = {}): Promise<EdgePair> {
   const hubJsm = await jetstreamManager(hubNc);
   const siteJsm = await jetstreamManager(siteNc);
   await ensureTopology(siteNc, siteJsm, testConfig(siteServer.url, site));
-  const [east] = edgeStreamConfigs(["east"], streamConfigs(testConfig(hubServer.url))[0]!);
-  await ensureStream(hubJsm, east!);
+  for (const s of edgeStreamConfigs(sites, streamConfigs(testConfig(hubServer.url))[0]!)) {
+    await ensureStream(hubJsm, s);
+  }
   const hubLog: Record<string, unknown>[] = [];
   const log = createLogger("test-hub", "debug", (l) => hubLog.push(JSON.parse(l)));
-  const watch = watchSources(hubJsm, ["east"], {
+  const watch = watchSources(hubJsm, sites, {
     log,
     checkMs: 200,
     stalledMs: 1_500,
@@ -235,5 +241,71 @@ Deno.test(
     await t.jsm.streams.add({ ...east!, duplicate_window: 120_000_000_000 });
     await ensureStream(t.jsm, east!);
     assert.equal((await t.jsm.streams.info(edgeStream("east"))).config.duplicate_window ?? 0, 0);
+  },
+);
+
+Deno.test(
+  "a site known to the hub whose link is down is reported as down since its last contact, with its lag unknown; only a site never heard from gets the key hint",
+  CURRENT_SERVER,
+  async () => {
+    // West never runs: never heard from.
+    await using pair = await startEdgePair({}, ["east", "west"]);
+    const { jsm } = pair.hub;
+    const contacts = new Map<string, number>();
+    const status = async (site: string, fresh = false) =>
+      (await siteStatuses(jsm, ["east", "west"], fresh ? new Map() : contacts))
+        .find((s) => s.site === site)!;
+    await waitFor(
+      async () => {
+        const s = await status("east");
+        return (s.error === undefined && s.last_seen_ms !== null && s.lag === 0) || undefined;
+      },
+      60_000,
+      "the hub hearing from east",
+    );
+    const js = jetstream(pair.site.nc);
+    await js.publish("feedback.ingested.BEFORE-1", "before the cut");
+    await waitFor(
+      async () => (await atHub(jsm, "feedback.ingested.BEFORE-1")) === 1 || undefined,
+      30_000,
+      "the hub holding east's first event",
+    );
+    pair.link.cut();
+    for (let i = 0; i < 5; i++) await js.publish(`feedback.ingested.DURING-${i}`, "during");
+    // Three restarts of east's source bring nothing: the hub says why, once.
+    const warned = (site: string) => pair.hubLog.find((l) => l.level === "warn" && l.site === site);
+    await waitFor(() => (warned("east") && warned("west")) || undefined, 60_000, "the warnings");
+    assert.match(String(warned("east")!.msg), /^site east: link down since \d{4}-/);
+    assert.doesNotMatch(String(warned("east")!.msg), /key|never/);
+    assert.match(String(warned("west")!.msg), /never heard from .*leaf-west\.nk/);
+    // Its status, from a reader that heard from it, and from one started during the outage
+    // (a gateway restarted then): the last event the hub stored from it.
+    for (const fresh of [false, true]) {
+      const east: SiteStatus = await status("east", fresh);
+      assert.ok(pair.watch.restarts.east! >= 3, "east's source restarted since the cut");
+      assert.equal(typeof east.last_seen_ms, "number", JSON.stringify(east));
+      assert.ok(east.last_seen_ms! >= 0, JSON.stringify(east));
+      assert.match(east.error ?? "", /^link down since \d{4}-\d\d-\d\dT/, JSON.stringify(east));
+      assert.doesNotMatch(east.error ?? "", /key/);
+      assert.equal(east.lag, null, "lag unknown while the link is down, not 0");
+    }
+    const west = await status("west");
+    assert.equal(west.last_seen_ms, null);
+    assert.match(west.error ?? "", /not heard from yet: .*leaf-west\.nk/);
+    pair.link.restore();
+    await waitFor(
+      async () => {
+        const s = await status("east");
+        return (s.error === undefined && s.lag === 0 &&
+          (await atHub(jsm, "feedback.ingested.DURING-4")) === 1) || undefined;
+      },
+      60_000,
+      "east heard from again, its events at the hub",
+    );
+    await waitFor(
+      () => pair.hubLog.some((l) => l.msg === "edge site heard from again") || undefined,
+      10_000,
+      "the watch saying so",
+    );
   },
 );

@@ -16,6 +16,7 @@ import { Hono } from "hono";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import {
   edgeStream,
+  type SiteContacts,
   siteEventsFilter,
   siteHasItem,
   siteItem,
@@ -55,7 +56,9 @@ export function edgeRoutes(
     knownSite(site);
     if (!ITEM_ID.test(id)) throw new NotFoundError(`no ${what} ${JSON.stringify(id)}`);
   };
-  app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites) }));
+  // When each site was last heard from, across restarts of its sources (src/edge.ts).
+  const contacts: SiteContacts = new Map();
+  app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites, contacts) }));
   // Each shipped pipeline's items: /sites/{site}/<pipeline>/{id}(/events).
   const kinds = SHIPPED_PIPELINES.flatMap((w) =>
     w.items
