@@ -295,6 +295,49 @@ export function siteDenyImports(site: string): string[] {
   ];
 }
 
+/** How often a site says again that the hub refuses its link, ms. */
+const LEAF_REFUSED_LOG_EVERY_MS = 60_000;
+
+/**
+ * Watches a site's nats-server log lines for the hub refusing its link: `Leafnode Error
+ * 'Authorization Violation'`, which the server meets again at each attempt, every second.
+ * The first is logged as a warning saying what to do, the next at most once per `everyMs`
+ * (a minute) with how many came since. Returns true for such a line (handled), false for
+ * any other.
+ *
+ * @example
+ * ```ts ignore
+ * const refused = leafRefusalWatcher(log, "west");
+ * const onLog = (line: string) => refused(line) || otherwise(line);
+ * ```
+ */
+export function leafRefusalWatcher(
+  log: Logger,
+  site: string,
+  opts: { now?: () => number; everyMs?: number } = {},
+): (line: string) => boolean {
+  const now = opts.now ?? Date.now;
+  const everyMs = opts.everyMs ?? LEAF_REFUSED_LOG_EVERY_MS;
+  let loggedAt: number | undefined;
+  let since = 0;
+  return (line) => {
+    if (!/Leafnode Error 'Authorization Violation'/i.test(line)) return false;
+    since++;
+    const t = now();
+    if (loggedAt !== undefined && t - loggedAt < everyMs) return true;
+    log.warn(
+      `the hub refuses this site's link (authorization failed): the hub no longer lists site ` +
+        `${site} (its --hub), or this site's leafnode key is not the one the hub has for it ` +
+        `(${IDENTITY_DIR}/${leafIdentity(site)}.nk there); its events wait here until the link ` +
+        `is accepted. The server tries again every second; said again at most once a minute`,
+      { site, refused: since, line },
+    );
+    loggedAt = t;
+    since = 0;
+    return true;
+  };
+}
+
 /**
  * A site's server configuration: `conf` with the site's domain and a leafnode remote to
  * the hub at `urls`, authenticating with the nkey `seed` (when the hub has one for it),

@@ -5,12 +5,14 @@ import {
   edgeStreamConfigs,
   hubConf,
   leafPermissions,
+  leafRefusalWatcher,
   parseSiteSubject,
   siteConf,
   siteDenyImports,
   siteEventsFilter,
 } from "./edge.ts";
 import { subjectAllowed } from "./subjects.ts";
+import { createLogger } from "./observability/log.ts";
 
 const BASE =
   `server_name: weft-local\nlisten: 127.0.0.1:4222\njetstream {\n  store_dir: "./d"\n}\n`;
@@ -175,4 +177,25 @@ Deno.test("loadConfig: a hub's leafnode listener off loopback needs a certificat
   assert.throws(() => load({ WEFT_LEAF_TLS_CERT: "c.pem" }), ConfigError);
   const ok = load({ WEFT_LEAF_HOST: "0.0.0.0", WEFT_LEAF_TLS_CERT: "c", WEFT_LEAF_TLS_KEY: "k" });
   assert.equal(ok.leafHost, "0.0.0.0");
+});
+
+Deno.test("leafRefusalWatcher says a hub's refusal of the site's link once, with what to do, then at most once a minute with a count", () => {
+  const lines: Record<string, unknown>[] = [];
+  const log = createLogger("supervisor", "info", (l) => lines.push(JSON.parse(l)));
+  let now = 0;
+  const refused = leafRefusalWatcher(log, "west", { now: () => now });
+  // As nats-server 2.15.3 logs it, once a second while the hub refuses the site.
+  const line = "[29422] 2026/12/06 18:44:33.503765 [ERR] 127.0.0.1:19011 - lid:5 - " +
+    "Leafnode Error 'Authorization Violation'";
+  for (let s = 0; s < 150; s++, now += 1_000) assert.equal(refused(line), true);
+  assert.equal(refused("[INF] Leafnode connection created for account: $G"), false);
+  assert.equal(refused("[ERR] ... Publish Violation ..."), false, "not an authorization failure");
+  assert.equal(lines.length, 3, "at 0 s, 60 s and 120 s");
+  assert.deepEqual(lines.map((l) => l.refused), [1, 60, 60]);
+  for (const l of lines) {
+    assert.equal(l.level, "warn");
+    assert.match(String(l.msg), /refuses this site's link \(authorization failed\)/);
+    assert.match(String(l.msg), /no longer lists site west .*leaf-west\.nk/);
+    assert.doesNotMatch(String(l.msg), /permission/);
+  }
 });

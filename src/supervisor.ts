@@ -46,6 +46,7 @@ import {
   hubConf,
   leafIdentity,
   leafPermissions,
+  leafRefusalWatcher,
   type LeafTls,
   siteConf,
   type SiteStream,
@@ -1224,8 +1225,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         serverConf(await Deno.readTextFile(baseConf), edge, sync),
       );
     }
-    // Refused permissions are the server's to log; say them in the mesh's log too.
+    // Refused permissions are the server's to log; say them in the mesh's log too. (A site
+    // the hub refuses is an authorization failure, met again every second: said apart.)
+    const leafRefused = config.site ? leafRefusalWatcher(log, config.site) : () => false;
     const onLog = (line: string) => {
+      if (leafRefused(line)) return;
       if (/violation/i.test(line)) log.warn("nats permission violation", { line });
     };
     try {
