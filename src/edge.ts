@@ -585,7 +585,9 @@ export async function siteItem<S>(
     }
     state = spec.apply(state, event, m.seq);
   }
-  if (state === undefined) throw new NotFoundError(`no ${what} ${id} from site ${site}`);
+  if (state === undefined) {
+    throw new NotFoundError(`no ${what} ${id} from site ${site}`, { field: "id" });
+  }
   return { ...state, site };
 }
 

@@ -31,6 +31,16 @@ import { openSlot, streamEvents } from "./sse.ts";
 import { type LoadedPipeline, pipelineStateSpec } from "../pipeline/runtime.ts";
 import { boolQuery, oneQuery, onlyQuery } from "./query.ts";
 
+/** Longest part of a path parameter a problem's detail quotes. */
+const SHOWN_CHARS = 64;
+
+/** A path parameter as a problem's detail quotes it: JSON, cut to {@link SHOWN_CHARS}. */
+function shown(value: string): string {
+  return value.length <= SHOWN_CHARS
+    ? JSON.stringify(value)
+    : `${JSON.stringify(value.slice(0, SHOWN_CHARS))}... (${value.length} characters)`;
+}
+
 /** What the per-item event stream needs: the gateway's SSE settings, slots and feeds. */
 export type EdgeSse = Omit<Parameters<typeof streamEvents>[3], "key">;
 
@@ -50,11 +60,13 @@ export function edgeRoutes(
 ): Hono {
   const app = new Hono();
   const knownSite = (site: string) => {
-    if (!sites.includes(site)) throw new NotFoundError(`no edge site ${JSON.stringify(site)}`);
+    if (!sites.includes(site)) {
+      throw new NotFoundError(`no edge site ${shown(site)}`, { field: "site" });
+    }
   };
   const known = (site: string, id: string, what: string) => {
     knownSite(site);
-    if (!ITEM_ID.test(id)) throw new NotFoundError(`no ${what} ${JSON.stringify(id)}`);
+    if (!ITEM_ID.test(id)) throw new NotFoundError(`no ${what} ${shown(id)}`, { field: "id" });
   };
   // When each site was last heard from, across restarts of its sources (src/edge.ts).
   const contacts: SiteContacts = new Map();
@@ -70,7 +82,9 @@ export function edgeRoutes(
     const id = c.req.param("id");
     const name = c.req.param("name");
     const loaded = pipelines.find((p) => p.def.name === name);
-    if (!loaded) throw new NotFoundError(`no pipeline ${JSON.stringify(name)} at this hub`);
+    if (!loaded) {
+      throw new NotFoundError(`no pipeline ${shown(name)} at this hub`, { field: "name" });
+    }
     known(site, id, `${name} item`);
     const spec = pipelineStateSpec(loaded);
     return c.json(await siteItem(jetStream.js, site, name, spec, `${name} item`, id));
@@ -107,7 +121,7 @@ export function edgeRoutes(
       known(site, id, what);
       onlyQuery(c.req.query(), []);
       if (!(await siteHasItem(jetStream.jsm, site, id, pipeline))) {
-        throw new NotFoundError(`no ${what} ${id} from site ${site}`);
+        throw new NotFoundError(`no ${what} ${id} from site ${site}`, { field: "id" });
       }
       const key = openSlot(sse.clients, c);
       return streamEvents(c, jetStream.js, {
