@@ -5,6 +5,16 @@
  *
  * @module
  */
+import {
+  ClosedConnectionError,
+  ConnectionError,
+  DrainingConnectionError,
+  NoRespondersError,
+  RequestError,
+  TimeoutError,
+} from "@nats-io/nats-core";
+import { JetStreamApiError } from "@nats-io/jetstream";
+import { StreamReadStalled } from "./stream_reader.ts";
 
 /** Stable error codes. Clients and dead-letter consumers may branch on these. */
 export const ErrorCode = {
@@ -269,8 +279,44 @@ const TITLES: Record<ErrorCode, string> = {
   method_not_allowed: "Method not allowed",
 };
 
-/** Maps any error to the problem document the gateway answers with. */
-export function toProblem(err: unknown): Problem {
+/**
+ * True for the errors a NATS client raises when the server is unreachable or slow: a
+ * client sees them as `unavailable` (see {@link fromNatsError}).
+ */
+export function isNatsUnavailable(err: unknown): boolean {
+  return err instanceof TimeoutError || err instanceof ClosedConnectionError ||
+    err instanceof ConnectionError || err instanceof DrainingConnectionError ||
+    err instanceof NoRespondersError || err instanceof RequestError ||
+    // A stream without a leader for a moment (a cluster node died, a new leader is being
+    // elected): its publishes find no responder, which nats.js reports as JetStream off
+    // (its JetStreamNotEnabled class is not exported from the package's main module).
+    (err instanceof Error && err.name === "JetStreamNotEnabled") ||
+    // "JetStream system temporarily unavailable"
+    (err instanceof JetStreamApiError && err.code === 10008) ||
+    // A history read that found no message for its whole stall budget, consumer restarts included.
+    err instanceof StreamReadStalled;
+}
+
+/**
+ * The error a client is answered for `err`: NATS unreachable or slow
+ * ({@link isNatsUnavailable}) is `unavailable` (503, retry after 5 s) carrying it as its
+ * cause; any other error is itself. {@link toProblem} applies it, so HTTP and NATS
+ * request/reply answer alike.
+ */
+export function fromNatsError(err: unknown): unknown {
+  if (!isNatsUnavailable(err)) return err;
+  return new WeftError(ErrorCode.Unavailable, "NATS did not answer; retry shortly", {
+    cause: err,
+    retryAfterSeconds: 5,
+  });
+}
+
+/**
+ * Maps any error to the problem document the gateway answers with, over HTTP and NATS
+ * request/reply alike; NATS being unreachable or slow is `unavailable` ({@link fromNatsError}).
+ */
+export function toProblem(error: unknown): Problem {
+  const err = fromNatsError(error);
   const code = errorCode(err);
   const status = HTTP_STATUS[code];
   const problem: Problem = {

@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
+import { NoRespondersError, TimeoutError } from "@nats-io/nats-core";
 import {
   ErrorCode,
+  fromNatsError,
   isPermanent,
   NotFoundError,
   PermanentError,
@@ -21,6 +23,19 @@ Deno.test("toProblem() maps each error code to its HTTP status once", () => {
     [new Error("internal detail"), 500],
   ];
   for (const [err, status] of cases) assert.equal(toProblem(err).status, status);
+});
+
+Deno.test("toProblem() answers NATS slow or away as 503 unavailable; fromNatsError() adds Retry-After", () => {
+  for (const err of [new TimeoutError(), new NoRespondersError("weft.x")]) {
+    assert.equal(toProblem(err).status, 503);
+    assert.equal(toProblem(err).code, "unavailable");
+    const mapped = fromNatsError(err);
+    assert.ok(mapped instanceof WeftError);
+    assert.equal(mapped.retryAfterSeconds, 5);
+    assert.equal(mapped.cause, err);
+  }
+  const other = new Error("x");
+  assert.equal(fromNatsError(other), other);
 });
 
 Deno.test("toProblem() names the field and never shows a 5xx error's message", () => {

@@ -6,7 +6,12 @@ import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
-import { PATIENT, startTestNats } from "./helpers/nats.ts";
+import { connectClient, PATIENT, startTestNats } from "./helpers/nats.ts";
+import { startLink } from "./helpers/link.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
+import { createModerationApi } from "../pipelines/moderation/api.ts";
+import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
+import { createAuth } from "../src/gateway/auth.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
 
@@ -95,5 +100,45 @@ Deno.test("nats req weft.feedback.submit answers with the id; weft.feedback.get 
     assert.equal(missing.json<{ error: { status: number } }>().error.status, 404);
   } finally {
     requests.stop();
+  }
+});
+
+Deno.test("nats req on a submit subject answers 503 unavailable, as HTTP does, when JetStream does not answer in time", async () => {
+  await using t = await startTestNats();
+  // The intakes publish through a link the test holds; requests come straight to the server.
+  await using link = startLink(t.server.port);
+  const slow = await connectClient(`nats://127.0.0.1:${link.port}`, "weft-test-intake");
+  const feedback = serveRequests(t.nc, await createIntake(slow), t.log);
+  const content = serveModerationRequests(
+    t.nc,
+    await createModerationApi({ nc: slow, config: t.config, log: t.log, authEnabled: false }),
+    createAuth([]),
+    t.log,
+  );
+  try {
+    link.pause();
+    const answers = await Promise.all(
+      ["weft.feedback.submit", "weft.content.submit"].map(async (subject) => {
+        const r = await t.nc.request(subject, JSON.stringify({ text: "anyone there?" }), {
+          timeout: 30_000,
+        });
+        return r.json<{ error?: { status: number; code: string } }>().error;
+      }),
+    );
+    for (const error of answers) {
+      assert.deepEqual(error && { status: error.status, code: error.code }, {
+        status: 503,
+        code: "unavailable",
+      });
+    }
+    assert.ok(
+      !t.lines.some((l) => l.includes('"request failed"')),
+      "NATS being slow is not logged as a failed request",
+    );
+  } finally {
+    link.resume();
+    feedback.stop();
+    content.stop();
+    await slow.close();
   }
 });

@@ -12,7 +12,7 @@
  */
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { Role } from "../../src/config.ts";
-import { toProblem, ValidationError } from "../../src/errors.ts";
+import { ValidationError } from "../../src/errors.ts";
 import type { Logger } from "../../src/observability/log.ts";
 import { claimBody, type ModerationApi } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
@@ -26,7 +26,7 @@ import {
 } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
-import { requestJson } from "../../src/gateway/requests.ts";
+import { replyTo, requestJson } from "../../src/gateway/requests.ts";
 
 const QUEUE = "weft-gateway";
 
@@ -114,16 +114,8 @@ export function serveModerationRequests(
     nc.subscribe(subject, {
       queue: QUEUE,
       callback: (_e, m) => {
-        void (async () => {
-          try {
-            const who = auth.authorize(m.headers?.get("Authorization"), h.roles);
-            m.respond(JSON.stringify(await h.run(m, who)));
-          } catch (err) {
-            const problem = toProblem(err);
-            if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
-            m.respond(JSON.stringify({ error: problem }));
-          }
-        })();
+        void replyTo(m, log, () =>
+          h.run(m, auth.authorize(m.headers?.get("Authorization"), h.roles)));
       },
     })
   );

@@ -11,20 +11,18 @@ import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import type { Context, MiddlewareHandler } from "hono";
-import {
-  ClosedConnectionError,
-  ConnectionError,
-  DrainingConnectionError,
-  type NatsConnection,
-  NoRespondersError,
-  RequestError,
-  TimeoutError,
-} from "@nats-io/nats-core";
-import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import { watchConnection } from "../nats.ts";
 import type { Config } from "../config.ts";
-import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
-import { StreamReadStalled } from "../stream_reader.ts";
+import {
+  ErrorCode,
+  fromNatsError,
+  isNatsUnavailable,
+  toProblem,
+  ValidationError,
+  WeftError,
+} from "../errors.ts";
 import type { Logger } from "../observability/log.ts";
 import { requestJson } from "./requests.ts";
 import { DEADLETTER_STREAM } from "../subjects.ts";
@@ -108,7 +106,8 @@ export interface GatewayDeps {
 }
 
 /** The problem+json response for an error. */
-export function problemResponse(c: Context, err: unknown): Response {
+export function problemResponse(c: Context, error: unknown): Response {
+  const err = fromNatsError(error);
   const problem = toProblem(err);
   const headers: Record<string, string> = { "content-type": "application/problem+json" };
   if (err instanceof WeftError && err.retryAfterSeconds !== undefined) {
@@ -175,21 +174,6 @@ function routed(app: Hono, method: string, path: string): boolean {
 /** Routes that answer without NATS. */
 const NO_NATS_NEEDED = new Set(["/healthz", "/", "/dashboard", "/openapi.json"]);
 
-/** True for the errors a NATS client raises when the server is unreachable or slow. */
-function isNatsUnavailable(err: unknown): boolean {
-  return err instanceof TimeoutError || err instanceof ClosedConnectionError ||
-    err instanceof ConnectionError || err instanceof DrainingConnectionError ||
-    err instanceof NoRespondersError || err instanceof RequestError ||
-    // A stream without a leader for a moment (a cluster node died, a new leader is being
-    // elected): its publishes find no responder, which nats.js reports as JetStream off
-    // (its JetStreamNotEnabled class is not exported from the package's main module).
-    (err instanceof Error && err.name === "JetStreamNotEnabled") ||
-    // "JetStream system temporarily unavailable"
-    (err instanceof JetStreamApiError && err.code === 10008) ||
-    // A history read that found no message for its whole stall budget, consumer restarts included.
-    err instanceof StreamReadStalled;
-}
-
 /**
  * Creates the gateway app.
  *
@@ -242,17 +226,10 @@ export function createApp(deps: GatewayDeps): Hono {
     if (err instanceof HTTPException && err.status === 413) {
       return problemResponse(c, new WeftError(ErrorCode.PayloadTooLarge, err.message));
     }
-    if (isNatsUnavailable(err)) {
-      return problemResponse(
-        c,
-        new WeftError(ErrorCode.Unavailable, "NATS did not answer; retry shortly", {
-          cause: err,
-          retryAfterSeconds: 5,
-        }),
-      );
-    }
     const problem = toProblem(err);
-    if (problem.status >= 500) log.error("request failed", { path: c.req.path, err });
+    if (problem.status >= 500 && !isNatsUnavailable(err)) {
+      log.error("request failed", { path: c.req.path, err });
+    }
     return problemResponse(c, err);
   });
   app.notFound((c) =>

@@ -1,7 +1,8 @@
 /**
  * A network link that a test can cut: a TCP relay on a free loopback port in front of
  * `targetPort`. While cut, every relayed connection is closed and new ones are closed as
- * soon as they are accepted, as when a site's uplink goes down.
+ * soon as they are accepted, as when a site's uplink goes down. While paused, connections
+ * stay open but nothing passes (bytes wait in the relay), as when a server stops answering.
  *
  * @module
  */
@@ -16,6 +17,10 @@ export interface Link extends AsyncDisposable {
   cut(): void;
   /** Lets connections through again. */
   restore(): void;
+  /** Holds every byte sent either way, connections kept open, until {@link Link.resume}. */
+  pause(): void;
+  /** Passes the bytes held by {@link Link.pause}, and any after them, again. */
+  resume(): void;
 }
 
 /** Starts a relay to `127.0.0.1:targetPort`. */
@@ -24,6 +29,15 @@ export function startLink(targetPort: number): Link {
   const open = new Set<Deno.Conn>();
   const relays = new Set<Promise<void>>();
   let up = true;
+  let paused: PromiseWithResolvers<void> | undefined;
+  /** Passes chunks on, each after the pause (if any) ends. */
+  const gate = () =>
+    new TransformStream<Uint8Array, Uint8Array>({
+      async transform(chunk, out) {
+        if (paused) await paused.promise;
+        out.enqueue(chunk);
+      },
+    });
   const close = (c: Deno.Conn) => {
     open.delete(c);
     try {
@@ -41,8 +55,10 @@ export function startLink(targetPort: number): Link {
     if (!up) return void (close(client), close(server));
     // Either direction ending ends both.
     await Promise.race([
-      client.readable.pipeTo(server.writable, { preventClose: true }).catch(() => {}),
-      server.readable.pipeTo(client.writable, { preventClose: true }).catch(() => {}),
+      client.readable.pipeThrough(gate()).pipeTo(server.writable, { preventClose: true })
+        .catch(() => {}),
+      server.readable.pipeThrough(gate()).pipeTo(client.writable, { preventClose: true })
+        .catch(() => {}),
     ]);
     close(client);
     close(server);
@@ -71,8 +87,17 @@ export function startLink(targetPort: number): Link {
     restore() {
       up = true;
     },
+    pause() {
+      paused ??= Promise.withResolvers<void>();
+    },
+    resume() {
+      paused?.resolve();
+      paused = undefined;
+    },
     async [Symbol.asyncDispose]() {
       up = false;
+      paused?.resolve();
+      paused = undefined;
       listener.close();
       for (const c of [...open]) close(c);
       await accepting;
