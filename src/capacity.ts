@@ -6,7 +6,14 @@
  * line, and the usage gauges in /metrics) fires well before that.
  *
  * The guard reads stream info (cheap: never consumer info) at most once per refresh
- * interval, shared by every request; a request never waits on it once a reading exists.
+ * interval, shared by every request, and answers from that reading plus what it admitted
+ * since: each admission counts as much as the stream grew per admission between its last
+ * two readings (at least one message of the stream's average size), so a fast fill cannot
+ * outrun a reading up to a second old. Far from the mark a request never waits on a reading
+ * once one exists; from the alert level on (by that estimate), a reading older than
+ * `nearMs` (50 ms) is refreshed before the answer, one stream-info request shared by every
+ * request waiting on it; and an estimate past the mark is confirmed by a reading before a
+ * refusal.
  *
  * @module
  */
@@ -77,6 +84,11 @@ export interface CapacityOptions {
   alertAt?: number;
   /** How old a reading may be before the next check refreshes it, ms. Default 1000. */
   refreshMs?: number;
+  /**
+   * From the alert level on, how old a reading may be before a check waits for a fresh one,
+   * ms. Default 50.
+   */
+  nearMs?: number;
   log?: Logger;
 }
 
@@ -104,55 +116,131 @@ export function createCapacityGuard(
   const highWater = opts.highWater ?? 0.9;
   const alertAt = opts.alertAt ?? 0.8;
   const refreshMs = opts.refreshMs ?? 1000;
-  const latest = new Map<string, { usage: StreamUsage; at: number; alerted: boolean }>();
-  const pending = new Map<string, Promise<StreamUsage>>();
+  const nearMs = Math.min(refreshMs, opts.nearMs ?? 50);
+  const streams = new Map<string, Watched>();
 
-  function read(stream: string): Promise<StreamUsage> {
-    let p = pending.get(stream);
-    if (!p) {
-      p = jsm.streams.info(stream).then((info) => {
-        const usage = usageOf(info);
-        const prev = latest.get(stream);
-        const ratio = Math.max(usage.bytes, usage.messages);
-        let alerted = prev?.alerted ?? false;
-        if (ratio >= alertAt && !alerted) {
-          alerted = true;
-          opts.log?.warn("stream nearly full", {
-            stream,
-            bytes_ratio: round(usage.bytes),
-            messages_ratio: round(usage.messages),
-            refuse_from: highWater,
-          });
-        } else if (ratio < alertAt && alerted) {
-          alerted = false;
-          opts.log?.info("stream below its alert level again", { stream, ratio: round(ratio) });
-        }
-        latest.set(stream, { usage, at: Date.now(), alerted });
-        return usage;
-      }).finally(() => pending.delete(stream));
-      pending.set(stream, p);
-    }
+  function read(stream: string, w: Watched): Promise<Reading> {
+    if (w.pending) return w.pending;
+    // Admissions from here on may publish after the server answers: they count on top.
+    const admittedAt = w.admitted;
+    const p = jsm.streams.info(stream).then((info) => {
+      const usage = usageOf(info);
+      const prev = w.reading;
+      const ratio = Math.max(usage.bytes, usage.messages);
+      let alerted = prev?.alerted ?? false;
+      if (ratio >= alertAt && !alerted) {
+        alerted = true;
+        opts.log?.warn("stream nearly full", {
+          stream,
+          bytes_ratio: round(usage.bytes),
+          messages_ratio: round(usage.messages),
+          refuse_from: highWater,
+        });
+      } else if (ratio < alertAt && alerted) {
+        alerted = false;
+        opts.log?.info("stream below its alert level again", { stream, ratio: round(ratio) });
+      }
+      const reading: Reading = {
+        usage,
+        at: Date.now(),
+        alerted,
+        admittedAt,
+        perAdmission: perAdmission(info, usage, prev, admittedAt),
+      };
+      w.reading = reading;
+      return reading;
+    }).finally(() => (w.pending = undefined));
+    w.pending = p;
     return p;
   }
 
   return {
     async check(stream) {
-      const known = latest.get(stream);
-      let usage = known?.usage;
-      if (!known) usage = await read(stream);
-      else if (Date.now() - known.at > refreshMs) {
-        // Answer from the last reading; refresh for the next request. A stream that was
-        // past the mark is read now, so a drained stream accepts again at once.
-        const fresh = read(stream);
-        if (Math.max(known.usage.bytes, known.usage.messages) >= highWater) usage = await fresh;
-        else fresh.catch(() => {});
+      let w = streams.get(stream);
+      if (!w) streams.set(stream, w = { admitted: 0 });
+      let reading = w.reading;
+      if (!reading) reading = await read(stream, w);
+      else {
+        const near = estimate(reading, w.admitted) >= alertAt;
+        if (Date.now() - reading.at > (near ? nearMs : refreshMs)) {
+          // Near or past the mark, answer from a fresh reading (so a drained stream accepts
+          // again at once); far from it, answer from this one and refresh for the next.
+          const fresh = read(stream, w);
+          if (near) reading = await fresh;
+          else fresh.catch(() => {});
+        }
       }
-      if (Math.max(usage!.bytes, usage!.messages) >= highWater) {
-        throw new CapacityError(usage!, highWater);
+      let ratio = estimate(reading, w.admitted);
+      if (ratio >= highWater && w.admitted > reading.admittedAt) {
+        // Past the mark by the estimate alone: a reading confirms it before a refusal.
+        reading = await read(stream, w);
+        ratio = estimate(reading, w.admitted);
       }
+      if (ratio >= highWater) {
+        throw new CapacityError({ ...reading.usage, bytes: ratio }, highWater);
+      }
+      w.admitted++;
     },
-    readings: () => [...latest.values()].map((l) => l.usage),
+    readings: () => [...streams.values()].flatMap((w) => w.reading ? [w.reading.usage] : []),
   };
+}
+
+/** A stream the guard answers for: its latest reading and what it admitted. */
+interface Watched {
+  /** Admissions so far (a batch is one). */
+  admitted: number;
+  reading?: Reading;
+  pending?: Promise<Reading>;
+}
+
+/** One stream-info reading. */
+interface Reading {
+  usage: StreamUsage;
+  /** When it was answered (ms since the epoch). */
+  at: number;
+  /** Whether the "nearly full" warning is out. */
+  alerted: boolean;
+  /** {@link Watched.admitted} when it was asked for. */
+  admittedAt: number;
+  /** What one admission adds, as ratios of the limits. */
+  perAdmission: { bytes: number; messages: number };
+}
+
+/** Bytes an admission is taken to add to a stream that holds nothing yet. */
+const FIRST_ADMISSION_BYTES = 1024;
+
+/**
+ * What one admission adds to the stream, as ratios of its limits: how much it grew per
+ * admission since the previous reading (an item's later events included), at least one
+ * message of its average size.
+ */
+function perAdmission(
+  info: StreamInfo,
+  usage: StreamUsage,
+  prev: Reading | undefined,
+  admittedAt: number,
+): { bytes: number; messages: number } {
+  const { config, state } = info;
+  let bytes = config.max_bytes > 0
+    ? (state.messages > 0 ? state.bytes / state.messages : FIRST_ADMISSION_BYTES) /
+      config.max_bytes
+    : 0;
+  let messages = config.max_msgs > 0 ? 1 / config.max_msgs : 0;
+  const admissions = prev ? admittedAt - prev.admittedAt : 0;
+  if (prev && admissions > 0) {
+    bytes = Math.max(bytes, (usage.bytes - prev.usage.bytes) / admissions);
+    messages = Math.max(messages, (usage.messages - prev.usage.messages) / admissions);
+  }
+  return { bytes, messages };
+}
+
+/** The usage ratio `reading` and the admissions since it make. */
+function estimate(reading: Reading, admitted: number): number {
+  const since = admitted - reading.admittedAt;
+  return Math.max(
+    reading.usage.bytes + since * reading.perAdmission.bytes,
+    reading.usage.messages + since * reading.perAdmission.messages,
+  );
 }
 
 function round(n: number): number {

@@ -22,6 +22,10 @@ export interface DeadLetter {
    */
   reason: string;
   /**
+   * Present when the item could not be marked failed: why (its stream was full, so its failure event could not be stored). The item then stays at its last state, its event stream open, until its stream has room and this letter is redriven.
+   */
+  item_not_failed?: string;
+  /**
    * Deliveries made before the stage gave up.
    */
   attempts: number;

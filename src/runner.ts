@@ -34,6 +34,7 @@ import {
 } from "./errors.ts";
 import { deterministicId, sha256Hex } from "./events.ts";
 import type { DeadLetter } from "./events.gen.ts";
+import { isStreamFull } from "./capacity.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
 import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
@@ -786,9 +787,11 @@ function eventIdOf(raw: unknown): string | undefined {
 }
 
 /**
- * Gives up on a message for good: keeps it in the DEADLETTER stream with the reason,
- * publishes its pipeline's failure event for its item (when the item is known) so its state and SSE
- * stream end, then terminates it so the server never redelivers it.
+ * Gives up on a message for good: publishes its pipeline's failure event for its item (when
+ * the item is known) so its state and SSE stream end, keeps the message in the DEADLETTER
+ * stream with the reason, then terminates it so the server never redelivers it. When the
+ * item's stream is full even for its failure event, the letter says so (`item_not_failed`)
+ * and an error is logged: the item stays at its last state until the letter is redriven.
  */
 export async function deadLetter(
   ctx: DeadLetterContext,
@@ -812,9 +815,6 @@ export async function deadLetter(
   };
   if (itemId) letter.item_id = itemId;
   const dlSubject = deadLetterSubject(ctx.stage, itemId);
-  await ctx.js.publish(dlSubject, encoder.encode(JSON.stringify(letter)), {
-    msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
-  });
   if (
     itemId && ctx.failedType && (opts.failItem ?? true) && !(await finished(ctx, m, itemId))
   ) {
@@ -845,8 +845,33 @@ export async function deadLetter(
       source: ctx.source,
       data,
     };
-    await publishEvent(ctx.js, failed as unknown as OutputEvent, trace);
+    // Before the letter, so the letter can say when it could not be stored. (Both are
+    // published under fixed message ids: a redelivery after either stores neither twice.)
+    try {
+      await publishEvent(ctx.js, failed as unknown as OutputEvent, trace);
+    } catch (err) {
+      // A full stream (past the high-water mark, intake refuses new items; see capacity.ts)
+      // takes no failure event either: retrying cannot help until it has room, so the letter
+      // says the item is not failed, and whoever grows the stream redrives it.
+      if (!isStreamFull(err)) throw err;
+      letter.item_not_failed = `stream ${m.info.stream} is full: its ${failedType} event ` +
+        `could not be stored, so the item stays at its last state; grow the stream ` +
+        `(WEFT_STREAM_MAX_BYTES), then redrive this letter`;
+      letter.reason = (`${reason}; the item could not be marked failed (stream ` +
+        `${m.info.stream} is full)`).slice(0, 2000);
+      ctx.log.error("item not marked failed: its stream is full", {
+        item_id: itemId,
+        trace_id: traceIdOf(raw, trace),
+        stream: m.info.stream,
+        dead_letter_subject: dlSubject,
+        code,
+        reason,
+      });
+    }
   }
+  await ctx.js.publish(dlSubject, encoder.encode(JSON.stringify(letter)), {
+    msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
+  });
   m.term();
   ctx.log.warn("dead-lettered", {
     item_id: itemId,

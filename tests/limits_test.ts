@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import type { Hono } from "hono";
 import { jetstream } from "@nats-io/jetstream";
-import { createCapacityGuard, isStreamFull } from "../src/capacity.ts";
+import { CapacityError, createCapacityGuard, isStreamFull } from "../src/capacity.ts";
 import { ConfigError } from "../src/errors.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
@@ -147,4 +147,52 @@ Deno.test("a full stream refuses new messages rather than discard accepted ones,
   assert.equal(res.status, 507, await res.clone().text());
   assert.equal(res.headers.get("retry-after"), "30");
   await res.body?.cancel();
+});
+
+Deno.test("a fill faster than the guard's refresh is refused from the high-water mark, not by the full stream", async () => {
+  await using t = await startTestNats({ streamMaxBytes: 128 * 1024 });
+  // A reading never renewed by age alone: the fill outruns it, as 100 items/s outran the
+  // default second into a 2 MiB stream (refused only when full, 99.97%).
+  const capacity = createCapacityGuard(t.jsm, { refreshMs: 60_000, log: t.log });
+  const intake = await createIntake(t.nc, "weft-gateway", { capacity });
+  const app: Hono = feedbackApp(t, intake);
+  let refusal: number | undefined;
+  for (let i = 0; i < 1000 && !refusal; i++) {
+    const res = await app.request("/feedback", {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({ text: `Item ${i}: ${"the export to PDF keeps failing ".repeat(8)}` }),
+    });
+    if (res.status === 202) await res.body?.cancel();
+    else refusal = (await res.body?.cancel(), res.status);
+  }
+  assert.equal(refusal, 507);
+  const info = await t.jsm.streams.info(FEEDBACK_STREAM);
+  const usage = info.state.bytes / (128 * 1024);
+  assert.ok(
+    usage >= 0.85 && usage < 0.92,
+    `refused at ${Math.round(usage * 1000) / 10}%, from the 90% mark`,
+  );
+  assert.ok(t.lines.some((l) => l.includes('"msg":"stream nearly full"')), "the alert fired first");
+});
+
+Deno.test("near its mark the guard reads the stream again before answering, so growth it did not admit counts too", async () => {
+  await using t = await startTestNats({ streamMaxBytes: 64 * 1024 });
+  const js = jetstream(t.nc);
+  const fillTo = async (ratio: number) => {
+    for (
+      let i = 0;
+      (await t.jsm.streams.info(FEEDBACK_STREAM)).state.bytes < ratio * 64 * 1024;
+      i++
+    ) {
+      await js.publish("feedback.submit", JSON.stringify({ text: "x".repeat(500) }));
+    }
+  };
+  // Far from the mark a reading lasts its refresh interval; near it, at most nearMs (0 here).
+  const capacity = createCapacityGuard(t.jsm, { refreshMs: 60_000, nearMs: 0, log: t.log });
+  await fillTo(0.82);
+  await capacity.check(FEEDBACK_STREAM);
+  // The items' later events (here: another publisher) take the stream past the mark.
+  await fillTo(0.91);
+  await assert.rejects(capacity.check(FEEDBACK_STREAM), CapacityError);
 });

@@ -8,6 +8,7 @@ import { AckPolicy, jetstream } from "@nats-io/jetstream";
 import { runStage } from "../src/runner.ts";
 import { createEvent } from "../src/events.ts";
 import { PermanentError } from "../src/errors.ts";
+import { isStreamFull } from "../src/capacity.ts";
 import { nextEvent, type Stage } from "../src/stage.ts";
 import { feedbackAnalyzers } from "../pipelines/feedback/analyzers.ts";
 import { sentimentStage } from "../pipelines/feedback/stages.ts";
@@ -279,6 +280,41 @@ Deno.test("a permanent failure is dead-lettered at once, without retries", async
   assert.equal(letter.attempts, 1);
   assert.equal(calls, 1);
   await runner.stop();
+});
+
+Deno.test("an item whose stream is full even for its failure event is dead-lettered saying it is not failed, loudly, and not redelivered", async () => {
+  await using t = await startTestNats({ streamMaxBytes: 32 * 1024 });
+  const js = jetstream(t.nc);
+  await js.publish("feedback.ingested.full1", JSON.stringify(ingested("full1")));
+  // Fill the rest of the stream until it refuses (discard-new).
+  let full = false;
+  while (!full) {
+    await js.publish("feedback.submit", JSON.stringify({ text: "x".repeat(500) }))
+      .catch((err) => (full = isStreamFull(err)) || Promise.reject(err));
+  }
+  const stage = probeStage(() => {
+    throw new PermanentError("policy forbids this text");
+  });
+  const letters = nextMessages(t.nc, "deadletter.probe.full1");
+  const runner = await runStage({ nc: t.nc, stage, config: t.config, log: t.log });
+  try {
+    const letter = (await letters)[0]!.json<DeadLetter>();
+    assert.equal(letter.code, "rejected");
+    assert.match(
+      letter.item_not_failed ?? "",
+      /stream FEEDBACK is full: its feedback\.failed event/,
+    );
+    assert.match(letter.reason, /could not be marked failed/);
+    assert.ok(
+      t.lines.some((l) => l.includes('"level":"error"') && l.includes("item not marked failed")),
+      "an error is logged",
+    );
+    const info = await consumerSettled(t, "probe");
+    assert.equal(info.num_redelivered, 0, "terminated, not retried until max_deliver");
+    assert.equal(await countOn(t, "FEEDBACK", "feedback.failed.full1"), 0);
+  } finally {
+    await runner.stop();
+  }
 });
 
 Deno.test("after the last attempt an item is dead-lettered and failed, while other items flow on", async () => {
