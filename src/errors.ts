@@ -201,6 +201,51 @@ export class ConfigError extends WeftError {
   }
 }
 
+/**
+ * A new item's publish that NATS did not answer in time (or whose connection went away
+ * meanwhile): the item may be stored, now or when the publish still queued in the client
+ * lands. Answered 503 `unavailable` with Retry-After like NATS being away, but its problem
+ * names the item's `id` and says to retry WITH it: a request with the item's id stores it
+ * once, however late the first publish lands; one without makes a second item.
+ */
+export class OutcomeUnknownError extends WeftError {
+  /** The id the item was (or was not) stored under. */
+  readonly itemId: string;
+
+  /** The error for item `itemId`, the NATS error as `cause`. */
+  constructor(itemId: string, options: ErrorOptions = {}) {
+    super(
+      ErrorCode.Unavailable,
+      `NATS did not confirm storing item ${itemId} in time, so it may be stored: retry ` +
+        `shortly with "id": ${JSON.stringify(itemId)} in the body, which stores it once`,
+      { ...options, retryAfterSeconds: 5 },
+    );
+    this.name = "OutcomeUnknownError";
+    this.itemId = itemId;
+  }
+}
+
+/**
+ * True when a publish failed without telling whether the server stored its message: NATS
+ * unreachable or slow ({@link isNatsUnavailable}), except the answers that say nothing was
+ * stored (no responder, JetStream's own refusal).
+ */
+export function isOutcomeUnknown(err: unknown): boolean {
+  return isNatsUnavailable(err) && !(err instanceof NoRespondersError) &&
+    !(err instanceof JetStreamApiError) && !(err instanceof StreamReadStalled) &&
+    !(err instanceof Error && err.name === "JetStreamNotEnabled");
+}
+
+/**
+ * True when `err` is answered with a 5xx that is worth an error log: not NATS being slow or
+ * away ({@link isNatsUnavailable}, {@link OutcomeUnknownError}), which the client is told to
+ * retry.
+ */
+export function isServerFault(err: unknown): boolean {
+  return toProblem(err).status >= 500 && !isNatsUnavailable(err) &&
+    !(err instanceof OutcomeUnknownError);
+}
+
 /** True when retrying `err` cannot help. Unknown errors are worth retrying. */
 export function isPermanent(err: unknown): boolean {
   return err instanceof WeftError && err.permanent;
@@ -225,6 +270,11 @@ export interface Problem {
   code: ErrorCode;
   /** JSON pointer to the offending field, when one is at fault. */
   field?: string;
+  /**
+   * The item a 503 may have stored after all (its publish went unanswered): retry the
+   * request with this id, which stores the item once.
+   */
+  id?: string;
 }
 
 const HTTP_STATUS: Record<ErrorCode, number> = {
@@ -323,13 +373,17 @@ export function toProblem(error: unknown): Problem {
     type: `https://weft.dev/problems/${code}`,
     title: TITLES[code],
     status,
-    // 5xx details are logged, never shown (they may carry internals), unless written for it.
-    detail: !(err instanceof Error) || (status >= 500 && !(err instanceof WeftError && err.shown))
+    // 5xx details are logged, never shown (they may carry internals), unless written for it
+    // (an unknown outcome's is ours, and tells the client what to do).
+    detail: !(err instanceof Error) ||
+        (status >= 500 && !(err instanceof WeftError && err.shown) &&
+          !(err instanceof OutcomeUnknownError))
       ? TITLES[code]
       : err.message,
     code,
   };
   if (err instanceof WeftError && err.field !== undefined) problem.field = err.field;
+  if (err instanceof OutcomeUnknownError) problem.id = err.itemId;
   return problem;
 }
 

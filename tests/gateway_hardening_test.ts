@@ -1015,3 +1015,46 @@ Deno.test("small answers fixed: /readyz's 503 has Retry-After, a stream cap's 50
     "/zz",
   );
 });
+
+Deno.test("a 503 whose publish went unanswered names the item's id; a retry with it stores the item once", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const post = (path: string, body: Record<string, unknown>) =>
+    app.request(path, { method: "POST", headers: JSON_TYPE, body: JSON.stringify(body) });
+  const feedback = { text: "is anyone reading this?" };
+  const content = { text: "a post to moderate" };
+  // The server stops answering with the gateway's publishes on their way; they stay queued in
+  // the client after its timeout and land when it resumes.
+  Deno.kill(t.server.pid, "SIGSTOP");
+  let answers: Response[];
+  try {
+    answers = await Promise.all([post("/feedback", feedback), post("/content", content)]);
+  } finally {
+    Deno.kill(t.server.pid, "SIGCONT");
+  }
+  const ids: string[] = [];
+  for (const res of answers) {
+    const p = await expectProblem(res, 503);
+    assert.equal(p.code, "unavailable");
+    assert.equal(res.headers.get("retry-after"), "5");
+    assert.equal(typeof p.id, "string", JSON.stringify(p));
+    assert.match(p.detail, new RegExp(`may be stored: retry shortly with "id": "${p.id}"`));
+    ids.push(p.id);
+  }
+  const [feedbackId, contentId] = ids as [string, string];
+  const retried = await post("/feedback", { ...feedback, id: feedbackId });
+  assert.equal(retried.status, 202, await retried.clone().text());
+  assert.equal((await retried.json()).id, feedbackId);
+  const again = await post("/content", { ...content, id: contentId });
+  assert.equal(again.status, 202, await again.clone().text());
+  assert.equal((await again.json()).id, contentId);
+  // Exactly one item each: the late publish and the retry stored one upload between them.
+  const count = async (stream: string, subject: string) =>
+    Object.values(
+      (await t.jsm.streams.info(stream, { subjects_filter: subject })).state.subjects ?? {},
+    ).reduce((a, b) => a + b, 0);
+  assert.equal(await count(FEEDBACK_STREAM, "feedback.ingested.>"), 1);
+  assert.equal(await count(FEEDBACK_STREAM, `feedback.ingested.${feedbackId}`), 1);
+  assert.equal(await count(CONTENT_STREAM, "content.uploaded.>"), 1);
+  assert.equal(await count(CONTENT_STREAM, `content.uploaded.${contentId}`), 1);
+});

@@ -17,7 +17,14 @@ import {
 } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
-import { ErrorCode, NotFoundError, ValidationError, WeftError } from "../../src/errors.ts";
+import {
+  ErrorCode,
+  isOutcomeUnknown,
+  NotFoundError,
+  OutcomeUnknownError,
+  ValidationError,
+  WeftError,
+} from "../../src/errors.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";
 import type { FeedbackIngested, FeedbackState, FeedbackSubmission } from "./events.gen.ts";
 import { canonicalJson } from "../../src/canonical_json.ts";
@@ -330,7 +337,13 @@ export async function createIntake(
         () => acceptedAnswer(submission.id ?? ulid()),
         async (answer, replay) => {
           const mayExist = replay || submission.id !== undefined;
-          seenBefore = !(await publishOnce(submission, answer.id, mayExist, opts.trace));
+          try {
+            seenBefore = !(await publishOnce(submission, answer.id, mayExist, opts.trace));
+          } catch (err) {
+            // Perhaps stored (now, or when the publish queued in the client lands): the
+            // answer names the id to retry with.
+            throw isOutcomeUnknown(err) ? new OutcomeUnknownError(answer.id, { cause: err }) : err;
+          }
         },
       );
       return { body: result.body, replayed: result.replayed || seenBefore };

@@ -24,7 +24,9 @@ import { createEvent, deterministicId } from "../../src/events.ts";
 import {
   ConflictError,
   ErrorCode,
+  isOutcomeUnknown,
   NotFoundError,
+  OutcomeUnknownError,
   ValidationError,
   WeftError,
 } from "../../src/errors.ts";
@@ -462,7 +464,11 @@ export async function createModerationApi(deps: {
           return accepted(true);
         }
       }
-      const replayed = await publishUpload(id, item, trace);
+      const replayed = await publishUpload(id, item, trace).catch((err) => {
+        // Perhaps stored (now, or when the publish queued in the client lands): the answer
+        // names the id to retry with.
+        throw isOutcomeUnknown(err) ? new OutcomeUnknownError(id, { cause: err }) : err;
+      });
       // Another submission of the id stored first (a race): the same check.
       if (replayed) {
         const stored = await uploaded(id);

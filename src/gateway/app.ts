@@ -18,7 +18,7 @@ import type { Config } from "../config.ts";
 import {
   ErrorCode,
   fromNatsError,
-  isNatsUnavailable,
+  isServerFault,
   toProblem,
   ValidationError,
   WeftError,
@@ -226,10 +226,7 @@ export function createApp(deps: GatewayDeps): Hono {
     if (err instanceof HTTPException && err.status === 413) {
       return problemResponse(c, new WeftError(ErrorCode.PayloadTooLarge, err.message));
     }
-    const problem = toProblem(err);
-    if (problem.status >= 500 && !isNatsUnavailable(err)) {
-      log.error("request failed", { path: c.req.path, err });
-    }
+    if (isServerFault(err)) log.error("request failed", { path: c.req.path, err });
     return problemResponse(c, err);
   });
   app.notFound((c) =>

@@ -5,7 +5,7 @@
  * @module
  */
 import type { Msg } from "@nats-io/nats-core";
-import { ErrorCode, isNatsUnavailable, toProblem, ValidationError } from "../errors.ts";
+import { ErrorCode, isServerFault, toProblem, ValidationError } from "../errors.ts";
 import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 
@@ -34,17 +34,14 @@ export function requestJson(data: Uint8Array): unknown {
 /**
  * Answers request `m` with what `work` returns as JSON, or `{"error": <problem>}` with the
  * problem HTTP would answer (NATS slow or away is 503 `unavailable`, see toProblem); a 5xx
- * problem other than that is logged. Every request subject answers this way.
+ * of Weft's own (isServerFault) is logged. Every request subject answers this way.
  */
 export async function replyTo(m: Msg, log: Logger, work: () => Promise<unknown>): Promise<void> {
   try {
     m.respond(JSON.stringify(await work()));
   } catch (err) {
-    const problem = toProblem(err);
-    if (problem.status >= 500 && !isNatsUnavailable(err)) {
-      log.error("request failed", { subject: m.subject, err });
-    }
-    m.respond(JSON.stringify({ error: problem }));
+    if (isServerFault(err)) log.error("request failed", { subject: m.subject, err });
+    m.respond(JSON.stringify({ error: toProblem(err) }));
   }
 }
 
