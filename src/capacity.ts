@@ -48,11 +48,16 @@ export class CapacityError extends WeftError {
       ErrorCode.InsufficientStorage,
       `stream ${usage.stream} is ${Math.round(Math.max(usage.bytes, usage.messages) * 100)}% ` +
         `full (new items are refused from ${Math.round(highWater * 100)}%, so accepted ones ` +
-        `can finish); retry later, or grow the stream (WEFT_STREAM_MAX_BYTES)`,
+        `can finish); retry later, or grow the stream (${limitSetting(usage.stream)})`,
       { retryAfterSeconds },
     );
     this.name = "CapacityError";
   }
+}
+
+/** The setting that limits `stream`: an object store's (`OBJ_<name>`) or an event stream's. */
+function limitSetting(stream: string): string {
+  return stream.startsWith("OBJ_") ? "WEFT_OBJECT_STORE_MAX_BYTES" : "WEFT_STREAM_MAX_BYTES";
 }
 
 /** JetStream's "store failed" API error code (nats-server JSStreamStoreFailedF). */
@@ -71,7 +76,7 @@ export function isStreamFull(err: unknown): boolean {
 export function streamFullError(stream: string, cause: unknown): WeftError {
   return new WeftError(
     ErrorCode.InsufficientStorage,
-    `stream ${stream} is full; retry later, or grow the stream (WEFT_STREAM_MAX_BYTES)`,
+    `stream ${stream} is full; retry later, or grow the stream (${limitSetting(stream)})`,
     { cause, retryAfterSeconds: 30 },
   );
 }

@@ -92,6 +92,11 @@ export interface Config {
   retentionMs: number;
   /** Most bytes each pipeline's event stream keeps. `WEFT_STREAM_MAX_BYTES`. */
   streamMaxBytes: number;
+  /**
+   * Most bytes each object store (binary uploads) keeps; uploads are refused (507) from the
+   * high-water mark. `WEFT_OBJECT_STORE_MAX_BYTES`.
+   */
+  objectStoreMaxBytes: number;
   /** De-duplication window for message ids, ms. `WEFT_DUPLICATE_WINDOW_MS`. */
   duplicateWindowMs: number;
   /** How long the first answer to an Idempotency-Key is kept, ms. `WEFT_IDEMPOTENCY_TTL_MS`. */
@@ -480,6 +485,12 @@ const SETTINGS: Setting<any>[] = [
   {
     key: "streamMaxBytes",
     env: "WEFT_STREAM_MAX_BYTES",
+    default: 1024 ** 3,
+    parse: int(1024 * 1024),
+  },
+  {
+    key: "objectStoreMaxBytes",
+    env: "WEFT_OBJECT_STORE_MAX_BYTES",
     default: 1024 ** 3,
     parse: int(1024 * 1024),
   },

@@ -1325,7 +1325,8 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         `. Each pipeline's stream reserves WEFT_STREAM_MAX_BYTES (now ${config.streamMaxBytes} ` +
         `bytes) of the server's JetStream store (max_file_store in nats.conf, 8GB): with ` +
         `${loaded.length} definitions besides the shipped pipelines, lower WEFT_STREAM_MAX_BYTES ` +
-        `or raise max_file_store`;
+        `(or WEFT_OBJECT_STORE_MAX_BYTES, now ${config.objectStoreMaxBytes} bytes, which each ` +
+        `object store reserves) or raise max_file_store`;
       // Streams of definitions no longer run (an earlier experiment's) keep their reservation.
       try {
         const topology = { ...config, replicas: Math.min(3, config.cluster) };

@@ -56,6 +56,7 @@ export type TopologyConfig =
     | "maxAttempts"
     | "idempotencyTtlMs"
     | "allowShrink"
+    | "objectStoreMaxBytes"
   >
   & {
     /** Copies of every stream and bucket: 3 on a 3-node cluster (`--cluster 3`); 1 by default. */
@@ -408,10 +409,36 @@ export async function ensureBuckets(
           replicas: config.replicas ?? 1,
           description,
           storage: StorageType.File,
+          max_bytes: config.objectStoreMaxBytes,
         }),
       () => objm.open(name),
     );
+    await limitObjectStore(jsm, name, config.objectStoreMaxBytes);
   }
+}
+
+/**
+ * Gives an object store's stream (`OBJ_<name>`, discard-new) the byte limit `maxBytes`: one
+ * created without a limit, or with another, gets it, unless it holds more than that. A store
+ * is never shrunk below what it holds, not even with WEFT_ALLOW_SHRINK: its stream would drop
+ * chunks of stored objects.
+ */
+async function limitObjectStore(
+  jsm: JetStreamManager,
+  name: string,
+  maxBytes: number,
+): Promise<void> {
+  const stream = `OBJ_${name}`;
+  const info = await jsm.streams.info(stream);
+  if (info.config.max_bytes === maxBytes) return;
+  if (info.state.bytes > maxBytes) {
+    throw new ConfigError(
+      `refusing to shrink object store ${name}: it holds ${info.state.bytes} bytes, more than ` +
+        `WEFT_OBJECT_STORE_MAX_BYTES (${maxBytes}), and a smaller store would lose parts of ` +
+        `stored objects. Raise WEFT_OBJECT_STORE_MAX_BYTES, or delete objects first.`,
+    );
+  }
+  await jsm.streams.update(stream, { ...info.config, max_bytes: maxBytes });
 }
 
 /**

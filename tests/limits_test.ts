@@ -16,6 +16,11 @@ import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
+import { createApp } from "../src/gateway/app.ts";
+import { createAuth } from "../src/gateway/auth.ts";
+import { createModerationApi } from "../pipelines/moderation/api.ts";
+import { moderationRoutes } from "../pipelines/moderation/routes.ts";
+import { CONTENT_OBJECT_BUCKET } from "../pipelines/moderation/subjects.ts";
 import { readStates, startTestNats } from "./helpers/nats.ts";
 import { feedbackApp, startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
@@ -195,4 +200,66 @@ Deno.test("near its mark the guard reads the stream again before answering, so g
   // The items' later events (here: another publisher) take the stream past the mark.
   await fillTo(0.91);
   await assert.rejects(capacity.check(FEEDBACK_STREAM), CapacityError);
+});
+
+Deno.test("the upload object store has a byte limit: uploads are refused with 507 before it is full, and a start never shrinks it below what it holds", async () => {
+  const max = 2 * 1024 * 1024;
+  await using t = await startTestNats({ objectStoreMaxBytes: max });
+  const objects = `OBJ_${CONTENT_OBJECT_BUCKET}`;
+  assert.equal((await t.jsm.streams.info(objects)).config.max_bytes, max);
+  const capacity = createCapacityGuard(t.jsm, { log: t.log });
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: false,
+    capacity,
+  });
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: t.config,
+    log: t.log,
+    auth: createAuth([]),
+    extensions: [moderationRoutes(moderation)],
+  });
+  const upload = new Uint8Array(128 * 1024).fill(7);
+  let accepted = 0;
+  let refused: Response | undefined;
+  for (let i = 0; i < 40 && !refused; i++) {
+    const res = await app.request("/content", {
+      method: "POST",
+      headers: { "content-type": "application/octet-stream" },
+      body: upload,
+    });
+    if (res.status === 202) accepted++, await res.body?.cancel();
+    else refused = res;
+  }
+  assert.ok(refused, `all ${accepted} uploads accepted`);
+  assert.equal(refused.status, 507, await refused.clone().text());
+  assert.equal(refused.headers.get("retry-after"), "30");
+  assert.equal((await refused.json()).code, "insufficient_storage");
+  const held = (await t.jsm.streams.info(objects)).state.bytes;
+  assert.ok(held / max >= 0.85 && held / max < 0.95, `refused at ${held / max} of the limit`);
+  assert.ok(accepted >= 12, `${accepted} accepted`);
+
+  // A start with a smaller limit than the store holds is refused; a larger one applies.
+  await assert.rejects(
+    ensureTopology(t.nc, t.jsm, { ...t.config, objectStoreMaxBytes: 1024 * 1024 }),
+    (err: unknown) =>
+      err instanceof ConfigError &&
+      /refusing to shrink object store weft_content_objects/.test(err.message) &&
+      /WEFT_OBJECT_STORE_MAX_BYTES/.test(err.message),
+  );
+  await assert.rejects(
+    ensureTopology(t.nc, t.jsm, {
+      ...t.config,
+      objectStoreMaxBytes: 1024 * 1024,
+      allowShrink: true,
+    }),
+    ConfigError,
+  );
+  assert.equal((await t.jsm.streams.info(objects)).state.bytes, held, "nothing was dropped");
+  await ensureTopology(t.nc, t.jsm, { ...t.config, objectStoreMaxBytes: 2 * max });
+  assert.equal((await t.jsm.streams.info(objects)).config.max_bytes, 2 * max);
 });

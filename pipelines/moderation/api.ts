@@ -17,7 +17,7 @@ import {
 import { Kvm } from "@nats-io/kv";
 import { type ObjectStore, Objm } from "@nats-io/obj";
 import { ulid } from "ulid";
-import type { CapacityGuard } from "../../src/capacity.ts";
+import { type CapacityGuard, isStreamFull, streamFullError } from "../../src/capacity.ts";
 import type { IngestLimiter } from "../../src/gateway/ingest_limits.ts";
 import type { Config } from "../../src/config.ts";
 import { createEvent, deterministicId } from "../../src/events.ts";
@@ -139,6 +139,9 @@ const encoder = new TextEncoder();
  * How many messages on an item's decided subject are read looking for its decision (each one
  * not a decision was published on the bus around the gateway).
  */
+/** The stream behind the object store of uploads (nats.js names it `OBJ_<bucket>`). */
+const OBJECT_STREAM = `OBJ_${CONTENT_OBJECT_BUCKET}`;
+
 const MAX_DECIDED_SCAN = 64;
 
 /** The links of a content item. */
@@ -479,6 +482,9 @@ export async function createModerationApi(deps: {
     async submitObject(body, meta, who, trace) {
       deps.limiter?.take(who);
       await deps.capacity?.check(CONTENT_STREAM);
+      // The bytes go to the object store, which has a limit of its own (a full one would
+      // refuse every upload, not just this one's share): refused from its mark too.
+      await deps.capacity?.check(OBJECT_STREAM);
       const id = `ct_${ulid()}`;
       const itemOf = (info: { size: number; digest: string }): ContentItem => {
         const item: ContentItem = {
@@ -506,7 +512,7 @@ export async function createModerationApi(deps: {
         await publishUpload(id, itemOf(info), trace);
       } catch (err) {
         await discardObject(id);
-        throw err;
+        throw isStreamFull(err) ? streamFullError(OBJECT_STREAM, err) : err;
       }
       return { body: { id, status: "accepted", links: contentLinks(id, true) }, replayed: false };
     },
