@@ -1026,6 +1026,13 @@ Deno.test("a 503 whose publish went unanswered names the item's id; a retry with
   // The server stops answering with the gateway's publishes on their way; they stay queued in
   // the client after its timeout and land when it resumes.
   Deno.kill(t.server.pid, "SIGSTOP");
+  // A stop takes effect when the kernel next interrupts the server's threads: wait for it, or
+  // a publish sent at once may still be answered (seen once on a loaded machine).
+  await waitFor(
+    async () => /^\d+ \(.*\) T/.test(await Deno.readTextFile(`/proc/${t.server.pid}/stat`)),
+    5_000,
+    "nats-server stopped",
+  );
   let answers: Response[];
   try {
     answers = await Promise.all([post("/feedback", feedback), post("/content", content)]);
