@@ -212,13 +212,19 @@ export class OutcomeUnknownError extends WeftError {
   /** The id the item was (or was not) stored under. */
   readonly itemId: string;
 
-  /** The error for item `itemId`, the NATS error as `cause`. */
-  constructor(itemId: string, options: ErrorOptions = {}) {
+  /**
+   * The error for item `itemId`, the NATS error as `cause`; `advice` says how to retry it
+   * safely (by default: with the id in the body, which stores it once).
+   */
+  constructor(itemId: string, options: ErrorOptions & { advice?: string } = {}) {
+    const { advice, ...rest } = options;
     super(
       ErrorCode.Unavailable,
-      `NATS did not confirm storing item ${itemId} in time, so it may be stored: retry ` +
-        `shortly with "id": ${JSON.stringify(itemId)} in the body, which stores it once`,
-      { ...options, retryAfterSeconds: 5 },
+      `NATS did not confirm storing item ${itemId} in time, so it may be stored: ${
+        advice ??
+          `retry shortly with "id": ${JSON.stringify(itemId)} in the body, which stores it once`
+      }`,
+      { ...rest, retryAfterSeconds: 5 },
     );
     this.name = "OutcomeUnknownError";
     this.itemId = itemId;

@@ -26,6 +26,7 @@ import { startService, taskArgs } from "./helpers/mesh.ts";
 import { freePort } from "../src/nats_server.ts";
 import { StreamReadStalled } from "../src/stream_reader.ts";
 import { type LoadedPipeline, pipelineTopology } from "../src/pipeline/runtime.ts";
+import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { Hono } from "hono";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
@@ -1064,4 +1065,45 @@ Deno.test("a 503 whose publish went unanswered names the item's id; a retry with
   assert.equal(await count(FEEDBACK_STREAM, `feedback.ingested.${feedbackId}`), 1);
   assert.equal(await count(CONTENT_STREAM, "content.uploaded.>"), 1);
   assert.equal(await count(CONTENT_STREAM, `content.uploaded.${contentId}`), 1);
+});
+
+Deno.test("a definition's 503 whose publish went unanswered names the item's id and where to see whether it was stored", async () => {
+  await using t = await startTestNats();
+  const approvals = approvalsPipeline();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const app = await gateway(t, { pipelines: [approvals] });
+  const post = (body: unknown, key?: string) =>
+    app.request("/pipelines/approvals/items", {
+      method: "POST",
+      headers: { ...JSON_TYPE, ...(key ? { "Idempotency-Key": key } : {}) },
+      body: JSON.stringify(body),
+    });
+  Deno.kill(t.server.pid, "SIGSTOP");
+  await waitFor(
+    async () => /^\d+ \(.*\) T/.test(await Deno.readTextFile(`/proc/${t.server.pid}/stat`)),
+    5_000,
+    "nats-server stopped",
+  );
+  let answers: Response[];
+  try {
+    answers = await Promise.all([post({ n: 1 }), post({ n: 2 }, "order-2")]);
+  } finally {
+    Deno.kill(t.server.pid, "SIGCONT");
+  }
+  const [bare, keyed] = await Promise.all(answers.map((r) => expectProblem(r, 503)));
+  // Published, unanswered: its id, and how to tell whether it landed.
+  assert.equal(typeof bare!.id, "string", JSON.stringify(bare));
+  assert.match(bare!.detail, new RegExp(`GET /pipelines/approvals/items/${bare!.id} tells`));
+  // A keyed one looks its key up first, which NATS did not answer: nothing was published.
+  assert.equal(keyed!.id, undefined, JSON.stringify(keyed));
+  const stream = pipelineSubjects(approvals.def).stream;
+  const entries = async (id: string) =>
+    Object.values(
+      (await t.jsm.streams.info(stream, { subjects_filter: `approvals.submitted.${id}` })).state
+        .subjects ?? {},
+    ).reduce((a, b) => a + b, 0);
+  await waitFor(async () => (await entries(bare!.id)) === 1, 10_000, "the late publish landed");
+  const seen = await app.request(`/pipelines/approvals/items/${bare!.id}`);
+  assert.equal(seen.status, 200, await seen.clone().text());
+  await seen.body?.cancel();
 });

@@ -19,7 +19,15 @@ import { ulid } from "ulid";
 import type { Config } from "../config.ts";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
 import { Role } from "../config.ts";
-import { ConflictError, ErrorCode, NotFoundError, ValidationError, WeftError } from "../errors.ts";
+import {
+  ConflictError,
+  ErrorCode,
+  isOutcomeUnknown,
+  NotFoundError,
+  OutcomeUnknownError,
+  ValidationError,
+  WeftError,
+} from "../errors.ts";
 import { canonicalJson } from "../canonical_json.ts";
 import pLimit from "p-limit";
 import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../atomic_batch.ts";
@@ -214,7 +222,7 @@ async function admit(
   await guards?.capacity?.check(stream);
   if (todo.length > 1 && await takesAtomicBatches(nc, stream)) {
     await batchSlots(() => publishBatch(nc, p, guards, todo, traceId));
-  } else await publishEach(nc, p, todo, traceId);
+  } else await publishEach(nc, p, todo, traceId, keyed);
   return { replayed: false };
 }
 
@@ -224,6 +232,7 @@ async function publishEach(
   p: LoadedPipeline,
   items: readonly { id: string; input: unknown }[],
   traceId: string,
+  keyed: boolean,
 ): Promise<void> {
   const stream = pipelineSubjects(p.def).stream;
   let results: { stored: boolean }[];
@@ -234,7 +243,20 @@ async function publishEach(
       ),
     );
   } catch (err) {
-    throw isStreamFull(err) ? streamFullError(stream, err) : err;
+    if (isStreamFull(err)) throw streamFullError(stream, err);
+    // One item whose publish NATS left unanswered (it may still land): the answer names its
+    // id, and how to retry without making a second item.
+    if (items.length === 1 && isOutcomeUnknown(err)) {
+      const id = items[0]!.id;
+      throw new OutcomeUnknownError(id, {
+        cause: err,
+        advice: keyed
+          ? "retry shortly with the same Idempotency-Key, which stores it once"
+          : `GET /pipelines/${p.def.name}/items/${id} tells whether it was; a retry without ` +
+            "an Idempotency-Key makes a second item",
+      });
+    }
+    throw err;
   }
   // A request racing this one with the same key stored some first: the same check.
   const raced = items.filter((_, i) => !results[i]!.stored);
@@ -299,7 +321,7 @@ async function publishBatch(
         ),
       oneByOne: (todo) => {
         atomicStreams.get(nc)?.delete(stream);
-        return publishEach(nc, p, todo, traceId);
+        return publishEach(nc, p, todo, traceId, false);
       },
       checkCapacity: () => guards?.capacity?.check(stream) ?? Promise.resolve(),
     });
