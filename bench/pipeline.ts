@@ -58,7 +58,8 @@ import {
   RetentionPolicy,
   StorageType,
 } from "@nats-io/jetstream";
-import { type Config, loadConfig } from "../src/config.ts";
+import { type Config, loadConfig, unknownFlags } from "../src/config.ts";
+import { ConfigError } from "../src/errors.ts";
 import { connectNats } from "../src/nats.ts";
 import {
   freePort,
@@ -160,50 +161,114 @@ interface Options {
 /** `--sync`: a `sync_interval` nats-server takes. */
 function sync(raw: string): string {
   const v = parseSyncInterval(raw);
-  if (!v) throw new Error("--sync takes always or a duration such as 1s or 500ms");
+  if (!v) throw new ConfigError("--sync takes always or a duration such as 1s or 500ms");
   return v;
 }
 
-function options(): Options {
-  const { values } = parseArgs({
-    args: Deno.args,
-    options: {
-      items: { type: "string" },
-      warmup: { type: "string" },
-      window: { type: "string" },
-      rate: { type: "string" },
-      duration: { type: "string" },
-      quick: { type: "boolean" },
-      json: { type: "string" },
-      only: { type: "string" },
-      batch: { type: "string" },
-      "bullmq-concurrency": { type: "string" },
-      connections: { type: "string" },
-      prof: { type: "string" },
-      rounds: { type: "string" },
-      hops: { type: "boolean" },
-      "bare-subjects": { type: "string" },
-      "step-replicas": { type: "string" },
-      cluster: { type: "string" },
-      sync: { type: "string" },
-      together: { type: "boolean" },
-    },
-  });
+/** What `deno task bench --help` prints (docs/BENCH.md says more). */
+const USAGE = `deno task bench: Weft end to end against a bare JetStream pipeline and BullMQ + Redis
+(docs/BENCH.md). It starts its own nats-server, services and redis-server on free random
+loopback ports (20000-32000): it needs none of the mesh's ports and no mesh running.
+
+  deno task bench [flags]             20,000 items, 10 s at 500 items/s, 3 rounds (~10 min)
+
+Flags:
+  --items N                 items of each throughput run (20000)
+  --warmup N                warm-up items before each run (1000)
+  --window N                submissions in flight in a throughput run (256)
+  --rate N                  offered load of the latency runs, items/s (500)
+  --duration S              seconds of each latency run (10)
+  --rounds N                runs per side, alternating; figures are medians (3)
+  --quick                   3,000 items, 300 warm-up, 3 s, 1 round
+  --only LIST               some sides only, comma-separated: bare, weft (bus-fed), http (both
+                            HTTP feeds), http-single, http-batch, bullmq
+  --batch N                 items per POST /feedback/batch (50)
+  --connections N           the HTTP load generator's keep-alive connections (64)
+  --bullmq-concurrency N    jobs each BullMQ worker runs at once (WEFT_CONCURRENCY, 256)
+  --prof NAMES              V8 tick profiles of those processes (gateway, http-load, sentiment,
+                            bare1, bullmq-ingest, ...); the folder of the logs is printed
+  --json FILE               also write the figures as JSON
+  --hops                    also print p50/p90/p99 of each hop of Weft's latency runs
+  --bare-subjects stage|item  one subject per stage (stage), or per item like Weft's (item)
+  --sync always|DURATION    the server's sync_interval (WEFT_NATS_SYNC, 1s)
+  --step-replicas N         processes of each Weft step on its durable consumer (1)
+  --cluster N               Weft on an N-node nats-server cluster (1; with --only weft or http)
+  --together                Weft's services in one process, as deno task start --together
+  -h, --help                this text
+
+WEFT_* settings in the environment (e.g. WEFT_CONCURRENCY=32) reach the Weft services.`;
+
+/** The bench's flags, without `--`. */
+const FLAGS = {
+  items: { type: "string" },
+  warmup: { type: "string" },
+  window: { type: "string" },
+  rate: { type: "string" },
+  duration: { type: "string" },
+  quick: { type: "boolean" },
+  json: { type: "string" },
+  only: { type: "string" },
+  batch: { type: "string" },
+  "bullmq-concurrency": { type: "string" },
+  connections: { type: "string" },
+  prof: { type: "string" },
+  rounds: { type: "string" },
+  hops: { type: "boolean" },
+  "bare-subjects": { type: "string" },
+  "step-replicas": { type: "string" },
+  cluster: { type: "string" },
+  sync: { type: "string" },
+  together: { type: "boolean" },
+} as const;
+
+/**
+ * Refuses a flag that is none of the bench's (naming it, and the likely one meant) and any
+ * argument that is no flag's value, before anything starts: a typo never runs ten minutes
+ * of bench with the defaults.
+ */
+function refuseUnknown(args: string[]): void {
+  const hint = "`deno task bench --help` lists them";
+  const unknown = unknownFlags(args, Object.keys(FLAGS));
+  const strays: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg.startsWith("--")) {
+      const name = arg.slice(2).split("=", 1)[0]!;
+      // A string flag's value follows it unless given with `=`; a boolean flag takes none.
+      if (!arg.includes("=") && FLAGS[name as keyof typeof FLAGS]?.type === "string") i++;
+    } else if (arg.startsWith("-")) unknown.push(arg);
+    else strays.push(arg);
+  }
+  if (unknown.length > 0) {
+    throw new ConfigError(
+      `unknown flag${unknown.length > 1 ? "s" : ""}: ${unknown.join(", ")}; ${hint}`,
+    );
+  }
+  if (strays.length > 0) {
+    throw new ConfigError(
+      `unexpected argument${strays.length > 1 ? "s" : ""}: ${strays.join(" ")}; ${hint}`,
+    );
+  }
+}
+
+function options(args: string[]): Options {
+  refuseUnknown(args);
+  const { values } = parseArgs({ args, options: FLAGS });
   const sides = new Set<SideName>();
   for (const name of (values.only ?? Object.keys(ONLY).join(",")).split(",")) {
     const named = ONLY[name.trim()];
-    if (!named) throw new Error(`--only takes a list of ${Object.keys(ONLY).join(", ")}`);
+    if (!named) throw new ConfigError(`--only takes a list of ${Object.keys(ONLY).join(", ")}`);
     for (const side of named) sides.add(side);
   }
   const bareSubjects = values["bare-subjects"] ?? "stage";
   if (bareSubjects !== "stage" && bareSubjects !== "item") {
-    throw new Error("--bare-subjects must be stage or item");
+    throw new ConfigError("--bare-subjects must be stage or item");
   }
   const quick = values.quick === true;
   const num = (v: string | undefined, d: number, name: string) => {
     if (v === undefined) return d;
     const n = Number(v);
-    if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number`);
+    if (!Number.isFinite(n) || n <= 0) throw new ConfigError(`--${name} must be a positive number`);
     return n;
   };
   return {
@@ -234,9 +299,9 @@ function options(): Options {
 /** `--cluster N`: a cluster runs Weft only (the bare and BullMQ sides have no replicas). */
 function clusterNodes(n: number, sides: Set<SideName>): number {
   if (n > 1 && (sides.has("bare") || sides.has("bullmq"))) {
-    throw new Error("--cluster runs Weft only: add --only weft (or http)");
+    throw new ConfigError("--cluster runs Weft only: add --only weft (or http)");
   }
-  if (n > 5) throw new Error("--cluster takes 1 to 5 nodes");
+  if (n > 5) throw new ConfigError("--cluster takes 1 to 5 nodes");
   return n;
 }
 
@@ -1153,7 +1218,11 @@ function loadAvg(): string {
 }
 
 async function main() {
-  const o = options();
+  if (Deno.args.includes("--help") || Deno.args.includes("-h")) {
+    Deno.stdout.writeSync(encoder.encode(USAGE + "\n"));
+    return;
+  }
+  const o = options(Deno.args);
   const out: Record<string, unknown> = {};
   const print = (key: string, value: unknown) => {
     out[key] = value;
@@ -1332,6 +1401,11 @@ if (import.meta.main) {
   try {
     await main();
   } catch (err) {
+    if (err instanceof ConfigError) {
+      // A bad command line: nothing was started; one line, as deno task shadow says it.
+      Deno.stderr.writeSync(encoder.encode(`bench: ${err.message}\n`));
+      Deno.exit(2);
+    }
     // Everything was stopped by main's cleanup; say why the run failed, plainly.
     Deno.stderr.writeSync(encoder.encode(`bench failed: ${(err as Error)?.stack ?? err}\n`));
     Deno.exit(1);
