@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { NatsConnection } from "@nats-io/nats-core";
+import { type NatsConnection, PermissionViolationError } from "@nats-io/nats-core";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { type Config, describeConfig, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./observability/log.ts";
@@ -15,6 +15,8 @@ import { registerMicroService } from "./observability/micro.ts";
 import { runStage } from "./runner.ts";
 import type { Stage, StageInput } from "./stage.ts";
 import { ensureTopology } from "./topology.ts";
+import { ConfigError } from "./errors.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 
 /** Something a service runs until it is stopped. */
 export interface Runnable {
@@ -100,7 +102,7 @@ async function openService(def: ServiceDef, config: Config): Promise<OpenService
   })().catch(() => {});
   // Under the supervisor the topology exists already, and a service's identity may not
   // create streams or buckets anyway.
-  if (config.ensureTopology) await ensureTopology(nc, await jetstreamManager(nc), config);
+  if (config.ensureTopology) await ensureOwnTopology(nc, def.name, config, nkey);
   const metrics = new WeftMetrics();
   const running = await def.start({ config, log, nc, metrics });
   const micro = await registerMicroService({
@@ -130,6 +132,48 @@ async function openService(def: ServiceDef, config: Config): Promise<OpenService
   };
 }
 
+/**
+ * Ensures the streams and buckets a service uses: those of the shipped pipeline it is a step
+ * of (and the mesh's own), or every pipeline's for a service of none (the gateway, the
+ * scheduler). An identity that may not set them up, such as a step's own key run alone
+ * without `WEFT_ENSURE_TOPOLOGY=false`, is a {@link ConfigError} saying so.
+ */
+async function ensureOwnTopology(
+  nc: NatsConnection,
+  name: string,
+  config: Config,
+  nkey: string,
+): Promise<void> {
+  const own = SHIPPED_PIPELINES.filter((w) => w.services.some((s) => s.name === name));
+  try {
+    await ensureTopology(
+      nc,
+      await jetstreamManager(nc),
+      config,
+      {},
+      own.length > 0 ? own : SHIPPED_PIPELINES,
+    );
+  } catch (err) {
+    const refused = permissionViolation(err);
+    if (!refused) throw err;
+    throw new ConfigError(
+      `this identity${nkey ? ` (${nkey})` : ""} may not set up streams or buckets ` +
+        `(${refused.message}): run it with WEFT_ENSURE_TOPOLOGY=false; the supervisor ` +
+        "(deno task start), or a run with the admin key (data/identities/admin.nk), sets the " +
+        "topology up",
+      { cause: err },
+    );
+  }
+}
+
+/** The permission violation behind `err` (a request's error carries it as its cause). */
+function permissionViolation(err: unknown): PermissionViolationError | undefined {
+  for (let e = err; e instanceof Error; e = e.cause) {
+    if (e instanceof PermissionViolationError) return e;
+  }
+  return undefined;
+}
+
 function configOrExit(name: string): Config {
   try {
     return loadConfig();
@@ -148,7 +192,17 @@ function configOrExit(name: string): Config {
 async function runServices(defs: ServiceDef[], name: string): Promise<void> {
   const config = configOrExit(name);
   const open: OpenService[] = [];
-  for (const def of defs) open.push(await openService(def, config));
+  for (const def of defs) {
+    try {
+      open.push(await openService(def, config));
+    } catch (err) {
+      // A start the configuration cannot make (an identity that may not set the topology
+      // up, a stream that would shrink): one line saying what to do, not a stack trace.
+      if (!(err instanceof ConfigError)) throw err;
+      createLogger(`weft-${def.name}`, config.logLevel).error("start refused", { err });
+      Deno.exit(1);
+    }
+  }
   const log = open.length === 1 ? open[0]!.log : createLogger(`weft-${name}`, config.logLevel);
   if (open.length > 1) log.info("services together", { services: defs.map((d) => d.name) });
   let stopping = false;

@@ -1,11 +1,31 @@
 /**
- * Creating the topology is idempotent: a second start changes nothing and loses nothing.
+ * Creating the topology is idempotent: a second start changes nothing and loses nothing. A
+ * service run alone sets up only its own pipeline's topology, and one whose identity may not
+ * set it up says so in one line.
  */
 import assert from "node:assert/strict";
-import { jetstream } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { ensureTopology } from "../src/topology.ts";
-import { startTestNats } from "./helpers/nats.ts";
+import { freePort, startNatsServer } from "../src/nats_server.ts";
+import { serviceArgs, SERVICES, writeAuthConfig } from "../src/supervisor.ts";
+import { connectClient, startTestNats, testConfig } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const ROOT = new URL("../", import.meta.url);
+
+/** The sentiment step as the supervisor would start it, but alone: topology ensured. */
+function sentiment(natsUrl: string, nkey = ""): Deno.ChildProcess {
+  const spec = SERVICES.find((s) => s.name === "sentiment")!;
+  return new Deno.Command("deno", {
+    args: serviceArgs(spec, { ...testConfig(natsUrl), natsNkey: nkey }),
+    cwd: ROOT,
+    env: { NATS_URL: natsUrl, ...(nkey ? { WEFT_NATS_NKEY: nkey } : {}) },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+}
 
 Deno.test("ensureTopology() run again keeps every stream, bucket and message", async () => {
   await using t = await startTestNats();
@@ -28,4 +48,59 @@ Deno.test("ensureTopology() updates a changed limit in place without losing mess
   const info = await t.jsm.streams.info("FEEDBACK");
   assert.equal(info.config.max_age, 3_600_000 * 1_000_000);
   assert.equal(info.state.messages, 1);
+});
+
+Deno.test("a step service run alone sets up its own pipeline's streams, not every pipeline's", async () => {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "weft-test");
+  const child = sentiment(server.url);
+  try {
+    const jsm = await jetstreamManager(nc);
+    await waitFor(
+      async () => (await jsm.consumers.list("FEEDBACK").next()).some((c) => c.name === "sentiment"),
+      60_000,
+      "the sentiment consumer",
+    );
+    const streams = (await jsm.streams.names().next()).sort();
+    assert.ok(streams.includes("FEEDBACK"), streams.join(", "));
+    assert.ok(streams.includes("DEADLETTER"), streams.join(", "));
+    assert.ok(!streams.includes("CONTENT"), `another pipeline's stream: ${streams.join(", ")}`);
+  } finally {
+    child.kill("SIGTERM");
+    await child.output();
+    await nc.close();
+  }
+});
+
+Deno.test("a step's own key run alone without WEFT_ENSURE_TOPOLOGY=false is refused in one line, exit 1", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "weft-topology-" });
+  try {
+    await Deno.writeTextFile(`${dir}/base.conf`, "max_payload: 1MB\n");
+    const auth = await writeAuthConfig(`${dir}/base.conf`, dir);
+    await using server = await startNatsServer({
+      configFile: auth.configFile,
+      port: freePort(),
+      storeDir: `${dir}/store`,
+      cwd: dir,
+    });
+    // The mesh's topology is in place (the admin key set it up), as under deno task start.
+    const admin = await connectClient(server.url, "weft-admin", {
+      nkeySeedFile: auth.seeds.get("admin")!,
+    });
+    await ensureTopology(admin, await jetstreamManager(admin), testConfig(server.url));
+    await admin.close();
+    const out = await sentiment(server.url, auth.seeds.get("sentiment")!).output();
+    const stdout = new TextDecoder().decode(out.stdout);
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 1, stdout + stderr);
+    assert.equal(stderr, "", "no stack trace");
+    const last = JSON.parse(stdout.trim().split("\n").at(-1)!);
+    assert.equal(last.level, "error");
+    assert.equal(last.msg, "start refused");
+    assert.match(last.err.message, /may not set up streams or buckets/);
+    assert.match(last.err.message, /Permissions Violation/);
+    assert.match(last.err.message, /run it with WEFT_ENSURE_TOPOLOGY=false/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
