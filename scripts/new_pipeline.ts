@@ -6,6 +6,7 @@
  * @module
  */
 import { takenNames } from "../src/pipeline/runtime.ts";
+import { loadConfig } from "../src/config.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const TOKEN = /^[a-z0-9][a-z0-9_-]{0,39}$/;
@@ -115,6 +116,20 @@ export async function bucketTwin(
   return undefined;
 }
 
+/**
+ * Where `deno task start` will serve HTTP, as the curl commands printed name it: the
+ * configured port (`PORT`), `https://` when the gateway serves TLS. A configuration that does
+ * not load leaves the default port (the start will say what is wrong with it).
+ */
+function gatewayAddress(): string {
+  try {
+    const config = loadConfig({ args: [] });
+    return `${config.tlsCert ? "https://" : ""}localhost:${config.port}`;
+  } catch {
+    return "localhost:8000";
+  }
+}
+
 const say = (text: string, to: typeof Deno.stdout | typeof Deno.stderr = Deno.stdout) =>
   to.writeSync(new TextEncoder().encode(text + "\n"));
 
@@ -156,6 +171,7 @@ if (import.meta.main) {
     list.run = [...new Set([...(list.run ?? []), file])];
     await Deno.writeTextFile(listFile, JSON.stringify(list, null, 2) + "\n");
   }
+  const at = gatewayAddress();
   say(
     `Wrote pipelines/${name}/pipeline.ts and pipeline_test.ts${
       listIt ? "; listed in pipelines/run.json" : ""
@@ -163,10 +179,10 @@ if (import.meta.main) {
 
   test it     deno test pipelines/${name}/
   run it      deno task start
-  call it     curl -X POST localhost:8000/pipelines/${name}/items \\
+  call it     curl -X POST ${at}/pipelines/${name}/items \\
                 -H 'content-type: application/json' -d '{"text":"is it on?"}'
-              curl localhost:8000/pipelines/${name}/items/<id>          (its state)
-              curl -N localhost:8000/pipelines/${name}/items/<id>/events  (its events, SSE)
+              curl ${at}/pipelines/${name}/items/<id>          (its state)
+              curl -N ${at}/pipelines/${name}/items/<id>/events  (its events, SSE)
   on NATS     nats req weft.${name}.submit '{"text":"hello"}'
               nats kv get weft_${name.replaceAll("-", "_")}_state <id>`,
   );

@@ -10,14 +10,32 @@ import { waitFor } from "./helpers/wait.ts";
 const root = new URL("../", import.meta.url);
 
 /** Runs `deno task new NAME --no-list` from the repository root. */
-async function newPipeline(name: string): Promise<Deno.CommandOutput> {
+async function newPipeline(
+  name: string,
+  env: Record<string, string> = {},
+): Promise<Deno.CommandOutput> {
   return await new Deno.Command("deno", {
     args: [...await taskArgs("new"), name, "--no-list"],
     cwd: root,
+    env,
     stdout: "piped",
     stderr: "piped",
   }).output();
 }
+
+Deno.test("deno task new prints the configured port in the commands that call the pipeline", async () => {
+  const name = `gen-${crypto.randomUUID().slice(0, 8)}`;
+  try {
+    const made = await newPipeline(name, { PORT: "8123" });
+    const said = new TextDecoder().decode(made.stdout);
+    assert.ok(made.success, new TextDecoder().decode(made.stderr));
+    assert.match(said, new RegExp(`curl -X POST localhost:8123/pipelines/${name}/items`));
+    assert.match(said, new RegExp(`curl -N localhost:8123/pipelines/${name}/items/<id>/events`));
+    assert.doesNotMatch(said, /:8000/);
+  } finally {
+    await Deno.remove(new URL(`pipelines/${name}/`, root), { recursive: true }).catch(() => {});
+  }
+});
 
 Deno.test("deno task new writes a two-step pipeline whose test passes and which the mesh runs", async () => {
   const name = `gen-${crypto.randomUUID().slice(0, 8)}`;
