@@ -1131,7 +1131,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       log.error(
         `another deno task start runs on this store (${store}): stop it first (Ctrl-C), ` +
           `or give a second mesh its own store and ports (WEFT_NATS_DIR=data/<dir>, ` +
-          `WEFT_NATS_PORT, PORT)`,
+          `WEFT_NATS_PORT, WEFT_NATS_MONITOR_PORT, PORT)`,
       );
       Deno.exit(1);
     }
