@@ -214,7 +214,7 @@ Deno.test("with authentication off, an awaited event's `by` is published as give
   assert.deepEqual(msg?.json(), { ok: 1, by: "mallory" });
 });
 
-Deno.test("a pipeline without a wait step has no waiting list and no claims: 404 saying so, not an empty list or 409, and its OpenAPI lists neither", async () => {
+Deno.test("a pipeline without a wait step has no waiting list and no claims: 404 saying so over HTTP and NATS, not an empty list or 409, and its OpenAPI lists neither", async () => {
   await using t = await startTestNats();
   const obj = { type: "object" } as const;
   const def = definePipeline({
@@ -244,6 +244,17 @@ Deno.test("a pipeline without a wait step has no waiting list and no claims: 404
     });
     assert.equal(res.status, 404, `${method} ${path}: ${await res.clone().text()}`);
     assert.match((await res.json()).detail, /plain has no wait step/);
+  }
+  // `nats req weft.plain.waiting ''` answers the same problem, not an empty list.
+  const requests = servePipelineRequests(t.nc, [plain], t.log);
+  try {
+    const answer = (await t.nc.request("weft.plain.waiting", "", PATIENT)).json<
+      { error?: { status: number; detail: string } }
+    >();
+    assert.equal(answer.error?.status, 404, JSON.stringify(answer));
+    assert.match(answer.error.detail, /plain has no wait step: nothing waits/);
+  } finally {
+    requests.stop();
   }
   const paths = Object.keys(openApiDocument([plain, approvals]).paths as Record<string, unknown>);
   assert.ok(paths.includes("/pipelines/approvals/waiting"));

@@ -899,6 +899,8 @@ export function servePipelineRequests(
         callback: (_e, m) =>
           void reply(m, async () => {
             check(m, Role.Ingest, Role.Reviewer);
+            // As GET /pipelines/<name>/waiting: no wait step, no list (not an empty one).
+            if (!claims) throw new NotFoundError(`${n} has no wait step: nothing waits`);
             return await waitingItems(
               p,
               jetstream(nc),
