@@ -393,8 +393,9 @@ export function checkModelSteps(loaded: readonly LoadedPipeline[], llmBaseUrl: s
       if (needs) {
         throw new ConfigError(
           `pipeline file ${file.replace(ROOT_DIR, "")}, step ${id}: ${needs} needs an LLM ` +
-            `endpoint: set WEFT_LLM_BASE_URL (an OpenAI-compatible server), WEFT_LLM_MODEL and ` +
-            `WEFT_LLM_API_KEY (docs/LLM.md), or leave the pipeline out (WEFT_PIPELINES)`,
+            `endpoint: set WEFT_LLM_BASE_URL (an OpenAI-compatible server) and WEFT_LLM_MODEL, ` +
+            `and WEFT_LLM_API_KEY only if the endpoint needs a key (docs/LLM.md), or leave the ` +
+            `pipeline out (WEFT_PIPELINES)`,
         );
       }
     }
