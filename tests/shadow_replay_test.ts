@@ -162,7 +162,7 @@ Deno.test("a definition step's history replays through another version of the st
     assert.equal(cli.code, 0, new TextDecoder().decode(cli.stderr));
     assert.match(
       out,
-      /== replay replay: .* on grading\.grade, 7 items \(1 without production's output\)/,
+      /^== replay: definition:.* on grading\.grade, 7 items \(1 without production's output\)/m,
     );
     assert.match(out, /label +agreement 66\.7%/);
     assert.match(

@@ -1499,10 +1499,16 @@ export function liveShadowReportHtml(r: LiveShadowReport, title = "live shadow")
     `<h2>Disagreements</h2><ul>${dis}</ul>\n`;
 }
 
-/** The live report as text, for the terminal (`title`: "replay" for a replayed history). */
-export function formatLiveShadowReport(r: LiveShadowReport, title = "live shadow"): string {
+/**
+ * The live report as text, for the terminal, under `heading` (`live shadow <id>`; "replay" for
+ * a replayed history, whose shadow has no id of its own).
+ */
+export function formatLiveShadowReport(
+  r: LiveShadowReport,
+  heading = `live shadow ${r.shadow}`,
+): string {
   const lines = [
-    `== ${title} ${r.shadow}: ${r.candidate} on ${r.pipeline}.${r.step}, ${r.items} items` +
+    `== ${heading}: ${r.candidate} on ${r.pipeline}.${r.step}, ${r.items} items` +
     ` (${r.unmatched} without production's output)`,
     ...Object.entries(r.fields).map(([f, a]) =>
       `${f.padEnd(10)} agreement ${pct(a.agreement)}  kappa ${a.kappa.toFixed(3)}`

@@ -148,3 +148,10 @@ Deno.test("the terminal report prints labels whole, so two long ones never read 
   const matrix = text.slice(text.indexOf("confusion"), text.indexOf("disagreements"));
   for (const label of [long1, long2]) assert.ok(matrix.includes(label), text);
 });
+
+Deno.test("the terminal report's heading names a live shadow by its id, a replay once", () => {
+  const r = liveShadowReport("s1", [decided("a", "x", "x")]);
+  assert.match(formatLiveShadowReport(r), /^== live shadow s1: /);
+  const replayed = liveShadowReport("replay", [decided("a", "x", "x")]);
+  assert.match(formatLiveShadowReport(replayed, "replay"), /^== replay: /);
+});
