@@ -78,7 +78,15 @@ export async function connectNats(
     ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}),
   };
   if (credentials.nkeySeedFile) {
-    const seed = (await Deno.readTextFile(credentials.nkeySeedFile)).trim();
+    const file = credentials.nkeySeedFile;
+    const seed = (await Deno.readTextFile(file).catch((err: Error) => {
+      // Missing, or where the task may not read (a stack trace said only "NotCapable").
+      throw new ConfigError(
+        `WEFT_NATS_NKEY: cannot read the key file ${file} (${err.name}: ${err.message}); ` +
+          `keys live under data/identities/, the one folder the tasks may read keys from`,
+        { cause: err },
+      );
+    })).trim();
     opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(seed));
   }
   if (credentials.identity) opts.inboxPrefix = inboxPrefix(credentials.identity);

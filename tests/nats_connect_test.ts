@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { connectNats } from "../src/nats.ts";
 import { ensureIdentities, type Identity } from "../src/identities.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
+import { ConfigError } from "../src/errors.ts";
 
 Deno.test("a refused connection rejects, and leaves no uncaught socket error behind", async () => {
   const dir = await Deno.makeTempDir({ prefix: "weft-connect-" });
@@ -86,4 +87,16 @@ Deno.test("with patience, a first connect that times out on a server too busy to
     await Promise.all(relays);
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("a key file that cannot be read is a configuration error naming it and where keys live, not a stack trace", async () => {
+  await assert.rejects(
+    connectNats("nats://127.0.0.1:1", "no-key-test", { nkeySeedFile: "/nonexistent/ops.nk" }),
+    (err: Error) => {
+      assert.ok(err instanceof ConfigError, `${err.name}: ${err.message}`);
+      assert.match(err.message, /WEFT_NATS_NKEY: cannot read the key file \/nonexistent\/ops\.nk/);
+      assert.match(err.message, /data\/identities\//);
+      return true;
+    },
+  );
 });
