@@ -932,9 +932,15 @@ export async function runStage<I extends StageInput>(
   // definition) is handed the stream's whole history: what its consumer was created behind.
   // Those of items that have ended are acked unhandled; running the step for every finished
   // item would repeat its side effects (an email, a payment) and its events after their end.
-  const backlogOf = async () =>
-    Number((await consumer.info(false)).config.metadata?.[BACKLOG_SEQ_KEY] ?? 0);
-  let backlogSeq = await backlogOf();
+  // Without the mark (nats-server 2.9 has no consumer metadata; a consumer made before the
+  // mark existed), what the stream stored before the consumer was created is its backlog.
+  const backlogOf = async () => {
+    const info = await consumer.info(false);
+    const seq = Number(info.config.metadata?.[BACKLOG_SEQ_KEY] ?? 0);
+    const created = Date.parse(info.created);
+    return { seq, beforeNanos: seq > 0 || Number.isNaN(created) ? 0 : created * 1e6 };
+  };
+  let backlog = await backlogOf();
   const endTypes = new Set([...stage.finalTypes ?? [], stage.failedType]);
   const once = versionAtLeast(version, "2.10.0") ? stage.once : undefined;
   // nats-server 2.11 checks a publish against the last sequence of a wildcard subject, which
@@ -1068,7 +1074,7 @@ export async function runStage<I extends StageInput>(
       const itemId = itemIdOf(raw);
       if (itemId) span.setAttribute("weft.item_id", itemId);
       if (
-        m.seq <= backlogSeq && itemId &&
+        (m.seq <= backlog.seq || m.info.timestampNanos < backlog.beforeNanos) && itemId &&
         (await endedWith(jsm, stream, itemId, endTypes) !== undefined ||
           await stage.ended?.(itemId) === true)
       ) {
@@ -1229,7 +1235,7 @@ export async function runStage<I extends StageInput>(
         await new Promise((r) => setTimeout(r, 500));
         // (Deleted meanwhile: created again behind the stream's history, which it marks.)
         await ensure()
-          .then(async () => (backlogSeq = await backlogOf()))
+          .then(async () => (backlog = await backlogOf()))
           .catch(() => {});
       }
     }
