@@ -9,6 +9,7 @@ import { serverVersion, versionAtLeast } from "../src/nats_server.ts";
 import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { connectClient } from "./helpers/nats.ts";
+import { AckPolicy } from "@nats-io/jetstream";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
 /** nats-server 2.10+ (consumer metadata, several filters per consumer). */
@@ -343,8 +344,8 @@ export const grow = definePipeline({
 
 Deno.test({
   name: "a step added to a running definition runs for items in flight, never for those that ended",
-  // Consumer metadata and several filters per consumer: nats-server 2.10+.
-  ignore: !SERVER_2_10,
+  // On 2.10+ the new consumer marks its backlog in its metadata; on 2.9 (none) its backlog is
+  // what the stream stored before the consumer was created.
   fn: async () => {
     const dir = await meshTempDir("weft-grow-");
     const file = `${dir}/def/grow.ts`;
@@ -590,4 +591,50 @@ Deno.test("a step removed while items wait on its consumer: they are dead-letter
   } finally {
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
+});
+
+Deno.test("the retired consumers of a changed definition: a gone step's, and a renamed durable's as replaced; never a consumer Weft's steps did not make", async () => {
+  const { startTestNats } = await import("./helpers/nats.ts");
+  const { retiredConsumers } = await import("../src/pipeline/runtime.ts");
+  const { definePipeline } = await import("../mod.ts");
+  await using t = await startTestNats();
+  await t.jsm.streams.add({ name: "SWEEP", subjects: ["sweep.>"] });
+  const def = definePipeline({
+    name: "sweep",
+    input: { schema: { type: "object" } },
+    start: "a",
+    steps: {
+      a: { kind: "task", output: { type: "object" }, handle: () => ({}), next: "b" },
+      b: {
+        kind: "task",
+        output: { type: "object" },
+        durable: "sweep-b2",
+        handle: () => ({}),
+        next: "e",
+      },
+      e: { kind: "end", outcome: "done" },
+    },
+  });
+  const add = (durable: string, metadata?: Record<string, string>) =>
+    t.jsm.consumers.add("SWEEP", {
+      durable_name: durable,
+      ack_policy: AckPolicy.Explicit,
+      filter_subject: "sweep.>",
+      ...(metadata && SERVER_2_10 ? { metadata } : {}),
+    });
+  await add("sweep-a", { weft_pipeline: "sweep", weft_step: "a" }); // live
+  await add("sweep-gone", { weft_pipeline: "sweep", weft_step: "gone" }); // a step removed
+  await add("sweep-b", { weft_pipeline: "sweep", weft_step: "b" }); // b's durable renamed
+  await add("sweep-audit"); // an operator's: no Weft metadata
+  const found = (byName: boolean) =>
+    retiredConsumers(t.jsm, def, { byName }).then((r) =>
+      r.sort((x, y) => x.durable.localeCompare(y.durable))
+    );
+  const expected = [
+    ...(SERVER_2_10 ? [] : [{ durable: "sweep-audit", step: "audit" }]),
+    { durable: "sweep-b", step: "b", replaced: true },
+    { durable: "sweep-gone", step: "gone" },
+  ];
+  // On 2.10+ the metadata says who made a consumer; by name only where there is none (2.9).
+  assert.deepEqual(await found(!SERVER_2_10), expected);
 });

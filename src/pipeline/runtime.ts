@@ -86,6 +86,7 @@ import { createBatcher, createStepLimiter } from "./flow_control.ts";
 import { followVersion } from "../step_versions.ts";
 import { type AgentRunner, createAgent, openScratchpad, scratchpadBucketOf } from "./agent_step.ts";
 import { lazy } from "../retry.ts";
+import { versionAtLeast } from "../nats_server.ts";
 
 /** The repository root: relative definition paths (a promoted candidate's) start here. */
 const ROOT_DIR = new URL("../../", import.meta.url).pathname;
@@ -1346,6 +1347,11 @@ export interface RetiredConsumer {
   durable: string;
   /** The step that made it. */
   step: string;
+  /**
+   * The step is still in the running definition, under another `durable`: its new consumer
+   * takes the stream's history (acking what ended), so this one's messages are only acked.
+   */
+  replaced?: boolean;
 }
 
 /**
@@ -1357,6 +1363,7 @@ export interface RetiredConsumer {
 export async function retiredConsumers(
   jsm: JetStreamManager,
   def: PipelineDefinition,
+  opts: { byName?: boolean } = {},
 ): Promise<RetiredConsumer[]> {
   const live = new Set([
     ...workSteps(def).map((id) => durableOf(def, id)),
@@ -1367,12 +1374,14 @@ export async function retiredConsumers(
     const durable = ci.config.durable_name;
     if (!durable || live.has(durable) || durable.startsWith(shadowDurable(""))) continue;
     const meta = ci.config.metadata ?? {};
+    // By name only where the server keeps no metadata (2.9): on 2.10+ a consumer without
+    // Weft's metadata is someone else's (an operator's `<name>-audit`), never swept.
     const step = meta[PIPELINE_KEY] !== undefined
       ? meta[PIPELINE_KEY] === def.name ? meta[STEP_KEY] : undefined
-      : durable.startsWith(`${def.name}-`)
+      : opts.byName && durable.startsWith(`${def.name}-`)
       ? durable.slice(def.name.length + 1)
       : undefined;
-    if (step) out.push({ durable, step });
+    if (step) out.push({ durable, step, ...(step in def.steps ? { replaced: true } : {}) });
   }
   return out;
 }
@@ -1409,6 +1418,8 @@ export function retiredStage(
       message.seq > judgedUpTo ? undefined : decodeFlowEvent(flow, raw, message.subject),
     checkOutput: () => {},
     async handle(e: FlowEvent, ctx: StageContext) {
+      // The step runs on under its new consumer, which takes these from the stream's history.
+      if (retired.replaced) return [];
       const s = await readItem(await states(), e.item_id);
       // Ended; or its state, past this event, has it elsewhere (a router's other route).
       if (s?.status === "done") return [];
@@ -1506,7 +1517,8 @@ export function controlService(p: LoadedPipeline): ServiceDef {
     // a step that is gone. Found before this control step judges anything.
     const jsm = await jetstreamManager(ctx.nc);
     const stream = pipelineSubjects(p.def).stream;
-    const retired = await retiredConsumers(jsm, p.def).catch((err) => {
+    const byName = !versionAtLeast(ctx.nc.info?.version ?? "0.0.0", "2.10.0");
+    const retired = await retiredConsumers(jsm, p.def, { byName }).catch((err) => {
       ctx.log.warn("could not list the consumers of retired steps", { err });
       return [];
     });
