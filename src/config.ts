@@ -312,7 +312,10 @@ export interface ApiKey {
   name: string;
 }
 
-/** Parses WEFT_API_KEYS; undefined when invalid. */
+/** Who every caller is with authentication off; no API key may be named so. */
+export const ANONYMOUS_NAME = "anonymous";
+
+/** Parses WEFT_API_KEYS; undefined when invalid (a key named {@link ANONYMOUS_NAME} too). */
 export function parseApiKeys(raw: string): ApiKey[] | undefined {
   let value: unknown;
   try {
@@ -328,6 +331,9 @@ export function parseApiKeys(raw: string): ApiKey[] | undefined {
     if (typeof sha256 !== "string" || !/^[0-9a-fA-F]{64}$/.test(sha256)) return undefined;
     if (typeof role !== "string" || !roles.has(role)) return undefined;
     if (typeof name !== "string" || name.trim() === "" || name.length > 200) return undefined;
+    // Whom every caller is with authentication off: a key holder named so would be taken for
+    // one (free to name anyone as a decision's or claim's `by`).
+    if (name.trim() === ANONYMOUS_NAME) return undefined;
     keys.push({ sha256: sha256.toLowerCase(), role: role as Role, name: name.trim() });
   }
   return keys;

@@ -291,6 +291,11 @@ Deno.test("parseApiKeys accepts hashes with roles and refuses anything else", ()
     undefined,
   );
   assert.equal(parseApiKeys("not json"), undefined);
+  // Every caller's name with authentication off: a key so named escaped the `by` checks.
+  assert.equal(
+    parseApiKeys(JSON.stringify([{ sha256: "a".repeat(64), role: "reviewer", name: "anonymous" }])),
+    undefined,
+  );
 });
 
 Deno.test("describeConfig never prints API key hashes", () => {

@@ -15,7 +15,7 @@
  */
 import { createHash } from "node:crypto";
 import type { MiddlewareHandler } from "hono";
-import { type ApiKey, Role } from "../config.ts";
+import { ANONYMOUS_NAME, type ApiKey, Role } from "../config.ts";
 import { ErrorCode, WeftError } from "../errors.ts";
 
 /** Who is calling. */
@@ -82,7 +82,7 @@ export function createAuth(keys: readonly ApiKey[]): Auth {
   const byHash = new Map(keys.map((k) => [k.sha256, k]));
   const enabled = byHash.size > 0;
   const authorize = (header: string | undefined | null, roles: readonly Role[]): Principal => {
-    if (!enabled) return { name: "anonymous", role: Role.Admin };
+    if (!enabled) return { name: ANONYMOUS_NAME, role: Role.Admin };
     const m = /^Bearer\s+(\S+)\s*$/i.exec(header ?? "");
     if (!m) {
       throw new WeftError(

@@ -18,7 +18,7 @@ import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
 import type { Config } from "../config.ts";
 import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
-import { Role } from "../config.ts";
+import { ANONYMOUS_NAME, Role } from "../config.ts";
 import {
   ConflictError,
   ErrorCode,
@@ -72,7 +72,7 @@ export interface IntakeGuards {
 /** A caller, for per-key limits. */
 type Who = { name: string; role: string };
 /** With auth off, every caller is one anonymous admin. */
-const ANONYMOUS: Who = { name: "anonymous", role: Role.Admin };
+const ANONYMOUS: Who = { name: ANONYMOUS_NAME, role: Role.Admin };
 
 /** What the routes need from the gateway. */
 export interface PipelineRouteDeps {
