@@ -49,7 +49,8 @@ export class CapacityError extends WeftError {
       `stream ${usage.stream} is ${Math.round(Math.max(usage.bytes, usage.messages) * 100)}% ` +
         `full (new items are refused from ${Math.round(highWater * 100)}%, so accepted ones ` +
         `can finish); retry later, or grow the stream (${limitSetting(usage.stream)})`,
-      { retryAfterSeconds },
+      // Written for the client: how full, and that a retry later is the answer.
+      { retryAfterSeconds, shown: true },
     );
     this.name = "CapacityError";
   }
@@ -77,7 +78,7 @@ export function streamFullError(stream: string, cause: unknown): WeftError {
   return new WeftError(
     ErrorCode.InsufficientStorage,
     `stream ${stream} is full; retry later, or grow the stream (${limitSetting(stream)})`,
-    { cause, retryAfterSeconds: 30 },
+    { cause, retryAfterSeconds: 30, shown: true },
   );
 }
 

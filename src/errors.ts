@@ -248,8 +248,10 @@ export function isOutcomeUnknown(err: unknown): boolean {
  * retry.
  */
 export function isServerFault(err: unknown): boolean {
-  return toProblem(err).status >= 500 && !isNatsUnavailable(err) &&
-    !(err instanceof OutcomeUnknownError);
+  const problem = toProblem(err);
+  // A full stream's 507 is a refusal by design (its alerts are the capacity guard's).
+  return problem.status >= 500 && problem.code !== ErrorCode.InsufficientStorage &&
+    !isNatsUnavailable(err) && !(err instanceof OutcomeUnknownError);
 }
 
 /** True when retrying `err` cannot help. Unknown errors are worth retrying. */

@@ -4,6 +4,7 @@ import {
   ErrorCode,
   fromNatsError,
   isPermanent,
+  isServerFault,
   NotFoundError,
   PermanentError,
   toDeadLetterReason,
@@ -64,4 +65,12 @@ Deno.test("toDeadLetterReason() keeps the code and names the field", () => {
     { code: "invalid_event", reason: "/data/text is required (field /data/text)" },
   );
   assert.equal(toDeadLetterReason(new Error("boom")).code, "handler_failed");
+});
+
+Deno.test("isServerFault() is false for a full stream's 507, a refusal by design, and true for a handler's 500", () => {
+  assert.equal(
+    isServerFault(new WeftError(ErrorCode.InsufficientStorage, "stream X is full")),
+    false,
+  );
+  assert.equal(isServerFault(new Error("boom")), true);
 });

@@ -52,7 +52,10 @@ Deno.test("at its limit, intake refuses new items with 507 and Retry-After, and 
     else {
       assert.equal(res.status, 507, await res.clone().text());
       assert.match(res.headers.get("content-type") ?? "", /problem\+json/);
-      assert.equal((await res.json()).code, "insufficient_storage");
+      const problem = await res.json();
+      assert.equal(problem.code, "insufficient_storage");
+      // Told how full and what to do, not only "Insufficient storage".
+      assert.match(problem.detail, /stream FEEDBACK is (\d+% )?full.*retry later/);
       retryAfter = res.headers.get("retry-after");
       refused++;
     }
