@@ -147,6 +147,14 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
       letters.items.some((l: { letter: { item_id?: string } }) => l.letter.item_id === stranded),
       `listed for redrive: ${JSON.stringify(letters).slice(0, 600)}`,
     );
+    // One letter for the decision, the control step's: the state writer (which folded the
+    // item's failure after it, in stream order) skips it rather than letter it again, so a
+    // redrive of every letter would not send the decision twice.
+    const held = (await (await fetch(`${mesh.gatewayUrl}/deadletters?item_id=${stranded}`))
+      .json()).items.filter((l: { letter: { subject: string } }) =>
+        l.letter.subject === `vers.held.${stranded}`
+      );
+    assert.equal(held.length, 1, JSON.stringify(held).slice(0, 600));
     // A redrive republishes it, byte for byte; with the step still gone it is dead-lettered
     // again with the same reason (once a definition has the step, it would continue).
     const letter = letters.items.find((l: { letter: { item_id?: string } }) =>

@@ -1317,7 +1317,12 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     },
     // An awaited event is judged by the control step, which dead-letters a bad one (not
     // JSON, too deep, against its schema) with the reason: the fold takes the rest as seen.
-    lettersElsewhere: (subject) => flow.roles.get(subject.split(".")[1]!)?.role === "awaited",
+    // So is an event the running definition has no role for (a removed wait's decision):
+    // the control step dead-letters it `definition_changed`, one letter, not two.
+    lettersElsewhere: (subject) => {
+      const role = flow.roles.get(subject.split(".")[1]!);
+      return role === undefined || role.role === "awaited";
+    },
     apply: (state, event, seq) =>
       applyPipelineEvent(def, state, {
         seq,
