@@ -1122,3 +1122,42 @@ Deno.test("a definition's 503 whose publish went unanswered names the item's id 
   assert.equal(seen.status, 200, await seen.clone().text());
   await seen.body?.cancel();
 });
+
+Deno.test("a keyed batch answered 503 that stored nothing is stored by its retry, which is not called a replay", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const batch = { items: [{ text: "first of two" }, { text: "second of two" }] };
+  const post = () =>
+    app.request("/feedback/batch", {
+      method: "POST",
+      headers: { ...JSON_TYPE, "Idempotency-Key": "nightly-import" },
+      body: JSON.stringify(batch),
+    });
+  let first: Response;
+  try {
+    await stopServer(t.server.pid);
+    first = await deadline(
+      Promise.resolve(post()),
+      30_000,
+      "the batch's answer while nats-server is stopped",
+    );
+  } finally {
+    Deno.kill(t.server.pid, "SIGCONT");
+  }
+  await expectProblem(first, 503);
+  const stored = async () =>
+    Object.values(
+      (await t.jsm.streams.info(FEEDBACK_STREAM, { subjects_filter: "feedback.ingested.>" })).state
+        .subjects ?? {},
+    ).reduce((a, b) => a + b, 0);
+  const retried = await post();
+  assert.equal(retried.status, 202, await retried.clone().text());
+  assert.equal(await stored(), 2, "both stored once");
+  // Stored by this request, whatever the first one's record said: not a replay.
+  assert.equal(retried.headers.get("idempotent-replayed"), null);
+  await retried.body?.cancel();
+  const again = await post();
+  assert.equal(again.headers.get("idempotent-replayed"), "true", "a repeat after it is one");
+  await again.body?.cancel();
+  assert.equal(await stored(), 2);
+});

@@ -201,7 +201,8 @@ export async function createIntake(
     ids: readonly string[],
     replay: boolean,
     trace?: TraceContext | null,
-  ): Promise<void> {
+  ): Promise<boolean> {
+    let oneByOne = false;
     const stored = await storeBatch<number>({
       js,
       jsm,
@@ -221,13 +222,15 @@ export async function createIntake(
       },
       oneByOne: async (todo) => {
         atomic = false;
-        await Promise.all(
+        const published = await Promise.all(
           todo.map((i) => publishOnce(items[i]!, ids[i]!, true, trace, `/items/${i}/id`)),
         );
+        oneByOne ||= published.some(Boolean);
       },
       checkCapacity: () => capacity?.check(FEEDBACK_STREAM) ?? Promise.resolve(),
     });
     if (stored > 0) onAccepted?.(stored);
+    return stored > 0 || oneByOne;
   }
 
   /**
@@ -264,7 +267,8 @@ export async function createIntake(
     caller: string,
     request: unknown,
     answer: () => T,
-    work: (answer: T, replay: boolean) => Promise<void>,
+    // True when it stored something the stream did not have.
+    work: (answer: T, replay: boolean) => Promise<boolean>,
   ): Promise<IntakeResult<T>> {
     if (key === undefined) {
       const body = answer();
@@ -293,9 +297,10 @@ export async function createIntake(
         );
       }
       // Publishing is idempotent (message ids), so finishing a first attempt that failed
-      // half-way is safe and makes the replayed answer true.
-      await work(prev.body, true);
-      return { body: prev.body, replayed: true };
+      // half-way is safe and makes the replayed answer true. A replay only if the first
+      // attempt had stored it all: one answered 503 that stored nothing is stored now.
+      const fresh = await work(prev.body, true);
+      return { body: prev.body, replayed: !fresh };
     }
     await work(body, false);
     return { body, replayed: false };
@@ -339,6 +344,7 @@ export async function createIntake(
           const mayExist = replay || submission.id !== undefined;
           try {
             seenBefore = !(await publishOnce(submission, answer.id, mayExist, opts.trace));
+            return !seenBefore;
           } catch (err) {
             // Perhaps stored (now, or when the publish queued in the client lands): the
             // answer names the id to retry with.
@@ -369,10 +375,9 @@ export async function createIntake(
         async (answer, replay) => {
           const ids = answer.items.map(({ id }) => id);
           if (atomic) {
-            await batchSlots(() => publishBatch(items, ids, replay, opts.trace));
-            return;
+            return await batchSlots(() => publishBatch(items, ids, replay, opts.trace));
           }
-          await Promise.all(ids.map((id, i) => {
+          const published = await Promise.all(ids.map((id, i) => {
             const item = items[i]!;
             return publishOnce(
               item,
@@ -382,6 +387,7 @@ export async function createIntake(
               `/items/${i}/id`,
             );
           }));
+          return published.some(Boolean);
         },
       );
     },
