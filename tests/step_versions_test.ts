@@ -83,4 +83,13 @@ Deno.test("the shadow control lists a malformed step version marked, and resets 
     reset: "feedback.sentiment",
   });
   assert.equal((await kv.get("feedback.sentiment"))?.operation, "DEL");
+  // An invalid entry under a key that names no step is listed, and reset, all the same.
+  await kv.put("zzz", "[]");
+  const listed = (await control.list()).versions;
+  assert.ok(listed.some((v) => "key" in v && v.key === "zzz" && "invalid" in v));
+  assert.deepEqual(await control.reset("zzz", "test"), { reset: "zzz" });
+  assert.equal((await kv.get("zzz"))?.operation, "DEL");
+  // A valid entry is never removed that way: its key must name a step.
+  await kv.put("a.b.c", version("x.json"));
+  await assert.rejects(control.reset("a.b.c", "test"), /step must be <pipeline>\.<step>/);
 });

@@ -323,6 +323,25 @@ export function createShadowControl(
 
     async reset(step, by) {
       const parts = step.split(".");
+      // An entry no step reads, under a key that names no step (`nats kv put weft_step_versions
+      // zzz ...`): GET /shadows lists it as invalid, and a reset removes it.
+      if (parts.length !== 2 && /^[-\w=]+(\.[-\w=]+)*$/.test(step) && step.length <= 256) {
+        const { versions } = await open();
+        const e = await versions.get(step).catch(() => null);
+        if (e && e.operation === "PUT") {
+          let valid = true;
+          try {
+            parseStepVersion(e.string());
+          } catch {
+            valid = false;
+          }
+          if (!valid) {
+            await versions.delete(step);
+            await audit("reset", { pipeline: "_", step: "_" }, { by, key: step, invalid: true });
+            return { reset: step };
+          }
+        }
+      }
       if (parts.length !== 2) {
         // Exactly `<pipeline>.<step>`: `a.b.c.d` reset a.b before.
         throw new ValidationError(
