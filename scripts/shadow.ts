@@ -85,8 +85,8 @@ Live shadows, one request to the gateway each (an admin key in WEFT_API_KEY or -
   deno task shadow reset PIPELINE.STEP
   deno task shadow report ID [--out PATH] [--examples N]`;
 
-/** The replay's own flags, and the settings flags it reads (loadConfig). */
-const REPLAY_FLAGS = [
+/** The replay's own flags: each takes a value. */
+const REPLAY_OWN_FLAGS = [
   "since",
   "until",
   "count",
@@ -97,6 +97,10 @@ const REPLAY_FLAGS = [
   "pipeline",
   "step",
   "definition",
+];
+/** The replay's own flags, and the settings flags it reads (loadConfig). */
+const REPLAY_FLAGS = [
+  ...REPLAY_OWN_FLAGS,
   "analyzers",
   "rules",
   "nats-url",
@@ -419,18 +423,7 @@ async function main(args: string[]): Promise<number> {
     },
     strict: false,
   });
-  refuseBare(values, [
-    "since",
-    "until",
-    "count",
-    "sample",
-    "labels",
-    "out",
-    "prompt",
-    "pipeline",
-    "step",
-    "definition",
-  ]);
+  refuseBare(values, REPLAY_OWN_FLAGS);
   const feedbackReplay = values.pipeline === undefined || values.pipeline === "feedback";
   if (feedbackReplay && (values.step !== undefined || values.definition !== undefined)) {
     throw new Error(
