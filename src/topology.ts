@@ -174,7 +174,7 @@ export function stageConsumerConfig(
     : { filter_subject: stage.filterSubject };
   return {
     durable_name: stage.name,
-    description: `Weft stage ${stage.name}`,
+    description: `${STAGE_DESCRIPTION}${stage.name}`,
     ...filters,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
@@ -281,6 +281,9 @@ export async function ensureStream(
     }
   }
 }
+
+/** How a stage's durable consumer's description starts (the stage's name follows). */
+export const STAGE_DESCRIPTION = "Weft stage ";
 
 /**
  * The consumer metadata key a stage's durable records, when it is created on a stream that

@@ -37,7 +37,7 @@ import {
   STEP_VERSION_BUCKET,
 } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
-import type { ExtraTopology } from "../topology.ts";
+import { type ExtraTopology, STAGE_DESCRIPTION } from "../topology.ts";
 import type { Access } from "../identities.ts";
 import { edgesOf, endsApart, eventOf, WORK_KINDS } from "./validate.ts";
 import type { PipelineDefinition, ScratchEntry, StepContext, StepSpec } from "./definition.ts";
@@ -1379,11 +1379,13 @@ export async function retiredConsumers(
     const durable = ci.config.durable_name;
     if (!durable || live.has(durable) || durable.startsWith(shadowDurable(""))) continue;
     const meta = ci.config.metadata ?? {};
-    // By name only where the server keeps no metadata (2.9): on 2.10+ a consumer without
-    // Weft's metadata is someone else's (an operator's `<name>-audit`), never swept.
+    // By name only where the server keeps no metadata (2.9), and only one a Weft stage made
+    // (its description says so): on 2.10+ a consumer without Weft's metadata, and on 2.9 one
+    // without that description, is someone else's (an operator's `<name>-audit`), never swept.
     const step = meta[PIPELINE_KEY] !== undefined
       ? meta[PIPELINE_KEY] === def.name ? meta[STEP_KEY] : undefined
-      : opts.byName && durable.startsWith(`${def.name}-`)
+      : opts.byName && durable.startsWith(`${def.name}-`) &&
+          ci.config.description?.startsWith(STAGE_DESCRIPTION)
       ? durable.slice(def.name.length + 1)
       : undefined;
     if (step) out.push({ durable, step, ...(step in def.steps ? { replaced: true } : {}) });
