@@ -89,6 +89,8 @@ Deno.test("the shadow control lists a malformed step version marked, and resets 
   assert.ok(listed.some((v) => "key" in v && v.key === "zzz" && "invalid" in v));
   assert.deepEqual(await control.reset("zzz", "test"), { reset: "zzz" });
   assert.equal((await kv.get("zzz"))?.operation, "DEL");
+  await kv.put("zz.yy", "[]"); // two parts, but no step's
+  assert.deepEqual(await control.reset("zz.yy", "test"), { reset: "zz.yy" });
   // A valid entry is never removed that way: its key must name a step.
   await kv.put("a.b.c", version("x.json"));
   await assert.rejects(control.reset("a.b.c", "test"), /step must be <pipeline>\.<step>/);

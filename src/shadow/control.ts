@@ -325,7 +325,7 @@ export function createShadowControl(
       const parts = step.split(".");
       // An entry no step reads, under a key that names no step (`nats kv put weft_step_versions
       // zzz ...`): GET /shadows lists it as invalid, and a reset removes it.
-      if (parts.length !== 2 && /^[-\w=]+(\.[-\w=]+)*$/.test(step) && step.length <= 256) {
+      if (/^[-\w=]+(\.[-\w=]+)*$/.test(step) && step.length <= 256) {
         const { versions } = await open();
         const e = await versions.get(step).catch(() => null);
         if (e && e.operation === "PUT") {
