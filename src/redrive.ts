@@ -177,7 +177,18 @@ export function parseRedriveRequest(value: unknown): RedriveRequest {
     }
     return { ids: ids as number[] };
   }
-  if ("filter" in v) return { filter: parseFilter(v.filter, "/filter") };
+  if ("filter" in v) {
+    const filter = parseFilter(v.filter, "/filter");
+    // A filter or `all` redrives a letter once; again only by its seq (docs/REDRIVE.md).
+    if (filter.pending === false) {
+      throw new ValidationError(
+        "/filter/pending: a filter redrives only letters not redriven yet; redrive one again " +
+          "by its seq in ids",
+        { field: "/filter/pending" },
+      );
+    }
+    return { filter };
+  }
   if (v.all !== true) throw new ValidationError("/all must be true", { field: "/all" });
   return { all: true };
 }
@@ -378,7 +389,7 @@ export async function redrive(
       else notFound.push(id);
     }
   } else if ("filter" in req) {
-    selected = all.filter((e) => matches(e, { pending: true, ...req.filter }));
+    selected = all.filter((e) => matches(e, { ...req.filter, pending: true }));
   } else {
     selected = all.filter((e) => e.redrives === 0);
   }

@@ -76,7 +76,13 @@ export function newScheduleEntry(def: Schedule, now: Date): ScheduleEntry {
       throw new ValidationError(`cron: ${(cause as Error).message}`, { field: "/cron", cause });
     }
     if (!next) throw new ValidationError("cron never fires", { field: "/cron" });
-  } else next = new Date(s.at!);
+  } else {
+    next = new Date(s.at!);
+    // The schema's date-time takes what Date cannot hold (a leap second, 23:59:60).
+    if (Number.isNaN(next.getTime())) {
+      throw new ValidationError("at is not a time this server can schedule", { field: "/at" });
+    }
+  }
   const entry: ScheduleEntry = {
     id: s.id ?? ulid(),
     subject: s.subject,
