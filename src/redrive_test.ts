@@ -30,6 +30,8 @@ Deno.test("parseRedriveRequest refuses bad requests naming the field", () => {
   assert.equal(field({ all: false }), "/all");
   assert.equal(field({ filter: { stage: 3 } }), "/filter/stage");
   assert.equal(field({ filter: { colour: "red" } }), "/filter/colour");
+  // A filter redrives each letter once: `pending: false` redrove letters already redriven.
+  assert.equal(field({ filter: { pending: false, stage: "topics" } }), "/filter/pending");
 });
 
 Deno.test("parseFilter keeps the known fields", () => {
