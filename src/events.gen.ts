@@ -14,7 +14,7 @@ export interface DeadLetter {
    */
   item_id?: string;
   /**
-   * Stable error code: invalid_event, unknown_version, subject_mismatch, invalid_awaited_event, rejected or handler_failed.
+   * Stable error code (src/errors.ts ErrorCode), e.g. invalid_event, unknown_version, subject_mismatch, invalid_awaited_event, definition_changed, loop_limit, invalid_field (a payload its consumer refused), rejected or handler_failed.
    */
   code: string;
   /**
@@ -86,7 +86,7 @@ export interface Schedule {
    */
   at?: string;
   /**
-   * Cron expression (5 or 6 fields, UTC).
+   * Cron expression (5 or 6 fields, or 7 with a year; UTC).
    */
   cron?: string;
   /**

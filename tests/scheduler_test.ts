@@ -335,6 +335,7 @@ Deno.test("a caller can neither squat a pipeline timer's id before it is set nor
     at: later,
   });
   assert.equal(again.status, 409);
+  assert.equal((await again.json()).field, "/id", "the conflict names the id");
   assert.equal(
     (await post({ id: "mine", subject: "feedback.submit", payload: { text: "x" }, at: later }))
       .status,

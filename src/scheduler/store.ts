@@ -220,6 +220,7 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
         }
         throw new ConflictError(`schedule ${entry.id} exists with another definition`, {
           cause: err,
+          field: "/id",
         });
       }
     },
