@@ -27,7 +27,7 @@ import {
 import { toProblem, ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
 import { assertMatchesSubject, decodeJson, depthWithin, MAX_DEPTH } from "./runner.ts";
-import { requestJson } from "./gateway/requests.ts";
+import { fitReply, maxPayloadOf, requestJson } from "./gateway/requests.ts";
 import {
   type EventMap,
   requestDocument,
@@ -428,6 +428,21 @@ export async function redrive(
 }
 
 /**
+ * A `weft.deadletters.list` request: a filter's fields, and `limit` (1 to 100000) as
+ * `GET /deadletters?limit=` takes; no limit lists every match.
+ */
+function parseListRequest(value: unknown): { filter: DeadLetterFilter; limit: number } {
+  if (typeof value !== "object" || value === null || !("limit" in value)) {
+    return { filter: parseFilter(value), limit: Number.MAX_SAFE_INTEGER };
+  }
+  const { limit, ...rest } = value as Record<string, unknown>;
+  if (!Number.isSafeInteger(limit) || (limit as number) < 1 || (limit as number) > 100_000) {
+    throw new ValidationError("/limit must be an integer from 1 to 100000", { field: "/limit" });
+  }
+  return { filter: parseFilter(rest), limit: limit as number };
+}
+
+/**
  * Serves `weft.deadletters.list` and `weft.deadletters.redrive`; errors answer
  * `{"error": <problem>}` like the other request subjects.
  *
@@ -447,9 +462,10 @@ export function serveDeadLetterRequests(
   // With API keys configured, dead letters need an admin key, as over HTTP.
   const admin = (m: Msg) => auth?.authorize(m.headers?.get("Authorization"), [Role.Admin]);
   const js = jetstream(nc);
-  const reply = async (m: Msg, work: () => Promise<unknown>) => {
+  // An answer past max_payload is cut to fit (fitReply), never a 500 for work that was done.
+  const reply = async (m: Msg, work: () => Promise<unknown>, hint: string) => {
     try {
-      m.respond(JSON.stringify(await work()));
+      m.respond(fitReply(await work(), maxPayloadOf(nc), hint));
     } catch (err) {
       const problem = toProblem(err);
       if (problem.status >= 500) log.error("dead-letter request failed", { err });
@@ -464,18 +480,37 @@ export function serveDeadLetterRequests(
     nc.subscribe(DEADLETTERS_LIST_SUBJECT, {
       queue: "weft-gateway",
       callback: (_e, m) =>
-        void reply(m, async () => {
-          admin(m);
-          return { items: await listDeadLetters(js, parseFilter(body(m))) };
-        }),
+        void reply(
+          m,
+          async () => {
+            admin(m);
+            const { limit, filter } = parseListRequest(body(m));
+            // No limit lists every match, as '' means (the answer says when it was cut).
+            const matched = await listDeadLetters(js, filter, Number.MAX_SAFE_INTEGER);
+            return { items: matched.slice(0, limit), total: matched.length };
+          },
+          "the oldest letters that fit the server's max_payload; narrow with a filter " +
+            '({"stage", "code", "item_id", "pending"}) or {"limit": N}',
+        ),
     }),
     nc.subscribe(DEADLETTERS_REDRIVE_SUBJECT, {
       queue: "weft-gateway",
       callback: (_e, m) =>
-        void reply(m, () => {
-          admin(m);
-          return redrive(js, parseRedriveRequest(body(m)), opts);
-        }),
+        void reply(
+          m,
+          async () => {
+            admin(m);
+            const done = await redrive(js, parseRedriveRequest(body(m)), opts);
+            return {
+              redriven_count: done.redriven.length,
+              refused_count: done.refused.length,
+              not_found_count: done.not_found.length,
+              ...done,
+            };
+          },
+          "every letter counted was handled; the lists keep the first that fit the server's " +
+            "max_payload (GET /deadletters lists them with their redrives)",
+        ),
     }),
   ];
   return { stop: () => subs.forEach((s) => s.unsubscribe()) };

@@ -14,6 +14,11 @@ import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { jetstream } from "@nats-io/jetstream";
+import { createEvent } from "../src/events.ts";
+import { serveDeadLetterRequests } from "../src/redrive.ts";
+import { scheduleTargets, serveScheduleRequests } from "../src/gateway/schedules.ts";
+import type { ScheduleStore } from "../src/scheduler/store.ts";
 
 async function processedState(nc: import("@nats-io/nats-core").NatsConnection, id: string) {
   const kv = await new Kvm(nc).open("weft_feedback_state");
@@ -140,5 +145,104 @@ Deno.test("nats req on a submit subject answers 503 unavailable, as HTTP does, w
     feedback.stop();
     content.stop();
     await slow.close();
+  }
+});
+
+Deno.test("answers past max_payload are cut to fit and say so, never a 500 after the work is done", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  const max = t.nc.info!.max_payload;
+  const dl = serveDeadLetterRequests(t.nc, t.log);
+  const schedules = serveScheduleRequests(
+    t.nc,
+    () =>
+      Promise.resolve({ list: () => Promise.resolve(bigSchedules) } as unknown as ScheduleStore),
+    scheduleTargets([]),
+    t.log,
+    createAuth([]),
+  );
+  // 5,300 schedules' list is more than 1 MB.
+  const bigSchedules = Array.from(
+    { length: 5_300 },
+    (_, i) => ({ id: `s${i}`, note: "x".repeat(200) }),
+  );
+  try {
+    // One letter a redrive republishes (its stage consumes its subject), and 300 it refuses
+    // with a 4 KB reason each.
+    await t.jsm.consumers.add("FEEDBACK", {
+      durable_name: "sentiment",
+      filter_subject: "feedback.ingested.>",
+    });
+    const ok = createEvent({
+      type: "feedback.ingested",
+      itemId: "fits1",
+      traceId: "0af7651916cd43dd8448eb211c80319c",
+      source: "test",
+      data: { text: "hello" },
+    });
+    const base = {
+      stage: "sentiment",
+      code: "handler_failed",
+      reason: "test",
+      attempts: 1,
+      stream_seq: 999_999,
+      time: "2026-01-01T00:00:00.000Z",
+      payload_encoding: "utf8",
+    };
+    await js.publish(
+      "deadletter.sentiment.fits1",
+      JSON.stringify({ ...base, subject: "feedback.ingested.fits1", payload: JSON.stringify(ok) }),
+    );
+    for (let i = 0; i < 300; i++) {
+      await js.publish(
+        "deadletter.sentiment.x",
+        JSON.stringify({ ...base, subject: `_${"a".repeat(4_000)}${i}`, payload: "{}" }),
+      );
+    }
+    const ask = async (subject: string, body: unknown) => {
+      const m = await t.nc.request(subject, JSON.stringify(body), PATIENT);
+      assert.ok(m.data.length <= max, `${subject}: ${m.data.length} bytes`);
+      return m.json<Record<string, unknown>>();
+    };
+
+    const list = await ask("weft.deadletters.list", {});
+    assert.equal(list.error, undefined, JSON.stringify(list.error));
+    assert.equal(list.truncated, true);
+    assert.equal(list.total, 301);
+    const items = list.items as { seq: number }[];
+    assert.ok(items.length > 100 && items.length < 301, `${items.length} items`);
+    assert.match(list.hint as string, /filter.*limit/);
+    // `limit` is taken over NATS as over HTTP; a short answer is whole.
+    const two = await ask("weft.deadletters.list", { limit: 2, stage: "sentiment" });
+    assert.equal((two.items as unknown[]).length, 2);
+    assert.equal(two.total, 301);
+    assert.equal(two.truncated, undefined);
+    assert.equal(
+      ((await ask("weft.deadletters.list", { limit: 0 })).error as { field: string }).field,
+      "/limit",
+    );
+
+    const done = await ask("weft.deadletters.redrive", { all: true });
+    assert.equal(done.error, undefined, JSON.stringify(done.error));
+    assert.equal(done.truncated, true);
+    assert.equal(done.redriven_count, 1);
+    assert.equal(done.refused_count, 300);
+    assert.equal(done.not_found_count, 0);
+    assert.equal((done.redriven as unknown[]).length, 1);
+    assert.ok((done.refused as unknown[]).length < 300);
+    // The redrive was done: the original is on its subject again.
+    const msg = await t.jsm.streams.getMessage("FEEDBACK", {
+      last_by_subj: "feedback.ingested.fits1",
+    });
+    assert.equal(msg?.json<{ id: string }>().id, ok.id);
+
+    const sl = await ask("weft.schedules.list", "");
+    assert.equal(sl.error, undefined, JSON.stringify(sl.error));
+    assert.equal(sl.truncated, true);
+    assert.equal(sl.total, 5_300);
+    assert.ok((sl.items as unknown[]).length > 1_000);
+  } finally {
+    dl.stop();
+    schedules.stop();
   }
 });

@@ -55,7 +55,7 @@ import {
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
 import { boolQuery, intQuery, oneQuery, onlyQuery } from "./query.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
-import { replyTo, requestJson } from "./requests.ts";
+import { maxPayloadOf, replyTo, requestJson } from "./requests.ts";
 import type { Auth } from "./auth.ts";
 import type { IngestLimiter } from "./ingest_limits.ts";
 import { lazy } from "../retry.ts";
@@ -823,7 +823,7 @@ export function servePipelineRequests(
 ): { stop(): void } {
   const kvm = new Kvm(nc);
   const jsm = lazy(() => jetstreamManager(nc));
-  const reply = (m: Msg, work: () => Promise<unknown>) => replyTo(m, log, work);
+  const reply = (m: Msg, work: () => Promise<unknown>) => replyTo(m, log, work, maxPayloadOf(nc));
   const check = (m: Msg, ...roles: Role[]): Who | undefined =>
     opts.auth?.authorize(m.headers?.get("Authorization"), roles);
   const subs = pipelines.flatMap((p) => {

@@ -31,14 +31,75 @@ export function requestJson(data: Uint8Array): unknown {
   }
 }
 
+/** The server's max_payload when a connection does not say (nats-server's default, 1 MB). */
+export const DEFAULT_MAX_PAYLOAD = 1024 * 1024;
+
+const encoder = new TextEncoder();
+const byteLength = (text: string) => encoder.encode(text).length;
+
 /**
- * Answers request `m` with what `work` returns as JSON, or `{"error": <problem>}` with the
- * problem HTTP would answer (NATS slow or away is 503 `unavailable`, see toProblem); a 5xx
- * of Weft's own (isServerFault) is logged. Every request subject answers this way.
+ * `value` as a JSON reply of at most `maxPayload` bytes (a connection's
+ * `nc.info.max_payload`). One that fits is sent whole. One that would not has its top-level
+ * arrays cut to the first elements that fit, in field order, and says so with
+ * `"truncated": true` and `hint` (how to ask for less: a filter or a limit); the other fields
+ * (a list's `total`, a redrive's counts) stay whole. Never an answer past max_payload, which
+ * nats.js refuses to send, so a request whose work was done never answers 500.
+ *
+ * @example
+ * ```ts
+ * import { fitReply } from "./requests.ts";
+ * const value = { items: ["a".repeat(60), "b".repeat(60)], total: 2 };
+ * const reply = JSON.parse(fitReply(value, 130, "ask for fewer"));
+ * console.assert(reply.truncated === true && reply.items.length === 1 && reply.total === 2);
+ * ```
  */
-export async function replyTo(m: Msg, log: Logger, work: () => Promise<unknown>): Promise<void> {
+export function fitReply(value: unknown, maxPayload: number, hint?: string): string {
+  const whole = JSON.stringify(value);
+  if (byteLength(whole) <= maxPayload) return whole;
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    return JSON.stringify({ truncated: true, hint: hint ?? "the answer passes max_payload" });
+  }
+  const out: Record<string, unknown> = {
+    ...value as Record<string, unknown>,
+    truncated: true,
+    hint: hint ?? `only what fits the server's max_payload (${maxPayload} bytes); ask for less`,
+  };
+  const arrays = Object.entries(out).filter((e): e is [string, unknown[]] => Array.isArray(e[1]));
+  for (const [k] of arrays) out[k] = [];
+  let size = byteLength(JSON.stringify(out));
+  if (size > maxPayload) return JSON.stringify({ truncated: true, hint: out.hint });
+  for (const [k, all] of arrays) {
+    const kept = out[k] as unknown[];
+    for (const item of all) {
+      const more = byteLength(JSON.stringify(item) ?? "null") + (kept.length > 0 ? 1 : 0);
+      if (size + more > maxPayload) break;
+      kept.push(item);
+      size += more;
+    }
+  }
+  return JSON.stringify(out);
+}
+
+/** A connection's max_payload, or nats-server's default before it has said. */
+export function maxPayloadOf(nc: { info?: { max_payload: number } }): number {
+  return nc.info?.max_payload ?? DEFAULT_MAX_PAYLOAD;
+}
+
+/**
+ * Answers request `m` with what `work` returns as JSON, cut to fit `maxPayload` (see
+ * {@link fitReply}), or `{"error": <problem>}` with the problem HTTP would answer (NATS slow
+ * or away is 503 `unavailable`, see toProblem); a 5xx of Weft's own (isServerFault) is
+ * logged. Every request subject answers this way.
+ */
+export async function replyTo(
+  m: Msg,
+  log: Logger,
+  work: () => Promise<unknown>,
+  maxPayload = DEFAULT_MAX_PAYLOAD,
+  hint?: string,
+): Promise<void> {
   try {
-    m.respond(JSON.stringify(await work()));
+    m.respond(fitReply(await work(), maxPayload, hint));
   } catch (err) {
     if (isServerFault(err)) log.error("request failed", { subject: m.subject, err });
     m.respond(JSON.stringify({ error: toProblem(err) }));

@@ -19,7 +19,7 @@ import { Role } from "../config.ts";
 import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import type { Logger } from "../observability/log.ts";
-import { requestJson } from "./requests.ts";
+import { fitReply, maxPayloadOf, requestJson } from "./requests.ts";
 import {
   assertCallerSchedulable,
   callerSchedulable,
@@ -151,6 +151,9 @@ function idOf(m: Msg): string {
   return id;
 }
 
+const SCHEDULES_HINT = "the first schedules that fit the server's max_payload; GET /schedules " +
+  "lists every one, weft.schedules.get '<id>' answers one";
+
 /**
  * Serves `weft.schedules.*` for admins (with API keys configured, a request carries an admin
  * key in an `Authorization: Bearer <key>` header). Errors answer `{"error": <problem>}`.
@@ -171,7 +174,10 @@ export function serveScheduleRequests(
 ): { stop(): void } {
   const handlers: Record<string, (m: Msg) => Promise<unknown>> = {
     create: (m) => create(store, targets, m.data.length === 0 ? {} : requestJson(m.data)),
-    list: async () => ({ items: await (await store()).list() }),
+    list: async () => {
+      const items = await (await store()).list();
+      return { items, total: items.length };
+    },
     get: async (m) => await (await store()).get(idOf(m)),
     cancel: async (m) => ({ cancelled: await (await store()).cancel(idOf(m), { caller: true }) }),
   };
@@ -182,7 +188,8 @@ export function serveScheduleRequests(
         void (async () => {
           try {
             auth.authorize(m.headers?.get("Authorization"), [Role.Admin]);
-            m.respond(JSON.stringify(await run(m)));
+            // A list past max_payload is cut to fit, never a 500 (see fitReply).
+            m.respond(fitReply(await run(m), maxPayloadOf(nc), SCHEDULES_HINT));
           } catch (err) {
             const problem = toProblem(err);
             if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });

@@ -23,7 +23,7 @@ import type { ShadowControl } from "../shadow/control.ts";
 import { SHADOW_REQUEST_PREFIX } from "../subjects.ts";
 import type { Auth } from "./auth.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
-import { replyTo, requestedId, requestJson } from "./requests.ts";
+import { maxPayloadOf, replyTo, requestedId, requestJson } from "./requests.ts";
 
 /** Largest accepted shadow spec, bytes. */
 const SPEC_LIMIT = 16 * 1024;
@@ -66,7 +66,7 @@ export function serveShadowRequests(
   const serve = (verb: string, work: (m: Msg, who: string) => Promise<unknown>) =>
     nc.subscribe(`${SHADOW_REQUEST_PREFIX}.${verb}`, {
       queue: "weft-gateway",
-      callback: (_e, m) => void replyTo(m, log, () => work(m, whoOf(m))),
+      callback: (_e, m) => void replyTo(m, log, () => work(m, whoOf(m)), maxPayloadOf(nc)),
     });
   const subs = [
     serve("list", () => control.list()),
