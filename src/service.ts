@@ -104,16 +104,33 @@ async function openService(def: ServiceDef, config: Config): Promise<OpenService
   // create streams or buckets anyway.
   if (config.ensureTopology) await ensureOwnTopology(nc, def.name, config, nkey);
   const metrics = new WeftMetrics();
-  const running = await def.start({ config, log, nc, metrics });
-  const micro = await registerMicroService({
-    nc,
-    name: def.name,
-    description: def.description ?? `Weft ${def.name} service`,
-    metrics,
-    answersMetrics: def.answersMetrics ?? true,
-    status: () => ({ ...running.stats }),
-    log,
-  });
+  let running: Runnable;
+  let micro: Awaited<ReturnType<typeof registerMicroService>>;
+  try {
+    running = await def.start({ config, log, nc, metrics });
+    micro = await registerMicroService({
+      nc,
+      name: def.name,
+      description: def.description ?? `Weft ${def.name} service`,
+      metrics,
+      answersMetrics: def.answersMetrics ?? true,
+      status: () => ({ ...running.stats }),
+      log,
+    });
+  } catch (err) {
+    // Another service's key (topics.nk for sentiment, ops.nk): refused at the first thing
+    // the service does, a reply inbox of its own name it may not subscribe to.
+    const refused = permissionViolation(err);
+    if (!refused) throw err;
+    await nc.close().catch(() => {});
+    const own = `${config.natsIdentityDir || "data/identities"}/${def.name}.nk`;
+    throw new ConfigError(
+      `${nkey ? `the NATS key ${nkey}` : "this NATS identity"} may not do what ${def.name} ` +
+        `does (${refused.message}): is it ${def.name}'s? Each service runs with its own key, ` +
+        `data/identities/<service>.nk (here ${own})`,
+      { cause: err },
+    );
+  }
   let stopping = false;
   return {
     log,

@@ -15,12 +15,16 @@ import { waitFor } from "./helpers/wait.ts";
 const ROOT = new URL("../", import.meta.url);
 
 /** The sentiment step as the supervisor would start it, but alone: topology ensured. */
-function sentiment(natsUrl: string, nkey = ""): Deno.ChildProcess {
+function sentiment(
+  natsUrl: string,
+  nkey = "",
+  env: Record<string, string> = {},
+): Deno.ChildProcess {
   const spec = SERVICES.find((s) => s.name === "sentiment")!;
   return new Deno.Command("deno", {
     args: serviceArgs(spec, { ...testConfig(natsUrl), natsNkey: nkey }),
     cwd: ROOT,
-    env: { NATS_URL: natsUrl, ...(nkey ? { WEFT_NATS_NKEY: nkey } : {}) },
+    env: { NATS_URL: natsUrl, ...(nkey ? { WEFT_NATS_NKEY: nkey } : {}), ...env },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -100,6 +104,41 @@ Deno.test("a step's own key run alone without WEFT_ENSURE_TOPOLOGY=false is refu
     assert.match(last.err.message, /may not set up streams or buckets/);
     assert.match(last.err.message, /Permissions Violation/);
     assert.match(last.err.message, /run it with WEFT_ENSURE_TOPOLOGY=false/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a step run alone with another service's key is refused in one line naming the key, exit 1", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "weft-topology-" });
+  try {
+    await Deno.writeTextFile(`${dir}/base.conf`, "max_payload: 1MB\n");
+    const auth = await writeAuthConfig(`${dir}/base.conf`, dir);
+    await using server = await startNatsServer({
+      configFile: auth.configFile,
+      port: freePort(),
+      storeDir: `${dir}/store`,
+      cwd: dir,
+    });
+    const admin = await connectClient(server.url, "weft-admin", {
+      nkeySeedFile: auth.seeds.get("admin")!,
+    });
+    await ensureTopology(admin, await jetstreamManager(admin), testConfig(server.url));
+    await admin.close();
+    for (const other of ["topics", "ops"]) {
+      const key = auth.seeds.get(other)!;
+      const out = await sentiment(server.url, key, { WEFT_ENSURE_TOPOLOGY: "false" }).output();
+      const stdout = new TextDecoder().decode(out.stdout);
+      const stderr = new TextDecoder().decode(out.stderr);
+      assert.equal(out.code, 1, stdout + stderr);
+      assert.equal(stderr, "", "no stack trace");
+      const last = JSON.parse(stdout.trim().split("\n").at(-1)!);
+      assert.equal(last.level, "error");
+      assert.equal(last.msg, "start refused");
+      assert.ok(last.err.message.includes(key), last.err.message);
+      assert.match(last.err.message, /Permissions Violation/);
+      assert.match(last.err.message, /data\/identities\/<service>\.nk/);
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
