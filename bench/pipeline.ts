@@ -251,9 +251,22 @@ function refuseUnknown(args: string[]): void {
   }
 }
 
+/**
+ * The flags' values; a string flag without its value (`--rate` last) or a boolean given one
+ * (`--quick=yes`) is one line, as an unknown flag is, not parseArgs' TypeError and stack.
+ */
+function parsedFlags(args: string[]) {
+  try {
+    return parseArgs({ args, options: FLAGS });
+  } catch (err) {
+    if ((err as { code?: string }).code !== "ERR_PARSE_ARGS_INVALID_OPTION_VALUE") throw err;
+    throw new ConfigError(`${(err as Error).message}; \`deno task bench --help\` lists them`);
+  }
+}
+
 function options(args: string[]): Options {
   refuseUnknown(args);
-  const { values } = parseArgs({ args, options: FLAGS });
+  const { values } = parsedFlags(args);
   const sides = new Set<SideName>();
   for (const name of (values.only ?? Object.keys(ONLY).join(",")).split(",")) {
     const named = ONLY[name.trim()];
@@ -271,26 +284,36 @@ function options(args: string[]): Options {
     if (!Number.isFinite(n) || n <= 0) throw new ConfigError(`--${name} must be a positive number`);
     return n;
   };
+  // A count: a whole number, so 0.5 items is refused rather than floored to none.
+  const int = (v: string | undefined, d: number, name: string) => {
+    const n = num(v, d, name);
+    if (!Number.isSafeInteger(n)) {
+      throw new ConfigError(`--${name} must be a positive whole number`);
+    }
+    return n;
+  };
   return {
-    items: Math.floor(num(values.items, quick ? 3000 : 20_000, "items")),
-    warmup: Math.floor(num(values.warmup, quick ? 300 : 1000, "warmup")),
-    window: Math.floor(num(values.window, 256, "window")),
+    items: int(values.items, quick ? 3000 : 20_000, "items"),
+    warmup: int(values.warmup, quick ? 300 : 1000, "warmup"),
+    window: int(values.window, 256, "window"),
     rate: num(values.rate, 500, "rate"),
     durationS: num(values.duration, quick ? 3 : 10, "duration"),
     json: values.json,
     sides,
-    batch: Math.min(1000, Math.floor(num(values.batch, 50, "batch"))),
+    batch: Math.min(1000, int(values.batch, 50, "batch")),
     // BullMQ handles as many jobs at once as a Weft stage does, unless told otherwise.
-    bullmqConcurrency: Math.floor(
-      num(values["bullmq-concurrency"], weftDefaults().concurrency, "bullmq-concurrency"),
+    bullmqConcurrency: int(
+      values["bullmq-concurrency"],
+      weftDefaults().concurrency,
+      "bullmq-concurrency",
     ),
-    connections: Math.floor(num(values.connections, 64, "connections")),
+    connections: int(values.connections, 64, "connections"),
     prof: values.prof?.split(",").map((n) => n.trim()).filter((n) => n !== "") ?? [],
-    rounds: Math.floor(num(values.rounds, quick ? 1 : 3, "rounds")),
+    rounds: int(values.rounds, quick ? 1 : 3, "rounds"),
     hops: values.hops === true,
     bareSubjects,
-    stepReplicas: Math.floor(num(values["step-replicas"], 1, "step-replicas")),
-    cluster: clusterNodes(Math.floor(num(values.cluster, 1, "cluster")), sides),
+    stepReplicas: int(values["step-replicas"], 1, "step-replicas"),
+    cluster: clusterNodes(int(values.cluster, 1, "cluster"), sides),
     sync: sync(values.sync ?? weftDefaults().natsSync),
     together: values.together === true,
   };

@@ -35,6 +35,10 @@ Deno.test("deno task bench refuses an unknown flag or a bad value in one line, e
     [["-x"], /unknown flag: -x;/],
     [["--quick", "3"], /unexpected argument: 3;/],
     [["--only", "nope"], /--only takes a list of bare, weft/],
+    [["--rate"], /^bench: Option '--rate <value>' argument missing; `deno task bench --help`/],
+    [["--quick=yes"], /^bench: Option '--quick' does not take an argument;/],
+    [["--items=0.5"], /^bench: --items must be a positive whole number/],
+    [["--rounds", "2.5"], /^bench: --rounds must be a positive whole number/],
   ];
   for (const [args, message] of cases) {
     const r = await bench(args);
