@@ -48,7 +48,8 @@ Deno.test("a backlog of full batches is taken at once, each message once and in 
 Deno.test("a lone message is handed over at once; what arrives within the linger comes as one batch", async () => {
   await using t = await startTestNats();
   const consumer = await consumerOn(t);
-  const batches = pullBatches(consumer, { lingerMs: 2_000, maxBatch: 100 });
+  // A linger long enough that four publishes fit in it on a loaded machine (2 s did not once).
+  const batches = pullBatches(consumer, { lingerMs: 8_000, maxBatch: 100 });
   const it = batches[Symbol.asyncIterator]();
   await publish(t, 0, 1);
   const first: JsMsg[] = (await deadline(it.next(), 1_500, "first batch")).value;
@@ -57,7 +58,7 @@ Deno.test("a lone message is handed over at once; what arrives within the linger
   // The reader now lets the linger pass before it pulls again: these wait on the server.
   for (let i = 1; i < 5; i++) await publish(t, i, i + 1);
   assert.equal((await consumer.info()).num_pending, 4);
-  const second: JsMsg[] = (await deadline(it.next(), 5_000, "second batch")).value;
+  const second: JsMsg[] = (await deadline(it.next(), 15_000, "second batch")).value;
   assert.deepEqual(second.map((m) => m.string()), ["1", "2", "3", "4"]);
   batches.close();
 });
