@@ -24,10 +24,10 @@ import {
   type JetStreamManager,
   type StoredMsg,
 } from "@nats-io/jetstream";
-import { toProblem, ValidationError } from "./errors.ts";
+import { ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
 import { assertMatchesSubject, decodeJson, depthWithin, MAX_DEPTH } from "./runner.ts";
-import { fitReply, maxPayloadOf, requestJson } from "./gateway/requests.ts";
+import { maxPayloadOf, replyTo, requestJson } from "./gateway/requests.ts";
 import {
   type EventMap,
   requestDocument,
@@ -463,15 +463,8 @@ export function serveDeadLetterRequests(
   const admin = (m: Msg) => auth?.authorize(m.headers?.get("Authorization"), [Role.Admin]);
   const js = jetstream(nc);
   // An answer past max_payload is cut to fit (fitReply), never a 500 for work that was done.
-  const reply = async (m: Msg, work: () => Promise<unknown>, hint: string) => {
-    try {
-      m.respond(fitReply(await work(), maxPayloadOf(nc), hint));
-    } catch (err) {
-      const problem = toProblem(err);
-      if (problem.status >= 500) log.error("dead-letter request failed", { err });
-      m.respond(JSON.stringify({ error: problem }));
-    }
-  };
+  const reply = (m: Msg, work: () => Promise<unknown>, hint: string) =>
+    replyTo(m, log, work, maxPayloadOf(nc), hint);
   const body = (m: Msg): unknown => {
     if (decoder.decode(m.data).trim() === "") return undefined;
     return requestJson(m.data);

@@ -16,10 +16,10 @@ import { Hono } from "hono";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { Kvm } from "@nats-io/kv";
 import { Role } from "../config.ts";
-import { ErrorCode, toProblem, ValidationError, WeftError } from "../errors.ts";
+import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import type { Logger } from "../observability/log.ts";
-import { fitReply, maxPayloadOf, requestJson } from "./requests.ts";
+import { maxPayloadOf, replyTo, requestJson } from "./requests.ts";
 import {
   assertCallerSchedulable,
   callerSchedulable,
@@ -184,19 +184,18 @@ export function serveScheduleRequests(
   const subs = Object.entries(handlers).map(([verb, run]) =>
     nc.subscribe(`${SCHEDULES_REQUEST_PREFIX}.${verb}`, {
       queue: "weft-gateway",
-      callback: (_e, m) => {
-        void (async () => {
-          try {
+      // A list past max_payload is cut to fit, never a 500 (see fitReply).
+      callback: (_e, m) =>
+        void replyTo(
+          m,
+          log,
+          async () => {
             auth.authorize(m.headers?.get("Authorization"), [Role.Admin]);
-            // A list past max_payload is cut to fit, never a 500 (see fitReply).
-            m.respond(fitReply(await run(m), maxPayloadOf(nc), SCHEDULES_HINT));
-          } catch (err) {
-            const problem = toProblem(err);
-            if (problem.status >= 500) log.error("request failed", { subject: m.subject, err });
-            m.respond(JSON.stringify({ error: problem }));
-          }
-        })();
-      },
+            return await run(m);
+          },
+          maxPayloadOf(nc),
+          SCHEDULES_HINT,
+        ),
     })
   );
   return { stop: () => subs.forEach((s) => s.unsubscribe()) };
