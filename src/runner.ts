@@ -35,6 +35,7 @@ import {
 import { deterministicId, sha256Hex } from "./events.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import { isStreamFull } from "./capacity.ts";
+import { inexactNumber } from "./exact_numbers.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
 import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
@@ -220,8 +221,9 @@ export function decodeJson(data: Uint8Array): unknown {
       cause,
     });
   }
+  let value: unknown;
   try {
-    return JSON.parse(text);
+    value = JSON.parse(text);
   } catch (cause) {
     throw new ValidationError(`body is not JSON: ${(cause as Error).message}`, {
       code: ErrorCode.InvalidEvent,
@@ -229,6 +231,16 @@ export function decodeJson(data: Uint8Array): unknown {
       cause,
     });
   }
+  const inexact = inexactNumber(text);
+  if (inexact) {
+    const at = inexact.pointer || "/";
+    throw new ValidationError(
+      `${at}: the number ${inexact.source} cannot be kept as written (beyond ±1.7e308, or an ` +
+        "integer past 2^53, which would be rounded): send it as a string",
+      { code: ErrorCode.InvalidField, field: at },
+    );
+  }
+  return value;
 }
 
 /** The decoded body when it is JSON, else undefined (for naming its item). */

@@ -324,6 +324,69 @@ Deno.test("an input nesting deeper than an event may is refused at intake with 4
   }
 });
 
+Deno.test("a number a JavaScript number cannot hold is refused naming its field, never stored as another value", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const app = await definitionsApp(t, pipelines);
+  const post = (path: string, body: string) =>
+    app.request(`/pipelines/tickets/items${path}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body,
+    });
+  // 1e400 would be Infinity (stored as null); the integer would be rounded to 1.2345678901234568e+22.
+  for (const n of ["1e400", "12345678901234567890123"]) {
+    const res = await post("", `{"customer":"c-1","text":"n","n":${n}}`);
+    assert.equal(res.status, 422, n);
+    assert.equal(res.headers.get("content-type"), "application/problem+json");
+    const problem = await res.json();
+    assert.equal(problem.field, "/n");
+    assert.match(problem.detail, new RegExp(`the number ${n} cannot be kept as written`));
+  }
+  const batch = await post(
+    "/batch",
+    `{"items":[{"customer":"c","text":"a"},{"customer":"c","text":"b","n":-1e999}]}`,
+  );
+  assert.equal(batch.status, 422);
+  assert.equal((await batch.json()).field, "/items/1/n");
+  const requests = servePipelineRequests(t.nc, pipelines, t.log);
+  try {
+    const reply = await ask(t, "weft.tickets.submit", '{"customer":"c-1","text":"n","n":1e400}');
+    assert.equal(reply.error?.status, 422);
+  } finally {
+    requests.stop();
+  }
+  // From the bus: dead-lettered at once naming the field, the item failed, nothing stored as null.
+  const runner = await runStage({
+    nc: t.nc,
+    config: { ...t.config, maxAttempts: 5, retryBaseMs: 10 },
+    log: t.log,
+    stage: intakeStage(pipelines[0]!),
+  });
+  try {
+    await jetstream(t.nc).publish("tickets.submit", '{"customer":"c-1","text":"n","n":1e400}');
+    const letter = await waitFor(
+      async () => {
+        const info = await t.jsm.streams.info("DEADLETTER", { subjects_filter: "deadletter.>" });
+        if (info.state.messages === 0) return false;
+        const m = await t.jsm.streams.getMessage("DEADLETTER", { seq: info.state.first_seq });
+        return m?.json<{ code: string; reason: string; attempts: number }>() ?? false;
+      },
+      15_000,
+      "the submission's dead letter",
+    );
+    assert.equal(letter.code, "invalid_field");
+    assert.match(letter.reason, /\/n: the number 1e400 cannot be kept as written/);
+    assert.equal(letter.attempts, 1, "not retried");
+    const submitted = await t.jsm.streams.getMessage("TICKETS", {
+      last_by_subj: "tickets.submitted.tickets-1",
+    }).catch(() => null);
+    assert.equal(submitted, null, "no entry event holds the rewritten value");
+  } finally {
+    await runner.stop();
+  }
+});
+
 Deno.test("an item that failed at intake streams its events, to its failure, as GET shows it failed", async () => {
   await using t = await startTestNats();
   await ensureTopology(t.nc, t.jsm, t.config, topology(t));

@@ -151,7 +151,7 @@ export async function readJson(c: Context, opts: { optional?: boolean } = {}): P
     if (opts.optional && bytes.length === 0) return {};
     return requestJson(bytes);
   } catch (err) {
-    if (err instanceof HTTPException) throw err;
+    if (err instanceof HTTPException || err instanceof ValidationError) throw err;
     throw new ValidationError((err as Error).message, {
       code: ErrorCode.MalformedJson,
       field: "/",

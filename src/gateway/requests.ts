@@ -23,6 +23,8 @@ export function requestJson(data: Uint8Array): unknown {
   try {
     return decodeJson(data);
   } catch (err) {
+    // Valid JSON holding a number it cannot keep names the field (422); else it is no JSON.
+    if (err instanceof ValidationError && err.code === ErrorCode.InvalidField) throw err;
     throw new ValidationError((err as Error).message, {
       code: ErrorCode.MalformedJson,
       field: "/",
