@@ -9,6 +9,8 @@
 import { createLlmAnalyzer, type LlmResultMeta } from "../ai/llm/analyzers.ts";
 import type { Budget, BudgetOptions } from "../ai/llm/budget.ts";
 import type { LlmPricing } from "../ai/llm/usage.ts";
+import { LlmInvalidOutputError } from "../ai/llm/errors.ts";
+import { ValidationError } from "../errors.ts";
 import type { FlowData } from "./flow.ts";
 import type { LlmStep } from "./definition.ts";
 
@@ -53,9 +55,22 @@ export function createLlmStep(
       throw err;
     });
   return async (value, _data, signal) => {
-    const r = await (await load()).analyze(JSON.stringify(value), { signal }) as
-      & Record<string, unknown>
-      & LlmResultMeta;
+    const analyzer = await load();
+    let r: Record<string, unknown> & LlmResultMeta;
+    try {
+      r = await analyzer.analyze(JSON.stringify(value), { signal }) as typeof r;
+    } catch (err) {
+      // A wrong shape after the repair fails the item for good, as an agent's answer does:
+      // retrying would pay for the same answer again. No JSON at all is retried.
+      if (err instanceof LlmInvalidOutputError && err.retryable === false) {
+        throw new ValidationError(`llm step ${id}: ${err.message}`, {
+          field: "/",
+          permanent: true,
+          cause: err,
+        });
+      }
+      throw err;
+    }
     const { analyzer: _a, prompt_version: _p, usage: _u, cached: _c, repaired: _r, ...result } = r;
     return result;
   };

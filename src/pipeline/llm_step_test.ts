@@ -3,6 +3,8 @@ import { createLlmStep } from "./llm_step.ts";
 import { entryData } from "./flow.ts";
 import { chat, startFakeOpenAI } from "../../tests/helpers/openai_server.ts";
 import { MAX_CACHED_ANSWER_CHARS } from "../ai/llm/cache.ts";
+import { LlmInvalidOutputError } from "../ai/llm/errors.ts";
+import { ValidationError } from "../errors.ts";
 
 Deno.test("an llm step whose prompt could not be read reads it again on the next item", async () => {
   const llm = startFakeOpenAI(() => chat({ urgent: true }));
@@ -59,6 +61,44 @@ Deno.test("an llm step does not cache an answer larger than MAX_CACHED_ANSWER_CH
     await run(2);
     await run(2);
     assert.equal(llm.requests.length, 3, "a small answer is cached");
+  } finally {
+    await llm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("an llm step's answer of the wrong shape after its repair fails for good; one that is no JSON is retried", async () => {
+  const llm = startFakeOpenAI((req) =>
+    req.body.messages[1]?.content === '{"shape":true}' ? chat({ urgent: "very" }) : chat("not json")
+  );
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(`${dir}/triage.md`, "Triage. Reply matching {{schema}}.");
+    const step = createLlmStep(
+      { file: `${dir}/tickets.ts`, def: { hash: "0123456789abcdef" } },
+      "triage",
+      {
+        kind: "llm",
+        prompt: "triage.md",
+        output: { type: "object", properties: { urgent: { type: "boolean" } } },
+      },
+      { baseUrl: llm.baseUrl, apiKey: "k", model: "m" },
+    );
+    const signal = new AbortController().signal;
+    const run = (v: unknown) => step(v, entryData(v), signal);
+    await assert.rejects(run({ shape: true }), (err) => {
+      assert.ok(err instanceof ValidationError);
+      assert.equal(err.code, "invalid_field");
+      assert.equal(err.permanent, true, "not retried: the same answer would be paid for again");
+      assert.match(err.message, /llm step triage: triage output still invalid after one repair/);
+      return true;
+    });
+    assert.equal(llm.requests.length, 2, "the answer and its repair");
+    await assert.rejects(run({ shape: false }), (err) => {
+      assert.ok(err instanceof LlmInvalidOutputError);
+      assert.equal(err.retryable, true);
+      return true;
+    });
   } finally {
     await llm.close();
     await Deno.remove(dir, { recursive: true });

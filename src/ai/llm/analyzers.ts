@@ -366,9 +366,11 @@ export function createLlmAnalyzer<P, R>(
           spent = addUsage(spent, second.usage);
           checked = check(second.content);
           if (!checked.ok) {
+            // No JSON may be a glitch another try gets past; a wrong shape twice is the
+            // model's answer to this input.
             throw new LlmInvalidOutputError(
               `${spec.kind} output still invalid after one repair: ${checked.error}`,
-              { usage: spent },
+              { usage: spent, retryable: checked.reason === "json" },
             );
           }
           repaired = true;
