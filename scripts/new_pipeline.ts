@@ -110,7 +110,8 @@ export async function bucketTwin(
     // The name it defines: the first `name: "..."` of the file, when it can be read.
     const text = await Deno.readTextFile(new URL(file, root)).catch(() => "");
     const defined = /\bname:\s*["']([a-z0-9_-]+)["']/.exec(text)?.[1];
-    const found = [defined, folder].find(twin);
+    // A listed file defining this very name elsewhere is the same pipeline twice.
+    const found = defined === name ? name : [defined, folder].find(twin);
     if (found) return { name: found, where: `${file} (listed in pipelines/run.json)` };
   }
   return undefined;
@@ -152,6 +153,13 @@ if (import.meta.main) {
     Deno.exit(1);
   } catch { /* free */ }
   const twin = await bucketTwin(name);
+  if (twin?.name === name) {
+    say(
+      `a pipeline "${name}" is defined already in ${twin.where}: choose another name`,
+      Deno.stderr,
+    );
+    Deno.exit(1);
+  }
   if (twin) {
     say(
       `"${name}" would share the buckets of pipeline "${twin.name}" (${twin.where}): ` +

@@ -95,7 +95,7 @@ Deno.test("deno task new refuses a name the mesh already uses (a hand-wired pipe
   }
 });
 
-Deno.test("deno task new refuses a name differing only by - and _ from a pipeline's there or listed in run.json, in one line", async () => {
+Deno.test("deno task new refuses a name a listed file defines already, or one differing only by - and _ from a pipeline's there or listed in run.json, in one line", async () => {
   const tag = crypto.randomUUID().slice(0, 8);
   const there = `gen_${tag}`;
   const listFile = new URL("pipelines/run.json", root);
@@ -118,9 +118,23 @@ Deno.test("deno task new refuses a name differing only by - and _ from a pipelin
     const again = await newPipeline(listed);
     assert.equal(again.code, 1, new TextDecoder().decode(again.stderr));
     assert.match(new TextDecoder().decode(again.stderr), /pipelines\/run\.json/);
+
+    // The very name, defined by a listed file in another folder: the same pipeline twice.
+    const elsewhere = `pipelines/gen_${tag}_c/shop.ts`;
+    await Deno.mkdir(new URL(`pipelines/gen_${tag}_c/`, root));
+    await Deno.writeTextFile(new URL(elsewhere, root), `export default { name: "shop-${tag}" };\n`);
+    await Deno.writeTextFile(listFile, JSON.stringify({ run: [elsewhere] }, null, 2) + "\n");
+    const same = await newPipeline(`shop-${tag}`);
+    const sameSaid = new TextDecoder().decode(same.stderr);
+    assert.equal(same.code, 1, sameSaid);
+    assert.match(
+      sameSaid,
+      new RegExp(`a pipeline "shop-${tag}" is defined already in ${elsewhere}`),
+    );
+    await assert.rejects(Deno.stat(new URL(`pipelines/shop-${tag}/`, root)));
   } finally {
     await Deno.writeTextFile(listFile, list);
-    for (const d of [there, `gen-${tag}`, `gen-${tag}-b`]) {
+    for (const d of [there, `gen-${tag}`, `gen-${tag}-b`, `gen_${tag}_c`, `shop-${tag}`]) {
       await Deno.remove(new URL(`pipelines/${d}/`, root), { recursive: true }).catch(() => {});
     }
   }
