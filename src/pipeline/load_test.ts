@@ -280,3 +280,19 @@ Deno.test("a definition with a mistyped kind or field is refused at load naming 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a definition file listed twice is refused as listed twice, not as its own twin", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = await definitionFile(dir, "orders");
+    const again = file.replace(/\/([^/]+)$/, "/./$1");
+    await assert.rejects(
+      loadPipelines([file, again]),
+      (e) =>
+        e instanceof ConfigError && e.message.includes("is listed twice") &&
+        !e.message.includes("also defined"),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

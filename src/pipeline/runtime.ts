@@ -159,8 +159,17 @@ export async function loadPipelines(
       w.services.flatMap((s) => (s.access.consumes ?? []).map((c) => [c.durable, w.name]))
     ),
   );
+  const listed = new Set<string>();
   for (const f of files) {
     const file = f.startsWith("/") ? f : `${base.replace(/\/$/, "")}/${f}`;
+    const path = new URL(`file://${file}`).pathname; // "./" and "../" resolved
+    if (listed.has(path)) {
+      throw new ConfigError(
+        `pipeline file ${f} is listed twice (WEFT_PIPELINES, --pipelines or pipelines/run.json): ` +
+          "list each file once",
+      );
+    }
+    listed.add(path);
     if (Deno.permissions.querySync({ name: "read", path: file }).state !== "granted") {
       // Deno's own advice ("run again with --allow-read") is not the user's to follow.
       throw new ConfigError(
