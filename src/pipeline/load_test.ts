@@ -174,14 +174,14 @@ Deno.test("a wait, join or delay that holds items longer than events are kept st
         done: { kind: "end", outcome: "done" },
       },
     });
-    return [{ file: "pipelines/approvals.ts", def, flow: compileFlow(def) }];
+    return [{ file: `${Deno.cwd()}/pipelines/approvals.ts`, def, flow: compileFlow(def) }];
   };
   const week = 7 * 86_400_000;
   assert.throws(
     () => checkHoldsWithinRetention(approvals(30 * 86_400_000), week),
     (err: Error) =>
       err instanceof ConfigError &&
-      /pipelines\/approvals\.ts: pipeline approvals, step approval waits up to 30 days, longer than events are kept \(WEFT_RETENTION_MS, 7 days\)/
+      /^pipeline file pipelines\/approvals\.ts: pipeline approvals, step approval waits up to 30 days, longer than events are kept \(WEFT_RETENTION_MS, 7 days\)/
         .test(err.message),
   );
   checkHoldsWithinRetention(approvals(week), week); // exactly the retention: fine

@@ -445,8 +445,10 @@ export function checkHoldsWithinRetention(
         ]
         : undefined;
       if (held && !(Number(held[1]) <= retentionMs)) {
+        // Named as every other definition error names its file: from the repository root.
+        const shown = file.startsWith(`${Deno.cwd()}/`) ? file.slice(Deno.cwd().length + 1) : file;
         throw new ConfigError(
-          `${file}: pipeline ${def.name}, step ${id} ${held[0]} ${
+          `pipeline file ${shown}: pipeline ${def.name}, step ${id} ${held[0]} ${
             days(Number(held[1]))
           }, longer than events are kept (WEFT_RETENTION_MS, ${days(retentionMs)}): an item's ` +
             `history and state would expire while it is held. Raise WEFT_RETENTION_MS or shorten ` +
