@@ -17,6 +17,7 @@
 import { Buffer } from "node:buffer";
 import { headers, type Msg, type NatsConnection } from "@nats-io/nats-core";
 import {
+  type ConsumerConfig,
   jetstream,
   JetStreamApiCodes,
   JetStreamApiError,
@@ -40,6 +41,7 @@ import type { Logger } from "./observability/log.ts";
 import type { Auth } from "./gateway/auth.ts";
 import { Role } from "./config.ts";
 import { readStream } from "./stream_reader.ts";
+import { STAGE_DESCRIPTION } from "./topology.ts";
 import {
   DEADLETTER_STREAM,
   parseEventSubject,
@@ -259,7 +261,8 @@ export type Redrivable = { body: Uint8Array; refused?: undefined } | { refused: 
  * stage consumed, never write anywhere else (a forged letter naming `$JS.API...`, a KV key,
  * or another item's events):
  * 1. its subject is consumed by the durable consumer of the stage that gave up on it (the
- *    allowlist is the live topology: the consumer's filter subject), and is no system subject;
+ *    allowlist is the live topology: the consumer's filter subject), or, that consumer gone (a
+ *    step renamed or removed since), by a consumer a Weft stage made; and is no system subject;
  * 2. the stream that holds that subject still has, at the letter's `stream_seq`, a message on
  *    that subject with the letter's bytes (when retention already removed the original, the
  *    other checks stand alone); a letter that keeps only the head of a large original is
@@ -301,16 +304,35 @@ async function refusalOf(
     return `no stream holds ${subject}`;
   }
   if (stream === DEADLETTER_STREAM) return `${subject} is a dead-letter subject`;
-  let filters: string[];
+  const filtersOf = (c: ConsumerConfig) =>
+    c.filter_subjects ?? (c.filter_subject ? [c.filter_subject] : []);
+  let own: ConsumerConfig | undefined;
   try {
-    const ci = await jsm.consumers.info(stream, letter.stage);
-    filters = ci.config.filter_subjects ??
-      (ci.config.filter_subject ? [ci.config.filter_subject] : []);
-  } catch {
-    return `stage ${JSON.stringify(letter.stage)} has no consumer on ${stream}`;
-  }
-  if (!filters.some((f) => subjectMatches(f, subject))) {
+    own = (await jsm.consumers.info(stream, letter.stage)).config;
+  } catch { /* gone: a step renamed or removed since (below) */ }
+  if (own && !filtersOf(own).some((f) => subjectMatches(f, subject))) {
     return `stage ${letter.stage} does not consume ${subject}`;
+  }
+  if (!own) {
+    // The stage's consumer is gone (a definition's step renamed or removed since): the letter
+    // may still go where a step of the running topology consumes its subject, as the new
+    // name of the step does.
+    let taken = false;
+    try {
+      for await (const ci of jsm.consumers.list(stream)) {
+        if (
+          ci.config.description?.startsWith(STAGE_DESCRIPTION) &&
+          filtersOf(ci.config).some((f) => subjectMatches(f, subject))
+        ) {
+          taken = true;
+          break;
+        }
+      }
+    } catch { /* not allowed to list: as if no step took it */ }
+    if (!taken) {
+      return `stage ${JSON.stringify(letter.stage)} has no consumer on ${stream}, and no step ` +
+        `of the running topology consumes ${subject}`;
+    }
   }
   let bytes = letterBytes(letter);
   let stored: StoredMsg | null = null;

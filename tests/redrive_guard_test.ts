@@ -4,7 +4,7 @@
  * nats-server and the real pipeline, through the gateway app.
  */
 import assert from "node:assert/strict";
-import { jetstream } from "@nats-io/jetstream";
+import { AckPolicy, jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { DeadLetter } from "../src/events.gen.ts";
 import { createEvent } from "../src/events.ts";
@@ -16,11 +16,17 @@ import { waitFor } from "./helpers/wait.ts";
 import {
   controlStage,
   intakeStage,
+  itemEntryEvent,
   loadPipelines,
   pipelineTopology,
 } from "../src/pipeline/runtime.ts";
 import { CONTROL, durableOf, INTAKE, pipelineSubjects } from "../src/pipeline/derive.ts";
-import { ensureConsumer, ensureTopology, stageConsumerConfig } from "../src/topology.ts";
+import {
+  ensureConsumer,
+  ensureTopology,
+  STAGE_DESCRIPTION,
+  stageConsumerConfig,
+} from "../src/topology.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -177,4 +183,56 @@ Deno.test("a definition's letter whose original would fail its consumer again is
   }
   const stream = await t.jsm.streams.info(pipelineSubjects(def).stream);
   assert.equal(stream.state.messages, originals.length, "nothing republished");
+});
+
+Deno.test("a letter of a step renamed since is redriven to the step that consumes its subject now, never to a consumer Weft did not make", async () => {
+  await using t = await startTestNats();
+  const pipelines = await loadPipelines(
+    ["pipelines/examples/tickets.ts"],
+    new URL("../", import.meta.url).pathname,
+  );
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+  const app = await definitionsApp(t, pipelines);
+  const js = jetstream(t.nc);
+  const stream = pipelineSubjects(pipelines[0]!.def).stream;
+  // The step was `classify` when the item failed there; its consumer went with the rename.
+  const entry = itemEntryEvent(pipelines[0]!, "it2", { customer: "c", text: "t" }, {
+    source: "test",
+    traceId: TRACE,
+  });
+  const stored = await js.publish("tickets.submitted.it2", JSON.stringify(entry));
+  const payload = JSON.stringify(entry);
+  const l = letter({ stage: "tickets-classify", subject: "tickets.submitted.it2", payload });
+  l.stream_seq = stored.seq;
+  const id = (await js.publish("deadletter.tickets-classify.it2", JSON.stringify(l))).seq;
+  const redrive = () =>
+    app.request("/deadletters/redrive", {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({ ids: [id] }),
+    });
+  // Only an operator's own consumer reads the subject: not a step, so nothing is redriven.
+  await t.jsm.consumers.add(stream, {
+    durable_name: "tickets-audit",
+    filter_subject: "tickets.>",
+    ack_policy: AckPolicy.Explicit,
+  });
+  const refused = await redrive();
+  assert.equal(refused.status, 422, await refused.clone().text());
+  assert.match(
+    (await refused.json()).detail,
+    /has no consumer on TICKETS, and no step of the running topology consumes tickets\.submitted\.it2/,
+  );
+  // The step under its new name, as its service makes its consumer.
+  await ensureConsumer(t.jsm, stream, {
+    durable_name: "tickets-triage",
+    description: `${STAGE_DESCRIPTION}tickets-triage`,
+    filter_subject: "tickets.submitted.*",
+    ack_policy: AckPolicy.Explicit,
+  });
+  const res = await redrive();
+  assert.equal(res.status, 200, await res.clone().text());
+  assert.deepEqual((await res.json()).redriven.map((r: { seq: number }) => r.seq), [id]);
+  const again = await t.jsm.streams.getMessage(stream, { last_by_subj: "tickets.submitted.it2" });
+  assert.ok(again && again.seq > stored.seq, "the original stored again, for the step to take");
 });
