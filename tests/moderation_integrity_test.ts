@@ -23,6 +23,7 @@ import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { createReviewQueue, type ReviewQueue } from "../pipelines/moderation/review_queue.ts";
 import {
+  contentOutcomeReader,
   moderationStage,
   reviewQueueStage,
   reviewSlaStage,
@@ -62,7 +63,10 @@ async function mesh(t: TestNats) {
   const deps = { nc: t.nc, config: t.config, log: t.log, now };
   const runners: StageRunner[] = [
     await runStage({ ...deps, stage: moderationStage(toxicityAnalyzer()) }),
-    await runStage({ ...deps, stage: reviewQueueStage(queue, schedules, SLA) }),
+    await runStage({
+      ...deps,
+      stage: reviewQueueStage(queue, schedules, SLA, contentOutcomeReader(t.jsm)),
+    }),
     await runStage({ ...deps, stage: reviewSlaStage(queue, schedules, SLA) }),
     await runStage({ ...deps, stage: storageDecidedStage(uploadedContentReader(t.jsm)) }),
   ];
@@ -590,4 +594,25 @@ Deno.test("storage publishes the item's uploaded content, never the content a de
   assert.match(letter!.reason, /never uploaded/);
   assert.deepEqual(await m.events("published", ghost), []);
   assert.deepEqual(await m.events("failed", ghost), []);
+});
+
+Deno.test("a moderation published again for an item that has its outcome queues no review: dead-lettered as a conflict, the item stays as decided", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  const approve = { decision: "approve", reason: "fair criticism", reviewer: "carol" };
+  assert.equal((await decide(m.app, id, approve)).status, 200);
+  await waitFor(async () => (await m.events("published", id)).length > 0, 10_000, "published");
+  // The moderation key publishes its event again, flagged, under a new id.
+  const [moderated] = await m.events("moderated", id);
+  await m.js.publish(
+    `content.moderated.${id}`,
+    JSON.stringify({ ...moderated, id: `again-${id}`, time: new Date(m.now).toISOString() }),
+  );
+  const [letter] = await m.letters("review-queue", id);
+  assert.equal(letter!.code, "conflict");
+  assert.match(letter!.reason, new RegExp(`content item ${id} is published already`));
+  assert.equal((await m.events("review_requested", id)).length, 1, "queued once");
+  assert.equal((await m.queue.get(id))!.status, "decided");
+  assert.deepEqual(await m.events("failed", id), []);
 });

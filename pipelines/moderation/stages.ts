@@ -95,6 +95,24 @@ export function moderationStage(
  */
 const OUTCOMES: ReadonlySet<string> = endTypesOf(MODERATION_PIPELINE);
 
+/**
+ * The outcome event type (`content.published`, `content.archived`) an item has in the content
+ * stream, or undefined: what the review queue checks before queueing an item.
+ */
+export function contentOutcomeReader(
+  jsm: JetStreamManager,
+): (itemId: string) => Promise<string | undefined> {
+  return async (itemId) => {
+    for (const type of OUTCOMES) {
+      const last = await jsm.streams.getMessage(CONTENT_STREAM, {
+        last_by_subj: `${type}.${itemId}`,
+      }).catch(() => null);
+      if (last) return type;
+    }
+    return undefined;
+  };
+}
+
 /** Publishes what moderation found safe. */
 export function storageModeratedStage(): Stage<
   { kind: "event"; types: readonly ["content.moderated"] }
@@ -225,6 +243,7 @@ export function reviewQueueStage(
   queue: ReviewQueue,
   schedules: ScheduleStore,
   sla: SlaConfig,
+  outcomeOf?: (itemId: string) => Promise<string | undefined>,
 ): Stage<{ kind: "event"; types: readonly ["content.moderated"] }> {
   return {
     input: { kind: "event", types: [T.Moderated] },
@@ -232,6 +251,17 @@ export function reviewQueueStage(
     ...stepInput(MODERATION_PIPELINE, "review-queue"),
     async handle(event, ctx: StageContext) {
       if (event.data.moderation.verdict !== "flagged") return [];
+      // A moderation of an item that has its outcome (a copy the moderation key published
+      // again) queues no review: a reviewer's decision on it could change nothing.
+      const outcome = await outcomeOf?.(event.item_id);
+      if (outcome !== undefined) {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `content item ${event.item_id} is ${outcome.split(".")[1]} already: a moderation ` +
+            "after its outcome queues no review",
+          { permanent: true },
+        );
+      }
       // Times derive from the input event, so a redelivery computes the same entry.
       const queuedAt = event.time;
       const dueAt = new Date(Date.parse(queuedAt) + sla.reviewSlaMs).toISOString();
