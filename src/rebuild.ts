@@ -51,7 +51,8 @@ export async function rebuildStates<S>(
       continue;
     }
     events++;
-    states.set(event.item_id, spec.apply(states.get(event.item_id), event, m.seq));
+    const state = spec.apply(states.get(event.item_id), event, m.seq);
+    if (state !== undefined) states.set(event.item_id, state);
   }
   return { states, events, skipped };
 }

@@ -49,8 +49,12 @@ export interface StateSpec<S> {
   bucket: string;
   /** The event types the writer accepts; anything else is dead-lettered. */
   eventTypes: readonly (keyof EventMap)[];
-  /** Pure, idempotent fold of one event stored at `seq`. */
-  apply(state: S | undefined, event: AnyEvent, seq: number): S;
+  /**
+   * Pure, idempotent fold of one event stored at `seq`. Undefined when the item has no state
+   * and the event makes none (a definition's awaited event for an item never submitted):
+   * nothing is written for it.
+   */
+  apply(state: S | undefined, event: AnyEvent, seq: number): S | undefined;
   /** True when nothing more will happen to the item (it leaves the cache). */
   isFinal(state: S): boolean;
   /** Recorded as the source of dead letters. */
@@ -222,9 +226,24 @@ export async function runStateWriter<S>(opts: {
   /** Writes one item's new events; returns when written (or throws). */
   async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
     let base: Cached<S> | null = cache.get(id) ?? null;
+    let read = base !== null;
     for (let attempt = 0; attempt < 10; attempt++) {
       let state = base?.state;
       for (const { event, seq } of events) state = spec.apply(state, event, seq);
+      if (state === undefined) {
+        // Events that make no state alone: folded onto the bucket's state if it has one the
+        // cache lacks, else nothing is written (no item is made up from them).
+        if (!read) {
+          base = await readState<S>(kv, id);
+          read = true;
+          if (base) continue;
+        }
+        log.debug("no state written: the item has none, and its events make none", {
+          item_id: id,
+          stream_seq: events.map((e) => e.seq),
+        });
+        return;
+      }
       if (base && state === base.state) return; // nothing new: a redelivery
       const body = encoder.encode(JSON.stringify(state));
       try {
@@ -242,6 +261,7 @@ export async function runStateWriter<S>(opts: {
         stats.conflicts++;
         cache.delete(id);
         base = await readState<S>(kv, id);
+        read = true;
       }
     }
     throw new Error(`state of ${id} kept changing under the writer`);
@@ -278,7 +298,10 @@ export async function runStateWriter<S>(opts: {
         group.msgs.push(m);
         group.events.push({ event, seq: m.seq });
         // An event that alone makes a state final is the item's last one.
-        if (!group.final) group.final = spec.isFinal(spec.apply(undefined, event, m.seq));
+        if (!group.final) {
+          const alone = spec.apply(undefined, event, m.seq);
+          group.final = alone !== undefined && spec.isFinal(alone);
+        }
       } catch (err) {
         if (spec.lettersElsewhere?.(m.subject)) {
           // Its consumer keeps it as a dead letter, with the reason: one letter, not two.

@@ -12,6 +12,7 @@ import {
   controlStage,
   type LoadedPipeline,
   pipelineTopology,
+  submitItem,
   workStage,
 } from "../src/pipeline/runtime.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
@@ -410,6 +411,11 @@ Deno.test("a decision that came before its wait is not taken when the item has f
   await using t = await startTestNats();
   await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
   const js = jetstream(t.nc);
+  // Submitted first (stream sequence 1): a decision counts only for an item submitted before it.
+  await submitItem(t.nc, approvals, "it8", {}, {
+    source: "test",
+    traceId: "0af7651916cd43dd8448eb211c80319c",
+  });
   const decision = { type: "approvals.approved", item_id: "it8", approve: true };
   assert.deepEqual(await deliver(t, approvals, decision, 2, "2026-01-01T00:00:00.000Z"), []);
   await failItem(t, approvals, "it8", "approvals.other.it8", "other-it8");

@@ -10,7 +10,9 @@ import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import { advance, entryData, flowEvent } from "../src/pipeline/flow.ts";
+import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import {
+  controlBucketOf,
   controlStage,
   pipelineStateSpec,
   pipelineTopology,
@@ -21,7 +23,7 @@ import { runStage } from "../src/runner.ts";
 import { readState, runStateWriter } from "../src/state_writer.ts";
 import type { ItemState } from "../src/pipeline/fold.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { startTestNats } from "./helpers/nats.ts";
+import { PATIENT, startTestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { approvalsPipeline } from "./helpers/pipeline.ts";
 
@@ -129,6 +131,89 @@ Deno.test("a decision from the bus that is not JSON is one dead letter, the cont
     const kv = await new Kvm(t.nc).open(spec.bucket);
     assert.equal((await readState<ItemState>(kv, "approvals-3"))?.state.status, "running");
   } finally {
+    for (const r of runners) await r.stop();
+  }
+});
+
+Deno.test("an awaited event for an item never submitted makes no item: GET, weft.<name>.get, its SSE stream and a claim answer 404, and the control step dead-letters it not_found, once", async () => {
+  // Found by a probe: `nats pub support.human_replied.PHANTOM2 '{"answer":"hi"}'` (no such
+  // item) made a state {"status":"running","current":[],"results":{}} that GET and
+  // `nats req weft.support.get` showed, whose SSE stream never closed, and that a claim
+  // answered 409 "not waiting (running)"; no dead letter said why.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const spec = pipelineStateSpec(approvals);
+  const app = createApp({ ...deps, jetStream: await createIntake(t.nc), pipelines: [approvals] });
+  const requests = servePipelineRequests(t.nc, [approvals], t.log);
+  const control = controlStage(approvals, t.nc);
+  const runners = [
+    await runStage({ ...deps, stage: control }),
+    await runStateWriter({ ...deps, spec }),
+  ];
+  try {
+    const js = jetstream(t.nc);
+    const ack = await js.publish("approvals.approved.PHANTOM", JSON.stringify({ by: "carol" }));
+    // A real item after it: the state writer's state of it shows it has folded past the stray.
+    await submitItem(t.nc, approvals, "approvals-4", {}, { source: "test", traceId: TRACE });
+    const kv = await new Kvm(t.nc).open(spec.bucket);
+    await waitFor(
+      async () => (await readState<ItemState>(kv, "approvals-4"))?.state.status === "running",
+      10_000,
+      "the real item's state",
+    );
+    const letters = await waitFor(
+      async () => {
+        const all = (await listDeadLetters(js)).filter((l) => l.letter.stream_seq === ack.seq);
+        return all.length > 0 ? all : undefined;
+      },
+      10_000,
+      "the control step's letter",
+    );
+    assert.deepEqual(
+      letters.map((l) => [l.letter.stage, l.letter.code, l.letter.item_id, l.letter.attempts]),
+      [["approvals-control", "not_found", "PHANTOM", 1]],
+      "one letter, at the first attempt",
+    );
+    assert.match(letters[0]!.letter.reason, /no approvals item "PHANTOM"/);
+    // Terminated, not redelivered.
+    await waitFor(
+      async () => {
+        const c = await t.jsm.consumers.info(spec.stream, control.name);
+        return c.num_pending === 0 && c.num_ack_pending === 0 && c.num_redelivered === 0;
+      },
+      10_000,
+      "the control consumer past it",
+    );
+    // No state, no held record, no failure event.
+    assert.equal(await readState<ItemState>(kv, "PHANTOM"), null);
+    const held = await new Kvm(t.nc).open(controlBucketOf("approvals"));
+    assert.equal(await held.get("approval.PHANTOM"), null);
+    const info = await t.jsm.streams.info(spec.stream, { subjects_filter: "approvals.*.PHANTOM" });
+    assert.deepEqual(Object.keys(info.state.subjects ?? {}), ["approvals.approved.PHANTOM"]);
+
+    const get = await app.request("/pipelines/approvals/items/PHANTOM");
+    assert.equal(get.status, 404, await get.clone().text());
+    assert.equal((await get.json()).code, "not_found");
+    const sse = await app.request("/pipelines/approvals/items/PHANTOM/events");
+    assert.equal(sse.status, 404);
+    await sse.body?.cancel();
+    const claim = await app.request("/pipelines/approvals/claims/PHANTOM", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ by: "carol" }),
+    });
+    assert.equal(claim.status, 404, await claim.clone().text());
+    const decide = await app.request("/pipelines/approvals/items/PHANTOM/approved", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ by: "carol" }),
+    });
+    assert.equal(decide.status, 404, await decide.clone().text());
+    const reply = await t.nc.request("weft.approvals.get", "PHANTOM", PATIENT);
+    assert.equal(reply.json<{ error?: { status: number } }>().error?.status, 404);
+  } finally {
+    requests.stop();
     for (const r of runners) await r.stop();
   }
 });

@@ -12,11 +12,25 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { claimsBucketOf } from "./claims.ts";
 import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, type KvEntry, Kvm } from "@nats-io/kv";
-import { ConfigError, ConflictError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
+import {
+  ConfigError,
+  ConflictError,
+  ErrorCode,
+  NotFoundError,
+  ValidationError,
+  WeftError,
+} from "../errors.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import { canonicalJson } from "../canonical_json.ts";
 import type { Logger } from "../observability/log.ts";
-import { depthWithin, MAX_DEPTH, messagesOn, publishEvent, runStage } from "../runner.ts";
+import {
+  depthWithin,
+  MAX_DEPTH,
+  messagesOn,
+  publishEvent,
+  runStage,
+  storedMessage,
+} from "../runner.ts";
 import { shadowDurable } from "../shadow/spec.ts";
 import type { AnyEvent } from "../schemas.ts";
 import {
@@ -820,6 +834,17 @@ export function controlStage(
   const stream = pipelineSubjects(def).stream;
   /** Whether the item has failed and not been resumed since ({@link itemFailedNow}). */
   const failedNow = async (item: string) => await itemFailedNow(await manager(), stream, n, item);
+  /**
+   * Whether `item` was submitted before stream sequence `seq`: the first message on its entry
+   * event's subject is stored there (the stream, not the state, which trails).
+   */
+  const submittedBefore = async (item: string, seq: number) => {
+    const first = await storedMessage(await manager(), stream, {
+      next_by_subj: `${n}.${entryEvent(def)}.${item}`,
+      seq: 0,
+    } as unknown as { seq: number });
+    return first !== null && first.seq < seq;
+  };
 
   /**
    * Fires this timer again later: its item has failed, so its join, wait or delay decides
@@ -1006,6 +1031,15 @@ export function controlStage(
         `${n} item ${item} has failed: a decision counts only once the item is resumed ` +
           `(redrive its failure, then this letter)`,
         { permanent: true },
+      );
+    }
+    if (!(await submittedBefore(item, seq))) {
+      // No item to decide: one never submitted (or expired), or submitted after this event.
+      // Recording it would make up an item (its state, a held decision) for whoever names
+      // an id first; kept as a dead letter instead, failing nothing.
+      throw new NotFoundError(
+        `no ${n} item ${JSON.stringify(item)}: an awaited event counts only for an item ` +
+          `submitted before it (this one was stored at stream sequence ${seq}); nothing changed`,
       );
     }
     const kv = await heldKv();
@@ -1334,6 +1368,9 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
       const role = flow.roles.get(subject.split(".")[1]!);
       return role === undefined || role.role === "awaited";
     },
+    // No state for an item that has none from an event that makes none (an awaited event, a
+    // timer): a stray decision for an id never submitted makes up no item (the control step
+    // dead-letters it `not_found`).
     apply: (state, event, seq) =>
       applyPipelineEvent(def, state, {
         seq,
@@ -1343,17 +1380,7 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
         item_id: event.item_id,
         definition: (event as unknown as { definition?: string }).definition,
         data: event.data,
-      }) ?? state ?? {
-        id: event.item_id,
-        status: "running",
-        current: [],
-        results: {},
-        runs: {},
-        created_at: event.time,
-        updated_at: event.time,
-        first_seq: seq,
-        last_seq: seq,
-      },
+      }) ?? state,
     isFinal: (s) => s.status === "done" || s.status === "failed",
   };
 }
