@@ -19,7 +19,7 @@ import {
   submitItem,
 } from "../src/pipeline/runtime.ts";
 import { listDeadLetters } from "../src/redrive.ts";
-import { runStage } from "../src/runner.ts";
+import { depthWithin, MAX_DEPTH, runStage } from "../src/runner.ts";
 import { readState, runStateWriter } from "../src/state_writer.ts";
 import type { ItemState } from "../src/pipeline/fold.ts";
 import { ensureTopology } from "../src/topology.ts";
@@ -216,4 +216,51 @@ Deno.test("an awaited event for an item never submitted makes no item: GET, weft
     requests.stop();
     for (const r of runners) await r.stop();
   }
+});
+
+Deno.test("a decision over HTTP nesting deeper than the bus takes is refused with 422 invalid_awaited_event, nothing stored; one at the limit is accepted", async () => {
+  // Found by a probe: POST .../items/<id>/<event> with {"answer":"x","zz":[[[...70 levels]]]}
+  // answered 202; the control step then dead-lettered it (`body nests deeper than 64
+  // levels`) and the item kept waiting. Submissions already got 422 for depth.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const app = createApp({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    jetStream: await createIntake(t.nc),
+    pipelines: [approvals],
+  });
+  await submitItem(t.nc, approvals, "approvals-5", {}, { source: "test", traceId: TRACE });
+  // `levels` levels of objects and arrays in all, the body itself the first.
+  const nested = (levels: number) => {
+    let zz: unknown = [];
+    for (let i = 2; i < levels; i++) zz = [zz];
+    return { by: "carol", zz };
+  };
+  assert.ok(depthWithin(nested(MAX_DEPTH), MAX_DEPTH));
+  assert.ok(!depthWithin(nested(MAX_DEPTH + 1), MAX_DEPTH));
+  const decide = (body: unknown) =>
+    app.request("/pipelines/approvals/items/approvals-5/approved", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  const deep = await decide(nested(70));
+  const problem = await deep.json();
+  assert.equal(deep.status, 422, JSON.stringify(problem));
+  assert.equal(deep.headers.get("content-type"), "application/problem+json");
+  assert.equal(problem.code, "invalid_awaited_event");
+  assert.equal(problem.field, "/");
+  assert.match(problem.detail, /nests deeper than 64 levels/);
+  const past = await decide(nested(MAX_DEPTH + 1));
+  assert.equal(past.status, 422, await past.clone().text());
+  await past.body?.cancel();
+  const info = await t.jsm.streams.info(pipelineSubjects(def).stream, {
+    subjects_filter: "approvals.approved.>",
+  });
+  assert.equal(info.state.subjects?.["approvals.approved.approvals-5"], undefined, "none stored");
+  const fits = await decide(nested(MAX_DEPTH));
+  assert.equal(fits.status, 202, await fits.clone().text());
+  await fits.body?.cancel();
 });

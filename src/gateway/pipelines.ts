@@ -34,7 +34,7 @@ import { allowsAtomicBatch, ATOMIC_BATCHES_IN_FLIGHT, storeBatch } from "../atom
 import type { OutputEvent } from "../stage.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
 import type { Logger } from "../observability/log.ts";
-import { eventMessage } from "../runner.ts";
+import { depthWithin, eventMessage, MAX_DEPTH } from "../runner.ts";
 import { readStream } from "../stream_reader.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
@@ -658,6 +658,14 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       const body = await readJson(c);
       if (body === null || typeof body !== "object" || Array.isArray(body)) {
         throw new ValidationError("the body must be a JSON object", { field: "/" });
+      }
+      // The bus's limit (the control step dead-letters a deeper event): refused now, not
+      // accepted and then dead-lettered while the item waits on.
+      if (!depthWithin(body, MAX_DEPTH)) {
+        throw new ValidationError(
+          `the awaited event ${r.p.def.name}.${event} nests deeper than ${MAX_DEPTH} levels`,
+          { code: ErrorCode.InvalidAwaitedEvent, field: "/" },
+        );
       }
       const role = r.p.flow.roles.get(event);
       const waits = role?.role === "awaited" ? role.waits : [];
