@@ -92,6 +92,7 @@ export const service: ServiceDef = defineService(
       auth,
       guards,
       claimTtlMs: config.claimTtlMs,
+      bodyLimit: config.bodyLimit,
     });
     const scheduleRequests = serveScheduleRequests(
       nc,
@@ -99,6 +100,7 @@ export const service: ServiceDef = defineService(
       scheduleTargets(pipelines),
       log,
       auth,
+      config.bodyLimit,
     );
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth, {
       check: definitionRedriveCheck(pipelines),

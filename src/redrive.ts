@@ -56,6 +56,8 @@ export const DEADLETTERS_LIST_SUBJECT = "weft.deadletters.list";
 export const DEADLETTERS_REDRIVE_SUBJECT = "weft.deadletters.redrive";
 /** Markers of redriven letters: `deadletter.redriven.<dead-letter seq>` ("redriven" is no stage). */
 export const REDRIVEN_PREFIX = `deadletter.${REDRIVEN_TOKEN}`;
+/** Largest accepted body of a redrive request (`POST /deadletters/redrive` and its subject), bytes. */
+export const REDRIVE_BODY_LIMIT = 256 * 1024;
 
 /** Which dead letters. Every given field must match. */
 export interface DeadLetterFilter {
@@ -489,7 +491,7 @@ export function serveDeadLetterRequests(
     replyTo(m, log, work, maxPayloadOf(nc), hint);
   const body = (m: Msg): unknown => {
     if (decoder.decode(m.data).trim() === "") return undefined;
-    return requestJson(m.data);
+    return requestJson(m.data, REDRIVE_BODY_LIMIT);
   };
   const subs = [
     nc.subscribe(DEADLETTERS_LIST_SUBJECT, {

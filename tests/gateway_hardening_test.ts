@@ -33,6 +33,12 @@ import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
 import type { ShadowControl } from "../src/shadow/control.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
+import { REDRIVE_BODY_LIMIT } from "../src/gateway/deadletters.ts";
+import { createShadowControl } from "../src/shadow/control.ts";
+import { scheduleTargets, serveScheduleRequests } from "../src/gateway/schedules.ts";
+import { createScheduleStore } from "../src/scheduler/store.ts";
+import { SCHEDULE_BUCKET } from "../src/subjects.ts";
+import { Kvm } from "@nats-io/kv";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
@@ -854,6 +860,91 @@ Deno.test("a request body that is not JSON answers 400 malformed_json naming the
       );
       assert.equal(p.code, "malformed_json", path);
     }
+  } finally {
+    for (const s of served) s.stop();
+  }
+});
+
+Deno.test("a request body past its HTTP route's limit answers the same 413 payload_too_large over NATS, on every request subject that reads a body", async () => {
+  // Found by a probe: a 70 KB `nats req weft.<name>.submit` was accepted (202) where the same
+  // body over HTTP got 413 (WEFT_BODY_LIMIT); the request subjects read any body up to the
+  // server's max_payload.
+  await using t = await startTestNats();
+  const approvals = approvalsPipeline();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: false,
+  });
+  const auth = createAuth([]);
+  const kvm = new Kvm(t.nc);
+  const schedules = createScheduleStore(
+    await kvm.create(SCHEDULE_BUCKET).catch(() => kvm.open(SCHEDULE_BUCKET)),
+  );
+  const limit = t.config.bodyLimit;
+  const served = [
+    serveRequests(t.nc, await createIntake(t.nc), t.log, undefined, limit),
+    serveModerationRequests(t.nc, moderation, auth, t.log, limit),
+    servePipelineRequests(t.nc, [approvals], t.log, { bodyLimit: limit }),
+    serveDeadLetterRequests(t.nc, t.log),
+    serveShadowRequests(t.nc, createShadowControl(t.nc), t.log),
+    serveScheduleRequests(
+      t.nc,
+      () => Promise.resolve(schedules),
+      scheduleTargets([]),
+      t.log,
+      auth,
+      limit,
+    ),
+  ];
+  // A JSON object of exactly `n` bytes.
+  const sized = (n: number) => `{"x":"${"a".repeat(n - 8)}"}`;
+  const ask = async (subject: string, body: string) =>
+    (await t.nc.request(subject, body, PATIENT)).json<{ error?: Record<string, unknown> }>().error;
+  try {
+    for (
+      const [subject, max] of [
+        ["weft.feedback.submit", limit],
+        ["weft.content.submit", limit],
+        ["weft.reviews.claim", 4096],
+        ["weft.reviews.decide", 16 * 1024],
+        ["weft.approvals.submit", limit],
+        ["weft.approvals.claim", 4096],
+        ["weft.approvals.release", 4096],
+        ["weft.deadletters.redrive", REDRIVE_BODY_LIMIT],
+        ["weft.shadow.attach", 16 * 1024],
+        ["weft.schedules.create", limit],
+      ] as const
+    ) {
+      const past = await ask(subject, sized(max + 1));
+      assert.deepEqual(
+        past && [past.status, past.code, past.detail],
+        [413, "payload_too_large", `body is larger than ${max} bytes`],
+        subject,
+      );
+      // At the limit the body is read (whatever else is wrong with it).
+      assert.notEqual((await ask(subject, sized(max)))?.code, "payload_too_large", subject);
+    }
+    // The same problem as HTTP's for the same body (70 KB past the default 64 KiB).
+    const app = await gateway(t, { pipelines: [approvals] });
+    for (
+      const [path, subject] of [
+        ["/pipelines/approvals/items", "weft.approvals.submit"],
+        ["/feedback", "weft.feedback.submit"],
+        ["/content", "weft.content.submit"],
+      ] as const
+    ) {
+      const body = sized(70_000);
+      const http = await expectProblem(
+        await app.request(path, { method: "POST", headers: JSON_TYPE, body }),
+        413,
+      );
+      assert.deepEqual(await ask(subject, body), http, subject);
+    }
+    const info = await t.jsm.streams.info(pipelineSubjects(approvals.def).stream);
+    assert.equal(info.state.messages, 1, "only the body at the limit was stored");
   } finally {
     for (const s of served) s.stop();
   }

@@ -13,13 +13,13 @@ import { FEEDBACK_PANEL } from "./dashboard.ts";
 
 /** Starts the feedback pipeline's part of the gateway. */
 export async function feedbackGateway(ctx: GatewayPartContext): Promise<GatewayPart> {
-  const { nc, log, metrics, auth, capacity, limiter } = ctx;
+  const { nc, config, log, metrics, auth, capacity, limiter } = ctx;
   const intake = await createIntake(nc, "weft-gateway", {
     capacity,
     limiter,
     onAccepted: (n) => metrics.accepted.inc({ pipeline: "feedback" }, n),
   });
-  const requests = serveRequests(nc, intake, log, auth);
+  const requests = serveRequests(nc, intake, log, auth, config.bodyLimit);
   return {
     openApi: feedbackPaths(),
     routes: feedbackRoutes(intake),

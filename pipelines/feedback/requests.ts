@@ -14,17 +14,26 @@ import { GET_REQUEST_SUBJECT, SUBMIT_REQUEST_SUBJECT } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth } from "../../src/gateway/auth.ts";
 import { Role } from "../../src/config.ts";
-import { replyTo, requestedId, requestJson } from "../../src/gateway/requests.ts";
+import {
+  DEFAULT_BODY_LIMIT,
+  replyTo,
+  requestedId,
+  requestJson,
+} from "../../src/gateway/requests.ts";
 import type { Intake } from "./intake.ts";
 
 const QUEUE = "weft-gateway";
 
-/** Serves the request/reply subjects; errors reply as problem documents. */
+/**
+ * Serves the request/reply subjects; errors reply as problem documents. A submission larger
+ * than `bodyLimit` (`WEFT_BODY_LIMIT`, as POST /feedback) is the same 413.
+ */
 export function serveRequests(
   nc: NatsConnection,
   intake: Intake,
   log: Logger,
   auth?: Auth,
+  bodyLimit: number = DEFAULT_BODY_LIMIT,
 ): { stop(): void } {
   // With API keys configured, the same roles as over HTTP, from an Authorization header.
   const check = (m: Msg, ...roles: Role[]) =>
@@ -36,7 +45,7 @@ export function serveRequests(
       callback: (_e, m) => {
         void reply(m, async () => {
           const who = check(m, Role.Ingest) ?? { name: "anonymous", role: Role.Admin };
-          const submission = validateDocument("feedback.submit", requestJson(m.data));
+          const submission = validateDocument("feedback.submit", requestJson(m.data, bodyLimit));
           const { body } = await intake.submit(submission, {
             idempotencyKey: m.headers?.get("Idempotency-Key") || undefined,
             trace: parseTraceparent(m.headers?.get("traceparent")),

@@ -22,7 +22,7 @@ export async function moderationGateway(ctx: GatewayPartContext): Promise<Gatewa
     capacity,
     limiter,
   });
-  const requests = serveModerationRequests(nc, api, auth, log);
+  const requests = serveModerationRequests(nc, api, auth, log, config.bodyLimit);
   return {
     openApi: moderationPaths(),
     routes: moderationRoutes(api),

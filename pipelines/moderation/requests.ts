@@ -26,9 +26,12 @@ import {
 } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
-import { replyTo, requestJson } from "../../src/gateway/requests.ts";
+import { DEFAULT_BODY_LIMIT, replyTo, requestJson } from "../../src/gateway/requests.ts";
 
 const QUEUE = "weft-gateway";
+/** Largest body of a claim and of a decision, bytes: their HTTP routes' limits. */
+const CLAIM_BODY_LIMIT = 4096;
+const DECISION_BODY_LIMIT = 16 * 1024;
 
 function idOf(m: Msg): string {
   const text = m.string().trim();
@@ -38,9 +41,9 @@ function idOf(m: Msg): string {
   return id;
 }
 
-function objectOf(m: Msg): Record<string, unknown> {
+function objectOf(m: Msg, maxBytes?: number): Record<string, unknown> {
   if (m.data.length === 0) return {};
-  const v = requestJson(m.data);
+  const v = requestJson(m.data, maxBytes);
   if (typeof v !== "object" || v === null || Array.isArray(v)) {
     throw new ValidationError("body must be a JSON object", { field: "/" });
   }
@@ -48,7 +51,8 @@ function objectOf(m: Msg): Record<string, unknown> {
 }
 
 /**
- * Serves the moderation request subjects.
+ * Serves the moderation request subjects. A body past its HTTP route's limit is the same 413:
+ * a submission's `bodyLimit` (`WEFT_BODY_LIMIT`), a claim's 4 KiB, a decision's 16 KiB.
  *
  * @example
  * ```ts ignore
@@ -61,6 +65,7 @@ export function serveModerationRequests(
   api: ModerationApi,
   auth: Auth,
   log: Logger,
+  bodyLimit: number = DEFAULT_BODY_LIMIT,
 ): { stop(): void } {
   const handlers: Record<
     string,
@@ -70,7 +75,7 @@ export function serveModerationRequests(
       roles: [Role.Ingest],
       run: async (m, who) =>
         (await api.submitText(
-          validateDocument("content.submit", requestJson(m.data)),
+          validateDocument("content.submit", requestJson(m.data, bodyLimit)),
           who,
           parseTraceparent(m.headers?.get("traceparent")),
         )).body,
@@ -94,7 +99,7 @@ export function serveModerationRequests(
     [REVIEWS_CLAIM_REQUEST_SUBJECT]: {
       roles: [Role.Reviewer],
       run: (m, who) => {
-        const body = claimBody(objectOf(m), ["id", "reviewer"]);
+        const body = claimBody(objectOf(m, CLAIM_BODY_LIMIT), ["id", "reviewer"]);
         if (typeof body.id !== "string") {
           throw new ValidationError("/id is required", { field: "/id" });
         }
@@ -104,7 +109,7 @@ export function serveModerationRequests(
     [REVIEWS_DECIDE_REQUEST_SUBJECT]: {
       roles: [Role.Reviewer],
       run: async (m, who) => {
-        const req = validateDocument("review.decision", objectOf(m));
+        const req = validateDocument("review.decision", objectOf(m, DECISION_BODY_LIMIT));
         if (!req.id) throw new ValidationError("/id is required", { field: "/id" });
         return (await api.decide(req.id, req, who)).entry;
       },

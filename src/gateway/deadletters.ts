@@ -19,11 +19,11 @@ import {
   parseFilter,
   parseRedriveRequest,
   redrive,
+  REDRIVE_BODY_LIMIT,
   type RedriveOptions,
 } from "../redrive.ts";
 
-/** Largest accepted body of `POST /deadletters/redrive`, bytes. */
-export const REDRIVE_BODY_LIMIT = 256 * 1024;
+export { REDRIVE_BODY_LIMIT };
 
 /**
  * The dead-letter routes.

@@ -55,7 +55,7 @@ import {
 import { type LiveFeeds, openSlot, type SseClients, streamEvents } from "./sse.ts";
 import { boolQuery, intQuery, oneQuery, onlyQuery } from "./query.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
-import { maxPayloadOf, replyTo, requestJson } from "./requests.ts";
+import { DEFAULT_BODY_LIMIT, maxPayloadOf, replyTo, requestJson } from "./requests.ts";
 import type { Auth } from "./auth.ts";
 import type { IngestLimiter } from "./ingest_limits.ts";
 import { lazy } from "../retry.ts";
@@ -179,6 +179,8 @@ function claimBody(raw: unknown, allowed: readonly string[]): { id?: unknown; by
 const encoder = new TextEncoder();
 /** Most items in one batch submission. */
 const BATCH_MAX_ITEMS = 1000;
+/** Largest body of a claim or its release, bytes (HTTP and NATS). */
+const CLAIM_BODY_LIMIT = 4096;
 
 /**
  * The id of a new item: from the caller's Idempotency-Key when given (a repeat is the same
@@ -606,7 +608,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     "/:name/claims/:id",
     deps.decideAuth,
     requireJson,
-    limit(4096),
+    limit(CLAIM_BODY_LIMIT),
     async (c) => {
       const r = runtimeOf(c.req.param("name"));
       const id = itemId(c.req.param("id"));
@@ -821,14 +823,16 @@ export async function waitingItems(
  * `nats req weft.<name>.submit '<input>'`, `nats req weft.<name>.get <id>` and
  * `nats req weft.<name>.waiting ''` (the items held at its wait steps). With API keys
  * configured, a request needs an `Authorization: Bearer <key>` header with the same roles as
- * over HTTP, and submissions pass the same intake guards.
+ * over HTTP, and submissions pass the same intake guards. A body past its HTTP route's limit
+ * (`bodyLimit`, `WEFT_BODY_LIMIT`, for a submission; 4 KiB for a claim) is the same 413.
  */
 export function servePipelineRequests(
   nc: NatsConnection,
   pipelines: readonly LoadedPipeline[],
   log: Logger,
-  opts: { auth?: Auth; guards?: IntakeGuards; claimTtlMs?: number } = {},
+  opts: { auth?: Auth; guards?: IntakeGuards; claimTtlMs?: number; bodyLimit?: number } = {},
 ): { stop(): void } {
+  const bodyLimit = opts.bodyLimit ?? DEFAULT_BODY_LIMIT;
   const kvm = new Kvm(nc);
   const jsm = lazy(() => jetstreamManager(nc));
   const reply = (m: Msg, work: () => Promise<unknown>) => replyTo(m, log, work, maxPayloadOf(nc));
@@ -846,7 +850,7 @@ export function servePipelineRequests(
     const claimRequest = (m: Msg) => {
       const who = check(m, Role.Reviewer) ?? ANONYMOUS;
       if (!claims) throw new NotFoundError(`${n} has no wait step: nothing to claim`);
-      const body = claimBody(requestJson(m.data), ["id", "by"]);
+      const body = claimBody(requestJson(m.data, CLAIM_BODY_LIMIT), ["id", "by"]);
       if (typeof body.id !== "string" || !ITEM_ID.test(body.id)) {
         throw new ValidationError("/id must be an item id", { field: "/id" });
       }
@@ -880,7 +884,7 @@ export function servePipelineRequests(
         callback: (_e, m) =>
           void reply(m, async () => {
             const who = check(m, Role.Ingest) ?? ANONYMOUS;
-            const input = requestJson(m.data);
+            const input = requestJson(m.data, bodyLimit);
             const key = m.headers?.get("Idempotency-Key") || undefined;
             const id = newId(n, key, who.name);
             const trace = childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId;

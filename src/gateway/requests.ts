@@ -5,21 +5,34 @@
  * @module
  */
 import type { Msg } from "@nats-io/nats-core";
-import { ErrorCode, isServerFault, toProblem, ValidationError } from "../errors.ts";
+import { ErrorCode, isServerFault, toProblem, ValidationError, WeftError } from "../errors.ts";
 import type { Logger } from "../observability/log.ts";
 import { decodeJson } from "../runner.ts";
 
+/** `WEFT_BODY_LIMIT`'s default: a request subject's limit when its caller names none. */
+export const DEFAULT_BODY_LIMIT = 64 * 1024;
+
 /**
  * A request body as JSON, over HTTP (`readJson`) and NATS alike: one that is not UTF-8 JSON
- * is a 400 `malformed_json` problem naming the body (`/`), the same answer on both.
+ * is a 400 `malformed_json` problem naming the body (`/`), the same answer on both. With
+ * `maxBytes` (a request subject's, the same as its HTTP route's body limit), a larger body is
+ * the 413 `payload_too_large` problem HTTP answers, before it is read.
  *
  * @example
  * ```ts
  * import { requestJson } from "./requests.ts";
  * console.assert((requestJson(new TextEncoder().encode('{"id":"a"}')) as { id: string }).id === "a");
+ * try {
+ *   requestJson(new TextEncoder().encode(JSON.stringify({ text: "x".repeat(2000) })), 1024);
+ * } catch (err) {
+ *   console.assert((err as { code: string }).code === "payload_too_large");
+ * }
  * ```
  */
-export function requestJson(data: Uint8Array): unknown {
+export function requestJson(data: Uint8Array, maxBytes?: number): unknown {
+  if (maxBytes !== undefined && data.length > maxBytes) {
+    throw new WeftError(ErrorCode.PayloadTooLarge, `body is larger than ${maxBytes} bytes`);
+  }
   try {
     return decodeJson(data);
   } catch (err) {

@@ -19,7 +19,7 @@ import { Role } from "../config.ts";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { bodyLimitProblem, readJson, requireJson } from "./app.ts";
 import type { Logger } from "../observability/log.ts";
-import { maxPayloadOf, replyTo, requestJson } from "./requests.ts";
+import { DEFAULT_BODY_LIMIT, maxPayloadOf, replyTo, requestJson } from "./requests.ts";
 import {
   assertCallerSchedulable,
   callerSchedulable,
@@ -156,7 +156,8 @@ const SCHEDULES_HINT = "the first schedules that fit the server's max_payload; G
 
 /**
  * Serves `weft.schedules.*` for admins (with API keys configured, a request carries an admin
- * key in an `Authorization: Bearer <key>` header). Errors answer `{"error": <problem>}`.
+ * key in an `Authorization: Bearer <key>` header). Errors answer `{"error": <problem>}`; a
+ * create past `maxBody` (POST /schedules's limit, `WEFT_BODY_LIMIT`) is the same 413.
  *
  * @example
  * ```ts ignore
@@ -171,9 +172,10 @@ export function serveScheduleRequests(
   targets: ScheduleTargets,
   log: Logger,
   auth: Auth,
+  maxBody: number = DEFAULT_BODY_LIMIT,
 ): { stop(): void } {
   const handlers: Record<string, (m: Msg) => Promise<unknown>> = {
-    create: (m) => create(store, targets, m.data.length === 0 ? {} : requestJson(m.data)),
+    create: (m) => create(store, targets, m.data.length === 0 ? {} : requestJson(m.data, maxBody)),
     list: async () => {
       const items = await (await store()).list();
       return { items, total: items.length };

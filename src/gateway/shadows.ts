@@ -53,7 +53,7 @@ export function shadowRoutes(control: ShadowControl, who: (c: Context) => string
   return app;
 }
 
-/** Serves `weft.shadow.<attach|detach|promote|list>`. */
+/** Serves `weft.shadow.<attach|detach|promote|list>`; an attach past 16 KiB is a 413, as over HTTP. */
 export function serveShadowRequests(
   nc: NatsConnection,
   control: ShadowControl,
@@ -70,7 +70,7 @@ export function serveShadowRequests(
     });
   const subs = [
     serve("list", () => control.list()),
-    serve("attach", (m, who) => control.attach(requestJson(m.data), who)),
+    serve("attach", (m, who) => control.attach(requestJson(m.data, SPEC_LIMIT), who)),
     serve("detach", (m, who) => control.detach(requestedId(m.data), who)),
     serve("promote", (m, who) => control.promote(requestedId(m.data), who)),
     serve("reset", (m, who) => control.reset(requestedId(m.data), who)),
