@@ -269,6 +269,38 @@ export function validateInput<I extends StageInput>(input: I, value: unknown): I
   }
 }
 
+/**
+ * Refuses a message whose subject names its item with a token that is no item id (ITEM_ID:
+ * 1 to 64 of `A-Z a-z 0-9 _ -`): a literal `*` or `>` published as a subject names no item,
+ * and taken for one it would match other items' subjects in a lookup, or be refused as a KV
+ * key and retried. `item` undefined: the subject names none. Permanent: dead-lettered at once,
+ * failing no item.
+ *
+ * @example
+ * ```ts
+ * import { assertSubjectItem } from "./runner.ts";
+ * assertSubjectItem("o1", "orders.approved.o1");
+ * try {
+ *   assertSubjectItem("*", "orders.approved.*");
+ * } catch (err) {
+ *   console.assert((err as { code: string }).code === "invalid_event");
+ * }
+ * ```
+ */
+export function assertSubjectItem(item: string | undefined, subject: string): void {
+  if (item === undefined || ITEM_ID.test(item)) return;
+  throw new WeftError(
+    ErrorCode.InvalidEvent,
+    `invalid item id ${JSON.stringify(item.slice(0, 100))} in subject ${subject.slice(0, 300)}: ` +
+      `an item id is 1 to 64 of A-Z a-z 0-9 _ - (a wildcard names no item); nothing was changed`,
+  );
+}
+
+/** `item` when it is an item id (ITEM_ID), else undefined: what a dead letter may name. */
+function validItem(item: string | undefined): string | undefined {
+  return item !== undefined && ITEM_ID.test(item) ? item : undefined;
+}
+
 /** The item an event-shaped raw message is about, as far as it can be told. */
 export function itemIdOf(raw: unknown): string | undefined {
   const candidate = (raw as { item_id?: unknown } | null)?.item_id;
@@ -1029,6 +1061,12 @@ export async function runStage<I extends StageInput>(
     // Whether the message got as far as the handler (read and checked), for failsItem.
     let handled = false;
     try {
+      // The item its subject names (the stage's own reading of it) must be an item id, before
+      // anything looks it up.
+      assertSubjectItem(
+        stage.identify ? stage.identify(undefined, message) : parseEventSubject(m.subject)?.itemId,
+        m.subject,
+      );
       if (m.info.deliveryCount > config.maxAttempts) {
         handled = true; // every earlier delivery died in it
         // Delivered past the last attempt without an outcome: the process died on it each
@@ -1174,10 +1212,13 @@ export async function runStage<I extends StageInput>(
       if (isPermanent(err) || m.info.deliveryCount >= config.maxAttempts) {
         try {
           // The subject names the item (the body may lie); an event that disagrees with
-          // its subject, or a bad awaited event (the item waits on), fails no item.
-          const itemId = stage.identify
-            ? stage.identify(raw, message)
-            : parseEventSubject(m.subject)?.itemId ?? itemIdOf(raw);
+          // its subject, or a bad awaited event (the item waits on), fails no item, nor does
+          // one whose subject names no valid item (a wildcard: kept under `unknown`).
+          const itemId = validItem(
+            stage.identify
+              ? stage.identify(raw, message)
+              : parseEventSubject(m.subject)?.itemId ?? itemIdOf(raw),
+          );
           await deadLetter(dlContext, m, err, raw, itemId, trace, {
             // A conflict (the item has its outcome, or has failed and holds this message
             // until it is resumed) is this message's, not a failure of the item.

@@ -24,10 +24,10 @@ import { type KV, Kvm } from "@nats-io/kv";
 import type { Config } from "./config.ts";
 import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
-import { assertMatchesSubject, deadLetter, decodeJson } from "./runner.ts";
+import { assertMatchesSubject, assertSubjectItem, deadLetter, decodeJson } from "./runner.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
-import { parseEventSubject } from "./subjects.ts";
+import { ITEM_ID, parseEventSubject } from "./subjects.ts";
 import { ensureConsumer } from "./topology.ts";
 import { pullBatches } from "./batch_pull.ts";
 import { parseTraceparent } from "./observability/trace.ts";
@@ -134,6 +134,9 @@ export function decodeStateEvent<S>(
   subject: string,
   storedAt: number,
 ): AnyEvent {
+  // `<pipeline>.<type>.<item>`: a token that is no item id (a wildcard) names none.
+  const parts = subject.split(".");
+  if (parts.length === 3) assertSubjectItem(parts[2], subject);
   const raw = decodeJson(data);
   if (spec.decode) return spec.decode(raw, subject, storedAt);
   const event = validateEvent(raw, spec.eventTypes);
@@ -318,12 +321,13 @@ export async function runStateWriter<S>(opts: {
         // failure; here it is only kept (naming the subject's item, failing nothing), so
         // the state writer is not stuck on it.
         const raw = tryDecodeJson(m.data);
+        const named = parseEventSubject(m.subject)?.itemId ?? m.subject.split(".")[2];
         await deadLetter(
           dlContext,
           m,
           err,
           raw,
-          parseEventSubject(m.subject)?.itemId ?? m.subject.split(".")[2],
+          named !== undefined && ITEM_ID.test(named) ? named : undefined,
           parseTraceparent(m.headers?.get("traceparent")),
           { failItem: false },
         )

@@ -141,6 +141,45 @@ Deno.test("an event whose body names another item than its subject is dead-lette
   assert.equal(await countOn(t.jsm, "feedback.failed.*"), 0);
 });
 
+Deno.test("a hand-wired pipeline's event on a wildcard item subject (`feedback.ingested.*`) is dead-lettered at once as an invalid item id by each consumer that reads it, failing no item", async () => {
+  // Found by a probe of the definitions' subjects, checked here for the shipped pipelines'
+  // consumers: the item id a stage reads from the subject was not checked. A valid event of a
+  // real item on `feedback.ingested.*` was dead-lettered `subject_mismatch` under the item `*`
+  // (deadletter.<stage>.*, a wildcard subject again).
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
+  const real = await processed(t, body.id);
+  const ingested = await lastOn(t.jsm, `feedback.ingested.${body.id}`);
+  const js = jetstream(t.nc);
+  const ack = await js.publish(
+    "feedback.ingested.*",
+    JSON.stringify({ ...ingested, id: "wild-ingested" }),
+  );
+  const letters = await waitFor(
+    async () => {
+      const all = (await listDeadLetters(js)).filter((l) => l.letter.stream_seq === ack.seq);
+      return all.length >= 2 ? all : undefined;
+    },
+    10_000,
+    "the letters of sentiment and the state writer",
+  );
+  await settled(t.jsm);
+  assert.deepEqual(
+    letters.map((l) => [l.subject, l.letter.code, l.letter.attempts, l.letter.item_id]).sort(),
+    [
+      ["deadletter.sentiment.unknown", "invalid_event", 1, undefined],
+      ["deadletter.state.unknown", "invalid_event", 1, undefined],
+    ],
+  );
+  for (const { letter } of letters) {
+    assert.match(letter.reason, /invalid item id "\*" in subject feedback\.ingested\.\*/);
+  }
+  assert.equal(await countOn(t.jsm, "feedback.failed.>"), 0, "no item failed");
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  assert.equal((await readState<FeedbackState>(kv, body.id))!.state.updated_at, real.updated_at);
+});
+
 Deno.test("a message published first under a future event's id does not make the stream drop that event", async () => {
   // Found adversarially: event ids follow from the item and are predictable, and the
   // stream's duplicate window is per stream, so a submission on feedback.submit carrying

@@ -17,6 +17,7 @@ import {
   pipelineStateSpec,
   pipelineTopology,
   submitItem,
+  workStage,
 } from "../src/pipeline/runtime.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { depthWithin, MAX_DEPTH, runStage } from "../src/runner.ts";
@@ -263,4 +264,163 @@ Deno.test("a decision over HTTP nesting deeper than the bus takes is refused wit
   const fits = await decide(nested(MAX_DEPTH));
   assert.equal(fits.status, 202, await fits.clone().text());
   await fits.body?.cancel();
+});
+
+Deno.test("an event whose subject names a wildcard for its item (`approvals.approved.*`) is dead-lettered at once as an invalid item id by each consumer that reads it, matched against no other item", async () => {
+  // Found by a probe: `nats pub 'support.human_replied.*' '{"answer":"x"}'` was dead-lettered by
+  // the control step as `conflict` "support item * has failed" (the `*` matched another item's
+  // failure in a last-by-subject lookup), and the state writer retried it 5 times ("invalid
+  // key: *") before a handler_failed letter; `tickets.approved.*` was retried as handler_failed
+  // ("invalid key: approval.*").
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const spec = pipelineStateSpec(approvals);
+  const runners = [
+    await runStage({ ...deps, stage: controlStage(approvals, t.nc) }),
+    await runStage({ ...deps, stage: workStage(approvals, "check", { nc: t.nc }) }),
+    await runStateWriter({ ...deps, spec }),
+  ];
+  try {
+    const js = jetstream(t.nc);
+    // Another item has failed: a wildcard looked up as an item id would find its failure.
+    await submitItem(t.nc, approvals, "approvals-7", {}, { source: "test", traceId: TRACE });
+    const failed = flowEvent(
+      approvals.flow,
+      "failed",
+      { id: "approvals-7-failed", item_id: "approvals-7", trace_id: TRACE },
+      entryData({}),
+      { source: "test", now: new Date() },
+    );
+    await js.publish("approvals.failed.approvals-7", JSON.stringify(failed));
+    const kv = await new Kvm(t.nc).open(spec.bucket);
+    await waitFor(
+      async () => (await readState<ItemState>(kv, "approvals-7"))?.state.status === "failed",
+      10_000,
+      "the other item failed",
+    );
+    // A decision on a wildcard, and a step's event on one (its body names a real item).
+    const decision = await js.publish("approvals.approved.*", JSON.stringify({ by: "carol" }));
+    const checked = flowEvent(
+      approvals.flow,
+      "check",
+      { id: "forged-check", item_id: "approvals-7", trace_id: TRACE },
+      advance(entryData({}), "check", {}, {}),
+      { source: "test", now: new Date() },
+    );
+    const step = await js.publish("approvals.check.*", JSON.stringify(checked));
+    // An entry event on one: the work step `check` reads it too.
+    const entry = flowEvent(
+      approvals.flow,
+      "submitted",
+      { id: "forged-entry", item_id: "approvals-7", trace_id: TRACE },
+      entryData({}),
+      { source: "test", now: new Date() },
+    );
+    const submitted = await js.publish("approvals.submitted.*", JSON.stringify(entry));
+    const lettersOf = async (seq: number, n: number) =>
+      await waitFor(
+        async () => {
+          const all = (await listDeadLetters(js)).filter((l) => l.letter.stream_seq === seq);
+          return all.length >= n ? all : undefined;
+        },
+        10_000,
+        `${n} letters of sequence ${seq}`,
+      );
+    // The state writer skips the decision (the control step letters it), and letters the
+    // step's event itself, as it does any event it cannot fold.
+    const byDecision = await lettersOf(decision.seq, 1);
+    const byStep = await lettersOf(step.seq, 2);
+    const byEntry = await lettersOf(submitted.seq, 3);
+    // Everything read: nothing is retried.
+    for (const durable of [spec.durable, "approvals-control", "approvals-check"]) {
+      await waitFor(
+        async () => {
+          const c = await t.jsm.consumers.info(spec.stream, durable);
+          return c.num_pending === 0 && c.num_ack_pending === 0 && c.num_redelivered === 0;
+        },
+        10_000,
+        `${durable} past them, none redelivered`,
+      );
+    }
+    const all = [...byDecision, ...byStep, ...byEntry];
+    assert.deepEqual(
+      all.map((l) => [l.letter.subject, l.letter.stage]).sort(),
+      [
+        ["approvals.approved.*", "approvals-control"],
+        ["approvals.check.*", "approvals-control"],
+        ["approvals.check.*", "approvals-state"],
+        ["approvals.submitted.*", "approvals-check"],
+        ["approvals.submitted.*", "approvals-control"],
+        ["approvals.submitted.*", "approvals-state"],
+      ],
+    );
+    for (const { subject, letter } of all) {
+      assert.equal(letter.code, "invalid_event", JSON.stringify(letter));
+      assert.match(letter.reason, /invalid item id "\*" in subject approvals\.\w+\.\*/);
+      assert.equal(letter.attempts, 1);
+      assert.equal(letter.item_id, undefined);
+      assert.equal(subject, `deadletter.${letter.stage}.unknown`);
+    }
+    // No item was changed or failed: no failure event on a wildcard, approvals-7 as it was.
+    const info = await t.jsm.streams.info(spec.stream, { subjects_filter: "approvals.failed.>" });
+    assert.deepEqual(Object.keys(info.state.subjects ?? {}), ["approvals.failed.approvals-7"]);
+    assert.equal((await readState<ItemState>(kv, "approvals-7"))?.state.failed_seq, 2);
+  } finally {
+    for (const r of runners) await r.stop();
+  }
+});
+
+Deno.test("a decision on `approvals.approved.>` makes no item: a server that delivers it to the `approvals.*.*` consumers has it dead-lettered as an invalid item id, once; one that does not (2.9) leaves it unread", async () => {
+  // Found by a probe: `nats pub 'support.human_replied.>' ...` was stored and nothing said
+  // what became of it. nats-server 2.15 delivers it to a consumer filtered on `<name>.*.*`,
+  // 2.9 does not.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const spec = pipelineStateSpec(approvals);
+  const runners = [
+    await runStage({ ...deps, stage: controlStage(approvals, t.nc) }),
+    await runStateWriter({ ...deps, spec }),
+  ];
+  try {
+    const js = jetstream(t.nc);
+    const ack = await js.publish("approvals.approved.>", JSON.stringify({ by: "carol" }));
+    assert.equal(ack.seq, 1, "the stream's only message");
+    // Each consumer past it: delivered (and acked or terminated), or never delivered.
+    const delivered = new Map<string, number>();
+    for (const durable of ["approvals-control", spec.durable]) {
+      await waitFor(
+        async () => {
+          const c = await t.jsm.consumers.info(spec.stream, durable);
+          delivered.set(durable, c.delivered.consumer_seq);
+          return c.num_pending === 0 && c.num_ack_pending === 0 && c.num_redelivered === 0;
+        },
+        10_000,
+        `${durable} past it`,
+      );
+    }
+    const control = delivered.get("approvals-control")!;
+    assert.equal(delivered.get(spec.durable), control, "both consumers alike");
+    const letters = control === 0 ? [] : await waitFor(
+      async () => {
+        const all = await listDeadLetters(js);
+        return all.length > 0 ? all : undefined;
+      },
+      10_000,
+      "the control step's letter",
+    );
+    assert.deepEqual(
+      letters.map((l) => [l.subject, l.letter.code, l.letter.attempts]),
+      control === 0 ? [] : [["deadletter.approvals-control.unknown", "invalid_event", 1]],
+      `server ${t.nc.info?.version}`,
+    );
+    if (control > 0) assert.match(letters[0]!.letter.reason, /invalid item id ">"/);
+    const kv = await new Kvm(t.nc).open(spec.bucket);
+    const keys: string[] = [];
+    for await (const k of await kv.keys()) keys.push(k);
+    assert.deepEqual(keys, [], "no state");
+  } finally {
+    for (const r of runners) await r.stop();
+  }
 });
