@@ -71,6 +71,46 @@ async function settled(mesh: Mesh, id: string, status: string) {
   );
 }
 
+Deno.test("the order-seeding command pipelines/support/pipeline.ts gives works as written, where the README's nats context (the ops key) is selected", async () => {
+  // Found by a probe: the definition said `nats kv put weft_support_orders A100 ...`, which with
+  // the ops identity (the README's context) is a permissions violation: ops may not write a
+  // bucket (README, NATS identities).
+  const doc = await Deno.readTextFile(DEF);
+  const command = doc.match(/`(nats [^`]*kv put weft_support_orders A100 '[^']*')`/)?.[1];
+  assert.ok(command, "the definition gives a command");
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: DEF });
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  // As typed in a shell, in the repository, with `data/identities/<name>.nk` the mesh's keys.
+  const args = [...command.matchAll(/'([^']*)'|(\S+)/g)].map((m) => m[1] ?? m[2]!).slice(1)
+    .map((a) =>
+      a.replace(/^data\/identities\/(\w+)\.nk$/, (_, n) => mesh.credentials(n).nkeySeedFile!)
+    );
+  const config = await Deno.makeTempDir();
+  try {
+    const out = await new Deno.Command("nats", {
+      args,
+      // The selected context: the server and the ops key (flags given override it).
+      env: {
+        NATS_URL: mesh.natsUrl,
+        NATS_NKEY: mesh.credentials("ops").nkeySeedFile!,
+        XDG_CONFIG_HOME: config,
+      },
+      stdin: "null",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    assert.ok(out.success, `${command}: ${text}`);
+  } finally {
+    await Deno.remove(config, { recursive: true });
+  }
+  const nc = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+  try {
+    const order = (await (await new Kvm(nc).open("weft_support_orders")).get("A100"))?.json();
+    assert.deepEqual(order, { customer: "ann", status: "shipped" });
+  } finally {
+    await nc.close();
+  }
+});
+
 Deno.test("support offline: the billing agent looks the order up and answers; the scratchpad shows it", async () => {
   await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: DEF });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");

@@ -9,7 +9,9 @@
  * decide; with an OpenAI-compatible endpoint the model routes (the rules are its fallback)
  * and the agents' model chooses the tool calls.
  * Orders live in KV, each with its customer; an agent only gets an order of the item's
- * customer: `nats kv put weft_support_orders A100 '{"customer":"ann","status":"shipped"}'`.
+ * customer. The ops identity (the README's nats context) may not write a bucket: put orders
+ * with the admin one, from the repository,
+ * `nats --nkey data/identities/admin.nk kv put weft_support_orders A100 '{"customer":"ann","status":"shipped"}'`.
  *
  * @module
  */
