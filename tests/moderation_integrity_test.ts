@@ -616,3 +616,26 @@ Deno.test("a moderation published again for an item that has its outcome queues 
   assert.equal((await m.queue.get(id))!.status, "decided");
   assert.deepEqual(await m.events("failed", id), []);
 });
+
+Deno.test("a decision the queue holds and the stream lacks (the gateway died between the two) is published when a gateway starts, once", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  // What a gateway killed after its compare-and-set and before its publish leaves behind.
+  await m.queue.decide(id, {
+    decision: "reject",
+    reason: "insults staff",
+    reviewer: "carol",
+    automatic: false,
+  }, new Date(m.now));
+  assert.deepEqual(await m.events("decided", id), []);
+  assert.ok(await m.schedules.get(slaScheduleId(id, 1)), "its SLA schedule is still set");
+  assert.equal(await m.api.healDecisions(), 1);
+  const [decided] = await m.events("decided", id);
+  assert.equal(decided!.data.reviewer, "carol");
+  assert.equal(decided!.data.decision, "reject");
+  await waitFor(async () => (await m.events("archived", id)).length > 0, 10_000, "archived");
+  await assert.rejects(m.schedules.get(slaScheduleId(id, 1)), "its SLA schedule is cancelled");
+  assert.equal(await m.api.healDecisions(), 0, "nothing twice");
+  assert.equal((await m.events("decided", id)).length, 1);
+});

@@ -70,7 +70,7 @@ import {
   createReviewQueue,
   type ReviewEntry,
   type ReviewQueue,
-  type ReviewStatus,
+  ReviewStatus,
 } from "./review_queue.ts";
 
 /** The answer to an accepted upload. */
@@ -127,6 +127,13 @@ export interface ModerationApi {
     req: ReviewDecisionRequest,
     who: Principal,
   ): Promise<{ entry: ReviewEntry; replayed: boolean }>;
+  /**
+   * Publishes the decision of every reviewer-decided queue entry whose `content.decided` the
+   * stream does not hold (a gateway that died between its compare-and-set and its publish),
+   * and cancels those items' SLA schedules; how many it published. The gateway runs it when
+   * it starts.
+   */
+  healDecisions(): Promise<number>;
   /** JetStream client (SSE reads the CONTENT stream through it). */
   readonly js: JetStreamClient;
   /** JetStream manager. */
@@ -602,15 +609,35 @@ export async function createModerationApi(deps: {
         automatic: false,
       }, now());
       // Published after the compare-and-set won, once per item: a replay, however late,
-      // stores nothing again, and a crash between the two is healed by retrying.
+      // stores nothing again, and a crash between the two is healed by retrying, or by the
+      // next gateway's start (healDecisions).
       await publishDecision(result.entry);
-      for (const level of [1, 2] as const) {
-        await schedules.cancel(slaScheduleId(id, level)).catch((err) =>
-          log.warn("could not cancel an SLA schedule", { item_id: id, err })
-        );
-      }
+      await cancelSla(id);
       return result;
     },
+    async healDecisions() {
+      let healed = 0;
+      for (const entry of await queue.list(ReviewStatus.Decided)) {
+        if (!entry.decision || entry.decision.automatic) continue; // the SLA step's own
+        if ((await decisionOnStream(entry.id)).decision) continue;
+        await publishDecision(entry);
+        await cancelSla(entry.id);
+        log.warn("published a decision the stream lacked (the gateway stopped before it)", {
+          item_id: entry.id,
+          reviewer: entry.decision.reviewer,
+        });
+        healed++;
+      }
+      return healed;
+    },
   };
+
+  async function cancelSla(id: string): Promise<void> {
+    for (const level of [1, 2] as const) {
+      await schedules.cancel(slaScheduleId(id, level)).catch((err) =>
+        log.warn("could not cancel an SLA schedule", { item_id: id, err })
+      );
+    }
+  }
   return api;
 }

@@ -22,6 +22,10 @@ export async function moderationGateway(ctx: GatewayPartContext): Promise<Gatewa
     capacity,
     limiter,
   });
+  // Decisions a gateway stored in the queue and died before publishing: published now.
+  api.healDecisions().catch((err) =>
+    log.warn("could not publish the decisions a stopped gateway left unpublished", { err })
+  );
   const requests = serveModerationRequests(nc, api, auth, log, config.bodyLimit);
   return {
     openApi: moderationPaths(),
