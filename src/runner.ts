@@ -49,6 +49,7 @@ import {
 } from "./schemas.ts";
 import type { InputOf, MessageInfo, OutputEvent, Stage, StageInput } from "./stage.ts";
 import {
+  DEADLETTER_STREAM,
   deadLetterSubject,
   eventSubject,
   ITEM_ID,
@@ -830,6 +831,15 @@ function eventIdOf(raw: unknown): string | undefined {
   return typeof id === "string" && typeof type === "string" ? id : undefined;
 }
 
+/** A dead letter ready to store: its subject, body and message id, and what its log names. */
+export interface PreparedLetter {
+  subject: string;
+  data: Uint8Array;
+  msgID: string;
+  /** The fields the "dead-lettered" log line (and a held letter's) carry. */
+  fields: Record<string, unknown>;
+}
+
 /**
  * Gives up on a message for good: publishes its pipeline's failure event for its item (when
  * the item is known) so its state and SSE stream end, keeps the message in the DEADLETTER
@@ -846,6 +856,22 @@ export async function deadLetter(
   trace: TraceContext | null,
   opts: { failItem?: boolean } = {},
 ): Promise<void> {
+  await storeLetter(ctx, m, await prepareLetter(ctx, m, err, raw, itemId, trace, opts));
+}
+
+/**
+ * The first half of {@link deadLetter}: fails the item (its failure event, published once,
+ * under a fixed message id) and builds the letter, without storing it.
+ */
+export async function prepareLetter(
+  ctx: DeadLetterContext,
+  m: JsMsg,
+  err: unknown,
+  raw: unknown,
+  itemId: string | undefined,
+  trace: TraceContext | null,
+  opts: { failItem?: boolean } = {},
+): Promise<PreparedLetter> {
   const { code, reason } = toDeadLetterReason(err);
   const letter: DeadLetter = {
     stage: ctx.stage,
@@ -913,18 +939,30 @@ export async function deadLetter(
       });
     }
   }
-  await ctx.js.publish(dlSubject, encoder.encode(JSON.stringify(letter)), {
+  return {
+    subject: dlSubject,
+    data: encoder.encode(JSON.stringify(letter)),
     msgID: `dl-${m.info.stream}-${m.seq}-${ctx.stage}`,
-  });
+    fields: {
+      item_id: itemId,
+      trace_id: traceIdOf(raw, trace),
+      event_type: typeOfRaw(raw),
+      code,
+      reason,
+      attempts: m.info.deliveryCount,
+    },
+  };
+}
+
+/** The second half of {@link deadLetter}: stores the letter, then terminates the message. */
+export async function storeLetter(
+  ctx: DeadLetterContext,
+  m: JsMsg,
+  letter: PreparedLetter,
+): Promise<void> {
+  await ctx.js.publish(letter.subject, letter.data, { msgID: letter.msgID });
   m.term();
-  ctx.log.warn("dead-lettered", {
-    item_id: itemId,
-    trace_id: traceIdOf(raw, trace),
-    event_type: typeOfRaw(raw),
-    code,
-    reason,
-    attempts: m.info.deliveryCount,
-  });
+  ctx.log.warn("dead-lettered", letter.fields);
 }
 
 /**
@@ -1020,6 +1058,76 @@ export async function runStage<I extends StageInput>(
     finalTypes: stage.finalTypes,
     jsm,
   };
+
+  // Aborted when stop() is called: a held letter (below) hands its message back then.
+  const stopped = new AbortController();
+
+  /**
+   * Keeps a message whose letter DEADLETTER refused for being full (discard-new): it stays
+   * in its handler slot with its lease renewed (in-progress acks, as a slow handler's), so
+   * the server neither redelivers it nor counts it against `max_deliver`, which would drop it
+   * with no letter. The letter, built once (the item's failure event is not published again),
+   * is stored as soon as DEADLETTER has room, tried again with the retry backoff; then the
+   * message is terminated as usual. On stop it is handed back (nak) for the next run.
+   */
+  async function holdLetter(m: JsMsg, letter: PreparedLetter, cause: unknown): Promise<void> {
+    const since = performance.now();
+    metrics.lettersHeld.inc(labels);
+    log.error(
+      "dead letter not stored: stream DEADLETTER is full; the message is held until it has room",
+      {
+        ...letter.fields,
+        stream: DEADLETTER_STREAM,
+        dead_letter_subject: letter.subject,
+        stream_seq: m.seq,
+        err: cause,
+      },
+    );
+    try {
+      for (let attempt = 1;; attempt++) {
+        if (!(await pause(retryDelay(attempt, config.retryBaseMs, config.retryMaxMs)))) {
+          m.nak();
+          log.warn("held message handed back on stop: its dead letter is not stored yet", {
+            ...letter.fields,
+            stream_seq: m.seq,
+          });
+          return;
+        }
+        try {
+          await storeLetter(dlContext, m, letter);
+          stats.deadLettered++;
+          metrics.deadLettered.inc(labels);
+          log.info("held dead letter stored", {
+            item_id: letter.fields.item_id,
+            stream_seq: m.seq,
+            held_ms: Math.round(performance.now() - since),
+          });
+          return;
+        } catch (err) {
+          if (isStreamFull(err)) log.debug("held dead letter: DEADLETTER still full", { attempt });
+          else log.warn("held dead letter not stored; trying again", { attempt, err });
+        }
+      }
+    } finally {
+      metrics.lettersHeld.dec(labels);
+    }
+  }
+
+  /** Waits `ms`; false when the stage is stopped first. */
+  function pause(ms: number): Promise<boolean> {
+    if (stopped.signal.aborted) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      const onStop = () => {
+        clearTimeout(timer);
+        resolve(false);
+      };
+      const timer = setTimeout(() => {
+        stopped.signal.removeEventListener("abort", onStop);
+        resolve(true);
+      }, ms);
+      stopped.signal.addEventListener("abort", onStop, { once: true });
+    });
+  }
 
   function handle(m: JsMsg): Promise<void> {
     const parent = parseTraceparent(m.headers?.get("traceparent"));
@@ -1210,6 +1318,7 @@ export async function runStage<I extends StageInput>(
       recordFailure(span, err);
       metrics.failed.inc({ stage: stage.name, code: toDeadLetterReason(err).code });
       if (isPermanent(err) || m.info.deliveryCount >= config.maxAttempts) {
+        let letter: PreparedLetter | undefined;
         try {
           // The subject names the item (the body may lie); an event that disagrees with
           // its subject, or a bad awaited event (the item waits on), fails no item, nor does
@@ -1219,7 +1328,7 @@ export async function runStage<I extends StageInput>(
               ? stage.identify(raw, message)
               : parseEventSubject(m.subject)?.itemId ?? itemIdOf(raw),
           );
-          await deadLetter(dlContext, m, err, raw, itemId, trace, {
+          letter = await prepareLetter(dlContext, m, err, raw, itemId, trace, {
             // A conflict (the item has its outcome, or has failed and holds this message
             // until it is resumed) is this message's, not a failure of the item.
             failItem: errorCode(err) !== ErrorCode.SubjectMismatch &&
@@ -1228,12 +1337,16 @@ export async function runStage<I extends StageInput>(
               !(err instanceof OutcomeTaken) &&
               (stage.failsItem?.(message, handled) ?? true),
           });
+          await storeLetter(dlContext, m, letter);
           stats.deadLettered++;
           metrics.deadLettered.inc(labels);
         } catch (dlErr) {
-          // Could not record the dead letter (NATS down?): let the server redeliver.
-          log.error("dead-letter failed", { err: dlErr });
-          m.nak(retryDelay(1, config.retryBaseMs, config.retryMaxMs));
+          if (letter && isStreamFull(dlErr)) await holdLetter(m, letter, dlErr);
+          else {
+            // Could not record the dead letter (NATS down?): let the server redeliver.
+            log.error("dead-letter failed", { err: dlErr });
+            m.nak(retryDelay(1, config.retryBaseMs, config.retryMaxMs));
+          }
         }
       } else {
         const delay = retryDelay(
@@ -1302,6 +1415,7 @@ export async function runStage<I extends StageInput>(
     done,
     async stop() {
       stopping = true; // stop fetching; anything delivered after this is nak'ed back
+      stopped.abort();
       batch?.stop();
       wake?.();
       let timer: ReturnType<typeof setTimeout> | undefined;

@@ -16,6 +16,7 @@ import type { DeadLetter } from "../src/events.gen.ts";
 import type { FeedbackFailed } from "../pipelines/feedback/events.gen.ts";
 import type { Config } from "../src/config.ts";
 import { startTestNats, testConfig } from "./helpers/nats.ts";
+import { WeftMetrics } from "../src/observability/metrics.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
 /** nats-server 2.10+ (consumer metadata, several filters per consumer). */
@@ -313,6 +314,88 @@ Deno.test("an item whose stream is full even for its failure event is dead-lette
     assert.equal(info.num_redelivered, 0, "terminated, not retried until max_deliver");
     assert.equal(await countOn(t, "FEEDBACK", "feedback.failed.full1"), 0);
   } finally {
+    await runner.stop();
+  }
+});
+
+Deno.test("a message whose dead letter a full DEADLETTER refuses is held, not dropped by max_deliver, and dead-lettered once it has room", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  // A tiny DEADLETTER (discard-new), filled to the brim by letters of another stage.
+  const dl = await t.jsm.streams.info("DEADLETTER");
+  await t.jsm.streams.update("DEADLETTER", { ...dl.config, max_bytes: 8 * 1024 });
+  let n = 0;
+  for (const size of [1000, 100, 0]) { // to the last byte: even a small letter is refused
+    let full = false;
+    while (!full) {
+      await js.publish(`deadletter.filler.f${n++}`, JSON.stringify({ pad: "x".repeat(size) }))
+        .catch((err) => (full = isStreamFull(err)) || Promise.reject(err));
+    }
+  }
+  // Every attempt to store a letter is a publish on its subject, which a plain subscriber
+  // sees whether or not the stream takes it.
+  const attempts = new Map<string, number>();
+  const sub = t.nc.subscribe("deadletter.sentiment.>", {
+    callback: (_e, m) => void attempts.set(m.subject, (attempts.get(m.subject) ?? 0) + 1),
+  });
+  const metrics = new WeftMetrics();
+  // max_deliver is maxAttempts + 2 = 4.
+  const config = runnerConfig(t.config, { maxAttempts: 2, retryBaseMs: 10, retryMaxMs: 40 });
+  const runner = await runStage({
+    nc: t.nc,
+    stage: sentimentStage(rules.sentiment),
+    config,
+    log: t.log,
+    metrics,
+  });
+  try {
+    const items = ["held1", "held2", "held3"];
+    for (const id of items) await js.publish(`feedback.ingested.${id}`, enc.encode("{not json"));
+    // Before: each delivery tried its letter once, then was nak'ed; after max_deliver (4)
+    // deliveries the server dropped the message, with no letter.
+    await waitFor(
+      () => items.every((id) => (attempts.get(`deadletter.sentiment.${id}`) ?? 0) >= 6),
+      30_000,
+      "each letter tried more often than max_deliver allows deliveries",
+    );
+    const held = await t.jsm.consumers.info("FEEDBACK", "sentiment");
+    assert.equal(held.num_ack_pending, 3, "the three messages are held, not dropped");
+    assert.equal(held.num_redelivered, 0, "held in progress, never redelivered");
+    assert.match(await metrics.text(), /weft_stage_letters_held\{stage="sentiment"\} 3/);
+    assert.ok(
+      t.lines.some((l) =>
+        l.includes('"level":"error"') &&
+        l.includes("dead letter not stored: stream DEADLETTER is full")
+      ),
+      "an error is logged",
+    );
+    // Other items flow on meanwhile.
+    const ok = nextMessages(t.nc, "feedback.sentiment_analyzed.ok1");
+    await js.publish("feedback.ingested.ok1", JSON.stringify(ingested("ok1")));
+    await ok;
+    // Room again: every held letter is stored by itself, and its message terminated.
+    await t.jsm.streams.purge("DEADLETTER", { filter: "deadletter.filler.>" });
+    await waitFor(
+      async () => (await countOn(t, "DEADLETTER", "deadletter.sentiment.>")) === 3,
+      30_000,
+      "the three held letters stored",
+    );
+    const info = await consumerSettled(t, "sentiment");
+    assert.equal(info.num_redelivered, 0);
+    for (const id of items) {
+      const m = await t.jsm.streams.getMessage("DEADLETTER", {
+        last_by_subj: `deadletter.sentiment.${id}`,
+      });
+      const letter = m!.json<DeadLetter>();
+      assert.equal(letter.code, "invalid_event");
+      assert.match(letter.reason, /not JSON/);
+      assert.equal(letter.attempts, 1);
+      assert.equal(await countOn(t, "FEEDBACK", `feedback.failed.${id}`), 1, "failed once");
+    }
+    assert.match(await metrics.text(), /weft_stage_letters_held\{stage="sentiment"\} 0/);
+    assert.equal(runner.stats.deadLettered, 3);
+  } finally {
+    sub.unsubscribe();
     await runner.stop();
   }
 });

@@ -79,6 +79,11 @@ export class WeftMetrics {
   readonly retried: client.Counter<"stage">;
   /** Messages given up on and kept in the DEADLETTER stream. */
   readonly deadLettered: client.Counter<"stage">;
+  /**
+   * Messages a stage holds because the DEADLETTER stream is full and refused their letter:
+   * kept (leased, not redelivered) until it has room.
+   */
+  readonly lettersHeld: client.Gauge<"stage">;
   /** Events a stage published. */
   readonly published: client.Counter<"stage" | "type">;
   /** Handler run time. */
@@ -117,6 +122,13 @@ export class WeftMetrics {
     this.deadLettered = new client.Counter({
       name: "weft_stage_dead_lettered_total",
       help: "Messages given up on and kept in the DEADLETTER stream",
+      labelNames: ["stage"],
+      registers,
+    });
+    this.lettersHeld = new client.Gauge({
+      name: "weft_stage_letters_held",
+      help: "Messages a stage holds because the DEADLETTER stream is full and refused their " +
+        "dead letter (stored, and the message terminated, once it has room)",
       labelNames: ["stage"],
       registers,
     });
