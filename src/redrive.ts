@@ -27,7 +27,14 @@ import {
 } from "@nats-io/jetstream";
 import { ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
-import { assertMatchesSubject, decodeJson, depthWithin, MAX_DEPTH } from "./runner.ts";
+import {
+  assertMatchesSubject,
+  decodeJson,
+  depthWithin,
+  MAX_DEPTH,
+  messagesOn,
+  storedMessage,
+} from "./runner.ts";
 import { maxPayloadOf, replyTo, requestJson } from "./gateway/requests.ts";
 import {
   type EventMap,
@@ -40,7 +47,6 @@ import type { DeadLetter } from "./events.gen.ts";
 import type { Logger } from "./observability/log.ts";
 import type { Auth } from "./gateway/auth.ts";
 import { Role } from "./config.ts";
-import { readStream } from "./stream_reader.ts";
 import { STAGE_DESCRIPTION } from "./topology.ts";
 import {
   DEADLETTER_STREAM,
@@ -204,8 +210,154 @@ function matches(e: DeadLetterEntry, f: DeadLetterFilter): boolean {
     (f.pending !== true || e.redrives === 0);
 }
 
+/** What {@link listDeadLetterPage} answers. */
+export interface DeadLetterPage {
+  /** The oldest matches, at most `limit`, and no more than `maxBytes` of letters. */
+  items: DeadLetterEntry[];
+  /**
+   * How many letters match. Without `code`, and without `pending` beside `stage` or `item_id`,
+   * it comes from the stream's counts (the messages on the filter's letter subjects, less
+   * redrive markers, less letters redriven for `pending`), and nothing past the page is read;
+   * otherwise the letters on the filter's subjects are all read to count it.
+   */
+  total: number;
+  /** True when matches within `limit` were left out to stay within `maxBytes`. */
+  truncated?: true;
+}
+
+/** Bytes of letters one listing keeps in memory by default (`GET /deadletters`). */
+export const LIST_MAX_BYTES = 16 * 1024 * 1024;
+
 /**
- * Lists dead letters matching `filter`, oldest first, at most `limit`.
+ * The subject filter of the letters `f` can match (`deadletter.<stage>.<item_id>`, either a
+ * wildcard when not given); undefined when no letter can: a stage or item id that is no
+ * subject token (a dot, a wildcard, a space), or the markers' `redriven`.
+ */
+export function letterSubjectFilter(f: DeadLetterFilter): string | undefined {
+  const token = (v: string | undefined) => v === undefined ? "*" : /^[^.*>\s]+$/.test(v) ? v : null;
+  const stage = token(f.stage);
+  const item = token(f.item_id);
+  if (stage === null || item === null || stage === REDRIVEN_TOKEN) return undefined;
+  return `deadletter.${stage}.${item}`;
+}
+
+/** Redrive markers per letter seq token (`deadletter.redriven.<seq>`), from the stream's counts. */
+async function redriveCounts(
+  jsm: JetStreamManager,
+): Promise<{ last: number; byToken: Map<string, number> }> {
+  const info = await jsm.streams.info(DEADLETTER_STREAM, {
+    subjects_filter: `${REDRIVEN_PREFIX}.*`,
+  });
+  const byToken = new Map<string, number>();
+  for (const [subject, n] of Object.entries(info.state.subjects ?? {})) {
+    byToken.set(subject.slice(REDRIVEN_PREFIX.length + 1), n);
+  }
+  return { last: info.state.last_seq, byToken };
+}
+
+/** Messages stored on `subject` in DEADLETTER: a consumer's count, no message read. */
+async function countOn(js: JetStreamClient, subject: string): Promise<number> {
+  const consumer = await js.consumers.get(DEADLETTER_STREAM, { filter_subjects: subject });
+  try {
+    return (await consumer.info(true)).num_pending;
+  } finally {
+    await consumer.delete().catch(() => {});
+  }
+}
+
+/** True for a marker's subject, which `deadletter.*.*` matches too. */
+const isMarker = (subject: string) => subject.startsWith(`${REDRIVEN_PREFIX}.`);
+
+/**
+ * The letters on the filter's subjects, oldest first, stored before the call (a letter a
+ * redrive leads to is not read by that redrive): one direct read each, so a listing holds
+ * one letter at a time besides those it keeps, and stops where its answer is complete.
+ */
+async function* scanLetters(
+  jsm: JetStreamManager,
+  subject: string,
+  last: number,
+  byToken: Map<string, number>,
+): AsyncGenerator<{ entry: DeadLetterEntry; bytes: number }> {
+  for await (
+    const m of messagesOn(jsm, DEADLETTER_STREAM, subject, {
+      before: last + 1,
+      max: Infinity,
+    })
+  ) {
+    if (isMarker(m.subject)) continue;
+    let letter: DeadLetter;
+    try {
+      letter = m.json<DeadLetter>();
+    } catch {
+      continue; // not a dead letter someone published by hand: skip
+    }
+    if (letter === null || typeof letter !== "object") continue;
+    const redrives = byToken.get(String(m.seq)) ?? 0;
+    yield { entry: { seq: m.seq, subject: m.subject, letter, redrives }, bytes: m.data.length };
+  }
+}
+
+/**
+ * Lists dead letters matching `filter`, oldest first: at most `limit`, and at most
+ * `maxBytes` of letters (the page then says `truncated`). Only the filter's subjects are
+ * read (`deadletter.<stage>.<item_id>`), and only as far as the page needs, unless its
+ * `total` can only be counted by reading them all (see {@link DeadLetterPage}).
+ *
+ * @example
+ * ```ts ignore
+ * import { listDeadLetterPage } from "./redrive.ts";
+ * const { items, total } = await listDeadLetterPage(js, { stage: "orders-pay" }, 10);
+ * ```
+ */
+export async function listDeadLetterPage(
+  js: JetStreamClient,
+  filter: DeadLetterFilter = {},
+  limit = 1000,
+  opts: { maxBytes?: number; total?: boolean } = {},
+): Promise<DeadLetterPage> {
+  const maxBytes = opts.maxBytes ?? LIST_MAX_BYTES;
+  const subject = letterSubjectFilter(filter);
+  if (subject === undefined) return { items: [], total: 0 };
+  const jsm = await js.jetstreamManager();
+  const { last, byToken } = await redriveCounts(jsm);
+  let total: number | undefined;
+  if (opts.total !== false && filter.code === undefined) {
+    const narrowed = filter.stage !== undefined || filter.item_id !== undefined;
+    if (!filter.pending || !narrowed) {
+      // Markers are on `deadletter.redriven.<seq>`: a wildcard stage takes them in too.
+      const markers = filter.stage !== undefined
+        ? 0
+        : filter.item_id !== undefined
+        ? byToken.get(filter.item_id) ?? 0
+        : [...byToken.values()].reduce((a, b) => a + b, 0);
+      const letters = (await countOn(js, subject)) - markers;
+      total = Math.max(0, filter.pending ? letters - byToken.size : letters);
+    }
+  }
+  const items: DeadLetterEntry[] = [];
+  let bytes = 0;
+  let counted = 0;
+  let truncated = false;
+  for await (const { entry: e, bytes: size } of scanLetters(jsm, subject, last, byToken)) {
+    if (!matches(e, filter)) continue;
+    counted++;
+    if (items.length < limit && !truncated) {
+      if (items.length > 0 && bytes + size > maxBytes) truncated = true;
+      else {
+        items.push(e);
+        bytes += size;
+      }
+    }
+    const full = items.length >= limit || truncated;
+    if (full && (total !== undefined || opts.total === false)) break;
+  }
+  return { items, total: total ?? counted, ...(truncated ? { truncated: true as const } : {}) };
+}
+
+/**
+ * Lists dead letters matching `filter`, oldest first, at most `limit` (and at most
+ * {@link LIST_MAX_BYTES} of letters), reading only what that needs.
  *
  * @example
  * ```ts ignore
@@ -218,20 +370,7 @@ export async function listDeadLetters(
   filter: DeadLetterFilter = {},
   limit = 1000,
 ): Promise<DeadLetterEntry[]> {
-  const entries: DeadLetterEntry[] = [];
-  const redrives = new Map<number, number>();
-  for await (const m of readStream(js, DEADLETTER_STREAM)) {
-    if (m.subject.startsWith(`${REDRIVEN_PREFIX}.`)) {
-      const seq = Number(m.subject.slice(REDRIVEN_PREFIX.length + 1));
-      redrives.set(seq, (redrives.get(seq) ?? 0) + 1);
-      continue;
-    }
-    try {
-      entries.push({ seq: m.seq, subject: m.subject, letter: m.json<DeadLetter>(), redrives: 0 });
-    } catch { /* not a dead letter someone published by hand: skip */ }
-  }
-  for (const e of entries) e.redrives = redrives.get(e.seq) ?? 0;
-  return entries.filter((e) => matches(e, filter)).slice(0, limit);
+  return (await listDeadLetterPage(js, filter, limit, { total: false })).items;
 }
 
 /** The original message's bytes, as the letter keeps them. */
@@ -386,6 +525,23 @@ function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   return true;
 }
 
+/** The letter stored at `seq` in DEADLETTER; undefined when there is none (or a marker). */
+async function letterAt(
+  jsm: JetStreamManager,
+  seq: number,
+  byToken: Map<string, number>,
+): Promise<DeadLetterEntry | undefined> {
+  const m = await storedMessage(jsm, DEADLETTER_STREAM, { seq });
+  if (!m || isMarker(m.subject) || !subjectMatches("deadletter.*.*", m.subject)) return undefined;
+  try {
+    const letter = m.json<DeadLetter>();
+    if (letter === null || typeof letter !== "object") return undefined;
+    return { seq, subject: m.subject, letter, redrives: byToken.get(String(seq)) ?? 0 };
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * Republishes the selected dead letters' originals to their original subjects, each after
  * {@link checkRedrivable}; refused letters are reported, never published.
@@ -401,25 +557,29 @@ export async function redrive(
   req: RedriveRequest,
   opts: RedriveOptions = {},
 ): Promise<RedriveResult> {
-  const all = await listDeadLetters(js, {}, Number.MAX_SAFE_INTEGER);
-  let selected: DeadLetterEntry[];
+  const jsm = await js.jetstreamManager();
+  const { last, byToken } = await redriveCounts(jsm);
+  // The letters' seqs first (a letter is read again when its turn comes), so a redrive of
+  // thousands holds no more than one letter at a time.
+  let seqs: number[] = [];
   const notFound: number[] = [];
-  if ("ids" in req) {
-    const bySeq = new Map(all.map((e) => [e.seq, e]));
-    selected = [];
-    for (const id of new Set(req.ids)) {
-      const e = bySeq.get(id);
-      if (e) selected.push(e);
-      else notFound.push(id);
+  if ("ids" in req) seqs = [...new Set(req.ids)];
+  else {
+    const filter = "filter" in req ? { ...req.filter, pending: true } : { pending: true };
+    const subject = letterSubjectFilter(filter);
+    if (subject !== undefined) {
+      for await (const { entry: e } of scanLetters(jsm, subject, last, byToken)) {
+        if (matches(e, filter)) seqs.push(e.seq);
+      }
     }
-  } else if ("filter" in req) {
-    selected = all.filter((e) => matches(e, { ...req.filter, pending: true }));
-  } else {
-    selected = all.filter((e) => e.redrives === 0);
   }
   const result: RedriveResult = { redriven: [], not_found: notFound, refused: [] };
-  const jsm = await js.jetstreamManager();
-  for (const e of selected) {
+  for (const seq of seqs) {
+    const e = await letterAt(jsm, seq, byToken);
+    if (!e) {
+      notFound.push(seq);
+      continue;
+    }
     const checked = await checkRedrivable(jsm, e.letter, opts);
     if (checked.refused !== undefined) {
       result.refused.push({ seq: e.seq, reason: checked.refused });
@@ -466,6 +626,9 @@ function parseListRequest(value: unknown): { filter: DeadLetterFilter; limit: nu
   return { filter: parseFilter(rest), limit: limit as number };
 }
 
+const LIST_HINT = "the oldest letters that fit the server's max_payload; narrow with a filter " +
+  '({"stage", "code", "item_id", "pending"}) or {"limit": N}';
+
 /**
  * Serves `weft.deadletters.list` and `weft.deadletters.redrive`; errors answer
  * `{"error": <problem>}` like the other request subjects.
@@ -502,12 +665,14 @@ export function serveDeadLetterRequests(
           async () => {
             admin(m);
             const { limit, filter } = parseListRequest(body(m));
-            // No limit lists every match, as '' means (the answer says when it was cut).
-            const matched = await listDeadLetters(js, filter, Number.MAX_SAFE_INTEGER);
-            return { items: matched.slice(0, limit), total: matched.length };
+            // No limit lists every match, as '' means (the answer says when it was cut); no
+            // more letters are kept than a reply can carry.
+            const page = await listDeadLetterPage(js, filter, limit, {
+              maxBytes: maxPayloadOf(nc),
+            });
+            return page.truncated ? { ...page, hint: LIST_HINT } : page;
           },
-          "the oldest letters that fit the server's max_payload; narrow with a filter " +
-            '({"stage", "code", "item_id", "pending"}) or {"limit": N}',
+          LIST_HINT,
         ),
     }),
     nc.subscribe(DEADLETTERS_REDRIVE_SUBJECT, {

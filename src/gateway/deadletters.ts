@@ -15,7 +15,8 @@ import { requireJson } from "./app.ts";
 import { requestJson } from "./requests.ts";
 import {
   FILTER_KEYS,
-  listDeadLetters,
+  LIST_MAX_BYTES,
+  listDeadLetterPage,
   parseFilter,
   parseRedriveRequest,
   redrive,
@@ -50,7 +51,19 @@ export function deadLetterRoutes(js: JetStreamClient, opts: RedriveOptions = {})
       "",
       (k) => k,
     );
-    return c.json({ items: await listDeadLetters(js, filter, limit) });
+    // Only the page is read (the filter's subjects, up to `limit` matches), and no more
+    // than LIST_MAX_BYTES of letters are kept: a page cut so says `truncated`.
+    const page = await listDeadLetterPage(js, filter, limit, { total: false });
+    return c.json(
+      page.truncated
+        ? {
+          items: page.items,
+          truncated: true,
+          hint: `the oldest letters within ${LIST_MAX_BYTES} bytes; narrow with a filter ` +
+            "(stage, code, item_id, pending) or a smaller limit",
+        }
+        : { items: page.items },
+    );
   });
   // Ids of 10,000 letters fit in ~120 KB; anything larger is refused before it is read.
   app.post(
