@@ -400,6 +400,46 @@ Deno.test("a message whose dead letter a full DEADLETTER refuses is held, not dr
   }
 });
 
+Deno.test("a stage stopped while it holds a message for a full DEADLETTER hands it back, and its next run dead-letters it once there is room", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  const dl = await t.jsm.streams.info("DEADLETTER");
+  await t.jsm.streams.update("DEADLETTER", { ...dl.config, max_bytes: 8 * 1024 });
+  let n = 0;
+  for (const size of [1000, 100, 0]) {
+    let full = false;
+    while (!full) {
+      await js.publish(`deadletter.filler.f${n++}`, JSON.stringify({ pad: "x".repeat(size) }))
+        .catch((err) => (full = isStreamFull(err)) || Promise.reject(err));
+    }
+  }
+  const config = runnerConfig(t.config, { retryBaseMs: 10, retryMaxMs: 40 });
+  const start = () =>
+    runStage({ nc: t.nc, stage: sentimentStage(rules.sentiment), config, log: t.log });
+  const first = await start();
+  await js.publish("feedback.ingested.stop1", enc.encode("{not json"));
+  await waitFor(
+    () => t.lines.some((l) => l.includes("dead letter not stored")),
+    10_000,
+    "the message held",
+  );
+  await deadline(first.stop(), 10_000, "stop with a held message");
+  assert.ok(t.lines.some((l) => l.includes("held message handed back on stop")));
+  await t.jsm.streams.purge("DEADLETTER", { filter: "deadletter.filler.>" });
+  const letters = nextMessages(t.nc, "deadletter.sentiment.stop1");
+  const second = await start();
+  try {
+    const letter = (await letters)[0]!.json<DeadLetter>();
+    assert.equal(letter.code, "invalid_event");
+    assert.match(letter.reason, /not JSON/);
+    await consumerSettled(t, "sentiment");
+    assert.equal(second.stats.deadLettered, 1, "the next run took it");
+    assert.equal(await countOn(t, "DEADLETTER", "deadletter.sentiment.stop1"), 1);
+  } finally {
+    await second.stop();
+  }
+});
+
 Deno.test("after the last attempt an item is dead-lettered and failed, while other items flow on", async () => {
   await using t = await startTestNats();
   const stage = probeStage((text) => {
