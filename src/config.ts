@@ -68,6 +68,18 @@ export interface Config {
   bodyLimit: number;
   /** Largest accepted body of a batch submission, bytes. `WEFT_BATCH_BODY_LIMIT`. */
   batchBodyLimit: number;
+  /**
+   * Request bodies the gateway reads at once; a request with a body beyond them is answered
+   * 503 with Retry-After, its body unread. Bounds what half-sent bodies cost (a body being read
+   * holds ~190-280 KB until it ends, docs/SECURITY.md). `WEFT_BODY_READS_MAX`.
+   */
+  bodyReadsMax: number;
+  /**
+   * How long a request body may take to arrive in full, ms, from when its request reached the
+   * gateway: past it the request is answered 408 `request_timeout` and its slot is freed.
+   * `WEFT_BODY_TIMEOUT_MS`.
+   */
+  bodyTimeoutMs: number;
   /** Attempts a stage makes at one message before dead-lettering it. `WEFT_MAX_ATTEMPTS`. */
   maxAttempts: number;
   /**
@@ -469,6 +481,13 @@ const SETTINGS: Setting<any>[] = [
     env: "WEFT_BATCH_BODY_LIMIT",
     default: 4 * 1024 * 1024,
     parse: int(1024),
+  },
+  { key: "bodyReadsMax", env: "WEFT_BODY_READS_MAX", default: 256, parse: int(1, 1_000_000) },
+  {
+    key: "bodyTimeoutMs",
+    env: "WEFT_BODY_TIMEOUT_MS",
+    default: 30_000,
+    parse: int(100, 3600_000),
   },
   { key: "maxAttempts", env: "WEFT_MAX_ATTEMPTS", default: 5, parse: int(1, 100) },
   {

@@ -80,6 +80,11 @@ export const ErrorCode = {
   InvalidScratchpad: "invalid_scratchpad",
   /** The path exists but not with this method: the answer's `Allow` header lists its methods. */
   MethodNotAllowed: "method_not_allowed",
+  /**
+   * The request body did not arrive in full within `WEFT_BODY_TIMEOUT_MS` of its request
+   * reaching the gateway: nothing was accepted; send it again.
+   */
+  RequestTimeout: "request_timeout",
 } as const;
 /** One of {@link ErrorCode}. */
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode];
@@ -309,6 +314,7 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   invalid_awaited_event: 422,
   invalid_scratchpad: 500,
   method_not_allowed: 405,
+  request_timeout: 408,
 };
 
 const TITLES: Record<ErrorCode, string> = {
@@ -335,6 +341,7 @@ const TITLES: Record<ErrorCode, string> = {
   invalid_awaited_event: "Invalid awaited event",
   invalid_scratchpad: "Invalid scratchpad",
   method_not_allowed: "Method not allowed",
+  request_timeout: "Request body timeout",
 };
 
 /**

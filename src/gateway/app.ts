@@ -42,6 +42,7 @@ import type { DashboardPanel } from "./dashboard_page.ts";
 import { edgeRoutes } from "./edge_routes.ts";
 import type { ShadowControl } from "../shadow/control.ts";
 import { shadowRoutes } from "./shadows.ts";
+import { createBodyGuard } from "./body_guard.ts";
 
 /**
  * What the gateway shares with a pipeline's own routes: its auth, settings, log, SSE slots
@@ -151,7 +152,9 @@ export async function readJson(c: Context, opts: { optional?: boolean } = {}): P
     if (opts.optional && bytes.length === 0) return {};
     return requestJson(bytes);
   } catch (err) {
-    if (err instanceof HTTPException || err instanceof ValidationError) throw err;
+    // A body that did not arrive in time (408), a number it cannot keep (422) or any other
+    // Weft error keeps its own answer.
+    if (err instanceof HTTPException || err instanceof WeftError) throw err;
     throw new ValidationError((err as Error).message, {
       code: ErrorCode.MalformedJson,
       field: "/",
@@ -193,6 +196,13 @@ export function createApp(deps: GatewayDeps): Hono {
   const app = new Hono();
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
+
+  // Request bodies: at most `bodyReadsMax` read at once (503 beyond), each within
+  // `bodyTimeoutMs` (408 past it). Deno.serve bounds neither (docs/SECURITY.md).
+  app.use(
+    createBodyGuard({ maxReads: config.bodyReadsMax, timeoutMs: config.bodyTimeoutMs })
+      .middleware,
+  );
 
   // A path served with other methods: OPTIONS is 204 and any other method 405, each with
   // `Allow` listing them, before a path's key check (an OPTIONS or a wrong method is told the
