@@ -25,6 +25,39 @@ export interface ReadStreamOptions {
    * Default 30,000.
    */
   stallMs?: number;
+  /**
+   * Most bytes the reader asks the server for ahead of what it has yielded (its prefetch),
+   * raised to the largest message the server takes ({@link prefetchBytes}): a reader whose
+   * caller stops taking messages (an event stream whose client stopped reading) holds no more.
+   * By default that largest message's worth.
+   */
+  maxBytes?: number;
+}
+
+/** What a message may add to its size on delivery (its subject and reply subject), bytes. */
+const DELIVERY_OVERHEAD = 64 * 1024;
+
+/**
+ * The prefetch a read asks for: `wanted` bytes, but at least the largest message the server
+ * takes (its `max_payload`, 1 MiB by default) with its subjects, so that any stored message fits
+ * in one pull (a message larger than a pull's `max_bytes` is never delivered: the read would
+ * stall on it).
+ *
+ * @example
+ * ```ts
+ * import { prefetchBytes } from "./stream_reader.ts";
+ * console.assert(prefetchBytes(1_048_576) === 1_048_576 + 64 * 1024);
+ * console.assert(prefetchBytes(1_048_576, 8 * 1024 * 1024) === 8 * 1024 * 1024);
+ * ```
+ */
+export function prefetchBytes(maxPayload: number, wanted = 0): number {
+  return Math.max(wanted, maxPayload + DELIVERY_OVERHEAD);
+}
+
+/** The server's max_payload as `js`'s connection was told it (1 MiB when it does not say). */
+function maxPayloadOf(js: JetStreamClient): number {
+  const nc = (js as unknown as { nc?: { info?: { max_payload?: number } } }).nc;
+  return nc?.info?.max_payload ?? 1024 * 1024;
 }
 
 /** Thrown when a stream read waited `stallMs` for a message the server said was pending. */
@@ -104,7 +137,13 @@ async function* readOnce(
   try {
     // The ordered consumer's creation answer counts what it has to deliver.
     if ((await consumer.info(true)).num_pending === 0) return;
-    const messages = await consumer.consume({ max_messages: 1000 });
+    // Bounded in bytes, not messages: nats.js pulls again only as messages are taken, so a
+    // caller that stops taking them holds at most this prefetch. (1,000 messages ahead, the
+    // bound before, cost up to 1,000 events' bytes per reader: ~12 MB a stalled SSE replay
+    // client with ~480 KB events, measured.)
+    const messages = await consumer.consume({
+      max_bytes: prefetchBytes(maxPayloadOf(js), opts.maxBytes),
+    });
     const it = messages[Symbol.asyncIterator]();
     try {
       while (true) {

@@ -2,7 +2,8 @@ import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connectNats } from "./nats.ts";
 import { startNatsServer } from "./nats_server.ts";
-import { readStream } from "./stream_reader.ts";
+import { prefetchBytes, readStream } from "./stream_reader.ts";
+import { waitFor } from "../tests/helpers/wait.ts";
 
 const COUNT = 5_000;
 
@@ -99,4 +100,41 @@ Deno.test("a read from a start sequence yields exactly the messages from there t
   const expected = [];
   for (let s = 4_000; s <= COUNT; s++) if ((s - 1) % 50 === 7) expected.push(s);
   assert.deepEqual(seqs, expected);
+});
+
+Deno.test("a reader whose caller stops taking messages holds at most its prefetch bytes: 60 messages of 100 KB, one taken, at most ~1 MiB delivered", async () => {
+  const server = await startNatsServer();
+  const nc = await connectNats(server.url, "reader-test");
+  try {
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.add({ name: "BIG", subjects: ["big.>"] });
+    const js = jetstream(nc);
+    const size = 100_000;
+    const body = new Uint8Array(size).fill(120);
+    for (let i = 0; i < 60; i++) await js.publish(`big.e.${i}`, body);
+    const reader = readStream(js, "BIG");
+    const first = await reader.next();
+    assert.equal(first.done, false);
+    // The caller takes no more (an event stream whose client stopped reading). Once the
+    // server has answered every pull the reader sent (or delivered everything), what it
+    // delivered is what the reader holds; it sends no other pull until more are taken.
+    const delivered = await waitFor(
+      async () => {
+        for await (const c of jsm.consumers.list("BIG")) {
+          const settled = c.num_waiting === 0 || c.num_pending === 0;
+          if (settled && c.delivered.stream_seq > 1) return c.delivered.stream_seq;
+        }
+        return undefined;
+      },
+      20_000,
+      "the reader's pulls answered",
+    );
+    const bound = Math.floor(prefetchBytes(nc.info!.max_payload) / size) + 1;
+    assert.ok(delivered <= bound, `${delivered} of 60 delivered, more than ${bound}`);
+    await reader.return(undefined);
+    assert.equal((await jsm.streams.info("BIG")).state.consumer_count, 0, "no consumer left");
+  } finally {
+    await nc.close();
+    await server[Symbol.asyncDispose]();
+  }
 });
