@@ -52,6 +52,7 @@ import {
   DEADLETTER_STREAM,
   deadLetterSubject,
   eventSubject,
+  HANDOVER_HEADER,
   ITEM_ID,
   parseEventSubject,
   REDRIVE_OF_HEADER,
@@ -1155,6 +1156,8 @@ export async function runStage<I extends StageInput>(
     if (trace) message.traceId = trace.traceId;
     const redriveOf = Number(m.headers?.get(REDRIVE_OF_HEADER) || NaN);
     if (Number.isSafeInteger(redriveOf) && redriveOf > 0) message.redriveOf = redriveOf;
+    const handover = m.headers?.get(HANDOVER_HEADER);
+    if (handover) message.handoverTo = handover.split(",");
     if (stage.accepts && !stage.accepts(message)) {
       m.ack(); // on this stage's consumer, but not for it (a wide filter)
       return;
@@ -1239,6 +1242,20 @@ export async function runStage<I extends StageInput>(
         log.debug("skipped: the item ended before this step's consumer was created", {
           item_id: itemId,
           seq: m.seq,
+        });
+        m.ack();
+        return;
+      }
+      if (
+        (message.redriveOf !== undefined || message.handoverTo !== undefined) &&
+        await stage.tookAlready?.(input, message) === true
+      ) {
+        // A copy of an event this stage ran for already: running it again would repeat its
+        // side effects, and its outputs are stored.
+        log.info("skipped: this step ran for the event already", {
+          item_id: itemId,
+          seq: m.seq,
+          ...(message.redriveOf !== undefined ? { redrive_of: message.redriveOf } : {}),
         });
         m.ack();
         return;

@@ -21,6 +21,11 @@ export interface MessageInfo {
   traceId?: string;
   /** The dead letter a redrive republished it from (its `Weft-Redrive-Of` header), if any. */
   redriveOf?: number;
+  /**
+   * The steps a copy stored by a definition change's hand-over is for (its
+   * `Weft-Handover-To` header), if it is one.
+   */
+  handoverTo?: string[];
 }
 
 /** What a handler gets beside its input. */
@@ -137,6 +142,12 @@ export interface Stage<I extends StageInput = StageInput> {
    * that ended.
    */
   ended?(item: string): Promise<boolean>;
+  /**
+   * Whether this stage has handled `input` already (its output for it is stored): asked only
+   * for a copy of an event stored again (a redrive, a hand-over), which is then acked
+   * unhandled, so a step never runs twice for one event (an email, a payment).
+   */
+  tookAlready?(input: InputOf<I>, message: MessageInfo): Promise<boolean>;
   /** Pure: same input, same outputs (ids included). Throw to fail; see errors.ts. */
   handle(input: InputOf<I>, ctx: StageContext): OutputEvent[] | Promise<OutputEvent[]>;
 }

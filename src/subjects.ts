@@ -52,6 +52,12 @@ export function parseEventSubject(subject: string): { type: string; itemId: stri
 /** The header a redrive republishes an original with: the dead letter's sequence. */
 export const REDRIVE_OF_HEADER = "Weft-Redrive-Of";
 /**
+ * The header a pipeline's control service stores an event again with when a changed
+ * definition sends it to steps that will not read the original (their consumers are past
+ * it): the steps it is for, comma-separated. Every other consumer acks it unread.
+ */
+export const HANDOVER_HEADER = "Weft-Handover-To";
+/**
  * The dead-letter subjects' token of redrive markers (`deadletter.redriven.<seq>`): no
  * stage's durable may take it, or its letters would be taken for markers.
  */

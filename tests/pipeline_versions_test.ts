@@ -10,6 +10,7 @@ import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts
 import { waitFor } from "./helpers/wait.ts";
 import { connectClient } from "./helpers/nats.ts";
 import { AckPolicy } from "@nats-io/jetstream";
+import type { LoadedPipeline } from "../src/pipeline/runtime.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
 /** nats-server 2.10+ (consumer metadata, several filters per consumer). */
@@ -646,4 +647,385 @@ Deno.test("the retired consumers of a changed definition: a gone step's, and a r
   ];
   // On 2.10+ the metadata says who made a consumer; by name only where there is none (2.9).
   assert.deepEqual(await found(!SERVER_2_10), expected);
+});
+
+/** A task handler that holds its item until its service stops. */
+const HOLD = `(_v: unknown, ctx: { signal: AbortSignal }) =>
+        new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(new Error("stopped"))))`;
+
+/**
+ * Version 1 routes `slow` items to `a` (which holds them until stopped) and the others to
+ * `b`; version 2 swaps the routes, so the event that sent a slow item to `a` now leads to
+ * `b`, a step that stays (and `a` runs for the others). Both go on to a wait, then done.
+ */
+const rewired = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const rewire = definePipeline({
+  name: "rewire",
+  input: { schema: { type: "object", required: ["kind"] } },
+  start: "s",
+  steps: {
+    s: {
+      kind: "router",
+      route: (i: { kind: string }) => (i.kind === "slow" ? "r1" : "r2"),
+      routes: ${v === 1 ? '{ r1: "a", r2: "b" }' : '{ r1: "b", r2: "a" }'},
+    },
+    a: { kind: "task", output: { type: "object" }, handle: ${
+  v === 1 ? HOLD : "() => ({ a: 2 })"
+}, next: "b" },
+    b: { kind: "task", output: { type: "object" }, handle: () => ({ b: ${v} }), next: "w" },
+    w: { kind: "wait", event: "go", timeoutMs: 600000, onTimeout: "done", next: "done" },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+
+Deno.test("a re-wired step that stays: an event stored before the change that now leads to another step reaches it, and an item that passed it is not sent there", async () => {
+  const dir = await meshTempDir("weft-rewire-");
+  const file = `${dir}/def/rewire.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, rewired(1));
+  const storeDir = `${dir}/nats`;
+  // A short ack wait: what the stopped step held comes back soon after the restart.
+  const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/rewire/items/${id}`)).json();
+  const when = (
+    base: string,
+    id: string,
+    ok: (s: Record<string, unknown>) => boolean,
+    what: string,
+  ) =>
+    waitFor(
+      async () => {
+        const s = await state(base, id);
+        return ok(s) ? s : undefined;
+      },
+      30_000,
+      what,
+    );
+  let slow: string;
+  let fast: string;
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      slow = (await post(base, "/pipelines/rewire/items", { kind: "slow" })).body.id;
+      fast = (await post(base, "/pipelines/rewire/items", { kind: "fast" })).body.id;
+      await when(base, slow, (s) => (s.current as string[])?.join() === "a", "slow at a");
+      await when(base, fast, (s) => s.status === "waiting", "fast waiting after b");
+      const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+      try {
+        const { jetstreamManager } = await import("@nats-io/jetstream");
+        const jsm = await jetstreamManager(nc);
+        await waitFor(
+          async () => (await jsm.consumers.info("REWIRE", "rewire-a")).num_ack_pending === 1,
+          20_000,
+          "a holds the slow item",
+        );
+        // b has read past the slow item's routing (not its event then).
+        await waitFor(
+          async () => {
+            const ci = await jsm.consumers.info("REWIRE", "rewire-b");
+            return ci.num_pending === 0 && ci.num_ack_pending === 0;
+          },
+          20_000,
+          "b idle",
+        );
+      } finally {
+        await nc.close();
+      }
+    }
+
+    // Version 2 swaps the routes: the slow item's routing event now leads to b, which read
+    // past it under version 1 (it was a's then); the fast item, past b already, now routes
+    // to a, which must not run for it.
+    await Deno.writeTextFile(file, rewired(2));
+    await using mesh = await startMesh({ ...env, WEFT_LOG_LEVEL: "debug" }, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const base = mesh.gatewayUrl;
+    const moved = await when(
+      base,
+      slow,
+      (s) => s.status === "waiting",
+      "the slow item taken by b under version 2, not left running at a",
+    );
+    assert.deepEqual((moved.results as Record<string, unknown>).b, { b: 2 });
+    for (const id of [slow, fast]) {
+      assert.equal((await post(base, `/pipelines/rewire/items/${id}/go`, {})).status, 202);
+      const done = await when(base, id, (s) => s.status === "done", `${id} done`);
+      assert.equal((done.results as Record<string, unknown>).a, undefined, `a never ran for ${id}`);
+    }
+    assert.deepEqual((await state(base, fast)).results.b, { b: 1 }, "b ran once for the fast item");
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      const bs = await jsm.streams.info("REWIRE", { subjects_filter: "rewire.b.>" });
+      assert.deepEqual(
+        bs.state.subjects,
+        { [`rewire.b.${slow}`]: 1, [`rewire.b.${fast}`]: 1 },
+        "one b event per item",
+      );
+      assert.equal((await jsm.streams.info("DEADLETTER")).state.messages, 0, "no dead letter");
+    } finally {
+      await nc.close();
+    }
+    const handled = (stage: string, id: string) =>
+      mesh.logs.filter((l) => l.msg === "handled" && l.stage === stage && l.item_id === id);
+    assert.equal(handled("rewire-b", slow).length, 1, "b ran once for the slow item");
+    assert.equal(handled("rewire-a", slow).length + handled("rewire-a", fast).length, 0);
+    const handedOver = mesh.logs.filter((l) =>
+      l.msg === "handed an event over to the steps the running definition sends it to"
+    );
+    assert.deepEqual(
+      handedOver.map((l) => [l.item_id, l.subject, l.steps]),
+      [[slow, `rewire.s.${slow}`, ["b"]]],
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
+
+/**
+ * Version 1 fans `s` out to `p` and `q` (which holds an item asking to be held until
+ * stopped), joined at `j` before `f` and a wait; version 2 has neither `q` nor the join: `p`
+ * leads straight to `f`.
+ */
+const branching = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const branch = definePipeline({
+  name: "branch",
+  input: { schema: { type: "object" } },
+  start: "s",
+  steps: {
+    s: { kind: "task", output: { type: "object" }, handle: () => ({ s: true }), next: ${
+  v === 1 ? '["p", "q"]' : '"p"'
+} },
+    p: { kind: "task", output: { type: "object" }, handle: () => ({ p: ${v} }), next: "${
+  v === 1 ? "j" : "f"
+}" },
+    ${
+  v === 1
+    ? `q: {
+      kind: "task",
+      output: { type: "object" },
+      handle: (v: unknown, ctx: { input: { hold?: boolean }; signal: AbortSignal }) =>
+        ctx.input.hold ? (${HOLD})(v, ctx) : { q: 1 },
+      next: "j",
+    },
+    j: { kind: "join", after: ["p", "q"], deadlineMs: 600000, onDeadline: "expired", next: "f" },
+    expired: { kind: "end", outcome: "expired" },`
+    : ""
+}
+    f: { kind: "task", output: { type: "object" }, handle: () => ({ f: ${v} }), next: "w" },
+    w: { kind: "wait", event: "go", timeoutMs: 600000, onTimeout: "done", next: "done" },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+
+Deno.test("a branch's step removed while it holds an item, its sibling past the join already and now leading straight on: the item goes on from its sibling's event, no step twice", async () => {
+  const dir = await meshTempDir("weft-branch-");
+  const file = `${dir}/def/branch.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, branching(1));
+  const storeDir = `${dir}/nats`;
+  const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/branch/items/${id}`)).json();
+  let id: string;
+  let passed: string;
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      // One item held at q; one past the join and f already, waiting after them.
+      id = (await post(base, "/pipelines/branch/items", { hold: true })).body.id;
+      passed = (await post(base, "/pipelines/branch/items", {})).body.id;
+      await waitFor(
+        async () => (await state(base, passed)).status === "waiting",
+        20_000,
+        "the other item past f, waiting",
+      );
+      await waitFor(
+        async () => (await state(base, id)).current?.slice().sort().join() === "j,q",
+        20_000,
+        "p done, the item at q and the join",
+      );
+      const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+      try {
+        const { jetstreamManager } = await import("@nats-io/jetstream");
+        const jsm = await jetstreamManager(nc);
+        await waitFor(
+          async () => (await jsm.consumers.info("BRANCH", "branch-q")).num_ack_pending === 1,
+          20_000,
+          "q holds the item",
+        );
+        await waitFor(
+          async () => {
+            const ci = await jsm.consumers.info("BRANCH", "branch-f");
+            return ci.delivered.stream_seq > 0 || ci.num_pending === 0;
+          },
+          20_000,
+          "f's consumer in place",
+        );
+      } finally {
+        await nc.close();
+      }
+    }
+
+    // Version 2: q is gone, and p, which ran already, now leads straight to f, whose
+    // consumer is past p's event (on 2.9 it reads on from it). What q holds is swept: the
+    // only step the running definition sends it to (p) took it, so q's branch is dropped.
+    // The other item went from p through the join to f: p's event is not f's to take again.
+    await Deno.writeTextFile(file, branching(2));
+    await using mesh = await startMesh({ ...env, WEFT_LOG_LEVEL: "debug" }, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const base = mesh.gatewayUrl;
+    const on = await waitFor(
+      async () => {
+        const s = await state(base, id);
+        return s.status === "waiting" ? s : undefined;
+      },
+      30_000,
+      "the held item runs on from p's event through f to the wait",
+    );
+    assert.deepEqual(on.results.f, { f: 2 });
+    assert.deepEqual(on.results.p, { p: 1 }, "p's result from its one run");
+    for (const item of [id, passed]) {
+      assert.equal((await post(base, `/pipelines/branch/items/${item}/go`, {})).status, 202);
+      await waitFor(async () => (await state(base, item)).status === "done", 20_000, item);
+    }
+    assert.deepEqual((await state(base, passed)).results.f, { f: 1 }, "f ran once, under v1");
+    const swept = await mesh.waitForLog(
+      (l) => l.msg === "swept a retired step's consumer",
+      30_000,
+      "q's consumer swept",
+    );
+    assert.equal(swept.consumer, "branch-q");
+    assert.equal(swept.dead_lettered, 0);
+    const handled = (stage: string, item: string) =>
+      mesh.logs.filter((l) => l.msg === "handled" && l.stage === stage && l.item_id === item);
+    assert.equal(handled("branch-f", id).length, 1, "f ran once for the held item");
+    assert.equal(handled("branch-f", passed).length, 0, "f did not run again for the other");
+    assert.equal(handled("branch-p", id).length + handled("branch-p", passed).length, 0);
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      assert.equal((await jsm.streams.info("DEADLETTER")).state.messages, 0, "no dead letter");
+    } finally {
+      await nc.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
+
+Deno.test("a redriven event that a step ran for already does not run it again, and the item's later events reach the steps the running definition sends them to", async () => {
+  const { startTestNats } = await import("./helpers/nats.ts");
+  const { runStage } = await import("../src/runner.ts");
+  const { runStateWriter } = await import("../src/state_writer.ts");
+  const { listDeadLetters, redrive } = await import("../src/redrive.ts");
+  const { ensureTopology } = await import("../src/topology.ts");
+  const { compileFlow } = await import("../src/pipeline/flow.ts");
+  const { PermanentError } = await import("../src/errors.ts");
+  const rt = await import("../src/pipeline/runtime.ts");
+  const { definePipeline } = await import("../mod.ts");
+  const { jetstream } = await import("@nats-io/jetstream");
+  const { Kvm } = await import("@nats-io/kv");
+  await using t = await startTestNats();
+  const runs = { p: 0, f: 0 };
+  const obj = { type: "object" } as const;
+  // Version 1 forks `s` to `p` and `q` (which fails the item), joined before `f`; version 2
+  // has neither `q` nor the join: `p` leads straight to `f`.
+  const v1 = definePipeline({
+    name: "fork",
+    input: { schema: obj },
+    start: "s",
+    steps: {
+      s: { kind: "task", output: obj, handle: () => ({}), next: ["p", "q"] },
+      p: { kind: "task", output: obj, handle: () => ({ p: ++runs.p }), next: "j" },
+      q: {
+        kind: "task",
+        output: obj,
+        handle: () => {
+          throw new PermanentError("q refuses");
+        },
+        next: "j",
+      },
+      j: { kind: "join", after: ["p", "q"], deadlineMs: 600_000, onDeadline: "late", next: "f" },
+      f: { kind: "task", output: obj, handle: () => ({ f: ++runs.f }), next: "done" },
+      done: { kind: "end", outcome: "done" },
+      late: { kind: "end", outcome: "late" },
+    },
+  });
+  const v2 = definePipeline({
+    name: "fork",
+    input: { schema: obj },
+    start: "s",
+    steps: {
+      s: { kind: "task", output: obj, handle: () => ({}), next: "p" },
+      p: { kind: "task", output: obj, handle: () => ({ p: ++runs.p }), next: "f" },
+      f: { kind: "task", output: obj, handle: () => ({ f: ++runs.f }), next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const one: LoadedPipeline = { file: "inline", def: v1, flow: compileFlow(v1) };
+  const two: LoadedPipeline = { file: "inline", def: v2, flow: compileFlow(v2) };
+  await ensureTopology(t.nc, t.jsm, t.config, rt.pipelineTopology([one], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const kv = await new Kvm(t.nc).open(rt.stateBucketOf("fork"));
+  const stateIs = (status: string, what: string) =>
+    waitFor(
+      async () => {
+        const s = await rt.readItem(kv, "it");
+        return s?.status === status ? s : undefined;
+      },
+      20_000,
+      what,
+    );
+  const work = async (p: LoadedPipeline, id: string) =>
+    await runStage({ ...deps, stage: rt.workStage(p, id, { nc: t.nc }) });
+  const first = [
+    await runStateWriter({ ...deps, spec: rt.pipelineStateSpec(one) }),
+    await runStage({ ...deps, stage: rt.controlStage(one, t.nc) }),
+    ...await Promise.all(["s", "p", "q", "f"].map((id) => work(one, id))),
+  ];
+  const second = [];
+  try {
+    await rt.submitItem(t.nc, one, "it", {}, { source: "test", traceId: "0".repeat(32) });
+    await stateIs("failed", "the item failed at q, p done");
+    assert.equal(runs.p, 1);
+    await Promise.all(first.map((r) => r.stop()));
+    first.length = 0;
+
+    // Version 2, then q's letter redriven: s's event again, which p ran for already.
+    second.push(
+      await runStateWriter({ ...deps, spec: rt.pipelineStateSpec(two) }),
+      await runStage({
+        ...deps,
+        stage: rt.controlStage(two, t.nc, { handover: rt.createHandover(two, t.nc) }),
+      }),
+      ...await Promise.all(["s", "p"].map((id) => work(two, id))),
+    );
+    const js = jetstream(t.nc);
+    const letters = await listDeadLetters(js, { item_id: "it" });
+    assert.deepEqual(letters.map((l) => l.letter.subject), ["fork.s.it"]);
+    await redrive(js, { ids: [letters[0]!.seq] });
+    await stateIs("running", "the item resumed");
+    second.push(await work(two, "f")); // f's consumer, past p's event on nats-server 2.10+
+    const done = await stateIs("done", "the item ran on through f to its end");
+    assert.deepEqual(done.results.f, { f: 1 });
+    assert.deepEqual(runs, { p: 1, f: 1 }, "p did not run again, f once");
+    assert.ok(
+      t.lines.some((l) => l.includes("skipped: this step ran for the event already")),
+      "p skipped the redriven event",
+    );
+  } finally {
+    await Promise.all([...first, ...second].map((r) => r.stop()));
+  }
 });

@@ -8,7 +8,7 @@
  *
  * @module
  */
-import type { NatsConnection } from "@nats-io/nats-core";
+import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { claimsBucketOf } from "./claims.ts";
 import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, type KvEntry, Kvm } from "@nats-io/kv";
@@ -45,6 +45,7 @@ import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore } from "../scheduler/store.ts";
 import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
 import {
+  HANDOVER_HEADER,
   REDRIVEN_TOKEN,
   RUNTIME_ROOTS,
   SCHEDULE_BUCKET,
@@ -541,6 +542,8 @@ export function workStage(
     // human decision, a failure): only a step's completion or the entry can hand an item on,
     // and the others are not even read, so a garbled decision fails nothing here.
     accepts(message) {
+      // A hand-over's copy is only for the steps it names.
+      if (message.handoverTo && !message.handoverTo.includes(id)) return false;
       const role = flow.roles.get(message.subject.split(".")[1] ?? "")?.role;
       return role === "done" || role === "timeout" || role === "entry";
     },
@@ -549,6 +552,11 @@ export function workStage(
       return targetsOf(flow, tokenOf(flow, e.type), e.data).includes(id) ? e : undefined;
     },
     checkOutput: () => {}, // completion() builds them from the definition
+    // A copy of an event this step ran for (a redrive of a letter of another step's, which
+    // leads here too): its completion of it is stored.
+    ...(jsm
+      ? { tookAlready: async (e: FlowEvent) => stepTook(await jsm(), stream, flow, id, e) }
+      : {}),
     // An item of the backlog that ended under an earlier version of the definition (an end
     // step this one lacks): its state says so.
     ...(opts.nc
@@ -685,7 +693,7 @@ interface Held {
 
 type ControlInput =
   /** `ends`: a redriven event leading to end steps, whose end events it publishes. */
-  | { kind: "arrive"; event: FlowEvent; steps: string[]; ends?: boolean }
+  | { kind: "arrive"; event: FlowEvent; steps: string[]; ends?: boolean; redriven?: boolean }
   | { kind: "awaited"; item: string; payload: unknown; waits: string[]; subject: string }
   | { kind: "timer"; event: FlowEvent & { data: FlowData & TimerData } };
 
@@ -782,7 +790,7 @@ export async function itemFailedNow(
 export function controlStage(
   p: LoadedPipeline,
   nc: NatsConnection,
-  opts: { retentionMs?: number } = {},
+  opts: { retentionMs?: number; handover?: Handover } = {},
   // deno-lint-ignore no-explicit-any
 ): Stage<any> {
   const { flow, def } = p;
@@ -832,6 +840,7 @@ export function controlStage(
 
   const manager = lazy(() => jetstreamManager(nc));
   const stream = pipelineSubjects(def).stream;
+  const handover = opts.handover ?? createHandover(p, nc);
   /** Whether the item has failed and not been resumed since ({@link itemFailedNow}). */
   const failedNow = async (item: string) => await itemFailedNow(await manager(), stream, n, item);
   /**
@@ -1205,6 +1214,19 @@ export function controlStage(
       const parts = message.subject.split(".");
       const token = parts[1]!;
       const role = flow.roles.get(token);
+      if (message.handoverTo) {
+        // A hand-over's copy: only for the joins, waits, delays and ends it names.
+        if (role?.role !== "entry" && role?.role !== "done" && role?.role !== "timeout") {
+          return undefined;
+        }
+        const e = decodeFlowEvent(flow, raw, message.subject);
+        const targets = targetsOf(flow, token, e.data).filter((t) =>
+          message.handoverTo!.includes(t)
+        );
+        const steps = targets.filter((t) => CONTROL_KINDS.has(def.steps[t]!.kind));
+        const ends = targets.some((t) => def.steps[t]!.kind === "end");
+        return steps.length > 0 || ends ? { kind: "arrive", event: e, steps, ends } : undefined;
+      }
       if (!role) {
         throw new WeftError(
           ErrorCode.DefinitionChanged,
@@ -1254,9 +1276,13 @@ export function controlStage(
               `${n} (${def.hash})`,
           );
         }
-        if (targets.some((t) => def.steps[t]!.kind === "end")) {
-          return { kind: "arrive", event: e, steps, ends: true };
-        }
+        // Handled here whatever it leads to: the item's other events are handed over where
+        // steps it passed under an earlier wiring stored theirs already.
+        const ends = targets.some((t) => def.steps[t]!.kind === "end");
+        return { kind: "arrive", event: e, steps, ...(ends ? { ends } : {}), redriven: true };
+      }
+      if (message.redriveOf !== undefined && role.role === "entry") {
+        return { kind: "arrive", event: e, steps, redriven: true };
       }
       return steps.length > 0 ? { kind: "arrive", event: e, steps } : undefined;
     },
@@ -1267,6 +1293,13 @@ export function controlStage(
       if (input.kind === "arrive") {
         out = await onArrive(input.event, input.steps, seq, ctx);
         if (input.ends) out.push(...await endsOf(input.event, ctx));
+        if (input.redriven) {
+          // A redrive resumes the item from this event: the steps after it may have stored
+          // their events under an earlier wiring, behind the consumers of the steps the
+          // running definition sends them to.
+          const r = await handover.settle(input.event.item_id, input.event.id);
+          if (r.undecided) handover.later(input.event.item_id, input.event.id);
+        }
       } else if (input.kind === "timer") out = await onTimer(input.event, seq, ctx);
       else out = await onAwaited(input.item, input.payload, input.waits, seq, ctx);
       return out as unknown as OutputEvent[];
@@ -1438,13 +1471,16 @@ export async function retiredConsumers(
  * `definition_changed`, its item failed, under the control step's name (whose consumer takes
  * every subject, so a redrive republishes the letter's original where it was); the others
  * (the item ended or went elsewhere, or the message came after: the running definition's
- * control step judges it) are acked.
+ * control step judges it) are acked. So is one that every step the running definition sends
+ * it to took already, for an item that goes on from its other events (`handover`: a fan-out's
+ * other branch, handed over where its steps are past it): the gone step's branch is dropped.
  */
 export function retiredStage(
   p: LoadedPipeline,
   retired: RetiredConsumer,
   judgedUpTo: number,
   nc: NatsConnection,
+  handover?: Handover,
   // deno-lint-ignore no-explicit-any
 ): Stage<any> {
   const { flow, def } = p;
@@ -1469,6 +1505,14 @@ export function retiredStage(
       // Ended; or its state, past this event, has it elsewhere (a router's other route).
       if (s?.status === "done") return [];
       if (s && s.last_seq >= ctx.message.seq && !s.current.includes(retired.step)) return [];
+      // Every step the running definition sends it to ran for it already (a fan-out's other
+      // branch), and the item goes on from its other events (handed over where their steps
+      // are past them): the gone step's branch is not in the running definition.
+      if (handover && await handover.tookAll(e)) {
+        const r = await handover.settle(e.item_id, e.id);
+        if (r.undecided) handover.later(e.item_id);
+        if (r.ended || r.open > 0) return [];
+      }
       throw new WeftError(
         ErrorCode.DefinitionChanged,
         `step ${retired.step} of ${n} is gone from the running definition (${def.hash}): ` +
@@ -1491,6 +1535,7 @@ function sweepRetired(
   p: LoadedPipeline,
   retired: readonly RetiredConsumer[],
   judgedUpTo: number,
+  handover: Handover,
 ): Runnable {
   const stream = pipelineSubjects(p.def).stream;
   const log = ctx.log.with({ stage: durableOf(p.def, CONTROL) });
@@ -1500,7 +1545,7 @@ function sweepRetired(
     const jsm = await jetstreamManager(ctx.nc);
     const runner = await runStage({
       ...ctx,
-      stage: retiredStage(p, r, judgedUpTo, ctx.nc),
+      stage: retiredStage(p, r, judgedUpTo, ctx.nc, handover),
       source: `weft-${serviceNamesOf(p.def).control}`,
     });
     try {
@@ -1552,6 +1597,362 @@ function sweepRetired(
   };
 }
 
+/** The most messages of one item's history a hand-over reads (past it, it leaves the item). */
+const ITEM_HISTORY_MAX = 4096;
+
+/** The control-bucket key recording the definition the last hand-over ran for. */
+const HANDED_OVER_KEY = "handed_over";
+
+/** An event of an item's history, as stored. */
+interface StoredEvent {
+  seq: number;
+  subject: string;
+  /** Its id and type, when it is a Weft event (not an awaited event's plain JSON). */
+  id?: string;
+  type?: string;
+  /** Its data's step run counts, when it carries them (a step's completion, an end). */
+  runs?: Record<string, number>;
+  data: Uint8Array;
+  traceparent?: string;
+}
+
+/** Hands an item's events over ({@link createHandover}). */
+export interface Handover {
+  /** Hands over what of `item`'s history needs it, leaving out event `except`. */
+  settle(item: string, except?: string): Promise<HandoverResult>;
+  /** Whether every step the running definition sends `e` to has taken it (none: false). */
+  tookAll(e: FlowEvent): Promise<boolean>;
+  /** Items to settle again (a step may still hold one of their events), with `except`. */
+  readonly queued: Map<string, string | undefined>;
+  /** Settles `item` again later (the control service's hand-over runs it). */
+  later(item: string, except?: string): void;
+  /** Called when an item is queued. */
+  onQueued: (() => void) | undefined;
+}
+
+/** What a hand-over found for one item. */
+export interface HandoverResult {
+  /** The events stored again, each with the steps it was for. */
+  handed: { seq: number; subject: string; steps: string[] }[];
+  /** A step may still hold one of its events (not acked): asked again later. */
+  undecided: boolean;
+  /**
+   * How many of its events the running definition has yet to run a step for (read still,
+   * handed over, undecided), or holds at a join, wait or delay: none, and nothing goes on
+   * with the item.
+   */
+  open: number;
+  /** It has ended: nothing was looked at. */
+  ended?: boolean;
+}
+
+/**
+ * Hands an item's events over to the steps the running definition sends them to, where
+ * those steps will not read them: a changed definition re-wires steps that stay, and a
+ * step's durable consumer reads on from where it is, so an event stored before the change
+ * that now leads to another step (a router's routes changed, a step's `next`) is behind that
+ * step's consumer. Such an event is stored again, with a `Weft-Handover-To` header naming
+ * the steps it is for (every other consumer acks it unread).
+ *
+ * An event is handed to a step only when the item is running (no end, not failed), the step
+ * has not taken it (a work step's completion of it, whose id follows from the event's, is not
+ * stored; a join, wait or delay holds no record of it), its consumer is past it with nothing
+ * handed out before it still unacked, and the item did not go on from it elsewhere under the
+ * earlier wiring (a step this definition does not send it to ran for it): so no step runs
+ * twice for one event, nor for an item that passed it or ended.
+ */
+export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logger): Handover {
+  const { flow, def } = p;
+  const n = def.name;
+  const stream = pipelineSubjects(def).stream;
+  const manager = lazy(() => jetstreamManager(nc));
+  const js = jetstream(nc);
+  const heldKv = lazy(() => new Kvm(nc).open(controlBucketOf(n)));
+  const ends = endTypesOf(def);
+  const stepOf = (type: string) => {
+    const r = flow.roles.get(type.slice(n.length + 1));
+    return r && "step" in r ? r.step : undefined;
+  };
+
+  async function history(item: string): Promise<StoredEvent[] | undefined> {
+    const out: StoredEvent[] = [];
+    const jsm = await manager();
+    for await (
+      const m of messagesOn(jsm, stream, `${n}.*.${item}`, { max: ITEM_HISTORY_MAX + 1 })
+    ) {
+      const e: StoredEvent = { seq: m.seq, subject: m.subject, data: m.data };
+      try {
+        const b = m.json<{ id?: unknown; type?: unknown; data?: { runs?: unknown } }>();
+        if (typeof b?.id === "string") e.id = b.id;
+        if (typeof b?.type === "string") e.type = b.type;
+        const runs = b?.data?.runs;
+        if (runs && typeof runs === "object" && !Array.isArray(runs)) {
+          e.runs = runs as Record<string, number>;
+        }
+      } catch {
+        // an awaited event's body, or not JSON: no Weft event
+      }
+      const tp = m.header?.get("traceparent");
+      if (tp) e.traceparent = tp;
+      out.push(e);
+    }
+    return out.length > ITEM_HISTORY_MAX ? undefined : out;
+  }
+
+  /** Whether work step `step` ran for `e`: its completion of it is stored. */
+  async function workTook(step: string, e: FlowEvent): Promise<boolean> {
+    return await stepTook(await manager(), stream, flow, step, e);
+  }
+
+  /**
+   * Whether control step `step` holds `e` ("open": and has not completed), or "done" (it
+   * completed, or the item went round past it since); false when it has no record of it.
+   */
+  async function controlTook(step: string, e: FlowEvent): Promise<false | "open" | "done"> {
+    const rec = heldOf(await (await heldKv()).get(`${step}.${e.item_id}`));
+    const iter = e.data.runs[step] ?? 0;
+    if (!rec || rec.iter < iter) return false;
+    if (rec.iter > iter) return "done";
+    const s = def.steps[step]!;
+    const holds = s.kind === "join"
+      ? (stepOf(e.type) ?? "$input") in (rec.arrived ?? {})
+      : s.kind === "wait"
+      ? rec.armed !== undefined
+      : true;
+    return !holds ? false : rec.closed ? "done" : "open";
+  }
+
+  async function tookAll(e: FlowEvent): Promise<boolean> {
+    const targets = targetsOf(flow, e.type.slice(n.length + 1), e.data);
+    if (targets.length === 0) return false;
+    for (const t of targets) {
+      const kind = def.steps[t]!.kind;
+      if (kind === "end") return false;
+      const took = CONTROL_KINDS.has(kind) ? await controlTook(t, e) : await workTook(t, e);
+      if (!took) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Hands over what of `item`'s history the running definition sends to steps that will not
+   * read it; `except`: the id of an event being handled now (a redriven one), left out.
+   */
+  async function settle(item: string, except?: string): Promise<HandoverResult> {
+    const result: HandoverResult = { handed: [], undecided: false, open: 0 };
+    const events = await history(item);
+    if (!events) {
+      throw new WeftError(
+        ErrorCode.HandlerFailed,
+        `${n} item ${item} has more than ${ITEM_HISTORY_MAX} events: not handed over`,
+        { permanent: true },
+      );
+    }
+    if (events.some((e) => e.type !== undefined && ends.has(e.type))) {
+      return { ...result, ended: true };
+    }
+    const jsm = await manager();
+    if (await itemFailedNow(jsm, stream, n, item)) return result;
+    // Each event once, where it was stored last (a redrive or a hand-over stores it again).
+    const latest = new Map<string, StoredEvent>();
+    for (const e of events) if (e.id !== undefined) latest.set(e.id, e);
+    for (const e of latest.values()) {
+      if (e.id === except || e.type === undefined || !e.type.startsWith(`${n}.`)) continue;
+      const token = e.type.slice(n.length + 1);
+      const role = flow.roles.get(token)?.role;
+      if (role !== "entry" && role !== "done" && role !== "timeout") continue;
+      let fe: FlowEvent;
+      try {
+        fe = decodeFlowEvent(flow, JSON.parse(new TextDecoder().decode(e.data)), e.subject);
+      } catch {
+        continue;
+      }
+      const targets = targetsOf(flow, token, fe.data);
+      if (targets.length === 0) continue;
+      // Under the earlier wiring the item went on from it along a path this definition does
+      // not take from it: a later event descends from it (it carries at least as many runs of
+      // its step) through none of the steps it now leads to. The item passed it there.
+      const from = role === "entry" ? undefined : stepOf(e.type);
+      const k = from === undefined ? 0 : fe.data.runs[from] ?? 0;
+      const passed = events.some((x) =>
+        x.runs !== undefined && x.id !== e.id && x.type !== undefined &&
+        (from === undefined || (x.runs[from] ?? 0) >= k) &&
+        !targets.some((t) => t === stepOf(x.type!) || (x.runs![t] ?? 0) > (fe.data.runs[t] ?? 0))
+      );
+      if (passed) continue;
+      const steps: string[] = [];
+      for (const t of targets) {
+        const kind = def.steps[t]!.kind;
+        // An end no event of the item holds: its step's completion did not lead there then.
+        if (kind === "end") {
+          steps.push(t);
+          continue;
+        }
+        const control = CONTROL_KINDS.has(kind);
+        const took = () => control ? controlTook(t, fe) : workTook(t, fe);
+        const first = await took();
+        if (first) {
+          if (first === "open") result.open++; // a join, wait or delay holds the item
+          continue;
+        }
+        result.open++;
+        const ci = await jsm.consumers.info(stream, durableOf(def, control ? CONTROL : t))
+          .catch(() => null);
+        // None yet: a step new to the stream gets its whole history. Or not past it yet.
+        if (!ci || e.seq > ci.delivered.stream_seq) continue;
+        if (ci.num_ack_pending > 0 && ci.ack_floor.stream_seq < e.seq) {
+          result.undecided = true; // it may hold it still (handed out before a restart)
+          continue;
+        }
+        if (await took()) continue; // taken between the two reads
+        steps.push(t);
+      }
+      if (steps.length === 0) continue;
+      const h = headers();
+      h.set(HANDOVER_HEADER, steps.join(","));
+      if (e.traceparent) h.set("traceparent", e.traceparent);
+      await js.publish(e.subject, e.data, {
+        msgID: deterministicId("handover", String(e.seq), steps.join(",")),
+        headers: h,
+      });
+      result.handed.push({ seq: e.seq, subject: e.subject, steps });
+      log?.info("handed an event over to the steps the running definition sends it to", {
+        item_id: item,
+        seq: e.seq,
+        subject: e.subject,
+        steps,
+      });
+    }
+    return result;
+  }
+
+  const queued = new Map<string, string | undefined>();
+  let notify: (() => void) | undefined;
+  return {
+    settle,
+    tookAll,
+    queued,
+    later(item, except) {
+      queued.set(item, except);
+      notify?.();
+    },
+    set onQueued(f: (() => void) | undefined) {
+      notify = f;
+    },
+  };
+}
+
+/**
+ * Whether work step `step` of `flow` ran for event `e`: its completion of `e` (its id follows
+ * from `e`'s) is stored on the item's subject of the step's event.
+ */
+async function stepTook(
+  jsm: JetStreamManager,
+  stream: string,
+  flow: Flow,
+  step: string,
+  e: { id: string; item_id: string },
+): Promise<boolean> {
+  const type = `${flow.name}.${eventOf(step, flow.def.steps[step]!)}`;
+  const want = deterministicId(e.id, type);
+  for await (const m of messagesOn(jsm, stream, `${type}.${e.item_id}`, { max: 1024 })) {
+    try {
+      if (m.json<{ id?: unknown }>().id === want) return true;
+    } catch {
+      // not an event: not its completion
+    }
+  }
+  return false;
+}
+
+/** How often a hand-over asks again about an item a step may still hold an event of. */
+const HANDOVER_POLL_MS = 1_000;
+
+/**
+ * The control service's hand-overs ({@link createHandover}). After a change of definition
+ * (the control bucket records the definition the last full hand-over ran for), every running
+ * item's; then those the control step queues (a redriven event's item, while a step may
+ * still hold one of its events), asked again every second until decided. An item at a step
+ * the definition no longer has is left out of the full one: the sweep of that step's
+ * consumer hands it over when the step's branch is dropped ({@link retiredStage}), and
+ * otherwise dead-letters it there (so does its timer), and the letter's redrive hands it
+ * over. Recorded once every item is decided; a stop before that leaves the record out, so
+ * the next start hands over again.
+ */
+function runHandover(ctx: ServiceContext, p: LoadedPipeline, handover: Handover): Runnable {
+  const { def } = p;
+  const n = def.name;
+  const log = ctx.log.with({ stage: durableOf(def, CONTROL) });
+  let stopping = false;
+  let wake: (() => void) | undefined;
+  handover.onQueued = () => wake?.();
+  const pause = (ms: number) =>
+    new Promise<void>((res) => {
+      const t = setTimeout(() => (wake = undefined, res()), ms);
+      wake = () => (clearTimeout(t), wake = undefined, res());
+    });
+  let handed = 0;
+  const settle = async (id: string, except: string | undefined) => {
+    try {
+      const r = await handover.settle(id, except);
+      handed += r.handed.length;
+      // (Unless queued again meanwhile, for another redriven event.)
+      if (!r.undecided && handover.queued.get(id) === except) handover.queued.delete(id);
+    } catch (err) {
+      log.warn("could not hand an item's events over", { item_id: id, err });
+      if (err instanceof WeftError && err.permanent) handover.queued.delete(id);
+    }
+  };
+  const run = async () => {
+    const kvm = new Kvm(ctx.nc);
+    const held = await kvm.open(controlBucketOf(n));
+    const last = await held.get(HANDED_OVER_KEY);
+    let recorded = last?.operation === "PUT" && last.string() === def.hash;
+    if (!recorded) {
+      const states = await kvm.open(stateBucketOf(n));
+      for await (const id of await states.keys()) {
+        const s = await readItem(states, id).catch(() => null);
+        if (!s || (s.status !== "running" && s.status !== "waiting")) continue;
+        if (s.current.some((c) => !(c in def.steps))) continue; // at a step that is gone
+        if (!handover.queued.has(id)) handover.queued.set(id, undefined);
+      }
+    }
+    while (!stopping) {
+      for (const [id, except] of [...handover.queued]) {
+        if (stopping) break;
+        await settle(id, except);
+      }
+      if (stopping) break;
+      if (!recorded && handover.queued.size === 0) {
+        await held.put(HANDED_OVER_KEY, def.hash);
+        recorded = true;
+        log.info("handed over what the changed definition sends elsewhere", {
+          definition: def.hash,
+          handed,
+        });
+      }
+      await pause(handover.queued.size > 0 ? HANDOVER_POLL_MS : 3_600_000);
+    }
+    // Items left undecided: the next start hands every running item over again.
+    if (handover.queued.size > 0) await held.delete(HANDED_OVER_KEY).catch(() => {});
+  };
+  const done = run().catch((err) => {
+    log.warn("handing over after a change of definition failed: taken up at the next start", {
+      err,
+    });
+  });
+  let stopped: () => void;
+  return {
+    done: new Promise<void>((res) => (stopped = res)),
+    async stop() {
+      stopping = true;
+      wake?.();
+      await done;
+      stopped();
+    },
+  };
+}
+
 /** The control service of a pipeline: intake, control steps and item state. */
 export function controlService(p: LoadedPipeline): ServiceDef {
   const name = serviceNamesOf(p.def).control;
@@ -1571,9 +1972,10 @@ export function controlService(p: LoadedPipeline): ServiceDef {
       .info(stream, durableOf(p.def, CONTROL))
       .then((ci) => ci.delivered.stream_seq, () => 0);
     const intake = await runStage({ ...ctx, stage: intakeStage(p), source });
+    const handover = createHandover(p, ctx.nc, ctx.log.with({ stage: durableOf(p.def, CONTROL) }));
     const control = await runStage({
       ...ctx,
-      stage: controlStage(p, ctx.nc, { retentionMs: ctx.config.retentionMs }),
+      stage: controlStage(p, ctx.nc, { retentionMs: ctx.config.retentionMs, handover }),
       source,
     });
     const state = await runStateWriter({
@@ -1585,7 +1987,8 @@ export function controlService(p: LoadedPipeline): ServiceDef {
       intake,
       control,
       state,
-      ...(retired.length > 0 ? [sweepRetired(ctx, p, retired, judgedUpTo)] : []),
+      ...(retired.length > 0 ? [sweepRetired(ctx, p, retired, judgedUpTo, handover)] : []),
+      runHandover(ctx, p, handover),
     ]);
   }, { description: `Weft pipeline ${p.def.name}: intake, joins, waits, delays, item state` });
 }
@@ -1792,12 +2195,16 @@ export function pipelineServiceSpecs(
         // running step owns: those stay denied).
         retiresConsumers: [stream],
         publishes: [
-          `${n}.${entryEvent(def)}.*`,
-          `${n}.${FAILED}.*`,
-          ...stepPublishes(def, controlSteps),
-          // The end a redriven completion leads to (a step's completion publishes its own).
-          ...[...endTypesOf(def)].map((t) => `${t}.*`),
-          ...[INTAKE, CONTROL, STATE].map((part) => `deadletter.${durableOf(def, part)}.*`),
+          ...new Set([
+            `${n}.${entryEvent(def)}.*`,
+            `${n}.${FAILED}.*`,
+            ...stepPublishes(def, controlSteps),
+            // The end a redriven completion leads to (a step's completion publishes its own).
+            ...[...endTypesOf(def)].map((t) => `${t}.*`),
+            // An event handed over after a change of definition (stored again, as it was).
+            ...pipelineSubjects(def).eventTypes.map((t) => `${t}.*`),
+            ...[INTAKE, CONTROL, STATE].map((part) => `deadletter.${durableOf(def, part)}.*`),
+          ]),
         ],
         writesBuckets: [stateBucketOf(n), controlBucketOf(n)],
         // Its timers only: `<name>.<...>` (another pipeline's deadlines are not its to set).
