@@ -533,6 +533,43 @@ export async function siteHasItem(
   return Object.keys(info.state.subjects ?? {}).length > 0;
 }
 
+/** The header nats-server puts on a sourced copy, naming the origin stream and sequence. */
+const STREAM_SOURCE_HEADER = "Nats-Stream-Source";
+
+/**
+ * The origin of a sourced copy from its `Nats-Stream-Source` header: the stream it was copied
+ * from (with, for a source in another domain, `:<hash>` of its API prefix) and its sequence
+ * there. nats-server 2.10 and later write `<stream>[:<hash>] <seq> <filter> <dest> <subject>
+ * ...`, 2.9 `<stream>[:<hash>] <seq>`, and servers before 2.9 the origin's ack reply
+ * (`$JS.ACK.<stream>.<consumer>.<delivered>.<seq>.<cseq>.<time>.<pending>`). Undefined for
+ * no header or one of no such form.
+ *
+ * @example
+ * ```ts
+ * import { sourcedFrom } from "./edge.ts";
+ * const h = "ORDERS:1OzlGG68 12310 orders.> site.east.orders.> orders.placed.o1 y6slQuBT";
+ * console.assert(sourcedFrom(h)?.seq === 12310 && sourcedFrom(h)?.stream === "ORDERS");
+ * console.assert(sourcedFrom("ORDERS 7")?.seq === 7 && sourcedFrom(undefined) === undefined);
+ * ```
+ */
+export function sourcedFrom(
+  header: string | undefined,
+): { stream: string; seq: number } | undefined {
+  if (!header) return undefined;
+  let stream: string | undefined;
+  let seq: string | undefined;
+  if (header.startsWith("$JS.ACK.")) {
+    const t = header.split(".");
+    if (t.length !== 9) return undefined;
+    [stream, seq] = [t[2], t[5]];
+  } else {
+    const [name, n] = header.trim().split(/\s+/);
+    [stream, seq] = [name?.split(":")[0], n];
+  }
+  if (!stream || !seq || !/^[1-9][0-9]{0,15}$/.test(seq)) return undefined;
+  return { stream, seq: Number(seq) };
+}
+
 /**
  * An edge item of a shipped pipeline (`wiring`), folded from its events on the hub as its
  * state writer folds them (see {@link siteItem}), with the site it ran at. Throws
@@ -561,7 +598,8 @@ export async function siteWiredItem(
  * exactly as the site's state writer of `spec` folds them: each through
  * {@link decodeStateEvent} under the subject it has at the site, so what the site refused
  * (not JSON, not a valid event, about another item than its subject's, a time that is no
- * time) is skipped here too, and the hub shows the state the site does. With its site;
+ * time) is skipped here too, and the hub shows the state the site does, each event's `seq`
+ * its sequence in the site's stream ({@link sourcedFrom}), not the hub's. With its site;
  * throws NotFoundError (naming it `what`) when the hub has none the site would fold.
  */
 export async function siteItem<S>(
@@ -583,7 +621,11 @@ export async function siteItem<S>(
     } catch {
       continue; // the site dead-letters it and folds nothing
     }
-    state = spec.apply(state, event, m.seq);
+    // Folded with the event's sequence in the site's stream, as the site folds it: the hub's
+    // own sequence counts the site's other streams' messages too (its digests, dead letters).
+    // (A message not sourced, which no site stream at a hub holds, keeps the hub's.)
+    const origin = sourcedFrom(m.headers?.get(STREAM_SOURCE_HEADER));
+    state = spec.apply(state, event, origin?.seq ?? m.seq);
   }
   if (state === undefined) {
     throw new NotFoundError(`no ${what} ${id} from site ${site}`, { field: "id" });

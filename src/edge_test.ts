@@ -10,6 +10,7 @@ import {
   siteConf,
   siteDenyImports,
   siteEventsFilter,
+  sourcedFrom,
 } from "./edge.ts";
 import { subjectAllowed } from "./subjects.ts";
 import { createLogger } from "./observability/log.ts";
@@ -197,5 +198,23 @@ Deno.test("leafRefusalWatcher says a hub's refusal of the site's link once, with
     assert.match(String(l.msg), /refuses this site's link \(authorization failed\)/);
     assert.match(String(l.msg), /no longer lists site west .*leaf-west\.nk/);
     assert.doesNotMatch(String(l.msg), /permission/);
+  }
+});
+
+Deno.test("sourcedFrom reads the origin stream and sequence of every header form nats-server writes, and nothing else", () => {
+  // 2.10 and later (seen on 2.15.3), 2.9 (seen on 2.9.10), and before 2.9 (the ack reply).
+  assert.deepEqual(
+    sourcedFrom(
+      "FEEDBACK:1OzlGG68 12310 feedback.> site.east.feedback.> feedback.ingested.a y6slQuBT",
+    ),
+    { stream: "FEEDBACK", seq: 12310 },
+  );
+  assert.deepEqual(sourcedFrom("DIGEST:1OzlGG68 2"), { stream: "DIGEST", seq: 2 });
+  assert.deepEqual(sourcedFrom("$JS.ACK.FEEDBACK.c1.1.42.7.1700000000.0"), {
+    stream: "FEEDBACK",
+    seq: 42,
+  });
+  for (const bad of [undefined, "", "FEEDBACK", "FEEDBACK x", "FEEDBACK 0", "$JS.ACK.F.c.1"]) {
+    assert.equal(sourcedFrom(bad), undefined, String(bad));
   }
 });

@@ -184,7 +184,7 @@ Deno.test("the hub folds a site's items as the site's state writer does: what th
       }
       const { site: name, ...atHub } = await siteWiredItem(js, "east", wiring, id);
       assert.equal(name, "east");
-      // (Stream sequences differ between the site's stream and the hub's.)
+      // (Published here, not sourced: no copy names its site sequence, so the hub's differ.)
       const noSeq = (s: unknown) => JSON.parse(JSON.stringify(s), (k, v) => k === "seq" ? 0 : v);
       assert.deepEqual(noSeq(atHub), noSeq(site), `${wiring.name} ${id}: the site's state`);
     }
@@ -307,5 +307,60 @@ Deno.test(
       10_000,
       "the watch saying so",
     );
+  },
+);
+
+Deno.test(
+  "the hub's state of a site's item carries the site's stream sequences, though the hub's stream interleaves the site's digests and dead letters",
+  CURRENT_SERVER,
+  async () => {
+    await using pair = await startEdgePair();
+    const site = jetstream(pair.site.nc);
+    const hubJs = jetstream(pair.hub.nc);
+    const arrived = async (subject: string) =>
+      await waitFor(
+        async () => (await atHub(pair.hub.jsm, subject)) >= 1 || undefined,
+        60_000,
+        `the hub holding east's ${subject}`,
+      );
+    const [feedback] = SHIPPED_PIPELINES;
+    const id = "SEQ-1";
+    const envelope = { itemId: id, traceId: TRACE, source: "gateway" };
+    // Each of the site's messages waits for its copy at the hub, so the hub's stream holds
+    // them in this order: the item's events after and between the site's other streams'.
+    const steps: [string, string][] = [
+      ["digest.feedback.requested", "{}"],
+      ["deadletter.sentiment.OTHER-1", "{}"],
+      [
+        `feedback.ingested.${id}`,
+        JSON.stringify(
+          createEvent({
+            ...envelope,
+            type: "feedback.ingested",
+            data: { text: "the export crashes" },
+          }),
+        ),
+      ],
+      ["digest.feedback.made", "{}"],
+      [
+        `feedback.failed.${id}`,
+        JSON.stringify(createEvent({
+          ...envelope,
+          type: "feedback.failed",
+          data: { stage: "sentiment", code: "invalid_event", reason: "a test", attempts: 1 },
+        })),
+      ],
+    ];
+    for (const [subject, data] of steps) {
+      await site.publish(subject, data);
+      await arrived(subject);
+    }
+    const { states } = await rebuildStates(site, feedback!.items!.state);
+    const atSite = states.get(id) as { stages: Record<string, { seq: number }> };
+    // The site's FEEDBACK holds the item's two events at 1 and 2; the hub's stream at 3 and 5.
+    assert.deepEqual(Object.values(atSite.stages).map((s) => s.seq).sort(), [1, 2]);
+    const { site: name, ...hubState } = await siteWiredItem(hubJs, "east", feedback!, id);
+    assert.equal(name, "east");
+    assert.deepEqual(hubState, atSite, "the hub shows the site's state, sequences included");
   },
 );
