@@ -299,6 +299,33 @@ export function siteDenyImports(site: string): string[] {
 const LEAF_REFUSED_LOG_EVERY_MS = 60_000;
 
 /**
+ * A watcher of nats-server log lines that says the first line `pick` describes (its
+ * `say(description, count)` logged as a warning), then at most one a `everyMs` with how many
+ * came since: true for a line it handled, false for any other.
+ */
+function throttledWatcher<T>(
+  pick: (line: string) => T | undefined,
+  say: (what: T, line: string, since: number) => void,
+  opts: { now?: () => number; everyMs?: number },
+): (line: string) => boolean {
+  const now = opts.now ?? Date.now;
+  const everyMs = opts.everyMs ?? LEAF_REFUSED_LOG_EVERY_MS;
+  let loggedAt: number | undefined;
+  let since = 0;
+  return (line) => {
+    const what = pick(line);
+    if (what === undefined) return false;
+    since++;
+    const t = now();
+    if (loggedAt !== undefined && t - loggedAt < everyMs) return true;
+    say(what, line, since);
+    loggedAt = t;
+    since = 0;
+    return true;
+  };
+}
+
+/**
  * Watches a site's nats-server log lines for the hub refusing its link: `Leafnode Error
  * 'Authorization Violation'`, which the server meets again at each attempt, every second.
  * The first is logged as a warning saying what to do, the next at most once per `everyMs`
@@ -316,26 +343,79 @@ export function leafRefusalWatcher(
   site: string,
   opts: { now?: () => number; everyMs?: number } = {},
 ): (line: string) => boolean {
-  const now = opts.now ?? Date.now;
-  const everyMs = opts.everyMs ?? LEAF_REFUSED_LOG_EVERY_MS;
-  let loggedAt: number | undefined;
-  let since = 0;
-  return (line) => {
-    if (!/Leafnode Error 'Authorization Violation'/i.test(line)) return false;
-    since++;
-    const t = now();
-    if (loggedAt !== undefined && t - loggedAt < everyMs) return true;
-    log.warn(
-      `the hub refuses this site's link (authorization failed): the hub no longer lists site ` +
-        `${site} (its --hub), or this site's leafnode key is not the one the hub has for it ` +
-        `(${IDENTITY_DIR}/${leafIdentity(site)}.nk there); its events wait here until the link ` +
-        `is accepted. The server tries again every second; said again at most once a minute`,
-      { site, refused: since, line },
-    );
-    loggedAt = t;
-    since = 0;
-    return true;
-  };
+  return throttledWatcher(
+    (line) => /Leafnode Error 'Authorization Violation'/i.test(line) || undefined,
+    (_, line, refused) =>
+      log.warn(
+        `the hub refuses this site's link (authorization failed): the hub no longer lists site ` +
+          `${site} (its --hub), or this site's leafnode key is not the one the hub has for it ` +
+          `(${IDENTITY_DIR}/${leafIdentity(site)}.nk there); its events wait here until the link ` +
+          `is accepted. The server tries again every second; said again at most once a minute`,
+        { site, refused, line },
+      ),
+    opts,
+  );
+}
+
+/**
+ * A leafnode TLS handshake failure in a nats-server log line: the other end's address and
+ * the reason (without the certificate's fingerprint), e.g. from
+ * `[ERR] 127.0.0.1:7422 - lid:5 - TLS leafnode handshake error: tls: failed to verify
+ * certificate: x509: certificate signed by unknown authority (CN=127.0.0.1 SHA-256: ...)`.
+ */
+function leafTlsFailure(line: string): { peer: string; reason: string } | undefined {
+  const m = /\s(\S+) - lid:\d+ - TLS leafnode handshake error: (.*)$/i.exec(line);
+  if (!m) return undefined;
+  return { peer: m[1]!, reason: m[2]!.replace(/\s*\(CN=.*\)\s*$/, "").trim() };
+}
+
+/** What a site whose link fails its TLS handshake for `reason` should check. */
+function siteTlsCheck(reason: string): string {
+  if (/unknown authority|certificate signed by/i.test(reason)) {
+    return "this site does not trust the hub's certificate: WEFT_LEAF_TLS_CA here must be the " +
+      "CA that signed the hub's WEFT_LEAF_TLS_CERT (without it, the system's roots must)";
+  }
+  if (/valid for|doesn't contain any IP SANs|not valid for any names/i.test(reason)) {
+    return "the hub's certificate does not name the host this site dials: the --leaf URL's " +
+      "host must be one of the certificate's names or addresses";
+  }
+  if (/expired|not yet valid/i.test(reason)) {
+    return "a certificate is out of its validity period: renew it";
+  }
+  return "WEFT_LEAF_TLS_CA here must have signed the hub's certificate, and this site's " +
+    "WEFT_LEAF_TLS_CERT/_KEY must be signed by the hub's WEFT_LEAF_TLS_CA";
+}
+
+/**
+ * Watches a site's (or, with `site` undefined, a hub's) nats-server log lines for leafnode
+ * TLS handshake failures (`TLS leafnode handshake error: ...`), which the server meets again
+ * at each attempt, every second, and logs at its own level only: the first is logged as a
+ * warning naming the link, the reason (e.g. `x509: certificate signed by unknown
+ * authority`) and what to check, the next at most once per `everyMs` (a minute) with how many
+ * came since. Returns true for such a line (handled), false for any other.
+ *
+ * @example
+ * ```ts ignore
+ * const tls = leafTlsWatcher(log, "west");
+ * const onLog = (line: string) => tls(line) || otherwise(line);
+ * ```
+ */
+export function leafTlsWatcher(
+  log: Logger,
+  site: string | undefined,
+  opts: { now?: () => number; everyMs?: number } = {},
+): (line: string) => boolean {
+  return throttledWatcher(leafTlsFailure, ({ peer, reason }, line, failed) => {
+    const msg = site !== undefined
+      ? `this site's link to the hub (${peer}) fails its TLS handshake: ${reason}; ` +
+        `${siteTlsCheck(reason)}. Its events wait here until the link is up. The server tries ` +
+        `again every second; said again at most once a minute`
+      : `a site's leafnode connection (from ${peer}) fails its TLS handshake: ${reason}; ` +
+        `the site's WEFT_LEAF_TLS_CERT/_KEY must be signed by this hub's WEFT_LEAF_TLS_CA, and ` +
+        `its WEFT_LEAF_TLS_CA must have signed this hub's certificate. Said again at most ` +
+        `once a minute`;
+    log.warn(msg, { ...(site !== undefined ? { site } : {}), peer, reason, failed, line });
+  }, opts);
 }
 
 /**
@@ -459,7 +539,9 @@ function siteLink(site: string, info: StreamInfo, contacts: SiteContacts, now: n
 /** Why a site never heard from may be silent: what to check. */
 function neverHeardHint(site: string): string {
   return `is the site running, linked to this hub (--leaf), and with the leafnode key this ` +
-    `hub made for it (${IDENTITY_DIR}/${leafIdentity(site)}.nk)?`;
+    `hub made for it (${IDENTITY_DIR}/${leafIdentity(site)}.nk)? Over leafnode TLS, do both ` +
+    `ends trust each other's certificate (the site's WEFT_LEAF_TLS_CA signed the hub's, the ` +
+    `hub's signed the site's)? The site's log, or this hub's, says which fails`;
 }
 
 /** The error of a site whose link is down, heard from last at `heardAt`. */

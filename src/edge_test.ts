@@ -6,6 +6,7 @@ import {
   hubConf,
   leafPermissions,
   leafRefusalWatcher,
+  leafTlsWatcher,
   parseSiteSubject,
   siteConf,
   siteDenyImports,
@@ -217,4 +218,55 @@ Deno.test("sourcedFrom reads the origin stream and sequence of every header form
   for (const bad of [undefined, "", "FEEDBACK", "FEEDBACK x", "FEEDBACK 0", "$JS.ACK.F.c.1"]) {
     assert.equal(sourcedFrom(bad), undefined, String(bad));
   }
+});
+
+Deno.test("leafTlsWatcher says a failed leafnode TLS handshake once, naming the link, the x509 reason and what to check, then at most once a minute with a count", () => {
+  const lines: Record<string, unknown>[] = [];
+  const log = createLogger("supervisor", "info", (l) => lines.push(JSON.parse(l)));
+  let now = 0;
+  const tls = leafTlsWatcher(log, "east", { now: () => now });
+  // As nats-server 2.15.3 logs it at a site whose WEFT_LEAF_TLS_CA did not sign the hub's
+  // certificate, once a second.
+  const line = "[4703] 2026/12/06 21:14:41.927106 [ERR] 127.0.0.1:23442 - lid:5 - TLS leafnode " +
+    "handshake error: tls: failed to verify certificate: x509: certificate signed by unknown " +
+    "authority (CN=127.0.0.1 SHA-256: c26b9318c03902ef59d4eb65e58e947562b7ef67b3aba125d1d1f5f1169)";
+  for (let s = 0; s < 130; s++, now += 1_000) assert.equal(tls(line), true);
+  assert.equal(tls("[INF] 127.0.0.1:23442 - lid:5 - Leafnode connection closed"), false);
+  assert.equal(tls("[ERR] ... Leafnode Error 'Authorization Violation'"), false);
+  assert.equal(lines.length, 3, "at 0 s, 60 s and 120 s");
+  assert.deepEqual(lines.map((l) => l.failed), [1, 60, 60]);
+  for (const l of lines) {
+    assert.equal(l.level, "warn");
+    assert.equal(l.peer, "127.0.0.1:23442");
+    assert.equal(
+      l.reason,
+      "tls: failed to verify certificate: x509: certificate signed by unknown authority",
+    );
+    assert.match(
+      String(l.msg),
+      /^this site's link to the hub \(127\.0\.0\.1:23442\) fails its TLS/,
+    );
+    assert.match(
+      String(l.msg),
+      /x509: certificate signed by unknown authority; .*WEFT_LEAF_TLS_CA/,
+    );
+    assert.doesNotMatch(String(l.msg), /key/);
+  }
+  // At a hub: a site it refuses over TLS, with what that site must check.
+  const hubLines: Record<string, unknown>[] = [];
+  const hubTls = leafTlsWatcher(
+    createLogger("supervisor", "info", (l) => hubLines.push(JSON.parse(l))),
+    undefined,
+  );
+  assert.equal(
+    hubTls(
+      "[6910] 2026/12/06 21:15:10.250603 [ERR] 127.0.0.1:48020 - lid:5 - TLS leafnode " +
+        "handshake error: tls: client didn't provide a certificate",
+    ),
+    true,
+  );
+  assert.match(
+    String(hubLines[0]!.msg),
+    /^a site's leafnode connection \(from 127\.0\.0\.1:48020\) fails its TLS handshake: tls: client didn't provide a certificate; .*WEFT_LEAF_TLS_CERT/,
+  );
 });

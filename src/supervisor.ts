@@ -48,6 +48,7 @@ import {
   leafPermissions,
   leafRefusalWatcher,
   type LeafTls,
+  leafTlsWatcher,
   siteConf,
   type SiteStream,
   siteSubjectPrefix,
@@ -1226,10 +1227,15 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       );
     }
     // Refused permissions are the server's to log; say them in the mesh's log too. (A site
-    // the hub refuses is an authorization failure, met again every second: said apart.)
+    // the hub refuses is an authorization failure, and a leafnode TLS handshake that fails
+    // (an untrusted certificate) is logged by the server only at its own level: both are met
+    // again every second, and said apart, throttled.)
     const leafRefused = config.site ? leafRefusalWatcher(log, config.site) : () => false;
+    const leafTlsFailed = config.site || config.hub.length > 0
+      ? leafTlsWatcher(log, config.site || undefined)
+      : () => false;
     const onLog = (line: string) => {
-      if (leafRefused(line)) return;
+      if (leafRefused(line) || leafTlsFailed(line)) return;
       if (/violation/i.test(line)) log.warn("nats permission violation", { line });
     };
     try {

@@ -8,7 +8,10 @@
  */
 import assert from "node:assert/strict";
 import { freePort, serverVersion, startNatsServer, versionAtLeast } from "../src/nats_server.ts";
-import { siteConf } from "../src/edge.ts";
+import { edgeStreamConfigs, hubConf, siteConf, siteStatuses } from "../src/edge.ts";
+import { ensureStream, streamConfigs } from "../src/topology.ts";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { connectClient, testConfig } from "./helpers/nats.ts";
 import { IDENTITY_DIR } from "../src/supervisor.ts";
 import { type Ca, makeCa, makeCert } from "./helpers/certs.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
@@ -142,7 +145,8 @@ Deno.test(
         key: eastCert.key,
       });
       assert.ok(untrusting.some((l) => /x509: certificate signed by unknown authority/.test(l)));
-      // One whose certificate another CA signed, or that has none, the hub refuses.
+      // One whose certificate another CA signed, or that has none, the hub refuses, and its
+      // log says so (the server's own line is at its level only).
       for (
         const [name, tls] of [
           ["impostor", { ca: ca.pem, cert: rogueCert.cert, key: rogueCert.key }],
@@ -152,6 +156,14 @@ Deno.test(
         await refusedLeaf(dir, name, hubLeafUrl, seed, tls);
         assert.deepEqual(await hubLeaves(monitorPort), ["weft-east"], `${name} refused`);
       }
+      const hubSaid = hub.logs.filter((l) =>
+        l.level === "warn" && /^a site's leafnode connection .* fails its TLS handshake/.test(
+          String(l.msg),
+        )
+      );
+      // (Once a minute at most: src/edge_test.ts counts; this run may last longer than one.)
+      assert.ok(hubSaid.length >= 1, "the hub says a site fails its TLS handshake");
+      assert.match(String(hubSaid[0]!.msg), /WEFT_LEAF_TLS_CA/);
       // Still linked: the site's next item reaches the hub.
       const again = await fetch(`${east.gatewayUrl}/feedback`, {
         method: "POST",
@@ -167,6 +179,68 @@ Deno.test(
         60_000,
         "the site's next item at the hub",
       );
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
+
+Deno.test(
+  "a site whose WEFT_LEAF_TLS_CA did not sign the hub's certificate says so in its log (the link, the x509 reason, what to check), and the hub's /sites hint names TLS as well as the key",
+  CURRENT_SERVER,
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "weft-leaf-tls-ca-" });
+    try {
+      const ca: Ca = await makeCa(dir, "ca");
+      const rogueCa: Ca = await makeCa(dir, "rogue");
+      const hubCert = await makeCert(ca, "hub");
+      // The hub's server as `--hub east` configures it, over TLS.
+      const leafPort = freePort();
+      await Deno.writeTextFile(
+        `${dir}/hub.conf`,
+        hubConf("", leafPort, { tls: { cert: hubCert.cert, key: hubCert.key } }),
+      );
+      await using hubServer = await startNatsServer({
+        configFile: `${dir}/hub.conf`,
+        port: freePort(),
+        storeDir: `${dir}/hub`,
+      });
+      // The site, run by its supervisor, trusting another CA than the hub's.
+      await using east = await startMesh({
+        ...ONE_PROCESS,
+        WEFT_LEAF: `nats-leaf://127.0.0.1:${leafPort}`,
+        WEFT_SITE: "east",
+        WEFT_LEAF_TLS_CA: rogueCa.pem,
+      });
+      const said = await east.waitForLog(
+        (l) => l.level === "warn" && /fails its TLS handshake/.test(String(l.msg)),
+        60_000,
+        "the site saying its link fails its TLS handshake",
+      );
+      assert.match(
+        String(said.msg),
+        new RegExp(
+          `^this site's link to the hub \\(127\\.0\\.0\\.1:${leafPort}\\) fails its TLS handshake: ` +
+            `.*x509: certificate signed by unknown authority; this site does not trust the ` +
+            `hub's certificate: WEFT_LEAF_TLS_CA`,
+        ),
+      );
+      assert.equal(said.site, "east");
+      assert.equal(said.failed, 1, "the first failure, said at once");
+      // (Then at most once a minute, with a count: src/edge_test.ts.)
+      await east.waitForLog((l) => l.msg === "weft is ready", 90_000, "the site ready unlinked");
+      // The hub has not heard from the site: its hint names TLS as well as the key.
+      const nc = await connectClient(hubServer.url, "test-hub");
+      try {
+        const jsm = await jetstreamManager(nc);
+        const [stream] = edgeStreamConfigs(["east"], streamConfigs(testConfig(hubServer.url))[0]!);
+        await ensureStream(jsm, stream!);
+        const [status] = await siteStatuses(jsm, ["east"]);
+        assert.match(status!.error ?? "", /^not heard from yet: .*leaf-east\.nk.*TLS/);
+        assert.match(status!.error ?? "", /WEFT_LEAF_TLS_CA/);
+      } finally {
+        await nc.close();
+      }
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
