@@ -20,6 +20,7 @@ import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { createShadowControl } from "../src/shadow/control.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
 import { SseClients } from "../src/gateway/sse.ts";
+import { trackSiteContacts } from "../src/edge.ts";
 import {
   lazyScheduleStore,
   scheduleTargets,
@@ -70,6 +71,14 @@ export const service: ServiceDef = defineService(
       config.sseOpensPerSecond,
     );
     const schedules = lazyScheduleStore(nc);
+    // A hub: when each edge site was last heard from, noted continuously (a source restarted
+    // after an outage forgets it), so GET /sites says since when honestly.
+    const siteContacts = config.hub.length > 0
+      ? trackSiteContacts(jsm, config.hub, {
+        onError: (site, err) =>
+          log.debug("edge site contact read failed", { site, err: String(err) }),
+      })
+      : undefined;
     const app = createApp({
       sseClients,
       nc,
@@ -86,6 +95,7 @@ export const service: ServiceDef = defineService(
       guards,
       shadows,
       schedules,
+      ...(siteContacts ? { siteContacts: siteContacts.contacts } : {}),
     });
     const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
     const pipelineRequests = servePipelineRequests(nc, pipelines, log, {
@@ -131,6 +141,7 @@ export const service: ServiceDef = defineService(
         deadLetterRequests.stop();
         scheduleRequests.stop();
         shadowRequests.stop();
+        await siteContacts?.stop();
         // Stop accepting, then end every event stream (each client told to reconnect): the
         // server's shutdown waits for every open response, and an event stream never ends
         // on its own. Requests in flight (intake above all) finish.

@@ -457,19 +457,21 @@ export interface SiteStatus {
   dead_letters: number;
   /**
    * Events the site holds that the hub has not yet received, as last reported; null while the
-   * link is down (the site's count cannot be known then, and is not 0).
+   * link is down (the site's count cannot be known then, and is not 0), or while a source has
+   * not been heard from since it was (re)started.
    */
   lag: number | null;
   /**
-   * Since the hub last heard from the site, ms: while linked, since the last message or
-   * heartbeat of its most silent source; while the link is down, since the last contact
-   * the hub remembers (across restarts of its sources), or else since the last event the
-   * hub stored from it. Null only for a site never heard from.
+   * Since the hub last heard from the site, ms: since the last message or heartbeat of any
+   * of its sources, as the gateway tracks it across restarts of the sources (which forget it),
+   * or, for a gateway started during an outage, since the last event the hub stored from it.
+   * Null only for a site never heard from.
    */
   last_seen_ms: number | null;
   /**
-   * Why the site's events may not be arriving: its link down since a time, never heard from
-   * (with what to check), or a source's error (e.g. a stream the site lacks).
+   * Why the site's events may not be arriving: its link down since a time (nothing heard for
+   * more than 10 s), never heard from (with what to check), a source's error (e.g. a stream
+   * the site lacks), or sources not heard from since their restart on a link that is up.
    */
   error?: string;
 }
@@ -495,9 +497,10 @@ const NEVER_HEARD_WARN_AFTER = 3;
 const LINK_DOWN_AFTER_MS = 10_000;
 
 /**
- * When each site was last heard from (ms since the epoch), by site: kept by whoever reads
- * the sites' streams again and again (the source watch, the gateway's `/sites`), since a
- * source restarted after an outage forgets it (its `active` starts again at -1).
+ * When each site was last heard from (ms since the epoch), by site: kept by whoever reads the
+ * sites' streams again and again (the source watch; a hub's gateway, with
+ * {@link trackSiteContacts}), since a source restarted after an outage forgets it (its
+ * `active` starts again at -1).
  */
 export type SiteContacts = Map<string, number>;
 
@@ -507,8 +510,15 @@ interface SiteLink {
   linked: StreamSourceInfo[];
   /** When the site was last heard from, ms since the epoch; undefined: never. */
   heardAt?: number;
-  /** Silent longer than {@link LINK_DOWN_AFTER_MS}, or a source not heard from since it started. */
+  /**
+   * The link is down: nothing heard from the site (by any source: they share its one link)
+   * for longer than {@link LINK_DOWN_AFTER_MS}, or never.
+   */
   down: boolean;
+  /** A source silent longer than that, or not heard from since it was (re)started. */
+  quiet: boolean;
+  /** Sources not heard from since they were (re)started (their lag is unknown). */
+  unheard: StreamSourceInfo[];
 }
 
 /**
@@ -531,9 +541,71 @@ function siteLink(site: string, info: StreamInfo, contacts: SiteContacts, now: n
   ];
   const heardAt = candidates.length > 0 ? Math.max(...candidates) : undefined;
   if (heardAt !== undefined) contacts.set(site, heardAt);
-  const down = linked.length === 0 || heard.length < actives.length ||
+  const down = linked.length === 0 || heardAt === undefined ||
+    now - heardAt > LINK_DOWN_AFTER_MS;
+  const quiet = linked.length === 0 || heard.length < actives.length ||
     Math.max(...heard) / 1e6 > LINK_DOWN_AFTER_MS;
-  return { linked, heardAt, down };
+  const unheard = linked.filter((s) => (s.active ?? -1) < 0);
+  return { linked, heardAt, down, quiet, unheard };
+}
+
+/** A running {@link trackSiteContacts}. */
+export interface SiteContactTracker {
+  /** When each site was last heard from, kept up to date. */
+  readonly contacts: SiteContacts;
+  /** Stops tracking (after the read in progress). */
+  stop(): Promise<void>;
+}
+
+/**
+ * Keeps `contacts` up to date for a hub's gateway: every `everyMs` (2 s; the sources have a
+ * message or heartbeat every second, and the source watch restarts one silent for 8 s) reads
+ * each site's stream and notes when the site was last heard from, so the contact survives
+ * the restart of a source (which forgets it) whether or not anyone asked for `/sites`
+ * meanwhile. A failed read is skipped (`onError`).
+ *
+ * @example
+ * ```ts ignore
+ * const tracker = trackSiteContacts(jsm, ["east", "west"]);
+ * const sites = await siteStatuses(jsm, ["east", "west"], tracker.contacts);
+ * await tracker.stop();
+ * ```
+ */
+export function trackSiteContacts(
+  jsm: JetStreamManager,
+  sites: readonly string[],
+  opts: { everyMs?: number; onError?: (site: string, err: unknown) => void } = {},
+): SiteContactTracker {
+  const everyMs = opts.everyMs ?? 2_000;
+  const contacts: SiteContacts = new Map();
+  let stopped = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let wake: () => void = () => {};
+  const loop = (async () => {
+    while (!stopped) {
+      for (const site of sites) {
+        if (stopped) break;
+        try {
+          siteLink(site, await jsm.streams.info(edgeStream(site)), contacts, Date.now());
+        } catch (err) {
+          opts.onError?.(site, err);
+        }
+      }
+      await new Promise<void>((r) => {
+        wake = r;
+        timer = setTimeout(r, everyMs);
+      });
+    }
+  })();
+  return {
+    contacts,
+    async stop() {
+      stopped = true;
+      clearTimeout(timer);
+      wake();
+      await loop;
+    },
+  };
 }
 
 /** Why a site never heard from may be silent: what to check. */
@@ -550,9 +622,63 @@ function linkDownError(heardAt: number): string {
     `since; its events wait there and arrive, in order, once the link is back`;
 }
 
+/** What a site's status needs besides its stream's info: its counts at the hub. */
+export interface SiteCounts {
+  /** The site's dead letters the hub holds. */
+  deadLetters: number;
+  /** Items of each shipped pipeline the hub has seen start there, by status field. */
+  items: Record<string, number>;
+}
+
 /**
- * Each site's status from its hub stream. `contacts` (one per reader, kept between calls)
- * remembers when each site was last heard from across restarts of its sources.
+ * A site's status from its hub stream's `info` and `counts` at `now`, with `contacts` (kept
+ * between calls, and updated here) remembering when it was last heard from across restarts
+ * of its sources. `last_seen_ms` always counts from that contact, and `error` says the link
+ * is down (since that contact) only when nothing has been heard from the site for more than
+ * 10 s: a source restarted on a link that is up (another source heard from it a moment ago)
+ * is said as such, its lag unknown, not as a link down.
+ */
+export function siteStatus(
+  site: string,
+  info: StreamInfo,
+  counts: SiteCounts,
+  contacts: SiteContacts,
+  now: number,
+): SiteStatus {
+  const { linked, heardAt, down, unheard } = siteLink(site, info, contacts, now);
+  // Named by its stream: a definition the hub runs and the site does not is "ORDERS: stream
+  // not found" (the rest of the site's events still arrive).
+  const failing = (info.sources ?? []).find((s) => s.error);
+  // A site known to the hub whose link is down says since when; one never heard from, with
+  // no error to say why, is not running or not linked, or linked with another site's key
+  // (its link is up, and nothing of it arrives), or its TLS handshake fails.
+  const error = down && heardAt !== undefined
+    ? linkDownError(heardAt)
+    : failing
+    ? `${failing.name}: ${failing.error!.description}`
+    : heardAt === undefined
+    ? `not heard from yet: ${neverHeardHint(site)}`
+    : unheard.length > 0
+    ? `${unheard.map((s) => s.name).join(", ")}: source (re)started and not heard from ` +
+      `since, its lag unknown until it is (the site was last heard from ` +
+      `${Math.max(0, Math.round(now - heardAt))} ms ago; its link counts as down after 10 s)`
+    : undefined;
+  return {
+    site,
+    stream: edgeStream(site),
+    events: info.state.messages,
+    ...counts.items,
+    dead_letters: counts.deadLetters,
+    lag: down || unheard.length > 0 ? null : linked.reduce((n, s) => n + (s.lag ?? 0), 0),
+    last_seen_ms: heardAt === undefined ? null : Math.max(0, Math.round(now - heardAt)),
+    ...(error ? { error } : {}),
+  };
+}
+
+/**
+ * Each site's status from its hub stream ({@link siteStatus}). `contacts` (one per reader,
+ * kept between calls; a gateway's {@link trackSiteContacts}) remembers when each site was
+ * last heard from across restarts of its sources.
  */
 export async function siteStatuses(
   jsm: JetStreamManager,
@@ -568,34 +694,16 @@ export async function siteStatuses(
       countUnder(jsm, stream, `${prefix}.deadletter.>`),
       ...counted.map((i) => countUnder(jsm, stream, `${prefix}.${i.entryType}.*`)),
     ]);
-    const now = Date.now();
-    const { linked, heardAt, down } = siteLink(site, info, contacts, now);
-    // Named by its stream: a definition the hub runs and the site does not is "ORDERS: stream
-    // not found" (the rest of the site's events still arrive).
-    const failing = (info.sources ?? []).find((s) => s.error);
-    // A site known to the hub whose link is down says since when; one never heard from, with
-    // no error to say why, is not running or not linked, or linked with another site's key
-    // (its link is up, and nothing of it arrives).
-    const error = down && heardAt !== undefined
-      ? linkDownError(heardAt)
-      : failing
-      ? `${failing.name}: ${failing.error!.description}`
-      : down
-      ? `not heard from yet: ${neverHeardHint(site)}`
-      : undefined;
-    const silentMs = Math.max(...linked.map((s) => s.active ?? -1)) / 1e6;
-    return {
+    return siteStatus(
       site,
-      stream,
-      events: info.state.messages,
-      ...Object.fromEntries(counted.map((c, i) => [c.statusField, items[i]!.subjects])),
-      dead_letters: dead.messages,
-      lag: down ? null : linked.reduce((n, s) => n + (s.lag ?? 0), 0),
-      last_seen_ms: heardAt === undefined
-        ? null
-        : Math.round(down ? Math.max(0, now - heardAt) : silentMs),
-      ...(error ? { error } : {}),
-    };
+      info,
+      {
+        deadLetters: dead.messages,
+        items: Object.fromEntries(counted.map((c, i) => [c.statusField, items[i]!.subjects])),
+      },
+      contacts,
+      Date.now(),
+    );
   }));
 }
 
@@ -784,7 +892,9 @@ export function watchSources(
   const check = async (site: string) => {
     const name = edgeStream(site);
     const info = await jsm.streams.info(name);
-    const { linked, heardAt, down } = siteLink(site, info, contacts, Date.now());
+    // (Restarts that bring nothing count while any source stays quiet, before the 10 s
+    // after which the link counts as down.)
+    const { linked, heardAt, quiet: down } = siteLink(site, info, contacts, Date.now());
     // The site's sources share its one link: the one in error, never heard from, or
     // silent longest speaks for all.
     const source = linked.find((s) => s.error || (s.active ?? -1) < 0) ??

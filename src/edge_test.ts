@@ -11,9 +11,11 @@ import {
   siteConf,
   siteDenyImports,
   siteEventsFilter,
+  siteStatus,
   sourcedFrom,
 } from "./edge.ts";
 import { subjectAllowed } from "./subjects.ts";
+import type { StreamInfo, StreamSourceInfo } from "@nats-io/jetstream";
 import { createLogger } from "./observability/log.ts";
 
 const BASE =
@@ -269,4 +271,61 @@ Deno.test("leafTlsWatcher says a failed leafnode TLS handshake once, naming the 
     String(hubLines[0]!.msg),
     /^a site's leafnode connection \(from 127\.0\.0\.1:48020\) fails its TLS handshake: tls: client didn't provide a certificate; .*WEFT_LEAF_TLS_CERT/,
   );
+});
+
+Deno.test("siteStatus: a link is down only after 10 s with nothing heard from the site, since its last contact; a source restarted on a link that is up is said as such", () => {
+  const now = Date.parse("2026-12-06T12:00:00Z");
+  const source = (name: string, activeMs: number): StreamSourceInfo =>
+    ({ name, lag: 0, active: activeMs < 0 ? -1 : activeMs * 1e6 }) as StreamSourceInfo;
+  // EDGE_EAST's info as nats-server reports it: no event stored, the sources' activity.
+  const info = (...sources: StreamSourceInfo[]) =>
+    ({
+      config: { name: "EDGE_EAST" },
+      state: { messages: 0, last_seq: 0, last_ts: "0001-01-01T00:00:00Z" },
+      sources,
+    }) as unknown as StreamInfo;
+  const counts = { deadLetters: 0, items: {} };
+  // A clustered hub's node was killed: the new leader restarted the sources, one of which has
+  // heard from the site 4 ms ago. The link is up: no "link down since", the lag unknown.
+  const restarted = siteStatus(
+    "east",
+    info(source("FEEDBACK", 4), source("DIGEST", -1)),
+    counts,
+    new Map(),
+    now,
+  );
+  assert.equal(restarted.last_seen_ms, 4);
+  assert.equal(restarted.lag, null);
+  assert.doesNotMatch(restarted.error ?? "", /link down/);
+  assert.match(restarted.error ?? "", /^DIGEST: source \(re\)started and not heard from since/);
+  // Every source restarted, the site heard from 3 s ago (as the gateway tracked it): up still.
+  const contacts = new Map([["east", now - 3_000]]);
+  const all = siteStatus("east", info(source("FEEDBACK", -1)), counts, contacts, now);
+  assert.equal(all.last_seen_ms, 3_000);
+  assert.doesNotMatch(all.error ?? "", /link down/);
+  // 15 s later, still nothing: down since that contact, and last_seen_ms counts from it.
+  const later = now + 12_000;
+  const down = siteStatus("east", info(source("FEEDBACK", -1)), counts, contacts, later);
+  assert.equal(down.last_seen_ms, 15_000);
+  assert.equal(down.lag, null);
+  assert.equal(
+    down.error,
+    `link down since ${new Date(now - 3_000).toISOString()}: nothing heard from the site since; ` +
+      "its events wait there and arrive, in order, once the link is back",
+  );
+  // Linked and heard from: no error, the lag reported, last_seen_ms from the freshest source.
+  const up = siteStatus(
+    "east",
+    info(source("FEEDBACK", 300), source("DIGEST", 900)),
+    counts,
+    new Map(),
+    later,
+  );
+  assert.equal(up.error, undefined);
+  assert.equal(up.lag, 0);
+  assert.equal(up.last_seen_ms, 300);
+  // Never heard from: the hint.
+  const never = siteStatus("east", info(source("FEEDBACK", -1)), counts, new Map(), now);
+  assert.equal(never.last_seen_ms, null);
+  assert.match(never.error ?? "", /^not heard from yet: .*leaf-east\.nk.*TLS/);
 });

@@ -17,11 +17,14 @@ import {
   siteStatuses,
   siteWiredItem,
   type SourceWatch,
+  trackSiteContacts,
   watchSources,
 } from "../src/edge.ts";
 import type { Config } from "../src/config.ts";
 import { NotFoundError } from "../src/errors.ts";
 import { createEvent } from "../src/events.ts";
+import { Hono } from "hono";
+import { edgeRoutes } from "../src/gateway/edge_routes.ts";
 import {
   freePort,
   type NatsServer,
@@ -278,8 +281,14 @@ Deno.test(
     assert.match(String(warned("east")!.msg), /^site east: link down since \d{4}-/);
     assert.doesNotMatch(String(warned("east")!.msg), /key|never/);
     assert.match(String(warned("west")!.msg), /never heard from .*leaf-west\.nk/);
-    // Its status, from a reader that heard from it, and from one started during the outage
-    // (a gateway restarted then): the last event the hub stored from it.
+    // Its status, once nothing has been heard from it for 10 s (its link then counts as down),
+    // from a reader that heard from it, and from one started during the outage (a gateway
+    // restarted then): the last event the hub stored from it.
+    await waitFor(
+      async () => /^link down since/.test((await status("east")).error ?? "") || undefined,
+      30_000,
+      "east's link reported down",
+    );
     for (const fresh of [false, true]) {
       const east: SiteStatus = await status("east", fresh);
       assert.ok(pair.watch.restarts.east! >= 3, "east's source restarted since the cut");
@@ -362,5 +371,84 @@ Deno.test(
     const { site: name, ...hubState } = await siteWiredItem(hubJs, "east", feedback!, id);
     assert.equal(name, "east");
     assert.deepEqual(hubState, atSite, "the hub shows the site's state, sequences included");
+  },
+);
+
+Deno.test(
+  "GET /sites says a site's link is down since its real last contact, however long before no one asked, and last_seen_ms counts from it",
+  CURRENT_SERVER,
+  async () => {
+    await using pair = await startEdgePair();
+    const { jsm } = pair.hub;
+    // The hub's gateway: its /sites routes, with the contacts it tracks between requests.
+    const tracker = trackSiteContacts(jsm, ["east"], { everyMs: 200 });
+    try {
+      const app = new Hono().route(
+        "/sites",
+        edgeRoutes({ js: jetstream(pair.hub.nc), jsm }, ["east"], undefined, [], tracker.contacts),
+      );
+      const east = async () =>
+        ((await (await app.request("/sites")).json()) as { sites: SiteStatus[] }).sites[0]!;
+      await waitFor(
+        async () => {
+          const s = await east();
+          return (s.error === undefined && s.lag === 0) || undefined;
+        },
+        60_000,
+        "the hub hearing from east",
+      );
+      // One request, then none for a while (a deliberate idle time, as on a quiet dashboard):
+      // the site, idle too, sends only heartbeats meanwhile.
+      const asked = await east();
+      assert.equal(asked.error, undefined);
+      await new Promise((r) => setTimeout(r, 5_000));
+      // The site's server stops (SIGSTOP): nothing more from it, and the hub's source watch
+      // restarts its sources, which then forget when they last heard from it.
+      const restarts = pair.watch.restarts.east!;
+      const stoppedAt = Date.now();
+      Deno.kill(pair.site.server.pid, "SIGSTOP");
+      try {
+        await waitFor(
+          () => pair.watch.restarts.east! > restarts || undefined,
+          30_000,
+          "east's source restarted",
+        );
+        const down = await waitFor(
+          async () => {
+            const s = await east();
+            return /^link down since/.test(s.error ?? "") ? s : undefined;
+          },
+          60_000,
+          "east's link reported down",
+        );
+        const since = Date.parse(/link down since (\S+):/.exec(down.error!)![1]!);
+        const at = Date.now();
+        // Heartbeats come every second: the last one came at most about a second before the
+        // stop (and the request before it was 5 s earlier).
+        assert.ok(
+          since >= stoppedAt - 2_500 && since <= stoppedAt + 500,
+          `since ${new Date(since).toISOString()}, stopped at ${new Date(stoppedAt).toISOString()}`,
+        );
+        assert.ok(
+          down.last_seen_ms! >= at - stoppedAt - 500 && down.last_seen_ms! <= at - since + 500,
+          `last_seen_ms ${down.last_seen_ms} for ${at - stoppedAt} ms of silence: ${
+            JSON.stringify(down)
+          }`,
+        );
+        assert.equal(down.lag, null);
+      } finally {
+        Deno.kill(pair.site.server.pid, "SIGCONT");
+      }
+      await waitFor(
+        async () => {
+          const s = await east();
+          return (s.error === undefined && s.lag === 0) || undefined;
+        },
+        60_000,
+        "east heard from again",
+      );
+    } finally {
+      await tracker.stop();
+    }
   },
 );

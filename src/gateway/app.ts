@@ -40,6 +40,7 @@ import { WeftMetrics } from "../observability/metrics.ts";
 import { instrumentGateway, mountObservability } from "./observability.ts";
 import type { DashboardPanel } from "./dashboard_page.ts";
 import { edgeRoutes } from "./edge_routes.ts";
+import type { SiteContacts } from "../edge.ts";
 import type { ShadowControl } from "../shadow/control.ts";
 import { shadowRoutes } from "./shadows.ts";
 import { createBodyGuard } from "./body_guard.ts";
@@ -104,6 +105,11 @@ export interface GatewayDeps {
   shadows?: ShadowControl;
   /** The schedules behind /schedules (admin); by default `weft_schedules` over `nc`. */
   schedules?: () => Promise<ScheduleStore>;
+  /**
+   * A hub's: when each edge site was last heard from, kept up to date between requests
+   * (`trackSiteContacts` in src/edge.ts); by default only the requests for `/sites` note it.
+   */
+  siteContacts?: SiteContacts;
 }
 
 /** The problem+json response for an error. */
@@ -347,12 +353,18 @@ export function createApp(deps: GatewayDeps): Hono {
     app.use("/sites/*", readAuth);
     app.route(
       "/sites",
-      edgeRoutes(jetStream, config.hub, {
-        config,
-        clients,
-        feeds: new LiveFeeds(jetStream.js, log, config.sseFlushMs, config.sseWritesPerSecond),
-        log,
-      }, deps.pipelines),
+      edgeRoutes(
+        jetStream,
+        config.hub,
+        {
+          config,
+          clients,
+          feeds: new LiveFeeds(jetStream.js, log, config.sseFlushMs, config.sseWritesPerSecond),
+          log,
+        },
+        deps.pipelines,
+        deps.siteContacts,
+      ),
     );
   }
   // Every stage's and consumer's figures, and a gather across the mesh per scrape: behind a

@@ -45,7 +45,9 @@ function shown(value: string): string {
 export type EdgeSse = Omit<Parameters<typeof streamEvents>[3], "key">;
 
 /**
- * The routes of a hub with `sites`.
+ * The routes of a hub with `sites`; `contacts` remembers when each site was last heard from
+ * (the gateway's `trackSiteContacts`, src/edge.ts, keeps it up to date; by default only the
+ * requests for `/sites` do).
  *
  * @example
  * ```ts ignore
@@ -57,6 +59,7 @@ export function edgeRoutes(
   sites: readonly string[],
   sse?: EdgeSse,
   pipelines: readonly LoadedPipeline[] = [],
+  contacts: SiteContacts = new Map(),
 ): Hono {
   const app = new Hono();
   const knownSite = (site: string) => {
@@ -68,8 +71,8 @@ export function edgeRoutes(
     knownSite(site);
     if (!ITEM_ID.test(id)) throw new NotFoundError(`no ${what} ${shown(id)}`, { field: "id" });
   };
-  // When each site was last heard from, across restarts of its sources (src/edge.ts).
-  const contacts: SiteContacts = new Map();
+  // When each site was last heard from, across restarts of its sources: the gateway's
+  // trackSiteContacts keeps it up to date between requests (src/edge.ts).
   app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites, contacts) }));
   // Each shipped pipeline's items: /sites/{site}/<pipeline>/{id}(/events).
   const kinds = SHIPPED_PIPELINES.flatMap((w) =>
