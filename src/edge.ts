@@ -38,7 +38,7 @@ import { IDENTITY_DIR, type Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
 import { readStream } from "./stream_reader.ts";
-import { decodeStateEvent, type StateSpec } from "./state_writer.ts";
+import { decodeStateEvent, startsNoItem, type StateSpec } from "./state_writer.ts";
 import { DEADLETTER_STREAM, DIGEST_STREAM } from "./subjects.ts";
 import type { PipelineWiring } from "./wiring.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
@@ -804,13 +804,17 @@ export async function siteItem<S>(
   // (A read of nothing ends at once: the consumer's creation says none is pending.)
   const filter = siteEventsFilter(site, id, pipeline);
   const prefix = `${siteSubjectPrefix(site)}.`;
+  let entered = false;
   for await (const m of readStream(js, edgeStream(site), { filter })) {
     let event: AnyEvent;
+    entered ||= spec.entrySubject?.(id) === m.subject.slice(prefix.length);
     try {
       event = decodeStateEvent(spec, m.data, m.subject.slice(prefix.length), m.time.getTime());
     } catch {
       continue; // the site dead-letters it and folds nothing
     }
+    // Nor does it fold an item's events before its entry (one that never entered).
+    if (state === undefined && startsNoItem(spec, event) && !entered) continue;
     // Folded with the event's sequence in the site's stream, as the site folds it: the hub's
     // own sequence counts the site's other streams' messages too (its digests, dead letters).
     // (A message not sourced, which no site stream at a hub holds, keeps the hub's.)

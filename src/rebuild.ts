@@ -10,7 +10,7 @@
  */
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { canonicalJson } from "./canonical_json.ts";
-import { decodeStateEvent, type StateSpec } from "./state_writer.ts";
+import { decodeStateEvent, startsNoItem, type StateSpec } from "./state_writer.ts";
 import { readStream } from "./stream_reader.ts";
 
 /** What a rebuild read. */
@@ -19,7 +19,10 @@ export interface Rebuilt<S> {
   states: Map<string, S>;
   /** Events folded. */
   events: number;
-  /** Messages skipped as invalid (they are dead-lettered, never folded, live either). */
+  /**
+   * Messages skipped as invalid, or as the first of an item that never entered (they are
+   * dead-lettered, never folded, live either).
+   */
   skipped: number;
 }
 
@@ -42,7 +45,14 @@ export async function rebuildStates<S>(
   const states = new Map<string, S>();
   let events = 0;
   let skipped = 0;
+  // Whether the stream still holds everything ever stored in it (nothing expired or removed).
+  const whole = (await (await js.jetstreamManager(false)).streams.info(spec.stream)).state
+    .first_seq <= 1;
+  // Items with a message on their entry subject (valid or not): they entered.
+  const entered = new Set<string>();
   for await (const m of readStream(js, spec.stream, { filter: spec.filter })) {
+    const item = m.subject.slice(m.subject.lastIndexOf(".") + 1);
+    if (spec.entrySubject?.(item) === m.subject) entered.add(item);
     let event;
     try {
       event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime());
@@ -50,9 +60,20 @@ export async function rebuildStates<S>(
       skipped++;
       continue;
     }
+    const state = states.get(event.item_id);
+    // An item starts at its entry event: the writer dead-letters another first event of an id
+    // with nothing on its entry subject before it (one that never entered), folding nothing.
+    // Unless the stream no longer holds its head: there an item's entry may have expired, and
+    // its later events still fold.
+    if (
+      state === undefined && startsNoItem(spec, event) && whole && !entered.has(event.item_id)
+    ) {
+      skipped++;
+      continue;
+    }
     events++;
-    const state = spec.apply(states.get(event.item_id), event, m.seq);
-    if (state !== undefined) states.set(event.item_id, state);
+    const next = spec.apply(state, event, m.seq);
+    if (next !== undefined) states.set(event.item_id, next);
   }
   return { states, events, skipped };
 }

@@ -390,6 +390,11 @@ export async function publishEvent(
   event: OutputEvent,
   parent: TraceContext | null,
   entry: boolean = isEntryEvent(event.type),
+  /**
+   * Where the item's entry event is stored: what a once-per-item output's subject holds from
+   * before it is not the item's (an event for the id published before it entered).
+   */
+  entrySubject?: string,
 ): Promise<boolean> {
   const m = eventMessage(event, parent, entry);
   try {
@@ -401,7 +406,7 @@ export async function publishEvent(
   } catch (err) {
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
-    return await publishAfterJunk(js, event, m);
+    return await publishAfterJunk(js, event, m, entrySubject);
   }
 }
 
@@ -411,19 +416,27 @@ const MAX_SUBJECT_SCAN = 64;
 /**
  * After a once-per-item publish was refused ("expected last subject sequence 0"): whether the
  * subject holds an event of this type for this item. If it holds only messages that are none
- * (not JSON, another type, one its schema refuses: published there by anyone who may), the
- * event is published after them, against the subject's last message, so junk stored first
- * cannot keep the item from its event. True when this call stored it.
+ * (not JSON, another type, one its schema refuses: published there by anyone who may; with
+ * `entrySubject`, one stored before the item's entry event, i.e. before the item existed),
+ * the event is published after them, against the subject's last message, so junk stored
+ * first cannot keep the item from its event. True when this call stored it.
  */
 async function publishAfterJunk(
   js: JetStreamClient,
   event: OutputEvent,
   m: { subject: string; data: Uint8Array; headers: MsgHdrs },
+  entrySubject?: string,
 ): Promise<boolean> {
   const jsm = await js.jetstreamManager(false);
   const stream = await jsm.streams.find(m.subject);
   const known = event.type in knownEventTypes();
-  const isIt = (raw: unknown) => {
+  const entered = entrySubject === undefined ? 0 : (await storedMessage(
+    jsm,
+    stream,
+    { next_by_subj: entrySubject, seq: 0 } as unknown as MsgRequest,
+  ))?.seq ?? 0;
+  const isIt = (raw: unknown, seq: number) => {
+    if (seq < entered) return false;
     try {
       const e = raw as { type?: unknown; item_id?: unknown };
       if (e?.type !== event.type || e.item_id !== event.item_id) return false;
@@ -437,10 +450,10 @@ async function publishAfterJunk(
     // The usual refusal (a re-sent submission, a redelivery): the event is the subject's last.
     const newest = await jsm.streams.getMessage(stream, { last_by_subj: m.subject })
       .catch(() => null);
-    if (newest && isIt(tryDecode(newest.data))) return false;
+    if (newest && isIt(tryDecode(newest.data), newest.seq)) return false;
     let last = 0;
     for await (const held of messagesOn(jsm, stream, m.subject, { max: MAX_SUBJECT_SCAN })) {
-      if (isIt(tryDecode(held.data))) return false; // stored already: success
+      if (isIt(tryDecode(held.data), held.seq)) return false; // stored already: success
       last = held.seq;
     }
     if (last === 0) return false; // nothing readable there now (purged?): as stored
@@ -1305,6 +1318,7 @@ export async function runStage<I extends StageInput>(
               trace,
               (stage.entryTypes?.has(event.type) ?? isEntryEvent(event.type)) ||
                 once?.has(event.type) === true,
+              stage.entrySubject?.(event.item_id),
             )
           ),
         );

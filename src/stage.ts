@@ -93,6 +93,12 @@ export interface Stage<I extends StageInput = StageInput> {
   accepts?(message: MessageInfo): boolean;
   /** Checks an output event before anything is published, instead of schemas/. */
   checkOutput?(event: OutputEvent): void;
+  /**
+   * Where an item's entry event is stored (`orders.submitted.<item>`): what an output's
+   * subject holds from before it is not the item's, so an event published for an id before
+   * it entered cannot stand in for the item's own once-per-item output.
+   */
+  entrySubject?(item: string): string;
   /** Event types that start an item: stored once per subject, the first one wins. */
   entryTypes?: ReadonlySet<string>;
   /**

@@ -24,7 +24,14 @@ import { type KV, Kvm } from "@nats-io/kv";
 import type { Config } from "./config.ts";
 import type { Logger } from "./observability/log.ts";
 import { retryDelay } from "./retry.ts";
-import { assertMatchesSubject, assertSubjectItem, deadLetter, decodeJson } from "./runner.ts";
+import {
+  assertMatchesSubject,
+  assertSubjectItem,
+  deadLetter,
+  decodeJson,
+  storedMessage,
+} from "./runner.ts";
+import { NotFoundError } from "./errors.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
 import { ITEM_ID, parseEventSubject } from "./subjects.ts";
@@ -73,6 +80,26 @@ export interface StateSpec<S> {
    * so the message has one dead letter, not two.
    */
   lettersElsewhere?(subject: string): boolean;
+  /**
+   * Whether `event` may start an item's state: the item's entry event (an order's
+   * `orders.submitted`), or the failure its intake published for it. With {@link entrySubject},
+   * an item starts only so: any other event for an item with no state, and nothing stored on
+   * its entry subject before it, is dead-lettered `not_found` and folds nothing (a step's
+   * key publishing its own event for an id that never entered makes no item). A rebuild and a
+   * hub's view of a site's items skip it alike.
+   */
+  starts?(event: AnyEvent): boolean;
+  /** The subject an item's entry event is stored on (`orders.submitted.<item>`). */
+  entrySubject?(item: string): string;
+}
+
+/**
+ * Whether `event`, the first seen for an item with no state, folds nothing under `spec`'s rule
+ * that an item starts only at its entry event ({@link StateSpec.starts}), unless something was
+ * stored on the item's entry subject before it.
+ */
+export function startsNoItem<S>(spec: StateSpec<S>, event: AnyEvent): boolean {
+  return spec.starts !== undefined && spec.entrySubject !== undefined && !spec.starts(event);
 }
 
 /** A running state writer. */
@@ -270,6 +297,76 @@ export async function runStateWriter<S>(opts: {
     throw new Error(`state of ${id} kept changing under the writer`);
   }
 
+  /**
+   * The events of `group` that may fold: all of them for an item with state (cached, else in
+   * the bucket), and from its first event that starts one ({@link StateSpec.starts}) or that
+   * follows a message on its entry subject (an entry its consumer refused as invalid, and
+   * failed the item for, still makes the item known). Those before are for an item that never
+   * entered: dead-lettered `not_found`, folding nothing. Costs nothing on the usual path: an
+   * item's first events reach the writer with its entry event, and its later ones find it
+   * cached; otherwise one read of the bucket, and one of the stream when it has no state.
+   */
+  async function admit(id: string, group: Held): Promise<Held> {
+    if (cache.has(id) || !spec.starts || !spec.entrySubject) return group;
+    const from = group.events.findIndex(({ event }) => spec.starts!(event));
+    if (from === 0) return group;
+    try {
+      const stored = await readState<S>(kv, id);
+      if (stored) {
+        remember(id, stored);
+        return group;
+      }
+      const entry = await storedMessage(jsm, spec.stream, {
+        next_by_subj: spec.entrySubject(id),
+        seq: 0,
+      } as unknown as { seq: number });
+      const after = group.events.findIndex(({ seq }, i) =>
+        (from >= 0 && i >= from) || (entry !== null && entry.seq < seq)
+      );
+      const orphans = after < 0 ? group.events.length : after;
+      await Promise.all(
+        group.msgs.slice(0, orphans).map(async (m, i) => {
+          const { event, seq } = group.events[i]!;
+          if (spec.lettersElsewhere?.(m.subject)) {
+            // Its consumer judges it (and letters what it refuses): here it only makes no item.
+            stats.skipped++;
+            m.ack();
+            return;
+          }
+          await deadLetter(
+            dlContext,
+            m,
+            new NotFoundError(
+              `no item ${
+                JSON.stringify(id)
+              }: a ${event.type} event counts only for an item whose ` +
+                `entry event (${spec.entrySubject!(id)}) was stored before it, and none was ` +
+                `(stream sequence ${seq}); no state was made`,
+            ),
+            event,
+            id,
+            parseTraceparent(m.headers?.get("traceparent")),
+            { failItem: false },
+          )
+            .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
+            .catch(() => m.nak(1000));
+        }),
+      );
+      return {
+        ...group,
+        msgs: group.msgs.slice(orphans),
+        events: group.events.slice(orphans),
+      };
+    } catch (err) {
+      // Cannot tell now (NATS trouble): the whole group is retried, as a failed write is.
+      log.warn("state write failed", { item_id: id, err });
+      for (const m of group.msgs) {
+        m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
+      }
+      return { ...group, msgs: [], events: [] };
+    }
+  }
+
   // An item's events usually arrive within a few ms of each other. Writing once per batch
   // would still split many items over two batches, so an item whose last event is not
   // final is held until it is, or until it has waited `stateFlushMs`: the next batch
@@ -340,7 +437,9 @@ export async function runStateWriter<S>(opts: {
       closing || h.final || now - h.since >= config.stateFlushMs
     );
     for (const [id] of due) held.delete(id);
-    await Promise.all(due.map(async ([id, group]) => {
+    await Promise.all(due.map(async ([id, all]) => {
+      const group = await admit(id, all);
+      if (group.events.length === 0) return;
       try {
         await writeItem(id, group.events);
         for (const m of group.msgs) m.ack();

@@ -55,8 +55,11 @@ Deno.test("two state writers on one consumer, fed events out of order, lose no f
   const js = jetstream(t.nc);
   const ids = Array.from({ length: 200 }, (_, i) => `item${i}`);
   const publishes = [];
+  // Each item's entry first (an item starts there: a later event of an id with no entry
+  // before it makes no item), then its other events in reverse.
   for (const id of ids) {
-    for (const e of eventsOf(id).reverse()) {
+    const [entry, ...rest] = eventsOf(id);
+    for (const e of [entry!, ...rest.reverse()]) {
       publishes.push(js.publish(`${e.type}.${id}`, JSON.stringify(e), { msgID: e.id }));
     }
   }

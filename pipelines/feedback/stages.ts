@@ -100,6 +100,8 @@ export function topicsStage(
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "topics"),
+    // What its outputs' subjects hold from before the item's ingested event is not the item's.
+    entrySubject: (item) => `${T.Ingested}.${item}`,
     input: { kind: "event", types: [T.SentimentAnalyzed] },
     async handle(event, ctx) {
       const options = { signal: ctx.signal };
@@ -126,6 +128,8 @@ export function dispatchStage(
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "dispatch"),
+    // What its outputs' subjects hold from before the item's ingested event is not the item's.
+    entrySubject: (item) => `${T.Ingested}.${item}`,
     input: { kind: "event", types: [T.TopicsExtracted] },
     handle(event, ctx) {
       const routing = route(event.data.sentiment.label, event.data.topics.topics);

@@ -12,6 +12,9 @@ import type { AnyEvent } from "../../src/schemas.ts";
 import type { FeedbackEvent } from "./events.ts";
 import { spanTimes } from "../../src/state.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "./subjects.ts";
+
+/** The stage that turns `feedback.submit` messages into items (stages.ts's ingestStage). */
+const INGEST_STAGE = "ingest";
 import { FeedbackEventType as T, ONCE_PER_ITEM_TYPES } from "./events.ts";
 import type { StateSpec } from "../../src/state_writer.ts";
 
@@ -145,4 +148,12 @@ export const FEEDBACK_STATE_SPEC: StateSpec<FeedbackState> = {
   apply: applyEvent,
   isFinal: (s) => s.status === "processed" || s.status === "failed",
   source: "weft-state",
+  // An item starts at its ingested event, or the failure of its submission on feedback.submit
+  // (the ingest stage's): any other event for an id with no state, stored before any
+  // ingested event of it, is dead-lettered `not_found` (a step's forged event for an id that
+  // never entered, or that a caller submits later, makes no item).
+  starts: (e) =>
+    e.type === T.Ingested ||
+    (e.type === T.Failed && (e.data as { stage?: unknown }).stage === INGEST_STAGE),
+  entrySubject: (item) => `${T.Ingested}.${item}`,
 };

@@ -1,0 +1,123 @@
+/**
+ * What a step's key cannot do with the events it may publish, against a real nats-server and
+ * the real stages: start an item that never entered (or one a caller submits later), hand a
+ * step another item's input, run a step for an item that has ended, or show another item's
+ * event on an item's SSE stream. A step's key may publish its own event type by design
+ * (docs/SECURITY.md): these are about what the other parts trust.
+ */
+import assert from "node:assert/strict";
+import { jetstream, type JetStreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import type { DeadLetter } from "../src/events.gen.ts";
+import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
+import { listDeadLetters } from "../src/redrive.ts";
+import { readState } from "../src/state_writer.ts";
+import { FEEDBACK_STREAM, STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
+import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { startPipeline } from "./helpers/pipeline.ts";
+import { waitFor } from "./helpers/wait.ts";
+import { rebuildStates } from "../src/rebuild.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
+
+const FEEDBACK_CONSUMERS = ["ingest", "sentiment", "topics", "dispatch", "state"];
+
+type Event = Record<string, unknown> & { data: Record<string, unknown> };
+
+async function lastOn(jsm: JetStreamManager, stream: string, subject: string): Promise<Event> {
+  const m = await jsm.streams.getMessage(stream, { last_by_subj: subject });
+  return m!.json<Event>();
+}
+
+async function subjectsOf(jsm: JetStreamManager, stream: string, filter: string) {
+  const info = await jsm.streams.info(stream, { subjects_filter: filter });
+  return Object.keys(info.state.subjects ?? {}).sort();
+}
+
+async function settled(jsm: JetStreamManager, stream: string, names: readonly string[]) {
+  for (const name of names) {
+    await waitFor(
+      async () => {
+        const info = await jsm.consumers.info(stream, name);
+        return info.num_pending === 0 && info.num_ack_pending === 0;
+      },
+      20_000,
+      `consumer ${name} to settle`,
+    );
+  }
+}
+
+/** The dead letters of the message stored at `seq`, by stage, once `stages` all have one. */
+async function lettersOf(
+  t: TestNats,
+  seq: number,
+  stages: readonly string[],
+): Promise<Map<string, DeadLetter>> {
+  return await waitFor(
+    async () => {
+      const by = new Map<string, DeadLetter>();
+      for (const { letter } of await listDeadLetters(jetstream(t.nc), {})) {
+        if (letter.stream_seq === seq) by.set(letter.stage, letter);
+      }
+      return stages.every((s) => by.has(s)) && by;
+    },
+    20_000,
+    `dead letters of stream sequence ${seq} from ${stages.join(", ")}`,
+  );
+}
+
+async function feedbackProcessed(t: TestNats, id: string): Promise<FeedbackState> {
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  return await waitFor(
+    async () => {
+      const s = (await readState<FeedbackState>(kv, id))?.state;
+      return s?.status === "processed" && s;
+    },
+    20_000,
+    `${id} processed`,
+  );
+}
+
+Deno.test("a forged `processed` event for an id a caller submits later is dead-lettered, and the real item processes from its own events", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
+  await feedbackProcessed(t, body.id);
+  // The dispatch step's key publishes a valid `processed` event for an id nobody used yet.
+  const real = await lastOn(t.jsm, FEEDBACK_STREAM, `feedback.processed.${body.id}`);
+  const forged = {
+    ...real,
+    id: "forged-processed-pre2",
+    item_id: "PRE2",
+    time: "2099-01-01T00:00:00.000Z",
+    data: {
+      ...real.data,
+      text: "FORGED TEXT 2",
+      routing: { ...(real.data.routing as object), team: "Nobody" },
+    },
+  };
+  const ack = await jetstream(t.nc).publish("feedback.processed.PRE2", JSON.stringify(forged));
+
+  const res = await p.app.request("/feedback", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ id: "PRE2", text: "The app crashes on login, terrible" }),
+  });
+  assert.equal(res.status, 202, await res.text());
+  const state = await feedbackProcessed(t, "PRE2");
+  assert.equal(state.text, "The app crashes on login, terrible");
+  assert.notEqual(state.routing?.team, "Nobody");
+  assert.notEqual(state.created_at, forged.time);
+  assert.ok(state.stages.ingested, JSON.stringify(state.stages));
+  assert.ok(state.stages.processed!.seq > ack.seq, "its own processed event, not the forged one");
+
+  const letters = await lettersOf(t, ack.seq, ["state"]);
+  assert.equal(letters.get("state")!.code, "not_found");
+  assert.match(letters.get("state")!.reason, /no item "PRE2".*feedback\.ingested\.PRE2/);
+  await settled(t.jsm, FEEDBACK_STREAM, FEEDBACK_CONSUMERS);
+  assert.deepEqual(await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.failed.*"), []);
+  // The gateway answers the item as it is, and a rebuild from the stream agrees.
+  const got = await (await p.app.request("/feedback/PRE2")).json();
+  assert.equal(got.text, "The app crashes on login, terrible");
+  const rebuilt = await rebuildStates(jetstream(t.nc), FEEDBACK_STATE_SPEC);
+  assert.equal(rebuilt.states.get("PRE2")?.text, "The app crashes on login, terrible");
+});
