@@ -28,6 +28,7 @@ import {
   ErrorCode,
   errorCode,
   isPermanent,
+  NotFoundError,
   toDeadLetterReason,
   ValidationError,
   WeftError,
@@ -568,6 +569,32 @@ async function isFirstEntry(
   } catch {
     return false;
   }
+}
+
+/**
+ * Throws `not_found` (permanent) unless `item`'s entry event is stored on `entrySubject`
+ * before stream sequence `seq`: a message of an item that never entered (or entered only
+ * after it) is run by no step; its dead letter fails nothing, there being no item.
+ */
+async function assertEntered(
+  jsm: JetStreamManager,
+  stream: string,
+  entrySubject: string,
+  seq: number,
+  item: string,
+  type: string | undefined,
+): Promise<void> {
+  const first = await storedMessage(
+    jsm,
+    stream,
+    { next_by_subj: entrySubject, seq: 0 } as unknown as MsgRequest,
+  );
+  if (first && first.seq <= seq) return; // (equal: this message is the entry itself)
+  throw new NotFoundError(
+    `no item ${JSON.stringify(item)}: ${type ?? "this event"} counts only for an item whose ` +
+      `entry event (${entrySubject}) was stored before it, and none was (stream sequence ` +
+      `${seq}); nothing was run`,
+  );
 }
 
 /**
@@ -1273,6 +1300,12 @@ export async function runStage<I extends StageInput>(
         m.ack();
         return;
       }
+      if (stage.entrySubject && itemId) {
+        const type = typeOfRaw(raw);
+        if (!(stage.entryTypes?.has(type ?? "") ?? isEntryEvent(type ?? ""))) {
+          await assertEntered(jsm, stream, stage.entrySubject(itemId), m.seq, itemId, type);
+        }
+      }
       const started = performance.now();
       handled = true;
       const outputs = await deadlines.run((signal) =>
@@ -1365,6 +1398,7 @@ export async function runStage<I extends StageInput>(
             failItem: errorCode(err) !== ErrorCode.SubjectMismatch &&
               errorCode(err) !== ErrorCode.InvalidAwaitedEvent &&
               errorCode(err) !== ErrorCode.Conflict &&
+              errorCode(err) !== ErrorCode.NotFound &&
               !(err instanceof OutcomeTaken) &&
               (stage.failsItem?.(message, handled) ?? true),
           });

@@ -94,9 +94,12 @@ export interface Stage<I extends StageInput = StageInput> {
   /** Checks an output event before anything is published, instead of schemas/. */
   checkOutput?(event: OutputEvent): void;
   /**
-   * Where an item's entry event is stored (`orders.submitted.<item>`): what an output's
-   * subject holds from before it is not the item's, so an event published for an id before
-   * it entered cannot stand in for the item's own once-per-item output.
+   * Where an item's entry event is stored (`orders.submitted.<item>`). A message of another
+   * type is run only for an item whose entry was stored before it, else it is dead-lettered
+   * `not_found`, failing nothing (a step's key publishing its own event for an id that never
+   * entered starts nothing downstream): one direct read of the stream per such message. And
+   * what an output's subject holds from before the entry is not the item's, so an event
+   * published for an id before it entered cannot stand in for its own once-per-item output.
    */
   entrySubject?(item: string): string;
   /** Event types that start an item: stored once per subject, the first one wins. */

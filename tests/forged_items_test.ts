@@ -11,14 +11,29 @@ import { Kvm } from "@nats-io/kv";
 import type { DeadLetter } from "../src/events.gen.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { listDeadLetters } from "../src/redrive.ts";
-import { readState } from "../src/state_writer.ts";
+import { runStage } from "../src/runner.ts";
+import { readState, runStateWriter } from "../src/state_writer.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { durableOf, pipelineSubjects } from "../src/pipeline/derive.ts";
+import {
+  type LoadedPipeline,
+  pipelineStateSpec,
+  pipelineTopology,
+  readItem,
+  stateBucketOf,
+  submitItem,
+  workStage,
+} from "../src/pipeline/runtime.ts";
+import { ensureTopology } from "../src/topology.ts";
 import { rebuildStates } from "../src/rebuild.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const FEEDBACK_CONSUMERS = ["ingest", "sentiment", "topics", "dispatch", "state"];
 
 type Event = Record<string, unknown> & { data: Record<string, unknown> };
@@ -120,4 +135,127 @@ Deno.test("a forged `processed` event for an id a caller submits later is dead-l
   assert.equal(got.text, "The app crashes on login, terrible");
   const rebuilt = await rebuildStates(jetstream(t.nc), FEEDBACK_STATE_SPEC);
   assert.equal(rebuilt.states.get("PRE2")?.text, "The app crashes on login, terrible");
+});
+
+Deno.test("a step's event for a feedback id that never entered makes no item and runs no later step: each consumer dead-letters it not_found", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
+  await feedbackProcessed(t, body.id);
+  // The sentiment step's key publishes a valid event of its own type for an id never submitted.
+  const real = await lastOn(t.jsm, FEEDBACK_STREAM, `feedback.sentiment_analyzed.${body.id}`);
+  const forged = { ...real, id: "forged-sentiment-never1", item_id: "NEVER1" };
+  const ack = await jetstream(t.nc).publish(
+    "feedback.sentiment_analyzed.NEVER1",
+    JSON.stringify(forged),
+  );
+  const letters = await lettersOf(t, ack.seq, ["state", "topics"]);
+  for (const [stage, letter] of letters) {
+    assert.equal(letter.code, "not_found", stage);
+    assert.match(letter.reason, /no item "NEVER1".*feedback\.ingested\.NEVER1/, stage);
+  }
+  await settled(t.jsm, FEEDBACK_STREAM, FEEDBACK_CONSUMERS);
+  assert.deepEqual(
+    await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.*.NEVER1"),
+    ["feedback.sentiment_analyzed.NEVER1"],
+    "no later step ran for it",
+  );
+  assert.equal(await readState(await new Kvm(t.nc).open(STATE_BUCKET), "NEVER1"), null);
+  assert.equal((await p.app.request("/feedback/NEVER1")).status, 404);
+  assert.deepEqual(await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.failed.*"), []);
+  assert.equal(
+    (await rebuildStates(jetstream(t.nc), FEEDBACK_STATE_SPEC)).states.has("NEVER1"),
+    false,
+  );
+});
+
+/** A definition of two tasks and an end, run in-process: intake by submitItem. */
+async function startTwoSteps(t: TestNats) {
+  const obj = { type: "object" } as const;
+  const ran: { step: string; item: string; input: unknown }[] = [];
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "route",
+    steps: {
+      route: {
+        kind: "task",
+        output: obj,
+        handle: (_v, ctx) => {
+          ran.push({ step: "route", item: ctx.item, input: ctx.input });
+          return { routed: true };
+        },
+        next: "answer",
+      },
+      answer: {
+        kind: "task",
+        output: obj,
+        handle: (_v, ctx) => {
+          ran.push({ step: "answer", item: ctx.item, input: ctx.input });
+          return { answered: true };
+        },
+        next: "done",
+      },
+      done: { kind: "end", outcome: "answered" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: workStage(p, "route", { nc: t.nc }) }),
+    await runStage({ ...deps, stage: workStage(p, "answer", { nc: t.nc }) }),
+  ];
+  const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+  const stream = pipelineSubjects(def).stream;
+  const done = async (id: string) =>
+    await waitFor(
+      async () => {
+        const s = await readItem(kv, id);
+        return s?.status === "done" && s;
+      },
+      20_000,
+      `${id} done`,
+    );
+  const consumers = [durableOf(def, "route"), durableOf(def, "answer"), durableOf(def, "state")];
+  return {
+    p,
+    ran,
+    kv,
+    stream,
+    done,
+    consumers,
+    async [Symbol.asyncDispose]() {
+      for (const r of runners) await r.stop();
+    },
+  };
+}
+
+Deno.test("a step's event for a definition's id that never entered makes no item and runs no step: dead-lettered not_found", async () => {
+  await using t = await startTestNats();
+  await using o = await startTwoSteps(t);
+  await submitItem(t.nc, o.p, "S1", { customer: "bob" }, { source: "test", traceId: TRACE });
+  await o.done("S1");
+  // The route step's key publishes its own completion, dated 2099, for an id never submitted.
+  const real = await lastOn(t.jsm, o.stream, "orders.route.S1");
+  const forged = {
+    ...real,
+    id: "forged-route",
+    item_id: "PHANTOM3",
+    time: "2099-01-01T00:00:00.000Z",
+  };
+  const ack = await jetstream(t.nc).publish("orders.route.PHANTOM3", JSON.stringify(forged));
+  const letters = await lettersOf(t, ack.seq, ["orders-state", "orders-answer"]);
+  for (const [stage, letter] of letters) {
+    assert.equal(letter.code, "not_found", stage);
+    assert.match(letter.reason, /no item "PHANTOM3".*orders\.submitted\.PHANTOM3/, stage);
+  }
+  await settled(t.jsm, o.stream, o.consumers);
+  assert.deepEqual(o.ran.filter((r) => r.item === "PHANTOM3"), [], "no step ran for it");
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.*.PHANTOM3"), [
+    "orders.route.PHANTOM3",
+  ]);
+  assert.equal(await readItem(o.kv, "PHANTOM3"), null);
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
 });

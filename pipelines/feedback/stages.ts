@@ -100,7 +100,8 @@ export function topicsStage(
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "topics"),
-    // What its outputs' subjects hold from before the item's ingested event is not the item's.
+    // Run only for an item that entered: a forged event for an id with no ingested event is
+    // dead-lettered `not_found` (one direct read of the stream per message).
     entrySubject: (item) => `${T.Ingested}.${item}`,
     input: { kind: "event", types: [T.SentimentAnalyzed] },
     async handle(event, ctx) {
@@ -128,7 +129,8 @@ export function dispatchStage(
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "dispatch"),
-    // What its outputs' subjects hold from before the item's ingested event is not the item's.
+    // Run only for an item that entered: a forged event for an id with no ingested event is
+    // dead-lettered `not_found` (one direct read of the stream per message).
     entrySubject: (item) => `${T.Ingested}.${item}`,
     input: { kind: "event", types: [T.TopicsExtracted] },
     handle(event, ctx) {

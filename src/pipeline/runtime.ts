@@ -557,6 +557,9 @@ export function workStage(
     ...(jsm
       ? { tookAlready: async (e: FlowEvent) => stepTook(await jsm(), stream, flow, id, e) }
       : {}),
+    // Run only for an item that entered: a step's event for an id with no entry event stored
+    // before it (a step's key forging one) is dead-lettered `not_found`, failing nothing.
+    entrySubject: (item: string) => `${def.name}.${entryEvent(def)}.${item}`,
     // An item of the backlog that ended under an earlier version of the definition (an end
     // step this one lacks): its state says so.
     ...(opts.nc
@@ -1401,6 +1404,14 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
       const role = flow.roles.get(subject.split(".")[1]!);
       return role === undefined || role.role === "awaited";
     },
+    // An item starts at its entry event, or the failure its intake published for it: any
+    // other event for an id with no state, stored before its entry, is dead-lettered
+    // `not_found` by the writer and folds nothing (no item is made from a step's event).
+    starts: (e) =>
+      e.type === `${n}.${entryEvent(def)}` ||
+      (e.type === `${n}.${FAILED}` &&
+        (e.data as { stage?: unknown } | undefined)?.stage === durableOf(def, INTAKE)),
+    entrySubject: (item) => `${n}.${entryEvent(def)}.${item}`,
     // No state for an item that has none from an event that makes none (an awaited event, a
     // timer): a stray decision for an id never submitted makes up no item (the control step
     // dead-letters it `not_found`).
