@@ -15,7 +15,9 @@ import { runStage } from "../src/runner.ts";
 import { readState, runStateWriter } from "../src/state_writer.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
-import { startPipeline } from "./helpers/pipeline.ts";
+import { feedbackApp, startPipeline } from "./helpers/pipeline.ts";
+import { readSse } from "./helpers/sse.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { definePipeline } from "../src/pipeline/definition.ts";
 import { compileFlow } from "../src/pipeline/flow.ts";
@@ -258,4 +260,64 @@ Deno.test("a step's event for a definition's id that never entered makes no item
   ]);
   assert.equal(await readItem(o.kv, "PHANTOM3"), null);
   assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
+});
+
+Deno.test("per-item SSE skips an event stored on the item's subject whose body names another item, in its replay and live", async () => {
+  await using t = await startTestNats();
+  // Intake and gateway only: the item stays as submitted while the test publishes its events.
+  const intake = await createIntake(t.nc);
+  const app = feedbackApp(t, intake);
+  const { body } = await intake.submit({ id: "SSE1", text: "The app crashes on login" });
+  const js = jetstream(t.nc);
+  const ingested = await lastOn(t.jsm, FEEDBACK_STREAM, `feedback.ingested.${body.id}`);
+  // Before the client comes: for the replay.
+  const early = await js.publish(
+    "feedback.sentiment_analyzed.SSE1",
+    JSON.stringify({
+      ...ingested,
+      id: "other-1",
+      type: "feedback.sentiment_analyzed",
+      item_id: "OTHER",
+    }),
+  );
+  const res = await app.request("/feedback/SSE1/events");
+  assert.equal(res.status, 200);
+  let late: number | undefined;
+  // Once the client replayed its history and waits on the live feed (the gateway's feed reads
+  // the whole stream; no replay of the item's subjects is left): another item's event, then
+  // the item's own end, both live.
+  const live = (async () => {
+    await waitFor(
+      async () => {
+        const filters: string[] = [];
+        for await (const c of await t.jsm.consumers.list(FEEDBACK_STREAM)) {
+          filters.push(c.config.filter_subject ?? c.config.filter_subjects?.join(",") ?? "");
+        }
+        return filters.length > 0 && filters.every((f) => !f.endsWith(".SSE1"));
+      },
+      10_000,
+      "the client on the live feed",
+    );
+    late = (await js.publish(
+      "feedback.topics_extracted.SSE1",
+      JSON.stringify({
+        ...ingested,
+        id: "other-2",
+        type: "feedback.topics_extracted",
+        item_id: "OTHER",
+      }),
+    )).seq;
+    await js.publish(
+      "feedback.processed.SSE1",
+      JSON.stringify({ ...ingested, id: "own-end", type: "feedback.processed" }),
+    );
+  })();
+  const frames = await readSse(res, {
+    timeoutMs: 15_000,
+    stopAfter: (e) => e.event === "feedback.processed",
+  });
+  await live;
+  const seqs = frames.map((f) => Number(f.id));
+  assert.deepEqual(frames.map((f) => f.event), ["feedback.ingested", "feedback.processed"]);
+  assert.ok(!seqs.includes(early.seq) && late !== undefined && !seqs.includes(late), `${seqs}`);
 });

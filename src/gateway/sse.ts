@@ -221,6 +221,10 @@ interface Frame {
   type: string;
   /** The SSE wire bytes: `id`, `event` and one `data` line (event JSON has no raw newline). */
   bytes: Uint8Array;
+  /** The body as text, read only for a per-item stream ({@link namesAnotherItem}). */
+  text: string;
+  /** The item its body names (`item_id`), once read; null when it names none. */
+  named?: string | null;
 }
 
 const encoder = new TextEncoder();
@@ -236,7 +240,27 @@ function frameOf(
     subject: m.subject,
     type,
     bytes: encoder.encode(`id: ${m.seq}\nevent: ${type}\ndata: ${data}\n\n`),
+    text: data,
   };
+}
+
+/**
+ * Whether a frame stored on `item`'s subject is an event whose body names another item (a
+ * string `item_id` that is not `item`): every consumer dead-letters it (`subject_mismatch`),
+ * so a per-item stream does not show it as the item's. Bodies naming no item (a person's
+ * decision) are the item's. Read once per frame, only for per-item streams.
+ */
+function namesAnotherItem(f: Frame, item: string): boolean {
+  if (f.named === undefined) {
+    let named: unknown;
+    try {
+      named = (JSON.parse(f.text) as { item_id?: unknown } | null)?.item_id;
+    } catch {
+      named = undefined; // not JSON: nothing named
+    }
+    f.named = typeof named === "string" ? named : null;
+  }
+  return f.named !== null && f.named !== item;
 }
 
 /**
@@ -485,7 +509,7 @@ class Feed {
       for (const f of frames) {
         const id = f.subject.slice(f.subject.lastIndexOf(".") + 1);
         const group = this.#byItem.get(id);
-        if (!group || !group.match(f.subject)) continue;
+        if (!group || !group.match(f.subject) || namesAnotherItem(f, id)) continue;
         const list = perItem.get(id);
         if (list) list.push(f);
         else perItem.set(id, [f]);
@@ -837,6 +861,8 @@ export async function streamEvents(
           if (stream.aborted) return "end";
           if (m.seq <= last) continue;
           const frame = frameOf(m);
+          // Another item's event on this item's subject (dead-lettered by every consumer).
+          if (sel.itemId !== undefined && namesAnotherItem(frame, sel.itemId)) continue;
           if (!(await send(frame))) return "end";
           // Close at a final event only when nothing follows it: a redriven item's replay
           // goes past its earlier failure to the outcome of the new attempt.
