@@ -1300,7 +1300,8 @@ export async function runStage<I extends StageInput>(
         m.ack();
         return;
       }
-      if (stage.entrySubject && itemId) {
+      if (stage.admit) await stage.admit(input, message);
+      else if (stage.entrySubject && itemId) {
         const type = typeOfRaw(raw);
         if (!(stage.entryTypes?.has(type ?? "") ?? isEntryEvent(type ?? ""))) {
           await assertEntered(jsm, stream, stage.entrySubject(itemId), m.seq, itemId, type);

@@ -157,6 +157,14 @@ export interface Stage<I extends StageInput = StageInput> {
    * unhandled, so a step never runs twice for one event (an email, a payment).
    */
   tookAlready?(input: InputOf<I>, message: MessageInfo): Promise<boolean>;
+  /**
+   * Checks a decoded message against what its item's history holds before the handler runs,
+   * throwing to refuse it (dead-lettered, failing the item only as its code says: `not_found`,
+   * `subject_mismatch` and `conflict` fail none). A stage with it is not given the
+   * `entrySubject` check: it makes its own (a definition's work step: the item entered, has
+   * not ended, and the event carries its input).
+   */
+  admit?(input: InputOf<I>, message: MessageInfo): Promise<void>;
   /** Pure: same input, same outputs (ids included). Throw to fail; see errors.ts. */
   handle(input: InputOf<I>, ctx: StageContext): OutputEvent[] | Promise<OutputEvent[]>;
 }

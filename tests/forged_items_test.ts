@@ -171,8 +171,14 @@ Deno.test("a step's event for a feedback id that never entered makes no item and
   );
 });
 
-/** A definition of two tasks and an end, run in-process: intake by submitItem. */
-async function startTwoSteps(t: TestNats) {
+/**
+ * A definition of two tasks and an end, run in-process: intake by submitItem. The answer step
+ * waits for `hold` on item `holdItem`, keeping that item running there meanwhile.
+ */
+async function startTwoSteps(
+  t: TestNats,
+  opts: { holdItem?: string; hold?: Promise<void>; stateless?: boolean } = {},
+) {
   const obj = { type: "object" } as const;
   const ran: { step: string; item: string; input: unknown }[] = [];
   const def = definePipeline({
@@ -192,8 +198,9 @@ async function startTwoSteps(t: TestNats) {
       answer: {
         kind: "task",
         output: obj,
-        handle: (_v, ctx) => {
+        handle: async (_v, ctx) => {
           ran.push({ step: "answer", item: ctx.item, input: ctx.input });
+          if (ctx.item === opts.holdItem) await opts.hold;
           return { answered: true };
         },
         next: "done",
@@ -205,7 +212,7 @@ async function startTwoSteps(t: TestNats) {
   await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
   const deps = { nc: t.nc, config: t.config, log: t.log };
   const runners = [
-    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    ...opts.stateless ? [] : [await runStateWriter({ ...deps, spec: pipelineStateSpec(p) })],
     await runStage({ ...deps, stage: workStage(p, "route", { nc: t.nc }) }),
     await runStage({ ...deps, stage: workStage(p, "answer", { nc: t.nc }) }),
   ];
@@ -320,4 +327,95 @@ Deno.test("per-item SSE skips an event stored on the item's subject whose body n
   const seqs = frames.map((f) => Number(f.id));
   assert.deepEqual(frames.map((f) => f.event), ["feedback.ingested", "feedback.processed"]);
   assert.ok(!seqs.includes(early.seq) && late !== undefined && !seqs.includes(late), `${seqs}`);
+});
+
+const ANN = { customer: "ann", order_id: "A100", address: "1 Ann Street" };
+const BOB = { customer: "bob", order_id: "B200" };
+
+Deno.test("a work step runs on the item's input as its entry stored it: an event carrying another input is dead-lettered subject_mismatch and runs nothing", async () => {
+  await using t = await startTestNats();
+  const gate = Promise.withResolvers<void>();
+  await using o = await startTwoSteps(t, { holdItem: "S2", hold: gate.promise });
+  try {
+    await submitItem(t.nc, o.p, "S1", ANN, { source: "test", traceId: TRACE });
+    await o.done("S1");
+    await submitItem(t.nc, o.p, "S2", BOB, { source: "test", traceId: TRACE });
+    // S2 is at its answer step (held there), and its state is written.
+    await waitFor(
+      async () =>
+        o.ran.some((r) => r.step === "answer" && r.item === "S2") &&
+        (await readItem(o.kv, "S2"))?.input !== undefined,
+      20_000,
+      "S2 held at its answer step, its state written",
+    );
+    // The route step's key republishes S2's route event carrying ann's order as the input.
+    const real = await lastOn(t.jsm, o.stream, "orders.route.S2");
+    const forged = { ...real, id: "forged-route-s2", data: { ...real.data, input: ANN } };
+    const ack = await jetstream(t.nc).publish("orders.route.S2", JSON.stringify(forged));
+    const letter = (await lettersOf(t, ack.seq, ["orders-answer"])).get("orders-answer")!;
+    assert.equal(letter.code, "subject_mismatch");
+    assert.match(letter.reason, /carries a data\.input other than the item's/);
+    gate.resolve();
+    const s2 = await o.done("S2");
+    assert.deepEqual(s2.input, BOB);
+    assert.deepEqual(
+      o.ran.filter((r) => r.item === "S2").map((r) => [r.step, r.input]),
+      [["route", BOB], ["answer", BOB]],
+      "no step ran with ann's order for bob's item",
+    );
+    await settled(t.jsm, o.stream, o.consumers);
+    assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
+  } finally {
+    gate.resolve();
+  }
+});
+
+Deno.test("a work step's event carrying another input than the item's entry event, before its state is written, is dead-lettered subject_mismatch", async () => {
+  await using t = await startTestNats();
+  const gate = Promise.withResolvers<void>();
+  // No state writer: the step checks the carried input against the item's entry event.
+  await using o = await startTwoSteps(t, { holdItem: "S3", hold: gate.promise, stateless: true });
+  try {
+    await submitItem(t.nc, o.p, "S3", BOB, { source: "test", traceId: TRACE });
+    await waitFor(
+      () => o.ran.some((r) => r.step === "answer" && r.item === "S3"),
+      20_000,
+      "S3 held at its answer step",
+    );
+    const real = await lastOn(t.jsm, o.stream, "orders.route.S3");
+    const forged = { ...real, id: "forged-route-s3", data: { ...real.data, input: ANN } };
+    const ack = await jetstream(t.nc).publish("orders.route.S3", JSON.stringify(forged));
+    const letter = (await lettersOf(t, ack.seq, ["orders-answer"])).get("orders-answer")!;
+    assert.equal(letter.code, "subject_mismatch");
+    assert.match(letter.reason, /its entry event \(stream sequence \d+\)/);
+    assert.deepEqual(
+      o.ran.filter((r) => (r.input as { customer?: unknown }).customer === "ann"),
+      [],
+      "nothing ran on ann's order",
+    );
+  } finally {
+    gate.resolve();
+  }
+});
+
+Deno.test("a work step does not run for an item that has ended: a step event for a done item is dead-lettered conflict", async () => {
+  await using t = await startTestNats();
+  await using o = await startTwoSteps(t);
+  await submitItem(t.nc, o.p, "S1", BOB, { source: "test", traceId: TRACE });
+  const before = await o.done("S1");
+  // The route step's key publishes its event again (another id, the item's own input).
+  const real = await lastOn(t.jsm, o.stream, "orders.route.S1");
+  const ack = await jetstream(t.nc).publish(
+    "orders.route.S1",
+    JSON.stringify({ ...real, id: "forged-route-again" }),
+  );
+  const letter = (await lettersOf(t, ack.seq, ["orders-answer"])).get("orders-answer")!;
+  assert.equal(letter.code, "conflict");
+  assert.match(letter.reason, /has ended \(done, outcome answered\)/);
+  await settled(t.jsm, o.stream, o.consumers);
+  assert.equal(o.ran.filter((r) => r.step === "answer").length, 1, "the answer step ran once");
+  const after = await readItem(o.kv, "S1");
+  assert.equal(after?.status, "done");
+  assert.deepEqual(after?.results, before.results);
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
 });

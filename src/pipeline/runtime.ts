@@ -40,7 +40,7 @@ import {
   type ServiceContext,
   type ServiceDef,
 } from "../service.ts";
-import type { OutputEvent, Stage, StageContext } from "../stage.ts";
+import type { MessageInfo, OutputEvent, Stage, StageContext } from "../stage.ts";
 import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore } from "../scheduler/store.ts";
 import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
@@ -557,9 +557,11 @@ export function workStage(
     ...(jsm
       ? { tookAlready: async (e: FlowEvent) => stepTook(await jsm(), stream, flow, id, e) }
       : {}),
-    // Run only for an item that entered: a step's event for an id with no entry event stored
-    // before it (a step's key forging one) is dead-lettered `not_found`, failing nothing.
-    entrySubject: (item: string) => `${def.name}.${entryEvent(def)}.${item}`,
+    // Where the item's entry is stored: what an output's subject holds from before it is not
+    // the item's. (Whether the item entered is part of admit's check, below.)
+    entrySubject: (item: string) => entrySubject(item),
+    // Runs only for an item that entered, has not ended, and whose input the event carries.
+    ...(opts.nc ? { admit: (e: FlowEvent, message: MessageInfo) => admit(e, message) } : {}),
     // An item of the backlog that ended under an earlier version of the definition (an end
     // step this one lacks): its state says so.
     ...(opts.nc
@@ -615,6 +617,73 @@ export function workStage(
       return out as unknown as OutputEvent[];
     },
   };
+
+  /**
+   * Refuses a message this step must not run: for an item that never entered (no entry event
+   * stored before it: `not_found`), that has ended (done, or failed and not resumed:
+   * `conflict`, redrivable), or whose `data.input` is not the input the item was submitted
+   * with (its state's, else its entry event's: `subject_mismatch`, a forged or altered
+   * event). One read: the item's state; the entry event from the stream only while the state
+   * is not written yet, or for the entry event itself (its own input, unless a second one).
+   */
+  async function admit(e: FlowEvent, message: MessageInfo): Promise<void> {
+    const item = e.item_id;
+    const role = flow.roles.get(message.subject.split(".")[1] ?? "")?.role;
+    const state = role === "entry" ? null : await readItem(await states!(), item).catch(() => null);
+    let input: { value: unknown; from: string };
+    if (state) {
+      if (state.status === "done") {
+        throw new ConflictError(
+          `${def.name} item ${item} has ended (done, outcome ${state.outcome}): step ${id} ` +
+            `does not run for it; nothing was run`,
+          { permanent: true },
+        );
+      }
+      if (
+        state.status === "failed" && state.error?.event !== e.id &&
+        await itemFailedNow(await jsm!(), stream, def.name, item)
+      ) {
+        throw new ConflictError(
+          `${def.name} item ${item} has failed: step ${id} runs for it only once the item is ` +
+            `resumed (redrive its failure, then this letter)`,
+          { permanent: true },
+        );
+      }
+      if (state.input === undefined) return; // (its entry expired: nothing to check against)
+      input = { value: state.input, from: "its state" };
+    } else {
+      const entry = await storedMessage(await jsm!(), stream, {
+        next_by_subj: entrySubject(item),
+        seq: 0,
+      } as unknown as { seq: number });
+      if (!entry || entry.seq > message.seq) {
+        throw new NotFoundError(
+          `no item ${JSON.stringify(item)}: ${e.type} counts only for an item whose entry ` +
+            `event (${entrySubject(item)}) was stored before it, and none was (stream ` +
+            `sequence ${message.seq}); nothing was run`,
+        );
+      }
+      if (entry.seq === message.seq) return; // the entry event itself: its input is the item's
+      let stored: unknown;
+      try {
+        stored = entry.json<{ data?: { input?: unknown } }>().data?.input;
+      } catch {
+        stored = undefined;
+      }
+      input = { value: stored, from: `its entry event (stream sequence ${entry.seq})` };
+    }
+    if (canonicalJson(input.value) !== canonicalJson(e.data.input)) {
+      throw new WeftError(
+        ErrorCode.SubjectMismatch,
+        `${e.type} for ${def.name} item ${item} carries a data.input other than the item's ` +
+          `(as ${input.from} holds it): a forged or altered event; step ${id} did not run`,
+      );
+    }
+  }
+
+  function entrySubject(item: string): string {
+    return `${def.name}.${entryEvent(def)}.${item}`;
+  }
 
   async function run(data: FlowData, sctx: StepContext, signal: AbortSignal): Promise<FlowData> {
     let next: FlowData;
