@@ -23,6 +23,7 @@ import { definePipeline } from "../src/pipeline/definition.ts";
 import { compileFlow } from "../src/pipeline/flow.ts";
 import { durableOf, pipelineSubjects } from "../src/pipeline/derive.ts";
 import {
+  controlStage,
   type LoadedPipeline,
   pipelineStateSpec,
   pipelineTopology,
@@ -32,6 +33,7 @@ import {
   workStage,
 } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
+import { SCHEDULE_BUCKET } from "../src/subjects.ts";
 import { rebuildStates } from "../src/rebuild.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 
@@ -418,4 +420,60 @@ Deno.test("a work step does not run for an item that has ended: a step event for
   assert.equal(after?.status, "done");
   assert.deepEqual(after?.results, before.results);
   assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
+});
+
+Deno.test("a step's event for an id that never entered arms no wait: the control step dead-letters it not_found", async () => {
+  await using t = await startTestNats();
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "approvals",
+    input: { schema: obj },
+    start: "check",
+    steps: {
+      check: { kind: "task", output: obj, handle: () => ({ checked: true }), next: "approval" },
+      approval: {
+        kind: "wait",
+        event: "approved",
+        schema: obj,
+        timeoutMs: 3_600_000,
+        next: "done",
+        onTimeout: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStage({ ...deps, stage: workStage(p, "check", { nc: t.nc }) }),
+    await runStage({ ...deps, stage: controlStage(p, t.nc) }),
+  ];
+  try {
+    const { stream } = pipelineSubjects(def);
+    await submitItem(t.nc, p, "A1", {}, { source: "test", traceId: TRACE });
+    const schedules = await new Kvm(t.nc).open(SCHEDULE_BUCKET);
+    const keys = async () => {
+      const all: string[] = [];
+      for await (const k of await schedules.keys()) all.push(k);
+      return all;
+    };
+    // The real item waits: its timeout is scheduled.
+    await waitFor(async () => (await keys()).some((k) => k.includes("A1")), 20_000, "A1's timer");
+    const real = await lastOn(t.jsm, stream, "approvals.check.A1");
+    const ack = await jetstream(t.nc).publish(
+      "approvals.check.PHANTOM4",
+      JSON.stringify({ ...real, id: "forged-check", item_id: "PHANTOM4" }),
+    );
+    const letter = (await lettersOf(t, ack.seq, ["approvals-control"])).get("approvals-control")!;
+    assert.equal(letter.code, "not_found");
+    assert.match(letter.reason, /no item "PHANTOM4".*approvals\.submitted\.PHANTOM4/);
+    await settled(t.jsm, stream, [durableOf(def, "control")]);
+    assert.deepEqual((await keys()).filter((k) => k.includes("PHANTOM4")), [], "no timer armed");
+    assert.deepEqual(await subjectsOf(t.jsm, stream, "approvals.*.PHANTOM4"), [
+      "approvals.check.PHANTOM4",
+    ]);
+  } finally {
+    for (const r of runners) await r.stop();
+  }
 });

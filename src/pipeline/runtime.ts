@@ -1279,6 +1279,9 @@ export function controlStage(
     finalTypes: endTypesOf(def),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
+    // A step's completion or a timer (not a decision: no item_id) is taken only for an item
+    // that entered: one for an id with no entry event before it is dead-lettered `not_found`.
+    entrySubject: (item: string) => `${n}.${entryEvent(def)}.${item}`,
     // A decision that cannot be read at all (not JSON, nested too deep, past its attempts)
     // is a bad decision like one its schema refuses: the item keeps waiting.
     failsItem: (message) => flow.roles.get(message.subject.split(".")[1] ?? "")?.role !== "awaited",
