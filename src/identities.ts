@@ -16,7 +16,8 @@
  *   gets and ephemeral consumers, never another service's durable consumer;
  * - a KV bucket is read through its stream, and written with `$KV.<bucket>.>`;
  * - nobody but the `admin` identity (topology: the supervisor, or an operator on purpose)
- *   may create, update, purge or delete a stream or a durable consumer it does not own;
+ *   may create, update, purge or delete a stream or a durable consumer it does not own; an
+ *   object store's writers publish chunks and metadata only (no purge);
  * - replies go to a per-identity inbox prefix (`_INBOX_<name>`), so no service can read
  *   another's replies; a service answers only into the requesters' inboxes (no
  *   `allow_responses`, which would let a requester choose where an answer is published).
@@ -71,7 +72,11 @@ export interface Access {
   writesKeys?: readonly { bucket: string; keys: string }[];
   /** Object stores it reads. */
   readsObjects?: readonly string[];
-  /** Object stores it writes (and reads). */
+  /**
+   * Object stores it writes (and reads): new objects under names of their own, and delete
+   * markers; never a purge, so a replaced or deleted object's chunks stay until the admin
+   * identity purges them.
+   */
   writesObjects?: readonly string[];
   /** Subscribes to these plain subjects (e.g. `nats sub`). */
   subscribes?: readonly string[];
@@ -210,11 +215,12 @@ export function permissionsFor(
   for (const b of [...access.readsObjects ?? [], ...access.writesObjects ?? []]) {
     read.add(objStream(b));
   }
-  for (const b of access.writesObjects ?? []) {
-    pub.add(`$O.${b}.>`);
-    // Replacing an object purges its old chunks.
-    pub.add(`${API}.STREAM.PURGE.${objStream(b)}`);
-  }
+  // Writing an object store is publishing its chunks and its metadata, never purging its
+  // stream: a purge request's filter is in its body, which a permission cannot see, so the
+  // right to purge old chunks (nats.js purges them when an object is replaced or deleted) was
+  // the right to erase every object at once. Writers store each object once, under a name
+  // of its own, and replace none.
+  for (const b of access.writesObjects ?? []) pub.add(`$O.${b}.>`);
   for (const stream of read) for (const s of readStreamSubjects(stream)) pub.add(s);
   for (const stream of access.listsConsumers ?? []) {
     pub.add(`${API}.CONSUMER.LIST.${stream}`);

@@ -7,7 +7,7 @@
  * @module
  */
 import "./settings.ts";
-import { headers, type NatsConnection } from "@nats-io/nats-core";
+import { headers, type NatsConnection, PermissionViolationError } from "@nats-io/nats-core";
 import {
   jetstream,
   type JetStreamClient,
@@ -150,6 +150,9 @@ const encoder = new TextEncoder();
 const OBJECT_STREAM = `OBJ_${CONTENT_OBJECT_BUCKET}`;
 
 const MAX_DECIDED_SCAN = 64;
+
+/** The size of an object's chunks: nats.js's default, which uploads keep. */
+const OBJECT_CHUNK_BYTES = 128 * 1024;
 
 /** The links of a content item. */
 export function contentLinks(id: string, hasObject: boolean): ContentAccepted["links"] {
@@ -349,7 +352,8 @@ export async function createModerationApi(deps: {
   /**
    * Removes the object of an upload that was refused after it was stored (the stream refused
    * its event, NATS failed): only when its event is surely not stored, since a stored event
-   * (a publish whose answer was lost) names the object.
+   * (a publish whose answer was lost) names the object. Under the mesh's identities only its
+   * delete marker is written: the purge of its chunks is the admin identity's alone.
    */
   async function discardObject(id: string): Promise<void> {
     try {
@@ -359,7 +363,42 @@ export async function createModerationApi(deps: {
       if (m) return;
       await objects.delete(id);
     } catch (err) {
-      log.warn("could not remove the object of a refused upload", { item_id: id, err });
+      if (purgeRefused(err)) {
+        // The delete marker is written (the object reads as gone); its chunks stay.
+        log.warn("the object of a refused upload is deleted; its chunks stay until purged", {
+          item_id: id,
+          stream: OBJECT_STREAM,
+        });
+      } else log.warn("could not remove the object of a refused upload", { item_id: id, err });
+    }
+  }
+
+  /** Whether `err` is the server's refusal of a purge of the object store. */
+  function purgeRefused(err: unknown): boolean {
+    // nats.js rejects a refused request with a RequestError whose cause is the refusal.
+    let refusal: unknown = err;
+    while (refusal instanceof Error && !(refusal instanceof PermissionViolationError)) {
+      refusal = refusal.cause;
+    }
+    return refusal instanceof PermissionViolationError &&
+      refusal.subject === `$JS.API.STREAM.PURGE.${OBJECT_STREAM}`;
+  }
+
+  /**
+   * Whether a failed upload was the object store refusing a chunk for lack of room. nats.js
+   * purges the chunks a failed put stored, and under the mesh's identities that purge is
+   * refused (no identity but admin may purge: a purge's filter is in its body, so the right
+   * was the right to erase every object), so the put rejects with the refusal instead: the
+   * store's room left, less than a chunk, then tells.
+   */
+  async function objectStoreFull(err: unknown): Promise<boolean> {
+    if (isStreamFull(err)) return true;
+    if (!purgeRefused(err)) return false;
+    try {
+      const { config, state } = await jsm.streams.info(OBJECT_STREAM);
+      return config.max_bytes > 0 && config.max_bytes - state.bytes < OBJECT_CHUNK_BYTES + 1024;
+    } catch {
+      return false;
     }
   }
 
@@ -519,7 +558,7 @@ export async function createModerationApi(deps: {
         await publishUpload(id, itemOf(info), trace);
       } catch (err) {
         await discardObject(id);
-        throw isStreamFull(err) ? streamFullError(OBJECT_STREAM, err) : err;
+        throw (await objectStoreFull(err)) ? streamFullError(OBJECT_STREAM, err) : err;
       }
       return { body: { id, status: "accepted", links: contentLinks(id, true) }, replayed: false };
     },
