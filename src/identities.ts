@@ -78,7 +78,13 @@ export interface Access {
    * identity purges them.
    */
   writesObjects?: readonly string[];
-  /** Subscribes to these plain subjects (e.g. `nats sub`). */
+  /**
+   * Subscribes to these plain subjects (requests it answers go in `serves`). Never a subject a
+   * stream captures: every identity that reads a stream may create a push consumer, whose
+   * `deliver_subject` the server does not check against its creator's permissions, and a
+   * subscriber's interest there makes the server deliver, so the capturing stream stores a
+   * copy of another stream (tests/bus_permissions_test.ts).
+   */
   subscribes?: readonly string[];
   /**
    * Whether it answers requests: it may publish to the inboxes of the identities that send

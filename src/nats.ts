@@ -89,7 +89,8 @@ export async function connectNats(
     })).trim();
     opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(seed));
   }
-  if (credentials.identity) opts.inboxPrefix = inboxPrefix(credentials.identity);
+  const identity = credentials.identity ?? identityOfSeedFile(credentials.nkeySeedFile);
+  if (identity) opts.inboxPrefix = inboxPrefix(identity);
   const { caFile, certFile, keyFile } = credentials;
   if (caFile || certFile) {
     opts.tls = {
@@ -115,6 +116,22 @@ export async function connectNats(
       if (!(err instanceof errors.TimeoutError) || Date.now() >= giveUpAt) throw err;
     }
   }
+}
+
+/**
+ * The identity a key made by `deno task start` belongs to, from its file
+ * (`.../identities/<name>.nk`): a tool run with `WEFT_NATS_NKEY=data/identities/ops.nk` gets
+ * its replies under `_INBOX_ops`, the only inbox that key may read. Another file: none.
+ *
+ * @example
+ * ```ts
+ * import { identityOfSeedFile } from "./nats.ts";
+ * console.assert(identityOfSeedFile("data/identities/ops.nk") === "ops");
+ * console.assert(identityOfSeedFile("keys/mine.nk") === undefined);
+ * ```
+ */
+export function identityOfSeedFile(file: string | undefined): string | undefined {
+  return file ? /(?:^|\/)identities\/([^/]+)\.nk$/.exec(file)?.[1] : undefined;
 }
 
 /** An inbox: nats.js's default `_INBOX.` or an identity's `_INBOX_<name>.`. */

@@ -51,7 +51,6 @@ import {
   leafTlsWatcher,
   siteConf,
   type SiteStream,
-  siteSubjectPrefix,
   watchSources,
 } from "./edge.ts";
 import {
@@ -217,8 +216,21 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
       ),
       ...pipelineServiceSpecs(loaded, ROOT.pathname),
     ],
-    operators: { ...OPERATOR_IDENTITIES, ops: mergeAccess(OPERATOR_IDENTITIES.ops, extra.ops) },
+    operators: {
+      ...OPERATOR_IDENTITIES,
+      ops: mergeAccess(OPERATOR_IDENTITIES.ops, withoutCoreSubscriptions(extra.ops)),
+    },
   };
+}
+
+/**
+ * `access` without its plain subscriptions: an operator watches a pipeline's subjects through
+ * JetStream (`nats sub --stream`), never with a core subscription on a subject a stream
+ * captures (see {@link OPERATOR_IDENTITIES}).
+ */
+function withoutCoreSubscriptions(access: Access): Access {
+  const { subscribes: _dropped, ...rest } = access;
+  return rest;
 }
 
 /** The service that hosts live shadows; started with the first one (see supervise). */
@@ -324,18 +336,16 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
   ops: {
     publishes: callerSchedulableSubjects(SHIPPED_PIPELINES),
     requests: ["weft.>", "$SRV.>"],
-    // `nats sub` on the pipelines' subjects, and its replies (nats.js's default inbox): not
-    // every subject, since a subscriber is what a reader's push consumer needs to have the
-    // server deliver messages onto a subject (a bucket's, for instance), others' requests to
-    // the gateway carry their API keys (`weft.>`), and the JetStream API's and acks' traffic
-    // names every service's pull inbox.
-    subscribes: [
-      ...SHIPPED_PIPELINES.flatMap((w) => w.streams.flatMap((s) => s.subjects)),
-      "deadletter.>",
-      "digest.>",
-      "shadow.>",
-      "_INBOX.>",
-    ],
+    // No plain subscription but its own inbox (`_INBOX_ops.>`: run the CLI with
+    // `--inbox-prefix _INBOX_ops`): it watches events through JetStream (`nats sub --stream
+    // NAME`, an ordered consumer delivering into that inbox). A core subscription on a subject
+    // a stream captures is what lets a reader copy one stream into another: the server
+    // delivers a push consumer's messages to any `deliver_subject` with interest, unchecked
+    // against its creator's permissions (nats-io/nats-server#8274), and the stream capturing
+    // that subject stores them (`nats sub deadletter.x` then `nats consumer add FEEDBACK c
+    // --target deadletter.x` forged dead letters). Nor `_INBOX.>`: the replies to every nats
+    // CLI run with its default prefix, the admin key's included. Nor `weft.>` (others'
+    // requests to the gateway carry their API keys), the JetStream API or acks.
     answers: false,
     readsStreams: [...SHIPPED_READS.readsStreams!, ...RUNTIME_STREAMS],
     readsBuckets: [
@@ -664,10 +674,8 @@ export function withEdgeSites(
     ),
     operators: {
       ...mesh.operators,
-      ops: mergeAccess(mesh.operators.ops, {
-        ...reads,
-        subscribes: sites.map((site) => `${siteSubjectPrefix(site)}.>`),
-      }),
+      // Through JetStream, as every stream (no plain subscription: see OPERATOR_IDENTITIES).
+      ops: mergeAccess(mesh.operators.ops, reads),
     },
   };
 }

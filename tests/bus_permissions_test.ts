@@ -9,6 +9,59 @@ import { Objm } from "@nats-io/obj";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Mesh, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { connectClient } from "./helpers/nats.ts";
+import { meshPermissions, meshServices, withEdgeSites } from "../src/supervisor.ts";
+import { streamConfigs } from "../src/topology.ts";
+import { loadConfig } from "../src/config.ts";
+import { loadPipelines } from "../src/pipeline/runtime.ts";
+import { pipelineSubjects } from "../src/pipeline/derive.ts";
+
+/** Runs the nats CLI (natscli) as `identity`, its replies under that identity's inbox prefix. */
+async function natsCli(mesh: Mesh, identity: string, ...args: string[]) {
+  const out = await new Deno.Command("nats", {
+    args: [
+      "--server",
+      mesh.natsUrl,
+      "--nkey",
+      mesh.credentials(identity).nkeySeedFile!,
+      "--inbox-prefix",
+      `_INBOX_${identity}`,
+      "--timeout",
+      "10s",
+      ...args,
+    ],
+    stdin: "null",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  return { ok: out.success, text };
+}
+
+/** Whether a core subscription to `subject` is refused (the server closes it at once). */
+async function subscribeRefused(nc: NatsConnection, subject: string): Promise<boolean> {
+  const sub = nc.subscribe(subject);
+  // Answered in order: once the flush's PONG is back, a refusal has arrived before it.
+  await nc.flush();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const closed = await Promise.race([
+    sub.closed,
+    new Promise((resolve) => timer = setTimeout(() => resolve("still open"), 5_000)),
+  ]);
+  clearTimeout(timer);
+  sub.unsubscribe();
+  return /permission/i.test(String(closed));
+}
+
+/** Whether NATS subject patterns `a` and `b` match a subject in common. */
+function overlap(a: string, b: string): boolean {
+  const x = a.split(".");
+  const y = b.split(".");
+  for (let i = 0;; i++) {
+    const p = x[i];
+    const q = y[i];
+    if (p === ">" || q === ">") return p !== undefined && q !== undefined;
+    if (p === undefined || q === undefined) return p === q;
+    if (p !== "*" && q !== "*" && p !== q) return false;
+  }
+}
 
 /** Connects as `identity` and runs `fn`, closing the connection after. */
 async function as<T>(mesh: Mesh, identity: string, fn: (nc: NatsConnection) => Promise<T>) {
@@ -85,6 +138,87 @@ Deno.test("a key holder cannot reach past its role on the bus", async (t) => {
       assert.deepEqual(refused, [], "an upload needs nothing it was refused");
     },
   );
+
+  await t.step(
+    "the ops key cannot copy one stream into another through a push consumer; it watches through JetStream",
+    async () => {
+      // Found by probing with the nats CLI: ops subscribed to `deadletter.x.copy` (it could,
+      // to watch), then made a push consumer on FEEDBACK delivering there; DEADLETTER stored
+      // every delivery: forged dead letters, listed by GET /deadletters.
+      const submitted = await fetch(`${mesh.gatewayUrl}/feedback`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text: "Please add a dark mode option" }),
+      });
+      assert.equal(submitted.status, 202);
+      const { id } = await submitted.json();
+      const letters = async () =>
+        await as(
+          mesh,
+          "admin",
+          async (nc) =>
+            (await (await jetstreamManager(nc)).streams.info("DEADLETTER")).state.messages,
+        );
+      const before = await letters();
+      // The probe's order: ops subscribes where DEADLETTER captures, then makes the consumer.
+      const ops = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+      try {
+        const interest = ops.subscribe("deadletter.x.copy");
+        await ops.flush();
+        const add = await natsCli(
+          mesh,
+          "ops",
+          "consumer",
+          "add",
+          "FEEDBACK",
+          "copy2",
+          "--target",
+          "deadletter.x.copy",
+          "--deliver",
+          "all",
+          "--ack",
+          "none",
+          "--defaults",
+        );
+        assert.ok(add.ok, add.text);
+        const copy = await as(
+          mesh,
+          "admin",
+          async (nc) => await (await jetstreamManager(nc)).consumers.info("FEEDBACK", "copy2"),
+        );
+        assert.ok(!copy.push_bound, "no interest on its deliver subject");
+        assert.equal(copy.delivered.consumer_seq, 0, "nothing delivered");
+        assert.equal(await letters(), before, "no copy stored in DEADLETTER");
+        assert.match(String(await interest.closed), /permission/i, "the subscription refused");
+        for (const subject of ["feedback.>", "content.>", "_INBOX.>"]) {
+          assert.ok(await subscribeRefused(ops, subject), `ops subscribing to ${subject}`);
+        }
+      } finally {
+        await ops.close();
+      }
+      await as(mesh, "admin", async (nc) => {
+        await (await jetstreamManager(nc)).consumers.delete("FEEDBACK", "copy2");
+      });
+
+      // Watching the documented way: `nats sub --stream`, an ordered consumer into its inbox.
+      const watch = await natsCli(
+        mesh,
+        "ops",
+        "sub",
+        "--stream",
+        "FEEDBACK",
+        `feedback.*.${id}`,
+        "--all",
+        "--count",
+        "1",
+      );
+      assert.ok(watch.ok, watch.text);
+      assert.match(watch.text, new RegExp(`feedback\\.ingested\\.${id}`));
+      const reply = await natsCli(mesh, "ops", "req", "weft.feedback.get", id, "--raw");
+      assert.ok(reply.ok, reply.text);
+      assert.match(reply.text, new RegExp(id));
+    },
+  );
 });
 
 Deno.test("an upload the object store has no room for is refused with 507 under the mesh's identities", async () => {
@@ -109,4 +243,28 @@ Deno.test("an upload the object store has no room for is refused with 507 under 
       (await (await jetstreamManager(nc)).streams.info("OBJ_weft_content_objects")).state.bytes,
   );
   assert.ok(held > 0, "the chunks stored before the refusal stay (only admin may purge)");
+});
+
+Deno.test("no identity but admin may subscribe to a subject a stream captures", async () => {
+  // A subscriber's interest is what makes the server deliver a push consumer's messages onto
+  // its deliver_subject, which any reader of a stream may name (the server does not check it
+  // against the creator's permissions): the stream capturing that subject then stores a copy.
+  const loaded = await loadPipelines(["pipelines/support/pipeline.ts"]);
+  const mesh = withEdgeSites(meshServices(loaded), ["east"]);
+  const captured = [
+    ...streamConfigs(loadConfig({ env: () => undefined, args: [] })).flatMap((s) =>
+      s.subjects ?? []
+    ),
+    ...loaded.flatMap((p) => pipelineSubjects(p.def).streamSubjects),
+    "$KV.>",
+    "$O.>",
+  ];
+  const found: string[] = [];
+  for (const { name, permissions } of meshPermissions(mesh)) {
+    if (name === "admin") continue;
+    for (const s of permissions.subscribe.allow) {
+      for (const c of captured) if (overlap(s, c)) found.push(`${name}: ${s} (${c})`);
+    }
+  }
+  assert.deepEqual(found, []);
 });

@@ -425,6 +425,8 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
             mesh.natsUrl,
             "--nkey",
             mesh.credentials("ops").nkeySeedFile!,
+            "--inbox-prefix",
+            "_INBOX_ops",
             ...args,
           ],
           stdin: "null",

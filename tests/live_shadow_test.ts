@@ -95,37 +95,50 @@ class Watch {
   >();
   readonly failed = new Set<string>();
   private waiters: { ids: readonly string[]; resolve: () => void }[] = [];
+  private error: unknown;
 
   constructor(nc: NatsConnection) {
-    nc.subscribe("feedback.*.*", {
-      callback: (_e, m) => {
-        const [, type, id] = m.subject.split(".");
-        if (type === "ingested") this.ingested.set(id!, performance.now());
-        if (type === "failed") this.failed.add(id!);
-        if (type === "processed") {
-          const d = m.json<{
-            data: {
-              sentiment: { label: string; analyzer: string };
-              topics: { topics: string[] };
-              routing: { team: string };
-            };
-          }>().data;
-          this.processed.set(id!, {
-            at: performance.now(),
-            sentiment: d.sentiment.label,
-            analyzer: d.sentiment.analyzer,
-            topics: d.topics.topics,
-            team: d.routing.team,
-          });
-        }
-        for (const w of [...this.waiters]) {
-          if (w.ids.every((i) => this.processed.has(i) || this.failed.has(i))) {
-            this.waiters.splice(this.waiters.indexOf(w), 1);
-            w.resolve();
-          }
-        }
-      },
+    // Through JetStream (an ordered consumer into the ops key's inbox): the ops key may not
+    // subscribe to a subject a stream captures.
+    void (async () => {
+      // One filter, as a string: nats.js then names the consumer in the API subject, the only
+      // create form a reader may use.
+      const feed = await jetstream(nc).consumers.get("FEEDBACK", {
+        filter_subjects: "feedback.*.*",
+      });
+      for await (const m of await feed.consume()) this.on(m);
+    })().catch((err) => {
+      // Ends with the connection; anything else fails the waits below with its cause.
+      if (!nc.isClosed()) this.error = err;
     });
+  }
+
+  private on(m: { subject: string; json<T>(): T }): void {
+    const [, type, id] = m.subject.split(".");
+    if (type === "ingested") this.ingested.set(id!, performance.now());
+    if (type === "failed") this.failed.add(id!);
+    if (type === "processed") {
+      const d = m.json<{
+        data: {
+          sentiment: { label: string; analyzer: string };
+          topics: { topics: string[] };
+          routing: { team: string };
+        };
+      }>().data;
+      this.processed.set(id!, {
+        at: performance.now(),
+        sentiment: d.sentiment.label,
+        analyzer: d.sentiment.analyzer,
+        topics: d.topics.topics,
+        team: d.routing.team,
+      });
+    }
+    for (const w of [...this.waiters]) {
+      if (w.ids.every((i) => this.processed.has(i) || this.failed.has(i))) {
+        this.waiters.splice(this.waiters.indexOf(w), 1);
+        w.resolve();
+      }
+    }
   }
 
   /** Resolves when every one of `ids` is processed or failed. */
@@ -136,7 +149,7 @@ class Watch {
         this.waiters.push({ ids, resolve });
       }),
       ms,
-      `${ids.length} items to finish`,
+      `${ids.length} items to finish${this.error ? ` (the watch failed: ${this.error})` : ""}`,
     );
   }
 

@@ -254,6 +254,8 @@ export function claimsEndToEnd(mode: FaultMode): void {
                 mesh.natsUrl,
                 "--nkey",
                 mesh.credentials("ops").nkeySeedFile!,
+                "--inbox-prefix",
+                "_INBOX_ops",
                 ...args,
               ],
               stdin: "null",
