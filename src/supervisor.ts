@@ -248,7 +248,7 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
       // Human actions; a redrive republishes a letter's original to the input of the step
       // that consumed it (after checking it byte for byte against the stream). Each
       // pipeline adds its own subjects (its wiring's `gateway`).
-      publishes: ["digest.request.*", "deadletter.redriven.*", `${SHADOW_AUDIT_PREFIX}.>`],
+      publishes: ["deadletter.redriven.*", `${SHADOW_AUDIT_PREFIX}.>`],
       requests: [METRICS_SUBJECT, "weft.*.status", "$SRV.>"],
       serves: ["weft.schedules.>", "weft.deadletters.>", `${SHADOW_REQUEST_PREFIX}.>`],
       readsStreams: [DEADLETTER_STREAM, DIGEST_STREAM, SHADOW_STREAM],

@@ -40,6 +40,9 @@ import {
 import type { PipelineWiring } from "./wiring.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 
+/** The largest message the digest stream takes: a digest request or a digest, with room. */
+export const DIGEST_MAX_MSG_BYTES = 64 * 1024;
+
 /** A stream configuration; only the name is required. */
 export type NamedStreamConfig = Partial<StreamConfig> & { name: string };
 
@@ -128,6 +131,9 @@ export function streamConfigs(
         maxBytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 4)),
       },
     ),
+    // Requests (`{"window_ms": N}`) and digests (counts per team) are small: a message as large
+    // as an event stream's (1 MiB) let 66 of them fill the stream, so every later request
+    // (the hourly schedule's included) was refused as "maximum bytes exceeded".
     stream(
       DIGEST_STREAM,
       "Weft digests: requests (from schedules) and the digests published",
@@ -135,6 +141,7 @@ export function streamConfigs(
       {
         maxAgeMs: config.retentionMs,
         maxBytes: Math.max(64 * 1024 * 1024, Math.floor(config.streamMaxBytes / 16)),
+        maxMsgSize: DIGEST_MAX_MSG_BYTES,
       },
     ),
     // Live shadows' decisions: discard-old, so a full stream drops its oldest decisions and

@@ -4,7 +4,7 @@
  * probing with the real nats CLI, and shows it closed while the role's work still runs.
  */
 import assert from "node:assert/strict";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Objm } from "@nats-io/obj";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type Mesh, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
@@ -136,6 +136,37 @@ Deno.test("a key holder cannot reach past its role on the bus", async (t) => {
         l.msg === "nats permission violation" && !/STREAM\.PURGE/.test(JSON.stringify(l))
       );
       assert.deepEqual(refused, [], "an upload needs nothing it was refused");
+    },
+  );
+
+  await t.step(
+    "the ops key publishes only the digest request a pipeline serves, and DIGEST takes no large message",
+    async () => {
+      // Found by probing: `nats pub digest.request.junkN` with 1 MB bodies, 66 times, filled
+      // DIGEST (read by no one, kept 7 days), and the hourly digest request was refused from
+      // then on ("maximum bytes exceeded").
+      await as(mesh, "ops", async (nc) => {
+        const js = jetstream(nc);
+        await assert.rejects(js.publish("digest.request.junk1", "{}"), /permission/i);
+        // Under the server's max_payload (1 MB), over the stream's own limit.
+        await assert.rejects(
+          js.publish("digest.request.feedback", new Uint8Array(128 * 1024)),
+          /message size exceeds maximum allowed/i,
+          "a 128 KiB body on the served subject",
+        );
+        const ack = await js.publish("digest.request.feedback", JSON.stringify({}));
+        assert.equal(ack.stream, "DIGEST", "a real request is still taken");
+      });
+      const digest = await as(
+        mesh,
+        "admin",
+        async (nc) => await (await jetstreamManager(nc)).streams.info("DIGEST"),
+      );
+      assert.ok(digest.config.max_msg_size > 0 && digest.config.max_msg_size <= 64 * 1024);
+      assert.ok(
+        digest.config.max_bytes / digest.config.max_msg_size >= 1024,
+        "a flood needs a thousand messages or more",
+      );
     },
   );
 

@@ -81,13 +81,13 @@ Deno.test({
           const at = new Date(Date.now() + 1000).toISOString();
           await store.create({
             id: "once",
-            subject: "digest.request.once",
+            subject: "digest.request.feedback",
             payload: { hello: 1 },
             at,
           });
           await store.create({
             id: "every-second",
-            subject: "digest.request.cron",
+            subject: "digest.request.feedback",
             payload: { kind: "digest" },
             cron: "* * * * * *",
           });
@@ -115,7 +115,12 @@ Deno.test({
         async () => {
           // No replica runs now; the deadline is already past when they start.
           const at = new Date(Date.now() - 1000).toISOString();
-          await store.create({ id: "while-down", subject: "digest.request.down", payload: {}, at });
+          await store.create({
+            id: "while-down",
+            subject: "digest.request.feedback",
+            payload: {},
+            at,
+          });
           await using _s1 = await startService("scheduler", env);
           await using _s2 = await startService("scheduler", env);
           await seen.until(() => seen.seen.some((f) => f.schedule === "while-down"));
@@ -134,14 +139,14 @@ Deno.test({
         const at = new Date(Date.now() + 400).toISOString();
         await store.create({
           id: "cancelled",
-          subject: "digest.request.cancelled",
+          subject: "digest.request.feedback",
           payload: {},
           at,
         });
         assert.equal(await store.cancel("cancelled"), true);
         await store.create({
           id: "marker",
-          subject: "digest.request.marker",
+          subject: "digest.request.feedback",
           payload: {},
           at: new Date(Date.now() + 800).toISOString(),
         });
@@ -168,7 +173,7 @@ Deno.test({
       const kvm = new Kvm(nc);
       const store = createScheduleStore(await kvm.open(SCHEDULE_BUCKET));
       const at = new Date(Date.now() - 1000).toISOString();
-      await store.create({ id: "orphan", subject: "digest.request.orphan", payload: {}, at });
+      await store.create({ id: "orphan", subject: "digest.request.feedback", payload: {}, at });
       // A replica took the lease and died: no publish, schedule not advanced.
       const leases = await kvm.open(SCHEDULE_LEASE_BUCKET);
       await leases.create(leaseKey("orphan", Date.parse(at)), JSON.stringify({ replica: "dead" }));
@@ -512,8 +517,9 @@ Deno.test("callers may schedule submissions to a running definition; a pipeline 
 
 Deno.test("a schedule its target would refuse is refused when made, naming the field: a bad payload, or a subject nothing reads", async () => {
   // Found by a probe: `{"subject":"feedback.submit","payload":{"text":""}}` got 201 and, when
-  // it fired, a dead letter and a failed item; `digest.request.nonexistent` (inside the allowed
-  // `digest.request.*`) got 201, fired, and was read by no one.
+  // it fired, a dead letter and a failed item; `digest.request.nonexistent` (inside the then
+  // allowed `digest.request.*`; now only `digest.request.feedback` may be scheduled) got 201,
+  // fired, and was read by no one.
   await using t = await startTestNats();
   using gateway = await scheduleApp(t);
   const at = "2099-01-01T00:00:00Z";

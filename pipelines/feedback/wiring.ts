@@ -41,9 +41,12 @@ export const FEEDBACK_WIRING: PipelineWiring = {
     description: "Weft: current state of each feedback item",
     ttl: "retention",
   }],
-  // Submissions and digest requests may be scheduled (POST /schedules): their consumers
-  // validate what they read.
-  schedulable: [SUBMIT_SUBJECT, "digest.request.*"],
+  // Submissions and digest requests may be scheduled (POST /schedules), and the ops key may
+  // publish them: their consumers validate what they read. Only the digest request the digest
+  // service serves (`digest.request.feedback`): another name under `digest.request.` is read by
+  // no one, and stayed in DIGEST until it was full (66 such 1 MB messages from the ops key
+  // filled it, and every hourly digest request was refused from then on).
+  schedulable: [SUBMIT_SUBJECT, DIGEST_REQUEST_SUBJECT],
   // The digest's schedule before schedules had owners (now `feedback.digest`).
   retiredSchedules: [{ id: LEGACY_DIGEST_SCHEDULE_ID, subject: DIGEST_REQUEST_SUBJECT }],
   dashboard: definedGraph(FEEDBACK_PIPELINE, "Feedback pipeline", {
@@ -119,8 +122,8 @@ export const FEEDBACK_WIRING: PipelineWiring = {
   ],
   gateway: {
     // Entry events; a redrive republishes a letter's original to the input of the step
-    // that consumed it, which may be any of the pipeline's subjects.
-    publishes: ["feedback.>"],
+    // that consumed it, which may be any of the pipeline's subjects, or the digest's.
+    publishes: ["feedback.>", DIGEST_REQUEST_SUBJECT],
     serves: ["weft.feedback.>"],
     readsStreams: [FEEDBACK_STREAM],
     listsConsumers: [FEEDBACK_STREAM],

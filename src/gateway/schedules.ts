@@ -68,7 +68,7 @@ export function scheduleTargets(pipelines: readonly LoadedPipeline[]): ScheduleT
       const doc = submissionDocument(subject) ?? requestDocument(subject);
       const p = pipelines.find((p) => `${p.def.name}.submit` === subject);
       if (!doc && !p) {
-        // Inside an allowed pattern (`digest.request.*`) but read by no one: it would fire
+        // Inside an allowed pattern (a wiring may allow a wildcard) but read by no one: it would fire
         // into the stream and be lost.
         throw new ValidationError(`/subject ${JSON.stringify(subject)}: nothing running reads it`, {
           field: "/subject",
