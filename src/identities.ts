@@ -33,7 +33,7 @@ export const IDENTITY_DIR = "data/identities";
 export interface Access {
   /** Subjects it publishes on (JetStream publishes included), e.g. `orders.priced.*`. */
   publishes?: readonly string[];
-  /** Request subjects it sends requests to (core NATS, e.g. `weft.metrics`). */
+  /** Request subjects it sends requests to (core NATS, e.g. `weft.*.metrics`). */
   requests?: readonly string[];
   /** Request subjects it answers (subscriptions and queue groups). */
   serves?: readonly string[];

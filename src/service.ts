@@ -43,7 +43,7 @@ export interface ServiceDef {
   start(ctx: ServiceContext): Promise<Runnable>;
   /** Shown by `nats micro info`. */
   description?: string;
-  /** Whether it answers the mesh's `weft.metrics` requests (the gateway gathers instead). */
+  /** Whether it answers metrics requests on `weft.<name>.metrics` (the gateway gathers instead). */
   answersMetrics?: boolean;
 }
 

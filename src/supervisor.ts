@@ -61,7 +61,6 @@ import {
   type Permissions,
   permissionsFor,
 } from "./identities.ts";
-import { METRICS_SUBJECT } from "./observability/metrics.ts";
 import {
   checkHoldsWithinRetention,
   checkModelSteps,
@@ -73,7 +72,7 @@ import {
   pipelineServiceSpecs,
   pipelineTopology,
 } from "./pipeline/runtime.ts";
-import { statusSubject } from "./observability/micro.ts";
+import { metricsSubject, statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
 import { retrying } from "./retry.ts";
@@ -249,7 +248,8 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
       // that consumed it (after checking it byte for byte against the stream). Each
       // pipeline adds its own subjects (its wiring's `gateway`).
       publishes: ["deadletter.redriven.*", `${SHADOW_AUDIT_PREFIX}.>`],
-      requests: [METRICS_SUBJECT, "weft.*.status", "$SRV.>"],
+      // Each service's metrics on its own subject (GET /metrics), and statuses.
+      requests: [metricsSubject("*"), "weft.*.status", "$SRV.>"],
       serves: ["weft.schedules.>", "weft.deadletters.>", `${SHADOW_REQUEST_PREFIX}.>`],
       readsStreams: [DEADLETTER_STREAM, DIGEST_STREAM, SHADOW_STREAM],
       writesBuckets: [IDEMPOTENCY_BUCKET, SHADOW_BUCKET, STEP_VERSION_BUCKET],
@@ -374,12 +374,13 @@ export function meshPermissions(
     mesh.services.findIndex((t) => t.name === s.name) === i
   );
   return [
-    // Every service answers the mesh's metrics request and its own status (src/observability/micro.ts).
+    // Every service answers its own metrics and status requests (src/observability/micro.ts):
+    // on subjects of its own, so no other identity sees the requests' reply inboxes.
     ...services.map((s) => ({
       name: s.name,
       access: {
         ...s.access,
-        serves: [...s.access.serves ?? [], METRICS_SUBJECT, statusSubject(s.name)],
+        serves: [...s.access.serves ?? [], metricsSubject(s.name), statusSubject(s.name)],
       },
     })),
     ...Object.entries(mesh.operators).map(([name, access]) => ({ name, access })),

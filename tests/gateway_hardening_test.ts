@@ -633,7 +633,8 @@ Deno.test("with API keys configured, GET /metrics needs one, and scrapes close t
   });
   await expectProblem(await app.request("/metrics"), 401);
   let gathers = 0;
-  const sub = t.nc.subscribe("weft.metrics", { callback: () => void gathers++ });
+  // One service of the mesh the gateway knows: each gather asks it once.
+  const sub = t.nc.subscribe("weft.dispatch.metrics", { callback: () => void gathers++ });
   await t.nc.flush();
   const scrape = () => app.request("/metrics", { headers: { authorization: "Bearer k-prom" } });
   const scrapes = await Promise.all(Array.from({ length: 8 }, scrape));

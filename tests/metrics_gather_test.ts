@@ -1,9 +1,19 @@
 import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
-import { gatherServiceMetrics, MetricsCache } from "../src/gateway/mesh_metrics.ts";
-import { INSTANCE_HEADER } from "../src/observability/micro.ts";
-import { METRICS_SUBJECT, type MetricsJson } from "../src/observability/metrics.ts";
+import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
+import {
+  gatherServiceMetrics,
+  MetricsCache,
+  metricsSources,
+  refusalOf,
+} from "../src/gateway/mesh_metrics.ts";
+import { loadPipelines } from "../src/pipeline/runtime.ts";
+import { listedPipelines, meshPermissions, meshServices } from "../src/supervisor.ts";
+import { INSTANCE_HEADER, metricsSubject } from "../src/observability/micro.ts";
+import { type MetricsJson, WeftMetrics } from "../src/observability/metrics.ts";
 import { startTestNats } from "./helpers/nats.ts";
+
+const ROOT = new URL("../", import.meta.url);
 
 /** A metrics answer counting `n` processed items. */
 const answer = (n: number): MetricsJson =>
@@ -21,7 +31,7 @@ Deno.test("a service instance that answers a metrics gather too late still count
   // first gather at once, and the second only after that gather has stopped waiting.
   let calls = 0;
   let late: Promise<void> = Promise.resolve();
-  const sub = t.nc.subscribe(METRICS_SUBJECT, {
+  const sub = t.nc.subscribe(metricsSubject("dispatch"), {
     callback: (_err, m) => {
       const h = headers();
       h.set(INSTANCE_HEADER, "dispatch-1");
@@ -33,7 +43,8 @@ Deno.test("a service instance that answers a metrics gather too late still count
   const count = (parts: unknown[]) => parts.length;
   try {
     const cache = new MetricsCache();
-    const opts = { cache, maxWaitMs: 300, stallMs: 100 };
+    const sources = [{ service: "dispatch", stages: ["dispatch"] }];
+    const opts = { sources, cache, maxWaitMs: 300, stallMs: 100 };
     assert.equal(count(await gatherServiceMetrics(t.nc, opts)), 1, "answered in time");
     const second = await gatherServiceMetrics(t.nc, opts);
     assert.equal(calls, 2);
@@ -41,7 +52,10 @@ Deno.test("a service instance that answers a metrics gather too late still count
 
     // Without the cache the same late instance drops out of the sum.
     calls = 1;
-    assert.equal(count(await gatherServiceMetrics(t.nc, { maxWaitMs: 300, stallMs: 100 })), 0);
+    assert.equal(
+      count(await gatherServiceMetrics(t.nc, { sources, maxWaitMs: 300, stallMs: 100 })),
+      0,
+    );
     await late;
   } finally {
     sub.unsubscribe();
@@ -55,4 +69,133 @@ Deno.test("an instance's last answer is kept only so long", () => {
   assert.equal(cache.merge([], 1_600).length, 0, "gone too long: dropped");
   assert.equal(cache.merge([{ value: answer(2) }], 1_700).length, 1, "an unnamed answer passes");
   assert.equal(cache.merge([], 1_800).length, 0, "and is not kept");
+});
+
+/** Whether NATS subject pattern `pattern` matches the literal subject `subject`. */
+function matches(pattern: string, subject: string): boolean {
+  const p = pattern.split("."), s = subject.split(".");
+  for (let i = 0; i < p.length; i++) {
+    if (p[i] === ">") return s.length > i;
+    if (i >= s.length || (p[i] !== "*" && p[i] !== s[i])) return false;
+  }
+  return p.length === s.length;
+}
+
+Deno.test("no identity but a service's own may subscribe to its metrics subject, and the gateway asks every service the supervisor runs", async () => {
+  const loaded = await loadPipelines(await listedPipelines(ROOT), ROOT.pathname);
+  const mesh = meshServices(loaded);
+  const services = mesh.services.map((s) => s.name);
+  // The gateway's registry is the supervisor's: every service but the gateway, with its stages.
+  assert.deepEqual(
+    metricsSources(SHIPPED_PIPELINES, loaded).map((s) => [s.service, [...s.stages]]).sort(),
+    mesh.services.filter((s) => s.name !== "gateway")
+      .map((s) => [s.name, (s.access.consumes ?? []).map((c) => c.durable)]).sort(),
+  );
+  for (const { name, permissions } of meshPermissions(mesh)) {
+    if (name === "admin") continue;
+    for (const service of services) {
+      const hears = permissions.subscribe.allow.some((p) => matches(p, metricsSubject(service)));
+      // The gateway serves its pipelines' `weft.<pipeline>.>`: it is the requester anyway.
+      if (name !== "gateway") assert.equal(hears, name === service, `${name} on ${service}`);
+    }
+    assert.ok(
+      !permissions.subscribe.allow.some((p) => matches(p, "weft.metrics")),
+      `${name} may not subscribe to the old shared weft.metrics`,
+    );
+  }
+});
+
+Deno.test("refusalOf takes a service's own metrics and refuses what it cannot have reported", async () => {
+  const sources = [
+    { service: "sentiment", stages: ["sentiment"] },
+    { service: "dispatch", stages: ["dispatch"] },
+    { service: "shadow", stages: [], families: ["weft_shadow_"] },
+  ];
+  const owners = new Map([["sentiment", "sentiment"], ["dispatch", "dispatch"]]);
+  const own = new WeftMetrics();
+  own.processed.inc({ stage: "sentiment" }, 3);
+  own.handlerSeconds.observe({ stage: "sentiment" }, 0.2);
+  const json = await own.json();
+  const check = (answer: unknown, service = "sentiment") =>
+    refusalOf(answer, sources.find((s) => s.service === service)!, owners, sources, new Map());
+  assert.equal(check(json), undefined, "its own registry, every family (empty ones too)");
+  const one = (type: string, values: unknown[], name = "weft_stage_processed_total") => [
+    { name, help: "", type, aggregator: "sum", values },
+  ];
+  const cases: [unknown, RegExp][] = [
+    [{}, /not a list/],
+    [one("counter", [{ labels: { stage: "dispatch" }, value: 1 }]), /stage dispatch is dispatch's/],
+    [one("counter", [{ labels: { stage: "sentiment" }, value: -1 }]), /negative counter/],
+    [
+      one("histogram", [{ labels: { stage: "sentiment", le: 1 }, value: -2, metricName: "x" }]),
+      /negative histogram/,
+    ],
+    [
+      one("counter", [{ labels: { stage: "sentiment" }, value: 1, metricName: "weft_other" }]),
+      /series named weft_other/,
+    ],
+    [one("counter", [{ labels: { 'a="b"} 1\nx{y': "z" }, value: 1 }]), /bad label name/],
+    [one("counter", [{ labels: {}, value: null }]), /not a number/],
+    [one("counter", [{ labels: {}, value: 1 }], "bad name"), /bad name/],
+    [one("summary", [{ labels: {}, value: 1 }]), /type summary/],
+    [
+      [{ name: "weft_x", help: "", type: "counter", aggregator: "max", values: [] }],
+      /aggregator max/,
+    ],
+    [one("gauge", [{ labels: {}, value: 0 }], "weft_deadletter_pending"), /the gateway's/],
+    [one("gauge", [{ labels: { shadow: "a" }, value: 1 }], "weft_shadow_up"), /is shadow's/],
+    [
+      [
+        ...one("counter", [{ labels: {}, value: 1 }], "weft_x"),
+        ...one("gauge", [{ labels: {}, value: 1 }], "weft_x"),
+      ],
+      /weft_x: gauge, not counter/,
+    ],
+  ];
+  for (const [answer, reason] of cases) assert.match(check(answer) ?? "taken", reason);
+  // A gauge may be negative (Cohen's kappa), and the shadow service reports its own families.
+  assert.equal(
+    check(
+      one("gauge", [{ labels: { shadow: "a", field: "f" }, value: -0.5 }], "weft_shadow_kappa"),
+      "shadow",
+    ),
+    undefined,
+  );
+  // A type the gateway's own registry has for a family binds every answer.
+  const types = new Map([["weft_stage_processed_total", "counter"]]);
+  assert.match(
+    refusalOf(one("gauge", [{ labels: {}, value: 1 }]), sources[0]!, owners, sources, types) ?? "",
+    /gauge, not counter/,
+  );
+});
+
+Deno.test("each service is asked on its own subject, with a fresh random reply inbox per request", async () => {
+  await using t = await startTestNats();
+  const replies: Record<string, string[]> = {};
+  const subs = ["topics", "dispatch"].map((service) =>
+    t.nc.subscribe(metricsSubject(service), {
+      callback: (_err, m) => {
+        (replies[service] ??= []).push(m.reply ?? "");
+        m.respond(JSON.stringify(answer(1)));
+      },
+    })
+  );
+  try {
+    await t.nc.flush();
+    const sources = [
+      { service: "topics", stages: ["topics"] },
+      { service: "dispatch", stages: ["dispatch"] },
+    ];
+    for (let i = 0; i < 2; i++) {
+      const got = await gatherServiceMetrics(t.nc, { sources, maxWaitMs: 2000, stallMs: 100 });
+      // topics' answer names dispatch's stage: refused; dispatch's own is taken.
+      assert.equal(got.length, 1);
+    }
+    const all = [...replies.topics ?? [], ...replies.dispatch ?? []];
+    assert.equal(all.length, 4, "each service asked once per gather");
+    assert.equal(new Set(all).size, 4, "no inbox used twice");
+    for (const r of all) assert.match(r, /^_INBOX\.[0-9a-f]{32}$/, "128 random bits");
+  } finally {
+    for (const s of subs) s.unsubscribe();
+  }
 });

@@ -116,7 +116,7 @@ export const hello = definePipeline({
     },
   );
 
-  await t.step("nats kv get, nats stream view, deadletters.list, weft.metrics", async () => {
+  await t.step("nats kv get, nats stream view, deadletters.list, a service's metrics", async () => {
     assert.match(await nats("kv", "get", "weft_feedback_state", id, "--raw"), /"processed"/);
     // `nats stream view` pages on a terminal: run it on one (script gives it a pty).
     const view = await new Deno.Command("script", {
@@ -129,7 +129,15 @@ export const hello = definePipeline({
       (await nats("req", "weft.deadletters.list", '{"pending":true}', "--raw")).trim(),
     );
     assert.ok(Array.isArray(letters.items));
-    const metrics = await nats("req", "weft.metrics", "", "--replies", "0", "--timeout", "1s");
+    const metrics = await nats(
+      "req",
+      "weft.dispatch.metrics",
+      "",
+      "--replies",
+      "0",
+      "--timeout",
+      "1s",
+    );
     assert.match(metrics, /weft_stage_processed_total/);
   });
 

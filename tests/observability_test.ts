@@ -203,7 +203,7 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
       assert.equal(infos.length, 1);
       assert.deepEqual(
         infos[0]!.endpoints.map((e) => [e.name, e.subject]).sort(),
-        [["metrics", "weft.metrics"], ["status", "weft.sentiment.status"]],
+        [["metrics", "weft.sentiment.metrics"], ["status", "weft.sentiment.status"]],
       );
       const gatewayInfo = await gather<Info>("$SRV.INFO.weft-gateway");
       assert.deepEqual(gatewayInfo[0]!.endpoints.map((e) => e.name), ["status"]);

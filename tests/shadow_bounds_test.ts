@@ -309,7 +309,7 @@ Deno.test("a shadow of a step with many result values compares at most 16 fields
     assert.equal(wideFields[`a_0${"n".repeat(61)}`]?.agreement, 0, "the shifted field disagrees");
     assert.equal(wideFields[`a_1${"n".repeat(61)}`]?.agreement, 1);
     // Every shadow's series are in the metrics answer.
-    const m = await s.t.nc.request("weft.metrics", "", { timeout: 5_000 });
+    const m = await s.t.nc.request("weft.shadow.metrics", "", { timeout: 5_000 });
     assert.ok(m.data.length <= max);
     const families = m.json<MetricsJson>();
     const items = families.find((f) => f.name === "weft_shadow_items_total")!;

@@ -1,30 +1,182 @@
 /**
  * The whole mesh's metrics, gathered at scrape time by the gateway: its own registry,
- * every other service's (one request on `weft.metrics` that each instance answers; see
- * src/observability/micro.ts), and JetStream's view of every durable consumer's backlog. Also reduced
- * to a small per-stage snapshot for the dashboard.
+ * every other service's (a request on each one's `weft.<service>.metrics`, which every
+ * instance of it answers; see src/observability/micro.ts), and JetStream's view of every
+ * durable consumer's backlog. Also reduced to a small per-stage snapshot for the dashboard.
+ *
+ * Who answered is known from the subject: only a service's own identity may subscribe to its
+ * metrics subject, so only it sees the reply inbox of that request (a fresh random one per
+ * request). An answer is still checked against what that service can report: one with
+ * another service's stage, a negative counter, or a series only the gateway reports is
+ * refused whole ({@link refusalOf}).
  *
  * @module
  */
-import { type NatsConnection, NoRespondersError } from "@nats-io/nats-core";
+import { Empty, type Msg, type NatsConnection } from "@nats-io/nats-core";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import client from "prom-client";
-import {
-  aggregateMetrics,
-  METRICS_SUBJECT,
-  type MetricsJson,
-  type WeftMetrics,
-} from "../observability/metrics.ts";
+import { aggregateMetrics, type MetricsJson, type WeftMetrics } from "../observability/metrics.ts";
 import { usageOf } from "../capacity.ts";
 import { DEADLETTER_STREAM, RUNTIME_STREAMS } from "../subjects.ts";
 import { REDRIVEN_PREFIX } from "../redrive.ts";
-import { INSTANCE_HEADER } from "../observability/micro.ts";
+import { INSTANCE_HEADER, metricsSubject } from "../observability/micro.ts";
+import type { PipelineWiring } from "../wiring.ts";
+import { type LoadedPipeline, pipelineServiceSpecs } from "../pipeline/runtime.ts";
+
+/** One service the gateway asks for its metrics, and what is its own to report. */
+export interface MetricsSource {
+  /** The service's name: it answers on `weft.<service>.metrics`. */
+  service: string;
+  /** Its stages (durable consumers): the `stage` labels no other service may report. */
+  stages: readonly string[];
+  /** Prefixes of metric families only it reports (the shadow service's `weft_shadow_`). */
+  families?: readonly string[];
+}
+
+/**
+ * The runtime's services besides the gateway (the supervisor's, src/supervisor.ts): the
+ * scheduler, and the shadow service, which alone reports the live shadows' families.
+ */
+const RUNTIME_SOURCES: readonly MetricsSource[] = [
+  { service: "scheduler", stages: [] },
+  { service: "shadow", stages: [], families: ["weft_shadow_"] },
+];
+
+/**
+ * The services whose metrics the gateway gathers: the hand-wired pipelines' (`wirings`),
+ * the definitions' (`pipelines`) and the runtime's, as the supervisor starts them (the same
+ * registry); never the gateway itself, which adds its own.
+ *
+ * @example
+ * ```ts
+ * import { metricsSources } from "./mesh_metrics.ts";
+ * const sources = metricsSources([], []);
+ * console.assert(sources.some((s) => s.service === "scheduler"));
+ * ```
+ */
+export function metricsSources(
+  wirings: readonly PipelineWiring[],
+  pipelines: readonly LoadedPipeline[],
+): MetricsSource[] {
+  const out = new Map<string, MetricsSource>();
+  for (
+    const spec of [...wirings.flatMap((w) => w.services), ...pipelineServiceSpecs(pipelines, "")]
+  ) {
+    if (spec.name === "gateway" || out.has(spec.name)) continue;
+    out.set(spec.name, {
+      service: spec.name,
+      stages: (spec.access.consumes ?? []).map((c) => c.durable),
+    });
+  }
+  for (const s of RUNTIME_SOURCES) if (!out.has(s.service)) out.set(s.service, s);
+  return [...out.values()];
+}
+
+/**
+ * Families only the gateway reports (computed at scrape time, or counted at its routes): a
+ * service's answer with a series of one is refused.
+ */
+export const GATEWAY_FAMILIES: ReadonlySet<string> = new Set([
+  "weft_consumer_pending",
+  "weft_consumer_ack_pending",
+  "weft_consumer_redelivered",
+  "weft_deadletter_messages",
+  "weft_deadletter_pending",
+  "weft_stream_usage_ratio",
+  "weft_metrics_sources",
+  "weft_metrics_refused_total",
+  "weft_http_requests_total",
+  "weft_sse_clients",
+  "weft_sse_waiting",
+  "weft_items_accepted_total",
+]);
+
+const METRIC_NAME = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/;
+const LABEL_NAME = /^[a-zA-Z_][a-zA-Z0-9_]*$/;
+const TYPES: ReadonlySet<string> = new Set(["counter", "gauge", "histogram"]);
+
+/**
+ * Why an answer on `source`'s metrics subject is refused, or undefined when it is taken:
+ * not prom-client JSON of counters, gauges and histograms summed by label set; a family only
+ * the gateway reports, or only another service does; a series with another service's
+ * `stage`; a value that is not a finite number, or a negative one on a counter or histogram
+ * (counts only grow); or a family whose type differs from the one `types` has for it
+ * (which it then learns).
+ *
+ * @example
+ * ```ts
+ * import { refusalOf } from "./mesh_metrics.ts";
+ * const owners = new Map([["dispatch", "dispatch"], ["topics", "topics"]]);
+ * const forged = [{
+ *   name: "weft_stage_processed_total", help: "", type: "counter", aggregator: "sum",
+ *   values: [{ labels: { stage: "dispatch" }, value: 5 }],
+ * }];
+ * const why = refusalOf(forged, { service: "topics", stages: ["topics"] }, owners, [], new Map());
+ * console.assert(why === "weft_stage_processed_total: stage dispatch is dispatch's");
+ * ```
+ */
+export function refusalOf(
+  answer: unknown,
+  source: MetricsSource,
+  owners: ReadonlyMap<string, string>,
+  others: readonly MetricsSource[],
+  types: Map<string, string>,
+): string | undefined {
+  if (!Array.isArray(answer)) return "not a list of metric families";
+  const seen = new Map<string, string>();
+  for (const f of answer as unknown[]) {
+    if (typeof f !== "object" || f === null) return "a family that is not an object";
+    const { name, type, help, aggregator, values } = f as Record<string, unknown>;
+    if (typeof name !== "string" || !METRIC_NAME.test(name)) return "a family with a bad name";
+    if (typeof type !== "string" || !TYPES.has(type)) return `${name}: type ${String(type)}`;
+    if (help !== undefined && typeof help !== "string") return `${name}: bad help`;
+    if (aggregator !== undefined && aggregator !== "sum") {
+      return `${name}: aggregator ${String(aggregator)}`;
+    }
+    if (!Array.isArray(values)) return `${name}: no values`;
+    if (values.length === 0) continue;
+    if (GATEWAY_FAMILIES.has(name)) return `${name} is the gateway's`;
+    const owner = others.find((o) =>
+      o.service !== source.service && (o.families ?? []).some((p) => name.startsWith(p))
+    );
+    if (owner) return `${name} is ${owner.service}'s`;
+    const known = types.get(name) ?? seen.get(name);
+    if (known !== undefined && known !== type) return `${name}: ${type}, not ${known}`;
+    seen.set(name, type);
+    const suffixes = type === "histogram" ? ["_bucket", "_sum", "_count"] : [""];
+    for (const v of values as unknown[]) {
+      if (typeof v !== "object" || v === null) return `${name}: a value that is not an object`;
+      const { value, labels, metricName } = v as Record<string, unknown>;
+      if (typeof value !== "number" || !Number.isFinite(value)) return `${name}: not a number`;
+      if (type !== "gauge" && value < 0) return `${name}: negative ${type} value ${value}`;
+      if (metricName !== undefined && !suffixes.some((x) => metricName === name + x)) {
+        return `${name}: series named ${String(metricName)}`;
+      }
+      if (typeof labels !== "object" || labels === null) return `${name}: labels not an object`;
+      for (const [k, l] of Object.entries(labels)) {
+        if (!LABEL_NAME.test(k)) return `${name}: a bad label name`;
+        if (typeof l !== "string" && typeof l !== "number") {
+          return `${name}: label ${k} not a value`;
+        }
+      }
+      const stage = (labels as Record<string, unknown>).stage;
+      const stageOwner = typeof stage === "string" ? owners.get(stage) : undefined;
+      if (stageOwner !== undefined && stageOwner !== source.service) {
+        return `${name}: stage ${String(stage)} is ${stageOwner}'s`;
+      }
+    }
+  }
+  for (const [name, type] of seen) types.set(name, type);
+  return undefined;
+}
 
 /** How long the gateway waits for services' metrics. */
 export interface GatherOptions {
-  /** Longest wait for the first answer, ms. */
+  /** The services to ask (see {@link metricsSources}); none when absent. */
+  sources?: readonly MetricsSource[];
+  /** Longest wait for a service's first answer, ms. */
   maxWaitMs?: number;
-  /** The gather ends this long after the last answer, ms. */
+  /** A service's gather ends this long after its last answer, ms. */
   stallMs?: number;
   /**
    * The pipelines' streams: their durable consumers' backlogs and their usage are reported
@@ -37,11 +189,15 @@ export interface GatherOptions {
    * out, so the mesh's counters never seem to fall back for a moment.
    */
   cache?: MetricsCache;
+  /** Told of each answer refused (see {@link refusalOf}): the service and why. */
+  onRefused?: (service: string, reason: string) => void;
+  /** Families' types as the gateway's own registry has them: an answer must agree. */
+  local?: MetricsJson;
 }
 
 /**
  * Each service instance's last metrics answer, kept `keepMs` (15 s by default) for the
- * gathers it misses. A restarted process is a new instance: its old answer counts until it
+ * gathers it misses (an instance: the service's name and the id its answer's header gives). A restarted process is a new instance: its old answer counts until it
  * ages out, so the sum never falls below what was reported while the new one catches up.
  */
 export class MetricsCache {
@@ -106,29 +262,106 @@ export async function consumerBacklogs(
   return out;
 }
 
-/** The metrics of every service that answers on `weft.metrics`. */
+/** Most answers taken from one service in one gather (its replicas). */
+const MAX_ANSWERS = 256;
+
+/** The connection's reply inbox prefix (`_INBOX_<identity>`, src/nats.ts). */
+function inboxPrefixOf(nc: NatsConnection): string {
+  return (nc as { options?: { inboxPrefix?: string } }).options?.inboxPrefix || "_INBOX";
+}
+
+/** 128 random bits, hex: a reply inbox no one who saw another can guess. */
+function randomToken(): string {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)))
+    .map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * The answers to one request on `subject`: until `maxWaitMs` pass without a first one, or
+ * `stallMs` after the last one (at most twice `maxWaitMs` in all), or no responder. The reply
+ * inbox is a fresh random one (not nats.js's shared one, whose next tokens a responder
+ * could guess from its own).
+ */
+function requestAll(
+  nc: NatsConnection,
+  subject: string,
+  maxWaitMs: number,
+  stallMs: number,
+): Promise<Msg[]> {
+  const inbox = `${inboxPrefixOf(nc)}.${randomToken()}`;
+  const out: Msg[] = [];
+  return new Promise((resolve) => {
+    let done = false;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      clearTimeout(cap);
+      sub.unsubscribe();
+      resolve(out);
+    };
+    const sub = nc.subscribe(inbox, {
+      callback: (err, m) => {
+        // No responder (status 503): the service does not run.
+        if (err || (m.data.length === 0 && m.headers?.code === 503)) return finish();
+        out.push(m);
+        if (out.length >= MAX_ANSWERS) return finish();
+        clearTimeout(timer);
+        timer = setTimeout(finish, stallMs);
+      },
+    });
+    timer = setTimeout(finish, maxWaitMs);
+    const cap = setTimeout(finish, 2 * maxWaitMs);
+    try {
+      nc.publish(subject, Empty, { reply: inbox });
+    } catch {
+      finish();
+    }
+  });
+}
+
+/**
+ * The metrics of every service of `opts.sources`, each asked on its own subject; an answer
+ * {@link refusalOf} refuses is left out (and told to `opts.onRefused`).
+ */
 export async function gatherServiceMetrics(
   nc: NatsConnection,
   opts: GatherOptions = {},
 ): Promise<MetricsJson[]> {
+  const sources = opts.sources ?? [];
+  const owners = new Map<string, string>();
+  for (const s of sources) for (const stage of s.stages) owners.set(stage, s.service);
+  const types = new Map<string, string>();
+  for (const f of opts.local ?? []) types.set(f.name, String(f.type));
+  const answers = await Promise.all(
+    sources.map((s) =>
+      requestAll(nc, metricsSubject(s.service), opts.maxWaitMs ?? 2000, opts.stallMs ?? 250)
+    ),
+  );
   const parts: { instance?: string; value: MetricsJson }[] = [];
-  try {
-    const answers = await nc.requestMany(METRICS_SUBJECT, undefined, {
-      strategy: "stall",
-      stall: opts.stallMs ?? 250,
-      maxWait: opts.maxWaitMs ?? 2000,
-    });
-    for await (const m of answers) {
+  sources.forEach((source, i) => {
+    for (const m of answers[i]!) {
+      // An error reply (the service's endpoint failed: src/observability/micro.ts) is none.
+      if (m.data.length === 0 || m.headers?.get("Nats-Service-Error")) continue;
+      let value: unknown;
       try {
-        const value = m.json<MetricsJson>();
-        const instance = m.headers?.get(INSTANCE_HEADER) || undefined;
-        if (Array.isArray(value)) parts.push({ instance, value });
-      } catch { /* an error reply or garbage: skip it */ }
+        value = m.json<unknown>();
+      } catch {
+        value = undefined;
+      }
+      const refused = refusalOf(value, source, owners, sources, types);
+      if (refused !== undefined) {
+        opts.onRefused?.(source.service, refused);
+        continue;
+      }
+      const id = m.headers?.get(INSTANCE_HEADER);
+      parts.push({
+        instance: id ? `${source.service}/${id}` : undefined,
+        value: (value as MetricsJson).map((f) => ({ ...f, aggregator: "sum" })) as MetricsJson,
+      });
     }
-  } catch (err) {
-    // No other service runs (the gateway alone): its own metrics are the answer.
-    if (!(err instanceof NoRespondersError)) throw err;
-  }
+  });
   return opts.cache ? opts.cache.merge(parts, Date.now()) : parts.map((p) => p.value);
 }
 
@@ -148,8 +381,9 @@ export async function meshMetrics(
   local: WeftMetrics,
   opts: GatherOptions = {},
 ): Promise<client.Registry> {
+  const own = await local.json();
   const [remote, backlogs, streams] = await Promise.all([
-    gatherServiceMetrics(nc, opts),
+    gatherServiceMetrics(nc, { ...opts, local: own }),
     consumerBacklogs(jsm, opts.pipelineStreams),
     Promise.all(
       [...opts.pipelineStreams ?? [], ...RUNTIME_STREAMS].map((name) =>
@@ -163,7 +397,7 @@ export async function meshMetrics(
   ]);
   const dl = streams.find((i) => i?.config.name === DEADLETTER_STREAM)?.state;
   const deadLetters = dl?.messages;
-  const registry = aggregateMetrics([await local.json(), ...remote]);
+  const registry = aggregateMetrics([own, ...remote]);
   const registers = [registry];
   const pending = new client.Gauge({
     name: "weft_consumer_pending",

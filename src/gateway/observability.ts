@@ -19,7 +19,15 @@ import { PROMETHEUS_CONTENT_TYPE, type WeftMetrics } from "../observability/metr
 import { recentSiteEvents } from "../edge.ts";
 import { dashboardHtml, type DashboardPanel } from "./dashboard_page.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
-import { meshMetrics, type MeshSnapshot, meshSnapshot, MetricsCache } from "./mesh_metrics.ts";
+import {
+  meshMetrics,
+  type MeshSnapshot,
+  meshSnapshot,
+  MetricsCache,
+  type MetricsSource,
+  metricsSources,
+} from "./mesh_metrics.ts";
+import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { SSE_RECONNECT, type SseClients, stoppingError } from "./sse.ts";
 import { intQuery, oneQuery } from "./query.ts";
 
@@ -96,6 +104,13 @@ export interface ObservabilityDeps {
   log: Logger;
   /** The gateway's own metrics. */
   metrics: WeftMetrics;
+  /** The pipeline definitions: their services' metrics are gathered. */
+  pipelines?: readonly LoadedPipeline[];
+  /**
+   * The services whose metrics are gathered (default: the shipped pipelines', the
+   * definitions' and the runtime's, as the supervisor runs them; see metricsSources).
+   */
+  metricsSources?: readonly MetricsSource[];
   /** Streams of the pipelines (hand-wired and definitions'): their steps' backlogs are reported. */
   pipelineStreams?: readonly string[];
   /** Open SSE clients, counted against the maximum. */
@@ -107,9 +122,25 @@ export interface ObservabilityDeps {
 /** Mounts /metrics and the dashboard routes. */
 export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   const { nc, jetStream, metrics, clients, log } = deps;
+  // An answer on a service's metrics subject that it cannot have given (another's stage, a
+  // negative count, a series of the gateway's): counted, logged, and left out.
+  const refused = new client.Counter({
+    name: "weft_metrics_refused_total",
+    help: "Metrics answers the gateway refused, by the service whose subject they came on",
+    labelNames: ["service"],
+    registers: [metrics.registry],
+  });
   // One cache for /metrics and the dashboard: a service slow to answer one gather counts
   // with its last answer.
-  const gather = { pipelineStreams: deps.pipelineStreams ?? [], cache: new MetricsCache() };
+  const gather = {
+    sources: deps.metricsSources ?? metricsSources(SHIPPED_PIPELINES, deps.pipelines ?? []),
+    pipelineStreams: deps.pipelineStreams ?? [],
+    cache: new MetricsCache(),
+    onRefused: (service: string, reason: string) => {
+      refused.inc({ service });
+      log.warn("metrics answer refused", { service, reason });
+    },
+  };
   // One gather serves every dashboard open within the same tick.
   let cached: { at: number; snapshot: Promise<MeshSnapshot> } | undefined;
   const snapshot = () => {

@@ -2,8 +2,9 @@
  * Prometheus metrics, on prom-client (the well-kept Node client; it runs under Deno with
  * no extra permissions). Every service keeps its own {@link WeftMetrics} registry; the
  * gateway's `GET /metrics` serves the whole mesh in one scrape: its own metrics, every
- * service's (gathered over NATS on {@link METRICS_SUBJECT}, summed by label set, so
- * replicas of a stage add up) and the JetStream consumers' backlog read at scrape time.
+ * service's (gathered over NATS, each on its own `weft.<service>.metrics`, summed by label
+ * set, so replicas of a stage add up) and the JetStream consumers' backlog read at scrape
+ * time.
  *
  * Metric names and meanings are listed in docs/OBSERVABILITY.md.
  *
@@ -11,9 +12,6 @@
  */
 import client from "prom-client";
 import type { LlmStats } from "../ai/llm/stats.ts";
-
-/** Every service answers a request here with its metrics (prom-client JSON). */
-export const METRICS_SUBJECT = "weft.metrics";
 
 /** Handler latency buckets, seconds: sub-millisecond rule stages to slow LLM calls. */
 export const HANDLER_BUCKETS: readonly number[] = [

@@ -3,9 +3,11 @@
  * `nats micro ls|info|stats` list it and `$SRV.PING` finds it. Each registers two
  * endpoints:
  *
- * - `metrics` on {@link METRICS_SUBJECT} (`weft.metrics`), in a queue group of its own so
- *   every instance answers: a request there gathers the whole mesh's metrics (prom-client
- *   JSON); the gateway's `GET /metrics` does that.
+ * - `metrics` on `weft.<service>.metrics` ({@link metricsSubject}), in a queue group of its
+ *   own so every instance (replica) answers: its metrics as prom-client JSON
+ *   (`nats req weft.sentiment.metrics '' --replies 0`). Only the service's own identity may
+ *   subscribe there, so only it sees the requester's reply inbox: the gateway's
+ *   `GET /metrics` asks each service of the mesh on its own subject and knows who answered.
  * - `status` on `weft.<service>.status`: the service's counters as JSON
  *   (`nats req weft.sentiment.status ''`).
  *
@@ -19,7 +21,7 @@ import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/nats-core";
 import { type Service, type ServiceMsg, Svcm } from "@nats-io/services";
 import denoJson from "../../deno.json" with { type: "json" };
 import type { Logger } from "./log.ts";
-import { fitMetrics, METRICS_SUBJECT, type WeftMetrics } from "./metrics.ts";
+import { fitMetrics, type WeftMetrics } from "./metrics.ts";
 
 /** Weft's version, as registered with the services protocol. */
 export const WEFT_VERSION: string = denoJson.version;
@@ -27,6 +29,14 @@ export const WEFT_VERSION: string = denoJson.version;
 /** The subject of a service's status endpoint. */
 export function statusSubject(service: string): string {
   return `weft.${service}.status`;
+}
+
+/**
+ * The subject of a service's metrics endpoint, which only the service's identity may
+ * subscribe to (`*` for the pattern the gateway may request on).
+ */
+export function metricsSubject(service: string): string {
+  return `weft.${service}.metrics`;
 }
 
 /** What {@link registerMicroService} needs. */
@@ -37,12 +47,12 @@ export interface MicroServiceOptions {
   name: string;
   /** Shown by `nats micro info`. */
   description: string;
-  /** The service's metrics, answered on `weft.metrics`. */
+  /** The service's metrics, answered on `weft.<name>.metrics`. */
   metrics: WeftMetrics;
   /** The service's counters, answered by `status` and shown in `stats` data. */
   status: () => Record<string, unknown>;
   /**
-   * Answer on `weft.metrics` (default true). The gateway does not: its `GET /metrics`
+   * Answer on `weft.<name>.metrics` (default true). The gateway does not: its `GET /metrics`
    * adds its own registry to what the others answer.
    */
   answersMetrics?: boolean;
@@ -84,7 +94,7 @@ export async function registerMicroService(opts: MicroServiceOptions): Promise<S
   };
   if (opts.answersMetrics ?? true) {
     service.addEndpoint("metrics", {
-      subject: METRICS_SUBJECT,
+      subject: metricsSubject(name),
       // A queue group per instance: every instance answers a metrics request.
       queue: `weft-metrics-${service.info().id}`,
       metadata: { format: "prom-client-json" },
