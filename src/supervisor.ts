@@ -342,7 +342,7 @@ export const OPERATOR_IDENTITIES: Readonly<Record<"admin" | "ops", Access>> = {
     // a stream captures is what lets a reader copy one stream into another: the server
     // delivers a push consumer's messages to any `deliver_subject` with interest, unchecked
     // against its creator's permissions (nats-io/nats-server#8274), and the stream capturing
-    // that subject stores them (`nats sub deadletter.x` then `nats consumer add FEEDBACK c
+    // that subject stores them (`nats sub deadletter.x` then `nats consumer add ORDERS c
     // --target deadletter.x` forged dead letters). Nor `_INBOX.>`: the replies to every nats
     // CLI run with its default prefix, the admin key's included. Nor `weft.>` (others'
     // requests to the gateway carry their API keys), the JetStream API or acks.
