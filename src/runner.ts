@@ -1393,15 +1393,35 @@ export async function runStage<I extends StageInput>(
               ? stage.identify(raw, message)
               : parseEventSubject(m.subject)?.itemId ?? itemIdOf(raw),
           );
+          let failItem = errorCode(err) !== ErrorCode.SubjectMismatch &&
+            errorCode(err) !== ErrorCode.InvalidAwaitedEvent &&
+            errorCode(err) !== ErrorCode.Conflict &&
+            errorCode(err) !== ErrorCode.NotFound &&
+            !(err instanceof OutcomeTaken) &&
+            (stage.failsItem?.(message, handled) ?? true);
+          // Poison for an id that never entered (nothing on its entry subject before it) fails
+          // no item: its failure event would be an item of its own (the state writer refuses
+          // it). Looked up on this failure path only; a lookup that fails fails the item.
+          // (The type its subject names: the body may lie.)
+          const type = parseEventSubject(m.subject)?.type ?? typeOfRaw(raw) ?? "";
+          if (
+            failItem && itemId && stage.entrySubject &&
+            !(stage.entryTypes?.has(type) ?? isEntryEvent(type))
+          ) {
+            failItem = await assertEntered(
+              jsm,
+              stream,
+              stage.entrySubject(itemId),
+              m.seq,
+              itemId,
+              "",
+            )
+              .then(() => true, (e) => !(e instanceof NotFoundError));
+          }
           letter = await prepareLetter(dlContext, m, err, raw, itemId, trace, {
             // A conflict (the item has its outcome, or has failed and holds this message
             // until it is resumed) is this message's, not a failure of the item.
-            failItem: errorCode(err) !== ErrorCode.SubjectMismatch &&
-              errorCode(err) !== ErrorCode.InvalidAwaitedEvent &&
-              errorCode(err) !== ErrorCode.Conflict &&
-              errorCode(err) !== ErrorCode.NotFound &&
-              !(err instanceof OutcomeTaken) &&
-              (stage.failsItem?.(message, handled) ?? true),
+            failItem,
           });
           await storeLetter(dlContext, m, letter);
           stats.deadLettered++;

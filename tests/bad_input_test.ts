@@ -233,7 +233,12 @@ Deno.test("thousands of malformed HTTP requests and bus messages each get a clea
     () => `${letters.length} letters for ${busSeqs.size} poison messages`,
   );
   for (const { letter } of letters) {
-    assert.ok(busSeqs.has(letter.stream_seq), `only poison is dead-lettered: ${letter.subject}`);
+    assert.ok(
+      busSeqs.has(letter.stream_seq),
+      `only poison is dead-lettered: ${letter.subject} ${letter.stage} ${letter.code} ${letter.reason} ${
+        letter.payload?.slice(0, 400)
+      }`,
+    );
     assert.match(letter.code, /^(invalid_event|unknown_version|subject_mismatch)$/);
     assert.ok(letter.reason.length > 0);
     assert.equal(letter.attempts, 1, "poison is never retried");
