@@ -1,9 +1,10 @@
 /**
  * JSON numbers that a JavaScript number cannot hold: `1e400` parses to `Infinity` (and
  * `JSON.stringify` then writes `null`), and an integer past 2^53 such as
- * `12345678901234567890123` parses to the nearest double (`1.2345678901234568e+22`). Either
- * would be stored as another value than the one sent, so bodies holding one are refused
- * rather than rewritten. A float's rounding (`0.1`) is JSON's ordinary meaning, not refused.
+ * `12345678901234567890123` (or `...123.0`) parses to the nearest double
+ * (`1.2345678901234568e+22`). Either would be stored as another value than the one sent, so
+ * bodies holding one are refused rather than rewritten. A float's rounding (`0.1`, or any
+ * number written with an exponent) is JSON's ordinary meaning, not refused.
  *
  * Hand-written rather than a library: it needs only `JSON.parse`'s source text access (the
  * reviver's third argument, in V8 since 11.4), and it runs on every message a stage decodes,
@@ -15,7 +16,8 @@
 
 /** A body may hold an inexact number only if it has one of these. */
 const SUSPECT = /\d{16}|[eE]\+?\d{3}/;
-const INTEGER = /^-?\d+$/;
+/** An integer as written: digits, or digits and a fraction of zeros (`9007199254740993.0`). */
+const INTEGER = /^(-?\d+)(?:\.0+)?$/;
 
 /** Where the first inexact number of a JSON text is, and how it was written. */
 export interface InexactNumber {
@@ -65,8 +67,10 @@ type Reviver = (key: string, value: unknown, context?: { source?: string }) => u
 /** Whether `value`, parsed from `source`, is the number the text wrote. */
 function exact(value: number, source: string): boolean {
   if (!Number.isFinite(value)) return false;
-  if (Number.isSafeInteger(value) || !INTEGER.test(source)) return true;
-  return BigInt(source) === BigInt(value);
+  if (Number.isSafeInteger(value)) return true;
+  const integer = INTEGER.exec(source);
+  // Written with an exponent or a fraction, a number is a float: rounded as JSON's are.
+  return !integer || BigInt(integer[1]!) === BigInt(value);
 }
 
 /** The JSON Pointer of `target` in `root` (iterative: any depth). */

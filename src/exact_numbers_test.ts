@@ -12,7 +12,16 @@ Deno.test("an integer past 2^53 that a double would round is found; one a double
   assert.equal(inexactNumber('{"n":12345678901234567890123}')?.pointer, "/n");
   assert.equal(inexactNumber('{"n":9007199254740993}')?.source, "9007199254740993");
   assert.equal(inexactNumber('{"n":-9007199254740993}')?.pointer, "/n");
+  assert.equal(inexactNumber('{"n":9007199254740993.0}')?.source, "9007199254740993.0");
+  assert.equal(inexactNumber('{"n":12345678901234567890123.00}')?.pointer, "/n");
   assert.equal(inexactNumber('{"n":9007199254740992}'), undefined, "2^53 itself");
+  assert.equal(
+    inexactNumber('{"n":9007199254740992.0}'),
+    undefined,
+    "2^53 with a fraction of zeros",
+  );
+  // With an exponent a number is a float, rounded as JSON floats are.
+  assert.equal(inexactNumber('{"n":1.2345678901234567890123e22}'), undefined);
   assert.equal(inexactNumber('{"n":1152921504606846976}'), undefined, "2^60, exactly a double");
 });
 
