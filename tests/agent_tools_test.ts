@@ -408,3 +408,70 @@ Deno.test("an agent keeps to its step's budget at the configured prices: past it
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("an agent's KV tool reads an entry holding a number it cannot keep as an error to the agent, never as the number rounded or null", async () => {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "agent-kv-numbers-test");
+  const kv = await new Kvm(nc).create("weft_orders_accounts");
+  await kv.put("A100", '{"customer":"ann","total":1e400}');
+  await kv.put("A200", '{"customer":"ann","ref":12345678901234567890123}');
+  await kv.put("A300", '{"customer":"ann","total":12.5}');
+  const llm = startFakeOpenAI([
+    {
+      kind: "tool_calls",
+      calls: ["A100", "A200", "A300"].map((key) => ({ name: "lookup", arguments: { key } })),
+    },
+    chat({ ok: true }),
+  ]);
+  const dir = await Deno.makeTempDir({ prefix: "weft-agent-kv-" });
+  try {
+    await Deno.writeTextFile(`${dir}/agent.md`, "Look up. Reply with JSON matching {{schema}}.");
+    const step: AgentStep = {
+      kind: "agent",
+      prompt: "agent.md",
+      maxTurns: 3,
+      reads: ["weft_orders_accounts"],
+      output: { type: "object", required: ["ok"], properties: { ok: { type: "boolean" } } },
+      tools: {
+        lookup: {
+          description: "an account",
+          parameters: { type: "object", required: ["key"] },
+          run: (args, ctx) => ctx.kv("weft_orders_accounts", (args as { key: string }).key),
+        },
+      },
+    };
+    const agent = createAgent(
+      { file: `${dir}/def.ts`, def: { name: "orders" } },
+      "lookup",
+      step,
+      { nc, llm: { baseUrl: llm.baseUrl, apiKey: "test-key", model: "fake-model" } },
+    );
+    await agent("go", {
+      source: "test",
+      message: { subject: "orders.submitted.i1", seq: 1, storedAt: 0, deliveryCount: 1 },
+      now: () => new Date(0),
+      signal: new AbortController().signal,
+      item: "i1",
+      input: {},
+      results: {},
+      runs: {},
+      scratchpad: [],
+      eventId: "e1",
+    });
+    const answers = llm.requests[1]!.body.messages.filter((m) => m.role === "tool")
+      .map((m) => JSON.parse(m.content));
+    assert.match(
+      answers[0].error,
+      /weft_orders_accounts A100: \/total: the number 1e400 cannot be kept/,
+    );
+    assert.match(
+      answers[1].error,
+      /A200: \/ref: the number 12345678901234567890123 cannot be kept/,
+    );
+    assert.deepEqual(answers[2], { customer: "ann", total: 12.5 });
+  } finally {
+    await llm.close();
+    await Deno.remove(dir, { recursive: true });
+    await nc.close();
+  }
+});

@@ -15,6 +15,7 @@ import { InvalidArgumentError, type NatsConnection } from "@nats-io/nats-core";
 import { JetStreamApiCodes, JetStreamApiError } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { ConfigError, ErrorCode, ValidationError, WeftError } from "../errors.ts";
+import { decodeJson } from "../runner.ts";
 import {
   type ChatClient,
   type ChatMessage,
@@ -241,7 +242,13 @@ export function createAgent(
       let b = buckets.get(bucket);
       if (!b) buckets.set(bucket, b = kvm.open(bucket));
       const e = await (await b).get(key);
-      return e && e.operation === "PUT" && e.length > 0 ? e.json() : null;
+      if (!e || e.operation !== "PUT" || e.length === 0) return null;
+      // Read as every message is: a number it cannot keep as written is refused, not rounded.
+      try {
+        return decodeJson(e.value);
+      } catch (err) {
+        throw new WeftError(ErrorCode.InvalidField, `${bucket} ${key}: ${(err as Error).message}`);
+      }
     },
   });
 
