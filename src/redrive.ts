@@ -50,6 +50,7 @@ import { Role } from "./config.ts";
 import { STAGE_DESCRIPTION } from "./topology.ts";
 import {
   DEADLETTER_STREAM,
+  ITEM_ID,
   parseEventSubject,
   REDRIVE_OF_HEADER,
   REDRIVEN_TOKEN,
@@ -437,6 +438,12 @@ async function refusalOf(
   const subject = letter.subject;
   if (typeof subject !== "string" || /^[$_]/.test(subject) || /[\s*>]/.test(subject)) {
     return `subject ${JSON.stringify(subject)} may never be published to by a redrive`;
+  }
+  // An item id every consumer refuses at once (checked before anything else there).
+  const token = subject.split(".").length === 3 ? subject.split(".")[2]! : undefined;
+  if (token !== undefined && !ITEM_ID.test(token)) {
+    return `the original would be dead-lettered again: invalid item id ` +
+      `${JSON.stringify(token.slice(0, 100))} in its subject`;
   }
   let stream: string;
   try {

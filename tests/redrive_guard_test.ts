@@ -236,3 +236,47 @@ Deno.test("a letter of a step renamed since is redriven to the step that consume
   const again = await t.jsm.streams.getMessage(stream, { last_by_subj: "tickets.submitted.it2" });
   assert.ok(again && again.seq > stored.seq, "the original stored again, for the step to take");
 });
+
+Deno.test("a letter whose subject names no valid item is not redriven: every consumer would refuse it again at once", async () => {
+  await using t = await startTestNats();
+  const pipelines = await loadPipelines(
+    ["pipelines/examples/tickets.ts"],
+    new URL("../", import.meta.url).pathname,
+  );
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+  const app = await definitionsApp(t, pipelines);
+  const js = jetstream(t.nc);
+  const def = pipelines[0]!.def;
+  for (const stage of [controlStage(pipelines[0]!, t.nc)]) {
+    await ensureConsumer(t.jsm, stage.stream, stageConsumerConfig(stage, t.config));
+  }
+  const ids: number[] = [];
+  for (const item of ["é", "L".repeat(65)]) {
+    const subject = `tickets.approved.${item}`;
+    const payload = '{"approve":true}';
+    const stored = await js.publish(subject, payload);
+    const l = letter({
+      stage: durableOf(def, CONTROL),
+      subject,
+      payload,
+      stream_seq: stored.seq,
+      code: "invalid_event",
+    });
+    ids.push(
+      (await js.publish(`deadletter.${durableOf(def, CONTROL)}.unknown`, JSON.stringify(l))).seq,
+    );
+  }
+  const res = await app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ all: true }),
+  });
+  assert.equal(res.status, 422, await res.clone().text());
+  const detail = (await res.json()).detail;
+  for (const seq of ids) {
+    assert.match(
+      detail,
+      new RegExp(`\\b${seq}: the original would be dead-lettered again: invalid item id`),
+    );
+  }
+});
