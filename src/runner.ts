@@ -1052,9 +1052,10 @@ export async function runStage<I extends StageInput>(
   await ensure();
   const consumer = await js.consumers.get(stream, stage.durable ?? stage.name);
   // A step new to a stream that holds messages (a step added to, or renamed in, a running
-  // definition) is handed the stream's whole history: what its consumer was created behind.
-  // Those of items that have ended are acked unhandled; running the step for every finished
-  // item would repeat its side effects (an email, a payment) and its events after their end.
+  // definition, or given another durable) is handed the stream's whole history: what its
+  // consumer was created behind. Those of items that have ended, or that went on from the
+  // event already (`stage.wentOn`: past a renamed step), are acked unhandled; running the step
+  // for them would repeat its side effects (an email, a payment) and its events.
   // Without the mark (nats-server 2.9 has no consumer metadata; a consumer made before the
   // mark existed), what the stream stored before the consumer was created is its backlog.
   const backlogOf = async () => {
@@ -1275,16 +1276,21 @@ export async function runStage<I extends StageInput>(
       const itemId = itemIdOf(raw);
       if (itemId) span.setAttribute("weft.item_id", itemId);
       if (
-        (m.seq <= backlog.seq || m.info.timestampNanos < backlog.beforeNanos) && itemId &&
-        (await endedWith(jsm, stream, itemId, endTypes) !== undefined ||
-          await stage.ended?.(itemId) === true)
+        (m.seq <= backlog.seq || m.info.timestampNanos < backlog.beforeNanos) && itemId
       ) {
-        log.debug("skipped: the item ended before this step's consumer was created", {
-          item_id: itemId,
-          seq: m.seq,
-        });
-        m.ack();
-        return;
+        // Only the backlog pays for these reads; a message stored after the consumer was
+        // created goes straight on.
+        const skip = await endedWith(jsm, stream, itemId, endTypes) !== undefined ||
+            await stage.ended?.(itemId) === true
+          ? "skipped: the item ended before this step's consumer was created"
+          : await stage.wentOn?.(input, message) === true
+          ? "skipped: the item went on from this event before this step's consumer was created"
+          : undefined;
+        if (skip) {
+          log.debug(skip, { item_id: itemId, seq: m.seq });
+          m.ack();
+          return;
+        }
       }
       if (
         (message.redriveOf !== undefined || message.handoverTo !== undefined) &&

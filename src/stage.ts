@@ -152,6 +152,12 @@ export interface Stage<I extends StageInput = StageInput> {
    */
   ended?(item: string): Promise<boolean>;
   /**
+   * Whether the item went on from `input` already, so this stage is not to run for it: asked,
+   * like `ended`, only for the events of its consumer's backlog (a step renamed, added, or
+   * given another durable reads the stream's history), which are then acked unhandled.
+   */
+  wentOn?(input: InputOf<I>, message: MessageInfo): Promise<boolean>;
+  /**
    * Whether this stage has handled `input` already (its output for it is stored): asked only
    * for a copy of an event stored again (a redrive, a hand-over), which is then acked
    * unhandled, so a step never runs twice for one event (an email, a payment).

@@ -1029,3 +1029,169 @@ Deno.test("a redriven event that a step ran for already does not run it again, a
     await Promise.all([...first, ...second].map((r) => r.stop()));
   }
 });
+
+/** How long `pause` holds an item: its timer must fire while version 2 runs. */
+const PAUSE_MS = 20_000;
+
+/** How version 2 of `shop` changes step `fraud`: renamed `risk`, or given another durable. */
+type Change = "rename" | "durable";
+
+/**
+ * Version 1 runs `fraud` and `stock` after `s`, joins them, then holds each item at the wait
+ * `approve` or (`delay` items) the delay `pause`; `fraud` holds `hold` items until it is
+ * stopped. Version 2 renames `fraud` to `risk` (same input, the join waits for it instead), or
+ * keeps it with another `durable` consumer.
+ */
+const renaming = (v: 1 | 2, change: Change = "rename") => {
+  const step = v === 1 || change === "durable" ? "fraud" : "risk";
+  return `
+import { definePipeline } from "${MOD}";
+export const shop = definePipeline({
+  name: "shop",
+  input: { schema: { type: "object" } },
+  start: "s",
+  steps: {
+    s: { kind: "task", output: { type: "object" }, handle: () => ({ s: true }), next: ["${step}", "stock"] },
+    ${step}: {
+      kind: "task",
+      output: { type: "object" },
+      handle: ${
+    v === 1
+      ? `(v: unknown, ctx: { input: { hold?: boolean }; signal: AbortSignal }) =>
+        ctx.input.hold ? (${HOLD})(v, ctx) : { score: 1 }`
+      : "() => ({ score: 2 })"
+  },
+      next: "j",${v === 2 && change === "durable" ? '\n      durable: "shop-fraud-v2",' : ""}
+    },
+    stock: { kind: "task", output: { type: "object" }, handle: () => ({ stock: 1 }), next: "j" },
+    j: { kind: "join", after: ["${step}", "stock"], deadlineMs: 600000, onDeadline: "expired", next: "r" },
+    r: {
+      kind: "router",
+      route: (_v: unknown, ctx: { input: { delay?: boolean } }) => ctx.input.delay ? "pause" : "approve",
+      routes: { pause: "pause", approve: "approve" },
+    },
+    approve: { kind: "wait", event: "approved", timeoutMs: 600000, onTimeout: "expired", next: "done" },
+    pause: { kind: "delay", ms: ${PAUSE_MS}, next: "done" },
+    done: { kind: "end", outcome: "done" },
+    expired: { kind: "end", outcome: "expired" },
+  },
+});
+`;
+};
+
+/**
+ * Items past `fraud` (two at the wait, two in the delay) while version 2 changes it: the step
+ * whose consumer is new reads the stream's history, `s`'s event of each of them included.
+ */
+async function pastTheStep(change: Change) {
+  const newStep = change === "rename" ? "risk" : "fraud";
+  const newDurable = change === "rename" ? "shop-risk" : "shop-fraud-v2";
+  const dir = await meshTempDir("weft-rename-");
+  const file = `${dir}/def/shop.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, renaming(1));
+  const storeDir = `${dir}/nats`;
+  const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/shop/items/${id}`)).json();
+  const waiting: string[] = [];
+  const paused: string[] = [];
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      for (let i = 0; i < 2; i++) {
+        waiting.push((await post(base, "/pipelines/shop/items", {})).body.id);
+        paused.push((await post(base, "/pipelines/shop/items", { delay: true })).body.id);
+      }
+      for (const id of waiting) {
+        await waitFor(async () => (await state(base, id)).status === "waiting", 20_000, id);
+      }
+      for (const id of paused) {
+        await waitFor(
+          async () => (await state(base, id)).current?.join() === "pause",
+          20_000,
+          `${id} in the delay`,
+        );
+      }
+    }
+
+    // Version 2 renames fraud to risk, or gives it another durable: the new consumer reads the
+    // stream's whole history, which holds `s`'s event of every item, the four past fraud
+    // included.
+    await Deno.writeTextFile(file, renaming(2, change));
+    await using mesh = await startMesh({ ...env, WEFT_LOG_LEVEL: "debug" }, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const base = mesh.gatewayUrl;
+    for (const id of waiting) {
+      assert.equal((await post(base, `/pipelines/shop/items/${id}/approved`, {})).status, 202);
+    }
+    for (const id of [...waiting, ...paused]) {
+      const done = await waitFor(
+        async () => {
+          const s = await state(base, id);
+          return s.status === "done" ? s : undefined;
+        },
+        PAUSE_MS + 30_000,
+        `${id} done`,
+      );
+      assert.equal(done.outcome, "done");
+    }
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      await waitFor(
+        async () => {
+          const ci = await jsm.consumers.info("SHOP", newDurable);
+          return ci.num_pending === 0 && ci.num_ack_pending === 0;
+        },
+        20_000,
+        `${newDurable}'s backlog handled`,
+      );
+      const count = async (filter: string) =>
+        Object.values(
+          (await jsm.streams.info("SHOP", { subjects_filter: filter })).state.subjects ?? {},
+        ).reduce((a, b) => a + b, 0);
+      // Before: the step ran again for each of the four, past it already (a payment, an email
+      // twice).
+      for (const id of [...waiting, ...paused]) {
+        assert.equal(await count(`shop.risk.${id}`), 0, `no risk event for ${id}`);
+        assert.equal(await count(`shop.fraud.${id}`), 1, `one fraud event for ${id}, v1's`);
+        const s = await state(base, id);
+        assert.deepEqual(s.results.fraud, { score: 1 }, "its one fraud run, under v1");
+        assert.equal(s.results.risk, undefined);
+        assert.deepEqual(s.runs, {
+          s: 1,
+          fraud: 1,
+          stock: 1,
+          j: 1,
+          r: 1,
+          [waiting.includes(id) ? "approve" : "pause"]: 1,
+        }, "each step once, no risk run");
+        assert.equal(await count(`shop.done.${id}`), 1, `${id} ends once`);
+      }
+      const handled = (stage: string) =>
+        mesh.logs.filter((l) => l.msg === "handled" && l.stage === stage).map((l) => l.item_id);
+      assert.deepEqual(handled(newDurable), [], `${newStep} ran for none of them`);
+      assert.deepEqual(handled("shop-stock"), [], "stock ran again for none");
+      const skipped = mesh.logs.filter((l) =>
+        l.msg ===
+          "skipped: the item went on from this event before this step's consumer was created"
+      ).map((l) => l.item_id as string);
+      assert.deepEqual(skipped.sort(), [...waiting, ...paused].sort());
+      assert.equal((await jsm.streams.info("DEADLETTER")).state.messages, 0, "no dead letter");
+    } finally {
+      await nc.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+Deno.test("a step renamed while items are past it (at a wait, in a delay) does not run again for them", () =>
+  pastTheStep("rename"));
+
+Deno.test("a step given another durable while items are past it does not run again for them", () =>
+  pastTheStep("durable"));

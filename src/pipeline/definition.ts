@@ -71,8 +71,9 @@ interface StepBase {
   replicas?: number;
   /**
    * A work step's durable consumer (also its dead-letter subject and metrics label), when it
-   * predates the definition and must keep its name: a renamed consumer would start over from
-   * the stream's first message. Default `<pipeline>-<step>`. Not `redriven`: the dead-letter
+   * predates the definition and must keep its name: a renamed consumer starts over from the
+   * stream's first message (acking unhandled the events of items that ended or that the step
+   * ran for already). Default `<pipeline>-<step>`. Not `redriven`: the dead-letter
    * stream keeps redrive markers under that name.
    */
   durable?: string;

@@ -562,6 +562,21 @@ export function workStage(
     entrySubject: (item: string) => entrySubject(item),
     // Runs only for an item that entered, has not ended, and whose input the event carries.
     ...(opts.nc ? { admit: (e: FlowEvent, message: MessageInfo) => admit(e, message) } : {}),
+    // An event of the backlog (a step new to the stream: renamed, added, its `durable`
+    // changed) that the item went on from already: this step ran for it (under its earlier
+    // durable), or the item passed it along another path (a renamed step's completion).
+    ...(jsm
+      ? {
+        wentOn: async (e: FlowEvent) => {
+          const j = await jsm();
+          if (await stepTook(j, stream, flow, id, e)) return true;
+          const events = await itemHistory(j, flow, e.item_id);
+          // Too long a history to tell: run the step, as before.
+          return events !== undefined &&
+            wentOnFrom(flow, events, e, targetsOf(flow, tokenOf(flow, e.type), e.data));
+        },
+      }
+      : {}),
     // An item of the backlog that ended under an earlier version of the definition (an end
     // step this one lacks): its state says so.
     ...(opts.nc
@@ -1699,6 +1714,68 @@ interface StoredEvent {
   traceparent?: string;
 }
 
+/**
+ * An item's history as `flow`'s stream holds it, oldest first; undefined past
+ * {@link ITEM_HISTORY_MAX} events.
+ */
+async function itemHistory(
+  jsm: JetStreamManager,
+  flow: Flow,
+  item: string,
+): Promise<StoredEvent[] | undefined> {
+  const n = flow.name;
+  const stream = pipelineSubjects(flow.def).stream;
+  const out: StoredEvent[] = [];
+  for await (
+    const m of messagesOn(jsm, stream, `${n}.*.${item}`, { max: ITEM_HISTORY_MAX + 1 })
+  ) {
+    const e: StoredEvent = { seq: m.seq, subject: m.subject, data: m.data };
+    try {
+      const b = m.json<{ id?: unknown; type?: unknown; data?: { runs?: unknown } }>();
+      if (typeof b?.id === "string") e.id = b.id;
+      if (typeof b?.type === "string") e.type = b.type;
+      const runs = b?.data?.runs;
+      if (runs && typeof runs === "object" && !Array.isArray(runs)) {
+        e.runs = runs as Record<string, number>;
+      }
+    } catch {
+      // an awaited event's body, or not JSON: no Weft event
+    }
+    const tp = m.header?.get("traceparent");
+    if (tp) e.traceparent = tp;
+    out.push(e);
+  }
+  return out.length > ITEM_HISTORY_MAX ? undefined : out;
+}
+
+/**
+ * Whether the item went on from its event `e` (of `events`, its history) along a path that
+ * `targets` (the steps the running definition sends `e` to) do not take: a later event
+ * descends from it (it carries at least as many runs of `e`'s step) through none of those
+ * steps (not their completion, no more runs of theirs than `e` carries), such as the
+ * completion of a step an earlier definition had there (renamed, or removed). The item passed
+ * `e` under the earlier wiring: none of `targets` is to run for it.
+ */
+function wentOnFrom(
+  flow: Flow,
+  events: readonly StoredEvent[],
+  e: FlowEvent,
+  targets: readonly string[],
+): boolean {
+  const stepOf = (type: string) => {
+    const r = flow.roles.get(type.slice(flow.name.length + 1));
+    return r && "step" in r ? r.step : undefined;
+  };
+  const role = flow.roles.get(e.type.slice(flow.name.length + 1))?.role;
+  const from = role === "entry" ? undefined : stepOf(e.type);
+  const k = from === undefined ? 0 : e.data.runs[from] ?? 0;
+  return events.some((x) =>
+    x.runs !== undefined && x.id !== e.id && x.type !== undefined &&
+    (from === undefined || (x.runs[from] ?? 0) >= k) &&
+    !targets.some((t) => t === stepOf(x.type!) || (x.runs![t] ?? 0) > (e.data.runs[t] ?? 0))
+  );
+}
+
 /** Hands an item's events over ({@link createHandover}). */
 export interface Handover {
   /** Hands over what of `item`'s history needs it, leaving out event `except`. */
@@ -1757,30 +1834,7 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
     return r && "step" in r ? r.step : undefined;
   };
 
-  async function history(item: string): Promise<StoredEvent[] | undefined> {
-    const out: StoredEvent[] = [];
-    const jsm = await manager();
-    for await (
-      const m of messagesOn(jsm, stream, `${n}.*.${item}`, { max: ITEM_HISTORY_MAX + 1 })
-    ) {
-      const e: StoredEvent = { seq: m.seq, subject: m.subject, data: m.data };
-      try {
-        const b = m.json<{ id?: unknown; type?: unknown; data?: { runs?: unknown } }>();
-        if (typeof b?.id === "string") e.id = b.id;
-        if (typeof b?.type === "string") e.type = b.type;
-        const runs = b?.data?.runs;
-        if (runs && typeof runs === "object" && !Array.isArray(runs)) {
-          e.runs = runs as Record<string, number>;
-        }
-      } catch {
-        // an awaited event's body, or not JSON: no Weft event
-      }
-      const tp = m.header?.get("traceparent");
-      if (tp) e.traceparent = tp;
-      out.push(e);
-    }
-    return out.length > ITEM_HISTORY_MAX ? undefined : out;
-  }
+  const history = async (item: string) => itemHistory(await manager(), flow, item);
 
   /** Whether work step `step` ran for `e`: its completion of it is stored. */
   async function workTook(step: string, e: FlowEvent): Promise<boolean> {
@@ -1852,17 +1906,7 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
       }
       const targets = targetsOf(flow, token, fe.data);
       if (targets.length === 0) continue;
-      // Under the earlier wiring the item went on from it along a path this definition does
-      // not take from it: a later event descends from it (it carries at least as many runs of
-      // its step) through none of the steps it now leads to. The item passed it there.
-      const from = role === "entry" ? undefined : stepOf(e.type);
-      const k = from === undefined ? 0 : fe.data.runs[from] ?? 0;
-      const passed = events.some((x) =>
-        x.runs !== undefined && x.id !== e.id && x.type !== undefined &&
-        (from === undefined || (x.runs[from] ?? 0) >= k) &&
-        !targets.some((t) => t === stepOf(x.type!) || (x.runs![t] ?? 0) > (fe.data.runs[t] ?? 0))
-      );
-      if (passed) continue;
+      if (wentOnFrom(flow, events, fe, targets)) continue;
       const steps: string[] = [];
       for (const t of targets) {
         const kind = def.steps[t]!.kind;
