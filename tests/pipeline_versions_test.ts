@@ -1096,6 +1096,7 @@ async function pastTheStep(change: Change) {
     await (await fetch(`${base}/pipelines/shop/items/${id}`)).json();
   const waiting: string[] = [];
   const paused: string[] = [];
+  let before: string;
   try {
     {
       await using mesh = await startMesh(env, { storeDir, keepStore: true });
@@ -1105,6 +1106,8 @@ async function pastTheStep(change: Change) {
         waiting.push((await post(base, "/pipelines/shop/items", {})).body.id);
         paused.push((await post(base, "/pipelines/shop/items", { delay: true })).body.id);
       }
+      // One more, held at fraud (stock done): `s`'s event is in fraud's consumer, unacked.
+      before = (await post(base, "/pipelines/shop/items", { hold: true })).body.id;
       for (const id of waiting) {
         await waitFor(async () => (await state(base, id)).status === "waiting", 20_000, id);
       }
@@ -1115,6 +1118,23 @@ async function pastTheStep(change: Change) {
           `${id} in the delay`,
         );
       }
+      await waitFor(
+        async () => (await state(base, before)).current?.slice().sort().join() === "fraud,j",
+        20_000,
+        "stock done, the held item at fraud and the join",
+      );
+      const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+      try {
+        const { jetstreamManager } = await import("@nats-io/jetstream");
+        const jsm = await jetstreamManager(nc);
+        await waitFor(
+          async () => (await jsm.consumers.info("SHOP", "shop-fraud")).num_ack_pending === 1,
+          20_000,
+          "fraud holds the item before it",
+        );
+      } finally {
+        await nc.close();
+      }
     }
 
     // Version 2 renames fraud to risk, or gives it another durable: the new consumer reads the
@@ -1124,10 +1144,17 @@ async function pastTheStep(change: Change) {
     await using mesh = await startMesh({ ...env, WEFT_LOG_LEVEL: "debug" }, { storeDir });
     await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
     const base = mesh.gatewayUrl;
-    for (const id of waiting) {
+    // The item before it: the new consumer takes `s`'s event from its backlog and runs the
+    // step for it once; the retired consumer's copy (a rename) is acked, not dead-lettered.
+    await waitFor(
+      async () => (await state(base, before)).status === "waiting" || undefined,
+      30_000,
+      "the item before the step runs through it and the join to the wait",
+    );
+    for (const id of [...waiting, before]) {
       assert.equal((await post(base, `/pipelines/shop/items/${id}/approved`, {})).status, 202);
     }
-    for (const id of [...waiting, ...paused]) {
+    for (const id of [...waiting, ...paused, before]) {
       const done = await waitFor(
         async () => {
           const s = await state(base, id);
@@ -1172,9 +1199,24 @@ async function pastTheStep(change: Change) {
         }, "each step once, no risk run");
         assert.equal(await count(`shop.done.${id}`), 1, `${id} ends once`);
       }
+      // The item before it ran the step once, on its new consumer.
+      assert.equal(await count(`shop.${newStep}.${before}`), 1, "the step ran once for it");
+      if (change === "rename") assert.equal(await count(`shop.fraud.${before}`), 0);
+      assert.equal(await count(`shop.done.${before}`), 1);
+      assert.deepEqual((await state(base, before)).results[newStep], { score: 2 });
+      if (change === "rename") {
+        // The retired consumer is swept with nothing dead-lettered.
+        const swept = await mesh.waitForLog(
+          (l) => l.msg === "swept a retired step's consumer",
+          30_000,
+          "fraud's consumer swept",
+        );
+        assert.equal(swept.consumer, "shop-fraud");
+        assert.equal(swept.dead_lettered, 0);
+      }
       const handled = (stage: string) =>
         mesh.logs.filter((l) => l.msg === "handled" && l.stage === stage).map((l) => l.item_id);
-      assert.deepEqual(handled(newDurable), [], `${newStep} ran for none of them`);
+      assert.deepEqual(handled(newDurable), [before], `${newStep} ran for the item before it only`);
       assert.deepEqual(handled("shop-stock"), [], "stock ran again for none");
       const skipped = mesh.logs.filter((l) =>
         l.msg ===
@@ -1190,8 +1232,8 @@ async function pastTheStep(change: Change) {
   }
 }
 
-Deno.test("a step renamed while items are past it (at a wait, in a delay) does not run again for them", () =>
+Deno.test("a step renamed while items are past it (at a wait, in a delay) does not run again for them; an item before it runs it once under its new name", () =>
   pastTheStep("rename"));
 
-Deno.test("a step given another durable while items are past it does not run again for them", () =>
+Deno.test("a step given another durable while items are past it does not run again for them; an item before it runs it once on the new consumer", () =>
   pastTheStep("durable"));

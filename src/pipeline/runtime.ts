@@ -52,7 +52,7 @@ import {
   STEP_VERSION_BUCKET,
 } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
-import { type ExtraTopology, STAGE_DESCRIPTION } from "../topology.ts";
+import { BACKLOG_SEQ_KEY, type ExtraTopology, STAGE_DESCRIPTION } from "../topology.ts";
 import type { Access } from "../identities.ts";
 import { edgesOf, endsApart, eventOf, WORK_KINDS } from "./validate.ts";
 import type { PipelineDefinition, ScratchEntry, StepContext, StepSpec } from "./definition.ts";
@@ -1569,9 +1569,11 @@ export async function retiredConsumers(
  * `definition_changed`, its item failed, under the control step's name (whose consumer takes
  * every subject, so a redrive republishes the letter's original where it was); the others
  * (the item ended or went elsewhere, or the message came after: the running definition's
- * control step judges it) are acked. So is one that every step the running definition sends
- * it to took already, for an item that goes on from its other events (`handover`: a fan-out's
- * other branch, handed over where its steps are past it): the gone step's branch is dropped.
+ * control step judges it) are acked. So is one that each step the running definition sends it
+ * to took already or, a work step whose consumer is new to it (a renamed step's), takes from
+ * its backlog: the item goes on there. And one that every step it is sent to took already, for
+ * an item that goes on from its other events (`handover`: a fan-out's other branch, handed over
+ * where its steps are past it): the gone step's branch is dropped.
  */
 export function retiredStage(
   p: LoadedPipeline,
@@ -1603,6 +1605,11 @@ export function retiredStage(
       // Ended; or its state, past this event, has it elsewhere (a router's other route).
       if (s?.status === "done") return [];
       if (s && s.last_seq >= ctx.message.seq && !s.current.includes(retired.step)) return [];
+      // The step is renamed: its new name's consumer, new to the stream, takes this event from
+      // its backlog (and each other step it leads to took it), so the item goes on there.
+      if (handover && await handover.newStepsTake(e, ctx.message.seq, ctx.message.storedAt)) {
+        return [];
+      }
       // Every step the running definition sends it to ran for it already (a fan-out's other
       // branch), and the item goes on from its other events (handed over where their steps
       // are past them): the gone step's branch is not in the running definition.
@@ -1782,6 +1789,12 @@ export interface Handover {
   settle(item: string, except?: string): Promise<HandoverResult>;
   /** Whether every step the running definition sends `e` to has taken it (none: false). */
   tookAll(e: FlowEvent): Promise<boolean>;
+  /**
+   * Whether every step the running definition sends `e` (stored at `seq`, `storedAt` ms) to
+   * has taken it or is a work step whose consumer is new to it (none yet, or `e` is in its
+   * backlog), so it will: a renamed step's (none: false).
+   */
+  newStepsTake(e: FlowEvent, seq: number, storedAt: number): Promise<boolean>;
   /** Items to settle again (a step may still hold one of their events), with `except`. */
   readonly queued: Map<string, string | undefined>;
   /** Settles `item` again later (the control service's hand-over runs it). */
@@ -1871,6 +1884,32 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
     return true;
   }
 
+  async function newStepsTake(e: FlowEvent, seq: number, storedAt: number): Promise<boolean> {
+    const targets = targetsOf(flow, e.type.slice(n.length + 1), e.data);
+    if (targets.length === 0) return false;
+    let some = false;
+    for (const t of targets) {
+      const kind = def.steps[t]!.kind;
+      if (kind === "end") return false;
+      if (CONTROL_KINDS.has(kind)) {
+        if (!(await controlTook(t, e))) return false;
+        continue;
+      }
+      if (await workTook(t, e)) continue;
+      const ci = await (await manager()).consumers.info(stream, durableOf(def, t))
+        .catch(() => null);
+      // None yet: it is created behind the stream's whole history. Otherwise `e` must be in
+      // its backlog (what it was created behind, as the runner reckons it).
+      if (ci) {
+        const mark = Number(ci.config.metadata?.[BACKLOG_SEQ_KEY] ?? 0);
+        const created = Date.parse(ci.created);
+        if (!(seq <= mark || (mark === 0 && storedAt < created))) return false;
+      }
+      some = true;
+    }
+    return some;
+  }
+
   /**
    * Hands over what of `item`'s history the running definition sends to steps that will not
    * read it; `except`: the id of an event being handled now (a redriven one), left out.
@@ -1958,6 +1997,7 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
   return {
     settle,
     tookAll,
+    newStepsTake,
     queued,
     later(item, except) {
       queued.set(item, except);
