@@ -1033,17 +1033,21 @@ Deno.test("a redriven event that a step ran for already does not run it again, a
 /** How long `pause` holds an item: its timer must fire while version 2 runs. */
 const PAUSE_MS = 20_000;
 
-/** How version 2 of `shop` changes step `fraud`: renamed `risk`, or given another durable. */
-type Change = "rename" | "durable";
+/**
+ * How version 2 of `shop` changes step `fraud`: renamed `risk`, or given another durable; or
+ * it adds a step `audit` beside it (after `s`, joined with it).
+ */
+type Change = "rename" | "durable" | "add";
 
 /**
  * Version 1 runs `fraud` and `stock` after `s`, joins them, then holds each item at the wait
  * `approve` or (`delay` items) the delay `pause`; `fraud` holds `hold` items until it is
- * stopped. Version 2 renames `fraud` to `risk` (same input, the join waits for it instead), or
- * keeps it with another `durable` consumer.
+ * stopped. Version 2 renames `fraud` to `risk` (same input, the join waits for it instead),
+ * keeps it with another `durable` consumer, or adds `audit` beside it.
  */
 const renaming = (v: 1 | 2, change: Change = "rename") => {
-  const step = v === 1 || change === "durable" ? "fraud" : "risk";
+  const step = v === 1 || change !== "rename" ? "fraud" : "risk";
+  const add = v === 2 && change === "add";
   return `
 import { definePipeline } from "${MOD}";
 export const shop = definePipeline({
@@ -1051,7 +1055,9 @@ export const shop = definePipeline({
   input: { schema: { type: "object" } },
   start: "s",
   steps: {
-    s: { kind: "task", output: { type: "object" }, handle: () => ({ s: true }), next: ["${step}", "stock"] },
+    s: { kind: "task", output: { type: "object" }, handle: () => ({ s: true }), next: ["${step}", "stock"${
+    add ? ', "audit"' : ""
+  }] },
     ${step}: {
       kind: "task",
       output: { type: "object" },
@@ -1063,8 +1069,14 @@ export const shop = definePipeline({
   },
       next: "j",${v === 2 && change === "durable" ? '\n      durable: "shop-fraud-v2",' : ""}
     },
-    stock: { kind: "task", output: { type: "object" }, handle: () => ({ stock: 1 }), next: "j" },
-    j: { kind: "join", after: ["${step}", "stock"], deadlineMs: 600000, onDeadline: "expired", next: "r" },
+    stock: { kind: "task", output: { type: "object" }, handle: () => ({ stock: 1 }), next: "j" },${
+    add
+      ? '\n    audit: { kind: "task", output: { type: "object" }, handle: () => ({ score: 2 }), next: "j" },'
+      : ""
+  }
+    j: { kind: "join", after: ["${step}", "stock"${
+    add ? ', "audit"' : ""
+  }], deadlineMs: 600000, onDeadline: "expired", next: "r" },
     r: {
       kind: "router",
       route: (_v: unknown, ctx: { input: { delay?: boolean } }) => ctx.input.delay ? "pause" : "approve",
@@ -1084,8 +1096,8 @@ export const shop = definePipeline({
  * whose consumer is new reads the stream's history, `s`'s event of each of them included.
  */
 async function pastTheStep(change: Change) {
-  const newStep = change === "rename" ? "risk" : "fraud";
-  const newDurable = change === "rename" ? "shop-risk" : "shop-fraud-v2";
+  const newStep = change === "rename" ? "risk" : change === "add" ? "audit" : "fraud";
+  const newDurable = change === "durable" ? "shop-fraud-v2" : `shop-${newStep}`;
   const dir = await meshTempDir("weft-rename-");
   const file = `${dir}/def/shop.ts`;
   await Deno.mkdir(`${dir}/def`, { recursive: true });
@@ -1185,6 +1197,7 @@ async function pastTheStep(change: Change) {
       // twice).
       for (const id of [...waiting, ...paused]) {
         assert.equal(await count(`shop.risk.${id}`), 0, `no risk event for ${id}`);
+        assert.equal(await count(`shop.audit.${id}`), 0, `no audit event for ${id}`);
         assert.equal(await count(`shop.fraud.${id}`), 1, `one fraud event for ${id}, v1's`);
         const s = await state(base, id);
         assert.deepEqual(s.results.fraud, { score: 1 }, "its one fraud run, under v1");
@@ -1201,7 +1214,8 @@ async function pastTheStep(change: Change) {
       }
       // The item before it ran the step once, on its new consumer.
       assert.equal(await count(`shop.${newStep}.${before}`), 1, "the step ran once for it");
-      if (change === "rename") assert.equal(await count(`shop.fraud.${before}`), 0);
+      // Renamed: fraud never completed for it; beside the added step: fraud ran once, under v2.
+      assert.equal(await count(`shop.fraud.${before}`), change === "rename" ? 0 : 1);
       assert.equal(await count(`shop.done.${before}`), 1);
       assert.deepEqual((await state(base, before)).results[newStep], { score: 2 });
       if (change === "rename") {
@@ -1237,3 +1251,6 @@ Deno.test("a step renamed while items are past it (at a wait, in a delay) does n
 
 Deno.test("a step given another durable while items are past it does not run again for them; an item before it runs it once on the new consumer", () =>
   pastTheStep("durable"));
+
+Deno.test("a step added beside a step whose join items went through does not run for them; an item before the join runs it once", () =>
+  pastTheStep("add"));

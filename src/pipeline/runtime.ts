@@ -526,6 +526,8 @@ export function workStage(
   const stream = pipelineSubjects(def).stream;
   const jsm = opts.nc ? lazy(() => jetstreamManager(opts.nc!)) : undefined;
   const states = opts.nc ? lazy(() => new Kvm(opts.nc!).open(stateBucketOf(def.name))) : undefined;
+  // The joins that wait for this step (for a backlog event, wentPast).
+  const joins = joinsAfter(def, id);
   return {
     name: durableOf(def, id),
     filterSubject: filter,
@@ -573,7 +575,8 @@ export function workStage(
           const events = await itemHistory(j, flow, e.item_id);
           // Too long a history to tell: run the step, as before.
           return events !== undefined &&
-            wentOnFrom(flow, events, e, targetsOf(flow, tokenOf(flow, e.type), e.data));
+            (wentOnFrom(flow, events, e, targetsOf(flow, tokenOf(flow, e.type), e.data)) ||
+              wentPast(flow, events, e, id, joins));
         },
       }
       : {}),
@@ -1783,6 +1786,41 @@ function wentOnFrom(
   );
 }
 
+/**
+ * Whether the item went past step `step` from its event `e` (of `events`, its history) without
+ * it: a later event descends from `e` through a join that in the running definition waits for
+ * `step` (`joins`, {@link joinsAfter}: its completion, or one carrying more of its runs than
+ * `e`), with no more runs of `step` than `e` carries. Under an earlier definition, without
+ * `step` there (added to a fan-out), the join let the item on: running `step` now would feed
+ * a join that has fired.
+ */
+function wentPast(
+  flow: Flow,
+  events: readonly StoredEvent[],
+  e: FlowEvent,
+  step: string,
+  joins: readonly string[],
+): boolean {
+  if (joins.length === 0) return false;
+  const role = flow.roles.get(e.type.slice(flow.name.length + 1))?.role;
+  const r = role === "entry" ? undefined : flow.roles.get(e.type.slice(flow.name.length + 1));
+  const from = r && "step" in r ? r.step : undefined;
+  const k = from === undefined ? 0 : e.data.runs[from] ?? 0;
+  return events.some((x) =>
+    x.runs !== undefined && x.id !== e.id && x.type !== undefined &&
+    (from === undefined || (x.runs[from] ?? 0) >= k) &&
+    (x.runs[step] ?? 0) <= (e.data.runs[step] ?? 0) &&
+    joins.some((j) => (x.runs![j] ?? 0) > (e.data.runs[j] ?? 0))
+  );
+}
+
+/** The joins of `def` that wait for step `step` (`after` names it). */
+function joinsAfter(def: PipelineDefinition, step: string): string[] {
+  return Object.entries(def.steps).filter(([, s]) =>
+    s.kind === "join" && (s.after as readonly string[]).includes(step)
+  ).map(([j]) => j);
+}
+
 /** Hands an item's events over ({@link createHandover}). */
 export interface Handover {
   /** Hands over what of `item`'s history needs it, leaving out event `except`. */
@@ -1954,6 +1992,9 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
           steps.push(t);
           continue;
         }
+        // The item went through a join that waits for `t` without it (`t` added beside a
+        // step it joins): `t` is past.
+        if (wentPast(flow, events, fe, t, joinsAfter(def, t))) continue;
         const control = CONTROL_KINDS.has(kind);
         const took = () => control ? controlTook(t, fe) : workTook(t, fe);
         const first = await took();
