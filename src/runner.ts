@@ -1307,7 +1307,7 @@ export async function runStage<I extends StageInput>(
         return;
       }
       if (stage.admit) await stage.admit(input, message);
-      else if (stage.entrySubject && itemId) {
+      else if (stage.entrySubject && itemId && stage.checksEntry !== false) {
         const type = typeOfRaw(raw);
         if (!(stage.entryTypes?.has(type ?? "") ?? isEntryEvent(type ?? ""))) {
           await assertEntered(jsm, stream, stage.entrySubject(itemId), m.seq, itemId, type);
