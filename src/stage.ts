@@ -104,9 +104,9 @@ export interface Stage<I extends StageInput = StageInput> {
   entrySubject?(item: string): string;
   /**
    * `false`: run a message without first reading whether its item entered (the read above),
-   * for a stage on a measured hot path whose state writer refuses such an item anyway (the
-   * feedback pipeline's topics and dispatch: two reads per item cost it about a sixth of its
-   * throughput in `deno task bench`). Default true.
+   * for a stage on a measured hot path whose state writer refuses such an item anyway (a
+   * hand-wired pipeline's later steps: two reads per item cost the benched pipeline about a
+   * sixth of its throughput in `deno task bench`). Default true.
    */
   checksEntry?: boolean;
   /** Event types that start an item: stored once per subject, the first one wins. */
