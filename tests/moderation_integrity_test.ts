@@ -639,3 +639,24 @@ Deno.test("a decision the queue holds and the stream lacks (the gateway died bet
   assert.equal(await m.api.healDecisions(), 0, "nothing twice");
   assert.equal((await m.events("decided", id)).length, 1);
 });
+
+Deno.test("a moderation published for an item that failed, and was not resumed, queues no review", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const real = await m.flagged();
+  const [moderated] = await m.events("moderated", real);
+  // An upload that is no event fails its item at the moderation stage.
+  const id = "ct_FAILX1";
+  await m.js.publish(`content.uploaded.${id}`, "notjson");
+  await waitFor(async () => (await m.events("failed", id)).length > 0, 10_000, "failed");
+  // The moderation key publishes a flagged moderation for it afterwards.
+  await m.js.publish(
+    `content.moderated.${id}`,
+    JSON.stringify({ ...moderated, id: `forged-${id}`, item_id: id }),
+  );
+  const [letter] = await m.letters("review-queue", id);
+  assert.equal(letter!.code, "conflict");
+  assert.match(letter!.reason, /content item ct_FAILX1 has failed/);
+  assert.equal(await m.queue.get(id), null, "not queued");
+  assert.deepEqual(await m.events("review_requested", id), []);
+});

@@ -96,20 +96,23 @@ export function moderationStage(
 const OUTCOMES: ReadonlySet<string> = endTypesOf(MODERATION_PIPELINE);
 
 /**
- * The outcome event type (`content.published`, `content.archived`) an item has in the content
- * stream, or undefined: what the review queue checks before queueing an item.
+ * What keeps an item from review: its outcome (`content.published`, `content.archived`), or
+ * `content.failed` when it failed after its last upload and was not resumed (a redrive of its
+ * failure stores its upload, or the message it failed on, again); undefined when nothing does.
+ * With `redriven` (the message is a redrive's copy) a failure is no bar: that is the resume.
  */
 export function contentOutcomeReader(
   jsm: JetStreamManager,
-): (itemId: string) => Promise<string | undefined> {
-  return async (itemId) => {
-    for (const type of OUTCOMES) {
-      const last = await jsm.streams.getMessage(CONTENT_STREAM, {
-        last_by_subj: `${type}.${itemId}`,
-      }).catch(() => null);
-      if (last) return type;
-    }
-    return undefined;
+): (itemId: string, redriven?: boolean) => Promise<string | undefined> {
+  const last = (subject: string) =>
+    jsm.streams.getMessage(CONTENT_STREAM, { last_by_subj: subject }).catch(() => null);
+  return async (itemId, redriven = false) => {
+    for (const type of OUTCOMES) if (await last(`${type}.${itemId}`)) return type;
+    if (redriven) return undefined;
+    const failed = await last(`${T.Failed}.${itemId}`);
+    if (!failed) return undefined;
+    const uploaded = await last(`${T.Uploaded}.${itemId}`);
+    return !uploaded || uploaded.seq < failed.seq ? T.Failed : undefined;
   };
 }
 
@@ -243,7 +246,7 @@ export function reviewQueueStage(
   queue: ReviewQueue,
   schedules: ScheduleStore,
   sla: SlaConfig,
-  outcomeOf?: (itemId: string) => Promise<string | undefined>,
+  outcomeOf?: (itemId: string, redriven?: boolean) => Promise<string | undefined>,
 ): Stage<{ kind: "event"; types: readonly ["content.moderated"] }> {
   return {
     input: { kind: "event", types: [T.Moderated] },
@@ -253,7 +256,15 @@ export function reviewQueueStage(
       if (event.data.moderation.verdict !== "flagged") return [];
       // A moderation of an item that has its outcome (a copy the moderation key published
       // again) queues no review: a reviewer's decision on it could change nothing.
-      const outcome = await outcomeOf?.(event.item_id);
+      const outcome = await outcomeOf?.(event.item_id, ctx.message.redriveOf !== undefined);
+      if (outcome === T.Failed) {
+        throw new WeftError(
+          ErrorCode.Conflict,
+          `content item ${event.item_id} has failed: a moderation after its failure queues no ` +
+            "review until the failure is redriven",
+          { permanent: true },
+        );
+      }
       if (outcome !== undefined) {
         throw new WeftError(
           ErrorCode.Conflict,
