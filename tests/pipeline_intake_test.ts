@@ -66,6 +66,24 @@ Deno.test("a definition's request subjects ask for an API key with the same role
   }
 });
 
+Deno.test("an empty Idempotency-Key on weft.<name>.submit is refused with 422, as over HTTP, not taken as none", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const requests = servePipelineRequests(t.nc, pipelines, t.log);
+  try {
+    const h = headers();
+    h.set("Idempotency-Key", "");
+    const m = await t.nc.request("weft.tickets.submit", TICKET, { headers: h, timeout: 5_000 });
+    const e = m.json<{ error?: { status: number; field: string } }>().error;
+    assert.deepEqual({ status: e?.status, field: e?.field }, {
+      status: 422,
+      field: "Idempotency-Key",
+    });
+  } finally {
+    requests.stop();
+  }
+});
+
 Deno.test("a definition's intake keeps each key to its rate, over HTTP and NATS alike", async () => {
   await using t = await startTestNats();
   await ensureTopology(t.nc, t.jsm, t.config, topology(t));

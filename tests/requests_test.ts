@@ -3,6 +3,7 @@
  * protocol operations from nats.js against a real server and the pipeline.
  */
 import assert from "node:assert/strict";
+import { headers } from "@nats-io/nats-core";
 import { Kvm } from "@nats-io/kv";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
@@ -104,6 +105,18 @@ Deno.test("nats req weft.feedback.submit answers with the id; weft.feedback.get 
     );
     const missing = await t.nc.request("weft.feedback.get", "nope", PATIENT);
     assert.equal(missing.json<{ error: { status: number } }>().error.status, 404);
+    // An empty Idempotency-Key is refused, as over HTTP, not taken as none.
+    const h = headers();
+    h.set("Idempotency-Key", "");
+    const empty = await t.nc.request("weft.feedback.submit", JSON.stringify({ text: "hi" }), {
+      ...PATIENT,
+      headers: h,
+    });
+    const e = empty.json<{ error?: { status: number; field: string } }>().error;
+    assert.deepEqual({ status: e?.status, field: e?.field }, {
+      status: 422,
+      field: "Idempotency-Key",
+    });
   } finally {
     requests.stop();
   }

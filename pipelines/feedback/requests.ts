@@ -47,7 +47,10 @@ export function serveRequests(
           const who = check(m, Role.Ingest) ?? { name: "anonymous", role: Role.Admin };
           const submission = validateDocument("feedback.submit", requestJson(m.data, bodyLimit));
           const { body } = await intake.submit(submission, {
-            idempotencyKey: m.headers?.get("Idempotency-Key") || undefined,
+            // Present but empty is refused (422), as over HTTP; absent is no key.
+            idempotencyKey: m.headers?.has("Idempotency-Key")
+              ? m.headers.get("Idempotency-Key")
+              : undefined,
             trace: parseTraceparent(m.headers?.get("traceparent")),
             who,
           });

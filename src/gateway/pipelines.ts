@@ -885,7 +885,10 @@ export function servePipelineRequests(
           void reply(m, async () => {
             const who = check(m, Role.Ingest) ?? ANONYMOUS;
             const input = requestJson(m.data, bodyLimit);
-            const key = m.headers?.get("Idempotency-Key") || undefined;
+            // Present but empty is refused (422), as over HTTP; absent is no key.
+            const key = m.headers?.has("Idempotency-Key")
+              ? m.headers.get("Idempotency-Key")
+              : undefined;
             const id = newId(n, key, who.name);
             const trace = childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId;
             await admit(nc, p, opts.guards, who, [{ id, input }], trace, key !== undefined);
