@@ -1253,3 +1253,17 @@ Deno.test("a keyed batch answered 503 that stored nothing is stored by its retry
   await again.body?.cancel();
   assert.equal(await stored(), 2);
 });
+
+Deno.test("a definition's waiting list refuses a query parameter it does not take, as every listing does", async () => {
+  await using t = await startTestNats();
+  const approvals = approvalsPipeline();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const app = await gateway(t, { pipelines: [approvals] });
+  const p = await expectProblem(
+    await app.request("/pipelines/approvals/waiting?limt=5"),
+    422,
+    "limt",
+  );
+  assert.match(p.detail, /unknown query parameter limt; this route takes limit/);
+  assert.equal((await app.request("/pipelines/approvals/waiting?limit=5")).status, 200);
+});

@@ -469,6 +469,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   app.get("/:name/waiting", deps.readAuth, async (c) => {
     const r = runtimeOf(c.req.param("name"));
     if (!r.claims) throw new NotFoundError(`${r.p.def.name} has no wait step: nothing waits`);
+    onlyQuery(c.req.query(), ["limit"]); // as every listing: a misspelt filter is no filter
     const max = intQuery(oneQuery(c.req.queries("limit"), "limit"), "limit", 1, 1000) ?? 100;
     const claims = r.claims ? await r.claims() : undefined;
     return c.json(await waitingItems(r.p, js, await r.states(), max, new Date(), claims));
