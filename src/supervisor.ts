@@ -58,6 +58,7 @@ import {
   authorizationBlock,
   ensureIdentities,
   IDENTITY_DIR,
+  inboxPrefix,
   type Permissions,
   permissionsFor,
 } from "./identities.ts";
@@ -1523,7 +1524,9 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     nats: config.natsUrl,
     nats_monitoring: nats ? `http://127.0.0.1:${config.natsMonitorPort || 8222}` : undefined,
     nats_cli: seeds
-      ? `nats context save weft --server ${config.natsUrl} --nkey ${seeds.get("ops")} --select`
+      // The ops key reads replies only on its own inbox prefix (src/identities.ts).
+      ? `nats context save weft --server ${config.natsUrl} --nkey ${seeds.get("ops")} ` +
+        `--inbox-prefix ${inboxPrefix("ops")} --select`
       : undefined,
     services: started.length,
     nats_sync: nats && sync ? sync : undefined,

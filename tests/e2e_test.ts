@@ -435,7 +435,11 @@ Deno.test(
     const at = (pred: (l: Record<string, unknown>) => boolean) => mesh.logs.findIndex(pred);
     assert.ok(at((l) => l.msg === "gateway listening") < at((l) => l.msg === "weft is ready"));
     assert.equal(mesh.logs.filter((l) => l.msg === "weft is ready").length, 1);
-    assert.match(String(ready.nats_cli), /nats context save weft .*--nkey .*ops\.nk/);
+    // The printed command works as given: the ops key reads replies on its own inbox only.
+    assert.match(
+      String(ready.nats_cli),
+      /nats context save weft .*--nkey .*ops\.nk --inbox-prefix _INBOX_ops --select$/,
+    );
     // The configuration is a debug detail, not a wall of JSON on the first screen.
     assert.ok(!mesh.logs.some((l) => "config" in l), "no configuration printed at info");
   },
