@@ -1,8 +1,9 @@
 /**
  * The runtime's subjects, streams and buckets, defined once, and the shape every pipeline's
- * event subjects share: `<pipeline>.<type>.<item_id>`, so `nats sub '<pipeline>.>'` shows a
- * pipeline's events, `<pipeline>.*.<id>` one item's history and `<pipeline>.<type>.*` one
- * type across items. Each pipeline names its own stream, buckets and subjects in its folder.
+ * event subjects share: `<pipeline>.<type>.<item_id>`, so
+ * `nats sub --stream <PIPELINE> '<pipeline>.>'` shows a pipeline's events, `<pipeline>.*.<id>`
+ * one item's history and `<pipeline>.<type>.*` one type across items. Each pipeline names its
+ * own stream, buckets and subjects in its folder.
  *
  * @module
  */

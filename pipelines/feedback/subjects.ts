@@ -1,8 +1,8 @@
 /**
  * Where the feedback pipeline lives on the bus: its stream, state bucket, subjects and event types.
- * Its events are published on `feedback.<type>.<item_id>`, so `nats sub 'feedback.>'` shows
- * them all, `feedback.*.<id>` selects one item's history, and `feedback.<type>.*` one type
- * across items.
+ * Its events are published on `feedback.<type>.<item_id>`, so
+ * `nats sub --stream FEEDBACK 'feedback.>'` shows them all, `feedback.*.<id>` selects one item's
+ * history, and `feedback.<type>.*` one type across items.
  *
  * @module
  */

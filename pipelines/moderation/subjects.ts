@@ -1,7 +1,7 @@
 /**
  * Where the content moderation pipeline lives on the bus: its stream, buckets, event types and
  * request subjects. Its events are published on `content.<type>.<item_id>`
- * (`nats sub 'content.>'`).
+ * (`nats sub --stream CONTENT 'content.>'`).
  *
  * @module
  */
