@@ -29,6 +29,7 @@ import { ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
 import {
   assertMatchesSubject,
+  assertSubjectItem,
   decodeJson,
   depthWithin,
   MAX_DEPTH,
@@ -50,7 +51,6 @@ import { Role } from "./config.ts";
 import { STAGE_DESCRIPTION } from "./topology.ts";
 import {
   DEADLETTER_STREAM,
-  ITEM_ID,
   parseEventSubject,
   REDRIVE_OF_HEADER,
   REDRIVEN_TOKEN,
@@ -440,10 +440,11 @@ async function refusalOf(
     return `subject ${JSON.stringify(subject)} may never be published to by a redrive`;
   }
   // An item id every consumer refuses at once (checked before anything else there).
-  const token = subject.split(".").length === 3 ? subject.split(".")[2]! : undefined;
-  if (token !== undefined && !ITEM_ID.test(token)) {
-    return `the original would be dead-lettered again: invalid item id ` +
-      `${JSON.stringify(token.slice(0, 100))} in its subject`;
+  try {
+    const parts = subject.split(".");
+    if (parts.length === 3) assertSubjectItem(parts[2], subject);
+  } catch (err) {
+    return `the original would be dead-lettered again: ${(err as Error).message}`;
   }
   let stream: string;
   try {

@@ -1066,6 +1066,8 @@ export async function runStage<I extends StageInput>(
   };
   let backlog = await backlogOf();
   const endTypes = new Set([...stage.finalTypes ?? [], stage.failedType]);
+  // Whether an event type starts this stage's items (its entry events).
+  const isEntry = (type: string) => stage.entryTypes?.has(type) ?? isEntryEvent(type);
   const once = versionAtLeast(version, "2.10.0") ? stage.once : undefined;
   // nats-server 2.11 checks a publish against the last sequence of a wildcard subject, which
   // makes a stage's outcome check and its publish one atomic step (`publishFenced`).
@@ -1309,7 +1311,7 @@ export async function runStage<I extends StageInput>(
       if (stage.admit) await stage.admit(input, message);
       else if (stage.entrySubject && itemId && stage.checksEntry !== false) {
         const type = typeOfRaw(raw);
-        if (!(stage.entryTypes?.has(type ?? "") ?? isEntryEvent(type ?? ""))) {
+        if (!isEntry(type ?? "")) {
           await assertEntered(jsm, stream, stage.entrySubject(itemId), m.seq, itemId, type);
         }
       }
@@ -1356,8 +1358,7 @@ export async function runStage<I extends StageInput>(
               js,
               event,
               trace,
-              (stage.entryTypes?.has(event.type) ?? isEntryEvent(event.type)) ||
-                once?.has(event.type) === true,
+              isEntry(event.type) || once?.has(event.type) === true,
               stage.entrySubject?.(event.item_id),
             )
           ),
@@ -1411,8 +1412,7 @@ export async function runStage<I extends StageInput>(
           // (The type its subject names: the body may lie.)
           const type = parseEventSubject(m.subject)?.type ?? typeOfRaw(raw) ?? "";
           if (
-            failItem && itemId && stage.entrySubject &&
-            !(stage.entryTypes?.has(type) ?? isEntryEvent(type))
+            failItem && itemId && stage.entrySubject && !isEntry(type)
           ) {
             failItem = await assertEntered(
               jsm,

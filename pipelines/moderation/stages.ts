@@ -104,8 +104,7 @@ const OUTCOMES: ReadonlySet<string> = endTypesOf(MODERATION_PIPELINE);
 export function contentOutcomeReader(
   jsm: JetStreamManager,
 ): (itemId: string, redriven?: boolean) => Promise<string | undefined> {
-  const last = (subject: string) =>
-    jsm.streams.getMessage(CONTENT_STREAM, { last_by_subj: subject }).catch(() => null);
+  const last = (subject: string) => storedMessage(jsm, CONTENT_STREAM, { last_by_subj: subject });
   return async (itemId, redriven = false) => {
     for (const type of OUTCOMES) if (await last(`${type}.${itemId}`)) return type;
     if (redriven) return undefined;
