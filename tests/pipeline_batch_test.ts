@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { definePipeline } from "../src/pipeline/definition.ts";
 import { compileFlow } from "../src/pipeline/flow.ts";
+import { createBatcher } from "../src/pipeline/flow_control.ts";
 import {
   type LoadedPipeline,
   pipelineStateSpec,
@@ -96,4 +97,24 @@ Deno.test("a failed batch is retried item by item: the good items complete, the 
   } finally {
     for (const r of runners) await r.stop();
   }
+});
+
+Deno.test("a batch is handed over in stream order, whatever order its calls arrived in", async () => {
+  // Found by CI: a step's calls reach the batcher after each item's own entry read, so a
+  // batch of a, b, c (stream order) was handed to handleBatch as a, c, b.
+  const seen: number[][] = [];
+  const double = createBatcher(
+    { maxItems: 3, maxWaitMs: 10_000, order: (ctx: { seq: number }) => ctx.seq },
+    (values: number[]) => {
+      seen.push(values);
+      return values.map((v) => v * 2);
+    },
+  );
+  const results = await Promise.all([
+    double(3, { seq: 30 }),
+    double(1, { seq: 10 }),
+    double(2, { seq: 20 }),
+  ]);
+  assert.deepEqual(seen, [[1, 2, 3]]);
+  assert.deepEqual(results, [6, 2, 4], "each caller still gets its own result");
 });

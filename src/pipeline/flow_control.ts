@@ -135,7 +135,9 @@ export function createStepLimiter(
 
 /**
  * Gathers single calls into batches: up to `maxItems` values, or whatever arrived within
- * `maxWaitMs` of the first, handed to `run` at once; each caller gets its own result. A
+ * `maxWaitMs` of the first, handed to `run` at once; each caller gets its own result. With
+ * `order`, a batch is handed over sorted by it (the runner passes each message's stream
+ * sequence: calls arrive in whatever order their own awaits end, not the stream's). A
  * failed batch fails each of its calls. A call with `alone` (a retry: the runner passes it for
  * a redelivered message) runs at once in a batch of its own, so a failed batch's items are
  * retried item by item: one bad item cannot fail the others again, and each item's retries
@@ -150,7 +152,7 @@ export function createStepLimiter(
  * ```
  */
 export function createBatcher<V, C, R>(
-  opts: { maxItems: number; maxWaitMs: number },
+  opts: { maxItems: number; maxWaitMs: number; order?: (ctx: C) => number },
   run: (values: V[], ctxs: C[]) => Promise<R[]> | R[],
 ): (value: V, ctx: C, call?: { alone?: boolean }) => Promise<R> {
   type Entry = { value: V; ctx: C; resolve: (r: R) => void; reject: (e: unknown) => void };
@@ -174,6 +176,7 @@ export function createBatcher<V, C, R>(
     if (timer !== undefined) clearTimeout(timer);
     timer = undefined;
     const batch = pending.splice(0, opts.maxItems);
+    if (opts.order) batch.sort((a, b) => opts.order!(a.ctx) - opts.order!(b.ctx));
     if (pending.length > 0) timer = setTimeout(flush, opts.maxWaitMs);
     if (batch.length > 0) await runBatch(batch);
   };

@@ -499,7 +499,8 @@ export function workStage(
   // A task with flow.batch: single calls gathered into handleBatch calls.
   const batched = step.kind === "task" && step.flow?.batch && step.handleBatch
     ? createBatcher(
-      step.flow.batch,
+      // In the order the stream holds them, whatever order their entry reads ended in.
+      { ...step.flow.batch, order: (ctx: StepContext) => ctx.message.seq },
       (values: unknown[], ctxs: StepContext[]) => step.handleBatch!(values, ctxs),
     )
     : undefined;
