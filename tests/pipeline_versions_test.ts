@@ -789,6 +789,111 @@ Deno.test("a re-wired step that stays: an event stored before the change that no
 });
 
 /**
+ * Version 1 routes items of kinds w, d and e to `a`, which holds them until stopped; version 2
+ * routes each of them straight to a step the control service runs: a wait, a delay, an end.
+ * (Kind x keeps every step reachable in both.)
+ */
+const rewiredToControl = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const recontrol = definePipeline({
+  name: "recontrol",
+  input: { schema: { type: "object", required: ["kind"] } },
+  start: "s",
+  steps: {
+    s: {
+      kind: "router",
+      route: (i: { kind: string }) => i.kind,
+      routes: ${
+  v === 1 ? '{ w: "a", d: "a", e: "a", x: "d" }' : '{ w: "w", d: "d", e: "done", x: "a" }'
+},
+    },
+    a: { kind: "task", output: { type: "object" }, handle: ${
+  v === 1 ? HOLD : "() => ({ a: 2 })"
+}, next: "w" },
+    w: { kind: "wait", event: "go", timeoutMs: 600000, onTimeout: "done", next: "done" },
+    d: { kind: "delay", ms: 500, next: "done" },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+
+Deno.test("a re-wired route that now leads to a wait, a delay or an end: the event stored before the change reaches it, once", async () => {
+  const dir = await meshTempDir("weft-recontrol-");
+  const file = `${dir}/def/recontrol.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, rewiredToControl(1));
+  const storeDir = `${dir}/nats`;
+  const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/recontrol/items/${id}`)).json();
+  const when = (
+    base: string,
+    id: string,
+    ok: (s: Record<string, unknown>) => boolean,
+    what: string,
+  ) =>
+    waitFor(
+      async () => {
+        const s = await state(base, id);
+        return ok(s) ? s : undefined;
+      },
+      30_000,
+      what,
+    );
+  const ids: Record<string, string> = {};
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      for (const kind of ["w", "d", "e"]) {
+        ids[kind] = (await post(base, "/pipelines/recontrol/items", { kind })).body.id;
+      }
+      for (const id of Object.values(ids)) {
+        await when(base, id, (s) => (s.current as string[])?.join() === "a", `${id} at a`);
+      }
+    }
+    await Deno.writeTextFile(file, rewiredToControl(2));
+    await using mesh = await startMesh(env, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const base = mesh.gatewayUrl;
+    await when(base, ids.w!, (s) => s.status === "waiting", "the w item waiting at w");
+    assert.equal((await post(base, `/pipelines/recontrol/items/${ids.w}/go`, {})).status, 202);
+    for (const id of Object.values(ids)) {
+      const done = await when(base, id, (s) => s.status === "done", `${id} done`);
+      assert.equal(
+        (done.results as Record<string, unknown>)?.a,
+        undefined,
+        `a never ran for ${id}`,
+      );
+    }
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      const ends = await jsm.streams.info("RECONTROL", { subjects_filter: "recontrol.done.>" });
+      assert.deepEqual(
+        ends.state.subjects,
+        Object.fromEntries(Object.values(ids).map((id) => [`recontrol.done.${id}`, 1])),
+        "one end event per item",
+      );
+      assert.equal((await jsm.streams.info("DEADLETTER")).state.messages, 0, "no dead letter");
+    } finally {
+      await nc.close();
+    }
+    const handedOver = mesh.logs.filter((l) =>
+      l.msg === "handed an event over to the steps the running definition sends it to"
+    );
+    assert.deepEqual(
+      handedOver.map((l) => [l.item_id, l.steps]).sort(),
+      [[ids.d, ["d"]], [ids.e, ["done"]], [ids.w, ["w"]]].sort(),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
+
+/**
  * Version 1 fans `s` out to `p` and `q` (which holds an item asking to be held until
  * stopped), joined at `j` before `f` and a wait; version 2 has neither `q` nor the join: `p`
  * leads straight to `f`.
