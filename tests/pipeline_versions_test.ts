@@ -894,6 +894,104 @@ Deno.test("a re-wired route that now leads to a wait, a delay or an end: the eve
 });
 
 /**
+ * Version 1 fans `s` out to `p` (then `a`, which holds items until stopped) and `q`, joined
+ * at `j` after `a` and `q`; version 2 joins `p` and `q`: the completion of `p` stored before
+ * the change now leads to the join. (A route to `a` keeps it reachable in both.)
+ */
+const rejoined = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const rejoin = definePipeline({
+  name: "rejoin",
+  input: { schema: { type: "object", required: ["kind"] } },
+  start: "r",
+  steps: {
+    r: { kind: "router", route: (i: { kind: string }) => i.kind, routes: { fan: "s", solo: "a" } },
+    s: { kind: "task", output: { type: "object" }, handle: () => ({ s: 1 }), next: ["p", "q"] },
+    p: { kind: "task", output: { type: "object" }, handle: () => ({ p: 1 }), next: "${
+  v === 1 ? "a" : "j"
+}" },
+    a: { kind: "task", output: { type: "object" }, handle: ${
+  v === 1 ? HOLD : "() => ({ a: 2 })"
+}, next: "${v === 1 ? "j" : "done"}" },
+    q: { kind: "task", output: { type: "object" }, handle: () => ({ q: 1 }), next: "j" },
+    j: { kind: "join", after: ${
+  v === 1 ? '["a", "q"]' : '["p", "q"]'
+}, deadlineMs: 600000, onDeadline: "expired", next: "done" },
+    done: { kind: "end", outcome: "done" },
+    expired: { kind: "end", outcome: "expired" },
+  },
+});
+`;
+
+Deno.test("a re-wired branch that now leads straight to its join: the completion stored before the change reaches the join, and the item ends once", async () => {
+  const dir = await meshTempDir("weft-rejoin-");
+  const file = `${dir}/def/rejoin.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, rejoined(1));
+  const storeDir = `${dir}/nats`;
+  const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/rejoin/items/${id}`)).json();
+  const when = (
+    base: string,
+    id: string,
+    ok: (s: Record<string, unknown>) => boolean,
+    what: string,
+  ) =>
+    waitFor(
+      async () => {
+        const s = await state(base, id);
+        return ok(s) ? s : undefined;
+      },
+      30_000,
+      what,
+    );
+  let id: string;
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      id = (await post(base, "/pipelines/rejoin/items", { kind: "fan" })).body.id;
+      await when(
+        base,
+        id,
+        (s) =>
+          (s.current as string[])?.sort().join() === "a,j" &&
+          (s.results as { q?: unknown })?.q !== undefined,
+        "held at a, q at the join",
+      );
+    }
+    await Deno.writeTextFile(file, rejoined(2));
+    await using mesh = await startMesh(env, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const base = mesh.gatewayUrl;
+    const done = await when(base, id, (s) => s.status === "done", "the item done through the join");
+    assert.equal((done.results as Record<string, unknown>).a, undefined, "a never ran");
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      const ends = await jsm.streams.info("REJOIN", { subjects_filter: "rejoin.*.>" });
+      const counts = ends.state.subjects as Record<string, number>;
+      assert.equal(counts[`rejoin.done.${id}`], 1, "one end event");
+      assert.equal(counts[`rejoin.expired.${id}`], undefined, "no expiry");
+      assert.equal((await jsm.streams.info("DEADLETTER")).state.messages, 0, "no dead letter");
+    } finally {
+      await nc.close();
+    }
+    const handedOver = mesh.logs.filter((l) =>
+      l.msg === "handed an event over to the steps the running definition sends it to"
+    );
+    assert.deepEqual(handedOver.map((l) => [l.item_id, l.subject, l.steps]), [
+      [id, `rejoin.p.${id}`, ["j"]],
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
+
+/**
  * Version 1 fans `s` out to `p` and `q` (which holds an item asking to be held until
  * stopped), joined at `j` before `f` and a wait; version 2 has neither `q` nor the join: `p`
  * leads straight to `f`.
