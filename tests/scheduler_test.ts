@@ -507,8 +507,14 @@ Deno.test("callers may schedule submissions to a running definition; a pipeline 
   const scheduler = await runScheduler({ nc: t.nc, log: gateway.log, replica: "r1" });
   try {
     await fired.until(() => fired.seen.length === 1);
-    const stored = await t.jsm.streams.getMessage("ORDERS", { last_by_subj: "orders.submit" });
-    assert.deepEqual(stored?.json(), { sku: "A1" }, "stored for the pipeline's intake");
+    // A subscriber can see the firing before the stream has stored it: wait for the store.
+    const stored = await waitFor(
+      async () =>
+        (await t.jsm.streams.getMessage("ORDERS", { last_by_subj: "orders.submit" })) ?? undefined,
+      20_000,
+      "the firing stored in ORDERS",
+    );
+    assert.deepEqual(stored.json(), { sku: "A1" }, "stored for the pipeline's intake");
   } finally {
     fired.stop();
     await scheduler.stop();
