@@ -14,7 +14,8 @@ import {
   type SubscriptionOptions,
 } from "@nats-io/nats-core";
 import { inboxPrefix } from "./identities.ts";
-import { ConfigError } from "./errors.ts";
+import { ConfigError, isNatsUnavailable } from "./errors.ts";
+import type { Logger } from "./observability/log.ts";
 
 /** Who a connection is and how it checks the server. */
 export interface NatsCredentials {
@@ -225,4 +226,41 @@ export function watchConnection(nc: NatsConnection): ConnectionHealth {
     },
     stop: () => statuses.stop?.(),
   };
+}
+
+/**
+ * Runs `fn`, and again a second later while it fails because NATS is briefly unavailable (a
+ * JetStream request timed out on a busy server, found no responder, or met a stream without
+ * a leader: see `isNatsUnavailable`), for up to `patienceMs`; each retry is logged. Any other
+ * error, or one after the patience, is thrown. For start-up work that would otherwise end
+ * the process (and a restart would only do it again).
+ *
+ * @example
+ * ```ts ignore
+ * import { whileUnavailable } from "./nats.ts";
+ * await whileUnavailable("set up the topology", () => ensureTopology(nc, jsm, config), {
+ *   patienceMs: 30_000,
+ *   log,
+ * });
+ * ```
+ */
+export async function whileUnavailable<T>(
+  what: string,
+  fn: () => Promise<T>,
+  opts: { patienceMs: number; log: Logger; retryDelayMs?: number },
+): Promise<T> {
+  const giveUpAt = Date.now() + opts.patienceMs;
+  for (let attempt = 1;; attempt++) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!isNatsUnavailable(err) || Date.now() >= giveUpAt) throw err;
+      opts.log.warn("NATS is not answering yet; trying again", {
+        what,
+        attempt,
+        err: String(err),
+      });
+      await new Promise((r) => setTimeout(r, opts.retryDelayMs ?? 1000));
+    }
+  }
 }

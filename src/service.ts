@@ -9,7 +9,7 @@ import { type NatsConnection, PermissionViolationError } from "@nats-io/nats-cor
 import { jetstreamManager } from "@nats-io/jetstream";
 import { type Config, describeConfig, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./observability/log.ts";
-import { connectNats, tlsCredentials } from "./nats.ts";
+import { connectNats, tlsCredentials, whileUnavailable } from "./nats.ts";
 import { WeftMetrics } from "./observability/metrics.ts";
 import { registerMicroService } from "./observability/micro.ts";
 import { runStage } from "./runner.ts";
@@ -17,6 +17,9 @@ import type { Stage, StageInput } from "./stage.ts";
 import { ensureTopology } from "./topology.ts";
 import { ConfigError } from "./errors.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
+
+/** How long a starting service waits for a busy or briefly unavailable NATS to answer. */
+const START_PATIENCE_MS = 60_000;
 
 /** Something a service runs until it is stopped. */
 export interface Runnable {
@@ -102,7 +105,14 @@ async function openService(def: ServiceDef, config: Config): Promise<OpenService
   })().catch(() => {});
   // Under the supervisor the topology exists already, and a service's identity may not
   // create streams or buckets anyway.
-  if (config.ensureTopology) await ensureOwnTopology(nc, def.name, config, nkey);
+  // A busy server may not answer a JetStream request in time: wait for it rather than exit.
+  if (config.ensureTopology) {
+    await whileUnavailable(
+      "set up streams and buckets",
+      () => ensureOwnTopology(nc, def.name, config, nkey),
+      { patienceMs: START_PATIENCE_MS, log },
+    );
+  }
   const metrics = new WeftMetrics();
   let running: Runnable;
   let micro: Awaited<ReturnType<typeof registerMicroService>>;

@@ -21,7 +21,7 @@ import {
   unknownFlags,
 } from "./config.ts";
 import { createLogger, type Logger } from "./observability/log.ts";
-import { ConfigError } from "./errors.ts";
+import { ConfigError, isNatsUnavailable } from "./errors.ts";
 import { connectNats, FIRST_CONNECT_PATIENCE_MS, tlsCredentials } from "./nats.ts";
 import {
   freePort,
@@ -1313,8 +1313,9 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   if (serverAt !== undefined && !versionAtLeast(serverAt)) await fail(tooOldMessage(serverAt));
   try {
     // A new cluster elects its JetStream meta leader a few seconds after its nodes start:
-    // until then requests time out. Try again for up to 60 s.
-    const until = Date.now() + (config.cluster > 1 ? 60_000 : 0);
+    // until then requests time out. Try again for up to 60 s; on one server, only while it
+    // is unavailable (a busy machine's server may not answer a request in time).
+    const until = Date.now() + 60_000;
     for (let attempt = 1;; attempt++) {
       try {
         const jsm = await jetstreamManager(nc);
@@ -1330,6 +1331,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       } catch (err) {
         // Each stream reserves its byte limit in the server's store: waiting will not help.
         if (Date.now() >= until || INSUFFICIENT_STORE.test(String(err))) throw err;
+        if (config.cluster <= 1 && !isNatsUnavailable(err)) throw err;
         log.info("JetStream not ready yet; trying again", { attempt, err: String(err) });
         await new Promise((r) => setTimeout(r, 1000));
       }

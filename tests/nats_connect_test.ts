@@ -3,7 +3,9 @@
  * never an uncaught one that ends the process.
  */
 import assert from "node:assert/strict";
-import { connectNats } from "../src/nats.ts";
+import { connectNats, whileUnavailable } from "../src/nats.ts";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { createLogger } from "../src/observability/log.ts";
 import { ensureIdentities, type Identity } from "../src/identities.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { ConfigError } from "../src/errors.ts";
@@ -99,4 +101,54 @@ Deno.test("a key file that cannot be read is a configuration error naming it and
       return true;
     },
   );
+});
+
+Deno.test("start-up work whose JetStream request a stalled server leaves unanswered is tried again until it answers; other errors are not", async () => {
+  // Found by a full run on a loaded machine: a service's first JetStream request (setting
+  // up its streams) timed out, and the service exited before it was ready.
+  const dir = await Deno.makeTempDir({ prefix: "weft-unavailable-" });
+  await using server = await startNatsServer({ port: freePort(), cwd: dir });
+  const nc = await connectNats(server.url, "patient");
+  const jsm = await jetstreamManager(nc, { timeout: 500 });
+  const lines: string[] = [];
+  const retried = Promise.withResolvers<void>();
+  const log = createLogger("test", "debug", (l) => {
+    lines.push(l);
+    if (l.includes("trying again")) retried.resolve();
+  });
+  try {
+    // A server that cannot answer for a while (its process stopped, as a starved one is).
+    await new Deno.Command("kill", { args: ["-STOP", String(server.pid)] }).output();
+    let continued = false;
+    try {
+      const made = whileUnavailable(
+        "set up a stream",
+        () => jsm.streams.add({ name: "PATIENT", subjects: ["patient.>"] }),
+        { patienceMs: 60_000, log, retryDelayMs: 100 },
+      );
+      await retried.promise;
+      await new Deno.Command("kill", { args: ["-CONT", String(server.pid)] }).output();
+      continued = true;
+      assert.equal((await made).config.name, "PATIENT");
+    } finally {
+      if (!continued) {
+        await new Deno.Command("kill", { args: ["-CONT", String(server.pid)] }).output();
+      }
+    }
+    const warned = JSON.parse(lines.find((l) => l.includes("trying again"))!);
+    assert.equal(warned.what, "set up a stream");
+    // Not every error is worth waiting for: a refusal is the answer.
+    const before = lines.length;
+    await assert.rejects(
+      whileUnavailable(
+        "set up a bad stream",
+        () => jsm.streams.add({ name: "BAD.NAME", subjects: ["bad.>"] }),
+        { patienceMs: 60_000, log, retryDelayMs: 100 },
+      ),
+    );
+    assert.equal(lines.length, before, "no retry for a refusal");
+  } finally {
+    await nc.close();
+    await Deno.remove(dir, { recursive: true });
+  }
 });
