@@ -347,7 +347,8 @@ export function claimsEndToEnd(mode: FaultMode): void {
                 const s = await (await fetch(`${base}/pipelines/claims/items/${id}`)).json();
                 return s.status === "waiting" ? s : undefined;
               },
-              20_000,
+              // After a kill: a restart on a loaded machine (the one process, together) is slow.
+              60_000,
               `${id} waiting for a decision`,
             );
           const w = await waiting(approved);
