@@ -33,6 +33,7 @@ import {
 } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
 import {
+  itemModerationReader,
   storageDecidedStage,
   storageModeratedStage,
   uploadedContentReader,
@@ -479,7 +480,12 @@ Deno.test({
   async fn() {
     await using t = await startTestNats();
     const runners = [
-      await runStage({ nc: t.nc, stage: storageModeratedStage(), config: t.config, log: t.log }),
+      await runStage({
+        nc: t.nc,
+        stage: storageModeratedStage(itemModerationReader(t.jsm)),
+        config: t.config,
+        log: t.log,
+      }),
       await runStage({
         nc: t.nc,
         stage: storageDecidedStage(uploadedContentReader(t.jsm)),

@@ -24,11 +24,13 @@ import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { createReviewQueue, type ReviewQueue } from "../pipelines/moderation/review_queue.ts";
 import {
   contentOutcomeReader,
+  itemModerationReader,
   moderationStage,
   reviewQueueStage,
   reviewSlaStage,
   slaScheduleId,
   storageDecidedStage,
+  storageModeratedStage,
   uploadedContentReader,
 } from "../pipelines/moderation/stages.ts";
 import {
@@ -65,10 +67,17 @@ async function mesh(t: TestNats) {
     await runStage({ ...deps, stage: moderationStage(toxicityAnalyzer()) }),
     await runStage({
       ...deps,
-      stage: reviewQueueStage(queue, schedules, SLA, contentOutcomeReader(t.jsm)),
+      stage: reviewQueueStage(
+        queue,
+        schedules,
+        SLA,
+        contentOutcomeReader(t.jsm),
+        itemModerationReader(t.jsm),
+      ),
     }),
     await runStage({ ...deps, stage: reviewSlaStage(queue, schedules, SLA) }),
     await runStage({ ...deps, stage: storageDecidedStage(uploadedContentReader(t.jsm)) }),
+    await runStage({ ...deps, stage: storageModeratedStage(itemModerationReader(t.jsm)) }),
   ];
   const app = createApp({
     nc: t.nc,
@@ -591,7 +600,8 @@ Deno.test("storage publishes the item's uploaded content, never the content a de
     }),
   );
   const [letter] = await m.letters("storage-decided", ghost);
-  assert.match(letter!.reason, /never uploaded/);
+  assert.equal(letter!.code, "not_found");
+  assert.match(letter!.reason, /content\.uploaded\.ct_never_uploaded\) was stored before it/);
   assert.deepEqual(await m.events("published", ghost), []);
   assert.deepEqual(await m.events("failed", ghost), []);
 });
@@ -612,6 +622,7 @@ Deno.test("a moderation published again for an item that has its outcome queues 
   const [letter] = await m.letters("review-queue", id);
   assert.equal(letter!.code, "conflict");
   assert.match(letter!.reason, new RegExp(`content item ${id} is published already`));
+
   assert.equal((await m.events("review_requested", id)).length, 1, "queued once");
   assert.equal((await m.queue.get(id))!.status, "decided");
   assert.deepEqual(await m.events("failed", id), []);
@@ -659,4 +670,60 @@ Deno.test("a moderation published for an item that failed, and was not resumed, 
   assert.match(letter!.reason, /content item ct_FAILX1 has failed/);
   assert.equal(await m.queue.get(id), null, "not queued");
   assert.deepEqual(await m.events("review_requested", id), []);
+});
+
+Deno.test("only an item's own moderation is acted on: another published on its subject, or for an id never uploaded, publishes and queues nothing", async () => {
+  // Found by probing with the moderation key: a second content.moderated for an item under
+  // review, safe and carrying other text, published that text; one for an id never uploaded
+  // made a published item of it; one published before an id's upload took the place of the
+  // item's own moderation, which was never stored.
+  await using t = await startTestNats();
+  await using m = await mesh(t);
+  const id = await m.flagged();
+  const [moderated] = await m.events("moderated", id);
+  const safe = { verdict: "safe", categories: [], score: 0, analyzer: "forger", reasons: [] };
+  const forged = (itemId: string, eventId: string) =>
+    JSON.stringify({
+      ...moderated,
+      id: eventId,
+      item_id: itemId,
+      data: { content: { text: "SWAPPED TEXT" }, moderation: safe },
+    });
+  await m.js.publish(`content.moderated.${id}`, forged(id, `forged-${id}`));
+  const [conflict] = await m.letters("storage-moderated", id);
+  assert.equal(conflict!.code, "conflict");
+  assert.match(conflict!.reason, /has one moderation/);
+  // A copy under the moderation's own id, saying safe: acted on as the stored one says.
+  const copy = await m.js.publish(`content.moderated.${id}`, forged(id, moderated!.id as string));
+  await waitFor(
+    async () => {
+      const ci = await t.jsm.consumers.info(CONTENT_STREAM, "storage-moderated");
+      return ci.ack_floor.stream_seq >= copy.seq;
+    },
+    10_000,
+    "storage-moderated past the copy",
+  );
+  assert.deepEqual(await m.events("published", id), [], "nothing published");
+  assert.equal((await m.queue.get(id))!.status, "pending", "still waiting for its review");
+  assert.equal((await m.queue.get(id))!.content.text, TOXIC, "reviewers see the upload");
+
+  // An id never uploaded: no item, nothing published.
+  await m.js.publish("content.moderated.ct_PHANTOM1", forged("ct_PHANTOM1", "forged-phantom"));
+  const [phantom] = await m.letters("storage-moderated", "ct_PHANTOM1");
+  assert.equal(phantom!.code, "not_found");
+  assert.deepEqual(await m.events("published", "ct_PHANTOM1"), []);
+  assert.deepEqual(await m.events("failed", "ct_PHANTOM1"), []);
+
+  // Before an id's upload: the item's own moderation is stored after it, and acted on.
+  await m.js.publish("content.moderated.ct_EARLY1", forged("ct_EARLY1", "forged-early"));
+  await m.letters("storage-moderated", "ct_EARLY1");
+  await m.api.submitText({ id: "ct_EARLY1", text: TOXIC }, { name: "test", role: "admin" });
+  const entry = await waitFor(
+    async () => (await m.queue.get("ct_EARLY1")) ?? undefined,
+    10_000,
+    "ct_EARLY1 queued for review on its own moderation",
+  );
+  assert.equal(entry.content.text, TOXIC);
+  assert.equal(entry.moderation.verdict, "flagged");
+  assert.deepEqual(await m.events("published", "ct_EARLY1"), []);
 });

@@ -32,6 +32,13 @@ import { endTypesOf, stepInput } from "../../src/pipeline/derive.ts";
 import { MODERATION_PIPELINE } from "./pipeline.ts";
 import { ContentEventType as T } from "./events.ts";
 
+/**
+ * Where an item's upload (its entry) is stored: a step runs only for an item uploaded before
+ * the message (an id never uploaded is dead-lettered `not_found`, failing nothing), and what
+ * its outputs' subjects hold from before the upload is not the item's.
+ */
+const entrySubject = (item: string) => `${T.Uploaded}.${item}`;
+
 /** The id of an item's one decision event, whoever decides (a human or the SLA). */
 export function decidedEventId(itemId: string): string {
   return deterministicId(itemId, T.Decided);
@@ -59,6 +66,7 @@ export function moderationStage(
     input: { kind: "event", types: [T.Uploaded] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "moderation"),
+    entrySubject,
     async handle(event, ctx) {
       const item: ContentItem = event.data;
       let moderation: Moderation;
@@ -116,7 +124,9 @@ export function contentOutcomeReader(
 }
 
 /** Publishes what moderation found safe. */
-export function storageModeratedStage(): Stage<
+export function storageModeratedStage(
+  moderationOf: ModerationReader,
+): Stage<
   { kind: "event"; types: readonly ["content.moderated"] }
 > {
   return {
@@ -124,11 +134,13 @@ export function storageModeratedStage(): Stage<
     outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-moderated"),
-    handle(event, ctx) {
-      if (event.data.moderation.verdict !== "safe") return [];
-      return [
-        nextEvent(event, T.Published, { content: event.data.content, via: "moderation" }, ctx),
-      ];
+    entrySubject,
+    async handle(event, ctx) {
+      // The item's one moderation, and its content as uploaded: never what a message on the
+      // subject carries (the moderation key could publish any verdict with any content).
+      const { moderation, content } = await moderationOf(event.item_id, event);
+      if (moderation.verdict !== "safe") return [];
+      return [nextEvent(event, T.Published, { content, via: "moderation" }, ctx)];
     },
   };
 }
@@ -150,6 +162,62 @@ export function uploadedContentReader(
   };
 }
 
+/** What an item's moderation stages act on: its one moderation, and its content as uploaded. */
+export type ModerationReader = (
+  itemId: string,
+  event: { id: string },
+) => Promise<{ moderation: Moderation; content: ContentItem }>;
+
+/**
+ * Reads what to act on for a delivered `content.moderated`: the item's content as uploaded
+ * (its first `content.uploaded`), and the first moderation stored after it, which moderation
+ * published once (a redrive's copy keeps its event id, so it reads the same). One with
+ * another id (published by hand on the subject, with any verdict and content, before or
+ * after the upload) is refused as a `conflict`, and one for an id never uploaded as
+ * `not_found`: either fails nothing. A copy with the first's id but another body is acted on
+ * as the first says, never as the copy does.
+ */
+export function itemModerationReader(jsm: JetStreamManager): ModerationReader {
+  const first = (subject: string, after: number) =>
+    // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+    storedMessage(jsm, CONTENT_STREAM, { next_by_subj: subject, seq: after } as unknown as {
+      seq: number;
+    });
+  return async (itemId, event) => {
+    const up = await first(`${T.Uploaded}.${itemId}`, 0);
+    if (!up) {
+      throw new WeftError(
+        ErrorCode.NotFound,
+        `a moderation of content item ${itemId}, which was never uploaded`,
+        { permanent: true },
+      );
+    }
+    let content: ContentItem;
+    try {
+      content = validateEvent(up.json(), [T.Uploaded]).data;
+    } catch {
+      throw new WeftError(
+        ErrorCode.Conflict,
+        `content item ${itemId}'s first upload (seq ${up.seq}) is no upload: nothing was ` +
+          "moderated",
+        { permanent: true },
+      );
+    }
+    const m = await first(`${T.Moderated}.${itemId}`, up.seq + 1);
+    const moderated = m ? validateEvent(m.json(), [T.Moderated]) : null;
+    if (!moderated || moderated.id !== event.id) {
+      throw new WeftError(
+        ErrorCode.Conflict,
+        `content item ${itemId} has one moderation (${
+          moderated ? `event ${moderated.id}, seq ${m!.seq}` : "none stored after its upload"
+        }): event ${event.id} is not it, and is not acted on`,
+        { permanent: true },
+      );
+    }
+    return { moderation: moderated.data.moderation, content };
+  };
+}
+
 /**
  * Publishes approved items, archives rejected ones; a decision for an item that already has
  * its outcome (published by moderation, or decided before) is dead-lettered as a `conflict`.
@@ -167,6 +235,7 @@ export function storageDecidedStage(
     outcomes: OUTCOMES,
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-decided"),
+    entrySubject,
     // Only a decision it read and could not act on fails the item, never junk on the subject.
     failsItem: (_message, handled) => handled,
     async handle(event, ctx) {
@@ -245,17 +314,19 @@ export function reviewQueueStage(
   queue: ReviewQueue,
   schedules: ScheduleStore,
   sla: SlaConfig,
-  outcomeOf?: (itemId: string, redriven?: boolean) => Promise<string | undefined>,
+  outcomeOf: (itemId: string, redriven?: boolean) => Promise<string | undefined>,
+  moderationOf: ModerationReader,
 ): Stage<{ kind: "event"; types: readonly ["content.moderated"] }> {
   return {
     input: { kind: "event", types: [T.Moderated] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "review-queue"),
+    entrySubject,
     async handle(event, ctx: StageContext) {
-      if (event.data.moderation.verdict !== "flagged") return [];
+      if (event.data.moderation.verdict !== "flagged") return []; // storage-moderated's
       // A moderation of an item that has its outcome (a copy the moderation key published
       // again) queues no review: a reviewer's decision on it could change nothing.
-      const outcome = await outcomeOf?.(event.item_id, ctx.message.redriveOf !== undefined);
+      const outcome = await outcomeOf(event.item_id, ctx.message.redriveOf !== undefined);
       if (outcome === T.Failed) {
         throw new WeftError(
           ErrorCode.Conflict,
@@ -272,6 +343,10 @@ export function reviewQueueStage(
           { permanent: true },
         );
       }
+      // The item's one moderation (a copy of it may carry another verdict: flagged is what it
+      // said), and reviewers see the content as uploaded.
+      const { moderation, content } = await moderationOf(event.item_id, event);
+      if (moderation.verdict !== "flagged") return [];
       // Times derive from the input event, so a redelivery computes the same entry.
       const queuedAt = event.time;
       const dueAt = new Date(Date.parse(queuedAt) + sla.reviewSlaMs).toISOString();
@@ -282,15 +357,15 @@ export function reviewQueueStage(
         queued_at: queuedAt,
         due_at: dueAt,
         escalation_level: 0,
-        content: event.data.content,
-        moderation: event.data.moderation,
+        content,
+        moderation,
       });
       if (entry.status === ReviewStatus.Pending) {
         await scheduleSla(schedules, entry, 1, dueAt, ctx.source);
       }
       return [nextEvent(event, T.ReviewRequested, {
-        content: event.data.content,
-        moderation: event.data.moderation,
+        content,
+        moderation,
         queued_at: queuedAt,
         due_at: dueAt,
       }, ctx)];
@@ -358,6 +433,7 @@ export function reviewSlaStage(
     input: { kind: "event", types: [T.SlaExpired] },
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "review-sla"),
+    entrySubject,
     // The definition's loop (SLA -> review) repeats its escalations; its automatic decision,
     // like a reviewer's, comes once.
     once: new Set([T.Decided]),

@@ -171,4 +171,9 @@ export const CONTENT_STATE_SPEC: StateSpec<ContentState> = {
   apply: applyContentEvent,
   isFinal: (s) => CONTENT_FINAL_EVENT_TYPES.has(`content.${s.stage}`),
   source: "weft-content-state",
+  // An item starts at its upload: any other event for an id with no state, stored before
+  // anything on its upload subject, is dead-lettered `not_found` (a step's forged event for an
+  // id never uploaded, or uploaded later, makes no item).
+  starts: (e) => e.type === T.Uploaded,
+  entrySubject: (item) => `${T.Uploaded}.${item}`,
 };

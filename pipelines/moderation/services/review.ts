@@ -15,7 +15,12 @@ import {
   runService,
   type ServiceDef,
 } from "../../../src/service.ts";
-import { contentOutcomeReader, reviewQueueStage, reviewSlaStage } from "../stages.ts";
+import {
+  contentOutcomeReader,
+  itemModerationReader,
+  reviewQueueStage,
+  reviewSlaStage,
+} from "../stages.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { SCHEDULE_BUCKET } from "../../../src/subjects.ts";
 import { REVIEW_BUCKET } from "../subjects.ts";
@@ -25,9 +30,19 @@ export const service: ServiceDef = defineService("review", async (ctx) => {
   const kvm = new Kvm(ctx.nc);
   const queue = createReviewQueue(await kvm.open(REVIEW_BUCKET), ctx.config);
   const schedules = createScheduleStore(await kvm.open(SCHEDULE_BUCKET));
-  const outcomeOf = contentOutcomeReader(await jetstreamManager(ctx.nc));
+  const jsm = await jetstreamManager(ctx.nc);
+  const outcomeOf = contentOutcomeReader(jsm);
   return combineRunnables([
-    await runStage({ ...ctx, stage: reviewQueueStage(queue, schedules, ctx.config, outcomeOf) }),
+    await runStage({
+      ...ctx,
+      stage: reviewQueueStage(
+        queue,
+        schedules,
+        ctx.config,
+        outcomeOf,
+        itemModerationReader(jsm),
+      ),
+    }),
     await runStage({ ...ctx, stage: reviewSlaStage(queue, schedules, ctx.config) }),
   ]);
 });

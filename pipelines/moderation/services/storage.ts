@@ -12,17 +12,21 @@ import {
   runService,
   type ServiceDef,
 } from "../../../src/service.ts";
-import { storageDecidedStage, storageModeratedStage, uploadedContentReader } from "../stages.ts";
+import {
+  itemModerationReader,
+  storageDecidedStage,
+  storageModeratedStage,
+  uploadedContentReader,
+} from "../stages.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 
 /** The storage service. */
-export const service: ServiceDef = defineService("storage", async (ctx) =>
-  combineRunnables([
-    await runStage({ ...ctx, stage: storageModeratedStage() }),
-    await runStage({
-      ...ctx,
-      stage: storageDecidedStage(uploadedContentReader(await jetstreamManager(ctx.nc))),
-    }),
-  ]));
+export const service: ServiceDef = defineService("storage", async (ctx) => {
+  const jsm = await jetstreamManager(ctx.nc);
+  return combineRunnables([
+    await runStage({ ...ctx, stage: storageModeratedStage(itemModerationReader(jsm)) }),
+    await runStage({ ...ctx, stage: storageDecidedStage(uploadedContentReader(jsm)) }),
+  ]);
+});
 
 if (import.meta.main) await runService(service);
