@@ -1301,6 +1301,19 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     // A server this start began is up (it said it is ready for clients): a handshake that
     // times out means loaded cores, not a refusal; try again rather than stop everything.
     patienceMs: nodes.length > 0 ? FIRST_CONNECT_PATIENCE_MS : 0,
+  }).catch(async (err) => {
+    // One line saying what to do, not a stack trace (a NATS_URL naming a server not running).
+    log.error(
+      `cannot connect to NATS at ${describeConfig(config).natsUrl}: ${
+        err instanceof Error ? err.message : String(err)
+      }` +
+        (nodes.length === 0
+          ? ": NATS_URL names a server for Weft to use, which must be running; unset it and " +
+            "deno task start runs its own"
+          : ""),
+    );
+    await Promise.all(nodes.map((n) => n.stop("SIGTERM")));
+    Deno.exit(1);
   });
   // From here on a failure must not leave the nats-server this start began running.
   const fail = async (message: string, err?: unknown) => {

@@ -188,3 +188,18 @@ Deno.test("a relative WEFT_NATS_DIR (data/<dir>, as the start's messages suggest
   assert.ok(linesAt(out.text, "info").includes("starting services"), out.text);
   await Deno.stat(`${dir}/data/supervisor.lock`); // the store it was given
 });
+
+Deno.test("a NATS_URL naming no running server stops deno task start in one line saying so, not a stack trace", async () => {
+  const out = await new Deno.Command("deno", {
+    args: await taskArgs("start"),
+    cwd: new URL("../", import.meta.url),
+    env: { NATS_URL: `nats://127.0.0.1:${freePort()}`, PORT: String(freePort()) },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1, text);
+  assert.match(text, /cannot connect to NATS at nats:\/\/127\.0\.0\.1:\d+: connection refused/);
+  assert.match(text, /unset it and deno task start runs its own/);
+  assert.doesNotMatch(text, /Uncaught|node_modules/, "no stack trace");
+});
