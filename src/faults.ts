@@ -31,9 +31,12 @@ export class InjectedFault extends WeftError {
   }
 }
 
+/** The text of a handler's input: a submission's, an event's, or a definition item's input. */
 function textOf(input: unknown): string | undefined {
-  const v = input as { text?: unknown; data?: { text?: unknown } } | null;
-  const t = v?.data?.text ?? v?.text;
+  const v = input as
+    | { text?: unknown; data?: { text?: unknown; input?: { text?: unknown } } }
+    | null;
+  const t = v?.data?.text ?? v?.text ?? v?.data?.input?.text;
   return typeof t === "string" ? t : undefined;
 }
 

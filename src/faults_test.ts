@@ -29,6 +29,15 @@ Deno.test("withFaults fails on matching text in any case, only in the named stag
   assert.deepEqual(await faulty.handle({ text: "all good" }, ctx), []);
 });
 
+Deno.test("withFaults fails a definition's step on its item's input text", async () => {
+  // Found by probing: WEFT_FAIL_ON never fired on a definition's steps, whose events carry
+  // the item's input under data.input.
+  const faulty = withFaults(stage, { ...off, failOn: "crash", failStage: "topics" });
+  const event = (text: string) => ({ data: { input: { text }, results: {}, value: {} } }) as never;
+  await assert.rejects(async () => await faulty.handle(event("it crashed?"), ctx), InjectedFault);
+  assert.deepEqual(await faulty.handle(event("fine"), ctx), []);
+});
+
 Deno.test("withFaults delays the handler by slowMs and stops waiting when aborted", async () => {
   const slow = withFaults(stage, { ...off, slowMs: 60, slowStage: "*" });
   const t0 = performance.now();
