@@ -15,7 +15,11 @@ import { SHIPPED_GATEWAYS } from "../pipelines/shipped_gateways.ts";
 import { type GatewayPart, wiredStreams } from "../src/wiring.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
-import { definitionRedriveCheck, servePipelineRequests } from "../src/gateway/pipelines.ts";
+import {
+  definitionRedriveCheck,
+  redriveEntrySubjects,
+  servePipelineRequests,
+} from "../src/gateway/pipelines.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { createShadowControl } from "../src/shadow/control.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
@@ -114,6 +118,7 @@ export const service: ServiceDef = defineService(
     );
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth, {
       check: definitionRedriveCheck(pipelines),
+      entrySubject: redriveEntrySubjects(pipelines),
     });
     // The server has every request subscription above before the gateway says it listens:
     // a `nats req` sent on that word, from another connection, finds its responder.

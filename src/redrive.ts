@@ -25,7 +25,7 @@ import {
   type JetStreamManager,
   type StoredMsg,
 } from "@nats-io/jetstream";
-import { ValidationError } from "./errors.ts";
+import { ErrorCode, ValidationError } from "./errors.ts";
 import { sha256Hex } from "./events.ts";
 import {
   assertMatchesSubject,
@@ -428,6 +428,13 @@ export interface RedriveOptions {
    * consumer would; throws what that consumer would dead-letter it for.
    */
   check?: (subject: string, value: unknown) => void;
+  /**
+   * Where the item a pipeline subject names has its entry event stored (e.g.
+   * `orders.placed.<id>` for `orders.priced.<id>`); undefined for a subject of no known
+   * pipeline. A `not_found` letter (an event for an item that had not entered) is refused
+   * while nothing is stored there: its redrive would be dead-lettered again.
+   */
+  entrySubject?: (subject: string) => string | undefined;
 }
 
 async function refusalOf(
@@ -505,6 +512,16 @@ async function refusalOf(
     bytes = stored.data;
   } else if (stored && !sameBytes(stored.data, bytes)) {
     return `the letter does not match message ${letter.stream_seq} of ${stream}`;
+  }
+  if (letter.code === ErrorCode.NotFound && opts.entrySubject) {
+    const entry = opts.entrySubject(subject);
+    if (
+      entry !== undefined && entry !== subject &&
+      !await storedMessage(jsm, stream, { last_by_subj: entry })
+    ) {
+      return `the original would be dead-lettered again: its item has not entered (nothing is ` +
+        `stored on ${entry})`;
+    }
   }
   const body = originalBody(letter, bytes);
   try {

@@ -280,3 +280,55 @@ Deno.test("a letter whose subject names no valid item is not redriven: every con
     );
   }
 });
+
+Deno.test("a letter of an event for an item that had not entered is not redriven until the item has", async () => {
+  // Found by probing: each redrive of such a letter stored the event again, which its step
+  // dead-lettered again as not_found, so `{"all": true}` never ran out of letters.
+  await using t = await startTestNats();
+  const pipelines = await loadPipelines(
+    ["pipelines/examples/tickets.ts"],
+    new URL("../", import.meta.url).pathname,
+  );
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+  const app = await definitionsApp(t, pipelines);
+  const js = jetstream(t.nc);
+  const p = pipelines[0]!;
+  const control = controlStage(p, t.nc);
+  await ensureConsumer(t.jsm, control.stream, stageConsumerConfig(control, t.config));
+  const subject = "tickets.approved.ghost1";
+  const payload = JSON.stringify({ approved: true });
+  const stored = await js.publish(subject, payload);
+  const l = letter({
+    stage: durableOf(p.def, CONTROL),
+    subject,
+    payload,
+    item_id: "ghost1",
+    stream_seq: stored.seq,
+    code: "not_found",
+  });
+  const seq = (await js.publish(`deadletter.${l.stage}.ghost1`, JSON.stringify(l))).seq;
+  const redrive = (body: unknown) =>
+    app.request("/deadletters/redrive", {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify(body),
+    });
+  for (const body of [{ ids: [seq] }, { all: true }]) {
+    const res = await redrive(body);
+    assert.equal(res.status, 422, await res.clone().text());
+    assert.match(
+      (await res.json()).detail,
+      /its item has not entered \(nothing is stored on tickets\.submitted\.ghost1\)/,
+    );
+  }
+  assert.equal((await t.jsm.streams.info("TICKETS")).state.messages, 1, "nothing republished");
+  // Once the item has entered, the letter goes.
+  const entry = itemEntryEvent(p, "ghost1", { customer: "c", text: "hi" }, {
+    source: "test",
+    traceId: TRACE,
+  });
+  await js.publish(`tickets.submitted.ghost1`, JSON.stringify(entry));
+  const res = await redrive({ ids: [seq] });
+  assert.equal(res.status, 200, await res.clone().text());
+  assert.deepEqual((await res.json()).redriven.map((r: { seq: number }) => r.seq), [seq]);
+});

@@ -32,7 +32,12 @@ import type { ScheduleStore } from "../scheduler/store.ts";
 import { type Auth, createAuth, needsRoles } from "./auth.ts";
 import { Role } from "../config.ts";
 import { LiveFeeds, SseClients } from "./sse.ts";
-import { definitionRedriveCheck, type IntakeGuards, pipelineRoutes } from "./pipelines.ts";
+import {
+  definitionRedriveCheck,
+  type IntakeGuards,
+  pipelineRoutes,
+  redriveEntrySubjects,
+} from "./pipelines.ts";
 import { openApiDocument } from "./openapi.ts";
 import { pipelineSubjects } from "../pipeline/derive.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
@@ -326,7 +331,10 @@ export function createApp(deps: GatewayDeps): Hono {
   app.use("/deadletters/*", adminAuth);
   app.route(
     "/deadletters",
-    deadLetterRoutes(jetStream.js, { check: definitionRedriveCheck(deps.pipelines ?? []) }),
+    deadLetterRoutes(jetStream.js, {
+      check: definitionRedriveCheck(deps.pipelines ?? []),
+      entrySubject: redriveEntrySubjects(deps.pipelines ?? []),
+    }),
   );
   app.use("/schedules", adminAuth);
   app.use("/schedules/*", adminAuth);

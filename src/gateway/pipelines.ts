@@ -6,6 +6,7 @@
  *
  * @module
  */
+import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { type Context, Hono, type MiddlewareHandler } from "hono";
 import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import {
@@ -930,6 +931,29 @@ export function servePipelineRequests(
     ];
   });
   return { stop: () => subs.forEach((s) => s.unsubscribe()) };
+}
+
+/**
+ * Where the item a subject names has its entry event stored, for the running definitions
+ * and the shipped pipelines (redrive's `entrySubject`); undefined for any other subject.
+ *
+ * @example
+ * ```ts ignore
+ * const entryOf = redriveEntrySubjects(loaded);
+ * entryOf("orders.priced.o1"); // "orders.submitted.o1"
+ * ```
+ */
+export function redriveEntrySubjects(
+  pipelines: readonly LoadedPipeline[],
+): (subject: string) => string | undefined {
+  const entries = new Map<string, string>();
+  for (const w of SHIPPED_PIPELINES) if (w.items) entries.set(w.name, w.items.entryType);
+  for (const p of pipelines) entries.set(p.def.name, `${p.def.name}.${entryEvent(p.def)}`);
+  return (subject) => {
+    const parts = subject.split(".");
+    const entry = parts.length === 3 ? entries.get(parts[0]!) : undefined;
+    return entry === undefined ? undefined : `${entry}.${parts[2]}`;
+  };
 }
 
 /**
