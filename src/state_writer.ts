@@ -250,7 +250,12 @@ export async function runStateWriter<S>(opts: {
     if (!metrics || !spec.isFinal(after) || (before !== undefined && spec.isFinal(before))) return;
     const t = after as { created_at?: string; updated_at?: string; status?: string };
     const seconds = (Date.parse(t.updated_at ?? "") - Date.parse(t.created_at ?? "")) / 1000;
-    if (seconds >= 0) metrics.endToEndSeconds.observe({ outcome: t.status ?? "final" }, seconds);
+    if (seconds >= 0) {
+      metrics.endToEndSeconds.observe(
+        { stage: spec.durable, outcome: t.status ?? "final" },
+        seconds,
+      );
+    }
   }
 
   /** Writes one item's new events; returns when written (or throws). */

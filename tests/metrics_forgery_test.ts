@@ -61,6 +61,25 @@ const FORGED = [
     value: -1,
   }])],
   [family("weft_deadletter_pending", "gauge", [{ labels: {}, value: 0 }])],
+  // A stage nobody has, and a series of no stage: the state writers' end-to-end histogram.
+  [family("weft_stage_processed_total", "counter", [{ labels: { stage: "ghost" }, value: 7 }])],
+  [family("weft_item_end_to_end_seconds", "histogram", [
+    {
+      labels: { le: "+Inf", outcome: "processed" },
+      value: 1000000,
+      metricName: "weft_item_end_to_end_seconds_bucket",
+    },
+    {
+      labels: { outcome: "processed" },
+      value: 1000000,
+      metricName: "weft_item_end_to_end_seconds_count",
+    },
+    {
+      labels: { outcome: "processed" },
+      value: 99999999,
+      metricName: "weft_item_end_to_end_seconds_sum",
+    },
+  ])],
 ];
 
 /** The services the supervisor runs whose metrics the gateway gathers (no live shadow runs). */
@@ -151,6 +170,20 @@ for (
       assert.equal(sample(text, "weft_stage_dead_lettered_total", { stage: "state" }), 1);
       assert.equal(sample(text, "weft_stage_dead_lettered_total", { stage: "topics" }), undefined);
       assert.equal(sample(text, "weft_deadletter_pending"), 2, "JetStream's count");
+      assert.equal(sample(text, "weft_stage_processed_total", { stage: "ghost" }), undefined);
+      assert.equal(
+        sample(text, "weft_item_end_to_end_seconds_count", {
+          stage: "state",
+          outcome: "processed",
+        }),
+        1,
+        "the state writer's one item",
+      );
+      assert.equal(
+        sample(text, "weft_item_end_to_end_seconds_count", { outcome: "processed" }),
+        undefined,
+        "no series of no stage",
+      );
       assert.equal(sample(text, "weft_metrics_sources"), expected.length);
       assert.ok(
         (sample(text, "weft_metrics_refused_total", { service: "sentiment" }) ?? 0) >=
@@ -167,6 +200,10 @@ for (
       assert.ok(
         refusals.some((l) => /weft_deadletter_pending is the gateway's/.test(String(l.reason))),
       );
+      assert.ok(
+        refusals.some((l) => /stage ghost is no stage of sentiment.s/.test(String(l.reason))),
+      );
+      assert.ok(refusals.some((l) => /a series of no stage of sentiment.s/.test(String(l.reason))));
     } finally {
       for (const s of subs) s.unsubscribe();
       await forger.close();

@@ -146,10 +146,21 @@ Deno.test("refusalOf takes a service's own metrics and refuses what it cannot ha
     [one("gauge", [{ labels: { shadow: "a" }, value: 1 }], "weft_shadow_up"), /is shadow's/],
     [
       [
-        ...one("counter", [{ labels: {}, value: 1 }], "weft_x"),
-        ...one("gauge", [{ labels: {}, value: 1 }], "weft_x"),
+        ...one("counter", [{ labels: { stage: "sentiment" }, value: 1 }], "weft_x"),
+        ...one("gauge", [{ labels: { stage: "sentiment" }, value: 1 }], "weft_x"),
       ],
       /weft_x: gauge, not counter/,
+    ],
+    // A stage nobody has, and a series of no stage (found by probing with the sentiment key:
+    // a ghost stage's count and the state writers' end-to-end histogram were taken).
+    [one("counter", [{ labels: { stage: "ghost" }, value: 1 }]), /stage ghost is no stage of/],
+    [
+      one("histogram", [{
+        labels: { outcome: "processed" },
+        value: 1,
+        metricName: "weft_item_end_to_end_seconds_count",
+      }], "weft_item_end_to_end_seconds"),
+      /a series of no stage of sentiment's/,
     ],
   ];
   for (const [answer, reason] of cases) assert.match(check(answer) ?? "taken", reason);
@@ -164,7 +175,13 @@ Deno.test("refusalOf takes a service's own metrics and refuses what it cannot ha
   // A type the gateway's own registry has for a family binds every answer.
   const types = new Map([["weft_stage_processed_total", "counter"]]);
   assert.match(
-    refusalOf(one("gauge", [{ labels: {}, value: 1 }]), sources[0]!, owners, sources, types) ?? "",
+    refusalOf(
+      one("gauge", [{ labels: { stage: "sentiment" }, value: 1 }]),
+      sources[0]!,
+      owners,
+      sources,
+      types,
+    ) ?? "",
     /gauge, not counter/,
   );
 });

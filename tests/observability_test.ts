@@ -68,9 +68,12 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
       (sample(text, "weft_consumer_pending", { stream: "FEEDBACK", consumer: c }) ?? 1) > 0 ||
       (sample(text, "weft_consumer_ack_pending", { stream: "FEEDBACK", consumer: c }) ?? 1) > 0
     );
-    const e2e =
-      (sample(text, "weft_item_end_to_end_seconds_count", { outcome: "processed" }) ?? 0) +
-      (sample(text, "weft_item_end_to_end_seconds_count", { outcome: "failed" }) ?? 0);
+    const e2e = (sample(text, "weft_item_end_to_end_seconds_count", {
+      stage: "state",
+      outcome: "processed",
+    }) ?? 0) +
+      (sample(text, "weft_item_end_to_end_seconds_count", { stage: "state", outcome: "failed" }) ??
+        0);
     if (!busy && e2e === 6 && sample(text, "weft_metrics_sources") === 5) break;
   }
 
@@ -100,8 +103,14 @@ Deno.test("the mesh reports exact metrics, NATS micro answers and JSON logs afte
       sample(text, "weft_stage_published_total", { stage: "sentiment", type: "feedback.failed" }),
       undefined, // the failed event is the dead-letter path's, counted as dead-lettered
     );
-    assert.equal(sample(text, "weft_item_end_to_end_seconds_count", { outcome: "processed" }), 5);
-    assert.equal(sample(text, "weft_item_end_to_end_seconds_count", { outcome: "failed" }), 1);
+    assert.equal(
+      sample(text, "weft_item_end_to_end_seconds_count", { stage: "state", outcome: "processed" }),
+      5,
+    );
+    assert.equal(
+      sample(text, "weft_item_end_to_end_seconds_count", { stage: "state", outcome: "failed" }),
+      1,
+    );
     for (const c of ["ingest", "sentiment", "topics", "dispatch", "state"]) {
       assert.equal(sample(text, "weft_consumer_pending", { stream: "FEEDBACK", consumer: c }), 0);
       assert.equal(

@@ -91,6 +91,8 @@ export const GATEWAY_FAMILIES: ReadonlySet<string> = new Set([
   "weft_items_accepted_total",
 ]);
 
+/** The family a service adds when its answer had to leave series out (not of a stage). */
+const TRUNCATED = "weft_metrics_truncated";
 const METRIC_NAME = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/;
 const LABEL_NAME = /^[a-zA-Z_][a-zA-Z0-9_]*$/;
 const TYPES: ReadonlySet<string> = new Set(["counter", "gauge", "histogram"]);
@@ -140,6 +142,7 @@ export function refusalOf(
       o.service !== source.service && (o.families ?? []).some((p) => name.startsWith(p))
     );
     if (owner) return `${name} is ${owner.service}'s`;
+    const ownsFamily = (source.families ?? []).some((p) => name.startsWith(p));
     const known = types.get(name) ?? seen.get(name);
     if (known !== undefined && known !== type) return `${name}: ${type}, not ${known}`;
     seen.set(name, type);
@@ -159,10 +162,18 @@ export function refusalOf(
           return `${name}: label ${k} not a value`;
         }
       }
+      // Every series a service reports is of one of its own stages (its own families and
+      // its truncation note aside): not another's, nor one nobody has, nor none at all.
+      if (ownsFamily || name === TRUNCATED) continue;
       const stage = (labels as Record<string, unknown>).stage;
       const stageOwner = typeof stage === "string" ? owners.get(stage) : undefined;
       if (stageOwner !== undefined && stageOwner !== source.service) {
         return `${name}: stage ${String(stage)} is ${stageOwner}'s`;
+      }
+      if (typeof stage !== "string" || !source.stages.includes(stage)) {
+        return `${name}: ${
+          typeof stage === "string" ? `stage ${stage} is no stage` : "a series of no stage"
+        } of ${source.service}'s`;
       }
     }
   }

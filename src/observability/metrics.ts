@@ -87,7 +87,7 @@ export class WeftMetrics {
   /** Handler run time. */
   readonly handlerSeconds: client.Histogram<"stage">;
   /** From an item's first event to its final one. */
-  readonly endToEndSeconds: client.Histogram<"outcome">;
+  readonly endToEndSeconds: client.Histogram<"stage" | "outcome">;
   /** New items the gateway's intake accepted (HTTP and NATS requests). */
   readonly accepted: client.Counter<"pipeline">;
 
@@ -152,7 +152,7 @@ export class WeftMetrics {
     this.endToEndSeconds = new client.Histogram({
       name: "weft_item_end_to_end_seconds",
       help: "Time from an item's ingested event to its final event (processed or failed)",
-      labelNames: ["outcome"],
+      labelNames: ["stage", "outcome"],
       buckets: [...END_TO_END_BUCKETS],
       registers,
     });
