@@ -125,10 +125,27 @@ Deno.test("a changed definition: items whose next step exists continue, the othe
     assert.equal(stuck.status, 409, JSON.stringify(stuck.body));
     assert.match(stuck.body.detail, /waits at step hold, which the running definition/);
 
-    // The stranded item's awaited event comes (an operator publishes it): version 2 has no
-    // step that awaits it.
+    // The same decision on the bus (found by probing: it was recorded under version 2's
+    // `approve`, acked and never taken): kept as a letter, failing nothing.
     const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
     try {
+      nc.publish(`vers.approved.${stranded}`, JSON.stringify({ by: "dan" }));
+      const kept = await waitFor(
+        async () => {
+          const l = await (await fetch(`${mesh.gatewayUrl}/deadletters?item_id=${stranded}`))
+            .json();
+          return l.items.find((x: { letter: { subject: string } }) =>
+            x.letter.subject === `vers.approved.${stranded}`
+          );
+        },
+        20_000,
+        "the bus decision kept as a letter",
+      );
+      assert.equal(kept.letter.code, "conflict");
+      assert.match(kept.letter.reason, /waits at step hold, which the running definition/);
+      assert.equal((await stateOf(mesh.gatewayUrl, stranded)).status, "waiting", "still waiting");
+      // The stranded item's awaited event comes (an operator publishes it): version 2 has no
+      // step that awaits it.
       nc.publish(`vers.held.${stranded}`, JSON.stringify({ by: "dan" }));
       await nc.flush();
     } finally {

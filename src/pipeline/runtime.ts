@@ -889,6 +889,7 @@ export function controlStage(
   const kvm = new Kvm(nc);
   // Opened at first use; one that failed (NATS away) is opened again at the next.
   const heldKv = lazy(() => kvm.open(controlBucketOf(n)));
+  const states = lazy(() => kvm.open(stateBucketOf(n)));
   const schedules = lazy(() => kvm.open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv)));
   // The pipeline's own schedules: `<name>.<...>`, which only its control service may write.
   const timerId = (step: string, item: string, iter: number) =>
@@ -1140,6 +1141,20 @@ export function controlStage(
       throw new NotFoundError(
         `no ${n} item ${JSON.stringify(item)}: an awaited event counts only for an item ` +
           `submitted before it (this one was stored at stream sequence ${seq}); nothing changed`,
+      );
+    }
+    // Held at a wait the running definition no longer has (renamed or removed since the item
+    // reached it): the decision would be recorded under the running definition's wait and
+    // never taken, so it is kept as a letter instead (as HTTP answers 409), failing nothing:
+    // redriven once the step is back, it decides the item.
+    const s = await readItem(await states(), item).catch(() => null);
+    const heldAt = s?.status === "waiting" ? s.waiting?.step : undefined;
+    if (heldAt !== undefined && def.steps[heldAt]?.kind !== "wait") {
+      throw new ConflictError(
+        `${n} item ${item} waits at step ${heldAt}, which the running definition ` +
+          `(${def.hash}) no longer has: its decision is kept as this letter (redrive it once ` +
+          `the step is back)`,
+        { permanent: true },
       );
     }
     const kv = await heldKv();
