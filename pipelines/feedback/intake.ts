@@ -22,6 +22,7 @@ import {
   isOutcomeUnknown,
   NotFoundError,
   OutcomeUnknownError,
+  toProblem,
   ValidationError,
   WeftError,
 } from "../../src/errors.ts";
@@ -284,11 +285,20 @@ export async function createIntake(
     // Canonical JSON (src/canonical_json.ts): the same request with its keys in another order matches.
     const fingerprint = deterministicId(canonicalJson(request) ?? "");
     const body = answer();
+    let revision: number;
     try {
-      await idempotency.create(kvKey, encoder.encode(JSON.stringify({ fingerprint, body })));
+      revision = await idempotency.create(
+        kvKey,
+        encoder.encode(JSON.stringify({ fingerprint, body })),
+      );
     } catch {
-      const prev = (await idempotency.get(kvKey))?.json<{ fingerprint: string; body: T }>();
-      if (!prev) throw new WeftError(ErrorCode.Unavailable, "idempotency record vanished");
+      const entry = await idempotency.get(kvKey);
+      const prev = entry?.operation === "PUT"
+        ? entry.json<{ fingerprint: string; body: T }>()
+        : undefined;
+      if (!entry || !prev) {
+        throw new WeftError(ErrorCode.Unavailable, "idempotency record vanished");
+      }
       if (prev.fingerprint !== fingerprint) {
         throw new WeftError(
           ErrorCode.IdempotencyMismatch,
@@ -299,11 +309,37 @@ export async function createIntake(
       // Publishing is idempotent (message ids), so finishing a first attempt that failed
       // half-way is safe and makes the replayed answer true. A replay only if the first
       // attempt had stored it all: one answered 503 that stored nothing is stored now.
-      const fresh = await work(prev.body, true);
+      const fresh = await refusedLeavesKeyUnused(
+        kvKey,
+        entry.revision,
+        () => work(prev.body, true),
+      );
       return { body: prev.body, replayed: !fresh };
     }
-    await work(body, false);
+    await refusedLeavesKeyUnused(kvKey, revision, () => work(body, false));
     return { body, replayed: false };
+  }
+
+  /**
+   * Runs `work` under the Idempotency-Key record `kvKey` (at `revision`); when it is refused
+   * (a 4xx: nothing was stored), the record is removed, so the key stays unused and the
+   * corrected request may take it. A 5xx keeps it: its retry finishes the same request.
+   */
+  async function refusedLeavesKeyUnused<R>(
+    kvKey: string,
+    revision: number,
+    work: () => Promise<R>,
+  ): Promise<R> {
+    try {
+      return await work();
+    } catch (err) {
+      const { status } = toProblem(err);
+      if (status >= 400 && status < 500) {
+        // Only the record this request saw: one a later request wrote stays.
+        await idempotency.delete(kvKey, { previousSeq: revision }).catch(() => {});
+      }
+      throw err;
+    }
   }
 
   /**
@@ -377,15 +413,16 @@ export async function createIntake(
           if (atomic) {
             return await batchSlots(() => publishBatch(items, ids, replay, opts.trace));
           }
-          const published = await Promise.all(ids.map((id, i) => {
+          // Every id that may be stored already is looked up before any item is published,
+          // so a batch refused for one item's id stores none (and leaves its key unused).
+          const fresh = await Promise.all(ids.map((id, i) => {
             const item = items[i]!;
-            return publishOnce(
-              item,
-              id,
-              replay || item.id !== undefined,
-              opts.trace,
-              `/items/${i}/id`,
-            );
+            const mayExist = replay || item.id !== undefined;
+            return !mayExist || isNew(item, id, `/items/${i}/id`);
+          }));
+          const published = await Promise.all(ids.map((id, i) => {
+            if (!fresh[i]) return false;
+            return publishOnce(items[i]!, id, false, opts.trace, `/items/${i}/id`);
           }));
           return published.some(Boolean);
         },

@@ -1,0 +1,98 @@
+/**
+ * Defects found by a hostile-client probe of the gateway's HTTP API, each kept fixed: every
+ * refusal is a 4xx application/problem+json naming the field, a refused request changes
+ * nothing (not even an Idempotency-Key), and nothing the client sent is silently dropped
+ * or rewritten. Real nats-server, the gateway app in-process.
+ */
+import assert from "node:assert/strict";
+import { createApp } from "../src/gateway/app.ts";
+import { createAuth } from "../src/gateway/auth.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
+import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
+import { createModerationApi } from "../pipelines/moderation/api.ts";
+import { moderationRoutes } from "../pipelines/moderation/routes.ts";
+import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
+import { startTestNats, type TestNats } from "./helpers/nats.ts";
+
+const JSON_TYPE = { "content-type": "application/json" };
+
+/** The gateway app with feedback and content moderation, no API keys. */
+async function gateway(t: TestNats) {
+  const intake = await createIntake(t.nc);
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: false,
+  });
+  return createApp({
+    nc: t.nc,
+    jetStream: intake,
+    config: t.config,
+    log: t.log,
+    auth: createAuth([]),
+    extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
+  });
+}
+
+/** `res` is a problem document with `status`, naming `field` when given. */
+async function expectProblem(res: Response, status: number, field?: string) {
+  const text = await res.text();
+  assert.equal(res.status, status, text);
+  assert.match(res.headers.get("content-type") ?? "", /^application\/problem\+json/);
+  const p = JSON.parse(text);
+  if (field !== undefined) assert.equal(p.field, field, text);
+  return p;
+}
+
+Deno.test("a request refused for its body leaves its Idempotency-Key unused: the corrected request under the same key is accepted, one or a batch", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const post = (path: string, body: unknown, key?: string) =>
+    app.request(path, {
+      method: "POST",
+      headers: { ...JSON_TYPE, ...(key ? { "Idempotency-Key": key } : {}) },
+      body: JSON.stringify(body),
+    });
+  assert.equal((await post("/feedback", { id: "seedX", text: "original" })).status, 202);
+  const stored = async () => (await t.jsm.streams.info(FEEDBACK_STREAM)).state.messages;
+  assert.equal(await stored(), 1);
+
+  // One: the clash is refused naming /id, nothing stored; the same key with a fixed body works.
+  await expectProblem(await post("/feedback", { id: "seedX", text: "clash" }, "burnX"), 422, "/id");
+  assert.equal(await stored(), 1, "nothing stored by the refusal");
+  const fixed = await post("/feedback", { id: "seedY", text: "corrected" }, "burnX");
+  assert.equal(fixed.status, 202, await fixed.clone().text());
+  assert.equal(fixed.headers.get("idempotent-replayed"), null);
+  assert.equal((await fixed.json()).id, "seedY");
+  // The key now holds the accepted request: its repeat is a replay, another body a mismatch.
+  const again = await post("/feedback", { id: "seedY", text: "corrected" }, "burnX");
+  assert.equal(again.status, 202);
+  assert.equal(again.headers.get("idempotent-replayed"), "true");
+  await expectProblem(
+    await post("/feedback", { id: "seedZ", text: "other" }, "burnX"),
+    422,
+    "Idempotency-Key",
+  );
+
+  // A batch: the same.
+  const before = await stored();
+  await expectProblem(
+    await post(
+      "/feedback/batch",
+      { items: [{ text: "fine" }, { id: "seedX", text: "clash" }] },
+      "burnB",
+    ),
+    422,
+    "/items/1/id",
+  );
+  assert.equal(await stored(), before, "nothing stored by the refused batch");
+  const batch = await post(
+    "/feedback/batch",
+    { items: [{ text: "fine" }, { text: "also" }] },
+    "burnB",
+  );
+  assert.equal(batch.status, 202, await batch.clone().text());
+  assert.equal((await batch.json()).items.length, 2);
+  assert.equal(await stored(), before + 2);
+});
