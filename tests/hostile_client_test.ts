@@ -12,12 +12,17 @@ import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
-import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { serveRequests } from "../pipelines/feedback/requests.ts";
+import { servePipelineRequests } from "../src/gateway/pipelines.ts";
+import type { LoadedPipeline } from "../src/pipeline/runtime.ts";
+import { headers as natsHeaders } from "@nats-io/nats-core";
+import { approvalsPipeline } from "./helpers/pipeline.ts";
+import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
 /** The gateway app with feedback and content moderation, no API keys. */
-async function gateway(t: TestNats) {
+async function gateway(t: TestNats, opts: { pipelines?: LoadedPipeline[] } = {}) {
   const intake = await createIntake(t.nc);
   const moderation = await createModerationApi({
     nc: t.nc,
@@ -31,6 +36,7 @@ async function gateway(t: TestNats) {
     config: t.config,
     log: t.log,
     auth: createAuth([]),
+    ...(opts.pipelines ? { pipelines: opts.pipelines } : {}),
     extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
   });
 }
@@ -95,4 +101,56 @@ Deno.test("a request refused for its body leaves its Idempotency-Key unused: the
   assert.equal(batch.status, 202, await batch.clone().text());
   assert.equal((await batch.json()).items.length, 2);
   assert.equal(await stored(), before + 2);
+});
+
+Deno.test("a repeated Idempotency-Key is refused with 422 naming it, over HTTP and NATS, not merged into one key 'A, B'", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t, { pipelines: [approvalsPipeline()] });
+  const twoKeys = () => {
+    const h = new Headers(JSON_TYPE);
+    h.append("Idempotency-Key", "A");
+    h.append("Idempotency-Key", "B");
+    return h;
+  };
+  const posts: [string, unknown][] = [
+    ["/feedback", { text: "hello" }],
+    ["/feedback/batch", { items: [{ text: "hello" }] }],
+    ["/pipelines/approvals/items", {}],
+    ["/pipelines/approvals/items/batch", { items: [{}] }],
+  ];
+  for (const [path, body] of posts) {
+    const res = await app.request(path, {
+      method: "POST",
+      headers: twoKeys(),
+      body: JSON.stringify(body),
+    });
+    const p = await expectProblem(res, 422, "Idempotency-Key");
+    assert.match(p.detail, /Idempotency-Key takes one value/, path);
+  }
+  assert.equal((await t.jsm.streams.info(FEEDBACK_STREAM)).state.messages, 0, "nothing stored");
+
+  const served = [
+    serveRequests(t.nc, await createIntake(t.nc), t.log),
+    servePipelineRequests(t.nc, [approvalsPipeline()], t.log),
+  ];
+  try {
+    const h = natsHeaders();
+    h.append("Idempotency-Key", "A");
+    h.append("Idempotency-Key", "B");
+    for (
+      const [subject, body] of [["weft.feedback.submit", { text: "hi" }], [
+        "weft.approvals.submit",
+        {},
+      ]]
+    ) {
+      const reply =
+        (await t.nc.request(subject as string, JSON.stringify(body), { ...PATIENT, headers: h }))
+          .json<{ error?: { status: number; field?: string } }>();
+      assert.equal(reply.error?.status, 422, `${subject}: ${JSON.stringify(reply)}`);
+      assert.equal(reply.error?.field, "Idempotency-Key", `${subject}: ${JSON.stringify(reply)}`);
+    }
+  } finally {
+    for (const s of served) s.stop();
+  }
+  assert.equal((await t.jsm.streams.info(FEEDBACK_STREAM)).state.messages, 0, "nothing stored");
 });

@@ -19,8 +19,10 @@ const idempotencyKey: Json = {
   name: "Idempotency-Key",
   in: "header",
   description: "A repeat with the same body gets the first answer (Idempotent-Replayed: " +
-    "true); another body under the key is refused with 422 idempotency_mismatch",
-  schema: { type: "string", minLength: 1, maxLength: 255 },
+    "true); another body under the key is refused with 422 idempotency_mismatch; a request " +
+    "refused with a 4xx leaves the key unused. Sent once: a repeated header (joined by " +
+    "commas) or a key with a comma is refused with 422 naming it",
+  schema: { type: "string", minLength: 1, maxLength: 255, pattern: "^[^,]*$" },
 };
 
 /** The OpenAPI paths of pipelines/feedback/routes.ts. */

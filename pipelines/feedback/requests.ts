@@ -21,6 +21,7 @@ import {
   requestJson,
 } from "../../src/gateway/requests.ts";
 import type { Intake } from "./intake.ts";
+import { idempotencyKey } from "../../src/gateway/idempotency_key.ts";
 
 const QUEUE = "weft-gateway";
 
@@ -48,9 +49,7 @@ export function serveRequests(
           const submission = validateDocument("feedback.submit", requestJson(m.data, bodyLimit));
           const { body } = await intake.submit(submission, {
             // Present but empty is refused (422), as over HTTP; absent is no key.
-            idempotencyKey: m.headers?.has("Idempotency-Key")
-              ? m.headers.get("Idempotency-Key")
-              : undefined,
+            idempotencyKey: idempotencyKey(m.headers?.values("Idempotency-Key")),
             trace: parseTraceparent(m.headers?.get("traceparent")),
             who,
           });

@@ -22,6 +22,7 @@ import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Principal } from "../../src/gateway/auth.ts";
 import { openSlot, streamEvents } from "../../src/gateway/sse.ts";
 import { boolQuery, oneQuery, onlyQuery } from "../../src/gateway/query.ts";
+import { idempotencyKey } from "../../src/gateway/idempotency_key.ts";
 import {
   bodyLimitProblem,
   type GatewayExtension,
@@ -47,7 +48,7 @@ export function feedbackRoutes(intake: Intake): GatewayExtension {
     const app = new Hono<Env>();
     const ingestAuth = auth.require(Role.Ingest);
     const readAuth = auth.require(Role.Ingest, Role.Reviewer);
-    const keyOf = (c: Context<Env>) => c.req.header("Idempotency-Key");
+    const keyOf = (c: Context<Env>) => idempotencyKey([c.req.header("Idempotency-Key")]);
     const traceOf = (c: Context<Env>) => parseTraceparent(c.req.header("traceparent"));
     const sse = { config, clients, feeds, log };
 

@@ -520,8 +520,9 @@ export function openApiDocument(
     in: "header",
     description: "Names the item (a batch's items by position): a repeat with the same input " +
       "is the same item (answered with Idempotent-Replayed: true), another input is refused " +
-      "with 422 idempotency_mismatch",
-    schema: { type: "string", minLength: 1, maxLength: 256 },
+      "with 422 idempotency_mismatch. Sent once: a repeated header (joined by commas) or a " +
+      "key with a comma is refused with 422 naming it",
+    schema: { type: "string", minLength: 1, maxLength: 256, pattern: "^[^,]*$" },
   };
   for (const { def } of pipelines) {
     const n = def.name;

@@ -60,6 +60,7 @@ import { DEFAULT_BODY_LIMIT, maxPayloadOf, replyTo, requestJson } from "./reques
 import type { Auth } from "./auth.ts";
 import type { IngestLimiter } from "./ingest_limits.ts";
 import { lazy } from "../retry.ts";
+import { idempotencyKey } from "./idempotency_key.ts";
 
 /**
  * What guards intake into a definition's stream, as it guards a hand-wired one's: per-key rate
@@ -484,7 +485,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     async (c) => {
       const r = runtimeOf(c.req.param("name"));
       const input = await readJson(c);
-      const key = c.req.header("Idempotency-Key");
+      const key = idempotencyKey([c.req.header("Idempotency-Key")]);
       const id = newId(r.p.def.name, key, whoOf(c).name);
       const { replayed } = await admit(
         nc,
@@ -528,7 +529,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       }
       // Every item is checked before any is accepted: a bad one names its index.
       body.items.forEach((item, i) => checkInput(r.p.flow, item, `/items/${i}`));
-      const key = c.req.header("Idempotency-Key");
+      const key = idempotencyKey([c.req.header("Idempotency-Key")]);
       const trace = traceId(c.req.header("traceparent"));
       const items = body.items.map((input, i) => ({
         id: key === undefined ? ulid() : newId(r.p.def.name, `${key}#${i}`, whoOf(c).name),
@@ -888,9 +889,7 @@ export function servePipelineRequests(
             const who = check(m, Role.Ingest) ?? ANONYMOUS;
             const input = requestJson(m.data, bodyLimit);
             // Present but empty is refused (422), as over HTTP; absent is no key.
-            const key = m.headers?.has("Idempotency-Key")
-              ? m.headers.get("Idempotency-Key")
-              : undefined;
+            const key = idempotencyKey(m.headers?.values("Idempotency-Key"));
             const id = newId(n, key, who.name);
             const trace = childContext(parseTraceparent(m.headers?.get("traceparent"))).traceId;
             await admit(nc, p, opts.guards, who, [{ id, input }], trace, key !== undefined);
