@@ -12,6 +12,7 @@ import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
+import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import type { LoadedPipeline } from "../src/pipeline/runtime.ts";
@@ -153,4 +154,23 @@ Deno.test("a repeated Idempotency-Key is refused with 422 naming it, over HTTP a
     for (const s of served) s.stop();
   }
   assert.equal((await t.jsm.streams.info(FEEDBACK_STREAM)).state.messages, 0, "nothing stored");
+});
+
+Deno.test("POST /content as JSON refuses any query parameter with 422 naming it, meta.<key> included, instead of dropping it", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const post = (q: string) =>
+    app.request(`/content${q}`, {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({ text: "a picture of a cat" }),
+    });
+  for (const [q, field] of [["?meta.team=red", "meta.team"], ["?zzz=1", "zzz"], ["?x", "x"]]) {
+    const p = await expectProblem(await post(q!), 422, field);
+    assert.match(p.detail, new RegExp(field!.replace(".", "\\.")), q);
+  }
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing accepted");
+  const ok = await post("");
+  assert.equal(ok.status, 202, await ok.clone().text());
+  await ok.body?.cancel();
 });

@@ -60,7 +60,8 @@ const metaParams: Json = {
   name: "meta",
   in: "query",
   description: "A binary upload's metadata, one `meta.<key>=<value>` parameter per key " +
-    "(at most 32, each once; no other parameter is taken)",
+    "(at most 32, each once; no other parameter is taken). A JSON submission takes no " +
+    "query parameter: one is refused with 422 naming it",
   style: "deepObject",
   explode: true,
   schema: { type: "object", additionalProperties: { type: "string" }, maxProperties: 32 },

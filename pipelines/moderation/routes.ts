@@ -86,6 +86,15 @@ export function createModerationRoutes(deps: {
     const type = c.req.header("content-type") ?? "";
     let result;
     if (JSON_TYPE.test(type)) {
+      // Metadata goes in the body: a query parameter (meta.<key> included) is refused, not
+      // silently dropped.
+      const [name] = new URL(c.req.url).searchParams.keys();
+      if (name !== undefined) {
+        throw new ValidationError(
+          `unknown query parameter ${name}; a JSON submission takes none (its metadata goes in the body)`,
+          { field: name },
+        );
+      }
       const submission = validateDocument("content.submit", await readJson(c));
       result = await api.submitText(submission, who, trace);
     } else {
