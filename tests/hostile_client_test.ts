@@ -174,3 +174,35 @@ Deno.test("POST /content as JSON refuses any query parameter with 422 naming it,
   assert.equal(ok.status, 202, await ok.clone().text());
   await ok.body?.cancel();
 });
+
+Deno.test("a binary upload's meta.* value that is not percent-encoded UTF-8 is refused with 422 naming the parameter, not stored as U+FFFD", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const upload = (q: string) =>
+    app.request(`/content?${q}`, {
+      method: "POST",
+      headers: { "content-type": "image/png" },
+      body: new Uint8Array([1, 2, 3]),
+    });
+  for (const q of ["meta.a=%ED%A0%80", "meta.a=%C3%28", "meta.ok=1&meta.a=x%FFy", "meta.a=%zz"]) {
+    const p = await expectProblem(await upload(q), 422, "meta.a");
+    assert.match(p.detail, /meta\.a is not percent-encoded UTF-8/, q);
+  }
+  // A JSON submission names such a parameter too (it takes none).
+  const json = await app.request("/content?meta.a=%C3%28", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ text: "hello" }),
+  });
+  await expectProblem(json, 422, "meta.a");
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing accepted");
+  // Valid UTF-8, `+` as a space, is kept as sent.
+  const ok = await upload("meta.city=S%C3%A3o+Paulo&meta.emoji=%F0%9F%90%88");
+  assert.equal(ok.status, 202, await ok.clone().text());
+  const { id } = await ok.json();
+  const m = await t.jsm.streams.getMessage(CONTENT_STREAM, {
+    last_by_subj: `content.uploaded.${id}`,
+  });
+  const data = m!.json<{ data: { metadata?: Record<string, string> } }>().data;
+  assert.deepEqual(data.metadata, { city: "São Paulo", emoji: "🐈" });
+});

@@ -60,7 +60,7 @@ const metaParams: Json = {
   name: "meta",
   in: "query",
   description: "A binary upload's metadata, one `meta.<key>=<value>` parameter per key " +
-    "(at most 32, each once; no other parameter is taken). A JSON submission takes no " +
+    "(at most 32, each once, percent-encoded UTF-8; no other parameter is taken). A JSON submission takes no " +
     "query parameter: one is refused with 422 naming it",
   style: "deepObject",
   explode: true,

@@ -24,7 +24,7 @@ import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";
 import { type GatewayExtension, readJson, requireJson } from "../../src/gateway/app.ts";
-import { oneQuery, onlyQuery } from "../../src/gateway/query.ts";
+import { oneQuery, onlyQuery, strictQuery } from "../../src/gateway/query.ts";
 
 type Env = { Variables: { principal: Principal } };
 
@@ -88,7 +88,7 @@ export function createModerationRoutes(deps: {
     if (JSON_TYPE.test(type)) {
       // Metadata goes in the body: a query parameter (meta.<key> included) is refused, not
       // silently dropped.
-      const [name] = new URL(c.req.url).searchParams.keys();
+      const [name] = strictQuery(c.req.url).map(([k]) => k);
       if (name !== undefined) {
         throw new ValidationError(
           `unknown query parameter ${name}; a JSON submission takes none (its metadata goes in the body)`,
@@ -99,17 +99,18 @@ export function createModerationRoutes(deps: {
       result = await api.submitText(submission, who, trace);
     } else {
       // `meta.<key>=<value>` parameters, each once: nothing else is silently ignored and no
-      // value silently replaced by the last.
+      // value silently replaced by the last, nor one whose bytes are not UTF-8 rewritten.
       const metadata: Record<string, string> = {};
-      const params = new URL(c.req.url).searchParams;
-      for (const k of new Set(params.keys())) {
+      const params = new Map<string, string[]>();
+      for (const [k, v] of strictQuery(c.req.url)) params.set(k, [...params.get(k) ?? [], v]);
+      for (const [k, values] of params) {
         if (!k.startsWith("meta.")) {
           throw new ValidationError(
             `unknown query parameter ${k}; an upload takes meta.<key> parameters only`,
             { field: k },
           );
         }
-        metadata[k.slice(5)] = oneQuery(params.getAll(k), k)!;
+        metadata[k.slice(5)] = oneQuery(values, k)!;
       }
       if (Object.keys(metadata).length > MAX_META) {
         throw new ValidationError(`at most ${MAX_META} meta.* parameters`, { field: "meta.*" });

@@ -88,3 +88,38 @@ export function oneQuery(values: readonly string[] | undefined, name: string): s
   }
   return values[0];
 }
+
+/**
+ * A request URL's query parameters as `[name, value]` pairs in their order, decoded strictly:
+ * a name or value whose percent-encoding is not UTF-8 (`%C3%28`, a lone surrogate's
+ * `%ED%A0%80`, `%zz`) is a 422 problem naming the parameter, never stored with U+FFFD in
+ * place of the bytes (as `URLSearchParams` does). `+` is a space, as in a form.
+ *
+ * @example
+ * ```ts
+ * import { strictQuery } from "./query.ts";
+ * const pairs = strictQuery("http://x/upload?meta.city=S%C3%A3o+Paulo");
+ * console.assert(pairs[0]![0] === "meta.city" && pairs[0]![1] === "São Paulo");
+ * ```
+ */
+export function strictQuery(url: string): [string, string][] {
+  const query = new URL(url).search.slice(1);
+  const pairs: [string, string][] = [];
+  for (const part of query.split("&")) {
+    if (part === "") continue;
+    const eq = part.indexOf("=");
+    const rawName = eq < 0 ? part : part.slice(0, eq);
+    const name = strictDecode(rawName, rawName);
+    pairs.push([name, strictDecode(eq < 0 ? "" : part.slice(eq + 1), name)]);
+  }
+  return pairs;
+}
+
+/** `raw` percent-decoded as UTF-8, or a 422 problem naming `field`. */
+function strictDecode(raw: string, field: string): string {
+  try {
+    return decodeURIComponent(raw.replaceAll("+", " "));
+  } catch {
+    throw new ValidationError(`${field} is not percent-encoded UTF-8`, { field });
+  }
+}
