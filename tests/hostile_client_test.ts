@@ -206,3 +206,35 @@ Deno.test("a binary upload's meta.* value that is not percent-encoded UTF-8 is r
   const data = m!.json<{ data: { metadata?: Record<string, string> } }>().data;
   assert.deepEqual(data.metadata, { city: "São Paulo", emoji: "🐈" });
 });
+
+Deno.test("a JSON body declared in a charset other than utf-8 is refused with 415 naming content-type, not decoded as UTF-8 and stored rewritten", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  // {"text":"Ã©"} in ISO-8859-1: the bytes C3 A9, which read as UTF-8 are "é", another text.
+  const latin1 = new Uint8Array([...new TextEncoder().encode('{"text":"'), 0xc3, 0xa9, 0x22, 0x7d]);
+  for (const path of ["/feedback", "/content"]) {
+    for (const charset of ["ISO-8859-1", '"latin1"', "utf-16"]) {
+      const res = await app.request(path, {
+        method: "POST",
+        headers: { "content-type": `application/json; charset=${charset}` },
+        body: latin1,
+      });
+      const p = await expectProblem(res, 415, "content-type");
+      assert.match(p.detail, /charset must be utf-8/, `${path} ${charset}`);
+    }
+  }
+  assert.equal((await t.jsm.streams.info(FEEDBACK_STREAM)).state.messages, 0, "nothing stored");
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing stored");
+  // utf-8 in any case, quoted or not, is the body's own encoding.
+  for (const path of ["/feedback", "/content"]) {
+    for (const charset of ["utf-8", "UTF-8", '"Utf-8"']) {
+      const res = await app.request(path, {
+        method: "POST",
+        headers: { "content-type": `application/json;charset=${charset}` },
+        body: JSON.stringify({ text: "café" }),
+      });
+      assert.equal(res.status, 202, `${path} ${charset}: ${await res.clone().text()}`);
+      await res.body?.cancel();
+    }
+  }
+});

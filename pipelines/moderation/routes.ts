@@ -23,12 +23,11 @@ import { CONTENT_STREAM, contentEventsFilter } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";
-import { type GatewayExtension, readJson, requireJson } from "../../src/gateway/app.ts";
+import { type GatewayExtension, isJsonType, readJson, requireJson } from "../../src/gateway/app.ts";
 import { oneQuery, onlyQuery, strictQuery } from "../../src/gateway/query.ts";
 
 type Env = { Variables: { principal: Principal } };
 
-const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i;
 const STATUSES = new Set<string>(Object.values(ReviewStatus));
 
 /** Most `meta.*` parameters an upload may carry (the schema's Metadata maxProperties). */
@@ -78,14 +77,14 @@ export function createModerationRoutes(deps: {
   const reviewer = auth.require(Role.Reviewer);
 
   app.post("/content", auth.require(Role.Ingest), async (c, next) => {
-    const isJson = JSON_TYPE.test(c.req.header("content-type") ?? "");
+    const isJson = isJsonType(c.req.header("content-type") ?? "");
     return await tooLarge(isJson ? config.bodyLimit : config.contentMaxBytes)(c, next);
   }, async (c) => {
     const who = c.get("principal");
     const trace = parseTraceparent(c.req.header("traceparent"));
     const type = c.req.header("content-type") ?? "";
     let result;
-    if (JSON_TYPE.test(type)) {
+    if (isJsonType(type)) {
       // Metadata goes in the body: a query parameter (meta.<key> included) is refused, not
       // silently dropped.
       const [name] = strictQuery(c.req.url).map(([k]) => k);

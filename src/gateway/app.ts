@@ -140,10 +140,44 @@ export function bodyLimitProblem(maxSize: number): MiddlewareHandler {
   });
 }
 
-/** Refuses bodies that are not declared as JSON. */
+/** A JSON media type (`application/json`, `application/<x>+json`), parameters aside. */
+const JSON_MEDIA_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i;
+
+/**
+ * True when `type` (a Content-Type header) declares a JSON body. A JSON body is read as UTF-8,
+ * so a declared `charset` other than utf-8 (any case, quoted or not) is a 415 problem naming
+ * `content-type`, never decoded as UTF-8 all the same and stored rewritten.
+ *
+ * @example
+ * ```ts
+ * import { isJsonType } from "./app.ts";
+ * console.assert(isJsonType("application/json; charset=UTF-8"));
+ * console.assert(!isJsonType("image/png"));
+ * ```
+ */
+export function isJsonType(type: string): boolean {
+  if (!JSON_MEDIA_TYPE.test(type)) return false;
+  for (const param of type.split(";").slice(1)) {
+    const eq = param.indexOf("=");
+    if (eq < 0 || param.slice(0, eq).trim().toLowerCase() !== "charset") continue;
+    const charset = param.slice(eq + 1).trim().replace(/^"(.*)"$/, "$1");
+    if (charset.toLowerCase() !== "utf-8") {
+      throw new WeftError(
+        ErrorCode.UnsupportedMediaType,
+        `content-type's charset must be utf-8, a JSON body's encoding (got ${
+          JSON.stringify(charset)
+        })`,
+        { field: "content-type" },
+      );
+    }
+  }
+  return true;
+}
+
+/** Refuses bodies that are not declared as JSON (or declared in a charset other than utf-8). */
 export const requireJson: MiddlewareHandler = async (c, next) => {
   const type = c.req.header("content-type") ?? "";
-  if (!/^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i.test(type)) {
+  if (!isJsonType(type)) {
     throw new WeftError(
       ErrorCode.UnsupportedMediaType,
       `content-type must be application/json (got ${JSON.stringify(type || "none")})`,
