@@ -11,6 +11,7 @@ import { createIntake } from "../pipelines/feedback/intake.ts";
 import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
+import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
@@ -237,4 +238,51 @@ Deno.test("a JSON body declared in a charset other than utf-8 is refused with 41
       await res.body?.cancel();
     }
   }
+});
+
+Deno.test("POST /content and weft.content.submit refuse an Idempotency-Key with 422 naming it, instead of ignoring it and making a second item", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const keyed = { "Idempotency-Key": "same-key" };
+  const posts: [Record<string, string>, BodyInit, string][] = [
+    [JSON_TYPE, JSON.stringify({ text: "a picture of a cat" }), ""],
+    [JSON_TYPE, JSON.stringify({ id: "ct-keyed", text: "a picture of a cat" }), ""],
+    [{ "content-type": "image/png" }, new Uint8Array([1, 2, 3]), "?meta.camera=x100"],
+  ];
+  for (const [headers, body, q] of posts) {
+    for (let i = 0; i < 2; i++) {
+      const res = await app.request(`/content${q}`, {
+        method: "POST",
+        headers: { ...headers, ...keyed },
+        body,
+      });
+      const p = await expectProblem(res, 422, "Idempotency-Key");
+      assert.match(p.detail, /takes no Idempotency-Key/);
+    }
+  }
+  const requests = serveModerationRequests(
+    t.nc,
+    await createModerationApi({
+      nc: t.nc,
+      config: t.config,
+      log: t.log,
+      authEnabled: false,
+    }),
+    createAuth([]),
+    t.log,
+  );
+  try {
+    const h = natsHeaders();
+    h.set("Idempotency-Key", "same-key");
+    const reply = (await t.nc.request(
+      "weft.content.submit",
+      JSON.stringify({ text: "a picture of a cat" }),
+      { ...PATIENT, headers: h },
+    )).json<{ error?: { status: number; field?: string } }>();
+    assert.equal(reply.error?.status, 422, JSON.stringify(reply));
+    assert.equal(reply.error?.field, "Idempotency-Key", JSON.stringify(reply));
+  } finally {
+    requests.stop();
+  }
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing accepted");
 });

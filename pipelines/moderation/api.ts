@@ -202,6 +202,20 @@ export function assertSameSubmission(id: string, stored: ContentItem, item: Cont
 }
 
 /**
+ * Refuses (422 naming the header) an Idempotency-Key on a content submission, HTTP and NATS
+ * alike: it takes none, and one ignored would make a repeat a second item. A JSON submission's
+ * `id` in the body is what makes a repeat the same item; a binary upload is always a new one.
+ */
+export function refuseIdempotencyKey(present: boolean): void {
+  if (!present) return;
+  throw new ValidationError(
+    "a content submission takes no Idempotency-Key: send the item's id in the JSON body " +
+      "(a repeat with the same body is the same item); a binary upload is always a new item",
+    { field: "Idempotency-Key" },
+  );
+}
+
+/**
  * A claim's body, as HTTP (`{"reviewer"?}`) and NATS (`{"id", "reviewer"?}`) take it, the
  * fields given in `fields`: another field, or a reviewer that is not a string, is a 422
  * naming it, never ignored.

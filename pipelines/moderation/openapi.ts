@@ -77,7 +77,13 @@ export function moderationPaths(): Json {
           headers: { Location: { schema: { type: "string" }, description: "/content/{id}" } },
         },
       }, {
-        parameters: [metaParams],
+        parameters: [metaParams, {
+          name: "Idempotency-Key",
+          in: "header",
+          description: "Not taken: a request carrying one is refused with 422 naming it. A JSON " +
+            "submission's `id` in the body makes a repeat the same item; an upload is always new",
+          schema: { type: "string" },
+        }],
         requestBody: {
           required: true,
           description: "JSON (`{text, metadata?, id?}`), or any other content type as a binary " +

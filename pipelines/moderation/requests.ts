@@ -14,7 +14,7 @@ import type { Msg, NatsConnection } from "@nats-io/nats-core";
 import { Role } from "../../src/config.ts";
 import { ValidationError } from "../../src/errors.ts";
 import type { Logger } from "../../src/observability/log.ts";
-import { claimBody, type ModerationApi } from "./api.ts";
+import { claimBody, type ModerationApi, refuseIdempotencyKey } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
 import { validateDocument } from "../../src/schemas.ts";
 import {
@@ -73,12 +73,14 @@ export function serveModerationRequests(
   > = {
     [CONTENT_SUBMIT_REQUEST_SUBJECT]: {
       roles: [Role.Ingest],
-      run: async (m, who) =>
-        (await api.submitText(
+      run: async (m, who) => {
+        refuseIdempotencyKey(m.headers?.has("Idempotency-Key") ?? false);
+        return (await api.submitText(
           validateDocument("content.submit", requestJson(m.data, bodyLimit)),
           who,
           parseTraceparent(m.headers?.get("traceparent")),
-        )).body,
+        )).body;
+      },
     },
     [CONTENT_GET_REQUEST_SUBJECT]: {
       roles: [Role.Ingest, Role.Reviewer],

@@ -15,7 +15,7 @@ import { bodyLimit } from "hono/body-limit";
 import { type Config, Role } from "../../src/config.ts";
 import { ErrorCode, ValidationError, WeftError } from "../../src/errors.ts";
 import type { Logger } from "../../src/observability/log.ts";
-import { claimBody, type ModerationApi } from "./api.ts";
+import { claimBody, type ModerationApi, refuseIdempotencyKey } from "./api.ts";
 import { ReviewStatus } from "./review_queue.ts";
 import { validateDocument } from "../../src/schemas.ts";
 import { CONTENT_FINAL_EVENT_TYPES } from "./events.ts";
@@ -83,6 +83,7 @@ export function createModerationRoutes(deps: {
     const who = c.get("principal");
     const trace = parseTraceparent(c.req.header("traceparent"));
     const type = c.req.header("content-type") ?? "";
+    refuseIdempotencyKey(c.req.header("Idempotency-Key") !== undefined);
     let result;
     if (isJsonType(type)) {
       // Metadata goes in the body: a query parameter (meta.<key> included) is refused, not
