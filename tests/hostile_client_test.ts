@@ -13,7 +13,10 @@ import { createModerationApi } from "../pipelines/moderation/api.ts";
 import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
-import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
+import { CONTENT_STREAM, REVIEW_BUCKET } from "../pipelines/moderation/subjects.ts";
+import { createReviewQueue } from "../pipelines/moderation/review_queue.ts";
+import { Kvm } from "@nats-io/kv";
+import { jetstream } from "@nats-io/jetstream";
 import { serveRequests } from "../pipelines/feedback/requests.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import type { LoadedPipeline } from "../src/pipeline/runtime.ts";
@@ -285,4 +288,50 @@ Deno.test("POST /content and weft.content.submit refuse an Idempotency-Key with 
     requests.stop();
   }
   assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing accepted");
+});
+
+Deno.test("a reviewer's decision whose publish the full CONTENT stream refuses answers 503 with Retry-After, not 500; the same decision retried publishes it", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const queue = createReviewQueue(await new Kvm(t.nc).open(REVIEW_BUCKET), t.config);
+  const id = "ct-full-1";
+  await queue.enqueue({
+    id,
+    status: "pending",
+    trace_id: "0".repeat(32),
+    queued_at: new Date().toISOString(),
+    escalation_level: 0,
+    content: { text: "a text under review", submitted_by: "test" },
+    moderation: {
+      verdict: "flagged",
+      categories: ["insult"],
+      score: 0.9,
+      analyzer: "test",
+      reasons: ["r"],
+    },
+  });
+  // The stream at its message limit (discard new): the decision's publish is refused (10077).
+  await jetstream(t.nc).publish("content.probe.full", "");
+  const info = await t.jsm.streams.info(CONTENT_STREAM);
+  await t.jsm.streams.update(CONTENT_STREAM, { ...info.config, max_msgs: info.state.messages });
+  const decide = () =>
+    app.request(`/reviews/${id}/decision`, {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({ decision: "approve", reason: "fine", reviewer: "amy" }),
+    });
+  const refused = await decide();
+  const p = await expectProblem(refused, 503);
+  assert.equal(p.code, "unavailable");
+  assert.ok(Number(refused.headers.get("retry-after")) > 0, "Retry-After");
+  assert.match(p.detail, /retry/i);
+
+  await t.jsm.streams.update(CONTENT_STREAM, { ...info.config, max_msgs: -1 });
+  const ok = await decide();
+  assert.equal(ok.status, 200, await ok.clone().text());
+  await ok.body?.cancel();
+  const m = await t.jsm.streams.getMessage(CONTENT_STREAM, {
+    last_by_subj: `content.decided.${id}`,
+  });
+  assert.equal(m?.json<{ data: { decision: string } }>().data.decision, "approve");
 });

@@ -486,7 +486,8 @@ export async function createModerationApi(deps: {
    * Publishes a human decision unless the stream holds one: with "expected last subject
    * sequence" on the item's decided subject, so the stream stores one decision per item
    * however late a repeat comes. A decision found there is a replay when it is this one, a
-   * conflict (409) otherwise.
+   * conflict (409) otherwise. A stream too full to store it is a 503 with Retry-After: the
+   * decision stays in the queue, and the same decision retried publishes it.
    */
   async function publishDecision(entry: ReviewEntry): Promise<void> {
     const event = humanDecidedEvent(entry, "weft-gateway", now());
@@ -499,6 +500,15 @@ export async function createModerationApi(deps: {
         await publishUnique(js, m.subject, m.data, m.headers);
         return;
       } catch (err) {
+        if (isStreamFull(err)) {
+          throw new WeftError(
+            ErrorCode.Unavailable,
+            `the decision on item ${entry.id} is recorded, but stream ${CONTENT_STREAM} is full ` +
+              `and did not store it; retry the same decision later (it is replayed and ` +
+              `published), or grow the stream (WEFT_STREAM_MAX_BYTES)`,
+            { cause: err, retryAfterSeconds: 30, shown: true },
+          );
+        }
         if (!isAlreadyStored(err)) throw err;
         // Something was stored on the subject meanwhile: look again.
       }
