@@ -335,3 +335,29 @@ Deno.test("a reviewer's decision whose publish the full CONTENT stream refuses a
   });
   assert.equal(m?.json<{ data: { decision: string } }>().data.decision, "approve");
 });
+
+Deno.test("GET /content/<id>/object serves the item's first upload: an upload event re-published on its subject naming another object does not swap the bytes", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const upload = async (bytes: number[]) => {
+    const res = await app.request("/content", {
+      method: "POST",
+      headers: { "content-type": "image/png" },
+      body: new Uint8Array(bytes),
+    });
+    assert.equal(res.status, 202, await res.clone().text());
+    return (await res.json()).id as string;
+  };
+  const id = await upload([1, 1, 1]);
+  const other = await upload([6, 6, 6, 6]);
+  const subject = `content.uploaded.${id}`;
+  const first = (await t.jsm.streams.getMessage(CONTENT_STREAM, { last_by_subj: subject }))!
+    .json<{ data: { object: { name: string; size: number } } }>();
+  // The gateway's key may publish on the subject: a second upload event naming the other object.
+  const forged = structuredClone(first);
+  forged.data.object = { ...forged.data.object, name: other, size: 4 };
+  await jetstream(t.nc).publish(subject, JSON.stringify(forged));
+  const res = await app.request(`/content/${id}/object`);
+  assert.equal(res.status, 200, await res.clone().text());
+  assert.deepEqual([...new Uint8Array(await res.arrayBuffer())], [1, 1, 1]);
+});

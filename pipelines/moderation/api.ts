@@ -416,13 +416,20 @@ export async function createModerationApi(deps: {
     }
   }
 
-  /** The uploaded event in the stream, by its subject: there before any state is written. */
+  /**
+   * The item's uploaded event in the stream, by its subject: there before any state is
+   * written. The FIRST one, the gateway's, as the stages read it (uploadedContentReader): a
+   * later event re-published on the subject (the gateway key can publish there) names
+   * nothing the item serves, so it cannot swap a reviewed item's bytes or text.
+   */
   async function uploadedEvent(id: string): Promise<{ item: ContentItem; seq: number } | null> {
     if (!ITEM_ID.test(id)) return null;
     try {
+      // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
       const m = await jsm.streams.getMessage(CONTENT_STREAM, {
-        last_by_subj: eventSubject(T.Uploaded, id),
-      });
+        next_by_subj: eventSubject(T.Uploaded, id),
+        seq: 0,
+      } as unknown as { seq: number });
       return m ? { item: m.json<{ data: ContentItem }>().data, seq: m.seq } : null;
     } catch {
       return null;
