@@ -22,12 +22,16 @@ import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import type { LoadedPipeline } from "../src/pipeline/runtime.ts";
 import { headers as natsHeaders } from "@nats-io/nats-core";
 import { approvalsPipeline } from "./helpers/pipeline.ts";
+import { createShadowControl, type ShadowControl } from "../src/shadow/control.ts";
 import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
 /** The gateway app with feedback and content moderation, no API keys. */
-async function gateway(t: TestNats, opts: { pipelines?: LoadedPipeline[] } = {}) {
+async function gateway(
+  t: TestNats,
+  opts: { pipelines?: LoadedPipeline[]; shadows?: ShadowControl } = {},
+) {
   const intake = await createIntake(t.nc);
   const moderation = await createModerationApi({
     nc: t.nc,
@@ -42,6 +46,7 @@ async function gateway(t: TestNats, opts: { pipelines?: LoadedPipeline[] } = {})
     log: t.log,
     auth: createAuth([]),
     ...(opts.pipelines ? { pipelines: opts.pipelines } : {}),
+    ...(opts.shadows ? { shadows: opts.shadows } : {}),
     extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
   });
 }
@@ -360,4 +365,29 @@ Deno.test("GET /content/<id>/object serves the item's first upload: an upload ev
   const res = await app.request(`/content/${id}/object`);
   assert.equal(res.status, 200, await res.clone().text());
   assert.deepEqual([...new Uint8Array(await res.arrayBuffer())], [1, 1, 1]);
+});
+
+Deno.test("POST /shadows for a pipeline that is not running names /pipeline, not /candidate/definition", async () => {
+  await using t = await startTestNats();
+  const pipelines = [approvalsPipeline()];
+  const shadows = createShadowControl(t.nc, [], { pipelines, root: "" });
+  const app = await gateway(t, { pipelines, shadows });
+  const attach = (spec: unknown) =>
+    app.request("/shadows", { method: "POST", headers: JSON_TYPE, body: JSON.stringify(spec) });
+  for (
+    const candidate of [{ analyzers: "rules" }, {}, { definition: "pipelines/nope/v2.ts" }]
+  ) {
+    const p = await expectProblem(
+      await attach({ id: "s1", pipeline: "nope", step: "check", candidate }),
+      422,
+      "/pipeline",
+    );
+    assert.match(p.detail, /no running pipeline nope/, JSON.stringify(candidate));
+  }
+  // A running definition's pipeline still gets its candidate checked.
+  await expectProblem(
+    await attach({ id: "s1", pipeline: "approvals", step: "check", candidate: {} }),
+    422,
+    "/candidate/definition",
+  );
 });

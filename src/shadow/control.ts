@@ -197,7 +197,9 @@ export function createShadowControl(
     },
 
     async attach(value, by) {
-      const spec = parseShadowSpec(value);
+      const spec = parseShadowSpec(value, {
+        running: definitions.pipelines.map((p) => p.def.name),
+      });
       checkDefinitionStep(spec);
       if (configured.some((c) => c.id === spec.id)) {
         throw new WeftError(ErrorCode.Conflict, `shadow ${spec.id} is attached by WEFT_SHADOW`);

@@ -123,7 +123,9 @@ const fail = (field: string, message: string): never => {
 
 /**
  * Checks a shadow as given (JSON), filling defaults; a {@link ValidationError} naming the
- * first bad field otherwise.
+ * first bad field otherwise. With `opts.running` (the definitions' pipelines that run), a
+ * definition's pipeline not among them is refused naming `/pipeline`, before its step and
+ * candidate are looked at: a shadow of it could never run, whatever its candidate.
  *
  * @example
  * ```ts
@@ -137,7 +139,10 @@ const fail = (field: string, message: string): never => {
  * console.assert(s.pipeline === "orders" && s.limits.rps === 20);
  * ```
  */
-export function parseShadowSpec(value: unknown): ShadowSpec {
+export function parseShadowSpec(
+  value: unknown,
+  opts: { running?: readonly string[] } = {},
+): ShadowSpec {
   if (value === null || typeof value !== "object" || Array.isArray(value)) {
     fail("/", "a shadow is a JSON object");
   }
@@ -162,6 +167,9 @@ export function parseShadowSpec(value: unknown): ShadowSpec {
     );
   }
   const builtIn = shippedShadowSteps(pipeline as string);
+  if (!builtIn && opts.running && !opts.running.includes(pipeline as string)) {
+    fail("/pipeline", `no running pipeline ${pipeline}`);
+  }
   if (builtIn && (typeof v.step !== "string" || !builtIn.includes(v.step))) {
     fail("/step", `step must be one of ${builtIn.join(", ")}`);
   }
