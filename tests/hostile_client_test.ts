@@ -391,3 +391,33 @@ Deno.test("POST /shadows for a pipeline that is not running names /pipeline, not
     "/candidate/definition",
   );
 });
+
+Deno.test("limit takes decimal digits only, and /dashboard/recent, a claim's release and an awaited event refuse an unknown query parameter with 422 naming it", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t, { pipelines: [approvalsPipeline()] });
+  for (const limit of ["0x10", "1e2", "%205%20", "+5", "5.0"]) {
+    const p = await expectProblem(await app.request(`/deadletters?limit=${limit}`), 422, "limit");
+    assert.match(p.detail, /limit must be an integer/, limit);
+  }
+  const ok = await app.request("/deadletters?limit=5");
+  assert.equal(ok.status, 200, await ok.clone().text());
+  await ok.body?.cancel();
+  const recent = await app.request("/dashboard/recent?limit=010");
+  assert.equal(recent.status, 200, await recent.clone().text());
+  await recent.body?.cancel();
+
+  const refusals: [string, RequestInit, string][] = [
+    ["/dashboard/recent?zzz=1", {}, "zzz"],
+    ["/dashboard/recent?limit=1e2", {}, "limit"],
+    ["/pipelines/approvals/claims/A1?q=1", { method: "DELETE" }, "q"],
+    [
+      "/pipelines/approvals/items/A1/approved?x=1",
+      { method: "POST", headers: JSON_TYPE, body: JSON.stringify({ by: "carol" }) },
+      "x",
+    ],
+  ];
+  for (const [path, init, field] of refusals) {
+    const p = await expectProblem(await app.request(path, init), 422, field);
+    assert.match(p.detail, new RegExp(field), path);
+  }
+});

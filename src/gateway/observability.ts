@@ -29,7 +29,7 @@ import {
 } from "./mesh_metrics.ts";
 import type { LoadedPipeline } from "../pipeline/runtime.ts";
 import { SSE_RECONNECT, type SseClients, stoppingError } from "./sse.ts";
-import { intQuery, oneQuery } from "./query.ts";
+import { intQuery, oneQuery, onlyQuery } from "./query.ts";
 
 /** How long one gather of the mesh's metrics answers further scrapes, ms. */
 export const METRICS_REUSE_MS = 1000;
@@ -224,6 +224,7 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   });
 
   app.get("/dashboard/recent", async (c) => {
+    onlyQuery(c.req.query(), ["limit", "pipeline"]);
     const limit =
       intQuery(oneQuery(c.req.queries("limit"), "limit"), "limit", 1, RECENT_EVENTS_MAX) ??
         200;

@@ -624,6 +624,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
   );
   // Released by its holder: with authentication off, named by `?by=` or a JSON body `{"by"}`.
   app.delete("/:name/claims/:id", deps.decideAuth, async (c) => {
+    onlyQuery(c.req.query(), ["by"]);
     const r = runtimeOf(c.req.param("name"));
     const claims = await claimsOf(r);
     const id = itemId(c.req.param("id"));
@@ -648,6 +649,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     requireJson,
     limit(config.bodyLimit),
     async (c) => {
+      onlyQuery(c.req.query(), ["by"]);
       const r = runtimeOf(c.req.param("name"));
       const id = itemId(c.req.param("id"));
       const event = c.req.param("event");

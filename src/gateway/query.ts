@@ -7,7 +7,8 @@
 import { ValidationError } from "../errors.ts";
 
 /**
- * An integer parameter in `[min, max]`; undefined when absent.
+ * An integer parameter in `[min, max]` (`min` at least 0), written in decimal digits only:
+ * `0x10`, `1e2` or ` 5 ` is refused, never read as 16, 100 or 5; undefined when absent.
  *
  * @example
  * ```ts
@@ -23,8 +24,8 @@ export function intQuery(
   max: number,
 ): number | undefined {
   if (raw === undefined) return undefined;
-  const n = Number(raw);
-  if (raw.trim() === "" || !Number.isSafeInteger(n) || n < min || n > max) {
+  const n = /^[0-9]{1,16}$/.test(raw) ? Number(raw) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) {
     throw new ValidationError(`${name} must be an integer from ${min} to ${max}`, {
       field: name,
     });
