@@ -4,6 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
+import { headers } from "@nats-io/nats-core";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { createEvent } from "../src/events.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
@@ -214,6 +215,88 @@ Deno.test("a Last-Event-ID past everything the stream holds resumes from now: ne
     assert.equal(first.value!.event, "feedback.ingested");
   } finally {
     abort.abort();
+    await server.shutdown();
+  }
+});
+
+Deno.test("an item's event stream takes each event's type from its subject: a forged Weft-Event-Type header or a final subject whose body disagrees shows no end", async () => {
+  // Found by a probe: `nats pub <pipeline>.approved.<id> '{"note":"x"}' -H
+  // 'Weft-Event-Type:<pipeline>.done'` made the live per-item stream emit `event: <pipeline>.done`
+  // and close while the item was waiting; a replay ended there too.
+  await using t = await startTestNats({ sseKeepAliveMs: 60_000 });
+  const { server, port } = await serveGateway(t);
+  const aborts: AbortController[] = [];
+  const open = async (id: string) => {
+    const abort = new AbortController();
+    aborts.push(abort);
+    const res = await fetch(`http://127.0.0.1:${port}/feedback/${id}/events`, {
+      signal: abort.signal,
+    });
+    assert.equal(res.status, 200);
+    return sseFrames(res.body!);
+  };
+  /** The frames up to the stream's end (it must end within the deadline). */
+  const rest = async (frames: AsyncGenerator<{ event?: string; id?: string }>) => {
+    const seen: string[] = [];
+    await deadline(
+      (async () => {
+        for await (const f of frames) seen.push(`${f.event} ${f.id}`);
+      })(),
+      10_000,
+      "the stream to end",
+    );
+    return seen;
+  };
+  try {
+    const intake = await createIntake(t.nc);
+    const { body } = await intake.submit({ text: "an item to follow" });
+    const id = body.id;
+    const live = await open(id);
+    const first = (await deadline(live.next(), 10_000, "the ingested event")).value!;
+    assert.equal(first.event, "feedback.ingested");
+
+    const js = jetstream(t.nc);
+    const h = headers();
+    h.set("Weft-Event-Type", "feedback.processed");
+    const a = await js.publish(`feedback.sentiment_analyzed.${id}`, '{"note":"x"}', { headers: h });
+    // On a final subject, with a body that is no event of that type.
+    const b = await js.publish(`feedback.processed.${id}`, '{"note":"y"}', { headers: h });
+    const c = await js.publish(
+      `feedback.processed.${id}`,
+      JSON.stringify({ type: "feedback.failed", item_id: id }),
+    );
+    // The live stream shows the first as its subject's type, hides the other two, stays open.
+    const second = (await deadline(live.next(), 10_000, "the forged event")).value!;
+    assert.deepEqual([second.event, Number(second.id)], ["feedback.sentiment_analyzed", a.seq]);
+    // A replay, from the start, shows the same and does not end at them either.
+    const replay = await open(id);
+    const replayed = [
+      (await deadline(replay.next(), 10_000, "replay 1")).value!,
+      (await deadline(replay.next(), 10_000, "replay 2")).value!,
+    ];
+    assert.deepEqual(replayed.map((f) => f.event), [
+      "feedback.ingested",
+      "feedback.sentiment_analyzed",
+    ]);
+
+    const done = await js.publish(
+      `feedback.processed.${id}`,
+      // The gateway shows events as stored (the stages validate them): type and item are
+      // what it reads.
+      JSON.stringify({ id: "done-1", type: "feedback.processed", version: 1, item_id: id }),
+    );
+    assert.ok(done.seq > c.seq && c.seq > b.seq);
+    // Both end at the item's own final event, and only there.
+    assert.deepEqual(await rest(live), [`feedback.processed ${done.seq}`]);
+    assert.deepEqual(await rest(replay), [`feedback.processed ${done.seq}`]);
+    // A stream opened after the end replays it and ends there.
+    assert.deepEqual((await rest(await open(id))).map((s) => s.split(" ")[0]), [
+      "feedback.ingested",
+      "feedback.sentiment_analyzed",
+      "feedback.processed",
+    ]);
+  } finally {
+    for (const a of aborts) a.abort();
     await server.shutdown();
   }
 });

@@ -225,15 +225,19 @@ interface Frame {
   text: string;
   /** The item its body names (`item_id`), once read; null when it names none. */
   named?: string | null;
+  /** The event type its body names (`type`), once read; null when it names none. */
+  bodyType?: string | null;
 }
 
 const encoder = new TextEncoder();
 
-/** The frame of a stored message. */
-function frameOf(
-  m: { seq: number; subject: string; data: Uint8Array; headers?: { get(k: string): string } },
-): Frame {
-  const type = m.headers?.get("Weft-Event-Type") || typeOfSubject(m.subject);
+/**
+ * The frame of a stored message. Its type is its subject's (`<pipeline>.<type>.<item>`),
+ * which NATS permissions guard, never a header a publisher sets: a `Weft-Event-Type` header
+ * naming a final type on a decision's subject would show a false end and close the stream.
+ */
+function frameOf(m: { seq: number; subject: string; data: Uint8Array }): Frame {
+  const type = typeOfSubject(m.subject);
   const data = decoder.decode(m.data).replace(/[\r\n]+/g, " ");
   return {
     seq: m.seq,
@@ -251,16 +255,33 @@ function frameOf(
  * decision) are the item's. Read once per frame, only for per-item streams.
  */
 function namesAnotherItem(f: Frame, item: string): boolean {
-  if (f.named === undefined) {
-    let named: unknown;
-    try {
-      named = (JSON.parse(f.text) as { item_id?: unknown } | null)?.item_id;
-    } catch {
-      named = undefined; // not JSON: nothing named
-    }
-    f.named = typeof named === "string" ? named : null;
-  }
+  readBody(f);
   return f.named !== null && f.named !== item;
+}
+
+/** Reads what a frame's body names (`item_id`, `type`), once. */
+function readBody(f: Frame): void {
+  if (f.named !== undefined) return;
+  let body: { item_id?: unknown; type?: unknown } | null | undefined;
+  try {
+    body = JSON.parse(f.text);
+  } catch {
+    body = undefined; // not JSON: nothing named
+  }
+  const named = body !== null && typeof body === "object" ? body.item_id : undefined;
+  const type = body !== null && typeof body === "object" ? body.type : undefined;
+  f.named = typeof named === "string" ? named : null;
+  f.bodyType = typeof type === "string" ? type : null;
+}
+
+/**
+ * Whether a frame is an event of its subject's type by its body too (its `type`). Only such a
+ * frame of a final type ends a per-item stream; one whose body disagrees (a forged or altered
+ * message: every consumer dead-letters it, `subject_mismatch`) is not shown as that type.
+ */
+function bodyAgrees(f: Frame): boolean {
+  readBody(f);
+  return f.bodyType === f.type;
 }
 
 /**
@@ -624,7 +645,10 @@ async function latestFinalSeq(
   for (const type of finalTypes) {
     try {
       const m = await jsm.streams.getMessage(stream, { last_by_subj: subjectOf(type, itemId) });
-      if (m && (latest === undefined || m.seq > latest)) latest = m.seq;
+      if (!m || (latest !== undefined && m.seq <= latest)) continue;
+      // Only an event the stream would show as final ends it (its body agrees).
+      const f = frameOf(m);
+      if (bodyAgrees(f) && !namesAnotherItem(f, itemId)) latest = m.seq;
     } catch (err) {
       if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound)) {
         throw err;
@@ -810,6 +834,10 @@ export async function streamEvents(
       }
       return true;
     };
+    /** A frame of a final type whose body agrees: it ends a per-item stream. */
+    const endsStream = (f: Frame) => finalTypes.has(f.type) && bodyAgrees(f);
+    /** A frame of a final type whose body disagrees: not shown in a per-item stream. */
+    const hidden = (f: Frame) => finalTypes.has(f.type) && !bodyAgrees(f);
     /** Sends one frame (a replay). */
     const send = async (f: Frame): Promise<boolean> => {
       if (!(await write(f.bytes, f.seq))) return false;
@@ -823,13 +851,15 @@ export async function streamEvents(
     const sendChunk = async (c: Chunk): Promise<"more" | "end"> => {
       const lastSeq = c.frames[c.frames.length - 1]!.seq;
       if (lastSeq <= last) return "more"; // the replay sent all of it
-      const end = sel.closeOnFinal ? c.frames.findIndex((f) => finalTypes.has(f.type)) : -1;
-      if (c.frames[0]!.seq > last && end < 0) {
+      const finals = sel.closeOnFinal && c.frames.some((f) => finalTypes.has(f.type));
+      if (c.frames[0]!.seq > last && !finals) {
         if (!(await write(c.bytes, c.frames[0]!.seq))) return "end";
         last = lastSeq;
         return "more";
       }
-      const frames = (end >= 0 ? c.frames.slice(0, end + 1) : c.frames).filter((f) => f.seq > last);
+      const end = finals ? c.frames.findIndex(endsStream) : -1;
+      const frames = (end >= 0 ? c.frames.slice(0, end + 1) : c.frames)
+        .filter((f) => f.seq > last && !(finals && hidden(f)));
       if (frames.length > 0) {
         const part = chunkOf(frames);
         if (!(await write(part.bytes, frames[0]!.seq))) return "end";
@@ -852,6 +882,7 @@ export async function streamEvents(
       stream.onAbort(() => sub?.close());
       /** Sends the stored history from `startSeq` on; "end" when the stream should close. */
       const replay = async (startSeq: number | undefined): Promise<"more" | "end"> => {
+        let ended = false;
         for await (
           const m of readStream(js, streamName, {
             filter: sel.filter,
@@ -863,14 +894,13 @@ export async function streamEvents(
           const frame = frameOf(m);
           // Another item's event on this item's subject (dead-lettered by every consumer).
           if (sel.itemId !== undefined && namesAnotherItem(frame, sel.itemId)) continue;
+          if (sel.closeOnFinal && hidden(frame)) continue;
           if (!(await send(frame))) return "end";
-          // Close at a final event only when nothing follows it: a redriven item's replay
-          // goes past its earlier failure to the outcome of the new attempt.
-          if (sel.closeOnFinal && finalTypes.has(frame.type) && m.info.pending === 0) {
-            return "end";
-          }
+          ended = sel.closeOnFinal && endsStream(frame);
         }
-        return "more";
+        // Close at a final event only when nothing shown follows it: a redriven item's replay
+        // goes past its earlier failure to the outcome of the new attempt.
+        return ended ? "end" : "more";
       };
       // History first, as long as it takes, with no live queue filling meanwhile; then join
       // the live feed and replay once more what was stored between the two (a short gap):
