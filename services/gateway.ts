@@ -73,6 +73,8 @@ export const service: ServiceDef = defineService(
       config.sseMaxClients,
       config.sseMaxPerKey,
       config.sseOpensPerSecond,
+      undefined,
+      config.sseReplayBytes,
     );
     const schedules = lazyScheduleStore(nc);
     // A hub: when each edge site was last heard from, noted continuously (a source restarted

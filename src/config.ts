@@ -143,6 +143,14 @@ export interface Config {
   sseWritesPerSecond: number;
   /** An SSE client that cannot take a frame within this time is dropped, ms. `WEFT_SSE_WRITE_TIMEOUT_MS`. */
   sseWriteTimeoutMs: number;
+  /**
+   * Bytes a gateway's SSE replays may have asked NATS for at once, in all: each replay takes
+   * its reader's prefetch (the server's `max_payload` plus 64 KiB) from it and waits for its
+   * turn when it is spent. Keep it well under nats-server's `max_pending` (64 MiB by default),
+   * past which the server cuts the gateway's connection as a slow consumer.
+   * `WEFT_SSE_REPLAY_BYTES`.
+   */
+  sseReplayBytes: number;
   /** The state writer pulls at most one batch per this long (unless a backlog waits), and holds an unfinished item at most about this long, ms. `WEFT_STATE_FLUSH_MS`. */
   stateFlushMs: number;
   /** How long a stopping service may take to finish in-flight work, ms. `WEFT_DRAIN_MS`. */
@@ -538,6 +546,12 @@ const SETTINGS: Setting<any>[] = [
     parse: int(100, 1_000_000),
   },
   { key: "sseWriteTimeoutMs", env: "WEFT_SSE_WRITE_TIMEOUT_MS", default: 10_000, parse: int(100) },
+  {
+    key: "sseReplayBytes",
+    env: "WEFT_SSE_REPLAY_BYTES",
+    default: 16 * 1024 * 1024,
+    parse: int(1),
+  },
   { key: "stateFlushMs", env: "WEFT_STATE_FLUSH_MS", default: 20, parse: int(0, 10_000) },
   { key: "drainMs", env: "WEFT_DRAIN_MS", default: 10_000, parse: int(0) },
   { key: "natsConf", env: "WEFT_NATS_CONF", default: "nats.conf", parse: str },

@@ -34,6 +34,88 @@ export interface ReadStreamOptions {
   maxBytes?: number;
 }
 
+/**
+ * Bytes that readers sharing one NATS connection may have asked the server for, all together:
+ * each reader takes its prefetch ({@link readerPrefetch}) before it starts and gives it back
+ * when it ends. nats-server cuts a connection it has more than its `max_pending` (64 MiB by
+ * default) waiting to be sent to as a slow consumer: hundreds of readers on one connection,
+ * each asking for its prefetch (about 1 MiB), would have it cut, and with it everything else
+ * the connection carries (publishes, live feeds). A reader waits for its share, first come
+ * first served; one that wants more than the whole budget waits until it has the whole budget
+ * to itself.
+ *
+ * @example
+ * ```ts
+ * import { ReadBudget } from "./stream_reader.ts";
+ * const budget = new ReadBudget(3);
+ * const first = await budget.acquire(2);
+ * const second = budget.acquire(2); // waits: only 1 byte is free
+ * console.assert(budget.free === 1 && budget.waiting === 1);
+ * first();
+ * (await second)();
+ * console.assert(budget.free === 3);
+ * ```
+ */
+export class ReadBudget {
+  #free: number;
+  #queue: { bytes: number; grant: () => void }[] = [];
+  constructor(readonly total: number) {
+    this.#free = total;
+  }
+  /** Bytes not taken now. */
+  get free(): number {
+    return this.#free;
+  }
+  /** Readers waiting for their share now. */
+  get waiting(): number {
+    return this.#queue.length;
+  }
+  /**
+   * Takes `bytes` (at most the whole budget) once they are free and every earlier waiter has
+   * been served; resolves to the function that gives them back (once). Rejects with
+   * `signal`'s reason when it aborts first.
+   */
+  acquire(bytes: number, signal?: AbortSignal): Promise<() => void> {
+    const want = Math.min(Math.max(0, bytes), this.total);
+    let given = false;
+    const release = () => {
+      if (given) return;
+      given = true;
+      this.#free += want;
+      this.#serve();
+    };
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    if (this.#queue.length === 0 && this.#free >= want) {
+      this.#free -= want;
+      return Promise.resolve(release);
+    }
+    return new Promise((resolve, reject) => {
+      const waiter = {
+        bytes: want,
+        grant: () => {
+          signal?.removeEventListener("abort", abort);
+          resolve(release);
+        },
+      };
+      const abort = () => {
+        const i = this.#queue.indexOf(waiter);
+        if (i >= 0) this.#queue.splice(i, 1);
+        this.#serve(); // the next waiter may fit now
+        reject(signal!.reason);
+      };
+      signal?.addEventListener("abort", abort, { once: true });
+      this.#queue.push(waiter);
+    });
+  }
+  #serve() {
+    while (this.#queue.length > 0 && this.#free >= this.#queue[0]!.bytes) {
+      const next = this.#queue.shift()!;
+      this.#free -= next.bytes;
+      next.grant();
+    }
+  }
+}
+
 /** What a message may add to its size on delivery (its subject and reply subject), bytes. */
 const DELIVERY_OVERHEAD = 64 * 1024;
 
@@ -52,6 +134,14 @@ const DELIVERY_OVERHEAD = 64 * 1024;
  */
 export function prefetchBytes(maxPayload: number, wanted = 0): number {
   return Math.max(wanted, maxPayload + DELIVERY_OVERHEAD);
+}
+
+/**
+ * The prefetch a read on `js`'s connection asks for ({@link prefetchBytes} of the server's
+ * `max_payload`, and `wanted`): what a reader takes from a {@link ReadBudget}.
+ */
+export function readerPrefetch(js: JetStreamClient, wanted?: number): number {
+  return prefetchBytes(maxPayloadOf(js), wanted);
 }
 
 /** The server's max_payload as `js`'s connection was told it (1 MiB when it does not say). */
@@ -141,9 +231,7 @@ async function* readOnce(
     // caller that stops taking them holds at most this prefetch. (1,000 messages ahead, the
     // bound before, cost up to 1,000 events' bytes per reader: ~12 MB a stalled SSE replay
     // client with ~480 KB events, measured.)
-    const messages = await consumer.consume({
-      max_bytes: prefetchBytes(maxPayloadOf(js), opts.maxBytes),
-    });
+    const messages = await consumer.consume({ max_bytes: readerPrefetch(js, opts.maxBytes) });
     const it = messages[Symbol.asyncIterator]();
     try {
       while (true) {

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connectNats } from "./nats.ts";
 import { startNatsServer } from "./nats_server.ts";
-import { prefetchBytes, readStream } from "./stream_reader.ts";
+import { prefetchBytes, ReadBudget, readStream } from "./stream_reader.ts";
 import { waitFor } from "../tests/helpers/wait.ts";
 
 const COUNT = 5_000;
@@ -137,4 +137,53 @@ Deno.test("a reader whose caller stops taking messages holds at most its prefetc
     await nc.close();
     await server[Symbol.asyncDispose]();
   }
+});
+
+Deno.test("a read whose connection closes mid-read throws instead of ending as if it had read everything", async () => {
+  // nats.js ends a consumer's messages without an error when its connection closes: a read
+  // that took that for the end of the stream silently skipped the rest (an SSE replay then
+  // went on live with a gap, instead of closing its client to resume with Last-Event-ID).
+  const server = await startNatsServer();
+  const nc = await connectNats(server.url, "reader-test");
+  try {
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.add({ name: "R", subjects: ["r.>"] });
+    const js = jetstream(nc);
+    await Promise.all(Array.from({ length: 500 }, (_, i) => js.publish(`r.e.${i}`, `m${i}`)));
+    let read = 0;
+    await assert.rejects(
+      (async () => {
+        for await (const _ of readStream(js, "R", { stallMs: 10_000 })) {
+          if (++read === 10) await nc.close();
+        }
+      })(),
+    );
+    assert.ok(read < 500, `${read} read`);
+  } finally {
+    if (!nc.isClosed()) await nc.close();
+    await server[Symbol.asyncDispose]();
+  }
+});
+
+Deno.test("ReadBudget serves readers first come first served, never past its total, and one that stops waiting leaves the queue", async () => {
+  const budget = new ReadBudget(10);
+  const a = await budget.acquire(6);
+  const order: string[] = [];
+  const b = budget.acquire(6).then((r) => (order.push("b"), r));
+  const gone = new AbortController();
+  const c = budget.acquire(20, gone.signal); // more than the total: the whole budget, alone
+  const d = budget.acquire(2).then((r) => (order.push("d"), r));
+  assert.equal(budget.free, 4);
+  assert.equal(budget.waiting, 3, "d waits behind b and c, though 4 bytes are free");
+  gone.abort(new Error("client gone"));
+  await assert.rejects(c, /client gone/);
+  a();
+  a(); // a second release gives nothing back
+  const [rb, rd] = await Promise.all([b, d]);
+  assert.deepEqual(order, ["b", "d"]);
+  assert.equal(budget.free, 2);
+  rb();
+  rd();
+  assert.equal(budget.free, 10);
+  assert.equal(budget.waiting, 0);
 });

@@ -54,6 +54,7 @@ export function createModerationRoutes(deps: {
     | "sseKeepAliveMs"
     | "sseWriteTimeoutMs"
     | "sseWritesPerSecond"
+    | "sseReplayBytes"
   >;
   log: Logger;
   /** SSE slots shared with the rest of the gateway; its own when absent. */
@@ -62,7 +63,8 @@ export function createModerationRoutes(deps: {
   feeds?: LiveFeeds;
 }): Hono<Env> {
   const { api, auth, config, log } = deps;
-  const clients = deps.clients ?? new SseClients(config.sseMaxClients, config.sseMaxPerKey);
+  const clients = deps.clients ??
+    new SseClients(config.sseMaxClients, config.sseMaxPerKey, 0, undefined, config.sseReplayBytes);
   const feeds = deps.feeds ??
     new LiveFeeds(api.js, log, config.sseFlushMs, config.sseWritesPerSecond);
   const app = new Hono<Env>();

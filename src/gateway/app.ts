@@ -235,7 +235,13 @@ const NO_NATS_NEEDED = new Set(["/healthz", "/", "/dashboard", "/openapi.json"])
 export function createApp(deps: GatewayDeps): Hono {
   const { jetStream, config, log } = deps;
   const clients = deps.sseClients ??
-    new SseClients(config.sseMaxClients, config.sseMaxPerKey, config.sseOpensPerSecond);
+    new SseClients(
+      config.sseMaxClients,
+      config.sseMaxPerKey,
+      config.sseOpensPerSecond,
+      undefined,
+      config.sseReplayBytes,
+    );
   const feeds = deps.feeds ??
     new LiveFeeds(jetStream.js, log, config.sseFlushMs, config.sseWritesPerSecond);
   const app = new Hono();

@@ -24,7 +24,7 @@ import type { Config } from "../config.ts";
 import type { Logger } from "../observability/log.ts";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
-import { readStream } from "../stream_reader.ts";
+import { ReadBudget, readerPrefetch, readStream } from "../stream_reader.ts";
 import { subjectMatches } from "../subjects.ts";
 
 /** Most frames a client's live queue holds before the client is cut as too slow. */
@@ -62,8 +62,15 @@ export interface SseSelection {
 }
 
 /**
- * Counts open SSE clients against the configured total and per-key maximums, and paces
- * their streams' set-up.
+ * Default of the bytes a gateway's SSE replays may have asked NATS for at once, in all
+ * (`WEFT_SSE_REPLAY_BYTES`): a quarter of nats-server's default `max_pending` (64 MiB), past
+ * which the server cuts the gateway's one connection as a slow consumer.
+ */
+export const SSE_REPLAY_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Counts open SSE clients against the configured total and per-key maximums, paces their
+ * streams' set-up, and holds the budget their replays share ({@link replayBudget}).
  */
 export class SseClients {
   #open = 0;
@@ -80,7 +87,19 @@ export class SseClients {
     readonly maxPerKey = Infinity,
     readonly opensPerSecond = 0,
     readonly now: () => number = () => performance.now(),
-  ) {}
+    replayBytes = SSE_REPLAY_BYTES,
+  ) {
+    this.replayBudget = new ReadBudget(replayBytes);
+  }
+  /**
+   * What every replay of these clients' streams (history: `replay=true`, Last-Event-ID, an
+   * item's stream) may have asked NATS for at once, in all. Each replay's reader takes its
+   * prefetch (the server's `max_payload` plus 64 KiB) from it, first come first served, and
+   * gives it back when its replay ends (caught up, or its client cut or gone): however many
+   * clients replay, the gateway's connection never has more than this coming from the server
+   * for them, so the server never cuts it as a slow consumer.
+   */
+  readonly replayBudget: ReadBudget;
   /**
    * Reserves the next stream set-up and says how long it must wait for it, ms (0: at once).
    * Turns are handed out first come first served at `opensPerSecond`, with a burst of a
@@ -879,7 +898,12 @@ export async function streamEvents(
       keepAlive = setInterval(() => {
         stream.write(": ping\n\n");
       }, opts.config.sseKeepAliveMs);
-      stream.onAbort(() => sub?.close());
+      // A replay waiting for its share of the replay budget stops waiting when its client goes.
+      const gone = new AbortController();
+      stream.onAbort(() => {
+        sub?.close();
+        gone.abort(new ClientGone());
+      });
       /** Sends the stored history from `startSeq` on; "end" when the stream should close. */
       const replay = async (startSeq: number | undefined): Promise<"more" | "end"> => {
         let ended = false;
@@ -905,10 +929,24 @@ export async function streamEvents(
       // History first, as long as it takes, with no live queue filling meanwhile; then join
       // the live feed and replay once more what was stored between the two (a short gap):
       // nothing falls in between, and what both deliver is sent once (by sequence).
-      if (history && await replay(after !== undefined ? after + 1 : sel.from) === "end") return;
+      if (history) {
+        // Its reader's share of the gateway's replay budget, held through both replays: one
+        // that waited for it again once on the live feed could see its queue overflow meanwhile.
+        const release = await opts.clients.replayBudget.acquire(
+          readerPrefetch(js),
+          gone.signal,
+        );
+        try {
+          if (await replay(after !== undefined ? after + 1 : sel.from) === "end") return;
+          sub = await joinFeed();
+          if (stream.aborted) return;
+          if (await replay(last > 0 ? last + 1 : sel.from) === "end") return;
+        } finally {
+          release();
+        }
+      }
       sub ??= await joinFeed();
       if (stream.aborted) return;
-      if (history && await replay(last > 0 ? last + 1 : sel.from) === "end") return;
       // A per-item stream whose client has already seen the item's final event is over
       // (a client resuming with Last-Event-ID after the end would otherwise wait forever).
       if (sel.closeOnFinal && sel.itemId !== undefined) {
@@ -931,9 +969,18 @@ export async function streamEvents(
       opts.clients.close(opts.key);
     }
   }, (err, stream) => {
+    if (err instanceof ClientGone) return; // it left while its replay waited: nobody to tell
     opts.log.error("sse stream failed", { err });
     stream.write(`event: error\ndata: ${JSON.stringify({ error: "stream failed" })}\n\n`);
   });
+}
+
+/** Why a replay stopped waiting for its share of the budget: its client went away. */
+class ClientGone extends Error {
+  constructor() {
+    super("the client went away");
+    this.name = "ClientGone";
+  }
 }
 
 function typeOfSubject(subject: string): string {

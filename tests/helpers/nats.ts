@@ -10,7 +10,7 @@ import { type Config, loadConfig } from "../../src/config.ts";
 import type { FeedbackState } from "../../pipelines/feedback/events.gen.ts";
 import { createLogger, type Logger } from "../../src/observability/log.ts";
 import { connectNats, type NatsCredentials } from "../../src/nats.ts";
-import { type NatsServer, startNatsServer } from "../../src/nats_server.ts";
+import { type NatsServer, type NatsServerOptions, startNatsServer } from "../../src/nats_server.ts";
 import { readStream } from "../../src/stream_reader.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../../pipelines/feedback/subjects.ts";
 import { ensureTopology } from "../../src/topology.ts";
@@ -59,9 +59,15 @@ export function testConfig(natsUrl: string, overrides: Partial<Config> = {}): Co
   };
 }
 
-/** Starts a server and connects; dispose to close and remove everything. */
-export async function startTestNats(overrides: Partial<Config> = {}): Promise<TestNats> {
-  const server = await startNatsServer();
+/**
+ * Starts a server (with `serverOptions`, e.g. a monitor port or extra arguments) and connects;
+ * dispose to close and remove everything.
+ */
+export async function startTestNats(
+  overrides: Partial<Config> = {},
+  serverOptions: NatsServerOptions = {},
+): Promise<TestNats> {
+  const server = await startNatsServer(serverOptions);
   const nc = await connectClient(server.url, "weft-test");
   const jsm = await jetstreamManager(nc);
   const config = testConfig(server.url, overrides);
