@@ -141,6 +141,44 @@ Deno.test("a forged `processed` event for an id a caller submits later is dead-l
   assert.equal(rebuilt.states.get("PRE2")?.text, "The app crashes on login, terrible");
 });
 
+Deno.test("a forged `sentiment_analyzed` for an id a caller submits later does not stand in for the item's own: the item processes with its own text", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
+  await feedbackProcessed(t, body.id);
+  // The sentiment step's key publishes a valid event of its own type for an id nobody used yet,
+  // without the "expected last subject sequence" header (as `nats pub` does).
+  const real = await lastOn(t.jsm, FEEDBACK_STREAM, `feedback.sentiment_analyzed.${body.id}`);
+  const forged = {
+    ...real,
+    id: "forged-sentiment-pre3",
+    item_id: "PRE3",
+    data: { ...real.data, text: "FORGED TEXT 3" },
+  };
+  const ack = await jetstream(t.nc).publish(
+    "feedback.sentiment_analyzed.PRE3",
+    JSON.stringify(forged),
+  );
+  // Everything it leads to is stored before the id is submitted.
+  await settled(t.jsm, FEEDBACK_STREAM, FEEDBACK_CONSUMERS);
+  const res = await p.app.request("/feedback", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ id: "PRE3", text: "The app crashes on login, terrible" }),
+  });
+  assert.equal(res.status, 202, await res.text());
+  const state = await feedbackProcessed(t, "PRE3");
+  assert.equal(state.text, "The app crashes on login, terrible");
+  assert.ok(
+    state.stages.sentiment_analyzed!.seq > ack.seq,
+    "its own sentiment_analyzed event, stored after the forged one",
+  );
+  const own = await lastOn(t.jsm, FEEDBACK_STREAM, "feedback.sentiment_analyzed.PRE3");
+  assert.equal(own.data.text, "The app crashes on login, terrible");
+  await settled(t.jsm, FEEDBACK_STREAM, FEEDBACK_CONSUMERS);
+  assert.deepEqual(await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.failed.*"), []);
+});
+
 Deno.test("a step's event for a feedback id that never entered makes no item: the state writer dead-letters it and what follows not_found", async () => {
   await using t = await startTestNats();
   await using p = await startPipeline(t);

@@ -78,6 +78,11 @@ export function sentimentStage(
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "sentiment"),
+    // What its output's subject holds from before the item's ingested event is not the item's:
+    // a `sentiment_analyzed` published for the id before it was submitted cannot stand in for
+    // the item's own (its own is stored after it). Its input is the entry event itself, so no
+    // message pays a read for this; only a refused once-per-item publish does.
+    entrySubject: (item) => `${T.Ingested}.${item}`,
     input: { kind: "event", types: [T.Ingested] },
     async handle(event, ctx) {
       const sentiment = await analyzer.analyze(event.data.text, { signal: ctx.signal });
