@@ -34,6 +34,7 @@ import {
   WeftError,
 } from "./errors.ts";
 import { deterministicId, sha256Hex } from "./events.ts";
+import { canonicalJson } from "./canonical_json.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import { isStreamFull } from "./capacity.ts";
 import { inexactNumber } from "./exact_numbers.ts";
@@ -396,6 +397,12 @@ export async function publishEvent(
    * before it is not the item's (an event for the id published before it entered).
    */
   entrySubject?: string,
+  /**
+   * Whether an event held on the subject carries the item's input as `event` does
+   * (`Stage.inputOf`): one that carries another is not the item's, and `event` is stored
+   * after it. Without it, any valid event of the type for the item is taken for its own.
+   */
+  sameInput?: (held: unknown) => boolean,
 ): Promise<boolean> {
   const m = eventMessage(event, parent, entry);
   try {
@@ -407,8 +414,13 @@ export async function publishEvent(
   } catch (err) {
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
-    return await publishAfterJunk(js, event, m, entrySubject);
+    return await publishAfterJunk(js, event, m, entrySubject, sameInput);
   }
+}
+
+/** Whether `held` carries the item's input as `event` does, as `stage.inputOf` reads them. */
+function sameInputOf(stage: Pick<Stage, "inputOf">, held: unknown, event: OutputEvent): boolean {
+  return canonicalJson(stage.inputOf!(held)) === canonicalJson(stage.inputOf!(event));
 }
 
 /** Most messages on one item's subject read to find the event a refusal says is there. */
@@ -418,15 +430,17 @@ const MAX_SUBJECT_SCAN = 64;
  * After a once-per-item publish was refused ("expected last subject sequence 0"): whether the
  * subject holds an event of this type for this item. If it holds only messages that are none
  * (not JSON, another type, one its schema refuses: published there by anyone who may; with
- * `entrySubject`, one stored before the item's entry event, i.e. before the item existed),
- * the event is published after them, against the subject's last message, so junk stored
- * first cannot keep the item from its event. True when this call stored it.
+ * `entrySubject`, one stored before the item's entry event, i.e. before the item existed; with
+ * `sameInput`, one carrying another input than the item's), the event is published after them,
+ * against the subject's last message, so junk stored first cannot keep the item from its
+ * event. True when this call stored it.
  */
 async function publishAfterJunk(
   js: JetStreamClient,
   event: OutputEvent,
   m: { subject: string; data: Uint8Array; headers: MsgHdrs },
   entrySubject?: string,
+  sameInput?: (held: unknown) => boolean,
 ): Promise<boolean> {
   const jsm = await js.jetstreamManager(false);
   const stream = await jsm.streams.find(m.subject);
@@ -442,7 +456,7 @@ async function publishAfterJunk(
       const e = raw as { type?: unknown; item_id?: unknown };
       if (e?.type !== event.type || e.item_id !== event.item_id) return false;
       if (known) validateEvent(raw, [event.type as keyof EventMap]);
-      return true;
+      return sameInput === undefined || sameInput(raw);
     } catch {
       return false;
     }
@@ -703,6 +717,62 @@ export async function* messagesOn(
     yield m;
     seq = m.seq + 1;
   }
+}
+
+/**
+ * Whether item `item` of pipeline `name` has failed and not been resumed since: its last
+ * `failed` event is not followed by the message it failed on, stored again by a redrive (the
+ * same event id, when the failure names one: an item's timers all share one subject, so
+ * another timer of the item stored after the failure resumes nothing). Read from the stream
+ * (direct reads, only when a timer fires, a decision comes or a step would end the item), not
+ * from the item's state, which trails.
+ */
+export async function itemFailedNow(
+  jsm: JetStreamManager,
+  stream: string,
+  name: string,
+  item: string,
+): Promise<boolean> {
+  const last = async (subject: string) => {
+    try {
+      return await jsm.streams.getMessage(stream, { last_by_subj: subject });
+    } catch {
+      return null;
+    }
+  };
+  const failed = await last(`${name}.failed.${item}`);
+  if (!failed) return false;
+  let on: unknown;
+  let eventId: unknown;
+  try {
+    const data = (failed.json() as { data?: { subject?: unknown; event_id?: unknown } }).data;
+    on = data?.subject;
+    eventId = data?.event_id;
+  } catch {
+    return true;
+  }
+  if (typeof on !== "string") return true;
+  const again = await last(on);
+  if (!again || again.seq <= failed.seq) return true;
+  if (typeof eventId !== "string") return false;
+  const isIt = (m: { json(): unknown }) => {
+    try {
+      return (m.json() as { id?: unknown }).id === eventId;
+    } catch {
+      return false; // not an event: not the one it failed on
+    }
+  };
+  if (isIt(again)) return false;
+  // The messages on the subject between the failure and the last one, up to a bound (an
+  // item's own subject holds a few; past it the item is taken as still failed, and is asked
+  // about again later). A read that fails counts the same.
+  try {
+    const between = { from: failed.seq + 1, before: again.seq, max: 256 };
+    for await (const m of messagesOn(jsm, stream, on, between)) if (isIt(m)) return false;
+  } catch {
+    // as still failed
+  }
+  return true;
 }
 
 /** The last message stored on `subject` in `stream` (a wildcard too); null when there is none. */
@@ -1360,6 +1430,7 @@ export async function runStage<I extends StageInput>(
               trace,
               isEntry(event.type) || once?.has(event.type) === true,
               stage.entrySubject?.(event.item_id),
+              stage.inputOf && ((held) => sameInputOf(stage, held, event)),
             )
           ),
         );

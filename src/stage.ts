@@ -109,6 +109,15 @@ export interface Stage<I extends StageInput = StageInput> {
    * sixth of its throughput in `deno task bench`). Default true.
    */
   checksEntry?: boolean;
+  /**
+   * The item's input an event carries (an order's customer and lines, say; any
+   * body, so it must not throw). When a once-per-item output's publish is refused because its
+   * subject holds an event already, a held event carrying another input than the output's
+   * (published with a step's key, forged or altered, before the item's own) is not the item's:
+   * the output is stored after it. Without it, any valid event of the type for the item stands
+   * for the item's own.
+   */
+  inputOf?(event: unknown): unknown;
   /** Event types that start an item: stored once per subject, the first one wins. */
   entryTypes?: ReadonlySet<string>;
   /**

@@ -18,7 +18,15 @@ import { startTestNats, type TestNats } from "./helpers/nats.ts";
 import { feedbackApp, startPipeline } from "./helpers/pipeline.ts";
 import { readSse } from "./helpers/sse.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
-import { waitFor } from "./helpers/wait.ts";
+import { deadline, waitFor } from "./helpers/wait.ts";
+import { feedbackAnalyzers } from "../pipelines/feedback/analyzers.ts";
+import {
+  dispatchStage,
+  feedbackItemReader,
+  sentimentStage,
+  topicsStage,
+} from "../pipelines/feedback/stages.ts";
+import type { SentimentAnalyzer } from "../src/ai/analysis.ts";
 import { definePipeline } from "../src/pipeline/definition.ts";
 import { compileFlow } from "../src/pipeline/flow.ts";
 import { durableOf, pipelineSubjects } from "../src/pipeline/derive.ts";
@@ -179,7 +187,7 @@ Deno.test("a forged `sentiment_analyzed` for an id a caller submits later does n
   assert.deepEqual(await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.failed.*"), []);
 });
 
-Deno.test("a step's event for a feedback id that never entered makes no item: the state writer dead-letters it and what follows not_found", async () => {
+Deno.test("a step's event for a feedback id that never entered makes no item and no outcome: the state writer dead-letters it and what follows not_found, and dispatch stores nothing", async () => {
   await using t = await startTestNats();
   await using p = await startPipeline(t);
   const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
@@ -195,9 +203,16 @@ Deno.test("a step's event for a feedback id that never entered makes no item: th
   assert.equal(letter.code, "not_found");
   assert.match(letter.reason, /no item "NEVER1".*feedback\.ingested\.NEVER1/);
   await settled(t.jsm, FEEDBACK_STREAM, FEEDBACK_CONSUMERS);
-  // Topics and dispatch do not read the entry per message (checksEntry: false, the bench's hot
-  // path): they run for it, and the state writer refuses each of their events too.
+  // Topics does not read the entry per message (checksEntry: false, the bench's hot path): it
+  // runs for it, and the state writer refuses its event too. Dispatch, which stores the
+  // outcome, refuses it: no dispatched or processed is stored.
+  const refused = (await dispatchLetters(t, "NEVER1", ["not_found"])).get("not_found")!;
+  assert.match(refused.reason, /no item "NEVER1".*feedback\.ingested\.NEVER1/);
   const stored = await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.*.NEVER1");
+  assert.deepEqual(stored, [
+    "feedback.sentiment_analyzed.NEVER1",
+    "feedback.topics_extracted.NEVER1",
+  ]);
   for (const subject of stored) {
     const m = await t.jsm.streams.getMessage(FEEDBACK_STREAM, { last_by_subj: subject });
     const l = (await lettersOf(t, m!.seq, ["state"])).get("state")!;
@@ -210,6 +225,136 @@ Deno.test("a step's event for a feedback id that never entered makes no item: th
     (await rebuildStates(jetstream(t.nc), FEEDBACK_STATE_SPEC)).states.has("NEVER1"),
     false,
   );
+});
+
+/** The dead letters dispatch keeps for `item`, by code, once it holds `codes`. */
+async function dispatchLetters(t: TestNats, item: string, codes: readonly string[]) {
+  return await waitFor(
+    async () => {
+      const by = new Map<string, DeadLetter>();
+      for (const { letter } of await listDeadLetters(jetstream(t.nc), {})) {
+        if (letter.stage === "dispatch" && letter.item_id === item) by.set(letter.code, letter);
+      }
+      return codes.every((c) => by.has(c)) && by;
+    },
+    20_000,
+    `dispatch's ${codes.join(", ")} dead letters of ${item}`,
+  );
+}
+
+Deno.test("a forged `sentiment_analyzed` for a failed feedback item stores no processed: dispatch dead-letters what follows (conflict; subject_mismatch with another text) and the item stays failed", async () => {
+  // Every item whose text has "crash" fails in the sentiment step (after its retries).
+  await using t = await startTestNats({ failOn: "crash", failStage: "sentiment" });
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
+  await feedbackProcessed(t, body.id);
+  const TEXT = "The app crashes on login, terrible";
+  await p.intake.submit({ id: "FAIL1", text: TEXT });
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  await waitFor(
+    async () => (await readState<FeedbackState>(kv, "FAIL1"))?.state.status === "failed",
+    20_000,
+    "FAIL1 failed",
+  );
+  // The sentiment step's key publishes valid events of its own type for the failed item: one
+  // with its own text, one with another (as `nats pub` does, without the once-per-item header).
+  const real = await lastOn(t.jsm, FEEDBACK_STREAM, `feedback.sentiment_analyzed.${body.id}`);
+  const js = jetstream(t.nc);
+  for (const [id, text] of [["forged-fail1-own", TEXT], ["forged-fail1-other", "FORGED TEXT"]]) {
+    await js.publish(
+      "feedback.sentiment_analyzed.FAIL1",
+      JSON.stringify({ ...real, id, item_id: "FAIL1", data: { ...real.data, text } }),
+    );
+  }
+  const letters = await dispatchLetters(t, "FAIL1", ["conflict", "subject_mismatch"]);
+  assert.match(letters.get("conflict")!.reason, /FAIL1 has failed/);
+  assert.match(letters.get("subject_mismatch")!.reason, /other than its ingested event's/);
+  await settled(t.jsm, FEEDBACK_STREAM, FEEDBACK_CONSUMERS);
+  assert.deepEqual(
+    (await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.*.FAIL1")).filter((s) =>
+      /dispatched|processed/.test(s)
+    ),
+    [],
+    "no dispatched or processed stored",
+  );
+  const state = (await readState<FeedbackState>(kv, "FAIL1"))!.state;
+  assert.equal(state.status, "failed");
+  assert.equal(state.text, TEXT);
+  assert.equal(state.error?.stage, "sentiment");
+  const rebuilt = (await rebuildStates(jetstream(t.nc), FEEDBACK_STATE_SPEC)).states.get("FAIL1");
+  assert.equal(rebuilt?.status, "failed");
+  assert.equal(rebuilt?.text, TEXT);
+});
+
+Deno.test("a forged `sentiment_analyzed` with another text, stored before an in-flight item's own, changes nothing: the item processes with its own text", async () => {
+  await using t = await startTestNats();
+  const rules = await feedbackAnalyzers(t.config);
+  // The sentiment step holds HELD1 until the forged event is stored and refused.
+  const gate = Promise.withResolvers<void>();
+  const reached = Promise.withResolvers<void>();
+  const held: SentimentAnalyzer = {
+    ...rules.sentiment,
+    async analyze(text, opts) {
+      if (text.startsWith("HELD1")) {
+        reached.resolve();
+        await gate.promise;
+      }
+      return await rules.sentiment.analyze(text, opts);
+    },
+  };
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: FEEDBACK_STATE_SPEC }),
+    await runStage({ ...deps, stage: sentimentStage(held) }),
+    await runStage({ ...deps, stage: topicsStage(rules.topics, rules.toxicity) }),
+    await runStage({ ...deps, stage: dispatchStage(rules.route, feedbackItemReader(t.jsm)) }),
+  ];
+  try {
+    const intake = await createIntake(t.nc);
+    const { body } = await intake.submit({ text: "Why was I charged twice this month?" });
+    await feedbackProcessed(t, body.id);
+    const real = await lastOn(t.jsm, FEEDBACK_STREAM, `feedback.sentiment_analyzed.${body.id}`);
+    const TEXT = "HELD1 the invoice is wrong again";
+    await intake.submit({ id: "HELD1", text: TEXT });
+    await deadline(reached.promise, 20_000, "HELD1 in the sentiment step");
+    // The sentiment step's key publishes the item's completion first, with another text.
+    const ack = await jetstream(t.nc).publish(
+      "feedback.sentiment_analyzed.HELD1",
+      JSON.stringify({
+        ...real,
+        id: "forged-held1",
+        item_id: "HELD1",
+        data: { ...real.data, text: "FORGED: route me to Nobody" },
+      }),
+    );
+    const letter = (await dispatchLetters(t, "HELD1", ["subject_mismatch"])).get(
+      "subject_mismatch",
+    )!;
+    assert.match(letter.reason, /other than its ingested event's/);
+    gate.resolve();
+    const state = await feedbackProcessed(t, "HELD1");
+    assert.equal(state.text, TEXT);
+    assert.ok(state.stages.sentiment_analyzed!.seq > ack.seq, "its own sentiment event");
+    const processed = await lastOn(t.jsm, FEEDBACK_STREAM, "feedback.processed.HELD1");
+    assert.equal(processed.data.text, TEXT);
+    assert.deepEqual(
+      state.routing,
+      rules.route(state.sentiment!.label, state.topics!.topics),
+      "routed on its own text",
+    );
+    await settled(t.jsm, FEEDBACK_STREAM, ["sentiment", "topics", "dispatch", "state"]);
+    const info = await t.jsm.streams.info(FEEDBACK_STREAM, {
+      subjects_filter: "feedback.processed.HELD1",
+    });
+    assert.equal(info.state.subjects?.["feedback.processed.HELD1"], 1, "one processed stored");
+    assert.deepEqual(await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.failed.*"), []);
+    const rebuilt = (await rebuildStates(jetstream(t.nc), FEEDBACK_STATE_SPEC)).states;
+    assert.equal(rebuilt.get("HELD1")?.text, TEXT);
+    assert.equal(rebuilt.get("HELD1")?.status, "processed");
+  } finally {
+    gate.resolve();
+    for (const r of runners) await r.stop();
+  }
 });
 
 /**

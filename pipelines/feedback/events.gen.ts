@@ -530,6 +530,10 @@ export interface FeedbackState {
      * Deliveries made before the stage gave up.
      */
     attempts?: number;
+    /**
+     * The id of the event the stage gave up on, when it was a Weft event: until that event is stored again after the failure (a redrive of its dead letter), the item takes none of its later events.
+     */
+    event_id?: string;
   };
   /**
    * Time of the item's first event.

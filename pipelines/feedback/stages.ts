@@ -14,6 +14,10 @@ import { FEEDBACK_PIPELINE } from "./pipeline.ts";
 import { FeedbackEventType as T } from "./events.ts";
 import { childContext } from "../../src/observability/trace.ts";
 import type { FeedbackItem, FeedbackSubmission } from "./events.gen.ts";
+import type { JetStreamManager } from "@nats-io/jetstream";
+import { itemFailedNow, storedMessage } from "../../src/runner.ts";
+import { canonicalJson } from "../../src/canonical_json.ts";
+import { ConflictError, ErrorCode, NotFoundError, WeftError } from "../../src/errors.ts";
 
 /** The item fields carried from a submission onto its events. */
 export function itemOf(submission: FeedbackSubmission): FeedbackItem {
@@ -22,6 +26,17 @@ export function itemOf(submission: FeedbackSubmission): FeedbackItem {
   if (submission.customer_id !== undefined) item.customer_id = submission.customer_id;
   if (submission.metadata !== undefined) item.metadata = submission.metadata;
   return item;
+}
+
+/**
+ * The item's fields an event of the pipeline carries (text, channel, customer_id, metadata: what
+ * its ingested event carried, which every later event carries on), of any body: what the item
+ * was submitted with, as opposed to what its steps found.
+ */
+export function itemFieldsOf(event: unknown): unknown {
+  const d = (event as { data?: unknown } | null)?.data as Record<string, unknown> | undefined;
+  if (d === null || typeof d !== "object") return undefined;
+  return { text: d.text, channel: d.channel, customer_id: d.customer_id, metadata: d.metadata };
 }
 
 /** The id of the ingested event of an item: one per item, so re-submissions de-duplicate. */
@@ -83,6 +98,8 @@ export function sentimentStage(
     // the item's own (its own is stored after it). Its input is the entry event itself, so no
     // message pays a read for this; only a refused once-per-item publish does.
     entrySubject: (item) => `${T.Ingested}.${item}`,
+    // One carrying another text than the item's is not the item's either.
+    inputOf: itemFieldsOf,
     input: { kind: "event", types: [T.Ingested] },
     async handle(event, ctx) {
       const sentiment = await analyzer.analyze(event.data.text, { signal: ctx.signal });
@@ -107,9 +124,12 @@ export function topicsStage(
     ...stepInput(FEEDBACK_PIPELINE, "topics"),
     // What its outputs' subjects hold from before the item's ingested event is not the item's.
     entrySubject: (item) => `${T.Ingested}.${item}`,
-    // Not read per message (the bench's hot path): an event for an id that never entered
-    // runs here, and the state writer dead-letters it and what follows `not_found`.
+    // Not read per message (the bench's hot path): an event for an id that never entered, or
+    // with another text than the item's, runs here; dispatch refuses what follows from it, and
+    // the state writer applies none of it.
     checksEntry: false,
+    // What its output's subject holds with another text than the item's is not the item's.
+    inputOf: itemFieldsOf,
     input: { kind: "event", types: [T.SentimentAnalyzed] },
     async handle(event, ctx) {
       const options = { signal: ctx.signal };
@@ -129,18 +149,60 @@ export function topicsStage(
   };
 }
 
-/** Routes to a team, then marks the item processed: its final event. */
+/** What dispatch reads of an item before routing it ({@link feedbackItemReader}). */
+export type FeedbackItemReader = (itemId: string) => Promise<{
+  /** The first message on the item's ingested subject (its body, any JSON), if any. */
+  entry: { seq: number; event: unknown } | null;
+  /** Whether the item has failed and not been resumed since (by a redrive). */
+  failed: boolean;
+}>;
+
+/**
+ * Reads, in parallel, the item's ingested event (the first message on
+ * `feedback.ingested.<id>`) and whether it has failed and not been resumed since (its last
+ * `feedback.failed` is not followed by the event it failed on, stored again by a redrive):
+ * two direct reads of the stream.
+ */
+export function feedbackItemReader(jsm: JetStreamManager): FeedbackItemReader {
+  return async (itemId) => {
+    const [entry, failed] = await Promise.all([
+      // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+      storedMessage(jsm, FEEDBACK_STREAM, {
+        next_by_subj: `${T.Ingested}.${itemId}`,
+        seq: 0,
+      } as unknown as { seq: number }),
+      itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId),
+    ]);
+    let event: unknown;
+    try {
+      event = entry?.json();
+    } catch {
+      event = undefined;
+    }
+    return { entry: entry ? { seq: entry.seq, event } : null, failed };
+  };
+}
+
+/**
+ * Routes to a team, then marks the item processed: its final event. With `items` (the
+ * service's), it runs only for an item that entered before the message, on the text its
+ * ingested event carried, and that has not failed (or was resumed): what a step's key could
+ * publish for any other (a forged `sentiment_analyzed` runs topics alone) is dead-lettered
+ * `not_found`, `subject_mismatch` or `conflict`, failing nothing, and no `processed` is stored.
+ */
 export function dispatchStage(
   route: Router,
+  items?: FeedbackItemReader,
 ): Stage<{ kind: "event"; types: readonly ["feedback.topics_extracted"] }> {
   return {
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "dispatch"),
-    // What its outputs' subjects hold from before the item's ingested event is not the item's.
+    // What its outputs' subjects hold from before the item's ingested event, or with another
+    // text than the item's, is not the item's.
     entrySubject: (item) => `${T.Ingested}.${item}`,
-    // Not read per message (the bench's hot path): an event for an id that never entered
-    // runs here, and the state writer dead-letters it and what follows `not_found`.
-    checksEntry: false,
+    inputOf: itemFieldsOf,
+    // Whether the item entered is part of admit's check (one round trip of two reads).
+    ...(items ? { admit: (event, message) => admitDispatch(items, event, message.seq) } : {}),
     input: { kind: "event", types: [T.TopicsExtracted] },
     handle(event, ctx) {
       const routing = route(event.data.sentiment.label, event.data.topics.topics);
@@ -148,4 +210,42 @@ export function dispatchStage(
       return [dispatched, nextEvent(dispatched, T.Processed, dispatched.data, ctx)];
     },
   };
+}
+
+/**
+ * Refuses a `topics_extracted` that dispatch must not route: for an id with no ingested event
+ * stored before it (`not_found`), carrying another text, channel, customer or metadata than the
+ * item's ingested event (`subject_mismatch`), or for an item that failed and was not resumed
+ * (`conflict`, redrivable once it is). None fails the item.
+ */
+async function admitDispatch(
+  items: FeedbackItemReader,
+  event: { type: string; item_id: string; data: unknown },
+  seq: number,
+): Promise<void> {
+  const item = event.item_id;
+  const { entry, failed } = await items(item);
+  if (!entry || entry.seq > seq) {
+    throw new NotFoundError(
+      `no item ${JSON.stringify(item)}: ${event.type} counts only for an item whose entry ` +
+        `event (${T.Ingested}.${item}) was stored before it, and none was (stream sequence ` +
+        `${seq}); nothing was dispatched`,
+    );
+  }
+  if (canonicalJson(itemFieldsOf(entry.event)) !== canonicalJson(itemFieldsOf(event))) {
+    throw new WeftError(
+      ErrorCode.SubjectMismatch,
+      `${event.type} for feedback item ${item} carries a text, channel, customer_id or ` +
+        `metadata other than its ingested event's (stream sequence ${entry.seq}): a forged or ` +
+        `altered event; nothing was dispatched`,
+      { field: "/data/text" },
+    );
+  }
+  if (failed) {
+    throw new ConflictError(
+      `feedback item ${item} has failed: dispatch runs for it only once it is resumed ` +
+        `(redrive its failure's dead letter); nothing was dispatched`,
+      { permanent: true },
+    );
+  }
 }

@@ -1,9 +1,15 @@
 /**
  * A feedback item's state, folded from its events. The fold is pure, idempotent (applying
- * an event twice changes nothing) and order-insensitive (the furthest stage wins whatever
- * order events arrive in; between equals, the one stored later in the stream), so
- * redeliveries, concurrent writers and a rebuild from the stream all reach the same
- * state. Ordering uses stream sequences only, never the times producers wrote.
+ * an event twice changes nothing) and, short of a failure, order-insensitive (the furthest
+ * stage wins whatever order events arrive in; between equals, the one stored later in the
+ * stream), so redeliveries, concurrent writers and a rebuild from the stream all reach the
+ * same state. Ordering uses stream sequences only, never the times producers wrote.
+ *
+ * What a step's key could publish on its own subjects changes nothing: an event carrying
+ * another text, channel or customer than the item's (its ingested event's) is not applied,
+ * and an item that failed on an event takes no later event until that event is stored again
+ * after the failure (a redrive of its dead letter, byte for byte, so under its id), which
+ * resumes it.
  *
  * @module
  */
@@ -57,6 +63,19 @@ export function applyEvent(
   seq: number,
 ): FeedbackState {
   const key = shortType(event.type);
+  let resumed = false;
+  if (state && event.type !== T.Failed) {
+    // Failed on an event (its id is known): only that event, stored again after the failure
+    // (a redrive), moves the item on; any other (a forged step event) is not applied.
+    const on = state.status === "failed" ? state.error?.event_id : undefined;
+    if (on !== undefined) {
+      if (event.id !== on || seq <= (state.stages.failed?.seq ?? 0)) return state;
+      resumed = true;
+    }
+    // The item's input is what its first event (its ingested one) carried: an event carrying
+    // another is forged or altered, and is not applied.
+    if (!carriesItemOf(state, event)) return state;
+  }
   const next: FeedbackState = state ? { ...state, stages: { ...state.stages } } : {
     id: event.item_id,
     status: "accepted",
@@ -66,8 +85,12 @@ export function applyEvent(
     updated_at: event.time,
     stages: {},
   };
+  if (resumed) {
+    next.status = "processing";
+    delete next.error;
+  }
   const seen = next.stages[key];
-  if (seen && seen.event_id === event.id) return state!; // already applied
+  if (seen && seen.event_id === event.id) return resumed ? next : state!; // already applied
   // One event of each once-per-item type: the first stored wins, a later one is ignored.
   if (seen && ONCE_PER_ITEM_TYPES.has(event.type) && seen.seq < seq) return state!;
   const currentSeq = next.stages[next.stage]?.seq ?? 0;
@@ -88,6 +111,8 @@ export function applyEvent(
         reason: event.data.reason,
         attempts: event.data.attempts,
       };
+      const on = (event.data as { event_id?: unknown }).event_id;
+      if (typeof on === "string") next.error.event_id = on;
     }
   } else {
     const d = (event as Exclude<FeedbackEvent, { type: "feedback.failed" }>).data;
@@ -117,6 +142,18 @@ export function applyEvent(
     if (event.type === T.Processed) delete next.error;
   }
   return next;
+}
+
+/**
+ * Whether `event` carries the item's text, channel and customer as `state` holds them (from
+ * its first event carrying any); a failure carries none, and a state with no text yet (started
+ * by its intake's failure) takes any.
+ */
+function carriesItemOf(state: FeedbackState, event: AnyEvent): boolean {
+  if (event.type === T.Failed || state.text === undefined) return true;
+  const d = event.data as { text?: unknown; channel?: unknown; customer_id?: unknown };
+  return d.text === state.text && d.channel === state.channel &&
+    d.customer_id === state.customer_id;
 }
 
 /** Folds a whole history, e.g. when rebuilding state from the stream. */

@@ -171,3 +171,73 @@ Deno.test("applyEvent() keeps the first stored event of a once-per-item type: a 
     "a copy stored at the end",
   );
 });
+
+Deno.test("applyEvent() does not apply an event carrying another text, channel or customer than the item's", () => {
+  const h = history();
+  const forged = createEvent({
+    type: "feedback.sentiment_analyzed",
+    itemId: "fb1",
+    traceId: TRACE,
+    id: "forged-sentiment",
+    source: "forger",
+    data: { text: "something else entirely", channel: "email", sentiment },
+    time: at(2),
+  });
+  const ingested = foldEvents(h.slice(0, 1))!;
+  assert.equal(applyEvent(ingested, forged, 2), ingested, "stored before the item's own");
+  assert.deepEqual(
+    foldEvents([
+      h[0]!,
+      { event: forged, seq: 2 },
+      ...h.slice(1).map((e) => ({ ...e, seq: e.seq + 1 })),
+    ])
+      ?.stages.sentiment_analyzed?.event_id,
+    h[1]!.event.id,
+    "the item's own sentiment event is the one kept",
+  );
+  const processed = foldEvents(h)!;
+  const late = createEvent({
+    type: "feedback.processed",
+    itemId: "fb1",
+    traceId: TRACE,
+    id: "forged-processed",
+    source: "forger",
+    data: { text: "I love it", channel: "web", sentiment, topics, routing },
+    time: at(9),
+  });
+  assert.equal(applyEvent(processed, late, 9), processed, "another channel");
+});
+
+Deno.test("a failed item takes no later event until the event it failed on is stored again (a redrive), which resumes it", () => {
+  const h = history();
+  const failed = createEvent({
+    type: "feedback.failed",
+    itemId: "fb1",
+    traceId: TRACE,
+    source: "weft-topics",
+    time: at(5),
+    data: {
+      stage: "topics",
+      code: "handler_failed",
+      reason: "boom",
+      attempts: 5,
+      dead_letter_subject: "deadletter.topics.fb1",
+      subject: "feedback.sentiment_analyzed.fb1",
+      event_id: h[1]!.event.id,
+    },
+  });
+  const atFailure = foldEvents([h[0]!, h[1]!, { event: failed, seq: 3 }])!;
+  assert.equal(atFailure.status, "failed");
+  assert.equal(atFailure.error?.event_id, h[1]!.event.id);
+  // The rest of the pipeline's events, not preceded by the redriven sentiment event: not applied.
+  const rest = h.slice(2).map((e, i) => ({ ...e, seq: 10 + i }));
+  assert.deepEqual(foldEvents([h[0]!, h[1]!, { event: failed, seq: 3 }, ...rest]), atFailure);
+  // The sentiment event stored again after the failure (its redrive): the item resumes.
+  const redriven = { event: h[1]!.event, seq: 9 };
+  const resumed = foldEvents([h[0]!, h[1]!, { event: failed, seq: 3 }, redriven])!;
+  assert.equal(resumed.status, "processing");
+  assert.equal(resumed.error, undefined);
+  const done = foldEvents([h[0]!, h[1]!, { event: failed, seq: 3 }, redriven, ...rest])!;
+  assert.equal(done.status, "processed");
+  assert.deepEqual(done.routing, routing);
+});

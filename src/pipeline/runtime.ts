@@ -25,6 +25,7 @@ import { canonicalJson } from "../canonical_json.ts";
 import type { Logger } from "../observability/log.ts";
 import {
   depthWithin,
+  itemFailedNow,
   MAX_DEPTH,
   messagesOn,
   publishEvent,
@@ -816,62 +817,6 @@ async function updateHeld<T>(
     }
   }
   throw new WeftError(ErrorCode.HandlerFailed, `record ${key} kept changing`);
-}
-
-/**
- * Whether item `item` of pipeline `name` has failed and not been resumed since: its last
- * `failed` event is not followed by the message it failed on, stored again by a redrive (the
- * same event id, when the failure names one: an item's timers all share one subject, so
- * another timer of the item stored after the failure resumes nothing). Read from the stream
- * (direct reads, only when a timer fires, a decision comes or a step would end the item), not
- * from the item's state, which trails.
- */
-export async function itemFailedNow(
-  jsm: JetStreamManager,
-  stream: string,
-  name: string,
-  item: string,
-): Promise<boolean> {
-  const last = async (subject: string) => {
-    try {
-      return await jsm.streams.getMessage(stream, { last_by_subj: subject });
-    } catch {
-      return null;
-    }
-  };
-  const failed = await last(`${name}.${FAILED}.${item}`);
-  if (!failed) return false;
-  let on: unknown;
-  let eventId: unknown;
-  try {
-    const data = (failed.json() as { data?: { subject?: unknown; event_id?: unknown } }).data;
-    on = data?.subject;
-    eventId = data?.event_id;
-  } catch {
-    return true;
-  }
-  if (typeof on !== "string") return true;
-  const again = await last(on);
-  if (!again || again.seq <= failed.seq) return true;
-  if (typeof eventId !== "string") return false;
-  const isIt = (m: { json(): unknown }) => {
-    try {
-      return (m.json() as { id?: unknown }).id === eventId;
-    } catch {
-      return false; // not an event: not the one it failed on
-    }
-  };
-  if (isIt(again)) return false;
-  // The messages on the subject between the failure and the last one, up to a bound (an
-  // item's own subject holds a few; past it the item is taken as still failed, and is asked
-  // about again later). A read that fails counts the same.
-  try {
-    const between = { from: failed.seq + 1, before: again.seq, max: 256 };
-    for await (const m of messagesOn(jsm, stream, on, between)) if (isIt(m)) return false;
-  } catch {
-    // as still failed
-  }
-  return true;
 }
 
 /**

@@ -7,7 +7,8 @@
  */
 import { loadRules } from "../rules.ts";
 import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
-import { dispatchStage } from "../stages.ts";
+import { dispatchStage, feedbackItemReader } from "../stages.ts";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { followStepVersion } from "../../../src/step_versions.ts";
 
 /** The dispatch service. */
@@ -18,7 +19,10 @@ export const service: ServiceDef = stageService("dispatch", async (ctx) => {
     "dispatch",
     async (config) => (await loadRules(config.rulesPath)).route,
   );
-  return dispatchStage((sentiment, topics) => live.current()(sentiment, topics));
+  return dispatchStage(
+    (sentiment, topics) => live.current()(sentiment, topics),
+    feedbackItemReader(await jetstreamManager(ctx.nc)),
+  );
 });
 
 if (import.meta.main) await runService(service);
