@@ -17,7 +17,11 @@ import { connectClient, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { checkRedrivable, listDeadLetters } from "../src/redrive.ts";
-import { type DispatchCounter, feedbackDigestStage } from "../pipelines/feedback/digest.ts";
+import {
+  countDispatched,
+  type DispatchCounter,
+  feedbackDigestStage,
+} from "../pipelines/feedback/digest.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { DIGEST_REQUEST_SUBJECT, FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
 
@@ -38,6 +42,9 @@ Deno.test({
         loadConfig({ env: () => undefined, args: [] }),
       );
       const teams = ["billing", "billing", "support"];
+      // Items count only once they entered: each is submitted first.
+      const intake = await createIntake(nc);
+      for (const i of teams.keys()) await intake.submit({ id: `fb${i}`, text: "the invoice" });
       for (const [i, team] of teams.entries()) {
         await publishEvent(
           js,
@@ -187,4 +194,43 @@ Deno.test("a digest request's window_ms past the schema's maximum is dead-letter
   assert.match(letter?.letter.reason ?? "", /window_ms/);
   const checked = await checkRedrivable(t.jsm, letter!.letter);
   assert.match(checked.refused ?? "", /would be dead-lettered again/);
+});
+
+/** A `feedback.dispatched` event of `item`, routed to `team`. */
+function dispatched(item: string, team: string) {
+  return createEvent({
+    type: "feedback.dispatched",
+    itemId: item,
+    traceId: TRACE,
+    source: "test",
+    data: {
+      text: "the invoice is wrong",
+      sentiment: { label: "negative", score: -0.5, analyzer: "rules" },
+      topics: { topics: ["billing"], evidence: {}, analyzer: "rules" },
+      routing: { team, rule: 0 },
+    },
+  });
+}
+
+Deno.test("countDispatched() counts each item that entered once: not a second dispatched of an item, nor one for an id that never entered", async () => {
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  const from = new Date(Date.now() - 1000);
+  const intake = await createIntake(t.nc);
+  await intake.submit({ id: "D1", text: "the invoice is wrong" });
+  await intake.submit({ id: "D2", text: "the app crashes" });
+  const d1 = dispatched("D1", "billing");
+  await publishEvent(js, d1, null);
+  await publishEvent(js, dispatched("D2", "support"), null);
+  // D1's dispatched stored again, as a second redrive's outputs are past the duplicate window on
+  // nats-server 2.9 (no message id here: the window would drop it), then under another team.
+  await js.publish("feedback.dispatched.D1", JSON.stringify(d1));
+  await js.publish(
+    "feedback.dispatched.D1",
+    JSON.stringify({ ...dispatched("D1", "support"), id: "d1-again" }),
+  );
+  // The dispatch key's event for an id that never entered.
+  await publishEvent(js, dispatched("GHOST1", "billing"), null);
+  const counts = await countDispatched(js)(from, new Date(Date.now() + 1000));
+  assert.deepEqual(counts, { total: 2, teams: { billing: 1, support: 1 } });
 });

@@ -9,24 +9,33 @@
 import { DeliverPolicy, type JetStreamClient } from "@nats-io/jetstream";
 import { createEvent, deterministicId } from "../../src/events.ts";
 import type { Stage } from "../../src/stage.ts";
-import { DIGEST_STREAM, typeFilter } from "../../src/subjects.ts";
+import { DIGEST_STREAM, ITEM_ID, typeFilter } from "../../src/subjects.ts";
+import { storedMessage } from "../../src/runner.ts";
 import { DIGEST_REQUEST_SUBJECT, FEEDBACK_STREAM } from "./subjects.ts";
 import { FeedbackEventType } from "./events.ts";
 
 /** Dispatched items per team in a window. */
 export interface TeamCounts {
-  /** Items dispatched in the window. */
+  /** Items dispatched in the window, each once. */
   total: number;
   /** Items per team. */
   teams: Record<string, number>;
 }
 
-/** Counts items dispatched in [from, to) per team. */
+/** Counts items dispatched in [from, to) per team, each item once. */
 export type DispatchCounter = (from: Date, to: Date) => Promise<TeamCounts>;
 
+/** Direct reads of the stream made at once while counting (two per item dispatched). */
+const LOOKUPS_AT_ONCE = 16;
+
 /**
- * Counts `feedback.dispatched` events stored in [from, to) from the FEEDBACK stream with
- * an ordered consumer that starts at `from`: it reads only the window, never the history.
+ * Counts the items dispatched in [from, to) from the FEEDBACK stream, each once, under the team
+ * of its first `feedback.dispatched` event: read with an ordered consumer that starts at `from`
+ * (only the window, never the history), then, per item seen, two direct reads in parallel (at
+ * most {@link LOOKUPS_AT_ONCE} at a time). An item counts only in the window of its first
+ * `feedback.dispatched` event (a second one, such as a redrive's outputs stored again past the
+ * duplicate window on nats-server 2.9, counts nothing), and only if its ingested event was stored
+ * before it (one for an id that never entered, published with a step's key, counts nothing).
  *
  * @example
  * ```ts ignore
@@ -35,21 +44,49 @@ export type DispatchCounter = (from: Date, to: Date) => Promise<TeamCounts>;
  */
 export function countDispatched(js: JetStreamClient): DispatchCounter {
   return async (from, to) => {
-    const counts: TeamCounts = { total: 0, teams: {} };
+    // The first dispatched event of each item in the window: its team and stream sequence.
+    const seen = new Map<string, { team: string; seq: number }>();
     const consumer = await js.consumers.get(FEEDBACK_STREAM, {
-      filter_subjects: typeFilter("feedback.dispatched"),
+      filter_subjects: typeFilter(FeedbackEventType.Dispatched),
       deliver_policy: DeliverPolicy.StartTime,
       opt_start_time: from.toISOString(),
     });
     for (;;) {
       const m = await consumer.next({ expires: 1000 });
       if (!m || m.time.getTime() >= to.getTime()) break;
+      // The subject names the item (`feedback.dispatched.<id>`); the body may lie.
+      const item = m.subject.split(".")[2];
       const team = m.json<{ data?: { routing?: { team?: unknown } } }>().data?.routing?.team;
-      if (typeof team === "string") {
-        counts.total++;
-        counts.teams[team] = (counts.teams[team] ?? 0) + 1;
+      if (
+        item !== undefined && ITEM_ID.test(item) && typeof team === "string" && !seen.has(item)
+      ) {
+        seen.set(item, { team, seq: m.seq });
       }
       if (m.info.pending === 0) break;
+    }
+    const jsm = await js.jetstreamManager(false);
+    const first = (subject: string) =>
+      // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+      storedMessage(jsm, FEEDBACK_STREAM, { next_by_subj: subject, seq: 0 } as unknown as {
+        seq: number;
+      });
+    const counted = async ([item, { seq }]: [string, { team: string; seq: number }]) => {
+      const [entry, dispatched] = await Promise.all([
+        first(`${FeedbackEventType.Ingested}.${item}`),
+        first(`${FeedbackEventType.Dispatched}.${item}`),
+      ]);
+      return entry !== null && entry.seq < seq && dispatched?.seq === seq;
+    };
+    const items = [...seen];
+    const counts: TeamCounts = { total: 0, teams: {} };
+    for (let i = 0; i < items.length; i += LOOKUPS_AT_ONCE) {
+      const slice = items.slice(i, i + LOOKUPS_AT_ONCE);
+      const ok = await Promise.all(slice.map(counted));
+      slice.forEach(([, { team }], j) => {
+        if (!ok[j]) return;
+        counts.total++;
+        counts.teams[team] = (counts.teams[team] ?? 0) + 1;
+      });
     }
     return counts;
   };
