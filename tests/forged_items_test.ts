@@ -286,6 +286,55 @@ Deno.test("a forged `sentiment_analyzed` for a failed feedback item stores no pr
   assert.equal(rebuilt?.text, TEXT);
 });
 
+Deno.test("a feedback item failed on junk on a step's subject stays failed: a valid `sentiment_analyzed` published after it stores no processed", async () => {
+  await using t = await startTestNats({ failOn: "crash", failStage: "sentiment" });
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
+  await feedbackProcessed(t, body.id);
+  const TEXT = "The app crashes on login, terrible";
+  await p.intake.submit({ id: "JUNK1", text: TEXT });
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  await waitFor(
+    async () => (await readState<FeedbackState>(kv, "JUNK1"))?.state.status === "failed",
+    20_000,
+    "JUNK1 failed",
+  );
+  // The sentiment key publishes junk on the item's subject (topics fails the item on it), then
+  // a valid event with the item's own text: as a redrive would store the message again.
+  const js = jetstream(t.nc);
+  await js.publish("feedback.sentiment_analyzed.JUNK1", "not an event");
+  await waitFor(
+    async () => (await readState<FeedbackState>(kv, "JUNK1"))?.state.error?.stage === "topics",
+    20_000,
+    "JUNK1 failed by topics on the junk",
+  );
+  const real = await lastOn(t.jsm, FEEDBACK_STREAM, `feedback.sentiment_analyzed.${body.id}`);
+  await js.publish(
+    "feedback.sentiment_analyzed.JUNK1",
+    JSON.stringify({
+      ...real,
+      id: "forged-junk1",
+      item_id: "JUNK1",
+      data: { ...real.data, text: TEXT },
+    }),
+  );
+  const letter = (await dispatchLetters(t, "JUNK1", ["conflict"])).get("conflict")!;
+  assert.match(letter.reason, /JUNK1 has failed/);
+  await settled(t.jsm, FEEDBACK_STREAM, FEEDBACK_CONSUMERS);
+  assert.deepEqual(
+    (await subjectsOf(t.jsm, FEEDBACK_STREAM, "feedback.*.JUNK1")).filter((s) =>
+      /dispatched|processed/.test(s)
+    ),
+    [],
+    "no dispatched or processed stored",
+  );
+  const state = (await readState<FeedbackState>(kv, "JUNK1"))!.state;
+  assert.equal(state.status, "failed");
+  assert.equal(state.error?.subject, "feedback.sentiment_analyzed.JUNK1");
+  const rebuilt = (await rebuildStates(jetstream(t.nc), FEEDBACK_STATE_SPEC)).states.get("JUNK1");
+  assert.equal(rebuilt?.status, "failed");
+});
+
 Deno.test("a forged `sentiment_analyzed` with another text, stored before an in-flight item's own, changes nothing: the item processes with its own text", async () => {
   await using t = await startTestNats();
   const rules = await feedbackAnalyzers(t.config);

@@ -534,6 +534,10 @@ export interface FeedbackState {
      * The id of the event the stage gave up on, when it was a Weft event: until that event is stored again after the failure (a redrive of its dead letter), the item takes none of its later events.
      */
     event_id?: string;
+    /**
+     * The subject of the message the stage gave up on. Failed on one that is no event (junk on a step's subject), the item takes none of its later events: no redrive can resume it.
+     */
+    subject?: string;
   };
   /**
    * Time of the item's first event.

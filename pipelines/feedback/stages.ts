@@ -160,8 +160,8 @@ export type FeedbackItemReader = (itemId: string) => Promise<{
 /**
  * Reads, in parallel, the item's ingested event (the first message on
  * `feedback.ingested.<id>`) and whether it has failed and not been resumed since (its last
- * `feedback.failed` is not followed by the event it failed on, stored again by a redrive):
- * two direct reads of the stream.
+ * `feedback.failed` is not followed by the event it failed on, stored again by a redrive:
+ * `failedNow`): two direct reads of the stream.
  */
 export function feedbackItemReader(jsm: JetStreamManager): FeedbackItemReader {
   return async (itemId) => {
@@ -171,7 +171,7 @@ export function feedbackItemReader(jsm: JetStreamManager): FeedbackItemReader {
         next_by_subj: `${T.Ingested}.${itemId}`,
         seq: 0,
       } as unknown as { seq: number }),
-      itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId),
+      failedNow(jsm, itemId),
     ]);
     let event: unknown;
     try {
@@ -181,6 +181,28 @@ export function feedbackItemReader(jsm: JetStreamManager): FeedbackItemReader {
     }
     return { entry: entry ? { seq: entry.seq, event } : null, failed };
   };
+}
+
+/**
+ * Whether a feedback item has failed and not been resumed since: one read (its last
+ * `feedback.failed`) when it has not failed. Failed on an event, a redrive of it resumes the
+ * item ({@link itemFailedNow}); failed on a step's message that is no event (junk, which a
+ * redrive cannot make pass), nothing does, not a valid event stored on that subject later (a
+ * step's key could publish one); failed on its submission, a redrive of it does.
+ */
+async function failedNow(jsm: JetStreamManager, itemId: string): Promise<boolean> {
+  const last = await storedMessage(jsm, FEEDBACK_STREAM, {
+    last_by_subj: `${T.Failed}.${itemId}`,
+  });
+  if (!last) return false;
+  let on: { event_id?: unknown; subject?: unknown } | undefined;
+  try {
+    on = last.json<{ data?: { event_id?: unknown; subject?: unknown } }>().data;
+  } catch {
+    return true; // no failure event of Weft's: as failed
+  }
+  if (typeof on?.event_id !== "string" && on?.subject !== SUBMIT_SUBJECT) return true;
+  return await itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId);
 }
 
 /**

@@ -9,7 +9,7 @@
  * another text, channel or customer than the item's (its ingested event's) is not applied,
  * and an item that failed on an event takes no later event until that event is stored again
  * after the failure (a redrive of its dead letter, byte for byte, so under its id), which
- * resumes it.
+ * resumes it; one that failed on a step's message that is no event takes none.
  *
  * @module
  */
@@ -17,7 +17,7 @@ import type { FeedbackState } from "./events.gen.ts";
 import type { AnyEvent } from "../../src/schemas.ts";
 import type { FeedbackEvent } from "./events.ts";
 import { spanTimes } from "../../src/state.ts";
-import { FEEDBACK_STREAM, STATE_BUCKET } from "./subjects.ts";
+import { FEEDBACK_STREAM, STATE_BUCKET, SUBMIT_SUBJECT } from "./subjects.ts";
 
 /** The stage that turns `feedback.submit` messages into items (stages.ts's ingestStage). */
 const INGEST_STAGE = "ingest";
@@ -66,12 +66,14 @@ export function applyEvent(
   let resumed = false;
   if (state && event.type !== T.Failed) {
     // Failed on an event (its id is known): only that event, stored again after the failure
-    // (a redrive), moves the item on; any other (a forged step event) is not applied.
-    const on = state.status === "failed" ? state.error?.event_id : undefined;
-    if (on !== undefined) {
-      if (event.id !== on || seq <= (state.stages.failed?.seq ?? 0)) return state;
+    // (a redrive), moves the item on; any other (a forged step event) is not applied. Failed on
+    // a step's message that is no event (junk: a redrive of it fails again), nothing does. (A
+    // failed submission, on `feedback.submit`, is redriven to make the item, as before.)
+    const error = state.status === "failed" ? state.error : undefined;
+    if (error?.event_id !== undefined) {
+      if (event.id !== error.event_id || seq <= (state.stages.failed?.seq ?? 0)) return state;
       resumed = true;
-    }
+    } else if (error?.subject !== undefined && error.subject !== SUBMIT_SUBJECT) return state;
     // The item's input is what its first event (its ingested one) carried: an event carrying
     // another is forged or altered, and is not applied.
     if (!carriesItemOf(state, event)) return state;
@@ -111,8 +113,9 @@ export function applyEvent(
         reason: event.data.reason,
         attempts: event.data.attempts,
       };
-      const on = (event.data as { event_id?: unknown }).event_id;
+      const { event_id: on, subject } = event.data as { event_id?: unknown; subject?: unknown };
       if (typeof on === "string") next.error.event_id = on;
+      if (typeof subject === "string") next.error.subject = subject;
     }
   } else {
     const d = (event as Exclude<FeedbackEvent, { type: "feedback.failed" }>).data;

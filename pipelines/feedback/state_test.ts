@@ -241,3 +241,42 @@ Deno.test("a failed item takes no later event until the event it failed on is st
   assert.equal(done.status, "processed");
   assert.deepEqual(done.routing, routing);
 });
+
+Deno.test("an item failed on a step's message that is no event takes no later event; one failed on its submission does", () => {
+  const h = history();
+  const failedOn = (subject: string) =>
+    createEvent({
+      type: "feedback.failed",
+      itemId: "fb1",
+      traceId: TRACE,
+      source: "weft-topics",
+      time: at(5),
+      data: {
+        stage: subject === "feedback.submit" ? "ingest" : "topics",
+        code: "invalid_event",
+        reason: "body is not JSON",
+        attempts: 1,
+        dead_letter_subject: "deadletter.topics.fb1",
+        subject,
+      },
+    });
+  const junk = foldEvents([h[0]!, h[1]!, {
+    event: failedOn("feedback.sentiment_analyzed.fb1"),
+    seq: 3,
+  }])!;
+  assert.equal(junk.error?.subject, "feedback.sentiment_analyzed.fb1");
+  const rest = h.slice(2).map((e, i) => ({ ...e, seq: 10 + i }));
+  assert.deepEqual(
+    foldEvents([
+      h[0]!,
+      h[1]!,
+      { event: failedOn("feedback.sentiment_analyzed.fb1"), seq: 3 },
+      ...rest,
+    ]),
+    junk,
+  );
+  // A failed submission, redriven, makes the item as before.
+  const redriven = h.map((e, i) => ({ ...e, seq: 10 + i }));
+  const made = foldEvents([{ event: failedOn("feedback.submit"), seq: 1 }, ...redriven])!;
+  assert.equal(made.status, "processed");
+});
