@@ -52,6 +52,7 @@ import { STAGE_DESCRIPTION } from "./topology.ts";
 import {
   DEADLETTER_STREAM,
   parseEventSubject,
+  REDRIVE_ITEM_HEADER,
   REDRIVE_OF_HEADER,
   REDRIVEN_TOKEN,
   subjectMatches,
@@ -613,6 +614,9 @@ export async function redrive(
     const msgId = `redrive-${e.seq}-${e.redrives + 1}`;
     const h = headers();
     h.set(REDRIVE_OF_HEADER, String(e.seq));
+    // The item it was dead-lettered under: a definition's intake, which names a bus
+    // submission's item by its stream position, re-submits it as that item (not a new one).
+    if (e.letter.item_id) h.set(REDRIVE_ITEM_HEADER, e.letter.item_id);
     await js.publish(e.letter.subject, checked.body, { msgID: msgId, headers: h });
     const marker: Marker = { dl_seq: e.seq, msg_id: msgId, time: new Date().toISOString() };
     await js.publish(`${REDRIVEN_PREFIX}.${e.seq}`, encoder.encode(JSON.stringify(marker)), {

@@ -57,6 +57,7 @@ import {
   HANDOVER_HEADER,
   ITEM_ID,
   parseEventSubject,
+  REDRIVE_ITEM_HEADER,
   REDRIVE_OF_HEADER,
 } from "./subjects.ts";
 import { BACKLOG_SEQ_KEY, stageConsumerConfig } from "./topology.ts";
@@ -1268,7 +1269,11 @@ export async function runStage<I extends StageInput>(
     };
     if (trace) message.traceId = trace.traceId;
     const redriveOf = Number(m.headers?.get(REDRIVE_OF_HEADER) || NaN);
-    if (Number.isSafeInteger(redriveOf) && redriveOf > 0) message.redriveOf = redriveOf;
+    if (Number.isSafeInteger(redriveOf) && redriveOf > 0) {
+      message.redriveOf = redriveOf;
+      const item = m.headers?.get(REDRIVE_ITEM_HEADER);
+      if (item) message.redriveItem = item;
+    }
     const handover = m.headers?.get(HANDOVER_HEADER);
     if (handover) message.handoverTo = handover.split(",");
     if (stage.accepts && !stage.accepts(message)) {

@@ -22,6 +22,11 @@ export interface MessageInfo {
   /** The dead letter a redrive republished it from (its `Weft-Redrive-Of` header), if any. */
   redriveOf?: number;
   /**
+   * The item the dead letter a redrive republished it from was kept under (its
+   * `Weft-Redrive-Item` header): only with {@link MessageInfo.redriveOf}.
+   */
+  redriveItem?: string;
+  /**
    * The steps a copy stored by a definition change's hand-over is for (its
    * `Weft-Handover-To` header), if it is one.
    */

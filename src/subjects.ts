@@ -53,6 +53,13 @@ export function parseEventSubject(subject: string): { type: string; itemId: stri
 /** The header a redrive republishes an original with: the dead letter's sequence. */
 export const REDRIVE_OF_HEADER = "Weft-Redrive-Of";
 /**
+ * The header a redrive republishes an original with beside {@link REDRIVE_OF_HEADER}: the item
+ * its letter was dead-lettered under. A definition's intake, which names a bus submission's
+ * item by its stream position, takes a redriven submission as that item again (once it has
+ * checked that the item failed there, on the same submission).
+ */
+export const REDRIVE_ITEM_HEADER = "Weft-Redrive-Item";
+/**
  * The header a pipeline's control service stores an event again with when a changed
  * definition sends it to steps that will not read the original (their consumers are past
  * it): the steps it is for, comma-separated. Every other consumer acks it unread.

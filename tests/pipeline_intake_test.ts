@@ -14,12 +14,19 @@ import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import { createCapacityGuard } from "../src/capacity.ts";
+import type { Hono } from "hono";
 import {
   intakeStage,
+  type LoadedPipeline,
   loadPipelines,
+  pipelineServices,
   pipelineStateSpec,
   pipelineTopology,
 } from "../src/pipeline/runtime.ts";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { pipelineSubjects } from "../src/pipeline/derive.ts";
+import { WeftMetrics } from "../src/observability/metrics.ts";
 import { runStage } from "../src/runner.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 import { ensureTopology } from "../src/topology.ts";
@@ -580,4 +587,71 @@ Deno.test("GET /pipelines/<name>/events refuses a replay other than true or fals
   assert.equal(ok.status, 200);
   abort.abort();
   await ok.body?.cancel();
+});
+
+Deno.test("a bus submission's intake letter, redriven once the schema takes it, resumes its failed item under the same id: no second item", async () => {
+  await using t = await startTestNats();
+  const obj = { type: "object" } as const;
+  const orders = (text: Record<string, unknown>): LoadedPipeline => {
+    const def = definePipeline({
+      name: "orders",
+      input: { schema: { type: "object", required: ["text"], properties: { text } } },
+      start: "check",
+      steps: {
+        check: { kind: "task", output: obj, handle: () => ({}), next: "done" },
+        done: { kind: "end", outcome: "done" },
+      },
+    });
+    return { file: "inline", def, flow: compileFlow(def) };
+  };
+  const strict = orders({ type: "string" });
+  const wide = orders({ type: ["string", "number"] });
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([strict], t.config.retentionMs));
+  const start = async (p: LoadedPipeline) =>
+    await Promise.all(
+      [...pipelineServices([p]).values()].map((s) =>
+        s.start({ config: t.config, log: t.log, nc: t.nc, metrics: new WeftMetrics() })
+      ),
+    );
+  const stateOf = async (app: Hono, id: string) => {
+    const res = await app.request(`/pipelines/orders/items/${id}`);
+    return res.status === 200 ? (await res.json()).status as string : undefined;
+  };
+  let running = await start(strict);
+  try {
+    // `nats req orders.submit '{"text":5}'`: the schema refuses it at intake, failing the item.
+    const ack = await jetstream(t.nc).publish("orders.submit", JSON.stringify({ text: 5 }));
+    const id = `orders-${ack.seq}`;
+    const before = await definitionsApp(t, [strict]);
+    await waitFor(async () => await stateOf(before, id) === "failed", 15_000, `${id} failed`);
+    const letters = await waitFor(
+      async () => {
+        const res = await before.request(`/deadletters?item_id=${id}`);
+        const body = await res.json() as { items: { seq: number }[] };
+        return body.items.length > 0 ? body.items : undefined;
+      },
+      15_000,
+      `${id}'s letter`,
+    );
+
+    // The schema widened, the pipeline restarted, the letter redriven.
+    await Promise.all(running.map((r) => r.stop()));
+    running = await start(wide);
+    const app = await definitionsApp(t, [wide]);
+    const res = await app.request("/deadletters/redrive", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ ids: [letters[0]!.seq] }),
+    });
+    assert.equal(res.status, 200, await res.clone().text());
+    assert.equal((await res.json()).redriven[0].item_id, id);
+    await waitFor(async () => await stateOf(app, id) === "done", 30_000, `${id} done`);
+    // One item entered, the one that failed: no other item was made of the redrive.
+    const info = await t.jsm.streams.info(pipelineSubjects(wide.def).stream, {
+      subjects_filter: "orders.submitted.>",
+    });
+    assert.deepEqual(Object.keys(info.state.subjects ?? {}), [`orders.submitted.${id}`]);
+  } finally {
+    await Promise.all(running.map((r) => r.stop()));
+  }
 });

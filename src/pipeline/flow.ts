@@ -90,6 +90,17 @@ export function entryEvent(spec: PipelineSpec): string {
   return spec.input.event ?? SUBMITTED;
 }
 
+/**
+ * The id of the entry event a pipeline's intake publishes for a bus submission's item: fixed
+ * by the item, so the entry of a redriven submission is known before it is stored (its item's
+ * failure at intake names it, and the fold resumes the item from it).
+ */
+export function intakeEntryId(spec: PipelineSpec, item: string): string {
+  const type = `${spec.name}.${entryEvent(spec)}`;
+  // flowEvent's id for the entry the intake makes from its cause id, deterministicId(item, type).
+  return deterministicId(deterministicId(item, type), type);
+}
+
 /** The event a wait or join publishes when its timeout or deadline wins. */
 export function timeoutEventOf(id: string, step: StepSpec): string {
   return (step.kind === "wait" && step.timeoutEvent) || `${id.replaceAll("-", "_")}_timed_out`;

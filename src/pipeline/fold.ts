@@ -6,7 +6,7 @@
  * @module
  */
 import type { PipelineSpec, ScratchEntry } from "./definition.ts";
-import { awaitedEventId, entryEvent, FAILED, type FlowData, TIMER } from "./flow.ts";
+import { awaitedEventId, entryEvent, FAILED, type FlowData, intakeEntryId, TIMER } from "./flow.ts";
 import { eventOf } from "./validate.ts";
 
 /** An event as the fold sees it. */
@@ -191,8 +191,11 @@ export function applyPipelineEvent(
     base.error = { stage: d?.stage, code: d?.code, reason: d?.reason };
     base.failed_seq = event.seq;
     // The event it failed on: a Weft event by its id, an awaited one (plain JSON) by its
-    // subject, as it is known when stored again.
-    const failedOn = typeof d?.event_id === "string"
+    // subject, as it is known when stored again. A bus submission the intake refused (the
+    // item never entered) by the entry event its redrive makes of it.
+    const failedOn = d?.subject === `${n}.submit` && event.item_id
+      ? intakeEntryId(spec, event.item_id)
+      : typeof d?.event_id === "string"
       ? d.event_id
       : typeof d?.subject === "string" && d.subject.split(".")[1] !== FAILED
       ? awaitedEventId(d.subject)

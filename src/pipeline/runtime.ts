@@ -1361,31 +1361,92 @@ export function controlStage(
   };
 }
 
-/** Turns bus submissions (`nats pub <name>.submit '<input>'`) into items. */
+/**
+ * Turns bus submissions (`nats pub <name>.submit '<input>'`) into items, each named by its
+ * stream position (`<name>-<seq>`). A redriven submission (its `Weft-Redrive-Item` header,
+ * set by a redrive, names `<name>-<S>` for an earlier S) is that item again, once checked
+ * against the stream: the item failed at this intake, on the submission stored at S (the same
+ * input, while the stream keeps it). One that does not check out is dead-lettered `conflict`,
+ * failing nothing; one whose item has entered since (a second redrive) publishes nothing.
+ * `nc`: the connection the checks read the stream on; without it no redrive names an item.
+ */
 // deno-lint-ignore no-explicit-any
-export function intakeStage(p: LoadedPipeline): Stage<any> {
+export function intakeStage(p: LoadedPipeline, nc?: NatsConnection): Stage<any> {
   const { flow, def } = p;
   const n = def.name;
   const entry = `${n}.${entryEvent(def)}`;
+  const stream = pipelineSubjects(def).stream;
+  const durable = durableOf(def, INTAKE);
   const idOf = (seq: number) => `${n}-${seq}`;
+  const manager = nc ? lazy(() => jetstreamManager(nc)) : undefined;
+  /** The earlier submission a redrive names, `<name>-<S>` with S before this message. */
+  const redriven = (message: MessageInfo): { id: string; seq: number } | undefined => {
+    const id = message.redriveItem;
+    if (!manager || message.redriveOf === undefined || id === undefined) return undefined;
+    if (!id.startsWith(`${n}-`) || !/^[1-9][0-9]{0,15}$/.test(id.slice(n.length + 1))) {
+      return undefined;
+    }
+    const seq = Number(id.slice(n.length + 1));
+    return seq < message.seq ? { id, seq } : undefined;
+  };
+  /**
+   * Whether the redriven submission `x` may be item `was.id` again: it failed at this intake
+   * on the submission stored at `was.seq`, with this input. Throws a conflict saying why not;
+   * false when the item has entered since (nothing to do).
+   */
+  const resumes = async (was: { id: string; seq: number }, raw: unknown): Promise<boolean> => {
+    const jsm = await manager!();
+    const refuse = (why: string) =>
+      new ConflictError(`a redrive names item ${was.id}, but ${why}: nothing was submitted`, {
+        permanent: true,
+      });
+    if (await storedMessage(jsm, stream, { last_by_subj: `${entry}.${was.id}` })) return false;
+    const failed = await storedMessage(jsm, stream, { last_by_subj: `${n}.${FAILED}.${was.id}` });
+    const data = failed
+      ? (failed.json() as { data?: { stage?: unknown; subject?: unknown } }).data
+      : undefined;
+    if (data?.stage !== durable || data?.subject !== `${n}.submit`) {
+      throw refuse(`it did not fail at ${durable}`);
+    }
+    const original = await storedMessage(jsm, stream, { seq: was.seq });
+    if (original) {
+      let same = false;
+      try {
+        same = original.subject === `${n}.submit` &&
+          canonicalJson(original.json()) === canonicalJson(raw);
+      } catch { /* not JSON: not this submission */ }
+      if (!same) throw refuse(`message ${was.seq} of ${stream} is another submission`);
+    }
+    return true;
+  };
   return {
-    name: durableOf(def, INTAKE),
+    name: durable,
     filterSubject: `${n}.submit`,
-    stream: pipelineSubjects(def).stream,
+    stream,
     failedType: `${n}.${FAILED}`,
     input: { kind: "event", types: [] },
     entryTypes: new Set([entry]),
-    identify: (_raw, message) => idOf(message.seq),
-    decode: (raw, message) => ({ raw, seq: message.seq, traceId: message.traceId }),
+    identify: (_raw, message) => redriven(message)?.id ?? idOf(message.seq),
+    decode: (raw, message) => ({
+      raw,
+      seq: message.seq,
+      traceId: message.traceId,
+      was: redriven(message),
+    }),
     checkOutput: () => {},
-    handle(x: { raw: unknown; seq: number; traceId?: string }, ctx: StageContext) {
+    async handle(
+      x: { raw: unknown; seq: number; traceId?: string; was?: { id: string; seq: number } },
+      ctx: StageContext,
+    ) {
       const input = checkInput(flow, x.raw);
-      const id = idOf(x.seq);
+      if (x.was && !await resumes(x.was, x.raw)) return [];
+      const id = x.was?.id ?? idOf(x.seq);
       return [
         flowEvent(
           flow,
           entryEvent(def),
           {
+            // (the entry's own id is then intakeEntryId(def, id))
             id: deterministicId(id, entry),
             item_id: id,
             trace_id: x.traceId ?? deterministicId(id, "trace"),
@@ -2140,7 +2201,7 @@ export function controlService(p: LoadedPipeline): ServiceDef {
     const judgedUpTo = retired.length === 0 ? 0 : await jsm.consumers
       .info(stream, durableOf(p.def, CONTROL))
       .then((ci) => ci.delivered.stream_seq, () => 0);
-    const intake = await runStage({ ...ctx, stage: intakeStage(p), source });
+    const intake = await runStage({ ...ctx, stage: intakeStage(p, ctx.nc), source });
     const handover = createHandover(p, ctx.nc, ctx.log.with({ stage: durableOf(p.def, CONTROL) }));
     const control = await runStage({
       ...ctx,
