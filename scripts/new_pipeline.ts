@@ -6,14 +6,41 @@
  * @module
  */
 import { takenNames } from "../src/pipeline/runtime.ts";
+import { MAX_NAME, pipelineNameProblem } from "../src/pipeline/validate.ts";
 import { loadConfig } from "../src/config.ts";
 
 const ROOT = new URL("../", import.meta.url);
-const TOKEN = /^[a-z0-9][a-z0-9_-]{0,39}$/;
+
+/** Words no `const` may be named, and the names pipeline.ts binds itself. */
+const NOT_AN_EXPORT = new Set(
+  ("await break case catch class const continue debugger default delete do else enum export " +
+    "extends false finally for function if implements import in instanceof interface let new " +
+    "null package private protected public return static super switch this throw true try typeof " +
+    "var void while with yield arguments eval undefined NaN Infinity definePipeline").split(" "),
+);
+
+/**
+ * The name a new pipeline's definition is exported as: NAME in camelCase (`order-lines` ->
+ * `orderLines`; a run of - or _ is one break, a trailing one none), prefixed `pipeline` when
+ * that is no identifier of its own (`9` -> `pipeline9`, `class` -> `pipelineClass`).
+ *
+ * @example
+ * ```ts
+ * import { exportName } from "./new_pipeline.ts";
+ * console.assert(exportName("order-lines") === "orderLines");
+ * console.assert(exportName("1abc") === "pipeline1abc");
+ * ```
+ */
+export function exportName(name: string): string {
+  const words = name.split(/[-_]+/).filter((w) => w.length > 0);
+  const camel = words.map((w, i) => i === 0 ? w : w[0]!.toUpperCase() + w.slice(1)).join("");
+  if (/^[A-Za-z_$][A-Za-z0-9_$]*$/.test(camel) && !NOT_AN_EXPORT.has(camel)) return camel;
+  return `pipeline${camel.slice(0, 1).toUpperCase()}${camel.slice(1)}`;
+}
 
 /** The definition a new pipeline starts from: normalize -> classify -> done. */
 export function pipelineSource(name: string): string {
-  const id = name.replace(/[-_](\w)/g, (_m, c: string) => c.toUpperCase());
+  const id = exportName(name);
   return `/**
  * The ${name} pipeline: a text is normalized, then classified. Edit the steps; the runtime
  * derives services, subjects, routes and state from this file (docs/PIPELINES.md).
@@ -62,17 +89,17 @@ export const ${id} = definePipeline({
 
 /** The new pipeline's test: its handlers' results match their schemas, step by step. */
 export function testSource(name: string): string {
-  const id = name.replace(/[-_](\w)/g, (_m, c: string) => c.toUpperCase());
+  // Imported as \`pipeline\`: no name of the test's own can then be the definition's.
   return `import assert from "node:assert/strict";
 import { advance, compileFlow, completion, entryData, flowEvent } from "../../mod.ts";
-import { ${id} } from "./pipeline.ts";
+import { ${exportName(name)} as pipeline } from "./pipeline.ts";
 
 Deno.test("${name}: a question is normalized, classified and done", async () => {
-  const flow = compileFlow(${id});
+  const flow = compileFlow(pipeline);
   const ctx = { source: "test", now: new Date() };
   const entry = flowEvent(flow, "submitted", { id: "e1", item_id: "i1", trace_id: "0".repeat(32) }, entryData({ text: "  is it   on? " }), ctx);
   const step = async (id: "normalize" | "classify", data: typeof entry.data) => {
-    const s = ${id}.steps[id];
+    const s = pipeline.steps[id];
     const result = await s.handle(data.value as never);
     assert.ok(flow.checkOutput.get(id)!(result), \`\${id}'s result matches its output schema\`);
     return advance(data, id, result, result);
@@ -138,9 +165,20 @@ if (import.meta.main) {
   const name = Deno.args.find((a) => !a.startsWith("-"));
   const listIt = !Deno.args.includes("--no-list");
   const taken = takenNames();
-  if (!name || !TOKEN.test(name) || taken.has(name)) {
+  // Every name the definition's validator refuses, refused before anything is written.
+  const problem = name === undefined ? undefined : pipelineNameProblem(name);
+  if (problem !== undefined) {
     say(
-      "usage: deno task new NAME   (NAME: lower-case letters, digits, - or _; not one of " +
+      `${problem}: deno task start would refuse it; choose another (lower-case letters, ` +
+        `digits, - or _, at most ${MAX_NAME} characters)`,
+      Deno.stderr,
+    );
+    Deno.exit(2);
+  }
+  if (!name || taken.has(name)) {
+    say(
+      `usage: deno task new NAME   (NAME: lower-case letters, digits, - or _, at most ${MAX_NAME} ` +
+        "characters; not one of " +
         `${[...taken].join(", ")})`,
       Deno.stderr,
     );

@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { exportName } from "../scripts/new_pipeline.ts";
 
 const root = new URL("../", import.meta.url);
 
@@ -138,4 +139,79 @@ Deno.test("deno task new refuses a name a listed file defines already, or one di
       await Deno.remove(new URL(`pipelines/${d}/`, root), { recursive: true }).catch(() => {});
     }
   }
+});
+
+Deno.test("deno task new refuses every name deno task start refuses, in one line, before writing anything or listing it", async () => {
+  const listFile = new URL("pipelines/run.json", root);
+  const list = await Deno.readTextFile(listFile);
+  const tag = crypto.randomUUID().slice(0, 8);
+  // Longer than 32 characters (the definition validator's limit), or no subject token.
+  const names = [
+    `long${tag}`.padEnd(40, "x"),
+    `long${tag}`.padEnd(33, "x"),
+    `Gen${tag}`,
+    `g.${tag}`,
+  ];
+  try {
+    for (const name of names) {
+      const made = await new Deno.Command("deno", {
+        args: [...await taskArgs("new"), name],
+        cwd: root,
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const said = new TextDecoder().decode(made.stderr);
+      assert.equal(made.code, 2, `${name}: ${said}`);
+      assert.equal(said.trim().split("\n").length, 1, said);
+      assert.match(
+        said,
+        new RegExp(`name "${name}" is (longer than 32 characters|not a subject token)`),
+      );
+      await assert.rejects(
+        Deno.stat(new URL(`pipelines/${name}/`, root)),
+        `${name}: nothing written`,
+      );
+      assert.equal(await Deno.readTextFile(listFile), list, `${name}: run.json unchanged`);
+    }
+  } finally {
+    await Deno.writeTextFile(listFile, list);
+    for (const name of names) {
+      await Deno.remove(new URL(`pipelines/${name}/`, root), { recursive: true }).catch(() => {});
+    }
+  }
+});
+
+Deno.test("deno task new writes a pipeline whose test passes for a name starting with a digit or holding runs of - or _", async () => {
+  const tag = crypto.randomUUID().slice(0, 8);
+  const digits = String(Math.floor(Math.random() * 1e8));
+  const names = [`1abc${tag}`, `9${digits}`, `a${tag}-`, `a${tag}--b`, `a${tag}_-_b_`];
+  try {
+    for (const name of names) {
+      const made = await newPipeline(name);
+      assert.ok(made.success, `${name}: ${new TextDecoder().decode(made.stderr)}`);
+    }
+    const tested = await new Deno.Command("deno", {
+      args: ["test", "--allow-read", ...names.map((n) => `pipelines/${n}/`)],
+      cwd: root,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const out = new TextDecoder().decode(tested.stdout) + new TextDecoder().decode(tested.stderr);
+    assert.ok(tested.success, out);
+    assert.match(out, new RegExp(`${names.length} passed`));
+  } finally {
+    for (const name of names) {
+      await Deno.remove(new URL(`pipelines/${name}/`, root), { recursive: true }).catch(() => {});
+    }
+  }
+});
+
+Deno.test("exportName is an identifier for every name: digits first, reserved words, runs of - and _", () => {
+  assert.equal(exportName("order-lines"), "orderLines");
+  assert.equal(exportName("a--b"), "aB");
+  assert.equal(exportName("a-"), "a");
+  assert.equal(exportName("9"), "pipeline9");
+  assert.equal(exportName("1abc"), "pipeline1abc");
+  assert.equal(exportName("class"), "pipelineClass");
+  assert.equal(exportName("define-pipeline"), "pipelineDefinePipeline");
 });

@@ -58,8 +58,26 @@ const TOKEN = /^[a-z0-9][a-z0-9_-]*$/;
  * (`<name>.<step>-<item>-<run>`, at most 64 + 128 characters with 64-character item ids), and
  * a longer one would be cut there, so two timers could share an id.
  */
-const MAX_NAME = 32;
+export const MAX_NAME = 32;
 const MAX_STEP_ID = 48;
+
+/**
+ * Why `name` cannot name a pipeline (not a subject token, or longer than {@link MAX_NAME}
+ * characters), or undefined when it can: the rule {@link validatePipeline} applies, for
+ * whoever names a pipeline before its definition exists (`deno task new`).
+ *
+ * @example
+ * ```ts
+ * import { pipelineNameProblem } from "./validate.ts";
+ * console.assert(pipelineNameProblem("orders") === undefined);
+ * console.assert(pipelineNameProblem("x".repeat(40))?.includes("longer than 32") === true);
+ * ```
+ */
+export function pipelineNameProblem(name: string): string | undefined {
+  if (!TOKEN.test(name)) return `name "${name}" is not a subject token (a-z 0-9 _ -)`;
+  if (name.length > MAX_NAME) return `name "${name}" is longer than ${MAX_NAME} characters`;
+  return undefined;
+}
 
 /** Every field of a step of kind `K`, as its type declares it (required or not). */
 type FieldsOf<K extends StepSpec["kind"]> = {
@@ -243,12 +261,8 @@ export function validatePipeline(spec: PipelineSpec): void {
   const fail = (step: string | undefined, p: DefinitionProblem, m: string): never => {
     throw new PipelineDefinitionError(name, step, p, m);
   };
-  if (!TOKEN.test(name)) {
-    fail(undefined, "invalid_token", `name "${name}" is not a subject token (a-z 0-9 _ -)`);
-  }
-  if (name.length > MAX_NAME) {
-    fail(undefined, "invalid_token", `name "${name}" is longer than ${MAX_NAME} characters`);
-  }
+  const badName = pipelineNameProblem(name);
+  if (badName !== undefined) fail(undefined, "invalid_token", badName);
   // A misspelt field (`loop:` for `loops:`) would be ignored without a word.
   const specFields = Object.keys(SPEC_FIELDS);
   for (const field of Object.keys(spec)) {
