@@ -261,3 +261,33 @@ Deno.test("a pipeline without a wait step has no waiting list and no claims: 404
   assert.ok(paths.includes("/pipelines/approvals/claims/{id}"));
   assert.deepEqual(paths.filter((p) => /^\/pipelines\/plain\/(waiting|claims)/.test(p)), []);
 });
+
+Deno.test("nats req weft.<name>.waiting takes GET /pipelines/<name>/waiting's limit, answers the same list, and refuses a bad one naming it", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t, []);
+  for (const id of ["w1", "w2", "w3"]) await m.waiting(id);
+  const ask = async (body: string) =>
+    (await t.nc.request("weft.approvals.waiting", body, PATIENT)).json<
+      { items?: { id: string }[]; total?: number; error?: { status: number; field?: string } }
+    >();
+  const viaHttp = await (await m.app.request("/pipelines/approvals/waiting?limit=1")).json();
+  const one = await ask('{"limit":1}');
+  assert.equal(one.items?.length, 1, JSON.stringify(one));
+  assert.equal(one.total, 3);
+  assert.deepEqual(one, viaHttp, "the same JSON as over HTTP");
+  assert.equal((await ask("")).items?.length, 3, "an empty body lists as GET does without limit");
+  for (
+    const [body, status, field] of [
+      ['{"limit":0}', 422, "/limit"],
+      ['{"limit":1001}', 422, "/limit"],
+      ['{"limit":"2"}', 422, "/limit"],
+      ['{"limt":1}', 422, "/limt"],
+      ["[1]", 422, "/"],
+      ["{", 400, "/"],
+    ] as const
+  ) {
+    const answer = await ask(body);
+    assert.equal(answer.error?.status, status, `${body}: ${JSON.stringify(answer)}`);
+    assert.equal(answer.error?.field, field, body);
+  }
+});

@@ -181,6 +181,42 @@ function claimBody(raw: unknown, allowed: readonly string[]): { id?: unknown; by
 const encoder = new TextEncoder();
 /** Most items in one batch submission. */
 const BATCH_MAX_ITEMS = 1000;
+/** Most items a waiting list shows (`limit`), and how many when it names none. */
+const WAITING_MAX = 1000;
+const WAITING_DEFAULT = 100;
+
+/**
+ * A `weft.<name>.waiting` request: empty, or a JSON object taking what
+ * `GET /pipelines/<name>/waiting` takes, `limit` (an integer from 1 to 1000; 100 when absent).
+ * Anything else is 422 naming the field, as a misspelt query parameter is over HTTP.
+ */
+function waitingRequest(data: Uint8Array): { limit: number } {
+  if (new TextDecoder().decode(data).trim() === "") return { limit: WAITING_DEFAULT };
+  const body = requestJson(data, CLAIM_BODY_LIMIT);
+  if (body === null || typeof body !== "object" || Array.isArray(body)) {
+    throw new ValidationError('the body must be empty or a JSON object ({"limit": N})', {
+      field: "/",
+    });
+  }
+  for (const k of Object.keys(body)) {
+    if (k !== "limit") {
+      throw new ValidationError(`/${k} is not a parameter of the waiting list (limit)`, {
+        field: `/${k}`,
+      });
+    }
+  }
+  const { limit } = body as { limit?: unknown };
+  if (limit === undefined) return { limit: WAITING_DEFAULT };
+  if (
+    typeof limit !== "number" || !Number.isSafeInteger(limit) || limit < 1 || limit > WAITING_MAX
+  ) {
+    throw new ValidationError(`/limit must be an integer from 1 to ${WAITING_MAX}`, {
+      field: "/limit",
+    });
+  }
+  return { limit };
+}
+
 /** Largest body of a claim or its release, bytes (HTTP and NATS). */
 const CLAIM_BODY_LIMIT = 4096;
 
@@ -472,7 +508,8 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     const r = runtimeOf(c.req.param("name"));
     if (!r.claims) throw new NotFoundError(`${r.p.def.name} has no wait step: nothing waits`);
     onlyQuery(c.req.query(), ["limit"]); // as every listing: a misspelt filter is no filter
-    const max = intQuery(oneQuery(c.req.queries("limit"), "limit"), "limit", 1, 1000) ?? 100;
+    const max = intQuery(oneQuery(c.req.queries("limit"), "limit"), "limit", 1, WAITING_MAX) ??
+      WAITING_DEFAULT;
     const claims = r.claims ? await r.claims() : undefined;
     return c.json(await waitingItems(r.p, js, await r.states(), max, new Date(), claims));
   });
@@ -826,7 +863,8 @@ export async function waitingItems(
 
 /**
  * `nats req weft.<name>.submit '<input>'`, `nats req weft.<name>.get <id>` and
- * `nats req weft.<name>.waiting ''` (the items held at its wait steps). With API keys
+ * `nats req weft.<name>.waiting '{"limit": N}'` (the items held at its wait steps, as
+ * `GET /pipelines/<name>/waiting?limit=N` lists them; an empty body is no limit given). With API keys
  * configured, a request needs an `Authorization: Bearer <key>` header with the same roles as
  * over HTTP, and submissions pass the same intake guards. A body past its HTTP route's limit
  * (`bodyLimit`, `WEFT_BODY_LIMIT`, for a submission; 4 KiB for a claim) is the same 413.
@@ -919,11 +957,12 @@ export function servePipelineRequests(
             check(m, Role.Ingest, Role.Reviewer);
             // As GET /pipelines/<name>/waiting: no wait step, no list (not an empty one).
             if (!claims) throw new NotFoundError(`${n} has no wait step: nothing waits`);
+            const { limit } = waitingRequest(m.data);
             return await waitingItems(
               p,
               jetstream(nc),
               await states(),
-              1000,
+              limit,
               new Date(),
               claims ? await claims() : undefined,
             );
