@@ -13,7 +13,7 @@ import {
   RequestError,
   TimeoutError,
 } from "@nats-io/nats-core";
-import { JetStreamApiError } from "@nats-io/jetstream";
+import { JetStreamApiCodes, JetStreamApiError } from "@nats-io/jetstream";
 import { StreamReadStalled } from "./stream_reader.ts";
 
 /** Stable error codes. Clients and dead-letter consumers may branch on these. */
@@ -360,6 +360,23 @@ export function isNatsUnavailable(err: unknown): boolean {
     (err instanceof JetStreamApiError && err.code === 10008) ||
     // A history read that found no message for its whole stall budget, consumer restarts included.
     err instanceof StreamReadStalled;
+}
+
+/**
+ * True when `err` is JetStream refusing a write made on a condition of the last sequence
+ * (`wrong last sequence`): a KV `create` whose key exists, an `update` whose revision moved.
+ * Any other failure of such a write (a timeout, no stream leader) is not this.
+ *
+ * @example
+ * ```ts
+ * import { isWrongLastSequence } from "./errors.ts";
+ * console.assert(!isWrongLastSequence(new Error("timeout")));
+ * ```
+ */
+export function isWrongLastSequence(err: unknown): boolean {
+  return err instanceof JetStreamApiError &&
+    (err.code === JetStreamApiCodes.StreamWrongLastSequence ||
+      err.code === JetStreamApiCodes.StreamWrongLastSequenceUnknown);
 }
 
 /**

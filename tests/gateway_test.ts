@@ -10,6 +10,9 @@ import { readSse } from "./helpers/sse.ts";
 import { waitFor } from "./helpers/wait.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import type { Problem } from "../src/errors.ts";
+import { createIntake } from "../pipelines/feedback/intake.ts";
+import { FEEDBACK_STREAM } from "../pipelines/feedback/subjects.ts";
+import { IDEMPOTENCY_BUCKET } from "../src/subjects.ts";
 
 const json = (body: unknown, headers: Record<string, string> = {}) => ({
   method: "POST",
@@ -267,4 +270,28 @@ Deno.test("GET /healthz and /readyz report the process and NATS", async () => {
   const notReady = await p.app.request("/readyz");
   assert.equal(notReady.status, 503);
   assert.equal((await problem(notReady)).code, "unavailable");
+});
+
+Deno.test("an Idempotency-Key whose record cannot be written is answered and logged for what failed, not as a record that vanished", async () => {
+  await using t = await startTestNats();
+  const intake = await createIntake(t.nc);
+  const app = feedbackApp(t, intake);
+  // The idempotency bucket refuses every write (sealed): its create fails, and not because
+  // the key exists, so no record is there to read either.
+  const info = await t.jsm.streams.info(`KV_${IDEMPOTENCY_BUCKET}`);
+  // (`sealed` is a stream setting nats.js's update type leaves out; the server takes it.)
+  const sealed = { ...info.config, sealed: true } as unknown as typeof info.config;
+  await t.jsm.streams.update(`KV_${IDEMPOTENCY_BUCKET}`, sealed);
+  const res = await app.request(
+    "/feedback",
+    json({ text: "bug report" }, { "Idempotency-Key": "k-sealed" }),
+  );
+  assert.equal(res.status, 500, await res.clone().text());
+  assert.equal((await res.json() as Problem).code, "handler_failed");
+  const said = t.lines.join("\n");
+  assert.doesNotMatch(said, /vanished/);
+  assert.match(said, /sealed/, "the log names the refusal");
+  // Nothing was stored for the item.
+  const stream = await t.jsm.streams.info(FEEDBACK_STREAM);
+  assert.equal(stream.state.messages, 0);
 });

@@ -20,6 +20,7 @@ import { ulid } from "ulid";
 import {
   ErrorCode,
   isOutcomeUnknown,
+  isWrongLastSequence,
   NotFoundError,
   OutcomeUnknownError,
   toProblem,
@@ -291,7 +292,10 @@ export async function createIntake(
         kvKey,
         encoder.encode(JSON.stringify({ fingerprint, body })),
       );
-    } catch {
+    } catch (err) {
+      // Only the key existing is a repeat; any other failure (a timeout, a bucket without a
+      // leader or refusing writes) is passed on as what it is (NATS away is 503 unavailable).
+      if (!isWrongLastSequence(err)) throw err;
       const entry = await idempotency.get(kvKey);
       const prev = entry?.operation === "PUT"
         ? entry.json<{ fingerprint: string; body: T }>()
