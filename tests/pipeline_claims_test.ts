@@ -291,3 +291,33 @@ Deno.test("nats req weft.<name>.waiting takes GET /pipelines/<name>/waiting's li
     assert.equal(answer.error?.field, field, body);
   }
 });
+
+Deno.test("an awaited event published on the bus is taken while another reviewer holds the claim, with whatever `by` it names", async () => {
+  await using t = await startTestNats();
+  await using m = await mesh(t, []);
+  await m.waiting("e1");
+  const claim = await m.app.request("/pipelines/approvals/claims/e1", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ by: "erin" }),
+  });
+  assert.equal(claim.status, 200, await claim.clone().text());
+  // Over HTTP the claim binds: another reviewer's decision is 409.
+  const other = await m.app.request("/pipelines/approvals/items/e1/approved?by=mallory", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ok: 1 }),
+  });
+  assert.equal(other.status, 409);
+  // On the bus (`nats pub approvals.approved.e1`, as the ops key may) it does not.
+  await t.nc.request("approvals.approved.e1", JSON.stringify({ ok: 1, by: "mallory" }), PATIENT);
+  await waitFor(
+    async () => (await (await m.get("e1")).json()).status === "done",
+    10_000,
+    "e1 done on the bus's decision",
+  );
+  const stored = await t.jsm.streams.getMessage(pipelineSubjects(approvals.def).stream, {
+    last_by_subj: "approvals.approved.e1",
+  });
+  assert.deepEqual(stored?.json(), { ok: 1, by: "mallory" }, "taken in the name it gave");
+});
