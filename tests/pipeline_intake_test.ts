@@ -651,6 +651,32 @@ Deno.test("a bus submission's intake letter, redriven once the schema takes it, 
       subjects_filter: "orders.submitted.>",
     });
     assert.deepEqual(Object.keys(info.state.subjects ?? {}), [`orders.submitted.${id}`]);
+
+    // A redrive header naming an item that did not fail at intake (here, the stream position
+    // of the item's own check event) makes no item: a conflict letter says why.
+    const check = await t.jsm.streams.getMessage(pipelineSubjects(wide.def).stream, {
+      last_by_subj: `orders.check.${id}`,
+    });
+    const forged = `orders-${check!.seq}`;
+    const h = headers();
+    h.set("Weft-Redrive-Of", "1");
+    h.set("Weft-Redrive-Item", forged);
+    await jetstream(t.nc).publish("orders.submit", JSON.stringify({ text: "x" }), { headers: h });
+    const refused = await waitFor(
+      async () => {
+        const res = await app.request(`/deadletters?item_id=${forged}`);
+        const body = await res.json() as { items: { letter: { code: string; reason: string } }[] };
+        return body.items[0]?.letter;
+      },
+      15_000,
+      `${forged}'s letter`,
+    );
+    assert.equal(refused.code, "conflict");
+    assert.match(
+      refused.reason,
+      new RegExp(`names item ${forged}, but it did not fail at orders-ingest`),
+    );
+    assert.equal(await stateOf(app, forged), undefined, "no item made");
   } finally {
     await Promise.all(running.map((r) => r.stop()));
   }
