@@ -269,19 +269,38 @@ export function hubConf(
     `leafnodes {\n  listen: "${host}:${leafPort}"\n  no_advertise: true\n${tls}}\n`;
 }
 
+/** A durable consumer of a site's own services: its stream and name. */
+export interface SiteDurable {
+  stream: string;
+  durable: string;
+}
+
 /**
  * What a site refuses from the hub over its link, whatever the hub's configuration says
  * (the hub enforces {@link leafPermissions}; this holds even against a hub configured
  * otherwise): any JetStream API of the site's but consumer create/delete (no stream
  * changes, KV or direct reads), and every subject the site's mesh uses, so no event,
- * request or bucket write can be injected from the hub.
+ * request or bucket write can be injected from the hub. Nor any consumer API naming one of
+ * `durables` (the site's own services' consumers, e.g. `ORDERS`/`price`): the hub may not
+ * delete one (its service would re-create it and re-run the stream's whole history), update
+ * it (e.g. its filter), pause it or pull from it. The hub's sourcing creates and deletes
+ * consumers of names the site's server makes, which these never match.
  */
-export function siteDenyImports(site: string): string[] {
+export function siteDenyImports(site: string, durables: readonly SiteDurable[] = []): string[] {
   const api = siteApi(site);
+  const ownConsumers = durables.flatMap(({ stream, durable }) => [
+    // CREATE (update), DELETE, INFO, PAUSE, UNPIN...
+    `${api}.CONSUMER.*.${stream}.${durable}`,
+    // CREATE with a filter subject.
+    `${api}.CONSUMER.*.${stream}.${durable}.>`,
+    // MSG.NEXT (a pull), LEADER.STEPDOWN.
+    `${api}.CONSUMER.*.*.${stream}.${durable}`,
+  ]);
   return [
     ...["STREAM", "ACCOUNT", "META", "SERVER", "DIRECT", "$KV", "$OBJ"].map((a) => `${api}.${a}.>`),
     `${api}.INFO`,
     `${api}.CONSUMER.DURABLE.>`,
+    ...new Set(ownConsumers),
     "$JS.API.>",
     "$JS.ACK.>",
     "$KV.>",
@@ -421,7 +440,8 @@ export function leafTlsWatcher(
 /**
  * A site's server configuration: `conf` with the site's domain and a leafnode remote to
  * the hub at `urls`, authenticating with the nkey `seed` (when the hub has one for it),
- * refusing {@link siteDenyImports} from the hub; over TLS when `tls` names a CA to check
+ * refusing {@link siteDenyImports} from the hub (any request on `durables`, the durable
+ * consumers of the site's services, among them); over TLS when `tls` names a CA to check
  * the hub against or a client certificate, or the URLs are `tls://`.
  */
 export function siteConf(
@@ -430,6 +450,7 @@ export function siteConf(
   urls: string,
   seed?: string,
   tls?: LeafTls,
+  durables: readonly SiteDurable[] = [],
 ): string {
   const list = (xs: string[]) => `[${xs.map((x) => JSON.stringify(x)).join(", ")}]`;
   const urlList = urls.split(",").map((u) => u.trim());
@@ -439,7 +460,7 @@ export function siteConf(
     `  remotes: [\n    {\n      urls: ${list(urlList)}\n` +
     (seed ? `      nkey: ${JSON.stringify(seed)}\n` : "") +
     (useTls ? `      ${tlsBlock(tls ?? {}, false)}\n` : "") +
-    `      deny_imports: ${list(siteDenyImports(site))}\n    }\n  ]\n}\n`;
+    `      deny_imports: ${list(siteDenyImports(site, durables))}\n    }\n  ]\n}\n`;
 }
 
 /**

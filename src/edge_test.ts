@@ -93,6 +93,26 @@ Deno.test("siteDenyImports keeps the hub to consumer create/delete on the site's
   ) assert.ok(!subjectAllowed(deny, s), s);
 });
 
+Deno.test("siteDenyImports refuses every consumer request on the site's own durables, and none on the consumers the hub's sourcing makes", () => {
+  const deny = siteDenyImports("east", [{ stream: "FEEDBACK", durable: "sentiment" }]);
+  for (
+    const s of [
+      "$JS.east.API.CONSUMER.DELETE.FEEDBACK.sentiment",
+      "$JS.east.API.CONSUMER.CREATE.FEEDBACK.sentiment",
+      "$JS.east.API.CONSUMER.CREATE.FEEDBACK.sentiment.feedback.nothing.*",
+      "$JS.east.API.CONSUMER.MSG.NEXT.FEEDBACK.sentiment",
+      "$JS.east.API.CONSUMER.PAUSE.FEEDBACK.sentiment",
+    ]
+  ) assert.ok(subjectAllowed(deny, s), s);
+  for (
+    const s of [
+      "$JS.east.API.CONSUMER.CREATE.FEEDBACK.Xk3v9q.feedback.>",
+      "$JS.east.API.CONSUMER.DELETE.FEEDBACK.Xk3v9q",
+      "$JS.east.API.CONSUMER.DELETE.CONTENT.sentiment",
+    ]
+  ) assert.ok(!subjectAllowed(deny, s), s);
+});
+
 Deno.test("edgeStreamConfigs: one stream per site, no subjects, sourcing its FEEDBACK, CONTENT, DEADLETTER and DIGEST onto site.<name>.>", () => {
   const [east] = edgeStreamConfigs(["east"], {
     name: "FEEDBACK",

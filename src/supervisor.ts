@@ -50,6 +50,7 @@ import {
   type LeafTls,
   leafTlsWatcher,
   siteConf,
+  type SiteDurable,
   type SiteStream,
   watchSources,
 } from "./edge.ts";
@@ -611,8 +612,17 @@ export interface EdgeRole {
     /** The streams of the definitions it runs, collected from each site too. */
     definitions?: readonly SiteStream[];
   };
-  /** An edge site: its name, the hub's leafnode URL(s), its leafnode seed and TLS files. */
-  site?: { name: string; urls: string; seed?: string; tls?: LeafTls };
+  /**
+   * An edge site: its name, the hub's leafnode URL(s), its leafnode seed and TLS files, and
+   * its services' durable consumers (no request of the hub's may touch them).
+   */
+  site?: {
+    name: string;
+    urls: string;
+    seed?: string;
+    tls?: LeafTls;
+    durables?: readonly SiteDurable[];
+  };
 }
 
 /**
@@ -630,13 +640,31 @@ function definitionSiteStreams(loaded: readonly LoadedPipeline[]): SiteStream[] 
   return loaded.map((p) => ({ stream: pipelineSubjects(p.def).stream, root: p.def.name }));
 }
 
+/**
+ * The durable consumers `services` read (each once): what an edge site refuses every request
+ * of the hub's on (src/edge.ts, `siteDenyImports`).
+ */
+export function siteDurables(services: readonly ServiceSpec[]): SiteDurable[] {
+  const all = services.flatMap((s) => s.access.consumes ?? []);
+  return all.filter((c, i) =>
+    all.findIndex((d) => d.stream === c.stream && d.durable === c.durable) === i
+  );
+}
+
 /** The server configuration `conf` with an edge role's additions. */
 export function edgeServerConf(conf: string, edge: EdgeRole): string {
   if (edge.hub && edge.hub.sites.length > 0) {
     return hubConf(conf, edge.hub.leafPort, { host: edge.hub.host, tls: edge.hub.tls });
   }
   if (edge.site) {
-    return siteConf(conf, edge.site.name, edge.site.urls, edge.site.seed, edge.site.tls);
+    return siteConf(
+      conf,
+      edge.site.name,
+      edge.site.urls,
+      edge.site.seed,
+      edge.site.tls,
+      edge.site.durables,
+    );
   }
   return conf;
 }
@@ -1222,7 +1250,15 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
             `unauthenticated, which a Weft hub refuses; copy the hub's ${keyFile} here`,
         );
       }
-      edge = { site: { name: config.site, urls: config.leaf, seed, tls: leafTls(config) } };
+      edge = {
+        site: {
+          name: config.site,
+          urls: config.leaf,
+          seed,
+          tls: leafTls(config),
+          durables: siteDurables(mesh.services),
+        },
+      };
     }
     if (config.natsAuth === "nkeys") {
       const made = await writeAuthConfig(baseConf, cwd, mesh, edge, sync);

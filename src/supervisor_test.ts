@@ -6,6 +6,7 @@ import { loadPipelines, pipelineTopology } from "./pipeline/runtime.ts";
 import { loadConfig } from "./config.ts";
 import {
   confPorts,
+  edgeServerConf,
   eventsGateway,
   meshPermissions,
   OPERATOR_IDENTITIES,
@@ -15,6 +16,7 @@ import {
   processGroups,
   serviceArgs,
   SERVICES,
+  siteDurables,
   startWarnings,
   strayStreams,
   strayStreamsHint,
@@ -123,4 +125,15 @@ Deno.test("the ports a start listens on: NATS's only with its own server, the co
   assert.equal(portClashes(plannedPorts(config({ PORT: "0" }), { ownNats: true, conf })), "");
   assert.equal(startWarnings(config({ WEFT_CLUSTER: "3" })).length, 0);
   assert.equal(startWarnings(config({ WEFT_CLUSTER: "2" })).length, 1);
+});
+
+Deno.test("an edge site's server refuses the hub any request on each durable its services consume, once each", () => {
+  const durables = siteDurables(SERVICES);
+  assert.ok(durables.some((d) => d.stream === "FEEDBACK" && d.durable === "sentiment"));
+  assert.equal(new Set(durables.map((d) => `${d.stream}/${d.durable}`)).size, durables.length);
+  const conf = edgeServerConf("", { site: { name: "east", urls: "nats-leaf://h:7422", durables } });
+  for (const { stream, durable } of durables) {
+    assert.ok(conf.includes(`"$JS.east.API.CONSUMER.*.${stream}.${durable}"`), durable);
+    assert.ok(conf.includes(`"$JS.east.API.CONSUMER.*.${stream}.${durable}.>"`), durable);
+  }
 });

@@ -34,11 +34,21 @@ import {
 } from "../src/nats_server.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { rebuildStates } from "../src/rebuild.ts";
-import { ensureStream, ensureTopology, streamConfigs } from "../src/topology.ts";
+import { SERVICES, siteDurables } from "../src/supervisor.ts";
+import {
+  ensureConsumer,
+  ensureStream,
+  ensureTopology,
+  stageConsumerConfig,
+  streamConfigs,
+} from "../src/topology.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 import { type Link, startLink } from "./helpers/link.ts";
 import { connectClient, startTestNats, testConfig } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
+
+/** The durable consumers of a site's services (the shipped pipelines'). */
+const DURABLES = siteDurables(SERVICES);
 
 /** A hub sources with subject transforms: nats-server 2.10 and later. */
 const CURRENT_SERVER = { ignore: !versionAtLeast((await serverVersion()) ?? "0.0.0", "2.10.0") };
@@ -74,7 +84,8 @@ async function startEdgePair(
   const link = startLink(leafPort);
   await Deno.writeTextFile(
     `${dir}/site.conf`,
-    siteConf("", "east", `nats-leaf://127.0.0.1:${link.port}`),
+    // As a site's supervisor writes it: no request of the hub's on its services' durables.
+    siteConf("", "east", `nats-leaf://127.0.0.1:${link.port}`, undefined, undefined, DURABLES),
   );
   const siteServer = await startNatsServer({
     configFile: `${dir}/site.conf`,
@@ -450,5 +461,73 @@ Deno.test(
     } finally {
       await tracker.stop();
     }
+  },
+);
+
+Deno.test(
+  "the hub can neither delete, rewrite nor pull from a site's step consumer: the site's step keeps its filter and takes every item, and the hub's sourcing still works",
+  CURRENT_SERVER,
+  async () => {
+    await using pair = await startEdgePair();
+    const config = testConfig(pair.site.server.url);
+    // Site east's sentiment step's durable, as its runner makes it.
+    const want = stageConsumerConfig(
+      { name: "sentiment", filterSubject: "feedback.ingested.*" },
+      config,
+    );
+    await ensureConsumer(pair.site.jsm, "FEEDBACK", want);
+    const before = await pair.site.jsm.consumers.info("FEEDBACK", "sentiment");
+    const site = jetstream(pair.site.nc);
+    await site.publish("feedback.ingested.FIRST", "first");
+    await waitFor(
+      async () => (await atHub(pair.hub.jsm, "feedback.ingested.FIRST")) === 1 || undefined,
+      60_000,
+      "the hub holding east's first item (the link up)",
+    );
+    // What the hub's admin key may send over the link (this hub enforces nothing: the site's
+    // own configuration must refuse it). An answer, whatever it says, is the failure.
+    const api = "$JS.east.API.CONSUMER";
+    const attempts: [string, unknown][] = [
+      [`${api}.DELETE.FEEDBACK.sentiment`, ""],
+      [`${api}.CREATE.FEEDBACK.sentiment.feedback.nothing.*`, {
+        stream_name: "FEEDBACK",
+        config: { ...before.config, filter_subject: "feedback.nothing.*" },
+        action: "update",
+      }],
+      [`${api}.CREATE.FEEDBACK.sentiment`, {
+        stream_name: "FEEDBACK",
+        config: { ...before.config, filter_subject: "feedback.nothing.*" },
+        action: "update",
+      }],
+      [`${api}.MSG.NEXT.FEEDBACK.sentiment`, { batch: 1, no_wait: true }],
+    ];
+    for (const [subject, body] of attempts) {
+      const answer = await pair.hub.nc.request(
+        subject,
+        typeof body === "string" ? body : JSON.stringify(body),
+        { timeout: 2_000 },
+      ).then((m) => m.string() || `(headers) ${m.headers?.toString()}`, () => undefined);
+      assert.equal(answer, undefined, `the site answered the hub's ${subject}: ${answer}`);
+    }
+    const after = await pair.site.jsm.consumers.info("FEEDBACK", "sentiment");
+    assert.equal(after.created, before.created, "the step's consumer is the one it made");
+    assert.equal(after.config.filter_subject, "feedback.ingested.*");
+    // The step takes the first item, and one posted since, each on its first delivery.
+    await site.publish("feedback.ingested.AFTER", "after");
+    const consumer = await site.consumers.get("FEEDBACK", "sentiment");
+    const taken: string[] = [];
+    while (taken.length < 2) {
+      const m = await consumer.next({ expires: 5_000 });
+      assert.ok(m, `the step's consumer delivering (took ${taken.join(", ")})`);
+      assert.equal(m.info.deliveryCount, 1, m.subject);
+      taken.push(m.subject);
+      m.ack();
+    }
+    assert.deepEqual(taken, ["feedback.ingested.FIRST", "feedback.ingested.AFTER"]);
+    await waitFor(
+      async () => (await atHub(pair.hub.jsm, "feedback.ingested.AFTER")) === 1 || undefined,
+      60_000,
+      "the hub still sourcing east",
+    );
   },
 );
