@@ -134,6 +134,24 @@ export function leafIdentity(site: string): string {
 }
 
 /**
+ * Where a mesh keeps site `site`'s leafnode key: under the identities directory of its
+ * nats-server's directory `natsDir` (`WEFT_NATS_DIR`, relative to the repository root unless
+ * absolute; empty: the repository root), as `deno task start` writes it at a hub and reads it
+ * at the site.
+ *
+ * @example
+ * ```ts
+ * import { leafKeyFile } from "./edge.ts";
+ * console.assert(leafKeyFile("east") === "data/identities/leaf-east.nk");
+ * console.assert(leafKeyFile("east", "data/hub/") === "data/hub/data/identities/leaf-east.nk");
+ * ```
+ */
+export function leafKeyFile(site: string, natsDir = ""): string {
+  const dir = natsDir ? `${natsDir.replace(/\/+$/, "")}/${IDENTITY_DIR}` : IDENTITY_DIR;
+  return `${dir}/${leafIdentity(site)}.nk`;
+}
+
+/**
  * The prefix of the subjects a site delivers its events to the hub on. Outside `weft.>`
  * and `$JS.>`, so no other identity of the hub (admin apart) may publish there.
  */
@@ -360,20 +378,26 @@ function throttledWatcher<T>(
 export function leafRefusalWatcher(
   log: Logger,
   site: string,
-  opts: { now?: () => number; everyMs?: number } = {},
+  opts: { now?: () => number; everyMs?: number; keyFile?: string } = {},
 ): (line: string) => boolean {
+  const mine = opts.keyFile ? ` (${opts.keyFile})` : "";
   return throttledWatcher(
     (line) => /Leafnode Error 'Authorization Violation'/i.test(line) || undefined,
     (_, line, refused) =>
       log.warn(
         `the hub refuses this site's link (authorization failed): the hub no longer lists site ` +
-          `${site} (its --hub), or this site's leafnode key is not the one the hub has for it ` +
-          `(${IDENTITY_DIR}/${leafIdentity(site)}.nk there); its events wait here until the link ` +
-          `is accepted. The server tries again every second; said again at most once a minute`,
+          `${site} (its --hub), or this site's leafnode key${mine} is not the one the hub has ` +
+          `for it (${hubKeyHint(site)}); its events wait here until the link is accepted. The ` +
+          `server tries again every second; said again at most once a minute`,
         { site, refused, line },
       ),
     opts,
   );
+}
+
+/** Where a site's key is at its hub, as a site (which does not know the hub's directory) says it. */
+function hubKeyHint(site: string): string {
+  return `${leafIdentity(site)}.nk in the hub's ${IDENTITY_DIR}/, under its WEFT_NATS_DIR if set`;
 }
 
 /**
@@ -629,10 +653,13 @@ export function trackSiteContacts(
   };
 }
 
-/** Why a site never heard from may be silent: what to check. */
-function neverHeardHint(site: string): string {
+/**
+ * Why a site never heard from may be silent: what to check, naming the key this hub made for
+ * it where this hub keeps it (its nats-server's directory `natsDir`, {@link leafKeyFile}).
+ */
+function neverHeardHint(site: string, natsDir: string): string {
   return `is the site running, linked to this hub (--leaf), and with the leafnode key this ` +
-    `hub made for it (${IDENTITY_DIR}/${leafIdentity(site)}.nk)? Over leafnode TLS, do both ` +
+    `hub made for it (${leafKeyFile(site, natsDir)})? Over leafnode TLS, do both ` +
     `ends trust each other's certificate (the site's WEFT_LEAF_TLS_CA signed the hub's, the ` +
     `hub's signed the site's)? The site's log, or this hub's, says which fails`;
 }
@@ -665,6 +692,7 @@ export function siteStatus(
   counts: SiteCounts,
   contacts: SiteContacts,
   now: number,
+  natsDir = "",
 ): SiteStatus {
   const { linked, heardAt, down, unheard } = siteLink(site, info, contacts, now);
   // Named by its stream: a definition the hub runs and the site does not is "ORDERS: stream
@@ -678,7 +706,7 @@ export function siteStatus(
     : failing
     ? `${failing.name}: ${failing.error!.description}`
     : heardAt === undefined
-    ? `not heard from yet: ${neverHeardHint(site)}`
+    ? `not heard from yet: ${neverHeardHint(site, natsDir)}`
     : unheard.length > 0
     ? `${unheard.map((s) => s.name).join(", ")}: source (re)started and not heard from ` +
       `since, its lag unknown until it is (the site was last heard from ` +
@@ -699,12 +727,14 @@ export function siteStatus(
 /**
  * Each site's status from its hub stream ({@link siteStatus}). `contacts` (one per reader,
  * kept between calls; a gateway's {@link trackSiteContacts}) remembers when each site was
- * last heard from across restarts of its sources.
+ * last heard from across restarts of its sources; `natsDir` is the hub's nats-server
+ * directory (`WEFT_NATS_DIR`), where its sites' keys are.
  */
 export async function siteStatuses(
   jsm: JetStreamManager,
   sites: readonly string[],
   contacts: SiteContacts = new Map(),
+  natsDir = "",
 ): Promise<SiteStatus[]> {
   return await Promise.all(sites.map(async (site) => {
     const stream = edgeStream(site);
@@ -724,6 +754,7 @@ export async function siteStatuses(
       },
       contacts,
       Date.now(),
+      natsDir,
     );
   }));
 }
@@ -901,6 +932,8 @@ export function watchSources(
     checkMs?: number;
     stalledMs?: number;
     restartMs?: number;
+    /** The hub's nats-server directory (`WEFT_NATS_DIR`), where its sites' keys are. */
+    natsDir?: string;
   },
 ): SourceWatch {
   const checkMs = opts.checkMs ?? 2_000;
@@ -963,7 +996,7 @@ export function watchSources(
     } else if (!source?.error) {
       opts.log.warn(
         `site ${site}: never heard from after ${NEVER_HEARD_WARN_AFTER} restarts of its ` +
-          `source: ${neverHeardHint(site)}`,
+          `source: ${neverHeardHint(site, opts.natsDir ?? "")}`,
         { site, stream: name },
       );
     }

@@ -45,6 +45,7 @@ import {
   edgeStreamConfigs,
   hubConf,
   leafIdentity,
+  leafKeyFile,
   leafPermissions,
   leafRefusalWatcher,
   type LeafTls,
@@ -1230,24 +1231,27 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         },
       };
     } else if (config.site) {
-      // The site's key, as the hub made it: named, or where the hub keeps it.
-      const keyFile = `${IDENTITY_DIR}/${leafIdentity(config.site)}.nk`;
-      const seedFile = config.leafNkey || `${cwd.replace(/\/$/, "")}/${keyFile}`;
+      // The site's key, as the hub made it: named, or where the hub keeps it (under this
+      // site's nats-server directory, as a hub keeps it under its own).
+      const keyFile = leafKeyFile(config.site, config.natsDir);
+      const seedFile = config.leafNkey || `${cwd.replace(/\/$/, "")}/${leafKeyFile(config.site)}`;
+      const hubs = `the hub's ${leafIdentity(config.site)}.nk (in its ${IDENTITY_DIR}/, under ` +
+        `its WEFT_NATS_DIR if set)`;
       let seed: string | undefined;
       try {
         seed = (await Deno.readTextFile(seedFile)).trim();
       } catch (err) {
         if (config.leafNkey || !(err instanceof Deno.errors.NotFound)) {
           log.error(
-            `the site's leafnode key ${seedFile} cannot be read: copy the hub's ${keyFile} ` +
-              `to this site's ${keyFile}, or name it with --leaf-nkey (WEFT_LEAF_NKEY)`,
+            `the site's leafnode key ${seedFile} cannot be read: copy ${hubs} to this site's ` +
+              `${keyFile}, or name it with --leaf-nkey (WEFT_LEAF_NKEY)`,
             { err },
           );
           Deno.exit(1);
         }
         log.warn(
           `no leafnode key (${keyFile} or --leaf-nkey): the site connects to the hub ` +
-            `unauthenticated, which a Weft hub refuses; copy the hub's ${keyFile} here`,
+            `unauthenticated, which a Weft hub refuses; copy ${hubs} to ${keyFile}`,
         );
       }
       edge = {
@@ -1276,7 +1280,11 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
     // the hub refuses is an authorization failure, and a leafnode TLS handshake that fails
     // (an untrusted certificate) is logged by the server only at its own level: both are met
     // again every second, and said apart, throttled.)
-    const leafRefused = config.site ? leafRefusalWatcher(log, config.site) : () => false;
+    const leafRefused = config.site
+      ? leafRefusalWatcher(log, config.site, {
+        keyFile: config.leafNkey || leafKeyFile(config.site, config.natsDir),
+      })
+      : () => false;
     const leafTlsFailed = config.site || config.hub.length > 0
       ? leafTlsWatcher(log, config.site || undefined)
       : () => false;
@@ -1562,7 +1570,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const missing = await waitReady(nc, config, 60_000, () => signalled, started);
   // A hub keeps its connection: it restarts a site's stalled source once the site is back.
   const sourceWatch = config.hub.length > 0
-    ? watchSources(await jetstreamManager(nc), config.hub, { log })
+    ? watchSources(await jetstreamManager(nc), config.hub, { log, natsDir: config.natsDir })
     : undefined;
   if (!sourceWatch && !shadowWatch) await nc.close();
   const scheme = config.tlsCert ? "https" : "http";

@@ -45,6 +45,7 @@ import {
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 import { type Link, startLink } from "./helpers/link.ts";
 import { connectClient, startTestNats, testConfig } from "./helpers/nats.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 /** The durable consumers of a site's services (the shipped pipelines'). */
@@ -529,5 +530,60 @@ Deno.test(
       60_000,
       "the hub still sourcing east",
     );
+  },
+);
+
+Deno.test(
+  "with WEFT_NATS_DIR, the hub's /sites hint and never-heard warning and the site's key messages name the leaf key where it is",
+  CURRENT_SERVER,
+  async () => {
+    const leafPort = freePort();
+    // A hub of west, which never links; its store (and keys) under its own WEFT_NATS_DIR.
+    await using hub = await startMesh({
+      ...ONE_PROCESS,
+      WEFT_HUB: "west",
+      WEFT_LEAF_PORT: String(leafPort),
+    });
+    await hub.waitForLog((l) => l.msg === "weft is ready", 90_000, "the hub ready");
+    const hubKey = `${hub.storeDir}/data/identities/leaf-west.nk`;
+    assert.ok((await Deno.stat(hubKey)).isFile, "the hub keeps west's key under its WEFT_NATS_DIR");
+    const sites = await (await fetch(`${hub.gatewayUrl}/sites`)).json() as { sites: SiteStatus[] };
+    const west = sites.sites.find((s) => s.site === "west")!;
+    assert.match(west.error ?? "", /^not heard from yet: /);
+    assert.ok(west.error!.includes(`(${hubKey})`), west.error);
+    // West, under its own WEFT_NATS_DIR, without its key: it says where it looks for it, and,
+    // refused by the hub, which key of its own the hub does not take.
+    await using site = await startMesh({
+      ...ONE_PROCESS,
+      WEFT_SITE: "west",
+      WEFT_LEAF: `nats-leaf://127.0.0.1:${leafPort}`,
+    });
+    const siteKey = `${site.storeDir}/data/identities/leaf-west.nk`;
+    const noKey = await site.waitForLog(
+      (l) => l.level === "warn" && /^no leafnode key/.test(String(l.msg)),
+      60_000,
+      "the site saying it has no key",
+    );
+    assert.ok(
+      String(noKey.msg).startsWith(`no leafnode key (${siteKey} or --leaf-nkey)`),
+      String(noKey.msg),
+    );
+    assert.match(
+      String(noKey.msg),
+      /leaf-west\.nk \(in its data\/identities\/, under its WEFT_NATS_DIR if set\)/,
+    );
+    const refused = await site.waitForLog(
+      (l) => l.level === "warn" && /^the hub refuses this site's link/.test(String(l.msg)),
+      60_000,
+      "the site saying the hub refuses its link",
+    );
+    assert.ok(String(refused.msg).includes(`leafnode key (${siteKey})`), String(refused.msg));
+    // The hub's warning after three silent restarts of west's source names its key's file.
+    const warned = await hub.waitForLog(
+      (l) => l.level === "warn" && /^site west: never heard from/.test(String(l.msg)),
+      90_000,
+      "the hub's never-heard warning",
+    );
+    assert.ok(String(warned.msg).includes(`(${hubKey})`), String(warned.msg));
   },
 );

@@ -412,6 +412,7 @@ export function createApp(deps: GatewayDeps): Hono {
         },
         deps.pipelines,
         deps.siteContacts,
+        config.natsDir,
       ),
     );
   }

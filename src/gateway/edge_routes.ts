@@ -47,7 +47,8 @@ export type EdgeSse = Omit<Parameters<typeof streamEvents>[3], "key">;
 /**
  * The routes of a hub with `sites`; `contacts` remembers when each site was last heard from
  * (the gateway's `trackSiteContacts`, src/edge.ts, keeps it up to date; by default only the
- * requests for `/sites` do).
+ * requests for `/sites` do); `natsDir` is the hub's nats-server directory (`WEFT_NATS_DIR`),
+ * where it keeps its sites' keys.
  *
  * @example
  * ```ts ignore
@@ -60,6 +61,7 @@ export function edgeRoutes(
   sse?: EdgeSse,
   pipelines: readonly LoadedPipeline[] = [],
   contacts: SiteContacts = new Map(),
+  natsDir = "",
 ): Hono {
   const app = new Hono();
   const knownSite = (site: string) => {
@@ -73,7 +75,10 @@ export function edgeRoutes(
   };
   // When each site was last heard from, across restarts of its sources: the gateway's
   // trackSiteContacts keeps it up to date between requests (src/edge.ts).
-  app.get("/", async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites, contacts) }));
+  app.get(
+    "/",
+    async (c) => c.json({ sites: await siteStatuses(jetStream.jsm, sites, contacts, natsDir) }),
+  );
   // Each shipped pipeline's items: /sites/{site}/<pipeline>/{id}(/events).
   const kinds = SHIPPED_PIPELINES.flatMap((w) =>
     w.items
