@@ -26,12 +26,15 @@
  *
  * @module
  */
-import type {
-  JetStreamClient,
-  JetStreamManager,
-  StreamInfo,
-  StreamSource,
-  StreamSourceInfo,
+import {
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
+  type StreamInfo,
+  type StreamSource,
+  type StreamSourceInfo,
 } from "@nats-io/jetstream";
 import type { Logger } from "./observability/log.ts";
 import { IDENTITY_DIR, type Permissions } from "./identities.ts";
@@ -759,30 +762,17 @@ export async function siteStatuses(
   }));
 }
 
-/**
- * Whether the hub holds any event of item `id` of `pipeline` (a shipped pipeline's or a
- * definition's item) from `site`: one stream info request, nothing read.
- */
-export async function siteHasItem(
-  jsm: JetStreamManager,
-  site: string,
-  id: string,
-  pipeline: string,
-): Promise<boolean> {
-  const info = await jsm.streams.info(edgeStream(site), {
-    subjects_filter: siteEventsFilter(site, id, pipeline),
-  });
-  return Object.keys(info.state.subjects ?? {}).length > 0;
-}
-
 /** The header nats-server puts on a sourced copy, naming the origin stream and sequence. */
 const STREAM_SOURCE_HEADER = "Nats-Stream-Source";
 
 /**
  * The origin of a sourced copy from its `Nats-Stream-Source` header: the stream it was copied
- * from (with, for a source in another domain, `:<hash>` of its API prefix) and its sequence
- * there. nats-server 2.10 and later write `<stream>[:<hash>] <seq> <filter> <dest> <subject>
- * ...`, 2.9 `<stream>[:<hash>] <seq>`, and servers before 2.9 the origin's ack reply
+ * from (with, for a source in another domain, `:<hash>` of its API prefix), its sequence
+ * there, and, where the header says it, the identity of that stream (`life`: a stream made
+ * again, e.g. at a site whose store was reset, has a new one, and numbers from 1 again).
+ * nats-server 2.10 and later write `<stream>[:<hash>] <seq> <filter> <dest> <subject>
+ * [<identity>]` (2.15.3 with the identity), 2.9 `<stream>[:<hash>] <seq>`, and servers
+ * before 2.9 the origin's ack reply
  * (`$JS.ACK.<stream>.<consumer>.<delivered>.<seq>.<cseq>.<time>.<pending>`). Undefined for
  * no header or one of no such form.
  *
@@ -791,25 +781,81 @@ const STREAM_SOURCE_HEADER = "Nats-Stream-Source";
  * import { sourcedFrom } from "./edge.ts";
  * const h = "ORDERS:1OzlGG68 12310 orders.> site.east.orders.> orders.placed.o1 y6slQuBT";
  * console.assert(sourcedFrom(h)?.seq === 12310 && sourcedFrom(h)?.stream === "ORDERS");
- * console.assert(sourcedFrom("ORDERS 7")?.seq === 7 && sourcedFrom(undefined) === undefined);
+ * console.assert(sourcedFrom(h)?.life === "y6slQuBT");
+ * console.assert(sourcedFrom("ORDERS 7")?.seq === 7 && sourcedFrom("ORDERS 7")?.life === undefined);
+ * console.assert(sourcedFrom(undefined) === undefined);
  * ```
  */
 export function sourcedFrom(
   header: string | undefined,
-): { stream: string; seq: number } | undefined {
+): { stream: string; seq: number; life?: string } | undefined {
   if (!header) return undefined;
   let stream: string | undefined;
   let seq: string | undefined;
+  let life: string | undefined;
   if (header.startsWith("$JS.ACK.")) {
     const t = header.split(".");
     if (t.length !== 9) return undefined;
     [stream, seq] = [t[2], t[5]];
   } else {
-    const [name, n] = header.trim().split(/\s+/);
-    [stream, seq] = [name?.split(":")[0], n];
+    const tokens = header.trim().split(/\s+/);
+    [stream, seq] = [tokens[0]?.split(":")[0], tokens[1]];
+    life = tokens[5];
   }
   if (!stream || !seq || !/^[1-9][0-9]{0,15}$/.test(seq)) return undefined;
-  return { stream, seq: Number(seq) };
+  return { stream, seq: Number(seq), ...(life ? { life } : {}) };
+}
+
+/**
+ * The life the hub now sources `pipeline`'s events of `site` from: the identity of the site's
+ * stream (see {@link sourcedFrom}) in the latest copy the hub holds under
+ * `site.<site>.<pipeline>.>`. A site whose store was reset has new streams, which the hub
+ * sources again from their first message; its copies of the earlier life stay in the hub's
+ * stream, before them. Undefined when the hub holds none, or its copies carry no identity.
+ */
+async function currentLife(
+  js: JetStreamClient,
+  site: string,
+  pipeline: string,
+): Promise<string | undefined> {
+  const jsm = await js.jetstreamManager(false);
+  try {
+    const m = await jsm.streams.getMessage(edgeStream(site), {
+      last_by_subj: `${siteSubjectPrefix(site)}.${pipeline}.>`,
+    });
+    return sourcedFrom(m?.header?.get(STREAM_SOURCE_HEADER))?.life;
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
+      return undefined;
+    }
+    throw err;
+  }
+}
+
+/** Whether hub message `m`, a copy of a site's event, is of life `life` (any, if either is unknown). */
+function ofLife(m: JsMsg, life: string | undefined): boolean {
+  const its = sourcedFrom(m.headers?.get(STREAM_SOURCE_HEADER))?.life;
+  return life === undefined || its === undefined || its === life;
+}
+
+/**
+ * Where item `id` of `pipeline` from `site` starts in the hub's stream: the hub sequence of
+ * its first event of the site stream's current life ({@link currentLife}); null when the hub
+ * holds none of that life (the item is of an earlier life only, or unknown). What the hub
+ * holds of an item before a reset of its site is not the site's item any more.
+ */
+export async function siteItemStart(
+  js: JetStreamClient,
+  site: string,
+  id: string,
+  pipeline: string,
+): Promise<number | null> {
+  const life = await currentLife(js, site, pipeline);
+  const filter = siteEventsFilter(site, id, pipeline);
+  for await (const m of readStream(js, edgeStream(site), { filter })) {
+    if (ofLife(m, life)) return m.seq;
+  }
+  return null;
 }
 
 /**
@@ -841,8 +887,11 @@ export async function siteWiredItem(
  * {@link decodeStateEvent} under the subject it has at the site, so what the site refused
  * (not JSON, not a valid event, about another item than its subject's, a time that is no
  * time) is skipped here too, and the hub shows the state the site does, each event's `seq`
- * its sequence in the site's stream ({@link sourcedFrom}), not the hub's. With its site;
- * throws NotFoundError (naming it `what`) when the hub has none the site would fold.
+ * its sequence in the site's stream ({@link sourcedFrom}), not the hub's. Only events of the
+ * life of the site's stream the hub now sources count ({@link siteItemStart}): after a reset
+ * of the site's store, an id used again is the new item, and one of the earlier life only is
+ * none. With its site; throws NotFoundError (naming it `what`) when the hub has none the
+ * site would fold.
  */
 export async function siteItem<S>(
   js: JetStreamClient,
@@ -857,7 +906,11 @@ export async function siteItem<S>(
   const filter = siteEventsFilter(site, id, pipeline);
   const prefix = `${siteSubjectPrefix(site)}.`;
   let entered = false;
+  // Only the life of the site's stream the hub now sources: an item of a site whose store was
+  // reset is the new stream's, not the earlier one's under the same id.
+  const life = await currentLife(js, site, pipeline);
   for await (const m of readStream(js, edgeStream(site), { filter })) {
+    if (!ofLife(m, life)) continue;
     let event: AnyEvent;
     entered ||= spec.entrySubject?.(id) === m.subject.slice(prefix.length);
     try {

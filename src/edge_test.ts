@@ -224,13 +224,18 @@ Deno.test("leafRefusalWatcher says a hub's refusal of the site's link once, with
   }
 });
 
-Deno.test("sourcedFrom reads the origin stream and sequence of every header form nats-server writes, and nothing else", () => {
-  // 2.10 and later (seen on 2.15.3), 2.9 (seen on 2.9.10), and before 2.9 (the ack reply).
+Deno.test("sourcedFrom reads the origin stream and sequence of every header form nats-server writes, the origin stream's identity where it is written, and nothing else", () => {
+  // 2.10 and later (seen on 2.15.3, with the identity), 2.9 (seen on 2.9.10), and before 2.9
+  // (the ack reply).
   assert.deepEqual(
     sourcedFrom(
       "FEEDBACK:1OzlGG68 12310 feedback.> site.east.feedback.> feedback.ingested.a y6slQuBT",
     ),
-    { stream: "FEEDBACK", seq: 12310 },
+    { stream: "FEEDBACK", seq: 12310, life: "y6slQuBT" },
+  );
+  assert.deepEqual(
+    sourcedFrom("FEEDBACK:1OzlGG68 3 feedback.> site.east.feedback.> feedback.ingested.a"),
+    { stream: "FEEDBACK", seq: 3 },
   );
   assert.deepEqual(sourcedFrom("DIGEST:1OzlGG68 2"), { stream: "DIGEST", seq: 2 });
   assert.deepEqual(sourcedFrom("$JS.ACK.FEEDBACK.c1.1.42.7.1700000000.0"), {

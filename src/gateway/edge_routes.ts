@@ -18,8 +18,8 @@ import {
   edgeStream,
   type SiteContacts,
   siteEventsFilter,
-  siteHasItem,
   siteItem,
+  siteItemStart,
   siteStatuses,
   siteSubjectPrefix,
   siteWiredItem,
@@ -128,7 +128,10 @@ export function edgeRoutes(
       const id = c.req.param("id");
       known(site, id, what);
       onlyQuery(c.req.query(), []);
-      if (!(await siteHasItem(jetStream.jsm, site, id, pipeline))) {
+      // From its first event of the site's current life (a site whose store was reset may
+      // have had an item of that id before).
+      const from = await siteItemStart(jetStream.js, site, id, pipeline);
+      if (from === null) {
         throw new NotFoundError(`no ${what} ${id} from site ${site}`, { field: "id" });
       }
       const key = openSlot(sse.clients, c);
@@ -137,6 +140,7 @@ export function edgeRoutes(
         stream: edgeStream(site),
         closeOnFinal: true,
         replay: true,
+        from,
         itemId: id,
         finalTypes,
         subjectOf: (type, item) => `${siteSubjectPrefix(site)}.${type}.${item}`,

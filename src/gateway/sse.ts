@@ -950,8 +950,9 @@ export async function streamEvents(
       // A per-item stream whose client has already seen the item's final event is over
       // (a client resuming with Last-Event-ID after the end would otherwise wait forever).
       if (sel.closeOnFinal && sel.itemId !== undefined) {
+        // (A final event before `from` is not this item's: an earlier life's at a reset site.)
         const fin = await latestFinalSeq(js, streamName, finalTypes, sel.itemId, sel.subjectOf);
-        if (fin !== undefined && fin <= last) return;
+        if (fin !== undefined && fin >= (sel.from ?? 0) && fin <= last) return;
       }
       while (!stream.aborted) {
         const taken = await sub.take();
