@@ -82,6 +82,12 @@ export interface Stage<I extends StageInput = StageInput> {
   durable?: string;
   /** Recorded on its durable consumer where the server keeps metadata (nats-server 2.10+). */
   metadata?: Readonly<Record<string, string>>;
+  /**
+   * Event types an earlier definition sent to this stage that its consumer may still owe
+   * (a step before it renamed): recorded in the consumer's description, so that a later
+   * start keeps reading them until none is left.
+   */
+  owes?: readonly string[];
   /** The event type published for an item that is dead-lettered (`<pipeline>.failed`). */
   failedType: string;
   /**

@@ -168,6 +168,7 @@ export function stageConsumerConfig(
     filterSubject: string;
     filterSubjects?: readonly string[];
     metadata?: Readonly<Record<string, string>>;
+    owes?: readonly string[];
   },
   config: Pick<Config, "ackWaitMs" | "maxAttempts">,
   opts: { multiFilter?: boolean; metadata?: boolean } = {},
@@ -181,7 +182,8 @@ export function stageConsumerConfig(
     : { filter_subject: stage.filterSubject };
   return {
     durable_name: stage.name,
-    description: `${STAGE_DESCRIPTION}${stage.name}`,
+    description: `${STAGE_DESCRIPTION}${stage.name}` +
+      (stage.owes?.length ? `${OWES_MARK}${stage.owes.join(",")}` : ""),
     ...filters,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
@@ -291,6 +293,12 @@ export async function ensureStream(
 
 /** How a stage's durable consumer's description starts (the stage's name follows). */
 export const STAGE_DESCRIPTION = "Weft stage ";
+
+/**
+ * What follows a stage's name in its consumer's description when the consumer still owes
+ * events an earlier definition sent it (`Stage.owes`), their types separated by commas.
+ */
+export const OWES_MARK = "; still owes ";
 
 /**
  * The consumer metadata key a stage's durable records, when it is created on a stream that

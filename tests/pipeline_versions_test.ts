@@ -1474,3 +1474,165 @@ Deno.test("a step given another durable while items are past it does not run aga
 
 Deno.test("a step added beside a step whose join items went through does not run for them; an item before the join runs it once", () =>
   pastTheStep("add"));
+
+/**
+ * Version 1 runs `a` then `b` (which holds each item until stopped); version 2 renames `a`
+ * to `a2` and keeps `b`, whose consumer's filter changes from `a`'s event to `a2`'s.
+ */
+const renamedBefore = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const chain = definePipeline({
+  name: "chain",
+  input: { schema: { type: "object" } },
+  start: "${v === 1 ? "a" : "a2"}",
+  steps: {
+    ${
+  v === 1 ? "a" : "a2"
+}: { kind: "task", output: { type: "object" }, handle: () => ({ a: ${v} }), next: "b" },
+    b: { kind: "task", output: { type: "object" }, handle: ${
+  v === 1 ? HOLD : "() => ({ b: 2 })"
+}, next: "done" },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+
+Deno.test("a step renamed while items are queued at the step after it: each of them goes on at that step, once", async () => {
+  const dir = await meshTempDir("weft-renamed-before-");
+  const file = `${dir}/def/chain.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, renamedBefore(1));
+  const storeDir = `${dir}/nats`;
+  // One at a time: `b` holds one item, the others wait in its consumer, not yet delivered.
+  const env = {
+    ...ONE_PROCESS,
+    WEFT_PIPELINES: file,
+    WEFT_ACK_WAIT_MS: "2000",
+    WEFT_CONCURRENCY: "1",
+  };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/chain/items/${id}`)).json();
+  const ids: string[] = [];
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      for (let i = 0; i < 4; i++) {
+        ids.push((await post(base, "/pipelines/chain/items", {})).body.id);
+      }
+      for (const id of ids) {
+        await waitFor(
+          async () => (await state(base, id)).current?.join() === "b",
+          20_000,
+          `${id} past a, at b`,
+        );
+      }
+      const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+      try {
+        const { jetstreamManager } = await import("@nats-io/jetstream");
+        const jsm = await jetstreamManager(nc);
+        await waitFor(
+          async () => {
+            const ci = await jsm.consumers.info("CHAIN", "chain-b");
+            return ci.num_ack_pending === 1 && ci.num_pending === 3;
+          },
+          20_000,
+          "b holds one item, three wait in its consumer",
+        );
+      } finally {
+        await nc.close();
+      }
+    }
+
+    // Version 2 renames `a`: `b`'s consumer now filters on `a2`'s event, and reads what it owes
+    // of `a`'s beside it.
+    await Deno.writeTextFile(file, renamedBefore(2));
+    const filters = (ci: { config: { filter_subject?: string; filter_subjects?: string[] } }) =>
+      ci.config.filter_subjects?.length ? ci.config.filter_subjects : [ci.config.filter_subject];
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+      const base = mesh.gatewayUrl;
+      // Before: the four stayed running at b for good, with no dead letter.
+      for (const id of ids) {
+        const done = await waitFor(
+          async () => {
+            const s = await state(base, id);
+            return s.status === "done" ? s : undefined;
+          },
+          30_000,
+          `${id} done`,
+        );
+        assert.deepEqual(done.results.b, { b: 2 }, "b ran for it under version 2");
+        assert.deepEqual(done.runs, { a: 1, b: 1 }, "a once (under v1), b once");
+      }
+      const owing = await mesh.waitForLog(
+        (l) =>
+          String(l.msg).startsWith("reading what the step's consumer owes") &&
+          l.stage === "chain-b",
+        1000,
+        "b reads what its consumer owes",
+      );
+      assert.deepEqual(owing.events, ["chain.a"]);
+      // A new item runs a2 then b.
+      const fresh = (await post(base, "/pipelines/chain/items", {})).body.id;
+      const freshDone = await waitFor(
+        async () => {
+          const s = await state(base, fresh);
+          return s.status === "done" ? s : undefined;
+        },
+        30_000,
+        "a new item done",
+      );
+      assert.deepEqual(freshDone.runs, { a2: 1, b: 1 });
+      const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+      try {
+        const { jetstreamManager } = await import("@nats-io/jetstream");
+        const jsm = await jetstreamManager(nc);
+        const count = async (filter: string) =>
+          Object.values(
+            (await jsm.streams.info("CHAIN", { subjects_filter: filter })).state.subjects ?? {},
+          ).reduce((a, b) => a + b, 0);
+        for (const id of ids) {
+          assert.equal(await count(`chain.b.${id}`), 1, `b completed once for ${id}`);
+          assert.equal(await count(`chain.a2.${id}`), 0, `a2 did not run for ${id}`);
+          assert.equal(await count(`chain.done.${id}`), 1, `${id} ends once`);
+        }
+        assert.equal((await jsm.streams.info("DEADLETTER")).state.messages, 0, "no dead letter");
+        await waitFor(
+          async () => {
+            const ci = await jsm.consumers.info("CHAIN", "chain-b");
+            return ci.num_pending === 0 && ci.num_ack_pending === 0;
+          },
+          20_000,
+          "b's consumer has acked everything",
+        );
+        const ci = await jsm.consumers.info("CHAIN", "chain-b");
+        assert.match(ci.config.description ?? "", /still owes chain\.a$/);
+      } finally {
+        await nc.close();
+      }
+    }
+
+    // The next start: b owes nothing of `a`'s any more, and its consumer reads a2's event only.
+    await using mesh = await startMesh(env, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready a third time");
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const ci = await (await jetstreamManager(nc)).consumers.info("CHAIN", "chain-b");
+      assert.deepEqual(filters(ci), ["chain.a2.*"]);
+      assert.equal(ci.config.description, "Weft stage chain-b");
+    } finally {
+      await nc.close();
+    }
+    assert.equal(
+      mesh.logs.filter((l) => String(l.msg).startsWith("reading what the step's consumer owes"))
+        .length,
+      0,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});

@@ -53,7 +53,7 @@ import {
   STEP_VERSION_BUCKET,
 } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
-import { BACKLOG_SEQ_KEY, type ExtraTopology, STAGE_DESCRIPTION } from "../topology.ts";
+import { BACKLOG_SEQ_KEY, type ExtraTopology, OWES_MARK, STAGE_DESCRIPTION } from "../topology.ts";
 import type { Access } from "../identities.ts";
 import { edgesOf, endsApart, eventOf, WORK_KINDS } from "./validate.ts";
 import type { PipelineDefinition, ScratchEntry, StepContext, StepSpec } from "./definition.ts";
@@ -2252,17 +2252,113 @@ export function stepService(p: LoadedPipeline, id: string): ServiceDef {
       if (!cand) throw new ConfigError(`${file} defines no pipeline ${p.def.name}`);
       return workStage(withPromotedStep(p, cand, id), id, opts);
     });
-    return await runStage({
-      ...ctx,
-      stage: {
-        ...configured,
-        // Says whose it is: a later definition without the step finds it (retiredConsumers).
-        metadata: stepConsumerMetadata(p.def, id),
-        handle: (e, sctx) => live.current().handle(e, sctx),
-      },
-      source: `weft-${name}`,
-    });
+    // deno-lint-ignore no-explicit-any
+    const stage: Stage<any> = {
+      ...configured,
+      // Says whose it is: a later definition without the step finds it (retiredConsumers).
+      metadata: stepConsumerMetadata(p.def, id),
+      handle: (e, sctx) => live.current().handle(e, sctx),
+    };
+    return await withOwed(ctx, p, id, stage, `weft-${name}`);
   }, { description: `Weft pipeline ${p.def.name}, step ${id}` });
+}
+
+/**
+ * The event types whose messages work step `id`'s consumer may still owe (stored above its
+ * ack floor) though the running definition has no such event: an earlier definition sent them
+ * to the step (a step before it renamed, `a` to `a2`: its filter was `a`'s event). (An event
+ * the running definition still has but sends elsewhere is the hand-over's, {@link
+ * createHandover}.) Told
+ * from the filters it has beyond the running definition's, and those it records it still
+ * owes ({@link OWES_MARK}, kept while it takes them). Updating its filter in place to the
+ * running definition's would leave them unread for good, their items running at the step
+ * with nothing to take them on. None when the consumer is new or owes nothing. (A consumer
+ * filtering on every event of the pipeline, `<name>.*.*`, a step with several inputs on
+ * nats-server 2.9, names no event: what it owes cannot be told.)
+ */
+async function owedTypes(
+  jsm: JetStreamManager,
+  { def, flow }: LoadedPipeline,
+  id: string,
+): Promise<string[]> {
+  const n = def.name;
+  const stream = pipelineSubjects(def).stream;
+  const ci = await jsm.consumers.info(stream, durableOf(def, id)).catch(() => null);
+  if (!ci) return [];
+  const have = ci.config.filter_subjects?.length
+    ? ci.config.filter_subjects
+    : ci.config.filter_subject
+    ? [ci.config.filter_subject]
+    : [];
+  const want = new Set(stepFilterSubjects(def, id) ?? []);
+  const noted = ci.config.description?.split(OWES_MARK)[1]?.split(",") ?? [];
+  const candidates = new Set([
+    ...have.filter((f) => !want.has(f) && /^[^.*>]+\.[^.*>]+\.\*$/.test(f)).map((f) =>
+      f.slice(0, -2)
+    ),
+    ...noted.filter((t) => /^[^.*>]+\.[^.*>]+$/.test(t)),
+  ]);
+  const out: string[] = [];
+  for (const t of candidates) {
+    if (!t.startsWith(`${n}.`) || want.has(`${t}.*`)) continue;
+    // An event the running definition still has (re-wired elsewhere): the hand-over's.
+    if (flow.roles.has(t.slice(n.length + 1))) continue;
+    const above = await storedMessage(jsm, stream, {
+      next_by_subj: `${t}.*`,
+      seq: ci.ack_floor.stream_seq + 1,
+    } as unknown as { seq: number });
+    if (above) out.push(t);
+  }
+  return out.sort();
+}
+
+/**
+ * Runs work step `id`'s stage, its consumer still reading what it owes under an earlier
+ * definition's filter ({@link owedTypes}) beside the running definition's events: on
+ * nats-server 2.10+ among its filters, on 2.9 under the pipeline's every event (one filter
+ * only). Each such event is the step's input (the earlier definition sent it here), so the
+ * step runs for it once and its completion, under the running definition, takes the item on.
+ * Its consumer's description records what it owes: a later start keeps those filters while
+ * any of their messages is stored above its ack floor, and drops them once none is.
+ */
+async function withOwed(
+  ctx: ServiceContext,
+  p: LoadedPipeline,
+  id: string,
+  // deno-lint-ignore no-explicit-any
+  stage: Stage<any>,
+  source: string,
+): Promise<Runnable> {
+  const { def } = p;
+  const n = def.name;
+  const jsm = await jetstreamManager(ctx.nc);
+  const owed = new Set(await owedTypes(jsm, p, id));
+  if (owed.size === 0) return await runStage({ ...ctx, stage, source });
+  ctx.log.with({ stage: stage.name }).info(
+    "reading what the step's consumer owes under an earlier definition beside its own events",
+    { events: [...owed] },
+  );
+  const multi = versionAtLeast(ctx.nc.info?.version ?? "0.0.0", "2.10.0");
+  const inputs = stepFilterSubjects(def, id) ?? [];
+  const isOwed = (message: MessageInfo) => owed.has(`${n}.${message.subject.split(".")[1]}`);
+  return await runStage({
+    ...ctx,
+    stage: {
+      ...stage,
+      filterSubject: `${n}.*.*`,
+      ...(multi ? { filterSubjects: [...inputs, ...[...owed].map((t) => `${t}.*`)] } : {}),
+      owes: [...owed],
+      accepts: (message) =>
+        isOwed(message)
+          ? !message.handoverTo || message.handoverTo.includes(id)
+          : stage.accepts?.(message) ?? true,
+      decode: (raw, message) =>
+        isOwed(message)
+          ? decodeFlowEvent(p.flow, raw, message.subject)
+          : stage.decode!(raw, message),
+    },
+    source,
+  });
 }
 
 /** Every service of the loaded pipelines, by name. */
