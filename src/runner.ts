@@ -922,16 +922,25 @@ export interface DeadLetterContext {
    */
   finalTypes?: ReadonlySet<string>;
   jsm?: JetStreamManager;
+  /**
+   * The outcome the item's state records when it has ended (`Stage.outcomeOf`): an end of
+   * any definition, the running one's or an earlier one's whose end step it lacks.
+   */
+  outcomeOf?: (item: string) => Promise<string | undefined>;
 }
 
 /**
- * Whether `item` already has one of its outcomes (`ctx.finalTypes`) in the stream of `m`: a
- * late or forged message for a finished item, which the letter keeps and which fails nothing.
- * False when none is stored or it cannot tell (the item is failed, as before).
+ * Whether `item` already has its outcome: one of `ctx.finalTypes` in the stream of `m`, or
+ * (`ctx.outcomeOf`) the end its state records, of whichever definition (an end step the
+ * running one lacks): a late or forged message for a finished item, which the letter keeps
+ * and which fails nothing. False when neither says so or it cannot tell (the item is
+ * failed, as before).
  */
 async function finished(ctx: DeadLetterContext, m: JsMsg, item: string): Promise<boolean> {
-  if (!ctx.finalTypes || !ctx.jsm) return false;
-  const outcome = await endedWith(ctx.jsm, m.info.stream, item, ctx.finalTypes);
+  const outcome =
+    (ctx.finalTypes && ctx.jsm
+      ? await endedWith(ctx.jsm, m.info.stream, item, ctx.finalTypes)
+      : undefined) ?? await ctx.outcomeOf?.(item).catch(() => undefined);
   if (outcome) ctx.log.info("not failing a finished item", { item_id: item, outcome });
   return outcome !== undefined;
 }
@@ -1172,6 +1181,7 @@ export async function runStage<I extends StageInput>(
     failedType: stage.failedType,
     finalTypes: stage.finalTypes,
     jsm,
+    ...(stage.outcomeOf ? { outcomeOf: (item: string) => stage.outcomeOf!(item) } : {}),
   };
 
   // Aborted when stop() is called: a held letter (below) hands its message back then.

@@ -91,6 +91,12 @@ export interface Stage<I extends StageInput = StageInput> {
   /** The event type published for an item that is dead-lettered (`<pipeline>.failed`). */
   failedType: string;
   /**
+   * The outcome of an item that has ended, as its state records it, whichever definition's
+   * end it reached (undefined while it has none): a message given up on for it fails nothing,
+   * also when its end is no end of `finalTypes` (an end step a changed definition lacks).
+   */
+  outcomeOf?(item: string): Promise<string | undefined>;
+  /**
    * Decodes and checks a message itself, instead of the schemas of `input` (a pipeline
    * definition's steps, whose schemas are the definition's). Returns undefined for a
    * message that is not for this stage (acked, nothing published).

@@ -1636,3 +1636,89 @@ Deno.test("a step renamed while items are queued at the step after it: each of t
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
 });
+
+/**
+ * Version 1 ends each item at `fin` (outcome `done`); version 2 has `fin2` (outcome `finished`)
+ * instead, so `ending.done` is no end of version 2.
+ */
+const renamedEnd = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const ending = definePipeline({
+  name: "ending",
+  input: { schema: { type: "object" } },
+  start: "a",
+  steps: {
+    a: { kind: "task", output: { type: "object" }, handle: () => ({ a: ${v} }), next: "${
+  v === 1 ? "fin" : "fin2"
+}" },
+    ${
+  v === 1 ? 'fin: { kind: "end", outcome: "done" }' : 'fin2: { kind: "end", outcome: "finished" }'
+},
+  },
+});
+`;
+
+Deno.test("a message given up on for an item that ended at an end step the running definition lacks is dead-lettered without failing the item", async () => {
+  const dir = await meshTempDir("weft-renamed-end-");
+  const file = `${dir}/def/ending.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, renamedEnd(1));
+  const storeDir = `${dir}/nats`;
+  const env = { ...ONE_PROCESS, WEFT_PIPELINES: file };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/ending/items/${id}`)).json();
+  let id: string;
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      id = (await post(mesh.gatewayUrl, "/pipelines/ending/items", {})).body.id;
+      await waitFor(
+        async () => (await state(mesh.gatewayUrl, id)).status === "done",
+        20_000,
+        "the item ended at fin",
+      );
+    }
+
+    await Deno.writeTextFile(file, renamedEnd(2));
+    await using mesh = await startMesh(env, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager, jetstream } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      // A garbled copy of the item's entry event: step a cannot read it, and gives up on it.
+      await jetstream(nc).publish(`ending.submitted.${id}`, JSON.stringify({ garbled: true }));
+      const letter = await waitFor(
+        async () => {
+          const m = await jsm.streams.getMessage("DEADLETTER", {
+            last_by_subj: `deadletter.ending-a.${id}`,
+          }).catch(() => null);
+          return m ? m.json<{ code: string; reason: string }>() : undefined;
+        },
+        20_000,
+        "the late copy dead-lettered",
+      );
+      assert.equal(letter.code, "invalid_event", letter.reason);
+      const count = async (filter: string) =>
+        Object.values(
+          (await jsm.streams.info("ENDING", { subjects_filter: filter })).state.subjects ?? {},
+        ).reduce((a, b) => a + b, 0);
+      // Before: ending.failed.<id> was published after its end (fin is no end of version 2).
+      assert.equal(await count(`ending.failed.${id}`), 0, "the ended item is not failed");
+      assert.equal(await count(`ending.done.${id}`), 1, "its one end, version 1's");
+      await mesh.waitForLog(
+        (l) => l.msg === "not failing a finished item" && l.item_id === id,
+        5_000,
+        "the runner says why it failed nothing",
+      );
+      const s = await state(mesh.gatewayUrl, id);
+      assert.equal(s.status, "done");
+      assert.equal(s.outcome, "done");
+    } finally {
+      await nc.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});

@@ -540,6 +540,7 @@ export function workStage(
     // An item ends once: a second end (another branch's) is refused as a conflict.
     outcomes: endTypesOf(def),
     finalTypes: endTypesOf(def),
+    ...(states ? { outcomeOf: outcomeFrom(states) } : {}),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A wide filter (several events lead here) also brings the item's other events (a
@@ -1256,6 +1257,7 @@ export function controlStage(
     once: onceTypesOf(def),
     outcomes: endTypesOf(def),
     finalTypes: endTypesOf(def),
+    outcomeOf: outcomeFrom(lazy(() => kvm.open(stateBucketOf(n)))),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A step's completion or a timer (not a decision: no item_id) is taken only for an item
@@ -1618,6 +1620,7 @@ export function retiredStage(
     stream: pipelineSubjects(def).stream,
     failedType: `${n}.${FAILED}`,
     finalTypes: endTypesOf(def),
+    outcomeOf: outcomeFrom(states),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     decode: (raw, message) =>
@@ -2403,6 +2406,19 @@ export function itemEntryEvent(
     entryData(checkInput(flow, input)),
     { source: opts.source, now: new Date() },
   );
+}
+
+/**
+ * Reads `Stage.outcomeOf` from a pipeline's state bucket (`states`): the outcome of an item
+ * whose state says it has ended (`done`), at an end of any definition.
+ */
+function outcomeFrom(
+  states: () => Promise<KV>,
+): (item: string) => Promise<string | undefined> {
+  return async (item) => {
+    const s = await readItem(await states(), item);
+    return s?.status === "done" ? s.outcome ?? "done" : undefined;
+  };
 }
 
 /** Reads an item's state; null when there is none. */
