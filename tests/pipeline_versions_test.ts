@@ -1722,3 +1722,135 @@ Deno.test("a message given up on for an item that ended at an end step the runni
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
 });
+
+/** How long `w` holds an item: its timer must fire after version 1 stopped, under version 2. */
+const LAPSE_MS = 15_000;
+
+/** Version 1 holds items at the wait `w`; version 2 has no `w`: `a` leads to `fin`. */
+const lapsing = (v: 1 | 2) => `
+import { definePipeline } from "${MOD}";
+export const lapse = definePipeline({
+  name: "lapse",
+  input: { schema: { type: "object" } },
+  start: "a",
+  steps: {
+    a: { kind: "task", output: { type: "object" }, handle: () => ({ a: ${v} }), next: "${
+  v === 1 ? "w" : "fin"
+}" },
+    ${
+  v === 1
+    ? `w: { kind: "wait", event: "ok", timeoutMs: ${LAPSE_MS}, onTimeout: "late", next: "fin" },`
+    : ""
+}
+    fin: { kind: "end", outcome: "done" },${
+  v === 1 ? '\n    late: { kind: "end", outcome: "late" },' : ""
+}
+  },
+});
+`;
+
+Deno.test("a timer of a step the running definition lacks, for an item that has failed or ended, is acked: a redrive of every letter runs out", async () => {
+  const dir = await meshTempDir("weft-lapse-");
+  const file = `${dir}/def/lapse.ts`;
+  await Deno.mkdir(`${dir}/def`, { recursive: true });
+  await Deno.writeTextFile(file, lapsing(1));
+  const storeDir = `${dir}/nats`;
+  const env = { ...ONE_PROCESS, WEFT_PIPELINES: file };
+  const state = async (base: string, id: string) =>
+    await (await fetch(`${base}/pipelines/lapse/items/${id}`)).json();
+  const lettersOf = async (base: string, id: string) =>
+    (await (await fetch(`${base}/deadletters?item_id=${id}`)).json()).items as {
+      seq: number;
+      letter: { code: string; subject: string };
+    }[];
+  let held: string;
+  let ended: string;
+  try {
+    {
+      await using mesh = await startMesh(env, { storeDir, keepStore: true });
+      await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+      const base = mesh.gatewayUrl;
+      held = (await post(base, "/pipelines/lapse/items", {})).body.id;
+      ended = (await post(base, "/pipelines/lapse/items", {})).body.id;
+      for (const id of [held, ended]) {
+        await waitFor(async () => (await state(base, id)).status === "waiting", 20_000, id);
+      }
+      assert.equal((await post(base, `/pipelines/lapse/items/${ended}/ok`, {})).status, 202);
+      await waitFor(async () => (await state(base, ended)).status === "done", 20_000, "ended");
+    }
+
+    // Version 2 has no `w`: the held item's timer fires under it and fails the item.
+    await Deno.writeTextFile(file, lapsing(2));
+    await using mesh = await startMesh(env, { storeDir });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready again");
+    const base = mesh.gatewayUrl;
+    const failed = await waitFor(
+      async () => {
+        const s = await state(base, held);
+        return s.status === "failed" ? s : undefined;
+      },
+      LAPSE_MS + 30_000,
+      "the held item failed at its deadline",
+    );
+    assert.equal(failed.error.code, "definition_changed");
+    assert.equal((await lettersOf(base, held)).length, 1);
+
+    // A redrive of every letter: the timer comes again, for an item that has failed.
+    const first = await post(base, "/deadletters/redrive", { all: true });
+    assert.equal(first.status, 200, JSON.stringify(first.body));
+    assert.equal(first.body.redriven.length, 1);
+    const acked = (id: string, status: string) =>
+      mesh.logs.some((l) =>
+        l.msg ===
+          "acked a timer of a step the running definition lacks: its item is not running" &&
+        l.item_id === id && l.status === status
+      );
+    // Acked, or (before) dead-lettered again.
+    await waitFor(
+      async () => acked(held, "failed") || (await lettersOf(base, held)).length > 1 || undefined,
+      20_000,
+      "the redriven timer handled",
+    );
+    assert.equal((await lettersOf(base, held)).length, 1, "no new letter for the failed item");
+    assert.ok(acked(held, "failed"));
+    // A stray copy of that timer for the item that ended (the same step, gone).
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const { jetstreamManager, jetstream } = await import("@nats-io/jetstream");
+      const jsm = await jetstreamManager(nc);
+      const stored = await jsm.streams.getMessage("LAPSE", {
+        last_by_subj: `lapse._timer.${held}`,
+      });
+      assert.ok(stored, "the held item's timer is stored");
+      const timer = stored.json<Record<string, unknown>>();
+      await jetstream(nc).publish(
+        `lapse._timer.${ended}`,
+        JSON.stringify({ ...timer, id: `${timer.id}-copy`, item_id: ended }),
+      );
+      await waitFor(
+        async () => acked(ended, "done") || (await lettersOf(base, ended)).length > 0 || undefined,
+        20_000,
+        "the stray timer handled",
+      );
+      const count = async (filter: string) =>
+        Object.values(
+          (await jsm.streams.info("LAPSE", { subjects_filter: filter })).state.subjects ?? {},
+        ).reduce((a, b) => a + b, 0);
+      // Before: each came back as a new definition_changed letter (and failed the item once more).
+      assert.equal((await lettersOf(base, held)).length, 1, "no new letter for the failed item");
+      assert.equal((await lettersOf(base, ended)).length, 0, "no letter for the ended item");
+      assert.ok(acked(ended, "done"));
+      assert.equal(await count(`lapse.failed.${held}`), 1, "failed once");
+      assert.equal(await count(`lapse.failed.${ended}`), 0);
+      assert.equal((await state(base, ended)).status, "done");
+    } finally {
+      await nc.close();
+    }
+    // Nothing is left to redrive: a redrive of every letter has run out.
+    const again = await post(base, "/deadletters/redrive", { all: true });
+    assert.equal(again.status, 200, JSON.stringify(again.body));
+    assert.deepEqual(again.body.redriven, []);
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});

@@ -827,7 +827,7 @@ async function updateHeld<T>(
 export function controlStage(
   p: LoadedPipeline,
   nc: NatsConnection,
-  opts: { retentionMs?: number; handover?: Handover } = {},
+  opts: { retentionMs?: number; handover?: Handover; log?: Logger } = {},
   // deno-lint-ignore no-explicit-any
 ): Stage<any> {
   const { flow, def } = p;
@@ -1137,6 +1137,16 @@ export function controlStage(
     const carry = (e.data as unknown as TimerData).carry;
     const s = def.steps[t];
     if (!s || !CONTROL_KINDS.has(s.kind)) {
+      // For an item that has ended or failed, it could only be dead-lettered again at each
+      // redrive (and fail the item again): there is nothing for it to time out.
+      const state = await readItem(await states(), e.item_id).catch(() => null);
+      if (state?.status === "done" || state?.status === "failed") {
+        opts.log?.info(
+          "acked a timer of a step the running definition lacks: its item is not running",
+          { item_id: e.item_id, step: t, status: state.status, seq },
+        );
+        return [];
+      }
       throw new WeftError(
         ErrorCode.DefinitionChanged,
         `a timer of step ${t}, which definition ${def.hash} of ${n} no longer has as a join, ` +
@@ -1257,7 +1267,7 @@ export function controlStage(
     once: onceTypesOf(def),
     outcomes: endTypesOf(def),
     finalTypes: endTypesOf(def),
-    outcomeOf: outcomeFrom(lazy(() => kvm.open(stateBucketOf(n)))),
+    outcomeOf: outcomeFrom(states),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A step's completion or a timer (not a decision: no item_id) is taken only for an item
@@ -2208,7 +2218,11 @@ export function controlService(p: LoadedPipeline): ServiceDef {
     const handover = createHandover(p, ctx.nc, ctx.log.with({ stage: durableOf(p.def, CONTROL) }));
     const control = await runStage({
       ...ctx,
-      stage: controlStage(p, ctx.nc, { retentionMs: ctx.config.retentionMs, handover }),
+      stage: controlStage(p, ctx.nc, {
+        retentionMs: ctx.config.retentionMs,
+        handover,
+        log: ctx.log.with({ stage: durableOf(p.def, CONTROL) }),
+      }),
       source,
     });
     const state = await runStateWriter({
