@@ -12,6 +12,7 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 
 /**
  * The canonical JSON text of `value`; `undefined` for what JSON cannot hold (`undefined`,
@@ -40,4 +41,21 @@ export function canonicalJson(value: unknown): string | undefined {
     if (v !== undefined) members.push(`${JSON.stringify(key)}:${v}`);
   }
   return `{${members.join(",")}}`;
+}
+
+/**
+ * The SHA-256 (hex) of `value`'s canonical JSON text: one digest per JSON value, whatever
+ * its key order or whitespace (a message and its byte-for-byte copy have the same one);
+ * `undefined` for what JSON cannot hold.
+ *
+ * @example
+ * ```ts
+ * import { canonicalDigest } from "./canonical_json.ts";
+ * console.assert(canonicalDigest({ a: 1, b: 2 }) === canonicalDigest({ b: 2, a: 1 }));
+ * console.assert(canonicalDigest({ a: 1 }) !== canonicalDigest({ a: 2 }));
+ * ```
+ */
+export function canonicalDigest(value: unknown): string | undefined {
+  const text = canonicalJson(value);
+  return text === undefined ? undefined : createHash("sha256").update(text).digest("hex");
 }

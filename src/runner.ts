@@ -34,7 +34,7 @@ import {
   WeftError,
 } from "./errors.ts";
 import { deterministicId, sha256Hex } from "./events.ts";
-import { canonicalJson } from "./canonical_json.ts";
+import { canonicalDigest, canonicalJson } from "./canonical_json.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import { isStreamFull } from "./capacity.ts";
 import { inexactNumber } from "./exact_numbers.ts";
@@ -153,6 +153,11 @@ export interface ItemFailedData {
   subject?: string;
   /** The id of the event the stage gave up on, when it is a Weft event (even a large one). */
   event_id?: string;
+  /**
+   * SHA-256 of the canonical JSON of the message the stage gave up on (even a large one): a
+   * copy stored again resumes the item only with this digest (a redrive's, byte for byte).
+   */
+  original_sha256?: string;
   /** The message the stage gave up on, when small and shallow enough. */
   original?: Record<string, unknown>;
 }
@@ -724,9 +729,10 @@ export async function* messagesOn(
  * Whether item `item` of pipeline `name` has failed and not been resumed since: its last
  * `failed` event is not followed by the message it failed on, stored again by a redrive (the
  * same event id, when the failure names one: an item's timers all share one subject, so
- * another timer of the item stored after the failure resumes nothing). Read from the stream
- * (direct reads, only when a timer fires, a decision comes or a step would end the item), not
- * from the item's state, which trails.
+ * another timer of the item stored after the failure resumes nothing; and the same body, by
+ * the digest the failure records: a copy with its id and another body is no redrive). Read
+ * from the stream (direct reads, only when a timer fires, a decision comes or a step would end
+ * the item), not from the item's state, which trails.
  */
 export async function itemFailedNow(
   jsm: JetStreamManager,
@@ -745,22 +751,38 @@ export async function itemFailedNow(
   if (!failed) return false;
   let on: unknown;
   let eventId: unknown;
+  let digest: string | undefined;
   try {
-    const data = (failed.json() as { data?: { subject?: unknown; event_id?: unknown } }).data;
+    const data = (failed.json() as {
+      data?: {
+        subject?: unknown;
+        event_id?: unknown;
+        original_sha256?: unknown;
+        original?: unknown;
+      };
+    }).data;
     on = data?.subject;
     eventId = data?.event_id;
+    // (A failure stored before the digest was recorded has the message itself, when small.)
+    digest = typeof data?.original_sha256 === "string"
+      ? data.original_sha256
+      : data?.original !== undefined
+      ? canonicalDigest(data.original)
+      : undefined;
   } catch {
     return true;
   }
   if (typeof on !== "string") return true;
   const again = await last(on);
   if (!again || again.seq <= failed.seq) return true;
-  if (typeof eventId !== "string") return false;
+  if (typeof eventId !== "string" && digest === undefined) return false;
   const isIt = (m: { json(): unknown }) => {
     try {
-      return (m.json() as { id?: unknown }).id === eventId;
+      const body = m.json() as { id?: unknown } | null;
+      if (typeof eventId === "string" && body?.id !== eventId) return false;
+      return digest === undefined || canonicalDigest(body) === digest;
     } catch {
-      return false; // not an event: not the one it failed on
+      return false; // not JSON: not the one it failed on
     }
   };
   if (isIt(again)) return false;
@@ -1019,6 +1041,9 @@ export async function prepareLetter(
       dead_letter_subject: dlSubject,
       subject: m.subject,
       ...(eventIdOf(raw) ? { event_id: eventIdOf(raw) } : {}),
+      ...(raw !== undefined && depthWithin(raw, MAX_DEPTH)
+        ? { original_sha256: canonicalDigest(raw) }
+        : {}),
       // The original rides along only when small and shallow: serializing a deeply
       // nested poison message again could overflow the stack (the letter keeps it all).
       ...(raw !== null && typeof raw === "object" && !Array.isArray(raw) &&

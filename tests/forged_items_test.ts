@@ -10,7 +10,8 @@ import { jetstream, type JetStreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { DeadLetter } from "../src/events.gen.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
-import { listDeadLetters } from "../src/redrive.ts";
+import { listDeadLetters, redrive } from "../src/redrive.ts";
+import { PermanentError } from "../src/errors.ts";
 import { runStage } from "../src/runner.ts";
 import { readState, runStateWriter } from "../src/state_writer.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
@@ -412,10 +413,16 @@ Deno.test("a forged `sentiment_analyzed` with another text, stored before an in-
  */
 async function startTwoSteps(
   t: TestNats,
-  opts: { holdItem?: string; hold?: Promise<void>; stateless?: boolean } = {},
+  opts: {
+    holdItem?: string;
+    hold?: Promise<void>;
+    stateless?: boolean;
+    /** The answer step fails (for good) for an item while this says so. */
+    failAnswer?: (item: string) => boolean;
+  } = {},
 ) {
   const obj = { type: "object" } as const;
-  const ran: { step: string; item: string; input: unknown }[] = [];
+  const ran: { step: string; item: string; input: unknown; value?: unknown }[] = [];
   const def = definePipeline({
     name: "orders",
     input: { schema: obj },
@@ -434,8 +441,9 @@ async function startTwoSteps(
         kind: "task",
         output: obj,
         handle: async (_v, ctx) => {
-          ran.push({ step: "answer", item: ctx.item, input: ctx.input });
+          ran.push({ step: "answer", item: ctx.item, input: ctx.input, value: _v });
           if (ctx.item === opts.holdItem) await opts.hold;
+          if (opts.failAnswer?.(ctx.item)) throw new PermanentError("the answer is down");
           return { answered: true };
         },
         next: "done",
@@ -709,4 +717,62 @@ Deno.test("a step's event for an id that never entered arms no wait: the control
   } finally {
     for (const r of runners) await r.stop();
   }
+});
+
+Deno.test("a copy of the event a failed item failed on, with its id and another body, resumes nothing: dead-lettered conflict; the redrive of its letter resumes the item with the original", async () => {
+  await using t = await startTestNats();
+  let down = true;
+  await using o = await startTwoSteps(t, { failAnswer: () => down });
+  await submitItem(t.nc, o.p, "F1", BOB, { source: "test", traceId: TRACE });
+  const kv = o.kv;
+  const failed = await waitFor(
+    async () => {
+      const s = await readItem(kv, "F1");
+      return s?.status === "failed" && s;
+    },
+    20_000,
+    "F1 failed at its answer step",
+  );
+  const real = await lastOn(t.jsm, o.stream, "orders.route.F1");
+  assert.equal(failed.error?.event, real.id, "the failure names the route event");
+  // The route step's key stores its event again with the failed event's id, another result.
+  down = false;
+  const forged = {
+    ...real,
+    time: "2099-01-01T00:00:00.000Z",
+    data: { ...real.data, value: { routed: "FORGED" }, results: { route: { routed: "FORGED" } } },
+  };
+  const ack = await jetstream(t.nc).publish("orders.route.F1", JSON.stringify(forged));
+  const letter = (await lettersOf(t, ack.seq, ["orders-answer"])).get("orders-answer")!;
+  assert.equal(letter.code, "conflict");
+  assert.match(letter.reason, /carries its id with another body/);
+  await settled(t.jsm, o.stream, o.consumers);
+  assert.deepEqual(
+    o.ran.filter((r) => r.step === "answer").map((r) => r.value),
+    [{ routed: true }],
+    "the answer step never ran on the forged value",
+  );
+  const still = await readItem(kv, "F1");
+  assert.equal(still?.status, "failed", "the forged copy resumed nothing");
+  assert.deepEqual(still?.results.route, { routed: true });
+  assert.equal(still?.redriven, undefined);
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), ["orders.failed.F1"]);
+  const failures = await t.jsm.streams.info(o.stream, { subjects_filter: "orders.failed.F1" });
+  assert.equal(failures.state.subjects?.["orders.failed.F1"], 1, "the conflict failed nothing");
+
+  // The redrive of the item's own letter stores the original again: the item resumes from it.
+  const own = (await listDeadLetters(jetstream(t.nc), { item_id: "F1", code: "rejected" }))
+    .filter((l) => l.letter.stream_seq !== ack.seq);
+  assert.equal(own.length, 1);
+  const { redriven } = await redrive(jetstream(t.nc), { ids: [own[0]!.seq] });
+  assert.equal(redriven.length, 1);
+  const done = await o.done("F1");
+  assert.deepEqual(done.results.route, { routed: true });
+  assert.deepEqual(done.results.answer, { answered: true });
+  assert.equal(done.redriven?.length, 1);
+  assert.deepEqual(
+    o.ran.filter((r) => r.step === "answer").map((r) => r.value),
+    [{ routed: true }, { routed: true }],
+    "the answer step ran again on the original only",
+  );
 });

@@ -467,6 +467,10 @@ export interface FeedbackFailed {
      */
     event_id?: string;
     /**
+     * SHA-256 (hex) of the canonical JSON of the message the stage gave up on: a copy stored again resumes the item only with this digest (a redrive's, byte for byte).
+     */
+    original_sha256?: string;
+    /**
      * The message the stage gave up on, as decoded JSON (omitted when it was not a JSON object or was over 256 KiB; the dead letter always keeps it).
      */
     original?: {

@@ -8,6 +8,7 @@
 import type { PipelineSpec, ScratchEntry } from "./definition.ts";
 import { awaitedEventId, entryEvent, FAILED, type FlowData, intakeEntryId, TIMER } from "./flow.ts";
 import { eventOf } from "./validate.ts";
+import { canonicalDigest } from "../canonical_json.ts";
 
 /** An event as the fold sees it. */
 export interface FoldEvent {
@@ -24,6 +25,13 @@ export interface FoldEvent {
   /** Definition hash the item's run is pinned to. */
   definition?: string;
   data?: unknown;
+  /**
+   * The message as stored (decoded JSON: the event, or an awaited event's plain JSON). A copy
+   * of the message an item failed on resumes it only when this is that message's (the same
+   * canonical JSON): a redrive stores it again byte for byte; another body with its id is no
+   * redrive. Without it, no such copy resumes an item whose failure records the original.
+   */
+  body?: unknown;
 }
 
 /** One item's state, as kept in `weft_<pipeline>_state` (`nats kv get`). */
@@ -48,7 +56,14 @@ export interface ItemState {
    * Why it failed: the failing step, code and reason, and the id of the event it failed on
    * (`event`): a redrive of that event's dead letter resumes the item.
    */
-  error?: { stage?: string; code?: string; reason?: string; event?: string };
+  error?: {
+    stage?: string;
+    code?: string;
+    reason?: string;
+    event?: string;
+    /** SHA-256 of the canonical JSON of the message it failed on (what a redrive stores). */
+    digest?: string;
+  };
   /** Stream sequence of the failure the item ended with, while failed. */
   failed_seq?: number;
   /** The failures a redrive resumed the item from, oldest first. */
@@ -133,9 +148,7 @@ export function applyPipelineEvent(
   // The runtime's own clock ticks fold to nothing, except the timer a failed item failed on,
   // redriven (a timer dead-lettered `definition_changed`): it resumes the item, below.
   const timer = event.type === `${n}.${TIMER}`;
-  if (timer && !(state?.status === "failed" && event.id && event.id === state.error?.event)) {
-    return state;
-  }
+  if (timer && !(state && resumes(state, event))) return state;
   const idx = index(spec);
   const data = event.data as FlowData | undefined;
   const base: ItemState = state
@@ -159,10 +172,10 @@ export function applyPipelineEvent(
     };
   base.last_seq = event.seq;
   base.updated_at = event.time;
-  if (base.status === "failed" && event.id !== undefined && event.id === base.error?.event) {
+  if (resumes(base, event)) {
     // The event the item failed on, stored again after the failure: its dead letter was
-    // redriven (byte for byte, so with its id). The item resumes from it, as if new.
-    const { event: _, ...why } = base.error;
+    // redriven (byte for byte, so with its id and body). The item resumes from it, as if new.
+    const { event: _, digest: _d, ...why } = base.error!;
     base.redriven = [...base.redriven ?? [], { ...why, seq: event.seq }];
     base.status = "running";
     delete base.error;
@@ -186,9 +199,18 @@ export function applyPipelineEvent(
         reason?: string;
         subject?: string;
         event_id?: string;
+        original_sha256?: unknown;
+        original?: unknown;
       }
       | undefined;
     base.error = { stage: d?.stage, code: d?.code, reason: d?.reason };
+    // What the message it failed on was (a failure stored before the digest was recorded has
+    // the message itself, when it was small).
+    const digest = typeof d?.original_sha256 === "string"
+      ? d.original_sha256
+      : d?.original !== undefined
+      ? canonicalDigest(d.original)
+      : undefined;
     base.failed_seq = event.seq;
     // The event it failed on: a Weft event by its id, an awaited one (plain JSON) by its
     // subject, as it is known when stored again. A bus submission the intake refused (the
@@ -201,6 +223,7 @@ export function applyPipelineEvent(
       ? awaitedEventId(d.subject)
       : undefined;
     if (failedOn !== undefined) base.error.event = failedOn;
+    if (failedOn !== undefined && digest !== undefined) base.error.digest = digest;
     base.current = [];
     delete base.waiting;
     return base;
@@ -248,6 +271,19 @@ export function applyPipelineEvent(
   }
   base.status = base.waiting ? "waiting" : "running";
   return base;
+}
+
+/**
+ * Whether `event` resumes the failed item `state`: it is the message the item failed on,
+ * stored again (a redrive): its id, and, when the failure records the message's digest, its
+ * body. A copy with that id and another body (a step's key writing its event again) is none.
+ */
+function resumes(state: ItemState, event: FoldEvent): boolean {
+  if (state.status !== "failed" || event.id === undefined || event.id !== state.error?.event) {
+    return false;
+  }
+  const want = state.error.digest;
+  return want === undefined || (event.body !== undefined && canonicalDigest(event.body) === want);
 }
 
 /**

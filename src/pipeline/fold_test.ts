@@ -292,12 +292,20 @@ Deno.test("a failed item resumes when the awaited event it failed on comes again
   ])!;
   assert.equal(failed.status, "failed");
   assert.equal(failed.error?.event, awaitedEventId("tickets.approved.T1"));
-  const resumed = applyPipelineEvent(spec, failed, {
+  // The same subject with another body (not the message it failed on): no redrive.
+  const other = applyPipelineEvent(spec, failed, {
     ...ev(5, "approved"),
     id: awaitedEventId("tickets.approved.T1"),
+    body: { approve: false },
+  })!;
+  assert.equal(other.status, "failed");
+  const resumed = applyPipelineEvent(spec, other, {
+    ...ev(6, "approved"),
+    id: awaitedEventId("tickets.approved.T1"),
+    body: { id: "a person's own field", approve: true },
   })!;
   assert.equal(resumed.status, "running");
-  const done = [ev(6, "approve", "approve", {}), ev(7, "fan", "fan", {})]
+  const done = [ev(7, "approve", "approve", {}), ev(8, "fan", "fan", {})]
     .reduce((s, e) => applyPipelineEvent(spec, s, e)!, resumed);
   assert.deepEqual(done.current.sort(), ["a", "b"]);
 });

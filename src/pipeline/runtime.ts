@@ -21,7 +21,7 @@ import {
   WeftError,
 } from "../errors.ts";
 import { deterministicId, sha256Hex } from "../events.ts";
-import { canonicalJson } from "../canonical_json.ts";
+import { canonicalDigest, canonicalJson } from "../canonical_json.ts";
 import type { Logger } from "../observability/log.ts";
 import {
   depthWithin,
@@ -657,6 +657,19 @@ export function workStage(
         throw new ConflictError(
           `${def.name} item ${item} has ended (done, outcome ${state.outcome}): step ${id} ` +
             `does not run for it; nothing was run`,
+          { permanent: true },
+        );
+      }
+      const digest = state.status === "failed" && state.error?.event === e.id
+        ? state.error.digest
+        : undefined;
+      if (digest !== undefined && canonicalDigest(e) !== digest) {
+        // Its id, another body: no redrive (which stores the message it failed on byte for
+        // byte), but a step's key writing its event again. It resumes nothing.
+        throw new ConflictError(
+          `${def.name} item ${item} has failed on event ${e.id}, and this ${e.type} carries ` +
+            `its id with another body: only a redrive of its dead letter (the message as ` +
+            `stored) resumes the item; step ${id} did not run`,
           { permanent: true },
         );
       }
@@ -1548,6 +1561,10 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
         item_id: event.item_id,
         definition: (event as unknown as { definition?: string }).definition,
         data: event.data,
+        // The message as stored: an awaited event's is its plain JSON (decode wraps it).
+        body: flow.roles.get(event.type.slice(n.length + 1))?.role === "awaited"
+          ? event.data
+          : event,
       }) ?? state,
     isFinal: (s) => s.status === "done" || s.status === "failed",
   };
