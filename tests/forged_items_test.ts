@@ -42,7 +42,10 @@ import {
   workStage,
 } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { SCHEDULE_BUCKET } from "../src/subjects.ts";
+import { HANDOVER_HEADER, REDRIVE_OF_HEADER, SCHEDULE_BUCKET } from "../src/subjects.ts";
+import { headers } from "@nats-io/nats-core";
+import { definitionsApp } from "./helpers/pipeline.ts";
+import type { ItemState } from "../src/pipeline/fold.ts";
 import { rebuildStates } from "../src/rebuild.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 
@@ -775,4 +778,142 @@ Deno.test("a copy of the event a failed item failed on, with its id and another 
     [{ routed: true }, { routed: true }],
     "the answer step ran again on the original only",
   );
+});
+
+/**
+ * A definition of three tasks and an end, run in-process with its state writer and the
+ * gateway app: `check` holds every item until `release`. `copies` stores three copies of an
+ * item's `route` completion with another result: a new id dated 2000, and the real id as a
+ * hand-over's and as a redrive's (their headers); it answers the last one's stream sequence.
+ */
+async function startThreeSteps(t: TestNats) {
+  const obj = { type: "object" } as const;
+  const ran: { step: string; value: unknown }[] = [];
+  const gate = Promise.withResolvers<void>();
+  const task = (step: string, next: string, hold = false) => ({
+    kind: "task" as const,
+    output: obj,
+    handle: async (value: unknown) => {
+      ran.push({ step, value });
+      if (hold) await gate.promise;
+      return { [step]: true };
+    },
+    next,
+  });
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "route",
+    steps: {
+      route: task("route", "answer"),
+      answer: task("answer", "check"),
+      check: task("check", "done", true),
+      done: { kind: "end", outcome: "checked" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    ...await Promise.all(
+      ["route", "answer", "check"].map((s) =>
+        runStage({ ...deps, stage: workStage(p, s, { nc: t.nc }) })
+      ),
+    ),
+  ];
+  const app = await definitionsApp(t, [p]);
+  const { stream } = pipelineSubjects(def);
+  const item = async (id: string) => {
+    const res = await app.request(`/pipelines/orders/items/${id}`);
+    return res.status === 200 ? (await res.json()) as ItemState : undefined;
+  };
+  const copies = async (id: string) => {
+    const real = await lastOn(t.jsm, stream, `orders.route.${id}`);
+    const js = jetstream(t.nc);
+    const forged = {
+      ...real.data,
+      value: { route: "FORGED" },
+      results: { route: { route: "FORGED" } },
+    };
+    const subject = `orders.route.${id}`;
+    await js.publish(
+      subject,
+      JSON.stringify({
+        ...real,
+        id: "route-again",
+        time: "2000-01-01T00:00:00.000Z",
+        data: forged,
+      }),
+    );
+    const handover = headers();
+    handover.set(HANDOVER_HEADER, "answer");
+    await js.publish(subject, JSON.stringify({ ...real, data: forged }), { headers: handover });
+    const redriven = headers();
+    redriven.set(REDRIVE_OF_HEADER, "1");
+    return (await js.publish(
+      subject,
+      JSON.stringify({ ...real, time: "2000-01-01T00:00:00.000Z", data: forged }),
+      { headers: redriven },
+    )).seq;
+  };
+  return {
+    p,
+    ran,
+    stream,
+    item,
+    copies,
+    release: () => gate.resolve(),
+    consumers: ["route", "answer", "check", "state"].map((s) => durableOf(def, s)),
+    async [Symbol.asyncDispose]() {
+      gate.resolve();
+      for (const r of runners) await r.stop();
+    },
+  };
+}
+
+Deno.test("a repeated or forged completion of a step an item went past changes nothing in its state: not its result, not where it is, not when it was updated", async () => {
+  await using t = await startTestNats();
+  await using o = await startThreeSteps(t);
+  await submitItem(t.nc, o.p, "G1", BOB, { source: "test", traceId: TRACE });
+  // The item is at its check step (held there), past route and answer, its state written.
+  const before = await waitFor(
+    async () => {
+      const s = await o.item("G1");
+      return o.ran.some((r) => r.step === "check") && s?.current.includes("check") && s;
+    },
+    20_000,
+    "G1 at its check step",
+  );
+  assert.deepEqual(before.current, ["check"]);
+  const last = await o.copies("G1");
+  const after = await waitFor(
+    async () => {
+      const s = await o.item("G1");
+      return s !== undefined && s.last_seq >= last && s;
+    },
+    20_000,
+    "the state writer past the copies",
+  );
+  assert.deepEqual(after.results.route, { route: true }, "route's result is its own");
+  assert.deepEqual(after.current, ["check"], "the item is where it was");
+  assert.deepEqual(after.runs, before.runs);
+  assert.equal(after.updated_at, before.updated_at);
+  assert.ok(Date.parse(after.updated_at) >= Date.parse(after.created_at));
+  o.release();
+  const done = await waitFor(
+    async () => {
+      const s = await o.item("G1");
+      return s?.status === "done" && s.last_seq > last && s;
+    },
+    20_000,
+    "G1 done",
+  );
+  assert.deepEqual(done.results, {
+    route: { route: true },
+    answer: { answer: true },
+    check: { check: true },
+  });
+  assert.deepEqual(done.current, []);
+  assert.ok(Date.parse(done.updated_at) >= Date.parse(after.updated_at));
 });

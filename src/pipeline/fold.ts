@@ -8,7 +8,7 @@
 import type { PipelineSpec, ScratchEntry } from "./definition.ts";
 import { awaitedEventId, entryEvent, FAILED, type FlowData, intakeEntryId, TIMER } from "./flow.ts";
 import { eventOf } from "./validate.ts";
-import { canonicalDigest } from "../canonical_json.ts";
+import { canonicalDigest, canonicalJson } from "../canonical_json.ts";
 
 /** An event as the fold sees it. */
 export interface FoldEvent {
@@ -171,8 +171,11 @@ export function applyPipelineEvent(
       ...(event.definition ? { definition: event.definition } : {}),
     };
   base.last_seq = event.seq;
-  base.updated_at = event.time;
-  if (resumes(base, event)) {
+  // Events apply in stream order: a time a producer wrote earlier than the state's never moves
+  // it back (and a copy of a completion the state holds leaves it, below).
+  base.updated_at = later(base.updated_at, event.time);
+  const resumed = resumes(base, event);
+  if (resumed) {
     // The event the item failed on, stored again after the failure: its dead letter was
     // redriven (byte for byte, so with its id and body). The item resumes from it, as if new.
     const { event: _, digest: _d, ...why } = base.error!;
@@ -244,23 +247,55 @@ export function applyPipelineEvent(
     delete base.waiting;
     return base;
   }
-  if (data?.results) {
-    for (const [k, v] of Object.entries(data.results)) base.results[k] = v;
-    for (const [k, v] of Object.entries(data.runs ?? {})) {
-      base.runs[k] = Math.max(base.runs[k] ?? 0, v);
+  const run = data?.runs?.[id] ?? 0;
+  let next: string[];
+  if (
+    state && !resumed &&
+    (run <= (state.runs[id] ?? 0) || (id in state.runs && !state.current.includes(id)))
+  ) {
+    // A step's completion counts once per run (a loop runs a step again: its run count
+    // grows). A copy of the run the state holds, with its result, stored again (a hand-over's,
+    // for the steps the running definition now sends it to), brings the item to those of its
+    // next steps that have not run since, and nothing else. Any other copy (a step's key
+    // publishing its event again with another result), or a run of a step that ran and that
+    // the item is not at, changes nothing, not even `updated_at` (the redrive that resumes an
+    // item from the event it failed on is taken as new, above).
+    const same = run === (state.runs[id] ?? 0) &&
+      canonicalJson(data?.results?.[id]) === canonicalJson(state.results[id]);
+    next = !same
+      ? []
+      : successors(spec, id, data, hit.timeout === true).filter((t) =>
+        spec.steps[t]!.kind !== "end" && !state.current.includes(t) &&
+        (state.runs[t] ?? 0) <= (data?.runs?.[t] ?? 0)
+      );
+    if (next.length === 0) return { ...state, last_seq: event.seq };
+    base.current = [...base.current, ...next];
+  } else {
+    if (data?.results) {
+      for (const [k, v] of Object.entries(data.results)) {
+        // Only a result of a run at least as late as the one the state holds (a parallel
+        // branch's event carries the results from before it split).
+        if ((data.runs?.[k] ?? 0) >= (base.runs[k] ?? 0)) base.results[k] = v;
+      }
+      for (const [k, v] of Object.entries(data.runs ?? {})) {
+        base.runs[k] = Math.max(base.runs[k] ?? 0, v);
+      }
     }
+    if (hit.timeout) base.results[id] = { timed_out: true };
+    if (data?.notes?.length) {
+      const have = new Set((base.scratchpad ?? []).map((e) => e.id));
+      base.scratchpad = [
+        ...base.scratchpad ?? [],
+        ...data.notes.filter((e) => !have.has(e.id)),
+      ];
+    }
+    // End steps are never current: their event follows at once, from this step.
+    next = successors(spec, id, data, hit.timeout === true)
+      .filter((t) => spec.steps[t]!.kind !== "end");
+    // A join becomes current with its first input; it leaves when it completes.
+    base.current = [...new Set([...base.current.filter((c) => c !== id), ...next])];
+    if (base.waiting?.step === id) delete base.waiting;
   }
-  if (hit.timeout) base.results[id] = { timed_out: true };
-  if (data?.notes?.length) {
-    const have = new Set((base.scratchpad ?? []).map((e) => e.id));
-    base.scratchpad = [...base.scratchpad ?? [], ...data.notes.filter((e) => !have.has(e.id))];
-  }
-  // End steps are never current: their event follows at once, from this step.
-  const next = successors(spec, id, data, hit.timeout === true)
-    .filter((t) => spec.steps[t]!.kind !== "end");
-  // A join becomes current with its first input; it leaves when it completes.
-  base.current = [...new Set([...base.current.filter((c) => c !== id), ...next])];
-  if (base.waiting?.step === id) delete base.waiting;
   const wait = next.map((t) => [t, idx.waits.get(t)] as const).find(([, w]) => w);
   if (wait) {
     base.waiting = {
@@ -271,6 +306,12 @@ export function applyPipelineEvent(
   }
   base.status = base.waiting ? "waiting" : "running";
   return base;
+}
+
+/** The later of two ISO times (`current` when `next` is no time, or not later). */
+function later(current: string, next: string): string {
+  const at = Date.parse(next);
+  return Number.isNaN(at) || at <= Date.parse(current) ? current : next;
 }
 
 /**

@@ -399,3 +399,77 @@ Deno.test("an end stored before a failure stands, whichever of the two the state
   assert.deepEqual(late!.current, inOrder.current);
   assert.equal(late!.last_seq, 4);
 });
+
+Deno.test("applyPipelineEvent takes a step's completion once per run: a copy changes nothing, a loop's next run counts, and updated_at never moves back", () => {
+  // Found by probing with a step's key: a copy of its completion for an item in flight set the
+  // item's result to the copy's, named steps it was not at as current, and dated it 2000.
+  const loop = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "work",
+    steps: {
+      work: { kind: "task", output: obj, next: "check" },
+      check: { kind: "router", routes: { again: "work", ok: "done" } },
+      done: { kind: "end", outcome: "done" },
+    },
+    loops: [{ from: "check", to: "work", maxIterations: 3 }],
+  });
+  const e = (
+    seq: number,
+    type: string,
+    data: { results?: Record<string, unknown>; runs?: Record<string, number> } = {},
+    time = t(seq),
+  ): FoldEvent => ({
+    seq,
+    type: `orders.${type}`,
+    time,
+    item_id: "O1",
+    data: { input: {}, value: {}, results: data.results ?? {}, runs: data.runs ?? {} },
+  });
+  const work1 = e(2, "work", { results: { work: { n: 1 } }, runs: { work: 1 } });
+  const again = e(3, "check", {
+    results: { work: { n: 1 }, check: { label: "again" } },
+    runs: { work: 1, check: 1 },
+  });
+  const work2 = e(4, "work", {
+    results: { work: { n: 2 }, check: { label: "again" } },
+    runs: { work: 2, check: 1 },
+  });
+  const s4 = foldPipelineEvents(loop, [e(1, "submitted"), work1, again, work2])!;
+  assert.deepEqual(s4.results.work, { n: 2 }, "the loop's second run counts");
+  assert.deepEqual(s4.current, ["check"]);
+  assert.equal(s4.runs.work, 2);
+  // A copy of work's first run (another id, another result, dated 2000), then of its second.
+  const copy1 = {
+    ...work1,
+    seq: 5,
+    id: "again",
+    time: "2000-01-01T00:00:00.000Z",
+    data: { ...work1.data as object, results: { work: { n: "FORGED" } } },
+  };
+  const copy2 = { ...work2, seq: 6, id: "again-2", data: { ...work2.data as object, value: 1 } };
+  const s5 = applyPipelineEvent(loop, s4, copy1)!;
+  assert.deepEqual({ ...s5, last_seq: s4.last_seq }, s4, "the first run's copy changed nothing");
+  const s6 = applyPipelineEvent(loop, s5, copy2)!;
+  assert.deepEqual({ ...s6, last_seq: s4.last_seq }, s4, "the second run's copy changed nothing");
+  // One claiming a third run, while the item is at check (not at work): nothing either.
+  const s7 = applyPipelineEvent(loop, s6, {
+    ...work2,
+    seq: 7,
+    id: "again-3",
+    data: { ...work2.data as object, runs: { work: 3, check: 1 } },
+  })!;
+  assert.deepEqual({ ...s7, last_seq: s4.last_seq }, s4, "a claimed third run changed nothing");
+  assert.equal(s7.last_seq, 7);
+  const done = applyPipelineEvent(
+    loop,
+    s7,
+    e(8, "check", {
+      results: { work: { n: 2 }, check: { label: "ok" } },
+      runs: { work: 2, check: 2 },
+    }, "2000-01-01T00:00:00.000Z"),
+  )!;
+  assert.equal(done.current.length, 0);
+  assert.equal(done.updated_at, s7.updated_at, "an earlier time leaves updated_at");
+  assert.ok(done.updated_at >= done.created_at);
+});
