@@ -12,7 +12,7 @@ import type { DeadLetter } from "../src/events.gen.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { listDeadLetters, redrive } from "../src/redrive.ts";
 import { PermanentError } from "../src/errors.ts";
-import { runStage } from "../src/runner.ts";
+import { messagesOn, runStage } from "../src/runner.ts";
 import { readState, runStateWriter } from "../src/state_writer.ts";
 import { FEEDBACK_STREAM, STATE_BUCKET } from "../pipelines/feedback/subjects.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
@@ -916,4 +916,33 @@ Deno.test("a repeated or forged completion of a step an item went past changes n
   });
   assert.deepEqual(done.current, []);
   assert.ok(Date.parse(done.updated_at) >= Date.parse(after.updated_at));
+});
+
+Deno.test("a work step does not run again for a copy of a completion it ran past: a step's key republishing its event with another id and result is dead-lettered conflict", async () => {
+  await using t = await startTestNats();
+  await using o = await startThreeSteps(t);
+  await submitItem(t.nc, o.p, "G2", BOB, { source: "test", traceId: TRACE });
+  await waitFor(
+    async () => (await o.item("G2"))?.current.includes("check") === true,
+    20_000,
+    "G2 at its check step, its state written",
+  );
+  await o.copies("G2");
+  const seqs: number[] = [];
+  for await (const m of messagesOn(t.jsm, o.stream, "orders.route.G2", { max: 10 })) {
+    if (m.json<{ id?: string }>().id === "route-again") seqs.push(m.seq);
+  }
+  assert.equal(seqs.length, 1);
+  const letter = (await lettersOf(t, seqs[0]!, ["orders-answer"])).get("orders-answer")!;
+  assert.equal(letter.code, "conflict");
+  assert.match(letter.reason, /a copy of an earlier completion; step answer did not run/);
+  o.release();
+  await waitFor(async () => (await o.item("G2"))?.status === "done", 20_000, "G2 done");
+  await settled(t.jsm, o.stream, o.consumers);
+  assert.deepEqual(
+    o.ran.map((r) => [r.step, r.value]),
+    [["route", BOB], ["answer", { route: true }], ["check", { answer: true }]],
+    "each step ran once, on its own input",
+  );
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
 });

@@ -683,6 +683,22 @@ export function workStage(
           { permanent: true },
         );
       }
+      if (
+        (role === "done" || role === "timeout") &&
+        (state.runs[id] ?? 0) > (e.data.runs?.[id] ?? 0) &&
+        !(await stepTook(await jsm!(), stream, flow, id, e))
+      ) {
+        // This step ran for the item since the event was made (a loop's next turn carries its
+        // count): a copy of an earlier completion (a step's key publishing its event again with
+        // another id), not one this step has yet to run for. (Its own redelivery, once it ran
+        // for it, runs as before: its completion's id follows from the event's.)
+        throw new ConflictError(
+          `${e.type} for ${def.name} item ${item} is from before step ${id}'s run ` +
+            `${state.runs[id]} (it carries ${e.data.runs?.[id] ?? 0}): a copy of an earlier ` +
+            `completion; step ${id} did not run`,
+          { permanent: true },
+        );
+      }
       if (state.input === undefined) return; // (its entry expired: nothing to check against)
       input = { value: state.input, from: "its state" };
     } else {
