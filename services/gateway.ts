@@ -19,6 +19,7 @@ import {
   definitionRedriveCheck,
   redriveEntrySubjects,
   servePipelineRequests,
+  trackItems,
 } from "../src/gateway/pipelines.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { createShadowControl } from "../src/shadow/control.ts";
@@ -54,6 +55,8 @@ export const service: ServiceDef = defineService(
       parts.push(await start({ nc, config, log, metrics, auth, capacity, limiter }));
     }
     const pipelines = await loadPipelines(config.pipelines, ROOT);
+    // Each definition's stream keeps room for the later events of the items in flight.
+    trackItems(capacity, pipelines, nc);
     const guards = { capacity, limiter };
     // A candidate is built at attach as the shadow service builds it (its analyzers are
     // loaded into the gateway then, not before).
@@ -162,6 +165,7 @@ export const service: ServiceDef = defineService(
           new Promise<boolean>((r) => (timer = setTimeout(() => r(true), config.drainMs))),
         ]);
         clearTimeout(timer);
+        capacity.close();
         if (late) {
           log.warn("gateway: connections still open after the drain deadline; stopping anyway", {
             drain_ms: config.drainMs,

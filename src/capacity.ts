@@ -5,19 +5,28 @@
  * already accepted keep room for the events of their remaining steps. An alert (a log
  * line, and the usage gauges in /metrics) fires well before that.
  *
- * The guard reads stream info (cheap: never consumer info) at most once per refresh
- * interval, shared by every request, and answers from that reading plus what it admitted
- * since: each admission counts as much as the stream grew per admission between its last
- * two readings (at least one message of the stream's average size), so a fast fill cannot
- * outrun a reading up to a second old. Far from the mark a request never waits on a reading
- * once one exists; from the alert level on (by that estimate), a reading older than
- * `nearMs` (50 ms) is refreshed before the answer, one stream-info request shared by every
- * request waiting on it; and an estimate past the mark is confirmed by a reading before a
- * refusal.
+ * The guard reads every stream it watches (cheap stream info, never consumer info) once per
+ * refresh interval, with or without intake, so the alert fires on growth from items' later
+ * events too; a check never answers from a reading older than that interval (one
+ * stream-info request shared by every request waiting on it). It answers from that reading
+ * plus what it admitted since: each admission counts as much as the stream grew per
+ * admission between its last two readings (at least one message of the stream's average
+ * size), so a fast fill cannot outrun a reading up to a second old. From the alert level on
+ * (by that estimate), a reading older than `nearMs` (50 ms) is refreshed before the answer;
+ * and an estimate past the mark is confirmed by a reading before a refusal.
+ *
+ * A stream whose items are tracked ({@link CapacityGuard.track}: the gateway tracks every
+ * definition's) also keeps room for its items in flight, followed on the bus from their
+ * first event to their last: each is taken to store what the most costly of the last 100
+ * ended items stored (while none has ended, one event per step the size of the largest
+ * seen), and a new item is refused when the stream, what was published since its reading,
+ * what the items in flight will still store and the new item itself would pass the mark.
+ * Items in flight before the guard started are followed from their next event only.
  *
  * @module
  */
 import { JetStreamApiError, type JetStreamManager, type StreamInfo } from "@nats-io/jetstream";
+import type { Msg, NatsConnection, Subscription } from "@nats-io/nats-core";
 import { ErrorCode, WeftError } from "./errors.ts";
 import type { Logger } from "./observability/log.ts";
 
@@ -42,12 +51,25 @@ export function usageOf(info: StreamInfo): StreamUsage {
 
 /** Thrown at intake when a stream is past its high-water mark: HTTP 507 with Retry-After. */
 export class CapacityError extends WeftError {
-  /** The error for `usage` past `highWater`. */
-  constructor(usage: StreamUsage, highWater: number, retryAfterSeconds = 30) {
+  /**
+   * The error for `usage` past `highWater`; `projected`, when given, is the usage the items
+   * in flight (and the refused one) would take the stream to.
+   */
+  constructor(
+    usage: StreamUsage,
+    highWater: number,
+    retryAfterSeconds = 30,
+    projected?: number,
+  ) {
+    const pct = (r: number) => Math.round(r * 100);
+    const now = Math.max(usage.bytes, usage.messages);
     super(
       ErrorCode.InsufficientStorage,
-      `stream ${usage.stream} is ${Math.round(Math.max(usage.bytes, usage.messages) * 100)}% ` +
-        `full (new items are refused from ${Math.round(highWater * 100)}%, so accepted ones ` +
+      `stream ${usage.stream} is ${pct(now)}% full` +
+        (projected !== undefined && pct(projected) > pct(now)
+          ? `, ${pct(projected)}% with what the items in flight and this one will store`
+          : "") +
+        ` (new items are refused from ${pct(highWater)}%, so accepted ones ` +
         `can finish); retry later, or grow the stream (${limitSetting(usage.stream)})`,
       // Written for the client: how full, and that a retry later is the answer.
       { retryAfterSeconds, shown: true },
@@ -88,7 +110,11 @@ export interface CapacityOptions {
   highWater?: number;
   /** Usage ratio from which a warning is logged (once per crossing). Default 0.8. */
   alertAt?: number;
-  /** How old a reading may be before the next check refreshes it, ms. Default 1000. */
+  /**
+   * How old a reading may be before a check waits for a fresh one, ms; also how often every
+   * watched stream is read, with or without intake (so the alert fires on growth from an
+   * item's later events too). Default 1000.
+   */
   refreshMs?: number;
   /**
    * From the alert level on, how old a reading may be before a check waits for a fresh one,
@@ -98,12 +124,44 @@ export interface CapacityOptions {
   log?: Logger;
 }
 
+/**
+ * How to follow a stream's items on the bus (see {@link CapacityGuard.track}): the subjects
+ * its events are published on, and what a subject says of its item.
+ */
+export interface ItemEvents {
+  /** The connection to follow them on. */
+  nc: NatsConnection;
+  /** Subject filter of every event of the stream's items (`orders.>`). */
+  subject: string;
+  /**
+   * The item an event subject belongs to and whether the event ends it (its last event),
+   * or undefined for a subject that is no item's event.
+   */
+  itemOf(subject: string): { item: string; end: boolean } | undefined;
+  /**
+   * Events an item may store at most, its entry included, taken until an item has ended
+   * (its real size is learned from ended items then). Default 8.
+   */
+  eventsPerItem?: number;
+}
+
 /** Refuses intake into streams past their high-water mark. */
-export interface CapacityGuard {
+export interface CapacityGuard extends Disposable {
   /** Throws {@link CapacityError} when `stream` is at or past the high-water mark. */
   check(stream: string): Promise<void>;
+  /** Reads `stream` every refresh interval from now on (its alert fires without intake). */
+  watch(stream: string): void;
+  /**
+   * Reserves room for `stream`'s items in flight: followed on the bus from their entry to
+   * their last event, each counts for what an item has stored at most (of the last ones
+   * that ended) less what it stored so far, and a check refuses a new item when the stream
+   * plus those reserves plus the new item's would pass the high-water mark.
+   */
+  track(stream: string, events: ItemEvents): void;
   /** The latest reading of every stream checked so far (for /metrics). */
   readings(): StreamUsage[];
+  /** Stops reading and following streams. */
+  close(): void;
 }
 
 /**
@@ -111,7 +169,7 @@ export interface CapacityGuard {
  *
  * @example
  * ```ts ignore
- * const guard = createCapacityGuard(jsm, { highWater: 0.9, log });
+ * using guard = createCapacityGuard(jsm, { highWater: 0.9, log });
  * await guard.check("ORDERS"); // CapacityError (507) when 90% full
  * ```
  */
@@ -124,11 +182,35 @@ export function createCapacityGuard(
   const refreshMs = opts.refreshMs ?? 1000;
   const nearMs = Math.min(refreshMs, opts.nearMs ?? 50);
   const streams = new Map<string, Watched>();
+  let timer: number | undefined;
+  let closed = false;
+
+  function watched(stream: string): Watched {
+    let w = streams.get(stream);
+    if (!w) streams.set(stream, w = { admitted: 0 });
+    if (!timer && !closed && refreshMs > 0 && refreshMs < 2 ** 31) {
+      // Every watched stream is read on its own schedule too: growth from items' later
+      // events (no intake at all) still raises the alert, and readings stay fresh.
+      timer = setInterval(() => {
+        for (const [name, w] of streams) {
+          if (Date.now() - (w.reading?.at ?? 0) >= refreshMs) {
+            read(name, w).catch((err) =>
+              opts.log?.debug("stream reading failed", { stream: name, err: String(err) })
+            );
+          }
+        }
+      }, refreshMs) as unknown as number;
+      Deno.unrefTimer(timer);
+    }
+    return w;
+  }
 
   function read(stream: string, w: Watched): Promise<Reading> {
     if (w.pending) return w.pending;
     // Admissions from here on may publish after the server answers: they count on top.
     const admittedAt = w.admitted;
+    const seenAt = w.items?.seenBytes ?? 0;
+    const seenMsgsAt = w.items?.seenMessages ?? 0;
     const p = jsm.streams.info(stream).then((info) => {
       const usage = usageOf(info);
       const prev = w.reading;
@@ -151,6 +233,10 @@ export function createCapacityGuard(
         at: Date.now(),
         alerted,
         admittedAt,
+        seenAt,
+        seenMsgsAt,
+        maxBytes: info.config.max_bytes,
+        maxMsgs: info.config.max_msgs,
         perAdmission: perAdmission(info, usage, prev, admittedAt),
       };
       w.reading = reading;
@@ -160,35 +246,162 @@ export function createCapacityGuard(
     return p;
   }
 
+  /** The usage `stream` is headed for: its reading, growth since, and the reserves. */
+  function projected(w: Watched, reading: Reading): number {
+    const byAdmissions = estimate(reading, w.admitted);
+    const f = w.items;
+    if (!f) return byAdmissions;
+    const { bytes, messages } = reserved(f);
+    const ofBytes = (n: number) => reading.maxBytes > 0 ? n / reading.maxBytes : 0;
+    const ofMsgs = (n: number) => reading.maxMsgs > 0 ? n / reading.maxMsgs : 0;
+    const perItem = itemCost(f);
+    return Math.max(
+      byAdmissions,
+      // What the stream holds, what was published since it was read, what the items in
+      // flight will still add, and the new item itself.
+      reading.usage.bytes + ofBytes(f.seenBytes - reading.seenAt + bytes + perItem.bytes),
+      reading.usage.messages +
+        ofMsgs(f.seenMessages - reading.seenMsgsAt + messages + perItem.messages),
+    );
+  }
+
   return {
     async check(stream) {
-      let w = streams.get(stream);
-      if (!w) streams.set(stream, w = { admitted: 0 });
+      if (closed) throw new Error("the capacity guard is closed");
+      const w = watched(stream);
       let reading = w.reading;
       if (!reading) reading = await read(stream, w);
       else {
-        const near = estimate(reading, w.admitted) >= alertAt;
+        const near = projected(w, reading) >= alertAt;
+        // A reading older than its interval is never answered from (far from the mark a
+        // stale one once admitted an item into a 99.9% full stream); near the mark, one
+        // older than nearMs is not either (so a drained stream accepts again at once).
         if (Date.now() - reading.at > (near ? nearMs : refreshMs)) {
-          // Near or past the mark, answer from a fresh reading (so a drained stream accepts
-          // again at once); far from it, answer from this one and refresh for the next.
-          const fresh = read(stream, w);
-          if (near) reading = await fresh;
-          else fresh.catch(() => {});
+          reading = await read(stream, w);
         }
       }
-      let ratio = estimate(reading, w.admitted);
-      if (ratio >= highWater && w.admitted > reading.admittedAt) {
+      let ratio = projected(w, reading);
+      if (ratio >= highWater && Date.now() - reading.at > 0) {
         // Past the mark by the estimate alone: a reading confirms it before a refusal.
         reading = await read(stream, w);
-        ratio = estimate(reading, w.admitted);
+        ratio = projected(w, reading);
       }
       if (ratio >= highWater) {
-        throw new CapacityError({ ...reading.usage, bytes: ratio }, highWater);
+        const now = Math.max(reading.usage.bytes, reading.usage.messages);
+        throw now >= highWater || !w.items
+          ? new CapacityError({ ...reading.usage, bytes: Math.max(now, ratio) }, highWater)
+          : new CapacityError(reading.usage, highWater, 30, ratio);
       }
       w.admitted++;
     },
+    watch(stream) {
+      if (!closed) watched(stream);
+    },
+    track(stream, events) {
+      if (closed) return;
+      const w = watched(stream);
+      if (w.items) return;
+      const f: Flights = {
+        items: new Map(),
+        ended: [],
+        seenBytes: 0,
+        seenMessages: 0,
+        eventsPerItem: events.eventsPerItem ?? 8,
+        sub: events.nc.subscribe(events.subject, {
+          callback: (err, m) => {
+            if (err) return;
+            const at = events.itemOf(m.subject);
+            if (!at) return;
+            const size = storedSize(m);
+            f.seenBytes += size;
+            f.seenMessages++;
+            let item = f.items.get(at.item);
+            if (!item) {
+              // An item first seen by a later event (in flight before the guard began) is
+              // followed from there.
+              item = { bytes: 0, messages: 0, largest: 0 };
+              f.items.set(at.item, item);
+            }
+            item.bytes += size;
+            item.messages++;
+            item.largest = Math.max(item.largest, size);
+            if (at.end) {
+              f.items.delete(at.item);
+              f.ended.push({ bytes: item.bytes, messages: item.messages });
+              if (f.ended.length > ENDED_KEPT) f.ended.shift();
+            }
+          },
+        }),
+      };
+      w.items = f;
+    },
     readings: () => [...streams.values()].flatMap((w) => w.reading ? [w.reading.usage] : []),
+    close() {
+      closed = true;
+      clearInterval(timer);
+      for (const w of streams.values()) w.items?.sub.unsubscribe();
+    },
+    [Symbol.dispose]() {
+      this.close();
+    },
   };
+}
+
+/** Ended items whose sizes are kept to reserve room for the items in flight. */
+const ENDED_KEPT = 100;
+
+/** A tracked stream's items in flight, followed on the bus. */
+interface Flights {
+  /** What each item in flight stored so far, and its largest event. */
+  items: Map<string, { bytes: number; messages: number; largest: number }>;
+  /** What the last items to end stored in all. */
+  ended: { bytes: number; messages: number }[];
+  /** Bytes (as stored) and messages published on the stream's subjects so far. */
+  seenBytes: number;
+  seenMessages: number;
+  /** Events an item is taken to store while no item has ended. */
+  eventsPerItem: number;
+  sub: Subscription;
+}
+
+/**
+ * What an item stores in all: the most one of the last ended items stored; while none has
+ * ended, {@link Flights.eventsPerItem} events the size of the largest event seen so far.
+ */
+function itemCost(f: Flights): { bytes: number; messages: number } {
+  if (f.ended.length > 0) {
+    return {
+      bytes: Math.max(...f.ended.map((e) => e.bytes)),
+      messages: Math.max(...f.ended.map((e) => e.messages)),
+    };
+  }
+  let largest = FIRST_ADMISSION_BYTES;
+  for (const i of f.items.values()) largest = Math.max(largest, i.largest);
+  return { bytes: largest * f.eventsPerItem, messages: f.eventsPerItem };
+}
+
+/** What the items in flight will still store, at {@link itemCost} each. */
+function reserved(f: Flights): { bytes: number; messages: number } {
+  const cost = itemCost(f);
+  let bytes = 0;
+  let messages = 0;
+  for (const i of f.items.values()) {
+    bytes += Math.max(0, cost.bytes - i.bytes);
+    messages += Math.max(0, cost.messages - i.messages);
+  }
+  return { bytes, messages };
+}
+
+/** Bytes a message takes in a stream (nats-server counts its record header and checksum). */
+function storedSize(m: Msg): number {
+  let headers = 0;
+  if (m.headers) {
+    headers = 12; // "NATS/1.0\r\n" and the closing "\r\n"
+    for (const k of m.headers.keys()) {
+      for (const v of m.headers.values(k)) headers += k.length + v.length + 4;
+    }
+  }
+  return 30 + m.subject.length + headers + m.data.length;
 }
 
 /** A stream the guard answers for: its latest reading and what it admitted. */
@@ -197,6 +410,8 @@ interface Watched {
   admitted: number;
   reading?: Reading;
   pending?: Promise<Reading>;
+  /** Its items in flight, when tracked. */
+  items?: Flights;
 }
 
 /** One stream-info reading. */
@@ -208,6 +423,12 @@ interface Reading {
   alerted: boolean;
   /** {@link Watched.admitted} when it was asked for. */
   admittedAt: number;
+  /** {@link Flights.seenBytes} and {@link Flights.seenMessages} when it was asked for. */
+  seenAt: number;
+  seenMsgsAt: number;
+  /** The stream's limits (0: none). */
+  maxBytes: number;
+  maxMsgs: number;
   /** What one admission adds, as ratios of the limits. */
   perAdmission: { bytes: number; messages: number };
 }

@@ -266,3 +266,22 @@ Deno.test("the upload object store has a byte limit: uploads are refused with 50
   await ensureTopology(t.nc, t.jsm, { ...t.config, objectStoreMaxBytes: 2 * max });
   assert.equal((await t.jsm.streams.info(objects)).config.max_bytes, 2 * max);
 });
+
+Deno.test("the guard reads a stream on its own: the alert fires from growth without intake, and the next intake is refused", async () => {
+  // Found by an operator's probe: a definition's stream grew to 99.9% from items' later
+  // events while no item came in; no "stream nearly full" was logged for 30 s, and the next
+  // POST was admitted from a reading taken at a lower level.
+  await using t = await startTestNats({ streamMaxBytes: 64 * 1024 });
+  const js = jetstream(t.nc);
+  using capacity = createCapacityGuard(t.jsm, { refreshMs: 100, log: t.log });
+  await capacity.check(FEEDBACK_STREAM);
+  while ((await t.jsm.streams.info(FEEDBACK_STREAM)).state.bytes < 0.95 * 64 * 1024) {
+    await js.publish("feedback.submit", JSON.stringify({ text: "x".repeat(500) }));
+  }
+  await waitFor(
+    () => t.lines.some((l) => l.includes('"msg":"stream nearly full"')),
+    10_000,
+    "the alert, with no intake",
+  );
+  await assert.rejects(capacity.check(FEEDBACK_STREAM), CapacityError);
+});

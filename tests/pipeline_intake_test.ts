@@ -12,7 +12,10 @@ import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createIngestLimiter } from "../src/gateway/ingest_limits.ts";
-import { servePipelineRequests } from "../src/gateway/pipelines.ts";
+import { servePipelineRequests, trackItems } from "../src/gateway/pipelines.ts";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { listDeadLetters } from "../src/redrive.ts";
 import { createCapacityGuard } from "../src/capacity.ts";
 import type { Hono } from "hono";
 import {
@@ -22,9 +25,8 @@ import {
   pipelineServices,
   pipelineStateSpec,
   pipelineTopology,
+  workStage,
 } from "../src/pipeline/runtime.ts";
-import { definePipeline } from "../src/pipeline/definition.ts";
-import { compileFlow } from "../src/pipeline/flow.ts";
 import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import { WeftMetrics } from "../src/observability/metrics.ts";
 import { runStage } from "../src/runner.ts";
@@ -679,5 +681,113 @@ Deno.test("a bus submission's intake letter, redriven once the schema takes it, 
     assert.equal(await stateOf(app, forged), undefined, "no item made");
   } finally {
     await Promise.all(running.map((r) => r.stop()));
+  }
+});
+
+Deno.test("a definition whose items store several large events keeps room for the items in flight: every accepted item ends, none is dead-lettered for lack of room", async () => {
+  // Found by an operator's probe: with a 2 MiB stream, a definition's intake accepted items
+  // until the stream itself was full (refused by it, at 99.9%): the items' later events
+  // found no room, and 87 accepted items were dead-lettered "could not be marked failed".
+  const max = 1024 * 1024;
+  await using t = await startTestNats({ streamMaxBytes: max, maxAttempts: 3 });
+  const obj = { type: "object" } as const;
+  let open!: () => void;
+  const gate = new Promise<void>((r) => (open = r));
+  // Every step carries the item's text again, as an agent's answers and scratchpad do.
+  const copy = (_v: unknown, ctx: { input: { text: string } }) => ({ copy: ctx.input.text });
+  const def = definePipeline({
+    name: "bulky",
+    input: {
+      schema: {
+        type: "object",
+        required: ["text", "n"],
+        properties: { text: { type: "string" }, n: { type: "integer" } },
+      },
+    },
+    start: "a",
+    steps: {
+      // The first item goes through at once; the others wait here (a slow model) until
+      // intake refused one, so all of them are in flight together.
+      a: {
+        kind: "task",
+        output: obj,
+        handle: async (v: unknown, ctx: { input: { text: string; n: number } }) => {
+          if (ctx.input.n > 0) await gate;
+          return copy(v, ctx);
+        },
+        next: "b",
+      },
+      b: { kind: "task", output: obj, handle: copy, next: "c" },
+      c: { kind: "task", output: obj, handle: copy, next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: workStage(p, "a") }),
+    await runStage({ ...deps, stage: workStage(p, "b") }),
+    await runStage({ ...deps, stage: workStage(p, "c") }),
+  ];
+  // As the gateway service builds it.
+  using capacity = createCapacityGuard(t.jsm, { highWater: 0.9, log: t.log });
+  trackItems(capacity, [p], t.nc);
+  try {
+    const intake = await createIntake(t.nc);
+    const app = createApp({
+      nc: t.nc,
+      jetStream: intake,
+      config: t.config,
+      log: t.log,
+      pipelines: [p],
+      guards: { capacity },
+    });
+    const text = "the export to PDF fails again ".repeat(130); // ~3.9 KB
+    const post = (n: number) =>
+      app.request("/pipelines/bulky/items", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text, n }),
+      });
+    const status = async (id: string) => {
+      const r = await app.request(`/pipelines/bulky/items/${id}`);
+      return r.status === 200 ? ((await r.json()) as { status?: string }).status : undefined;
+    };
+    const ids: string[] = [];
+    const first = await post(0);
+    assert.equal(first.status, 202, await first.clone().text());
+    ids.push(((await first.json()) as { id: string }).id);
+    await waitFor(async () => (await status(ids[0]!)) === "done", 20_000, "the first item done");
+    let refusal: Response | undefined;
+    for (let n = 1; n < 300 && !refusal; n++) {
+      const res = await post(n);
+      if (res.status === 202) ids.push(((await res.json()) as { id: string }).id);
+      else refusal = res;
+    }
+    assert.ok(refusal, "intake refused");
+    const problem = await refusal.json();
+    assert.equal(refusal.status, 507, JSON.stringify(problem));
+    // Refused by the guard (items in flight counted), not by the full stream itself.
+    assert.match(problem.detail, /refused from 90%/, JSON.stringify(problem));
+    assert.ok(ids.length > 3, `accepted ${ids.length}`);
+    open();
+    const final = await waitFor(
+      async () => {
+        const s = await Promise.all(ids.map(status));
+        return s.every((x) => x === "done" || x === "failed") && s;
+      },
+      60_000,
+      "every accepted item done or failed",
+    );
+    const js = jetstream(t.nc);
+    const letters = await listDeadLetters(js, {});
+    assert.deepEqual(letters.map((l) => l.letter.reason), [], "no dead letters");
+    assert.deepEqual(final.filter((s) => s !== "done"), [], "every accepted item done");
+    const info = await t.jsm.streams.info("BULKY");
+    assert.ok(info.state.bytes < max, `the stream holds ${info.state.bytes} of ${max} bytes`);
+  } finally {
+    for (const r of runners) await r.stop();
   }
 });

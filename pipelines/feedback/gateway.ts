@@ -10,6 +10,7 @@ import { createIntake } from "./intake.ts";
 import { feedbackRoutes } from "./routes.ts";
 import { serveRequests } from "./requests.ts";
 import { FEEDBACK_PANEL } from "./dashboard.ts";
+import { FEEDBACK_STREAM } from "./subjects.ts";
 
 /** Starts the feedback pipeline's part of the gateway. */
 export async function feedbackGateway(ctx: GatewayPartContext): Promise<GatewayPart> {
@@ -20,6 +21,7 @@ export async function feedbackGateway(ctx: GatewayPartContext): Promise<GatewayP
     onAccepted: (n) => metrics.accepted.inc({ pipeline: "feedback" }, n),
   });
   const requests = serveRequests(nc, intake, log, auth, config.bodyLimit);
+  capacity.watch(FEEDBACK_STREAM); // its alert fires without intake too
   return {
     openApi: feedbackPaths(),
     routes: feedbackRoutes(intake),

@@ -10,6 +10,7 @@ import type { GatewayPart, GatewayPartContext } from "../../src/wiring.ts";
 import { createModerationApi } from "./api.ts";
 import { moderationRoutes } from "./routes.ts";
 import { serveModerationRequests } from "./requests.ts";
+import { CONTENT_STREAM } from "./subjects.ts";
 
 /** Starts the moderation pipeline's part of the gateway. */
 export async function moderationGateway(ctx: GatewayPartContext): Promise<GatewayPart> {
@@ -26,6 +27,7 @@ export async function moderationGateway(ctx: GatewayPartContext): Promise<Gatewa
   api.healDecisions().catch((err) =>
     log.warn("could not publish the decisions a stopped gateway left unpublished", { err })
   );
+  capacity.watch(CONTENT_STREAM); // its alert fires without intake too
   const requests = serveModerationRequests(nc, api, auth, log, config.bodyLimit);
   return {
     openApi: moderationPaths(),

@@ -18,7 +18,7 @@ import {
 import { type KV, Kvm } from "@nats-io/kv";
 import { ulid } from "ulid";
 import type { Config } from "../config.ts";
-import { type CapacityGuard, isStreamFull, streamFullError } from "../capacity.ts";
+import { type CapacityGuard, isStreamFull, type ItemEvents, streamFullError } from "../capacity.ts";
 import { ANONYMOUS_NAME, Role } from "../config.ts";
 import {
   ConflictError,
@@ -233,6 +233,37 @@ function newId(name: string, key: string | undefined, caller: string): string {
     });
   }
   return deterministicId(name, "idempotency", caller, key).slice(0, 26);
+}
+
+/**
+ * How the capacity guard follows `p`'s items on `nc` (see {@link CapacityGuard.track}): every
+ * event `<name>.<event>.<item>` of its flow, an item ending with an end step's event or
+ * `failed`; until one has ended, an item is taken to store an event per step plus its entry.
+ */
+export function itemEventsOf(p: LoadedPipeline, nc: NatsConnection): ItemEvents {
+  const prefix = `${p.def.name}.`;
+  return {
+    nc,
+    subject: `${prefix}>`,
+    itemOf(subject) {
+      if (!subject.startsWith(prefix)) return undefined;
+      const dot = subject.indexOf(".", prefix.length);
+      if (dot < 0) return undefined;
+      const role = p.flow.roles.get(subject.slice(prefix.length, dot));
+      if (!role) return undefined;
+      return { item: subject.slice(dot + 1), end: role.role === "end" || role.role === "failed" };
+    },
+    eventsPerItem: Object.keys(p.def.steps).length + 1,
+  };
+}
+
+/** Has `capacity` reserve room for the items in flight of every pipeline of `loaded`. */
+export function trackItems(
+  capacity: CapacityGuard,
+  loaded: readonly LoadedPipeline[],
+  nc: NatsConnection,
+): void {
+  for (const p of loaded) capacity.track(pipelineSubjects(p.def).stream, itemEventsOf(p, nc));
 }
 
 /**
