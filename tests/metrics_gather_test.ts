@@ -3,6 +3,7 @@ import { headers } from "@nats-io/nats-core";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 import {
   gatherServiceMetrics,
+  meshMetrics,
   MetricsCache,
   metricsSources,
   refusalOf,
@@ -12,6 +13,7 @@ import { listedPipelines, meshPermissions, meshServices } from "../src/superviso
 import { INSTANCE_HEADER, metricsSubject } from "../src/observability/micro.ts";
 import { type MetricsJson, WeftMetrics } from "../src/observability/metrics.ts";
 import { startTestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 const ROOT = new URL("../", import.meta.url);
 
@@ -62,13 +64,87 @@ Deno.test("a service instance that answers a metrics gather too late still count
   }
 });
 
-Deno.test("an instance's last answer is kept only so long", () => {
+Deno.test("an instance's last answer is kept only so long, then only its counters count", () => {
   const cache = new MetricsCache(1_000);
-  assert.equal(cache.merge([{ instance: "a", value: answer(1) }], 0).length, 1);
-  assert.equal(cache.merge([], 500).length, 1, "missing once: its last answer");
-  assert.equal(cache.merge([], 1_600).length, 0, "gone too long: dropped");
-  assert.equal(cache.merge([{ value: answer(2) }], 1_700).length, 1, "an unnamed answer passes");
-  assert.equal(cache.merge([], 1_800).length, 0, "and is not kept");
+  const gauge = [{
+    ...answer(7)[0]!,
+    name: "weft_sse_clients",
+    type: "gauge",
+  }] as unknown as MetricsJson;
+  const both = [...answer(1), ...gauge] as MetricsJson;
+  assert.deepEqual(cache.merge([{ instance: "a", value: both }], 0), [both]);
+  assert.deepEqual(cache.merge([], 500), [both], "missing once: its last answer");
+  assert.deepEqual(cache.merge([], 1_600), [answer(1)], "gone too long: its counters, retired");
+  assert.deepEqual(
+    cache.merge([{ value: answer(2) }], 1_700),
+    [answer(2), answer(1)],
+    "an unnamed answer passes",
+  );
+  assert.deepEqual(cache.merge([], 1_800), [answer(1)], "and is not kept");
+  // Back after all (it was slow): its own answer counts, not the retired one as well.
+  assert.deepEqual(cache.merge([{ instance: "a", value: answer(3) }], 1_900), [answer(3)]);
+});
+
+Deno.test("the mesh's counters never fall when a service's process dies and its restart answers; the service counts once", async () => {
+  // Found by an operator's probe: after a kill -9 of weft-sentiment under load, /metrics
+  // counted the dead process's last answer for 15 s beside the new one's, then dropped it:
+  // weft_stage_processed_total{stage=sentiment} fell from 524 to 110 (a counter reset to
+  // Prometheus), and weft_metrics_sources went 17, 19, 17.
+  await using t = await startTestNats();
+  const processed = (n: number) =>
+    [{
+      name: "weft_stage_processed_total",
+      help: "",
+      type: "counter",
+      aggregator: "sum",
+      values: [{ value: n, labels: { stage: "sentiment" } }],
+    }] as unknown as MetricsJson;
+  // Real responders on the bus, as two processes of the service, one after the other.
+  const instance = (id: string, n: number) =>
+    t.nc.subscribe(metricsSubject("sentiment"), {
+      callback: (_err, m) => {
+        const h = headers();
+        h.set(INSTANCE_HEADER, id);
+        m.respond(JSON.stringify(processed(n)), { headers: h });
+      },
+    });
+  const keepMs = 100;
+  const opts = {
+    sources: [{ service: "sentiment", stages: ["sentiment"] }],
+    cache: new MetricsCache(keepMs),
+    maxWaitMs: 2_000,
+    stallMs: 50,
+  };
+  const scrape = async () => {
+    const json = await (await meshMetrics(t.nc, t.jsm, new WeftMetrics(), opts))
+      .getMetricsAsJSON();
+    const value = (name: string) =>
+      json.find((f) => f.name === name)?.values.reduce((a, v) => a + v.value, 0);
+    return {
+      processed: value("weft_stage_processed_total"),
+      sources: value("weft_metrics_sources"),
+    };
+  };
+  const dead = instance("first", 524);
+  assert.deepEqual(await scrape(), { processed: 524, sources: 1 });
+  const restarted = instance("second", 110);
+  dead.unsubscribe();
+  try {
+    const switched = Date.now();
+    const seen: { processed?: number; sources?: number }[] = [];
+    // Scrapes until well past the time the dead process's answer is kept.
+    await waitFor(
+      async () => {
+        seen.push(await scrape());
+        return Date.now() - switched > 3 * keepMs && seen.length >= 3;
+      },
+      20_000,
+      "scrapes past the keep time",
+    );
+    for (const s of seen) assert.deepEqual(s, { processed: 634, sources: 1 }, JSON.stringify(seen));
+  } finally {
+    restarted.unsubscribe();
+  }
 });
 
 /** Whether NATS subject pattern `pattern` matches the literal subject `subject`. */

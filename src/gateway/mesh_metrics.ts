@@ -208,16 +208,26 @@ export interface GatherOptions {
 
 /**
  * Each service instance's last metrics answer, kept `keepMs` (15 s by default) for the
- * gathers it misses (an instance: the service's name and the id its answer's header gives). A restarted process is a new instance: its old answer counts until it
- * ages out, so the sum never falls below what was reported while the new one catches up.
+ * gathers it misses (an instance: the service's name and the id its answer's header gives),
+ * and the counters of the instances gone longer than that, so the mesh's counters never fall.
+ *
+ * A restarted process is a new instance, counting from 0: its old answer counts until it
+ * ages out, then the old answer's counters and histograms (never its gauges) are retired
+ * into a total that every later gather adds, so the sum stays what was reported. Prometheus
+ * would read any fall as a counter reset. An instance that answers again after it was retired
+ * (it was only slow) is taken out of the retired total, its own answer counting instead; one
+ * retired longer than `reviveMs` (an hour by default) is folded into the total for good.
  */
 export class MetricsCache {
   #last = new Map<string, { at: number; value: MetricsJson }>();
-  constructor(readonly keepMs = 15_000) {}
+  #retired = new Map<string, { at: number; value: MetricsJson }>();
+  #folded: MetricsJson = [];
+  constructor(readonly keepMs = 15_000, readonly reviveMs = 3_600_000) {}
 
   /**
    * The answers of one gather (`instance` from each answer's header, when it has one), with
-   * the recent answers of the instances missing from it; `now` in ms.
+   * the recent answers of the instances missing from it, and the retired instances' counters
+   * as one more part; `now` in ms.
    */
   merge(answers: readonly { instance?: string; value: MetricsJson }[], now: number): MetricsJson[] {
     const out: MetricsJson[] = [];
@@ -226,14 +236,63 @@ export class MetricsCache {
       out.push(value);
       if (instance === undefined) continue;
       seen.add(instance);
+      this.#retired.delete(instance); // back after all: its own answer carries its counts
       this.#last.set(instance, { at: now, value });
     }
     for (const [instance, { at, value }] of this.#last) {
-      if (now - at > this.keepMs) this.#last.delete(instance);
-      else if (!seen.has(instance)) out.push(value);
+      if (now - at > this.keepMs) {
+        this.#last.delete(instance);
+        this.#retired.set(instance, { at: now, value: sumCounters([value]) });
+      } else if (!seen.has(instance)) out.push(value);
     }
+    for (const [instance, { at, value }] of this.#retired) {
+      if (now - at > this.reviveMs) {
+        this.#folded = sumCounters([this.#folded, value]);
+        this.#retired.delete(instance);
+      }
+    }
+    const retired = sumCounters([this.#folded, ...[...this.#retired.values()].map((r) => r.value)]);
+    if (retired.length > 0) out.push(retired);
     return out;
   }
+
+  /** The services with an instance whose answer is kept (`<service>/<id>` instances). */
+  services(): Set<string> {
+    return new Set([...this.#last.keys()].map((i) => i.slice(0, i.lastIndexOf("/"))));
+  }
+}
+
+/**
+ * The counters and histograms of `parts` (never gauges: a gone process's gauge is gone),
+ * summed series by series.
+ */
+function sumCounters(parts: readonly MetricsJson[]): MetricsJson {
+  type Family = MetricsJson[number];
+  type Value = Family["values"][number];
+  const families = new Map<string, { family: Family; values: Map<string, Value> }>();
+  for (const part of parts) {
+    for (const f of part) {
+      if (String(f.type) !== "counter" && String(f.type) !== "histogram") continue;
+      let acc = families.get(f.name);
+      if (!acc) {
+        families.set(
+          f.name,
+          acc = { family: { ...f, aggregator: "sum", values: [] }, values: new Map() },
+        );
+      }
+      for (const v of f.values) {
+        const metricName = (v as { metricName?: string }).metricName ?? "";
+        const labels = Object.entries(v.labels ?? {}).sort(([a], [b]) => a < b ? -1 : 1);
+        const key = JSON.stringify([metricName, labels]);
+        const had = acc.values.get(key);
+        if (had) had.value += v.value;
+        else acc.values.set(key, { ...v, labels: { ...v.labels } });
+      }
+    }
+  }
+  return [...families.values()].flatMap(({ family, values }) =>
+    values.size > 0 ? [{ ...family, values: [...values.values()] }] : []
+  ) as MetricsJson;
 }
 
 /** JetStream's counts for one durable consumer. */
@@ -340,6 +399,14 @@ export async function gatherServiceMetrics(
   nc: NatsConnection,
   opts: GatherOptions = {},
 ): Promise<MetricsJson[]> {
+  return (await gather(nc, opts)).values;
+}
+
+/** {@link gatherServiceMetrics}, and how many services the values come from. */
+async function gather(
+  nc: NatsConnection,
+  opts: GatherOptions,
+): Promise<{ values: MetricsJson[]; services: number }> {
   const sources = opts.sources ?? [];
   const owners = new Map<string, string>();
   for (const s of sources) for (const stage of s.stages) owners.set(stage, s.service);
@@ -351,6 +418,7 @@ export async function gatherServiceMetrics(
     ),
   );
   const parts: { instance?: string; value: MetricsJson }[] = [];
+  const answered = new Set<string>();
   sources.forEach((source, i) => {
     for (const m of answers[i]!) {
       // An error reply (the service's endpoint failed: src/observability/micro.ts) is none.
@@ -367,13 +435,17 @@ export async function gatherServiceMetrics(
         continue;
       }
       const id = m.headers?.get(INSTANCE_HEADER);
+      answered.add(source.service);
       parts.push({
         instance: id ? `${source.service}/${id}` : undefined,
         value: (value as MetricsJson).map((f) => ({ ...f, aggregator: "sum" })) as MetricsJson,
       });
     }
   });
-  return opts.cache ? opts.cache.merge(parts, Date.now()) : parts.map((p) => p.value);
+  if (!opts.cache) return { values: parts.map((p) => p.value), services: answered.size };
+  const values = opts.cache.merge(parts, Date.now());
+  for (const service of opts.cache.services()) answered.add(service);
+  return { values, services: answered.size };
 }
 
 /**
@@ -394,7 +466,7 @@ export async function meshMetrics(
 ): Promise<client.Registry> {
   const own = await local.json();
   const [remote, backlogs, streams] = await Promise.all([
-    gatherServiceMetrics(nc, { ...opts, local: own }),
+    gather(nc, { ...opts, local: own }),
     consumerBacklogs(jsm, opts.pipelineStreams),
     Promise.all(
       [...opts.pipelineStreams ?? [], ...RUNTIME_STREAMS].map((name) =>
@@ -408,7 +480,7 @@ export async function meshMetrics(
   ]);
   const dl = streams.find((i) => i?.config.name === DEADLETTER_STREAM)?.state;
   const deadLetters = dl?.messages;
-  const registry = aggregateMetrics([own, ...remote]);
+  const registry = aggregateMetrics([own, ...remote.values]);
   const registers = [registry];
   const pending = new client.Gauge({
     name: "weft_consumer_pending",
@@ -464,9 +536,10 @@ export async function meshMetrics(
   }
   new client.Gauge({
     name: "weft_metrics_sources",
-    help: "Services whose metrics this scrape gathered over NATS (the gateway excluded)",
+    help: "Services whose metrics this scrape gathered over NATS (the gateway excluded; a " +
+      "service counts once however many instances it has)",
     registers,
-  }).set(remote.length);
+  }).set(remote.services);
   return registry;
 }
 
