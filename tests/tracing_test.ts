@@ -7,7 +7,9 @@ import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "../pipelines/feedback/subjects.ts";
-import { startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
+import { startMesh, startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
+import { parseTraceparent } from "../src/observability/trace.ts";
+import { connectClient } from "./helpers/nats.ts";
 
 interface ReceivedSpan {
   service: string;
@@ -81,9 +83,18 @@ function startReceiver() {
     url: `http://127.0.0.1:${server.addr.port}`,
     /** Resolves with the spans of `traceId` once `done` holds for them. */
     waitFor(traceId: string, done: (s: ReceivedSpan[]) => boolean, ms = 20_000) {
+      return this.waitForSpans((s) => s.traceId === traceId, done, ms, traceId);
+    },
+    /** Resolves with the spans `which` picks once `done` holds for them. */
+    waitForSpans(
+      which: (s: ReceivedSpan) => boolean,
+      done: (s: ReceivedSpan[]) => boolean,
+      ms = 20_000,
+      what = "picked",
+    ) {
       return new Promise<ReceivedSpan[]>((resolve, reject) => {
         const check = () => {
-          const mine = spans.filter((s) => s.traceId === traceId);
+          const mine = spans.filter(which);
           if (done(mine)) {
             clearTimeout(timer);
             waiters.delete(check);
@@ -93,11 +104,11 @@ function startReceiver() {
         const timer = setTimeout(() => {
           waiters.delete(check);
           reject(
-            new Error(`spans of ${traceId} did not arrive: ${
-              JSON.stringify(
-                spans.filter((s) => s.traceId === traceId).map((s) => [s.service, s.name]),
-              )
-            }`),
+            new Error(
+              `spans (${what}) did not arrive: ${
+                JSON.stringify(spans.filter(which).map((s) => [s.service, s.name]))
+              }`,
+            ),
           );
         }, ms);
         waiters.add(check);
@@ -111,6 +122,14 @@ function startReceiver() {
 const CONSUMER = 5; // OTLP SpanKind CONSUMER
 const SERVER = 2;
 const kindIs = (s: ReceivedSpan, n: number, name: string) => s.kind === n || s.kind === name;
+
+/** The gateway's HTTP server span of a request to `path` (a prefix of it). */
+function gatewaySpanOf(spans: ReceivedSpan[], path: string): ReceivedSpan | undefined {
+  return spans.find((s) =>
+    s.service === "weft-gateway" && kindIs(s, SERVER, "SPAN_KIND_SERVER") &&
+    String(s.attributes["url.path"] ?? s.attributes["http.target"] ?? s.name).includes(path)
+  );
+}
 
 function stageSpan(spans: ReceivedSpan[], stage: string): ReceivedSpan {
   const found = spans.filter((s) => s.service === `weft-${stage}` && s.name === `${stage} process`);
@@ -228,4 +247,96 @@ Deno.test("one item's spans share its trace id and chain from the HTTP request t
       assert.equal(failed!.json<{ trace_id: string }>().trace_id, traceId);
     },
   );
+  await t.step(
+    "content upload: client -> gateway -> moderation, with and without a traceparent",
+    async () => {
+      const post = async (h: Record<string, string>) => {
+        const r = await fetch(`${mesh.gatewayUrl}/content`, {
+          method: "POST",
+          headers: { "content-type": "application/json", ...h },
+          body: JSON.stringify({ text: "a perfectly friendly note" }),
+        });
+        assert.equal(r.status, 202, await r.clone().text());
+        return (await r.json() as { id: string }).id;
+      };
+      const traceId = "7c2d5f1a9e3b4c6d8e0f1a2b3c4d5e6f";
+      const clientSpan = "1a2b3c4d5e6f7a8b";
+      const traced = await post({ traceparent: `00-${traceId}-${clientSpan}-01` });
+      const spans = await receiver.waitFor(
+        traceId,
+        (s) => s.some((x) => x.service === "weft-moderation") && !!gatewaySpanOf(s, "/content"),
+      );
+      const gateway = gatewaySpanOf(spans, "/content")!;
+      assert.equal(gateway.parentSpanId, clientSpan, "the gateway continues the client's trace");
+      const moderation = stageSpan(spans, "moderation");
+      assert.equal(moderation.attributes["weft.item_id"], traced);
+      assert.equal(
+        moderation.parentSpanId,
+        gateway.spanId,
+        "moderation's parent is the POST's span",
+      );
+
+      // Without a traceparent the item's trace is the gateway's span's.
+      const id = await post({});
+      const [own] = await receiver.waitForSpans(
+        (s) => s.service === "weft-moderation" && s.attributes["weft.item_id"] === id,
+        (s) => s.length > 0,
+      );
+      const theirs = await receiver.waitFor(own!.traceId, (s) => !!gatewaySpanOf(s, "/content"));
+      assert.equal(own!.parentSpanId, gatewaySpanOf(theirs, "/content")!.spanId);
+    },
+  );
+});
+
+Deno.test("a definition's item: its entry event continues the gateway's POST span, and its trace id is that span's", async () => {
+  await using receiver = startReceiver();
+  await using mesh = await startMesh({
+    WEFT_PIPELINES: "pipelines/support/pipeline.ts",
+    OTEL_DENO: "true",
+    OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
+    OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url,
+    OTEL_BSP_SCHEDULE_DELAY: "200",
+  });
+  const nc = await connectClient(mesh.natsUrl, "weft-test", mesh.credentials("admin"));
+  try {
+    const jsm = await jetstreamManager(nc);
+    const post = async (h: Record<string, string>) => {
+      const r = await fetch(`${mesh.gatewayUrl}/pipelines/support/items`, {
+        method: "POST",
+        headers: { "content-type": "application/json", ...h },
+        body: JSON.stringify({ customer: "ann", text: "where is my order" }),
+      });
+      assert.equal(r.status, 202, await r.clone().text());
+      return (await r.json() as { id: string }).id;
+    };
+    const entryOf = async (id: string) => {
+      const m = await jsm.streams.getMessage("SUPPORT", {
+        last_by_subj: `support.submitted.${id}`,
+      });
+      return {
+        parent: parseTraceparent(m!.header.get("traceparent"))!,
+        traceId: m!.json<{ trace_id: string }>().trace_id,
+      };
+    };
+    const traceId = "9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a";
+    const clientSpan = "2b3c4d5e6f7a8b9c";
+    const traced = await entryOf(await post({ traceparent: `00-${traceId}-${clientSpan}-01` }));
+    const spans = await receiver.waitFor(traceId, (s) => !!gatewaySpanOf(s, "/pipelines/"));
+    const gateway = gatewaySpanOf(spans, "/pipelines/")!;
+    assert.equal(gateway.parentSpanId, clientSpan, "the gateway continues the client's trace");
+    assert.deepEqual(
+      [traced.traceId, traced.parent.traceId, traced.parent.spanId],
+      [traceId, traceId, gateway.spanId],
+    );
+    // Without a traceparent: the item's trace id is the gateway span's trace, not another.
+    const own = await entryOf(await post({}));
+    const theirs = await receiver.waitFor(
+      own.parent.traceId,
+      (s) => !!gatewaySpanOf(s, "/pipelines/"),
+    );
+    assert.equal(own.parent.spanId, gatewaySpanOf(theirs, "/pipelines/")!.spanId);
+    assert.equal(own.traceId, own.parent.traceId, "the item's trace id is its spans' trace");
+  } finally {
+    await nc.close();
+  }
 });

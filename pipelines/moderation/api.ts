@@ -65,6 +65,7 @@ import {
   formatTraceparent,
   type TraceContext,
 } from "../../src/observability/trace.ts";
+import { activeTraceContext } from "../../src/observability/telemetry.ts";
 import type { Principal } from "../../src/gateway/auth.ts";
 import {
   createReviewQueue,
@@ -295,7 +296,9 @@ export async function createModerationApi(deps: {
   const objects: ObjectStore = await new Objm(nc).open(CONTENT_OBJECT_BUCKET);
 
   async function publishUpload(id: string, item: ContentItem, trace?: TraceContext | null) {
-    const span = childContext(trace ?? null);
+    // With telemetry on, the active span (the HTTP request's) is the parent of the next hop,
+    // in its trace; otherwise a new span in the caller's trace (or a new one).
+    const span = activeTraceContext() ?? childContext(trace ?? null);
     const event = createEvent({
       type: T.Uploaded,
       id: uploadedEventId(id),

@@ -39,6 +39,7 @@ import { depthWithin, eventMessage, MAX_DEPTH } from "../runner.ts";
 import { readStream } from "../stream_reader.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
+import { activeTraceContext } from "../observability/telemetry.ts";
 import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
 import { checkAwaitedEvent, decodeFlowEvent, entryEvent, FAILED } from "../pipeline/flow.ts";
 import { eventOf } from "../pipeline/validate.ts";
@@ -480,7 +481,10 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
     return raw;
   };
   const limit = bodyLimitProblem;
-  const traceId = (header: string | undefined) => childContext(parseTraceparent(header)).traceId;
+  // With telemetry on, the item's trace is the HTTP request's span's (which the entry event's
+  // traceparent names as its parent), with or without a client's traceparent.
+  const traceId = (header: string | undefined) =>
+    (activeTraceContext() ?? childContext(parseTraceparent(header))).traceId;
 
   const whoOf = (c: Context): Who => (c.get("principal") as Who | undefined) ?? ANONYMOUS;
   const accepted = (r: Runtime, id: string) => ({
