@@ -57,7 +57,11 @@ export const service: ServiceDef = defineService(
     const pipelines = await loadPipelines(config.pipelines, ROOT);
     // Each definition's stream keeps room for the later events of the items in flight.
     trackItems(capacity, pipelines, nc);
-    const guards = { capacity, limiter };
+    const guards = {
+      capacity,
+      limiter,
+      onAccepted: (pipeline: string, n: number) => metrics.accepted.inc({ pipeline }, n),
+    };
     // A candidate is built at attach as the shadow service builds it (its analyzers are
     // loaded into the gateway then, not before).
     const shadows = createShadowControl(

@@ -180,6 +180,11 @@ export interface PipelineWiring {
   retiredSchedules?: readonly { id: string; subject: string }[];
   /** How the dashboard draws it (a graph of its consumers, fed by their metrics). */
   dashboard?: WiredGraph;
+  /**
+   * The stage the gateway's intake stands in for (it publishes what that stage would): the
+   * dashboard adds the items the gateway accepted for this pipeline to its figures.
+   */
+  intakeStage?: string;
 }
 
 /**

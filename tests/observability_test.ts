@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
 import { FeedbackEventType } from "../pipelines/feedback/events.ts";
 import { SERVICES } from "../src/supervisor.ts";
-import { startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
+import { startMesh, startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
 import { jetstream } from "@nats-io/jetstream";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
 import { WeftMetrics } from "../src/observability/metrics.ts";
@@ -328,4 +328,33 @@ Deno.test("/metrics keeps answering while ephemeral consumers come and go", asyn
     churning = false;
     await churn;
   }
+});
+
+Deno.test("weft_items_accepted_total counts every pipeline's accepted items: feedback, content and a definition's", async () => {
+  // Found by an operator's probe: only the feedback intake counted its items.
+  await using mesh = await startMesh({ WEFT_PIPELINES: "pipelines/support/pipeline.ts" });
+  const post = async (path: string, body: unknown, status = 202) => {
+    const r = await fetch(`${mesh.gatewayUrl}${path}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    assert.equal(r.status, status, await r.clone().text());
+    await r.body?.cancel();
+  };
+  await post("/feedback", { text: "fine" });
+  await post("/content", { text: "a friendly note" });
+  await post("/content", { text: "another friendly note" });
+  await post("/pipelines/support/items", { customer: "ann", text: "where is my order" });
+  await post("/pipelines/support/items/batch", {
+    items: [{ customer: "ann", text: "a" }, { customer: "bob", text: "b" }],
+  });
+  await post("/pipelines/support/items", { customer: 1 }, 422); // refused: not counted
+  const text = await scrape(mesh.gatewayUrl);
+  assert.deepEqual(
+    ["feedback", "content", "support"].map((pipeline) =>
+      sample(text, "weft_items_accepted_total", { pipeline })
+    ),
+    [1, 2, 3],
+  );
 });

@@ -30,6 +30,8 @@ import { FEEDBACK_STATE_SPEC } from "./state.ts";
 /** The feedback pipeline's part of the mesh. */
 export const FEEDBACK_WIRING: PipelineWiring = {
   name: "feedback",
+  // The gateway publishes the ingested event itself, as the ingest stage does for the bus.
+  intakeStage: "ingest",
   // POST /feedback/batch is all or nothing on the bus too, where the server allows.
   streams: [
     definedStream(FEEDBACK_PIPELINE, "Weft feedback pipeline: submissions and every event", {

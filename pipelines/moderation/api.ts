@@ -281,6 +281,8 @@ export async function createModerationApi(deps: {
   now?: () => Date;
   /** Refuses new items when the CONTENT stream is past its high-water mark. */
   capacity?: CapacityGuard;
+  /** Told of each new item accepted (not a replay). */
+  onAccepted?: (count: number) => void;
   /** Refuses uploaders over their ingest rate or quota (429). */
   limiter?: IngestLimiter;
 }): Promise<ModerationApi> {
@@ -556,7 +558,7 @@ export async function createModerationApi(deps: {
       if (replayed) {
         const stored = await uploaded(id);
         if (stored) assertSameSubmission(id, stored, item);
-      }
+      } else deps.onAccepted?.(1);
       return accepted(replayed);
     },
     async submitObject(body, meta, who, trace) {
@@ -594,6 +596,7 @@ export async function createModerationApi(deps: {
         await discardObject(id);
         throw (await objectStoreFull(err)) ? streamFullError(OBJECT_STREAM, err) : err;
       }
+      deps.onAccepted?.(1);
       return { body: { id, status: "accepted", links: contentLinks(id, true) }, replayed: false };
     },
     async content(id) {

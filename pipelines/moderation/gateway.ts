@@ -14,7 +14,7 @@ import { CONTENT_STREAM } from "./subjects.ts";
 
 /** Starts the moderation pipeline's part of the gateway. */
 export async function moderationGateway(ctx: GatewayPartContext): Promise<GatewayPart> {
-  const { nc, config, log, auth, capacity, limiter } = ctx;
+  const { nc, config, log, metrics, auth, capacity, limiter } = ctx;
   const api = await createModerationApi({
     nc,
     config,
@@ -22,6 +22,7 @@ export async function moderationGateway(ctx: GatewayPartContext): Promise<Gatewa
     authEnabled: auth.enabled,
     capacity,
     limiter,
+    onAccepted: (n) => metrics.accepted.inc({ pipeline: "content" }, n),
   });
   // Decisions a gateway stored in the queue and died before publishing: published now.
   api.healDecisions().catch((err) =>

@@ -597,8 +597,15 @@ export interface MeshSnapshot {
   shadows: Record<string, ShadowFigures>;
 }
 
-/** Reduces the mesh's registry to per-stage figures. */
-export async function meshSnapshot(registry: client.Registry): Promise<MeshSnapshot> {
+/**
+ * Reduces the mesh's registry to per-stage figures; `intakeStages` names, by pipeline, the
+ * stage whose figures the items the gateway accepted for it add to (see
+ * `PipelineWiring.intakeStage`).
+ */
+export async function meshSnapshot(
+  registry: client.Registry,
+  intakeStages: Readonly<Record<string, string>> = {},
+): Promise<MeshSnapshot> {
   const json = await registry.getMetricsAsJSON();
   const stages: Record<string, StageFigures> = {};
   const stageOf = (name: string) =>
@@ -671,9 +678,14 @@ export async function meshSnapshot(registry: client.Registry): Promise<MeshSnaps
       else if (metric.name === "weft_deadletter_messages") snapshot.deadLetters = v.value;
       else if (metric.name === "weft_deadletter_pending") pendingLetters = v.value;
       else if (metric.name === "weft_items_accepted_total") {
-        // Items the gateway accepted entered the pipeline as the ingest stage's do.
-        stageOf("ingest").received += v.value;
-        stageOf("ingest").processed += v.value;
+        // Items the gateway accepted entered the pipeline as its intake stage's do.
+        const stage = Object.hasOwn(intakeStages, String(labels.pipeline))
+          ? intakeStages[String(labels.pipeline)]
+          : undefined;
+        if (stage !== undefined) {
+          stageOf(stage).received += v.value;
+          stageOf(stage).processed += v.value;
+        }
       } else if (metric.name === "weft_item_end_to_end_seconds") {
         const name = (v as { metricName?: string }).metricName;
         if (name?.endsWith("_sum")) snapshot.endToEnd.seconds += v.value;

@@ -141,12 +141,17 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
       log.warn("metrics answer refused", { service, reason });
     },
   };
+  const intakeStages = Object.fromEntries(
+    SHIPPED_PIPELINES.flatMap((w) => w.intakeStage ? [[w.name, w.intakeStage]] : []),
+  );
   // One gather serves every dashboard open within the same tick.
   let cached: { at: number; snapshot: Promise<MeshSnapshot> } | undefined;
   const snapshot = () => {
     const now = Date.now();
     if (!cached || now - cached.at >= DASHBOARD_TICK_MS / 2) {
-      const p = meshMetrics(nc, jetStream.jsm, metrics, gather).then(meshSnapshot);
+      const p = meshMetrics(nc, jetStream.jsm, metrics, gather).then((r) =>
+        meshSnapshot(r, intakeStages)
+      );
       cached = { at: now, snapshot: p };
       p.catch(() => (cached = undefined));
     }

@@ -70,6 +70,8 @@ import { idempotencyKey } from "./idempotency_key.ts";
 export interface IntakeGuards {
   capacity?: CapacityGuard;
   limiter?: IngestLimiter;
+  /** Told of new items accepted (stored now, not replayed), by pipeline name. */
+  onAccepted?: (pipeline: string, count: number) => void;
 }
 
 /** A caller, for per-key limits. */
@@ -295,6 +297,7 @@ async function admit(
   if (todo.length > 1 && await takesAtomicBatches(nc, stream)) {
     await batchSlots(() => publishBatch(nc, p, guards, todo, traceId));
   } else await publishEach(nc, p, todo, traceId, keyed);
+  guards?.onAccepted?.(p.def.name, todo.length);
   return { replayed: false };
 }
 

@@ -103,3 +103,13 @@ Deno.test("fitMetrics cuts the largest families to fit a reply and names them", 
   const text = await aggregateMetrics([fitted]).metrics();
   assert.match(text, /^weft_metrics_truncated\{metric="weft_stage_received_total"\} 5000$/m);
 });
+
+Deno.test("meshSnapshot adds a pipeline's accepted items to its intake stage's figures, and no other pipeline's", async () => {
+  const m = new WeftMetrics();
+  m.accepted.inc({ pipeline: "orders" }, 4);
+  m.accepted.inc({ pipeline: "invoices" }, 7);
+  const snap = await meshSnapshot(aggregateMetrics([await m.json()]), { orders: "intake" });
+  assert.equal(snap.stages.intake?.received, 4);
+  assert.equal(snap.stages.intake?.processed, 4);
+  assert.deepEqual(Object.keys(snap.stages), ["intake"]);
+});
