@@ -1267,3 +1267,22 @@ Deno.test("a definition's waiting list refuses a query parameter it does not tak
   assert.match(p.detail, /unknown query parameter limt; this route takes limit/);
   assert.equal((await app.request("/pipelines/approvals/waiting?limit=5")).status, 200);
 });
+
+Deno.test("GET /dashboard/stream refuses a query parameter with 422 naming it, as /events does", async () => {
+  // Found by an operator's probe: ?x=1 and ?replay=true were answered 200 and ignored.
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  for (const [query, field] of [["x=1", "x"], ["replay=true", "replay"]]) {
+    const res = await app.request(`/dashboard/stream?${query}`);
+    if (res.status !== 422) {
+      await res.body?.cancel(); // an open stream: not read to its end
+      assert.fail(`?${query} answered ${res.status}, not 422`);
+    }
+    const p = await expectProblem(res, 422, field);
+    assert.match(p.detail, new RegExp(`unknown query parameter ${field}; this route takes none`));
+  }
+  const ok = await app.request("/dashboard/stream");
+  assert.equal(ok.status, 200);
+  assert.match(ok.headers.get("content-type") ?? "", /^text\/event-stream/);
+  await ok.body?.cancel();
+});

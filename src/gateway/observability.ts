@@ -181,6 +181,8 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
   app.get("/", (c) => c.redirect("/dashboard"));
 
   app.get("/dashboard/stream", (c) => {
+    // It takes none: a parameter it would ignore (replay=true) is refused, as /events does.
+    onlyQuery(c.req.query(), []);
     if (clients.closing.aborted) throw stoppingError();
     if (!clients.tryOpen()) {
       const cap = clients.capReached() ?? "too many event streams open";
