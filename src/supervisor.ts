@@ -1473,8 +1473,9 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       const ranFor = Date.now() - r.startedAt;
       const n = ranFor > 30_000 ? 1 : r.restarts + 1; // a long run resets the backoff
       const delay = restartDelay(n);
+      // `service` is the logger's own (weft-supervisor): the child goes in a field of its own.
       log.warn("service exited; restarting", {
-        service: key,
+        child: key,
         code: status.code,
         signal: status.signal,
         restart_in_ms: delay,
@@ -1634,7 +1635,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       child.kill("SIGTERM");
     } catch { /* already gone */ }
     const timer = setTimeout(() => {
-      log.warn("service did not stop in time; killing", { service: name });
+      log.warn("service did not stop in time; killing", { child: name });
       try {
         child.kill("SIGKILL");
       } catch { /* gone */ }

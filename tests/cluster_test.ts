@@ -259,13 +259,13 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
         `two replicas of ${step}`,
       );
       const exits = mesh.logs.filter((l) =>
-        l.msg === "service exited; restarting" && String(l.service).startsWith(`${step}#`)
+        l.msg === "service exited; restarting" && String(l.child).startsWith(`${step}#`)
       ).length;
       Deno.kill(pids[0]!, "SIGKILL");
       await waitFor(
         () =>
           mesh.logs.filter((l) =>
-            l.msg === "service exited; restarting" && String(l.service).startsWith(`${step}#`)
+            l.msg === "service exited; restarting" && String(l.child).startsWith(`${step}#`)
           ).length > exits,
         10_000,
         `${step}'s killed replica restarted`,
@@ -295,7 +295,7 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
 
     // A failover is answered 503: never a 500, and the gateway never stops listening.
     const restarts = mesh.logs.filter((l) => l.msg === "service exited; restarting")
-      .map((l) => String(l.service));
+      .map((l) => String(l.child));
     const odd = posts.filter((p) => p.status !== 202 && p.status !== 503);
     assert.deepEqual(
       odd.map((p) => p.status),

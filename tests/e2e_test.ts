@@ -148,7 +148,9 @@ Deno.test("deno task start runs the mesh: HTTP and NATS submissions reach the re
       );
       Deno.kill(started.pid as number, "SIGKILL");
       await mesh.waitForLog(
-        (l) => l.msg === "service exited; restarting" && l.service === "sentiment",
+        (l) =>
+          l.msg === "service exited; restarting" && l.service === "weft-supervisor" &&
+          l.child === "sentiment",
         10_000,
         "the supervisor to notice",
       );

@@ -138,3 +138,23 @@ Deno.test("a second start on the same store is refused, and leaves the running m
     await Deno.remove(storeDir, { recursive: true }).catch(() => {});
   }
 });
+
+Deno.test("the supervisor's restart line is its own (service weft-supervisor) and names the child in child", async () => {
+  // Found by an operator's probe: "service exited; restarting" had service: "sentiment",
+  // overriding the supervisor's own service field (docs: service is weft-<name>).
+  await using mesh = await startMesh(); // a process per service
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const started = await mesh.waitForLog(
+    (l) => l.service === "weft-sentiment" && l.msg === "starting",
+    10_000,
+    "sentiment's start",
+  );
+  Deno.kill(started.pid as number, "SIGKILL");
+  const line = await mesh.waitForLog(
+    (l) => l.msg === "service exited; restarting",
+    10_000,
+    "the supervisor to notice",
+  );
+  assert.equal(line.service, "weft-supervisor");
+  assert.equal(line.child, "sentiment");
+});

@@ -64,7 +64,7 @@ Deno.test("with WEFT_TOGETHER=all every service runs in one process, and both pi
         const seen = mesh.logs.length;
         Deno.kill(pid, "SIGKILL");
         await mesh.waitForLog(
-          (l) => l.msg === "service exited; restarting" && l.service === "together",
+          (l) => l.msg === "service exited; restarting" && l.child === "together",
           10_000,
           "the supervisor to notice",
         );
