@@ -1580,7 +1580,8 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   const summary = {
     gateway,
     events,
-    dashboard: `${gateway}/dashboard`,
+    // The dashboard is an event stream's client: the events gateway's when there is one.
+    dashboard: `${events ?? gateway}/dashboard`,
     nats: config.natsUrl,
     nats_monitoring: nats ? `http://127.0.0.1:${config.natsMonitorPort || 8222}` : undefined,
     nats_cli: seeds
@@ -1612,8 +1613,12 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   if (!signalled && Deno.stdout.isTerminal() && missing.length === 0) {
     const lines = [
       `Weft is ready: ${started.length} services in ${(summary.ready_in_ms / 1000).toFixed(1)} s`,
-      `  gateway    ${gateway}   (dashboard: ${summary.dashboard})`,
-      ...(events ? [`  events     ${events}   (event streams: /events, /.../events)`] : []),
+      ...(events
+        ? [
+          `  gateway    ${gateway}`,
+          `  events     ${events}   (event streams: /events, /.../events; dashboard: ${summary.dashboard})`,
+        ]
+        : [`  gateway    ${gateway}   (dashboard: ${summary.dashboard})`]),
       `  nats       ${config.natsUrl}${
         summary.nats_monitoring ? `   (monitoring: ${summary.nats_monitoring})` : ""
       }`,

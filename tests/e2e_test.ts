@@ -375,6 +375,11 @@ Deno.test("with WEFT_EVENTS_PORT a second gateway process serves event streams o
   const ready = await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
   const events = `http://127.0.0.1:${eventsPort}`;
   assert.equal(ready.events, events);
+  // The dashboard (an event stream's client) is named on the events gateway, and served there.
+  assert.equal(ready.dashboard, `${events}/dashboard`);
+  const page = await fetch(String(ready.dashboard));
+  assert.equal(page.status, 200);
+  await page.body?.cancel();
   // Its own process, even with every other service in one.
   const started = await mesh.waitForLog((l) => l.msg === "starting services", 1_000, "start");
   assert.equal((started.processes as string[]).filter((p) => p === "gateway").length, 1);
