@@ -56,7 +56,9 @@ export const service: ServiceDef = defineService(
     }
     const pipelines = await loadPipelines(config.pipelines, ROOT);
     // Each definition's stream keeps room for the later events of the items in flight.
-    trackItems(capacity, pipelines, nc);
+    await trackItems(capacity, pipelines, nc).catch((err) =>
+      log.error("items in flight not followed: intake keeps no room for them", { err })
+    );
     const guards = {
       capacity,
       limiter,

@@ -16,8 +16,8 @@
  * and an estimate past the mark is confirmed by a reading before a refusal.
  *
  * A stream whose items are tracked ({@link CapacityGuard.track}: the gateway tracks every
- * definition's) also keeps room for its items in flight, followed on the bus from their
- * first event to their last: each is taken to store what the most costly of the last 100
+ * definition's) also keeps room for its items in flight, followed in the stream (an ordered
+ * consumer) from their first event to their last: each is taken to store what the most costly of the last 100
  * ended items stored (while none has ended, one event per step the size of the largest
  * seen), and a new item is refused when the stream, what was published since its reading,
  * what the items in flight will still store and the new item itself would pass the mark.
@@ -25,8 +25,15 @@
  *
  * @module
  */
-import { JetStreamApiError, type JetStreamManager, type StreamInfo } from "@nats-io/jetstream";
-import type { Msg, NatsConnection, Subscription } from "@nats-io/nats-core";
+import {
+  DeliverPolicy,
+  jetstream,
+  JetStreamApiError,
+  type JetStreamManager,
+  type JsMsg,
+  type StreamInfo,
+} from "@nats-io/jetstream";
+import type { MsgHdrs, NatsConnection } from "@nats-io/nats-core";
 import { ErrorCode, WeftError } from "./errors.ts";
 import type { Logger } from "./observability/log.ts";
 
@@ -125,11 +132,11 @@ export interface CapacityOptions {
 }
 
 /**
- * How to follow a stream's items on the bus (see {@link CapacityGuard.track}): the subjects
+ * How to follow a stream's items in it (see {@link CapacityGuard.track}): the subjects
  * its events are published on, and what a subject says of its item.
  */
 export interface ItemEvents {
-  /** The connection to follow them on. */
+  /** The connection to follow them on (an ordered consumer of the stream). */
   nc: NatsConnection;
   /** Subject filter of every event of the stream's items (`orders.>`). */
   subject: string;
@@ -152,12 +159,13 @@ export interface CapacityGuard extends Disposable {
   /** Reads `stream` every refresh interval from now on (its alert fires without intake). */
   watch(stream: string): void;
   /**
-   * Reserves room for `stream`'s items in flight: followed on the bus from their entry to
+   * Reserves room for `stream`'s items in flight (resolves once it follows them): followed in
+   * the stream from their entry to
    * their last event, each counts for what an item has stored at most (of the last ones
    * that ended) less what it stored so far, and a check refuses a new item when the stream
    * plus those reserves plus the new item's would pass the high-water mark.
    */
-  track(stream: string, events: ItemEvents): void;
+  track(stream: string, events: ItemEvents): Promise<void>;
   /** The latest reading of every stream checked so far (for /metrics). */
   readings(): StreamUsage[];
   /** Stops reading and following streams. */
@@ -297,7 +305,7 @@ export function createCapacityGuard(
     watch(stream) {
       if (!closed) watched(stream);
     },
-    track(stream, events) {
+    async track(stream, events) {
       if (closed) return;
       const w = watched(stream);
       if (w.items) return;
@@ -307,39 +315,70 @@ export function createCapacityGuard(
         seenBytes: 0,
         seenMessages: 0,
         eventsPerItem: events.eventsPerItem ?? 8,
-        sub: events.nc.subscribe(events.subject, {
-          callback: (err, m) => {
-            if (err) return;
-            const at = events.itemOf(m.subject);
-            if (!at) return;
-            const size = storedSize(m);
-            f.seenBytes += size;
-            f.seenMessages++;
-            let item = f.items.get(at.item);
-            if (!item) {
-              // An item first seen by a later event (in flight before the guard began) is
-              // followed from there.
-              item = { bytes: 0, messages: 0, largest: 0 };
-              f.items.set(at.item, item);
-            }
-            item.bytes += size;
-            item.messages++;
-            item.largest = Math.max(item.largest, size);
-            if (at.end) {
-              f.items.delete(at.item);
-              f.ended.push({ bytes: item.bytes, messages: item.messages });
-              if (f.ended.length > ENDED_KEPT) f.ended.shift();
-            }
-          },
-        }),
       };
       w.items = f;
+      const js = jetstream(events.nc);
+      // What the stream stores, as stored: an ordered consumer (a plain subscription on the
+      // subjects a stream captures is no identity's to make; see src/identities.ts).
+      let next = (await jsm.streams.info(stream)).state.last_seq + 1;
+      const seen = (m: JsMsg) => {
+        next = m.seq + 1;
+        const at = events.itemOf(m.subject);
+        if (!at) return;
+        const size = storedSize(m);
+        f.seenBytes += size;
+        f.seenMessages++;
+        let item = f.items.get(at.item);
+        if (!item) {
+          // An item first seen by a later event (in flight before the guard began) is
+          // followed from there.
+          item = { bytes: 0, messages: 0, largest: 0 };
+          f.items.set(at.item, item);
+        }
+        item.bytes += size;
+        item.messages++;
+        item.largest = Math.max(item.largest, size);
+        if (at.end) {
+          f.items.delete(at.item);
+          f.ended.push({ bytes: item.bytes, messages: item.messages });
+          if (f.ended.length > ENDED_KEPT) f.ended.shift();
+        }
+      };
+      const follow = async (): Promise<void> => {
+        const consumer = await js.consumers.get(stream, {
+          // One filter, in the consumer's create subject: what a reader's grant allows.
+          filter_subjects: events.subject,
+          deliver_policy: DeliverPolicy.StartSequence,
+          opt_start_seq: next,
+        });
+        const messages = await consumer.consume({ max_messages: 256, expires: 5_000 });
+        const done = (async () => {
+          for await (const m of messages) seen(m);
+        })().catch((err) => opts.log?.warn("items no longer followed", { stream, err }))
+          .then(() => {
+            consumer.delete().catch(() => {});
+            if (closed) return;
+            // Ended on its own (a lost stream leader): followed again from where it was.
+            const again = setTimeout(() => {
+              if (!closed) {
+                follow().catch((err) => opts.log?.warn("items not followed", { stream, err }));
+              }
+            }, 1000);
+            Deno.unrefTimer(again as unknown as number);
+          });
+        f.stop = () => {
+          messages.stop();
+          return done;
+        };
+      };
+      await follow();
+      if (closed) await f.stop?.();
     },
     readings: () => [...streams.values()].flatMap((w) => w.reading ? [w.reading.usage] : []),
     close() {
       closed = true;
       clearInterval(timer);
-      for (const w of streams.values()) w.items?.sub.unsubscribe();
+      for (const w of streams.values()) w.items?.stop?.().catch(() => {});
     },
     [Symbol.dispose]() {
       this.close();
@@ -350,7 +389,7 @@ export function createCapacityGuard(
 /** Ended items whose sizes are kept to reserve room for the items in flight. */
 const ENDED_KEPT = 100;
 
-/** A tracked stream's items in flight, followed on the bus. */
+/** A tracked stream's items in flight, followed in the stream. */
 interface Flights {
   /** What each item in flight stored so far, and its largest event. */
   items: Map<string, { bytes: number; messages: number; largest: number }>;
@@ -361,7 +400,8 @@ interface Flights {
   seenMessages: number;
   /** Events an item is taken to store while no item has ended. */
   eventsPerItem: number;
-  sub: Subscription;
+  /** Stops following them. */
+  stop?: () => Promise<void>;
 }
 
 /**
@@ -393,7 +433,7 @@ function reserved(f: Flights): { bytes: number; messages: number } {
 }
 
 /** Bytes a message takes in a stream (nats-server counts its record header and checksum). */
-function storedSize(m: Msg): number {
+function storedSize(m: { subject: string; data: Uint8Array; headers?: MsgHdrs }): number {
   let headers = 0;
   if (m.headers) {
     headers = 12; // "NATS/1.0\r\n" and the closing "\r\n"

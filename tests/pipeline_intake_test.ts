@@ -36,6 +36,7 @@ import { connectClient, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { definitionsApp } from "./helpers/pipeline.ts";
 import { readSse } from "./helpers/sse.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
+import { startMesh } from "./helpers/mesh.ts";
 
 const root = new URL("../", import.meta.url).pathname;
 const pipelines = await loadPipelines(["pipelines/examples/tickets.ts"], root);
@@ -733,7 +734,7 @@ Deno.test("a definition whose items store several large events keeps room for th
   ];
   // As the gateway service builds it.
   using capacity = createCapacityGuard(t.jsm, { highWater: 0.9, log: t.log });
-  trackItems(capacity, [p], t.nc);
+  await trackItems(capacity, [p], t.nc);
   try {
     const intake = await createIntake(t.nc);
     const app = createApp({
@@ -790,4 +791,50 @@ Deno.test("a definition whose items store several large events keeps room for th
   } finally {
     for (const r of runners) await r.stop();
   }
+});
+
+Deno.test("under deno task start, the support pipeline's intake refuses before its stream fills, and no accepted item is dead-lettered", async () => {
+  // The operator's probe, as it ran: a 2 MiB stream, ~3.9 KB requests one at a time. Before,
+  // 91 were accepted, the stream itself refused at 99.9%, and 87-90 were dead-lettered.
+  await using mesh = await startMesh({
+    WEFT_STREAM_MAX_BYTES: String(2 * 1024 * 1024),
+    WEFT_PIPELINES: "pipelines/support/pipeline.ts",
+  });
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const text = "My invoice shows a double charge and I want a refund please. ".repeat(64)
+    .slice(0, 3900);
+  const ids: string[] = [];
+  let refusal: { status: number; detail: string } | undefined;
+  for (let i = 0; i < 400 && !refusal; i++) {
+    const r = await fetch(`${mesh.gatewayUrl}/pipelines/support/items`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ customer: `c${i}`, text }),
+    });
+    if (r.status === 202) ids.push((await r.json()).id);
+    else refusal = { status: r.status, detail: (await r.json()).detail };
+  }
+  assert.equal(refusal?.status, 507, JSON.stringify(refusal));
+  assert.match(refusal!.detail, /refused from 90%/, "refused by the guard, not the full stream");
+  assert.ok(ids.length > 0);
+  // Every accepted item reaches a step that holds it (a person's answer) or its end.
+  const statuses = await waitFor(
+    async () => {
+      const s = await Promise.all(ids.map(async (id) => {
+        const r = await fetch(`${mesh.gatewayUrl}/pipelines/support/items/${id}`);
+        return r.status === 200 ? ((await r.json()) as { status: string }).status : "";
+      }));
+      return s.every((x) => x !== "" && x !== "running" && x !== "accepted") && s;
+    },
+    60_000,
+    "every accepted item settled",
+  );
+  assert.ok(!statuses.includes("failed"), JSON.stringify(statuses));
+  const letters = await (await fetch(`${mesh.gatewayUrl}/deadletters`)).json();
+  assert.deepEqual(letters.items, [], "no dead letters");
+  const metrics = await (await fetch(`${mesh.gatewayUrl}/metrics`)).text();
+  const usage = Number(
+    /weft_stream_usage_ratio\{stream="SUPPORT",resource="bytes"\} (\S+)/.exec(metrics)?.[1],
+  );
+  assert.ok(usage < 0.9, `SUPPORT at ${usage}`);
 });

@@ -261,12 +261,14 @@ export function itemEventsOf(p: LoadedPipeline, nc: NatsConnection): ItemEvents 
 }
 
 /** Has `capacity` reserve room for the items in flight of every pipeline of `loaded`. */
-export function trackItems(
+export async function trackItems(
   capacity: CapacityGuard,
   loaded: readonly LoadedPipeline[],
   nc: NatsConnection,
-): void {
-  for (const p of loaded) capacity.track(pipelineSubjects(p.def).stream, itemEventsOf(p, nc));
+): Promise<void> {
+  for (const p of loaded) {
+    await capacity.track(pipelineSubjects(p.def).stream, itemEventsOf(p, nc));
+  }
 }
 
 /**
