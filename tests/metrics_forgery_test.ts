@@ -193,7 +193,8 @@ for (
       // Only its own subject reached it: it never saw another service's reply inbox.
       assert.deepEqual(Object.keys(heard), [metricsSubject("sentiment")]);
       const refusals = mesh.logs.filter((l) =>
-        l.msg === "metrics answer refused" && l.service === "sentiment"
+        l.msg === "metrics answer refused" && l.service === "weft-gateway" &&
+        l.source === "sentiment"
       );
       assert.ok(refusals.some((l) => /stage dispatch is dispatch's/.test(String(l.reason))));
       assert.ok(refusals.some((l) => /negative counter value -1/.test(String(l.reason))));

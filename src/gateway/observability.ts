@@ -138,7 +138,8 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
     cache: new MetricsCache(),
     onRefused: (service: string, reason: string) => {
       refused.inc({ service });
-      log.warn("metrics answer refused", { service, reason });
+      // `service` is the logger's own (weft-gateway): the answering one goes in `source`.
+      log.warn("metrics answer refused", { source: service, reason });
     },
   };
   const intakeStages = Object.fromEntries(
