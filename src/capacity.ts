@@ -289,8 +289,11 @@ export function createCapacityGuard(
         }
       }
       let ratio = projected(w, reading);
-      if (ratio >= highWater && Date.now() - reading.at > 0) {
-        // Past the mark by the estimate alone: a reading confirms it before a refusal.
+      const since = w.admitted > reading.admittedAt ||
+        (w.items !== undefined && w.items.seenBytes > reading.seenAt);
+      if (ratio >= highWater && since) {
+        // Past the mark by the estimate alone (admissions or events since the reading): a
+        // reading confirms it before a refusal.
         reading = await read(stream, w);
         ratio = projected(w, reading);
       }

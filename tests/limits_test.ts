@@ -285,3 +285,30 @@ Deno.test("the guard reads a stream on its own: the alert fires from growth with
   );
   await assert.rejects(capacity.check(FEEDBACK_STREAM), CapacityError);
 });
+
+Deno.test("past the mark with nothing new since its reading, the guard refuses without asking the server again", async () => {
+  // A flood of requests at the mark is answered from one reading, not one stream-info
+  // request per refusal.
+  await using t = await startTestNats({ streamMaxBytes: 64 * 1024 });
+  const js = jetstream(t.nc);
+  while ((await t.jsm.streams.info(FEEDBACK_STREAM)).state.bytes < 0.95 * 64 * 1024) {
+    await js.publish("feedback.submit", JSON.stringify({ text: "x".repeat(500) }));
+  }
+  using capacity = createCapacityGuard(t.jsm, { refreshMs: 60_000, nearMs: 60_000 });
+  await assert.rejects(capacity.check(FEEDBACK_STREAM), CapacityError);
+  // The server's side of it: every stream-info request, seen on the bus.
+  let asked = 0;
+  const sub = t.nc.subscribe(`$JS.API.STREAM.INFO.${FEEDBACK_STREAM}`, {
+    callback: () => void asked++,
+  });
+  try {
+    await t.nc.flush();
+    for (let i = 0; i < 20; i++) {
+      await assert.rejects(capacity.check(FEEDBACK_STREAM), CapacityError);
+    }
+    await t.nc.flush();
+    assert.equal(asked, 0);
+  } finally {
+    sub.unsubscribe();
+  }
+});
