@@ -226,7 +226,10 @@ export function applyPipelineEvent(
       ? awaitedEventId(d.subject)
       : undefined;
     if (failedOn !== undefined) base.error.event = failedOn;
-    if (failedOn !== undefined && digest !== undefined) base.error.digest = digest;
+    // (A redrive of a refused submission stores an entry event made from it, not its bytes:
+    // the digest is the submission's, checked where the submission is read again.)
+    const atIntake = d?.subject === `${n}.submit`;
+    if (failedOn !== undefined && digest !== undefined && !atIntake) base.error.digest = digest;
     base.current = [];
     delete base.waiting;
     return base;
