@@ -237,8 +237,12 @@ async function* readOnce(
       while (true) {
         let timer: ReturnType<typeof setTimeout> | undefined;
         const stalled = new Promise<typeof STALLED>((r) => (timer = setTimeout(r, wait, STALLED)));
-        const next = await Promise.race([it.next(), stalled]);
-        clearTimeout(timer);
+        let next: IteratorResult<JsMsg> | typeof STALLED;
+        try {
+          next = await Promise.race([it.next(), stalled]);
+        } finally {
+          clearTimeout(timer); // also when the read fails (its connection closed)
+        }
         if (next === STALLED) {
           yield STALLED;
           return;
