@@ -207,6 +207,13 @@ export interface GatherOptions {
 }
 
 /**
+ * Families a restarted process reports whole again, not from 0: the live shadows' counts,
+ * kept in the `weft_shadow_tallies` bucket (retiring a dead instance's would count them twice,
+ * and keep a detached shadow's series).
+ */
+const RESTORED = ["weft_shadow_"];
+
+/**
  * Each service instance's last metrics answer, kept `keepMs` (15 s by default) for the
  * gathers it misses (an instance: the service's name and the id its answer's header gives),
  * and the counters of the instances gone longer than that, so the mesh's counters never fall.
@@ -217,6 +224,7 @@ export interface GatherOptions {
  * would read any fall as a counter reset. An instance that answers again after it was retired
  * (it was only slow) is taken out of the retired total, its own answer counting instead; one
  * retired longer than `reviveMs` (an hour by default) is folded into the total for good.
+ * (Families a restarted process restores, {@link RESTORED}, are never retired.)
  */
 export class MetricsCache {
   #last = new Map<string, { at: number; value: MetricsJson }>();
@@ -242,7 +250,8 @@ export class MetricsCache {
     for (const [instance, { at, value }] of this.#last) {
       if (now - at > this.keepMs) {
         this.#last.delete(instance);
-        this.#retired.set(instance, { at: now, value: sumCounters([value]) });
+        const kept = value.filter((f) => !RESTORED.some((p) => f.name.startsWith(p)));
+        this.#retired.set(instance, { at: now, value: sumCounters([kept]) });
       } else if (!seen.has(instance)) out.push(value);
     }
     for (const [instance, { at, value }] of this.#retired) {
