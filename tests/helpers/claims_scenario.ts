@@ -472,13 +472,13 @@ export function claimsEndToEnd(mode: FaultMode): void {
         // The LLM was asked once per item (a redelivery would be answered by its cache).
         assert.ok(llm.requests.length >= 27);
         const killed = mesh.logs.some((l) =>
-          l.msg === "service exited; restarting" && String(l.service).startsWith("claims-fraud#")
+          l.msg === "service exited; restarting" && String(l.child).startsWith("claims-fraud#")
         );
         assert.ok(killed, "the supervisor restarted the killed step");
         assert.ok(
           mesh.logs.some((l) =>
             l.msg === "service exited; restarting" &&
-            String(l.service).startsWith(mode.together ? "together" : "claims-flow")
+            String(l.child).startsWith(mode.together ? "together" : "claims-flow")
           ),
           "the supervisor restarted the killed -flow service",
         );
