@@ -1281,8 +1281,5 @@ Deno.test("GET /dashboard/stream refuses a query parameter with 422 naming it, a
     const p = await expectProblem(res, 422, field);
     assert.match(p.detail, new RegExp(`unknown query parameter ${field}; this route takes none`));
   }
-  const ok = await app.request("/dashboard/stream");
-  assert.equal(ok.status, 200);
-  assert.match(ok.headers.get("content-type") ?? "", /^text\/event-stream/);
-  await ok.body?.cancel();
+  // (Without a query it streams: tests/observability_test.ts reads it.)
 });

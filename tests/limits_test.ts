@@ -30,7 +30,7 @@ const JSON_TYPE = { "content-type": "application/json" };
 Deno.test("at its limit, intake refuses new items with 507 and Retry-After, and every accepted item is processed: nothing is discarded", async () => {
   await using t = await startTestNats({ streamMaxBytes: 200 * 1024 });
   await using p = await startPipeline(t);
-  const capacity = createCapacityGuard(t.jsm, {
+  using capacity = createCapacityGuard(t.jsm, {
     highWater: 0.9,
     alertAt: 0.8,
     refreshMs: 0,
@@ -161,7 +161,7 @@ Deno.test("a fill faster than the guard's refresh is refused from the high-water
   await using t = await startTestNats({ streamMaxBytes: 128 * 1024 });
   // A reading never renewed by age alone: the fill outruns it, as 100 items/s outran the
   // default second into a 2 MiB stream (refused only when full, 99.97%).
-  const capacity = createCapacityGuard(t.jsm, { refreshMs: 60_000, log: t.log });
+  using capacity = createCapacityGuard(t.jsm, { refreshMs: 60_000, log: t.log });
   const intake = await createIntake(t.nc, "weft-gateway", { capacity });
   const app: Hono = feedbackApp(t, intake);
   let refusal: number | undefined;
@@ -197,7 +197,7 @@ Deno.test("near its mark the guard reads the stream again before answering, so g
     }
   };
   // Far from the mark a reading lasts its refresh interval; near it, at most nearMs (0 here).
-  const capacity = createCapacityGuard(t.jsm, { refreshMs: 60_000, nearMs: 0, log: t.log });
+  using capacity = createCapacityGuard(t.jsm, { refreshMs: 60_000, nearMs: 0, log: t.log });
   await fillTo(0.82);
   await capacity.check(FEEDBACK_STREAM);
   // The items' later events (here: another publisher) take the stream past the mark.
@@ -210,7 +210,7 @@ Deno.test("the upload object store has a byte limit: uploads are refused with 50
   await using t = await startTestNats({ objectStoreMaxBytes: max });
   const objects = `OBJ_${CONTENT_OBJECT_BUCKET}`;
   assert.equal((await t.jsm.streams.info(objects)).config.max_bytes, max);
-  const capacity = createCapacityGuard(t.jsm, { log: t.log });
+  using capacity = createCapacityGuard(t.jsm, { log: t.log });
   const moderation = await createModerationApi({
     nc: t.nc,
     config: t.config,

@@ -53,6 +53,7 @@ async function gateway(t: TestNats, hub = false) {
   const config = { ...t.config, apiKeys: API_KEYS, hub: hub ? ["east"] : [] };
   const auth = createAuth(API_KEYS);
   const metrics = new WeftMetrics();
+  const capacity = createCapacityGuard(t.jsm);
   const parts: GatewayPart[] = [];
   for (const start of SHIPPED_GATEWAYS) {
     parts.push(
@@ -62,7 +63,7 @@ async function gateway(t: TestNats, hub = false) {
         log: t.log,
         metrics,
         auth,
-        capacity: createCapacityGuard(t.jsm),
+        capacity,
         limiter: createIngestLimiter(config.ingestLimits),
       }),
     );
@@ -94,6 +95,7 @@ async function gateway(t: TestNats, hub = false) {
     sseClients,
     [Symbol.dispose]() {
       for (const p of parts) p.stop();
+      capacity.close();
     },
   };
 }
