@@ -53,6 +53,27 @@ export const vers = definePipeline({
 });
 `;
 
+/** An item's state over HTTP (`GET /pipelines/<pipeline>/items/<id>`). */
+const itemState = (pipeline: string) => async (base: string, id: string) =>
+  await (await fetch(`${base}/pipelines/${pipeline}/items/${id}`)).json();
+
+/** Waits (30 s) for an item's state, read by `state`, to pass `ok`; returns it. */
+const stateWhenOk = (state: (base: string, id: string) => Promise<Record<string, unknown>>) =>
+(
+  base: string,
+  id: string,
+  ok: (s: Record<string, unknown>) => boolean,
+  what: string,
+) =>
+  waitFor(
+    async () => {
+      const s = await state(base, id);
+      return ok(s) ? s : undefined;
+    },
+    30_000,
+    what,
+  );
+
 async function post(base: string, path: string, body: unknown) {
   const res = await fetch(`${base}${path}`, {
     method: "POST",
@@ -378,8 +399,7 @@ Deno.test({
     await Deno.mkdir(`${dir}/def`, { recursive: true });
     await Deno.writeTextFile(file, growing(1));
     const storeDir = `${dir}/nats`;
-    const state = async (base: string, id: string) =>
-      await (await fetch(`${base}/pipelines/grow/items/${id}`)).json();
+    const state = itemState("grow");
     const finished: string[] = [];
     let waiting: string;
     try {
@@ -487,8 +507,7 @@ Deno.test("a step removed while items wait on its consumer: they are dead-letter
   const storeDir = `${dir}/nats`;
   // A short ack wait: what the stopped step held comes back soon after the restart.
   const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/retire/items/${id}`)).json();
+  const state = itemState("retire");
   const ids: string[] = [];
   try {
     {
@@ -705,22 +724,8 @@ Deno.test("a re-wired step that stays: an event stored before the change that no
   const storeDir = `${dir}/nats`;
   // A short ack wait: what the stopped step held comes back soon after the restart.
   const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/rewire/items/${id}`)).json();
-  const when = (
-    base: string,
-    id: string,
-    ok: (s: Record<string, unknown>) => boolean,
-    what: string,
-  ) =>
-    waitFor(
-      async () => {
-        const s = await state(base, id);
-        return ok(s) ? s : undefined;
-      },
-      30_000,
-      what,
-    );
+  const state = itemState("rewire");
+  const when = stateWhenOk(state);
   let slow: string;
   let fast: string;
   try {
@@ -841,22 +846,8 @@ Deno.test("a re-wired route that now leads to a wait, a delay or an end: the eve
   await Deno.writeTextFile(file, rewiredToControl(1));
   const storeDir = `${dir}/nats`;
   const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/recontrol/items/${id}`)).json();
-  const when = (
-    base: string,
-    id: string,
-    ok: (s: Record<string, unknown>) => boolean,
-    what: string,
-  ) =>
-    waitFor(
-      async () => {
-        const s = await state(base, id);
-        return ok(s) ? s : undefined;
-      },
-      30_000,
-      what,
-    );
+  const state = itemState("recontrol");
+  const when = stateWhenOk(state);
   const ids: Record<string, string> = {};
   try {
     {
@@ -947,22 +938,8 @@ Deno.test("a re-wired branch that now leads straight to its join: the completion
   await Deno.writeTextFile(file, rejoined(1));
   const storeDir = `${dir}/nats`;
   const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/rejoin/items/${id}`)).json();
-  const when = (
-    base: string,
-    id: string,
-    ok: (s: Record<string, unknown>) => boolean,
-    what: string,
-  ) =>
-    waitFor(
-      async () => {
-        const s = await state(base, id);
-        return ok(s) ? s : undefined;
-      },
-      30_000,
-      what,
-    );
+  const state = itemState("rejoin");
+  const when = stateWhenOk(state);
   let id: string;
   try {
     {
@@ -1053,8 +1030,7 @@ Deno.test("a branch's step removed while it holds an item, its sibling past the 
   await Deno.writeTextFile(file, branching(1));
   const storeDir = `${dir}/nats`;
   const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/branch/items/${id}`)).json();
+  const state = itemState("branch");
   let id: string;
   let passed: string;
   try {
@@ -1324,8 +1300,7 @@ async function pastTheStep(change: Change) {
   await Deno.writeTextFile(file, renaming(1));
   const storeDir = `${dir}/nats`;
   const env = { ...ONE_PROCESS, WEFT_PIPELINES: file, WEFT_ACK_WAIT_MS: "2000" };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/shop/items/${id}`)).json();
+  const state = itemState("shop");
   const waiting: string[] = [];
   const paused: string[] = [];
   let before: string;
@@ -1510,8 +1485,7 @@ Deno.test("a step renamed while items are queued at the step after it: each of t
     WEFT_ACK_WAIT_MS: "2000",
     WEFT_CONCURRENCY: "1",
   };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/chain/items/${id}`)).json();
+  const state = itemState("chain");
   const ids: string[] = [];
   try {
     {
@@ -1665,8 +1639,7 @@ Deno.test("a message given up on for an item that ended at an end step the runni
   await Deno.writeTextFile(file, renamedEnd(1));
   const storeDir = `${dir}/nats`;
   const env = { ...ONE_PROCESS, WEFT_PIPELINES: file };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/ending/items/${id}`)).json();
+  const state = itemState("ending");
   let id: string;
   try {
     {
@@ -1756,8 +1729,7 @@ Deno.test("a timer of a step the running definition lacks, for an item that has 
   await Deno.writeTextFile(file, lapsing(1));
   const storeDir = `${dir}/nats`;
   const env = { ...ONE_PROCESS, WEFT_PIPELINES: file };
-  const state = async (base: string, id: string) =>
-    await (await fetch(`${base}/pipelines/lapse/items/${id}`)).json();
+  const state = itemState("lapse");
   const lettersOf = async (base: string, id: string) =>
     (await (await fetch(`${base}/deadletters?item_id=${id}`)).json()).items as {
       seq: number;
