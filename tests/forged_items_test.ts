@@ -946,3 +946,81 @@ Deno.test("a work step does not run again for a copy of a completion it ran past
   );
   assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
 });
+
+Deno.test("an id whose bus submission failed at intake, submitted again valid, is processed: its entry after the failure resumes it, and a step's event before that changes nothing", async () => {
+  // Found by re-probing this stop's dispatch check: the resubmission was answered 202, then
+  // dispatch dead-lettered it `conflict` ("has failed") for good, and a forged step event for
+  // the failed id wrote its text into the item's state.
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const { body } = await p.intake.submit({ text: "Why was I charged twice this month?" });
+  await feedbackProcessed(t, body.id);
+  const js = jetstream(t.nc);
+  const kv = await new Kvm(t.nc).open(STATE_BUCKET);
+  await js.publish("feedback.submit", JSON.stringify({ id: "FI1", text: 123 }));
+  await waitFor(
+    async () => (await readState<FeedbackState>(kv, "FI1"))?.state.status === "failed",
+    20_000,
+    "FI1 failed at intake",
+  );
+  // The sentiment key's event for the failed id, with text of its own.
+  const real = await lastOn(t.jsm, FEEDBACK_STREAM, `feedback.sentiment_analyzed.${body.id}`);
+  const forged = await js.publish(
+    "feedback.sentiment_analyzed.FI1",
+    JSON.stringify({
+      ...real,
+      id: "forged-fi1",
+      item_id: "FI1",
+      data: { ...real.data, text: "FORGED" },
+    }),
+  );
+  await waitFor(
+    async () => {
+      const ci = await t.jsm.consumers.info(FEEDBACK_STREAM, "state");
+      return ci.ack_floor.stream_seq >= forged.seq;
+    },
+    20_000,
+    "the state writer past the forged event",
+  );
+  const failed = (await readState<FeedbackState>(kv, "FI1"))!.state;
+  assert.equal(failed.status, "failed");
+  assert.equal(failed.text, undefined, "the forged text is not the item's");
+  // The caller sends it again, valid: the item is made and processed with its own text.
+  const res = await p.app.request("/feedback", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ id: "FI1", text: "real text after intake failure" }),
+  });
+  assert.equal(res.status, 202, await res.text());
+  const state = await feedbackProcessed(t, "FI1");
+  assert.equal(state.text, "real text after intake failure");
+});
+
+Deno.test("a `feedback.failed` published for an id before it was submitted does not hold the item: it is processed", async () => {
+  // Found by re-probing: a step's key publishing a failure for an id nobody used yet made the
+  // later item's dispatch dead-letter it `conflict`, and the item stopped at topics for good.
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const js = jetstream(t.nc);
+  await js.publish(
+    "feedback.failed.PREF1",
+    JSON.stringify({
+      id: "forged-failed-pref1",
+      type: "feedback.failed",
+      version: 1,
+      item_id: "PREF1",
+      trace_id: TRACE,
+      time: new Date().toISOString(),
+      source: "weft-topics",
+      data: { stage: "topics", code: "handler_failed", reason: "forged", attempts: 5 },
+    }),
+  );
+  const res = await p.app.request("/feedback", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ id: "PREF1", text: "My invoice is wrong, charged twice" }),
+  });
+  assert.equal(res.status, 202, await res.text());
+  const state = await feedbackProcessed(t, "PREF1");
+  assert.equal(state.text, "My invoice is wrong, charged twice");
+});

@@ -165,14 +165,19 @@ export type FeedbackItemReader = (itemId: string) => Promise<{
  */
 export function feedbackItemReader(jsm: JetStreamManager): FeedbackItemReader {
   return async (itemId) => {
-    const [entry, failed] = await Promise.all([
+    const [entry, lastFailure] = await Promise.all([
       // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
       storedMessage(jsm, FEEDBACK_STREAM, {
         next_by_subj: `${T.Ingested}.${itemId}`,
         seq: 0,
       } as unknown as { seq: number }),
-      failedNow(jsm, itemId),
+      storedMessage(jsm, FEEDBACK_STREAM, { last_by_subj: `${T.Failed}.${itemId}` }),
     ]);
+    // A failure stored before the item entered does not hold it: a failed submission that a
+    // redrive or a resubmission then made the item, or one a step's key published for the id
+    // before it was submitted.
+    const failed = lastFailure !== null && (entry === null || lastFailure.seq > entry.seq) &&
+      await failedNow(jsm, itemId, lastFailure);
     let event: unknown;
     try {
       event = entry?.json();
@@ -184,17 +189,17 @@ export function feedbackItemReader(jsm: JetStreamManager): FeedbackItemReader {
 }
 
 /**
- * Whether a feedback item has failed and not been resumed since: one read (its last
- * `feedback.failed`) when it has not failed. Failed on an event, a redrive of it resumes the
+ * Whether a feedback item whose last `feedback.failed` is `last` (stored after it entered) has
+ * not been resumed since. Failed on an event, a redrive of it resumes the
  * item ({@link itemFailedNow}); failed on a step's message that is no event (junk, which a
  * redrive cannot make pass), nothing does, not a valid event stored on that subject later (a
  * step's key could publish one); failed on its submission, a redrive of it does.
  */
-async function failedNow(jsm: JetStreamManager, itemId: string): Promise<boolean> {
-  const last = await storedMessage(jsm, FEEDBACK_STREAM, {
-    last_by_subj: `${T.Failed}.${itemId}`,
-  });
-  if (!last) return false;
+async function failedNow(
+  jsm: JetStreamManager,
+  itemId: string,
+  last: { json<T>(): T },
+): Promise<boolean> {
   let on: { event_id?: unknown; subject?: unknown } | undefined;
   try {
     on = last.json<{ data?: { event_id?: unknown; subject?: unknown } }>().data;

@@ -73,7 +73,13 @@ export function applyEvent(
     if (error?.event_id !== undefined) {
       if (event.id !== error.event_id || seq <= (state.stages.failed?.seq ?? 0)) return state;
       resumed = true;
-    } else if (error?.subject !== undefined && error.subject !== SUBMIT_SUBJECT) return state;
+    } else if (error?.subject === SUBMIT_SUBJECT) {
+      // Failed at intake, the item never entered: only its entry event, stored after the
+      // failure (a redrive or a resubmission of it), makes the item; a step's event for it (a
+      // step's key could publish one) is not applied.
+      if (event.type !== T.Ingested || seq <= (state.stages.failed?.seq ?? 0)) return state;
+      resumed = true;
+    } else if (error?.subject !== undefined) return state;
     // The item's input is what its first event (its ingested one) carried: an event carrying
     // another is forged or altered, and is not applied.
     if (!carriesItemOf(state, event)) return state;
