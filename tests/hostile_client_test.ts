@@ -236,7 +236,7 @@ Deno.test("a JSON body declared in a charset other than utf-8 is refused with 41
   assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing stored");
   // utf-8 in any case, quoted or not, is the body's own encoding.
   for (const path of ["/feedback", "/content"]) {
-    for (const charset of ["utf-8", "UTF-8", '"Utf-8"']) {
+    for (const charset of ["utf-8", "UTF-8", '"Utf-8"', "utf8", "UTF8", "us-ascii"]) {
       const res = await app.request(path, {
         method: "POST",
         headers: { "content-type": `application/json;charset=${charset}` },

@@ -144,8 +144,23 @@ export function bodyLimitProblem(maxSize: number): MiddlewareHandler {
 const JSON_MEDIA_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i;
 
 /**
+ * Whether a body declared in `charset` reads the same as UTF-8: any label of UTF-8 in the
+ * WHATWG Encoding Standard (`utf-8`, `utf8`, `unicode-1-1-utf-8`, ...) and US-ASCII, a subset
+ * of it (found by re-probing: a client's `charset=utf8` was refused).
+ */
+function readsAsUtf8(charset: string): boolean {
+  const label = charset.trim().toLowerCase();
+  if (label === "us-ascii" || label === "ascii") return true;
+  try {
+    return new TextDecoder(label).encoding === "utf-8";
+  } catch {
+    return false; // no encoding the standard knows
+  }
+}
+
+/**
  * True when `type` (a Content-Type header) declares a JSON body. A JSON body is read as UTF-8,
- * so a declared `charset` other than utf-8 (any case, quoted or not) is a 415 problem naming
+ * so a declared `charset` that does not read as UTF-8 (any case, quoted or not) is a 415 problem naming
  * `content-type`, never decoded as UTF-8 all the same and stored rewritten.
  *
  * @example
@@ -161,7 +176,7 @@ export function isJsonType(type: string): boolean {
     const eq = param.indexOf("=");
     if (eq < 0 || param.slice(0, eq).trim().toLowerCase() !== "charset") continue;
     const charset = param.slice(eq + 1).trim().replace(/^"(.*)"$/, "$1");
-    if (charset.toLowerCase() !== "utf-8") {
+    if (!readsAsUtf8(charset)) {
       throw new WeftError(
         ErrorCode.UnsupportedMediaType,
         `content-type's charset must be utf-8, a JSON body's encoding (got ${
