@@ -141,10 +141,11 @@ export interface ItemEvents {
   /** Subject filter of every event of the stream's items (`orders.>`). */
   subject: string;
   /**
-   * The item an event subject belongs to and whether the event ends it (its last event),
-   * or undefined for a subject that is no item's event.
+   * The item an event subject belongs to, whether the event is its entry (the only event
+   * that starts following an item) and whether it ends it (its last event), or undefined
+   * for a subject that is no item's event.
    */
-  itemOf(subject: string): { item: string; end: boolean } | undefined;
+  itemOf(subject: string): { item: string; entry: boolean; end: boolean } | undefined;
   /**
    * Events an item may store at most, its entry included, taken until an item has ended
    * (its real size is learned from ended items then). Default 8.
@@ -168,6 +169,11 @@ export interface CapacityGuard extends Disposable {
   track(stream: string, events: ItemEvents): Promise<void>;
   /** The latest reading of every stream checked so far (for /metrics). */
   readings(): StreamUsage[];
+  /**
+   * What the guard follows of a tracked `stream`: its items in flight and the events it has
+   * seen since it began (undefined for a stream not tracked).
+   */
+  following(stream: string): { items: number; events: number } | undefined;
   /** Stops reading and following streams. */
   close(): void;
 }
@@ -333,8 +339,12 @@ export function createCapacityGuard(
         f.seenMessages++;
         let item = f.items.get(at.item);
         if (!item) {
-          // An item first seen by a later event (in flight before the guard began) is
-          // followed from there.
+          // Only an item's entry starts following it. Any other event for an id not followed
+          // (a decision or timer anyone with a publish grant can send for an id that never
+          // entered, a repeat for an item that ended, an item in flight before the guard
+          // began) is counted in the stream's growth above but reserves nothing: each such
+          // id once stayed "in flight" for good and refused intake far below the mark.
+          if (!at.entry) return;
           item = { bytes: 0, messages: 0, largest: 0 };
           f.items.set(at.item, item);
         }
@@ -378,6 +388,10 @@ export function createCapacityGuard(
       if (closed) await f.stop?.();
     },
     readings: () => [...streams.values()].flatMap((w) => w.reading ? [w.reading.usage] : []),
+    following(stream) {
+      const f = streams.get(stream)?.items;
+      return f && { items: f.items.size, events: f.seenMessages };
+    },
     close() {
       closed = true;
       clearInterval(timer);

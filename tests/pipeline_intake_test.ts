@@ -838,3 +838,71 @@ Deno.test("under deno task start, the support pipeline's intake refuses before i
   );
   assert.ok(usage < 0.9, `SUPPORT at ${usage}`);
 });
+
+Deno.test("the capacity guard follows only items that entered: events for ids never in flight or already ended reserve nothing, and intake accepts", async () => {
+  // Found by an operator's probe: 250 `nats pub lw.approved.ghost<i> {}` (each dead-lettered
+  // not_found) made every later POST 507 with the stream 2% full, for good; repeat decisions
+  // for ended items cut the accepted burst too. Any event with a role started an item "in
+  // flight" that only an end could stop.
+  const max = 128 * 1024;
+  await using t = await startTestNats({ streamMaxBytes: max });
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "ghosts",
+    input: {
+      schema: { type: "object", required: ["text"], properties: { text: { type: "string" } } },
+    },
+    start: "a",
+    steps: {
+      a: { kind: "task", output: obj, handle: () => ({}), next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  const roleOf = (r: string) => [...p.flow.roles].find(([, v]) => v.role === r)![0];
+  const { stream } = pipelineSubjects(def);
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  // No stage runs: the items stay where the test puts them.
+  using capacity = createCapacityGuard(t.jsm, { highWater: 0.9, log: t.log });
+  await trackItems(capacity, [p], t.nc);
+  const intake = await createIntake(t.nc);
+  const app = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    config: t.config,
+    log: t.log,
+    pipelines: [p],
+    guards: { capacity },
+  });
+  const text = "the export to PDF fails again ".repeat(80); // ~2.4 KB
+  const post = () =>
+    app.request("/pipelines/ghosts/items", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ text }),
+    });
+  const idOf = async (res: Response) => {
+    assert.equal(res.status, 202, await res.clone().text());
+    return ((await res.json()) as { id: string }).id;
+  };
+  const ended = await idOf(await post());
+  const open = await idOf(await post());
+  const js = jetstream(t.nc);
+  // The first item ends (its end event, as the end step publishes it).
+  await js.publish(`ghosts.${roleOf("end")}.${ended}`, JSON.stringify({ outcome: "done" }));
+  await waitFor(() => capacity.following(stream)?.items === 1, 10_000, "one item in flight");
+  // Timer events for ids that never entered, and repeats for the ended item.
+  for (let i = 0; i < 60; i++) await js.publish(`ghosts.${roleOf("timer")}.ghost${i}`, "{}");
+  for (let i = 0; i < 20; i++) await js.publish(`ghosts.${roleOf("done")}.${ended}`, "{}");
+  await waitFor(
+    () => (capacity.following(stream)?.events ?? 0) >= 3 + 80,
+    10_000,
+    "the guard saw every event",
+  );
+  const info = await t.jsm.streams.info(stream);
+  assert.ok(info.state.bytes < max * 0.5, `the stream holds ${info.state.bytes} of ${max} bytes`);
+  // Before: 507, the 80 ids counted in flight for an ended item's size each.
+  const res = await post();
+  assert.equal(res.status, 202, await res.clone().text());
+  assert.equal(capacity.following(stream)?.items, 2, `${open} and the new item, none other`);
+});

@@ -254,7 +254,11 @@ export function itemEventsOf(p: LoadedPipeline, nc: NatsConnection): ItemEvents 
       if (dot < 0) return undefined;
       const role = p.flow.roles.get(subject.slice(prefix.length, dot));
       if (!role) return undefined;
-      return { item: subject.slice(dot + 1), end: role.role === "end" || role.role === "failed" };
+      return {
+        item: subject.slice(dot + 1),
+        entry: role.role === "entry",
+        end: role.role === "end" || role.role === "failed",
+      };
     },
     eventsPerItem: Object.keys(p.def.steps).length + 1,
   };
