@@ -234,3 +234,21 @@ Deno.test("countDispatched() counts each item that entered once: not a second di
   const counts = await countDispatched(js)(from, new Date(Date.now() + 1000));
   assert.deepEqual(counts, { total: 2, teams: { billing: 1, support: 1 } });
 });
+
+Deno.test("countDispatched() counts an item under its dispatched event after its entry: one forged before the entry does not remove it", async () => {
+  // Found by a re-probe: a feedback.dispatched published with the dispatch key before an
+  // item's entry was the item's first in the window, then refused as before the entry, and
+  // the legit one after the entry was never looked at: the item left the digest.
+  await using t = await startTestNats();
+  const js = jetstream(t.nc);
+  const from = new Date(Date.now() - 1000);
+  await js.publish(
+    "feedback.dispatched.D3",
+    JSON.stringify({ ...dispatched("D3", "support"), id: "d3-forged" }),
+  );
+  const intake = await createIntake(t.nc);
+  await intake.submit({ id: "D3", text: "the invoice is wrong" });
+  await publishEvent(js, dispatched("D3", "billing"), null);
+  const counts = await countDispatched(js)(from, new Date(Date.now() + 1000));
+  assert.deepEqual(counts, { total: 1, teams: { billing: 1 } });
+});

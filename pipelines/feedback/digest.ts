@@ -30,12 +30,13 @@ const LOOKUPS_AT_ONCE = 16;
 
 /**
  * Counts the items dispatched in [from, to) from the FEEDBACK stream, each once, under the team
- * of its first `feedback.dispatched` event: read with an ordered consumer that starts at `from`
- * (only the window, never the history), then, per item seen, two direct reads in parallel (at
- * most {@link LOOKUPS_AT_ONCE} at a time). An item counts only in the window of its first
- * `feedback.dispatched` event (a second one, such as a redrive's outputs stored again past the
- * duplicate window on nats-server 2.9, counts nothing), and only if its ingested event was stored
- * before it (one for an id that never entered, published with a step's key, counts nothing).
+ * of its first `feedback.dispatched` event stored after its ingested event: read with an
+ * ordered consumer that starts at `from` (only the window, never the history), then, per item
+ * seen, two direct reads (its ingested event, then its first dispatched one after it; at most
+ * {@link LOOKUPS_AT_ONCE} items at a time). An item counts only in the window of that
+ * dispatched event (a second one, such as a redrive's outputs stored again past the duplicate
+ * window on nats-server 2.9, counts nothing; one stored before the item's entry, published with
+ * the dispatch key, is skipped; one for an id that never entered counts nothing).
  *
  * @example
  * ```ts ignore
@@ -44,8 +45,10 @@ const LOOKUPS_AT_ONCE = 16;
  */
 export function countDispatched(js: JetStreamClient): DispatchCounter {
   return async (from, to) => {
-    // The first dispatched event of each item in the window: its team and stream sequence.
-    const seen = new Map<string, { team: string; seq: number }>();
+    // The items with a dispatched event in the window, and the window's stream sequences.
+    const seen = new Set<string>();
+    let firstSeq = Infinity;
+    let lastSeq = -Infinity;
     const consumer = await js.consumers.get(FEEDBACK_STREAM, {
       filter_subjects: typeFilter(FeedbackEventType.Dispatched),
       deliver_policy: DeliverPolicy.StartTime,
@@ -54,39 +57,44 @@ export function countDispatched(js: JetStreamClient): DispatchCounter {
     for (;;) {
       const m = await consumer.next({ expires: 1000 });
       if (!m || m.time.getTime() >= to.getTime()) break;
+      firstSeq = Math.min(firstSeq, m.seq);
+      lastSeq = Math.max(lastSeq, m.seq);
       // The subject names the item (`feedback.dispatched.<id>`); the body may lie.
       const item = m.subject.split(".")[2];
-      const team = m.json<{ data?: { routing?: { team?: unknown } } }>().data?.routing?.team;
-      if (
-        item !== undefined && ITEM_ID.test(item) && typeof team === "string" && !seen.has(item)
-      ) {
-        seen.set(item, { team, seq: m.seq });
-      }
+      if (item !== undefined && ITEM_ID.test(item)) seen.add(item);
       if (m.info.pending === 0) break;
     }
     const jsm = await js.jetstreamManager(false);
-    const first = (subject: string) =>
+    const next = (subject: string, seq: number) =>
       // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
-      storedMessage(jsm, FEEDBACK_STREAM, { next_by_subj: subject, seq: 0 } as unknown as {
+      storedMessage(jsm, FEEDBACK_STREAM, { next_by_subj: subject, seq } as unknown as {
         seq: number;
       });
-    const counted = async ([item, { seq }]: [string, { team: string; seq: number }]) => {
-      const [entry, dispatched] = await Promise.all([
-        first(`${FeedbackEventType.Ingested}.${item}`),
-        first(`${FeedbackEventType.Dispatched}.${item}`),
-      ]);
-      return entry !== null && entry.seq < seq && dispatched?.seq === seq;
+    // An item's team: that of its first dispatched event stored after its ingested one, when
+    // that event is in the window. One stored before the entry (the dispatch key's forgery,
+    // or any event for an id that had not entered) is never looked at.
+    const teamOf = async (item: string): Promise<string | undefined> => {
+      const entry = await next(`${FeedbackEventType.Ingested}.${item}`, 0);
+      if (entry === null) return undefined;
+      const dispatched = await next(`${FeedbackEventType.Dispatched}.${item}`, entry.seq + 1);
+      if (!dispatched || dispatched.seq < firstSeq || dispatched.seq > lastSeq) return undefined;
+      try {
+        const team = dispatched.json<{ data?: { routing?: { team?: unknown } } }>().data?.routing
+          ?.team;
+        return typeof team === "string" ? team : undefined;
+      } catch {
+        return undefined; // not JSON: no team to count under
+      }
     };
     const items = [...seen];
     const counts: TeamCounts = { total: 0, teams: {} };
     for (let i = 0; i < items.length; i += LOOKUPS_AT_ONCE) {
-      const slice = items.slice(i, i + LOOKUPS_AT_ONCE);
-      const ok = await Promise.all(slice.map(counted));
-      slice.forEach(([, { team }], j) => {
-        if (!ok[j]) return;
+      const teams = await Promise.all(items.slice(i, i + LOOKUPS_AT_ONCE).map(teamOf));
+      for (const team of teams) {
+        if (team === undefined) continue;
         counts.total++;
         counts.teams[team] = (counts.teams[team] ?? 0) + 1;
-      });
+      }
     }
     return counts;
   };
