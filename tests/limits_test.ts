@@ -312,3 +312,44 @@ Deno.test("past the mark with nothing new since its reading, the guard refuses w
     sub.unsubscribe();
   }
 });
+
+Deno.test("POST /content answers a full CONTENT stream's own refusal with 507 and Retry-After, not 500", async () => {
+  // Found by a re-probe: the stream's refusal (10077, discard-new) came back as 500
+  // handler_failed from POST /content, while feedback and definitions answer 507.
+  await using t = await startTestNats({ streamMaxBytes: 64 * 1024 });
+  // No capacity guard: the stream's own refusal is what intake meets.
+  const moderation = await createModerationApi({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    authEnabled: false,
+  });
+  const app = createApp({
+    nc: t.nc,
+    jetStream: await createIntake(t.nc),
+    config: t.config,
+    log: t.log,
+    auth: createAuth([]),
+    extensions: [moderationRoutes(moderation)],
+  });
+  const text = "the export to PDF fails again ".repeat(100); // ~3 KB
+  let accepted = 0;
+  let refused: Response | undefined;
+  for (let i = 0; i < 100 && !refused; i++) {
+    const res = await app.request("/content", {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({ text }),
+    });
+    if (res.status === 202) accepted++, await res.body?.cancel();
+    else refused = res;
+  }
+  assert.ok(refused, `all ${accepted} submissions accepted`);
+  assert.equal(refused.status, 507, await refused.clone().text());
+  assert.equal(refused.headers.get("retry-after"), "30");
+  assert.match(refused.headers.get("content-type") ?? "", /application\/problem\+json/);
+  const problem = await refused.json();
+  assert.equal(problem.code, "insufficient_storage");
+  assert.match(problem.detail, /stream CONTENT is full/);
+  assert.ok(accepted > 0, "some were accepted first");
+});

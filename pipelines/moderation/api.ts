@@ -331,7 +331,8 @@ export async function createModerationApi(deps: {
       if (isAlreadyStored(err)) {
         return true;
       }
-      throw err;
+      // The stream's own refusal (behind the high-water mark): 507, as every intake answers.
+      throw isStreamFull(err) ? streamFullError(CONTENT_STREAM, err) : err;
     }
   }
 
