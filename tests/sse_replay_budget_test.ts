@@ -13,7 +13,7 @@ import { freePort } from "../src/nats_server.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
-import { deadline, waitFor } from "./helpers/wait.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 /** Ephemeral (SSE) consumers on the FEEDBACK stream right now. */
 async function sseConsumers(t: TestNats): Promise<number> {
