@@ -153,6 +153,38 @@ export interface ItemEvents {
   eventsPerItem?: number;
 }
 
+/**
+ * The {@link ItemEvents} of a pipeline whose events are stored on `<pipeline>.<type>.<item>`
+ * subjects: an item enters at its `entry` type and ends at any of `ends`.
+ *
+ * @example
+ * ```ts ignore
+ * await guard.track("ORDERS", itemEventsByType(nc, "orders", {
+ *   entry: "orders.placed",
+ *   ends: ["orders.shipped", "orders.failed"],
+ *   eventsPerItem: 4,
+ * }));
+ * ```
+ */
+export function itemEventsByType(
+  nc: NatsConnection,
+  pipeline: string,
+  types: { entry: string; ends: readonly string[]; eventsPerItem: number },
+): ItemEvents {
+  const ends = new Set(types.ends);
+  return {
+    nc,
+    subject: `${pipeline}.*.*`,
+    itemOf(subject) {
+      const [root, token, item, ...rest] = subject.split(".");
+      if (root !== pipeline || !token || !item || rest.length > 0) return undefined;
+      const type = `${pipeline}.${token}`;
+      return { item, entry: type === types.entry, end: ends.has(type) };
+    },
+    eventsPerItem: types.eventsPerItem,
+  };
+}
+
 /** Refuses intake into streams past their high-water mark. */
 export interface CapacityGuard extends Disposable {
   /** Throws {@link CapacityError} when `stream` is at or past the high-water mark. */

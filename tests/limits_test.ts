@@ -24,6 +24,7 @@ import { CONTENT_OBJECT_BUCKET } from "../pipelines/moderation/subjects.ts";
 import { readStates, startTestNats } from "./helpers/nats.ts";
 import { feedbackApp, startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { startMesh } from "./helpers/mesh.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
@@ -352,4 +353,46 @@ Deno.test("POST /content answers a full CONTENT stream's own refusal with 507 an
   assert.equal(problem.code, "insufficient_storage");
   assert.match(problem.detail, /stream CONTENT is full/);
   assert.ok(accepted > 0, "some were accepted first");
+});
+
+Deno.test("under deno task start, feedback's and content's intakes keep room for the items in flight: every accepted item settles, none is dead-lettered for lack of room", async () => {
+  // Found by re-probing: with a 2 MiB stream and 8 KB texts sent one at a time, 53 feedback
+  // items were accepted and 8 of them dead-lettered "its stream is full" (each stores five
+  // events repeating its text); only definitions' items in flight were reserved for.
+  await using mesh = await startMesh({ WEFT_STREAM_MAX_BYTES: String(2 * 1024 * 1024) });
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const text = "The invoice is wrong and I was charged twice this month. ".repeat(160)
+    .slice(0, 8000);
+  for (const [path, state] of [["/feedback", "/feedback"], ["/content", "/content"]]) {
+    const ids: string[] = [];
+    let refusal: { status: number; detail: string } | undefined;
+    for (let i = 0; i < 400 && !refusal; i++) {
+      const r = await fetch(`${mesh.gatewayUrl}${path}`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text: `${i} ${text}` }),
+      });
+      if (r.status === 202) ids.push((await r.json()).id);
+      else refusal = { status: r.status, detail: (await r.json()).detail };
+    }
+    assert.equal(refusal?.status, 507, `${path}: ${JSON.stringify(refusal)}`);
+    assert.ok(ids.length > 0, path);
+    const settledStatuses = await waitFor(
+      async () => {
+        const s = await Promise.all(ids.map(async (id) => {
+          const r = await fetch(`${mesh.gatewayUrl}${state}/${id}`);
+          return r.status === 200 ? ((await r.json()) as { status: string }).status : "";
+        }));
+        return s.every((x) =>
+          ["processed", "published", "pending_review", "archived", "failed"].includes(x)
+        ) &&
+          s;
+      },
+      90_000,
+      `${path}: every accepted item settled`,
+    );
+    assert.ok(!settledStatuses.includes("failed"), `${path}: ${JSON.stringify(settledStatuses)}`);
+  }
+  const letters = await (await fetch(`${mesh.gatewayUrl}/deadletters`)).json();
+  assert.deepEqual(letters.items, [], "no dead letters");
 });

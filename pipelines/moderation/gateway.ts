@@ -11,6 +11,8 @@ import { createModerationApi } from "./api.ts";
 import { moderationRoutes } from "./routes.ts";
 import { serveModerationRequests } from "./requests.ts";
 import { CONTENT_STREAM } from "./subjects.ts";
+import { ContentEventType as T } from "./events.ts";
+import { itemEventsByType } from "../../src/capacity.ts";
 
 /** Starts the moderation pipeline's part of the gateway. */
 export async function moderationGateway(ctx: GatewayPartContext): Promise<GatewayPart> {
@@ -29,6 +31,15 @@ export async function moderationGateway(ctx: GatewayPartContext): Promise<Gatewa
     log.warn("could not publish the decisions a stopped gateway left unpublished", { err })
   );
   capacity.watch(CONTENT_STREAM); // its alert fires without intake too
+  // Room for the items in flight: up to eight events each (a review's claim, escalation, ...).
+  await capacity.track(
+    CONTENT_STREAM,
+    itemEventsByType(nc, "content", {
+      entry: T.Uploaded,
+      ends: [T.Published, T.Archived, T.Failed],
+      eventsPerItem: 8,
+    }),
+  );
   const requests = serveModerationRequests(nc, api, auth, log, config.bodyLimit);
   return {
     openApi: moderationPaths(),
