@@ -11,10 +11,16 @@ import { advance, compileFlow, entryData, flowEvent } from "../src/pipeline/flow
 import {
   controlStage,
   type LoadedPipeline,
+  pipelineStateSpec,
   pipelineTopology,
+  readItem,
+  stateBucketOf,
   submitItem,
   workStage,
 } from "../src/pipeline/runtime.ts";
+import { runStage } from "../src/runner.ts";
+import { runStateWriter } from "../src/state_writer.ts";
+import { waitFor } from "./helpers/wait.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
 import { SCHEDULE_BUCKET } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
@@ -487,4 +493,96 @@ Deno.test("a branch reaching an end while another branch's failure holds the ite
   await jetstream(t.nc).publish("forks.split.f1", JSON.stringify(split));
   const out = await stage.handle(stage.decode!(split, message) as never, ctx);
   assert.deepEqual(out.map((e) => e.type), ["forks.b", "forks.y"]);
+});
+
+Deno.test("a join inside a loop hands on each branch's result of this round, not another branch's copy from an earlier round", async () => {
+  // Found by a re-probe: with a fan-out to b and c joined by j inside a loop, after three
+  // rounds results.j held b:3 and c:3 but results.c was {c:1}: each input of the join carries
+  // the other branch's result from the round before, and the last to arrive overwrote it.
+  await using t = await startTestNats();
+  const seen: { runs: Record<string, number>; results: Record<string, unknown> }[] = [];
+  const round = (id: string) => ({
+    kind: "task" as const,
+    output: obj,
+    handle: (_v: unknown, ctx: { runs: Readonly<Record<string, number>> }) => ({
+      [id]: (ctx.runs[id] ?? 0) + 1,
+    }),
+    next: "j",
+  });
+  const p = loaded(definePipeline({
+    name: "rounds",
+    input: { schema: obj },
+    start: "work",
+    steps: {
+      work: task(["b", "c"]),
+      b: round("b"),
+      c: round("c"),
+      j: {
+        kind: "join",
+        after: ["b", "c"],
+        deadlineMs: 600_000,
+        onDeadline: "done",
+        next: "check",
+      },
+      check: {
+        kind: "router",
+        route: (_v: unknown, ctx) => {
+          seen.push({ runs: { ...ctx.runs }, results: { ...ctx.results } });
+          return (ctx.runs.work ?? 0) < 3 ? "again" : "done";
+        },
+        routes: { again: "work", done: "done" },
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+    loops: [{ from: "check", to: "work", maxIterations: 3 }],
+  }));
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: controlStage(p, t.nc) }),
+    ...await Promise.all(
+      ["work", "b", "c", "check"].map((id) =>
+        runStage({ ...deps, stage: workStage(p, id, { nc: t.nc }) })
+      ),
+    ),
+  ];
+  try {
+    const kv = await new Kvm(t.nc).open(stateBucketOf("rounds"));
+    await submitItem(t.nc, p, "L1", {}, { source: "test", traceId: TRACE });
+    const state = await waitFor(
+      async () => {
+        const s = await readItem(kv, "L1");
+        return s?.status === "done" && s;
+      },
+      20_000,
+      "L1 done",
+    );
+    assert.deepEqual(state.runs, { work: 3, b: 3, c: 3, j: 3, check: 3 });
+    assert.deepEqual(state.results.b, { b: 3 });
+    assert.deepEqual(state.results.c, { c: 3 });
+    assert.deepEqual(state.results.j, { b: { b: 3 }, c: { c: 3 } });
+    // Each round's router saw that round's result of both branches.
+    assert.equal(seen.length, 3);
+    seen.forEach((s, i) => {
+      assert.equal(s.runs.b, i + 1);
+      assert.equal(s.runs.c, i + 1);
+      assert.deepEqual(s.results.b, { b: i + 1 }, `round ${i + 1}: ${JSON.stringify(s)}`);
+      assert.deepEqual(s.results.c, { c: i + 1 }, `round ${i + 1}: ${JSON.stringify(s)}`);
+    });
+    // And so did each round's event of the join.
+    const joins: { runs: Record<string, number>; results: Record<string, unknown> }[] = [];
+    const { state: info } = await t.jsm.streams.info("ROUNDS");
+    for (let seq = info.first_seq; seq <= info.last_seq; seq++) {
+      const m = await t.jsm.streams.getMessage("ROUNDS", { seq }).catch(() => null);
+      if (m?.subject === "rounds.j.L1") joins.push(m.json<{ data: never }>().data);
+    }
+    assert.equal(joins.length, 3);
+    joins.forEach((d, i) => {
+      assert.deepEqual(d.results.b, { b: i + 1 }, `round ${i + 1}: ${JSON.stringify(d)}`);
+      assert.deepEqual(d.results.c, { c: i + 1 }, `round ${i + 1}: ${JSON.stringify(d)}`);
+    });
+  } finally {
+    await Promise.all(runners.map((r) => r.stop()));
+  }
 });

@@ -958,13 +958,24 @@ export function controlStage(
     }
   }
 
-  /** The join's data: each input's results merged; its value, each input's value by step. */
+  /**
+   * The join's data: each input's results merged step by step, each step's result taken from
+   * the input that ran that step most (inside a loop, every input carries every step's result,
+   * the other branches' from an earlier round); its value, each input's value by step.
+   */
   function joined(arrived: Record<string, FlowData>): FlowData {
     const all = Object.values(arrived);
     const results: Record<string, unknown> = {};
     const runs: Record<string, number> = {};
+    const from = new Map<string, number>();
     for (const d of all) {
-      Object.assign(results, d.results);
+      for (const [k, v] of Object.entries(d.results)) {
+        const n = d.runs[k] ?? 0;
+        if (n >= (from.get(k) ?? -1)) {
+          results[k] = v;
+          from.set(k, n);
+        }
+      }
       for (const [k, v] of Object.entries(d.runs)) runs[k] = Math.max(runs[k] ?? 0, v);
     }
     const value = Object.fromEntries(Object.entries(arrived).map(([k, d]) => [k, d.value]));
