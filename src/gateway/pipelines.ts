@@ -1044,8 +1044,8 @@ export function redriveEntrySubjects(
  * How a redrive checks a definition's letter before republishing it, as the definition's
  * consumers would (src/redrive.ts checks the catalog's events and documents itself): a
  * submission against the input schema, an awaited event against its waits' schemas, any
- * other event it knows as an event of the flow on its subject. Throws what would dead-letter
- * it again.
+ * other event it knows as an event of the flow on its subject, and a timer only while the
+ * running definition has its step. Throws what would dead-letter it again (or strand it).
  */
 export function definitionRedriveCheck(
   pipelines: readonly LoadedPipeline[],
@@ -1065,5 +1065,18 @@ export function definitionRedriveCheck(
     if (role === undefined) return;
     if (role.role === "awaited") checkAwaitedEvent(p.flow, role.waits, value);
     else decodeFlowEvent(p.flow, value, subject);
+    // A timer of a step the running definition lacks (a wait since removed) could only fail
+    // again: the control step acks it, but the item's state would resume on the copy and be
+    // left running at no step. It is redriven once the step is back.
+    if (role.role === "timer") {
+      const step = (value as { data?: { step?: unknown } }).data?.step;
+      if (typeof step !== "string" || !Object.hasOwn(p.def.steps, step)) {
+        throw new WeftError(
+          ErrorCode.DefinitionChanged,
+          `a timer of the step ${JSON.stringify(step)}, which the running definition of ` +
+            `${p.def.name} lacks: redrive it once the step is back`,
+        );
+      }
+    }
   };
 }
