@@ -67,6 +67,70 @@ Deno.test("an SSE client that stops reading is dropped after the write timeout; 
   }
 });
 
+Deno.test("a dropped SSE client's connection is closed by the server, not left open with its slot freed", async () => {
+  // Found by a probe: a client cut as too slow had its body ended gracefully, which a client
+  // that never reads never takes: with WEFT_SSE_MAX_CLIENTS=5, waves of such clients left 15
+  // connections open (megabytes queued for each) while the gateway counted none.
+  await using t = await startTestNats({ sseWriteTimeoutMs: 300, sseKeepAliveMs: 60_000 });
+  const { server, port } = await serveGateway(t);
+  const conns: Deno.TcpConn[] = [];
+  try {
+    const js = jetstream(t.nc);
+    const text = "x".repeat(8_000);
+    await Promise.all(
+      Array.from({ length: 1_000 }, (_, i) =>
+        js.publish(
+          `feedback.ingested.d${i}`,
+          JSON.stringify(createEvent({
+            type: "feedback.ingested",
+            itemId: `d${i}`,
+            traceId: "0af7651916cd43dd8448eb211c80319c",
+            source: "test",
+            data: { text },
+          })),
+        )),
+    );
+    // Clients that send their request and read nothing until they have been dropped.
+    for (let i = 0; i < 3; i++) {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      conns.push(conn);
+      await conn.write(new TextEncoder().encode(
+        `GET /events?replay=true HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n`,
+      ));
+    }
+    await waitFor(
+      () => t.lines.filter((l) => l.includes("sse client too slow: dropped")).length >= 3,
+      30_000,
+      "the three slow clients to be dropped",
+    );
+    // Each now reads what was queued for it: the server's side of its connection is closed
+    // (end of file or reset), not kept open after a finished response.
+    const buf = new Uint8Array(64 * 1024);
+    for (const conn of conns) {
+      await deadline(
+        (async () => {
+          while (true) {
+            try {
+              if (await conn.read(buf) === null) return;
+            } catch {
+              return; // reset by the server
+            }
+          }
+        })(),
+        10_000,
+        "the server to close the dropped client's connection",
+      );
+    }
+  } finally {
+    for (const c of conns) {
+      try {
+        c.close();
+      } catch { /* closed */ }
+    }
+    await server.shutdown();
+  }
+});
+
 Deno.test("an SSE client that goes away leaves no consumer behind, and the limit counts it out", async () => {
   await using t = await startTestNats({ sseMaxClients: 1 });
   const { server, port } = await serveGateway(t);

@@ -8,7 +8,8 @@
  * then reads its history with a short-lived consumer (deleted when caught up), then takes
  * its queue, skipping what the replay already sent (by stream sequence): no gap, no
  * duplicate. A client whose queue overflows (it does not read) or that cannot take a frame
- * within the write timeout is cut; it resumes with Last-Event-ID (event ids are stream
+ * within the write timeout is cut (its response errored, so the server closes its connection:
+ * a graceful end would never reach a client that does not read); it resumes with Last-Event-ID (event ids are stream
  * sequences) and misses nothing.
  *
  * @module
@@ -728,6 +729,18 @@ export class SseWire {
     for (const r of this.#drained) r();
     this.#drained = [];
   }
+  /**
+   * Cuts the client: errors the body, so the server closes the connection. A graceful end
+   * ({@link close}) is never taken by a client that does not read: its connection (and the
+   * bytes queued for it) would stay open after its slot is freed.
+   */
+  drop() {
+    this.abort();
+    try {
+      // Deno's server prints a body's error: a one-line string, not an Error and its stack.
+      this.#controller.error("sse client too slow: connection closed");
+    } catch { /* closed or cancelled already */ }
+  }
   close() {
     try {
       this.#controller.close();
@@ -849,6 +862,7 @@ export async function streamEvents(
           seq: firstSeq,
           ...(outcome === "overflow" ? { queue: "full" } : {}),
         });
+        stream.drop();
         return false;
       }
       return true;
@@ -959,6 +973,7 @@ export async function streamEvents(
         if (taken === "closed") return;
         if (taken === "overflow") {
           opts.log.warn("sse client too slow: dropped", { filter: sel.filter, queue: "full" });
+          stream.drop();
           return;
         }
         for (const chunk of taken) if (await sendChunk(chunk) === "end") return;
