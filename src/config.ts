@@ -146,8 +146,9 @@ export interface Config {
   /**
    * Bytes a gateway's SSE replays may have asked NATS for at once, in all: each replay takes
    * its reader's prefetch (the server's `max_payload` plus 64 KiB) from it and waits for its
-   * turn when it is spent. Keep it well under nats-server's `max_pending` (64 MiB by default),
-   * past which the server cuts the gateway's connection as a slow consumer.
+   * turn when it is spent; a quarter is reserved for per-item streams' replays. Keep it well
+   * under nats-server's `max_pending` (64 MiB by default), past which the server cuts the
+   * gateway's connection as a slow consumer.
    * `WEFT_SSE_REPLAY_BYTES`.
    */
   sseReplayBytes: number;

@@ -13,7 +13,9 @@ import { freePort } from "../src/nats_server.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { feedbackApp } from "./helpers/pipeline.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
-import { waitFor } from "./helpers/wait.ts";
+import { deadline, waitFor } from "./helpers/wait.ts";
+import { sseFrames } from "./helpers/sse_frames.ts";
+import { SseClients } from "../src/gateway/sse.ts";
 
 /** Ephemeral (SSE) consumers on the FEEDBACK stream right now. */
 async function sseConsumers(t: TestNats): Promise<number> {
@@ -27,7 +29,7 @@ const SILENT = 60;
 Deno.test("60 SSE replay clients that never read share the replay budget: the gateway's NATS connection is never cut as a slow consumer, every POST /feedback is accepted, and a live reader sees each accepted item once", async () => {
   const dir = await Deno.makeTempDir({ prefix: "weft-sse-budget-" });
   // 8 MB waiting for one connection and the server cuts it: 60 replays asking for ~1 MiB each
-  // at once are far past it; a 4 MiB budget (three replays at a time) is well under it.
+  // at once are far past it; a 4 MiB budget (two wide replays at a time) is well under it.
   await Deno.writeTextFile(`${dir}/nats.conf`, "max_pending: 8MB\n");
   const monitorPort = freePort();
   const conns: Deno.TcpConn[] = [];
@@ -124,8 +126,9 @@ Deno.test("60 SSE replay clients that never read share the replay budget: the ga
 
       const slowConsumers = async () =>
         (await (await fetch(`http://127.0.0.1:${monitorPort}/varz`)).json()).slow_consumers;
-      // A 4 MiB budget holds three prefetches of 1 MiB and 64 KiB: three replays at a time.
-      assert.ok(most - before <= 3, `at most 3 replays at a time (${most - before} seen)`);
+      // A 4 MiB budget gives wide replays three quarters (a quarter is reserved for per-item
+      // streams): two prefetches of 1 MiB and 64 KiB, two replays at a time.
+      assert.ok(most - before <= 2, `at most 2 replays at a time (${most - before} seen)`);
       assert.deepEqual(refused, [], "every submission accepted");
       assert.equal(accepted.length, 30);
       assert.deepEqual(disconnects, [], "the gateway's connection was never cut");
@@ -142,7 +145,7 @@ Deno.test("60 SSE replay clients that never read share the replay budget: the ga
       assert.equal(await slowConsumers(), 0, "no slow consumer on the server");
       sampling = false;
       await sampler;
-      assert.ok(most - before <= 3, `at most 3 replays at a time (${most - before} seen)`);
+      assert.ok(most - before <= 2, `at most 2 replays at a time (${most - before} seen)`);
       assert.deepEqual(
         seen.filter((id) => id.startsWith("live")),
         accepted,
@@ -156,6 +159,85 @@ Deno.test("60 SSE replay clients that never read share the replay budget: the ga
       sampling = false;
       await sampler?.catch(() => {});
       live.abort();
+      for (const c of conns) {
+        try {
+          c.close();
+        } catch { /* closed */ }
+      }
+      await server.shutdown();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+});
+
+Deno.test("idle wide SSE replays holding their whole budget do not hold up an item's event stream: its replay reads from a share reserved for items", async () => {
+  // Found by a probe: 300 idle /events?replay=true clients delayed GET /feedback/<id>/events
+  // 129 s, its replay waiting behind theirs for the one shared budget.
+  const dir = await Deno.makeTempDir({ prefix: "weft-sse-item-budget-" });
+  const conns: Deno.TcpConn[] = [];
+  try {
+    // Wide replays are cut only after a minute: until then they hold what they took.
+    await using t = await startTestNats(
+      { sseWriteTimeoutMs: 60_000, sseKeepAliveMs: 60_000, sseReplayBytes: 4 * 1024 * 1024 },
+      { port: freePort(), storeDir: `${dir}/store` },
+    );
+    const clients = new SseClients(100, Infinity, 0, undefined, t.config.sseReplayBytes);
+    const intake = await createIntake(t.nc);
+    const app = feedbackApp(t, intake, { sseClients: clients });
+    const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, app.fetch);
+    const item = new AbortController();
+    try {
+      // ~10 MB of other items' history: more than a silent client's socket buffers take.
+      const js = jetstream(t.nc);
+      const text = "x".repeat(10_000);
+      for (let b = 0; b < 10; b++) {
+        await Promise.all(Array.from({ length: 100 }, (_, j) => {
+          const id = `w${b * 100 + j}`;
+          return js.publish(
+            `feedback.ingested.${id}`,
+            JSON.stringify(createEvent({
+              type: "feedback.ingested",
+              itemId: id,
+              traceId: "0af7651916cd43dd8448eb211c80319c",
+              source: "test",
+              data: { text },
+            })),
+          );
+        }));
+      }
+      const { body } = await intake.submit({ text: "the item being watched" });
+
+      // Wide replays that never read: the first hold the whole wide budget, the rest wait.
+      for (let i = 0; i < 10; i++) {
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+        conns.push(conn);
+        await conn.write(new TextEncoder().encode(
+          `GET /events?replay=true HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n`,
+        ));
+      }
+      await waitFor(() => clients.replayBudget.waiting > 0, 20_000, "wide replays to queue");
+
+      const res = await fetch(`http://127.0.0.1:${server.addr.port}/feedback/${body.id}/events`, {
+        signal: item.signal,
+      });
+      assert.equal(res.status, 200);
+      const first = (await deadline(
+        sseFrames(res.body!).next(),
+        10_000,
+        "the item's first event while idle wide replays hold their budget",
+      )).value!;
+      assert.equal(first.event, "feedback.ingested");
+      assert.equal(JSON.parse(first.data!).item_id, body.id);
+      // The wide replays are still budgeted: still waiting, none cut to make room.
+      assert.ok(clients.replayBudget.waiting > 0, "wide replays still wait for their turn");
+      assert.equal(
+        t.lines.filter((l) => l.includes("sse client too slow: dropped")).length,
+        0,
+        "no wide replay was cut",
+      );
+    } finally {
+      item.abort();
       for (const c of conns) {
         try {
           c.close();

@@ -90,17 +90,27 @@ export class SseClients {
     readonly now: () => number = () => performance.now(),
     replayBytes = SSE_REPLAY_BYTES,
   ) {
-    this.replayBudget = new ReadBudget(replayBytes);
+    const itemShare = Math.floor(replayBytes / 4);
+    this.itemReplayBudget = new ReadBudget(itemShare);
+    this.replayBudget = new ReadBudget(replayBytes - itemShare);
   }
   /**
-   * What every replay of these clients' streams (history: `replay=true`, Last-Event-ID, an
-   * item's stream) may have asked NATS for at once, in all. Each replay's reader takes its
-   * prefetch (the server's `max_payload` plus 64 KiB) from it, first come first served, and
-   * gives it back when its replay ends (caught up, or its client cut or gone): however many
-   * clients replay, the gateway's connection never has more than this coming from the server
-   * for them, so the server never cuts it as a slow consumer.
+   * What the wide replays of these clients' streams (history of many items: `replay=true`,
+   * Last-Event-ID) may have asked NATS for at once, in all: three quarters of `replayBytes`.
+   * Each replay's reader takes its prefetch (the server's `max_payload` plus 64 KiB) from it,
+   * first come first served, and gives it back when its replay ends (caught up, or its client
+   * cut or gone). With {@link itemReplayBudget}, however many clients replay, the gateway's
+   * connection never has more than `replayBytes` coming from the server for them, so the
+   * server never cuts it as a slow consumer.
    */
   readonly replayBudget: ReadBudget;
+  /**
+   * The share of `replayBytes` reserved for per-item streams' replays (a quarter; an item's
+   * events are few and its replay soon caught up), taken and given back as in
+   * {@link replayBudget}: wide replays whose clients do not read, holding their whole budget
+   * until they are cut, never hold up an item's stream.
+   */
+  readonly itemReplayBudget: ReadBudget;
   /**
    * Reserves the next stream set-up and says how long it must wait for it, ms (0: at once).
    * Turns are handed out first come first served at `opensPerSecond`, with a burst of a
@@ -944,9 +954,13 @@ export async function streamEvents(
       // the live feed and replay once more what was stored between the two (a short gap):
       // nothing falls in between, and what both deliver is sent once (by sequence).
       if (history) {
-        // Its reader's share of the gateway's replay budget, held through both replays: one
+        // Its reader's share of the gateway's replay budget (an item's stream's from the share
+        // reserved for them), held through both replays: one
         // that waited for it again once on the live feed could see its queue overflow meanwhile.
-        const release = await opts.clients.replayBudget.acquire(
+        const budget = sel.itemId !== undefined
+          ? opts.clients.itemReplayBudget
+          : opts.clients.replayBudget;
+        const release = await budget.acquire(
           readerPrefetch(js),
           gone.signal,
         );
