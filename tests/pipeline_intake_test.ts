@@ -904,5 +904,10 @@ Deno.test("the capacity guard follows only items that entered: events for ids ne
   // Before: 507, the 80 ids counted in flight for an ended item's size each.
   const res = await post();
   assert.equal(res.status, 202, await res.clone().text());
-  assert.equal(capacity.following(stream)?.items, 2, `${open} and the new item, none other`);
+  // The guard follows the new item once its entry event reaches it (its own read of the stream).
+  await waitFor(
+    () => capacity.following(stream)?.items === 2,
+    10_000,
+    `${open} and the new item followed, none other`,
+  );
 });
