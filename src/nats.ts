@@ -9,6 +9,7 @@ import {
   errors,
   type NatsConnection,
   nkeyAuthenticator,
+  PermissionViolationError,
   type Status,
   type Subscription,
   type SubscriptionOptions,
@@ -263,4 +264,21 @@ export async function whileUnavailable<T>(
       await new Promise((r) => setTimeout(r, opts.retryDelayMs ?? 1000));
     }
   }
+}
+
+/**
+ * The permission violation behind `err` (a request's or a JetStream publish's error carries
+ * it as its cause), or undefined.
+ *
+ * @example
+ * ```ts
+ * import { permissionViolation } from "./nats.ts";
+ * console.assert(permissionViolation(new Error("other")) === undefined);
+ * ```
+ */
+export function permissionViolation(err: unknown): PermissionViolationError | undefined {
+  for (let e = err; e instanceof Error; e = e.cause) {
+    if (e instanceof PermissionViolationError) return e;
+  }
+  return undefined;
 }

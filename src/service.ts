@@ -5,11 +5,11 @@
  *
  * @module
  */
-import { type NatsConnection, PermissionViolationError } from "@nats-io/nats-core";
+import type { NatsConnection } from "@nats-io/nats-core";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { type Config, describeConfig, loadConfig } from "./config.ts";
 import { createLogger, type Logger } from "./observability/log.ts";
-import { connectNats, tlsCredentials, whileUnavailable } from "./nats.ts";
+import { connectNats, permissionViolation, tlsCredentials, whileUnavailable } from "./nats.ts";
 import { WeftMetrics } from "./observability/metrics.ts";
 import { registerMicroService } from "./observability/micro.ts";
 import { runStage } from "./runner.ts";
@@ -191,14 +191,6 @@ async function ensureOwnTopology(
       { cause: err },
     );
   }
-}
-
-/** The permission violation behind `err` (a request's error carries it as its cause). */
-function permissionViolation(err: unknown): PermissionViolationError | undefined {
-  for (let e = err; e instanceof Error; e = e.cause) {
-    if (e instanceof PermissionViolationError) return e;
-  }
-  return undefined;
 }
 
 function configOrExit(name: string): Config {

@@ -8,7 +8,8 @@ import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/
 import { Kvm } from "@nats-io/kv";
 import type { Msg } from "@nats-io/nats-core";
 import { loadConfig } from "../src/config.ts";
-import { startNatsServer } from "../src/nats_server.ts";
+import { freePort, startNatsServer } from "../src/nats_server.ts";
+import { writeAuthConfig } from "../src/supervisor.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
 import { SCHEDULE_BUCKET, SCHEDULE_LEASE_BUCKET, subjectAllowed } from "../src/subjects.ts";
 import { callerSchedulableSubjects } from "../src/wiring.ts";
@@ -29,7 +30,7 @@ import { compileFlow } from "../src/pipeline/flow.ts";
 import { type LoadedPipeline, pipelineTopology } from "../src/pipeline/runtime.ts";
 import { createAuth } from "../src/gateway/auth.ts";
 import { problemResponse } from "../src/gateway/app.ts";
-import { connectClient, PATIENT, startTestNats } from "./helpers/nats.ts";
+import { connectClient, PATIENT, startTestNats, testConfig } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 /** Collects the firings seen on a core subscription (every publish, before dedupe). */
 function firings(nc: Awaited<ReturnType<typeof connectClient>>, subject: string) {
@@ -576,5 +577,91 @@ Deno.test("a pipeline's retired schedule is removed when the scheduler starts; a
     const left = (await store.list()).map((s) => s.id);
     assert.deepEqual(left, stays ? ["feedback-digest"] : [], subject);
     assert.equal(lines.some((l) => l.includes("retired schedule removed")), !stays);
+  }
+});
+
+Deno.test("a timer of a pipeline no longer run is held once, not retried every second, and fires when a start runs the pipeline again", async () => {
+  // A definition's wait was pending when its file left pipelines/run.json: the scheduler's
+  // key (the mesh's own, derived with no definition listed) may not publish its timer. It
+  // used to try again every second for ever, each try a permission violation and an error
+  // line (3 lines a second per timer, found by probing).
+  const dir = await Deno.makeTempDir({ prefix: "weft-sched-held-" });
+  try {
+    await Deno.writeTextFile(`${dir}/base.conf`, "max_payload: 1MB\n");
+    const auth = await writeAuthConfig(`${dir}/base.conf`, dir);
+    await using server = await startNatsServer({
+      configFile: auth.configFile,
+      port: freePort(),
+      storeDir: `${dir}/store`,
+      cwd: dir,
+    });
+    const admin = await connectClient(server.url, "weft-admin", {
+      nkeySeedFile: auth.seeds.get("admin")!,
+    });
+    const sched = await connectClient(server.url, "weft-scheduler", {
+      nkeySeedFile: auth.seeds.get("scheduler")!,
+    });
+    const fired = firings(admin, "gone._timer.*");
+    try {
+      await ensureTopology(admin, await jetstreamManager(admin), testConfig(server.url));
+      const store = createScheduleStore(await new Kvm(admin).open(SCHEDULE_BUCKET));
+      const at = new Date().toISOString();
+      await store.create({ id: "gone.approval-i1-0", subject: "gone._timer.i1", payload: {}, at });
+      const lines: string[] = [];
+      const scheduler = await runScheduler({
+        nc: sched,
+        log: createLogger("test", "info", (l) => lines.push(l)),
+        replica: "held",
+        // A refused firing's lease is taken over at once, as it would be after 30 s.
+        takeoverMs: 100,
+      });
+      try {
+        await waitFor(
+          () => lines.some((l) => l.includes("gone.approval-i1-0")),
+          10_000,
+          "the first try of the timer",
+        );
+        // Then a schedule the key may publish, due 2.5 s on: by its firing, a timer retried
+        // every second would have been tried twice more.
+        await store.create({
+          id: "later",
+          subject: "digest.request.feedback",
+          payload: {},
+          at: new Date(Date.now() + 2500).toISOString(),
+        });
+        await waitFor(
+          () => lines.some((l) => l.includes('"fired"') && l.includes('"later"')),
+          15_000,
+          `the later schedule fired (${lines.join("\n")})`,
+        );
+        const tries = lines.filter((l) => l.includes("gone.approval-i1-0"));
+        assert.equal(tries.length, 1, tries.join("\n"));
+        assert.match(tries[0]!, /schedule held: its subject is no running pipeline's to publish/);
+        assert.ok(!lines.some((l) => l.includes("firing failed")), lines.join("\n"));
+      } finally {
+        await scheduler.stop();
+      }
+      assert.equal(fired.seen.length, 0);
+      const kept = await store.get("gone.approval-i1-0");
+      assert.equal(kept.status, "active", "kept for when its pipeline runs again");
+      // A start that runs the pipeline again (here a replica whose key may publish it) fires it.
+      const again = await runScheduler({
+        nc: admin,
+        log: createLogger("test", "info", () => {}),
+        replica: "again",
+      });
+      try {
+        await fired.until(() => fired.seen.length >= 1, 15_000);
+        assert.deepEqual(fired.seen.map((f) => f.schedule), ["gone.approval-i1-0"]);
+      } finally {
+        await again.stop();
+      }
+    } finally {
+      fired.stop();
+      await sched.close();
+      await admin.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });

@@ -18,6 +18,7 @@ import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { Logger } from "../observability/log.ts";
+import { permissionViolation } from "../nats.ts";
 import { publishUnique } from "../runner.ts";
 import {
   RUNTIME_ROOTS,
@@ -111,6 +112,13 @@ export async function runScheduler(opts: {
     log.info("retired schedule removed", { schedule: id });
   }
   const timers = new Map<string, { due: string; timer: ReturnType<typeof setTimeout> }>();
+  /**
+   * Firings this replica's key may not publish (a definition's timer after its file left the
+   * list of pipelines the mesh runs), by schedule id: due time. Held until the schedule
+   * changes or a start whose key may publish them (one running the pipeline again) fires
+   * them, instead of a refused try every second for ever.
+   */
+  const held = new Map<string, string>();
   const stats = { fired: 0, lost: 0, takeovers: 0 };
   const inFlight = new Set<Promise<void>>();
   let stopped = false;
@@ -128,7 +136,21 @@ export async function runScheduler(opts: {
     const timer = setTimeout(() => {
       timers.delete(id);
       if (Date.parse(due) > now().getTime()) return arm(id, due); // long delays are clamped
-      const p = fire(id, due).catch((err) => {
+      const p = fire(id, due).catch(async (err) => {
+        const refused = permissionViolation(err);
+        if (refused) {
+          // Trying again cannot help: this key's permissions are the running pipelines'.
+          held.set(id, due);
+          await leases.delete(leaseKey(id, Date.parse(due))).catch(() => {});
+          log.warn("schedule held: its subject is no running pipeline's to publish", {
+            schedule: id,
+            subject: refused.subject,
+            due,
+            hint: "it fires when a start runs its pipeline again (pipelines/run.json, " +
+              "WEFT_PIPELINES); cancel it otherwise",
+          });
+          return;
+        }
         // NATS unavailable or the like: try again shortly unless the schedule changed.
         log.error("firing failed; retrying", { schedule: id, err });
         if (!timers.has(id)) arm(id, due, retryMs);
@@ -214,8 +236,10 @@ export async function runScheduler(opts: {
   async function follow(key: string) {
     const found = await readSchedule(schedules, key).catch(() => null);
     const entry = found?.entry;
-    if (!entry || entry.id !== key) return clear(key);
-    if (entry.status !== "active" || !entry.next_at) return clear(key);
+    if (!entry || entry.id !== key) return (held.delete(key), clear(key));
+    if (entry.status !== "active" || !entry.next_at) return (held.delete(key), clear(key));
+    if (held.get(key) === entry.next_at) return; // refused by this key's permissions
+    held.delete(key);
     if (timers.get(key)?.due !== entry.next_at) arm(key, entry.next_at);
   }
 
