@@ -171,6 +171,7 @@ export type {
   JsonSchema,
   LlmStep,
   LoopSpec,
+  NetHosts,
   Next,
   PipelineDefinition,
   PipelineSpec,

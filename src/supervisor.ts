@@ -74,6 +74,7 @@ import {
   pipelineGatewayAccess,
   pipelineServiceSpecs,
   pipelineTopology,
+  stepNet,
 } from "./pipeline/runtime.ts";
 import { metricsSubject, statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
@@ -213,6 +214,10 @@ export function meshServices(loaded: readonly LoadedPipeline[] = []): {
               ),
             }),
             reads: [...s.reads ?? [], ...definitionDirs(loaded, ROOT.pathname)],
+            // A live shadow runs a candidate's copy of a step: what the step may reach.
+            net: loaded.flatMap((p) =>
+              Object.keys(p.def.steps).flatMap((id) => stepNet(p.def, id))
+            ),
           }
           : s
       ),
@@ -426,6 +431,8 @@ export function processArgs(
   const net = [...natsHosts(config.natsUrl)];
   const listens = specs.some((s) => s.listens);
   for (const port of listenPorts(specs, config)) net.push(`${config.host}:${port}`);
+  // A definition's step's own hosts (its `allowNet`): an API its handler or tools call.
+  net.push(...specs.flatMap((s) => s.net ?? []));
   // An analyzing step reaches the LLM endpoint whenever one is configured: with `llm`
   // analyzers, or to run an LLM candidate promoted from a live shadow.
   const llm = specs.some((s) => s.analyzes) &&

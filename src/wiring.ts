@@ -61,6 +61,8 @@ export interface ServiceSpec {
   reads?: readonly string[];
   /** Calls the LLM endpoint whatever the analyzers (a definition's llm step). */
   llm?: boolean;
+  /** Further hosts it may reach (`host` or `host:port`): a definition's step's `allowNet`. */
+  net?: readonly string[];
   /**
    * Runs in a process of its own even under `--together` (all): the shadow service, so
    * killing or crashing it never takes a production step with it.

@@ -102,8 +102,19 @@ export interface TaskStep<In = Untyped> extends StepBase {
   handleBatch?: (values: any[], ctxs: StepContext[]) => unknown[] | Promise<unknown[]>;
   /** Further event types the handler publishes itself (e.g. a terminal one). */
   alsoEmits?: readonly string[];
+  /** Hosts its handler may reach; see {@link NetHosts}. */
+  allowNet?: NetHosts;
   next?: Next;
 }
+
+/**
+ * The network hosts a step's handler (or an agent's tools) may reach, as Deno's
+ * `--allow-net` takes them: `host` (every port) or `host:port`, e.g.
+ * `["api.example.com:443"]`. A step's service may reach only NATS (and, for llm, agent and
+ * prompted router steps, the LLM endpoint) besides these: a call elsewhere fails with
+ * Deno's `NotCapable`.
+ */
+export type NetHosts = readonly string[];
 
 /** An LLM call: a prompt file and an output schema, on the existing LLM client. */
 export interface LlmStep extends StepBase {
@@ -185,6 +196,8 @@ export interface AgentStep extends StepBase {
   reads?: readonly string[];
   /** The policy without an LLM: same inputs, same moves. */
   offline?: (turn: AgentTurn) => AgentAction | Promise<AgentAction>;
+  /** Hosts its tools may reach; see {@link NetHosts}. */
+  allowNet?: NetHosts;
   next?: Next;
 }
 

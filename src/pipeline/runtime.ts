@@ -2554,7 +2554,23 @@ export interface PipelineServiceSpec {
   reads: string[];
   /** Calls the LLM endpoint (an llm step). */
   llm: boolean;
+  /** Further hosts it may reach: the step's `allowNet` (task and agent steps). */
+  net: string[];
   access: Access;
+}
+
+/**
+ * The hosts step `id` of `def` may reach besides NATS and the LLM endpoint: its `allowNet`
+ * (task and agent steps), none for the rest.
+ *
+ * @example
+ * ```ts ignore
+ * stepNet(def, "notify"); // ["hooks.example.com:443"]
+ * ```
+ */
+export function stepNet(def: PipelineDefinition, id: string): string[] {
+  const step = def.steps[id];
+  return step && (step.kind === "task" || step.kind === "agent") ? [...step.allowNet ?? []] : [];
 }
 
 /**
@@ -2586,6 +2602,7 @@ export function pipelineServiceSpecs(
       args: [...files.map(rel), serviceNamesOf(def).control],
       reads: [...new Set(files.map((f) => rel(f.replace(/\/[^/]*$/, ""))))],
       llm: false,
+      net: [],
       access: {
         consumes: [INTAKE, CONTROL, STATE].map((part) => ({
           stream,
@@ -2620,6 +2637,7 @@ export function pipelineServiceSpecs(
         reads: [...new Set([...files.map((f) => rel(f.replace(/\/[^/]*$/, ""))), dir])],
         llm: def.steps[id]!.kind === "llm" || def.steps[id]!.kind === "agent" ||
           (def.steps[id]!.kind === "router" && !!(def.steps[id] as { prompt?: string }).prompt),
+        net: stepNet(def, id),
         access: {
           consumes: [{ stream, durable: durableOf(def, id) }],
           // Its promoted version, if any (weft_step_versions); agents: the scratchpad and

@@ -60,6 +60,12 @@ const TOKEN = /^[a-z0-9][a-z0-9_-]*$/;
  */
 export const MAX_NAME = 32;
 const MAX_STEP_ID = 48;
+/**
+ * One host of a step's `allowNet`, as Deno's `--allow-net` takes it: a DNS name or IPv4 address,
+ * or a bracketed IPv6 one, with an optional port (no scheme, path, comma or wildcard).
+ */
+const NET_HOST =
+  /^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::(?:[1-9][0-9]{0,4}))?$/;
 
 /**
  * Why `name` cannot name a pipeline (not a subject token, or longer than {@link MAX_NAME}
@@ -104,6 +110,7 @@ const STEP_FIELDS: { readonly [K in StepSpec["kind"]]: FieldsOf<K> } = (() => {
       handle: true,
       handleBatch: true,
       alsoEmits: true,
+      allowNet: true,
       next: true,
     },
     llm: { ...base, kind: true, prompt: true, output: true, next: true },
@@ -116,6 +123,7 @@ const STEP_FIELDS: { readonly [K in StepSpec["kind"]]: FieldsOf<K> } = (() => {
       output: true,
       reads: true,
       offline: true,
+      allowNet: true,
       next: true,
     },
     router: { ...base, kind: true, route: true, routes: true, prompt: true },
@@ -515,6 +523,22 @@ export function validatePipeline(spec: PipelineSpec): void {
     }
     if (step.flow?.batch && (step.kind !== "task" || !step.handleBatch)) {
       fail(id, "invalid_value", "flow.batch needs a task step with handleBatch");
+    }
+    if ((step.kind === "task" || step.kind === "agent") && step.allowNet !== undefined) {
+      const bad = !Array.isArray(step.allowNet)
+        ? "not a list"
+        : (step.allowNet as unknown[]).find((h) =>
+          typeof h !== "string" || !NET_HOST.test(h) ||
+          Number(/:(\d+)$/.exec(h)?.[1] ?? 0) > 65535
+        );
+      if (bad !== undefined) {
+        fail(
+          id,
+          "invalid_value",
+          `allowNet lists hosts as Deno's --allow-net takes them, "host" or "host:port" ` +
+            `(e.g. "api.example.com:443"), not ${JSON.stringify(bad)}`,
+        );
+      }
     }
     if (
       step.kind !== "end" && step.replicas !== undefined &&
