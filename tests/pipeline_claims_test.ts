@@ -170,6 +170,12 @@ Deno.test("with authentication off, a claim names its reviewer (by), and a decis
   assert.equal((await post("/pipelines/approvals/claims/b1", { by: "erin" })).status, 200);
   const erin = await post("/pipelines/approvals/items/b1/approved?by=erin", { ok: 1 });
   assert.equal(erin.status, 202, await erin.clone().text());
+  // GET /openapi.json documents the ?by= both routes take (the decision's was missing).
+  const doc = await (await m.app.request("/openapi.json")).json();
+  const queries = (op: { parameters?: { name: string; in: string }[] }) =>
+    (op.parameters ?? []).filter((p) => p.in === "query").map((p) => p.name);
+  assert.deepEqual(queries(doc.paths["/pipelines/approvals/items/{id}/approved"].post), ["by"]);
+  assert.deepEqual(queries(doc.paths["/pipelines/approvals/claims/{id}"].delete), ["by"]);
 });
 
 Deno.test("with API keys, an awaited event's `by` is the caller's: naming another is 403 on /by and publishes nothing; one without is recorded as the caller's", async () => {

@@ -566,6 +566,12 @@ export function openApiDocument(
         parameters: [{ name: "replay", in: "query", schema: { type: "boolean" } }],
       }),
     };
+    const by = {
+      name: "by",
+      in: "query",
+      description: "Who acts, when authentication is off (with keys: the key's holder)",
+      schema: { type: "string" },
+    };
     if (Object.values(def.steps).some((s) => s.kind === "wait")) {
       paths[`${base}/waiting`] = {
         get: op(
@@ -613,12 +619,6 @@ export function openApiDocument(
           },
         ),
       };
-      const by = {
-        name: "by",
-        in: "query",
-        description: "Who acts, when authentication is off (with keys: the key's holder)",
-        schema: { type: "string" },
-      };
       paths[`${base}/claims/{id}`] = {
         post: op(
           `Claim a ${n} item waiting for a person (reviewer): while the claim lasts ` +
@@ -659,7 +659,7 @@ export function openApiDocument(
           },
           {
             ...tag,
-            parameters: [idParam],
+            parameters: [idParam, by],
             requestBody: {
               ...body((step.schema as Record<string, unknown>) ?? { type: "object" }),
               description: "The awaited event, checked against the wait's schema. With API " +
