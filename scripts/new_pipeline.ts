@@ -97,7 +97,13 @@ import { ${exportName(name)} as pipeline } from "./pipeline.ts";
 Deno.test("${name}: a question is normalized, classified and done", async () => {
   const flow = compileFlow(pipeline);
   const ctx = { source: "test", now: new Date() };
-  const entry = flowEvent(flow, "submitted", { id: "e1", item_id: "i1", trace_id: "0".repeat(32) }, entryData({ text: "  is it   on? " }), ctx);
+  const entry = flowEvent(
+    flow,
+    "submitted",
+    { id: "e1", item_id: "i1", trace_id: "0".repeat(32) },
+    entryData({ text: "  is it   on? " }),
+    ctx,
+  );
   const step = async (id: "normalize" | "classify", data: typeof entry.data) => {
     const s = pipeline.steps[id];
     const result = await s.handle(data.value as never);
@@ -109,7 +115,8 @@ Deno.test("${name}: a question is normalized, classified and done", async () => 
   const classified = await step("classify", normalized);
   assert.deepEqual(classified.value, { label: "question" });
   const events = completion(flow, "classify", entry, classified, ctx);
-  assert.deepEqual(events.map((e) => e.type), ["${name}.classify", "${name}.done"]);
+  const types = events.map((e) => e.type);
+  assert.deepEqual(types, [\`\${pipeline.name}.classify\`, \`\${pipeline.name}.done\`]);
 });
 `;
 }

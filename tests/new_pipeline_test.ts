@@ -206,6 +206,35 @@ Deno.test("deno task new writes a pipeline whose test passes for a name starting
   }
 });
 
+Deno.test("deno task new writes files deno fmt --check and deno lint accept (deno task ok), for a short name and a 32-character one", async () => {
+  // Found by probing: its test's first line was 140 characters, so `deno task ok` failed
+  // on a freshly written pipeline.
+  const tag = crypto.randomUUID().replaceAll("-", "").slice(0, 8);
+  const names = [`f${tag}`, `f${tag}-${"x".repeat(22)}`];
+  assert.equal(names[1]!.length, 32);
+  try {
+    for (const name of names) {
+      const made = await newPipeline(name);
+      assert.ok(made.success, `${name}: ${new TextDecoder().decode(made.stderr)}`);
+    }
+    const dirs = names.map((n) => `pipelines/${n}/`);
+    for (const args of [["fmt", "--check", ...dirs], ["lint", ...dirs]]) {
+      const run = await new Deno.Command("deno", {
+        args,
+        cwd: root,
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const out = new TextDecoder().decode(run.stdout) + new TextDecoder().decode(run.stderr);
+      assert.ok(run.success, `deno ${args[0]}: ${out}`);
+    }
+  } finally {
+    for (const name of names) {
+      await Deno.remove(new URL(`pipelines/${name}/`, root), { recursive: true }).catch(() => {});
+    }
+  }
+});
+
 Deno.test("exportName is an identifier for every name: digits first, reserved words, runs of - and _", () => {
   assert.equal(exportName("order-lines"), "orderLines");
   assert.equal(exportName("a--b"), "aB");
