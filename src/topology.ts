@@ -489,7 +489,17 @@ export async function ensureTopology(
   ]);
   for (const s of streamConfigs(config, extra, wirings)) {
     const want = atomic && wantsAtomic.has(s.name) ? { ...s, allow_atomic: true } : s;
-    await ensureStream(jsm, want, { allowShrink: config.allowShrink });
+    try {
+      await ensureStream(jsm, want, { allowShrink: config.allowShrink });
+    } catch (err) {
+      // The server's reason alone does not say which of the streams did not fit.
+      if (err instanceof ConfigError || !/insufficient (storage )?resources/i.test(String(err))) {
+        throw err;
+      }
+      throw new ConfigError(`stream ${s.name} could not be made: ${(err as Error).message}`, {
+        cause: err,
+      });
+    }
   }
   await ensureBuckets(nc, config, extra, wirings);
 }
