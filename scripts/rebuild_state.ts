@@ -13,7 +13,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { loadConfig } from "../src/config.ts";
 import { ConfigError } from "../src/errors.ts";
-import { connectNats, tlsCredentials } from "../src/nats.ts";
+import { connectNats, permissionViolation, tlsCredentials } from "../src/nats.ts";
 import { loadPipelines, pipelineStateSpec } from "../src/pipeline/runtime.ts";
 import { compareStates, rebuildStates } from "../src/rebuild.ts";
 import type { StateSpec } from "../src/state_writer.ts";
@@ -77,7 +77,23 @@ if (import.meta.main) {
   if (values.write) {
     const kv = await new Kvm(nc).open(spec.bucket);
     for (const id of [...diff.different, ...diff.missingLive]) {
-      await kv.put(id, JSON.stringify(states.get(id)));
+      try {
+        await kv.put(id, JSON.stringify(states.get(id)));
+      } catch (err) {
+        const refused = permissionViolation(err);
+        if (!refused) throw err;
+        // The ops key reads; only the admin key writes a state bucket.
+        Deno.stderr.writeSync(
+          new TextEncoder().encode(
+            `rebuild-state: --write: this key may not write ${spec.bucket} (${refused.message}); ` +
+              `${written} of ${diff.different.length + diff.missingLive.length} states ` +
+              `written. Run it with the admin key: WEFT_NATS_NKEY=data/identities/admin.nk ` +
+              `(under WEFT_NATS_DIR when set)\n`,
+          ),
+        );
+        await nc.close();
+        Deno.exit(2);
+      }
       written++;
     }
   }

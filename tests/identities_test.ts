@@ -343,6 +343,46 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
   );
 
   await t.step(
+    "rebuild-state --write with the ops key is told to use the admin key, in one line, not a stack trace",
+    async () => {
+      // A state the stream does not support (set with the admin key): --write would put the
+      // rebuilt one, which the ops key may not.
+      const id = await as(mesh, "admin", async (nc) => {
+        const kv = await new Kvm(nc).open("weft_feedback_state");
+        let first = "";
+        for await (const k of await kv.keys()) {
+          first ||= k;
+        }
+        await kv.put(first, JSON.stringify({ id: first, status: "accepted" }));
+        return first;
+      });
+      const { code, output } = await rebuildStateTask(
+        {
+          NATS_URL: mesh.natsUrl,
+          WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile!,
+        },
+        undefined,
+        ["--write"],
+      );
+      assert.equal(code, 2, output);
+      assert.match(output, /^rebuild-state: --write: this key may not write weft_feedback_state/m);
+      assert.match(output, /WEFT_NATS_NKEY=data\/identities\/admin\.nk/);
+      assert.doesNotMatch(output, /\n\s+at /, "no stack trace");
+      // The admin key writes it back.
+      const fixed = await rebuildStateTask(
+        {
+          NATS_URL: mesh.natsUrl,
+          WEFT_NATS_NKEY: mesh.credentials("admin").nkeySeedFile!,
+        },
+        undefined,
+        ["--write"],
+      );
+      assert.equal(fixed.code, 0, fixed.output);
+      assert.equal(fixed.figures.written, 1, `${id}: ${fixed.output}`);
+    },
+  );
+
+  await t.step(
     "no service, nor the ops identity, can delete or purge a stream or a step's consumer",
     async () => {
       for (const identity of ["sentiment", "gateway", "state", "ops"]) {

@@ -689,15 +689,22 @@ export interface Mesh extends AsyncDisposable {
 }
 
 /**
- * Runs `deno task rebuild-state [--pipeline NAME]` with `env`: its exit code, the figures of
- * its last JSON line, and what it printed (for a failure message).
+ * Runs `deno task rebuild-state [--pipeline NAME] [flags]` with `env`: its exit code, the
+ * figures of its last JSON line, and what it printed (for a failure message).
  */
 export async function rebuildStateTask(
   env: Record<string, string>,
   pipeline?: string,
+  flags: readonly string[] = [],
 ): Promise<{ code: number; figures: Record<string, number>; output: string }> {
   const out = await new Deno.Command("deno", {
-    args: ["task", "-q", "rebuild-state", ...(pipeline ? ["--pipeline", pipeline] : [])],
+    args: [
+      "task",
+      "-q",
+      "rebuild-state",
+      ...(pipeline ? ["--pipeline", pipeline] : []),
+      ...flags,
+    ],
     cwd: new URL("../../", import.meta.url),
     env,
     stdout: "piped",
