@@ -11,6 +11,7 @@
 import { parseArgs } from "node:util";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
+import { errors } from "@nats-io/nats-core";
 import { loadConfig } from "../src/config.ts";
 import { ConfigError } from "../src/errors.ts";
 import { connectNats, permissionViolation, tlsCredentials } from "../src/nats.ts";
@@ -59,8 +60,13 @@ if (import.meta.main) {
     nkeySeedFile: config.natsNkey || undefined,
     ...tlsCredentials(config),
   }).catch((err) => {
-    if (!(err instanceof ConfigError)) throw err;
-    Deno.stderr.writeSync(new TextEncoder().encode(`rebuild-state: ${err.message}\n`));
+    const said = err instanceof ConfigError ? err.message : err instanceof errors.ConnectionError
+      // Nothing listens there: a mesh on another port, NATS_URL unset or mistyped.
+      ? `no NATS server answers at ${config.natsUrl} (${err.message}): set NATS_URL to the ` +
+        `server deno task start runs ("nats" in its "weft is ready" line)`
+      : undefined;
+    if (said === undefined) throw err;
+    Deno.stderr.writeSync(new TextEncoder().encode(`rebuild-state: ${said}\n`));
     Deno.exit(2);
   });
   const js = jetstream(nc);

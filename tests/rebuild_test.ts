@@ -150,3 +150,18 @@ Deno.test("a definition item's awaited events are folded at their stored time: t
     for (const r of runners) await r.stop();
   }
 });
+
+Deno.test("deno task rebuild-state with no NATS at NATS_URL says so in one line, not an uncaught stack trace", async () => {
+  // A mesh on another WEFT_NATS_PORT, NATS_URL left unset or mistyped: nothing listens there.
+  const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (held.addr as Deno.NetAddr).port;
+  held.close();
+  const { code, output } = await rebuildStateTask({ NATS_URL: `nats://127.0.0.1:${port}` });
+  assert.equal(code, 2, output);
+  assert.match(
+    output,
+    new RegExp(`^rebuild-state: no NATS server answers at nats://127\\.0\\.0\\.1:${port}`),
+  );
+  assert.match(output, /NATS_URL/);
+  assert.doesNotMatch(output, /\n\s+at /, "no stack trace");
+});
