@@ -296,3 +296,21 @@ Deno.test("a definition file listed twice is refused as listed twice, not as its
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a definition file that does not load is refused in one plain line: no terminal colour codes in the log", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = await definitionFile(dir, "orders");
+    await Deno.writeTextFile(file, `import "./missing.ts";\n${await Deno.readTextFile(file)}`);
+    await assert.rejects(loadPipelines([file]), (e) => {
+      assert.ok(e instanceof ConfigError);
+      assert.match(e.message, /^pipeline file .*orders\.ts: Module not found/);
+      assert.match(e.message, /missing\.ts/);
+      // deno prints the import's place in colour; a JSON log line should not carry it.
+      assert.ok(!e.message.includes("\u001b["), e.message);
+      return true;
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

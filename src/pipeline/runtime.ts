@@ -197,7 +197,10 @@ export async function loadPipelines(
     try {
       mod = await import(new URL(`file://${file}`).href);
     } catch (err) {
-      throw new ConfigError(`pipeline file ${f}: ${(err as Error).message}`, { cause: err });
+      // Deno colours the import's place (`at file:...:1:8`) for a terminal: not for a log line.
+      // deno-lint-ignore no-control-regex
+      const message = (err as Error).message.replace(/\x1b\[[0-9;]*m/g, "");
+      throw new ConfigError(`pipeline file ${f}: ${message}`, { cause: err });
     }
     const defs = Object.values(mod).filter((v): v is PipelineDefinition =>
       v !== null && typeof v === "object" && typeof (v as { hash?: unknown }).hash === "string" &&
