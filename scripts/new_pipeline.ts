@@ -231,7 +231,9 @@ if (import.meta.main) {
     }.
 
   test it     deno test pipelines/${name}/
-  run it      deno task start
+  run it      ${
+      listIt ? "deno task start" : `WEFT_PIPELINES=pipelines/${name}/pipeline.ts deno task start`
+    }
   call it     curl -X POST ${at}/pipelines/${name}/items \\
                 -H 'content-type: application/json' -d '{"text":"is it on?"}'
               curl ${at}/pipelines/${name}/items/<id>          (its state)

@@ -52,6 +52,12 @@ Deno.test("deno task new writes a two-step pipeline whose test passes and which 
       list,
       "--no-list leaves pipelines/run.json alone",
     );
+    // So a bare `deno task start` would not run it: the output says how it runs.
+    assert.doesNotMatch(said, /run it +deno task start\n/);
+    assert.match(
+      said,
+      new RegExp(`WEFT_PIPELINES=pipelines/${name}/pipeline\\.ts deno task start`),
+    );
 
     const tested = await new Deno.Command("deno", {
       args: ["test", "--allow-read", `pipelines/${name}/`],
