@@ -133,8 +133,8 @@ export async function strayStreams(
 
 /**
  * What to say of `stray` ({@link strayStreams}) when the store is short: their names, what
- * each reserves, and how to remove one (on `server`, with the admin key `nkey` under nkeys).
- * Empty when there is none.
+ * each reserves, and how to remove one (on `server`, with the admin key `nkey` under nkeys;
+ * with `stopsServer`, the refused start's own nats-server, when to). Empty when there is none.
  *
  * @example
  * ```ts
@@ -148,6 +148,7 @@ export function strayStreamsHint(
   stray: readonly { name: string; maxBytes: number }[],
   nkey?: string,
   server?: string,
+  stopsServer = false,
 ): string {
   if (stray.length === 0) return "";
   const size = (b: number) =>
@@ -160,7 +161,12 @@ export function strayStreamsHint(
     `${stray.map((s) => `${s.name} (${size(s.maxBytes)})`).join(", ")}; remove one no ` +
     `longer needed (its messages are lost) with \`nats stream rm NAME${
       server ? ` --server ${server}` : ""
-    }${nkey ? ` --nkey ${nkey}` : ""}\``;
+    }${nkey ? ` --nkey ${nkey}` : ""}\`${
+      // This start's own nats-server stops with it: the command needs one running.
+      stopsServer
+        ? ", while a start that fits runs (this one stops its nats-server: start once " +
+          "without the new definitions, or with WEFT_STREAM_MAX_BYTES lowered)"
+        : ""}`;
 }
 
 /** nats.conf's client port, used when WEFT_NATS_PORT does not override it. */
@@ -1422,7 +1428,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
         ].map((s) => s.name);
         const nkey = seeds?.get("admin") ?? (config.natsNkey || undefined);
         const stray = await strayStreams(await jetstreamManager(nc), running);
-        hint += strayStreamsHint(stray, nkey, config.natsUrl);
+        hint += strayStreamsHint(stray, nkey, config.natsUrl, nodes.length > 0);
       } catch (listErr) {
         log.warn("the streams could not be listed", { err: String(listErr) });
       }

@@ -102,6 +102,14 @@ Deno.test("strayStreams names the streams of no running pipeline (an earlier def
     said,
   );
   assert.equal(strayStreamsHint([{ name: "X", maxBytes: 1024 ** 3 }]).includes("X (1 GiB)"), true);
+  assert.ok(!said.includes("while a start"), "a server Weft did not start keeps running");
+  // A refused start stops the nats-server it began: its command needs a start that fits
+  // (found by probing: the printed command answered "no servers available").
+  const stopped = strayStreamsHint(stray, "data/identities/admin.nk", t.server.url, true);
+  assert.match(
+    stopped,
+    /nats stream rm NAME .*, while a start that fits runs \(this one stops its nats-server/,
+  );
 });
 
 Deno.test("the ports a start listens on: NATS's only with its own server, the conf's unless overridden", async () => {
