@@ -437,9 +437,10 @@ const MAX_SUBJECT_SCAN = 64;
  * subject holds an event of this type for this item. If it holds only messages that are none
  * (not JSON, another type, one its schema refuses: published there by anyone who may; with
  * `entrySubject`, one stored before the item's entry event, i.e. before the item existed; with
- * `sameInput`, one carrying another input than the item's), the event is published after them,
- * against the subject's last message, so junk stored first cannot keep the item from its
- * event. True when this call stored it.
+ * `sameInput`, one carrying another input than the item's; a hand-over's copy, its
+ * `Weft-Handover-To` header set), the event is published after them, against the subject's
+ * last message, so junk stored first cannot keep the item from its event. True when this call
+ * stored it.
  */
 async function publishAfterJunk(
   js: JetStreamClient,
@@ -456,8 +457,13 @@ async function publishAfterJunk(
     stream,
     { next_by_subj: entrySubject, seq: 0 } as unknown as MsgRequest,
   ))?.seq ?? 0;
-  const isIt = (raw: unknown, seq: number) => {
+  const isIt = (raw: unknown, seq: number, stored: Pick<StoredMsg, "header">) => {
     if (seq < entered) return false;
+    // A hand-over's copy is not the event: the running definition's hand-over stores one only
+    // after the event itself, on the same subject, and every consumer but the steps it names
+    // acks it unread. Taken for the event, one a step's key stored first, naming no step, kept
+    // the step's own event from the stream, and the item stopped there with no dead letter.
+    if (stored.header?.get(HANDOVER_HEADER)) return false;
     try {
       const e = raw as { type?: unknown; item_id?: unknown };
       if (e?.type !== event.type || e.item_id !== event.item_id) return false;
@@ -471,10 +477,10 @@ async function publishAfterJunk(
     // The usual refusal (a re-sent submission, a redelivery): the event is the subject's last.
     const newest = await jsm.streams.getMessage(stream, { last_by_subj: m.subject })
       .catch(() => null);
-    if (newest && isIt(tryDecode(newest.data), newest.seq)) return false;
+    if (newest && isIt(tryDecode(newest.data), newest.seq, newest)) return false;
     let last = 0;
     for await (const held of messagesOn(jsm, stream, m.subject, { max: MAX_SUBJECT_SCAN })) {
-      if (isIt(tryDecode(held.data), held.seq)) return false; // stored already: success
+      if (isIt(tryDecode(held.data), held.seq, held)) return false; // stored already: success
       last = held.seq;
     }
     if (last === 0) return false; // nothing readable there now (purged?): as stored
@@ -495,7 +501,8 @@ async function publishAfterJunk(
  * stream's duplicate window: a redelivery's own copy (fine), or, since ids follow from the
  * item and are predictable, a message published on purpose under a future event's id by
  * anyone who may publish on the stream, which would have the event dropped in silence.
- * When the message stored under the id is on another subject, this one is published again
+ * When the message stored under the id is on another subject, or is a hand-over's copy
+ * (`Weft-Handover-To`, which the steps it does not name skip), this one is published again
  * without the id (its other headers, such as "expected last subject sequence", still hold).
  */
 export async function publishUnique(
@@ -508,7 +515,9 @@ export async function publishUnique(
   if (!ack.duplicate) return ack;
   const jsm = await js.jetstreamManager(false);
   const stored = await jsm.streams.getMessage(ack.stream, { seq: ack.seq }).catch(() => null);
-  if (!stored || stored.subject === subject) return ack;
+  // On this subject, it is this message, unless it is a hand-over's copy: a hand-over stores
+  // its copies under ids of their own, so one under this id was published by hand.
+  if (!stored || (stored.subject === subject && !stored.header?.get(HANDOVER_HEADER))) return ack;
   const again = headers();
   for (const [k, v] of hdrs) if (k !== "Nats-Msg-Id") { for (const x of v) again.append(k, x); }
   return await js.publish(subject, data, { headers: again });

@@ -47,6 +47,7 @@ import { headers } from "@nats-io/nats-core";
 import { definitionsApp } from "./helpers/pipeline.ts";
 import type { ItemState } from "../src/pipeline/fold.ts";
 import { rebuildStates } from "../src/rebuild.ts";
+import { deterministicId } from "../src/events.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -419,6 +420,8 @@ async function startTwoSteps(
   opts: {
     holdItem?: string;
     hold?: Promise<void>;
+    /** The step that waits for `hold` (the answer step when unset). */
+    holdStep?: "route" | "answer";
     stateless?: boolean;
     /** The answer step fails (for good) for an item while this says so. */
     failAnswer?: (item: string) => boolean;
@@ -434,8 +437,9 @@ async function startTwoSteps(
       route: {
         kind: "task",
         output: obj,
-        handle: (_v, ctx) => {
+        handle: async (_v, ctx) => {
           ran.push({ step: "route", item: ctx.item, input: ctx.input });
+          if (ctx.item === opts.holdItem && opts.holdStep === "route") await opts.hold;
           return { routed: true };
         },
         next: "answer",
@@ -445,7 +449,9 @@ async function startTwoSteps(
         output: obj,
         handle: async (_v, ctx) => {
           ran.push({ step: "answer", item: ctx.item, input: ctx.input, value: _v });
-          if (ctx.item === opts.holdItem) await opts.hold;
+          if (ctx.item === opts.holdItem && (opts.holdStep ?? "answer") === "answer") {
+            await opts.hold;
+          }
           if (opts.failAnswer?.(ctx.item)) throw new PermanentError("the answer is down");
           return { answered: true };
         },
@@ -664,6 +670,72 @@ Deno.test("a work step does not run for an item that has ended: a step event for
   assert.equal(after?.status, "done");
   assert.deepEqual(after?.results, before.results);
   assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
+});
+
+/**
+ * The route step's key stores a copy of the route event of item `item`, held at its route step,
+ * with a `Weft-Handover-To` header naming no step (every consumer skips it), before the step
+ * publishes its own; `underItsId`: under the id the step's own event will carry.
+ */
+async function handoverFirst(underItsId: boolean) {
+  await using t = await startTestNats();
+  const gate = Promise.withResolvers<void>();
+  await using o = await startTwoSteps(t, { holdItem: "H1", hold: gate.promise, holdStep: "route" });
+  try {
+    await submitItem(t.nc, o.p, "H1", BOB, { source: "test", traceId: TRACE });
+    await waitFor(
+      () => o.ran.some((r) => r.step === "route" && r.item === "H1"),
+      20_000,
+      "H1 held at its route step",
+    );
+    const entry = await lastOn(t.jsm, o.stream, "orders.submitted.H1");
+    const own = deterministicId(entry.id as string, "orders.route");
+    const forged = {
+      ...entry,
+      id: underItsId ? own : "forged-handover-h1",
+      type: "orders.route",
+      source: "weft-orders-route",
+      data: {
+        input: BOB,
+        value: { routed: "forged" },
+        results: { route: { routed: "forged" } },
+        runs: { route: 1 },
+      },
+    };
+    const h = headers();
+    h.set(HANDOVER_HEADER, "nowhere");
+    if (underItsId) h.set("Nats-Msg-Id", own);
+    const ack = await jetstream(t.nc).publish("orders.route.H1", JSON.stringify(forged), {
+      headers: h,
+    });
+    gate.resolve();
+    const done = await o.done("H1");
+    assert.deepEqual(done.results.route, { routed: true }, "the step's own result");
+    assert.deepEqual(
+      o.ran.filter((r) => r.item === "H1" && r.step === "answer").map((r) => r.value),
+      [{ routed: true }],
+      "the answer step ran once, on the route step's own event",
+    );
+    const mine = await lastOn(t.jsm, o.stream, "orders.route.H1");
+    assert.deepEqual(mine.data.value, { routed: true });
+    const info = await t.jsm.streams.info(o.stream, { subjects_filter: "orders.route.H1" });
+    assert.equal(info.state.subjects?.["orders.route.H1"], 2, "the copy, then the step's own");
+    const stored = await t.jsm.streams.getMessage(o.stream, { last_by_subj: "orders.route.H1" });
+    assert.ok(stored!.seq > ack.seq);
+    assert.equal(stored!.header?.get(HANDOVER_HEADER) ?? "", "");
+    await settled(t.jsm, o.stream, o.consumers);
+    assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
+  } finally {
+    gate.resolve();
+  }
+}
+
+Deno.test("a hand-over copy a step's key stores first, naming no step, does not stand in for the step's own event: the item goes on", async () => {
+  await handoverFirst(false);
+});
+
+Deno.test("a hand-over copy stored first under the id of the step's own event does not stand in for it either", async () => {
+  await handoverFirst(true);
 });
 
 Deno.test("a step's event for an id that never entered arms no wait: the control step dead-letters it not_found", async () => {
