@@ -32,6 +32,7 @@ import { definePipeline } from "../src/pipeline/definition.ts";
 import { compileFlow } from "../src/pipeline/flow.ts";
 import { durableOf, pipelineSubjects } from "../src/pipeline/derive.ts";
 import {
+  controlBucketOf,
   controlStage,
   type LoadedPipeline,
   pipelineStateSpec,
@@ -736,6 +737,89 @@ Deno.test("a hand-over copy a step's key stores first, naming no step, does not 
 
 Deno.test("a hand-over copy stored first under the id of the step's own event does not stand in for it either", async () => {
   await handoverFirst(true);
+});
+
+Deno.test("a router's event published again for an item that has ended, with the label of a wait, arms no wait: the control step dead-letters it conflict", async () => {
+  await using t = await startTestNats();
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "route",
+    steps: {
+      route: {
+        kind: "router",
+        route: (_v, ctx) => ((ctx.input as { urgent?: boolean }).urgent ? "urgent" : "normal"),
+        routes: { urgent: "approval", normal: "reply" },
+      },
+      approval: {
+        kind: "wait",
+        event: "approved",
+        timeoutMs: 3_600_000,
+        onTimeout: "reply",
+        next: "reply",
+      },
+      reply: { kind: "task", output: obj, handle: () => ({ replied: true }), next: "sent" },
+      sent: { kind: "end", outcome: "sent" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: workStage(p, "route", { nc: t.nc }) }),
+    await runStage({ ...deps, stage: workStage(p, "reply", { nc: t.nc }) }),
+    await runStage({ ...deps, stage: controlStage(p, t.nc) }),
+  ];
+  try {
+    const { stream } = pipelineSubjects(def);
+    const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+    await submitItem(t.nc, p, "N1", { urgent: false }, { source: "test", traceId: TRACE });
+    const before = await waitFor(
+      async () => {
+        const s = await readItem(kv, "N1");
+        return s?.status === "done" && s;
+      },
+      20_000,
+      "N1 done",
+    );
+    // The route step's key publishes its event again, another id, the label of the wait.
+    const real = await lastOn(t.jsm, stream, "orders.route.N1");
+    const results = { ...real.data.results as Record<string, unknown> };
+    results.route = { label: "urgent", by: "rules" };
+    const ack = await jetstream(t.nc).publish(
+      "orders.route.N1",
+      JSON.stringify({ ...real, id: "forged-route-n1", data: { ...real.data, results } }),
+    );
+    const letter = (await lettersOf(t, ack.seq, ["orders-control"])).get("orders-control")!;
+    assert.equal(letter.code, "conflict");
+    assert.match(letter.reason, /has ended \(done, outcome sent\).*nothing was armed/);
+    await settled(t.jsm, stream, [durableOf(def, "control"), durableOf(def, "reply")]);
+    const control = await new Kvm(t.nc).open(controlBucketOf("orders"));
+    assert.equal(await control.get("approval.N1"), null, "no wait recorded");
+    const schedules = await new Kvm(t.nc).open(SCHEDULE_BUCKET);
+    for await (const k of await schedules.keys()) assert.ok(!k.includes("N1"), `timer ${k}`);
+    // A decision on the bus for it now stores nothing after the item's end.
+    const decided = await jetstream(t.nc).publish("orders.approved.N1", JSON.stringify({}));
+    await settled(t.jsm, stream, [durableOf(def, "control")]);
+    const info = await t.jsm.streams.info(stream, { subjects_filter: "orders.*.N1" });
+    const stored = Object.keys(info.state.subjects ?? {}).sort();
+    assert.deepEqual(stored, [
+      "orders.approved.N1",
+      "orders.reply.N1",
+      "orders.route.N1",
+      "orders.sent.N1",
+      "orders.submitted.N1",
+    ]);
+    assert.ok(info.state.last_seq >= decided.seq);
+    const after = await readItem(kv, "N1");
+    assert.equal(after?.status, "done");
+    assert.deepEqual(after?.results, before.results);
+    assert.deepEqual(await subjectsOf(t.jsm, stream, "orders.failed.*"), []);
+  } finally {
+    for (const r of runners) await r.stop();
+  }
 });
 
 Deno.test("a step's event for an id that never entered arms no wait: the control step dead-letters it not_found", async () => {

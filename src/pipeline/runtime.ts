@@ -1006,7 +1006,33 @@ export function controlStage(
     );
   }
 
+  /**
+   * Refuses an arrival that would open a join, wait or delay for an item that has ended (its
+   * state says done), as a work step refuses to run for one: found by probing, a step's key
+   * publishing its event again for such an item, with another result (a router's other
+   * label), armed a wait (its record and its timer) for an item that was over, and a decision
+   * on the bus then stored the wait's completion after the item's end. An arrival at a step
+   * that holds a record of this run already (a redelivery) goes on as before.
+   */
+  async function refuseEnded(e: FlowEvent, steps: string[]) {
+    const kv = await heldKv();
+    let opens = false;
+    for (const t of steps) {
+      const rec = heldOf(await kv.get(`${t}.${e.item_id}`));
+      if (!rec || rec.iter !== (e.data.runs[t] ?? 0)) opens = true;
+    }
+    if (!opens) return;
+    const state = await readItem(await states(), e.item_id);
+    if (state?.status !== "done") return;
+    throw new ConflictError(
+      `${n} item ${e.item_id} has ended (done, outcome ${state.outcome}): ${e.type} opens no ` +
+        `${steps.join(", ")} for it; nothing was armed`,
+      { permanent: true },
+    );
+  }
+
   async function onArrive(e: FlowEvent, steps: string[], seq: number, ctx: StageContext) {
+    await refuseEnded(e, steps);
     const out: FlowEvent[] = [];
     const from = flow.roles.get(tokenOf(flow, e.type));
     const fromStep = from && "step" in from ? from.step : "$input";
