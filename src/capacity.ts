@@ -20,8 +20,11 @@
  * consumer) from their first event to their last: each is taken to store what the most costly of the last 100
  * ended items stored (while none has ended, one event per step the size of the largest
  * seen), and a new item is refused when the stream, what was published since its reading,
- * what the items in flight will still store and the new item itself would pass the mark.
- * Items in flight before the guard started are followed from their next event only.
+ * what the items in flight will still store and the new items themselves would pass the mark.
+ * An item admitted whose entry the guard has not seen yet (its publish on its way, or the
+ * follower behind) counts in flight at that cost too, for up to {@link UNSEEN_MS}: concurrent
+ * admissions, and a batch's items, each keep their room.
+ * Items in flight before the guard started are not followed (only an entry starts following).
  *
  * @module
  */
@@ -74,7 +77,7 @@ export class CapacityError extends WeftError {
       ErrorCode.InsufficientStorage,
       `stream ${usage.stream} is ${pct(now)}% full` +
         (projected !== undefined && pct(projected) > pct(now)
-          ? `, ${pct(projected)}% with what the items in flight and this one will store`
+          ? `, ${pct(projected)}% with what the items in flight and the new ones will store`
           : "") +
         ` (new items are refused from ${pct(highWater)}%, so accepted ones ` +
         `can finish); retry later, or grow the stream (${limitSetting(usage.stream)})`,
@@ -187,8 +190,11 @@ export function itemEventsByType(
 
 /** Refuses intake into streams past their high-water mark. */
 export interface CapacityGuard extends Disposable {
-  /** Throws {@link CapacityError} when `stream` is at or past the high-water mark. */
-  check(stream: string): Promise<void>;
+  /**
+   * Throws {@link CapacityError} when `stream` is at or past the high-water mark, or (for a
+   * tracked stream) would be with `items` more items (default 1: a batch passes its size).
+   */
+  check(stream: string, items?: number): Promise<void>;
   /** Reads `stream` every refresh interval from now on (its alert fires without intake). */
   watch(stream: string): void;
   /**
@@ -292,33 +298,42 @@ export function createCapacityGuard(
     return p;
   }
 
-  /** The usage `stream` is headed for: its reading, growth since, and the reserves. */
-  function projected(w: Watched, reading: Reading): number {
-    const byAdmissions = estimate(reading, w.admitted);
+  /**
+   * The usage `stream` is headed for with `items` more: its reading, growth since, and the
+   * reserves.
+   */
+  function projected(w: Watched, reading: Reading, items: number): number {
+    const byAdmissions = estimate(reading, w.admitted + items - 1);
     const f = w.items;
     if (!f) return byAdmissions;
     const { bytes, messages } = reserved(f);
     const ofBytes = (n: number) => reading.maxBytes > 0 ? n / reading.maxBytes : 0;
     const ofMsgs = (n: number) => reading.maxMsgs > 0 ? n / reading.maxMsgs : 0;
     const perItem = itemCost(f);
+    // Admitted items whose entry the follower has not seen yet, and the new ones: each will
+    // store what an item does (before, they counted nothing until their entry was seen, so
+    // concurrent requests, and every item of a batch but one, went in with no room kept).
+    const unseen = unseenItems(f) + items;
     return Math.max(
       byAdmissions,
       // What the stream holds, what was published since it was read, what the items in
-      // flight will still add, and the new item itself.
-      reading.usage.bytes + ofBytes(f.seenBytes - reading.seenAt + bytes + perItem.bytes),
+      // flight will still add, and the new items themselves.
+      reading.usage.bytes +
+        ofBytes(f.seenBytes - reading.seenAt + bytes + unseen * perItem.bytes),
       reading.usage.messages +
-        ofMsgs(f.seenMessages - reading.seenMsgsAt + messages + perItem.messages),
+        ofMsgs(f.seenMessages - reading.seenMsgsAt + messages + unseen * perItem.messages),
     );
   }
 
   return {
-    async check(stream) {
+    async check(stream, items = 1) {
       if (closed) throw new Error("the capacity guard is closed");
+      items = Math.max(1, Math.floor(items));
       const w = watched(stream);
       let reading = w.reading;
       if (!reading) reading = await read(stream, w);
       else {
-        const near = projected(w, reading) >= alertAt;
+        const near = projected(w, reading, items) >= alertAt;
         // A reading older than its interval is never answered from (far from the mark a
         // stale one once admitted an item into a 99.9% full stream); near the mark, one
         // older than nearMs is not either (so a drained stream accepts again at once).
@@ -326,22 +341,28 @@ export function createCapacityGuard(
           reading = await read(stream, w);
         }
       }
-      let ratio = projected(w, reading);
+      let ratio = projected(w, reading, items);
       const since = w.admitted > reading.admittedAt ||
         (w.items !== undefined && w.items.seenBytes > reading.seenAt);
       if (ratio >= highWater && since) {
         // Past the mark by the estimate alone (admissions or events since the reading): a
         // reading confirms it before a refusal.
         reading = await read(stream, w);
-        ratio = projected(w, reading);
+        ratio = projected(w, reading, items);
       }
       if (ratio >= highWater) {
         const now = Math.max(reading.usage.bytes, reading.usage.messages);
-        throw now >= highWater || !w.items
-          ? new CapacityError({ ...reading.usage, bytes: Math.max(now, ratio) }, highWater)
-          : new CapacityError(reading.usage, highWater, 30, ratio);
+        // A tracked stream's detail says how full it is and, apart, how full what is in flight
+        // and the new items would make it (a batch's projection is no fill level).
+        throw w.items
+          ? new CapacityError(reading.usage, highWater, 30, ratio)
+          : new CapacityError({ ...reading.usage, bytes: Math.max(now, ratio) }, highWater);
       }
-      w.admitted++;
+      w.admitted += items;
+      if (w.items) {
+        const at = Date.now();
+        for (let i = 0; i < items; i++) w.items.unseen.push(at);
+      }
     },
     watch(stream) {
       if (!closed) watched(stream);
@@ -355,6 +376,7 @@ export function createCapacityGuard(
         ended: [],
         seenBytes: 0,
         seenMessages: 0,
+        unseen: [],
         eventsPerItem: events.eventsPerItem ?? 8,
       };
       w.items = f;
@@ -379,6 +401,7 @@ export function createCapacityGuard(
           if (!at.entry) return;
           item = { bytes: 0, messages: 0, largest: 0 };
           f.items.set(at.item, item);
+          f.unseen.shift(); // an admission's entry, now counted as an item in flight
         }
         item.bytes += size;
         item.messages++;
@@ -447,6 +470,12 @@ interface Flights {
   /** Bytes (as stored) and messages published on the stream's subjects so far. */
   seenBytes: number;
   seenMessages: number;
+  /**
+   * When each admitted item whose entry has not been seen yet was admitted (ms since the
+   * epoch), oldest first: each entry seen takes the oldest off, and one older than
+   * {@link UNSEEN_MS} is dropped (its publish failed, or it was a replay that stored nothing).
+   */
+  unseen: number[];
   /** Events an item is taken to store while no item has ended. */
   eventsPerItem: number;
   /** Stops following them. */
@@ -467,6 +496,19 @@ function itemCost(f: Flights): { bytes: number; messages: number } {
   let largest = FIRST_ADMISSION_BYTES;
   for (const i of f.items.values()) largest = Math.max(largest, i.largest);
   return { bytes: largest * f.eventsPerItem, messages: f.eventsPerItem };
+}
+
+/**
+ * How long an admitted item whose entry the guard has not seen counts in flight, ms: past it,
+ * its publish is taken to have stored nothing (refused, or a replay of a stored item).
+ */
+export const UNSEEN_MS = 30_000;
+
+/** Admitted items whose entry is not seen yet (within {@link UNSEEN_MS}). */
+function unseenItems(f: Flights): number {
+  const since = Date.now() - UNSEEN_MS;
+  while (f.unseen.length > 0 && f.unseen[0]! < since) f.unseen.shift();
+  return f.unseen.length;
 }
 
 /** What the items in flight will still store, at {@link itemCost} each. */

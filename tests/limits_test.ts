@@ -7,7 +7,12 @@
 import assert from "node:assert/strict";
 import type { Hono } from "hono";
 import { jetstream } from "@nats-io/jetstream";
-import { CapacityError, createCapacityGuard, isStreamFull } from "../src/capacity.ts";
+import {
+  CapacityError,
+  createCapacityGuard,
+  isStreamFull,
+  itemEventsByType,
+} from "../src/capacity.ts";
 import { ConfigError } from "../src/errors.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
@@ -395,4 +400,97 @@ Deno.test("under deno task start, feedback's and content's intakes keep room for
   }
   const letters = await (await fetch(`${mesh.gatewayUrl}/deadletters`)).json();
   assert.deepEqual(letters.items, [], "no dead letters");
+});
+
+/**
+ * A feedback intake whose guard follows its items in flight, over a 1 MiB FEEDBACK stream
+ * with no stage running (every accepted item stays in flight), and one 8 KB item accepted
+ * and followed: from then on the guard takes an item to store five events of that size.
+ */
+async function intakeFollowingItems(t: Awaited<ReturnType<typeof startTestNats>>) {
+  const capacity = createCapacityGuard(t.jsm, { highWater: 0.9, log: t.log });
+  await capacity.track(
+    FEEDBACK_STREAM,
+    itemEventsByType(t.nc, "feedback", {
+      entry: "feedback.ingested",
+      ends: ["feedback.processed", "feedback.failed"],
+      eventsPerItem: 5,
+    }),
+  );
+  const intake = await createIntake(t.nc, "weft-gateway", { capacity });
+  const app: Hono = feedbackApp(t, intake);
+  const text = (i: number | string) =>
+    `${i} ${"The invoice is wrong and I was charged twice this month. ".repeat(150)}`
+      .slice(0, 8000);
+  const first = await app.request("/feedback", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ text: text("first") }),
+  });
+  assert.equal(first.status, 202, await first.text());
+  await waitFor(() => capacity.following(FEEDBACK_STREAM)?.items === 1, 10_000, "followed");
+  return { capacity, app, text };
+}
+
+/** What the accepted items will store once each has its five events: bytes of the stream. */
+async function storedWhenDone(t: Awaited<ReturnType<typeof startTestNats>>, items: number) {
+  const info = await t.jsm.streams.info(FEEDBACK_STREAM);
+  return items * 5 * (info.state.bytes / info.state.messages);
+}
+
+Deno.test("concurrent submissions each keep room for their item in flight: together they are refused at the mark, not admitted past it", async () => {
+  // Found by re-probing: 30 POSTs at a time of 8 KB texts into a 2 MiB stream under deno task
+  // start: 49 accepted and 2 of them dead-lettered "its stream is full". Each check counted
+  // the items in flight the follower had seen, none of the others admitted at the same time.
+  const max = 1024 * 1024;
+  await using t = await startTestNats({ streamMaxBytes: max });
+  const { capacity, app, text } = await intakeFollowingItems(t);
+  using _ = capacity;
+  const answers = await Promise.all(
+    Array.from({ length: 40 }, (_, i) =>
+      app.request("/feedback", {
+        method: "POST",
+        headers: JSON_TYPE,
+        body: JSON.stringify({ text: text(i) }),
+      })),
+  );
+  const statuses = answers.map((r) => r.status);
+  const refused = answers.find((r) => r.status !== 202);
+  assert.ok(refused, `all 40 accepted: ${statuses}`);
+  assert.equal(refused.status, 507);
+  assert.equal(refused.headers.get("content-type"), "application/problem+json");
+  assert.equal(refused.headers.get("retry-after"), "30");
+  for (const r of answers) await r.body?.cancel();
+  const accepted = 1 + statuses.filter((s) => s === 202).length;
+  const need = await storedWhenDone(t, accepted);
+  assert.ok(need <= max, `${accepted} items accepted will store ${need} bytes of ${max}`);
+});
+
+Deno.test("a batch keeps room for each of its items in flight: one the stream cannot finish is refused with 507, a smaller one accepted", async () => {
+  // Found by re-probing: two batches of 30 8 KB texts into a 2 MiB stream under deno task
+  // start were both accepted and 20 of their items dead-lettered "its stream is full": a
+  // batch was checked as one item.
+  const max = 1024 * 1024;
+  await using t = await startTestNats({ streamMaxBytes: max });
+  const { capacity, app, text } = await intakeFollowingItems(t);
+  using _ = capacity;
+  const batch = (n: number, tag: string) =>
+    app.request("/feedback/batch", {
+      method: "POST",
+      headers: JSON_TYPE,
+      body: JSON.stringify({
+        items: Array.from({ length: n }, (_, i) => ({ text: text(tag + i) })),
+      }),
+    });
+  const big = await batch(30, "big");
+  assert.equal(big.status, 507, await big.clone().text());
+  const problem = await big.json();
+  assert.equal(big.headers.get("content-type"), "application/problem+json");
+  assert.equal(problem.code, "insufficient_storage");
+  const info = await t.jsm.streams.info(FEEDBACK_STREAM);
+  assert.equal(info.state.messages, 1, "nothing of the refused batch stored");
+  const small = await batch(10, "small");
+  assert.equal(small.status, 202, await small.text());
+  const need = await storedWhenDone(t, 11);
+  assert.ok(need <= max * 0.9, `the 11 items will store ${need} bytes of ${max}`);
 });

@@ -396,7 +396,7 @@ export async function createIntake(
     },
     async submitBatch(items, opts = {}) {
       if (opts.who) limiter?.take(opts.who, items.length);
-      await capacity?.check(FEEDBACK_STREAM);
+      await capacity?.check(FEEDBACK_STREAM, items.length); // room for each of them
       const seen = new Set<string>();
       items.forEach((item, i) => {
         if (item.id === undefined) return;

@@ -299,7 +299,7 @@ async function admit(
   for (const { id, input } of items) if (known.has(id)) assertSameInput(known.get(id), input);
   const todo = items.filter((i) => !known.has(i.id));
   if (todo.length === 0) return { replayed: true };
-  await guards?.capacity?.check(stream);
+  await guards?.capacity?.check(stream, todo.length); // room for each of them
   if (todo.length > 1 && await takesAtomicBatches(nc, stream)) {
     await batchSlots(() => publishBatch(nc, p, guards, todo, traceId));
   } else await publishEach(nc, p, todo, traceId, keyed);
