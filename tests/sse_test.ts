@@ -131,6 +131,83 @@ Deno.test("a dropped SSE client's connection is closed by the server, not left o
   }
 });
 
+Deno.test("a dropped SSE client that reads nothing keeps its slot while its connection stays open: WEFT_SSE_MAX_CLIENTS bounds connections", async () => {
+  // Found by re-probing the fix above: a client cut as too slow that never reads keeps its
+  // connection open (the server holds what it queued for it until the client takes it), and
+  // its slot was freed at the cut: with WEFT_SSE_MAX_CLIENTS=6, three waves of six such
+  // clients held 18 connections and 69 MB of send queues for 100 s and more, weft_sse_clients 0.
+  await using t = await startTestNats({ sseWriteTimeoutMs: 300, sseKeepAliveMs: 60_000 });
+  const clients = new SseClients(3);
+  const { server, port } = await serveGateway(t, clients);
+  const conns: Deno.TcpConn[] = [];
+  const request = (conn: Deno.TcpConn) =>
+    conn.write(new TextEncoder().encode(
+      `GET /events?replay=true HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n`,
+    ));
+  try {
+    const js = jetstream(t.nc);
+    const text = "x".repeat(8_000);
+    await Promise.all(
+      Array.from({ length: 1_500 }, (_, i) =>
+        js.publish(
+          `feedback.ingested.k${i}`,
+          JSON.stringify(createEvent({
+            type: "feedback.ingested",
+            itemId: `k${i}`,
+            traceId: "0af7651916cd43dd8448eb211c80319c",
+            source: "test",
+            data: { text },
+          })),
+        )),
+    );
+    for (let i = 0; i < 3; i++) {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      conns.push(conn);
+      await request(conn);
+    }
+    await waitFor(
+      () => t.lines.filter((l) => l.includes("sse client too slow: dropped")).length >= 3,
+      30_000,
+      "the three slow clients to be dropped",
+    );
+    // Their connections are still open (they read nothing): the slots stay taken, and a
+    // fourth client is refused as the cap says (before: 200, a fourth connection held).
+    assert.equal(clients.open, 3, "the dropped clients' connections still count");
+    const refused = await fetch(`http://127.0.0.1:${port}/events?replay=true`);
+    assert.equal(refused.status, 503, await refused.clone().text());
+    assert.equal(refused.headers.get("content-type"), "application/problem+json");
+    assert.match((await refused.json()).detail, /WEFT_SSE_MAX_CLIENTS/);
+    // Once they read to the end of their connections, the slots are free again.
+    const buf = new Uint8Array(64 * 1024);
+    for (const conn of conns) {
+      await deadline(
+        (async () => {
+          while (true) {
+            try {
+              if (await conn.read(buf) === null) return;
+            } catch {
+              return; // reset by the server
+            }
+          }
+        })(),
+        20_000,
+        "the server to close the dropped client's connection",
+      );
+    }
+    await waitFor(() => clients.open === 0, 10_000, "the slots freed");
+    const again = await fetch(`http://127.0.0.1:${port}/events`);
+    assert.equal(again.status, 200);
+    await again.body?.cancel();
+  } finally {
+    for (const c of conns) {
+      try {
+        c.close();
+      } catch { /* closed */ }
+    }
+    await server.shutdown();
+  }
+});
+
 Deno.test("an SSE client that goes away leaves no consumer behind, and the limit counts it out", async () => {
   await using t = await startTestNats({ sseMaxClients: 1 });
   const { server, port } = await serveGateway(t);

@@ -8,8 +8,9 @@
  * then reads its history with a short-lived consumer (deleted when caught up), then takes
  * its queue, skipping what the replay already sent (by stream sequence): no gap, no
  * duplicate. A client whose queue overflows (it does not read) or that cannot take a frame
- * within the write timeout is cut (its response errored, so the server closes its connection:
- * a graceful end would never reach a client that does not read); it resumes with Last-Event-ID (event ids are stream
+ * within the write timeout is cut (its response errored, so the server closes its connection
+ * once the client has taken what was queued: a graceful end would never reach a client that
+ * does not read; its slot is held until then); it resumes with Last-Event-ID (event ids are stream
  * sequences) and misses nothing.
  *
  * @module
@@ -848,6 +849,7 @@ export async function streamEvents(
       throw err;
     }
   }
+  const sent = responseSent(c);
   return sseResponse(c, async (stream) => {
     let keepAlive: ReturnType<typeof setInterval> | undefined;
     let sub: FeedSubscription | undefined = joined;
@@ -996,13 +998,29 @@ export async function streamEvents(
       closing.removeEventListener("abort", stopping);
       clearInterval(keepAlive);
       sub?.close();
-      opts.clients.close(opts.key);
+      // The slot is the connection's until the server has sent the response (or the client
+      // left): a client cut as too slow that reads nothing keeps its connection open, the
+      // server still holding what was queued for it, and freeing its slot at the cut let
+      // waves of such clients hold connections past WEFT_SSE_MAX_CLIENTS.
+      const freed = () => opts.clients.close(opts.key);
+      if (sent) sent.then(freed, freed);
+      else freed();
     }
   }, (err, stream) => {
     if (err instanceof ClientGone) return; // it left while its replay waited: nobody to tell
     opts.log.error("sse stream failed", { err });
     stream.write(`event: error\ndata: ${JSON.stringify({ error: "stream failed" })}\n\n`);
   });
+}
+
+/**
+ * Settles once the server has sent the request's response in full or its client has gone:
+ * `Deno.serve`'s `completed` (Hono's `c.env` under `Deno.serve(app.fetch)`); undefined
+ * elsewhere (`app.request()` in tests).
+ */
+function responseSent(c: Context): Promise<void> | undefined {
+  const completed = (c.env as { completed?: unknown } | undefined)?.completed;
+  return completed instanceof Promise ? completed : undefined;
 }
 
 /** Why a replay stopped waiting for its share of the budget: its client went away. */
