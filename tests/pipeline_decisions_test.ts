@@ -19,7 +19,9 @@ import {
   submitItem,
   workStage,
 } from "../src/pipeline/runtime.ts";
-import { listDeadLetters } from "../src/redrive.ts";
+import { listDeadLetters, redrive } from "../src/redrive.ts";
+import { HANDOVER_HEADER } from "../src/subjects.ts";
+import { headers } from "@nats-io/nats-core";
 import { depthWithin, MAX_DEPTH, runStage } from "../src/runner.ts";
 import { readState, runStateWriter } from "../src/state_writer.ts";
 import type { ItemState } from "../src/pipeline/fold.ts";
@@ -131,6 +133,56 @@ Deno.test("a decision from the bus that is not JSON is one dead letter, the cont
     // A bad decision fails no item.
     const kv = await new Kvm(t.nc).open(spec.bucket);
     assert.equal((await readState<ItemState>(kv, "approvals-3"))?.state.status, "running");
+  } finally {
+    for (const r of runners) await r.stop();
+  }
+});
+
+Deno.test("a decision from the bus with a hand-over header is one dead letter, the item waiting still; its redrive is taken", async () => {
+  // Found by probing: `nats pub approvals.approved.<id> '{}' -H 'Weft-Handover-To:approval'`
+  // was acked unread by the control step (a hand-over's copy that named no step of it) and
+  // lost, with no letter; the item waited on.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const spec = pipelineStateSpec(approvals);
+  const runners = [
+    await runStage({ ...deps, stage: workStage(approvals, "check", { nc: t.nc }) }),
+    await runStage({ ...deps, stage: controlStage(approvals, t.nc) }),
+    await runStateWriter({ ...deps, spec }),
+  ];
+  try {
+    const kv = await new Kvm(t.nc).open(spec.bucket);
+    const status = async () => (await readState<ItemState>(kv, "approvals-4"))?.state.status;
+    await submitItem(t.nc, approvals, "approvals-4", {}, { source: "test", traceId: TRACE });
+    await waitFor(async () => (await status()) === "waiting", 10_000, "approvals-4 waiting");
+    const js = jetstream(t.nc);
+    const h = headers();
+    h.set(HANDOVER_HEADER, "approval");
+    const ack = await js.publish("approvals.approved.approvals-4", '{"by":"carol"}', {
+      headers: h,
+    });
+    const letters = await waitFor(
+      async () => {
+        const all = (await listDeadLetters(js, { item_id: "approvals-4" }))
+          .filter((l) => l.letter.stream_seq === ack.seq);
+        return all.length > 0 && all;
+      },
+      10_000,
+      "a letter for the decision",
+    );
+    assert.deepEqual(
+      letters.map((l) => [l.letter.stage, l.letter.code]),
+      [["approvals-control", "invalid_awaited_event"]],
+    );
+    assert.match(letters[0]!.letter.reason, /Weft-Handover-To/);
+    assert.equal(await status(), "waiting", "a bad decision fails no item");
+    const { redriven } = await redrive(js, { ids: [letters[0]!.seq] });
+    assert.equal(redriven.length, 1);
+    await waitFor(async () => (await status()) === "done", 10_000, "approvals-4 done");
+    const state = (await readState<ItemState>(kv, "approvals-4"))!.state;
+    assert.equal(state.outcome, "done");
+    assert.deepEqual(state.results.approval, { by: "carol" });
   } finally {
     for (const r of runners) await r.stop();
   }

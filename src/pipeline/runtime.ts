@@ -1350,6 +1350,17 @@ export function controlStage(
       const token = parts[1]!;
       const role = flow.roles.get(token);
       if (message.handoverTo) {
+        if (role?.role === "awaited") {
+          // A hand-over copies no awaited event: such a header on a decision was set by its
+          // sender. Acked unread, the decision was lost with no trace (found by probing); kept
+          // as a letter instead, the item waiting still (a redrive stores it without it).
+          throw new ValidationError(
+            `the awaited event ${n}.${token} carries a ${HANDOVER_HEADER} header, which only ` +
+              `the runtime's hand-over sets, and never on an awaited event: not taken (redrive ` +
+              `this letter to send it without the header)`,
+            { code: ErrorCode.InvalidAwaitedEvent, field: "/" },
+          );
+        }
         // A hand-over's copy: only for the joins, waits, delays and ends it names.
         if (role?.role !== "entry" && role?.role !== "done" && role?.role !== "timeout") {
           return undefined;
