@@ -943,6 +943,20 @@ export function loadConfig(source: ConfigSource = {}): Config {
         `set WEFT_LEAF_TLS_CERT and WEFT_LEAF_TLS_KEY (and WEFT_LEAF_TLS_CA for mutual TLS)`,
     );
   }
+  // Every stream de-duplicates over the window, and nats-server refuses a window longer than
+  // what a stream keeps (WEFT_RETENTION_MS; a day for the live shadows' stream): the start
+  // failed setting up the streams with "duplicates window can not be larger then max age".
+  const kept = Math.min(Number(config.retentionMs), 24 * 3600_000);
+  if (
+    !invalid.has("retentionMs") && !invalid.has("duplicateWindowMs") &&
+    Number(config.duplicateWindowMs) > kept
+  ) {
+    problems.push(
+      `WEFT_DUPLICATE_WINDOW_MS ${config.duplicateWindowMs} is longer than streams keep ` +
+        `messages (WEFT_RETENTION_MS ${config.retentionMs}, and a day at most for the live ` +
+        `shadows' stream): lower it to ${kept} or less, or raise WEFT_RETENTION_MS`,
+    );
+  }
   if (problems.length > 0) {
     throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
   }

@@ -209,3 +209,32 @@ Deno.test("an invalid edge or cluster setting says what is wrong with it, and no
     /WEFT_HUB: invalid value "Bad" \(expects site names/,
   );
 });
+
+Deno.test("a duplicate window longer than streams keep messages is refused naming both settings, not left to fail the start", () => {
+  // Found by probing: WEFT_RETENTION_MS=60000 (its documented minimum) was taken, and
+  // deno task start then stopped with nats-server's "duplicates window can not be larger
+  // then max age", naming neither setting (the window defaults to 120000).
+  assert.throws(
+    () => loadConfig({ env: env({ WEFT_RETENTION_MS: "60000" }), args: [] }),
+    (err) =>
+      err instanceof ConfigError &&
+      err.message.includes("WEFT_DUPLICATE_WINDOW_MS 120000 is longer than streams keep") &&
+      err.message.includes("WEFT_RETENTION_MS 60000") &&
+      err.message.includes("lower it to 60000 or less"),
+  );
+  assert.throws(
+    () => loadConfig({ env: env({ WEFT_DUPLICATE_WINDOW_MS: String(25 * 3600_000) }), args: [] }),
+    (err) => err instanceof ConfigError && err.message.includes("a day at most"),
+  );
+  const c = loadConfig({
+    env: env({ WEFT_RETENTION_MS: "60000", WEFT_DUPLICATE_WINDOW_MS: "30000" }),
+    args: [],
+  });
+  assert.equal(c.retentionMs, 60_000);
+  assert.equal(c.duplicateWindowMs, 30_000);
+  // A retention refused on its own is said once, as itself.
+  assert.throws(
+    () => loadConfig({ env: env({ WEFT_RETENTION_MS: "5" }), args: [] }),
+    (err) => err instanceof ConfigError && !err.message.includes("WEFT_DUPLICATE_WINDOW_MS"),
+  );
+});
