@@ -1180,3 +1180,45 @@ Deno.test("a `feedback.failed` published for an id before it was submitted does 
   const state = await feedbackProcessed(t, "PREF1");
   assert.equal(state.text, "My invoice is wrong, charged twice");
 });
+
+Deno.test("a copy of the event a failed item failed on, with another body and a time of its own, leaves the failed item's updated_at as it was", async () => {
+  // Found by re-probing: the copy (route's key, another result, dated 2099) was dead-lettered
+  // conflict and resumed nothing, but the failed item's updated_at became 2099, though a copy
+  // of a run the state holds changes nothing, updated_at included (docs/PIPELINES.md).
+  await using t = await startTestNats();
+  let down = true;
+  await using o = await startTwoSteps(t, { failAnswer: () => down });
+  await submitItem(t.nc, o.p, "F2", BOB, { source: "test", traceId: TRACE });
+  const failed = await waitFor(
+    async () => {
+      const s = await readItem(o.kv, "F2");
+      return s?.status === "failed" && s;
+    },
+    20_000,
+    "F2 failed at its answer step",
+  );
+  const real = await lastOn(t.jsm, o.stream, "orders.route.F2");
+  down = false;
+  const forged = {
+    ...real,
+    time: "2099-01-01T00:00:00.000Z",
+    data: { ...real.data, value: { routed: "FORGED" }, results: { route: { routed: "FORGED" } } },
+  };
+  const ack = await jetstream(t.nc).publish("orders.route.F2", JSON.stringify(forged));
+  const letter = (await lettersOf(t, ack.seq, ["orders-answer"])).get("orders-answer")!;
+  assert.equal(letter.code, "conflict");
+  await settled(t.jsm, o.stream, o.consumers);
+  await waitFor(
+    async () => ((await readItem(o.kv, "F2"))?.last_seq ?? 0) >= ack.seq,
+    10_000,
+    "the state writer took the copy",
+  );
+  const still = await readItem(o.kv, "F2");
+  assert.equal(still?.status, "failed");
+  assert.equal(still?.updated_at, failed.updated_at, "updated_at as it was");
+  assert.deepEqual(still?.results.route, { routed: true });
+  assert.deepEqual(
+    o.ran.filter((r) => r.step === "answer").map((r) => r.value),
+    [{ routed: true }],
+  );
+});

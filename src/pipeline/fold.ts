@@ -191,7 +191,20 @@ export function applyPipelineEvent(
       return base;
     }
   }
-  if (base.status === "done" || base.status === "failed") return base;
+  if (base.status === "done" || base.status === "failed") {
+    // A copy of a step's run the state holds changes nothing, not even `updated_at`, as for an
+    // item in flight (below): a step's key storing the event a failed item failed on again
+    // with another result dated 2099 was dead-lettered `conflict`, yet set the item's
+    // updated_at to 2099. (Any other event stored after the end still dates it.)
+    const hit = idx.byEvent.get(event.type);
+    if (
+      state && hit && spec.steps[hit.id]?.kind !== "end" &&
+      (data?.runs?.[hit.id] ?? 0) <= (state.runs[hit.id] ?? 0)
+    ) {
+      return { ...state, last_seq: event.seq };
+    }
+    return base;
+  }
   if (event.type === `${n}.${FAILED}`) {
     base.status = "failed";
     base.outcome = FAILED;
