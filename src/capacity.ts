@@ -193,8 +193,10 @@ export interface CapacityGuard extends Disposable {
   /**
    * Throws {@link CapacityError} when `stream` is at or past the high-water mark, or (for a
    * tracked stream) would be with `items` more items (default 1: a batch passes its size).
+   * Resolves to a function to call when the admission stored no item after all (refused, or a
+   * replay of a stored one): the room kept for it until its entry is seen is given back.
    */
-  check(stream: string, items?: number): Promise<void>;
+  check(stream: string, items?: number): Promise<() => void>;
   /** Reads `stream` every refresh interval from now on (its alert fires without intake). */
   watch(stream: string): void;
   /**
@@ -359,10 +361,17 @@ export function createCapacityGuard(
           : new CapacityError({ ...reading.usage, bytes: Math.max(now, ratio) }, highWater);
       }
       w.admitted += items;
-      if (w.items) {
-        const at = Date.now();
-        for (let i = 0; i < items; i++) w.items.unseen.push(at);
-      }
+      const f = w.items;
+      if (!f) return () => {};
+      const at = Date.now();
+      for (let i = 0; i < items; i++) f.unseen.push(at);
+      let given = false;
+      return () => {
+        if (given) return;
+        given = true;
+        // Admissions are alike: the newest ones not seen yet are taken back.
+        f.unseen.splice(Math.max(0, f.unseen.length - items), items);
+      };
     },
     watch(stream) {
       if (!closed) watched(stream);
@@ -472,8 +481,8 @@ interface Flights {
   seenMessages: number;
   /**
    * When each admitted item whose entry has not been seen yet was admitted (ms since the
-   * epoch), oldest first: each entry seen takes the oldest off, and one older than
-   * {@link UNSEEN_MS} is dropped (its publish failed, or it was a replay that stored nothing).
+   * epoch), oldest first: each entry seen takes the oldest off, an admission that stored
+   * nothing gives its own back, and one older than {@link UNSEEN_MS} is dropped.
    */
   unseen: number[];
   /** Events an item is taken to store while no item has ended. */

@@ -494,3 +494,34 @@ Deno.test("a batch keeps room for each of its items in flight: one the stream ca
   const need = await storedWhenDone(t, 11);
   assert.ok(need <= max * 0.9, `the 11 items will store ${need} bytes of ${max}`);
 });
+
+Deno.test("a request that stores no item gives back the room its check kept: refusals and replays near the mark do not refuse the next item", async () => {
+  // The room each admission keeps until its entry is seen (the test above) is given back
+  // when the request stores nothing; else each refusal or replay held an item's room for 30 s.
+  const max = 1024 * 1024;
+  await using t = await startTestNats({ streamMaxBytes: max });
+  const { capacity, app, text } = await intakeFollowingItems(t);
+  using _ = capacity;
+  const post = (body: unknown, headers: Record<string, string> = {}) =>
+    app.request("/feedback", {
+      method: "POST",
+      headers: { ...JSON_TYPE, ...headers },
+      body: JSON.stringify(body),
+    });
+  const mine = await post({ id: "mine", text: text("mine") });
+  assert.equal(mine.status, 202, await mine.text());
+  const keyed = await post({ text: text("keyed") }, { "idempotency-key": "k1" });
+  assert.equal(keyed.status, 202, await keyed.text());
+  // 40 one after another, each worth an item's room (about 40 KB) in a 1 MiB stream: an id
+  // taken with another body (422), and the same key and body again (a replay).
+  for (let i = 0; i < 40; i++) {
+    const r = i % 2 === 0
+      ? await post({ id: "mine", text: text(`other ${i}`) })
+      : await post({ text: text("keyed") }, { "idempotency-key": "k1" });
+    assert.equal(r.status, i % 2 === 0 ? 422 : 202, `${i}: ${await r.text()}`);
+  }
+  await waitFor(() => capacity.following(FEEDBACK_STREAM)?.items === 3, 10_000, "3 followed");
+  // Before: 507, 40 admissions that stored nothing counted in flight.
+  const next = await post({ text: text("next") });
+  assert.equal(next.status, 202, await next.text());
+});

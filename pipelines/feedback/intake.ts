@@ -229,7 +229,8 @@ export async function createIntake(
         );
         oneByOne ||= published.some(Boolean);
       },
-      checkCapacity: () => capacity?.check(FEEDBACK_STREAM) ?? Promise.resolve(),
+      // (The batch's room was kept by its first check: this one only asks whether it is full.)
+      checkCapacity: async () => (await capacity?.check(FEEDBACK_STREAM))?.(),
     });
     if (stored > 0) onAccepted?.(stored);
     return stored > 0 || oneByOne;
@@ -373,7 +374,7 @@ export async function createIntake(
     jsm,
     async submit(submission, opts = {}) {
       if (opts.who) limiter?.take(opts.who, 1);
-      await capacity?.check(FEEDBACK_STREAM);
+      const giveBack = await capacity?.check(FEEDBACK_STREAM);
       let seenBefore = false;
       const result = await once(
         opts.idempotencyKey,
@@ -391,46 +392,61 @@ export async function createIntake(
             throw isOutcomeUnknown(err) ? new OutcomeUnknownError(answer.id, { cause: err }) : err;
           }
         },
-      );
-      return { body: result.body, replayed: result.replayed || seenBefore };
+      ).catch((err) => {
+        // Stored nothing (or, with an unknown outcome, its entry is followed once it lands):
+        // the room kept for it is given back.
+        giveBack?.();
+        throw err;
+      });
+      const replayed = result.replayed || seenBefore;
+      if (replayed) giveBack?.(); // the item is stored already: nothing new in flight
+      return { body: result.body, replayed };
     },
     async submitBatch(items, opts = {}) {
       if (opts.who) limiter?.take(opts.who, items.length);
-      await capacity?.check(FEEDBACK_STREAM, items.length); // room for each of them
-      const seen = new Set<string>();
-      items.forEach((item, i) => {
-        if (item.id === undefined) return;
-        if (seen.has(item.id)) {
-          throw new ValidationError(`/items/${i}/id repeats an id earlier in the batch`, {
-            field: `/items/${i}/id`,
-          });
-        }
-        seen.add(item.id);
-      });
-      return await once(
-        opts.idempotencyKey,
-        opts.who?.name ?? ANONYMOUS,
-        items,
-        () => ({ items: items.map((item) => acceptedAnswer(item.id ?? ulid())) }),
-        async (answer, replay) => {
-          const ids = answer.items.map(({ id }) => id);
-          if (atomic) {
-            return await batchSlots(() => publishBatch(items, ids, replay, opts.trace));
+      // Room for each of them, given back when the request stores nothing.
+      const giveBack = await capacity?.check(FEEDBACK_STREAM, items.length);
+      try {
+        const seen = new Set<string>();
+        items.forEach((item, i) => {
+          if (item.id === undefined) return;
+          if (seen.has(item.id)) {
+            throw new ValidationError(`/items/${i}/id repeats an id earlier in the batch`, {
+              field: `/items/${i}/id`,
+            });
           }
-          // Every id that may be stored already is looked up before any item is published,
-          // so a batch refused for one item's id stores none (and leaves its key unused).
-          const fresh = await Promise.all(ids.map((id, i) => {
-            const item = items[i]!;
-            const mayExist = replay || item.id !== undefined;
-            return !mayExist || isNew(item, id, `/items/${i}/id`);
-          }));
-          const published = await Promise.all(ids.map((id, i) => {
-            if (!fresh[i]) return false;
-            return publishOnce(items[i]!, id, false, opts.trace, `/items/${i}/id`);
-          }));
-          return published.some(Boolean);
-        },
-      );
+          seen.add(item.id);
+        });
+        const result = await once(
+          opts.idempotencyKey,
+          opts.who?.name ?? ANONYMOUS,
+          items,
+          () => ({ items: items.map((item) => acceptedAnswer(item.id ?? ulid())) }),
+          async (answer, replay) => {
+            const ids = answer.items.map(({ id }) => id);
+            if (atomic) {
+              return await batchSlots(() => publishBatch(items, ids, replay, opts.trace));
+            }
+            // Every id that may be stored already is looked up before any item is published,
+            // so a batch refused for one item's id stores none (and leaves its key unused).
+            const fresh = await Promise.all(ids.map((id, i) => {
+              const item = items[i]!;
+              const mayExist = replay || item.id !== undefined;
+              return !mayExist || isNew(item, id, `/items/${i}/id`);
+            }));
+            const published = await Promise.all(ids.map((id, i) => {
+              if (!fresh[i]) return false;
+              return publishOnce(items[i]!, id, false, opts.trace, `/items/${i}/id`);
+            }));
+            return published.some(Boolean);
+          },
+        );
+        if (result.replayed) giveBack?.(); // stored already: nothing new in flight
+        return result;
+      } catch (err) {
+        giveBack?.();
+        throw err;
+      }
     },
     async state(id) {
       if (!ITEM_ID.test(id)) throw new NotFoundError(`no feedback item ${JSON.stringify(id)}`);

@@ -534,40 +534,52 @@ export async function createModerationApi(deps: {
     jsm,
     async submitText(s, who, trace) {
       deps.limiter?.take(who);
-      await deps.capacity?.check(CONTENT_STREAM);
-      const id = s.id ?? `ct_${ulid()}`;
-      const item: ContentItem = { text: s.text, submitted_by: who.name };
-      if (s.metadata !== undefined) item.metadata = s.metadata;
-      const accepted = (replayed: boolean) => ({
-        body: { id, status: "accepted" as const, links: contentLinks(id, false) },
-        replayed,
-      });
-      // A client id already known: a replay only with the same body.
-      if (s.id !== undefined) {
-        const stored = await uploaded(id);
-        if (stored) {
-          assertSameSubmission(id, stored, item);
-          return accepted(true);
+      // Room for the item, given back when the request stores nothing.
+      const giveBack = await deps.capacity?.check(CONTENT_STREAM) ?? (() => {});
+      const answer = await (async () => {
+        const id = s.id ?? `ct_${ulid()}`;
+        const item: ContentItem = { text: s.text, submitted_by: who.name };
+        if (s.metadata !== undefined) item.metadata = s.metadata;
+        const accepted = (replayed: boolean) => ({
+          body: { id, status: "accepted" as const, links: contentLinks(id, false) },
+          replayed,
+        });
+        // A client id already known: a replay only with the same body.
+        if (s.id !== undefined) {
+          const stored = await uploaded(id);
+          if (stored) {
+            assertSameSubmission(id, stored, item);
+            return accepted(true);
+          }
         }
-      }
-      const replayed = await publishUpload(id, item, trace).catch((err) => {
-        // Perhaps stored (now, or when the publish queued in the client lands): the answer
-        // names the id to retry with.
-        throw isOutcomeUnknown(err) ? new OutcomeUnknownError(id, { cause: err }) : err;
+        const replayed = await publishUpload(id, item, trace).catch((err) => {
+          // Perhaps stored (now, or when the publish queued in the client lands): the answer
+          // names the id to retry with.
+          throw isOutcomeUnknown(err) ? new OutcomeUnknownError(id, { cause: err }) : err;
+        });
+        // Another submission of the id stored first (a race): the same check.
+        if (replayed) {
+          const stored = await uploaded(id);
+          if (stored) assertSameSubmission(id, stored, item);
+        } else deps.onAccepted?.(1);
+        return accepted(replayed);
+      })().catch((err) => {
+        giveBack();
+        throw err;
       });
-      // Another submission of the id stored first (a race): the same check.
-      if (replayed) {
-        const stored = await uploaded(id);
-        if (stored) assertSameSubmission(id, stored, item);
-      } else deps.onAccepted?.(1);
-      return accepted(replayed);
+      if (answer.replayed) giveBack(); // stored already: nothing new in flight
+      return answer;
     },
     async submitObject(body, meta, who, trace) {
       deps.limiter?.take(who);
-      await deps.capacity?.check(CONTENT_STREAM);
+      // Room for the item, given back when the request stores nothing.
+      const giveBack = await deps.capacity?.check(CONTENT_STREAM) ?? (() => {});
       // The bytes go to the object store, which has a limit of its own (a full one would
       // refuse every upload, not just this one's share): refused from its mark too.
-      await deps.capacity?.check(OBJECT_STREAM);
+      await deps.capacity?.check(OBJECT_STREAM).catch((err) => {
+        giveBack();
+        throw err;
+      });
       const id = `ct_${ulid()}`;
       const itemOf = (info: { size: number; digest: string }): ContentItem => {
         const item: ContentItem = {
@@ -585,7 +597,12 @@ export async function createModerationApi(deps: {
       };
       // The upload event checked before the bytes are stored (its size and digest are not
       // known yet): a refused request leaves nothing behind.
-      checkUpload(id, itemOf({ size: 0, digest: "SHA-256=" }));
+      try {
+        checkUpload(id, itemOf({ size: 0, digest: "SHA-256=" }));
+      } catch (err) {
+        giveBack();
+        throw err;
+      }
       try {
         const info = await objects.put({
           name: id,
@@ -594,6 +611,7 @@ export async function createModerationApi(deps: {
         }, body);
         await publishUpload(id, itemOf(info), trace);
       } catch (err) {
+        giveBack();
         await discardObject(id);
         throw (await objectStoreFull(err)) ? streamFullError(OBJECT_STREAM, err) : err;
       }

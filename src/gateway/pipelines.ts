@@ -299,10 +299,16 @@ async function admit(
   for (const { id, input } of items) if (known.has(id)) assertSameInput(known.get(id), input);
   const todo = items.filter((i) => !known.has(i.id));
   if (todo.length === 0) return { replayed: true };
-  await guards?.capacity?.check(stream, todo.length); // room for each of them
-  if (todo.length > 1 && await takesAtomicBatches(nc, stream)) {
-    await batchSlots(() => publishBatch(nc, p, guards, todo, traceId));
-  } else await publishEach(nc, p, todo, traceId, keyed);
+  // Room for each of them, given back when the request stores nothing.
+  const giveBack = await guards?.capacity?.check(stream, todo.length);
+  try {
+    if (todo.length > 1 && await takesAtomicBatches(nc, stream)) {
+      await batchSlots(() => publishBatch(nc, p, guards, todo, traceId));
+    } else await publishEach(nc, p, todo, traceId, keyed);
+  } catch (err) {
+    giveBack?.();
+    throw err;
+  }
   guards?.onAccepted?.(p.def.name, todo.length);
   return { replayed: false };
 }
@@ -404,7 +410,8 @@ async function publishBatch(
         atomicStreams.get(nc)?.delete(stream);
         return publishEach(nc, p, todo, traceId, false);
       },
-      checkCapacity: () => guards?.capacity?.check(stream) ?? Promise.resolve(),
+      // (The batch's room was kept by its first check: this one only asks whether it is full.)
+      checkCapacity: async () => (await guards?.capacity?.check(stream))?.(),
     });
   } catch (err) {
     throw isStreamFull(err) ? streamFullError(stream, err) : err;
