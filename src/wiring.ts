@@ -201,7 +201,8 @@ export interface WiredGraph {
   stages: readonly (readonly [string, string])[];
   /**
    * Its definition's graph, when it has one: the page draws the definition's steps (waits and
-   * ends too) where the first of them is in `stages`, and its edges below.
+   * ends too) in columns, with an arrow for each of its edges and no other, where the first of
+   * them is in `stages`, and lists its edges below.
    */
   graph?: PipelineGraph;
 }

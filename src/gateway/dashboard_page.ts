@@ -4,7 +4,9 @@
  * a module rather than a file so the gateway needs no read permission.
  *
  * It draws each hand-wired pipeline (its wiring's `dashboard` graph, {@link dashboardHtml}) and
- * each definition's with per-stage throughput, handler latency, backlog and errors from
+ * each definition's (its steps in columns by depth, an SVG arrow for each of its edges and no
+ * other, labelled with its route, `onTimeout` or `onDeadline`, a loop's running back under the
+ * boxes with its bound) with per-stage throughput, handler latency, backlog and errors from
  * `/dashboard/stream`; shows dead letters waiting for redrive (`GET /deadletters?pending=true`,
  * redrive with `POST /deadletters/redrive {"ids":[seq]}`) when the gateway has those routes,
  * and says so when it does not; the items waiting on a definition's `wait` step; each
@@ -76,7 +78,7 @@ main { display:grid; grid-template-columns: 1fr 1fr; gap:1rem; padding:1rem 1.2r
 section { background:var(--panel); border:1px solid var(--line); border-radius:8px; padding:.8rem 1rem; min-width:0; }
 section.wide { grid-column: 1 / -1; }
 h2 { font-size:.95rem; margin:0 0 .6rem; color:var(--dim); text-transform:uppercase; letter-spacing:.04em; }
-.graph { display:flex; align-items:stretch; gap:0; overflow-x:auto; }
+.graph { display:flex; align-items:center; gap:0; overflow-x:auto; }
 .stage { flex:1 1 0; min-width:130px; border:1px solid var(--line); border-radius:6px; padding:.5rem .6rem; background:#1d252e; }
 .stage h3 { margin:0 0 .3rem; font-size:.95rem; }
 .stage dl { display:grid; grid-template-columns:auto 1fr; gap:.1rem .5rem; margin:0; font-size:.8rem; }
@@ -103,6 +105,17 @@ button.secondary { background:#30363d; } button.danger { background:#8e1519; }
 .stage.ctl { flex:0 0 auto; min-width:90px; background:transparent; border-style:dashed; }
 .stage.ctl h3 { margin:0; }
 .edges { margin-top:.4rem; font-size:.8rem; }
+.dag { position:relative; flex:1 0 auto; }
+.dag-cols { position:relative; display:flex; align-items:stretch; gap:72px; }
+.dag-col { display:flex; flex-direction:column; justify-content:center; gap:14px; flex:1 1 0; min-width:140px; }
+.dag-col.ctl-col { flex:0 0 auto; min-width:90px; }
+.dag-col > * { flex:0 0 auto; min-width:0; }
+.dag-via { height:10px; }
+.dag-edges { position:absolute; left:0; top:0; pointer-events:none; overflow:visible; }
+.dag-edges .edge { fill:none; stroke:var(--dim); stroke-width:1.4; }
+.dag-edges .edge.back { stroke-dasharray:5 3; }
+.dag-edges .edge-head { fill:var(--dim); }
+.dag-edges .edge-label { fill:var(--text); font-size:11px; text-anchor:middle; dominant-baseline:central; paint-order:stroke; stroke:var(--panel); stroke-width:4px; stroke-linejoin:round; }
 .wide-group { display:contents; }
 #history .sum { color:var(--text); margin:.15rem 0 0; white-space:normal; }
 #history details summary { color:var(--dim); cursor:pointer; font-size:.75rem; }
@@ -181,8 +194,9 @@ function buildGraph() {
     var g = el("div", { class: "graph" });
     section.appendChild(g);
     holder.appendChild(section);
-    // With its definition's graph: its steps (waits and ends too) where its first step's box
-    // would be, and its edges below; its other boxes (intake, state writer) around them.
+    // With its definition's graph: its steps (waits and ends too) drawn as the definition's
+    // edges join them, where its first step's box would be, and its edges listed below; its
+    // other boxes (intake, state writer) around them.
     var steps = {};
     if (pipeline.graph) {
       pipeline.graph.nodes.forEach(function (n) { if (n.durable) steps[n.durable] = true; });
@@ -192,40 +206,256 @@ function buildGraph() {
       if (!steps[stage[0]]) { buildStage(g, stage[0], stage[1], i++); return; }
       if (drawn) return;
       drawn = true;
-      i = drawGraph(g, pipeline.graph, i, function (n) { return n.label; });
+      if (i++ > 0) g.appendChild(el("span", { class: "arrow" }, "→"));
+      drawGraph(g, pipeline.graph, function (n) { return n.label; });
     });
     if (pipeline.graph) section.appendChild(edgeList(pipeline.graph));
   });
 }
 
-// Draws a definition's steps breadth first from its input into g, from the i-th box on: a work
-// step (its durable consumer) with live figures, a join, wait, delay or end as a dashed box.
-// Returns the count of boxes drawn so far.
-function drawGraph(g, graph, i, labelOf) {
-  var next = {};
-  graph.edges.forEach(function (e) { (next[e.from] = next[e.from] || []).push(e.to); });
-  var kinds = {};
-  graph.nodes.forEach(function (n) { kinds[n.id] = n; });
-  var order = [], seenIds = new Set(["$input"]), queue = ["$input"];
+// Draws a definition's graph into g as its edges are: its steps in columns by depth (the
+// longest path to them from its start, loops aside), a work step (its durable consumer) with
+// live figures, a join, wait, delay or end as a dashed box; and each edge of the definition,
+// and no other, as an SVG arrow from its step's box to its target's (data-edge: its index in
+// graph.edges), labelled with its route, onTimeout or onDeadline and a loop's bound. An edge
+// spanning columns passes through a gap kept for it in each column between; a loop's edge (or
+// any edge closing a cycle) runs back under the boxes. The arrows are drawn again whenever
+// the boxes move (a resize, a box growing).
+var SVG_NS = "http://www.w3.org/2000/svg";
+var DAG_COUNT = 0;
+function drawGraph(g, graph, labelOf) {
+  var lay = layoutGraph(graph);
+  var dag = el("div", { class: "dag", "data-dag": String(DAG_COUNT++) });
+  var svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("class", "dag-edges");
+  svg.setAttribute("aria-hidden", "true");
+  dag.appendChild(svg);
+  var cols = el("div", { class: "dag-cols" });
+  dag.appendChild(cols);
+  lay.columns.forEach(function (column) {
+    var col = el("div", { class: "dag-col" });
+    var work = false;
+    column.forEach(function (slot) {
+      if (slot.via) { col.appendChild(el("div", { class: "dag-via", "data-via": slot.via })); return; }
+      var n = slot.node;
+      if (n.durable) {
+        work = true;
+        buildStage(col, n.durable, labelOf(n), 0, n.id);
+        if (STAGES.indexOf(n.durable) < 0) STAGES.push(n.durable);
+      } else {
+        var box = el("div", { class: "stage ctl", "data-step": n.id });
+        box.appendChild(el("h3", null, n.label));
+        box.appendChild(el("span", { class: "muted" }, n.kind));
+        col.appendChild(box);
+      }
+    });
+    if (!work) col.classList.add("ctl-col");
+    cols.appendChild(col);
+  });
+  // Room for the loops' lanes under the boxes and their climbs beside the outer columns.
+  if (lay.backs > 0) {
+    dag.style.paddingBottom = (LANE * (lay.backs + 1)) + "px";
+    dag.style.paddingLeft = dag.style.paddingRight = (LANE + GAP_STEP * lay.backs) + "px";
+  }
+  dag.weftLayout = lay;
+  g.appendChild(dag);
+  if (typeof ResizeObserver === "function") {
+    var ro = new ResizeObserver(function () { routeEdges(dag); });
+    ro.observe(dag);
+    dag.querySelectorAll("[data-step]").forEach(function (b) { ro.observe(b); });
+    dag.weftObserver = ro;
+  } else {
+    window.addEventListener("resize", function () { routeEdges(dag); });
+  }
+  routeEdges(dag);
+  return dag;
+}
+var LANE = 14, GAP_STEP = 6;
+
+// A definition's graph in columns: its edges (the input's aside) with back set on a loop's
+// edge and on any other that closes a cycle, the columns (slots top to bottom: a step's node,
+// or where a long edge passes, via), and how many edges run back.
+function layoutGraph(graph) {
+  var nodes = {}, ids = [], start = null, edges = [];
+  graph.nodes.forEach(function (n) { if (n.id !== "$input") { nodes[n.id] = n; ids.push(n.id); } });
+  graph.edges.forEach(function (e, k) {
+    if (e.from === "$input") { start = e.to; return; }
+    if (!nodes[e.from] || !nodes[e.to]) return;
+    edges.push({ k: k, from: e.from, to: e.to, label: e.label, loop: e.loop, back: !!e.loop });
+  });
+  var out = {};
+  ids.forEach(function (id) { out[id] = []; });
+  edges.forEach(function (e) { out[e.from].push(e); });
+  var state = {};
+  function visit(id) {
+    state[id] = 1;
+    out[id].forEach(function (e) {
+      if (e.back) return;
+      if (state[e.to] === 1) e.back = true;
+      else if (!state[e.to]) visit(e.to);
+    });
+    state[id] = 2;
+  }
+  var roots = (start && nodes[start] ? [start] : []).concat(ids);
+  roots.forEach(function (id) { if (!state[id]) visit(id); });
+  // Depth: the longest path over the forward edges (a join after all of its branches).
+  var depth = {}, indeg = {}, rank = {}, order = 0;
+  ids.forEach(function (id) { depth[id] = 0; indeg[id] = 0; });
+  edges.forEach(function (e) { if (!e.back) indeg[e.to]++; });
+  var queue = roots.filter(function (id, j) { return indeg[id] === 0 && roots.indexOf(id) === j; });
   while (queue.length) {
-    (next[queue.shift()] || []).forEach(function (t) {
-      if (!seenIds.has(t)) { seenIds.add(t); order.push(t); queue.push(t); }
+    var id = queue.shift();
+    rank[id] = order++;
+    out[id].forEach(function (e) {
+      if (e.back) return;
+      depth[e.to] = Math.max(depth[e.to], depth[id] + 1);
+      if (--indeg[e.to] === 0) queue.push(e.to);
     });
   }
-  order.forEach(function (id) {
-    var n = kinds[id];
-    if (n.durable) {
-      buildStage(g, n.durable, labelOf(n), i++);
-      if (STAGES.indexOf(n.durable) < 0) STAGES.push(n.durable);
+  var columns = [], slots = {};
+  ids.slice().sort(function (a, b) { return rank[a] - rank[b]; }).forEach(function (id) {
+    var s = { node: nodes[id], pred: [], succ: [], back: false, pos: rank[id] };
+    slots[id] = s;
+    (columns[depth[id]] = columns[depth[id]] || []).push(s);
+  });
+  for (var c = 0; c < columns.length; c++) columns[c] = columns[c] || [];
+  edges.forEach(function (e) {
+    if (e.back) { slots[e.from].back = slots[e.to].back = true; return; }
+    e.via = [];
+    var prev = slots[e.from];
+    for (var d = depth[e.from] + 1; d < depth[e.to]; d++) {
+      var v = { via: e.k + ":" + d, pred: [prev], succ: [], back: false, pos: prev.pos };
+      prev.succ.push(v);
+      e.via.push(v.via);
+      columns[d].push(v);
+      prev = v;
+    }
+    prev.succ.push(slots[e.to]);
+    slots[e.to].pred.push(prev);
+  });
+  // Order each column by where its slots' neighbours stand (down, then up, twice), a step with
+  // a loop lower on a tie.
+  function place(col) { col.forEach(function (s, j) { s.pos = (j + 0.5) / col.length; }); }
+  function sortBy(col, side) {
+    col.forEach(function (s, j) {
+      var near = s[side];
+      s.key = near.length
+        ? near.reduce(function (n, t) { return n + t.pos; }, 0) / near.length
+        : s.pos;
+      s.j = j;
+    });
+    col.sort(function (a, b) {
+      return (a.key - b.key) || ((a.back ? 1 : 0) - (b.back ? 1 : 0)) || (a.j - b.j);
+    });
+    place(col);
+  }
+  columns.forEach(function (col) { col.sort(function (a, b) { return a.pos - b.pos; }); place(col); });
+  for (var round = 0; round < 2; round++) {
+    for (c = 1; c < columns.length; c++) sortBy(columns[c], "pred");
+    for (c = columns.length - 2; c >= 0; c--) sortBy(columns[c], "succ");
+  }
+  return {
+    edges: edges,
+    columns: columns,
+    backs: edges.filter(function (e) { return e.back; }).length,
+  };
+}
+
+// Draws a graph's arrows between its boxes where they stand now.
+function routeEdges(dag) {
+  var lay = dag.weftLayout, svg = dag.firstChild;
+  if (!dag.isConnected || !lay) return;
+  var base = dag.getBoundingClientRect();
+  function box(e) {
+    var r = e.getBoundingClientRect();
+    return { x: r.left - base.left, y: r.top - base.top, w: r.width, h: r.height, cy: r.top - base.top + r.height / 2 };
+  }
+  var boxes = {}, vias = {};
+  dag.querySelectorAll("[data-step]").forEach(function (b) { boxes[b.getAttribute("data-step")] = box(b); });
+  dag.querySelectorAll("[data-via]").forEach(function (v) { vias[v.getAttribute("data-via")] = box(v); });
+  var cols = box(dag.querySelector(".dag-cols"));
+  var bottom = cols.y + cols.h;
+  svg.setAttribute("width", String(base.width));
+  svg.setAttribute("height", String(base.height));
+  svg.textContent = "";
+  var marker = "weft-arrow-" + dag.getAttribute("data-dag");
+  var defs = svg.appendChild(document.createElementNS(SVG_NS, "defs"));
+  var m = defs.appendChild(svgEl("marker", { id: marker, viewBox: "0 0 10 10", refX: "10", refY: "5",
+    markerWidth: "7", markerHeight: "7", orient: "auto-start-reverse" }));
+  m.appendChild(svgEl("path", { d: "M0,0 L10,5 L0,10 z", class: "edge-head" }));
+  // Each box's ports: its outgoing edges spread down its right side, its incoming ones down its
+  // left, in the order of the boxes they come from or go to (edges running back last).
+  var outs = {}, ins = {};
+  lay.edges.forEach(function (e) {
+    var next = e.back ? null : (e.via.length ? vias[e.via[0]] : boxes[e.to]);
+    var prev = e.back ? null : (e.via.length ? vias[e.via[e.via.length - 1]] : boxes[e.from]);
+    (outs[e.from] = outs[e.from] || []).push({ e: e, y: next ? next.cy : Infinity });
+    (ins[e.to] = ins[e.to] || []).push({ e: e, y: prev ? prev.cy : Infinity });
+  });
+  var portOut = {}, portIn = {};
+  function ports(list, into) {
+    Object.keys(list).forEach(function (id) {
+      var b = boxes[id], l = list[id].slice().sort(function (p, q) { return (p.y - q.y) || (p.e.k - q.e.k); });
+      l.forEach(function (p, j) { into[p.e.k] = b.y + b.h * (j + 1) / (l.length + 1); });
+    });
+  }
+  ports(outs, portOut);
+  ports(ins, portIn);
+  var lane = 0;
+  lay.edges.forEach(function (e) {
+    var a = boxes[e.from], b = boxes[e.to];
+    if (!a || !b) return;
+    var d, mid, text = [e.label, e.loop ? "≤" + e.loop + "×" : ""].filter(Boolean).join(" ");
+    if (e.back) {
+      // Out of its step's right side, down beside it to a lane under the boxes, back along it,
+      // up beside its target and into its left side.
+      var y = bottom + LANE * (lane + 1), xa = a.x + a.w + LANE / 2 + GAP_STEP * lane,
+        xb = b.x - LANE / 2 - GAP_STEP * lane;
+      lane++;
+      d = rounded([[a.x + a.w, portOut[e.k]], [xa, portOut[e.k]], [xa, y], [xb, y], [xb, portIn[e.k]], [b.x, portIn[e.k]]]);
+      mid = [(xa + xb) / 2, y];
     } else {
-      if (i++ > 0) g.appendChild(el("span", { class: "arrow" }, "→"));
-      var box = el("div", { class: "stage ctl", "data-step": id });
-      box.appendChild(el("h3", null, n.label));
-      box.appendChild(el("span", { class: "muted" }, n.kind));
-      g.appendChild(box);
+      var pts = [[a.x + a.w, portOut[e.k]]];
+      e.via.forEach(function (k) { var v = vias[k]; pts.push([v.x, v.cy], [v.x + v.w, v.cy]); });
+      pts.push([b.x, portIn[e.k]]);
+      d = "M" + pts[0][0] + "," + pts[0][1];
+      for (var j = 1; j < pts.length; j++) {
+        var p = pts[j - 1], q = pts[j];
+        if (j % 2 === 0) { d += " L" + q[0] + "," + q[1]; continue; }
+        var cx = (p[0] + q[0]) / 2;
+        d += " C" + cx + "," + p[1] + " " + cx + "," + q[1] + " " + q[0] + "," + q[1];
+      }
+      mid = [(pts[0][0] + pts[1][0]) / 2, (pts[0][1] + pts[1][1]) / 2];
+    }
+    svg.appendChild(svgEl("path", { d: d, class: "edge" + (e.back ? " back" : ""),
+      "data-edge": String(e.k), "data-from": e.from, "data-to": e.to, "marker-end": "url(#" + marker + ")" }));
+    if (text) {
+      svg.appendChild(svgEl("text", { x: String(mid[0]), y: String(mid[1]), class: "edge-label",
+        "data-edge": String(e.k), "data-from": e.from, "data-to": e.to }, text));
     }
   });
-  return i;
+}
+function svgEl(tag, attrs, text) {
+  var e = document.createElementNS(SVG_NS, tag);
+  for (var k in attrs) e.setAttribute(k, attrs[k]);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+// A path through points, its corners rounded.
+function rounded(pts) {
+  var d = "M" + pts[0][0] + "," + pts[0][1];
+  for (var j = 1; j < pts.length - 1; j++) {
+    var p = pts[j - 1], c = pts[j], n = pts[j + 1];
+    var r = Math.min(6, Math.hypot(c[0] - p[0], c[1] - p[1]) / 2, Math.hypot(n[0] - c[0], n[1] - c[1]) / 2);
+    var a = toward(c, p, r), b = toward(c, n, r);
+    d += " L" + a[0] + "," + a[1] + " Q" + c[0] + "," + c[1] + " " + b[0] + "," + b[1];
+  }
+  var last = pts[pts.length - 1];
+  return d + " L" + last[0] + "," + last[1];
+}
+function toward(from, to, r) {
+  var len = Math.hypot(to[0] - from[0], to[1] - from[1]) || 1;
+  return [from[0] + (to[0] - from[0]) * r / len, from[1] + (to[1] - from[1]) * r / len];
 }
 
 // Every edge of a definition's graph, with its label and a loop's bound.
@@ -238,9 +468,10 @@ function edgeList(graph) {
     }).join(" · "));
 }
 
-function buildStage(g, name, title, i) {
+function buildStage(g, name, title, i, step) {
     if (i > 0) g.appendChild(el("span", { class: "arrow" }, /state/.test(name) ? "⇢" : "→"));
     var box = el("div", { class: "stage", "data-stage": name });
+    if (step) box.setAttribute("data-step", step);
     box.appendChild(el("h3", null, title));
     var dl = el("dl");
     [["throughput", "rate", "/s"], ["latency", "latency", "ms"], ["processed", "processed", ""],
@@ -484,11 +715,13 @@ function redrive(seq, button) {
     .catch(function () { button.textContent = "Failed"; });
 }
 
-// Pipelines run from definitions (GET /pipelines): one graph each, drawn from the definition.
-// Work steps (task, llm, router, agent: each with its durable consumer) get live figures; joins, waits, delays and ends are drawn as
-// dashed boxes; every edge is listed under the graph with its label.
+// Pipelines run from definitions (GET /pipelines): one graph each, drawn from the definition
+// (drawGraph): work steps (task, llm, router, agent: each with its durable consumer) get live
+// figures; joins, waits, delays and ends are drawn as dashed boxes; an arrow for each edge; every
+// edge is also listed under the graph with its label.
 function addPipelines(list) {
   var holder = document.getElementById("defined");
+  holder.querySelectorAll(".dag").forEach(function (d) { if (d.weftObserver) d.weftObserver.disconnect(); });
   holder.textContent = "";
   (list || []).forEach(function (p) {
     var section = el("section", { class: "wide", "data-pipeline": p.name });
@@ -497,7 +730,7 @@ function addPipelines(list) {
     section.appendChild(h);
     var g = el("div", { class: "graph" });
     section.appendChild(g);
-    drawGraph(g, p.graph, 0, function (n) { return n.label + " (" + n.kind + ")"; });
+    drawGraph(g, p.graph, function (n) { return n.label + " (" + n.kind + ")"; });
     section.appendChild(edgeList(p.graph));
     if ((p.waits || []).length > 0) {
       section.appendChild(el("h3", null, "Waiting for a decision"));
