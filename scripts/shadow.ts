@@ -32,7 +32,8 @@
  */
 import { parseArgs } from "node:util";
 import { headers } from "@nats-io/nats-core";
-import { SHADOW_REQUEST_PREFIX } from "../src/subjects.ts";
+import { Kvm } from "@nats-io/kv";
+import { SHADOW_BUCKET, SHADOW_REQUEST_PREFIX } from "../src/subjects.ts";
 import {
   formatLiveShadowReport,
   labelledAccuracy,
@@ -44,13 +45,14 @@ import {
 } from "../src/shadow/live.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { loadPipelines } from "../src/pipeline/runtime.ts";
-import { parseShadowSpec } from "../src/shadow/spec.ts";
+import { parseShadowSpec, SHADOW_ID } from "../src/shadow/spec.ts";
 import { listedPipelines } from "../src/supervisor.ts";
 import { loadConfig, strayArguments, unknownFlags } from "../src/config.ts";
-import { ConfigError } from "../src/errors.ts";
+import { ConfigError, NotFoundError } from "../src/errors.ts";
 import { feedbackAnalyzers } from "../pipelines/feedback/analyzers.ts";
 import { parseRows } from "../src/ai/evaluation.ts";
 import { connectNats, tlsCredentials } from "../src/nats.ts";
+import { statusSubject } from "../src/observability/micro.ts";
 import {
   decideAll,
   formatShadowReport,
@@ -223,27 +225,64 @@ async function control(verb: string, args: string[]): Promise<number> {
   }
 }
 
-/** `deno task shadow report ID [--out PATH]`: a live shadow's decisions, read from SHADOW. */
+type Nats = Awaited<ReturnType<typeof connectNats>>;
+
+/**
+ * What the shadow service says of the shadows it hosts, by id, or undefined when no shadow
+ * service answers (it starts with the first live shadow).
+ */
+async function hostedShadows(
+  nc: Nats,
+): Promise<Record<string, { up?: boolean; error?: string }> | undefined> {
+  try {
+    const m = await nc.request(statusSubject("shadow"), "", { timeout: 3_000 });
+    return m.json<{ shadows?: Record<string, { up?: boolean; error?: string }> }>().shadows ?? {};
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * What the shadow service says of shadow `id` when it does not run (it failed to start, or
  * no shadow service answers), or undefined when it runs.
  */
-async function shadowStatus(
-  nc: Awaited<ReturnType<typeof connectNats>>,
+function shadowStatus(
+  hosted: Record<string, { up?: boolean; error?: string }> | undefined,
   id: string,
-): Promise<string | undefined> {
+): string | undefined {
+  if (!hosted) return "no shadow service answered (it starts with the first live shadow)";
+  const one = hosted[id];
+  if (!one) return "not running (no shadow service hosts it: attached? see deno task shadow list)";
+  if (one.up === false) return `not running: ${one.error ?? "it did not start"}`;
+  return undefined;
+}
+
+/**
+ * Whether shadow `id` is attached: over the API (its entry in the shadows bucket), by this
+ * task's WEFT_SHADOW, or hosted by the shadow service; `unsure` when the bucket cannot be
+ * read (then it may be).
+ */
+async function attachment(
+  nc: Nats,
+  configured: readonly { id: string }[],
+  hosted: Record<string, unknown> | undefined,
+  id: string,
+): Promise<"attached" | "none" | "unsure"> {
+  if (configured.some((s) => s.id === id) || (hosted && id in hosted)) return "attached";
   try {
-    const m = await nc.request("weft.shadow.status", "", { timeout: 3_000 });
-    const s = m.json<{ shadows?: Record<string, { up?: boolean; error?: string }> }>();
-    const one = s.shadows?.[id];
-    if (!one) {
-      return "not running (no shadow service hosts it: attached? see deno task shadow list)";
-    }
-    if (one.up === false) return `not running: ${one.error ?? "it did not start"}`;
-    return undefined;
+    const e = await (await new Kvm(nc).open(SHADOW_BUCKET)).get(id);
+    return e?.operation === "PUT" ? "attached" : "none";
   } catch {
-    return "no shadow service answered (it starts with the first live shadow)";
+    return "unsure";
   }
+}
+
+/** The one line for a report of shadow `id` when there is no such shadow. */
+function noSuchShadow(id: string): NotFoundError {
+  return new NotFoundError(
+    `no shadow ${JSON.stringify(id)}: nothing attached under that id, and no decision ` +
+      "recorded under it (deno task shadow list names the attached ones)",
+  );
 }
 
 /**
@@ -268,6 +307,11 @@ function refuseBare(values: Record<string, unknown>, names: readonly string[]): 
   }
 }
 
+/**
+ * `deno task shadow report ID [--out PATH]`: a live shadow's decisions, read from SHADOW. An id
+ * with no decision that no shadow is attached under is refused in one line (exit 2), not
+ * reported as an empty report.
+ */
 async function report(args: string[]): Promise<number> {
   refuseUnknown(args, REPORT_FLAGS, true);
   const { values, positionals } = parseArgs({
@@ -282,6 +326,8 @@ async function report(args: string[]): Promise<number> {
   if (!(Number.isInteger(examples) && examples >= 0)) {
     throw new Error("--examples must be a whole number of examples (0 or more)");
   }
+  // No shadow can have an id that is no shadow id (`attach` refuses it).
+  if (!SHADOW_ID.test(id)) throw noSuchShadow(id);
   if (values.out !== undefined) await assertWritable(values.out, [".json"]);
   const config = loadConfig({ args: [] });
   const nc = await connectNats(config.natsUrl, "weft-shadow-report", {
@@ -290,19 +336,23 @@ async function report(args: string[]): Promise<number> {
     ...tlsCredentials(config),
   });
   try {
-    const r = liveShadowReport(
-      id,
-      await readShadowDecisions(nc, id),
-      examples,
-    );
+    const decisions = await readShadowDecisions(nc, id);
+    const r = liveShadowReport(id, decisions, examples);
+    // Nothing decided yet: whether the shadow runs at all (its service knows why not), and,
+    // none ever decided under that id, whether there is such a shadow.
+    const hosted = r.items === 0 ? await hostedShadows(nc) : undefined;
+    if (
+      decisions.length === 0 && await attachment(nc, config.shadows, hosted, id) === "none"
+    ) {
+      throw noSuchShadow(id);
+    }
     say(formatLiveShadowReport(r));
     if (values.out) {
       await Deno.writeTextFile(`${values.out}.json`, JSON.stringify(r, null, 2) + "\n");
       say(`wrote ${values.out}.json`);
     }
     if (r.items === 0) {
-      // Nothing decided yet: say whether the shadow runs at all (its service knows why not).
-      const why = await shadowStatus(nc, id);
+      const why = shadowStatus(hosted, id);
       if (why) say(`shadow ${id}: ${why}`, Deno.stderr);
     }
     return r.items > 0 ? 0 : 1;

@@ -3,12 +3,14 @@
  * command runs nothing; each such run points at a port no server listens on, so one that
  * went on to replay anyway fails to connect instead of reading another test's server); and
  * the feedback replay on a real nats-server whose FEEDBACK stream holds a made history: an
- * LLM candidate's failures are its own, never the embedded analyzers' decisions.
+ * LLM candidate's failures are its own, never the embedded analyzers' decisions; and, on a
+ * mesh, `report` of an id no shadow has, refused in one line.
  */
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
-import { meshTempDir, removedAtEnd, taskArgs } from "./helpers/mesh.ts";
-import { startTestNats } from "./helpers/nats.ts";
+import { Kvm } from "@nats-io/kv";
+import { meshTempDir, ONE_PROCESS, removedAtEnd, startMesh, taskArgs } from "./helpers/mesh.ts";
+import { connectClient, startTestNats } from "./helpers/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { sampled } from "../src/shadow/spec.ts";
 
@@ -229,4 +231,43 @@ Deno.test("a feedback replay passes over what is no decision on feedback.dispatc
   assert.equal(itemsOf(once.stdout), itemsOf(again.stdout), "the same sample both times");
   const expected = TEXTS.filter((_, i) => sampled(`R${i}`, 0.5)).length;
   assert.equal(itemsOf(once.stdout), String(expected), "the items whose ids are sampled");
+});
+
+Deno.test("deno task shadow report of an id no shadow has says so in one line, exit 2; an attached shadow that decided nothing yet is reported", async () => {
+  await using mesh = await startMesh(ONE_PROCESS);
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const env = { NATS_URL: mesh.natsUrl, WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile! };
+  for (const id of ["nosuch", "Not a shadow id"]) {
+    const r = await shadow(["report", id], env);
+    assert.equal(r.code, 2, r.stderr + r.stdout);
+    assert.equal(r.stdout, "", "no empty report");
+    const lines = r.stderr.trimEnd().split("\n");
+    assert.equal(lines.length, 1, r.stderr);
+    assert.equal(
+      lines[0],
+      `shadow: no shadow ${JSON.stringify(id)}: nothing attached under that id, and no ` +
+        "decision recorded under it (deno task shadow list names the attached ones)",
+    );
+  }
+  // One attached (its bucket entry, as an attach writes it) that has decided nothing yet: its
+  // empty report, and why it has nothing (it does not run yet, or cannot).
+  const admin = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+  try {
+    await (await new Kvm(admin).open("weft_shadows")).create(
+      "quiet",
+      JSON.stringify({
+        id: "quiet",
+        step: "topics",
+        candidate: { analyzers: "rules", rules: "rules/missing.json" },
+        attached_by: "lead",
+      }),
+    );
+  } finally {
+    await admin.close();
+  }
+  const quiet = await shadow(["report", "quiet"], env);
+  assert.equal(quiet.code, 1, quiet.stderr + quiet.stdout);
+  assert.match(quiet.stdout, /live shadow quiet/);
+  assert.match(quiet.stderr, /^shadow quiet: (not running|no shadow service answered)/m);
+  assert.doesNotMatch(quiet.stderr, /no shadow "quiet"/);
 });
