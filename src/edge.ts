@@ -223,7 +223,8 @@ export function edgeStreamConfigs(
   events: NamedStreamConfig,
   definitions: readonly SiteStream[] = [],
 ): NamedStreamConfig[] {
-  const { subjects: _subjects, ...limits } = events;
+  // (Its own subjects and its direct gets are the event stream's, not a hub's.)
+  const { subjects: _subjects, allow_direct: _direct, ...limits } = events;
   return sites.map((site) => ({
     ...limits,
     name: edgeStream(site),

@@ -99,7 +99,13 @@ export function streamConfigs(
     name: string,
     description: string,
     subjects: string[],
-    limits: { maxAgeMs: number; maxBytes: number; maxMsgSize?: number; discardOld?: boolean },
+    limits: {
+      maxAgeMs: number;
+      maxBytes: number;
+      maxMsgSize?: number;
+      discardOld?: boolean;
+      allowDirect?: boolean;
+    },
   ): NamedStreamConfig => ({
     name,
     description,
@@ -112,11 +118,16 @@ export function streamConfigs(
     ...(limits.maxMsgSize !== undefined ? { max_msg_size: limits.maxMsgSize } : {}),
     duplicate_window: ms(config.duplicateWindowMs),
     num_replicas: config.replicas ?? 1,
+    ...(limits.allowDirect ? { allow_direct: true } : {}),
   });
+  // An event stream answers direct gets: a step reads a few of an item's messages in one
+  // batched request (src/last_messages.ts, nats-server 2.11+). A direct get may be answered by
+  // a replica; such a read says how far its stream goes, and counts only when far enough.
   const events = {
     maxAgeMs: config.retentionMs,
     maxBytes: config.streamMaxBytes,
     maxMsgSize: 1024 * 1024,
+    allowDirect: true,
   };
   return [
     ...wirings.flatMap((w) =>

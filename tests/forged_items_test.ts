@@ -362,7 +362,7 @@ Deno.test("a forged `sentiment_analyzed` with another text, stored before an in-
     await runStateWriter({ ...deps, spec: FEEDBACK_STATE_SPEC }),
     await runStage({ ...deps, stage: sentimentStage(held) }),
     await runStage({ ...deps, stage: topicsStage(rules.topics, rules.toxicity) }),
-    await runStage({ ...deps, stage: dispatchStage(rules.route, feedbackItemReader(t.jsm)) }),
+    await runStage({ ...deps, stage: dispatchStage(rules.route, feedbackItemReader(t.jsm, t.nc)) }),
   ];
   try {
     const intake = await createIntake(t.nc);

@@ -15,6 +15,8 @@ import { FeedbackEventType as T } from "./events.ts";
 import { childContext } from "../../src/observability/trace.ts";
 import type { FeedbackItem, FeedbackSubmission } from "./events.gen.ts";
 import type { JetStreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { lastMessagesReader, storedFirstOnSubject } from "../../src/last_messages.ts";
 import { itemFailedNow, storedMessage } from "../../src/runner.ts";
 import { canonicalJson } from "../../src/canonical_json.ts";
 import { ConflictError, ErrorCode, NotFoundError, WeftError } from "../../src/errors.ts";
@@ -150,7 +152,11 @@ export function topicsStage(
 }
 
 /** What dispatch reads of an item before routing it ({@link feedbackItemReader}). */
-export type FeedbackItemReader = (itemId: string) => Promise<{
+export type FeedbackItemReader = (
+  itemId: string,
+  /** The stream sequence of the message being admitted: the read holds the stream up to it. */
+  seq?: number,
+) => Promise<{
   /** The first message on the item's ingested subject (its body, any JSON), if any. */
   entry: { seq: number; event: unknown } | null;
   /** Whether the item has failed and not been resumed since (by a redrive). */
@@ -158,21 +164,38 @@ export type FeedbackItemReader = (itemId: string) => Promise<{
 }>;
 
 /**
- * Reads, in parallel, the item's ingested event (the first message on
- * `feedback.ingested.<id>`) and whether it has failed and not been resumed since (its last
- * `feedback.failed` is not followed by the event it failed on, stored again by a redrive:
- * `failedNow`): two direct reads of the stream.
+ * Reads the item's ingested event (the first message on `feedback.ingested.<id>`) and whether
+ * it has failed and not been resumed since (its last `feedback.failed` is not followed by the
+ * event it failed on, stored again by a redrive: `failedNow`).
+ *
+ * With `nc` on nats-server 2.11+, one batched direct get reads the last message of both
+ * subjects. The ingested subject's last message is its first when it was stored under
+ * "expected last subject sequence 0" (`storedFirstOnSubject`), as intake stores every item's;
+ * and the answer counts only from a server that held the stream up to the admitted message.
+ * Otherwise (older servers, a redriven entry, no entry, any answer not trusted whole): two
+ * direct reads of the stream in parallel, the first by `next_by_subj`.
  */
-export function feedbackItemReader(jsm: JetStreamManager): FeedbackItemReader {
-  return async (itemId) => {
-    const [entry, lastFailure] = await Promise.all([
-      // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
-      storedMessage(jsm, FEEDBACK_STREAM, {
-        next_by_subj: `${T.Ingested}.${itemId}`,
-        seq: 0,
-      } as unknown as { seq: number }),
-      storedMessage(jsm, FEEDBACK_STREAM, { last_by_subj: `${T.Failed}.${itemId}` }),
-    ]);
+export function feedbackItemReader(
+  jsm: JetStreamManager,
+  nc?: NatsConnection,
+): FeedbackItemReader {
+  const readLast = nc ? lastMessagesReader(nc, FEEDBACK_STREAM) : undefined;
+  return async (itemId, seq) => {
+    const ingested = `${T.Ingested}.${itemId}`;
+    const failedOn = `${T.Failed}.${itemId}`;
+    const last = await readLast?.([ingested, failedOn], { atLeastSeq: seq });
+    const first = last?.get(ingested);
+    const [entry, lastFailure] = first && storedFirstOnSubject(first)
+      ? [first, last!.get(failedOn) ?? null]
+      : await Promise.all([
+        // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only
+        // seq/last_by_subj.
+        storedMessage(jsm, FEEDBACK_STREAM, {
+          next_by_subj: ingested,
+          seq: 0,
+        } as unknown as { seq: number }),
+        storedMessage(jsm, FEEDBACK_STREAM, { last_by_subj: failedOn }),
+      ]);
     // A failure stored before the item entered does not hold it: a failed submission that a
     // redrive or a resubmission then made the item, or one a step's key published for the id
     // before it was submitted.
@@ -228,7 +251,8 @@ export function dispatchStage(
     // text than the item's, is not the item's.
     entrySubject: (item) => `${T.Ingested}.${item}`,
     inputOf: itemFieldsOf,
-    // Whether the item entered is part of admit's check (one round trip of two reads).
+    // Whether the item entered is part of admit's check (one round trip: one batched read on
+    // nats-server 2.11+, two reads before).
     ...(items ? { admit: (event, message) => admitDispatch(items, event, message.seq) } : {}),
     input: { kind: "event", types: [T.TopicsExtracted] },
     handle(event, ctx) {
@@ -251,7 +275,7 @@ async function admitDispatch(
   seq: number,
 ): Promise<void> {
   const item = event.item_id;
-  const { entry, failed } = await items(item);
+  const { entry, failed } = await items(item, seq);
   if (!entry || entry.seq > seq) {
     throw new NotFoundError(
       `no item ${JSON.stringify(item)}: ${event.type} counts only for an item whose entry ` +

@@ -40,7 +40,7 @@ export async function startPipeline(t: TestNats): Promise<Pipeline> {
     await runStage({ ...deps, stage: ingestStage() }),
     await runStage({ ...deps, stage: sentimentStage(rules.sentiment) }),
     await runStage({ ...deps, stage: topicsStage(rules.topics, rules.toxicity) }),
-    await runStage({ ...deps, stage: dispatchStage(rules.route, feedbackItemReader(t.jsm)) }),
+    await runStage({ ...deps, stage: dispatchStage(rules.route, feedbackItemReader(t.jsm, t.nc)) }),
   ];
   const intake = await createIntake(t.nc);
   const app = createApp({ ...deps, jetStream: intake, extensions: [feedbackRoutes(intake)] });

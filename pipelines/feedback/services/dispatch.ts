@@ -21,7 +21,7 @@ export const service: ServiceDef = stageService("dispatch", async (ctx) => {
   );
   return dispatchStage(
     (sentiment, topics) => live.current()(sentiment, topics),
-    feedbackItemReader(await jetstreamManager(ctx.nc)),
+    feedbackItemReader(await jetstreamManager(ctx.nc), ctx.nc),
   );
 });
 
