@@ -24,13 +24,15 @@ import { headers as natsHeaders } from "@nats-io/nats-core";
 import { approvalsPipeline } from "./helpers/pipeline.ts";
 import { createShadowControl, type ShadowControl } from "../src/shadow/control.ts";
 import { PATIENT, startTestNats, type TestNats } from "./helpers/nats.ts";
+import { SseClients } from "../src/gateway/sse.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
 /** The gateway app with feedback and content moderation, no API keys. */
 async function gateway(
   t: TestNats,
-  opts: { pipelines?: LoadedPipeline[]; shadows?: ShadowControl } = {},
+  opts: { pipelines?: LoadedPipeline[]; shadows?: ShadowControl; sseClients?: SseClients } = {},
 ) {
   const intake = await createIntake(t.nc);
   const moderation = await createModerationApi({
@@ -47,6 +49,7 @@ async function gateway(
     auth: createAuth([]),
     ...(opts.pipelines ? { pipelines: opts.pipelines } : {}),
     ...(opts.shadows ? { shadows: opts.shadows } : {}),
+    ...(opts.sseClients ? { sseClients: opts.sseClients } : {}),
     extensions: [feedbackRoutes(intake), moderationRoutes(moderation)],
   });
 }
@@ -420,4 +423,44 @@ Deno.test("limit takes decimal digits only, and /dashboard/recent, a claim's rel
     const p = await expectProblem(await app.request(path, init), 422, field);
     assert.match(p.detail, new RegExp(field), path);
   }
+});
+
+Deno.test("HEAD of an event stream answers its headers and frees its SSE slot at once, instead of holding it while the stream is quiet", async () => {
+  await using t = await startTestNats();
+  // Two slots: before the fix, the third HEAD found both held by the first two (503).
+  const clients = new SseClients(2);
+  const app = await gateway(t, { sseClients: clients });
+  const posted = await app.request("/feedback", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ text: "an item no step runs: its stream stays open, live" }),
+  });
+  assert.equal(posted.status, 202, await posted.clone().text());
+  const { id } = await posted.json();
+  const streams = [
+    "/events",
+    "/events?type=processed",
+    "/dashboard/stream",
+    `/feedback/${id}/events`,
+  ];
+  for (let round = 0; round < 3; round++) {
+    for (const path of streams) {
+      const res = await app.request(path, { method: "HEAD" });
+      assert.equal(res.status, 200, `HEAD ${path}`);
+      assert.match(res.headers.get("content-type") ?? "", /^text\/event-stream/, path);
+      assert.equal(res.body, null, path);
+      await waitFor(() => clients.open === 0, 10_000, `HEAD ${path} freed its slot`);
+    }
+  }
+  // The slots are free for streams that are read.
+  const live = await app.request("/events");
+  assert.equal(live.status, 200);
+  await live.body?.cancel();
+  await waitFor(() => clients.open === 0, 10_000, "the read stream freed its slot");
+  // The live feeds' consumers are deleted once their last client has gone.
+  await waitFor(
+    async () => (await t.jsm.streams.info(FEEDBACK_STREAM)).state.consumer_count === 0,
+    10_000,
+    "the live feeds' consumers deleted",
+  );
 });

@@ -260,6 +260,14 @@ export function createApp(deps: GatewayDeps): Hono {
   const feeds = deps.feeds ??
     new LiveFeeds(jetStream.js, log, config.sseFlushMs, config.sseWritesPerSecond);
   const app = new Hono();
+  // HEAD: Hono answers it with the GET route's status and headers and drops that response's
+  // body unread. A streamed body (an event stream, an object) must be cancelled, or nothing
+  // ever ends it: an event stream kept its SSE slot and live subscription while it was quiet
+  // (found by probing: 100 HEADs of /events locked their key out of every event stream).
+  app.use(async (c, next) => {
+    await next();
+    if (c.req.method === "HEAD") await c.res.body?.cancel().catch(() => {});
+  });
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
 
