@@ -464,3 +464,52 @@ Deno.test("HEAD of an event stream answers its headers and frees its SSE slot at
     "the live feeds' consumers deleted",
   );
 });
+
+Deno.test("a body in a content coding (gzip) is refused with 415 naming content-encoding, not stored as its coded bytes; identity is taken", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  const gzip = async (bytes: Uint8Array<ArrayBuffer>) =>
+    new Uint8Array(
+      await new Response(new Blob([bytes]).stream().pipeThrough(new CompressionStream("gzip")))
+        .arrayBuffer(),
+    );
+  const png = new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3]);
+  const json = new TextEncoder().encode(JSON.stringify({ text: "compressed" }));
+  const sends: [string, string, Uint8Array<ArrayBuffer>][] = [
+    ["/content", "image/png", await gzip(png)],
+    ["/content", "image/png", png], // declared coded, sent plain: read as coded all the same
+    ["/content", "application/json", await gzip(json)],
+    ["/feedback", "application/json", await gzip(json)],
+    ["/feedback", "application/json", json],
+    ["/feedback/batch", "application/json", await gzip(json)],
+  ];
+  for (const [path, type, body] of sends) {
+    for (const coding of ["gzip", "br", "identity, gzip"]) {
+      const res = await app.request(path, {
+        method: "POST",
+        headers: { "content-type": type, "content-encoding": coding },
+        body,
+      });
+      const p = await expectProblem(res, 415, "content-encoding");
+      assert.match(p.detail, /content-encoding/, `${path} ${type} ${coding}`);
+    }
+  }
+  assert.equal((await t.jsm.streams.info(FEEDBACK_STREAM)).state.messages, 0, "nothing stored");
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing stored");
+  // identity is the body as it is.
+  for (
+    const [path, type, body] of [["/content", "image/png", png], [
+      "/feedback",
+      "application/json",
+      json,
+    ]] as const
+  ) {
+    const res = await app.request(path, {
+      method: "POST",
+      headers: { "content-type": type, "content-encoding": "Identity" },
+      body,
+    });
+    assert.equal(res.status, 202, `${path}: ${await res.clone().text()}`);
+    await res.body?.cancel();
+  }
+});

@@ -223,6 +223,21 @@ export async function readJson(c: Context, opts: { optional?: boolean } = {}): P
   }
 }
 
+/**
+ * Whether a Content-Encoding header declares no coding: empty, or only `identity` (any case,
+ * in a list too).
+ *
+ * @example
+ * ```ts
+ * import { isIdentityCoding } from "./app.ts";
+ * console.assert(isIdentityCoding("identity") && isIdentityCoding(""));
+ * console.assert(!isIdentityCoding("gzip") && !isIdentityCoding("identity, gzip"));
+ * ```
+ */
+export function isIdentityCoding(header: string): boolean {
+  return header.split(",").every((c) => ["", "identity"].includes(c.trim().toLowerCase()));
+}
+
 /** The methods a route may have; HEAD and OPTIONS follow from them. */
 const ALLOWABLE = ["GET", "POST", "PUT", "PATCH", "DELETE"] as const;
 
@@ -293,6 +308,23 @@ export function createApp(deps: GatewayDeps): Hono {
       ErrorCode.MethodNotAllowed,
       `${c.req.path} takes ${allow}, not ${c.req.method}`,
     );
+  });
+
+  // A body in a content coding (gzip, br, ...) is a 415 problem naming content-encoding: the
+  // gateway decodes none, and read as it came an upload was stored as its coded bytes under
+  // its declared type, and a JSON body refused as "not valid UTF-8" (found by probing).
+  app.use(async (c, next) => {
+    const coding = c.req.header("content-encoding");
+    if (c.req.raw.body !== null && coding !== undefined && !isIdentityCoding(coding)) {
+      throw new WeftError(
+        ErrorCode.UnsupportedMediaType,
+        `content-encoding ${
+          JSON.stringify(coding)
+        } is not taken: send the body as it is (identity), uncompressed`,
+        { field: "content-encoding" },
+      );
+    }
+    await next();
   });
 
   // While NATS is unreachable, answer 503 at once instead of waiting out a publish timeout.
