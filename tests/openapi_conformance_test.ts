@@ -291,3 +291,35 @@ Deno.test("live responses validate against the document: schedules (a caller's a
     await writer.stop();
   }
 });
+
+Deno.test("documented query parameters are the routes' own: a value a parameter's schema takes is answered 200, one it refuses 422 naming the parameter", async () => {
+  await using t = await startTestNats();
+  using g = await gateway(t);
+  const ajv = new Ajv({ strict: false, coerceTypes: true });
+  const cases: [string, string, string[]][] = [
+    ["/deadletters", "limit", ["1", "5", "100000", "0", "100001", "abc"]],
+    ["/deadletters", "pending", ["true", "false", "maybe", "1"]],
+    ["/dashboard/recent", "limit", ["1", "500", "0", "501", "abc"]],
+    ["/pipelines/approvals/waiting", "limit", ["1", "1000", "0", "1001", "abc"]],
+  ];
+  for (const [path, name, values] of cases) {
+    const params = g.doc.paths[path]?.get?.parameters as
+      | { name: string; in: string; schema: unknown }[]
+      | undefined;
+    const param = params?.find((p) => p.name === name && p.in === "query");
+    assert.ok(param, `${path} documents ${name}`);
+    const validate = ajv.compile(param.schema as object);
+    for (const value of values) {
+      const documented = validate(value);
+      const res = await g.app.request(`${path}?${name}=${value}`, {
+        headers: { authorization: `Bearer ${KEYS.admin}` },
+      });
+      const text = await res.text();
+      if (documented) assert.equal(res.status, 200, `${path}?${name}=${value}: ${text}`);
+      else {
+        assert.equal(res.status, 422, `${path}?${name}=${value} (documented as refused): ${text}`);
+        assert.equal(JSON.parse(text).field, name, text);
+      }
+    }
+  }
+});

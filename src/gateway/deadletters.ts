@@ -26,6 +26,11 @@ import {
 
 export { REDRIVE_BODY_LIMIT };
 
+/** Most dead letters one `GET /deadletters` lists (`limit`). */
+export const DEADLETTER_PAGE_MAX = 100_000;
+/** Dead letters `GET /deadletters` lists without a `limit`. */
+export const DEADLETTER_PAGE_DEFAULT = 1000;
+
 /**
  * The dead-letter routes.
  *
@@ -42,7 +47,7 @@ export function deadLetterRoutes(js: JetStreamClient, opts: RedriveOptions = {})
     const q = Object.fromEntries(
       Object.keys(c.req.query()).map((k) => [k, oneQuery(c.req.queries(k), k)!]),
     );
-    const limit = intQuery(q.limit, "limit", 1, 100_000) ?? 1000;
+    const limit = intQuery(q.limit, "limit", 1, DEADLETTER_PAGE_MAX) ?? DEADLETTER_PAGE_DEFAULT;
     delete q.limit;
     const filter = parseFilter(
       Object.fromEntries(

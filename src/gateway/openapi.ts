@@ -16,6 +16,7 @@ import { DEFAULT_SHADOW_PIPELINE } from "../shadow/spec.ts";
 import { Role } from "../config.ts";
 import { rolesOf } from "./auth.ts";
 import { RECENT_EVENTS_MAX } from "./observability.ts";
+import { DEADLETTER_PAGE_DEFAULT, DEADLETTER_PAGE_MAX } from "./deadletters.ts";
 
 /** A JSON object: an OpenAPI fragment. */
 export type Json = Record<string, unknown>;
@@ -363,11 +364,25 @@ export function openApiDocument(
     ...Object.assign({}, ...shippedPaths),
     "/deadletters": {
       get: op("Dead letters with their reasons", { "200": json({ type: "object" }) }, {
-        parameters: ["stage", "code", "item_id", "pending", "limit"].map((name) => ({
-          name,
-          in: "query",
-          schema: { type: "string" },
-        })),
+        parameters: [
+          ...["stage", "code", "item_id"].map((name) => ({
+            name,
+            in: "query",
+            schema: { type: "string" },
+          })),
+          { name: "pending", in: "query", schema: { type: "boolean" } },
+          {
+            name: "limit",
+            in: "query",
+            description: "Decimal digits only",
+            schema: {
+              type: "integer",
+              minimum: 1,
+              maximum: DEADLETTER_PAGE_MAX,
+              default: DEADLETTER_PAGE_DEFAULT,
+            },
+          },
+        ],
       }),
     },
     "/deadletters/redrive": {
