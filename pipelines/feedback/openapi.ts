@@ -13,6 +13,7 @@ import {
   ref,
   sse,
 } from "../../src/gateway/openapi.ts";
+import { FeedbackEventType } from "./events.ts";
 
 /** The Idempotency-Key header of a submission (intake.ts keeps one answer per key and caller). */
 const idempotencyKey: Json = {
@@ -53,7 +54,17 @@ export function feedbackPaths(): Json {
     "/events": {
       get: op("Every feedback event as it happens", { "200": sse("Feedback events") }, {
         parameters: [
-          { name: "type", in: "query", schema: { type: "string" } },
+          {
+            name: "type",
+            in: "query",
+            description: "One event type, with or without its `feedback.` prefix",
+            schema: {
+              enum: Object.values(FeedbackEventType).flatMap((t) => [
+                t.slice("feedback.".length),
+                t,
+              ]),
+            },
+          },
           { name: "replay", in: "query", schema: { type: "boolean" } },
         ],
       }),

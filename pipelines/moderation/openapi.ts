@@ -14,6 +14,7 @@ import {
   ref,
   sse,
 } from "../../src/gateway/openapi.ts";
+import { ReviewStatus } from "./review_queue.ts";
 
 /** A field of the stored state (schemas/content.state.v1.json), as the view has it. */
 const stateField = (name: string): Json => ref(`content.state/properties/${name}`);
@@ -114,7 +115,11 @@ export function moderationPaths(): Json {
     },
     "/reviews": {
       get: op("The human review queue", { "200": json({ type: "object" }) }, {
-        parameters: [{ name: "status", in: "query", schema: { type: "string" } }],
+        parameters: [{
+          name: "status",
+          in: "query",
+          schema: { enum: Object.values(ReviewStatus), default: ReviewStatus.Pending },
+        }],
       }),
     },
     "/reviews/{id}": {
