@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { createApp } from "../src/gateway/app.ts";
-import { createAuth } from "../src/gateway/auth.ts";
+import { type Auth, createAuth, hashKey } from "../src/gateway/auth.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { feedbackRoutes } from "../pipelines/feedback/routes.ts";
 import { createModerationApi } from "../pipelines/moderation/api.ts";
@@ -32,7 +32,12 @@ const JSON_TYPE = { "content-type": "application/json" };
 /** The gateway app with feedback and content moderation, no API keys. */
 async function gateway(
   t: TestNats,
-  opts: { pipelines?: LoadedPipeline[]; shadows?: ShadowControl; sseClients?: SseClients } = {},
+  opts: {
+    pipelines?: LoadedPipeline[];
+    shadows?: ShadowControl;
+    sseClients?: SseClients;
+    auth?: Auth;
+  } = {},
 ) {
   const intake = await createIntake(t.nc);
   const moderation = await createModerationApi({
@@ -46,7 +51,7 @@ async function gateway(
     jetStream: intake,
     config: t.config,
     log: t.log,
-    auth: createAuth([]),
+    auth: opts.auth ?? createAuth([]),
     ...(opts.pipelines ? { pipelines: opts.pipelines } : {}),
     ...(opts.shadows ? { shadows: opts.shadows } : {}),
     ...(opts.sseClients ? { sseClients: opts.sseClients } : {}),
@@ -512,4 +517,39 @@ Deno.test("a body in a content coding (gzip) is refused with 415 naming content-
     assert.equal(res.status, 202, `${path}: ${await res.clone().text()}`);
     await res.body?.cancel();
   }
+});
+
+Deno.test("an API key's event streams count against its WEFT_SSE_MAX_PER_KEY however its Authorization header is spelled", async () => {
+  await using t = await startTestNats();
+  const clients = new SseClients(10, 2);
+  const auth = createAuth([{ sha256: hashKey("k-ingest"), role: "ingest", name: "ivan" }]);
+  const app = await gateway(t, { sseClients: clients, auth });
+  const consumers = async () => (await t.jsm.streams.info(FEEDBACK_STREAM)).state.consumer_count;
+  const before = await consumers();
+  const open: Response[] = [];
+  try {
+    for (let i = 0; i < 2; i++) {
+      const res = await app.request("/events", { headers: { authorization: "Bearer k-ingest" } });
+      assert.equal(res.status, 200);
+      open.push(res);
+    }
+    // The same key, spelled otherwise: each spelling used to get two streams of its own.
+    for (const spelling of ["bearer  k-ingest", "BEARER k-ingest", "Bearer\tk-ingest"]) {
+      const res = await app.request("/events", { headers: { authorization: spelling } });
+      if (res.status === 200) {
+        open.push(res);
+        assert.fail(`${spelling}: a third stream of the key opened`);
+      }
+      const p = await expectProblem(res, 503);
+      assert.match(p.detail, /WEFT_SSE_MAX_PER_KEY/, spelling);
+    }
+  } finally {
+    for (const res of open) await res.body?.cancel();
+  }
+  await waitFor(() => clients.open === 0, 10_000, "the streams freed their slots");
+  await waitFor(
+    async () => await consumers() === before,
+    10_000,
+    "the live feed's consumer deleted",
+  );
 });

@@ -69,6 +69,21 @@ export function hashKey(key: string): string {
 }
 
 /**
+ * The key an `Authorization: Bearer <key>` header presents (the scheme in any case, any
+ * spaces around the key), or undefined when the header is not one.
+ *
+ * @example
+ * ```ts
+ * import { bearerToken } from "./auth.ts";
+ * console.assert(bearerToken("bearer   s3cret ") === "s3cret");
+ * console.assert(bearerToken("Basic czNjcmV0") === undefined);
+ * ```
+ */
+export function bearerToken(header: string | undefined | null): string | undefined {
+  return /^Bearer\s+(\S+)\s*$/i.exec(header ?? "")?.[1];
+}
+
+/**
  * Creates the authenticator from configured keys.
  *
  * @example
@@ -83,15 +98,15 @@ export function createAuth(keys: readonly ApiKey[]): Auth {
   const enabled = byHash.size > 0;
   const authorize = (header: string | undefined | null, roles: readonly Role[]): Principal => {
     if (!enabled) return { name: ANONYMOUS_NAME, role: Role.Admin };
-    const m = /^Bearer\s+(\S+)\s*$/i.exec(header ?? "");
-    if (!m) {
+    const token = bearerToken(header);
+    if (token === undefined) {
       throw new WeftError(
         ErrorCode.Unauthorized,
         header ? "Authorization must be 'Bearer <key>'" : "an API key is required",
         { field: "authorization" },
       );
     }
-    const key = byHash.get(hashKey(m[1]!));
+    const key = byHash.get(hashKey(token));
     if (!key) {
       throw new WeftError(ErrorCode.Unauthorized, "unknown API key", { field: "authorization" });
     }

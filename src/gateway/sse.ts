@@ -26,6 +26,7 @@ import type { Config } from "../config.ts";
 import type { Logger } from "../observability/log.ts";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import { deterministicId } from "../events.ts";
+import { bearerToken } from "./auth.ts";
 import { ReadBudget, readerPrefetch, readStream } from "../stream_reader.ts";
 import { subjectMatches } from "../subjects.ts";
 
@@ -220,8 +221,10 @@ export class SseClients {
  */
 export function openSlot(clients: SseClients, c: Context): string | undefined {
   if (clients.closing.aborted) throw stoppingError();
+  // The key itself, not the header's spelling: "bearer  <key>" is the same key as
+  // "Bearer <key>", and counted with it (each spelling had a WEFT_SSE_MAX_PER_KEY of its own).
   const auth = c.req.header("authorization");
-  const key = auth ? deterministicId("sse-key", auth) : undefined;
+  const key = auth ? deterministicId("sse-key", bearerToken(auth) ?? auth) : undefined;
   if (!clients.tryOpen(key)) {
     const cap = clients.capReached(key) ?? "too many event streams open";
     throw new WeftError(ErrorCode.Unavailable, `${cap}; retry later`, {
