@@ -553,3 +553,55 @@ Deno.test("an API key's event streams count against its WEFT_SSE_MAX_PER_KEY how
     "the live feed's consumer deleted",
   );
 });
+
+Deno.test("with authentication off, a browser's cross-site POST (a web page's form) is refused with 403 naming origin; same-origin and non-browser requests are taken", async () => {
+  await using t = await startTestNats();
+  const app = await gateway(t);
+  // What a hostile page's <form method=post enctype=text/plain> sends: no preflight needed.
+  const form = (headers: Record<string, string>) =>
+    app.request("http://127.0.0.1:8000/content", {
+      method: "POST",
+      headers: { "content-type": "text/plain", ...headers },
+      body: "planted by a web page",
+    });
+  for (
+    const headers of [
+      { "sec-fetch-site": "cross-site", origin: "https://evil.example" } as Record<string, string>,
+      { "sec-fetch-site": "same-site", origin: "http://127.0.0.1:3000" },
+      { origin: "https://evil.example" }, // a browser that sends no Sec-Fetch-Site
+      { origin: "null" }, // a sandboxed frame or a file
+    ]
+  ) {
+    const p = await expectProblem(await form(headers), 403, "origin");
+    assert.match(p.detail, /cross-site/, JSON.stringify(headers));
+  }
+  const json = await app.request("http://127.0.0.1:8000/feedback", {
+    method: "POST",
+    headers: { ...JSON_TYPE, "sec-fetch-site": "cross-site" },
+    body: JSON.stringify({ text: "from another site" }),
+  });
+  await expectProblem(json, 403, "origin");
+  assert.equal((await t.jsm.streams.info(CONTENT_STREAM)).state.messages, 0, "nothing stored");
+  assert.equal((await t.jsm.streams.info(FEEDBACK_STREAM)).state.messages, 0, "nothing stored");
+  // The dashboard's own requests (same origin), and callers that are no browser, are taken;
+  // a cross-site GET changes nothing and is answered.
+  for (
+    const headers of [
+      { "sec-fetch-site": "same-origin", origin: "http://127.0.0.1:8000" } as Record<
+        string,
+        string
+      >,
+      { origin: "http://127.0.0.1:8000" },
+      {},
+    ]
+  ) {
+    const res = await form(headers);
+    assert.equal(res.status, 202, `${JSON.stringify(headers)}: ${await res.clone().text()}`);
+    await res.body?.cancel();
+  }
+  const read = await app.request("http://127.0.0.1:8000/healthz", {
+    headers: { "sec-fetch-site": "cross-site" },
+  });
+  assert.equal(read.status, 200);
+  await read.body?.cancel();
+});

@@ -238,6 +238,37 @@ export function isIdentityCoding(header: string): boolean {
   return header.split(",").every((c) => ["", "identity"].includes(c.trim().toLowerCase()));
 }
 
+/** Methods that change nothing: a cross-site request may use them. */
+const SAFE_METHODS: ReadonlySet<string> = new Set(["GET", "HEAD", "OPTIONS"]);
+
+/**
+ * Whether a browser sent `req` from another origin: its `Sec-Fetch-Site` says so (anything
+ * but `same-origin` or `none`), or, from a browser that sends none, its `Origin` names
+ * another host than the request's. A request with neither header is no browser's.
+ *
+ * @example
+ * ```ts
+ * import { crossSite } from "./app.ts";
+ * const post = (headers: Record<string, string>) =>
+ *   new Request("http://127.0.0.1:8000/orders", { method: "POST", headers });
+ * console.assert(crossSite(post({ "sec-fetch-site": "cross-site" })));
+ * console.assert(crossSite(post({ origin: "https://evil.example" })));
+ * console.assert(!crossSite(post({ origin: "http://127.0.0.1:8000" })));
+ * console.assert(!crossSite(post({})));
+ * ```
+ */
+export function crossSite(req: Request): boolean {
+  const site = req.headers.get("sec-fetch-site");
+  if (site !== null) return site !== "same-origin" && site !== "none";
+  const origin = req.headers.get("origin");
+  if (origin === null) return false;
+  try {
+    return new URL(origin).host !== new URL(req.url).host;
+  } catch {
+    return true; // "null" (a sandboxed or file page) or no URL at all
+  }
+}
+
 /** The methods a route may have; HEAD and OPTIONS follow from them. */
 const ALLOWABLE = ["GET", "POST", "PUT", "PATCH", "DELETE"] as const;
 
@@ -308,6 +339,21 @@ export function createApp(deps: GatewayDeps): Hono {
       ErrorCode.MethodNotAllowed,
       `${c.req.path} takes ${allow}, not ${c.req.method}`,
     );
+  });
+
+  // A browser's cross-site request that could change something is a 403 problem naming
+  // origin: a web page's form POST needs no CORS preflight, so with authentication off any
+  // page a user visited could upload content or promote a shadow on their mesh (found by
+  // probing). Callers that are no browser send neither Sec-Fetch-Site nor Origin.
+  app.use(async (c, next) => {
+    if (!SAFE_METHODS.has(c.req.method) && crossSite(c.req.raw)) {
+      throw new WeftError(
+        ErrorCode.Forbidden,
+        "a browser's cross-site request may not change anything here",
+        { field: "origin" },
+      );
+    }
+    await next();
   });
 
   // A body in a content coding (gzip, br, ...) is a 415 problem naming content-encoding: the
