@@ -22,6 +22,7 @@ import type { Config } from "../src/config.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { meshTempDir } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
+import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
 
@@ -438,4 +439,77 @@ Deno.test("a shadow attached again under its id starts from zero, not from the e
     await deadline(second.stop(), 10_000, "the second attachment to stop");
   }
   assert.equal(second.tally.counts.decided, 1, "the earlier backlog was not decided");
+});
+
+/** A one-step definition whose `grade` step is an llm step (prompt `grade.md` beside it). */
+function llmDefinition(): string {
+  return `import { definePipeline } from "${MOD}";
+export const bounded = definePipeline({
+  name: "bounded",
+  input: { schema: { type: "object", required: ["text"], properties: { text: { type: "string" } } } },
+  start: "grade",
+  steps: {
+    grade: {
+      kind: "llm",
+      prompt: "grade.md",
+      output: { type: "object", required: ["label"], properties: { label: { type: "string" } } },
+      next: "done",
+    },
+    done: { kind: "end", outcome: "done" },
+  },
+});
+`;
+}
+
+Deno.test("a definition llm step's shadow stops at its own budget and counts its cost", async () => {
+  // 100 prompt and 20 completion tokens a call: 0.0001 + 0.00004 USD at these prices.
+  const fake = startFakeOpenAI(() => chat({ label: "long" }));
+  try {
+    await using s = await setUp({
+      llmBaseUrl: fake.baseUrl,
+      llmModel: "candidate-model",
+      llmApiKey: "sk-test",
+      llmPriceInPer1k: 0.001,
+      llmPriceOutPer1k: 0.002,
+    }, {
+      "pipeline.ts": llmDefinition(),
+      "v2.ts": llmDefinition(),
+      "grade.md": "Grade the text. Reply with a JSON object matching {{schema}}.",
+    });
+    const spec = parseShadowSpec({
+      id: "spend",
+      pipeline: "bounded",
+      step: "grade",
+      candidate: { definition: `${s.dir}/v2.ts` },
+      // Two calls spend 0.00028 USD: past this budget, so the third item is over it.
+      limits: { rps: 100, concurrency: 1, budgetUsd: 0.0002 },
+    });
+    const runner = await runShadow({
+      nc: s.t.nc,
+      spec,
+      config: s.t.config,
+      log: s.t.log,
+      pipelines: s.pipelines,
+      root: "",
+      matchWaitMs: 100,
+    });
+    try {
+      for (const id of ["a", "b", "c", "d", "e"]) await s.submit(id, `text of ${id}`);
+      await waitFor(
+        () => runner.tally.counts.decided + runner.tally.counts.over_budget === 5,
+        20_000,
+        `five items seen (${JSON.stringify(runner.tally.counts)})`,
+      );
+    } finally {
+      await deadline(runner.stop(), 10_000, "the shadow to stop");
+    }
+    assert.equal(fake.requests.length, 2, "no request past the budget");
+    assert.equal(runner.tally.counts.decided, 2);
+    assert.equal(runner.tally.counts.over_budget, 3);
+    const spent = runner.tally.llm?.snapshot();
+    assert.equal(spent?.total_tokens, 240, "its tokens are counted");
+    assert.ok(Math.abs((spent?.cost_usd ?? 0) - 0.00028) < 1e-12, `its cost: ${spent?.cost_usd}`);
+  } finally {
+    await fake.close();
+  }
 });

@@ -334,6 +334,7 @@ export function createAgent(
         // Retry-After past it fails this attempt, as an llm step's call does.
         const over = budget.exceeded();
         if (over !== undefined) {
+          opts.llm?.stats?.count("over_budget");
           throw new LlmOverBudgetError(`agent ${id} budget exceeded: ${over}`);
         }
         const limit = createDeadline(timeoutMs, ctx.signal);
@@ -348,6 +349,8 @@ export function createAgent(
           limit.dispose();
         }
         budget.record(r.usage);
+        opts.llm?.stats?.count("calls");
+        opts.llm?.stats?.addUsage(r.usage);
         if (r.toolCalls && r.toolCalls.length > 0) {
           messages.push({
             role: "assistant",

@@ -9,6 +9,7 @@
 import { createLlmAnalyzer, type LlmResultMeta } from "../ai/llm/analyzers.ts";
 import type { Budget, BudgetOptions } from "../ai/llm/budget.ts";
 import type { LlmPricing } from "../ai/llm/usage.ts";
+import type { LlmStats } from "../ai/llm/stats.ts";
 import { LlmInvalidOutputError } from "../ai/llm/errors.ts";
 import { ValidationError } from "../errors.ts";
 import type { FlowData } from "./flow.ts";
@@ -25,6 +26,8 @@ export interface LlmStepOptions {
   pricing?: LlmPricing;
   /** Spend limit (`WEFT_LLM_BUDGET_USD`); past it a call fails with `over_budget`. */
   budget?: BudgetOptions | Budget;
+  /** Counters of its calls, tokens and cost (a live shadow's or a replay's figures). */
+  stats?: LlmStats;
 }
 
 /** The call of one llm step: the value in, the schema-valid result out (usage on `_llm`). */

@@ -41,7 +41,13 @@ import {
 } from "../pipeline/runtime.ts";
 import { eventOf } from "../pipeline/validate.ts";
 import { LlmError } from "../ai/llm/errors.ts";
-import type { LlmCounter, LlmStats, LlmStatsSnapshot } from "../ai/llm/stats.ts";
+import {
+  createLlmStats,
+  type LlmCounter,
+  type LlmStats,
+  type LlmStatsSnapshot,
+} from "../ai/llm/stats.ts";
+import { createBudget } from "../ai/llm/budget.ts";
 import type { AnalyzerConfig } from "../ai/configured_analyzers.ts";
 import type { Logger } from "../observability/log.ts";
 import { createStepLimiter } from "../pipeline/flow_control.ts";
@@ -235,6 +241,13 @@ export async function resolveShadowTarget(
     throw new ConfigError(`${file} defines no step ${spec.step} of pipeline ${spec.pipeline}`);
   }
   const id = spec.step;
+  // A candidate step that calls the model (llm, agent, router with a prompt) spends its own
+  // budget at the mesh's prices, counted in its figures, as an analyzers candidate does.
+  const candStep = cand.def.steps[id]!;
+  const callsModel = !!config.llmBaseUrl &&
+    (candStep.kind === "llm" || candStep.kind === "agent" ||
+      (candStep.kind === "router" && candStep.prompt !== undefined));
+  const llmStats = callsModel ? createLlmStats() : undefined;
   return {
     stream: pipelineStreamOf(spec.pipeline),
     // Production's filter: the candidate sees what production's step sees.
@@ -254,11 +267,17 @@ export async function resolveShadowTarget(
             model: config.llmModel,
             timeoutMs: config.llmTimeoutMs,
             concurrency: spec.limits.concurrency,
+            pricing: { inputPer1k: config.llmPriceInPer1k, outputPer1k: config.llmPriceOutPer1k },
+            ...(spec.limits.budgetUsd > 0
+              ? { budget: createBudget({ maxCostUsd: spec.limits.budgetUsd }) }
+              : {}),
+            ...(llmStats ? { stats: llmStats } : {}),
           },
         }
         : {}),
     }),
     candidate: candidateName(spec.candidate),
+    ...(llmStats ? { llm: llmStats } : {}),
   };
 }
 
