@@ -109,3 +109,40 @@ Deno.test("llm steps keep to WEFT_LLM_BUDGET_USD at the configured prices: past 
     await llm.close();
   }
 });
+
+Deno.test("llm steps keep to WEFT_LLM_RPS: a step's requests are spaced by its rate", async () => {
+  const extracts: number[] = [];
+  const llm = startFakeOpenAI((req) => {
+    const system = req.body.messages[0]!.content;
+    if (system.startsWith("Extract")) {
+      extracts.push(Date.now());
+      return chat({ sender: "ACME", amounts: [1] });
+    }
+    if (system.startsWith("You are given the facts")) return chat({ summary: "ACME asks" });
+    return chat({ kind: "invoice" });
+  });
+  try {
+    await using mesh = await startMesh({
+      ...ONE_PROCESS,
+      WEFT_PIPELINES: "pipelines/examples/documents.ts",
+      WEFT_LLM_BASE_URL: llm.baseUrl,
+      WEFT_LLM_API_KEY: "test-key",
+      WEFT_LLM_MODEL: "fake-model",
+      WEFT_LLM_RPS: "2",
+    });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+    const items = Array.from({ length: 6 }, (_, i) => ({ text: `Invoice ${i} from ACME` }));
+    const res = await fetch(`${mesh.gatewayUrl}/pipelines/documents/items/batch`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ items }),
+    });
+    assert.equal(res.status, 202, await res.clone().text());
+    await waitFor(() => extracts.length === 6, 60_000, "six extract requests");
+    // A token bucket of 2 a second (burst 1): the sixth request comes 2.5 s after the first.
+    const span = extracts[5]! - extracts[0]!;
+    assert.ok(span >= 2_000, `six requests at 2 a second took ${span} ms`);
+  } finally {
+    await llm.close();
+  }
+});

@@ -10,6 +10,7 @@ import { createLlmAnalyzer, type LlmResultMeta } from "../ai/llm/analyzers.ts";
 import type { Budget, BudgetOptions } from "../ai/llm/budget.ts";
 import type { LlmPricing } from "../ai/llm/usage.ts";
 import type { LlmStats } from "../ai/llm/stats.ts";
+import type { RateLimitOptions } from "../ai/llm/rate_limit.ts";
 import { LlmInvalidOutputError } from "../ai/llm/errors.ts";
 import { ValidationError } from "../errors.ts";
 import type { FlowData } from "./flow.ts";
@@ -22,6 +23,8 @@ export interface LlmStepOptions {
   model: string;
   timeoutMs?: number;
   concurrency?: number;
+  /** Requests per second of the step's service (`WEFT_LLM_RPS`); none without it. */
+  rateLimit?: RateLimitOptions;
   /** Prices for `usage.cost_usd` and cost budgets (`WEFT_LLM_PRICE_*_PER_1K`). */
   pricing?: LlmPricing;
   /** Spend limit (`WEFT_LLM_BUDGET_USD`); past it a call fails with `over_budget`. */

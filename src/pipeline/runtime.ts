@@ -2336,6 +2336,8 @@ export function stepService(p: LoadedPipeline, id: string): ServiceDef {
         model: c.llmModel,
         timeoutMs: c.llmTimeoutMs,
         concurrency: c.llmConcurrency,
+        // WEFT_LLM_RPS, per step's service as per analyzer stage
+        ...(c.llmRps > 0 ? { rateLimit: { requestsPerSecond: c.llmRps } } : {}),
         pricing: { inputPer1k: c.llmPriceInPer1k, outputPer1k: c.llmPriceOutPer1k },
         // one budget for the step's service, shared by a promoted version run in its place
         ...(c.llmBudgetUsd > 0 ? { budget: createBudget({ maxCostUsd: c.llmBudgetUsd }) } : {}),
