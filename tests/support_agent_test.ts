@@ -267,3 +267,33 @@ Deno.test("support with an LLM: lookup_order returns only an order of the item's
     await llm.close();
   }
 });
+
+Deno.test("support with an LLM: on a hand-back the router's model sees the request and the scratchpad, and routes elsewhere", async () => {
+  const llm = startFakeOpenAI((req) => {
+    const system = req.body.messages[0]!.content;
+    if (!req.body.tools) {
+      // The router: another agent once the scratchpad shows billing handed the request back.
+      const user = req.body.messages[1]!.content;
+      return chat({
+        label: /"step":"billing"[^\]]*"handback"/.test(user) ? "technical" : "billing",
+      });
+    }
+    if (system.includes("billing")) return chat({ action: "handback", reason: "not an order" });
+    return chat({ action: "answer", answer: "Restart the app." });
+  });
+  try {
+    await using mesh = await supportMesh(llm.baseUrl);
+    const id = await submit(mesh, { customer: "ann", text: "The app crashes on my invoice" });
+    const done = await settled(mesh, id, "done");
+    assert.deepEqual(done.results.technical, { action: "answer", answer: "Restart the app." });
+    assert.equal(done.runs.billing, 1, "billing, which handed it back, did not get it again");
+    const routings = llm.requests.filter((r) => !r.body.tools);
+    assert.equal(routings.length, 2);
+    const second = JSON.parse(routings[1]!.body.messages[1]!.content);
+    assert.equal(second.input.text, "The app crashes on my invoice", "the request itself");
+    assert.deepEqual(second.value, { action: "handback", reason: "not an order" });
+    assert.equal(second.scratchpad.at(-1).step, "billing");
+  } finally {
+    await llm.close();
+  }
+});

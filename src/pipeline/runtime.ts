@@ -746,7 +746,15 @@ export function workStage(
         let by = "rules";
         if (routeLlm) {
           try {
-            label = ((await routeLlm(data.value, data, signal)) as { label: string }).label;
+            // The model sees what the rules see: the value, the item's input and its
+            // scratchpad (who handed it back), not the value alone (after a hand-back, the
+            // agent's answer, the same for many items and cached as such).
+            const asked = {
+              value: data.value,
+              input: data.input,
+              ...(scratchpad ? { scratchpad: sctx.scratchpad } : {}),
+            };
+            label = ((await routeLlm(asked, data, signal)) as { label: string }).label;
             by = "llm";
           } catch (err) {
             if (!step.route || signal.aborted) throw err;
