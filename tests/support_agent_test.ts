@@ -297,3 +297,42 @@ Deno.test("support with an LLM: on a hand-back the router's model sees the reque
     await llm.close();
   }
 });
+
+Deno.test("support with an LLM: an agent run whose event was never stored gives way to its rerun in the scratchpad: the entries stored are those its event and state show", async () => {
+  let big = true;
+  const llm = startFakeOpenAI((req) => {
+    if (!req.body.tools) return chat({ label: "general" });
+    // The first run's answer makes an event larger than the server takes (the step fails
+    // for good, payload_too_large, after its notes went to the scratchpad); the rerun's fits.
+    return big
+      ? chat({ action: "answer", answer: "long", pad: "x".repeat(2_000_000) })
+      : chat({ action: "answer", answer: "short" });
+  });
+  try {
+    await using mesh = await supportMesh(llm.baseUrl);
+    const id = await submit(mesh, { customer: "ann", text: "Hello there" });
+    const failed = await settled(mesh, id, "failed");
+    assert.equal(failed.error.code, "payload_too_large", JSON.stringify(failed.error));
+    big = false;
+    const letters = await (await fetch(`${mesh.gatewayUrl}/deadletters?item_id=${id}`)).json();
+    const res = await fetch(`${mesh.gatewayUrl}/deadletters/redrive`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ ids: letters.items.map((l: { seq: number }) => l.seq) }),
+    });
+    assert.equal(res.status, 200, await res.clone().text());
+    const done = await settled(mesh, id, "done");
+    assert.deepEqual(done.results.general, { action: "answer", answer: "short" });
+    const nc = await connectClient(mesh.natsUrl, "test-admin", mesh.credentials("admin"));
+    try {
+      const kv = await new Kvm(nc).open("weft_support_scratchpad");
+      const stored = (await kv.get(id))!.json<{ id: string; result: unknown }[]>();
+      assert.deepEqual(stored, done.scratchpad, "the scratchpad is the item's history");
+      assert.deepEqual(stored.at(-1)!.result, { action: "answer", answer: "short" });
+    } finally {
+      await nc.close();
+    }
+  } finally {
+    await llm.close();
+  }
+});

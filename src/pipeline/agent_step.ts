@@ -54,10 +54,26 @@ function isTooLarge(err: unknown): boolean {
     (err instanceof JetStreamApiError && err.code === MESSAGE_TOO_LARGE);
 }
 
+/**
+ * How an append treats entries an earlier attempt of the same run stored (ids starting with
+ * `prefix`): an attempt that failed after its append (its event refused, the process gone)
+ * left them, though no stored event shows them.
+ */
+export interface AppendRun {
+  /** The run's id prefix, `<input event id>:<step>:`. */
+  prefix: string;
+  /**
+   * Asked only when such entries are stored: true when the earlier attempt's event was never
+   * stored, so its entries give way to these; false (its event is stored, and is what the
+   * item's history shows) keeps them, as an append of ids already stored always did.
+   */
+  replaces(): Promise<boolean>;
+}
+
 /** An item's scratchpad in KV: read it, append entries once each (compare-and-set). */
 export interface Scratchpad {
   read(item: string): Promise<ScratchEntry[]>;
-  append(item: string, entries: readonly ScratchEntry[]): Promise<void>;
+  append(item: string, entries: readonly ScratchEntry[], run?: AppendRun): Promise<void>;
 }
 
 const ENTRY_KINDS: ReadonlySet<string> = new Set(["tool_call", "answer", "note"]);
@@ -111,13 +127,22 @@ export function openScratchpad(nc: NatsConnection, name: string): Scratchpad {
     async read(item) {
       return (await get(item)).list;
     },
-    async append(item, entries) {
-      if (entries.length === 0) return;
+    async append(item, entries, run) {
+      let replaces: boolean | undefined;
       for (let attempt = 0; attempt < 20; attempt++) {
-        const { list, revision } = await get(item);
+        const got = await get(item);
+        const { revision } = got;
+        let list = got.list;
+        // One write holds a whole attempt's entries: these are an earlier attempt's, all of them.
+        const earlier = run ? list.filter((e) => e.id.startsWith(run.prefix)) : [];
+        if (earlier.length > 0) {
+          if (JSON.stringify(earlier) === JSON.stringify(entries)) return;
+          if (!(replaces ??= await run!.replaces())) return;
+          list = list.filter((e) => !e.id.startsWith(run!.prefix));
+        }
         const have = new Set(list.map((e) => e.id));
         const fresh = entries.filter((e) => !have.has(e.id));
-        if (fresh.length === 0) return;
+        if (fresh.length === 0 && list.length === got.list.length) return;
         const body = encoder.encode(JSON.stringify([...list, ...fresh]));
         try {
           if (revision === 0) await (await open()).create(item, body);

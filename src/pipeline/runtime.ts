@@ -617,7 +617,14 @@ export function workStage(
           const { result, notes } = await agent(data.value, { ...sctx, eventId: e.id });
           checkResult(flow, id, result);
           // The scratchpad first: the next step reads it. A shadow's notes stay on its event.
-          if (!opts.shadow) await scratchpad!.append(e.item_id, notes);
+          // Entries an earlier attempt of this run left give way to these unless its event
+          // is stored (a redelivery after its ack was lost: the stored event shows those).
+          if (!opts.shadow) {
+            await scratchpad!.append(e.item_id, notes, {
+              prefix: `${e.id}:${id}:`,
+              replaces: async () => !jsm || !(await stepTook(await jsm(), stream, flow, id, e)),
+            });
+          }
           next = { ...advance(data, id, result, result), notes };
         } else next = await run(data, sctx, ctx.signal);
       } finally {
