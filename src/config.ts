@@ -54,7 +54,7 @@ export interface Config {
    * `WEFT_LLM_TIMEOUT_MS`.
    */
   llmTimeoutMs: number;
-  /** LLM requests in flight per stage process. `WEFT_LLM_CONCURRENCY`. */
+  /** LLM requests in flight per analyzer of a stage process. `WEFT_LLM_CONCURRENCY`. */
   llmConcurrency: number;
   /** LLM requests per second per stage process (0: unlimited). `WEFT_LLM_RPS`. */
   llmRps: number;

@@ -12,6 +12,8 @@ import type { ToxicityAnalyzer } from "./analysis.ts";
 import { sentimentAnalyzer, topicsAnalyzer, toxicityAnalyzer } from "./analyzers/mod.ts";
 import { AnalyzerKind, type Config } from "../config.ts";
 import { createLlmAnalyzers, type LlmStats, withFallback } from "./llm/mod.ts";
+import { createBudget } from "./llm/budget.ts";
+import { createRateLimiter } from "./llm/rate_limit.ts";
 
 /** The settings analyzers are built from. */
 export type AnalyzerConfig =
@@ -45,11 +47,17 @@ export type AnalyzerConfig =
  */
 export async function llmAnalyzers(config: AnalyzerConfig) {
   const topics = topicsAnalyzer();
+  // The rate and the budget are the process's (a topics stage runs topics and toxicity): one
+  // token bucket and one budget shared by its analyzers, not one each.
   const stage = {
     timeoutMs: config.llmTimeoutMs,
     concurrency: config.llmConcurrency,
-    ...(config.llmRps > 0 ? { rateLimit: { requestsPerSecond: config.llmRps } } : {}),
-    ...(config.llmBudgetUsd > 0 ? { budget: { maxCostUsd: config.llmBudgetUsd } } : {}),
+    ...(config.llmRps > 0
+      ? { rateLimit: createRateLimiter({ requestsPerSecond: config.llmRps }) }
+      : {}),
+    ...(config.llmBudgetUsd > 0
+      ? { budget: createBudget({ maxCostUsd: config.llmBudgetUsd }) }
+      : {}),
   };
   const llm = await createLlmAnalyzers({
     baseUrl: config.llmBaseUrl,

@@ -30,7 +30,7 @@ import type { Clock } from "./clock.ts";
 import { LlmError, LlmInvalidOutputError, LlmOverBudgetError, type LlmUsage } from "./errors.ts";
 import { createOutputValidator, type OutputValidator } from "./output.ts";
 import { loadPrompt, type PromptTemplate, renderPrompt } from "./prompts.ts";
-import type { RateLimitOptions } from "./rate_limit.ts";
+import type { RateLimiter, RateLimitOptions } from "./rate_limit.ts";
 import { createLlmStats, type LlmStats } from "./stats.ts";
 import { addUsage, type LlmPricing, ZERO_USAGE } from "./usage.ts";
 
@@ -76,8 +76,8 @@ export interface LlmStageOptions {
   timeoutMs?: number;
   /** Requests in flight at once. Default 4. */
   concurrency?: number;
-  /** Token bucket; 429 pauses apply regardless. */
-  rateLimit?: RateLimitOptions;
+  /** Token bucket, or a {@link RateLimiter} to share between analyzers; 429 pauses apply regardless. */
+  rateLimit?: RateLimitOptions | RateLimiter;
   /** Retry policy for 429/408/5xx/network errors. */
   retry?: RetryOptions;
   /** Limits, or a {@link Budget} object to share between analyzers. */

@@ -19,7 +19,12 @@ import {
   LlmTimeoutError,
   type LlmUsage,
 } from "./errors.ts";
-import { createRateLimiter, parseRetryAfter, type RateLimitOptions } from "./rate_limit.ts";
+import {
+  createRateLimiter,
+  parseRetryAfter,
+  type RateLimiter,
+  type RateLimitOptions,
+} from "./rate_limit.ts";
 import type { LlmStats } from "./stats.ts";
 import { type LlmPricing, usageOf } from "./usage.ts";
 
@@ -100,8 +105,11 @@ export interface ChatClientOptions {
   pricing?: LlmPricing;
   /** Requests in flight at once for this stage. Default 4. */
   concurrency?: number;
-  /** Token bucket for this stage; without it only 429 pauses apply. */
-  rateLimit?: RateLimitOptions;
+  /**
+   * Token bucket for this stage, or one shared with other clients (`createRateLimiter`);
+   * without it only 429 pauses apply.
+   */
+  rateLimit?: RateLimitOptions | RateLimiter;
   /** Retry policy. */
   retry?: RetryOptions;
   /** Counters to update (requests, retries). */
@@ -270,7 +278,9 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
   const retry = options.retry ?? {};
   const maxRetries = retry.maxRetries ?? 3;
   const limit = pLimit(Math.max(1, options.concurrency ?? 4));
-  const limiter = createRateLimiter(options.rateLimit, clock);
+  const limiter = options.rateLimit !== undefined && "acquire" in options.rateLimit
+    ? options.rateLimit
+    : createRateLimiter(options.rateLimit, clock);
   const log = options.logger ?? (() => {});
   const headers = {
     "content-type": "application/json",
