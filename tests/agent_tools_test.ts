@@ -475,3 +475,44 @@ Deno.test("an agent's KV tool reads an entry holding a number it cannot keep as 
     await nc.close();
   }
 });
+
+Deno.test("an agent whose prompt could not be read reads it again on the next item, as an llm step does", async () => {
+  await using server = await startNatsServer();
+  const nc = await connectClient(server.url, "agent-prompt-test");
+  const llm = startFakeOpenAI(() => chat({ ok: true }));
+  const dir = await Deno.makeTempDir({ prefix: "weft-agent-prompt-" });
+  try {
+    const step: AgentStep = {
+      kind: "agent",
+      prompt: "agent.md",
+      maxTurns: 2,
+      output: { type: "object", required: ["ok"], properties: { ok: { type: "boolean" } } },
+      tools: {},
+    };
+    const agent = createAgent({ file: `${dir}/def.ts`, def: { name: "prompted" } }, "a", step, {
+      nc,
+      llm: { baseUrl: llm.baseUrl, apiKey: "test-key", model: "fake-model" },
+    });
+    const run = (item: string) =>
+      agent("go", {
+        source: "test",
+        message: { subject: `prompted.submitted.${item}`, seq: 1, storedAt: 0, deliveryCount: 1 },
+        now: () => new Date(0),
+        signal: new AbortController().signal,
+        item,
+        input: {},
+        results: {},
+        runs: {},
+        scratchpad: [],
+        eventId: `e-${item}`,
+      });
+    await assert.rejects(run("i1"), Deno.errors.NotFound);
+    await Deno.writeTextFile(`${dir}/agent.md`, "Answer. Reply with JSON matching {{schema}}.");
+    assert.deepEqual((await run("i2")).result, { ok: true });
+    assert.match(llm.requests[0]!.body.messages[0]!.content, /^Answer\./);
+  } finally {
+    await nc.close();
+    await llm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

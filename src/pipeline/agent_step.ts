@@ -335,7 +335,11 @@ export function createAgent(
         note(toolNote(action.call, action.args, result));
       }
     } else {
-      prompt ??= Deno.readTextFile(new URL(step.prompt, `file://${p.file}`));
+      // A failed read is not kept: the next item reads the file again (as an llm step does).
+      prompt ??= Deno.readTextFile(new URL(step.prompt, `file://${p.file}`)).catch((err) => {
+        prompt = undefined;
+        throw err;
+      });
       const schema = JSON.stringify(step.output);
       const messages: ChatMessage[] = [
         {
