@@ -461,7 +461,7 @@ export const bounded = definePipeline({
 `;
 }
 
-Deno.test("a definition llm step's shadow stops at its own budget and counts its cost", async () => {
+Deno.test("a definition llm step's shadow stops at its own budget and counts its cost; a replay reports its cost", async () => {
   // 100 prompt and 20 completion tokens a call: 0.0001 + 0.00004 USD at these prices.
   const fake = startFakeOpenAI(() => chat({ label: "long" }));
   try {
@@ -509,6 +509,24 @@ Deno.test("a definition llm step's shadow stops at its own budget and counts its
     const spent = runner.tally.llm?.snapshot();
     assert.equal(spent?.total_tokens, 240, "its tokens are counted");
     assert.ok(Math.abs((spent?.cost_usd ?? 0) - 0.00028) < 1e-12, `its cost: ${spent?.cost_usd}`);
+
+    // A replay of the same history with no budget reports its calls, tokens and cost.
+    const replay = await deadline(
+      replayShadow({
+        nc: s.t.nc,
+        spec: parseShadowSpec({ ...spec, id: "spend-replay", limits: { budgetUsd: 0 } }),
+        config: s.t.config,
+        log: s.t.log,
+        pipelines: s.pipelines,
+        root: "",
+      }),
+      20_000,
+      "the replay to end",
+    );
+    assert.equal(replay.failed, 0);
+    assert.equal(replay.llm?.calls, 5);
+    assert.equal(replay.llm?.total_tokens, 600);
+    assert.ok(Math.abs((replay.llm?.cost_usd ?? 0) - 0.0007) < 1e-12, `${replay.llm?.cost_usd}`);
   } finally {
     await fake.close();
   }
