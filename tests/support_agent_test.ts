@@ -336,3 +336,32 @@ Deno.test("support with an LLM: an agent run whose event was never stored gives 
     await llm.close();
   }
 });
+
+Deno.test("support with an LLM: every agent's lookup_order works, not only billing's: the technical and general agents read the orders too", async () => {
+  const llm = startFakeOpenAI((req) => {
+    const last = req.body.messages.at(-1)!;
+    if (!req.body.tools) {
+      return chat({
+        label: req.body.messages[1]!.content.includes("crash") ? "technical" : "general",
+      });
+    }
+    if (last.role === "tool") {
+      const found = JSON.parse(last.content);
+      return chat({ action: "answer", answer: found.error ?? `Your order is ${found.status}.` });
+    }
+    return {
+      kind: "tool_calls",
+      calls: [{ name: "lookup_order", arguments: { order_id: "A100" } }],
+    };
+  });
+  try {
+    await using mesh = await supportMesh(llm.baseUrl);
+    const tech = await submit(mesh, { customer: "ann", text: "The app crashes on order A100" });
+    const other = await submit(mesh, { customer: "ann", text: "A question on order A100" });
+    const shipped = { action: "answer", answer: "Your order is shipped." };
+    assert.deepEqual((await settled(mesh, tech, "done")).results.technical, shipped);
+    assert.deepEqual((await settled(mesh, other, "done")).results.general, shipped);
+  } finally {
+    await llm.close();
+  }
+});

@@ -170,6 +170,8 @@ export const supportPipeline = definePipeline({
       kind: "agent",
       prompt: "prompts/technical.md",
       tools,
+      // Its lookup_order reads the orders too (a request names an order wherever it is routed).
+      reads: [ORDERS],
       maxTurns: 4,
       output: answer,
       offline: (t) => faqPolicy(t, { action: "handback", reason: "not in the FAQ" }),
@@ -179,6 +181,7 @@ export const supportPipeline = definePipeline({
       kind: "agent",
       prompt: "prompts/general.md",
       tools,
+      reads: [ORDERS],
       maxTurns: 4,
       output: answer,
       offline: (t) => faqPolicy(t, { action: "handback", reason: "not in the FAQ" }),
