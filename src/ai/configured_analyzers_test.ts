@@ -58,3 +58,26 @@ Deno.test("llmAnalyzers share one WEFT_LLM_RPS among a process's analyzers (topi
     await llm.close();
   }
 });
+
+Deno.test("a burst of calls keeps to WEFT_LLM_BUDGET_USD: a queued request is checked against the budget again when its turn comes", async () => {
+  const llm = startFakeOpenAI(() => chat({ label: "negative", score: -0.5 }));
+  try {
+    // Two requests (0.00028 USD) spend it; one request in flight at a time.
+    const a = await llmAnalyzers({
+      ...settings(llm.baseUrl, { llmBudgetUsd: 0.0002 }),
+      llmConcurrency: 1,
+    });
+    // Six items at once, as a stage hands its in-flight messages to the analyzer.
+    const results = await Promise.all(
+      ["a", "b", "c", "d", "e", "f"].map((t) => a.sentiment.analyze(`text ${t}`)),
+    );
+    assert.equal(llm.requests.length, 2, "no request sent past the budget");
+    const fellBack = results.filter((r) => (r as { fallback_reason?: string }).fallback_reason);
+    assert.equal(fellBack.length, 4);
+    assert.ok(
+      fellBack.every((r) => (r as { fallback_reason?: string }).fallback_reason === "over_budget"),
+    );
+  } finally {
+    await llm.close();
+  }
+});

@@ -373,6 +373,13 @@ export function createAgent(
             tools,
             signal: limit.signal,
             deadline: limit.deadline,
+            // Checked again when the request leaves its queue (spent by those before it).
+            beforeSend: () => {
+              const spent = budget.exceeded();
+              if (spent === undefined) return;
+              opts.llm?.stats?.count("over_budget");
+              throw new LlmOverBudgetError(`agent ${id} budget exceeded: ${spent}`);
+            },
           });
         } finally {
           limit.dispose();

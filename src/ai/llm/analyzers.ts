@@ -287,8 +287,15 @@ export function createLlmAnalyzer<P, R>(
     messages: ChatMessage[],
     signal: AbortSignal | undefined,
     deadline: number | undefined,
+    spent: LlmUsage,
   ) => {
-    const done = await client.complete(messages, { signal, deadline });
+    // Checked again when the request leaves its queue: calls that queued behind others (for
+    // a concurrency slot or a rate token) may find the budget spent by them.
+    const done = await client.complete(messages, {
+      signal,
+      deadline,
+      beforeSend: () => ensureBudget(spent),
+    });
     budget.record(done.usage);
     stats.addUsage(done.usage);
     return done;
@@ -333,7 +340,7 @@ export function createLlmAnalyzer<P, R>(
           { role: "system", content: system },
           { role: "user", content: text },
         ];
-        const first = await ask(messages, deadline.signal, deadline.deadline);
+        const first = await ask(messages, deadline.signal, deadline.deadline, spent);
         spent = addUsage(spent, first.usage);
         let checked = check(first.content);
         let repaired = false;
@@ -362,6 +369,7 @@ export function createLlmAnalyzer<P, R>(
             ],
             deadline.signal,
             deadline.deadline,
+            spent,
           );
           spent = addUsage(spent, second.usage);
           checked = check(second.content);

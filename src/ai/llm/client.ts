@@ -177,6 +177,12 @@ export interface ChatCallOptions {
    * then off, the prompt asks for JSON). Calls come back in {@link ChatCompletion.toolCalls}.
    */
   tools?: readonly ChatTool[];
+  /**
+   * Called right before each request is sent (a retry's too), once it has its concurrency
+   * slot and rate token: an error it throws ends the call unsent, e.g. a budget spent by the
+   * requests that went before it while it queued.
+   */
+  beforeSend?: () => void;
 }
 
 /**
@@ -306,9 +312,14 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
       });
     });
 
-  const once = (body: string, signal?: AbortSignal): Promise<ChatCompletion> =>
+  const once = (
+    body: string,
+    signal?: AbortSignal,
+    beforeSend?: () => void,
+  ): Promise<ChatCompletion> =>
     limited(async () => {
       await limiter.acquire(signal);
+      beforeSend?.();
       options.stats?.count("requests");
       let res: Response;
       try {
@@ -341,7 +352,7 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
   return {
     model: options.model,
     async complete(messages, call = {}) {
-      const { signal, deadline, tools } = call;
+      const { signal, deadline, tools, beforeSend } = call;
       const body = JSON.stringify({
         model: options.model,
         messages,
@@ -359,7 +370,7 @@ export function createChatClient(options: ChatClientOptions): ChatClient {
       for (let attempt = 0;; attempt++) {
         let err: LlmError;
         try {
-          const done = await once(body, signal);
+          const done = await once(body, signal, beforeSend);
           return { ...done, attempts: attempt + 1 };
         } catch (e) {
           err = toLlmError(e, signal);
