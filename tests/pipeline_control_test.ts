@@ -7,8 +7,9 @@ import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { jetstream } from "@nats-io/jetstream";
 import { definePipeline, type PipelineDefinition } from "../src/pipeline/definition.ts";
-import { advance, compileFlow, entryData, flowEvent } from "../src/pipeline/flow.ts";
+import { advance, compileFlow, entryData, type FlowData, flowEvent } from "../src/pipeline/flow.ts";
 import {
+  controlBucketOf,
   controlStage,
   type LoadedPipeline,
   pipelineStateSpec,
@@ -585,4 +586,84 @@ Deno.test("a join inside a loop hands on each branch's result of this round, not
   } finally {
     await Promise.all(runners.map((r) => r.stop()));
   }
+});
+
+Deno.test("a join's input from an earlier round of its loop changes nothing: this round's join completes", async () => {
+  // Found by probing under deno task start: a branch slower than its join's deadline
+  // arrived once the loop had gone round. Its input replaced the new round's record (the
+  // other branch's input lost, the round's deadline armed already and then judged stale),
+  // and the item waited at the join for ever, with no letter.
+  await using t = await startTestNats();
+  const p = loaded(definePipeline({
+    name: "drafts",
+    input: { schema: obj },
+    start: "draft",
+    steps: {
+      draft: task(["a", "b"]),
+      a: task("j"),
+      b: task("j"),
+      j: {
+        kind: "join",
+        after: ["a", "b"],
+        deadlineMs: 60_000,
+        onDeadline: "decide",
+        next: "decide",
+      },
+      decide: {
+        kind: "router",
+        route: () => "again" as const,
+        routes: { again: "draft", done: "done" },
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+    loops: [{ from: "decide", to: "draft", maxIterations: 3 }],
+  }));
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const event = (step: string, data: FlowData, time: string) =>
+    JSON.parse(JSON.stringify(flowEvent(
+      p.flow,
+      step,
+      { id: `${step}-${data.runs[step]}`, item_id: "R1", trace_id: TRACE },
+      data,
+      { source: "test", now: new Date(time) },
+    )));
+  const round0 = advance(entryData({}), "draft", {}, {});
+  const a0 = event("a", advance(round0, "a", { a: 1 }, { a: 1 }), "2026-01-01T00:00:00.000Z");
+  const b0 = event("b", advance(round0, "b", { b: 1 }, { b: 1 }), "2026-01-01T00:00:30.000Z");
+  assert.deepEqual(await deliver(t, p, a0, 10, "2026-01-01T00:00:00.010Z"), []);
+  // Round 0's deadline passes without b: the item goes round.
+  const [deadline] = await timers(t);
+  const late = await deliver(t, p, deadline!.payload as never, 11, "2026-01-01T00:01:00.100Z");
+  assert.deepEqual(late.map((e) => e.type), ["drafts.j_timed_out"]);
+  // (Fired here by hand: the scheduler would have marked it done.)
+  await createScheduleStore(await new Kvm(t.nc).open(SCHEDULE_BUCKET)).cancel(deadline!.id);
+  const went = late[0]!.data as FlowData;
+  const round1 = advance(advance(went, "decide", { label: "again" }, went.value), "draft", {}, {});
+  const a1 = event("a", advance(round1, "a", { a: 2 }, { a: 2 }), "2026-01-01T00:01:10.000Z");
+  const b1 = event("b", advance(round1, "b", { b: 2 }, { b: 2 }), "2026-01-01T00:01:20.000Z");
+  assert.deepEqual(await deliver(t, p, a1, 20, "2026-01-01T00:01:10.010Z"), []);
+  const kv = await new Kvm(t.nc).open(controlBucketOf("drafts"));
+  const before = (await kv.get("j.R1"))!.string();
+  // Round 0's b, slower than its deadline, arrives now.
+  assert.deepEqual(await deliver(t, p, b0, 21, "2026-01-01T00:01:15.000Z"), []);
+  assert.equal((await kv.get("j.R1"))!.string(), before, "round 1's record is left as it was");
+  assert.deepEqual((await timers(t)).map((s) => [s.id, s.at]), [
+    ["drafts.j-R1-1", "2026-01-01T00:02:10.000Z"],
+  ], "no deadline armed again for round 0");
+  // An input for a round after the open one (no round closed before it) is refused.
+  const ahead = event(
+    "b",
+    { ...b1.data, runs: { ...b1.data.runs, j: 4 } },
+    "2026-01-01T00:01:16.000Z",
+  );
+  await assert.rejects(
+    deliver(t, p, ahead, 22, "2026-01-01T00:01:16.010Z"),
+    (err: Error & { code?: string }) => err.code === "conflict" && /round 5/.test(err.message),
+  );
+  assert.equal((await kv.get("j.R1"))!.string(), before, "nor does a round ahead change it");
+  // Round 1's b completes round 1's join with both of its inputs.
+  const out = await deliver(t, p, b1, 23, "2026-01-01T00:01:20.010Z");
+  assert.deepEqual(out.map((e) => e.type), ["drafts.j"]);
+  assert.deepEqual((out[0]!.data as FlowData).value, { a: { a: 2 }, b: { b: 2 } });
+  assert.deepEqual(await timers(t), [], "round 1's deadline is cancelled");
 });

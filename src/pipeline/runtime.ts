@@ -1074,11 +1074,23 @@ export function controlStage(
         // A failed item's join holds what arrives; its deadline's firing after a redrive
         // resumed the item completes it.
         const failed = await failedNow(e.item_id);
-        const r = await updateHeld<{ events: FlowEvent[]; openedAt?: string }>(kv, key, (rec) => {
+        const r = await updateHeld<
+          { events: FlowEvent[]; openedAt?: string; ahead?: number }
+        >(kv, key, (rec) => {
           if (rec && rec.iter === iter && rec.closed) {
             return {
               out: { events: rec.closedBy === seq ? rec.emitted! : [], openedAt: undefined },
             };
+          }
+          // Inside a loop, an input of an earlier round (a branch slower than that round's
+          // deadline) changes nothing: the item went round since. Found by probing: it
+          // replaced this round's record, whose inputs were lost and whose deadline, armed
+          // already, was then judged stale: the item waited at the join for ever.
+          if (rec && iter < rec.iter) return { out: { events: [], openedAt: undefined } };
+          // A round opens once the one before it has closed (a join lets the item on only by
+          // closing): an input for another round while one is open is no input of this item.
+          if (rec && iter > rec.iter && !(rec.closed && iter === rec.iter + 1)) {
+            return { out: { events: [], openedAt: undefined, ahead: rec.iter } };
           }
           const cur: Held = rec && rec.iter === iter ? structuredClone(rec) : { iter, arrived: {} };
           cur.openedAt ??= e.time;
@@ -1090,6 +1102,13 @@ export function controlStage(
           }
           return { rec: cur, out: { events, openedAt: cur.openedAt } };
         });
+        if (r.ahead !== undefined) {
+          throw new ConflictError(
+            `${n} item ${e.item_id}: ${e.type} arrives at join ${t} for round ${iter + 1} ` +
+              `while round ${r.ahead + 1} is open; nothing was recorded`,
+            { permanent: true },
+          );
+        }
         // Still open: its deadline (from the first input) is armed, by whichever arrival
         // gets there first, so a kill between recording an input and arming loses nothing.
         if (r.openedAt !== undefined && r.events.length === 0) {
