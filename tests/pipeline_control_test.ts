@@ -667,3 +667,24 @@ Deno.test("a join's input from an earlier round of its loop changes nothing: thi
   assert.deepEqual((out[0]!.data as FlowData).value, { a: { a: 2 }, b: { b: 2 } });
   assert.deepEqual(await timers(t), [], "round 1's deadline is cancelled");
 });
+
+Deno.test("a join's input stored after its deadline changes nothing, though the control step takes it before the deadline's timer", async () => {
+  // Found by probing: after a kill -9 of the control step, a branch stored seconds after the
+  // join's deadline and the deadline's timer (stored before it) waited together, and the
+  // branch, taken first, completed the join: the item ended `done`, not `late`.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([checks], t.config.retentionMs));
+  const fraud = completed(checks, "fraud", "it9", "2026-01-01T00:00:00.000Z");
+  assert.deepEqual(await deliver(t, checks, fraud, 4, "2026-01-01T00:00:00.010Z"), []);
+  const kv = await new Kvm(t.nc).open(controlBucketOf("checks"));
+  const before = (await kv.get("both.it9"))!.string();
+  // Stored 10 s after the deadline (00:01:00), taken before the deadline's timer.
+  const stock = completed(checks, "stock", "it9", "2026-01-01T00:01:10.000Z");
+  assert.deepEqual(await deliver(t, checks, stock, 9, "2026-01-01T00:01:10.000Z"), []);
+  assert.equal((await kv.get("both.it9"))!.string(), before, "the late input is not recorded");
+  const [deadline] = await timers(t);
+  assert.equal(deadline?.id, "checks.both-it9-0", "the deadline stays armed");
+  const out = await deliver(t, checks, deadline!.payload as never, 8, "2026-01-01T00:01:11.000Z");
+  assert.deepEqual(out.map((e) => e.type), ["checks.both_timed_out", "checks.late"]);
+  assert.deepEqual((out[0]!.data as FlowData).value, { fraud: {} }, "with what arrived in time");
+});

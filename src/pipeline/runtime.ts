@@ -1074,6 +1074,11 @@ export function controlStage(
         // A failed item's join holds what arrives; its deadline's firing after a redrive
         // resumed the item completes it.
         const failed = await failedNow(e.item_id);
+        // When the server stored this input; checked against the deadline for a branch's own
+        // completion (a redrive's or hand-over's copy is stored again later, by design).
+        const stored = ctx.message.storedAt;
+        const timely = !failed && ctx.message.redriveOf === undefined &&
+          ctx.message.handoverTo === undefined;
         const r = await updateHeld<
           { events: FlowEvent[]; openedAt?: string; ahead?: number }
         >(kv, key, (rec) => {
@@ -1093,6 +1098,16 @@ export function controlStage(
             return { out: { events: [], openedAt: undefined, ahead: rec.iter } };
           }
           const cur: Held = rec && rec.iter === iter ? structuredClone(rec) : { iter, arrived: {} };
+          if (timely && cur.openedAt !== undefined) {
+            // An input stored after the deadline changes nothing, whichever the control step
+            // took first (found by probing: after a kill of the control step, the inputs and
+            // the deadline's timer waited together, and a branch stored seconds after the
+            // deadline completed the join). The deadline then times the join out.
+            const opened = Math.min(Date.parse(cur.openedAt), Date.parse(e.time));
+            if (stored > opened + s.deadlineMs) {
+              return { out: { events: [], openedAt: cur.openedAt } };
+            }
+          }
           cur.openedAt ??= e.time;
           cur.arrived![fromStep] = e.data;
           let events: FlowEvent[] = [];
