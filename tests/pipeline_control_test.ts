@@ -688,3 +688,36 @@ Deno.test("a join's input stored after its deadline changes nothing, though the 
   assert.deepEqual(out.map((e) => e.type), ["checks.both_timed_out", "checks.late"]);
   assert.deepEqual((out[0]!.data as FlowData).value, { fraud: {} }, "with what arrived in time");
 });
+
+Deno.test("a decision stored before its wait's deadline wins, though the control step takes the deadline's timer first", async () => {
+  // Found by probing: after a kill -9 of the control step, a decision stored two seconds
+  // before the wait's deadline (answered 202) and the deadline's timer waited together;
+  // the timer, taken first, timed the item out and the decision changed nothing.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const start = new Date();
+  const check = completed(approvals, "check", "it10", start.toISOString());
+  assert.deepEqual(await deliver(t, approvals, check, 3, start.toISOString()), []);
+  const js = jetstream(t.nc);
+  await js.publish("approvals.submitted.it10", JSON.stringify({})); // the item entered
+  // Not JSON: it does not count.
+  await js.publish("approvals.approved.it10", "not json");
+  const first = await js.publish("approvals.approved.it10", JSON.stringify({ by: "carol" }));
+  const [deadline] = await timers(t);
+  const due = deadline!.at!;
+  assert.ok(Date.now() < Date.parse(due), "the decision is stored before the deadline");
+  const late = new Date(Date.parse(due) + 1000).toISOString();
+  const out = await deliver(t, approvals, deadline!.payload as never, first.seq + 1, late);
+  assert.deepEqual(out.map((e) => e.type), ["approvals.approval", "approvals.done"]);
+  assert.deepEqual((out[0]!.data as FlowData).value, { by: "carol" });
+  // The decision, taken afterwards, changes nothing.
+  const decision = { type: "approvals.approved", item_id: "it10", by: "carol" };
+  assert.deepEqual(await deliver(t, approvals, decision, first.seq, late), []);
+  // A decision stored after the timer is not the timer's to take.
+  const check2 = completed(approvals, "check", "it11", start.toISOString());
+  assert.deepEqual(await deliver(t, approvals, check2, 4, start.toISOString()), []);
+  const deadline2 = (await timers(t)).find((s) => s.id.includes("it11"))!;
+  const timed = await deliver(t, approvals, deadline2.payload as never, first.seq + 2, late);
+  await js.publish("approvals.approved.it11", JSON.stringify({ by: "dan" }));
+  assert.deepEqual(timed.map((e) => e.type), ["approvals.approval_timed_out", "approvals.expired"]);
+});

@@ -1246,6 +1246,47 @@ export function controlStage(
     return out;
   }
 
+  /**
+   * The body of the first decision for wait `t` of `item` (round `iter`) that the server
+   * stored by the wait's deadline and before its timer (stream sequence `before`), when the
+   * control step has not taken one yet: it takes messages concurrently, so after a restart
+   * with both waiting it may take the timer first (found by probing: a decision stored two
+   * seconds before the deadline, answered 202, lost to the timer after a kill -9 of the
+   * `-flow` service). A decision it would refuse (not an object, failing the wait's schema,
+   * carrying a hand-over header) does not count; in a loop's later round, nor does one stored
+   * before the round reached the wait (taken as a repeat of the round before).
+   */
+  async function decidedInTime(
+    t: string,
+    item: string,
+    iter: number,
+    before: number,
+  ): Promise<unknown> {
+    const s = def.steps[t]!;
+    if (s.kind !== "wait") return undefined;
+    const rec = heldOf(await (await heldKv()).get(`${t}.${item}`));
+    if (!rec || rec.iter !== iter || rec.closed || rec.received !== undefined) return undefined;
+    const due = rec.armed?.due ? Date.parse(rec.armed.due) : NaN;
+    if (Number.isNaN(due)) return undefined;
+    const subject = `${n}.${s.event}.${item}`;
+    for await (const m of messagesOn(await manager(), stream, subject, { before })) {
+      const at = m.time.getTime();
+      if (at > due) break;
+      if (iter > 0 && at < due - s.timeoutMs) continue;
+      if (m.header?.get(HANDOVER_HEADER)) continue;
+      let body: unknown;
+      try {
+        body = m.json();
+        if (body === null || typeof body !== "object" || Array.isArray(body)) continue;
+        checkAwaitedEvent(flow, [t], body);
+      } catch {
+        continue;
+      }
+      return body;
+    }
+    return undefined;
+  }
+
   async function onTimer(
     e: FlowEvent & { data: FlowData & TimerData },
     seq: number,
@@ -1316,6 +1357,7 @@ export function controlStage(
       }
       return completion(flow, t, e, advance(carry, t, { until: e.data.due }, carry.value), emit);
     }
+    const pending = s.kind === "wait" ? await decidedInTime(t, e.item_id, iter, seq) : undefined;
     const r = await updateHeld<FlowEvent[] | { early: string }>(kv, `${t}.${e.item_id}`, (rec) => {
       if (!rec || rec.iter !== iter) return { out: [] as FlowEvent[] }; // a stale timer
       if (rec.closed) return { out: rec.closedBy === seq ? rec.emitted! : [] };
@@ -1337,6 +1379,13 @@ export function controlStage(
         // would have.
         events = resume(t, e.item_id, rec, emit);
         return { rec: { ...rec, closed: "done", closedBy: seq, emitted: events }, out: events };
+      }
+      if (s.kind === "wait" && rec.armed && pending !== undefined) {
+        // A decision stored in time, not yet taken: it wins, as it would have had the
+        // control step taken it first; taken later, it changes nothing.
+        const cur: Held = { ...rec, received: pending };
+        events = resume(t, e.item_id, cur, emit);
+        return { rec: { ...cur, closed: "done", closedBy: seq, emitted: events }, out: events };
       }
       if (s.kind === "join") {
         const data = joined(rec.arrived ?? {});
