@@ -25,6 +25,7 @@ import { loadPipelines } from "../src/pipeline/runtime.ts";
 import { createShadowControl } from "../src/shadow/control.ts";
 import { serveShadowRequests } from "../src/gateway/shadows.ts";
 import { SseClients } from "../src/gateway/sse.ts";
+import { servePeerMetrics } from "../src/gateway/mesh_metrics.ts";
 import { trackSiteContacts } from "../src/edge.ts";
 import {
   lazyScheduleStore,
@@ -86,6 +87,10 @@ export const service: ServiceDef = defineService(
       config.sseReplayBytes,
     );
     const schedules = lazyScheduleStore(nc);
+    // With WEFT_EVENTS_PORT two gateway processes take items: each answers the other with
+    // what it accepted, so both count every item on /metrics and the dashboard.
+    const instance = crypto.randomUUID();
+    const peerMetrics = servePeerMetrics(nc, metrics, instance);
     // A hub: when each edge site was last heard from, noted continuously (a source restarted
     // after an outage forgets it), so GET /sites says since when honestly.
     const siteContacts = config.hub.length > 0
@@ -110,6 +115,7 @@ export const service: ServiceDef = defineService(
       guards,
       shadows,
       schedules,
+      instance,
       ...(siteContacts ? { siteContacts: siteContacts.contacts } : {}),
     });
     const shadowRequests = serveShadowRequests(nc, shadows, log, auth);
@@ -153,6 +159,7 @@ export const service: ServiceDef = defineService(
       done: server.finished,
       async stop() {
         for (const p of parts) p.stop();
+        peerMetrics.stop();
         pipelineRequests.stop();
         deadLetterRequests.stop();
         scheduleRequests.stop();

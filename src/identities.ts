@@ -95,6 +95,12 @@ export interface Access {
    */
   answers?: boolean;
   /**
+   * Whether it answers its own requests too (it may publish to its own inbox): an identity
+   * that runs as several processes asking one another, as the gateway and the events gateway
+   * of `WEFT_EVENTS_PORT` ask each other for the items each accepted. Default false.
+   */
+  answersItself?: boolean;
+  /**
    * Subjects it may not publish on even where a grant above matches them (a deny wins), e.g.
    * the audit events under the shadow service's `shadow.*.*.*`.
    */
@@ -270,7 +276,9 @@ export function permissionsFor(
   // every service's answer to a `nats micro` ping would be published there for it.
   if (access.answers ?? true) {
     pub.add("_INBOX.>"); // clients with nats.js's default prefix, e.g. the nats CLI
-    for (const r of requesters) if (r !== identity) pub.add(`${inboxPrefix(r)}.>`);
+    for (const r of requesters) {
+      if (r !== identity || access.answersItself) pub.add(`${inboxPrefix(r)}.>`);
+    }
   }
   // Flow control of the push consumers nats.js watches buckets with (replies to the server).
   for (

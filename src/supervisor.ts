@@ -264,6 +264,9 @@ const RUNTIME_SERVICES: readonly ServiceSpec[] = [
       publishes: ["deadletter.redriven.*", `${SHADOW_AUDIT_PREFIX}.>`],
       // Each service's metrics on its own subject (GET /metrics), and statuses.
       requests: [metricsSubject("*"), "weft.*.status", "$SRV.>"],
+      // The gateway and the events gateway (WEFT_EVENTS_PORT), one identity, ask each other
+      // on weft.gateway.metrics for the items each accepted (src/gateway/mesh_metrics.ts).
+      answersItself: true,
       serves: ["weft.schedules.>", "weft.deadletters.>", `${SHADOW_REQUEST_PREFIX}.>`],
       readsStreams: [DEADLETTER_STREAM, DIGEST_STREAM, SHADOW_STREAM],
       writesBuckets: [IDEMPOTENCY_BUCKET, SHADOW_BUCKET, STEP_VERSION_BUCKET],

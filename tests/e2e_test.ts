@@ -402,6 +402,43 @@ Deno.test("with WEFT_EVENTS_PORT a second gateway process serves event streams o
   ]);
 });
 
+Deno.test("with WEFT_EVENTS_PORT each gateway's /metrics and dashboard count the items both gateways accepted", async () => {
+  const eventsPort = freePort();
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_EVENTS_PORT: String(eventsPort) });
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const events = `http://127.0.0.1:${eventsPort}`;
+  // Both gateways take items: three on PORT, two on the events port (the same routes).
+  for (const [url, n] of [[mesh.gatewayUrl, 3], [events, 2]] as const) {
+    for (let i = 0; i < n; i++) {
+      const res = await post(`${url}/feedback`, { text: `Counted once ${url} ${i}` });
+      assert.equal(res.status, 202, await res.clone().text());
+      await res.body?.cancel();
+    }
+  }
+  const accepted = async (url: string) => {
+    const text = await (await fetch(`${url}/metrics`)).text();
+    const line = /^weft_items_accepted_total\{pipeline="feedback"\} (\d+)$/m.exec(text);
+    return line ? Number(line[1]) : 0;
+  };
+  for (const url of [mesh.gatewayUrl, events]) {
+    await waitFor(
+      async () => (await accepted(url)) === 5,
+      20_000,
+      `${url}/metrics counting the 5 items (last read ${await accepted(url)})`,
+    );
+  }
+  // The dashboard (named on the events port) counts them at its intake box: its ingest stage.
+  const ingest = async () => {
+    const frames = await readSse(await fetch(`${events}/dashboard/stream`), {
+      stopAfter: (e) => e.event === "metrics",
+      timeoutMs: 10_000,
+    });
+    const snapshot = JSON.parse(frames.find((e) => e.event === "metrics")!.data);
+    return snapshot.stages.ingest.processed as number;
+  };
+  await waitFor(async () => (await ingest()) === 5, 20_000, "the dashboard's intake at 5");
+});
+
 Deno.test("with the gateway's port taken, deno task start says which port and what to do, and starts nothing", async () => {
   const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (held.addr as Deno.NetAddr).port;

@@ -115,6 +115,12 @@ export interface GatewayDeps {
    * (`trackSiteContacts` in src/edge.ts); by default only the requests for `/sites` note it.
    */
   siteContacts?: SiteContacts;
+  /**
+   * This gateway process's instance, as it answers the other gateway processes on
+   * `weft.gateway.metrics` (`servePeerMetrics`): `/metrics` and the dashboard then add the
+   * items they accepted to this one's.
+   */
+  instance?: string;
 }
 
 /** The problem+json response for an error. */

@@ -12,7 +12,7 @@
  *
  * @module
  */
-import { Empty, type Msg, type NatsConnection } from "@nats-io/nats-core";
+import { Empty, headers, type Msg, type NatsConnection } from "@nats-io/nats-core";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import client from "prom-client";
 import { aggregateMetrics, type MetricsJson, type WeftMetrics } from "../observability/metrics.ts";
@@ -90,6 +90,88 @@ export const GATEWAY_FAMILIES: ReadonlySet<string> = new Set([
   "weft_sse_waiting",
   "weft_items_accepted_total",
 ]);
+
+/**
+ * Families a gateway process counts that its peers add to their own: with
+ * `WEFT_EVENTS_PORT` two gateway processes take items (HTTP and NATS requests each), and
+ * each one's `/metrics` and dashboard count what both accepted. They ask each other on
+ * `weft.gateway.metrics` (one identity: {@link servePeerMetrics}).
+ */
+export const PEER_FAMILIES: ReadonlySet<string> = new Set(["weft_items_accepted_total"]);
+
+/** The gateway processes' service name, and their subject for answering each other. */
+const PEER_SERVICE = "gateway";
+const PEER_SUBJECT = metricsSubject(PEER_SERVICE);
+
+/**
+ * Answers the other gateway processes on `weft.gateway.metrics` with this one's
+ * {@link PEER_FAMILIES}, its `instance` in the {@link INSTANCE_HEADER} (a gather skips its
+ * own answer by it). Every gateway process answers each request (no queue group).
+ *
+ * @example
+ * ```ts ignore
+ * const peers = servePeerMetrics(nc, metrics, crypto.randomUUID());
+ * peers.stop();
+ * ```
+ */
+export function servePeerMetrics(
+  nc: NatsConnection,
+  metrics: WeftMetrics,
+  instance: string,
+): { stop(): void } {
+  const sub = nc.subscribe(PEER_SUBJECT, {
+    callback: (err, m) => {
+      if (err || !m.reply) return;
+      metrics.json().then((json) => {
+        const h = headers();
+        h.set(INSTANCE_HEADER, instance);
+        m.respond(JSON.stringify(json.filter((f) => PEER_FAMILIES.has(f.name))), { headers: h });
+      }).catch(() => {});
+    },
+  });
+  return { stop: () => sub.unsubscribe() };
+}
+
+/**
+ * Why a peer gateway's answer is refused, or undefined when it is taken: only counters of
+ * {@link PEER_FAMILIES}, each series labelled by `pipeline` alone, with a count (finite, not
+ * negative).
+ *
+ * @example
+ * ```ts
+ * import { peerRefusal } from "./mesh_metrics.ts";
+ * const ok = [{ name: "weft_items_accepted_total", help: "", type: "counter", aggregator: "sum",
+ *   values: [{ labels: { pipeline: "orders" }, value: 2 }] }];
+ * console.assert(peerRefusal(ok) === undefined);
+ * console.assert(peerRefusal([{ ...ok[0], name: "weft_stage_processed_total" }]) !== undefined);
+ * ```
+ */
+export function peerRefusal(answer: unknown): string | undefined {
+  if (!Array.isArray(answer)) return "not a list of metric families";
+  for (const f of answer as unknown[]) {
+    if (typeof f !== "object" || f === null) return "a family that is not an object";
+    const { name, type, values } = f as Record<string, unknown>;
+    if (typeof name !== "string" || !PEER_FAMILIES.has(name)) {
+      return `${String(name)} is no gateway's count of items`;
+    }
+    if (type !== "counter") return `${name}: type ${String(type)}`;
+    if (!Array.isArray(values)) return `${name}: no values`;
+    for (const v of values as unknown[]) {
+      if (typeof v !== "object" || v === null) return `${name}: a value that is not an object`;
+      const { value, labels } = v as Record<string, unknown>;
+      if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
+        return `${name}: not a count`;
+      }
+      if (typeof labels !== "object" || labels === null) return `${name}: labels not an object`;
+      const keys = Object.keys(labels);
+      const pipeline = (labels as Record<string, unknown>).pipeline;
+      if (keys.length !== 1 || typeof pipeline !== "string") {
+        return `${name}: series labelled other than by pipeline`;
+      }
+    }
+  }
+  return undefined;
+}
 
 /** The family a service adds when its answer had to leave series out (not of a stage). */
 const TRUNCATED = "weft_metrics_truncated";
@@ -204,6 +286,11 @@ export interface GatherOptions {
   onRefused?: (service: string, reason: string) => void;
   /** Families' types as the gateway's own registry has them: an answer must agree. */
   local?: MetricsJson;
+  /**
+   * This gateway process's instance (as {@link servePeerMetrics} answers with it): when set,
+   * the other gateway processes are asked too, and their {@link PEER_FAMILIES} added.
+   */
+  instance?: string;
 }
 
 /**
@@ -421,13 +508,36 @@ async function gather(
   for (const s of sources) for (const stage of s.stages) owners.set(stage, s.service);
   const types = new Map<string, string>();
   for (const f of opts.local ?? []) types.set(f.name, String(f.type));
-  const answers = await Promise.all(
-    sources.map((s) =>
-      requestAll(nc, metricsSubject(s.service), opts.maxWaitMs ?? 2000, opts.stallMs ?? 250)
-    ),
-  );
+  const ask = (subject: string) =>
+    requestAll(nc, subject, opts.maxWaitMs ?? 2000, opts.stallMs ?? 250);
+  const [answers, peers] = await Promise.all([
+    Promise.all(sources.map((s) => ask(metricsSubject(s.service)))),
+    opts.instance === undefined ? [] : ask(PEER_SUBJECT),
+  ]);
   const parts: { instance?: string; value: MetricsJson }[] = [];
   const answered = new Set<string>();
+  // The other gateway processes' counts of the items they accepted (not this one's own: its
+  // registry is added whole). Kept like a service's: a peer that died counts with what it
+  // last answered.
+  for (const m of peers) {
+    const id = m.headers?.get(INSTANCE_HEADER);
+    if (!id || id === opts.instance || m.data.length === 0) continue;
+    let value: unknown;
+    try {
+      value = m.json<unknown>();
+    } catch {
+      value = undefined;
+    }
+    const refused = peerRefusal(value);
+    if (refused !== undefined) {
+      opts.onRefused?.("gateway", refused);
+      continue;
+    }
+    parts.push({
+      instance: `${PEER_SERVICE}/${id}`,
+      value: (value as MetricsJson).map((f) => ({ ...f, aggregator: "sum" })) as MetricsJson,
+    });
+  }
   sources.forEach((source, i) => {
     for (const m of answers[i]!) {
       // An error reply (the service's endpoint failed: src/observability/micro.ts) is none.
@@ -453,7 +563,9 @@ async function gather(
   });
   if (!opts.cache) return { values: parts.map((p) => p.value), services: answered.size };
   const values = opts.cache.merge(parts, Date.now());
-  for (const service of opts.cache.services()) answered.add(service);
+  for (const service of opts.cache.services()) {
+    if (service !== PEER_SERVICE) answered.add(service);
+  }
   return { values, services: answered.size };
 }
 

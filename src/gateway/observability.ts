@@ -117,6 +117,11 @@ export interface ObservabilityDeps {
   clients: SseClients;
   /** The hand-wired pipelines' own dashboard panels. */
   dashboardPanels?: readonly DashboardPanel[];
+  /**
+   * This gateway process's instance, as it answers the other gateway processes
+   * (`servePeerMetrics`): when set, their counts of the items they accepted are added.
+   */
+  instance?: string;
 }
 
 /** Mounts /metrics and the dashboard routes. */
@@ -136,6 +141,7 @@ export function mountObservability(app: Hono, deps: ObservabilityDeps): void {
     sources: deps.metricsSources ?? metricsSources(SHIPPED_PIPELINES, deps.pipelines ?? []),
     pipelineStreams: deps.pipelineStreams ?? [],
     cache: new MetricsCache(),
+    ...(deps.instance === undefined ? {} : { instance: deps.instance }),
     onRefused: (service: string, reason: string) => {
       refused.inc({ service });
       // `service` is the logger's own (weft-gateway): the answering one goes in `source`.
