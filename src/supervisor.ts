@@ -1192,15 +1192,26 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
       Deno.exit(1);
     }
     const port = config.natsPort || DEFAULT_NATS_PORT;
-    // A supervisor killed outright (SIGKILL, OOM) leaves its nats-server running: stop it
-    // through the pid file it wrote, or say plainly who holds the port.
-    // (A cluster's nodes are checked one by one in startCluster.)
-    if (config.cluster <= 1 && !portFree(port)) {
-      log.warn("port taken: stopping a nats-server an earlier start left running", { port });
-      if (!(await stopLeftover({ port, pidFile: NATS_PID_FILE, cwd }))) {
+    // A supervisor killed outright (SIGKILL, OOM) leaves its nats-server running (each node
+    // of a cluster): stop it through the pid file it wrote, or say plainly who holds the
+    // port. Before the monitoring port is checked: the leftover (a cluster's first node)
+    // holds that one too.
+    const leftovers = config.cluster <= 1
+      ? [{ port, pidFile: NATS_PID_FILE, what: "" }]
+      : Array.from({ length: config.cluster }, (_, i) => ({
+        port: port + i,
+        pidFile: clusterPidFile(i),
+        what: ` (cluster node weft-${i + 1})`,
+      }));
+    for (const leftover of leftovers) {
+      if (portFree(leftover.port)) continue;
+      log.warn("port taken: stopping a nats-server an earlier start left running", {
+        port: leftover.port,
+      });
+      if (!(await stopLeftover({ port: leftover.port, pidFile: leftover.pidFile, cwd }))) {
         log.error(
-          `port ${port} is taken by a process this start did not leave behind; stop it, or ` +
-            `set WEFT_NATS_PORT (or NATS_URL to use that server)`,
+          `port ${leftover.port}${leftover.what} is taken by a process this start did not ` +
+            `leave behind; stop it, or set WEFT_NATS_PORT (or NATS_URL to use that server)`,
         );
         Deno.exit(1);
       }

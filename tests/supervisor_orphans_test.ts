@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { freePort } from "../src/nats_server.ts";
-import { meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
+import { freePortRun, meshTempDir, ONE_PROCESS, startMesh, taskArgs } from "./helpers/mesh.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
 
 async function childrenOf(pid: number): Promise<{ pid: number; args: string }[]> {
@@ -59,6 +59,71 @@ Deno.test("when the supervisor is SIGKILLed its services stop, and the next star
       "the item processed by the second mesh",
     );
   } finally {
+    await Deno.remove(storeDir, { recursive: true }).catch(() => {});
+  }
+});
+
+Deno.test("when a cluster's supervisor is SIGKILLed, the next start on the same ports stops every node it left and runs", async () => {
+  const storeDir = await meshTempDir("weft-orphans-cluster-");
+  // The same command twice, as a user runs it: every port given, the monitoring one too (the
+  // first node's, which the node left running holds).
+  const env = { ...ONE_PROCESS, WEFT_CLUSTER: "3", WEFT_NATS_MONITOR_PORT: String(freePort()) };
+  const ports = { natsPort: freePortRun(3), port: freePort() };
+  let nats: { pid: number; args: string }[] = [];
+  try {
+    const first = await startMesh(env, { storeDir, ...ports, keepStore: true });
+    await first.waitForLog((l) => l.msg === "weft is ready", 120_000, "the first mesh ready");
+    nats = (await childrenOf(first.child.pid)).filter((c) => c.args.includes("nats-server"));
+    assert.equal(nats.length, 3, JSON.stringify(nats));
+    await deadline(first.stop("SIGKILL"), 30_000, "every service to exit after the supervisor");
+    // The first node, whose monitoring port the next start checks, is left running.
+    const node1 = nats.find((n) => n.args.includes("node1.conf"));
+    assert.ok(
+      node1 && await alive(node1.pid),
+      `the first node left running: ${JSON.stringify(nats)}`,
+    );
+
+    // Before: "port <monitoring> (nats-server monitoring) is taken by another process", and
+    // the mesh did not start until the nodes were killed by hand.
+    await using second = await startMesh(env, { storeDir, ...ports });
+    await second.waitForLog((l) => l.msg === "weft is ready", 120_000, "the second mesh ready");
+    // (How many nodes still run by now varies between runs, why not investigated; the first,
+    // whose monitoring port stopped the start, did in every run.)
+    assert.ok(
+      second.logs.some((l) => String(l.msg).includes("earlier start left running")),
+      "a node left running was found and stopped",
+    );
+    for (const n of nats) {
+      await waitFor(async () => !(await alive(n.pid)), 10_000, `the old node ${n.pid} gone`);
+    }
+    const res = await waitFor(
+      async () => {
+        const r = await fetch(`${second.gatewayUrl}/feedback`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ text: "Still works after a hard kill of a cluster's start" }),
+        });
+        if (r.status === 202) return await r.json();
+        await r.body?.cancel();
+        return undefined;
+      },
+      60_000,
+      "a submission accepted by the second mesh",
+    );
+    await waitFor(
+      async () =>
+        (await (await fetch(`${second.gatewayUrl}/feedback/${res.id}`)).json()).status ===
+          "processed",
+      60_000,
+      "the item processed by the second mesh",
+    );
+  } finally {
+    // A failed run leaves no node behind.
+    for (const n of nats) {
+      try {
+        Deno.kill(n.pid, "SIGKILL");
+      } catch { /* gone */ }
+    }
     await Deno.remove(storeDir, { recursive: true }).catch(() => {});
   }
 });
