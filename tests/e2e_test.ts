@@ -439,6 +439,56 @@ Deno.test("with WEFT_EVENTS_PORT each gateway's /metrics and dashboard count the
   await waitFor(async () => (await ingest()) === 5, 20_000, "the dashboard's intake at 5");
 });
 
+Deno.test("a gateway process killed starts its own counts again from 0; the other gateway keeps counting what it accepted", async () => {
+  const eventsPort = freePort();
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_EVENTS_PORT: String(eventsPort) });
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const events = `http://127.0.0.1:${eventsPort}`;
+  for (const [url, n] of [[mesh.gatewayUrl, 3], [events, 2]] as const) {
+    for (let i = 0; i < n; i++) {
+      const res = await post(`${url}/feedback`, { text: `Counted before a kill ${url} ${i}` });
+      assert.equal(res.status, 202, await res.clone().text());
+      await res.body?.cancel();
+    }
+  }
+  const accepted = async (url: string) => {
+    const res = await fetch(`${url}/metrics`).catch(() => undefined);
+    if (!res) return -1;
+    const text = await res.text();
+    const line = /^weft_items_accepted_total\{pipeline="feedback"\} (\d+)$/m.exec(text);
+    return line ? Number(line[1]) : 0;
+  };
+  await waitFor(async () => (await accepted(events)) === 5, 20_000, "the events gateway at 5");
+  // The process of PORT's gateway: the supervisor's child allowed to listen on PORT (alone, or
+  // with every other service but the events gateway).
+  const port = new URL(mesh.gatewayUrl).port;
+  const ps = await new Deno.Command("ps", {
+    args: ["-o", "pid=,args=", "--ppid", String(mesh.child.pid)],
+  }).output();
+  const pid = Number(
+    new TextDecoder().decode(ps.stdout).split("\n")
+      .find((l) => new RegExp(`--allow-net=\\S*127\\.0\\.0\\.1:${port}(?!\\d)`).test(l))
+      ?.trim().split(/\s+/, 1)[0],
+  );
+  assert.ok(pid > 0, new TextDecoder().decode(ps.stdout));
+  Deno.kill(pid, "SIGKILL");
+  await mesh.waitForLog(
+    (l) => l.msg === "service exited; restarting" && l.signal === "SIGKILL",
+    30_000,
+    "the supervisor restarting it",
+  );
+  // PORT's gateway counts from 0 again (plus the events gateway's 2): a counter reset, as any
+  // Prometheus target's own series have when its process restarts.
+  await waitFor(async () => (await accepted(mesh.gatewayUrl)) === 2, 60_000, "PORT at 2 again");
+  // The events gateway keeps the dead one's last answer (3) with its own (2), past the 15 s an
+  // answer is kept before it is retired into the total.
+  const until = Date.now() + 17_000;
+  while (Date.now() < until) {
+    assert.equal(await accepted(events), 5, "the events gateway's count never falls");
+    await new Promise((r) => setTimeout(r, 1_000));
+  }
+});
+
 Deno.test("with the gateway's port taken, deno task start says which port and what to do, and starts nothing", async () => {
   const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (held.addr as Deno.NetAddr).port;
