@@ -1180,6 +1180,7 @@ export async function runStage<I extends StageInput>(
   };
   let backlog = await backlogOf();
   const endTypes = new Set([...stage.finalTypes ?? [], stage.failedType]);
+  const finalTypes: ReadonlySet<string> = new Set(stage.finalTypes ?? []);
   // Whether an event type starts this stage's items (its entry events).
   const isEntry = (type: string) => stage.entryTypes?.has(type) ?? isEntryEvent(type);
   const once = versionAtLeast(version, "2.10.0") ? stage.once : undefined;
@@ -1427,8 +1428,33 @@ export async function runStage<I extends StageInput>(
         m.ack();
         return;
       }
-      if (stage.admit) await stage.admit(input, message);
-      else if (stage.entrySubject && itemId && stage.checksEntry !== false) {
+      if (stage.admit) {
+        try {
+          await stage.admit(input, message);
+        } catch (err) {
+          // Refused, but the step ran for this event already and the item has ended since: a
+          // delivery again after the step stored its outputs and before its ack was recorded
+          // (its process died, or its ack was lost; with nats-server killed too, some came
+          // again as a first delivery). Acked, not dead-lettered as an event for an ended item
+          // (found by probing: SIGKILLs of a definition's steps and of nats-server under load
+          // left `conflict` letters for items all done once).
+          if (
+            itemId && stage.tookAlready && finalTypes.size > 0 &&
+            await endedWith(jsm, stream, itemId, finalTypes).catch(() => undefined) !==
+              undefined &&
+            await stage.tookAlready(input, message).catch(() => false)
+          ) {
+            log.info("skipped: this step ran for the event already; the item has ended", {
+              item_id: itemId,
+              seq: m.seq,
+              delivery: m.info.deliveryCount,
+            });
+            m.ack();
+            return;
+          }
+          throw err;
+        }
+      } else if (stage.entrySubject && itemId && stage.checksEntry !== false) {
         const type = typeOfRaw(raw);
         if (!isEntry(type ?? "")) {
           await assertEntered(jsm, stream, stage.entrySubject(itemId), m.seq, itemId, type);

@@ -5,7 +5,22 @@ import assert from "node:assert/strict";
 import { serverVersion, versionAtLeast } from "../src/nats_server.ts";
 import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { AckPolicy, jetstream } from "@nats-io/jetstream";
-import { runStage } from "../src/runner.ts";
+import { publishEvent, runStage } from "../src/runner.ts";
+import { Kvm } from "@nats-io/kv";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { durableOf, pipelineSubjects } from "../src/pipeline/derive.ts";
+import {
+  type LoadedPipeline,
+  pipelineStateSpec,
+  pipelineTopology,
+  readItem,
+  stateBucketOf,
+  submitItem,
+  workStage,
+} from "../src/pipeline/runtime.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { runStateWriter } from "../src/state_writer.ts";
 import { createEvent } from "../src/events.ts";
 import { PermanentError } from "../src/errors.ts";
 import { isStreamFull } from "../src/capacity.ts";
@@ -488,3 +503,69 @@ Deno.test("a handler slower than the ack wait keeps its lease and runs once", as
   assert.equal(info.num_redelivered, 0);
   await runner.stop();
 });
+
+Deno.test("a redelivery of an event a definition's step ran for, once its item has ended, is acked without a dead letter", async () => {
+  await using t = await startTestNats();
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "check",
+    steps: {
+      check: { kind: "task", output: obj, handle: () => ({ checked: true }), next: "price" },
+      price: { kind: "task", output: obj, handle: () => ({ priced: true }), next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const js = jetstream(t.nc);
+  const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+  const step = workStage(p, "price", { nc: t.nc });
+  // The step's first delivery (of check's completion) stores its outputs (the item ends),
+  // then its process dies before the ack: here, it fails after storing them, and the message
+  // is redelivered.
+  const firstRun = {
+    ...step,
+    async handle(e: Parameters<typeof step.handle>[0], ctx: Parameters<typeof step.handle>[1]) {
+      const out = await step.handle(e, ctx);
+      if (ctx.message.deliveryCount > 1) return out;
+      for (const o of out) await publishEvent(js, o, null);
+      await waitFor(
+        async () => (await readItem(kv, (e as { item_id: string }).item_id))?.status === "done",
+        20_000,
+        "the item done",
+      );
+      throw new Error("the step's process died before its ack");
+    },
+  };
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  await using _state = disposing(await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }));
+  await using _check = disposing(await runStage({ ...deps, stage: workStage(p, "check") }));
+  await using _step = disposing(await runStage({ ...deps, stage: firstRun }));
+  await submitItem(t.nc, p, "R1", {}, { source: "test", traceId: TRACE });
+  const stream = pipelineSubjects(def).stream;
+  await waitFor(
+    async () => {
+      const c = await t.jsm.consumers.info(stream, durableOf(def, "price"));
+      return c.num_pending === 0 && c.num_ack_pending === 0 && c.delivered.consumer_seq >= 2;
+    },
+    20_000,
+    "the step's consumer past its redelivery",
+  );
+  // Before: the redelivery was refused as an event for an ended item, a `conflict` letter
+  // for an item that was done.
+  const letters = await t.jsm.streams.info("DEADLETTER", { subjects_filter: "deadletter.*.R1" });
+  assert.deepEqual(letters.state.subjects ?? {}, {}, "no dead letter for the item");
+  assert.ok(
+    t.lines.some((l) => l.includes("skipped: this step ran for the event already; the item")),
+    "the redelivery was acked as one the step ran for",
+  );
+  assert.equal((await readItem(kv, "R1"))?.status, "done");
+  assert.equal(await countOn(t, stream, "orders.done.R1"), 1);
+});
+
+/** A runner or state writer stopped at the end of its scope. */
+function disposing<T extends { stop(): Promise<void> }>(r: T): T & AsyncDisposable {
+  return Object.assign(r, { [Symbol.asyncDispose]: () => r.stop() });
+}
