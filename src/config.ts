@@ -28,6 +28,12 @@ export interface Config {
   natsUrl: string;
   /** Gateway listen host. `WEFT_HOST`, `--host`. */
   host: string;
+  /**
+   * With authentication off, the `Host` names (or `host:port`s) the gateway answers besides
+   * loopback and `host` (a guard against DNS rebinding), normalised as a URL's host.
+   * `WEFT_ALLOWED_HOSTS`, comma-separated.
+   */
+  allowedHosts: string[];
   /** Gateway listen port; 0 picks a free one. `PORT`, `--port`. */
   port: number;
   /**
@@ -453,6 +459,25 @@ const parseLeafUrls = (raw: string) => {
   }
 };
 
+/**
+ * A `Host` a gateway may be named by: a host name, an IPv4 address or a bracketed IPv6 one,
+ * with an optional port; its URL host (lower case), or undefined when it is anything else.
+ */
+const hostEntry = (raw: string): string | undefined => {
+  const m = raw.match(/^([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::(\d{1,5}))?$/i);
+  if (!m || (m[2] !== undefined && (Number(m[2]) < 1 || Number(m[2]) > 65535))) return undefined;
+  try {
+    return new URL(`http://${raw}`).host;
+  } catch {
+    return undefined;
+  }
+};
+/** `Host` names, comma-separated, each {@link hostEntry}'s. */
+const parseHostList = (raw: string) => {
+  const hosts = raw.split(",").map((h) => h.trim()).filter(Boolean).map(hostEntry);
+  return hosts.length > 0 && hosts.every((h) => h !== undefined) ? hosts as string[] : undefined;
+};
+
 // deno-lint-ignore no-explicit-any
 const SETTINGS: Setting<any>[] = [
   {
@@ -464,6 +489,14 @@ const SETTINGS: Setting<any>[] = [
     secret: true,
   },
   { key: "host", env: "WEFT_HOST", flag: "host", default: "127.0.0.1", parse: str },
+  {
+    key: "allowedHosts",
+    env: "WEFT_ALLOWED_HOSTS",
+    default: [],
+    parse: parseHostList,
+    expects: "host names or addresses, comma-separated, each host or host:port " +
+      "(e.g. weft.example.com,192.168.1.20:8000)",
+  },
   { key: "port", env: "PORT", flag: "port", default: 8000, parse: int(0, 65535) },
   {
     key: "eventsPort",

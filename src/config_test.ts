@@ -238,3 +238,32 @@ Deno.test("a duplicate window longer than streams keep messages is refused namin
     (err) => err instanceof ConfigError && !err.message.includes("WEFT_DUPLICATE_WINDOW_MS"),
   );
 });
+
+Deno.test("loadConfig() takes WEFT_ALLOWED_HOSTS as host or host:port entries, normalised, and refuses anything else naming it", () => {
+  const load = (v: string) =>
+    loadConfig({ env: (k) => (k === "WEFT_ALLOWED_HOSTS" ? v : undefined), args: [] });
+  assert.deepEqual(load(" Weft.Example.com, 192.168.1.20:8000 ,[::1]:9000").allowedHosts, [
+    "weft.example.com",
+    "192.168.1.20:8000",
+    "[::1]:9000",
+  ]);
+  assert.deepEqual(load("").allowedHosts, []);
+  for (
+    const bad of [
+      "http://weft.test",
+      "weft.test/x",
+      "*.weft.test",
+      "weft.test:0",
+      "user@weft.test",
+      ",",
+      "::1",
+    ]
+  ) {
+    assert.throws(
+      () => load(bad),
+      (err: unknown) =>
+        err instanceof ConfigError && /WEFT_ALLOWED_HOSTS: invalid value/.test(err.message),
+      bad,
+    );
+  }
+});

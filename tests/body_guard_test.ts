@@ -23,7 +23,7 @@ async function serveGateway(t: TestNats) {
  */
 async function stalledUpload(port: number, declared = 65_000, sent = 60_000) {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-  const head = `POST /feedback HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n` +
+  const head = `POST /feedback HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n` +
     `content-length: ${declared}\r\n\r\n`;
   const body = '{"text":"' + "a".repeat(sent - 9);
   const bytes = new TextEncoder().encode(head + body);

@@ -49,6 +49,7 @@ import type { SiteContacts } from "../edge.ts";
 import type { ShadowControl } from "../shadow/control.ts";
 import { shadowRoutes } from "./shadows.ts";
 import { createBodyGuard } from "./body_guard.ts";
+import { hostCheck } from "./host_check.ts";
 
 /**
  * What the gateway shares with a pipeline's own routes: its auth, settings, log, SSE slots
@@ -322,6 +323,15 @@ export function createApp(deps: GatewayDeps): Hono {
   });
   const metrics = deps.metrics ?? new WeftMetrics();
   instrumentGateway(app, metrics, clients);
+
+  // With authentication off, a request whose Host is no name of this gateway is a 403
+  // problem naming host: a page on a DNS-rebinding domain (one that resolves to 127.0.0.1
+  // once loaded) is same-origin to the browser, so neither CORS nor the cross-site check
+  // below stops it reading and writing the mesh (found by a tester). With API keys on, such
+  // a page cannot send a key (docs/SECURITY.md).
+  if (!deps.auth?.enabled) {
+    app.use(hostCheck({ listenHost: config.host ?? "", allowed: config.allowedHosts ?? [] }));
+  }
 
   // Request bodies: at most `bodyReadsMax` read at once (503 beyond), each within
   // `bodyTimeoutMs` (408 past it). Deno.serve bounds neither (docs/SECURITY.md).
