@@ -721,3 +721,35 @@ Deno.test("a decision stored before its wait's deadline wins, though the control
   await js.publish("approvals.approved.it11", JSON.stringify({ by: "dan" }));
   assert.deepEqual(timed.map((e) => e.type), ["approvals.approval_timed_out", "approvals.expired"]);
 });
+
+Deno.test("a decision stored after its wait's deadline and timer changes nothing, though the control step takes it first", async () => {
+  // Found by probing: after a kill -9 of the control step, the deadline's timer and a
+  // decision stored after it (past the deadline, answered 202) waited together; the decision,
+  // taken first, went on as it said, and the timer then changed nothing.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const start = new Date();
+  const check = completed(approvals, "check", "it12", start.toISOString());
+  assert.deepEqual(await deliver(t, approvals, check, 3, start.toISOString()), []);
+  const js = jetstream(t.nc);
+  await js.publish("approvals.submitted.it12", JSON.stringify({})); // the item entered
+  const deadline = (await timers(t)).find((s) => s.id.includes("it12"))!;
+  const late = new Date(Date.parse(deadline.at!) + 1000).toISOString();
+  // The scheduler stores the deadline's timer, then the server stores a late decision.
+  const timer = await js.publish("approvals._timer.it12", JSON.stringify(deadline.payload));
+  const decided = await js.publish("approvals.approved.it12", JSON.stringify({ by: "erin" }));
+  assert.ok(timer.seq < decided.seq);
+  const decision = { type: "approvals.approved", item_id: "it12", by: "erin" };
+  assert.deepEqual(await deliver(t, approvals, decision, decided.seq, late), []);
+  const timed = await deliver(t, approvals, deadline.payload as never, timer.seq, late);
+  assert.deepEqual(timed.map((e) => e.type), ["approvals.approval_timed_out", "approvals.expired"]);
+  // A decision stored after the deadline, while its timer is not stored yet, still counts.
+  const check2 = completed(approvals, "check", "it13", start.toISOString());
+  assert.deepEqual(await deliver(t, approvals, check2, 4, start.toISOString()), []);
+  await js.publish("approvals.submitted.it13", JSON.stringify({}));
+  const deadline2 = (await timers(t)).find((s) => s.id.includes("it13"))!;
+  const late2 = new Date(Date.parse(deadline2.at!) + 1000).toISOString();
+  const decided2 = await js.publish("approvals.approved.it13", JSON.stringify({ by: "erin" }));
+  const out = await deliver(t, approvals, { ...decision, item_id: "it13" }, decided2.seq, late2);
+  assert.deepEqual(out.map((e) => e.type), ["approvals.approval", "approvals.done"]);
+});

@@ -1224,6 +1224,7 @@ export function controlStage(
     const kv = await heldKv();
     const out: FlowEvent[] = [];
     for (const t of waits) {
+      if (await timedOutBefore(t, item, seq, ctx.message.storedAt)) continue;
       const emit = { source: ctx.source, now: ctx.now() };
       const events = await updateHeld(kv, `${t}.${item}`, (rec) => {
         if (rec?.closed) return { out: rec.closedBy === seq ? rec.emitted! : [] };
@@ -1244,6 +1245,44 @@ export function controlStage(
       out.push(...events);
     }
     return out;
+  }
+
+  /**
+   * Whether the decision stored at stream sequence `seq` (at `storedAt`, ms) for wait `t` of
+   * `item` came after the wait's deadline and after its timer for the round waiting: then the
+   * timer decides (the item times out) and the decision changes nothing, though the control
+   * step, taking messages concurrently, takes it first (found by probing: after a kill -9 of
+   * the `-flow` service, 122 of 300 items whose decisions the server stored after their
+   * deadline's timer went on as those decisions said; 5 of 300 without the kill). The mirror
+   * of {@link decidedInTime}: the order the server stored them in decides, not the order the
+   * control step takes them in.
+   */
+  async function timedOutBefore(
+    t: string,
+    item: string,
+    seq: number,
+    storedAt: number,
+  ): Promise<boolean> {
+    const s = def.steps[t];
+    if (s?.kind !== "wait") return false;
+    const rec = heldOf(await (await heldKv()).get(`${t}.${item}`));
+    if (!rec?.armed || rec.closed || rec.received !== undefined) return false;
+    const due = rec.armed.due ? Date.parse(rec.armed.due) : NaN;
+    // A decision stored by the deadline wins (decidedInTime), whichever is taken first.
+    if (Number.isNaN(due) || !(storedAt > due)) return false;
+    for await (
+      const m of messagesOn(await manager(), stream, `${n}._timer.${item}`, { before: seq })
+    ) {
+      try {
+        const timer = m.json<
+          { data?: { step?: unknown; carry?: { runs?: Record<string, number> } } }
+        >();
+        if (timer.data?.step === t && (timer.data.carry?.runs?.[t] ?? 0) === rec.iter) return true;
+      } catch {
+        continue; // not a timer at all: it decides nothing
+      }
+    }
+    return false;
   }
 
   /**
