@@ -789,6 +789,8 @@ Deno.test("llm budget stops calls once spent", async (t) => {
         assert.equal(second.analyzer, "embedded");
         assert.ok("fallback_reason" in second);
         assert.equal(second.fallback_reason, "over_budget");
+        // No call was made for it: it carries no usage (docs/LLM.md), not one of all zeros.
+        assert.ok(!("usage" in second), `no usage: ${JSON.stringify(second)}`);
         assert.equal(server.requests.length, 1);
         const s = llm.stats.snapshot();
         assert.equal(s.over_budget, 1);

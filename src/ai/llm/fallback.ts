@@ -115,9 +115,18 @@ export function withFallback<P, F>(
           // Bounded: it rides on the item's events.
           fallback_error: (e instanceof Error ? e.message : String(e)).slice(0, 500),
         };
-        if (e instanceof LlmError && e.usage !== undefined) meta.usage = e.usage;
+        // Only tokens a call spent: a refusal before any call (over budget) has none to show.
+        if (e instanceof LlmError && e.usage !== undefined && spentAny(e.usage)) {
+          meta.usage = e.usage;
+        }
         return { ...result, ...meta };
       }
     },
   };
+}
+
+/** Whether `usage` records any tokens or cost. */
+function spentAny(usage: LlmUsage): boolean {
+  return usage.prompt_tokens > 0 || usage.completion_tokens > 0 || usage.total_tokens > 0 ||
+    usage.cost_usd > 0;
 }
