@@ -29,7 +29,7 @@ export interface LastMessage {
 }
 
 /** The header with which a stream stores a message only as the first on its subject ("0"). */
-const EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence";
+export const EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence";
 
 /**
  * True when `m` was stored as the first message on its subject: it carries "expected last

@@ -63,6 +63,7 @@ import {
 import { BACKLOG_SEQ_KEY, stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
 import { versionAtLeast } from "./nats_server.ts";
+import { EXPECTED_LAST_SUBJECT_SEQ, storedFirstOnSubject } from "./last_messages.ts";
 import {
   childContext,
   formatTraceparent,
@@ -538,9 +539,6 @@ function tooLargeToPublish(event: OutputEvent, bytes: number, cause: unknown): W
   );
 }
 
-/** The header with which the stream stores a message only as the first on its subject ("0"). */
-const EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence";
-
 /**
  * An event as the message {@link publishEvent} publishes: its subject, JSON body, and
  * headers (traceparent, `Weft-Event-Type`, its event id as `Nats-Msg-Id`, and for an entry
@@ -583,10 +581,11 @@ async function isFirstEntry(
   m: JsMsg,
   eventId: string,
 ): Promise<boolean> {
-  // Stored under "expected last subject sequence 0" (the header is stored with it): the
-  // server let it in only as the first message on its subject, so no lookup is needed.
-  // Anything else (a redrive, a message published without the check) is looked up.
-  if (m.headers?.get(EXPECTED_LAST_SUBJECT_SEQ) === "0") return true;
+  // Stored under "expected last subject sequence 0", checked against its own subject (the
+  // headers are stored with it): the server let it in only as the first message on its
+  // subject, so no lookup is needed. Anything else (a redrive, a message published without the
+  // check) is looked up.
+  if (m.headers && storedFirstOnSubject({ headers: m.headers })) return true;
   // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
   const first = await jsm.streams.getMessage(
     stream,
@@ -741,13 +740,15 @@ export async function* messagesOn(
  * another timer of the item stored after the failure resumes nothing; and the same body, by
  * the digest the failure records: a copy with its id and another body is no redrive). Read
  * from the stream (direct reads, only when a timer fires, a decision comes or a step would end
- * the item), not from the item's state, which trails.
+ * the item), not from the item's state, which trails. `lastFailure`: the item's last `failed`
+ * message when the caller has read it already (not read again).
  */
 export async function itemFailedNow(
   jsm: JetStreamManager,
   stream: string,
   name: string,
   item: string,
+  lastFailure?: { seq: number; json(): unknown },
 ): Promise<boolean> {
   const last = async (subject: string) => {
     try {
@@ -756,7 +757,7 @@ export async function itemFailedNow(
       return null;
     }
   };
-  const failed = await last(`${name}.failed.${item}`);
+  const failed = lastFailure ?? await last(`${name}.failed.${item}`);
   if (!failed) return false;
   let on: unknown;
   let eventId: unknown;

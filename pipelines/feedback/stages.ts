@@ -221,7 +221,7 @@ export function feedbackItemReader(
 async function failedNow(
   jsm: JetStreamManager,
   itemId: string,
-  last: { json<T>(): T },
+  last: { seq: number; json<T>(): T },
 ): Promise<boolean> {
   let on: { event_id?: unknown; subject?: unknown } | undefined;
   try {
@@ -230,7 +230,8 @@ async function failedNow(
     return true; // no failure event of Weft's: as failed
   }
   if (typeof on?.event_id !== "string" && on?.subject !== SUBMIT_SUBJECT) return true;
-  return await itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId);
+  // (The failure read above, not read again.)
+  return await itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId, last);
 }
 
 /**
