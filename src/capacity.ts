@@ -308,10 +308,10 @@ export function createCapacityGuard(
     const byAdmissions = estimate(reading, w.admitted + items - 1);
     const f = w.items;
     if (!f) return byAdmissions;
-    const { bytes, messages } = reserved(f);
+    const perItem = itemCost(f);
+    const { bytes, messages } = reserved(f, perItem);
     const ofBytes = (n: number) => reading.maxBytes > 0 ? n / reading.maxBytes : 0;
     const ofMsgs = (n: number) => reading.maxMsgs > 0 ? n / reading.maxMsgs : 0;
-    const perItem = itemCost(f);
     // Admitted items whose entry the follower has not seen yet, and the new ones: each will
     // store what an item does (before, they counted nothing until their entry was seen, so
     // concurrent requests, and every item of a batch but one, went in with no room kept).
@@ -520,9 +520,11 @@ function unseenItems(f: Flights): number {
   return f.unseen.length;
 }
 
-/** What the items in flight will still store, at {@link itemCost} each. */
-function reserved(f: Flights): { bytes: number; messages: number } {
-  const cost = itemCost(f);
+/** What the items in flight will still store, at `cost` ({@link itemCost}) each. */
+function reserved(
+  f: Flights,
+  cost: { bytes: number; messages: number },
+): { bytes: number; messages: number } {
   let bytes = 0;
   let messages = 0;
   for (const i of f.items.values()) {
