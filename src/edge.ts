@@ -915,7 +915,13 @@ export async function siteItem<S>(
     let event: AnyEvent;
     entered ||= spec.entrySubject?.(id) === m.subject.slice(prefix.length);
     try {
-      event = decodeStateEvent(spec, m.data, m.subject.slice(prefix.length), m.time.getTime());
+      event = decodeStateEvent(
+        spec,
+        m.data,
+        m.subject.slice(prefix.length),
+        m.time.getTime(),
+        m.headers,
+      );
     } catch {
       continue; // the site dead-letters it and folds nothing
     }

@@ -55,7 +55,7 @@ export async function rebuildStates<S>(
     if (spec.entrySubject?.(item) === m.subject) entered.add(item);
     let event;
     try {
-      event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime());
+      event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime(), m.headers);
     } catch {
       skipped++;
       continue;

@@ -410,6 +410,8 @@ export async function publishEvent(
    * after it. Without it, any valid event of the type for the item is taken for its own.
    */
   sameInput?: (held: unknown) => boolean,
+  /** `Stage.storedStands`: whether an event held on the subject is one the item's state takes. */
+  stands?: (held: { type: string; seq: number; raw: unknown }) => Promise<boolean>,
 ): Promise<boolean> {
   const m = eventMessage(event, parent, entry);
   try {
@@ -421,7 +423,7 @@ export async function publishEvent(
   } catch (err) {
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
-    return await publishAfterJunk(js, event, m, entrySubject, sameInput);
+    return await publishAfterJunk(js, event, m, entrySubject, sameInput, stands);
   }
 }
 
@@ -439,9 +441,9 @@ const MAX_SUBJECT_SCAN = 64;
  * (not JSON, another type, one its schema refuses: published there by anyone who may; with
  * `entrySubject`, one stored before the item's entry event, i.e. before the item existed; with
  * `sameInput`, one carrying another input than the item's; a hand-over's copy, its
- * `Weft-Handover-To` header set), the event is published after them, against the subject's
- * last message, so junk stored first cannot keep the item from its event. True when this call
- * stored it.
+ * `Weft-Handover-To` header set; with `stands`, one the item's state does not take), the event
+ * is published after them, against the subject's last message, so junk stored first cannot
+ * keep the item from its event. True when this call stored it.
  */
 async function publishAfterJunk(
   js: JetStreamClient,
@@ -449,6 +451,7 @@ async function publishAfterJunk(
   m: { subject: string; data: Uint8Array; headers: MsgHdrs },
   entrySubject?: string,
   sameInput?: (held: unknown) => boolean,
+  stands?: (held: { type: string; seq: number; raw: unknown }) => Promise<boolean>,
 ): Promise<boolean> {
   const jsm = await js.jetstreamManager(false);
   const stream = await jsm.streams.find(m.subject);
@@ -474,14 +477,19 @@ async function publishAfterJunk(
       return false;
     }
   };
+  const taken = async (held: Pick<StoredMsg, "header" | "data" | "seq">) => {
+    const raw = tryDecode(held.data);
+    return isIt(raw, held.seq, held) &&
+      (stands === undefined || await stands({ type: event.type, seq: held.seq, raw }));
+  };
   for (let attempt = 0; attempt < 5; attempt++) {
     // The usual refusal (a re-sent submission, a redelivery): the event is the subject's last.
     const newest = await jsm.streams.getMessage(stream, { last_by_subj: m.subject })
       .catch(() => null);
-    if (newest && isIt(tryDecode(newest.data), newest.seq, newest)) return false;
+    if (newest && await taken(newest)) return false;
     let last = 0;
     for await (const held of messagesOn(jsm, stream, m.subject, { max: MAX_SUBJECT_SCAN })) {
-      if (isIt(tryDecode(held.data), held.seq, held)) return false; // stored already: success
+      if (await taken(held)) return false; // stored already: success
       last = held.seq;
     }
     if (last === 0) return false; // nothing readable there now (purged?): as stored
@@ -671,9 +679,9 @@ async function outcomeTaken(
   stream: string,
   outputs: OutputEvent[],
   outcomes: ReadonlySet<string>,
-): Promise<{ taken?: { type: string; seq: number }; stored: OutputEvent[] }> {
+): Promise<{ taken: { type: string; seq: number; raw: unknown }[]; stored: OutputEvent[] }> {
   const mine = outputs.filter((e) => outcomes.has(e.type));
-  if (mine.length === 0) return { stored: [] };
+  if (mine.length === 0) return { taken: [], stored: [] };
   const byId = new Map(mine.map((e) => [e.id, e]));
   const item = mine[0]!.item_id;
   // A lookup that cannot tell throws: the message is retried like any failed publish.
@@ -681,10 +689,10 @@ async function outcomeTaken(
     const last = await lastOn(jsm, stream, eventSubject(type, item));
     if (!last) return undefined;
     const own = byId.get(last.header.get("Nats-Msg-Id"));
-    return own ? { own } : { taken: { type, seq: last.seq } };
+    return own ? { own } : { taken: { type, seq: last.seq, raw: tryDecode(last.data) } };
   }));
   return {
-    taken: found.find((f) => f?.taken)?.taken,
+    taken: found.flatMap((f) => (f?.taken ? [f.taken] : [])),
     stored: found.flatMap((f) => (f?.own ? [f.own] : [])),
   };
 }
@@ -1492,8 +1500,13 @@ export async function runStage<I extends StageInput>(
       const checkOutcome = async () => {
         const found = await outcomeTaken(jsm, stream, outputs, stage.outcomes!);
         // A second outcome (a forged or repeated decision, another branch's end): the item
-        // keeps its first.
-        if (found.taken) throw new OutcomeTaken(found.taken.type, found.taken.seq);
+        // keeps its first. (Not one its state refuses: a forged end for an item not there.)
+        for (const taken of found.taken) {
+          if (stage.storedStands && !(await stage.storedStands(outputs[at]!.item_id, taken))) {
+            continue;
+          }
+          throw new OutcomeTaken(taken.type, taken.seq);
+        }
         for (const e of found.stored) skip.add(e); // this message's own, stored before
       };
       if (stage.outcomes && outcome) await checkOutcome();
@@ -1507,6 +1520,7 @@ export async function runStage<I extends StageInput>(
               isEntry(event.type) || once?.has(event.type) === true,
               stage.entrySubject?.(event.item_id),
               stage.inputOf && ((held) => sameInputOf(stage, held, event)),
+              stage.storedStands && ((held) => stage.storedStands!(event.item_id, held)),
             )
           ),
         );

@@ -154,6 +154,18 @@ export interface Stage<I extends StageInput = StageInput> {
    */
   outcomes?: ReadonlySet<string>;
   /**
+   * Whether an event stored for the item (`type` at stream sequence `seq`, its body `raw`),
+   * found where the item's own would go (an outcome, as {@link outcomes} checks it, or an
+   * event of {@link once}), is one its state takes: false for one the item's history does not
+   * lead to (a step's key publishing its event, or an end, for an item not at its step, which
+   * the state refuses), so the item's own is still published after it. Without it, every
+   * stored one counts.
+   */
+  storedStands?(
+    item: string,
+    stored: { type: string; seq: number; raw: unknown },
+  ): Promise<boolean>;
+  /**
    * The event types that finish an item: its pipeline's outcomes (e.g. processed; published
    * or archived). Giving up on a message of an item that already has one dead-letters the
    * message and fails nothing: no `failedType` event is stored after the outcome.

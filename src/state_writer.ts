@@ -17,6 +17,7 @@ import {
   jetstream,
   JetStreamApiCodes,
   JetStreamApiError,
+  type JetStreamManager,
   jetstreamManager,
   type JsMsg,
 } from "@nats-io/jetstream";
@@ -31,7 +32,7 @@ import {
   decodeJson,
   storedMessage,
 } from "./runner.ts";
-import { NotFoundError } from "./errors.ts";
+import { ConflictError, NotFoundError } from "./errors.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
 import { ITEM_ID, parseEventSubject } from "./subjects.ts";
@@ -43,6 +44,11 @@ import type { WeftMetrics } from "./observability/metrics.ts";
 const MAX_CACHED = 20_000;
 /** Most events folded in one batch. */
 const MAX_BATCH = 2000;
+
+/** A message's headers, as a live message (`headers`) or a stored one (`header`) has them. */
+export interface HeaderReader {
+  get(key: string): string;
+}
 
 /** What a state writer folds: which events, into which bucket, how. */
 export interface StateSpec<S> {
@@ -72,7 +78,7 @@ export interface StateSpec<S> {
    * `storedAt`: when the server stored the message (ms since the epoch), the time of a
    * message that carries none of its own (an awaited event), the same live and in a rebuild.
    */
-  decode?(raw: unknown, subject: string, storedAt: number): AnyEvent;
+  decode?(raw: unknown, subject: string, storedAt: number, headers?: HeaderReader): AnyEvent;
   /**
    * True for a subject whose invalid messages another consumer of the stream dead-letters
    * (a definition's awaited events: its control step, which acts on them). The writer skips
@@ -91,6 +97,24 @@ export interface StateSpec<S> {
   starts?(event: AnyEvent): boolean;
   /** The subject an item's entry event is stored on (`orders.submitted.<item>`). */
   entrySubject?(item: string): string;
+  /**
+   * Why the item `state` does not take `event` (stored at `seq`): a step's event its history
+   * does not lead to. Undefined when it does. The fold changes nothing for such an event in
+   * stream order (a rebuild's); the writer folds nothing from it and dead-letters it
+   * `conflict` with the reason, once it has folded the item's events stored before it that
+   * it had not been handed yet ({@link eventsBefore}: a redelivery can hand them over late).
+   */
+  refuses?(state: S, event: AnyEvent, seq: number): string | undefined;
+  /**
+   * The item's events stored after the last one `state` folded and before `seq`, decoded,
+   * oldest first (what it cannot decode left out), read from the stream.
+   */
+  eventsBefore?(
+    jsm: JetStreamManager,
+    item: string,
+    state: S,
+    seq: number,
+  ): Promise<{ event: AnyEvent; seq: number }[]>;
 }
 
 /**
@@ -160,12 +184,13 @@ export function decodeStateEvent<S>(
   data: Uint8Array,
   subject: string,
   storedAt: number,
+  headers?: HeaderReader,
 ): AnyEvent {
   // `<pipeline>.<type>.<item>`: a token that is no item id (a wildcard) names none.
   const parts = subject.split(".");
   if (parts.length === 3) assertSubjectItem(parts[2], subject);
   const raw = decodeJson(data);
-  if (spec.decode) return spec.decode(raw, subject, storedAt);
+  if (spec.decode) return spec.decode(raw, subject, storedAt, headers);
   const event = validateEvent(raw, spec.eventTypes);
   assertMatchesSubject(event, subject);
   return event;
@@ -258,13 +283,34 @@ export async function runStateWriter<S>(opts: {
     }
   }
 
-  /** Writes one item's new events; returns when written (or throws). */
-  async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
+  /**
+   * Writes one item's new events; returns when written (or throws), with the events its state
+   * did not take ({@link StateSpec.refuses}: their indexes, and why), which are not folded.
+   */
+  async function writeItem(
+    id: string,
+    events: { event: AnyEvent; seq: number }[],
+  ): Promise<{ refused: Map<number, string>; state?: S }> {
     let base: Cached<S> | null = cache.get(id) ?? null;
     let read = base !== null;
+    let refused = new Map<number, string>();
     for (let attempt = 0; attempt < 10; attempt++) {
       let state = base?.state;
-      for (const { event, seq } of events) state = spec.apply(state, event, seq);
+      refused = new Map();
+      for (const [i, { event, seq }] of events.entries()) {
+        let why = state === undefined ? undefined : spec.refuses?.(state, event, seq);
+        if (why !== undefined && spec.eventsBefore) {
+          // Handed over before an earlier event of its item (a redelivery): that one first.
+          for (const e of await spec.eventsBefore(jsm, id, state!, seq)) {
+            if (spec.refuses?.(state!, e.event, e.seq) === undefined) {
+              state = spec.apply(state, e.event, e.seq);
+            }
+          }
+          why = spec.refuses?.(state!, event, seq);
+        }
+        if (why !== undefined) refused.set(i, why);
+        else state = spec.apply(state, event, seq);
+      }
       if (state === undefined) {
         // Events that make no state alone: folded onto the bucket's state if it has one the
         // cache lacks, else nothing is written (no item is made up from them).
@@ -277,9 +323,9 @@ export async function runStateWriter<S>(opts: {
           item_id: id,
           stream_seq: events.map((e) => e.seq),
         });
-        return;
+        return { refused };
       }
-      if (base && state === base.state) return; // nothing new: a redelivery
+      if (base && state === base.state) return { refused, state }; // nothing new: a redelivery
       const body = encoder.encode(JSON.stringify(state));
       try {
         const revision = base
@@ -288,7 +334,7 @@ export async function runStateWriter<S>(opts: {
         stats.writes++;
         observeFinal(base?.state, state!);
         remember(id, { state: state!, revision });
-        return;
+        return { refused, state };
       } catch (err) {
         if (!isWrongLastSequence(err) && !String((err as Error).message).includes("exists")) {
           throw err;
@@ -395,7 +441,7 @@ export async function runStateWriter<S>(opts: {
       stats.events++;
       metrics?.received.inc({ stage: spec.durable });
       try {
-        const event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime());
+        const event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime(), m.headers);
         let group = held.get(event.item_id);
         if (!group) {
           held.set(event.item_id, group = { msgs: [], events: [], since: at, final: false });
@@ -446,9 +492,28 @@ export async function runStateWriter<S>(opts: {
       const group = await admit(id, all);
       if (group.events.length === 0) return;
       try {
-        await writeItem(id, group.events);
-        for (const m of group.msgs) m.ack();
-        metrics?.processed.inc({ stage: spec.durable }, group.msgs.length);
+        const { refused } = await writeItem(id, group.events);
+        await Promise.all(group.msgs.map(async (m, i) => {
+          const why = refused.get(i);
+          if (why === undefined) return m.ack();
+          log.warn("event refused: the item's history does not lead to it", {
+            item_id: id,
+            stream_seq: group.events[i]!.seq,
+            reason: why,
+          });
+          await deadLetter(
+            dlContext,
+            m,
+            new ConflictError(why, { permanent: true }),
+            group.events[i]!.event,
+            id,
+            parseTraceparent(m.headers?.get("traceparent")),
+            { failItem: false },
+          )
+            .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
+            .catch(() => m.nak(1000));
+        }));
+        metrics?.processed.inc({ stage: spec.durable }, group.msgs.length - refused.size);
       } catch (err) {
         log.warn("state write failed", { item_id: id, err });
         metrics?.failed.inc({ stage: spec.durable, code: "state_write_failed" });

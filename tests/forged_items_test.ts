@@ -822,6 +822,231 @@ Deno.test("a router's event published again for an item that has ended, with the
   }
 });
 
+Deno.test("a step's key cannot end an item waiting for a decision: its forged run and end are dead-lettered conflict, and the decision still decides", async () => {
+  // Found by probing: the reply step's key published its event and its end for an item waiting
+  // at its approval; the item read as done, outcome sent, and the decision was refused (409).
+  await using t = await startTestNats();
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "route",
+    steps: {
+      route: { kind: "router", route: () => "urgent" as const, routes: { urgent: "approval" } },
+      approval: {
+        kind: "wait",
+        event: "approved",
+        timeoutMs: 3_600_000,
+        onTimeout: "reply",
+        next: "reply",
+      },
+      reply: { kind: "task", output: obj, handle: () => ({ replied: true }), next: "sent" },
+      sent: { kind: "end", outcome: "sent" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: workStage(p, "route", { nc: t.nc }) }),
+    await runStage({ ...deps, stage: workStage(p, "reply", { nc: t.nc }) }),
+    await runStage({ ...deps, stage: controlStage(p, t.nc) }),
+  ];
+  try {
+    const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+    await submitItem(t.nc, p, "W1", {}, { source: "test", traceId: TRACE });
+    const waiting = await waitFor(
+      async () => {
+        const s = await readItem(kv, "W1");
+        return s?.status === "waiting" && s;
+      },
+      20_000,
+      "W1 waiting",
+    );
+    // The reply step's key: its event, then its end, as its runner would publish them.
+    const route = await lastOn(t.jsm, pipelineSubjects(def).stream, "orders.route.W1");
+    const data = {
+      ...route.data,
+      results: { ...route.data.results as object, approval: {}, reply: { replied: "forged" } },
+      runs: { ...route.data.runs as object, approval: 1, reply: 1 },
+    };
+    const js = jetstream(t.nc);
+    const forged = [];
+    for (const type of ["reply", "sent"]) {
+      forged.push(
+        await js.publish(
+          `orders.${type}.W1`,
+          JSON.stringify({ ...route, id: `forged-${type}`, type: `orders.${type}`, data }),
+        ),
+      );
+    }
+    const state = durableOf(def, "state");
+    for (const ack of forged) {
+      const letter = (await lettersOf(t, ack.seq, [state])).get(state)!;
+      assert.equal(letter.code, "conflict");
+      assert.match(letter.reason, /has not reached step "reply"|no completion that leads/);
+    }
+    const still = await readItem(kv, "W1");
+    assert.equal(still?.status, "waiting");
+    assert.deepEqual(still?.current, ["approval"]);
+    assert.equal(still?.updated_at, waiting.updated_at);
+    // The decision still decides: the item goes on through reply to its own end.
+    await js.publish("orders.approved.W1", JSON.stringify({ by: "alice" }));
+    const done = await waitFor(
+      async () => {
+        const s = await readItem(kv, "W1");
+        return s?.status === "done" && s;
+      },
+      20_000,
+      "W1 done",
+    );
+    assert.equal(done.outcome, "sent");
+    assert.deepEqual(done.results.reply, { replied: true });
+    assert.deepEqual(done.results.approval, { by: "alice" });
+    // The state a rebuild folds from the stream is the live one.
+    const { states } = await rebuildStates(jetstream(t.nc), pipelineStateSpec(p));
+    const rebuilt = states.get("W1")!;
+    assert.equal(rebuilt.status, "done");
+    assert.deepEqual(rebuilt.results, done.results);
+  } finally {
+    for (const r of runners) await r.stop();
+  }
+});
+
+/** route -> (urgent) approval -> draft, or (normal) draft; draft -> reply -> sent. */
+function gatedOrders(gate: Promise<void>, calls: { draft: number; reply: number }) {
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "route",
+    steps: {
+      route: {
+        kind: "router",
+        route: (_v, ctx) => ((ctx.input as { urgent?: boolean }).urgent ? "urgent" : "normal"),
+        routes: { urgent: "approval", normal: "draft" },
+      },
+      approval: {
+        kind: "wait",
+        event: "approved",
+        timeoutMs: 3_600_000,
+        onTimeout: "draft",
+        next: "draft",
+      },
+      draft: {
+        kind: "task",
+        output: obj,
+        handle: async () => (await gate, calls.draft++, { drafted: true }),
+        next: "reply",
+      },
+      reply: { kind: "task", output: obj, handle: () => (calls.reply++, {}), next: "sent" },
+      sent: { kind: "end", outcome: "sent" },
+    },
+  });
+  return { def, flow: compileFlow(def), file: "inline" } as LoadedPipeline;
+}
+
+Deno.test("a step's event for an item not at the step runs nothing after it: the next step and the control step dead-letter it conflict", async () => {
+  // Found in review: a step's key publishing its event for an item waiting elsewhere ran the
+  // steps after it (and a router's event again with another label armed a wait), though the
+  // item's state took none of it.
+  await using t = await startTestNats();
+  let open!: () => void;
+  const calls = { draft: 0, reply: 0 };
+  const p = gatedOrders(new Promise<void>((r) => open = r), calls);
+  const def = p.def;
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    ...await Promise.all(
+      ["route", "draft", "reply"].map((s) =>
+        runStage({ ...deps, stage: workStage(p, s, { nc: t.nc }) })
+      ),
+    ),
+    await runStage({ ...deps, stage: controlStage(p, t.nc) }),
+  ];
+  try {
+    const { stream } = pipelineSubjects(def);
+    const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+    const js = jetstream(t.nc);
+    const opts = { source: "test", traceId: TRACE };
+    await submitItem(t.nc, p, "U1", { urgent: true }, opts);
+    await submitItem(t.nc, p, "N1", { urgent: false }, opts);
+    const state = (id: string, status: string) =>
+      waitFor(
+        async () => {
+          const s = await readItem(kv, id);
+          return s?.status === status && s;
+        },
+        20_000,
+        `${id} ${status}`,
+      );
+    await state("U1", "waiting");
+    // N1 is at draft (held there by the gate).
+    await waitFor(async () => (await readItem(kv, "N1"))?.current.includes("draft"), 20_000, "N1");
+    // U1, waiting for approval: the draft step's key publishes its event for it.
+    const route = await lastOn(t.jsm, stream, "orders.route.U1");
+    const drafted = {
+      ...route,
+      id: "forged-draft",
+      type: "orders.draft",
+      data: {
+        ...route.data,
+        results: { ...route.data.results as object, draft: { drafted: "forged" } },
+        runs: { ...route.data.runs as object, draft: 1 },
+      },
+    };
+    const a = await js.publish("orders.draft.U1", JSON.stringify(drafted));
+    const aLetters = await lettersOf(t, a.seq, ["orders-reply", "orders-state"]);
+    assert.equal(aLetters.get("orders-state")!.code, "conflict");
+    const byReply = aLetters.get("orders-reply")!;
+    assert.equal(byReply.code, "conflict");
+    assert.match(byReply.reason, /has not reached.*step reply did not run/);
+    // U1 again: the route step's key publishes its event again with the other label.
+    const relabelled = {
+      ...route,
+      id: "forged-route",
+      data: {
+        ...route.data,
+        results: { ...route.data.results as object, route: { label: "normal", by: "rules" } },
+      },
+    };
+    const b = await js.publish("orders.route.U1", JSON.stringify(relabelled));
+    const byDraft = (await lettersOf(t, b.seq, ["orders-draft"])).get("orders-draft")!;
+    assert.equal(byDraft.code, "conflict");
+    // N1, at draft: its route's event again, labelled for the approval, arms no wait.
+    const nRoute = await lastOn(t.jsm, stream, "orders.route.N1");
+    const toWait = {
+      ...nRoute,
+      id: "forged-route-n",
+      data: {
+        ...nRoute.data,
+        results: { ...nRoute.data.results as object, route: { label: "urgent", by: "rules" } },
+      },
+    };
+    const c = await js.publish("orders.route.N1", JSON.stringify(toWait));
+    const byControl = (await lettersOf(t, c.seq, ["orders-control"])).get("orders-control")!;
+    assert.equal(byControl.code, "conflict");
+    assert.match(byControl.reason, /nothing was armed/);
+    const control = await new Kvm(t.nc).open(controlBucketOf("orders"));
+    assert.equal(await control.get("approval.N1"), null, "no wait recorded");
+    assert.equal(calls.reply, 0);
+    // Both items go on as their own events say.
+    open();
+    await js.publish("orders.approved.U1", JSON.stringify({ by: "alice" }));
+    for (const id of ["U1", "N1"]) {
+      const done = await state(id, "done");
+      assert.deepEqual(done.results.draft, { drafted: true });
+    }
+    assert.deepEqual(calls, { draft: 2, reply: 2 });
+  } finally {
+    open();
+    for (const r of runners) await r.stop();
+  }
+});
+
 Deno.test("a step's event for an id that never entered arms no wait: the control step dead-letters it not_found", async () => {
   await using t = await startTestNats();
   const obj = { type: "object" } as const;

@@ -46,15 +46,20 @@ Deno.test("a decision for an item that has ended is refused with 409 saying so; 
     const opts = { source: "test", traceId: TRACE };
     await submitItem(t.nc, approvals, "approvals-1", {}, opts);
     await submitItem(t.nc, approvals, "approvals-2", {}, opts);
-    // approvals-1 ends (its `done` event, as the control step publishes it after a decision).
-    const end = flowEvent(
-      approvals.flow,
-      "done",
-      { id: "approvals-1-done", item_id: "approvals-1", trace_id: TRACE },
-      advance(entryData({}), "approval", {}, {}),
-      { source: "test", now: new Date() },
-    );
-    await t.nc.request("approvals.done.approvals-1", JSON.stringify(end));
+    // approvals-1 ends: its check's event, its wait's (as the control step publishes it after
+    // a decision) and its `done` event.
+    const checked = advance(entryData({}), "check", {}, {});
+    const decided = advance(checked, "approval", {}, {});
+    for (const [type, data] of [["check", checked], ["approval", decided], ["done", decided]]) {
+      const e = flowEvent(
+        approvals.flow,
+        type as string,
+        { id: `approvals-1-${type}`, item_id: "approvals-1", trace_id: TRACE },
+        data as typeof decided,
+        { source: "test", now: new Date() },
+      );
+      await t.nc.request(`approvals.${type}.approvals-1`, JSON.stringify(e));
+    }
     const get = async (id: string) =>
       await (await app.request(`/pipelines/approvals/items/${id}`)).json();
     await waitFor(async () => (await get("approvals-1")).status === "done", 10_000, "ended");

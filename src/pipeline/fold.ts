@@ -7,7 +7,7 @@
  */
 import type { PipelineSpec, ScratchEntry } from "./definition.ts";
 import { awaitedEventId, entryEvent, FAILED, type FlowData, intakeEntryId, TIMER } from "./flow.ts";
-import { eventOf } from "./validate.ts";
+import { eventOf, WORK_KINDS } from "./validate.ts";
 import { canonicalDigest, canonicalJson } from "../canonical_json.ts";
 
 /** An event as the fold sees it. */
@@ -32,6 +32,11 @@ export interface FoldEvent {
    * redrive. Without it, no such copy resumes an item whose failure records the original.
    */
   body?: unknown;
+  /**
+   * A hand-over's copy (its `Weft-Handover-To` header set): an event stored again for the
+   * steps a changed definition sends it to. It is never a new run of its step.
+   */
+  handover?: boolean;
 }
 
 /** One item's state, as kept in `weft_<pipeline>_state` (`nats kv get`). */
@@ -254,6 +259,11 @@ export function applyPipelineEvent(
   }
   const hit = idx.byEvent.get(event.type);
   if (!hit) return state ? base : undefined; // an awaited event: the wait's own event follows
+  // An event the item's history does not lead to (a step's key publishing its event, or the
+  // end its step leads to, for an item not at the step) changes nothing.
+  if (state && !resumed && refusal(spec, state, event) !== undefined) {
+    return { ...state, last_seq: event.seq };
+  }
   const { id } = hit;
   const step = spec.steps[id]!;
   if (step.kind === "end") {
@@ -322,6 +332,88 @@ export function applyPipelineEvent(
   }
   base.status = base.waiting ? "waiting" : "running";
   return base;
+}
+
+/**
+ * Why the item `state` (in flight, before `event`) does not take `event`, a step's event or an
+ * end: undefined when it does, or when the fold judges it elsewhere (a copy of a run the state
+ * holds, a redrive resuming a failed item, an event of an item that has ended, a control step's
+ * event). A work step's new run counts only for a step the item is at, or one a completion the
+ * state holds leads to (a step a changed definition added after it, whose consumer reads the
+ * stream's history); an end only after a completion the state holds that leads there, with the
+ * run and result the end carries (the end's event follows its step's completion at once).
+ * Otherwise a step's key could end any item, or run its step for one, wherever the item is: an
+ * item waiting for a person's decision, done with no decision.
+ */
+export function refusal(
+  spec: PipelineSpec,
+  state: ItemState,
+  event: FoldEvent,
+): string | undefined {
+  if (event.seq <= state.last_seq || state.status === "done" || state.status === "failed") {
+    return undefined;
+  }
+  if (resumes(state, event)) return undefined;
+  const idx = index(spec);
+  const hit = idx.byEvent.get(event.type);
+  if (!hit) return undefined;
+  const data = event.data as FlowData | undefined;
+  const runs = data?.runs ?? {};
+  const results = data?.results ?? {};
+  /** A completion the state holds, with the run and result `event` carries, leads to `to`. */
+  const heldLeadsTo = (to: string) =>
+    Object.keys(state.runs).some((p) => {
+      const ps = spec.steps[p];
+      if (!ps || ps.kind === "end" || (runs[p] ?? 0) < 1 || state.runs[p] !== runs[p]) {
+        return false;
+      }
+      if (canonicalJson(state.results[p]) !== canonicalJson(results[p])) return false;
+      const timedOut = (ps.kind === "wait" || ps.kind === "join") &&
+        canonicalJson(results[p]) === canonicalJson({ timed_out: true });
+      return successors(spec, p, data, timedOut).includes(to);
+    });
+  /** Whether a new run of work step `s` is one the item's history leads to. */
+  const workLeads = (s: string) =>
+    state.current.includes(s) || heldLeadsTo(s) ||
+    // The entry leads to the start (a start a changed definition names).
+    (s === spec.start && !(s in state.runs));
+  const step = spec.steps[hit.id]!;
+  const item = state.id ?? event.item_id;
+  if (step.kind === "end") {
+    // A step whose own event is the end's: its completion is the end.
+    const own = Object.entries(spec.steps).find(([k, v]) =>
+      v.kind !== "end" && eventOf(k, v) === event.type.slice(spec.name.length + 1)
+    );
+    if (own) {
+      const [k, v] = own;
+      const fresh = (runs[k] ?? 0) > (state.runs[k] ?? 0);
+      return !WORK_KINDS.has(v.kind) || !fresh || workLeads(k)
+        ? undefined
+        : notAt(spec.name, item, k);
+    }
+    if (hit.id === spec.start && Object.keys(runs).length === 0) return undefined;
+    if (heldLeadsTo(hit.id)) return undefined;
+    return `${spec.name} item ${item} holds no completion that leads to its end ` +
+      `${JSON.stringify(hit.id)} with the run and result this ${event.type} carries ` +
+      `(it is at ${state.current.join(", ") || "no step"}): it does not end there`;
+  }
+  if (!WORK_KINDS.has(step.kind) || hit.timeout) return undefined;
+  const run = runs[hit.id] ?? 0;
+  const have = state.runs[hit.id] ?? 0;
+  // A copy of a run the state holds, or of a step it went past: judged by the fold itself.
+  if (run <= have || (hit.id in state.runs && !state.current.includes(hit.id))) return undefined;
+  if (event.handover) {
+    return `${spec.name} item ${item} has no run ${run} of step ${JSON.stringify(hit.id)} for ` +
+      `this hand-over copy to be a copy of (only the runtime's hand-over sets its header)`;
+  }
+  return workLeads(hit.id) ? undefined : notAt(spec.name, item, hit.id);
+}
+
+function notAt(pipeline: string, item: string | undefined, step: string): string {
+  return `${pipeline} item ${item} has not reached step ${
+    JSON.stringify(step)
+  }, and no completion its ` +
+    `state holds leads there: this run of it does not count`;
 }
 
 /** The later of two ISO times (`current` when `next` is no time, or not later). */

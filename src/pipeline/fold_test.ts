@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { definePipeline } from "./definition.ts";
-import { applyPipelineEvent, type FoldEvent, foldPipelineEvents } from "./fold.ts";
+import { applyPipelineEvent, type FoldEvent, foldPipelineEvents, refusal } from "./fold.ts";
 import { awaitedEventId } from "./flow.ts";
 import { pipelineGraph, stepPermissions } from "./derive.ts";
 
@@ -186,8 +186,15 @@ Deno.test("whatever order a run's events are delivered in, once all are in the s
         partial,
       ]] as const
     ) {
+      // As the state writer does: an event the item's history does not lead to yet (its
+      // step's input not folded yet) is retried after the rest, not folded.
       let s: ReturnType<typeof applyPipelineEvent>;
-      for (const e of all) s = applyPipelineEvent(spec, s, e) ?? s;
+      const queue = [...all];
+      for (let e = queue.shift(), tries = 0; e && tries < 100; e = queue.shift(), tries++) {
+        if (s && refusal(spec, s, e) !== undefined) queue.push(e);
+        else s = applyPipelineEvent(spec, s, e) ?? s;
+      }
+      assert.equal(queue.length, 0);
       const pick = (x: typeof s) => ({
         status: x?.status,
         outcome: x?.outcome,
@@ -375,14 +382,13 @@ Deno.test("an end stored before a failure stands, whichever of the two the state
   // look-up of the item's end could not answer). In order, the end stands; handed the failure
   // first (a redelivery, a second writer on the durable), the fold kept `failed`, and the live
   // state differed from `deno task rebuild-state`.
+  const run = wholeRun();
   const events: FoldEvent[] = [
-    ev(1, "submitted"),
-    ev(2, "triage", "triage", { label: "normal" }),
-    ev(3, "done"),
+    ...run,
     {
-      seq: 4,
+      seq: 10,
       type: "tickets.failed",
-      time: t(4),
+      time: t(10),
       item_id: "T1",
       data: { stage: "tickets-a", code: "handler_failed", reason: "late", event_id: "x" },
     },
@@ -390,14 +396,94 @@ Deno.test("an end stored before a failure stands, whichever of the two the state
   const inOrder = foldPipelineEvents(spec, events)!;
   assert.equal(inOrder.status, "done");
   let late: ReturnType<typeof applyPipelineEvent>;
-  for (const e of [events[0]!, events[1]!, events[3]!, events[2]!]) {
+  for (const e of [...run.slice(0, 8), events[9]!, events[8]!]) {
     late = applyPipelineEvent(spec, late, e) ?? late;
   }
   assert.equal(late!.status, inOrder.status);
   assert.equal(late!.outcome, inOrder.outcome);
   assert.equal(late!.error, undefined);
   assert.deepEqual(late!.current, inOrder.current);
-  assert.equal(late!.last_seq, 4);
+  assert.equal(late!.last_seq, 10);
+});
+
+Deno.test("an end, or a step's run, that the item's history does not lead to changes nothing: a step's key cannot end an item waiting for a decision", () => {
+  // Found by probing: the reply step's key published its end for an item waiting at its human
+  // approval, and the item read as done, the approval skipped.
+  const waiting = foldPipelineEvents(spec, wholeRun().slice(0, 3))!;
+  assert.equal(waiting.status, "waiting");
+  const data = (results: Record<string, unknown>, runs: Record<string, number>) => ({
+    input: { text: "hi" },
+    value: {},
+    results: { triage: { label: "urgent" }, ...results },
+    runs: { triage: 1, ...runs },
+  });
+  const forged = (seq: number, type: string, d: unknown): FoldEvent => ({
+    seq,
+    type: `tickets.${type}`,
+    time: t(seq),
+    item_id: "T1",
+    data: d,
+  });
+  // The end the join leads to, carrying a join's run the item never had.
+  const end = forged(5, "done", data({ join: {} }, { join: 1 }));
+  assert.match(refusal(spec, waiting, end)!, /holds no completion that leads to its end "done"/);
+  const after = applyPipelineEvent(spec, waiting, end)!;
+  assert.deepEqual({ ...after, last_seq: waiting.last_seq }, waiting);
+  assert.equal(after.last_seq, 5);
+  // A run of a step the item has not reached: the fan-out, as if the approval had passed.
+  const fan = forged(6, "fan", data({ fan: {} }, { fan: 1 }));
+  assert.match(refusal(spec, waiting, fan)!, /has not reached step "fan"/);
+  assert.deepEqual(applyPipelineEvent(spec, waiting, fan)!.current, ["approve"]);
+  // Nor by naming a route the item did not take.
+  const rerouted = forged(7, "fan", { ...data({ fan: {} }, { fan: 1 }) });
+  (rerouted.data as { results: Record<string, unknown> }).results.triage = { label: "normal" };
+  assert.ok(refusal(spec, waiting, rerouted));
+  // Once the approval is in, the same step's run counts, and so does the end after the join.
+  const all = foldPipelineEvents(spec, wholeRun())!;
+  assert.equal(all.status, "done");
+  for (const e of wholeRun()) {
+    const before = foldPipelineEvents(spec, wholeRun().filter((x) => x.seq < e.seq));
+    if (before) assert.equal(refusal(spec, before, e), undefined, e.type);
+  }
+});
+
+Deno.test("a step a changed definition added after a completion the item holds counts, though the item is not at it", () => {
+  // Its consumer, new to the stream, reads the stream's history and runs for the item.
+  const v1 = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "a",
+    steps: {
+      a: { kind: "task", output: obj, next: "b" },
+      b: { kind: "task", output: obj, next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const v2 = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "a",
+    steps: {
+      a: { kind: "task", output: obj, next: "x" },
+      x: { kind: "task", output: obj, next: "b" },
+      b: { kind: "task", output: obj, next: "done" },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const e = (seq: number, type: string, results: Record<string, unknown>, runs = {}) => ({
+    seq,
+    type: `orders.${type}`,
+    time: t(seq),
+    item_id: "O1",
+    data: { input: {}, value: {}, results, runs },
+  });
+  const s = foldPipelineEvents(v1, [e(1, "submitted", {}), e(2, "a", { a: 1 }, { a: 1 })])!;
+  assert.deepEqual(s.current, ["b"]);
+  const x = e(3, "x", { a: 1, x: 2 }, { a: 1, x: 1 });
+  assert.equal(refusal(v2, s, x), undefined);
+  assert.deepEqual(applyPipelineEvent(v2, s, x)!.current.sort(), ["b"]);
+  // With another result of a than the item's, it does not count.
+  assert.ok(refusal(v2, s, e(3, "x", { a: 9, x: 2 }, { a: 1, x: 1 })));
 });
 
 Deno.test("applyPipelineEvent takes a step's completion once per run: a copy changes nothing, a loop's next run counts, and updated_at never moves back", () => {

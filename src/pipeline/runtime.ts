@@ -42,7 +42,7 @@ import {
   type ServiceDef,
 } from "../service.ts";
 import type { MessageInfo, OutputEvent, Stage, StageContext } from "../stage.ts";
-import { runStateWriter, type StateSpec } from "../state_writer.ts";
+import { decodeStateEvent, runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore } from "../scheduler/store.ts";
 import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
 import {
@@ -95,7 +95,7 @@ import {
   TIMER,
   type TimerData,
 } from "./flow.ts";
-import { applyPipelineEvent, type ItemState } from "./fold.ts";
+import { applyPipelineEvent, type FoldEvent, type ItemState, refusal } from "./fold.ts";
 import { createLlmStep, type LlmStepOptions } from "./llm_step.ts";
 import { createBudget } from "../ai/llm/budget.ts";
 import { createBatcher, createStepLimiter } from "./flow_control.ts";
@@ -531,6 +531,7 @@ export function workStage(
   const stream = pipelineSubjects(def).stream;
   const jsm = opts.nc ? lazy(() => jetstreamManager(opts.nc!)) : undefined;
   const states = opts.nc ? lazy(() => new Kvm(opts.nc!).open(stateBucketOf(def.name))) : undefined;
+  const stands = states && jsm ? storedStandsFrom(p, states, jsm) : undefined;
   // The joins that wait for this step (for a backlog event, wentPast).
   const joins = joinsAfter(def, id);
   return {
@@ -544,6 +545,7 @@ export function workStage(
     outcomes: endTypesOf(def),
     finalTypes: endTypesOf(def),
     ...(states ? { outcomeOf: outcomeFrom(states) } : {}),
+    ...(stands ? { storedStands: stands } : {}),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A wide filter (several events lead here) also brings the item's other events (a
@@ -739,6 +741,17 @@ export function workStage(
           `(as ${input.from} holds it): a forged or altered event; step ${id} did not run`,
       );
     }
+    // A step's run the item's history does not lead to (a step's key publishing its event for
+    // an item not at its step): its state refuses it, and nothing runs after it.
+    if (
+      role === "done" && !(await stands!(item, { type: e.type, seq: message.seq, raw: e }, state))
+    ) {
+      throw new ConflictError(
+        `${e.type} for ${def.name} item ${item} is a run of a step the item has not reached ` +
+          `(its state does not take it): step ${id} did not run`,
+        { permanent: true },
+      );
+    }
   }
 
   function entrySubject(item: string): string {
@@ -924,6 +937,7 @@ export function controlStage(
   };
 
   const manager = lazy(() => jetstreamManager(nc));
+  const stands = storedStandsFrom(p, states, manager);
   const stream = pipelineSubjects(def).stream;
   const handover = opts.handover ?? createHandover(p, nc);
   /** Whether the item has failed and not been resumed since ({@link itemFailedNow}). */
@@ -1029,7 +1043,7 @@ export function controlStage(
    * on the bus then stored the wait's completion after the item's end. An arrival at a step
    * that holds a record of this run already (a redelivery) goes on as before.
    */
-  async function refuseEnded(e: FlowEvent, steps: string[]) {
+  async function refuseEnded(e: FlowEvent, steps: string[], seq: number) {
     const kv = await heldKv();
     let opens = false;
     for (const t of steps) {
@@ -1038,16 +1052,27 @@ export function controlStage(
     }
     if (!opens) return;
     const state = await readItem(await states(), e.item_id);
-    if (state?.status !== "done") return;
-    throw new ConflictError(
-      `${n} item ${e.item_id} has ended (done, outcome ${state.outcome}): ${e.type} opens no ` +
-        `${steps.join(", ")} for it; nothing was armed`,
-      { permanent: true },
-    );
+    if (state?.status === "done") {
+      throw new ConflictError(
+        `${n} item ${e.item_id} has ended (done, outcome ${state.outcome}): ${e.type} opens ` +
+          `no ${steps.join(", ")} for it; nothing was armed`,
+        { permanent: true },
+      );
+    }
+    // Nor for a step's run the item's history does not lead to (a step's key publishing its
+    // event for an item not at its step: a router's other label would arm its wait).
+    const role = flow.roles.get(tokenOf(flow, e.type))?.role;
+    if (role === "done" && !(await stands(e.item_id, { type: e.type, seq, raw: e }, state))) {
+      throw new ConflictError(
+        `${e.type} for ${n} item ${e.item_id} is a run of a step the item has not reached ` +
+          `(its state does not take it): it opens no ${steps.join(", ")}; nothing was armed`,
+        { permanent: true },
+      );
+    }
   }
 
   async function onArrive(e: FlowEvent, steps: string[], seq: number, ctx: StageContext) {
-    await refuseEnded(e, steps);
+    await refuseEnded(e, steps, seq);
     const out: FlowEvent[] = [];
     const from = flow.roles.get(tokenOf(flow, e.type));
     const fromStep = from && "step" in from ? from.step : "$input";
@@ -1474,6 +1499,7 @@ export function controlStage(
     outcomes: endTypesOf(def),
     finalTypes: endTypesOf(def),
     outcomeOf: outcomeFrom(states),
+    storedStands: stands,
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A step's completion or a timer (not a decision: no item_id) is taken only for an item
@@ -1710,18 +1736,34 @@ export function checkInput(flow: Flow, value: unknown, at = ""): unknown {
   throw new ValidationError(message, { field });
 }
 
+/** Marks a decoded hand-over copy (a symbol: never serialised with the event). */
+const HANDED_OVER = Symbol("handed over");
+
 /** The state writer's spec for a pipeline: the generic fold, into its state bucket. */
 export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
   const { flow, def } = p;
   const n = def.name;
-  return {
+  const stream = pipelineSubjects(def).stream;
+  const foldEvent = (event: AnyEvent, seq: number): FoldEvent => ({
+    seq,
+    id: event.id,
+    type: event.type,
+    time: event.time,
+    item_id: event.item_id,
+    definition: (event as unknown as { definition?: string }).definition,
+    data: event.data,
+    // The message as stored: an awaited event's is its plain JSON (decode wraps it).
+    body: flow.roles.get(event.type.slice(n.length + 1))?.role === "awaited" ? event.data : event,
+    ...((event as { [HANDED_OVER]?: true })[HANDED_OVER] ? { handover: true } : {}),
+  });
+  const spec: StateSpec<ItemState> = {
     durable: durableOf(def, STATE),
     stream: pipelineSubjects(def).stream,
     filter: `${n}.*.*`,
     bucket: stateBucketOf(n),
     eventTypes: [],
     source: `weft-${n}-${FLOW}`,
-    decode(raw, subject, storedAt) {
+    decode(raw, subject, storedAt, headers) {
       const token = subject.split(".")[1]!;
       // Awaited events are a person's or a callback's plain JSON: the wait's own event
       // records what came; here they are only folded as "seen", at the time the stream
@@ -1735,7 +1777,10 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
           data: raw,
         } as unknown as AnyEvent;
       }
-      return decodeFlowEvent(flow, raw, subject) as unknown as AnyEvent;
+      const e = decodeFlowEvent(flow, raw, subject);
+      // A hand-over's copy: the fold takes it for no run of its step (below).
+      if (headers?.get(HANDOVER_HEADER)) (e as { [HANDED_OVER]?: true })[HANDED_OVER] = true;
+      return e as unknown as AnyEvent;
     },
     // An awaited event is judged by the control step, which dead-letters a bad one (not
     // JSON, too deep, against its schema) with the reason: the fold takes the rest as seen.
@@ -1756,22 +1801,33 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     // No state for an item that has none from an event that makes none (an awaited event, a
     // timer): a stray decision for an id never submitted makes up no item (the control step
     // dead-letters it `not_found`).
-    apply: (state, event, seq) =>
-      applyPipelineEvent(def, state, {
-        seq,
-        id: event.id,
-        type: event.type,
-        time: event.time,
-        item_id: event.item_id,
-        definition: (event as unknown as { definition?: string }).definition,
-        data: event.data,
-        // The message as stored: an awaited event's is its plain JSON (decode wraps it).
-        body: flow.roles.get(event.type.slice(n.length + 1))?.role === "awaited"
-          ? event.data
-          : event,
-      }) ?? state,
+    apply: (state, event, seq) => applyPipelineEvent(def, state, foldEvent(event, seq)) ?? state,
+    // A step's event, or an end, that the item's history does not lead to (a step's key
+    // publishing it for an item that is not at its step): dead-lettered `conflict`.
+    refuses: (state, event, seq) => refusal(def, state, foldEvent(event, seq)),
+    eventsBefore: async (jsm, item, state, seq) => {
+      const out: { event: AnyEvent; seq: number }[] = [];
+      for await (
+        const m of messagesOn(jsm, stream, `${n}.*.${item}`, {
+          from: state.last_seq + 1,
+          before: seq,
+          max: ITEM_HISTORY_MAX,
+        })
+      ) {
+        try {
+          out.push({
+            event: decodeStateEvent(spec, m.data, m.subject, m.time.getTime(), m.header),
+            seq: m.seq,
+          });
+        } catch {
+          // the writer folds nothing from what it cannot read
+        }
+      }
+      return out;
+    },
     isFinal: (s) => s.status === "done" || s.status === "failed",
   };
+  return spec;
 }
 
 /** A durable consumer that a step of a pipeline made and the running definition lacks. */
@@ -2655,6 +2711,83 @@ function outcomeFrom(
   return async (item) => {
     const s = await readItem(await states(), item);
     return s?.status === "done" ? s.outcome ?? "done" : undefined;
+  };
+}
+
+/**
+ * `Stage.storedStands` for pipeline `p`: whether the event stored for an item at `stored.seq`
+ * (an end, or a step's event an item has once) is one its state takes. The state as written,
+ * then the item's events after it up to that one, folded as the state writer folds them in
+ * order (the state trails its events): it stands unless the fold refuses it (a step's run or
+ * an end that no completion of the item leads to). Once the state is past it: an end stands
+ * when the item has ended, a step's run when the state counts that many runs of the step. An
+ * item that has ended or failed keeps whatever it holds.
+ */
+function storedStandsFrom(
+  p: LoadedPipeline,
+  states: () => Promise<KV>,
+  jsm: () => Promise<JetStreamManager>,
+): (
+  item: string,
+  stored: { type: string; seq: number; raw: unknown },
+  known?: ItemState | null,
+) => Promise<boolean> {
+  const spec = pipelineStateSpec(p);
+  const n = p.def.name;
+  const stepOf = new Map(
+    Object.entries(p.def.steps).filter(([, v]) => v.kind !== "end").map((
+      [k, v],
+    ) => [`${n}.${eventOf(k, v)}`, k]),
+  );
+  const ends = endTypesOf(p.def);
+  const ended = (x: ItemState | undefined) => x?.status === "done" || x?.status === "failed";
+  return async (item, stored, known) => {
+    let s: ItemState | undefined =
+      (known === undefined ? await readItem(await states(), item) : known) ?? undefined;
+    const step = stepOf.get(stored.type);
+    const data = (stored.raw as { data?: FlowData } | undefined)?.data;
+    const run = step === undefined ? 0 : data?.runs?.[step] ?? 0;
+    /**
+     * A run the state counts (`x`, past it): an earlier one, or this one with its result (not
+     * a copy of it with another result, which the fold takes for nothing).
+     */
+    const counted = (x: ItemState) =>
+      step === undefined || run < (x.runs[step] ?? 0) ||
+      (run === (x.runs[step] ?? 0) &&
+        canonicalJson(data?.results?.[step]) === canonicalJson(x.results[step]));
+    if (s && s.last_seq >= stored.seq) {
+      if (ended(s) || ends.has(stored.type)) return ended(s);
+      return counted(s);
+    }
+    const j = await jsm();
+    for await (
+      const m of messagesOn(j, spec.stream, `${n}.*.${item}`, {
+        from: (s?.last_seq ?? 0) + 1,
+        before: stored.seq + 1,
+        max: ITEM_HISTORY_MAX,
+      })
+    ) {
+      let event: AnyEvent;
+      try {
+        event = spec.decode!(
+          JSON.parse(new TextDecoder().decode(m.data)),
+          m.subject,
+          m.time.getTime(),
+          m.header,
+        );
+      } catch {
+        continue; // the state writer folds nothing from what it cannot read
+      }
+      const why = s === undefined ? undefined : spec.refuses!(s, event, m.seq);
+      if (m.seq === stored.seq) {
+        if (s === undefined || ended(s)) return s !== undefined;
+        if (why !== undefined) return false;
+        // A copy of a run the state holds (no new run): only with the run's own result.
+        return run > (s.runs[step ?? ""] ?? 0) || counted(s);
+      }
+      if (why === undefined) s = spec.apply(s, event, m.seq) ?? s;
+    }
+    return true; // not found as read: taken, as before this check
   };
 }
 
