@@ -102,9 +102,15 @@ export function createStepLimiter(
       const key = keyAt(input, conc.key);
       let s = slots.get(key);
       if (!s) slots.set(key, s = { active: 0, waiting: [] });
-      while (s.active >= conc.limit) {
+      const slot = s;
+      if (slot.active < conc.limit) slot.active++;
+      else {
+        // A release hands its slot straight to the first waiter (`active` stays as it is), so
+        // no newcomer can take it in between, and the key's entry is never dropped while a
+        // woken waiter has yet to run: two releases in one tick, the second finding no
+        // waiter and the count at 0, dropped it before, and the woken waiter ran on the
+        // dropped entry beside newcomers on a fresh one, over the limit.
         signal.throwIfAborted();
-        const slot = s;
         await new Promise<void>((resolve, reject) => {
           const wake = () => {
             signal.removeEventListener("abort", onAbort);
@@ -119,15 +125,13 @@ export function createStepLimiter(
           signal.addEventListener("abort", onAbort, { once: true });
         });
       }
-      s.active++;
       let released = false;
       return () => {
         if (released) return;
         released = true;
-        s!.active--;
-        const next = s!.waiting.shift();
-        if (next) next();
-        else if (s!.active === 0) slots.delete(key);
+        const next = slot.waiting.shift();
+        if (next) next(); // the slot passes to it
+        else if (--slot.active === 0) slots.delete(key);
       };
     },
   };

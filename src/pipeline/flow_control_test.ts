@@ -128,6 +128,40 @@ Deno.test("a call waiting for a concurrency slot gives up when its signal aborts
   (await limiter.acquire({}, new AbortController().signal))();
 });
 
+Deno.test("a concurrency limit holds when two calls end in one tick while the last waiter wakes", async () => {
+  // Found by auditing issue 12: with limit 2, two holders releasing in one tick (two handlers
+  // whose awaits end together) woke the one waiter, then dropped the key's entry (no waiter
+  // left, none active); the woken call ran on the dropped entry while two newcomers took a
+  // fresh one: three calls at once for the key.
+  const limiter = createStepLimiter({ concurrency: { limit: 2, key: "customer" } });
+  const signal = new AbortController().signal;
+  const item = { customer: "a" };
+  let running = 0;
+  let most = 0;
+  const enter = (release: () => void) => {
+    running++;
+    most = Math.max(most, running);
+    return () => (running--, release());
+  };
+  const a = enter(await limiter.acquire(item, signal));
+  const b = enter(await limiter.acquire(item, signal));
+  const c = limiter.acquire(item, signal).then(enter);
+  await new Promise((r) => setTimeout(r, 0)); // c waits for a slot
+  a();
+  b(); // in the same tick
+  const d = limiter.acquire(item, signal).then(enter);
+  let eIn = false;
+  const e = limiter.acquire(item, signal).then((r) => (eIn = true, enter(r)));
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(most, 2, "never more than 2 calls at once for the key");
+  assert.equal(eIn, false, "the fifth call waits while c and d run");
+  (await c)();
+  (await e)();
+  (await d)();
+  assert.equal(running, 0);
+  assert.equal(limiter.keys(), 0, "nothing left behind");
+});
+
 /** A clock on which a sleep passes its time at once: calls awaited one after another. */
 function skippingClock(): Clock {
   let now = 0;
