@@ -26,8 +26,9 @@ export function keyAt(doc: unknown, path: string | undefined): string {
 /** Limits applied around a handler call. */
 export interface StepLimiter {
   /**
-   * Waits for a slot and a token for the item; returns the release of the slot. Rejects
-   * with `signal.reason` when the signal aborts while it waits.
+   * Waits for a slot, then for a token, for the item (the token is stamped when the call
+   * starts); returns the release of the slot. Rejects with `signal.reason` when the signal
+   * aborts while it waits.
    */
   acquire(input: unknown, signal: AbortSignal): Promise<() => void>;
   /**
@@ -76,65 +77,81 @@ export function createStepLimiter(
   return {
     keys: () => logs.size + slots.size,
     async acquire(input, signal) {
+      // The slot first, then the rate's token, stamped when the call starts: a token taken
+      // while the call still waited for a slot (as before) counted a start that came later,
+      // so calls held back by the concurrency limit started together with later ones, more
+      // than `limit` in a window (2 per second ran 4 within 502 ms).
+      const release = conc ? await takeSlot(keyAt(input, conc.key), signal) : () => {};
       if (rate) {
-        const key = keyAt(input, rate.key);
-        sweep(clock.now());
-        let l = logs.get(key);
-        if (!l) logs.set(key, l = { times: [], busy: 0 });
-        l.busy++;
         try {
-          for (;;) {
-            signal.throwIfAborted();
-            const now = clock.now();
-            // Calls a whole period old limit nothing: a window of `period` ending now excludes them.
-            while (l.times.length > 0 && now - l.times[0]! >= period) l.times.shift();
-            if (l.times.length < most) {
-              l.times.push(now);
-              break;
-            }
-            await clock.sleep(l.times[0]! + period - now, signal);
-          }
-        } finally {
-          l.busy--;
+          await takeToken(keyAt(input, rate.key), signal);
+        } catch (err) {
+          release();
+          throw err;
         }
       }
-      if (!conc) return () => {};
-      const key = keyAt(input, conc.key);
-      let s = slots.get(key);
-      if (!s) slots.set(key, s = { active: 0, waiting: [] });
-      const slot = s;
-      if (slot.active < conc.limit) slot.active++;
-      else {
-        // A release hands its slot straight to the first waiter (`active` stays as it is), so
-        // no newcomer can take it in between, and the key's entry is never dropped while a
-        // woken waiter has yet to run: two releases in one tick, the second finding no
-        // waiter and the count at 0, dropped it before, and the woken waiter ran on the
-        // dropped entry beside newcomers on a fresh one, over the limit.
-        signal.throwIfAborted();
-        await new Promise<void>((resolve, reject) => {
-          const wake = () => {
-            signal.removeEventListener("abort", onAbort);
-            resolve();
-          };
-          const onAbort = () => {
-            const i = slot.waiting.indexOf(wake);
-            if (i >= 0) slot.waiting.splice(i, 1);
-            reject(signal.reason);
-          };
-          slot.waiting.push(wake);
-          signal.addEventListener("abort", onAbort, { once: true });
-        });
-      }
-      let released = false;
-      return () => {
-        if (released) return;
-        released = true;
-        const next = slot.waiting.shift();
-        if (next) next(); // the slot passes to it
-        else if (--slot.active === 0) slots.delete(key);
-      };
+      return release;
     },
   };
+
+  async function takeToken(key: string, signal: AbortSignal): Promise<void> {
+    sweep(clock.now());
+    let l = logs.get(key);
+    if (!l) logs.set(key, l = { times: [], busy: 0 });
+    l.busy++;
+    try {
+      for (;;) {
+        signal.throwIfAborted();
+        const now = clock.now();
+        // Calls a whole period old limit nothing: a window of `period` ending now excludes them.
+        while (l.times.length > 0 && now - l.times[0]! >= period) l.times.shift();
+        if (l.times.length < most) {
+          l.times.push(now);
+          return;
+        }
+        await clock.sleep(l.times[0]! + period - now, signal);
+      }
+    } finally {
+      l.busy--;
+    }
+  }
+
+  async function takeSlot(key: string, signal: AbortSignal): Promise<() => void> {
+    const limit = conc!.limit;
+    let s = slots.get(key);
+    if (!s) slots.set(key, s = { active: 0, waiting: [] });
+    const slot = s;
+    if (slot.active < limit) slot.active++;
+    else {
+      // A release hands its slot straight to the first waiter (`active` stays as it is), so
+      // no newcomer can take it in between, and the key's entry is never dropped while a
+      // woken waiter has yet to run: two releases in one tick, the second finding no
+      // waiter and the count at 0, dropped it before, and the woken waiter ran on the
+      // dropped entry beside newcomers on a fresh one, over the limit.
+      signal.throwIfAborted();
+      await new Promise<void>((resolve, reject) => {
+        const wake = () => {
+          signal.removeEventListener("abort", onAbort);
+          resolve();
+        };
+        const onAbort = () => {
+          const i = slot.waiting.indexOf(wake);
+          if (i >= 0) slot.waiting.splice(i, 1);
+          reject(signal.reason);
+        };
+        slot.waiting.push(wake);
+        signal.addEventListener("abort", onAbort, { once: true });
+      });
+    }
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const next = slot.waiting.shift();
+      if (next) next(); // the slot passes to it
+      else if (--slot.active === 0) slots.delete(key);
+    };
+  }
 }
 
 /**

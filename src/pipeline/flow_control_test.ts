@@ -225,6 +225,49 @@ Deno.test("a rate limit that waiters share still lets at most limit calls into a
   assert.deepEqual(times, [0, 0, 0, 1000, 1000, 1000, 2000, 2000, 2000, 3000]);
 });
 
+Deno.test("a rate limit holds in every window when calls also wait for a concurrency slot", async () => {
+  // Found by auditing issue 12 on a real mesh: concurrency 2 and 2 calls per 1000 ms, two
+  // items of 1.5 s then six short ones started at 0, 0, 1502, 1504, 2003, 2004 ms: four in
+  // one window. Calls took their token while still waiting for a slot, so the two the slots
+  // held back started together with the next two.
+  const clock = manualClock();
+  const limiter = createStepLimiter(
+    { concurrency: { limit: 2 }, rateLimit: { limit: 2, periodMs: 1000 } },
+    clock,
+  );
+  const signal = new AbortController().signal;
+  const starts: number[] = [];
+  const call = async () => {
+    const release = await limiter.acquire({}, signal);
+    starts.push(clock.now());
+    return release;
+  };
+  const settle = () => new Promise((r) => setTimeout(r, 0));
+  const a = await call();
+  const b = await call();
+  const [c, d, e, f] = [call(), call(), call(), call()];
+  await settle();
+  clock.advance(1000);
+  await settle();
+  clock.advance(500); // the two long calls end at 1500
+  a();
+  b();
+  await settle();
+  (await c)(); // the next two are short
+  (await d)();
+  for (let i = 0; i < 4; i++) {
+    clock.advance(250);
+    await settle();
+  }
+  (await e)();
+  (await f)();
+  assert.equal(starts.length, 6);
+  assert.ok(
+    mostInAWindow(starts, 1000) <= 2,
+    `at most 2 starts in any 1000 ms, got ${JSON.stringify(starts)}`,
+  );
+});
+
 Deno.test("a fractional rate limit rounds down within the period (as a shadow's rps of 2.5), and one below 1 spaces calls out", async () => {
   const signal = new AbortController().signal;
   const twoAndAHalf = skippingClock();
