@@ -118,3 +118,73 @@ Deno.test("a batch is handed over in stream order, whatever order its calls arri
   assert.deepEqual(seen, [[1, 2, 3]]);
   assert.deepEqual(results, [6, 2, 4], "each caller still gets its own result");
 });
+
+Deno.test("a batched step's concurrency limit without a key counts handleBatch calls, not items", async () => {
+  // Found auditing issue 12 on a real mesh: `batch: { maxItems: 5, maxWaitMs: 500 }` with
+  // `concurrency: { limit: 1 }` handed ten items over in ten batches of one, each held back
+  // for maxWaitMs: the limit counted items, so a batch could never hold more than one.
+  await using t = await startTestNats();
+  const sizes: number[] = [];
+  let running = 0;
+  let most = 0;
+  const def = definePipeline({
+    name: "embeds",
+    input: { schema: { type: "object", required: ["n"], properties: { n: { type: "number" } } } },
+    start: "embed",
+    steps: {
+      embed: {
+        kind: "task",
+        output: { type: "object", required: ["n", "size"] },
+        flow: { batch: { maxItems: 5, maxWaitMs: 3_000 }, concurrency: { limit: 1 } },
+        handleBatch: async (_values: unknown[], ctxs: { input: { n: number } }[]) => {
+          running++;
+          most = Math.max(most, running);
+          sizes.push(ctxs.length);
+          // A call that takes a while, so the next batch fills while this one runs.
+          await new Promise((r) => setTimeout(r, 100));
+          running--;
+          return ctxs.map((c) => ({ n: c.input.n, size: ctxs.length }));
+        },
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: workStage(p, "embed") }),
+  ];
+  try {
+    const app = await definitionsApp(t, [p]);
+    const res = await app.request("/pipelines/embeds/items/batch", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ items: Array.from({ length: 10 }, (_, n) => ({ n })) }),
+    });
+    assert.equal(res.status, 202, await res.clone().text());
+    const ids = ((await res.json()) as { items: { id: string }[] }).items.map((i) => i.id);
+    const states = await waitFor(
+      async () => {
+        const s = await Promise.all(ids.map(async (id) => {
+          const r = await app.request(`/pipelines/embeds/items/${id}`);
+          return r.status === 200
+            ? (await r.json()) as { status?: string; results?: { embed?: { n: number } } }
+            : undefined;
+        }));
+        return s.every((x) => x?.status === "done") && s;
+      },
+      60_000,
+      "every item done",
+    );
+    assert.deepEqual(states.map((s) => s!.results?.embed?.n), ids.map((_, n) => n));
+    assert.equal(most, 1, "one handleBatch call at a time");
+    assert.equal(sizes.reduce((a, b) => a + b, 0), 10, `batches: ${JSON.stringify(sizes)}`);
+    // Ten items arrive at once: batches fill to maxItems rather than one item each.
+    assert.ok(sizes.length <= 3, `at most 3 batches of 10 items, got ${JSON.stringify(sizes)}`);
+  } finally {
+    for (const r of runners) await r.stop();
+  }
+});

@@ -155,6 +155,40 @@ export function createStepLimiter(
 }
 
 /**
+ * A batched step's limits, split by what they count: a limit per key counts the key's items
+ * (each item takes its slot and token before it joins a batch), a limit without a key counts
+ * the step's `handleBatch` calls (one batched API call each). Before, every limit counted
+ * items, so a global `concurrency: 1` handed over batches of one item, each held back for
+ * `maxWaitMs`.
+ *
+ * @example
+ * ```ts
+ * import { batchedLimits } from "./flow_control.ts";
+ * const { perItem, perCall } = batchedLimits({
+ *   batch: { maxItems: 10, maxWaitMs: 50 },
+ *   concurrency: { limit: 1 },
+ *   rateLimit: { limit: 5, periodMs: 1000, key: "customer" },
+ * });
+ * console.log(perItem.rateLimit?.key, perCall.concurrency?.limit); // customer 1
+ * ```
+ */
+export function batchedLimits(
+  flow: FlowControl,
+): { perItem: FlowControl; perCall: FlowControl } {
+  const { concurrency, rateLimit } = flow;
+  return {
+    perItem: {
+      ...(concurrency?.key ? { concurrency } : {}),
+      ...(rateLimit?.key ? { rateLimit } : {}),
+    },
+    perCall: {
+      ...(concurrency && !concurrency.key ? { concurrency } : {}),
+      ...(rateLimit && !rateLimit.key ? { rateLimit } : {}),
+    },
+  };
+}
+
+/**
  * Gathers single calls into batches: up to `maxItems` values, or whatever arrived within
  * `maxWaitMs` of the first, handed to `run` at once; each caller gets its own result. With
  * `order`, a batch is handed over sorted by it (the runner passes each message's stream

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { createBatcher, createStepLimiter, keyAt } from "./flow_control.ts";
+import { batchedLimits, createBatcher, createStepLimiter, keyAt } from "./flow_control.ts";
 import type { Clock } from "../ai/llm/clock.ts";
 
 /** A clock that moves only when told; a sleep resolves once the time passes it. */
@@ -315,4 +315,17 @@ Deno.test("a batcher runs a call marked alone (a retry) at once in a batch of it
   } finally {
     mock.timers.reset();
   }
+});
+
+Deno.test("batchedLimits counts a batched step's keyed limits per item and its others per call", () => {
+  const concurrency = { limit: 2, key: "customer" };
+  const rateLimit = { limit: 3, periodMs: 1000 };
+  assert.deepEqual(
+    batchedLimits({ batch: { maxItems: 5, maxWaitMs: 10 }, concurrency, rateLimit }),
+    { perItem: { concurrency }, perCall: { rateLimit } },
+  );
+  assert.deepEqual(batchedLimits({ batch: { maxItems: 5, maxWaitMs: 10 } }), {
+    perItem: {},
+    perCall: {},
+  });
 });

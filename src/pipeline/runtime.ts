@@ -98,7 +98,7 @@ import {
 import { applyPipelineEvent, type FoldEvent, type ItemState, refusal } from "./fold.ts";
 import { createLlmStep, type LlmStepOptions } from "./llm_step.ts";
 import { createBudget } from "../ai/llm/budget.ts";
-import { createBatcher, createStepLimiter } from "./flow_control.ts";
+import { batchedLimits, createBatcher, createStepLimiter } from "./flow_control.ts";
 import { followVersion } from "../step_versions.ts";
 import { type AgentRunner, createAgent, openScratchpad, scratchpadBucketOf } from "./agent_step.ts";
 import { lazy } from "../retry.ts";
@@ -498,14 +498,32 @@ export function workStage(
     }
     llm = createLlmStep(p, id, step, opts.llm);
   }
-  const limiter = createStepLimiter(step.kind === "end" ? undefined : step.flow);
+  const flowOf = step.kind === "end" ? undefined : step.flow;
+  const batching = step.kind === "task" && step.flow?.batch && step.handleBatch
+    ? batchedLimits(step.flow)
+    : undefined;
+  // A batched step's limits without a key count its handleBatch calls, not items.
+  const limiter = createStepLimiter(batching ? batching.perItem : flowOf);
+  const callLimiter = batching ? createStepLimiter(batching.perCall) : undefined;
   const scratchpad = hasScratchpad(def) && opts.nc ? openScratchpad(opts.nc, def.name) : undefined;
   // A task with flow.batch: single calls gathered into handleBatch calls.
   const batched = step.kind === "task" && step.flow?.batch && step.handleBatch
     ? createBatcher(
       // In the order the stream holds them, whatever order their entry reads ended in.
       { ...step.flow.batch, order: (ctx: StepContext) => ctx.message.seq },
-      (values: unknown[], ctxs: StepContext[]) => step.handleBatch!(values, ctxs),
+      async (values: unknown[], ctxs: StepContext[]) => {
+        // Gives up waiting when any of its items' attempts does (the step stops, or an
+        // item's handler time runs out): each is retried, alone.
+        const release = await callLimiter!.acquire(
+          undefined,
+          AbortSignal.any(ctxs.map((c) => c.signal)),
+        );
+        try {
+          return await step.handleBatch!(values, ctxs);
+        } finally {
+          release();
+        }
+      },
     )
     : undefined;
   // A router with a prompt and an LLM endpoint: the model picks the label.
