@@ -65,7 +65,7 @@ interface StepBase {
   description?: string;
   /** Event type published when the step completes (`<pipeline>.<emits>.<item>`); defaults to the step id. */
   emits?: string;
-  /** Flow control; see {@link FlowControl}. */
+  /** Flow control of a work step (task, llm, agent, router); see {@link FlowControl}. */
   flow?: FlowControl;
   /** Processes running a work step (task, llm, agent, router), sharing its consumer. Default 1. */
   replicas?: number;

@@ -428,6 +428,18 @@ export function validatePipeline(spec: PipelineSpec): void {
           `lead it to the next step or to an end step`,
       );
     }
+    // A join, wait, delay or end runs no handler (the runtime's control service holds the
+    // item there): limits, batching and processes would be silently ignored.
+    for (const field of ["flow", "replicas"] as const) {
+      if (step[field] !== undefined && !WORK_KINDS.has(step.kind)) {
+        fail(
+          id,
+          "invalid_value",
+          `a ${step.kind} step runs no handler: ${field} applies to task, llm, agent and ` +
+            `router steps only`,
+        );
+      }
+    }
     if (step.durable !== undefined) {
       if (!WORK_KINDS.has(step.kind)) {
         fail(id, "invalid_value", `a ${step.kind} step has no consumer of its own to name`);

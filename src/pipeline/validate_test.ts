@@ -284,6 +284,26 @@ Deno.test("flow limits that would hold every call for ever, or limit nothing, ar
   definePipeline(withFlow({ concurrency: { limit: 5, key: "customer" } }));
 });
 
+Deno.test("flow or replicas on a step that runs no handler (join, wait, delay, end) is rejected naming it", () => {
+  // Found auditing issue 12: `flow: { concurrency: { limit: 1 } }` and `replicas: 3` on a
+  // wait, or a rate limit on a delay, were accepted and silently ignored (the runtime's
+  // control service holds items there, no handler runs).
+  const on = (step: string, extra: Record<string, unknown>): PipelineSpec => {
+    const s = base();
+    return { ...s, steps: { ...s.steps, [step]: { ...s.steps[step], ...extra } as never } };
+  };
+  assert.deepEqual(problemOf(on("approve", { flow: { concurrency: { limit: 1 } } })), [
+    "invalid_value",
+    "approve",
+  ]);
+  assert.deepEqual(problemOf(on("approve", { replicas: 3 })), ["invalid_value", "approve"]);
+  assert.deepEqual(problemOf(on("done", { flow: { rateLimit: { limit: 1, periodMs: 1 } } })), [
+    "invalid_value",
+    "done",
+  ]);
+  definePipeline(on("triage", { flow: { concurrency: { limit: 1 } }, replicas: 2 }));
+});
+
 Deno.test("endsApart finds a fan-out whose branches always end the item at two different ends", () => {
   const task = { kind: "task", output: obj, handle: (x: unknown) => x } as const;
   const spec = (steps: PipelineSpec["steps"]): PipelineSpec => ({
