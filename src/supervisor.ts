@@ -76,6 +76,7 @@ import {
   pipelineTopology,
   stepNet,
 } from "./pipeline/runtime.ts";
+import { checkDuplicateKeys } from "./pipeline/duplicate_keys.ts";
 import { metricsSubject, statusSubject } from "./observability/micro.ts";
 import { pipelineSubjects } from "./pipeline/derive.ts";
 import { scratchpadBucketOf } from "./pipeline/agent_step.ts";
@@ -1072,6 +1073,7 @@ export async function supervise(config: Config, log: Logger): Promise<void> {
   try {
     if (config.pipelines.length === 0) config = { ...config, pipelines: await listedPipelines() };
     loaded = await loadPipelines(config.pipelines, ROOT.pathname);
+    await checkDuplicateKeys(loaded, (f) => f.replace(ROOT.pathname, ""));
     checkHoldsWithinRetention(loaded, config.retentionMs);
     checkModelSteps(loaded, config.llmBaseUrl);
     mesh = withEdgeSites(meshServices(loaded), config.hub);
