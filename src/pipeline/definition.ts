@@ -230,10 +230,12 @@ export interface JoinStep extends StepBase {
 /** Pauses the item until an event arrives or the timeout passes. */
 export interface WaitStep extends StepBase {
   kind: "wait";
-  /** The awaited event type, `<pipeline>.<event>.<item>`, published over HTTP or NATS. */
+  /**
+   * The awaited event type, `<pipeline>.<event>.<item>`, published over HTTP or NATS: the
+   * item is the subject's last token (a callback names the item in the subject it publishes
+   * on; nothing in its body is read for that).
+   */
   event: string;
-  /** Dotted path in the awaited event that must equal the item id (default `item_id`). */
-  match?: string;
   /**
    * JSON Schema of the awaited event's body (e.g. a reviewer's decision). A body that fails
    * it is refused over HTTP (422 naming the field) and dead-lettered from the bus, and the

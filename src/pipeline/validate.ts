@@ -132,7 +132,6 @@ const STEP_FIELDS: { readonly [K in StepSpec["kind"]]: FieldsOf<K> } = (() => {
       ...base,
       kind: true,
       event: true,
-      match: true,
       schema: true,
       timeoutMs: true,
       onTimeout: true,

@@ -464,6 +464,16 @@ Deno.test("an unknown field of a step is rejected naming the step, the field and
   definePipeline(MODERATION_PIPELINE);
 });
 
+Deno.test("a wait's match (a field no part of the runtime reads) is rejected as an unknown field", () => {
+  // Found auditing issue 12: WaitStep declared `match` ("dotted path in the awaited event
+  // that must equal the item id") and definePipeline accepted it, but nothing read it: an
+  // awaited event always names its item in its subject, so a callback correlated by a body
+  // field, as `match` promised, decided no item.
+  const s = base();
+  (s.steps.approve as unknown as Record<string, unknown>).match = "order.id";
+  assert.deepEqual(problemOf(s), ["unknown_field", "approve"]);
+});
+
 Deno.test("an unknown field of a definition is rejected naming it and the likely one", () => {
   const s = { ...base(), loop: [{ from: "reply", to: "reply", maxIterations: 2 }] };
   const err = refusal(s as PipelineSpec);
