@@ -26,9 +26,9 @@ export function keyAt(doc: unknown, path: string | undefined): string {
 /** Limits applied around a handler call. */
 export interface StepLimiter {
   /**
-   * Waits for a slot, then for a token, for the item (the token is stamped when the call
-   * starts); returns the release of the slot. Rejects with `signal.reason` when the signal
-   * aborts while it waits.
+   * Waits for a token and a slot for the item (the token is stamped when the call starts,
+   * holding its slot; no slot is held while waiting for a token); returns the release of the
+   * slot. Rejects with `signal.reason` when the signal aborts while it waits.
    */
   acquire(input: unknown, signal: AbortSignal): Promise<() => void>;
   /**
@@ -77,42 +77,48 @@ export function createStepLimiter(
   return {
     keys: () => logs.size + slots.size,
     async acquire(input, signal) {
-      // The slot first, then the rate's token, stamped when the call starts: a token taken
-      // while the call still waited for a slot (as before) counted a start that came later,
-      // so calls held back by the concurrency limit started together with later ones, more
-      // than `limit` in a window (2 per second ran 4 within 502 ms).
-      const release = conc ? await takeSlot(keyAt(input, conc.key), signal) : () => {};
-      if (rate) {
-        try {
-          await takeToken(keyAt(input, rate.key), signal);
-        } catch (err) {
-          release();
-          throw err;
+      if (!rate) return conc ? await takeSlot(keyAt(input, conc.key), signal) : () => {};
+      // The rate's token is stamped when the call starts, once it holds its slot: a token
+      // taken while the call still waited for a slot counted a start that came later, so
+      // calls the slots held back started together with later ones, more than `limit` in a
+      // window (2 per second ran 4 within 502 ms). It waits for room in its key's log
+      // without a slot, so a key out of tokens holds no slot that another key could use.
+      const key = keyAt(input, rate.key);
+      sweep(clock.now());
+      let l = logs.get(key);
+      if (!l) logs.set(key, l = { times: [], busy: 0 });
+      l.busy++;
+      try {
+        for (;;) {
+          await roomIn(l, signal);
+          const release = conc ? await takeSlot(keyAt(input, conc.key), signal) : () => {};
+          const now = clock.now();
+          prune(l, now);
+          if (l.times.length < most) {
+            l.times.push(now);
+            return release;
+          }
+          release(); // the room went to another call while this one waited for its slot
         }
+      } finally {
+        l.busy--;
       }
-      return release;
     },
   };
 
-  async function takeToken(key: string, signal: AbortSignal): Promise<void> {
-    sweep(clock.now());
-    let l = logs.get(key);
-    if (!l) logs.set(key, l = { times: [], busy: 0 });
-    l.busy++;
-    try {
-      for (;;) {
-        signal.throwIfAborted();
-        const now = clock.now();
-        // Calls a whole period old limit nothing: a window of `period` ending now excludes them.
-        while (l.times.length > 0 && now - l.times[0]! >= period) l.times.shift();
-        if (l.times.length < most) {
-          l.times.push(now);
-          return;
-        }
-        await clock.sleep(l.times[0]! + period - now, signal);
-      }
-    } finally {
-      l.busy--;
+  /** Drops the calls a whole period old: a window of `period` ending now excludes them. */
+  function prune(l: { times: number[] }, now: number): void {
+    while (l.times.length > 0 && now - l.times[0]! >= period) l.times.shift();
+  }
+
+  /** Waits until the key's log has room for a call (takes none). */
+  async function roomIn(l: { times: number[] }, signal: AbortSignal): Promise<void> {
+    for (;;) {
+      signal.throwIfAborted();
+      const now = clock.now();
+      prune(l, now);
+      if (l.times.length < most) return;
+      await clock.sleep(l.times[0]! + period - now, signal);
     }
   }
 

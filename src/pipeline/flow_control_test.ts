@@ -268,6 +268,31 @@ Deno.test("a rate limit holds in every window when calls also wait for a concurr
   );
 });
 
+Deno.test("a call waiting for its key's rate token holds no concurrency slot another key could use", async () => {
+  // Taking the slot first and then waiting for the token (the first fix of the test above)
+  // let a customer out of tokens hold the step's only slot while another customer's call
+  // waited behind it.
+  const clock = manualClock();
+  const limiter = createStepLimiter(
+    { concurrency: { limit: 1 }, rateLimit: { limit: 1, periodMs: 1000, key: "customer" } },
+    clock,
+  );
+  const signal = new AbortController().signal;
+  (await limiter.acquire({ customer: "a" }, signal))();
+  let a2 = false;
+  const second = limiter.acquire({ customer: "a" }, signal).then((r) => (a2 = true, r));
+  await new Promise((r) => setTimeout(r, 0));
+  let b1 = false;
+  const other = limiter.acquire({ customer: "b" }, signal).then((r) => (b1 = true, r));
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(a2, false, "a's second call waits for its token");
+  assert.equal(b1, true, "b's call runs at once: a's waiting call holds no slot");
+  (await other)();
+  clock.advance(1000);
+  (await second)();
+  assert.equal(a2, true);
+});
+
 Deno.test("a fractional rate limit rounds down within the period (as a shadow's rps of 2.5), and one below 1 spaces calls out", async () => {
   const signal = new AbortController().signal;
   const twoAndAHalf = skippingClock();
