@@ -12,7 +12,7 @@ import { parseArgs } from "node:util";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { errors } from "@nats-io/nats-core";
-import { loadConfig } from "../src/config.ts";
+import { loadConfig, strayArguments, unknownFlags } from "../src/config.ts";
 import { ConfigError } from "../src/errors.ts";
 import { connectNats, permissionViolation, tlsCredentials } from "../src/nats.ts";
 import { loadPipelines, pipelineStateSpec } from "../src/pipeline/runtime.ts";
@@ -38,16 +38,45 @@ async function stateSpecOf(name: string, files: readonly string[]): Promise<Stat
   return pipelineStateSpec(loaded) as StateSpec<unknown>;
 }
 
+/** Its own flags, and the settings flags it reads (loadConfig). */
+const FLAGS = ["write", "pipeline", "nats-url", "log-level", "pipelines"];
+
+/**
+ * Refuses what it does not take, naming it (and the flag likely meant): a mistyped
+ * `--pipline orders` is not a rebuild of feedback, the default, nor `--pipeline` alone one of
+ * a pipeline named "true".
+ */
+function refuseArgs(args: readonly string[], pipeline: unknown): void {
+  const unknown = unknownFlags(args, FLAGS);
+  if (unknown.length > 0) {
+    throw new ConfigError(
+      `unknown flag${unknown.length > 1 ? "s" : ""}: ${unknown.join(", ")} ` +
+        "(it takes --pipeline NAME and --write)",
+    );
+  }
+  // (`--write` takes no value: what follows it is the next argument.)
+  const stray = strayArguments(args.filter((a) => a !== "--write"));
+  if (stray.length > 0) {
+    throw new ConfigError(
+      `unexpected argument${stray.length > 1 ? "s" : ""}: ${stray.join(" ")} ` +
+        "(a pipeline is named with --pipeline NAME)",
+    );
+  }
+  if (typeof pipeline !== "string") throw new ConfigError("--pipeline needs a pipeline's name");
+}
+
 if (import.meta.main) {
   const { values } = parseArgs({
     args: Deno.args,
     options: { write: { type: "boolean" }, pipeline: { type: "string", default: "feedback" } },
     strict: false,
   });
-  // Its own flags (--write, --pipeline) are not settings: loadConfig leaves them alone.
-  const config = loadConfig();
   let spec: StateSpec<unknown>;
+  let config: ReturnType<typeof loadConfig>;
   try {
+    refuseArgs(Deno.args, values.pipeline);
+    // Its own flags (--write, --pipeline) are not settings: loadConfig leaves them alone.
+    config = loadConfig();
     const files = config.pipelines.length > 0 ? config.pipelines : await listedPipelines();
     spec = await stateSpecOf(String(values.pipeline), files);
   } catch (err) {

@@ -165,3 +165,40 @@ Deno.test("deno task rebuild-state with no NATS at NATS_URL says so in one line,
   assert.match(output, /NATS_URL/);
   assert.doesNotMatch(output, /\n\s+at /, "no stack trace");
 });
+
+Deno.test("deno task rebuild-state refuses a flag or argument it does not take, naming it, before it reads anything", async () => {
+  // Nothing listens at NATS_URL: a run that went on would say so instead.
+  const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (held.addr as Deno.NetAddr).port;
+  held.close();
+  const env = { NATS_URL: `nats://127.0.0.1:${port}` };
+  const cases: [string[], RegExp][] = [
+    // A typo of --pipeline was a rebuild of feedback, the default (with --write, its bucket).
+    [
+      ["--pipline", "orders"],
+      /^rebuild-state: unknown flag: --pipline \(did you mean --pipeline\?\)/,
+    ],
+    [["--write", "--pipline", "orders"], /unknown flag: --pipline \(did you mean --pipeline\?\)/],
+    [["--frobnicate"], /^rebuild-state: unknown flag: --frobnicate/],
+    [
+      ["orders"],
+      /^rebuild-state: unexpected argument: orders \(a pipeline is named with --pipeline NAME\)/,
+    ],
+    [["--pipeline"], /^rebuild-state: --pipeline needs a pipeline's name/],
+  ];
+  for (const [flags, said] of cases) {
+    const { code, output } = await rebuildStateTask(env, undefined, flags);
+    assert.equal(code, 2, `${flags.join(" ")}: ${output}`);
+    assert.match(output, said, flags.join(" "));
+    assert.doesNotMatch(output, /no NATS server answers/, `${flags.join(" ")}: read nothing`);
+    assert.equal(output.trim().split("\n").length, 1, `${flags.join(" ")}: one line`);
+  }
+  // What it takes still runs (and then finds no NATS there).
+  for (
+    const flags of [["--write"], ["--write", "--pipeline", "feedback"], ["--pipeline=content"]]
+  ) {
+    const { code, output } = await rebuildStateTask(env, undefined, flags);
+    assert.equal(code, 2, output);
+    assert.match(output, /no NATS server answers/, flags.join(" "));
+  }
+});
