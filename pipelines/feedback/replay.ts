@@ -77,12 +77,15 @@ export interface ShadowReport {
   candidateMs: { p50: number; p99: number; itemsPerSecond: number };
   /** LLM tokens and cost, when the candidate calls one. */
   llm?: Pick<LlmStatsSnapshot, "calls" | "total_tokens" | "cost_usd">;
-  /** With labelled rows: each side's accuracy on the items they cover. */
+  /**
+   * With labelled rows: each side's accuracy on the items they cover (matched by text); null
+   * when no item replayed is in the labels, rather than an accuracy of 0 on nothing.
+   */
   labelled?: {
     task: "sentiment" | "topics";
     items: number;
-    productionAccuracy: number;
-    candidateAccuracy: number;
+    productionAccuracy: number | null;
+    candidateAccuracy: number | null;
   };
 }
 
@@ -148,8 +151,8 @@ export function shadowReport(
     report.labelled = {
       task,
       items: n,
-      productionAccuracy: n ? prod / n : 0,
-      candidateAccuracy: n ? cand / n : 0,
+      productionAccuracy: n ? prod / n : null,
+      candidateAccuracy: n ? cand / n : null,
     };
   }
   return report;
@@ -289,11 +292,16 @@ export function formatShadowReport(r: ShadowReport): string {
       `llm: ${r.llm.calls} calls, ${r.llm.total_tokens} tokens, $${r.llm.cost_usd.toFixed(4)}`,
     );
   }
-  if (r.labelled) {
+  const l = r.labelled;
+  if (l && l.productionAccuracy !== null && l.candidateAccuracy !== null) {
     lines.push(
-      `labelled (${r.labelled.task}, ${r.labelled.items} items): production ${
-        pct(r.labelled.productionAccuracy)
-      }, candidate ${pct(r.labelled.candidateAccuracy)}`,
+      `labelled (${l.task}, ${l.items} items): production ${pct(l.productionAccuracy)}, ` +
+        `candidate ${pct(l.candidateAccuracy)}`,
+    );
+  } else if (l) {
+    lines.push(
+      `labelled (${l.task}): none of the ${r.items} items replayed is in the labels file ` +
+        "(a row labels the item whose text it holds, exactly): no accuracy to report",
     );
   }
   return lines.join("\n");

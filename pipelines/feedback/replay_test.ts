@@ -38,3 +38,34 @@ Deno.test("the report lists the items whose team would change, and reads as text
   assert.match(text, /routing changes: 1 of 2/);
   assert.match(text, /1: Tech -> Billing {2}"slow app"/);
 });
+
+Deno.test("shadowReport() with labels that match no item reports no accuracy, not 0% of nothing", () => {
+  const production = [
+    { item: "1", time: "t", text: "slow app", sentiment: "negative", topics: [], team: "Tech" },
+  ];
+  const decided = [{ sentiment: "neutral", topics: [], team: "Tech", ms: 1 }];
+  const none = shadowReport("candidate", production, decided, {
+    labels: { task: "sentiment", byText: new Map([["another text", "negative"]]) },
+  });
+  assert.deepEqual(none.labelled, {
+    task: "sentiment",
+    items: 0,
+    productionAccuracy: null,
+    candidateAccuracy: null,
+  });
+  const text = formatShadowReport(none);
+  assert.doesNotMatch(text, /production 0\.0%/);
+  assert.match(text, /labelled \(sentiment\): none of the 1 items replayed is in the labels file/);
+  // One that matches is scored as before.
+  const one = shadowReport("candidate", production, decided, {
+    labels: { task: "sentiment", byText: new Map([["slow app", "negative"]]) },
+  });
+  assert.deepEqual(
+    { ...one.labelled },
+    { task: "sentiment", items: 1, productionAccuracy: 1, candidateAccuracy: 0 },
+  );
+  assert.match(
+    formatShadowReport(one),
+    /labelled \(sentiment, 1 items\): production 100\.0%, candidate 0\.0%/,
+  );
+});
