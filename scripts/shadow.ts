@@ -231,29 +231,46 @@ type Nats = Awaited<ReturnType<typeof connectNats>>;
  * What the shadow service says of the shadows it hosts, by id, or undefined when no shadow
  * service answers (it starts with the first live shadow).
  */
-async function hostedShadows(
-  nc: Nats,
-): Promise<Record<string, { up?: boolean; error?: string }> | undefined> {
+async function hostedShadows(nc: Nats): Promise<Record<string, HostedShadow> | undefined> {
   try {
     const m = await nc.request(statusSubject("shadow"), "", { timeout: 3_000 });
-    return m.json<{ shadows?: Record<string, { up?: boolean; error?: string }> }>().shadows ?? {};
+    return m.json<{ shadows?: Record<string, HostedShadow> }>().shadows ?? {};
   } catch {
     return undefined;
   }
 }
 
+/** What the shadow service says of a shadow it hosts (src/shadow/host.ts, `stats`). */
+interface HostedShadow {
+  up?: boolean;
+  error?: string;
+  /** Its candidate (`llm:<model>@<prompt>`, ...) and step (`<pipeline>.<step>`). */
+  candidate?: string;
+  step?: string;
+  /** Items its candidate failed on, and those its budget kept from the model. */
+  failed?: number;
+  over_budget?: number;
+}
+
 /**
- * What the shadow service says of shadow `id` when it does not run (it failed to start, or
- * no shadow service answers), or undefined when it runs.
+ * What the shadow service says of shadow `id` when it has decided nothing: it does not run
+ * (it failed to start, or no shadow service answers), or it runs and its candidate failed on
+ * every item it took; undefined when it runs and has simply taken none yet.
  */
 function shadowStatus(
-  hosted: Record<string, { up?: boolean; error?: string }> | undefined,
+  hosted: Record<string, HostedShadow> | undefined,
   id: string,
 ): string | undefined {
   if (!hosted) return "no shadow service answered (it starts with the first live shadow)";
   const one = hosted[id];
   if (!one) return "not running (no shadow service hosts it: attached? see deno task shadow list)";
   if (one.up === false) return `not running: ${one.error ?? "it did not start"}`;
+  const failed = one.failed ?? 0, over = one.over_budget ?? 0;
+  if (failed + over > 0) {
+    return `running, but its candidate decided none of the ${failed + over} items it took ` +
+      `(${failed} failed, ${over} over its budget): the shadow service logs each failure ` +
+      `with its error ("shadow decision failed")`;
+  }
   return undefined;
 }
 
@@ -345,6 +362,16 @@ async function report(args: string[]): Promise<number> {
       decisions.length === 0 && await attachment(nc, config.shadows, hosted, id) === "none"
     ) {
       throw noSuchShadow(id);
+    }
+    // No decision to name them: the shadow service knows its candidate and step.
+    const live = hosted?.[id];
+    if (r.items === 0 && live?.candidate && live.step) {
+      const dot = live.step.indexOf(".");
+      Object.assign(r, {
+        candidate: live.candidate,
+        pipeline: live.step.slice(0, dot),
+        step: live.step.slice(dot + 1),
+      });
     }
     say(formatLiveShadowReport(r));
     if (values.out) {

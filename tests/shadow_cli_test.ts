@@ -271,3 +271,49 @@ Deno.test("deno task shadow report of an id no shadow has says so in one line, e
   assert.match(quiet.stderr, /^shadow quiet: (not running|no shadow service answered)/m);
   assert.doesNotMatch(quiet.stderr, /no shadow "quiet"/);
 });
+
+Deno.test("deno task shadow report of a running shadow whose candidate failed on every item says so on stderr, naming its candidate and step", async () => {
+  // The model answers no sentiment at all: every decision fails after its repair.
+  const llm = startFakeOpenAI(() => chat({ nope: 1 }));
+  try {
+    await using mesh = await startMesh({
+      ...ONE_PROCESS,
+      WEFT_LLM_BASE_URL: llm.baseUrl,
+      WEFT_LLM_MODEL: "m",
+      WEFT_LLM_API_KEY: "test-key",
+      WEFT_SHADOW: JSON.stringify({
+        id: "broken",
+        step: "sentiment",
+        candidate: { analyzers: "llm" },
+      }),
+    });
+    await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+    await mesh.waitForLog(
+      (l) => l.msg === "shadow started" && l.shadow === "broken",
+      30_000,
+      "the shadow to start",
+    );
+    const posted = await fetch(`${mesh.gatewayUrl}/feedback`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ text: "The export crashes every time" }),
+    });
+    assert.equal(posted.status, 202, await posted.text());
+    await mesh.waitForLog(
+      (l) => l.msg === "shadow decision failed" && l.shadow === "broken",
+      60_000,
+      "the candidate to fail on the item",
+    );
+    const env = { NATS_URL: mesh.natsUrl, WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile! };
+    const r = await shadow(["report", "broken"], env);
+    assert.equal(r.code, 1, r.stderr + r.stdout);
+    // Its empty report names what it runs, as one with decisions does.
+    assert.match(r.stdout, /^== live shadow broken: llm:m\S* on feedback\.sentiment, 0 items/m);
+    assert.match(
+      r.stderr,
+      /^shadow broken: running, but its candidate decided none of the 1 items it took \(1 failed, 0 over its budget\)/m,
+    );
+  } finally {
+    await llm.close();
+  }
+});
