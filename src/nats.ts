@@ -85,7 +85,14 @@ export async function connectNats(
       // Missing, or where the task may not read (a stack trace said only "NotCapable").
       throw new ConfigError(
         `WEFT_NATS_NKEY: cannot read the key file ${file} (${err.name}: ${err.message}); ` +
-          `keys live under data/identities/, the one folder the tasks may read keys from`,
+          (err.name === "NotCapable"
+            // A mesh started with WEFT_NATS_DIR keeps its keys under it, where the service
+            // tasks' --allow-read does not reach.
+            ? "a service task reads keys only from data/identities/: a mesh started with " +
+              "WEFT_NATS_DIR=<dir> keeps them in <dir>/data/identities/, so copy the key into " +
+              "data/identities/ (mode 0600) and point WEFT_NATS_NKEY there"
+            : "deno task start makes the keys in data/identities/ (under WEFT_NATS_DIR when " +
+              "set), the one folder the service tasks may read keys from"),
         { cause: err },
       );
     })).trim();

@@ -9,6 +9,7 @@ import { createLogger } from "../src/observability/log.ts";
 import { ensureIdentities, type Identity } from "../src/identities.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 import { ConfigError } from "../src/errors.ts";
+import { meshTempDir, removedAtEnd, taskArgs } from "./helpers/mesh.ts";
 
 Deno.test("a refused connection rejects, and leaves no uncaught socket error behind", async () => {
   const dir = await Deno.makeTempDir({ prefix: "weft-connect-" });
@@ -101,6 +102,39 @@ Deno.test("a key file that cannot be read is a configuration error naming it and
       return true;
     },
   );
+});
+
+Deno.test("a service task given a key of a mesh started with WEFT_NATS_DIR says where it may read keys and what to do, in one line", async () => {
+  // `deno task start` with WEFT_NATS_DIR=data/<dir> writes its keys to data/<dir>/data/identities/,
+  // which a service task's --allow-read=data/identities does not reach.
+  const dir = await meshTempDir("weft-keydir-");
+  await using _dir = removedAtEnd(dir);
+  const root = new URL("../", import.meta.url).pathname;
+  await ensureIdentities(`${dir}/data/identities`, ["sentiment"]);
+  const key = `${dir.slice(root.length)}/data/identities/sentiment.nk`;
+  const out = await new Deno.Command("deno", {
+    args: await taskArgs("sentiment"),
+    cwd: root,
+    env: {
+      NATS_URL: `nats://127.0.0.1:${freePort()}`,
+      WEFT_NATS_NKEY: key,
+      WEFT_ENSURE_TOPOLOGY: "false",
+    },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const said = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1, said);
+  const refused = said.split("\n").filter((l) => l.includes("start refused"));
+  assert.equal(refused.length, 1, said);
+  const message: string = JSON.parse(refused[0]!).err.message;
+  assert.match(
+    message,
+    new RegExp(`cannot read the key file ${key.replaceAll(".", "\\.")} \\(NotCapable`),
+  );
+  assert.match(message, /a service task reads keys only from data\/identities\//);
+  assert.match(message, /WEFT_NATS_DIR=<dir> keeps them in <dir>\/data\/identities\//);
+  assert.match(message, /copy the key into data\/identities\/ \(mode 0600\)/);
 });
 
 Deno.test("start-up work whose JetStream request a stalled server leaves unanswered is tried again until it answers; other errors are not", async () => {
