@@ -456,6 +456,72 @@ Deno.test("a decision that came before its wait is not taken when the item has f
   assert.deepEqual(decided.map((e) => e.type), ["approvals.approval", "approvals.done"]);
 });
 
+Deno.test("a branch a redrive runs after its join's deadline passed while the item was failed completes the join (not its deadline's outcome)", async () => {
+  // Found by a new user's probe: a fan-out's llm branch failed the item (its join's other
+  // input in), the join's deadline passed while the item was failed (its timer put off), and
+  // the branch's letter was redriven: the branch ran and stored its completion, after the
+  // deadline, so the join took it for a late input and the next firing ended the item at
+  // `late` with both branches' results in its state (unless a hand-over's copy, a race,
+  // got there first: then `done`).
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([checks], t.config.retentionMs));
+  const js = jetstream(t.nc);
+  const split = completed(checks, "split", "it20", "2026-01-01T00:00:00.000Z");
+  await js.publish("checks.split.it20", JSON.stringify(split));
+  const fraud = completed(checks, "fraud", "it20", "2026-01-01T00:00:01.000Z");
+  assert.deepEqual(await deliver(t, checks, fraud, 2, "2026-01-01T00:00:01.010Z"), []);
+  await failItem(t, checks, "it20", "checks.split.it20", split.id); // stock gave up on split
+  const [deadline] = await timers(t);
+  const fired = await js.publish("checks._timer.it20", JSON.stringify(deadline!.payload));
+  assert.deepEqual(
+    await deliver(t, checks, deadline!.payload as never, fired.seq, "2026-01-01T00:01:01.000Z"),
+    [],
+    "put off: the item has failed",
+  );
+  // The redrive stores split again: the item resumes, and stock runs and completes after
+  // the deadline.
+  await js.publish("checks.split.it20", JSON.stringify(split));
+  const stock = completed(checks, "stock", "it20", "2026-01-01T00:01:30.000Z");
+  const stored = await js.publish("checks.stock.it20", JSON.stringify(stock));
+  const out = await deliver(t, checks, stock, stored.seq, "2026-01-01T00:01:30.010Z");
+  assert.deepEqual(out.map((e) => e.type), ["checks.both", "checks.done"]);
+});
+
+Deno.test("a decision sent again after a redrive resumed an item whose wait's deadline passed while it was failed is taken (not its timeout)", async () => {
+  // docs/PIPELINES.md: a decision refused while the item has failed "can be sent or redriven
+  // again" once a redrive resumed it. Sent after the deadline (which passed while the item was
+  // failed, its timer put off), it was taken for one stored after the deadline's timer and
+  // changed nothing: the next firing timed the item out.
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([approvals], t.config.retentionMs));
+  const js = jetstream(t.nc);
+  await submitItem(t.nc, approvals, "it21", {}, { source: "test", traceId: TRACE });
+  const check = completed(approvals, "check", "it21", "2026-01-01T00:00:01.000Z");
+  assert.deepEqual(await deliver(t, approvals, check, 2, "2026-01-01T00:00:01.010Z"), []);
+  await failItem(t, approvals, "it21", "approvals.other.it21", "other-it21");
+  const [deadline] = await timers(t);
+  const fired = await js.publish("approvals._timer.it21", JSON.stringify(deadline!.payload));
+  assert.deepEqual(
+    await deliver(t, approvals, deadline!.payload as never, fired.seq, "2026-01-01T00:01:01.000Z"),
+    [],
+    "put off: the item has failed",
+  );
+  const [postponed] = (await timers(t)).filter((s) => s.id !== deadline!.id);
+  await js.publish("approvals.other.it21", JSON.stringify({ id: "other-it21" })); // the redrive
+  // The decision, sent again now that the item runs: stored after the deadline and its timer.
+  const payload = { approve: true };
+  const sent = await js.publish("approvals.approved.it21", JSON.stringify(payload));
+  const decision = { type: "approvals.approved", item_id: "it21", ...payload };
+  const taken = await deliver(t, approvals, decision, sent.seq, "2026-01-01T00:01:40.000Z");
+  assert.deepEqual(taken.map((e) => e.type), ["approvals.approval", "approvals.done"]);
+  // Its put-off timer, firing later, changes nothing.
+  const later = await js.publish("approvals._timer.it21", JSON.stringify(postponed!.payload));
+  assert.deepEqual(
+    await deliver(t, approvals, postponed!.payload as never, later.seq, postponed!.at!),
+    [],
+  );
+});
+
 Deno.test("a branch reaching an end while another branch's failure holds the item is kept as a dead letter, not stored as an outcome after the failure", async () => {
   // Seen in review: in a fan-out with no join, one branch failed (the item `failed`) and the
   // other then reached its end: a failure and an outcome stored for one item, and the live

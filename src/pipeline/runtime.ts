@@ -855,6 +855,12 @@ interface Held {
   armed?: { data: FlowData; cause: { id: string; trace_id: string }; due?: string };
   /** Wait: the awaited event's payload, when it came (possibly before the arming). */
   received?: unknown;
+  /**
+   * Join, wait: its deadline passed while the item had failed, so its timer was put off (the
+   * next firing after a redrive decides): an input or decision stored after the deadline
+   * still counts until then.
+   */
+  postponed?: boolean;
   /** How it ended: completed, or its deadline won. */
   closed?: "done" | "timed_out";
   /** The stream sequence of the message that closed it, and what it published. */
@@ -1141,7 +1147,7 @@ export function controlStage(
             return { out: { events: [], openedAt: undefined, ahead: rec.iter } };
           }
           const cur: Held = rec && rec.iter === iter ? structuredClone(rec) : { iter, arrived: {} };
-          if (timely && cur.openedAt !== undefined) {
+          if (timely && cur.openedAt !== undefined && !cur.postponed) {
             // An input stored after the deadline changes nothing, whichever the control step
             // took first (found by probing: after a kill of the control step, the inputs and
             // the deadline's timer waited together, and a branch stored seconds after the
@@ -1310,6 +1316,9 @@ export function controlStage(
     if (s?.kind !== "wait") return false;
     const rec = heldOf(await (await heldKv()).get(`${t}.${item}`));
     if (!rec?.armed || rec.closed || rec.received !== undefined) return false;
+    // Its deadline passed while the item had failed: the timer decided nothing then, and
+    // the first firing after the item resumed takes a decision stored before it.
+    if (rec.postponed) return false;
     const due = rec.armed.due ? Date.parse(rec.armed.due) : NaN;
     // A decision stored by the deadline wins (decidedInTime), whichever is taken first.
     if (Number.isNaN(due) || !(storedAt > due)) return false;
@@ -1396,6 +1405,19 @@ export function controlStage(
     }
     const emit = { source: ctx.source, now: ctx.now() };
     if (await failedNow(e.item_id)) {
+      if (s.kind === "join" || s.kind === "wait") {
+        // Recorded first: the deadline did not decide, so what the item's resumed run stores
+        // after it (the failed branch's completion, a decision sent again) counts.
+        const round = carry.runs[t] ?? 0;
+        await updateHeld(
+          await heldKv(),
+          `${t}.${e.item_id}`,
+          (rec) =>
+            rec && rec.iter === round && !rec.closed && !rec.postponed
+              ? { rec: { ...rec, postponed: true }, out: null }
+              : { out: null },
+        );
+      }
       await postpone(
         e,
         s.kind === "join"
