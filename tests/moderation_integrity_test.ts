@@ -369,6 +369,15 @@ Deno.test("claims and decisions require a JSON content type: a cross-site form (
   const ok = await form(`/reviews/${id}/claim`, '{"reviewer":"carol"}', "application/json");
   assert.equal(ok.status, 200, await ok.clone().text());
   await ok.body?.cancel();
+  // A decision, too, names its reviewer with auth off (README, docs/MODERATION.md).
+  const unnamed = await form(
+    `/reviews/${id}/decision`,
+    '{"decision":"reject","reason":"insults"}',
+    "application/json",
+  );
+  assert.equal(unnamed.status, 422, "auth off: the decision's reviewer is required");
+  assert.equal((await unnamed.json()).field, "/reviewer");
+  assert.deepEqual(await m.events("decided", id), [], "no decision");
 });
 
 Deno.test("a claim refuses a field it does not take, and a reviewer that is not a string, with 422 naming it, over HTTP and weft.reviews.claim alike", async () => {
