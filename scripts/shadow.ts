@@ -217,8 +217,20 @@ async function control(verb: string, args: string[]): Promise<number> {
       timeout: 10_000,
       headers: h,
     });
-    const value = reply.json<{ error?: { detail?: string } }>();
+    const value = reply.json<{ error?: { detail?: string; status?: number } }>();
     say(JSON.stringify(value, null, 2), value?.error ? Deno.stderr : Deno.stdout);
+    if (value?.error?.status === 401) {
+      // The mesh has API keys: say where this command takes one (the problem names only the
+      // request's Authorization header, which a command-line user never sees).
+      say(
+        key
+          ? "shadow: the key in --key or WEFT_API_KEY is none of the mesh's API keys " +
+            "(WEFT_API_KEYS): give an admin key"
+          : "shadow: the mesh has API keys (WEFT_API_KEYS): give an admin key in " +
+            "WEFT_API_KEY or --key KEY",
+        Deno.stderr,
+      );
+    }
     return value?.error ? 1 : 0;
   } finally {
     await nc.close();

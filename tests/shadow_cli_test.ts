@@ -317,3 +317,33 @@ Deno.test("deno task shadow report of a running shadow whose candidate failed on
     await llm.close();
   }
 });
+
+Deno.test("deno task shadow's live commands against a mesh with API keys say where the key goes when none, or no known one, is given", async () => {
+  const key = "shadow-cli-admin-key";
+  const hex = (b: ArrayBuffer) =>
+    [...new Uint8Array(b)].map((x) => x.toString(16).padStart(2, "0")).join("");
+  const sha256 = hex(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(key)));
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    WEFT_API_KEYS: JSON.stringify([{ sha256, role: "admin", name: "lead" }]),
+  });
+  await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
+  const env = { NATS_URL: mesh.natsUrl, WEFT_NATS_NKEY: mesh.credentials("ops").nkeySeedFile! };
+  const none = await shadow(["list"], env);
+  assert.equal(none.code, 1, none.stderr + none.stdout);
+  assert.match(none.stderr, /"status": 401/);
+  assert.match(
+    none.stderr,
+    /^shadow: the mesh has API keys \(WEFT_API_KEYS\): give an admin key in WEFT_API_KEY or --key KEY$/m,
+  );
+  const wrong = await shadow(["list", "--key", "not-a-key"], env);
+  assert.equal(wrong.code, 1, wrong.stderr + wrong.stdout);
+  assert.match(
+    wrong.stderr,
+    /^shadow: the key in --key or WEFT_API_KEY is none of the mesh's API keys/m,
+  );
+  const right = await shadow(["list"], { ...env, WEFT_API_KEY: key });
+  assert.equal(right.code, 0, right.stderr + right.stdout);
+  assert.doesNotMatch(right.stderr, /API keys/);
+  assert.deepEqual(JSON.parse(right.stdout).shadows, []);
+});
