@@ -70,7 +70,7 @@ export function createLlmStep(
       // retrying would pay for the same answer again. No JSON at all is retried.
       if (err instanceof LlmInvalidOutputError && err.retryable === false) {
         throw new ValidationError(`llm step ${id}: ${err.message}`, {
-          field: "/",
+          field: err.field ?? "/",
           permanent: true,
           cause: err,
         });

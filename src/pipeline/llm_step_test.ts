@@ -91,6 +91,8 @@ Deno.test("an llm step's answer of the wrong shape after its repair fails for go
       assert.equal(err.code, "invalid_field");
       assert.equal(err.permanent, true, "not retried: the same answer would be paid for again");
       assert.match(err.message, /llm step triage: triage output still invalid after one repair/);
+      // The field at fault, as an agent's wrong answer names it (it was "/", the whole answer).
+      assert.equal(err.field, "/urgent");
       return true;
     });
     assert.equal(llm.requests.length, 2, "the answer and its repair");

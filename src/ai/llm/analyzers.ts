@@ -378,7 +378,11 @@ export function createLlmAnalyzer<P, R>(
             // model's answer to this input.
             throw new LlmInvalidOutputError(
               `${spec.kind} output still invalid after one repair: ${checked.error}`,
-              { usage: spent, retryable: checked.reason === "json" },
+              {
+                usage: spent,
+                retryable: checked.reason === "json",
+                ...(checked.field ? { field: checked.field } : {}),
+              },
             );
           }
           repaired = true;

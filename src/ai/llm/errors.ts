@@ -87,6 +87,8 @@ export interface LlmErrorDetails {
   retryable?: boolean;
   /** Tokens already spent before the failure (e.g. an invalid answer and its repair). */
   usage?: LlmUsage;
+  /** An answer of the wrong shape: the JSON pointer of its first field at fault. */
+  field?: string;
 }
 
 /**
@@ -193,10 +195,13 @@ export class LlmHttpError extends LlmError {
  * ```
  */
 export class LlmInvalidOutputError extends LlmError {
+  /** A wrong shape (not retryable): the JSON pointer of the answer's first field at fault. */
+  readonly field?: string;
   /** Creates the error; `details.cause` becomes the standard `cause`. */
   constructor(message: string, details: LlmErrorDetails = {}) {
     super("invalid_output", message, details);
     this.name = "LlmInvalidOutputError";
+    this.field = details.field;
   }
 }
 

@@ -27,6 +27,8 @@ export type OutputCheck<T> =
     error: string;
     /** `"json"`: not parseable; `"schema"`: parsed but does not match. */
     reason: "json" | "schema";
+    /** A wrong shape: the JSON pointer of the answer's first field at fault (`/` for all). */
+    field?: string;
   };
 
 /**
@@ -73,6 +75,7 @@ export function createOutputValidator<T>(schema: Record<string, unknown>): Outpu
         ok: false,
         reason: "schema",
         error: `nests deeper than ${MAX_DEPTH} levels`,
+        field: "/",
       };
     }
     // A lone UTF-16 surrogate in a string (`"\ud83d"`, which JSON.parse takes) would ride on
@@ -84,10 +87,26 @@ export function createOutputValidator<T>(schema: Record<string, unknown>): Outpu
         ok: false,
         reason: "schema",
         error: `does not match the schema: ${ajv.errorsText(validate.errors, { dataVar: "$" })}`,
+        field: fieldOf(validate.errors?.[0]),
       };
     }
     return { ok: true, value: value as T };
   };
+}
+
+/**
+ * The JSON pointer of the field an Ajv error is about: its instance path, and for a missing or
+ * unknown property that property (`/label` for "must have required property 'label'").
+ */
+function fieldOf(
+  e: { instancePath: string; params: Record<string, unknown> } | undefined,
+): string {
+  if (!e) return "/";
+  const name = e.params.missingProperty ?? e.params.additionalProperty;
+  const path = typeof name === "string"
+    ? `${e.instancePath}/${name.replaceAll("~", "~0").replaceAll("/", "~1")}`
+    : e.instancePath;
+  return path || "/";
 }
 
 /** `value` with every string (keys included) well-formed UTF-16 (depth already bounded). */

@@ -32,3 +32,25 @@ Deno.test("a lone surrogate in an answer's strings is replaced with U+FFFD, so e
   assert.equal(v.sender, "a\ufffd");
   assert.equal(v.ok, "\u{1f600}", "a whole pair stays as it is");
 });
+
+Deno.test("createOutputValidator() names the field a wrong shape is at fault in, as a JSON pointer", () => {
+  const check = createOutputValidator({
+    type: "object",
+    required: ["label"],
+    properties: { label: { type: "string" }, tags: { type: "array", items: { type: "string" } } },
+    additionalProperties: false,
+  });
+  const fieldOf = (content: string) => {
+    const r = check(content);
+    assert.equal(r.ok, false, content);
+    return r.ok ? undefined : r.field;
+  };
+  assert.equal(fieldOf('{"label": 5}'), "/label");
+  assert.equal(fieldOf("{}"), "/label", "a missing property is named");
+  assert.equal(fieldOf('{"label": "x", "tags": ["a", 2]}'), "/tags/1");
+  assert.equal(fieldOf('{"label": "x", "a/b": 1}'), "/a~1b", "an unknown one too, escaped");
+  assert.equal(fieldOf("[]"), "/", "the whole answer");
+  const noJson = check("not json");
+  assert.equal(noJson.ok, false);
+  assert.equal(noJson.ok ? "" : noJson.field, undefined, "no JSON: no field");
+});
