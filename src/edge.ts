@@ -41,7 +41,7 @@ import { IDENTITY_DIR, type Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
 import { readStream } from "./stream_reader.ts";
-import { decodeStateEvent, startsNoItem, type StateSpec } from "./state_writer.ts";
+import { decodeStateEvent, foldLed, startsNoItem, type StateSpec } from "./state_writer.ts";
 import { DEADLETTER_STREAM, DIGEST_STREAM } from "./subjects.ts";
 import type { PipelineWiring } from "./wiring.ts";
 import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
@@ -931,7 +931,8 @@ export async function siteItem<S>(
     // own sequence counts the site's other streams' messages too (its digests, dead letters).
     // (A message not sourced, which no site stream at a hub holds, keeps the hub's.)
     const origin = sourcedFrom(m.headers?.get(STREAM_SOURCE_HEADER));
-    state = spec.apply(state, event, origin?.seq ?? m.seq);
+    // Nor an event the item's history does not lead to (the site dead-letters it).
+    state = foldLed(spec, state, event, origin?.seq ?? m.seq);
   }
   if (state === undefined) {
     throw new NotFoundError(`no ${what} ${id} from site ${site}`, { field: "id" });

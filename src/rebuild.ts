@@ -20,8 +20,8 @@ export interface Rebuilt<S> {
   /** Events folded. */
   events: number;
   /**
-   * Messages skipped as invalid, or as the first of an item that never entered (they are
-   * dead-lettered, never folded, live either).
+   * Messages skipped as invalid, as the first of an item that never entered, or as an event
+   * the item's history does not lead to (they are dead-lettered, never folded, live either).
    */
   skipped: number;
 }
@@ -68,6 +68,11 @@ export async function rebuildStates<S>(
     if (
       state === undefined && startsNoItem(spec, event) && whole && !entered.has(event.item_id)
     ) {
+      skipped++;
+      continue;
+    }
+    // Nor an event the item's history does not lead to (the writer dead-letters it, `conflict`).
+    if (state !== undefined && spec.refuses?.(state, event, m.seq) !== undefined) {
       skipped++;
       continue;
     }

@@ -679,9 +679,11 @@ async function outcomeTaken(
   stream: string,
   outputs: OutputEvent[],
   outcomes: ReadonlySet<string>,
-): Promise<{ taken: { type: string; seq: number; raw: unknown }[]; stored: OutputEvent[] }> {
+  /** Whether a stored outcome is the item's (`Stage.holdsOutcome`); by default every one is. */
+  holds?: (item: string, held: { type: string; seq: number }) => Promise<boolean>,
+): Promise<{ taken?: { type: string; seq: number }; stored: OutputEvent[] }> {
   const mine = outputs.filter((e) => outcomes.has(e.type));
-  if (mine.length === 0) return { taken: [], stored: [] };
+  if (mine.length === 0) return { stored: [] };
   const byId = new Map(mine.map((e) => [e.id, e]));
   const item = mine[0]!.item_id;
   // A lookup that cannot tell throws: the message is retried like any failed publish.
@@ -689,10 +691,13 @@ async function outcomeTaken(
     const last = await lastOn(jsm, stream, eventSubject(type, item));
     if (!last) return undefined;
     const own = byId.get(last.header.get("Nats-Msg-Id"));
-    return own ? { own } : { taken: { type, seq: last.seq, raw: tryDecode(last.data) } };
+    if (own) return { own };
+    // One its history does not lead to is not the item's: it takes nothing.
+    if (holds && !(await holds(item, { type, seq: last.seq }))) return undefined;
+    return { taken: { type, seq: last.seq } };
   }));
   return {
-    taken: found.flatMap((f) => (f?.taken ? [f.taken] : [])),
+    taken: found.find((f) => f?.taken)?.taken,
     stored: found.flatMap((f) => (f?.own ? [f.own] : [])),
   };
 }
@@ -1498,15 +1503,16 @@ export async function runStage<I extends StageInput>(
         ? await alreadyStored(jsm, stream, outputs)
         : new Set<OutputEvent>();
       const checkOutcome = async () => {
-        const found = await outcomeTaken(jsm, stream, outputs, stage.outcomes!);
+        const found = await outcomeTaken(
+          jsm,
+          stream,
+          outputs,
+          stage.outcomes!,
+          stage.holdsOutcome && ((item, held) => stage.holdsOutcome!(item, held)),
+        );
         // A second outcome (a forged or repeated decision, another branch's end): the item
-        // keeps its first. (Not one its state refuses: a forged end for an item not there.)
-        for (const taken of found.taken) {
-          if (stage.storedStands && !(await stage.storedStands(outputs[at]!.item_id, taken))) {
-            continue;
-          }
-          throw new OutcomeTaken(taken.type, taken.seq);
-        }
+        // keeps its first.
+        if (found.taken) throw new OutcomeTaken(found.taken.type, found.taken.seq);
         for (const e of found.stored) skip.add(e); // this message's own, stored before
       };
       if (stage.outcomes && outcome) await checkOutcome();

@@ -154,17 +154,24 @@ export interface Stage<I extends StageInput = StageInput> {
    */
   outcomes?: ReadonlySet<string>;
   /**
-   * Whether an event stored for the item (`type` at stream sequence `seq`, its body `raw`),
-   * found where the item's own would go (an outcome, as {@link outcomes} checks it, or an
-   * event of {@link once}), is one its state takes: false for one the item's history does not
-   * lead to (a step's key publishing its event, or an end, for an item not at its step, which
-   * the state refuses), so the item's own is still published after it. Without it, every
-   * stored one counts.
+   * Whether an event of {@link once} stored for the item (`type` at stream sequence `seq`,
+   * its body `raw`), found where the item's own would go, is one its state takes: false for
+   * one the item's history does not lead to (a step's key publishing its event for an item
+   * not at its step, which the state refuses), so the item's own is still published after it.
+   * Without it, every stored one counts.
    */
   storedStands?(
     item: string,
     stored: { type: string; seq: number; raw: unknown },
   ): Promise<boolean>;
+  /**
+   * Whether an outcome stored for `item` (one of `outcomes`: `held.type` at stream sequence
+   * `held.seq`) is the item's, its history leading there. One that is not (published with a
+   * step's key for an item that had not reached the step; its state writer dead-letters it)
+   * keeps the item from none of its own: the runner publishes the item's outcome after it.
+   * Asked only when an outcome is stored already. Without it, any stored outcome is the item's.
+   */
+  holdsOutcome?(item: string, held: { type: string; seq: number }): Promise<boolean>;
   /**
    * The event types that finish an item: its pipeline's outcomes (e.g. processed; published
    * or archived). Giving up on a message of an item that already has one dead-letters the

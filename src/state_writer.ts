@@ -17,7 +17,6 @@ import {
   jetstream,
   JetStreamApiCodes,
   JetStreamApiError,
-  type JetStreamManager,
   jetstreamManager,
   type JsMsg,
 } from "@nats-io/jetstream";
@@ -30,6 +29,7 @@ import {
   assertSubjectItem,
   deadLetter,
   decodeJson,
+  messagesOn,
   storedMessage,
 } from "./runner.ts";
 import { ConflictError, NotFoundError } from "./errors.ts";
@@ -44,6 +44,8 @@ import type { WeftMetrics } from "./observability/metrics.ts";
 const MAX_CACHED = 20_000;
 /** Most events folded in one batch. */
 const MAX_BATCH = 2000;
+/** Most of an item's messages read to judge an event its state does not lead to. */
+const MAX_HISTORY = 1000;
 
 /** A message's headers, as a live message (`headers`) or a stored one (`header`) has them. */
 export interface HeaderReader {
@@ -98,23 +100,37 @@ export interface StateSpec<S> {
   /** The subject an item's entry event is stored on (`orders.submitted.<item>`). */
   entrySubject?(item: string): string;
   /**
-   * Why the item `state` does not take `event` (stored at `seq`): a step's event its history
-   * does not lead to. Undefined when it does. The fold changes nothing for such an event in
-   * stream order (a rebuild's); the writer folds nothing from it and dead-letters it
-   * `conflict` with the reason, once it has folded the item's events stored before it that
-   * it had not been handed yet ({@link eventsBefore}: a redelivery can hand them over late).
+   * Why the item's history, folded into `state`, does not lead to `event` (stored at `seq`),
+   * else undefined: a step's event for an item that has not reached the step (the shipping
+   * step's key publishing `orders.shipped` for an order waiting for approval). Such an event
+   * is not folded ({@link foldLed}): it changes no state, outcome or time. The writer
+   * dead-letters it `conflict`, failing nothing, and a rebuild skips it. The writer's `state`
+   * may lack events stored before `event` that reach it later (a redelivery after a restart,
+   * another writer's batch): it then judges `event` on the item's events stored before it, read
+   * from the stream in order, and folds it when they lead there.
    */
   refuses?(state: S, event: AnyEvent, seq: number): string | undefined;
-  /**
-   * The item's events stored after the last one `state` folded and before `seq`, decoded,
-   * oldest first (what it cannot decode left out), read from the stream.
-   */
-  eventsBefore?(
-    jsm: JetStreamManager,
-    item: string,
-    state: S,
-    seq: number,
-  ): Promise<{ event: AnyEvent; seq: number }[]>;
+}
+
+/**
+ * Folds `event`, stored at `seq`, into `state` as `spec`'s state writer does once the item's
+ * events stored before it are folded: not at all when the item's history does not lead to it
+ * ({@link StateSpec.refuses}). What a rebuild, a hub's view of a site's items and the writer's
+ * own judgement fold with.
+ *
+ * @example
+ * ```ts ignore
+ * for (const { event, seq } of history) state = foldLed(spec, state, event, seq);
+ * ```
+ */
+export function foldLed<S>(
+  spec: StateSpec<S>,
+  state: S | undefined,
+  event: AnyEvent,
+  seq: number,
+): S | undefined {
+  if (state !== undefined && spec.refuses?.(state, event, seq) !== undefined) return state;
+  return spec.apply(state, event, seq);
 }
 
 /**
@@ -176,7 +192,7 @@ const encoder = new TextEncoder();
  *
  * @example
  * ```ts ignore
- * const event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime());
+ * const event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime(), m.headers);
  * ```
  */
 export function decodeStateEvent<S>(
@@ -283,34 +299,13 @@ export async function runStateWriter<S>(opts: {
     }
   }
 
-  /**
-   * Writes one item's new events; returns when written (or throws), with the events its state
-   * did not take ({@link StateSpec.refuses}: their indexes, and why), which are not folded.
-   */
-  async function writeItem(
-    id: string,
-    events: { event: AnyEvent; seq: number }[],
-  ): Promise<{ refused: Map<number, string>; state?: S }> {
+  /** Writes one item's new events; returns when written (or throws). */
+  async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
     let base: Cached<S> | null = cache.get(id) ?? null;
     let read = base !== null;
-    let refused = new Map<number, string>();
     for (let attempt = 0; attempt < 10; attempt++) {
       let state = base?.state;
-      refused = new Map();
-      for (const [i, { event, seq }] of events.entries()) {
-        let why = state === undefined ? undefined : spec.refuses?.(state, event, seq);
-        if (why !== undefined && spec.eventsBefore) {
-          // Handed over before an earlier event of its item (a redelivery): that one first.
-          for (const e of await spec.eventsBefore(jsm, id, state!, seq)) {
-            if (spec.refuses?.(state!, e.event, e.seq) === undefined) {
-              state = spec.apply(state, e.event, e.seq);
-            }
-          }
-          why = spec.refuses?.(state!, event, seq);
-        }
-        if (why !== undefined) refused.set(i, why);
-        else state = spec.apply(state, event, seq);
-      }
+      for (const { event, seq } of events) state = spec.apply(state, event, seq);
       if (state === undefined) {
         // Events that make no state alone: folded onto the bucket's state if it has one the
         // cache lacks, else nothing is written (no item is made up from them).
@@ -323,9 +318,9 @@ export async function runStateWriter<S>(opts: {
           item_id: id,
           stream_seq: events.map((e) => e.seq),
         });
-        return { refused };
+        return;
       }
-      if (base && state === base.state) return { refused, state }; // nothing new: a redelivery
+      if (base && state === base.state) return; // nothing new: a redelivery
       const body = encoder.encode(JSON.stringify(state));
       try {
         const revision = base
@@ -334,7 +329,7 @@ export async function runStateWriter<S>(opts: {
         stats.writes++;
         observeFinal(base?.state, state!);
         remember(id, { state: state!, revision });
-        return { refused, state };
+        return;
       } catch (err) {
         if (!isWrongLastSequence(err) && !String((err as Error).message).includes("exists")) {
           throw err;
@@ -418,6 +413,115 @@ export async function runStateWriter<S>(opts: {
     }
   }
 
+  /** The subject filter of one item's events (`orders.*.<item>`); undefined when unknown. */
+  const itemFilter = (id: string) =>
+    spec.filter.endsWith(".*") ? `${spec.filter.slice(0, -1)}${id}` : undefined;
+
+  /**
+   * Which of `seqs` (events of item `id`) the item's history does not lead to, with the
+   * reason: the item's events read from the stream in order up to the last of them, folded as
+   * a rebuild folds them ({@link foldLed}).
+   */
+  async function refusedByHistory(id: string, seqs: number[]): Promise<Map<number, string>> {
+    const filter = itemFilter(id)!;
+    const last = Math.max(...seqs);
+    const wanted = new Set(seqs);
+    const reasons = new Map<number, string>();
+    let state: S | undefined;
+    let entered = false;
+    // Direct reads (a writer may read its stream's messages, not open consumers on it); an
+    // item's events are few.
+    const history = messagesOn(jsm, spec.stream, filter, { before: last + 1, max: MAX_HISTORY });
+    for await (const m of history) {
+      entered ||= spec.entrySubject?.(id) === m.subject;
+      let event: AnyEvent;
+      try {
+        event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime(), m.header);
+      } catch {
+        continue; // dead-lettered, never folded
+      }
+      if (state === undefined && startsNoItem(spec, event) && !entered) continue;
+      const reason = state === undefined ? undefined : spec.refuses!(state, event, m.seq);
+      if (reason !== undefined) {
+        if (wanted.has(m.seq)) reasons.set(m.seq, reason);
+        continue;
+      }
+      state = spec.apply(state, event, m.seq);
+    }
+    return reasons;
+  }
+
+  /**
+   * The events of `group` the item's history leads to ({@link StateSpec.refuses}); the others
+   * are dead-lettered `conflict`, failing nothing, and fold nothing. Judged on the item's state
+   * (cached, else in the bucket) with the group's earlier events folded in; an event that state
+   * does not lead to is judged again on the item's events stored before it, read from the
+   * stream in order (the state may lack some of them: delivered later, after a restart or in
+   * another writer's batch). Costs nothing on the usual path, where no event is refused.
+   */
+  async function screen(id: string, group: Held): Promise<Held> {
+    if (!spec.refuses || group.events.length === 0) return group;
+    const refusedOn = (base: S | undefined) => {
+      const out = new Map<number, string>();
+      let state = base;
+      group.events.forEach(({ event, seq }, i) => {
+        const reason = state === undefined ? undefined : spec.refuses!(state, event, seq);
+        if (reason !== undefined) out.set(i, reason);
+        else state = spec.apply(state, event, seq);
+      });
+      return out;
+    };
+    let refused = refusedOn(cache.get(id)?.state);
+    if (refused.size === 0) return group;
+    let reasons: Map<number, string>;
+    try {
+      if (!cache.has(id)) {
+        refused = refusedOn((await readState<S>(kv, id))?.state);
+        if (refused.size === 0) return group;
+      }
+      if (itemFilter(id) === undefined) {
+        reasons = new Map([...refused].map(([i, why]) => [group.events[i]!.seq, why]));
+      } else {
+        reasons = await refusedByHistory(id, [...refused.keys()].map((i) => group.events[i]!.seq));
+      }
+    } catch (err) {
+      // Cannot tell now (NATS trouble): the whole group is retried, as a failed write is.
+      log.warn("state write failed", { item_id: id, err });
+      for (const m of group.msgs) {
+        m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
+      }
+      return { ...group, msgs: [], events: [] };
+    }
+    if (reasons.size === 0) return group;
+    const kept: Held = { ...group, msgs: [], events: [] };
+    await Promise.all(group.msgs.map(async (m, i) => {
+      const { event, seq } = group.events[i]!;
+      const why = reasons.get(seq);
+      if (why === undefined) {
+        kept.msgs.push(m);
+        kept.events.push(group.events[i]!);
+        return;
+      }
+      await deadLetter(
+        dlContext,
+        m,
+        new ConflictError(
+          `${event.type} of item ${JSON.stringify(id)} (stream sequence ${seq}) was not ` +
+            `folded: ${why}`,
+          { permanent: true },
+        ),
+        event,
+        id,
+        parseTraceparent(m.headers?.get("traceparent")),
+        { failItem: false },
+      )
+        .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
+        .catch(() => m.nak(1000));
+    }));
+    // (Pushed in order above: `map` runs each callback up to its first await in turn.)
+    return kept;
+  }
+
   // An item's events usually arrive within a few ms of each other. Writing once per batch
   // would still split many items over two batches, so an item whose last event is not
   // final is held until it is, or until it has waited `stateFlushMs`: the next batch
@@ -489,31 +593,12 @@ export async function runStateWriter<S>(opts: {
     );
     for (const [id] of due) held.delete(id);
     await Promise.all(due.map(async ([id, all]) => {
-      const group = await admit(id, all);
+      const group = await screen(id, await admit(id, all));
       if (group.events.length === 0) return;
       try {
-        const { refused } = await writeItem(id, group.events);
-        await Promise.all(group.msgs.map(async (m, i) => {
-          const why = refused.get(i);
-          if (why === undefined) return m.ack();
-          log.warn("event refused: the item's history does not lead to it", {
-            item_id: id,
-            stream_seq: group.events[i]!.seq,
-            reason: why,
-          });
-          await deadLetter(
-            dlContext,
-            m,
-            new ConflictError(why, { permanent: true }),
-            group.events[i]!.event,
-            id,
-            parseTraceparent(m.headers?.get("traceparent")),
-            { failItem: false },
-          )
-            .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
-            .catch(() => m.nak(1000));
-        }));
-        metrics?.processed.inc({ stage: spec.durable }, group.msgs.length - refused.size);
+        await writeItem(id, group.events);
+        for (const m of group.msgs) m.ack();
+        metrics?.processed.inc({ stage: spec.durable }, group.msgs.length);
       } catch (err) {
         log.warn("state write failed", { item_id: id, err });
         metrics?.failed.inc({ stage: spec.durable, code: "state_write_failed" });

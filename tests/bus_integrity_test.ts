@@ -33,6 +33,7 @@ import {
 } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
 import {
+  contentOutcomeGuard,
   itemModerationReader,
   storageDecidedStage,
   storageModeratedStage,
@@ -482,13 +483,14 @@ Deno.test({
     const runners = [
       await runStage({
         nc: t.nc,
-        stage: storageModeratedStage(itemModerationReader(t.jsm)),
+        // As the storage service runs them (services/storage.ts).
+        stage: storageModeratedStage(itemModerationReader(t.jsm), contentOutcomeGuard(t.jsm)),
         config: t.config,
         log: t.log,
       }),
       await runStage({
         nc: t.nc,
-        stage: storageDecidedStage(uploadedContentReader(t.jsm)),
+        stage: storageDecidedStage(uploadedContentReader(t.jsm), contentOutcomeGuard(t.jsm)),
         config: t.config,
         log: t.log,
       }),

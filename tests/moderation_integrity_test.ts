@@ -23,6 +23,7 @@ import { moderationRoutes } from "../pipelines/moderation/routes.ts";
 import { serveModerationRequests } from "../pipelines/moderation/requests.ts";
 import { createReviewQueue, type ReviewQueue } from "../pipelines/moderation/review_queue.ts";
 import {
+  contentOutcomeGuard,
   contentOutcomeReader,
   itemModerationReader,
   moderationStage,
@@ -76,8 +77,15 @@ async function mesh(t: TestNats) {
       ),
     }),
     await runStage({ ...deps, stage: reviewSlaStage(queue, schedules, SLA) }),
-    await runStage({ ...deps, stage: storageDecidedStage(uploadedContentReader(t.jsm)) }),
-    await runStage({ ...deps, stage: storageModeratedStage(itemModerationReader(t.jsm)) }),
+    // As the storage service runs them (services/storage.ts).
+    await runStage({
+      ...deps,
+      stage: storageDecidedStage(uploadedContentReader(t.jsm), contentOutcomeGuard(t.jsm)),
+    }),
+    await runStage({
+      ...deps,
+      stage: storageModeratedStage(itemModerationReader(t.jsm), contentOutcomeGuard(t.jsm)),
+    }),
   ];
   const app = createApp({
     nc: t.nc,

@@ -25,7 +25,7 @@ import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue
 import type { ScheduleStore } from "../../src/scheduler/store.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
 import type { JetStreamManager } from "@nats-io/jetstream";
-import { storedMessage } from "../../src/runner.ts";
+import { messagesOn, storedMessage } from "../../src/runner.ts";
 import { validateEvent } from "../../src/schemas.ts";
 import { CONTENT_STREAM } from "./subjects.ts";
 import { endTypesOf, stepInput } from "../../src/pipeline/derive.ts";
@@ -104,6 +104,109 @@ export function moderationStage(
 const OUTCOMES: ReadonlySet<string> = endTypesOf(MODERATION_PIPELINE);
 
 /**
+ * Whether an item's outcome stored at `held.seq` is the item's: its history, in the stream,
+ * leads there (the state's rule, `contentRefuses` in state.ts, read from the stream):
+ * `content.published` after the item's moderation (the first stored after its first upload)
+ * found it safe, or after its decision (the first stored on its decided subject) approved it;
+ * `content.archived` after a rejecting decision of an item moderation did not find safe. One
+ * the storage step's key published for an item that had not reached storage is not: it takes
+ * the item's place in nothing (`Stage.holdsOutcome`).
+ */
+export function contentOutcomeLeads(
+  jsm: JetStreamManager,
+): (itemId: string, held: { type: string; seq: number }) => Promise<boolean> {
+  const verdictOf = itemVerdictReader(jsm);
+  return async (itemId, held) => {
+    const moderated = await verdictOf(itemId);
+    if (!moderated || moderated.uploaded > held.seq) return false;
+    if (moderated.verdict === "safe") {
+      // Published by storage-moderated; a decision on a safe item decides nothing.
+      return held.type === T.Published && moderated.seq !== undefined &&
+        moderated.seq < held.seq;
+    }
+    for await (
+      const d of messagesOn(jsm, CONTENT_STREAM, `${T.Decided}.${itemId}`, { before: held.seq })
+    ) {
+      let decision: string;
+      try {
+        decision = validateEvent(d.json(), [T.Decided]).data.decision;
+      } catch {
+        continue; // no decision: the storage step dead-letters it
+      }
+      return decision === (held.type === T.Published ? "approve" : "reject");
+    }
+    return false;
+  };
+}
+
+/**
+ * An item's upload and moderation as the stream holds them: the sequence of its first upload,
+ * and the verdict and sequence of its one moderation (the first `content.moderated` stored
+ * after that upload, when it is one); null for an id never uploaded.
+ */
+function itemVerdictReader(
+  jsm: JetStreamManager,
+): (itemId: string) => Promise<{ uploaded: number; verdict?: string; seq?: number } | null> {
+  const first = (subject: string, after: number) =>
+    // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+    storedMessage(jsm, CONTENT_STREAM, { next_by_subj: subject, seq: after } as unknown as {
+      seq: number;
+    });
+  return async (itemId) => {
+    const up = await first(`${T.Uploaded}.${itemId}`, 0);
+    if (!up) return null;
+    const m = await first(`${T.Moderated}.${itemId}`, up.seq + 1);
+    if (!m) return { uploaded: up.seq };
+    try {
+      const verdict = validateEvent(m.json(), [T.Moderated]).data.moderation.verdict;
+      return { uploaded: up.seq, verdict, seq: m.seq };
+    } catch {
+      return { uploaded: up.seq }; // no moderation: storage and review refuse it
+    }
+  };
+}
+
+/** What the storage steps ask of an item's history before storing its outcome. */
+export interface ContentOutcomeGuard {
+  /** Whether an outcome stored for the item is its own ({@link contentOutcomeLeads}). */
+  holdsOutcome(itemId: string, held: { type: string; seq: number }): Promise<boolean>;
+  /**
+   * Why a decision stored at `seq` decides nothing, else undefined: the item has its outcome
+   * (one its history leads to), or its moderation, stored before the decision, did not send it
+   * to review (it found it safe, or there is none yet: a decision for it is no reviewer's).
+   */
+  undecidable(itemId: string, seq: number): Promise<string | undefined>;
+}
+
+/** The storage steps' {@link ContentOutcomeGuard}, read from the stream. */
+export function contentOutcomeGuard(jsm: JetStreamManager): ContentOutcomeGuard {
+  const holdsOutcome = contentOutcomeLeads(jsm);
+  const last = (subject: string) => storedMessage(jsm, CONTENT_STREAM, { last_by_subj: subject });
+  const verdictOf = itemVerdictReader(jsm);
+  return {
+    holdsOutcome,
+    async undecidable(itemId, seq) {
+      for (const type of OUTCOMES) {
+        const held = await last(`${type}.${itemId}`);
+        if (held && await holdsOutcome(itemId, { type, seq: held.seq })) {
+          return `the item already has its outcome ${type} (stream sequence ${held.seq})`;
+        }
+      }
+      const moderated = await verdictOf(itemId);
+      const verdict = moderated?.seq !== undefined && moderated.seq < seq
+        ? moderated.verdict
+        : undefined;
+      if (verdict === "flagged") return undefined;
+      return `content item ${itemId} was not sent to review (${
+        verdict === undefined
+          ? "no moderation of it was stored before the decision"
+          : `its moderation found it ${verdict}`
+      }): a decision on it decides nothing`;
+    },
+  };
+}
+
+/**
  * What keeps an item from review: its outcome (`content.published`, `content.archived`), or
  * `content.failed` when it failed after its last upload and was not resumed (a redrive of its
  * failure stores its upload, or the message it failed on, again); undefined when nothing does.
@@ -113,8 +216,14 @@ export function contentOutcomeReader(
   jsm: JetStreamManager,
 ): (itemId: string, redriven?: boolean) => Promise<string | undefined> {
   const last = (subject: string) => storedMessage(jsm, CONTENT_STREAM, { last_by_subj: subject });
+  const leads = contentOutcomeLeads(jsm);
   return async (itemId, redriven = false) => {
-    for (const type of OUTCOMES) if (await last(`${type}.${itemId}`)) return type;
+    for (const type of OUTCOMES) {
+      // An outcome the item's history does not lead to (the storage key's, for an item that
+      // had not reached storage) is none.
+      const held = await last(`${type}.${itemId}`);
+      if (held && await leads(itemId, { type, seq: held.seq })) return type;
+    }
     if (redriven) return undefined;
     const failed = await last(`${T.Failed}.${itemId}`);
     if (!failed) return undefined;
@@ -126,12 +235,15 @@ export function contentOutcomeReader(
 /** Publishes what moderation found safe. */
 export function storageModeratedStage(
   moderationOf: ModerationReader,
+  guard?: ContentOutcomeGuard,
 ): Stage<
   { kind: "event"; types: readonly ["content.moderated"] }
 > {
   return {
     input: { kind: "event", types: [T.Moderated] },
     outcomes: OUTCOMES,
+    // An outcome stored for the item that its history does not lead to is not its own.
+    ...(guard ? { holdsOutcome: guard.holdsOutcome } : {}),
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-moderated"),
     entrySubject,
@@ -227,12 +339,15 @@ export function itemModerationReader(jsm: JetStreamManager): ModerationReader {
  */
 export function storageDecidedStage(
   uploaded: (itemId: string) => Promise<ContentItem | null>,
+  guard?: ContentOutcomeGuard,
 ): Stage<
   { kind: "event"; types: readonly ["content.decided"] }
 > {
   return {
     input: { kind: "event", types: [T.Decided] },
     outcomes: OUTCOMES,
+    // An outcome stored for the item that its history does not lead to is not its own.
+    ...(guard ? { holdsOutcome: guard.holdsOutcome } : {}),
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(MODERATION_PIPELINE, "storage-decided"),
     entrySubject,
@@ -240,6 +355,12 @@ export function storageDecidedStage(
     failsItem: (_message, handled) => handled,
     async handle(event, ctx) {
       const d = event.data;
+      // Only an item its moderation sent to review is decided: an outcome for any other would
+      // be one its history does not lead to.
+      const refused = await guard?.undecidable(event.item_id, ctx.message.seq);
+      if (refused !== undefined) {
+        throw new WeftError(ErrorCode.Conflict, refused, { permanent: true });
+      }
       // What is published or archived is the item as uploaded, never what a decision carries
       // (a decision published on the bus could carry anything).
       const content = await uploaded(event.item_id);

@@ -161,6 +161,46 @@ export function applyContentEvent(
   return next;
 }
 
+/**
+ * Why an item's history, folded into `state`, does not lead to `event` (stored at `seq`), else
+ * undefined. An outcome is its storage step's event, and the item reaches storage only so:
+ * `content.published` after a moderation that found it safe or an approving decision (a
+ * reviewer's, or the SLA's default action), `content.archived` after a rejecting decision,
+ * stored before it. The storage step's key may publish either for any item (found by probing:
+ * a `content.published` for an item waiting for review read as published, its review skipped):
+ * one its history does not lead to is not folded, and the state writer dead-letters it
+ * `conflict`.
+ *
+ * @example
+ * ```ts
+ * import { applyContentEvent, contentRefuses } from "./state.ts";
+ * const base = { version: 1, item_id: "c1", trace_id: "0af7651916cd43dd8448eb211c80319c",
+ *   time: "2026-01-01T00:00:00.000Z", source: "test" };
+ * const s = applyContentEvent(undefined, {
+ *   ...base, id: "e1", type: "content.uploaded", data: { text: "hi" } }, 1);
+ * const forged = { ...base, id: "e2", type: "content.published",
+ *   data: { content: { text: "hi" }, via: "review" } };
+ * console.assert(contentRefuses(s, forged, 2) !== undefined);
+ * ```
+ */
+export function contentRefuses(
+  state: ContentState,
+  event: AnyEvent,
+  seq: number,
+): string | undefined {
+  if (event.type !== T.Published && event.type !== T.Archived) return undefined;
+  const before = (key: string) => (state.stages[key]?.seq ?? Infinity) < seq;
+  if (event.type === T.Published) {
+    if (state.moderation?.verdict === "safe" && before("moderated")) return undefined;
+    if (state.review?.decision === "approve" && before("decided")) return undefined;
+    return `content item ${state.id} has neither a moderation that found it safe nor an ` +
+      "approving decision stored before it: it has not reached storage, so it is not published";
+  }
+  if (state.review?.decision === "reject" && before("decided")) return undefined;
+  return `content item ${state.id} has no rejecting decision stored before it: it has not ` +
+    "reached storage, so it is not archived";
+}
+
 /** The content state writer's spec: everything on `content.*.*` into `weft_content_state`. */
 export const CONTENT_STATE_SPEC: StateSpec<ContentState> = {
   durable: "content-state",
@@ -176,4 +216,7 @@ export const CONTENT_STATE_SPEC: StateSpec<ContentState> = {
   // id never uploaded, or uploaded later, makes no item).
   starts: (e) => e.type === T.Uploaded,
   entrySubject: (item) => `${T.Uploaded}.${item}`,
+  // An outcome its history does not lead to (the storage key's, for an item that has not
+  // reached storage) is dead-lettered `conflict` and folds nothing.
+  refuses: contentRefuses,
 };

@@ -563,7 +563,7 @@ export function workStage(
     outcomes: endTypesOf(def),
     finalTypes: endTypesOf(def),
     ...(states ? { outcomeOf: outcomeFrom(states) } : {}),
-    ...(stands ? { storedStands: stands } : {}),
+    ...(stands ? { storedStands: stands, holdsOutcome: holdsOutcomeFrom(stands, states!) } : {}),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A wide filter (several events lead here) also brings the item's other events (a
@@ -1540,6 +1540,7 @@ export function controlStage(
     finalTypes: endTypesOf(def),
     outcomeOf: outcomeFrom(states),
     storedStands: stands,
+    holdsOutcome: holdsOutcomeFrom(stands, states),
     input: { kind: "event", types: [] },
     identify: (_raw, message) => message.subject.split(".")[2],
     // A step's completion or a timer (not a decision: no item_id) is taken only for an item
@@ -1845,26 +1846,6 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     // A step's event, or an end, that the item's history does not lead to (a step's key
     // publishing it for an item that is not at its step): dead-lettered `conflict`.
     refuses: (state, event, seq) => refusal(def, state, foldEvent(event, seq)),
-    eventsBefore: async (jsm, item, state, seq) => {
-      const out: { event: AnyEvent; seq: number }[] = [];
-      for await (
-        const m of messagesOn(jsm, stream, `${n}.*.${item}`, {
-          from: state.last_seq + 1,
-          before: seq,
-          max: ITEM_HISTORY_MAX,
-        })
-      ) {
-        try {
-          out.push({
-            event: decodeStateEvent(spec, m.data, m.subject, m.time.getTime(), m.header),
-            seq: m.seq,
-          });
-        } catch {
-          // the writer folds nothing from what it cannot read
-        }
-      }
-      return out;
-    },
     isFinal: (s) => s.status === "done" || s.status === "failed",
   };
   return spec;
@@ -2752,6 +2733,19 @@ function outcomeFrom(
     const s = await readItem(await states(), item);
     return s?.status === "done" ? s.outcome ?? "done" : undefined;
   };
+}
+
+/**
+ * `Stage.holdsOutcome` from `stands` (`Stage.storedStands`): an end stored for the item is its
+ * outcome when the item's state takes it, or, whichever it is, once the item has ended.
+ */
+function holdsOutcomeFrom(
+  stands: ReturnType<typeof storedStandsFrom>,
+  states: () => Promise<KV>,
+): (item: string, held: { type: string; seq: number }) => Promise<boolean> {
+  const ended = outcomeFrom(states);
+  return async (item, held) =>
+    await stands(item, { ...held, raw: undefined }) || (await ended(item)) !== undefined;
 }
 
 /**

@@ -13,6 +13,7 @@ import {
   type ServiceDef,
 } from "../../../src/service.ts";
 import {
+  contentOutcomeGuard,
   itemModerationReader,
   storageDecidedStage,
   storageModeratedStage,
@@ -23,9 +24,12 @@ import { jetstreamManager } from "@nats-io/jetstream";
 /** The storage service. */
 export const service: ServiceDef = defineService("storage", async (ctx) => {
   const jsm = await jetstreamManager(ctx.nc);
+  // An outcome stored for an item that its history does not lead to is not the item's, and
+  // only an item its moderation sent to review is decided.
+  const guard = contentOutcomeGuard(jsm);
   return combineRunnables([
-    await runStage({ ...ctx, stage: storageModeratedStage(itemModerationReader(jsm)) }),
-    await runStage({ ...ctx, stage: storageDecidedStage(uploadedContentReader(jsm)) }),
+    await runStage({ ...ctx, stage: storageModeratedStage(itemModerationReader(jsm), guard) }),
+    await runStage({ ...ctx, stage: storageDecidedStage(uploadedContentReader(jsm), guard) }),
   ]);
 });
 

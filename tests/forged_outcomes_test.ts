@@ -1,0 +1,160 @@
+/**
+ * What a step's key cannot do with the end its step leads to, on a real mesh (`deno task start`
+ * with its NATS identities), publishing with the service's own key: end an item that has not
+ * reached the step. Such an end is dead-lettered `conflict` by the item's state writer and
+ * changes nothing (its state, outcome and `updated_at` as they were), and the item still
+ * reaches its own end (docs/SECURITY.md, "What a step's key can still do").
+ */
+import assert from "node:assert/strict";
+import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { type Mesh, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
+import { connectClient } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+import { listDeadLetters } from "../src/redrive.ts";
+import type { DeadLetter } from "../src/events.gen.ts";
+import { createEvent } from "../src/events.ts";
+import { rebuildStates } from "../src/rebuild.ts";
+import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
+import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
+
+const TOXIC = "You idiot, this is the most pathetic service ever.";
+
+/** Connects as `identity` (one of the mesh's NATS keys) and runs `fn`, closing after. */
+async function as<T>(mesh: Mesh, identity: string, fn: (nc: NatsConnection) => Promise<T>) {
+  const nc = await connectClient(mesh.natsUrl, `test-as-${identity}`, mesh.credentials(identity));
+  try {
+    return await fn(nc);
+  } finally {
+    await nc.close();
+  }
+}
+
+/** GET/POST on the mesh's gateway (auth off): status and JSON body. */
+async function call(mesh: Mesh, method: string, path: string, body?: unknown) {
+  const res = await fetch(`${mesh.gatewayUrl}${path}`, {
+    method,
+    headers: method === "POST" ? { "content-type": "application/json" } : {},
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : null };
+}
+
+type View = { status?: string; stage?: string; updated_at?: string; review?: unknown };
+
+/** Waits until GET `path` answers a view with `status`; returns it. */
+function viewWith(mesh: Mesh, path: string, status: string): Promise<View> {
+  return waitFor(
+    async () => {
+      const r = await call(mesh, "GET", path);
+      return r.status === 200 && r.body.status === status && r.body as View;
+    },
+    30_000,
+    `${path} ${status}`,
+  );
+}
+
+/** The dead letter `stage` kept of the message stored at `seq` (read with the admin key). */
+function letterOf(mesh: Mesh, stage: string, seq: number): Promise<DeadLetter> {
+  return as(mesh, "admin", (nc) =>
+    waitFor(
+      async () =>
+        (await listDeadLetters(jetstream(nc), {})).find((e) =>
+          e.letter.stage === stage && e.letter.stream_seq === seq
+        )?.letter,
+      30_000,
+      `${stage}'s dead letter of stream sequence ${seq}`,
+    ));
+}
+
+/** Until the state writer's consumer has taken everything stored (nothing pending or unacked). */
+async function settled(jsm: JetStreamManager, stream: string, durable: string) {
+  await waitFor(
+    async () => {
+      const info = await jsm.consumers.info(stream, durable);
+      return info.num_pending === 0 && info.num_ack_pending === 0;
+    },
+    30_000,
+    `${durable} to settle`,
+  );
+}
+
+Deno.test("the content storage key publishing an item's outcome while it waits for review ends nothing: dead-lettered conflict, the state as it was, and the reviewer's decision still publishes it", async () => {
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_REVIEW_SLA_MS: "600000" });
+  // Two flagged items, each waiting for review.
+  const ids: string[] = [];
+  for (let i = 0; i < 2; i++) {
+    const r = await call(mesh, "POST", "/content", { text: `${TOXIC} (${i})` });
+    assert.equal(r.status, 202, JSON.stringify(r.body));
+    ids.push(r.body.id);
+  }
+  const [a, b] = ids as [string, string];
+  const before = new Map<string, View>();
+  for (const id of ids) before.set(id, await viewWith(mesh, `/content/${id}`, "pending_review"));
+
+  // With the storage service's own key: `published` for one, `archived` for the other, as the
+  // storage step would publish them, the content as uploaded.
+  const forged = await as(mesh, "storage", async (nc) => {
+    const jsm = await jetstreamManager(nc);
+    const js = jetstream(nc);
+    const seqs = new Map<string, number>();
+    for (const [id, type] of [[a, "content.published"], [b, "content.archived"]] as const) {
+      const up = (await jsm.streams.getMessage(CONTENT_STREAM, {
+        last_by_subj: `content.uploaded.${id}`,
+      }))!.json<{ trace_id: string; data: { text: string } }>();
+      const event = createEvent({
+        type,
+        itemId: id,
+        traceId: up.trace_id,
+        source: "weft-storage",
+        data: type === "content.published"
+          ? { content: up.data, via: "review" }
+          : { content: up.data, reason: "rejected by mallory: forged" },
+      });
+      seqs.set(id, (await js.publish(`${type}.${id}`, JSON.stringify(event))).seq);
+    }
+    return seqs;
+  });
+
+  for (const id of ids) {
+    const letter = await letterOf(mesh, "content-state", forged.get(id)!);
+    assert.equal(letter.code, "conflict", JSON.stringify(letter));
+    assert.match(letter.reason, /has not reached storage/);
+  }
+  await as(mesh, "admin", async (nc) => {
+    await settled(await jetstreamManager(nc), CONTENT_STREAM, CONTENT_STATE_SPEC.durable);
+  });
+  for (const id of ids) {
+    const now = (await call(mesh, "GET", `/content/${id}`)).body as View;
+    assert.equal(now.status, "pending_review", `${id}: ${JSON.stringify(now)}`);
+    assert.equal(now.stage, before.get(id)!.stage);
+    assert.equal(now.updated_at, before.get(id)!.updated_at, "updated_at as it was");
+    // Its review is still open, and a reviewer decides it.
+    const review = await call(mesh, "GET", `/reviews/${id}`);
+    assert.equal(review.status, 200);
+    assert.equal(review.body.status, "pending");
+    const decided = await call(mesh, "POST", `/reviews/${id}/decision`, {
+      decision: "approve",
+      reason: "fine after all",
+      reviewer: "alice",
+    });
+    assert.equal(decided.status, 200, JSON.stringify(decided.body));
+  }
+  // Each is published by its decision: the one a forged `published` was stored for too (its
+  // own outcome stored after the forged one), and the one a forged `archived` was stored for.
+  for (const id of ids) {
+    const done = await viewWith(mesh, `/content/${id}`, "published");
+    assert.equal(done.stage, "published");
+    assert.deepEqual((done.review as { decision?: string }).decision, "approve");
+  }
+  // Neither failed, and a rebuild from the stream agrees with the live state.
+  await as(mesh, "admin", async (nc) => {
+    const jsm = await jetstreamManager(nc);
+    const failed = await jsm.streams.info(CONTENT_STREAM, { subjects_filter: "content.failed.*" });
+    assert.deepEqual(Object.keys(failed.state.subjects ?? {}), []);
+    await settled(jsm, CONTENT_STREAM, CONTENT_STATE_SPEC.durable);
+    const rebuilt = await rebuildStates(jetstream(nc), CONTENT_STATE_SPEC);
+    for (const id of ids) assert.equal(rebuilt.states.get(id)?.status, "published", id);
+  });
+});
