@@ -412,6 +412,11 @@ export async function publishEvent(
   sameInput?: (held: unknown) => boolean,
   /** `Stage.storedStands`: whether an event held on the subject is one the item's state takes. */
   stands?: (held: { type: string; seq: number; raw: unknown }) => Promise<boolean>,
+  /**
+   * Where the step's input for the item is stored (`Stage.inputSubject`): what the subject holds
+   * from before the first message there is no output of the step, and `event` is stored after it.
+   */
+  inputSubject?: string,
 ): Promise<boolean> {
   const m = eventMessage(event, parent, entry);
   try {
@@ -423,7 +428,7 @@ export async function publishEvent(
   } catch (err) {
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
-    return await publishAfterJunk(js, event, m, entrySubject, sameInput, stands);
+    return await publishAfterJunk(js, event, m, entrySubject, sameInput, stands, inputSubject);
   }
 }
 
@@ -440,10 +445,11 @@ const MAX_SUBJECT_SCAN = 64;
  * subject holds an event of this type for this item. If it holds only messages that are none
  * (not JSON, another type, one its schema refuses: published there by anyone who may; with
  * `entrySubject`, one stored before the item's entry event, i.e. before the item existed; with
- * `sameInput`, one carrying another input than the item's; a hand-over's copy, its
- * `Weft-Handover-To` header set; with `stands`, one the item's state does not take), the event
- * is published after them, against the subject's last message, so junk stored first cannot
- * keep the item from its event. True when this call stored it.
+ * `sameInput`, one carrying another input than the item's; with `inputSubject`, one stored
+ * before the step's first input for the item, i.e. before the item reached the step; a
+ * hand-over's copy, its `Weft-Handover-To` header set; with `stands`, one the item's state does
+ * not take), the event is published after them, against the subject's last message, so junk
+ * stored first cannot keep the item from its event. True when this call stored it.
  */
 async function publishAfterJunk(
   js: JetStreamClient,
@@ -452,15 +458,25 @@ async function publishAfterJunk(
   entrySubject?: string,
   sameInput?: (held: unknown) => boolean,
   stands?: (held: { type: string; seq: number; raw: unknown }) => Promise<boolean>,
+  inputSubject?: string,
 ): Promise<boolean> {
   const jsm = await js.jetstreamManager(false);
   const stream = await jsm.streams.find(m.subject);
   const known = event.type in knownEventTypes();
-  const entered = entrySubject === undefined ? 0 : (await storedMessage(
+  let entered = entrySubject === undefined ? 0 : (await storedMessage(
     jsm,
     stream,
     { next_by_subj: entrySubject, seq: 0 } as unknown as MsgRequest,
   ))?.seq ?? 0;
+  if (inputSubject !== undefined) {
+    // The item reached the step with its first input stored after its entry.
+    const reached = await storedMessage(
+      jsm,
+      stream,
+      { next_by_subj: inputSubject, seq: entered + 1 } as unknown as MsgRequest,
+    );
+    if (reached) entered = reached.seq;
+  }
   const isIt = (raw: unknown, seq: number, stored: Pick<StoredMsg, "header">) => {
     if (seq < entered) return false;
     // A hand-over's copy is not the event: the running definition's hand-over stores one only
@@ -1527,6 +1543,7 @@ export async function runStage<I extends StageInput>(
               stage.entrySubject?.(event.item_id),
               stage.inputOf && ((held) => sameInputOf(stage, held, event)),
               stage.storedStands && ((held) => stage.storedStands!(event.item_id, held)),
+              stage.inputSubject?.(event.item_id),
             )
           ),
         );

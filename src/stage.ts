@@ -120,6 +120,15 @@ export interface Stage<I extends StageInput = StageInput> {
    */
   entrySubject?(item: string): string;
   /**
+   * Where the step's input for an item is stored (`orders.priced.<item>` for a step after the
+   * pricing step). What its once-per-item outputs' subjects hold from before the first message
+   * there (after the item's entry) is not its output: an event of its type published, with a key
+   * that may publish it, for an item that had not reached the step. When such an event holds its
+   * output's subject, the output is stored after it, as after junk; the item's state does not
+   * take the earlier one. Read only when a once-per-item publish is refused.
+   */
+  inputSubject?(item: string): string;
+  /**
    * `false`: run a message without first reading whether its item entered (the read above),
    * for a stage on a measured hot path whose state writer refuses such an item anyway (a
    * hand-wired pipeline's later steps: two reads per item cost the benched pipeline about a

@@ -40,18 +40,25 @@ async function setUp() {
   };
 }
 
-Deno.test("feedbackItemReader() reads a submitted item with one batched direct get on nats-server 2.11+, two reads before", async () => {
+Deno.test("feedbackItemReader() reads a submitted item with one batched direct get on nats-server 2.11+, three reads before", async () => {
   await using s = await setUp();
   const { body } = await (await createIntake(s.t.nc)).submit({ text: "the app is great" });
-  const last = await s.js.publish(`feedback.sentiment_analyzed.${body.id}`, "{}");
+  // Its sentiment (it reached topics), then the message admitted.
+  await s.js.publish(
+    `feedback.sentiment_analyzed.${body.id}`,
+    JSON.stringify({ type: "feedback.sentiment_analyzed", data: { text: "the app is great" } }),
+  );
+  const last = await s.js.publish(`feedback.topics_extracted.${body.id}`, "{}");
   const { result, made } = await s.requestsOf(() => s.batched(body.id, last.seq));
   assert.equal(result.failed, false);
+  assert.equal(result.analyzed, true);
   assert.equal((result.entry?.event as { item_id?: string }).item_id, body.id);
   assert.deepEqual(result, await s.plain(body.id, last.seq));
   if (answersBatchedReads(s.t.nc)) {
     assert.deepEqual(made, [`$JS.API.DIRECT.GET.${FEEDBACK_STREAM}`]);
   } else {
     assert.deepEqual(made, [
+      `$JS.API.STREAM.MSG.GET.${FEEDBACK_STREAM}`,
       `$JS.API.STREAM.MSG.GET.${FEEDBACK_STREAM}`,
       `$JS.API.STREAM.MSG.GET.${FEEDBACK_STREAM}`,
     ]);

@@ -16,6 +16,7 @@ import type { DeadLetter } from "../src/events.gen.ts";
 import { createEvent } from "../src/events.ts";
 import { rebuildStates } from "../src/rebuild.ts";
 import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 
 const TOXIC = "You idiot, this is the most pathetic service ever.";
@@ -156,5 +157,85 @@ Deno.test("the content storage key publishing an item's outcome while it waits f
     await settled(jsm, CONTENT_STREAM, CONTENT_STATE_SPEC.durable);
     const rebuilt = await rebuildStates(jetstream(nc), CONTENT_STATE_SPEC);
     for (const id of ids) assert.equal(rebuilt.states.get(id)?.status, "published", id);
+  });
+});
+
+Deno.test("feedback steps' keys publishing their events for an item still at sentiment end nothing: dispatch's `processed` and topics' `topics_extracted` are dead-lettered conflict, and the item processes on its own events", async () => {
+  // Sentiment takes 15 s an item, so each item waits there while the keys publish.
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    WEFT_SLOW_MS: "15000",
+    WEFT_SLOW_STAGE: "sentiment",
+  });
+  const ids: string[] = [];
+  for (const text of ["The app crashes on login, terrible", "Why was I charged twice?"]) {
+    const r = await call(mesh, "POST", "/feedback", { text });
+    assert.equal(r.status, 202, JSON.stringify(r.body));
+    ids.push(r.body.id);
+  }
+  const [a, b] = ids as [string, string];
+  const before = new Map<string, View>();
+  for (const id of ids) before.set(id, await viewWith(mesh, `/feedback/${id}`, "accepted"));
+
+  const sentiment = { label: "positive", score: 0.9, analyzer: "rules" };
+  const topics = { topics: ["praise"], evidence: {}, analyzer: "rules" };
+  const routing = { team: "Nobody", rule: 0 };
+  /** Publishes `type` for `id` with `identity`'s key, the item's own fields carried on. */
+  const forge = (identity: string, id: string, type: string, extra: Record<string, unknown>) =>
+    as(mesh, identity, async (nc) => {
+      const ingested = (await (await jetstreamManager(nc)).streams.getMessage("FEEDBACK", {
+        last_by_subj: `feedback.ingested.${id}`,
+      }))!.json<{ trace_id: string; data: Record<string, unknown> }>();
+      const event = createEvent({
+        type: type as "feedback.processed",
+        itemId: id,
+        traceId: ingested.trace_id,
+        source: `weft-${identity}`,
+        data: { ...ingested.data, ...extra } as never,
+      });
+      return (await jetstream(nc).publish(`${type}.${id}`, JSON.stringify(event))).seq;
+    });
+  // Dispatch's key: the item's outcome while it is still at sentiment.
+  const processed = await forge("dispatch", a, "feedback.processed", {
+    sentiment,
+    topics,
+    routing,
+  });
+  // Topics' key: its event for an item still at sentiment.
+  const extracted = await forge("topics", b, "feedback.topics_extracted", { sentiment, topics });
+
+  const letters = [
+    await letterOf(mesh, "state", processed),
+    await letterOf(mesh, "state", extracted),
+    await letterOf(mesh, "dispatch", extracted),
+  ];
+  for (const letter of letters) {
+    assert.equal(letter.code, "conflict", JSON.stringify(letter));
+    assert.match(letter.reason, /had not reached/);
+  }
+  // Still at sentiment, as they were.
+  for (const id of ids) {
+    const now = (await call(mesh, "GET", `/feedback/${id}`)).body as View;
+    assert.equal(now.status, "accepted", `${id}: ${JSON.stringify(now)}`);
+    assert.equal(now.updated_at, before.get(id)!.updated_at, "updated_at as it was");
+  }
+  // Each processes on its own events, stored after the forged ones.
+  type Done = View & {
+    routing?: { team: string };
+    stages: Record<string, { seq: number }>;
+  };
+  for (const id of ids) {
+    const done = await viewWith(mesh, `/feedback/${id}`, "processed") as Done;
+    assert.notEqual(done.routing?.team, "Nobody", id);
+    assert.ok(done.stages.processed!.seq > processed, id);
+    assert.ok(done.stages.topics_extracted!.seq > extracted, id);
+  }
+  await as(mesh, "admin", async (nc) => {
+    const jsm = await jetstreamManager(nc);
+    const failed = await jsm.streams.info("FEEDBACK", { subjects_filter: "feedback.failed.*" });
+    assert.deepEqual(Object.keys(failed.state.subjects ?? {}), []);
+    await settled(jsm, "FEEDBACK", FEEDBACK_STATE_SPEC.durable);
+    const rebuilt = await rebuildStates(jetstream(nc), FEEDBACK_STATE_SPEC);
+    for (const id of ids) assert.equal(rebuilt.states.get(id)?.status, "processed", id);
   });
 });

@@ -17,7 +17,7 @@ import type { FeedbackItem, FeedbackSubmission } from "./events.gen.ts";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { lastMessagesReader, storedFirstOnSubject } from "../../src/last_messages.ts";
-import { itemFailedNow, storedMessage } from "../../src/runner.ts";
+import { itemFailedNow, messagesOn, storedMessage } from "../../src/runner.ts";
 import { canonicalJson } from "../../src/canonical_json.ts";
 import { ConflictError, ErrorCode, NotFoundError, WeftError } from "../../src/errors.ts";
 
@@ -130,8 +130,11 @@ export function topicsStage(
     // with another text than the item's, runs here; dispatch refuses what follows from it, and
     // the state writer applies none of it.
     checksEntry: false,
-    // What its output's subject holds with another text than the item's is not the item's.
+    // What its output's subject holds with another text than the item's is not the item's,
+    // nor what it holds from before the item's sentiment_analyzed (the topics key's event for an
+    // item still at sentiment).
     inputOf: itemFieldsOf,
+    inputSubject: (item) => `${T.SentimentAnalyzed}.${item}`,
     input: { kind: "event", types: [T.SentimentAnalyzed] },
     async handle(event, ctx) {
       const options = { signal: ctx.signal };
@@ -161,19 +164,28 @@ export type FeedbackItemReader = (
   entry: { seq: number; event: unknown } | null;
   /** Whether the item has failed and not been resumed since (by a redrive). */
   failed: boolean;
+  /**
+   * Whether the item reached topics before the admitted message: a `sentiment_analyzed` carrying
+   * its ingested event's text, channel, customer and metadata is stored after its entry and
+   * before `seq` (always true without `seq`).
+   */
+  analyzed: boolean;
 }>;
 
 /**
- * Reads the item's ingested event (the first message on `feedback.ingested.<id>`) and whether
+ * Reads the item's ingested event (the first message on `feedback.ingested.<id>`), whether
  * it has failed and not been resumed since (its last `feedback.failed` is not followed by the
- * event it failed on, stored again by a redrive: `failedNow`).
+ * event it failed on, stored again by a redrive: `failedNow`), and whether it reached topics
+ * before the message (a `sentiment_analyzed` of it stored between).
  *
- * With `nc` on nats-server 2.11+, one batched direct get reads the last message of both
+ * With `nc` on nats-server 2.11+, one batched direct get reads the last message of the three
  * subjects. The ingested subject's last message is its first when it was stored under
  * "expected last subject sequence 0" (`storedFirstOnSubject`), as intake stores every item's;
  * and the answer counts only from a server that held the stream up to the admitted message.
- * Otherwise (older servers, a redriven entry, no entry, any answer not trusted whole): two
- * direct reads of the stream in parallel, the first by `next_by_subj`.
+ * Otherwise (older servers, a redriven entry, no entry, any answer not trusted whole): three
+ * direct reads of the stream in parallel, the first by `next_by_subj`. A `sentiment_analyzed`
+ * stored on its subject after the message (published again) costs a read of the subject's
+ * messages between the entry and the message.
  */
 export function feedbackItemReader(
   jsm: JetStreamManager,
@@ -183,10 +195,11 @@ export function feedbackItemReader(
   return async (itemId, seq) => {
     const ingested = `${T.Ingested}.${itemId}`;
     const failedOn = `${T.Failed}.${itemId}`;
-    const last = await readLast?.([ingested, failedOn], { atLeastSeq: seq });
+    const analyzedOn = `${T.SentimentAnalyzed}.${itemId}`;
+    const last = await readLast?.([ingested, failedOn, analyzedOn], { atLeastSeq: seq });
     const first = last?.get(ingested);
-    const [entry, lastFailure] = first && storedFirstOnSubject(first)
-      ? [first, last!.get(failedOn) ?? null]
+    const [entry, lastFailure, lastAnalyzed] = first && storedFirstOnSubject(first)
+      ? [first, last!.get(failedOn) ?? null, last!.get(analyzedOn) ?? null]
       : await Promise.all([
         // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only
         // seq/last_by_subj.
@@ -195,6 +208,7 @@ export function feedbackItemReader(
           seq: 0,
         } as unknown as { seq: number }),
         storedMessage(jsm, FEEDBACK_STREAM, { last_by_subj: failedOn }),
+        storedMessage(jsm, FEEDBACK_STREAM, { last_by_subj: analyzedOn }),
       ]);
     // A failure stored before the item entered does not hold it: a failed submission that a
     // redrive or a resubmission then made the item, or one a step's key published for the id
@@ -207,8 +221,44 @@ export function feedbackItemReader(
     } catch {
       event = undefined;
     }
-    return { entry: entry ? { seq: entry.seq, event } : null, failed };
+    const analyzed = seq === undefined || (entry !== null && await analyzedBetween(
+      jsm,
+      analyzedOn,
+      event,
+      { from: entry.seq, before: seq, last: lastAnalyzed },
+    ));
+    return { entry: entry ? { seq: entry.seq, event } : null, failed, analyzed };
   };
+}
+
+/**
+ * Whether a `sentiment_analyzed` carrying the item's fields as its ingested event (`entry`)
+ * does is stored on `subject` after sequence `from` and before `before`: the item's last one
+ * there (`last`, read already) when it is, else the messages between, up to a bound (an item's
+ * own subject holds one, or a few).
+ */
+async function analyzedBetween(
+  jsm: JetStreamManager,
+  subject: string,
+  entry: unknown,
+  at: { from: number; before: number; last: { seq: number; json(): unknown } | null },
+): Promise<boolean> {
+  const fields = canonicalJson(itemFieldsOf(entry));
+  const isIt = (m: { json(): unknown }) => {
+    try {
+      const e = m.json() as { type?: unknown } | null;
+      return e?.type === T.SentimentAnalyzed && canonicalJson(itemFieldsOf(e)) === fields;
+    } catch {
+      return false;
+    }
+  };
+  const { from, before, last } = at;
+  if (last === null || last.seq <= from) return false; // none after the entry
+  if (last.seq < before && isIt(last)) return true;
+  for await (const m of messagesOn(jsm, FEEDBACK_STREAM, subject, { from: from + 1, before })) {
+    if (isIt(m)) return true;
+  }
+  return false;
 }
 
 /**
@@ -249,9 +299,11 @@ export function dispatchStage(
     // Its consumer, stream and failure event: the definition's.
     ...stepInput(FEEDBACK_PIPELINE, "dispatch"),
     // What its outputs' subjects hold from before the item's ingested event, or with another
-    // text than the item's, is not the item's.
+    // text than the item's, is not the item's, nor what they hold from before the item's
+    // topics_extracted (the dispatch key's events for an item still at sentiment or topics).
     entrySubject: (item) => `${T.Ingested}.${item}`,
     inputOf: itemFieldsOf,
+    inputSubject: (item) => `${T.TopicsExtracted}.${item}`,
     // Whether the item entered is part of admit's check (one round trip: one batched read on
     // nats-server 2.11+, two reads before).
     ...(items ? { admit: (event, message) => admitDispatch(items, event, message.seq) } : {}),
@@ -267,8 +319,10 @@ export function dispatchStage(
 /**
  * Refuses a `topics_extracted` that dispatch must not route: for an id with no ingested event
  * stored before it (`not_found`), carrying another text, channel, customer or metadata than the
- * item's ingested event (`subject_mismatch`), or for an item that failed and was not resumed
- * (`conflict`, redrivable once it is). None fails the item.
+ * item's ingested event (`subject_mismatch`), for an item that failed and was not resumed
+ * (`conflict`, redrivable once it is), or for an item that had not reached topics: no
+ * `sentiment_analyzed` of it stored before the message (`conflict`: the topics key's event for
+ * an item still at sentiment). None fails the item.
  */
 async function admitDispatch(
   items: FeedbackItemReader,
@@ -276,7 +330,7 @@ async function admitDispatch(
   seq: number,
 ): Promise<void> {
   const item = event.item_id;
-  const { entry, failed } = await items(item, seq);
+  const { entry, failed, analyzed } = await items(item, seq);
   if (!entry || entry.seq > seq) {
     throw new NotFoundError(
       `no item ${JSON.stringify(item)}: ${event.type} counts only for an item whose entry ` +
@@ -297,6 +351,14 @@ async function admitDispatch(
     throw new ConflictError(
       `feedback item ${item} has failed: dispatch runs for it only once it is resumed ` +
         `(redrive its failure's dead letter); nothing was dispatched`,
+      { permanent: true },
+    );
+  }
+  if (!analyzed) {
+    throw new ConflictError(
+      `feedback item ${item} has no sentiment_analyzed stored before this ${event.type} ` +
+        `(stream sequence ${seq}): it had not reached topics, so this is no topics step's ` +
+        `event for it; nothing was dispatched`,
       { permanent: true },
     );
   }

@@ -165,6 +165,46 @@ function carriesItemOf(state: FeedbackState, event: AnyEvent): boolean {
     d.customer_id === state.customer_id;
 }
 
+/**
+ * The event each step's events need stored before them: the step's input. The item reaches
+ * topics with its `sentiment_analyzed`, and dispatch with its `topics_extracted`.
+ */
+const LEADS_FROM: Readonly<Record<string, string>> = {
+  [T.TopicsExtracted]: shortType(T.SentimentAnalyzed),
+  [T.Dispatched]: shortType(T.TopicsExtracted),
+  [T.Processed]: shortType(T.TopicsExtracted),
+};
+
+/**
+ * Why an item's history, folded into `state`, does not lead to `event` (stored at `seq`), else
+ * undefined: a step's event counts only once the item reached the step, its input (the event
+ * before it in the pipeline) stored before it. A step's key may publish its events for any
+ * item: dispatch's `processed` for an item still at sentiment or topics, or topics'
+ * `topics_extracted` for one still at sentiment, is not folded, and the state writer
+ * dead-letters it `conflict`.
+ *
+ * @example
+ * ```ts
+ * import { applyEvent, feedbackRefuses } from "./state.ts";
+ * const base = { version: 1, item_id: "fb1", trace_id: "0af7651916cd43dd8448eb211c80319c",
+ *   time: "2026-01-01T00:00:00.000Z", source: "test" };
+ * const s = applyEvent(undefined, {
+ *   ...base, id: "e1", type: "feedback.ingested", data: { text: "hi" } }, 1);
+ * const forged = { ...base, id: "e2", type: "feedback.processed", data: { text: "hi" } };
+ * console.assert(feedbackRefuses(s, forged, 2) !== undefined);
+ * ```
+ */
+export function feedbackRefuses(
+  state: FeedbackState,
+  event: AnyEvent,
+  seq: number,
+): string | undefined {
+  const from = LEADS_FROM[event.type];
+  if (from === undefined || (state.stages[from]?.seq ?? Infinity) < seq) return undefined;
+  return `feedback item ${state.id} has no ${from} stored before it: it had not reached the ` +
+    `step that publishes ${shortType(event.type)}`;
+}
+
 /** Folds a whole history, e.g. when rebuilding state from the stream. */
 export function foldEvents(
   events: Iterable<{ event: AnyEvent; seq: number }>,
@@ -202,4 +242,7 @@ export const FEEDBACK_STATE_SPEC: StateSpec<FeedbackState> = {
     e.type === T.Ingested ||
     (e.type === T.Failed && (e.data as { stage?: unknown }).stage === INGEST_STAGE),
   entrySubject: (item) => `${T.Ingested}.${item}`,
+  // A step's event for an item that had not reached the step (its input stored before it) is
+  // dead-lettered `conflict` and folds nothing.
+  refuses: feedbackRefuses,
 };
