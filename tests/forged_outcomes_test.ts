@@ -11,6 +11,7 @@ import type { NatsConnection } from "@nats-io/nats-core";
 import { type Mesh, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { connectClient } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { readSse } from "./helpers/sse.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import type { DeadLetter } from "../src/events.gen.ts";
 import { createEvent } from "../src/events.ts";
@@ -69,6 +70,18 @@ function letterOf(mesh: Mesh, stage: string, seq: number): Promise<DeadLetter> {
     ));
 }
 
+/**
+ * An item's event stream (`path`) read to its end (it closes at the item's end), from its
+ * first event or, with `after`, resumed after that sequence (Last-Event-ID).
+ */
+async function itemStream(mesh: Mesh, path: string, after?: number) {
+  const res = await fetch(`${mesh.gatewayUrl}${path}`, {
+    headers: after === undefined ? {} : { "Last-Event-ID": String(after) },
+  });
+  assert.equal(res.status, 200);
+  return await readSse(res, { timeoutMs: 60_000 });
+}
+
 /** Until the state writer's consumer has taken everything stored (nothing pending or unacked). */
 async function settled(jsm: JetStreamManager, stream: string, durable: string) {
   await waitFor(
@@ -81,7 +94,7 @@ async function settled(jsm: JetStreamManager, stream: string, durable: string) {
   );
 }
 
-Deno.test("the content storage key publishing an item's outcome while it waits for review ends nothing: dead-lettered conflict, the state as it was, and the reviewer's decision still publishes it", async () => {
+Deno.test("the content storage key publishing an item's outcome while it waits for review ends nothing: dead-lettered conflict, the state as it was, its event stream neither shows it nor ends there, and the reviewer's decision still publishes it", async () => {
   await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_REVIEW_SLA_MS: "600000" });
   // Two flagged items, each waiting for review.
   const ids: string[] = [];
@@ -126,6 +139,9 @@ Deno.test("the content storage key publishing an item's outcome while it waits f
   await as(mesh, "admin", async (nc) => {
     await settled(await jetstreamManager(nc), CONTENT_STREAM, CONTENT_STATE_SPEC.durable);
   });
+  // Each item's event stream, opened now: it replays the forged end, which neither shows nor
+  // ends it, and goes on live.
+  const streams = ids.map((id) => itemStream(mesh, `/content/${id}/events`));
   for (const id of ids) {
     const now = (await call(mesh, "GET", `/content/${id}`)).body as View;
     assert.equal(now.status, "pending_review", `${id}: ${JSON.stringify(now)}`);
@@ -149,6 +165,22 @@ Deno.test("the content storage key publishing an item's outcome while it waits f
     assert.equal(done.stage, "published");
     assert.deepEqual((done.review as { decision?: string }).decision, "approve");
   }
+  // The streams ended at each item's own outcome, never showing the forged one; a client
+  // resuming from the forged end's sequence gets the item's own outcome and the end.
+  for (const [i, id] of ids.entries()) {
+    const forgedSeq = forged.get(id)!;
+    for (
+      const frames of [
+        await streams[i]!,
+        await itemStream(mesh, `/content/${id}/events`, forgedSeq),
+      ]
+    ) {
+      assert.ok(!frames.some((f) => Number(f.id) === forgedSeq), JSON.stringify(frames));
+      const last = frames.at(-1)!;
+      assert.match(last.event ?? "", /published$/);
+      assert.ok(Number(last.id) > forgedSeq, JSON.stringify(frames));
+    }
+  }
   // Neither failed, and a rebuild from the stream agrees with the live state.
   await as(mesh, "admin", async (nc) => {
     const jsm = await jetstreamManager(nc);
@@ -160,7 +192,7 @@ Deno.test("the content storage key publishing an item's outcome while it waits f
   });
 });
 
-Deno.test("feedback steps' keys publishing their events for an item still at sentiment end nothing: dispatch's `processed` and topics' `topics_extracted` are dead-lettered conflict, and the item processes on its own events", async () => {
+Deno.test("feedback steps' keys publishing their events for an item still at sentiment end nothing: dispatch's `processed` and topics' `topics_extracted` are dead-lettered conflict, the item's event stream does not end at the forged `processed`, and the item processes on its own events", async () => {
   // Sentiment takes 15 s an item, so each item waits there while the keys publish.
   await using mesh = await startMesh({
     ...ONE_PROCESS,
@@ -213,6 +245,9 @@ Deno.test("feedback steps' keys publishing their events for an item still at sen
     assert.equal(letter.code, "conflict", JSON.stringify(letter));
     assert.match(letter.reason, /had not reached/);
   }
+  // Each item's event stream, opened now: it replays the forged `processed`, which neither
+  // shows nor ends it, and goes on live.
+  const streams = ids.map((id) => itemStream(mesh, `/feedback/${id}/events`));
   // Still at sentiment, as they were.
   for (const id of ids) {
     const now = (await call(mesh, "GET", `/feedback/${id}`)).body as View;
@@ -229,6 +264,18 @@ Deno.test("feedback steps' keys publishing their events for an item still at sen
     assert.notEqual(done.routing?.team, "Nobody", id);
     assert.ok(done.stages.processed!.seq > processed, id);
     assert.ok(done.stages.topics_extracted!.seq > extracted, id);
+  }
+  // The streams ended at each item's own `processed`, never showing the forged one.
+  for (const [i, id] of ids.entries()) {
+    const frames = await streams[i]!;
+    assert.ok(!frames.some((f) => Number(f.id) === processed), JSON.stringify(frames));
+    const last = frames.at(-1)!;
+    assert.match(last.event ?? "", /processed$/);
+    assert.equal(
+      Number(last.id),
+      (await viewWith(mesh, `/feedback/${id}`, "processed") as Done)
+        .stages.processed!.seq,
+    );
   }
   await as(mesh, "admin", async (nc) => {
     const jsm = await jetstreamManager(nc);

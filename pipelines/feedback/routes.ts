@@ -19,6 +19,8 @@ import { typeFilter } from "../../src/subjects.ts";
 import { FEEDBACK_STREAM, itemEventsFilter } from "./subjects.ts";
 import { FeedbackEventType, FINAL_EVENT_TYPES } from "./events.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
+import { FEEDBACK_STATE_SPEC } from "./state.ts";
+import type { StateSpec } from "../../src/state_writer.ts";
 import type { Principal } from "../../src/gateway/auth.ts";
 import { openSlot, streamEvents } from "../../src/gateway/sse.ts";
 import { boolQuery, oneQuery, onlyQuery } from "../../src/gateway/query.ts";
@@ -105,6 +107,8 @@ export function feedbackRoutes(intake: Intake): GatewayExtension {
         replay: true,
         from,
         itemId: id,
+        // An end its history does not lead to (a step's key's) is not shown and ends nothing.
+        state: FEEDBACK_STATE_SPEC as StateSpec<unknown>,
       }, { ...sse, key });
     });
 

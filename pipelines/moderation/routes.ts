@@ -21,6 +21,8 @@ import { validateDocument } from "../../src/schemas.ts";
 import { CONTENT_FINAL_EVENT_TYPES } from "./events.ts";
 import { CONTENT_STREAM, contentEventsFilter } from "./subjects.ts";
 import { parseTraceparent } from "../../src/observability/trace.ts";
+import { CONTENT_STATE_SPEC } from "./state.ts";
+import type { StateSpec } from "../../src/state_writer.ts";
 import type { Auth, Principal } from "../../src/gateway/auth.ts";
 import { LiveFeeds, openSlot, SseClients, streamEvents } from "../../src/gateway/sse.ts";
 import { type GatewayExtension, isJsonType, readJson, requireJson } from "../../src/gateway/app.ts";
@@ -166,6 +168,8 @@ export function createModerationRoutes(deps: {
       stream: CONTENT_STREAM,
       finalTypes: CONTENT_FINAL_EVENT_TYPES,
       itemId: id,
+      // An end its history does not lead to (the storage key's) is not shown and ends nothing.
+      state: CONTENT_STATE_SPEC as StateSpec<unknown>,
     }, { config, clients, feeds, log, key });
   });
 

@@ -29,6 +29,8 @@ import { deterministicId } from "../events.ts";
 import { bearerToken } from "./auth.ts";
 import { ReadBudget, readerPrefetch, readStream } from "../stream_reader.ts";
 import { subjectMatches } from "../subjects.ts";
+import { decodeStateEvent, startsNoItem, type StateSpec } from "../state_writer.ts";
+import type { AnyEvent } from "../schemas.ts";
 
 /** Most frames a client's live queue holds before the client is cut as too slow. */
 export const SSE_QUEUE_FRAMES = 256;
@@ -62,6 +64,53 @@ export interface SseSelection {
   subjectOf?: (type: string, itemId: string) => string;
   /** The live feed to join, shared by every item's clients; by default `<first token>.*.*`. */
   feedFilter?: string;
+  /**
+   * The item's state spec (a per-item stream, `itemId`): an end (a frame of a final type) that
+   * the item's history, folded from the frames before it, does not lead to
+   * ({@link StateSpec.refuses}: a step's key publishing the end for an item that had not
+   * reached the step, which the state writer dead-letters) is not shown and ends nothing.
+   */
+  state?: StateSpec<unknown>;
+}
+
+/**
+ * Folds a per-item stream's frames in stream order, as the item's state writer folds its
+ * events, to tell the ends its history leads to from those it does not.
+ */
+function endJudge(spec: StateSpec<unknown>, item: string, finalTypes: ReadonlySet<string>) {
+  let state: unknown;
+  let upTo = 0;
+  let entered = false;
+  const refused = new Set<number>();
+  const judge = {
+    /** The sequence of the last end folded that the item's history leads to. */
+    lastEnd: undefined as number | undefined,
+    /** Folds `f`, once, in order (frames at or before the last folded are skipped). */
+    fold(f: Frame): void {
+      if (f.seq <= upTo) return;
+      upTo = f.seq;
+      entered ||= spec.entrySubject?.(item) === f.subject;
+      let event: AnyEvent;
+      try {
+        event = decodeStateEvent(spec, encoder.encode(f.text), f.subject, 0);
+      } catch {
+        return; // dead-lettered, never folded
+      }
+      if (state === undefined && startsNoItem(spec, event) && !entered) return;
+      if (state !== undefined && spec.refuses?.(state, event, f.seq) !== undefined) {
+        refused.add(f.seq);
+        return;
+      }
+      state = spec.apply(state, event, f.seq);
+      if (finalTypes.has(f.type)) judge.lastEnd = f.seq;
+    },
+    /** Whether `f` (folded now, if not yet) is an event the item's history does not lead to. */
+    refuses(f: Frame): boolean {
+      judge.fold(f);
+      return refused.has(f.seq);
+    },
+  };
+  return judge;
 }
 
 /**
@@ -882,10 +931,19 @@ export async function streamEvents(
       }
       return true;
     };
+    // The item's history, folded as its frames pass (a per-item stream given its state spec).
+    const judge = sel.state !== undefined && sel.itemId !== undefined && sel.closeOnFinal
+      ? endJudge(sel.state, sel.itemId, finalTypes)
+      : undefined;
+    /** A frame of a final type the item's history does not lead to (a forged end). */
+    const forgedEnd = (f: Frame) => judge !== undefined && judge.refuses(f);
     /** A frame of a final type whose body agrees: it ends a per-item stream. */
-    const endsStream = (f: Frame) => finalTypes.has(f.type) && bodyAgrees(f);
-    /** A frame of a final type whose body disagrees: not shown in a per-item stream. */
-    const hidden = (f: Frame) => finalTypes.has(f.type) && !bodyAgrees(f);
+    const endsStream = (f: Frame) => finalTypes.has(f.type) && bodyAgrees(f) && !forgedEnd(f);
+    /**
+     * A frame of a final type whose body disagrees, or that the item's history does not lead
+     * to: not shown in a per-item stream.
+     */
+    const hidden = (f: Frame) => finalTypes.has(f.type) && (!bodyAgrees(f) || forgedEnd(f));
     /** Sends one frame (a replay). */
     const send = async (f: Frame): Promise<boolean> => {
       if (!(await write(f.bytes, f.seq))) return false;
@@ -899,6 +957,7 @@ export async function streamEvents(
     const sendChunk = async (c: Chunk): Promise<"more" | "end"> => {
       const lastSeq = c.frames[c.frames.length - 1]!.seq;
       if (lastSeq <= last) return "more"; // the replay sent all of it
+      if (judge) { for (const f of c.frames) judge.fold(f); }
       const finals = sel.closeOnFinal && c.frames.some((f) => finalTypes.has(f.type));
       if (c.frames[0]!.seq > last && !finals) {
         if (!(await write(c.bytes, c.frames[0]!.seq))) return "end";
@@ -945,6 +1004,7 @@ export async function streamEvents(
           if (stream.aborted) return "end";
           if (m.seq <= last) continue;
           const frame = frameOf(m);
+          judge?.fold(frame);
           // Another item's event on this item's subject (dead-lettered by every consumer).
           if (sel.itemId !== undefined && namesAnotherItem(frame, sel.itemId)) continue;
           if (sel.closeOnFinal && hidden(frame)) continue;
@@ -970,6 +1030,17 @@ export async function streamEvents(
           gone.signal,
         );
         try {
+          if (judge && after !== undefined) {
+            // Resumed: the item's history up to where its client saw, folded, not sent.
+            const upTo = readStream(js, streamName, {
+              filter: sel.filter,
+              ...(sel.from !== undefined ? { startSeq: sel.from } : {}),
+            });
+            for await (const m of upTo) {
+              if (m.seq > after || stream.aborted) break;
+              judge.fold(frameOf(m));
+            }
+          }
           if (await replay(after !== undefined ? after + 1 : sel.from) === "end") return;
           sub = await joinFeed();
           if (stream.aborted) return;
@@ -984,7 +1055,10 @@ export async function streamEvents(
       // (a client resuming with Last-Event-ID after the end would otherwise wait forever).
       if (sel.closeOnFinal && sel.itemId !== undefined) {
         // (A final event before `from` is not this item's: an earlier life's at a reset site.)
-        const fin = await latestFinalSeq(js, streamName, finalTypes, sel.itemId, sel.subjectOf);
+        // (Of the ends its history leads to, when the judge folded it.)
+        const fin = judge
+          ? judge.lastEnd
+          : await latestFinalSeq(js, streamName, finalTypes, sel.itemId, sel.subjectOf);
         if (fin !== undefined && fin >= (sel.from ?? 0) && fin <= last) return;
       }
       while (!stream.aborted) {
