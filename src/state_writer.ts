@@ -454,10 +454,11 @@ export async function runStateWriter<S>(opts: {
   /**
    * The events of `group` the item's history leads to ({@link StateSpec.refuses}); the others
    * are dead-lettered `conflict`, failing nothing, and fold nothing. Judged on the item's state
-   * (cached, else in the bucket) with the group's earlier events folded in; an event that state
-   * does not lead to is judged again on the item's events stored before it, read from the
-   * stream in order (the state may lack some of them: delivered later, after a restart or in
-   * another writer's batch). Costs nothing on the usual path, where no event is refused.
+   * (cached, else in the bucket, unless the group starts the item) with the group's earlier
+   * events folded in; an event that state does not lead to is judged again on the item's events
+   * stored before it, read from the stream in order (the state may lack some of them: delivered
+   * later, after a restart or in another writer's batch). On the usual path (the item cached or
+   * new, nothing refused) this costs no read, only one more pass of the fold in memory.
    */
   async function screen(id: string, group: Held): Promise<Held> {
     if (!spec.refuses || group.events.length === 0) return group;
@@ -471,14 +472,16 @@ export async function runStateWriter<S>(opts: {
       });
       return out;
     };
-    let refused = refusedOn(cache.get(id)?.state);
-    if (refused.size === 0) return group;
     let reasons: Map<number, string>;
     try {
-      if (!cache.has(id)) {
-        refused = refusedOn((await readState<S>(kv, id))?.state);
-        if (refused.size === 0) return group;
+      let base = cache.get(id)?.state;
+      // Not cached (a restart; an item that ended, which leaves the cache): its state in the
+      // bucket, unless the group starts with an event that starts an item (a new one).
+      if (base === undefined && spec.starts?.(group.events[0]!.event) !== true) {
+        base = (await readState<S>(kv, id))?.state;
       }
+      const refused = refusedOn(base);
+      if (refused.size === 0) return group;
       if (itemFilter(id) === undefined) {
         reasons = new Map([...refused].map(([i, why]) => [group.events[i]!.seq, why]));
       } else {

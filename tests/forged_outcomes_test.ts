@@ -192,6 +192,43 @@ Deno.test("the content storage key publishing an item's outcome while it waits f
   });
 });
 
+Deno.test("the content storage key's outcome for a failed item, which its state writer does not keep cached, is dead-lettered conflict too: the item stays failed", async () => {
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_REVIEW_SLA_MS: "600000" });
+  const r = await call(mesh, "POST", "/content", { text: TOXIC });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  await viewWith(mesh, `/content/${id}`, "pending_review");
+  // With the storage key: the pipeline's failure event (a step's key may publish it), then, once
+  // the item reads failed (a final state, which leaves the writer's cache), its outcome.
+  const publish = (type: "content.failed" | "content.published") =>
+    as(mesh, "storage", async (nc) => {
+      const up = (await (await jetstreamManager(nc)).streams.getMessage(CONTENT_STREAM, {
+        last_by_subj: `content.uploaded.${id}`,
+      }))!.json<{ trace_id: string; data: { text: string } }>();
+      const event = createEvent({
+        type,
+        itemId: id,
+        traceId: up.trace_id,
+        source: "weft-storage",
+        data: type === "content.failed"
+          ? { stage: "storage-decided", code: "handler_failed", reason: "forged", attempts: 5 }
+          : { content: up.data, via: "review" },
+      });
+      return (await jetstream(nc).publish(`${type}.${id}`, JSON.stringify(event))).seq;
+    });
+  await publish("content.failed");
+  const failed = await viewWith(mesh, `/content/${id}`, "failed");
+  const seq = await publish("content.published");
+  const letter = await letterOf(mesh, "content-state", seq);
+  assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  await as(mesh, "admin", async (nc) => {
+    await settled(await jetstreamManager(nc), CONTENT_STREAM, CONTENT_STATE_SPEC.durable);
+  });
+  const now = (await call(mesh, "GET", `/content/${id}`)).body as View;
+  assert.equal(now.status, "failed", JSON.stringify(now));
+  assert.equal(now.updated_at, failed.updated_at, "updated_at as it was");
+});
+
 Deno.test("feedback steps' keys publishing their events for an item still at sentiment end nothing: dispatch's `processed` and topics' `topics_extracted` are dead-lettered conflict, the item's event stream does not end at the forged `processed`, and the item processes on its own events", async () => {
   // Sentiment takes 15 s an item, so each item waits there while the keys publish.
   await using mesh = await startMesh({
