@@ -45,6 +45,8 @@ Deno.test({
       // Items count only once they entered: each is submitted first.
       const intake = await createIntake(nc);
       for (const i of teams.keys()) await intake.submit({ id: `fb${i}`, text: "the invoice" });
+      // And reached dispatch: a dispatched event counts after the item's topics_extracted.
+      for (const i of teams.keys()) await publishEvent(js, extracted(`fb${i}`), null);
       for (const [i, team] of teams.entries()) {
         await publishEvent(
           js,
@@ -212,6 +214,24 @@ function dispatched(item: string, team: string) {
   });
 }
 
+/**
+ * A `feedback.topics_extracted` of `itemId`: stored before its dispatched event, as the
+ * pipeline stores them (a dispatched event counts only once the item reached dispatch).
+ */
+function extracted(itemId: string) {
+  return createEvent({
+    type: "feedback.topics_extracted",
+    itemId,
+    traceId: "0af7651916cd43dd8448eb211c80319c",
+    source: "test",
+    data: {
+      text: "the invoice is wrong",
+      sentiment: { label: "negative", score: -0.5, analyzer: "rules" },
+      topics: { topics: ["billing"], evidence: {}, analyzer: "rules" },
+    },
+  });
+}
+
 Deno.test("countDispatched() counts each item that entered once: not a second dispatched of an item, nor one for an id that never entered", async () => {
   await using t = await startTestNats();
   const js = jetstream(t.nc);
@@ -219,6 +239,7 @@ Deno.test("countDispatched() counts each item that entered once: not a second di
   const intake = await createIntake(t.nc);
   await intake.submit({ id: "D1", text: "the invoice is wrong" });
   await intake.submit({ id: "D2", text: "the app crashes" });
+  for (const id of ["D1", "D2"]) await publishEvent(js, extracted(id), null);
   const d1 = dispatched("D1", "billing");
   await publishEvent(js, d1, null);
   await publishEvent(js, dispatched("D2", "support"), null);
@@ -248,6 +269,7 @@ Deno.test("countDispatched() counts an item under its dispatched event after its
   );
   const intake = await createIntake(t.nc);
   await intake.submit({ id: "D3", text: "the invoice is wrong" });
+  await publishEvent(js, extracted("D3"), null);
   await publishEvent(js, dispatched("D3", "billing"), null);
   const counts = await countDispatched(js)(from, new Date(Date.now() + 1000));
   assert.deepEqual(counts, { total: 1, teams: { billing: 1 } });

@@ -12,6 +12,7 @@ import { type Mesh, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { connectClient } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { readSse } from "./helpers/sse.ts";
+import { readStream } from "../src/stream_reader.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import type { DeadLetter } from "../src/events.gen.ts";
 import { createEvent } from "../src/events.ts";
@@ -229,7 +230,7 @@ Deno.test("the content storage key's outcome for a failed item, which its state 
   assert.equal(now.updated_at, failed.updated_at, "updated_at as it was");
 });
 
-Deno.test("feedback steps' keys publishing their events for an item still at sentiment end nothing: dispatch's `processed` and topics' `topics_extracted` are dead-lettered conflict, the item's event stream does not end at the forged `processed`, and the item processes on its own events", async () => {
+Deno.test("feedback steps' keys publishing their events for an item still at sentiment end nothing: dispatch's `processed` and topics' `topics_extracted` are dead-lettered conflict, the item's event stream does not end at the forged `processed`, the item processes on its own events, and the digest counts its own routing", async () => {
   // Sentiment takes 15 s an item, so each item waits there while the keys publish.
   await using mesh = await startMesh({
     ...ONE_PROCESS,
@@ -264,7 +265,12 @@ Deno.test("feedback steps' keys publishing their events for an item still at sen
       });
       return (await jetstream(nc).publish(`${type}.${id}`, JSON.stringify(event))).seq;
     });
-  // Dispatch's key: the item's outcome while it is still at sentiment.
+  // Dispatch's key: the item's routing and outcome while it is still at sentiment.
+  const dispatched = await forge("dispatch", a, "feedback.dispatched", {
+    sentiment,
+    topics,
+    routing,
+  });
   const processed = await forge("dispatch", a, "feedback.processed", {
     sentiment,
     topics,
@@ -274,6 +280,7 @@ Deno.test("feedback steps' keys publishing their events for an item still at sen
   const extracted = await forge("topics", b, "feedback.topics_extracted", { sentiment, topics });
 
   const letters = [
+    await letterOf(mesh, "state", dispatched),
     await letterOf(mesh, "state", processed),
     await letterOf(mesh, "state", extracted),
     await letterOf(mesh, "dispatch", extracted),
@@ -321,5 +328,26 @@ Deno.test("feedback steps' keys publishing their events for an item still at sen
     await settled(jsm, "FEEDBACK", FEEDBACK_STATE_SPEC.durable);
     const rebuilt = await rebuildStates(jetstream(nc), FEEDBACK_STATE_SPEC);
     for (const id of ids) assert.equal(rebuilt.states.get(id)?.status, "processed", id);
+    // The hourly digest counts each item once, under the team its own dispatch chose, never
+    // the forged `dispatched`'s.
+    const request = await jetstream(nc).publish(
+      "digest.request.feedback",
+      JSON.stringify({ window_ms: 3_600_000 }),
+    );
+    const digest = await waitFor(
+      async () => {
+        for await (
+          const m of readStream(jetstream(nc), "DIGEST", {
+            filter: "digest.feedback_counts.*",
+          })
+        ) {
+          if (m.seq > request.seq) return m.json<{ data: { total: number; teams: object } }>();
+        }
+      },
+      30_000,
+      "the digest's counts",
+    );
+    assert.equal(digest.data.total, 2, JSON.stringify(digest.data));
+    assert.ok(!("Nobody" in digest.data.teams), JSON.stringify(digest.data));
   });
 });

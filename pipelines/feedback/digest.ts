@@ -25,18 +25,20 @@ export interface TeamCounts {
 /** Counts items dispatched in [from, to) per team, each item once. */
 export type DispatchCounter = (from: Date, to: Date) => Promise<TeamCounts>;
 
-/** Direct reads of the stream made at once while counting (two per item dispatched). */
+/** Items looked up at once while counting (three direct reads per item dispatched). */
 const LOOKUPS_AT_ONCE = 16;
 
 /**
  * Counts the items dispatched in [from, to) from the FEEDBACK stream, each once, under the team
- * of its first `feedback.dispatched` event stored after its ingested event: read with an
- * ordered consumer that starts at `from` (only the window, never the history), then, per item
- * seen, two direct reads (its ingested event, then its first dispatched one after it; at most
- * {@link LOOKUPS_AT_ONCE} items at a time). An item counts only in the window of that
- * dispatched event (a second one, such as a redrive's outputs stored again past the duplicate
- * window on nats-server 2.9, counts nothing; one stored before the item's entry, published with
- * the dispatch key, is skipped; one for an id that never entered counts nothing).
+ * of its first `feedback.dispatched` event stored after it reached dispatch (its first
+ * `topics_extracted` after its ingested event): read with an ordered consumer that starts at
+ * `from` (only the window, never the history), then, per item seen, three direct reads (its
+ * ingested event, its first topics_extracted after it, then its first dispatched one after
+ * that; at most {@link LOOKUPS_AT_ONCE} items at a time). An item counts only in the window of
+ * that dispatched event (a second one, such as a redrive's outputs stored again past the
+ * duplicate window on nats-server 2.9, counts nothing; one the dispatch key published before the
+ * item reached dispatch, or before its entry, is skipped, as the item's state skips it; one for
+ * an id that never entered counts nothing).
  *
  * @example
  * ```ts ignore
@@ -70,13 +72,16 @@ export function countDispatched(js: JetStreamClient): DispatchCounter {
       storedMessage(jsm, FEEDBACK_STREAM, { next_by_subj: subject, seq } as unknown as {
         seq: number;
       });
-    // An item's team: that of its first dispatched event stored after its ingested one, when
-    // that event is in the window. One stored before the entry (the dispatch key's forgery,
-    // or any event for an id that had not entered) is never looked at.
+    // An item's team: that of its first dispatched event stored after it reached dispatch (its
+    // first topics_extracted after its ingested event), when that event is in the window. One
+    // stored before (the dispatch key's forgery for an item at sentiment or topics, or any event
+    // for an id that had not entered) is never looked at.
     const teamOf = async (item: string): Promise<string | undefined> => {
       const entry = await next(`${FeedbackEventType.Ingested}.${item}`, 0);
       if (entry === null) return undefined;
-      const dispatched = await next(`${FeedbackEventType.Dispatched}.${item}`, entry.seq + 1);
+      const reached = await next(`${FeedbackEventType.TopicsExtracted}.${item}`, entry.seq + 1);
+      if (reached === null) return undefined;
+      const dispatched = await next(`${FeedbackEventType.Dispatched}.${item}`, reached.seq + 1);
       if (!dispatched || dispatched.seq < firstSeq || dispatched.seq > lastSeq) return undefined;
       try {
         const team = dispatched.json<{ data?: { routing?: { team?: unknown } } }>().data?.routing
