@@ -912,11 +912,19 @@ async function endedWith(
   stream: string,
   item: string,
   types: ReadonlySet<string>,
+  /** Whether an outcome stored for the item is its own (`Stage.holdsOutcome`); by default yes. */
+  holds?: (item: string, held: { type: string; seq: number }) => Promise<boolean>,
 ): Promise<string | undefined> {
   const found = await Promise.all(
-    [...types].map(async (type) =>
-      (await lastOn(jsm, stream, eventSubject(type, item)).catch(() => null)) ? type : undefined
-    ),
+    [...types].map(async (type) => {
+      const last = await lastOn(jsm, stream, eventSubject(type, item)).catch(() => null);
+      if (!last) return undefined;
+      // One its history does not lead to is no end of the item (a lookup that fails: as one).
+      if (holds && !(await holds(item, { type, seq: last.seq }).catch(() => true))) {
+        return undefined;
+      }
+      return type;
+    }),
   );
   return found.find((f) => f !== undefined);
 }
@@ -982,6 +990,11 @@ export interface DeadLetterContext {
    * failed; looked up with `jsm` in the message's stream.
    */
   finalTypes?: ReadonlySet<string>;
+  /**
+   * Whether an outcome stored for the item is its own (`Stage.holdsOutcome`): one that is not
+   * (a step's key's, for an item that had not reached the step) does not keep it from failing.
+   */
+  holdsOutcome?: (item: string, held: { type: string; seq: number }) => Promise<boolean>;
   jsm?: JetStreamManager;
   /**
    * The outcome the item's state records when it has ended (`Stage.outcomeOf`): an end of
@@ -1000,7 +1013,7 @@ export interface DeadLetterContext {
 async function finished(ctx: DeadLetterContext, m: JsMsg, item: string): Promise<boolean> {
   const outcome =
     (ctx.finalTypes && ctx.jsm
-      ? await endedWith(ctx.jsm, m.info.stream, item, ctx.finalTypes)
+      ? await endedWith(ctx.jsm, m.info.stream, item, ctx.finalTypes, ctx.holdsOutcome)
       : undefined) ?? await ctx.outcomeOf?.(item).catch(() => undefined);
   if (outcome) ctx.log.info("not failing a finished item", { item_id: item, outcome });
   return outcome !== undefined;
@@ -1247,6 +1260,12 @@ export async function runStage<I extends StageInput>(
     finalTypes: stage.finalTypes,
     jsm,
     ...(stage.outcomeOf ? { outcomeOf: (item: string) => stage.outcomeOf!(item) } : {}),
+    ...(stage.holdsOutcome
+      ? {
+        holdsOutcome: (item: string, held: { type: string; seq: number }) =>
+          stage.holdsOutcome!(item, held),
+      }
+      : {}),
   };
 
   // Aborted when stop() is called: a held letter (below) hands its message back then.

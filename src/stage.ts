@@ -177,8 +177,9 @@ export interface Stage<I extends StageInput = StageInput> {
    * Whether an outcome stored for `item` (one of `outcomes`: `held.type` at stream sequence
    * `held.seq`) is the item's, its history leading there. One that is not (published with a
    * step's key for an item that had not reached the step; its state writer dead-letters it)
-   * keeps the item from none of its own: the runner publishes the item's outcome after it.
-   * Asked only when an outcome is stored already. Without it, any stored outcome is the item's.
+   * keeps the item from none of its own: the runner publishes the item's outcome after it, and
+   * a message given up on for the item fails it. Asked only when an outcome is stored already.
+   * Without it, any stored outcome is the item's.
    */
   holdsOutcome?(item: string, held: { type: string; seq: number }): Promise<boolean>;
   /**

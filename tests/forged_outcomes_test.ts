@@ -230,6 +230,53 @@ Deno.test("the content storage key's outcome for a failed item, which its state 
   assert.equal(now.updated_at, failed.updated_at, "updated_at as it was");
 });
 
+Deno.test("the content storage key's outcome for an item moderation has not screened does not keep the item from failing: moderation giving up on it fails it", async () => {
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    // Moderation takes 3 s an attempt, then gives up on any text that says "crash", twice.
+    WEFT_SLOW_MS: "3000",
+    WEFT_SLOW_STAGE: "moderation",
+    WEFT_FAIL_ON: "crash",
+    WEFT_FAIL_STAGE: "moderation",
+    WEFT_MAX_ATTEMPTS: "2",
+    WEFT_RETRY_BASE_MS: "50",
+    WEFT_RETRY_MAX_MS: "50",
+  });
+  const r = await call(mesh, "POST", "/content", { text: "The app did crash on upload." });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  await viewWith(mesh, `/content/${id}`, "uploaded");
+  // While moderation works on it, the storage key publishes its outcome.
+  const seq = await as(mesh, "storage", async (nc) => {
+    const up = (await (await jetstreamManager(nc)).streams.getMessage(CONTENT_STREAM, {
+      last_by_subj: `content.uploaded.${id}`,
+    }))!.json<{ trace_id: string; data: { text: string } }>();
+    const event = createEvent({
+      type: "content.published",
+      itemId: id,
+      traceId: up.trace_id,
+      source: "weft-storage",
+      data: { content: up.data, via: "moderation" },
+    });
+    return (await jetstream(nc).publish(`content.published.${id}`, JSON.stringify(event))).seq;
+  });
+  assert.equal((await letterOf(mesh, "content-state", seq)).code, "conflict");
+  // The forged outcome is no end of the item: moderation's giving up fails it.
+  const failed = await viewWith(mesh, `/content/${id}`, "failed") as View & {
+    error?: { stage?: string };
+  };
+  assert.equal(failed.error?.stage, "moderation", JSON.stringify(failed));
+  const letter = await as(mesh, "admin", (nc) =>
+    waitFor(
+      async () =>
+        (await listDeadLetters(jetstream(nc), {})).find((e) => e.letter.stage === "moderation")
+          ?.letter,
+      30_000,
+      "moderation's dead letter",
+    ));
+  assert.equal(letter.item_id, id);
+});
+
 Deno.test("feedback steps' keys publishing their events for an item still at sentiment end nothing: dispatch's `processed` and topics' `topics_extracted` are dead-lettered conflict, the item's event stream does not end at the forged `processed`, the item processes on its own events, and the digest counts its own routing", async () => {
   // Sentiment takes 15 s an item, so each item waits there while the keys publish.
   await using mesh = await startMesh({

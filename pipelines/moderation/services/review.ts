@@ -16,6 +16,7 @@ import {
   type ServiceDef,
 } from "../../../src/service.ts";
 import {
+  contentOutcomeLeads,
   contentOutcomeReader,
   itemModerationReader,
   reviewQueueStage,
@@ -32,18 +33,21 @@ export const service: ServiceDef = defineService("review", async (ctx) => {
   const schedules = createScheduleStore(await kvm.open(SCHEDULE_BUCKET));
   const jsm = await jetstreamManager(ctx.nc);
   const outcomeOf = contentOutcomeReader(jsm);
+  // An outcome stored for an item that its history does not lead to is no end of it: giving
+  // up on the item still fails it.
+  const holdsOutcome = contentOutcomeLeads(jsm);
   return combineRunnables([
     await runStage({
       ...ctx,
-      stage: reviewQueueStage(
-        queue,
-        schedules,
-        ctx.config,
-        outcomeOf,
-        itemModerationReader(jsm),
-      ),
+      stage: {
+        ...reviewQueueStage(queue, schedules, ctx.config, outcomeOf, itemModerationReader(jsm)),
+        holdsOutcome,
+      },
     }),
-    await runStage({ ...ctx, stage: reviewSlaStage(queue, schedules, ctx.config) }),
+    await runStage({
+      ...ctx,
+      stage: { ...reviewSlaStage(queue, schedules, ctx.config), holdsOutcome },
+    }),
   ]);
 });
 
