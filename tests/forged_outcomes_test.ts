@@ -398,3 +398,46 @@ Deno.test("feedback steps' keys publishing their events for an item still at sen
     assert.ok(!("Nobody" in digest.data.teams), JSON.stringify(digest.data));
   });
 });
+
+Deno.test("the dispatch key's `processed` for an item at sentiment does not keep the item from failing: sentiment giving up on it fails it", async () => {
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    // Sentiment takes 3 s an attempt, then gives up on any text that says "crash", twice.
+    WEFT_SLOW_MS: "3000",
+    WEFT_SLOW_STAGE: "sentiment",
+    WEFT_FAIL_ON: "crash",
+    WEFT_FAIL_STAGE: "sentiment",
+    WEFT_MAX_ATTEMPTS: "2",
+    WEFT_RETRY_BASE_MS: "50",
+    WEFT_RETRY_MAX_MS: "50",
+  });
+  const r = await call(mesh, "POST", "/feedback", { text: "The app did crash on login" });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  await viewWith(mesh, `/feedback/${id}`, "accepted");
+  // While sentiment works on it, the dispatch key publishes its outcome.
+  const seq = await as(mesh, "dispatch", async (nc) => {
+    const ingested = (await (await jetstreamManager(nc)).streams.getMessage("FEEDBACK", {
+      last_by_subj: `feedback.ingested.${id}`,
+    }))!.json<{ trace_id: string; data: { text: string } }>();
+    const event = createEvent({
+      type: "feedback.processed",
+      itemId: id,
+      traceId: ingested.trace_id,
+      source: "weft-dispatch",
+      data: {
+        ...ingested.data,
+        sentiment: { label: "positive", score: 0.9, analyzer: "rules" },
+        topics: { topics: ["praise"], evidence: {}, analyzer: "rules" },
+        routing: { team: "Nobody", rule: 0 },
+      },
+    });
+    return (await jetstream(nc).publish(`feedback.processed.${id}`, JSON.stringify(event))).seq;
+  });
+  assert.equal((await letterOf(mesh, "state", seq)).code, "conflict");
+  // The forged outcome is no end of the item: sentiment's giving up fails it.
+  const failed = await viewWith(mesh, `/feedback/${id}`, "failed") as View & {
+    error?: { stage?: string };
+  };
+  assert.equal(failed.error?.stage, "sentiment", JSON.stringify(failed));
+});

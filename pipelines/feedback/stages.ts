@@ -154,6 +154,29 @@ export function topicsStage(
   };
 }
 
+/**
+ * Whether a `feedback.processed` stored for an item (at `held.seq`) is the item's end: stored
+ * after the item reached dispatch (a `topics_extracted` of it stored after its entry and before
+ * it), as the item's state requires. One the dispatch key published for an item still at
+ * sentiment or topics is not, and does not keep a step that gives up on the item from failing
+ * it (`Stage.holdsOutcome`). Read only when a step gives up on an item.
+ */
+export function feedbackOutcomeLeads(
+  jsm: JetStreamManager,
+): (itemId: string, held: { type: string; seq: number }) => Promise<boolean> {
+  const first = (subject: string, after: number) =>
+    // STREAM.MSG.GET takes next_by_subj (nats-server 2.9+); nats.js types only seq/last_by_subj.
+    storedMessage(jsm, FEEDBACK_STREAM, { next_by_subj: subject, seq: after } as unknown as {
+      seq: number;
+    });
+  return async (itemId, held) => {
+    const entry = await first(`${T.Ingested}.${itemId}`, 0);
+    if (!entry || entry.seq > held.seq) return false;
+    const reached = await first(`${T.TopicsExtracted}.${itemId}`, entry.seq + 1);
+    return reached !== null && reached.seq < held.seq;
+  };
+}
+
 /** What dispatch reads of an item before routing it ({@link feedbackItemReader}). */
 export type FeedbackItemReader = (
   itemId: string,

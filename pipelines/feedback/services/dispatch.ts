@@ -7,7 +7,7 @@
  */
 import { loadRules } from "../rules.ts";
 import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
-import { dispatchStage, feedbackItemReader } from "../stages.ts";
+import { dispatchStage, feedbackItemReader, feedbackOutcomeLeads } from "../stages.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { followStepVersion } from "../../../src/step_versions.ts";
 
@@ -19,10 +19,16 @@ export const service: ServiceDef = stageService("dispatch", async (ctx) => {
     "dispatch",
     async (config) => (await loadRules(config.rulesPath)).route,
   );
-  return dispatchStage(
-    (sentiment, topics) => live.current()(sentiment, topics),
-    feedbackItemReader(await jetstreamManager(ctx.nc), ctx.nc),
-  );
+  const jsm = await jetstreamManager(ctx.nc);
+  return {
+    ...dispatchStage(
+      (sentiment, topics) => live.current()(sentiment, topics),
+      feedbackItemReader(jsm, ctx.nc),
+    ),
+    // A `processed` the item's history does not lead to is no end of it: giving up on the
+    // item still fails it.
+    holdsOutcome: feedbackOutcomeLeads(jsm),
+  };
 });
 
 if (import.meta.main) await runService(service);

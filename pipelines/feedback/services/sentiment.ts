@@ -7,7 +7,8 @@
 import { feedbackAnalyzers } from "../analyzers.ts";
 import { registerLlmMetrics } from "../../../src/observability/metrics.ts";
 import { runService, type ServiceDef, stageService } from "../../../src/service.ts";
-import { sentimentStage } from "../stages.ts";
+import { feedbackOutcomeLeads, sentimentStage } from "../stages.ts";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { followStepVersion } from "../../../src/step_versions.ts";
 
 /** The sentiment service. */
@@ -15,10 +16,15 @@ export const service: ServiceDef = stageService("sentiment", async (ctx) => {
   const live = await followStepVersion(ctx, "feedback", "sentiment", feedbackAnalyzers);
   const { llmStats } = live.current();
   if (llmStats) registerLlmMetrics(ctx.metrics.registry, llmStats, "sentiment");
-  return sentimentStage({
-    name: "live",
-    analyze: (text, options) => live.current().sentiment.analyze(text, options),
-  });
+  return {
+    ...sentimentStage({
+      name: "live",
+      analyze: (text, options) => live.current().sentiment.analyze(text, options),
+    }),
+    // A `processed` the item's history does not lead to is no end of it: giving up on the
+    // item still fails it.
+    holdsOutcome: feedbackOutcomeLeads(await jetstreamManager(ctx.nc)),
+  };
 });
 
 if (import.meta.main) await runService(service);
