@@ -864,6 +864,11 @@ Deno.test("a step's key cannot end an item waiting for a decision: its forged ru
       20_000,
       "W1 waiting",
     );
+    // A client following the item's events from now on.
+    const app = await definitionsApp(t, [p]);
+    const live = readSse(await app.request("/pipelines/orders/items/W1/events"), {
+      timeoutMs: 30_000,
+    });
     // The reply step's key: its event, then its end, as its runner would publish them.
     const route = await lastOn(t.jsm, pipelineSubjects(def).stream, "orders.route.W1");
     const data = {
@@ -903,6 +908,20 @@ Deno.test("a step's key cannot end an item waiting for a decision: its forged ru
     );
     assert.equal(done.outcome, "sent");
     assert.deepEqual(done.results.reply, { replied: true });
+    // Its event stream showed no forged end, and closed at the item's own.
+    const frames = await live;
+    const sent = frames.filter((f) => f.event === "orders.sent");
+    assert.equal(sent.length, 1, frames.map((f) => f.event).join(", "));
+    assert.notEqual(JSON.parse(sent[0]!.data).id, "forged-sent");
+    assert.equal(frames.at(-1)!.event, "orders.sent");
+    // A replay shows the same.
+    const replayed = await readSse(await app.request("/pipelines/orders/items/W1/events"), {
+      timeoutMs: 30_000,
+    });
+    assert.deepEqual(
+      replayed.filter((f) => f.event === "orders.sent").map((f) => JSON.parse(f.data).id),
+      [JSON.parse(sent[0]!.data).id],
+    );
     assert.deepEqual(done.results.approval, { by: "alice" });
     // The state a rebuild folds from the stream is the live one.
     const { states } = await rebuildStates(jetstream(t.nc), pipelineStateSpec(p));

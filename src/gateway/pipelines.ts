@@ -38,6 +38,8 @@ import type { Logger } from "../observability/log.ts";
 import { depthWithin, eventMessage, MAX_DEPTH } from "../runner.ts";
 import { readStream } from "../stream_reader.ts";
 import { ITEM_ID } from "../subjects.ts";
+import type { StateSpec } from "../state_writer.ts";
+import type { ItemState } from "../pipeline/fold.ts";
 import { childContext, parseTraceparent } from "../observability/trace.ts";
 import { activeTraceContext } from "../observability/telemetry.ts";
 import { pipelineGraph, pipelineSubjects } from "../pipeline/derive.ts";
@@ -50,6 +52,7 @@ import {
   hasWaits,
   itemEntryEvent,
   type LoadedPipeline,
+  pipelineStateSpec,
   readItem,
   stateBucketOf,
   submitItem,
@@ -105,6 +108,8 @@ interface Runtime {
   claims?: () => Promise<Claims>;
   finals: Set<string>;
   awaited: Set<string>;
+  /** The state writer's spec: what a per-item stream folds to tell forged ends. */
+  stateSpec: StateSpec<ItemState>;
 }
 
 /**
@@ -483,6 +488,7 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
         : {}),
       finals,
       awaited,
+      stateSpec: pipelineStateSpec(p),
     }];
   }));
   const runtimeOf = (name: string): Runtime => {
@@ -669,6 +675,8 @@ export function pipelineRoutes(deps: PipelineRouteDeps): Hono {
       from,
       itemId: id,
       finalTypes: r.finals,
+      // An end the item's history does not lead to (a step's key's) is not shown.
+      state: r.stateSpec as StateSpec<unknown>,
     }, { config, clients, feeds, log, key });
   });
 

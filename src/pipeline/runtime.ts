@@ -42,7 +42,7 @@ import {
   type ServiceDef,
 } from "../service.ts";
 import type { MessageInfo, OutputEvent, Stage, StageContext } from "../stage.ts";
-import { decodeStateEvent, runStateWriter, type StateSpec } from "../state_writer.ts";
+import { runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore } from "../scheduler/store.ts";
 import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
 import {
@@ -1784,7 +1784,6 @@ const HANDED_OVER = Symbol("handed over");
 export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
   const { flow, def } = p;
   const n = def.name;
-  const stream = pipelineSubjects(def).stream;
   const foldEvent = (event: AnyEvent, seq: number): FoldEvent => ({
     seq,
     id: event.id,
