@@ -3,6 +3,7 @@
  * `deno task start` runs it, answering over HTTP.
  */
 import assert from "node:assert/strict";
+import { bucketTwin } from "../scripts/new_pipeline.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
@@ -105,8 +106,6 @@ Deno.test("deno task new refuses a name the mesh already uses (a hand-wired pipe
 Deno.test("deno task new refuses a name a listed file defines already, or one differing only by - and _ from a pipeline's there or listed in run.json, in one line", async () => {
   const tag = crypto.randomUUID().slice(0, 8);
   const there = `gen_${tag}`;
-  const listFile = new URL("pipelines/run.json", root);
-  const list = await Deno.readTextFile(listFile);
   try {
     assert.ok((await newPipeline(there)).success);
     const made = await newPipeline(`gen-${tag}`);
@@ -115,35 +114,33 @@ Deno.test("deno task new refuses a name a listed file defines already, or one di
     assert.equal(said.trim().split("\n").length, 1, said);
     assert.match(said, new RegExp(`"gen-${tag}" would share the buckets of pipeline "${there}"`));
     await assert.rejects(Deno.stat(new URL(`pipelines/gen-${tag}/`, root)));
-
-    // Listed in run.json only (its folder elsewhere, or gone).
-    const listed = `gen-${tag}-b`;
-    await Deno.writeTextFile(
-      listFile,
-      JSON.stringify({ run: [`pipelines/gen_${tag}_b/pipeline.ts`] }, null, 2) + "\n",
-    );
-    const again = await newPipeline(listed);
-    assert.equal(again.code, 1, new TextDecoder().decode(again.stderr));
-    assert.match(new TextDecoder().decode(again.stderr), /pipelines\/run\.json/);
-
-    // The very name, defined by a listed file in another folder: the same pipeline twice.
-    const elsewhere = `pipelines/gen_${tag}_c/shop.ts`;
-    await Deno.mkdir(new URL(`pipelines/gen_${tag}_c/`, root));
-    await Deno.writeTextFile(new URL(elsewhere, root), `export default { name: "shop-${tag}" };\n`);
-    await Deno.writeTextFile(listFile, JSON.stringify({ run: [elsewhere] }, null, 2) + "\n");
-    const same = await newPipeline(`shop-${tag}`);
-    const sameSaid = new TextDecoder().decode(same.stderr);
-    assert.equal(same.code, 1, sameSaid);
-    assert.match(
-      sameSaid,
-      new RegExp(`a pipeline "shop-${tag}" is defined already in ${elsewhere}`),
-    );
-    await assert.rejects(Deno.stat(new URL(`pipelines/shop-${tag}/`, root)));
   } finally {
-    await Deno.writeTextFile(listFile, list);
-    for (const d of [there, `gen-${tag}`, `gen-${tag}-b`, `gen_${tag}_c`, `shop-${tag}`]) {
+    for (const d of [there, `gen-${tag}`]) {
       await Deno.remove(new URL(`pipelines/${d}/`, root), { recursive: true }).catch(() => {});
     }
+  }
+  // What run.json lists, in a tree of its own: the repository's run.json is what every mesh
+  // a test starts reads (rewritten here, a mesh started meanwhile found a file that is not there).
+  const tree = await Deno.makeTempDir({ prefix: "weft-new-" });
+  try {
+    const at = new URL(`file://${tree}/`);
+    await Deno.mkdir(new URL("pipelines/", at));
+    const listFile = new URL("pipelines/run.json", at);
+    // Listed in run.json only (its folder elsewhere, or gone).
+    await Deno.writeTextFile(listFile, JSON.stringify({ run: ["pipelines/gen_x_b/pipeline.ts"] }));
+    const listed = await bucketTwin("gen-x-b", at);
+    assert.equal(listed?.name, "gen_x_b");
+    assert.match(listed!.where, /pipelines\/run\.json/);
+    // The very name, defined by a listed file in another folder: the same pipeline twice.
+    const elsewhere = "pipelines/gen_x_c/shop.ts";
+    await Deno.mkdir(new URL("pipelines/gen_x_c/", at));
+    await Deno.writeTextFile(new URL(elsewhere, at), `export default { name: "shop-x" };\n`);
+    await Deno.writeTextFile(listFile, JSON.stringify({ run: [elsewhere] }));
+    const same = await bucketTwin("shop-x", at);
+    assert.equal(same?.name, "shop-x", "the name itself: deno task new says it is defined already");
+    assert.match(same!.where, new RegExp(elsewhere));
+  } finally {
+    await Deno.remove(tree, { recursive: true });
   }
 });
 
