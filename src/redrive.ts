@@ -386,13 +386,15 @@ function letterBytes(letter: DeadLetter): Uint8Array {
 export function originalBody(letter: DeadLetter, bytes = letterBytes(letter)): Uint8Array {
   if (!submissionDocument(letter.subject) || !letter.item_id) return bytes;
   // A bus submission without an id was given one from its stream position; keep it, so the
-  // redriven submission is the same item and not a new one.
+  // redriven submission is the same item and not a new one. Read as its consumer reads it:
+  // a body that is not UTF-8, or holds a number JavaScript cannot keep as written, would be
+  // re-encoded here into another submission (replacement characters, null, a rounded number).
   try {
-    const doc = JSON.parse(decoder.decode(bytes));
+    const doc = decodeJson(bytes) as Record<string, unknown> | null;
     if (doc && typeof doc === "object" && !Array.isArray(doc) && doc.id === undefined) {
       return encoder.encode(JSON.stringify({ ...doc, id: letter.item_id }));
     }
-  } catch { /* not JSON: republish as it was; it will be dead-lettered again */ }
+  } catch { /* not as its consumer reads JSON: kept as it was, and refused by the checks */ }
   return bytes;
 }
 

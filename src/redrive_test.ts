@@ -66,3 +66,18 @@ Deno.test("originalBody returns other originals byte for byte, base64 decoded", 
   const binary = letter({ payload: btoa("\xff\xfe"), payload_encoding: "base64" });
   assert.deepEqual([...originalBody(binary)], [0xff, 0xfe]);
 });
+
+Deno.test("originalBody keeps a submission it cannot read as its consumer does byte for byte", () => {
+  for (
+    const payload of [
+      btoa('{"text":"bad \xff\xfe"}'),
+      btoa('{"text":"a","metadata":{"x":1e400}}'),
+      btoa('{"text":"a","metadata":{"x":123456789012345678901234567890}}'),
+    ]
+  ) {
+    const l = letter({ item_id: "fb_x", payload, payload_encoding: "base64" });
+    assert.deepEqual([...originalBody(l)], [
+      ...Uint8Array.from(atob(payload), (c) => c.charCodeAt(0)),
+    ]);
+  }
+});

@@ -332,3 +332,51 @@ Deno.test("a letter of an event for an item that had not entered is not redriven
   assert.equal(res.status, 200, await res.clone().text());
   assert.deepEqual((await res.json()).redriven.map((r: { seq: number }) => r.seq), [seq]);
 });
+
+Deno.test("a bus submission dead-lettered for bytes its consumer cannot read as written (invalid UTF-8, 1e400, an integer past 2^53) is not redriven rewritten", async () => {
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const js = jetstream(t.nc);
+  // Id-less, so a redrive adds the item id it was dead-lettered under; it must not re-encode
+  // the rest of the body on the way (replacement characters, null, a rounded number).
+  const originals = [
+    new Uint8Array([...new TextEncoder().encode('{"text":"bad '), 0xff, 0xfe, 0x22, 0x7d]),
+    new TextEncoder().encode('{"text":"huge","metadata":{"x":1e400}}'),
+    new TextEncoder().encode('{"text":"long","metadata":{"x":123456789012345678901234567890}}'),
+  ];
+  for (const body of originals) await js.publish("feedback.submit", body);
+  const letters = await waitFor(
+    async () => {
+      const ls = (await listDeadLetters(js)).filter((l) => l.letter.subject === "feedback.submit");
+      return ls.length === originals.length && ls;
+    },
+    20_000,
+    "the three submissions' dead letters",
+  );
+  const res = await p.app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ids: letters.map((l) => l.seq) }),
+  });
+  const answer = await res.clone().text();
+  assert.equal(res.status, 422, answer);
+  assert.match(res.headers.get("content-type") ?? "", /problem\+json/);
+  const problem = await res.json();
+  assert.equal(problem.field, "/ids");
+  for (const l of letters) {
+    assert.match(
+      problem.detail,
+      new RegExp(`\\b${l.seq}: the original would be dead-lettered again`),
+    );
+  }
+  assert.match(problem.detail, /not valid UTF-8/);
+  assert.match(problem.detail, /1e400 cannot be kept as written/);
+  assert.match(problem.detail, /123456789012345678901234567890 cannot be kept as written/);
+  // Nothing was published for any of them: no item entered.
+  for (const l of letters) {
+    const info = await t.jsm.streams.info("FEEDBACK", {
+      subjects_filter: `feedback.ingested.${l.letter.item_id}`,
+    });
+    assert.equal(Object.keys(info.state.subjects ?? {}).length, 0, `${l.letter.item_id} entered`);
+  }
+});
