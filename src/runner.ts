@@ -25,6 +25,7 @@ import {
 import type { Span } from "@opentelemetry/api";
 import type { Config } from "./config.ts";
 import {
+  ConflictError,
   ErrorCode,
   errorCode,
   isPermanent,
@@ -429,6 +430,32 @@ export async function publishEvent(
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
     return await publishAfterJunk(js, event, m, entrySubject, sameInput, stands, inputSubject);
+  }
+}
+
+/**
+ * After an entry event's publish stored nothing (the item's entry is stored already): throws a
+ * permanent conflict when the stored one carries another input than `event`, as `inputOf`
+ * reads them (the item's id taken by another body). One it cannot read as an event of the
+ * item, or none, is no conflict.
+ */
+async function assertSameEntry(
+  jsm: JetStreamManager,
+  stream: string,
+  inputOf: (event: unknown) => unknown,
+  event: OutputEvent,
+): Promise<void> {
+  const held = await storedMessage(jsm, stream, {
+    last_by_subj: eventSubject(event.type, event.item_id),
+  });
+  if (!held) return;
+  const body = tryDecode(held.data) as { type?: unknown; item_id?: unknown } | null;
+  if (body?.type !== event.type || body.item_id !== event.item_id) return;
+  if (canonicalJson(inputOf(body)) !== canonicalJson(inputOf(event))) {
+    throw new ConflictError(
+      `item ${event.item_id} was already submitted with a different body; the first stands`,
+      { permanent: true },
+    );
   }
 }
 
@@ -1553,8 +1580,8 @@ export async function runStage<I extends StageInput>(
       if (stage.outcomes && outcome) await checkOutcome();
       const publish = (events: OutputEvent[]) =>
         Promise.all(
-          events.filter((e) => !skip.has(e)).map((event) =>
-            publishEvent(
+          events.filter((e) => !skip.has(e)).map(async (event) => {
+            const stored = await publishEvent(
               js,
               event,
               trace,
@@ -1563,8 +1590,11 @@ export async function runStage<I extends StageInput>(
               stage.inputOf && ((held) => sameInputOf(stage, held, event)),
               stage.storedStands && ((held) => stage.storedStands!(event.item_id, held)),
               stage.inputSubject?.(event.item_id),
-            )
-          ),
+            );
+            if (!stored && stage.entryInputOf && isEntry(event.type)) {
+              await assertSameEntry(jsm, stream, stage.entryInputOf, event);
+            }
+          }),
         );
       if (fenced) {
         await publish(outputs.slice(0, at));

@@ -144,6 +144,14 @@ export interface Stage<I extends StageInput = StageInput> {
    * for the item's own.
    */
   inputOf?(event: unknown): unknown;
+  /**
+   * For a stage that publishes an item's entry event under an id its submission names (a bus
+   * intake): what of an entry event (any body; it must not throw) makes a submission sent again
+   * under that id the same item. When the item's entry event is stored already and carries
+   * another (the id taken by another body), the message is dead-lettered `conflict`, failing
+   * nothing, as the gateway refuses it with 422; the same is a replay, acked.
+   */
+  entryInputOf?(event: unknown): unknown;
   /** Event types that start an item: stored once per subject, the first one wins. */
   entryTypes?: ReadonlySet<string>;
   /**

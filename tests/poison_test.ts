@@ -167,3 +167,61 @@ Deno.test("a message the stage process died on at every attempt is dead-lettered
   );
   await runner.stop();
 });
+
+Deno.test("a bus submission naming an id already taken by another body is dead-lettered conflict, failing nothing; the same body again is a replay", async () => {
+  // Found by probing a running mesh: `nats pub feedback.submit '{"id":"KDUP1",...}'` with
+  // another text than KDUP1's was acked with no dead letter and no log (over HTTP the same
+  // body is refused 422 idempotency_mismatch): the submission was dropped.
+  await using t = await startTestNats();
+  await using p = await startPipeline(t);
+  const js = jetstream(t.nc);
+  const first = await p.app.request("/feedback", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ id: "taken-1", text: "the first text" }),
+  });
+  assert.equal(first.status, 202, await first.clone().text());
+  await first.body?.cancel();
+  const replay = await js.publish(
+    "feedback.submit",
+    JSON.stringify({ text: "the first text", id: "taken-1" }),
+  );
+  const other = await js.publish(
+    "feedback.submit",
+    JSON.stringify({ id: "taken-1", text: "another text" }),
+  );
+  const letters = await waitFor(
+    async () => {
+      const ls = (await listDeadLetters(js)).filter((l) => l.letter.subject === "feedback.submit");
+      return ls.length > 0 && ls;
+    },
+    20_000,
+    "the other body's dead letter",
+  );
+  // Both submissions handled (acked), so no second letter is still to come.
+  await waitFor(
+    async () => {
+      const c = await t.jsm.consumers.info(FEEDBACK_STREAM, "ingest");
+      return c.ack_floor.stream_seq >= Math.max(replay.seq, other.seq) && c.num_ack_pending === 0;
+    },
+    20_000,
+    "ingest acked both submissions",
+  );
+  const all = (await listDeadLetters(js)).filter((l) => l.letter.subject === "feedback.submit");
+  assert.equal(all.length, 1, JSON.stringify(all));
+  const { letter } = letters[0]!;
+  assert.equal(letter.stream_seq, other.seq);
+  assert.equal(letter.code, "conflict");
+  assert.equal(letter.item_id, "taken-1");
+  assert.match(letter.reason, /item taken-1 was already submitted with a different body/);
+  // The item stands as first submitted, and nothing failed it.
+  const ingested = await t.jsm.streams.info(FEEDBACK_STREAM, {
+    subjects_filter: "feedback.*.taken-1",
+  });
+  assert.equal(ingested.state.subjects?.["feedback.ingested.taken-1"], 1);
+  assert.equal(ingested.state.subjects?.["feedback.failed.taken-1"], undefined);
+  const stored = await t.jsm.streams.getMessage(FEEDBACK_STREAM, {
+    last_by_subj: "feedback.ingested.taken-1",
+  });
+  assert.equal(stored!.json<{ data: { text: string } }>().data.text, "the first text");
+});

@@ -66,6 +66,8 @@ export function ingestStage(): Stage<{ kind: "document"; name: "feedback.submit"
     ...FEEDBACK,
     filterSubject: SUBMIT_SUBJECT,
     input: { kind: "document", name: "feedback.submit" },
+    // An id sent again with another body is refused (dead-lettered `conflict`), as over HTTP.
+    entryInputOf: itemFieldsOf,
     identify(raw, message) {
       const id = (raw as { id?: unknown } | null)?.id;
       return typeof id === "string" && /^[A-Za-z0-9_-]{1,64}$/.test(id)
