@@ -14,6 +14,7 @@ import { SHIPPED_PIPELINES } from "../pipelines/shipped.ts";
 import { SHIPPED_GATEWAYS } from "../pipelines/shipped_gateways.ts";
 import { type GatewayPart, wiredStreams } from "../src/wiring.ts";
 import { serveDeadLetterRequests } from "../src/redrive.ts";
+import { maxPayloadOf } from "../src/gateway/requests.ts";
 import { defineService, runService, type ServiceDef } from "../src/service.ts";
 import {
   definitionRedriveCheck,
@@ -134,7 +135,7 @@ export const service: ServiceDef = defineService(
       config.bodyLimit,
     );
     const deadLetterRequests = serveDeadLetterRequests(nc, log, auth, {
-      check: definitionRedriveCheck(pipelines),
+      check: definitionRedriveCheck(pipelines, () => maxPayloadOf(nc)),
       entrySubject: redriveEntrySubjects(pipelines),
     });
     // The server has every request subscription above before the gateway says it listens:

@@ -380,3 +380,61 @@ Deno.test("a bus submission dead-lettered for bytes its consumer cannot read as 
     assert.equal(Object.keys(info.state.subjects ?? {}).length, 0, `${l.letter.item_id} entered`);
   }
 });
+
+Deno.test("a definition's bus submission whose entry event is past max_payload is not redriven: it would only fail its item again", async () => {
+  // Found by probing: a 1 MB `nats pub tickets.submit` is dead-lettered `payload_too_large`
+  // (its entry event carries the input twice), and each redrive of the letter was accepted,
+  // failed the item again and made another letter.
+  await using t = await startTestNats();
+  const pipelines = await loadPipelines(
+    ["pipelines/examples/tickets.ts"],
+    new URL("../", import.meta.url).pathname,
+  );
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology(pipelines, t.config.retentionMs));
+  const app = await definitionsApp(t, pipelines);
+  const js = jetstream(t.nc);
+  const def = pipelines[0]!.def;
+  const stage = intakeStage(pipelines[0]!);
+  await ensureConsumer(t.jsm, stage.stream, stageConsumerConfig(stage, t.config));
+  const maxPayload = t.nc.info!.max_payload;
+  const submit = async (text: string) => {
+    const payload = JSON.stringify({ customer: "c", text });
+    const stored = await js.publish("tickets.submit", payload);
+    const l = letter({
+      stage: durableOf(def, INTAKE),
+      subject: "tickets.submit",
+      payload,
+      stream_seq: stored.seq,
+      code: "payload_too_large",
+      item_id: `tickets-${stored.seq}`,
+    });
+    return (await js.publish(`deadletter.${l.stage}.${l.item_id}`, JSON.stringify(l))).seq;
+  };
+  // Fits on its own, not twice over in its entry event.
+  const tooLarge = await submit("a".repeat(Math.ceil(maxPayload * 0.6)));
+  const res = await app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ids: [tooLarge] }),
+  });
+  assert.equal(res.status, 422, await res.clone().text());
+  assert.match(res.headers.get("content-type") ?? "", /problem\+json/);
+  const problem = await res.json();
+  assert.equal(problem.field, "/ids");
+  assert.match(
+    problem.detail,
+    new RegExp(`\\b${tooLarge}: the original would be dead-lettered again: .*max_payload`),
+  );
+  const before = (await t.jsm.streams.info(pipelineSubjects(def).stream)).state.messages;
+  // One whose entry event fits is redriven as before.
+  const fits = await submit("a".repeat(Math.floor(maxPayload * 0.3)));
+  const ok = await app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: JSON_TYPE,
+    body: JSON.stringify({ ids: [fits] }),
+  });
+  assert.equal(ok.status, 200, await ok.clone().text());
+  assert.equal((await ok.json()).redriven.length, 1);
+  const after = (await t.jsm.streams.info(pipelineSubjects(def).stream)).state.messages;
+  assert.equal(after, before + 2, "the second original and its redrive, nothing for the first");
+});

@@ -24,7 +24,7 @@ import {
   WeftError,
 } from "../errors.ts";
 import type { Logger } from "../observability/log.ts";
-import { requestJson } from "./requests.ts";
+import { maxPayloadOf, requestJson } from "./requests.ts";
 import { DEADLETTER_STREAM } from "../subjects.ts";
 import { deadLetterRoutes } from "./deadletters.ts";
 import { lazyScheduleStore, scheduleRoutes, scheduleTargets } from "./schedules.ts";
@@ -489,7 +489,7 @@ export function createApp(deps: GatewayDeps): Hono {
   app.route(
     "/deadletters",
     deadLetterRoutes(jetStream.js, {
-      check: definitionRedriveCheck(deps.pipelines ?? []),
+      check: definitionRedriveCheck(deps.pipelines ?? [], () => maxPayloadOf(deps.nc)),
       entrySubject: redriveEntrySubjects(deps.pipelines ?? []),
     }),
   );

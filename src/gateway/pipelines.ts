@@ -1064,6 +1064,11 @@ export function redriveEntrySubjects(
  */
 export function definitionRedriveCheck(
   pipelines: readonly LoadedPipeline[],
+  /**
+   * The server's max_payload: a submission whose entry event (which carries the input twice)
+   * is larger is refused, as its intake would dead-letter it `payload_too_large` again.
+   */
+  maxPayload?: () => number,
 ): (subject: string, value: unknown) => void {
   const byName = new Map(pipelines.map((p) => [p.def.name, p]));
   return (subject, value) => {
@@ -1072,6 +1077,20 @@ export function definitionRedriveCheck(
     if (!p) return;
     if (subject === pipelineSubjects(p.def).submit) {
       checkInput(p.flow, value);
+      const limit = maxPayload?.();
+      if (limit !== undefined) {
+        // The shortest item id and source it could have: a body past the limit even so is
+        // past it for certain.
+        const entry = itemEntryEvent(p, "x", value, { source: "", traceId: "0".repeat(32) });
+        const bytes = eventMessage(entry as unknown as OutputEvent, null, true).data.length;
+        if (bytes > limit) {
+          throw new WeftError(
+            ErrorCode.PayloadTooLarge,
+            `its entry event ${entry.type} would be at least ${bytes} bytes, more than the ` +
+              `server takes in one message (max_payload, ${limit})`,
+          );
+        }
+      }
       return;
     }
     const role = p.flow.roles.get(token!);
