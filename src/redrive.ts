@@ -434,10 +434,12 @@ export interface RedriveOptions {
   /**
    * Where the item a pipeline subject names has its entry event stored (e.g.
    * `orders.placed.<id>` for `orders.priced.<id>`); undefined for a subject of no known
-   * pipeline. A `not_found` letter (an event for an item that had not entered) is refused
-   * while nothing is stored there: its redrive would be dead-lettered again.
+   * pipeline; for a submission (`orders.submit`), of the item `item` its letter names. A
+   * `not_found` letter (an event for an item that had not entered) is refused while nothing is
+   * stored there, and a submission's `conflict` letter (its id taken by another body) once
+   * something is: either redrive would be dead-lettered again.
    */
-  entrySubject?: (subject: string) => string | undefined;
+  entrySubject?: (subject: string, item?: string) => string | undefined;
 }
 
 async function refusalOf(
@@ -524,6 +526,17 @@ async function refusalOf(
     ) {
       return `the original would be dead-lettered again: its item has not entered (nothing is ` +
         `stored on ${entry})`;
+    }
+  }
+  if (
+    letter.code === ErrorCode.Conflict && opts.entrySubject && letter.item_id &&
+    submissionDocument(subject)
+  ) {
+    // A bus submission naming an id another body took: that body's item stands for good.
+    const entry = opts.entrySubject(subject, letter.item_id);
+    if (entry !== undefined && await storedMessage(jsm, stream, { last_by_subj: entry })) {
+      return `the original would be dead-lettered again: item ${letter.item_id} has entered ` +
+        `already (stored on ${entry}), and its first submission stands`;
     }
   }
   const body = originalBody(letter, bytes);

@@ -168,7 +168,7 @@ Deno.test("a message the stage process died on at every attempt is dead-lettered
   await runner.stop();
 });
 
-Deno.test("a bus submission naming an id already taken by another body is dead-lettered conflict, failing nothing; the same body again is a replay", async () => {
+Deno.test("a bus submission naming an id already taken by another body is dead-lettered conflict, failing nothing, and its letter is not redriven; the same body again is a replay", async () => {
   // Found by probing a running mesh: `nats pub feedback.submit '{"id":"KDUP1",...}'` with
   // another text than KDUP1's was acked with no dead letter and no log (over HTTP the same
   // body is refused 422 idempotency_mismatch): the submission was dropped.
@@ -224,4 +224,24 @@ Deno.test("a bus submission naming an id already taken by another body is dead-l
     last_by_subj: "feedback.ingested.taken-1",
   });
   assert.equal(stored!.json<{ data: { text: string } }>().data.text, "the first text");
+  // Its redrive would only be dead-lettered again (the first body stands): refused, and no
+  // second letter is made.
+  const redrive = await p.app.request("/deadletters/redrive", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ ids: [letters[0]!.seq] }),
+  });
+  assert.equal(redrive.status, 422, await redrive.clone().text());
+  assert.match(
+    (await redrive.json()).detail,
+    /the original would be dead-lettered again: item taken-1 has entered already/,
+  );
+  const submits = await t.jsm.streams.info(FEEDBACK_STREAM, {
+    subjects_filter: "feedback.submit",
+  });
+  assert.equal(
+    submits.state.subjects?.["feedback.submit"],
+    2,
+    "nothing republished on feedback.submit",
+  );
 });

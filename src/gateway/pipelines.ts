@@ -1040,18 +1040,21 @@ export function servePipelineRequests(
  * ```ts ignore
  * const entryOf = redriveEntrySubjects(loaded);
  * entryOf("orders.priced.o1"); // "orders.submitted.o1"
+ * entryOf("orders.submit", "o1"); // "orders.submitted.o1"
  * ```
  */
 export function redriveEntrySubjects(
   pipelines: readonly LoadedPipeline[],
-): (subject: string) => string | undefined {
+): (subject: string, item?: string) => string | undefined {
   const entries = new Map<string, string>();
   for (const w of SHIPPED_PIPELINES) if (w.items) entries.set(w.name, w.items.entryType);
   for (const p of pipelines) entries.set(p.def.name, `${p.def.name}.${entryEvent(p.def)}`);
-  return (subject) => {
+  return (subject, item) => {
     const parts = subject.split(".");
-    const entry = parts.length === 3 ? entries.get(parts[0]!) : undefined;
-    return entry === undefined ? undefined : `${entry}.${parts[2]}`;
+    // A submission (`orders.submit`) names its item in its body: `item`.
+    const id = parts.length === 3 ? parts[2] : parts.length === 2 ? item : undefined;
+    const entry = id === undefined ? undefined : entries.get(parts[0]!);
+    return entry === undefined ? undefined : `${entry}.${id}`;
   };
 }
 
