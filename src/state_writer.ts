@@ -110,6 +110,12 @@ export interface StateSpec<S> {
    * from the stream in order, and folds it when they lead there.
    */
   refuses?(state: S, event: AnyEvent, seq: number): string | undefined;
+  /**
+   * The highest stream sequence folded into `state`, for a fold that refuses, itself, what
+   * `refuses` refuses (a definition's): a writer whose state lacks events stored before one
+   * it is given (delivered later) folds them first, read from the stream, those after this.
+   */
+  lastSeq?(state: S): number;
 }
 
 /**
@@ -167,6 +173,11 @@ interface Held {
   events: { event: AnyEvent; seq: number }[];
   since: number;
   final: boolean;
+  /**
+   * What to fold instead of `events`, in order: the item's events stored up to the last of
+   * them that its history leads to, when its state lacked some of those (see `screen`).
+   */
+  fold?: { event: AnyEvent; seq: number }[];
 }
 
 interface Cached<S> {
@@ -419,14 +430,18 @@ export async function runStateWriter<S>(opts: {
 
   /**
    * Which of `seqs` (events of item `id`) the item's history does not lead to, with the
-   * reason: the item's events read from the stream in order up to the last of them, folded as
-   * a rebuild folds them ({@link foldLed}).
+   * reason, and the events it leads to (`led`, in order): the item's events read from the
+   * stream in order up to the last of them, folded as a rebuild folds them ({@link foldLed}).
    */
-  async function refusedByHistory(id: string, seqs: number[]): Promise<Map<number, string>> {
+  async function refusedByHistory(
+    id: string,
+    seqs: number[],
+  ): Promise<{ reasons: Map<number, string>; led: { event: AnyEvent; seq: number }[] }> {
     const filter = itemFilter(id)!;
     const last = Math.max(...seqs);
     const wanted = new Set(seqs);
     const reasons = new Map<number, string>();
+    const led: { event: AnyEvent; seq: number }[] = [];
     let state: S | undefined;
     let entered = false;
     // Direct reads (a writer may read its stream's messages, not open consumers on it); an
@@ -447,8 +462,9 @@ export async function runStateWriter<S>(opts: {
         continue;
       }
       state = spec.apply(state, event, m.seq);
+      led.push({ event, seq: m.seq });
     }
-    return reasons;
+    return { reasons, led };
   }
 
   /**
@@ -457,8 +473,10 @@ export async function runStateWriter<S>(opts: {
    * (cached, else in the bucket, unless the group starts the item) with the group's earlier
    * events folded in; an event that state does not lead to is judged again on the item's events
    * stored before it, read from the stream in order (the state may lack some of them: delivered
-   * later, after a restart or in another writer's batch). On the usual path (the item cached or
-   * new, nothing refused) this costs no read, only one more pass of the fold in memory.
+   * later, after a restart or in another writer's batch). When those lead to it, the group
+   * comes back with `fold`: the item's events up to it as read, the state's missing ones among
+   * them, to fold in order before it. On the usual path (the item cached or new, nothing
+   * refused) this costs no read, only one more pass of the fold in memory.
    */
   async function screen(id: string, group: Held): Promise<Held> {
     if (!spec.refuses || group.events.length === 0) return group;
@@ -473,6 +491,7 @@ export async function runStateWriter<S>(opts: {
       return out;
     };
     let reasons: Map<number, string>;
+    let led: { event: AnyEvent; seq: number }[] | undefined;
     try {
       let base = cache.get(id)?.state;
       // Not cached (a restart; an item that ended, which leaves the cache): its state in the
@@ -485,7 +504,20 @@ export async function runStateWriter<S>(opts: {
       if (itemFilter(id) === undefined) {
         reasons = new Map([...refused].map(([i, why]) => [group.events[i]!.seq, why]));
       } else {
-        reasons = await refusedByHistory(id, [...refused.keys()].map((i) => group.events[i]!.seq));
+        const seqs = [...refused.keys()].map((i) => group.events[i]!.seq);
+        ({ reasons, led } = await refusedByHistory(id, seqs));
+        // Led there by events its state lacks (stored after what it folded, delivered later):
+        // those are folded first, in order, as a rebuild folds them. Folded onto the state
+        // alone, such a fold would refuse the event again and take nothing from it.
+        if (spec.lastSeq && seqs.some((seq) => !reasons.has(seq))) {
+          const upTo = Math.max(...seqs);
+          const from = base === undefined ? 0 : spec.lastSeq(base);
+          led = [
+            ...group.events.filter(({ seq }) => seq <= from),
+            ...led.filter(({ seq }) => seq > from),
+            ...group.events.filter(({ seq }) => seq > upTo),
+          ].filter(({ seq }) => !reasons.has(seq));
+        } else led = undefined;
       }
     } catch (err) {
       // Cannot tell now (NATS trouble): the whole group is retried, as a failed write is.
@@ -495,8 +527,8 @@ export async function runStateWriter<S>(opts: {
       }
       return { ...group, msgs: [], events: [] };
     }
-    if (reasons.size === 0) return group;
-    const kept: Held = { ...group, msgs: [], events: [] };
+    if (reasons.size === 0) return led ? { ...group, fold: led } : group;
+    const kept: Held = { ...group, msgs: [], events: [], ...(led ? { fold: led } : {}) };
     await Promise.all(group.msgs.map(async (m, i) => {
       const { event, seq } = group.events[i]!;
       const why = reasons.get(seq);
@@ -599,7 +631,7 @@ export async function runStateWriter<S>(opts: {
       const group = await screen(id, await admit(id, all));
       if (group.events.length === 0) return;
       try {
-        await writeItem(id, group.events);
+        await writeItem(id, group.fold ?? group.events);
         for (const m of group.msgs) m.ack();
         metrics?.processed.inc({ stage: spec.durable }, group.msgs.length);
       } catch (err) {

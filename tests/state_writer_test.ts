@@ -11,6 +11,21 @@ import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
 import { startTestNats } from "./helpers/nats.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { pipelineSubjects } from "../src/pipeline/derive.ts";
+import {
+  type LoadedPipeline,
+  pipelineStateSpec,
+  pipelineTopology,
+  readItem,
+  stateBucketOf,
+  submitItem,
+  workStage,
+} from "../src/pipeline/runtime.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { rebuildStates } from "../src/rebuild.ts";
+import { runStage, storedMessage } from "../src/runner.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const sentiment = { label: "negative" as const, score: -0.8, analyzer: "rules" };
@@ -138,4 +153,93 @@ Deno.test("an item whose state cannot be written is dead-lettered with the reaso
   } finally {
     await writer.stop();
   }
+});
+
+Deno.test("a restarted state writer given a definition's step events before the earlier one it held folds them all, as a rebuild does", async () => {
+  await using t = await startTestNats({ ackWaitMs: 1000 });
+  const obj = { type: "object" } as const;
+  // A bounded loop: draft, critique, draft again, critique again, shipped. The second draft
+  // waits for the test.
+  let open!: () => void;
+  const gate = new Promise<void>((r) => (open = r));
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "draft",
+    steps: {
+      draft: {
+        kind: "task",
+        output: obj,
+        handle: async (_v: unknown, c: { runs: Record<string, number> }) => {
+          if ((c.runs.draft ?? 0) >= 1) await gate;
+          return { n: (c.runs.draft ?? 0) + 1 };
+        },
+        next: "critique",
+      },
+      critique: {
+        kind: "router",
+        route: (_v: unknown, c: { runs: Record<string, number> }) =>
+          (c.runs.draft ?? 0) < 2 ? "again" : "ok",
+        routes: { again: "draft", ok: "shipped" },
+      },
+      shipped: { kind: "end", outcome: "shipped" },
+    },
+    loops: [{ from: "critique", to: "draft", maxIterations: 3 }],
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const { stream } = pipelineSubjects(def);
+  const spec = pipelineStateSpec(p);
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+  const js = jetstream(t.nc);
+  const steps = await Promise.all(
+    ["draft", "critique"].map((id) => runStage({ ...deps, stage: workStage(p, id, { nc: t.nc }) })),
+  );
+  try {
+    // The item's first round is folded; the writer stops while the second draft runs.
+    let writer = await runStateWriter({ ...deps, spec });
+    await submitItem(t.nc, p, "o1", {}, { source: "test", traceId: TRACE });
+    await waitFor(
+      async () => (await readItem(kv, "o1"))?.runs.critique === 1 ? true : undefined,
+      10_000,
+      "o1's first round folded",
+    );
+    await writer.stop();
+    open();
+    await waitFor(
+      async () =>
+        (await storedMessage(t.jsm, stream, { last_by_subj: "orders.shipped.o1" })) ?? undefined,
+      20_000,
+      "o1 shipped on the stream",
+    );
+    // The writer's consumer had delivered the second draft when the writer died (not acked):
+    // the restarted writer gets the second critique and the end first, and the draft again
+    // only after the ack wait.
+    const consumer = await js.consumers.get(stream, spec.durable);
+    const held = await consumer.next({ expires: 5000 });
+    assert.equal(held?.subject, "orders.draft.o1");
+    writer = await runStateWriter({ ...deps, spec });
+    try {
+      await waitFor(
+        async () => {
+          const info = await t.jsm.consumers.info(stream, spec.durable);
+          return info.num_pending === 0 && info.num_ack_pending === 0 ? true : undefined;
+        },
+        20_000,
+        "the writer to fold every event",
+      );
+    } finally {
+      await writer.stop();
+    }
+  } finally {
+    for (const s of steps) await s.stop();
+  }
+  const live = await readItem(kv, "o1");
+  const { states } = await rebuildStates(js, spec);
+  assert.equal(live?.outcome, "shipped", JSON.stringify(live));
+  assert.deepEqual(live?.runs, { draft: 2, critique: 2 });
+  assert.deepEqual(live, states.get("o1"));
+  // Nothing was taken for an event the item's history does not lead to.
+  assert.deepEqual(await listDeadLetters(js, {}), []);
 });

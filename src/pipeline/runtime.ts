@@ -1845,6 +1845,8 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     // A step's event, or an end, that the item's history does not lead to (a step's key
     // publishing it for an item that is not at its step): dead-lettered `conflict`.
     refuses: (state, event, seq) => refusal(def, state, foldEvent(event, seq)),
+    // (The fold refuses those itself: the writer folds the events its state lacks first.)
+    lastSeq: (state) => state.last_seq,
     isFinal: (s) => s.status === "done" || s.status === "failed",
   };
   return spec;
