@@ -20,6 +20,7 @@ import {
   workStage,
 } from "../src/pipeline/runtime.ts";
 import { runStage } from "../src/runner.ts";
+import { listDeadLetters } from "../src/redrive.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
@@ -818,4 +819,97 @@ Deno.test("a decision stored after its wait's deadline and timer changes nothing
   const decided2 = await js.publish("approvals.approved.it13", JSON.stringify({ by: "erin" }));
   const out = await deliver(t, approvals, { ...decision, item_id: "it13" }, decided2.seq, late2);
   assert.deepEqual(out.map((e) => e.type), ["approvals.approval", "approvals.done"]);
+});
+
+Deno.test("a join takes a branch's completion that its item's state has not folded yet while holding the other branch's, stored after it", async () => {
+  await using t = await startTestNats({ ackWaitMs: 5000 });
+  const p = loaded(definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "split",
+    steps: {
+      split: task(["left", "right"]),
+      left: task("both"),
+      right: task("both"),
+      both: {
+        kind: "join",
+        after: ["left", "right"],
+        deadlineMs: 600_000,
+        onDeadline: "late",
+        next: "done",
+      },
+      done: { kind: "end", outcome: "done" },
+      late: { kind: "end", outcome: "late" },
+    },
+  }));
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const stream = "ORDERS";
+  const spec = pipelineStateSpec(p);
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+  const js = jetstream(t.nc);
+  // The item enters and splits, its state written; then the state writer dies.
+  let writer = await runStateWriter({ ...deps, spec });
+  const split = await runStage({ ...deps, stage: workStage(p, "split", { nc: t.nc }) });
+  await submitItem(t.nc, p, "o1", {}, { source: "test", traceId: TRACE });
+  await waitFor(
+    async () => (await readItem(kv, "o1"))?.current.length === 2 ? true : undefined,
+    10_000,
+    "o1 split",
+  );
+  await split.stop();
+  await writer.stop();
+  // Both branches complete.
+  const steps = await Promise.all(
+    ["left", "right"].map((id) => runStage({ ...deps, stage: workStage(p, id, { nc: t.nc }) })),
+  );
+  const last = async (type: string) =>
+    (await t.jsm.streams.getMessage(stream, { last_by_subj: `orders.${type}.o1` })
+      .catch(() => null))?.seq;
+  let seqs: number[] = [];
+  try {
+    seqs = await waitFor(
+      async () => {
+        const s = [await last("left"), await last("right")];
+        return s.every((x) => x !== undefined) ? s as number[] : undefined;
+      },
+      20_000,
+      "both branches' completions on the stream",
+    );
+  } finally {
+    for (const s of steps) await s.stop();
+  }
+  // The writer held the first branch's completion when it died (delivered, not acked): the
+  // restarted writer folds the second one first, and the first only after the ack wait.
+  const consumer = await js.consumers.get(stream, spec.durable);
+  const first = Math.min(...seqs);
+  for (;;) {
+    const m = await consumer.next({ expires: 5000 });
+    assert.ok(m, "the writer's next message");
+    if (m.seq === first) break;
+    m.ack();
+  }
+  writer = await runStateWriter({ ...deps, spec });
+  await waitFor(
+    async () => ((await readItem(kv, "o1"))?.last_seq ?? 0) >= Math.max(...seqs),
+    10_000,
+    "the second branch folded",
+  );
+  const join = await runStage({ ...deps, stage: controlStage(p, t.nc) });
+  try {
+    // The join, reading the item's state meanwhile, takes both branches and completes.
+    const s = await waitFor(
+      async () => {
+        const s = await readItem(kv, "o1");
+        return s?.status === "done" ? s : undefined;
+      },
+      20_000,
+      "o1 done",
+    );
+    assert.equal(s.outcome, "done");
+    assert.deepEqual(await listDeadLetters(js, {}), []);
+  } finally {
+    await join.stop();
+    await writer.stop();
+  }
 });

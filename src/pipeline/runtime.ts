@@ -2755,8 +2755,10 @@ function holdsOutcomeFrom(
  * then the item's events after it up to that one, folded as the state writer folds them in
  * order (the state trails its events): it stands unless the fold refuses it (a step's run or
  * an end that no completion of the item leads to). Once the state is past it: an end stands
- * when the item has ended, a step's run when the state counts that many runs of the step. An
- * item that has ended or failed keeps whatever it holds.
+ * when the item has ended, a step's run when the state counts that many runs of the step;
+ * otherwise (the state may not have folded it yet: delivered to the writer after later ones)
+ * the item's events up to it decide, read and folded in order. An item that has ended or
+ * failed keeps whatever it holds.
  */
 function storedStandsFrom(
   p: LoadedPipeline,
@@ -2791,8 +2793,11 @@ function storedStandsFrom(
       (run === (x.runs[step] ?? 0) &&
         canonicalJson(data?.results?.[step]) === canonicalJson(x.results[step]));
     if (s && s.last_seq >= stored.seq) {
-      if (ended(s) || ends.has(stored.type)) return ended(s);
-      return counted(s);
+      if (ended(s) || ends.has(stored.type) ? ended(s) : counted(s)) return true;
+      // The state may lack it yet: the writer folds what it is delivered, and an event it
+      // held when it restarted comes back after later ones it folded meanwhile. Judged on
+      // the item's events up to it, read in order, as a rebuild folds them.
+      s = undefined;
     }
     const j = await jsm();
     for await (
