@@ -1347,6 +1347,61 @@ Deno.test("a work step does not run again for a copy of a completion it ran past
   assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
 });
 
+Deno.test("a new run of a step an item went past, with another result, runs nothing after it: the next step and the state writer dead-letter it conflict", async () => {
+  // Found by probing: the router key of a ticket waiting for its approval published its event
+  // again with `runs.route: 2` and the other label; the reply step took it and ran (as the
+  // history the state writer had not yet written allowed a run above the state's), though the
+  // state took nothing from it and no letter said so.
+  await using t = await startTestNats();
+  await using o = await startThreeSteps(t);
+  await submitItem(t.nc, o.p, "G3", BOB, { source: "test", traceId: TRACE });
+  const before = await waitFor(
+    async () => {
+      const s = await o.item("G3");
+      return o.ran.some((r) => r.step === "check") && s?.current.includes("check") && s;
+    },
+    20_000,
+    "G3 at its check step, its state written",
+  );
+  const real = await lastOn(t.jsm, o.stream, "orders.route.G3");
+  const ack = await jetstream(t.nc).publish(
+    "orders.route.G3",
+    JSON.stringify({
+      ...real,
+      id: "route-run-2",
+      data: {
+        ...real.data,
+        value: { route: "FORGED" },
+        results: { route: { route: "FORGED" } },
+        runs: { route: 2 },
+      },
+    }),
+  );
+  const letters = await lettersOf(t, ack.seq, ["orders-answer", "orders-state"]);
+  assert.equal(letters.get("orders-state")!.code, "conflict");
+  assert.match(letters.get("orders-state")!.reason, /has not reached step "route"/);
+  assert.equal(letters.get("orders-answer")!.code, "conflict");
+  assert.match(letters.get("orders-answer")!.reason, /step answer did not run/);
+  o.release();
+  const done = await waitFor(
+    async () => {
+      const s = await o.item("G3");
+      return s?.status === "done" && s;
+    },
+    20_000,
+    "G3 done",
+  );
+  await settled(t.jsm, o.stream, o.consumers);
+  assert.deepEqual(done.results.route, { route: true });
+  assert.deepEqual(done.runs, { ...before.runs, check: 1 });
+  assert.deepEqual(
+    o.ran.map((r) => [r.step, r.value]),
+    [["route", BOB], ["answer", { route: true }], ["check", { answer: true }]],
+    "each step ran once, on its own input",
+  );
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
+});
+
 Deno.test("an id whose bus submission failed at intake, submitted again valid, is processed: its entry after the failure resumes it, and a step's event before that changes nothing", async () => {
   // Found by re-probing this stop's dispatch check: the resubmission was answered 202, then
   // dispatch dead-lettered it `conflict` ("has failed") for good, and a forged step event for

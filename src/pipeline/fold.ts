@@ -400,8 +400,12 @@ export function refusal(
   if (!WORK_KINDS.has(step.kind) || hit.timeout) return undefined;
   const run = runs[hit.id] ?? 0;
   const have = state.runs[hit.id] ?? 0;
-  // A copy of a run the state holds, or of a step it went past: judged by the fold itself.
-  if (run <= have || (hit.id in state.runs && !state.current.includes(hit.id))) return undefined;
+  // A copy of a run the state holds: judged by the fold itself. A new run of a step the item
+  // went past is judged below like any other: found by probing, a step's key publishing its
+  // event again with a run count above the state's (a router's, with the label of another
+  // branch, for an item waiting for a decision) was taken by the next step, which ran for an
+  // item its state did not lead there, though the fold took nothing from it.
+  if (run <= have) return undefined;
   if (event.handover) {
     return `${spec.name} item ${item} has no run ${run} of step ${JSON.stringify(hit.id)} for ` +
       `this hand-over copy to be a copy of (only the runtime's hand-over sets its header)`;
