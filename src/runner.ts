@@ -424,8 +424,15 @@ export async function publishEvent(
     // A duplicate (the stream already holds a message under this event id, on this subject)
     // was not stored by this call. An entry event's id follows from its item alone, so the
     // message held may carry another body: nats-server 2.9 answers a second entry event of
-    // an item within the duplicate window so, not with the expected-sequence refusal.
-    return !(await publishUnique(js, m.subject, m.data, m.headers)).duplicate;
+    // an item within the duplicate window so, not with the expected-sequence refusal. A
+    // message held under the event's id is judged as a once-per-item refusal's would be
+    // (found by probing: a step's key published its event for an item not yet at the step,
+    // under the id the step's own would carry; the step's own was then answered "duplicate"
+    // and dropped, and the item stopped there for good with no letter): when it is junk, the
+    // event is published after it (on nats-server 2.9, whose outputs rely on their ids alone,
+    // as a second message on the subject).
+    const own = heldIsEvent(js, event, entrySubject, sameInput, stands, inputSubject);
+    return !(await publishUnique(js, m.subject, m.data, m.headers, own)).duplicate;
   } catch (err) {
     if (isOverMaxPayload(err)) throw tooLargeToPublish(event, m.data.length, err);
     if (!entry || !isAlreadyStored(err)) throw err;
@@ -464,6 +471,67 @@ function sameInputOf(stage: Pick<Stage, "inputOf">, held: unknown, event: Output
   return canonicalJson(stage.inputOf!(held)) === canonicalJson(stage.inputOf!(event));
 }
 
+/**
+ * Whether a message held on `event`'s subject is that event, stored already: the event's type
+ * and item, valid, no hand-over's copy, and (each when given) stored after the item's entry
+ * and the step's first input for it, carrying the item's input, and taken by the item's
+ * state. What a once-per-item publish refused (or answered "duplicate") looks for.
+ */
+function heldIsEvent(
+  js: JetStreamClient,
+  event: OutputEvent,
+  entrySubject?: string,
+  sameInput?: (held: unknown) => boolean,
+  stands?: (held: { type: string; seq: number; raw: unknown }) => Promise<boolean>,
+  inputSubject?: string,
+): (held: Pick<StoredMsg, "header" | "data" | "seq">) => Promise<boolean> {
+  const known = event.type in knownEventTypes();
+  const subject = eventSubject(event.type, event.item_id);
+  let since: Promise<number> | undefined;
+  /** Where the item entered, or reached the step: what is stored before is none of its. */
+  const enteredAt = async () => {
+    const jsm = await js.jetstreamManager(false);
+    const stream = await jsm.streams.find(subject);
+    let entered = entrySubject === undefined ? 0 : (await storedMessage(
+      jsm,
+      stream,
+      { next_by_subj: entrySubject, seq: 0 } as unknown as MsgRequest,
+    ))?.seq ?? 0;
+    if (inputSubject !== undefined) {
+      // The item reached the step with its first input stored after its entry.
+      const reached = await storedMessage(
+        jsm,
+        stream,
+        { next_by_subj: inputSubject, seq: entered + 1 } as unknown as MsgRequest,
+      );
+      if (reached) entered = reached.seq;
+    }
+    return entered;
+  };
+  const isIt = (raw: unknown, seq: number, entered: number, stored: Pick<StoredMsg, "header">) => {
+    if (seq < entered) return false;
+    // A hand-over's copy is not the event: the running definition's hand-over stores one only
+    // after the event itself, on the same subject, and every consumer but the steps it names
+    // acks it unread. Taken for the event, one a step's key stored first, naming no step, kept
+    // the step's own event from the stream, and the item stopped there with no dead letter.
+    if (stored.header?.get(HANDOVER_HEADER)) return false;
+    try {
+      const e = raw as { type?: unknown; item_id?: unknown };
+      if (e?.type !== event.type || e.item_id !== event.item_id) return false;
+      if (known) validateEvent(raw, [event.type as keyof EventMap]);
+      return sameInput === undefined || sameInput(raw);
+    } catch {
+      return false;
+    }
+  };
+  return async (held) => {
+    since ??= enteredAt();
+    const raw = tryDecode(held.data);
+    return isIt(raw, held.seq, await since, held) &&
+      (stands === undefined || await stands({ type: event.type, seq: held.seq, raw }));
+  };
+}
+
 /** Most messages on one item's subject read to find the event a refusal says is there. */
 const MAX_SUBJECT_SCAN = 64;
 
@@ -489,42 +557,7 @@ async function publishAfterJunk(
 ): Promise<boolean> {
   const jsm = await js.jetstreamManager(false);
   const stream = await jsm.streams.find(m.subject);
-  const known = event.type in knownEventTypes();
-  let entered = entrySubject === undefined ? 0 : (await storedMessage(
-    jsm,
-    stream,
-    { next_by_subj: entrySubject, seq: 0 } as unknown as MsgRequest,
-  ))?.seq ?? 0;
-  if (inputSubject !== undefined) {
-    // The item reached the step with its first input stored after its entry.
-    const reached = await storedMessage(
-      jsm,
-      stream,
-      { next_by_subj: inputSubject, seq: entered + 1 } as unknown as MsgRequest,
-    );
-    if (reached) entered = reached.seq;
-  }
-  const isIt = (raw: unknown, seq: number, stored: Pick<StoredMsg, "header">) => {
-    if (seq < entered) return false;
-    // A hand-over's copy is not the event: the running definition's hand-over stores one only
-    // after the event itself, on the same subject, and every consumer but the steps it names
-    // acks it unread. Taken for the event, one a step's key stored first, naming no step, kept
-    // the step's own event from the stream, and the item stopped there with no dead letter.
-    if (stored.header?.get(HANDOVER_HEADER)) return false;
-    try {
-      const e = raw as { type?: unknown; item_id?: unknown };
-      if (e?.type !== event.type || e.item_id !== event.item_id) return false;
-      if (known) validateEvent(raw, [event.type as keyof EventMap]);
-      return sameInput === undefined || sameInput(raw);
-    } catch {
-      return false;
-    }
-  };
-  const taken = async (held: Pick<StoredMsg, "header" | "data" | "seq">) => {
-    const raw = tryDecode(held.data);
-    return isIt(raw, held.seq, held) &&
-      (stands === undefined || await stands({ type: event.type, seq: held.seq, raw }));
-  };
+  const taken = heldIsEvent(js, event, entrySubject, sameInput, stands, inputSubject);
   for (let attempt = 0; attempt < 5; attempt++) {
     // The usual refusal (a re-sent submission, a redelivery): the event is the subject's last.
     const newest = await jsm.streams.getMessage(stream, { last_by_subj: m.subject })
@@ -538,7 +571,7 @@ async function publishAfterJunk(
     if (last === 0) return false; // nothing readable there now (purged?): as stored
     m.headers.set(EXPECTED_LAST_SUBJECT_SEQ, String(last));
     try {
-      return !(await publishUnique(js, m.subject, m.data, m.headers)).duplicate;
+      return !(await publishUnique(js, m.subject, m.data, m.headers, taken)).duplicate;
     } catch (err) {
       if (!isAlreadyStored(err)) throw err;
       // Something was stored on the subject meanwhile: look again.
@@ -562,6 +595,12 @@ export async function publishUnique(
   subject: string,
   data: Uint8Array,
   hdrs: MsgHdrs,
+  /**
+   * Whether the message held under the id on this subject is this one (its event, stored
+   * before); by default any but a hand-over's copy is. One that is not is junk stored first
+   * under a predictable id, and this message is published again without the id.
+   */
+  isOwn?: (held: StoredMsg) => Promise<boolean>,
 ): Promise<PubAck> {
   const ack = await js.publish(subject, data, { headers: hdrs });
   if (!ack.duplicate) return ack;
@@ -569,7 +608,11 @@ export async function publishUnique(
   const stored = await jsm.streams.getMessage(ack.stream, { seq: ack.seq }).catch(() => null);
   // On this subject, it is this message, unless it is a hand-over's copy: a hand-over stores
   // its copies under ids of their own, so one under this id was published by hand.
-  if (!stored || (stored.subject === subject && !stored.header?.get(HANDOVER_HEADER))) return ack;
+  if (
+    !stored ||
+    (stored.subject === subject && !stored.header?.get(HANDOVER_HEADER) &&
+      (isOwn === undefined || await isOwn(stored)))
+  ) return ack;
   const again = headers();
   for (const [k, v] of hdrs) if (k !== "Nats-Msg-Id") { for (const x of v) again.append(k, x); }
   return await js.publish(subject, data, { headers: again });
@@ -734,9 +777,11 @@ async function outcomeTaken(
     const last = await lastOn(jsm, stream, eventSubject(type, item));
     if (!last) return undefined;
     const own = byId.get(last.header.get("Nats-Msg-Id"));
-    if (own) return { own };
-    // One its history does not lead to is not the item's: it takes nothing.
+    // One its history does not lead to is not the item's: it takes nothing, and is not this
+    // message's own either, whatever id it was stored under (ids are predictable: one stored
+    // first under the outcome's own id had the outcome skipped as stored already).
     if (holds && !(await holds(item, { type, seq: last.seq }))) return undefined;
+    if (own) return { own };
     return { taken: { type, seq: last.seq } };
   }));
   return {
@@ -983,12 +1028,22 @@ async function publishFenced(
   event: OutputEvent,
   parent: TraceContext | null,
   end: HistoryEnd,
+  /** Whether an outcome stored for the item is its own (`Stage.holdsOutcome`). */
+  holds?: (item: string, held: { type: string; seq: number }) => Promise<boolean>,
 ): Promise<void> {
   const m = eventMessage(event, parent, false);
   m.headers.set(EXPECTED_LAST_SUBJECT_SEQ, String(end.seq));
   m.headers.set(`${EXPECTED_LAST_SUBJECT_SEQ}-Subject`, end.subject);
   try {
-    await publishUnique(js, m.subject, m.data, m.headers);
+    // One held under the outcome's id that the item does not take is junk stored first: the
+    // outcome is stored after it, without the id.
+    await publishUnique(
+      js,
+      m.subject,
+      m.data,
+      m.headers,
+      holds && ((held) => holds(event.item_id, { type: event.type, seq: held.seq })),
+    );
   } catch (err) {
     if (!isAlreadyStored(err)) throw err;
     throw new WeftError(
@@ -1602,7 +1657,21 @@ export async function runStage<I extends StageInput>(
           end = await historyEnd(jsm, stream, outcome);
           await checkOutcome();
         }
-        if (!skip.has(outcome)) await publishFenced(js, outcome, trace, end!);
+        if (!skip.has(outcome)) {
+          await publishFenced(
+            js,
+            outcome,
+            trace,
+            end!,
+            stage.holdsOutcome && ((item, held) => stage.holdsOutcome!(item, held)),
+          );
+        }
+        await publish(outputs.slice(at + 1));
+      } else if (outcome !== undefined) {
+        // The outcome after the events before it, as above: one of those published again
+        // after junk stored under its id (nats-server 2.9) must not land after the outcome.
+        await publish(outputs.slice(0, at));
+        await publish([outcome]);
         await publish(outputs.slice(at + 1));
       } else await publish(outputs);
       for (const event of outputs) {

@@ -1186,11 +1186,11 @@ Deno.test("a copy of the event a failed item failed on, with its id and another 
  * item's `route` completion with another result: a new id dated 2000, and the real id as a
  * hand-over's and as a redrive's (their headers); it answers the last one's stream sequence.
  */
-async function startThreeSteps(t: TestNats) {
+async function startThreeSteps(t: TestNats, holdAt: "answer" | "check" = "check") {
   const obj = { type: "object" } as const;
   const ran: { step: string; value: unknown }[] = [];
   const gate = Promise.withResolvers<void>();
-  const task = (step: string, next: string, hold = false) => ({
+  const task = (step: string, next: string, hold = step === holdAt) => ({
     kind: "task" as const,
     output: obj,
     handle: async (value: unknown) => {
@@ -1207,7 +1207,7 @@ async function startThreeSteps(t: TestNats) {
     steps: {
       route: task("route", "answer"),
       answer: task("answer", "check"),
-      check: task("check", "done", true),
+      check: task("check", "done"),
       done: { kind: "end", outcome: "checked" },
     },
   });
@@ -1400,6 +1400,76 @@ Deno.test("a new run of a step an item went past, with another result, runs noth
     "each step ran once, on its own input",
   );
   assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
+});
+
+/**
+ * The check step's key stores `type` (its event, or the end it leads to) for an item held at
+ * its answer step, under the id the item's own will carry; then the item goes on.
+ */
+async function preempted(type: "orders.check" | "orders.checked") {
+  await using t = await startTestNats();
+  await using o = await startThreeSteps(t, "answer");
+  await submitItem(t.nc, o.p, "P1", BOB, { source: "test", traceId: TRACE });
+  await waitFor(() => o.ran.some((r) => r.step === "answer"), 20_000, "P1 held at answer");
+  const entry = await lastOn(t.jsm, o.stream, "orders.submitted.P1");
+  const route = deterministicId(entry.id as string, "orders.route");
+  const answer = deterministicId(route, "orders.answer");
+  const check = deterministicId(answer, "orders.check");
+  const id = type === "orders.check" ? check : deterministicId(check, "orders.checked");
+  const h = headers();
+  h.set("Nats-Msg-Id", id);
+  const forged = await jetstream(t.nc).publish(
+    `${type}.P1`,
+    JSON.stringify({
+      ...entry,
+      id,
+      type,
+      source: "weft-orders-check",
+      data: {
+        input: BOB,
+        value: { check: "FORGED" },
+        results: { route: { route: true }, answer: { answer: true }, check: { check: "FORGED" } },
+        runs: { route: 1, answer: 1, check: 1 },
+      },
+    }),
+    { headers: h },
+  );
+  const letter = (await lettersOf(t, forged.seq, ["orders-state"])).get("orders-state")!;
+  assert.equal(letter.code, "conflict");
+  o.release();
+  const done = await waitFor(
+    async () => {
+      const s = await o.item("P1");
+      return s?.status === "done" && s;
+    },
+    20_000,
+    "P1 done on its own events",
+  );
+  assert.equal(done.outcome, "checked");
+  assert.deepEqual(done.results.check, { check: true });
+  await settled(t.jsm, o.stream, o.consumers);
+  const own = await lastOn(t.jsm, o.stream, `${type}.P1`);
+  assert.deepEqual(
+    (own.data.results as Record<string, unknown>).check,
+    { check: true },
+    "the item's own, stored after the forged one",
+  );
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
+}
+
+Deno.test("a step's event stored first under the id of the item's own, before the item reached the step, does not stand in for it: the item goes on and ends", async () => {
+  // Found by probing: the documents classify key stored documents.classify for an item at its
+  // extract step, under the id the classify step's own would carry. The state writer
+  // dead-lettered it, the step's own was answered "duplicate" and dropped, and the item stayed
+  // at classify for good, its end dead-lettered, with no letter for what was lost.
+  await preempted("orders.check");
+});
+
+Deno.test("an end stored first under the id of the item's own, before the item reached its step, does not stand in for it: the item ends", async () => {
+  // Found by probing: documents.filed under the id of the item's own end, stored while the item
+  // was at extract; the item's own end was skipped as stored already, and the item stayed
+  // running, at no step, for good.
+  await preempted("orders.checked");
 });
 
 Deno.test("an id whose bus submission failed at intake, submitted again valid, is processed: its entry after the failure resumes it, and a step's event before that changes nothing", async () => {
