@@ -43,7 +43,12 @@ import {
   workStage,
 } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
-import { HANDOVER_HEADER, REDRIVE_OF_HEADER, SCHEDULE_BUCKET } from "../src/subjects.ts";
+import {
+  HANDOVER_HEADER,
+  REDRIVE_ITEM_HEADER,
+  REDRIVE_OF_HEADER,
+  SCHEDULE_BUCKET,
+} from "../src/subjects.ts";
 import { headers } from "@nats-io/nats-core";
 import { definitionsApp } from "./helpers/pipeline.ts";
 import type { ItemState } from "../src/pipeline/fold.ts";
@@ -1186,7 +1191,11 @@ Deno.test("a copy of the event a failed item failed on, with its id and another 
  * item's `route` completion with another result: a new id dated 2000, and the real id as a
  * hand-over's and as a redrive's (their headers); it answers the last one's stream sequence.
  */
-async function startThreeSteps(t: TestNats, holdAt: "answer" | "check" = "check") {
+async function startThreeSteps(
+  t: TestNats,
+  holdAt: "answer" | "check" = "check",
+  withControl = false,
+) {
   const obj = { type: "object" } as const;
   const ran: { step: string; value: unknown }[] = [];
   const gate = Promise.withResolvers<void>();
@@ -1221,6 +1230,7 @@ async function startThreeSteps(t: TestNats, holdAt: "answer" | "check" = "check"
         runStage({ ...deps, stage: workStage(p, s, { nc: t.nc }) })
       ),
     ),
+    ...(withControl ? [await runStage({ ...deps, stage: controlStage(p, t.nc) })] : []),
   ];
   const app = await definitionsApp(t, [p]);
   const { stream } = pipelineSubjects(def);
@@ -1264,7 +1274,9 @@ async function startThreeSteps(t: TestNats, holdAt: "answer" | "check" = "check"
     item,
     copies,
     release: () => gate.resolve(),
-    consumers: ["route", "answer", "check", "state"].map((s) => durableOf(def, s)),
+    consumers: ["route", "answer", "check", "state", ...(withControl ? ["control"] : [])].map((
+      s,
+    ) => durableOf(def, s)),
     async [Symbol.asyncDispose]() {
       gate.resolve();
       for (const r of runners) await r.stop();
@@ -1470,6 +1482,55 @@ Deno.test("an end stored first under the id of the item's own, before the item r
   // was at extract; the item's own end was skipped as stored already, and the item stayed
   // running, at no step, for good.
   await preempted("orders.checked");
+});
+
+Deno.test("a step's event with a redrive's header, for an item not at the step, ends nothing: the control step dead-letters it conflict and publishes no end", async () => {
+  // Found by probing: the documents classify key published documents.classify with
+  // `Weft-Redrive-Of` for an item at its extract step; the control step took it for a redriven
+  // completion and published documents.filed for the item (the state writer refused both).
+  await using t = await startTestNats();
+  await using o = await startThreeSteps(t, "answer", true);
+  await submitItem(t.nc, o.p, "R1", BOB, { source: "test", traceId: TRACE });
+  await waitFor(() => o.ran.some((r) => r.step === "answer"), 20_000, "R1 held at answer");
+  const entry = await lastOn(t.jsm, o.stream, "orders.submitted.R1");
+  const h = headers();
+  h.set(REDRIVE_OF_HEADER, "1");
+  h.set(REDRIVE_ITEM_HEADER, "R1");
+  const forged = await jetstream(t.nc).publish(
+    "orders.check.R1",
+    JSON.stringify({
+      ...entry,
+      id: "forged-redriven-check",
+      type: "orders.check",
+      source: "weft-orders-check",
+      data: {
+        input: BOB,
+        value: { check: "FORGED" },
+        results: { check: { check: "FORGED" } },
+        runs: { check: 1 },
+      },
+    }),
+    { headers: h },
+  );
+  const letters = await lettersOf(t, forged.seq, ["orders-control", "orders-state"]);
+  const byControl = letters.get("orders-control")!;
+  assert.equal(byControl.code, "conflict");
+  assert.match(byControl.reason, /has not reached.*nothing was published/);
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.checked.*"), [], "no end stored");
+  o.release();
+  const done = await waitFor(
+    async () => {
+      const s = await o.item("R1");
+      return s?.status === "done" && s;
+    },
+    20_000,
+    "R1 done on its own events",
+  );
+  assert.deepEqual(done.results.check, { check: true });
+  await settled(t.jsm, o.stream, o.consumers);
+  const info = await t.jsm.streams.info(o.stream, { subjects_filter: "orders.checked.R1" });
+  assert.equal(info.state.subjects?.["orders.checked.R1"], 1, "the item's own end alone");
+  assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
 });
 
 Deno.test("an id whose bus submission failed at intake, submitted again valid, is processed: its entry after the failure resumes it, and a step's event before that changes nothing", async () => {

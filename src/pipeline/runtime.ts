@@ -1527,6 +1527,21 @@ export function controlStage(
         { permanent: true },
       );
     }
+    // Nor for a step's run the item's history does not lead to: found by probing, a step's
+    // key publishing its event with a redrive's header (`Weft-Redrive-Of`, which anyone who
+    // may publish the event can set) for an item not at its step had this step publish the
+    // end the step leads to (refused by the state, but stored).
+    const role = flow.roles.get(tokenOf(flow, e.type))?.role;
+    if (
+      role === "done" &&
+      !(await stands(e.item_id, { type: e.type, seq: ctx.message.seq, raw: e }))
+    ) {
+      throw new ConflictError(
+        `${e.type} for ${n} item ${e.item_id} is a run of a step the item has not reached ` +
+          `(its state does not take it): it leads to no end; nothing was published`,
+        { permanent: true },
+      );
+    }
     return endEventsAfter(flow, e, { source: ctx.source, now: ctx.now() });
   }
 
