@@ -1633,6 +1633,19 @@ export async function runStage<I extends StageInput>(
         for (const e of found.stored) skip.add(e); // this message's own, stored before
       };
       if (stage.outcomes && outcome) await checkOutcome();
+      /**
+       * Whether an event held on `event`'s subject is one the item takes: its state takes it
+       * (`storedStands`), and, for an outcome, the item holds it (`holdsOutcome`; an outcome
+       * its history does not lead to, stored first under the outcome's own id, is junk).
+       */
+      const standsOf = (event: OutputEvent) => {
+        const stands = stage.storedStands;
+        const holds = stage.outcomes?.has(event.type) ? stage.holdsOutcome : undefined;
+        if (!stands && !holds) return undefined;
+        return async (held: { type: string; seq: number; raw: unknown }) =>
+          (!stands || await stands(event.item_id, held)) &&
+          (!holds || await holds(event.item_id, { type: held.type, seq: held.seq }));
+      };
       const publish = (events: OutputEvent[]) =>
         Promise.all(
           events.filter((e) => !skip.has(e)).map(async (event) => {
@@ -1643,7 +1656,7 @@ export async function runStage<I extends StageInput>(
               isEntry(event.type) || once?.has(event.type) === true,
               stage.entrySubject?.(event.item_id),
               stage.inputOf && ((held) => sameInputOf(stage, held, event)),
-              stage.storedStands && ((held) => stage.storedStands!(event.item_id, held)),
+              standsOf(event),
               stage.inputSubject?.(event.item_id),
             );
             if (!stored && stage.entryInputOf && isEntry(event.type)) {

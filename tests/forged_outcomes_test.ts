@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/nats-core";
+import { headers, type NatsConnection } from "@nats-io/nats-core";
 import { type Mesh, ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 import { connectClient } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
@@ -15,7 +15,8 @@ import { readSse } from "./helpers/sse.ts";
 import { readStream } from "../src/stream_reader.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import type { DeadLetter } from "../src/events.gen.ts";
-import { createEvent } from "../src/events.ts";
+import { createEvent, deterministicId } from "../src/events.ts";
+import { decidedEventId } from "../pipelines/moderation/stages.ts";
 import { rebuildStates } from "../src/rebuild.ts";
 import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
@@ -190,6 +191,111 @@ Deno.test("the content storage key publishing an item's outcome while it waits f
     await settled(jsm, CONTENT_STREAM, CONTENT_STATE_SPEC.durable);
     const rebuilt = await rebuildStates(jetstream(nc), CONTENT_STATE_SPEC);
     for (const id of ids) assert.equal(rebuilt.states.get(id)?.status, "published", id);
+  });
+});
+
+Deno.test("the content storage key's outcome stored first under the id of the item's own, while it waits for review, does not stand in for it: the reviewer's decision publishes the item", async () => {
+  // Found by probing the definitions' steps (documents.filed under its own future id): ids
+  // follow from the item, so the storage key can store `content.published` for an item waiting
+  // for review under the id the storage step's own will carry once a reviewer approves.
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_REVIEW_SLA_MS: "600000" });
+  const r = await call(mesh, "POST", "/content", { text: `${TOXIC} (pre-empted)` });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id = r.body.id as string;
+  await viewWith(mesh, `/content/${id}`, "pending_review");
+  const own = deterministicId(decidedEventId(id), "content.published");
+  const forgedSeq = await as(mesh, "storage", async (nc) => {
+    const jsm = await jetstreamManager(nc);
+    const up = (await jsm.streams.getMessage(CONTENT_STREAM, {
+      last_by_subj: `content.uploaded.${id}`,
+    }))!.json<{ trace_id: string; data: { text: string } }>();
+    const event = createEvent({
+      id: own,
+      type: "content.published",
+      itemId: id,
+      traceId: up.trace_id,
+      source: "weft-storage",
+      data: { content: up.data, via: "review" },
+    });
+    const h = headers();
+    h.set("Nats-Msg-Id", own);
+    return (await jetstream(nc).publish(`content.published.${id}`, JSON.stringify(event), {
+      headers: h,
+    })).seq;
+  });
+  const letter = await letterOf(mesh, "content-state", forgedSeq);
+  assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  const decided = await call(mesh, "POST", `/reviews/${id}/decision`, {
+    decision: "approve",
+    reason: "fine after all",
+    reviewer: "alice",
+  });
+  assert.equal(decided.status, 200, JSON.stringify(decided.body));
+  const done = await viewWith(mesh, `/content/${id}`, "published");
+  assert.deepEqual((done.review as { decision?: string }).decision, "approve");
+  await as(mesh, "admin", async (nc) => {
+    const jsm = await jetstreamManager(nc);
+    const last = (await jsm.streams.getMessage(CONTENT_STREAM, {
+      last_by_subj: `content.published.${id}`,
+    }))!;
+    assert.ok(last.seq > forgedSeq, "the item's own outcome, stored after the forged one");
+    assert.equal(last.json<{ id: string }>().id, own, "under the id the forged one took");
+  });
+});
+
+Deno.test("the dispatch key's `processed` stored first under the id of the item's own, while the item is at sentiment, does not stand in for it: the item processes on its own events", async () => {
+  // Ids follow from the item (each event's from its cause's and its type), so the dispatch key
+  // can compute the id of an item's `processed` from its id alone.
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    WEFT_SLOW_MS: "5000",
+    WEFT_SLOW_STAGE: "sentiment",
+  });
+  const r = await call(mesh, "POST", "/feedback", { text: "Why was I charged twice?" });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id = r.body.id as string;
+  await viewWith(mesh, `/feedback/${id}`, "accepted");
+  let cause = deterministicId(id, "feedback.ingested");
+  for (const t of ["sentiment_analyzed", "topics_extracted", "dispatched", "processed"]) {
+    cause = deterministicId(cause, `feedback.${t}`);
+  }
+  const own = cause;
+  const forgedSeq = await as(mesh, "dispatch", async (nc) => {
+    const ingested = (await (await jetstreamManager(nc)).streams.getMessage("FEEDBACK", {
+      last_by_subj: `feedback.ingested.${id}`,
+    }))!.json<{ trace_id: string; data: Record<string, unknown> }>();
+    const event = createEvent({
+      id: own,
+      type: "feedback.processed",
+      itemId: id,
+      traceId: ingested.trace_id,
+      source: "weft-dispatch",
+      data: {
+        ...ingested.data,
+        sentiment: { label: "positive", score: 0.9, analyzer: "rules" },
+        topics: { topics: ["praise"], evidence: {}, analyzer: "rules" },
+        routing: { team: "Nobody", rule: 0 },
+      } as never,
+    });
+    const h = headers();
+    h.set("Nats-Msg-Id", own);
+    return (await jetstream(nc).publish(`feedback.processed.${id}`, JSON.stringify(event), {
+      headers: h,
+    })).seq;
+  });
+  const letter = await letterOf(mesh, "state", forgedSeq);
+  assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  const done = await viewWith(mesh, `/feedback/${id}`, "processed") as View & {
+    routing?: { team: string };
+    stages: Record<string, { seq: number }>;
+  };
+  assert.notEqual(done.routing?.team, "Nobody");
+  assert.ok(done.stages.processed!.seq > forgedSeq, "its own, stored after the forged one");
+  await as(mesh, "admin", async (nc) => {
+    const last = (await (await jetstreamManager(nc)).streams.getMessage("FEEDBACK", {
+      last_by_subj: `feedback.processed.${id}`,
+    }))!;
+    assert.equal(last.json<{ id: string }>().id, own, "under the id the forged one took");
   });
 });
 
