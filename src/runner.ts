@@ -728,6 +728,12 @@ async function alreadyStored(
   jsm: JetStreamManager,
   stream: string,
   outputs: OutputEvent[],
+  /**
+   * Whether a message held under an event's id is that event (`heldIsEvent`): ids are
+   * predictable, and junk stored first under one (found by probing: a step's event published
+   * for an item before it reached the step) is not the event, whatever id it carries.
+   */
+  isOwn?: (event: OutputEvent) => (held: StoredMsg) => Promise<boolean>,
 ): Promise<Set<OutputEvent>> {
   const stored = new Set<OutputEvent>();
   await Promise.all(outputs.map(async (event) => {
@@ -735,7 +741,9 @@ async function alreadyStored(
       const last = await jsm.streams.getMessage(stream, {
         last_by_subj: eventSubject(event.type, event.item_id),
       });
-      if (last?.header.get("Nats-Msg-Id") === event.id) stored.add(event);
+      if (
+        last?.header.get("Nats-Msg-Id") === event.id && (!isOwn || await isOwn(event)(last))
+      ) stored.add(event);
     } catch {
       // Nothing stored on that subject (or the lookup failed): publish as usual, the
       // stream's de-duplication still stores it once.
@@ -1616,8 +1624,31 @@ export async function runStage<I extends StageInput>(
       const outcome = at >= 0 ? outputs[at] : undefined;
       const fenced = outcome !== undefined && fences;
       let end = fenced && at === 0 ? await historyEnd(jsm, stream, outcome) : undefined;
+      /**
+       * Whether an event held on `event`'s subject is one the item takes: its state takes it
+       * (`storedStands`), and, for an outcome, the item holds it (`holdsOutcome`; an outcome
+       * its history does not lead to, stored first under the outcome's own id, is junk).
+       */
+      const standsOf = (event: OutputEvent) => {
+        const stands = stage.storedStands;
+        const holds = stage.outcomes?.has(event.type) ? stage.holdsOutcome : undefined;
+        if (!stands && !holds) return undefined;
+        return async (held: { type: string; seq: number; raw: unknown }) =>
+          (!stands || await stands(event.item_id, held)) &&
+          (!holds || await holds(event.item_id, { type: held.type, seq: held.seq }));
+      };
+      /** Whether a message held on `event`'s subject is `event`, stored already. */
+      const ownOf = (event: OutputEvent) =>
+        heldIsEvent(
+          js,
+          event,
+          stage.entrySubject?.(event.item_id),
+          stage.inputOf && ((held) => sameInputOf(stage, held, event)),
+          standsOf(event),
+          stage.inputSubject?.(event.item_id),
+        );
       const skip = m.info.deliveryCount > 1
-        ? await alreadyStored(jsm, stream, outputs)
+        ? await alreadyStored(jsm, stream, outputs, ownOf)
         : new Set<OutputEvent>();
       const checkOutcome = async () => {
         const found = await outcomeTaken(
@@ -1633,19 +1664,6 @@ export async function runStage<I extends StageInput>(
         for (const e of found.stored) skip.add(e); // this message's own, stored before
       };
       if (stage.outcomes && outcome) await checkOutcome();
-      /**
-       * Whether an event held on `event`'s subject is one the item takes: its state takes it
-       * (`storedStands`), and, for an outcome, the item holds it (`holdsOutcome`; an outcome
-       * its history does not lead to, stored first under the outcome's own id, is junk).
-       */
-      const standsOf = (event: OutputEvent) => {
-        const stands = stage.storedStands;
-        const holds = stage.outcomes?.has(event.type) ? stage.holdsOutcome : undefined;
-        if (!stands && !holds) return undefined;
-        return async (held: { type: string; seq: number; raw: unknown }) =>
-          (!stands || await stands(event.item_id, held)) &&
-          (!holds || await holds(event.item_id, { type: held.type, seq: held.seq }));
-      };
       const publish = (events: OutputEvent[]) =>
         Promise.all(
           events.filter((e) => !skip.has(e)).map(async (event) => {

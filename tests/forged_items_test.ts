@@ -1195,16 +1195,23 @@ async function startThreeSteps(
   t: TestNats,
   holdAt: "answer" | "check" = "check",
   withControl = false,
+  /** Whether the check step fails its first attempt (the runner retries it). */
+  checkFailsOnce = false,
 ) {
   const obj = { type: "object" } as const;
   const ran: { step: string; value: unknown }[] = [];
   const gate = Promise.withResolvers<void>();
+  let failed = false;
   const task = (step: string, next: string, hold = step === holdAt) => ({
     kind: "task" as const,
     output: obj,
     handle: async (value: unknown) => {
       ran.push({ step, value });
       if (hold) await gate.promise;
+      if (step === "check" && checkFailsOnce && !failed) {
+        failed = true;
+        throw new Error("down for a moment");
+      }
       return { [step]: true };
     },
     next,
@@ -1418,9 +1425,9 @@ Deno.test("a new run of a step an item went past, with another result, runs noth
  * The check step's key stores `type` (its event, or the end it leads to) for an item held at
  * its answer step, under the id the item's own will carry; then the item goes on.
  */
-async function preempted(type: "orders.check" | "orders.checked") {
+async function preempted(type: "orders.check" | "orders.checked", checkFailsOnce = false) {
   await using t = await startTestNats();
-  await using o = await startThreeSteps(t, "answer");
+  await using o = await startThreeSteps(t, "answer", false, checkFailsOnce);
   await submitItem(t.nc, o.p, "P1", BOB, { source: "test", traceId: TRACE });
   await waitFor(() => o.ran.some((r) => r.step === "answer"), 20_000, "P1 held at answer");
   const entry = await lastOn(t.jsm, o.stream, "orders.submitted.P1");
@@ -1482,6 +1489,17 @@ Deno.test("an end stored first under the id of the item's own, before the item r
   // was at extract; the item's own end was skipped as stored already, and the item stayed
   // running, at no step, for good.
   await preempted("orders.checked");
+});
+
+Deno.test("a step's event stored first under the id of the item's own does not stand in for it when the step runs again: a retried step stores its own", async () => {
+  // Found by re-probing the fix above: a redelivered message skips the events stored under
+  // their ids already (so plain subscribers see them once), and that check took the forged
+  // event under the step's id for the step's own, when the step failed its first attempt.
+  await preempted("orders.check", true);
+});
+
+Deno.test("an end stored first under the id of the item's own does not stand in for it when its step runs again: the item ends", async () => {
+  await preempted("orders.checked", true);
 });
 
 Deno.test("a step's event with a redrive's header, for an item not at the step, ends nothing: the control step dead-letters it conflict and publishes no end", async () => {
