@@ -1276,6 +1276,7 @@ async function startThreeSteps(
   };
   return {
     p,
+    app,
     ran,
     stream,
     item,
@@ -1500,6 +1501,55 @@ Deno.test("a step's event stored first under the id of the item's own does not s
 
 Deno.test("an end stored first under the id of the item's own does not stand in for it when its step runs again: the item ends", async () => {
   await preempted("orders.checked", true);
+});
+
+Deno.test("per-item SSE shows no step event the item's history does not lead to: a step's event for an item not at the step is neither replayed nor sent live", async () => {
+  // Found by probing: documents.classify published with the classify key for an item at its
+  // extract step was dead-lettered by the state writer, yet the item's event stream showed
+  // it, before the item's extract, to a client replaying it and to one live.
+  await using t = await startTestNats();
+  await using o = await startThreeSteps(t, "answer");
+  await submitItem(t.nc, o.p, "S1", BOB, { source: "test", traceId: TRACE });
+  await waitFor(() => o.ran.some((r) => r.step === "answer"), 20_000, "S1 held at answer");
+  const until = (e: { event?: string }) => e.event === "orders.checked";
+  const live = readSse(await o.app.request("/pipelines/orders/items/S1/events"), {
+    timeoutMs: 20_000,
+    stopAfter: until,
+  });
+  const entry = await lastOn(t.jsm, o.stream, "orders.submitted.S1");
+  const forged = await jetstream(t.nc).publish(
+    "orders.check.S1",
+    JSON.stringify({
+      ...entry,
+      id: "forged-check-s1",
+      type: "orders.check",
+      source: "weft-orders-check",
+      data: {
+        input: BOB,
+        value: { check: "FORGED" },
+        results: { check: { check: "FORGED" } },
+        runs: { check: 1 },
+      },
+    }),
+  );
+  const letter = (await lettersOf(t, forged.seq, ["orders-state"])).get("orders-state")!;
+  assert.equal(letter.code, "conflict");
+  o.release();
+  await waitFor(async () => (await o.item("S1"))?.status === "done", 20_000, "S1 done");
+  const replayed = await readSse(await o.app.request("/pipelines/orders/items/S1/events"), {
+    timeoutMs: 20_000,
+    stopAfter: until,
+  });
+  for (const frames of [await live, replayed]) {
+    assert.ok(!frames.some((f) => Number(f.id) === forged.seq), JSON.stringify(frames));
+    assert.deepEqual(frames.map((f) => f.event), [
+      "orders.submitted",
+      "orders.route",
+      "orders.answer",
+      "orders.check",
+      "orders.checked",
+    ]);
+  }
 });
 
 Deno.test("a step's event with a redrive's header, for an item not at the step, ends nothing: the control step dead-letters it conflict and publishes no end", async () => {

@@ -935,8 +935,14 @@ export async function streamEvents(
     const judge = sel.state !== undefined && sel.itemId !== undefined && sel.closeOnFinal
       ? endJudge(sel.state, sel.itemId, finalTypes)
       : undefined;
+    /**
+     * A frame the item's history does not lead to (a step's event or an end published with a
+     * step's key for an item not at the step, which the state writer dead-letters): not shown.
+     * Found by probing: a forged step event, refused by the state, was shown in the stream.
+     */
+    const refused = (f: Frame) => judge !== undefined && judge.refuses(f);
     /** A frame of a final type the item's history does not lead to (a forged end). */
-    const forgedEnd = (f: Frame) => judge !== undefined && judge.refuses(f);
+    const forgedEnd = (f: Frame) => finalTypes.has(f.type) && refused(f);
     /** A frame of a final type whose body agrees: it ends a per-item stream. */
     const endsStream = (f: Frame) => finalTypes.has(f.type) && bodyAgrees(f) && !forgedEnd(f);
     /**
@@ -959,14 +965,15 @@ export async function streamEvents(
       if (lastSeq <= last) return "more"; // the replay sent all of it
       if (judge) { for (const f of c.frames) judge.fold(f); }
       const finals = sel.closeOnFinal && c.frames.some((f) => finalTypes.has(f.type));
-      if (c.frames[0]!.seq > last && !finals) {
+      const skips = judge !== undefined && c.frames.some(refused);
+      if (c.frames[0]!.seq > last && !finals && !skips) {
         if (!(await write(c.bytes, c.frames[0]!.seq))) return "end";
         last = lastSeq;
         return "more";
       }
       const end = finals ? c.frames.findIndex(endsStream) : -1;
       const frames = (end >= 0 ? c.frames.slice(0, end + 1) : c.frames)
-        .filter((f) => f.seq > last && !(finals && hidden(f)));
+        .filter((f) => f.seq > last && !(finals && hidden(f)) && !refused(f));
       if (frames.length > 0) {
         const part = chunkOf(frames);
         if (!(await write(part.bytes, frames[0]!.seq))) return "end";
@@ -1007,7 +1014,7 @@ export async function streamEvents(
           judge?.fold(frame);
           // Another item's event on this item's subject (dead-lettered by every consumer).
           if (sel.itemId !== undefined && namesAnotherItem(frame, sel.itemId)) continue;
-          if (sel.closeOnFinal && hidden(frame)) continue;
+          if (sel.closeOnFinal && (hidden(frame) || refused(frame))) continue;
           if (!(await send(frame))) return "end";
           ended = sel.closeOnFinal && endsStream(frame);
         }
