@@ -1367,6 +1367,54 @@ Deno.test("a work step does not run again for a copy of a completion it ran past
   assert.deepEqual(await subjectsOf(t.jsm, o.stream, "orders.failed.*"), []);
 });
 
+Deno.test("a new run of a step an item went past, led to by the completion before it, runs nothing after it: the next step and the state writer dead-letter it conflict", async () => {
+  // Found by re-probing: with a step before it (tickets: triage, then route), the forged run
+  // was taken as one the held completion of the step before leads to.
+  await using t = await startTestNats();
+  await using o = await startThreeSteps(t);
+  await submitItem(t.nc, o.p, "G4", BOB, { source: "test", traceId: TRACE });
+  await waitFor(
+    async () => (await o.item("G4"))?.current.includes("check") === true,
+    20_000,
+    "G4 at its check step, its state written",
+  );
+  const real = await lastOn(t.jsm, o.stream, "orders.answer.G4");
+  const ack = await jetstream(t.nc).publish(
+    "orders.answer.G4",
+    JSON.stringify({
+      ...real,
+      id: "answer-run-2",
+      data: {
+        ...real.data,
+        value: { answer: "FORGED" },
+        results: { ...real.data.results as object, answer: { answer: "FORGED" } },
+        runs: { ...real.data.runs as object, answer: 2 },
+      },
+    }),
+  );
+  const letters = await lettersOf(t, ack.seq, ["orders-check", "orders-state"]);
+  assert.equal(letters.get("orders-state")!.code, "conflict");
+  assert.match(letters.get("orders-state")!.reason, /has not reached step "answer"/);
+  assert.equal(letters.get("orders-check")!.code, "conflict");
+  assert.match(letters.get("orders-check")!.reason, /step check did not run/);
+  o.release();
+  const done = await waitFor(
+    async () => {
+      const s = await o.item("G4");
+      return s?.status === "done" && s;
+    },
+    20_000,
+    "G4 done",
+  );
+  await settled(t.jsm, o.stream, o.consumers);
+  assert.deepEqual(done.results.answer, { answer: true });
+  assert.deepEqual(
+    o.ran.map((r) => [r.step, r.value]),
+    [["route", BOB], ["answer", { route: true }], ["check", { answer: true }]],
+    "each step ran once, on its own input",
+  );
+});
+
 Deno.test("a new run of a step an item went past, with another result, runs nothing after it: the next step and the state writer dead-letter it conflict", async () => {
   // Found by probing: the router key of a ticket waiting for its approval published its event
   // again with `runs.route: 2` and the other label; the reply step took it and ran (as the

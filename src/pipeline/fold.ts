@@ -410,6 +410,13 @@ export function refusal(
     return `${spec.name} item ${item} has no run ${run} of step ${JSON.stringify(hit.id)} for ` +
       `this hand-over copy to be a copy of (only the runtime's hand-over sets its header)`;
   }
+  // A step that ran and that the item is not at: a completion held from before its run (the
+  // step before it's) no longer leads there (found by re-probing: the tickets route key's
+  // `runs.route: 2` for an item waiting for approval, led to by triage's completion, ran the
+  // reply step). A loop makes such a step current again before its next run.
+  if (hit.id in state.runs && !state.current.includes(hit.id)) {
+    return notAt(spec.name, item, hit.id);
+  }
   return workLeads(hit.id) ? undefined : notAt(spec.name, item, hit.id);
 }
 
