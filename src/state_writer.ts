@@ -168,7 +168,7 @@ export interface StateWriter {
 }
 
 /** An item's events not written yet, and since when (ms, `performance.now()`). */
-interface Held<S = unknown> {
+interface Held {
   msgs: JsMsg[];
   events: { event: AnyEvent; seq: number }[];
   since: number;
@@ -178,11 +178,6 @@ interface Held<S = unknown> {
    * them that its history leads to, when its state lacked some of those (see `screen`).
    */
   fold?: { event: AnyEvent; seq: number }[];
-  /**
-   * The state `screen` folded `events` into from the cached state `from` (nothing refused):
-   * written as it is while the cache still holds `from`, not folded a second time.
-   */
-  folded?: { from: S | undefined; to: S | undefined };
 }
 
 interface Cached<S> {
@@ -316,18 +311,12 @@ export async function runStateWriter<S>(opts: {
   }
 
   /** Writes one item's new events; returns when written (or throws). */
-  async function writeItem(
-    id: string,
-    events: { event: AnyEvent; seq: number }[],
-    folded?: { from: S | undefined; to: S | undefined },
-  ) {
+  async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
     let base: Cached<S> | null = cache.get(id) ?? null;
     let read = base !== null;
     for (let attempt = 0; attempt < 10; attempt++) {
       let state = base?.state;
-      if (attempt === 0 && folded && folded.from !== undefined && folded.from === state) {
-        state = folded.to; // `screen` folded these events onto this very state
-      } else for (const { event, seq } of events) state = spec.apply(state, event, seq);
+      for (const { event, seq } of events) state = spec.apply(state, event, seq);
       if (state === undefined) {
         // Events that make no state alone: folded onto the bucket's state if it has one the
         // cache lacks, else nothing is written (no item is made up from them).
@@ -374,7 +363,7 @@ export async function runStateWriter<S>(opts: {
    * item's first events reach the writer with its entry event, and its later ones find it
    * cached; otherwise one read of the bucket, and one of the stream when it has no state.
    */
-  async function admit(id: string, group: Held<S>): Promise<Held<S>> {
+  async function admit(id: string, group: Held): Promise<Held> {
     if (cache.has(id) || !spec.starts || !spec.entrySubject) return group;
     const from = group.events.findIndex(({ event }) => spec.starts!(event));
     if (from === 0) return group;
@@ -489,9 +478,8 @@ export async function runStateWriter<S>(opts: {
    * them, to fold in order before it. On the usual path (the item cached or new, nothing
    * refused) this costs no read, only one more pass of the fold in memory.
    */
-  async function screen(id: string, group: Held<S>): Promise<Held<S>> {
+  async function screen(id: string, group: Held): Promise<Held> {
     if (!spec.refuses || group.events.length === 0) return group;
-    let to: S | undefined;
     const refusedOn = (base: S | undefined) => {
       const out = new Map<number, string>();
       let state = base;
@@ -500,7 +488,6 @@ export async function runStateWriter<S>(opts: {
         if (reason !== undefined) out.set(i, reason);
         else state = spec.apply(state, event, seq);
       });
-      to = state;
       return out;
     };
     let reasons: Map<number, string>;
@@ -513,8 +500,7 @@ export async function runStateWriter<S>(opts: {
         base = (await readState<S>(kv, id))?.state;
       }
       const refused = refusedOn(base);
-      // Nothing refused: the fold made here is the one to write (not made twice per event).
-      if (refused.size === 0) return { ...group, folded: { from: base, to } };
+      if (refused.size === 0) return group;
       if (itemFilter(id) === undefined) {
         reasons = new Map([...refused].map(([i, why]) => [group.events[i]!.seq, why]));
       } else {
@@ -542,7 +528,7 @@ export async function runStateWriter<S>(opts: {
       return { ...group, msgs: [], events: [] };
     }
     if (reasons.size === 0) return led ? { ...group, fold: led } : group;
-    const kept: Held<S> = { ...group, msgs: [], events: [], ...(led ? { fold: led } : {}) };
+    const kept: Held = { ...group, msgs: [], events: [], ...(led ? { fold: led } : {}) };
     await Promise.all(group.msgs.map(async (m, i) => {
       const { event, seq } = group.events[i]!;
       const why = reasons.get(seq);
@@ -577,7 +563,7 @@ export async function runStateWriter<S>(opts: {
   // (due about `stateFlushMs` later) writes it, or when no batch comes, a timer at twice
   // that. Mostly one write per item; state trails its events by at most about
   // 3 x `stateFlushMs` (linger, hold, timer).
-  const held = new Map<string, Held<S>>();
+  const held = new Map<string, Held>();
   let closing = false;
 
   /** ms until the earliest held item must be written without a batch; undefined: none held. */
@@ -645,7 +631,7 @@ export async function runStateWriter<S>(opts: {
       const group = await screen(id, await admit(id, all));
       if (group.events.length === 0) return;
       try {
-        await writeItem(id, group.fold ?? group.events, group.fold ? undefined : group.folded);
+        await writeItem(id, group.fold ?? group.events);
         for (const m of group.msgs) m.ack();
         metrics?.processed.inc({ stage: spec.durable }, group.msgs.length);
       } catch (err) {
