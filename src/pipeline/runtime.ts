@@ -42,7 +42,7 @@ import {
   type ServiceDef,
 } from "../service.ts";
 import type { MessageInfo, OutputEvent, Stage, StageContext } from "../stage.ts";
-import { runStateWriter, type StateSpec } from "../state_writer.ts";
+import { decodeStateEvent, runStateWriter, type StateSpec } from "../state_writer.ts";
 import { createScheduleStore } from "../scheduler/store.ts";
 import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
 import {
@@ -2824,12 +2824,7 @@ function storedStandsFrom(
     ) {
       let event: AnyEvent;
       try {
-        event = spec.decode!(
-          JSON.parse(new TextDecoder().decode(m.data)),
-          m.subject,
-          m.time.getTime(),
-          m.header,
-        );
+        event = decodeStateEvent(spec, m.data, m.subject, m.time.getTime(), m.header);
       } catch {
         continue; // the state writer folds nothing from what it cannot read
       }
