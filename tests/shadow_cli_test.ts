@@ -9,7 +9,14 @@
 import assert from "node:assert/strict";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { meshTempDir, ONE_PROCESS, removedAtEnd, startMesh, taskArgs } from "./helpers/mesh.ts";
+import {
+  meshTempDir,
+  ONE_PROCESS,
+  quiet,
+  removedAtEnd,
+  startMesh,
+  taskArgs,
+} from "./helpers/mesh.ts";
 import { connectClient, startTestNats } from "./helpers/nats.ts";
 import { chat, startFakeOpenAI } from "./helpers/openai_server.ts";
 import { sampled } from "../src/shadow/spec.ts";
@@ -27,7 +34,9 @@ async function shadow(
   env: Record<string, string> = { NATS_URL: `nats://127.0.0.1:${closedPort()}` },
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command("deno", {
-    args: [...await taskArgs("shadow"), ...args],
+    // --quiet: on a cold Deno cache, Deno's own "Download ..." lines go to stderr; the
+    // program's stderr is what is checked.
+    args: [...quiet(await taskArgs("shadow")), ...args],
     cwd: new URL("../", import.meta.url),
     env,
     stdout: "piped",

@@ -728,6 +728,15 @@ export async function taskArgs(name: string): Promise<string[]> {
   return args;
 }
 
+/**
+ * A task's arguments ({@link taskArgs}) with Deno's `--quiet` after its subcommand: Deno's own
+ * diagnostics (the "Download ..." lines of a cold cache) stay off stderr, the program's do not.
+ */
+export function quiet(args: string[]): string[] {
+  const [sub, ...rest] = args;
+  return sub === undefined ? args : [sub, "--quiet", ...rest];
+}
+
 /** `WEFT_TEST_MESH=process`: every test mesh one process per service. */
 const PER_PROCESS = Deno.env.get("WEFT_TEST_MESH") === "process";
 
