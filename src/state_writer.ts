@@ -168,7 +168,7 @@ export interface StateWriter {
 }
 
 /** An item's events not written yet, and since when (ms, `performance.now()`). */
-interface Held {
+interface Held<S = unknown> {
   msgs: JsMsg[];
   events: { event: AnyEvent; seq: number }[];
   since: number;
@@ -178,6 +178,11 @@ interface Held {
    * them that its history leads to, when its state lacked some of those (see `screen`).
    */
   fold?: { event: AnyEvent; seq: number }[];
+  /**
+   * The state `screen` folded `events` into (nothing refused), from `from`, the item's cached
+   * state then: written as it is while the cache still holds `from`, not folded again.
+   */
+  folded?: { from: S | undefined; to: S | undefined };
 }
 
 interface Cached<S> {
@@ -311,12 +316,18 @@ export async function runStateWriter<S>(opts: {
   }
 
   /** Writes one item's new events; returns when written (or throws). */
-  async function writeItem(id: string, events: { event: AnyEvent; seq: number }[]) {
+  async function writeItem(
+    id: string,
+    events: { event: AnyEvent; seq: number }[],
+    folded?: Held<S>["folded"],
+  ) {
     let base: Cached<S> | null = cache.get(id) ?? null;
     let read = base !== null;
     for (let attempt = 0; attempt < 10; attempt++) {
       let state = base?.state;
-      for (const { event, seq } of events) state = spec.apply(state, event, seq);
+      if (attempt === 0 && folded !== undefined && folded.from === state) {
+        state = folded.to; // `screen` folded these very events onto this very state
+      } else for (const { event, seq } of events) state = spec.apply(state, event, seq);
       if (state === undefined) {
         // Events that make no state alone: folded onto the bucket's state if it has one the
         // cache lacks, else nothing is written (no item is made up from them).
@@ -363,7 +374,7 @@ export async function runStateWriter<S>(opts: {
    * item's first events reach the writer with its entry event, and its later ones find it
    * cached; otherwise one read of the bucket, and one of the stream when it has no state.
    */
-  async function admit(id: string, group: Held): Promise<Held> {
+  async function admit(id: string, group: Held<S>): Promise<Held<S>> {
     if (cache.has(id) || !spec.starts || !spec.entrySubject) return group;
     const from = group.events.findIndex(({ event }) => spec.starts!(event));
     if (from === 0) return group;
@@ -478,8 +489,9 @@ export async function runStateWriter<S>(opts: {
    * them, to fold in order before it. On the usual path (the item cached or new, nothing
    * refused) this costs no read, only one more pass of the fold in memory.
    */
-  async function screen(id: string, group: Held): Promise<Held> {
+  async function screen(id: string, group: Held<S>): Promise<Held<S>> {
     if (!spec.refuses || group.events.length === 0) return group;
+    let to: S | undefined;
     const refusedOn = (base: S | undefined) => {
       const out = new Map<number, string>();
       let state = base;
@@ -488,19 +500,25 @@ export async function runStateWriter<S>(opts: {
         if (reason !== undefined) out.set(i, reason);
         else state = spec.apply(state, event, seq);
       });
+      to = state;
       return out;
     };
     let reasons: Map<number, string>;
     let led: { event: AnyEvent; seq: number }[] | undefined;
     try {
-      let base = cache.get(id)?.state;
+      const cached = cache.get(id)?.state;
+      let base = cached;
       // Not cached (a restart; an item that ended, which leaves the cache): its state in the
       // bucket, unless the group starts with an event that starts an item (a new one).
       if (base === undefined && spec.starts?.(group.events[0]!.event) !== true) {
         base = (await readState<S>(kv, id))?.state;
       }
       const refused = refusedOn(base);
-      if (refused.size === 0) return group;
+      // Nothing refused: the fold made here, from the cached state (not one read from the
+      // bucket, which writeItem does not start from), is the one to write: one fold per event.
+      if (refused.size === 0) {
+        return base === cached ? { ...group, folded: { from: base, to } } : group;
+      }
       if (itemFilter(id) === undefined) {
         reasons = new Map([...refused].map(([i, why]) => [group.events[i]!.seq, why]));
       } else {
@@ -528,7 +546,7 @@ export async function runStateWriter<S>(opts: {
       return { ...group, msgs: [], events: [] };
     }
     if (reasons.size === 0) return led ? { ...group, fold: led } : group;
-    const kept: Held = { ...group, msgs: [], events: [], ...(led ? { fold: led } : {}) };
+    const kept: Held<S> = { ...group, msgs: [], events: [], ...(led ? { fold: led } : {}) };
     await Promise.all(group.msgs.map(async (m, i) => {
       const { event, seq } = group.events[i]!;
       const why = reasons.get(seq);
@@ -563,7 +581,7 @@ export async function runStateWriter<S>(opts: {
   // (due about `stateFlushMs` later) writes it, or when no batch comes, a timer at twice
   // that. Mostly one write per item; state trails its events by at most about
   // 3 x `stateFlushMs` (linger, hold, timer).
-  const held = new Map<string, Held>();
+  const held = new Map<string, Held<S>>();
   let closing = false;
 
   /** ms until the earliest held item must be written without a batch; undefined: none held. */
@@ -631,7 +649,7 @@ export async function runStateWriter<S>(opts: {
       const group = await screen(id, await admit(id, all));
       if (group.events.length === 0) return;
       try {
-        await writeItem(id, group.fold ?? group.events);
+        await writeItem(id, group.fold ?? group.events, group.fold ? undefined : group.folded);
         for (const m of group.msgs) m.ack();
         metrics?.processed.inc({ stage: spec.durable }, group.msgs.length);
       } catch (err) {
