@@ -531,3 +531,50 @@ Deno.test("a definition llm step's shadow stops at its own budget and counts its
     await fake.close();
   }
 });
+
+Deno.test("a live shadow whose consumer is deleted under it makes it again and goes on from where it was, saying so", async () => {
+  await using s = await setUp({});
+  const spec = parseShadowSpec({
+    id: "gone",
+    pipeline: "bounded",
+    step: "grade",
+    candidate: { definition: `${s.dir}/pipeline.ts` },
+    limits: { rps: 100, concurrency: 4 },
+  });
+  const runner = await runShadow({
+    nc: s.t.nc,
+    spec,
+    config: s.t.config,
+    log: s.t.log,
+    pipelines: s.pipelines,
+    root: "",
+    matchWaitMs: 5_000,
+  });
+  try {
+    await s.submit("a", "short", true);
+    await s.submit("b", "fine day", true);
+    await waitFor(
+      () => runner.tally.counts.decided === 2,
+      30_000,
+      `two decided (${JSON.stringify(runner.tally.counts)})`,
+    );
+    // Another identity that may delete consumers on the stream, given the shadow's id (its
+    // consumer's name is `shadow_<id>`), deletes it: the shadow must not stop silently.
+    assert.equal(await s.t.jsm.consumers.delete("BOUNDED", "shadow_gone"), true);
+    await s.submit("c", "short", true);
+    await s.submit("d", "a longer one", true);
+    await waitFor(
+      () => runner.tally.counts.decided === 4,
+      60_000,
+      `the items after the deletion decided too (${JSON.stringify(runner.tally.counts)})`,
+    );
+    assert.ok(
+      s.t.lines.some((l) => l.includes("shadow consumer was missing: made again")),
+      "the shadow says its consumer was made again",
+    );
+    const ci = await s.t.jsm.consumers.info("BOUNDED", "shadow_gone");
+    assert.equal(ci.num_pending, 0, "nothing left behind");
+  } finally {
+    await deadline(runner.stop(), 10_000, "the shadow to stop");
+  }
+});

@@ -652,12 +652,17 @@ export const MATCH_WAIT_MS = 30_000;
 /** A shadow's ack wait beyond its rate wait, ms; it sends in-progress acks at a third of it. */
 const ACK_WAIT_MS = 6_000;
 
-/** Creates the shadow's durable consumer unless it exists: new messages only, from now. */
+/**
+ * Creates the shadow's durable consumer unless it exists: new messages only, from now, or from
+ * stream sequence `fromSeq` (a consumer made again after it was deleted under a running
+ * shadow, from just after the last message it was given). True when it made one.
+ */
 export async function ensureShadowConsumer(
   jsm: JetStreamManager,
   spec: ShadowSpec,
   step: Pick<ShadowTarget, "stream" | "filterSubject">,
-): Promise<void> {
+  fromSeq?: number,
+): Promise<boolean> {
   const durable = shadowDurable(spec.id);
   // The attachment it belongs to: a shadow attached again under the same id (detached while
   // the shadow service was down) starts from zero, not from the earlier one's backlog.
@@ -668,7 +673,7 @@ export async function ensureShadowConsumer(
     const was = /, attached (\S+)$/.exec(info.config.description ?? "")?.[1];
     // (One made before consumers named their attachment is taken as this one's.)
     const same = was === undefined || was === spec.attached_at;
-    if (info.config.filter_subject === step.filterSubject && same) return;
+    if (info.config.filter_subject === step.filterSubject && same) return false;
     // Another step or another attachment under the same id: start over.
     await jsm.consumers.delete(step.stream, durable);
   } catch (err) {
@@ -685,11 +690,14 @@ export async function ensureShadowConsumer(
     description,
     filter_subject: step.filterSubject,
     ack_policy: AckPolicy.Explicit,
-    deliver_policy: DeliverPolicy.New,
+    ...(fromSeq === undefined
+      ? { deliver_policy: DeliverPolicy.New }
+      : { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: fromSeq }),
     ack_wait: (waitMs + ACK_WAIT_MS) * 1_000_000,
     max_deliver: 3,
     max_ack_pending: Math.max(2 * spec.limits.concurrency, 16),
   });
+  return true;
 }
 
 /** Deletes a shadow's consumer; true if there was one. */
@@ -1080,12 +1088,21 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
     }
   }
 
+  // The last stream sequence it was given: a consumer deleted under it (another identity that
+  // may delete consumers on the stream, given the shadow's id) is made again from just after.
+  let lastSeq = 0;
   const done = (async () => {
     while (!stopping) {
       try {
-        messages = await consumer.consume({ max_messages: spec.limits.concurrency });
+        // A consumer deleted meanwhile ends the loop with an error (by default nats.js would
+        // keep asking it for messages, silently, until the process restarts).
+        messages = await consumer.consume({
+          max_messages: spec.limits.concurrency,
+          abort_on_missing_resource: true,
+        });
         for await (const m of messages) {
           if (stopping) break;
+          lastSeq = Math.max(lastSeq, m.seq);
           // Only the step's inputs are sampled, rate limited and counted: the filter of a
           // definition's step also carries events that are not for it.
           let given: ShadowInput | undefined;
@@ -1113,11 +1130,19 @@ export async function runShadow(opts: RunShadowOptions): Promise<ShadowRunner> {
           const p: Promise<void> = handle(given, release).finally(() => inFlight.delete(p));
           inFlight.add(p);
         }
+        // Ended without being stopped (its consumer gone): made again below, after a pause.
+        if (!stopping) throw new Error("the shadow's consumer stopped delivering");
       } catch (err) {
         if (stopping) break;
         log.warn("shadow consumer failed; retrying", { err: String(err) });
         await delay(1000, abort.signal);
-        await ensureShadowConsumer(jsm, spec, step).catch(() => {});
+        const from = lastSeq > 0 ? lastSeq + 1 : undefined;
+        if (await ensureShadowConsumer(jsm, spec, step, from).catch(() => false)) {
+          log.warn("shadow consumer was missing: made again", {
+            consumer: shadowDurable(spec.id),
+            ...(from === undefined ? { from: "new messages" } : { from_seq: from }),
+          });
+        }
       }
     }
     await Promise.all(inFlight);
