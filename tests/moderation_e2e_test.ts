@@ -382,7 +382,12 @@ Deno.test({
           assert.equal(viaNats.cron, "0 3 * * *");
           const listed = await ask("weft.schedules.list", "");
           assert.ok(listed.items.some((e: Json) => e.id === "nightly"));
-          assert.equal((await ask("weft.schedules.get", "soon")).status, "done");
+          // Marked done after it fires (the scheduler's write follows its publish): waited on.
+          await waitFor(
+            async () => (await ask("weft.schedules.get", "soon")).status === "done" || undefined,
+            30_000,
+            "the fired schedule marked done",
+          );
           assert.deepEqual(await ask("weft.schedules.cancel", "nightly"), { cancelled: true });
           assert.equal((await call("GET", "/schedules/nightly", KEYS.admin)).status, 404);
           assert.equal((await call("DELETE", "/schedules/soon", KEYS.admin)).status, 204);
