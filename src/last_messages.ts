@@ -65,8 +65,9 @@ export function answersBatchedReads(nc: NatsConnection): boolean {
 const RETRY_AFTER_MS = 60_000;
 
 /**
- * A reader of the last message on each of `subjects` (literal subjects, at most a few) in
- * `stream`, in one request: a map from subject to its last message (a subject with none is
+ * A reader of the last message on each of `subjects` (literal subjects, at most a few, or
+ * filters with wildcards, such as an item's whole subject space `orders.*.o1`: each subject they
+ * match, up to 256, else `null`) in `stream`, in one request: a map from subject to its last message (a subject with none is
  * absent), or `null` when this read cannot be trusted whole, for the caller to read the way it
  * did before. `null` when the server is older than 2.11 (without a request), the stream does not
  * allow direct gets (then no batched read is tried for a minute), the server answers anything
@@ -97,12 +98,16 @@ export function lastMessagesReader(
   return async (subjects, { atLeastSeq = 0 } = {}) => {
     if (!supported || performance.now() < offUntil) return null;
     const wanted = new Set(subjects);
+    // Wildcards (an item's whole subject space, `orders.*.o1`): each subject they match once.
+    const patterns = subjects.filter((s) => s.includes("*") || s.includes(">"))
+      .map(subjectPattern);
+    const batch = patterns.length > 0 ? MAX_WILDCARD_ANSWERS : subjects.length;
     const found = new Map<string, LastMessage>();
     let ended = false;
     try {
       const answers = await nc.requestMany(
         `$JS.API.DIRECT.GET.${stream}`,
-        JSON.stringify({ multi_last: subjects, batch: subjects.length }),
+        JSON.stringify({ multi_last: subjects, batch }),
         // The end-of-batch (and any status) has an empty body; a stored message with an empty
         // body ends the answer early too, and then it is not trusted (no end-of-batch seen).
         { strategy: "sentinel" as never, maxWait: opts.timeoutMs ?? 5000 },
@@ -117,7 +122,8 @@ export function lastMessagesReader(
         if (code !== 0 || !m.headers) break; // a refusal, or "no results": not trusted
         const subject = m.headers.get("Nats-Subject");
         const seq = Number(m.headers.get("Nats-Sequence"));
-        if (!wanted.has(subject) || !Number.isSafeInteger(seq) || seq <= 0) break;
+        const asked = wanted.has(subject) || patterns.some((p) => p.test(subject));
+        if (!asked || !Number.isSafeInteger(seq) || seq <= 0) break;
         const data = m.data;
         found.set(subject, {
           subject,
@@ -134,6 +140,27 @@ export function lastMessagesReader(
       }
       return null;
     }
-    return ended ? found : null;
+    // As many answers as the batch allows: there may be more (not trusted whole).
+    return ended && (patterns.length === 0 || found.size < batch) ? found : null;
   };
+}
+
+/** At most this many subjects answered for a read with wildcards; more: read the other way. */
+const MAX_WILDCARD_ANSWERS = 256;
+
+/**
+ * A NATS subject filter (`*`: one token, `>`: the rest) as a regular expression.
+ *
+ * @example
+ * ```ts
+ * import { subjectPattern } from "./last_messages.ts";
+ * console.assert(subjectPattern("orders.*.o1").test("orders.placed.o1"));
+ * console.assert(!subjectPattern("orders.*.o1").test("orders.placed.o12"));
+ * ```
+ */
+export function subjectPattern(filter: string): RegExp {
+  const tokens = filter.split(".").map((t) =>
+    t === "*" ? "[^.]+" : t === ">" ? ".+" : t.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")
+  );
+  return new RegExp(`^${tokens.join("\\.")}$`);
 }

@@ -124,3 +124,27 @@ Deno.test("storedFirstOnSubject() takes only 'expected last subject sequence 0' 
   h.set("Nats-Expected-Last-Subject-Sequence-Subject", "orders.*.o1");
   assert.ok(!storedFirstOnSubject({ headers: h }));
 });
+
+Deno.test("lastMessagesReader() reads an item's whole subject space by wildcard in one request, and no more than it can trust whole", async () => {
+  await using t = await serverWithStream();
+  await onBatchingServer(t.nc, t.requests, async () => {
+    await t.js.publish("orders.placed.o1", "placed");
+    await t.js.publish("orders.paid.o1", "paid 1");
+    await t.js.publish("orders.placed.o12", "another item");
+    const paid = await t.js.publish("orders.paid.o1", "paid 2");
+    const read = lastMessagesReader(t.nc, "ORDERS");
+    t.requests.length = 0;
+    const last = await read(["orders.*.o1"], { atLeastSeq: paid.seq });
+    await t.nc.flush();
+    assert.deepEqual(t.requests, ["$JS.API.DIRECT.GET.ORDERS"]);
+    assert.ok(last);
+    assert.deepEqual([...last.keys()].sort(), ["orders.paid.o1", "orders.placed.o1"]);
+    assert.equal(new TextDecoder().decode(last.get("orders.paid.o1")!.data), "paid 2");
+    assert.equal(last.get("orders.paid.o1")!.seq, paid.seq);
+    // More subjects than one answer holds (256): not trusted whole.
+    await Promise.all(
+      Array.from({ length: 257 }, (_, i) => t.js.publish(`orders.e${i}.big`, "x")),
+    );
+    assert.equal(await read(["orders.*.big"]), null);
+  });
+});

@@ -64,7 +64,13 @@ import {
 import { BACKLOG_SEQ_KEY, stageConsumerConfig } from "./topology.ts";
 import { ensureConsumer } from "./topology.ts";
 import { versionAtLeast } from "./nats_server.ts";
-import { EXPECTED_LAST_SUBJECT_SEQ, storedFirstOnSubject } from "./last_messages.ts";
+import {
+  EXPECTED_LAST_SUBJECT_SEQ,
+  type LastMessage,
+  lastMessagesReader,
+  storedFirstOnSubject,
+  subjectPattern,
+} from "./last_messages.ts";
 import {
   childContext,
   formatTraceparent,
@@ -775,6 +781,8 @@ async function outcomeTaken(
   outcomes: ReadonlySet<string>,
   /** Whether a stored outcome is the item's (`Stage.holdsOutcome`); by default every one is. */
   holds?: (item: string, held: { type: string; seq: number }) => Promise<boolean>,
+  /** The item's subjects' last messages, read at once ({@link ItemLasts}); null: one by one. */
+  lasts: ItemLasts | null = null,
 ): Promise<{ taken?: { type: string; seq: number }; stored: OutputEvent[] }> {
   const mine = outputs.filter((e) => outcomes.has(e.type));
   if (mine.length === 0) return { stored: [] };
@@ -782,9 +790,9 @@ async function outcomeTaken(
   const item = mine[0]!.item_id;
   // A lookup that cannot tell throws: the message is retried like any failed publish.
   const found = await Promise.all([...outcomes].map(async (type) => {
-    const last = await lastOn(jsm, stream, eventSubject(type, item));
+    const last = await lastOnItem(jsm, stream, eventSubject(type, item), lasts);
     if (!last) return undefined;
-    const own = byId.get(last.header.get("Nats-Msg-Id"));
+    const own = byId.get(last.msgId);
     // One its history does not lead to is not the item's: it takes nothing, and is not this
     // message's own either, whatever id it was stored under (ids are predictable: one stored
     // first under the outcome's own id had the outcome skipped as stored already).
@@ -922,6 +930,43 @@ function lastOn(jsm: JetStreamManager, stream: string, subject: string) {
   return storedMessage(jsm, stream, { last_by_subj: subject });
 }
 
+/**
+ * The last message on each subject of an item (`<pipeline>.*.<item>`, `subject`), read in one
+ * batched direct get (nats-server 2.11+) where a stage would otherwise read its outcomes'
+ * subjects and its history's end one request each (`STREAM.MSG.GET`, a JetStream API call:
+ * five per item for a step publishing an outcome after another event, four times the CPU of
+ * the one read, client and server, measured 2026-12-07).
+ */
+interface ItemLasts {
+  /** The item's subjects, as a filter. */
+  subject: string;
+  pattern: RegExp;
+  messages: Map<string, LastMessage>;
+}
+
+/**
+ * The last message on `subject`: from `lasts` when its read covers the subject, else read.
+ * Its sequence and message id; null when there is none.
+ */
+async function lastOnItem(
+  jsm: JetStreamManager,
+  stream: string,
+  subject: string,
+  lasts: ItemLasts | null,
+): Promise<{ seq: number; msgId: string } | null> {
+  if (lasts && lasts.pattern.test(subject)) {
+    const m = lasts.messages.get(subject);
+    return m ? { seq: m.seq, msgId: m.headers.get("Nats-Msg-Id") } : null;
+  }
+  const m = await lastOn(jsm, stream, subject);
+  return m ? { seq: m.seq, msgId: m.header.get("Nats-Msg-Id") } : null;
+}
+
+/** The subjects of `event`'s item in its stream: `<pipeline>.*.<item>`. */
+function itemSubjects(event: { type: string; item_id: string }): string {
+  return `${event.type.slice(0, event.type.indexOf("."))}.*.${event.item_id}`;
+}
+
 /** A handler's longest call when the configuration names none (`WEFT_HANDLER_TIMEOUT_MS`). */
 const DEFAULT_HANDLER_TIMEOUT_MS = 300_000;
 
@@ -1020,8 +1065,15 @@ async function historyEnd(
   jsm: JetStreamManager,
   stream: string,
   event: OutputEvent,
+  /** The item's subjects' last messages, read at once; null: read the end alone. */
+  lasts: ItemLasts | null = null,
 ): Promise<HistoryEnd> {
-  const subject = `${event.type.slice(0, event.type.indexOf("."))}.*.${event.item_id}`;
+  const subject = itemSubjects(event);
+  if (lasts && lasts.subject === subject) {
+    let seq = 0;
+    for (const m of lasts.messages.values()) seq = Math.max(seq, m.seq);
+    return { subject, seq };
+  }
   return { subject, seq: (await lastOn(jsm, stream, subject))?.seq ?? 0 };
 }
 
@@ -1320,6 +1372,8 @@ export async function runStage<I extends StageInput>(
   // nats-server 2.11 checks a publish against the last sequence of a wildcard subject, which
   // makes a stage's outcome check and its publish one atomic step (`publishFenced`).
   const fences = versionAtLeast(version, "2.11.0");
+  // (The same servers answer batched direct gets: an item's outcomes and history end in one.)
+  const readLasts = fences ? lastMessagesReader(nc, stream) : undefined;
   // Pull only as many messages as there are free handler slots (no prefetch): a message
   // starts its handler, and so its in-progress acks, the moment it arrives, so a slow
   // handler can never let a waiting message's ack wait expire.
@@ -1623,7 +1677,14 @@ export async function runStage<I extends StageInput>(
       const at = stage.outcomes ? outputs.findIndex((e) => stage.outcomes!.has(e.type)) : -1;
       const outcome = at >= 0 ? outputs[at] : undefined;
       const fenced = outcome !== undefined && fences;
-      let end = fenced && at === 0 ? await historyEnd(jsm, stream, outcome) : undefined;
+      /** The item's subjects' last messages in one read, or null (read one by one). */
+      const itemLasts = async (event: OutputEvent): Promise<ItemLasts | null> => {
+        const subject = itemSubjects(event);
+        const messages = await readLasts?.([subject], { atLeastSeq: m.seq });
+        return messages ? { subject, pattern: subjectPattern(subject), messages } : null;
+      };
+      let lasts = outcome !== undefined && stage.outcomes ? await itemLasts(outcome) : null;
+      let end = fenced && at === 0 ? await historyEnd(jsm, stream, outcome, lasts) : undefined;
       /**
        * Whether an event held on `event`'s subject is one the item takes: its state takes it
        * (`storedStands`), and, for an outcome, the item holds it (`holdsOutcome`; an outcome
@@ -1657,6 +1718,7 @@ export async function runStage<I extends StageInput>(
           outputs,
           stage.outcomes!,
           stage.holdsOutcome && ((item, held) => stage.holdsOutcome!(item, held)),
+          lasts,
         );
         // A second outcome (a forged or repeated decision, another branch's end): the item
         // keeps its first.
@@ -1685,7 +1747,8 @@ export async function runStage<I extends StageInput>(
       if (fenced) {
         await publish(outputs.slice(0, at));
         if (!skip.has(outcome) && !end) {
-          end = await historyEnd(jsm, stream, outcome);
+          lasts = await itemLasts(outcome);
+          end = await historyEnd(jsm, stream, outcome, lasts);
           await checkOutcome();
         }
         if (!skip.has(outcome)) {
