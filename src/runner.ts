@@ -611,7 +611,19 @@ export async function publishUnique(
   const ack = await js.publish(subject, data, { headers: hdrs });
   if (!ack.duplicate) return ack;
   const jsm = await js.jetstreamManager(false);
-  const stored = await jsm.streams.getMessage(ack.stream, { seq: ack.seq }).catch(() => null);
+  // A read that fails (no stream leader during an election, a timeout) says nothing of what
+  // is held: retried, not taken for this message (taken, junk under a predictable id stood
+  // in for the event whenever the read failed, and the item stopped with no letter). One
+  // gone since (purged, aged out) is taken, as before.
+  const stored = await storedMessage(jsm, ack.stream, { seq: ack.seq }).catch((err) => {
+    throw new WeftError(
+      ErrorCode.Unavailable,
+      `${subject}: the stream answered "duplicate" for message id ` +
+        `${hdrs.get("Nats-Msg-Id")} and the message it holds under it could not be read: ` +
+        `retried`,
+      { cause: err },
+    );
+  });
   // On this subject, it is this message, unless it is a hand-over's copy: a hand-over stores
   // its copies under ids of their own, so one under this id was published by hand.
   if (

@@ -1,0 +1,96 @@
+/**
+ * `publishUnique` when the stream answers "duplicate" and the message held under the id
+ * cannot be read (as during a leader election, when no node answers for the stream): the
+ * publish is retried, and what is held is never taken for this message unread. The read is
+ * made to fail for real: the publishing identity may publish to the stream but not read it.
+ */
+import assert from "node:assert/strict";
+import { connect } from "@nats-io/transport-node";
+import { headers } from "@nats-io/nats-core";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { publishUnique } from "../src/runner.ts";
+import { WeftError } from "../src/errors.ts";
+import { freePort, startNatsServer } from "../src/nats_server.ts";
+
+/** A server with `admin` (anything) and `blind` (publishes, but reads no stored message). */
+async function serverWithBlindWriter() {
+  const dir = await Deno.makeTempDir({ prefix: "weft-unique-" });
+  const conf = `${dir}/nats.conf`;
+  await Deno.writeTextFile(
+    conf,
+    `jetstream { store_dir: "${dir}/js" }
+authorization {
+  users = [
+    { user: admin, password: admin }
+    {
+      user: blind, password: blind
+      permissions: {
+        publish: { allow: [">"], deny: ["$JS.API.STREAM.MSG.GET.>", "$JS.API.DIRECT.GET.>"] }
+        subscribe: { allow: [">"] }
+      }
+    }
+  ]
+}
+`,
+  );
+  const server = await startNatsServer({ configFile: conf, port: freePort() });
+  return {
+    server,
+    async [Symbol.asyncDispose]() {
+      await server[Symbol.asyncDispose]();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    },
+  };
+}
+
+Deno.test("publishUnique retries a duplicate whose held message it cannot read, and never takes junk under the id for its own", async () => {
+  await using s = await serverWithBlindWriter();
+  const admin = await connect({ servers: s.server.url, user: "admin", pass: "admin" });
+  const blind = await connect({ servers: s.server.url, user: "blind", pass: "blind" });
+  try {
+    const jsm = await jetstreamManager(admin);
+    await jsm.streams.add({ name: "ORDERS", subjects: ["orders.>"] });
+    // Junk stored first under the id the item's own event will carry (ids are predictable).
+    const junk = headers();
+    junk.set("Nats-Msg-Id", "evt-1");
+    await jetstream(admin).publish("orders.placed.o1", JSON.stringify({ junk: true }), {
+      headers: junk,
+    });
+
+    const own = headers();
+    own.set("Nats-Msg-Id", "evt-1");
+    const data = new TextEncoder().encode(JSON.stringify({ type: "orders.placed", id: "evt-1" }));
+    const asked: number[] = [];
+    const isOwn = (held: { seq: number }) => {
+      asked.push(held.seq);
+      return Promise.resolve(false); // the held message is junk
+    };
+    // The read fails: the publish is not taken as stored, it fails to be retried.
+    const err = await publishUnique(
+      jetstream(blind, { timeout: 2_000 }),
+      "orders.placed.o1",
+      data,
+      own,
+      isOwn,
+    ).then(() => undefined, (e) => e);
+    assert.ok(err instanceof WeftError, `retried with a Weft error, got ${err}`);
+    assert.equal(err.permanent, false, "a failed read is retried, not final");
+    assert.equal(
+      (await jsm.streams.info("ORDERS")).state.messages,
+      1,
+      "nothing stored on a read that failed",
+    );
+
+    // The retry reads the junk (here, with an identity that may), judges it, and stores the
+    // event after it.
+    const ack = await publishUnique(jetstream(admin), "orders.placed.o1", data, own, isOwn);
+    assert.equal(ack.duplicate, false);
+    assert.deepEqual(asked, [1]);
+    const last = await jsm.streams.getMessage("ORDERS", { last_by_subj: "orders.placed.o1" });
+    assert.equal(last?.seq, 2);
+    assert.deepEqual(last?.json(), { type: "orders.placed", id: "evt-1" });
+  } finally {
+    await blind.close();
+    await admin.close();
+  }
+});
