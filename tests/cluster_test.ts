@@ -10,25 +10,105 @@ import { readStream } from "../src/stream_reader.ts";
 import { resumingClient } from "./helpers/sse.ts";
 import { clusterPidFile } from "../src/supervisor.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
-import { waitFor } from "./helpers/wait.ts";
+import { waitFor, waitUntil } from "./helpers/wait.ts";
 import { connectClient } from "./helpers/nats.ts";
 
-/** Waits until every accepted item has a processed event; their counts per subject. */
-function processedCounts(
+/**
+ * Waits until every accepted item has a processed event; their counts per subject. When the
+ * deadline passes, the failure says which items were stuck and where (`stuckReport`).
+ */
+async function processedCounts(
   jsm: JetStreamManager,
   accepted: ReadonlySet<string>,
+  where: (missing: string[]) => Promise<string>,
 ): Promise<Record<string, number>> {
-  return waitFor(
+  let subjects: Record<string, number> = {};
+  await waitUntil(
     async () => {
       const info = await jsm.streams.info("FEEDBACK", { subjects_filter: "feedback.processed.*" });
-      const subjects = info.state.subjects ?? {};
-      return [...accepted].every((id) => subjects[`feedback.processed.${id}`])
-        ? subjects
-        : undefined;
+      subjects = info.state.subjects ?? {};
+      return [...accepted].every((id) => subjects[`feedback.processed.${id}`]);
     },
     120_000,
-    "every accepted item processed",
+    () => where([...accepted].filter((id) => !subjects[`feedback.processed.${id}`])),
   );
+  return subjects;
+}
+
+/**
+ * Where each of `missing` (at most 10 shown) stands: its events in FEEDBACK (type: count),
+ * its state as the gateway reads it, its dead letters, and the log lines naming it; then the
+ * FEEDBACK consumers' counters (as each one's leader has them) and the mesh's last warnings
+ * and errors.
+ */
+async function stuckReport(
+  jsm: JetStreamManager,
+  gatewayUrl: string,
+  monitoring: string,
+  logs: readonly Record<string, unknown>[],
+  missing: string[],
+): Promise<string> {
+  const lines = [`${missing.length} accepted items not processed: ${missing.join(", ")}`];
+  // Each part best-effort: what cannot be read is said, and the rest still reported.
+  const subjectsOf = (stream: string, filter: string) =>
+    jsm.streams.info(stream, { subjects_filter: filter }).then((i) => i.state.subjects ?? {})
+      .catch((e) => (lines.push(`${stream}: not read (${e})`), {} as Record<string, number>));
+  const events = await subjectsOf("FEEDBACK", "feedback.*.*");
+  const letters = await subjectsOf("DEADLETTER", "deadletter.*.*");
+  for (const id of missing.slice(0, 10)) {
+    const own = (subjects: Record<string, number>) =>
+      Object.entries(subjects).filter(([s]) => s.endsWith(`.${id}`)).map(([s, n]) => `${s}:${n}`);
+    const state = await fetch(`${gatewayUrl}/feedback/${id}`)
+      .then(async (r) => `${r.status} ${await r.text()}`)
+      .catch((e) => String(e));
+    const said = logs.filter((l) => JSON.stringify(l).includes(`"${id}"`))
+      .map((l) => JSON.stringify(l));
+    lines.push(
+      `${id}: events [${own(events).join(", ")}]; dead letters [${own(letters).join(", ")}]; ` +
+        `state ${state.slice(0, 300)}; logs (${said.length}): ${said.slice(-5).join(" | ")}`,
+    );
+  }
+  // The steps' consumers: their names from nats-server's monitoring (the ops key may not list
+  // them), their counters from each one's leader (consumer info), as a follower may trail.
+  const jsz = await fetch(`${monitoring}/jsz?consumers=true`).then((r) => r.json())
+    .catch((e) => ({ error: String(e) })) as {
+      account_details?: {
+        stream_detail?: { name: string; consumer_detail?: { name: string }[] }[];
+      }[];
+      error?: string;
+    };
+  if (jsz.error) lines.push(`consumers: ${jsz.error}`);
+  const names = (jsz.account_details ?? []).flatMap((a) => a.stream_detail ?? [])
+    .filter((st) => st.name === "FEEDBACK").flatMap((st) => st.consumer_detail ?? [])
+    .map((c) => c.name);
+  for (const name of names) {
+    const c = await jsm.consumers.info("FEEDBACK", name).catch((e) => String(e));
+    lines.push(
+      typeof c === "string"
+        ? `consumer ${name}: ${c}`
+        : `consumer ${name}: pending ${c.num_pending}, ack pending ${c.num_ack_pending}, ` +
+          `redelivered ${c.num_redelivered}, waiting ${c.num_waiting}, delivered ` +
+          `${c.delivered.stream_seq}, ack floor ${c.ack_floor.stream_seq}, leader ` +
+          `${c.cluster?.leader}`,
+    );
+  }
+  const warned = logs.filter((l) => l.level === "warn" || l.level === "error");
+  lines.push(`last warnings/errors (${warned.length}):`);
+  for (const l of warned.slice(-15)) lines.push(JSON.stringify(l).slice(0, 600));
+  return lines.join("\n");
+}
+
+/**
+ * How close the failover came to failing an item: messages retried, the highest attempt a
+ * step reached (a step gives up after WEFT_MAX_ATTEMPTS, 5), and dead letters stored.
+ */
+function retryFigures(logs: readonly Record<string, unknown>[]) {
+  const retries = logs.filter((l) => l.msg === "retrying");
+  return {
+    retries: retries.length,
+    max_attempt: Math.max(0, ...retries.map((l) => Number(l.attempt) || 0)),
+    dead_letters: logs.filter((l) => l.msg === "dead-lettered").length,
+  };
 }
 
 /** Prints a test's figures as one `CLUSTER-FIGURES {...}` line. */
@@ -61,7 +141,8 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
     }
 
     // An SSE client of GET /events through the failover, resuming with Last-Event-ID.
-    const sse = resumingClient(mesh.gatewayUrl);
+    // Stopped however the test ends: left running, its reconnect timer leaks into the next.
+    await using sse = resumingClient(mesh.gatewayUrl);
 
     // Load: 25 items/s for 12 s (other test files share the 2 cores; WEFT_TEST_CLUSTER_RATE
     // offers more when the test runs alone); a client retries a 503 after its Retry-After.
@@ -84,8 +165,15 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
     };
     const start = performance.now();
     let killedAt = 0;
+    const killing = new AbortController();
     const killer = (async () => {
-      await new Promise((r) => setTimeout(r, 3000));
+      await new Promise((r, reject) => {
+        const t = setTimeout(r, 3000);
+        killing.signal.addEventListener("abort", () => {
+          clearTimeout(t);
+          reject(killing.signal.reason);
+        });
+      });
       const leader = (await jsm.streams.info("FEEDBACK")).cluster!.leader!;
       const index = Number(leader.replace("weft-", "")) - 1;
       const pid = Number(await Deno.readTextFile(`${mesh.storeDir}/${clusterPidFile(index)}`));
@@ -100,7 +188,14 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
       if (wait > 0) await new Promise((r) => setTimeout(r, wait));
       inFlight.push(submit(n));
     }
-    await Promise.all(inFlight);
+    try {
+      await Promise.all(inFlight);
+    } catch (err) {
+      // A refused POST fails the test: no kill timer is left behind for the next test.
+      killing.abort(err);
+      await killer.catch(() => {});
+      throw err;
+    }
     const killed = await killer;
     await mesh.waitForLog(
       (l) => l.msg === "nats-server node back" && l.node === killed,
@@ -111,7 +206,12 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
     assert.ok((await jsm.streams.info("FEEDBACK")).cluster!.leader);
 
     // Every accepted item is processed exactly once.
-    const counts = await processedCounts(jsm, accepted);
+    const counts = await processedCounts(
+      jsm,
+      accepted,
+      (missing) =>
+        stuckReport(jsm, mesh.gatewayUrl, String(ready.nats_monitoring), mesh.logs, missing),
+    );
     const twice = Object.entries(counts).filter(([, n]) => n !== 1);
     // The SSE client saw every event the stream holds, once each, in order.
     const expected: number[] = [];
@@ -148,6 +248,7 @@ Deno.test("a 3-node cluster at R3 loses nothing when the FEEDBACK leader is kill
       post_p99_ms_failover: Math.round(p99),
       duplicates: twice.length,
       sse_reconnects: sse.reconnects,
+      ...retryFigures(mesh.logs),
     });
   } finally {
     await nc.close();
@@ -163,6 +264,10 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
   await mesh.waitForLog((l) => l.msg === "weft is ready", 90_000, "the cluster mesh ready");
   const ready = mesh.logs.find((l) => l.msg === "weft is ready")!;
   const nc = await connectClient(String(ready.nats), "test-ops", mesh.credentials("ops"));
+  // The load runs until told to stop, and is stopped however the test ends (left running, its
+  // POSTs and timers would leak into the next test).
+  let stop = false;
+  let load: Promise<void> | undefined;
   try {
     const jsm = await jetstreamManager(nc);
     const pidOf = async (node: string) =>
@@ -187,8 +292,7 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
     // after its Retry-After.
     const accepted = new Set<string>();
     const posts: { at: number; ms: number; status: number }[] = [];
-    let stop = false;
-    const load = (async () => {
+    load = (async () => {
       const inFlight: Promise<void>[] = [];
       for (let n = 0; !stop; n++) {
         inFlight.push((async () => {
@@ -307,7 +411,12 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
       }`,
     );
 
-    const counts = await processedCounts(jsm, accepted);
+    const counts = await processedCounts(
+      jsm,
+      accepted,
+      (missing) =>
+        stuckReport(jsm, mesh.gatewayUrl, String(ready.nats_monitoring), mesh.logs, missing),
+    );
     assert.deepEqual(Object.entries(counts).filter(([, n]) => n !== 1), [], "no item twice");
     printFigures({
       test:
@@ -319,6 +428,8 @@ Deno.test("a 3-node cluster loses nothing when the meta leader is killed, step r
       duplicates: 0,
     });
   } finally {
+    stop = true;
+    await load?.catch(() => {});
     await nc.close();
   }
 });

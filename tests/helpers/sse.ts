@@ -40,7 +40,11 @@ export async function readSse(
   return events;
 }
 
-/** An SSE reader of GET /events that reconnects with Last-Event-ID until told to stop. */
+/**
+ * An SSE reader of GET /events that reconnects with Last-Event-ID until told to stop; with
+ * `await using`, stopped however the test ends (left running, its reconnect timer would be
+ * reported as a leak by the next test).
+ */
 export function resumingClient(url: string) {
   const seqs: number[] = [];
   let reconnects = 0;
@@ -90,6 +94,10 @@ export function resumingClient(url: string) {
       abort = new AbortController();
       await reader?.cancel().catch(() => {});
       await deadline(done, 15_000, "the SSE client to stop");
+    },
+    /** Stops it (again: stopping twice is harmless), so `await using` leaves no timer. */
+    async [Symbol.asyncDispose]() {
+      await this.stop();
     },
   };
 }
