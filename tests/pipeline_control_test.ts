@@ -24,6 +24,7 @@ import { listDeadLetters } from "../src/redrive.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { createScheduleStore } from "../src/scheduler/store.ts";
+import { runScheduler } from "../src/scheduler/scheduler.ts";
 import { SCHEDULE_BUCKET } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import type { StageContext } from "../src/stage.ts";
@@ -652,6 +653,129 @@ Deno.test("a join inside a loop hands on each branch's result of this round, not
     });
   } finally {
     await Promise.all(runners.map((r) => r.stop()));
+  }
+});
+
+Deno.test("a branch a timed-out join went on without runs in its loop's next round, and that round's join waits for its result", async () => {
+  // Found by probing (57 of 150 items of a loop with a 5 s join deadline and a 7 s branch):
+  // the branch's next-round run was dead-lettered as a copy of its late earlier-round
+  // completion (both had run 1), or, when it ran, the item's state kept the late result.
+  await using t = await startTestNats();
+  let release!: () => void;
+  const gate = new Promise<void>((r) => release = r);
+  // Round 2's b completes once round 1's late b is stored and folded into the item's state.
+  let folded!: () => void;
+  const lateFolded = new Promise<void>((r) => folded = r);
+  const calls: number[] = [];
+  const p = loaded(definePipeline({
+    name: "redraft",
+    input: { schema: obj },
+    start: "draft",
+    steps: {
+      draft: task(["a", "b"]),
+      a: task("j"),
+      b: {
+        kind: "task",
+        output: obj,
+        // Round 1 is slower than the join's deadline; round 2 is quick.
+        handle: async (_v: unknown, ctx: { runs: Readonly<Record<string, number>> }) => {
+          const round = ctx.runs.draft ?? 0;
+          calls.push(round);
+          await (round === 1 ? gate : lateFolded);
+          // Round 2's first attempt fails (a flaky API): its retry is admitted again, after
+          // round 1's late b is in the item's state.
+          if (round === 2 && calls.filter((r) => r === 2).length === 1) throw new Error("flaky");
+          return { round };
+        },
+        next: "j",
+      },
+      j: {
+        kind: "join",
+        after: ["a", "b"],
+        deadlineMs: 4_000,
+        onDeadline: "decide",
+        next: "decide",
+      },
+      decide: {
+        kind: "router",
+        route: (_v: unknown, ctx) => (ctx.runs.draft ?? 0) < 2 ? "again" : "done",
+        routes: { again: "draft", done: "done" },
+      },
+      done: { kind: "end", outcome: "done" },
+    },
+    loops: [{ from: "decide", to: "draft", maxIterations: 3 }],
+  }));
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const scheduler = await runScheduler({ nc: t.nc, log: t.log, replica: "redraft" });
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: controlStage(p, t.nc) }),
+    ...await Promise.all(
+      ["draft", "a", "b", "decide"].map((id) =>
+        runStage({ ...deps, stage: workStage(p, id, { nc: t.nc }) })
+      ),
+    ),
+  ];
+  try {
+    const kv = await new Kvm(t.nc).open(stateBucketOf("redraft"));
+    await submitItem(t.nc, p, "D1", {}, { source: "test", traceId: TRACE });
+    // Round 1's join times out without b, and the loop goes round: then b's round 1 ends.
+    await waitFor(
+      async () => ((await readItem(kv, "D1"))?.runs.draft ?? 0) >= 2,
+      30_000,
+      "round 2",
+    );
+    release();
+    const late = await waitFor(
+      async () =>
+        (await t.jsm.streams.getMessage("REDRAFT", { last_by_subj: "redraft.b.D1" }).catch(() =>
+          null
+        )) ?? undefined,
+      30_000,
+      "round 1's late b stored",
+    );
+    assert.equal(late.json<{ data: FlowData }>().data.runs.draft, 1);
+    await waitFor(
+      async () => ((await readItem(kv, "D1"))?.last_seq ?? 0) >= late.seq,
+      30_000,
+      "folded",
+    );
+    folded();
+    const state = await waitFor(
+      async () => {
+        const s = await readItem(kv, "D1");
+        return (s?.status === "done" || s?.status === "failed") && s;
+      },
+      30_000,
+      "D1 ended",
+    );
+    assert.equal(state.status, "done", JSON.stringify(state));
+    assert.deepEqual(calls.sort(), [1, 2, 2], "b ran in both rounds (round 2 retried once)");
+    assert.deepEqual(state.results.b, { round: 2 }, JSON.stringify(state));
+    // Round 1's b counts as run on the timeout (no result), and round 2's as its second run.
+    assert.deepEqual(state.runs, { draft: 2, a: 2, b: 2, j: 2, decide: 2 });
+    // Round 2's join completed with round 2's b (round 1's timed out without it).
+    const joins: { type: string; value: unknown }[] = [];
+    const { state: info } = await t.jsm.streams.info("REDRAFT");
+    for (let seq = info.first_seq; seq <= info.last_seq; seq++) {
+      const m = await t.jsm.streams.getMessage("REDRAFT", { seq }).catch(() => null);
+      if (m?.subject.startsWith("redraft.j")) {
+        const e = m.json<{ type: string; data: FlowData }>();
+        joins.push({ type: e.type, value: e.data.value });
+      }
+    }
+    assert.deepEqual(joins, [
+      { type: "redraft.j_timed_out", value: { a: {} } },
+      { type: "redraft.j", value: { a: {}, b: { round: 2 } } },
+    ]);
+    assert.deepEqual(state.results.j, { a: {}, b: { round: 2 } });
+    assert.deepEqual(await listDeadLetters(jetstream(t.nc), {}), [], "no dead letter");
+  } finally {
+    release();
+    folded();
+    await Promise.all(runners.map((r) => r.stop()));
+    await scheduler.stop();
   }
 });
 

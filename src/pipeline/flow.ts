@@ -351,3 +351,47 @@ export function schemaFailure(
     message: missing ? `${field} is required` : `${field} ${e?.message ?? "is invalid"}`,
   };
 }
+
+/**
+ * The steps on join `join`'s branch to its input `input`: those from which `input` is reached
+ * (`input` included) without passing through the join, and from which no other input of the
+ * join is (the step that fans out reaches them all: it is no branch's).
+ *
+ * @example
+ * ```ts
+ * import { branchSteps } from "./flow.ts";
+ * import type { PipelineSpec } from "./definition.ts";
+ * const task = (next: string | string[]) => ({ kind: "task" as const, output: {}, next });
+ * const spec: PipelineSpec = {
+ *   name: "orders", input: { schema: {} }, start: "split",
+ *   steps: {
+ *     split: task(["a1", "b"]), a1: task("a2"), a2: task("j"), b: task("j"),
+ *     j: { kind: "join", after: ["a2", "b"], deadlineMs: 1000, onDeadline: "done", next: "done" },
+ *     done: { kind: "end", outcome: "done" },
+ *   },
+ * };
+ * console.log(branchSteps(spec, "j", "a2")); // ["a1", "a2"]
+ * ```
+ */
+export function branchSteps(spec: PipelineSpec, join: string, input: string): string[] {
+  const j = spec.steps[join];
+  if (j?.kind !== "join") return [];
+  const reaches = (from: string): Set<string> => {
+    const seen = new Set([from]);
+    const queue = [from];
+    while (queue.length > 0) {
+      const at = queue.shift()!;
+      const step = at === join ? undefined : spec.steps[at];
+      for (const [t] of step ? edgesOf(step) : []) {
+        if (!seen.has(t)) (seen.add(t), queue.push(t));
+      }
+    }
+    return seen;
+  };
+  const others = j.after.filter((a) => a !== input);
+  return Object.keys(spec.steps).filter((s) => {
+    if (s === join || spec.steps[s]!.kind === "end") return false;
+    const r = reaches(s);
+    return r.has(input) && !others.some((o) => r.has(o));
+  }).sort();
+}

@@ -297,6 +297,12 @@ export function applyPipelineEvent(
     if (next.length === 0) return { ...state, last_seq: event.seq };
     base.current = [...base.current, ...next];
   } else {
+    if (hit.timeout && step.kind === "join") {
+      // The branches a timed-out join went on without: the control step counts this round's
+      // run of each of their steps, and the item is no longer at them (their late run of this
+      // round, a copy of that count, changes nothing).
+      base.current = base.current.filter((c) => (data?.runs?.[c] ?? 0) <= (base.runs[c] ?? 0));
+    }
     if (data?.results) {
       for (const [k, v] of Object.entries(data.results)) {
         // Only a result of a run at least as late as the one the state holds (a parallel

@@ -559,3 +559,41 @@ Deno.test("applyPipelineEvent takes a step's completion once per run: a copy cha
   assert.equal(done.updated_at, s7.updated_at, "an earlier time leaves updated_at");
   assert.ok(done.updated_at >= done.created_at);
 });
+
+Deno.test("a join's timeout leaves the branch it went on without, and that branch's late run changes nothing", () => {
+  const round = [
+    ev(1, "submitted"),
+    ev(2, "triage", "triage", { label: "normal" }),
+    ev(3, "fan", "fan", {}),
+    ev(4, "a", "a", { x: 1 }),
+  ];
+  const at = foldPipelineEvents(spec, round)!;
+  assert.deepEqual(at.current.sort(), ["b", "join"]);
+  // The control step counts b's run of this round on the timeout (runtime.ts, wentOnWithout).
+  const timedOut: FoldEvent = {
+    ...ev(5, "join_timed_out"),
+    data: {
+      input: { text: "hi" },
+      value: { a: { x: 1 } },
+      results: { ...results, join: { timed_out: true } },
+      runs: { ...runs, b: 1, join: 1 },
+    },
+  };
+  const after = applyPipelineEvent(spec, at, timedOut)!;
+  assert.deepEqual(after.current, [], "not at b any more (its end follows the timeout)");
+  assert.equal(after.runs.b, 1);
+  // b's late run of that round: a copy of the run the item holds, with no result of its own.
+  const lateB: FoldEvent = {
+    ...ev(6, "b"),
+    data: {
+      input: { text: "hi" },
+      value: { y: 2 },
+      results: { triage: { label: "normal" }, fan: {}, b: { y: 2 } },
+      runs: { triage: 1, fan: 1, b: 1 },
+    },
+  };
+  const late = applyPipelineEvent(spec, after, lateB)!;
+  assert.deepEqual(late.results.b, undefined);
+  assert.deepEqual(late.current, []);
+  assert.equal(late.updated_at, after.updated_at);
+});

@@ -78,6 +78,7 @@ import {
 import {
   advance,
   awaitedEventId,
+  branchSteps,
   checkAwaitedEvent,
   compileFlow,
   completion,
@@ -1038,6 +1039,29 @@ export function controlStage(
     return { input: all[0]!.input, value, results, runs };
   }
 
+  /** Per join and input: the steps of the branch to that input ({@link branchSteps}). */
+  const branches = new Map<string, string[]>();
+  /**
+   * A timed-out join's data: each step on a branch it went on without counts this round's run
+   * (no result), as if it had run. That branch's late run of this round (its run count, one
+   * more than the round before's) is then a copy of a run the item holds, which changes
+   * nothing, and the branch's run in the loop's next round counts one more again: before, both
+   * carried one run count, so the next round's run was dead-lettered as a copy of the late
+   * one (`conflict`), or, when it ran, the item's state kept the late result.
+   */
+  function wentOnWithout(t: string, after: readonly string[], data: FlowData): FlowData {
+    const missed = after.filter((a) => !(a in (data.value as Record<string, unknown>)));
+    if (missed.length === 0) return data;
+    const runs = { ...data.runs };
+    for (const a of missed) {
+      const key = `${t}.${a}`;
+      let steps = branches.get(key);
+      if (!steps) branches.set(key, steps = branchSteps(def, t, a));
+      for (const b of steps) runs[b] = (data.runs[b] ?? 0) + 1;
+    }
+    return { ...data, runs };
+  }
+
   /**
    * A join's completion with every input in: the same event (its id from the item, step and
    * iteration) whichever arrival or firing completes it.
@@ -1072,7 +1096,12 @@ export function controlStage(
     let opens = false;
     for (const t of steps) {
       const rec = heldOf(await kv.get(`${t}.${e.item_id}`));
-      if (!rec || rec.iter !== (e.data.runs[t] ?? 0)) opens = true;
+      const iter = e.data.runs[t] ?? 0;
+      // A join's input of an earlier round (a branch slower than that round's deadline) opens
+      // nothing: it changes nothing, below, whether the item has ended since or not (it was
+      // dead-lettered `conflict` when the item had ended).
+      const earlier = rec !== undefined && def.steps[t]?.kind === "join" && iter < rec.iter;
+      if (!earlier && (!rec || rec.iter !== iter)) opens = true;
     }
     if (!opens) return;
     const state = await readItem(await states(), e.item_id);
@@ -1492,7 +1521,7 @@ export function controlStage(
         return { rec: { ...cur, closed: "done", closedBy: seq, emitted: events }, out: events };
       }
       if (s.kind === "join") {
-        const data = joined(rec.arrived ?? {});
+        const data = wentOnWithout(t, s.after, joined(rec.arrived ?? {}));
         events = completion(flow, t, e, advance(data, t, { timed_out: true }, data.value), emit, {
           timedOut: true,
         });
