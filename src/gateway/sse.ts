@@ -73,15 +73,25 @@ export interface SseSelection {
   state?: StateSpec<unknown>;
 }
 
+/** Whether `after` is `before` resumed: a failed item's state that a redrive set running. */
+function resumed(before: unknown, after: unknown): boolean {
+  const status = (s: unknown) =>
+    s !== null && typeof s === "object" ? (s as { status?: unknown }).status : undefined;
+  return status(before) === "failed" && status(after) !== "failed";
+}
+
 /**
  * Folds a per-item stream's frames in stream order, as the item's state writer folds its
- * events, to tell the ends its history leads to from those it does not.
+ * events, to tell the ends its history leads to from those it does not, and the copies of
+ * an event its stream has had already.
  */
 function endJudge(spec: StateSpec<unknown>, item: string, finalTypes: ReadonlySet<string>) {
   let state: unknown;
   let upTo = 0;
   let entered = false;
   const refused = new Set<number>();
+  /** The ids of the events folded (each event once). */
+  const ids = new Set<string>();
   const judge = {
     /** The sequence of the last end folded that the item's history leads to. */
     lastEnd: undefined as number | undefined,
@@ -101,8 +111,23 @@ function endJudge(spec: StateSpec<unknown>, item: string, finalTypes: ReadonlySe
         refused.add(f.seq);
         return;
       }
+      const before = state;
       state = spec.apply(state, event, f.seq);
-      if (finalTypes.has(f.type)) judge.lastEnd = f.seq;
+      // An event stored again with its id (a hand-over's copy, for the steps a changed
+      // definition or a redrive sends it to; a step's key writing it again) is the same
+      // event: its stream shows it once, unless it resumes a failed item (its redrive, the
+      // new attempt's start). Found by probing: a redriven item's stream showed its last
+      // step's event twice, the second a hand-over's copy stored as the item ended.
+      readBody(f);
+      const id = f.bodyType === f.type ? f.bodyId : null;
+      if (id !== null && id !== undefined) {
+        if (ids.has(id) && !resumed(before, state)) refused.add(f.seq);
+        ids.add(id);
+      }
+      if (finalTypes.has(f.type) && !refused.has(f.seq)) judge.lastEnd = f.seq;
+      // A redrive resumed the failed item: its failure no longer ends its stream (found by
+      // probing: a client resuming after the failure was closed after the redriven event).
+      else if (resumed(before, state)) judge.lastEnd = undefined;
     },
     /** Whether `f` (folded now, if not yet) is an event the item's history does not lead to. */
     refuses(f: Frame): boolean {
@@ -310,6 +335,8 @@ interface Frame {
   named?: string | null;
   /** The event type its body names (`type`), once read; null when it names none. */
   bodyType?: string | null;
+  /** The event id its body names (`id`), once read; null when it names none. */
+  bodyId?: string | null;
 }
 
 const encoder = new TextEncoder();
@@ -345,7 +372,7 @@ function namesAnotherItem(f: Frame, item: string): boolean {
 /** Reads what a frame's body names (`item_id`, `type`), once. */
 function readBody(f: Frame): void {
   if (f.named !== undefined) return;
-  let body: { item_id?: unknown; type?: unknown } | null | undefined;
+  let body: { item_id?: unknown; type?: unknown; id?: unknown } | null | undefined;
   try {
     body = JSON.parse(f.text);
   } catch {
@@ -353,8 +380,10 @@ function readBody(f: Frame): void {
   }
   const named = body !== null && typeof body === "object" ? body.item_id : undefined;
   const type = body !== null && typeof body === "object" ? body.type : undefined;
+  const id = body !== null && typeof body === "object" ? body.id : undefined;
   f.named = typeof named === "string" ? named : null;
   f.bodyType = typeof type === "string" ? type : null;
+  f.bodyId = typeof id === "string" ? id : null;
 }
 
 /**

@@ -2327,6 +2327,29 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
   }
 
   /**
+   * Whether the end `end` that `e` (stored at `seq`) leads to may still come from the step
+   * that published `e` ("pending": its consumer holds an input before `seq` unacked, a work
+   * step's, or the control step's for a join's or wait's event), is stored since the item's
+   * history was read ("stored"), or neither ("none": the end is the hand-over's to make).
+   */
+  async function endMayFollow(
+    jsm: JetStreamManager,
+    e: FlowEvent,
+    seq: number,
+    end: string,
+  ): Promise<"pending" | "stored" | "none"> {
+    const role = flow.roles.get(tokenOf(flow, e.type));
+    const step = role && "step" in role ? role.step : undefined;
+    if (step !== undefined && def.steps[step]) {
+      const durable = durableOf(def, CONTROL_KINDS.has(def.steps[step]!.kind) ? CONTROL : step);
+      const ci = await jsm.consumers.info(stream, durable).catch(() => null);
+      if (ci && ci.num_ack_pending > 0 && ci.ack_floor.stream_seq < seq) return "pending";
+    }
+    const subject = `${n}.${eventOf(end, def.steps[end]!)}.${e.item_id}`;
+    return await storedMessage(jsm, stream, { last_by_subj: subject }) ? "stored" : "none";
+  }
+
+  /**
    * Hands over what of `item`'s history the running definition sends to steps that will not
    * read it; `except`: the id of an event being handled now (a redriven one), left out.
    */
@@ -2365,9 +2388,14 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
       const steps: string[] = [];
       for (const t of targets) {
         const kind = def.steps[t]!.kind;
-        // An end no event of the item holds: its step's completion did not lead there then.
+        // An end no event of the item holds: its step's completion did not lead there then,
+        // or its step is publishing it now (the end follows the completion, before the ack
+        // of the step's input). Found by probing: a redrive's hand-over stored a copy of the
+        // last step's completion for the end as the item ended, shown twice in its stream.
         if (kind === "end") {
-          steps.push(t);
+          const end = await endMayFollow(jsm, fe, e.seq, t);
+          if (end === "pending") result.undecided = true;
+          else if (end === "none") steps.push(t);
           continue;
         }
         // The item went through a join that waits for `t` without it (`t` added beside a
