@@ -32,6 +32,7 @@ import {
 } from "../src/pipeline/runtime.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { definitionsApp } from "./helpers/pipeline.ts";
+import { createLogger } from "../src/observability/log.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const obj = { type: "object" } as const;
@@ -217,4 +218,28 @@ Deno.test("a redrive's hand-over stores no copy of a completion whose step is st
     hold.resolve();
     for (const r of runners) await r.stop();
   }
+});
+
+Deno.test("a hand-over of an item whose history is longer than it reads hands nothing over and fails nothing", async () => {
+  // Found by probing a loop of 2,100 rounds (4,205 events): the redrive of the item's last
+  // step resumed it, and the control step dead-lettered the redriven event `handler_failed`
+  // ("has more than 4096 events: not handed over"), failing an item the redrive had resumed.
+  await using t = await startTestNats();
+  const p = orders(() => false);
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const { stream } = pipelineSubjects(p.def);
+  await submitItem(t.nc, p, "L1", {}, { source: "test", traceId: TRACE });
+  const js = jetstream(t.nc);
+  for (let i = 0; i < 4100; i += 500) {
+    await Promise.all(
+      Array.from({ length: 500 }, () => js.publish("orders.note.L1", JSON.stringify({}))),
+    );
+  }
+  assert.ok((await t.jsm.streams.info(stream)).state.messages > 4096);
+  const lines: string[] = [];
+  const log = createLogger("test", "info", (l) => lines.push(l));
+  const r = await createHandover(p, t.nc, log).settle("L1");
+  assert.deepEqual(r.handed, []);
+  assert.equal(r.tooLong, true);
+  assert.ok(lines.some((l) => /history is too long to read/.test(l)), "said so in its log");
 });
