@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { applyEvent, foldEvents } from "./state.ts";
+import { applyEvent, FEEDBACK_STATE_SPEC, foldEvents } from "./state.ts";
 import { createEvent } from "../../src/events.ts";
 import type { AnyEvent } from "../../src/schemas.ts";
 
@@ -279,4 +279,22 @@ Deno.test("an item failed on a step's message that is no event takes no later ev
   const redriven = h.map((e, i) => ({ ...e, seq: 10 + i }));
   const made = foldEvents([{ event: failedOn("feedback.submit"), seq: 1 }, ...redriven])!;
   assert.equal(made.status, "processed");
+});
+
+Deno.test("FEEDBACK_STATE_SPEC.isFinalEvent answers as the fold of the event alone does", () => {
+  const failed = createEvent({
+    itemId: "fb1",
+    traceId: TRACE,
+    source: "test",
+    type: "feedback.failed",
+    data: { stage: "sentiment", code: "invalid_event", reason: "a test", attempts: 1 },
+  });
+  for (const { event } of [...history(), { event: failed, seq: 6 }]) {
+    const alone = applyEvent(undefined, event, 1);
+    assert.equal(
+      FEEDBACK_STATE_SPEC.isFinalEvent!(event),
+      FEEDBACK_STATE_SPEC.isFinal(alone),
+      event.type,
+    );
+  }
 });
