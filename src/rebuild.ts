@@ -12,6 +12,8 @@ import type { JetStreamClient } from "@nats-io/jetstream";
 import { canonicalJson } from "./canonical_json.ts";
 import { decodeStateEvent, startsNoItem, type StateSpec } from "./state_writer.ts";
 import { readStream } from "./stream_reader.ts";
+import { failureVerdict } from "./failure_letter.ts";
+import { DEADLETTER_STREAM } from "./subjects.ts";
 
 /** What a rebuild read. */
 export interface Rebuilt<S> {
@@ -46,8 +48,12 @@ export async function rebuildStates<S>(
   let events = 0;
   let skipped = 0;
   // Whether the stream still holds everything ever stored in it (nothing expired or removed).
-  const whole = (await (await js.jetstreamManager(false)).streams.info(spec.stream)).state
-    .first_seq <= 1;
+  const jsm = await js.jetstreamManager(false);
+  const whole = (await jsm.streams.info(spec.stream)).state.first_seq <= 1;
+  // Failures fold only with their runner's dead letter (failure_letter.ts), as the writer
+  // folds them: judged while DEADLETTER still holds every letter ever stored in it.
+  const letters = spec.failedType !== undefined &&
+    await jsm.streams.info(DEADLETTER_STREAM).then((i) => i.state.first_seq <= 1, () => false);
   // Items with a message on their entry subject (valid or not): they entered.
   const entered = new Set<string>();
   for await (const m of readStream(js, spec.stream, { filter: spec.filter })) {
@@ -70,6 +76,14 @@ export async function rebuildStates<S>(
     ) {
       skipped++;
       continue;
+    }
+    // Nor a failure no runner's letter is stored for (the writer dead-letters it, `conflict`).
+    if (letters && event.type === spec.failedType) {
+      const verdict = await failureVerdict(jsm, spec.stream, spec.failedType, event);
+      if (verdict.type !== "vouched") {
+        skipped++;
+        continue;
+      }
     }
     // Nor an event the item's history does not lead to (the writer dead-letters it, `conflict`).
     if (state !== undefined && spec.refuses?.(state, event, m.seq) !== undefined) {

@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { failureVerdict, LETTER_WAIT_MS } from "./failure_letter.ts";
 import { Buffer } from "node:buffer";
 import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/nats-core";
 import {
@@ -877,7 +878,7 @@ export async function itemFailedNow(
   stream: string,
   name: string,
   item: string,
-  lastFailure?: { seq: number; json(): unknown },
+  lastFailure?: { seq: number; time?: Date; json(): unknown },
 ): Promise<boolean> {
   const last = async (subject: string) => {
     try {
@@ -886,8 +887,27 @@ export async function itemFailedNow(
       return null;
     }
   };
-  const failed = lastFailure ?? await last(`${name}.failed.${item}`);
+  let failed: { seq: number; time?: Date; json(): unknown } | null = lastFailure ??
+    await last(`${name}.failed.${item}`);
   if (!failed) return false;
+  // Only a failure a runner's dead letter is stored for counts (failure_letter.ts): found by
+  // probing, a step's key publishing the failure of an item waiting for a decision made the
+  // decision answer 409. The item's earlier failures are read only when its last one is such.
+  if (!(await failureCounts(jsm, stream, `${name}.failed`, failed))) {
+    failed = null;
+    const earlier = { before: lastFailure?.seq ?? Infinity };
+    try {
+      for await (const m of messagesOn(jsm, stream, `${name}.failed.${item}`, earlier)) {
+        if (
+          m.seq < (lastFailure?.seq ?? Infinity) &&
+          await failureCounts(jsm, stream, `${name}.failed`, m)
+        ) failed = m;
+      }
+    } catch {
+      return true; // as still failed, asked about again later
+    }
+    if (!failed) return false;
+  }
   let on: unknown;
   let eventId: unknown;
   let digest: string | undefined;
@@ -935,6 +955,39 @@ export async function itemFailedNow(
     // as still failed
   }
   return true;
+}
+
+/**
+ * Whether failure `m` counts: a runner's dead letter is stored for it, or it is younger than
+ * {@link LETTER_WAIT_MS} with none yet (the runner stores it right after). A read that fails
+ * counts it.
+ */
+async function failureCounts(
+  jsm: JetStreamManager,
+  stream: string,
+  failedType: string,
+  m: { time?: Date; json(): unknown },
+): Promise<boolean> {
+  let event: { id?: unknown; item_id?: unknown; data?: unknown };
+  try {
+    event = m.json() as typeof event;
+  } catch {
+    return false; // not JSON: no runner's failure
+  }
+  if (event === null || typeof event !== "object" || typeof event.item_id !== "string") {
+    return false;
+  }
+  try {
+    const verdict = await failureVerdict(jsm, stream, failedType, {
+      ...event,
+      item_id: event.item_id,
+    });
+    if (verdict.type === "vouched") return true;
+    return verdict.type === "pending" &&
+      (m.time === undefined || Date.now() - m.time.getTime() < LETTER_WAIT_MS);
+  } catch {
+    return true;
+  }
 }
 
 /** The last message stored on `subject` in `stream` (a wildcard too); null when there is none. */

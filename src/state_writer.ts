@@ -33,6 +33,7 @@ import {
   storedMessage,
 } from "./runner.ts";
 import { ConflictError, NotFoundError } from "./errors.ts";
+import { failureVerdict, LETTER_WAIT_MS } from "./failure_letter.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
 import { ITEM_ID, parseEventSubject } from "./subjects.ts";
@@ -77,6 +78,12 @@ export interface StateSpec<S> {
    * writer computes without it): a cheaper answer, asked of every event it reads.
    */
   isFinalEvent?(event: AnyEvent): boolean;
+  /**
+   * The pipeline's failure event type (`orders.failed`): one folds only when a runner's dead
+   * letter is stored for it ({@link failureVerdict}); the writer dead-letters any other
+   * `conflict`, failing nothing. Unset: failures are folded as they come.
+   */
+  failedType?: string;
   /** Recorded as the source of dead letters. */
   source: string;
   /**
@@ -484,6 +491,66 @@ export async function runStateWriter<S>(opts: {
   }
 
   /**
+   * The events of `group` but the failures no runner's dead letter is stored for
+   * ({@link StateSpec.failedType}): those are dead-lettered `conflict`, failing nothing and
+   * folding nothing (found by probing: a step's key publishing the pipeline's failure for an
+   * item waiting for a decision made it read as failed). A failure whose letter is not stored
+   * yet (the runner stores it right after) comes back later, until {@link LETTER_WAIT_MS}
+   * after it was stored. Only failures are read for: nothing on the usual path.
+   */
+  async function vouch(id: string, group: Held<S>): Promise<Held<S>> {
+    const failedType = spec.failedType;
+    if (failedType === undefined || !group.events.some((e) => e.event.type === failedType)) {
+      return group;
+    }
+    const kept: Held<S> = { ...group, msgs: [], events: [] };
+    const verdicts = await Promise.all(
+      group.events.map(({ event }) =>
+        event.type !== failedType
+          ? undefined
+          : failureVerdict(jsm, spec.stream, failedType, event).catch((err) => {
+            log.warn("state write failed", { item_id: id, err });
+            return "retry" as const;
+          })
+      ),
+    );
+    await Promise.all(group.msgs.map(async (m, i) => {
+      const verdict = verdicts[i];
+      const { event, seq } = group.events[i]!;
+      if (verdict === undefined || (verdict !== "retry" && verdict.type === "vouched")) return;
+      const age = Date.now() - m.info.timestampNanos / 1e6;
+      const lastTry = m.info.deliveryCount >= config.maxAttempts + 1;
+      if (verdict === "retry" || (verdict.type === "pending" && age < LETTER_WAIT_MS && !lastTry)) {
+        m.nak(Math.max(100, Math.ceil(LETTER_WAIT_MS / config.maxAttempts)));
+        return;
+      }
+      await deadLetter(
+        dlContext,
+        m,
+        new ConflictError(
+          `${event.type} of item ${JSON.stringify(id)} (stream sequence ${seq}) was not ` +
+            `folded: ${verdict.reason}`,
+          { permanent: true },
+        ),
+        event,
+        id,
+        parseTraceparent(m.headers?.get("traceparent")),
+        { failItem: false },
+      )
+        .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
+        .catch(() => m.nak(1000));
+    }));
+    group.msgs.forEach((m, i) => {
+      const v = verdicts[i];
+      if (v === undefined || (v !== "retry" && v.type === "vouched")) {
+        kept.msgs.push(m);
+        kept.events.push(group.events[i]!);
+      }
+    });
+    return kept;
+  }
+
+  /**
    * The events of `group` the item's history leads to ({@link StateSpec.refuses}); the others
    * are dead-lettered `conflict`, failing nothing, and fold nothing. Judged on the item's state
    * (cached, else in the bucket, unless the group starts the item) with the group's earlier
@@ -656,7 +723,7 @@ export async function runStateWriter<S>(opts: {
     );
     for (const [id] of due) held.delete(id);
     await Promise.all(due.map(async ([id, all]) => {
-      const group = await screen(id, await admit(id, all));
+      const group = await screen(id, await vouch(id, await admit(id, all)));
       if (group.events.length === 0) return;
       try {
         await writeItem(id, group.fold ?? group.events, group.fold ? undefined : group.folded);

@@ -26,7 +26,7 @@ import type { DashboardPanel } from "./gateway/dashboard_page.ts";
 import type { CapacityGuard } from "./capacity.ts";
 import type { IngestLimiter } from "./gateway/ingest_limits.ts";
 import type { StateSpec } from "./state_writer.ts";
-import { TIMER_SUBJECTS } from "./subjects.ts";
+import { DEADLETTER_STREAM, TIMER_SUBJECTS } from "./subjects.ts";
 import { ConfigError } from "./errors.ts";
 import type { PipelineSpec } from "./pipeline/definition.ts";
 import {
@@ -313,6 +313,8 @@ export function stepServices(
       access: {
         ...access,
         consumes: [...durables.map((durable) => ({ stream, durable })), ...access.consumes ?? []],
+        // Whether an item's failure is a runner's (its letter stored): failure_letter.ts.
+        readsStreams: [DEADLETTER_STREAM, ...access.readsStreams ?? []],
         publishes: [
           ...stepPublishes(def, steps),
           `${def.name}.${FAILED}.*`,

@@ -22,7 +22,7 @@ import {
 } from "../src/edge.ts";
 import type { Config } from "../src/config.ts";
 import { NotFoundError } from "../src/errors.ts";
-import { createEvent } from "../src/events.ts";
+import { createEvent, deterministicId } from "../src/events.ts";
 import { Hono } from "hono";
 import { edgeRoutes } from "../src/gateway/edge_routes.ts";
 import { problemResponse } from "../src/gateway/app.ts";
@@ -140,6 +140,32 @@ async function atHub(jsm: JetStreamManager, subject: string): Promise<number> {
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 
+/**
+ * A failure of feedback item `id` as a runner stores it: its dead letter (the state writer
+ * folds a failure only with one, src/failure_letter.ts), then the failure, for the message
+ * stored at `seq` on `subject`. Answers [subject, body] pairs, in order.
+ */
+function runnerFailure(
+  id: string,
+  subject: string,
+  seq: number,
+  reason: string,
+): [string, string][] {
+  const stage = "sentiment";
+  const dl = `deadletter.${stage}.${id}`;
+  const failure = { stage, code: "invalid_event", reason, attempts: 1 };
+  const event = createEvent({
+    type: "feedback.failed",
+    itemId: id,
+    traceId: TRACE,
+    source: "weft-sentiment",
+    data: { ...failure, dead_letter_subject: dl, subject },
+  });
+  event.id = deterministicId(id, "feedback.failed", String(seq));
+  const letter = { ...failure, subject, stream_seq: seq, time: event.time, item_id: id };
+  return [[dl, JSON.stringify(letter)], [`feedback.failed.${id}`, JSON.stringify(event)]];
+}
+
 Deno.test("the hub folds a site's items as the site's state writer does: what the site refused (not JSON, invalid, another item's, no time) is skipped, not a 500 or a wrong state", async () => {
   await using t = await startTestNats();
   const js = jetstream(t.nc);
@@ -159,16 +185,8 @@ Deno.test("the hub folds a site's items as the site's state writer does: what th
     // Not JSON: the site dead-letters it; its consumer fails the item.
     ["feedback.ingested.FORGED-1", body(ingested("FORGED-1", "a real one"))],
     ["feedback.sentiment_analyzed.FORGED-1", "{not json"],
-    [
-      "feedback.failed.FORGED-1",
-      body(createEvent({
-        type: "feedback.failed",
-        itemId: "FORGED-1",
-        traceId: TRACE,
-        source: "weft-sentiment",
-        data: { stage: "sentiment", code: "invalid_event", reason: "not JSON", attempts: 1 },
-      })),
-    ],
+    // (The not-JSON message is the site's third.)
+    ...runnerFailure("FORGED-1", "feedback.sentiment_analyzed.FORGED-1", 3, "not JSON"),
     // Not an event, or not one at all: nothing the site would fold.
     ["feedback.ingested.FORGED-3", "{}"],
     ["feedback.ingested.FORGED-4", "null"],
@@ -366,14 +384,8 @@ Deno.test(
         ),
       ],
       ["digest.feedback.made", "{}"],
-      [
-        `feedback.failed.${id}`,
-        JSON.stringify(createEvent({
-          ...envelope,
-          type: "feedback.failed",
-          data: { stage: "sentiment", code: "invalid_event", reason: "a test", attempts: 1 },
-        })),
-      ],
+      // (Failed on its ingested event, the site's FEEDBACK's first.)
+      ...runnerFailure(id, `feedback.ingested.${id}`, 1, "a test"),
     ];
     for (const [subject, data] of steps) {
       await site.publish(subject, data);

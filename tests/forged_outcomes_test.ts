@@ -305,23 +305,52 @@ Deno.test("the content storage key's outcome for a failed item, which its state 
   assert.equal(r.status, 202, JSON.stringify(r.body));
   const id: string = r.body.id;
   await viewWith(mesh, `/content/${id}`, "pending_review");
-  // With the storage key: the pipeline's failure event (a step's key may publish it), then, once
-  // the item reads failed (a final state, which leaves the writer's cache), its outcome.
+  // With the storage key: the pipeline's failure event (a step's key may publish it, with a
+  // dead letter of its own stage stored first: a failure with none fails nothing,
+  // tests/forged_failures_test.ts), then, once the item reads failed (a final state, which
+  // leaves the writer's cache), its outcome.
   const publish = (type: "content.failed" | "content.published") =>
     as(mesh, "storage", async (nc) => {
-      const up = (await (await jetstreamManager(nc)).streams.getMessage(CONTENT_STREAM, {
+      const stored = (await (await jetstreamManager(nc)).streams.getMessage(CONTENT_STREAM, {
         last_by_subj: `content.uploaded.${id}`,
-      }))!.json<{ trace_id: string; data: { text: string } }>();
+      }))!;
+      const up = stored.json<{ trace_id: string; data: { text: string } }>();
+      const js = jetstream(nc);
+      const stage = "storage-decided";
+      const dlSubject = `deadletter.${stage}.${id}`;
+      if (type === "content.failed") {
+        const letter = {
+          stage,
+          code: "handler_failed",
+          reason: "forged",
+          attempts: 5,
+          subject: stored.subject,
+          stream_seq: stored.seq,
+          time: new Date().toISOString(),
+          item_id: id,
+        };
+        await js.publish(dlSubject, JSON.stringify(letter));
+      }
       const event = createEvent({
         type,
         itemId: id,
         traceId: up.trace_id,
         source: "weft-storage",
         data: type === "content.failed"
-          ? { stage: "storage-decided", code: "handler_failed", reason: "forged", attempts: 5 }
+          ? {
+            stage,
+            code: "handler_failed",
+            reason: "forged",
+            attempts: 5,
+            dead_letter_subject: dlSubject,
+            subject: stored.subject,
+          }
           : { content: up.data, via: "review" },
       });
-      return (await jetstream(nc).publish(`${type}.${id}`, JSON.stringify(event))).seq;
+      if (type === "content.failed") {
+        event.id = deterministicId(id, type, String(stored.seq));
+      }
+      return (await js.publish(`${type}.${id}`, JSON.stringify(event))).seq;
     });
   await publish("content.failed");
   const failed = await viewWith(mesh, `/content/${id}`, "failed");

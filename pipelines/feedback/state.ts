@@ -235,6 +235,7 @@ export const FEEDBACK_STATE_SPEC: StateSpec<FeedbackState> = {
   isFinal: (s) => s.status === "processed" || s.status === "failed",
   // Alone, a processed or failed event makes a final state, any other none (applyEvent).
   isFinalEvent: (e) => e.type === T.Processed || e.type === T.Failed,
+  failedType: T.Failed,
   source: "weft-state",
   // An item starts at its ingested event, or the failure of its submission on feedback.submit
   // (the ingest stage's): any other event for an id with no state, stored before any

@@ -15,7 +15,12 @@ import {
   stepServices,
 } from "../../src/wiring.ts";
 import { FEEDBACK_PIPELINE } from "./pipeline.ts";
-import { DIGEST_STREAM, SCHEDULE_BUCKET, STEP_VERSION_BUCKET } from "../../src/subjects.ts";
+import {
+  DEADLETTER_STREAM,
+  DIGEST_STREAM,
+  SCHEDULE_BUCKET,
+  STEP_VERSION_BUCKET,
+} from "../../src/subjects.ts";
 import {
   DIGEST_REQUEST_SUBJECT,
   FEEDBACK_STREAM,
@@ -68,6 +73,8 @@ export const FEEDBACK_WIRING: PipelineWiring = {
         consumes: [{ stream: FEEDBACK_STREAM, durable: FEEDBACK_STATE_SPEC.durable }],
         writesBuckets: [STATE_BUCKET],
         publishes: [`deadletter.${FEEDBACK_STATE_SPEC.durable}.*`],
+        // A failure folds only when its runner's letter is stored (failure_letter.ts).
+        readsStreams: [DEADLETTER_STREAM],
       },
     },
     {

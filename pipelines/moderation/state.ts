@@ -210,6 +210,7 @@ export const CONTENT_STATE_SPEC: StateSpec<ContentState> = {
   eventTypes: Object.values(T),
   apply: applyContentEvent,
   isFinal: (s) => CONTENT_FINAL_EVENT_TYPES.has(`content.${s.stage}`),
+  failedType: T.Failed,
   source: "weft-content-state",
   // An item starts at its upload: any other event for an id with no state, stored before
   // anything on its upload subject, is dead-lettered `not_found` (a step's forged event for an

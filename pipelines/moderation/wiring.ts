@@ -15,7 +15,7 @@ import {
   stepServices,
 } from "../../src/wiring.ts";
 import { MODERATION_PIPELINE } from "./pipeline.ts";
-import { SCHEDULE_BUCKET } from "../../src/subjects.ts";
+import { DEADLETTER_STREAM, SCHEDULE_BUCKET } from "../../src/subjects.ts";
 // Its events register in the catalog with the wiring, in every process that loads it.
 import "./events.ts";
 import {
@@ -67,6 +67,8 @@ export const MODERATION_WIRING: PipelineWiring = {
         consumes: [{ stream: CONTENT_STREAM, durable: CONTENT_STATE_SPEC.durable }],
         writesBuckets: [CONTENT_STATE_BUCKET],
         publishes: [`deadletter.${CONTENT_STATE_SPEC.durable}.*`],
+        // A failure folds only when its runner's letter is stored (failure_letter.ts).
+        readsStreams: [DEADLETTER_STREAM],
       },
     },
     // The definition's steps.

@@ -30,6 +30,7 @@ import { bearerToken } from "./auth.ts";
 import { ReadBudget, readerPrefetch, readStream } from "../stream_reader.ts";
 import { subjectMatches } from "../subjects.ts";
 import { decodeStateEvent, startsNoItem, type StateSpec } from "../state_writer.ts";
+import { failureVerdict, LETTER_WAIT_MS } from "../failure_letter.ts";
 import type { AnyEvent } from "../schemas.ts";
 
 /** Most frames a client's live queue holds before the client is cut as too slow. */
@@ -85,20 +86,40 @@ function resumed(before: unknown, after: unknown): boolean {
  * events, to tell the ends its history leads to from those it does not, and the copies of
  * an event its stream has had already.
  */
-function endJudge(spec: StateSpec<unknown>, item: string, finalTypes: ReadonlySet<string>) {
+function endJudge(
+  spec: StateSpec<unknown>,
+  item: string,
+  finalTypes: ReadonlySet<string>,
+  vouch?: (f: Frame) => Promise<boolean>,
+) {
   let state: unknown;
   let upTo = 0;
   let entered = false;
   const refused = new Set<number>();
   /** The ids of the events folded (each event once). */
   const ids = new Set<string>();
+  const vetted = new Set<number>();
   const judge = {
+    /**
+     * Asks, before they are folded, whether `frames`' failures ({@link StateSpec.failedType})
+     * are a runner's (its dead letter stored): one that is not is refused, as the state
+     * writer refuses it. Other frames cost a comparison.
+     */
+    async vet(frames: readonly Frame[]): Promise<void> {
+      if (spec.failedType === undefined || vouch === undefined) return;
+      for (const f of frames) {
+        if (f.type !== spec.failedType || f.seq <= upTo || vetted.has(f.seq)) continue;
+        vetted.add(f.seq);
+        if (!(await vouch(f))) refused.add(f.seq);
+      }
+    },
     /** The sequence of the last end folded that the item's history leads to. */
     lastEnd: undefined as number | undefined,
     /** Folds `f`, once, in order (frames at or before the last folded are skipped). */
     fold(f: Frame): void {
       if (f.seq <= upTo) return;
       upTo = f.seq;
+      if (refused.has(f.seq)) return; // a failure no runner's letter is stored for
       entered ||= spec.entrySubject?.(item) === f.subject;
       let event: AnyEvent;
       try {
@@ -961,8 +982,40 @@ export async function streamEvents(
       return true;
     };
     // The item's history, folded as its frames pass (a per-item stream given its state spec).
+    /**
+     * Whether a failure frame is a runner's: its dead letter is stored (failure_letter.ts),
+     * waited for while the failure is younger than {@link LETTER_WAIT_MS} (the runner stores
+     * it right after). A read that fails shows it, as before.
+     */
+    const vouch = async (f: Frame): Promise<boolean> => {
+      const failedType = sel.state?.failedType;
+      if (failedType === undefined) return true;
+      let event: { id?: unknown; item_id?: unknown; time?: unknown; data?: unknown };
+      try {
+        event = JSON.parse(f.text);
+      } catch {
+        return true; // not an event: judged as before
+      }
+      const item = typeof event?.item_id === "string" ? event.item_id : sel.itemId!;
+      const born = typeof event.time === "string" ? Date.parse(event.time) : NaN;
+      const until = Math.min(
+        Date.now() + LETTER_WAIT_MS,
+        (Number.isNaN(born) ? 0 : born) + LETTER_WAIT_MS,
+      );
+      try {
+        const jsm = await js.jetstreamManager();
+        while (true) {
+          const v = await failureVerdict(jsm, streamName, failedType, { ...event, item_id: item });
+          if (v.type === "vouched") return true;
+          if (v.type === "refused" || Date.now() >= until || stream.aborted) return false;
+          await new Promise((r) => setTimeout(r, 100)); // its letter is on its way
+        }
+      } catch {
+        return true;
+      }
+    };
     const judge = sel.state !== undefined && sel.itemId !== undefined && sel.closeOnFinal
-      ? endJudge(sel.state, sel.itemId, finalTypes)
+      ? endJudge(sel.state, sel.itemId, finalTypes, vouch)
       : undefined;
     /**
      * A frame the item's history does not lead to (a step's event or an end published with a
@@ -992,7 +1045,10 @@ export async function streamEvents(
     const sendChunk = async (c: Chunk): Promise<"more" | "end"> => {
       const lastSeq = c.frames[c.frames.length - 1]!.seq;
       if (lastSeq <= last) return "more"; // the replay sent all of it
-      if (judge) { for (const f of c.frames) judge.fold(f); }
+      if (judge) {
+        await judge.vet(c.frames);
+        for (const f of c.frames) judge.fold(f);
+      }
       const finals = sel.closeOnFinal && c.frames.some((f) => finalTypes.has(f.type));
       const skips = judge !== undefined && c.frames.some(refused);
       if (c.frames[0]!.seq > last && !finals && !skips) {
@@ -1040,6 +1096,7 @@ export async function streamEvents(
           if (stream.aborted) return "end";
           if (m.seq <= last) continue;
           const frame = frameOf(m);
+          await judge?.vet([frame]);
           judge?.fold(frame);
           // Another item's event on this item's subject (dead-lettered by every consumer).
           if (sel.itemId !== undefined && namesAnotherItem(frame, sel.itemId)) continue;
@@ -1074,7 +1131,9 @@ export async function streamEvents(
             });
             for await (const m of upTo) {
               if (m.seq > after || stream.aborted) break;
-              judge.fold(frameOf(m));
+              const frame = frameOf(m);
+              await judge.vet([frame]);
+              judge.fold(frame);
             }
           }
           if (await replay(after !== undefined ? after + 1 : sel.from) === "end") return;

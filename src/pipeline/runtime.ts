@@ -46,6 +46,7 @@ import { decodeStateEvent, runStateWriter, type StateSpec } from "../state_write
 import { createScheduleStore } from "../scheduler/store.ts";
 import { longestCronGap, nextCronTime } from "../scheduler/cron.ts";
 import {
+  DEADLETTER_STREAM,
   HANDOVER_HEADER,
   REDRIVEN_TOKEN,
   RUNTIME_ROOTS,
@@ -1846,6 +1847,7 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     filter: `${n}.*.*`,
     bucket: stateBucketOf(n),
     eventTypes: [],
+    failedType: `${n}.${FAILED}`,
     source: `weft-${n}-${FLOW}`,
     decode(raw, subject, storedAt, headers) {
       const token = subject.split(".")[1]!;
@@ -3049,6 +3051,8 @@ export function pipelineServiceSpecs(
           ]),
         ],
         writesBuckets: [stateBucketOf(n), controlBucketOf(n)],
+        // Its state writer folds a failure only when its runner's letter is stored.
+        readsStreams: [DEADLETTER_STREAM],
         // Its timers only: `<name>.<...>` (another pipeline's deadlines are not its to set).
         writesKeys: [{ bucket: SCHEDULE_BUCKET, keys: `${n}.>` }],
       },
@@ -3089,6 +3093,8 @@ export function pipelineServiceSpecs(
             `${n}.${FAILED}.*`,
             `deadletter.${durableOf(def, id)}.*`,
           ],
+          // Whether an item's failure is a runner's (its letter stored): failure_letter.ts.
+          readsStreams: [DEADLETTER_STREAM],
         },
       });
     }

@@ -1,0 +1,87 @@
+/**
+ * Whether an item's `<pipeline>.failed` event is one a runner published: the runner fails an
+ * item only as it dead-letters one of the item's messages, and stores the letter right after
+ * the event (runner.ts, `prepareLetter`). Any key that may publish the event could otherwise
+ * fail an item that is fine (found by probing: a step's key publishing `orders.failed.<id>`
+ * for an order waiting for approval made it read as failed, closed its event stream and made
+ * its decision answer 409).
+ *
+ * A failure counts when a letter of its stage is stored for it: on the subject the event
+ * names (`deadletter.<stage>.<item>`), for the message the event names (its subject, and the
+ * stream sequence the event's id is made from), a message that is stored in the pipeline's
+ * stream on that subject. Only failures are read for (they are rare): one or two direct reads
+ * each, never on an item's usual path.
+ *
+ * @module
+ */
+import type { JetStreamManager } from "@nats-io/jetstream";
+import { deterministicId } from "./events.ts";
+import { messagesOn, storedMessage } from "./runner.ts";
+import { DEADLETTER_STREAM, deadLetterSubject } from "./subjects.ts";
+
+/**
+ * How long a failure may wait for its letter (ms after it was stored): the runner stores it
+ * right after the event, and one that stopped in between stores it when the message comes
+ * back to it, after the stage's ack wait.
+ */
+export const LETTER_WAIT_MS = 10_000;
+
+/** What a failure's letter says of it: vouched for, refused (with why), or not stored yet. */
+export type FailureVerdict =
+  | { type: "vouched" }
+  | { type: "refused"; reason: string }
+  | { type: "pending"; reason: string };
+
+/**
+ * The verdict on `event`, a `failedType` event of item `event.item_id` in `stream`.
+ *
+ * @example
+ * ```ts ignore
+ * const v = await failureVerdict(jsm, "ORDERS", "orders.failed", event);
+ * if (v.type !== "vouched") console.log(v.reason);
+ * ```
+ */
+export async function failureVerdict(
+  jsm: JetStreamManager,
+  stream: string,
+  failedType: string,
+  event: { id?: unknown; item_id: string; data?: unknown },
+): Promise<FailureVerdict> {
+  const item = event.item_id;
+  const data = (event.data ?? {}) as {
+    stage?: unknown;
+    subject?: unknown;
+    dead_letter_subject?: unknown;
+  };
+  if (
+    typeof data.stage !== "string" || typeof data.subject !== "string" ||
+    data.dead_letter_subject !== deadLetterSubject(data.stage, item)
+  ) {
+    return {
+      type: "refused",
+      reason: `its data names no dead letter of a stage for item ${JSON.stringify(item)}`,
+    };
+  }
+  for await (const m of messagesOn(jsm, DEADLETTER_STREAM, data.dead_letter_subject)) {
+    let letter: { stage?: unknown; subject?: unknown; stream_seq?: unknown; item_id?: unknown };
+    try {
+      letter = m.json();
+    } catch {
+      continue;
+    }
+    if (
+      letter.stage !== data.stage || letter.subject !== data.subject ||
+      letter.item_id !== item || typeof letter.stream_seq !== "number" ||
+      deterministicId(item, failedType, String(letter.stream_seq)) !== event.id
+    ) continue;
+    // (A stage of another stream, such as a digest's, fails items on messages stored there.)
+    if (!data.subject.startsWith(`${failedType.split(".")[0]}.`)) return { type: "vouched" };
+    const original = await storedMessage(jsm, stream, { seq: letter.stream_seq });
+    if (original?.subject === data.subject) return { type: "vouched" };
+  }
+  return {
+    type: "pending",
+    reason: `no dead letter of ${data.stage} for the message it names (${data.subject}) is ` +
+      `stored on ${data.dead_letter_subject}: a runner fails an item only as it stores one`,
+  };
+}

@@ -1,0 +1,261 @@
+/**
+ * What a key that may publish a pipeline's `failed` event cannot do with it, on a real mesh
+ * (`deno task start` with its NATS identities), publishing with a step's own key: fail an item
+ * that is fine. A real failure is published by the runner as it dead-letters the item's message
+ * (its letter names the message, and the event's id is made from its stream sequence); a
+ * `failed` with no such letter is dead-lettered `conflict` by the item's state writer, and the
+ * item's state, event stream and later steps go on as if it had never been stored
+ * (docs/SECURITY.md, "What a step's key can still do").
+ */
+import assert from "node:assert/strict";
+import { jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/nats-core";
+import { type Mesh, meshTempDir, ONE_PROCESS, removedAtEnd, startMesh } from "./helpers/mesh.ts";
+import { connectClient } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+import { readSse } from "./helpers/sse.ts";
+import { listDeadLetters } from "../src/redrive.ts";
+import type { DeadLetter } from "../src/events.gen.ts";
+import { deterministicId } from "../src/events.ts";
+import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
+import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
+import { rebuildStates } from "../src/rebuild.ts";
+import { loadPipelines, pipelineStateSpec } from "../src/pipeline/runtime.ts";
+
+const MOD = new URL("../mod.ts", import.meta.url).href;
+
+/** A check, a human approval, a shipping step and an end: an item waits at the approval. */
+const DEFINITION = `
+import { definePipeline } from "${MOD}";
+const obj = { type: "object" } as const;
+export const orders = definePipeline({
+  name: "orders",
+  input: { schema: obj },
+  start: "check",
+  steps: {
+    check: { kind: "task", output: obj, next: "approval" },
+    approval: {
+      kind: "wait",
+      event: "approved",
+      timeoutMs: 3_600_000,
+      onTimeout: "expired",
+      next: "ship",
+    },
+    ship: { kind: "task", output: obj, next: "shipped" },
+    shipped: { kind: "end", outcome: "shipped" },
+    expired: { kind: "end", outcome: "expired" },
+  },
+}, {
+  check: () => ({ checked: true }),
+  ship: () => ({ shipped: true }),
+});
+`;
+
+const TOXIC = "You idiot, this is the most pathetic service ever.";
+
+/** Connects as `identity` (one of the mesh's NATS keys) and runs `fn`, closing after. */
+async function as<T>(mesh: Mesh, identity: string, fn: (nc: NatsConnection) => Promise<T>) {
+  const nc = await connectClient(mesh.natsUrl, `test-as-${identity}`, mesh.credentials(identity));
+  try {
+    return await fn(nc);
+  } finally {
+    await nc.close();
+  }
+}
+
+/** GET/POST on the mesh's gateway (auth off): status and JSON body. */
+async function call(mesh: Mesh, method: string, path: string, body?: unknown) {
+  const res = await fetch(`${mesh.gatewayUrl}${path}`, {
+    method,
+    headers: method === "POST" ? { "content-type": "application/json" } : {},
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : null };
+}
+
+type View = { status?: string; updated_at?: string; current?: string[] };
+
+/** Waits until GET `path` answers a view with `status`; returns it. */
+function viewWith(mesh: Mesh, path: string, status: string): Promise<View> {
+  return waitFor(
+    async () => {
+      const r = await call(mesh, "GET", path);
+      return r.status === 200 && r.body.status === status && r.body as View;
+    },
+    60_000,
+    `${path} ${status}`,
+  );
+}
+
+/** The dead letter `stage` kept of the message stored at `seq` (read with the admin key). */
+function letterOf(mesh: Mesh, stage: string, seq: number): Promise<DeadLetter> {
+  return as(mesh, "admin", (nc) =>
+    waitFor(
+      async () =>
+        (await listDeadLetters(jetstream(nc), {})).find((e) =>
+          e.letter.stage === stage && e.letter.stream_seq === seq
+        )?.letter,
+      60_000,
+      `${stage}'s dead letter of stream sequence ${seq}`,
+    ));
+}
+
+/** Until `durable` has taken everything stored (nothing pending or unacked). */
+async function settled(jsm: JetStreamManager, stream: string, durable: string) {
+  await waitFor(
+    async () => {
+      const info = await jsm.consumers.info(stream, durable);
+      return info.num_pending === 0 && info.num_ack_pending === 0;
+    },
+    60_000,
+    `${durable} to settle`,
+  );
+}
+
+/**
+ * Publishes, with `identity`'s key, `<pipeline>.failed.<item>` as a runner would for a
+ * message of the item stored at `seq` on `subject` (the same id, shape and dead letter
+ * subject), with no letter stored for it. Answers its stream sequence.
+ */
+function forgeFailure(
+  mesh: Mesh,
+  identity: string,
+  opts: { pipeline: string; item: string; stage: string; subject: string; seq: number },
+): Promise<number> {
+  return as(mesh, identity, async (nc) => {
+    const type = `${opts.pipeline}.failed`;
+    // As the runner's: the id it makes from the failed message's stream sequence.
+    const event = {
+      id: deterministicId(opts.item, type, String(opts.seq)),
+      type,
+      version: 1,
+      item_id: opts.item,
+      trace_id: "0af7651916cd43dd8448eb211c80319c",
+      time: new Date().toISOString(),
+      source: `weft-${opts.stage}`,
+      data: {
+        stage: opts.stage,
+        code: "rejected",
+        reason: "forged: the item is fine",
+        attempts: 1,
+        dead_letter_subject: `deadletter.${opts.stage}.${opts.item}`,
+        subject: opts.subject,
+      },
+    };
+    return (await jetstream(nc).publish(`${type}.${opts.item}`, JSON.stringify(event))).seq;
+  });
+}
+
+/** The item's event stream replayed from its start, read until it closes at the item's end. */
+async function replayed(mesh: Mesh, path: string) {
+  const res = await fetch(`${mesh.gatewayUrl}${path}`);
+  assert.equal(res.status, 200);
+  return await readSse(res, { timeoutMs: 60_000 });
+}
+
+Deno.test("a definition step's key publishing `failed` for an item waiting for approval fails nothing: dead-lettered conflict, the item keeps waiting, and the decision still ships it", async () => {
+  const dir = await meshTempDir("weft-forged-failed-");
+  await using _dir = removedAtEnd(dir);
+  await Deno.writeTextFile(`${dir}/orders.ts`, DEFINITION);
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: `${dir}/orders.ts` });
+  const r = await call(mesh, "POST", "/pipelines/orders/items", { sku: "A-1" });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  const before = await viewWith(mesh, `/pipelines/orders/items/${id}`, "waiting");
+
+  // With the check step's own key (it may publish orders.failed.* and its own dead letters),
+  // a failure of the item's check completion, as its runner would publish it, and no letter.
+  const completion = await as(
+    mesh,
+    "admin",
+    async (nc) =>
+      (await (await jetstreamManager(nc)).streams.getMessage("ORDERS", {
+        last_by_subj: `orders.check.${id}`,
+      }))!,
+  );
+  const seq = await forgeFailure(mesh, "orders-check", {
+    pipeline: "orders",
+    item: id,
+    stage: "orders-ship",
+    subject: completion.subject,
+    seq: completion.seq,
+  });
+  await as(
+    mesh,
+    "admin",
+    async (nc) => settled(await jetstreamManager(nc), "ORDERS", "orders-state"),
+  );
+  const after = await call(mesh, "GET", `/pipelines/orders/items/${id}`);
+  assert.equal(after.body.status, "waiting", JSON.stringify(after.body));
+  assert.equal(after.body.updated_at, before.updated_at, "the forged failure changed nothing");
+  const letter = await letterOf(mesh, "orders-state", seq);
+  assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  // A rebuild from the stream agrees: the forged failure folds nothing there either.
+  const rebuilt = await as(mesh, "admin", async (nc) => {
+    const [p] = await loadPipelines([`${dir}/orders.ts`]);
+    return await rebuildStates(jetstream(nc), pipelineStateSpec(p!));
+  });
+  assert.equal(rebuilt.states.get(id)?.status, "waiting");
+
+  // Its event stream, opened now, neither shows the forged failure nor closes at it.
+  const live = replayed(mesh, `/pipelines/orders/items/${id}/events`);
+  // The decision still decides: the item ships.
+  const d = await call(mesh, "POST", `/pipelines/orders/items/${id}/approved`, { by: "carol" });
+  assert.equal(d.status, 202, JSON.stringify(d.body));
+  const done = await viewWith(mesh, `/pipelines/orders/items/${id}`, "done");
+  assert.equal((done as { outcome?: string }).outcome, "shipped");
+  for (const frames of [await live, await replayed(mesh, `/pipelines/orders/items/${id}/events`)]) {
+    assert.ok(!frames.some((f) => Number(f.id) === seq), JSON.stringify(frames));
+    assert.equal(frames.at(-1)!.event, "orders.shipped", JSON.stringify(frames));
+  }
+  assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);
+});
+
+Deno.test("the content storage key publishing `content.failed` for an item waiting for review fails nothing: dead-lettered conflict, the item keeps waiting, and the reviewer's approval publishes it", async () => {
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_REVIEW_SLA_MS: "600000" });
+  const r = await call(mesh, "POST", "/content", { text: TOXIC });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  const before = await viewWith(mesh, `/content/${id}`, "pending_review");
+  const uploaded = await as(
+    mesh,
+    "admin",
+    async (nc) =>
+      (await (await jetstreamManager(nc)).streams.getMessage(CONTENT_STREAM, {
+        last_by_subj: `content.uploaded.${id}`,
+      }))!,
+  );
+  const seq = await forgeFailure(mesh, "storage", {
+    pipeline: "content",
+    item: id,
+    stage: "moderation",
+    subject: uploaded.subject,
+    seq: uploaded.seq,
+  });
+  await as(
+    mesh,
+    "admin",
+    async (nc) => settled(await jetstreamManager(nc), CONTENT_STREAM, "content-state"),
+  );
+  const after = await call(mesh, "GET", `/content/${id}`);
+  assert.equal(after.body.status, "pending_review", JSON.stringify(after.body));
+  assert.equal(after.body.updated_at, before.updated_at, "the forged failure changed nothing");
+  const letter = await letterOf(mesh, "content-state", seq);
+  assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  const rebuilt = await as(mesh, "admin", (nc) => rebuildStates(jetstream(nc), CONTENT_STATE_SPEC));
+  assert.equal(rebuilt.states.get(id)?.status, "pending_review");
+  const live = replayed(mesh, `/content/${id}/events`);
+  const decided = await call(mesh, "POST", `/reviews/${id}/decision`, {
+    decision: "approve",
+    reason: "fine after all",
+    reviewer: "alice",
+  });
+  assert.equal(decided.status, 200, JSON.stringify(decided.body));
+  await viewWith(mesh, `/content/${id}`, "published");
+  for (const frames of [await live, await replayed(mesh, `/content/${id}/events`)]) {
+    assert.ok(!frames.some((f) => Number(f.id) === seq), JSON.stringify(frames));
+    assert.equal(frames.at(-1)!.event, "content.published", JSON.stringify(frames));
+  }
+  assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);
+});
