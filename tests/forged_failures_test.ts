@@ -259,3 +259,85 @@ Deno.test("the content storage key publishing `content.failed` for an item waiti
   }
   assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);
 });
+
+/** The item's event stream resumed after `after` (Last-Event-ID), read until it closes. */
+async function itemStreamAfter(mesh: Mesh, path: string, after: number) {
+  const res = await fetch(`${mesh.gatewayUrl}${path}`, {
+    headers: { "Last-Event-ID": String(after) },
+  });
+  assert.equal(res.status, 200);
+  return await readSse(res, { timeoutMs: 60_000 });
+}
+
+/** Stores again, with `identity`'s key, the message last stored on `subject`, as it is. */
+function storeAgain(mesh: Mesh, identity: string, stream: string, subject: string) {
+  return as(mesh, identity, async (nc) => {
+    const m = (await (await jetstreamManager(nc)).streams.getMessage(stream, {
+      last_by_subj: subject,
+    }))!;
+    // No "expected last subject sequence" header, no message id: stored as a second copy.
+    return { first: m.seq, copy: (await jetstream(nc).publish(subject, m.data)).seq };
+  });
+}
+
+Deno.test("a second copy of a definition item's end, stored by its step's key without the once-per-item header, is not shown by the item's event stream: replayed or resumed, it shows the first and closes there", async () => {
+  const dir = await meshTempDir("weft-end-copy-");
+  await using _dir = removedAtEnd(dir);
+  await Deno.writeTextFile(`${dir}/orders.ts`, DEFINITION);
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: `${dir}/orders.ts` });
+  const r = await call(mesh, "POST", "/pipelines/orders/items", { sku: "A-2" });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  await viewWith(mesh, `/pipelines/orders/items/${id}`, "waiting");
+  const d = await call(mesh, "POST", `/pipelines/orders/items/${id}/approved`, { by: "carol" });
+  assert.equal(d.status, 202, JSON.stringify(d.body));
+  const done = await viewWith(mesh, `/pipelines/orders/items/${id}`, "done");
+  const { first, copy } = await storeAgain(mesh, "orders-ship", "ORDERS", `orders.shipped.${id}`);
+  assert.ok(copy > first);
+  await as(
+    mesh,
+    "admin",
+    async (nc) => settled(await jetstreamManager(nc), "ORDERS", "orders-state"),
+  );
+  const now = await call(mesh, "GET", `/pipelines/orders/items/${id}`);
+  assert.equal(now.body.updated_at, done.updated_at, "the state keeps the first");
+  for (
+    const frames of [
+      await replayed(mesh, `/pipelines/orders/items/${id}/events`),
+      await itemStreamAfter(mesh, `/pipelines/orders/items/${id}/events`, first - 1),
+    ]
+  ) {
+    assert.deepEqual(
+      frames.filter((f) => f.event === "orders.shipped").map((f) => Number(f.id)),
+      [first],
+      JSON.stringify(frames),
+    );
+  }
+});
+
+Deno.test("a second copy of a content item's outcome, stored by the storage key without the once-per-item header, is not shown by the item's event stream", async () => {
+  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_REVIEW_SLA_MS: "600000" });
+  const r = await call(mesh, "POST", "/content", { text: "A lovely day at the beach." });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  await viewWith(mesh, `/content/${id}`, "published");
+  const { first, copy } = await storeAgain(
+    mesh,
+    "storage",
+    CONTENT_STREAM,
+    `content.published.${id}`,
+  );
+  assert.ok(copy > first);
+  for (
+    const frames of [
+      await replayed(mesh, `/content/${id}/events`),
+      await itemStreamAfter(mesh, `/content/${id}/events`, first - 1),
+    ]
+  ) {
+    assert.deepEqual(
+      frames.filter((f) => f.event === "content.published").map((f) => Number(f.id)),
+      [first],
+      JSON.stringify(frames),
+    );
+  }
+});

@@ -31,6 +31,7 @@ import { ReadBudget, readerPrefetch, readStream } from "../stream_reader.ts";
 import { subjectMatches } from "../subjects.ts";
 import { decodeStateEvent, startsNoItem, type StateSpec } from "../state_writer.ts";
 import { failureVerdict, LETTER_WAIT_MS } from "../failure_letter.ts";
+import { canonicalJson } from "../canonical_json.ts";
 import type { AnyEvent } from "../schemas.ts";
 
 /** Most frames a client's live queue holds before the client is cut as too slow. */
@@ -131,6 +132,20 @@ function endJudge(
       if (state !== undefined && spec.refuses?.(state, event, f.seq) !== undefined) {
         refused.add(f.seq);
         return;
+      }
+      // A second copy of an end (stored without the once-per-item header, by a step's key):
+      // the item has ended, and the state keeps the first. Found by probing: a replaying
+      // client was shown both. (An end after a failure the item was redriven from changes
+      // its state, and shows.)
+      if (state !== undefined && finalTypes.has(f.type) && spec.isFinal(state)) {
+        const next = spec.apply(state, event, f.seq);
+        // (A fold that counts what it folded, a definition's `last_seq`, counts a copy too.)
+        const held = (s: unknown) =>
+          canonicalJson(spec.lastSeq ? { ...s as object, last_seq: undefined } : s);
+        if (next === state || held(next) === held(state)) {
+          refused.add(f.seq);
+          return;
+        }
       }
       const before = state;
       state = spec.apply(state, event, f.seq);
