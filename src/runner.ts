@@ -1365,7 +1365,30 @@ export async function storeLetter(
   m: JsMsg,
   letter: PreparedLetter,
 ): Promise<void> {
-  await ctx.js.publish(letter.subject, letter.data, { msgID: letter.msgID });
+  // Under a fixed id (a redelivery stores it once), which is predictable: found by probing,
+  // junk a stage's key stored first under it had the letter answered "duplicate" and dropped,
+  // the message terminated, and no letter kept. A message held under the id that is not this
+  // letter (of this stage, message and item) is junk: the letter is stored after it.
+  const hdrs = headers();
+  hdrs.set("Nats-Msg-Id", letter.msgID);
+  await publishUnique(ctx.js, letter.subject, letter.data, hdrs, (held) => {
+    const same = (x: unknown) => {
+      const l = x as {
+        stage?: unknown;
+        subject?: unknown;
+        stream_seq?: unknown;
+        item_id?: unknown;
+      };
+      return JSON.stringify([l?.stage, l?.subject, l?.stream_seq, l?.item_id ?? null]);
+    };
+    try {
+      return Promise.resolve(
+        same(held.json()) === same(JSON.parse(new TextDecoder().decode(letter.data))),
+      );
+    } catch {
+      return Promise.resolve(false); // not JSON: no letter
+    }
+  });
   m.term();
   ctx.log.warn("dead-lettered", letter.fields);
 }

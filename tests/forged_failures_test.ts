@@ -20,7 +20,24 @@ import { deterministicId } from "../src/events.ts";
 import { CONTENT_STREAM } from "../pipelines/moderation/subjects.ts";
 import { CONTENT_STATE_SPEC } from "../pipelines/moderation/state.ts";
 import { rebuildStates } from "../src/rebuild.ts";
-import { loadPipelines, pipelineStateSpec } from "../src/pipeline/runtime.ts";
+import {
+  type LoadedPipeline,
+  loadPipelines,
+  pipelineStateSpec,
+  pipelineTopology,
+  readItem,
+  stateBucketOf,
+  submitItem,
+  workStage,
+} from "../src/pipeline/runtime.ts";
+import { Kvm } from "@nats-io/kv";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { runStage } from "../src/runner.ts";
+import { runStateWriter } from "../src/state_writer.ts";
+import { PermanentError } from "../src/errors.ts";
+import { startTestNats } from "./helpers/nats.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
 
@@ -51,6 +68,7 @@ export const orders = definePipeline({
 });
 `;
 
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const TOXIC = "You idiot, this is the most pathetic service ever.";
 
 /** Connects as `identity` (one of the mesh's NATS keys) and runs `fn`, closing after. */
@@ -339,5 +357,64 @@ Deno.test("a second copy of a content item's outcome, stored by the storage key 
       [first],
       JSON.stringify(frames),
     );
+  }
+});
+
+Deno.test("junk stored first under a dead letter's message id does not keep the letter out: the item fails with its own letter stored", async () => {
+  await using t = await startTestNats();
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "check",
+    steps: {
+      check: {
+        kind: "task",
+        output: obj,
+        handle: () => {
+          throw new PermanentError("the check is down");
+        },
+        next: "done",
+      },
+      done: { kind: "end", outcome: "checked" },
+    },
+  });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const deps = { nc: t.nc, config: t.config, log: t.log };
+  const runners = [
+    await runStateWriter({ ...deps, spec: pipelineStateSpec(p) }),
+    await runStage({ ...deps, stage: workStage(p, "check", { nc: t.nc }) }),
+  ];
+  try {
+    // The check step's key (it may publish its own letters) stores junk under the id the
+    // letter of the item's next message will carry: its stream sequence is predictable.
+    const next = (await t.jsm.streams.info("ORDERS")).state.last_seq + 1;
+    const js = jetstream(t.nc);
+    await js.publish("deadletter.orders-check.J1", "{}", {
+      msgID: `dl-ORDERS-${next}-orders-check`,
+    });
+    await submitItem(t.nc, p, "J1", { sku: "A-3" }, { source: "test", traceId: TRACE });
+    const letter = await waitFor(
+      async () =>
+        (await listDeadLetters(js, { item_id: "J1" })).find((l) =>
+          l.letter.stage === "orders-check" && l.letter.stream_seq === next
+        ),
+      30_000,
+      "the check step's letter of J1",
+    );
+    assert.equal(letter.letter.code, "rejected");
+    const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+    const failed = await waitFor(
+      async () => {
+        const s = await readItem(kv, "J1");
+        return s?.status === "failed" && s;
+      },
+      30_000,
+      "J1 failed",
+    );
+    assert.equal(failed.error?.stage, "orders-check");
+  } finally {
+    for (const r of runners) await r.stop();
   }
 });
