@@ -961,8 +961,13 @@ export async function itemFailedNow(
  * Whether failure `m` counts: a runner's dead letter is stored for it, or it is younger than
  * {@link LETTER_WAIT_MS} with none yet (the runner stores it right after). A read that fails
  * counts it.
+ *
+ * @example
+ * ```ts ignore
+ * if (await failureCounts(jsm, "ORDERS", "orders.failed", lastFailure)) console.log("failed");
+ * ```
  */
-async function failureCounts(
+export async function failureCounts(
   jsm: JetStreamManager,
   stream: string,
   failedType: string,
@@ -978,13 +983,19 @@ async function failureCounts(
     return false;
   }
   try {
-    const verdict = await failureVerdict(jsm, stream, failedType, {
-      ...event,
-      item_id: event.item_id,
-    });
-    if (verdict.type === "vouched") return true;
-    return verdict.type === "pending" &&
-      (m.time === undefined || Date.now() - m.time.getTime() < LETTER_WAIT_MS);
+    const item_id = event.item_id;
+    const verdict = await failureVerdict(jsm, stream, failedType, { ...event, item_id });
+    if (verdict.type !== "pending") return verdict.type === "vouched";
+    // Its letter may be on its way (the runner stores it right after): asked again until the
+    // failure is LETTER_WAIT_MS old. Taken for failed meanwhile, a forged failure had dispatch
+    // dead-letter the item's next event for good (found by probing).
+    const born = m.time?.getTime() ?? Date.now();
+    while (Date.now() - born < LETTER_WAIT_MS) {
+      await new Promise((r) => setTimeout(r, 100));
+      const again = await failureVerdict(jsm, stream, failedType, { ...event, item_id });
+      if (again.type !== "pending") return again.type === "vouched";
+    }
+    return false;
   } catch {
     return true;
   }

@@ -68,7 +68,7 @@ Deno.test("feedbackItemReader() reads a submitted item with one batched direct g
 Deno.test("feedbackItemReader() answers the same batched and not: failed after entry, failed before it, never entered, an entry stored again", async () => {
   await using s = await setUp();
   const intake = await createIntake(s.t.nc);
-  // Failed after it entered (a failure that names nothing Weft knows: failed for good).
+  // A failure after it entered that names nothing Weft knows, and no runner letter: no failure.
   const { body: a } = await intake.submit({ text: "failed after" });
   await s.js.publish(`feedback.failed.${a.id}`, "{}");
   // A failure stored for the id before it was submitted holds nothing.
@@ -87,9 +87,10 @@ Deno.test("feedbackItemReader() answers the same batched and not: failed after e
     { headers: h },
   );
   const cases: [string, boolean, boolean][] = [
-    [a.id, true, true],
+    // (A failure no runner's dead letter is stored for fails nothing: failure_letter.ts.)
+    [a.id, true, false],
     [b.id, true, false],
-    ["fb_never", false, true], // (dispatch refuses it not_found before asking)
+    ["fb_never", false, false], // (dispatch refuses it not_found before asking)
     [c.id, true, false],
   ];
   for (const [id, entered, failed] of cases) {

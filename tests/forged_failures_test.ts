@@ -418,3 +418,38 @@ Deno.test("junk stored first under a dead letter's message id does not keep the 
     for (const r of runners) await r.stop();
   }
 });
+
+Deno.test("the topics key publishing `feedback.failed` for an item still at sentiment fails nothing: dead-lettered conflict, its event stream neither shows it nor closes there, and the item processes", async () => {
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    WEFT_SLOW_MS: "5000",
+    WEFT_SLOW_STAGE: "sentiment",
+  });
+  const r = await call(mesh, "POST", "/feedback", { text: "Why was I charged twice?" });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  await viewWith(mesh, `/feedback/${id}`, "accepted");
+  const ingested = await as(
+    mesh,
+    "admin",
+    async (nc) =>
+      (await (await jetstreamManager(nc)).streams.getMessage("FEEDBACK", {
+        last_by_subj: `feedback.ingested.${id}`,
+      }))!,
+  );
+  const seq = await forgeFailure(mesh, "topics", {
+    pipeline: "feedback",
+    item: id,
+    stage: "sentiment",
+    subject: ingested.subject,
+    seq: ingested.seq,
+  });
+  await viewWith(mesh, `/feedback/${id}`, "processed");
+  const letter = await letterOf(mesh, "state", seq);
+  assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  for (const frames of [await replayed(mesh, `/feedback/${id}/events`)]) {
+    assert.ok(!frames.some((f) => Number(f.id) === seq), JSON.stringify(frames));
+    assert.equal(frames.at(-1)!.event, "feedback.processed", JSON.stringify(frames));
+  }
+  assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);
+});

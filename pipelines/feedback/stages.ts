@@ -17,7 +17,7 @@ import type { FeedbackItem, FeedbackSubmission } from "./events.gen.ts";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { lastMessagesReader, storedFirstOnSubject } from "../../src/last_messages.ts";
-import { itemFailedNow, messagesOn, storedMessage } from "../../src/runner.ts";
+import { failureCounts, itemFailedNow, messagesOn, storedMessage } from "../../src/runner.ts";
 import { canonicalJson } from "../../src/canonical_json.ts";
 import { ConflictError, ErrorCode, NotFoundError, WeftError } from "../../src/errors.ts";
 
@@ -296,8 +296,14 @@ async function analyzedBetween(
 async function failedNow(
   jsm: JetStreamManager,
   itemId: string,
-  last: { seq: number; json<T>(): T },
+  last: { seq: number; time?: Date; json<T>(): T },
 ): Promise<boolean> {
+  // A failure no runner's dead letter is stored for counts for nothing: the item's earlier
+  // failures are asked about instead (found by probing: the topics key's `feedback.failed` for
+  // an item at sentiment kept dispatch from routing it, and the item never processed).
+  if (!(await failureCounts(jsm, FEEDBACK_STREAM, "feedback.failed", last))) {
+    return await itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId, last);
+  }
   let on: { event_id?: unknown; subject?: unknown } | undefined;
   try {
     on = last.json<{ data?: { event_id?: unknown; subject?: unknown } }>().data;
