@@ -3,6 +3,8 @@
  * message handled again, as after a kill between its work and its ack, arms each deadline
  * exactly once and fails nothing.
  */
+import { deterministicId } from "../src/events.ts";
+import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { jetstream } from "@nats-io/jetstream";
@@ -261,27 +263,7 @@ Deno.test("a failed item's join decides nothing when its deadline passes, until 
   const fraud = completed(checks, "fraud", "it3", "2026-01-01T00:00:01.000Z");
   assert.deepEqual(await deliver(t, checks, fraud, 4, "2026-01-01T00:00:01.010Z"), []);
   // The stock branch gave up on the split event: the item failed.
-  await js.publish(
-    "checks.failed.it3",
-    JSON.stringify({
-      id: "f-it3",
-      type: "checks.failed",
-      version: 1,
-      item_id: "it3",
-      trace_id: TRACE,
-      time: "2026-01-01T00:00:30.000Z",
-      source: "test",
-      data: {
-        stage: "checks-stock",
-        code: "handler_failed",
-        reason: "down",
-        attempts: 5,
-        dead_letter_subject: "deadletter.checks-stock.it3",
-        subject: "checks.split.it3",
-        event_id: split.id,
-      },
-    }),
-  );
+  await failItem(t, checks, "it3", "checks.split.it3", split.id);
   const [deadline] = await timers(t);
   const fired = await deliver(
     t,
@@ -310,7 +292,10 @@ Deno.test("a failed item's join decides nothing when its deadline passes, until 
   assert.deepEqual(decided.map((e) => e.type), ["checks.both_timed_out", "checks.late"]);
 });
 
-/** Stores a `failed` event for `item` of `p`, as a step giving up on `subject` publishes it. */
+/**
+ * Stores a `failed` event for `item` of `p`, as a step giving up on the message last stored on
+ * `subject` publishes it: its dead letter too (a failure counts only with it, failure_letter.ts).
+ */
 async function failItem(
   t: TestNats,
   p: LoadedPipeline,
@@ -318,10 +303,27 @@ async function failItem(
   subject: string,
   eventId?: string,
 ) {
+  const stream = pipelineSubjects(p.def).stream;
+  // (The message it gave up on: junk on that subject when nothing is stored there.)
+  const on = await t.jsm.streams.getMessage(stream, { last_by_subj: subject }).catch(() => null) ??
+    await jetstream(t.nc).publish(subject, "{}");
+  await jetstream(t.nc).publish(
+    `deadletter.test.${item}`,
+    JSON.stringify({
+      stage: "test",
+      code: "handler_failed",
+      reason: "down",
+      attempts: 5,
+      subject,
+      stream_seq: on!.seq,
+      time: "2026-01-01T00:00:30.000Z",
+      item_id: item,
+    }),
+  );
   await jetstream(t.nc).publish(
     `${p.def.name}.failed.${item}`,
     JSON.stringify({
-      id: `f-${item}`,
+      id: deterministicId(item, `${p.def.name}.failed`, String(on!.seq)),
       type: `${p.def.name}.failed`,
       version: 1,
       item_id: item,
