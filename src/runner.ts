@@ -575,7 +575,12 @@ async function publishAfterJunk(
       if (await taken(held)) return false; // stored already: success
       last = held.seq;
     }
-    if (last === 0) return false; // nothing readable there now (purged?): as stored
+    // Nothing readable there (last 0) is no proof it is stored: what the refusal was for may be
+    // gone since (deleted, purged, aged out), or, in a cluster, was a publish on the subject
+    // still in flight (nats-server refuses an expected subject sequence while one is), that
+    // may never be stored. Taken as stored, the step acked its input and the item stalled with
+    // no letter (found by reading; a test deletes the message in between): published again
+    // as the subject's first, and a subject that keeps refusing fails to be retried.
     m.headers.set(EXPECTED_LAST_SUBJECT_SEQ, String(last));
     try {
       return !(await publishUnique(js, m.subject, m.data, m.headers, taken)).duplicate;

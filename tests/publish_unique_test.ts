@@ -8,7 +8,8 @@ import assert from "node:assert/strict";
 import { connect } from "@nats-io/transport-node";
 import { headers } from "@nats-io/nats-core";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { publishUnique } from "../src/runner.ts";
+import { publishEvent, publishUnique } from "../src/runner.ts";
+import type { OutputEvent } from "../src/stage.ts";
 import { WeftError } from "../src/errors.ts";
 import { freePort, startNatsServer } from "../src/nats_server.ts";
 
@@ -91,6 +92,59 @@ Deno.test("publishUnique retries a duplicate whose held message it cannot read, 
     assert.deepEqual(last?.json(), { type: "orders.placed", id: "evt-1" });
   } finally {
     await blind.close();
+    await admin.close();
+  }
+});
+
+Deno.test("publishEvent stores a once event whose refusal's message is gone when it looks, never taking it as stored", async () => {
+  // An "expected last subject sequence 0" publish refused for what the subject held, and that
+  // message removed before the subject is read (deleted, purged, aged out; in a cluster, a
+  // publish still in flight when the leader refused this one, that may never be stored).
+  // Taken as stored, the step acked its input and the item stalled with no letter.
+  await using s = await serverWithBlindWriter();
+  const admin = await connect({ servers: s.server.url, user: "admin", pass: "admin" });
+  const other = await connect({ servers: s.server.url, user: "admin", pass: "admin" });
+  try {
+    const jsm = await jetstreamManager(admin);
+    await jsm.streams.add({ name: "ORDERS", subjects: ["orders.>"] });
+    // Another order's event for the item, stored first: the once publish is refused for it.
+    await jetstream(admin).publish(
+      "orders.placed.o1",
+      JSON.stringify({ id: "other", type: "orders.placed", item_id: "o1", data: { total: 1 } }),
+    );
+    const event = {
+      id: "evt-1",
+      type: "orders.placed",
+      version: 1,
+      item_id: "o1",
+      trace_id: "0123456789abcdef0123456789abcdef",
+      time: new Date().toISOString(),
+      source: "test",
+      data: { total: 2 },
+    } as unknown as OutputEvent;
+    const judged: number[] = [];
+    // Judging what the subject holds, the step finds it is not the item's; meanwhile (driven
+    // from here, deterministically) an operator on another connection deletes it.
+    const stands = async (held: { seq: number }) => {
+      judged.push(held.seq);
+      await jetstreamManager(other).then((m) => m.streams.deleteMessage("ORDERS", held.seq));
+      return false;
+    };
+    const stored = await publishEvent(
+      jetstream(admin),
+      event,
+      null,
+      true,
+      undefined,
+      undefined,
+      stands,
+    );
+    assert.deepEqual(judged, [1]);
+    assert.equal(stored, true, "the event was not stored: it is not taken as stored");
+    const last = await jsm.streams.getMessage("ORDERS", { last_by_subj: "orders.placed.o1" });
+    assert.equal(last?.json<{ id: string }>().id, "evt-1", "the event is in the stream");
+  } finally {
+    await other.close();
     await admin.close();
   }
 });
