@@ -539,6 +539,9 @@ function heldIsEvent(
   };
 }
 
+/** Stream sequences a runner remembers having acked, for redeliveries crossing their ack. */
+const RECENT_ACKS = 1024;
+
 /** Most messages on one item's subject read to find the event a refusal says is there. */
 const MAX_SUBJECT_SCAN = 64;
 
@@ -1497,6 +1500,20 @@ export async function runStage<I extends StageInput>(
     abort.signal,
   );
   const inFlight = new Set<Promise<void>>();
+  /**
+   * The stream sequences in this runner's handler slots, each with the most deliveries the
+   * server has counted for it. A delivery of one already here is its lease run out while it is
+   * worked on (its in-progress acks did not land: a consumer leader moving, a starved
+   * process), not an attempt: it runs nothing and settles nothing; the first delivery's ack,
+   * nak or term settles the message (the server takes them by stream sequence).
+   */
+  const working = new Map<number, { deliveries: number }>();
+  /** Stream sequences this runner acked lately: a redelivery that crossed the ack is acked. */
+  const acked = new Set<number>();
+  const ackedHere = (seq: number) => {
+    acked.add(seq);
+    if (acked.size > RECENT_ACKS) acked.delete(acked.values().next().value!);
+  };
   let wake: (() => void) | undefined;
   const dlContext: DeadLetterContext = {
     js,
@@ -1587,6 +1604,26 @@ export async function runStage<I extends StageInput>(
   }
 
   function handle(m: JsMsg): Promise<void> {
+    const here = working.get(m.seq);
+    if (here || acked.has(m.seq)) {
+      stats.received++;
+      metrics.received.inc(labels);
+      if (!here) {
+        m.ack(); // handled and acked here already: its ack crossed this redelivery
+        return Promise.resolve();
+      }
+      // Counted by the server, but no attempt: a later failure of the handler still running
+      // is judged on this count (below), so the message never outlasts `max_deliver` unsettled.
+      here.deliveries = Math.max(here.deliveries, m.info.deliveryCount);
+      log.warn("redelivered while still handled here (lease lost): not an attempt", {
+        subject: m.subject,
+        seq: m.seq,
+        delivery: m.info.deliveryCount,
+      });
+      return Promise.resolve();
+    }
+    const mine = { deliveries: m.info.deliveryCount };
+    working.set(m.seq, mine);
     const parent = parseTraceparent(m.headers?.get("traceparent"));
     const span = startSpan(`${stage.name} process`, SpanKind.CONSUMER, parent, {
       "messaging.system": "nats",
@@ -1595,11 +1632,19 @@ export async function runStage<I extends StageInput>(
       "weft.stage": stage.name,
       "weft.delivery_count": m.info.deliveryCount,
     });
-    return withSpan(span, () => handleIn(m, traceContextOf(span) ?? parent, span))
-      .finally(() => span.end());
+    return withSpan(span, () => handleIn(m, traceContextOf(span) ?? parent, span, mine))
+      .finally(() => {
+        working.delete(m.seq);
+        span.end();
+      });
   }
 
-  async function handleIn(m: JsMsg, trace: TraceContext | null, span: Span): Promise<void> {
+  async function handleIn(
+    m: JsMsg,
+    trace: TraceContext | null,
+    span: Span,
+    mine: { deliveries: number },
+  ): Promise<void> {
     stats.received++;
     metrics.received.inc(labels);
     let raw: unknown;
@@ -1877,6 +1922,7 @@ export async function runStage<I extends StageInput>(
         metrics.published.inc({ stage: stage.name, type: event.type });
       }
       m.ack();
+      ackedHere(m.seq);
       stats.processed++;
       metrics.processed.inc(labels);
       log.debug("handled", {
@@ -1889,7 +1935,11 @@ export async function runStage<I extends StageInput>(
     } catch (err) {
       recordFailure(span, err);
       metrics.failed.inc({ stage: stage.name, code: toDeadLetterReason(err).code });
-      if (isPermanent(err) || m.info.deliveryCount >= config.maxAttempts) {
+      // Deliveries counted while this one ran (its lease lost) count here: past them the server
+      // may deliver it no more, and a nak would leave it unsettled, with no letter.
+      if (
+        isPermanent(err) || Math.max(m.info.deliveryCount, mine.deliveries) >= config.maxAttempts
+      ) {
         let letter: PreparedLetter | undefined;
         try {
           // The subject names the item (the body may lie); an event that disagrees with
@@ -1978,7 +2028,8 @@ export async function runStage<I extends StageInput>(
         });
         for await (const m of batch) {
           if (stopping) {
-            m.nak(); // not started: hand it straight back for redelivery
+            // Not started: handed straight back for redelivery (unless still handled here).
+            if (!working.has(m.seq)) m.nak();
             continue;
           }
           const p: Promise<void> = handle(m).finally(() => {

@@ -3,7 +3,7 @@
  */
 import assert from "node:assert/strict";
 import { serverVersion, versionAtLeast } from "../src/nats_server.ts";
-import { headers, type NatsConnection } from "@nats-io/nats-core";
+import { headers, nanos, type NatsConnection } from "@nats-io/nats-core";
 import { AckPolicy, jetstream } from "@nats-io/jetstream";
 import { publishEvent, runStage } from "../src/runner.ts";
 import { Kvm } from "@nats-io/kv";
@@ -501,6 +501,73 @@ Deno.test("a handler slower than the ack wait keeps its lease and runs once", as
   assert.equal(calls, 1);
   const info = await consumerSettled(t, "probe");
   assert.equal(info.num_redelivered, 0);
+  await runner.stop();
+});
+
+/**
+ * A probe stage whose consumer's lease runs out while its handler runs: the consumer's ack
+ * wait is shortened under the runner, below its keep-alive period (30 s / 3), as when its
+ * in-progress acks do not land (the consumer's leader moving, a CPU-starved process). Resolves
+ * once the runner has taken `deliveries` deliveries of the message (it is then redelivered
+ * while its first handler still runs).
+ */
+async function leaseLost(
+  t: Awaited<ReturnType<typeof startTestNats>>,
+  item: string,
+  handle: (calls: number) => Promise<void>,
+  deliveries: number,
+) {
+  let calls = 0;
+  const stage = probeStage(() => handle(++calls));
+  const config = runnerConfig(t.config, { maxAttempts: 2, concurrency: 4 });
+  const runner = await runStage({ nc: t.nc, stage, config, log: t.log });
+  await t.jsm.consumers.update("FEEDBACK", "probe", { ack_wait: nanos(300) });
+  await jetstream(t.nc).publish(`feedback.ingested.${item}`, JSON.stringify(ingested(item)));
+  await waitFor(
+    () => runner.stats.received >= deliveries,
+    30_000,
+    `${deliveries} deliveries of the message while its handler runs`,
+  );
+  return { runner, calls: () => calls };
+}
+
+Deno.test("a message redelivered while its handler still runs (its lease lost) is no attempt: it runs once and its item is not failed", async () => {
+  await using t = await startTestNats();
+  let release!: () => void;
+  const released = new Promise<void>((r) => (release = r));
+  // Every delivery after the first comes while the handler runs; the 3rd is past the last
+  // attempt (maxAttempts 2), where a delivery is taken for one its process died on.
+  const { runner, calls } = await leaseLost(t, "lease1", () => released, 3);
+  const out = nextMessages(t.nc, "feedback.sentiment_analyzed.lease1");
+  release();
+  await out;
+  const info = await consumerSettled(t, "probe");
+  assert.equal(await countOn(t, "FEEDBACK", "feedback.failed.lease1"), 0, "the item not failed");
+  assert.equal(await countOn(t, "DEADLETTER", "deadletter.>"), 0, "no dead letter");
+  assert.equal(calls(), 1, "the handler ran once");
+  assert.equal(await countOn(t, "FEEDBACK", "feedback.sentiment_analyzed.lease1"), 1);
+  assert.equal(info.num_ack_pending, 0);
+  await runner.stop();
+});
+
+Deno.test("a handler that fails after its lease was lost until max_deliver is spent is dead-lettered with its own error, not left unsettled", async () => {
+  await using t = await startTestNats();
+  let fail!: () => void;
+  const failing = new Promise<void>((r) => (fail = r));
+  // Delivered max_deliver times (maxAttempts + 2 = 4) while the handler runs: the server
+  // delivers it no more, so a nak would leave it unsettled with no letter.
+  const { runner, calls } = await leaseLost(t, "lease2", async () => {
+    await failing;
+    throw new Error("handler crashed");
+  }, 4);
+  const failed = nextMessages(t.nc, "feedback.failed.lease2");
+  fail();
+  const f = (await failed)[0]!.json<FeedbackFailed>();
+  assert.equal(f.data.code, "handler_failed");
+  assert.match(f.data.reason, /handler crashed/, "the handler's own error, not a death");
+  const info = await consumerSettled(t, "probe");
+  assert.equal(info.num_ack_pending, 0, "settled");
+  assert.equal(calls(), 1);
   await runner.stop();
 });
 
