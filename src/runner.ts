@@ -1743,10 +1743,13 @@ export async function runStage<I extends StageInput>(
         (m.seq <= backlog.seq || m.info.timestampNanos < backlog.beforeNanos) && itemId
       ) {
         // Only the backlog pays for these reads; a message stored after the consumer was
-        // created goes straight on.
+        // created goes straight on. An item that has ended by now, whether before the consumer
+        // was created or since (a delay that fired while a restart's new step read its
+        // backlog), is skipped with that reason: the reason said "before" for both (found by
+        // a flaky test: two items in a delay past the step ended first, under load).
         const skip = await endedWith(jsm, stream, itemId, endTypes) !== undefined ||
             await stage.ended?.(itemId) === true
-          ? "skipped: the item ended before this step's consumer was created"
+          ? "skipped: the item has ended; the event is from before this step's consumer was created"
           : await stage.wentOn?.(input, message) === true
           ? "skipped: the item went on from this event before this step's consumer was created"
           : undefined;
