@@ -10,6 +10,7 @@ import { supportsAtomicBatch } from "./atomic_batch.ts";
 import {
   AckPolicy,
   type ConsumerConfig,
+  type ConsumerInfo,
   DeliverPolicy,
   DiscardPolicy,
   JetStreamApiCodes,
@@ -330,8 +331,7 @@ export async function ensureConsumer(
   want: Partial<ConsumerConfig>,
   opts: { markBacklog?: boolean } = {},
 ): Promise<void> {
-  try {
-    const info = await jsm.consumers.info(stream, want.durable_name!);
+  const updateIfDiffers = async (info: ConsumerInfo) => {
     if (differs(want, info.config as unknown as Record<string, unknown>)) {
       // The metadata it has stays (its backlog mark), with what is wanted over it.
       const metadata = info.config.metadata || want.metadata
@@ -342,6 +342,9 @@ export async function ensureConsumer(
         ...(metadata ? { metadata } : {}),
       });
     }
+  };
+  try {
+    await updateIfDiffers(await jsm.consumers.info(stream, want.durable_name!));
   } catch (err) {
     if (!isApiError(err, JetStreamApiCodes.ConsumerNotFound)) throw err;
     let create = want;
@@ -351,7 +354,17 @@ export async function ensureConsumer(
         create = { ...want, metadata: { ...want.metadata, [BACKLOG_SEQ_KEY]: String(last) } };
       }
     }
-    await jsm.consumers.add(stream, create);
+    try {
+      await jsm.consumers.add(stream, create);
+    } catch (addErr) {
+      // Created meanwhile by another process (a replica of the step starting beside this
+      // one) behind a later last sequence: the server refuses the create ("consumer already
+      // exists": the marks differ) and the replica failed to start (found by probing: two
+      // creators at once on a stream taking publishes, 14 of 60 refused). Its mark stands.
+      const made = await jsm.consumers.info(stream, want.durable_name!).catch(() => null);
+      if (!made) throw addErr;
+      await updateIfDiffers(made);
+    }
   }
 }
 

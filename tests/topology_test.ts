@@ -4,15 +4,18 @@
  * set it up says so in one line.
  */
 import assert from "node:assert/strict";
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { AckPolicy, jetstream, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { ensureTopology } from "../src/topology.ts";
-import { freePort, startNatsServer } from "../src/nats_server.ts";
+import { BACKLOG_SEQ_KEY, ensureConsumer, ensureTopology } from "../src/topology.ts";
+import { freePort, serverVersion, startNatsServer, versionAtLeast } from "../src/nats_server.ts";
 import { serviceArgs, SERVICES, writeAuthConfig } from "../src/supervisor.ts";
 import { connectClient, startTestNats, testConfig } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const ROOT = new URL("../", import.meta.url);
+
+/** Consumer metadata, and so the backlog mark, came with nats-server 2.10. */
+const MARKS = { ignore: !versionAtLeast((await serverVersion()) ?? "0.0.0", "2.10.0") };
 
 /** The sentiment step as the supervisor would start it, but alone: topology ensured. */
 function sentiment(
@@ -142,4 +145,51 @@ Deno.test("a step run alone with another service's key is refused in one line na
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test({
+  name: "ensureConsumer() beside a replica creating the consumer meanwhile takes it, its mark kept",
+  ...MARKS,
+  async fn() {
+    await using server = await startNatsServer();
+    const nc = await connectClient(server.url, "weft-test");
+    const replica = await connectClient(server.url, "weft-test-replica");
+    try {
+      const jsm = await jetstreamManager(nc);
+      const other = await jetstreamManager(replica);
+      await jsm.streams.add({ name: "ORDERS", subjects: ["orders.>"] });
+      const js = jetstream(nc);
+      await js.publish("orders.placed.a", "{}");
+      const want = {
+        durable_name: "orders-step",
+        ack_policy: AckPolicy.Explicit,
+        filter_subject: "orders.>",
+      };
+      // The real manager, with the other replica's whole start put where it can fall on its
+      // own: after this one read the stream's last sequence (1), before it creates the
+      // consumer. An order stored meanwhile gives the replica's consumer the mark 2.
+      const racing = {
+        consumers: jsm.consumers,
+        streams: {
+          info: async (...args: Parameters<JetStreamManager["streams"]["info"]>) => {
+            const info = await jsm.streams.info(...args);
+            await js.publish("orders.placed.b", "{}");
+            await ensureConsumer(other, "ORDERS", want, { markBacklog: true });
+            return info;
+          },
+        },
+      } as unknown as JetStreamManager;
+      // It refused the create ("consumer already exists"): the replica failed to start.
+      await ensureConsumer(racing, "ORDERS", want, { markBacklog: true });
+      const ci = await jsm.consumers.info("ORDERS", "orders-step");
+      assert.equal(ci.config.metadata?.[BACKLOG_SEQ_KEY], "2", "the replica's mark stands");
+      assert.equal(ci.num_pending, 2, "both orders still to deliver");
+      const names = [];
+      for await (const c of jsm.consumers.list("ORDERS")) names.push(c.name);
+      assert.deepEqual(names, ["orders-step"]);
+    } finally {
+      await replica.close();
+      await nc.close();
+    }
+  },
 });
