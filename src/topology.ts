@@ -322,8 +322,8 @@ export const BACKLOG_SEQ_KEY = "weft_backlog_seq";
 /**
  * Creates or updates a durable consumer. With `markBacklog` (nats-server 2.10+: consumer
  * metadata), one created on a stream that already holds messages records the stream's last
- * sequence under {@link BACKLOG_SEQ_KEY}; an update keeps the metadata it has (what `want`
- * names is set over it).
+ * sequence under {@link BACKLOG_SEQ_KEY}, read again once it exists (so nothing stored before
+ * it escapes the mark); an update keeps the metadata it has (what `want` names is set over it).
  */
 export async function ensureConsumer(
   jsm: JetStreamManager,
@@ -347,15 +347,21 @@ export async function ensureConsumer(
     await updateIfDiffers(await jsm.consumers.info(stream, want.durable_name!));
   } catch (err) {
     if (!isApiError(err, JetStreamApiCodes.ConsumerNotFound)) throw err;
-    let create = want;
-    if (opts.markBacklog) {
-      const last = (await jsm.streams.info(stream)).state.last_seq;
-      if (last > 0) {
-        create = { ...want, metadata: { ...want.metadata, [BACKLOG_SEQ_KEY]: String(last) } };
-      }
-    }
+    const marked = (seq: number) => ({
+      ...want,
+      metadata: { ...want.metadata, [BACKLOG_SEQ_KEY]: String(seq) },
+    });
+    const last = opts.markBacklog ? (await jsm.streams.info(stream)).state.last_seq : 0;
     try {
-      await jsm.consumers.add(stream, create);
+      await jsm.consumers.add(stream, last > 0 ? marked(last) : want);
+      if (opts.markBacklog) {
+        // What the stream stored between that read and the create is behind the consumer too
+        // (a publish put there went unmarked: the step would run for it unchecked); read
+        // again, the mark covers it, and perhaps a few stored just after, which only pay the
+        // backlog's reads.
+        const after = (await jsm.streams.info(stream)).state.last_seq;
+        if (after > last) await jsm.consumers.update(stream, want.durable_name!, marked(after));
+      }
     } catch (addErr) {
       // Created meanwhile by another process (a replica of the step starting beside this
       // one) behind a later last sequence: the server refuses the create ("consumer already

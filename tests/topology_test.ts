@@ -193,3 +193,42 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "ensureConsumer() marks what the stream stored while the consumer was being created",
+  ...MARKS,
+  async fn() {
+    await using server = await startNatsServer();
+    const nc = await connectClient(server.url, "weft-test");
+    try {
+      const jsm = await jetstreamManager(nc);
+      await jsm.streams.add({ name: "ORDERS", subjects: ["orders.>"] });
+      const js = jetstream(nc);
+      await js.publish("orders.placed.a", "{}");
+      // The real manager, with an order stored right after the stream's last sequence is read
+      // (1), before the consumer is created: it is behind the consumer, so in its backlog.
+      let first = true;
+      const racing = {
+        consumers: jsm.consumers,
+        streams: {
+          info: async (...args: Parameters<JetStreamManager["streams"]["info"]>) => {
+            const info = await jsm.streams.info(...args);
+            if (first) await js.publish("orders.placed.b", "{}");
+            first = false;
+            return info;
+          },
+        },
+      } as unknown as JetStreamManager;
+      await ensureConsumer(racing, "ORDERS", {
+        durable_name: "orders-step",
+        ack_policy: AckPolicy.Explicit,
+        filter_subject: "orders.>",
+      }, { markBacklog: true });
+      const ci = await jsm.consumers.info("ORDERS", "orders-step");
+      // It was marked 1: the order stored meanwhile went on unchecked, as if stored after.
+      assert.equal(ci.config.metadata?.[BACKLOG_SEQ_KEY], "2", "both orders in the backlog");
+    } finally {
+      await nc.close();
+    }
+  },
+});
