@@ -451,8 +451,33 @@ export type Handlers<S extends PipelineSpec> = {
         value: ValueOf<S, K>,
         ctx: StepContext<Infer<S["input"]["schema"]>>,
       ) => (keyof R & string) | Promise<keyof R & string>
+    : string extends keyof S["steps"] ? LooseHandler
     : never;
 };
+
+/**
+ * A handler given apart while the definition's own type is not known yet. When the literal
+ * holds a handler whose parameters are left to inference (`(_v, ctx) => ...`), TypeScript
+ * infers in two passes: the first skips that handler, so it learns nothing of the literal (a
+ * literal with a skipped function is not inferred from) and takes the bare `PipelineSpec`,
+ * whose steps are any string; the handlers given apart that it checks then (those with no
+ * parameter left to inference: `() => ...`, or declared apart with annotations) must pass that
+ * pass, or the call fails before the second pass. The second pass infers the literal and
+ * checks every handler against its step. Its result keeps literal types (`"a"`, not `string`):
+ * a function the first pass types is not typed again.
+ */
+type LooseHandler = (value: Untyped, ctx: StepContext) => LooseResult | Promise<LooseResult>;
+
+/** Any value, as a contextual type that keeps a literal's type (`""` and `0` make it so). */
+type LooseResult =
+  | NonNullable<unknown>
+  | null
+  | undefined
+  | ""
+  | 0
+  | boolean
+  | { readonly [key: string]: LooseResult }
+  | readonly LooseResult[];
 
 /** `spec` with each of `handlers` set as its step's `handle` (task) or `route` (router). */
 function withHandlers(spec: PipelineSpec, handlers: Record<string, unknown>): PipelineSpec {
