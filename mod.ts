@@ -139,7 +139,7 @@ export { retryDelay } from "./src/retry.ts";
  * schemas: `Infer<typeof schema>` is the type a schema describes, and a task's handler that
  * returns what its `output` schema does not describe does not compile ({@link TypedSteps}).
  * Handlers given apart, as `definePipeline`'s second argument ({@link Handlers}), are typed
- * without annotations.
+ * without annotations, and mix with handlers in the literal, annotated or not.
  *
  * @example
  * ```ts

@@ -421,7 +421,8 @@ export type TypedSteps<S extends PipelineSpec> = {
  * a task step's `handle`, a router's `route`. Given there, `value` and `ctx` are typed from
  * the definition without annotations: TypeScript types a function written inside the literal
  * it is still inferring only from what it is annotated with, so inside the literal an
- * unannotated `value` is `any` (checked when annotated, by {@link TypedSteps}).
+ * unannotated `value` is `any` (checked when annotated, by {@link TypedSteps}). Both styles
+ * mix: handlers given apart beside handlers in the literal, annotated or not.
  *
  * @example
  * ```ts
