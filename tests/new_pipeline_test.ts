@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { bucketTwin } from "../scripts/new_pipeline.ts";
 import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
-import { taskArgs } from "./helpers/mesh.ts";
+import { quiet, taskArgs } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { exportName } from "../scripts/new_pipeline.ts";
 
@@ -17,7 +17,7 @@ async function newPipeline(
   env: Record<string, string> = {},
 ): Promise<Deno.CommandOutput> {
   return await new Deno.Command("deno", {
-    args: [...await taskArgs("new"), name, "--no-list"],
+    args: [...quiet(await taskArgs("new")), name, "--no-list"],
     cwd: root,
     env,
     stdout: "piped",
@@ -158,7 +158,7 @@ Deno.test("deno task new refuses every name deno task start refuses, in one line
   try {
     for (const name of names) {
       const made = await new Deno.Command("deno", {
-        args: [...await taskArgs("new"), name],
+        args: [...quiet(await taskArgs("new")), name],
         cwd: root,
         stdout: "piped",
         stderr: "piped",

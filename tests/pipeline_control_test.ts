@@ -3,8 +3,6 @@
  * message handled again, as after a kill between its work and its ack, arms each deadline
  * exactly once and fails nothing.
  */
-import { deterministicId } from "../src/events.ts";
-import { pipelineSubjects } from "../src/pipeline/derive.ts";
 import assert from "node:assert/strict";
 import { Kvm } from "@nats-io/kv";
 import { jetstream } from "@nats-io/jetstream";
@@ -31,6 +29,7 @@ import { SCHEDULE_BUCKET } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import type { StageContext } from "../src/stage.ts";
 import { startTestNats, type TestNats } from "./helpers/nats.ts";
+import { failItem } from "./helpers/pipeline.ts";
 
 const obj = { type: "object" } as const;
 const task = (next: string | string[]) => ({
@@ -291,57 +290,6 @@ Deno.test("a failed item's join decides nothing when its deadline passes, until 
   const decided = await deliver(t, checks, next[0]!.payload as never, 12, next[0]!.at!);
   assert.deepEqual(decided.map((e) => e.type), ["checks.both_timed_out", "checks.late"]);
 });
-
-/**
- * Stores a `failed` event for `item` of `p`, as a step giving up on the message last stored on
- * `subject` publishes it: its dead letter too (a failure counts only with it, failure_letter.ts).
- */
-async function failItem(
-  t: TestNats,
-  p: LoadedPipeline,
-  item: string,
-  subject: string,
-  eventId?: string,
-) {
-  const stream = pipelineSubjects(p.def).stream;
-  // (The message it gave up on: junk on that subject when nothing is stored there.)
-  const on = await t.jsm.streams.getMessage(stream, { last_by_subj: subject }).catch(() => null) ??
-    await jetstream(t.nc).publish(subject, "{}");
-  await jetstream(t.nc).publish(
-    `deadletter.test.${item}`,
-    JSON.stringify({
-      stage: "test",
-      code: "handler_failed",
-      reason: "down",
-      attempts: 5,
-      subject,
-      stream_seq: on!.seq,
-      time: "2026-01-01T00:00:30.000Z",
-      item_id: item,
-    }),
-  );
-  await jetstream(t.nc).publish(
-    `${p.def.name}.failed.${item}`,
-    JSON.stringify({
-      id: deterministicId(item, `${p.def.name}.failed`, String(on!.seq)),
-      type: `${p.def.name}.failed`,
-      version: 1,
-      item_id: item,
-      trace_id: TRACE,
-      time: "2026-01-01T00:00:30.000Z",
-      source: "test",
-      data: {
-        stage: "test",
-        code: "handler_failed",
-        reason: "down",
-        attempts: 5,
-        dead_letter_subject: `deadletter.test.${item}`,
-        subject,
-        ...(eventId ? { event_id: eventId } : {}),
-      },
-    }),
-  );
-}
 
 Deno.test("a decision for a failed item is refused (dead-lettered, redrivable), not taken to an outcome", async () => {
   await using t = await startTestNats();

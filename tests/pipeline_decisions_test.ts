@@ -9,7 +9,7 @@ import { Kvm } from "@nats-io/kv";
 import { createApp } from "../src/gateway/app.ts";
 import { createIntake } from "../pipelines/feedback/intake.ts";
 import { pipelineSubjects } from "../src/pipeline/derive.ts";
-import { advance, entryData, flowEvent } from "../src/pipeline/flow.ts";
+import { advance, entryData, entryEvent, flowEvent } from "../src/pipeline/flow.ts";
 import { servePipelineRequests } from "../src/gateway/pipelines.ts";
 import {
   controlBucketOf,
@@ -28,7 +28,7 @@ import type { ItemState } from "../src/pipeline/fold.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { PATIENT, startTestNats } from "./helpers/nats.ts";
 import { waitFor } from "./helpers/wait.ts";
-import { approvalsPipeline } from "./helpers/pipeline.ts";
+import { approvalsPipeline, failItem } from "./helpers/pipeline.ts";
 
 const approvals = approvalsPipeline();
 const def = approvals.def;
@@ -342,14 +342,14 @@ Deno.test("an event whose subject names a wildcard for its item (`approvals.appr
     const js = jetstream(t.nc);
     // Another item has failed: a wildcard looked up as an item id would find its failure.
     await submitItem(t.nc, approvals, "approvals-7", {}, { source: "test", traceId: TRACE });
-    const failed = flowEvent(
-      approvals.flow,
-      "failed",
-      { id: "approvals-7-failed", item_id: "approvals-7", trace_id: TRACE },
-      entryData({}),
-      { source: "test", now: new Date() },
+    // As a step giving up on its entry fails it: the failure and its dead letter (a failure
+    // counts only with its letter, src/failure_letter.ts).
+    const failedAt = await failItem(
+      t,
+      approvals,
+      "approvals-7",
+      `approvals.${entryEvent(approvals.def)}.approvals-7`,
     );
-    await js.publish("approvals.failed.approvals-7", JSON.stringify(failed));
     const kv = await new Kvm(t.nc).open(spec.bucket);
     await waitFor(
       async () => (await readState<ItemState>(kv, "approvals-7"))?.state.status === "failed",
@@ -422,7 +422,7 @@ Deno.test("an event whose subject names a wildcard for its item (`approvals.appr
     // No item was changed or failed: no failure event on a wildcard, approvals-7 as it was.
     const info = await t.jsm.streams.info(spec.stream, { subjects_filter: "approvals.failed.>" });
     assert.deepEqual(Object.keys(info.state.subjects ?? {}), ["approvals.failed.approvals-7"]);
-    assert.equal((await readState<ItemState>(kv, "approvals-7"))?.state.failed_seq, 2);
+    assert.equal((await readState<ItemState>(kv, "approvals-7"))?.state.failed_seq, failedAt);
   } finally {
     for (const r of runners) await r.stop();
   }

@@ -23,6 +23,9 @@ import type { TestNats } from "./nats.ts";
 import { definePipeline } from "../../src/pipeline/definition.ts";
 import { compileFlow } from "../../src/pipeline/flow.ts";
 import type { LoadedPipeline } from "../../src/pipeline/runtime.ts";
+import { jetstream } from "@nats-io/jetstream";
+import { deterministicId } from "../../src/events.ts";
+import { pipelineSubjects } from "../../src/pipeline/derive.ts";
 
 /** A running in-process pipeline. */
 export interface Pipeline extends AsyncDisposable {
@@ -110,4 +113,57 @@ export function approvalsPipeline(timeoutMs = 60_000): LoadedPipeline {
     },
   });
   return { file: "inline", def, flow: compileFlow(def) };
+}
+
+/**
+ * Stores a `failed` event for `item` of `p`, as a step giving up on the message last stored on
+ * `subject` publishes it: its dead letter too (a failure counts only with it, failure_letter.ts).
+ * Returns the failure's stream sequence.
+ */
+export async function failItem(
+  t: TestNats,
+  p: LoadedPipeline,
+  item: string,
+  subject: string,
+  eventId?: string,
+): Promise<number> {
+  const stream = pipelineSubjects(p.def).stream;
+  // (The message it gave up on: junk on that subject when nothing is stored there.)
+  const on = await t.jsm.streams.getMessage(stream, { last_by_subj: subject }).catch(() => null) ??
+    await jetstream(t.nc).publish(subject, "{}");
+  await jetstream(t.nc).publish(
+    `deadletter.test.${item}`,
+    JSON.stringify({
+      stage: "test",
+      code: "handler_failed",
+      reason: "down",
+      attempts: 5,
+      subject,
+      stream_seq: on!.seq,
+      time: "2026-01-01T00:00:30.000Z",
+      item_id: item,
+    }),
+  );
+  const stored = await jetstream(t.nc).publish(
+    `${p.def.name}.failed.${item}`,
+    JSON.stringify({
+      id: deterministicId(item, `${p.def.name}.failed`, String(on!.seq)),
+      type: `${p.def.name}.failed`,
+      version: 1,
+      item_id: item,
+      trace_id: "0af7651916cd43dd8448eb211c80319c",
+      time: "2026-01-01T00:00:30.000Z",
+      source: "test",
+      data: {
+        stage: "test",
+        code: "handler_failed",
+        reason: "down",
+        attempts: 5,
+        dead_letter_subject: `deadletter.test.${item}`,
+        subject,
+        ...(eventId ? { event_id: eventId } : {}),
+      },
+    }),
+  );
+  return stored.seq;
 }
