@@ -289,7 +289,21 @@ Deno.test("the guard reads a stream on its own: the alert fires from growth with
     10_000,
     "the alert, with no intake",
   );
-  await assert.rejects(capacity.check(FEEDBACK_STREAM), CapacityError);
+  // Refused from a reading of the stream as it is now: a reading younger than `nearMs` (50 ms),
+  // taken while the loop above still filled the stream, may still answer the first check
+  // (found under load: the alert came from a reading at 80-95%, and the check right after it
+  // was answered from it). Each check admitted is released again.
+  await waitFor(
+    async () => {
+      const answer = await capacity.check(FEEDBACK_STREAM).catch((err: unknown) => err);
+      if (answer instanceof CapacityError) return true;
+      if (typeof answer === "function") answer();
+      else throw answer;
+      return undefined;
+    },
+    10_000,
+    "an intake refused",
+  );
 });
 
 Deno.test("past the mark with nothing new since its reading, the guard refuses without asking the server again", async () => {
