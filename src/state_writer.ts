@@ -491,6 +491,29 @@ export async function runStateWriter<S>(opts: {
   }
 
   /**
+   * Dead-letters `event` (stored at `seq`, delivered as `m`) `conflict`, not folded, failing
+   * nothing (`why` says what its item's history does not lead to); naked when the letter
+   * cannot be stored.
+   */
+  async function refuse(m: JsMsg, event: AnyEvent, seq: number, id: string, why: string) {
+    await deadLetter(
+      dlContext,
+      m,
+      new ConflictError(
+        `${event.type} of item ${JSON.stringify(id)} (stream sequence ${seq}) was not ` +
+          `folded: ${why}`,
+        { permanent: true },
+      ),
+      event,
+      id,
+      parseTraceparent(m.headers?.get("traceparent")),
+      { failItem: false },
+    )
+      .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
+      .catch(() => m.nak(1000));
+  }
+
+  /**
    * The events of `group` but the failures no runner's dead letter is stored for
    * ({@link StateSpec.failedType}): those are dead-lettered `conflict`, failing nothing and
    * folding nothing (found by probing: a step's key publishing the pipeline's failure for an
@@ -524,21 +547,7 @@ export async function runStateWriter<S>(opts: {
         m.nak(Math.max(100, Math.ceil(LETTER_WAIT_MS / config.maxAttempts)));
         return;
       }
-      await deadLetter(
-        dlContext,
-        m,
-        new ConflictError(
-          `${event.type} of item ${JSON.stringify(id)} (stream sequence ${seq}) was not ` +
-            `folded: ${verdict.reason}`,
-          { permanent: true },
-        ),
-        event,
-        id,
-        parseTraceparent(m.headers?.get("traceparent")),
-        { failItem: false },
-      )
-        .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
-        .catch(() => m.nak(1000));
+      await refuse(m, event, seq, id, verdict.reason);
     }));
     group.msgs.forEach((m, i) => {
       const v = verdicts[i];
@@ -627,21 +636,7 @@ export async function runStateWriter<S>(opts: {
         kept.events.push(group.events[i]!);
         return;
       }
-      await deadLetter(
-        dlContext,
-        m,
-        new ConflictError(
-          `${event.type} of item ${JSON.stringify(id)} (stream sequence ${seq}) was not ` +
-            `folded: ${why}`,
-          { permanent: true },
-        ),
-        event,
-        id,
-        parseTraceparent(m.headers?.get("traceparent")),
-        { failItem: false },
-      )
-        .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
-        .catch(() => m.nak(1000));
+      await refuse(m, event, seq, id, why);
     }));
     // (Pushed in order above: `map` runs each callback up to its first await in turn.)
     return kept;
