@@ -85,3 +85,28 @@ export async function failureVerdict(
       `stored on ${data.dead_letter_subject}: a runner fails an item only as it stores one`,
   };
 }
+
+/**
+ * {@link failureVerdict}, asked again every 100 ms while it is `pending` (the letter on its way:
+ * the runner stores it right after the failure), until `until` (ms since the epoch) or
+ * `stopped()`: the last verdict. Errors of a read are thrown.
+ *
+ * @example
+ * ```ts ignore
+ * const v = await settledVerdict(jsm, "ORDERS", "orders.failed", event, Date.now() + 10_000);
+ * ```
+ */
+export async function settledVerdict(
+  jsm: JetStreamManager,
+  stream: string,
+  failedType: string,
+  event: { id?: unknown; item_id: string; data?: unknown },
+  until: number,
+  stopped: () => boolean = () => false,
+): Promise<FailureVerdict> {
+  for (;;) {
+    const verdict = await failureVerdict(jsm, stream, failedType, event);
+    if (verdict.type !== "pending" || Date.now() >= until || stopped()) return verdict;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}

@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { failureVerdict, LETTER_WAIT_MS } from "./failure_letter.ts";
+import { LETTER_WAIT_MS, settledVerdict } from "./failure_letter.ts";
 import { Buffer } from "node:buffer";
 import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/nats-core";
 import {
@@ -992,18 +992,18 @@ export async function failureCounts(
   }
   try {
     const item_id = event.item_id;
-    const verdict = await failureVerdict(jsm, stream, failedType, { ...event, item_id });
-    if (verdict.type !== "pending") return verdict.type === "vouched";
     // Its letter may be on its way (the runner stores it right after): asked again until the
     // failure is LETTER_WAIT_MS old. Taken for failed meanwhile, a forged failure had dispatch
     // dead-letter the item's next event for good (found by probing).
     const born = m.time?.getTime() ?? Date.now();
-    while (Date.now() - born < LETTER_WAIT_MS) {
-      await new Promise((r) => setTimeout(r, 100));
-      const again = await failureVerdict(jsm, stream, failedType, { ...event, item_id });
-      if (again.type !== "pending") return again.type === "vouched";
-    }
-    return false;
+    const verdict = await settledVerdict(
+      jsm,
+      stream,
+      failedType,
+      { ...event, item_id },
+      born + LETTER_WAIT_MS,
+    );
+    return verdict.type === "vouched";
   } catch {
     return true;
   }

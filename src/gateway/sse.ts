@@ -30,7 +30,7 @@ import { bearerToken } from "./auth.ts";
 import { ReadBudget, readerPrefetch, readStream } from "../stream_reader.ts";
 import { subjectMatches } from "../subjects.ts";
 import { decodeStateEvent, startsNoItem, type StateSpec } from "../state_writer.ts";
-import { failureVerdict, LETTER_WAIT_MS } from "../failure_letter.ts";
+import { LETTER_WAIT_MS, settledVerdict } from "../failure_letter.ts";
 import { canonicalJson } from "../canonical_json.ts";
 import type { AnyEvent } from "../schemas.ts";
 
@@ -1019,12 +1019,15 @@ export async function streamEvents(
       );
       try {
         const jsm = await js.jetstreamManager();
-        while (true) {
-          const v = await failureVerdict(jsm, streamName, failedType, { ...event, item_id: item });
-          if (v.type === "vouched") return true;
-          if (v.type === "refused" || Date.now() >= until || stream.aborted) return false;
-          await new Promise((r) => setTimeout(r, 100)); // its letter is on its way
-        }
+        const v = await settledVerdict(
+          jsm,
+          streamName,
+          failedType,
+          { ...event, item_id: item },
+          until,
+          () => stream.aborted,
+        );
+        return v.type === "vouched";
       } catch {
         return true;
       }
