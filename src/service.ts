@@ -97,6 +97,18 @@ async function openService(def: ServiceDef, config: Config): Promise<OpenService
     nkeySeedFile: nkey || undefined,
     identity: def.name,
     ...tlsCredentials(config),
+  }, {
+    // A handshake that times out on loaded cores is tried again, not a failed start.
+    patienceMs: START_PATIENCE_MS,
+  }).catch((err) => {
+    if (err instanceof ConfigError) throw err;
+    // One line saying what to do, not a stack trace (no server there, or none answering).
+    throw new ConfigError(
+      `cannot connect to NATS at ${describeConfig(config).natsUrl}: ${
+        err instanceof Error ? err.message : String(err)
+      }: start the server (deno task start runs its own) or set NATS_URL to one that runs`,
+      { cause: err },
+    );
   });
   (async () => {
     for await (const s of nc.status()) {

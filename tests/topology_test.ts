@@ -79,6 +79,21 @@ Deno.test("a step service run alone sets up its own pipeline's streams, not ever
   }
 });
 
+Deno.test("a step run alone with no NATS server there is refused in one line naming the URL, exit 1", async () => {
+  // Nothing listens on this port: the connect is refused at once.
+  const url = `nats://127.0.0.1:${freePort()}`;
+  const out = await sentiment(url).output();
+  const stdout = new TextDecoder().decode(out.stdout);
+  const stderr = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1, stdout + stderr);
+  assert.equal(stderr, "", "no stack trace");
+  const last = JSON.parse(stdout.trim().split("\n").at(-1)!);
+  assert.equal(last.level, "error");
+  assert.equal(last.msg, "start refused");
+  assert.ok(last.err.message.includes(`cannot connect to NATS at ${url}`), last.err.message);
+  assert.match(last.err.message, /set NATS_URL/);
+});
+
 Deno.test("a step's own key run alone without WEFT_ENSURE_TOPOLOGY=false is refused in one line, exit 1", async () => {
   const dir = await Deno.makeTempDir({ prefix: "weft-topology-" });
   try {
