@@ -243,7 +243,11 @@ Deno.test("idle wide SSE replays holding their whole budget do not hold up an it
           c.close();
         } catch { /* closed */ }
       }
+      // As the gateway stops: every stream told to end, then the server waits for them. A
+      // stream's timers are cleared before its slot is freed, so none outlives the test.
+      clients.closeAll();
       await server.shutdown();
+      await waitFor(() => clients.open === 0, 20_000, "every SSE stream to end");
     }
   } finally {
     await Deno.remove(dir, { recursive: true }).catch(() => {});
