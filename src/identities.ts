@@ -25,6 +25,7 @@
  * @module
  */
 import { nkeys } from "@nats-io/nats-core";
+import { userKey } from "./nkeys.ts";
 
 /** Where identities (nkey seeds) live, under nats-server's directory. */
 export const IDENTITY_DIR = "data/identities";
@@ -329,7 +330,7 @@ export async function ensureIdentities(dir: string, names: readonly string[]): P
       });
     }
     await Deno.chmod(seedFile, 0o600);
-    out.push({ name, publicKey: nkeys.fromSeed(seed).getPublicKey(), seedFile });
+    out.push({ name, publicKey: userKey(seed).publicKey, seedFile });
   }
   return out;
 }

@@ -8,13 +8,13 @@ import {
   type ConnectionOptions,
   errors,
   type NatsConnection,
-  nkeyAuthenticator,
   PermissionViolationError,
   type Status,
   type Subscription,
   type SubscriptionOptions,
 } from "@nats-io/nats-core";
 import { inboxPrefix } from "./identities.ts";
+import { userAuthenticator } from "./nkeys.ts";
 import { ConfigError, isNatsUnavailable } from "./errors.ts";
 import type { Logger } from "./observability/log.ts";
 
@@ -96,7 +96,7 @@ export async function connectNats(
         { cause: err },
       );
     })).trim();
-    opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(seed));
+    opts.authenticator = userAuthenticator(new TextEncoder().encode(seed));
   }
   const identity = credentials.identity ?? identityOfSeedFile(credentials.nkeySeedFile);
   if (identity) opts.inboxPrefix = inboxPrefix(identity);
