@@ -6,7 +6,14 @@ import assert from "node:assert/strict";
 import { headers } from "@nats-io/nats-core";
 import { FeedbackEventType } from "../pipelines/feedback/events.ts";
 import { SERVICES } from "../src/supervisor.ts";
-import { startMesh, startServices, submit, waitFinal, WHOLE_MESH } from "./helpers/mesh.ts";
+import {
+  ONE_PROCESS,
+  startMesh,
+  startServices,
+  submit,
+  waitFinal,
+  WHOLE_MESH,
+} from "./helpers/mesh.ts";
 import { jetstream } from "@nats-io/jetstream";
 import { meshMetrics } from "../src/gateway/mesh_metrics.ts";
 import { WeftMetrics } from "../src/observability/metrics.ts";
@@ -332,7 +339,10 @@ Deno.test("/metrics keeps answering while ephemeral consumers come and go", asyn
 
 Deno.test("weft_items_accepted_total counts every pipeline's accepted items: feedback, content and a definition's", async () => {
   // Found by an operator's probe: only the feedback intake counted its items.
-  await using mesh = await startMesh({ WEFT_PIPELINES: "pipelines/support/pipeline.ts" });
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    WEFT_PIPELINES: "pipelines/support/pipeline.ts",
+  });
   const post = async (path: string, body: unknown, status = 202) => {
     const r = await fetch(`${mesh.gatewayUrl}${path}`, {
       method: "POST",
