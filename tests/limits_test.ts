@@ -29,7 +29,7 @@ import { CONTENT_OBJECT_BUCKET } from "../pipelines/moderation/subjects.ts";
 import { readStates, startTestNats } from "./helpers/nats.ts";
 import { feedbackApp, startPipeline } from "./helpers/pipeline.ts";
 import { waitFor } from "./helpers/wait.ts";
-import { startMesh } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 
 const JSON_TYPE = { "content-type": "application/json" };
 
@@ -378,7 +378,10 @@ Deno.test("under deno task start, feedback's and content's intakes keep room for
   // Found by re-probing: with a 2 MiB stream and 8 KB texts sent one at a time, 53 feedback
   // items were accepted and 8 of them dead-lettered "its stream is full" (each stores five
   // events repeating its text); only definitions' items in flight were reserved for.
-  await using mesh = await startMesh({ WEFT_STREAM_MAX_BYTES: String(2 * 1024 * 1024) });
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    WEFT_STREAM_MAX_BYTES: String(2 * 1024 * 1024),
+  });
   await mesh.waitForLog((l) => l.msg === "weft is ready", 60_000, "ready");
   const text = "The invoice is wrong and I was charged twice this month. ".repeat(160)
     .slice(0, 8000);

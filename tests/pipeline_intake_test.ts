@@ -36,7 +36,7 @@ import { connectClient, startTestNats, type TestNats } from "./helpers/nats.ts";
 import { definitionsApp } from "./helpers/pipeline.ts";
 import { readSse } from "./helpers/sse.ts";
 import { deadline, waitFor } from "./helpers/wait.ts";
-import { startMesh } from "./helpers/mesh.ts";
+import { ONE_PROCESS, startMesh } from "./helpers/mesh.ts";
 
 const root = new URL("../", import.meta.url).pathname;
 const pipelines = await loadPipelines(["pipelines/examples/tickets.ts"], root);
@@ -797,6 +797,7 @@ Deno.test("under deno task start, the support pipeline's intake refuses before i
   // The operator's probe, as it ran: a 2 MiB stream, ~3.9 KB requests one at a time. Before,
   // 91 were accepted, the stream itself refused at 99.9%, and 87-90 were dead-lettered.
   await using mesh = await startMesh({
+    ...ONE_PROCESS,
     WEFT_STREAM_MAX_BYTES: String(2 * 1024 * 1024),
     WEFT_PIPELINES: "pipelines/support/pipeline.ts",
   });
