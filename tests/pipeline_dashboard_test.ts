@@ -133,15 +133,20 @@ export const sorting = definePipeline({
     assert.equal(claim.status, 200, await claim.text());
     await row.locator('[data-claim="carol"]').filter({ hasText: /claimed by carol/ })
       .waitFor({ timeout: 20_000 });
+    // Filled in while claimed, then the claim released: the row is drawn again (its claim
+    // gone) and keeps what was typed (a full run once saw the tick lost to that redraw).
+    await row.locator('input[name="ok"]').check();
+    await row.locator('input[name="weight"]').fill("0");
     const released = await fetch(
       `${mesh.gatewayUrl}/pipelines/sorting/claims/${id}?by=carol`,
       { method: "DELETE" },
     );
     assert.equal(released.status, 204);
     await released.body?.cancel();
+    await row.locator("[data-claim]").waitFor({ state: "detached", timeout: 20_000 });
+    assert.equal(await row.locator('input[name="ok"]').isChecked(), true, "the tick is kept");
+    assert.equal(await row.locator('input[name="weight"]').inputValue(), "0", "the value is kept");
     // A value the schema refuses: the problem's detail shows, and the item waits on.
-    await row.locator('input[name="ok"]').check();
-    await row.locator('input[name="weight"]').fill("0");
     await row.locator("button").click();
     await row.locator("span.muted").filter({ hasText: /weight must be >= 1/ })
       .waitFor({ timeout: 10_000 });

@@ -766,13 +766,19 @@ function loadWaiting() {
       }).join(",");
       if (box.getAttribute("data-ids") === ids && box.textContent !== "…") return;
       box.setAttribute("data-ids", ids);
+      // A row drawn again (its claim changed) keeps what the reviewer had typed into it.
+      var typed = {};
+      box.querySelectorAll("tr[data-waiting-item]").forEach(function (tr) {
+        typed[tr.getAttribute("data-waiting-item") + "@" + tr.getAttribute("data-waiting-step")] =
+          formValues(tr);
+      });
       box.textContent = ""; box.className = "waiting";
       if (body.items.length === 0) { setOptional(box, "Nothing waits for a decision."); return; }
       var t = el("table"); var tb = el("tbody");
       body.items.slice(0, 50).forEach(function (it) {
         var wait = (p.waits || []).find(function (w) { return w.step === it.step; }) || {};
         var input = JSON.stringify(it.input);
-        var tr = el("tr", { "data-waiting-item": it.id });
+        var tr = el("tr", { "data-waiting-item": it.id, "data-waiting-step": it.step });
         tr.append(el("td", null, it.id), el("td", null, it.step),
           el("td", { title: input }, input.length > 80 ? input.slice(0, 80) + "…" : input),
           el("td", it.claim ? { "data-claim": it.claim.by } : null,
@@ -797,10 +803,28 @@ function loadWaiting() {
         });
         cell.append(b, note);
         tr.appendChild(cell);
+        restoreFormValues(tr, typed[it.id + "@" + it.step]);
         tb.appendChild(tr);
       });
       t.appendChild(tb); box.appendChild(t);
     }).catch(function () { setOptional(box, "Could not load what waits."); });
+  });
+}
+/** What is typed or ticked in a row's decision form, by input name. */
+function formValues(tr) {
+  var v = {};
+  tr.querySelectorAll("input, select, textarea").forEach(function (i) {
+    v[i.name || "body"] = i.type === "checkbox" ? i.checked : i.value;
+  });
+  return v;
+}
+/** Puts back what {@link formValues} read, into a row drawn again. */
+function restoreFormValues(tr, v) {
+  if (!v) return;
+  tr.querySelectorAll("input, select, textarea").forEach(function (i) {
+    var had = v[i.name || "body"];
+    if (had === undefined) return;
+    if (i.type === "checkbox") i.checked = had; else i.value = had;
   });
 }
 /** Draws inputs for an awaited event's body into the cell; returns a function reading them. */
