@@ -568,6 +568,8 @@ interface SiteLink {
   quiet: boolean;
   /** Sources not heard from since they were (re)started (their lag is unknown). */
   unheard: StreamSourceInfo[];
+  /** No source at all: removed, or between the two updates of a restart (lag unknown). */
+  restarting: boolean;
 }
 
 /**
@@ -590,12 +592,13 @@ function siteLink(site: string, info: StreamInfo, contacts: SiteContacts, now: n
   ];
   const heardAt = candidates.length > 0 ? Math.max(...candidates) : undefined;
   if (heardAt !== undefined) contacts.set(site, heardAt);
-  const down = linked.length === 0 || heardAt === undefined ||
-    now - heardAt > LINK_DOWN_AFTER_MS;
+  // (No source at all is also a restart caught between its two stream updates, watchSources:
+  // a site heard from a moment ago is not down for it, its lag unknown.)
+  const down = heardAt === undefined || now - heardAt > LINK_DOWN_AFTER_MS;
   const quiet = linked.length === 0 || heard.length < actives.length ||
     Math.max(...heard) / 1e6 > LINK_DOWN_AFTER_MS;
   const unheard = linked.filter((s) => (s.active ?? -1) < 0);
-  return { linked, heardAt, down, quiet, unheard };
+  return { linked, heardAt, down, quiet, unheard, restarting: linked.length === 0 };
 }
 
 /** A running {@link trackSiteContacts}. */
@@ -698,7 +701,7 @@ export function siteStatus(
   now: number,
   natsDir = "",
 ): SiteStatus {
-  const { linked, heardAt, down, unheard } = siteLink(site, info, contacts, now);
+  const { linked, heardAt, down, unheard, restarting } = siteLink(site, info, contacts, now);
   // Named by its stream: a definition the hub runs and the site does not is "ORDERS: stream
   // not found" (the rest of the site's events still arrive).
   const failing = (info.sources ?? []).find((s) => s.error);
@@ -711,9 +714,12 @@ export function siteStatus(
     ? `${failing.name}: ${failing.error!.description}`
     : heardAt === undefined
     ? `not heard from yet: ${neverHeardHint(site, natsDir)}`
-    : unheard.length > 0
-    ? `${unheard.map((s) => s.name).join(", ")}: source (re)started and not heard from ` +
-      `since, its lag unknown until it is (the site was last heard from ` +
+    : unheard.length > 0 || restarting
+    ? `${
+      restarting
+        ? "every source (re)starting"
+        : `${unheard.map((s) => s.name).join(", ")}: source (re)started`
+    } and not heard from since, its lag unknown until it is (the site was last heard from ` +
       `${Math.max(0, Math.round(now - heardAt))} ms ago; its link counts as down after 10 s)`
     : undefined;
   return {
@@ -722,7 +728,9 @@ export function siteStatus(
     events: info.state.messages,
     ...counts.items,
     dead_letters: counts.deadLetters,
-    lag: down || unheard.length > 0 ? null : linked.reduce((n, s) => n + (s.lag ?? 0), 0),
+    lag: down || restarting || unheard.length > 0
+      ? null
+      : linked.reduce((n, s) => n + (s.lag ?? 0), 0),
     last_seen_ms: heardAt === undefined ? null : Math.max(0, Math.round(now - heardAt)),
     ...(error ? { error } : {}),
   };

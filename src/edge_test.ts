@@ -328,6 +328,17 @@ Deno.test("siteStatus: a link is down only after 10 s with nothing heard from th
   const all = siteStatus("east", info(source("FEEDBACK", -1)), counts, contacts, now);
   assert.equal(all.last_seen_ms, 3_000);
   assert.doesNotMatch(all.error ?? "", /link down/);
+  // Caught between a restart's two stream updates (its sources removed, then added again): a
+  // site heard from 3 s ago is restarting, not down (a full run's /sites said "link down" for
+  // that moment, then not, while the link was up).
+  const between = siteStatus("east", info(), counts, new Map(contacts), now);
+  assert.equal(between.last_seen_ms, 3_000);
+  assert.equal(between.lag, null);
+  assert.doesNotMatch(between.error ?? "", /link down/);
+  assert.match(between.error ?? "", /^every source \(re\)starting and not heard from since/);
+  // ...and after 10 s with nothing heard, down all the same.
+  const gone = siteStatus("east", info(), counts, new Map(contacts), now + 12_000);
+  assert.match(gone.error ?? "", /^link down since /);
   // 15 s later, still nothing: down since that contact, and last_seen_ms counts from it.
   const later = now + 12_000;
   const down = siteStatus("east", info(source("FEEDBACK", -1)), counts, contacts, later);
