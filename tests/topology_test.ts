@@ -34,6 +34,18 @@ function sentiment(
   }).spawn();
 }
 
+/** A service's start refused: exit 1, no stack trace, its last log line the refusal. */
+function refusedInOneLine(out: Deno.CommandOutput): { err: { message: string } } {
+  const stdout = new TextDecoder().decode(out.stdout);
+  const stderr = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1, stdout + stderr);
+  assert.equal(stderr, "", "no stack trace");
+  const last = JSON.parse(stdout.trim().split("\n").at(-1)!);
+  assert.equal(last.level, "error");
+  assert.equal(last.msg, "start refused");
+  return last;
+}
+
 Deno.test("ensureTopology() run again keeps every stream, bucket and message", async () => {
   await using t = await startTestNats();
   await jetstream(t.nc).publish("feedback.submit", JSON.stringify({ text: "kept" }));
@@ -83,13 +95,7 @@ Deno.test("a step run alone with no NATS server there is refused in one line nam
   // Nothing listens on this port: the connect is refused at once.
   const url = `nats://127.0.0.1:${freePort()}`;
   const out = await sentiment(url).output();
-  const stdout = new TextDecoder().decode(out.stdout);
-  const stderr = new TextDecoder().decode(out.stderr);
-  assert.equal(out.code, 1, stdout + stderr);
-  assert.equal(stderr, "", "no stack trace");
-  const last = JSON.parse(stdout.trim().split("\n").at(-1)!);
-  assert.equal(last.level, "error");
-  assert.equal(last.msg, "start refused");
+  const last = refusedInOneLine(out);
   assert.ok(last.err.message.includes(`cannot connect to NATS at ${url}`), last.err.message);
   assert.match(last.err.message, /set NATS_URL/);
 });
@@ -112,13 +118,7 @@ Deno.test("a step's own key run alone without WEFT_ENSURE_TOPOLOGY=false is refu
     await ensureTopology(admin, await jetstreamManager(admin), testConfig(server.url));
     await admin.close();
     const out = await sentiment(server.url, auth.seeds.get("sentiment")!).output();
-    const stdout = new TextDecoder().decode(out.stdout);
-    const stderr = new TextDecoder().decode(out.stderr);
-    assert.equal(out.code, 1, stdout + stderr);
-    assert.equal(stderr, "", "no stack trace");
-    const last = JSON.parse(stdout.trim().split("\n").at(-1)!);
-    assert.equal(last.level, "error");
-    assert.equal(last.msg, "start refused");
+    const last = refusedInOneLine(out);
     assert.match(last.err.message, /may not set up streams or buckets/);
     assert.match(last.err.message, /Permissions Violation/);
     assert.match(last.err.message, /run it with WEFT_ENSURE_TOPOLOGY=false/);
@@ -146,13 +146,7 @@ Deno.test("a step run alone with another service's key is refused in one line na
     for (const other of ["topics", "ops"]) {
       const key = auth.seeds.get(other)!;
       const out = await sentiment(server.url, key, { WEFT_ENSURE_TOPOLOGY: "false" }).output();
-      const stdout = new TextDecoder().decode(out.stdout);
-      const stderr = new TextDecoder().decode(out.stderr);
-      assert.equal(out.code, 1, stdout + stderr);
-      assert.equal(stderr, "", "no stack trace");
-      const last = JSON.parse(stdout.trim().split("\n").at(-1)!);
-      assert.equal(last.level, "error");
-      assert.equal(last.msg, "start refused");
+      const last = refusedInOneLine(out);
       assert.ok(last.err.message.includes(key), last.err.message);
       assert.match(last.err.message, /Permissions Violation/);
       assert.match(last.err.message, /data\/identities\/<service>\.nk/);
