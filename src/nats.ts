@@ -96,7 +96,17 @@ export async function connectNats(
         { cause: err },
       );
     })).trim();
-    opts.authenticator = userAuthenticator(new TextEncoder().encode(seed));
+    try {
+      opts.authenticator = userAuthenticator(new TextEncoder().encode(seed));
+    } catch (err) {
+      // A file that holds something else (an account's seed, a public key, a truncated copy).
+      throw new ConfigError(
+        `WEFT_NATS_NKEY: the key file ${file} holds no user nkey seed (SU...): ${
+          err instanceof Error ? err.message : String(err)
+        }; deno task start makes one per service in data/identities/ (under WEFT_NATS_DIR when set)`,
+        { cause: err },
+      );
+    }
   }
   const identity = credentials.identity ?? identityOfSeedFile(credentials.nkeySeedFile);
   if (identity) opts.inboxPrefix = inboxPrefix(identity);

@@ -104,6 +104,36 @@ Deno.test("a key file that cannot be read is a configuration error naming it and
   );
 });
 
+Deno.test("a key file that holds no user nkey seed is a configuration error naming it, not a stack trace", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "weft-badkey-" });
+  try {
+    const { nkeys } = await import("@nats-io/nats-core");
+    const pair = nkeys.createAccount();
+    const cases = {
+      account: new TextDecoder().decode(pair.getSeed()),
+      public: pair.getPublicKey(),
+      truncated: new TextDecoder().decode(nkeys.createUser().getSeed()).slice(0, 30),
+    };
+    for (const [what, text] of Object.entries(cases)) {
+      const file = `${dir}/${what}.nk`;
+      await Deno.writeTextFile(file, text + "\n");
+      await assert.rejects(
+        connectNats("nats://127.0.0.1:1", "bad-key-test", { nkeySeedFile: file }),
+        (err: Error) => {
+          assert.ok(err instanceof ConfigError, `${what}: ${err.name}: ${err.message}`);
+          assert.ok(
+            err.message.includes(`the key file ${file} holds no user nkey seed`),
+            err.message,
+          );
+          return true;
+        },
+      );
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a service task given a key of a mesh started with WEFT_NATS_DIR says where it may read keys and what to do, in one line", async () => {
   // `deno task start` with WEFT_NATS_DIR=data/<dir> writes its keys to data/<dir>/data/identities/,
   // which a service task's --allow-read=data/identities does not reach.
