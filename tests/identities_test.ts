@@ -14,6 +14,8 @@ import { GENERATED_CONF, IDENTITY_DIR, SERVICES } from "../src/supervisor.ts";
 import { has, waitForEvents } from "./helpers/content_events.ts";
 import { type Mesh, rebuildStateTask, startMesh } from "./helpers/mesh.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { compareStates, rebuildStates } from "../src/rebuild.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { connectClient } from "./helpers/nats.ts";
 
 const TOXIC = "You idiot, this is the most pathetic service ever.";
@@ -40,6 +42,23 @@ async function as<T>(mesh: Mesh, identity: string, fn: (nc: NatsConnection) => P
   } finally {
     await nc.close();
   }
+}
+
+/** Each feedback state the bucket holds otherwise than a rebuild from the stream, both ways. */
+async function stateDisagreement(nc: NatsConnection): Promise<string> {
+  const js = jetstream(nc);
+  const { states } = await rebuildStates(js, FEEDBACK_STATE_SPEC);
+  const kv = await new Kvm(nc).open("weft_feedback_state");
+  const live = new Map<string, unknown>();
+  for await (const k of await kv.keys()) live.set(k, (await kv.get(k))?.json());
+  const diff = compareStates(states, live as Map<string, never>);
+  return JSON.stringify(
+    [...diff.different, ...diff.missingLive].map((id) => ({
+      id,
+      rebuilt: states.get(id),
+      stored: live.get(id),
+    })),
+  );
 }
 
 Deno.test("each service runs as its own NATS identity with only the permissions it needs", async (t) => {
@@ -351,6 +370,8 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
       };
       // First the bucket agrees with the stream: the item redriven above may still be failing
       // again on a loaded machine, its state not yet written (a loaded run rebuilt it too).
+      // A fresh-clone run under load once found them apart for over a minute: the failure
+      // names each state that differs, as rebuilt and as stored.
       await waitFor(
         async () => {
           const { figures } = await rebuildStateTask(admin);
@@ -358,7 +379,9 @@ Deno.test("each service runs as its own NATS identity with only the permissions 
         },
         60_000,
         "the state bucket agreeing with the stream",
-      );
+      ).catch(async (err) => {
+        throw new Error(`${err.message}: ${await as(mesh, "admin", stateDisagreement)}`);
+      });
       // A state the stream does not support (set with the admin key): --write would put the
       // rebuilt one, which the ops key may not.
       const id = await as(mesh, "admin", async (nc) => {
