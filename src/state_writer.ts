@@ -413,9 +413,10 @@ export async function runStateWriter<S>(opts: {
             m.ack();
             return;
           }
-          await deadLetter(
-            dlContext,
+          await letter(
             m,
+            event,
+            id,
             new NotFoundError(
               `no item ${
                 JSON.stringify(id)
@@ -423,13 +424,7 @@ export async function runStateWriter<S>(opts: {
                 `entry event (${spec.entrySubject!(id)}) was stored before it, and none was ` +
                 `(stream sequence ${seq}); no state was made`,
             ),
-            event,
-            id,
-            parseTraceparent(m.headers?.get("traceparent")),
-            { failItem: false },
-          )
-            .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
-            .catch(() => m.nak(1000));
+          );
         }),
       );
       return {
@@ -496,14 +491,24 @@ export async function runStateWriter<S>(opts: {
    * cannot be stored.
    */
   async function refuse(m: JsMsg, event: AnyEvent, seq: number, id: string, why: string) {
-    await deadLetter(
-      dlContext,
+    await letter(
       m,
+      event,
+      id,
       new ConflictError(
         `${event.type} of item ${JSON.stringify(id)} (stream sequence ${seq}) was not ` +
           `folded: ${why}`,
         { permanent: true },
       ),
+    );
+  }
+
+  /** Dead-letters `event` of item `id` with `err`, failing nothing; naked when it cannot be. */
+  async function letter(m: JsMsg, event: AnyEvent, id: string, err: Error) {
+    await deadLetter(
+      dlContext,
+      m,
+      err,
       event,
       id,
       parseTraceparent(m.headers?.get("traceparent")),
