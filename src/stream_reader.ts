@@ -161,6 +161,14 @@ export class StreamReadStalled extends Error {
   }
 }
 
+/** Thrown when a stream read's messages end before the last one pending (its connection closed). */
+export class StreamReadCut extends Error {
+  constructor(stream: string) {
+    super(`reading stream ${stream} was cut short: its connection closed mid-read`);
+    this.name = "StreamReadCut";
+  }
+}
+
 /**
  * Yields every message of `stream` (matching the filter) stored when reading started, and
  * any stored while it reads, up to the last one pending. It ends when the server says no
@@ -247,7 +255,9 @@ async function* readOnce(
           yield STALLED;
           return;
         }
-        if (next.done) return;
+        // The messages end before the last pending one only when the connection closed (or
+        // drained) under the read: ending quietly would pass a partial read for a whole one.
+        if (next.done) throw new StreamReadCut(stream);
         yield next.value;
         if (next.value.info.pending === 0) return;
       }
