@@ -26,6 +26,75 @@ import { DEADLETTER_STREAM, deadLetterSubject } from "./subjects.ts";
  */
 export const LETTER_WAIT_MS = 10_000;
 
+/**
+ * How long a state writer waits for a failure's letter (ms after the failure was stored)
+ * before it dead-letters the failure `conflict`: {@link LETTER_WAIT_MS}, and two of the
+ * stages' ack waits (`ackWaitMs`). A runner stopped between the two stores the letter when
+ * the message comes back to it, an ack wait later, and one whose store of the letter failed
+ * tries again after a nak; a writer that gave up after {@link LETTER_WAIT_MS} alone left a
+ * genuine failure out of the item's state for good on a loaded machine.
+ *
+ * @example
+ * ```ts
+ * import { letterWindowMs } from "./failure_letter.ts";
+ * console.assert(letterWindowMs(30_000) === 70_000);
+ * ```
+ */
+export function letterWindowMs(ackWaitMs: number): number {
+  return LETTER_WAIT_MS + 2 * ackWaitMs;
+}
+
+/** The first wait of a writer for a failure's letter: the runner stores it right after. */
+const FIRST_LETTER_RETRY_MS = 250;
+
+/**
+ * How long a state writer puts off (naks) a failure whose letter is not stored yet, on its
+ * `delivery`th delivery, `ageMs` after the failure was stored, when it may put it off `naks`
+ * times in all: a short first wait (the letter is usually milliseconds behind), then waits
+ * that double, so that its last look comes {@link letterWindowMs} after the failure.
+ *
+ * @example
+ * ```ts
+ * import { letterRetryMs } from "./failure_letter.ts";
+ * console.assert(letterRetryMs(0, 20_000, 1, 4) === 250);
+ * console.assert(letterRetryMs(10_000, 20_000, 4, 4) === 10_000); // its last nak: the rest
+ * ```
+ */
+export function letterRetryMs(
+  ageMs: number,
+  windowMs: number,
+  delivery: number,
+  naks: number,
+): number {
+  const left = Math.max(1, naks + 1 - delivery); // naks left, this one included
+  if (delivery <= 1 && left > 1) return FIRST_LETTER_RETRY_MS;
+  return Math.max(FIRST_LETTER_RETRY_MS, Math.ceil((windowMs - ageMs) / 2 ** (left - 1)));
+}
+
+/**
+ * Whether `writer` (a state writer's durable name, its dead letters' stage) dead-lettered the
+ * message stored at `seq` on `subject` for item `item`: a failure it refused (its letter not
+ * stored within {@link letterWindowMs}) stays out of the item's state even when the letter
+ * comes later, so a rebuild leaves it out too and agrees with the bucket.
+ */
+export async function letteredByWriter(
+  jsm: JetStreamManager,
+  writer: string,
+  item: string,
+  subject: string,
+  seq: number,
+): Promise<boolean> {
+  for await (const m of messagesOn(jsm, DEADLETTER_STREAM, deadLetterSubject(writer, item))) {
+    try {
+      const letter = m.json<{ subject?: unknown; stream_seq?: unknown }>();
+      if (letter.subject === subject && letter.stream_seq === seq) return true;
+    } catch {
+      continue;
+    }
+  }
+  return false;
+}
+
 /** What a failure's letter says of it: vouched for, refused (with why), or not stored yet. */
 export type FailureVerdict =
   | { type: "vouched" }

@@ -12,7 +12,7 @@ import type { JetStreamClient } from "@nats-io/jetstream";
 import { canonicalJson } from "./canonical_json.ts";
 import { decodeStateEvent, startsNoItem, type StateSpec } from "./state_writer.ts";
 import { readStream } from "./stream_reader.ts";
-import { failureVerdict } from "./failure_letter.ts";
+import { failureVerdict, letteredByWriter } from "./failure_letter.ts";
 import { DEADLETTER_STREAM } from "./subjects.ts";
 
 /** What a rebuild read. */
@@ -77,10 +77,15 @@ export async function rebuildStates<S>(
       skipped++;
       continue;
     }
-    // Nor a failure no runner's letter is stored for (the writer dead-letters it, `conflict`).
+    // Nor a failure no runner's letter is stored for (the writer dead-letters it, `conflict`),
+    // nor one the writer dead-letters itself (its letter came too late: the writer's
+    // refusal stands, and the bucket and a rebuild agree).
     if (letters && event.type === spec.failedType) {
       const verdict = await failureVerdict(jsm, spec.stream, spec.failedType, event);
-      if (verdict.type !== "vouched") {
+      if (
+        verdict.type !== "vouched" ||
+        await letteredByWriter(jsm, spec.durable, event.item_id, m.subject, m.seq)
+      ) {
         skipped++;
         continue;
       }

@@ -33,7 +33,7 @@ import {
   storedMessage,
 } from "./runner.ts";
 import { ConflictError, NotFoundError } from "./errors.ts";
-import { failureVerdict, LETTER_WAIT_MS } from "./failure_letter.ts";
+import { failureVerdict, letterRetryMs, letterWindowMs } from "./failure_letter.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
 import { ITEM_ID, parseEventSubject } from "./subjects.ts";
@@ -523,9 +523,10 @@ export async function runStateWriter<S>(opts: {
    * ({@link StateSpec.failedType}): those are dead-lettered `conflict`, failing nothing and
    * folding nothing (found by probing: a step's key publishing the pipeline's failure for an
    * item waiting for a decision made it read as failed). A failure whose letter is not stored
-   * yet (the runner stores it right after) comes back later, until {@link LETTER_WAIT_MS}
+   * yet (the runner stores it right after) comes back later, until {@link letterWindowMs}
    * after it was stored. Only failures are read for: nothing on the usual path.
    */
+  const letterWindow = letterWindowMs(config.ackWaitMs);
   async function vouch(id: string, group: Held<S>): Promise<Held<S>> {
     const failedType = spec.failedType;
     if (failedType === undefined || !group.events.some((e) => e.event.type === failedType)) {
@@ -547,9 +548,10 @@ export async function runStateWriter<S>(opts: {
       const { event, seq } = group.events[i]!;
       if (verdict === undefined || (verdict !== "retry" && verdict.type === "vouched")) return;
       const age = Date.now() - m.info.timestampNanos / 1e6;
-      const lastTry = m.info.deliveryCount >= config.maxAttempts + 1;
-      if (verdict === "retry" || (verdict.type === "pending" && age < LETTER_WAIT_MS && !lastTry)) {
-        m.nak(Math.max(100, Math.ceil(LETTER_WAIT_MS / config.maxAttempts)));
+      const delivery = m.info.deliveryCount;
+      const lastTry = delivery >= config.maxAttempts + 1;
+      if (verdict === "retry" || (verdict.type === "pending" && age < letterWindow && !lastTry)) {
+        m.nak(letterRetryMs(age, letterWindow, delivery, config.maxAttempts));
         return;
       }
       await refuse(m, event, seq, id, verdict.reason);

@@ -69,6 +69,11 @@ export const orders = definePipeline({
 `;
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
+/**
+ * Ack waits of 5 s: a state writer waits for a failure's letter 10 s and two ack waits
+ * (letterWindowMs), 20 s here, before it dead-letters a forged failure.
+ */
+const LETTER_WAIT = { WEFT_ACK_WAIT_MS: "5000" };
 const TOXIC = "You idiot, this is the most pathetic service ever.";
 
 /** Connects as `identity` (one of the mesh's NATS keys) and runs `fn`, closing after. */
@@ -176,7 +181,11 @@ Deno.test("a definition step's key publishing `failed` for an item waiting for a
   const dir = await meshTempDir("weft-forged-failed-");
   await using _dir = removedAtEnd(dir);
   await Deno.writeTextFile(`${dir}/orders.ts`, DEFINITION);
-  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_PIPELINES: `${dir}/orders.ts` });
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    ...LETTER_WAIT,
+    WEFT_PIPELINES: `${dir}/orders.ts`,
+  });
   const r = await call(mesh, "POST", "/pipelines/orders/items", { sku: "A-1" });
   assert.equal(r.status, 202, JSON.stringify(r.body));
   const id: string = r.body.id;
@@ -231,7 +240,11 @@ Deno.test("a definition step's key publishing `failed` for an item waiting for a
 });
 
 Deno.test("the content storage key publishing `content.failed` for an item waiting for review fails nothing: dead-lettered conflict, the item keeps waiting, and the reviewer's approval publishes it", async () => {
-  await using mesh = await startMesh({ ...ONE_PROCESS, WEFT_REVIEW_SLA_MS: "600000" });
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    ...LETTER_WAIT,
+    WEFT_REVIEW_SLA_MS: "600000",
+  });
   const r = await call(mesh, "POST", "/content", { text: TOXIC });
   assert.equal(r.status, 202, JSON.stringify(r.body));
   const id: string = r.body.id;

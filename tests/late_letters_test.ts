@@ -1,0 +1,144 @@
+/**
+ * A failure's dead letter that comes late. A runner fails an item by publishing the item's
+ * `failed` event and then storing the letter that vouches for it (src/failure_letter.ts); a
+ * runner stopped between the two, or whose store of the letter failed, stores it when the
+ * message comes back, an ack wait later. The state writer waits for it that long
+ * (letterWindowMs), and a failure it gives up on stays out of the item's state in a rebuild
+ * too, so the bucket and a rebuild agree whenever the letter comes.
+ */
+import assert from "node:assert/strict";
+import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { definePipeline } from "../src/pipeline/definition.ts";
+import { compileFlow } from "../src/pipeline/flow.ts";
+import {
+  type LoadedPipeline,
+  pipelineStateSpec,
+  pipelineTopology,
+  readItem,
+  stateBucketOf,
+  submitItem,
+} from "../src/pipeline/runtime.ts";
+import { compareStates, rebuildStates } from "../src/rebuild.ts";
+import { messagesOn } from "../src/runner.ts";
+import { runStateWriter, type StateSpec } from "../src/state_writer.ts";
+import { deterministicId } from "../src/events.ts";
+import { DEADLETTER_STREAM, deadLetterSubject } from "../src/subjects.ts";
+import { ensureTopology } from "../src/topology.ts";
+import { letterWindowMs } from "../src/failure_letter.ts";
+import { startTestNats } from "./helpers/nats.ts";
+import { waitFor } from "./helpers/wait.ts";
+
+const TRACE = "0af7651916cd43dd8448eb211c80319c";
+const STAGE = "orders-check";
+
+Deno.test("a failure whose letter is stored 11 s after it (its runner stopped between the two) still fails the item; one whose letter comes after the writer gave up stays out, in the bucket and in a rebuild alike", async () => {
+  // Ack waits of 2 s: the writer waits for a failure's letter 10 s + 2 x 2 s.
+  await using t = await startTestNats({ ackWaitMs: 2_000, maxAttempts: 3 });
+  assert.equal(letterWindowMs(t.config.ackWaitMs), 14_000);
+  const obj = { type: "object" } as const;
+  const def = definePipeline({
+    name: "orders",
+    input: { schema: obj },
+    start: "check",
+    steps: {
+      check: { kind: "task", output: obj, next: "done" },
+      done: { kind: "end", outcome: "checked" },
+    },
+  }, { check: () => ({ checked: true }) });
+  const p: LoadedPipeline = { file: "inline", def, flow: compileFlow(def) };
+  await ensureTopology(t.nc, t.jsm, t.config, pipelineTopology([p], t.config.retentionMs));
+  const spec = pipelineStateSpec(p);
+  // The writer alone: the check step's runner is played by the test, failing both items.
+  const writer = await runStateWriter({ nc: t.nc, config: t.config, log: t.log, spec });
+  const js = jetstream(t.nc);
+  const kv = await new Kvm(t.nc).open(stateBucketOf("orders"));
+  try {
+    /** Fails `id` as the check step's runner would on its entry message, without its letter. */
+    const fail = async (id: string) => {
+      await submitItem(t.nc, p, id, {}, { source: "test", traceId: TRACE });
+      const entry = (await t.jsm.streams.getMessage("ORDERS", {
+        last_by_subj: spec.entrySubject!(id),
+      }))!;
+      const event = {
+        id: deterministicId(id, "orders.failed", String(entry.seq)),
+        type: "orders.failed",
+        version: 1,
+        item_id: id,
+        trace_id: TRACE,
+        time: new Date().toISOString(),
+        source: "weft-orders-check",
+        data: {
+          stage: STAGE,
+          code: "handler_failed",
+          reason: "the check is down",
+          attempts: 1,
+          dead_letter_subject: deadLetterSubject(STAGE, id),
+          subject: entry.subject,
+        },
+      };
+      const ack = await js.publish(`orders.failed.${id}`, JSON.stringify(event));
+      const stored = (await t.jsm.streams.getMessage("ORDERS", { seq: ack.seq }))!.time;
+      /** Stores the letter that vouches for the failure, as the runner does after it. */
+      const letter = () =>
+        js.publish(
+          deadLetterSubject(STAGE, id),
+          JSON.stringify({
+            stage: STAGE,
+            code: "handler_failed",
+            reason: "the check is down",
+            attempts: 1,
+            subject: entry.subject,
+            stream_seq: entry.seq,
+            time: new Date().toISOString(),
+            item_id: id,
+          }),
+          { msgID: `dl-ORDERS-${entry.seq}-${STAGE}` },
+        );
+      return { failedSeq: ack.seq, stored: stored.getTime(), letter };
+    };
+    const late = await fail("LATE");
+    const gone = await fail("GONE");
+
+    // LATE's letter 11 s after its failure: past the 10 s the writer once waited, within 14 s.
+    await new Promise((r) => setTimeout(r, Math.max(0, late.stored + 11_000 - Date.now())));
+    await late.letter();
+    const failed = await waitFor(
+      async () => {
+        const s = await readItem(kv, "LATE");
+        return s?.status === "failed" && s;
+      },
+      30_000,
+      "LATE failed in its state",
+    );
+    assert.equal(failed.status, "failed");
+
+    // GONE's failure is given up on (dead-lettered by the writer), then its letter comes.
+    const refusal = await waitFor(
+      async () => {
+        for await (
+          const m of messagesOn(t.jsm, DEADLETTER_STREAM, deadLetterSubject(spec.durable, "GONE"))
+        ) {
+          const l = m.json<{ stream_seq?: number; code?: string; reason?: string }>();
+          if (l.stream_seq === gone.failedSeq) return l;
+        }
+        return undefined;
+      },
+      30_000,
+      "the writer's letter of GONE's failure",
+    );
+    assert.equal(refusal.code, "conflict");
+    assert.ok(Date.now() - gone.stored >= 14_000, "refused only after the whole window");
+    await gone.letter();
+    assert.notEqual((await readItem(kv, "GONE"))?.status, "failed");
+
+    const { states } = await rebuildStates(js, spec as StateSpec<unknown>);
+    const diff = compareStates(
+      states,
+      new Map([["LATE", await readItem(kv, "LATE")], ["GONE", await readItem(kv, "GONE")]]),
+    );
+    assert.deepEqual(diff, { equal: 2, different: [], missingLive: [], missingRebuilt: [] });
+  } finally {
+    await writer.stop();
+  }
+});
