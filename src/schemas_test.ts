@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { Ajv } from "ajv";
 import {
   isEntryEvent,
   knownEventTypes,
@@ -99,6 +100,14 @@ Deno.test("every event and document schema compiles (validators compile on first
       assert.ok(err instanceof ValidationError, `${name}: ${err}`);
     }
   }
+});
+
+Deno.test("every registered schema is valid against its JSON Schema meta-schema (not checked at start)", () => {
+  const meta = new Ajv({ strict: true, allowUnionTypes: true });
+  for (const [name, schema] of Object.entries(registeredSchemas())) {
+    assert.ok(meta.validateSchema(schema), `${name}: ${meta.errorsText(meta.errors)}`);
+  }
+  assert.ok(!meta.validateSchema({ type: "strng" }), "the check refuses a bad schema");
 });
 
 Deno.test("a pipeline registers its events: their schemas, entry events and bus submissions", async (t) => {
