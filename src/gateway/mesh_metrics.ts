@@ -14,7 +14,7 @@
  */
 import { Empty, headers, type Msg, type NatsConnection } from "@nats-io/nats-core";
 import type { JetStreamManager } from "@nats-io/jetstream";
-import client from "prom-client";
+import * as client from "../observability/prom.ts";
 import { aggregateMetrics, type MetricsJson, type WeftMetrics } from "../observability/metrics.ts";
 import { usageOf } from "../capacity.ts";
 import { DEADLETTER_STREAM, RUNTIME_STREAMS } from "../subjects.ts";

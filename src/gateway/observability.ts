@@ -11,7 +11,7 @@ import type { Hono } from "hono";
 import { streamSSE } from "hono/streaming";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import client from "prom-client";
+import * as client from "../observability/prom.ts";
 import type { Config } from "../config.ts";
 import { ErrorCode, ValidationError, WeftError } from "../errors.ts";
 import type { Logger } from "../observability/log.ts";

@@ -10,7 +10,7 @@
  *
  * @module
  */
-import client from "prom-client";
+import * as client from "./prom.ts";
 import type { LlmStats } from "../ai/llm/stats.ts";
 
 /** Handler latency buckets, seconds: sub-millisecond rule stages to slow LLM calls. */

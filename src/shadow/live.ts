@@ -29,7 +29,7 @@ import {
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
 import { type KV, Kvm } from "@nats-io/kv";
-import client from "prom-client";
+import * as client from "../observability/prom.ts";
 import type { Config } from "../config.ts";
 import { ConfigError, ErrorCode, errorCode, ValidationError, WeftError } from "../errors.ts";
 import { pipelineStreamOf, stepFilterSubject } from "../pipeline/derive.ts";
