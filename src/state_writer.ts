@@ -435,9 +435,7 @@ export async function runStateWriter<S>(opts: {
     } catch (err) {
       // Cannot tell now (NATS trouble): the whole group is retried, as a failed write is.
       log.warn("state write failed", { item_id: id, err });
-      for (const m of group.msgs) {
-        m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
-      }
+      await Promise.all(group.msgs.map((m, i) => putOff(m, group.events[i]!.event, id, err)));
       return { ...group, msgs: [], events: [] };
     }
   }
@@ -519,6 +517,22 @@ export async function runStateWriter<S>(opts: {
   }
 
   /**
+   * Puts `m` (event `event` of item `id`) off after NATS trouble (`err`): naked to come back
+   * after `ms` (by default the retry back-off), unless the server delivers it no more after
+   * this delivery (its `max_deliver`): then it is dead-lettered with `err`, never dropped
+   * unseen (found by reading: a read refused on every delivery left the event unfolded, with
+   * no letter and no trace but a log line).
+   */
+  async function putOff(m: JsMsg, event: AnyEvent, id: string, err: unknown, ms?: number) {
+    const delivery = m.info.deliveryCount;
+    if (delivery < consumerConfig.max_deliver) {
+      m.nak(ms ?? retryDelay(delivery, config.retryBaseMs, config.retryMaxMs));
+      return;
+    }
+    await letter(m, event, id, err instanceof Error ? err : new Error(String(err)));
+  }
+
+  /**
    * The events of `group` but the failures no runner's dead letter is stored for
    * ({@link StateSpec.failedType}): those are dead-lettered `conflict`, failing nothing and
    * folding nothing (found by probing: a step's key publishing the pipeline's failure for an
@@ -537,28 +551,29 @@ export async function runStateWriter<S>(opts: {
       group.events.map(({ event }) =>
         event.type !== failedType
           ? undefined
-          : failureVerdict(jsm, spec.stream, failedType, event).catch((err) => {
+          : failureVerdict(jsm, spec.stream, failedType, event).catch((err: unknown) => {
             log.warn("state write failed", { item_id: id, err });
-            return "retry" as const;
+            return { type: "retry" as const, err };
           })
       ),
     );
     await Promise.all(group.msgs.map(async (m, i) => {
       const verdict = verdicts[i];
       const { event, seq } = group.events[i]!;
-      if (verdict === undefined || (verdict !== "retry" && verdict.type === "vouched")) return;
+      if (verdict === undefined || verdict.type === "vouched") return;
       const age = Date.now() - m.info.timestampNanos / 1e6;
       const delivery = m.info.deliveryCount;
-      const lastTry = delivery >= config.maxAttempts + 1;
-      if (verdict === "retry" || (verdict.type === "pending" && age < letterWindow && !lastTry)) {
-        m.nak(letterRetryMs(age, letterWindow, delivery, config.maxAttempts));
+      const later = letterRetryMs(age, letterWindow, delivery, config.maxAttempts);
+      if (verdict.type === "retry") return await putOff(m, event, id, verdict.err, later);
+      if (verdict.type === "pending" && age < letterWindow && delivery < config.maxAttempts + 1) {
+        m.nak(later);
         return;
       }
       await refuse(m, event, seq, id, verdict.reason);
     }));
     group.msgs.forEach((m, i) => {
       const v = verdicts[i];
-      if (v === undefined || (v !== "retry" && v.type === "vouched")) {
+      if (v === undefined || v.type === "vouched") {
         kept.msgs.push(m);
         kept.events.push(group.events[i]!);
       }
@@ -628,9 +643,7 @@ export async function runStateWriter<S>(opts: {
     } catch (err) {
       // Cannot tell now (NATS trouble): the whole group is retried, as a failed write is.
       log.warn("state write failed", { item_id: id, err });
-      for (const m of group.msgs) {
-        m.nak(retryDelay(m.info.deliveryCount, config.retryBaseMs, config.retryMaxMs));
-      }
+      await Promise.all(group.msgs.map((m, i) => putOff(m, group.events[i]!.event, id, err)));
       return { ...group, msgs: [], events: [] };
     }
     if (reasons.size === 0) return led ? { ...group, fold: led } : group;

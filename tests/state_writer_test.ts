@@ -2,13 +2,16 @@
  * The state writer: one KV entry per item, folded from its events, never losing a field.
  */
 import assert from "node:assert/strict";
-import { jetstream } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
 import { Kvm } from "@nats-io/kv";
 import { createEvent } from "../src/events.ts";
 import { runStateWriter } from "../src/state_writer.ts";
 import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import type { FeedbackState } from "../pipelines/feedback/events.gen.ts";
-import { startTestNats } from "./helpers/nats.ts";
+import { startTestNats, testConfig } from "./helpers/nats.ts";
+import { freePort, startNatsServer } from "../src/nats_server.ts";
+import { createLogger } from "../src/observability/log.ts";
 import { listDeadLetters } from "../src/redrive.ts";
 import { waitFor } from "./helpers/wait.ts";
 import { definePipeline } from "../src/pipeline/definition.ts";
@@ -152,6 +155,58 @@ Deno.test("an item whose state cannot be written is dead-lettered with the reaso
     assert.equal(await kv.get("huge"), null);
   } finally {
     await writer.stop();
+  }
+});
+
+Deno.test("an event the writer cannot look its item up for (NATS refuses the read on every delivery) is dead-lettered on its last delivery, not dropped", async () => {
+  // Found by reading: on NATS trouble the writer naked the event on every delivery, so once
+  // the server stopped delivering it (max_deliver) it was gone: not folded, no letter.
+  const dir = await Deno.makeTempDir({ prefix: "weft-writer-reads-" });
+  const port = freePort();
+  await Deno.writeTextFile(
+    `${dir}/nats.conf`,
+    `listen: "127.0.0.1:${port}"
+jetstream { store_dir: "${dir}/js" }
+authorization {
+  users = [
+    { user: admin, password: admin }
+    # The writer may do everything but read a message of FEEDBACK by sequence or subject.
+    { user: writer, password: writer, permissions: {
+      publish: { allow: [">"], deny: ["$JS.API.STREAM.MSG.GET.FEEDBACK"] }
+      subscribe: { allow: [">"] } } }
+  ]
+}
+`,
+  );
+  await using server = await startNatsServer({ configFile: `${dir}/nats.conf`, port });
+  const admin = await connect({ servers: server.url, user: "admin", pass: "admin" });
+  const nc = await connect({ servers: server.url, user: "writer", pass: "writer" });
+  const config = { ...testConfig(server.url), maxAttempts: 2, retryBaseMs: 10, retryMaxMs: 20 };
+  const log = createLogger("test", "error");
+  await ensureTopology(admin, await jetstreamManager(admin), config);
+  const writer = await runStateWriter({ nc, config, log, spec: FEEDBACK_STATE_SPEC });
+  try {
+    // A step's event for an item the writer has no state of: it reads the item's entry
+    // subject in the stream to judge it, and that read is refused.
+    const [, analyzed] = eventsOf("ORPHAN");
+    const js = jetstream(admin);
+    const stored = await js.publish(`${analyzed!.type}.ORPHAN`, JSON.stringify(analyzed));
+    const letter = await waitFor(
+      async () =>
+        (await listDeadLetters(js, { stage: FEEDBACK_STATE_SPEC.durable })).find((l) =>
+          l.letter.stream_seq === stored.seq
+        )?.letter,
+      20_000,
+      "the writer's dead letter of the event",
+    );
+    assert.equal(letter.item_id, "ORPHAN");
+    assert.equal(letter.attempts, config.maxAttempts + 2, "its last delivery");
+    assert.match(letter.reason, /permission/i);
+  } finally {
+    await writer.stop();
+    await nc.close();
+    await admin.close();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
 });
 
