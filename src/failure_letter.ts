@@ -48,16 +48,29 @@ export function letterWindowMs(ackWaitMs: number): number {
 const FIRST_LETTER_RETRY_MS = 250;
 
 /**
+ * How many times a state writer looks again for a failure's letter before it gives up: at least
+ * six (`maxAttempts` when more), whatever `WEFT_MAX_ATTEMPTS` says, so that a letter a second or
+ * two behind its failure is found within seconds with any setting (with two attempts, the writer
+ * had one look after 250 ms, then waited the rest of the window: the item's state lagged a
+ * minute behind its stream).
+ */
+export function letterLooks(maxAttempts: number): number {
+  return Math.max(maxAttempts, 6);
+}
+
+/**
  * How long a state writer puts off (naks) a failure whose letter is not stored yet, on its
  * `delivery`th delivery, `ageMs` after the failure was stored, when it may put it off `naks`
- * times in all: a short first wait (the letter is usually milliseconds behind), then waits
- * that double, so that its last look comes {@link letterWindowMs} after the failure.
+ * times in all ({@link letterLooks}): 250 ms, then twice as long each time (the letter is
+ * usually milliseconds behind, a loaded machine's a few seconds), and its last nak the rest of
+ * the window, so that its last look comes {@link letterWindowMs} after the failure.
  *
  * @example
  * ```ts
  * import { letterRetryMs } from "./failure_letter.ts";
- * console.assert(letterRetryMs(0, 20_000, 1, 4) === 250);
- * console.assert(letterRetryMs(10_000, 20_000, 4, 4) === 10_000); // its last nak: the rest
+ * console.assert(letterRetryMs(0, 20_000, 1, 6) === 250);
+ * console.assert(letterRetryMs(800, 20_000, 3, 6) === 1_000);
+ * console.assert(letterRetryMs(8_000, 20_000, 6, 6) === 12_000); // its last nak: the rest
  * ```
  */
 export function letterRetryMs(
@@ -66,9 +79,10 @@ export function letterRetryMs(
   delivery: number,
   naks: number,
 ): number {
-  const left = Math.max(1, naks + 1 - delivery); // naks left, this one included
-  if (delivery <= 1 && left > 1) return FIRST_LETTER_RETRY_MS;
-  return Math.max(FIRST_LETTER_RETRY_MS, Math.ceil((windowMs - ageMs) / 2 ** (left - 1)));
+  const rest = windowMs - ageMs;
+  if (delivery >= naks) return Math.max(FIRST_LETTER_RETRY_MS, Math.ceil(rest));
+  const doubling = FIRST_LETTER_RETRY_MS * 2 ** (Math.max(1, delivery) - 1);
+  return Math.max(FIRST_LETTER_RETRY_MS, Math.min(doubling, Math.ceil(rest / 2)));
 }
 
 /**

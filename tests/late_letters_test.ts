@@ -27,6 +27,8 @@ import { DEADLETTER_STREAM, deadLetterSubject } from "../src/subjects.ts";
 import { ensureTopology } from "../src/topology.ts";
 import { letterWindowMs } from "../src/failure_letter.ts";
 import { startTestNats } from "./helpers/nats.ts";
+import { createEvent } from "../src/events.ts";
+import { FEEDBACK_STATE_SPEC } from "../pipelines/feedback/state.ts";
 import { waitFor } from "./helpers/wait.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -138,6 +140,94 @@ Deno.test("a failure whose letter is stored 11 s after it (its runner stopped be
       new Map([["LATE", await readItem(kv, "LATE")], ["GONE", await readItem(kv, "GONE")]]),
     );
     assert.deepEqual(diff, { equal: 2, different: [], missingLive: [], missingRebuilt: [] });
+  } finally {
+    await writer.stop();
+  }
+});
+
+Deno.test("an item's events stored after its failure wait while that failure waits for its letter: a redrive and the next failure fold after it, as a rebuild folds them", async () => {
+  // Found by a loaded run of the identities test: the writer put the first failure off for its
+  // letter, folded the redrive's event and the item's second failure meanwhile, then the first
+  // failure over them; the item's state kept the first failure for good, a rebuild the second.
+  await using t = await startTestNats();
+  const writer = await runStateWriter({
+    nc: t.nc,
+    config: t.config,
+    log: t.log,
+    spec: FEEDBACK_STATE_SPEC,
+  });
+  const js = jetstream(t.nc);
+  const kv = await new Kvm(t.nc).open("weft_feedback_state");
+  try {
+    const base = { itemId: "R1", traceId: TRACE, source: "test" };
+    const data = { text: "it will crash" };
+    const sentiment = { label: "negative" as const, score: -0.5, analyzer: "rules" };
+    const ingested = createEvent({ ...base, type: "feedback.ingested", data });
+    const analyzed = createEvent({
+      ...base,
+      type: "feedback.sentiment_analyzed",
+      data: { ...data, sentiment },
+    });
+    await js.publish("feedback.ingested.R1", JSON.stringify(ingested));
+    const on = await js.publish("feedback.sentiment_analyzed.R1", JSON.stringify(analyzed));
+    await waitFor(async () => (await readItem(kv, "R1")) !== null, 10_000, "R1's state");
+    /** topics fails R1 on the message stored at `seq`, as its runner would. */
+    const failure = (seq: number) => ({
+      id: deterministicId("R1", "feedback.failed", String(seq)),
+      type: "feedback.failed",
+      version: 1,
+      item_id: "R1",
+      trace_id: TRACE,
+      time: new Date().toISOString(),
+      source: "weft-topics",
+      data: {
+        stage: "topics",
+        code: "handler_failed",
+        reason: "injected fault",
+        attempts: 2,
+        dead_letter_subject: deadLetterSubject("topics", "R1"),
+        subject: "feedback.sentiment_analyzed.R1",
+        event_id: analyzed.id,
+      },
+    });
+    const letterOf = (seq: number) =>
+      js.publish(
+        deadLetterSubject("topics", "R1"),
+        JSON.stringify({
+          stage: "topics",
+          code: "handler_failed",
+          reason: "injected fault",
+          attempts: 2,
+          subject: "feedback.sentiment_analyzed.R1",
+          stream_seq: seq,
+          time: new Date().toISOString(),
+          item_id: "R1",
+        }),
+      );
+    // The first failure, its letter late; its redrive (the event again) and the second
+    // failure, whose letter is stored at once.
+    await js.publish("feedback.failed.R1", JSON.stringify(failure(on.seq)));
+    const redriven = await js.publish("feedback.sentiment_analyzed.R1", JSON.stringify(analyzed));
+    await letterOf(redriven.seq);
+    const second = await js.publish("feedback.failed.R1", JSON.stringify(failure(redriven.seq)));
+    await new Promise((r) => setTimeout(r, 1_000));
+    await letterOf(on.seq);
+
+    // Until the writer has settled every event (the first failure's last, once its letter
+    // is found): then its state and a rebuild's are compared.
+    await waitFor(
+      async () => {
+        const c = await t.jsm.consumers.info("FEEDBACK", FEEDBACK_STATE_SPEC.durable);
+        return c.num_pending === 0 && c.num_ack_pending === 0;
+      },
+      30_000,
+      "the state writer settled",
+    );
+    const live = await readItem(kv, "R1") as { stages?: { failed?: { seq?: number } } };
+    assert.equal(live.stages?.failed?.seq, second.seq, JSON.stringify(live));
+    const { states } = await rebuildStates(js, FEEDBACK_STATE_SPEC as StateSpec<unknown>);
+    const diff = compareStates(states, new Map([["R1", live]]));
+    assert.deepEqual(diff, { equal: 1, different: [], missingLive: [], missingRebuilt: [] });
   } finally {
     await writer.stop();
   }
