@@ -101,6 +101,11 @@ export function applyEvent(
   if (seen && seen.event_id === event.id) return resumed ? next : state!; // already applied
   // One event of each once-per-item type: the first stored wins, a later one is ignored.
   if (seen && ONCE_PER_ITEM_TYPES.has(event.type) && seen.seq < seq) return state!;
+  // A failure stored before the one the state holds, taken after it (out of the stream's order:
+  // by a writer's replica, or a writer that put it off for its letter), was superseded by it
+  // there: it changes nothing, as in a fold in order (found by a loaded run: it overwrote the
+  // later failure's record, and the state disagreed with a rebuild).
+  if (seen && event.type === T.Failed && seen.seq > seq) return state!;
   const currentSeq = next.stages[next.stage]?.seq ?? 0;
   next.stages[key] = { at: event.time, event_id: event.id, seq };
   spanTimes(next);

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { applyEvent, FEEDBACK_STATE_SPEC, foldEvents } from "./state.ts";
-import { createEvent } from "../../src/events.ts";
+import { createEvent, deterministicId } from "../../src/events.ts";
 import type { AnyEvent } from "../../src/schemas.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
@@ -297,4 +297,39 @@ Deno.test("FEEDBACK_STATE_SPEC.isFinalEvent answers as the fold of the event alo
       event.type,
     );
   }
+});
+
+Deno.test("a failure stored before the item's latest failure, applied after it, changes nothing: a redrive and its second failure fold to the same state in either order", () => {
+  // A state writer with replicas (or one putting the first failure off for its letter) can
+  // take the redrive's event and the second failure before the first failure; a rebuild takes
+  // them in the stream's order. Found by a loaded run: the first failure, applied last,
+  // overwrote the second's record, and the item's state disagreed with a rebuild.
+  const h = history();
+  const failure = (seq: number, reason: string) =>
+    createEvent({
+      // As a runner's: its id made from the stream sequence of the message it failed on.
+      id: deterministicId("fb1", "feedback.failed", String(seq - 1)),
+      type: "feedback.failed",
+      itemId: "fb1",
+      traceId: TRACE,
+      source: "weft-topics",
+      time: at(seq),
+      data: {
+        stage: "topics",
+        code: "handler_failed",
+        reason,
+        attempts: 2,
+        dead_letter_subject: "deadletter.topics.fb1",
+        subject: "feedback.sentiment_analyzed.fb1",
+        event_id: h[1]!.event.id,
+      },
+    });
+  const first = { event: failure(3, "first"), seq: 3 };
+  const redriven = { event: h[1]!.event, seq: 4 };
+  const second = { event: failure(5, "second"), seq: 5 };
+  const inOrder = foldEvents([h[0]!, h[1]!, first, redriven, second])!;
+  assert.equal(inOrder.error?.reason, "second");
+  assert.equal(inOrder.stages.failed?.seq, 5);
+  const outOfOrder = foldEvents([h[0]!, h[1]!, redriven, second, first]);
+  assert.deepEqual(outOfOrder, inOrder);
 });
