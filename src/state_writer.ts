@@ -33,13 +33,7 @@ import {
   storedMessage,
 } from "./runner.ts";
 import { ConflictError, NotFoundError } from "./errors.ts";
-import {
-  failureVerdict,
-  LETTER_WAIT_MS,
-  letterLooks,
-  letterRetryMs,
-  letterWindowMs,
-} from "./failure_letter.ts";
+import { failureVerdict, letterLooks, letterRetryMs, letterWindowMs } from "./failure_letter.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
 import { ITEM_ID, parseEventSubject } from "./subjects.ts";
@@ -540,52 +534,6 @@ export async function runStateWriter<S>(opts: {
   }
 
   /**
-   * Items with a failure put off for its letter ({@link vouch}): its stream sequence, when it
-   * comes back, and when it was stored. The item's events stored after it wait until it is
-   * settled (folded or dead-lettered), so that they fold after it, in the stream's order, for
-   * {@link LETTER_WAIT_MS} after it was stored at most: a failure whose letter is later than
-   * that (a runner stopped in between, or a forged failure that will never have one) holds
-   * nobody's state longer. (A replica's writer does not know of it.)
-   */
-  const heldBack = new Map<string, { seq: number; until: number; stored: number }>();
-
-  /** How long an event waiting behind its item's failure is put off: until that comes back. */
-  function untilHeldSettles(id: string): number {
-    const held = heldBack.get(id);
-    const until = held ? Math.min(held.until, held.stored + LETTER_WAIT_MS) : 0;
-    return Math.max(50, until - Date.now() + 50);
-  }
-
-  /** Whether `id`'s events stored after `seq` wait behind a failure put off. */
-  function waitsBehind(id: string, seq: number, m: JsMsg): boolean {
-    const held = heldBack.get(id);
-    return held !== undefined && seq > held.seq && Date.now() < held.stored + LETTER_WAIT_MS &&
-      m.info.deliveryCount < consumerConfig.max_deliver - 1;
-  }
-
-  /**
-   * `group` but its events stored after its item's failure put off (naked to wait for it). Not
-   * past the failure's return by 5 s (it was settled elsewhere: another replica, a letter of its
-   * own), nor on an event's last delivery but one: folded then, never dropped for waiting.
-   */
-  function holdBack(id: string, group: Held<S>): Held<S> {
-    const held = heldBack.get(id);
-    if (held && Date.now() > held.until + 5_000) heldBack.delete(id);
-    if (!held || !heldBack.has(id) || !group.events.some(({ seq }) => seq > held.seq)) {
-      return group;
-    }
-    const kept: Held<S> = { ...group, msgs: [], events: [] };
-    group.msgs.forEach((m, i) => {
-      if (waitsBehind(id, group.events[i]!.seq, m)) m.nak(untilHeldSettles(id));
-      else {
-        kept.msgs.push(m);
-        kept.events.push(group.events[i]!);
-      }
-    });
-    return kept;
-  }
-
-  /**
    * The events of `group` but the failures no runner's dead letter is stored for
    * ({@link StateSpec.failedType}): those are dead-lettered `conflict`, failing nothing and
    * folding nothing (found by probing: a step's key publishing the pipeline's failure for an
@@ -610,27 +558,16 @@ export async function runStateWriter<S>(opts: {
           })
       ),
     );
-    /** The first failure put off (its stream sequence): the item's later events wait too. */
-    let putOffAt = Infinity;
     await Promise.all(group.msgs.map(async (m, i) => {
       const verdict = verdicts[i];
       const { event, seq } = group.events[i]!;
-      if (verdict === undefined) return;
-      if (heldBack.get(id)?.seq === seq) heldBack.delete(id); // settled now, one way or other
-      if (verdict.type === "vouched") return;
+      if (verdict === undefined || verdict.type === "vouched") return;
       const age = Date.now() - m.info.timestampNanos / 1e6;
       const delivery = m.info.deliveryCount;
       const looks = letterLooks(config.maxAttempts);
       const later = letterRetryMs(age, letterWindow, delivery, looks);
-      if (
-        verdict.type === "retry" ||
-        (verdict.type === "pending" && age < letterWindow && delivery < looks + 1)
-      ) {
-        putOffAt = Math.min(putOffAt, seq);
-        const held = heldBack.get(id);
-        const stored = m.info.timestampNanos / 1e6;
-        if (!held || seq <= held.seq) heldBack.set(id, { seq, until: Date.now() + later, stored });
-        if (verdict.type === "retry") return await putOff(m, event, id, verdict.err, later);
+      if (verdict.type === "retry") return await putOff(m, event, id, verdict.err, later);
+      if (verdict.type === "pending" && age < letterWindow && delivery < looks + 1) {
         m.nak(later);
         return;
       }
@@ -638,18 +575,10 @@ export async function runStateWriter<S>(opts: {
     }));
     group.msgs.forEach((m, i) => {
       const v = verdicts[i];
-      if (v !== undefined && v.type !== "vouched") return; // put off or refused above
-      const { seq } = group.events[i]!;
-      if (seq > putOffAt && waitsBehind(id, seq, m)) {
-        // Stored after a failure put off for its letter: it waits, so the item's events fold
-        // in the stream's order (found by a loaded run: a redrive's event and the item's next
-        // failure folded before the first failure, which then folded over them, and the
-        // item's state kept the first failure for good while a rebuild showed the second).
-        m.nak(untilHeldSettles(id));
-        return;
+      if (v === undefined || v.type === "vouched") {
+        kept.msgs.push(m);
+        kept.events.push(group.events[i]!);
       }
-      kept.msgs.push(m);
-      kept.events.push(group.events[i]!);
     });
     return kept;
   }
@@ -811,9 +740,7 @@ export async function runStateWriter<S>(opts: {
     );
     for (const [id] of due) held.delete(id);
     await Promise.all(due.map(async ([id, all]) => {
-      const back = holdBack(id, all);
-      if (back.events.length === 0) return;
-      const group = await screen(id, await vouch(id, await admit(id, back)));
+      const group = await screen(id, await vouch(id, await admit(id, all)));
       if (group.events.length === 0) return;
       try {
         await writeItem(id, group.fold ?? group.events, group.fold ? undefined : group.folded);

@@ -145,7 +145,7 @@ Deno.test("a failure whose letter is stored 11 s after it (its runner stopped be
   }
 });
 
-Deno.test("an item's events stored after its failure wait while that failure waits for its letter: a redrive and the next failure fold after it, as a rebuild folds them", async () => {
+Deno.test("an item's redrive and next failure, taken while its first failure waits for its letter, fold to the state a rebuild folds", async () => {
   // Found by a loaded run of the identities test: the writer put the first failure off for its
   // letter, folded the redrive's event and the item's second failure meanwhile, then the first
   // failure over them; the item's state kept the first failure for good, a rebuild the second.
