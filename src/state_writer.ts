@@ -503,7 +503,7 @@ export async function runStateWriter<S>(opts: {
   }
 
   /** Dead-letters `event` of item `id` with `err`, failing nothing; naked when it cannot be. */
-  async function letter(m: JsMsg, event: AnyEvent, id: string, err: Error) {
+  async function letter(m: JsMsg, event: AnyEvent, id: string, err: unknown) {
     await deadLetter(
       dlContext,
       m,
@@ -758,17 +758,7 @@ export async function runStateWriter<S>(opts: {
           // Its last attempt (the server delivers it no more after a few): kept as a dead
           // letter with the reason, not dropped unseen. The item's state lacks it until a
           // redrive (or rebuild-state) folds it in.
-          await deadLetter(
-            dlContext,
-            m,
-            err,
-            group.events[i]!.event,
-            id,
-            parseTraceparent(m.headers?.get("traceparent")),
-            { failItem: false },
-          )
-            .then(() => metrics?.deadLettered.inc({ stage: spec.durable }))
-            .catch(() => m.nak(1000));
+          await letter(m, group.events[i]!.event, id, err);
         }));
       }
     }));

@@ -7,7 +7,7 @@
  * too, so the bucket and a rebuild agree whenever the letter comes.
  */
 import assert from "node:assert/strict";
-import { jetstream } from "@nats-io/jetstream";
+import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { definePipeline } from "../src/pipeline/definition.ts";
 import { compileFlow } from "../src/pipeline/flow.ts";
@@ -33,6 +33,57 @@ import { waitFor } from "./helpers/wait.ts";
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 const STAGE = "orders-check";
+
+/** Where a runner failed an item: its pipeline and stage, and the message it failed on. */
+interface FailedOn {
+  pipeline: string;
+  stage: string;
+  item: string;
+  subject: string;
+  seq: number;
+  /** The id of the event it failed on, when that message was an event. */
+  eventId?: string;
+}
+
+/** The `<pipeline>.failed` event a runner publishes as it fails the item (before its letter). */
+function runnerFailure(on: FailedOn) {
+  return {
+    id: deterministicId(on.item, `${on.pipeline}.failed`, String(on.seq)),
+    type: `${on.pipeline}.failed`,
+    version: 1,
+    item_id: on.item,
+    trace_id: TRACE,
+    time: new Date().toISOString(),
+    source: `weft-${on.stage}`,
+    data: {
+      stage: on.stage,
+      code: "handler_failed",
+      reason: "injected fault",
+      attempts: 1,
+      dead_letter_subject: deadLetterSubject(on.stage, on.item),
+      subject: on.subject,
+      ...(on.eventId ? { event_id: on.eventId } : {}),
+    },
+  };
+}
+
+/** Stores the dead letter that vouches for the failure, as the runner does right after it. */
+function storeRunnerLetter(js: JetStreamClient, on: FailedOn) {
+  return js.publish(
+    deadLetterSubject(on.stage, on.item),
+    JSON.stringify({
+      stage: on.stage,
+      code: "handler_failed",
+      reason: "injected fault",
+      attempts: 1,
+      subject: on.subject,
+      stream_seq: on.seq,
+      time: new Date().toISOString(),
+      item_id: on.item,
+    }),
+    { msgID: `dl-${on.pipeline.toUpperCase()}-${on.seq}-${on.stage}` },
+  );
+}
 
 Deno.test("a failure whose letter is stored 11 s after it (its runner stopped between the two) still fails the item; one whose letter comes after the writer gave up stays out, in the bucket and in a rebuild alike", async () => {
   // Ack waits of 2 s: the writer waits for a failure's letter 10 s + 2 x 2 s.
@@ -62,41 +113,16 @@ Deno.test("a failure whose letter is stored 11 s after it (its runner stopped be
       const entry = (await t.jsm.streams.getMessage("ORDERS", {
         last_by_subj: spec.entrySubject!(id),
       }))!;
-      const event = {
-        id: deterministicId(id, "orders.failed", String(entry.seq)),
-        type: "orders.failed",
-        version: 1,
-        item_id: id,
-        trace_id: TRACE,
-        time: new Date().toISOString(),
-        source: "weft-orders-check",
-        data: {
-          stage: STAGE,
-          code: "handler_failed",
-          reason: "the check is down",
-          attempts: 1,
-          dead_letter_subject: deadLetterSubject(STAGE, id),
-          subject: entry.subject,
-        },
+      const on = {
+        pipeline: "orders",
+        stage: STAGE,
+        item: id,
+        subject: entry.subject,
+        seq: entry.seq,
       };
-      const ack = await js.publish(`orders.failed.${id}`, JSON.stringify(event));
+      const ack = await js.publish(`orders.failed.${id}`, JSON.stringify(runnerFailure(on)));
       const stored = (await t.jsm.streams.getMessage("ORDERS", { seq: ack.seq }))!.time;
-      /** Stores the letter that vouches for the failure, as the runner does after it. */
-      const letter = () =>
-        js.publish(
-          deadLetterSubject(STAGE, id),
-          JSON.stringify({
-            stage: STAGE,
-            code: "handler_failed",
-            reason: "the check is down",
-            attempts: 1,
-            subject: entry.subject,
-            stream_seq: entry.seq,
-            time: new Date().toISOString(),
-            item_id: id,
-          }),
-          { msgID: `dl-ORDERS-${entry.seq}-${STAGE}` },
-        );
+      const letter = () => storeRunnerLetter(js, on);
       return { failedSeq: ack.seq, stored: stored.getTime(), letter };
     };
     const late = await fail("LATE");
@@ -171,39 +197,17 @@ Deno.test("an item's redrive and next failure, taken while its first failure wai
     await js.publish("feedback.ingested.R1", JSON.stringify(ingested));
     const on = await js.publish("feedback.sentiment_analyzed.R1", JSON.stringify(analyzed));
     await waitFor(async () => (await readItem(kv, "R1")) !== null, 10_000, "R1's state");
-    /** topics fails R1 on the message stored at `seq`, as its runner would. */
-    const failure = (seq: number) => ({
-      id: deterministicId("R1", "feedback.failed", String(seq)),
-      type: "feedback.failed",
-      version: 1,
-      item_id: "R1",
-      trace_id: TRACE,
-      time: new Date().toISOString(),
-      source: "weft-topics",
-      data: {
-        stage: "topics",
-        code: "handler_failed",
-        reason: "injected fault",
-        attempts: 2,
-        dead_letter_subject: deadLetterSubject("topics", "R1"),
-        subject: "feedback.sentiment_analyzed.R1",
-        event_id: analyzed.id,
-      },
+    /** topics failing R1 on the message stored at `seq`, as its runner would. */
+    const failedAt = (seq: number) => ({
+      pipeline: "feedback",
+      stage: "topics",
+      item: "R1",
+      subject: "feedback.sentiment_analyzed.R1",
+      seq,
+      eventId: analyzed.id,
     });
-    const letterOf = (seq: number) =>
-      js.publish(
-        deadLetterSubject("topics", "R1"),
-        JSON.stringify({
-          stage: "topics",
-          code: "handler_failed",
-          reason: "injected fault",
-          attempts: 2,
-          subject: "feedback.sentiment_analyzed.R1",
-          stream_seq: seq,
-          time: new Date().toISOString(),
-          item_id: "R1",
-        }),
-      );
+    const failure = (seq: number) => runnerFailure(failedAt(seq));
+    const letterOf = (seq: number) => storeRunnerLetter(js, failedAt(seq));
     // The first failure, its letter late; its redrive (the event again) and the second
     // failure, whose letter is stored at once.
     await js.publish("feedback.failed.R1", JSON.stringify(failure(on.seq)));
