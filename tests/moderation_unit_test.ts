@@ -178,6 +178,31 @@ Deno.test("applyContentEvent: a failure stored after the item's outcome leaves t
   assert.equal(redriven.error, undefined);
 });
 
+Deno.test("applyContentEvent: of two failures, the first redriven, the later stands, in any order", () => {
+  const failure = (stage: string, reason: string, ms: number) =>
+    ev("content.failed", { stage, code: "handler_failed", reason, attempts: 3 }, ms);
+  const events = [
+    ev("content.uploaded", { text: "hi" }, 0),
+    failure("moderation", "first", 1),
+    // The first failure redriven: moderation runs again, then the item fails again.
+    ev("content.moderated", { content: { text: "hi" }, moderation: entry.moderation }, 2),
+    failure("review", "second", 3),
+  ];
+  const fold = (order: number[]) =>
+    order.reduce<ReturnType<typeof applyContentEvent> | undefined>(
+      (s, i) => applyContentEvent(s, events[i]!, i + 1),
+      undefined,
+    )!;
+  const forward = fold([0, 1, 2, 3]);
+  assert.equal(forward.status, "failed");
+  assert.equal(forward.error?.reason, "second", "the item's error is its latest failure's");
+  assert.equal(forward.stages.failed?.seq, 4);
+  // A writer that put the first failure off for its letter, or a writer's replica, folds it
+  // last: it changes nothing, so the state equals a rebuild's.
+  assert.deepEqual(fold([0, 2, 3, 1]), forward);
+  assert.deepEqual(fold([3, 2, 1, 0]), forward);
+});
+
 Deno.test("applyContentEvent: an item's first outcome stands, and a decision on an item moderation found safe shows nowhere, in any order", () => {
   const events = [
     ev("content.uploaded", { text: "hi" }, 0),

@@ -81,6 +81,11 @@ export function applyContentEvent(
   if (seen && seen.event_id === event.id) return state!; // already applied
   // One event of each once-per-item type: the first stored wins, a later one is ignored.
   if (seen && ONCE_PER_ITEM_TYPES.has(event.type) && seen.seq < seq) return state!;
+  // A failure stored before the one the state holds, taken after it (by a writer's replica, or
+  // a writer that put it off for its letter), was superseded by it: it changes nothing, as in a
+  // fold in the stream's order (it overwrote the later failure's record, so the state
+  // disagreed with a rebuild).
+  if (seen && event.type === T.Failed && seen.seq > seq) return state!;
   const currentSeq = next.stages[next.stage]?.seq ?? 0;
   next.stages[key] = { at: event.time, event_id: event.id, seq };
   spanTimes(next);
@@ -141,11 +146,12 @@ export function applyContentEvent(
   const currentRank = RANK[`content.${next.stage}`] ?? 0;
   // Between equals of different types: of the outcomes (published, archived), the one stored
   // first, since an item has one outcome (a second is a forged or repeated decision); of the
-  // others, the one stored later.
+  // others, the one stored later. A failure after a redriven failure is the item's error.
   const between = rank === RANK[T.Published] ? seq < currentSeq : seq > currentSeq;
+  const other = key !== next.stage || event.type === T.Failed;
   if (
     STATUS[event.type] !== undefined &&
-    (rank > currentRank || (rank === currentRank && key !== next.stage && between))
+    (rank > currentRank || (rank === currentRank && other && between))
   ) {
     next.stage = key;
     next.status = STATUS[event.type]!;
