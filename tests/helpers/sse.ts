@@ -32,10 +32,13 @@ export async function readSse(
     await reader.cancel();
   })();
   try {
-    await deadline(read, opts.timeoutMs ?? 10_000, `SSE events (got ${events.length})`);
+    await deadline(read, opts.timeoutMs ?? 10_000, "SSE events");
   } catch (err) {
     await reader.cancel().catch(() => {});
-    throw err;
+    // What had arrived by the deadline (named when the error is made, not when the read began:
+    // the message said "got 0" whatever came).
+    const got = events.map((e) => `${e.id ?? "-"} ${e.event ?? "message"}`).join(", ");
+    throw new Error(`${(err as Error).message} (got ${events.length}: ${got})`, { cause: err });
   }
   return events;
 }
