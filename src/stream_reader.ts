@@ -5,7 +5,13 @@
  *
  * @module
  */
-import { DeliverPolicy, type JetStreamClient, type JsMsg } from "@nats-io/jetstream";
+import {
+  DeliverPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamClient,
+  type JsMsg,
+} from "@nats-io/jetstream";
 
 /** What to read. */
 export interface ReadStreamOptions {
@@ -173,9 +179,10 @@ export class StreamReadCut extends Error {
  * Yields every message of `stream` (matching the filter) stored when reading started, and
  * any stored while it reads, up to the last one pending. It ends when the server says no
  * more are pending (the message's own `pending` count, or the consumer's at its creation
- * when nothing matches), never because messages were slow to come: a read that stopped on a
- * pause would silently skip the rest (an SSE replay would leave a gap, a rebuild a partial
- * state).
+ * when nothing matches), or, after half a second without a message, when the stream holds no
+ * matching message after the last one read (a count may include messages removed before they
+ * were sent); never because messages were slow to come: a read that stopped on a pause would
+ * silently skip the rest (an SSE replay would leave a gap, a rebuild a partial state).
  *
  * @example
  * ```ts ignore
@@ -213,9 +220,35 @@ export async function* readStream(
   }
 }
 
+/**
+ * Whether `stream` holds no message matching `filter` after sequence `last` (one direct read);
+ * false when the read fails, so a read goes on waiting as before.
+ */
+async function nothingAfter(
+  js: JetStreamClient,
+  stream: string,
+  filter: string | undefined,
+  last: number,
+): Promise<boolean> {
+  try {
+    const jsm = await js.jetstreamManager(false);
+    // (nats.js types only seq and last_by_subj; the server takes next_by_subj, 2.9+.)
+    const m = await jsm.streams.getMessage(stream, {
+      seq: last + 1,
+      next_by_subj: filter ?? ">",
+    } as { seq: number });
+    return m === null;
+  } catch (err) {
+    return err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound;
+  }
+}
+
 /** How many times a stalled read starts again before it fails. */
 const RESTARTS = 2;
 const STALLED = Symbol("stalled");
+const PAUSED = Symbol("paused");
+/** How long a read waits for its next message before it asks the stream whether any is left. */
+const PAUSE_MS = 500;
 
 /** One ordered consumer's read: its messages, then STALLED when it waited `wait` ms for one. */
 async function* readOnce(
@@ -241,15 +274,39 @@ async function* readOnce(
     // client with ~480 KB events, measured.)
     const messages = await consumer.consume({ max_bytes: readerPrefetch(js, opts.maxBytes) });
     const it = messages[Symbol.asyncIterator]();
+    let last = (opts.startSeq ?? 1) - 1;
+    const nextMessage = () => {
+      const p = it.next();
+      p.catch(() => {}); // (left unawaited when the read ends at a pause; awaited otherwise)
+      return p;
+    };
+    let pending = nextMessage();
     try {
       while (true) {
-        let timer: ReturnType<typeof setTimeout> | undefined;
-        const stalled = new Promise<typeof STALLED>((r) => (timer = setTimeout(r, wait, STALLED)));
-        let next: IteratorResult<JsMsg> | typeof STALLED;
-        try {
-          next = await Promise.race([it.next(), stalled]);
-        } finally {
-          clearTimeout(timer); // also when the read fails (its connection closed)
+        // A message's `pending` is counted when the server sends it: messages removed after
+        // that (a bucket's older revisions, a delete, a purge, an age limit) are never sent,
+        // so the count may not reach 0. After a pause the stream itself is asked: no message
+        // matching past the last one read is the end (found on nats-server 2.9 under load: a
+        // read of a state bucket waited out its stall time with nothing left to read).
+        const waitedFrom = Date.now();
+        let next: IteratorResult<JsMsg> | typeof STALLED | typeof PAUSED;
+        for (;;) {
+          const left = wait - (Date.now() - waitedFrom);
+          if (left <= 0) {
+            next = STALLED;
+            break;
+          }
+          let timer: ReturnType<typeof setTimeout> | undefined;
+          const paused = new Promise<typeof PAUSED>((r) => {
+            timer = setTimeout(r, Math.min(left, PAUSE_MS), PAUSED);
+          });
+          try {
+            next = await Promise.race([pending, paused]);
+          } finally {
+            clearTimeout(timer); // also when the read fails (its connection closed)
+          }
+          if (next !== PAUSED) break;
+          if (await nothingAfter(js, stream, opts.filter, last)) return;
         }
         if (next === STALLED) {
           yield STALLED;
@@ -258,8 +315,10 @@ async function* readOnce(
         // The messages end before the last pending one only when the connection closed (or
         // drained) under the read: ending quietly would pass a partial read for a whole one.
         if (next.done) throw new StreamReadCut(stream);
+        last = next.value.seq;
         yield next.value;
         if (next.value.info.pending === 0) return;
+        pending = nextMessage();
       }
     } finally {
       messages.stop();

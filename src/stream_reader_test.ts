@@ -3,7 +3,7 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connectNats } from "./nats.ts";
 import { startNatsServer } from "./nats_server.ts";
 import { prefetchBytes, ReadBudget, readStream } from "./stream_reader.ts";
-import { waitFor } from "../tests/helpers/wait.ts";
+import { deadline, waitFor } from "../tests/helpers/wait.ts";
 
 const COUNT = 5_000;
 
@@ -165,6 +165,50 @@ Deno.test("a read whose connection closes mid-read throws instead of ending as i
     assert.ok(read < 60, `${read} read`);
   } finally {
     if (!nc.isClosed()) await nc.close();
+    await server[Symbol.asyncDispose]();
+  }
+});
+
+Deno.test("a read whose last pending messages are removed before they are sent ends when the stream holds nothing after it, not after its stall time", async () => {
+  // A message's `pending` is counted when it is sent: older revisions of a bucket's keys,
+  // deletes, purges and age limits remove messages a count included. Found on nats-server
+  // 2.9 under load: a read of a state bucket waited out its stall time with nothing to read.
+  const server = await startNatsServer();
+  const nc = await connectNats(server.url, "reader-test");
+  try {
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.add({ name: "R", subjects: ["r.>"] });
+    const js = jetstream(nc);
+    // 40 messages of 200 KB: the reader's prefetch holds a few, the rest stay on the server.
+    const body = new Uint8Array(200_000);
+    for (let i = 0; i < 40; i++) await js.publish(`r.e.${i}`, body);
+    const seqs: number[] = [];
+    // A stall time far past the test's deadline: only the consumer's answer can end the read.
+    const read = (async () => {
+      for await (const m of readStream(js, "R", { stallMs: 600_000 })) {
+        seqs.push(m.seq);
+        if (seqs.length === 1) {
+          // Everything the reader has not been sent yet is removed (as a bucket's newer
+          // revisions remove older ones): the messages it holds still count them as pending.
+          const sent = await waitFor(
+            async () => {
+              const [c] = await Array.fromAsync(await jsm.consumers.list("R"));
+              return (c?.delivered.stream_seq ?? 0) > 1 && c!.delivered.stream_seq;
+            },
+            10_000,
+            "the reader's prefetch sent",
+          );
+          for (let seq = sent + 1; seq <= 40; seq++) {
+            await jsm.streams.deleteMessage("R", seq, false);
+          }
+        }
+      }
+    })();
+    await deadline(read, 60_000, "the read to end");
+    assert.ok(seqs.length > 1 && seqs.length < 40, `${seqs.length} read`);
+    assert.deepEqual(seqs, seqs.map((_, i) => i + 1), "in order, each once, none skipped");
+  } finally {
+    await nc.close();
     await server[Symbol.asyncDispose]();
   }
 });
