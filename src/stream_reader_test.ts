@@ -139,20 +139,26 @@ Deno.test("a reader whose caller stops taking messages holds at most its prefetc
   }
 });
 
+/** A server with stream R holding `count` messages of 200 KB, past a reader's prefetch. */
+async function largeMessages(count: number) {
+  const server = await startNatsServer();
+  const nc = await connectNats(server.url, "reader-test");
+  const jsm = await jetstreamManager(nc);
+  await jsm.streams.add({ name: "R", subjects: ["r.>"] });
+  const js = jetstream(nc);
+  const body = new Uint8Array(200_000);
+  for (let i = 0; i < count; i++) await js.publish(`r.e.${i}`, body);
+  return { server, nc, js, jsm };
+}
+
 Deno.test("a read whose connection closes mid-read throws instead of ending as if it had read everything", async () => {
   // nats.js ends a consumer's messages without an error when its connection closes: a read
   // that took that for the end of the stream silently skipped the rest (an SSE replay then
   // went on live with a gap, instead of closing its client to resume with Last-Event-ID).
-  const server = await startNatsServer();
-  const nc = await connectNats(server.url, "reader-test");
+  // 60 messages of 200 KB: the reader's prefetch (about 1 MiB) holds a few at a time, so
+  // most are still on the server when the connection closes, whatever nats.js had buffered.
+  const { server, nc, js } = await largeMessages(60);
   try {
-    const jsm = await jetstreamManager(nc);
-    await jsm.streams.add({ name: "R", subjects: ["r.>"] });
-    const js = jetstream(nc);
-    // 60 messages of 200 KB: the reader's prefetch (about 1 MiB) holds a few at a time, so
-    // most are still on the server when the connection closes, whatever nats.js had buffered.
-    const body = new Uint8Array(200_000);
-    for (let i = 0; i < 60; i++) await js.publish(`r.e.${i}`, body);
     let read = 0;
     await assert.rejects(
       (async () => {
@@ -173,15 +179,9 @@ Deno.test("a read whose last pending messages are removed before they are sent e
   // A message's `pending` is counted when it is sent: older revisions of a bucket's keys,
   // deletes, purges and age limits remove messages a count included. Found on nats-server
   // 2.9 under load: a read of a state bucket waited out its stall time with nothing to read.
-  const server = await startNatsServer();
-  const nc = await connectNats(server.url, "reader-test");
+  // 40 messages of 200 KB: the reader's prefetch holds a few, the rest stay on the server.
+  const { server, nc, js, jsm } = await largeMessages(40);
   try {
-    const jsm = await jetstreamManager(nc);
-    await jsm.streams.add({ name: "R", subjects: ["r.>"] });
-    const js = jetstream(nc);
-    // 40 messages of 200 KB: the reader's prefetch holds a few, the rest stay on the server.
-    const body = new Uint8Array(200_000);
-    for (let i = 0; i < 40; i++) await js.publish(`r.e.${i}`, body);
     const seqs: number[] = [];
     // A stall time far past the test's deadline: only the consumer's answer can end the read.
     const read = (async () => {

@@ -114,6 +114,14 @@ function ev<K extends ContentEvent["type"]>(
   } as never) as ContentEvent;
 }
 
+/** `events` (event i stored at stream sequence i + 1) folded in the order `order` gives. */
+function foldInOrder(events: readonly ContentEvent[], order: readonly number[]) {
+  return order.reduce<ReturnType<typeof applyContentEvent> | undefined>(
+    (s, i) => applyContentEvent(s, events[i]!, i + 1),
+    undefined,
+  )!;
+}
+
 Deno.test("applyContentEvent folds in any order to the furthest step, idempotently", () => {
   const events = [
     ev("content.uploaded", { text: "hi" }, 0),
@@ -160,11 +168,7 @@ Deno.test("applyContentEvent: a failure stored after the item's outcome leaves t
       attempts: 1,
     }, 3),
   ];
-  const fold = (order: number[]) =>
-    order.reduce<ReturnType<typeof applyContentEvent> | undefined>(
-      (s, i) => applyContentEvent(s, events[i]!, i + 1),
-      undefined,
-    )!;
+  const fold = (order: number[]) => foldInOrder(events, order);
   const forward = fold([0, 1, 2, 3]);
   assert.equal(forward.status, "published");
   assert.equal(forward.error, undefined);
@@ -188,11 +192,7 @@ Deno.test("applyContentEvent: of two failures, the first redriven, the later sta
     ev("content.moderated", { content: { text: "hi" }, moderation: entry.moderation }, 2),
     failure("review", "second", 3),
   ];
-  const fold = (order: number[]) =>
-    order.reduce<ReturnType<typeof applyContentEvent> | undefined>(
-      (s, i) => applyContentEvent(s, events[i]!, i + 1),
-      undefined,
-    )!;
+  const fold = (order: number[]) => foldInOrder(events, order);
   const forward = fold([0, 1, 2, 3]);
   assert.equal(forward.status, "failed");
   assert.equal(forward.error?.reason, "second", "the item's error is its latest failure's");
@@ -221,11 +221,7 @@ Deno.test("applyContentEvent: an item's first outcome stands, and a decision on 
     }, 3),
     ev("content.archived", { content: { text: "forged" }, reason: "rejected" }, 4),
   ];
-  const fold = (order: number[]) =>
-    order.reduce<ReturnType<typeof applyContentEvent> | undefined>(
-      (s, i) => applyContentEvent(s, events[i]!, i + 1),
-      undefined,
-    )!;
+  const fold = (order: number[]) => foldInOrder(events, order);
   const forward = fold([0, 1, 2, 3, 4]);
   assert.equal(forward.status, "published");
   assert.equal(forward.review, undefined);
