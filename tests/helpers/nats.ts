@@ -110,9 +110,10 @@ export const PATIENT = { timeout: 10_000 } as const;
 /** Every item's state in the state bucket. */
 export async function readStates(
   js: JetStreamClient,
-  // A read of the bucket while the state writer still writes has once stalled with messages
-  // said to be pending (StreamReadStalled after 30 s, cause not found yet): callers that
-  // poll (waitUntil) pass a short stallMs, give up on such a read and read again.
+  // A read of the bucket while the state writer still writes stalled with messages said to be
+  // pending (StreamReadStalled after 30 s): older revisions the writer's updates removed after
+  // their count, which the reader now sees past (src/stream_reader.ts, 837dabc). Callers that
+  // poll (waitUntil) still pass a short stallMs, give up on a stalled read and read again.
   stallMs = 30_000,
 ): Promise<Map<string, FeedbackState>> {
   const states = new Map<string, FeedbackState>();
