@@ -148,10 +148,11 @@ export function applyContentEvent(
   // first, since an item has one outcome (a second is a forged or repeated decision); of the
   // others, the one stored later. A failure after a redriven failure is the item's error.
   const between = rank === RANK[T.Published] ? seq < currentSeq : seq > currentSeq;
-  const other = key !== next.stage || event.type === T.Failed;
+  // (Another type, or another failure: a failure after a failure takes over the item's error.)
+  const takesOver = key !== next.stage || event.type === T.Failed;
   if (
     STATUS[event.type] !== undefined &&
-    (rank > currentRank || (rank === currentRank && other && between))
+    (rank > currentRank || (rank === currentRank && takesOver && between))
   ) {
     next.stage = key;
     next.status = STATUS[event.type]!;
