@@ -41,6 +41,8 @@ import { IDENTITY_DIR, type Permissions } from "./identities.ts";
 import { NotFoundError } from "./errors.ts";
 import type { AnyEvent } from "./schemas.ts";
 import { readStream } from "./stream_reader.ts";
+import { failureFolds, type LetterReads } from "./failure_letter.ts";
+import { messagesOn } from "./runner.ts";
 import { decodeStateEvent, foldLed, startsNoItem, type StateSpec } from "./state_writer.ts";
 import { DEADLETTER_STREAM, DIGEST_STREAM } from "./subjects.ts";
 import type { PipelineWiring } from "./wiring.ts";
@@ -918,6 +920,9 @@ export async function siteItem<S>(
   // Only the life of the site's stream the hub now sources: an item of a site whose store was
   // reset is the new stream's, not the earlier one's under the same id.
   const life = await currentLife(js, site, pipeline);
+  // Failures fold only with their runner's letter, read from the hub's copies of the site's
+  // dead letters, as the site's writer folds them (src/failure_letter.ts).
+  const letters = siteLetters(await js.jetstreamManager(false), site, life);
   for await (const m of readStream(js, edgeStream(site), { filter })) {
     if (!ofLife(m, life)) continue;
     let event: AnyEvent;
@@ -939,13 +944,52 @@ export async function siteItem<S>(
     // own sequence counts the site's other streams' messages too (its digests, dead letters).
     // (A message not sourced, which no site stream at a hub holds, keeps the hub's.)
     const origin = sourcedFrom(m.headers?.get(STREAM_SOURCE_HEADER));
+    const seq = origin?.seq ?? m.seq;
+    // Nor a failure no runner's letter vouches for, nor one the site's writer refused itself.
+    if (
+      spec.failedType !== undefined && event.type === spec.failedType &&
+      !await failureFolds(
+        letters,
+        spec.failedType,
+        spec.durable,
+        event,
+        m.subject.slice(prefix.length),
+        seq,
+      )
+    ) continue;
     // Nor an event the item's history does not lead to (the site dead-letters it).
-    state = foldLed(spec, state, event, origin?.seq ?? m.seq);
+    state = foldLed(spec, state, event, seq);
   }
   if (state === undefined) {
     throw new NotFoundError(`no ${what} ${id} from site ${site}`, { field: "id" });
   }
   return { ...state, site };
+}
+
+/**
+ * A hub's copies of `site`'s dead letters and events (under `site.<site>.`), read as
+ * {@link LetterReads}: a message is at a site sequence when its copy was sourced from there (a
+ * copy not sourced keeps the hub's), of the site stream's life `life` when given.
+ */
+function siteLetters(
+  jsm: JetStreamManager,
+  site: string,
+  life: string | undefined,
+): LetterReads {
+  const stream = edgeStream(site);
+  const prefix = `${siteSubjectPrefix(site)}.`;
+  return {
+    letters: (subject) => messagesOn(jsm, stream, prefix + subject),
+    async holds(subject, seq) {
+      for await (const m of messagesOn(jsm, stream, prefix + subject)) {
+        const origin = sourcedFrom(m.header?.get(STREAM_SOURCE_HEADER));
+        const ofItsLife = life === undefined || origin?.life === undefined ||
+          origin.life === life;
+        if ((origin?.seq ?? m.seq) === seq && ofItsLife) return true;
+      }
+      return false;
+    },
+  };
 }
 
 /**

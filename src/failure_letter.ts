@@ -86,19 +86,46 @@ export function letterRetryMs(
 }
 
 /**
+ * Where a failure's letter and the message it names are read: where a mesh stores them
+ * ({@link storedLetters}), or a hub's copies of an edge site's (src/edge.ts, `siteLetters`).
+ */
+export interface LetterReads {
+  /** The letters stored on `subject` (`deadletter.<stage>.<item>`), oldest first. */
+  letters(subject: string): AsyncIterable<{ json<T>(): T }>;
+  /** Whether the pipeline's stream holds a message on `subject` at its sequence `seq`. */
+  holds(subject: string, seq: number): Promise<boolean>;
+}
+
+/**
+ * The letters in DEADLETTER and the messages of `stream`, read where the mesh stores them (one
+ * or two direct reads per failure).
+ *
+ * @example
+ * ```ts ignore
+ * const v = await failureVerdict(storedLetters(jsm, "ORDERS"), "orders.failed", event);
+ * ```
+ */
+export function storedLetters(jsm: JetStreamManager, stream: string): LetterReads {
+  return {
+    letters: (subject) => messagesOn(jsm, DEADLETTER_STREAM, subject),
+    holds: async (subject, seq) => (await storedMessage(jsm, stream, { seq }))?.subject === subject,
+  };
+}
+
+/**
  * Whether `writer` (a state writer's durable name, its dead letters' stage) dead-lettered the
  * message stored at `seq` on `subject` for item `item`: a failure it refused (its letter not
  * stored within {@link letterWindowMs}) stays out of the item's state even when the letter
  * comes later, so a rebuild leaves it out too and agrees with the bucket.
  */
 export async function letteredByWriter(
-  jsm: JetStreamManager,
+  reads: LetterReads,
   writer: string,
   item: string,
   subject: string,
   seq: number,
 ): Promise<boolean> {
-  for await (const m of messagesOn(jsm, DEADLETTER_STREAM, deadLetterSubject(writer, item))) {
+  for await (const m of reads.letters(deadLetterSubject(writer, item))) {
     try {
       const letter = m.json<{ subject?: unknown; stream_seq?: unknown }>();
       if (letter.subject === subject && letter.stream_seq === seq) return true;
@@ -116,17 +143,17 @@ export type FailureVerdict =
   | { type: "pending"; reason: string };
 
 /**
- * The verdict on `event`, a `failedType` event of item `event.item_id` in `stream`.
+ * The verdict on `event`, a `failedType` event of item `event.item_id`, from the letters and
+ * messages `reads` reads.
  *
  * @example
  * ```ts ignore
- * const v = await failureVerdict(jsm, "ORDERS", "orders.failed", event);
+ * const v = await failureVerdict(storedLetters(jsm, "ORDERS"), "orders.failed", event);
  * if (v.type !== "vouched") console.log(v.reason);
  * ```
  */
 export async function failureVerdict(
-  jsm: JetStreamManager,
-  stream: string,
+  reads: LetterReads,
   failedType: string,
   event: { id?: unknown; item_id: string; data?: unknown },
 ): Promise<FailureVerdict> {
@@ -145,7 +172,7 @@ export async function failureVerdict(
       reason: `its data names no dead letter of a stage for item ${JSON.stringify(item)}`,
     };
   }
-  for await (const m of messagesOn(jsm, DEADLETTER_STREAM, data.dead_letter_subject)) {
+  for await (const m of reads.letters(data.dead_letter_subject)) {
     let letter: { stage?: unknown; subject?: unknown; stream_seq?: unknown; item_id?: unknown };
     try {
       letter = m.json();
@@ -159,14 +186,38 @@ export async function failureVerdict(
     ) continue;
     // (A stage of another stream, such as a digest's, fails items on messages stored there.)
     if (!data.subject.startsWith(`${failedType.split(".")[0]}.`)) return { type: "vouched" };
-    const original = await storedMessage(jsm, stream, { seq: letter.stream_seq });
-    if (original?.subject === data.subject) return { type: "vouched" };
+    if (await reads.holds(data.subject, letter.stream_seq)) return { type: "vouched" };
   }
   return {
     type: "pending",
     reason: `no dead letter of ${data.stage} for the message it names (${data.subject}) is ` +
       `stored on ${data.dead_letter_subject}: a runner fails an item only as it stores one`,
   };
+}
+
+/**
+ * Whether a failure folds into its item's state where every letter is stored already (a
+ * rebuild, a hub's view of a site's items): its runner's letter vouches for it
+ * ({@link failureVerdict}) and the state writer `writer` did not dead-letter it itself
+ * ({@link letteredByWriter}); `subject` and `seq` are where the failure is stored.
+ *
+ * @example
+ * ```ts ignore
+ * const folds = await failureFolds(storedLetters(jsm, "ORDERS"), "orders.failed", "state",
+ *   event, m.subject, m.seq);
+ * ```
+ */
+export async function failureFolds(
+  reads: LetterReads,
+  failedType: string,
+  writer: string,
+  event: { id?: unknown; item_id: string; data?: unknown },
+  subject: string,
+  seq: number,
+): Promise<boolean> {
+  const verdict = await failureVerdict(reads, failedType, event);
+  return verdict.type === "vouched" &&
+    !await letteredByWriter(reads, writer, event.item_id, subject, seq);
 }
 
 /**
@@ -188,7 +239,7 @@ export async function settledVerdict(
   stopped: () => boolean = () => false,
 ): Promise<FailureVerdict> {
   for (;;) {
-    const verdict = await failureVerdict(jsm, stream, failedType, event);
+    const verdict = await failureVerdict(storedLetters(jsm, stream), failedType, event);
     if (verdict.type !== "pending" || Date.now() >= until || stopped()) return verdict;
     await new Promise((r) => setTimeout(r, 100));
   }

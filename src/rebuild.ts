@@ -12,7 +12,7 @@ import type { JetStreamClient } from "@nats-io/jetstream";
 import { canonicalJson } from "./canonical_json.ts";
 import { decodeStateEvent, startsNoItem, type StateSpec } from "./state_writer.ts";
 import { readStream } from "./stream_reader.ts";
-import { failureVerdict, letteredByWriter } from "./failure_letter.ts";
+import { failureFolds, storedLetters } from "./failure_letter.ts";
 import { DEADLETTER_STREAM } from "./subjects.ts";
 
 /** What a rebuild read. */
@@ -54,6 +54,7 @@ export async function rebuildStates<S>(
   // folds them: judged while DEADLETTER still holds every letter ever stored in it.
   const letters = spec.failedType !== undefined &&
     await jsm.streams.info(DEADLETTER_STREAM).then((i) => i.state.first_seq <= 1, () => false);
+  const reads = storedLetters(jsm, spec.stream);
   // Items with a message on their entry subject (valid or not): they entered.
   const entered = new Set<string>();
   for await (const m of readStream(js, spec.stream, { filter: spec.filter })) {
@@ -80,15 +81,12 @@ export async function rebuildStates<S>(
     // Nor a failure no runner's letter is stored for (the writer dead-letters it, `conflict`),
     // nor one the writer dead-letters itself (its letter came too late: the writer's
     // refusal stands, and the bucket and a rebuild agree).
-    if (letters && event.type === spec.failedType) {
-      const verdict = await failureVerdict(jsm, spec.stream, spec.failedType, event);
-      if (
-        verdict.type !== "vouched" ||
-        await letteredByWriter(jsm, spec.durable, event.item_id, m.subject, m.seq)
-      ) {
-        skipped++;
-        continue;
-      }
+    if (
+      letters && event.type === spec.failedType &&
+      !await failureFolds(reads, spec.failedType, spec.durable, event, m.subject, m.seq)
+    ) {
+      skipped++;
+      continue;
     }
     // Nor an event the item's history does not lead to (the writer dead-letters it, `conflict`).
     if (state !== undefined && spec.refuses?.(state, event, m.seq) !== undefined) {

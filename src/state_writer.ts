@@ -33,7 +33,13 @@ import {
   storedMessage,
 } from "./runner.ts";
 import { ConflictError, NotFoundError } from "./errors.ts";
-import { failureVerdict, letterLooks, letterRetryMs, letterWindowMs } from "./failure_letter.ts";
+import {
+  failureVerdict,
+  letterLooks,
+  letterRetryMs,
+  letterWindowMs,
+  storedLetters,
+} from "./failure_letter.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
 import { validateEvent } from "./schemas.ts";
 import { ITEM_ID, parseEventSubject } from "./subjects.ts";
@@ -552,10 +558,12 @@ export async function runStateWriter<S>(opts: {
       group.events.map(({ event }) =>
         event.type !== failedType
           ? undefined
-          : failureVerdict(jsm, spec.stream, failedType, event).catch((err: unknown) => {
-            log.warn("state write failed", { item_id: id, err });
-            return { type: "retry" as const, err };
-          })
+          : failureVerdict(storedLetters(jsm, spec.stream), failedType, event).catch(
+            (err: unknown) => {
+              log.warn("state write failed", { item_id: id, err });
+              return { type: "retry" as const, err };
+            },
+          )
       ),
     );
     await Promise.all(group.msgs.map(async (m, i) => {

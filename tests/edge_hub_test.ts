@@ -37,6 +37,7 @@ import {
 } from "../src/nats_server.ts";
 import { createLogger } from "../src/observability/log.ts";
 import { rebuildStates } from "../src/rebuild.ts";
+import { deadLetterSubject } from "../src/subjects.ts";
 import { SERVICES, siteDurables } from "../src/supervisor.ts";
 import {
   ensureConsumer,
@@ -398,6 +399,64 @@ Deno.test(
     const { site: name, ...hubState } = await siteWiredItem(hubJs, "east", feedback!, id);
     assert.equal(name, "east");
     assert.deepEqual(hubState, atSite, "the hub shows the site's state, sequences included");
+  },
+);
+
+Deno.test(
+  "the hub folds a site's failure only as the site's writer does: with its runner's letter, and not one the writer refused when its letter came too late",
+  CURRENT_SERVER,
+  async () => {
+    await using pair = await startEdgePair();
+    const site = jetstream(pair.site.nc);
+    const hubJs = jetstream(pair.hub.nc);
+    const [feedback] = SHIPPED_PIPELINES;
+    const spec = feedback!.items!.state;
+    const ingested = (id: string): [string, string] => [
+      `feedback.ingested.${id}`,
+      JSON.stringify(
+        createEvent({
+          itemId: id,
+          traceId: TRACE,
+          source: "gateway",
+          type: "feedback.ingested",
+          data: { text: "the export crashes" },
+        }),
+      ),
+    ];
+    // The site's FEEDBACK holds these at 1 to 6; the hub's stream interleaves the letters.
+    const steps: [string, string][] = [
+      // A forged failure: no runner's letter is stored for it.
+      ingested("FORGED-1"),
+      ...runnerFailure("FORGED-1", "feedback.ingested.FORGED-1", 1, "forged").slice(1),
+      // A failure whose letter came after the writer had given up on it: the writer's own
+      // letter for the failure (at 4) refuses it for good.
+      ingested("LATE-1"),
+      ...runnerFailure("LATE-1", "feedback.ingested.LATE-1", 3, "late"),
+      [
+        deadLetterSubject(spec.durable, "LATE-1"),
+        JSON.stringify({ subject: "feedback.failed.LATE-1", stream_seq: 4, item_id: "LATE-1" }),
+      ],
+      // A failure with its runner's letter: it stands.
+      ingested("FAILED-1"),
+      ...runnerFailure("FAILED-1", "feedback.ingested.FAILED-1", 5, "a real failure"),
+    ];
+    for (const [subject, data] of steps) {
+      await site.publish(subject, data);
+      await waitFor(
+        async () => (await atHub(pair.hub.jsm, subject)) >= 1 || undefined,
+        60_000,
+        `the hub holding east's ${subject}`,
+      );
+    }
+    const { states } = await rebuildStates(site, spec);
+    const expected = { "FORGED-1": "accepted", "LATE-1": "accepted", "FAILED-1": "failed" };
+    for (const [id, status] of Object.entries(expected)) {
+      const atSite = states.get(id) as { status: string };
+      assert.equal(atSite.status, status, `${id} at the site`);
+      const { site: name, ...atHub } = await siteWiredItem(hubJs, "east", feedback!, id);
+      assert.equal(name, "east");
+      assert.deepEqual(atHub, atSite, `${id}: the hub shows the site's state`);
+    }
   },
 );
 
