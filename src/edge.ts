@@ -967,6 +967,19 @@ export async function siteItem<S>(
 }
 
 /**
+ * Where a hub reads the letters of `site`'s failures of `pipeline`'s items: its copies of the
+ * site's dead letters and events, of the life of the site's stream it now sources.
+ */
+export async function siteLetterReads(
+  js: JetStreamClient,
+  site: string,
+  pipeline: string,
+): Promise<LetterReads> {
+  const life = await currentLife(js, site, pipeline);
+  return siteLetters(await js.jetstreamManager(false), site, life);
+}
+
+/**
  * A hub's copies of `site`'s dead letters and events (under `site.<site>.`), read as
  * {@link LetterReads}: a message is at a site sequence when its copy was sourced from there (a
  * copy not sourced keeps the hub's), of the site stream's life `life` when given.

@@ -227,19 +227,19 @@ export async function failureFolds(
  *
  * @example
  * ```ts ignore
- * const v = await settledVerdict(jsm, "ORDERS", "orders.failed", event, Date.now() + 10_000);
+ * const reads = storedLetters(jsm, "ORDERS");
+ * const v = await settledVerdict(reads, "orders.failed", event, Date.now() + 10_000);
  * ```
  */
 export async function settledVerdict(
-  jsm: JetStreamManager,
-  stream: string,
+  reads: LetterReads,
   failedType: string,
   event: { id?: unknown; item_id: string; data?: unknown },
   until: number,
   stopped: () => boolean = () => false,
 ): Promise<FailureVerdict> {
   for (;;) {
-    const verdict = await failureVerdict(storedLetters(jsm, stream), failedType, event);
+    const verdict = await failureVerdict(reads, failedType, event);
     if (verdict.type !== "pending" || Date.now() >= until || stopped()) return verdict;
     await new Promise((r) => setTimeout(r, 100));
   }

@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { LETTER_WAIT_MS, settledVerdict } from "./failure_letter.ts";
+import { LETTER_WAIT_MS, settledVerdict, storedLetters } from "./failure_letter.ts";
 import { Buffer } from "node:buffer";
 import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/nats-core";
 import {
@@ -997,8 +997,7 @@ export async function failureCounts(
     // dead-letter the item's next event for good (found by probing).
     const born = m.time?.getTime() ?? Date.now();
     const verdict = await settledVerdict(
-      jsm,
-      stream,
+      storedLetters(jsm, stream),
       failedType,
       { ...event, item_id },
       born + LETTER_WAIT_MS,

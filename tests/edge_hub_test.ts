@@ -425,9 +425,14 @@ Deno.test(
     ];
     // The site's FEEDBACK holds these at 1 to 6; the hub's stream interleaves the letters.
     const steps: [string, string][] = [
-      // A forged failure: no runner's letter is stored for it.
+      // A forged failure: no runner's letter is stored for it. (Dated a minute back: a reader
+      // waits for the letter of a failure younger than 10 s.)
       ingested("FORGED-1"),
-      ...runnerFailure("FORGED-1", "feedback.ingested.FORGED-1", 1, "forged").slice(1),
+      ...runnerFailure("FORGED-1", "feedback.ingested.FORGED-1", 1, "forged").slice(1)
+        .map(([subject, body]): [string, string] => [
+          subject,
+          JSON.stringify({ ...JSON.parse(body), time: new Date(Date.now() - 60_000) }),
+        ]),
       // A failure whose letter came after the writer had given up on it: the writer's own
       // letter for the failure (at 4) refuses it for good.
       ingested("LATE-1"),
@@ -457,6 +462,59 @@ Deno.test(
       assert.equal(name, "east");
       assert.deepEqual(atHub, atSite, `${id}: the hub shows the site's state`);
     }
+    // The hub's event stream of an item judges its failures alike: the forged one is neither
+    // shown nor ends the stream; FORGED-1's runner's failure (on its sentiment event, the
+    // site's 7th) ends it. (Before, the stream showed the forged failure and ended there.)
+    const sentiment = createEvent(
+      {
+        itemId: "FORGED-1",
+        traceId: TRACE,
+        source: "weft-sentiment",
+        type: "feedback.sentiment_analyzed",
+        data: { sentiment: "negative", score: -0.5 },
+      } as Parameters<typeof createEvent>[0],
+    );
+    const later: [string, string][] = [
+      ["feedback.sentiment_analyzed.FORGED-1", JSON.stringify(sentiment)],
+      ...runnerFailure("FORGED-1", "feedback.sentiment_analyzed.FORGED-1", 7, "a real failure"),
+    ];
+    for (const [subject, data] of later) {
+      await site.publish(subject, data);
+      await waitFor(
+        async () => (await atHub(pair.hub.jsm, subject)) >= 1 || undefined,
+        60_000,
+        `the hub holding east's ${subject}`,
+      );
+    }
+    const log = createLogger("test-hub", "warn", () => {});
+    const app = new Hono().route(
+      "/sites",
+      edgeRoutes({ js: hubJs, jsm: pair.hub.jsm }, ["east"], {
+        config: testConfig(pair.hub.server.url),
+        clients: new SseClients(10),
+        feeds: new LiveFeeds(hubJs, log, 5, 1_000),
+        log,
+      }),
+    );
+    app.onError((err, c) => problemResponse(c, err));
+    const shown = async (id: string) => {
+      const res = await app.request(`/sites/east/feedback/${id}/events`);
+      assert.equal(res.status, 200, id);
+      const frames = await readSse(res, { timeoutMs: 60_000 });
+      return frames.map((f) => [JSON.parse(f.data).type, JSON.parse(f.data).data.reason]);
+    };
+    assert.deepEqual(await shown("FORGED-1"), [
+      ["feedback.ingested", undefined],
+      ["feedback.sentiment_analyzed", undefined],
+      ["feedback.failed", "a real failure"],
+    ]);
+    assert.deepEqual(await shown("FAILED-1"), [
+      ["feedback.ingested", undefined],
+      ["feedback.failed", "a real failure"],
+    ]);
+    const rebuilt = (await rebuildStates(site, spec)).states.get("FORGED-1");
+    const { site: _east, ...forged } = await siteWiredItem(hubJs, "east", feedback!, "FORGED-1");
+    assert.deepEqual(forged, rebuilt, "FORGED-1, failed for real: the hub shows the site's state");
   },
 );
 
@@ -769,11 +827,15 @@ Deno.test(
       "feedback.sentiment_analyzed.R-1",
       event("R-1", "feedback.sentiment_analyzed", { sentiment: "negative", score: -0.5 }),
     );
-    await site.publish("feedback.failed.R-1", event("R-1", "feedback.failed", failed));
+    // Failed on its sentiment event, the new life's second: its letter (the hub's 6), then
+    // the failure, which a hub shows only with its letter, as the site's writer folds it.
+    for (const [subject, data] of runnerFailure("R-1", "feedback.sentiment_analyzed.R-1", 2, "x")) {
+      await site.publish(subject, data);
+    }
     const frames = await readSse(resumed, { timeoutMs: 60_000 });
     assert.deepEqual(frames.map((f) => [f.id, JSON.parse(f.data).type]), [
       ["5", "feedback.sentiment_analyzed"],
-      ["6", "feedback.failed"],
+      ["7", "feedback.failed"],
     ]);
     for (const path of ["/sites/east/feedback/OLD-1/events", "/sites/east/feedback/OLD-1"]) {
       const gone = await app.request(path);

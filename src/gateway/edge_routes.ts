@@ -20,11 +20,13 @@ import {
   siteEventsFilter,
   siteItem,
   siteItemStart,
+  siteLetterReads,
   siteStatuses,
   siteSubjectPrefix,
   siteWiredItem,
 } from "../edge.ts";
 import { NotFoundError } from "../errors.ts";
+import type { StateSpec } from "../state_writer.ts";
 import { ITEM_ID } from "../subjects.ts";
 import { SHIPPED_PIPELINES } from "../../pipelines/shipped.ts";
 import { openSlot, streamEvents } from "./sse.ts";
@@ -134,6 +136,7 @@ export function edgeRoutes(
       if (from === null) {
         throw new NotFoundError(`no ${what} ${id} from site ${site}`, { field: "id" });
       }
+      const letters = await siteLetterReads(jetStream.js, site, pipeline);
       const key = openSlot(sse.clients, c);
       return streamEvents(c, jetStream.js, {
         filter: siteEventsFilter(site, id, pipeline),
@@ -143,6 +146,11 @@ export function edgeRoutes(
         from,
         itemId: id,
         finalTypes,
+        // Its history judged as the site's writer judges it: a forged end or a failure no
+        // runner's letter vouches for is not shown and ends nothing, as at the site.
+        state: wiring.items!.state as StateSpec<unknown>,
+        letters,
+        subjectPrefix: `${siteSubjectPrefix(site)}.`,
         subjectOf: (type, item) => `${siteSubjectPrefix(site)}.${type}.${item}`,
         feedFilter: siteEventsFilter(site, "*", pipeline),
       }, { ...sse, key });

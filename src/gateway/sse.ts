@@ -30,7 +30,12 @@ import { bearerToken } from "./auth.ts";
 import { ReadBudget, readerPrefetch, readStream } from "../stream_reader.ts";
 import { subjectMatches } from "../subjects.ts";
 import { decodeStateEvent, startsNoItem, type StateSpec } from "../state_writer.ts";
-import { LETTER_WAIT_MS, settledVerdict } from "../failure_letter.ts";
+import {
+  LETTER_WAIT_MS,
+  type LetterReads,
+  settledVerdict,
+  storedLetters,
+} from "../failure_letter.ts";
 import { canonicalJson } from "../canonical_json.ts";
 import type { AnyEvent } from "../schemas.ts";
 
@@ -73,6 +78,16 @@ export interface SseSelection {
    * reached the step, which the state writer dead-letters) is not shown and ends nothing.
    */
   state?: StateSpec<unknown>;
+  /**
+   * Where a failure's dead letter is read to judge it (with `state`): by default DEADLETTER
+   * and `stream` (a hub's copies of an edge site's letters and events: src/edge.ts).
+   */
+  letters?: LetterReads;
+  /**
+   * What the stream's subjects carry ahead of the pipeline's own (a hub's copies of an edge
+   * site's events: `site.<site>.`): taken off before an event is folded with `state`.
+   */
+  subjectPrefix?: string;
 }
 
 /** Whether `after` is `before` resumed: a failed item's state that a redrive set running. */
@@ -92,7 +107,11 @@ function endJudge(
   item: string,
   finalTypes: ReadonlySet<string>,
   vouch?: (f: Frame) => Promise<boolean>,
+  prefix = "",
 ) {
+  /** The subject `f` has in its pipeline's stream (a hub's copy's, without its prefix). */
+  const subjectOf = (f: Frame) =>
+    prefix !== "" && f.subject.startsWith(prefix) ? f.subject.slice(prefix.length) : f.subject;
   let state: unknown;
   let upTo = 0;
   let entered = false;
@@ -121,10 +140,10 @@ function endJudge(
       if (f.seq <= upTo) return;
       upTo = f.seq;
       if (refused.has(f.seq)) return; // a failure no runner's letter is stored for
-      entered ||= spec.entrySubject?.(item) === f.subject;
+      entered ||= spec.entrySubject?.(item) === subjectOf(f);
       let event: AnyEvent;
       try {
-        event = decodeStateEvent(spec, encoder.encode(f.text), f.subject, 0);
+        event = decodeStateEvent(spec, encoder.encode(f.text), subjectOf(f), 0);
       } catch {
         return; // dead-lettered, never folded
       }
@@ -1018,10 +1037,9 @@ export async function streamEvents(
         (Number.isNaN(born) ? 0 : born) + LETTER_WAIT_MS,
       );
       try {
-        const jsm = await js.jetstreamManager();
+        const reads = sel.letters ?? storedLetters(await js.jetstreamManager(), streamName);
         const v = await settledVerdict(
-          jsm,
-          streamName,
+          reads,
           failedType,
           { ...event, item_id: item },
           until,
@@ -1033,7 +1051,7 @@ export async function streamEvents(
       }
     };
     const judge = sel.state !== undefined && sel.itemId !== undefined && sel.closeOnFinal
-      ? endJudge(sel.state, sel.itemId, finalTypes, vouch)
+      ? endJudge(sel.state, sel.itemId, finalTypes, vouch, sel.subjectPrefix)
       : undefined;
     /**
      * A frame the item's history does not lead to (a step's event or an end published with a
