@@ -1185,6 +1185,36 @@ Deno.test("a copy of the event a failed item failed on, with its id and another 
   );
 });
 
+Deno.test("junk a step's key stores under the id of the step's completion does not make a redrive skip the step as run: the redriven item goes on and ends", async () => {
+  // docs/SECURITY.md had this as not defended: a redrive asks whether the step ran for the
+  // redriven event (its completion's id follows from the event's), and took any message under
+  // that id for its completion; the item stayed where it was, its letter gone.
+  await using t = await startTestNats();
+  let down = true;
+  await using o = await startTwoSteps(t, { failAnswer: () => down });
+  await submitItem(t.nc, o.p, "J1", BOB, { source: "test", traceId: TRACE });
+  await waitFor(
+    async () => (await readItem(o.kv, "J1"))?.status === "failed" || undefined,
+    20_000,
+    "J1 failed at its answer step",
+  );
+  const route = await lastOn(t.jsm, o.stream, "orders.route.J1");
+  // The answer step's key stores junk where the answer step's completion of it would be.
+  const junk = { id: deterministicId(route.id as string, "orders.answer") };
+  await jetstream(t.nc).publish("orders.answer.J1", JSON.stringify(junk));
+  down = false;
+  const [letter] = await listDeadLetters(jetstream(t.nc), { item_id: "J1", code: "rejected" });
+  const { redriven } = await redrive(jetstream(t.nc), { ids: [letter!.seq] });
+  assert.equal(redriven.length, 1);
+  const done = await o.done("J1");
+  assert.deepEqual(done.results.answer, { answered: true });
+  assert.equal(
+    o.ran.filter((r) => r.step === "answer" && r.item === "J1").length,
+    2,
+    "the answer step ran again for the redriven event",
+  );
+});
+
 /**
  * A definition of three tasks and an end, run in-process with its state writer and the
  * gateway app: `check` holds every item until `release`. `copies` stores three copies of an

@@ -2466,7 +2466,10 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
 
 /**
  * Whether work step `step` of `flow` ran for event `e`: its completion of `e` (its id follows
- * from `e`'s) is stored on the item's subject of the step's event.
+ * from `e`'s) is stored on the item's subject of the step's event, an event of the flow that
+ * counts a run of the step. Not anything under that id: junk a step's key stored there (the
+ * id is predictable) had a redrive of the item's letter skip the step as done, and the item
+ * stayed where it was, its letter gone (reproduced 2026-12-07, tests/forged_items_test.ts).
  */
 async function stepTook(
   jsm: JetStreamManager,
@@ -2479,9 +2482,10 @@ async function stepTook(
   const want = deterministicId(e.id, type);
   for await (const m of messagesOn(jsm, stream, `${type}.${e.item_id}`, { max: 1024 })) {
     try {
-      if (m.json<{ id?: unknown }>().id === want) return true;
+      const done = decodeFlowEvent(flow, m.json(), m.subject);
+      if (done.id === want && (done.data.runs?.[step] ?? 0) > 0) return true;
     } catch {
-      // not an event: not its completion
+      // not an event of the flow: not its completion
     }
   }
   return false;
