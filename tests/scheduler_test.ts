@@ -207,9 +207,10 @@ Deno.test({
 async function scheduleApp(
   t: Awaited<ReturnType<typeof startTestNats>>,
   pipelines: readonly LoadedPipeline[] = [],
+  opts: { maxCallerCrons?: number } = {},
 ) {
   const log = createLogger("test", "error", () => {});
-  const store = lazyScheduleStore(t.nc);
+  const store = lazyScheduleStore(t.nc, opts);
   const allowed = scheduleTargets(pipelines);
   const app = new Hono();
   app.onError((err, c) => problemResponse(c, err));
@@ -551,6 +552,53 @@ Deno.test("a schedule its target would refuse is refused when made, naming the f
   const garbled = await t.nc.request("weft.schedules.create", "{not json", PATIENT);
   const problem = garbled.json<{ error?: { status?: number; code?: string } }>().error;
   assert.deepEqual([problem?.status, problem?.code], [400, "malformed_json"]);
+});
+
+Deno.test("a caller's recurring schedule fires at most once a minute, and only so many are active at once, over HTTP and NATS; a pipeline's own timers are not bound", async () => {
+  // Found by probing: 300 schedules of `"cron": "* * * * * *"` on feedback.submit, made with
+  // 300 requests, submitted 300 items a second, past the intake's high-water mark and the
+  // per-key rate limits, until cancelled.
+  await using t = await startTestNats();
+  using gateway = await scheduleApp(t, [], { maxCallerCrons: 2 });
+  const { app, schedules } = gateway;
+  const post = (body: unknown) =>
+    app.request("/schedules", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  const payload = { text: "how is the week going?" };
+  const subject = "feedback.submit";
+  for (const cron of ["* * * * * *", "*/30 * * * * *", "0,59 * * * * *"]) {
+    const res = await post({ subject, payload, cron });
+    assert.equal(await expectField(res, 422), "/cron", cron);
+    const reply = await t.nc.request(
+      "weft.schedules.create",
+      JSON.stringify({ subject, payload, cron }),
+      PATIENT,
+    );
+    assert.equal(reply.json<{ error?: { field?: string } }>().error?.field, "/cron", cron);
+  }
+  assert.deepEqual(await schedules.list(), [], "none was stored");
+  // Once a minute (five fields, or a sixth at a fixed second) is allowed; two are active.
+  assert.equal((await post({ id: "weekly", subject, payload, cron: "0 9 * * 1" })).status, 201);
+  assert.equal((await post({ id: "minutely", subject, payload, cron: "0 * * * * *" })).status, 201);
+  // A third is refused while two are active; one-shots and a pipeline's timers do not count.
+  const third = await post({ id: "third", subject, payload, cron: "0 10 * * *" });
+  assert.equal(await expectField(third, 409), "/cron");
+  await assert.rejects(schedules.get("third"), /no schedule/, "the refused one is not kept");
+  assert.equal((await post({ subject, payload, at: "2099-01-01T00:00:00Z" })).status, 201);
+  await schedules.create({
+    id: "orders.timer-1",
+    subject: "orders.timer.o1",
+    payload: {},
+    cron: "* * * * * *",
+  });
+  // The same definition again answers the schedule it made, cap or not.
+  assert.equal((await post({ id: "weekly", subject, payload, cron: "0 9 * * 1" })).status, 201);
+  // Cancelled, one makes room for another.
+  assert.equal((await app.request("/schedules/weekly", { method: "DELETE" })).status, 204);
+  assert.equal((await post({ id: "third", subject, payload, cron: "0 10 * * *" })).status, 201);
 });
 
 Deno.test("a pipeline's retired schedule is removed when the scheduler starts; a caller's schedule under that id for another subject stays", async () => {

@@ -34,9 +34,14 @@ import type { Auth } from "./auth.ts";
 import { lazy } from "../retry.ts";
 
 /** The schedule store of the gateway's connection, opened on first use. */
-export function lazyScheduleStore(nc: NatsConnection): () => Promise<ScheduleStore> {
+export function lazyScheduleStore(
+  nc: NatsConnection,
+  opts: { maxCallerCrons?: number } = {},
+): () => Promise<ScheduleStore> {
   // NATS down at the first request: open again at the next.
-  return lazy(() => new Kvm(nc).open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv)));
+  return lazy(() =>
+    new Kvm(nc).open(SCHEDULE_BUCKET).then((kv) => createScheduleStore(kv, undefined, opts))
+  );
 }
 
 /**
@@ -104,7 +109,7 @@ async function create(
   }
   assertCallerSchedulable(doc.subject, targets.allowed);
   targets.check(doc.subject, doc.payload);
-  return await (await store()).create(doc);
+  return await (await store()).create(doc, { caller: true });
 }
 
 /**

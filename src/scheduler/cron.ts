@@ -31,10 +31,27 @@ export function nextCronTime(cron: string, after: Date): Date | null {
  * ```
  */
 export function longestCronGap(cron: string, after: Date, count = 9): number {
+  return Math.max(0, ...cronGaps(cron, after, count));
+}
+
+/**
+ * The shortest wait between the next `count` firings of `cron` after `after`, ms (0 when it
+ * fires fewer than twice). Throws on an expression that does not parse.
+ *
+ * @example
+ * ```ts
+ * import { shortestCronGap } from "./cron.ts";
+ * shortestCronGap("* * * * * *", new Date("2026-01-01T00:00:00Z")); // 1000
+ * shortestCronGap("0 9,10 * * *", new Date("2026-01-01T00:00:00Z")); // 3600000
+ * ```
+ */
+export function shortestCronGap(cron: string, after: Date, count = 16): number {
+  const gaps = cronGaps(cron, after, count);
+  return gaps.length === 0 ? 0 : Math.min(...gaps);
+}
+
+/** The waits between the next `count` firings of `cron` after `after`, ms. */
+function cronGaps(cron: string, after: Date, count: number): number[] {
   const runs = new Cron(cron, { paused: true, timezone: "UTC" }).nextRuns(count, after);
-  let longest = 0;
-  for (let i = 1; i < runs.length; i++) {
-    longest = Math.max(longest, runs[i]!.getTime() - runs[i - 1]!.getTime());
-  }
-  return longest;
+  return runs.slice(1).map((r, i) => r.getTime() - runs[i]!.getTime());
 }

@@ -13,7 +13,7 @@
  * @module
  */
 import type { KV } from "@nats-io/kv";
-import { nextCronTime } from "./cron.ts";
+import { nextCronTime, shortestCronGap } from "./cron.ts";
 import { ulid } from "ulid";
 import { ConflictError, NotFoundError, ValidationError } from "../errors.ts";
 import type { Schedule } from "../events.gen.ts";
@@ -49,6 +49,22 @@ export interface ScheduleEntry {
 }
 
 export { nextCronTime } from "./cron.ts";
+
+/**
+ * The shortest time between two firings of a caller's recurring schedule, ms: a minute, what
+ * a five-field cron can say (croner also takes a sixth, seconds, field). Its firings are bus
+ * publishes, which pass neither the intake's high-water mark nor the per-key rate limits that
+ * bind submissions over HTTP: every-second schedules were a flood anyone allowed to schedule
+ * could start (found by probing: 300 of them, made with 300 requests, submitted 300 items a
+ * second until cancelled). A pipeline's own timers are not bound by it.
+ */
+export const CALLER_CRON_MIN_GAP_MS = 60_000;
+
+/**
+ * How many recurring schedules callers may have active at once, by default: with
+ * {@link CALLER_CRON_MIN_GAP_MS}, at most about 17 firings a second in all.
+ */
+export const CALLER_CRONS_MAX = 1_000;
 
 /**
  * Checks a schedule definition and builds its stored entry.
@@ -114,8 +130,13 @@ export function afterFiring(entry: ScheduleEntry, firedAt: Date, now: Date): Sch
 
 /** Manages schedules. */
 export interface ScheduleStore {
-  /** Creates a schedule; the same definition again answers the existing one. */
-  create(def: Schedule): Promise<ScheduleEntry>;
+  /**
+   * Creates a schedule; the same definition again answers the existing one. With `caller` (a
+   * request over HTTP or NATS), a recurring one may fire at most every
+   * {@link CALLER_CRON_MIN_GAP_MS} (a {@link ValidationError} naming `/cron`), and only while
+   * fewer than the store's `maxCallerCrons` are active (a {@link ConflictError}).
+   */
+  create(def: Schedule, opts?: { caller?: boolean }): Promise<ScheduleEntry>;
   /** One schedule; a {@link NotFoundError} when unknown. */
   get(id: string): Promise<ScheduleEntry>;
   /** Every schedule, soonest first. */
@@ -200,13 +221,35 @@ export async function readSchedule(
  * await store.create({ subject: "orders.payment_due.o1", payload: event, at: due });
  * ```
  */
-export function createScheduleStore(kv: KV, now: () => Date = () => new Date()): ScheduleStore {
+export function createScheduleStore(
+  kv: KV,
+  now: () => Date = () => new Date(),
+  opts: { maxCallerCrons?: number } = {},
+): ScheduleStore {
+  const maxCallerCrons = opts.maxCallerCrons ?? CALLER_CRONS_MAX;
+  /** The callers' recurring schedules that are active (callers' ids hold no `.`). */
+  const activeCallerCrons = async () => {
+    const ids: string[] = [];
+    for await (const k of await kv.keys("*")) ids.push(k);
+    const found = await Promise.all(ids.map((k) => readSchedule(kv, k)));
+    return found.filter((f) => f?.entry.cron !== undefined && f.entry.status === "active").length;
+  };
   return {
-    async create(def) {
+    async create(def, { caller = false } = {}) {
       const entry = newScheduleEntry(def, now());
+      if (caller && entry.cron !== undefined) {
+        const gap = shortestCronGap(entry.cron, now());
+        if (gap > 0 && gap < CALLER_CRON_MIN_GAP_MS) {
+          throw new ValidationError(
+            `cron fires every ${gap / 1000} s at times; a caller's schedule may fire at most ` +
+              `once a minute`,
+            { field: "/cron" },
+          );
+        }
+      }
+      let revision: number;
       try {
-        await kv.create(entry.id, encoder.encode(JSON.stringify(entry)));
-        return entry;
+        revision = await kv.create(entry.id, encoder.encode(JSON.stringify(entry)));
       } catch (err) {
         const existing = await readSchedule(kv, entry.id);
         if (!existing) throw err;
@@ -223,6 +266,15 @@ export function createScheduleStore(kv: KV, now: () => Date = () => new Date()):
           field: "/id",
         });
       }
+      // Counted once stored, so that callers making schedules at once cannot all pass.
+      if (caller && entry.cron !== undefined && await activeCallerCrons() > maxCallerCrons) {
+        await kv.delete(entry.id, { previousSeq: revision }).catch(() => {});
+        throw new ConflictError(
+          `${maxCallerCrons} recurring schedules are active already: cancel one first`,
+          { field: "/cron" },
+        );
+      }
+      return entry;
     },
     async get(id) {
       const found = ID.test(id) ? await readSchedule(kv, id) : null;
