@@ -139,6 +139,19 @@ async function atHub(jsm: JetStreamManager, subject: string): Promise<number> {
   return info.state.subjects?.[`site.east.${subject}`] ?? 0;
 }
 
+/** Publishes each `[subject, body]` at site east, in order, each once the hub holds the last. */
+async function storedAtBoth(pair: EdgePair, messages: readonly [string, string][]) {
+  const site = jetstream(pair.site.nc);
+  for (const [subject, data] of messages) {
+    await site.publish(subject, data);
+    await waitFor(
+      async () => (await atHub(pair.hub.jsm, subject)) >= 1 || undefined,
+      60_000,
+      `the hub holding east's ${subject}`,
+    );
+  }
+}
+
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 
 /**
@@ -360,12 +373,6 @@ Deno.test(
     await using pair = await startEdgePair();
     const site = jetstream(pair.site.nc);
     const hubJs = jetstream(pair.hub.nc);
-    const arrived = async (subject: string) =>
-      await waitFor(
-        async () => (await atHub(pair.hub.jsm, subject)) >= 1 || undefined,
-        60_000,
-        `the hub holding east's ${subject}`,
-      );
     const [feedback] = SHIPPED_PIPELINES;
     const id = "SEQ-1";
     const envelope = { itemId: id, traceId: TRACE, source: "gateway" };
@@ -388,10 +395,7 @@ Deno.test(
       // (Failed on its ingested event, the site's FEEDBACK's first.)
       ...runnerFailure(id, `feedback.ingested.${id}`, 1, "a test"),
     ];
-    for (const [subject, data] of steps) {
-      await site.publish(subject, data);
-      await arrived(subject);
-    }
+    await storedAtBoth(pair, steps);
     const { states } = await rebuildStates(site, feedback!.items!.state);
     const atSite = states.get(id) as { stages: Record<string, { seq: number }> };
     // The site's FEEDBACK holds the item's two events at 1 and 2; the hub's stream at 3 and 5.
@@ -445,14 +449,7 @@ Deno.test(
       ingested("FAILED-1"),
       ...runnerFailure("FAILED-1", "feedback.ingested.FAILED-1", 5, "a real failure"),
     ];
-    for (const [subject, data] of steps) {
-      await site.publish(subject, data);
-      await waitFor(
-        async () => (await atHub(pair.hub.jsm, subject)) >= 1 || undefined,
-        60_000,
-        `the hub holding east's ${subject}`,
-      );
-    }
+    await storedAtBoth(pair, steps);
     const { states } = await rebuildStates(site, spec);
     const expected = { "FORGED-1": "accepted", "LATE-1": "accepted", "FAILED-1": "failed" };
     for (const [id, status] of Object.entries(expected)) {
@@ -478,14 +475,7 @@ Deno.test(
       ["feedback.sentiment_analyzed.FORGED-1", JSON.stringify(sentiment)],
       ...runnerFailure("FORGED-1", "feedback.sentiment_analyzed.FORGED-1", 7, "a real failure"),
     ];
-    for (const [subject, data] of later) {
-      await site.publish(subject, data);
-      await waitFor(
-        async () => (await atHub(pair.hub.jsm, subject)) >= 1 || undefined,
-        60_000,
-        `the hub holding east's ${subject}`,
-      );
-    }
+    await storedAtBoth(pair, later);
     const log = createLogger("test-hub", "warn", () => {});
     const app = new Hono().route(
       "/sites",
