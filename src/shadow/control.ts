@@ -28,6 +28,7 @@ import {
   parseShadowSpec,
   parseStepVersion,
   SHADOW_ID,
+  SHADOWS_MAX,
   type ShadowSpec,
   shippedShadowSteps,
   type StepVersion,
@@ -63,14 +64,6 @@ export interface ShadowControl {
 }
 
 const encoder = new TextEncoder();
-
-/**
- * How many live shadows may be attached at once, by default (`WEFT_SHADOW` and the API's
- * together). Each reads every item of its step on its own consumer, whatever its rate limit,
- * so their cost grows with their number: found by probing, 60 shadows of the sentiment step
- * (60 requests) made 2,000 items take 18.7 s to process instead of 10.5.
- */
-export const SHADOWS_MAX = 8;
 
 /**
  * The shadow control over `nc`. `configured` are the shadows of `WEFT_SHADOW` (listed,

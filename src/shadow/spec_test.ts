@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { ValidationError } from "../errors.ts";
-import { parseShadowSpec, parseShadowSpecs, sampled } from "./spec.ts";
+import { parseShadowSpec, parseShadowSpecs, sampled, SHADOWS_MAX } from "./spec.ts";
 
 Deno.test("parseShadowSpec fills the default pipeline and limits", () => {
   const s = parseShadowSpec({ id: "r1", step: "topics", candidate: { analyzers: "embedded" } });
@@ -77,6 +77,11 @@ Deno.test("parseShadowSpecs takes one shadow or a list, and refuses a repeated i
     );
   refused(`[${one},${one}]`, "/1/id");
   refused("not json", undefined);
+  // At most SHADOWS_MAX (8), as the API attaches them: a ninth is refused at start-up.
+  const list = (n: number) =>
+    `[${Array.from({ length: n }, (_, i) => one.replace('"id":"a"', `"id":"s${i}"`)).join(",")}]`;
+  assert.equal(parseShadowSpecs(list(SHADOWS_MAX)).length, SHADOWS_MAX);
+  refused(list(SHADOWS_MAX + 1), `/${SHADOWS_MAX}`);
 });
 
 Deno.test("parseShadowSpecs names the bad field, under its index in a list", () => {
