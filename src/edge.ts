@@ -43,6 +43,7 @@ import type { AnyEvent } from "./schemas.ts";
 import { readStream } from "./stream_reader.ts";
 import { failureFolds, type LetterReads } from "./failure_letter.ts";
 import { messagesOn } from "./runner.ts";
+import { lazy } from "./retry.ts";
 import { decodeStateEvent, foldLed, startsNoItem, type StateSpec } from "./state_writer.ts";
 import { DEADLETTER_STREAM, DIGEST_STREAM } from "./subjects.ts";
 import type { PipelineWiring } from "./wiring.ts";
@@ -925,16 +926,12 @@ export async function siteItem<S>(
   const letters = siteLetters(await js.jetstreamManager(false), site, life);
   for await (const m of readStream(js, edgeStream(site), { filter })) {
     if (!ofLife(m, life)) continue;
+    // The subject it has at the site.
+    const subject = m.subject.slice(prefix.length);
     let event: AnyEvent;
-    entered ||= spec.entrySubject?.(id) === m.subject.slice(prefix.length);
+    entered ||= spec.entrySubject?.(id) === subject;
     try {
-      event = decodeStateEvent(
-        spec,
-        m.data,
-        m.subject.slice(prefix.length),
-        m.time.getTime(),
-        m.headers,
-      );
+      event = decodeStateEvent(spec, m.data, subject, m.time.getTime(), m.headers);
     } catch {
       continue; // the site dead-letters it and folds nothing
     }
@@ -948,14 +945,7 @@ export async function siteItem<S>(
     // Nor a failure no runner's letter vouches for, nor one the site's writer refused itself.
     if (
       spec.failedType !== undefined && event.type === spec.failedType &&
-      !await failureFolds(
-        letters,
-        spec.failedType,
-        spec.durable,
-        event,
-        m.subject.slice(prefix.length),
-        seq,
-      )
+      !await failureFolds(letters, spec.failedType, spec.durable, event, subject, seq)
     ) continue;
     // Nor an event the item's history does not lead to (the site dead-letters it).
     state = foldLed(spec, state, event, seq);
@@ -968,15 +958,23 @@ export async function siteItem<S>(
 
 /**
  * Where a hub reads the letters of `site`'s failures of `pipeline`'s items: its copies of the
- * site's dead letters and events, of the life of the site's stream it now sources.
+ * site's dead letters and events, of the life of the site's stream it now sources, looked up
+ * at the first failure asked about (an item's event stream with none reads nothing for it).
  */
-export async function siteLetterReads(
+export function siteLetterReads(
   js: JetStreamClient,
   site: string,
   pipeline: string,
-): Promise<LetterReads> {
-  const life = await currentLife(js, site, pipeline);
-  return siteLetters(await js.jetstreamManager(false), site, life);
+): LetterReads {
+  const reads = lazy(async () =>
+    siteLetters(await js.jetstreamManager(false), site, await currentLife(js, site, pipeline))
+  );
+  return {
+    letters: async function* (subject) {
+      yield* (await reads()).letters(subject);
+    },
+    holds: async (subject, seq) => await (await reads()).holds(subject, seq),
+  };
 }
 
 /**

@@ -136,7 +136,6 @@ export function edgeRoutes(
       if (from === null) {
         throw new NotFoundError(`no ${what} ${id} from site ${site}`, { field: "id" });
       }
-      const letters = await siteLetterReads(jetStream.js, site, pipeline);
       const key = openSlot(sse.clients, c);
       return streamEvents(c, jetStream.js, {
         filter: siteEventsFilter(site, id, pipeline),
@@ -149,7 +148,7 @@ export function edgeRoutes(
         // Its history judged as the site's writer judges it: a forged end or a failure no
         // runner's letter vouches for is not shown and ends nothing, as at the site.
         state: wiring.items!.state as StateSpec<unknown>,
-        letters,
+        letters: siteLetterReads(jetStream.js, site, pipeline),
         subjectPrefix: `${siteSubjectPrefix(site)}.`,
         subjectOf: (type, item) => `${siteSubjectPrefix(site)}.${type}.${item}`,
         feedFilter: siteEventsFilter(site, "*", pipeline),
