@@ -945,7 +945,15 @@ export async function siteItem<S>(
     // Nor a failure no runner's letter vouches for, nor one the site's writer refused itself.
     if (
       spec.failedType !== undefined && event.type === spec.failedType &&
-      !await failureFolds(letters, spec.failedType, spec.durable, event, subject, seq)
+      !await failureFolds(
+        letters,
+        spec.failedType,
+        spec.durable,
+        event,
+        subject,
+        seq,
+        spec.stageInputs,
+      )
     ) continue;
     // Nor an event the item's history does not lead to (the site dead-letters it).
     state = foldLed(spec, state, event, seq);

@@ -17,7 +17,7 @@
 import type { JetStreamManager } from "@nats-io/jetstream";
 import { deterministicId } from "./events.ts";
 import { messagesOn, storedMessage } from "./runner.ts";
-import { DEADLETTER_STREAM, deadLetterSubject } from "./subjects.ts";
+import { DEADLETTER_STREAM, deadLetterSubject, subjectMatches } from "./subjects.ts";
 
 /**
  * How long a failure may wait for its letter (ms after it was stored): the runner stores it
@@ -97,6 +97,16 @@ export interface LetterReads {
 }
 
 /**
+ * The subjects stage `stage` (a durable's name) consumes, as its consumer's filters (wildcards
+ * allowed); undefined for a stage the pipeline does not know (a step of an earlier definition),
+ * whose letters are taken for any message of the stream, as before. A runner dead-letters only
+ * what its stage consumed: a letter naming another subject is none of its (found by probing:
+ * the topics key stored a letter of its own naming an item's ingested event, then the item's
+ * failure, and the item, still at sentiment, failed). A definition's: `definedStageInputs`.
+ */
+export type StageInputs = (stage: string) => readonly string[] | undefined;
+
+/**
  * The letters in DEADLETTER and the messages of `stream`, read where the mesh stores them (one
  * or two direct reads per failure).
  *
@@ -144,7 +154,8 @@ export type FailureVerdict =
 
 /**
  * The verdict on `event`, a `failedType` event of item `event.item_id`, from the letters and
- * messages `reads` reads.
+ * messages `reads` reads; with `inputs`, refused when its stage does not consume the message it
+ * names.
  *
  * @example
  * ```ts ignore
@@ -156,6 +167,7 @@ export async function failureVerdict(
   reads: LetterReads,
   failedType: string,
   event: { id?: unknown; item_id: string; data?: unknown },
+  inputs?: StageInputs,
 ): Promise<FailureVerdict> {
   const item = event.item_id;
   const data = (event.data ?? {}) as {
@@ -172,6 +184,14 @@ export async function failureVerdict(
       reason: `its data names no dead letter of a stage for item ${JSON.stringify(item)}`,
     };
   }
+  const consumes = inputs?.(data.stage);
+  if (consumes !== undefined && !consumes.some((f) => subjectMatches(f, data.subject as string))) {
+    return {
+      type: "refused",
+      reason: `${data.stage} consumes no message on ${data.subject}: no runner of it fails an ` +
+        `item there`,
+    };
+  }
   for await (const m of reads.letters(data.dead_letter_subject)) {
     let letter: { stage?: unknown; subject?: unknown; stream_seq?: unknown; item_id?: unknown };
     try {
@@ -184,8 +204,8 @@ export async function failureVerdict(
       letter.item_id !== item || typeof letter.stream_seq !== "number" ||
       deterministicId(item, failedType, String(letter.stream_seq)) !== event.id
     ) continue;
-    // (A stage of another stream, such as a digest's, fails items on messages stored there.)
-    if (!data.subject.startsWith(`${failedType.split(".")[0]}.`)) return { type: "vouched" };
+    // Only a message of the pipeline's stream: a stage of another stream (a digest's) fails no
+    // item, and taking its word made any item fail with a letter naming one of its subjects.
     if (await reads.holds(data.subject, letter.stream_seq)) return { type: "vouched" };
   }
   return {
@@ -199,7 +219,8 @@ export async function failureVerdict(
  * Whether a failure folds into its item's state where every letter is stored already (a
  * rebuild, a hub's view of a site's items): its runner's letter vouches for it
  * ({@link failureVerdict}) and the state writer `writer` did not dead-letter it itself
- * ({@link letteredByWriter}); `subject` and `seq` are where the failure is stored.
+ * ({@link letteredByWriter}); `subject` and `seq` are where the failure is stored, `inputs`
+ * what each stage consumes.
  *
  * @example
  * ```ts ignore
@@ -214,8 +235,9 @@ export async function failureFolds(
   event: { id?: unknown; item_id: string; data?: unknown },
   subject: string,
   seq: number,
+  inputs?: StageInputs,
 ): Promise<boolean> {
-  const verdict = await failureVerdict(reads, failedType, event);
+  const verdict = await failureVerdict(reads, failedType, event, inputs);
   return verdict.type === "vouched" &&
     !await letteredByWriter(reads, writer, event.item_id, subject, seq);
 }
@@ -237,9 +259,10 @@ export async function settledVerdict(
   event: { id?: unknown; item_id: string; data?: unknown },
   until: number,
   stopped: () => boolean = () => false,
+  inputs?: StageInputs,
 ): Promise<FailureVerdict> {
   for (;;) {
-    const verdict = await failureVerdict(reads, failedType, event);
+    const verdict = await failureVerdict(reads, failedType, event, inputs);
     if (verdict.type !== "pending" || Date.now() >= until || stopped()) return verdict;
     await new Promise((r) => setTimeout(r, 100));
   }

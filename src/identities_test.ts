@@ -34,6 +34,14 @@ Deno.test("a step may publish its own outputs, its failure event and its dead le
   ) assert.ok(!mayPublish(topics, s), s);
 });
 
+Deno.test("a stage that fails no item (the feedback digest) may not publish a failure event", () => {
+  const digest = of("digest");
+  assert.ok(mayPublish(digest, "digest.feedback_counts.fd_1"));
+  assert.ok(mayPublish(digest, "deadletter.feedback-digest.feedback"));
+  // With it, a letter of its own made any feedback item fail (src/failure_letter.ts).
+  assert.ok(!mayPublish(digest, "feedback.failed.fb1"));
+});
+
 Deno.test("a step pulls and acks on its own durable only, and touches no stream's configuration", () => {
   const topics = of("topics");
   assert.ok(mayPublish(topics, "$JS.API.CONSUMER.MSG.NEXT.FEEDBACK.topics"));

@@ -83,7 +83,15 @@ export async function rebuildStates<S>(
     // refusal stands, and the bucket and a rebuild agree).
     if (
       letters && event.type === spec.failedType &&
-      !await failureFolds(reads, spec.failedType, spec.durable, event, m.subject, m.seq)
+      !await failureFolds(
+        reads,
+        spec.failedType,
+        spec.durable,
+        event,
+        m.subject,
+        m.seq,
+        spec.stageInputs,
+      )
     ) {
       skipped++;
       continue;

@@ -7,7 +7,12 @@
  *
  * @module
  */
-import { LETTER_WAIT_MS, settledVerdict, storedLetters } from "./failure_letter.ts";
+import {
+  LETTER_WAIT_MS,
+  settledVerdict,
+  type StageInputs,
+  storedLetters,
+} from "./failure_letter.ts";
 import { Buffer } from "node:buffer";
 import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/nats-core";
 import {
@@ -879,7 +884,8 @@ export async function* messagesOn(
  * the digest the failure records: a copy with its id and another body is no redrive). Read
  * from the stream (direct reads, only when a timer fires, a decision comes or a step would end
  * the item), not from the item's state, which trails. `lastFailure`: the item's last `failed`
- * message when the caller has read it already (not read again).
+ * message when the caller has read it already (not read again); `inputs`: what each of the
+ * pipeline's stages consumes ({@link StageInputs}).
  */
 export async function itemFailedNow(
   jsm: JetStreamManager,
@@ -887,6 +893,7 @@ export async function itemFailedNow(
   name: string,
   item: string,
   lastFailure?: { seq: number; time?: Date; json(): unknown },
+  inputs?: StageInputs,
 ): Promise<boolean> {
   const last = async (subject: string) => {
     try {
@@ -901,14 +908,14 @@ export async function itemFailedNow(
   // Only a failure a runner's dead letter is stored for counts (failure_letter.ts): found by
   // probing, a step's key publishing the failure of an item waiting for a decision made the
   // decision answer 409. The item's earlier failures are read only when its last one is such.
-  if (!(await failureCounts(jsm, stream, `${name}.failed`, failed))) {
+  if (!(await failureCounts(jsm, stream, `${name}.failed`, failed, inputs))) {
     failed = null;
     const earlier = { before: lastFailure?.seq ?? Infinity };
     try {
       for await (const m of messagesOn(jsm, stream, `${name}.failed.${item}`, earlier)) {
         if (
           m.seq < (lastFailure?.seq ?? Infinity) &&
-          await failureCounts(jsm, stream, `${name}.failed`, m)
+          await failureCounts(jsm, stream, `${name}.failed`, m, inputs)
         ) failed = m;
       }
     } catch {
@@ -980,6 +987,7 @@ export async function failureCounts(
   stream: string,
   failedType: string,
   m: { time?: Date; json(): unknown },
+  inputs?: StageInputs,
 ): Promise<boolean> {
   let event: { id?: unknown; item_id?: unknown; data?: unknown };
   try {
@@ -1001,6 +1009,8 @@ export async function failureCounts(
       failedType,
       { ...event, item_id },
       born + LETTER_WAIT_MS,
+      undefined,
+      inputs,
     );
     return verdict.type === "vouched";
   } catch {

@@ -38,6 +38,7 @@ import {
   letterLooks,
   letterRetryMs,
   letterWindowMs,
+  type StageInputs,
   storedLetters,
 } from "./failure_letter.ts";
 import type { AnyEvent, EventMap } from "./schemas.ts";
@@ -90,6 +91,11 @@ export interface StateSpec<S> {
    * `conflict`, failing nothing. Unset: failures are folded as they come.
    */
   failedType?: string;
+  /**
+   * What each of the pipeline's stages consumes: a failure whose letter names a message its
+   * stage does not consume is refused like one without a letter ({@link StageInputs}).
+   */
+  stageInputs?: StageInputs;
   /** Recorded as the source of dead letters. */
   source: string;
   /**
@@ -558,12 +564,13 @@ export async function runStateWriter<S>(opts: {
       group.events.map(({ event }) =>
         event.type !== failedType
           ? undefined
-          : failureVerdict(storedLetters(jsm, spec.stream), failedType, event).catch(
-            (err: unknown) => {
-              log.warn("state write failed", { item_id: id, err });
-              return { type: "retry" as const, err };
-            },
-          )
+          : failureVerdict(storedLetters(jsm, spec.stream), failedType, event, spec.stageInputs)
+            .catch(
+              (err: unknown) => {
+                log.warn("state write failed", { item_id: id, err });
+                return { type: "retry" as const, err };
+              },
+            )
       ),
     );
     await Promise.all(group.msgs.map(async (m, i) => {

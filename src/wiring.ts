@@ -401,7 +401,8 @@ export function mergeAccess(a: Access, b: Access): Access {
 
 /**
  * The access of a pipeline step: it consumes its own durables, publishes its output event
- * types, its pipeline's failure event and its dead letters, plus whatever `extra` grants.
+ * types, its pipeline's failure event (`failed`; undefined for a stage that fails no item,
+ * such as a digest's) and its dead letters, plus whatever `extra` grants.
  *
  * @example
  * ```ts
@@ -414,7 +415,7 @@ export function stepAccess(
   stream: string,
   durables: readonly string[],
   outputs: readonly string[],
-  failed: string,
+  failed: string | undefined,
   extra: Access = {},
 ): Access {
   return {
@@ -422,7 +423,7 @@ export function stepAccess(
     consumes: durables.map((durable) => ({ stream, durable })),
     publishes: [
       ...outputs.map((t) => `${t}.*`),
-      `${failed}.*`,
+      ...failed === undefined ? [] : [`${failed}.*`],
       ...durables.map((d) => `deadletter.${d}.*`),
       ...extra.publishes ?? [],
     ],

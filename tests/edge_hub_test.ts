@@ -154,10 +154,18 @@ async function storedAtBoth(pair: EdgePair, messages: readonly [string, string][
 
 const TRACE = "0af7651916cd43dd8448eb211c80319c";
 
+/** The feedback step that consumes each event (a runner's letter names what its step read). */
+const CONSUMER: Record<string, string> = {
+  ingested: "sentiment",
+  sentiment_analyzed: "topics",
+  topics_extracted: "dispatch",
+};
+
 /**
  * A failure of feedback item `id` as a runner stores it: its dead letter (the state writer
  * folds a failure only with one, src/failure_letter.ts), then the failure, for the message
- * stored at `seq` on `subject`. Answers [subject, body] pairs, in order.
+ * stored at `seq` on `subject`, by the step that consumes it. Answers [subject, body] pairs,
+ * in order.
  */
 function runnerFailure(
   id: string,
@@ -165,14 +173,14 @@ function runnerFailure(
   seq: number,
   reason: string,
 ): [string, string][] {
-  const stage = "sentiment";
+  const stage = CONSUMER[subject.split(".")[1]!]!;
   const dl = `deadletter.${stage}.${id}`;
   const failure = { stage, code: "invalid_event", reason, attempts: 1 };
   const event = createEvent({
     type: "feedback.failed",
     itemId: id,
     traceId: TRACE,
-    source: "weft-sentiment",
+    source: `weft-${stage}`,
     data: { ...failure, dead_letter_subject: dl, subject },
   });
   event.id = deterministicId(id, "feedback.failed", String(seq));

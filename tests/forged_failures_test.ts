@@ -432,9 +432,10 @@ Deno.test("junk stored first under a dead letter's message id does not keep the 
   }
 });
 
-Deno.test("the topics key publishing `feedback.failed` for an item still at sentiment fails nothing: dead-lettered conflict, its event stream neither shows it nor closes there, and the item processes", async () => {
+Deno.test("the topics key publishing `feedback.failed` for an item still at sentiment fails nothing, even with a letter of its own naming the item's ingested event: dead-lettered conflict, its event stream neither shows it nor closes there, and the item processes", async () => {
   await using mesh = await startMesh({
     ...ONE_PROCESS,
+    ...LETTER_WAIT,
     WEFT_SLOW_MS: "5000",
     WEFT_SLOW_STAGE: "sentiment",
   });
@@ -457,11 +458,25 @@ Deno.test("the topics key publishing `feedback.failed` for an item still at sent
     subject: ingested.subject,
     seq: ingested.seq,
   });
+  // The topics key may store letters of its own stage: one naming the ingested event, which
+  // topics does not consume, vouches for nothing (before, the item failed at once).
+  const own = { stage: "topics", subject: ingested.subject, seq: ingested.seq };
+  await as(mesh, "topics", (nc) =>
+    jetstream(nc).publish(
+      `deadletter.topics.${id}`,
+      JSON.stringify({ ...own, stream_seq: own.seq, item_id: id, code: "rejected" }),
+    ));
+  const withLetter = await forgeFailure(mesh, "topics", { pipeline: "feedback", item: id, ...own });
   await viewWith(mesh, `/feedback/${id}`, "processed");
-  const letter = await letterOf(mesh, "state", seq);
-  assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  for (const forged of [seq, withLetter]) {
+    const letter = await letterOf(mesh, "state", forged);
+    assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  }
   for (const frames of [await replayed(mesh, `/feedback/${id}/events`)]) {
-    assert.ok(!frames.some((f) => Number(f.id) === seq), JSON.stringify(frames));
+    assert.ok(
+      !frames.some((f) => [seq, withLetter].includes(Number(f.id))),
+      JSON.stringify(frames),
+    );
     assert.equal(frames.at(-1)!.event, "feedback.processed", JSON.stringify(frames));
   }
   assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);

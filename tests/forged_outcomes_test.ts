@@ -305,18 +305,18 @@ Deno.test("the content storage key's outcome for a failed item, which its state 
   assert.equal(r.status, 202, JSON.stringify(r.body));
   const id: string = r.body.id;
   await viewWith(mesh, `/content/${id}`, "pending_review");
-  // With the storage key: the pipeline's failure event (a step's key may publish it, with a
-  // dead letter of its own stage stored first: a failure with none fails nothing,
-  // tests/forged_failures_test.ts), then, once the item reads failed (a final state, which
-  // leaves the writer's cache), its outcome.
+  // The pipeline's failure event with the moderation key (a step's key may publish it, with a
+  // dead letter of its own stage, for a message the stage consumes, stored first: a failure
+  // with none fails nothing, tests/forged_failures_test.ts), then, once the item reads failed
+  // (a final state, which leaves the writer's cache), its outcome with the storage key.
   const publish = (type: "content.failed" | "content.published") =>
-    as(mesh, "storage", async (nc) => {
+    as(mesh, type === "content.failed" ? "moderation" : "storage", async (nc) => {
       const stored = (await (await jetstreamManager(nc)).streams.getMessage(CONTENT_STREAM, {
         last_by_subj: `content.uploaded.${id}`,
       }))!;
       const up = stored.json<{ trace_id: string; data: { text: string } }>();
       const js = jetstream(nc);
-      const stage = "storage-decided";
+      const stage = "moderation";
       const dlSubject = `deadletter.${stage}.${id}`;
       if (type === "content.failed") {
         const letter = {

@@ -11,6 +11,7 @@ import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
 import { FEEDBACK_STREAM, SUBMIT_SUBJECT } from "./subjects.ts";
 import { stepInput } from "../../src/pipeline/derive.ts";
 import { FEEDBACK_PIPELINE } from "./pipeline.ts";
+import { FEEDBACK_STATE_SPEC } from "./state.ts";
 import { FeedbackEventType as T } from "./events.ts";
 import { childContext } from "../../src/observability/trace.ts";
 import type { FeedbackItem, FeedbackSubmission } from "./events.gen.ts";
@@ -301,8 +302,9 @@ async function failedNow(
   // A failure no runner's dead letter is stored for counts for nothing: the item's earlier
   // failures are asked about instead (found by probing: the topics key's `feedback.failed` for
   // an item at sentiment kept dispatch from routing it, and the item never processed).
-  if (!(await failureCounts(jsm, FEEDBACK_STREAM, "feedback.failed", last))) {
-    return await itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId, last);
+  const inputs = FEEDBACK_STATE_SPEC.stageInputs;
+  if (!(await failureCounts(jsm, FEEDBACK_STREAM, "feedback.failed", last, inputs))) {
+    return await itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId, last, inputs);
   }
   let on: { event_id?: unknown; subject?: unknown } | undefined;
   try {
@@ -312,7 +314,7 @@ async function failedNow(
   }
   if (typeof on?.event_id !== "string" && on?.subject !== SUBMIT_SUBJECT) return true;
   // (The failure read above, not read again.)
-  return await itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId, last);
+  return await itemFailedNow(jsm, FEEDBACK_STREAM, FEEDBACK_PIPELINE.name, itemId, last, inputs);
 }
 
 /**

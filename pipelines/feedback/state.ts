@@ -23,6 +23,8 @@ import { FEEDBACK_STREAM, STATE_BUCKET, SUBMIT_SUBJECT } from "./subjects.ts";
 const INGEST_STAGE = "ingest";
 import { FeedbackEventType as T, ONCE_PER_ITEM_TYPES } from "./events.ts";
 import type { StateSpec } from "../../src/state_writer.ts";
+import { definedStageInputs } from "../../src/pipeline/derive.ts";
+import { FEEDBACK_PIPELINE } from "./pipeline.ts";
 
 /**
  * Pipeline order of event types; final events rank last. Processed outranks failed: an item
@@ -241,6 +243,8 @@ export const FEEDBACK_STATE_SPEC: StateSpec<FeedbackState> = {
   // Alone, a processed or failed event makes a final state, any other none (applyEvent).
   isFinalEvent: (e) => e.type === T.Processed || e.type === T.Failed,
   failedType: T.Failed,
+  // A failure's letter names what its stage consumes: a step's input, or a submission.
+  stageInputs: definedStageInputs(FEEDBACK_PIPELINE, { [INGEST_STAGE]: [SUBMIT_SUBJECT] }),
   source: "weft-state",
   // An item starts at its ingested event, or the failure of its submission on feedback.submit
   // (the ingest stage's): any other event for an id with no state, stored before any

@@ -120,7 +120,9 @@ export const FEEDBACK_WIRING: PipelineWiring = {
         DIGEST_STREAM,
         ["feedback-digest"],
         ["digest.feedback_counts"],
-        "feedback.failed",
+        // A digest request is no item: the digest fails none (digest.ts), so it may not
+        // publish `feedback.failed` (with it, its own letter made any feedback item fail).
+        undefined,
         {
           readsStreams: [FEEDBACK_STREAM],
           // Its own schedule only.

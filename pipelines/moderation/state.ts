@@ -10,6 +10,8 @@ import type { ContentState } from "./events.gen.ts";
 import type { AnyEvent } from "../../src/schemas.ts";
 import type { ContentEvent } from "./events.ts";
 import type { StateSpec } from "../../src/state_writer.ts";
+import { definedStageInputs } from "../../src/pipeline/derive.ts";
+import { MODERATION_PIPELINE } from "./pipeline.ts";
 import { CONTENT_FINAL_EVENT_TYPES, ContentEventType as T, ONCE_PER_ITEM_TYPES } from "./events.ts";
 import { CONTENT_STATE_BUCKET, CONTENT_STREAM } from "./subjects.ts";
 import { spanTimes } from "../../src/state.ts";
@@ -218,6 +220,8 @@ export const CONTENT_STATE_SPEC: StateSpec<ContentState> = {
   apply: applyContentEvent,
   isFinal: (s) => CONTENT_FINAL_EVENT_TYPES.has(`content.${s.stage}`),
   failedType: T.Failed,
+  // A failure's letter names what its stage consumes: one of the step's inputs.
+  stageInputs: definedStageInputs(MODERATION_PIPELINE),
   source: "weft-content-state",
   // An item starts at its upload: any other event for an id with no state, stored before
   // anything on its upload subject, is dead-lettered `not_found` (a step's forged event for an

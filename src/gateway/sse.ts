@@ -1044,6 +1044,7 @@ export async function streamEvents(
           { ...event, item_id: item },
           until,
           () => stream.aborted,
+          sel.state?.stageInputs,
         );
         return v.type === "vouched";
       } catch {

@@ -5,6 +5,7 @@
  * @module
  */
 import type { PipelineSpec, StepSpec } from "./definition.ts";
+import type { StageInputs } from "../failure_letter.ts";
 import { CONTROL, edgesOf, eventOf, FLOW, INTAKE, STATE, WORK_KINDS } from "./validate.ts";
 import { entryEvent, FAILED, timeoutEventOf } from "./flow.ts";
 
@@ -179,6 +180,36 @@ export function stepInput(spec: PipelineSpec, id: string): StepInput {
     finalTypes: endTypesOf(spec),
     once: onceTypesOf(spec),
   };
+}
+
+/**
+ * What each stage of `spec` consumes, by its durable's name: each work step's input subjects
+ * ({@link stepFilterSubjects}), and `extra`'s (a hand-wired stage, such as an intake). A stage
+ * it does not name is undefined (a step of an earlier definition): see {@link StageInputs}.
+ *
+ * @example
+ * ```ts
+ * import { definePipeline } from "./definition.ts";
+ * import { definedStageInputs } from "./derive.ts";
+ * const orders = definePipeline({
+ *   name: "orders",
+ *   input: { schema: { type: "object" }, event: "placed" },
+ *   start: "price",
+ *   steps: { price: { kind: "task", output: { type: "object" }, next: "done" }, done: { kind: "end", outcome: "done" } },
+ * });
+ * console.assert(definedStageInputs(orders)("orders-price")!.join() === "orders.placed.*");
+ * ```
+ */
+export function definedStageInputs(
+  spec: PipelineSpec,
+  extra: Readonly<Record<string, readonly string[]>> = {},
+): StageInputs {
+  const inputs = new Map<string, readonly string[]>(Object.entries(extra));
+  for (const id of Object.keys(spec.steps)) {
+    const subjects = stepFilterSubjects(spec, id);
+    if (subjects !== null) inputs.set(durableOf(spec, id), subjects);
+  }
+  return (stage) => inputs.get(stage);
 }
 
 /**

@@ -58,9 +58,11 @@ import { BACKLOG_SEQ_KEY, type ExtraTopology, OWES_MARK, STAGE_DESCRIPTION } fro
 import type { Access } from "../identities.ts";
 import { edgesOf, endsApart, eventOf, WORK_KINDS } from "./validate.ts";
 import type { PipelineDefinition, ScratchEntry, StepContext, StepSpec } from "./definition.ts";
+import type { StageInputs } from "../failure_letter.ts";
 import {
   CONTROL,
   CONTROL_KINDS,
+  definedStageInputs,
   durableOf,
   endTypesOf,
   FLOW,
@@ -554,6 +556,7 @@ export function workStage(
   const stands = states && jsm ? storedStandsFrom(p, states, jsm) : undefined;
   // The joins that wait for this step (for a backlog event, wentPast).
   const joins = joinsAfter(def, id);
+  const stageInputs = stageInputsOf(def);
   return {
     name: durableOf(def, id),
     filterSubject: filter,
@@ -659,7 +662,7 @@ export function workStage(
       // end the item there.
       if (
         opts.nc && out.some((o) => ends.has(o.type)) &&
-        await itemFailedNow(await jsm!(), stream, def.name, e.item_id)
+        await itemFailedNow(await jsm!(), stream, def.name, e.item_id, undefined, stageInputs)
       ) {
         throw new ConflictError(
           `${def.name} item ${e.item_id} has failed: step ${id}'s end counts only once the ` +
@@ -707,7 +710,7 @@ export function workStage(
       }
       if (
         state.status === "failed" && state.error?.event !== e.id &&
-        await itemFailedNow(await jsm!(), stream, def.name, item)
+        await itemFailedNow(await jsm!(), stream, def.name, item, undefined, stageInputs)
       ) {
         throw new ConflictError(
           `${def.name} item ${item} has failed: step ${id} runs for it only once the item is ` +
@@ -967,7 +970,9 @@ export function controlStage(
   const stream = pipelineSubjects(def).stream;
   const handover = opts.handover ?? createHandover(p, nc, opts.log);
   /** Whether the item has failed and not been resumed since ({@link itemFailedNow}). */
-  const failedNow = async (item: string) => await itemFailedNow(await manager(), stream, n, item);
+  const inputs = stageInputsOf(def);
+  const failedNow = async (item: string) =>
+    await itemFailedNow(await manager(), stream, n, item, undefined, inputs);
   /**
    * Whether `item` was submitted before stream sequence `seq`: the first message on its entry
    * event's subject is stored there (the stream, not the state, which trails).
@@ -1848,6 +1853,7 @@ export function pipelineStateSpec(p: LoadedPipeline): StateSpec<ItemState> {
     bucket: stateBucketOf(n),
     eventTypes: [],
     failedType: `${n}.${FAILED}`,
+    stageInputs: stageInputsOf(def),
     source: `weft-${n}-${FLOW}`,
     decode(raw, subject, storedAt, headers) {
       const token = subject.split(".")[1]!;
@@ -2254,6 +2260,18 @@ export interface HandoverResult {
  * earlier wiring (a step this definition does not send it to ran for it): so no step runs
  * twice for one event, nor for an item that passed it or ended.
  */
+/**
+ * What each stage of `def` consumes ({@link StageInputs}): its steps' inputs, its intake's
+ * submissions, and its control step's every event of the pipeline.
+ */
+export function stageInputsOf(def: PipelineDefinition): StageInputs {
+  const n = def.name;
+  return definedStageInputs(def, {
+    [durableOf(def, INTAKE)]: [`${n}.submit`],
+    [durableOf(def, CONTROL)]: [`${n}.*.*`],
+  });
+}
+
 export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logger): Handover {
   const { flow, def } = p;
   const n = def.name;
@@ -2262,6 +2280,7 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
   const js = jetstream(nc);
   const heldKv = lazy(() => new Kvm(nc).open(controlBucketOf(n)));
   const ends = endTypesOf(def);
+  const inputs = stageInputsOf(def);
   const stepOf = (type: string) => {
     const r = flow.roles.get(type.slice(n.length + 1));
     return r && "step" in r ? r.step : undefined;
@@ -2375,7 +2394,7 @@ export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logg
       return { ...result, ended: true };
     }
     const jsm = await manager();
-    if (await itemFailedNow(jsm, stream, n, item)) return result;
+    if (await itemFailedNow(jsm, stream, n, item, undefined, inputs)) return result;
     // Each event once, where it was stored last (a redrive or a hand-over stores it again).
     const latest = new Map<string, StoredEvent>();
     for (const e of events) if (e.id !== undefined) latest.set(e.id, e);
