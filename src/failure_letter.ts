@@ -17,7 +17,12 @@
 import type { JetStreamManager } from "@nats-io/jetstream";
 import { deterministicId } from "./events.ts";
 import { messagesOn, storedMessage } from "./runner.ts";
-import { DEADLETTER_STREAM, deadLetterSubject, subjectMatches } from "./subjects.ts";
+import {
+  DEADLETTER_STREAM,
+  deadLetterSubject,
+  REDRIVEN_TOKEN,
+  subjectMatches,
+} from "./subjects.ts";
 
 /**
  * How long a failure may wait for its letter (ms after it was stored): the runner stores it
@@ -183,6 +188,11 @@ export async function failureVerdict(
       type: "refused",
       reason: `its data names no dead letter of a stage for item ${JSON.stringify(item)}`,
     };
+  }
+  // A redrive's marker (`deadletter.redriven.<seq>`, the gateway's) is no runner's letter: the
+  // gateway's key may publish markers and any event of a pipeline, the failure included.
+  if (data.stage === REDRIVEN_TOKEN) {
+    return { type: "refused", reason: `${REDRIVEN_TOKEN} is no stage: no runner fails an item` };
   }
   const consumes = inputs?.(data.stage);
   if (consumes !== undefined && !consumes.some((f) => subjectMatches(f, data.subject as string))) {

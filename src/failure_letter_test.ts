@@ -76,4 +76,13 @@ Deno.test("a failure is vouched for only by its stage's letter for a message of 
       assert.deepEqual(await failureVerdict(reads, FAILED, real, inputs), { type: "vouched" });
     },
   );
+
+  await t.step("a redrive marker's subject is no stage's letter", async () => {
+    // The gateway's key may publish `deadletter.redriven.*` and any event of a pipeline.
+    const m = await js.publish("feedback.ingested.fb6", "{}");
+    await letter("redriven", "fb6", "feedback.ingested.fb6", m.seq);
+    const event = failure("fb6", "redriven", "feedback.ingested.fb6", m.seq);
+    const v = await failureVerdict(reads, FAILED, event);
+    assert.equal(v.type, "refused", JSON.stringify(v));
+  });
 });
