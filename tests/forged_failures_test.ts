@@ -291,6 +291,49 @@ Deno.test("the content storage key publishing `content.failed` for an item waiti
   assert.deepEqual(mesh.logs.filter((l) => l.msg === "nats permission violation"), []);
 });
 
+Deno.test("the content storage key publishing `content.failed` for an item still at moderation fails nothing: review-queue still queues it, and the reviewer's approval publishes it", async () => {
+  await using mesh = await startMesh({
+    ...ONE_PROCESS,
+    ...LETTER_WAIT,
+    WEFT_REVIEW_SLA_MS: "600000",
+    WEFT_SLOW_MS: "5000",
+    WEFT_SLOW_STAGE: "moderation",
+  });
+  const r = await call(mesh, "POST", "/content", { text: TOXIC });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  const id: string = r.body.id;
+  const uploaded = await as(mesh, "admin", async (nc) => {
+    const jsm = await jetstreamManager(nc);
+    return (await waitFor(
+      async () =>
+        (await jsm.streams.getMessage(CONTENT_STREAM, {
+          last_by_subj: `content.uploaded.${id}`,
+        })) ?? undefined,
+      30_000,
+      "the upload stored",
+    ))!;
+  });
+  // While moderation takes 5 s over it: a failure with no runner's letter.
+  const seq = await forgeFailure(mesh, "storage", {
+    pipeline: "content",
+    item: id,
+    stage: "moderation",
+    subject: uploaded.subject,
+    seq: uploaded.seq,
+  });
+  // Before: review-queue took the item for failed, refused its moderation, and it failed.
+  await viewWith(mesh, `/content/${id}`, "pending_review");
+  const letter = await letterOf(mesh, "content-state", seq);
+  assert.equal(letter.code, "conflict", JSON.stringify(letter));
+  const decided = await call(mesh, "POST", `/reviews/${id}/decision`, {
+    decision: "approve",
+    reason: "fine after all",
+    reviewer: "alice",
+  });
+  assert.equal(decided.status, 200, JSON.stringify(decided.body));
+  await viewWith(mesh, `/content/${id}`, "published");
+});
+
 /** The item's event stream resumed after `after` (Last-Event-ID), read until it closes. */
 async function itemStreamAfter(mesh: Mesh, path: string, after: number) {
   const res = await fetch(`${mesh.gatewayUrl}${path}`, {

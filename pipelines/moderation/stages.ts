@@ -25,7 +25,8 @@ import { type ReviewEntry, type ReviewQueue, ReviewStatus } from "./review_queue
 import type { ScheduleStore } from "../../src/scheduler/store.ts";
 import { nextEvent, type Stage, type StageContext } from "../../src/stage.ts";
 import type { JetStreamManager } from "@nats-io/jetstream";
-import { messagesOn, storedMessage } from "../../src/runner.ts";
+import { itemFailedNow, messagesOn, storedMessage } from "../../src/runner.ts";
+import { CONTENT_STATE_SPEC } from "./state.ts";
 import { validateEvent } from "../../src/schemas.ts";
 import { CONTENT_STREAM } from "./subjects.ts";
 import { endTypesOf, stepInput } from "../../src/pipeline/derive.ts";
@@ -228,7 +229,14 @@ export function contentOutcomeReader(
     const failed = await last(`${T.Failed}.${itemId}`);
     if (!failed) return undefined;
     const uploaded = await last(`${T.Uploaded}.${itemId}`);
-    return !uploaded || uploaded.seq < failed.seq ? T.Failed : undefined;
+    if (uploaded && uploaded.seq > failed.seq) return undefined;
+    // Only a failure a runner's dead letter is stored for (src/failure_letter.ts): found by
+    // probing, the storage key's `content.failed` for an item still at moderation had review-queue
+    // refuse its moderation, and the item failed for real.
+    const inputs = CONTENT_STATE_SPEC.stageInputs;
+    return await itemFailedNow(jsm, CONTENT_STREAM, "content", itemId, failed, inputs)
+      ? T.Failed
+      : undefined;
   };
 }
 
