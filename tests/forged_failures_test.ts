@@ -170,6 +170,17 @@ function forgeFailure(
   });
 }
 
+/** A reviewer approves content item `id` (200), and it reads published. */
+async function approved(mesh: Mesh, id: string): Promise<void> {
+  const decided = await call(mesh, "POST", `/reviews/${id}/decision`, {
+    decision: "approve",
+    reason: "fine after all",
+    reviewer: "alice",
+  });
+  assert.equal(decided.status, 200, JSON.stringify(decided.body));
+  await viewWith(mesh, `/content/${id}`, "published");
+}
+
 /** The item's event stream replayed from its start, read until it closes at the item's end. */
 async function replayed(mesh: Mesh, path: string) {
   const res = await fetch(`${mesh.gatewayUrl}${path}`);
@@ -277,13 +288,7 @@ Deno.test("the content storage key publishing `content.failed` for an item waiti
   const rebuilt = await as(mesh, "admin", (nc) => rebuildStates(jetstream(nc), CONTENT_STATE_SPEC));
   assert.equal(rebuilt.states.get(id)?.status, "pending_review");
   const live = replayed(mesh, `/content/${id}/events`);
-  const decided = await call(mesh, "POST", `/reviews/${id}/decision`, {
-    decision: "approve",
-    reason: "fine after all",
-    reviewer: "alice",
-  });
-  assert.equal(decided.status, 200, JSON.stringify(decided.body));
-  await viewWith(mesh, `/content/${id}`, "published");
+  await approved(mesh, id);
   for (const frames of [await live, await replayed(mesh, `/content/${id}/events`)]) {
     assert.ok(!frames.some((f) => Number(f.id) === seq), JSON.stringify(frames));
     assert.equal(frames.at(-1)!.event, "content.published", JSON.stringify(frames));
@@ -325,13 +330,7 @@ Deno.test("the content storage key publishing `content.failed` for an item still
   await viewWith(mesh, `/content/${id}`, "pending_review");
   const letter = await letterOf(mesh, "content-state", seq);
   assert.equal(letter.code, "conflict", JSON.stringify(letter));
-  const decided = await call(mesh, "POST", `/reviews/${id}/decision`, {
-    decision: "approve",
-    reason: "fine after all",
-    reviewer: "alice",
-  });
-  assert.equal(decided.status, 200, JSON.stringify(decided.body));
-  await viewWith(mesh, `/content/${id}`, "published");
+  await approved(mesh, id);
 });
 
 /** The item's event stream resumed after `after` (Last-Event-ID), read until it closes. */
