@@ -2246,6 +2246,18 @@ export interface HandoverResult {
 }
 
 /**
+ * What each stage of `def` consumes ({@link StageInputs}): its steps' inputs, its intake's
+ * submissions, and its control step's every event of the pipeline.
+ */
+export function stageInputsOf(def: PipelineDefinition): StageInputs {
+  const n = def.name;
+  return definedStageInputs(def, {
+    [durableOf(def, INTAKE)]: [`${n}.submit`],
+    [durableOf(def, CONTROL)]: [`${n}.*.*`],
+  });
+}
+
+/**
  * Hands an item's events over to the steps the running definition sends them to, where
  * those steps will not read them: a changed definition re-wires steps that stay, and a
  * step's durable consumer reads on from where it is, so an event stored before the change
@@ -2260,18 +2272,6 @@ export interface HandoverResult {
  * earlier wiring (a step this definition does not send it to ran for it): so no step runs
  * twice for one event, nor for an item that passed it or ended.
  */
-/**
- * What each stage of `def` consumes ({@link StageInputs}): its steps' inputs, its intake's
- * submissions, and its control step's every event of the pipeline.
- */
-export function stageInputsOf(def: PipelineDefinition): StageInputs {
-  const n = def.name;
-  return definedStageInputs(def, {
-    [durableOf(def, INTAKE)]: [`${n}.submit`],
-    [durableOf(def, CONTROL)]: [`${n}.*.*`],
-  });
-}
-
 export function createHandover(p: LoadedPipeline, nc: NatsConnection, log?: Logger): Handover {
   const { flow, def } = p;
   const n = def.name;

@@ -281,9 +281,9 @@ function finish(
 export const SHADOWS_MAX = 8;
 
 /**
- * Parses `WEFT_SHADOW`: one shadow or a list, as JSON, of at most {@link SHADOWS_MAX}. A {@link ValidationError} naming the
- * first bad field otherwise, as {@link parseShadowSpec} does (in a list, under the shadow's
- * index: `/1/step`); the configuration reports it.
+ * Parses `WEFT_SHADOW`: one shadow or a list, as JSON, of at most {@link SHADOWS_MAX}. A
+ * {@link ValidationError} naming the first bad field otherwise, as {@link parseShadowSpec} does
+ * (in a list, under the shadow's index: `/1/step`); the configuration reports it.
  *
  * @example
  * ```ts
