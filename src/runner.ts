@@ -44,6 +44,7 @@ import { deterministicId, sha256Hex } from "./events.ts";
 import { canonicalDigest, canonicalJson } from "./canonical_json.ts";
 import type { DeadLetter } from "./events.gen.ts";
 import { isStreamFull } from "./capacity.ts";
+import { duplicateName } from "./duplicate_names.ts";
 import { inexactNumber } from "./exact_numbers.ts";
 import { type FaultConfig, withFaults } from "./faults.ts";
 import type { Logger } from "./observability/log.ts";
@@ -233,7 +234,10 @@ function payloadOf(data: Uint8Array): Pick<
   };
 }
 
-/** Decodes a message body as JSON; a {@link ValidationError} when it is not. */
+/**
+ * Decodes a message body as JSON; a {@link ValidationError} when it is not, or when it holds a
+ * number a JavaScript number cannot keep or an object that writes one name twice (naming it).
+ */
 export function decodeJson(data: Uint8Array): unknown {
   let text: string;
   try {
@@ -262,6 +266,14 @@ export function decodeJson(data: Uint8Array): unknown {
       `${at}: the number ${inexact.source} cannot be kept as written (beyond ±1.7e308, or an ` +
         "integer past 2^53, which would be rounded): send it as a string",
       { code: ErrorCode.InvalidField, field: at },
+    );
+  }
+  const twice = duplicateName(text);
+  if (twice !== undefined) {
+    throw new ValidationError(
+      `${twice}: this member is written twice in one object (JSON.parse would keep only the ` +
+        "last, and another reader the first): send it once",
+      { code: ErrorCode.InvalidField, field: twice },
     );
   }
   return value;

@@ -54,7 +54,9 @@ async function ask(t: TestNats, subject: string, body: string, key?: string) {
   const h = headers();
   if (key) h.set("Authorization", `Bearer ${key}`);
   const m = await t.nc.request(subject, body, { headers: h, timeout: 5_000 });
-  return m.json<{ id?: string; status?: string; error?: { status: number; code: string } }>();
+  return m.json<
+    { id?: string; status?: string; error?: { status: number; code: string; field?: string } }
+  >();
 }
 
 Deno.test("a definition's request subjects ask for an API key with the same roles as HTTP", async () => {
@@ -410,6 +412,80 @@ Deno.test("a number a JavaScript number cannot hold is refused naming its field,
       last_by_subj: "tickets.submitted.tickets-1",
     }).catch(() => null);
     assert.equal(submitted, null, "no entry event holds the rewritten value");
+  } finally {
+    await runner.stop();
+  }
+});
+
+Deno.test("a member written twice in one object is refused naming it, over HTTP, NATS and the bus, never stored with one value dropped", async () => {
+  await using t = await startTestNats();
+  await ensureTopology(t.nc, t.jsm, t.config, topology(t));
+  const app = await definitionsApp(t, pipelines);
+  const intake = await createIntake(t.nc);
+  const feedback = createApp({
+    nc: t.nc,
+    jetStream: intake,
+    config: t.config,
+    log: t.log,
+    extensions: [feedbackRoutes(intake)],
+  });
+  const post = (target: Hono, path: string, body: string) =>
+    target.request(path, { method: "POST", headers: { "content-type": "application/json" }, body });
+  // JSON.parse would keep "y" and drop "x" without a word; a reader that keeps the first
+  // would see "x" in the same bytes.
+  for (
+    const [target, path] of [[app, "/pipelines/tickets/items"], [feedback, "/feedback"]] as const
+  ) {
+    const res = await post(target, path, '{"customer":"c-1","text":"x","text":"y"}');
+    assert.equal(res.status, 422, path);
+    assert.equal(res.headers.get("content-type"), "application/problem+json");
+    const problem = await res.json();
+    assert.equal(problem.field, "/text");
+    assert.match(problem.detail, /\/text: this member is written twice in one object/);
+  }
+  const batch = await post(
+    app,
+    "/pipelines/tickets/items/batch",
+    '{"items":[{"customer":"c","text":"a"},{"customer":"c","customer":"d","text":"b"}]}',
+  );
+  assert.equal(batch.status, 422);
+  assert.equal((await batch.json()).field, "/items/1/customer");
+  const requests = servePipelineRequests(t.nc, pipelines, t.log);
+  try {
+    const reply = await ask(t, "weft.tickets.submit", '{"customer":"c-1","text":"x","text":"y"}');
+    assert.equal(reply.error?.status, 422);
+    assert.equal(reply.error?.field, "/text");
+  } finally {
+    requests.stop();
+  }
+  // From the bus: dead-lettered at once naming the member, nothing entered.
+  const runner = await runStage({
+    nc: t.nc,
+    config: { ...t.config, maxAttempts: 5, retryBaseMs: 10 },
+    log: t.log,
+    stage: intakeStage(pipelines[0]!),
+  });
+  try {
+    await jetstream(t.nc).publish("tickets.submit", '{"customer":"c-1","text":"x","text":"y"}');
+    const letter = await waitFor(
+      async () => {
+        const info = await t.jsm.streams.info("DEADLETTER", { subjects_filter: "deadletter.>" });
+        if (info.state.messages === 0) return false;
+        const m = await t.jsm.streams.getMessage("DEADLETTER", { seq: info.state.first_seq });
+        return m?.json<{ code: string; reason: string; attempts: number }>() ?? false;
+      },
+      15_000,
+      "the submission's dead letter",
+    );
+    assert.equal(letter.code, "invalid_field");
+    assert.match(letter.reason, /\/text: this member is written twice/);
+    assert.equal(letter.attempts, 1, "not retried");
+    const info = await t.jsm.streams.info("TICKETS", { subjects_filter: "tickets.submitted.>" });
+    assert.deepEqual(
+      Object.keys(info.state.subjects ?? {}),
+      [],
+      "no entry event holds one of the two texts",
+    );
   } finally {
     await runner.stop();
   }
