@@ -805,7 +805,7 @@ export const recontrol = definePipeline({
 });
 `;
 
-Deno.test("a re-wired route that now leads to a wait, a delay or an end: the event stored before the change reaches it, once", async () => {
+Deno.test("a re-wired route that now leads to a wait, a delay or an end: the event stored before the change reaches it, once, whatever an awaited event's body says", async () => {
   const dir = await meshTempDir("weft-recontrol-");
   const file = `${dir}/def/recontrol.ts`;
   await Deno.mkdir(`${dir}/def`, { recursive: true });
@@ -825,6 +825,18 @@ Deno.test("a re-wired route that now leads to a wait, a delay or an end: the eve
       }
       for (const id of Object.values(ids)) {
         await when(base, id, (s) => (s.current as string[])?.join() === "a", `${id} at a`);
+      }
+      // An awaited event for e whose body reads as its end (the ops key, or an outside
+      // callback, may publish the wait's events with any body): no Weft event, it ends nothing.
+      const ops = await connectClient(mesh.natsUrl, "test-ops", mesh.credentials("ops"));
+      try {
+        const { jetstream } = await import("@nats-io/jetstream");
+        await jetstream(ops).publish(
+          `recontrol.go.${ids.e}`,
+          JSON.stringify({ id: "forged-end", type: "recontrol.done", data: { runs: { a: 9 } } }),
+        );
+      } finally {
+        await ops.close();
       }
     }
     await Deno.writeTextFile(file, rewiredToControl(2));

@@ -2101,7 +2101,10 @@ const HANDED_OVER_KEY = "handed_over";
 interface StoredEvent {
   seq: number;
   subject: string;
-  /** Its id and type, when it is a Weft event (not an awaited event's plain JSON). */
+  /**
+   * Its id and type, when it is a Weft event: stored on a subject the runtime publishes on, with
+   * the type that subject names (not an awaited event's plain JSON, whatever it holds).
+   */
   id?: string;
   type?: string;
   /** Its data's step run counts, when it carries them (a step's completion, an end). */
@@ -2126,16 +2129,25 @@ async function itemHistory(
     const m of messagesOn(jsm, stream, `${n}.*.${item}`, { max: ITEM_HISTORY_MAX + 1 })
   ) {
     const e: StoredEvent = { seq: m.seq, subject: m.subject, data: m.data };
-    try {
-      const b = m.json<{ id?: unknown; type?: unknown; data?: { runs?: unknown } }>();
-      if (typeof b?.id === "string") e.id = b.id;
-      if (typeof b?.type === "string") e.type = b.type;
-      const runs = b?.data?.runs;
-      if (runs && typeof runs === "object" && !Array.isArray(runs)) {
-        e.runs = runs as Record<string, number>;
+    // A Weft event only of the type its subject names, and never on an awaited event's subject:
+    // its body is whatever its publisher (a person with the ops key, an outside callback)
+    // wrote, and one shaped as the item's end or a step's completion is neither. (A subject
+    // the running definition has no role for holds an earlier definition's events.)
+    const token = m.subject.split(".")[1] ?? "";
+    if (flow.roles.get(token)?.role !== "awaited") {
+      try {
+        const b = m.json<{ id?: unknown; type?: unknown; data?: { runs?: unknown } }>();
+        if (b?.type === `${n}.${token}`) {
+          e.type = b.type;
+          if (typeof b.id === "string") e.id = b.id;
+          const runs = b.data?.runs;
+          if (runs && typeof runs === "object" && !Array.isArray(runs)) {
+            e.runs = runs as Record<string, number>;
+          }
+        }
+      } catch {
+        // not JSON: no Weft event
       }
-    } catch {
-      // an awaited event's body, or not JSON: no Weft event
     }
     const tp = m.header?.get("traceparent");
     if (tp) e.traceparent = tp;
