@@ -58,6 +58,9 @@ function httpCase(n: number): HttpCase {
     () => post("", 400, "/"),
     () => post("{", 400, "/"),
     () => post('{"text": "x",}', 400, "/"),
+    // A member written twice: JSON.parse would keep the last and drop the first.
+    () => post(`{"text":"x ${n}","text":"y"}`, 422, "/text"),
+    () => post('{"items":[{"text":"a","text":"b"}]}', 422, "/items/0/text", "/feedback/batch"),
     () => post("null", 422),
     () => post(`"just a string ${n}"`, 422),
     () =>
@@ -136,6 +139,11 @@ function busCase(n: number): { subject: string; body: Uint8Array | string } {
     () => ({ subject: "feedback.submit", body: JSON.stringify({ id, extra: true, text: "x" }) }),
     () => ({ subject: "feedback.submit", body: new Uint8Array([0xc3, 0x28, 0xff]) }),
     () => ({ subject: "feedback.submit", body: "" }),
+    () => ({ subject: "feedback.submit", body: `{"id":"${id}","text":"a","text":"b"}` }),
+    () => ({
+      subject: `feedback.ingested.${id}`,
+      body: JSON.stringify(event).replace('"source":', '"source":"forged","source":'),
+    }),
     () => ({ subject: `feedback.ingested.${id}`, body: JSON.stringify({ ...event, version: 2 }) }),
     () => ({ subject: `feedback.ingested.${id}`, body: JSON.stringify({ ...event, data: {} }) }),
     () => ({ subject: `feedback.ingested.${id}`, body: JSON.stringify({ ...event, trace_id: 7 }) }),
@@ -239,7 +247,7 @@ Deno.test("thousands of malformed HTTP requests and bus messages each get a clea
         letter.payload?.slice(0, 400)
       }`,
     );
-    assert.match(letter.code, /^(invalid_event|unknown_version|subject_mismatch)$/);
+    assert.match(letter.code, /^(invalid_event|invalid_field|unknown_version|subject_mismatch)$/);
     assert.ok(letter.reason.length > 0);
     assert.equal(letter.attempts, 1, "poison is never retried");
   }
