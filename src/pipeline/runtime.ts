@@ -2102,8 +2102,8 @@ interface StoredEvent {
   seq: number;
   subject: string;
   /**
-   * Its id and type, when it is a Weft event: stored on a subject the runtime publishes on, with
-   * the type that subject names (not an awaited event's plain JSON, whatever it holds).
+   * Its id and type, when it is a Weft event: one of the type its subject names, on any subject
+   * but an awaited event's (whose plain JSON is no Weft event, whatever it holds).
    */
   id?: string;
   type?: string;
